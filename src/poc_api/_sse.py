@@ -1,0 +1,199 @@
+"""An incremental Server-Sent-Events parser: pure, no I/O.
+
+It follows the WHATWG HTML "event stream interpretation" algorithm
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation):
+
+- the byte stream is decoded as UTF-8 (invalid bytes become U+FFFD) and one
+  leading byte-order mark is dropped;
+- lines end in CRLF, LF or CR, and a CR at the end of one chunk followed by an LF
+  at the start of the next is one line ending, not two;
+- ``:`` lines are comments; ``field: value`` has one leading space of the value
+  stripped; a line without a colon is a field with an empty value;
+- ``data`` lines are joined with ``\\n``; ``event`` names the event (``"message"``
+  when absent); ``id`` sets the last event id, which persists across events, and is
+  ignored when it contains NUL; ``retry`` sets :attr:`SSEDecoder.retry` when it is
+  all ASCII digits; other fields are ignored;
+- a blank line dispatches the event, unless no ``data`` line was seen;
+- an event the stream ends in the middle of is discarded.
+
+Feeding is the caller's job, so the same decoder serves any transport::
+
+    decoder = SSEDecoder()
+    async for chunk in response.aiter_bytes():
+        for event in decoder.feed(chunk):
+            ...
+    decoder.close()
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from typing import Final, final
+
+import attrs
+
+from ._errors import LimitExceeded
+
+__all__ = ["DEFAULT_MAX_BUFFER", "SSEDecoder", "SSEEvent"]
+
+#: Default bound on a pending line plus the pending event's data, in characters.
+DEFAULT_MAX_BUFFER: Final = 16 * 1024 * 1024
+
+_EOL: Final = re.compile(r"\r\n|\r|\n")
+_BOM: Final = "\ufeff"
+
+
+@final
+@attrs.frozen
+class SSEEvent:
+    """One dispatched event.
+
+    Attributes:
+        event: the event type; ``"message"`` unless an ``event:`` field named one.
+        data: the ``data:`` lines joined with ``\\n``.
+        id: the last event id seen on the stream so far (``""`` if none), as the
+            WHATWG ``lastEventId``: it carries over to later events.
+    """
+
+    event: str = "message"
+    data: str = ""
+    id: str = ""
+
+
+@final
+class SSEDecoder:
+    """Turns chunks of an ``text/event-stream`` body into :class:`SSEEvent` s.
+
+    The result does not depend on how the byte stream is cut into chunks.
+    ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
+    longer than that many characters raises :class:`~poc_api.LimitExceeded`
+    (a peer that never sends a line ending must not grow the buffer forever).
+
+    Example::
+
+        d = SSEDecoder()
+        d.feed(b"data: a\\r")      # []
+        d.feed(b"\\ndata: b\\n\\n")  # [SSEEvent(event="message", data="a\\nb", id="")]
+    """
+
+    def __init__(self, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        if max_buffer < 1:
+            raise ValueError(f"max_buffer must be positive, got {max_buffer}")
+        self._max_buffer = max_buffer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._at_start = True  # no character decoded yet: a BOM may still come
+        self._skip_lf = False  # the last chunk ended in CR: a leading LF belongs to it
+        self._partial: list[str] = []  # pieces of the current, unterminated line
+        self._partial_len = 0
+        self._event_type = ""
+        self._data: list[str] = []
+        self._data_len = 0
+        self._last_id = ""
+        self._closed = False
+        #: The last valid ``retry:`` value in milliseconds, or ``None``.
+        self.retry: int | None = None
+
+    @property
+    def last_event_id(self) -> str:
+        """The last ``id:`` value seen (``""`` if none); a reconnect would send it."""
+        return self._last_id
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """Consume the next chunk of bytes; return the events it completed, in order."""
+        if self._closed:
+            raise RuntimeError("SSEDecoder.feed() after close()")
+        return self._feed_text(self._utf8.decode(chunk))
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: discard any incomplete line and event, return what completed.
+
+        Under the WHATWG algorithm an event needs its terminating blank line, and
+        every complete line was already handled by :meth:`feed`, so this always
+        returns ``[]``; it exists so that callers treat the end of the stream
+        explicitly. Calling it twice is harmless.
+        """
+        if self._closed:
+            return []
+        self._closed = True
+        events = self._feed_text(self._utf8.decode(b"", final=True))
+        self._partial.clear()
+        self._partial_len = 0
+        self._data.clear()
+        self._data_len = 0
+        self._event_type = ""
+        return events
+
+    def _feed_text(self, text: str) -> list[SSEEvent]:
+        if not text:
+            return []
+        if self._at_start:
+            self._at_start = False
+            if text.startswith(_BOM):
+                text = text[1:]
+        if self._skip_lf and text:
+            self._skip_lf = False
+            if text[0] == "\n":
+                text = text[1:]
+        if not text:
+            return []
+        events: list[SSEEvent] = []
+        start = 0
+        for m in _EOL.finditer(text):
+            piece = text[start : m.start()]
+            if self._partial:
+                self._partial.append(piece)
+                line = "".join(self._partial)
+                self._partial.clear()
+                self._partial_len = 0
+            else:
+                line = piece
+            self._process_line(line, events)
+            start = m.end()
+        if start < len(text):
+            rest = text[start:]
+            self._partial.append(rest)
+            self._partial_len += len(rest)
+            if self._partial_len > self._max_buffer:
+                raise LimitExceeded(
+                    f"SSE line longer than {self._max_buffer} characters without a line ending"
+                )
+        elif text[-1] == "\r":
+            # The CR already ended its line; an LF opening the next chunk is its partner.
+            self._skip_lf = True
+        return events
+
+    def _process_line(self, line: str, events: list[SSEEvent]) -> None:
+        if not line:
+            self._dispatch(events)
+            return
+        if line[0] == ":":
+            return
+        field, colon, value = line.partition(":")
+        if colon and value[:1] == " ":
+            value = value[1:]
+        if field == "data":
+            self._data.append(value)
+            self._data_len += len(value) + 1
+            if self._data_len > self._max_buffer:
+                raise LimitExceeded(f"SSE event data longer than {self._max_buffer} characters")
+        elif field == "event":
+            self._event_type = value
+        elif field == "id":
+            if "\0" not in value:
+                self._last_id = value
+        elif field == "retry" and value.isascii() and value.isdigit():
+            self.retry = int(value)
+
+    def _dispatch(self, events: list[SSEEvent]) -> None:
+        if self._data:
+            events.append(
+                SSEEvent(
+                    event=self._event_type or "message",
+                    data="\n".join(self._data),
+                    id=self._last_id,
+                )
+            )
+        self._data.clear()
+        self._data_len = 0
+        self._event_type = ""
