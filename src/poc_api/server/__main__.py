@@ -1,0 +1,60 @@
+"""``python -m poc_api.server``: run the reference server until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+from ._app import run_forever
+from ._state import ServerConfig
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Build a :class:`ServerConfig` from command-line arguments."""
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m poc_api.server",
+        description="Deterministic salience reference server: HTTP on PORT, gRPC on PORT+1.",
+    )
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 = pick a free pair)")
+    p.add_argument("--api-key", default=os.environ.get("POC_API_KEY") or None)
+    p.add_argument("--no-readout", action="store_true", help="disable readout (manifest 404)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
+    p.add_argument("--max-context", type=int, default=d.max_context)
+    p.add_argument("--max-message-size", type=int, default=d.max_message_size)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--n-layers", type=int, default=d.n_layers)
+    p.add_argument("--model-name", default=d.model_name)
+    a = p.parse_args(argv)
+    return ServerConfig(
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key,
+        readout=not a.no_readout,
+        seed=a.seed,
+        max_sessions=a.max_sessions,
+        idle_timeout=a.idle_timeout,
+        max_context=a.max_context,
+        max_message_size=a.max_message_size,
+        ignore_eos=a.ignore_eos,
+        n_layers=a.n_layers,
+        model_name=a.model_name,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: parse arguments and serve until interrupted."""
+    if os.environ.get("POC_DEBUG") == "1":
+        logging.basicConfig(level=logging.DEBUG)
+    run_forever(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

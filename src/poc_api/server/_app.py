@@ -1,0 +1,272 @@
+"""ReferenceServer: both listeners on one asyncio loop in a daemon thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import signal
+import socket
+import sys
+import threading
+from types import TracebackType
+from typing import Final, final
+
+import sniffio
+
+from ._grpc import ObservedServer
+from ._http import HttpApp
+from ._state import Runtime, ServerConfig, ServerState
+
+__all__ = ["ReferenceServer", "run_forever"]
+
+_START_TIMEOUT: Final = 30.0
+_STOP_TIMEOUT: Final = 10.0
+_PORT_PAIR_ATTEMPTS: Final = 64
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_port_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """Listening sockets on ``port`` and ``port + 1`` (PROTOCOL.md §1).
+
+    With ``port = 0`` the kernel picks the HTTP port and the next one is tried for
+    gRPC; on a clash both are released and another pair is tried.
+    """
+    if port:
+        http = _listen(host, port)
+        try:
+            return http, _listen(host, port + 1)
+        except BaseException:
+            http.close()
+            raise
+    for _ in range(_PORT_PAIR_ATTEMPTS):
+        http = _listen(host, 0)
+        p = http.getsockname()[1]
+        if p < 65535:
+            try:
+                return http, _listen(host, p + 1)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    http.close()
+                    raise
+        http.close()
+    raise OSError(errno.EADDRINUSE, "no free pair of adjacent ports found")
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+@final
+class ReferenceServer:
+    """A deterministic salience server (gRPC on ``p + 1``, HTTP on ``p``) for tests and demos.
+
+    It runs its own asyncio loop in a daemon thread, so it can be used from trio,
+    from asyncio, or from plain synchronous code::
+
+        async with ReferenceServer(ServerConfig(seed=1)) as srv:   # trio or asyncio
+            client = poc_api.ApiClient(srv.base_url)
+
+        srv = ReferenceServer(ServerConfig())                      # synchronous
+        srv.start()
+        ...
+        srv.stop()
+
+    ``__aenter__`` runs :meth:`start` in a worker thread, so it does not block the
+    caller's event loop; ``__aexit__`` likewise runs :meth:`stop`.
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config if config is not None else ServerConfig()
+        self._rt: Runtime | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._ports: tuple[int, int] | None = None
+        self._stopped = False
+
+    # -- addresses ---------------------------------------------------------
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP port (raises if the server has not started)."""
+        return self._require_ports()[0]
+
+    @property
+    def grpc_port(self) -> int:
+        """The gRPC port: always ``http_port + 1``."""
+        return self._require_ports()[1]
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style HTTP root, e.g. ``http://127.0.0.1:8000/v1``."""
+        return f"http://{_url_host(self.config.host)}:{self.http_port}/v1"
+
+    @property
+    def grpc_url(self) -> str:
+        """gRPC endpoint, e.g. ``http://127.0.0.1:8001``."""
+        return f"http://{_url_host(self.config.host)}:{self.grpc_port}"
+
+    def _require_ports(self) -> tuple[int, int]:
+        if self._ports is None:
+            raise RuntimeError("ReferenceServer is not running")
+        return self._ports
+
+    def state(self) -> ServerState:
+        """A thread-safe snapshot of sessions, connections, resets and counters."""
+        if self._rt is None:
+            raise RuntimeError("ReferenceServer has not been started")
+        return self._rt.state()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the server thread and block until both ports listen.
+
+        Raises the startup error (e.g. a port in use) if the server cannot start.
+        A server can be started once.
+        """
+        if self._thread is not None:
+            raise RuntimeError("ReferenceServer can only be started once")
+        self._rt = Runtime(self.config)
+        self._thread = threading.Thread(
+            target=self._thread_main, name="poc_api-reference-server", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(_START_TIMEOUT):
+            raise RuntimeError("ReferenceServer did not start in time")
+        if self._error is not None:
+            self._thread.join(_STOP_TIMEOUT)
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop serving (cancelling running requests) and join the thread. Idempotent."""
+        if self._thread is None or self._stopped:
+            return
+        self._stopped = True
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(event.set)
+        self._thread.join(_STOP_TIMEOUT)
+
+    async def __aenter__(self) -> ReferenceServer:
+        await _run_in_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await _run_in_thread(self.stop)
+
+    def _thread_main(self) -> None:
+        # trio-asyncio installs a global event loop policy; a plain
+        # SelectorEventLoop keeps this thread independent of it.
+        try:
+            with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+                runner.run(self._serve())
+        except BaseException as e:
+            if not self._ready.is_set():
+                self._error = e
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        assert self._rt is not None
+        rt = self._rt
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        http_sock, grpc_sock = bind_port_pair(self.config.host, self.config.port)
+        self._ports = (http_sock.getsockname()[1], grpc_sock.getsockname()[1])
+        app = HttpApp(rt)
+        http_server = await asyncio.start_server(app.handle, sock=http_sock)
+        grpc_server = ObservedServer(rt)
+        await grpc_server.start(sock=grpc_sock)
+        evictor = asyncio.create_task(self._evict_loop(rt))
+        self._ready.set()
+        try:
+            await self._stop_event.wait()
+        finally:
+            evictor.cancel()
+            http_server.close()
+            grpc_server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(grpc_server.wait_closed(), _STOP_TIMEOUT / 2)
+            # Open keep-alive connections would keep wait_closed() waiting (3.12+).
+            if hasattr(http_server, "close_clients"):
+                http_server.close_clients()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(http_server.wait_closed(), _STOP_TIMEOUT / 2)
+
+    @staticmethod
+    async def _evict_loop(rt: Runtime) -> None:
+        interval = min(max(rt.config.idle_timeout / 4, 0.01), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            rt.store.evict_idle()
+
+
+async def _run_in_thread(fn: object) -> None:
+    assert callable(fn)
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        await trio.to_thread.run_sync(fn)
+    else:
+        await asyncio.to_thread(fn)
+
+
+def run_forever(config: ServerConfig) -> None:
+    """Run a server until SIGINT/SIGTERM, printing its URLs (used by ``poc-api serve``).
+
+    Prints ``base_url: ...`` and ``grpc_url: ...`` lines on stdout once both ports
+    listen, so a parent process can read them.
+    """
+    server = ReferenceServer(config)
+    server.start()
+    done = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        done.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        auth = "required" if config.api_key else "off"
+        print(f"base_url: {server.base_url}", flush=True)
+        print(f"grpc_url: {server.grpc_url}", flush=True)
+        print(
+            f"poc_api reference server ready (auth {auth}, readout "
+            f"{'on' if config.readout else 'off'}, seed {config.seed})",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not done.wait(0.5):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        server.stop()

@@ -1,0 +1,410 @@
+"""The salience gRPC service on grpclib, plus connection/RST_STREAM observation.
+
+Handlers take the raw grpclib ``Stream`` (not the betterproto2 ``SalienceBase``
+methods) because they need the request metadata for auth. Generate events are
+encoded by hand and several are written per DATA frame: betterproto2 plus one
+``send_message`` per token would cap the stream far below the throughput the
+client tests need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final, final
+
+import grpclib.const
+import grpclib.server
+from grpclib.const import Cardinality, Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
+from h2.events import StreamReset
+
+from .._proto.salience import (
+    AppendImageRequest,
+    AppendImageResponse,
+    CloseSessionRequest,
+    CloseSessionResponse,
+    GenerateEvent,
+    GenerateRequest,
+    OpenSessionRequest,
+    OpenSessionResponse,
+)
+from ._images import image_size, placeholder_count
+from ._model import EOS, IMAGE_PAD, VOCAB_SIZE, SamplingSpec
+from ._sessions import ErrorKind, Session, SessionError
+from ._state import Runtime, Stats
+
+__all__ = ["ObservedServer", "SalienceService", "encode_done", "encode_token"]
+
+log = logging.getLogger("poc_api.server.grpc")
+
+_STATUS: Final = {
+    ErrorKind.NOT_FOUND: Status.NOT_FOUND,
+    ErrorKind.FAILED_PRECONDITION: Status.FAILED_PRECONDITION,
+    ErrorKind.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
+    ErrorKind.OUT_OF_RANGE: Status.OUT_OF_RANGE,
+    ErrorKind.RESOURCE_EXHAUSTED: Status.RESOURCE_EXHAUSTED,
+}
+
+# Flush pending events (and let the loop see RST_STREAM) this often.
+_FLUSH_EVENTS: Final = 64
+_FLUSH_SECONDS: Final = 0.002
+
+_f32 = struct.Struct("<f").pack
+_frame_len = struct.Struct(">BI").pack
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _frame(event_body: bytes) -> bytes:
+    """A gRPC length-prefixed message holding ``GenerateEvent{<event_body>}``."""
+    return _frame_len(0, len(event_body)) + event_body
+
+
+def encode_token(
+    token_id: int,
+    is_prefill: bool,
+    position: int,
+    logprob: float,
+    top: Sequence[tuple[int, float]] = (),
+    readout: Sequence[float] = (),
+) -> bytes:
+    """A framed ``GenerateEvent{token: Token{...}}`` (wire-identical to betterproto2's)."""
+    body = b"\x08" + _varint(token_id) if token_id else b""
+    if is_prefill:
+        body += b"\x10\x01"
+    if position:
+        body += b"\x18" + _varint(position)
+    if logprob != 0.0:
+        body += b"\x25" + _f32(logprob)
+    for tid, lp in top:
+        sub = (b"\x08" + _varint(tid) if tid else b"") + (b"\x15" + _f32(lp) if lp != 0.0 else b"")
+        body += b"\x2a" + _varint(len(sub)) + sub
+    if readout:
+        packed = struct.pack(f"<{len(readout)}f", *readout)
+        body += b"\x32" + _varint(len(packed)) + packed
+    return _frame(b"\x0a" + _varint(len(body)) + body)
+
+
+def encode_done(prompt: int, completion: int, total: int, reason: str) -> bytes:
+    """A framed ``GenerateEvent{done: Done{...}}``."""
+    body = b""
+    for tag, value in ((b"\x08", prompt), (b"\x10", completion), (b"\x18", total)):
+        if value:
+            body += tag + _varint(value)
+    r = reason.encode()
+    body += b"\x22" + _varint(len(r)) + r
+    return _frame(b"\x12" + _varint(len(body)) + body)
+
+
+@final
+class _Codec(ProtoCodec):
+    """betterproto2 messages with a size limit both ways (grpclib has none)."""
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        data = bytes(message)
+        if len(data) > self._max:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, f"response of {len(data)} bytes too large")
+        return data
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self._max:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"request of {len(data)} bytes exceeds max_message_size {self._max}",
+            )
+        return message_type.parse(data)
+
+
+def _positions(ranges: Sequence[tuple[int, int]], lo: int, hi: int) -> list[int]:
+    """Sorted positions in [lo, hi) covered by any of ``ranges``."""
+    covered: set[int] = set()
+    for s, e in ranges:
+        covered.update(range(max(s, lo), min(e, hi)))
+    return sorted(covered)
+
+
+def _in_any(ranges: Sequence[tuple[int, int]]) -> Callable[[int], bool]:
+    if not ranges:
+        return lambda _p: False
+    return lambda p: any(s <= p < e for s, e in ranges)
+
+
+_Stream = grpclib.server.Stream[Any, Any]
+
+
+@final
+class SalienceService:
+    """grpclib handler mapping for ``salience.Salience`` backed by a :class:`Runtime`."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        def h(func: Callable[[_Stream], Any], card: Cardinality, req: Any, rep: Any) -> Any:
+            return grpclib.const.Handler(func, card, req, rep)
+
+        base = "/salience.Salience/"
+        return {
+            base + "OpenSession": h(
+                self._open, Cardinality.UNARY_UNARY, OpenSessionRequest, OpenSessionResponse
+            ),
+            base + "CloseSession": h(
+                self._close, Cardinality.UNARY_UNARY, CloseSessionRequest, CloseSessionResponse
+            ),
+            base + "AppendImage": h(
+                self._append_image,
+                Cardinality.UNARY_UNARY,
+                AppendImageRequest,
+                AppendImageResponse,
+            ),
+            base + "Generate": h(
+                self._generate, Cardinality.UNARY_STREAM, GenerateRequest, GenerateEvent
+            ),
+        }
+
+    async def _begin(self, stream: _Stream, method: str) -> Any:
+        self._rt.stats.rpc(method)
+        md = stream.metadata
+        header = md.get("authorization") if md is not None else None
+        if not self._rt.authorized(header if isinstance(header, str) else None):
+            raise GRPCError(Status.UNAUTHENTICATED, "missing or wrong api key")
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+        return request
+
+    async def _open(self, stream: _Stream) -> None:
+        req: OpenSessionRequest = await self._begin(stream, "OpenSession")
+        cfg = self._rt.config
+        if req.model and req.model != cfg.model_name:
+            log.debug("OpenSession for model %r served by %r", req.model, cfg.model_name)
+        try:
+            session = self._rt.store.open()
+        except SessionError as e:
+            raise GRPCError(_STATUS[e.kind], e.message) from None
+        await stream.send_message(
+            OpenSessionResponse(session_id=session.id, max_length=cfg.max_context)
+        )
+
+    async def _close(self, stream: _Stream) -> None:
+        req: CloseSessionRequest = await self._begin(stream, "CloseSession")
+        self._rt.store.close(req.session_id)
+        await stream.send_message(CloseSessionResponse())
+
+    async def _append_image(self, stream: _Stream) -> None:
+        req: AppendImageRequest = await self._begin(stream, "AppendImage")
+        try:
+            with self._rt.store.use(req.session_id) as session:
+                try:
+                    w, h = image_size(req.image, req.mime)
+                except ValueError as e:
+                    raise SessionError(
+                        ErrorKind.INVALID_ARGUMENT, f"cannot decode image: {e}"
+                    ) from None
+                n = placeholder_count(w, h)
+                session.check_append(req.offset, req.truncating, n, self._rt.config.max_context)
+                session.append_at(req.offset, [IMAGE_PAD] * n)
+                total = len(session)
+        except SessionError as e:
+            raise GRPCError(_STATUS[e.kind], e.message) from None
+        await stream.send_message(AppendImageResponse(placeholder_count=n, total_length=total))
+
+    async def _generate(self, stream: _Stream) -> None:
+        req: GenerateRequest = await self._begin(stream, "Generate")
+        stats = self._rt.stats
+        stats.generate(len(req.append_tokens))
+        try:
+            with self._rt.store.use(req.session_id) as session:
+                await _Generation(self._rt, stream, session, req).run()
+        except SessionError as e:
+            raise GRPCError(_STATUS[e.kind], e.message) from None
+        except asyncio.CancelledError:
+            # grpclib cancels the handler task when the client sends RST_STREAM.
+            stats.stream_cancelled()
+            raise
+
+
+@final
+class _Generation:
+    """One Generate call: validate, append, emit prefill events, decode, Done."""
+
+    def __init__(self, rt: Runtime, stream: _Stream, session: Session, req: GenerateRequest):
+        self._rt = rt
+        self._stream = stream
+        self._session = session
+        self._req = req
+        self._pending: list[bytes] = []
+        self._last_flush = time.monotonic()
+        self._headers_sent = False
+
+    async def _flush(self) -> None:
+        if self._pending:
+            if not self._headers_sent:
+                await self._stream.send_initial_metadata()
+                self._headers_sent = True
+            data = b"".join(self._pending)
+            self._pending.clear()
+            # Many framed messages in one write; grpclib splits it into DATA
+            # frames and waits on flow control. (Private API: see module doc.)
+            await self._stream._stream.send_data(data)
+        self._last_flush = time.monotonic()
+        # Let the loop process incoming frames, above all RST_STREAM.
+        await asyncio.sleep(0)
+
+    async def _maybe_flush(self) -> None:
+        if (
+            len(self._pending) >= _FLUSH_EVENTS
+            or time.monotonic() - self._last_flush > _FLUSH_SECONDS
+        ):
+            await self._flush()
+
+    async def run(self) -> None:
+        rt, req, session = self._rt, self._req, self._session
+        cfg = rt.config
+        appended = list(req.append_tokens)
+        bad = [t for t in appended if t >= VOCAB_SIZE]
+        if bad:
+            raise SessionError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"token id {bad[0]} out of vocabulary (size {VOCAB_SIZE})",
+            )
+        session.check_append(req.offset, req.truncating, len(appended), cfg.max_context)
+        session.append_at(req.offset, appended)
+        tokens = session.tokens
+        model, readout = rt.model, rt.readout
+
+        lp_ranges = [(r.start, r.end) for r in req.logprobs_ranges if r.end > r.start]
+        ro_ranges = [(r.start, r.end) for r in req.readout_ranges if r.end > r.start]
+        in_lp = _in_any(lp_ranges)
+        in_ro = _in_any(ro_ranges)
+
+        # 1. Prefill events, only for the positions this call appended.
+        end = req.offset + len(appended)
+        for p in _positions(lp_ranges + ro_ranges, req.offset, end):
+            lp = model.logprob(tokens, p) if in_lp(p) else 0.0
+            vec = readout.vector(tokens, p) if readout is not None and in_ro(p) else ()
+            self._pending.append(encode_token(tokens[p], True, p, lp, (), vec))
+            await self._maybe_flush()
+
+        # 2. Decode.
+        prompt_len = len(tokens)
+        spec = SamplingSpec(
+            temperature=max(0.0, req.temperature),
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=cfg.seed,
+        )
+        stops = frozenset(req.stop_token_ids)
+        top_k = min(req.logprob_top_k, VOCAB_SIZE)
+        stop_on_eos = not cfg.ignore_eos
+        max_context = cfg.max_context
+        budget = req.max_tokens
+        pending = self._pending
+        completion = 0
+        finish = "prefill" if budget == 0 else ""
+        try:
+            while not finish:
+                pos = len(tokens)
+                if pos >= max_context:
+                    finish = "context"
+                    break
+                dist = model.dist(tokens)
+                tok = spec.pick(dist, pos, tokens)
+                tokens.append(tok)
+                completion += 1
+                pending.append(
+                    encode_token(
+                        tok,
+                        False,
+                        pos,
+                        dist.logprobs[tok],
+                        dist.top(top_k) if top_k else (),
+                        readout.vector(tokens, pos) if readout is not None and in_ro(pos) else (),
+                    )
+                )
+                if tok in stops:
+                    finish = "stop"
+                elif tok == EOS and stop_on_eos:
+                    finish = "eos"
+                elif completion >= budget:
+                    finish = "length"
+                elif (
+                    completion == 1  # the first token goes out at once
+                    or len(pending) >= _FLUSH_EVENTS
+                    or (not completion & 7 and time.monotonic() - self._last_flush > _FLUSH_SECONDS)
+                ):
+                    await self._flush()
+        finally:
+            rt.stats.decoded(completion)
+
+        # 3. Done, last.
+        pending.append(encode_done(prompt_len, completion, len(tokens), finish))
+        await self._flush()
+
+
+@final
+class _ObservedProtocol(H2Protocol):
+    """H2Protocol that reports connections and client RST_STREAMs to :class:`Stats`."""
+
+    def __init__(self, stats: Stats, *args: Any) -> None:
+        super().__init__(*args)
+        self._stats = stats
+        self._counted = False
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._counted = True
+        self._stats.connection_opened()
+        original = self.processor.process_stream_reset
+
+        def process_stream_reset(event: StreamReset) -> None:
+            if event.remote_reset:
+                self._stats.stream_reset(int(event.stream_id), int(event.error_code))
+            original(event)
+
+        # EventsProcessor dispatches through this dict of bound methods.
+        self.processor.processors[StreamReset] = process_stream_reset
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if self._counted:
+                self._counted = False
+                self._stats.connection_closed()
+
+
+@final
+class ObservedServer(grpclib.server.Server):
+    """grpclib ``Server`` whose connections are :class:`_ObservedProtocol`."""
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__([SalienceService(rt)], codec=_Codec(rt.config.max_message_size))
+        self._stats = rt.stats
+
+    def _protocol_factory(self) -> H2Protocol:
+        # Mirrors grpclib.server.Server._protocol_factory (grpclib 0.4.x).
+        self.__gc_step__()
+        handler = grpclib.server.Handler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        self._handlers.add(handler)
+        return _ObservedProtocol(self._stats, handler, self._config, self._h2_config)

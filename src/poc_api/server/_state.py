@@ -1,0 +1,193 @@
+"""Configuration, observable state, and the runtime shared by the gRPC and HTTP sides."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from collections import Counter
+from typing import Any, final
+
+import attrs
+
+from ._model import DEFAULT_CONCEPTS, NGramModel, Readout, default_model
+from ._sessions import SessionStore
+
+__all__ = ["Runtime", "ServerConfig", "ServerState", "Stats"]
+
+
+def _check_concepts(_: object, __: object, value: tuple[str, ...]) -> None:
+    if not value or not all(isinstance(c, str) and c for c in value):
+        raise ValueError("concepts must be a non-empty tuple of names")
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """How to run a :class:`ReferenceServer`.
+
+    ``port = 0`` picks a free pair of ports (HTTP on ``p``, gRPC on ``p + 1``).
+    ``api_key`` set means every request must carry ``authorization: Bearer <key>``.
+    ``readout = False`` makes the manifest 404 and readout ranges yield no vectors.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None
+    readout: bool = True
+    seed: int = 0
+    max_sessions: int = 1024
+    idle_timeout: float = 600.0
+    max_context: int = 8192
+    max_message_size: int = 64 * 1024 * 1024
+    ignore_eos: bool = False
+    n_layers: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    concepts: tuple[str, ...] = attrs.field(
+        default=DEFAULT_CONCEPTS, converter=tuple, validator=_check_concepts
+    )
+    model_name: str = "poc-reference"
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ServerState:
+    """A consistent snapshot of what the server has seen (for tests and debugging).
+
+    ``resets`` lists ``(stream_id, h2_error_code)`` for every RST_STREAM a client
+    sent (8 is CANCEL); ``cancelled_streams`` counts Generate calls stopped by one.
+    """
+
+    session_ids: frozenset[str]
+    connections_total: int
+    connections_open: int
+    cancelled_streams: int
+    resets: tuple[tuple[int, int], ...]
+    tokens_appended: int
+    generate_calls: int
+    rpc_counts: dict[str, int]
+    http_requests: dict[str, int]
+    train_samples: int
+    tokens_decoded: int
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (sets and tuples become sorted lists)."""
+        return {
+            "session_ids": sorted(self.session_ids),
+            "connections_total": self.connections_total,
+            "connections_open": self.connections_open,
+            "cancelled_streams": self.cancelled_streams,
+            "resets": [list(r) for r in self.resets],
+            "tokens_appended": self.tokens_appended,
+            "generate_calls": self.generate_calls,
+            "rpc_counts": dict(self.rpc_counts),
+            "http_requests": dict(self.http_requests),
+            "train_samples": self.train_samples,
+            "tokens_decoded": self.tokens_decoded,
+        }
+
+
+@final
+class Stats:
+    """Mutable counters, written on the server thread and read from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.connections_total = 0
+        self.connections_open = 0
+        self.cancelled_streams = 0
+        self.resets: list[tuple[int, int]] = []
+        self.tokens_appended = 0
+        self.generate_calls = 0
+        self.rpc_counts: Counter[str] = Counter()
+        self.http_requests: Counter[str] = Counter()
+        self.train_samples = 0
+        self.tokens_decoded = 0
+
+    def connection_opened(self) -> None:
+        with self._lock:
+            self.connections_total += 1
+            self.connections_open += 1
+
+    def connection_closed(self) -> None:
+        with self._lock:
+            self.connections_open -= 1
+
+    def stream_reset(self, stream_id: int, error_code: int) -> None:
+        with self._lock:
+            self.resets.append((stream_id, error_code))
+
+    def stream_cancelled(self) -> None:
+        with self._lock:
+            self.cancelled_streams += 1
+
+    def rpc(self, method: str) -> None:
+        with self._lock:
+            self.rpc_counts[method] += 1
+
+    def generate(self, appended: int) -> None:
+        with self._lock:
+            self.generate_calls += 1
+            self.tokens_appended += appended
+
+    def decoded(self, n: int) -> None:
+        with self._lock:
+            self.tokens_decoded += n
+
+    def http(self, path: str) -> None:
+        with self._lock:
+            self.http_requests[path] += 1
+
+    def trained(self, n: int) -> None:
+        with self._lock:
+            self.train_samples += n
+
+    def snapshot(self, session_ids: frozenset[str]) -> ServerState:
+        with self._lock:
+            return ServerState(
+                session_ids=session_ids,
+                connections_total=self.connections_total,
+                connections_open=self.connections_open,
+                cancelled_streams=self.cancelled_streams,
+                resets=tuple(self.resets),
+                tokens_appended=self.tokens_appended,
+                generate_calls=self.generate_calls,
+                rpc_counts=dict(self.rpc_counts),
+                http_requests=dict(self.http_requests),
+                train_samples=self.train_samples,
+                tokens_decoded=self.tokens_decoded,
+            )
+
+
+@final
+class Runtime:
+    """Everything a request handler needs: config, model, sessions, counters."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model: NGramModel = default_model()
+        self.readout: Readout | None = (
+            Readout(config.concepts, config.n_layers) if config.readout else None
+        )
+        self.store = SessionStore(config.max_sessions, config.idle_timeout)
+        self.stats = Stats()
+        self.train_jobs = 0
+
+    def state(self) -> ServerState:
+        """Snapshot of the observable state (thread-safe)."""
+        return self.stats.snapshot(self.store.ids())
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``authorization`` header value passes the configured key."""
+        key = self.config.api_key
+        if not key:
+            return True
+        # Constant-time compare: the key is a secret, however toy the server.
+        return hmac.compare_digest((header or "").encode(), f"Bearer {key}".encode())
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The readout manifest, or None when readout is disabled."""
+        if self.readout is None:
+            return None
+        return {
+            "concepts": list(self.readout.concepts),
+            "layers": list(range(self.readout.n_layers)),
+        }
