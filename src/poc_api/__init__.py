@@ -1,1 +1,114 @@
-"""poc_api: a trio-native client for stateful LLM inference over salience gRPC."""
+"""poc_api: a trio-native client for stateful LLM inference over salience gRPC.
+
+Example::
+
+    import trio, poc_api
+
+    async def main():
+        async with poc_api.ApiClient("http://127.0.0.1:8000/v1") as client:
+            async with client.session() as s:
+                await s.prefill([72, 105])
+                async with s.generate(sampling=poc_api.SamplingParams(max_tokens=8)) as ev:
+                    async for e in ev:
+                        print(e)
+
+    trio.run(main)
+
+Everything public is re-exported here from private modules; see ``__all__``.
+"""
+
+from __future__ import annotations
+
+from ._chunks import Chunk, Image, Tokens, prompt_to_chunks
+from ._client import ApiClient, resolve_grpc_url
+from ._conversation import Conversation, ConversationStream
+from ._errors import (
+    AuthenticationError,
+    ContextOverflow,
+    HttpError,
+    InvalidRequest,
+    LimitExceeded,
+    OffsetMismatch,
+    PocApiError,
+    PocApiTimeout,
+    ProtocolViolation,
+    ResourceExhausted,
+    RpcError,
+    ServerUnavailable,
+    SessionDivergence,
+    SessionNotFound,
+    StreamCancelled,
+    TransportError,
+)
+from ._http import ChatCompletion, ChatDelta, ChatDone
+from ._log import configure_debug_from_env
+from ._session import GenerateStream, Session, SessionLost
+from ._types import (
+    Done,
+    ImageAppend,
+    ImageAppended,
+    ReadoutManifest,
+    SamplingParams,
+    ScoreResult,
+    StreamDone,
+    StreamEvent,
+    Token,
+    TokenOut,
+    TopLogprob,
+    TrainResult,
+    TrainSample,
+    Usage,
+    WireEvent,
+)
+
+__all__ = [
+    "ApiClient",
+    "AuthenticationError",
+    "ChatCompletion",
+    "ChatDelta",
+    "ChatDone",
+    "Chunk",
+    "ContextOverflow",
+    "Conversation",
+    "ConversationStream",
+    "Done",
+    "GenerateStream",
+    "HttpError",
+    "Image",
+    "ImageAppend",
+    "ImageAppended",
+    "InvalidRequest",
+    "LimitExceeded",
+    "OffsetMismatch",
+    "PocApiError",
+    "PocApiTimeout",
+    "ProtocolViolation",
+    "ReadoutManifest",
+    "ResourceExhausted",
+    "RpcError",
+    "SamplingParams",
+    "ScoreResult",
+    "ServerUnavailable",
+    "Session",
+    "SessionDivergence",
+    "SessionLost",
+    "SessionNotFound",
+    "StreamCancelled",
+    "StreamDone",
+    "StreamEvent",
+    "Token",
+    "TokenOut",
+    "Tokens",
+    "TopLogprob",
+    "TrainResult",
+    "TrainSample",
+    "TransportError",
+    "Usage",
+    "WireEvent",
+    "prompt_to_chunks",
+    "resolve_grpc_url",
+]
+
+__version__ = "0.1.0"
+
+configure_debug_from_env()

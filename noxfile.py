@@ -1,0 +1,99 @@
+"""Task runner. `nox` runs the default sessions: tests (the whole matrix), lint,
+typecheck and proto. `nox -s bench` and `nox -s soak` run on demand."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint", "typecheck", "proto"]
+nox.options.reuse_existing_virtualenvs = False
+
+PYTHONS = ["3.11", "3.12", "3.13"]
+ROOT = Path(__file__).parent
+
+
+@nox.session(python=PYTHONS)
+@nox.parametrize("deps", ["lowest", "latest"])
+def tests(session: nox.Session, deps: str) -> None:
+    """The test suite, against the lowest supported and the latest runtime deps."""
+    if deps == "lowest":
+        session.install("-e", ".[test]", "-c", ".ci/lowest.txt")
+    else:
+        session.install("--upgrade", "-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on src/."""
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy", "--strict", "src/poc_api")
+
+
+@nox.session(python="3.11")
+def proto(session: nox.Session) -> None:
+    """Regenerate the betterproto2 code from proto/ and fail if it differs."""
+    session.install("betterproto2-compiler==0.10.1", "grpcio-tools")
+    committed = ROOT / "src" / "poc_api" / "_proto"
+    with tempfile.TemporaryDirectory() as tmp:
+        session.run(
+            "python",
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            "proto",
+            f"--python_betterproto2_out={tmp}",
+            "--python_betterproto2_opt=client_generation=async",
+            "--python_betterproto2_opt=server_generation=async",
+            "proto/salience.proto",
+        )
+        if "--write" in session.posargs:
+            shutil.rmtree(committed)
+            shutil.copytree(tmp, committed)
+            return
+
+        def files(root: Path) -> dict[str, bytes]:
+            return {
+                str(f.relative_to(root)): f.read_bytes()
+                for f in sorted(root.rglob("*"))
+                if f.is_file() and "__pycache__" not in f.parts
+            }
+
+        want, have = files(Path(tmp)), files(committed)
+        if want != have:
+            changed = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+            session.error(
+                f"generated code is stale: {changed}; run `nox -s proto -- --write` and commit"
+            )
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmarks (poc_api on trio vs grpclib on asyncio vs grpcio)."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def soak(session: nox.Session) -> None:
+    """Long mixed traffic with random cancellations; reports RSS and fd counts."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/soak.py", *session.posargs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run this file with nox")

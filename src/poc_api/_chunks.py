@@ -1,0 +1,297 @@
+"""Prompt chunks and the pure logic that walks them against a session.
+
+A prompt is a list of chunks: :class:`Tokens` and :class:`Image`. Nothing here
+does I/O; the conversation uses these functions to decide what to send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, final
+
+import attrs
+
+from ._errors import SessionDivergence
+from ._types import U32_MAX, _u32_tuple
+
+__all__ = [
+    "Chunk",
+    "DeltaPlan",
+    "Image",
+    "Tokens",
+    "chunk_len",
+    "common_prefix_len",
+    "plan_delta",
+    "prompt_to_chunks",
+    "walk_chunks",
+]
+
+
+@final
+@attrs.frozen
+class Tokens:
+    """A run of text token ids (each takes one session position)."""
+
+    ids: tuple[int, ...] = attrs.field(converter=_u32_tuple)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _check_len(_inst: object, _attr: object, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("known_expanded_len must be an int")
+    if not 0 <= value <= U32_MAX:
+        raise ValueError(f"known_expanded_len must be in [0, 2**32), got {value}")
+
+
+def _to_bytes(value: bytes | bytearray | memoryview) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"image data must be bytes, not {type(value).__name__}")
+    return bytes(value)
+
+
+def _check_mime(_inst: object, _attr: object, value: Any) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"mime must be a str, not {type(value).__name__}")
+    if not value.startswith("image/"):
+        raise ValueError(f"mime must be an image type such as 'image/png', got {value!r}")
+
+
+@final
+@attrs.frozen
+class Image:
+    """An encoded image. ``known_expanded_len = 0`` means "not appended yet".
+
+    Once the server has appended it, the image takes ``known_expanded_len``
+    placeholder positions.
+    """
+
+    data: bytes = attrs.field(converter=_to_bytes, repr=lambda d: f"<{len(d)} bytes>")
+    mime: str = attrs.field(validator=_check_mime)
+    known_expanded_len: int = attrs.field(default=0, validator=_check_len)
+
+
+Chunk = Tokens | Image
+
+
+def chunk_len(chunk: Chunk) -> int:
+    """Positions the chunk takes in a session; 0 for an image of unknown length."""
+    if isinstance(chunk, Tokens):
+        return len(chunk.ids)
+    return chunk.known_expanded_len
+
+
+def prompt_to_chunks(
+    tokens: Sequence[int],
+    images: Iterable[Image | tuple[bytes, str]],
+    vision_start: int,
+    vision_end: int,
+) -> list[Chunk]:
+    """Split a flat token prompt into chunks at image brackets (PROTOCOL.md §4).
+
+    Tokens up to and including ``vision_start`` stay text; the positions strictly
+    between ``vision_start`` and ``vision_end`` become the next image of
+    ``images`` with ``known_expanded_len`` = their count; ``vision_end`` and what
+    follows is text again.
+
+    Raises:
+        ValueError: unbalanced brackets, or a different number of images than
+            bracket pairs.
+
+    Example::
+
+        >>> prompt_to_chunks([1, 258, 260, 260, 259, 2], [(png, "image/png")], 258, 259)
+        [Tokens(ids=(1, 258)), Image(..., known_expanded_len=2), Tokens(ids=(259, 2))]
+    """
+    image_iter = iter(images)
+    out: list[Chunk] = []
+    text: list[int] = []
+    inside = False
+    inner = 0
+    for tok in tokens:
+        if inside:
+            if tok == vision_end:
+                img = next(image_iter, None)
+                if img is None:
+                    raise ValueError("more image brackets in the prompt than images given")
+                if not isinstance(img, Image):
+                    img = Image(img[0], img[1])
+                if text:
+                    out.append(Tokens(text))
+                    text = []
+                out.append(attrs.evolve(img, known_expanded_len=inner))
+                inside = False
+                text.append(tok)
+            elif tok == vision_start:
+                raise ValueError("nested vision_start inside an image")
+            else:
+                inner += 1
+            continue
+        if tok == vision_end:
+            raise ValueError("vision_end without a matching vision_start")
+        text.append(tok)
+        if tok == vision_start:
+            inside = True
+            inner = 0
+    if inside:
+        raise ValueError("vision_start without a matching vision_end")
+    if next(image_iter, None) is not None:
+        raise ValueError("more images given than image brackets in the prompt")
+    if text:
+        out.append(Tokens(text))
+    return out
+
+
+def walk_chunks(chunks: Sequence[Chunk], committed_len: int) -> int:
+    """Index of the first chunk not yet on the server (the seed's walk).
+
+    Sums chunk lengths until the sum equals ``committed_len``.
+
+    Raises:
+        SessionDivergence: a chunk of unknown length before ``committed_len``
+            (``"unknown_length"``), a chunk straddling it (``"straddle"``), or
+            chunks summing to less (``"short"``).
+    """
+    acc = 0
+    for i, chunk in enumerate(chunks):
+        if acc == committed_len:
+            return i
+        n = chunk_len(chunk)
+        if n == 0:
+            raise SessionDivergence(
+                f"session divergence: chunk {i} has unknown length but precedes "
+                f"committed_len {committed_len} (acc={acc})",
+                reason="unknown_length",
+                chunk_index=i,
+                accumulated=acc,
+                chunk_len=0,
+                committed_len=committed_len,
+            )
+        if acc + n > committed_len:
+            raise SessionDivergence(
+                f"session divergence: chunk {i} straddles committed_len "
+                f"(acc={acc}, len={n}, committed={committed_len})",
+                reason="straddle",
+                chunk_index=i,
+                accumulated=acc,
+                chunk_len=n,
+                committed_len=committed_len,
+            )
+        acc += n
+    if acc != committed_len:
+        raise SessionDivergence(
+            f"session divergence: chunks sum to {acc} but committed_len is {committed_len}",
+            reason="short",
+            chunk_index=None,
+            accumulated=acc,
+            chunk_len=0,
+            committed_len=committed_len,
+        )
+    return len(chunks)
+
+
+def _units(chunks: Iterable[Chunk]) -> Iterable[int | Image]:
+    for chunk in chunks:
+        if isinstance(chunk, Tokens):
+            yield from chunk.ids
+        else:
+            yield chunk
+
+
+def common_prefix_len(committed: Sequence[Chunk], chunks: Sequence[Chunk]) -> int:
+    """Positions at the start of both chunk lists that hold the same content.
+
+    Tokens compare one by one (a token run may be cut anywhere); an image counts
+    only whole, when its bytes and mime are equal and its length is known on the
+    committed side. The result is always a boundary both sides share.
+    """
+    pos = 0
+    for a, b in zip(_units(committed), _units(chunks), strict=False):
+        if isinstance(a, int):
+            if not isinstance(b, int) or a != b:
+                break
+            pos += 1
+        else:
+            if (
+                not isinstance(b, Image)
+                or a.data != b.data
+                or a.mime != b.mime
+                or a.known_expanded_len == 0
+                or b.known_expanded_len not in (0, a.known_expanded_len)
+            ):
+                break
+            pos += a.known_expanded_len
+    return pos
+
+
+@final
+@attrs.frozen
+class DeltaPlan:
+    """What to send for a prompt given the session's state.
+
+    ``offset`` is where sending starts; ``truncating`` is set when that is before
+    the session's end (a rewind); ``delta`` are the chunks to send from there.
+    """
+
+    offset: int
+    truncating: bool
+    delta: tuple[Chunk, ...]
+
+
+def _split_at(chunks: Sequence[Chunk], pos: int, history: Sequence[Chunk]) -> tuple[Chunk, ...]:
+    """The chunks from position ``pos`` on, cutting a token run when needed.
+
+    Images the history already knows the length of get it filled in.
+    """
+    known = {(c.data, c.mime): c.known_expanded_len for c in history if isinstance(c, Image)}
+    acc = 0
+    out: list[Chunk] = []
+    for chunk in chunks:
+        if isinstance(chunk, Image) and chunk.known_expanded_len == 0:
+            n = known.get((chunk.data, chunk.mime), 0)
+            if n and acc < pos:
+                chunk = attrs.evolve(chunk, known_expanded_len=n)
+        n = chunk_len(chunk)
+        if acc >= pos:
+            out.append(chunk)
+        elif isinstance(chunk, Tokens) and acc + n > pos:
+            out.append(Tokens(chunk.ids[pos - acc :]))
+        acc += n
+    return tuple(out)
+
+
+def plan_delta(
+    chunks: Sequence[Chunk],
+    committed_len: int,
+    history: Sequence[Chunk] | None,
+    *,
+    rewind: bool,
+) -> DeltaPlan:
+    """Decide what a conversation sends for ``chunks``.
+
+    ``history`` is the content the session holds (the chunks sent plus the tokens
+    decoded), or ``None`` when unknown. Without history, or with
+    ``rewind=False``, this is the seed's length walk (:func:`walk_chunks`),
+    which raises :class:`SessionDivergence`; ``rewind=False`` with a history
+    also raises when the content before ``committed_len`` differs (reason
+    ``"content"``). With ``rewind=True`` and a history, a prompt that differs from
+    the session's content rewinds to the last shared boundary.
+    """
+    if history is None or not rewind:
+        start = walk_chunks(chunks, committed_len)
+        if history is not None:
+            shared = common_prefix_len(history, chunks)
+            if shared < committed_len:
+                raise SessionDivergence(
+                    f"session divergence: the prompt differs from the session's content "
+                    f"at position {shared} (committed_len {committed_len})",
+                    reason="content",
+                    chunk_index=None,
+                    accumulated=shared,
+                    chunk_len=0,
+                    committed_len=committed_len,
+                )
+        return DeltaPlan(committed_len, False, tuple(chunks[start:]))
+    shared = min(common_prefix_len(history, chunks), committed_len)
+    return DeltaPlan(shared, shared < committed_len, _split_at(chunks, shared, history))

@@ -1,0 +1,334 @@
+"""``ApiClient``: the entry point. One client, one HTTP/2 connection, many agents.
+
+The trio counterpart of the seed's ``ApiClient``. It owns the asyncio bridge
+that grpclib runs on, the lazily opened gRPC channel shared by every session,
+conversation and call, and an httpx client for the HTTP endpoints.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, final
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from ._bridge import open_bridge
+from ._chunks import Chunk
+from ._conversation import Conversation
+from ._http import ChatCompletion, ChatDelta, ChatDone, HttpApi
+from ._score import score_chunks, score_many
+from ._session import Session, open_session
+from ._transport import GrpcTarget, GrpcTransport
+from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample
+
+__all__ = ["ApiClient", "resolve_grpc_url"]
+
+log = logging.getLogger("poc_api")
+
+
+def resolve_grpc_url(
+    base_url: str, grpc_url: str | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """The gRPC endpoint for a client (PROTOCOL.md §1).
+
+    In order: ``grpc_url``; the ``POC_GRPC_URL`` environment variable; else the
+    base URL's host with port + 1 (80/443 without a port → 81/444), TLS when
+    the scheme is https, path dropped.
+
+    >>> resolve_grpc_url("http://127.0.0.1:8000/v1")
+    'http://127.0.0.1:8001'
+    """
+    if grpc_url:
+        return grpc_url
+    env = os.environ if env is None else env
+    if env.get("POC_GRPC_URL"):
+        return env["POC_GRPC_URL"]
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must look like http://host:port/v1, got {base_url!r}")
+    port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port + 1}"
+
+
+async def _shielded(fn: Callable[[], Awaitable[None]]) -> None:
+    with trio.CancelScope(shield=True):
+        await fn()
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+@final
+class ApiClient:
+    """A client for a salience server. Use it as an async context manager.
+
+    Args:
+        base_url: the OpenAI-style HTTP root, e.g. ``http://127.0.0.1:8000/v1``.
+        api_key: sent as ``authorization: Bearer <key>`` on every call when set.
+        model: the model name sent with ``OpenSession`` and HTTP calls.
+        grpc_url: the gRPC endpoint; default ``POC_GRPC_URL`` or derived from
+            ``base_url`` (see :func:`resolve_grpc_url`).
+        connect_timeout: HTTP connect timeout in seconds.
+        timeout: HTTP request timeout in seconds.
+        close_timeout: bound on each shielded ``CloseSession`` at a session's exit.
+        max_buffered_events: events buffered per stream before the client stops
+            reading and HTTP/2 flow control pushes back on the server.
+        max_message_size: largest gRPC message sent or accepted, in bytes.
+
+    The gRPC channel opens on first use and is shared by everything made from
+    this client: one HTTP/2 connection, however many tasks use it at once.
+
+    Example::
+
+        async with poc_api.ApiClient("http://127.0.0.1:8000/v1") as client:
+            async with client.session() as s:
+                await s.prefill([1, 2, 3])
+                async with s.generate([4], sampling=poc_api.SamplingParams(max_tokens=8)) as ev:
+                    async for e in ev:
+                        print(e)
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "",
+        model: str = "",
+        grpc_url: str | None = None,
+        *,
+        connect_timeout: float = 30.0,
+        timeout: float = 600.0,
+        close_timeout: float = 5.0,
+        max_buffered_events: int = 4096,
+        max_message_size: int = 64 * 1024 * 1024,
+    ) -> None:
+        if not isinstance(base_url, str):
+            raise TypeError("base_url must be a str")
+        if not isinstance(api_key, str) or not isinstance(model, str):
+            raise TypeError("api_key and model must be str")
+        if "\n" in api_key or "\r" in api_key:
+            raise ValueError("api_key must not contain line breaks")
+        if max_buffered_events < 1 or max_message_size < 1:
+            raise ValueError("max_buffered_events and max_message_size must be positive")
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._model = model
+        self._target = GrpcTarget.from_url(resolve_grpc_url(self._base_url, grpc_url))
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._close_timeout = close_timeout
+        self._max_buffered = max_buffered_events
+        self._max_message_size = max_message_size
+        self._state = _State.UNOPENED
+        self._stack: AsyncExitStack | None = None
+        self._transport: GrpcTransport | None = None
+        self._http: HttpApi | None = None
+
+    def __repr__(self) -> str:
+        # Never the api key.
+        return (
+            f"<ApiClient base_url={self._base_url!r} grpc_url={self._target.url!r} "
+            f"model={self._model!r} {self._state.value}>"
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The HTTP root, without a trailing slash."""
+        return self._base_url
+
+    @property
+    def grpc_url(self) -> str:
+        """The gRPC endpoint in use."""
+        return self._target.url
+
+    @property
+    def model(self) -> str:
+        """The model name sent with every call ("" = the server's default)."""
+        return self._model
+
+    async def __aenter__(self) -> ApiClient:
+        if self._state is _State.OPENED:
+            raise RuntimeError("the client is already open")
+        if self._state is _State.CLOSED:
+            raise RuntimeError("a closed ApiClient cannot be reopened; create a new one")
+        stack = AsyncExitStack()
+        try:
+            bridge = await stack.enter_async_context(open_bridge())
+            metadata: tuple[tuple[str, str], ...] = ()
+            headers: dict[str, str] = {}
+            if self._api_key:
+                metadata = (("authorization", f"Bearer {self._api_key}"),)
+                headers["authorization"] = f"Bearer {self._api_key}"
+            transport = GrpcTransport(
+                bridge,
+                self._target,
+                metadata=metadata,
+                max_message_size=self._max_message_size,
+            )
+            stack.push_async_callback(_shielded, transport.aclose)
+            http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
+                headers=headers,
+            )
+            stack.push_async_callback(_shielded, http.aclose)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self._transport = transport
+        self._http = HttpApi(http, self._base_url, self._api_key, self._model)
+        self._state = _State.OPENED
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the channel, the HTTP client and the asyncio bridge (idempotent).
+
+        Always closes, even when cancelled (the cleanup is shielded).
+        """
+        if self._state is not _State.OPENED:
+            self._state = _State.CLOSED
+            return
+        self._state = _State.CLOSED
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            # Each cleanup step shields itself; the bridge's own nursery cannot be
+            # exited from inside a newer cancel scope, so the stack is not shielded.
+            await stack.aclose()
+
+    def _grpc(self) -> GrpcTransport:
+        if self._state is not _State.OPENED or self._transport is None:
+            raise RuntimeError(f"use the ApiClient inside `async with` (it is {self._state.value})")
+        return self._transport
+
+    def _https(self) -> HttpApi:
+        if self._state is not _State.OPENED or self._http is None:
+            raise RuntimeError(f"use the ApiClient inside `async with` (it is {self._state.value})")
+        return self._http
+
+    # -- gRPC --------------------------------------------------------------------
+
+    def session(self) -> AbstractAsyncContextManager[Session]:
+        """Open a server-side session for the block (``OpenSession`` … ``CloseSession``).
+
+        Leaving the block in any way — normally, by exception or by cancellation —
+        sends ``CloseSession``, shielded and bounded by ``close_timeout``; a failed
+        close is logged and never hides the block's own exception.
+        """
+        return open_session(
+            self._grpc(),
+            self._model,
+            max_buffered_events=self._max_buffered,
+            close_timeout=self._close_timeout,
+        )
+
+    @asynccontextmanager
+    async def conversation(self, *, rewind: bool = True) -> AsyncIterator[Conversation]:
+        """A reusable session slot for multi-turn streaming (see :class:`Conversation`).
+
+        Args:
+            rewind: on divergence, truncate to the longest shared prefix (default)
+                instead of raising :class:`SessionDivergence`.
+        """
+        conv = Conversation(
+            self._grpc(),
+            self._model,
+            rewind=rewind,
+            max_buffered_events=self._max_buffered,
+            close_timeout=self._close_timeout,
+        )
+        try:
+            yield conv
+        finally:
+            with trio.CancelScope(shield=True):
+                await conv.aclose()
+
+    async def score(
+        self, chunks: Sequence[Chunk], ranges: Sequence[tuple[int, int]]
+    ) -> list[ScoreResult]:
+        """Sum the log-probabilities of the prompt positions in each range.
+
+        Uses an ephemeral session (closed on exit, also on error or cancellation)
+        and one final ``Generate(max_tokens=0)`` with ``logprobs_ranges``. Ranges are
+        half-open ``(start, end)``, in any order, and must lie inside the prompt;
+        results come back in the order given.
+        """
+        return await score_chunks(
+            self._grpc(),
+            self._model,
+            chunks,
+            ranges,
+            max_buffered_events=self._max_buffered,
+            close_timeout=self._close_timeout,
+        )
+
+    async def score_many(
+        self,
+        prompts: Sequence[tuple[Sequence[Chunk], Sequence[tuple[int, int]]]],
+        *,
+        max_concurrency: int = 16,
+    ) -> list[list[ScoreResult]]:
+        """Score many ``(chunks, ranges)`` prompts concurrently over the one connection.
+
+        At most ``max_concurrency`` are in flight; results are in input order. The
+        first failure cancels the rest and is raised (unwrapped).
+        """
+        return await score_many(
+            self._grpc(),
+            self._model,
+            prompts,
+            max_concurrency=max_concurrency,
+            max_buffered_events=self._max_buffered,
+            close_timeout=self._close_timeout,
+        )
+
+    # -- HTTP --------------------------------------------------------------------
+
+    async def readout_manifest(self) -> ReadoutManifest | None:
+        """The readout manifest, or ``None`` when the server has readout disabled.
+
+        Fetched once per client and shared, even by concurrent first callers.
+        """
+        return await self._https().readout_manifest()
+
+    async def train(self, samples: Sequence[TrainSample]) -> TrainResult:
+        """Send training samples to ``POST {base_url}/train``."""
+        return await self._https().train(samples)
+
+    async def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> ChatCompletion:
+        """OpenAI-compatible chat completion (non-streaming)."""
+        return await self._https().chat(messages, **kwargs)
+
+    def chat_stream(
+        self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> AbstractAsyncContextManager[AsyncIterator[ChatDelta | ChatDone]]:
+        """OpenAI-compatible streaming chat: text deltas, then a final :class:`ChatDone`.
+
+        Leaving the block early closes the HTTP response.
+        """
+        return self._https().chat_stream(messages, **kwargs)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Encode text with the server's tokenizer (reference-server extension)."""
+        return await self._https().tokenize(text)
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        """Decode token ids with the server's tokenizer (reference-server extension)."""
+        return await self._https().detokenize(tokens)

@@ -1,0 +1,317 @@
+"""Conversations: a reusable session slot that sends only what changed.
+
+The trio counterpart of the seed's ``session_lock`` + ``stream_session_mm`` +
+``run_session_generate``. Each :meth:`Conversation.stream` walks the prompt's
+chunks against what the session already holds, sends the delta (text runs
+merged, a prefill flush before each image, images appended in order), and
+streams the decoded tokens. On success the session is kept for the next call; on
+any error or cancellation it is closed and forgotten, and the next call opens a
+new one and sends the whole prompt again.
+
+Divergence (the prompt no longer matches the session): by default the
+conversation *rewinds* — it keeps the longest prefix the prompt shares with
+what the session holds (token by token; images whole) and truncates the rest
+server-side with ``truncating = true``, logging a line on ``poc_api.grpc``.
+``rewind=False`` gives the seed's behaviour: :class:`SessionDivergence` with the
+numbers, raised before anything is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, final
+
+import attrs
+import trio
+
+from ._chunks import Chunk, Image, Tokens, plan_delta
+from ._session import GenerateStream, Session, open_session
+from ._types import (
+    U32_MAX,
+    Done,
+    ImageAppended,
+    SamplingParams,
+    StreamDone,
+    StreamEvent,
+    Token,
+    TokenOut,
+)
+
+if TYPE_CHECKING:
+    from ._transport import GrpcTransport
+
+__all__ = ["Conversation", "ConversationStream", "reshape_readout"]
+
+log = logging.getLogger("poc_api.grpc")
+
+_warned_shapes: set[tuple[int, int, int]] = set()
+
+
+def reshape_readout(flat: memoryview[float], shape: tuple[int, int]) -> memoryview[float] | None:
+    """View a flat float32 readout as ``(n_layers, n_concepts)``, without copying.
+
+    Returns ``None`` (and logs a warning, once per distinct mismatch) when the
+    vector's length is not ``n_layers * n_concepts``, as the seed does.
+    """
+    n_layers, n_concepts = shape
+    expected = n_layers * n_concepts
+    if len(flat) != expected:
+        key = (n_layers, n_concepts, len(flat))
+        if key not in _warned_shapes:
+            _warned_shapes.add(key)
+            log.warning(
+                "readout shape mismatch: expected %d*%d=%d, got %d",
+                n_layers,
+                n_concepts,
+                expected,
+                len(flat),
+            )
+        return None
+    if flat.c_contiguous:
+        return flat.cast("B").cast("f", shape)
+    return memoryview(array("f", flat).tobytes()).cast("f", shape)  # pragma: no cover
+
+
+def _check_shape(shape: object) -> tuple[int, int] | None:
+    if shape is None:
+        return None
+    if (
+        not isinstance(shape, tuple | list)
+        or len(shape) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in shape)
+    ):
+        raise TypeError(f"readout_shape must be (n_layers, n_concepts), got {shape!r}")
+    n_layers, n_concepts = shape
+    if n_layers <= 0 or n_concepts <= 0:
+        raise ValueError(f"readout_shape must be positive, got {shape!r}")
+    return (n_layers, n_concepts)
+
+
+def _check_chunks(chunks: Sequence[Chunk]) -> list[Chunk]:
+    if isinstance(chunks, Tokens | Image):
+        raise TypeError("chunks must be a sequence of Tokens/Image, not a single chunk")
+    out = list(chunks)
+    for c in out:
+        if not isinstance(c, Tokens | Image):
+            raise TypeError(f"chunks must be Tokens or Image, got {type(c).__name__}")
+    return out
+
+
+@final
+class ConversationStream:
+    """Events of one :meth:`Conversation.stream`: :class:`ImageAppended` for each
+    image sent, :class:`TokenOut` for each decoded token, then :class:`StreamDone`.
+    """
+
+    def __init__(
+        self,
+        prefix: list[StreamEvent],
+        events: GenerateStream,
+        readout_shape: tuple[int, int] | None,
+    ) -> None:
+        self._prefix = prefix
+        self._events = events
+        self._shape = readout_shape
+        self.decoded: list[int] = []
+        """Ids of the tokens decoded so far."""
+        self.usage_done: StreamDone | None = None
+
+    def __aiter__(self) -> ConversationStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._prefix:
+            return self._prefix.pop(0)
+        async for ev in self._events:
+            if type(ev) is Token:
+                if ev.is_prefill:
+                    continue
+                readout = None
+                if ev.readout is not None and self._shape is not None:
+                    readout = reshape_readout(ev.readout, self._shape)
+                self.decoded.append(ev.id)
+                return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position)
+            assert isinstance(ev, Done)
+            self.usage_done = StreamDone(ev.usage, ev.finish_reason)
+            return self.usage_done
+        raise StopAsyncIteration
+
+
+@final
+class Conversation:
+    """A session slot reused across turns. Get one from ``ApiClient.conversation()``.
+
+    Streams on one conversation are serialised: a second :meth:`stream` waits
+    for the first block to exit.
+    """
+
+    def __init__(
+        self,
+        transport: GrpcTransport,
+        model: str,
+        *,
+        rewind: bool,
+        max_buffered_events: int,
+        close_timeout: float,
+    ) -> None:
+        self._transport = transport
+        self._model = model
+        self._rewind = rewind
+        self._max_buffered = max_buffered_events
+        self._close_timeout = close_timeout
+        self._lock = trio.Lock()
+        self._stack: AsyncExitStack | None = None
+        self._session: Session | None = None
+        self._history: list[Chunk] = []
+        self._closed = False
+
+    @property
+    def session(self) -> Session | None:
+        """The session currently held, or ``None`` between a failure and the next stream."""
+        return self._session
+
+    @property
+    def committed_len(self) -> int:
+        """Positions the held session has on the server (0 when none is held)."""
+        return 0 if self._session is None else self._session.committed_len
+
+    async def _open(self) -> Session:
+        stack = AsyncExitStack()
+        try:
+            session = await stack.enter_async_context(
+                open_session(
+                    self._transport,
+                    self._model,
+                    max_buffered_events=self._max_buffered,
+                    close_timeout=self._close_timeout,
+                )
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack, self._session, self._history = stack, session, []
+        return session
+
+    async def _drop(self) -> None:
+        """Close and forget the held session (shielded inside ``Session.aclose``)."""
+        stack, self._stack, self._session, self._history = self._stack, None, None, []
+        if stack is not None:
+            await stack.aclose()
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        chunks: Sequence[Chunk],
+        sampling: SamplingParams | None = None,
+        priority: int | None = None,
+        readout_shape: tuple[int, int] | None = None,
+    ) -> AsyncIterator[ConversationStream]:
+        """Send the prompt's delta and stream the reply.
+
+        Before the block's body runs, text before each image is flushed with a
+        prefill and the images are appended (their :class:`ImageAppended` events
+        come first from the iterator). The final ``Generate`` carries the trailing
+        text and the decode budget; with ``readout_shape`` it asks for readouts of
+        every decoded position, reshaped to ``(n_layers, n_concepts)``.
+
+        Leaving the block before :class:`StreamDone`, an error or cancellation
+        closes the session; the next stream starts a new one.
+
+        Example::
+
+            async with client.conversation() as conv:
+                async with conv.stream([poc_api.Tokens(ids)], SamplingParams(max_tokens=32)) as ev:
+                    async for e in ev:
+                        if isinstance(e, poc_api.TokenOut):
+                            print(e.id)
+        """
+        chunks = _check_chunks(chunks)
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError("sampling must be a SamplingParams")
+        shape = _check_shape(readout_shape)
+        prio = 0 if priority is None else priority
+        if isinstance(prio, bool) or not isinstance(prio, int) or not -(2**31) <= prio < 2**31:
+            raise ValueError("priority must be an int32")
+        async with self._lock:
+            if self._closed:
+                raise trio.ClosedResourceError("the conversation is closed")
+            ok = False
+            try:
+                session = self._session
+                if session is None:
+                    session = await self._open()
+                    history: list[Chunk] | None = []
+                else:
+                    history = self._history
+                plan = plan_delta(chunks, session.committed_len, history, rewind=self._rewind)
+                if plan.truncating:
+                    log.info(
+                        "session %s: prompt diverges from the session at position %d "
+                        "(committed_len %d): rewinding",
+                        session.session_id,
+                        plan.offset,
+                        session.committed_len,
+                    )
+                    await session.rewind(plan.offset)
+                sent: list[Chunk] = list(chunks)
+                prefix: list[StreamEvent] = []
+                pending: list[int] = []
+                image_lens: dict[int, int] = {}
+                for chunk in plan.delta:
+                    if isinstance(chunk, Tokens):
+                        pending.extend(chunk.ids)
+                        continue
+                    if pending:
+                        await session.prefill(pending)
+                        pending = []
+                    appended = await session.append_image(chunk.data, chunk.mime)
+                    image_lens[id(chunk)] = appended.placeholder_count
+                    prefix.append(ImageAppended(appended.placeholder_count))
+                prompt_len = session.committed_len + len(pending)
+                readout_ranges = [(prompt_len, U32_MAX)] if shape is not None else []
+                async with session.generate(
+                    pending,
+                    sampling=sampling,
+                    readout_ranges=readout_ranges,
+                    priority=prio,
+                ) as events:
+                    out = ConversationStream(prefix, events, shape)
+                    yield out
+                if events.done is None:
+                    return  # left early: the session is lost; `finally` drops it
+                # What the session now holds: the prompt (images with their lengths
+                # as the server told us) and the decoded tokens.
+                known = {
+                    (c.data, c.mime): image_lens.get(id(c), 0)
+                    for c in plan.delta
+                    if isinstance(c, Image)
+                }
+                for i, c in enumerate(sent):
+                    if isinstance(c, Image) and c.known_expanded_len == 0:
+                        n = known.get((c.data, c.mime), 0)
+                        if n:
+                            sent[i] = attrs.evolve(c, known_expanded_len=n)
+                if len(out.decoded) != events.done.completion_tokens:
+                    log.warning(
+                        "session %s: Done says %d tokens were decoded but %d arrived; "
+                        "dropping the session",
+                        session.session_id,
+                        events.done.completion_tokens,
+                        len(out.decoded),
+                    )
+                    return
+                self._history = [*sent, Tokens(out.decoded)] if out.decoded else sent
+                ok = True
+            finally:
+                if not ok:
+                    with trio.CancelScope(shield=True):
+                        await self._drop()
+
+    async def aclose(self) -> None:
+        """Close the held session, if any (idempotent)."""
+        self._closed = True
+        await self._drop()

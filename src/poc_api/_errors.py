@@ -1,0 +1,189 @@
+"""The exception tree of poc_api.
+
+Every failure the library reports on purpose derives from :class:`PocApiError`;
+bad arguments raise plain :class:`ValueError` / :class:`TypeError` before anything
+is sent. The tree::
+
+    PocApiError
+    ├── TransportError            the connection, not the server, failed
+    │   ├── ServerUnavailable     cannot connect, connection lost, UNAVAILABLE
+    │   └── PocApiTimeout         a deadline passed (also a TimeoutError)
+    ├── RpcError                  the server answered with a non-OK gRPC status
+    │   ├── AuthenticationError   UNAUTHENTICATED, or HTTP 401/403
+    │   ├── SessionNotFound       NOT_FOUND: unknown, closed or evicted session
+    │   ├── ContextOverflow       OUT_OF_RANGE: the context window is full
+    │   ├── InvalidRequest        INVALID_ARGUMENT (e.g. an undecodable image)
+    │   ├── OffsetMismatch        FAILED_PRECONDITION: offset != session length
+    │   ├── ResourceExhausted     RESOURCE_EXHAUSTED: server limits
+    │   └── StreamCancelled       CANCELLED, or the server reset the stream
+    ├── HttpError                 an HTTP endpoint answered 4xx/5xx
+    ├── ProtocolViolation         the peer sent something malformed
+    ├── LimitExceeded             a client-side bound was hit
+    └── SessionDivergence         the prompt no longer matches the session
+
+``AuthenticationError`` is raised for both transports, so it is also an
+``HttpError``-like: it carries ``http_status`` when it came from HTTP.
+
+Lower-level errors (grpclib, h2, OSError, httpx) are translated in exactly one
+place each: :func:`poc_api._transport.map_grpc_error` and
+:mod:`poc_api._http`.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+__all__ = [
+    "AuthenticationError",
+    "ContextOverflow",
+    "HttpError",
+    "InvalidRequest",
+    "LimitExceeded",
+    "OffsetMismatch",
+    "PocApiError",
+    "PocApiTimeout",
+    "ProtocolViolation",
+    "ResourceExhausted",
+    "RpcError",
+    "ServerUnavailable",
+    "SessionDivergence",
+    "SessionNotFound",
+    "StreamCancelled",
+    "TransportError",
+]
+
+
+class PocApiError(Exception):
+    """Base of every error poc_api raises on purpose.
+
+    Attributes:
+        grpc_status: the gRPC status name (``"NOT_FOUND"``, ...) when the error
+            came from a gRPC call, else ``None``.
+        http_status: the HTTP status code when it came from an HTTP call.
+    """
+
+    grpc_status: str | None = None
+    http_status: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        grpc_status: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if grpc_status is not None:
+            self.grpc_status = grpc_status
+        if http_status is not None:
+            self.http_status = http_status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TransportError(PocApiError):
+    """The connection failed: the request may or may not have reached the server."""
+
+
+@final
+class ServerUnavailable(TransportError):
+    """The server cannot be reached, went away, or answered UNAVAILABLE."""
+
+
+@final
+class PocApiTimeout(TransportError, TimeoutError):
+    """A deadline given to poc_api passed before the call finished."""
+
+
+class RpcError(PocApiError):
+    """The server answered a gRPC call with a non-OK status."""
+
+
+@final
+class AuthenticationError(RpcError):
+    """The api key was missing or wrong (gRPC UNAUTHENTICATED, HTTP 401/403)."""
+
+
+@final
+class SessionNotFound(RpcError):
+    """The session is unknown to the server: closed, evicted, or the server restarted."""
+
+
+@final
+class ContextOverflow(RpcError):
+    """The request would exceed the session's context window (OUT_OF_RANGE)."""
+
+
+@final
+class InvalidRequest(RpcError):
+    """The server rejected the request's content (INVALID_ARGUMENT)."""
+
+
+@final
+class OffsetMismatch(RpcError):
+    """The offset did not match the session length (FAILED_PRECONDITION)."""
+
+
+@final
+class ResourceExhausted(RpcError):
+    """A server-side limit was hit (RESOURCE_EXHAUSTED), e.g. too many sessions."""
+
+
+@final
+class StreamCancelled(RpcError):
+    """The server cancelled or reset the stream."""
+
+
+@final
+class HttpError(PocApiError):
+    """An HTTP endpoint answered with an error status.
+
+    The message holds the status, the URL and at most 500 characters of the body.
+    """
+
+    def __init__(self, message: str, *, http_status: int, url: str, body_excerpt: str) -> None:
+        super().__init__(message, http_status=http_status)
+        self.url = url
+        self.body_excerpt = body_excerpt
+
+
+@final
+class ProtocolViolation(PocApiError):
+    """The peer sent something poc_api cannot understand (bad frame, JSON, content type)."""
+
+
+@final
+class LimitExceeded(PocApiError):
+    """A client-side bound (message size, concurrent streams, ...) was exceeded."""
+
+
+@final
+class SessionDivergence(PocApiError):
+    """The prompt's chunks no longer line up with what the session holds.
+
+    Attributes:
+        reason: ``"unknown_length"``, ``"straddle"``, ``"short"`` or ``"content"``.
+        chunk_index: the chunk where the walk stopped (``None`` for ``"short"``).
+        accumulated: positions summed before that chunk.
+        chunk_len: that chunk's length (0 when unknown).
+        committed_len: positions the session holds on the server.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        chunk_index: int | None,
+        accumulated: int,
+        chunk_len: int,
+        committed_len: int,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.chunk_index = chunk_index
+        self.accumulated = accumulated
+        self.chunk_len = chunk_len
+        self.committed_len = committed_len

@@ -1,0 +1,405 @@
+"""Sessions: one server-side KV cache, driven position by position.
+
+The trio counterpart of the seed's ``SessionHandle``: ``OpenSession`` on entry,
+``prefill`` / ``append_image`` / ``generate`` while open, ``CloseSession`` on
+exit — always, shielded, bounded by a short timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, final
+
+import trio
+
+from . import _errors as e
+from ._proto import salience as pb
+from ._types import (
+    U32_MAX,
+    Done,
+    ImageAppend,
+    SamplingParams,
+    Token,
+    WireEvent,
+    _u32,
+    _u32_tuple,
+)
+from ._wire import decode_generate_event
+
+if TYPE_CHECKING:
+    from ._bridge import BatchReceiver
+    from ._transport import GrpcTransport
+
+__all__ = ["GenerateStream", "Session", "SessionLost", "open_session"]
+
+log = logging.getLogger("poc_api.grpc")
+
+Range = tuple[int, int]
+
+
+@final
+class SessionLost(e.PocApiError):
+    """The session's server-side state is unknown after an interrupted call.
+
+    A generate stream that was cancelled or failed before its ``Done`` leaves the
+    session in a state the client cannot know. Open a new session.
+    """
+
+
+def _check_ranges(name: str, ranges: Sequence[Sequence[int]]) -> list[pb.PositionRange]:
+    out = []
+    for r in ranges:
+        if isinstance(r, str | bytes) or len(r) != 2:
+            raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
+        start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
+        if start >= end:
+            raise ValueError(f"{name} must have start < end, got ({start}, {end})")
+        out.append(pb.PositionRange(start=start, end=end))
+    return out
+
+
+@final
+class GenerateStream:
+    """The events of one ``Generate`` call: :class:`Token`\\ s, then one :class:`Done`.
+
+    Iterate it with ``async for``. Iteration is a checkpoint only when it waits
+    for the network: events already received come out without one.
+    """
+
+    def __init__(self, rx: BatchReceiver[bytes], session: Session, method_started: float) -> None:
+        self._rx = rx
+        self._session = session
+        self._batch: list[bytes] = []
+        self._i = 0
+        self._finished = False
+        self._started = method_started
+        self._first_decode = False
+        self._received = False
+        self.done: Done | None = None
+        """The ``Done`` event once it has arrived."""
+
+    def __aiter__(self) -> GenerateStream:
+        return self
+
+    async def __anext__(self) -> WireEvent:
+        while True:
+            if self._i < len(self._batch):
+                raw = self._batch[self._i]
+                self._i += 1
+                ev = decode_generate_event(raw)
+                if ev is None:
+                    continue
+                if type(ev) is Token:
+                    if not ev.is_prefill and not self._first_decode:
+                        self._first_decode = True
+                        log.debug(
+                            "session %s first decode token at %.1f ms",
+                            self._session.session_id,
+                            (time.perf_counter() - self._started) * 1e3,
+                        )
+                    return ev
+                assert isinstance(ev, Done)
+                self._on_done(ev)
+                return ev
+            if self._finished:
+                raise StopAsyncIteration
+            self._batch = await self._rx.receive_batch()
+            self._i = 0
+            self._received = self._received or bool(self._batch)
+            if not self._batch:
+                self._finished = True
+                if self.done is None:
+                    raise e.ProtocolViolation("Generate: the stream ended without a Done event")
+
+    def _on_done(self, done: Done) -> None:
+        if self.done is not None:
+            raise e.ProtocolViolation("Generate: the server sent a second Done event")
+        self.done = done
+        self._session._committed_len = done.total_tokens
+        log.debug(
+            "session %s Done: prompt=%d completion=%d total=%d reason=%r elapsed=%.1f ms",
+            self._session.session_id,
+            done.prompt_tokens,
+            done.completion_tokens,
+            done.total_tokens,
+            done.finish_reason,
+            (time.perf_counter() - self._started) * 1e3,
+        )
+
+    async def _drain(self) -> None:
+        """After ``Done``, read to the end so the stream finishes cleanly."""
+        while not self._finished:
+            self._batch = await self._rx.receive_batch()
+            self._i = len(self._batch)
+            if not self._batch:
+                self._finished = True
+            else:
+                raise e.ProtocolViolation("Generate: the server sent events after Done")
+
+
+@final
+class Session:
+    """An open inference session. Get one from ``ApiClient.session()``.
+
+    Attributes mirror the server: ``session_id``, ``committed_len`` (positions the
+    session holds) and ``max_length`` (its context window, 0 if not reported).
+    Calls on one session are serialised; a call made while this task holds the
+    session (inside its own ``generate`` block) raises ``RuntimeError``.
+    """
+
+    def __init__(
+        self,
+        transport: GrpcTransport,
+        session_id: str,
+        max_length: int,
+        *,
+        max_buffered_events: int,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self._transport = transport
+        self._close_timeout = close_timeout
+        self._session_id = session_id
+        self._max_length = max_length
+        self._committed_len = 0
+        self._lock = trio.Lock()
+        self._lost = False
+        self._closed = False
+        self._max_buffered = max_buffered_events
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session {self._session_id} committed_len={self._committed_len} "
+            f"max_length={self._max_length}{' lost' if self._lost else ''}"
+            f"{' closed' if self._closed else ''}>"
+        )
+
+    @property
+    def session_id(self) -> str:
+        """The server's id for this session."""
+        return self._session_id
+
+    @property
+    def committed_len(self) -> int:
+        """Positions the session holds on the server, as of the last finished call."""
+        return self._committed_len
+
+    @property
+    def max_length(self) -> int:
+        """The context window in positions; 0 when the server did not say."""
+        return self._max_length
+
+    @property
+    def lost(self) -> bool:
+        """True after an interrupted call: the server-side state is unknown."""
+        return self._lost
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the session is closed")
+        if self._lost:
+            raise SessionLost(
+                f"session {self._session_id} was interrupted mid-call; open a new session"
+            )
+
+    async def prefill(self, tokens: Sequence[int]) -> Done:
+        """Append tokens without decoding (``Generate`` with ``max_tokens = 0``).
+
+        Returns the ``Done`` event. A checkpoint; cancelling it marks the session
+        lost.
+        """
+        async with self.generate(tokens, sampling=SamplingParams(max_tokens=0)) as events:
+            async for _ in events:
+                pass
+        assert events.done is not None
+        return events.done
+
+    async def rewind(self, length: int) -> Done:
+        """Drop every position ``>= length`` (``Generate`` with ``truncating = true``)."""
+        async with self.generate((), sampling=SamplingParams(max_tokens=0), rewind_to=length) as ev:
+            async for _ in ev:
+                pass
+        assert ev.done is not None
+        return ev.done
+
+    async def append_image(
+        self, data: bytes, mime: str, *, rewind_to: int | None = None
+    ) -> ImageAppend:
+        """Append an encoded image; the server writes its placeholder positions.
+
+        Args:
+            data: encoded image bytes (PNG, JPEG, GIF, WebP).
+            mime: its type, e.g. ``"image/png"``.
+            rewind_to: append at this offset instead, dropping the positions after it.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"image data must be bytes, not {type(data).__name__}")
+        if not isinstance(mime, str):
+            raise TypeError(f"mime must be a str, not {type(mime).__name__}")
+        if not data:
+            raise ValueError("image data is empty")
+        offset, truncating = self._offset(rewind_to)
+        req = pb.AppendImageRequest(
+            session_id=self._session_id,
+            image=bytes(data),
+            mime=mime,
+            offset=offset,
+            truncating=truncating,
+        )
+        async with self._lock:
+            self._check_usable()
+            try:
+                raw = await self._transport.unary("AppendImage", bytes(req))
+            except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
+                raise  # rejected before anything was appended
+            except BaseException:
+                self._lost = True
+                raise
+            resp = pb.AppendImageResponse.parse(raw)
+            log.debug(
+                "AppendImage: N=%d total_length=%d", resp.placeholder_count, resp.total_length
+            )
+            self._committed_len = resp.total_length
+            return ImageAppend(resp.placeholder_count, resp.total_length)
+
+    def _offset(self, rewind_to: int | None) -> tuple[int, bool]:
+        if rewind_to is None:
+            return self._committed_len, False
+        _u32("rewind_to", rewind_to)
+        if rewind_to > self._committed_len:
+            raise ValueError(
+                f"rewind_to={rewind_to} is past the session's end ({self._committed_len})"
+            )
+        return rewind_to, True
+
+    @asynccontextmanager
+    async def generate(
+        self,
+        tokens: Sequence[int] = (),
+        *,
+        sampling: SamplingParams | None = None,
+        logprobs_ranges: Sequence[Range] = (),
+        readout_ranges: Sequence[Range] = (),
+        priority: int = 0,
+        rewind_to: int | None = None,
+    ) -> AsyncIterator[GenerateStream]:
+        """Append ``tokens``, decode, and stream the wire events.
+
+        The RPC runs while the block is open. Leaving the block before the
+        ``Done`` event — by ``break``, an exception or cancellation — resets the
+        HTTP/2 stream (CANCEL), the server stops, and the session is marked
+        :attr:`lost`. Arguments are checked before anything is sent.
+
+        Example::
+
+            async with s.generate([1, 2], sampling=SamplingParams(max_tokens=8)) as events:
+                async for ev in events:
+                    if isinstance(ev, poc_api.Token) and not ev.is_prefill:
+                        print(ev.id, ev.sampled_logprob)
+        """
+        ids = _u32_tuple(tokens)
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError("sampling must be a SamplingParams")
+        lp = _check_ranges("logprobs_ranges", logprobs_ranges)
+        ro = _check_ranges("readout_ranges", readout_ranges)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError("priority must be an int")
+        if not -(2**31) <= priority < 2**31:
+            raise ValueError("priority must fit in an int32")
+        async with self._lock:
+            self._check_usable()
+            offset, truncating = self._offset(rewind_to)
+            if offset + len(ids) > U32_MAX:
+                raise ValueError("the prompt does not fit in uint32 positions")
+            req = pb.GenerateRequest(
+                session_id=self._session_id,
+                append_tokens=list(ids),
+                offset=offset,
+                truncating=truncating,
+                max_tokens=sampling.max_tokens,
+                logprobs_ranges=lp,
+                logprob_top_k=sampling.logprob_top_k,
+                readout_ranges=ro,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                stop_token_ids=list(sampling.stop_token_ids),
+                priority=priority,
+            )
+            log.debug(
+                "session %s Generate: offset=%d append=%d max_tokens=%d priority=%d",
+                self._session_id,
+                offset,
+                len(ids),
+                sampling.max_tokens,
+                priority,
+            )
+            started = time.perf_counter()
+            stream: GenerateStream | None = None
+            rejected = False
+            try:
+                async with self._transport.server_stream(
+                    "Generate", bytes(req), max_items=self._max_buffered
+                ) as rx:
+                    stream = GenerateStream(rx, self, started)
+                    yield stream
+                    if stream.done is not None:
+                        await stream._drain()
+            except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
+                # Rejected up front (no event came): nothing was appended.
+                rejected = stream is None or not stream._received
+                raise
+            finally:
+                if not rejected and (stream is None or stream.done is None):
+                    self._lost = True
+
+    async def aclose(self) -> None:
+        """Send ``CloseSession`` (idempotent), shielded from cancellation.
+
+        Bounded by the client's ``close_timeout``; a failure is logged, not raised, because
+        the server frees idle sessions by itself.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        timeout = self._close_timeout
+        with trio.move_on_after(timeout, shield=True) as scope:
+            try:
+                req = pb.CloseSessionRequest(session_id=self._session_id)
+                await self._transport.unary("CloseSession", bytes(req))
+                log.debug("session %s closed", self._session_id)
+            except Exception as exc:
+                log.warning("CloseSession %s failed: %s", self._session_id, exc)
+        if scope.cancelled_caught:
+            log.warning("CloseSession %s timed out after %.1f s", self._session_id, timeout)
+
+
+@asynccontextmanager
+async def open_session(
+    transport: GrpcTransport,
+    model: str,
+    *,
+    max_buffered_events: int,
+    close_timeout: float,
+) -> AsyncIterator[Session]:
+    """Open a session for the block; close it on exit, whatever happens."""
+    log.debug("opening new session (model=%r)", model)
+    raw = await transport.unary("OpenSession", bytes(pb.OpenSessionRequest(model=model)))
+    resp = pb.OpenSessionResponse.parse(raw)
+    if not resp.session_id:
+        raise e.ProtocolViolation("OpenSession: the server sent an empty session id")
+    session = Session(
+        transport,
+        resp.session_id,
+        resp.max_length,
+        max_buffered_events=max_buffered_events,
+        close_timeout=close_timeout,
+    )
+    log.debug("session %s opened (max_length=%d)", resp.session_id, resp.max_length)
+    try:
+        yield session
+    finally:
+        await session.aclose()

@@ -1,0 +1,253 @@
+"""Value types: sampling parameters, wire events, stream events, results.
+
+All are frozen attrs classes. Readout data is a ``memoryview`` of float32
+(format ``"f"``) that ``numpy.asarray`` wraps without copying; numpy is not
+needed to use it (``mv.tolist()`` gives nested lists).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, final
+
+import attrs
+
+__all__ = [
+    "Done",
+    "ImageAppend",
+    "ImageAppended",
+    "ReadoutManifest",
+    "SamplingParams",
+    "ScoreResult",
+    "StreamDone",
+    "StreamEvent",
+    "Token",
+    "TokenOut",
+    "TopLogprob",
+    "TrainResult",
+    "TrainSample",
+    "Usage",
+    "WireEvent",
+]
+
+U32_MAX = 2**32 - 1
+
+
+def _u32(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= U32_MAX:
+        raise ValueError(f"{name} must be in [0, 2**32), got {value}")
+    return value
+
+
+def _check_u32(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _u32(attribute.name, value)
+
+
+def _check_float(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{attribute.name} must be a float, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be finite, got {value}")
+
+
+def _u32_tuple(value: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(value, str | bytes):
+        raise TypeError("expected a sequence of token ids, not a string")
+    return tuple(_u32("token id", v) for v in value)
+
+
+@final
+@attrs.frozen
+class SamplingParams:
+    """How to decode. Mirrors the sampling fields of ``GenerateRequest``.
+
+    Args:
+        max_tokens: decode budget; 0 appends the prompt and decodes nothing.
+        temperature: 0 is greedy.
+        top_p: nucleus filter; 0 or 1 switches it off.
+        top_k: 0 switches it off.
+        stop_token_ids: decoding stops after emitting one of these.
+        logprob_top_k: when > 0, decoded tokens carry the k most likely alternatives.
+
+    Example::
+
+        SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9)
+    """
+
+    max_tokens: int = attrs.field(default=256, validator=_check_u32)
+    temperature: float = attrs.field(default=0.0, validator=_check_float)
+    top_p: float = attrs.field(default=1.0, validator=_check_float)
+    top_k: int = attrs.field(default=0, validator=_check_u32)
+    stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_u32_tuple)
+    logprob_top_k: int = attrs.field(default=0, validator=_check_u32)
+
+    def __attrs_post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+
+
+@final
+@attrs.frozen
+class Usage:
+    """Token accounting of one generate call (from the wire ``Done``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@final
+@attrs.frozen
+class ReadoutManifest:
+    """Names for the readout vectors: which concepts, read at which layers."""
+
+    concepts: tuple[str, ...] = attrs.field(converter=tuple)
+    layers: tuple[int, ...] = attrs.field(converter=tuple)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_layers, n_concepts)``: the shape of one token's readout."""
+        return (len(self.layers), len(self.concepts))
+
+
+@final
+@attrs.frozen
+class TopLogprob:
+    """One of the most likely tokens at a decoded position."""
+
+    id: int
+    logprob: float
+
+
+@final
+@attrs.frozen(eq=False)
+class Token:
+    """A wire ``Token`` event from ``Session.generate``.
+
+    ``readout`` is a flat float32 ``memoryview`` (``n_layers * n_concepts``,
+    layer-major) or ``None`` when not requested; ``readout_shape`` on
+    ``generate`` makes it 2-D.
+    """
+
+    id: int
+    position: int
+    is_prefill: bool
+    sampled_logprob: float
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    readout: memoryview[float] | None = None
+
+
+@final
+@attrs.frozen
+class Done:
+    """The wire ``Done`` event: last event of every generate call."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    finish_reason: str
+
+    @property
+    def usage(self) -> Usage:
+        """The token accounting as a :class:`Usage`."""
+        return Usage(self.prompt_tokens, self.completion_tokens, self.total_tokens)
+
+
+WireEvent = Token | Done
+
+
+@final
+@attrs.frozen
+class ImageAppend:
+    """Result of ``Session.append_image``."""
+
+    placeholder_count: int
+    total_length: int
+
+
+@final
+@attrs.frozen(eq=False)
+class TokenOut:
+    """A decoded token from ``Conversation.stream``.
+
+    ``readout`` is a 2-D float32 ``memoryview`` shaped ``(n_layers, n_concepts)``
+    when a ``readout_shape`` was given and the server sent a vector of that size.
+    """
+
+    id: int
+    readout: memoryview[float] | None = None
+    logprob: float = 0.0
+    position: int = 0
+
+
+@final
+@attrs.frozen
+class ImageAppended:
+    """An image of the prompt was appended to the session during a stream."""
+
+    placeholder_count: int
+
+
+@final
+@attrs.frozen
+class StreamDone:
+    """The stream finished; ``usage`` is the final ``Done``'s accounting."""
+
+    usage: Usage | None
+    finish_reason: str = ""
+
+
+StreamEvent = TokenOut | ImageAppended | StreamDone
+
+
+@final
+@attrs.frozen
+class ScoreResult:
+    """Summed log-probability of positions ``[start, end)`` of a scored prompt."""
+
+    start: int
+    end: int
+    logprob: float
+
+
+def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for r in value:
+        start, end = r
+        _u32("range start", start)
+        _u32("range end", end)
+        if start >= end:
+            raise ValueError(f"target range must have start < end, got [{start}, {end})")
+        out.append((start, end))
+    return tuple(out)
+
+
+@final
+@attrs.frozen
+class TrainSample:
+    """One training sample for ``ApiClient.train``: tokens and the ranges to learn."""
+
+    tokens: tuple[int, ...] = attrs.field(converter=_u32_tuple)
+    target_ranges: tuple[tuple[int, int], ...] = attrs.field(converter=_ranges)
+    weight: float = attrs.field(default=1.0, validator=_check_float)
+
+    def __attrs_post_init__(self) -> None:
+        for start, end in self.target_ranges:
+            if end > len(self.tokens):
+                raise ValueError(
+                    f"target range [{start}, {end}) exceeds the sample's {len(self.tokens)} tokens"
+                )
+
+
+@final
+@attrs.frozen
+class TrainResult:
+    """Answer of ``POST /train``."""
+
+    accepted: int
+    job_id: str

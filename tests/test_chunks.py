@@ -1,0 +1,225 @@
+"""Chunks, prompt_to_chunks and the chunk walk: pure logic, checked against simple models."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poc_api import Image, SessionDivergence, Tokens, prompt_to_chunks
+from poc_api._chunks import (
+    Chunk,
+    chunk_len,
+    common_prefix_len,
+    plan_delta,
+    walk_chunks,
+)
+
+VS, VE = 258, 259
+PNG_A = b"\x89PNG-a"
+PNG_B = b"\x89PNG-b"
+
+text_ids = st.lists(st.integers(0, 255), max_size=6)
+
+
+@st.composite
+def flat_prompts(draw: st.DrawFn) -> tuple[list[int], list[tuple[bytes, str]], list[int]]:
+    """A flat prompt with bracketed images, the images, and each image's inner length."""
+    tokens: list[int] = []
+    images: list[tuple[bytes, str]] = []
+    inner_lens: list[int] = []
+    for _ in range(draw(st.integers(0, 4))):
+        tokens += draw(text_ids)
+        if draw(st.booleans()):
+            n = draw(st.integers(0, 5))
+            tokens += [VS] + [260] * n + [VE]
+            images.append((bytes([len(images)]), "image/png"))
+            inner_lens.append(n)
+    tokens += draw(text_ids)
+    return tokens, images, inner_lens
+
+
+@given(flat_prompts())
+def test_prompt_to_chunks_reconstructs_the_flat_prompt(
+    case: tuple[list[int], list[tuple[bytes, str]], list[int]],
+) -> None:
+    tokens, images, inner_lens = case
+    chunks = prompt_to_chunks(tokens, images, VS, VE)
+    rebuilt: list[int] = []
+    seen_images = []
+    for c in chunks:
+        if isinstance(c, Tokens):
+            rebuilt += c.ids
+        else:
+            rebuilt += [260] * c.known_expanded_len
+            seen_images.append((c.data, c.mime, c.known_expanded_len))
+    assert rebuilt == tokens
+    assert seen_images == [(d, m, n) for (d, m), n in zip(images, inner_lens, strict=True)]
+    # No two token chunks in a row, no empty token chunk.
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert not (isinstance(a, Tokens) and isinstance(b, Tokens))
+    assert all(len(c.ids) > 0 for c in chunks if isinstance(c, Tokens))
+
+
+def test_prompt_to_chunks_keeps_vision_start_as_text_and_end_with_what_follows() -> None:
+    chunks = prompt_to_chunks([1, VS, 260, 260, VE, 2], [(PNG_A, "image/png")], VS, VE)
+    assert chunks == [
+        Tokens([1, VS]),
+        Image(PNG_A, "image/png", 2),
+        Tokens([VE, 2]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "n_images", "match"),
+    [
+        ([1, VS, 2], 1, "without a matching vision_end"),
+        ([1, VE], 0, "without a matching vision_start"),
+        ([VS, VE], 0, "more image brackets"),
+        ([1, 2], 1, "more images given"),
+        ([VS, VS, VE], 1, "nested"),
+    ],
+)
+def test_prompt_to_chunks_rejects_unbalanced_prompts(
+    tokens: list[int], n_images: int, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        prompt_to_chunks(tokens, [(PNG_A, "image/png")] * n_images, VS, VE)
+
+
+def test_chunk_constructors_validate_before_anything_is_sent() -> None:
+    with pytest.raises(ValueError):
+        Tokens([-1])
+    with pytest.raises(ValueError):
+        Tokens([2**32])
+    with pytest.raises(TypeError):
+        Tokens("abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Tokens([1.5])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="image type"):
+        Image(PNG_A, "text/plain")
+    with pytest.raises(TypeError):
+        Image("not bytes", "image/png")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Image(PNG_A, "image/png", -1)
+
+
+chunk_st = st.one_of(
+    st.builds(Tokens, st.lists(st.integers(0, 300), min_size=1, max_size=5)),
+    st.builds(
+        Image,
+        st.sampled_from([PNG_A, PNG_B]),
+        st.just("image/png"),
+        st.integers(0, 4),
+    ),
+)
+
+
+def _model_walk(chunks: list[Chunk], committed: int) -> tuple[str, int]:
+    """The simple model: prefix sums of lengths; an unknown length poisons what follows."""
+    acc = 0
+    for i, c in enumerate(chunks):
+        if acc == committed:
+            return ("ok", i)
+        n = chunk_len(c)
+        if n == 0:
+            return ("unknown_length", i)
+        if acc + n > committed:
+            return ("straddle", i)
+        acc += n
+    return ("ok", len(chunks)) if acc == committed else ("short", -1)
+
+
+@given(st.lists(chunk_st, max_size=8), st.integers(0, 30))
+def test_walk_chunks_matches_the_prefix_sum_model(chunks: list[Chunk], committed: int) -> None:
+    kind, index = _model_walk(chunks, committed)
+    if kind == "ok":
+        assert walk_chunks(chunks, committed) == index
+    else:
+        with pytest.raises(SessionDivergence) as info:
+            walk_chunks(chunks, committed)
+        assert info.value.reason == kind
+        assert info.value.committed_len == committed
+        if kind != "short":
+            assert info.value.chunk_index == index
+
+
+@pytest.mark.parametrize(
+    ("chunks", "committed", "reason", "numbers"),
+    [
+        ([Image(PNG_A, "image/png"), Tokens([1])], 3, "unknown_length", (0, 0, 0)),
+        ([Tokens([1, 2, 3])], 2, "straddle", (0, 0, 3)),
+        ([Tokens([1]), Tokens([2])], 5, "short", (None, 2, 0)),
+    ],
+)
+def test_walk_chunks_reports_each_divergence_with_its_numbers(
+    chunks: list[Chunk], committed: int, reason: str, numbers: tuple[int | None, int, int]
+) -> None:
+    with pytest.raises(SessionDivergence) as info:
+        walk_chunks(chunks, committed)
+    err = info.value
+    assert (err.reason, err.chunk_index, err.accumulated, err.chunk_len) == (reason, *numbers)
+    assert str(committed) in str(err)
+
+
+def _flatten(chunks: list[Chunk] | tuple[Chunk, ...]) -> list[object]:
+    out: list[object] = []
+    for c in chunks:
+        if isinstance(c, Tokens):
+            out += list(c.ids)
+        else:
+            assert c.known_expanded_len > 0
+            out += [(c.data, i) for i in range(c.known_expanded_len)]
+    return out
+
+
+known_chunk_st = st.one_of(
+    st.builds(Tokens, st.lists(st.integers(0, 3), min_size=1, max_size=5)),
+    st.builds(Image, st.sampled_from([PNG_A, PNG_B]), st.just("image/png"), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(known_chunk_st, max_size=6), st.lists(known_chunk_st, max_size=6))
+def test_rewind_plan_keeps_exactly_the_shared_prefix(
+    history: list[Chunk], prompt: list[Chunk]
+) -> None:
+    committed = sum(chunk_len(c) for c in history)
+    plan = plan_delta(prompt, committed, history, rewind=True)
+    h, p = _flatten(history), _flatten(prompt)
+    # What stays on the server is a prefix both share ...
+    assert plan.offset <= committed
+    assert h[: plan.offset] == p[: plan.offset]
+    assert plan.truncating == (plan.offset < committed)
+    # ... and the delta is exactly the rest of the prompt.
+    assert _flatten(plan.delta) == p[plan.offset :]
+    # The shared prefix is maximal unless an image would be cut.
+    if plan.offset < min(len(h), len(p)):
+        nxt_h, nxt_p = h[plan.offset], p[plan.offset]
+        assert nxt_h != nxt_p or isinstance(nxt_h, tuple)
+
+
+def test_rewind_plan_without_divergence_sends_just_the_new_tail() -> None:
+    history: list[Chunk] = [Tokens([1, 2]), Image(PNG_A, "image/png", 3), Tokens([4])]
+    prompt: list[Chunk] = [
+        Tokens([1, 2]),
+        Image(PNG_A, "image/png"),  # the caller did not track the length
+        Tokens([4, 5, 6]),
+    ]
+    plan = plan_delta(prompt, 6, history, rewind=True)
+    assert plan.offset == 6 and not plan.truncating
+    assert plan.delta == (Tokens([5, 6]),)
+
+
+def test_content_divergence_is_raised_without_rewind() -> None:
+    history: list[Chunk] = [Tokens([1, 2, 3])]
+    with pytest.raises(SessionDivergence) as info:
+        plan_delta([Tokens([1, 9, 3]), Tokens([4])], 3, history, rewind=False)
+    assert info.value.reason == "content"
+    assert info.value.accumulated == 1
+
+
+def test_common_prefix_never_cuts_an_image() -> None:
+    a: list[Chunk] = [Tokens([1]), Image(PNG_A, "image/png", 4)]
+    b: list[Chunk] = [Tokens([1]), Image(PNG_B, "image/png", 4)]
+    assert common_prefix_len(a, b) == 1

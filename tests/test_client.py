@@ -1,0 +1,427 @@
+"""ApiClient, sessions and streaming generate against the reference server over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+import trio
+from conftest import wait_for
+
+import poc_api
+from poc_api import SamplingParams, Token
+from poc_api.server import EOS, ReferenceServer, ServerConfig, tokenize
+
+HELLO = tokenize("The quick brown fox")
+
+
+# -- construction and URLs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8001"),
+        ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8001"),
+        ("http://example.com/v1", "http://example.com:81"),
+        ("https://example.com/v1", "https://example.com:444"),
+        ("https://example.com:9443", "https://example.com:9444"),
+        ("http://[::1]:8000/v1", "http://[::1]:8001"),
+    ],
+)
+def test_grpc_url_is_derived_from_base_url(base: str, expected: str) -> None:
+    assert poc_api.resolve_grpc_url(base, env={}) == expected
+
+
+def test_grpc_url_precedence_is_argument_then_env_then_derived() -> None:
+    env = {"POC_GRPC_URL": "http://env:1"}
+    assert poc_api.resolve_grpc_url("http://h:8000/v1", "http://arg:2", env) == "http://arg:2"
+    assert poc_api.resolve_grpc_url("http://h:8000/v1", None, env) == "http://env:1"
+
+
+def test_client_trims_base_url_and_hides_the_api_key() -> None:
+    c = poc_api.ApiClient("http://127.0.0.1:8000/v1/", api_key="sk-secret-123")
+    assert c.base_url == "http://127.0.0.1:8000/v1"
+    assert c.grpc_url == "http://127.0.0.1:8001"
+    assert "sk-secret-123" not in repr(c)
+
+
+def test_https_base_url_selects_tls() -> None:
+    c = poc_api.ApiClient("https://example.com/v1")
+    assert c.grpc_url == "https://example.com:444"
+
+
+async def test_a_closed_client_cannot_be_reopened(server: ReferenceServer) -> None:
+    c = poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url)
+    async with c:
+        pass
+    with pytest.raises(RuntimeError, match="reopened"):
+        await c.__aenter__()
+    with pytest.raises(RuntimeError, match="async with"):
+        c.session()
+
+
+# -- sessions ----------------------------------------------------------------------
+
+
+async def test_session_prefill_generate_and_committed_len(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    with trio.fail_after(10):
+        async with client.session() as s:
+            assert s.session_id in server.state().session_ids
+            assert s.committed_len == 0
+            done = await s.prefill(HELLO)
+            assert (done.finish_reason, done.total_tokens) == ("prefill", len(HELLO))
+            assert s.committed_len == len(HELLO)
+            events = []
+            async with s.generate([32], sampling=SamplingParams(max_tokens=8)) as ev:
+                async for e in ev:
+                    events.append(e)
+            tokens = [e for e in events if isinstance(e, Token)]
+            assert [t.position for t in tokens] == list(range(len(HELLO) + 1, len(HELLO) + 9))
+            assert all(not t.is_prefill and t.sampled_logprob <= 0 for t in tokens)
+            assert isinstance(events[-1], poc_api.Done)
+            assert events[-1].completion_tokens == 8
+            assert s.committed_len == len(HELLO) + 1 + 8
+        sid = s.session_id
+    assert sid not in server.state().session_ids
+
+
+async def test_generate_returns_prefill_logprobs_and_readouts_for_requested_ranges(
+    client: poc_api.ApiClient,
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            client.session() as s,
+            s.generate(
+                HELLO,
+                sampling=SamplingParams(max_tokens=2, logprob_top_k=3),
+                logprobs_ranges=[(1, 4)],
+                readout_ranges=[(3, 5)],
+            ) as ev,
+        ):
+            events = [e async for e in ev]
+    prefill = [e for e in events if isinstance(e, Token) and e.is_prefill]
+    assert [t.position for t in prefill] == [1, 2, 3, 4]
+    assert [t.id for t in prefill] == HELLO[1:5]
+    assert prefill[3].readout is not None and prefill[0].readout is None
+    assert len(prefill[3].readout) == 3 * 8
+    decoded = [e for e in events if isinstance(e, Token) and not e.is_prefill]
+    assert all(len(t.top_logprobs) == 3 for t in decoded)
+    # top_logprobs are sorted, and the greedy choice is the most likely one.
+    for t in decoded:
+        lps = [x.logprob for x in t.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        assert t.top_logprobs[0].id == t.id
+
+
+async def test_append_image_reports_placeholders_and_moves_committed_len(
+    client: poc_api.ApiClient, png_56x28: bytes
+) -> None:
+    with trio.fail_after(10):
+        async with client.session() as s:
+            await s.prefill([1, 2])
+            img = await s.append_image(png_56x28, "image/png")
+            assert img == poc_api.ImageAppend(placeholder_count=2, total_length=4)
+            assert s.committed_len == 4
+
+
+async def test_errors_map_to_typed_exceptions_and_keep_the_session_usable(
+    client: poc_api.ApiClient,
+) -> None:
+    with trio.fail_after(10):
+        async with client.session() as s:
+            with pytest.raises(poc_api.InvalidRequest) as info:
+                await s.append_image(b"definitely not an image", "image/png")
+            assert info.value.grpc_status == "INVALID_ARGUMENT"
+            with pytest.raises(poc_api.InvalidRequest):
+                await s.prefill([100_000])  # outside the vocabulary
+            assert not s.lost
+            await s.prefill([1])
+            assert s.committed_len == 1
+
+
+async def test_bad_arguments_raise_before_anything_is_sent(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    async with client.session() as s:
+        before = server.state().generate_calls
+        with pytest.raises(ValueError):
+            await s.prefill([-1])
+        with pytest.raises(ValueError):
+            await s.prefill([2**32])
+        with pytest.raises(TypeError):
+            await s.prefill("text")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            async with s.generate([1], logprobs_ranges=[(5, 2)]):
+                pass
+        with pytest.raises(ValueError):
+            async with s.generate([1], priority=2**31):
+                pass
+        with pytest.raises(ValueError):
+            await s.rewind(5)  # past the end
+        with pytest.raises(ValueError):
+            await s.append_image(b"", "image/png")
+        with pytest.raises(ValueError):
+            SamplingParams(temperature=-1)
+        with pytest.raises(ValueError):
+            SamplingParams(top_p=1.5)
+        with pytest.raises(ValueError):
+            SamplingParams(temperature=float("nan"))
+        assert server.state().generate_calls == before
+        assert not s.lost
+
+
+async def test_unknown_session_is_session_not_found(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.session() as s:
+        await s.aclose()  # closed on the server, but we keep the object
+        s._closed = False  # reach past the guard to send a call for a dead id
+        with pytest.raises(poc_api.SessionNotFound):
+            await s.prefill([1])
+
+
+async def test_offset_mismatch_is_typed(client: poc_api.ApiClient) -> None:
+    async with client.session() as s:
+        await s.prefill([1, 2, 3])
+        s._committed_len = 1  # pretend we lost track: the server must refuse
+        with pytest.raises(poc_api.OffsetMismatch):
+            await s.prefill([4])
+
+
+async def test_rewind_drops_positions(client: poc_api.ApiClient) -> None:
+    async with client.session() as s:
+        await s.prefill(HELLO)
+        done = await s.rewind(3)
+        assert done.total_tokens == 3 and s.committed_len == 3
+
+
+async def test_context_overflow_is_typed(eos_server: ReferenceServer) -> None:
+    async with poc_api.ApiClient(eos_server.base_url, grpc_url=eos_server.grpc_url) as c:
+        async with c.session() as s:
+            with pytest.raises(poc_api.ContextOverflow):
+                await s.prefill([65] * (s.max_length + 1))
+
+
+async def test_session_block_that_raises_closes_its_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    sid = ""
+    with pytest.raises(KeyError):
+        async with client.session() as s:
+            sid = s.session_id
+            raise KeyError("boom")
+    assert sid and sid not in server.state().session_ids
+
+
+async def test_cancelled_session_block_closes_its_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    ids: list[str] = []
+    with trio.move_on_after(0.2):
+        async with client.session() as s:
+            ids.append(s.session_id)
+            await trio.sleep_forever()
+    assert ids and ids[0] not in server.state().session_ids
+
+
+async def test_a_single_failure_is_not_wrapped_in_an_exception_group(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.session() as s:
+        with pytest.raises(ZeroDivisionError):
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=100)) as ev:
+                async for _ in ev:
+                    1 / 0  # noqa: B018
+
+
+async def test_calls_inside_ones_own_generate_block_fail_fast(client: poc_api.ApiClient) -> None:
+    async with client.session() as s:
+        with pytest.raises(RuntimeError):
+            async with s.generate([1], sampling=SamplingParams(max_tokens=1)):
+                await s.prefill([2])
+
+
+# -- streaming and cancellation ------------------------------------------------------
+
+
+async def test_leaving_a_stream_early_resets_it_with_cancel_and_loses_the_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    before = server.state()
+    with trio.fail_after(10):
+        async with client.session() as s:
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=100_000)) as ev:
+                async for e in ev:
+                    if isinstance(e, Token) and e.position > len(HELLO) + 5:
+                        break
+            assert s.lost
+            with pytest.raises(poc_api.SessionLost):
+                await s.prefill([1])
+        await wait_for(lambda: server.state().cancelled_streams > before.cancelled_streams)
+    after = server.state()
+    new_resets = after.resets[len(before.resets) :]
+    assert new_resets and all(code == 8 for _, code in new_resets)  # h2 CANCEL
+
+
+async def test_cancelling_a_million_token_decode_stops_the_server_promptly(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    with trio.fail_after(20):
+        async with client.session() as s:
+            await s.prefill(HELLO)
+            before = server.state().cancelled_streams
+            received = 0
+            with trio.move_on_after(0.5):
+                async with s.generate(sampling=SamplingParams(max_tokens=1_000_000)) as ev:
+                    async for _ in ev:
+                        received += 1
+            cancelled_at = time.perf_counter()
+            while server.state().cancelled_streams == before:
+                await trio.sleep(0.001)
+            seen_after = time.perf_counter() - cancelled_at
+            decoded = server.state().tokens_decoded
+            await trio.sleep(0.2)
+            assert server.state().tokens_decoded - decoded < 100  # it really stopped
+        assert received > 100
+        assert seen_after < 0.1, f"server saw the cancel after {seen_after * 1e3:.1f} ms"
+        # The next RPC on the same client goes through without waiting on the old stream.
+        t0 = time.perf_counter()
+        async with client.session() as s2:
+            await s2.prefill(HELLO)
+        assert time.perf_counter() - t0 < 2.0
+
+
+async def test_two_hundred_abandoned_streams_do_not_starve_the_connection(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    with trio.fail_after(60):
+        async with client.session() as s:
+            await s.prefill(HELLO)
+        for _ in range(200):
+            async with client.session() as s:
+                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=5000)) as ev:
+                    async for _e in ev:
+                        break  # abandon with unread data in flight
+        # The connection's flow-control window must still be open: a big stream works.
+        async with client.session() as s:
+            n = 0
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=20_000)) as ev:
+                async for _e in ev:
+                    n += 1
+            assert n == 20_001
+    assert server.state().connections_open >= 1
+
+
+async def test_hundred_concurrent_first_calls_share_one_connection(
+    server: ReferenceServer,
+) -> None:
+    before = server.state().connections_total
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+
+        async def one() -> None:
+            async with c.session() as s:
+                await s.prefill([1, 2])
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                for _ in range(100):
+                    n.start_soon(one)
+    assert server.state().connections_total - before == 1
+
+
+async def test_slow_consumer_gets_every_event_through_a_small_buffer(
+    server: ReferenceServer,
+) -> None:
+    async with (
+        poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url, max_buffered_events=4) as c,
+        c.session() as s,
+    ):
+        got = []
+        with trio.fail_after(20):
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=300)) as ev:
+                async for e in ev:
+                    got.append(e)
+                    if len(got) % 50 == 0:
+                        await trio.sleep(0.01)
+    positions = [e.position for e in got if isinstance(e, Token)]
+    assert positions == list(range(len(HELLO), len(HELLO) + 300))
+
+
+async def test_no_tasks_are_left_behind(server: ReferenceServer) -> None:
+    root = trio.lowlevel.current_task()
+
+    def task_count() -> int:
+        def walk(t: trio.lowlevel.Task) -> int:
+            return 1 + sum(walk(c) for n in t.child_nurseries for c in n.child_tasks)
+
+        return walk(root)
+
+    base = task_count()
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+        async with c.session() as s:
+            with trio.move_on_after(0.1):
+                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=10**6)) as ev:
+                    async for _ in ev:
+                        pass
+        await trio.sleep(0.05)
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        assert pending == []
+    assert task_count() == base
+
+
+async def test_eos_finishes_with_reason_eos(eos_server: ReferenceServer) -> None:
+    async with poc_api.ApiClient(eos_server.base_url, grpc_url=eos_server.grpc_url) as c:
+        async with c.session() as s:
+            async with s.generate(
+                HELLO, sampling=SamplingParams(max_tokens=5, stop_token_ids=(EOS, 32))
+            ) as ev:
+                events = [e async for e in ev]
+    done = events[-1]
+    assert isinstance(done, poc_api.Done)
+    assert done.finish_reason in ("stop", "eos", "length")
+
+
+async def test_auth_errors_are_typed_and_do_not_leak_the_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    secret = "sk-right-key-4242"
+    async with ReferenceServer(ServerConfig(api_key=secret)) as srv:
+        async with poc_api.ApiClient(srv.base_url, api_key="wrong-key", grpc_url=srv.grpc_url) as c:
+            with pytest.raises(poc_api.AuthenticationError) as info:
+                async with c.session():
+                    pass
+            assert info.value.grpc_status == "UNAUTHENTICATED"
+            assert "wrong-key" not in str(info.value)
+        async with poc_api.ApiClient(srv.base_url, api_key=secret, grpc_url=srv.grpc_url) as c:
+            async with c.session() as s:
+                await s.prefill([1])
+            assert secret not in repr(c)
+    assert secret not in caplog.text and "wrong-key" not in caplog.text
+
+
+async def test_unreachable_server_is_server_unavailable() -> None:
+    async with poc_api.ApiClient("http://127.0.0.1:1/v1") as c:
+        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable):
+            async with c.session():
+                pass
+
+
+async def test_debug_log_has_the_seed_lines(
+    client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with client.session() as s:
+        async with s.generate(HELLO, sampling=SamplingParams(max_tokens=2)) as ev:
+            async for _ in ev:
+                pass
+    text = caplog.text
+    for needle in ("opening", "Generate: offset=0", "first decode token", "Done: prompt="):
+        assert needle in text, needle
+    assert all(r.name.startswith("poc_api") for r in caplog.records if "session" in r.message)
