@@ -1,0 +1,278 @@
+"""Conversations: delta sending, divergence, images, readouts, failure recovery."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+from conftest import make_png
+
+import poc_api
+from poc_api import (
+    Image,
+    ImageAppended,
+    SamplingParams,
+    SessionDivergence,
+    StreamDone,
+    TokenOut,
+    Tokens,
+)
+from poc_api.server import ReferenceServer, tokenize
+
+GREEDY8 = SamplingParams(max_tokens=8)
+
+
+async def run(
+    conv: poc_api.Conversation,
+    chunks: list[poc_api.Chunk],
+    sampling: SamplingParams = GREEDY8,
+    **kw: object,
+) -> list[poc_api.StreamEvent]:
+    with trio.fail_after(20):
+        async with conv.stream(chunks, sampling, **kw) as events:  # type: ignore[arg-type]
+            return [e async for e in events]
+
+
+def decoded(events: list[poc_api.StreamEvent]) -> list[int]:
+    return [e.id for e in events if isinstance(e, TokenOut)]
+
+
+async def test_twenty_turns_send_only_deltas_and_match_a_fresh_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    prompt: list[int] = tokenize("Once upon a time")
+    async with client.conversation() as conv:
+        for turn in range(20):
+            user = tokenize(f" and then {turn}")
+            prompt = prompt + user
+            before = server.state().tokens_appended
+            sid_before = conv.session.session_id if conv.session else None
+            events = await run(conv, [Tokens(prompt)])
+            sent = server.state().tokens_appended - before
+            reply = decoded(events)
+            if turn == 0:
+                assert sent == len(prompt)
+            else:
+                assert sent == len(user), f"turn {turn} resent the prompt"
+                assert conv.session is not None and conv.session.session_id == sid_before
+            # Same output as a fresh session given the whole prompt at once.
+            async with client.session() as s:
+                async with s.generate(prompt, sampling=GREEDY8) as ev:
+                    fresh = [e.id async for e in ev if isinstance(e, poc_api.Token)]
+            assert reply == fresh
+            done = events[-1]
+            assert isinstance(done, StreamDone) and done.usage is not None
+            assert done.usage.total_tokens == conv.committed_len == len(prompt) + 8
+            prompt = prompt + reply
+
+
+async def test_images_interleaved_with_text_flush_before_each_image(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    a, b = make_png(56, 28), make_png(28, 84, seed=1)
+    chunks: list[poc_api.Chunk] = [
+        Tokens([1, 2, 3]),
+        Image(a, "image/png"),
+        Tokens([4]),
+        Tokens([5]),
+        Image(b, "image/png"),
+        Tokens([6, 7]),
+    ]
+    before = server.state()
+    async with client.conversation() as conv:
+        events = await run(conv, chunks)
+        assert events[:2] == [ImageAppended(2), ImageAppended(3)]
+        assert all(isinstance(e, TokenOut) for e in events[2:-1])
+        assert conv.committed_len == 3 + 2 + 2 + 3 + 2 + 8
+        after = server.state()
+        # Two prefill flushes + the final Generate; two image appends.
+        assert after.rpc_counts.get("AppendImage", 0) - before.rpc_counts.get("AppendImage", 0) == 2
+        assert after.generate_calls - before.generate_calls == 3
+        # Next turn: the same images (lengths still unknown to the caller) are not resent.
+        reply = Tokens(decoded(events))
+        events2 = await run(conv, [*chunks, reply, Tokens([9])])
+        assert not any(isinstance(e, ImageAppended) for e in events2)
+        assert server.state().rpc_counts["AppendImage"] == after.rpc_counts["AppendImage"]
+
+
+async def test_readouts_are_reshaped_to_layers_by_concepts(client: poc_api.ApiClient) -> None:
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    async with client.conversation() as conv:
+        events = await run(conv, [Tokens(tokenize("Hi"))], readout_shape=manifest.shape)
+    tokens = [e for e in events if isinstance(e, TokenOut)]
+    assert len(tokens) == 8
+    for t in tokens:
+        assert t.readout is not None
+        assert t.readout.shape == manifest.shape
+        assert t.readout.format == "f"
+        rows = t.readout.tolist()
+        assert len(rows) == manifest.shape[0] and len(rows[0]) == manifest.shape[1]
+
+
+async def test_readout_of_the_wrong_shape_is_dropped_with_a_warning(
+    client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    async with client.conversation() as conv:
+        events = await run(conv, [Tokens(tokenize("Hi"))], readout_shape=(5, 5))
+    tokens = [e for e in events if isinstance(e, TokenOut)]
+    assert tokens and all(t.readout is None for t in tokens)
+    assert "readout shape mismatch: expected 5*5=25, got 24" in caplog.text
+
+
+async def test_without_readout_shape_no_readouts_are_requested(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.conversation() as conv:
+        events = await run(conv, [Tokens([1, 2])])
+    assert all(e.readout is None for e in events if isinstance(e, TokenOut))
+
+
+async def test_divergent_prompt_rewinds_to_the_shared_prefix_and_logs_it(
+    client: poc_api.ApiClient, server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="poc_api")
+    p1 = tokenize("The cat sat on the mat")
+    p2 = tokenize("The cat ran")
+    async with client.conversation() as conv:
+        await run(conv, [Tokens(p1)])
+        sid = conv.session.session_id if conv.session else ""
+        before = server.state().tokens_appended
+        events = await run(conv, [Tokens(p2)])
+        shared = len(tokenize("The cat "))
+        assert server.state().tokens_appended - before == len(p2) - shared
+        assert conv.session is not None and conv.session.session_id == sid
+        assert conv.committed_len == len(p2) + 8
+    assert "rewinding" in caplog.text
+    async with client.session() as s:
+        async with s.generate(p2, sampling=GREEDY8) as ev:
+            fresh = [e.id async for e in ev if isinstance(e, poc_api.Token)]
+    assert decoded(events) == fresh
+
+
+async def test_a_prompt_that_is_a_strict_prefix_rewinds_too(client: poc_api.ApiClient) -> None:
+    async with client.conversation() as conv:
+        first = await run(conv, [Tokens([1, 2, 3, 4])])
+        again = await run(conv, [Tokens([1, 2, 3, 4])])
+        assert decoded(first) == decoded(again)
+
+
+@pytest.mark.parametrize(
+    ("second", "reason"),
+    [
+        ([Image(make_png(28, 28), "image/png"), Tokens([1] * 20)], "unknown_length"),
+        ([Tokens([1, 2])], "short"),
+        ([Tokens([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])], "straddle"),
+        ([Tokens([9, 9, 9, 9]), Tokens([0] * 8), Tokens([1])], "content"),
+    ],
+)
+async def test_without_rewind_each_divergence_raises_with_numbers_before_sending(
+    client: poc_api.ApiClient,
+    server: ReferenceServer,
+    second: list[poc_api.Chunk],
+    reason: str,
+) -> None:
+    async with client.conversation(rewind=False) as conv:
+        events = await run(conv, [Tokens([1, 2, 3, 4])])
+        assert conv.committed_len == 12
+        if reason == "content":
+            second = [second[0], Tokens(decoded(events)), second[2]]
+        before = server.state().generate_calls
+        with pytest.raises(SessionDivergence) as info:
+            await run(conv, second)
+        assert info.value.reason == reason
+        assert info.value.committed_len == 12
+        assert server.state().generate_calls == before
+        # The slot was emptied; the next stream starts over with a new session.
+        assert conv.session is None
+        events = await run(conv, [Tokens([1, 2])])
+        assert conv.committed_len == 2 + 8
+
+
+async def test_error_closes_the_session_and_the_next_stream_resends_everything(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    async with client.conversation() as conv:
+        await run(conv, [Tokens([1, 2, 3])])
+        assert conv.session is not None
+        sid = conv.session.session_id
+        with pytest.raises(poc_api.InvalidRequest):
+            await run(conv, [Tokens([1, 2, 3]), Image(b"garbage", "image/png")])
+        assert conv.session is None
+        assert sid not in server.state().session_ids
+        before = server.state().tokens_appended
+        await run(conv, [Tokens([1, 2, 3, 4])])
+        assert server.state().tokens_appended - before == 4
+
+
+async def test_cancelled_stream_empties_the_slot(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    async with client.conversation() as conv:
+        with trio.move_on_after(0.2):
+            async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=10**6)) as ev:
+                async for _ in ev:
+                    pass
+        assert conv.session is None
+        assert conv.committed_len == 0
+        await run(conv, [Tokens([1, 2])])
+        assert conv.committed_len == 10
+
+
+async def test_breaking_out_early_loses_the_session(client: poc_api.ApiClient) -> None:
+    async with client.conversation() as conv:
+        async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=100)) as ev:
+            async for _ in ev:
+                break
+        assert conv.session is None
+
+
+async def test_concurrent_streams_on_one_conversation_are_serialised(
+    client: poc_api.ApiClient,
+) -> None:
+    log: list[tuple[int, str]] = []
+    async with client.conversation() as conv:
+
+        async def turn(i: int) -> None:
+            async with conv.stream([Tokens([1, 2, 3])], GREEDY8) as ev:
+                log.append((i, "start"))
+                async for _ in ev:
+                    await trio.sleep(0)
+                log.append((i, "end"))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                for i in range(4):
+                    n.start_soon(turn, i)
+    # Each stream's start is followed by its own end: no interleaving.
+    for k in range(0, len(log), 2):
+        assert log[k][0] == log[k + 1][0] and log[k][1] == "start"
+
+
+async def test_conversation_exit_closes_its_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    async with client.conversation() as conv:
+        await run(conv, [Tokens([1])])
+        assert conv.session is not None
+        sid = conv.session.session_id
+        assert sid in server.state().session_ids
+    assert sid not in server.state().session_ids
+
+
+async def test_stream_arguments_are_checked_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    before = server.state().rpc_counts.get("OpenSession", 0)
+    async with client.conversation() as conv:
+        with pytest.raises(TypeError):
+            await run(conv, Tokens([1]))  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await run(conv, [[1, 2]])  # type: ignore[list-item]
+        with pytest.raises(ValueError):
+            await run(conv, [Tokens([1])], readout_shape=(0, 3))
+        with pytest.raises(ValueError):
+            await run(conv, [Tokens([1])], priority=2**40)
+    assert server.state().rpc_counts.get("OpenSession", 0) == before
