@@ -169,7 +169,9 @@ class _Chat:
         model, spec, tokens = self.rt.model, self.spec, self.tokens
         max_context = self.rt.config.max_context
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = ""
+        # Text that could still be the start of a stop string is held back.
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        text, sent, cut = "", 0, False
         try:
             while self.completion < self.max_tokens:
                 if len(tokens) >= max_context:
@@ -181,28 +183,26 @@ class _Chat:
                 if tok == EOS and not self.rt.config.ignore_eos:
                     self.finish_reason = "stop"
                     break
-                piece = (
+                text += (
                     decoder.decode(bytes((tok,)))
                     if tok < 256
                     else f"<|{SPECIAL_NAMES.get(tok, tok)}|>"
                 )
-                if self.stop:
-                    before = len(text)
-                    text += piece
-                    hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-                    if hits:
-                        cut = min(hits)
-                        if cut > before:
-                            yield text[before:cut]
-                        self.finish_reason = "stop"
-                        return
-                if piece:
-                    yield piece
+                hits = [i for i in (text.find(s, max(0, sent - hold)) for s in self.stop) if i >= 0]
+                if hits:
+                    text = text[: min(hits)]
+                    self.finish_reason = "stop"
+                    cut = True
+                    break
+                if len(text) - hold > sent:
+                    yield text[sent : len(text) - hold]
+                    sent = len(text) - hold
                 if not self.completion % 64:
                     await asyncio.sleep(0)  # stay responsive on long decodes
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield tail
+            if not cut:
+                text += decoder.decode(b"", final=True)
+            if len(text) > sent:
+                yield text[sent:]
         finally:
             self.rt.stats.decoded(self.completion)
 

@@ -1,0 +1,54 @@
+"""``python -m poc_api.server`` as a real subprocess (later SIGKILLed by client tests)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+
+TIMEOUT = 20.0
+
+
+def test_module_entry_point_serves_http_and_grpc() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poc_api.server", "--port", "0", "--seed", "3", "--api-key", "k"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        urls: dict[str, str] = {}
+        while len(urls) < 2:
+            key, _, value = lines.get(timeout=TIMEOUT).strip().partition(": ")
+            urls[key] = value
+        base, grpc_url = urls["base_url"], urls["grpc_url"]
+        http_port = int(base.rsplit(":", 1)[1].removesuffix("/v1"))
+        assert grpc_url == f"http://127.0.0.1:{http_port + 1}"
+        auth = {"authorization": "Bearer k"}
+        r = httpx.get(base + "/models", headers=auth, timeout=TIMEOUT)
+        assert r.status_code == 200
+        assert httpx.get(base + "/models", timeout=TIMEOUT).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(TIMEOUT)
+    assert proc.returncode == 0

@@ -1,0 +1,494 @@
+"""Generate / sessions / images over real gRPC (grpclib client), PROTOCOL.md §2-§3."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+
+import h2.errors
+import pytest
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
+
+from poc_api._proto.salience import GenerateEvent, GenerateRequest, OpenSessionRequest
+from poc_api.server import EOS, VOCAB_SIZE, ReferenceServer, tokenize
+
+from .conftest import ServerFactory, SyncSalience, wait_until
+from .test_images import gif, jpeg, png, webp
+
+PROMPT = tokenize("The keeper climbed the steps ")
+
+
+def status_of(call: Callable[[], object]) -> Status:
+    with pytest.raises(GRPCError) as info:
+        call()
+    status: Status = info.value.status
+    return status
+
+
+# -- sessions -------------------------------------------------------------
+
+
+def test_open_session_reports_context_window(client: SyncSalience) -> None:
+    res = client.run(client.stub.open_session(OpenSessionRequest()))
+    assert res.session_id and res.max_length == 8192
+
+
+def test_close_session_is_idempotent_and_forgets_the_session(
+    client: SyncSalience, server: ReferenceServer
+) -> None:
+    sid = client.open()
+    assert sid in server.state().session_ids
+    client.close_session(sid)
+    client.close_session(sid)
+    client.close_session("never-existed")
+    assert sid not in server.state().session_ids
+    assert status_of(lambda: client.generate(sid, append_tokens=[1])) is Status.NOT_FOUND
+
+
+def test_unknown_session_is_not_found(client: SyncSalience) -> None:
+    assert status_of(lambda: client.generate("nope", append_tokens=[1])) is Status.NOT_FOUND
+    assert status_of(lambda: client.append_image("nope", png(8, 8), "image/png", 0)) is (
+        Status.NOT_FOUND
+    )
+
+
+def test_max_sessions_is_resource_exhausted(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(max_sessions=2))
+    first, _second = c.open(), c.open()
+    assert status_of(c.open) is Status.RESOURCE_EXHAUSTED
+    c.close_session(first)
+    assert c.open()
+
+
+def test_idle_sessions_are_evicted(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    srv = make_server(idle_timeout=0.2)
+    c = connect(srv)
+    sid = c.open()
+    assert wait_until(lambda: sid not in srv.state().session_ids, timeout=5)
+    assert status_of(lambda: c.generate(sid, append_tokens=[1])) is Status.NOT_FOUND
+
+
+def test_active_session_is_kept_alive_by_use(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(idle_timeout=0.5))
+    sid = c.open()
+    for i in range(6):
+        time.sleep(0.15)
+        c.generate(sid, append_tokens=[65], offset=i)
+
+
+# -- offsets --------------------------------------------------------------
+
+
+def test_offset_must_equal_length(client: SyncSalience) -> None:
+    sid = client.open()
+    client.generate(sid, append_tokens=PROMPT)
+    n = len(PROMPT)
+    assert status_of(lambda: client.generate(sid, append_tokens=[1], offset=n - 1)) is (
+        Status.FAILED_PRECONDITION
+    )
+    assert status_of(lambda: client.generate(sid, append_tokens=[1], offset=n + 1)) is (
+        Status.FAILED_PRECONDITION
+    )
+    assert (
+        status_of(lambda: client.generate(sid, append_tokens=[1], offset=n + 1, truncating=True))
+        is Status.FAILED_PRECONDITION
+    )
+    _, done = client.generate(sid, append_tokens=[1], offset=n)
+    assert done.total_tokens == n + 1
+
+
+def test_truncating_rewinds_then_appends(client: SyncSalience) -> None:
+    sid = client.open()
+    client.generate(sid, append_tokens=tokenize("abcdefghij"))
+    toks, done = client.generate(
+        sid, append_tokens=tokenize("XY"), offset=4, truncating=True, logprobs_ranges=[(0, 99)]
+    )
+    assert (done.prompt_tokens, done.total_tokens) == (6, 6)
+    assert [t.position for t in toks] == [4, 5]
+    # The rewound session scores exactly like a fresh one holding the same text.
+    fresh = client.open()
+    ref, _ = client.generate(fresh, append_tokens=tokenize("abcdXY"), logprobs_ranges=[(4, 6)])
+    assert [t.sampled_logprob for t in toks] == [t.sampled_logprob for t in ref]
+
+
+def test_invalid_token_id_is_invalid_argument_and_changes_nothing(client: SyncSalience) -> None:
+    sid = client.open()
+    client.generate(sid, append_tokens=[1, 2])
+    assert status_of(lambda: client.generate(sid, append_tokens=[3, VOCAB_SIZE], offset=2)) is (
+        Status.INVALID_ARGUMENT
+    )
+    _, done = client.generate(sid, append_tokens=[VOCAB_SIZE - 1], offset=2)
+    assert done.total_tokens == 3
+
+
+def test_prompt_beyond_context_is_out_of_range(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(max_context=32))
+    sid = c.open()
+    assert status_of(lambda: c.generate(sid, append_tokens=[65] * 33)) is Status.OUT_OF_RANGE
+    _, done = c.generate(sid, append_tokens=[65] * 32)
+    assert done.total_tokens == 32
+
+
+def test_decode_stops_with_context_when_the_window_is_full(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(max_context=32, ignore_eos=True))
+    sid = c.open()
+    toks, done = c.generate(sid, append_tokens=[65] * 30, max_tokens=10)
+    assert [t.position for t in toks] == [30, 31]
+    assert (done.completion_tokens, done.total_tokens, done.finish_reason) == (2, 32, "context")
+    toks, done = c.generate(sid, offset=32, max_tokens=5)
+    assert toks == [] and (done.completion_tokens, done.finish_reason) == (0, "context")
+
+
+# -- events ---------------------------------------------------------------
+
+
+def test_prefill_events_only_for_requested_appended_positions(client: SyncSalience) -> None:
+    sid = client.open()
+    toks, done = client.generate(
+        sid, append_tokens=PROMPT[:10], logprobs_ranges=[(2, 5)], readout_ranges=[(4, 7)]
+    )
+    assert [t.position for t in toks] == [2, 3, 4, 5, 6]
+    assert all(t.is_prefill and t.id == PROMPT[t.position] for t in toks)
+    assert [t.sampled_logprob != 0.0 for t in toks] == [True, True, True, False, False]
+    assert [len(t.readout) for t in toks] == [0, 0, 24, 24, 24]
+    assert (done.prompt_tokens, done.completion_tokens, done.total_tokens) == (10, 0, 10)
+    assert done.finish_reason == "prefill"
+    # Earlier positions inside the ranges are never re-emitted.
+    toks, _ = client.generate(
+        sid, append_tokens=PROMPT[10:15], offset=10, logprobs_ranges=[(0, 100)]
+    )
+    assert [t.position for t in toks] == [10, 11, 12, 13, 14]
+
+
+def test_no_ranges_no_prefill_events(client: SyncSalience) -> None:
+    toks, done = client.generate(client.open(), append_tokens=PROMPT)
+    assert toks == [] and done.total_tokens == len(PROMPT)
+
+
+def test_position_zero_logprob_is_zero(client: SyncSalience) -> None:
+    toks, _ = client.generate(client.open(), append_tokens=PROMPT, logprobs_ranges=[(0, 2)])
+    assert toks[0].sampled_logprob == 0.0 and toks[1].sampled_logprob < 0.0
+
+
+def test_decode_events_and_done_accounting(client: SyncSalience) -> None:
+    sid = client.open()
+    toks, done = client.generate(sid, append_tokens=PROMPT, max_tokens=12)
+    n = len(PROMPT)
+    assert [t.position for t in toks] == list(range(n, n + 12))
+    assert all(not t.is_prefill and t.sampled_logprob < 0 and not t.top_logprobs for t in toks)
+    assert (done.prompt_tokens, done.completion_tokens, done.total_tokens) == (n, 12, n + 12)
+    assert done.finish_reason == "length"
+    # Decoded tokens are committed: the next call continues after them.
+    _, done2 = client.generate(sid, offset=n + 12, max_tokens=3)
+    assert (done2.prompt_tokens, done2.total_tokens) == (n + 12, n + 15)
+
+
+def test_prefill_logprob_equals_decode_logprob(client: SyncSalience) -> None:
+    decoded, _ = client.generate(client.open(), append_tokens=PROMPT, max_tokens=30)
+    ids = [t.id for t in decoded]
+    scored, _ = client.generate(
+        client.open(),
+        append_tokens=PROMPT + ids,
+        logprobs_ranges=[(len(PROMPT), len(PROMPT) + len(ids))],
+    )
+    assert [t.id for t in scored] == ids
+    assert [t.sampled_logprob for t in scored] == [t.sampled_logprob for t in decoded]
+
+
+def test_top_logprobs_cover_a_normalized_distribution(client: SyncSalience) -> None:
+    toks, _ = client.generate(
+        client.open(), append_tokens=PROMPT, max_tokens=3, logprob_top_k=VOCAB_SIZE
+    )
+    for t in toks:
+        lps = [x.logprob for x in t.top_logprobs]
+        assert len(lps) == VOCAB_SIZE and lps == sorted(lps, reverse=True)
+        assert math.isclose(sum(math.exp(lp) for lp in lps), 1.0, abs_tol=1e-4)
+        assert {x.id: x.logprob for x in t.top_logprobs}[t.id] == t.sampled_logprob
+    few, _ = client.generate(client.open(), append_tokens=PROMPT, max_tokens=3, logprob_top_k=5)
+    assert [len(t.top_logprobs) for t in few] == [5, 5, 5]
+    assert [x.id for x in few[0].top_logprobs] == [x.id for x in toks[0].top_logprobs[:5]]
+
+
+def test_readout_vectors_on_decode_and_deterministic(client: SyncSalience) -> None:
+    def run() -> list[list[float]]:
+        toks, _ = client.generate(
+            client.open(), append_tokens=PROMPT, max_tokens=4, readout_ranges=[(3, 5), (30, 32)]
+        )
+        return [list(t.readout) for t in toks]
+
+    first = run()
+    # Prefill 3, 4; decode 29..32 of which 30 and 31 are in range.
+    assert len(PROMPT) == 29
+    assert [len(v) for v in first] == [24, 24, 0, 24, 24, 0]
+    assert first == run()
+
+
+def test_readout_disabled_gives_no_vectors(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(readout=False))
+    toks, _ = c.generate(c.open(), append_tokens=PROMPT, max_tokens=2, readout_ranges=[(0, 99)])
+    assert toks and all(len(t.readout) == 0 for t in toks)
+
+
+def test_image_positions_show_in_the_image_readout(client: SyncSalience) -> None:
+    sid = client.open()
+    client.generate(sid, append_tokens=[65, 66])
+    res = client.append_image(sid, png(56, 28), "image/png", 2)
+    assert (res.placeholder_count, res.total_length) == (2, 4)
+    toks, _ = client.generate(sid, append_tokens=[67], offset=4, readout_ranges=[(0, 5)])
+    assert [t.position for t in toks] == [4]
+    image = 7  # index of "image" in the default concepts
+    assert toks[0].readout[image] > 0.0
+
+
+# -- sampling and stopping ------------------------------------------------
+
+
+def _text(client: SyncSalience, **kw: object) -> list[int]:
+    toks, _ = client.generate(client.open(), append_tokens=PROMPT, max_tokens=60, **kw)
+    return [t.id for t in toks]
+
+
+def test_sampling_is_deterministic_and_differs_from_greedy(client: SyncSalience) -> None:
+    hot = _text(client, temperature=0.9)
+    assert hot == _text(client, temperature=0.9)
+    assert hot != _text(client)
+
+
+def test_top_k_one_equals_greedy(client: SyncSalience) -> None:
+    assert _text(client, temperature=1.0, top_k=1) == _text(client)
+
+
+def test_server_seed_changes_samples(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience], client: SyncSalience
+) -> None:
+    other = connect(make_server(seed=12345))
+    assert _text(other, temperature=0.9) != _text(client, temperature=0.9)
+    assert _text(other) == _text(client)
+
+
+def test_stop_token_is_emitted_committed_and_ends_decode(client: SyncSalience) -> None:
+    greedy = _text(client)
+    stop = greedy[5]
+    first = greedy.index(stop)
+    sid = client.open()
+    toks, done = client.generate(
+        sid, append_tokens=PROMPT, max_tokens=60, stop_token_ids=[stop, 255]
+    )
+    assert [t.id for t in toks] == greedy[: first + 1]
+    assert done.finish_reason == "stop"
+    assert done.total_tokens == len(PROMPT) + first + 1
+
+
+def test_eos_ends_decode_unless_ignored(
+    client: SyncSalience, make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    prompt = tokenize("Nobody was in a hurry to go to bed.")
+    toks, done = client.generate(client.open(), append_tokens=prompt, max_tokens=20)
+    assert [t.id for t in toks] == [EOS] and done.finish_reason == "eos"
+    other = connect(make_server(ignore_eos=True))
+    toks, done = other.generate(other.open(), append_tokens=prompt, max_tokens=20)
+    assert toks[0].id == EOS and len(toks) == 20 and done.finish_reason == "length"
+
+
+def test_max_tokens_zero_is_prefill_only(client: SyncSalience) -> None:
+    toks, done = client.generate(client.open(), append_tokens=PROMPT, max_tokens=0)
+    assert toks == [] and done.finish_reason == "prefill" and done.completion_tokens == 0
+
+
+# -- images ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "mime", "count"),
+    [
+        (png(100, 60), "image/png", 12),
+        (gif(28, 29), "image/gif", 2),
+        (jpeg(640, 480), "image/jpeg", 23 * 18),
+        (webp("VP8L", 10, 10), "image/webp", 1),
+        (webp("VP8X", 4000, 4000), "image/webp", 1024),
+    ],
+    ids=["png", "gif", "jpeg", "webp", "clamped"],
+)
+def test_append_image_counts_placeholders(
+    client: SyncSalience, data: bytes, mime: str, count: int
+) -> None:
+    sid = client.open()
+    client.generate(sid, append_tokens=[1, 2, 3])
+    res = client.append_image(sid, data, mime, 3)
+    assert (res.placeholder_count, res.total_length) == (count, 3 + count)
+
+
+def test_append_image_offset_rules(client: SyncSalience) -> None:
+    sid = client.open()
+    client.generate(sid, append_tokens=[1, 2, 3])
+    img = png(28, 28)
+    assert status_of(lambda: client.append_image(sid, img, "image/png", 2)) is (
+        Status.FAILED_PRECONDITION
+    )
+    assert status_of(lambda: client.append_image(sid, img, "image/png", 4, truncating=True)) is (
+        Status.FAILED_PRECONDITION
+    )
+    res = client.append_image(sid, img, "image/png", 1, truncating=True)
+    assert (res.placeholder_count, res.total_length) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("data", "mime"),
+    [(b"", "image/png"), (b"garbage bytes", "image/png"), (png(8, 8), "image/x-unknown")],
+    ids=["empty", "undecodable", "unknown-mime"],
+)
+def test_bad_image_is_invalid_argument(client: SyncSalience, data: bytes, mime: str) -> None:
+    sid = client.open()
+    assert status_of(lambda: client.append_image(sid, data, mime, 0)) is Status.INVALID_ARGUMENT
+
+
+def test_image_beyond_context_is_out_of_range(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(max_context=10))
+    sid = c.open()
+    assert status_of(lambda: c.append_image(sid, png(112, 84), "image/png", 0)) is (
+        Status.OUT_OF_RANGE
+    )
+
+
+def test_twenty_megabyte_image_goes_through(client: SyncSalience) -> None:
+    big = png(2600, 2600)
+    assert len(big) > 20_000_000
+    res = client.append_image(client.open(), big, "image/png", 0)
+    assert res.placeholder_count == 1024
+
+
+def test_message_above_max_size_is_refused(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(max_message_size=1 << 20))
+    sid = c.open()
+    assert status_of(lambda: c.append_image(sid, png(800, 800), "image/png", 0)) is (
+        Status.RESOURCE_EXHAUSTED
+    )
+
+
+# -- wire-level behaviour -------------------------------------------------
+
+
+def test_generate_streams_a_long_decode_fast(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(max_context=1 << 20, ignore_eos=True))
+    sid = c.open()
+    start = time.perf_counter()
+    toks, done = c.generate(sid, append_tokens=PROMPT, max_tokens=30_000)
+    rate = len(toks) / (time.perf_counter() - start)
+    assert done.completion_tokens == 30_000 and done.finish_reason == "length"
+    assert rate > 5_000, f"{rate:.0f} tokens/s"  # generous: CI boxes are noisy
+
+
+def test_client_reset_stops_decode_and_is_recorded(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    srv = make_server(max_context=2_000_000, ignore_eos=True)
+    c = connect(srv)
+    sid = c.open()
+    before = srv.state()
+
+    class Stop(Exception):
+        pass
+
+    async def run() -> int:
+        req = GenerateRequest(session_id=sid, append_tokens=PROMPT, max_tokens=1_000_000)
+        stream_id = 0
+        try:
+            async with c.channel.request(
+                "/salience.Salience/Generate",
+                Cardinality.UNARY_STREAM,
+                GenerateRequest,
+                GenerateEvent,
+            ) as stream:
+                await stream.send_message(req, end=True)
+                for _ in range(100):
+                    assert await stream.recv_message() is not None
+                stream_id = stream._stream.id
+                stream._stream.reset_nowait(h2.errors.ErrorCodes.CANCEL)
+                # Leave by exception so grpclib does not wait for trailers.
+                raise Stop
+        except Stop:
+            pass
+        await asyncio.sleep(0.01)  # let the RST_STREAM frame go out
+        return stream_id
+
+    stream_id = c.run(run())
+    t0 = time.monotonic()
+    assert wait_until(lambda: srv.state().cancelled_streams == before.cancelled_streams + 1)
+    stop_latency = time.monotonic() - t0
+    state = srv.state()
+    assert (stream_id, int(h2.errors.ErrorCodes.CANCEL)) in state.resets
+    assert stop_latency < 1.0
+    decoded = state.tokens_decoded
+    time.sleep(0.2)
+    assert srv.state().tokens_decoded == decoded < before.tokens_decoded + 1_000_000
+
+
+def test_connections_are_counted(make_server: ServerFactory) -> None:
+    srv = make_server()
+    assert (srv.state().connections_total, srv.state().connections_open) == (0, 0)
+    a, b = SyncSalience(srv.grpc_port), SyncSalience(srv.grpc_port)
+    try:
+        a.open()
+        b.open()
+        a.open()
+        assert srv.state().connections_total == 2
+        assert wait_until(lambda: srv.state().connections_open == 2)
+    finally:
+        a.close()
+    assert wait_until(lambda: srv.state().connections_open == 1)
+    b.close()
+    assert wait_until(lambda: srv.state().connections_open == 0)
+    assert srv.state().connections_total == 2
+
+
+def test_state_counts_rpcs_and_appended_tokens(make_server: ServerFactory) -> None:
+    srv = make_server()
+    c = SyncSalience(srv.grpc_port)
+    try:
+        sid = c.open()
+        c.generate(sid, append_tokens=[1, 2, 3])
+        c.generate(sid, append_tokens=[4, 5], offset=3, max_tokens=4)
+        c.close_session(sid)
+    finally:
+        c.close()
+    s = srv.state()
+    assert s.rpc_counts == {"OpenSession": 1, "Generate": 2, "CloseSession": 1}
+    assert (s.generate_calls, s.tokens_appended, s.tokens_decoded) == (2, 5, 4)
+    assert s.session_ids == frozenset()
+
+
+# -- auth -----------------------------------------------------------------
+
+
+def test_grpc_auth(make_server: ServerFactory, connect: Callable[..., SyncSalience]) -> None:
+    srv = make_server(api_key="sekrit")
+    assert status_of(connect(srv).open) is Status.UNAUTHENTICATED
+    assert status_of(connect(srv, api_key="wrong").open) is Status.UNAUTHENTICATED
+    good = connect(srv, api_key="sekrit")
+    sid = good.open()
+    _, done = good.generate(sid, append_tokens=[1], max_tokens=1)
+    assert done.total_tokens == 2
+    assert status_of(lambda: connect(srv).generate(sid, append_tokens=[1], offset=2)) is (
+        Status.UNAUTHENTICATED
+    )

@@ -1,0 +1,152 @@
+"""grpcio (the C-core stack) as an independent peer: same answers as grpclib sees."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+
+from poc_api.server import ReferenceServer, tokenize
+
+from .conftest import ServerFactory, SyncSalience, wait_until
+
+PROMPT = tokenize("In the morning the fishermen ")
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def peer(pb: tuple[ModuleType, ModuleType], server: ReferenceServer) -> Iterator[Any]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield pb[1].SalienceStub(channel)
+
+
+def test_grpcio_generate_matches_grpclib(
+    peer: Any, pb: tuple[ModuleType, ModuleType], client: SyncSalience
+) -> None:
+    pb2 = pb[0]
+    sid = peer.OpenSession(pb2.OpenSessionRequest(), timeout=TIMEOUT).session_id
+    req = pb2.GenerateRequest(
+        session_id=sid,
+        append_tokens=PROMPT,
+        max_tokens=20,
+        logprobs_ranges=[pb2.PositionRange(start=1, end=5)],
+        readout_ranges=[pb2.PositionRange(start=0, end=40)],
+        logprob_top_k=4,
+    )
+    events = list(peer.Generate(req, timeout=TIMEOUT))
+    assert events[-1].WhichOneof("event") == "done"
+    assert events[-1].done.finish_reason == "length"
+    ours, done = client.generate(
+        client.open(),
+        append_tokens=PROMPT,
+        max_tokens=20,
+        logprobs_ranges=[(1, 5)],
+        readout_ranges=[(0, 40)],
+        logprob_top_k=4,
+    )
+    theirs = [e.token for e in events[:-1]]
+    assert [(t.id, t.position, t.is_prefill) for t in theirs] == [
+        (t.id, t.position, t.is_prefill) for t in ours
+    ]
+    assert [t.sampled_logprob for t in theirs] == [t.sampled_logprob for t in ours]
+    assert [list(t.readout) for t in theirs] == [list(t.readout) for t in ours]
+    assert [[x.id for x in t.top_logprobs] for t in theirs] == [
+        [x.id for x in t.top_logprobs] for t in ours
+    ]
+    assert events[-1].done.total_tokens == done.total_tokens
+    peer.CloseSession(pb2.CloseSessionRequest(session_id=sid), timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("build", "code"),
+    [
+        (lambda pb2, sid: pb2.GenerateRequest(session_id="missing"), grpc.StatusCode.NOT_FOUND),
+        (
+            lambda pb2, sid: pb2.GenerateRequest(session_id=sid, offset=3),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (
+            lambda pb2, sid: pb2.GenerateRequest(session_id=sid, append_tokens=[999]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda pb2, sid: pb2.GenerateRequest(session_id=sid, append_tokens=[1] * 9000),
+            grpc.StatusCode.OUT_OF_RANGE,
+        ),
+    ],
+    ids=["not-found", "offset", "token-id", "context"],
+)
+def test_grpcio_sees_the_error_statuses(
+    peer: Any, pb: tuple[ModuleType, ModuleType], build: Any, code: grpc.StatusCode
+) -> None:
+    pb2 = pb[0]
+    sid = peer.OpenSession(pb2.OpenSessionRequest(), timeout=TIMEOUT).session_id
+    with pytest.raises(grpc.RpcError) as info:
+        list(peer.Generate(build(pb2, sid), timeout=TIMEOUT))
+    assert info.value.code() == code
+
+
+def test_grpcio_image_and_auth(
+    make_server: ServerFactory, pb: tuple[ModuleType, ModuleType]
+) -> None:
+    from .test_images import jpeg
+
+    pb2, pb2_grpc = pb
+    srv = make_server(api_key="k1")
+    with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+        stub = pb2_grpc.SalienceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.OpenSession(pb2.OpenSessionRequest(), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        md = (("authorization", "Bearer k1"),)
+        sid = stub.OpenSession(pb2.OpenSessionRequest(), timeout=TIMEOUT, metadata=md).session_id
+        res = stub.AppendImage(
+            pb2.AppendImageRequest(session_id=sid, image=jpeg(280, 56), mime="image/jpeg"),
+            timeout=TIMEOUT,
+            metadata=md,
+        )
+        assert (res.placeholder_count, res.total_length) == (20, 20)
+
+
+def test_grpcio_cancel_sends_rst_cancel(
+    make_server: ServerFactory, pb: tuple[ModuleType, ModuleType]
+) -> None:
+    pb2, pb2_grpc = pb
+    srv = make_server(max_context=2_000_000, ignore_eos=True)
+    with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+        stub = pb2_grpc.SalienceStub(channel)
+        sid = stub.OpenSession(pb2.OpenSessionRequest(), timeout=TIMEOUT).session_id
+        call = stub.Generate(
+            pb2.GenerateRequest(session_id=sid, append_tokens=PROMPT, max_tokens=1_000_000),
+            timeout=TIMEOUT,
+        )
+        for _, _ev in zip(range(50), call, strict=False):
+            pass
+        t0 = time.monotonic()
+        call.cancel()
+        assert wait_until(lambda: srv.state().cancelled_streams == 1)
+        assert time.monotonic() - t0 < 1.0
+    state = srv.state()
+    assert [code for _, code in state.resets] == [8]
+    assert state.tokens_decoded < 1_000_000
+
+
+def test_grpcio_normalized_top_logprobs(peer: Any, pb: tuple[ModuleType, ModuleType]) -> None:
+    pb2 = pb[0]
+    sid = peer.OpenSession(pb2.OpenSessionRequest(), timeout=TIMEOUT).session_id
+    events = list(
+        peer.Generate(
+            pb2.GenerateRequest(
+                session_id=sid, append_tokens=PROMPT, max_tokens=2, logprob_top_k=261
+            ),
+            timeout=TIMEOUT,
+        )
+    )
+    for ev in events[:-1]:
+        total = sum(math.exp(x.logprob) for x in ev.token.top_logprobs)
+        assert math.isclose(total, 1.0, abs_tol=1e-4)

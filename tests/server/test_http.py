@@ -1,0 +1,232 @@
+"""HTTP endpoints (h11 server) driven by httpx over real TCP, PROTOCOL.md §1, §5."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from poc_api.server import ReferenceServer
+
+from .conftest import ServerFactory
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def http(server: ReferenceServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=TIMEOUT) as c:
+        yield c
+
+
+def root(srv: ReferenceServer) -> str:
+    return srv.base_url.removesuffix("/v1")
+
+
+def test_urls_follow_the_port_rule(server: ReferenceServer) -> None:
+    assert server.grpc_port == server.http_port + 1
+    assert server.base_url == f"http://127.0.0.1:{server.http_port}/v1"
+    assert server.grpc_url == f"http://127.0.0.1:{server.grpc_port}"
+
+
+def test_readout_manifest(http: httpx.Client) -> None:
+    r = http.get("/readout/manifest")
+    assert r.status_code == 200
+    assert r.json() == {
+        "concepts": ["vowel", "consonant", "digit", "space", "punct", "upper", "newline", "image"],
+        "layers": [0, 1, 2],
+    }
+
+
+def test_readout_manifest_is_404_when_disabled(make_server: ServerFactory) -> None:
+    srv = make_server(readout=False)
+    r = httpx.get(srv.base_url + "/readout/manifest", timeout=TIMEOUT)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_manifest_follows_config(make_server: ServerFactory) -> None:
+    srv = make_server(n_layers=2, concepts=("a", "b"))
+    r = httpx.get(srv.base_url + "/readout/manifest", timeout=TIMEOUT)
+    assert r.json() == {"concepts": ["a", "b"], "layers": [0, 1]}
+
+
+GOOD_SAMPLE = {"tokens": [1, 2, 3, 4], "target_ranges": [[1, 3], [3, 4]], "weight": 0.5}
+
+
+def test_train_accepts_valid_samples(make_server: ServerFactory) -> None:
+    srv = make_server()
+    body = {"model": "m", "samples": [GOOD_SAMPLE, {**GOOD_SAMPLE, "weight": 2}]}
+    r = httpx.post(srv.base_url + "/train", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200
+    assert r.json()["accepted"] == 2 and r.json()["job_id"].startswith("train-")
+    assert srv.state().train_samples == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"samples": [GOOD_SAMPLE]},
+        {"model": 1, "samples": [GOOD_SAMPLE]},
+        {"model": "m", "samples": {}},
+        {"model": "m", "samples": [{**GOOD_SAMPLE, "tokens": [1, 261]}]},
+        {"model": "m", "samples": [{**GOOD_SAMPLE, "tokens": [1, -1]}]},
+        {"model": "m", "samples": [{**GOOD_SAMPLE, "tokens": [1, True]}]},
+        {"model": "m", "samples": [{**GOOD_SAMPLE, "target_ranges": [[2, 2]]}]},
+        {"model": "m", "samples": [{**GOOD_SAMPLE, "target_ranges": [[0, 5]]}]},
+        {"model": "m", "samples": [{**GOOD_SAMPLE, "target_ranges": [[0]]}]},
+        {"model": "m", "samples": [{**GOOD_SAMPLE, "weight": "1"}]},
+        {"model": "m", "samples": [{"tokens": [1], "target_ranges": [[0, 1]]}]},
+    ],
+)
+def test_train_rejects_bad_bodies(http: httpx.Client, body: Any) -> None:
+    r = http.post("/train", json=body)
+    assert r.status_code == 400
+    assert isinstance(r.json()["error"]["message"], str)
+
+
+@pytest.mark.parametrize("path", ["/train", "/chat/completions", "/tokenize"])
+def test_malformed_json_is_400(http: httpx.Client, path: str) -> None:
+    r = http.post(path, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+CHAT = {"model": "x", "messages": [{"role": "user", "content": "Tell me about the sea"}]}
+
+
+def test_chat_completion(http: httpx.Client) -> None:
+    r = http.post("/chat/completions", json={**CHAT, "max_tokens": 40})
+    assert r.status_code == 200
+    body = r.json()
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    assert choice["finish_reason"] == "length"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 40
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 40
+    assert http.post("/chat/completions", json={**CHAT, "max_tokens": 40}).json()["choices"] == [
+        choice
+    ]
+
+
+def test_chat_stop_strings(http: httpx.Client) -> None:
+    full = http.post("/chat/completions", json={**CHAT, "max_tokens": 40}).json()
+    text = full["choices"][0]["message"]["content"]
+    stop = text[10:13]
+    r = http.post("/chat/completions", json={**CHAT, "max_tokens": 40, "stop": stop}).json()
+    assert r["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert r["choices"][0]["finish_reason"] == "stop"
+
+
+def sse_events(r: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_chat_streaming_sse(http: httpx.Client) -> None:
+    body = {**CHAT, "max_tokens": 30, "temperature": 0.7}
+    plain = http.post("/chat/completions", json=body).json()
+    with http.stream("POST", "/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        data = sse_events(r)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == plain["choices"][0]["message"]["content"]
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert last["usage"] == plain["usage"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_chat_rejects_bad_requests(http: httpx.Client) -> None:
+    assert http.post("/chat/completions", json={"messages": []}).status_code == 400
+    assert http.post("/chat/completions", json={**CHAT, "max_tokens": -1}).status_code == 400
+
+
+def test_models(http: httpx.Client) -> None:
+    body = http.get("/models").json()
+    assert body["object"] == "list" and body["data"][0]["id"] == "poc-reference"
+
+
+def test_tokenizer_endpoints(http: httpx.Client) -> None:
+    assert http.get("/tokenizer").json() == {
+        "vocab_size": 261,
+        "special": {
+            "bos": 256,
+            "eos": 257,
+            "vision_start": 258,
+            "vision_end": 259,
+            "image_pad": 260,
+        },
+    }
+    toks = http.post("/tokenize", json={"text": "hé!"}).json()["tokens"]
+    assert toks == list("hé!".encode())
+    text = http.post("/detokenize", json={"tokens": [*toks, 257, 0xFF]}).json()["text"]
+    assert text == "hé!<|eos|>\ufffd"
+    assert http.post("/detokenize", json={"tokens": [300]}).status_code == 400
+    assert http.post("/tokenize", json={"txt": "a"}).status_code == 400
+
+
+def test_unknown_path_and_wrong_method(http: httpx.Client) -> None:
+    assert http.get("/nope").status_code == 404
+    assert http.get("/train").status_code == 405
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server: ReferenceServer) -> None:
+    with httpx.Client(
+        base_url=server.base_url, timeout=TIMEOUT, limits=httpx.Limits(max_connections=1)
+    ) as c:
+        for _ in range(20):
+            assert c.get("/models").status_code == 200
+
+
+def test_admin_state_matches_state(make_server: ServerFactory) -> None:
+    srv = make_server(api_key="k")
+    headers = {"authorization": "Bearer k"}
+    httpx.get(srv.base_url + "/models", headers=headers, timeout=TIMEOUT)
+    r = httpx.get(root(srv) + "/admin/state", timeout=TIMEOUT)  # no key needed
+    assert r.status_code == 200
+    body = r.json()
+    assert body == srv.state().to_json() | {"http_requests": body["http_requests"]}
+    assert body["http_requests"]["/v1/models"] == 1
+    assert set(body) == {
+        "session_ids",
+        "connections_total",
+        "connections_open",
+        "cancelled_streams",
+        "resets",
+        "tokens_appended",
+        "generate_calls",
+        "rpc_counts",
+        "http_requests",
+        "train_samples",
+        "tokens_decoded",
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/readout/manifest"),
+        ("POST", "/train"),
+        ("POST", "/chat/completions"),
+        ("GET", "/models"),
+        ("POST", "/tokenize"),
+        ("GET", "/tokenizer"),
+    ],
+)
+def test_http_auth(make_server: ServerFactory, method: str, path: str) -> None:
+    srv = make_server(api_key="k")
+    url = srv.base_url + path
+    body = {"model": "m", "samples": [], "messages": CHAT["messages"], "text": "a"}
+    assert httpx.request(method, url, json=body, timeout=TIMEOUT).status_code == 401
+    wrong = {"authorization": "Bearer nope"}
+    assert httpx.request(method, url, json=body, headers=wrong, timeout=TIMEOUT).status_code == 401
+    good = {"authorization": "Bearer k"}
+    assert httpx.request(method, url, json=body, headers=good, timeout=TIMEOUT).status_code == 200
