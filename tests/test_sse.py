@@ -170,11 +170,11 @@ def test_sse_event_is_frozen() -> None:
 
 # Field text: no line breaks (they would end the line); includes multibyte chars.
 field_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"),
     max_size=12,
 )
 id_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\r\n\x00"),
     max_size=6,
 )
 eol = st.sampled_from(["\n", "\r\n", "\r"])

@@ -65,7 +65,8 @@ class SSEEvent:
 class SSEDecoder:
     """Turns chunks of an ``text/event-stream`` body into :class:`SSEEvent` s.
 
-    The result does not depend on how the byte stream is cut into chunks.
+    Pure and synchronous: no I/O, no checkpoints, nothing for cancellation to
+    interrupt. The result does not depend on how the byte stream is cut into chunks.
     ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
     longer than that many characters raises :class:`~poc_api.LimitExceeded`
     (a peer that never sends a line ending must not grow the buffer forever).

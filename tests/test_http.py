@@ -1,0 +1,719 @@
+"""HttpApi over real sockets: the reference server, and tiny canned HTTP servers for
+the answers the reference server never gives (5xx, garbage, cut streams)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from poc_api._errors import (
+    AuthenticationError,
+    HttpError,
+    PocApiTimeout,
+    ProtocolViolation,
+    ServerUnavailable,
+)
+from poc_api._http import ChatCompletion, ChatDelta, ChatDone, HttpApi, error_excerpt
+from poc_api._types import ReadoutManifest, TrainResult, TrainSample, Usage
+from poc_api.server import ReferenceServer, ServerConfig
+
+KEY = "sk-test-Zq9xK3mW7vB2"
+MANIFEST_PATH = "/v1/readout/manifest"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+# --- fixtures and helpers ----------------------------------------------------------
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ReferenceServer]:
+    async with ReferenceServer(ServerConfig(port=0, api_key=None, readout=True)) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        yield client
+
+
+def make_api(client: httpx.AsyncClient, base_url: str, key: str = "") -> HttpApi:
+    return HttpApi(client, base_url, key, "poc-reference")
+
+
+async def read_request(stream: trio.SocketStream) -> bytes:
+    """Read one HTTP/1.1 request (head and Content-Length body); return the head."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            return buf
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    m = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
+    while m and len(body) < int(m.group(1)):
+        body += await stream.receive_some(65536)
+    return head
+
+
+def response(
+    status: int, body: bytes, content_type: str = "application/json", *, length: bool = True
+) -> bytes:
+    head = f"HTTP/1.1 {status} Canned\r\ncontent-type: {content_type}\r\nconnection: close\r\n"
+    if length:
+        head += f"content-length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@asynccontextmanager
+async def canned_server(handler: Handler | Sequence[bytes]) -> AsyncIterator[str]:
+    """A real HTTP server on 127.0.0.1:0; yields its base_url (``.../v1``).
+
+    Given byte strings, the n-th connection reads one request and gets the n-th
+    answer (the last one repeats), then the connection is closed.
+    """
+    if not callable(handler):
+        answers = list(handler)
+        served = 0
+
+        async def send_canned(stream: trio.SocketStream) -> None:
+            nonlocal served
+            answer = answers[min(served, len(answers) - 1)]
+            served += 1
+            await read_request(stream)
+            await stream.send_all(answer)
+
+        handler = send_canned
+
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client hung up first: that is what some tests do
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield f"http://127.0.0.1:{port}/v1"
+        nursery.cancel_scope.cancel()
+
+
+def sse(*events: str) -> bytes:
+    return b"".join(f"data: {e}\n\n".encode() for e in events)
+
+
+DELTA = '{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
+
+
+# --- error_excerpt (pure) ------------------------------------------------------------
+
+
+def test_excerpt_of_short_body_is_the_whole_body() -> None:
+    assert error_excerpt(b'{"error": "nope"}') == '{"error": "nope"}'
+
+
+def test_excerpt_leaves_out_a_multibyte_char_straddling_the_cut() -> None:
+    body = b"x" * 499 + "é".encode() + b"tail"  # é is bytes 499..500
+    assert error_excerpt(body) == "x" * 499
+
+
+def test_excerpt_keeps_a_multibyte_char_ending_exactly_at_the_cut() -> None:
+    body = b"x" * 498 + "é".encode() + b"tail"  # é is bytes 498..499
+    assert error_excerpt(body) == "x" * 498 + "é"
+
+
+def test_excerpt_leaves_out_a_four_byte_char_at_the_cut() -> None:
+    body = b"x" * 498 + "🦀".encode() + b"tail"
+    assert error_excerpt(body) == "x" * 498
+
+
+def test_excerpt_replaces_invalid_utf8() -> None:
+    assert error_excerpt(b"bad \xff\xfe body") == "bad \ufffd\ufffd body"
+
+
+@given(st.text(max_size=700), st.integers(0, 600))
+def test_excerpt_is_the_longest_whole_char_prefix_within_the_limit(text: str, limit: int) -> None:
+    body = text.encode()
+    excerpt = error_excerpt(body, limit)
+    assert len(excerpt) <= limit
+    assert text.startswith(excerpt)
+    assert len(excerpt.encode()) <= limit
+    if len(body) > limit:
+        assert limit - len(excerpt.encode()) < 4  # no more than one char left out
+    else:
+        assert excerpt == text
+
+
+@given(st.binary(max_size=700))
+def test_excerpt_of_any_bytes_has_at_most_500_chars(body: bytes) -> None:
+    assert len(error_excerpt(body)) <= 500
+
+
+# --- readout manifest ------------------------------------------------------------
+
+
+async def test_manifest_is_read_from_the_server(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(10):
+        manifest = await make_api(http, server.base_url).readout_manifest()
+    assert isinstance(manifest, ReadoutManifest)
+    assert manifest.concepts[:2] == ("vowel", "consonant")
+    assert manifest.layers == (0, 1, 2)
+
+
+async def test_manifest_is_fetched_once_for_50_concurrent_first_callers(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    api = make_api(http, server.base_url)
+    results: list[ReadoutManifest | None] = []
+
+    async def fetch() -> None:
+        results.append(await api.readout_manifest())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(fetch)
+        results.append(await api.readout_manifest())
+    assert len(results) == 51
+    assert all(r == results[0] for r in results) and results[0] is not None
+    assert server.state().http_requests.get(MANIFEST_PATH) == 1
+
+
+async def test_manifest_404_means_readout_disabled_and_is_cached(http: httpx.AsyncClient) -> None:
+    with trio.fail_after(10):
+        async with ReferenceServer(ServerConfig(port=0, readout=False)) as srv:
+            api = make_api(http, srv.base_url)
+            assert await api.readout_manifest() is None
+            assert await api.readout_manifest() is None
+            assert srv.state().http_requests.get(MANIFEST_PATH) == 1
+
+
+async def test_failed_manifest_fetch_is_not_cached(http: httpx.AsyncClient) -> None:
+    ok = response(200, b'{"concepts": ["a"], "layers": [4]}')
+    with trio.fail_after(10):
+        async with canned_server([response(503, b"warming up"), ok]) as url:
+            api = make_api(http, url)
+            with pytest.raises(HttpError) as info:
+                await api.readout_manifest()
+            assert info.value.http_status == 503
+            manifest = await api.readout_manifest()
+            assert manifest is not None
+            assert (manifest.concepts, manifest.layers) == (("a",), (4,))
+
+
+async def test_cancelled_manifest_fetch_is_not_cached(http: httpx.AsyncClient) -> None:
+    async def stall(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with canned_server(stall) as url:
+            api = make_api(http, url)
+            with trio.move_on_after(0.2) as scope:
+                await api.readout_manifest()
+            assert scope.cancelled_caught
+            assert api._manifest_fetched is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"concepts": ["a"], "layers": [1]',  # truncated JSON
+        b'{"concepts": ["a"], "layers": "\xff\xfe"}',  # not UTF-8
+        b'{"concepts": "abc", "layers": [1]}',  # wrong shape
+        b'{"concepts": ["a"], "layers": [true]}',  # bool is not an int
+        b"[1, 2]",  # not an object
+    ],
+    ids=["truncated", "not-utf8", "concepts-not-list", "bool-layer", "array"],
+)
+async def test_malformed_manifest_raises_protocol_violation(
+    http: httpx.AsyncClient, body: bytes
+) -> None:
+    with trio.fail_after(10):
+        async with canned_server([response(200, body)]) as url:
+            with pytest.raises(ProtocolViolation):
+                await make_api(http, url).readout_manifest()
+
+
+async def test_500_error_message_has_status_url_and_500_char_excerpt(
+    http: httpx.AsyncClient,
+) -> None:
+    body = ("ü" * 1000).encode()  # 2000 bytes, 2-byte chars
+    with trio.fail_after(10):
+        async with canned_server([response(500, body, "text/plain")]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url).readout_manifest()
+    err = info.value
+    assert err.http_status == 500
+    assert err.url == url + "/readout/manifest"
+    assert err.body_excerpt == "ü" * 250  # 500 bytes on a character boundary
+    assert "500" in str(err) and err.url in str(err) and err.body_excerpt in str(err)
+
+
+async def test_500_excerpt_with_multibyte_char_straddling_the_cut(
+    http: httpx.AsyncClient,
+) -> None:
+    body = b"e" * 499 + "€".encode() + b"e" * 100
+    with trio.fail_after(10):
+        async with canned_server([response(500, body, "text/plain")]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url).readout_manifest()
+    assert info.value.body_excerpt == "e" * 499
+
+
+# --- auth -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def keyed_server() -> AsyncIterator[ReferenceServer]:
+    async with ReferenceServer(ServerConfig(port=0, api_key=KEY)) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("key", ["", "wrong-key"], ids=["missing", "wrong"])
+async def test_missing_or_wrong_key_raises_authentication_error(
+    keyed_server: ReferenceServer, http: httpx.AsyncClient, key: str
+) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(AuthenticationError) as info:
+            await make_api(http, keyed_server.base_url, key).readout_manifest()
+    assert info.value.http_status == 401
+    assert KEY not in str(info.value)
+
+
+async def test_right_key_is_accepted(
+    keyed_server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(10):
+        api = make_api(http, keyed_server.base_url, KEY)
+        assert await api.readout_manifest() is not None
+        assert (await api.train([TrainSample([1, 2], [(0, 2)])])).accepted == 1
+        assert (await api.chat(HELLO, max_tokens=2)).usage is not None
+        async with api.chat_stream(HELLO, max_tokens=2) as events:
+            assert isinstance([e async for e in events][-1], ChatDone)
+        assert await api.tokenize("a") == [97]
+
+
+async def test_api_key_never_appears_in_errors_or_logs(
+    keyed_server: ReferenceServer, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    echo = response(500, f"bad token Bearer {KEY}".encode(), "text/plain")
+    errors: list[BaseException] = []
+    with trio.fail_after(10):
+        async with canned_server([echo]) as url:
+            for base in (url, keyed_server.base_url + "/nope", "http://127.0.0.1:1/v1"):
+                try:
+                    await make_api(http, base, KEY).train([TrainSample([1], [(0, 1)])])
+                except Exception as exc:
+                    errors.append(exc)
+    assert [type(e) for e in errors] == [HttpError, HttpError, ServerUnavailable]
+    for error in errors:
+        chain: BaseException | None = error
+        while chain is not None:
+            assert KEY not in str(chain)
+            chain = chain.__cause__
+    assert "<redacted>" in str(errors[0])
+    assert KEY not in caplog.text
+    assert any(r.name == "poc_api.http" for r in caplog.records)
+
+
+async def test_authorization_header_is_sent_only_when_a_key_is_set(
+    http: httpx.AsyncClient,
+) -> None:
+    heads: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        heads.append((await read_request(stream)).lower())
+        await stream.send_all(response(404, b""))
+
+    with trio.fail_after(10):
+        async with canned_server(record) as url:
+            await make_api(http, url, "").readout_manifest()
+            await make_api(http, url, KEY).readout_manifest()
+    assert b"authorization" not in heads[0]
+    assert f"authorization: bearer {KEY}".lower().encode() in heads[1]
+
+
+# --- train ---------------------------------------------------------------------
+
+
+async def test_train_returns_the_servers_job(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    samples = [TrainSample([1, 2, 3], [(1, 3)], 0.5), TrainSample([4, 5], [(0, 1), (1, 2)])]
+    with trio.fail_after(10):
+        result = await make_api(http, server.base_url).train(samples)
+    assert isinstance(result, TrainResult)
+    assert result.accepted == 2 and result.job_id
+    assert server.state().train_samples == 2
+
+
+async def test_train_400_error_carries_status_url_and_body_excerpt(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(HttpError) as info:
+            # ids >= 261 are valid u32 but outside the reference vocabulary
+            await make_api(http, server.base_url).train([TrainSample([300], [(0, 1)])])
+    err = info.value
+    assert err.http_status == 400
+    assert err.url == server.base_url + "/train"
+    assert "tokens must be a list of ids" in err.body_excerpt
+    assert "400" in str(err) and err.url in str(err)
+
+
+async def test_train_rejects_non_samples_before_sending(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    api = make_api(http, server.base_url)
+    with trio.fail_after(10):
+        with pytest.raises(TypeError):
+            await api.train([{"tokens": [1], "target_ranges": [[0, 1]]}])  # type: ignore[list-item]
+    assert "/v1/train" not in server.state().http_requests
+
+
+# --- chat ------------------------------------------------------------------------
+
+
+async def test_chat_returns_text_finish_reason_and_usage(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(10):
+        done = await make_api(http, server.base_url).chat(HELLO, max_tokens=12, temperature=0)
+    assert isinstance(done, ChatCompletion)
+    assert done.finish_reason == "length"
+    assert done.usage is not None and done.usage.completion_tokens == 12
+    assert done.text
+
+
+async def test_chat_error_object_in_a_200_answer_raises_http_error(
+    http: httpx.AsyncClient,
+) -> None:
+    body = b'{"error": {"message": "no such model", "code": 404}}'
+    with trio.fail_after(10):
+        async with canned_server([response(200, body)]) as url:
+            with pytest.raises(HttpError, match="no such model") as info:
+                await make_api(http, url).chat(HELLO)
+    assert info.value.http_status == 404
+
+
+async def test_streamed_text_equals_non_streamed_text_under_greedy(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    api = make_api(http, server.base_url)
+    with trio.fail_after(10):
+        whole = await api.chat(HELLO, max_tokens=60, temperature=0)
+        async with api.chat_stream(HELLO, max_tokens=60, temperature=0) as events:
+            got = [e async for e in events]
+    assert all(isinstance(e, ChatDelta) for e in got[:-1]) and len(got) > 2
+    assert "".join(e.text for e in got[:-1] if isinstance(e, ChatDelta)) == whole.text
+    assert got[-1] == ChatDone(whole.finish_reason, whole.usage)
+
+
+async def test_chat_stream_sends_stream_options_include_usage(http: httpx.AsyncClient) -> None:
+    heads: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        heads.append(await read_request(stream))
+        await stream.send_all(response(200, sse("[DONE]"), "text/event-stream"))
+
+    with trio.fail_after(10):
+        async with canned_server(record) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                assert [e async for e in events] == [ChatDone("", None)]
+    assert b"accept: text/event-stream" in heads[0].lower()
+
+
+async def test_leaving_a_stream_with_break_keeps_the_pool_usable(
+    server: ReferenceServer,
+) -> None:
+    # One connection in the pool: a leaked stream would make the next request hang.
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+        api = make_api(http, server.base_url)
+        with trio.fail_after(10):
+            for _ in range(3):
+                async with api.chat_stream(HELLO, max_tokens=2000) as events:
+                    async for event in events:
+                        assert isinstance(event, ChatDelta)
+                        break
+                assert await api.tokenize("ok") == [111, 107]
+
+
+async def test_cancelling_a_stalled_stream_releases_its_connection() -> None:
+    async def stall(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(response(200, sse(DELTA), "text/event-stream", length=False))
+        await trio.sleep_forever()
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+        with trio.fail_after(10):
+            async with canned_server(stall) as url:
+                api = make_api(http, url)
+                got: list[object] = []
+                with trio.move_on_after(0.3) as scope:
+                    async with api.chat_stream(HELLO) as events:
+                        async for event in events:
+                            got.append(event)
+                assert scope.cancelled_caught
+                assert got == [ChatDelta("hi")]
+            async with ReferenceServer(ServerConfig(port=0)) as srv:
+                assert await make_api(http, srv.base_url).tokenize("a") == [97]
+
+
+async def test_cancelling_inside_the_block_keeps_the_client_usable(
+    server: ReferenceServer,
+) -> None:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+        api = make_api(http, server.base_url)
+        with trio.fail_after(10):
+            with trio.CancelScope() as scope:
+                async with api.chat_stream(HELLO, max_tokens=2000) as events:
+                    async for _ in events:
+                        scope.cancel()
+                        await trio.sleep(1)  # a checkpoint: cancelled here
+            assert scope.cancelled_caught
+            assert (await api.chat(HELLO, max_tokens=3)).usage == Usage(29, 3, 32)
+
+
+async def test_exception_in_the_block_propagates_unchanged(server: ReferenceServer) -> None:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+        api = make_api(http, server.base_url)
+        with trio.fail_after(10):
+            with pytest.raises(KeyError):
+                async with api.chat_stream(HELLO, max_tokens=500) as events:
+                    async for _ in events:
+                        raise KeyError("mine")
+            assert await api.tokenize("a") == [97]
+
+
+async def test_stream_cut_before_done_raises_protocol_violation(http: httpx.AsyncClient) -> None:
+    cut = response(200, sse(DELTA)[:-1], "text/event-stream", length=False)  # close, no [DONE]
+    with trio.fail_after(10):
+        async with canned_server([cut]) as url:
+            got: list[object] = []
+            with pytest.raises(ProtocolViolation, match=r"before \[DONE\]"):
+                async with make_api(http, url).chat_stream(HELLO) as events:
+                    async for event in events:
+                        got.append(event)
+    assert got == []  # the event never got its blank line, so it never completed
+
+
+async def test_chunked_stream_cut_mid_body_raises_server_unavailable(
+    http: httpx.AsyncClient,
+) -> None:
+    chunk = sse(DELTA)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+    cut = head + b"\r\n" + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    with trio.fail_after(10):
+        async with canned_server([cut]) as url:
+            got: list[object] = []
+            with pytest.raises(ServerUnavailable):
+                async with make_api(http, url).chat_stream(HELLO) as events:
+                    async for event in events:
+                        got.append(event)
+    assert got == [ChatDelta("hi")]
+
+
+async def test_error_chunk_in_stream_raises_http_error_with_its_message(
+    http: httpx.AsyncClient,
+) -> None:
+    error = '{"error": {"message": "model overloaded", "type": "server_error", "code": 503}}'
+    body = sse(DELTA, error, "[DONE]")
+    with trio.fail_after(10):
+        async with canned_server([response(200, body, "text/event-stream")]) as url:
+            with pytest.raises(HttpError, match="model overloaded") as info:
+                async with make_api(http, url).chat_stream(HELLO) as events:
+                    async for _ in events:
+                        pass
+    assert info.value.http_status == 503
+
+
+async def test_malformed_json_in_stream_raises_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    body = sse('{"choices": [', "[DONE]")
+    with trio.fail_after(10):
+        async with canned_server([response(200, body, "text/event-stream")]) as url:
+            with pytest.raises(ProtocolViolation):
+                async with make_api(http, url).chat_stream(HELLO) as events:
+                    async for _ in events:
+                        pass
+
+
+async def test_stream_with_wrong_content_type_raises_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    with trio.fail_after(10):
+        async with canned_server([response(200, b'{"choices": []}')]) as url:
+            with pytest.raises(ProtocolViolation, match="text/event-stream"):
+                async with make_api(http, url).chat_stream(HELLO):
+                    pass
+
+
+async def test_stream_error_status_raises_on_entering_the_block(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(HttpError, match="seed") as info:
+            async with make_api(http, server.base_url).chat_stream(HELLO, seed="x"):
+                pytest.fail("entered the block despite a 400")
+    assert info.value.http_status == 400
+
+
+async def test_stream_decodes_crlf_events_split_at_every_byte(http: httpx.AsyncClient) -> None:
+    body = sse(DELTA, DELTA).replace(b"\n", b"\r\n") + b"data: [DONE]\r\n\r\n"
+
+    async def trickle(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(response(200, b"", "text/event-stream", length=False))
+        for i in range(len(body)):
+            await stream.send_all(body[i : i + 1])
+
+    with trio.fail_after(10):
+        async with canned_server(trickle) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                got = [e async for e in events]
+    assert got == [ChatDelta("hi"), ChatDelta("hi"), ChatDone("", None)]
+
+
+@pytest.mark.parametrize(
+    ("messages", "kwargs", "error"),
+    [
+        ("hello", {}, TypeError),
+        ([], {}, ValueError),
+        ([{"content": "x"}], {}, TypeError),
+        ([{"role": "user"}], {}, ValueError),
+        ([{"role": "user", "content": 3}], {}, TypeError),
+        (HELLO, {"max_tokens": -1}, ValueError),
+        (HELLO, {"max_tokens": 1.5}, TypeError),
+        (HELLO, {"temperature": float("nan")}, ValueError),
+        (HELLO, {"top_p": 2}, ValueError),
+        (HELLO, {"stop": [1]}, TypeError),
+        (HELLO, {"stream": False}, ValueError),
+        (HELLO, {"logit_bias": object()}, TypeError),
+    ],
+)
+async def test_bad_chat_arguments_raise_before_sending(
+    server: ReferenceServer,
+    http: httpx.AsyncClient,
+    messages: Any,
+    kwargs: dict[str, Any],
+    error: type[Exception],
+) -> None:
+    api = make_api(http, server.base_url)
+    with trio.fail_after(10):
+        with pytest.raises(error):
+            await api.chat(messages, **kwargs)
+        with pytest.raises(error):
+            async with api.chat_stream(messages, **kwargs):
+                pass
+    assert "/v1/chat/completions" not in server.state().http_requests
+
+
+# --- tokenizer -------------------------------------------------------------------
+
+
+async def test_tokenize_detokenize_round_trip(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    api = make_api(http, server.base_url)
+    text = "héllo, wörld 🦀"
+    with trio.fail_after(10):
+        tokens = await api.tokenize(text)
+        assert tokens == list(text.encode())
+        assert await api.detokenize(tokens) == text
+
+
+async def test_tokenizer_info_lists_vocab_size_and_special_ids(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(10):
+        info = await make_api(http, server.base_url).tokenizer_info()
+    assert info["vocab_size"] == 261
+    assert info["special"]["vision_start"] == 258
+
+
+async def test_detokenize_rejects_bad_ids_before_sending(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    api = make_api(http, server.base_url)
+    with trio.fail_after(10):
+        with pytest.raises(TypeError):
+            await api.detokenize("abc")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            await api.detokenize([-1])
+    assert "/v1/detokenize" not in server.state().http_requests
+
+
+# --- transport failures ------------------------------------------------------------
+
+
+async def test_unanswered_request_raises_poc_api_timeout() -> None:
+    async def stall(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await trio.sleep_forever()
+
+    async with httpx.AsyncClient(timeout=0.2) as http:
+        with trio.fail_after(10):
+            async with canned_server(stall) as url:
+                with pytest.raises(PocApiTimeout) as info:
+                    await make_api(http, url).tokenize("a")
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value.__cause__, httpx.TimeoutException)
+
+
+async def test_refused_connection_raises_server_unavailable(http: httpx.AsyncClient) -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens on this port now
+    with trio.fail_after(10):
+        with pytest.raises(ServerUnavailable) as info:
+            await make_api(http, f"http://127.0.0.1:{port}/v1").readout_manifest()
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+async def test_connection_closed_without_answer_raises_server_unavailable(
+    http: httpx.AsyncClient,
+) -> None:
+    with trio.fail_after(10):
+        async with canned_server([b""]) as url:
+            with pytest.raises(ServerUnavailable):
+                await make_api(http, url).tokenize("a")
+
+
+async def test_garbage_instead_of_http_raises_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    with trio.fail_after(10):
+        async with canned_server([b"SSH-2.0-OpenSSH_9.6\r\n\r\n"]) as url:
+            with pytest.raises(ProtocolViolation):
+                await make_api(http, url).tokenize("a")
+
+
+async def test_requests_are_logged_at_debug_under_poc_api_http(
+    server: ReferenceServer, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="poc_api.http")
+    with trio.fail_after(10):
+        await make_api(http, server.base_url).tokenize("a")
+    lines = [r.getMessage() for r in caplog.records if r.name == "poc_api.http"]
+    assert any("POST " + server.base_url + "/tokenize" in line for line in lines)
+    assert any("-> 200" in line for line in lines)
