@@ -11,8 +11,8 @@ betterproto2's looser ones:
 
 * varints may take up to 10 bytes; values are truncated to 64 bits, uint32
   fields then to 32 bits, and a bool is ``value != 0`` of the 64-bit value;
-* a tag may take up to 5 bytes and must fit in 32 bits; field number 0 and wire
-  types 6 and 7 are malformed;
+* a tag may take up to 5 bytes and must fit in 32 bits, and so may a length
+  prefix; field number 0 and wire types 6 and 7 are malformed;
 * unknown fields of every wire type are skipped, groups (wire types 3/4)
   included; a known field number with an unexpected wire type is treated as an
   unknown field, as protobuf does;
