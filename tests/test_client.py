@@ -425,3 +425,41 @@ async def test_debug_log_has_the_seed_lines(
     for needle in ("opening", "Generate: offset=0", "first decode token", "Done: prompt="):
         assert needle in text, needle
     assert all(r.name.startswith("poc_api") for r in caplog.records if "session" in r.message)
+
+
+async def test_generate_total_timeout_raises_typed_and_loses_the_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    before = server.state().cancelled_streams
+    async with client.session() as s:
+        with pytest.raises(poc_api.PocApiTimeout, match="total timeout"), trio.fail_after(10):
+            async with s.generate(
+                HELLO, sampling=SamplingParams(max_tokens=10**6), timeout=0.2
+            ) as ev:
+                async for _ in ev:
+                    pass
+        assert s.lost
+    await wait_for(lambda: server.state().cancelled_streams > before)
+
+
+async def test_a_long_healthy_stream_is_not_cut_by_timeouts_not_set(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.session() as s:
+        n = 0
+        async with s.generate(
+            HELLO, sampling=SamplingParams(max_tokens=30_000), token_timeout=5.0
+        ) as ev:
+            async for _ in ev:
+                n += 1
+    assert n == 30_001
+
+
+async def test_bad_timeouts_are_value_errors(client: poc_api.ApiClient) -> None:
+    async with client.session() as s:
+        with pytest.raises(ValueError):
+            async with s.generate([1], timeout=-1):
+                pass
+        with pytest.raises(ValueError):
+            await s.append_image(b"x", "image/png", timeout=float("nan"))
+        assert not s.lost

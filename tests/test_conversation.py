@@ -18,7 +18,7 @@ from poc_api import (
     TokenOut,
     Tokens,
 )
-from poc_api.server import ReferenceServer, tokenize
+from poc_api.server import ReferenceServer, ServerConfig, tokenize
 
 GREEDY8 = SamplingParams(max_tokens=8)
 
@@ -276,3 +276,41 @@ async def test_stream_arguments_are_checked_before_sending(
         with pytest.raises(ValueError):
             await run(conv, [Tokens([1])], priority=2**40)
     assert server.state().rpc_counts.get("OpenSession", 0) == before
+
+
+async def test_evicted_session_is_reopened_and_the_prompt_resent_transparently(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="poc_api")
+    async with ReferenceServer(ServerConfig(idle_timeout=0.2)) as srv:
+        async with poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as c:
+            async with c.conversation() as conv:
+                first = await run(conv, [Tokens([1, 2, 3])])
+                assert conv.session is not None
+                old = conv.session.session_id
+                with trio.fail_after(5):
+                    while old in srv.state().session_ids:
+                        await trio.sleep(0.05)
+                before = srv.state().tokens_appended
+                prompt = [Tokens([1, 2, 3]), Tokens(decoded(first)), Tokens([4])]
+                events = await run(conv, prompt)
+                assert conv.session is not None and conv.session.session_id != old
+                # The whole prompt went again, to the new session.
+                assert srv.state().tokens_appended - before >= 3 + 8 + 1
+                assert conv.committed_len == 3 + 8 + 1 + 8
+                assert isinstance(events[-1], StreamDone)
+    assert "is gone on the server" in caplog.text
+
+
+async def test_stream_total_timeout_raises_and_drops_the_session(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.conversation() as conv:
+        with pytest.raises(poc_api.PocApiTimeout), trio.fail_after(10):
+            async with conv.stream(
+                [Tokens([1, 2])], SamplingParams(max_tokens=10**6), timeout=0.2
+            ) as ev:
+                async for _ in ev:
+                    pass
+        assert conv.session is None
+        await run(conv, [Tokens([1])])

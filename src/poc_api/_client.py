@@ -25,7 +25,7 @@ from ._conversation import Conversation
 from ._http import ChatCompletion, ChatDelta, ChatDone, HttpApi
 from ._score import score_chunks, score_many
 from ._session import Session, open_session
-from ._transport import GrpcTarget, GrpcTransport
+from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
 from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample
 
 __all__ = ["ApiClient", "resolve_grpc_url"]
@@ -84,7 +84,12 @@ class ApiClient:
         close_timeout: bound on each shielded ``CloseSession`` at a session's exit.
         max_buffered_events: events buffered per stream before the client stops
             reading and HTTP/2 flow control pushes back on the server.
-        max_message_size: largest gRPC message sent or accepted, in bytes.
+        max_message_size: largest gRPC message sent or accepted, in bytes; a
+            larger one raises :class:`LimitExceeded` before it is read.
+        keepalive_time: ping the gRPC server every this many seconds while calls
+            are open (``None``: never). A server that does not answer within
+            ``keepalive_timeout`` seconds is treated as gone: every open call
+            fails with :class:`ServerUnavailable` instead of hanging.
 
     The gRPC channel opens on first use and is shared by everything made from
     this client: one HTTP/2 connection, however many tasks use it at once.
@@ -111,6 +116,8 @@ class ApiClient:
         close_timeout: float = 5.0,
         max_buffered_events: int = 4096,
         max_message_size: int = 64 * 1024 * 1024,
+        keepalive_time: float | None = 30.0,
+        keepalive_timeout: float = 20.0,
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
@@ -120,6 +127,13 @@ class ApiClient:
             raise ValueError("api_key must not contain line breaks")
         if max_buffered_events < 1 or max_message_size < 1:
             raise ValueError("max_buffered_events and max_message_size must be positive")
+        if keepalive_time is not None and not keepalive_time > 0:
+            raise ValueError("keepalive_time must be positive or None")
+        if not keepalive_timeout > 0:
+            raise ValueError("keepalive_timeout must be positive")
+        self._keepalive = (
+            KeepAlive(keepalive_time, keepalive_timeout) if keepalive_time is not None else None
+        )
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._model = model
@@ -174,6 +188,7 @@ class ApiClient:
                 self._target,
                 metadata=metadata,
                 max_message_size=self._max_message_size,
+                keepalive=self._keepalive,
             )
             stack.push_async_callback(_shielded, transport.aclose)
             http = httpx.AsyncClient(
@@ -225,18 +240,20 @@ class ApiClient:
 
     # -- gRPC --------------------------------------------------------------------
 
-    def session(self) -> AbstractAsyncContextManager[Session]:
+    def session(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Session]:
         """Open a server-side session for the block (``OpenSession`` … ``CloseSession``).
 
-        Leaving the block in any way — normally, by exception or by cancellation —
-        sends ``CloseSession``, shielded and bounded by ``close_timeout``; a failed
-        close is logged and never hides the block's own exception.
+        ``timeout`` bounds the ``OpenSession`` call. Leaving the block in any way —
+        normally, by exception or by cancellation — sends ``CloseSession``,
+        shielded and bounded by ``close_timeout``; a failed close is logged and
+        never hides the block's own exception.
         """
         return open_session(
             self._grpc(),
             self._model,
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
+            timeout=timeout,
         )
 
     @asynccontextmanager
@@ -261,43 +278,53 @@ class ApiClient:
                 await conv.aclose()
 
     async def score(
-        self, chunks: Sequence[Chunk], ranges: Sequence[tuple[int, int]]
+        self,
+        chunks: Sequence[Chunk],
+        ranges: Sequence[tuple[int, int]],
+        *,
+        timeout: float | None = None,
     ) -> list[ScoreResult]:
         """Sum the log-probabilities of the prompt positions in each range.
 
         Uses an ephemeral session (closed on exit, also on error or cancellation)
         and one final ``Generate(max_tokens=0)`` with ``logprobs_ranges``. Ranges are
         half-open ``(start, end)``, in any order, and must lie inside the prompt;
-        results come back in the order given.
+        results come back in the order given. Image placeholder positions have no
+        log-probability and add nothing to a range. ``timeout`` bounds the whole
+        call (:class:`PocApiTimeout`).
         """
-        return await score_chunks(
-            self._grpc(),
-            self._model,
-            chunks,
-            ranges,
-            max_buffered_events=self._max_buffered,
-            close_timeout=self._close_timeout,
-        )
+        with deadline(timeout, "score"):
+            return await score_chunks(
+                self._grpc(),
+                self._model,
+                chunks,
+                ranges,
+                max_buffered_events=self._max_buffered,
+                close_timeout=self._close_timeout,
+            )
 
     async def score_many(
         self,
         prompts: Sequence[tuple[Sequence[Chunk], Sequence[tuple[int, int]]]],
         *,
         max_concurrency: int = 16,
+        timeout: float | None = None,
     ) -> list[list[ScoreResult]]:
         """Score many ``(chunks, ranges)`` prompts concurrently over the one connection.
 
         At most ``max_concurrency`` are in flight; results are in input order. The
-        first failure cancels the rest and is raised (unwrapped).
+        first failure cancels the rest and is raised (unwrapped). ``timeout`` bounds
+        the whole batch.
         """
-        return await score_many(
-            self._grpc(),
-            self._model,
-            prompts,
-            max_concurrency=max_concurrency,
-            max_buffered_events=self._max_buffered,
-            close_timeout=self._close_timeout,
-        )
+        with deadline(timeout, "score_many"):
+            return await score_many(
+                self._grpc(),
+                self._model,
+                prompts,
+                max_concurrency=max_concurrency,
+                max_buffered_events=self._max_buffered,
+                close_timeout=self._close_timeout,
+            )
 
     # -- HTTP --------------------------------------------------------------------
 

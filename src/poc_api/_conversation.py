@@ -19,6 +19,7 @@ numbers, raised before anything is sent.
 from __future__ import annotations
 
 import logging
+import math
 from array import array
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -28,6 +29,7 @@ import attrs
 import trio
 
 from ._chunks import Chunk, Image, Tokens, plan_delta
+from ._errors import SessionNotFound
 from ._session import GenerateStream, Session, open_session
 from ._types import (
     U32_MAX,
@@ -90,6 +92,13 @@ def _check_shape(shape: object) -> tuple[int, int] | None:
     return (n_layers, n_concepts)
 
 
+def _remaining(deadline_at: float) -> float | None:
+    """Seconds left until a trio deadline (``None`` for no deadline)."""
+    if math.isinf(deadline_at):
+        return None
+    return max(0.0, deadline_at - trio.current_time())
+
+
 def _check_chunks(chunks: Sequence[Chunk]) -> list[Chunk]:
     if isinstance(chunks, Tokens | Image):
         raise TypeError("chunks must be a sequence of Tokens/Image, not a single chunk")
@@ -115,28 +124,42 @@ class ConversationStream:
         self._prefix = prefix
         self._events = events
         self._shape = readout_shape
+        self._lookahead: Token | Done | None = None
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
-        self.usage_done: StreamDone | None = None
 
     def __aiter__(self) -> ConversationStream:
         return self
 
+    async def _prime(self) -> None:
+        """Wait for the first wire event, so a vanished session shows up before
+        the caller sees anything (and the stream can be retried on a new one)."""
+        async for ev in self._events:
+            if type(ev) is Token and ev.is_prefill:
+                continue
+            self._lookahead = ev
+            return
+
+    def _convert(self, ev: Token | Done) -> StreamEvent:
+        if type(ev) is Token:
+            readout = None
+            if ev.readout is not None and self._shape is not None:
+                readout = reshape_readout(ev.readout, self._shape)
+            self.decoded.append(ev.id)
+            return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position)
+        assert isinstance(ev, Done)
+        return StreamDone(ev.usage, ev.finish_reason)
+
     async def __anext__(self) -> StreamEvent:
         if self._prefix:
             return self._prefix.pop(0)
+        if self._lookahead is not None:
+            ev, self._lookahead = self._lookahead, None
+            return self._convert(ev)
         async for ev in self._events:
-            if type(ev) is Token:
-                if ev.is_prefill:
-                    continue
-                readout = None
-                if ev.readout is not None and self._shape is not None:
-                    readout = reshape_readout(ev.readout, self._shape)
-                self.decoded.append(ev.id)
-                return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position)
-            assert isinstance(ev, Done)
-            self.usage_done = StreamDone(ev.usage, ev.finish_reason)
-            return self.usage_done
+            if type(ev) is Token and ev.is_prefill:
+                continue
+            return self._convert(ev)
         raise StopAsyncIteration
 
 
@@ -178,7 +201,7 @@ class Conversation:
         """Positions the held session has on the server (0 when none is held)."""
         return 0 if self._session is None else self._session.committed_len
 
-    async def _open(self) -> Session:
+    async def _open(self, timeout: float | None = None) -> Session:
         stack = AsyncExitStack()
         try:
             session = await stack.enter_async_context(
@@ -187,6 +210,7 @@ class Conversation:
                     self._model,
                     max_buffered_events=self._max_buffered,
                     close_timeout=self._close_timeout,
+                    timeout=timeout,
                 )
             )
         except BaseException:
@@ -208,17 +232,30 @@ class Conversation:
         sampling: SamplingParams | None = None,
         priority: int | None = None,
         readout_shape: tuple[int, int] | None = None,
+        *,
+        timeout: float | None = None,
+        first_token_timeout: float | None = None,
+        token_timeout: float | None = None,
     ) -> AsyncIterator[ConversationStream]:
         """Send the prompt's delta and stream the reply.
 
         Before the block's body runs, text before each image is flushed with a
-        prefill and the images are appended (their :class:`ImageAppended` events
-        come first from the iterator). The final ``Generate`` carries the trailing
-        text and the decode budget; with ``readout_shape`` it asks for readouts of
-        every decoded position, reshaped to ``(n_layers, n_concepts)``.
+        prefill, the images are appended (their :class:`ImageAppended` events come
+        first from the iterator) and the first reply event has arrived. The final
+        ``Generate`` carries the trailing text and the decode budget; with
+        ``readout_shape`` it asks for readouts of every decoded position,
+        reshaped to ``(n_layers, n_concepts)``.
+
+        A held session the server no longer knows (restart, idle eviction:
+        ``NOT_FOUND``) is replaced transparently: a new session is opened, the
+        whole prompt is sent again, and a log line says so.
 
         Leaving the block before :class:`StreamDone`, an error or cancellation
         closes the session; the next stream starts a new one.
+
+        Timeouts (seconds, off by default, :class:`PocApiTimeout`): ``timeout``
+        bounds everything up to ``StreamDone``; ``first_token_timeout`` and
+        ``token_timeout`` are as in :meth:`Session.generate`.
 
         Example::
 
@@ -236,65 +273,54 @@ class Conversation:
         prio = 0 if priority is None else priority
         if isinstance(prio, bool) or not isinstance(prio, int) or not -(2**31) <= prio < 2**31:
             raise ValueError("priority must be an int32")
+        for name, value in (
+            ("timeout", timeout),
+            ("first_token_timeout", first_token_timeout),
+            ("token_timeout", token_timeout),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
+            ):
+                raise ValueError(f"{name} must be a non-negative number of seconds")
+        deadline_at = trio.current_time() + timeout if timeout is not None else math.inf
         async with self._lock:
             if self._closed:
                 raise trio.ClosedResourceError("the conversation is closed")
             ok = False
+            gen_stack = AsyncExitStack()
             try:
-                session = self._session
-                if session is None:
-                    session = await self._open()
-                    history: list[Chunk] | None = []
-                else:
-                    history = self._history
-                plan = plan_delta(chunks, session.committed_len, history, rewind=self._rewind)
-                if plan.truncating:
-                    log.info(
-                        "session %s: prompt diverges from the session at position %d "
-                        "(committed_len %d): rewinding",
-                        session.session_id,
-                        plan.offset,
-                        session.committed_len,
-                    )
-                    await session.rewind(plan.offset)
-                sent: list[Chunk] = list(chunks)
-                prefix: list[StreamEvent] = []
-                pending: list[int] = []
-                image_lens: dict[int, int] = {}
-                for chunk in plan.delta:
-                    if isinstance(chunk, Tokens):
-                        pending.extend(chunk.ids)
-                        continue
-                    if pending:
-                        await session.prefill(pending)
-                        pending = []
-                    appended = await session.append_image(chunk.data, chunk.mime)
-                    image_lens[id(chunk)] = appended.placeholder_count
-                    prefix.append(ImageAppended(appended.placeholder_count))
-                prompt_len = session.committed_len + len(pending)
-                readout_ranges = [(prompt_len, U32_MAX)] if shape is not None else []
-                async with session.generate(
-                    pending,
-                    sampling=sampling,
-                    readout_ranges=readout_ranges,
-                    priority=prio,
-                ) as events:
-                    out = ConversationStream(prefix, events, shape)
+                for attempt in range(2):
+                    fresh = self._session is None
+                    if self._session is not None:
+                        session = self._session
+                    else:
+                        session = await self._open(_remaining(deadline_at))
+                    try:
+                        out, events, sent = await self._start(
+                            gen_stack,
+                            session,
+                            chunks,
+                            sampling,
+                            prio,
+                            shape,
+                            (first_token_timeout, token_timeout, deadline_at),
+                        )
+                        break
+                    except SessionNotFound:
+                        await gen_stack.aclose()
+                        if fresh or attempt:
+                            raise
+                        log.info(
+                            "session %s is gone on the server (restarted or evicted): "
+                            "opening a new one and sending the whole prompt again",
+                            session.session_id,
+                        )
+                        with trio.CancelScope(shield=True):
+                            await self._drop()
+                async with gen_stack:
                     yield out
                 if events.done is None:
                     return  # left early: the session is lost; `finally` drops it
-                # What the session now holds: the prompt (images with their lengths
-                # as the server told us) and the decoded tokens.
-                known = {
-                    (c.data, c.mime): image_lens.get(id(c), 0)
-                    for c in plan.delta
-                    if isinstance(c, Image)
-                }
-                for i, c in enumerate(sent):
-                    if isinstance(c, Image) and c.known_expanded_len == 0:
-                        n = known.get((c.data, c.mime), 0)
-                        if n:
-                            sent[i] = attrs.evolve(c, known_expanded_len=n)
                 if len(out.decoded) != events.done.completion_tokens:
                     log.warning(
                         "session %s: Done says %d tokens were decoded but %d arrived; "
@@ -309,7 +335,70 @@ class Conversation:
             finally:
                 if not ok:
                     with trio.CancelScope(shield=True):
+                        await gen_stack.aclose()
                         await self._drop()
+
+    async def _start(
+        self,
+        gen_stack: AsyncExitStack,
+        session: Session,
+        chunks: list[Chunk],
+        sampling: SamplingParams,
+        priority: int,
+        shape: tuple[int, int] | None,
+        timeouts: tuple[float | None, float | None, float],
+    ) -> tuple[ConversationStream, GenerateStream, list[Chunk]]:
+        """Send the delta, open the final Generate (into ``gen_stack``) and prime it."""
+        first_token_timeout, token_timeout, deadline_at = timeouts
+        plan = plan_delta(chunks, session.committed_len, self._history, rewind=self._rewind)
+        if plan.truncating:
+            log.info(
+                "session %s: prompt diverges from the session at position %d "
+                "(committed_len %d): rewinding",
+                session.session_id,
+                plan.offset,
+                session.committed_len,
+            )
+            await session.rewind(plan.offset, timeout=_remaining(deadline_at))
+        prefix: list[StreamEvent] = []
+        pending: list[int] = []
+        image_lens: dict[tuple[bytes, str], int] = {}
+        for chunk in plan.delta:
+            if isinstance(chunk, Tokens):
+                pending.extend(chunk.ids)
+                continue
+            if pending:
+                await session.prefill(pending, timeout=_remaining(deadline_at))
+                pending = []
+            appended = await session.append_image(
+                chunk.data, chunk.mime, timeout=_remaining(deadline_at)
+            )
+            image_lens[(chunk.data, chunk.mime)] = appended.placeholder_count
+            prefix.append(ImageAppended(appended.placeholder_count))
+        prompt_len = session.committed_len + len(pending)
+        readout_ranges = [(prompt_len, U32_MAX)] if shape is not None else []
+        events = await gen_stack.enter_async_context(
+            session.generate(
+                pending,
+                sampling=sampling,
+                readout_ranges=readout_ranges,
+                priority=priority,
+                timeout=_remaining(deadline_at),
+                first_token_timeout=first_token_timeout,
+                token_timeout=token_timeout,
+            )
+        )
+        out = ConversationStream(prefix, events, shape)
+        await out._prime()
+        # What the session will hold after Done: the prompt, with each image's
+        # length as the server reported it, then the decoded tokens.
+        sent = [
+            attrs.evolve(c, known_expanded_len=image_lens[(c.data, c.mime)])
+            if isinstance(c, Image) and c.known_expanded_len == 0 and (c.data, c.mime) in image_lens
+            else c
+            for c in chunks
+        ]
+        return out, events, sent
 
     async def aclose(self) -> None:
         """Close the held session, if any (idempotent)."""

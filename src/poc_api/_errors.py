@@ -60,10 +60,14 @@ class PocApiError(Exception):
         grpc_status: the gRPC status name (``"NOT_FOUND"``, ...) when the error
             came from a gRPC call, else ``None``.
         http_status: the HTTP status code when it came from an HTTP call.
+        retriable: see below.
     """
 
     grpc_status: str | None = None
     http_status: int | None = None
+    retriable: bool = False
+    """True when the server certainly did not process the request (e.g. it
+    refused the stream), so sending it again is safe."""
 
     def __init__(
         self,
@@ -71,6 +75,7 @@ class PocApiError(Exception):
         *,
         grpc_status: str | None = None,
         http_status: int | None = None,
+        retriable: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -78,6 +83,8 @@ class PocApiError(Exception):
             self.grpc_status = grpc_status
         if http_status is not None:
             self.http_status = http_status
+        if retriable:
+            self.retriable = True
 
     def __str__(self) -> str:
         return self.message

@@ -8,6 +8,7 @@ exit — always, shielded, bounded by a short timeout.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -40,6 +41,28 @@ log = logging.getLogger("poc_api.grpc")
 Range = tuple[int, int]
 
 
+def _check_timeout(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+class _Timeouts:
+    """Deadlines of one generate stream, in trio time."""
+
+    __slots__ = ("between", "first_token", "last_event", "started", "total_at")
+
+    def __init__(
+        self, total: float | None, first_token: float | None, between: float | None
+    ) -> None:
+        self.started = self.last_event = trio.current_time()
+        self.total_at = self.started + total if total is not None else math.inf
+        self.first_token = first_token
+        self.between = between
+
+
 @final
 class SessionLost(e.PocApiError):
     """The session's server-side state is unknown after an interrupted call.
@@ -69,8 +92,15 @@ class GenerateStream:
     for the network: events already received come out without one.
     """
 
-    def __init__(self, rx: BatchReceiver[bytes], session: Session, method_started: float) -> None:
+    def __init__(
+        self,
+        rx: BatchReceiver[bytes],
+        session: Session,
+        method_started: float,
+        timeouts: _Timeouts | None = None,
+    ) -> None:
         self._rx = rx
+        self._timeouts = timeouts
         self._session = session
         self._batch: list[bytes] = []
         self._i = 0
@@ -106,13 +136,32 @@ class GenerateStream:
                 return ev
             if self._finished:
                 raise StopAsyncIteration
-            self._batch = await self._rx.receive_batch()
+            if self._timeouts is None:
+                self._batch = await self._rx.receive_batch()
+            else:
+                self._batch = await self._receive_with_timeouts(self._timeouts)
             self._i = 0
             self._received = self._received or bool(self._batch)
             if not self._batch:
                 self._finished = True
                 if self.done is None:
                     raise e.ProtocolViolation("Generate: the stream ended without a Done event")
+
+    async def _receive_with_timeouts(self, t: _Timeouts) -> list[bytes]:
+        limit, what = t.total_at, "total"
+        if not self._first_decode and self.done is None:
+            if t.first_token is not None and t.started + t.first_token < limit:
+                limit, what = t.started + t.first_token, "first-token"
+        elif t.between is not None and t.last_event + t.between < limit:
+            limit, what = t.last_event + t.between, "between-tokens"
+        with trio.move_on_at(limit):
+            batch = await self._rx.receive_batch()
+            t.last_event = trio.current_time()
+            return batch
+        waited = trio.current_time() - (t.started if what != "between-tokens" else t.last_event)
+        raise e.PocApiTimeout(
+            f"Generate: {what} timeout after {waited:.3g} s (session {self._session.session_id})"
+        )
 
     def _on_done(self, done: Done) -> None:
         if self.done is not None:
@@ -204,28 +253,37 @@ class Session:
                 f"session {self._session_id} was interrupted mid-call; open a new session"
             )
 
-    async def prefill(self, tokens: Sequence[int]) -> Done:
+    async def prefill(self, tokens: Sequence[int], *, timeout: float | None = None) -> Done:
         """Append tokens without decoding (``Generate`` with ``max_tokens = 0``).
 
-        Returns the ``Done`` event. A checkpoint; cancelling it marks the session
-        lost.
+        Returns the ``Done`` event. A checkpoint; cancelling it (or ``timeout``
+        seconds passing, :class:`PocApiTimeout`) marks the session lost.
         """
-        async with self.generate(tokens, sampling=SamplingParams(max_tokens=0)) as events:
+        async with self.generate(
+            tokens, sampling=SamplingParams(max_tokens=0), timeout=timeout
+        ) as events:
             async for _ in events:
                 pass
         assert events.done is not None
         return events.done
 
-    async def rewind(self, length: int) -> Done:
+    async def rewind(self, length: int, *, timeout: float | None = None) -> Done:
         """Drop every position ``>= length`` (``Generate`` with ``truncating = true``)."""
-        async with self.generate((), sampling=SamplingParams(max_tokens=0), rewind_to=length) as ev:
+        async with self.generate(
+            (), sampling=SamplingParams(max_tokens=0), rewind_to=length, timeout=timeout
+        ) as ev:
             async for _ in ev:
                 pass
         assert ev.done is not None
         return ev.done
 
     async def append_image(
-        self, data: bytes, mime: str, *, rewind_to: int | None = None
+        self,
+        data: bytes,
+        mime: str,
+        *,
+        rewind_to: int | None = None,
+        timeout: float | None = None,
     ) -> ImageAppend:
         """Append an encoded image; the server writes its placeholder positions.
 
@@ -233,6 +291,7 @@ class Session:
             data: encoded image bytes (PNG, JPEG, GIF, WebP).
             mime: its type, e.g. ``"image/png"``.
             rewind_to: append at this offset instead, dropping the positions after it.
+            timeout: seconds before :class:`PocApiTimeout` (the session is then lost).
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"image data must be bytes, not {type(data).__name__}")
@@ -240,6 +299,7 @@ class Session:
             raise TypeError(f"mime must be a str, not {type(mime).__name__}")
         if not data:
             raise ValueError("image data is empty")
+        _check_timeout("timeout", timeout)
         offset, truncating = self._offset(rewind_to)
         req = pb.AppendImageRequest(
             session_id=self._session_id,
@@ -251,7 +311,7 @@ class Session:
         async with self._lock:
             self._check_usable()
             try:
-                raw = await self._transport.unary("AppendImage", bytes(req))
+                raw = await self._transport.unary("AppendImage", bytes(req), timeout=timeout)
             except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
                 raise  # rejected before anything was appended
             except BaseException:
@@ -284,8 +344,17 @@ class Session:
         readout_ranges: Sequence[Range] = (),
         priority: int = 0,
         rewind_to: int | None = None,
+        timeout: float | None = None,
+        first_token_timeout: float | None = None,
+        token_timeout: float | None = None,
     ) -> AsyncIterator[GenerateStream]:
         """Append ``tokens``, decode, and stream the wire events.
+
+        Timeouts (seconds, all off by default; each raises :class:`PocApiTimeout`
+        from the iteration and marks the session lost): ``timeout`` bounds the
+        whole call, ``first_token_timeout`` the wait for the first decoded token
+        (or ``Done``), ``token_timeout`` each wait between events after that. A
+        healthy stream is never cut by a timeout you did not set.
 
         The RPC runs while the block is open. Leaving the block before the
         ``Done`` event — by ``break``, an exception or cancellation — resets the
@@ -309,6 +378,12 @@ class Session:
             raise TypeError("priority must be an int")
         if not -(2**31) <= priority < 2**31:
             raise ValueError("priority must fit in an int32")
+        timeouts = None
+        total = _check_timeout("timeout", timeout)
+        first = _check_timeout("first_token_timeout", first_token_timeout)
+        between = _check_timeout("token_timeout", token_timeout)
+        if total is not None or first is not None or between is not None:
+            timeouts = _Timeouts(total, first, between)
         async with self._lock:
             self._check_usable()
             offset, truncating = self._offset(rewind_to)
@@ -344,7 +419,7 @@ class Session:
                 async with self._transport.server_stream(
                     "Generate", bytes(req), max_items=self._max_buffered
                 ) as rx:
-                    stream = GenerateStream(rx, self, started)
+                    stream = GenerateStream(rx, self, started, timeouts)
                     yield stream
                     if stream.done is not None:
                         await stream._drain()
@@ -384,10 +459,14 @@ async def open_session(
     *,
     max_buffered_events: int,
     close_timeout: float,
+    timeout: float | None = None,
 ) -> AsyncIterator[Session]:
     """Open a session for the block; close it on exit, whatever happens."""
+    _check_timeout("timeout", timeout)
     log.debug("opening new session (model=%r)", model)
-    raw = await transport.unary("OpenSession", bytes(pb.OpenSessionRequest(model=model)))
+    raw = await transport.unary(
+        "OpenSession", bytes(pb.OpenSessionRequest(model=model)), timeout=timeout
+    )
     resp = pb.OpenSessionResponse.parse(raw)
     if not resp.session_id:
         raise e.ProtocolViolation("OpenSession: the server sent an empty session id")
