@@ -1,0 +1,187 @@
+"""Scoring: summed logprobs over an ephemeral session, checked against decoding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+from conftest import make_png, wait_for
+from hypothesis import given
+from hypothesis import strategies as st
+
+import poc_api
+from poc_api import Image, SamplingParams, ScoreResult, Token, Tokens
+from poc_api._score import merge_ranges, range_sums
+from poc_api.server import ReferenceServer, tokenize
+
+PROMPT = tokenize("It was the best of times, it was the worst of times")
+
+
+async def decode_logprobs(client: poc_api.ApiClient, prefix: list[int], n: int) -> list[float]:
+    """Independent reference: greedily decode n tokens and read their logprobs."""
+    async with client.session() as s:
+        async with s.generate(prefix, sampling=SamplingParams(max_tokens=n)) as ev:
+            return [e.sampled_logprob async for e in ev if isinstance(e, Token)]
+
+
+async def greedy(client: poc_api.ApiClient, prefix: list[int], n: int) -> list[int]:
+    async with client.session() as s:
+        async with s.generate(prefix, sampling=SamplingParams(max_tokens=n)) as ev:
+            return [e.id async for e in ev if isinstance(e, Token)]
+
+
+async def test_score_equals_the_sum_of_decoded_logprobs(client: poc_api.ApiClient) -> None:
+    prefix = PROMPT[:10]
+    continuation = await greedy(client, prefix, 12)
+    reference = await decode_logprobs(client, prefix, 12)
+    with trio.fail_after(10):
+        [result] = await client.score([Tokens(prefix + continuation)], [(10, 22)])
+    assert result.start == 10 and result.end == 22
+    assert result.logprob == pytest.approx(math.fsum(reference), abs=1e-4)
+
+
+async def test_ranges_in_any_order_overlapping_come_back_in_input_order(
+    client: poc_api.ApiClient,
+) -> None:
+    ranges = [(20, 30), (1, 5), (3, 25), (10, 11)]
+    results = await client.score([Tokens(PROMPT)], ranges)
+    assert [(r.start, r.end) for r in results] == ranges
+    singles = await client.score([Tokens(PROMPT)], [(p, p + 1) for p in range(1, 30)])
+    by_pos = {r.start: r.logprob for r in singles}
+    for r in results:
+        assert r.logprob == pytest.approx(sum(by_pos[p] for p in range(r.start, r.end)), abs=1e-4)
+
+
+async def test_position_zero_has_logprob_zero(client: poc_api.ApiClient) -> None:
+    [r] = await client.score([Tokens(PROMPT)], [(0, 1)])
+    assert r.logprob == 0.0
+
+
+async def test_scores_with_images_inside_the_prompt(client: poc_api.ApiClient) -> None:
+    img = make_png(56, 28)  # two placeholder positions
+    head, tail = PROMPT[:6], PROMPT[6:16]
+    chunks: list[poc_api.Chunk] = [Tokens(head), Image(img, "image/png"), Tokens(tail)]
+    # Text before the image, text after it, and a range across it.
+    results = await client.score(chunks, [(1, 6), (8, 18), (4, 12)])
+    # Reference: the same positions' logprobs from prefills in one session.
+    async with client.session() as s:
+        lp: dict[int, float] = {}
+        async with s.generate(
+            head, sampling=SamplingParams(max_tokens=0), logprobs_ranges=[(0, 6)]
+        ) as ev:
+            lp.update({e.position: e.sampled_logprob async for e in ev if isinstance(e, Token)})
+        await s.append_image(img, "image/png")
+        async with s.generate(
+            tail, sampling=SamplingParams(max_tokens=0), logprobs_ranges=[(8, 18)]
+        ) as ev:
+            lp.update({e.position: e.sampled_logprob async for e in ev if isinstance(e, Token)})
+    expect = [sum(lp[p] for p in range(a, b) if p in lp) for a, b in [(1, 6), (8, 18), (4, 12)]]
+    assert [r.logprob for r in results] == pytest.approx(expect, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "exc"),
+    [
+        ([(5, 5)], ValueError),
+        ([(6, 2)], ValueError),
+        ([(-1, 2)], ValueError),
+        ([(0, 2**32)], ValueError),
+        ([(0, 10_000)], ValueError),  # outside the prompt
+        ([(1, 2, 3)], TypeError),
+        ([(1.0, 2)], TypeError),
+        ("ab", TypeError),
+    ],
+)
+async def test_range_validation_happens_before_anything_is_sent(
+    client: poc_api.ApiClient, server: ReferenceServer, ranges: object, exc: type[Exception]
+) -> None:
+    before = server.state().rpc_counts.get("OpenSession", 0)
+    with pytest.raises(exc):
+        await client.score([Tokens(PROMPT)], ranges)  # type: ignore[arg-type]
+    assert server.state().rpc_counts.get("OpenSession", 0) == before
+
+
+async def test_range_past_the_end_of_a_prompt_with_unknown_image_length(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    chunks: list[poc_api.Chunk] = [Tokens([1, 2]), Image(make_png(28, 28), "image/png")]
+    with pytest.raises(ValueError, match="outside"):
+        await client.score(chunks, [(1, 50)])
+    await wait_for(lambda: not server.state().session_ids)
+
+
+async def test_the_ephemeral_session_is_closed_after_success_error_and_cancel(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    await client.score([Tokens(PROMPT)], [(1, 5)])
+    assert not server.state().session_ids
+    with pytest.raises(poc_api.InvalidRequest):
+        await client.score([Tokens([1]), Image(b"nope", "image/png"), Tokens([2])], [(0, 1)])
+    assert not server.state().session_ids
+    long_prompt = [Tokens(PROMPT * 400)]
+    with trio.move_on_after(0.01):
+        await client.score(long_prompt, [(1, len(PROMPT) * 400)])
+    await wait_for(lambda: not server.state().session_ids)
+
+
+async def test_score_many_keeps_input_order_and_bounds_concurrency(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    prompts = [([Tokens(PROMPT[: 5 + i])], [(1, 5 + i)]) for i in range(24)]
+    peak = 0
+    done = False
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, len(server.state().session_ids))
+            await trio.sleep(0.0005)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(watch)
+        results = await client.score_many(prompts, max_concurrency=3)
+        done = True
+    singles = [await client.score(c, r) for c, r in prompts]
+    assert results == singles
+    assert 1 <= peak <= 3
+
+
+async def test_score_many_raises_the_first_error_unwrapped(client: poc_api.ApiClient) -> None:
+    prompts = [([Tokens(PROMPT)], [(1, 5)])] * 5 + [
+        ([Tokens([1]), Image(b"nope", "image/png")], [(0, 1)])
+    ]
+    with pytest.raises(poc_api.InvalidRequest):
+        await client.score_many(prompts, max_concurrency=2)
+    with pytest.raises(ValueError):
+        await client.score_many(prompts, max_concurrency=0)
+
+
+ranges_st = st.lists(
+    st.tuples(st.integers(0, 40), st.integers(1, 20)).map(lambda t: (t[0], t[0] + t[1])),
+    max_size=8,
+)
+
+
+@given(st.dictionaries(st.integers(0, 60), st.floats(-20, 0), max_size=40), ranges_st)
+def test_range_sums_match_a_direct_sum(
+    logprobs: dict[int, float], ranges: list[tuple[int, int]]
+) -> None:
+    got = range_sums(logprobs, ranges)
+    for r, (a, b) in zip(got, ranges, strict=True):
+        assert (r.start, r.end) == (a, b)
+        direct = math.fsum(v for p, v in logprobs.items() if a <= p < b)
+        assert r.logprob == pytest.approx(direct, abs=1e-9)
+
+
+@given(ranges_st)
+def test_merged_ranges_cover_exactly_the_union(ranges: list[tuple[int, int]]) -> None:
+    merged = merge_ranges(ranges)
+    covered = {p for a, b in ranges for p in range(a, b)}
+    assert {p for a, b in merged for p in range(a, b)} == covered
+    assert all(a < b for a, b in merged)
+    assert all(merged[i][1] < merged[i + 1][0] for i in range(len(merged) - 1))
+
+
+def test_score_result_is_a_value() -> None:
+    assert ScoreResult(1, 2, -0.5) == ScoreResult(1, 2, -0.5)
