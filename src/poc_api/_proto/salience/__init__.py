@@ -64,9 +64,7 @@ class AppendImageRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "salience", "AppendImageRequest", AppendImageRequest
-)
+default_message_pool.register_message("salience", "AppendImageRequest", AppendImageRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -82,9 +80,7 @@ class AppendImageResponse(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "salience", "AppendImageResponse", AppendImageResponse
-)
+default_message_pool.register_message("salience", "AppendImageResponse", AppendImageResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -92,9 +88,7 @@ class CloseSessionRequest(betterproto2.Message):
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
-default_message_pool.register_message(
-    "salience", "CloseSessionRequest", CloseSessionRequest
-)
+default_message_pool.register_message("salience", "CloseSessionRequest", CloseSessionRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -102,9 +96,7 @@ class CloseSessionResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "salience", "CloseSessionResponse", CloseSessionResponse
-)
+default_message_pool.register_message("salience", "CloseSessionResponse", CloseSessionResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -158,9 +150,7 @@ default_message_pool.register_message("salience", "GenerateEvent", GenerateEvent
 class GenerateRequest(betterproto2.Message):
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
-    append_tokens: "list[int]" = betterproto2.field(
-        2, betterproto2.TYPE_UINT32, repeated=True
-    )
+    append_tokens: "list[int]" = betterproto2.field(2, betterproto2.TYPE_UINT32, repeated=True)
 
     offset: "int" = betterproto2.field(3, betterproto2.TYPE_UINT32)
     """
@@ -205,9 +195,7 @@ class GenerateRequest(betterproto2.Message):
     0 = off
     """
 
-    stop_token_ids: "list[int]" = betterproto2.field(
-        12, betterproto2.TYPE_UINT32, repeated=True
-    )
+    stop_token_ids: "list[int]" = betterproto2.field(12, betterproto2.TYPE_UINT32, repeated=True)
 
     priority: "int" = betterproto2.field(13, betterproto2.TYPE_INT32)
     """
@@ -226,9 +214,7 @@ class OpenSessionRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "salience", "OpenSessionRequest", OpenSessionRequest
-)
+default_message_pool.register_message("salience", "OpenSessionRequest", OpenSessionRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -241,9 +227,7 @@ class OpenSessionResponse(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "salience", "OpenSessionResponse", OpenSessionResponse
-)
+default_message_pool.register_message("salience", "OpenSessionResponse", OpenSessionResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -289,9 +273,7 @@ class Token(betterproto2.Message):
     most likely first; only when logprob_top_k > 0
     """
 
-    readout: "list[float]" = betterproto2.field(
-        6, betterproto2.TYPE_FLOAT, repeated=True
-    )
+    readout: "list[float]" = betterproto2.field(6, betterproto2.TYPE_FLOAT, repeated=True)
     """
     n_layers * n_concepts floats, layer-major; empty when not requested
     """
@@ -399,36 +381,28 @@ class SalienceStub(betterproto2_grpclib.ServiceStub):
 
 
 class SalienceBase(betterproto2_grpclib.ServiceBase):
-    async def open_session(
-        self, message: "OpenSessionRequest"
-    ) -> "OpenSessionResponse":
+    async def open_session(self, message: "OpenSessionRequest") -> "OpenSessionResponse":
         """
         Create an empty session (length 0) on the server.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def close_session(
-        self, message: "CloseSessionRequest"
-    ) -> "CloseSessionResponse":
+    async def close_session(self, message: "CloseSessionRequest") -> "CloseSessionResponse":
         """
         Free a session. Closing an unknown or already closed session succeeds.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def append_image(
-        self, message: "AppendImageRequest"
-    ) -> "AppendImageResponse":
+    async def append_image(self, message: "AppendImageRequest") -> "AppendImageResponse":
         """
         Append one image at `offset`; the server writes N placeholder positions.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def generate(
-        self, message: "GenerateRequest"
-    ) -> "AsyncIterator[GenerateEvent]":
+    async def generate(self, message: "GenerateRequest") -> "AsyncIterator[GenerateEvent]":
         """
         Append tokens at `offset`, then decode up to `max_tokens` tokens.
         max_tokens = 0 is a prefill-only call (used to append text and to score).
