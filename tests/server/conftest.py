@@ -157,7 +157,7 @@ def connect() -> Iterator[Callable[..., SyncSalience]]:
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
     """(salience_pb2, salience_pb2_grpc) compiled from proto/ with grpcio-tools."""
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     out = tmp_path_factory.mktemp("grpcio_gen")
     proto_dir = ROOT / "proto"

@@ -423,6 +423,7 @@ def test_client_reset_stops_decode_and_is_recorded(
                 await stream.send_message(req, end=True)
                 for _ in range(100):
                     assert await stream.recv_message() is not None
+                assert stream._stream.id is not None
                 stream_id = stream._stream.id
                 stream._stream.reset_nowait(h2.errors.ErrorCodes.CANCEL)
                 # Leave by exception so grpclib does not wait for trailers.

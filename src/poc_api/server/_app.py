@@ -217,8 +217,7 @@ class ReferenceServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(grpc_server.wait_closed(), _STOP_TIMEOUT / 2)
             # Open keep-alive connections would keep wait_closed() waiting (3.12+).
-            if hasattr(http_server, "close_clients"):
-                http_server.close_clients()
+            await app.aclose()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(http_server.wait_closed(), _STOP_TIMEOUT / 2)
 

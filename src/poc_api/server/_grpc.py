@@ -20,7 +20,7 @@ import grpclib.const
 import grpclib.server
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.events import StreamReset
 
@@ -236,8 +236,10 @@ class SalienceService:
                 await _Generation(self._rt, stream, session, req).run()
         except SessionError as e:
             raise GRPCError(_STATUS[e.kind], e.message) from None
-        except asyncio.CancelledError:
-            # grpclib cancels the handler task when the client sends RST_STREAM.
+        except (asyncio.CancelledError, StreamTerminatedError):
+            # grpclib cancels the handler task when the client sends RST_STREAM; a
+            # handler waiting inside grpclib's stream wrapper (e.g. on flow control)
+            # sees that as StreamTerminatedError instead.
             stats.stream_cancelled()
             raise
 

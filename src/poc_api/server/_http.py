@@ -264,10 +264,21 @@ class HttpApp:
             ("POST", "/v1/detokenize"): self._detokenize,
         }
         self._paths = {p for _, p in self._routes} | {"/v1/chat/completions"}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def aclose(self) -> None:
+        """Cancel every open connection and wait for them to finish."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve HTTP/1.1 requests on one connection until it closes (keep-alive)."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             while True:
                 try:
@@ -288,9 +299,16 @@ class HttpApp:
                 conn.start_next_cycle()
         except (ConnectionError, h11.LocalProtocolError):
             pass
+        except asyncio.CancelledError:
+            # Server shutdown. This is the root of the connection's own task, and
+            # on Python 3.11 asyncio.streams calls task.exception() on it, which
+            # raises (and logs) if the task ends cancelled.
+            pass
         except Exception:
             log.exception("HTTP connection failed")
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             writer.close()
             try:
                 await writer.wait_closed()

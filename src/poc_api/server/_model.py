@@ -100,7 +100,7 @@ def detokenize(ids: Sequence[int]) -> str:
 class Distribution:
     """The next-token distribution after one context, with what sampling needs cached."""
 
-    __slots__ = ("_order", "argmax", "cum", "logprobs", "probs")
+    __slots__ = ("_filtered", "_order", "argmax", "cum", "logprobs", "probs")
 
     def __init__(self, probs: Sequence[float]) -> None:
         total = math.fsum(probs)
@@ -110,6 +110,7 @@ class Distribution:
         # max() returns the first maximum, so ties go to the lowest id.
         self.argmax: int = max(range(VOCAB_SIZE), key=self.probs.__getitem__)
         self._order: list[int] | None = None
+        self._filtered: dict[tuple[float, int, float], tuple[list[int], list[float]]] = {}
 
     @property
     def order(self) -> list[int]:
@@ -118,6 +119,38 @@ class Distribution:
             lp = self.logprobs
             self._order = sorted(range(VOCAB_SIZE), key=lambda i: (-lp[i], i))
         return self._order
+
+    def filtered(
+        self, temperature: float, top_k: int, top_p: float
+    ) -> tuple[list[int], list[float]]:
+        """Candidates and their cumulative weights after temperature, top-k and top-p.
+
+        Cached per setting: distributions are cached per context, so a decode
+        loop pays for the exponentials once per (context, setting).
+        """
+        key = (temperature, top_k, top_p)
+        hit = self._filtered.get(key)
+        if hit is not None:
+            return hit
+        cands = self.order[:top_k] if top_k > 0 else self.order
+        lp = self.logprobs
+        inv_t = 1.0 / temperature
+        best = lp[cands[0]]
+        # Temperature in log space, shifted by the max for numerical safety.
+        weights = [math.exp((lp[i] - best) * inv_t) for i in cands]
+        if top_p < 1.0:
+            total = math.fsum(weights)
+            keep, mass = 0, 0.0
+            for w in weights:
+                keep += 1
+                mass += w / total
+                if mass >= top_p:
+                    break
+            cands, weights = cands[:keep], weights[:keep]
+        result = (cands, list(accumulate(weights)))
+        if len(self._filtered) < 8:  # a handful of settings per context is plenty
+            self._filtered[key] = result
+        return result
 
     def top(self, k: int) -> list[tuple[int, float]]:
         """The ``k`` most likely ids with their logprobs, most likely first."""
@@ -147,24 +180,8 @@ class SamplingSpec:
         top_p = self.top_p if 0.0 < self.top_p < 1.0 else 1.0
         if self.temperature == 1.0 and self.top_k <= 0 and top_p >= 1.0:
             return min(bisect.bisect_right(dist.cum, u * dist.cum[-1]), VOCAB_SIZE - 1)
-        cands = dist.order[: self.top_k] if self.top_k > 0 else dist.order
-        # Temperature in log space, shifted by the max for numerical safety.
-        lp = dist.logprobs
-        inv_t = 1.0 / self.temperature
-        best = lp[cands[0]]
-        weights = [math.exp((lp[i] - best) * inv_t) for i in cands]
-        total = math.fsum(weights)
-        if top_p < 1.0:
-            keep, mass = 0, 0.0
-            for w in weights:
-                keep += 1
-                mass += w / total
-                if mass >= top_p:
-                    break
-            cands, weights = cands[:keep], weights[:keep]
-            total = math.fsum(weights)
-        cum = list(accumulate(weights))
-        return cands[min(bisect.bisect_right(cum, u * total), len(cands) - 1)]
+        cands, cum = dist.filtered(self.temperature, self.top_k, top_p)
+        return cands[min(bisect.bisect_right(cum, u * cum[-1]), len(cands) - 1)]
 
 
 def _splitmix(x: int) -> int:

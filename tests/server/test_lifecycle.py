@@ -1,0 +1,83 @@
+"""ReferenceServer lifecycle: trio, trio-asyncio, port pairing, restart rules."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+import trio
+import trio_asyncio
+
+from poc_api.server import ReferenceServer, ServerConfig
+from poc_api.server._app import bind_port_pair
+
+TIMEOUT = 10.0
+
+
+async def _get_json(url: str) -> object:
+    async with httpx.AsyncClient(timeout=TIMEOUT) as c:
+        r = await c.get(url)
+        r.raise_for_status()
+        return r.json()
+
+
+async def test_async_with_under_trio() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with ReferenceServer(ServerConfig()) as srv:
+            assert srv.grpc_port == srv.http_port + 1
+            body = await _get_json(srv.base_url + "/models")
+            assert isinstance(body, dict) and body["object"] == "list"
+            assert srv.state().http_requests == {"/v1/models": 1}
+        with pytest.raises(RuntimeError):
+            srv.start()
+
+
+async def test_works_inside_a_trio_asyncio_loop() -> None:
+    # trio-asyncio swaps the global asyncio policy; the server thread must not care.
+    with trio.fail_after(TIMEOUT):
+        async with trio_asyncio.open_loop(), ReferenceServer(ServerConfig()) as srv:
+            body = await _get_json(srv.base_url + "/tokenizer")
+            assert isinstance(body, dict) and body["vocab_size"] == 261
+
+
+def test_explicit_port_in_use_fails_to_start() -> None:
+    srv = ReferenceServer(ServerConfig())
+    srv.start()
+    try:
+        clash = ReferenceServer(ServerConfig(port=srv.http_port))
+        with pytest.raises(OSError):
+            clash.start()
+    finally:
+        srv.stop()
+    srv.stop()  # idempotent
+
+
+def test_port_zero_skips_pairs_whose_second_port_is_taken() -> None:
+    http, grpc = bind_port_pair("127.0.0.1", 0)
+    try:
+        assert grpc.getsockname()[1] == http.getsockname()[1] + 1
+        # Occupy the port after ours: the next pair must be elsewhere.
+        blocker = socket.socket()
+        try:
+            blocker.bind(("127.0.0.1", grpc.getsockname()[1] + 1))
+        except OSError:
+            blocker.close()
+            return
+        try:
+            h2, g2 = bind_port_pair("127.0.0.1", 0)
+            assert g2.getsockname()[1] == h2.getsockname()[1] + 1
+            h2.close()
+            g2.close()
+        finally:
+            blocker.close()
+    finally:
+        http.close()
+        grpc.close()
+
+
+def test_state_before_start_raises() -> None:
+    with pytest.raises(RuntimeError):
+        ReferenceServer(ServerConfig()).state()
+    with pytest.raises(RuntimeError):
+        _ = ReferenceServer(ServerConfig()).base_url
