@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import socket
 
+import attrs
 import httpx
 import pytest
 import trio
 import trio_asyncio
 
-from poc_api.server import ReferenceServer, ServerConfig
+from poc_api.server import ReferenceServer, ServerConfig, ServerState
 from poc_api.server._app import bind_port_pair
 
 TIMEOUT = 10.0
@@ -81,3 +82,24 @@ def test_state_before_start_raises() -> None:
         ReferenceServer(ServerConfig()).state()
     with pytest.raises(RuntimeError):
         _ = ReferenceServer(ServerConfig()).base_url
+
+
+def test_public_names_are_exported() -> None:
+    import poc_api.server as server
+
+    assert {"ReferenceServer", "ServerConfig", "ServerState", "run_forever"} <= set(server.__all__)
+    assert all(hasattr(server, name) for name in server.__all__)
+    fields = {a.name for a in attrs.fields(ServerState)}
+    assert fields == {
+        "session_ids",
+        "connections_total",
+        "connections_open",
+        "cancelled_streams",
+        "resets",
+        "tokens_appended",
+        "generate_calls",
+        "rpc_counts",
+        "http_requests",
+        "train_samples",
+        "tokens_decoded",
+    }
