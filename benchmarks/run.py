@@ -1,0 +1,704 @@
+"""Side-by-side client benchmarks: poc_api on trio vs grpclib on asyncio vs grpcio.
+
+Usage (``nox -s bench`` runs it)::
+
+    python benchmarks/run.py [--quick] [--smoke] [--clients a,b] [--results PATH]
+
+One run starts ONE replay server process (``replay_server.py``: pre-encoded
+``GenerateEvent``\\ s, so the server is not the bottleneck) and then, one after
+another, one worker process per client (``bench_clients.py``), so each client's
+RSS is its own. It prints a detailed table (absolute figures, ratios to the
+plain-asyncio grpclib + betterproto2 client, client and server CPU for every
+row), a goals check, and a markdown section for the README's "Performance"
+section, which a full run also writes to ``benchmarks/results.md``.
+
+Modes: the default full run takes a few minutes (1,000,000 events for the RSS
+figure, best of 3 two-second windows for rates); ``--quick`` under a minute
+(100,000 events, one short window each); ``--smoke`` a few seconds, for the test
+suite (tiny counts, the figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench_clients import machine_busy
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROTO = ROOT / "proto" / "salience.proto"
+
+CLIENT_ORDER = ["poc_api", "poc_api_conv", "grpclib_bp2", "grpclib_wire", "grpcio"]
+BASELINE = "grpclib_bp2"
+LABELS = {
+    "poc_api": "poc_api (trio)",
+    "poc_api_conv": "poc_api conversation (trio)",
+    "grpclib_bp2": "grpclib + betterproto2 (asyncio)",
+    "grpclib_wire": "grpclib + _wire (asyncio)",
+    "grpcio": "grpcio aio + protobuf",
+}
+SHORT = {
+    "poc_api": "poc_api",
+    "poc_api_conv": "poc_api conv",
+    "grpclib_bp2": "grpclib+bp2",
+    "grpclib_wire": "grpclib+wire",
+    "grpcio": "grpcio aio",
+}
+
+MODES: dict[str, dict[str, Any]] = {
+    "full": {
+        "rss_events": 1_000_000,
+        "stream_len": 10_000,
+        "readout_len": 2_000,
+        "box_s": 2.0,
+        "repeats": 3,
+        "score_positions": 8_192,
+        "conc_len": 1_000,
+        "concurrency": [1, 16, 256],
+        "worker_timeout": 300,
+    },
+    "quick": {
+        "rss_events": 100_000,
+        "stream_len": 10_000,
+        "readout_len": 1_000,
+        "box_s": 0.4,
+        "repeats": 1,
+        "score_positions": 8_192,
+        "conc_len": 200,
+        "concurrency": [1, 16, 256],
+        "worker_timeout": 120,
+    },
+    "smoke": {
+        "rss_events": 2_000,
+        "stream_len": 1_000,
+        "readout_len": 100,
+        "box_s": 0.01,
+        "repeats": 1,
+        "score_positions": 512,
+        "conc_len": 20,
+        "concurrency": [1, 16, 256],
+        "worker_timeout": 60,
+    },
+}
+ALL_PHASES = ["rss", "stream_plain", "stream_readout", "score", "unary", "concurrency"]
+
+
+# -- setup --------------------------------------------------------------------------
+
+
+def generate_protobuf(out: Path) -> None:
+    """protoc → ``salience_pb2.py`` and ``salience_pb2_grpc.py`` in ``out``."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO.parent}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(PROTO),
+        ],
+        check=True,
+    )
+
+
+def start_server(gen_dir: Path) -> tuple[subprocess.Popen[str], int]:
+    """Start the replay server; return it and its port once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "replay_server.py"), "--gen-dir", str(gen_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise SystemExit(f"the replay server did not start (said {line!r})")
+    return proc, int(line.split()[1])
+
+
+def server_stats(port: int) -> dict[str, Any]:
+    """Ask the replay server for its counters (over a connection of our own)."""
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+    from grpclib.encoding.base import CodecBase
+
+    class Raw(CodecBase):
+        __content_subtype__ = "proto"
+
+        def encode(self, message: Any, message_type: Any) -> bytes:
+            return bytes(message)
+
+        def decode(self, data: bytes, message_type: Any) -> bytes:
+            return data
+
+    async def ask() -> dict[str, Any]:
+        channel = Channel("127.0.0.1", port, codec=Raw())
+        try:
+            async with channel.request(
+                "/bench.Replay/Stats", Cardinality.UNARY_UNARY, bytes, bytes
+            ) as stream:
+                await stream.send_message(b"", end=True)
+                reply = await stream.recv_message()
+                await stream.recv_trailing_metadata()
+        finally:
+            channel.close()
+        return dict(json.loads(reply))
+
+    return asyncio.run(ask())
+
+
+def betterproto2_decode_rate(min_time: float) -> float:
+    """Stock betterproto2 ``GenerateEvent.parse`` of a 256-float readout event, events/s.
+
+    In-process, no network: the decode rate the readout goal compares against.
+    """
+    from poc_api._proto.salience import GenerateEvent, Token
+
+    readout = [((i * 37) % 200 - 100) / 25.0 for i in range(256)]
+    raw = bytes(
+        GenerateEvent(
+            token=Token(id=15_043, position=4_321, sampled_logprob=-0.69, readout=readout)
+        )
+    )
+    parse = GenerateEvent.parse
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        for _ in range(20):
+            parse(raw)
+        n += 20
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time:
+            return n / elapsed
+
+
+def run_worker(
+    client: str,
+    port: int,
+    server_pid: int,
+    gen_dir: Path,
+    params: dict[str, Any],
+    tmp: Path,
+) -> dict[str, Any]:
+    """Run one client's worker process; return its JSON results (or an error)."""
+    out = tmp / f"{client}.json"
+    cmd = [
+        sys.executable,
+        str(HERE / "bench_clients.py"),
+        client,
+        "--port",
+        str(port),
+        "--server-pid",
+        str(server_pid),
+        "--gen-dir",
+        str(gen_dir),
+        "--params",
+        json.dumps(params),
+        "--out",
+        str(out),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {params['worker_timeout']} s"}
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return dict(json.loads(out.read_text()))
+
+
+# -- formatting ---------------------------------------------------------------------
+
+
+def _num(x: float) -> str:
+    if x >= 100_000:
+        return f"{x / 1000:,.0f}k"
+    if x >= 10_000:
+        return f"{x / 1000:,.1f}k"
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+# Each figure: key, label, unit, higher_is_better, getter(results) -> (value, row dict)
+def _figures(params: dict[str, Any]) -> list[tuple[str, str, str, bool, Any]]:
+    def phase(name: str, field: str = "rate") -> Any:
+        def get(r: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+            row = r.get(name)
+            return None if row is None else (row[field], row)
+
+        return get
+
+    def cpu_per(name: str) -> Any:
+        def get(r: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+            row = r.get(name)
+            if row is None or not row.get("work"):
+                return None
+            return row["cpu"] / row["work"] * 1e6, row
+
+        return get
+
+    def conc(c: int) -> Any:
+        def get(r: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+            row = r.get("concurrency", {}).get(str(c))
+            return None if row is None else (row["rate"], row)
+
+        return get
+
+    figs: list[tuple[str, str, str, bool, Any]] = [
+        ("stream_plain", "stream, plain tokens", "ev/s", True, phase("stream_plain")),
+        (
+            "stream_readout",
+            "stream, 256-float readout",
+            "ev/s",
+            True,
+            phase("stream_readout"),
+        ),
+        (
+            "score",
+            f"scoring {params['score_positions']:,} positions, client CPU",
+            "µs/pos",
+            False,
+            phase("score", "us_per_pos_cpu"),
+        ),
+        (
+            "score_wall",
+            f"scoring {params['score_positions']:,} positions, wall",
+            "µs/pos",
+            False,
+            phase("score", "us_per_pos_wall"),
+        ),
+        ("unary", "unary RPCs (Open+CloseSession)", "RPC/s", True, phase("unary")),
+        ("cpu_plain", "client CPU per plain event", "µs", False, cpu_per("stream_plain")),
+        ("cpu_readout", "client CPU per readout event", "µs", False, cpu_per("stream_readout")),
+        ("cpu_unary", "client CPU per unary RPC", "µs", False, cpu_per("unary")),
+    ]
+    for c in params["concurrency"]:
+        figs.append(
+            (
+                f"conc_{c}",
+                f"{c} concurrent stream{'s' if c > 1 else ''}, aggregate",
+                "ev/s",
+                True,
+                conc(c),
+            )
+        )
+    n = params["rss_events"]
+    figs += [
+        ("rss_end", f"client RSS after {n:,} events", "MiB", False, phase("rss", "rss_end")),
+        ("rss_growth", f"RSS growth over the {n:,} events", "MiB", False, phase("rss", "growth")),
+    ]
+    return figs
+
+
+def _cpu_cells(row: dict[str, Any]) -> tuple[str, str, str]:
+    """Client CPU, server CPU and other processes' CPU, as % of one core over the wall time."""
+    wall = row.get("wall") or 0.0
+    if not wall:
+        return "", "", ""
+    cli = f"{100 * row['cpu'] / wall:.0f}%"
+    srv_pct = 100 * row["srv_cpu"] / wall
+    srv = f"{srv_pct:.0f}%" + (" !" if srv_pct >= 80 else "")
+    others = f"{100 * row.get('others', 0.0) / wall:.0f}%"
+    return cli, srv, others
+
+
+def _note(key: str, row: dict[str, Any]) -> str:
+    if key.startswith("conc_"):
+        return f"TCP conns={row.get('connections', '?')} in-flight={row.get('in_flight', '?')}"
+    if key == "rss_end":
+        return f"start {row['rss_start']:.1f} MiB, peak {row['rss_hwm']:.1f} MiB"
+    if key == "rss_growth":
+        return f"{row['events']:,} events at {_num(row['rate'])} ev/s"
+    if key in ("stream_plain", "stream_readout", "unary", "score", "score_wall"):
+        return f"{row.get('units', 0)} calls in {row['wall']:.2f}s"
+    if key.startswith("cpu_"):
+        return f"{row['cpu']:.2f}s CPU for {row['work']:,}"
+    return ""
+
+
+def _rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results.values():
+        for key, row in r.items():
+            if key == "concurrency":
+                rows += list(row.values())
+            elif isinstance(row, dict) and "wall" in row:
+                rows.append(row)
+    return rows
+
+
+def _others_share(results: dict[str, dict[str, Any]]) -> float:
+    """Average cores used by other processes over all measured rows."""
+    rows = _rows(results)
+    wall = sum(r["wall"] for r in rows)
+    return sum(r.get("others", 0.0) for r in rows) / wall if wall else 0.0
+
+
+def build_tables(
+    results: dict[str, dict[str, Any]],
+    params: dict[str, Any],
+    extra: dict[str, Any],
+    mode: str,
+) -> tuple[str, str, list[tuple[str, str, str, str]]]:
+    """The console detail table, the markdown section, and the goals rows."""
+    clients = [c for c in CLIENT_ORDER if c in results]
+    figs = _figures(params)
+
+    def value(key_getter: Any, client: str) -> tuple[float, dict[str, Any]] | None:
+        r = results.get(client, {})
+        if "error" in r:
+            return None
+        return key_getter(r)  # type: ignore[no-any-return]
+
+    # Console detail table: one line per (figure, client).
+    head = (
+        f"{'figure':<40} {'client':<13} {'value':>10} {'unit':<7} {'vs bp2':>7} "
+        f"{'client':>7} {'server':>7} {'others':>7}  notes"
+    )
+    lines = [head, "-" * (len(head) + 30)]
+    md_detail = [
+        "| Figure | Client | Value | vs grpclib+bp2 | Client CPU | Server CPU | Others | Notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    wide: dict[str, dict[str, str]] = {}
+    for key, label, unit, _higher, getter in figs:
+        b = value(getter, BASELINE) if BASELINE in results else None
+        for client in clients:
+            got = value(getter, client)
+            if got is None:
+                continue
+            v, row = got
+            ratio = f"{v / b[0]:.2f}x" if b and b[0] else ""
+            cli, srv, oth = _cpu_cells(row) if key != "rss_end" else ("", "", "")
+            note = _note(key, row)
+            lines.append(
+                f"{label:<40} {SHORT[client]:<13} {_num(v):>10} {unit:<7} {ratio:>7} "
+                f"{cli:>7} {srv:>7} {oth:>7}  {note}"
+            )
+            md_detail.append(
+                f"| {label} | {SHORT[client]} | {_num(v)} {unit} | {ratio} | {cli} | {srv} "
+                f"| {oth} | {note} |"
+            )
+            wide.setdefault(key, {})[client] = f"{_num(v)}" + (
+                f" ({ratio})" if ratio and client != BASELINE else ""
+            )
+        lines.append("")
+    for client in clients:
+        if "error" in results[client]:
+            lines.append(f"{SHORT[client]}: FAILED: {results[client]['error']}")
+
+    goals = goals_rows(results, params, extra)
+
+    # Markdown: the README table.
+    md = ["## Performance", ""]
+    flag = "" if mode == "full" else f" --{mode}"
+    md.append(
+        f"Measured by `nox -s bench` (`python benchmarks/run.py{flag}`) on "
+        f"{extra['machine']}. One replay server process (pre-encoded events, so the "
+        "server is not the bottleneck) and one process per client, one after another, "
+        "over loopback TCP."
+    )
+    others = _others_share(results)
+    if others >= 0.1:
+        md.append("")
+        md.append(
+            f"**Note:** other processes used {100 * others:.0f}% of a core on average "
+            "while the clients ran (a shared machine): wall-clock rates are depressed "
+            "and noisy; the client-CPU-per-event rows are not."
+        )
+    md.append("")
+    md.append("| Figure | unit | " + " | ".join(LABELS[c] for c in clients) + " |")
+    md.append("|---|---|" + "---:|" * len(clients))
+    for key, label, unit, higher, _g in figs:
+        if key not in wide:
+            continue
+        cells = [wide[key].get(c, "—") for c in clients]
+        arrow = "↑" if higher else "↓"
+        md.append(f"| {label} | {unit} {arrow} | " + " | ".join(cells) + " |")
+    md += [
+        "",
+        "Columns and rows:",
+        "",
+        "- **poc_api (trio)**: `ApiClient` + `session().generate()`, `client.score()`, "
+        "`session()` for unary calls; asyncio-side grpclib behind the trio-asyncio bridge.",
+        "- **poc_api conversation**: the same client through `conversation().stream()` "
+        "(one turn per conversation; 2-D `(8, 32)` readouts).",
+        "- **grpclib + betterproto2 (asyncio)**: grpclib `Channel.request` on plain "
+        "asyncio, events parsed with betterproto2 — the floor the trio bridge adds to, "
+        "and the baseline of every ratio in parentheses.",
+        "- **grpclib + _wire (asyncio)**: the same code decoding with poc_api's "
+        "`_wire.decode_generate_event`: the difference to poc_api is the bridge's cost.",
+        "- **grpcio aio + protobuf**: `grpc.aio` with classes generated by "
+        "`grpc_tools.protoc` from `proto/`.",
+        "- Every stream is a fresh session: `OpenSession`, one `Generate`, `CloseSession`; "
+        f"plain streams have {params['stream_len']:,} events, readout streams "
+        f"{params['readout_len']:,}; each event's id (and readout length) is read.",
+        "- Rates are the best of "
+        f"{params['repeats']} window(s) of {params['box_s']} s. Scoring: client CPU "
+        "time (the client process's user+system time, all threads; the server runs in "
+        "another process) per scored position of one prompt, `OpenSession` to "
+        "`CloseSession`; the wall figure is shown too.",
+        "- Concurrent streams: N tasks over one client (one HTTP/2 connection), each with "
+        f"its own session (opened before the timed window), looping {params['conc_len']:,}"
+        "-event `Generate` calls.",
+        "- Client CPU per event / RPC: client CPU time divided by the work; unlike the "
+        "wall-clock rates it does not depend on what else the machine is running.",
+        "- RSS: VmRSS of the client process after the events (plain streams), and its growth "
+        "from the end of the first stream to the end.",
+        "- ↑ higher is better, ↓ lower is better; ratios are client / grpclib+bp2.",
+        "",
+        "Goals:",
+        "",
+        "| Goal | Target | Measured | Met |",
+        "|---|---|---|---|",
+    ]
+    for g in goals:
+        md.append(f"| {g[0]} | {g[1]} | {g[2]} | {g[3]} |")
+    md += [
+        "",
+        "Details. Client, server and others: CPU time of the client process, of the "
+        "replay server, and of every other process on the machine, as a percentage of "
+        "one core over the row's wall time (others > 0 means the machine was shared "
+        "and wall-clock rates are depressed; the per-event CPU rows are not). "
+        "`!` marks a server above 80% of a core.",
+        "",
+    ]
+    md += md_detail
+    return "\n".join(lines), "\n".join(md) + "\n", goals
+
+
+def goals_rows(
+    results: dict[str, dict[str, Any]], params: dict[str, Any], extra: dict[str, Any]
+) -> list[tuple[str, str, str, str]]:
+    """(goal, target, measured, met) for the library's performance goals."""
+    p = results.get("poc_api", {})
+    b = results.get(BASELINE, {})
+    w = results.get("grpclib_wire", {})
+    rows: list[tuple[str, str, str, str]] = []
+
+    def ok(cond: bool) -> str:
+        return "yes" if cond else "**no**"
+
+    def cpu_per(r: dict[str, Any], phase: str) -> float:
+        row = r[phase]
+        return float(row["cpu"]) / max(1, row["work"])
+
+    def rate(r: dict[str, Any], phase: str) -> float | None:
+        row = r.get(phase)
+        return None if row is None else float(row["rate"])
+
+    pp, bp, wp = rate(p, "stream_plain"), rate(b, "stream_plain"), rate(w, "stream_plain")
+    if pp and bp:
+        extra_w = f"; {pp / wp:.2f}x grpclib+_wire" if wp else ""
+        cpu_ratio = cpu_per(b, "stream_plain") / cpu_per(p, "stream_plain")
+        rows.append(
+            (
+                "streaming, plain tokens, vs plain-asyncio grpclib + betterproto2",
+                ">= 0.9x",
+                f"{_num(pp)} vs {_num(bp)} ev/s = {pp / bp:.2f}x{extra_w}; "
+                f"by client CPU per event {cpu_ratio:.2f}x",
+                ok(pp / bp >= 0.9),
+            )
+        )
+    pr, br = rate(p, "stream_readout"), rate(b, "stream_readout")
+    dec = extra.get("bp2_decode_rate")
+    if pr and (br or dec):
+        ref = max(x for x in (br, dec) if x)
+        rows.append(
+            (
+                "readout events vs stock betterproto2 decode",
+                ">= 5x",
+                f"{_num(pr)} ev/s vs {_num(dec or 0)} (bp2 parse alone) / "
+                f"{_num(br or 0)} (bp2 client) = {pr / ref:.1f}x",
+                ok(pr / ref >= 5),
+            )
+        )
+    score = p.get("score")
+    if score:
+        rows.append(
+            (
+                f"scoring, client CPU per position ({params['score_positions']:,} positions)",
+                "<= 20 µs",
+                f"{score['us_per_pos_cpu']:.1f} µs (wall {score['us_per_pos_wall']:.1f} µs)",
+                ok(score["us_per_pos_cpu"] <= 20),
+            )
+        )
+    conc = p.get("concurrency", {})
+    c1, c256 = conc.get("1"), conc.get("256")
+    if c1 and c256:
+        conns = c256.get("connections")
+        srv_conns = p.get("server_connections")
+        vs_plain = f" ({c256['rate'] / pp:.2f}x the plain-stream row)" if pp else ""
+        rows.append(
+            (
+                "256 concurrent streams vs 1 stream, one TCP connection",
+                ">= 0.8x, 1 conn",
+                f"{_num(c256['rate'])} vs {_num(c1['rate'])} ev/s = "
+                f"{c256['rate'] / c1['rate']:.2f}x{vs_plain}; {conns} conn with "
+                f"{c256.get('in_flight')} streams in flight "
+                f"({srv_conns} opened over the whole run, server count)",
+                ok(c256["rate"] / c1["rate"] >= 0.8 and conns == 1 and srv_conns == 1),
+            )
+        )
+    rss = p.get("rss")
+    if rss:
+        rows.append(
+            (
+                f"RSS growth over {rss['events']:,} streamed events",
+                "< 10 MB (1M events)",
+                f"{rss['growth']:+.1f} MiB (end {rss['rss_end']:.1f} MiB)",
+                ok(rss["growth"] * 1.048576 < 10)
+                + ("" if rss["events"] >= 1_000_000 else " (short run)"),
+            )
+        )
+    return rows
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` cores.
+
+    Returns the cores other processes used in the last second sampled.
+    """
+    deadline = time.monotonic() + max_wait
+    announced = False
+    while True:
+        b0, t0 = machine_busy(), time.monotonic()
+        time.sleep(1.0)
+        used = (machine_busy() - b0) / (time.monotonic() - t0)
+        if used < threshold or time.monotonic() >= deadline:
+            return used
+        if not announced:
+            print(
+                f"the machine is busy ({used:.1f} cores used by other processes); "
+                f"waiting up to {max_wait:.0f} s for it to calm down",
+                flush=True,
+            )
+            announced = True
+
+
+def machine() -> str:
+    """CPU model, cores, Python and the library versions."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = []
+    for dist in ("grpclib", "betterproto2", "trio", "trio-asyncio", "grpcio", "protobuf"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return (
+        f"{model}, {os.cpu_count()} cores, Python {platform.python_version()} "
+        f"({', '.join(versions)})"
+    )
+
+
+# -- main ---------------------------------------------------------------------------
+
+
+def main() -> int:
+    """Run the benchmark; exit 1 if a client failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="under a minute, fewer events")
+    parser.add_argument("--smoke", action="store_true", help="seconds; tiny counts (tests)")
+    parser.add_argument(
+        "--clients",
+        default=",".join(CLIENT_ORDER),
+        help=f"comma-separated subset of {','.join(CLIENT_ORDER)}",
+    )
+    parser.add_argument("--phases", default=",".join(ALL_PHASES), help="subset of phases")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        help="seconds to wait for other processes to go idle first "
+        "(default 60 full, 10 quick, 0 smoke)",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="write the markdown here (default: benchmarks/results.md for a full run only)",
+    )
+    args = parser.parse_args()
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    params = dict(MODES[mode], phases=args.phases.split(","))
+    clients = [c for c in args.clients.split(",") if c]
+    unknown = set(clients) - set(CLIENT_ORDER)
+    if unknown:
+        parser.error(f"unknown clients: {sorted(unknown)}")
+    results_path = args.results or (str(HERE / "results.md") if mode == "full" else None)
+
+    wait = args.wait_quiet
+    if wait is None:
+        wait = {"full": 60.0, "quick": 10.0, "smoke": 0.0}[mode]
+    started = time.perf_counter()
+    extra: dict[str, Any] = {"machine": machine()}
+    if wait > 0:
+        extra["others_at_start"] = wait_for_quiet(wait)
+    extra["bp2_decode_rate"] = betterproto2_decode_rate(0.05 if mode == "smoke" else 0.5)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="poc-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        gen = tmp / "gen"
+        gen.mkdir()
+        generate_protobuf(gen)
+        server, port = start_server(gen)
+        try:
+            print(f"replay server pid {server.pid} on port {port}; mode {mode}", flush=True)
+            for client in [c for c in CLIENT_ORDER if c in clients]:
+                t0 = time.perf_counter()
+                before = server_stats(port)
+                res = run_worker(client, port, server.pid, gen, params, tmp)
+                after = server_stats(port)
+                # The "after" query's own connection is counted in "after".
+                res["server_connections"] = (
+                    after["connections_opened"] - before["connections_opened"] - 1
+                )
+                results[client] = res
+                status = "FAILED: " + res["error"] if "error" in res else "ok"
+                print(
+                    f"  {client:<13} {time.perf_counter() - t0:5.1f} s  "
+                    f"{res['server_connections']} TCP connection(s)  {status}",
+                    flush=True,
+                )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+    detail, md, _goals = build_tables(results, params, extra, mode)
+    print()
+    print(detail)
+    print()
+    print(md)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if results_path:
+        Path(results_path).write_text(md)
+        print(f"wrote {results_path}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The benchmark suite runs end to end (tiny counts; no timing is asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
+    results = tmp_path / "results.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--smoke",
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    # The console detail table, the README table with its explanations, the goals.
+    assert "figure" in out and "client" in out and "vs bp2" in out
+    assert "## Performance" in out
+    assert "| Figure | unit | poc_api (trio) |" in out
+    assert "Columns and rows:" in out
+    assert "| Goal | Target | Measured | Met |" in out
+    for label in ("stream, plain tokens", "256-float readout", "unary RPCs", "256 concurrent"):
+        assert label in out
+    for client in ("poc_api", "grpclib+bp2", "grpclib+wire", "grpcio aio"):
+        assert client in out
+    assert "FAILED" not in out
+    # The markdown printed is the markdown written.
+    written = results.read_text()
+    assert written.strip() in out
