@@ -40,7 +40,7 @@ from ._errors import (
     StreamCancelled,
     TransportError,
 )
-from ._http import ChatCompletion, ChatDelta, ChatDone
+from ._http import ChatCompletion, ChatDelta, ChatDone, ChatEvent
 from ._log import configure_debug_from_env
 from ._session import GenerateStream, Session, SessionLost
 from ._types import (
@@ -67,6 +67,7 @@ __all__ = [
     "ChatCompletion",
     "ChatDelta",
     "ChatDone",
+    "ChatEvent",
     "Chunk",
     "ContextOverflow",
     "Conversation",

@@ -22,7 +22,7 @@ import trio
 from ._bridge import open_bridge
 from ._chunks import Chunk
 from ._conversation import Conversation
-from ._http import ChatCompletion, ChatDelta, ChatDone, HttpApi
+from ._http import ChatCompletion, ChatEvent, HttpApi
 from ._score import score_chunks, score_many
 from ._session import Session, open_session
 from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
@@ -328,34 +328,58 @@ class ApiClient:
 
     # -- HTTP --------------------------------------------------------------------
 
-    async def readout_manifest(self) -> ReadoutManifest | None:
+    async def readout_manifest(self, *, timeout: float | None = None) -> ReadoutManifest | None:
         """The readout manifest, or ``None`` when the server has readout disabled.
 
-        Fetched once per client and shared, even by concurrent first callers.
+        Fetched once per client and shared, even by concurrent first callers; a
+        failed or cancelled fetch is not cached.
         """
-        return await self._https().readout_manifest()
+        with deadline(timeout, "readout_manifest"):
+            return await self._https().readout_manifest()
 
-    async def train(self, samples: Sequence[TrainSample]) -> TrainResult:
+    async def train(
+        self, samples: Sequence[TrainSample], *, timeout: float | None = None
+    ) -> TrainResult:
         """Send training samples to ``POST {base_url}/train``."""
-        return await self._https().train(samples)
+        with deadline(timeout, "train"):
+            return await self._https().train(samples)
 
-    async def chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> ChatCompletion:
-        """OpenAI-compatible chat completion (non-streaming)."""
-        return await self._https().chat(messages, **kwargs)
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> ChatCompletion:
+        """OpenAI-compatible chat completion (non-streaming).
+
+        ``kwargs`` are ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and any
+        extra OpenAI fields.
+        """
+        with deadline(timeout, "chat"):
+            return await self._https().chat(messages, **kwargs)
 
     def chat_stream(
         self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
-    ) -> AbstractAsyncContextManager[AsyncIterator[ChatDelta | ChatDone]]:
+    ) -> AbstractAsyncContextManager[AsyncIterator[ChatEvent]]:
         """OpenAI-compatible streaming chat: text deltas, then a final :class:`ChatDone`.
 
-        Leaving the block early closes the HTTP response.
+        Leaving the block early closes the HTTP response (the connection goes back
+        to the pool or is discarded); bound it with your own trio cancel scope.
         """
         return self._https().chat_stream(messages, **kwargs)
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
         """Encode text with the server's tokenizer (reference-server extension)."""
-        return await self._https().tokenize(text)
+        with deadline(timeout, "tokenize"):
+            return await self._https().tokenize(text)
 
-    async def detokenize(self, tokens: Sequence[int]) -> str:
+    async def detokenize(self, tokens: Sequence[int], *, timeout: float | None = None) -> str:
         """Decode token ids with the server's tokenizer (reference-server extension)."""
-        return await self._https().detokenize(tokens)
+        with deadline(timeout, "detokenize"):
+            return await self._https().detokenize(tokens)
+
+    async def tokenizer_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Vocabulary size and special token ids (reference-server extension)."""
+        with deadline(timeout, "tokenizer_info"):
+            return await self._https().tokenizer_info()

@@ -1,0 +1,62 @@
+"""The public surface: everything re-exported from private modules, nothing missing."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import poc_api
+
+
+def test_all_names_exist_and_are_documented() -> None:
+    for name in poc_api.__all__:
+        obj = getattr(poc_api, name)
+        if isinstance(obj, type) or callable(obj) and not hasattr(obj, "__origin__"):
+            assert getattr(obj, "__doc__", None), f"{name} has no docstring"
+
+
+def test_every_public_name_of_private_modules_is_reexported() -> None:
+    exported = set(poc_api.__all__)
+    internal_only = {
+        # plumbing that users never touch
+        "AsyncioBridge",
+        "BatchReceiver",
+        "Sink",
+        "open_bridge",
+        "GrpcTarget",
+        "GrpcTransport",
+        "KeepAlive",
+        "deadline",
+        "map_grpc_error",
+        "RawCodec",
+        "decode_generate_event",
+        "HttpApi",
+        "error_excerpt",
+        "SSEDecoder",
+        "SSEEvent",
+        "open_session",
+        "DeltaPlan",
+        "chunk_len",
+        "common_prefix_len",
+        "plan_delta",
+        "walk_chunks",
+        "reshape_readout",
+        "merge_ranges",
+        "range_sums",
+        "score_chunks",
+        "score_many",
+        "validate_ranges",
+        "configure_debug_from_env",
+        "ChatEvent",
+        "encode_png",
+    }
+    for info in pkgutil.iter_modules(poc_api.__path__):
+        if not info.name.startswith("_") or info.name == "_proto":
+            continue
+        module = importlib.import_module(f"poc_api.{info.name}")
+        names = getattr(module, "__all__", None)
+        assert names is not None, f"poc_api.{info.name} has no __all__"
+        for name in names:
+            assert name in exported or name in internal_only, (
+                f"poc_api.{info.name}.{name} is neither exported nor listed as internal"
+            )
