@@ -1,0 +1,1042 @@
+"""``poc-api``: the command-line face of poc_api.
+
+Commands::
+
+    poc-api demo                       # tour the library against an embedded server
+    poc-api demo --url http://host:8000/v1
+    poc-api generate "Once upon a time" --max-tokens 40
+    poc-api score "The cat sat on the" --continuation " mat." --continuation " moon."
+    poc-api chat "Tell me a story"
+    poc-api serve --port 8000          # the reference server: HTTP on 8000, gRPC on 8001
+
+Without ``--url`` (or ``POC_BASE_URL``), ``demo``, ``generate``, ``score`` and
+``chat`` start the reference server inside the process, on free loopback ports,
+so they work out of the box. ``--api-key`` (``POC_API_KEY``) and ``--grpc-url``
+(``POC_GRPC_URL``) complete the connection settings; they are accepted both
+before and after the command name.
+
+Errors print one line on stderr, ``error: ...``, and exit with status 1; usage
+errors exit with status 2. The api key is never printed. ``POC_DEBUG=1`` adds
+debug logging and a traceback for unexpected errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Final, TypeVar, final
+from urllib.parse import urlsplit
+
+import attrs
+import click
+import trio
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from . import _errors as e
+from ._chunks import Chunk, Tokens
+from ._client import ApiClient
+from ._conversation import ConversationStream
+from ._http import ChatDelta
+from ._png import encode_png
+from ._session import GenerateStream
+from ._types import Done, ReadoutManifest, SamplingParams, StreamDone, Token, TokenOut, Usage
+from .server import ReferenceServer, ServerConfig, run_forever
+
+__all__ = ["cli", "main", "sparkline"]
+
+#: Unicode block elements, lowest to highest.
+SPARK_BLOCKS: Final = "▁▂▃▄▅▆▇█"
+#: Decoded ids waiting to be printed. The printer batches what has queued up, so
+#: the bound only matters if the tokenizer endpoint stalls: then it pushes back on
+#: the stream (and HTTP/2 flow control on the server) instead of growing memory.
+_LIVE_BUFFER: Final = 1024
+#: Statuses meaning "this server has no tokenizer endpoint".
+_NO_ENDPOINT: Final = frozenset({404, 405, 501})
+_ENV_URL: Final = "POC_BASE_URL"
+_ENV_KEY: Final = "POC_API_KEY"
+_ENV_GRPC: Final = "POC_GRPC_URL"
+
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    """A failure the CLI reports as one ``error: ...`` line (exit status 1)."""
+
+
+def sparkline(values: Sequence[float], low: float | None = None, high: float | None = None) -> str:
+    """One block character per value, scaled from ``low`` (``▁``) to ``high`` (``█``).
+
+    ``low``/``high`` default to the values' own minimum and maximum. A flat series
+    (or an empty range) gives all ``▁``; non-finite values give a space.
+
+    >>> sparkline([0.0, 0.5, 1.0])
+    '▁▅█'
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return " " * len(values)
+    lo = min(finite) if low is None else low
+    hi = max(finite) if high is None else high
+    top = len(SPARK_BLOCKS) - 1
+    out = []
+    for v in values:
+        if not math.isfinite(v):
+            out.append(" ")
+        elif hi - lo <= 1e-12:
+            out.append(SPARK_BLOCKS[0])
+        else:
+            frac = min(max((v - lo) / (hi - lo), 0.0), 1.0)
+            out.append(SPARK_BLOCKS[round(frac * top)])
+    return "".join(out)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# -- connection settings --------------------------------------------------------------
+
+
+@final
+@attrs.frozen
+class _Target:
+    """Where to connect: ``base_url = None`` means an embedded reference server."""
+
+    base_url: str | None
+    api_key: str
+    grpc_url: str | None
+
+
+def _check_url(value: str, what: str) -> str:
+    parts = urlsplit(value)
+    try:
+        _ = parts.port
+    except ValueError:
+        raise click.UsageError(f"invalid {what}: bad port in {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.UsageError(f"invalid {what}: expected http(s)://host:port/..., got {value!r}")
+    return value
+
+
+@final
+@attrs.frozen
+class _Globals:
+    url: str | None
+    api_key: str | None
+    grpc_url: str | None
+
+
+def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Target:
+    """Command options first, then the group's, then the environment."""
+    ctx = click.get_current_context()
+    g = ctx.find_object(_Globals) or _Globals(None, None, None)
+    base = url or g.url or os.environ.get(_ENV_URL) or None
+    key = api_key if api_key is not None else g.api_key
+    if key is None:
+        key = os.environ.get(_ENV_KEY, "")
+    grpc_flag = grpc_url or g.grpc_url
+    if base is None:
+        if grpc_flag:
+            raise click.UsageError("--grpc-url needs --url (or POC_BASE_URL)")
+        # POC_GRPC_URL is for remote servers; the embedded one has its own ports.
+        return _Target(None, key, None)
+    _check_url(base, "--url" if url or g.url else _ENV_URL)
+    grpc = grpc_flag or os.environ.get(_ENV_GRPC) or None
+    if grpc:
+        _check_url(grpc, "--grpc-url" if grpc_flag else _ENV_GRPC)
+    return _Target(base.rstrip("/"), key, grpc)
+
+
+def _url_option(func: Callable[..., T]) -> Callable[..., T]:
+    opts = [
+        click.option(
+            "--url",
+            metavar="URL",
+            default=None,
+            help=f"Server HTTP root, e.g. http://127.0.0.1:8000/v1 [env {_ENV_URL}]. "
+            "Default: start an embedded reference server.",
+        ),
+        click.option(
+            "--api-key",
+            metavar="KEY",
+            default=None,
+            help=f"Bearer token for the server [env {_ENV_KEY}]. Never printed.",
+        ),
+        click.option(
+            "--grpc-url",
+            metavar="URL",
+            default=None,
+            help=f"gRPC endpoint [env {_ENV_GRPC}]. Default: the --url port + 1.",
+        ),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+@final
+class _Where:
+    """The endpoints in use, for error messages (filled in once known)."""
+
+    def __init__(self) -> None:
+        self.base_url: str | None = None
+        self.grpc_url: str | None = None
+
+
+@final
+@attrs.frozen
+class _Conn:
+    client: ApiClient
+    server: ReferenceServer | None
+
+
+@asynccontextmanager
+async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIterator[_Conn]:
+    """A client for ``target``; an embedded reference server when it has no URL."""
+    if target.base_url is None:
+        # Not poc_api.testing: that module imports pytest when it is installed.
+        config = ServerConfig(seed=seed, api_key=target.api_key or None)
+        async with ReferenceServer(config) as server:
+            where.base_url, where.grpc_url = server.base_url, server.grpc_url
+            client = ApiClient(server.base_url, api_key=target.api_key, grpc_url=server.grpc_url)
+            async with client:
+                yield _Conn(client, server)
+        return
+    client = ApiClient(target.base_url, api_key=target.api_key, grpc_url=target.grpc_url)
+    where.base_url, where.grpc_url = client.base_url, client.grpc_url
+    async with client:
+        yield _Conn(client, None)
+
+
+# -- text <-> ids --------------------------------------------------------------------
+
+
+@final
+class _Codec:
+    """Text to token ids and back with the server's tokenizer endpoints.
+
+    A server without them (``/tokenize`` answers 404) gets the reference
+    tokenizer's byte-level rule instead: ids below 256 are UTF-8 bytes.
+    """
+
+    def __init__(self, client: ApiClient, on_fallback: Callable[[], None] | None = None) -> None:
+        self._client = client
+        self._on_fallback = on_fallback
+        self.byte_level = False
+        self._single: dict[int, str] = {}
+
+    def _fall_back(self, exc: e.HttpError) -> None:
+        if exc.http_status not in _NO_ENDPOINT:
+            raise exc
+        if not self.byte_level:
+            self.byte_level = True
+            if self._on_fallback is not None:
+                self._on_fallback()
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        if not self.byte_level:
+            try:
+                return await self._client.tokenize(text)
+            except e.HttpError as exc:
+                self._fall_back(exc)
+        return list(text.encode("utf-8"))
+
+    async def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (invalid UTF-8 becomes U+FFFD)."""
+        if not self.byte_level:
+            try:
+                return await self._client.detokenize(ids)
+            except e.HttpError as exc:
+                self._fall_back(exc)
+        out = bytearray()
+        text = []
+        for i in ids:
+            if i < 256:
+                out.append(i)
+            else:
+                text.append(out.decode("utf-8", errors="replace") + f"<|{i}|>")
+                out.clear()
+        return "".join(text) + out.decode("utf-8", errors="replace")
+
+    async def piece(self, token: int) -> str:
+        """The text of one token, cached."""
+        if token not in self._single:
+            self._single[token] = await self.decode([token])
+        return self._single[token]
+
+
+@final
+class _LiveText:
+    """Writes decoded tokens as text while they stream in.
+
+    Runs as its own task fed through a channel, so decoding (an HTTP round trip
+    per batch) never delays reading the stream, and the timings stay honest.
+    Ids that decode to a trailing U+FFFD may be the start of a multibyte
+    character: they wait for the next token.
+    """
+
+    def __init__(self, codec: _Codec, write: Callable[[str], None]) -> None:
+        self._codec = codec
+        self._write = write
+        self._pending: list[int] = []
+
+    async def run(self, receive: trio.MemoryReceiveChannel[int]) -> None:
+        async with receive:
+            async for first in receive:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                self._pending += batch
+                text = await self._codec.decode(self._pending)
+                if text.endswith("\ufffd") and len(self._pending) < 4:
+                    continue
+                self._write(text)
+                self._pending = []
+        if self._pending:
+            self._write(await self._codec.decode(self._pending))
+            self._pending = []
+
+
+# -- streaming with timings --------------------------------------------------------
+
+
+@final
+class _Timing:
+    """Time to first token and decode rate of one stream."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.tokens = 0
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.tokens += 1
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from the request to the first decoded token."""
+        return None if self.first is None else self.first - self.started
+
+    @property
+    def rate(self) -> float | None:
+        """Decoded tokens per second after the first one."""
+        if self.first is None or self.last is None or self.tokens < 2:
+            return None
+        span = self.last - self.first
+        return (self.tokens - 1) / span if span > 0 else math.inf
+
+
+@final
+@attrs.frozen(eq=False)
+class _Reply:
+    ids: list[int]
+    readouts: list[memoryview[float]]
+    finish_reason: str
+    usage: Usage | None
+    timing: _Timing
+
+
+_Events = (
+    AbstractAsyncContextManager[GenerateStream] | AbstractAsyncContextManager[ConversationStream]
+)
+
+
+async def _pump(open_events: Callable[[], _Events], live: _LiveText | None, label: str) -> _Reply:
+    """Run one generate stream, feeding decoded ids to ``live`` as they arrive."""
+    ids: list[int] = []
+    readouts: list[memoryview[float]] = []
+    finish, usage = "", None
+    send, receive = trio.open_memory_channel[int](_LIVE_BUFFER)
+    try:
+        async with trio.open_nursery() as nursery:
+            if live is not None:
+                nursery.start_soon(live.run, receive)
+            else:
+                receive.close()
+            async with send:
+                timing = _Timing(label)
+                async with open_events() as events:
+                    async for ev in events:
+                        if isinstance(ev, Token | TokenOut):
+                            if isinstance(ev, Token) and ev.is_prefill:
+                                continue
+                            timing.tick()
+                            ids.append(ev.id)
+                            if isinstance(ev, TokenOut) and ev.readout is not None:
+                                readouts.append(ev.readout)
+                            if live is not None:
+                                await send.send(ev.id)
+                        elif isinstance(ev, Done | StreamDone):
+                            finish, usage = ev.finish_reason, ev.usage
+    except BaseExceptionGroup as group:
+        # One real failure (the stream's or the printer's) is raised as itself.
+        leaf = _leaf(group)
+        if leaf is group:
+            raise
+        raise leaf from None
+    return _Reply(ids, readouts, finish, usage, timing)
+
+
+# -- output helpers ---------------------------------------------------------------------
+
+
+def _console() -> Console:
+    # Not a terminal (CI, a pipe): plain text, 80 columns, no colour codes.
+    return Console(highlight=False)
+
+
+def _show_char(text: str) -> str:
+    if text == " ":
+        return "␣"
+    if text == "\n":
+        return "⏎"
+    if len(text) == 1 and text.isprintable():
+        return text
+    return "·"
+
+
+async def _readout_table(
+    manifest: ReadoutManifest, reply: _Reply, codec: _Codec, *, title: str
+) -> Table:
+    """Per concept: a sparkline over the generated tokens at the last readout layer."""
+    n_layers, n_concepts = manifest.shape
+    layer = n_layers - 1
+    series = [[float(r[layer, c]) for r in reply.readouts] for c in range(n_concepts)]
+    table = Table(title=title, box=box.SIMPLE, title_justify="left", pad_edge=False)
+    table.add_column("concept", no_wrap=True)
+    table.add_column("per generated token", no_wrap=True)
+    table.add_column("min", justify="right")
+    table.add_column("max", justify="right")
+    # Readouts come with decoded tokens only, so they line up with the ids.
+    chars = [_show_char(await codec.piece(t)) for t in reply.ids[: len(reply.readouts)]]
+    table.add_row("(token)", "".join(chars), "", "")
+    for name, values in zip(manifest.concepts, series, strict=True):
+        table.add_row(name, sparkline(values), f"{min(values):.2f}", f"{max(values):.2f}")
+    return table
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def _rate(rate: float | None) -> str:
+    if rate is None:
+        return "-"
+    return "∞" if math.isinf(rate) else f"{rate:,.0f}"
+
+
+# -- running a command ---------------------------------------------------------------
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one real error inside (nested) exception groups, if there is one."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = exc.exceptions
+        real = [x for x in inner if not isinstance(x, trio.Cancelled)]
+        if len(real) != 1:
+            return exc
+        exc = real[0]
+    return exc
+
+
+def _describe(exc: BaseException, where: _Where) -> str | None:
+    """The one-line message for an expected failure; ``None`` for a bug."""
+    if isinstance(exc, e.TransportError):
+        msg = str(exc)
+        url = where.base_url
+        if where.base_url is None or where.base_url not in msg:
+            url = where.grpc_url or where.base_url
+        if isinstance(exc, e.PocApiTimeout):
+            return f"the server at {url} did not answer in time ({msg})"
+        return f"cannot reach the server at {url} ({msg})"
+    if isinstance(exc, e.AuthenticationError):
+        return f"the server refused the api key ({exc})"
+    if isinstance(exc, e.PocApiError | CliError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    if isinstance(exc, ValueError | TypeError):
+        return f"bad argument: {exc}"
+    return None
+
+
+def _run(body: Callable[[_Where], None]) -> None:
+    """Run a command body, reporting a failure as one ``error:`` line (exit status 1)."""
+    where = _Where()
+    try:
+        body(where)
+    except (click.exceptions.Exit, click.ClickException, SystemExit):
+        raise
+    except BaseException as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        if isinstance(leaf, click.ClickException | click.exceptions.Exit | SystemExit):
+            raise leaf from None
+        message = _describe(leaf, where)
+        if message is None:
+            if os.environ.get("POC_DEBUG") == "1":
+                raise
+            message = (
+                f"unexpected {type(leaf).__name__}: {leaf} "
+                "(set POC_DEBUG=1 for a traceback; this is a bug in poc_api)"
+            )
+        click.echo(f"error: {_one_line(message)}", err=True)
+        sys.exit(1)
+
+
+def _run_async(body: Callable[[_Where], Awaitable[None]]) -> None:
+    """:func:`_run` for an async body, under ``trio.run``."""
+    _run(lambda where: trio.run(body, where))
+
+
+# -- the command group -----------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@_url_option
+@click.version_option(package_name="poc_api", prog_name="poc-api")
+@click.pass_context
+def cli(ctx: click.Context, url: str | None, api_key: str | None, grpc_url: str | None) -> None:
+    """Client and reference server for stateful LLM inference over salience gRPC.
+
+    Without --url (or POC_BASE_URL), demo/generate/score/chat run against an
+    embedded reference server started inside the process.
+    """
+    ctx.obj = _Globals(url, api_key, grpc_url)
+
+
+# -- demo ------------------------------------------------------------------------------
+
+_DEMO_PREFIX = "A photo of a quiet garden, taken in 1984: "
+_DEMO_AFTER_IMAGE = " In the picture"
+_DEMO_TURN1 = "Once upon a time, in a small town, THE"
+_DEMO_TURN2 = " And then the storm came."
+_DEMO_SCORE_PROMPT = "The cat sat on the"
+_DEMO_CONTINUATIONS = (" mat.", " xylophone.")
+
+
+@cli.command()
+@_url_option
+def demo(url: str | None, api_key: str | None, grpc_url: str | None) -> None:
+    """Tour the library: session, image, streaming, readouts, scoring, reuse, timings."""
+    target = _target(url, api_key, grpc_url)
+    _run_async(lambda where: _demo(target, where))
+
+
+async def _demo(target: _Target, where: _Where) -> None:
+    con = _console()
+    started = time.perf_counter()
+    timings: list[_Timing] = []
+    con.rule("[bold]poc_api demo", style="blue")
+    async with _connect(target, where) as conn:
+        client, server = conn.client, conn.server
+        if server is not None:
+            con.print(f"server: embedded reference server (seed {server.config.seed})")
+        else:
+            con.print("server: remote")
+        con.print(f"  HTTP {client.base_url}  ·  gRPC {client.grpc_url}")
+
+        def note_fallback() -> None:
+            con.print(
+                "[yellow]note:[/] the server has no /tokenize endpoint; "
+                "using the byte-level rule (ids < 256 are UTF-8 bytes)"
+            )
+
+        codec = _Codec(client, note_fallback)
+
+        def write_live(text: str) -> None:
+            con.print(text, end="", style="cyan", markup=False, soft_wrap=True)
+
+        live = _LiveText(codec, write_live)
+
+        # 1 + 2: a session holding text and an image, then a live greedy stream.
+        con.print()
+        con.rule("[bold]1. Session: text, then an image", align="left")
+        async with client.session() as session:
+            prefix = await codec.encode(_DEMO_PREFIX)
+            await session.prefill(prefix)
+            con.print(
+                f"prefill  {json.dumps(_DEMO_PREFIX)}\n"
+                f"         {len(prefix)} tokens "
+                f"({'byte-level fallback' if codec.byte_level else 'via /tokenize'}) "
+                f"→ committed_len {session.committed_len}"
+            )
+            png = encode_png(56, 56)
+            appended = await session.append_image(png, "image/png")
+            con.print(
+                f"image    56x56 PNG, {len(png)} bytes → placeholder_count "
+                f"[bold]{appended.placeholder_count}[/] → committed_len {appended.total_length}"
+            )
+
+            con.print()
+            con.rule("[bold]2. Streaming generation (greedy)", align="left")
+            after = await codec.encode(_DEMO_AFTER_IMAGE)
+            sampling = SamplingParams(max_tokens=48, temperature=0.0)
+            con.print(f"prompt continues with {json.dumps(_DEMO_AFTER_IMAGE)}; output:")
+            write_live(_DEMO_AFTER_IMAGE)
+            reply = await _pump(
+                lambda: session.generate(after, sampling=sampling), live, "2. generation"
+            )
+            con.print()
+            con.print(
+                f"finish_reason {reply.finish_reason!r} · {len(reply.ids)} tokens · "
+                f"committed_len {session.committed_len}"
+            )
+            timings.append(reply.timing)
+
+        # 3 + 5: one conversation, two turns; the first one with readouts.
+        con.print()
+        con.rule("[bold]3. Readouts", align="left")
+        manifest = await client.readout_manifest()
+        if manifest is None:
+            con.print("readout is disabled on this server (the manifest answered 404): skipped")
+        else:
+            con.print(
+                f"manifest: {len(manifest.concepts)} concepts x layers {list(manifest.layers)} "
+                f"→ readout shape {manifest.shape}"
+            )
+        async with client.conversation() as conv:
+            turn1 = await codec.encode(_DEMO_TURN1)
+            chunks1: list[Chunk] = [Tokens(turn1)]
+            con.print(f"prompt {json.dumps(_DEMO_TURN1)}; output:")
+            write_live(_DEMO_TURN1)
+            r1 = await _pump(
+                lambda: conv.stream(
+                    chunks1,
+                    SamplingParams(max_tokens=32),
+                    readout_shape=None if manifest is None else manifest.shape,
+                ),
+                live,
+                "3. conversation turn 1",
+            )
+            con.print()
+            timings.append(r1.timing)
+            if manifest is not None:
+                if r1.readouts:
+                    con.print(
+                        await _readout_table(
+                            manifest,
+                            r1,
+                            codec,
+                            title=f"layer {manifest.layers[-1]} (the last), scaled per concept",
+                        )
+                    )
+                else:
+                    con.print("the server sent no readout vectors of the manifest's shape")
+
+            # 4: scoring (own ephemeral sessions).
+            con.rule("[bold]4. Scoring two continuations", align="left")
+            prompt = await codec.encode(_DEMO_SCORE_PROMPT)
+            scored = []
+            for cont_text in _DEMO_CONTINUATIONS:
+                cont = await codec.encode(cont_text)
+                ranges = [(len(prompt), len(prompt) + len(cont))]
+                [result] = await client.score([Tokens(prompt + cont)], ranges)
+                scored.append((cont_text, len(cont), result.logprob))
+            table = Table(box=box.SIMPLE, pad_edge=False)
+            table.add_column("continuation")
+            table.add_column("tokens", justify="right")
+            table.add_column("log P (sum)", justify="right")
+            table.add_column("per token", justify="right")
+            for cont_text, n, lp in scored:
+                table.add_row(json.dumps(cont_text), str(n), f"{lp:.3f}", f"{lp / n:.3f}")
+            con.print(f"prompt {json.dumps(_DEMO_SCORE_PROMPT)}")
+            con.print(table)
+            best = max(scored, key=lambda s: s[2])
+            worst = min(scored, key=lambda s: s[2])
+            con.print(
+                f"more likely: [bold]{json.dumps(best[0])}[/] "
+                f"({best[2] - worst[2]:.2f} nats higher: "
+                f"{math.exp(min(best[2] - worst[2], 700.0)):.3g} times as likely)"
+            )
+
+            # 5: the second turn sends only the delta.
+            con.print()
+            con.rule("[bold]5. Reusing the conversation: only the delta is sent", align="left")
+            sid = conv.session.session_id if conv.session is not None else "?"
+            user2 = await codec.encode(_DEMO_TURN2)
+            full = [*turn1, *r1.ids, *user2]
+            before = conv.committed_len
+            appended_before = server.state().tokens_appended if server is not None else 0
+            con.print(f"turn 2 adds {json.dumps(_DEMO_TURN2)}; output:")
+            write_live(_DEMO_TURN2)
+            r2 = await _pump(
+                lambda: conv.stream([Tokens(full)], SamplingParams(max_tokens=24)),
+                live,
+                "5. conversation turn 2",
+            )
+            con.print()
+            timings.append(r2.timing)
+            after_len = conv.committed_len
+            prompt_tokens = r2.usage.prompt_tokens if r2.usage is not None else before
+            sent = prompt_tokens - before
+            same = conv.session is not None and conv.session.session_id == sid
+            reuse = Table(box=box.SIMPLE, pad_edge=False)
+            reuse.add_column("")
+            reuse.add_column("positions", justify="right")
+            reuse.add_row("turn 2 prompt (whole history)", str(len(full)))
+            reuse.add_row("committed_len before turn 2", str(before))
+            reuse.add_row("tokens sent in turn 2 (the delta)", f"[bold]{sent}[/]")
+            reuse.add_row("committed_len after turn 2", str(after_len))
+            con.print(reuse)
+            con.print(
+                f"session reused: {'yes' if same else 'no'} · sent {sent} of {len(full)} "
+                f"prompt tokens (delta = {len(user2)} new tokens)"
+            )
+            if server is not None:
+                counted = server.state().tokens_appended - appended_before
+                con.print(f"the server counted {counted} appended tokens for turn 2")
+
+        # 6: timings.
+        con.print()
+        con.rule("[bold]6. Timings", align="left")
+        tt = Table(box=box.SIMPLE, pad_edge=False)
+        tt.add_column("stream")
+        tt.add_column("tokens", justify="right")
+        tt.add_column("time to first token", justify="right")
+        tt.add_column("tokens/s (decode)", justify="right")
+        for t in timings:
+            tt.add_row(t.label, str(t.tokens), _ms(t.ttft), _rate(t.rate))
+        con.print(tt)
+        con.print(f"demo finished in {time.perf_counter() - started:.2f} s")
+
+
+# -- generate -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("text")
+@_url_option
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(0, 2**32 - 1),
+    default=64,
+    show_default=True,
+    help="Decode budget.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0.0),
+    default=0.0,
+    show_default=True,
+    help="0 is greedy.",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0.0, 1.0),
+    default=1.0,
+    show_default=True,
+    help="Nucleus filter; 1 is off.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Top-k filter; 0 is off.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0),
+    default=None,
+    help="Seed of the embedded reference server's sampler. The protocol has no seed "
+    "field, so this cannot be combined with --url.",
+)
+@click.option(
+    "--readout",
+    is_flag=True,
+    help="Also show per-concept readouts (last layer) across the generated tokens.",
+)
+def generate(
+    text: str,
+    url: str | None,
+    api_key: str | None,
+    grpc_url: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    readout: bool,
+) -> None:
+    """Stream the completion of TEXT to stdout as it arrives."""
+    target = _target(url, api_key, grpc_url)
+    if seed is not None and target.base_url is not None:
+        raise click.UsageError(
+            "--seed only applies to the embedded reference server: the salience "
+            "protocol has no seed field"
+        )
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k
+    )
+    _run_async(lambda where: _generate(target, where, text, sampling, seed or 0, readout))
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+async def _generate(
+    target: _Target,
+    where: _Where,
+    text: str,
+    sampling: SamplingParams,
+    seed: int,
+    readout: bool,
+) -> None:
+    async with _connect(target, where, seed=seed) as conn:
+        client = conn.client
+        manifest = None
+        if readout:
+            manifest = await client.readout_manifest()
+            if manifest is None:
+                raise CliError("readout is disabled on this server (the manifest answered 404)")
+        codec = _Codec(client)
+        ids = await codec.encode(text)
+        if not ids:
+            raise CliError("TEXT encodes to no tokens")
+        async with client.conversation() as conv:
+            reply = await _pump(
+                lambda: conv.stream(
+                    [Tokens(ids)],
+                    sampling,
+                    readout_shape=None if manifest is None else manifest.shape,
+                ),
+                _LiveText(codec, _write_stdout),
+                "generate",
+            )
+        _write_stdout("\n")
+        if manifest is not None:
+            con = _console()
+            if reply.readouts:
+                con.print(
+                    await _readout_table(
+                        manifest, reply, codec, title=f"readouts, layer {manifest.layers[-1]}"
+                    )
+                )
+            else:
+                con.print("the server sent no readout vectors of the manifest's shape")
+
+
+# -- score ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("text")
+@click.option(
+    "--continuation",
+    "-c",
+    "continuations",
+    multiple=True,
+    required=True,
+    help="A continuation of TEXT to score (repeat the option for more).",
+)
+@_url_option
+def score(
+    text: str,
+    continuations: tuple[str, ...],
+    url: str | None,
+    api_key: str | None,
+    grpc_url: str | None,
+) -> None:
+    """Score continuations of TEXT: summed log-probability, best first.
+
+    Prints one row per continuation: rank, summed logprob (natural log), the
+    per-token average, the token count and the continuation as a JSON string.
+    """
+    if not text:
+        raise click.BadParameter("must not be empty", param_hint="TEXT")
+    if any(not c for c in continuations):
+        raise click.BadParameter("must not be empty", param_hint="--continuation")
+    target = _target(url, api_key, grpc_url)
+    _run_async(lambda where: _score(target, where, text, continuations))
+
+
+async def _score(target: _Target, where: _Where, text: str, continuations: tuple[str, ...]) -> None:
+    async with _connect(target, where) as conn:
+        client = conn.client
+        codec = _Codec(client)
+        prompt = await codec.encode(text)
+        prompts: list[tuple[Sequence[Chunk], Sequence[tuple[int, int]]]] = []
+        lengths = []
+        for cont_text in continuations:
+            cont = await codec.encode(cont_text)
+            if not cont:
+                raise CliError(f"continuation {json.dumps(cont_text)} encodes to no tokens")
+            lengths.append(len(cont))
+            prompts.append(([Tokens(prompt + cont)], [(len(prompt), len(prompt) + len(cont))]))
+        results = await client.score_many(prompts)
+    rows = sorted(
+        zip(continuations, lengths, (r[0].logprob for r in results), strict=True),
+        key=lambda row: -row[2],
+    )
+    click.echo(f"{'rank':>4}  {'logprob':>10}  {'per-token':>10}  {'tokens':>6}  continuation")
+    for rank, (cont_text, n, lp) in enumerate(rows, 1):
+        click.echo(
+            f"{rank:>4}  {lp:>10.4f}  {lp / n:>10.4f}  {n:>6}  "
+            f"{json.dumps(cont_text, ensure_ascii=False)}"
+        )
+
+
+# -- chat ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("text")
+@_url_option
+@click.option("--system", default=None, help="A system message to put first.")
+@click.option(
+    "--max-tokens", type=click.IntRange(0), default=64, show_default=True, help="Reply budget."
+)
+@click.option("--temperature", type=click.FloatRange(0.0), default=None)
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=None)
+@click.option(
+    "--seed",
+    type=click.IntRange(0),
+    default=None,
+    help="Sent as the OpenAI 'seed' field (the reference server honours it).",
+)
+def chat(
+    text: str,
+    url: str | None,
+    api_key: str | None,
+    grpc_url: str | None,
+    system: str | None,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+) -> None:
+    """OpenAI-compatible chat (POST /chat/completions, streamed), printed live."""
+    target = _target(url, api_key, grpc_url)
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": text})
+    extra: dict[str, Any] = {} if seed is None else {"seed": seed}
+    _run_async(lambda where: _chat(target, where, messages, max_tokens, temperature, top_p, extra))
+
+
+async def _chat(
+    target: _Target,
+    where: _Where,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    extra: dict[str, Any],
+) -> None:
+    async with _connect(target, where) as conn:
+        async with conn.client.chat_stream(
+            messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, **extra
+        ) as events:
+            async for ev in events:
+                if isinstance(ev, ChatDelta):
+                    _write_stdout(ev.text)
+        _write_stdout("\n")
+
+
+# -- serve ---------------------------------------------------------------------------
+
+_DEFAULTS = ServerConfig()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65534),
+    default=8000,
+    show_default=True,
+    help="HTTP port; gRPC listens on PORT+1. 0 picks a free pair.",
+)
+@click.option(
+    "--api-key",
+    metavar="KEY",
+    default=None,
+    help=f"Require this bearer token [env {_ENV_KEY}].",
+)
+@click.option("--no-readout", is_flag=True, help="Disable readout (the manifest answers 404).")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Sampler seed.")
+@click.option(
+    "--max-sessions", type=click.IntRange(1), default=_DEFAULTS.max_sessions, show_default=True
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(0.0, min_open=True),
+    default=_DEFAULTS.idle_timeout,
+    show_default=True,
+    help="Seconds before an idle session is evicted.",
+)
+@click.option(
+    "--max-context", type=click.IntRange(1), default=_DEFAULTS.max_context, show_default=True
+)
+@click.option("--ignore-eos", is_flag=True, help="Never stop at the model's EOS token.")
+def serve(
+    host: str,
+    port: int,
+    api_key: str | None,
+    no_readout: bool,
+    seed: int,
+    max_sessions: int,
+    idle_timeout: float,
+    max_context: int,
+    ignore_eos: bool,
+) -> None:
+    """Run the reference server until Ctrl-C / SIGTERM (HTTP on PORT, gRPC on PORT+1).
+
+    Prints "base_url: ..." and "grpc_url: ..." on stdout once both ports listen.
+    """
+    g = click.get_current_context().find_object(_Globals)
+    key = api_key if api_key is not None else (g.api_key if g is not None else None)
+    if key is None:
+        key = os.environ.get(_ENV_KEY) or None
+    config = ServerConfig(
+        host=host,
+        port=port,
+        api_key=key or None,
+        readout=not no_readout,
+        seed=seed,
+        max_sessions=max_sessions,
+        idle_timeout=idle_timeout,
+        max_context=max_context,
+        ignore_eos=ignore_eos,
+    )
+
+    def body(where: _Where) -> None:
+        where.base_url = f"http://{host}:{port}/v1"
+        try:
+            run_forever(config)
+        except OSError as exc:
+            raise CliError(
+                f"cannot listen on {host}:{port} or {port + 1}: {exc.strerror or exc}"
+            ) from exc
+
+    _run(body)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``poc-api`` console script."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="poc-api")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Helpers for testing code that uses poc_api, against the embedded reference server.
+
+Context managers, usable from any trio program (no pytest needed)::
+
+    import trio
+    import poc_api
+    from poc_api.testing import open_client, reference_server
+
+    async def main() -> None:
+        async with reference_server(seed=1) as server, open_client(server) as client:
+            async with client.session() as s:
+                await s.prefill(await client.tokenize("Hello"))
+                assert s.committed_len == 5
+
+    trio.run(main)
+
+pytest fixtures (they need pytest and pytest-trio). In your ``conftest.py``::
+
+    pytest_plugins = ["poc_api.testing"]
+
+then, in a test module (with ``trio_mode = true``, or mark the test ``@pytest.mark.trio``)::
+
+    async def test_greeting(poc_client: poc_api.ApiClient) -> None:
+        results = await poc_client.score([poc_api.Tokens(list(b"Hi there"))], [(2, 8)])
+        assert results[0].logprob < 0
+
+- ``poc_server`` (session scope): one :class:`~poc_api.server.ReferenceServer` for the
+  whole run. It runs on its own thread, so the fixture is synchronous. Override the
+  ``poc_server_config`` fixture (session scope, returns a
+  :class:`~poc_api.server.ServerConfig`) to configure it.
+- ``poc_client`` (function scope, async): an open :class:`~poc_api.ApiClient` connected to
+  ``poc_server``, closed after the test.
+- ``poc_png`` (function scope): a 56x56 PNG image (4 placeholder positions on the
+  reference server).
+
+:func:`make_png` builds other PNG images. Importing this module without pytest
+installed is fine: only the fixtures are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ._client import ApiClient
+from ._png import encode_png
+from .server import ReferenceServer, ServerConfig
+
+__all__ = ["make_png", "open_client", "reference_server"]
+
+
+@asynccontextmanager
+async def reference_server(**config: Any) -> AsyncIterator[ReferenceServer]:
+    """Run a reference server for the block; stop it on exit.
+
+    Keyword arguments are :class:`~poc_api.server.ServerConfig` fields (``seed``,
+    ``api_key``, ``readout``, ``max_context``, ``ignore_eos``, ...). The port defaults
+    to 0: a free pair of loopback ports (HTTP on ``p``, gRPC on ``p + 1``).
+
+    Starting and stopping run in a worker thread, so the event loop is not blocked.
+
+    Example::
+
+        async with reference_server(api_key="secret", readout=False) as server:
+            print(server.base_url, server.grpc_url)
+    """
+    async with ReferenceServer(ServerConfig(**config)) as server:
+        yield server
+
+
+@asynccontextmanager
+async def open_client(server: ReferenceServer, **client_options: Any) -> AsyncIterator[ApiClient]:
+    """An open :class:`~poc_api.ApiClient` connected to ``server``, closed on exit.
+
+    It uses the server's gRPC URL explicitly (so ``POC_GRPC_URL`` in the
+    environment cannot redirect it) and its api key, if it has one. Other keyword
+    arguments go to :class:`~poc_api.ApiClient` (``model``, ``timeout``, ...).
+    """
+    options: dict[str, Any] = {"api_key": server.config.api_key or ""}
+    options.update(client_options)
+    async with ApiClient(server.base_url, grpc_url=server.grpc_url, **options) as client:
+        yield client
+
+
+def make_png(width: int = 56, height: int = 56, seed: int = 0) -> bytes:
+    """A valid RGB PNG image of the given size (deterministic in ``seed``).
+
+    The reference server gives an image one position per 28x28 patch: a 56x56
+    image takes 4.
+    """
+    return encode_png(width, height, seed=seed)
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only a test extra
+    _HAVE_PYTEST = False
+else:
+    _HAVE_PYTEST = True
+
+if _HAVE_PYTEST:
+
+    @pytest.fixture(scope="session")
+    def poc_server_config() -> ServerConfig:
+        """The configuration of ``poc_server``; override this fixture to change it."""
+        return ServerConfig()
+
+    @pytest.fixture(scope="session")
+    def poc_server(poc_server_config: ServerConfig) -> Iterator[ReferenceServer]:
+        """A reference server shared by the whole test session (on its own thread)."""
+        server = ReferenceServer(poc_server_config)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    @pytest.fixture
+    async def poc_client(poc_server: ReferenceServer) -> AsyncIterator[ApiClient]:
+        """An open client connected to ``poc_server``; closed after the test."""
+        async with open_client(poc_server) as client:
+            yield client
+
+    @pytest.fixture
+    def poc_png() -> bytes:
+        """A 56x56 PNG image (4 placeholder positions on the reference server)."""
+        return make_png(56, 56)

@@ -1,0 +1,308 @@
+"""The ``poc-api`` command line, run as a real process (``python -m poc_api.cli``).
+
+Expected outputs are computed with the library against an in-process reference
+server of the same configuration as the CLI's embedded one, so the tests check
+the CLI's plumbing, not the toy model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+import poc_api
+from poc_api import SamplingParams, Token, Tokens
+from poc_api.cli import sparkline
+from poc_api.testing import open_client, reference_server
+
+CLI = (sys.executable, "-m", "poc_api.cli")
+TIMEOUT = 60
+UNREACHABLE = "http://127.0.0.1:1/v1"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment without connection settings that could redirect the CLI."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_DEBUG")
+    }
+    env.update(extra)
+    return env
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.run_process(
+            [*CLI, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env() if env is None else env,
+        )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    )
+
+
+async def greedy_text(client: poc_api.ApiClient, prompt: str, n: int, **sampling: float) -> str:
+    ids = await client.tokenize(prompt)
+    async with client.session() as s:
+        async with s.generate(ids, sampling=SamplingParams(max_tokens=n, **sampling)) as ev:  # type: ignore[arg-type]
+            out = [e.id async for e in ev if isinstance(e, Token) and not e.is_prefill]
+    return await client.detokenize(out)
+
+
+# -- pure helpers -----------------------------------------------------------------------
+
+
+def test_sparkline_scales_from_lowest_to_highest_block() -> None:
+    assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
+    assert sparkline([2.0, 2.0]) == "▁▁"
+    assert sparkline([]) == ""
+    assert sparkline([0.0, float("nan"), 1.0]) == "▁ █"
+    assert sparkline([5.0], low=0.0, high=10.0) == "▅"
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+async def test_demo_tours_the_library_and_exits_zero() -> None:
+    result = await run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    out = result.stdout
+    assert "\x1b[" not in out, "no terminal codes when stdout is not a TTY"
+    for needle in (
+        "embedded reference server",
+        "1. Session",
+        "placeholder_count 4",  # the demo's 56x56 PNG
+        "2. Streaming generation",
+        "3. Readouts",
+        "readout shape (3, 8)",
+        "4. Scoring",
+        "more likely",
+        "5. Reusing the conversation",
+        "session reused: yes",
+        "6. Timings",
+        "time to first token",
+        "tokens/s",
+    ):
+        assert needle in out, needle
+    # Sparklines for the concepts, one block per generated token.
+    spark_rows = [line for line in out.splitlines() if re.search(r"[▁▂▃▄▅▆▇█]{8,}", line)]
+    assert len(spark_rows) == 8
+    # Only the new user text was sent in the second turn.
+    m = re.search(r"sent (\d+) of (\d+) prompt tokens \(delta = (\d+) new tokens\)", out)
+    assert m is not None, out
+    sent, total, delta = map(int, m.groups())
+    assert sent == delta < total
+    assert f"the server counted {delta} appended tokens" in out
+
+
+async def test_demo_against_a_url_without_readout_skips_readouts_gracefully() -> None:
+    async with reference_server(readout=False, api_key="demo-key") as server:
+        result = await run_cli("demo", "--url", server.base_url, "--api-key", "demo-key")
+    assert result.returncode == 0, result.stderr
+    assert "readout is disabled on this server" in result.stdout
+    assert "server: remote" in result.stdout
+    assert "session reused: yes" in result.stdout
+    assert "demo-key" not in result.stdout + result.stderr
+
+
+# -- generate --------------------------------------------------------------------------
+
+
+async def test_generate_prints_the_greedy_completion() -> None:
+    async with reference_server() as server, open_client(server) as client:
+        expected = await greedy_text(client, "Once upon a time", 20)
+    result = await run_cli("generate", "Once upon a time", "--max-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+async def test_generate_seed_reaches_the_embedded_server() -> None:
+    async with reference_server(seed=7) as server, open_client(server) as client:
+        expected = await greedy_text(client, "It was", 24, temperature=1.0)
+    result = await run_cli(
+        "generate", "It was", "--max-tokens", "24", "--temperature", "1", "--seed", "7"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+async def test_generate_with_readout_shows_a_sparkline_per_concept() -> None:
+    result = await run_cli("generate", "Hello there", "--max-tokens", "12", "--readout")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    concepts = {r[0]: r[1] for r in rows if len(r) == 4 and re.fullmatch("[▁▂▃▄▅▆▇█]+", r[1])}
+    assert set(concepts) >= {"vowel", "consonant", "space"}
+    assert all(len(spark) == 12 for spark in concepts.values())
+
+
+# -- score -----------------------------------------------------------------------------
+
+
+async def test_score_prints_continuations_best_first_with_their_logprobs() -> None:
+    prompt, conts = "The cat sat on the", [" xylophone.", " mat.", " dog"]
+    async with reference_server() as server, open_client(server) as client:
+        p = await client.tokenize(prompt)
+        expected = {}
+        for c in conts:
+            ids = await client.tokenize(c)
+            [r] = await client.score([Tokens(p + ids)], [(len(p), len(p) + len(ids))])
+            expected[c] = (r.logprob, len(ids))
+    args = ["score", prompt]
+    for c in conts:
+        args += ["--continuation", c]
+    result = await run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["rank", "logprob", "per-token", "tokens", "continuation"]
+    rows = []
+    for line in lines:
+        rank, logprob, per_token, n, cont = line.split(maxsplit=4)
+        rows.append((int(rank), float(logprob), float(per_token), int(n), json.loads(cont)))
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
+    for _, logprob, per_token, n, cont in rows:
+        assert logprob == pytest.approx(expected[cont][0], abs=1e-4)
+        assert n == expected[cont][1]
+        assert per_token == pytest.approx(logprob / n, abs=1e-3)
+
+
+# -- chat ------------------------------------------------------------------------------
+
+
+async def test_chat_prints_the_streamed_reply() -> None:
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    async with reference_server() as server, open_client(server) as client:
+        expected = (await client.chat(messages, max_tokens=30)).text
+    result = await run_cli("chat", "Tell me a story", "--max-tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+# -- serve -----------------------------------------------------------------------------
+
+
+async def test_serve_runs_a_server_that_clients_reach_until_terminated() -> None:
+    secret = "serve-secret-123"
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.lowlevel.open_process(
+            [*CLI, "serve", "--port", "0", "--api-key", secret, "--seed", "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+        )
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            buf = b""
+            while b"grpc_url:" not in buf:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "serve exited before listening"
+                buf += chunk
+            urls = dict(line.split(": ", 1) for line in buf.decode().splitlines() if ": " in line)
+            base_url = urls["base_url"]
+
+            async with poc_api.ApiClient(
+                base_url, api_key=secret, grpc_url=urls["grpc_url"]
+            ) as client:
+                async with client.session() as s:
+                    await s.prefill(await client.tokenize("hello"))
+                    assert s.committed_len == 5
+                assert await client.readout_manifest() is not None
+
+            # A wrong key: one line on stderr, exit 1, and no key is ever printed.
+            bad = await run_cli("generate", "hi", "--url", base_url, "--api-key", "wrong-key-456")
+            assert bad.returncode == 1
+            assert bad.stdout == ""
+            assert len(bad.stderr.splitlines()) == 1 and bad.stderr.startswith("error: ")
+            assert "wrong-key-456" not in bad.stderr and secret not in bad.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = await proc.wait()
+            rest = await proc.stderr.receive_some() if proc.stderr is not None else b""
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    await stream.aclose()
+    assert code == 0
+    assert b"ready" in rest and secret.encode() not in rest
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["demo"],
+        ["generate", "hi"],
+        ["score", "hi", "--continuation", " there"],
+        ["chat", "hi"],
+    ],
+    ids=lambda a: a[0],
+)
+async def test_unreachable_server_is_one_line_on_stderr(args: list[str]) -> None:
+    result = await run_cli("--url", UNREACHABLE, *args, "--api-key", "k-should-not-show")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cannot reach the server at http://127.0.0.1:")
+    assert "Traceback" not in result.stderr
+    assert "k-should-not-show" not in result.stdout + result.stderr
+
+
+async def test_base_url_comes_from_the_environment() -> None:
+    result = await run_cli("generate", "hi", env=cli_env(POC_BASE_URL=UNREACHABLE))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot reach the server at {UNREACHABLE}")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["nope"],
+        ["score", "hi"],
+        ["generate"],
+        ["generate", "hi", "--url", "not-a-url"],
+        ["generate", "hi", "--url", UNREACHABLE, "--seed", "1"],
+        ["generate", "hi", "--grpc-url", "http://127.0.0.1:2"],
+        ["generate", "hi", "--max-tokens", "-1"],
+        ["generate", "hi", "--top-p", "2"],
+        ["serve", "--port", "70000"],
+    ],
+    ids=lambda a: " ".join(a) or "no-args",
+)
+async def test_usage_errors_exit_2(args: Sequence[str]) -> None:
+    result = await run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+async def test_the_installed_console_script_runs() -> None:
+    bindir = os.path.dirname(sys.executable)
+    exe = shutil.which("poc-api", path=bindir + os.pathsep + os.environ.get("PATH", ""))
+    assert exe is not None, "the poc-api console script is not installed"
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.run_process(
+            [exe, "generate", "Once upon a time", "--max-tokens", "5"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env(),
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.decode()) >= 5

@@ -1,0 +1,187 @@
+"""``poc_api.testing``: context managers, pytest fixtures, and the PNG helper."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pytest
+import trio
+
+import poc_api
+from poc_api._png import encode_png
+from poc_api.testing import make_png, open_client, reference_server
+
+TIMEOUT = 60
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Split a PNG into (type, data) chunks, checking every CRC."""
+    assert data.startswith(PNG_SIGNATURE)
+    i, out = len(PNG_SIGNATURE), []
+    while i < len(data):
+        (n,) = struct.unpack(">I", data[i : i + 4])
+        kind, body = data[i + 4 : i + 8], data[i + 8 : i + 8 + n]
+        (crc,) = struct.unpack(">I", data[i + 8 + n : i + 12 + n])
+        assert crc == zlib.crc32(kind + body), kind
+        out.append((kind, body))
+        i += 12 + n
+    return out
+
+
+async def test_reference_server_and_open_client_talk_to_each_other() -> None:
+    with trio.fail_after(20):
+        async with reference_server(seed=1, api_key="k1") as server:
+            assert server.config.seed == 1
+            async with open_client(server, model="m") as client:
+                assert client.model == "m"
+                assert client.grpc_url == server.grpc_url
+                async with client.session() as s:
+                    await s.prefill(await client.tokenize("Hello"))
+                    assert s.committed_len == 5
+                assert await client.readout_manifest() is not None
+
+
+async def test_open_client_uses_the_servers_api_key() -> None:
+    with trio.fail_after(20):
+        async with reference_server(api_key="secret") as server:
+            async with open_client(server) as client:
+                assert await client.tokenize("a") == [97]
+            async with open_client(server, api_key="wrong") as client:
+                with pytest.raises(poc_api.AuthenticationError):
+                    await client.tokenize("a")
+
+
+async def test_reference_server_stops_when_the_block_exits() -> None:
+    with trio.fail_after(20):
+        async with reference_server() as server:
+            base_url, grpc_url = server.base_url, server.grpc_url
+        async with poc_api.ApiClient(base_url, grpc_url=grpc_url) as client:
+            with pytest.raises(poc_api.ServerUnavailable):
+                await client.tokenize("a")
+
+
+async def test_reference_server_passes_config_through() -> None:
+    with trio.fail_after(20):
+        async with reference_server(readout=False) as server, open_client(server) as client:
+            assert await client.readout_manifest() is None
+
+
+def test_make_png_is_a_valid_png_of_the_requested_size() -> None:
+    data = make_png(57, 30, seed=3)
+    chunks = png_chunks(data)
+    assert [kind for kind, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    width, height, depth, colour, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (width, height, depth, colour) == (57, 30, 8, 2)
+    raw = zlib.decompress(chunks[1][1])
+    assert len(raw) == 30 * (1 + 57 * 3)
+    assert make_png(57, 30, seed=3) == data
+    assert make_png(57, 30, seed=4) != data
+
+
+def test_encode_png_checks_its_input() -> None:
+    assert png_chunks(encode_png(1, 1, b"\x01\x02\x03"))
+    with pytest.raises(ValueError):
+        encode_png(2, 1, b"\x00\x00\x00")
+    with pytest.raises(ValueError):
+        encode_png(0, 1, b"")
+    with pytest.raises(TypeError):
+        encode_png(1.0, 1, b"\x00\x00\x00")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("size", "positions"), [((56, 56), 4), ((57, 28), 3), ((1, 1), 1)])
+async def test_the_reference_server_accepts_make_png_images(
+    size: tuple[int, int], positions: int
+) -> None:
+    with trio.fail_after(20):
+        async with reference_server() as server, open_client(server) as client:
+            async with client.session() as s:
+                appended = await s.append_image(make_png(*size), "image/png")
+    assert appended.placeholder_count == positions
+
+
+def run_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POC_", "PYTEST_"))}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def test_pytest_plugin_fixtures_work_in_a_users_project(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n")
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent(
+            """
+            import pytest
+            from poc_api.server import ServerConfig
+
+            pytest_plugins = ["poc_api.testing"]
+
+
+            @pytest.fixture(scope="session")
+            def poc_server_config():
+                return ServerConfig(api_key="user-key", seed=2)
+            """
+        )
+    )
+    (tmp_path / "test_user.py").write_text(
+        textwrap.dedent(
+            """
+            import poc_api
+
+
+            def test_server_is_shared_and_configured(poc_server):
+                assert poc_server.config.api_key == "user-key"
+                assert poc_server.base_url.startswith("http://127.0.0.1:")
+
+
+            async def test_client_is_connected(poc_client, poc_png):
+                async with poc_client.session() as s:
+                    await s.prefill(await poc_client.tokenize("Hi"))
+                    image = await s.append_image(poc_png, "image/png")
+                assert image.total_length == 2 + 4
+
+
+            async def test_scoring_from_the_docstring(poc_client):
+                results = await poc_client.score([poc_api.Tokens(list(b"Hi there"))], [(2, 8)])
+                assert results[0].logprob < 0
+            """
+        )
+    )
+    result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+
+
+def test_importing_without_pytest_still_gives_the_context_managers(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["pytest"] = None  # as if pytest were not installed
+        import trio
+        import poc_api.testing as t
+
+        assert not hasattr(t, "poc_server") and not hasattr(t, "poc_client")
+
+        async def main():
+            async with t.reference_server() as server, t.open_client(server) as client:
+                print(await client.tokenize("ok"))
+
+        trio.run(main)
+        """
+    )
+    result = run_python(["-c", script], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[111, 107]"
