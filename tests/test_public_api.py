@@ -47,7 +47,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "score_many",
         "validate_ranges",
         "configure_debug_from_env",
-        "ChatEvent",
+        "DEFAULT_MAX_BUFFER",
         "encode_png",
     }
     for info in pkgutil.iter_modules(poc_api.__path__):
