@@ -89,7 +89,10 @@ class ApiClient:
         keepalive_time: ping the gRPC server every this many seconds while calls
             are open (``None``: never). A server that does not answer within
             ``keepalive_timeout`` seconds is treated as gone: every open call
-            fails with :class:`ServerUnavailable` instead of hanging.
+            fails with :class:`ServerUnavailable` instead of hanging. The default,
+            5 minutes, is the most frequent pinging that gRPC's C-core servers
+            accept by default on a quiet connection (more often earns a GOAWAY
+            "too_many_pings"); lower it for servers that allow it.
 
     The gRPC channel opens on first use and is shared by everything made from
     this client: one HTTP/2 connection, however many tasks use it at once.
@@ -116,7 +119,7 @@ class ApiClient:
         close_timeout: float = 5.0,
         max_buffered_events: int = 4096,
         max_message_size: int = 64 * 1024 * 1024,
-        keepalive_time: float | None = 30.0,
+        keepalive_time: float | None = 300.0,
         keepalive_timeout: float = 20.0,
     ) -> None:
         if not isinstance(base_url, str):

@@ -162,7 +162,7 @@ class KeepAlive:
     every open call with :class:`ServerUnavailable` instead of hanging forever.
     """
 
-    time: float = 30.0
+    time: float = 300.0
     timeout: float = 20.0
 
 
