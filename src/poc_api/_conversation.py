@@ -334,9 +334,14 @@ class Conversation:
                 ok = True
             finally:
                 if not ok:
-                    with trio.CancelScope(shield=True):
+                    # gen_stack may still hold the Generate (and its bridge nursery)
+                    # when priming failed; a nursery must be exited in the cancel
+                    # scope it was opened in, never from inside a newer one.
+                    try:
                         await gen_stack.aclose()
-                        await self._drop()
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._drop()
 
     async def _start(
         self,
