@@ -88,6 +88,7 @@ async def test_demo_tours_the_library_and_exits_zero() -> None:
         "embedded reference server",
         "1. Session",
         "placeholder_count 4",  # the demo's 56x56 PNG
+        "vision_start [258]",  # bracketed with the ids from GET /tokenizer
         "2. Streaming generation",
         "3. Readouts",
         "readout shape (3, 8)",

@@ -542,6 +542,23 @@ def demo(url: str | None, api_key: str | None, grpc_url: str | None) -> None:
     _run_async(lambda where: _demo(target, where))
 
 
+async def _vision_brackets(client: ApiClient) -> tuple[list[int], list[int]]:
+    """``([vision_start], [vision_end])`` from ``GET /tokenizer``; empty lists without it."""
+    try:
+        info = await client.tokenizer_info()
+    except e.HttpError as exc:
+        if exc.http_status in _NO_ENDPOINT:
+            return [], []
+        raise
+    special = info.get("special")
+    if not isinstance(special, dict):
+        return [], []
+    start, end = special.get("vision_start"), special.get("vision_end")
+    if type(start) is int and type(end) is int and start >= 0 and end >= 0:
+        return [start], [end]
+    return [], []
+
+
 async def _demo(target: _Target, where: _Where) -> None:
     con = _console()
     started = time.perf_counter()
@@ -573,12 +590,14 @@ async def _demo(target: _Target, where: _Where) -> None:
         con.rule("[bold]1. Session: text, then an image", align="left")
         async with client.session() as session:
             prefix = await codec.encode(_DEMO_PREFIX)
-            await session.prefill(prefix)
+            start, end = await _vision_brackets(client)
+            await session.prefill(prefix + start)
             con.print(
                 f"prefill  {json.dumps(_DEMO_PREFIX)}\n"
                 f"         {len(prefix)} tokens "
-                f"({'byte-level fallback' if codec.byte_level else 'via /tokenize'}) "
-                f"→ committed_len {session.committed_len}"
+                f"({'byte-level fallback' if codec.byte_level else 'via /tokenize'})"
+                + (f" + vision_start {start}" if start else "")
+                + f" → committed_len {session.committed_len}"
             )
             png = encode_png(56, 56)
             appended = await session.append_image(png, "image/png")
@@ -586,12 +605,17 @@ async def _demo(target: _Target, where: _Where) -> None:
                 f"image    56x56 PNG, {len(png)} bytes → placeholder_count "
                 f"[bold]{appended.placeholder_count}[/] → committed_len {appended.total_length}"
             )
+            if not start:
+                con.print("         (no special ids from /tokenizer: the image is not bracketed)")
 
             con.print()
             con.rule("[bold]2. Streaming generation (greedy)", align="left")
-            after = await codec.encode(_DEMO_AFTER_IMAGE)
+            after = end + await codec.encode(_DEMO_AFTER_IMAGE)
             sampling = SamplingParams(max_tokens=48, temperature=0.0)
-            con.print(f"prompt continues with {json.dumps(_DEMO_AFTER_IMAGE)}; output:")
+            con.print(
+                f"prompt continues with {f'vision_end {end} + ' if end else ''}"
+                f"{json.dumps(_DEMO_AFTER_IMAGE)}; output:"
+            )
             write_live(_DEMO_AFTER_IMAGE)
             reply = await _pump(
                 lambda: session.generate(after, sampling=sampling), live, "2. generation"
