@@ -6,7 +6,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import trio
+from helpers import make_png
 
 import poc_api
 from poc_api.server import ReferenceServer, ServerConfig
@@ -44,36 +44,6 @@ def eos_server() -> Iterator[ReferenceServer]:
 async def client(server: ReferenceServer) -> AsyncIterator[poc_api.ApiClient]:
     async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
         yield c
-
-
-async def wait_for(predicate: object, timeout: float = 5.0) -> None:
-    """Poll a server-side condition (servers run on their own thread)."""
-    assert callable(predicate)
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.002)
-
-
-def make_png(width: int, height: int, seed: int = 0) -> bytes:
-    """A valid RGB PNG of the given size (zlib + struct, no imaging library)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(
-        b"\x00" + bytes((x * 7 + y * 13 + seed) % 256 for x in range(width * 3))
-        for y in range(height)
-    )
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,7 +58,7 @@ def test_prompt_to_chunks_reconstructs_the_flat_prompt(
     assert rebuilt == tokens
     assert seen_images == [(d, m, n) for (d, m), n in zip(images, inner_lens, strict=True)]
     # No two token chunks in a row, no empty token chunk.
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert not (isinstance(a, Tokens) and isinstance(b, Tokens))
     assert all(len(c.ids) > 0 for c in chunks if isinstance(c, Tokens))
 

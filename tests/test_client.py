@@ -8,7 +8,7 @@ import time
 
 import pytest
 import trio
-from conftest import wait_for
+from helpers import wait_for
 
 import poc_api
 from poc_api import SamplingParams, Token
@@ -281,7 +281,7 @@ async def test_cancelling_a_million_token_decode_stops_the_server_promptly(
                     async for _ in ev:
                         received += 1
             cancelled_at = time.perf_counter()
-            while server.state().cancelled_streams == before:
+            while server.state().cancelled_streams == before:  # noqa: ASYNC110 - server thread
                 await trio.sleep(0.001)
             seen_after = time.perf_counter() - cancelled_at
             decoded = server.state().tokens_decoded

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 import trio
-from conftest import make_png
+import trio.lowlevel
+from helpers import make_png
 
 import poc_api
 from poc_api import (
@@ -239,7 +240,7 @@ async def test_concurrent_streams_on_one_conversation_are_serialised(
             async with conv.stream([Tokens([1, 2, 3])], GREEDY8) as ev:
                 log.append((i, "start"))
                 async for _ in ev:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 log.append((i, "end"))
 
         with trio.fail_after(20):
@@ -289,7 +290,7 @@ async def test_evicted_session_is_reopened_and_the_prompt_resent_transparently(
                 assert conv.session is not None
                 old = conv.session.session_id
                 with trio.fail_after(5):
-                    while old in srv.state().session_ids:
+                    while old in srv.state().session_ids:  # noqa: ASYNC110 - server thread
                         await trio.sleep(0.05)
                 before = srv.state().tokens_appended
                 prompt = [Tokens([1, 2, 3]), Tokens(decoded(first)), Tokens([4])]

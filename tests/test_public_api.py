@@ -11,7 +11,7 @@ import poc_api
 def test_all_names_exist_and_are_documented() -> None:
     for name in poc_api.__all__:
         obj = getattr(poc_api, name)
-        if isinstance(obj, type) or callable(obj) and not hasattr(obj, "__origin__"):
+        if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "__origin__")):
             assert getattr(obj, "__doc__", None), f"{name} has no docstring"
 
 

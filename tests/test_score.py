@@ -6,7 +6,7 @@ import math
 
 import pytest
 import trio
-from conftest import make_png, wait_for
+from helpers import make_png, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
