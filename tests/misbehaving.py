@@ -1,0 +1,425 @@
+"""A deliberately broken salience gRPC server, for reliability tests.
+
+HTTP/2 comes from the ``h2`` state machine over trio sockets, in the test's own
+trio run, so a test controls exactly which bytes go out and when. Each request is
+answered according to a :class:`Reply` taken from a per-method plan (or the
+server's default)::
+
+    async with misbehaving_server() as srv:
+        srv.plan("Generate", Reply("refuse"), Reply("refuse"))   # then the default, "ok"
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url) as client:
+            ...
+        assert [c.kind for c in srv.calls_to("Generate")] == ["refuse", "refuse", "ok"]
+
+``Reply.kind`` is one of:
+
+- ``"ok"``: a small well-behaved salience server (sessions are fake; Generate
+  streams ``tokens`` tokens after ``first_delay`` s, ``interval`` s apart; a
+  unary call is answered ``first_delay`` s late);
+- ``"silent"``: never answer this stream (the connection stays healthy);
+- ``"garbage"``: write an invalid HTTP/2 frame (DATA on stream 0);
+- ``"http1"``: answer in HTTP/1.1, which an HTTP/2 parser reads as the header of a
+  huge frame and then waits for;
+- ``"wrong_content_type"``: a 200 answer with ``content-type: text/html``;
+- ``"http_status"``: an answer with HTTP ``:status`` = ``status``;
+- ``"trailers_only"``: HEADERS with ``grpc-status`` = ``status`` and END_STREAM;
+- ``"oversized"``: a message whose length prefix says ``claimed_size`` bytes; only
+  16 bytes follow and the stream stalls, unless ``send_body`` (then all of it);
+- ``"refuse"``: RST_STREAM(REFUSED_STREAM) before any answer;
+- ``"reset"``: RST_STREAM(``status``) — for Generate after the headers and two tokens;
+- ``"goaway"``: GOAWAY(``status``) whose last stream id excludes this request,
+  then close the connection;
+- ``"goaway_after"``: answer normally, then GOAWAY(NO_ERROR) and close;
+- ``"malformed"``: a correctly framed message that is not valid protobuf;
+- ``"close_mid_stream"``: Generate headers and three tokens, then close the TCP
+  connection (unary methods: close without answering);
+- ``"close"``: close the TCP connection without answering.
+
+``srv.mute = True`` makes *new connections* accept TCP and never send a byte
+(no SETTINGS, no PING ACK): the "black hole" server.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+import attrs
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import trio
+
+from poc_api._proto import salience as pb
+from poc_api.server._grpc import encode_done, encode_token
+
+__all__ = ["DUMMY_BASE_URL", "Call", "MisbehavingServer", "Reply", "misbehaving_server"]
+
+#: ApiClient needs an HTTP root; the misbehaving server only speaks gRPC.
+DUMMY_BASE_URL = "http://127.0.0.1:9/v1"
+
+Kind = Literal[
+    "ok",
+    "silent",
+    "garbage",
+    "http1",
+    "wrong_content_type",
+    "http_status",
+    "trailers_only",
+    "oversized",
+    "refuse",
+    "reset",
+    "goaway",
+    "goaway_after",
+    "malformed",
+    "close_mid_stream",
+    "close",
+]
+
+_GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
+_OK_TRAILERS = [("grpc-status", "0")]
+_frame_len = struct.Struct(">BI").pack
+
+
+def _padding(size: int) -> bytes:
+    """A valid protobuf message of exactly ``size`` bytes (>= 6): one unknown field 15.
+
+    Its length is a varint padded to five bytes, which protobuf parsers accept.
+    """
+    n = size - 6
+    length = bytes(((n >> (7 * i)) & 0x7F) | (0x80 if i < 4 else 0) for i in range(5))
+    return b"\x7a" + length + b"p" * n
+
+
+@attrs.frozen
+class Reply:
+    """How to answer one request (see the module docstring)."""
+
+    kind: Kind = "ok"
+    status: int = 0
+    tokens: int = 8
+    first_delay: float = 0.0
+    interval: float = 0.0
+    claimed_size: int = 0
+    send_body: bool = False
+
+
+@attrs.frozen
+class Call:
+    """One request the server saw: method, connection number (1-based), stream id."""
+
+    method: str
+    connection: int
+    stream_id: int
+    kind: Kind
+
+
+class MisbehavingServer:
+    """State and knobs of a running misbehaving server (see :func:`misbehaving_server`)."""
+
+    def __init__(self, default: Reply) -> None:
+        self.default = default
+        self.mute = False
+        self.port = 0
+        self.connections = 0
+        self.calls: list[Call] = []
+        #: (connection, stream_id, h2 error code) of every RST_STREAM the client sent.
+        self.resets: list[tuple[int, int, int]] = []
+        self.pings = 0
+        self._plans: defaultdict[str, deque[Reply]] = defaultdict(deque)
+        self._open: list[trio.SocketStream] = []
+
+    @property
+    def url(self) -> str:
+        """The gRPC URL to give ``ApiClient(grpc_url=...)``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def plan(self, method: str, *replies: Reply) -> None:
+        """Answer the next calls of ``method`` (``"*"``: any method) with ``replies``."""
+        self._plans[method].extend(replies)
+
+    def calls_to(self, method: str) -> list[Call]:
+        """The calls seen for one method, in order."""
+        return [c for c in self.calls if c.method == method]
+
+    def _next_reply(self, method: str) -> Reply:
+        for key in (method, "*"):
+            if self._plans[key]:
+                return self._plans[key].popleft()
+        return self.default
+
+    async def close_connections(self) -> None:
+        """Drop every open connection (a server restart, as the client sees it)."""
+        for s in list(self._open):
+            await s.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self._open.append(stream)
+        try:
+            if self.mute:
+                while await stream.receive_some(65536):
+                    pass
+                return
+            await _Connection(self, stream, self.connections).run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._open.remove(stream)
+            await stream.aclose()
+
+
+@asynccontextmanager
+async def misbehaving_server(default: Reply | None = None) -> AsyncIterator[MisbehavingServer]:
+    """Run a :class:`MisbehavingServer` on 127.0.0.1 (port 0) for the block."""
+    srv = MisbehavingServer(default if default is not None else Reply())
+    try:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, srv._handle, 0)
+            srv.port = listeners[0].socket.getsockname()[1]
+            try:
+                yield srv
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Connection handlers never raise, so a group holds the block's own error.
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        raise exc from None
+
+
+class _Connection:
+    """One HTTP/2 connection: a reader loop and a task per request."""
+
+    def __init__(self, server: MisbehavingServer, stream: trio.SocketStream, number: int) -> None:
+        self.server = server
+        self.stream = stream
+        self.number = number
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.send_lock = trio.Lock()
+        self.window = trio.Event()
+        self.requests: dict[int, tuple[str, bytearray]] = {}
+
+    async def flush(self) -> None:
+        async with self.send_lock:
+            data = self.h2.data_to_send()
+            if data:
+                await self.stream.send_all(data)
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()
+        await self.flush()
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    break
+                for ev in events:
+                    self._on_event(ev, nursery)
+                try:
+                    await self.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+            nursery.cancel_scope.cancel()
+
+    def _on_event(self, ev: h2.events.Event, nursery: trio.Nursery) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            path = dict(ev.headers).get(":path", "")
+            self.requests[ev.stream_id] = (str(path).rsplit("/", 1)[-1], bytearray())
+        elif isinstance(ev, h2.events.DataReceived):
+            if ev.stream_id in self.requests:
+                self.requests[ev.stream_id][1].extend(ev.data)
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.StreamEnded):
+            method, body = self.requests.pop(ev.stream_id, ("", bytearray()))
+            nursery.start_soon(self._respond, ev.stream_id, method, bytes(body))
+        elif isinstance(ev, h2.events.StreamReset):
+            self.server.resets.append((self.number, ev.stream_id, int(ev.error_code)))
+        elif isinstance(ev, h2.events.PingReceived):
+            self.server.pings += 1
+        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self.window.set()
+            self.window = trio.Event()
+
+    # -- sending -------------------------------------------------------------------
+
+    async def send_headers(self, sid: int, headers: list[tuple[str, str]], end: bool) -> None:
+        self.h2.send_headers(sid, headers, end_stream=end)
+        await self.flush()
+
+    async def send_data(self, sid: int, data: bytes, end: bool = False) -> None:
+        view = memoryview(data)
+        while view:
+            size = min(
+                self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size, len(view)
+            )
+            if size <= 0:
+                await self.window.wait()
+                continue
+            self.h2.send_data(sid, bytes(view[:size]))
+            view = view[size:]
+            await self.flush()
+        if end:
+            self.h2.end_stream(sid)
+            await self.flush()
+
+    async def send_unary(self, sid: int, message: bytes) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        await self.send_data(sid, _frame_len(0, len(message)) + message)
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+
+    # -- answering -------------------------------------------------------------------
+
+    async def _respond(self, sid: int, method: str, body: bytes) -> None:
+        reply = self.server._next_reply(method)
+        self.server.calls.append(Call(method, self.number, sid, reply.kind))
+        try:
+            await getattr(self, "_" + reply.kind)(sid, method, body[5:], reply)
+        except (
+            h2.exceptions.StreamClosedError,
+            h2.exceptions.ProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
+            pass  # the client reset the stream or went away: nothing left to answer
+
+    async def _ok(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        if reply.first_delay and method != "Generate":
+            await trio.sleep(reply.first_delay)  # processed, but the answer is late
+        if method == "OpenSession":
+            msg = pb.OpenSessionResponse(session_id=f"mis-{self.number}-{sid}", max_length=1 << 20)
+            await self.send_unary(sid, bytes(msg))
+        elif method == "CloseSession":
+            await self.send_unary(sid, bytes(pb.CloseSessionResponse()))
+        elif method == "AppendImage":
+            req = pb.AppendImageRequest.parse(body)
+            msg = pb.AppendImageResponse(placeholder_count=4, total_length=req.offset + 4)
+            await self.send_unary(sid, bytes(msg))
+        elif method == "Generate":
+            await self._generate(sid, pb.GenerateRequest.parse(body), reply)
+        else:
+            await self._trailers_only(sid, method, body, Reply("trailers_only", status=12))
+
+    async def _generate(self, sid: int, req: pb.GenerateRequest, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        start, end = req.offset, req.offset + len(req.append_tokens)
+        prefill = b"".join(
+            encode_token(req.append_tokens[p - start], True, p, -1.0)
+            for p in range(start, end)
+            if any(r.start <= p < r.end for r in req.logprobs_ranges)
+        )
+        if prefill:
+            await self.send_data(sid, prefill)
+        n = min(reply.tokens, req.max_tokens)
+        if reply.first_delay:
+            await trio.sleep(reply.first_delay)
+        for i in range(n):
+            if i and reply.interval:
+                await trio.sleep(reply.interval)
+            await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
+        await self.send_data(sid, encode_done(end, n, end + n, "length" if n else "prefill"))
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    async def _silent(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        return  # the stream stays open, unanswered, until the client resets it
+
+    async def _garbage(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        # A DATA frame on stream 0: no HTTP/2 peer may accept it.
+        async with self.send_lock:
+            await self.stream.send_all(b"\x00\x00\x04\x00\x00\x00\x00\x00\x00junk")
+
+    async def _http1(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        # What a plain HTTP/1.1 server would say. Read as an HTTP/2 frame header it
+        # announces a 4.7 MB frame, so a client waits for the rest: only a deadline
+        # or keepalive can notice.
+        async with self.send_lock:
+            await self.stream.send_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+    async def _wrong_content_type(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(
+            sid, [(":status", "200"), ("content-type", "text/html; charset=utf-8")], end=False
+        )
+        await self.send_data(sid, b"<html><body>not gRPC</body></html>", end=True)
+
+    async def _http_status(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(
+            sid, [(":status", str(reply.status)), ("content-type", "text/plain")], end=False
+        )
+        await self.send_data(sid, b"try again later", end=True)
+
+    async def _trailers_only(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        headers = [
+            *_GRPC_HEADERS,
+            ("grpc-status", str(reply.status)),
+            ("grpc-message", "injected%20failure"),
+        ]
+        await self.send_headers(sid, headers, end=True)
+
+    async def _oversized(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        prefix = _frame_len(0, reply.claimed_size)
+        if not reply.send_body:
+            await self.send_data(sid, prefix + b"\x0a" * 16)
+            await trio.sleep_forever()  # the rest never comes
+        await self.send_data(sid, prefix + _padding(reply.claimed_size))
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    async def _refuse(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+        await self.flush()
+
+    async def _reset(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        if method == "Generate":
+            await self.send_headers(sid, _GRPC_HEADERS, end=False)
+            await self.send_data(sid, encode_token(65, False, 1, -0.5))
+            await self.send_data(sid, encode_token(66, False, 2, -0.5))
+            await trio.sleep(0.01)
+        self.h2.reset_stream(sid, reply.status)
+        await self.flush()
+
+    async def _goaway(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        self.h2.close_connection(error_code=reply.status, last_stream_id=max(0, sid - 2))
+        await self.flush()
+        await self.close()
+
+    async def _goaway_after(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._ok(sid, method, body, reply)
+        self.h2.close_connection(error_code=0, last_stream_id=sid)
+        await self.flush()
+        await trio.sleep(0.01)
+        await self.close()
+
+    async def _malformed(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        # A length-delimited field 1 that claims far more bytes than the message has.
+        bad = b"\x0a\xff\xff\x03\x08\x01"
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        await self.send_data(sid, _frame_len(0, len(bad)) + bad)
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    async def _close_mid_stream(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        if method == "Generate":
+            await self.send_headers(sid, _GRPC_HEADERS, end=False)
+            for i in range(3):
+                await self.send_data(sid, encode_token(65 + i, False, i, -0.5))
+            await trio.sleep(0.05)
+        await self.close()
+
+    async def _close(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.close()

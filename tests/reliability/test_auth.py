@@ -1,0 +1,172 @@
+"""Auth: a missing or wrong key is AuthenticationError on every transport, and the
+key never shows up in logs, reprs or exception messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+import poc_api
+from poc_api import SamplingParams, Tokens, TrainSample
+from poc_api.server import ReferenceServer, ServerConfig
+
+SERVER_KEY = "sk-server-secret-7f3a9c"
+WRONG_KEY = "sk-wrong-secret-51d2e8"
+
+
+@pytest.fixture
+async def keyed() -> AsyncIterator[ReferenceServer]:
+    async with ReferenceServer(ServerConfig(api_key=SERVER_KEY)) as srv:
+        yield srv
+
+
+async def grpc_session(c: poc_api.ApiClient) -> None:
+    async with c.session() as s:
+        await s.prefill([1])
+
+
+async def grpc_score(c: poc_api.ApiClient) -> None:
+    await c.score([Tokens([1, 2, 3])], [(1, 3)])
+
+
+async def grpc_conversation(c: poc_api.ApiClient) -> None:
+    async with c.conversation() as conv:
+        async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=2)) as ev:
+            async for _ in ev:
+                pass
+
+
+async def http_manifest(c: poc_api.ApiClient) -> None:
+    await c.readout_manifest()
+
+
+async def http_train(c: poc_api.ApiClient) -> None:
+    await c.train([TrainSample(tokens=[1, 2], target_ranges=[(0, 2)])])
+
+
+async def http_chat(c: poc_api.ApiClient) -> None:
+    await c.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+async def http_chat_stream(c: poc_api.ApiClient) -> None:
+    async with c.chat_stream([{"role": "user", "content": "hi"}], max_tokens=2) as events:
+        async for _ in events:
+            pass
+
+
+CALLS = [
+    grpc_session,
+    grpc_score,
+    grpc_conversation,
+    http_manifest,
+    http_train,
+    http_chat,
+    http_chat_stream,
+]
+
+
+def exception_texts(exc: BaseException) -> str:
+    """Everything an exception would print, its causes included."""
+    parts = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        parts += [str(seen), repr(seen), repr(seen.args)]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("key", ["", WRONG_KEY], ids=["no-key", "wrong-key"])
+async def test_missing_or_wrong_key_is_authentication_error(
+    keyed: ReferenceServer, call: object, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    assert callable(call)
+    async with poc_api.ApiClient(keyed.base_url, api_key=key, grpc_url=keyed.grpc_url) as c:
+        with trio.fail_after(5), pytest.raises(poc_api.AuthenticationError) as info:
+            await call(c)
+        err = info.value
+        assert err.grpc_status == "UNAUTHENTICATED" or err.http_status == 401
+        text = exception_texts(err) + repr(c) + caplog.text
+    assert SERVER_KEY not in text
+    if key:
+        assert key not in text
+
+
+async def test_the_right_key_works_everywhere_and_never_leaks(
+    keyed: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with poc_api.ApiClient(keyed.base_url, api_key=SERVER_KEY, grpc_url=keyed.grpc_url) as c:
+        with trio.fail_after(10):
+            for call in CALLS:
+                await call(c)
+            async with c.session() as s:
+                reprs = repr(c) + repr(s)
+    assert SERVER_KEY not in caplog.text + reprs
+    assert "Bearer" not in caplog.text
+
+
+async def test_a_client_is_refused_after_a_failed_auth_and_does_not_retry_forever(
+    keyed: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(keyed.base_url, api_key=WRONG_KEY, grpc_url=keyed.grpc_url) as c:
+        before = keyed.state().rpc_counts.get("OpenSession", 0)
+        for _ in range(3):
+            with trio.fail_after(5), pytest.raises(poc_api.AuthenticationError):
+                await grpc_session(c)
+        assert keyed.state().rpc_counts.get("OpenSession", 0) - before == 3
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, trio, poc_api
+    from poc_api.server import ReferenceServer, ServerConfig
+
+    RIGHT, WRONG = sys.argv[1], sys.argv[2]
+
+    async def main():
+        async with ReferenceServer(ServerConfig(api_key=RIGHT)) as srv:
+            async with poc_api.ApiClient(srv.base_url, api_key=RIGHT, grpc_url=srv.grpc_url) as c:
+                async with c.session() as s:
+                    await s.prefill([1, 2])
+                await c.score([poc_api.Tokens([1, 2, 3])], [(1, 3)])
+                await c.readout_manifest()
+                await c.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+                print(repr(c))
+            async with poc_api.ApiClient(srv.base_url, api_key=WRONG, grpc_url=srv.grpc_url) as c:
+                for call in (c.readout_manifest(), c.score([poc_api.Tokens([1, 2])], [(0, 1)])):
+                    try:
+                        await call
+                    except poc_api.AuthenticationError as exc:
+                        print("refused:", exc, repr(exc))
+
+    trio.run(main)
+    """
+)
+
+
+def test_debug_output_of_a_whole_run_never_contains_the_key() -> None:
+    env = dict(os.environ, POC_DEBUG="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, SERVER_KEY, WRONG_KEY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("refused:") == 2
+    # Debug output really was on, and talked about what happened.
+    assert "poc_api" in proc.stderr and "DEBUG" in proc.stderr
+    assert "opening new session" in proc.stderr
+    for secret in (SERVER_KEY, WRONG_KEY):
+        assert secret not in proc.stderr
+        assert secret not in proc.stdout

@@ -1,0 +1,404 @@
+"""Bad input gets a clear typed error — before sending when the client can tell —
+and the client (and its session) stays usable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from reliability_helpers import make_png
+
+import poc_api
+from poc_api import Image, SamplingParams, Tokens, TrainSample
+from poc_api.server import ReferenceServer, tokenize
+
+HELLO = tokenize("The quick brown fox")
+PNG = make_png(56, 28)
+BAD_IDS: list[Any] = [-1, 2**32, 2**64, True, 1.5, "7", None, b"x"]
+BAD_RANGES: list[Any] = [
+    (5, 2),
+    (3, 3),
+    (-1, 3),
+    (1, 2**32),
+    (1.0, 2),
+    ("a", 2),
+    (True, 2),
+    (1, 2, 3),
+    (1,),
+    (),
+    5,
+    "ab",
+    None,
+]
+
+
+# -- gRPC-side arguments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+async def test_invalid_token_ids_are_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer, bad: Any
+) -> None:
+    async with client.session() as s:
+        await s.prefill([1])
+        before = server.state().generate_calls
+        with pytest.raises((ValueError, TypeError)):
+            await s.prefill([1, bad])
+        with pytest.raises((ValueError, TypeError)):
+            async with s.generate([bad]):
+                pass
+        with pytest.raises((ValueError, TypeError)):
+            Tokens([2, bad])
+        with pytest.raises((ValueError, TypeError)):
+            SamplingParams(stop_token_ids=[bad])
+        with pytest.raises((ValueError, TypeError)):
+            TrainSample(tokens=[1, bad], target_ranges=[(0, 1)])
+        assert server.state().generate_calls == before
+        assert not s.lost
+        await s.prefill([2])
+        assert s.committed_len == 2
+
+
+async def test_an_out_of_vocabulary_id_is_invalid_request_and_keeps_things_usable(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.session() as s:
+        with pytest.raises(poc_api.InvalidRequest):
+            await s.prefill([100_000])
+        assert not s.lost
+        await s.prefill([1])
+    async with client.conversation() as conv:
+        with trio.fail_after(5), pytest.raises(poc_api.InvalidRequest):
+            async with conv.stream([Tokens([100_000])], SamplingParams(max_tokens=2)):
+                pass
+        async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=2)) as ev:
+            assert isinstance([e async for e in ev][-1], poc_api.StreamDone)
+    with pytest.raises(poc_api.InvalidRequest):
+        await client.score([Tokens([1, 100_000])], [(0, 2)])
+
+
+@pytest.mark.parametrize(
+    ("data", "mime", "exc_type"),
+    [
+        (b"", "image/png", ValueError),
+        ("not bytes", "image/png", TypeError),
+        (PNG, None, TypeError),
+        (PNG, 7, TypeError),
+    ],
+)
+async def test_bad_images_are_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer, data: Any, mime: Any, exc_type: type
+) -> None:
+    async with client.session() as s:
+        before = server.state().rpc_counts.get("AppendImage", 0)
+        with pytest.raises(exc_type):
+            await s.append_image(data, mime)
+        assert server.state().rpc_counts.get("AppendImage", 0) == before
+        assert not s.lost
+
+
+@pytest.mark.parametrize(
+    ("data", "mime"),
+    [
+        (b"definitely not an image", "image/png"),
+        (PNG[:20], "image/png"),  # truncated before the size
+        (PNG, "image/bmp"),  # a type the server does not decode
+    ],
+)
+async def test_undecodable_images_are_invalid_request_and_keep_the_session(
+    client: poc_api.ApiClient, data: bytes, mime: str
+) -> None:
+    async with client.session() as s:
+        await s.prefill([1])
+        with trio.fail_after(5), pytest.raises(poc_api.InvalidRequest):
+            await s.append_image(data, mime)
+        assert not s.lost and s.committed_len == 1
+        await s.append_image(PNG, "image/png")
+        assert s.committed_len == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "mime", "exc_type"),
+    [
+        (b"", "image/png", ValueError),  # as Session.append_image(b"", ...) does
+        ("not bytes", "image/png", TypeError),
+        (PNG, None, TypeError),
+        (PNG, "text/plain", ValueError),
+    ],
+)
+def test_bad_image_chunks_are_refused_at_construction(data: Any, mime: Any, exc_type: type) -> None:
+    with pytest.raises(exc_type):
+        Image(data, mime)
+
+
+async def test_an_image_type_the_server_cannot_decode_is_invalid_request(
+    client: poc_api.ApiClient,
+) -> None:
+    with pytest.raises(poc_api.InvalidRequest):
+        await client.score([Tokens([1]), Image(PNG, "image/x-unknown"), Tokens([2])], [(0, 1)])
+
+
+@pytest.mark.parametrize("bad", BAD_RANGES)
+async def test_malformed_ranges_are_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer, bad: Any
+) -> None:
+    before = server.state().rpc_counts.get("OpenSession", 0)
+    with pytest.raises((ValueError, TypeError)):
+        await client.score([Tokens(HELLO)], [(0, 1), bad])
+    assert server.state().rpc_counts.get("OpenSession", 0) == before
+    async with client.session() as s:
+        for name in ("logprobs_ranges", "readout_ranges"):
+            with pytest.raises((ValueError, TypeError)):
+                async with s.generate([1], **{name: [bad]}):
+                    pass
+        with pytest.raises((ValueError, TypeError)):
+            TrainSample(tokens=HELLO, target_ranges=[bad])
+        assert not s.lost
+
+
+async def test_a_range_past_the_prompt_is_a_value_error(client: poc_api.ApiClient) -> None:
+    with pytest.raises(ValueError, match="outside"):
+        await client.score([Tokens([1, 2, 3])], [(1, 4)])
+    # With an image of unknown length the check happens once the length is known.
+    with pytest.raises(ValueError, match="outside"):
+        await client.score([Tokens([1]), Image(PNG, "image/png")], [(0, 10)])
+    assert (await client.score([Tokens([1, 2, 3])], [(1, 3)]))[0].end == 3
+
+
+@pytest.mark.parametrize(
+    ("shape", "exc_type"),
+    [
+        ((0, 8), ValueError),
+        ((3, -1), ValueError),
+        ((3,), TypeError),
+        ((3, 8, 1), TypeError),
+        ((3.0, 8), TypeError),
+        ((True, 8), TypeError),
+        ("38", TypeError),
+        (38, TypeError),
+    ],
+)
+async def test_malformed_readout_shape_is_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer, shape: Any, exc_type: type
+) -> None:
+    async with client.conversation() as conv:
+        before = server.state().rpc_counts.get("OpenSession", 0)
+        with pytest.raises(exc_type):
+            async with conv.stream([Tokens([1])], readout_shape=shape):
+                pass
+        assert server.state().rpc_counts.get("OpenSession", 0) == before
+
+
+async def test_a_readout_shape_that_does_not_match_the_server_drops_readouts(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.conversation() as conv:
+        async with conv.stream(
+            [Tokens(HELLO)],
+            SamplingParams(max_tokens=4),
+            readout_shape=(11, 13),  # (the warning is once per shape: keep it unique)
+        ) as ev:
+            tokens = [e async for e in ev if isinstance(e, poc_api.TokenOut)]
+    assert len(tokens) == 4 and all(t.readout is None for t in tokens)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_tokens": -1},
+        {"max_tokens": 2**32},
+        {"max_tokens": 1.5},
+        {"temperature": -0.1},
+        {"temperature": float("inf")},
+        {"temperature": "hot"},
+        {"top_p": 1.01},
+        {"top_p": float("nan")},
+        {"top_k": -1},
+        {"logprob_top_k": True},
+        {"stop_token_ids": "ab"},
+    ],
+)
+def test_bad_sampling_params_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        SamplingParams(**kwargs)
+
+
+# -- HTTP endpoints with a tiny real HTTP server ------------------------------------------
+
+
+def http_response(status: int, body: bytes, ctype: str = "application/json") -> bytes:
+    head = (
+        f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_request(stream: trio.SocketStream) -> None:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            while len(body) < int(line.split(b":")[1]):
+                body += await stream.receive_some(65536)
+
+
+@asynccontextmanager
+async def tiny_http(
+    answers: list[bytes | Callable[[trio.SocketStream], Awaitable[None]]],
+) -> AsyncIterator[str]:
+    """Answer the n-th connection with the n-th answer (the last repeats)."""
+    served = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal served
+        answer = answers[min(served, len(answers) - 1)]
+        served += 1
+        try:
+            async with stream:
+                await read_request(stream)
+                if callable(answer):
+                    await answer(stream)
+                else:
+                    await stream.send_all(answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, serve, 0)
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1"
+        nursery.cancel_scope.cancel()
+
+
+MANIFEST_OK = http_response(200, b'{"concepts": ["a", "b"], "layers": [0, 1, 2]}')
+TRAIN_OK = http_response(200, b'{"accepted": 1, "job_id": "j1"}')
+CHAT_OK = http_response(
+    200,
+    b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": null}',
+)
+
+
+async def call_endpoint(c: poc_api.ApiClient, name: str) -> object:
+    if name == "manifest":
+        return await c.readout_manifest()
+    if name == "train":
+        return await c.train([TrainSample(tokens=[1, 2], target_ranges=[(0, 2)])])
+    return await c.chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "good"), [("manifest", MANIFEST_OK), ("train", TRAIN_OK), ("chat", CHAT_OK)]
+)
+@pytest.mark.parametrize(
+    "bad_body",
+    [
+        b"\xff\xfe\x00not utf-8",
+        b'{"concepts": ["a"',
+        b"<html>502 Bad Gateway</html>",
+        b"",
+        b"[1, 2, 3]",
+        b'{"concepts": 5, "layers": "x", "accepted": "one", "choices": 7}',
+    ],
+)
+async def test_malformed_json_answers_are_protocol_violations(
+    endpoint: str, good: bytes, bad_body: bytes
+) -> None:
+    async with tiny_http([http_response(200, bad_body), good]) as base:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+            with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
+                await call_endpoint(c, endpoint)
+            with trio.fail_after(5):
+                assert await call_endpoint(c, endpoint) is not None
+
+
+async def test_an_error_status_with_a_binary_body_is_a_readable_http_error() -> None:
+    async with tiny_http(
+        [http_response(500, b"\xff\xfe" * 600, "application/octet-stream"), TRAIN_OK]
+    ) as base:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+            with trio.fail_after(5), pytest.raises(poc_api.HttpError) as info:
+                await call_endpoint(c, "train")
+            assert info.value.http_status == 500 and "500" in str(info.value)
+            assert len(str(info.value)) < 1000
+            assert (await call_endpoint(c, "train")) == poc_api.TrainResult(1, "j1")
+
+
+async def cut_sse(stream: trio.SocketStream) -> None:
+    """A chunked SSE answer that stops in the middle of an event and hangs up."""
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hel"}}]}\n\n'
+    await stream.send_all(b"%x\r\n%s\r\n" % (len(event), event))
+    half = b'data: {"choices":[{"index":0,"de'
+    await stream.send_all(b"%x\r\n%s" % (len(half) + 40, half))  # chunk never completed
+
+
+async def good_sse(stream: trio.SocketStream) -> None:
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    await stream.send_all(http_response(200, body, "text/event-stream"))
+
+
+async def test_an_sse_stream_cut_mid_event_is_typed_and_the_client_recovers() -> None:
+    async with tiny_http([cut_sse, good_sse]) as base:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+            got: list[object] = []
+            with (
+                trio.fail_after(5),
+                pytest.raises((poc_api.ServerUnavailable, poc_api.ProtocolViolation)),
+            ):
+                async with c.chat_stream([{"role": "user", "content": "hi"}]) as events:
+                    async for ev in events:
+                        got.append(ev)
+            assert got == [poc_api.ChatDelta("hel")]
+            with trio.fail_after(5):
+                async with c.chat_stream([{"role": "user", "content": "hi"}]) as events:
+                    out = [ev async for ev in events]
+            assert out[0] == poc_api.ChatDelta("ok") and isinstance(out[-1], poc_api.ChatDone)
+
+
+async def test_an_sse_stream_with_garbage_events_is_a_protocol_violation() -> None:
+    async def garbage(stream: trio.SocketStream) -> None:
+        await stream.send_all(http_response(200, b"data: \xff\xfe{{{\n\n", "text/event-stream"))
+
+    async with tiny_http([garbage, good_sse]) as base:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+            with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
+                async with c.chat_stream([{"role": "user", "content": "hi"}]) as events:
+                    async for _ in events:
+                        pass
+            async with c.chat_stream([{"role": "user", "content": "hi"}]) as events:
+                first = await events.__anext__()
+            assert first == poc_api.ChatDelta("ok")
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        "hi",
+        [{"content": "x"}],
+        [{"role": "", "content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+        [5],
+        None,
+    ],
+)
+async def test_bad_chat_messages_are_refused_before_sending(messages: Any) -> None:
+    async with tiny_http([CHAT_OK]) as base:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+            with pytest.raises((ValueError, TypeError)):
+                await c.chat(messages)
+            assert (await c.chat([{"role": "user", "content": "hi"}])).text == "hi"

@@ -1,0 +1,245 @@
+"""Deadlines: nothing hangs. Per-call timeouts, keepalive, stream timeouts."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import trio
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from reliability_helpers import ServerProcess
+
+import poc_api
+from poc_api import SamplingParams, Tokens
+from poc_api.server import ReferenceServer, tokenize
+
+HELLO = tokenize("The quick brown fox")
+
+
+def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
+    kw.setdefault("close_timeout", 0.5)
+    return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
+
+
+# -- a server that accepts TCP and never answers ---------------------------------------
+
+
+async def test_black_hole_server_gives_poc_api_timeout_with_a_per_call_timeout(
+    bad_server: MisbehavingServer,
+) -> None:
+    bad_server.mute = True
+    async with client_for(bad_server, keepalive_time=None) as c:
+        for call in (
+            lambda: c.score([Tokens([1, 2, 3])], [(1, 3)], timeout=0.3),
+            lambda: c.session(timeout=0.3).__aenter__(),
+        ):
+            started = time.monotonic()
+            with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
+                await call()
+            assert 0.25 <= time.monotonic() - started < 1.5
+
+
+async def test_black_hole_server_fails_via_keepalive_without_any_user_timeout(
+    bad_server: MisbehavingServer,
+) -> None:
+    bad_server.mute = True
+    async with client_for(bad_server, keepalive_time=0.2, keepalive_timeout=0.3) as c:
+        started = time.monotonic()
+        with trio.fail_after(5), pytest.raises((poc_api.ServerUnavailable, poc_api.PocApiTimeout)):
+            async with c.session():
+                pass
+        assert time.monotonic() - started < 2.0
+
+
+async def test_http1_answer_is_detected_by_keepalive_and_the_client_recovers(
+    bad_server: MisbehavingServer,
+) -> None:
+    """An HTTP/1.1 reply reads as the header of a 4.7 MB HTTP/2 frame: the parser
+    waits for it forever; the unanswered keepalive ping is what notices."""
+    async with client_for(bad_server, keepalive_time=0.2, keepalive_timeout=0.3) as c:
+        bad_server.plan("OpenSession", Reply("http1"))
+        with trio.fail_after(5), pytest.raises((poc_api.ServerUnavailable, poc_api.PocApiTimeout)):
+            async with c.session():
+                pass
+        with trio.fail_after(5):
+            async with c.session() as s:
+                await s.prefill([1, 2])
+
+
+async def test_timed_out_call_leaves_the_client_usable(bad_server: MisbehavingServer) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan("OpenSession", Reply("silent"))
+        with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
+            async with c.session(timeout=0.2):
+                pass
+        with trio.fail_after(5):
+            async with c.session() as s:
+                await s.prefill([1, 2], timeout=2)
+        # The abandoned stream was reset, not left open on the server.
+        assert any(code == 8 for _, _, code in bad_server.resets)
+
+
+async def test_prefill_and_append_image_timeouts(bad_server: MisbehavingServer) -> None:
+    async with client_for(bad_server) as c:
+        async with c.session() as s:
+            bad_server.plan("Generate", Reply("silent"))
+            with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
+                await s.prefill([1, 2], timeout=0.2)
+            assert s.lost
+        async with c.session() as s:
+            bad_server.plan("AppendImage", Reply("silent"))
+            with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
+                await s.append_image(b"\x89PNG fake", "image/png", timeout=0.2)
+            assert s.lost
+
+
+# -- a frozen server process ---------------------------------------------------------
+
+
+async def test_sigstopped_server_is_detected_within_keepalive_interval_plus_timeout(
+    server_process: type[ServerProcess], port_pair: int
+) -> None:
+    proc = server_process(port_pair, "--max-context", "2000000", "--ignore-eos")
+    proc.start()
+    keepalive_time, keepalive_timeout = 0.3, 0.5
+    async with poc_api.ApiClient(
+        proc.base_url,
+        grpc_url=proc.grpc_url,
+        keepalive_time=keepalive_time,
+        keepalive_timeout=keepalive_timeout,
+        close_timeout=0.5,
+    ) as c:
+        stopped_at = 0.0
+        try:
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable):
+                async with c.session() as s:
+                    async with s.generate(HELLO, sampling=SamplingParams(max_tokens=10**7)) as ev:
+                        n = 0
+                        async for _ in ev:
+                            n += 1
+                            if n == 1000:
+                                proc.signal(signal.SIGSTOP)
+                                stopped_at = time.monotonic()
+            detected = time.monotonic() - stopped_at
+        finally:
+            proc.signal(signal.SIGCONT)
+        # Buffered events drain first; then one ping interval plus its timeout.
+        assert detected < keepalive_time + keepalive_timeout + 1.0, detected
+        # The process woke up: the same client talks to it again on a new connection.
+        with trio.fail_after(10):
+            async with c.session() as s2:
+                await s2.prefill([1, 2, 3])
+
+
+# -- stream timeouts -----------------------------------------------------------------
+
+
+async def test_first_token_timeout_fires(bad_server: MisbehavingServer) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", Reply(first_delay=10.0))
+        started = time.monotonic()
+        with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout, match="first"):
+            async with s.generate(
+                [1], sampling=SamplingParams(max_tokens=5), first_token_timeout=0.2
+            ) as ev:
+                async for _ in ev:
+                    pass
+        assert time.monotonic() - started < 1.5
+        assert s.lost
+
+
+async def test_token_timeout_fires_between_tokens(bad_server: MisbehavingServer) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", Reply(tokens=5, interval=10.0))
+        got = 0
+        with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout, match="between"):
+            async with s.generate(
+                [1],
+                sampling=SamplingParams(max_tokens=5),
+                first_token_timeout=2.0,
+                token_timeout=0.2,
+            ) as ev:
+                async for _ in ev:
+                    got += 1
+        assert got == 1
+
+
+async def test_total_timeout_fires_on_a_steady_but_long_stream(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", Reply(tokens=200, interval=0.02))
+        got = 0
+        started = time.monotonic()
+        with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout, match="total"):
+            async with s.generate(
+                [1],
+                sampling=SamplingParams(max_tokens=200),
+                timeout=0.4,
+                first_token_timeout=1.0,
+                token_timeout=1.0,
+            ) as ev:
+                async for _ in ev:
+                    got += 1
+        assert 0.35 < time.monotonic() - started < 1.5
+        assert 3 < got < 200
+
+
+async def test_generous_timeouts_do_not_cut_a_slow_healthy_stream(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", Reply(tokens=20, first_delay=0.1, interval=0.03))
+        with trio.fail_after(5):
+            async with s.generate(
+                [1],
+                sampling=SamplingParams(max_tokens=20),
+                timeout=3.0,
+                first_token_timeout=0.5,
+                token_timeout=0.5,
+            ) as ev:
+                events = [e async for e in ev]
+        assert len(events) == 21 and isinstance(events[-1], poc_api.Done)
+
+
+async def test_conversation_stream_timeouts_fire_and_drop_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.conversation() as conv:
+        for reply, kw, what in [
+            (Reply(first_delay=10.0), {"first_token_timeout": 0.2}, "first"),
+            (Reply(tokens=5, interval=10.0), {"token_timeout": 0.2}, "between"),
+            (Reply(tokens=500, interval=0.01), {"timeout": 0.3}, "total"),
+        ]:
+            bad_server.plan("Generate", reply)
+            with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout, match=what):
+                async with conv.stream(
+                    [Tokens([1, 2])], SamplingParams(max_tokens=500), **kw
+                ) as ev:
+                    async for _ in ev:
+                        pass
+            assert conv.session is None
+        with trio.fail_after(5):
+            async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=5)) as ev:
+                assert isinstance([e async for e in ev][-1], poc_api.StreamDone)
+
+
+async def test_long_healthy_stream_with_no_timeouts_and_fast_keepalive_runs_to_the_end(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, keepalive_time=0.05, keepalive_timeout=0.5
+    ) as c:
+        async with c.session() as s:
+            n = 0
+            started = time.monotonic()
+            with trio.fail_after(30):
+                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=60_000)) as ev:
+                    async for last in ev:  # noqa: B007 - the last one is checked below
+                        n += 1
+                        if n % 5000 == 0:
+                            await trio.sleep(0.05)  # a consumer that pauses now and then
+            assert time.monotonic() - started > 0.5  # long enough to see several pings
+        assert n == 60_001
+        assert isinstance(last, poc_api.Done) and last.completion_tokens == 60_000

@@ -1,0 +1,81 @@
+"""A server process killed mid-stream and restarted on the same ports."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import trio
+import trio.lowlevel
+from reliability_helpers import ServerProcess
+
+import poc_api
+from poc_api import SamplingParams
+from poc_api.server import tokenize
+
+HELLO = tokenize("The quick brown fox")
+STREAMS = 50
+
+
+async def test_sigkill_fails_every_stream_typed_within_a_second_and_restart_recovers(
+    server_process: type[ServerProcess], port_pair: int
+) -> None:
+    args = ("--max-context", "2000000", "--ignore-eos")
+    first = server_process(port_pair, *args)
+    first.start()
+    # A small buffer: events already received are delivered before the error, and
+    # this test times the error, not the draining of 50 deep backlogs.
+    async with poc_api.ApiClient(
+        first.base_url, grpc_url=first.grpc_url, close_timeout=1.0, max_buffered_events=64
+    ) as client:
+        flowing = 0
+        all_flowing = trio.Event()
+        killed_at: list[float] = []
+        outcomes: list[tuple[BaseException | None, float]] = []
+
+        async def stream() -> None:
+            nonlocal flowing
+            counted = False
+            async with client.session() as s:
+                try:
+                    async with s.generate(HELLO, sampling=SamplingParams(max_tokens=10**8)) as ev:
+                        async for _ in ev:
+                            if not counted:
+                                counted = True
+                                flowing += 1
+                                if flowing == STREAMS:
+                                    all_flowing.set()
+                            await trio.lowlevel.checkpoint()  # share the loop with 49 others
+                except poc_api.PocApiError as exc:
+                    outcomes.append((exc, time.monotonic()))
+                else:
+                    outcomes.append((None, time.monotonic()))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(STREAMS):
+                    nursery.start_soon(stream)
+                await all_flowing.wait()
+                first.signal(signal.SIGKILL)
+                killed_at.append(time.monotonic())
+
+        assert len(outcomes) == STREAMS
+        errors = [e for e, _ in outcomes]
+        assert all(isinstance(e, poc_api.ServerUnavailable) for e in errors), {
+            type(e).__name__ for e in errors
+        }
+        # The error itself must be prompt (the CloseSession of the block exit is not
+        # timed: it fails against a dead server, bounded by close_timeout).
+        latest = max(t for _, t in outcomes) - killed_at[0]
+        assert latest < 1.0, f"slowest stream failed {latest:.2f} s after the kill"
+
+        first.kill()
+        second = server_process(port_pair, *args)
+        second.start()
+        with trio.fail_after(10):
+            async with client.session() as s:
+                done = await s.prefill(HELLO)
+            assert done.total_tokens == len(HELLO)
+            score = await client.score([poc_api.Tokens(HELLO)], [(1, 5)])
+            assert len(score) == 1
+        assert second.state()["connections_total"] == 1

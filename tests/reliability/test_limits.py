@@ -1,0 +1,128 @@
+"""Size limits: big requests go through, oversized replies are refused up front."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from reliability_helpers import make_png, wait_for
+
+import poc_api
+from poc_api import SamplingParams, Token, Tokens
+from poc_api.server import ReferenceServer, tokenize
+
+HELLO = tokenize("The quick brown fox")
+MB = 1024 * 1024
+
+
+async def test_a_20_mb_image_append_goes_through(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    png = make_png(56, 28, padding=20 * MB)
+    assert len(png) > 20 * MB
+    with trio.fail_after(20):
+        async with client.session() as s:
+            await s.prefill([1, 2])
+            appended = await s.append_image(png, "image/png")
+            assert appended == poc_api.ImageAppend(placeholder_count=2, total_length=4)
+            assert s.committed_len == 4
+            await s.prefill([3])  # the session goes on after the big message
+        # ... and a scored prompt carrying it too.
+        results = await client.score(
+            [Tokens([1, 2]), poc_api.Image(png, "image/png"), Tokens([3, 4])], [(0, 2), (4, 6)]
+        )
+    assert [(r.start, r.end) for r in results] == [(0, 2), (4, 6)]
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_an_announced_oversized_reply_is_refused_before_its_body_arrives(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    """The length prefix says 100 MB; only 16 bytes follow and the server stalls.
+    A client that waited for the body would hang: the limit applies to the prefix."""
+    async with poc_api.ApiClient(
+        DUMMY_BASE_URL, grpc_url=bad_server.url, max_message_size=MB, close_timeout=0.5
+    ) as c:
+        bad_server.plan(method, Reply("oversized", claimed_size=100 * MB))
+        started = time.monotonic()
+        with trio.fail_after(5), pytest.raises(poc_api.LimitExceeded, match="max_message_size"):
+            async with (
+                c.session() as s,
+                s.generate([1], sampling=SamplingParams(max_tokens=3)) as ev,
+            ):
+                async for _ in ev:
+                    pass
+        assert time.monotonic() - started < 1.0
+        # The refused stream was reset, so the server stops sending.
+        await wait_for(lambda: any(code == 8 for _, _, code in bad_server.resets), timeout=2)
+        with trio.fail_after(5):
+            async with c.session() as s:
+                await s.prefill([1, 2])
+    assert bad_server.connections == 1  # no reconnect was needed
+
+
+async def test_a_complete_oversized_reply_is_refused_too(bad_server: MisbehavingServer) -> None:
+    async with poc_api.ApiClient(
+        DUMMY_BASE_URL, grpc_url=bad_server.url, max_message_size=MB, close_timeout=0.5
+    ) as c:
+        bad_server.plan("Generate", Reply("oversized", claimed_size=2 * MB, send_body=True))
+        with trio.fail_after(5), pytest.raises(poc_api.LimitExceeded):
+            async with (
+                c.session() as s,
+                s.generate([1], sampling=SamplingParams(max_tokens=3)) as ev,
+            ):
+                async for _ in ev:
+                    pass
+        with trio.fail_after(5):
+            async with c.session() as s:
+                await s.prefill([1, 2])
+
+
+async def test_a_reply_just_under_the_limit_is_accepted(bad_server: MisbehavingServer) -> None:
+    async with poc_api.ApiClient(
+        DUMMY_BASE_URL, grpc_url=bad_server.url, max_message_size=MB, close_timeout=0.5
+    ) as c:
+        bad_server.plan("OpenSession", Reply("oversized", claimed_size=MB, send_body=True))
+        with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation, match="empty session"):
+            # Accepted and parsed: it is just padding, so the session id is empty.
+            async with c.session():
+                pass
+
+
+async def test_an_oversized_request_is_refused_before_sending(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_message_size=MB
+    ) as c:
+        async with c.session() as s:
+            before = server.state().rpc_counts.get("AppendImage", 0)
+            with trio.fail_after(5), pytest.raises(poc_api.LimitExceeded):
+                await s.append_image(make_png(56, 28, padding=2 * MB), "image/png")
+            assert server.state().rpc_counts.get("AppendImage", 0) == before
+        async with c.session() as s:
+            await s.append_image(make_png(56, 28), "image/png")
+
+
+async def test_a_one_event_buffer_still_delivers_every_event_in_order(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_buffered_events=1
+    ) as c:
+        with trio.fail_after(30):
+            async with c.session() as s:
+                positions = []
+                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=3000)) as ev:
+                    async for e in ev:
+                        if isinstance(e, Token):
+                            positions.append(e.position)
+                        if len(positions) % 500 == 0:
+                            await trio.sleep(0.01)  # a consumer that stalls now and then
+                assert positions == list(range(len(HELLO), len(HELLO) + 3000))
+            async with c.conversation() as conv:
+                async with conv.stream([Tokens(HELLO)], SamplingParams(max_tokens=500)) as ev:
+                    out = [e async for e in ev]
+                assert len(out) == 501 and isinstance(out[-1], poc_api.StreamDone)

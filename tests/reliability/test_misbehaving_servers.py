@@ -1,0 +1,269 @@
+"""Faults a real server (or the network between) can throw at the client.
+
+Each case asserts the typed error, and that the same client then completes a
+normal call against the same server, which behaves again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from reliability_helpers import wait_for
+
+import poc_api
+from poc_api import SamplingParams, Token, Tokens
+
+FIVE = SamplingParams(max_tokens=5)
+
+
+def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
+    kw.setdefault("close_timeout", 1.0)
+    return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
+
+
+async def generate_once(client: poc_api.ApiClient) -> list[poc_api.WireEvent]:
+    async with client.session() as s, s.generate([1, 2], sampling=FIVE) as ev:
+        return [e async for e in ev]
+
+
+async def assert_next_call_works(client: poc_api.ApiClient) -> None:
+    with trio.fail_after(5):
+        events = await generate_once(client)
+    assert [type(e) for e in events] == [Token] * 5 + [poc_api.Done]
+
+
+async def fails_with(
+    client: poc_api.ApiClient, method: str, exc_type: type[BaseException]
+) -> BaseException:
+    """Run a session + Generate whose ``method`` call misbehaves; return the error."""
+    with trio.fail_after(5), pytest.raises(exc_type) as info:
+        await generate_once(client)
+    assert isinstance(info.value, poc_api.PocApiError)
+    return info.value
+
+
+# -- malformed HTTP/2 and HTTP ------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_garbage_frame_is_a_protocol_violation(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("garbage"))
+        await fails_with(c, method, poc_api.ProtocolViolation)
+        await assert_next_call_works(c)
+    assert bad_server.connections == 2  # the broken connection was replaced
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_wrong_content_type_is_a_protocol_violation(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("wrong_content_type"))
+        err = await fails_with(c, method, poc_api.ProtocolViolation)
+        assert "content-type" in str(err)
+        await assert_next_call_works(c)
+
+
+async def test_http_503_is_server_unavailable(bad_server: MisbehavingServer) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan("Generate", Reply("http_status", status=503))
+        await fails_with(c, "Generate", poc_api.ServerUnavailable)
+        await assert_next_call_works(c)
+
+
+@pytest.mark.parametrize(
+    ("status", "exc_type"),
+    [
+        (3, poc_api.InvalidRequest),
+        (4, poc_api.PocApiTimeout),
+        (5, poc_api.SessionNotFound),
+        (8, poc_api.ResourceExhausted),
+        (9, poc_api.OffsetMismatch),
+        (11, poc_api.ContextOverflow),
+        (13, poc_api.RpcError),
+        (14, poc_api.ServerUnavailable),
+        (16, poc_api.AuthenticationError),
+    ],
+)
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_trailers_only_error_maps_to_its_status(
+    bad_server: MisbehavingServer, method: str, status: int, exc_type: type[Exception]
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("trailers_only", status=status))
+        err = await fails_with(c, method, exc_type)
+        assert "injected failure" in str(err)
+        await assert_next_call_works(c)
+
+
+async def test_malformed_generate_event_is_a_protocol_violation(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan("Generate", Reply("malformed"))
+        await fails_with(c, "Generate", poc_api.ProtocolViolation)
+        await assert_next_call_works(c)
+
+
+async def test_malformed_unary_reply_is_a_protocol_violation(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan("OpenSession", Reply("malformed"))
+        await fails_with(c, "OpenSession", poc_api.ProtocolViolation)
+        await assert_next_call_works(c)
+
+
+# -- resets, GOAWAY, lost connections -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_refused_stream_is_retried_transparently(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("refuse"), Reply("refuse"))
+        with trio.fail_after(5):
+            events = await generate_once(c)
+        assert isinstance(events[-1], poc_api.Done)
+    assert [x.kind for x in bad_server.calls_to(method)] == ["refuse", "refuse", "ok"]
+
+
+async def test_a_stream_refused_every_time_fails_after_bounded_retries(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan("Generate", *[Reply("refuse")] * 50)
+        err = await fails_with(c, "Generate", poc_api.ServerUnavailable)
+        assert err.retriable
+        attempts = len(bad_server.calls_to("Generate"))
+        assert 2 <= attempts <= 10
+        bad_server.plan("Generate", *[Reply()] * 0)
+        bad_server._plans["Generate"].clear()
+        await assert_next_call_works(c)
+
+
+@pytest.mark.parametrize("code", [2, 8, 11])  # INTERNAL_ERROR, CANCEL, ENHANCE_YOUR_CALM
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_reset_stream_is_stream_cancelled_and_not_retried(
+    bad_server: MisbehavingServer, method: str, code: int
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("reset", status=code))
+        await fails_with(c, method, poc_api.StreamCancelled)
+        assert len(bad_server.calls_to(method)) == 1  # it may have been processed
+        await assert_next_call_works(c)
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_goaway_fails_the_unprocessed_call_and_the_client_reconnects(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("goaway"))
+        await fails_with(c, method, poc_api.ServerUnavailable)
+        await assert_next_call_works(c)
+    assert bad_server.connections == 2
+
+
+async def test_graceful_goaway_after_a_complete_answer_does_not_fail_it(
+    bad_server: MisbehavingServer,
+) -> None:
+    """GOAWAY whose last-stream-id covers a finished call: that call succeeded."""
+    async with client_for(bad_server) as c:
+        bad_server.plan("Generate", Reply("goaway_after"))
+        with trio.fail_after(5):
+            events = await generate_once(c)
+        assert isinstance(events[-1], poc_api.Done)
+        await assert_next_call_works(c)
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_connection_closed_mid_call_is_server_unavailable(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("close_mid_stream"))
+        await fails_with(c, method, poc_api.ServerUnavailable)
+        await assert_next_call_works(c)
+    assert bad_server.connections == 2
+
+
+async def test_tokens_already_delivered_before_a_lost_connection_stay_delivered(
+    bad_server: MisbehavingServer,
+) -> None:
+    got: list[Token] = []
+    async with client_for(bad_server) as c:
+        bad_server.plan("Generate", Reply("close_mid_stream"))
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+            async with c.session() as s, s.generate([1], sampling=FIVE) as ev:
+                async for e in ev:
+                    assert isinstance(e, Token)
+                    got.append(e)
+        assert [t.id for t in got] == [65, 66, 67]
+        assert s.lost
+
+
+async def test_server_restart_between_calls_is_survived(bad_server: MisbehavingServer) -> None:
+    async with client_for(bad_server) as c:
+        await assert_next_call_works(c)
+        await bad_server.close_connections()
+        await trio.sleep(0.05)
+        await assert_next_call_works(c)
+    assert bad_server.connections == 2
+
+
+async def test_conversation_survives_a_dropped_connection(bad_server: MisbehavingServer) -> None:
+    async with client_for(bad_server) as c, c.conversation() as conv:
+        bad_server.plan("Generate", Reply("close_mid_stream"))
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                async for _ in ev:
+                    pass
+        assert conv.session is None
+        with trio.fail_after(5):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                events = [e async for e in ev]
+        assert isinstance(events[-1], poc_api.StreamDone)
+
+
+async def test_reconnect_after_the_server_vanishes_backs_off_but_recovers(
+    bad_server: MisbehavingServer,
+) -> None:
+    """Connection refused a few times in a row, then the server is back."""
+    from misbehaving import misbehaving_server
+
+    async with client_for(bad_server) as c:
+        await assert_next_call_works(c)
+    # A client pointed at a port where nothing listens fails fast and typed.
+    async with misbehaving_server() as gone:
+        url = gone.url
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url, close_timeout=0.5) as c:
+        started = time.monotonic()
+        for _ in range(4):
+            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+                async with c.session():
+                    pass
+        # Backoff is bounded: four refused attempts take well under 4 x 1 s.
+        assert time.monotonic() - started < 3.0
+
+
+async def test_a_session_opened_while_its_call_was_cancelled_is_closed(
+    bad_server: MisbehavingServer,
+) -> None:
+    """OpenSession reached the server (which made the session) but the caller was
+    cancelled before the reply came: the client still learns the id and closes it,
+    or the session leaks on the server until its idle timeout."""
+    async with client_for(bad_server) as c:
+        bad_server.plan("OpenSession", Reply(first_delay=0.3))
+        with trio.move_on_after(0.1):
+            async with c.session():
+                raise AssertionError("the block must not run")
+        await wait_for(lambda: bool(bad_server.calls_to("CloseSession")), timeout=5)
+    assert len(bad_server.calls_to("CloseSession")) == 1
