@@ -30,6 +30,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "map_grpc_error",
         "RawCodec",
         "decode_generate_event",
+        "parse_reply",
         "HttpApi",
         "error_excerpt",
         "SSEDecoder",

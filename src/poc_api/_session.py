@@ -28,7 +28,7 @@ from ._types import (
     _u32,
     _u32_tuple,
 )
-from ._wire import decode_generate_event
+from ._wire import decode_generate_event, parse_reply
 
 if TYPE_CHECKING:
     from ._bridge import BatchReceiver
@@ -317,7 +317,7 @@ class Session:
             except BaseException:
                 self._lost = True
                 raise
-            resp = pb.AppendImageResponse.parse(raw)
+            resp = parse_reply(pb.AppendImageResponse, raw)
             log.debug(
                 "AppendImage: N=%d total_length=%d", resp.placeholder_count, resp.total_length
             )
@@ -464,10 +464,21 @@ async def open_session(
     """Open a session for the block; close it on exit, whatever happens."""
     _check_timeout("timeout", timeout)
     log.debug("opening new session (model=%r)", model)
+
+    async def close_orphan(reply: bytes) -> None:
+        # asyncio side: the caller gave up on OpenSession after the server had
+        # already made the session; close it instead of leaking it until eviction.
+        sid = parse_reply(pb.OpenSessionResponse, reply).session_id
+        log.debug("closing session %s, whose OpenSession call was abandoned", sid)
+        await transport.unary_in_loop("CloseSession", bytes(pb.CloseSessionRequest(session_id=sid)))
+
     raw = await transport.unary(
-        "OpenSession", bytes(pb.OpenSessionRequest(model=model)), timeout=timeout
+        "OpenSession",
+        bytes(pb.OpenSessionRequest(model=model)),
+        timeout=timeout,
+        orphan=close_orphan,
     )
-    resp = pb.OpenSessionResponse.parse(raw)
+    resp = parse_reply(pb.OpenSessionResponse, raw)
     if not resp.session_id:
         raise e.ProtocolViolation("OpenSession: the server sent an empty session id")
     session = Session(

@@ -17,19 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as _ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, final
+from typing import Any, Protocol, final
 from urllib.parse import urlsplit
 
 import attrs
 import h2.errors
 import h2.exceptions
 import trio
-from grpclib.client import Channel, Stream
+from grpclib.client import Channel, Handler, Stream
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
+from h2.events import RemoteSettingsChanged
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink
@@ -92,6 +94,12 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
     if isinstance(exc, e.PocApiError):
         return exc
     if isinstance(exc, GRPCError):
+        text = exc.message or ""
+        if exc.status is Status.UNKNOWN and (
+            text.startswith("Invalid content-type") or text.startswith("Missing content-type")
+        ):
+            # grpclib reports a non-gRPC answer as status UNKNOWN: it is the peer's fault.
+            return e.ProtocolViolation(f"{name}: the server did not answer gRPC: {text}")
         cls = _STATUS_ERRORS.get(exc.status, e.RpcError)
         msg = f"{name}: {exc.status.name}: {exc.message or ''}".rstrip(": ")
         return cls(msg, grpc_status=exc.status.name)
@@ -103,6 +111,8 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
             )
         if "reset by remote" in text:
             return e.StreamCancelled(f"{name}: {text}", grpc_status="CANCELLED")
+        if text == "Protocol error":
+            return e.ProtocolViolation(f"{name}: the server broke the HTTP/2 protocol")
         return e.ServerUnavailable(f"{name}: connection lost: {text}", grpc_status="UNAVAILABLE")
     if isinstance(exc, asyncio.TimeoutError):
         return e.PocApiTimeout(f"{name}: deadline exceeded")
@@ -123,33 +133,6 @@ def _reset_cancel(stream: Stream[Any, Any]) -> None:
             raw.reset_nowait(h2.errors.ErrorCodes.CANCEL)
     except Exception:  # the connection is going away anyway
         log.debug("stream reset failed", exc_info=True)
-
-
-async def _recv_raw(raw: Any, max_size: int, path: str) -> bytes | None:
-    """Read one length-prefixed gRPC message, refusing oversized ones up front.
-
-    grpclib would buffer a message of any announced size; reading the 5-byte
-    prefix ourselves lets the limit apply before the body is read (and skips
-    grpclib's per-message codec and event dispatch).
-    """
-    header = await raw.recv_data(5)
-    if not header:
-        return None
-    if len(header) != 5:
-        raise e.ProtocolViolation(f"{path}: the stream ended inside a message header")
-    if header[0]:
-        raise e.ProtocolViolation(f"{path}: compressed messages are not supported")
-    size = int.from_bytes(header[1:5], "big")
-    if size > max_size:
-        raise e.LimitExceeded(
-            f"{path}: the server announced a {size}-byte message; max_message_size is {max_size}"
-        )
-    if size == 0:
-        return b""
-    data: bytes = await raw.recv_data(size)
-    if len(data) != size:
-        raise e.ProtocolViolation(f"{path}: the stream ended inside a message")
-    return data
 
 
 @final
@@ -195,6 +178,8 @@ class GrpcTransport:
         metadata: tuple[tuple[str, str], ...],
         max_message_size: int,
         keepalive: KeepAlive | None = KeepAlive(),
+        connect_timeout: float = 30.0,
+        reap_timeout: float = 5.0,
         ssl_context: _ssl.SSLContext | None = None,
     ) -> None:
         self._bridge = bridge
@@ -203,6 +188,9 @@ class GrpcTransport:
         self._max_message_size = max_message_size
         self._keepalive = keepalive
         self._ssl_context = ssl_context
+        self._connect_timeout = connect_timeout
+        self._reap_timeout = reap_timeout
+        self._reapers: set[asyncio.Future[None]] = set()
         self._channel: Channel | None = None
         self._channel_was_connected = False
         self._failures = 0
@@ -236,7 +224,7 @@ class GrpcTransport:
             ssl = self._ssl_context if self._ssl_context is not None else True
         self.channels_opened += 1
         self._channel_was_connected = False
-        return Channel(
+        return _PocChannel(
             self._target.host,
             self._target.port,
             ssl=ssl,
@@ -251,7 +239,7 @@ class GrpcTransport:
         if self._closed:
             raise RuntimeError("the client is closed")
         channel = self._channel
-        if channel is not None and channel._connected:
+        if channel is not None and channel._connected and _settled(channel):
             return channel
         if channel is not None and self._channel_was_connected:
             # The connection was lost: start over with a fresh channel.
@@ -265,7 +253,27 @@ class GrpcTransport:
         if delay > 0:
             await asyncio.sleep(delay)
         try:
-            await channel.__connect__()
+            protocol = await channel.__connect__()
+            # An HTTP/2 server speaks first (its SETTINGS frame). Something that
+            # accepts TCP and stays silent, or answers in HTTP/1.1, would otherwise
+            # hang every call until keepalive gives up.
+            settings = getattr(protocol, "settings_received", None)
+            if settings is not None and not settings.is_set():
+                # A silent peer is also what keepalive exists to catch: wait no
+                # longer than a ping interval plus its timeout.
+                limit = self._connect_timeout
+                if self._keepalive is not None:
+                    limit = min(limit, self._keepalive.time + self._keepalive.timeout)
+                try:
+                    await asyncio.wait_for(settings.wait(), limit)
+                except TimeoutError:
+                    if channel is self._channel:
+                        channel.close()
+                        self._channel = None
+                    raise e.ServerUnavailable(
+                        f"{self._target.url} accepted the connection but sent no HTTP/2 "
+                        f"SETTINGS within {limit:g} s: is it a gRPC server?"
+                    ) from None
         except Exception:
             self._failures += 1
             backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
@@ -284,41 +292,77 @@ class GrpcTransport:
                 f"max_message_size={self._max_message_size}"
             )
 
-    async def unary(self, method: str, request: bytes, *, timeout: float | None = None) -> bytes:
-        """Call a unary RPC; a trio checkpoint. Raises a :class:`PocApiError`.
+    async def _exchange(
+        self, path: str, cardinality: Cardinality, request: bytes, sink: _SinkLike
+    ) -> None:
+        """asyncio: one call — send ``request``, hand every reply message to ``sink``.
 
-        ``timeout`` bounds the whole call (PocApiTimeout); a stream the server
-        refused (REFUSED_STREAM, never processed) is retried up to twice.
+        Retries a stream the server refused before answering (REFUSED_STREAM: it
+        was never processed), up to twice. On any exit before the call finished
+        the stream is reset with CANCEL.
         """
+        max_size = self._max_message_size
+        for attempt in range(_REFUSED_RETRIES + 1):
+            channel = await self._ready_channel()
+            reader: _Reader | None = None
+            try:
+                async with channel.request(
+                    path, cardinality, bytes, bytes, metadata=self._metadata
+                ) as stream:
+                    try:
+                        await stream.send_message(request, end=True)
+                        reader = _Reader(stream._stream, max_size, path)
+                        await _receive(stream, reader, sink)
+                    except BaseException:
+                        _reset_cancel(stream)
+                        raise
+            except StreamTerminatedError as exc:
+                received = reader is not None and reader.count > 0
+                if not received and attempt < _REFUSED_RETRIES and _retriable_reset(exc):
+                    log.debug("%s: stream refused by the server; retrying", path)
+                    continue
+                raise
+            return
+
+    async def unary_in_loop(self, method: str, request: bytes) -> bytes:
+        """asyncio: a unary call, for code already running on the asyncio side."""
         path = SERVICE + method
         self._check_size(request, path)
-        max_size = self._max_message_size
+        sink = _Collect()
+        await self._exchange(path, Cardinality.UNARY_UNARY, request, sink)
+        if len(sink.items) != 1:
+            raise e.ProtocolViolation(
+                f"{method}: expected one reply message, got {len(sink.items)}"
+            )
+        return sink.items[0]
+
+    async def unary(
+        self,
+        method: str,
+        request: bytes,
+        *,
+        timeout: float | None = None,
+        orphan: Callable[[bytes], Awaitable[None]] | None = None,
+    ) -> bytes:
+        """Call a unary RPC; a trio checkpoint. Raises a :class:`PocApiError`.
+
+        ``timeout`` bounds the whole call (PocApiTimeout). With ``orphan``, a call
+        abandoned (cancelled or timed out) keeps running in the background for up
+        to ``reap_timeout`` seconds, and ``orphan(reply)`` runs (on asyncio) if its
+        reply comes: how an OpenSession that reached the server still gets its
+        session closed. The client's exit waits for these cleanups.
+        """
+        path = SERVICE + method
 
         async def call() -> bytes:
-            for attempt in range(_REFUSED_RETRIES + 1):
-                channel = await self._ready_channel()
-                try:
-                    async with channel.request(
-                        path, Cardinality.UNARY_UNARY, bytes, bytes, metadata=self._metadata
-                    ) as stream:
-                        try:
-                            await stream.send_message(request, end=True)
-                            await stream.recv_initial_metadata()
-                            with stream._wrapper:
-                                reply = await _recv_raw(stream._stream, max_size, path)
-                            await stream.recv_trailing_metadata()
-                        except BaseException:
-                            _reset_cancel(stream)
-                            raise
-                except StreamTerminatedError as exc:
-                    if attempt < _REFUSED_RETRIES and _retriable_reset(exc):
-                        log.debug("%s: stream refused by the server; retrying", method)
-                        continue
-                    raise
-                if reply is None:
-                    raise e.ProtocolViolation(f"{method}: the server sent no reply message")
-                return reply
-            raise AssertionError("unreachable")  # pragma: no cover
+            if orphan is None:
+                return await self.unary_in_loop(method, request)
+            task = asyncio.ensure_future(self.unary_in_loop(method, request))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                self._adopt(task, orphan)
+                raise
 
         try:
             with deadline(timeout, method):
@@ -328,6 +372,25 @@ class GrpcTransport:
             if mapped is None or mapped is exc:
                 raise
             raise mapped from exc
+
+    def _adopt(
+        self, task: asyncio.Future[bytes], orphan: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        async def reap() -> None:
+            try:
+                # The server gets reap_timeout to answer; after that the call is
+                # cancelled (its stream reset) like any abandoned call.
+                reply = await asyncio.wait_for(task, self._reap_timeout)
+            except BaseException:
+                return  # no reply, so nothing was created that needs undoing
+            try:
+                await orphan(reply)
+            except Exception as exc:
+                log.warning("cleaning up after an abandoned call failed: %s", exc)
+
+        reaper = asyncio.ensure_future(reap())
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
 
     @asynccontextmanager
     async def server_stream(
@@ -341,42 +404,10 @@ class GrpcTransport:
         """
         path = SERVICE + method
         self._check_size(request, path)
-        max_size = self._max_message_size
 
         async def produce(sink: Sink[bytes]) -> None:
             try:
-                for attempt in range(_REFUSED_RETRIES + 1):
-                    channel = await self._ready_channel()
-                    received = False
-                    try:
-                        async with channel.request(
-                            path, Cardinality.UNARY_STREAM, bytes, bytes, metadata=self._metadata
-                        ) as stream:
-                            try:
-                                await stream.send_message(request, end=True)
-                                await stream.recv_initial_metadata()
-                                raw = stream._stream
-                                push = sink.push
-                                # grpclib's wrapper wakes this task if the connection dies.
-                                with stream._wrapper:
-                                    while True:
-                                        msg = await _recv_raw(raw, max_size, path)
-                                        if msg is None:
-                                            break
-                                        received = True
-                                        push(msg)
-                                        if sink.full:
-                                            await sink.wait_space()
-                                await stream.recv_trailing_metadata()
-                            except BaseException:
-                                _reset_cancel(stream)
-                                raise
-                    except StreamTerminatedError as exc:
-                        if not received and attempt < _REFUSED_RETRIES and _retriable_reset(exc):
-                            log.debug("%s: stream refused by the server; retrying", method)
-                            continue
-                        raise
-                    return
+                await self._exchange(path, Cardinality.UNARY_STREAM, request, sink)
             except Exception as exc:
                 mapped = map_grpc_error(exc, path)
                 if mapped is None or mapped is exc:
@@ -387,15 +418,170 @@ class GrpcTransport:
             yield rx
 
     async def aclose(self) -> None:
-        """Close the channel (idempotent). In-flight calls fail with ServerUnavailable."""
-        self._closed = True
-        channel, self._channel = self._channel, None
-        if channel is not None:
+        """Close the channel (idempotent). In-flight calls fail with ServerUnavailable.
 
-            async def close() -> None:
+        Cleanups of abandoned calls get ``reap_timeout`` seconds to finish first.
+        """
+
+        async def close() -> None:
+            reapers = set(self._reapers)
+            if reapers:
+                _, pending = await asyncio.wait(reapers, timeout=self._reap_timeout)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending)
+            self._closed = True
+            channel, self._channel = self._channel, None
+            if channel is not None:
                 channel.close()
 
-            await self._bridge.run(close)
+        await self._bridge.run(close)
+
+
+class _SinkLike(Protocol):
+    def push(self, item: bytes) -> None: ...
+
+    @property
+    def full(self) -> bool: ...
+
+    async def wait_space(self) -> None: ...
+
+
+class _Collect:
+    """A sink for unary replies."""
+
+    full = False
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+
+    def push(self, item: bytes) -> None:
+        self.items.append(item)
+
+    async def wait_space(self) -> None:  # pragma: no cover - never full
+        return
+
+
+class _Reader:
+    """Reads length-prefixed gRPC messages off a grpclib stream, resumably.
+
+    The 5-byte prefix is read and checked before the body, so an oversized
+    message is refused before it is buffered (grpclib would take any size), and
+    grpclib's per-message codec and event dispatch are skipped. A read
+    interrupted between prefix and body resumes with the body.
+    """
+
+    __slots__ = ("count", "max_size", "path", "raw", "size")
+
+    def __init__(self, raw: Any, max_size: int, path: str) -> None:
+        self.raw = raw
+        self.max_size = max_size
+        self.path = path
+        self.size: int | None = None
+        self.count = 0
+
+    async def next(self) -> bytes | None:
+        size = self.size
+        if size is None:
+            header = await self.raw.recv_data(5)
+            if not header:
+                return None
+            if len(header) != 5:
+                raise e.ProtocolViolation(f"{self.path}: the stream ended inside a message header")
+            if header[0]:
+                raise e.ProtocolViolation(f"{self.path}: compressed messages are not supported")
+            size = self.size = int.from_bytes(header[1:5], "big")
+            if size > self.max_size:
+                raise e.LimitExceeded(
+                    f"{self.path}: the server announced a {size}-byte message; "
+                    f"max_message_size is {self.max_size}"
+                )
+        data: bytes = await self.raw.recv_data(size) if size else b""
+        if len(data) != size:
+            raise e.ProtocolViolation(f"{self.path}: the stream ended inside a message")
+        self.size = None
+        self.count += 1
+        return data
+
+
+async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -> None:
+    """Read a call's answer: headers, every message into ``sink``, trailers."""
+    raw = stream._stream
+    try:
+        await stream.recv_initial_metadata()
+        # grpclib's wrapper wakes this task if the connection dies.
+        with stream._wrapper:
+            while (msg := await reader.next()) is not None:
+                sink.push(msg)
+                if sink.full:
+                    await sink.wait_space()
+        await stream.recv_trailing_metadata()
+    except StreamTerminatedError:
+        # grpclib fails every stream of a connection that goes away, even one whose
+        # answer had fully arrived (say, a GOAWAY right behind it). If the server
+        # finished the call, finish reading it from the buffer.
+        headers = dict(raw.headers) if raw.headers is not None else None
+        trailers_only = headers is not None and "grpc-status" in headers
+        if raw.trailers is None and not trailers_only:
+            raise
+        assert headers is not None
+        if not stream._recv_initial_metadata_done:
+            stream._raise_for_status(headers)
+            stream._raise_for_content_type(headers)
+            stream._recv_initial_metadata_done = True
+        if trailers_only:
+            status, message, details = stream._process_grpc_status(headers)
+        else:
+            while (msg := await reader.next()) is not None:
+                sink.push(msg)
+                if sink.full:
+                    await sink.wait_space()
+            assert raw.trailers is not None
+            status, message, details = stream._process_grpc_status(dict(raw.trailers))
+        stream._recv_trailing_metadata_done = True
+        stream._raise_for_grpc_status(status, message, details)
+
+
+def _settled(channel: Channel) -> bool:
+    protocol = channel._protocol
+    settings = getattr(protocol, "settings_received", None)
+    return settings is None or bool(settings.is_set())
+
+
+class _PocH2Protocol(H2Protocol):
+    """grpclib's client protocol, plus two facts grpclib does not keep: whether the
+    peer's SETTINGS arrived, and whether the connection died of a protocol error
+    (grpclib reports that as "Connection lost", like a network failure)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings_received = asyncio.Event()
+        self.protocol_error = False
+
+    def data_received(self, data: bytes) -> None:
+        # grpclib's own data_received, recording what it drops.
+        try:
+            events = self.connection.feed(data)
+        except h2.exceptions.ProtocolError:
+            log.debug("HTTP/2 protocol error from the server", exc_info=True)
+            self.protocol_error = True
+            self.processor.close("Protocol error")
+            return
+        self.connection.flush()
+        for event in events:
+            if isinstance(event, RemoteSettingsChanged):
+                self.settings_received.set()
+            self.processor.process(event)
+        self.connection.flush()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.processor.close(reason="Protocol error" if self.protocol_error else "Connection lost")
+
+
+class _PocChannel(Channel):
+    def _protocol_factory(self) -> H2Protocol:
+        return _PocH2Protocol(Handler(), self._config, self._h2_config)
 
 
 @contextmanager

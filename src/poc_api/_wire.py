@@ -38,7 +38,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from typing import Any
+from typing import Any, TypeVar
 
 import betterproto2
 from grpclib.encoding.base import CodecBase
@@ -46,7 +46,7 @@ from grpclib.encoding.base import CodecBase
 from ._errors import ProtocolViolation
 from ._types import Done, Token, TopLogprob
 
-__all__ = ["RawCodec", "decode_generate_event"]
+__all__ = ["RawCodec", "decode_generate_event", "parse_reply"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -150,6 +150,34 @@ def _skip_group(data: bytes, pos: int, end: int, number: int, depth: int) -> int
             return pos
         pos = _skip(data, pos, end, tag, depth)
     raise _malformed(f"truncated group {number}", end)
+
+
+def _check_wire_format(data: bytes) -> None:
+    """Walk a message's top-level fields; raise on anything truncated or malformed."""
+    pos, end = 0, len(data)
+    while pos < end:
+        tag, pos = _tag(data, pos, end)
+        pos = _skip(data, pos, end, tag)
+
+
+_M = TypeVar("_M", bound=betterproto2.Message)
+
+
+def parse_reply(message_type: type[_M], data: bytes) -> _M:
+    """Parse a unary reply with betterproto2, strictly.
+
+    betterproto2 silently accepts a truncated length-delimited field (a broken
+    reply would give a garbage session id); the structure is checked first, and
+    any parse failure becomes :class:`ProtocolViolation`.
+    """
+    name = message_type.__name__
+    try:
+        _check_wire_format(data)
+        return message_type.parse(data)
+    except ProtocolViolation as exc:
+        raise ProtocolViolation(str(exc).replace("GenerateEvent", name)) from None
+    except Exception as exc:  # betterproto2 raises assorted errors on bad input
+        raise ProtocolViolation(f"malformed {name}: {exc}") from exc
 
 
 def _top_logprob(data: bytes, pos: int, end: int) -> TopLogprob:
