@@ -48,6 +48,8 @@ def _check_len(_inst: object, _attr: object, value: Any) -> None:
 def _to_bytes(value: bytes | bytearray | memoryview) -> bytes:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise TypeError(f"image data must be bytes, not {type(value).__name__}")
+    if not len(value):
+        raise ValueError("image data is empty")
     return bytes(value)
 
 

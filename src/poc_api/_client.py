@@ -79,7 +79,8 @@ class ApiClient:
         model: the model name sent with ``OpenSession`` and HTTP calls.
         grpc_url: the gRPC endpoint; default ``POC_GRPC_URL`` or derived from
             ``base_url`` (see :func:`resolve_grpc_url`).
-        connect_timeout: HTTP connect timeout in seconds.
+        connect_timeout: seconds to connect (HTTP), and for the gRPC server to
+            start speaking HTTP/2 after the TCP connection is made.
         timeout: HTTP request timeout in seconds.
         close_timeout: bound on each shielded ``CloseSession`` at a session's exit.
         max_buffered_events: events buffered per stream before the client stops
@@ -126,14 +127,31 @@ class ApiClient:
             raise TypeError("base_url must be a str")
         if not isinstance(api_key, str) or not isinstance(model, str):
             raise TypeError("api_key and model must be str")
+        if grpc_url is not None and not isinstance(grpc_url, str):
+            raise TypeError("grpc_url must be a str or None")
         if "\n" in api_key or "\r" in api_key:
             raise ValueError("api_key must not contain line breaks")
-        if max_buffered_events < 1 or max_message_size < 1:
-            raise ValueError("max_buffered_events and max_message_size must be positive")
-        if keepalive_time is not None and not keepalive_time > 0:
-            raise ValueError("keepalive_time must be positive or None")
-        if not keepalive_timeout > 0:
-            raise ValueError("keepalive_timeout must be positive")
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("timeout", timeout),
+            ("close_timeout", close_timeout),
+            ("keepalive_timeout", keepalive_timeout),
+            ("keepalive_time", keepalive_time),
+        ):
+            if value is None and name == "keepalive_time":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of seconds")
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a positive, finite number of seconds")
+        for name, count in (
+            ("max_buffered_events", max_buffered_events),
+            ("max_message_size", max_message_size),
+        ):
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise TypeError(f"{name} must be an int")
+            if count < 1:
+                raise ValueError(f"{name} must be positive")
         self._keepalive = (
             KeepAlive(keepalive_time, keepalive_timeout) if keepalive_time is not None else None
         )
@@ -192,6 +210,8 @@ class ApiClient:
                 metadata=metadata,
                 max_message_size=self._max_message_size,
                 keepalive=self._keepalive,
+                connect_timeout=self._connect_timeout,
+                reap_timeout=self._close_timeout,
             )
             stack.push_async_callback(_shielded, transport.aclose)
             http = httpx.AsyncClient(
