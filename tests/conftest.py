@@ -7,12 +7,17 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from helpers import make_png
+from hypothesis import settings
 
 import poc_api
 from poc_api.server import ReferenceServer, ServerConfig
 
-# Hypothesis: deterministic and CI-friendly.
-os.environ.setdefault("HYPOTHESIS_PROFILE", "ci")
+# Hypothesis: no per-example deadline (a loaded 2-core CI box is slow), and on CI
+# the same examples every run so that a red build is reproducible; locally it
+# keeps exploring.
+settings.register_profile("dev", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture(scope="session")
