@@ -37,6 +37,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "SSEEvent",
         "open_session",
         "DeltaPlan",
+        "check_chunks",
         "chunk_len",
         "common_prefix_len",
         "plan_delta",

@@ -19,6 +19,7 @@ __all__ = [
     "DeltaPlan",
     "Image",
     "Tokens",
+    "check_chunks",
     "chunk_len",
     "common_prefix_len",
     "plan_delta",
@@ -75,6 +76,17 @@ class Image:
 
 
 Chunk = Tokens | Image
+
+
+def check_chunks(chunks: Sequence[Chunk]) -> list[Chunk]:
+    """A list of the prompt's chunks; ``TypeError`` unless each is Tokens or Image."""
+    if isinstance(chunks, Tokens | Image) or not isinstance(chunks, Sequence):
+        raise TypeError("chunks must be a sequence of Tokens/Image, not a single chunk")
+    out = list(chunks)
+    for c in out:
+        if not isinstance(c, Tokens | Image):
+            raise TypeError(f"chunks must be Tokens or Image, got {type(c).__name__}")
+    return out
 
 
 def chunk_len(chunk: Chunk) -> int:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._chunks import Chunk, Image, Tokens, plan_delta
+from ._chunks import Chunk, Image, Tokens, check_chunks, plan_delta
 from ._errors import SessionNotFound
 from ._session import GenerateStream, Session, open_session
 from ._types import (
@@ -40,6 +40,7 @@ from ._types import (
     StreamEvent,
     Token,
     TokenOut,
+    check_timeout,
 )
 
 if TYPE_CHECKING:
@@ -97,16 +98,6 @@ def _remaining(deadline_at: float) -> float | None:
     if math.isinf(deadline_at):
         return None
     return max(0.0, deadline_at - trio.current_time())
-
-
-def _check_chunks(chunks: Sequence[Chunk]) -> list[Chunk]:
-    if isinstance(chunks, Tokens | Image):
-        raise TypeError("chunks must be a sequence of Tokens/Image, not a single chunk")
-    out = list(chunks)
-    for c in out:
-        if not isinstance(c, Tokens | Image):
-            raise TypeError(f"chunks must be Tokens or Image, got {type(c).__name__}")
-    return out
 
 
 @final
@@ -265,7 +256,7 @@ class Conversation:
                         if isinstance(e, poc_api.TokenOut):
                             print(e.id)
         """
-        chunks = _check_chunks(chunks)
+        chunks = check_chunks(chunks)
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError("sampling must be a SamplingParams")
@@ -273,15 +264,9 @@ class Conversation:
         prio = 0 if priority is None else priority
         if isinstance(prio, bool) or not isinstance(prio, int) or not -(2**31) <= prio < 2**31:
             raise ValueError("priority must be an int32")
-        for name, value in (
-            ("timeout", timeout),
-            ("first_token_timeout", first_token_timeout),
-            ("token_timeout", token_timeout),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
-            ):
-                raise ValueError(f"{name} must be a non-negative number of seconds")
+        check_timeout("timeout", timeout)
+        check_timeout("first_token_timeout", first_token_timeout)
+        check_timeout("token_timeout", token_timeout)
         deadline_at = trio.current_time() + timeout if timeout is not None else math.inf
         async with self._lock:
             if self._closed:

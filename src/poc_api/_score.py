@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import _errors as e
-from ._chunks import Chunk, Image, Tokens
+from ._chunks import Chunk, Tokens, check_chunks
 from ._session import Session, open_session
 from ._types import SamplingParams, ScoreResult, Token, _u32
 
@@ -127,20 +127,10 @@ async def _score_in_session(
     return range_sums(logprobs, ranges)
 
 
-def _check_chunks(chunks: Sequence[Chunk]) -> list[Chunk]:
-    if isinstance(chunks, Tokens | Image) or not isinstance(chunks, Sequence):
-        raise TypeError("chunks must be a sequence of Tokens/Image")
-    out = list(chunks)
-    for c in out:
-        if not isinstance(c, Tokens | Image):
-            raise TypeError(f"chunks must be Tokens or Image, got {type(c).__name__}")
-    return out
-
-
 def _precheck(
     chunks: Sequence[Chunk], ranges: Sequence[Sequence[int]]
 ) -> tuple[list[Chunk], list[tuple[int, int]]]:
-    checked = _check_chunks(chunks)
+    checked = check_chunks(chunks)
     rs = validate_ranges(ranges)
     if all(isinstance(c, Tokens) or c.known_expanded_len for c in checked):
         total = sum(len(c.ids) if isinstance(c, Tokens) else c.known_expanded_len for c in checked)

@@ -27,6 +27,7 @@ from ._types import (
     WireEvent,
     _u32,
     _u32_tuple,
+    check_timeout,
 )
 from ._wire import decode_generate_event, parse_reply
 
@@ -39,14 +40,6 @@ __all__ = ["GenerateStream", "Session", "SessionLost", "open_session"]
 log = logging.getLogger("poc_api.grpc")
 
 Range = tuple[int, int]
-
-
-def _check_timeout(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
-    return float(value)
 
 
 class _Timeouts:
@@ -299,7 +292,7 @@ class Session:
             raise TypeError(f"mime must be a str, not {type(mime).__name__}")
         if not data:
             raise ValueError("image data is empty")
-        _check_timeout("timeout", timeout)
+        check_timeout("timeout", timeout)
         offset, truncating = self._offset(rewind_to)
         req = pb.AppendImageRequest(
             session_id=self._session_id,
@@ -379,9 +372,9 @@ class Session:
         if not -(2**31) <= priority < 2**31:
             raise ValueError("priority must fit in an int32")
         timeouts = None
-        total = _check_timeout("timeout", timeout)
-        first = _check_timeout("first_token_timeout", first_token_timeout)
-        between = _check_timeout("token_timeout", token_timeout)
+        total = check_timeout("timeout", timeout)
+        first = check_timeout("first_token_timeout", first_token_timeout)
+        between = check_timeout("token_timeout", token_timeout)
         if total is not None or first is not None or between is not None:
             timeouts = _Timeouts(total, first, between)
         async with self._lock:
@@ -462,7 +455,7 @@ async def open_session(
     timeout: float | None = None,
 ) -> AsyncIterator[Session]:
     """Open a session for the block; close it on exit, whatever happens."""
-    _check_timeout("timeout", timeout)
+    check_timeout("timeout", timeout)
     log.debug("opening new session (model=%r)", model)
 
     async def close_orphan(reply: bytes) -> None:

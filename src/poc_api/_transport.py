@@ -35,6 +35,7 @@ from h2.events import RemoteSettingsChanged
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink
+from ._types import check_timeout
 from ._wire import RawCodec
 
 __all__ = ["GrpcTarget", "GrpcTransport", "KeepAlive", "deadline", "map_grpc_error"]
@@ -590,11 +591,10 @@ def deadline(timeout: float | None, what: str) -> Iterator[None]:
 
     ``None`` means no bound (the caller's own cancel scopes still apply).
     """
-    if timeout is None:
+    if check_timeout("timeout", timeout) is None:
         yield
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+    assert timeout is not None
     with trio.move_on_after(timeout) as scope:
         yield
     if scope.cancelled_caught:

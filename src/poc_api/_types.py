@@ -53,6 +53,15 @@ def _check_float(_inst: object, attribute: attrs.Attribute[Any], value: object) 
         raise ValueError(f"{attribute.name} must be finite, got {value}")
 
 
+def check_timeout(name: str, value: float | None) -> float | None:
+    """A timeout in seconds (``None`` = none); ``ValueError`` unless a number >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
 def _u32_tuple(value: Sequence[int]) -> tuple[int, ...]:
     if isinstance(value, str | bytes):
         raise TypeError("expected a sequence of token ids, not a string")
