@@ -465,3 +465,22 @@ async def test_bad_timeouts_are_value_errors(client: poc_api.ApiClient) -> None:
         with pytest.raises(ValueError):
             await s.append_image(b"x", "image/png", timeout=float("nan"))
         assert not s.lost
+
+
+async def test_calls_beyond_max_concurrent_streams_raise_limit_exceeded(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_concurrent_streams=2
+    ) as c:
+        async with c.session() as a, c.session() as b:
+            async with a.generate(HELLO, sampling=SamplingParams(max_tokens=10**6)) as ea:
+                await ea.__anext__()
+                async with b.generate(HELLO, sampling=SamplingParams(max_tokens=10**6)) as eb:
+                    await eb.__anext__()
+                    with pytest.raises(poc_api.LimitExceeded, match="max_concurrent_streams=2"):
+                        async with c.session():
+                            pass
+        # The slots were given back.
+        async with c.session() as s:
+            await s.prefill([1])

@@ -84,7 +84,8 @@ class ApiClient:
         timeout: HTTP request timeout in seconds.
         close_timeout: bound on each shielded ``CloseSession`` at a session's exit.
         max_buffered_events: events buffered per stream before the client stops
-            reading and HTTP/2 flow control pushes back on the server.
+            reading and HTTP/2 flow control pushes back on the server. This bound
+            slows the server down instead of raising: no event is ever dropped.
         max_message_size: largest gRPC message sent or accepted, in bytes; a
             larger one raises :class:`LimitExceeded` before it is read.
         keepalive_time: ping the gRPC server every this many seconds while calls
@@ -94,6 +95,10 @@ class ApiClient:
             5 minutes, is the most frequent pinging that gRPC's C-core servers
             accept by default on a quiet connection (more often earns a GOAWAY
             "too_many_pings"); lower it for servers that allow it.
+        max_concurrent_streams: calls (unary or streaming) in flight at once on
+            this client; one more raises :class:`LimitExceeded` at once. A guard
+            against runaway fan-out; bound concurrency yourself (e.g. with a
+            ``trio.CapacityLimiter``, as ``score_many`` does) to wait instead.
 
     The gRPC channel opens on first use and is shared by everything made from
     this client: one HTTP/2 connection, however many tasks use it at once.
@@ -122,6 +127,7 @@ class ApiClient:
         max_message_size: int = 64 * 1024 * 1024,
         keepalive_time: float | None = 300.0,
         keepalive_timeout: float = 20.0,
+        max_concurrent_streams: int = 1024,
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
@@ -147,6 +153,7 @@ class ApiClient:
         for name, count in (
             ("max_buffered_events", max_buffered_events),
             ("max_message_size", max_message_size),
+            ("max_concurrent_streams", max_concurrent_streams),
         ):
             if isinstance(count, bool) or not isinstance(count, int):
                 raise TypeError(f"{name} must be an int")
@@ -164,6 +171,7 @@ class ApiClient:
         self._close_timeout = close_timeout
         self._max_buffered = max_buffered_events
         self._max_message_size = max_message_size
+        self._max_streams = max_concurrent_streams
         self._state = _State.UNOPENED
         self._stack: AsyncExitStack | None = None
         self._transport: GrpcTransport | None = None
@@ -212,6 +220,7 @@ class ApiClient:
                 keepalive=self._keepalive,
                 connect_timeout=self._connect_timeout,
                 reap_timeout=self._close_timeout,
+                max_concurrent_streams=self._max_streams,
             )
             stack.push_async_callback(_shielded, transport.aclose)
             http = httpx.AsyncClient(

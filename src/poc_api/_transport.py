@@ -181,6 +181,7 @@ class GrpcTransport:
         keepalive: KeepAlive | None = KeepAlive(),
         connect_timeout: float = 30.0,
         reap_timeout: float = 5.0,
+        max_concurrent_streams: int = 1024,
         ssl_context: _ssl.SSLContext | None = None,
     ) -> None:
         self._bridge = bridge
@@ -192,6 +193,9 @@ class GrpcTransport:
         self._connect_timeout = connect_timeout
         self._reap_timeout = reap_timeout
         self._reapers: set[asyncio.Future[None]] = set()
+        self._max_streams = max_concurrent_streams
+        self.open_streams = 0
+        """Calls in flight on this transport (unary and streaming)."""
         self._channel: Channel | None = None
         self._channel_was_connected = False
         self._failures = 0
@@ -286,6 +290,21 @@ class GrpcTransport:
             self._channel_was_connected = True
         return channel
 
+    @contextmanager
+    def _stream_slot(self, method: str) -> Iterator[None]:
+        # A guard against runaway fan-out: one connection multiplexes every call,
+        # and the server caps concurrent streams anyway (grpclib then queues).
+        if self.open_streams >= self._max_streams:
+            raise e.LimitExceeded(
+                f"{method}: {self.open_streams} calls already in flight on this client "
+                f"(max_concurrent_streams={self._max_streams})"
+            )
+        self.open_streams += 1
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
+
     def _check_size(self, data: bytes, method: str) -> None:
         if len(data) > self._max_message_size:
             raise e.LimitExceeded(
@@ -366,7 +385,7 @@ class GrpcTransport:
                 raise
 
         try:
-            with deadline(timeout, method):
+            with self._stream_slot(method), deadline(timeout, method):
                 return await self._bridge.run(call)
         except Exception as exc:
             mapped = map_grpc_error(exc, path)
@@ -415,8 +434,9 @@ class GrpcTransport:
                     raise
                 raise mapped from exc
 
-        async with self._bridge.stream(produce, max_items=max_items) as rx:
-            yield rx
+        with self._stream_slot(method):
+            async with self._bridge.stream(produce, max_items=max_items) as rx:
+                yield rx
 
     async def aclose(self) -> None:
         """Close the channel (idempotent). In-flight calls fail with ServerUnavailable.
