@@ -511,7 +511,18 @@ def _run_async(body: Callable[[_Where], Awaitable[None]]) -> None:
 # -- the command group -----------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """A group that treats a bare ``poc-api`` as a usage error (exit 2) on every
+    click version (before 8.2, click printed the help and exited 0)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:
+            click.echo(ctx.get_help(), err=True, color=ctx.color)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @_url_option
 @click.version_option(package_name="poc_api", prog_name="poc-api")
 @click.pass_context
