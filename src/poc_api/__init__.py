@@ -36,13 +36,14 @@ from ._errors import (
     RpcError,
     ServerUnavailable,
     SessionDivergence,
+    SessionLost,
     SessionNotFound,
     StreamCancelled,
     TransportError,
 )
 from ._http import ChatCompletion, ChatDelta, ChatDone, ChatEvent
 from ._log import configure_debug_from_env
-from ._session import GenerateStream, Session, SessionLost
+from ._session import GenerateStream, Session
 from ._types import (
     Done,
     ImageAppend,

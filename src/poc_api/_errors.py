@@ -19,7 +19,8 @@ is sent. The tree::
     ├── HttpError                 an HTTP endpoint answered 4xx/5xx
     ├── ProtocolViolation         the peer sent something malformed
     ├── LimitExceeded             a client-side bound was hit
-    └── SessionDivergence         the prompt no longer matches the session
+    ├── SessionDivergence         the prompt no longer matches the session
+    └── SessionLost               a session was interrupted mid-call
 
 ``AuthenticationError`` is raised for both transports, so it is also an
 ``HttpError``-like: it carries ``http_status`` when it came from HTTP.
@@ -47,6 +48,7 @@ __all__ = [
     "RpcError",
     "ServerUnavailable",
     "SessionDivergence",
+    "SessionLost",
     "SessionNotFound",
     "StreamCancelled",
     "TransportError",
@@ -194,3 +196,12 @@ class SessionDivergence(PocApiError):
         self.accumulated = accumulated
         self.chunk_len = chunk_len
         self.committed_len = committed_len
+
+
+@final
+class SessionLost(PocApiError):
+    """The session's server-side state is unknown after an interrupted call.
+
+    A generate stream that was cancelled or failed before its ``Done`` leaves the
+    session in a state the client cannot know. Open a new session.
+    """

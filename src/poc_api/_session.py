@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ._bridge import BatchReceiver
     from ._transport import GrpcTransport
 
-__all__ = ["GenerateStream", "Session", "SessionLost", "open_session"]
+__all__ = ["GenerateStream", "Session", "open_session"]
 
 log = logging.getLogger("poc_api.grpc")
 
@@ -54,15 +54,6 @@ class _Timeouts:
         self.total_at = self.started + total if total is not None else math.inf
         self.first_token = first_token
         self.between = between
-
-
-@final
-class SessionLost(e.PocApiError):
-    """The session's server-side state is unknown after an interrupted call.
-
-    A generate stream that was cancelled or failed before its ``Done`` leaves the
-    session in a state the client cannot know. Open a new session.
-    """
 
 
 def _check_ranges(name: str, ranges: Sequence[Sequence[int]]) -> list[pb.PositionRange]:
@@ -242,7 +233,7 @@ class Session:
         if self._closed:
             raise trio.ClosedResourceError("the session is closed")
         if self._lost:
-            raise SessionLost(
+            raise e.SessionLost(
                 f"session {self._session_id} was interrupted mid-call; open a new session"
             )
 
