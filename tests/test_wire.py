@@ -50,9 +50,10 @@ FAST = settings(
 @functools.cache
 def _upb_event_class() -> Any:
     """GenerateEvent of the reference protobuf runtime, in a private descriptor pool."""
-    protoc = pytest.importorskip("grpc_tools.protoc")
-    descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
-    from google.protobuf import descriptor_pool, message_factory
+    # grpcio-tools and protobuf are part of the test extra: a missing one is a
+    # broken install, so import them plainly rather than skip.
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "salience.pb"
