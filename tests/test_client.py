@@ -484,3 +484,28 @@ async def test_calls_beyond_max_concurrent_streams_raise_limit_exceeded(
         # The slots were given back.
         async with c.session() as s:
             await s.prefill([1])
+
+
+async def test_tasks_started_before_the_client_opened_can_use_it(
+    server: ReferenceServer,
+) -> None:
+    # Agents often live in a nursery older than the client; their context never saw
+    # the client's asyncio loop.
+    send, receive = trio.open_memory_channel[poc_api.ApiClient](1)
+    results: list[int] = []
+    finished = trio.Event()
+
+    async def agent() -> None:
+        c = await receive.receive()
+        async with c.session() as s:
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=3)) as ev:
+                results.extend([e.id async for e in ev if isinstance(e, Token)])
+        finished.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(agent)
+            async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+                await send.send(c)
+                await finished.wait()
+    assert len(results) == 3
