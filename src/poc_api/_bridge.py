@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
@@ -120,7 +120,7 @@ class AsyncioBridge:
     @asynccontextmanager
     async def stream(
         self,
-        producer: Callable[[Sink[T]], Awaitable[None]],
+        producer: Callable[[Sink[T]], Coroutine[Any, Any, None]],
         *,
         max_items: int,
     ) -> AsyncIterator[BatchReceiver[T]]:
@@ -138,7 +138,7 @@ class AsyncioBridge:
 
         async def run_producer() -> None:
             try:
-                await self._loop.run_aio_coroutine(_guarded(producer, Sink(buf)))
+                await self._loop.run_aio_coroutine(producer(Sink(buf)))
             except BaseException as exc:
                 if isinstance(exc, trio.Cancelled):
                     raise
@@ -169,10 +169,6 @@ def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-async def _guarded(producer: Callable[[Sink[T]], Awaitable[None]], sink: Sink[T]) -> None:
-    await producer(sink)
 
 
 @asynccontextmanager
