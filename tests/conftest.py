@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
-from collections.abc import AsyncIterator, Iterator
+import sys
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 from helpers import make_png
@@ -18,6 +21,38 @@ from poc_api.server import ReferenceServer, ServerConfig
 settings.register_profile("dev", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# A test that hangs must fail the run, not stall it until CI's own limit: after
+# this many seconds (the slowest test takes a few) the run prints every thread's
+# stack and exits non-zero.
+HANG_SECONDS = float(os.environ.get("POC_TEST_HANG_SECONDS", "120"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    timer = threading.Timer(HANG_SECONDS, _hung, args=(item,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _hung(item: pytest.Item) -> None:
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    captured = ("", "")
+    if capman is not None:
+        # Back to the real terminal; show what the test printed so far.
+        captured = capman.read_global_capture()
+        capman.suspend_global_capture(in_=True)
+    err = sys.stderr
+    err.write(f"\n\nHANG: {item.nodeid} still running after {HANG_SECONDS:.0f} s\n")
+    err.write(f"--- captured stdout ---\n{captured[0]}\n--- captured stderr ---\n{captured[1]}\n")
+    err.flush()
+    faulthandler.dump_traceback(file=err, all_threads=True)
+    err.flush()
+    os._exit(70)
 
 
 @pytest.fixture(scope="session")
