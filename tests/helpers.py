@@ -33,3 +33,17 @@ def make_png(width: int, height: int, seed: int = 0) -> bytes:
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
+
+
+async def wait_until_streaming_stalls(server: object, quiet: float = 0.3) -> int:
+    """Wait until the server has stopped writing Generate data (a client window is
+    shut) and return the bytes it wrote; stalling takes a few MiB of writing."""
+    state = server.state  # type: ignore[attr-defined]
+    with trio.fail_after(60):
+        last = -1
+        while True:
+            now = state().bytes_streamed
+            if now == last:
+                return int(now)
+            last = now
+            await trio.sleep(quiet)

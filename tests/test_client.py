@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
 import pytest
 import trio
-from helpers import wait_for
+from helpers import wait_for, wait_until_streaming_stalls
 
 import poc_api
 from poc_api import SamplingParams, Token
@@ -484,6 +485,28 @@ async def test_calls_beyond_max_concurrent_streams_raise_limit_exceeded(
         # The slots were given back.
         async with c.session() as s:
             await s.prefill([1])
+
+
+async def test_streams_nobody_reads_do_not_stall_the_others(server: ReferenceServer) -> None:
+    # Agents that stop reading their streams must only stop their own streams: the
+    # connection's flow-control window is shared by every agent on the client.
+    # 20 unread streams hold more than any connection window a client might pick.
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        async with contextlib.AsyncExitStack() as stack:
+            before = server.state().bytes_streamed
+            for _ in range(20):
+                idle = await stack.enter_async_context(c.session())
+                unread = await stack.enter_async_context(
+                    idle.generate(HELLO, sampling=SamplingParams(max_tokens=10**7))
+                )
+                await unread.__anext__()
+            stalled = await wait_until_streaming_stalls(server)
+            assert stalled - before > 20 << 19  # every idle stream's window is full
+            with trio.fail_after(10):
+                async with c.session() as busy:
+                    async with busy.generate(HELLO, sampling=SamplingParams(max_tokens=5)) as ev:
+                        assert len([e async for e in ev if isinstance(e, Token)]) == 5
+                    assert (await busy.prefill(HELLO)).total_tokens == len(HELLO) + 5 + len(HELLO)
 
 
 async def test_tasks_started_before_the_client_opened_can_use_it(

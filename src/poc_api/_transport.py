@@ -10,6 +10,13 @@ caller leaving a stream early — the HTTP/2 stream is reset with error code
 CANCEL (grpclib itself resets with NO_ERROR, which some servers ignore). grpclib
 then releases the stream, acknowledging its unread data so an abandoned stream
 never eats the connection's flow-control window.
+
+Flow control is split the way grpc-go splits it: the connection-level window is
+handed back as soon as DATA arrives, the stream-level window only as the caller
+consumes. An agent that stops reading its stream then holds back that stream
+alone (at most ``_STREAM_WINDOW`` bytes buffered), never the other agents'
+streams on the shared connection. grpclib acknowledges both on consumption, so
+one unread stream could shut the whole connection.
 """
 
 from __future__ import annotations
@@ -23,15 +30,19 @@ from typing import Any, Protocol, final
 from urllib.parse import urlsplit
 
 import attrs
+import h2.connection
 import h2.errors
 import h2.exceptions
+import h2.settings
 import trio
 from grpclib.client import Channel, Handler, Stream
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
-from h2.events import RemoteSettingsChanged
+from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
+from h2.events import DataReceived, RemoteSettingsChanged
+from h2.exceptions import StreamClosedError
+from hyperframe.frame import WindowUpdateFrame
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink
@@ -43,6 +54,12 @@ __all__ = ["GrpcTarget", "GrpcTransport", "KeepAlive", "deadline", "map_grpc_err
 log = logging.getLogger("poc_api.grpc")
 
 SERVICE = "/salience.Salience/"
+
+# Inbound flow-control windows. The stream window bounds what one unread stream
+# buffers; the connection window only bounds bytes in flight (it is returned on
+# receipt), so it is larger to let many streams flow at once.
+_STREAM_WINDOW = 1 << 20
+_CONNECTION_WINDOW = 16 << 20
 
 
 @final
@@ -211,8 +228,13 @@ class GrpcTransport:
 
     def _config(self) -> Configuration:
         if self._keepalive is None:
-            return Configuration()
+            return Configuration(
+                http2_connection_window_size=_CONNECTION_WINDOW,
+                http2_stream_window_size=_STREAM_WINDOW,
+            )
         return Configuration(
+            http2_connection_window_size=_CONNECTION_WINDOW,
+            http2_stream_window_size=_STREAM_WINDOW,
             _keepalive_time=self._keepalive.time,
             _keepalive_timeout=self._keepalive.timeout,
             _keepalive_permit_without_calls=False,
@@ -570,15 +592,70 @@ def _settled(channel: Channel) -> bool:
     return settings is None or bool(settings.is_set())
 
 
+class _SplitWindowH2Connection(h2.connection.H2Connection):
+    """An h2 connection that returns connection-level window on receipt and
+    stream-level window on consumption (see the module docstring)."""
+
+    def receive_data(self, data: Any) -> list[Any]:
+        events = super().receive_data(data)
+        received = 0
+        for event in events:
+            if isinstance(event, DataReceived):
+                received += event.flow_controlled_length or 0
+        if received:
+            # The same batching h2 applies on acknowledgement (update once half
+            # the window is used), so this adds no WINDOW_UPDATE per DATA frame.
+            increment = self._inbound_flow_control_window_manager.process_bytes(received)
+            if increment:
+                frame = WindowUpdateFrame(0)
+                frame.window_increment = increment
+                self._prepare_for_sending([frame])
+        return events
+
+    def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
+        # Stream part only: the connection part went back on receipt.
+        if stream_id <= 0 or acknowledged_size < 0:
+            super().acknowledge_received_data(acknowledged_size, stream_id)  # raises
+            return
+        try:
+            stream = self._get_stream_by_id(stream_id)
+        except StreamClosedError:
+            return
+        if stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(acknowledged_size))
+
+
 class _PocH2Protocol(H2Protocol):
-    """grpclib's client protocol, plus two facts grpclib does not keep: whether the
-    peer's SETTINGS arrived, and whether the connection died of a protocol error
-    (grpclib reports that as "Connection lost", like a network failure)."""
+    """grpclib's client protocol with split flow control, plus two facts grpclib
+    does not keep: whether the peer's SETTINGS arrived, and whether the connection
+    died of a protocol error (grpclib reports that as "Connection lost", like a
+    network failure)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings_received = asyncio.Event()
         self.protocol_error = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # grpclib's own connection_made with the h2 connection class swapped.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _set_nodelay(sock)
+        h2_conn = _SplitWindowH2Connection(config=self.h2_config)
+        h2_conn.initiate_connection()
+        initial = h2_conn.local_settings.initial_window_size
+        if self.config.http2_connection_window_size != initial:
+            h2_conn.increment_flow_control_window(
+                self.config.http2_connection_window_size - initial
+            )
+        if self.config.http2_stream_window_size != initial:
+            h2_conn.update_settings(
+                {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size}
+            )
+        self.connection = Connection(h2_conn, transport, config=self.config)  # type: ignore[arg-type]
+        self.connection.flush()
+        self.connection.initialize()
+        self.processor = EventsProcessor(self.handler, self.connection)
 
     def data_received(self, data: bytes) -> None:
         # grpclib's own data_received, recording what it drops.

@@ -207,6 +207,7 @@ def test_admin_state_matches_state(make_server: ServerFactory) -> None:
         "http_requests",
         "train_samples",
         "tokens_decoded",
+        "bytes_streamed",
     }
 
 

@@ -102,4 +102,5 @@ def test_public_names_are_exported() -> None:
         "http_requests",
         "train_samples",
         "tokens_decoded",
+        "bytes_streamed",
     }

@@ -267,6 +267,7 @@ class _Generation:
             # Many framed messages in one write; grpclib splits it into DATA
             # frames and waits on flow control. (Private API: see module doc.)
             await self._stream._stream.send_data(data)
+            self._rt.stats.streamed(len(data))
         self._last_flush = time.monotonic()
         # Let the loop process incoming frames, above all RST_STREAM.
         await asyncio.sleep(0)

@@ -67,6 +67,9 @@ class ServerState:
     http_requests: dict[str, int]
     train_samples: int
     tokens_decoded: int
+    #: gRPC payload bytes the server has written on Generate streams (grows while
+    #: a stream flows, stands still while the client's flow-control window is shut).
+    bytes_streamed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (sets and tuples become sorted lists)."""
@@ -82,6 +85,7 @@ class ServerState:
             "http_requests": dict(self.http_requests),
             "train_samples": self.train_samples,
             "tokens_decoded": self.tokens_decoded,
+            "bytes_streamed": self.bytes_streamed,
         }
 
 
@@ -101,6 +105,7 @@ class Stats:
         self.http_requests: Counter[str] = Counter()
         self.train_samples = 0
         self.tokens_decoded = 0
+        self.bytes_streamed = 0
 
     def connection_opened(self) -> None:
         with self._lock:
@@ -132,6 +137,10 @@ class Stats:
         with self._lock:
             self.tokens_decoded += n
 
+    def streamed(self, n: int) -> None:
+        with self._lock:
+            self.bytes_streamed += n
+
     def http(self, path: str) -> None:
         with self._lock:
             self.http_requests[path] += 1
@@ -154,6 +163,7 @@ class Stats:
                 http_requests=dict(self.http_requests),
                 train_samples=self.train_samples,
                 tokens_decoded=self.tokens_decoded,
+                bytes_streamed=self.bytes_streamed,
             )
 
 
