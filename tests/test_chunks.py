@@ -225,3 +225,13 @@ def test_common_prefix_never_cuts_an_image() -> None:
     a: list[Chunk] = [Tokens([1]), Image(PNG_A, "image/png", 4)]
     b: list[Chunk] = [Tokens([1]), Image(PNG_B, "image/png", 4)]
     assert common_prefix_len(a, b) == 1
+
+
+@pytest.mark.parametrize(
+    "images",
+    ["0", [b"\x89PNG"], [(PNG_A,)], [(PNG_A, "image/png", 3)], [42], [None]],
+    ids=["str", "bare-bytes", "one-tuple", "three-tuple", "int", "none"],
+)
+def test_prompt_to_chunks_rejects_images_that_are_not_image_or_pairs(images: object) -> None:
+    with pytest.raises(TypeError, match=r"Image or a \(bytes, mime\) pair"):
+        prompt_to_chunks([VS, VE], images, VS, VE)  # type: ignore[arg-type]

@@ -96,6 +96,20 @@ def chunk_len(chunk: Chunk) -> int:
     return chunk.known_expanded_len
 
 
+_NO_IMAGE: Any = object()
+
+
+def _as_image(item: object) -> Image:
+    if isinstance(item, Image):
+        return item
+    if isinstance(item, tuple | list) and len(item) == 2:
+        return Image(item[0], item[1])
+    raise TypeError(
+        f"each image must be an Image or a (bytes, mime) pair, not {type(item).__name__}"
+        + (f" of length {len(item)}" if isinstance(item, tuple | list) else "")
+    )
+
+
 def prompt_to_chunks(
     tokens: Sequence[int],
     images: Iterable[Image | tuple[bytes, str]],
@@ -112,6 +126,8 @@ def prompt_to_chunks(
     Raises:
         ValueError: unbalanced brackets, or a different number of images than
             bracket pairs.
+        TypeError: an item of ``images`` that is neither an :class:`Image` nor a
+            ``(bytes, mime)`` pair.
 
     Example::
 
@@ -126,11 +142,10 @@ def prompt_to_chunks(
     for tok in tokens:
         if inside:
             if tok == vision_end:
-                img = next(image_iter, None)
-                if img is None:
+                item = next(image_iter, _NO_IMAGE)
+                if item is _NO_IMAGE:
                     raise ValueError("more image brackets in the prompt than images given")
-                if not isinstance(img, Image):
-                    img = Image(img[0], img[1])
+                img = _as_image(item)
                 if text:
                     out.append(Tokens(text))
                     text = []

@@ -7,10 +7,11 @@ purpose); nothing hangs, and the client keeps working.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import poc_api
@@ -18,8 +19,9 @@ from poc_api import Image, SamplingParams, Tokens, TrainSample, prompt_to_chunks
 from poc_api.server import VISION_END, VISION_START, ReferenceServer
 
 OK_ERRORS = (poc_api.PocApiError, ValueError, TypeError)
+# POC_FUZZ_EXAMPLES raises the count for a longer local hunt.
 FUZZ = settings(
-    max_examples=60,
+    max_examples=int(os.environ.get("POC_FUZZ_EXAMPLES", "60")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -187,6 +189,7 @@ def test_tokens_and_image(tokens: Any, img: tuple[Any, Any], expanded: Any) -> N
     images=st.one_of(st.lists(image, max_size=3), anything),
     specials=st.tuples(token_id, token_id),
 )
+@example(tokens=[VISION_START, VISION_END], images="0", specials=(None, None))  # found by this test
 def test_prompt_to_chunks(tokens: Any, images: Any, specials: tuple[Any, Any]) -> None:
     for start, end in ((VISION_START, VISION_END), specials):
         try:
