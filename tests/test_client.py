@@ -159,8 +159,11 @@ async def test_bad_arguments_raise_before_anything_is_sent(
         with pytest.raises(ValueError):
             async with s.generate([1], logprobs_ranges=[(5, 2)]):
                 pass
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="int32"):
             async with s.generate([1], priority=2**31):
+                pass
+        with pytest.raises(TypeError, match="priority must be an int"):
+            async with s.generate([1], priority=1.5):  # type: ignore[arg-type]
                 pass
         with pytest.raises(ValueError):
             await s.rewind(5)  # past the end

@@ -274,8 +274,11 @@ async def test_stream_arguments_are_checked_before_sending(
             await run(conv, [[1, 2]])  # type: ignore[list-item]
         with pytest.raises(ValueError):
             await run(conv, [Tokens([1])], readout_shape=(0, 3))
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="int32"):
             await run(conv, [Tokens([1])], priority=2**40)
+        # The same errors as Session.generate: a wrong type is a TypeError.
+        with pytest.raises(TypeError, match="priority must be an int"):
+            await run(conv, [Tokens([1])], priority="high")  # type: ignore[arg-type]
     assert server.state().rpc_counts.get("OpenSession", 0) == before
 
 

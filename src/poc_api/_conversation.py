@@ -40,6 +40,7 @@ from ._types import (
     StreamEvent,
     Token,
     TokenOut,
+    check_int32,
     check_timeout,
 )
 
@@ -261,9 +262,7 @@ class Conversation:
         if not isinstance(sampling, SamplingParams):
             raise TypeError("sampling must be a SamplingParams")
         shape = _check_shape(readout_shape)
-        prio = 0 if priority is None else priority
-        if isinstance(prio, bool) or not isinstance(prio, int) or not -(2**31) <= prio < 2**31:
-            raise ValueError("priority must be an int32")
+        prio = check_int32("priority", 0 if priority is None else priority)
         check_timeout("timeout", timeout)
         check_timeout("first_token_timeout", first_token_timeout)
         check_timeout("token_timeout", token_timeout)

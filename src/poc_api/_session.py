@@ -27,6 +27,7 @@ from ._types import (
     WireEvent,
     _u32,
     _u32_tuple,
+    check_int32,
     check_timeout,
 )
 from ._wire import decode_generate_event, parse_reply
@@ -358,10 +359,7 @@ class Session:
             raise TypeError("sampling must be a SamplingParams")
         lp = _check_ranges("logprobs_ranges", logprobs_ranges)
         ro = _check_ranges("readout_ranges", readout_ranges)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError("priority must be an int")
-        if not -(2**31) <= priority < 2**31:
-            raise ValueError("priority must fit in an int32")
+        check_int32("priority", priority)
         timeouts = None
         total = check_timeout("timeout", timeout)
         first = check_timeout("first_token_timeout", first_token_timeout)

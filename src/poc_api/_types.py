@@ -62,6 +62,16 @@ def check_timeout(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def check_int32(name: str, value: int) -> int:
+    """An int32 field: ``TypeError`` unless an int (bools rejected), ``ValueError``
+    unless it fits."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**31) <= value < 2**31:
+        raise ValueError(f"{name} must fit in an int32, got {value}")
+    return value
+
+
 def _u32_tuple(value: Sequence[int]) -> tuple[int, ...]:
     if isinstance(value, str | bytes):
         raise TypeError("expected a sequence of token ids, not a string")
