@@ -479,6 +479,27 @@ def test_state_counts_rpcs_and_appended_tokens(make_server: ServerFactory) -> No
     assert s.session_ids == frozenset()
 
 
+def test_refused_generates_append_nothing_to_the_counts(make_server: ServerFactory) -> None:
+    # tokens_appended is what sessions took in: a call refused before appending
+    # (bad token, wrong offset, unknown session) adds nothing.
+    srv = make_server()
+    c = SyncSalience(srv.grpc_port)
+    try:
+        sid = c.open()
+        c.generate(sid, append_tokens=[1, 2, 3])
+        for target, kwargs in (
+            (sid, {"append_tokens": [1, 10**6], "offset": 3}),
+            (sid, {"append_tokens": [1, 2], "offset": 7}),
+            ("nope", {"append_tokens": [1, 2], "offset": 0}),
+        ):
+            with pytest.raises(GRPCError):
+                c.generate(target, **kwargs)
+    finally:
+        c.close()
+    s = srv.state()
+    assert (s.generate_calls, s.tokens_appended) == (4, 3)
+
+
 # -- auth -----------------------------------------------------------------
 
 

@@ -230,7 +230,7 @@ class SalienceService:
     async def _generate(self, stream: _Stream) -> None:
         req: GenerateRequest = await self._begin(stream, "Generate")
         stats = self._rt.stats
-        stats.generate(len(req.append_tokens))
+        stats.generate()
         try:
             with self._rt.store.use(req.session_id) as session:
                 await _Generation(self._rt, stream, session, req).run()
@@ -291,6 +291,7 @@ class _Generation:
             )
         session.check_append(req.offset, req.truncating, len(appended), cfg.max_context)
         session.append_at(req.offset, appended)
+        rt.stats.appended(len(appended))
         tokens = session.tokens
         model, readout = rt.model, rt.readout
 

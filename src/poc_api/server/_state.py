@@ -54,6 +54,8 @@ class ServerState:
 
     ``resets`` lists ``(stream_id, h2_error_code)`` for every RST_STREAM a client
     sent (8 is CANCEL); ``cancelled_streams`` counts Generate calls stopped by one.
+    ``tokens_appended`` counts tokens sessions took in (a refused call adds none);
+    ``generate_calls`` counts every Generate, refused or not.
     """
 
     session_ids: frozenset[str]
@@ -128,10 +130,13 @@ class Stats:
         with self._lock:
             self.rpc_counts[method] += 1
 
-    def generate(self, appended: int) -> None:
+    def generate(self) -> None:
         with self._lock:
             self.generate_calls += 1
-            self.tokens_appended += appended
+
+    def appended(self, n: int) -> None:
+        with self._lock:
+            self.tokens_appended += n
 
     def decoded(self, n: int) -> None:
         with self._lock:
