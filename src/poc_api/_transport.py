@@ -26,7 +26,7 @@ import logging
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Protocol, final
+from typing import Any, NoReturn, Protocol, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -139,6 +139,14 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
     if isinstance(exc, ProtocolError | h2.exceptions.ProtocolError):
         return e.ProtocolViolation(f"{name}: protocol error: {exc}")
     return None
+
+
+def _raise_mapped(exc: Exception, path: str) -> NoReturn:
+    """Raise ``exc`` as its :class:`PocApiError`, chained; as itself if unmapped."""
+    mapped = map_grpc_error(exc, path)
+    if mapped is None or mapped is exc:
+        raise exc
+    raise mapped from exc
 
 
 def _reset_cancel(stream: Stream[Any, Any]) -> None:
@@ -410,10 +418,7 @@ class GrpcTransport:
             with self._stream_slot(method), deadline(timeout, method):
                 return await self._bridge.run(call)
         except Exception as exc:
-            mapped = map_grpc_error(exc, path)
-            if mapped is None or mapped is exc:
-                raise
-            raise mapped from exc
+            _raise_mapped(exc, path)
 
     def _adopt(
         self, task: asyncio.Future[bytes], orphan: Callable[[bytes], Awaitable[None]]
@@ -451,10 +456,7 @@ class GrpcTransport:
             try:
                 await self._exchange(path, Cardinality.UNARY_STREAM, request, sink)
             except Exception as exc:
-                mapped = map_grpc_error(exc, path)
-                if mapped is None or mapped is exc:
-                    raise
-                raise mapped from exc
+                _raise_mapped(exc, path)
 
         with self._stream_slot(method):
             async with self._bridge.stream(produce, max_items=max_items) as rx:
