@@ -512,6 +512,33 @@ async def test_streams_nobody_reads_do_not_stall_the_others(server: ReferenceSer
                     assert (await busy.prefill(HELLO)).total_tokens == len(HELLO) + 5 + len(HELLO)
 
 
+async def _stream_forty(c: poc_api.ApiClient) -> None:
+    for i in range(40):
+        async with c.session() as s:
+            sampling = SamplingParams(max_tokens=10_000)
+            async with s.generate(HELLO, sampling=sampling, readout_ranges=[(0, 10**6)]) as ev:
+                async for e in ev:
+                    if i % 4 == 0 and isinstance(e, Token) and e.position > 100:
+                        break  # abandoned with data in flight
+
+
+async def test_connection_window_accounting_stays_exact(server: ReferenceServer) -> None:
+    # The connection window is returned on receipt and stream windows on reading;
+    # after far more than a connection window of data (streams read to the end and
+    # streams abandoned mid-flight) it must be neither inflated nor shrunk.
+    from poc_api import _transport
+
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        before = server.state().bytes_streamed
+        with trio.fail_after(60):
+            await _stream_forty(c)
+        assert server.state().bytes_streamed - before > 2 * _transport._CONNECTION_WINDOW
+        assert c._transport is not None and c._transport._channel is not None
+        h2_conn = c._transport._channel._protocol.connection._connection  # type: ignore[union-attr]
+        window = h2_conn.inbound_flow_control_window
+        assert _transport._CONNECTION_WINDOW // 2 <= window <= _transport._CONNECTION_WINDOW
+
+
 async def test_tasks_started_before_the_client_opened_can_use_it(
     server: ReferenceServer,
 ) -> None:
