@@ -145,6 +145,16 @@ class Traffic:
                 if n >= stop:
                     break  # leave early: the stream is reset
 
+    async def stalled_reader(self) -> None:
+        # An agent that stops reading: its stream's window fills while the other
+        # tasks' calls on the same connection must go on (their fail_after guards it).
+        async with (
+            self.client.session() as s,
+            s.generate(HELLO, sampling=SamplingParams(max_tokens=1_000_000)) as events,
+        ):
+            await events.__anext__()
+            await trio.sleep(self.rng.uniform(0.2, 2.0))
+
     async def manifest(self) -> None:
         await self.client.readout_manifest()
 
@@ -157,6 +167,7 @@ class Traffic:
                 ("conversation", self.conversation),
                 ("score", self.score),
                 ("long_stream", self.long_stream),
+                ("stalled_reader", self.stalled_reader),
                 ("manifest", self.manifest),
             ]
         )
