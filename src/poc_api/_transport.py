@@ -22,6 +22,7 @@ one unread stream could shut the whole connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl as _ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -235,14 +236,14 @@ class GrpcTransport:
         return self._target
 
     def _config(self) -> Configuration:
-        if self._keepalive is None:
-            return Configuration(
-                http2_connection_window_size=_CONNECTION_WINDOW,
-                http2_stream_window_size=_STREAM_WINDOW,
-            )
-        return Configuration(
+        windows = Configuration(
             http2_connection_window_size=_CONNECTION_WINDOW,
             http2_stream_window_size=_STREAM_WINDOW,
+        )
+        if self._keepalive is None:
+            return windows
+        return dataclasses.replace(
+            windows,
             _keepalive_time=self._keepalive.time,
             _keepalive_timeout=self._keepalive.timeout,
             _keepalive_permit_without_calls=False,
