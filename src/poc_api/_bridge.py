@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
 import trio
 import trio_asyncio
+from sniffio import thread_local as _sniffio
+from trio_asyncio._handles import AsyncHandle
 
 __all__ = ["AsyncioBridge", "BatchReceiver", "Sink", "open_bridge"]
 
@@ -178,4 +181,51 @@ async def open_bridge() -> AsyncIterator[AsyncioBridge]:
     Every asyncio task started through the bridge has ended when the block exits.
     """
     async with trio_asyncio.open_loop() as loop:
+        _batch_callbacks(loop)
         yield AsyncioBridge(loop)
+
+
+def _batch_callbacks(loop: Any) -> None:
+    """Make trio-asyncio run every asyncio callback that is ready in one trio step.
+
+    trio-asyncio's main loop takes one callback per trio scheduling pass (a
+    memory-channel receive, which is a full checkpoint, per callback); asyncio's
+    own loop runs all callbacks that are ready at the start of an iteration. A
+    grpclib call is a dozen or so callbacks, so one pass per callback was most of
+    poc_api's CPU per unary call. The drain is bounded by what was queued when it
+    began, like asyncio's, so trio tasks still run between passes.
+    """
+    one = loop._main_loop_one  # trio-asyncio's own step: waits, runs one callback
+    receive = loop._q_recv
+
+    async def main_loop_one(no_wait: bool = False) -> None:
+        await one(no_wait)
+        if no_wait:
+            return
+        for _ in range(receive.statistics().current_buffer_used):
+            timers = loop._timers
+            if timers and timers[0]._when <= loop.time():
+                handle = heapq.heappop(timers)
+            else:
+                try:
+                    handle = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                if isinstance(handle, asyncio.TimerHandle):
+                    heapq.heappush(timers, handle)
+                    continue
+                if isinstance(handle, AsyncHandle):
+                    # A trio task to start (trio_as_aio): as trio-asyncio does it.
+                    handle._context.run(
+                        loop._nursery.start_soon, handle._run, name=handle._callback
+                    )
+                    await handle._started.wait()
+                    return
+            if not handle._cancelled:
+                previous, _sniffio.name = _sniffio.name, "asyncio"
+                try:
+                    handle._run()
+                finally:
+                    _sniffio.name = previous
+
+    loop._main_loop_one = main_loop_one
