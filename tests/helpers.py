@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import trio
 
+from poc_api.server import ReferenceServer
+
 
 async def wait_for(predicate: object, timeout: float = 5.0) -> None:
     """Poll a server-side condition (servers run on their own thread)."""
@@ -35,15 +37,14 @@ def make_png(width: int, height: int, seed: int = 0) -> bytes:
     )
 
 
-async def wait_until_streaming_stalls(server: object, quiet: float = 0.3) -> int:
+async def wait_until_streaming_stalls(server: ReferenceServer, quiet: float = 0.3) -> int:
     """Wait until the server has stopped writing Generate data (a client window is
     shut) and return the bytes it wrote; stalling takes a few MiB of writing."""
-    state = server.state  # type: ignore[attr-defined]
     with trio.fail_after(60):
         last = -1
         while True:
-            now = state().bytes_streamed
+            now = server.state().bytes_streamed
             if now == last:
-                return int(now)
+                return now
             last = now
             await trio.sleep(quiet)

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
 import trio
 import trio_asyncio
-from sniffio import thread_local as _sniffio
-from trio_asyncio._handles import AsyncHandle
 
 __all__ = ["AsyncioBridge", "BatchReceiver", "Sink", "open_bridge"]
 
@@ -202,30 +199,12 @@ def _batch_callbacks(loop: Any) -> None:
         await one(no_wait)
         if no_wait:
             return
+        # trio-asyncio's own no-wait step runs one ready callback (expired timers
+        # first) without a checkpoint, and raises WouldBlock when none is left.
         for _ in range(receive.statistics().current_buffer_used):
-            timers = loop._timers
-            if timers and timers[0]._when <= loop.time():
-                handle = heapq.heappop(timers)
-            else:
-                try:
-                    handle = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    return
-                if isinstance(handle, asyncio.TimerHandle):
-                    heapq.heappush(timers, handle)
-                    continue
-                if isinstance(handle, AsyncHandle):
-                    # A trio task to start (trio_as_aio): as trio-asyncio does it.
-                    handle._context.run(
-                        loop._nursery.start_soon, handle._run, name=handle._callback
-                    )
-                    await handle._started.wait()
-                    return
-            if not handle._cancelled:
-                previous, _sniffio.name = _sniffio.name, "asyncio"
-                try:
-                    handle._run()
-                finally:
-                    _sniffio.name = previous
+            try:
+                await one(True)
+            except trio.WouldBlock:
+                return
 
     loop._main_loop_one = main_loop_one
