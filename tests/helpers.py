@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import trio
 
 from poc_api.server import ReferenceServer
@@ -48,3 +51,14 @@ async def wait_until_streaming_stalls(server: ReferenceServer, quiet: float = 0.
                 return now
             last = now
             await trio.sleep(quiet)
+
+
+async def asyncio_tasks_pending(client: Any) -> list[asyncio.Task[Any]]:
+    """Unfinished asyncio tasks on the client's loop thread (the census itself aside)."""
+
+    async def census() -> list[asyncio.Task[Any]]:
+        me = asyncio.current_task()
+        return [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+    result: list[asyncio.Task[Any]] = await client._bridge.run(census)
+    return result

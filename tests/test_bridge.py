@@ -1,63 +1,296 @@
-"""The trio <-> asyncio bridge on its own: batching of asyncio callbacks."""
+"""The trio <-> asyncio bridge on its own: a loop thread, batched crossings."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 
+import pytest
 import trio
-import trio.lowlevel
 
-from poc_api._bridge import open_bridge
-
-
-class _StepCounter(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if "_main_loop" in task.name:  # trio-asyncio's loop task
-            self.steps += 1
+from poc_api._bridge import AsyncioBridge, Sink, open_bridge
 
 
-async def test_ready_asyncio_callbacks_run_in_one_trio_step_each_batch() -> None:
-    # A grpclib call is many small asyncio callbacks; running one per trio
-    # scheduling pass cost most of a unary call's CPU.
-    counter = _StepCounter()
-    async with open_bridge() as bridge:
+def _count_wakes(bridge: AsyncioBridge) -> list[int]:
+    """Count how often the loop thread woke the trio thread."""
+    count = [0]
+    wake = bridge._to_trio._wake
 
-        async def schedule_many() -> list[int]:
-            loop = asyncio.get_running_loop()
-            order: list[int] = []
-            done = loop.create_future()
-            for i in range(500):
-                loop.call_soon(order.append, i)
-            loop.call_soon(done.set_result, None)
-            await done
-            return order
+    def counting(fn: object) -> object:
+        count[0] += 1
+        return wake(fn)  # type: ignore[arg-type]
 
-        trio.lowlevel.add_instrument(counter)
+    bridge._to_trio._wake = counting
+    return count
+
+
+async def test_run_returns_the_result_and_raises_the_error_unchanged() -> None:
+    async def ok(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    async def bad() -> None:
         try:
-            order = await bridge.run(schedule_many)
-        finally:
-            trio.lowlevel.remove_instrument(counter)
-    assert order == list(range(500))  # FIFO, every one ran
-    assert counter.steps < 50  # one per callback before batching (500+)
+            raise KeyError("inner")
+        except KeyError as exc:
+            raise ValueError("outer") from exc
+
+    with trio.fail_after(5):
+        async with open_bridge() as bridge:
+            assert await bridge.run(ok, 21) == 42
+            with pytest.raises(ValueError, match="outer") as info:
+                await bridge.run(bad)
+    assert isinstance(info.value.__cause__, KeyError)
 
 
-async def test_timers_still_fire_in_order_between_ready_callbacks() -> None:
+async def test_the_loop_runs_in_its_own_thread_which_ends_with_the_block() -> None:
+    async def where() -> threading.Thread:
+        return threading.current_thread()
+
+    with trio.fail_after(5):
+        async with open_bridge() as bridge:
+            thread = await bridge.run(where)
+            assert thread is bridge.thread
+            assert thread is not threading.current_thread()
+    assert not thread.is_alive()
+    assert bridge.loop.is_closed()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signal masks")
+async def test_signals_are_blocked_in_the_loop_thread() -> None:
+    # Ctrl-C must only ever reach the trio thread.
+    async def mask() -> set[signal.Signals]:
+        return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
     async with open_bridge() as bridge:
+        blocked = await bridge.run(mask)
+    assert {signal.SIGINT, signal.SIGTERM} <= blocked
 
-        async def mixed() -> list[str]:
-            loop = asyncio.get_running_loop()
-            seen: list[str] = []
-            done = loop.create_future()
-            loop.call_later(0.02, seen.append, "late")
-            loop.call_later(0.01, seen.append, "early")
-            for i in range(50):
-                loop.call_soon(seen.append, f"soon{i}")
-            loop.call_later(0.03, done.set_result, None)
-            await done
-            return seen
 
-        seen = await bridge.run(mixed)
-    assert seen == [f"soon{i}" for i in range(50)] + ["early", "late"]
+async def test_cancelling_run_waits_for_the_asyncio_side_to_clean_up() -> None:
+    cleaned: list[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await asyncio.sleep(0.05)  # cleanup that takes a while (a stream reset, say)
+            cleaned.append("done")
+
+    async with open_bridge() as bridge:
+        with trio.move_on_after(0.05) as scope:
+            await bridge.run(slow)
+        assert scope.cancelled_caught
+        assert cleaned == ["done"]  # before run() raised, not later
+
+
+async def test_a_call_cancelled_before_it_started_never_runs() -> None:
+    ran: list[int] = []
+    gate = threading.Event()
+
+    async def record() -> None:
+        ran.append(1)
+
+    async with open_bridge() as bridge:
+        bridge.call_soon(lambda: gate.wait(5))  # the loop is busy: the call cannot start
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, lambda: (time.sleep(0.05), gate.set()))
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await bridge.run(record)
+    assert ran == []
+
+
+async def test_a_result_that_loses_the_race_with_a_cancel_goes_to_abandoned() -> None:
+    got: list[int] = []
+    started = threading.Event()
+    release = threading.Event()
+
+    async def quick() -> int:
+        started.set()
+        release.wait(5)  # blocks the loop: the trio cancel arrives meanwhile
+        return 7
+
+    async with open_bridge() as bridge:
+        with trio.move_on_after(5) as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_when_started() -> None:
+                    await trio.to_thread.run_sync(started.wait, 5)
+                    scope.cancel()
+                    release.set()
+
+                nursery.start_soon(cancel_when_started)
+                await bridge.run(quick, abandoned=got.append)
+    assert got == [7]
+
+
+async def test_many_calls_finishing_together_share_wake_ups() -> None:
+    async def nap() -> None:
+        await asyncio.sleep(0.05)
+
+    async with open_bridge() as bridge:
+        wakes = _count_wakes(bridge)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for _ in range(200):
+                    nursery.start_soon(bridge.run, nap)
+    # One wake-up per call would be 200.
+    assert wakes[0] < 50, wakes[0]
+
+
+async def test_a_stream_is_drained_in_batches_in_order() -> None:
+    async def produce(sink: Sink[int]) -> None:
+        for i in range(5000):
+            sink.push(i)
+            if sink.full:
+                await sink.wait_space()
+
+    async with open_bridge() as bridge:
+        wakes = _count_wakes(bridge)
+        got: list[int] = []
+        batches = 0
+        with trio.fail_after(10):
+            async with bridge.stream(produce, max_items=256) as rx:
+                while batch := await rx.receive_batch():
+                    batches += 1
+                    got.extend(batch)
+    assert got == list(range(5000))
+    assert batches < 200 and wakes[0] < 200, (batches, wakes[0])
+
+
+async def test_a_full_buffer_pauses_the_producer_until_the_consumer_reads() -> None:
+    produced: list[int] = []
+
+    async def produce(sink: Sink[int]) -> None:
+        for i in range(100):
+            sink.push(i)
+            produced.append(i)
+            if sink.full:
+                await sink.wait_space()
+
+    async with open_bridge() as bridge:
+        async with bridge.stream(produce, max_items=10) as rx:
+            await trio.sleep(0.1)
+            assert len(produced) == 10  # stopped at the bound
+            total = 0
+            with trio.fail_after(5):
+                while batch := await rx.receive_batch():
+                    total += len(batch)
+    assert total == 100
+
+
+async def test_the_producers_error_comes_from_receive_batch() -> None:
+    async def produce(sink: Sink[int]) -> None:
+        sink.push(1)
+        raise LookupError("producer failed")
+
+    async with open_bridge() as bridge:
+        async with bridge.stream(produce, max_items=10) as rx:
+            with trio.fail_after(5):
+                assert await rx.receive_batch() == [1]
+                with pytest.raises(LookupError, match="producer failed"):
+                    await rx.receive_batch()
+
+
+async def test_leaving_a_stream_block_cancels_the_producer_and_keeps_the_exception() -> None:
+    state: list[str] = []
+
+    async def produce(sink: Sink[int]) -> None:
+        try:
+            while True:
+                sink.push(1)
+                await asyncio.sleep(0.001)
+        finally:
+            state.append("producer ended")
+
+    mine = ExceptionGroup("mine", [ValueError("x")])
+    async with open_bridge() as bridge:
+        with pytest.raises(ExceptionGroup) as info:
+            async with bridge.stream(produce, max_items=10) as rx:
+                await rx.receive_batch()
+                raise mine
+    # The user's own group leaves as it was raised, and the producer is gone.
+    assert info.value is mine
+    assert state == ["producer ended"]
+
+
+async def test_closing_fails_waiting_calls_with_closed_resource_error() -> None:
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    bridge = AsyncioBridge.start(cancel_timeout=1.0)
+    failures: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await bridge.run(forever)
+        except trio.ClosedResourceError as exc:
+            failures.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.sleep(0.05)
+            await bridge.aclose()
+    assert len(failures) == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await bridge.run(forever)
+
+
+def test_importing_poc_api_changes_nothing_in_asyncio() -> None:
+    code = textwrap.dedent(
+        """
+        import asyncio, warnings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        before = (asyncio.get_event_loop_policy(), asyncio.get_running_loop,
+                  asyncio.get_event_loop, asyncio.current_task, asyncio.new_event_loop)
+        import poc_api, trio
+        after = (asyncio.get_event_loop_policy(), asyncio.get_running_loop,
+                 asyncio.get_event_loop, asyncio.current_task, asyncio.new_event_loop)
+        assert before == after, (before, after)
+
+        async def main():
+            loop = asyncio.new_event_loop()   # trio-asyncio's policy refused this
+            loop.close()
+
+        trio.run(main)
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="trio-asyncio does not import on 3.14+")
+def test_a_program_that_also_uses_trio_asyncio_can_use_the_client_and_server() -> None:
+    # trio-asyncio swaps the process-wide asyncio policy and refuses to make loops
+    # inside trio; neither the client's loop thread nor the server's may care.
+    code = textwrap.dedent(
+        """
+        import trio, trio_asyncio, poc_api
+        from poc_api.testing import open_client, reference_server
+
+        async def main():
+            async with trio_asyncio.open_loop():
+                async with reference_server() as srv, open_client(srv) as client:
+                    async with client.session() as s:
+                        done = await s.prefill([1, 2, 3])
+                    print(done.total_tokens)
+
+        trio.run(main)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 
 import pytest
 import trio
-from helpers import wait_for, wait_until_streaming_stalls
+from helpers import asyncio_tasks_pending, wait_for, wait_until_streaming_stalls
 
 import poc_api
 from poc_api import SamplingParams, Token
@@ -60,7 +59,7 @@ async def test_a_closed_client_cannot_be_reopened(server: ReferenceServer) -> No
         pass
     with pytest.raises(RuntimeError, match="reopened"):
         await c.__aenter__()
-    with pytest.raises(RuntimeError, match="async with"):
+    with pytest.raises(trio.ClosedResourceError, match="closed"):
         c.session()
 
 
@@ -369,16 +368,17 @@ async def test_no_tasks_are_left_behind(server: ReferenceServer) -> None:
 
     base = task_count()
     async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
-        loop = asyncio.get_event_loop_policy().get_event_loop()
         async with c.session() as s:
             with trio.move_on_after(0.1):
                 async with s.generate(HELLO, sampling=SamplingParams(max_tokens=10**6)) as ev:
                     async for _ in ev:
                         pass
         await trio.sleep(0.05)
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        assert pending == []
+        assert await asyncio_tasks_pending(c) == []
+        thread = c._bridge.thread if c._bridge is not None else None
     assert task_count() == base
+    # ... and the loop's thread ended with the client.
+    assert thread is not None and not thread.is_alive()
 
 
 async def test_eos_finishes_with_reason_eos(eos_server: ReferenceServer) -> None:

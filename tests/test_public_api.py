@@ -20,6 +20,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
     internal_only = {
         # plumbing that users never touch
         "AsyncioBridge",
+        "PRIVATE_NAMES",
         "BatchReceiver",
         "Sink",
         "open_bridge",

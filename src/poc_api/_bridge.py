@@ -1,39 +1,128 @@
-"""The trio <-> asyncio bridge: the one place that knows about trio-asyncio.
+"""The trio <-> asyncio bridge: grpclib's asyncio loop, in a thread the client owns.
 
-grpclib only runs on asyncio. An :class:`AsyncioBridge` owns an asyncio loop
-hosted inside the trio run (trio-asyncio today) and offers two things:
+grpclib only runs on asyncio. An :class:`AsyncioBridge` starts a plain stdlib
+asyncio event loop in a dedicated daemon thread and offers the trio side two
+operations:
 
 * :meth:`AsyncioBridge.run` — await an asyncio coroutine from trio. Cancelling
-  the trio scope cancels the asyncio task and waits until it has finished its
-  cleanup (so an RPC's stream reset is on the wire before ``run`` returns).
+  the trio scope cancels the asyncio task and waits (shielded, bounded) until it
+  has finished its cleanup, so an RPC's stream reset is on the wire before
+  ``run`` raises.
 * :meth:`AsyncioBridge.stream` — run an asyncio *producer* that pushes items into
-  a bounded buffer which the trio side drains in batches. One crossing per batch
-  instead of one per item is what keeps streaming near native asyncio speed.
+  a bounded buffer which the trio side drains in batches.
 
-Only these two operations cross; everything else in poc_api is trio code or
-asyncio code, so replacing trio-asyncio (it does not import on Python 3.14 yet)
-means rewriting this module alone.
+Every crossing between the threads goes through a :class:`_Mailbox`: the first
+message posted to an empty mailbox wakes the other thread (one
+``call_soon_threadsafe`` or ``TrioToken.run_sync_soon``); messages posted before
+it has woken ride along. Many calls and streams finishing in the same instant
+cost one wake-up, and a stream that produces faster than trio drains costs one
+wake-up per batch, not per item. Shared state is guarded by locks, so it stays
+correct without the GIL too.
+
+Signals are blocked in the loop thread: Ctrl-C only ever lands in the trio
+thread, where trio turns it into ``KeyboardInterrupt`` at a checkpoint, and
+nothing the library holds on the asyncio side can swallow it. Importing this
+module changes nothing in asyncio: no policy, no patched functions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import signal
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar, final
 
 import trio
-import trio_asyncio
+
+from ._errors import PocApiError
 
 __all__ = ["AsyncioBridge", "BatchReceiver", "Sink", "open_bridge"]
 
+log = logging.getLogger("poc_api.grpc")
+
 T = TypeVar("T")
+
+# Signals that must reach the trio (main) thread, never the loop thread.
+_BLOCKED_SIGNALS = (
+    {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+    if sys.platform != "win32"
+    else set()
+)
+
+
+class _Mailbox:
+    """Thread-safe queue of callbacks run in another thread, one wake-up per batch."""
+
+    __slots__ = ("_items", "_lock", "_wake")
+
+    def __init__(self, wake: Callable[[Callable[[], None]], object]) -> None:
+        self._lock = threading.Lock()
+        self._items: list[Callable[[], None]] = []
+        self._wake = wake
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn``; wake the other side if this is the first queued item.
+
+        Raises whatever ``wake`` raises when the other side is gone
+        (``RuntimeError`` for a closed loop, ``trio.RunFinishedError``).
+        """
+        with self._lock:
+            self._items.append(fn)
+            if len(self._items) > 1:
+                return
+        try:
+            self._wake(self._run)
+        except BaseException:
+            with self._lock:
+                # Nobody will run these; forget them so a later post wakes again.
+                self._items.clear()
+            raise
+
+    def _run(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for fn in items:
+            try:
+                fn()
+            except Exception:  # pragma: no cover - callbacks here never raise
+                log.exception("poc_api bridge callback failed")
+
+
+class _Call:
+    """One coroutine crossing to asyncio; its outcome crosses back."""
+
+    __slots__ = (
+        "cancel_requested",
+        "done",
+        "error",
+        "finished",
+        "on_done",
+        "result",
+        "returned",
+        "task",
+    )
+
+    def __init__(self, on_done: Callable[[_Call], None] | None = None) -> None:
+        self.on_done = on_done
+        self.done = trio.Event()
+        self.finished = False
+        self.result: Any = None
+        self.returned = False  # the coroutine returned ``result``
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.cancel_requested = False
 
 
 @final
 class Sink(Generic[T]):
     """The asyncio-side end of a stream buffer (one producer)."""
+
+    __slots__ = ("_buf",)
 
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
@@ -41,11 +130,11 @@ class Sink(Generic[T]):
     def push(self, item: T) -> None:
         """Append one item and wake the trio consumer if it waits."""
         buf = self._buf
-        buf.items.append(item)
-        waiter = buf.trio_waiter
+        with buf.lock:
+            buf.items.append(item)
+            waiter, buf.trio_waiter = buf.trio_waiter, None
         if waiter is not None:
-            buf.trio_waiter = None
-            waiter.set()
+            buf.bridge._to_trio_quietly(waiter.set)
 
     @property
     def full(self) -> bool:
@@ -55,26 +144,47 @@ class Sink(Generic[T]):
     async def wait_space(self) -> None:
         """asyncio: wait until the consumer drained the buffer below its bound."""
         buf = self._buf
-        while len(buf.items) >= buf.max_items:
-            buf.space.clear()
-            await buf.space.wait()
+        while True:
+            with buf.lock:
+                if len(buf.items) < buf.max_items:
+                    return
+                space = buf.space = asyncio.get_running_loop().create_future()
+            await space
 
 
 class _Buffer(Generic[T]):
-    __slots__ = ("error", "finished", "items", "max_items", "space", "trio_waiter")
+    __slots__ = (
+        "bridge",
+        "error",
+        "finished",
+        "items",
+        "lock",
+        "max_items",
+        "space",
+        "trio_waiter",
+    )
 
-    def __init__(self, max_items: int) -> None:
+    def __init__(self, bridge: AsyncioBridge, max_items: int) -> None:
+        self.bridge = bridge
+        self.lock = threading.Lock()
         self.items: collections.deque[T] = collections.deque()
         self.max_items = max_items
         self.trio_waiter: trio.Event | None = None
-        self.space = asyncio.Event()
+        self.space: asyncio.Future[None] | None = None  # the producer waits on it
         self.finished = False
         self.error: BaseException | None = None
+
+
+def _wake_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @final
 class BatchReceiver(Generic[T]):
     """The trio-side end of a stream buffer."""
+
+    __slots__ = ("_buf",)
 
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
@@ -86,35 +196,231 @@ class BatchReceiver(Generic[T]):
         exception if it failed. A checkpoint only when it has to wait.
         """
         buf = self._buf
-        while not buf.items:
-            if buf.error is not None:
-                raise buf.error
-            if buf.finished:
-                return []
-            waiter = buf.trio_waiter = trio.Event()
+        while True:
+            with buf.lock:
+                if buf.items:
+                    items = list(buf.items)
+                    buf.items.clear()
+                    space, buf.space = buf.space, None
+                    break
+                if buf.error is not None:
+                    raise buf.error
+                if buf.finished:
+                    return []
+                waiter = buf.trio_waiter = trio.Event()
             await waiter.wait()
-        items = list(buf.items)
-        buf.items.clear()
-        # asyncio.Event.set only schedules callbacks; it is safe from the trio side
-        # because trio-asyncio runs the asyncio loop in this same thread.
-        buf.space.set()
+        if space is not None:
+            buf.bridge._to_loop_quietly(lambda: _wake_future(space))
         return items
 
 
 @final
 class AsyncioBridge:
-    """An asyncio loop hosted in the current trio run; see the module docstring."""
+    """An asyncio loop running in its own thread; see the module docstring.
 
-    def __init__(self, loop: Any) -> None:
-        self._loop = loop
+    Made by :func:`open_bridge` or :meth:`start`; belongs to the trio run that
+    made it. ``cancel_timeout`` bounds how long a cancelled call waits for its
+    asyncio side to finish cleaning up.
+    """
 
-    async def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    def __init__(self, *, cancel_timeout: float = 5.0) -> None:
+        self._cancel_timeout = cancel_timeout
+        self._token = trio.lowlevel.current_trio_token()
+        # Not new_event_loop(): the process-wide policy may belong to someone else
+        # (trio-asyncio installs one that refuses to make loops inside trio).
+        self._loop = asyncio.SelectorEventLoop()
+        self._loop.set_exception_handler(_log_loop_exception)
+        self._to_loop = _Mailbox(self._loop.call_soon_threadsafe)
+        self._to_trio = _Mailbox(self._token.run_sync_soon)
+        self._closing = False
+        self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
+        self._closed = trio.Event()
+        self._thread_done = trio.Event()
+        self._thread = threading.Thread(
+            target=self._thread_main, name="poc_api-asyncio", daemon=True
+        )
+
+    @classmethod
+    def start(cls, *, cancel_timeout: float = 5.0) -> AsyncioBridge:
+        """Start a bridge (its loop thread) owned by the current trio run."""
+        bridge = cls(cancel_timeout=cancel_timeout)
+        bridge._thread.start()
+        return bridge
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The asyncio loop (runs in the bridge's thread; touch it only from there)."""
+        return self._loop
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The thread the loop runs in."""
+        return self._thread
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has begun."""
+        return self._closing
+
+    def _thread_main(self) -> None:
+        if _BLOCKED_SIGNALS:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
+        try:
+            self._loop.run_forever()
+        finally:
+            try:
+                self._token.run_sync_soon(self._thread_done.set)
+            except trio.RunFinishedError:
+                pass
+
+    def check_caller(self) -> None:
+        """Raise unless called from the trio run that owns this bridge, while open."""
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            raise RuntimeError(
+                "poc_api must be used from inside trio.run (no trio run is active here)"
+            ) from None
+        if token is not self._token:
+            raise RuntimeError(
+                "this ApiClient belongs to another trio.run (or thread); "
+                "open a client in each trio.run that uses one"
+            )
+        if self._closing:
+            raise trio.ClosedResourceError("the ApiClient is closed")
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` in the loop thread soon; dropped if the loop has closed."""
+        self._to_loop_quietly(fn)
+
+    def _to_loop_quietly(self, fn: Callable[[], None]) -> None:
+        try:
+            self._to_loop.post(fn)
+        except RuntimeError:  # the loop closed: nothing left to wake
+            pass
+
+    def _to_trio_quietly(self, fn: Callable[[], None]) -> None:
+        try:
+            self._to_trio.post(fn)
+        except trio.RunFinishedError:  # the trio run ended: nobody waits any more
+            pass
+
+    def _submit(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, Any]],
+        args: tuple[Any, ...],
+        on_done: Callable[[_Call], None] | None = None,
+    ) -> _Call:
+        call = _Call(on_done)
+
+        def finish(task: asyncio.Task[Any] | None) -> None:
+            # asyncio side: record the outcome, then wake the trio side.
+            if task is None or task.cancelled():
+                call.error = _closed_error() if not call.cancel_requested else None
+            else:
+                exc = task.exception()
+                if exc is None:
+                    call.result = task.result()
+                    call.returned = True
+                else:
+                    call.error = exc
+            call.finished = True
+            if call.on_done is not None:
+                call.on_done(call)
+            self._to_trio_quietly(call.done.set)
+
+        def begin() -> None:
+            if call.cancel_requested or self._loop.is_closed():
+                finish(None)
+                return
+            task = call.task = self._loop.create_task(fn(*args))
+            task.add_done_callback(finish)
+
+        try:
+            self._to_loop.post(begin)
+        except RuntimeError:
+            raise trio.ClosedResourceError("the ApiClient is closed") from None
+        self._live.add(call)
+        return call
+
+    def _cancel(self, call: _Call) -> None:
+        def cancel() -> None:
+            call.cancel_requested = True
+            if call.task is not None:
+                call.task.cancel()
+
+        self._to_loop_quietly(cancel)
+
+    async def _settle(self, call: _Call, what: str) -> None:
+        """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end."""
+        self._cancel(call)
+        ki: KeyboardInterrupt | None = None
+        with trio.move_on_after(self._cancel_timeout, shield=True) as scope:
+            while not call.done.is_set():
+                try:
+                    await call.done.wait()
+                except KeyboardInterrupt as exc:  # finish the cleanup first
+                    ki = exc
+        if ki is not None:
+            raise ki
+        if scope.cancelled_caught:
+            log.warning(
+                "%s: its asyncio side did not finish within %.1f s of being cancelled",
+                what,
+                self._cancel_timeout,
+            )
+
+    @trio.lowlevel.enable_ki_protection  # a submitted call is always awaited or settled
+    async def run(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        *args: Any,
+        abandoned: Callable[[T], None] | None = None,
+        defer_ki: bool = False,
+    ) -> T:
         """Run ``await fn(*args)`` on the asyncio loop and return its result.
 
-        A trio checkpoint. Cancellation cancels the asyncio task and waits for it
-        to finish before raising ``trio.Cancelled``.
+        A trio checkpoint. Cancellation (or Ctrl-C) cancels the asyncio task and
+        waits for it to finish (shielded, at most ``cancel_timeout`` seconds)
+        before the cancellation propagates. If the coroutine had already
+        returned when the cancellation came, its result is handed to
+        ``abandoned`` (in the trio thread) instead of being lost. Raises
+        ``trio.ClosedResourceError`` if the bridge is closed, or closes under
+        the call.
+
+        With ``defer_ki`` (cleanup calls such as ``CloseSession``), Ctrl-C does
+        not interrupt the call: its ``KeyboardInterrupt`` is raised once the call
+        has finished, so the cleanup still happens.
         """
-        result: T = await self._loop.run_aio_coroutine(fn(*args))
+        self.check_caller()
+        call = self._submit(fn, args)
+        ki: KeyboardInterrupt | None = None
+        try:
+            while True:
+                try:
+                    await call.done.wait()
+                    break
+                except KeyboardInterrupt as exc:
+                    if not defer_ki:
+                        raise
+                    ki = exc
+        except BaseException:
+            if not call.finished:
+                await self._settle(call, getattr(fn, "__name__", "call"))
+            if call.finished and call.returned and abandoned is not None:
+                abandoned(call.result)
+            if ki is not None:
+                raise ki  # noqa: B904 - Ctrl-C outranks what came after it
+            raise
+        finally:
+            self._live.discard(call)
+        if ki is not None:
+            if call.returned and abandoned is not None:
+                abandoned(call.result)
+            raise ki
+        if call.error is not None:
+            raise call.error
+        result: T = call.result
         return result
 
     @asynccontextmanager
@@ -130,81 +436,108 @@ class AsyncioBridge:
         :meth:`Sink.wait_space`, which stops reading from the network and so
         lets HTTP/2 flow control slow the server down.
 
-        Leaving the block cancels the producer (if still running) and waits for it
-        to finish. The producer's exception is raised from
-        :meth:`BatchReceiver.receive_batch`, never from this block's exit.
+        Leaving the block cancels the producer (if still running) and waits
+        (shielded, bounded) for it to finish. The producer's exception is raised
+        from :meth:`BatchReceiver.receive_batch`, never from this block's exit,
+        and the block's own exception leaves it untouched.
         """
-        buf: _Buffer[T] = _Buffer(max_items)
+        self.check_caller()
+        buf: _Buffer[T] = _Buffer(self, max_items)
 
-        async def run_producer() -> None:
-            try:
-                await self._loop.run_aio_coroutine(producer(Sink(buf)))
-            except BaseException as exc:
-                if isinstance(exc, trio.Cancelled):
-                    raise
-                buf.error = exc
-            finally:
+        def on_done(call: _Call) -> None:
+            with buf.lock:
+                buf.error = call.error
                 buf.finished = True
-                waiter = buf.trio_waiter
-                if waiter is not None:
-                    buf.trio_waiter = None
-                    waiter.set()
+                waiter, buf.trio_waiter = buf.trio_waiter, None
+            if waiter is not None:
+                self._to_trio_quietly(waiter.set)
 
+        call = self._submit(producer, (Sink(buf),), on_done)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_producer)
-                try:
-                    yield BatchReceiver(buf)
-                finally:
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # run_producer never raises (it stores errors in the buffer), so a group
-            # holds just the block's own exception: surface it unwrapped.
-            raise _single(group) from None
+            yield BatchReceiver(buf)
+        finally:
+            try:
+                if not call.done.is_set():
+                    await self._settle(call, getattr(producer, "__name__", "stream"))
+            finally:
+                self._live.discard(call)
+
+    async def aclose(self) -> None:
+        """Cancel every asyncio task, stop the loop and join its thread (idempotent).
+
+        Shielded: always closes, even when cancelled. Calls still waiting in
+        other tasks fail with ``trio.ClosedResourceError``.
+        """
+        if self._closing:
+            with trio.CancelScope(shield=True):
+                await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            with trio.CancelScope(shield=True):
+                if self._thread.is_alive():
+                    await self._stop_loop()
+        finally:
+            self._closed.set()
+
+    async def _stop_loop(self) -> None:
+        loop = self._loop
+
+        async def shutdown() -> None:
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=self._cancel_timeout)
+            await loop.shutdown_asyncgens()
+
+        call = self._submit(shutdown, ())
+        with trio.move_on_after(self._cancel_timeout * 2):
+            await call.done.wait()
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:
+            pass
+        with trio.move_on_after(self._cancel_timeout) as scope:
+            await self._thread_done.wait()
+        # Whatever did not finish (a task that ignored cancellation) will never
+        # report back: fail its waiter instead of leaving it hanging.
+        for left in list(self._live):
+            if not left.done.is_set():
+                left.error = _closed_error()
+                left.finished = True
+                if left.on_done is not None:
+                    left.on_done(left)
+                left.done.set()
+        if scope.cancelled_caught:  # pragma: no cover - a wedged asyncio callback
+            log.warning("the asyncio thread did not stop; leaving it (daemon) behind")
+            return
+        self._thread.join()
+        loop.close()
 
 
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The lone leaf of a group, or the group itself when there are several."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+def _closed_error() -> trio.ClosedResourceError:
+    return trio.ClosedResourceError("the ApiClient was closed while this call was running")
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    if isinstance(exc, PocApiError | ConnectionError | asyncio.CancelledError):
+        log.debug("asyncio: %s", context.get("message"), exc_info=exc)
+        return
+    log.warning("asyncio: %s", context.get("message"), exc_info=exc)
 
 
 @asynccontextmanager
-async def open_bridge() -> AsyncIterator[AsyncioBridge]:
-    """Open an asyncio loop for the duration of the block.
+async def open_bridge(*, cancel_timeout: float = 5.0) -> AsyncIterator[AsyncioBridge]:
+    """Start an asyncio loop thread for the duration of the block.
 
-    Every asyncio task started through the bridge has ended when the block exits.
+    Every asyncio task started through the bridge has ended, and the thread has
+    stopped, when the block exits.
     """
-    async with trio_asyncio.open_loop() as loop:
-        _batch_callbacks(loop)
-        yield AsyncioBridge(loop)
-
-
-def _batch_callbacks(loop: Any) -> None:
-    """Make trio-asyncio run every asyncio callback that is ready in one trio step.
-
-    trio-asyncio's main loop takes one callback per trio scheduling pass (a
-    memory-channel receive, which is a full checkpoint, per callback); asyncio's
-    own loop runs all callbacks that are ready at the start of an iteration. A
-    grpclib call is a dozen or so callbacks, so one pass per callback was most of
-    poc_api's CPU per unary call. The drain is bounded by what was queued when it
-    began, like asyncio's, so trio tasks still run between passes.
-    """
-    one = loop._main_loop_one  # trio-asyncio's own step: waits, runs one callback
-    receive = loop._q_recv
-
-    async def main_loop_one(no_wait: bool = False) -> None:
-        await one(no_wait)
-        if no_wait:
-            return
-        # trio-asyncio's own no-wait step runs one ready callback (expired timers
-        # first) without a checkpoint, and raises WouldBlock when none is left.
-        for _ in range(receive.statistics().current_buffer_used):
-            try:
-                await one(True)
-            except trio.WouldBlock:
-                return
-
-    loop._main_loop_one = main_loop_one
+    bridge = AsyncioBridge.start(cancel_timeout=cancel_timeout)
+    try:
+        yield bridge
+    finally:
+        await bridge.aclose()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, final
 from urllib.parse import urlsplit
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ._bridge import open_bridge
+from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._conversation import Conversation
 from ._http import ChatCompletion, ChatEvent, HttpApi
@@ -56,11 +56,6 @@ def resolve_grpc_url(
     port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}:{port + 1}"
-
-
-async def _shielded(fn: Callable[[], Awaitable[None]]) -> None:
-    with trio.CancelScope(shield=True):
-        await fn()
 
 
 class _State(enum.Enum):
@@ -173,9 +168,11 @@ class ApiClient:
         self._max_message_size = max_message_size
         self._max_streams = max_concurrent_streams
         self._state = _State.UNOPENED
-        self._stack: AsyncExitStack | None = None
+        self._bridge: AsyncioBridge | None = None
         self._transport: GrpcTransport | None = None
         self._http: HttpApi | None = None
+        self._http_client: httpx.AsyncClient | None = None
+        self._closed: trio.Event | None = None
 
     def __repr__(self) -> str:
         # Never the api key.
@@ -204,36 +201,31 @@ class ApiClient:
             raise RuntimeError("the client is already open")
         if self._state is _State.CLOSED:
             raise RuntimeError("a closed ApiClient cannot be reopened; create a new one")
-        stack = AsyncExitStack()
-        try:
-            bridge = await stack.enter_async_context(open_bridge())
-            metadata: tuple[tuple[str, str], ...] = ()
-            headers: dict[str, str] = {}
-            if self._api_key:
-                metadata = (("authorization", f"Bearer {self._api_key}"),)
-                headers["authorization"] = f"Bearer {self._api_key}"
-            transport = GrpcTransport(
-                bridge,
-                self._target,
-                metadata=metadata,
-                max_message_size=self._max_message_size,
-                keepalive=self._keepalive,
-                connect_timeout=self._connect_timeout,
-                reap_timeout=self._close_timeout,
-                max_concurrent_streams=self._max_streams,
-            )
-            stack.push_async_callback(_shielded, transport.aclose)
-            http = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
-                headers=headers,
-            )
-            stack.push_async_callback(_shielded, http.aclose)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-        self._transport = transport
+        # A checkpoint, as trio's own resources are, before anything starts.
+        await trio.lowlevel.checkpoint()
+        bridge = AsyncioBridge.start(cancel_timeout=self._close_timeout)
+        metadata: tuple[tuple[str, str], ...] = ()
+        headers: dict[str, str] = {}
+        if self._api_key:
+            metadata = (("authorization", f"Bearer {self._api_key}"),)
+            headers["authorization"] = f"Bearer {self._api_key}"
+        self._bridge = bridge
+        self._transport = GrpcTransport(
+            bridge,
+            self._target,
+            metadata=metadata,
+            max_message_size=self._max_message_size,
+            keepalive=self._keepalive,
+            connect_timeout=self._connect_timeout,
+            reap_timeout=self._close_timeout,
+            max_concurrent_streams=self._max_streams,
+        )
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
+            headers=headers,
+        )
         self._http = HttpApi(http, self._base_url, self._api_key, self._model)
+        self._http_client = http
         self._state = _State.OPENED
         return self
 
@@ -246,26 +238,49 @@ class ApiClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the channel, the HTTP client and the asyncio bridge (idempotent).
+        """Close the channel, the HTTP client and the asyncio thread (idempotent).
 
-        Always closes, even when cancelled (the cleanup is shielded).
+        A checkpoint. Always closes, even when cancelled (the cleanup is
+        shielded). Any task may call it: calls still running in other tasks fail
+        with ``trio.ClosedResourceError``. A second call waits until the first
+        has finished.
         """
         if self._state is not _State.OPENED:
             self._state = _State.CLOSED
+            if self._closed is not None:
+                with trio.CancelScope(shield=True):
+                    await self._closed.wait()
+            await trio.lowlevel.checkpoint()
             return
         self._state = _State.CLOSED
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            # Each cleanup step shields itself; the bridge's own nursery cannot be
-            # exited from inside a newer cancel scope, so the stack is not shielded.
-            await stack.aclose()
+        closed = self._closed = trio.Event()
+        try:
+            with trio.CancelScope(shield=True):
+                if self._transport is not None:
+                    try:
+                        await self._transport.aclose()
+                    except Exception as exc:  # the bridge below still closes
+                        log.warning("closing the gRPC channel failed: %s", exc)
+                if self._http_client is not None:
+                    await self._http_client.aclose()
+                if self._bridge is not None:
+                    await self._bridge.aclose()
+        finally:
+            closed.set()
+        await trio.lowlevel.checkpoint()
 
     def _grpc(self) -> GrpcTransport:
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("the ApiClient is closed")
         if self._state is not _State.OPENED or self._transport is None:
             raise RuntimeError(f"use the ApiClient inside `async with` (it is {self._state.value})")
+        assert self._bridge is not None
+        self._bridge.check_caller()
         return self._transport
 
     def _https(self) -> HttpApi:
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("the ApiClient is closed")
         if self._state is not _State.OPENED or self._http is None:
             raise RuntimeError(f"use the ApiClient inside `async with` (it is {self._state.value})")
         return self._http

@@ -193,6 +193,8 @@ class Conversation:
         """Positions the held session has on the server (0 when none is held)."""
         return 0 if self._session is None else self._session.committed_len
 
+    # Protected from Ctrl-C: an opened session must reach self._stack to be closed.
+    @trio.lowlevel.enable_ki_protection
     async def _open(self, timeout: float | None = None) -> Session:
         stack = AsyncExitStack()
         try:
@@ -211,6 +213,7 @@ class Conversation:
         self._stack, self._session, self._history = stack, session, []
         return session
 
+    @trio.lowlevel.enable_ki_protection
     async def _drop(self) -> None:
         """Close and forget the held session (shielded inside ``Session.aclose``)."""
         stack, self._stack, self._session, self._history = self._stack, None, None, []

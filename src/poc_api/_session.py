@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -231,6 +232,8 @@ class Session:
         return self._lost
 
     def _check_usable(self) -> None:
+        if self._transport.closed:
+            raise trio.ClosedResourceError("the ApiClient is closed")
         if self._closed:
             raise trio.ClosedResourceError("the session is closed")
         if self._lost:
@@ -413,6 +416,7 @@ class Session:
                 if not rejected and (stream is None or stream.done is None):
                     self._lost = True
 
+    @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Send ``CloseSession`` (idempotent), shielded from cancellation.
 
@@ -420,13 +424,21 @@ class Session:
         the server frees idle sessions by itself.
         """
         if self._closed:
+            await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        if self._transport.closed:
+            log.warning(
+                "session %s outlived its ApiClient; the server frees it when idle",
+                self._session_id,
+            )
+            await trio.lowlevel.checkpoint()
+            return
         timeout = self._close_timeout
         with trio.move_on_after(timeout, shield=True) as scope:
             try:
                 req = pb.CloseSessionRequest(session_id=self._session_id)
-                await self._transport.unary("CloseSession", bytes(req))
+                await self._transport.unary("CloseSession", bytes(req), cleanup=True)
                 log.debug("session %s closed", self._session_id)
             except Exception as exc:
                 log.warning("CloseSession %s failed: %s", self._session_id, exc)
@@ -434,44 +446,74 @@ class Session:
             log.warning("CloseSession %s timed out after %.1f s", self._session_id, timeout)
 
 
-@asynccontextmanager
-async def open_session(
-    transport: GrpcTransport,
-    model: str,
-    *,
-    max_buffered_events: int,
-    close_timeout: float,
-    timeout: float | None = None,
-) -> AsyncIterator[Session]:
-    """Open a session for the block; close it on exit, whatever happens."""
-    check_timeout("timeout", timeout)
-    log.debug("opening new session (model=%r)", model)
+@final
+class open_session:  # used like the function it replaced
+    """Open a session for the block; close it on exit, whatever happens.
 
-    async def close_orphan(reply: bytes) -> None:
-        # asyncio side: the caller gave up on OpenSession after the server had
-        # already made the session; close it instead of leaking it until eviction.
-        sid = parse_reply(pb.OpenSessionResponse, reply).session_id
-        log.debug("closing session %s, whose OpenSession call was abandoned", sid)
-        await transport.unary_in_loop("CloseSession", bytes(pb.CloseSessionRequest(session_id=sid)))
+    A class rather than an ``@asynccontextmanager``: its enter and exit are
+    protected from Ctrl-C as a whole, so a ``KeyboardInterrupt`` cannot land
+    between the server making the session and the block owning it (contextlib's
+    own frames would be unprotected).
+    """
 
-    raw = await transport.unary(
-        "OpenSession",
-        bytes(pb.OpenSessionRequest(model=model)),
-        timeout=timeout,
-        orphan=close_orphan,
-    )
-    resp = parse_reply(pb.OpenSessionResponse, raw)
-    if not resp.session_id:
-        raise e.ProtocolViolation("OpenSession: the server sent an empty session id")
-    session = Session(
-        transport,
-        resp.session_id,
-        resp.max_length,
-        max_buffered_events=max_buffered_events,
-        close_timeout=close_timeout,
-    )
-    log.debug("session %s opened (max_length=%d)", resp.session_id, resp.max_length)
-    try:
-        yield session
-    finally:
-        await session.aclose()
+    def __init__(
+        self,
+        transport: GrpcTransport,
+        model: str,
+        *,
+        max_buffered_events: int,
+        close_timeout: float,
+        timeout: float | None = None,
+    ) -> None:
+        check_timeout("timeout", timeout)
+        self._transport = transport
+        self._model = model
+        self._max_buffered = max_buffered_events
+        self._close_timeout = close_timeout
+        self._timeout = timeout
+        self._session: Session | None = None
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aenter__(self) -> Session:
+        if self._session is not None:
+            raise RuntimeError("this session block was already entered")
+        transport = self._transport
+        log.debug("opening new session (model=%r)", self._model)
+
+        async def close_orphan(reply: bytes) -> None:
+            # asyncio side: the caller gave up on OpenSession after the server had
+            # already made the session; close it instead of leaking it until eviction.
+            sid = parse_reply(pb.OpenSessionResponse, reply).session_id
+            log.debug("closing session %s, whose OpenSession call was abandoned", sid)
+            await transport.unary_in_loop(
+                "CloseSession", bytes(pb.CloseSessionRequest(session_id=sid))
+            )
+
+        raw = await transport.unary(
+            "OpenSession",
+            bytes(pb.OpenSessionRequest(model=self._model)),
+            timeout=self._timeout,
+            orphan=close_orphan,
+        )
+        resp = parse_reply(pb.OpenSessionResponse, raw)
+        if not resp.session_id:
+            raise e.ProtocolViolation("OpenSession: the server sent an empty session id")
+        session = self._session = Session(
+            transport,
+            resp.session_id,
+            resp.max_length,
+            max_buffered_events=self._max_buffered,
+            close_timeout=self._close_timeout,
+        )
+        log.debug("session %s opened (max_length=%d)", resp.session_id, resp.max_length)
+        return session
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.aclose()

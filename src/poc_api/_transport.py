@@ -152,7 +152,7 @@ def _raise_mapped(exc: Exception, path: str) -> NoReturn:
 
 def _reset_cancel(stream: Stream[Any, Any]) -> None:
     """Reset an unfinished stream with CANCEL before grpclib resets it with NO_ERROR."""
-    if not getattr(stream, "_send_request_done", False):
+    if not stream._send_request_done:
         return
     raw = stream._stream
     try:
@@ -231,6 +231,11 @@ class GrpcTransport:
         """How many channels this transport has opened (1 unless it reconnected)."""
 
     @property
+    def closed(self) -> bool:
+        """True once the client began closing (trio side)."""
+        return self._bridge.closed
+
+    @property
     def target(self) -> GrpcTarget:
         """The endpoint this transport talks to."""
         return self._target
@@ -273,7 +278,7 @@ class GrpcTransport:
         # enough, and grpclib's own connect lock makes concurrent first callers
         # share one TCP/HTTP2 connection.
         if self._closed:
-            raise RuntimeError("the client is closed")
+            raise trio.ClosedResourceError("the ApiClient is closed")
         channel = self._channel
         if channel is not None and channel._connected and _settled(channel):
             return channel
@@ -290,26 +295,17 @@ class GrpcTransport:
             await asyncio.sleep(delay)
         try:
             protocol = await channel.__connect__()
+            assert isinstance(protocol, _PocH2Protocol)
             # An HTTP/2 server speaks first (its SETTINGS frame). Something that
             # accepts TCP and stays silent, or answers in HTTP/1.1, would otherwise
             # hang every call until keepalive gives up.
-            settings = getattr(protocol, "settings_received", None)
-            if settings is not None and not settings.is_set():
+            if not protocol.settings_received.is_set():
                 # A silent peer is also what keepalive exists to catch: wait no
                 # longer than a ping interval plus its timeout.
                 limit = self._connect_timeout
                 if self._keepalive is not None:
                     limit = min(limit, self._keepalive.time + self._keepalive.timeout)
-                try:
-                    await asyncio.wait_for(settings.wait(), limit)
-                except TimeoutError:
-                    if channel is self._channel:
-                        channel.close()
-                        self._channel = None
-                    raise e.ServerUnavailable(
-                        f"{self._target.url} accepted the connection but sent no HTTP/2 "
-                        f"SETTINGS within {limit:g} s: is it a gRPC server?"
-                    ) from None
+                await self._await_settings(channel, protocol, limit)
         except Exception:
             self._failures += 1
             backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
@@ -320,6 +316,40 @@ class GrpcTransport:
             self._retry_at = 0.0
             self._channel_was_connected = True
         return channel
+
+    async def _await_settings(
+        self, channel: Channel, protocol: _PocH2Protocol, limit: float
+    ) -> None:
+        """Wait for the peer's SETTINGS; fail at once if the connection dies first."""
+        waiters = [
+            asyncio.ensure_future(protocol.settings_received.wait()),
+            asyncio.ensure_future(protocol.lost.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        if protocol.settings_received.is_set():
+            return
+        if channel is self._channel:
+            channel.close()
+            self._channel = None
+        if protocol.lost.is_set():
+            if protocol.protocol_error:
+                raise e.ProtocolViolation(
+                    f"{self._target.url} answered, but not in HTTP/2: is it a gRPC server "
+                    "(an HTTP/1.1 port?)"
+                )
+            raise e.ServerUnavailable(
+                f"{self._target.url} closed the connection before speaking HTTP/2: "
+                "is it a gRPC server?",
+                retriable=True,
+            )
+        raise e.ServerUnavailable(
+            f"{self._target.url} accepted the connection but sent no HTTP/2 "
+            f"SETTINGS within {limit:g} s: is it a gRPC server?"
+        )
 
     @contextmanager
     def _stream_slot(self, method: str) -> Iterator[None]:
@@ -344,7 +374,12 @@ class GrpcTransport:
             )
 
     async def _exchange(
-        self, path: str, cardinality: Cardinality, request: bytes, sink: _SinkLike
+        self,
+        path: str,
+        cardinality: Cardinality,
+        request: bytes,
+        sink: _SinkLike,
+        progress: _Progress | None = None,
     ) -> None:
         """asyncio: one call — send ``request``, hand every reply message to ``sink``.
 
@@ -361,6 +396,10 @@ class GrpcTransport:
                     path, cardinality, bytes, bytes, metadata=self._metadata
                 ) as stream:
                     try:
+                        await stream.send_request()
+                        if progress is not None:
+                            # HEADERS are written: the server may act on this call.
+                            progress.headers_sent = True
                         await stream.send_message(request, end=True)
                         reader = _Reader(stream._stream, max_size, path)
                         await _receive(stream, reader, sink)
@@ -375,18 +414,23 @@ class GrpcTransport:
                 raise
             return
 
-    async def unary_in_loop(self, method: str, request: bytes) -> bytes:
+    async def unary_in_loop(
+        self, method: str, request: bytes, progress: _Progress | None = None
+    ) -> bytes:
         """asyncio: a unary call, for code already running on the asyncio side."""
         path = SERVICE + method
         self._check_size(request, path)
         sink = _Collect()
-        await self._exchange(path, Cardinality.UNARY_UNARY, request, sink)
+        await self._exchange(path, Cardinality.UNARY_UNARY, request, sink, progress)
         if len(sink.items) != 1:
             raise e.ProtocolViolation(
                 f"{method}: expected one reply message, got {len(sink.items)}"
             )
         return sink.items[0]
 
+    # Protected from Ctrl-C between the reply's arrival and its return: a reply
+    # dropped there could be a session nobody closes.
+    @trio.lowlevel.enable_ki_protection
     async def unary(
         self,
         method: str,
@@ -394,6 +438,7 @@ class GrpcTransport:
         *,
         timeout: float | None = None,
         orphan: Callable[[bytes], Awaitable[None]] | None = None,
+        cleanup: bool = False,
     ) -> bytes:
         """Call a unary RPC; a trio checkpoint. Raises a :class:`PocApiError`.
 
@@ -401,23 +446,35 @@ class GrpcTransport:
         abandoned (cancelled or timed out) keeps running in the background for up
         to ``reap_timeout`` seconds, and ``orphan(reply)`` runs (on asyncio) if its
         reply comes: how an OpenSession that reached the server still gets its
-        session closed. The client's exit waits for these cleanups.
+        session closed. The client's exit waits for these cleanups. A
+        ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
+        ``KeyboardInterrupt`` comes once it has finished.
         """
         path = SERVICE + method
 
         async def call() -> bytes:
             if orphan is None:
                 return await self.unary_in_loop(method, request)
-            task = asyncio.ensure_future(self.unary_in_loop(method, request))
+            progress = _Progress()
+            task = asyncio.ensure_future(self.unary_in_loop(method, request, progress))
             try:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
-                self._adopt(task, orphan)
+                if progress.headers_sent:
+                    self._adopt(task, orphan)
+                else:
+                    # Never on the wire: nothing exists on the server to undo.
+                    task.cancel()
                 raise
+
+        def abandoned(reply: bytes) -> None:
+            # The reply arrived just as the caller gave up: undo it all the same.
+            if orphan is not None:
+                self._bridge.call_soon(lambda: self._adopt(_done_future(reply), orphan))
 
         try:
             with self._stream_slot(method), deadline(timeout, method):
-                return await self._bridge.run(call)
+                return await self._bridge.run(call, abandoned=abandoned, defer_ki=cleanup)
         except Exception as exc:
             _raise_mapped(exc, path)
 
@@ -482,7 +539,7 @@ class GrpcTransport:
             if channel is not None:
                 channel.close()
 
-        await self._bridge.run(close)
+        await self._bridge.run(close, defer_ki=True)
 
 
 class _SinkLike(Protocol):
@@ -492,6 +549,21 @@ class _SinkLike(Protocol):
     def full(self) -> bool: ...
 
     async def wait_space(self) -> None: ...
+
+
+def _done_future(value: bytes) -> asyncio.Future[bytes]:
+    fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+class _Progress:
+    """How far a call got: whether the server may have seen it."""
+
+    __slots__ = ("headers_sent",)
+
+    def __init__(self) -> None:
+        self.headers_sent = False
 
 
 class _Collect:
@@ -591,8 +663,7 @@ async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -
 
 def _settled(channel: Channel) -> bool:
     protocol = channel._protocol
-    settings = getattr(protocol, "settings_received", None)
-    return settings is None or bool(settings.is_set())
+    return isinstance(protocol, _PocH2Protocol) and protocol.settings_received.is_set()
 
 
 class _SplitWindowH2Connection(h2.connection.H2Connection):
@@ -637,6 +708,7 @@ class _PocH2Protocol(H2Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings_received = asyncio.Event()
+        self.lost = asyncio.Event()
         self.protocol_error = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -667,6 +739,7 @@ class _PocH2Protocol(H2Protocol):
         except h2.exceptions.ProtocolError:
             log.debug("HTTP/2 protocol error from the server", exc_info=True)
             self.protocol_error = True
+            self.lost.set()
             self.processor.close("Protocol error")
             return
         self.connection.flush()
@@ -677,6 +750,7 @@ class _PocH2Protocol(H2Protocol):
         self.connection.flush()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set()
         self.processor.close(reason="Protocol error" if self.protocol_error else "Connection lost")
 
 

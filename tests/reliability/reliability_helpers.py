@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from helpers import asyncio_tasks_pending
 
 from poc_api.server._app import bind_port_pair
 
@@ -131,12 +131,6 @@ def trio_task_census() -> Counter[str]:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return names
-
-
-def asyncio_tasks_pending() -> list[asyncio.Task[Any]]:
-    """Unfinished asyncio tasks on the trio-asyncio loop of the current context."""
-    loop = asyncio.get_event_loop_policy().get_event_loop()
-    return [t for t in asyncio.all_tasks(loop) if not t.done()]
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.005) -> None:

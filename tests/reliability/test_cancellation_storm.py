@@ -222,7 +222,7 @@ async def storm_against(srv: Server, rng: random.Random) -> None:
             # No trio task and no asyncio task of ours outlived its block.
             await trio.sleep(0.05)
             assert trio_task_census() == tasks_before
-            assert asyncio_tasks_pending() == []
+            assert await asyncio_tasks_pending(client) == []
 
             # And the client is as good as new.
             with trio.fail_after(5):
@@ -230,7 +230,10 @@ async def storm_against(srv: Server, rng: random.Random) -> None:
                     async with s.generate(HELLO, sampling=SamplingParams(max_tokens=8)) as ev:
                         events = [e async for e in ev]
             assert isinstance(events[-1], poc_api.Done) and events[-1].completion_tokens == 8
+            # The shared client never reconnected, and no fresh client opened more
+            # than one connection (one cancelled before its first call reached the
+            # wire opens none at all).
             assert (
                 srv.state().connections_total - state_before.connections_total
-                == storm.ran["connect"]
+                <= storm.ran["connect"]
             )

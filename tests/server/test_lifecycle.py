@@ -1,4 +1,4 @@
-"""ReferenceServer lifecycle: trio, trio-asyncio, port pairing, restart rules."""
+"""ReferenceServer lifecycle: trio, port pairing, restart rules."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import attrs
 import httpx
 import pytest
 import trio
-import trio_asyncio
 
 from poc_api.server import ReferenceServer, ServerConfig, ServerState
 from poc_api.server._app import bind_port_pair
@@ -32,14 +31,6 @@ async def test_async_with_under_trio() -> None:
             assert srv.state().http_requests == {"/v1/models": 1}
         with pytest.raises(RuntimeError):
             srv.start()
-
-
-async def test_works_inside_a_trio_asyncio_loop() -> None:
-    # trio-asyncio swaps the global asyncio policy; the server thread must not care.
-    with trio.fail_after(TIMEOUT):
-        async with trio_asyncio.open_loop(), ReferenceServer(ServerConfig()) as srv:
-            body = await _get_json(srv.base_url + "/tokenizer")
-            assert isinstance(body, dict) and body["vocab_size"] == 261
 
 
 def test_explicit_port_in_use_fails_to_start() -> None:

@@ -1,0 +1,53 @@
+"""Every private name of a dependency that poc_api relies on, in one place.
+
+grpclib offers no public way to reset a stream with CANCEL, to read messages
+without its per-message codec, to swap the h2 connection class (the flow-control
+split), to know whether the peer's SETTINGS arrived, or to set keepalive; h2
+offers no public way to return connection-level window apart from stream-level
+window. ``_transport.py`` uses the names below for that, and nothing else
+private. ``tests/test_private_names.py`` checks every one of them against the
+installed versions (on real objects from a real call), so an upgrade that drops
+one fails loudly there instead of silently disabling a feature. ``pyproject.toml``
+caps grpclib, h2 and hyperframe below their next release lines.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PRIVATE_NAMES"]
+
+#: (owner, name, what poc_api needs it for). ``owner`` is a module, a class, or
+#: "<class> instance" for attributes that only exist on instances.
+PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
+    ("grpclib.protocol", "_set_nodelay", "TCP_NODELAY in our own connection_made"),
+    ("grpclib.config.Configuration", "_keepalive_time", "keepalive interval"),
+    ("grpclib.config.Configuration", "_keepalive_timeout", "keepalive ping timeout"),
+    ("grpclib.config.Configuration", "_keepalive_permit_without_calls", "keepalive"),
+    ("grpclib.config.Configuration", "_http2_max_pings_without_data", "keepalive"),
+    (
+        "grpclib.config.Configuration",
+        "_http2_min_sent_ping_interval_without_data",
+        "keepalive",
+    ),
+    ("grpclib.client.Channel", "_protocol_factory", "install the split-window protocol"),
+    ("grpclib.client.Channel", "__connect__", "connect, then wait for SETTINGS"),
+    ("grpclib.client.Channel instance", "_protocol", "the connection's SETTINGS state"),
+    ("grpclib.client.Channel instance", "_connected", "reuse a live connection"),
+    ("grpclib.client.Channel instance", "_config", "protocol factory arguments"),
+    ("grpclib.client.Channel instance", "_h2_config", "protocol factory arguments"),
+    ("grpclib.client.Stream instance", "_stream", "raw reads and CANCEL resets"),
+    ("grpclib.client.Stream instance", "_send_request_done", "reset only sent calls"),
+    ("grpclib.client.Stream instance", "_wrapper", "wake a reader when the connection dies"),
+    ("grpclib.client.Stream instance", "_recv_initial_metadata_done", "finish after GOAWAY"),
+    ("grpclib.client.Stream instance", "_recv_trailing_metadata_done", "finish after GOAWAY"),
+    ("grpclib.client.Stream", "_raise_for_status", "finish a call after GOAWAY"),
+    ("grpclib.client.Stream", "_raise_for_content_type", "finish a call after GOAWAY"),
+    ("grpclib.client.Stream", "_process_grpc_status", "finish a call after GOAWAY"),
+    ("grpclib.client.Stream", "_raise_for_grpc_status", "finish a call after GOAWAY"),
+    ("h2.connection.H2Connection", "_get_stream_by_id", "stream-level window acks"),
+    ("h2.connection.H2Connection", "_prepare_for_sending", "send WINDOW_UPDATE frames"),
+    (
+        "h2.connection.H2Connection instance",
+        "_inbound_flow_control_window_manager",
+        "return connection-level window on receipt",
+    ),
+)

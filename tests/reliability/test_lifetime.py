@@ -1,0 +1,195 @@
+"""The client's lifetime, misused as real programs misuse it: clear errors, no hangs.
+
+Closed from another task, closed out of order, used from another thread's
+``trio.run``, used after close, closed twice at once; a peer that accepts TCP and
+never speaks, and one that speaks HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+import poc_api
+from poc_api import SamplingParams
+from poc_api.server import ReferenceServer, tokenize
+from poc_api.testing import reference_server
+
+HELLO = tokenize("Hello")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ReferenceServer]:
+    """A server of the test's own: some tests here leave sessions behind on purpose."""
+    async with reference_server() as srv:
+        yield srv
+LONG = SamplingParams(max_tokens=10**6)
+
+
+def client_for(server: ReferenceServer, **kw: object) -> poc_api.ApiClient:
+    return poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url, **kw)  # type: ignore[arg-type]
+
+
+async def test_closing_the_client_from_another_task_fails_its_streams_cleanly(
+    server: ReferenceServer,
+) -> None:
+    client = client_for(server, close_timeout=1.0)
+    caught: list[BaseException] = []
+
+    async def agent(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            async with client.session() as s, s.generate(HELLO, sampling=LONG) as ev:
+                task_status.started()
+                async for _ in ev:
+                    pass
+        except BaseException as exc:
+            caught.append(exc)
+
+    with trio.fail_after(10):
+        async with client:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent)
+                await client.aclose()  # not the task that streams
+    assert len(caught) == 1
+    exc = caught[0]
+    assert isinstance(exc, trio.ClosedResourceError | poc_api.PocApiError), repr(exc)
+    assert not isinstance(exc, BaseExceptionGroup)
+
+
+async def test_clients_closed_out_of_order_close_cleanly(server: ReferenceServer) -> None:
+    a, b = client_for(server), client_for(server)
+    with trio.fail_after(10):
+        await a.__aenter__()
+        await b.__aenter__()
+        async with a.session() as s:
+            await s.prefill([1, 2])
+        await a.aclose()  # the first one opened, closed first
+        async with b.session() as s:
+            await s.prefill([1, 2])
+        await b.aclose()
+
+
+async def test_a_client_used_from_another_threads_trio_run_says_so(
+    server: ReferenceServer,
+) -> None:
+    errors: list[BaseException] = []
+
+    def other_thread(client: poc_api.ApiClient) -> None:
+        async def use() -> None:
+            async with client.session():
+                pass
+
+        try:
+            trio.run(use)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with trio.fail_after(10):
+        async with client_for(server) as client:
+            await trio.to_thread.run_sync(other_thread, client)
+            # ... and the owner's run is unharmed.
+            async with client.session() as s:
+                await s.prefill([1, 2])
+    assert len(errors) == 1
+    assert isinstance(errors[0], RuntimeError)
+    assert "another trio.run" in str(errors[0])
+
+
+async def test_everything_after_close_raises_closed_resource_error(
+    server: ReferenceServer,
+) -> None:
+    client = client_for(server)
+    with trio.fail_after(10):
+        async with client:
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                await client.aclose()
+                with pytest.raises(trio.ClosedResourceError):
+                    await s.prefill([3])
+                with pytest.raises(trio.ClosedResourceError):
+                    async with s.generate([3]) as ev:
+                        async for _ in ev:
+                            pass
+        with pytest.raises(trio.ClosedResourceError):
+            client.session()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.score([poc_api.Tokens([1, 2, 3])], [(1, 3)])
+        with pytest.raises(trio.ClosedResourceError):
+            await client.readout_manifest()
+
+
+async def test_a_second_concurrent_aclose_waits_for_the_first(server: ReferenceServer) -> None:
+    client = client_for(server)
+    finished: list[str] = []
+
+    async def close(name: str) -> None:
+        await client.aclose()
+        assert client._bridge is not None and not client._bridge.thread.is_alive()
+        finished.append(name)
+
+    with trio.fail_after(10):
+        await client.__aenter__()
+        async with client.session() as s:
+            await s.prefill([1])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close, "first")
+            nursery.start_soon(close, "second")
+    assert sorted(finished) == ["first", "second"]
+
+
+async def _silent_listener(task_status: trio.TaskStatus[int]) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    conns: list[trio.SocketStream] = []
+    task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def hold(stream: trio.SocketStream) -> None:
+        conns.append(stream)  # accept TCP, never say a word
+        await trio.sleep_forever()
+
+    await trio.serve_listeners(hold, listeners)
+
+
+async def test_client_exit_after_a_silent_listener_is_quick() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_silent_listener)
+        client = poc_api.ApiClient(
+            "http://127.0.0.1:9/v1", grpc_url=f"http://127.0.0.1:{port}", close_timeout=5.0
+        )
+        with trio.fail_after(10):
+            async with client:
+                with trio.move_on_after(0.3):
+                    async with client.session():
+                        pass
+                started = time.monotonic()
+        # The OpenSession never reached the wire: nothing to reap, no close_timeout wait.
+        assert time.monotonic() - started < 1.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_grpc_url_pointing_at_an_http1_port_fails_fast(server: ReferenceServer) -> None:
+    # The reference server's HTTP port speaks HTTP/1.1 only.
+    client = poc_api.ApiClient(server.base_url, grpc_url=f"http://127.0.0.1:{server.http_port}")
+    started = time.monotonic()
+    with trio.fail_after(10):
+        async with client:
+            with pytest.raises((poc_api.ProtocolViolation, poc_api.ServerUnavailable)) as info:
+                async with client.session():
+                    pass
+    assert time.monotonic() - started < 3.0
+    assert "HTTP/2" in str(info.value)
+
+
+def test_no_loop_thread_outlives_its_client() -> None:
+    async def main() -> None:
+        async with reference_server() as server:
+            for _ in range(5):
+                async with client_for(server) as client:
+                    async with client.session() as s:
+                        await s.prefill([1])
+
+    trio.run(main)
+    assert not [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
