@@ -284,6 +284,8 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["generate", "hi", "--max-tokens", "-1"],
         ["generate", "hi", "--top-p", "2"],
         ["serve", "--port", "70000"],
+        ["serve", "--prefill-delay-us", "-1"],
+        ["serve", "--token-delay-ms", "nope"],
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )

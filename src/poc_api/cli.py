@@ -770,7 +770,7 @@ async def _demo(target: _Target, where: _Where) -> None:
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(0.0),
+    type=click.FloatRange(0.0, 1e6),
     default=0.0,
     show_default=True,
     help="0 is greedy.",
@@ -943,7 +943,7 @@ async def _score(target: _Target, where: _Where, text: str, continuations: tuple
 @click.option(
     "--max-tokens", type=click.IntRange(0), default=64, show_default=True, help="Reply budget."
 )
-@click.option("--temperature", type=click.FloatRange(0.0), default=None)
+@click.option("--temperature", type=click.FloatRange(0.0, 1e6), default=None)
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=None)
 @click.option(
     "--seed",
@@ -1025,6 +1025,20 @@ _DEFAULTS = ServerConfig()
     "--max-context", type=click.IntRange(1), default=_DEFAULTS.max_context, show_default=True
 )
 @click.option("--ignore-eos", is_flag=True, help="Never stop at the model's EOS token.")
+@click.option(
+    "--prefill-delay-us",
+    type=click.FloatRange(0.0, 1e6),
+    default=_DEFAULTS.prefill_delay_us,
+    show_default=True,
+    help="Simulated GPU time per prefilled position, in microseconds (0 = off).",
+)
+@click.option(
+    "--token-delay-ms",
+    type=click.FloatRange(0.0, 1e6),
+    default=_DEFAULTS.token_delay_ms,
+    show_default=True,
+    help="Simulated GPU time per decoded token, in milliseconds (0 = off).",
+)
 def serve(
     host: str,
     port: int,
@@ -1035,6 +1049,8 @@ def serve(
     idle_timeout: float,
     max_context: int,
     ignore_eos: bool,
+    prefill_delay_us: float,
+    token_delay_ms: float,
 ) -> None:
     """Run the reference server until Ctrl-C / SIGTERM (HTTP on PORT, gRPC on PORT+1).
 
@@ -1054,6 +1070,8 @@ def serve(
         idle_timeout=idle_timeout,
         max_context=max_context,
         ignore_eos=ignore_eos,
+        prefill_delay_us=prefill_delay_us,
+        token_delay_ms=token_delay_ms,
     )
 
     def body(where: _Where) -> None:
