@@ -297,3 +297,16 @@ async def test_calls_that_send_nothing_are_still_checkpoints(client: poc_api.Api
         await client.score_continuations([Tokens([1, 2])], [[]])
     with assert_checkpoints():
         await client.score([Tokens([1, 2])], [])
+    for share in (False, True):
+        with assert_checkpoints():
+            await client.score_many([([Tokens([1])], [])], share_prefix=share)
+        with assert_checkpoints():
+            await client.score_many([], share_prefix=share)
+
+
+async def test_a_long_continuation(client: poc_api.ApiClient) -> None:
+    long = (TEXT * 300)[:20_000]
+    with trio.fail_after(30):
+        got = await client.score_continuations([Tokens(TEXT[:10])], [long, TEXT[:3]])
+        [full] = await client.score([Tokens(TEXT[:10] + long)], [(10, 20_010)])
+    assert got[0] == full

@@ -241,6 +241,8 @@ async def score_many(
         batches = [([todo[j] for j in members], shared) for members, shared in groups]
     else:
         batches = [([i], 0) for i in todo]
+    if not batches:
+        await trio.lowlevel.checkpoint()  # nothing to send; still a checkpoint
     async with trio.open_nursery() as nursery:
         for indices, shared in batches:
             nursery.start_soon(one, indices, shared)
@@ -457,7 +459,7 @@ def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | N
             raise e.ContextOverflow(
                 f"continuation {i} ({n} positions) after the {prompt_len}-position prompt "
                 f"exceeds the context window of {max_length} positions (checked before "
-                "sending; nothing was scored)"
+                "sending any continuation; nothing was scored)"
             )
 
 
