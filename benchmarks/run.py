@@ -12,6 +12,12 @@ plain-asyncio grpclib + betterproto2 client, client and server CPU for every
 row), a goals check, and a markdown section for the README's "Performance"
 section, which a full run also writes to ``benchmarks/results.md``.
 
+One more phase, ``score_prefix``, runs in a worker of its own
+(``bench_score_prefix.py``) against the reference server with a simulated
+prefill cost: 16 continuations of one 2,000-token prompt scored with
+``score_continuations`` (the prompt prefilled once) against 16 separate
+``score`` calls. ``--phases score_prefix`` runs just that row.
+
 Modes: the default full run takes a few minutes (1,000,000 events for the RSS
 figure, best of 3 two-second windows for rates); ``--quick`` under a minute
 (100,000 events, one short window each); ``--smoke`` a few seconds, for the test
@@ -77,6 +83,10 @@ MODES: dict[str, dict[str, Any]] = {
         "conc_len": 1_000,
         "concurrency": [1, 16, 256],
         "worker_timeout": 300,
+        "prefix_prompt": 2_000,
+        "prefix_n": 16,
+        "prefix_cont": 20,
+        "prefix_delay_us": 50.0,
     },
     "quick": {
         "rss_events": 100_000,
@@ -88,6 +98,10 @@ MODES: dict[str, dict[str, Any]] = {
         "conc_len": 200,
         "concurrency": [1, 16, 256],
         "worker_timeout": 120,
+        "prefix_prompt": 2_000,
+        "prefix_n": 16,
+        "prefix_cont": 20,
+        "prefix_delay_us": 50.0,
     },
     "smoke": {
         "rss_events": 2_000,
@@ -99,9 +113,23 @@ MODES: dict[str, dict[str, Any]] = {
         "conc_len": 20,
         "concurrency": [1, 16, 256],
         "worker_timeout": 60,
+        "prefix_prompt": 200,
+        "prefix_n": 4,
+        "prefix_cont": 5,
+        "prefix_delay_us": 5.0,
     },
 }
-ALL_PHASES = ["rss", "stream_plain", "stream_readout", "score", "unary", "concurrency"]
+ALL_PHASES = [
+    "rss",
+    "stream_plain",
+    "stream_readout",
+    "score",
+    "unary",
+    "concurrency",
+    "score_prefix",
+]
+# Phases the replay-server client workers run; the others have workers of their own.
+CLIENT_PHASES = ALL_PHASES[:-1]
 
 
 # -- setup --------------------------------------------------------------------------
@@ -227,6 +255,68 @@ def run_worker(
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
     return dict(json.loads(out.read_text()))
+
+
+def run_score_prefix(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """The prefix-sharing row (``bench_score_prefix.py``); its JSON results or an error."""
+    out = tmp / "score_prefix.json"
+    cmd = [
+        sys.executable,
+        str(HERE / "bench_score_prefix.py"),
+        "--params",
+        json.dumps(params),
+        "--out",
+        str(out),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {params['worker_timeout']} s"}
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return dict(json.loads(out.read_text()))
+
+
+def score_prefix_label(r: dict[str, Any]) -> str:
+    return (
+        f"{r['n']} continuations x {r['cont']} tokens on a {r['prompt']:,}-token prompt, "
+        f"prefill {r['delay_us']:g} µs/position"
+    )
+
+
+def score_prefix_lines(r: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Console lines and markdown lines for the prefix-sharing row."""
+    if "error" in r:
+        return [f"score_prefix: FAILED: {r['error']}"], []
+    label = score_prefix_label(r)
+    console = [
+        f"scoring, {label}:",
+        f"  score_continuations (prompt once)   {r['shared_s'] * 1e3:9.1f} ms  "
+        f"{r['shared_positions']:>7,} positions sent",
+        f"  {r['n']} separate score calls            {r['separate_s'] * 1e3:9.1f} ms  "
+        f"{r['separate_positions']:>7,} positions sent  ({r['ratio']:.1f}x slower)",
+        f"  score_many, {r['n']} at once             {r['concurrent_s'] * 1e3:9.1f} ms  "
+        f"{r['concurrent_positions']:>7,} positions sent",
+    ]
+    md = [
+        "",
+        f"Prefix-shared scoring ({label}; reference server in its own process, "
+        f"best of {r['repeats']}; positions as counted by the server):",
+        "",
+        "| Variant | wall ms ↓ | positions sent ↓ |",
+        "|---|---:|---:|",
+        f"| `score_continuations`: the prompt prefilled once | {r['shared_s'] * 1e3:.1f} "
+        f"| {r['shared_positions']:,} |",
+        f"| {r['n']} separate `score` calls, one after another | {r['separate_s'] * 1e3:.1f} "
+        f"({r['ratio']:.1f}x) | {r['separate_positions']:,} |",
+        f"| `score_many` of the {r['n']} full prompts, all at once | "
+        f"{r['concurrent_s'] * 1e3:.1f} | {r['concurrent_positions']:,} |",
+        "",
+        "The reference server sleeps for its simulated prefill, so concurrent prefills "
+        "overlap for free there; on a real GPU they compete for the same compute.",
+    ]
+    return console, md
 
 
 # -- formatting ---------------------------------------------------------------------
@@ -481,6 +571,10 @@ def build_tables(
     ]
     for g in goals:
         md.append(f"| {g[0]} | {g[1]} | {g[2]} | {g[3]} |")
+    if "score_prefix" in extra:
+        sp_console, sp_md = score_prefix_lines(extra["score_prefix"])
+        lines += ["", *sp_console]
+        md += sp_md
     md += [
         "",
         "Details. Client, server and others: CPU time of the client process, of the "
@@ -565,6 +659,19 @@ def goals_rows(
                 f"{c256.get('in_flight')} streams in flight "
                 f"({srv_conns} opened over the whole run, server count)",
                 ok(c256["rate"] / c1["rate"] >= 0.8 and conns == 1 and srv_conns == 1),
+            )
+        )
+    sp = extra.get("score_prefix")
+    if sp and "error" not in sp:
+        rows.append(
+            (
+                f"scoring, {score_prefix_label(sp)}: `score_continuations` vs "
+                f"{sp['n']} separate `score` calls",
+                ">= 8x faster",
+                f"{sp['shared_s'] * 1e3:.1f} vs {sp['separate_s'] * 1e3:.1f} ms = "
+                f"{sp['ratio']:.1f}x; {sp['shared_positions']:,} vs "
+                f"{sp['separate_positions']:,} positions sent",
+                ok(sp["ratio"] >= 8),
             )
         )
     rss = p.get("rss")
@@ -669,8 +776,22 @@ def main() -> int:
         extra["others_at_start"] = wait_for_quiet(wait)
     extra["bp2_decode_rate"] = betterproto2_decode_rate(0.05 if mode == "smoke" else 0.5)
     results: dict[str, dict[str, Any]] = {}
+    client_phases = [ph for ph in params["phases"] if ph in CLIENT_PHASES]
+    if not client_phases:
+        clients = []
     with tempfile.TemporaryDirectory(prefix="poc-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        if "score_prefix" in params["phases"]:
+            t0 = time.perf_counter()
+            extra["score_prefix"] = run_score_prefix(params, tmp)
+            failed = extra["score_prefix"].get("error")
+            print(
+                f"  {'score_prefix':<13} {time.perf_counter() - t0:5.1f} s  "
+                + (f"FAILED: {failed}" if failed else "ok"),
+                flush=True,
+            )
+        if not clients:
+            return _report(results, params, extra, mode, started, results_path)
         gen = tmp / "gen"
         gen.mkdir()
         generate_protobuf(gen)
@@ -701,6 +822,18 @@ def main() -> int:
                 server.kill()
                 server.wait()
 
+    return _report(results, params, extra, mode, started, results_path)
+
+
+def _report(
+    results: dict[str, dict[str, Any]],
+    params: dict[str, Any],
+    extra: dict[str, Any],
+    mode: str,
+    started: float,
+    results_path: str | None,
+) -> int:
+    """Print the tables (and write the markdown); 1 if anything failed."""
     detail, md, _goals = build_tables(results, params, extra, mode)
     print()
     print(detail)
@@ -710,7 +843,8 @@ def main() -> int:
     if results_path:
         Path(results_path).write_text(md)
         print(f"wrote {results_path}")
-    return 1 if any("error" in r for r in results.values()) else 0
+    failed = any("error" in r for r in results.values())
+    return 1 if failed or "error" in extra.get("score_prefix", {}) else 0
 
 
 if __name__ == "__main__":

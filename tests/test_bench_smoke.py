@@ -40,6 +40,8 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
         assert label in out
     for client in ("poc_api", "grpclib+bp2", "grpclib+wire", "grpcio aio"):
         assert client in out
+    # The prefix-sharing row (reference server with a simulated prefill cost).
+    assert "Prefix-shared scoring" in out and "`score_continuations`" in out
     assert "FAILED" not in out
     # The markdown printed is the markdown written.
     written = results.read_text()

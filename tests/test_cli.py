@@ -110,6 +110,13 @@ async def test_demo_tours_the_library_and_exits_zero() -> None:
     sent, total, delta = map(int, m.groups())
     assert sent == delta < total
     assert f"the server counted {delta} appended tokens" in out
+    # Scoring sent the prompt once: what was sent is what the server counted.
+    m = re.search(
+        r"positions sent: ([\d,]+) .*would send ([\d,]+)\); the server counted ([\d,]+)", out
+    )
+    assert m is not None, out
+    sent, separate, counted = (int(g.replace(",", "")) for g in m.groups())
+    assert sent == counted < separate
 
 
 async def test_demo_against_a_url_without_readout_skips_readouts_gracefully() -> None:
@@ -169,8 +176,16 @@ async def test_score_prints_continuations_best_first_with_their_logprobs() -> No
         args += ["--continuation", c]
     result = await run_cli(*args)
     assert result.returncode == 0, result.stderr
-    header, *lines = result.stdout.splitlines()
+    header, *lines, blank, positions = result.stdout.splitlines()
     assert header.split() == ["rank", "logprob", "per-token", "tokens", "continuation"]
+    # The prompt went once: the server counted its tokens plus the continuations'.
+    n_prompt, n_conts = len(p), sum(n for _, n in expected.values())
+    assert blank == ""
+    assert positions == (
+        f"positions sent: {n_prompt + n_conts:,} (prompt {n_prompt:,} once + continuations "
+        f"{n_conts:,}; one full prompt each would send {3 * n_prompt + n_conts:,}); "
+        f"the server counted {n_prompt + n_conts:,}"
+    )
     rows = []
     for line in lines:
         rank, logprob, per_token, n, cont = line.split(maxsplit=4)
@@ -284,6 +299,8 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["generate", "hi", "--max-tokens", "-1"],
         ["generate", "hi", "--top-p", "2"],
         ["serve", "--port", "70000"],
+        ["serve", "--prefill-delay-us", "-1"],
+        ["serve", "--token-delay-ms", "nope"],
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )

@@ -48,6 +48,8 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "range_sums",
         "score_chunks",
         "score_many",
+        "score_continuations",
+        "group_by_prefix",
         "validate_ranges",
         "configure_debug_from_env",
         "DEFAULT_MAX_BUFFER",

@@ -23,7 +23,7 @@ from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._conversation import Conversation
 from ._http import ChatCompletion, ChatEvent, HttpApi
-from ._score import score_chunks, score_many
+from ._score import score_chunks, score_continuations, score_many
 from ._session import Session, open_session
 from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
 from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample
@@ -355,6 +355,7 @@ class ApiClient:
         prompts: Sequence[tuple[Sequence[Chunk], Sequence[tuple[int, int]]]],
         *,
         max_concurrency: int = 16,
+        share_prefix: bool = False,
         timeout: float | None = None,
     ) -> list[list[ScoreResult]]:
         """Score many ``(chunks, ranges)`` prompts concurrently over the one connection.
@@ -362,6 +363,12 @@ class ApiClient:
         At most ``max_concurrency`` are in flight; results are in input order. The
         first failure cancels the rest and is raised (unwrapped). ``timeout`` bounds
         the whole batch.
+
+        ``share_prefix=True`` groups prompts that share a prefix (token by token;
+        images whole): each group gets one session that prefills the prefix once,
+        then rewinds to its end for each prompt's rest, as
+        :meth:`score_continuations` does. The results are the same as without it.
+        A group's prompts run one after another; the groups run concurrently.
         """
         with deadline(timeout, "score_many"):
             return await score_many(
@@ -369,6 +376,42 @@ class ApiClient:
                 self._model,
                 prompts,
                 max_concurrency=max_concurrency,
+                max_buffered_events=self._max_buffered,
+                close_timeout=self._close_timeout,
+                share_prefix=share_prefix,
+            )
+
+    async def score_continuations(
+        self,
+        prompt_chunks: Sequence[Chunk],
+        continuations: Sequence[Sequence[int] | Sequence[Chunk] | Chunk],
+        *,
+        timeout: float | None = None,
+    ) -> list[ScoreResult]:
+        """Score continuations of one prompt, sending the prompt once.
+
+        One ephemeral session (closed on success, error and cancellation) prefills
+        ``prompt_chunks`` (text and images); then, for each continuation (token
+        ids, a chunk, or a sequence of chunks), one ``Generate`` rewinds to the
+        prompt's end (``truncating = true``), appends it and reads its logprobs.
+        N continuations of length n on a P-position prompt send P + N·n positions
+        instead of N·(P + n).
+
+        Returns one :class:`ScoreResult` per continuation, in input order: its
+        positions ``[P, P + len)`` and their summed logprob, which equals what
+        :meth:`score` gives for the full prompt over that range (the first
+        position is conditioned on the prompt). An empty continuation sums to 0.
+        A continuation that cannot fit the context window raises
+        :class:`ContextOverflow` for the whole call, before anything is appended
+        when the lengths are known (after ``OpenSession`` says ``max_length``).
+        ``timeout`` bounds the whole call.
+        """
+        with deadline(timeout, "score_continuations"):
+            return await score_continuations(
+                self._grpc(),
+                self._model,
+                prompt_chunks,
+                continuations,
                 max_buffered_events=self._max_buffered,
                 close_timeout=self._close_timeout,
             )

@@ -5,6 +5,15 @@ seed, the ranges are sent with *every* ``Generate`` of the walk (the prefill
 flushes before images too), because the server never re-emits positions that an
 earlier call appended: a range over text before an image would otherwise come
 back empty.
+
+Prefix sharing (``score_continuations``, ``score_many(share_prefix=True)``): one
+session prefills the shared prefix once; then, for each continuation, a
+``Generate`` with ``truncating = true`` rewinds the session to the prefix's end
+and appends the continuation. The server computes a position's logprob from the
+tokens the session holds before it, which after the rewind are exactly the
+prefix: the numbers are the ones scoring each full prompt on its own gives, and
+they are summed by the same code (:func:`range_sums`), so the sums are equal to
+the last bit.
 """
 
 from __future__ import annotations
@@ -16,14 +25,22 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import _errors as e
-from ._chunks import Chunk, Tokens, check_chunks
+from ._chunks import Chunk, Image, Tokens, check_chunks
 from ._session import Session, open_session
 from ._types import SamplingParams, ScoreResult, Token, _u32
 
 if TYPE_CHECKING:
     from ._transport import GrpcTransport
 
-__all__ = ["merge_ranges", "range_sums", "score_chunks", "score_many", "validate_ranges"]
+__all__ = [
+    "group_by_prefix",
+    "merge_ranges",
+    "range_sums",
+    "score_chunks",
+    "score_continuations",
+    "score_many",
+    "validate_ranges",
+]
 
 
 def validate_ranges(ranges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -80,9 +97,14 @@ async def _collect(
     tokens: list[int],
     wire_ranges: list[tuple[int, int]],
     into: dict[int, float],
+    *,
+    rewind_to: int | None = None,
 ) -> None:
     async with session.generate(
-        tokens, sampling=SamplingParams(max_tokens=0), logprobs_ranges=wire_ranges
+        tokens,
+        sampling=SamplingParams(max_tokens=0),
+        logprobs_ranges=wire_ranges,
+        rewind_to=rewind_to,
     ) as events:
         async for ev in events:
             if type(ev) is Token:
@@ -152,6 +174,7 @@ async def score_chunks(
     """Score one prompt in an ephemeral session; see ``ApiClient.score``."""
     checked, rs = _precheck(chunks, ranges)
     if not rs:
+        await trio.lowlevel.checkpoint()
         return []
     async with open_session(
         transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
@@ -167,39 +190,325 @@ async def score_many(
     max_concurrency: int,
     max_buffered_events: int,
     close_timeout: float,
+    share_prefix: bool = False,
 ) -> list[list[ScoreResult]]:
-    """Score prompts concurrently, at most ``max_concurrency`` at once, results in order."""
+    """Score prompts concurrently, at most ``max_concurrency`` at once, results in order.
+
+    With ``share_prefix``, prompts that share a prefix are scored in one session
+    each group (see :func:`group_by_prefix`): the prefix is sent once, each
+    prompt's rest after a rewind to its end. The groups run concurrently; the
+    prompts of one group one after another.
+    """
     if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
         raise TypeError("max_concurrency must be an int")
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
+    if not isinstance(share_prefix, bool):
+        raise TypeError("share_prefix must be a bool")
     checked = [_precheck(c, r) for c, r in prompts]
     results: list[list[ScoreResult] | None] = [None] * len(checked)
     first_error: list[BaseException] = []
     limiter = trio.CapacityLimiter(max_concurrency)
 
-    async def one(i: int, chunks: list[Chunk], rs: list[tuple[int, int]]) -> None:
+    async def one(indices: list[int], shared: int) -> None:
         async with limiter:
             try:
-                if not rs:
-                    results[i] = []
-                    return
                 async with open_session(
                     transport,
                     model,
                     max_buffered_events=max_buffered_events,
                     close_timeout=close_timeout,
                 ) as session:
-                    results[i] = await _score_in_session(session, chunks, rs)
+                    if len(indices) == 1:
+                        chunks, rs = checked[indices[0]]
+                        results[indices[0]] = await _score_in_session(session, chunks, rs)
+                    else:
+                        group = [(i, *checked[i]) for i in indices]
+                        await _score_group(session, group, shared, results)
             except Exception as exc:
                 # Keep the first failure, cancel the rest: one error, not a group.
                 if not first_error:
                     first_error.append(exc)
                 nursery.cancel_scope.cancel()
 
+    # Prompts without ranges need no session at all.
+    todo = [i for i, (_, rs) in enumerate(checked) if rs]
+    for i, (_, rs) in enumerate(checked):
+        if not rs:
+            results[i] = []
+    if share_prefix:
+        groups = group_by_prefix([checked[i][0] for i in todo])
+        batches = [([todo[j] for j in members], shared) for members, shared in groups]
+    else:
+        batches = [([i], 0) for i in todo]
+    if not batches:
+        await trio.lowlevel.checkpoint()  # nothing to send; still a checkpoint
     async with trio.open_nursery() as nursery:
-        for i, (c, r) in enumerate(checked):
-            nursery.start_soon(one, i, c, r)
+        for indices, shared in batches:
+            nursery.start_soon(one, indices, shared)
     if first_error:
         raise first_error[0]
     return [r if r is not None else [] for r in results]
+
+
+# -- prefix sharing ------------------------------------------------------------------
+
+# A prompt as a flat sequence of units: a text token id, or a whole image.
+_Unit = int | Image
+
+
+def _units(chunks: Sequence[Chunk]) -> list[_Unit]:
+    out: list[_Unit] = []
+    for chunk in chunks:
+        if isinstance(chunk, Tokens):
+            out.extend(chunk.ids)
+        else:
+            out.append(chunk)
+    return out
+
+
+def _unit_key(unit: _Unit) -> tuple[int, int] | tuple[int, bytes, str]:
+    # Images compare by content, not by known_expanded_len: the server derives the
+    # placeholder count from the bytes, so equal bytes take equal positions.
+    return (0, unit) if isinstance(unit, int) else (1, unit.data, unit.mime)
+
+
+def _to_chunks(units: Sequence[_Unit]) -> list[Chunk]:
+    out: list[Chunk] = []
+    text: list[int] = []
+    for unit in units:
+        if isinstance(unit, int):
+            text.append(unit)
+            continue
+        if text:
+            out.append(Tokens(text))
+            text = []
+        out.append(unit)
+    if text:
+        out.append(Tokens(text))
+    return out
+
+
+def _common_units(a: Sequence[tuple[object, ...]], b: Sequence[tuple[object, ...]]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def group_by_prefix(prompts: Sequence[Sequence[Chunk]]) -> list[tuple[list[int], int]]:
+    """Group prompts that share a prefix: ``[(indices, shared_units), ...]``.
+
+    ``shared_units`` counts the units (text tokens, whole images) at the start of
+    every prompt of the group. Prompts are sorted by content, so prompts with long
+    common prefixes end up next to each other, and a sorted run is cut where a
+    neighbour shares less than half of the shorter of the two: prompts that only
+    share, say, a BOS token are not worth serialising in one session. The
+    grouping only decides what is sent once; results never depend on it.
+    """
+    keys = [[_unit_key(u) for u in _units(p)] for p in prompts]
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    groups: list[tuple[list[int], int]] = []
+    for i in order:
+        if groups:
+            members, shared = groups[-1]
+            prev = keys[members[-1]]
+            common = _common_units(prev, keys[i])
+            if common and common >= min(len(prev), len(keys[i])) / 2:
+                members.append(i)
+                # In sorted order, a run's common prefix is its smallest neighbour's.
+                groups[-1] = (members, min(shared, common))
+                continue
+        groups.append(([i], len(keys[i])))
+    for members, _ in groups:
+        members.sort()
+    return groups
+
+
+async def _append(
+    session: Session,
+    chunks: Sequence[Chunk],
+    *,
+    rewind_to: int | None,
+    wire: list[tuple[int, int]] | None,
+    into: dict[int, float],
+    image_spans: list[tuple[int, int]],
+) -> int:
+    """Append ``chunks`` at the session's end, or at ``rewind_to`` after dropping
+    the positions from there; returns the session's length after.
+
+    Logprobs of the positions in ``wire`` (``None``: every text position appended
+    here) go into ``into``, image placeholder spans into ``image_spans``. Nothing
+    is sent for no chunks.
+    """
+    pos = session.committed_len if rewind_to is None else rewind_to
+    pending: list[int] = []
+    pending_at = pos
+    for chunk in chunks:
+        if isinstance(chunk, Tokens):
+            pending.extend(chunk.ids)
+            pos += len(chunk.ids)
+            continue
+        if pending:
+            ranges = [(pending_at, pos)] if wire is None else wire
+            await _collect(session, pending, ranges, into, rewind_to=rewind_to)
+            rewind_to = None
+            pending = []
+        appended = await session.append_image(chunk.data, chunk.mime, rewind_to=rewind_to)
+        rewind_to = None
+        image_spans.append((pos, pos + appended.placeholder_count))
+        pos += appended.placeholder_count
+        pending_at = pos
+    if pending:
+        ranges = [(pending_at, pos)] if wire is None else wire
+        await _collect(session, pending, ranges, into, rewind_to=rewind_to)
+    return pos
+
+
+def _text_positions(wire: Sequence[tuple[int, int]], image_spans: Sequence[tuple[int, int]]) -> int:
+    """Positions of ``wire`` (merged ranges) that are not image placeholders."""
+    covered = 0
+    for start, end in wire:
+        covered += end - start
+        for a, b in image_spans:
+            covered -= max(0, min(b, end) - max(a, start))
+    return covered
+
+
+def _check_count(logprobs: dict[int, float], expected: int) -> None:
+    if len(logprobs) != expected:
+        raise e.ProtocolViolation(
+            f"Generate: expected logprobs for {expected} positions, got {len(logprobs)}"
+        )
+
+
+async def _score_group(
+    session: Session,
+    group: list[tuple[int, list[Chunk], list[tuple[int, int]]]],
+    shared: int,
+    results: list[list[ScoreResult] | None],
+) -> None:
+    """Score ``(index, chunks, ranges)`` prompts whose first ``shared`` units are equal."""
+    prefix = _to_chunks(_units(group[0][1])[:shared])
+    # The prefix's positions may lie in any prompt's ranges: ask for them all now,
+    # since the server never re-emits positions an earlier call appended.
+    union = merge_ranges([r for _, _, rs in group for r in rs])
+    prefix_lp: dict[int, float] = {}
+    prefix_spans: list[tuple[int, int]] = []
+    end_of_prefix = await _append(
+        session, prefix, rewind_to=None, wire=union, into=prefix_lp, image_spans=prefix_spans
+    )
+    for index, chunks, rs in group:
+        wire = merge_ranges(rs)
+        # Exactly the positions the prompt's own session would have reported.
+        lp = {p: v for p, v in prefix_lp.items() if any(a <= p < b for a, b in wire)}
+        spans = list(prefix_spans)
+        rest = _to_chunks(_units(chunks)[shared:])
+        total = await _append(
+            session, rest, rewind_to=end_of_prefix, wire=wire, into=lp, image_spans=spans
+        )
+        for start, end in rs:
+            if end > total:
+                raise ValueError(f"range ({start}, {end}) lies outside the {total}-position prompt")
+        _check_count(lp, _text_positions(wire, spans))
+        results[index] = range_sums(lp, rs)
+
+
+def _check_continuation(value: object, i: int) -> list[Chunk]:
+    if isinstance(value, Tokens | Image):
+        return [value]
+    if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"continuation {i} must be token ids or a sequence of Tokens/Image, "
+            f"not {type(value).__name__}"
+        )
+    items = list(value)
+    if all(isinstance(x, Tokens | Image) for x in items):
+        return items
+    if any(isinstance(x, Tokens | Image) for x in items):
+        raise TypeError(f"continuation {i} mixes token ids and chunks")
+    return [Tokens(items)] if items else []
+
+
+def _known_len(chunks: Sequence[Chunk]) -> int | None:
+    """Positions the chunks take, or None when an image's length is unknown."""
+    total = 0
+    for c in chunks:
+        if isinstance(c, Tokens):
+            total += len(c.ids)
+        elif c.known_expanded_len:
+            total += c.known_expanded_len
+        else:
+            return None
+    return total
+
+
+def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | None]) -> None:
+    """ContextOverflow, before anything is appended, for a continuation that cannot fit."""
+    if not max_length or prompt_len is None:
+        return
+    if prompt_len > max_length:
+        raise e.ContextOverflow(
+            f"the {prompt_len}-position prompt exceeds the context window of "
+            f"{max_length} positions (checked before sending; nothing was scored)"
+        )
+    for i, n in enumerate(lengths):
+        if n is not None and prompt_len + n > max_length:
+            raise e.ContextOverflow(
+                f"continuation {i} ({n} positions) after the {prompt_len}-position prompt "
+                f"exceeds the context window of {max_length} positions (checked before "
+                "sending any continuation; nothing was scored)"
+            )
+
+
+async def score_continuations(
+    transport: GrpcTransport,
+    model: str,
+    prompt_chunks: Sequence[Chunk],
+    continuations: Sequence[Sequence[int] | Sequence[Chunk] | Chunk],
+    *,
+    max_buffered_events: int,
+    close_timeout: float,
+) -> list[ScoreResult]:
+    """Score continuations of one prompt with one prefill; see ``ApiClient.score_continuations``."""
+    prompt = check_chunks(prompt_chunks)
+    if isinstance(continuations, str | bytes | bytearray | Tokens | Image) or not isinstance(
+        continuations, Sequence
+    ):
+        raise TypeError("continuations must be a sequence of continuations")
+    conts = [_check_continuation(c, i) for i, c in enumerate(continuations)]
+    lengths = [_known_len(c) for c in conts]
+    prompt_len = _known_len(prompt)
+    if not conts or (prompt_len is not None and all(n == 0 for n in lengths)):
+        # Nothing to score (every continuation empty: each sums to 0).
+        await trio.lowlevel.checkpoint()
+        if prompt_len is None:
+            return []
+        return [ScoreResult(prompt_len, prompt_len, 0.0) for _ in conts]
+    async with open_session(
+        transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
+    ) as session:
+        _check_window(session.max_length, prompt_len, lengths)
+        spans: list[tuple[int, int]] = []
+        end_of_prompt = await _append(
+            session, prompt, rewind_to=None, wire=[], into={}, image_spans=spans
+        )
+        # Now the prompt's length is known even when an image's was not.
+        _check_window(session.max_length, end_of_prompt, lengths)
+        results = []
+        for cont in conts:
+            logprobs: dict[int, float] = {}
+            spans = []
+            end = await _append(
+                session,
+                cont,
+                rewind_to=end_of_prompt,
+                wire=None,
+                into=logprobs,
+                image_spans=spans,
+            )
+            _check_count(logprobs, end - end_of_prompt - sum(b - a for a, b in spans))
+            results.append(range_sums(logprobs, [(end_of_prompt, end)])[0])
+        return results

@@ -678,15 +678,17 @@ async def _demo(target: _Target, where: _Where) -> None:
                 else:
                     con.print("the server sent no readout vectors of the manifest's shape")
 
-            # 4: scoring (own ephemeral sessions).
+            # 4: scoring (one ephemeral session: the prompt is prefilled once).
             con.rule("[bold]4. Scoring two continuations", align="left")
             prompt = await codec.encode(_DEMO_SCORE_PROMPT)
-            scored = []
-            for cont_text in _DEMO_CONTINUATIONS:
-                cont = await codec.encode(cont_text)
-                ranges = [(len(prompt), len(prompt) + len(cont))]
-                [result] = await client.score([Tokens(prompt + cont)], ranges)
-                scored.append((cont_text, len(cont), result.logprob))
+            conts = [await codec.encode(c) for c in _DEMO_CONTINUATIONS]
+            counted = server.state().tokens_appended if server is not None else 0
+            results = await client.score_continuations([Tokens(prompt)], conts)
+            counted = server.state().tokens_appended - counted if server is not None else 0
+            scored = [
+                (cont_text, len(cont), result.logprob)
+                for cont_text, cont, result in zip(_DEMO_CONTINUATIONS, conts, results, strict=True)
+            ]
             table = Table(box=box.SIMPLE, pad_edge=False)
             table.add_column("continuation")
             table.add_column("tokens", justify="right")
@@ -696,6 +698,12 @@ async def _demo(target: _Target, where: _Where) -> None:
                 table.add_row(json.dumps(cont_text), str(n), f"{lp:.3f}", f"{lp / n:.3f}")
             con.print(f"prompt {json.dumps(_DEMO_SCORE_PROMPT)}")
             con.print(table)
+            con.print(
+                _positions_line(
+                    len(prompt), [len(c) for c in conts], counted if server is not None else None
+                ),
+                soft_wrap=True,  # one line, for people and for grep
+            )
             best = max(scored, key=lambda s: s[2])
             worst = min(scored, key=lambda s: s[2])
             con.print(
@@ -770,7 +778,7 @@ async def _demo(target: _Target, where: _Where) -> None:
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(0.0),
+    type=click.FloatRange(0.0, 1e6),
     default=0.0,
     show_default=True,
     help="0 is greedy.",
@@ -897,7 +905,9 @@ def score(
     """Score continuations of TEXT: summed log-probability, best first.
 
     Prints one row per continuation: rank, summed logprob (natural log), the
-    per-token average, the token count and the continuation as a JSON string.
+    per-token average, the token count and the continuation as a JSON string;
+    then, after a blank line, how many positions were sent: TEXT is prefilled
+    once and each continuation appended after a rewind to its end.
     """
     if not text:
         raise click.BadParameter("must not be empty", param_hint="TEXT")
@@ -912,17 +922,19 @@ async def _score(target: _Target, where: _Where, text: str, continuations: tuple
         client = conn.client
         codec = _Codec(client)
         prompt = await codec.encode(text)
-        prompts: list[tuple[Sequence[Chunk], Sequence[tuple[int, int]]]] = []
-        lengths = []
+        conts: list[list[int]] = []
         for cont_text in continuations:
             cont = await codec.encode(cont_text)
             if not cont:
                 raise CliError(f"continuation {json.dumps(cont_text)} encodes to no tokens")
-            lengths.append(len(cont))
-            prompts.append(([Tokens(prompt + cont)], [(len(prompt), len(prompt) + len(cont))]))
-        results = await client.score_many(prompts)
+            conts.append(cont)
+        appended = conn.server.state().tokens_appended if conn.server is not None else 0
+        results = await client.score_continuations([Tokens(prompt)], conts)
+        if conn.server is not None:
+            appended = conn.server.state().tokens_appended - appended
+    lengths = [len(c) for c in conts]
     rows = sorted(
-        zip(continuations, lengths, (r[0].logprob for r in results), strict=True),
+        zip(continuations, lengths, (r.logprob for r in results), strict=True),
         key=lambda row: -row[2],
     )
     click.echo(f"{'rank':>4}  {'logprob':>10}  {'per-token':>10}  {'tokens':>6}  continuation")
@@ -931,6 +943,19 @@ async def _score(target: _Target, where: _Where, text: str, continuations: tuple
             f"{rank:>4}  {lp:>10.4f}  {lp / n:>10.4f}  {n:>6}  "
             f"{json.dumps(cont_text, ensure_ascii=False)}"
         )
+    click.echo()
+    click.echo(_positions_line(len(prompt), lengths, appended if conn.server is not None else None))
+
+
+def _positions_line(prompt_len: int, lengths: Sequence[int], counted: int | None) -> str:
+    """How many positions scoring sent, against scoring each full prompt on its own."""
+    sent = prompt_len + sum(lengths)
+    separate = len(lengths) * prompt_len + sum(lengths)
+    return (
+        f"positions sent: {sent:,} (prompt {prompt_len:,} once + continuations "
+        f"{sum(lengths):,}; one full prompt each would send {separate:,})"
+        + (f"; the server counted {counted:,}" if counted is not None else "")
+    )
 
 
 # -- chat ----------------------------------------------------------------------------
@@ -943,7 +968,7 @@ async def _score(target: _Target, where: _Where, text: str, continuations: tuple
 @click.option(
     "--max-tokens", type=click.IntRange(0), default=64, show_default=True, help="Reply budget."
 )
-@click.option("--temperature", type=click.FloatRange(0.0), default=None)
+@click.option("--temperature", type=click.FloatRange(0.0, 1e6), default=None)
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=None)
 @click.option(
     "--seed",
@@ -1025,6 +1050,20 @@ _DEFAULTS = ServerConfig()
     "--max-context", type=click.IntRange(1), default=_DEFAULTS.max_context, show_default=True
 )
 @click.option("--ignore-eos", is_flag=True, help="Never stop at the model's EOS token.")
+@click.option(
+    "--prefill-delay-us",
+    type=click.FloatRange(0.0, 1e6),
+    default=_DEFAULTS.prefill_delay_us,
+    show_default=True,
+    help="Simulated GPU time per prefilled position, in microseconds (0 = off).",
+)
+@click.option(
+    "--token-delay-ms",
+    type=click.FloatRange(0.0, 1e6),
+    default=_DEFAULTS.token_delay_ms,
+    show_default=True,
+    help="Simulated GPU time per decoded token, in milliseconds (0 = off).",
+)
 def serve(
     host: str,
     port: int,
@@ -1035,6 +1074,8 @@ def serve(
     idle_timeout: float,
     max_context: int,
     ignore_eos: bool,
+    prefill_delay_us: float,
+    token_delay_ms: float,
 ) -> None:
     """Run the reference server until Ctrl-C / SIGTERM (HTTP on PORT, gRPC on PORT+1).
 
@@ -1054,6 +1095,8 @@ def serve(
         idle_timeout=idle_timeout,
         max_context=max_context,
         ignore_eos=ignore_eos,
+        prefill_delay_us=prefill_delay_us,
+        token_delay_ms=token_delay_ms,
     )
 
     def body(where: _Where) -> None:

@@ -32,6 +32,18 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--n-layers", type=int, default=d.n_layers)
     p.add_argument("--model-name", default=d.model_name)
+    p.add_argument(
+        "--prefill-delay-us",
+        type=float,
+        default=d.prefill_delay_us,
+        help="simulated GPU time per prefilled position, in microseconds (0 = off)",
+    )
+    p.add_argument(
+        "--token-delay-ms",
+        type=float,
+        default=d.token_delay_ms,
+        help="simulated GPU time per decoded token, in milliseconds (0 = off)",
+    )
     a = p.parse_args(argv)
     return ServerConfig(
         host=a.host,
@@ -46,6 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         ignore_eos=a.ignore_eos,
         n_layers=a.n_layers,
         model_name=a.model_name,
+        prefill_delay_us=a.prefill_delay_us,
+        token_delay_ms=a.token_delay_ms,
     )
 
 

@@ -133,6 +133,17 @@ class _Codec(ProtoCodec):
         return message_type.parse(data)
 
 
+async def _simulate_prefill(rt: Runtime, positions: int) -> None:
+    """Simulated GPU time for taking ``positions`` into a session (off when 0).
+
+    Checked before the append so that a request cancelled while "computing"
+    appends nothing; skipped entirely (no await) when the delay is off.
+    """
+    delay_us = rt.config.prefill_delay_us
+    if delay_us and positions:
+        await asyncio.sleep(positions * delay_us / 1e6)
+
+
 def _positions(ranges: Sequence[tuple[int, int]], lo: int, hi: int) -> list[int]:
     """Sorted positions in [lo, hi) covered by any of ``ranges``."""
     covered: set[int] = set()
@@ -221,6 +232,7 @@ class SalienceService:
                     ) from None
                 n = placeholder_count(w, h)
                 session.check_append(req.offset, req.truncating, n, self._rt.config.max_context)
+                await _simulate_prefill(self._rt, n)
                 session.append_at(req.offset, [IMAGE_PAD] * n)
                 total = len(session)
         except SessionError as e:
@@ -290,6 +302,7 @@ class _Generation:
                 f"token id {bad[0]} out of vocabulary (size {VOCAB_SIZE})",
             )
         session.check_append(req.offset, req.truncating, len(appended), cfg.max_context)
+        await _simulate_prefill(rt, len(appended))
         session.append_at(req.offset, appended)
         rt.stats.appended(len(appended))
         tokens = session.tokens
@@ -321,6 +334,7 @@ class _Generation:
         stop_on_eos = not cfg.ignore_eos
         max_context = cfg.max_context
         budget = req.max_tokens
+        token_delay = cfg.token_delay_ms / 1e3
         pending = self._pending
         completion = 0
         finish = "prefill" if budget == 0 else ""
@@ -330,6 +344,12 @@ class _Generation:
                 if pos >= max_context:
                     finish = "context"
                     break
+                if token_delay:
+                    # Simulated GPU time per decoded token: what was decoded so far
+                    # goes out first, as a real server streams while it computes.
+                    if pending:
+                        await self._flush()
+                    await asyncio.sleep(token_delay)
                 dist = model.dist(tokens)
                 tok = spec.pick(dist, pos, tokens)
                 tokens.append(tok)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import math
 import threading
 from collections import Counter
 from typing import Any, final
@@ -20,6 +21,13 @@ def _check_concepts(_: object, __: object, value: tuple[str, ...]) -> None:
         raise ValueError("concepts must be a non-empty tuple of names")
 
 
+def _non_negative_finite(_: object, attribute: attrs.Attribute[float], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{attribute.name} must be a number")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{attribute.name} must be >= 0 and finite, got {value}")
+
+
 @final
 @attrs.frozen(kw_only=True)
 class ServerConfig:
@@ -28,6 +36,12 @@ class ServerConfig:
     ``port = 0`` picks a free pair of ports (HTTP on ``p``, gRPC on ``p + 1``).
     ``api_key`` set means every request must carry ``authorization: Bearer <key>``.
     ``readout = False`` makes the manifest 404 and readout ranges yield no vectors.
+
+    Simulated GPU time, both 0 (off) by default: ``prefill_delay_us`` microseconds per
+    position a session takes in (text tokens and image placeholders alike) and
+    ``token_delay_ms`` milliseconds per decoded token. The server waits with
+    ``asyncio.sleep``, so it burns no CPU, and concurrent requests overlap as if the
+    GPU had unlimited batch capacity; a request cancelled mid-wait stops at once.
     """
 
     host: str = "127.0.0.1"
@@ -45,6 +59,8 @@ class ServerConfig:
         default=DEFAULT_CONCEPTS, converter=tuple, validator=_check_concepts
     )
     model_name: str = "poc-reference"
+    prefill_delay_us: float = attrs.field(default=0.0, validator=_non_negative_finite)
+    token_delay_ms: float = attrs.field(default=0.0, validator=_non_negative_finite)
 
 
 @final

@@ -1,0 +1,63 @@
+"""Simulated GPU time: ``prefill_delay_us`` per position taken in, ``token_delay_ms`` per token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from poc_api.server import ServerConfig
+from poc_api.server.__main__ import parse_args
+
+from .conftest import ServerFactory, SyncSalience
+from .test_images import png
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def test_delays_are_off_by_default_and_validated() -> None:
+    cfg = ServerConfig()
+    assert cfg.prefill_delay_us == 0 and cfg.token_delay_ms == 0
+    with pytest.raises(ValueError):
+        ServerConfig(prefill_delay_us=-1)
+    with pytest.raises(ValueError):
+        ServerConfig(token_delay_ms=float("inf"))
+    with pytest.raises(TypeError):
+        ServerConfig(prefill_delay_us="5")  # type: ignore[arg-type]
+
+
+def test_module_cli_flags_set_the_delays() -> None:
+    cfg = parse_args(["--prefill-delay-us", "12.5", "--token-delay-ms", "3"])
+    assert (cfg.prefill_delay_us, cfg.token_delay_ms) == (12.5, 3.0)
+    assert parse_args([]).prefill_delay_us == 0
+
+
+def test_prefill_delay_is_per_appended_position(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    # 1,000 µs per position: 200 positions take >= 0.2 s; a rewind to 150 and
+    # 10 new positions only pay for those 10.
+    c = connect(make_server(prefill_delay_us=1000))
+    sid = c.open()
+    assert timed(lambda: c.generate(sid, append_tokens=[65] * 200)) >= 0.2
+    short = timed(lambda: c.generate(sid, append_tokens=[66] * 10, offset=150, truncating=True))
+    assert 0.01 <= short < 0.15
+    # An image pays for its placeholder positions (56x56: 4 positions).
+    img = png(56, 56)
+    assert timed(lambda: c.append_image(sid, img, "image/png", offset=160)) >= 0.004
+
+
+def test_token_delay_is_per_decoded_token(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    c = connect(make_server(token_delay_ms=20, ignore_eos=True))
+    sid = c.open()
+    elapsed = timed(lambda: c.generate(sid, append_tokens=[65], max_tokens=10))
+    assert elapsed >= 0.2
+    # A prefill-only call decodes nothing and pays nothing.
+    assert timed(lambda: c.generate(sid, append_tokens=[66], offset=11, max_tokens=0)) < 0.1
