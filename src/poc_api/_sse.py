@@ -14,7 +14,8 @@ It follows the WHATWG HTML "event stream interpretation" algorithm
   ignored when it contains NUL; ``retry`` sets :attr:`SSEDecoder.retry` when it is
   all ASCII digits; other fields are ignored;
 - a blank line dispatches the event, unless no ``data`` line was seen;
-- an event the stream ends in the middle of is discarded.
+- an event the stream ends in the middle of is discarded (``close(flush=True)``
+  dispatches it instead, for a body known to be complete).
 
 Feeding is the caller's job, so the same decoder serves any transport::
 
@@ -106,18 +107,27 @@ class SSEDecoder:
             raise RuntimeError("SSEDecoder.feed() after close()")
         return self._feed_text(self._utf8.decode(chunk))
 
-    def close(self) -> list[SSEEvent]:
-        """End of stream: discard any incomplete line and event, return what completed.
+    def close(self, *, flush: bool = False) -> list[SSEEvent]:
+        """End of stream: return what completed, then forget any unfinished event.
 
         Under the WHATWG algorithm an event needs its terminating blank line, and
-        every complete line was already handled by :meth:`feed`, so this always
-        returns ``[]``; it exists so that callers treat the end of the stream
-        explicitly. Calling it twice is harmless.
+        every complete line was already handled by :meth:`feed`, so by default this
+        returns ``[]`` and an unfinished line or event is discarded. With
+        ``flush=True`` the end of the stream also ends the last line and the last
+        event, which are dispatched: for a body whose end is known to be complete
+        (an HTTP response that finished cleanly) whose server left out the final
+        blank line -- a bare ``data: [DONE]`` is common. Calling it twice is harmless.
         """
         if self._closed:
             return []
         self._closed = True
         events = self._feed_text(self._utf8.decode(b"", final=True))
+        if flush:
+            if self._partial:
+                line = "".join(self._partial)
+                self._partial.clear()
+                self._process_line(line, events)
+            self._dispatch(events)
         self._partial.clear()
         self._partial_len = 0
         self._data.clear()
