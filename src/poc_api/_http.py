@@ -863,9 +863,9 @@ def _check_tool_choice(choice: object) -> str | dict[str, Any]:
 def _error_object(data: object, event: str) -> object | None:
     """The error an event or answer carries, or ``None`` when it is not an error.
 
-    Real servers send three shapes: OpenAI's ``{"error": {...}}``, vLLM's flat
-    ``{"object": "error", "message": ..., "code": 400}``, and ``event: error``
-    whose data may be anything (llama.cpp and proxies send plain text).
+    Real servers send these shapes: OpenAI's ``{"error": {...}}``, vLLM's flat
+    ``{"object": "error", "message": ..., "code": 400}``, and ``event: error`` (or
+    llama.cpp's bare ``error:`` line) whose data may be JSON or plain text.
     """
     if isinstance(data, dict):
         error: object = data.get("error")
@@ -975,7 +975,7 @@ class _ChatEvents:
         self._url = url  # already redacted: used only in messages
         self._what = f"POST {url}"
         self._chunks = response.aiter_bytes()
-        self._decoder = SSEDecoder()
+        self._decoder = SSEDecoder(error_field=True)  # llama.cpp's error lines too
         self._queue: deque[ChatEvent] = deque()
         self._error: PocApiError | None = None  # raised after the queue drains
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more

@@ -68,7 +68,9 @@ class SSEDecoder:
 
     Pure and synchronous: no I/O, no checkpoints, nothing for cancellation to
     interrupt. The result does not depend on how the byte stream is cut into chunks.
-    ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
+    ``error_field=True`` (off by default: it is not WHATWG) also dispatches a
+    non-standard ``error: ...`` line, as llama.cpp's server sends one, as an event of
+    type ``"error"``. ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
     longer than that many characters raises :class:`~poc_api.LimitExceeded`
     (a peer that never sends a line ending must not grow the buffer forever).
 
@@ -79,10 +81,11 @@ class SSEDecoder:
         d.feed(b"\\ndata: b\\n\\n")  # [SSEEvent(event="message", data="a\\nb", id="")]
     """
 
-    def __init__(self, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+    def __init__(self, *, max_buffer: int = DEFAULT_MAX_BUFFER, error_field: bool = False) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be positive, got {max_buffer}")
         self._max_buffer = max_buffer
+        self._error_field = error_field
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True  # no character decoded yet: a BOM may still come
         self._skip_lf = False  # the last chunk ended in CR: a leading LF belongs to it
@@ -195,6 +198,10 @@ class SSEDecoder:
                 self._last_id = value
         elif field == "retry" and value.isascii() and value.isdigit():
             self.retry = int(value)
+        elif field == "error" and self._error_field:
+            # llama.cpp's server writes a failure as an ``error: {json}`` line, a
+            # field the standard ignores; opted in, it is an ``error`` event at once.
+            events.append(SSEEvent(event="error", data=value, id=self._last_id))
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         if self._data:
