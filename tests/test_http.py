@@ -574,9 +574,7 @@ async def test_stream_error_status_raises_on_entering_the_block(
 ) -> None:
     with trio.fail_after(10):
         with pytest.raises(HttpError, match="seed") as info:
-            async with make_api(http, server.base_url).chat_stream(
-                HELLO, extra_body={"seed": "x"}
-            ):
+            async with make_api(http, server.base_url).chat_stream(HELLO, extra_body={"seed": "x"}):
                 pytest.fail("entered the block despite a 400")
     assert info.value.http_status == 400
 
