@@ -576,3 +576,26 @@ async def test_reference_server_round_trip_with_tools_n_and_logprobs(
     assert done.tool_calls == () and len(done.logprobs["content"]) == 6
     assert "".join(e.text for e in streamed if isinstance(e, ChatDelta)) == whole.text
     assert streamed[-1] == ChatDone(whole.finish_reason, whole.usage)
+
+
+async def test_a_vllm_flat_error_in_a_200_answer_raises_with_its_message() -> None:
+    flat = {"object": "error", "message": "The model `x` does not exist.", "code": 404}
+    rec = Recorder({"POST /chat/completions": answer(200, json.dumps(flat).encode())})
+    with trio.fail_after(10):
+        async with replay_server(rec) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="x") as client:
+                with pytest.raises(HttpError, match="does not exist") as info:
+                    await client.chat(HELLO)
+    assert info.value.http_status == 404
+
+
+async def test_streamed_choices_carry_their_index(server: ReferenceServer) -> None:
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        with trio.fail_after(20):
+            async with client.chat_stream(HELLO, max_tokens=5, n=2, temperature=1.0) as events:
+                got = [e async for e in events]
+            whole = await client.chat(HELLO, max_tokens=5, n=2, temperature=1.0)
+    for i in (0, 1):
+        text = "".join(e.text for e in got if isinstance(e, ChatDelta) and e.choice == i)
+        assert text == whole.choices[i].text
+    assert got[-1] == ChatDone("length", whole.usage)

@@ -979,6 +979,7 @@ class _ChatEvents:
         self._queue: deque[ChatEvent] = deque()
         self._error: PocApiError | None = None  # raised after the queue drains
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
+        self._done_queued = False  # the ChatDone is in the queue (or already delivered)
         self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
@@ -1034,16 +1035,18 @@ class _ChatEvents:
                 self._error = exc
         return self._queue.popleft()
 
-    def _done(self) -> ChatDone:
+    def _queue_done(self) -> None:
         calls = self._tool_calls.get(0, {})
-        return ChatDone(
+        done = ChatDone(
             self._finish_reason or "",
             self._usage,
             tuple(calls[i].done() for i in sorted(calls)),
         )
+        self._queue.append(done)
+        self._done_queued = True
 
     def _end_of_body(self) -> None:
-        if any(isinstance(e, ChatDone) for e in self._queue):
+        if self._done_queued:
             return
         if self._finish_reason is None:
             raise ProtocolViolation(
@@ -1051,14 +1054,14 @@ class _ChatEvents:
             )
         # The official client ends such a stream normally: the answer is complete.
         log.debug("%s: stream ended without [DONE] after its finish chunk", self._what)
-        self._queue.append(self._done())
+        self._queue_done()
 
     def _handle(self, sse: SSEEvent) -> None:
-        if self._finished and any(isinstance(e, ChatDone) for e in self._queue):
-            return
+        if self._done_queued:
+            return  # nothing after [DONE] counts
         if sse.data == "[DONE]":
             self._finished = True
-            self._queue.append(self._done())
+            self._queue_done()
             return
         try:
             data = json.loads(sse.data)

@@ -40,6 +40,7 @@ __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "OpenAIError",
+    "chat_prompt",
     "error_body",
 ]
 
