@@ -599,3 +599,14 @@ async def test_streamed_choices_carry_their_index(server: ReferenceServer) -> No
         text = "".join(e.text for e in got if isinstance(e, ChatDelta) and e.choice == i)
         assert text == whole.choices[i].text
     assert got[-1] == ChatDone("length", whole.usage)
+
+
+async def test_streamed_logprobs_ride_on_their_deltas(server: ReferenceServer) -> None:
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        with trio.fail_after(20):
+            kwargs: dict[str, Any] = {"max_tokens": 8, "logprobs": True, "top_logprobs": 2}
+            async with client.chat_stream(HELLO, temperature=0, **kwargs) as events:
+                got = [e async for e in events if isinstance(e, ChatDelta)]
+            whole = await client.chat(HELLO, temperature=0, **kwargs)
+    streamed = [t for e in got for t in e.logprobs["content"]]
+    assert streamed == whole.logprobs["content"]

@@ -139,10 +139,16 @@ class ChatCompletion:
 @final
 @attrs.frozen
 class ChatDelta:
-    """A piece of streamed chat text (of choice ``choice``; 0 unless ``n > 1``)."""
+    """A piece of streamed chat text (of choice ``choice``; 0 unless ``n > 1``).
+
+    ``logprobs`` is the chunk's ``logprobs`` object as the server sent it (with
+    ``logprobs=True``: ``{"content": [{"token", "logprob", "top_logprobs"}, ...]}``
+    for the tokens of this piece), else ``None``.
+    """
 
     text: str
     choice: int = 0
+    logprobs: Any = attrs.field(default=None, hash=False)
 
 
 @final
@@ -1099,7 +1105,7 @@ class _ChatEvents:
                 self._queue.append(ChatReasoningDelta(reasoning, index))
             content = delta.get("content")
             if isinstance(content, str) and content:
-                self._queue.append(ChatDelta(content, index))
+                self._queue.append(ChatDelta(content, index, choice.get("logprobs")))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for call in calls:
