@@ -597,8 +597,9 @@ class HttpApi:
 
         Servers that check the name (vLLM answers 404 to an unknown one) refuse
         ``""``, so without ``model=`` this asks ``GET /models`` once per client and
-        uses the served model when there is exactly one. Anything else raises
-        ``ValueError`` before the chat request is sent. A failed lookup caches nothing.
+        uses the served model when there is exactly one. Any other list, or an error
+        status, raises ``ValueError`` before the chat request is sent (a garbage
+        answer: :class:`~poc_api.ProtocolViolation`). A failed lookup caches nothing.
         """
         if self._model:
             return self._model
@@ -612,7 +613,7 @@ class HttpApi:
         what = f"GET {self._shown}/models"
         try:
             data = await self._request("GET", "/models")
-        except (HttpError, ProtocolViolation) as exc:
+        except HttpError as exc:  # (401/403 and garbage answers raise as themselves)
             raise ValueError(
                 f"model= is not set and {what} failed, so there is no model to name: {exc}"
             ) from exc
