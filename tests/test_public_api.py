@@ -34,6 +34,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "parse_reply",
         "HttpApi",
         "error_excerpt",
+        "redact_url",
         "SSEDecoder",
         "SSEEvent",
         "open_session",

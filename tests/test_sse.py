@@ -267,3 +267,31 @@ def test_arbitrary_bytes_never_crash_and_are_split_invariant(
 ) -> None:
     cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=10))
     assert decode_all(split_at(body, cuts)) == decode_all([body])
+
+
+# -- close(flush=True) and error_field: for bodies known to be complete ----------------
+
+
+@pytest.mark.parametrize("tail", [b"data: [DONE]\n", b"data: [DONE]", b"data: [DONE]\r"])
+def test_flush_dispatches_the_event_the_body_ended_in(tail: bytes) -> None:
+    body = b"data: a\n\n" + tail
+    for cut in range(len(body) + 1):
+        d = SSEDecoder()
+        events = d.feed(body[:cut]) + d.feed(body[cut:])
+        events += d.close(flush=True)
+        assert [e.data for e in events] == ["a", "[DONE]"], cut
+
+
+def test_close_without_flush_still_discards_the_unfinished_event() -> None:
+    d = SSEDecoder()
+    assert d.feed(b"data: [DONE]\n") == []
+    assert d.close() == []
+
+
+def test_error_field_is_an_error_event_only_when_asked_for() -> None:
+    line = b'error: {"message": "slot unavailable"}\n\n'
+    assert SSEDecoder().feed(line) == []  # WHATWG: an unknown field, ignored
+    for cut in range(len(line) + 1):
+        d = SSEDecoder(error_field=True)
+        events = d.feed(line[:cut]) + d.feed(line[cut:])
+        assert events == [SSEEvent(event="error", data='{"message": "slot unavailable"}')], cut

@@ -41,7 +41,15 @@ from ._errors import (
     StreamCancelled,
     TransportError,
 )
-from ._http import ChatCompletion, ChatDelta, ChatDone, ChatEvent
+from ._http import (
+    ChatCompletion,
+    ChatDelta,
+    ChatDone,
+    ChatEvent,
+    ChatReasoningDelta,
+    ChatToolCall,
+    ChatToolCallDelta,
+)
 from ._log import configure_debug_from_env
 from ._session import GenerateStream, Session
 from ._types import (
@@ -69,6 +77,9 @@ __all__ = [
     "ChatDelta",
     "ChatDone",
     "ChatEvent",
+    "ChatReasoningDelta",
+    "ChatToolCall",
+    "ChatToolCallDelta",
     "Chunk",
     "ContextOverflow",
     "Conversation",

@@ -443,21 +443,27 @@ class ApiClient:
     ) -> ChatCompletion:
         """OpenAI-compatible chat completion (non-streaming).
 
-        ``kwargs`` are ``max_tokens``, ``temperature``, ``top_p``, ``stop`` and any
-        extra OpenAI fields.
+        ``kwargs`` are :meth:`HttpApi.chat`'s: ``max_tokens``, ``temperature``,
+        ``top_p``, ``stop``, ``tools``, ``tool_choice``, ``response_format``, ``n``,
+        ``logprobs``, ``top_logprobs``, ``seed`` and ``extra_body``.
         """
         with deadline(timeout, "chat"):
             return await self._https().chat(messages, **kwargs)
 
     def chat_stream(
-        self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        timeout: float | None = None,
+        **kwargs: Any,
     ) -> AbstractAsyncContextManager[AsyncIterator[ChatEvent]]:
-        """OpenAI-compatible streaming chat: text deltas, then a final :class:`ChatDone`.
+        """OpenAI-compatible streaming chat: deltas, then a final :class:`ChatDone`.
 
-        Leaving the block early closes the HTTP response (the connection goes back
-        to the pool or is discarded); bound it with your own trio cancel scope.
+        ``kwargs`` as :meth:`chat`; ``timeout`` bounds the whole block (reading
+        included). Leaving the block early closes the HTTP response (the connection
+        goes back to the pool or is discarded).
         """
-        return self._https().chat_stream(messages, **kwargs)
+        return self._https().chat_stream(messages, timeout=timeout, **kwargs)
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
         """Encode text with the server's tokenizer (reference-server extension)."""

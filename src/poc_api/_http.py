@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -54,8 +55,12 @@ __all__ = [
     "ChatDelta",
     "ChatDone",
     "ChatEvent",
+    "ChatReasoningDelta",
+    "ChatToolCall",
+    "ChatToolCallDelta",
     "HttpApi",
     "error_excerpt",
+    "redact_url",
 ]
 
 log = logging.getLogger("poc_api.http")
@@ -92,52 +97,126 @@ def error_excerpt(body: bytes, limit: int = EXCERPT_LIMIT) -> str:
 
 @final
 @attrs.frozen
+class ChatToolCall:
+    """A complete tool call the model asked for (OpenAI ``tool_calls[i]``).
+
+    ``arguments`` is the JSON text exactly as the model wrote it: models do emit
+    invalid JSON, so parsing it (``json.loads``) is left to the caller.
+    """
+
+    id: str
+    name: str
+    arguments: str
+    type: str = "function"
+
+
+@final
+@attrs.frozen
 class ChatCompletion:
-    """A non-streaming chat completion: the first choice's text, why it stopped, usage."""
+    """A non-streaming chat completion: the first choice's text, why it stopped, usage.
+
+    Attributes:
+        text: the first choice's message content (``""`` when it only calls tools).
+        finish_reason: ``"stop"``, ``"length"``, ``"tool_calls"``, ... (``""`` if absent).
+        usage: token accounting, or ``None`` when the server sent none.
+        tool_calls: the tool calls of the first choice, in order.
+        reasoning: the first choice's ``reasoning_content`` (reasoning models), or ``""``.
+        logprobs: the first choice's ``logprobs`` object as the server sent it
+            (``{"content": [{"token", "logprob", "top_logprobs"}, ...]}``), or ``None``.
+        choices: every choice in index order when the server sent more than one
+            (``n > 1``), each with ``usage=None``; empty otherwise.
+    """
 
     text: str
     finish_reason: str
     usage: Usage | None
+    tool_calls: tuple[ChatToolCall, ...] = ()
+    reasoning: str = ""
+    logprobs: Any = attrs.field(default=None, hash=False)
+    choices: tuple[ChatCompletion, ...] = ()
 
 
 @final
 @attrs.frozen
 class ChatDelta:
-    """A piece of streamed chat text."""
+    """A piece of streamed chat text (of choice ``choice``; 0 unless ``n > 1``).
+
+    ``logprobs`` is the chunk's ``logprobs`` object as the server sent it (with
+    ``logprobs=True``: ``{"content": [{"token", "logprob", "top_logprobs"}, ...]}``
+    for the tokens of this piece), else ``None``.
+    """
 
     text: str
+    choice: int = 0
+    logprobs: Any = attrs.field(default=None, hash=False)
+
+
+@final
+@attrs.frozen
+class ChatReasoningDelta:
+    """A piece of streamed reasoning text (``delta.reasoning_content``, as vLLM,
+    llama.cpp and DeepSeek send it, or ``delta.reasoning``)."""
+
+    text: str
+    choice: int = 0
+
+
+@final
+@attrs.frozen
+class ChatToolCallDelta:
+    """A piece of a streamed tool call.
+
+    ``index`` is the tool call's position among the choice's calls; ``id`` and
+    ``name`` usually arrive only in the first piece of a call (``""`` in the
+    others) and ``arguments`` is the next fragment of the JSON arguments text.
+    :class:`ChatDone` carries the calls put together as :class:`ChatToolCall` s.
+    """
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+    choice: int = 0
 
 
 @final
 @attrs.frozen
 class ChatDone:
-    """Last event of a chat stream (after ``data: [DONE]``)."""
+    """Last event of a chat stream (after ``data: [DONE]``, or after the finish chunk
+    of a stream that ended without ``[DONE]``).
+
+    ``finish_reason`` and ``tool_calls`` are the first choice's.
+    """
 
     finish_reason: str
     usage: Usage | None
+    tool_calls: tuple[ChatToolCall, ...] = ()
 
 
-ChatEvent = ChatDelta | ChatDone
+ChatEvent = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
 
 
 @contextlib.contextmanager
 def _map_httpx_errors(method: str, url: str) -> Iterator[None]:
     """The one place where httpx exceptions become poc_api exceptions."""
+    url = redact_url(url)
     try:
         yield
     except httpx.TimeoutException as exc:
         raise PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})") from exc
     except httpx.RemoteProtocolError as exc:
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
-        text = str(exc)
+        text = redact_url(str(exc))
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
             raise ServerUnavailable(f"{method} {url}: connection lost: {text}") from exc
         raise ProtocolViolation(f"{method} {url}: malformed HTTP response: {text}") from exc
     except httpx.DecodingError as exc:
-        raise ProtocolViolation(f"{method} {url}: undecodable response body: {exc}") from exc
+        text = redact_url(str(exc))
+        raise ProtocolViolation(f"{method} {url}: undecodable response body: {text}") from exc
     except httpx.TransportError as exc:
         # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
-        raise ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+        text = redact_url(str(exc))
+        raise ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}") from exc
 
 
 def _decode_json(body: bytes, what: str) -> Any:
@@ -165,14 +244,45 @@ def _short_repr(value: object, limit: int = 200) -> str:
 
 
 def _parse_usage(value: object, what: str) -> Usage | None:
+    """Usage from a response, tolerantly: a completion is worth more than its accounting.
+
+    Missing counts are 0 and a missing ``total_tokens`` is the sum of the other two
+    (some servers leave it out); a usage that is not an object of integer counts is
+    logged and dropped rather than failing a completion that did arrive.
+    """
     if value is None:
         return None
-    if not isinstance(value, dict):
-        _shape_error(what, "a usage object", value)
-    fields = ("prompt_tokens", "completion_tokens", "total_tokens")
-    if not all(_is_int(value.get(f)) for f in fields):
-        _shape_error(what, "integer usage fields " + ", ".join(fields), value)
-    return Usage(*(value[f] for f in fields))
+    counts: dict[str, int] = {}
+    if isinstance(value, dict):
+        for field in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            n = value.get(field)
+            if n is None:
+                continue
+            if isinstance(n, float) and n.is_integer():
+                n = int(n)
+            if not _is_int(n) or n < 0:
+                counts.clear()
+                break
+            counts[field] = n
+    if not counts:
+        log.debug("%s: ignoring unusable usage %s", what, _short_repr(value))
+        return None
+    prompt = counts.get("prompt_tokens", 0)
+    completion = counts.get("completion_tokens", 0)
+    return Usage(prompt, completion, counts.get("total_tokens", prompt + completion))
+
+
+# ``scheme://user:password@host``: the password is a credential.
+_URL_PASSWORD: Final = re.compile(r"(?P<user>//[^/?#@:\s]*):[^/?#@\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``//user:password@`` in it replaced by ``***``.
+
+    >>> redact_url("http://me:s3cret@h:8000/v1")
+    'http://me:***@h:8000/v1'
+    """
+    return _URL_PASSWORD.sub(r"\g<user>:***@", text)
 
 
 def _check_messages(messages: object) -> list[dict[str, Any]]:
@@ -189,10 +299,12 @@ def _check_messages(messages: object) -> list[dict[str, Any]]:
             raise TypeError(f"messages[{i}]['role'] must be a str")
         if not role:
             raise ValueError(f"messages[{i}]['role'] must not be empty")
-        if "content" not in message:
+        content = message.get("content")
+        if content is None and role == "assistant":
+            pass  # a tool-call turn: OpenAI allows (and sends back) a null content
+        elif "content" not in message:
             raise ValueError(f"messages[{i}] has no 'content'")
-        content = message["content"]
-        if not isinstance(content, str | list):
+        elif not isinstance(content, str | list):
             raise TypeError(f"messages[{i}]['content'] must be a str or a list of parts")
         out.append(dict(message))
     return out
@@ -231,14 +343,18 @@ class HttpApi:
     def __init__(self, client: httpx.AsyncClient, base_url: str, api_key: str, model: str) -> None:
         self._client = client
         self._base_url = base_url
+        # What error messages and logs show: never a password from the URL.
+        self._shown = redact_url(base_url)
         self._api_key = api_key
         self._model = model
         self._manifest_lock = trio.Lock()
         self._manifest_fetched = False
         self._manifest: ReadoutManifest | None = None
+        self._model_lock = trio.Lock()
+        self._served_model: str | None = None  # from GET /models when model is ""
 
     def __repr__(self) -> str:
-        return f"<HttpApi {self._base_url} model={self._model!r}>"
+        return f"<HttpApi {self._shown} model={self._model!r}>"
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -249,23 +365,25 @@ class HttpApi:
         return headers
 
     def _redact(self, text: str) -> str:
+        text = redact_url(text)
         return text.replace(self._api_key, "<redacted>") if self._api_key else text
 
     def _status_error(self, method: str, url: str, status: int, body: bytes) -> PocApiError:
         excerpt = self._redact(error_excerpt(body))
-        message = f"HTTP {status} from {method} {url}: {excerpt}"
+        message = f"HTTP {status} from {method} {redact_url(url)}: {excerpt}"
         if status in (401, 403):
             return AuthenticationError(message, http_status=status)
-        return HttpError(message, http_status=status, url=url, body_excerpt=excerpt)
+        return HttpError(message, http_status=status, url=redact_url(url), body_excerpt=excerpt)
 
     async def _request(
         self, method: str, path: str, payload: object = None, *, allow_404: bool = False
     ) -> Any:
         """Send one JSON request; return the decoded JSON body (``None`` for an allowed 404)."""
         url = self._base_url + path
-        log.debug("%s %s", method, url)
+        shown = self._shown + path
+        log.debug("%s %s", method, shown)
         started = time.monotonic()
-        with _map_httpx_errors(method, url):
+        with _map_httpx_errors(method, shown):
             response = await self._client.request(
                 method,
                 url,
@@ -276,7 +394,7 @@ class HttpApi:
         log.debug(
             "%s %s -> %d (%d bytes, %.1f ms)",
             method,
-            url,
+            shown,
             response.status_code,
             len(body),
             (time.monotonic() - started) * 1000,
@@ -284,8 +402,8 @@ class HttpApi:
         if allow_404 and response.status_code == 404:
             return None
         if not response.is_success:
-            raise self._status_error(method, url, response.status_code, body)
-        return _decode_json(body, f"{method} {url}")
+            raise self._status_error(method, shown, response.status_code, body)
+        return _decode_json(body, f"{method} {shown}")
 
     # -- endpoints -----------------------------------------------------------------
 
@@ -306,10 +424,10 @@ class HttpApi:
         return self._manifest
 
     async def _fetch_manifest(self) -> ReadoutManifest | None:
-        what = f"GET {self._base_url}/readout/manifest"
+        what = f"GET {self._shown}/readout/manifest"
         data = await self._request("GET", "/readout/manifest", allow_404=True)
         if data is None:
-            log.debug("readout disabled on %s (404)", self._base_url)
+            log.debug("readout disabled on %s (404)", self._shown)
             return None
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
@@ -342,7 +460,7 @@ class HttpApi:
                 for s in samples
             ],
         }
-        what = f"POST {self._base_url}/train"
+        what = f"POST {self._shown}/train"
         data = await self._request("POST", "/train", payload)
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
@@ -362,7 +480,7 @@ class HttpApi:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        what = f"POST {self._base_url}/tokenize"
+        what = f"POST {self._shown}/tokenize"
         data = await self._request("POST", "/tokenize", {"text": text})
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
@@ -382,7 +500,7 @@ class HttpApi:
                 raise TypeError(f"token ids must be ints, not {type(t).__name__}")
             if not 0 <= t <= _U32_MAX:
                 raise ValueError(f"token id out of range: {t}")
-        what = f"POST {self._base_url}/detokenize"
+        what = f"POST {self._shown}/detokenize"
         data = await self._request("POST", "/detokenize", {"tokens": list(tokens)})
         text = data.get("text") if isinstance(data, dict) else None
         if not isinstance(text, str):
@@ -396,7 +514,7 @@ class HttpApi:
         """
         data = await self._request("GET", "/tokenizer")
         if not isinstance(data, dict):
-            _shape_error(f"GET {self._base_url}/tokenizer", "an object", data)
+            _shape_error(f"GET {self._shown}/tokenizer", "an object", data)
         return data
 
     # -- chat ----------------------------------------------------------------------
@@ -410,15 +528,23 @@ class HttpApi:
         temperature: float | None,
         top_p: float | None,
         stop: str | Sequence[str] | None,
+        tools: Sequence[Mapping[str, Any]] | None,
+        tool_choice: str | Mapping[str, Any] | None,
+        response_format: Mapping[str, Any] | None,
+        n: int | None,
+        logprobs: bool | None,
+        top_logprobs: int | None,
+        seed: int | None,
+        extra_body: Mapping[str, Any] | None,
         extra: dict[str, Any],
     ) -> dict[str, Any]:
+        """The request body, every argument checked (TypeError/ValueError) before sending.
+
+        ``"model"`` is filled in by the caller (it may need a ``GET /models``).
+        """
         payload: dict[str, Any] = {"model": self._model, "messages": _check_messages(messages)}
         if max_tokens is not None:
-            if not _is_int(max_tokens):
-                raise TypeError(f"max_tokens must be an int, not {type(max_tokens).__name__}")
-            if max_tokens < 0:
-                raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-            payload["max_tokens"] = max_tokens
+            payload["max_tokens"] = _check_int("max_tokens", max_tokens, 0, _U32_MAX)
         if temperature is not None:
             payload["temperature"] = _check_number("temperature", temperature, 0.0, math.inf)
         if top_p is not None:
@@ -428,10 +554,35 @@ class HttpApi:
             if not isinstance(stops, Sequence) or not all(isinstance(s, str) for s in stops):
                 raise TypeError("stop must be a str or a sequence of str")
             payload["stop"] = list(stops)
-        clash = _RESERVED_CHAT_KEYS & extra.keys()
-        if clash:
-            raise ValueError(f"chat() sets {sorted(clash)} itself")
-        payload.update(extra)
+        if tools is not None:
+            payload["tools"] = _check_tools(tools)
+        if tool_choice is not None:
+            payload["tool_choice"] = _check_tool_choice(tool_choice)
+        if response_format is not None:
+            payload["response_format"] = _check_typed_mapping("response_format", response_format)
+        if n is not None:
+            payload["n"] = _check_int("n", n, 1, _MAX_CHOICES)
+        if logprobs is not None:
+            if not isinstance(logprobs, bool):
+                raise TypeError(f"logprobs must be a bool, not {type(logprobs).__name__}")
+            payload["logprobs"] = logprobs
+        if top_logprobs is not None:
+            if not logprobs:
+                raise ValueError("top_logprobs needs logprobs=True")
+            payload["top_logprobs"] = _check_int("top_logprobs", top_logprobs, 0, _MAX_TOP_LOGPROBS)
+        if seed is not None:
+            payload["seed"] = _check_int("seed", seed, -(2**63), 2**64 - 1)
+        if extra_body is not None and not isinstance(extra_body, Mapping):
+            raise TypeError(f"extra_body must be a mapping, not {type(extra_body).__name__}")
+        # Anything else (``logit_bias``, vendor fields such as vLLM's ``top_k``) goes
+        # through as given: ``extra_body`` last, as the openai client merges it.
+        for more in (extra, extra_body or {}):
+            if not all(isinstance(k, str) for k in more):
+                raise TypeError("extra_body keys must be str")
+            clash = _RESERVED_CHAT_KEYS & more.keys()
+            if clash:
+                raise ValueError(f"chat() sets {sorted(clash)} itself")
+            payload.update(more)
         payload["stream"] = stream
         if stream:
             payload["stream_options"] = {"include_usage": True}
@@ -441,6 +592,43 @@ class HttpApi:
             raise TypeError(f"chat request is not JSON-serialisable: {exc}") from exc
         return payload
 
+    async def _chat_model(self) -> str:
+        """The model to name: ``model=`` if given, else the server's only model.
+
+        Servers that check the name (vLLM answers 404 to an unknown one) refuse
+        ``""``, so without ``model=`` this asks ``GET /models`` once per client and
+        uses the served model when there is exactly one. Any other list, or an error
+        status, raises ``ValueError`` before the chat request is sent (a garbage
+        answer: :class:`~poc_api.ProtocolViolation`). A failed lookup caches nothing.
+        """
+        if self._model:
+            return self._model
+        if self._served_model is None:
+            async with self._model_lock:
+                if self._served_model is None:
+                    self._served_model = await self._fetch_served_model()
+        return self._served_model
+
+    async def _fetch_served_model(self) -> str:
+        what = f"GET {self._shown}/models"
+        try:
+            data = await self._request("GET", "/models")
+        except HttpError as exc:  # (401/403 and garbage answers raise as themselves)
+            raise ValueError(
+                f"model= is not set and {what} failed, so there is no model to name: {exc}"
+            ) from exc
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            _shape_error(what, '{"data": [...]}', data)
+        ids = [e.get("id") for e in entries if isinstance(e, dict)]
+        if len(ids) == 1 and isinstance(ids[0], str) and ids[0]:
+            log.debug("%s: using the only served model %r", what, ids[0])
+            return ids[0]
+        raise ValueError(
+            f"model= is not set and {what} lists {len(ids)} models "
+            f"({_short_repr(ids)}); pass model= to name one"
+        )
+
     async def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -449,18 +637,30 @@ class HttpApi:
         temperature: float | None = None,
         top_p: float | None = None,
         stop: str | Sequence[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        seed: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> ChatCompletion:
-        """``POST /chat/completions`` without streaming: the first choice's text.
+        """``POST /chat/completions`` without streaming.
 
-        ``messages`` are ``{"role": ..., "content": ...}`` mappings; ``extra`` keys are
-        sent as they are (OpenAI parameters such as ``seed``). Bad arguments raise
-        ``TypeError``/``ValueError`` before sending. Cancelling abandons the request.
+        ``messages`` are OpenAI message mappings (``{"role", "content"}``; an
+        assistant tool-call turn may have ``content: None``). The keyword arguments
+        are OpenAI's; ``extra_body`` (and, for compatibility, other keywords) are
+        sent as they are. Bad arguments raise ``TypeError``/``ValueError`` before
+        sending. An error answer, in any shape a server sends it, raises
+        :class:`~poc_api.HttpError` with the server's message. Cancelling abandons
+        the request.
 
         Example::
 
             done = await api.chat([{"role": "user", "content": "hi"}], max_tokens=16)
-            print(done.text, done.finish_reason)
+            print(done.text, done.finish_reason, done.tool_calls)
         """
         payload = self._chat_payload(
             messages,
@@ -469,29 +669,36 @@ class HttpApi:
             temperature=temperature,
             top_p=top_p,
             stop=stop,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            n=n,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            seed=seed,
+            extra_body=extra_body,
             extra=extra,
         )
-        url = self._base_url + "/chat/completions"
-        what = f"POST {url}"
+        if not payload["model"]:
+            payload["model"] = await self._chat_model()
+        shown = self._shown + "/chat/completions"
+        what = f"POST {shown}"
         data = await self._request("POST", "/chat/completions", payload)
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
-        if "error" in data:
-            raise self._stream_error(url, response_status=200, error=data["error"])
+        error = _error_object(data, "message")
+        if error is not None:
+            raise self._server_error(shown, response_status=200, error=error)
         choices = data.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        if not isinstance(choices, list) or not choices:
             _shape_error(what, '"choices": [{...}]', choices)
-        message = choices[0].get("message")
-        content = message.get("content") if isinstance(message, dict) else None
-        if content is not None and not isinstance(content, str):
-            _shape_error(what, "a str message content", content)
-        finish = choices[0].get("finish_reason")
-        if finish is not None and not isinstance(finish, str):
-            _shape_error(what, "a str finish_reason", finish)
-        return ChatCompletion(
-            text=content or "",
-            finish_reason=finish or "",
+        parsed = [_parse_choice(c, what) for c in choices]
+        parsed.sort(key=lambda pair: pair[0])
+        first = parsed[0][1]
+        return attrs.evolve(
+            first,
             usage=_parse_usage(data.get("usage"), what),
+            choices=tuple(c for _, c in parsed) if len(parsed) > 1 else (),
         )
 
     @contextlib.asynccontextmanager
@@ -499,22 +706,40 @@ class HttpApi:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
+        timeout: float | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         stop: str | Sequence[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        seed: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> AsyncIterator[AsyncIterator[ChatEvent]]:
-        """``POST /chat/completions`` with ``stream: true``: text deltas, then one ``ChatDone``.
+        """``POST /chat/completions`` with ``stream: true``: deltas, then one ``ChatDone``.
+
+        Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the whole block,
+        reading included, and raises :class:`~poc_api.PocApiTimeout` when it passes.
 
         Entering the block sends the request and waits for the response headers
-        (an error status raises here). Iterating yields :class:`ChatDelta` pieces
-        and, after ``data: [DONE]``, a final :class:`ChatDone`; a stream that ends
-        before ``[DONE]`` raises :class:`~poc_api.ProtocolViolation`, an
-        ``{"error": ...}`` chunk raises :class:`~poc_api.HttpError`.
+        (an error status raises here). Iterating yields :class:`ChatDelta`,
+        :class:`ChatReasoningDelta` and :class:`ChatToolCallDelta` events in the
+        order the server sent them, then one :class:`ChatDone` (with the tool calls
+        put together) after ``data: [DONE]`` -- or at the end of a stream that
+        already sent its finish reason without ``[DONE]``, as the official client
+        allows. Every event that arrived before an error is delivered before it is
+        raised: an error event (OpenAI's ``{"error": ...}``, vLLM's
+        ``{"object": "error"}``, ``event: error``) raises :class:`~poc_api.HttpError`
+        with the server's message; a stream that ends before any finish reason
+        raises :class:`~poc_api.ProtocolViolation`.
 
-        Leaving the block — after the last event, by ``break``, by an exception or
-        by cancellation — closes the response (shielded, bounded): an unfinished
+        Leaving the block -- after the last event, by ``break``, by an exception or
+        by cancellation -- closes the response (shielded, bounded): an unfinished
         response's connection is dropped rather than returned to the pool half-read,
         so the client stays usable.
 
@@ -532,29 +757,48 @@ class HttpApi:
             temperature=temperature,
             top_p=top_p,
             stop=stop,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            n=n,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            seed=seed,
+            extra_body=extra_body,
             extra=extra,
         )
-        url = self._base_url + "/chat/completions"
-        request = self._client.build_request(
-            "POST",
-            url,
-            headers=self._headers(accept="text/event-stream"),
-            json=payload,
-        )
-        log.debug("POST %s (stream)", url)
-        with _map_httpx_errors("POST", url):
-            response = await self._client.send(request, stream=True)
-        events = _ChatEvents(self, response, url)
-        try:
-            await events.check_response()
-            yield events
-        finally:
-            await events.aclose()
+        if timeout is not None:
+            _check_number("timeout", timeout, 0.0, math.inf)
+        # A cancel scope around a yield is fine in a context manager (same task).
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            if not payload["model"]:
+                payload["model"] = await self._chat_model()
+            url = self._base_url + "/chat/completions"
+            shown = self._shown + "/chat/completions"
+            request = self._client.build_request(
+                "POST",
+                url,
+                headers=self._headers(accept="text/event-stream"),
+                json=payload,
+            )
+            log.debug("POST %s (stream)", shown)
+            with _map_httpx_errors("POST", shown):
+                response = await self._client.send(request, stream=True)
+            events = _ChatEvents(self, response, shown)
+            try:
+                await events.check_response()
+                yield events
+            finally:
+                await events.aclose()
+        if scope.cancelled_caught:
+            raise PocApiTimeout(f"chat_stream: not finished within {timeout:g} s")
 
-    def _stream_error(self, url: str, *, response_status: int, error: object) -> HttpError:
-        """An ``{"error": ...}`` object inside a 200 answer, as an :class:`HttpError`.
+    def _server_error(self, url: str, *, response_status: int, error: object) -> HttpError:
+        """An error object inside a 200 answer, as an :class:`HttpError`.
 
-        Its ``code``, when it is an HTTP error status, becomes ``http_status``.
+        ``error`` is OpenAI's ``{"message", "type", "param", "code"}``, vLLM's flat
+        ``{"object": "error", "message", ...}``, or any JSON value or text. Its
+        ``code``, when it is an HTTP error status, becomes ``http_status``.
         """
         status = response_status
         message: object = error
@@ -562,34 +806,190 @@ class HttpApi:
         if isinstance(error, dict):
             message = error.get("message", error)
             code = error.get("code")
-        if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
-            status = code
+        if isinstance(code, str) and code.isdigit():
+            code = int(code)
+        if _is_int(code) and 400 <= code <= 599:  # type: ignore[operator]
+            status = code  # type: ignore[assignment]
         text = self._redact(message if isinstance(message, str) else json.dumps(message))
         excerpt = error_excerpt(text.encode())
         return HttpError(
-            f"POST {url}: server error (HTTP {status}): {excerpt}",
+            f"POST {redact_url(url)}: server error (HTTP {status}): {excerpt}",
             http_status=status,
-            url=url,
+            url=redact_url(url),
             body_excerpt=excerpt,
         )
+
+
+#: Most choices (``n``) and top logprobs a request may ask for, as OpenAI's limits.
+_MAX_CHOICES: Final = 128
+_MAX_TOP_LOGPROBS: Final = 20
+_TOOL_CHOICES: Final = frozenset({"none", "auto", "required"})
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    assert isinstance(value, int)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_typed_mapping(name: str, value: object) -> dict[str, Any]:
+    """A ``{"type": str, ...}`` mapping (a tool, a response format), as a dict."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping, not {type(value).__name__}")
+    kind = value.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{name} needs a non-empty str 'type'")
+    return dict(value)
+
+
+def _check_tools(tools: object) -> list[dict[str, Any]]:
+    if isinstance(tools, str | bytes | Mapping) or not isinstance(tools, Sequence):
+        raise TypeError(f"tools must be a sequence of mappings, not {type(tools).__name__}")
+    out = []
+    for i, tool in enumerate(tools):
+        checked = _check_typed_mapping(f"tools[{i}]", tool)
+        if checked["type"] == "function":
+            function = checked.get("function")
+            if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+                raise ValueError(f"tools[{i}] needs 'function': {{'name': str, ...}}")
+        out.append(checked)
+    return out
+
+
+def _check_tool_choice(choice: object) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        if choice not in _TOOL_CHOICES:
+            raise ValueError(f"tool_choice must be one of {sorted(_TOOL_CHOICES)} or a mapping")
+        return choice
+    return _check_typed_mapping("tool_choice", choice)
+
+
+def _error_object(data: object, event: str) -> object | None:
+    """The error an event or answer carries, or ``None`` when it is not an error.
+
+    Real servers send these shapes: OpenAI's ``{"error": {...}}``, vLLM's flat
+    ``{"object": "error", "message": ..., "code": 400}``, and ``event: error`` (or
+    llama.cpp's bare ``error:`` line) whose data may be JSON or plain text.
+    """
+    if isinstance(data, dict):
+        error: object = data.get("error")
+        if error is not None:
+            return error
+        if data.get("object") == "error":
+            return data
+    if event == "error":
+        return data
+    return None
+
+
+def _str_field(obj: Mapping[str, Any], key: str, what: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        _shape_error(what, f"a str {key!r}", value)
+    return value
+
+
+def _arguments_text(value: object) -> str:
+    # Some servers (Ollama, some proxies) send the arguments as an object, not text.
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
+    """One non-streamed choice: its index and its content (``usage`` left ``None``)."""
+    if not isinstance(choice, dict):
+        _shape_error(what, "a choice object", choice)
+    index = choice.get("index", 0)
+    if not _is_int(index):
+        _shape_error(what, "an int choice index", index)
+    message = choice.get("message") or {}
+    if not isinstance(message, dict):
+        _shape_error(what, "a message object", message)
+    content = message.get("content")
+    if isinstance(content, list):  # content parts, as some servers echo them
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if content is not None and not isinstance(content, str):
+        _shape_error(what, "a str message content", content)
+    reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+    if not isinstance(reasoning, str):
+        _shape_error(what, "a str reasoning_content", reasoning)
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        _shape_error(what, '"tool_calls": [...]', calls)
+    tool_calls = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(function, dict):
+            _shape_error(what, 'a tool call {"id", "function": {...}}', call)
+        tool_calls.append(
+            ChatToolCall(
+                id=_str_field(call, "id", what),
+                name=_str_field(function, "name", what),
+                arguments=_arguments_text(function.get("arguments")),
+                type=_str_field(call, "type", what) or "function",
+            )
+        )
+    finish = choice.get("finish_reason")
+    if finish is not None and not isinstance(finish, str):
+        _shape_error(what, "a str finish_reason", finish)
+    completion = ChatCompletion(
+        text=content or "",
+        finish_reason=finish or "",
+        usage=None,
+        tool_calls=tuple(tool_calls),
+        reasoning=reasoning,
+        logprobs=choice.get("logprobs"),
+    )
+    return index, completion
+
+
+@final
+class _ToolCallParts:
+    """A tool call being put together from streamed pieces."""
+
+    __slots__ = ("arguments", "id", "name", "type")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.type = "function"
+        self.name = ""
+        self.arguments: list[str] = []
+
+    def done(self) -> ChatToolCall:
+        return ChatToolCall(self.id, self.name, "".join(self.arguments), self.type)
 
 
 @final
 class _ChatEvents:
     """The async iterator behind :meth:`HttpApi.chat_stream` (a class, not an async
-    generator, so that abandoning it leaves nothing for the garbage collector)."""
+    generator, so that abandoning it leaves nothing for the garbage collector).
+
+    Decoded events go to a queue; an error found while decoding a network read is
+    kept and raised only once the queue -- the deltas that came before it in the
+    same read -- has been delivered, so what the caller sees never depends on how
+    TCP cut the bytes.
+    """
 
     def __init__(self, api: HttpApi, response: httpx.Response, url: str) -> None:
         self._api = api
         self._response = response
-        self._url = url
+        self._url = url  # already redacted: used only in messages
         self._what = f"POST {url}"
         self._chunks = response.aiter_bytes()
-        self._decoder = SSEDecoder()
+        self._decoder = SSEDecoder(error_field=True)  # llama.cpp's error lines too
         self._queue: deque[ChatEvent] = deque()
-        self._finished = False  # [DONE] seen or the stream failed: read no more
-        self._finish_reason = ""
+        self._error: PocApiError | None = None  # raised after the queue drains
+        self._finished = False  # [DONE] seen, the stream ended or failed: read no more
+        self._done_queued = False  # the ChatDone is in the queue (or already delivered)
+        self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
         self._usage: Usage | None = None
+        self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
 
     async def check_response(self) -> None:
         status = self._response.status_code
@@ -614,6 +1014,9 @@ class _ChatEvents:
 
     async def __anext__(self) -> ChatEvent:
         while not self._queue:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
             if self._finished:
                 raise StopAsyncIteration
             with _map_httpx_errors("POST", self._url):
@@ -621,51 +1024,122 @@ class _ChatEvents:
                     chunk: bytes | None = await self._chunks.__anext__()
                 except StopAsyncIteration:
                     chunk = None
-            if chunk is None:
+            try:
+                if chunk is None:
+                    self._finished = True
+                    # An event the server did not finish with a blank line (often a
+                    # bare ``data: [DONE]``) still counts: the body is complete.
+                    for sse in self._decoder.close(flush=True):
+                        self._handle(sse)
+                    self._end_of_body()
+                else:
+                    for sse in self._decoder.feed(chunk):
+                        self._handle(sse)
+                        if self._finished:
+                            break
+            except PocApiError as exc:
                 self._finished = True
-                self._decoder.close()
-                raise ProtocolViolation(f"{self._what}: event stream ended before [DONE]")
-            for sse in self._decoder.feed(chunk):
-                self._handle(sse)
-                if self._finished:
-                    break
+                self._error = exc
         return self._queue.popleft()
 
+    def _queue_done(self) -> None:
+        calls = self._tool_calls.get(0, {})
+        done = ChatDone(
+            self._finish_reason or "",
+            self._usage,
+            tuple(calls[i].done() for i in sorted(calls)),
+        )
+        self._queue.append(done)
+        self._done_queued = True
+
+    def _end_of_body(self) -> None:
+        if self._done_queued:
+            return
+        if self._finish_reason is None:
+            raise ProtocolViolation(
+                f"{self._what}: event stream ended before [DONE] and before any finish_reason"
+            )
+        # The official client ends such a stream normally: the answer is complete.
+        log.debug("%s: stream ended without [DONE] after its finish chunk", self._what)
+        self._queue_done()
+
     def _handle(self, sse: SSEEvent) -> None:
+        if self._done_queued:
+            return  # nothing after [DONE] counts
         if sse.data == "[DONE]":
             self._finished = True
-            self._queue.append(ChatDone(self._finish_reason, self._usage))
+            self._queue_done()
             return
         try:
             data = json.loads(sse.data)
         except json.JSONDecodeError as exc:
-            self._finished = True
-            raise ProtocolViolation(f"{self._what}: malformed JSON in event stream: {exc}") from exc
-        if sse.event == "error" or (isinstance(data, dict) and "error" in data):
-            self._finished = True
-            error = data.get("error", data) if isinstance(data, dict) else data
-            raise self._api._stream_error(
+            if sse.event == "error":  # plain-text error data: the message is the text
+                data = sse.data
+            else:
+                raise ProtocolViolation(
+                    f"{self._what}: malformed JSON in event stream: {exc}"
+                ) from exc
+        error = _error_object(data, sse.event)
+        if error is not None:
+            raise self._api._server_error(
                 self._url, response_status=self._response.status_code, error=error
             )
         if not isinstance(data, dict):
-            self._finished = True
             _shape_error(self._what, "a chunk object", data)
         choices = data.get("choices") or []
         if not isinstance(choices, list):
-            self._finished = True
             _shape_error(self._what, '"choices": [...]', choices)
         for choice in choices:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta")
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str) and content:
-                self._queue.append(ChatDelta(content))
-            finish = choice.get("finish_reason")
-            if isinstance(finish, str):
-                self._finish_reason = finish
+            if isinstance(choice, dict):
+                self._choice(choice)
         if data.get("usage") is not None:
             self._usage = _parse_usage(data["usage"], self._what)
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0)
+        if not _is_int(index):
+            _shape_error(self._what, "an int choice index", index)
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                self._queue.append(ChatReasoningDelta(reasoning, index))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                self._queue.append(ChatDelta(content, index, choice.get("logprobs")))
+            calls = delta.get("tool_calls")
+            if isinstance(calls, list):
+                for call in calls:
+                    if isinstance(call, dict):
+                        self._tool_call(index, call)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish and index == 0:
+            self._finish_reason = finish
+
+    def _tool_call(self, choice: int, call: dict[str, Any]) -> None:
+        parts = self._tool_calls.setdefault(choice, {})
+        raw_id, raw_index = call.get("id"), call.get("index")
+        call_id = raw_id if isinstance(raw_id, str) else ""
+        if isinstance(raw_index, int) and not isinstance(raw_index, bool):
+            index = raw_index
+        else:
+            # A server that leaves out the index (some llama.cpp builds): a new id
+            # starts a new call, anything else continues the last one.
+            known = {p.id for p in parts.values()}
+            new = not parts or (call_id and call_id not in known)
+            index = len(parts) if new else max(parts)
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        raw_name = function.get("name")
+        name = raw_name if isinstance(raw_name, str) else ""
+        arguments = _arguments_text(function.get("arguments"))
+        part = parts.setdefault(index, _ToolCallParts())
+        part.id = part.id or call_id
+        part.name = part.name or name
+        if isinstance(call.get("type"), str) and call["type"]:
+            part.type = call["type"]
+        part.arguments.append(arguments)
+        self._queue.append(ChatToolCallDelta(index, call_id, name, arguments, choice))
 
     async def aclose(self) -> None:
         """Release the response: shielded so cancellation cannot leak the connection."""

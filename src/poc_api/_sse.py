@@ -14,7 +14,8 @@ It follows the WHATWG HTML "event stream interpretation" algorithm
   ignored when it contains NUL; ``retry`` sets :attr:`SSEDecoder.retry` when it is
   all ASCII digits; other fields are ignored;
 - a blank line dispatches the event, unless no ``data`` line was seen;
-- an event the stream ends in the middle of is discarded.
+- an event the stream ends in the middle of is discarded (``close(flush=True)``
+  dispatches it instead, for a body known to be complete).
 
 Feeding is the caller's job, so the same decoder serves any transport::
 
@@ -67,7 +68,9 @@ class SSEDecoder:
 
     Pure and synchronous: no I/O, no checkpoints, nothing for cancellation to
     interrupt. The result does not depend on how the byte stream is cut into chunks.
-    ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
+    ``error_field=True`` (off by default: it is not WHATWG) also dispatches a
+    non-standard ``error: ...`` line, as llama.cpp's server sends one, as an event of
+    type ``"error"``. ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
     longer than that many characters raises :class:`~poc_api.LimitExceeded`
     (a peer that never sends a line ending must not grow the buffer forever).
 
@@ -78,10 +81,11 @@ class SSEDecoder:
         d.feed(b"\\ndata: b\\n\\n")  # [SSEEvent(event="message", data="a\\nb", id="")]
     """
 
-    def __init__(self, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+    def __init__(self, *, max_buffer: int = DEFAULT_MAX_BUFFER, error_field: bool = False) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be positive, got {max_buffer}")
         self._max_buffer = max_buffer
+        self._error_field = error_field
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True  # no character decoded yet: a BOM may still come
         self._skip_lf = False  # the last chunk ended in CR: a leading LF belongs to it
@@ -106,18 +110,27 @@ class SSEDecoder:
             raise RuntimeError("SSEDecoder.feed() after close()")
         return self._feed_text(self._utf8.decode(chunk))
 
-    def close(self) -> list[SSEEvent]:
-        """End of stream: discard any incomplete line and event, return what completed.
+    def close(self, *, flush: bool = False) -> list[SSEEvent]:
+        """End of stream: return what completed, then forget any unfinished event.
 
         Under the WHATWG algorithm an event needs its terminating blank line, and
-        every complete line was already handled by :meth:`feed`, so this always
-        returns ``[]``; it exists so that callers treat the end of the stream
-        explicitly. Calling it twice is harmless.
+        every complete line was already handled by :meth:`feed`, so by default this
+        returns ``[]`` and an unfinished line or event is discarded. With
+        ``flush=True`` the end of the stream also ends the last line and the last
+        event, which are dispatched: for a body whose end is known to be complete
+        (an HTTP response that finished cleanly) whose server left out the final
+        blank line -- a bare ``data: [DONE]`` is common. Calling it twice is harmless.
         """
         if self._closed:
             return []
         self._closed = True
         events = self._feed_text(self._utf8.decode(b"", final=True))
+        if flush:
+            if self._partial:
+                line = "".join(self._partial)
+                self._partial.clear()
+                self._process_line(line, events)
+            self._dispatch(events)
         self._partial.clear()
         self._partial_len = 0
         self._data.clear()
@@ -185,6 +198,10 @@ class SSEDecoder:
                 self._last_id = value
         elif field == "retry" and value.isascii() and value.isdigit():
             self.retry = int(value)
+        elif field == "error" and self._error_field:
+            # llama.cpp's server writes a failure as an ``error: {json}`` line, a
+            # field the standard ignores; opted in, it is an ``error`` event at once.
+            events.append(SSEEvent(event="error", data=value, id=self._last_id))
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         if self._data:

@@ -255,7 +255,11 @@ async def read_request(stream: trio.SocketStream) -> None:
 async def tiny_http(
     answers: list[bytes | Callable[[trio.SocketStream], Awaitable[None]]],
 ) -> AsyncIterator[str]:
-    """Answer the n-th connection with the n-th answer (the last repeats)."""
+    """Answer the n-th connection with the n-th answer (the last repeats).
+
+    Chat tests name a model: without one the client would first ask ``GET /models``
+    and be served a canned answer meant for the chat request.
+    """
     served = 0
 
     async def serve(stream: trio.SocketStream) -> None:
@@ -312,7 +316,7 @@ async def test_malformed_json_answers_are_protocol_violations(
     endpoint: str, good: bytes, bad_body: bytes
 ) -> None:
     async with tiny_http([http_response(200, bad_body), good]) as base:
-        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9", model="m") as c:
             with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
                 await call_endpoint(c, endpoint)
             with trio.fail_after(5):
@@ -352,7 +356,7 @@ async def good_sse(stream: trio.SocketStream) -> None:
 
 async def test_an_sse_stream_cut_mid_event_is_typed_and_the_client_recovers() -> None:
     async with tiny_http([cut_sse, good_sse]) as base:
-        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9", model="m") as c:
             got: list[object] = []
             with (
                 trio.fail_after(5),
@@ -373,7 +377,7 @@ async def test_an_sse_stream_with_garbage_events_is_a_protocol_violation() -> No
         await stream.send_all(http_response(200, b"data: \xff\xfe{{{\n\n", "text/event-stream"))
 
     async with tiny_http([garbage, good_sse]) as base:
-        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9", model="m") as c:
             with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
                 async with c.chat_stream([{"role": "user", "content": "hi"}]) as events:
                     async for _ in events:
@@ -398,7 +402,7 @@ async def test_an_sse_stream_with_garbage_events_is_a_protocol_violation() -> No
 )
 async def test_bad_chat_messages_are_refused_before_sending(messages: Any) -> None:
     async with tiny_http([CHAT_OK]) as base:
-        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9") as c:
+        async with poc_api.ApiClient(base, grpc_url="http://127.0.0.1:9", model="m") as c:
             with pytest.raises((ValueError, TypeError)):
                 await c.chat(messages)
             assert (await c.chat([{"role": "user", "content": "hi"}])).text == "hi"

@@ -3,27 +3,34 @@
 Routes (under ``/v1`` unless noted), all JSON:
 
 - ``GET /v1/readout/manifest``, ``POST /v1/train`` (PROTOCOL.md §5)
-- ``POST /v1/chat/completions`` (OpenAI-compatible; ``stream: true`` answers SSE)
-- ``GET /v1/models``, ``GET /v1/tokenizer``, ``POST /v1/tokenize``, ``POST /v1/detokenize``
+- ``POST /v1/chat/completions`` and legacy ``POST /v1/completions`` (OpenAI-compatible,
+  :mod:`._openai`; ``stream: true`` answers SSE)
+- ``GET /v1/models``, ``GET /v1/models/{id}``
+- ``GET /v1/tokenizer``, ``POST /v1/tokenize``, ``POST /v1/detokenize``
 - ``GET /health`` and ``GET /admin/state`` (no auth; the latter is for tests only)
+
+Routing is a table of ``(method, path pattern) -> handler``; a handler returns a JSON
+object or, for streams, an async iterator of SSE bytes. Every answer carries an
+``x-request-id`` (the client's own, if it sent one). Errors are OpenAI-shaped:
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import itertools
 import json
 import logging
 import math
+import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, final
 
 import h11
 
-from ._model import EOS, SPECIAL_NAMES, VOCAB_SIZE, SamplingSpec, detokenize, tokenize
+from ._model import SPECIAL_NAMES, VOCAB_SIZE, detokenize, tokenize
+from ._openai import ChatRequest, CompletionRequest, OpenAIError, error_body
 from ._state import Runtime
 
 __all__ = ["HttpApp", "HttpError"]
@@ -32,21 +39,14 @@ log = logging.getLogger("poc_api.server.http")
 
 _READ_SIZE: Final = 65536
 _PUBLIC_PATHS: Final = frozenset({"/health", "/admin/state"})
-_DEFAULT_CHAT_MAX_TOKENS: Final = 128
+_MAX_REQUEST_ID: Final = 200
+
+#: The error every route raises; rendered as OpenAI's error object.
+HttpError = OpenAIError
 
 
-class HttpError(Exception):
-    """An error answer: status code and message (sent as an OpenAI-style error body)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _error_body(status: int, message: str) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
+def _error_json(e: OpenAIError) -> dict[str, Any]:
+    return error_body(e.status, e.message, param=e.param, code=e.code)
 
 
 def _is_int(v: object) -> bool:
@@ -95,155 +95,8 @@ def validate_train(body: Any) -> int:
     return len(samples)
 
 
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
-        if all(isinstance(p, str) for p in parts):
-            return "".join(parts)
-    raise HttpError(400, "message content must be a string or a list of text parts")
-
-
-def chat_prompt(messages: Any) -> str:
-    """The prompt text for chat ``messages``: ``role: content`` lines, then ``assistant: ``."""
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "'messages' must be a non-empty list")
-    lines = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise HttpError(400, "each message needs a string 'role'")
-        lines.append(f"{m['role']}: {_message_text(m.get('content', ''))}\n")
-    return "".join(lines) + "assistant: "
-
-
-@final
-class _Chat:
-    """One chat completion: decodes with the same model and sampler as Generate."""
-
-    def __init__(self, rt: Runtime, body: Any) -> None:
-        if not isinstance(body, dict):
-            raise HttpError(400, "body must be a JSON object")
-        cfg = rt.config
-        self.rt = rt
-        self.model = body.get("model") or cfg.model_name
-        if not isinstance(self.model, str):
-            raise HttpError(400, "'model' must be a string")
-        self.tokens = tokenize(chat_prompt(body.get("messages")))
-        self.prompt_len = len(self.tokens)
-        if self.prompt_len >= cfg.max_context:
-            raise HttpError(400, f"prompt of {self.prompt_len} tokens exceeds the context window")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is None:
-            max_tokens = _DEFAULT_CHAT_MAX_TOKENS
-        if not _is_int(max_tokens) or max_tokens < 0:
-            raise HttpError(400, "'max_tokens' must be a non-negative integer")
-        self.max_tokens: int = max_tokens
-        temperature = body.get("temperature", 0.0)
-        top_p = body.get("top_p", 1.0)
-        top_k = body.get("top_k", 0)
-        seed = body.get("seed", cfg.seed)
-        if not (_is_number(temperature) and _is_number(top_p) and _is_int(top_k)):
-            raise HttpError(400, "temperature/top_p must be numbers and top_k an integer")
-        if not _is_int(seed):
-            raise HttpError(400, "'seed' must be an integer")
-        self.spec = SamplingSpec(
-            temperature=max(0.0, float(temperature)), top_k=top_k, top_p=float(top_p), seed=seed
-        )
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise HttpError(400, "'stop' must be a string or a list of strings")
-        self.stop: list[str] = stop
-        self.stream = bool(body.get("stream", False))
-        self.completion = 0
-        self.finish_reason = "length"
-        self.id = "chatcmpl-" + secrets.token_hex(8)
-        self.created = int(time.time())
-
-    async def pieces(self) -> AsyncIterator[str]:
-        """Decode, yielding text as it becomes valid UTF-8; sets ``finish_reason``."""
-        model, spec, tokens = self.rt.model, self.spec, self.tokens
-        max_context = self.rt.config.max_context
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        # Text that could still be the start of a stop string is held back.
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        text, sent, cut = "", 0, False
-        try:
-            while self.completion < self.max_tokens:
-                if len(tokens) >= max_context:
-                    self.finish_reason = "length"
-                    break
-                tok = spec.pick(model.dist(tokens), len(tokens), tokens)
-                tokens.append(tok)
-                self.completion += 1
-                if tok == EOS and not self.rt.config.ignore_eos:
-                    self.finish_reason = "stop"
-                    break
-                text += (
-                    decoder.decode(bytes((tok,)))
-                    if tok < 256
-                    else f"<|{SPECIAL_NAMES.get(tok, tok)}|>"
-                )
-                hits = [i for i in (text.find(s, max(0, sent - hold)) for s in self.stop) if i >= 0]
-                if hits:
-                    text = text[: min(hits)]
-                    self.finish_reason = "stop"
-                    cut = True
-                    break
-                if len(text) - hold > sent:
-                    yield text[sent : len(text) - hold]
-                    sent = len(text) - hold
-                if not self.completion % 64:
-                    await asyncio.sleep(0)  # stay responsive on long decodes
-            if not cut:
-                text += decoder.decode(b"", final=True)
-            if len(text) > sent:
-                yield text[sent:]
-        finally:
-            self.rt.stats.decoded(self.completion)
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_len,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt_len + self.completion,
-        }
-
-    def chunk(self, delta: dict[str, Any], finish: str | None, usage: bool = False) -> bytes:
-        obj: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        if usage:
-            obj["usage"] = self.usage()
-        return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-    async def response(self) -> dict[str, Any]:
-        text = "".join([p async for p in self.pieces()])
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": self.finish_reason,
-                }
-            ],
-            "usage": self.usage(),
-        }
-
-
-_Handler = Callable[[Any], Awaitable[Any]]
+_Result = dict[str, Any] | AsyncIterator[bytes]
+_Handler = Callable[[Any, dict[str, str]], Awaitable[_Result]]
 
 
 @final
@@ -253,17 +106,21 @@ class HttpApp:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._jobs = itertools.count(1)
-        self._routes: dict[tuple[str, str], _Handler] = {
-            ("GET", "/health"): self._health,
-            ("GET", "/admin/state"): self._admin_state,
-            ("GET", "/v1/readout/manifest"): self._manifest,
-            ("POST", "/v1/train"): self._train,
-            ("GET", "/v1/models"): self._models,
-            ("GET", "/v1/tokenizer"): self._tokenizer,
-            ("POST", "/v1/tokenize"): self._tokenize,
-            ("POST", "/v1/detokenize"): self._detokenize,
-        }
-        self._paths = {p for _, p in self._routes} | {"/v1/chat/completions"}
+        # (method, full-match pattern) -> handler; path parameters are named groups.
+        table: list[tuple[str, str, _Handler]] = [
+            ("GET", "/health", self._health),
+            ("GET", "/admin/state", self._admin_state),
+            ("GET", "/v1/readout/manifest", self._manifest),
+            ("POST", "/v1/train", self._train),
+            ("POST", "/v1/chat/completions", self._chat),
+            ("POST", "/v1/completions", self._completions),
+            ("GET", "/v1/models", self._models),
+            ("GET", "/v1/models/(?P<model>.+)", self._model),
+            ("GET", "/v1/tokenizer", self._tokenizer),
+            ("POST", "/v1/tokenize", self._tokenize),
+            ("POST", "/v1/detokenize", self._detokenize),
+        ]
+        self._routes = [(m, re.compile(p), h) for m, p, h in table]
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def aclose(self) -> None:
@@ -284,11 +141,12 @@ class HttpApp:
                 try:
                     request = await self._read_request(conn, reader)
                 except HttpError as e:
-                    await self._send_json(conn, writer, e.status, _error_body(e.status, e.message))
+                    await self._send_json(conn, writer, e.status, _error_json(e), _request_id({}))
                     break
                 except h11.RemoteProtocolError as e:
                     if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        await self._send_json(conn, writer, 400, _error_body(400, str(e)))
+                        err = error_body(400, str(e))
+                        await self._send_json(conn, writer, 400, err, _request_id({}))
                     break
                 if request is None:
                     break
@@ -338,6 +196,19 @@ class HttpApp:
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
 
+    def _route(self, method: str, path: str) -> tuple[_Handler, dict[str, str]]:
+        allowed = False
+        for m, pattern, handler in self._routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if m == method:
+                return handler, match.groupdict()
+            allowed = True
+        if allowed:
+            raise HttpError(405, f"{method} not allowed on {path}", code="method_not_allowed")
+        raise HttpError(404, f"no route for {path}", code="not_found")
+
     async def _respond(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, req: h11.Request, raw: bytes
     ) -> None:
@@ -347,38 +218,40 @@ class HttpApp:
             path = path.rstrip("/")
         self._rt.stats.http(path)
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
+        request_id = _request_id(headers)
         try:
             if path not in _PUBLIC_PATHS and not self._rt.authorized(headers.get("authorization")):
-                raise HttpError(401, "missing or wrong api key")
-            if path not in self._paths:
-                raise HttpError(404, f"no route for {path}")
+                raise HttpError(401, "missing or wrong api key", code="invalid_api_key")
+            handler, params = self._route(method, path)
             body: Any = None
             if method == "POST":
                 try:
                     body = json.loads(raw) if raw else None
                 except (ValueError, UnicodeDecodeError) as e:
                     raise HttpError(400, f"malformed JSON body: {e}") from None
-            if path == "/v1/chat/completions" and method == "POST":
-                chat = _Chat(self._rt, body)
-                if chat.stream:
-                    await self._stream_chat(conn, writer, chat)
-                else:
-                    await self._send_json(conn, writer, 200, await chat.response())
-                return
-            handler = self._routes.get((method, path))
-            if handler is None:
-                raise HttpError(405, f"{method} not allowed on {path}")
-            result = await handler(body)
+            result = await handler(body, params)
         except HttpError as e:
-            await self._send_json(conn, writer, e.status, _error_body(e.status, e.message))
+            await self._send_json(conn, writer, e.status, _error_json(e), request_id)
             return
-        await self._send_json(conn, writer, 200, result)
+        if isinstance(result, dict):
+            await self._send_json(conn, writer, 200, result, request_id)
+        else:
+            await self._send_events(conn, writer, result, request_id)
 
     async def _send_json(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, obj: Any
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        status: int,
+        obj: Any,
+        request_id: str,
     ) -> None:
         data = json.dumps(obj).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(data))),
+            ("x-request-id", request_id),
+        ]
         if conn.our_state is not h11.SEND_RESPONSE:
             return  # a response is already under way; nothing sane left to send
         writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
@@ -386,63 +259,92 @@ class HttpApp:
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 
-    async def _stream_chat(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, chat: _Chat
+    async def _send_events(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        events: AsyncIterator[bytes],
+        request_id: str,
     ) -> None:
-        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        headers = [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+            ("x-request-id", request_id),
+        ]
         writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
-        writer.write(
-            conn.send(h11.Data(data=chat.chunk({"role": "assistant", "content": ""}, None)))
-        )
-        async for piece in chat.pieces():
-            writer.write(conn.send(h11.Data(data=chat.chunk({"content": piece}, None))))
+        async for event in events:
+            writer.write(conn.send(h11.Data(data=event)))
             await writer.drain()
-        writer.write(conn.send(h11.Data(data=chat.chunk({}, chat.finish_reason, usage=True))))
-        writer.write(conn.send(h11.Data(data=b"data: [DONE]\n\n")))
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 
-    # -- JSON routes -------------------------------------------------------
+    # -- routes ------------------------------------------------------------
 
-    async def _health(self, _body: Any) -> Any:
+    async def _health(self, _body: Any, _params: dict[str, str]) -> _Result:
         return {"status": "ok"}
 
-    async def _admin_state(self, _body: Any) -> Any:
+    async def _admin_state(self, _body: Any, _params: dict[str, str]) -> _Result:
         return self._rt.state().to_json()
 
-    async def _manifest(self, _body: Any) -> Any:
+    async def _manifest(self, _body: Any, _params: dict[str, str]) -> _Result:
         manifest = self._rt.manifest()
         if manifest is None:
-            raise HttpError(404, "readout is disabled on this server")
+            raise HttpError(404, "readout is disabled on this server", code="not_found")
         return manifest
 
-    async def _train(self, body: Any) -> Any:
+    async def _train(self, body: Any, _params: dict[str, str]) -> _Result:
         n = validate_train(body)
         self._rt.stats.trained(n)
         return {"accepted": n, "job_id": f"train-{next(self._jobs)}-{secrets.token_hex(4)}"}
 
-    async def _models(self, _body: Any) -> Any:
-        name = self._rt.config.model_name
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "poc_api"}],
-        }
+    async def _chat(self, body: Any, _params: dict[str, str]) -> _Result:
+        chat = ChatRequest(self._rt, body)  # validates: a bad request is a 400 here
+        return chat.events() if chat.stream else await chat.response()
 
-    async def _tokenizer(self, _body: Any) -> Any:
+    async def _completions(self, body: Any, _params: dict[str, str]) -> _Result:
+        completion = CompletionRequest(self._rt, body)
+        return completion.events() if completion.stream else await completion.response()
+
+    def _model_object(self) -> dict[str, Any]:
+        name = self._rt.config.model_name
+        return {"id": name, "object": "model", "created": 0, "owned_by": "poc_api"}
+
+    async def _models(self, _body: Any, _params: dict[str, str]) -> _Result:
+        return {"object": "list", "data": [self._model_object()]}
+
+    async def _model(self, _body: Any, params: dict[str, str]) -> _Result:
+        if params["model"] != self._rt.config.model_name:
+            raise HttpError(
+                404,
+                f"The model '{params['model']}' does not exist",
+                param="model",
+                code="model_not_found",
+            )
+        return self._model_object()
+
+    async def _tokenizer(self, _body: Any, _params: dict[str, str]) -> _Result:
         return {
             "vocab_size": VOCAB_SIZE,
             "special": {name: i for i, name in SPECIAL_NAMES.items()},
         }
 
-    async def _tokenize(self, body: Any) -> Any:
+    async def _tokenize(self, body: Any, _params: dict[str, str]) -> _Result:
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             raise HttpError(400, "body must be {'text': str}")
         return {"tokens": tokenize(body["text"])}
 
-    async def _detokenize(self, body: Any) -> Any:
+    async def _detokenize(self, body: Any, _params: dict[str, str]) -> _Result:
         tokens = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(tokens, list) or not all(
             _is_int(t) and 0 <= t < VOCAB_SIZE for t in tokens
         ):
             raise HttpError(400, f"body must be {{'tokens': [int]}} with ids < {VOCAB_SIZE}")
         return {"text": detokenize(tokens)}
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    """The client's ``x-request-id`` when it sent a sane one (as vLLM does), else new."""
+    given = headers.get("x-request-id", "")
+    if given and len(given) <= _MAX_REQUEST_ID and given.isascii() and given.isprintable():
+        return given
+    return "req_" + secrets.token_hex(16)

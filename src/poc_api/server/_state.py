@@ -211,8 +211,12 @@ class Runtime:
         key = self.config.api_key
         if not key:
             return True
+        # The scheme is case-insensitive (RFC 9110 §11.1): "bearer k" is "Bearer k".
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
         # Constant-time compare: the key is a secret, however toy the server.
-        return hmac.compare_digest((header or "").encode(), f"Bearer {key}".encode())
+        return hmac.compare_digest(token.strip().encode(), key.encode())
 
     def manifest(self) -> dict[str, Any] | None:
         """The readout manifest, or None when readout is disabled."""

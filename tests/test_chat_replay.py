@@ -1,0 +1,612 @@
+"""``chat`` / ``chat_stream`` against what real servers send (issue 11, items 1-5).
+
+Byte-exact OpenAI, vLLM and llama.cpp style streams are decoded
+
+- in memory, by the real ``_ChatEvents`` over an ``httpx.Response`` whose body is
+  the stream cut at every byte boundary (and byte by byte) -- what the caller sees
+  must never depend on how TCP cut the bytes;
+- over real sockets, from a tiny trio TCP server on port 0 that replays the bytes
+  in one write and trickled in small writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+import poc_api
+from poc_api import (
+    ChatCompletion,
+    ChatDelta,
+    ChatDone,
+    ChatReasoningDelta,
+    ChatToolCall,
+    ChatToolCallDelta,
+    HttpError,
+    PocApiTimeout,
+    ProtocolViolation,
+    Usage,
+)
+from poc_api._http import ChatEvent, HttpApi, _ChatEvents
+from poc_api.server import ReferenceServer
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+URL = "http://replay.invalid/v1/chat/completions"
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    return json.dumps(obj | extra, separators=(",", ":"))
+
+
+def data(*events: str, eol: str = "\n") -> bytes:
+    return "".join(f"data: {e}{eol}{eol}" for e in events).encode()
+
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+
+# OpenAI: a role chunk, tool-call pieces (id and name first, then argument
+# fragments), a finish chunk, a usage chunk with no choices, [DONE].
+OPENAI_TOOLS = data(
+    chunk({"role": "assistant", "content": None}),
+    chunk(
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_abc",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        }
+    ),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]}),
+    chunk(
+        {
+            "tool_calls": [
+                {
+                    "index": 1,
+                    "id": "call_def",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": "{}"},
+                }
+            ]
+        }
+    ),
+    chunk({}, "tool_calls"),
+    json.dumps({"id": "chatcmpl-1", "choices": [], "usage": USAGE}),
+    "[DONE]",
+)
+OPENAI_TOOLS_EVENTS: list[ChatEvent] = [
+    ChatToolCallDelta(0, "call_abc", "get_weather", ""),
+    ChatToolCallDelta(0, "", "", '{"ci'),
+    ChatToolCallDelta(0, "", "", 'ty": "Oslo"}'),
+    ChatToolCallDelta(1, "call_def", "get_time", "{}"),
+    ChatDone(
+        "tool_calls",
+        Usage(9, 3, 12),
+        (
+            ChatToolCall("call_abc", "get_weather", '{"city": "Oslo"}'),
+            ChatToolCall("call_def", "get_time", "{}"),
+        ),
+    ),
+]
+
+# vLLM with a reasoning parser: reasoning_content deltas, then content; CRLF line
+# endings (as some proxies rewrite them); usage without total_tokens.
+VLLM_REASONING = data(
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"reasoning_content": "Think"}),
+    chunk({"reasoning_content": "ing é"}),
+    chunk({"content": "Hi"}),
+    chunk({"content": "!"}, "stop"),
+    json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4}}),
+    "[DONE]",
+    eol="\r\n",
+)
+VLLM_REASONING_EVENTS: list[ChatEvent] = [
+    ChatReasoningDelta("Think"),
+    ChatReasoningDelta("ing é"),
+    ChatDelta("Hi"),
+    ChatDelta("!"),
+    ChatDone("stop", Usage(5, 4, 9)),
+]
+
+# llama.cpp: finish and usage-ish timings on the last chunk, then [DONE].
+LLAMACPP = data(
+    chunk({"content": "Hel"}),
+    chunk({"content": "lo"}),
+    chunk({}, "length", usage=USAGE, timings={"predicted_n": 3}),
+    "[DONE]",
+)
+LLAMACPP_EVENTS: list[ChatEvent] = [
+    ChatDelta("Hel"),
+    ChatDelta("lo"),
+    ChatDone("length", Usage(9, 3, 12)),
+]
+
+TEXT = data(chunk({"content": "a"}), chunk({"content": "b"}), chunk({"content": "c"}))
+ABC: list[ChatEvent] = [ChatDelta("a"), ChatDelta("b"), ChatDelta("c")]
+FINISH = data(chunk({}, "stop", usage=USAGE))
+
+# Item 1 and 2: an error after three deltas, in every shape real servers use.
+OPENAI_ERROR = TEXT + data(
+    json.dumps({"error": {"message": "model overloaded", "type": "server_error", "code": 503}})
+)
+VLLM_FLAT_ERROR = TEXT + data(
+    json.dumps(
+        {
+            "object": "error",
+            "message": "Sampled token IDs exceed the max model length",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    ),
+    "[DONE]",  # vLLM ends even a failed stream with [DONE]
+)
+EVENT_ERROR_TEXT = TEXT + b"event: error\ndata: upstream went away\n\n"
+LLAMACPP_ERROR = (
+    TEXT + b'error: {"code":500,"message":"slot unavailable","type":"server_error"}\n\n'
+)
+
+# Item 3: the finish chunk came but [DONE] did not, or came without its blank line.
+NO_DONE = TEXT + FINISH
+DONE_WITHOUT_BLANK_LINE = TEXT + FINISH + b"data: [DONE]\n"
+DONE_WITHOUT_EOL = TEXT + FINISH + b"data: [DONE]"
+CUT_BEFORE_FINISH = TEXT
+
+ABC_DONE: list[ChatEvent] = [*ABC, ChatDone("stop", Usage(9, 3, 12))]
+
+# (name, stream, events delivered, (error type, message pattern) or None)
+CASES: list[tuple[str, bytes, list[ChatEvent], tuple[type[Exception], str] | None]] = [
+    ("openai-tools", OPENAI_TOOLS, OPENAI_TOOLS_EVENTS, None),
+    ("vllm-reasoning", VLLM_REASONING, VLLM_REASONING_EVENTS, None),
+    ("llamacpp", LLAMACPP, LLAMACPP_EVENTS, None),
+    ("openai-error", OPENAI_ERROR, ABC, (HttpError, "model overloaded")),
+    ("vllm-flat-error", VLLM_FLAT_ERROR, ABC, (HttpError, "exceed the max model length")),
+    ("event-error-text", EVENT_ERROR_TEXT, ABC, (HttpError, "upstream went away")),
+    ("llamacpp-error", LLAMACPP_ERROR, ABC, (HttpError, "slot unavailable")),
+    ("no-done", NO_DONE, ABC_DONE, None),
+    ("done-without-blank-line", DONE_WITHOUT_BLANK_LINE, ABC_DONE, None),
+    ("done-without-eol", DONE_WITHOUT_EOL, ABC_DONE, None),
+    ("cut-before-finish", CUT_BEFORE_FINISH, ABC, (ProtocolViolation, "finish_reason")),
+]
+IDS = [c[0] for c in CASES]
+
+
+# -- in memory, every cut ------------------------------------------------------------
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body that arrives in the given pieces (one network read each)."""
+
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        self._pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self._pieces:
+            yield piece
+
+
+async def decode(api: HttpApi, pieces: Sequence[bytes]) -> tuple[list[ChatEvent], Exception | None]:
+    response = httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, stream=Body(pieces)
+    )
+    events = _ChatEvents(api, response, URL)
+    got: list[ChatEvent] = []
+    try:
+        await events.check_response()
+        async for event in events:
+            got.append(event)
+    except (HttpError, ProtocolViolation) as exc:
+        return got, exc
+    finally:
+        await events.aclose()
+    return got, None
+
+
+def check(
+    got: list[ChatEvent],
+    error: Exception | None,
+    events: list[ChatEvent],
+    expected: tuple[type[Exception], str] | None,
+    where: str,
+) -> None:
+    assert got == events, where
+    if expected is None:
+        assert error is None, f"{where}: {error!r}"
+    else:
+        assert isinstance(error, expected[0]) and re.search(expected[1], str(error)), where
+
+
+@pytest.mark.parametrize(("name", "stream", "events", "error"), CASES, ids=IDS)
+async def test_every_cut_point_gives_the_same_events(
+    name: str,
+    stream: bytes,
+    events: list[ChatEvent],
+    error: tuple[type[Exception], str] | None,
+) -> None:
+    with trio.fail_after(60):
+        async with httpx.AsyncClient() as http:
+            api = HttpApi(http, "http://replay.invalid/v1", "", "m")
+            cuts: list[list[bytes]] = [[stream], [stream[i : i + 1] for i in range(len(stream))]]
+            cuts += [[stream[:i], stream[i:]] for i in range(1, len(stream))]
+            for pieces in cuts:
+                got, exc = await decode(api, pieces)
+                check(got, exc, events, error, f"{name} cut into {[len(p) for p in pieces]}")
+
+
+async def test_an_error_in_the_same_read_as_three_deltas_comes_after_them() -> None:
+    async with httpx.AsyncClient() as http:
+        api = HttpApi(http, "http://replay.invalid/v1", "", "m")
+        got, exc = await decode(api, [OPENAI_ERROR])  # one network read
+    assert got == ABC
+    assert isinstance(exc, HttpError) and exc.http_status == 503
+
+
+async def test_vllm_flat_error_carries_its_code_as_status() -> None:
+    async with httpx.AsyncClient() as http:
+        api = HttpApi(http, "http://replay.invalid/v1", "", "m")
+        _, exc = await decode(api, [VLLM_FLAT_ERROR])
+    assert isinstance(exc, HttpError) and exc.http_status == 400
+
+
+# -- over real sockets ----------------------------------------------------------------
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def read_request(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 request: its head and its Content-Length body."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        more = await stream.receive_some(65536)
+        if not more:
+            return buf, b""
+        buf += more
+    head, _, body = buf.partition(b"\r\n\r\n")
+    m = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
+    while m and len(body) < int(m.group(1)):
+        body += await stream.receive_some(65536)
+    return head, body
+
+
+def answer(status: int, body: bytes, content_type: str = "application/json") -> bytes:
+    head = (
+        f"HTTP/1.1 {status} Replay\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+@asynccontextmanager
+async def replay_server(handler: Handler) -> AsyncIterator[str]:
+    """A trio TCP server on 127.0.0.1:0 running ``handler`` per connection; yields base_url."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield f"http://127.0.0.1:{port}/v1"
+        nursery.cancel_scope.cancel()
+
+
+def stream_replayer(body: bytes, piece: int) -> Handler:
+    """Answer with an SSE body (read until close), written ``piece`` bytes at a time."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        await stream.send_all(head)
+        for i in range(0, len(body), piece):
+            await stream.send_all(body[i : i + piece])
+            if piece < len(body):
+                await trio.sleep(0.001)
+
+    return handler
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 7])
+@pytest.mark.parametrize(("name", "stream", "events", "error"), CASES, ids=IDS)
+async def test_replayed_streams_over_a_socket(
+    name: str,
+    stream: bytes,
+    events: list[ChatEvent],
+    error: tuple[type[Exception], str] | None,
+    piece: int,
+) -> None:
+    got: list[ChatEvent] = []
+    exc: Exception | None = None
+    with trio.fail_after(20):
+        async with replay_server(stream_replayer(stream, piece)) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="m") as client:
+                try:
+                    async with client.chat_stream(HELLO) as evs:
+                        async for event in evs:
+                            got.append(event)
+                except (HttpError, ProtocolViolation) as e:
+                    exc = e
+    check(got, exc, events, error, name)
+
+
+# -- requests: fields, model, redaction, timeout ----------------------------------------
+
+
+class Recorder:
+    """A replay server's handler that records requests and answers from a table."""
+
+    def __init__(self, answers: dict[str, bytes]) -> None:
+        self.answers = answers
+        self.requests: list[tuple[str, Any]] = []
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        head, body = await read_request(stream)
+        method, target = head.split(b" ")[:2]
+        path = target.decode().split("/v1", 1)[1]
+        self.requests.append((f"{method.decode()} {path}", json.loads(body) if body else None))
+        await stream.send_all(self.answers[f"{method.decode()} {path}"])
+
+
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "reasoning_content": "hmm",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                        }
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 5},
+    }
+).encode()
+MODELS_ONE = json.dumps({"object": "list", "data": [{"id": "served-model"}]}).encode()
+MODELS_TWO = json.dumps({"object": "list", "data": [{"id": "a"}, {"id": "b"}]}).encode()
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+async def test_chat_sends_openai_fields_and_reads_tool_calls() -> None:
+    rec = Recorder({"POST /chat/completions": answer(200, COMPLETION)})
+    with trio.fail_after(10):
+        async with replay_server(rec) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="m") as client:
+                done = await client.chat(
+                    HELLO,
+                    tools=TOOLS,
+                    tool_choice="auto",
+                    response_format={"type": "json_object"},
+                    n=1,
+                    logprobs=True,
+                    top_logprobs=2,
+                    seed=5,
+                    stop=["\n"],
+                    extra_body={"top_k": 4, "chat_template_kwargs": {"x": True}},
+                )
+    assert done == ChatCompletion(
+        text="",
+        finish_reason="tool_calls",
+        usage=Usage(7, 5, 12),  # total_tokens left out by the server: the sum
+        tool_calls=(ChatToolCall("call_1", "get_weather", '{"city":"Oslo"}'),),
+        reasoning="hmm",
+    )
+    _, sent = rec.requests[0]
+    assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto"
+    assert sent["response_format"] == {"type": "json_object"}
+    assert (sent["n"], sent["logprobs"], sent["top_logprobs"], sent["seed"]) == (1, True, 2, 5)
+    assert sent["stop"] == ["\n"] and sent["top_k"] == 4
+    assert sent["chat_template_kwargs"] == {"x": True} and sent["stream"] is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"tools": {"type": "function"}}, TypeError),
+        ({"tools": [{"function": {"name": "f"}}]}, ValueError),
+        ({"tools": [{"type": "function", "function": {}}]}, ValueError),
+        ({"tool_choice": "always"}, ValueError),
+        ({"response_format": "json"}, TypeError),
+        ({"n": 0}, ValueError),
+        ({"n": 1.0}, TypeError),
+        ({"logprobs": 1}, TypeError),
+        ({"top_logprobs": 2}, ValueError),
+        ({"logprobs": True, "top_logprobs": 21}, ValueError),
+        ({"seed": "7"}, TypeError),
+        ({"extra_body": [("a", 1)]}, TypeError),
+        ({"extra_body": {"messages": []}}, ValueError),
+        ({"extra_body": {"x": object()}}, TypeError),
+        ({"timeout": -1}, ValueError),
+    ],
+)
+async def test_bad_arguments_raise_before_anything_is_sent(
+    kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    rec = Recorder({})
+    with trio.fail_after(10):
+        async with replay_server(rec) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
+                with pytest.raises(error):
+                    if "timeout" in kwargs:
+                        async with client.chat_stream(HELLO, **kwargs):
+                            pass
+                    else:
+                        await client.chat(HELLO, **kwargs)
+                with pytest.raises(error):
+                    async with client.chat_stream(HELLO, **kwargs):
+                        pass
+    assert rec.requests == []
+
+
+async def test_without_model_the_only_served_model_is_named_and_cached() -> None:
+    rec = Recorder(
+        {"GET /models": answer(200, MODELS_ONE), "POST /chat/completions": answer(200, COMPLETION)}
+    )
+    with trio.fail_after(10):
+        async with replay_server(rec) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
+                await client.chat(HELLO)
+                await client.chat(HELLO)
+    assert [r[0] for r in rec.requests] == [
+        "GET /models",
+        "POST /chat/completions",
+        "POST /chat/completions",
+    ]
+    assert all(body["model"] == "served-model" for _, body in rec.requests[1:])
+
+
+@pytest.mark.parametrize(
+    ("models", "match"),
+    [
+        (answer(200, MODELS_TWO), "lists 2 models"),
+        (answer(404, b'{"detail": "Not Found"}'), "failed"),
+    ],
+)
+async def test_without_model_an_ambiguous_server_is_a_clear_error_before_sending(
+    models: bytes, match: str
+) -> None:
+    rec = Recorder({"GET /models": models})
+    with trio.fail_after(10):
+        async with replay_server(rec) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
+                with pytest.raises(ValueError, match=match):
+                    await client.chat(HELLO)
+                with pytest.raises(ValueError, match=match):
+                    async with client.chat_stream(HELLO):
+                        pass
+    assert {r[0] for r in rec.requests} == {"GET /models"}  # the chat was never sent
+
+
+async def test_model_given_is_sent_without_asking(server: ReferenceServer) -> None:
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        with trio.fail_after(10):
+            done = await client.chat(HELLO, max_tokens=3)
+    assert done.usage is not None and done.usage.completion_tokens == 3
+
+
+async def test_credentials_in_the_url_never_appear_in_errors() -> None:
+    rec = Recorder({"POST /chat/completions": answer(500, b'{"error": "boom"}')})
+    with trio.fail_after(10):
+        async with replay_server(rec) as url:
+            secret_url = url.replace("http://", "http://alice:hunter2@")
+            async with poc_api.ApiClient(
+                secret_url, grpc_url="http://127.0.0.1:1", model="m"
+            ) as client:
+                with pytest.raises(HttpError) as info:
+                    await client.chat(HELLO)
+                with pytest.raises(HttpError) as info2:
+                    async with client.chat_stream(HELLO):
+                        pass
+    for exc in (info.value, info2.value):
+        assert "hunter2" not in str(exc) and "hunter2" not in exc.url
+        assert "alice:***@" in str(exc)
+
+
+async def test_chat_stream_timeout_bounds_the_whole_block() -> None:
+    async def stall(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+            + data(chunk({"content": "a"}))
+        )
+        await trio.sleep_forever()
+
+    got: list[ChatEvent] = []
+    with trio.fail_after(10):
+        async with replay_server(stall) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="m") as client:
+                with pytest.raises(PocApiTimeout):
+                    async with client.chat_stream(HELLO, timeout=0.3) as events:
+                        async for event in events:
+                            got.append(event)
+    assert got == [ChatDelta("a")]
+
+
+async def test_reference_server_round_trip_with_tools_n_and_logprobs(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        with trio.fail_after(20):
+            done = await client.chat(
+                HELLO, max_tokens=6, n=2, logprobs=True, top_logprobs=2, tools=TOOLS, seed=3
+            )
+            async with client.chat_stream(HELLO, max_tokens=6, temperature=0) as events:
+                streamed = [e async for e in events]
+            whole = await client.chat(HELLO, max_tokens=6, temperature=0)
+    assert len(done.choices) == 2 and done.choices[0].text == done.text
+    assert done.tool_calls == () and len(done.logprobs["content"]) == 6
+    assert "".join(e.text for e in streamed if isinstance(e, ChatDelta)) == whole.text
+    assert streamed[-1] == ChatDone(whole.finish_reason, whole.usage)
+
+
+async def test_a_vllm_flat_error_in_a_200_answer_raises_with_its_message() -> None:
+    flat = {"object": "error", "message": "The model `x` does not exist.", "code": 404}
+    rec = Recorder({"POST /chat/completions": answer(200, json.dumps(flat).encode())})
+    with trio.fail_after(10):
+        async with replay_server(rec) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="x") as client:
+                with pytest.raises(HttpError, match="does not exist") as info:
+                    await client.chat(HELLO)
+    assert info.value.http_status == 404
+
+
+async def test_streamed_choices_carry_their_index(server: ReferenceServer) -> None:
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        with trio.fail_after(20):
+            async with client.chat_stream(HELLO, max_tokens=5, n=2, temperature=1.0) as events:
+                got = [e async for e in events]
+            whole = await client.chat(HELLO, max_tokens=5, n=2, temperature=1.0)
+    for i in (0, 1):
+        text = "".join(e.text for e in got if isinstance(e, ChatDelta) and e.choice == i)
+        assert text == whole.choices[i].text
+    assert got[-1] == ChatDone("length", whole.usage)
+
+
+async def test_streamed_logprobs_ride_on_their_deltas(server: ReferenceServer) -> None:
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        with trio.fail_after(20):
+            kwargs: dict[str, Any] = {"max_tokens": 8, "logprobs": True, "top_logprobs": 2}
+            async with client.chat_stream(HELLO, temperature=0, **kwargs) as events:
+                got = [e async for e in events if isinstance(e, ChatDelta)]
+            whole = await client.chat(HELLO, temperature=0, **kwargs)
+    streamed = [t for e in got for t in e.logprobs["content"]]
+    assert streamed == whole.logprobs["content"]
