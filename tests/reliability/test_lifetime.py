@@ -27,6 +27,8 @@ async def server() -> AsyncIterator[ReferenceServer]:
     """A server of the test's own: some tests here leave sessions behind on purpose."""
     async with reference_server() as srv:
         yield srv
+
+
 LONG = SamplingParams(max_tokens=10**6)
 
 
