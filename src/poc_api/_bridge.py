@@ -313,28 +313,25 @@ class AsyncioBridge:
     ) -> _Call:
         call = _Call(on_done)
 
-        def finish(task: asyncio.Task[Any] | None) -> None:
-            # asyncio side: record the outcome, then wake the trio side.
-            if task is None or task.cancelled():
-                call.error = _closed_error() if not call.cancel_requested else None
-            else:
-                exc = task.exception()
-                if exc is None:
-                    call.result = task.result()
-                    call.returned = True
-                else:
-                    call.error = exc
-            call.finished = True
-            if call.on_done is not None:
-                call.on_done(call)
-            self._to_trio_quietly(call.done.set)
+        async def body() -> None:
+            # The outcome is recorded inside the task, not by a done callback, so
+            # the trio side hears of it one loop iteration sooner.
+            try:
+                call.result = await fn(*args)
+                call.returned = True
+            except asyncio.CancelledError:
+                call.error = None if call.cancel_requested else _closed_error()
+                raise
+            except BaseException as exc:
+                call.error = exc
+            finally:
+                self._finish(call)
 
         def begin() -> None:
             if call.cancel_requested or self._loop.is_closed():
-                finish(None)
+                self._finish(call)
                 return
-            task = call.task = self._loop.create_task(fn(*args))
-            task.add_done_callback(finish)
+            call.task = _start_task(self._loop, body())
 
         try:
             self._to_loop.post(begin)
@@ -343,11 +340,23 @@ class AsyncioBridge:
         self._live.add(call)
         return call
 
+    def _finish(self, call: _Call) -> None:
+        """asyncio side: the outcome is recorded; tell the trio side (once)."""
+        if call.finished:
+            return
+        call.finished = True
+        if call.on_done is not None:
+            call.on_done(call)
+        self._to_trio_quietly(call.done.set)
+
     def _cancel(self, call: _Call) -> None:
         def cancel() -> None:
             call.cancel_requested = True
-            if call.task is not None:
-                call.task.cancel()
+            task = call.task
+            if task is not None and not task.done():
+                task.cancel()
+                # A task cancelled before its first step never runs `body`.
+                task.add_done_callback(lambda _: self._finish(call))
 
         self._to_loop_quietly(cancel)
 
@@ -515,6 +524,18 @@ class AsyncioBridge:
             return
         self._thread.join()
         loop.close()
+
+
+if sys.version_info >= (3, 12):
+
+    def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> Any:
+        # Run the first step now, not one loop iteration later.
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+
+else:
+
+    def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> Any:
+        return loop.create_task(coro)
 
 
 def _closed_error() -> trio.ClosedResourceError:
