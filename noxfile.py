@@ -60,6 +60,9 @@ def proto(session: nox.Session) -> None:
             "--python_betterproto2_opt=client_generation=async",
             "--python_betterproto2_opt=server_generation=async",
             "proto/salience.proto",
+            # The standard gRPC health checking protocol (issue 12), generated here
+            # so that neither side needs protobuf at run time.
+            "proto/grpc/health/v1/health.proto",
         )
         if "--write" in session.posargs:
             shutil.rmtree(committed)
