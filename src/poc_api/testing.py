@@ -43,11 +43,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
+
 from ._client import ApiClient
 from ._png import encode_png
 from .server import ReferenceServer, ServerConfig
 
-__all__ = ["make_png", "open_client", "reference_server"]
+__all__ = ["make_png", "open_client", "reference_server", "reference_servers"]
 
 
 @asynccontextmanager
@@ -67,6 +69,41 @@ async def reference_server(**config: Any) -> AsyncIterator[ReferenceServer]:
     """
     async with ReferenceServer(ServerConfig(**config)) as server:
         yield server
+
+
+@asynccontextmanager
+async def reference_servers(n: int, **config: Any) -> AsyncIterator[list[ReferenceServer]]:
+    """Run ``n`` reference servers for the block ; stop them on exit.
+
+    Keyword arguments are :class:`~poc_api.server.ServerConfig` fields, shared by
+    all of them (``token_delay_ms`` and ``prefill_delay_us`` make them behave like
+    busy inference servers). A test may :meth:`~poc_api.server.ReferenceServer.stop`
+    one early to kill it; stopping twice is harmless.
+
+    Example::
+
+        async with reference_servers(3) as servers:
+            async with ApiClient(servers[0].base_url,
+                                 grpc_url=[s.grpc_url for s in servers]) as client:
+                ...
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError("n must be an int")
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    servers = [ReferenceServer(ServerConfig(**config)) for _ in range(n)]
+    started: list[ReferenceServer] = []
+    try:
+        # One after another: each start takes milliseconds, and a failure is then
+        # a plain exception, not a group.
+        for server in servers:
+            await trio.to_thread.run_sync(server.start)
+            started.append(server)
+        yield servers
+    finally:
+        with trio.CancelScope(shield=True):
+            for server in started:
+                await trio.to_thread.run_sync(server.stop)
 
 
 @asynccontextmanager

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from types import TracebackType
 from typing import Final, final
 
@@ -138,6 +139,39 @@ class ReferenceServer:
         if self._rt is None:
             raise RuntimeError("ReferenceServer has not been started")
         return self._rt.state()
+
+    def set_serving(self, serving: bool) -> None:
+        """Answer ``SERVING`` / ``NOT_SERVING`` on ``grpc.health.v1.Health`` (thread-safe).
+
+        Load balancers and poc_api's client-side pool stop placing new sessions
+        on a server that is not serving; its open sessions carry on.
+        """
+        if not isinstance(serving, bool):
+            raise TypeError("serving must be a bool")
+        rt, loop = self._rt, self._loop
+        if rt is None or loop is None or self._stopped:
+            raise RuntimeError("ReferenceServer is not running")
+        applied = threading.Event()
+
+        def apply() -> None:
+            rt.health.set(serving)
+            applied.set()
+
+        loop.call_soon_threadsafe(apply)
+        applied.wait(_STOP_TIMEOUT)
+
+    def drain(self, grace: float = 10.0) -> None:
+        """Graceful shutdown: stop taking new sessions, let open ones finish, then stop.
+
+        Reports ``NOT_SERVING`` at once, waits up to ``grace`` seconds for the
+        sessions it holds to be closed by their clients, then calls :meth:`stop`.
+        """
+        if self._rt is not None and not self._stopped:
+            self.set_serving(False)
+            deadline = time.monotonic() + grace
+            while self._rt.store.ids() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.stop()
 
     # -- lifecycle ---------------------------------------------------------
 

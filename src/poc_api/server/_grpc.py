@@ -34,6 +34,7 @@ from .._proto.salience import (
     OpenSessionRequest,
     OpenSessionResponse,
 )
+from ._health import HealthService
 from ._images import image_size, placeholder_count
 from ._model import EOS, IMAGE_PAD, VOCAB_SIZE, SamplingSpec
 from ._sessions import ErrorKind, Session, SessionError
@@ -421,7 +422,8 @@ class ObservedServer(grpclib.server.Server):
     """grpclib ``Server`` whose connections are :class:`_ObservedProtocol`."""
 
     def __init__(self, rt: Runtime) -> None:
-        super().__init__([SalienceService(rt)], codec=_Codec(rt.config.max_message_size))
+        services: list[Any] = [SalienceService(rt), HealthService(rt.health)]
+        super().__init__(services, codec=_Codec(rt.config.max_message_size))
         self._stats = rt.stats
 
     def _protocol_factory(self) -> H2Protocol:

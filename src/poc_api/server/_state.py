@@ -10,6 +10,7 @@ from typing import Any, final
 
 import attrs
 
+from ._health import HealthStatus
 from ._model import DEFAULT_CONCEPTS, NGramModel, Readout, default_model
 from ._sessions import SessionStore
 
@@ -201,6 +202,7 @@ class Runtime:
         self.store = SessionStore(config.max_sessions, config.idle_timeout)
         self.stats = Stats()
         self.train_jobs = 0
+        self.health = HealthStatus()
 
     def state(self) -> ServerState:
         """Snapshot of the observable state (thread-safe)."""
