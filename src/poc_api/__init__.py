@@ -51,6 +51,7 @@ from ._http import (
     ChatToolCallDelta,
 )
 from ._log import configure_debug_from_env
+from ._pool import EndpointState, EndpointStatus
 from ._session import GenerateStream, Session
 from ._types import (
     Done,
@@ -85,6 +86,8 @@ __all__ = [
     "Conversation",
     "ConversationStream",
     "Done",
+    "EndpointState",
+    "EndpointStatus",
     "GenerateStream",
     "HttpError",
     "Image",

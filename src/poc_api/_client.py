@@ -23,6 +23,14 @@ from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._conversation import Conversation
 from ._http import ChatCompletion, ChatEvent, HttpApi
+from ._pool import (
+    DEFAULT_AFFINITY_HEADER,
+    DnsTarget,
+    EndpointStatus,
+    Router,
+    check_affinity_header,
+    parse_grpc_targets,
+)
 from ._score import score_chunks, score_continuations, score_many
 from ._session import Session, open_session
 from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
@@ -56,6 +64,14 @@ def resolve_grpc_url(
     port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}:{port + 1}"
+
+
+def _first_target(pool: tuple[GrpcTarget, ...] | DnsTarget | None) -> GrpcTarget | None:
+    if pool is None:
+        return None
+    if isinstance(pool, DnsTarget):
+        return GrpcTarget(pool.host, pool.port, False)
+    return pool[0]
 
 
 class _State(enum.Enum):
@@ -94,6 +110,21 @@ class ApiClient:
             this client; one more raises :class:`LimitExceeded` at once. A guard
             against runaway fan-out; bound concurrency yourself (e.g. with a
             ``trio.CapacityLimiter``, as ``score_many`` does) to wait instead.
+        affinity_header: the gRPC metadata key that carries each session's random
+            affinity key, on ``OpenSession`` and every later call of the session
+            (``CloseSession`` included). An L7 proxy that hashes on it (nginx
+            ``hash $http_x_session_affinity consistent``) keeps each session on the
+            backend that holds it. ``None`` sends no key.
+        health_check_interval: with several endpoints, seconds between
+            ``grpc.health.v1`` checks of each (run on the client's asyncio thread).
+        dns_refresh: seconds between re-resolutions of a ``dns:///`` target.
+
+    Many servers: ``grpc_url`` may list several endpoints, or be a
+    ``dns:///host:port`` target whose A/AAAA records are the endpoints. Each
+    endpoint gets its own HTTP/2 connection, opened on first use; a new session,
+    conversation or scoring call goes to the less loaded of two random healthy
+    endpoints, and a session's calls stay on its endpoint. See
+    :attr:`endpoints`.
 
     The gRPC channel opens on first use and is shared by everything made from
     this client: one HTTP/2 connection, however many tasks use it at once.
@@ -113,7 +144,7 @@ class ApiClient:
         base_url: str,
         api_key: str = "",
         model: str = "",
-        grpc_url: str | None = None,
+        grpc_url: str | Sequence[str] | None = None,
         *,
         connect_timeout: float = 30.0,
         timeout: float = 600.0,
@@ -123,13 +154,27 @@ class ApiClient:
         keepalive_time: float | None = 300.0,
         keepalive_timeout: float = 20.0,
         max_concurrent_streams: int = 1024,
+        affinity_header: str | None = DEFAULT_AFFINITY_HEADER,
+        health_check_interval: float = 5.0,
+        dns_refresh: float = 30.0,
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
         if not isinstance(api_key, str) or not isinstance(model, str):
             raise TypeError("api_key and model must be str")
-        if grpc_url is not None and not isinstance(grpc_url, str):
-            raise TypeError("grpc_url must be a str or None")
+        pool = parse_grpc_targets(grpc_url)  # checks a list or dns:/// target
+        self._affinity_header = check_affinity_header(affinity_header)
+        for what, seconds in (
+            ("health_check_interval", health_check_interval),
+            ("dns_refresh", dns_refresh),
+        ):
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                raise TypeError(f"{what} must be a number of seconds")
+            if not seconds > 0 or seconds == float("inf"):
+                raise ValueError(f"{what} must be a positive, finite number of seconds")
+        self._pool = pool
+        self._health_interval = float(health_check_interval)
+        self._dns_refresh = float(dns_refresh)
         if "\n" in api_key or "\r" in api_key:
             raise ValueError("api_key must not contain line breaks")
         for name, value in (
@@ -160,7 +205,9 @@ class ApiClient:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._model = model
-        self._target = GrpcTarget.from_url(resolve_grpc_url(self._base_url, grpc_url))
+        self._target = _first_target(pool) or GrpcTarget.from_url(
+            resolve_grpc_url(self._base_url, grpc_url if isinstance(grpc_url, str) else None)
+        )
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._close_timeout = close_timeout
@@ -170,6 +217,7 @@ class ApiClient:
         self._state = _State.UNOPENED
         self._bridge: AsyncioBridge | None = None
         self._transport: GrpcTransport | None = None
+        self._router: Router | None = None
         self._http: HttpApi | None = None
         self._http_client: httpx.AsyncClient | None = None
         self._closed: trio.Event | None = None
@@ -210,16 +258,8 @@ class ApiClient:
             metadata = (("authorization", f"Bearer {self._api_key}"),)
             headers["authorization"] = f"Bearer {self._api_key}"
         self._bridge = bridge
-        self._transport = GrpcTransport(
-            bridge,
-            self._target,
-            metadata=metadata,
-            max_message_size=self._max_message_size,
-            keepalive=self._keepalive,
-            connect_timeout=self._connect_timeout,
-            reap_timeout=self._close_timeout,
-            max_concurrent_streams=self._max_streams,
-        )
+        self._transport = self._new_transport(bridge, self._target, metadata)
+        self._router = self._new_router(bridge, self._transport, metadata)
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
             headers=headers,
@@ -256,6 +296,11 @@ class ApiClient:
         closed = self._closed = trio.Event()
         try:
             with trio.CancelScope(shield=True):
+                if self._router is not None:
+                    try:
+                        await self._router.aclose()
+                    except Exception as exc:  # the rest still closes
+                        log.warning("closing the endpoint pool failed: %s", exc)
                 if self._transport is not None:
                     try:
                         await self._transport.aclose()
@@ -269,14 +314,67 @@ class ApiClient:
             closed.set()
         await trio.lowlevel.checkpoint()
 
-    def _grpc(self) -> GrpcTransport:
+    def _grpc(self) -> Router:
         if self._state is _State.CLOSED:
             raise trio.ClosedResourceError("the ApiClient is closed")
-        if self._state is not _State.OPENED or self._transport is None:
+        if self._state is not _State.OPENED or self._router is None:
             raise RuntimeError(f"use the ApiClient inside `async with` (it is {self._state.value})")
         assert self._bridge is not None
         self._bridge.check_caller()
-        return self._transport
+        return self._router
+
+    def _new_transport(
+        self, bridge: AsyncioBridge, target: GrpcTarget, metadata: tuple[tuple[str, str], ...]
+    ) -> GrpcTransport:
+        return GrpcTransport(
+            bridge,
+            target,
+            metadata=metadata,
+            max_message_size=self._max_message_size,
+            keepalive=self._keepalive,
+            connect_timeout=self._connect_timeout,
+            reap_timeout=self._close_timeout,
+            max_concurrent_streams=self._max_streams,
+        )
+
+    def _new_router(
+        self,
+        bridge: AsyncioBridge,
+        primary: GrpcTransport,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> Router:
+        """Where sessions go: ``primary`` alone, or a pool (issue 12)."""
+
+        def make(target: GrpcTarget) -> GrpcTransport:
+            return self._new_transport(bridge, target, metadata)
+
+        endpoints: list[GrpcTransport] | DnsTarget
+        if isinstance(self._pool, DnsTarget):
+            endpoints = self._pool
+        else:
+            endpoints = [primary]
+            if self._pool is not None:
+                endpoints += [make(t) for t in self._pool[1:]]
+        router = Router(
+            bridge,
+            make,
+            endpoints,
+            affinity_header=self._affinity_header,
+            health_interval=self._health_interval,
+            dns_refresh=self._dns_refresh,
+        )
+        if not isinstance(endpoints, DnsTarget):
+            router._owned.extend(endpoints[1:])
+        return router
+
+    @property
+    def endpoints(self) -> tuple[EndpointStatus, ...]:
+        """Each gRPC endpoint's state, open sessions, calls in flight and failures.
+
+        One entry per endpoint of the pool (one for a single ``grpc_url``; those a
+        ``dns:///`` target resolved to so far); empty until the client is open.
+        """
+        return () if self._router is None else self._router.endpoints()
 
     def _https(self) -> HttpApi:
         if self._state is _State.CLOSED:

@@ -29,7 +29,8 @@ import attrs
 import trio
 
 from ._chunks import Chunk, Image, Tokens, check_chunks, plan_delta
-from ._errors import SessionNotFound
+from ._errors import ServerUnavailable, SessionNotFound
+from ._pool import failover_attempts
 from ._session import GenerateStream, Session, open_session
 from ._types import (
     U32_MAX,
@@ -45,6 +46,7 @@ from ._types import (
 )
 
 if TYPE_CHECKING:
+    from ._pool import Router
     from ._transport import GrpcTransport
 
 __all__ = ["Conversation", "ConversationStream", "reshape_readout"]
@@ -165,7 +167,7 @@ class Conversation:
 
     def __init__(
         self,
-        transport: GrpcTransport,
+        transport: GrpcTransport | Router,
         model: str,
         *,
         rewind: bool,
@@ -300,6 +302,18 @@ class Conversation:
                         log.info(
                             "session %s is gone on the server (restarted or evicted): "
                             "opening a new one and sending the whole prompt again",
+                            session.session_id,
+                        )
+                        with trio.CancelScope(shield=True):
+                            await self._drop()
+                    except ServerUnavailable:
+                        # A pool places the new session on another endpoint (issue 12).
+                        await gen_stack.aclose()
+                        if attempt or failover_attempts(self._transport) < 2:
+                            raise
+                        log.info(
+                            "session %s: its server is unreachable: opening a new session "
+                            "on another endpoint and sending the whole prompt again",
                             session.session_id,
                         )
                         with trio.CancelScope(shield=True):

@@ -26,10 +26,12 @@ import trio
 
 from . import _errors as e
 from ._chunks import Chunk, Image, Tokens, check_chunks
+from ._pool import failover_attempts
 from ._session import Session, open_session
 from ._types import SamplingParams, ScoreResult, Token, _u32
 
 if TYPE_CHECKING:
+    from ._pool import Router
     from ._transport import GrpcTransport
 
 __all__ = [
@@ -163,7 +165,7 @@ def _precheck(
 
 
 async def score_chunks(
-    transport: GrpcTransport,
+    transport: GrpcTransport | Router,
     model: str,
     chunks: Sequence[Chunk],
     ranges: Sequence[Sequence[int]],
@@ -176,14 +178,25 @@ async def score_chunks(
     if not rs:
         await trio.lowlevel.checkpoint()
         return []
-    async with open_session(
-        transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
-    ) as session:
-        return await _score_in_session(session, checked, rs)
+    tries = failover_attempts(transport)
+    for attempt in range(tries):
+        try:
+            async with open_session(
+                transport,
+                model,
+                max_buffered_events=max_buffered_events,
+                close_timeout=close_timeout,
+            ) as session:
+                return await _score_in_session(session, checked, rs)
+        except e.ServerUnavailable:
+            # In a pool: its server died before the result; once more, elsewhere.
+            if attempt + 1 >= tries:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def score_many(
-    transport: GrpcTransport,
+    transport: GrpcTransport | Router,
     model: str,
     prompts: Sequence[tuple[Sequence[Chunk], Sequence[Sequence[int]]]],
     *,
@@ -210,26 +223,39 @@ async def score_many(
     first_error: list[BaseException] = []
     limiter = trio.CapacityLimiter(max_concurrency)
 
+    tries = failover_attempts(transport)
+
     async def one(indices: list[int], shared: int) -> None:
         async with limiter:
             try:
-                async with open_session(
-                    transport,
-                    model,
-                    max_buffered_events=max_buffered_events,
-                    close_timeout=close_timeout,
-                ) as session:
-                    if len(indices) == 1:
-                        chunks, rs = checked[indices[0]]
-                        results[indices[0]] = await _score_in_session(session, chunks, rs)
-                    else:
-                        group = [(i, *checked[i]) for i in indices]
-                        await _score_group(session, group, shared, results)
+                for attempt in range(tries):
+                    try:
+                        await in_session(indices, shared)
+                        break
+                    except e.ServerUnavailable:
+                        # In a pool: its server died before the result; once more,
+                        # elsewhere.
+                        if attempt + 1 >= tries:
+                            raise
             except Exception as exc:
                 # Keep the first failure, cancel the rest: one error, not a group.
                 if not first_error:
                     first_error.append(exc)
                 nursery.cancel_scope.cancel()
+
+    async def in_session(indices: list[int], shared: int) -> None:
+        async with open_session(
+            transport,
+            model,
+            max_buffered_events=max_buffered_events,
+            close_timeout=close_timeout,
+        ) as session:
+            if len(indices) == 1:
+                chunks, rs = checked[indices[0]]
+                results[indices[0]] = await _score_in_session(session, chunks, rs)
+            else:
+                group = [(i, *checked[i]) for i in indices]
+                await _score_group(session, group, shared, results)
 
     # Prompts without ranges need no session at all.
     todo = [i for i, (_, rs) in enumerate(checked) if rs]
@@ -464,7 +490,7 @@ def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | N
 
 
 async def score_continuations(
-    transport: GrpcTransport,
+    transport: GrpcTransport | Router,
     model: str,
     prompt_chunks: Sequence[Chunk],
     continuations: Sequence[Sequence[int] | Sequence[Chunk] | Chunk],

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from . import _errors as e
+from ._pool import bind_session
 from ._proto import salience as pb
 from ._types import (
     U32_MAX,
@@ -35,6 +36,7 @@ from ._wire import decode_generate_event, parse_reply
 
 if TYPE_CHECKING:
     from ._bridge import BatchReceiver
+    from ._pool import Router, SessionRoute
     from ._transport import GrpcTransport
 
 __all__ = ["GenerateStream", "Session", "open_session"]
@@ -187,7 +189,7 @@ class Session:
 
     def __init__(
         self,
-        transport: GrpcTransport,
+        transport: GrpcTransport | SessionRoute,
         session_id: str,
         max_length: int,
         *,
@@ -458,7 +460,7 @@ class open_session:  # used like the function it replaced
 
     def __init__(
         self,
-        transport: GrpcTransport,
+        transport: GrpcTransport | Router,
         model: str,
         *,
         max_buffered_events: int,
@@ -477,7 +479,8 @@ class open_session:  # used like the function it replaced
     async def __aenter__(self) -> Session:
         if self._session is not None:
             raise RuntimeError("this session block was already entered")
-        transport = self._transport
+        # In a pool, each session gets its own route (endpoint + affinity key).
+        transport = bind_session(self._transport)
         log.debug("opening new session (model=%r)", self._model)
 
         async def close_orphan(reply: bytes) -> None:

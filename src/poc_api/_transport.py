@@ -380,6 +380,7 @@ class GrpcTransport:
         request: bytes,
         sink: _SinkLike,
         progress: _Progress | None = None,
+        extra_metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """asyncio: one call — send ``request``, hand every reply message to ``sink``.
 
@@ -392,8 +393,9 @@ class GrpcTransport:
             channel = await self._ready_channel()
             reader: _Reader | None = None
             try:
+                metadata = self._metadata + extra_metadata if extra_metadata else self._metadata
                 async with channel.request(
-                    path, cardinality, bytes, bytes, metadata=self._metadata
+                    path, cardinality, bytes, bytes, metadata=metadata
                 ) as stream:
                     try:
                         await stream.send_request()
@@ -415,13 +417,18 @@ class GrpcTransport:
             return
 
     async def unary_in_loop(
-        self, method: str, request: bytes, progress: _Progress | None = None
+        self,
+        method: str,
+        request: bytes,
+        progress: _Progress | None = None,
+        *,
+        extra_metadata: tuple[tuple[str, str], ...] = (),
     ) -> bytes:
         """asyncio: a unary call, for code already running on the asyncio side."""
         path = SERVICE + method
         self._check_size(request, path)
         sink = _Collect()
-        await self._exchange(path, Cardinality.UNARY_UNARY, request, sink, progress)
+        await self._exchange(path, Cardinality.UNARY_UNARY, request, sink, progress, extra_metadata)
         if len(sink.items) != 1:
             raise e.ProtocolViolation(
                 f"{method}: expected one reply message, got {len(sink.items)}"
@@ -439,6 +446,7 @@ class GrpcTransport:
         timeout: float | None = None,
         orphan: Callable[[bytes], Awaitable[None]] | None = None,
         cleanup: bool = False,
+        extra_metadata: tuple[tuple[str, str], ...] = (),
     ) -> bytes:
         """Call a unary RPC; a trio checkpoint. Raises a :class:`PocApiError`.
 
@@ -454,9 +462,11 @@ class GrpcTransport:
 
         async def call() -> bytes:
             if orphan is None:
-                return await self.unary_in_loop(method, request)
+                return await self.unary_in_loop(method, request, extra_metadata=extra_metadata)
             progress = _Progress()
-            task = asyncio.ensure_future(self.unary_in_loop(method, request, progress))
+            task = asyncio.ensure_future(
+                self.unary_in_loop(method, request, progress, extra_metadata=extra_metadata)
+            )
             try:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -499,7 +509,12 @@ class GrpcTransport:
 
     @asynccontextmanager
     async def server_stream(
-        self, method: str, request: bytes, *, max_items: int
+        self,
+        method: str,
+        request: bytes,
+        *,
+        max_items: int,
+        extra_metadata: tuple[tuple[str, str], ...] = (),
     ) -> AsyncIterator[BatchReceiver[bytes]]:
         """Open a server-streaming RPC whose raw messages the block drains in batches.
 
@@ -512,7 +527,9 @@ class GrpcTransport:
 
         async def produce(sink: Sink[bytes]) -> None:
             try:
-                await self._exchange(path, Cardinality.UNARY_STREAM, request, sink)
+                await self._exchange(
+                    path, Cardinality.UNARY_STREAM, request, sink, extra_metadata=extra_metadata
+                )
             except Exception as exc:
                 _raise_mapped(exc, path)
 

@@ -1,0 +1,604 @@
+"""Many inference servers: session affinity keys and a client-side pool.
+
+Every session lives on the one server that holds its KV cache, so every call of
+a session must reach that server. Two ways to spread sessions over servers:
+
+- **Behind an L7 proxy** (nginx ``hash $http_x_session_affinity consistent``,
+  Envoy ``hash_policy``): each session gets a random *affinity key*, sent as
+  gRPC metadata on ``OpenSession`` and on every later call of the session
+  (``CloseSession`` included). A proxy hashing on it keeps the session on one
+  backend. One ``grpc_url``.
+- **Client-side pool**: ``ApiClient`` gets several endpoints (a list, or a
+  ``dns:///host:port`` target re-resolved every ``dns_refresh`` seconds, as
+  gRPC's DNS resolver does). Each endpoint has its own :class:`GrpcTransport`
+  (one HTTP/2 connection, opened on first use) on the client's bridge. A new
+  session goes to the less loaded of two random healthy endpoints (open
+  sessions + calls in flight: "power of two choices"); its calls then stay there.
+
+Health: while the pool has more than one endpoint, an asyncio task on the
+bridge's loop asks each endpoint ``grpc.health.v1.Health/Check`` every
+``health_interval`` seconds (the bridge cancels it when the client closes: no
+trio nursery is held across user code). An endpoint that answers NOT_SERVING,
+cannot be reached, or failed a call recently (exponential backoff) gets no new
+sessions; its open sessions carry on until they fail.
+
+Failover: an ``OpenSession`` that cannot reach its endpoint is retried on
+another one (nothing exists yet to lose). Conversations reopen elsewhere on
+their next stream and send the whole prompt again; scoring retries a prompt
+once elsewhere. Raw sessions raise as before: their state is gone.
+
+Thread-safety: endpoints are read on the trio side and updated by health checks
+on the asyncio side. Counters written from both sides are changed under a lock;
+the endpoint list is replaced, never mutated in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import final
+from urllib.parse import urlsplit
+
+import attrs
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
+
+from . import _errors as e
+from ._bridge import AsyncioBridge, BatchReceiver
+from ._proto.grpc.health.v1 import (
+    HealthCheckRequest,
+    HealthCheckResponse,
+    HealthCheckResponseServingStatus,
+)
+from ._transport import GrpcTarget, GrpcTransport, _Collect, deadline
+
+__all__ = [
+    "DEFAULT_AFFINITY_HEADER",
+    "DnsTarget",
+    "EndpointState",
+    "EndpointStatus",
+    "Router",
+    "SessionRoute",
+    "bind_session",
+    "check_affinity_header",
+    "failover_attempts",
+    "parse_grpc_targets",
+]
+
+log = logging.getLogger("poc_api.grpc")
+
+#: The metadata key that carries a session's affinity key (lower case: HTTP/2).
+DEFAULT_AFFINITY_HEADER = "x-session-affinity"
+
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_HEALTH_SERVICE = "salience.Salience"
+# Failed endpoints wait this long before they get new sessions again, doubling
+# per consecutive failure (a health check that succeeds clears it).
+_BACKOFF_BASE = 0.25
+_BACKOFF_MAX = 10.0
+
+
+class EndpointState(enum.Enum):
+    """What the pool knows about an endpoint."""
+
+    UNKNOWN = "unknown"
+    """Not checked yet: new sessions may go there."""
+    SERVING = "serving"
+    """Its last health check said SERVING (or it has no health service)."""
+    NOT_SERVING = "not_serving"
+    """It said NOT_SERVING (draining): no new sessions."""
+    UNREACHABLE = "unreachable"
+    """A call or health check could not reach it: no new sessions until its
+    backoff has passed."""
+    RETIRED = "retired"
+    """DNS no longer lists it: no new sessions; open ones carry on."""
+
+
+@final
+@attrs.frozen
+class EndpointStatus:
+    """One endpoint of a client, as :attr:`ApiClient.endpoints` reports it.
+
+    Attributes:
+        url: the endpoint, e.g. ``http://10.0.0.7:8001``.
+        state: an :class:`EndpointState`.
+        sessions: sessions this client holds (or is opening) there.
+        streams: calls in flight there.
+        failures: calls and health checks that could not reach it, in total.
+    """
+
+    url: str
+    state: EndpointState
+    sessions: int
+    streams: int
+    failures: int
+
+
+@final
+@attrs.frozen
+class DnsTarget:
+    """A ``dns:///host:port`` target: every A/AAAA record of ``host`` is an endpoint."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> DnsTarget:
+        """Parse ``dns:///host:port`` (gRPC's syntax; ``dns:host:port`` too)."""
+        rest = text[len("dns:") :]
+        if rest.startswith("//"):
+            authority, _, rest = rest[2:].partition("/")
+            if authority:
+                raise ValueError(f"DNS servers in a target are not supported: {text!r}")
+        parts = urlsplit(f"http://{rest}")
+        if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
+            raise ValueError(f"a DNS target must look like dns:///host:port, got {text!r}")
+        return cls(parts.hostname, parts.port)
+
+    @property
+    def url(self) -> str:
+        """The target as written."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"dns:///{host}:{self.port}"
+
+
+def parse_grpc_targets(
+    grpc_url: str | Sequence[str] | None,
+) -> tuple[GrpcTarget, ...] | DnsTarget | None:
+    """The pool a ``grpc_url`` argument asks for; ``None`` for one plain URL.
+
+    Checks types and syntax (TypeError / ValueError) before anything connects.
+    """
+    if grpc_url is None:
+        return None
+    if isinstance(grpc_url, str):
+        if grpc_url.startswith("dns:"):
+            return DnsTarget.parse(grpc_url)
+        return None
+    if isinstance(grpc_url, bytes | bytearray) or not isinstance(grpc_url, Sequence):
+        raise TypeError("grpc_url must be a str, a sequence of str, or None")
+    if not grpc_url:
+        raise ValueError("grpc_url must list at least one endpoint")
+    targets = []
+    for url in grpc_url:
+        if not isinstance(url, str):
+            raise TypeError(f"every grpc_url endpoint must be a str, got {url!r}")
+        targets.append(GrpcTarget.from_url(url))
+    if len(set(targets)) != len(targets):
+        raise ValueError("grpc_url lists an endpoint twice")
+    return tuple(targets)
+
+
+def check_affinity_header(header: str | None) -> str | None:
+    """Validate the ``affinity_header`` argument (``None`` turns affinity keys off)."""
+    if header is None:
+        return None
+    if not isinstance(header, str):
+        raise TypeError("affinity_header must be a str or None")
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+    if not header or not set(header) <= allowed:
+        raise ValueError(
+            "affinity_header must be a lower-case HTTP/2 header name "
+            f"(letters, digits, '-', '_', '.'), got {header!r}"
+        )
+    if header.startswith("grpc-") or header.endswith("-bin"):
+        raise ValueError(f"affinity_header {header!r} is reserved by gRPC")
+    return header
+
+
+class _Endpoint:
+    """One server of the pool: its transport and what the pool knows about it."""
+
+    __slots__ = (
+        "_lock",
+        "consecutive",
+        "down_until",
+        "failures",
+        "sessions",
+        "state",
+        "target",
+        "transport",
+    )
+
+    def __init__(self, target: GrpcTarget, transport: GrpcTransport) -> None:
+        self.target = target
+        self.transport = transport
+        self.sessions = 0  # trio side only
+        self.failures = 0
+        self.consecutive = 0
+        self.down_until = 0.0  # time.monotonic(); both threads read it
+        self.state = EndpointState.UNKNOWN
+        self._lock = threading.Lock()
+
+    @property
+    def load(self) -> int:
+        return self.sessions + self.transport.open_streams
+
+    def usable(self, now: float) -> bool:
+        state = self.state
+        return (
+            state is EndpointState.SERVING or state is EndpointState.UNKNOWN
+        ) and now >= self.down_until
+
+    def failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+            self.consecutive += 1
+            backoff = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (self.consecutive - 1))
+            self.down_until = time.monotonic() + backoff
+            if self.state is not EndpointState.RETIRED:
+                self.state = EndpointState.UNREACHABLE
+
+    def reached(self, serving: bool | None = None) -> None:
+        """It answered; ``serving`` is what its health check said, if it was one."""
+        with self._lock:
+            self.consecutive = 0
+            self.down_until = 0.0
+            if self.state is EndpointState.RETIRED:
+                return
+            if serving is not None:
+                self.state = EndpointState.SERVING if serving else EndpointState.NOT_SERVING
+            elif self.state is EndpointState.UNREACHABLE:
+                self.state = EndpointState.UNKNOWN
+
+    def status(self) -> EndpointStatus:
+        return EndpointStatus(
+            self.target.url, self.state, self.sessions, self.transport.open_streams, self.failures
+        )
+
+
+@final
+class Router:
+    """Where sessions go: one endpoint, or a pool of them. Owned by an ``ApiClient``.
+
+    ``open_session`` asks it for a :class:`SessionRoute` per session
+    (:func:`bind_session`).
+    """
+
+    def __init__(
+        self,
+        bridge: AsyncioBridge,
+        make_transport: Callable[[GrpcTarget], GrpcTransport],
+        endpoints: Sequence[GrpcTransport] | DnsTarget,
+        *,
+        affinity_header: str | None,
+        health_interval: float = 5.0,
+        dns_refresh: float = 30.0,
+    ) -> None:
+        self._bridge = bridge
+        self._make_transport = make_transport
+        self._header = affinity_header
+        self._health_interval = health_interval
+        self._dns_refresh = dns_refresh
+        self._owned: list[GrpcTransport] = []  # transports this router made
+        self._dns: DnsTarget | None = None
+        self._endpoints: list[_Endpoint] = []
+        if isinstance(endpoints, DnsTarget):
+            self._dns = endpoints
+        else:
+            self._endpoints = [_Endpoint(t.target, t) for t in endpoints]
+        self._health_started = False
+        self._health_task: asyncio.Task[None] | None = None
+        self._resolved_at = -float("inf")
+        self._resolving: asyncio.Future[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the client began closing."""
+        return self._bridge.closed
+
+    @property
+    def failover(self) -> bool:
+        """Whether a lost session or call can be placed on another endpoint."""
+        return self._dns is not None or len(self._endpoints) > 1
+
+    def endpoints(self) -> tuple[EndpointStatus, ...]:
+        """Every endpoint's state and load (a snapshot)."""
+        return tuple(ep.status() for ep in self._endpoints)
+
+    def bind_session(self) -> SessionRoute:
+        """A route for one new session, with a fresh affinity key."""
+        metadata: tuple[tuple[str, str], ...] = ()
+        if self._header is not None:
+            metadata = ((self._header, secrets.token_hex(8)),)
+        return SessionRoute(self, metadata)
+
+    # -- placement (trio side) -----------------------------------------------
+
+    def pick(self, exclude: Sequence[_Endpoint] = ()) -> _Endpoint:
+        """The endpoint for a new session: the less loaded of two random usable ones.
+
+        Usable first (SERVING or not checked yet, not in backoff); if none is,
+        any endpoint out of backoff, then any at all: a call that fails there
+        fails as it would on one server. Raises :class:`ServerUnavailable` when
+        every endpoint was tried already (or DNS listed none).
+        """
+        endpoints = self._endpoints
+        if len(endpoints) == 1 and not exclude:
+            return endpoints[0]
+        if self.failover and not self._health_started:
+            self._health_started = True
+            self._bridge.call_soon(self._start_health)
+        now = time.monotonic()
+        left = [ep for ep in endpoints if ep not in exclude]
+        live = [ep for ep in left if ep.state is not EndpointState.RETIRED]
+        candidates = (
+            [ep for ep in live if ep.usable(now)]
+            or [
+                ep
+                for ep in live
+                if ep.state is not EndpointState.NOT_SERVING and now >= ep.down_until
+            ]
+            or live
+            or left
+        )
+        if not candidates:
+            what = self._dns.url if self._dns is not None else "the endpoint list"
+            raise e.ServerUnavailable(f"no endpoint of {what} is left to try")
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = random.sample(candidates, 2)
+        return b if b.load < a.load else a
+
+    async def ready(self) -> None:
+        """Resolve a DNS target the first time (a checkpoint only when it resolves)."""
+        if self._dns is not None and not self._endpoints:
+            await self._bridge.run(self._resolve)
+            if not self._endpoints:
+                raise e.ServerUnavailable(f"{self._dns.url} resolved to no address")
+
+    # -- asyncio side ------------------------------------------------------------
+
+    async def _resolve(self) -> None:
+        """asyncio: (re)resolve the DNS target; concurrent callers share one lookup."""
+        if self._resolving is not None:
+            await asyncio.shield(self._resolving)
+            return
+        loop = asyncio.get_running_loop()
+        self._resolving = loop.create_future()
+        try:
+            await self._resolve_now()
+        finally:
+            self._resolving.set_result(None)
+            self._resolving = None
+
+    async def _resolve_now(self) -> None:
+        dns = self._dns
+        assert dns is not None
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(dns.host, dns.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("resolving %s failed: %s", dns.url, exc)
+            return
+        finally:
+            self._resolved_at = loop.time()
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        known = {ep.target.host: ep for ep in self._endpoints}
+        endpoints = list(self._endpoints)
+        for address in addresses:
+            ep = known.get(address)
+            if ep is None:
+                target = GrpcTarget(address, dns.port, False)
+                transport = self._make_transport(target)
+                self._owned.append(transport)
+                endpoints.append(_Endpoint(target, transport))
+                log.info("%s: new endpoint %s", dns.url, target.url)
+            elif ep.state is EndpointState.RETIRED:
+                ep.state = EndpointState.UNKNOWN
+        for ep in endpoints:
+            if ep.target.host not in addresses and ep.state is not EndpointState.RETIRED:
+                # Its open sessions carry on; it only gets no new ones.
+                log.info("%s: endpoint %s is gone from DNS", dns.url, ep.target.url)
+                ep.state = EndpointState.RETIRED
+        self._endpoints = endpoints  # replaced whole: the trio side reads it unlocked
+
+    def _start_health(self) -> None:
+        if not self._bridge.closed and self._health_task is None:
+            self._health_task = asyncio.ensure_future(self._health_loop())
+
+    async def _health_loop(self) -> None:
+        """asyncio: check every endpoint periodically (cancelled when the bridge closes)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._dns is not None and loop.time() - self._resolved_at >= self._dns_refresh:
+                await self._resolve()
+            checks = [self._check(ep) for ep in self._endpoints if ep.transport is not None]
+            await asyncio.gather(*checks)
+            await asyncio.sleep(self._health_interval)
+
+    async def _check(self, ep: _Endpoint) -> None:
+        sink = _Collect()
+        request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
+        try:
+            await asyncio.wait_for(
+                ep.transport._exchange(_HEALTH_CHECK, Cardinality.UNARY_UNARY, request, sink),
+                timeout=min(self._health_interval, 5.0),
+            )
+            reply = HealthCheckResponse.parse(sink.items[0]) if sink.items else None
+        except GRPCError as exc:
+            if exc.status in (Status.UNIMPLEMENTED, Status.NOT_FOUND):
+                # A server without the health service (or without this entry) that
+                # answers at all is taken as serving.
+                ep.reached(serving=True)
+            else:
+                ep.reached(serving=False)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("health check of %s failed: %s", ep.target.url, exc)
+            ep.failed()
+            return
+        serving = reply is not None and reply.status is HealthCheckResponseServingStatus.SERVING
+        ep.reached(serving=serving)
+
+    async def aclose(self) -> None:
+        """Stop health checks and close the transports this router made (trio side)."""
+
+        async def stop() -> None:
+            task, self._health_task = self._health_task, None
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        if not self._bridge.closed:
+            await self._bridge.run(stop, defer_ki=True)
+        for transport in self._owned:
+            try:
+                await transport.aclose()
+            except Exception as exc:  # the others still close
+                log.warning("closing the channel to %s failed: %s", transport.target.url, exc)
+
+
+@final
+class SessionRoute:
+    """The calls of one session: its endpoint and its affinity metadata.
+
+    Quacks like the :class:`GrpcTransport` a :class:`Session` uses. The endpoint
+    is chosen by ``OpenSession`` (retried on another endpoint when it cannot reach
+    the chosen one) and never changes after that.
+    """
+
+    __slots__ = ("_counted", "_endpoint", "_metadata", "_router")
+
+    def __init__(self, router: Router, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._router = router
+        self._metadata = metadata
+        self._endpoint: _Endpoint | None = None
+        self._counted = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the client began closing."""
+        return self._router.closed
+
+    @property
+    def affinity_key(self) -> str | None:
+        """The session's affinity key (``None`` when affinity keys are off)."""
+        return self._metadata[0][1] if self._metadata else None
+
+    @property
+    def url(self) -> str | None:
+        """The endpoint the session lives on (``None`` before ``OpenSession``)."""
+        return self._endpoint.target.url if self._endpoint is not None else None
+
+    def _current(self) -> _Endpoint:
+        if self._endpoint is None:
+            raise RuntimeError("no OpenSession went through this route yet")
+        return self._endpoint
+
+    async def unary(
+        self,
+        method: str,
+        request: bytes,
+        *,
+        timeout: float | None = None,
+        orphan: Callable[[bytes], Awaitable[None]] | None = None,
+        cleanup: bool = False,
+    ) -> bytes:
+        """A unary call of this session, on its endpoint; see :meth:`GrpcTransport.unary`."""
+        if method == "OpenSession":
+            return await self._open(request, timeout, orphan)
+        ep = self._current()
+        try:
+            return await ep.transport.unary(
+                method,
+                request,
+                timeout=timeout,
+                orphan=orphan,
+                cleanup=cleanup,
+                extra_metadata=self._metadata,
+            )
+        except e.ServerUnavailable:
+            ep.failed()
+            raise
+        finally:
+            if method == "CloseSession" and self._counted:
+                self._counted = False
+                ep.sessions -= 1
+
+    async def _open(
+        self,
+        request: bytes,
+        timeout: float | None,
+        orphan: Callable[[bytes], Awaitable[None]] | None,
+    ) -> bytes:
+        router = self._router
+        tried: list[_Endpoint] = []
+        with deadline(timeout, "OpenSession"):
+            await router.ready()
+            while True:
+                ep = self._endpoint = router.pick(tried)
+                ep.sessions += 1  # counted while opening, so concurrent picks see it
+                try:
+                    reply = await ep.transport.unary(
+                        "OpenSession", request, orphan=orphan, extra_metadata=self._metadata
+                    )
+                except BaseException as exc:
+                    ep.sessions -= 1
+                    if not isinstance(exc, e.ServerUnavailable):
+                        raise
+                    ep.failed()
+                    tried.append(ep)
+                    if not router.failover or len(tried) >= len(router._endpoints):
+                        raise
+                    log.info(
+                        "OpenSession: %s is unreachable (%s); trying another endpoint",
+                        ep.target.url,
+                        exc,
+                    )
+                    continue
+                ep.reached()
+                self._counted = True
+                return reply
+
+    async def unary_in_loop(self, method: str, request: bytes) -> bytes:
+        """asyncio: a unary call of this session (for cleanups on the loop)."""
+        ep = self._current()
+        return await ep.transport.unary_in_loop(method, request, extra_metadata=self._metadata)
+
+    def server_stream(
+        self, method: str, request: bytes, *, max_items: int
+    ) -> AbstractAsyncContextManager[BatchReceiver[bytes]]:
+        """A streaming call of this session; see :meth:`GrpcTransport.server_stream`."""
+        ep = self._current()
+        cm = ep.transport.server_stream(
+            method, request, max_items=max_items, extra_metadata=self._metadata
+        )
+        if not self._router.failover:
+            return cm  # nothing to learn from a failure: one endpoint
+        return _observed(cm, ep)
+
+
+@asynccontextmanager
+async def _observed(
+    cm: AbstractAsyncContextManager[BatchReceiver[bytes]], ep: _Endpoint
+) -> AsyncIterator[BatchReceiver[bytes]]:
+    """Mark the endpoint failed when a stream on it finds the server gone."""
+    try:
+        async with cm as rx:
+            yield rx
+    except e.ServerUnavailable:
+        ep.failed()
+        raise
+
+
+def bind_session(transport: GrpcTransport | Router) -> GrpcTransport | SessionRoute:
+    """What one new session uses: a fresh :class:`SessionRoute`, or the plain transport."""
+    if isinstance(transport, Router):
+        return transport.bind_session()
+    return transport
+
+
+def failover_attempts(transport: GrpcTransport | Router) -> int:
+    """How often a scoring call may run when its server dies: twice in a pool, else once."""
+    return 2 if isinstance(transport, Router) and transport.failover else 1
