@@ -209,6 +209,7 @@ def test_admin_state_matches_state(make_server: ServerFactory) -> None:
         "train_samples",
         "tokens_decoded",
         "bytes_streamed",
+        "affinity",
     }
 
 

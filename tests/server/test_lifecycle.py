@@ -94,4 +94,5 @@ def test_public_names_are_exported() -> None:
         "train_samples",
         "tokens_decoded",
         "bytes_streamed",
+        "affinity",
     }

@@ -106,6 +106,7 @@ class ReferenceServer:
         self._error: BaseException | None = None
         self._ports: tuple[int, int] | None = None
         self._stopped = False
+        self._grpc_server: ObservedServer | None = None
 
     # -- addresses ---------------------------------------------------------
 
@@ -173,6 +174,25 @@ class ReferenceServer:
                 time.sleep(0.01)
         self.stop()
 
+    def kill(self) -> None:
+        """Die like a crashed process: every gRPC connection drops at once, then stop.
+
+        Clients see their connections reset (as after ``kill -9``) instead of the
+        graceful end :meth:`stop` gives. For failover tests.
+        """
+        loop, grpc_server = self._loop, self._grpc_server
+        if loop is not None and grpc_server is not None and not self._stopped:
+            aborted = threading.Event()
+
+            def abort() -> None:
+                grpc_server.abort()
+                aborted.set()
+
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(abort)
+                aborted.wait(_STOP_TIMEOUT)
+        self.stop()
+
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
@@ -238,7 +258,7 @@ class ReferenceServer:
         self._ports = (http_sock.getsockname()[1], grpc_sock.getsockname()[1])
         app = HttpApp(rt)
         http_server = await asyncio.start_server(app.handle, sock=http_sock)
-        grpc_server = ObservedServer(rt)
+        grpc_server = self._grpc_server = ObservedServer(rt)
         await grpc_server.start(sock=grpc_sock)
         evictor = asyncio.create_task(self._evict_loop(rt))
         self._ready.set()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import struct
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
@@ -193,8 +194,9 @@ class SalienceService:
         }
 
     async def _begin(self, stream: _Stream, method: str) -> Any:
-        self._rt.stats.rpc(method)
         md = stream.metadata
+        affinity = md.get("x-session-affinity") if md is not None else None
+        self._rt.stats.rpc(method, affinity if isinstance(affinity, str) else None)
         header = md.get("authorization") if md is not None else None
         if not self._rt.authorized(header if isinstance(header, str) else None):
             raise GRPCError(Status.UNAUTHENTICATED, "missing or wrong api key")
@@ -393,9 +395,11 @@ class _ObservedProtocol(H2Protocol):
         super().__init__(*args)
         self._stats = stats
         self._counted = False
+        self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self.transport = transport
         self._counted = True
         self._stats.connection_opened()
         original = self.processor.process_stream_reset
@@ -425,6 +429,14 @@ class ObservedServer(grpclib.server.Server):
         services: list[Any] = [SalienceService(rt), HealthService(rt.health)]
         super().__init__(services, codec=_Codec(rt.config.max_message_size))
         self._stats = rt.stats
+        self._protocols: weakref.WeakSet[_ObservedProtocol] = weakref.WeakSet()
+
+    def abort(self) -> None:
+        """Die like a crashed process: stop listening, drop every connection at once."""
+        self.close()
+        for protocol in list(self._protocols):
+            if protocol.transport is not None:
+                protocol.transport.abort()
 
     def _protocol_factory(self) -> H2Protocol:
         # Mirrors grpclib.server.Server._protocol_factory (grpclib 0.4.x).
@@ -433,4 +445,6 @@ class ObservedServer(grpclib.server.Server):
             self._mapping, self._codec, self._status_details_codec, self.__dispatch__
         )
         self._handlers.add(handler)
-        return _ObservedProtocol(self._stats, handler, self._config, self._h2_config)
+        protocol = _ObservedProtocol(self._stats, handler, self._config, self._h2_config)
+        self._protocols.add(protocol)
+        return protocol

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import math
 import threading
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, final
 
 import attrs
@@ -89,6 +89,9 @@ class ServerState:
     #: gRPC payload bytes the server has written on Generate streams (grows while
     #: a stream flows, stands still while the client's flow-control window is shut).
     bytes_streamed: int = 0
+    #: ``(method, key)`` for the latest calls that carried an ``x-session-affinity``
+    #: header (at most 100,000): what a proxy hashing on it would have seen.
+    affinity: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (sets and tuples become sorted lists)."""
@@ -105,6 +108,7 @@ class ServerState:
             "train_samples": self.train_samples,
             "tokens_decoded": self.tokens_decoded,
             "bytes_streamed": self.bytes_streamed,
+            "affinity": [list(a) for a in self.affinity],
         }
 
 
@@ -125,6 +129,7 @@ class Stats:
         self.train_samples = 0
         self.tokens_decoded = 0
         self.bytes_streamed = 0
+        self.affinity: deque[tuple[str, str]] = deque(maxlen=100_000)
 
     def connection_opened(self) -> None:
         with self._lock:
@@ -143,9 +148,11 @@ class Stats:
         with self._lock:
             self.cancelled_streams += 1
 
-    def rpc(self, method: str) -> None:
+    def rpc(self, method: str, affinity: str | None = None) -> None:
         with self._lock:
             self.rpc_counts[method] += 1
+            if affinity is not None:
+                self.affinity.append((method, affinity))
 
     def generate(self) -> None:
         with self._lock:
@@ -186,6 +193,7 @@ class Stats:
                 train_samples=self.train_samples,
                 tokens_decoded=self.tokens_decoded,
                 bytes_streamed=self.bytes_streamed,
+                affinity=tuple(self.affinity),
             )
 
 

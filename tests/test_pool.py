@@ -1,0 +1,388 @@
+"""Many servers (issue 12): affinity keys, the health service, the client-side pool, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+
+import pytest
+import trio
+import trio.testing
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from helpers import wait_for
+
+import poc_api
+from poc_api import EndpointState, EndpointStatus, SamplingParams, StreamDone, TokenOut, Tokens
+from poc_api._proto.grpc.health.v1 import (
+    HealthCheckRequest,
+    HealthCheckResponseServingStatus,
+    HealthStub,
+)
+from poc_api.server import ReferenceServer, tokenize
+from poc_api.testing import make_png, reference_servers
+
+SALIENCE = ("OpenSession", "CloseSession", "AppendImage", "Generate")
+TURN = SamplingParams(max_tokens=4)
+
+
+def salience_calls(server: ReferenceServer) -> int:
+    counts = server.state().rpc_counts
+    return sum(counts.get(m, 0) for m in SALIENCE)
+
+
+def pool_client(servers: list[ReferenceServer], **options: object) -> poc_api.ApiClient:
+    return poc_api.ApiClient(
+        servers[0].base_url,
+        grpc_url=[s.grpc_url for s in servers],
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def turn(conv: poc_api.Conversation, prompt: list[int]) -> list[int]:
+    """One conversation turn; the decoded ids."""
+    async with conv.stream([Tokens(prompt)], TURN, timeout=20) as events:
+        out = [e async for e in events]
+    assert isinstance(out[-1], StreamDone)
+    return [e.id for e in out if isinstance(e, TokenOut)]
+
+
+# -- affinity keys -------------------------------------------------------------------
+
+
+async def test_every_call_of_a_session_carries_its_own_affinity_key(
+    server: ReferenceServer, client: poc_api.ApiClient
+) -> None:
+    with trio.fail_after(20):
+        before = len(server.state().affinity)
+        calls_before = salience_calls(server)
+        async with client.session() as s:
+            await s.prefill([1, 2, 3])
+            await s.append_image(make_png(56, 56), "image/png")
+            async with s.generate([4], sampling=TURN) as ev:
+                async for _ in ev:
+                    pass
+        async with client.conversation() as conv:
+            await turn(conv, [5, 6, 7])
+        await client.score([Tokens([1, 2, 3, 4])], [(1, 4)])
+        await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 3)
+    seen = list(server.state().affinity)[before:]
+    # Every salience call carried a key (the shared fixture server sees only us).
+    assert len(seen) == salience_calls(server) - calls_before
+    by_key: dict[str, list[str]] = collections.defaultdict(list)
+    for method, key in seen:
+        by_key[key].append(method)
+    # One key per session: opened first, closed last, never shared.
+    assert len(by_key) == 6
+    for methods in by_key.values():
+        assert methods[0] == "OpenSession" and methods[-1] == "CloseSession"
+        assert methods.count("OpenSession") == 1 and methods.count("CloseSession") == 1
+    session_methods = by_key[seen[0][1]]
+    assert session_methods == ["OpenSession", "Generate", "AppendImage", "Generate", "CloseSession"]
+
+
+async def test_affinity_keys_can_be_turned_off(server: ReferenceServer) -> None:
+    with trio.fail_after(10):
+        before = len(server.state().affinity)
+        async with poc_api.ApiClient(
+            server.base_url, grpc_url=server.grpc_url, affinity_header=None
+        ) as client:
+            async with client.session() as s:
+                await s.prefill([1, 2])
+        assert len(server.state().affinity) == before
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        (b"x-a", TypeError),
+        (1, TypeError),
+        ("", ValueError),
+        ("X-Upper", ValueError),
+        ("x a", ValueError),
+        ("grpc-timeout", ValueError),
+        ("x-key-bin", ValueError),
+    ],
+)
+def test_affinity_header_is_checked(header: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        poc_api.ApiClient("http://127.0.0.1:1/v1", affinity_header=header)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("grpc_url", "error"),
+    [
+        ([], ValueError),
+        (["http://127.0.0.1:1", 5], TypeError),
+        (["ftp://x:1"], ValueError),
+        (["http://127.0.0.1:1", "http://127.0.0.1:1"], ValueError),
+        (b"http://127.0.0.1:1", TypeError),
+        ("dns:///no-port", ValueError),
+        ("dns://8.8.8.8/example.com:80", ValueError),
+        (42, TypeError),
+    ],
+)
+def test_grpc_url_list_and_dns_target_are_checked(grpc_url: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        poc_api.ApiClient("http://127.0.0.1:1/v1", grpc_url=grpc_url)  # type: ignore[arg-type]
+
+
+def test_pool_options_are_checked() -> None:
+    with pytest.raises(ValueError):
+        poc_api.ApiClient("http://127.0.0.1:1/v1", health_check_interval=0)
+    with pytest.raises(TypeError):
+        poc_api.ApiClient("http://127.0.0.1:1/v1", dns_refresh="1")  # type: ignore[arg-type]
+
+
+# -- the health service ----------------------------------------------------------------
+
+
+async def test_reference_server_answers_standard_health_checks() -> None:
+    async with reference_servers(1) as (srv,):
+        with trio.fail_after(10):
+            for service in ("", "salience.Salience"):
+                status = await trio.to_thread.run_sync(_check, srv, service)
+                assert status is HealthCheckResponseServingStatus.SERVING
+            await trio.to_thread.run_sync(srv.set_serving, False)
+            status = await trio.to_thread.run_sync(_check, srv, "")
+            assert status is HealthCheckResponseServingStatus.NOT_SERVING
+            assert await trio.to_thread.run_sync(_check, srv, "nope") is None
+
+
+async def test_health_watch_streams_every_change() -> None:
+    async with reference_servers(1) as (srv,):
+        with trio.fail_after(10):
+            statuses = await trio.to_thread.run_sync(_watch_while_toggling, srv)
+    assert statuses == [
+        HealthCheckResponseServingStatus.SERVING,
+        HealthCheckResponseServingStatus.NOT_SERVING,
+    ]
+
+
+def _check(srv: ReferenceServer, service: str) -> HealthCheckResponseServingStatus | None:
+    """A Check from plain grpclib on its own asyncio loop (an independent peer).
+
+    ``None`` when the server answers NOT_FOUND (an unknown service).
+    """
+
+    async def main() -> HealthCheckResponseServingStatus | None:
+        channel = Channel("127.0.0.1", srv.grpc_port)
+        try:
+            reply = await HealthStub(channel).check(HealthCheckRequest(service=service))
+            return reply.status
+        except GRPCError as exc:
+            assert exc.status is Status.NOT_FOUND
+            return None
+        finally:
+            channel.close()
+
+    return asyncio.run(main())
+
+
+def _watch_while_toggling(srv: ReferenceServer) -> list[HealthCheckResponseServingStatus]:
+    async def main() -> list[HealthCheckResponseServingStatus]:
+        channel = Channel("127.0.0.1", srv.grpc_port)
+        seen = []
+        try:
+            async for reply in HealthStub(channel).watch(HealthCheckRequest()):
+                seen.append(reply.status)
+                if len(seen) == 1:
+                    await asyncio.to_thread(srv.set_serving, False)
+                else:
+                    break
+        finally:
+            channel.close()
+        return seen
+
+    return asyncio.run(main())
+
+
+# -- the client-side pool ----------------------------------------------------------------
+
+
+async def test_pool_spreads_sessions_and_keeps_each_on_its_endpoint() -> None:
+    async with reference_servers(3) as servers, pool_client(servers) as client:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                release = trio.Event()
+
+                async def hold() -> None:
+                    async with client.session() as s:
+                        await s.prefill([1, 2, 3])
+                        await release.wait()
+                        await s.prefill([4])
+
+                for _ in range(60):
+                    nursery.start_soon(hold)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                await wait_for(lambda: sum(len(s.state().session_ids) for s in servers) == 60)
+                endpoints = client.endpoints
+                assert [e.url for e in endpoints] == [s.grpc_url for s in servers]
+                assert all(isinstance(e, EndpointStatus) for e in endpoints)
+                assert sum(e.sessions for e in endpoints) == 60
+                for srv, ep in zip(servers, endpoints, strict=True):
+                    assert len(srv.state().session_ids) == ep.sessions
+                    assert 15 <= ep.sessions <= 25, endpoints  # within ±25 % of 20
+                release.set()
+        # Each session's later calls went to its own server: nothing was NOT_FOUND,
+        # and every server saw as many Generates as twice its sessions.
+        for srv in servers:
+            state = srv.state()
+            assert not state.session_ids
+            assert state.rpc_counts["Generate"] == 2 * state.rpc_counts["OpenSession"]
+        assert [e.sessions for e in client.endpoints] == [0, 0, 0]
+
+
+async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:
+    async with reference_servers(3) as servers:
+        async with pool_client(servers, health_check_interval=0.05) as client:
+            with trio.fail_after(20):
+                await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts health checks
+                await trio.to_thread.run_sync(servers[1].set_serving, False)
+                await wait_for(lambda: client.endpoints[1].state is EndpointState.NOT_SERVING)
+                before = servers[1].state().rpc_counts.get("OpenSession", 0)
+                await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 40)
+                assert servers[1].state().rpc_counts.get("OpenSession", 0) == before
+                await trio.to_thread.run_sync(servers[1].set_serving, True)
+                await wait_for(lambda: client.endpoints[1].state is EndpointState.SERVING)
+
+
+async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
+    """200 conversations on 3 servers; one server dies during the second turn.
+
+    Every conversation then completes its next turn on a survivor, the survivors
+    are left with no session, and no call outlives its deadline.
+    """
+    n = 200
+    async with reference_servers(3, ignore_eos=True, token_delay_ms=20) as servers:
+        async with pool_client(servers, health_check_interval=0.2) as client:
+            failed_turns = 0
+            killed = trio.Event()
+            second_turn_started = 0
+            done = 0
+
+            async def agent(i: int) -> None:
+                nonlocal failed_turns, second_turn_started, done
+                rng = random.Random(i)
+                prompt = tokenize(f"agent {i} says")
+                async with client.conversation() as conv:
+                    for t in range(3):
+                        prompt = prompt + [rng.randrange(32, 127) for _ in range(3)]
+                        if t == 1:
+                            second_turn_started += 1
+                        try:
+                            reply = await turn(conv, prompt)
+                        except poc_api.ServerUnavailable:
+                            # Its server died under this very turn: the next try
+                            # must work, on a survivor, with the whole prompt.
+                            assert killed.is_set()
+                            failed_turns += 1
+                            reply = await turn(conv, prompt)
+                        prompt = prompt + reply
+                        if t == 1:
+                            await killed.wait()
+                done += 1
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for i in range(n):
+                        nursery.start_soon(agent, i)
+                    await wait_for(lambda: second_turn_started >= n // 2, timeout=30)
+                    on_victim = servers[0].state().rpc_counts["OpenSession"]
+                    opened = [s.state().rpc_counts["OpenSession"] for s in servers[1:]]
+                    await trio.to_thread.run_sync(servers[0].kill)
+                    killed.set()
+            assert done == n
+            # Each conversation of the dead server reopened once, on a survivor.
+            reopened = [
+                s.state().rpc_counts["OpenSession"] - o
+                for s, o in zip(servers[1:], opened, strict=True)
+            ]
+            assert sum(reopened) == on_victim > 0
+            assert 0 < failed_turns <= on_victim
+            states = client.endpoints
+            assert states[0].failures > 0 and states[0].state is EndpointState.UNREACHABLE
+            assert [e.sessions for e in states[1:]] == [0, 0]
+        for srv in servers[1:]:
+            assert not srv.state().session_ids, "a session leaked on a survivor"
+
+
+async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
+    async with reference_servers(2) as servers, pool_client(servers) as client:
+        with trio.fail_after(20):
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                victim = next(v for v in servers if s.session_id in v.state().session_ids)
+                await trio.to_thread.run_sync(victim.kill)
+                with pytest.raises(poc_api.ServerUnavailable):
+                    await s.prefill([3])
+                assert s.lost
+            # New sessions go to the survivor.
+            async with client.session() as s2:
+                await s2.prefill([1])
+
+
+async def test_score_many_on_a_pool_gives_one_servers_results_and_balances() -> None:
+    rng = random.Random(7)
+    prompts = []
+    for _ in range(1000):
+        ids = [rng.randrange(32, 127) for _ in range(rng.randrange(4, 24))]
+        prompts.append(([Tokens(ids)], [(1, len(ids))]))
+    async with reference_servers(3) as servers:
+        with trio.fail_after(60):
+            async with pool_client(servers[:1]) as one:
+                want = await one.score_many(prompts, max_concurrency=32)
+            opened = [s.state().rpc_counts.get("OpenSession", 0) for s in servers]
+            async with pool_client(servers) as pool:
+                got = await pool.score_many(prompts, max_concurrency=32)
+        assert got == want
+        per_server = [
+            s.state().rpc_counts.get("OpenSession", 0) - o
+            for s, o in zip(servers, opened, strict=True)
+        ]
+        mean = sum(per_server) / 3
+        assert sum(per_server) == 1000
+        assert all(abs(c - mean) <= 0.25 * mean for c in per_server), per_server
+
+
+async def test_score_many_retries_a_prompt_whose_server_died_once_elsewhere() -> None:
+    prompts = [([Tokens(list(range(40, 80)))], [(1, 40)])] * 60
+    async with reference_servers(3, prefill_delay_us=2000) as servers:
+        async with pool_client(servers[:1]) as one:
+            want = await one.score_many(prompts[:1])
+        async with pool_client(servers) as client:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+
+                    async def kill_soon() -> None:
+                        await wait_for(
+                            lambda: servers[2].state().rpc_counts.get("Generate", 0) >= 3
+                        )
+                        await trio.to_thread.run_sync(servers[2].kill)
+
+                    nursery.start_soon(kill_soon)
+                    got = await client.score_many(prompts, max_concurrency=30)
+        assert got == want * 60
+        assert client.endpoints[2].failures > 0
+
+
+async def test_dns_target_resolves_to_endpoints() -> None:
+    async with reference_servers(1) as (srv,):
+        url = f"dns:///127.0.0.1:{srv.grpc_port}"
+        async with poc_api.ApiClient(srv.base_url, grpc_url=url) as client:
+            assert client.endpoints == ()
+            with trio.fail_after(10):
+                results = await client.score([Tokens([1, 2, 3])], [(1, 3)])
+            assert len(results) == 1
+            (ep,) = client.endpoints
+            assert ep.url == srv.grpc_url and ep.sessions == 0
+
+
+async def test_public_pool_calls_are_checkpoints() -> None:
+    async with reference_servers(2) as servers, pool_client(servers) as client:
+        with trio.testing.assert_checkpoints():
+            await client.score([Tokens([1, 2])], [])
+        with trio.testing.assert_checkpoints():
+            await client.score_many([])
