@@ -39,8 +39,12 @@ installed is fine: only the fixtures are left out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -49,7 +53,15 @@ from ._client import ApiClient
 from ._png import encode_png
 from .server import ReferenceServer, ServerConfig
 
-__all__ = ["make_png", "open_client", "reference_server", "reference_servers"]
+__all__ = [
+    "NGINX",
+    "make_png",
+    "nginx_grpc_config",
+    "nginx_grpc_proxy",
+    "open_client",
+    "reference_server",
+    "reference_servers",
+]
 
 
 @asynccontextmanager
@@ -104,6 +116,123 @@ async def reference_servers(n: int, **config: Any) -> AsyncIterator[list[Referen
         with trio.CancelScope(shield=True):
             for server in started:
                 await trio.to_thread.run_sync(server.stop)
+
+
+#: Where Debian's nginx packages (``nginx-light`` is enough) install the binary.
+NGINX = "/usr/sbin/nginx"
+
+
+def nginx_grpc_config(
+    backends: Sequence[str],
+    port: int,
+    workdir: str,
+    *,
+    affinity_header: str = "x-session-affinity",
+) -> str:
+    """An nginx configuration that proxies gRPC on ``127.0.0.1:port`` to ``backends``.
+
+    ``backends`` are ``host:port`` (or ``http://host:port``) gRPC endpoints. The
+    upstream hashes on the session's affinity header with consistent hashing, so
+    every call of a session reaches the backend that holds it; a call without the
+    header is spread round-robin. ``workdir`` holds the pid file, logs and
+    temporary files.
+    """
+    servers = "\n".join(
+        f"        server {b.removeprefix('http://').rstrip('/')} max_fails=0;" for b in backends
+    )
+    variable = "$http_" + affinity_header.replace("-", "_")
+    user = "user root;" if os.geteuid() == 0 else ""
+    return f"""\
+{user}
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    upstream salience {{
+        hash {variable} consistent;
+{servers}
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port} http2;
+        http2_max_concurrent_streams 4096;
+        location / {{
+            grpc_pass grpc://salience;
+            grpc_read_timeout 300s;
+            grpc_send_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+@asynccontextmanager
+async def nginx_grpc_proxy(
+    backends: Sequence[str],
+    *,
+    affinity_header: str = "x-session-affinity",
+    nginx: str = NGINX,
+) -> AsyncIterator[str]:
+    """Run nginx in front of ``backends`` for the block; yields its gRPC URL.
+
+    It listens on a free loopback port with :func:`nginx_grpc_config` and is
+    stopped on exit. Needs nginx (``apt-get install nginx-light``).
+
+    Example::
+
+        async with reference_servers(3) as servers:
+            async with nginx_grpc_proxy([s.grpc_url for s in servers]) as url:
+                async with ApiClient(servers[0].base_url, grpc_url=url) as client:
+                    ...
+    """
+    with tempfile.TemporaryDirectory(prefix="poc-nginx-") as workdir:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        conf = Path(workdir) / "nginx.conf"
+        conf.write_text(nginx_grpc_config(backends, port, workdir, affinity_header=affinity_header))
+        process = await trio.lowlevel.open_process(
+            [
+                nginx,
+                "-p",
+                workdir,
+                "-c",
+                str(conf),
+                "-e",
+                f"{workdir}/error.log",
+                "-g",
+                "daemon off;",
+            ]
+        )
+        try:
+            with trio.fail_after(10):
+                while True:
+                    if process.poll() is not None:
+                        log = (Path(workdir) / "error.log").read_text(errors="replace")
+                        raise RuntimeError(f"nginx exited with {process.returncode}: {log}")
+                    try:
+                        stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    except OSError:
+                        await trio.sleep(0.02)
+                        continue
+                    await stream.aclose()
+                    break
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            with trio.CancelScope(shield=True):
+                process.terminate()
+                with trio.move_on_after(5) as scope:
+                    await process.wait()
+                if scope.cancelled_caught:
+                    process.kill()
+                    await process.wait()
 
 
 @asynccontextmanager
