@@ -18,6 +18,10 @@ prefill cost: 16 continuations of one 2,000-token prompt scored with
 ``score_continuations`` (the prompt prefilled once) against 16 separate
 ``score`` calls. ``--phases score_prefix`` runs just that row.
 
+And ``scale_out`` (``bench_scale_out.py``): ``score_many`` throughput on 1, 2 and
+4 reference servers that prefill one request at a time, through the client-side
+pool and through nginx (``--phases scale_out`` runs just that row).
+
 Modes: the default full run takes a few minutes (1,000,000 events for the RSS
 figure, best of 3 two-second windows for rates); ``--quick`` under a minute
 (100,000 events, one short window each); ``--smoke`` a few seconds, for the test
@@ -87,6 +91,11 @@ MODES: dict[str, dict[str, Any]] = {
         "prefix_n": 16,
         "prefix_cont": 20,
         "prefix_delay_us": 50.0,
+        "scale_servers": [1, 2, 4],
+        "scale_prompt": 100,
+        "scale_per_server": 150,
+        "scale_concurrency": 32,
+        "scale_delay_us": 200.0,
     },
     "quick": {
         "rss_events": 100_000,
@@ -102,6 +111,11 @@ MODES: dict[str, dict[str, Any]] = {
         "prefix_n": 16,
         "prefix_cont": 20,
         "prefix_delay_us": 50.0,
+        "scale_servers": [1, 2, 4],
+        "scale_prompt": 100,
+        "scale_per_server": 60,
+        "scale_concurrency": 32,
+        "scale_delay_us": 200.0,
     },
     "smoke": {
         "rss_events": 2_000,
@@ -117,6 +131,11 @@ MODES: dict[str, dict[str, Any]] = {
         "prefix_n": 4,
         "prefix_cont": 5,
         "prefix_delay_us": 5.0,
+        "scale_servers": [1, 2],
+        "scale_prompt": 10,
+        "scale_per_server": 8,
+        "scale_concurrency": 4,
+        "scale_delay_us": 5.0,
     },
 }
 ALL_PHASES = [
@@ -127,9 +146,10 @@ ALL_PHASES = [
     "unary",
     "concurrency",
     "score_prefix",
+    "scale_out",
 ]
 # Phases the replay-server client workers run; the others have workers of their own.
-CLIENT_PHASES = ALL_PHASES[:-1]
+CLIENT_PHASES = [ph for ph in ALL_PHASES if ph not in ("score_prefix", "scale_out")]
 
 
 # -- setup --------------------------------------------------------------------------
@@ -276,6 +296,76 @@ def run_score_prefix(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
     return dict(json.loads(out.read_text()))
+
+
+def run_scale_out(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """The scale-out row (``bench_scale_out.py``); its JSON results or an error."""
+    out = tmp / "scale_out.json"
+    cmd = [
+        sys.executable,
+        str(HERE / "bench_scale_out.py"),
+        "--params",
+        json.dumps(params),
+        "--out",
+        str(out),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {params['worker_timeout']} s"}
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return dict(json.loads(out.read_text()))
+
+
+def scale_out_label(r: dict[str, Any]) -> str:
+    return (
+        f"`score_many` of {r['per_server']} {r['prompt']}-token prompts per server, "
+        f"{r['concurrency']} at once; each server prefills one request at a time, "
+        f"{r['delay_us']:g} µs/position"
+    )
+
+
+def scale_out_speedup(r: dict[str, Any], via: str) -> float | None:
+    """Throughput on the most servers over throughput on one."""
+    rates = r["rates"].get(via) or {}
+    most = str(max(r["servers"]))
+    if "1" not in rates or most not in rates:
+        return None
+    return float(rates[most]) / float(rates["1"])
+
+
+def scale_out_lines(r: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Console lines and markdown lines for the scale-out row."""
+    if "error" in r:
+        return [f"scale_out: FAILED: {r['error']}"], []
+    servers = r["servers"]
+    console = [f"scale-out, {scale_out_label(r)}:"]
+    md = [
+        "",
+        f"Scale-out ({scale_out_label(r)}; reference servers in processes of their own; "
+        "prompts/s):",
+        "",
+        "| Path | " + " | ".join(f"{n} server{'s' if n > 1 else ''}" for n in servers) + " |",
+        "|---|" + "---:|" * len(servers),
+    ]
+    for via, label in (("pool", "client-side pool"), ("nginx", "nginx, hash on the key")):
+        rates = r["rates"].get(via) or {}
+        if not rates:
+            console.append(f"  {label:<24} (nginx not installed)")
+            continue
+        base = rates.get("1")
+        cells = []
+        for n in servers:
+            v = rates.get(str(n))
+            cell = "-" if v is None else f"{v:,.0f}"
+            if v is not None and base and n > 1:
+                cell += f" ({v / base:.2f}x)"
+            cells.append(cell)
+        console.append(f"  {label:<24} " + "  ".join(f"{c:>16}" for c in cells))
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
+    return console, md
 
 
 def score_prefix_label(r: dict[str, Any]) -> str:
@@ -575,6 +665,10 @@ def build_tables(
         sp_console, sp_md = score_prefix_lines(extra["score_prefix"])
         lines += ["", *sp_console]
         md += sp_md
+    if "scale_out" in extra:
+        so_console, so_md = scale_out_lines(extra["scale_out"])
+        lines += ["", *so_console]
+        md += so_md
     md += [
         "",
         "Details. Client, server and others: CPU time of the client process, of the "
@@ -674,6 +768,22 @@ def goals_rows(
                 ok(sp["ratio"] >= 8),
             )
         )
+    so = extra.get("scale_out")
+    if so and "error" not in so:
+        most = max(so["servers"])
+        for via in ("pool", "nginx"):
+            speedup = scale_out_speedup(so, via)
+            if speedup is None:
+                continue
+            target = 0.85 * most
+            rows.append(
+                (
+                    f"scale-out through the {via}: `score_many` on {most} servers vs 1",
+                    f">= {target:.2g}x (0.85x linear)",
+                    f"{speedup:.2f}x",
+                    ok(speedup >= target),
+                )
+            )
     rss = p.get("rss")
     if rss:
         rows.append(
@@ -790,6 +900,15 @@ def main() -> int:
                 + (f"FAILED: {failed}" if failed else "ok"),
                 flush=True,
             )
+        if "scale_out" in params["phases"]:
+            t0 = time.perf_counter()
+            extra["scale_out"] = run_scale_out(params, tmp)
+            failed = extra["scale_out"].get("error")
+            print(
+                f"  {'scale_out':<13} {time.perf_counter() - t0:5.1f} s  "
+                + (f"FAILED: {failed}" if failed else "ok"),
+                flush=True,
+            )
         if not clients:
             return _report(results, params, extra, mode, started, results_path)
         gen = tmp / "gen"
@@ -844,7 +963,8 @@ def _report(
         Path(results_path).write_text(md)
         print(f"wrote {results_path}")
     failed = any("error" in r for r in results.values())
-    return 1 if failed or "error" in extra.get("score_prefix", {}) else 0
+    extras_failed = any("error" in extra.get(k, {}) for k in ("score_prefix", "scale_out"))
+    return 1 if failed or extras_failed else 0
 
 
 if __name__ == "__main__":

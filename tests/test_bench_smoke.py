@@ -42,6 +42,8 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
         assert client in out
     # The prefix-sharing row (reference server with a simulated prefill cost).
     assert "Prefix-shared scoring" in out and "`score_continuations`" in out
+    # The scale-out row (pool, and nginx when installed).
+    assert "Scale-out (" in out and "client-side pool" in out
     assert "FAILED" not in out
     # The markdown printed is the markdown written.
     written = results.read_text()

@@ -44,6 +44,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         default=d.token_delay_ms,
         help="simulated GPU time per decoded token, in milliseconds (0 = off)",
     )
+    p.add_argument(
+        "--prefill-slots",
+        type=int,
+        default=d.prefill_slots,
+        help="at most this many simulated prefills at once (0 = unlimited)",
+    )
     a = p.parse_args(argv)
     return ServerConfig(
         host=a.host,
@@ -60,6 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         model_name=a.model_name,
         prefill_delay_us=a.prefill_delay_us,
         token_delay_ms=a.token_delay_ms,
+        prefill_slots=a.prefill_slots,
     )
 
 

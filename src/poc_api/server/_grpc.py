@@ -143,6 +143,10 @@ async def _simulate_prefill(rt: Runtime, positions: int) -> None:
     """
     delay_us = rt.config.prefill_delay_us
     if delay_us and positions:
+        if rt.prefill_slots is not None:
+            async with rt.prefill_slots:
+                await asyncio.sleep(positions * delay_us / 1e6)
+            return
         await asyncio.sleep(positions * delay_us / 1e6)
 
 

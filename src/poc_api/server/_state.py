@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import threading
@@ -62,6 +63,10 @@ class ServerConfig:
     model_name: str = "poc-reference"
     prefill_delay_us: float = attrs.field(default=0.0, validator=_non_negative_finite)
     token_delay_ms: float = attrs.field(default=0.0, validator=_non_negative_finite)
+    #: At most this many simulated prefills run at once (0: unlimited). With 1 the
+    #: server behaves like a GPU that prefills one request at a time, so its
+    #: throughput is bounded and adding servers adds capacity (the scale-out bench).
+    prefill_slots: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @final
@@ -211,6 +216,9 @@ class Runtime:
         self.stats = Stats()
         self.train_jobs = 0
         self.health = HealthStatus()
+        self.prefill_slots: asyncio.Semaphore | None = (
+            asyncio.Semaphore(config.prefill_slots) if config.prefill_slots else None
+        )
 
     def state(self) -> ServerState:
         """Snapshot of the observable state (thread-safe)."""
