@@ -1064,6 +1064,13 @@ _DEFAULTS = ServerConfig()
     show_default=True,
     help="Simulated GPU time per decoded token, in milliseconds (0 = off).",
 )
+@click.option(
+    "--prefill-slots",
+    type=click.IntRange(0),
+    default=_DEFAULTS.prefill_slots,
+    show_default=True,
+    help="At most this many simulated prefills at once (0 = unlimited).",
+)
 def serve(
     host: str,
     port: int,
@@ -1076,6 +1083,7 @@ def serve(
     ignore_eos: bool,
     prefill_delay_us: float,
     token_delay_ms: float,
+    prefill_slots: int,
 ) -> None:
     """Run the reference server until Ctrl-C / SIGTERM (HTTP on PORT, gRPC on PORT+1).
 
@@ -1097,6 +1105,7 @@ def serve(
         ignore_eos=ignore_eos,
         prefill_delay_us=prefill_delay_us,
         token_delay_ms=token_delay_ms,
+        prefill_slots=prefill_slots,
     )
 
     def body(where: _Where) -> None:
