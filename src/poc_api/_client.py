@@ -355,17 +355,15 @@ class ApiClient:
             endpoints = [primary]
             if self._pool is not None:
                 endpoints += [make(t) for t in self._pool[1:]]
-        router = Router(
+        return Router(
             bridge,
             make,
             endpoints,
             affinity_header=self._affinity_header,
             health_interval=self._health_interval,
             dns_refresh=self._dns_refresh,
+            owned=endpoints[1:] if isinstance(endpoints, list) else (),
         )
-        if not isinstance(endpoints, DnsTarget):
-            router._owned.extend(endpoints[1:])
-        return router
 
     @property
     def endpoints(self) -> tuple[EndpointStatus, ...]:

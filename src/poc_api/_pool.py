@@ -37,8 +37,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import random
-import secrets
 import socket
 import threading
 import time
@@ -239,6 +239,12 @@ class _Endpoint:
 
     def reached(self, serving: bool | None = None) -> None:
         """It answered; ``serving`` is what its health check said, if it was one."""
+        if (
+            serving is None
+            and self.consecutive == 0
+            and self.state is not EndpointState.UNREACHABLE
+        ):
+            return  # nothing to change: the common case, kept lock-free
         with self._lock:
             self.consecutive = 0
             self.down_until = 0.0
@@ -272,13 +278,16 @@ class Router:
         affinity_header: str | None,
         health_interval: float = 5.0,
         dns_refresh: float = 30.0,
+        owned: Sequence[GrpcTransport] = (),
     ) -> None:
+        """``owned``: transports of ``endpoints`` that this router closes (the
+        client closes its first one itself)."""
         self._bridge = bridge
         self._make_transport = make_transport
         self._header = affinity_header
         self._health_interval = health_interval
         self._dns_refresh = dns_refresh
-        self._owned: list[GrpcTransport] = []  # transports this router made
+        self._owned: list[GrpcTransport] = list(owned)  # the router closes these
         self._dns: DnsTarget | None = None
         self._endpoints: list[_Endpoint] = []
         if isinstance(endpoints, DnsTarget):
@@ -308,7 +317,7 @@ class Router:
         """A route for one new session, with a fresh affinity key."""
         metadata: tuple[tuple[str, str], ...] = ()
         if self._header is not None:
-            metadata = ((self._header, secrets.token_hex(8)),)
+            metadata = ((self._header, os.urandom(8).hex()),)
         return SessionRoute(self, metadata)
 
     # -- placement (trio side) -----------------------------------------------
@@ -532,34 +541,37 @@ class SessionRoute:
         timeout: float | None,
         orphan: Callable[[bytes], Awaitable[None]] | None,
     ) -> bytes:
+        if timeout is not None:
+            with deadline(timeout, "OpenSession"):
+                return await self._open(request, None, orphan)
         router = self._router
         tried: list[_Endpoint] = []
-        with deadline(timeout, "OpenSession"):
+        if router._dns is not None:
             await router.ready()
-            while True:
-                ep = self._endpoint = router.pick(tried)
-                ep.sessions += 1  # counted while opening, so concurrent picks see it
-                try:
-                    reply = await ep.transport.unary(
-                        "OpenSession", request, orphan=orphan, extra_metadata=self._metadata
-                    )
-                except BaseException as exc:
-                    ep.sessions -= 1
-                    if not isinstance(exc, e.ServerUnavailable):
-                        raise
-                    ep.failed()
-                    tried.append(ep)
-                    if not router.failover or len(tried) >= len(router._endpoints):
-                        raise
-                    log.info(
-                        "OpenSession: %s is unreachable (%s); trying another endpoint",
-                        ep.target.url,
-                        exc,
-                    )
-                    continue
-                ep.reached()
-                self._counted = True
-                return reply
+        while True:
+            ep = self._endpoint = router.pick(tried)
+            ep.sessions += 1  # counted while opening, so concurrent picks see it
+            try:
+                reply = await ep.transport.unary(
+                    "OpenSession", request, orphan=orphan, extra_metadata=self._metadata
+                )
+            except BaseException as exc:
+                ep.sessions -= 1
+                if not isinstance(exc, e.ServerUnavailable):
+                    raise
+                ep.failed()
+                tried.append(ep)
+                if not router.failover or len(tried) >= len(router._endpoints):
+                    raise
+                log.info(
+                    "OpenSession: %s is unreachable (%s); trying another endpoint",
+                    ep.target.url,
+                    exc,
+                )
+                continue
+            ep.reached()
+            self._counted = True
+            return reply
 
     async def unary_in_loop(self, method: str, request: bytes) -> bytes:
         """asyncio: a unary call of this session (for cleanups on the loop)."""
