@@ -305,7 +305,9 @@ async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
                 for s, o in zip(servers[1:], opened, strict=True)
             )
             assert 0 < reopened <= n
-            assert 0 < failed_turns <= on_victim
+            # A turn fails only if its stream had started delivering tokens when the
+            # server died; before that the conversation moves over by itself.
+            assert failed_turns <= on_victim
             states = client.endpoints
             assert states[0].failures > 0 and states[0].state is EndpointState.UNREACHABLE
             assert [e.sessions for e in states[1:]] == [0, 0]

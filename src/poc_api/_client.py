@@ -89,7 +89,8 @@ class ApiClient:
         api_key: sent as ``authorization: Bearer <key>`` on every call when set.
         model: the model name sent with ``OpenSession`` and HTTP calls.
         grpc_url: the gRPC endpoint; default ``POC_GRPC_URL`` or derived from
-            ``base_url`` (see :func:`resolve_grpc_url`).
+            ``base_url`` (see :func:`resolve_grpc_url`). A list of URLs, or a
+            ``dns:///host:port`` target, makes a pool of endpoints (below).
         connect_timeout: seconds to connect (HTTP), and for the gRPC server to
             start speaking HTTP/2 after the TCP connection is made.
         timeout: HTTP request timeout in seconds.
@@ -236,7 +237,7 @@ class ApiClient:
 
     @property
     def grpc_url(self) -> str:
-        """The gRPC endpoint in use."""
+        """The gRPC endpoint in use (a pool's first; see :attr:`endpoints` for all)."""
         return self._target.url
 
     @property
