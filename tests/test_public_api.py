@@ -21,6 +21,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         # plumbing that users never touch
         "AsyncioBridge",
         "PRIVATE_NAMES",
+        "keyword_only_from",
         "BatchReceiver",
         "Sink",
         "open_bridge",

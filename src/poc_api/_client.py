@@ -22,11 +22,11 @@ import trio
 from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._conversation import Conversation
-from ._http import ChatCompletion, ChatEvent, HttpApi
+from ._http import ChatCompletion, ChatEvent, HttpApi, redact_url
 from ._score import score_chunks, score_continuations, score_many
 from ._session import Session, open_session
 from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
-from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample
+from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample, keyword_only_from
 
 __all__ = ["ApiClient", "resolve_grpc_url"]
 
@@ -52,7 +52,9 @@ def resolve_grpc_url(
         return env["POC_GRPC_URL"]
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must look like http://host:port/v1, got {base_url!r}")
+        raise ValueError(
+            f"base_url must look like http://host:port/v1, got {redact_url(base_url)!r}"
+        )
     port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}:{port + 1}"
@@ -108,13 +110,14 @@ class ApiClient:
                         print(e)
     """
 
+    @keyword_only_from(2, ("model", "grpc_url"))
     def __init__(
         self,
         base_url: str,
         api_key: str = "",
+        *,
         model: str = "",
         grpc_url: str | None = None,
-        *,
         connect_timeout: float = 30.0,
         timeout: float = 600.0,
         close_timeout: float = 5.0,
@@ -177,7 +180,7 @@ class ApiClient:
     def __repr__(self) -> str:
         # Never the api key.
         return (
-            f"<ApiClient base_url={self._base_url!r} grpc_url={self._target.url!r} "
+            f"<ApiClient base_url={redact_url(self._base_url)!r} grpc_url={self._target.url!r} "
             f"model={self._model!r} {self._state.value}>"
         )
 

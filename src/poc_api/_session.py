@@ -231,6 +231,14 @@ class Session:
         """True after an interrupted call: the server-side state is unknown."""
         return self._lost
 
+    def _busy_check(self) -> None:
+        # trio.Lock would say "attempt to re-acquire an already held Lock".
+        if self._lock.locked() and self._lock.statistics().owner is trio.lowlevel.current_task():
+            raise RuntimeError(
+                f"session {self._session_id} is busy in this task (inside its own "
+                "generate block): finish or leave that block first"
+            )
+
     def _check_usable(self) -> None:
         if self._transport.closed:
             raise trio.ClosedResourceError("the ApiClient is closed")
@@ -296,6 +304,7 @@ class Session:
             offset=offset,
             truncating=truncating,
         )
+        self._busy_check()
         async with self._lock:
             self._check_usable()
             try:
@@ -369,6 +378,7 @@ class Session:
         between = check_timeout("token_timeout", token_timeout)
         if total is not None or first is not None or between is not None:
             timeouts = _Timeouts(total, first, between)
+        self._busy_check()
         async with self._lock:
             self._check_usable()
             offset, truncating = self._offset(rewind_to)

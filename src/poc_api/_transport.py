@@ -47,6 +47,7 @@ from hyperframe.frame import WindowUpdateFrame
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink
+from ._http import redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
@@ -77,7 +78,7 @@ class GrpcTarget:
         """Parse ``http://host:port`` / ``https://host:port`` (a path is ignored)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"gRPC URL must look like http://host:port, got {url!r}")
+            raise ValueError(f"gRPC URL must look like http://host:port, got {redact_url(url)!r}")
         tls = parts.scheme == "https"
         port = parts.port if parts.port is not None else (443 if tls else 80)
         return cls(parts.hostname, port, tls)
@@ -135,6 +136,9 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
         return e.ServerUnavailable(f"{name}: connection lost: {text}", grpc_status="UNAVAILABLE")
     if isinstance(exc, asyncio.TimeoutError):
         return e.PocApiTimeout(f"{name}: deadline exceeded")
+    if isinstance(exc, ConnectionRefusedError):
+        # Nothing listens (yet): a restart in progress, say. Nothing was sent.
+        return e.ServerUnavailable(f"{name}: cannot reach the server: {exc}", retriable=True)
     if isinstance(exc, ConnectionError | OSError):
         return e.ServerUnavailable(f"{name}: cannot reach the server: {exc}")
     if isinstance(exc, ProtocolError | h2.exceptions.ProtocolError):
@@ -352,10 +356,11 @@ class GrpcTransport:
         )
 
     @contextmanager
-    def _stream_slot(self, method: str) -> Iterator[None]:
+    def _stream_slot(self, method: str, *, cleanup: bool = False) -> Iterator[None]:
         # A guard against runaway fan-out: one connection multiplexes every call,
         # and the server caps concurrent streams anyway (grpclib then queues).
-        if self.open_streams >= self._max_streams:
+        # Cleanup (CloseSession) is never refused: refusing it would leak a session.
+        if not cleanup and self.open_streams >= self._max_streams:
             raise e.LimitExceeded(
                 f"{method}: {self.open_streams} calls already in flight on this client "
                 f"(max_concurrent_streams={self._max_streams})"
@@ -473,7 +478,7 @@ class GrpcTransport:
                 self._bridge.call_soon(lambda: self._adopt(_done_future(reply), orphan))
 
         try:
-            with self._stream_slot(method), deadline(timeout, method):
+            with self._stream_slot(method, cleanup=cleanup), deadline(timeout, method):
                 return await self._bridge.run(call, abandoned=abandoned, defer_ki=cleanup)
         except Exception as exc:
             _raise_mapped(exc, path)
