@@ -350,8 +350,11 @@ class AsyncioBridge:
         self._to_trio_quietly(call.done.set)
 
     def _cancel(self, call: _Call) -> None:
+        # Set here too, not only on the loop: a call whose start is still queued
+        # behind other work then never starts at all.
+        call.cancel_requested = True
+
         def cancel() -> None:
-            call.cancel_requested = True
             task = call.task
             if task is not None and not task.done():
                 task.cancel()
