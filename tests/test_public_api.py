@@ -22,6 +22,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "AsyncioBridge",
         "PRIVATE_NAMES",
         "keyword_only_from",
+        "collapse_cancellation",
         "BatchReceiver",
         "Sink",
         "open_bridge",
