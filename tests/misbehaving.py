@@ -33,7 +33,11 @@ server's default)::
 - ``"malformed"``: a correctly framed message that is not valid protobuf;
 - ``"close_mid_stream"``: Generate headers and three tokens, then close the TCP
   connection (unary methods: close without answering);
-- ``"close"``: close the TCP connection without answering.
+- ``"close"``: close the TCP connection without answering;
+- ``"done_no_trailers"``: Generate streams its tokens and ``Done``, then never
+  sends trailers (the stream stays open);
+- ``"truncated"``: a message whose length prefix promises ``claimed_size`` bytes;
+  16 follow, then END_STREAM (the message is cut short by the end of the stream).
 
 ``srv.mute = True`` makes *new connections* accept TCP and never send a byte
 (no SETTINGS, no PING ACK): the "black hole" server.
@@ -79,6 +83,8 @@ Kind = Literal[
     "malformed",
     "close_mid_stream",
     "close",
+    "done_no_trailers",
+    "truncated",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -317,7 +323,17 @@ class _Connection:
         else:
             await self._trailers_only(sid, method, body, Reply("trailers_only", status=12))
 
-    async def _generate(self, sid: int, req: pb.GenerateRequest, reply: Reply) -> None:
+    async def _done_no_trailers(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
+        await trio.sleep_forever()
+
+    async def _truncated(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        await self.send_data(sid, _frame_len(0, reply.claimed_size) + b"\x0a" * 16, end=True)
+
+    async def _generate(
+        self, sid: int, req: pb.GenerateRequest, reply: Reply, *, trailers: bool = True
+    ) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         start, end = req.offset, req.offset + len(req.append_tokens)
         prefill = b"".join(
@@ -335,7 +351,8 @@ class _Connection:
                 await trio.sleep(reply.interval)
             await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
         await self.send_data(sid, encode_done(end, n, end + n, "length" if n else "prefill"))
-        await self.send_headers(sid, _OK_TRAILERS, end=True)
+        if trailers:
+            await self.send_headers(sid, _OK_TRAILERS, end=True)
 
     async def _silent(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         return  # the stream stays open, unanswered, until the client resets it

@@ -102,6 +102,12 @@ class GenerateStream:
 
     async def __anext__(self) -> WireEvent:
         while True:
+            if self.done is not None:
+                # Done is last: only the end of the stream may follow (bounded wait).
+                if self._i < len(self._batch):
+                    raise e.ProtocolViolation("Generate: the server sent events after Done")
+                await self._drain()
+                raise StopAsyncIteration
             if self._i < len(self._batch):
                 raw = self._batch[self._i]
                 self._i += 1
@@ -164,15 +170,42 @@ class GenerateStream:
             (time.perf_counter() - self._started) * 1e3,
         )
 
+    def _done_if_buffered(self) -> None:
+        """Left early: if ``Done`` already arrived (unread), the call did finish."""
+        pending = self._batch[self._i :] + self._rx.receive_nowait()
+        self._batch, self._i = [], 0
+        for raw in pending:
+            ev = decode_generate_event(raw)
+            if isinstance(ev, Done):
+                self._on_done(ev)
+                return
+
     async def _drain(self) -> None:
-        """After ``Done``, read to the end so the stream finishes cleanly."""
-        while not self._finished:
-            self._batch = await self._rx.receive_batch()
-            self._i = len(self._batch)
-            if not self._batch:
-                self._finished = True
-            else:
-                raise e.ProtocolViolation("Generate: the server sent events after Done")
+        """After ``Done``, read to the end so the stream finishes cleanly.
+
+        Bounded: by the call's own ``timeout`` if it has one, and in any case by
+        a grace of ``close_timeout`` seconds. A server that sent ``Done`` and
+        then no trailers has its stream reset when the block exits; the session
+        is kept, since ``Done`` told its state.
+        """
+        now = trio.current_time()
+        limit = now + self._session._close_timeout
+        if self._timeouts is not None:
+            limit = min(limit, self._timeouts.total_at)
+        with trio.move_on_at(limit) as scope:
+            while not self._finished:
+                self._batch = await self._rx.receive_batch()
+                self._i = len(self._batch)
+                if not self._batch:
+                    self._finished = True
+                else:
+                    raise e.ProtocolViolation("Generate: the server sent events after Done")
+        if scope.cancelled_caught:
+            log.warning(
+                "session %s: no end of stream within %.3g s of Done; resetting the stream",
+                self._session.session_id,
+                limit - now,
+            )
 
 
 @final
@@ -416,6 +449,8 @@ class Session:
                 ) as rx:
                     stream = GenerateStream(rx, self, started, timeouts)
                     yield stream
+                    if stream.done is None:
+                        stream._done_if_buffered()
                     if stream.done is not None:
                         await stream._drain()
             except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):

@@ -604,10 +604,20 @@ class _Reader:
         self.size: int | None = None
         self.count = 0
 
+    async def _recv(self, size: int) -> bytes:
+        try:
+            data: bytes = await self.raw.recv_data(size)
+        except AssertionError as exc:
+            # grpclib asserts when the stream ends inside a message it was asked for.
+            if "less data than expected" not in str(exc):
+                raise
+            raise e.ProtocolViolation(f"{self.path}: the stream ended inside a message") from exc
+        return data
+
     async def next(self) -> bytes | None:
         size = self.size
         if size is None:
-            header = await self.raw.recv_data(5)
+            header = await self._recv(5)
             if not header:
                 return None
             if len(header) != 5:
@@ -620,7 +630,7 @@ class _Reader:
                     f"{self.path}: the server announced a {size}-byte message; "
                     f"max_message_size is {self.max_size}"
                 )
-        data: bytes = await self.raw.recv_data(size) if size else b""
+        data: bytes = await self._recv(size) if size else b""
         if len(data) != size:
             raise e.ProtocolViolation(f"{self.path}: the stream ended inside a message")
         self.size = None

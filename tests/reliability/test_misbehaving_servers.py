@@ -267,3 +267,43 @@ async def test_a_session_opened_while_its_call_was_cancelled_is_closed(
                 raise AssertionError("the block must not run")
         await wait_for(lambda: bool(bad_server.calls_to("CloseSession")), timeout=5)
     assert len(bad_server.calls_to("CloseSession")) == 1
+
+
+# -- the structured-concurrency contract -------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_a_message_cut_short_by_the_end_of_the_stream_is_a_protocol_violation(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        bad_server.plan(method, Reply("truncated", claimed_size=100))
+        with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
+            async with c.session() as s:
+                await s.prefill([1, 2])
+
+
+async def test_the_stream_deadline_also_bounds_the_wait_for_trailers_after_done(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5) as c:
+        async with c.session() as s:
+            bad_server.plan("Generate", Reply("done_no_trailers", tokens=3))
+            started = time.monotonic()
+            with trio.fail_after(5):
+                async with s.generate([1, 2], sampling=SamplingParams(max_tokens=3)) as ev:
+                    events = [e async for e in ev]
+            # Done arrived: the session's state is known, so it is kept.
+            assert isinstance(events[-1], poc_api.Done)
+            assert not s.lost and s.committed_len == 5
+            assert time.monotonic() - started < 2.0
+            # ... and with a total timeout, that bounds it too.
+            bad_server.plan("Generate", Reply("done_no_trailers", tokens=1))
+            started = time.monotonic()
+            with trio.fail_after(5):
+                async with s.generate(
+                    [3], sampling=SamplingParams(max_tokens=1), timeout=0.2
+                ) as ev:
+                    events = [e async for e in ev]
+            assert time.monotonic() - started < 0.5
+            assert not s.lost and s.committed_len == 7
