@@ -36,6 +36,9 @@ server's default)::
 - ``"close"``: close the TCP connection without answering;
 - ``"done_no_trailers"``: Generate streams its tokens and ``Done``, then never
   sends trailers (the stream stays open);
+- ``"goaway_graceful"``: Generate sends half its tokens, then GOAWAY(NO_ERROR) with
+  this stream as the last one, then the rest, ``Done`` and trailers, as a gRPC
+  server shutting down gracefully does; the connection closes ``interval`` s later;
 - ``"truncated"``: a message whose length prefix promises ``claimed_size`` bytes;
   16 follow, then END_STREAM (the message is cut short by the end of the stream).
 
@@ -57,6 +60,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import hyperframe.frame
 import trio
 
 from poc_api._proto import salience as pb
@@ -85,6 +89,7 @@ Kind = Literal[
     "close",
     "done_no_trailers",
     "truncated",
+    "goaway_graceful",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -414,6 +419,24 @@ class _Connection:
     async def _goaway(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         self.h2.close_connection(error_code=reply.status, last_stream_id=max(0, sid - 2))
         await self.flush()
+        await self.close()
+
+    async def _goaway_graceful(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        req = pb.GenerateRequest.parse(body)
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        n, end = min(reply.tokens, req.max_tokens), req.offset + len(req.append_tokens)
+        for i in range(n):
+            if i == n // 2:
+                # Raw bytes: h2 would refuse to send anything after its own GOAWAY.
+                frame = hyperframe.frame.GoAwayFrame(0)
+                frame.last_stream_id, frame.error_code = sid, 0
+                async with self.send_lock:
+                    await self.stream.send_all(frame.serialize())
+            await trio.sleep(reply.interval)
+            await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
+        await self.send_data(sid, encode_done(end, n, end + n, "length"))
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+        await trio.sleep(reply.interval)
         await self.close()
 
     async def _goaway_after(self, sid: int, method: str, body: bytes, reply: Reply) -> None:

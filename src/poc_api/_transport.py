@@ -41,7 +41,7 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
-from h2.events import DataReceived, RemoteSettingsChanged
+from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.exceptions import StreamClosedError
 from hyperframe.frame import WindowUpdateFrame
 
@@ -180,6 +180,11 @@ class KeepAlive:
     timeout: float = 20.0
 
 
+# How a stream above a graceful GOAWAY's last stream id is ended: the server never
+# processed it, exactly as with REFUSED_STREAM.
+_GOAWAY_REFUSED = "Received GOAWAY above this stream's id: not processed (REFUSED_STREAM)"
+
+
 def _retriable_reset(exc: BaseException) -> bool:
     # grpclib words a peer's RST_STREAM as "... error_code: <code>"; the code
     # prints as a name or a number depending on the Python version.
@@ -227,6 +232,7 @@ class GrpcTransport:
         self.open_streams = 0
         """Calls in flight on this transport (unary and streaming)."""
         self._channel: Channel | None = None
+        self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False
         self._failures = 0
         self._retry_at = 0.0
@@ -284,6 +290,13 @@ class GrpcTransport:
         if self._closed:
             raise trio.ClosedResourceError("the ApiClient is closed")
         channel = self._channel
+        self._sweep_draining()
+        if channel is not None and _draining(channel):
+            # A graceful GOAWAY: its streams finish on the old connection, new
+            # calls go to a new one.
+            log.info("salience server at %s is draining this connection", self._target.url)
+            self._draining.append(channel)
+            channel = self._channel = None
         if channel is not None and channel._connected and _settled(channel):
             return channel
         if channel is not None and self._channel_was_connected:
@@ -320,6 +333,14 @@ class GrpcTransport:
             self._retry_at = 0.0
             self._channel_was_connected = True
         return channel
+
+    def _sweep_draining(self) -> None:
+        """Close the draining connections whose last stream has ended."""
+        for channel in list(self._draining):
+            protocol = channel._protocol
+            if protocol is None or not channel._connected or not protocol.processor.streams:
+                self._draining.remove(channel)
+                channel.close()
 
     async def _await_settings(
         self, channel: Channel, protocol: _PocH2Protocol, limit: float
@@ -543,6 +564,9 @@ class GrpcTransport:
             channel, self._channel = self._channel, None
             if channel is not None:
                 channel.close()
+            for old in self._draining:
+                old.close()
+            self._draining.clear()
 
         await self._bridge.run(close, defer_ki=True)
 
@@ -676,6 +700,11 @@ async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -
         stream._raise_for_grpc_status(status, message, details)
 
 
+def _draining(channel: Channel) -> bool:
+    protocol = channel._protocol
+    return isinstance(protocol, _PocH2Protocol) and protocol.draining
+
+
 def _settled(channel: Channel) -> bool:
     protocol = channel._protocol
     return isinstance(protocol, _PocH2Protocol) and protocol.settings_received.is_set()
@@ -683,7 +712,23 @@ def _settled(channel: Channel) -> bool:
 
 class _SplitWindowH2Connection(h2.connection.H2Connection):
     """An h2 connection that returns connection-level window on receipt and
-    stream-level window on consumption (see the module docstring)."""
+    stream-level window on consumption (see the module docstring), and that
+    stays open after a graceful GOAWAY."""
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        # h2 closes its state machine on any GOAWAY, after which the DATA of
+        # streams the server promised to finish is a protocol error. HTTP/2 lets
+        # streams up to last_stream_id run to completion after GOAWAY(NO_ERROR),
+        # and gRPC servers send it on graceful shutdown and max_connection_age. So
+        # for NO_ERROR only the event is raised; poc_api opens no new stream on
+        # this connection (it is draining) and closes it once its streams end.
+        if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
     def receive_data(self, data: Any) -> list[Any]:
         events = super().receive_data(data)
@@ -725,6 +770,7 @@ class _PocH2Protocol(H2Protocol):
         self.settings_received = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
+        self.draining = False  # a graceful GOAWAY came: finish what runs, start nothing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib's own connection_made with the h2 connection class swapped.
@@ -761,8 +807,22 @@ class _PocH2Protocol(H2Protocol):
         for event in events:
             if isinstance(event, RemoteSettingsChanged):
                 self.settings_received.set()
+            elif (
+                isinstance(event, ConnectionTerminated)
+                and event.error_code == h2.errors.ErrorCodes.NO_ERROR
+            ):
+                self._graceful_goaway(event.last_stream_id or 0)
+                continue  # grpclib would fail every stream of the connection
             self.processor.process(event)
         self.connection.flush()
+
+    def _graceful_goaway(self, last_stream_id: int) -> None:
+        log.debug("graceful GOAWAY (last stream %d): draining the connection", last_stream_id)
+        self.draining = True
+        for stream_id, stream in list(self.processor.streams.items()):
+            if stream_id > last_stream_id:
+                # Never processed by the server: safe to send again elsewhere.
+                stream.__terminated__(_GOAWAY_REFUSED)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.set()

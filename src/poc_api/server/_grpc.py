@@ -23,6 +23,7 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.events import StreamReset
+from hyperframe.frame import GoAwayFrame
 
 from .._proto.salience import (
     AppendImageRequest,
@@ -388,13 +389,37 @@ class _Generation:
 class _ObservedProtocol(H2Protocol):
     """H2Protocol that reports connections and client RST_STREAMs to :class:`Stats`."""
 
-    def __init__(self, stats: Stats, *args: Any) -> None:
+    def __init__(self, stats: Stats, live: set[_ObservedProtocol], *args: Any) -> None:
         super().__init__(*args)
         self._stats = stats
+        self._live = live
         self._counted = False
+        self._transport: Any = None
+
+    def goaway(self) -> None:
+        """Send GOAWAY(NO_ERROR) naming the last stream this server will finish.
+
+        Written as raw bytes: h2 refuses to send anything, DATA of the streams it
+        still finishes included, once it has sent a GOAWAY itself.
+        """
+        if self._transport is None or self._transport.is_closing():
+            return
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.connection._connection.highest_inbound_stream_id
+        frame.error_code = 0
+        self._transport.write(frame.serialize())
+
+    def running_streams(self) -> int:
+        return len(self.processor.streams)
+
+    def close_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._transport = transport
+        self._live.add(self)
         self._counted = True
         self._stats.connection_opened()
         original = self.processor.process_stream_reset
@@ -408,6 +433,7 @@ class _ObservedProtocol(H2Protocol):
         self.processor.processors[StreamReset] = process_stream_reset
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._live.discard(self)
         try:
             super().connection_lost(exc)
         finally:
@@ -423,6 +449,27 @@ class ObservedServer(grpclib.server.Server):
     def __init__(self, rt: Runtime) -> None:
         super().__init__([SalienceService(rt)], codec=_Codec(rt.config.max_message_size))
         self._stats = rt.stats
+        self.connections: set[_ObservedProtocol] = set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop: GOAWAY on every connection, up to ``grace`` s for running calls to
+        finish, then cancel what is left and close every connection."""
+        assert self._server is not None
+        self._server.close()  # no new connections
+        if grace > 0:
+            for conn in list(self.connections):
+                conn.goaway()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            # Polled: grpclib has no "last stream ended" event to wait for.
+            while loop.time() < deadline and self._busy():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        self.close()  # cancels the calls still running
+        for conn in list(self.connections):
+            conn.close_transport()
+
+    def _busy(self) -> bool:
+        return any(c.running_streams() for c in self.connections)
 
     def _protocol_factory(self) -> H2Protocol:
         # Mirrors grpclib.server.Server._protocol_factory (grpclib 0.4.x).
@@ -431,4 +478,6 @@ class ObservedServer(grpclib.server.Server):
             self._mapping, self._codec, self._status_details_codec, self.__dispatch__
         )
         self._handlers.add(handler)
-        return _ObservedProtocol(self._stats, handler, self._config, self._h2_config)
+        return _ObservedProtocol(
+            self._stats, self.connections, handler, self._config, self._h2_config
+        )
