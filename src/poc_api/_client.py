@@ -92,6 +92,9 @@ class ApiClient:
             5 minutes, is the most frequent pinging that gRPC's C-core servers
             accept by default on a quiet connection (more often earns a GOAWAY
             "too_many_pings"); lower it for servers that allow it.
+        keepalive_idle: also ping while no call runs but sessions are open (an
+            agent between turns), so a frozen server is found before the next
+            turn. Off: ping only while calls run.
         max_concurrent_streams: calls (unary or streaming) in flight at once on
             this client; one more raises :class:`LimitExceeded` at once. A guard
             against runaway fan-out; bound concurrency yourself (e.g. with a
@@ -125,6 +128,7 @@ class ApiClient:
         max_message_size: int = 64 * 1024 * 1024,
         keepalive_time: float | None = 300.0,
         keepalive_timeout: float = 20.0,
+        keepalive_idle: bool = True,
         max_concurrent_streams: int = 1024,
     ) -> None:
         if not isinstance(base_url, str):
@@ -133,6 +137,8 @@ class ApiClient:
             raise TypeError("api_key and model must be str")
         if grpc_url is not None and not isinstance(grpc_url, str):
             raise TypeError("grpc_url must be a str or None")
+        if not isinstance(keepalive_idle, bool):
+            raise TypeError("keepalive_idle must be a bool")
         if "\n" in api_key or "\r" in api_key:
             raise ValueError("api_key must not contain line breaks")
         for name, value in (
@@ -158,7 +164,9 @@ class ApiClient:
             if count < 1:
                 raise ValueError(f"{name} must be positive")
         self._keepalive = (
-            KeepAlive(keepalive_time, keepalive_timeout) if keepalive_time is not None else None
+            KeepAlive(keepalive_time, keepalive_timeout, keepalive_idle)
+            if keepalive_time is not None
+            else None
         )
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key

@@ -551,6 +551,7 @@ class open_session:  # used like the function it replaced
             close_timeout=self._close_timeout,
         )
         log.debug("session %s opened (max_length=%d)", resp.session_id, resp.max_length)
+        transport.open_sessions += 1  # keepalive watches the connection between turns
         return session
 
     @trio.lowlevel.enable_ki_protection
@@ -561,4 +562,7 @@ class open_session:  # used like the function it replaced
         tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
-            await self._session.aclose()
+            try:
+                await self._session.aclose()
+            finally:
+                self._transport.open_sessions -= 1

@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl as _ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NoReturn, Protocol, final
@@ -178,6 +179,8 @@ class KeepAlive:
 
     time: float = 300.0
     timeout: float = 20.0
+    idle: bool = True
+    """Also ping while no call runs but sessions are open (between turns)."""
 
 
 # How a stream above a graceful GOAWAY's last stream id is ended: the server never
@@ -231,6 +234,8 @@ class GrpcTransport:
         self._max_streams = max_concurrent_streams
         self.open_streams = 0
         """Calls in flight on this transport (unary and streaming)."""
+        self.open_sessions = 0
+        """Sessions opened through this transport and not yet closed (trio side)."""
         self._channel: Channel | None = None
         self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False
@@ -275,13 +280,16 @@ class GrpcTransport:
             ssl = self._ssl_context if self._ssl_context is not None else True
         self.channels_opened += 1
         self._channel_was_connected = False
-        return _PocChannel(
+        channel = _PocChannel(
             self._target.host,
             self._target.port,
             ssl=ssl,
             codec=RawCodec(),
             config=self._config(),
         )
+        if self._keepalive is not None and self._keepalive.idle:
+            channel.sessions_open = lambda: self.open_sessions > 0
+        return channel
 
     async def _ready_channel(self) -> Channel:
         # Runs on the asyncio side, which is single-threaded: plain attributes are
@@ -759,6 +767,24 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
             self._prepare_for_sending(stream.acknowledge_received_data(acknowledged_size))
 
 
+class _PocConnection(Connection):
+    """grpclib's connection, pinging also while sessions are open between calls.
+
+    grpclib pings only while a stream is open, so a server that froze while an
+    agent thinks between turns would be found only at the next call."""
+
+    sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+
+    def _is_need_send_ping(self) -> bool:
+        if super()._is_need_send_ping():
+            return True
+        if not self.sessions_open():
+            return False
+        last = self.last_ping_sent
+        interval = self._config._http2_min_sent_ping_interval_without_data
+        return last is None or time.monotonic() - last >= interval
+
+
 class _PocH2Protocol(H2Protocol):
     """grpclib's client protocol with split flow control, plus two facts grpclib
     does not keep: whether the peer's SETTINGS arrived, and whether the connection
@@ -771,6 +797,7 @@ class _PocH2Protocol(H2Protocol):
         self.lost = asyncio.Event()
         self.protocol_error = False
         self.draining = False  # a graceful GOAWAY came: finish what runs, start nothing
+        self.sessions_open: Callable[[], bool] = lambda: False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib's own connection_made with the h2 connection class swapped.
@@ -788,7 +815,8 @@ class _PocH2Protocol(H2Protocol):
             h2_conn.update_settings(
                 {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size}
             )
-        self.connection = Connection(h2_conn, transport, config=self.config)  # type: ignore[arg-type]
+        self.connection = _PocConnection(h2_conn, transport, config=self.config)  # type: ignore[arg-type]
+        self.connection.sessions_open = self.sessions_open
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
@@ -830,8 +858,12 @@ class _PocH2Protocol(H2Protocol):
 
 
 class _PocChannel(Channel):
+    sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+
     def _protocol_factory(self) -> H2Protocol:
-        return _PocH2Protocol(Handler(), self._config, self._h2_config)
+        protocol = _PocH2Protocol(Handler(), self._config, self._h2_config)
+        protocol.sessions_open = self.sessions_open
+        return protocol
 
 
 @contextmanager
