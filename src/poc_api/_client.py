@@ -294,6 +294,8 @@ class ApiClient:
             raise trio.ClosedResourceError("the ApiClient is closed")
         if self._state is not _State.OPENED or self._http is None:
             raise RuntimeError(f"use the ApiClient inside `async with` (it is {self._state.value})")
+        assert self._bridge is not None
+        self._bridge.check_caller()  # httpx's connections belong to this trio.run too
         return self._http
 
     # -- gRPC --------------------------------------------------------------------
