@@ -145,8 +145,8 @@ class EventEncoder:
             body += self.readout_field
         return _framed(b"\x0a" + varint(len(body)) + body)
 
-    # Not poc_api.server's encode_done: importing poc_api installs trio-asyncio's
-    # asyncio policy, and this plain-asyncio server then hangs.
+    # Not poc_api.server's encode_done: the replay server stays a standalone script
+    # that imports nothing of poc_api, so it measures no poc_api code.
     @staticmethod
     def done(prompt: int, completion: int, total: int, reason: str) -> bytes:
         """A framed ``Done`` event."""

@@ -33,7 +33,14 @@ server's default)::
 - ``"malformed"``: a correctly framed message that is not valid protobuf;
 - ``"close_mid_stream"``: Generate headers and three tokens, then close the TCP
   connection (unary methods: close without answering);
-- ``"close"``: close the TCP connection without answering.
+- ``"close"``: close the TCP connection without answering;
+- ``"done_no_trailers"``: Generate streams its tokens and ``Done``, then never
+  sends trailers (the stream stays open);
+- ``"goaway_graceful"``: Generate sends half its tokens, then GOAWAY(NO_ERROR) with
+  this stream as the last one, then the rest, ``Done`` and trailers, as a gRPC
+  server shutting down gracefully does; the connection closes ``interval`` s later;
+- ``"truncated"``: a message whose length prefix promises ``claimed_size`` bytes;
+  16 follow, then END_STREAM (the message is cut short by the end of the stream).
 
 ``srv.mute = True`` makes *new connections* accept TCP and never send a byte
 (no SETTINGS, no PING ACK): the "black hole" server.
@@ -53,6 +60,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import hyperframe.frame
 import trio
 
 from poc_api._proto import salience as pb
@@ -79,6 +87,9 @@ Kind = Literal[
     "malformed",
     "close_mid_stream",
     "close",
+    "done_no_trailers",
+    "truncated",
+    "goaway_graceful",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -317,7 +328,17 @@ class _Connection:
         else:
             await self._trailers_only(sid, method, body, Reply("trailers_only", status=12))
 
-    async def _generate(self, sid: int, req: pb.GenerateRequest, reply: Reply) -> None:
+    async def _done_no_trailers(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
+        await trio.sleep_forever()
+
+    async def _truncated(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        await self.send_data(sid, _frame_len(0, reply.claimed_size) + b"\x0a" * 16, end=True)
+
+    async def _generate(
+        self, sid: int, req: pb.GenerateRequest, reply: Reply, *, trailers: bool = True
+    ) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         start, end = req.offset, req.offset + len(req.append_tokens)
         prefill = b"".join(
@@ -335,7 +356,8 @@ class _Connection:
                 await trio.sleep(reply.interval)
             await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
         await self.send_data(sid, encode_done(end, n, end + n, "length" if n else "prefill"))
-        await self.send_headers(sid, _OK_TRAILERS, end=True)
+        if trailers:
+            await self.send_headers(sid, _OK_TRAILERS, end=True)
 
     async def _silent(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         return  # the stream stays open, unanswered, until the client resets it
@@ -397,6 +419,24 @@ class _Connection:
     async def _goaway(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         self.h2.close_connection(error_code=reply.status, last_stream_id=max(0, sid - 2))
         await self.flush()
+        await self.close()
+
+    async def _goaway_graceful(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        req = pb.GenerateRequest.parse(body)
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        n, end = min(reply.tokens, req.max_tokens), req.offset + len(req.append_tokens)
+        for i in range(n):
+            if i == n // 2:
+                # Raw bytes: h2 would refuse to send anything after its own GOAWAY.
+                frame = hyperframe.frame.GoAwayFrame(0)
+                frame.last_stream_id, frame.error_code = sid, 0
+                async with self.send_lock:
+                    await self.stream.send_all(frame.serialize())
+            await trio.sleep(reply.interval)
+            await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
+        await self.send_data(sid, encode_done(end, n, end + n, "length"))
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+        await trio.sleep(reply.interval)
         await self.close()
 
     async def _goaway_after(self, sid: int, method: str, body: bytes, reply: Reply) -> None:

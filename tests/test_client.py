@@ -562,3 +562,17 @@ async def test_tasks_started_before_the_client_opened_can_use_it(
                 await send.send(c)
                 await finished.wait()
     assert len(results) == 3
+
+
+async def test_break_with_done_already_buffered_keeps_the_session(
+    client: poc_api.ApiClient,
+) -> None:
+    with trio.fail_after(10):
+        async with client.session() as s:
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=3)) as ev:
+                await trio.sleep(0.2)  # everything, Done included, is buffered by now
+                async for _ in ev:
+                    break
+            assert not s.lost
+            assert s.committed_len == len(HELLO) + 3
+            await s.prefill([1])  # still usable

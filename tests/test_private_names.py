@@ -13,6 +13,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+import grpclib.server
 import h2.connection
 import trio
 from grpclib.client import Channel
@@ -47,6 +48,8 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
             SERVICE + "CloseSession", Cardinality.UNARY_UNARY, bytes, bytes
         ) as stream:
             found = {
+                "grpclib.protocol.Connection instance": channel._protocol.connection,
+                "grpclib.server.Server instance": grpclib.server.Server([]),
                 "grpclib.client.Channel instance": channel,
                 "grpclib.client.Stream instance": stream,
                 "h2.connection.H2Connection instance": h2.connection.H2Connection(),

@@ -21,6 +21,8 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         # plumbing that users never touch
         "AsyncioBridge",
         "PRIVATE_NAMES",
+        "keyword_only_from",
+        "collapse_cancellation",
         "BatchReceiver",
         "Sink",
         "open_bridge",
@@ -75,3 +77,17 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
             assert name in exported or name in internal_only, (
                 f"poc_api.{info.name}.{name} is neither exported nor listed as internal"
             )
+
+
+def test_deprecation_warnings_of_poc_api_and_its_runtime_deps_are_errors() -> None:
+    # pyproject's filterwarnings: an API slated for removal must turn the run red.
+    import warnings
+
+    import pytest
+
+    for module in ("poc_api._transport", "grpclib.client", "trio._core", "h2.connection"):
+        with pytest.raises(DeprecationWarning):
+            warnings.warn_explicit("going away", DeprecationWarning, "x.py", 1, module=module)
+    # ... and only theirs: a test dependency's warning is not ours to fail on.
+    with warnings.catch_warnings(record=True):
+        warnings.warn_explicit("going away", DeprecationWarning, "x.py", 1, module="hypothesis")

@@ -189,6 +189,17 @@ class BatchReceiver(Generic[T]):
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
 
+    def receive_nowait(self) -> list[T]:
+        """Take whatever is buffered now (maybe nothing), without waiting."""
+        buf = self._buf
+        with buf.lock:
+            items = list(buf.items)
+            buf.items.clear()
+            space, buf.space = buf.space, None
+        if space is not None:
+            buf.bridge._to_loop_quietly(lambda: _wake_future(space))
+        return items
+
     async def receive_batch(self) -> list[T]:
         """Wait for items and take all that are buffered.
 
@@ -350,8 +361,11 @@ class AsyncioBridge:
         self._to_trio_quietly(call.done.set)
 
     def _cancel(self, call: _Call) -> None:
+        # Set here too, not only on the loop: a call whose start is still queued
+        # behind other work then never starts at all.
+        call.cancel_requested = True
+
         def cancel() -> None:
-            call.cancel_requested = True
             task = call.task
             if task is not None and not task.done():
                 task.cancel()

@@ -22,7 +22,7 @@ import trio
 from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._conversation import Conversation
-from ._http import ChatCompletion, ChatEvent, HttpApi
+from ._http import ChatCompletion, ChatEvent, HttpApi, redact_url
 from ._pool import (
     DEFAULT_AFFINITY_HEADER,
     DnsTarget,
@@ -34,7 +34,7 @@ from ._pool import (
 from ._score import score_chunks, score_continuations, score_many
 from ._session import Session, open_session
 from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
-from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample
+from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample, keyword_only_from
 
 __all__ = ["ApiClient", "resolve_grpc_url"]
 
@@ -60,7 +60,9 @@ def resolve_grpc_url(
         return env["POC_GRPC_URL"]
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must look like http://host:port/v1, got {base_url!r}")
+        raise ValueError(
+            f"base_url must look like http://host:port/v1, got {redact_url(base_url)!r}"
+        )
     port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}:{port + 1}"
@@ -107,6 +109,9 @@ class ApiClient:
             5 minutes, is the most frequent pinging that gRPC's C-core servers
             accept by default on a quiet connection (more often earns a GOAWAY
             "too_many_pings"); lower it for servers that allow it.
+        keepalive_idle: also ping while no call runs but sessions are open (an
+            agent between turns), so a frozen server is found before the next
+            turn. Off: ping only while calls run.
         max_concurrent_streams: calls (unary or streaming) in flight at once on
             this client; one more raises :class:`LimitExceeded` at once. A guard
             against runaway fan-out; bound concurrency yourself (e.g. with a
@@ -140,13 +145,14 @@ class ApiClient:
                         print(e)
     """
 
+    @keyword_only_from(2, ("model", "grpc_url"))
     def __init__(
         self,
         base_url: str,
         api_key: str = "",
+        *,
         model: str = "",
         grpc_url: str | Sequence[str] | None = None,
-        *,
         connect_timeout: float = 30.0,
         timeout: float = 600.0,
         close_timeout: float = 5.0,
@@ -154,6 +160,7 @@ class ApiClient:
         max_message_size: int = 64 * 1024 * 1024,
         keepalive_time: float | None = 300.0,
         keepalive_timeout: float = 20.0,
+        keepalive_idle: bool = True,
         max_concurrent_streams: int = 1024,
         affinity_header: str | None = DEFAULT_AFFINITY_HEADER,
         health_check_interval: float = 5.0,
@@ -176,6 +183,8 @@ class ApiClient:
         self._pool = pool
         self._health_interval = float(health_check_interval)
         self._dns_refresh = float(dns_refresh)
+        if not isinstance(keepalive_idle, bool):
+            raise TypeError("keepalive_idle must be a bool")
         if "\n" in api_key or "\r" in api_key:
             raise ValueError("api_key must not contain line breaks")
         for name, value in (
@@ -201,7 +210,9 @@ class ApiClient:
             if count < 1:
                 raise ValueError(f"{name} must be positive")
         self._keepalive = (
-            KeepAlive(keepalive_time, keepalive_timeout) if keepalive_time is not None else None
+            KeepAlive(keepalive_time, keepalive_timeout, keepalive_idle)
+            if keepalive_time is not None
+            else None
         )
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -226,7 +237,7 @@ class ApiClient:
     def __repr__(self) -> str:
         # Never the api key.
         return (
-            f"<ApiClient base_url={self._base_url!r} grpc_url={self._target.url!r} "
+            f"<ApiClient base_url={redact_url(self._base_url)!r} grpc_url={self._target.url!r} "
             f"model={self._model!r} {self._state.value}>"
         )
 
@@ -380,6 +391,8 @@ class ApiClient:
             raise trio.ClosedResourceError("the ApiClient is closed")
         if self._state is not _State.OPENED or self._http is None:
             raise RuntimeError(f"use the ApiClient inside `async with` (it is {self._state.value})")
+        assert self._bridge is not None
+        self._bridge.check_caller()  # httpx's connections belong to this trio.run too
         return self._http
 
     # -- gRPC --------------------------------------------------------------------

@@ -43,6 +43,7 @@ from ._types import (
     TokenOut,
     check_int32,
     check_timeout,
+    keyword_only_from,
 )
 
 if TYPE_CHECKING:
@@ -222,14 +223,15 @@ class Conversation:
         if stack is not None:
             await stack.aclose()
 
+    @keyword_only_from(2, ("priority", "readout_shape"))
     @asynccontextmanager
     async def stream(
         self,
         chunks: Sequence[Chunk],
         sampling: SamplingParams | None = None,
+        *,
         priority: int | None = None,
         readout_shape: tuple[int, int] | None = None,
-        *,
         timeout: float | None = None,
         first_token_timeout: float | None = None,
         token_timeout: float | None = None,
@@ -407,6 +409,9 @@ class Conversation:
         return out, events, sent
 
     async def aclose(self) -> None:
-        """Close the held session, if any (idempotent)."""
+        """Close the held session, if any (idempotent). A checkpoint."""
         self._closed = True
+        if self._stack is None:
+            await trio.lowlevel.checkpoint()
+            return
         await self._drop()

@@ -32,7 +32,11 @@ place each: :func:`poc_api._transport.map_grpc_error` and
 
 from __future__ import annotations
 
-from typing import final
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn, final
+
+import trio
 
 __all__ = [
     "AuthenticationError",
@@ -52,6 +56,7 @@ __all__ = [
     "SessionNotFound",
     "StreamCancelled",
     "TransportError",
+    "collapse_cancellation",
 ]
 
 
@@ -205,3 +210,42 @@ class SessionLost(PocApiError):
     A generate stream that was cancelled or failed before its ``Done`` leaves the
     session in a state the client cannot know. Open a new session.
     """
+
+
+@contextmanager
+def collapse_cancellation() -> Iterator[None]:
+    """Around a nursery the library opened (ours, or httpx's connect): a group
+    made only of cancellations (and Ctrl-C) leaves as one exception.
+
+    ``except trio.Cancelled`` and ``except KeyboardInterrupt`` then work for the
+    caller, as they do around trio's own functions. The leaf keeps its own
+    ``__cause__``, ``__context__`` and ``__suppress_context__``. A group holding
+    anything else is left exactly as it is: only groups of nothing but
+    cancellation are the library's to collapse.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if not all(isinstance(x, trio.Cancelled | KeyboardInterrupt) for x in leaves):
+            raise
+        ki = [x for x in leaves if isinstance(x, KeyboardInterrupt)]
+        _reraise((ki or leaves)[0])
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _reraise(leaf: BaseException) -> NoReturn:
+    context, cause, suppress = leaf.__context__, leaf.__cause__, leaf.__suppress_context__
+    try:
+        raise leaf
+    finally:
+        # `raise` inside the handler set the group as context: put back the leaf's own.
+        leaf.__context__, leaf.__cause__ = context, cause
+        leaf.__suppress_context__ = suppress

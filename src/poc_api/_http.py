@@ -46,6 +46,7 @@ from ._errors import (
     PocApiTimeout,
     ProtocolViolation,
     ServerUnavailable,
+    collapse_cancellation,
 )
 from ._sse import SSEDecoder, SSEEvent
 from ._types import ReadoutManifest, TrainResult, TrainSample, Usage
@@ -201,7 +202,10 @@ def _map_httpx_errors(method: str, url: str) -> Iterator[None]:
     """The one place where httpx exceptions become poc_api exceptions."""
     url = redact_url(url)
     try:
-        yield
+        # httpx's trio backend connects in a nursery (happy eyeballs): a cancel
+        # there would otherwise come out as a group of Cancelled.
+        with collapse_cancellation():
+            yield
     except httpx.TimeoutException as exc:
         raise PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})") from exc
     except httpx.RemoteProtocolError as exc:

@@ -500,6 +500,15 @@ class SessionRoute:
         """The endpoint the session lives on (``None`` before ``OpenSession``)."""
         return self._endpoint.target.url if self._endpoint is not None else None
 
+    @property
+    def open_sessions(self) -> int:
+        """Sessions open on this session's connection (keepalive pings while > 0)."""
+        return self._current().transport.open_sessions
+
+    @open_sessions.setter
+    def open_sessions(self, value: int) -> None:
+        self._current().transport.open_sessions = value
+
     def _current(self) -> _Endpoint:
         if self._endpoint is None:
             raise RuntimeError("no OpenSession went through this route yet")

@@ -5,7 +5,8 @@ without its per-message codec, to swap the h2 connection class (the flow-control
 split), to know whether the peer's SETTINGS arrived, or to set keepalive; h2
 offers no public way to return connection-level window apart from stream-level
 window. ``_transport.py`` uses the names below for that, and nothing else
-private. ``tests/test_private_names.py`` checks every one of them against the
+private (``server/_grpc.py`` uses the last two for the reference server's
+graceful shutdown). ``tests/test_private_names.py`` checks every one of them against the
 installed versions (on real objects from a real call), so an upgrade that drops
 one fails loudly there instead of silently disabling a feature. ``pyproject.toml``
 caps grpclib, h2 and hyperframe below their next release lines.
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 __all__ = ["PRIVATE_NAMES"]
 
-#: (owner, name, what poc_api needs it for). ``owner`` is a module, a class, or
-#: "<class> instance" for attributes that only exist on instances.
+#: (owner, name, what poc_api needs it for); the reference server's own uses
+#: last. ``owner`` is a module, a class, or "<class> instance" for attributes
+#: that only exist on instances.
 PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("grpclib.protocol", "_set_nodelay", "TCP_NODELAY in our own connection_made"),
     ("grpclib.config.Configuration", "_keepalive_time", "keepalive interval"),
@@ -28,6 +30,9 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "_http2_min_sent_ping_interval_without_data",
         "keepalive",
     ),
+    ("grpclib.protocol.Connection", "_is_need_send_ping", "keepalive between turns"),
+    ("grpclib.protocol.Connection instance", "last_ping_sent", "keepalive between turns"),
+    ("grpclib.protocol.Connection instance", "_config", "keepalive between turns"),
     ("grpclib.client.Channel", "_protocol_factory", "install the split-window protocol"),
     ("grpclib.client.Channel", "__connect__", "connect, then wait for SETTINGS"),
     ("grpclib.client.Channel instance", "_protocol", "the connection's SETTINGS state"),
@@ -46,8 +51,17 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("h2.connection.H2Connection", "_get_stream_by_id", "stream-level window acks"),
     ("h2.connection.H2Connection", "_prepare_for_sending", "send WINDOW_UPDATE frames"),
     (
+        "h2.connection.H2Connection",
+        "_receive_goaway_frame",
+        "keep a connection open after a graceful GOAWAY",
+    ),
+    ("grpclib.protocol.Stream", "__terminated__", "end streams above a GOAWAY's last id"),
+    (
         "h2.connection.H2Connection instance",
         "_inbound_flow_control_window_manager",
         "return connection-level window on receipt",
     ),
+    # The reference server (poc_api.server): graceful shutdown.
+    ("grpclib.server.Server instance", "_server", "stop accepting before the grace period"),
+    ("grpclib.protocol.Connection instance", "_connection", "the h2 connection's last stream id"),
 )

@@ -269,9 +269,11 @@ async def score_many(
         batches = [([i], 0) for i in todo]
     if not batches:
         await trio.lowlevel.checkpoint()  # nothing to send; still a checkpoint
-    async with trio.open_nursery() as nursery:
-        for indices, shared in batches:
-            nursery.start_soon(one, indices, shared)
+    # The children catch every Exception; what can group is cancellation.
+    with e.collapse_cancellation():
+        async with trio.open_nursery() as nursery:
+            for indices, shared in batches:
+                nursery.start_soon(one, indices, shared)
     if first_error:
         raise first_error[0]
     return [r if r is not None else [] for r in results]

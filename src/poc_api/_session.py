@@ -104,6 +104,12 @@ class GenerateStream:
 
     async def __anext__(self) -> WireEvent:
         while True:
+            if self.done is not None:
+                # Done is last: only the end of the stream may follow (bounded wait).
+                if self._i < len(self._batch):
+                    raise e.ProtocolViolation("Generate: the server sent events after Done")
+                await self._drain()
+                raise StopAsyncIteration
             if self._i < len(self._batch):
                 raw = self._batch[self._i]
                 self._i += 1
@@ -166,15 +172,42 @@ class GenerateStream:
             (time.perf_counter() - self._started) * 1e3,
         )
 
+    def _done_if_buffered(self) -> None:
+        """Left early: if ``Done`` already arrived (unread), the call did finish."""
+        pending = self._batch[self._i :] + self._rx.receive_nowait()
+        self._batch, self._i = [], 0
+        for raw in pending:
+            ev = decode_generate_event(raw)
+            if isinstance(ev, Done):
+                self._on_done(ev)
+                return
+
     async def _drain(self) -> None:
-        """After ``Done``, read to the end so the stream finishes cleanly."""
-        while not self._finished:
-            self._batch = await self._rx.receive_batch()
-            self._i = len(self._batch)
-            if not self._batch:
-                self._finished = True
-            else:
-                raise e.ProtocolViolation("Generate: the server sent events after Done")
+        """After ``Done``, read to the end so the stream finishes cleanly.
+
+        Bounded: by the call's own ``timeout`` if it has one, and in any case by
+        a grace of ``close_timeout`` seconds. A server that sent ``Done`` and
+        then no trailers has its stream reset when the block exits; the session
+        is kept, since ``Done`` told its state.
+        """
+        now = trio.current_time()
+        limit = now + self._session._close_timeout
+        if self._timeouts is not None:
+            limit = min(limit, self._timeouts.total_at)
+        with trio.move_on_at(limit) as scope:
+            while not self._finished:
+                self._batch = await self._rx.receive_batch()
+                self._i = len(self._batch)
+                if not self._batch:
+                    self._finished = True
+                else:
+                    raise e.ProtocolViolation("Generate: the server sent events after Done")
+        if scope.cancelled_caught:
+            log.warning(
+                "session %s: no end of stream within %.3g s of Done; resetting the stream",
+                self._session.session_id,
+                limit - now,
+            )
 
 
 @final
@@ -232,6 +265,14 @@ class Session:
     def lost(self) -> bool:
         """True after an interrupted call: the server-side state is unknown."""
         return self._lost
+
+    def _busy_check(self) -> None:
+        # trio.Lock would say "attempt to re-acquire an already held Lock".
+        if self._lock.locked() and self._lock.statistics().owner is trio.lowlevel.current_task():
+            raise RuntimeError(
+                f"session {self._session_id} is busy in this task (inside its own "
+                "generate block): finish or leave that block first"
+            )
 
     def _check_usable(self) -> None:
         if self._transport.closed:
@@ -298,6 +339,7 @@ class Session:
             offset=offset,
             truncating=truncating,
         )
+        self._busy_check()
         async with self._lock:
             self._check_usable()
             try:
@@ -371,6 +413,7 @@ class Session:
         between = check_timeout("token_timeout", token_timeout)
         if total is not None or first is not None or between is not None:
             timeouts = _Timeouts(total, first, between)
+        self._busy_check()
         async with self._lock:
             self._check_usable()
             offset, truncating = self._offset(rewind_to)
@@ -408,6 +451,8 @@ class Session:
                 ) as rx:
                     stream = GenerateStream(rx, self, started, timeouts)
                     yield stream
+                    if stream.done is None:
+                        stream._done_if_buffered()
                     if stream.done is not None:
                         await stream._drain()
             except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
@@ -509,6 +554,7 @@ class open_session:  # used like the function it replaced
             close_timeout=self._close_timeout,
         )
         log.debug("session %s opened (max_length=%d)", resp.session_id, resp.max_length)
+        transport.open_sessions += 1  # keepalive watches the connection between turns
         return session
 
     @trio.lowlevel.enable_ki_protection
@@ -519,4 +565,8 @@ class open_session:  # used like the function it replaced
         tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
-            await self._session.aclose()
+            try:
+                await self._session.aclose()
+            finally:
+                # The session's own transport: in a pool, its endpoint's.
+                self._session._transport.open_sessions -= 1

@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl as _ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NoReturn, Protocol, final
@@ -41,12 +42,13 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
-from h2.events import DataReceived, RemoteSettingsChanged
+from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.exceptions import StreamClosedError
 from hyperframe.frame import WindowUpdateFrame
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink
+from ._http import redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
@@ -77,7 +79,7 @@ class GrpcTarget:
         """Parse ``http://host:port`` / ``https://host:port`` (a path is ignored)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"gRPC URL must look like http://host:port, got {url!r}")
+            raise ValueError(f"gRPC URL must look like http://host:port, got {redact_url(url)!r}")
         tls = parts.scheme == "https"
         port = parts.port if parts.port is not None else (443 if tls else 80)
         return cls(parts.hostname, port, tls)
@@ -135,6 +137,9 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
         return e.ServerUnavailable(f"{name}: connection lost: {text}", grpc_status="UNAVAILABLE")
     if isinstance(exc, asyncio.TimeoutError):
         return e.PocApiTimeout(f"{name}: deadline exceeded")
+    if isinstance(exc, ConnectionRefusedError):
+        # Nothing listens (yet): a restart in progress, say. Nothing was sent.
+        return e.ServerUnavailable(f"{name}: cannot reach the server: {exc}", retriable=True)
     if isinstance(exc, ConnectionError | OSError):
         return e.ServerUnavailable(f"{name}: cannot reach the server: {exc}")
     if isinstance(exc, ProtocolError | h2.exceptions.ProtocolError):
@@ -174,6 +179,13 @@ class KeepAlive:
 
     time: float = 300.0
     timeout: float = 20.0
+    idle: bool = True
+    """Also ping while no call runs but sessions are open (between turns)."""
+
+
+# How a stream above a graceful GOAWAY's last stream id is ended: the server never
+# processed it, exactly as with REFUSED_STREAM.
+_GOAWAY_REFUSED = "Received GOAWAY above this stream's id: not processed (REFUSED_STREAM)"
 
 
 def _retriable_reset(exc: BaseException) -> bool:
@@ -222,7 +234,10 @@ class GrpcTransport:
         self._max_streams = max_concurrent_streams
         self.open_streams = 0
         """Calls in flight on this transport (unary and streaming)."""
+        self.open_sessions = 0
+        """Sessions opened through this transport and not yet closed (trio side)."""
         self._channel: Channel | None = None
+        self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False
         self._failures = 0
         self._retry_at = 0.0
@@ -265,13 +280,16 @@ class GrpcTransport:
             ssl = self._ssl_context if self._ssl_context is not None else True
         self.channels_opened += 1
         self._channel_was_connected = False
-        return _PocChannel(
+        channel = _PocChannel(
             self._target.host,
             self._target.port,
             ssl=ssl,
             codec=RawCodec(),
             config=self._config(),
         )
+        if self._keepalive is not None and self._keepalive.idle:
+            channel.sessions_open = lambda: self.open_sessions > 0
+        return channel
 
     async def _ready_channel(self) -> Channel:
         # Runs on the asyncio side, which is single-threaded: plain attributes are
@@ -280,6 +298,13 @@ class GrpcTransport:
         if self._closed:
             raise trio.ClosedResourceError("the ApiClient is closed")
         channel = self._channel
+        self._sweep_draining()
+        if channel is not None and _draining(channel):
+            # A graceful GOAWAY: its streams finish on the old connection, new
+            # calls go to a new one.
+            log.info("salience server at %s is draining this connection", self._target.url)
+            self._draining.append(channel)
+            channel = self._channel = None
         if channel is not None and channel._connected and _settled(channel):
             return channel
         if channel is not None and self._channel_was_connected:
@@ -317,6 +342,14 @@ class GrpcTransport:
             self._channel_was_connected = True
         return channel
 
+    def _sweep_draining(self) -> None:
+        """Close the draining connections whose last stream has ended."""
+        for channel in list(self._draining):
+            protocol = channel._protocol
+            if protocol is None or not channel._connected or not protocol.processor.streams:
+                self._draining.remove(channel)
+                channel.close()
+
     async def _await_settings(
         self, channel: Channel, protocol: _PocH2Protocol, limit: float
     ) -> None:
@@ -352,10 +385,11 @@ class GrpcTransport:
         )
 
     @contextmanager
-    def _stream_slot(self, method: str) -> Iterator[None]:
+    def _stream_slot(self, method: str, *, cleanup: bool = False) -> Iterator[None]:
         # A guard against runaway fan-out: one connection multiplexes every call,
         # and the server caps concurrent streams anyway (grpclib then queues).
-        if self.open_streams >= self._max_streams:
+        # Cleanup (CloseSession) is never refused: refusing it would leak a session.
+        if not cleanup and self.open_streams >= self._max_streams:
             raise e.LimitExceeded(
                 f"{method}: {self.open_streams} calls already in flight on this client "
                 f"(max_concurrent_streams={self._max_streams})"
@@ -483,7 +517,7 @@ class GrpcTransport:
                 self._bridge.call_soon(lambda: self._adopt(_done_future(reply), orphan))
 
         try:
-            with self._stream_slot(method), deadline(timeout, method):
+            with self._stream_slot(method, cleanup=cleanup), deadline(timeout, method):
                 return await self._bridge.run(call, abandoned=abandoned, defer_ki=cleanup)
         except Exception as exc:
             _raise_mapped(exc, path)
@@ -555,6 +589,9 @@ class GrpcTransport:
             channel, self._channel = self._channel, None
             if channel is not None:
                 channel.close()
+            for old in self._draining:
+                old.close()
+            self._draining.clear()
 
         await self._bridge.run(close, defer_ki=True)
 
@@ -616,10 +653,20 @@ class _Reader:
         self.size: int | None = None
         self.count = 0
 
+    async def _recv(self, size: int) -> bytes:
+        try:
+            data: bytes = await self.raw.recv_data(size)
+        except AssertionError as exc:
+            # grpclib asserts when the stream ends inside a message it was asked for.
+            if "less data than expected" not in str(exc):
+                raise
+            raise e.ProtocolViolation(f"{self.path}: the stream ended inside a message") from exc
+        return data
+
     async def next(self) -> bytes | None:
         size = self.size
         if size is None:
-            header = await self.raw.recv_data(5)
+            header = await self._recv(5)
             if not header:
                 return None
             if len(header) != 5:
@@ -632,7 +679,7 @@ class _Reader:
                     f"{self.path}: the server announced a {size}-byte message; "
                     f"max_message_size is {self.max_size}"
                 )
-        data: bytes = await self.raw.recv_data(size) if size else b""
+        data: bytes = await self._recv(size) if size else b""
         if len(data) != size:
             raise e.ProtocolViolation(f"{self.path}: the stream ended inside a message")
         self.size = None
@@ -678,6 +725,11 @@ async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -
         stream._raise_for_grpc_status(status, message, details)
 
 
+def _draining(channel: Channel) -> bool:
+    protocol = channel._protocol
+    return isinstance(protocol, _PocH2Protocol) and protocol.draining
+
+
 def _settled(channel: Channel) -> bool:
     protocol = channel._protocol
     return isinstance(protocol, _PocH2Protocol) and protocol.settings_received.is_set()
@@ -685,7 +737,23 @@ def _settled(channel: Channel) -> bool:
 
 class _SplitWindowH2Connection(h2.connection.H2Connection):
     """An h2 connection that returns connection-level window on receipt and
-    stream-level window on consumption (see the module docstring)."""
+    stream-level window on consumption (see the module docstring), and that
+    stays open after a graceful GOAWAY."""
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        # h2 closes its state machine on any GOAWAY, after which the DATA of
+        # streams the server promised to finish is a protocol error. HTTP/2 lets
+        # streams up to last_stream_id run to completion after GOAWAY(NO_ERROR),
+        # and gRPC servers send it on graceful shutdown and max_connection_age. So
+        # for NO_ERROR only the event is raised; poc_api opens no new stream on
+        # this connection (it is draining) and closes it once its streams end.
+        if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
     def receive_data(self, data: Any) -> list[Any]:
         events = super().receive_data(data)
@@ -716,6 +784,24 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
             self._prepare_for_sending(stream.acknowledge_received_data(acknowledged_size))
 
 
+class _PocConnection(Connection):
+    """grpclib's connection, pinging also while sessions are open between calls.
+
+    grpclib pings only while a stream is open, so a server that froze while an
+    agent thinks between turns would be found only at the next call."""
+
+    sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+
+    def _is_need_send_ping(self) -> bool:
+        if super()._is_need_send_ping():
+            return True
+        if not self.sessions_open():
+            return False
+        last = self.last_ping_sent
+        interval = self._config._http2_min_sent_ping_interval_without_data
+        return last is None or time.monotonic() - last >= interval
+
+
 class _PocH2Protocol(H2Protocol):
     """grpclib's client protocol with split flow control, plus two facts grpclib
     does not keep: whether the peer's SETTINGS arrived, and whether the connection
@@ -727,6 +813,8 @@ class _PocH2Protocol(H2Protocol):
         self.settings_received = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
+        self.draining = False  # a graceful GOAWAY came: finish what runs, start nothing
+        self.sessions_open: Callable[[], bool] = lambda: False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib's own connection_made with the h2 connection class swapped.
@@ -744,7 +832,8 @@ class _PocH2Protocol(H2Protocol):
             h2_conn.update_settings(
                 {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size}
             )
-        self.connection = Connection(h2_conn, transport, config=self.config)  # type: ignore[arg-type]
+        self.connection = _PocConnection(h2_conn, transport, config=self.config)  # type: ignore[arg-type]
+        self.connection.sessions_open = self.sessions_open
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
@@ -763,8 +852,22 @@ class _PocH2Protocol(H2Protocol):
         for event in events:
             if isinstance(event, RemoteSettingsChanged):
                 self.settings_received.set()
+            elif (
+                isinstance(event, ConnectionTerminated)
+                and event.error_code == h2.errors.ErrorCodes.NO_ERROR
+            ):
+                self._graceful_goaway(event.last_stream_id or 0)
+                continue  # grpclib would fail every stream of the connection
             self.processor.process(event)
         self.connection.flush()
+
+    def _graceful_goaway(self, last_stream_id: int) -> None:
+        log.debug("graceful GOAWAY (last stream %d): draining the connection", last_stream_id)
+        self.draining = True
+        for stream_id, stream in list(self.processor.streams.items()):
+            if stream_id > last_stream_id:
+                # Never processed by the server: safe to send again elsewhere.
+                stream.__terminated__(_GOAWAY_REFUSED)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.set()
@@ -772,8 +875,12 @@ class _PocH2Protocol(H2Protocol):
 
 
 class _PocChannel(Channel):
+    sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+
     def _protocol_factory(self) -> H2Protocol:
-        return _PocH2Protocol(Handler(), self._config, self._h2_config)
+        protocol = _PocH2Protocol(Handler(), self._config, self._h2_config)
+        protocol.sessions_open = self.sessions_open
+        return protocol
 
 
 @contextmanager

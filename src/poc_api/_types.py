@@ -7,13 +7,16 @@ needed to use it (``mv.tolist()`` gives nested lists).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from typing import Any, final
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, final
 
 import attrs
 
 __all__ = [
+    "keyword_only_from",
     "Done",
     "ImageAppend",
     "ImageAppended",
@@ -270,3 +273,39 @@ class TrainResult:
 
     accepted: int
     job_id: str
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def keyword_only_from(position: int, names: tuple[str, ...]) -> Callable[[_F], _F]:
+    """Accept, for one release and with a ``DeprecationWarning``, arguments that
+    became keyword-only: those passed positionally past ``position`` (``self``
+    not counted) are handed on as the keywords ``names``."""
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(self: object, *args: Any, **kwargs: Any) -> Any:
+            extra = args[position:]
+            if extra:
+                if len(extra) > len(names):
+                    raise TypeError(
+                        f"{fn.__qualname__}() takes at most {position} positional arguments"
+                    )
+                given = names[: len(extra)]
+                warnings.warn(
+                    f"{fn.__qualname__}(): pass {', '.join(given)} by keyword; "
+                    "positional use is deprecated and will be removed",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                for name, value in zip(given, extra, strict=True):
+                    if name in kwargs:
+                        raise TypeError(f"{fn.__qualname__}() got multiple values for {name!r}")
+                    kwargs[name] = value
+                args = args[:position]
+            return fn(self, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -244,3 +244,33 @@ async def test_long_healthy_stream_with_no_timeouts_and_fast_keepalive_runs_to_t
             assert time.monotonic() - started > 0.5  # long enough to see several pings
         assert n == 60_001
         assert isinstance(last, poc_api.Done) and last.completion_tokens == 60_000
+
+
+@pytest.mark.parametrize("idle", [True, False])
+async def test_a_server_frozen_between_turns_is_found_while_a_session_is_open(
+    server_process: type[ServerProcess], port_pair: int, idle: bool
+) -> None:
+    proc = server_process(port_pair)
+    proc.start()
+    keepalive_time, keepalive_timeout = 0.2, 0.3
+    async with poc_api.ApiClient(
+        proc.base_url,
+        grpc_url=proc.grpc_url,
+        keepalive_time=keepalive_time,
+        keepalive_timeout=keepalive_timeout,
+        keepalive_idle=idle,
+        close_timeout=0.3,
+    ) as c:
+        transport = c._transport
+        assert transport is not None
+        async with c.session() as s:
+            await s.prefill([1, 2, 3])  # then the agent thinks: no call runs
+            proc.signal(signal.SIGSTOP)
+            try:
+                await trio.sleep(keepalive_time + keepalive_timeout + 0.7)
+                protocol = transport._channel._protocol if transport._channel else None
+                lost = protocol is None or protocol.lost.is_set()  # type: ignore[attr-defined]
+            finally:
+                proc.signal(signal.SIGCONT)
+    # With idle pings, the dead connection was noticed with nothing in flight.
+    assert lost is idle

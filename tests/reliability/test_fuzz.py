@@ -151,7 +151,7 @@ def test_api_client_constructor(
     base_url: Any, api_key: Any, model: Any, grpc_url: Any, numbers: dict[str, Any]
 ) -> None:
     try:
-        c = poc_api.ApiClient(base_url, api_key, model, grpc_url, **numbers)
+        c = poc_api.ApiClient(base_url, api_key, model=model, grpc_url=grpc_url, **numbers)
     except OK_ERRORS:
         return
     assert (api_key or "\x00") not in repr(c) or not api_key
@@ -286,7 +286,9 @@ async def test_conversation_stream(
                     except OK_ERRORS:
                         sampling = SamplingParams(max_tokens=3)
                     try:
-                        async with conv.stream(chunks_of(turn), sampling, priority, shape) as ev:
+                        async with conv.stream(
+                            chunks_of(turn), sampling, priority=priority, readout_shape=shape
+                        ) as ev:
                             async for _ in ev:
                                 pass
                     except OK_ERRORS:

@@ -81,14 +81,18 @@ async def test_a_client_used_from_another_threads_trio_run_says_so(
     errors: list[BaseException] = []
 
     def other_thread(client: poc_api.ApiClient) -> None:
-        async def use() -> None:
+        async def use_grpc() -> None:
             async with client.session():
                 pass
 
-        try:
-            trio.run(use)
-        except BaseException as exc:
-            errors.append(exc)
+        async def use_http() -> None:
+            await client.readout_manifest()
+
+        for use in (use_grpc, use_http):
+            try:
+                trio.run(use)
+            except BaseException as exc:
+                errors.append(exc)
 
     with trio.fail_after(10):
         async with client_for(server) as client:
@@ -96,9 +100,10 @@ async def test_a_client_used_from_another_threads_trio_run_says_so(
             # ... and the owner's run is unharmed.
             async with client.session() as s:
                 await s.prefill([1, 2])
-    assert len(errors) == 1
-    assert isinstance(errors[0], RuntimeError)
-    assert "another trio.run" in str(errors[0])
+    assert len(errors) == 2
+    for error in errors:
+        assert isinstance(error, RuntimeError)
+        assert "another trio.run" in str(error)
 
 
 async def test_everything_after_close_raises_closed_resource_error(
@@ -195,3 +200,51 @@ def test_no_loop_thread_outlives_its_client() -> None:
 
     trio.run(main)
     assert not [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
+
+
+async def _conversation_agent(client: poc_api.ApiClient, started: trio.Event) -> None:
+    async with client.conversation() as conv:
+        async with conv.stream([poc_api.Tokens(HELLO)], LONG) as ev:
+            started.set()
+            async for _ in ev:
+                pass
+
+
+async def _score_many_agent(client: poc_api.ApiClient, started: trio.Event) -> None:
+    started.set()
+    await client.score_many([([poc_api.Tokens(HELLO * 50)], [(1, 100)])] * 200)
+
+
+async def _chat_stream_agent(client: poc_api.ApiClient, started: trio.Event) -> None:
+    async with client.chat_stream(
+        [{"role": "user", "content": "hi"}], model="m", max_tokens=4000
+    ) as ev:
+        started.set()
+        async for _ in ev:
+            pass
+
+
+@pytest.mark.parametrize("agent", [_conversation_agent, _score_many_agent, _chat_stream_agent])
+async def test_closing_the_client_under_any_running_call_gives_a_clean_error(
+    server: ReferenceServer, agent: object
+) -> None:
+    client = client_for(server, close_timeout=1.0)
+    caught: list[BaseException] = []
+
+    async def run_agent() -> None:
+        try:
+            await agent(client, started)  # type: ignore[operator]
+        except BaseException as exc:
+            caught.append(exc)
+
+    started = trio.Event()
+    with trio.fail_after(10):
+        async with client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_agent)
+                await started.wait()
+                await trio.sleep(0.01)
+                await client.aclose()
+    # Finished before the close, or failed with a clean error: never a group, never asyncio.
+    for exc in caught:
+        assert isinstance(exc, trio.ClosedResourceError | poc_api.PocApiError), repr(exc)

@@ -162,14 +162,29 @@ async def test_reset_stream_is_stream_cancelled_and_not_retried(
 
 
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
-async def test_goaway_fails_the_unprocessed_call_and_the_client_reconnects(
+async def test_goaway_with_an_error_fails_the_call_and_the_client_reconnects(
     bad_server: MisbehavingServer, method: str
 ) -> None:
     async with client_for(bad_server) as c:
-        bad_server.plan(method, Reply("goaway"))
+        bad_server.plan(method, Reply("goaway", status=2))  # INTERNAL_ERROR
         await fails_with(c, method, poc_api.ServerUnavailable)
         await assert_next_call_works(c)
     assert bad_server.connections == 2
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_a_call_above_a_graceful_goaways_last_stream_is_sent_again_elsewhere(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    # GOAWAY(NO_ERROR) says the server never processed streams above last_stream_id:
+    # like REFUSED_STREAM, the call is safe to send again, on a new connection.
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("goaway"))
+        with trio.fail_after(5):
+            events = await generate_once(c)
+        assert isinstance(events[-1], poc_api.Done)
+    assert bad_server.connections == 2
+    assert [x.connection for x in bad_server.calls_to(method)] == [1, 2]
 
 
 async def test_graceful_goaway_after_a_complete_answer_does_not_fail_it(
@@ -267,3 +282,108 @@ async def test_a_session_opened_while_its_call_was_cancelled_is_closed(
                 raise AssertionError("the block must not run")
         await wait_for(lambda: bool(bad_server.calls_to("CloseSession")), timeout=5)
     assert len(bad_server.calls_to("CloseSession")) == 1
+
+
+# -- the structured-concurrency contract -------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_a_message_cut_short_by_the_end_of_the_stream_is_a_protocol_violation(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        bad_server.plan(method, Reply("truncated", claimed_size=100))
+        with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
+            async with c.session() as s:
+                await s.prefill([1, 2])
+
+
+async def test_the_stream_deadline_also_bounds_the_wait_for_trailers_after_done(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5) as c:
+        async with c.session() as s:
+            bad_server.plan("Generate", Reply("done_no_trailers", tokens=3))
+            started = time.monotonic()
+            with trio.fail_after(5):
+                async with s.generate([1, 2], sampling=SamplingParams(max_tokens=3)) as ev:
+                    events = [e async for e in ev]
+            # Done arrived: the session's state is known, so it is kept.
+            assert isinstance(events[-1], poc_api.Done)
+            assert not s.lost and s.committed_len == 5
+            assert time.monotonic() - started < 2.0
+            # ... and with a total timeout, that bounds it too.
+            bad_server.plan("Generate", Reply("done_no_trailers", tokens=1))
+            started = time.monotonic()
+            with trio.fail_after(5):
+                async with s.generate(
+                    [3], sampling=SamplingParams(max_tokens=1), timeout=0.2
+                ) as ev:
+                    events = [e async for e in ev]
+            assert time.monotonic() - started < 0.5
+            assert not s.lost and s.committed_len == 7
+
+
+async def test_a_graceful_goaway_lets_the_stream_finish_and_new_calls_use_a_new_connection(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        async with c.session() as s:
+            bad_server.plan("Generate", Reply("goaway_graceful", tokens=20, interval=0.01))
+            with trio.fail_after(10):
+                events = []
+                async with s.generate([1, 2], sampling=SamplingParams(max_tokens=20)) as ev:
+                    async for e in ev:
+                        events.append(e)
+                        if len(events) == 15:
+                            # Mid-stream, after the GOAWAY: a new call, a new connection.
+                            async with c.session() as other:
+                                await other.prefill([5])
+        assert isinstance(events[-1], poc_api.Done) and events[-1].completion_tokens == 20
+        assert not s.lost
+        new_calls = [x for x in bad_server.calls if x.method == "OpenSession"]
+        assert {x.connection for x in new_calls} == {1, 2}
+
+
+async def test_the_reference_servers_graceful_stop_lets_running_streams_finish() -> None:
+    from poc_api.server import ReferenceServer, ServerConfig
+
+    srv = ReferenceServer(ServerConfig(ignore_eos=True, token_delay_ms=2.0))
+    await trio.to_thread.run_sync(srv.start)
+    try:
+        async with poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as c:
+            async with c.session() as s:
+                with trio.fail_after(10):
+                    async with s.generate([1, 2], sampling=SamplingParams(max_tokens=100)) as ev:
+                        first = await ev.__anext__()
+                        stopping = trio.Event()
+
+                        async def stop() -> None:
+                            await trio.to_thread.run_sync(lambda: srv.stop(grace=5.0))
+                            stopping.set()
+
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(stop)
+                            rest = [e async for e in ev]
+        assert isinstance(first, Token)
+        assert isinstance(rest[-1], poc_api.Done) and rest[-1].completion_tokens == 100
+    finally:
+        await trio.to_thread.run_sync(srv.stop)
+
+
+async def test_reference_server_stop_closes_every_connection() -> None:
+    from poc_api.server import ReferenceServer, ServerConfig
+
+    srv = ReferenceServer(ServerConfig())
+    await trio.to_thread.run_sync(srv.start)
+    async with poc_api.ApiClient(
+        srv.base_url, grpc_url=srv.grpc_url, keepalive_time=None, close_timeout=0.5
+    ) as c:
+        async with c.session() as s:
+            await s.prefill([1, 2])
+            await trio.to_thread.run_sync(srv.stop)
+            # The connection is gone at once: the next call fails fast, not on keepalive.
+            started = time.monotonic()
+            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+                await s.prefill([3])
+            assert time.monotonic() - started < 1.0

@@ -150,3 +150,64 @@ def test_grpcio_normalized_top_logprobs(peer: Any, pb: tuple[ModuleType, ModuleT
     for ev in events[:-1]:
         total = sum(math.exp(x.logprob) for x in ev.token.top_logprobs)
         assert math.isclose(total, 1.0, abs_tol=1e-4)
+
+
+def test_grpcio_server_graceful_stop_lets_a_poc_api_stream_finish(
+    pb: tuple[ModuleType, ModuleType],
+) -> None:
+    """grpcio's server.stop(grace) sends GOAWAY and lets running calls finish."""
+    import threading
+    from concurrent import futures
+
+    import trio
+
+    import poc_api
+
+    pb2, pb2_grpc = pb
+
+    class Servicer(pb2_grpc.SalienceServicer):  # type: ignore[misc]
+        def OpenSession(self, request: Any, context: Any) -> Any:
+            return pb2.OpenSessionResponse(session_id="s1", max_length=1 << 20)
+
+        def CloseSession(self, request: Any, context: Any) -> Any:
+            return pb2.CloseSessionResponse()
+
+        def Generate(self, request: Any, context: Any) -> Iterator[Any]:
+            start = request.offset + len(request.append_tokens)
+            for i in range(request.max_tokens):
+                time.sleep(0.01)
+                yield pb2.GenerateEvent(
+                    token=pb2.Token(id=65, position=start + i, sampled_logprob=-0.5)
+                )
+            n = request.max_tokens
+            yield pb2.GenerateEvent(
+                done=pb2.Done(prompt_tokens=start, completion_tokens=n, total_tokens=start + n)
+            )
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb2_grpc.add_SalienceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    async def main() -> list[Any]:
+        async with poc_api.ApiClient(
+            "http://127.0.0.1:9/v1", grpc_url=f"http://127.0.0.1:{port}", close_timeout=1.0
+        ) as c:
+            async with c.session() as s:
+                with trio.fail_after(TIMEOUT):
+                    async with s.generate(
+                        [1, 2], sampling=poc_api.SamplingParams(max_tokens=60)
+                    ) as ev:
+                        events = []
+                        async for e in ev:
+                            events.append(e)
+                            if len(events) == 6:
+                                # stop(grace) blocks until done: from a thread.
+                                threading.Thread(target=lambda: server.stop(5.0)).start()
+                        return events
+
+    try:
+        events = trio.run(main)
+    finally:
+        server.stop(None)
+    assert isinstance(events[-1], poc_api.Done) and events[-1].completion_tokens == 60

@@ -107,6 +107,7 @@ class ReferenceServer:
         self._ports: tuple[int, int] | None = None
         self._stopped = False
         self._grpc_server: ObservedServer | None = None
+        self._grace = 0.0
 
     # -- addresses ---------------------------------------------------------
 
@@ -214,16 +215,22 @@ class ReferenceServer:
             self._thread.join(_STOP_TIMEOUT)
             raise self._error
 
-    def stop(self) -> None:
-        """Stop serving (cancelling running requests) and join the thread. Idempotent."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop serving and join the thread. Idempotent.
+
+        Every gRPC connection gets a GOAWAY; calls still running get up to
+        ``grace`` seconds to finish (new calls must go elsewhere), then they are
+        cancelled and every connection is closed, so clients notice at once.
+        """
         if self._thread is None or self._stopped:
             return
         self._stopped = True
+        self._grace = grace
         loop, event = self._loop, self._stop_event
         if loop is not None and event is not None:
             with contextlib.suppress(RuntimeError):  # loop already closed
                 loop.call_soon_threadsafe(event.set)
-        self._thread.join(_STOP_TIMEOUT)
+        self._thread.join(grace + _STOP_TIMEOUT)
 
     async def __aenter__(self) -> ReferenceServer:
         await _run_in_thread(self.start)
@@ -267,7 +274,7 @@ class ReferenceServer:
         finally:
             evictor.cancel()
             http_server.close()
-            grpc_server.close()
+            await grpc_server.shutdown(self._grace)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(grpc_server.wait_closed(), _STOP_TIMEOUT / 2)
             # Open keep-alive connections would keep wait_closed() waiting (3.12+).

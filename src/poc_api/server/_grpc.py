@@ -13,7 +13,6 @@ import asyncio
 import logging
 import struct
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
@@ -24,6 +23,7 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.events import StreamReset
+from hyperframe.frame import GoAwayFrame
 
 from .._proto.salience import (
     AppendImageRequest,
@@ -395,15 +395,42 @@ class _Generation:
 class _ObservedProtocol(H2Protocol):
     """H2Protocol that reports connections and client RST_STREAMs to :class:`Stats`."""
 
-    def __init__(self, stats: Stats, *args: Any) -> None:
+    def __init__(self, stats: Stats, live: set[_ObservedProtocol], *args: Any) -> None:
         super().__init__(*args)
         self._stats = stats
+        self._live = live
         self._counted = False
-        self.transport: Any = None
+        self._transport: Any = None
+
+    def goaway(self) -> None:
+        """Send GOAWAY(NO_ERROR) naming the last stream this server will finish.
+
+        Written as raw bytes: h2 refuses to send anything, DATA of the streams it
+        still finishes included, once it has sent a GOAWAY itself.
+        """
+        if self._transport is None or self._transport.is_closing():
+            return
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.connection._connection.highest_inbound_stream_id
+        frame.error_code = 0
+        self._transport.write(frame.serialize())
+
+    def running_streams(self) -> int:
+        return len(self.processor.streams)
+
+    def close_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort_transport(self) -> None:
+        """Drop the connection at once, as the kernel does for a killed process."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self.transport = transport
+        self._transport = transport
+        self._live.add(self)
         self._counted = True
         self._stats.connection_opened()
         original = self.processor.process_stream_reset
@@ -417,6 +444,7 @@ class _ObservedProtocol(H2Protocol):
         self.processor.processors[StreamReset] = process_stream_reset
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._live.discard(self)
         try:
             super().connection_lost(exc)
         finally:
@@ -433,14 +461,33 @@ class ObservedServer(grpclib.server.Server):
         services: list[Any] = [SalienceService(rt), HealthService(rt.health)]
         super().__init__(services, codec=_Codec(rt.config.max_message_size))
         self._stats = rt.stats
-        self._protocols: weakref.WeakSet[_ObservedProtocol] = weakref.WeakSet()
+        self.connections: set[_ObservedProtocol] = set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop: GOAWAY on every connection, up to ``grace`` s for running calls to
+        finish, then cancel what is left and close every connection."""
+        assert self._server is not None
+        self._server.close()  # no new connections
+        if grace > 0:
+            for conn in list(self.connections):
+                conn.goaway()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            # Polled: grpclib has no "last stream ended" event to wait for.
+            while loop.time() < deadline and self._busy():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        self.close()  # cancels the calls still running
+        for conn in list(self.connections):
+            conn.close_transport()
+
+    def _busy(self) -> bool:
+        return any(c.running_streams() for c in self.connections)
 
     def abort(self) -> None:
         """Die like a crashed process: stop listening, drop every connection at once."""
         self.close()
-        for protocol in list(self._protocols):
-            if protocol.transport is not None:
-                protocol.transport.abort()
+        for conn in list(self.connections):
+            conn.abort_transport()
 
     def _protocol_factory(self) -> H2Protocol:
         # Mirrors grpclib.server.Server._protocol_factory (grpclib 0.4.x).
@@ -449,6 +496,6 @@ class ObservedServer(grpclib.server.Server):
             self._mapping, self._codec, self._status_details_codec, self.__dispatch__
         )
         self._handlers.add(handler)
-        protocol = _ObservedProtocol(self._stats, handler, self._config, self._h2_config)
-        self._protocols.add(protocol)
-        return protocol
+        return _ObservedProtocol(
+            self._stats, self.connections, handler, self._config, self._h2_config
+        )

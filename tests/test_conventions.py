@@ -1,0 +1,102 @@
+"""API conventions (issue: the structured-concurrency contract, item 11 and 8)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+import poc_api
+from poc_api import SamplingParams, Tokens
+from poc_api.server import ReferenceServer
+
+
+def test_arguments_after_the_first_two_are_keyword_only_with_a_deprecation() -> None:
+    with pytest.warns(DeprecationWarning, match="model, grpc_url"):
+        c = poc_api.ApiClient("http://127.0.0.1:8000/v1", "", "m", "http://127.0.0.1:9")
+    assert c.model == "m" and c.grpc_url == "http://127.0.0.1:9"
+    with pytest.raises(TypeError, match="multiple values"):
+        poc_api.ApiClient("http://127.0.0.1:8000/v1", "", "m", model="n")  # type: ignore[misc]
+    # The keyword form warns about nothing.
+    poc_api.ApiClient("http://127.0.0.1:8000/v1", "k", model="m", grpc_url=None)
+
+
+async def test_conversation_stream_takes_priority_and_shape_by_keyword(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.conversation() as conv:
+        with pytest.warns(DeprecationWarning, match="priority"):
+            async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=2), 3) as ev:  # type: ignore[misc]
+                async for _ in ev:
+                    pass
+        async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=2), priority=3) as ev:
+            async for _ in ev:
+                pass
+
+
+def test_credentials_in_urls_are_redacted() -> None:
+    c = poc_api.ApiClient("http://user:hunter2@127.0.0.1:8000/v1")
+    assert "hunter2" not in repr(c) and "user:***@" in repr(c)
+    with pytest.raises(ValueError) as info:
+        poc_api.resolve_grpc_url("ftp://user:hunter2@host/v1")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ValueError) as info:
+        poc_api.ApiClient("http://h:1/v1", grpc_url="ftp://user:hunter2@host:1")
+    assert "hunter2" not in str(info.value)
+
+
+async def test_reentering_a_session_inside_its_own_generate_block_is_a_clear_error(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.session() as s:
+        async with s.generate([1, 2], sampling=SamplingParams(max_tokens=2)) as ev:
+            with pytest.raises(RuntimeError, match="busy in this task"):
+                await s.prefill([3])
+            async for _ in ev:
+                pass
+        await s.prefill([3])  # and usable afterwards
+
+
+async def test_a_refused_connection_is_retriable() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        async with poc_api.ApiClient(
+            "http://127.0.0.1:9/v1", grpc_url=f"http://127.0.0.1:{port}"
+        ) as c:
+            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+                async with c.session():
+                    pass
+    assert info.value.retriable
+
+
+async def test_close_session_does_not_count_against_max_concurrent_streams(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_concurrent_streams=1
+    ) as c:
+        with trio.fail_after(10):
+            async with c.session() as s, s.generate([1], sampling=SamplingParams(max_tokens=10**5)):
+                # The one slot is taken by the stream; leaving must still close the session.
+                sid = s.session_id
+        assert sid not in server.state().session_ids
+
+
+async def test_calls_with_nothing_to_do_are_still_checkpoints(
+    server: ReferenceServer, client: poc_api.ApiClient
+) -> None:
+    with trio.testing.assert_checkpoints():
+        assert await client.score([Tokens([1, 2, 3])], []) == []
+    async with client.conversation() as conv:
+        with trio.testing.assert_checkpoints():
+            await conv.aclose()  # holds no session
+    async with client.session() as s:
+        pass
+    with trio.testing.assert_checkpoints():
+        await s.aclose()  # second close
+    unopened = poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url)
+    with trio.testing.assert_checkpoints():
+        await unopened.aclose()
+    with trio.testing.assert_checkpoints():
+        await unopened.aclose()
