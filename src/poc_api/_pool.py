@@ -202,7 +202,7 @@ class _Endpoint:
         "consecutive",
         "down_until",
         "failures",
-        "sessions",
+        "opening",
         "state",
         "target",
         "transport",
@@ -211,7 +211,7 @@ class _Endpoint:
     def __init__(self, target: GrpcTarget, transport: GrpcTransport) -> None:
         self.target = target
         self.transport = transport
-        self.sessions = 0  # trio side only
+        self.opening = 0  # OpenSession calls in flight here (trio side only)
         self.failures = 0
         self.consecutive = 0
         self.down_until = 0.0  # time.monotonic(); both threads read it
@@ -220,7 +220,12 @@ class _Endpoint:
 
     @property
     def load(self) -> int:
-        return self.sessions + self.transport.open_streams
+        return self.opening + self.sessions + self.transport.open_streams
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open here: the transport counts them (keepalive needs it too)."""
+        return self.transport.open_sessions
 
     def usable(self, now: float) -> bool:
         state = self.state
@@ -257,7 +262,11 @@ class _Endpoint:
 
     def status(self) -> EndpointStatus:
         return EndpointStatus(
-            self.target.url, self.state, self.sessions, self.transport.open_streams, self.failures
+            self.target.url,
+            self.state,
+            self.sessions + self.opening,
+            self.transport.open_streams,
+            self.failures,
         )
 
 
@@ -313,12 +322,17 @@ class Router:
         """Every endpoint's state and load (a snapshot)."""
         return tuple(ep.status() for ep in self._endpoints)
 
-    def bind_session(self) -> SessionRoute:
-        """A route for one new session, with a fresh affinity key."""
-        metadata: tuple[tuple[str, str], ...] = ()
-        if self._header is not None:
-            metadata = ((self._header, os.urandom(8).hex()),)
-        return SessionRoute(self, metadata)
+    def bind_session(self) -> SessionRoute | GrpcTransport:
+        """A route for one new session, with a fresh affinity key.
+
+        One endpoint and no affinity key: the endpoint's transport itself (the
+        single-server path stays exactly as it was).
+        """
+        if self._header is None:
+            if len(self._endpoints) == 1 and self._dns is None:
+                return self._endpoints[0].transport
+            return SessionRoute(self, ())
+        return SessionRoute(self, ((self._header, os.urandom(8).hex()),))
 
     # -- placement (trio side) -----------------------------------------------
 
@@ -477,13 +491,12 @@ class SessionRoute:
     the chosen one) and never changes after that.
     """
 
-    __slots__ = ("_counted", "_endpoint", "_metadata", "_router")
+    __slots__ = ("_endpoint", "_metadata", "_router")
 
     def __init__(self, router: Router, metadata: tuple[tuple[str, str], ...]) -> None:
         self._router = router
         self._metadata = metadata
         self._endpoint: _Endpoint | None = None
-        self._counted = False
 
     @property
     def closed(self) -> bool:
@@ -539,10 +552,6 @@ class SessionRoute:
         except e.ServerUnavailable:
             ep.failed()
             raise
-        finally:
-            if method == "CloseSession" and self._counted:
-                self._counted = False
-                ep.sessions -= 1
 
     async def _open(
         self,
@@ -559,13 +568,12 @@ class SessionRoute:
             await router.ready()
         while True:
             ep = self._endpoint = router.pick(tried)
-            ep.sessions += 1  # counted while opening, so concurrent picks see it
+            ep.opening += 1  # counted while opening, so concurrent picks see it
             try:
                 reply = await ep.transport.unary(
                     "OpenSession", request, orphan=orphan, extra_metadata=self._metadata
                 )
             except BaseException as exc:
-                ep.sessions -= 1
                 if not isinstance(exc, e.ServerUnavailable):
                     raise
                 ep.failed()
@@ -578,8 +586,9 @@ class SessionRoute:
                     exc,
                 )
                 continue
+            finally:
+                ep.opening -= 1
             ep.reached()
-            self._counted = True
             return reply
 
     async def unary_in_loop(self, method: str, request: bytes) -> bytes:
