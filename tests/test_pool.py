@@ -392,3 +392,26 @@ async def test_public_pool_calls_are_checkpoints() -> None:
             await client.score([Tokens([1, 2])], [])
         with trio.testing.assert_checkpoints():
             await client.score_many([])
+
+
+async def test_drain_reports_not_serving_and_waits_for_open_sessions() -> None:
+    async with reference_servers(2) as servers:
+        async with pool_client(servers, health_check_interval=0.05) as client:
+            with trio.fail_after(20):
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+                    victim = next(v for v in servers if s.session_id in v.state().session_ids)
+                    index = servers.index(victim)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(trio.to_thread.run_sync, victim.drain, 10.0)
+                        await wait_for(
+                            lambda: client.endpoints[index].state is EndpointState.NOT_SERVING
+                        )
+                        # Its open session carries on; new ones go elsewhere.
+                        await s.prefill([3])
+                        async with client.session() as other:
+                            await other.prefill([1])
+                            assert other.session_id not in victim.state().session_ids
+                        # The last session closes: drain() returns at once (not
+                        # after its 10 s grace) and stops the server.
+                        await s.aclose()
