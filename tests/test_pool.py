@@ -21,7 +21,7 @@ from poc_api._proto.grpc.health.v1 import (
     HealthCheckResponseServingStatus,
     HealthStub,
 )
-from poc_api.server import ReferenceServer, tokenize
+from poc_api.server import ReferenceServer, ServerConfig, tokenize
 from poc_api.testing import make_png, reference_servers
 
 SALIENCE = ("OpenSession", "CloseSession", "AppendImage", "Generate")
@@ -415,3 +415,40 @@ async def test_drain_reports_not_serving_and_waits_for_open_sessions() -> None:
                         # The last session closes: drain() returns at once (not
                         # after its 10 s grace) and stops the server.
                         await s.aclose()
+
+
+async def test_dns_target_follows_the_records_as_they_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two servers on one port of two loopback addresses, behind a name whose
+    records change: new addresses become endpoints, vanished ones are retired."""
+    from poc_api import _pool
+
+    records = ["127.0.0.1", "127.0.0.2"]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        assert host == "pool.test"
+        return list(records)
+
+    monkeypatch.setattr(_pool, "_lookup", lookup)
+    async with reference_servers(1) as (a,):
+        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
+        await trio.to_thread.run_sync(b.start)
+        try:
+            url = f"dns:///pool.test:{a.grpc_port}"
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
+            ) as client:
+                with trio.fail_after(20):
+                    await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 40)
+                    assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
+                    assert all(s.state().rpc_counts.get("OpenSession", 0) > 5 for s in (a, b))
+                    records[:] = ["127.0.0.2"]
+                    await wait_for(lambda: client.endpoints[0].state is EndpointState.RETIRED)
+                    before = a.state().rpc_counts["OpenSession"]
+                    await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 20)
+                    assert a.state().rpc_counts["OpenSession"] == before
+                    records[:] = ["127.0.0.1", "127.0.0.2"]
+                    await wait_for(lambda: client.endpoints[0].state is not EndpointState.RETIRED)
+        finally:
+            await trio.to_thread.run_sync(b.stop)

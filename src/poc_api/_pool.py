@@ -270,6 +270,12 @@ class _Endpoint:
         )
 
 
+async def _lookup(host: str, port: int) -> list[str]:
+    """asyncio: the A/AAAA addresses of ``host``, in the resolver's order, no repeats."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 @final
 class Router:
     """Where sessions go: one endpoint, or a pool of them. Owned by an ``ApiClient``.
@@ -398,13 +404,12 @@ class Router:
         assert dns is not None
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(dns.host, dns.port, type=socket.SOCK_STREAM)
+            addresses = await _lookup(dns.host, dns.port)
         except OSError as exc:
             log.warning("resolving %s failed: %s", dns.url, exc)
             return
         finally:
             self._resolved_at = loop.time()
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         known = {ep.target.host: ep for ep in self._endpoints}
         endpoints = list(self._endpoints)
         for address in addresses:
