@@ -115,3 +115,15 @@ async def test_without_the_affinity_header_nginx_loses_sessions(
                     failed += 1
     assert not_found > 0
     assert failed > 0
+
+
+async def test_many_concurrent_calls_survive_nginx_ending_connections_with_goaway() -> None:
+    # nginx sends a graceful GOAWAY after keepalive_requests calls on a connection;
+    # calls it never processed, queued or in flight at that moment, are sent again.
+    async with reference_servers(1) as [server]:
+        async with nginx_grpc_proxy([server.grpc_url], keepalive_requests=50) as url:
+            async with poc_api.ApiClient(server.base_url, grpc_url=url) as client:
+                prompts = [([Tokens(tokenize("hello there") * 3)], [(1, 20)])] * 400
+                with trio.fail_after(60):
+                    results = await client.score_many(prompts, max_concurrency=100)
+    assert len(results) == 400 and all(r == results[0] for r in results)

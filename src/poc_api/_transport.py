@@ -199,6 +199,10 @@ def _retriable_reset(exc: BaseException) -> bool:
 
 _MAX_BACKOFF = 1.0
 _REFUSED_RETRIES = 2
+# A connection that drains (graceful GOAWAY) refuses calls the server never saw;
+# behind a proxy that ends connections every N calls that can happen more than
+# twice to one call, so these have a bound of their own.
+_DRAINED_RETRIES = 8
 
 
 @final
@@ -419,11 +423,14 @@ class GrpcTransport:
         """asyncio: one call — send ``request``, hand every reply message to ``sink``.
 
         Retries a stream the server refused before answering (REFUSED_STREAM: it
-        was never processed), up to twice. On any exit before the call finished
+        was never processed), up to twice, and a call a draining connection
+        (graceful GOAWAY) never sent, up to eight times, each on a fresh
+        connection. On any exit before the call finished
         the stream is reset with CANCEL.
         """
         max_size = self._max_message_size
-        for attempt in range(_REFUSED_RETRIES + 1):
+        refused = drained = 0
+        while True:
             channel = await self._ready_channel()
             reader: _Reader | None = None
             try:
@@ -444,9 +451,15 @@ class GrpcTransport:
                         raise
             except StreamTerminatedError as exc:
                 received = reader is not None and reader.count > 0
-                if not received and attempt < _REFUSED_RETRIES and _retriable_reset(exc):
-                    log.debug("%s: stream refused by the server; retrying", path)
-                    continue
+                if not received and _retriable_reset(exc):
+                    if str(exc) == _GOAWAY_REFUSED and drained < _DRAINED_RETRIES:
+                        drained += 1
+                        log.debug("%s: not sent before the GOAWAY; sending it again", path)
+                        continue
+                    if refused < _REFUSED_RETRIES:
+                        refused += 1
+                        log.debug("%s: stream refused by the server; retrying", path)
+                        continue
                 raise
             return
 
@@ -749,6 +762,7 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
         # this connection (it is draining) and closes it once its streams end.
         if frame.error_code != h2.errors.ErrorCodes.NO_ERROR:
             return super()._receive_goaway_frame(frame)
+        self.goaway_last_stream_id = frame.last_stream_id
         event = ConnectionTerminated()
         event.error_code = h2.errors.ErrorCodes.NO_ERROR
         event.last_stream_id = frame.last_stream_id
@@ -770,6 +784,17 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
                 frame.window_increment = increment
                 self._prepare_for_sending([frame])
         return events
+
+    goaway_last_stream_id: int | None = None
+
+    def get_next_available_stream_id(self) -> int:
+        # grpclib picks the id of a new stream right before sending its HEADERS,
+        # also for calls that were queued (for a stream slot or write buffer
+        # space) when the GOAWAY came. Such a call was never seen by the server:
+        # refuse it here, and _exchange sends it again on a new connection.
+        if self.goaway_last_stream_id is not None:
+            raise StreamTerminatedError(_GOAWAY_REFUSED)
+        return super().get_next_available_stream_id()
 
     def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
         # Stream part only: the connection part went back on receipt.

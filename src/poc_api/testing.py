@@ -128,6 +128,7 @@ def nginx_grpc_config(
     workdir: str,
     *,
     affinity_header: str = "x-session-affinity",
+    keepalive_requests: int = 1_000_000,
 ) -> str:
     """An nginx configuration that proxies gRPC on ``127.0.0.1:port`` to ``backends``.
 
@@ -135,7 +136,8 @@ def nginx_grpc_config(
     upstream hashes on the session's affinity header with consistent hashing, so
     every call of a session reaches the backend that holds it; a call without the
     header is spread round-robin. ``workdir`` holds the pid file, logs and
-    temporary files.
+    temporary files. nginx ends a client connection with a graceful GOAWAY after
+    ``keepalive_requests`` calls.
     """
     # weight=20: nginx puts 160 x weight points per server on the hash ring; the
     # default 160 splits the keys unevenly enough to cost throughput.
@@ -169,7 +171,7 @@ http {{
         # nginx ends an HTTP/2 connection (GOAWAY) after keepalive_requests
         # streams, 1,000 by default: a client making many calls would keep
         # reconnecting.
-        keepalive_requests 1000000;
+        keepalive_requests {keepalive_requests};
         keepalive_timeout 600s;
         location / {{
             grpc_pass grpc://salience;
@@ -186,6 +188,7 @@ async def nginx_grpc_proxy(
     backends: Sequence[str],
     *,
     affinity_header: str = "x-session-affinity",
+    keepalive_requests: int = 1_000_000,
     nginx: str = NGINX,
 ) -> AsyncIterator[str]:
     """Run nginx in front of ``backends`` for the block; yields its gRPC URL.
@@ -205,7 +208,15 @@ async def nginx_grpc_proxy(
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         conf = Path(workdir) / "nginx.conf"
-        conf.write_text(nginx_grpc_config(backends, port, workdir, affinity_header=affinity_header))
+        conf.write_text(
+            nginx_grpc_config(
+                backends,
+                port,
+                workdir,
+                affinity_header=affinity_header,
+                keepalive_requests=keepalive_requests,
+            )
+        )
         process = await trio.lowlevel.open_process(
             [
                 nginx,
