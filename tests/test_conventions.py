@@ -100,3 +100,18 @@ async def test_calls_with_nothing_to_do_are_still_checkpoints(
         await unopened.aclose()
     with trio.testing.assert_checkpoints():
         await unopened.aclose()
+
+
+async def test_iterating_a_stream_stops_at_once_when_its_scope_is_cancelled(
+    client: poc_api.ApiClient,
+) -> None:
+    async with client.session() as s:
+        async with s.generate([1, 2], sampling=SamplingParams(max_tokens=200)) as ev:
+            await trio.sleep(0.2)  # a whole batch is buffered
+            seen = 0
+            with trio.CancelScope() as scope:
+                async for _ in ev:
+                    seen += 1
+                    if seen == 3:
+                        scope.cancel()
+            assert seen == 3  # not the rest of the buffered batch

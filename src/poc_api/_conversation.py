@@ -146,6 +146,7 @@ class ConversationStream:
         return StreamDone(ev.usage, ev.finish_reason)
 
     async def __anext__(self) -> StreamEvent:
+        await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
         if self._prefix:
             return self._prefix.pop(0)
         if self._lookahead is not None:

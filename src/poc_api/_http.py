@@ -1017,6 +1017,7 @@ class _ChatEvents:
         return self
 
     async def __anext__(self) -> ChatEvent:
+        await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
         while not self._queue:
             if self._error is not None:
                 error, self._error = self._error, None
