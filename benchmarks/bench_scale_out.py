@@ -19,60 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import random
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
+from bench_score_prefix import start_server
 
 import poc_api
 from poc_api import ScoreResult, Tokens
 from poc_api.testing import NGINX, nginx_grpc_proxy
 
 Prompt = tuple[list[poc_api.Chunk], list[tuple[int, int]]]
-
-
-def start_server(delay_us: float) -> tuple[subprocess.Popen[str], str, str]:
-    """A reference server process on free ports; returns it, base_url and grpc_url."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "poc_api.server",
-            "--port",
-            "0",
-            "--prefill-delay-us",
-            str(delay_us),
-            "--prefill-slots",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    urls: dict[str, str] = {}
-    try:
-        while len(urls) < 2:
-            key, _, value = lines.get(timeout=30).strip().partition(": ")
-            urls[key] = value
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc, urls["base_url"], urls["grpc_url"]
 
 
 async def timed_score_many(
@@ -134,7 +94,8 @@ def main() -> None:
     try:
         servers = []
         for _ in range(max(p["scale_servers"])):
-            proc, base_url, grpc_url = start_server(p["scale_delay_us"])
+            # One prefill at a time: each server has a bounded capacity to scale out.
+            proc, base_url, grpc_url = start_server(p["scale_delay_us"], "--prefill-slots", "1")
             procs.append(proc)
             servers.append((base_url, grpc_url))
         result = trio.run(measure, servers, p)

@@ -51,8 +51,9 @@ _TEXT = (
 )
 
 
-def start_server(delay_us: float) -> tuple[subprocess.Popen[str], str, str]:
-    """``python -m poc_api.server`` on free ports; returns it, base_url and grpc_url."""
+def start_server(delay_us: float, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
+    """``python -m poc_api.server`` on free ports with ``--prefill-delay-us delay_us``
+    and the ``extra`` flags; returns it, base_url and grpc_url."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -60,10 +61,9 @@ def start_server(delay_us: float) -> tuple[subprocess.Popen[str], str, str]:
             "poc_api.server",
             "--port",
             "0",
-            "--max-context",
-            "1000000",
             "--prefill-delay-us",
             str(delay_us),
+            *extra,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = json.loads(args.params)
-    proc, base_url, grpc_url = start_server(params["prefix_delay_us"])
+    proc, base_url, grpc_url = start_server(params["prefix_delay_us"], "--max-context", "1000000")
     try:
         result = trio.run(measure, base_url, grpc_url, params)
     finally:
