@@ -15,7 +15,7 @@ def test_arguments_after_the_first_two_are_keyword_only_with_a_deprecation() -> 
     with pytest.warns(DeprecationWarning, match="model, grpc_url"):
         c = poc_api.ApiClient("http://127.0.0.1:8000/v1", "", "m", "http://127.0.0.1:9")
     assert c.model == "m" and c.grpc_url == "http://127.0.0.1:9"
-    with pytest.raises(TypeError, match="multiple values"):
+    with pytest.raises(TypeError, match="multiple values"), pytest.warns(DeprecationWarning):
         poc_api.ApiClient("http://127.0.0.1:8000/v1", "", "m", model="n")  # type: ignore[misc]
     # The keyword form warns about nothing.
     poc_api.ApiClient("http://127.0.0.1:8000/v1", "k", model="m", grpc_url=None)
