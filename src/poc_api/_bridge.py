@@ -210,9 +210,6 @@ class BatchReceiver(Generic[T]):
         while True:
             with buf.lock:
                 if buf.items:
-                    items = list(buf.items)
-                    buf.items.clear()
-                    space, buf.space = buf.space, None
                     break
                 if buf.error is not None:
                     raise buf.error
@@ -220,9 +217,8 @@ class BatchReceiver(Generic[T]):
                     return []
                 waiter = buf.trio_waiter = trio.Event()
             await waiter.wait()
-        if space is not None:
-            buf.bridge._to_loop_quietly(lambda: _wake_future(space))
-        return items
+        # One consumer: the items found above are still there (maybe more).
+        return self.receive_nowait()
 
 
 @final
