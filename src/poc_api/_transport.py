@@ -838,15 +838,20 @@ class _PocH2Protocol(H2Protocol):
         self.settings_received = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
-        self.draining = False  # a graceful GOAWAY came: finish what runs, start nothing
         self.sessions_open: Callable[[], bool] = lambda: False
+        self._h2: _SplitWindowH2Connection | None = None
+
+    @property
+    def draining(self) -> bool:
+        """A graceful GOAWAY came: finish what runs, start nothing (h2 knows)."""
+        return self._h2 is not None and self._h2.goaway_last_stream_id is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib's own connection_made with the h2 connection class swapped.
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _set_nodelay(sock)
-        h2_conn = _SplitWindowH2Connection(config=self.h2_config)
+        h2_conn = self._h2 = _SplitWindowH2Connection(config=self.h2_config)
         h2_conn.initiate_connection()
         initial = h2_conn.local_settings.initial_window_size
         if self.config.http2_connection_window_size != initial:
@@ -888,7 +893,6 @@ class _PocH2Protocol(H2Protocol):
 
     def _graceful_goaway(self, last_stream_id: int) -> None:
         log.debug("graceful GOAWAY (last stream %d): draining the connection", last_stream_id)
-        self.draining = True
         for stream_id, stream in list(self.processor.streams.items()):
             if stream_id > last_stream_id:
                 # Never processed by the server: safe to send again elsewhere.
