@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
-from bench_score_prefix import start_server
+from bench_score_prefix import start_server, stop_server
 
 import poc_api
 from poc_api import ScoreResult, Tokens
@@ -101,13 +100,7 @@ def main() -> None:
         result = trio.run(measure, servers, p)
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
     Path(args.out).write_text(json.dumps(result))
 
 

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -87,6 +86,16 @@ def start_server(delay_us: float, *extra: str) -> tuple[subprocess.Popen[str], s
         proc.wait()
         raise
     return proc, urls["base_url"], urls["grpc_url"]
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, 10 s to exit, then SIGKILL."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def measure(base_url: str, grpc_url: str, p: dict[str, Any]) -> dict[str, Any]:
@@ -158,12 +167,7 @@ def main() -> None:
     try:
         result = trio.run(measure, base_url, grpc_url, params)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
     Path(args.out).write_text(json.dumps(result))
 
 
