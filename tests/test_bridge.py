@@ -12,8 +12,9 @@ import time
 
 import pytest
 import trio
+from helpers import wait_for
 
-from poc_api._bridge import AsyncioBridge, Sink, open_bridge
+from poc_api._bridge import AsyncioBridge, Sink, _Mailbox, open_bridge
 
 
 def _count_wakes(bridge: AsyncioBridge) -> list[int]:
@@ -128,6 +129,55 @@ async def test_a_result_that_loses_the_race_with_a_cancel_goes_to_abandoned() ->
                 nursery.start_soon(cancel_when_started)
                 await bridge.run(quick, abandoned=got.append)
     assert got == [7]
+
+
+@pytest.mark.parametrize("take_over", [True, False])
+async def test_a_detached_call_runs_on_while_the_cancel_propagates_at_once(take_over: bool) -> None:
+    """``detach`` returning True keeps the task running (OpenSession's orphan
+    handling); returning False cancels it as usual."""
+    outcome: list[str] = []
+    detached: list[asyncio.Task[object]] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(0.3)
+            outcome.append("finished")
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+
+    def detach(task: asyncio.Task[object]) -> bool:
+        detached.append(task)
+        return take_over
+
+    async with open_bridge() as bridge:
+        with trio.fail_after(5):
+            with trio.move_on_after(0.05):
+                await bridge.run(slow, detach=detach)
+            gave_up = trio.current_time()
+            assert len(detached) == 1
+            await wait_for(lambda: bool(outcome), timeout=2)
+            # A detached call does not hold the caller for its remaining 0.25 s.
+            assert outcome == (["finished"] if take_over else ["cancelled"])
+            if take_over:
+                assert trio.current_time() - gave_up > 0.1
+
+
+def test_posting_wakes_the_other_side_only_at_flush_and_once_per_batch() -> None:
+    wakes: list[object] = []
+    box = _Mailbox(wakes.append)
+    ran: list[int] = []
+    for i in range(3):
+        box.post(lambda i=i: ran.append(i))  # type: ignore[misc]
+    assert wakes == []  # nothing wakes until the posting thread is about to block
+    box.flush()
+    box.flush()
+    assert len(wakes) == 1
+    wakes[0]()  # type: ignore[operator]
+    assert ran == [0, 1, 2]
+    box.post(lambda: ran.append(3))
+    box.flush()
+    assert len(wakes) == 2
 
 
 async def test_many_calls_finishing_together_share_wake_ups() -> None:

@@ -576,3 +576,41 @@ async def test_break_with_done_already_buffered_keeps_the_session(
             assert not s.lost
             assert s.committed_len == len(HELLO) + 3
             await s.prefill([1])  # still usable
+
+
+async def test_a_unary_calls_headers_and_data_leave_in_one_write(
+    server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpclib writes HEADERS and DATA separately; poc_api coalesces what a loop
+    iteration wrote into one socket write (one system call here, one read in the
+    server)."""
+    import asyncio
+    import asyncio.selector_events as selector_events
+
+    from hyperframe.frame import Frame
+
+    writes: list[list[str]] = []
+    real_write = selector_events._SelectorSocketTransport.write
+
+    grpc_port = int(server.grpc_url.rsplit(":", 1)[1])
+
+    def observe(self: asyncio.WriteTransport, data: bytes) -> None:
+        real_write(self, data)  # type: ignore[arg-type]
+        if self.get_extra_info("peername")[1] != grpc_port:
+            return  # the (embedded) server's own writes
+        frames, rest = [], memoryview(bytes(data))
+        while len(rest) >= 9:
+            frame, length = Frame.parse_frame_header(rest[:9])
+            frames.append(type(frame).__name__)
+            rest = rest[9 + length :]
+        writes.append(frames)
+
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        async with c.session():  # the connection is set up
+            pass
+        monkeypatch.setattr(selector_events._SelectorSocketTransport, "write", observe)
+        async with c.session():
+            pass
+        monkeypatch.undo()
+    # OpenSession and CloseSession: one write each, HEADERS and DATA together.
+    assert writes == [["HeadersFrame", "DataFrame"]] * 2, writes

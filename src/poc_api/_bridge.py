@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import selectors
 import signal
 import sys
 import threading
@@ -56,25 +57,42 @@ _BLOCKED_SIGNALS = (
 
 
 class _Mailbox:
-    """Thread-safe queue of callbacks run in another thread, one wake-up per batch."""
+    """Thread-safe queue of callbacks run in another thread, one wake-up per batch.
 
-    __slots__ = ("_items", "_lock", "_wake")
+    Posting never wakes the other thread by itself: :meth:`flush` does, and the
+    posting thread calls it right before it blocks (trio: ``before_io_wait``;
+    asyncio: its selector's ``select``). A thread woken while the poster still
+    holds the GIL would only go back to sleep waiting for it, and on a VM each
+    cross-CPU wake-up is dear; posted so, one wake-up also carries everything
+    posted in that scheduler pass.
+    """
+
+    __slots__ = ("_armed", "_items", "_lock", "_wake")
 
     def __init__(self, wake: Callable[[Callable[[], None]], object]) -> None:
         self._lock = threading.Lock()
         self._items: list[Callable[[], None]] = []
+        self._armed = False  # items wait that the other side was not woken for
         self._wake = wake
 
     def post(self, fn: Callable[[], None]) -> None:
-        """Queue ``fn``; wake the other side if this is the first queued item.
-
-        Raises whatever ``wake`` raises when the other side is gone
-        (``RuntimeError`` for a closed loop, ``trio.RunFinishedError``).
-        """
+        """Queue ``fn``; the next :meth:`flush` wakes the other side."""
         with self._lock:
             self._items.append(fn)
-            if len(self._items) > 1:
-                return
+            if len(self._items) == 1:
+                self._armed = True
+
+    def flush(self) -> None:
+        """Wake the other side if something was posted since it last ran.
+
+        Raises whatever ``wake`` raises when the other side is gone
+        (``RuntimeError`` for a closed loop, ``trio.RunFinishedError``); the
+        queued callbacks are then dropped.
+        """
+        if not self._armed:  # unlocked peek: set only by this thread's posts
+            return
+        with self._lock:
+            self._armed = False
         try:
             self._wake(self._run)
         except BaseException:
@@ -98,6 +116,7 @@ class _Call:
 
     __slots__ = (
         "cancel_requested",
+        "detach",
         "done",
         "error",
         "finished",
@@ -107,8 +126,13 @@ class _Call:
         "task",
     )
 
-    def __init__(self, on_done: Callable[[_Call], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_done: Callable[[_Call], None] | None = None,
+        detach: Callable[[asyncio.Task[Any]], bool] | None = None,
+    ) -> None:
         self.on_done = on_done
+        self.detach = detach
         self.done = trio.Event()
         self.finished = False
         self.result: Any = None
@@ -127,14 +151,23 @@ class Sink(Generic[T]):
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
 
-    def push(self, item: T) -> None:
-        """Append one item and wake the trio consumer if it waits."""
+    def push(self, item: T) -> bool:
+        """Append one item and wake the trio consumer if it waits.
+
+        Returns True when the buffer is full: the producer should then
+        ``await`` :meth:`wait_space` before it pushes more.
+        """
         buf = self._buf
         with buf.lock:
-            buf.items.append(item)
-            waiter, buf.trio_waiter = buf.trio_waiter, None
+            items = buf.items
+            items.append(item)
+            waiter = buf.trio_waiter
+            if waiter is not None:
+                buf.trio_waiter = None
+            full = len(items) >= buf.max_items
         if waiter is not None:
-            buf.bridge._to_trio_quietly(waiter.set)
+            buf.bridge._to_trio.post(waiter.set)
+        return full
 
     @property
     def full(self) -> bool:
@@ -235,10 +268,12 @@ class AsyncioBridge:
         self._token = trio.lowlevel.current_trio_token()
         # Not new_event_loop(): the process-wide policy may belong to someone else
         # (trio-asyncio installs one that refuses to make loops inside trio).
-        self._loop = asyncio.SelectorEventLoop()
+        self._idle_callbacks: list[Callable[[], None]] = []  # loop side only
+        self._loop = asyncio.SelectorEventLoop(_FlushingSelector(self._before_select))
         self._loop.set_exception_handler(_log_loop_exception)
         self._to_loop = _Mailbox(self._loop.call_soon_threadsafe)
         self._to_trio = _Mailbox(self._token.run_sync_soon)
+        self._instrument = _FlushBeforeIoWait(self._flush_to_loop)
         self._closing = False
         self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
         self._closed = trio.Event()
@@ -252,6 +287,7 @@ class AsyncioBridge:
         """Start a bridge (its loop thread) owned by the current trio run."""
         bridge = cls(cancel_timeout=cancel_timeout)
         bridge._thread.start()
+        trio.lowlevel.add_instrument(bridge._instrument)
         return bridge
 
     @property
@@ -275,6 +311,7 @@ class AsyncioBridge:
         try:
             self._loop.run_forever()
         finally:
+            self._flush_to_trio()
             try:
                 self._token.run_sync_soon(self._thread_done.set)
             except trio.RunFinishedError:
@@ -301,14 +338,41 @@ class AsyncioBridge:
         self._to_loop_quietly(fn)
 
     def _to_loop_quietly(self, fn: Callable[[], None]) -> None:
+        self._to_loop.post(fn)
+
+    def _to_trio_quietly(self, fn: Callable[[], None]) -> None:
+        self._to_trio.post(fn)
+
+    def _flush_to_loop(self) -> None:
+        """trio, right before it waits for I/O: wake the loop for what was posted."""
         try:
-            self._to_loop.post(fn)
+            self._to_loop.flush()
         except RuntimeError:  # the loop closed: nothing left to wake
             pass
 
-    def _to_trio_quietly(self, fn: Callable[[], None]) -> None:
+    def before_select(self, fn: Callable[[], None]) -> None:
+        """asyncio side: run ``fn()`` once, right before the loop next selects.
+
+        That is, after every callback that is ready now has run: writes queued
+        so are coalesced across everything this loop iteration did.
+        """
+        self._idle_callbacks.append(fn)
+
+    def _before_select(self) -> None:
+        callbacks = self._idle_callbacks
+        if callbacks:
+            self._idle_callbacks = []
+            for fn in callbacks:
+                try:
+                    fn()
+                except Exception:  # pragma: no cover - callbacks here never raise
+                    log.exception("poc_api before-select callback failed")
+        self._flush_to_trio()
+
+    def _flush_to_trio(self) -> None:
+        """asyncio, right before it selects: wake trio for what was posted."""
         try:
-            self._to_trio.post(fn)
+            self._to_trio.flush()
         except trio.RunFinishedError:  # the trio run ended: nobody waits any more
             pass
 
@@ -317,20 +381,26 @@ class AsyncioBridge:
         fn: Callable[..., Coroutine[Any, Any, Any]],
         args: tuple[Any, ...],
         on_done: Callable[[_Call], None] | None = None,
+        detach: Callable[[asyncio.Task[Any]], bool] | None = None,
     ) -> _Call:
-        call = _Call(on_done)
+        call = _Call(on_done, detach)
 
         async def body() -> None:
             # The outcome is recorded inside the task, not by a done callback, so
-            # the trio side hears of it one loop iteration sooner.
+            # the trio side hears of it one loop iteration sooner. A call already
+            # finished (detached) keeps its outcome to itself.
             try:
-                call.result = await fn(*args)
-                call.returned = True
+                result = await fn(*args)
+                if not call.finished:
+                    call.result = result
+                    call.returned = True
             except asyncio.CancelledError:
-                call.error = None if call.cancel_requested else _closed_error()
+                if not call.finished:
+                    call.error = None if call.cancel_requested else _closed_error()
                 raise
             except BaseException as exc:
-                call.error = exc
+                if not call.finished:
+                    call.error = exc
             finally:
                 self._finish(call)
 
@@ -340,10 +410,9 @@ class AsyncioBridge:
                 return
             call.task = _start_task(self._loop, body())
 
-        try:
-            self._to_loop.post(begin)
-        except RuntimeError:
-            raise trio.ClosedResourceError("the ApiClient is closed") from None
+        if self._loop.is_closed():
+            raise trio.ClosedResourceError("the ApiClient is closed")
+        self._to_loop.post(begin)
         self._live.add(call)
         return call
 
@@ -363,10 +432,15 @@ class AsyncioBridge:
 
         def cancel() -> None:
             task = call.task
-            if task is not None and not task.done():
-                task.cancel()
-                # A task cancelled before its first step never runs `body`.
-                task.add_done_callback(lambda _: self._finish(call))
+            if task is None or task.done() or call.finished:
+                return
+            if call.detach is not None and call.detach(task):
+                # The task runs on by itself; the trio side stops waiting now.
+                self._finish(call)
+                return
+            task.cancel()
+            # A task cancelled before its first step never runs `body`.
+            task.add_done_callback(lambda _: self._finish(call))
 
         self._to_loop_quietly(cancel)
 
@@ -395,6 +469,7 @@ class AsyncioBridge:
         fn: Callable[..., Coroutine[Any, Any, T]],
         *args: Any,
         abandoned: Callable[[T], None] | None = None,
+        detach: Callable[[asyncio.Task[Any]], bool] | None = None,
         defer_ki: bool = False,
     ) -> T:
         """Run ``await fn(*args)`` on the asyncio loop and return its result.
@@ -403,7 +478,10 @@ class AsyncioBridge:
         waits for it to finish (shielded, at most ``cancel_timeout`` seconds)
         before the cancellation propagates. If the coroutine had already
         returned when the cancellation came, its result is handed to
-        ``abandoned`` (in the trio thread) instead of being lost. Raises
+        ``abandoned`` (in the trio thread) instead of being lost. If it was still
+        running, ``detach(task)`` (in the loop thread) may take the task over by
+        returning True: it is then not cancelled but left to finish on its own,
+        and the cancellation propagates at once. Raises
         ``trio.ClosedResourceError`` if the bridge is closed, or closes under
         the call.
 
@@ -412,7 +490,7 @@ class AsyncioBridge:
         has finished, so the cleanup still happens.
         """
         self.check_caller()
-        call = self._submit(fn, args)
+        call = self._submit(fn, args, detach=detach)
         ki: KeyboardInterrupt | None = None
         try:
             while True:
@@ -534,6 +612,10 @@ class AsyncioBridge:
             return
         self._thread.join()
         loop.close()
+        try:
+            trio.lowlevel.remove_instrument(self._instrument)
+        except KeyError:  # pragma: no cover - someone removed it for us
+            pass
 
 
 if sys.version_info >= (3, 12):
@@ -546,6 +628,28 @@ else:
 
     def _start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> Any:
         return loop.create_task(coro)
+
+
+class _FlushBeforeIoWait(trio.abc.Instrument):
+    """Wakes the loop thread for the bridge's posts right before trio blocks."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._flush()
+
+
+class _FlushingSelector(selectors.DefaultSelector):
+    """The loop's selector: wakes trio for the bridge's posts right before it blocks."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        super().__init__()
+        self._flush = flush
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self._flush()
+        return super().select(timeout)
 
 
 def _closed_error() -> trio.ClosedResourceError:
