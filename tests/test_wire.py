@@ -644,3 +644,39 @@ def test_raw_codec_round_trip() -> None:
     raw = codec.decode(codec.encode(resp, pb.OpenSessionResponse), pb.OpenSessionResponse)
     back = pb.OpenSessionResponse.parse(raw)
     assert (back.session_id, back.max_length) == ("abc", 4096)
+
+
+# -- the session messages (sent and read once per OpenSession / CloseSession) -------
+
+
+@given(st.text())
+def test_encode_string_field_matches_betterproto2(value: str) -> None:
+    encoded = _wire.encode_string_field(value)
+    assert encoded == bytes(pb.OpenSessionRequest(model=value))
+    assert encoded == bytes(pb.CloseSessionRequest(session_id=value))
+
+
+@given(st.text(), st.integers(0, 2**32 - 1), st.binary(max_size=8))
+def test_decode_open_session_matches_betterproto2(
+    session_id: str, max_length: int, unknown: bytes
+) -> None:
+    data = bytes(pb.OpenSessionResponse(session_id=session_id, max_length=max_length))
+    # An unknown length-delimited field 9 is skipped, before or after.
+    extra = b"\x4a" + bytes([len(unknown)]) + unknown
+    for wire in (data, extra + data, data + extra):
+        assert _wire.decode_open_session(wire) == (session_id, max_length)
+        parsed = pb.OpenSessionResponse.parse(wire)
+        assert (parsed.session_id, parsed.max_length) == (session_id, max_length)
+
+
+@given(st.text(min_size=1))
+def test_decode_open_session_refuses_a_session_id_cut_short(session_id: str) -> None:
+    data = bytes(pb.OpenSessionResponse(session_id=session_id))
+    for cut in range(1, len(data)):
+        with pytest.raises(ProtocolViolation, match="OpenSessionResponse"):
+            _wire.decode_open_session(data[:cut])
+
+
+def test_decode_open_session_refuses_a_session_id_that_is_not_utf8() -> None:
+    with pytest.raises(ProtocolViolation, match="not UTF-8"):
+        _wire.decode_open_session(b"\x0a\x02\xff\xfe")

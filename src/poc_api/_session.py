@@ -32,7 +32,7 @@ from ._types import (
     check_int32,
     check_timeout,
 )
-from ._wire import decode_generate_event, parse_reply
+from ._wire import decode_generate_event, decode_open_session, encode_string_field, parse_reply
 
 if TYPE_CHECKING:
     from ._bridge import BatchReceiver
@@ -488,8 +488,8 @@ class Session:
         timeout = self._close_timeout
         with trio.move_on_after(timeout, shield=True) as scope:
             try:
-                req = pb.CloseSessionRequest(session_id=self._session_id)
-                await self._transport.unary("CloseSession", bytes(req), cleanup=True)
+                req = encode_string_field(self._session_id)  # CloseSessionRequest
+                await self._transport.unary("CloseSession", req, cleanup=True)
                 log.debug("session %s closed", self._session_id)
             except Exception as exc:
                 log.warning("CloseSession %s failed: %s", self._session_id, exc)
@@ -535,29 +535,30 @@ class open_session:  # used like the function it replaced
         async def close_orphan(reply: bytes) -> None:
             # asyncio side: the caller gave up on OpenSession after the server had
             # already made the session; close it instead of leaking it until eviction.
-            sid = parse_reply(pb.OpenSessionResponse, reply).session_id
+            sid, _ = decode_open_session(reply)
             log.debug("closing session %s, whose OpenSession call was abandoned", sid)
             await transport.unary_in_loop(
-                "CloseSession", bytes(pb.CloseSessionRequest(session_id=sid))
+                "CloseSession",
+                encode_string_field(sid),  # CloseSessionRequest
             )
 
         raw = await transport.unary(
             "OpenSession",
-            bytes(pb.OpenSessionRequest(model=self._model)),
+            encode_string_field(self._model),  # OpenSessionRequest
             timeout=self._timeout,
             orphan=close_orphan,
         )
-        resp = parse_reply(pb.OpenSessionResponse, raw)
-        if not resp.session_id:
+        session_id, max_length = decode_open_session(raw)
+        if not session_id:
             raise e.ProtocolViolation("OpenSession: the server sent an empty session id")
         session = self._session = Session(
             transport,
-            resp.session_id,
-            resp.max_length,
+            session_id,
+            max_length,
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
         )
-        log.debug("session %s opened (max_length=%d)", resp.session_id, resp.max_length)
+        log.debug("session %s opened (max_length=%d)", session_id, max_length)
         transport.open_sessions += 1  # keepalive watches the connection between turns
         return session
 
