@@ -293,6 +293,32 @@ async def test_closing_fails_waiting_calls_with_closed_resource_error() -> None:
         await bridge.run(forever)
 
 
+async def test_closing_wakes_a_stream_consumer_whose_producer_ignores_cancellation() -> None:
+    async def stubborn(sink: Sink[int]) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # a producer that will not stop: the loop is stopped under it
+
+    bridge = AsyncioBridge.start(cancel_timeout=0.2)
+    failures: list[BaseException] = []
+
+    async def consumer() -> None:
+        try:
+            async with bridge.stream(stubborn, max_items=4) as rx:
+                await rx.receive_batch()
+        except trio.ClosedResourceError as exc:
+            failures.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consumer)
+            await trio.sleep(0.05)
+            await bridge.aclose()
+    assert len(failures) == 1
+
+
 def test_importing_poc_api_changes_nothing_in_asyncio() -> None:
     code = textwrap.dedent(
         """

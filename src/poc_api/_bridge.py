@@ -607,6 +607,9 @@ class AsyncioBridge:
                 if left.on_done is not None:
                     left.on_done(left)
                 left.done.set()
+        # on_done posts (a stream's waiting consumer) and whatever the loop posted
+        # last: the loop will flush nothing any more, so run them here (trio side).
+        self._to_trio._run()
         if scope.cancelled_caught:  # pragma: no cover - a wedged asyncio callback
             log.warning("the asyncio thread did not stop; leaving it (daemon) behind")
             return
