@@ -30,7 +30,8 @@ server's default)::
 - ``"goaway"``: GOAWAY(``status``) whose last stream id excludes this request,
   then close the connection;
 - ``"goaway_after"``: answer normally, then GOAWAY(NO_ERROR) and close;
-- ``"malformed"``: a correctly framed message that is not valid protobuf;
+- ``"malformed"``: a correctly framed message that is not valid protobuf (on
+  Generate, after ``good_first`` good tokens);
 - ``"close_mid_stream"``: Generate headers and three tokens, then close the TCP
   connection (unary methods: close without answering);
 - ``"close"``: close the TCP connection without answering;
@@ -118,6 +119,7 @@ class Reply:
     interval: float = 0.0
     claimed_size: int = 0
     send_body: bool = False
+    good_first: int = 0  # "malformed" on Generate: this many good tokens come first
 
 
 @attrs.frozen
@@ -450,6 +452,8 @@ class _Connection:
         # A length-delimited field 1 that claims far more bytes than the message has.
         bad = b"\x0a\xff\xff\x03\x08\x01"
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        for i in range(reply.good_first if method == "Generate" else 0):
+            await self.send_data(sid, encode_token(65 + i, False, i, -0.5))
         await self.send_data(sid, _frame_len(0, len(bad)) + bad)
         await self.send_headers(sid, _OK_TRAILERS, end=True)
 

@@ -111,6 +111,24 @@ async def test_malformed_generate_event_is_a_protocol_violation(
         await assert_next_call_works(c)
 
 
+async def test_the_events_before_a_malformed_one_are_delivered_first(
+    bad_server: MisbehavingServer,
+) -> None:
+    """Events are decoded in the loop thread as they are read; a bad one ends the
+    stream only after the good ones before it reached the caller."""
+    async with client_for(bad_server) as c:
+        bad_server.plan("Generate", Reply("malformed", good_first=3))
+        got: list[int] = []
+        with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
+            async with c.session() as s:
+                async with s.generate([1, 2], sampling=SamplingParams(max_tokens=8)) as ev:
+                    async for event in ev:
+                        assert isinstance(event, poc_api.Token)
+                        got.append(event.id)
+        assert got == [65, 66, 67]
+        await assert_next_call_works(c)
+
+
 async def test_malformed_unary_reply_is_a_protocol_violation(
     bad_server: MisbehavingServer,
 ) -> None:
