@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -275,20 +276,11 @@ async def test_closing_fails_waiting_calls_with_closed_resource_error() -> None:
         await asyncio.sleep(3600)
 
     bridge = AsyncioBridge.start(cancel_timeout=1.0)
-    failures: list[BaseException] = []
 
     async def waiter() -> None:
-        try:
-            await bridge.run(forever)
-        except trio.ClosedResourceError as exc:
-            failures.append(exc)
+        await bridge.run(forever)
 
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await trio.sleep(0.05)
-            await bridge.aclose()
-    assert len(failures) == 1
+    assert await _closed_under(bridge, waiter) == 1
     with pytest.raises(trio.ClosedResourceError):
         await bridge.run(forever)
 
@@ -302,21 +294,30 @@ async def test_closing_wakes_a_stream_consumer_whose_producer_ignores_cancellati
                 pass  # a producer that will not stop: the loop is stopped under it
 
     bridge = AsyncioBridge.start(cancel_timeout=0.2)
-    failures: list[BaseException] = []
 
     async def consumer() -> None:
+        async with bridge.stream(stubborn, max_items=4) as rx:
+            await rx.receive_batch()
+
+    assert await _closed_under(bridge, consumer) == 1
+
+
+async def _closed_under(bridge: AsyncioBridge, user: Callable[[], Awaitable[None]]) -> int:
+    """Close ``bridge`` while ``user`` waits on it; how many ClosedResourceErrors it got."""
+    failures: list[BaseException] = []
+
+    async def run_user() -> None:
         try:
-            async with bridge.stream(stubborn, max_items=4) as rx:
-                await rx.receive_batch()
+            await user()
         except trio.ClosedResourceError as exc:
             failures.append(exc)
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(consumer)
+            nursery.start_soon(run_user)
             await trio.sleep(0.05)
             await bridge.aclose()
-    assert len(failures) == 1
+    return len(failures)
 
 
 def test_importing_poc_api_changes_nothing_in_asyncio() -> None:
