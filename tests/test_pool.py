@@ -83,6 +83,23 @@ async def test_every_call_of_a_session_carries_its_own_affinity_key(
     assert session_methods == ["OpenSession", "Generate", "AppendImage", "Generate", "CloseSession"]
 
 
+async def test_affinity_keys_stay_out_of_the_hpack_table(server: ReferenceServer) -> None:
+    """A key is new for every session: indexed, keys would fill the client's HPACK
+    dynamic table, evict the stable headers (:path, content-type, ...) and slow
+    every header's table search."""
+    with trio.fail_after(20):
+        async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+            for _ in range(60):
+                async with client.session():
+                    pass
+            transport = client._grpc()._endpoints[0].transport
+            assert transport._channel is not None
+            table = transport._channel._protocol._h2.encoder.header_table
+            names = [name for name, _ in table.dynamic_entries]
+    assert b"x-session-affinity" not in names
+    assert b":path" in names  # the stable headers stay indexed
+
+
 async def test_affinity_keys_can_be_turned_off(server: ReferenceServer) -> None:
     with trio.fail_after(10):
         before = len(server.state().affinity)

@@ -347,6 +347,7 @@ class ApiClient:
             connect_timeout=self._connect_timeout,
             reap_timeout=self._close_timeout,
             max_concurrent_streams=self._max_streams,
+            unindexed_headers=frozenset([self._affinity_header] if self._affinity_header else []),
         )
 
     def _new_router(

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import ssl as _ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NoReturn, Protocol, final
 from urllib.parse import urlsplit
@@ -44,6 +44,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
 from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.exceptions import StreamClosedError
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import WindowUpdateFrame
 
 from . import _errors as e
@@ -225,10 +226,12 @@ class GrpcTransport:
         reap_timeout: float = 5.0,
         max_concurrent_streams: int = 1024,
         ssl_context: _ssl.SSLContext | None = None,
+        unindexed_headers: frozenset[str] = frozenset(),
     ) -> None:
         self._bridge = bridge
         self._target = target
         self._metadata = metadata
+        self._unindexed = unindexed_headers
         self._max_message_size = max_message_size
         self._keepalive = keepalive
         self._ssl_context = ssl_context
@@ -292,6 +295,7 @@ class GrpcTransport:
             config=self._config(),
         )
         channel.before_select = self._bridge.before_select
+        channel.unindexed_headers = self._unindexed
         if self._keepalive is not None and self._keepalive.idle:
             channel.sessions_open = lambda: self.open_sessions > 0
         return channel
@@ -807,6 +811,19 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
 
     goaway_last_stream_id: int | None = None
 
+    unindexed: frozenset[str] = frozenset()
+    """Request headers sent as never-indexed HPACK literals: per-session values
+    (the affinity key) would otherwise fill the dynamic table, evict the stable
+    headers and make every header's table search slower."""
+
+    def send_headers(
+        self, stream_id: int, headers: Iterable[Any], *args: Any, **kwargs: Any
+    ) -> None:
+        if self.unindexed:
+            unindexed = self.unindexed
+            headers = [NeverIndexedHeaderTuple(*h) if h[0] in unindexed else h for h in headers]
+        super().send_headers(stream_id, headers, *args, **kwargs)
+
     def get_next_available_stream_id(self) -> int:
         # grpclib picks the id of a new stream right before sending its HEADERS,
         # also for calls that were queued (for a stream slot or write buffer
@@ -860,6 +877,7 @@ class _PocH2Protocol(H2Protocol):
         self.protocol_error = False
         self.sessions_open: Callable[[], bool] = lambda: False
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
+        self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
 
     @property
@@ -873,6 +891,7 @@ class _PocH2Protocol(H2Protocol):
         if sock is not None:
             _set_nodelay(sock)
         h2_conn = self._h2 = _SplitWindowH2Connection(config=self.h2_config)
+        h2_conn.unindexed = self.unindexed_headers
         h2_conn.initiate_connection()
         initial = h2_conn.local_settings.initial_window_size
         if self.config.http2_connection_window_size != initial:
@@ -979,11 +998,13 @@ def _run_now(fn: Callable[[], None]) -> None:
 class _PocChannel(Channel):
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
     before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
+    unindexed_headers: frozenset[str] = frozenset()
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = _PocH2Protocol(Handler(), self._config, self._h2_config)
         protocol.sessions_open = self.sessions_open
         protocol.before_select = self.before_select
+        protocol.unindexed_headers = self.unindexed_headers
         return protocol
 
 
