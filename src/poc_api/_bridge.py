@@ -230,7 +230,7 @@ class BatchReceiver(Generic[T]):
             buf.items.clear()
             space, buf.space = buf.space, None
         if space is not None:
-            buf.bridge._to_loop_quietly(lambda: _wake_future(space))
+            buf.bridge._to_loop.post(lambda: _wake_future(space))
         return items
 
     async def receive_batch(self) -> list[T]:
@@ -335,13 +335,7 @@ class AsyncioBridge:
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` in the loop thread soon; dropped if the loop has closed."""
-        self._to_loop_quietly(fn)
-
-    def _to_loop_quietly(self, fn: Callable[[], None]) -> None:
         self._to_loop.post(fn)
-
-    def _to_trio_quietly(self, fn: Callable[[], None]) -> None:
-        self._to_trio.post(fn)
 
     def _flush_to_loop(self) -> None:
         """trio, right before it waits for I/O: wake the loop for what was posted."""
@@ -423,7 +417,7 @@ class AsyncioBridge:
         call.finished = True
         if call.on_done is not None:
             call.on_done(call)
-        self._to_trio_quietly(call.done.set)
+        self._to_trio.post(call.done.set)
 
     def _cancel(self, call: _Call) -> None:
         # Set here too, not only on the loop: a call whose start is still queued
@@ -442,7 +436,7 @@ class AsyncioBridge:
             # A task cancelled before its first step never runs `body`.
             task.add_done_callback(lambda _: self._finish(call))
 
-        self._to_loop_quietly(cancel)
+        self._to_loop.post(cancel)
 
     async def _settle(self, call: _Call, what: str) -> None:
         """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end."""
@@ -547,7 +541,7 @@ class AsyncioBridge:
                 buf.finished = True
                 waiter, buf.trio_waiter = buf.trio_waiter, None
             if waiter is not None:
-                self._to_trio_quietly(waiter.set)
+                self._to_trio.post(waiter.set)
 
         call = self._submit(producer, (Sink(buf),), on_done)
         try:
