@@ -237,7 +237,7 @@ class GrpcTransport:
         self._ssl_context = ssl_context
         self._connect_timeout = connect_timeout
         self._reap_timeout = reap_timeout
-        self._reapers: set[asyncio.Future[None]] = set()
+        self._reapers: set[asyncio.Future[Any]] = set()
         self._max_streams = max_concurrent_streams
         self.open_streams = 0
         """Calls in flight on this transport (unary and streaming)."""
@@ -521,10 +521,7 @@ class GrpcTransport:
                 # Detached (the caller gave up after the HEADERS went out) and the
                 # reply came in time: undo what the server did.
                 progress.reap_timer.cancel()
-                try:
-                    await orphan(reply)
-                except Exception as exc:
-                    log.warning("cleaning up after an abandoned call failed: %s", exc)
+                await _undo(orphan, reply)
             return reply
 
         def detach(task: asyncio.Task[Any]) -> bool:
@@ -536,14 +533,15 @@ class GrpcTransport:
             progress.reap_timer = asyncio.get_running_loop().call_later(
                 self._reap_timeout, task.cancel
             )
-            self._reapers.add(task)
-            task.add_done_callback(self._reapers.discard)
+            self._reap_later(task)
             return True
 
         def abandoned(reply: bytes) -> None:
             # The reply arrived just as the caller gave up: undo it all the same.
             if orphan is not None:
-                self._bridge.call_soon(lambda: self._adopt(_done_future(reply), orphan))
+                self._bridge.call_soon(
+                    lambda: self._reap_later(asyncio.ensure_future(_undo(orphan, reply)))
+                )
 
         try:
             with self._stream_slot(method, cleanup=cleanup), deadline(timeout, method):
@@ -556,24 +554,10 @@ class GrpcTransport:
         except Exception as exc:
             _raise_mapped(exc, path)
 
-    def _adopt(
-        self, task: asyncio.Future[bytes], orphan: Callable[[bytes], Awaitable[None]]
-    ) -> None:
-        async def reap() -> None:
-            try:
-                # The server gets reap_timeout to answer; after that the call is
-                # cancelled (its stream reset) like any abandoned call.
-                reply = await asyncio.wait_for(task, self._reap_timeout)
-            except BaseException:
-                return  # no reply, so nothing was created that needs undoing
-            try:
-                await orphan(reply)
-            except Exception as exc:
-                log.warning("cleaning up after an abandoned call failed: %s", exc)
-
-        reaper = asyncio.ensure_future(reap())
-        self._reapers.add(reaper)
-        reaper.add_done_callback(self._reapers.discard)
+    def _reap_later(self, task: asyncio.Future[Any]) -> None:
+        """asyncio: the client's exit waits (``reap_timeout``) for this cleanup task."""
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
 
     @asynccontextmanager
     async def server_stream(
@@ -636,10 +620,12 @@ class _SinkLike(Protocol):
     async def wait_space(self) -> None: ...
 
 
-def _done_future(value: bytes) -> asyncio.Future[bytes]:
-    fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-    fut.set_result(value)
-    return fut
+async def _undo(orphan: Callable[[bytes], Awaitable[None]], reply: bytes) -> None:
+    """asyncio: undo what an abandoned call's reply says the server did; a failure is logged."""
+    try:
+        await orphan(reply)
+    except Exception as exc:
+        log.warning("cleaning up after an abandoned call failed: %s", exc)
 
 
 class _Progress:
