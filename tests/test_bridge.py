@@ -198,8 +198,7 @@ async def test_many_calls_finishing_together_share_wake_ups() -> None:
 async def test_a_stream_is_drained_in_batches_in_order() -> None:
     async def produce(sink: Sink[int]) -> None:
         for i in range(5000):
-            sink.push(i)
-            if sink.full:
+            if sink.push(i):  # the buffer is full
                 await sink.wait_space()
 
     async with open_bridge() as bridge:
@@ -220,9 +219,9 @@ async def test_a_full_buffer_pauses_the_producer_until_the_consumer_reads() -> N
 
     async def produce(sink: Sink[int]) -> None:
         for i in range(100):
-            sink.push(i)
+            full = sink.push(i)
             produced.append(i)
-            if sink.full:
+            if full:
                 await sink.wait_space()
 
     async with open_bridge() as bridge:

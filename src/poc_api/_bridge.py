@@ -169,11 +169,6 @@ class Sink(Generic[T]):
             buf.bridge._to_trio.post(waiter.set)
         return full
 
-    @property
-    def full(self) -> bool:
-        """True when the producer should wait for :meth:`wait_space`."""
-        return len(self._buf.items) >= self._buf.max_items
-
     async def wait_space(self) -> None:
         """asyncio: wait until the consumer drained the buffer below its bound."""
         buf = self._buf
