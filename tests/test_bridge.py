@@ -9,12 +9,15 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
 from helpers import wait_for
 
+from poc_api import _bridge as bridge_module
 from poc_api._bridge import AsyncioBridge, Sink, _Mailbox, open_bridge
 
 
@@ -106,6 +109,69 @@ async def test_a_call_cancelled_before_it_started_never_runs() -> None:
                 scope.cancel()
                 await bridge.run(record)
     assert ran == []
+
+
+def _record_where_tasks_die(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """Every task the bridge starts: the thread idents where they were freed."""
+    started: list[int] = []
+    freed_in: list[int] = []
+    real = bridge_module._start_task
+
+    def start(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+        task = real(loop, coro)
+        started.append(1)
+        weakref.finalize(task, lambda: freed_in.append(threading.get_ident()))
+        return task
+
+    monkeypatch.setattr(bridge_module, "_start_task", start)
+    return started, freed_in
+
+
+async def test_no_asyncio_task_is_freed_in_the_trio_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before 3.14 a task's death runs asyncio's WeakSet callback in that thread: in
+    # the trio thread a Ctrl-C landing there is printed and lost (a CI run hung so).
+    started, freed_in = _record_where_tasks_die(monkeypatch)
+
+    async def now() -> int:
+        return 1
+
+    async def later() -> int:
+        await asyncio.sleep(0.001)
+        return 2
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise LookupError("x")
+
+    async def produce(sink: Sink[int]) -> None:
+        for i in range(50):
+            sink.push(i)
+            await asyncio.sleep(0)
+
+    async def forever(sink: Sink[int]) -> None:
+        await asyncio.sleep(3600)
+
+    trio_thread = threading.get_ident()
+    with trio.fail_after(10):
+        async with open_bridge() as bridge:
+            for _ in range(20):
+                assert await bridge.run(now) == 1
+                assert await bridge.run(later) == 2
+                with pytest.raises(LookupError):
+                    await bridge.run(fails)
+                with trio.move_on_after(0.002):
+                    await bridge.run(asyncio.sleep, 3600)
+                async with bridge.stream(produce, max_items=8) as rx:
+                    while await rx.receive_batch():
+                        pass
+                with trio.move_on_after(0.002):
+                    async with bridge.stream(forever, max_items=8) as rx:
+                        await rx.receive_batch()
+    assert len(started) >= 20 * 4  # those cancelled at once may never have started
+    # Freed by refcount as they ended: a reference cycle would leave them to the
+    # garbage collector, which runs in whichever thread allocates at the time.
+    assert len(freed_in) == len(started)
+    assert trio_thread not in freed_in
 
 
 async def test_a_result_that_loses_the_race_with_a_cancel_goes_to_abandoned() -> None:

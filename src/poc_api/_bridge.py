@@ -391,13 +391,19 @@ class AsyncioBridge:
                 if not call.finished:
                     call.error = exc
             finally:
+                # Forget the task here, in the loop thread: a task freed in the trio
+                # thread runs asyncio's WeakSet callback there, and a Ctrl-C landing
+                # in that callback is lost ("Exception ignored in ...").
+                call.task = None
                 self._finish(call)
 
         def begin() -> None:
             if call.cancel_requested or self._loop.is_closed():
                 self._finish(call)
                 return
-            call.task = _start_task(self._loop, body())
+            task = _start_task(self._loop, body())
+            if not task.done():  # an eager start may have finished it already
+                call.task = task
 
         if self._loop.is_closed():
             raise trio.ClosedResourceError("the ApiClient is closed")
@@ -414,6 +420,10 @@ class AsyncioBridge:
             call.on_done(call)
         self._to_trio.post(call.done.set)
 
+    def _forget(self, call: _Call) -> None:
+        call.task = None
+        self._finish(call)
+
     def _cancel(self, call: _Call) -> None:
         # Set here too, not only on the loop: a call whose start is still queued
         # behind other work then never starts at all.
@@ -429,7 +439,7 @@ class AsyncioBridge:
                 return
             task.cancel()
             # A task cancelled before its first step never runs `body`.
-            task.add_done_callback(lambda _: self._finish(call))
+            task.add_done_callback(lambda _: self._forget(call))
 
         self._to_loop.post(cancel)
 

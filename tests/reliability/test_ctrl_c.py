@@ -6,6 +6,13 @@ moment. Each run must end with KeyboardInterrupt out of ``trio.run`` within 5 s,
 with the client's loop thread gone; the child checks that and says UNWOUND. The
 last run does not catch it, so the process itself must exit. The server (in this
 process) must be left with no session: every block closed its session.
+
+CPython drops an exception raised inside a weakref callback ("Exception ignored
+in ...", python/cpython#95959), and trio frees every async generator through one
+(its WeakSet of live generators): a SIGINT handled right there is lost, in any trio
+program. The child reports such a loss (LOST) and the test then sends SIGINT again.
+poc_api itself must add no such place: see test_bridge's check that no asyncio task
+is freed in the trio thread.
 """
 
 from __future__ import annotations
@@ -29,6 +36,14 @@ CHILD = textwrap.dedent(
     """
     import sys, threading, time, trio, poc_api
     from poc_api import SamplingParams, Tokens
+
+    def unraisable(u):
+        if u.exc_type is KeyboardInterrupt:  # CPython dropped it: say so
+            print("LOST", repr(u.object), flush=True)
+        else:
+            sys.__unraisablehook__(u)
+
+    sys.unraisablehook = unraisable
 
     mode, base_url, grpc_url, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     LONG = SamplingParams(max_tokens=10**7)
@@ -73,12 +88,15 @@ CHILD = textwrap.dedent(
 )
 
 
-def _expect(lines: queue.Queue[str], word: str, i: int, within: float) -> None:
+def _expect(lines: queue.Queue[str], word: str, i: int, within: float) -> str:
     try:
         line = lines.get(timeout=within)
     except queue.Empty:
         raise AssertionError(f"no {word} {i} within {within} s") from None
+    if line.startswith("LOST ") and word == "UNWOUND":
+        return line
     assert line.split() == [word, str(i)], f"expected {word} {i}, got {line!r}"
+    return ""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
@@ -102,11 +120,15 @@ def test_ctrl_c_mid_call_unwinds_every_block_and_the_process_exits(mode: str) ->
             _expect(lines, "READY", i, 30)
             time.sleep(rng.uniform(0.0, 0.15))
             proc.send_signal(signal.SIGINT)
-            if i < RUNS:
-                _expect(lines, "UNWOUND", i, 5)
-        sent = time.monotonic()
-        code = proc.wait(5)
-        assert time.monotonic() - sent < 5
+            if i < RUNS and _expect(lines, "UNWOUND", i, 5):
+                proc.send_signal(signal.SIGINT)  # the first one was lost (see above)
+                assert not _expect(lines, "UNWOUND", i, 5), "lost twice"
+        try:
+            code = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            assert _expect(lines, "UNWOUND", RUNS, 0), "the process did not exit within 5 s"
+            proc.send_signal(signal.SIGINT)  # the first one was lost (see above)
+            code = proc.wait(5)
         # Uncaught KeyboardInterrupt: Python exits by SIGINT (or 1 on old versions).
         assert code in (-signal.SIGINT, 1, 130), code
         # Every block closed its session before its trio.run ended.
