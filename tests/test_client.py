@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
+from collections.abc import AsyncGenerator
 
 import pytest
 import trio
@@ -614,3 +616,30 @@ async def test_a_unary_calls_headers_and_data_leave_in_one_write(
         monkeypatch.undo()
     # OpenSession and CloseSession: one write each, HEADERS and DATA together.
     assert writes == [["HeadersFrame", "DataFrame"]] * 2, writes
+
+
+async def test_a_call_makes_no_async_generator_below_the_public_block(
+    client: poc_api.ApiClient,
+) -> None:
+    # trio frees each async generator through a weakref callback, where CPython drops
+    # a Ctrl-C (python/cpython#95959), and each costs time: the layers under a call
+    # (bridge, transport, pool) are classes. Only the public block is a generator.
+    made: list[str] = []
+    hooks = sys.get_asyncgen_hooks()
+
+    def firstiter(agen: AsyncGenerator[object, None]) -> None:
+        if "poc_api" in agen.ag_code.co_filename:
+            made.append(agen.ag_code.co_name)
+        if hooks.firstiter is not None:
+            hooks.firstiter(agen)
+
+    sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=hooks.finalizer)
+    try:
+        async with client.session() as s:
+            async with s.generate([72, 101], sampling=SamplingParams(max_tokens=4)) as ev:
+                async for _ in ev:
+                    pass
+        await client.score([poc_api.Tokens([72, 101, 108, 108])], [(1, 3)])
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+    assert made == ["generate", "generate"], made

@@ -347,6 +347,29 @@ async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
                 await s2.prefill([1])
 
 
+async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachable() -> None:
+    async with (
+        reference_servers(2, ignore_eos=True, token_delay_ms=5) as servers,
+        pool_client(servers, health_check_interval=3600) as client,
+    ):
+        with trio.fail_after(20):
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                victim = next(
+                    i for i, v in enumerate(servers) if s.session_id in v.state().session_ids
+                )
+                assert client.endpoints[victim].failures == 0
+                with pytest.raises(poc_api.ServerUnavailable):
+                    async with s.generate(sampling=SamplingParams(max_tokens=10**6)) as ev:
+                        async for _ in ev:
+                            if servers[victim].state().session_ids:
+                                await trio.to_thread.run_sync(servers[victim].kill)
+                # Seen by the stream itself, before the session's close tries it.
+                status = client.endpoints[victim]
+                assert status.failures >= 1
+                assert status.state is EndpointState.UNREACHABLE
+
+
 async def test_score_many_on_a_pool_gives_one_servers_results_and_balances() -> None:
     rng = random.Random(7)
     prompts = []

@@ -143,6 +143,58 @@ class _Call:
 
 
 @final
+class StreamBlock(Generic[T]):
+    """The block of :meth:`AsyncioBridge.stream`.
+
+    A class, not an ``@asynccontextmanager``: an async generator per call costs
+    time, and trio frees each one through a weakref callback, where CPython
+    drops a Ctrl-C (python/cpython#95959).
+    """
+
+    __slots__ = ("_bridge", "_call", "_max_items", "_producer")
+
+    def __init__(
+        self,
+        bridge: AsyncioBridge,
+        producer: Callable[[Sink[T]], Coroutine[Any, Any, None]],
+        max_items: int,
+    ) -> None:
+        self._bridge = bridge
+        self._producer = producer
+        self._max_items = max_items
+        self._call: _Call | None = None
+
+    @trio.lowlevel.enable_ki_protection  # a submitted producer is always settled
+    async def __aenter__(self) -> BatchReceiver[T]:
+        bridge = self._bridge
+        bridge.check_caller()
+        if self._call is not None:
+            raise RuntimeError("a stream block can be entered only once")
+        buf: _Buffer[T] = _Buffer(bridge, self._max_items)
+
+        def on_done(call: _Call) -> None:
+            with buf.lock:
+                buf.error = call.error
+                buf.finished = True
+                waiter, buf.trio_waiter = buf.trio_waiter, None
+            if waiter is not None:
+                bridge._to_trio.post(waiter.set)
+
+        self._call = bridge._submit(self._producer, (Sink(buf),), on_done)
+        return BatchReceiver(buf)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        call = self._call
+        assert call is not None, "exited a stream block never entered"
+        try:
+            if not call.done.is_set():
+                name = getattr(self._producer, "__name__", "stream")
+                await self._bridge._settle(call, name)
+        finally:
+            self._bridge._live.discard(call)
+
+
+@final
 class Sink(Generic[T]):
     """The asyncio-side end of a stream buffer (one producer)."""
 
@@ -519,13 +571,12 @@ class AsyncioBridge:
         result: T = call.result
         return result
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         producer: Callable[[Sink[T]], Coroutine[Any, Any, None]],
         *,
         max_items: int,
-    ) -> AsyncIterator[BatchReceiver[T]]:
+    ) -> StreamBlock[T]:
         """Run ``producer(sink)`` on asyncio while the block drains its items.
 
         ``max_items`` bounds the buffer: a producer that finds it full waits in
@@ -537,26 +588,7 @@ class AsyncioBridge:
         from :meth:`BatchReceiver.receive_batch`, never from this block's exit,
         and the block's own exception leaves it untouched.
         """
-        self.check_caller()
-        buf: _Buffer[T] = _Buffer(self, max_items)
-
-        def on_done(call: _Call) -> None:
-            with buf.lock:
-                buf.error = call.error
-                buf.finished = True
-                waiter, buf.trio_waiter = buf.trio_waiter, None
-            if waiter is not None:
-                self._to_trio.post(waiter.set)
-
-        call = self._submit(producer, (Sink(buf),), on_done)
-        try:
-            yield BatchReceiver(buf)
-        finally:
-            try:
-                if not call.done.is_set():
-                    await self._settle(call, getattr(producer, "__name__", "stream"))
-            finally:
-                self._live.discard(call)
+        return StreamBlock(self, producer, max_items)
 
     async def aclose(self) -> None:
         """Cancel every asyncio task, stop the loop and join its thread (idempotent).

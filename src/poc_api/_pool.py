@@ -42,8 +42,9 @@ import random
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import final
 from urllib.parse import urlsplit
 
@@ -611,20 +612,44 @@ class SessionRoute:
         )
         if not self._router.failover:
             return cm  # nothing to learn from a failure: one endpoint
-        return _observed(cm, ep)
+        return _Observed(cm, ep)
 
 
-@asynccontextmanager
-async def _observed(
-    cm: AbstractAsyncContextManager[BatchReceiver[bytes]], ep: _Endpoint
-) -> AsyncIterator[BatchReceiver[bytes]]:
-    """Mark the endpoint failed when a stream on it finds the server gone."""
-    try:
-        async with cm as rx:
-            yield rx
-    except e.ServerUnavailable:
-        ep.failed()
-        raise
+@final
+class _Observed:
+    """Marks the endpoint failed when a stream on it finds the server gone.
+
+    A class, not an ``@asynccontextmanager``: see ``StreamBlock``.
+    """
+
+    __slots__ = ("_cm", "_ep")
+
+    def __init__(
+        self, cm: AbstractAsyncContextManager[BatchReceiver[bytes]], ep: _Endpoint
+    ) -> None:
+        self._cm = cm
+        self._ep = ep
+
+    async def __aenter__(self) -> BatchReceiver[bytes]:
+        try:
+            return await self._cm.__aenter__()
+        except e.ServerUnavailable:
+            self._ep.failed()
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._cm.__aexit__(exc_type, exc, tb)
+        except e.ServerUnavailable:
+            self._ep.failed()
+            raise
+        if isinstance(exc, e.ServerUnavailable):
+            self._ep.failed()
 
 
 def bind_session(transport: GrpcTransport | Router) -> GrpcTransport | SessionRoute:

@@ -26,8 +26,8 @@ import dataclasses
 import logging
 import ssl as _ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, Protocol, final
 from urllib.parse import urlsplit
 
@@ -48,7 +48,7 @@ from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import WindowUpdateFrame
 
 from . import _errors as e
-from ._bridge import AsyncioBridge, BatchReceiver, Sink
+from ._bridge import AsyncioBridge, BatchReceiver, Sink, StreamBlock
 from ._http import redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
@@ -395,6 +395,13 @@ class GrpcTransport:
 
     @contextmanager
     def _stream_slot(self, method: str, *, cleanup: bool = False) -> Iterator[None]:
+        self._take_slot(method, cleanup=cleanup)
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
+
+    def _take_slot(self, method: str, *, cleanup: bool = False) -> None:
         # A guard against runaway fan-out: one connection multiplexes every call,
         # and the server caps concurrent streams anyway (grpclib then queues).
         # Cleanup (CloseSession) is never refused: refusing it would leak a session.
@@ -404,10 +411,6 @@ class GrpcTransport:
                 f"(max_concurrent_streams={self._max_streams})"
             )
         self.open_streams += 1
-        try:
-            yield
-        finally:
-            self.open_streams -= 1
 
     def _check_size(self, data: bytes, method: str) -> None:
         if len(data) > self._max_message_size:
@@ -559,35 +562,21 @@ class GrpcTransport:
         self._reapers.add(task)
         task.add_done_callback(self._reapers.discard)
 
-    @asynccontextmanager
-    async def server_stream(
+    def server_stream(
         self,
         method: str,
         request: bytes,
         *,
         max_items: int,
         extra_metadata: tuple[tuple[str, str], ...] = (),
-    ) -> AsyncIterator[BatchReceiver[bytes]]:
+    ) -> _ServerStream:
         """Open a server-streaming RPC whose raw messages the block drains in batches.
 
         Leaving the block before the stream ended resets it with CANCEL and waits
         until that is done. Errors are raised, mapped, by ``receive_batch``. A
         stream refused before any message (REFUSED_STREAM) is retried up to twice.
         """
-        path = SERVICE + method
-        self._check_size(request, path)
-
-        async def produce(sink: Sink[bytes]) -> None:
-            try:
-                await self._exchange(
-                    path, Cardinality.UNARY_STREAM, request, sink, extra_metadata=extra_metadata
-                )
-            except Exception as exc:
-                _raise_mapped(exc, path)
-
-        with self._stream_slot(method):
-            async with self._bridge.stream(produce, max_items=max_items) as rx:
-                yield rx
+        return _ServerStream(self, method, request, max_items, extra_metadata)
 
     async def aclose(self) -> None:
         """Close the channel (idempotent). In-flight calls fail with ServerUnavailable.
@@ -1008,3 +997,56 @@ def deadline(timeout: float | None, what: str) -> Iterator[None]:
         yield
     if scope.cancelled_caught:
         raise e.PocApiTimeout(f"{what}: no answer within {timeout:g} s")
+
+
+@final
+class _ServerStream:
+    """The block of :meth:`GrpcTransport.server_stream` (a class: see ``StreamBlock``)."""
+
+    __slots__ = ("_block", "_extra", "_max_items", "_method", "_request", "_transport")
+
+    def __init__(
+        self,
+        transport: GrpcTransport,
+        method: str,
+        request: bytes,
+        max_items: int,
+        extra_metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._transport = transport
+        self._method = method
+        self._request = request
+        self._max_items = max_items
+        self._extra = extra_metadata
+        self._block: StreamBlock[bytes] | None = None
+
+    async def __aenter__(self) -> BatchReceiver[bytes]:
+        t = self._transport
+        path = SERVICE + self._method
+        t._check_size(self._request, path)
+        request, extra = self._request, self._extra
+
+        async def produce(sink: Sink[bytes]) -> None:
+            try:
+                await t._exchange(
+                    path, Cardinality.UNARY_STREAM, request, sink, extra_metadata=extra
+                )
+            except Exception as exc:
+                _raise_mapped(exc, path)
+
+        t._take_slot(self._method)
+        try:
+            block = t._bridge.stream(produce, max_items=self._max_items)
+            rx = await block.__aenter__()
+        except BaseException:
+            t.open_streams -= 1
+            raise
+        self._block = block
+        return rx
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._block is not None, "exited a stream never entered"
+        try:
+            await self._block.__aexit__(*exc_info)
+        finally:
+            self._transport.open_streams -= 1
