@@ -40,6 +40,10 @@ server's default)::
 - ``"goaway_graceful"``: Generate sends half its tokens, then GOAWAY(NO_ERROR) with
   this stream as the last one, then the rest, ``Done`` and trailers, as a gRPC
   server shutting down gracefully does; the connection closes ``interval`` s later;
+- ``"after_done"``: Generate streams its tokens and ``Done``, then (``interval``
+  seconds later) one more token;
+- ``"status_after_tokens"``: Generate streams its tokens, then trailers with
+  ``grpc-status`` = ``status`` (no ``Done``);
 - ``"truncated"``: a message whose length prefix promises ``claimed_size`` bytes;
   16 follow, then END_STREAM (the message is cut short by the end of the stream).
 
@@ -89,6 +93,8 @@ Kind = Literal[
     "close_mid_stream",
     "close",
     "done_no_trailers",
+    "after_done",
+    "status_after_tokens",
     "truncated",
     "goaway_graceful",
 ]
@@ -333,6 +339,20 @@ class _Connection:
     async def _done_no_trailers(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
         await trio.sleep_forever()
+
+    async def _after_done(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        req = pb.GenerateRequest.parse(body)
+        await self._generate(sid, req, reply, trailers=False)
+        await trio.sleep(reply.interval)
+        await self.send_data(sid, encode_token(90, False, 10**6, -0.5))
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    async def _status_after_tokens(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        for i in range(reply.tokens):
+            await self.send_data(sid, encode_token(65 + i, False, i, -0.5))
+        trailers = [("grpc-status", str(reply.status)), ("grpc-message", "injected%20failure")]
+        await self.send_headers(sid, trailers, end=True)
 
     async def _truncated(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)

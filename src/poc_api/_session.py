@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, final
 
@@ -370,8 +370,7 @@ class Session:
             )
         return rewind_to, True
 
-    @asynccontextmanager
-    async def generate(
+    def generate(
         self,
         tokens: Sequence[int] = (),
         *,
@@ -383,7 +382,7 @@ class Session:
         timeout: float | None = None,
         first_token_timeout: float | None = None,
         token_timeout: float | None = None,
-    ) -> AsyncIterator[GenerateStream]:
+    ) -> AbstractAsyncContextManager[GenerateStream]:
         """Append ``tokens``, decode, and stream the wire events.
 
         Timeouts (seconds, all off by default; each raises :class:`PocApiTimeout`
@@ -417,55 +416,7 @@ class Session:
         between = check_timeout("token_timeout", token_timeout)
         if total is not None or first is not None or between is not None:
             timeouts = _Timeouts(total, first, between)
-        self._busy_check()
-        async with self._lock:
-            self._check_usable()
-            offset, truncating = self._offset(rewind_to)
-            if offset + len(ids) > U32_MAX:
-                raise ValueError("the prompt does not fit in uint32 positions")
-            req = pb.GenerateRequest(
-                session_id=self._session_id,
-                append_tokens=list(ids),
-                offset=offset,
-                truncating=truncating,
-                max_tokens=sampling.max_tokens,
-                logprobs_ranges=lp,
-                logprob_top_k=sampling.logprob_top_k,
-                readout_ranges=ro,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                stop_token_ids=list(sampling.stop_token_ids),
-                priority=priority,
-            )
-            log.debug(
-                "session %s Generate: offset=%d append=%d max_tokens=%d priority=%d",
-                self._session_id,
-                offset,
-                len(ids),
-                sampling.max_tokens,
-                priority,
-            )
-            started = time.perf_counter()
-            stream: GenerateStream | None = None
-            rejected = False
-            try:
-                async with self._transport.server_stream(
-                    "Generate", bytes(req), max_items=self._max_buffered
-                ) as rx:
-                    stream = GenerateStream(rx, self, started, timeouts)
-                    yield stream
-                    if stream.done is None:
-                        stream._done_if_buffered()
-                    if stream.done is not None:
-                        await stream._drain()
-            except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
-                # Rejected up front (no event came): nothing was appended.
-                rejected = stream is None or not stream._received
-                raise
-            finally:
-                if not rejected and (stream is None or stream.done is None):
-                    self._lost = True
+        return _GenerateBlock(self, ids, sampling, lp, ro, priority, rewind_to, timeouts)
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -575,3 +526,135 @@ class open_session:  # used like the function it replaced
             finally:
                 # The session's own transport: in a pool, its endpoint's.
                 self._session._transport.open_sessions -= 1
+
+
+# Raised by a Generate that the server refused before any event: nothing was appended.
+_REJECTED = (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow)
+
+
+@final
+class _GenerateBlock:
+    """The block of :meth:`Session.generate`.
+
+    A class, not an ``@asynccontextmanager``: trio frees every async generator
+    through a weakref callback, where CPython drops a Ctrl-C
+    (python/cpython#95959), and scoring runs one block per chunk.
+    """
+
+    __slots__ = (
+        "_ids",
+        "_lp",
+        "_priority",
+        "_rewind_to",
+        "_ro",
+        "_rpc",
+        "_sampling",
+        "_session",
+        "_stream",
+        "_timeouts",
+    )
+
+    def __init__(
+        self,
+        session: Session,
+        ids: tuple[int, ...],
+        sampling: SamplingParams,
+        lp: list[pb.PositionRange],
+        ro: list[pb.PositionRange],
+        priority: int,
+        rewind_to: int | None,
+        timeouts: _Timeouts | None,
+    ) -> None:
+        self._session = session
+        self._ids = ids
+        self._sampling = sampling
+        self._lp = lp
+        self._ro = ro
+        self._priority = priority
+        self._rewind_to = rewind_to
+        self._timeouts = timeouts
+        self._rpc: AbstractAsyncContextManager[BatchReceiver[bytes]] | None = None
+        self._stream: GenerateStream | None = None
+
+    async def __aenter__(self) -> GenerateStream:
+        s = self._session
+        if self._rpc is not None:
+            raise RuntimeError("a generate block can be entered only once")
+        s._busy_check()
+        await s._lock.acquire()
+        try:
+            return await self._start(s)
+        except BaseException:
+            s._lock.release()
+            raise
+
+    async def _start(self, s: Session) -> GenerateStream:
+        s._check_usable()
+        ids, sampling = self._ids, self._sampling
+        offset, truncating = s._offset(self._rewind_to)
+        if offset + len(ids) > U32_MAX:
+            raise ValueError("the prompt does not fit in uint32 positions")
+        req = pb.GenerateRequest(
+            session_id=s._session_id,
+            append_tokens=list(ids),
+            offset=offset,
+            truncating=truncating,
+            max_tokens=sampling.max_tokens,
+            logprobs_ranges=self._lp,
+            logprob_top_k=sampling.logprob_top_k,
+            readout_ranges=self._ro,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            stop_token_ids=list(sampling.stop_token_ids),
+            priority=self._priority,
+        )
+        log.debug(
+            "session %s Generate: offset=%d append=%d max_tokens=%d priority=%d",
+            s._session_id,
+            offset,
+            len(ids),
+            sampling.max_tokens,
+            self._priority,
+        )
+        started = time.perf_counter()
+        rpc = s._transport.server_stream("Generate", bytes(req), max_items=s._max_buffered)
+        self._rpc = rpc
+        # What fails here (a client-side limit, a closed client) failed before
+        # anything was sent: the session is untouched and stays usable.
+        rx = await rpc.__aenter__()
+        self._stream = GenerateStream(rx, s, started, self._timeouts)
+        return self._stream
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        s, stream, rpc = self._session, self._stream, self._rpc
+        assert stream is not None and rpc is not None, "exited a block never entered"
+        out = exc  # what leaves the block: the body's exception, or one raised here
+        try:
+            if exc is None:
+                try:
+                    if stream.done is None:
+                        stream._done_if_buffered()
+                    if stream.done is not None:
+                        await stream._drain()
+                except BaseException as err:
+                    out = err
+                    await rpc.__aexit__(type(err), err, err.__traceback__)
+                    raise
+                await rpc.__aexit__(None, None, None)
+            else:
+                await rpc.__aexit__(exc_type, exc, tb)
+        except BaseException as err:
+            out = err
+            raise
+        finally:
+            # Refused before any event: nothing was appended, the session is intact.
+            rejected = isinstance(out, _REJECTED) and not stream._received
+            if not rejected and stream.done is None:
+                s._lost = True
+            s._lock.release()

@@ -106,6 +106,23 @@ async def test_an_oversized_request_is_refused_before_sending(
             await s.append_image(make_png(56, 28), "image/png")
 
 
+async def test_a_generate_refused_before_sending_leaves_the_session_usable(
+    server: ReferenceServer,
+) -> None:
+    # Nothing reached the server, so the session's state is known: not lost.
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_message_size=1000
+    ) as c:
+        async with c.session() as s:
+            await s.prefill([1, 2])
+            with trio.fail_after(5), pytest.raises(poc_api.LimitExceeded):
+                async with s.generate([7] * 1000, sampling=SamplingParams(max_tokens=1)):
+                    raise AssertionError("the block must not run")
+            assert not s.lost
+            await s.prefill([3])
+            assert s.committed_len == 3
+
+
 async def test_a_one_event_buffer_still_delivers_every_event_in_order(
     server: ReferenceServer,
 ) -> None:

@@ -342,6 +342,46 @@ async def test_the_stream_deadline_also_bounds_the_wait_for_trailers_after_done(
             assert not s.lost and s.committed_len == 7
 
 
+async def test_events_after_done_are_a_protocol_violation(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Found by the iteration, or by the block's exit when the body stops at Done.
+    async with poc_api.ApiClient(
+        DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5, max_concurrent_streams=1
+    ) as c:
+        async with c.session() as s:
+            for stop_at_done in (False, True):
+                bad_server.plan("Generate", Reply("after_done", tokens=2, interval=0.05))
+                with (
+                    trio.fail_after(5),
+                    pytest.raises(poc_api.ProtocolViolation, match="after Done"),
+                ):
+                    async with s.generate([1], sampling=SamplingParams(max_tokens=2)) as ev:
+                        async for e in ev:
+                            if stop_at_done and isinstance(e, poc_api.Done):
+                                break
+        # The stream's slot was given back (max_concurrent_streams=1).
+        with trio.fail_after(5):
+            async with c.session() as s:
+                await s.prefill([1])
+
+
+@pytest.mark.parametrize("tokens", [0, 2])
+async def test_a_refusal_after_events_marks_the_session_lost(
+    bad_server: MisbehavingServer, tokens: int
+) -> None:
+    # INVALID_ARGUMENT before any event: nothing was appended, the session is kept.
+    # After events, the server's state is unknown: the session is lost.
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5) as c:
+        async with c.session() as s:
+            bad_server.plan("Generate", Reply("status_after_tokens", tokens=tokens, status=3))
+            with trio.fail_after(5), pytest.raises(poc_api.InvalidRequest):
+                async with s.generate([1], sampling=SamplingParams(max_tokens=5)) as ev:
+                    async for _ in ev:
+                        pass
+            assert s.lost == (tokens > 0)
+
+
 async def test_a_graceful_goaway_lets_the_stream_finish_and_new_calls_use_a_new_connection(
     bad_server: MisbehavingServer,
 ) -> None:
