@@ -44,6 +44,7 @@ server's default)::
   seconds later) one more token;
 - ``"status_after_tokens"``: Generate streams its tokens, then trailers with
   ``grpc-status`` = ``status`` (no ``Done``);
+- ``"miscount"``: Generate streams its tokens, then a ``Done`` that counts one more;
 - ``"truncated"``: a message whose length prefix promises ``claimed_size`` bytes;
   16 follow, then END_STREAM (the message is cut short by the end of the stream).
 
@@ -94,6 +95,7 @@ Kind = Literal[
     "close",
     "done_no_trailers",
     "after_done",
+    "miscount",
     "status_after_tokens",
     "truncated",
     "goaway_graceful",
@@ -358,8 +360,17 @@ class _Connection:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         await self.send_data(sid, _frame_len(0, reply.claimed_size) + b"\x0a" * 16, end=True)
 
+    async def _miscount(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._generate(sid, pb.GenerateRequest.parse(body), reply, miscount=1)
+
     async def _generate(
-        self, sid: int, req: pb.GenerateRequest, reply: Reply, *, trailers: bool = True
+        self,
+        sid: int,
+        req: pb.GenerateRequest,
+        reply: Reply,
+        *,
+        trailers: bool = True,
+        miscount: int = 0,
     ) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         start, end = req.offset, req.offset + len(req.append_tokens)
@@ -377,7 +388,8 @@ class _Connection:
             if i and reply.interval:
                 await trio.sleep(reply.interval)
             await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
-        await self.send_data(sid, encode_done(end, n, end + n, "length" if n else "prefill"))
+        m = n + miscount
+        await self.send_data(sid, encode_done(end, m, end + m, "length" if n else "prefill"))
         if trailers:
             await self.send_headers(sid, _OK_TRAILERS, end=True)
 

@@ -618,7 +618,7 @@ async def test_a_unary_calls_headers_and_data_leave_in_one_write(
     assert writes == [["HeadersFrame", "DataFrame"]] * 2, writes
 
 
-async def test_a_generate_or_score_call_makes_no_async_generator(
+async def test_generate_score_and_conversation_make_no_async_generator(
     client: poc_api.ApiClient,
 ) -> None:
     # trio frees each async generator through a weakref callback, where CPython drops
@@ -640,6 +640,13 @@ async def test_a_generate_or_score_call_makes_no_async_generator(
                 async for _ in ev:
                     pass
         await client.score([poc_api.Tokens([72, 101, 108, 108])], [(1, 3)])
+        async with client.conversation() as conv:
+            for _ in range(2):
+                async with conv.stream(
+                    [poc_api.Tokens([72, 101])], SamplingParams(max_tokens=3)
+                ) as cev:
+                    async for _ in cev:
+                        pass
     finally:
         sys.set_asyncgen_hooks(*hooks)
     assert made == [], made

@@ -11,7 +11,7 @@ import enum
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, final
 from urllib.parse import urlsplit
@@ -414,8 +414,7 @@ class ApiClient:
             timeout=timeout,
         )
 
-    @asynccontextmanager
-    async def conversation(self, *, rewind: bool = True) -> AsyncIterator[Conversation]:
+    def conversation(self, *, rewind: bool = True) -> AbstractAsyncContextManager[Conversation]:
         """A reusable session slot for multi-turn streaming (see :class:`Conversation`).
 
         Args:
@@ -429,11 +428,7 @@ class ApiClient:
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
         )
-        try:
-            yield conv
-        finally:
-            with trio.CancelScope(shield=True):
-                await conv.aclose()
+        return _ConversationBlock(conv)
 
     async def score(
         self,
@@ -590,3 +585,23 @@ class ApiClient:
         """Vocabulary size and special token ids (reference-server extension)."""
         with deadline(timeout, "tokenizer_info"):
             return await self._https().tokenizer_info()
+
+
+@final
+class _ConversationBlock:
+    """The block of :meth:`ApiClient.conversation`: closes it on exit, shielded.
+
+    A class, not an ``@asynccontextmanager`` (see ``Session.generate``).
+    """
+
+    __slots__ = ("_conv",)
+
+    def __init__(self, conv: Conversation) -> None:
+        self._conv = conv
+
+    async def __aenter__(self) -> Conversation:
+        return self._conv
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self._conv.aclose()

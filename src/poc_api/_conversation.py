@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import math
 from array import array
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from types import TracebackType
 from typing import TYPE_CHECKING, final
 
 import attrs
@@ -225,8 +226,7 @@ class Conversation:
             await stack.aclose()
 
     @keyword_only_from(2, ("priority", "readout_shape"))
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self,
         chunks: Sequence[Chunk],
         sampling: SamplingParams | None = None,
@@ -236,7 +236,7 @@ class Conversation:
         timeout: float | None = None,
         first_token_timeout: float | None = None,
         token_timeout: float | None = None,
-    ) -> AsyncIterator[ConversationStream]:
+    ) -> AbstractAsyncContextManager[ConversationStream]:
         """Send the prompt's delta and stream the reply.
 
         Before the block's body runs, text before each image is flushed with a
@@ -271,81 +271,59 @@ class Conversation:
             raise TypeError("sampling must be a SamplingParams")
         shape = _check_shape(readout_shape)
         prio = check_int32("priority", 0 if priority is None else priority)
-        check_timeout("timeout", timeout)
+        total = check_timeout("timeout", timeout)
         check_timeout("first_token_timeout", first_token_timeout)
         check_timeout("token_timeout", token_timeout)
-        deadline_at = trio.current_time() + timeout if timeout is not None else math.inf
-        async with self._lock:
-            if self._closed:
-                raise trio.ClosedResourceError("the conversation is closed")
-            ok = False
-            gen_stack = AsyncExitStack()
+        return _Turn(
+            self, chunks, sampling, prio, shape, (first_token_timeout, token_timeout), total
+        )
+
+    async def _begin(
+        self,
+        gen_stack: AsyncExitStack,
+        chunks: list[Chunk],
+        sampling: SamplingParams,
+        priority: int,
+        shape: tuple[int, int] | None,
+        timeouts: tuple[float | None, float | None, float],
+    ) -> tuple[ConversationStream, GenerateStream, list[Chunk], Session]:
+        """Start a turn: a held or new session, replaced once if it is gone."""
+        deadline_at = timeouts[2]
+        for attempt in range(2):
+            fresh = self._session is None
+            if self._session is not None:
+                session = self._session
+            else:
+                session = await self._open(_remaining(deadline_at))
             try:
-                for attempt in range(2):
-                    fresh = self._session is None
-                    if self._session is not None:
-                        session = self._session
-                    else:
-                        session = await self._open(_remaining(deadline_at))
-                    try:
-                        out, events, sent = await self._start(
-                            gen_stack,
-                            session,
-                            chunks,
-                            sampling,
-                            prio,
-                            shape,
-                            (first_token_timeout, token_timeout, deadline_at),
-                        )
-                        break
-                    except SessionNotFound:
-                        await gen_stack.aclose()
-                        if fresh or attempt:
-                            raise
-                        log.info(
-                            "session %s is gone on the server (restarted or evicted): "
-                            "opening a new one and sending the whole prompt again",
-                            session.session_id,
-                        )
-                        with trio.CancelScope(shield=True):
-                            await self._drop()
-                    except ServerUnavailable:
-                        # A pool places the new session on another endpoint (issue 12).
-                        await gen_stack.aclose()
-                        if attempt or failover_attempts(self._transport) < 2:
-                            raise
-                        log.info(
-                            "session %s: its server is unreachable: opening a new session "
-                            "on another endpoint and sending the whole prompt again",
-                            session.session_id,
-                        )
-                        with trio.CancelScope(shield=True):
-                            await self._drop()
-                async with gen_stack:
-                    yield out
-                if events.done is None:
-                    return  # left early: the session is lost; `finally` drops it
-                if len(out.decoded) != events.done.completion_tokens:
-                    log.warning(
-                        "session %s: Done says %d tokens were decoded but %d arrived; "
-                        "dropping the session",
-                        session.session_id,
-                        events.done.completion_tokens,
-                        len(out.decoded),
-                    )
-                    return
-                self._history = [*sent, Tokens(out.decoded)] if out.decoded else sent
-                ok = True
-            finally:
-                if not ok:
-                    # gen_stack may still hold the Generate (and its bridge nursery)
-                    # when priming failed; a nursery must be exited in the cancel
-                    # scope it was opened in, never from inside a newer one.
-                    try:
-                        await gen_stack.aclose()
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await self._drop()
+                out, events, sent = await self._start(
+                    gen_stack, session, chunks, sampling, priority, shape, timeouts
+                )
+                return out, events, sent, session
+            except SessionNotFound:
+                await gen_stack.aclose()
+                if fresh or attempt:
+                    raise
+                log.info(
+                    "session %s is gone on the server (restarted or evicted): "
+                    "opening a new one and sending the whole prompt again",
+                    session.session_id,
+                )
+                with trio.CancelScope(shield=True):
+                    await self._drop()
+            except ServerUnavailable:
+                # A pool places the new session on another endpoint (issue 12).
+                await gen_stack.aclose()
+                if attempt or failover_attempts(self._transport) < 2:
+                    raise
+                log.info(
+                    "session %s: its server is unreachable: opening a new session "
+                    "on another endpoint and sending the whole prompt again",
+                    session.session_id,
+                )
+                with trio.CancelScope(shield=True):
+                    await self._drop()
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _start(
         self,
@@ -416,3 +394,121 @@ class Conversation:
             await trio.lowlevel.checkpoint()
             return
         await self._drop()
+
+
+@final
+class _Turn:
+    """The block of :meth:`Conversation.stream`.
+
+    A class, not an ``@asynccontextmanager``: trio frees every async generator
+    through a weakref callback, where CPython drops a Ctrl-C
+    (python/cpython#95959).
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_conv",
+        "_entered",
+        "_events",
+        "_gen_stack",
+        "_out",
+        "_priority",
+        "_sampling",
+        "_sent",
+        "_session",
+        "_shape",
+        "_timeout",
+        "_timeouts",
+    )
+
+    def __init__(
+        self,
+        conv: Conversation,
+        chunks: list[Chunk],
+        sampling: SamplingParams,
+        priority: int,
+        shape: tuple[int, int] | None,
+        timeouts: tuple[float | None, float | None],
+        timeout: float | None,
+    ) -> None:
+        self._conv = conv
+        self._chunks = chunks
+        self._sampling = sampling
+        self._priority = priority
+        self._shape = shape
+        self._timeouts = timeouts
+        self._timeout = timeout
+        self._entered = False
+        self._gen_stack = AsyncExitStack()
+        self._out: ConversationStream | None = None
+        self._events: GenerateStream | None = None
+        self._sent: list[Chunk] = []
+        self._session: Session | None = None
+
+    async def __aenter__(self) -> ConversationStream:
+        if self._entered:
+            raise RuntimeError("a conversation stream block can be entered only once")
+        self._entered = True
+        conv = self._conv
+        timeout = self._timeout
+        deadline_at = trio.current_time() + timeout if timeout is not None else math.inf
+        await conv._lock.acquire()
+        if conv._closed:
+            conv._lock.release()
+            raise trio.ClosedResourceError("the conversation is closed")
+        try:
+            self._out, self._events, self._sent, self._session = await conv._begin(
+                self._gen_stack,
+                self._chunks,
+                self._sampling,
+                self._priority,
+                self._shape,
+                (*self._timeouts, deadline_at),
+            )
+        except BaseException:
+            try:
+                await self._fail()
+            finally:
+                conv._lock.release()
+            raise
+        return self._out
+
+    async def _fail(self) -> None:
+        # The stack may still hold the Generate when priming failed: close it
+        # first, then drop the session (the next turn starts a new one).
+        try:
+            await self._gen_stack.aclose()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._conv._drop()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conv, out, events, session = self._conv, self._out, self._events, self._session
+        assert out is not None and events is not None and session is not None
+        ok = False
+        try:
+            await self._gen_stack.__aexit__(exc_type, exc, tb)
+            if exc is not None or events.done is None:
+                return  # failed or left early: the session is lost; it is dropped
+            if len(out.decoded) != events.done.completion_tokens:
+                log.warning(
+                    "session %s: Done says %d tokens were decoded but %d arrived; "
+                    "dropping the session",
+                    session.session_id,
+                    events.done.completion_tokens,
+                    len(out.decoded),
+                )
+                return
+            conv._history = [*self._sent, Tokens(out.decoded)] if out.decoded else self._sent
+            ok = True
+        finally:
+            try:
+                if not ok:
+                    await self._fail()
+            finally:
+                conv._lock.release()

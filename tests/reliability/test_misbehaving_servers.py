@@ -266,6 +266,26 @@ async def test_conversation_survives_a_dropped_connection(bad_server: Misbehavin
         assert isinstance(events[-1], poc_api.StreamDone)
 
 
+async def test_a_done_that_miscounts_the_reply_drops_the_conversations_session(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The session's content is then unknown: the next turn starts a new session.
+    async with client_for(bad_server) as c, c.conversation() as conv:
+        bad_server.plan("Generate", Reply("miscount", tokens=3))
+        with trio.fail_after(5):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                events = [e async for e in ev]
+        assert isinstance(events[-1], poc_api.StreamDone)
+        assert conv.session is None
+        assert "Done says 4 tokens were decoded but 3 arrived" in caplog.text
+        with trio.fail_after(5):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                async for _ in ev:
+                    pass
+        assert conv.session is not None
+        assert len(bad_server.calls_to("OpenSession")) == 2
+
+
 async def test_reconnect_after_the_server_vanishes_backs_off_but_recovers(
     bad_server: MisbehavingServer,
 ) -> None:
