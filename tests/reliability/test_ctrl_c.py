@@ -34,8 +34,12 @@ RUNS = 10
 
 CHILD = textwrap.dedent(
     """
-    import sys, threading, time, trio, poc_api
+    import signal, sys, threading, time, trio, poc_api
     from poc_api import SamplingParams, Tokens
+
+    # A shell without job control starts background jobs with SIGINT ignored, and
+    # Python then installs no handler: take the default one back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def unraisable(u):
         if u.exc_type is KeyboardInterrupt:  # CPython dropped it: say so
