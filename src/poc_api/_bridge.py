@@ -443,11 +443,7 @@ class AsyncioBridge:
                 if not call.finished:
                     call.error = exc
             finally:
-                # Forget the task here, in the loop thread: a task freed in the trio
-                # thread runs asyncio's WeakSet callback there, and a Ctrl-C landing
-                # in that callback is lost ("Exception ignored in ...").
-                call.task = None
-                self._finish(call)
+                self._forget(call)
 
         def begin() -> None:
             if call.cancel_requested or self._loop.is_closed():
@@ -473,6 +469,12 @@ class AsyncioBridge:
         self._to_trio.post(call.done.set)
 
     def _forget(self, call: _Call) -> None:
+        """asyncio side: the task is ending; drop the trio side's reference, then finish.
+
+        Dropped here, in the loop thread: a task freed in the trio thread runs
+        asyncio's WeakSet callback there, and a Ctrl-C landing in that callback
+        is lost ("Exception ignored in ...").
+        """
         call.task = None
         self._finish(call)
 
