@@ -301,6 +301,33 @@ async def test_a_full_buffer_pauses_the_producer_until_the_consumer_reads() -> N
     assert total == 100
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="needs asyncio's eager task start")
+async def test_items_pushed_as_the_producer_ends_reach_a_consumer_that_looks_at_once() -> None:
+    # Pushes reach the buffer right before the loop selects; the producer's end
+    # must bring them along, or a trio consumer looking between the two (in its own
+    # thread) finds the stream finished and empty: events lost.
+    holding, release = threading.Event(), threading.Event()
+
+    async def produce(sink: Sink[int]) -> None:
+        for i in range(3):
+            sink.push(i)
+
+    def hold() -> None:  # the loop thread, right after the producer ended
+        holding.set()
+        release.wait(5)
+
+    async with open_bridge() as bridge:
+        try:
+            async with bridge.stream(produce, max_items=10) as rx:
+                bridge.call_soon(hold)  # the same wake-up as the producer's start
+                assert await trio.to_thread.run_sync(holding.wait, 5)
+                with trio.fail_after(5):
+                    assert await rx.receive_batch() == [0, 1, 2]
+                    assert await rx.receive_batch() == []
+        finally:
+            release.set()
+
+
 async def test_the_producers_error_comes_from_receive_batch() -> None:
     async def produce(sink: Sink[int]) -> None:
         sink.push(1)

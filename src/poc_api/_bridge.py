@@ -171,8 +171,10 @@ class StreamBlock(Generic[T]):
         if self._call is not None:
             raise RuntimeError("a stream block can be entered only once")
         buf: _Buffer[T] = _Buffer(bridge, self._max_items)
+        sink = Sink(buf)
 
         def on_done(call: _Call) -> None:
+            sink.flush()  # what the producer pushed last comes before its end
             with buf.lock:
                 buf.error = call.error
                 buf.finished = True
@@ -180,7 +182,7 @@ class StreamBlock(Generic[T]):
             if waiter is not None:
                 bridge._to_trio.post(waiter.set)
 
-        self._call = bridge._submit(self._producer, (Sink(buf),), on_done)
+        self._call = bridge._submit(self._producer, (sink,), on_done)
         return BatchReceiver(buf)
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -196,37 +198,58 @@ class StreamBlock(Generic[T]):
 
 @final
 class Sink(Generic[T]):
-    """The asyncio-side end of a stream buffer (one producer)."""
+    """The asyncio-side end of a stream buffer (one producer).
 
-    __slots__ = ("_buf",)
+    Pushed items collect in a list of the producer's own and reach the shared
+    buffer in one locked step per loop iteration (right before the loop
+    selects), not one per item: a stream's messages arrive thousands per read.
+    """
+
+    __slots__ = ("_buf", "_pending", "_room")
 
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
+        self._pending: list[T] = []
+        self._room = buffer.max_items  # free places in the buffer at the last flush
 
     def push(self, item: T) -> bool:
-        """Append one item and wake the trio consumer if it waits.
+        """Append one item; the consumer gets it before the loop next waits.
 
         Returns True when the buffer is full: the producer should then
         ``await`` :meth:`wait_space` before it pushes more.
         """
+        pending = self._pending
+        pending.append(item)
+        if len(pending) == 1:
+            self._buf.bridge.before_select(self.flush)
+        return len(pending) >= self._room
+
+    def flush(self) -> None:
+        """asyncio: hand the pushed items to the consumer now (and wake it if it waits)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
         buf = self._buf
         with buf.lock:
             items = buf.items
-            items.append(item)
+            items.extend(pending)
+            self._room = buf.max_items - len(items)
             waiter = buf.trio_waiter
             if waiter is not None:
                 buf.trio_waiter = None
-            full = len(items) >= buf.max_items
         if waiter is not None:
             buf.bridge._to_trio.post(waiter.set)
-        return full
 
     async def wait_space(self) -> None:
         """asyncio: wait until the consumer drained the buffer below its bound."""
+        self.flush()
         buf = self._buf
         while True:
             with buf.lock:
-                if len(buf.items) < buf.max_items:
+                free = buf.max_items - len(buf.items)
+                if free > 0:
+                    self._room = free
                     return
                 space = buf.space = asyncio.get_running_loop().create_future()
             await space
