@@ -18,6 +18,7 @@ import h2.connection
 import trio
 from grpclib.client import Channel
 from grpclib.const import Cardinality
+from grpclib.protocol import Buffer
 from grpclib.protocol import Stream as RawStream
 
 import poc_api
@@ -55,6 +56,7 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
                 "h2.connection.H2Connection instance": h2.connection.H2Connection(),
             }
             await stream.send_message(b"", end=True)
+            found["grpclib.protocol.Buffer instance"] = stream._stream.buffer
             await stream.recv_message()
             return found
 
@@ -79,9 +81,25 @@ async def test_every_private_name_poc_api_uses_exists(server: ReferenceServer) -
 
 def test_the_raw_stream_methods_used_are_there() -> None:
     # grpclib.protocol.Stream is internal as a whole; these are what _transport calls.
-    for name in ("recv_data", "reset_nowait", "closable"):
+    for name in ("reset_nowait", "closable"):
         assert hasattr(RawStream, name), name
     assert hasattr(Channel, "request")
+
+
+def test_a_stream_buffer_queues_data_chunks_as_the_reader_takes_them() -> None:
+    # _Reader takes (data, data_size, ack_size) items off Buffer._unacked itself,
+    # returns the window through _ack_callback, and knows the end by _eof.
+    acked: list[int] = []
+    buffer = Buffer(acked.append)
+    buffer.add(b"abc", 8)  # a padded frame: 8 bytes of window for 3 of data
+    assert not buffer._eof
+    buffer.eof()
+    assert buffer._eof
+    assert tuple(buffer._unacked.get_nowait()) == (b"abc", 3, 8)
+    assert tuple(buffer._unacked.get_nowait()) == (b"", 0, 0)  # the end mark
+    assert buffer._unacked.empty()
+    buffer._ack_callback(8)
+    assert acked == [8]
 
 
 def test_the_list_names_every_private_attribute_the_transport_touches() -> None:

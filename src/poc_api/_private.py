@@ -1,15 +1,16 @@
 """Every private name of a dependency that poc_api relies on, in one place.
 
 grpclib offers no public way to reset a stream with CANCEL, to read messages
-without its per-message codec, to swap the h2 connection class (the flow-control
-split), to know whether the peer's SETTINGS arrived, or to set keepalive; h2
-offers no public way to return connection-level window apart from stream-level
-window. ``_transport.py`` uses the names below for that, and nothing else
-private (``server/_grpc.py`` uses the last two for the reference server's
-graceful shutdown). ``tests/test_private_names.py`` checks every one of them against the
-installed versions (on real objects from a real call), so an upgrade that drops
-one fails loudly there instead of silently disabling a feature. ``pyproject.toml``
-caps grpclib, h2 and hyperframe below their next release lines.
+without its per-message codec (or a stream's DATA a chunk at a time), to swap
+the h2 connection class (the flow-control split), to know whether the peer's
+SETTINGS arrived, or to set keepalive; h2 offers no public way to return
+connection-level window apart from stream-level window. ``_transport.py`` uses
+the names below for that, and nothing else private (``server/_grpc.py`` uses the
+last two for the reference server's graceful shutdown).
+``tests/test_private_names.py`` checks every one of them against the installed
+versions (on real objects from a real call), so an upgrade that drops one fails
+loudly there instead of silently disabling a feature. ``pyproject.toml`` caps
+grpclib, h2 and hyperframe below their next release lines.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("grpclib.client.Channel instance", "_h2_config", "protocol factory arguments"),
     ("grpclib.client.Stream instance", "_stream", "raw reads and CANCEL resets"),
     ("grpclib.client.Stream instance", "_send_request_done", "reset only sent calls"),
+    ("grpclib.protocol.Buffer instance", "_unacked", "take DATA chunks whole (_Reader)"),
+    ("grpclib.protocol.Buffer instance", "_ack_callback", "return window per chunk (_Reader)"),
+    ("grpclib.protocol.Buffer instance", "_eof", "the end of a stream's data (_Reader)"),
     ("grpclib.client.Stream instance", "_wrapper", "wake a reader when the connection dies"),
     ("grpclib.client.Stream instance", "_recv_initial_metadata_done", "finish after GOAWAY"),
     ("grpclib.client.Stream instance", "_recv_trailing_metadata_done", "finish after GOAWAY"),
