@@ -541,6 +541,23 @@ async def test_connection_window_accounting_stays_exact(server: ReferenceServer)
         assert _transport._CONNECTION_WINDOW // 2 <= window <= _transport._CONNECTION_WINDOW
 
 
+async def test_the_client_takes_data_frames_up_to_a_mebibyte(server: ReferenceServer) -> None:
+    # HTTP/2's default 16 KiB frames cost h2 and grpclib a frame's handling per ~15
+    # readout events; the server may send frames up to 1 MiB, and they are read.
+    from poc_api import _transport
+
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        with trio.fail_after(30):
+            async with c.session() as s:
+                sampling = SamplingParams(max_tokens=200)
+                async with s.generate(HELLO, sampling=sampling, readout_ranges=[(0, 10**6)]) as ev:
+                    tokens = [e async for e in ev if isinstance(e, Token)]
+        assert len(tokens) > 200 and all(t.readout is not None for t in tokens)
+        assert c._transport is not None and c._transport._channel is not None
+        h2_conn = c._transport._channel._protocol.connection._connection  # type: ignore[union-attr]
+        assert h2_conn.local_settings.max_frame_size == _transport._MAX_FRAME_SIZE == 1 << 20
+
+
 async def test_tasks_started_before_the_client_opened_can_use_it(
     server: ReferenceServer,
 ) -> None:

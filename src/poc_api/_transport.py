@@ -873,6 +873,11 @@ class _PocConnection(Connection):
         return last is None or time.monotonic() - last >= interval
 
 
+# DATA frames up to this size from the server (HTTP/2's default is 16 KiB): a
+# frame costs h2 and grpclib about as much as a dozen small messages to handle.
+_MAX_FRAME_SIZE = 1 << 20
+
+
 class _PocH2Protocol(H2Protocol):
     """grpclib's client protocol with split flow control, plus two facts grpclib
     does not keep: whether the peer's SETTINGS arrived, and whether the connection
@@ -907,10 +912,14 @@ class _PocH2Protocol(H2Protocol):
             h2_conn.increment_flow_control_window(
                 self.config.http2_connection_window_size - initial
             )
+        settings: dict[h2.settings.SettingCodes | int, int] = {
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME_SIZE
+        }
         if self.config.http2_stream_window_size != initial:
-            h2_conn.update_settings(
-                {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size}
+            settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = (
+                self.config.http2_stream_window_size
             )
+        h2_conn.update_settings(settings)
         writer = _CoalescingTransport(transport, self.before_select)  # type: ignore[arg-type]
         self.connection = _PocConnection(h2_conn, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.sessions_open = self.sessions_open
