@@ -38,8 +38,11 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
     assert "| Goal | Target | Measured | Met |" in out
     for label in ("stream, plain tokens", "256-float readout", "unary RPCs", "256 concurrent"):
         assert label in out
-    for client in ("poc_api", "grpclib+bp2", "grpclib+wire", "grpcio aio"):
+    for client in ("poc_api", "grpclib+bp2", "grpclib+wire", "grpclib chunk", "grpcio aio"):
         assert client in out
+    # Bridge v2's goals: streams against both asyncio read paths, unary client CPU.
+    assert "Bridge v2: plain stream" in out and "grpclib chunk read (same read path)" in out
+    assert "Bridge v2: client CPU per unary RPC" in out
     # The prefix-sharing row (reference server with a simulated prefill cost).
     assert "Prefix-shared scoring" in out and "`score_continuations`" in out
     # The scale-out row (pool, and nginx when installed).
