@@ -15,6 +15,7 @@ from typing import Any
 
 import grpclib.server
 import h2.connection
+import hpack
 import trio
 from grpclib.client import Channel
 from grpclib.const import Cardinality
@@ -54,6 +55,8 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
                 "grpclib.client.Channel instance": channel,
                 "grpclib.client.Stream instance": stream,
                 "h2.connection.H2Connection instance": h2.connection.H2Connection(),
+                "hpack.Encoder instance": hpack.Encoder(),
+                "hpack.table.HeaderTable instance": hpack.Encoder().header_table,
             }
             await stream.send_message(b"", end=True)
             found["grpclib.protocol.Buffer instance"] = stream._stream.buffer

@@ -32,6 +32,8 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "deadline",
         "map_grpc_error",
         "RawCodec",
+        "CachingEncoder",
+        "never_indexed_literal",
         "decode_generate_event",
         "parse_reply",
         "HttpApi",

@@ -4,13 +4,15 @@ grpclib offers no public way to reset a stream with CANCEL, to read messages
 without its per-message codec (or a stream's DATA a chunk at a time), to swap
 the h2 connection class (the flow-control split), to know whether the peer's
 SETTINGS arrived, or to set keepalive; h2 offers no public way to return
-connection-level window apart from stream-level window. ``_transport.py`` uses
-the names below for that, and nothing else private (``server/_grpc.py`` uses the
-last two for the reference server's graceful shutdown).
+connection-level window apart from stream-level window; hpack documents neither
+its encoder's table nor how h2 holds its encoder. ``_transport.py`` and
+``_hpack.py`` use the names below for that, and nothing else private
+(``server/_grpc.py`` uses the last two for the reference server's graceful
+shutdown).
 ``tests/test_private_names.py`` checks every one of them against the installed
 versions (on real objects from a real call), so an upgrade that drops one fails
 loudly there instead of silently disabling a feature. ``pyproject.toml`` caps
-grpclib, h2 and hyperframe below their next release lines.
+grpclib, h2, hpack and hyperframe below their next release lines.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "_inbound_flow_control_window_manager",
         "return connection-level window on receipt",
     ),
+    # Undocumented (though not underscored) names of h2 and hpack: _hpack.py's
+    # encoder is installed on the connection and watches hpack's dynamic table.
+    ("h2.connection.H2Connection instance", "encoder", "install the caching HPACK encoder"),
+    ("hpack.Encoder instance", "header_table", "the table a cached block depends on"),
+    ("hpack.table.HeaderTable instance", "dynamic_entries", "the table's state (_hpack)"),
+    ("hpack.table.HeaderTable instance", "resized", "a table size update is pending"),
+    ("hpack.table.HeaderTable", "maxsize", "the table's state (_hpack)"),
     # The reference server (poc_api.server): graceful shutdown.
     ("grpclib.server.Server instance", "_server", "stop accepting before the grace period"),
     ("grpclib.protocol.Connection instance", "_connection", "the h2 connection's last stream id"),

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import ssl as _ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, Protocol, final
 from urllib.parse import urlsplit
@@ -44,11 +44,11 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
 from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.exceptions import StreamClosedError
-from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import WindowUpdateFrame
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink, StreamBlock
+from ._hpack import CachingEncoder
 from ._http import redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
@@ -820,19 +820,6 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
 
     goaway_last_stream_id: int | None = None
 
-    unindexed: frozenset[str] = frozenset()
-    """Request headers sent as never-indexed HPACK literals: per-session values
-    (the affinity key) would otherwise fill the dynamic table, evict the stable
-    headers and make every header's table search slower."""
-
-    def send_headers(
-        self, stream_id: int, headers: Iterable[Any], *args: Any, **kwargs: Any
-    ) -> None:
-        if self.unindexed:
-            unindexed = self.unindexed
-            headers = [NeverIndexedHeaderTuple(*h) if h[0] in unindexed else h for h in headers]
-        super().send_headers(stream_id, headers, *args, **kwargs)
-
     def get_next_available_stream_id(self) -> int:
         # grpclib picks the id of a new stream right before sending its HEADERS,
         # also for calls that were queued (for a stream slot or write buffer
@@ -905,7 +892,9 @@ class _PocH2Protocol(H2Protocol):
         if sock is not None:
             _set_nodelay(sock)
         h2_conn = self._h2 = _SplitWindowH2Connection(config=self.h2_config)
-        h2_conn.unindexed = self.unindexed_headers
+        # Per-session values (the affinity key) go out as never-indexed literals:
+        # in the dynamic table they would evict the stable headers.
+        h2_conn.encoder = CachingEncoder(self.unindexed_headers)
         h2_conn.initiate_connection()
         initial = h2_conn.local_settings.initial_window_size
         if self.config.http2_connection_window_size != initial:
