@@ -393,14 +393,6 @@ class GrpcTransport:
             f"SETTINGS within {limit:g} s: is it a gRPC server?"
         )
 
-    @contextmanager
-    def _stream_slot(self, method: str, *, cleanup: bool = False) -> Iterator[None]:
-        self._take_slot(method, cleanup=cleanup)
-        try:
-            yield
-        finally:
-            self.open_streams -= 1
-
     def _take_slot(self, method: str, *, cleanup: bool = False) -> None:
         # A guard against runaway fan-out: one connection multiplexes every call,
         # and the server caps concurrent streams anyway (grpclib then queues).
@@ -513,6 +505,15 @@ class GrpcTransport:
         ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
         ``KeyboardInterrupt`` comes once it has finished.
         """
+        if timeout is not None:
+            with deadline(timeout, method):
+                return await self.unary(
+                    method,
+                    request,
+                    orphan=orphan,
+                    cleanup=cleanup,
+                    extra_metadata=extra_metadata,
+                )
         path = SERVICE + method
         progress = _Progress()
 
@@ -546,16 +547,19 @@ class GrpcTransport:
                     lambda: self._reap_later(asyncio.ensure_future(_undo(orphan, reply)))
                 )
 
+        # The slot by hand, not by a context manager: this is every unary call's path.
+        self._take_slot(method, cleanup=cleanup)
         try:
-            with self._stream_slot(method, cleanup=cleanup), deadline(timeout, method):
-                return await self._bridge.run(
-                    call,
-                    abandoned=abandoned,
-                    detach=detach if orphan is not None else None,
-                    defer_ki=cleanup,
-                )
+            return await self._bridge.run(
+                call,
+                abandoned=abandoned,
+                detach=detach if orphan is not None else None,
+                defer_ki=cleanup,
+            )
         except Exception as exc:
             _raise_mapped(exc, path)
+        finally:
+            self.open_streams -= 1
 
     def _reap_later(self, task: asyncio.Future[Any]) -> None:
         """asyncio: the client's exit waits (``reap_timeout``) for this cleanup task."""
