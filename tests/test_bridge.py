@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -15,10 +16,49 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from helpers import wait_for
 
 from poc_api import _bridge as bridge_module
 from poc_api._bridge import AsyncioBridge, Sink, _Mailbox, open_bridge
+
+
+@pytest.fixture(autouse=True, params=["eventfd", "portable"])
+def wake_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both ways of waking the other thread (eventfds are Linux's)."""
+    if request.param == "eventfd" and not bridge_module._USE_EVENTFD:
+        pytest.skip("no eventfd here")
+    monkeypatch.setattr(bridge_module, "_USE_EVENTFD", request.param == "eventfd")
+    return str(request.param)
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")} if sys.platform == "linux" else set()
+
+
+def _system_task_names() -> list[str]:
+    root = trio.lowlevel.current_root_task()
+    return [task.name for nursery in root.child_nurseries for task in nursery.child_tasks]
+
+
+async def test_a_closed_bridge_leaves_no_file_descriptor_and_no_task(wake_path: str) -> None:
+    async def noop() -> int:
+        return 1
+
+    with trio.fail_after(5):
+        before_fds, before_tasks = _open_fds(), _system_task_names()
+        async with open_bridge() as bridge:
+            assert await bridge.run(noop) == 1
+            during = _system_task_names()
+        await trio.testing.wait_all_tasks_blocked()
+        assert _open_fds() == before_fds
+        assert _system_task_names() == before_tasks
+    if wake_path == "eventfd":
+        assert "poc_api bridge wake-ups" in during
+        # A wake-up after the close raises (and is dropped by the caller); it
+        # never writes to a number the process may have reused for another file.
+        with pytest.raises(RuntimeError, match="closed"):
+            bridge._wake_loop(None)
 
 
 def _count_wakes(bridge: AsyncioBridge) -> list[int]:
