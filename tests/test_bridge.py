@@ -61,6 +61,34 @@ async def test_a_closed_bridge_leaves_no_file_descriptor_and_no_task(wake_path: 
             bridge._wake_loop(None)
 
 
+async def test_a_call_from_trio_starts_in_the_loop_iteration_that_woke_for_it(
+    wake_path: str,
+) -> None:
+    """One trip through the loop's select per call, not one to wake and one more
+    to start the task (Python 3.11 has no eager task start)."""
+    if wake_path != "eventfd":
+        pytest.skip("call_soon_threadsafe's callback starts the task one iteration late")
+
+    async def noop() -> int:
+        return 1
+
+    with trio.fail_after(5):
+        async with open_bridge() as bridge:
+            selector: Any = bridge.loop._selector  # type: ignore[attr-defined]
+            select = selector.select
+            count = [0]
+
+            def counting(timeout: float | None = None) -> Any:
+                count[0] += 1
+                return select(timeout)
+
+            selector.select = counting
+            for _ in range(50):
+                await bridge.run(noop)
+            selector.select = select
+    assert count[0] <= 55, count[0]
+
+
 def _count_wakes(bridge: AsyncioBridge) -> list[int]:
     """Count how often the loop thread woke the trio thread."""
     count = [0]

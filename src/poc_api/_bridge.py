@@ -348,7 +348,8 @@ class AsyncioBridge:
         # Not new_event_loop(): the process-wide policy may belong to someone else
         # (trio-asyncio installs one that refuses to make loops inside trio).
         self._idle_callbacks: list[Callable[[], None]] = []  # loop side only
-        self._loop = asyncio.SelectorEventLoop(_FlushingSelector(self._before_select))
+        selector = _FlushingSelector(self._before_select)
+        self._loop = asyncio.SelectorEventLoop(selector)
         self._loop.set_exception_handler(_log_loop_exception)
         # The eventfds, while open (-1 otherwise): the loop side's is written by
         # trio only, trio's by the loop thread only.
@@ -356,7 +357,7 @@ class AsyncioBridge:
         if _USE_EVENTFD:
             self._loop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._trio_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._loop.add_reader(self._loop_fd, self._on_loop_wake)
+            selector.watch_wake_fd(self._loop_fd, self._on_loop_wake)
             self._to_loop = _Mailbox(self._wake_loop)
             self._to_trio = _Mailbox(self._wake_trio)
         else:
@@ -393,7 +394,7 @@ class AsyncioBridge:
         os.eventfd_write(fd, 1)
 
     def _on_loop_wake(self) -> None:
-        """asyncio: the loop's eventfd is readable."""
+        """asyncio, inside the selector: the loop's eventfd is readable."""
         try:
             os.eventfd_read(self._loop_fd)
         except BlockingIOError:  # pragma: no cover - only this reader reads it
@@ -771,15 +772,41 @@ class _FlushBeforeIoWait(trio.abc.Instrument):
 
 
 class _FlushingSelector(selectors.DefaultSelector):
-    """The loop's selector: wakes trio for the bridge's posts right before it blocks."""
+    """The loop's selector: wakes trio for the bridge's posts right before it blocks,
+    and runs trio's posts as soon as it wakes for them.
+
+    Run from ``select`` itself, trio's posts come before the loop counts the
+    callbacks it will run this iteration: the first step of a task they start
+    runs in this iteration, not after one more trip through ``select`` (Python
+    3.11 has no eager task start), and no reader callback is scheduled for it.
+    """
 
     def __init__(self, flush: Callable[[], None]) -> None:
         super().__init__()
         self._flush = flush
+        self._wake_fd = -1
+        self._on_wake: Callable[[], None] = _nothing
+
+    def watch_wake_fd(self, fd: int, on_wake: Callable[[], None]) -> None:
+        """Call ``on_wake()`` from ``select`` whenever ``fd`` is readable (not a loop reader)."""
+        self.register(fd, selectors.EVENT_READ)
+        self._wake_fd, self._on_wake = fd, on_wake
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         self._flush()
-        return super().select(timeout)
+        events = super().select(timeout)
+        fd = self._wake_fd
+        if fd >= 0:
+            for i, (key, _) in enumerate(events):
+                if key.fd == fd:
+                    del events[i]  # not the loop's: it has no reader for it
+                    self._on_wake()
+                    break
+        return events
+
+
+def _nothing() -> None:  # pragma: no cover - replaced before the loop runs
+    pass
 
 
 def _closed_error() -> trio.ClosedResourceError:
