@@ -89,6 +89,78 @@ async def test_a_call_from_trio_starts_in_the_loop_iteration_that_woke_for_it(
     assert count[0] <= 55, count[0]
 
 
+async def test_a_finished_call_wakes_its_caller_in_the_pass_that_sees_it(wake_path: str) -> None:
+    """One trio scheduler pass per call: the caller waits on an eventfd of its
+    own, not on an event that the bridge's wake-up task sets one pass later."""
+    if wake_path != "eventfd":
+        pytest.skip("through the mailbox, the wake-up task runs first, then the caller")
+
+    async def noop() -> int:
+        return 1
+
+    class CountPasses(trio.abc.Instrument):
+        passes = 0
+
+        def before_io_wait(self, timeout: float) -> None:
+            self.passes += 1
+
+    counter = CountPasses()
+    with trio.fail_after(5):
+        async with open_bridge() as bridge:
+            await bridge.run(noop)
+            trio.lowlevel.add_instrument(counter)
+            for _ in range(50):
+                await bridge.run(noop)
+            trio.lowlevel.remove_instrument(counter)
+    assert counter.passes <= 60, counter.passes
+
+
+async def test_a_stale_wake_up_on_a_reused_eventfd_does_not_end_the_next_call(
+    wake_path: str,
+) -> None:
+    """A call cancelled just as it finished leaves its write in the eventfd it
+    hands back; the next call on that fd still waits for its own outcome."""
+    if wake_path != "eventfd":
+        pytest.skip("eventfds only")
+
+    async def slow() -> int:
+        await asyncio.sleep(0.05)
+        return 42
+
+    with trio.fail_after(5):
+        async with open_bridge() as bridge:
+            fd = bridge._take_fd()
+            os.eventfd_write(fd, 1)  # what that cancelled call left behind
+            bridge._free_fds.append(fd)
+            assert await bridge.run(slow) == 42
+            assert bridge._free_fds == [fd]
+
+
+async def test_many_concurrent_calls_use_a_bounded_number_of_eventfds(wake_path: str) -> None:
+    async def echo(i: int) -> int:
+        await asyncio.sleep(0.02)
+        return i
+
+    results: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await bridge.run(echo, i)
+
+    with trio.fail_after(10):
+        before = _open_fds()
+        async with open_bridge() as bridge:
+            async with trio.open_nursery() as nursery:
+                for i in range(3 * bridge_module._MAX_CALL_FDS):
+                    nursery.start_soon(one, i)
+            made = len(bridge._call_fds)
+            during = _open_fds()
+        assert _open_fds() == before
+    assert results == {i: i for i in range(3 * bridge_module._MAX_CALL_FDS)}
+    assert made == (bridge_module._MAX_CALL_FDS if wake_path == "eventfd" else 0)
+    if sys.platform == "linux":
+        assert len(during - before) <= made + 8  # the loop's own, eventfds, epolls
+
+
 def _count_wakes(bridge: AsyncioBridge) -> list[int]:
     """Count how often the loop thread woke the trio thread."""
     count = [0]
@@ -460,6 +532,22 @@ async def test_closing_wakes_a_stream_consumer_whose_producer_ignores_cancellati
             await rx.receive_batch()
 
     assert await _closed_under(bridge, consumer) == 1
+
+
+async def test_closing_wakes_a_caller_whose_coroutine_ignores_cancellation() -> None:
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # will not stop: the loop is stopped under it
+
+    bridge = AsyncioBridge.start(cancel_timeout=0.2)
+
+    async def caller() -> None:
+        await bridge.run(stubborn)
+
+    assert await _closed_under(bridge, caller) == 1
 
 
 async def _closed_under(bridge: AsyncioBridge, user: Callable[[], Awaitable[None]]) -> int:

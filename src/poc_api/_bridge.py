@@ -19,8 +19,12 @@ bridge's own); elsewhere it is ``call_soon_threadsafe`` or
 ``TrioToken.run_sync_soon``, whose socket pairs and, on the trio side, extra
 task hop cost about a quarter more CPU per round trip. Many calls and streams
 finishing in the same instant cost one wake-up, and a stream that produces
-faster than trio drains costs one wake-up per batch, not per item. Shared state
-is guarded by locks, so it stays correct without the GIL too.
+faster than trio drains costs one wake-up per batch, not per item. One thing
+skips the mailbox on Linux: a :meth:`~AsyncioBridge.run` caller waits on an
+eventfd of its own (from a small reused set), so trio's I/O wait wakes it
+directly, in the scheduler pass that sees the call finish, instead of waking
+the wake-up task that then sets the caller's event for the next pass. Shared
+state is guarded by locks, so it stays correct without the GIL too.
 
 Signals are blocked in the loop thread: Ctrl-C only ever lands in the trio
 thread, where trio turns it into ``KeyboardInterrupt`` at a checkpoint, and
@@ -63,6 +67,8 @@ _BLOCKED_SIGNALS = (
 # One eventfd per direction where there are eventfds (Linux); tests turn this off
 # to run the portable path too.
 _USE_EVENTFD = hasattr(os, "eventfd")
+# At most this many eventfds per bridge for run() calls to wait on (_take_fd).
+_MAX_CALL_FDS = 64
 
 
 class _Mailbox:
@@ -128,6 +134,7 @@ class _Call:
         "detach",
         "done",
         "error",
+        "fd",
         "finished",
         "on_done",
         "result",
@@ -139,9 +146,13 @@ class _Call:
         self,
         on_done: Callable[[_Call], None] | None = None,
         detach: Callable[[asyncio.Task[Any]], bool] | None = None,
+        fd: int = -1,
     ) -> None:
         self.on_done = on_done
         self.detach = detach
+        # The outcome reaches trio as a write to this eventfd of the bridge's (when
+        # >= 0), or else as ``done.set`` through the mailbox.
+        self.fd = fd
         self.done = trio.Event()
         self.finished = False
         self.result: Any = None
@@ -363,6 +374,11 @@ class AsyncioBridge:
         else:
             self._to_loop = _Mailbox(self._loop.call_soon_threadsafe)
             self._to_trio = _Mailbox(self._token.run_sync_soon)
+        # Eventfds that report one run() call each (see _take_fd): every one made,
+        # those free, and (loop side) those to write before the loop next selects.
+        self._call_fds: list[int] = []
+        self._free_fds: list[int] = []
+        self._fd_wakes: list[int] = []
         self._instrument = _FlushBeforeIoWait(self._flush_to_loop)
         self._closing = False
         self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
@@ -425,6 +441,10 @@ class AsyncioBridge:
         """trio, once the loop thread has ended and the loop is closed."""
         loop_fd, trio_fd = self._loop_fd, self._trio_fd
         self._loop_fd = self._trio_fd = -1
+        call_fds, self._call_fds, self._free_fds = self._call_fds, [], []
+        for fd in call_fds:
+            trio.lowlevel.notify_closing(fd)  # a waiter left behind wakes (closed)
+            os.close(fd)
         if trio_fd >= 0:
             trio.lowlevel.notify_closing(trio_fd)
             os.close(trio_fd)
@@ -506,6 +526,11 @@ class AsyncioBridge:
 
     def _flush_to_trio(self) -> None:
         """asyncio, right before it selects: wake trio for what was posted."""
+        wakes = self._fd_wakes
+        if wakes:
+            self._fd_wakes = []
+            for fd in wakes:
+                os.eventfd_write(fd, 1)  # closed only after this thread ended
         try:
             self._to_trio.flush()
         except trio.RunFinishedError:  # the trio run ended: nobody waits any more
@@ -517,8 +542,9 @@ class AsyncioBridge:
         args: tuple[Any, ...],
         on_done: Callable[[_Call], None] | None = None,
         detach: Callable[[asyncio.Task[Any]], bool] | None = None,
+        fd: int = -1,
     ) -> _Call:
-        call = _Call(on_done, detach)
+        call = _Call(on_done, detach, fd)
 
         async def body() -> None:
             # The outcome is recorded inside the task, not by a done callback, so
@@ -560,7 +586,50 @@ class AsyncioBridge:
         call.finished = True
         if call.on_done is not None:
             call.on_done(call)
-        self._to_trio.post(call.done.set)
+        if call.fd >= 0:
+            self._fd_wakes.append(call.fd)
+        else:
+            self._to_trio.post(call.done.set)
+
+    def _take_fd(self) -> int:
+        """trio: an eventfd for one run() call to wait on, or -1 for the mailbox.
+
+        A caller that waits on an eventfd of its own is woken by trio's I/O wait
+        itself and runs in the same scheduler pass; woken through the mailbox it
+        waits one more pass (the wake-up task runs, then sets its event). The fds
+        are reused, and only so many are made: past that, calls share the mailbox.
+        """
+        free = self._free_fds
+        if free:
+            return free.pop()
+        if self._trio_fd < 0 or len(self._call_fds) >= _MAX_CALL_FDS:
+            return -1
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._call_fds.append(fd)
+        return fd
+
+    async def _wait(self, call: _Call) -> None:
+        """trio: return once the call's outcome has reached this side (a checkpoint)."""
+        fd = call.fd
+        if fd < 0:
+            await call.done.wait()
+            return
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:  # the bridge closed; _stop_loop ended it
+                if not call.finished:  # pragma: no cover - _stop_loop ends every call
+                    raise
+                break
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:  # pragma: no cover - only this task reads it
+                continue
+            # A write left by the fd's last user (cancelled as its call finished)
+            # wakes this one too early: its own call finishes before its write.
+            if call.finished:
+                break
+        call.done.set()
 
     def _forget(self, call: _Call) -> None:
         """asyncio side: the task is ending; drop the trio side's reference, then finish.
@@ -598,7 +667,7 @@ class AsyncioBridge:
         with trio.move_on_after(self._cancel_timeout, shield=True) as scope:
             while not call.done.is_set():
                 try:
-                    await call.done.wait()
+                    await self._wait(call)
                 except KeyboardInterrupt as exc:  # finish the cleanup first
                     ki = exc
         if ki is not None:
@@ -637,12 +706,12 @@ class AsyncioBridge:
         has finished, so the cleanup still happens.
         """
         self.check_caller()
-        call = self._submit(fn, args, detach=detach)
+        call = self._submit(fn, args, detach=detach, fd=self._take_fd())
         ki: KeyboardInterrupt | None = None
         try:
             while True:
                 try:
-                    await call.done.wait()
+                    await self._wait(call)
                     break
                 except KeyboardInterrupt as exc:
                     if not defer_ki:
@@ -658,6 +727,8 @@ class AsyncioBridge:
             raise
         finally:
             self._live.discard(call)
+            if call.fd >= 0:
+                self._free_fds.append(call.fd)
         if ki is not None:
             if call.returned and abandoned is not None:
                 abandoned(call.result)
@@ -728,12 +799,15 @@ class AsyncioBridge:
         # Whatever did not finish (a task that ignored cancellation) will never
         # report back: fail its waiter instead of leaving it hanging.
         for left in list(self._live):
-            if not left.done.is_set():
+            if not left.done.is_set() and not (left.fd >= 0 and left.finished):
                 left.error = _closed_error()
                 left.finished = True
                 if left.on_done is not None:
                     left.on_done(left)
                 left.done.set()
+                if left.fd >= 0:
+                    # Its waiter wakes, also if the fds stay open (a wedged thread).
+                    os.eventfd_write(left.fd, 1)
         # on_done posts (a stream's waiting consumer) and whatever the loop posted
         # last: the loop will flush nothing any more, so run them here (trio side).
         self._to_trio._run()
