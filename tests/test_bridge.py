@@ -161,6 +161,22 @@ async def test_many_concurrent_calls_use_a_bounded_number_of_eventfds(wake_path:
         assert len(during - before) <= made + 8  # the loop's own, eventfds, epolls
 
 
+async def test_calls_still_work_when_no_eventfd_can_be_made(
+    wake_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def noop() -> int:
+        return 1
+
+    def out_of_fds(*args: object) -> int:
+        raise OSError(24, "Too many open files")
+
+    with trio.fail_after(5):
+        async with open_bridge() as bridge:
+            monkeypatch.setattr(bridge_module.os, "eventfd", out_of_fds)
+            assert [await bridge.run(noop) for _ in range(3)] == [1, 1, 1]
+            assert bridge._call_fds == []
+
+
 def _count_wakes(bridge: AsyncioBridge) -> list[int]:
     """Count how often the loop thread woke the trio thread."""
     count = [0]

@@ -68,7 +68,7 @@ _BLOCKED_SIGNALS = (
 # to run the portable path too.
 _USE_EVENTFD = hasattr(os, "eventfd")
 # At most this many eventfds per bridge for run() calls to wait on (_take_fd).
-_MAX_CALL_FDS = 64
+_MAX_CALL_FDS = 32
 
 
 class _Mailbox:
@@ -604,7 +604,10 @@ class AsyncioBridge:
             return free.pop()
         if self._trio_fd < 0 or len(self._call_fds) >= _MAX_CALL_FDS:
             return -1
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:  # out of file descriptors: the mailbox still works
+            return -1
         self._call_fds.append(fd)
         return fd
 
