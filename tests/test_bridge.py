@@ -566,6 +566,62 @@ async def test_closing_wakes_a_caller_whose_coroutine_ignores_cancellation() -> 
     assert await _closed_under(bridge, caller) == 1
 
 
+async def test_closing_under_a_wedged_loop_thread_keeps_outcomes_and_wakes_every_caller() -> None:
+    # A call that finished just before the loop thread wedged (a callback that
+    # blocks it) never had its outcome flushed to trio: the close must still wake
+    # its caller, with its own result, not a ClosedResourceError in its place.
+    hold, release = threading.Event(), threading.Event()
+
+    async def held() -> None:
+        hold.wait(5)  # blocks the loop thread while trio queues the next two calls
+
+    async def quick() -> int:
+        return 7
+
+    async def wedge() -> None:
+        release.wait(30)  # blocks the loop thread before it flushes quick's outcome
+
+    bridge = AsyncioBridge.start(cancel_timeout=0.1)
+    outcomes: dict[str, object] = {}
+
+    async def call(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        try:
+            outcomes[name] = await bridge.run(fn)
+        except trio.ClosedResourceError:
+            outcomes[name] = "closed"
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "held", held)
+                await trio.sleep(0.05)
+                # Posted in this order in separate passes, both start in the one
+                # loop iteration after `held` returns: quick ends, then wedge blocks.
+                nursery.start_soon(call, "quick", quick)
+                await trio.sleep(0.05)
+                nursery.start_soon(call, "wedge", wedge)
+                await trio.sleep(0.05)
+                hold.set()
+                await trio.sleep(0.1)
+                await bridge.aclose()
+    finally:
+        release.set()
+        bridge.thread.join(5)
+        # The close left the wedged loop behind: end its tasks here, then close it.
+        loop = bridge.loop
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+
+        async def drain() -> None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        loop.run_until_complete(drain())
+        loop.close()
+        bridge._close_eventfds()
+    assert outcomes == {"held": None, "quick": 7, "wedge": "closed"}
+
+
 async def _closed_under(bridge: AsyncioBridge, user: Callable[[], Awaitable[None]]) -> int:
     """Close ``bridge`` while ``user`` waits on it; how many ClosedResourceErrors it got."""
     failures: list[BaseException] = []

@@ -800,17 +800,20 @@ class AsyncioBridge:
         with trio.move_on_after(self._cancel_timeout) as scope:
             await self._thread_done.wait()
         # Whatever did not finish (a task that ignored cancellation) will never
-        # report back: fail its waiter instead of leaving it hanging.
+        # report back: fail its waiter instead of leaving it hanging. A call that
+        # did finish keeps its outcome, though a wedged thread never sent it.
         for left in list(self._live):
-            if not left.done.is_set() and not (left.fd >= 0 and left.finished):
+            if left.done.is_set():
+                continue
+            if not left.finished:
                 left.error = _closed_error()
                 left.finished = True
                 if left.on_done is not None:
                     left.on_done(left)
-                left.done.set()
-                if left.fd >= 0:
-                    # Its waiter wakes, also if the fds stay open (a wedged thread).
-                    os.eventfd_write(left.fd, 1)
+            left.done.set()
+            if left.fd >= 0:
+                # Its waiter wakes, also if the fds stay open (a wedged thread).
+                os.eventfd_write(left.fd, 1)
         # on_done posts (a stream's waiting consumer) and whatever the loop posted
         # last: the loop will flush nothing any more, so run them here (trio side).
         self._to_trio._run()
