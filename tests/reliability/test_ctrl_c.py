@@ -71,6 +71,12 @@ CHILD = textwrap.dedent(
                 print("READY", i, flush=True)
                 while True:
                     await c.score(chunks, [(1, 19999)])
+            elif mode == "chat_stream":
+                msgs = [{"role": "user", "content": "Hello"}]
+                async with c.chat_stream(msgs, max_tokens=10**7) as ev:
+                    print("READY", i, flush=True)
+                    async for _ in ev:
+                        pass
             elif mode == "unary":
                 print("READY", i, flush=True)
                 while True:
@@ -104,7 +110,7 @@ def _expect(lines: queue.Queue[str], word: str, i: int, within: float) -> str:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
-@pytest.mark.parametrize("mode", ["generate", "conversation", "score", "unary"])
+@pytest.mark.parametrize("mode", ["generate", "conversation", "score", "unary", "chat_stream"])
 def test_ctrl_c_mid_call_unwinds_every_block_and_the_process_exits(mode: str) -> None:
     rng = random.Random(f"ctrl-c-{mode}")
     srv = ReferenceServer(ServerConfig(max_context=10**8, ignore_eos=True))
