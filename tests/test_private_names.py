@@ -129,6 +129,7 @@ def test_the_list_names_every_private_attribute_the_transport_touches() -> None:
         "_bridge",
         "_channel",
         "_check_size",
+        "_closed",
         "_exchange",
         "_take_slot",
         "_transport",

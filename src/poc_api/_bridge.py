@@ -48,7 +48,7 @@ from typing import Any, Generic, TypeVar, final
 
 import trio
 
-from ._errors import PocApiError
+from ._errors import PocApiError, closed_under_call
 
 __all__ = ["AsyncioBridge", "BatchReceiver", "Sink", "open_bridge"]
 
@@ -557,7 +557,7 @@ class AsyncioBridge:
                     call.returned = True
             except asyncio.CancelledError:
                 if not call.finished:
-                    call.error = None if call.cancel_requested else _closed_error()
+                    call.error = None if call.cancel_requested else closed_under_call()
                 raise
             except BaseException as exc:
                 if not call.finished:
@@ -806,7 +806,7 @@ class AsyncioBridge:
             if left.done.is_set():
                 continue
             if not left.finished:
-                left.error = _closed_error()
+                left.error = closed_under_call()
                 left.finished = True
                 if left.on_done is not None:
                     left.on_done(left)
@@ -887,10 +887,6 @@ class _FlushingSelector(selectors.DefaultSelector):
 
 def _nothing() -> None:  # pragma: no cover - replaced before the loop runs
     pass
-
-
-def _closed_error() -> trio.ClosedResourceError:
-    return trio.ClosedResourceError("the ApiClient was closed while this call was running")
 
 
 def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

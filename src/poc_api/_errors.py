@@ -249,3 +249,13 @@ def _reraise(leaf: BaseException) -> NoReturn:
         # `raise` inside the handler set the group as context: put back the leaf's own.
         leaf.__context__, leaf.__cause__ = context, cause
         leaf.__suppress_context__ = suppress
+
+
+def closed_under_call() -> trio.ClosedResourceError:
+    """What a call gets when its client is closed (by any task) while it runs.
+
+    trio's own convention (a stream closed by another task): the call failed
+    because of the close, not because of the server, so it is not a
+    (retriable) :class:`ServerUnavailable`.
+    """
+    return trio.ClosedResourceError("the ApiClient was closed while this call was running")

@@ -46,6 +46,7 @@ from ._errors import (
     PocApiTimeout,
     ProtocolViolation,
     ServerUnavailable,
+    closed_under_call,
     collapse_cancellation,
 )
 from ._sse import SSEDecoder, SSEEvent
@@ -198,29 +199,37 @@ ChatEvent = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
 
 
 @contextlib.contextmanager
-def _map_httpx_errors(method: str, url: str) -> Iterator[None]:
-    """The one place where httpx exceptions become poc_api exceptions."""
+def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Iterator[None]:
+    """The one place where httpx exceptions become poc_api exceptions.
+
+    A request that fails because ``client`` was closed under it (by another
+    task) raises ``trio.ClosedResourceError``, as the gRPC calls do.
+    """
     url = redact_url(url)
     try:
         # httpx's trio backend connects in a nursery (happy eyeballs): a cancel
         # there would otherwise come out as a group of Cancelled.
         with collapse_cancellation():
             yield
-    except httpx.TimeoutException as exc:
-        raise PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})") from exc
-    except httpx.RemoteProtocolError as exc:
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        if client.is_closed:
+            raise closed_under_call() from exc
+        raise _from_httpx(exc, method, url) from exc
+
+
+def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
+    text = redact_url(str(exc))
+    if isinstance(exc, httpx.TimeoutException):
+        return PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.RemoteProtocolError):
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
-        text = redact_url(str(exc))
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
-            raise ServerUnavailable(f"{method} {url}: connection lost: {text}") from exc
-        raise ProtocolViolation(f"{method} {url}: malformed HTTP response: {text}") from exc
-    except httpx.DecodingError as exc:
-        text = redact_url(str(exc))
-        raise ProtocolViolation(f"{method} {url}: undecodable response body: {text}") from exc
-    except httpx.TransportError as exc:
-        # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
-        text = redact_url(str(exc))
-        raise ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}") from exc
+            return ServerUnavailable(f"{method} {url}: connection lost: {text}")
+        return ProtocolViolation(f"{method} {url}: malformed HTTP response: {text}")
+    if isinstance(exc, httpx.DecodingError):
+        return ProtocolViolation(f"{method} {url}: undecodable response body: {text}")
+    # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
+    return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}")
 
 
 def _decode_json(body: bytes, what: str) -> Any:
@@ -387,7 +396,7 @@ class HttpApi:
         shown = self._shown + path
         log.debug("%s %s", method, shown)
         started = time.monotonic()
-        with _map_httpx_errors(method, shown):
+        with _map_httpx_errors(method, shown, self._client):
             response = await self._client.request(
                 method,
                 url,
@@ -786,7 +795,7 @@ class HttpApi:
                 json=payload,
             )
             log.debug("POST %s (stream)", shown)
-            with _map_httpx_errors("POST", shown):
+            with _map_httpx_errors("POST", shown, self._client):
                 response = await self._client.send(request, stream=True)
             events = _ChatEvents(self, response, shown)
             try:
@@ -999,7 +1008,7 @@ class _ChatEvents:
         status = self._response.status_code
         if not self._response.is_success:
             body = bytearray()
-            with _map_httpx_errors("POST", self._url):
+            with _map_httpx_errors("POST", self._url, self._api._client):
                 async for chunk in self._chunks:
                     body += chunk
                     if len(body) >= _ERROR_BODY_READ_LIMIT:
@@ -1024,7 +1033,7 @@ class _ChatEvents:
                 raise error
             if self._finished:
                 raise StopAsyncIteration
-            with _map_httpx_errors("POST", self._url):
+            with _map_httpx_errors("POST", self._url, self._api._client):
                 try:
                     chunk: bytes | None = await self._chunks.__anext__()
                 except StopAsyncIteration:

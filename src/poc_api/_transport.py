@@ -148,9 +148,15 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
     return None
 
 
-def _raise_mapped(exc: Exception, path: str) -> NoReturn:
-    """Raise ``exc`` as its :class:`PocApiError`, chained; as itself if unmapped."""
+def _raise_mapped(exc: Exception, path: str, *, closed: bool = False) -> NoReturn:
+    """Raise ``exc`` as its :class:`PocApiError`, chained; as itself if unmapped.
+
+    With ``closed`` (the client closed its channel), a lost connection is the
+    close's doing, not the server's: it is raised as ``trio.ClosedResourceError``.
+    """
     mapped = map_grpc_error(exc, path)
+    if closed and isinstance(mapped, e.ServerUnavailable):
+        raise e.closed_under_call() from exc
     if mapped is None or mapped is exc:
         raise exc
     raise mapped from exc
@@ -557,7 +563,7 @@ class GrpcTransport:
                 defer_ki=cleanup,
             )
         except Exception as exc:
-            _raise_mapped(exc, path)
+            _raise_mapped(exc, path, closed=self._closed)
         finally:
             self.open_streams -= 1
 
@@ -583,7 +589,7 @@ class GrpcTransport:
         return _ServerStream(self, method, request, max_items, extra_metadata)
 
     async def aclose(self) -> None:
-        """Close the channel (idempotent). In-flight calls fail with ServerUnavailable.
+        """Close the channel (idempotent). In-flight calls fail with ClosedResourceError.
 
         Cleanups of abandoned calls get ``reap_timeout`` seconds to finish first.
         """
@@ -1068,7 +1074,7 @@ class _ServerStream:
                     path, Cardinality.UNARY_STREAM, request, sink, extra_metadata=extra
                 )
             except Exception as exc:
-                _raise_mapped(exc, path)
+                _raise_mapped(exc, path, closed=t._closed)
 
         t._take_slot(self._method)
         try:

@@ -57,9 +57,7 @@ async def test_closing_the_client_from_another_task_fails_its_streams_cleanly(
                 await nursery.start(agent)
                 await client.aclose()  # not the task that streams
     assert len(caught) == 1
-    exc = caught[0]
-    assert isinstance(exc, trio.ClosedResourceError | poc_api.PocApiError), repr(exc)
-    assert not isinstance(exc, BaseExceptionGroup)
+    assert isinstance(caught[0], trio.ClosedResourceError), repr(caught[0])
 
 
 async def test_clients_closed_out_of_order_close_cleanly(server: ReferenceServer) -> None:
@@ -224,7 +222,22 @@ async def _chat_stream_agent(client: poc_api.ApiClient, started: trio.Event) -> 
             pass
 
 
-@pytest.mark.parametrize("agent", [_conversation_agent, _score_many_agent, _chat_stream_agent])
+async def _unary_agent(client: poc_api.ApiClient, started: trio.Event) -> None:
+    started.set()
+    while True:
+        async with client.session() as s:
+            await s.prefill([1, 2])
+
+
+async def _chat_agent(client: poc_api.ApiClient, started: trio.Event) -> None:
+    started.set()
+    await client.chat([{"role": "user", "content": "hi"}], model="m", max_tokens=100_000)
+
+
+@pytest.mark.parametrize(
+    "agent",
+    [_conversation_agent, _score_many_agent, _chat_stream_agent, _unary_agent, _chat_agent],
+)
 async def test_closing_the_client_under_any_running_call_gives_a_clean_error(
     server: ReferenceServer, agent: object
 ) -> None:
@@ -245,6 +258,7 @@ async def test_closing_the_client_under_any_running_call_gives_a_clean_error(
                 await started.wait()
                 await trio.sleep(0.01)
                 await client.aclose()
-    # Finished before the close, or failed with a clean error: never a group, never asyncio.
+    # Finished before the close, or failed as ApiClient.aclose says: with trio's
+    # ClosedResourceError (the server is fine: not a retriable ServerUnavailable).
     for exc in caught:
-        assert isinstance(exc, trio.ClosedResourceError | poc_api.PocApiError), repr(exc)
+        assert isinstance(exc, trio.ClosedResourceError), repr(exc)
