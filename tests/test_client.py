@@ -597,6 +597,44 @@ async def test_break_with_done_already_buffered_keeps_the_session(
             await s.prefill([1])  # still usable
 
 
+async def test_a_closed_channel_is_never_connected_again(server: ReferenceServer) -> None:
+    # grpclib reconnects a closed channel for a call that comes to it late (one that
+    # took the channel just before the client closed), and a connect in flight when
+    # the channel closes completes all the same: connections nothing would close.
+    import asyncio
+
+    from grpclib.exceptions import StreamTerminatedError
+
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        async with c.session():
+            pass
+        transport, bridge = c._transport, c._bridge
+        assert transport is not None and bridge is not None
+
+        async def late_call() -> None:
+            channel = transport._channel
+            assert channel is not None and channel._protocol is not None
+            channel.close()
+            with pytest.raises(StreamTerminatedError, match="closed before this call was sent"):
+                await channel.__connect__()
+            assert channel._protocol is None
+
+        async def closed_while_connecting() -> None:
+            channel = transport._new_channel()
+            connecting = asyncio.ensure_future(channel.__connect__())
+            await asyncio.sleep(0)  # in the middle of the TCP connect
+            channel.close()
+            with pytest.raises(StreamTerminatedError, match="closed before this call was sent"):
+                await connecting
+            assert channel._protocol is None
+
+        with trio.fail_after(10):
+            await bridge.run(late_call)
+            await bridge.run(closed_while_connecting)
+            async with c.session() as s:  # a fresh connection serves the next call
+                await s.prefill([1, 2])
+
+
 async def test_a_unary_calls_headers_and_data_leave_in_one_write(
     server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -195,6 +195,14 @@ class KeepAlive:
 _GOAWAY_REFUSED = "Received GOAWAY above this stream's id: not processed (REFUSED_STREAM)"
 
 
+# How a call that came to a channel after it was closed is ended (see _PocChannel).
+_CLOSED_UNSENT = "the connection was closed before this call was sent (REFUSED_STREAM)"
+
+
+def _closed_unsent(exc: BaseException) -> bool:
+    return isinstance(exc, StreamTerminatedError) and str(exc) == _CLOSED_UNSENT
+
+
 def _retriable_reset(exc: BaseException) -> bool:
     # grpclib words a peer's RST_STREAM as "... error_code: <code>"; the code
     # prints as a name or a number depending on the Python version.
@@ -210,6 +218,7 @@ _REFUSED_RETRIES = 2
 # behind a proxy that ends connections every N calls that can happen more than
 # twice to one call, so these have a bound of their own.
 _DRAINED_RETRIES = 8
+_UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 
 
 @final
@@ -249,7 +258,7 @@ class GrpcTransport:
         """Calls in flight on this transport (unary and streaming)."""
         self.open_sessions = 0
         """Sessions opened through this transport and not yet closed (trio side)."""
-        self._channel: Channel | None = None
+        self._channel: _PocChannel | None = None
         self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False
         self._failures = 0
@@ -286,7 +295,7 @@ class GrpcTransport:
             _http2_min_sent_ping_interval_without_data=self._keepalive.time,
         )
 
-    def _new_channel(self) -> Channel:
+    def _new_channel(self) -> _PocChannel:
         log.debug("opening shared salience channel: grpc_url=%s", self._target.url)
         ssl: Any = None
         if self._target.tls:
@@ -322,8 +331,8 @@ class GrpcTransport:
             channel = self._channel = None
         if channel is not None and channel._connected and _settled(channel):
             return channel
-        if channel is not None and self._channel_was_connected:
-            # The connection was lost: start over with a fresh channel.
+        if channel is not None and (self._channel_was_connected or channel.shut):
+            # The connection was lost (or closed): start over with a fresh channel.
             log.info("salience connection to %s lost; reconnecting", self._target.url)
             channel.close()
             channel = None
@@ -346,10 +355,11 @@ class GrpcTransport:
                 if self._keepalive is not None:
                     limit = min(limit, self._keepalive.time + self._keepalive.timeout)
                 await self._await_settings(channel, protocol, limit)
-        except Exception:
-            self._failures += 1
-            backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
-            self._retry_at = loop.time() + backoff
+        except Exception as exc:
+            if not _closed_unsent(exc):  # not the server's failure: no backoff
+                self._failures += 1
+                backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
+                self._retry_at = loop.time() + backoff
             raise
         if channel is self._channel:
             self._failures = 0
@@ -430,14 +440,21 @@ class GrpcTransport:
 
         Retries a stream the server refused before answering (REFUSED_STREAM: it
         was never processed), up to twice, and a call a draining connection
-        (graceful GOAWAY) never sent, up to eight times, each on a fresh
-        connection. On any exit before the call finished
-        the stream is reset with CANCEL.
+        (graceful GOAWAY) never sent, or one that came to a connection already
+        closed, up to eight times, each on a fresh connection. On any exit
+        before the call finished the stream is reset with CANCEL.
         """
         max_size = self._max_message_size
         refused = drained = 0
         while True:
-            channel = await self._ready_channel()
+            try:
+                channel = await self._ready_channel()
+            except StreamTerminatedError as exc:
+                # The channel was closed (replaced) while this call connected it.
+                if not _closed_unsent(exc) or drained >= _DRAINED_RETRIES:
+                    raise
+                drained += 1
+                continue
             reader: _Reader | None = None
             try:
                 metadata = self._metadata + extra_metadata if extra_metadata else self._metadata
@@ -458,9 +475,11 @@ class GrpcTransport:
             except StreamTerminatedError as exc:
                 received = reader is not None and reader.count > 0
                 if not received and _retriable_reset(exc):
-                    if str(exc) == _GOAWAY_REFUSED and drained < _DRAINED_RETRIES:
+                    if str(exc) in _UNSENT and drained < _DRAINED_RETRIES:
                         drained += 1
-                        log.debug("%s: not sent before the GOAWAY; sending it again", path)
+                        log.debug(
+                            "%s: not sent on a connection that went away; sending it again", path
+                        )
                         continue
                     if refused < _REFUSED_RETRIES:
                         refused += 1
@@ -1016,6 +1035,25 @@ class _PocChannel(Channel):
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
     before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
     unindexed_headers: frozenset[str] = frozenset()
+    shut = False  # closed by the transport: for good, never connected again
+
+    def close(self) -> None:
+        self.shut = True
+        super().close()
+
+    async def __connect__(self) -> H2Protocol:
+        # grpclib connects a closed channel again when a call comes to it late (a
+        # call that took the channel before the client closed, or before it was
+        # replaced), and a connect in flight when it closes completes unclosed:
+        # either way a connection that nothing would ever close. Nothing of the
+        # call was sent yet, so it may go again on a fresh connection.
+        if self.shut:
+            raise StreamTerminatedError(_CLOSED_UNSENT)
+        protocol = await super().__connect__()
+        if self.shut:
+            super().close()
+            raise StreamTerminatedError(_CLOSED_UNSENT)
+        return protocol
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = _PocH2Protocol(Handler(), self._config, self._h2_config)
