@@ -215,6 +215,12 @@ def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Itera
         if client.is_closed:
             raise closed_under_call() from exc
         raise _from_httpx(exc, method, url) from exc
+    except RuntimeError as exc:
+        # httpx's "Cannot send a request, as the client has been closed": the close
+        # came while this call waited at a checkpoint before sending.
+        if client.is_closed:
+            raise closed_under_call() from exc
+        raise
 
 
 def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:

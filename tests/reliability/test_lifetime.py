@@ -7,6 +7,7 @@ never speaks, and one that speaks HTTP/1.1.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -144,6 +145,36 @@ async def test_a_second_concurrent_aclose_waits_for_the_first(server: ReferenceS
             nursery.start_soon(close, "first")
             nursery.start_soon(close, "second")
     assert sorted(finished) == ["first", "second"]
+
+
+async def test_http_calls_that_wait_on_a_lock_when_the_client_closes_raise_closed(
+    server: ReferenceServer,
+) -> None:
+    # chat() without a model asks the server for one first, and readout_manifest()
+    # waits for the one fetch in flight: behind those checkpoints the client may
+    # close, and httpx then refuses to send with a RuntimeError of its own.
+    rng = random.Random(0)
+    outcomes: list[str] = []
+
+    async def call(client: poc_api.ApiClient, kind: str) -> None:
+        try:
+            if kind == "chat":
+                await client.chat([{"role": "user", "content": "hi"}], max_tokens=4)
+            else:
+                await client.readout_manifest()
+            outcomes.append("ok")
+        except trio.ClosedResourceError:
+            outcomes.append("closed")
+
+    with trio.fail_after(20):
+        for _ in range(20):
+            async with client_for(server) as client, trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(call, client, "chat")
+                    nursery.start_soon(call, client, "manifest")
+                await trio.sleep(rng.uniform(0, 0.004))
+                await client.aclose()
+    assert "closed" in outcomes and len(outcomes) == 120
 
 
 async def _silent_listener(task_status: trio.TaskStatus[int]) -> None:
