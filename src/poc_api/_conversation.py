@@ -452,6 +452,11 @@ class _Turn:
         conv = self._conv
         timeout = self._timeout
         deadline_at = trio.current_time() + timeout if timeout is not None else math.inf
+        if conv._lock.statistics().owner is trio.lowlevel.current_task():
+            raise RuntimeError(
+                "this task is already in a stream block of this conversation, which "
+                "runs one turn at a time: leave that block first"
+            )
         await conv._lock.acquire()
         if conv._closed:
             conv._lock.release()

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import json
 import logging
 import math
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, Final, NoReturn, final
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Final, Generic, NoReturn, ParamSpec, TypeVar, final
 
 import attrs
 import httpx
@@ -335,6 +338,49 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
     if not math.isfinite(value) or not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _block_entered_once(
+    fn: Callable[_P, AsyncIterator[_T]],
+) -> Callable[_P, AbstractAsyncContextManager[_T]]:
+    """``contextlib.asynccontextmanager``, whose block says so when entered twice.
+
+    (contextlib's own fails with an ``AttributeError`` about its internals.)
+    """
+    factory = contextlib.asynccontextmanager(fn)
+
+    @functools.wraps(fn)
+    def block(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[_T]:
+        return _EnteredOnce(factory(*args, **kwargs))
+
+    return block
+
+
+@final
+class _EnteredOnce(Generic[_T]):
+    __slots__ = ("_cm", "_entered")
+
+    def __init__(self, cm: AbstractAsyncContextManager[_T]) -> None:
+        self._cm = cm
+        self._entered = False
+
+    async def __aenter__(self) -> _T:
+        if self._entered:
+            raise RuntimeError("a chat_stream block can be entered only once")
+        self._entered = True
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)
 
 
 @final
@@ -720,7 +766,7 @@ class HttpApi:
             choices=tuple(c for _, c in parsed) if len(parsed) > 1 else (),
         )
 
-    @contextlib.asynccontextmanager
+    @_block_entered_once
     async def chat_stream(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -1005,6 +1051,7 @@ class _ChatEvents:
         self._queue: deque[ChatEvent] = deque()
         self._error: PocApiError | None = None  # raised after the queue drains
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
+        self._cut = False  # the block was left before the end: iterating is an error
         self._done_queued = False  # the ChatDone is in the queue (or already delivered)
         self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
         self._usage: Usage | None = None
@@ -1038,6 +1085,10 @@ class _ChatEvents:
                 error, self._error = self._error, None
                 raise error
             if self._finished:
+                if self._cut:
+                    raise trio.ClosedResourceError(
+                        "this stream's block has exited: iterate its events inside the block"
+                    )
                 raise StopAsyncIteration
             with _map_httpx_errors("POST", self._url, self._api._client):
                 try:
@@ -1163,6 +1214,7 @@ class _ChatEvents:
 
     async def aclose(self) -> None:
         """Release the response: shielded so cancellation cannot leak the connection."""
+        self._cut = not self._finished  # the block was left before the stream ended
         self._finished = True
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
             try:

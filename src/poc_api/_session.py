@@ -96,6 +96,7 @@ class GenerateStream:
         self._started = method_started
         self._first_decode = False
         self._received = False
+        self._exited = False  # its block has exited: no more waiting for events
         self.done: Done | None = None
         """The ``Done`` event once it has arrived."""
 
@@ -134,6 +135,10 @@ class GenerateStream:
                 return ev
             if self._finished:
                 raise StopAsyncIteration
+            if self._exited:
+                raise trio.ClosedResourceError(
+                    "this stream's block has exited: iterate its events inside the block"
+                )
             if self._timeouts is None:
                 self._batch = await self._rx.receive_batch()
             else:
@@ -653,6 +658,7 @@ class _GenerateBlock:
             out = err
             raise
         finally:
+            stream._exited = True
             # Refused before any event: nothing was appended, the session is intact.
             rejected = isinstance(out, _REJECTED) and not stream._received
             if not rejected and stream.done is None:

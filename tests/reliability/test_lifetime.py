@@ -293,3 +293,51 @@ async def test_closing_the_client_under_any_running_call_gives_a_clean_error(
     # ClosedResourceError (the server is fine: not a retriable ServerUnavailable).
     for exc in caught:
         assert isinstance(exc, trio.ClosedResourceError), repr(exc)
+
+
+async def test_a_streams_events_iterated_after_its_block_say_the_block_has_exited(
+    server: ReferenceServer,
+) -> None:
+    short = SamplingParams(max_tokens=3)
+    chat = [{"role": "user", "content": "hi"}]
+    with trio.fail_after(10):
+        async with client_for(server) as client:
+            async with client.session() as s:
+                async with s.generate(HELLO, sampling=LONG) as ev:
+                    pass  # left before the stream ended
+                with pytest.raises(trio.ClosedResourceError, match="block has exited"):
+                    await ev.__anext__()
+            async with client.session() as s:  # (the first one was lost: left early)
+                async with s.generate([1], sampling=short) as ev:
+                    assert len([e async for e in ev]) == 4
+                assert [e async for e in ev] == []  # ended inside: nothing more, no error
+            async with client.conversation() as conv:
+                async with conv.stream([poc_api.Tokens(HELLO)], LONG) as cev:
+                    await cev.__anext__()
+                with pytest.raises(trio.ClosedResourceError, match="block has exited"):
+                    await cev.__anext__()
+            async with client.chat_stream(chat, model="m", max_tokens=4000) as chat_ev:
+                await chat_ev.__anext__()
+            with pytest.raises(trio.ClosedResourceError, match="block has exited"):
+                await chat_ev.__anext__()
+            async with client.chat_stream(chat, model="m", max_tokens=2) as chat_ev:
+                assert isinstance([e async for e in chat_ev][-1], poc_api.ChatDone)
+            assert [e async for e in chat_ev] == []
+
+
+async def test_blocks_entered_twice_or_nested_say_what_is_wrong(server: ReferenceServer) -> None:
+    chat = [{"role": "user", "content": "hi"}]
+    with trio.fail_after(10):
+        async with client_for(server) as client:
+            block = client.chat_stream(chat, model="m", max_tokens=2)
+            async with block as ev:
+                async for _ in ev:
+                    pass
+            with pytest.raises(RuntimeError, match="entered only once"):
+                async with block:
+                    pass
+            async with client.conversation() as conv:
+                async with conv.stream([poc_api.Tokens(HELLO)], SamplingParams(max_tokens=2)):
+                    with pytest.raises(RuntimeError, match="already in a stream block"):
+                        async with conv.stream([poc_api.Tokens([1])], SamplingParams()):
+                            pass
