@@ -3,6 +3,7 @@ the answers the reference server never gives (5xx, garbage, cut streams)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -249,6 +250,35 @@ async def test_malformed_manifest_raises_protocol_violation(
         async with canned_server([response(200, body)]) as url:
             with pytest.raises(ProtocolViolation):
                 await make_api(http, url).readout_manifest()
+
+
+# Python's json raises ValueError past 4300 digits and RecursionError on deep nesting.
+BIG_INT = b"1" * 5000
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.mark.parametrize("endpoint", ["manifest", "train", "chat"])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"concepts": ["a"], "layers": [' + BIG_INT + b"]}", "4300 digits"),
+        (DEEP, "nested too deeply"),
+    ],
+    ids=["5000-digit-int", "deep-nesting"],
+)
+async def test_json_python_cannot_parse_raises_protocol_violation(
+    http: httpx.AsyncClient, endpoint: str, body: bytes, message: str
+) -> None:
+    with trio.fail_after(10):
+        async with canned_server([response(200, body)]) as url:
+            api = make_api(http, url)
+            with pytest.raises(ProtocolViolation, match=message):
+                if endpoint == "manifest":
+                    await api.readout_manifest()
+                elif endpoint == "train":
+                    await api.train([TrainSample([1], [(0, 1)])])
+                else:
+                    await api.chat(HELLO)
 
 
 async def test_500_error_message_has_status_url_and_500_char_excerpt(
@@ -547,13 +577,51 @@ async def test_error_chunk_in_stream_raises_http_error_with_its_message(
     assert info.value.http_status == 503
 
 
-async def test_malformed_json_in_stream_raises_protocol_violation(
-    http: httpx.AsyncClient,
+@pytest.mark.parametrize("code", ["²", "9" * 5000], ids=["superscript-digit", "5000-digits"])
+async def test_error_code_strings_int_refuses_are_not_a_status(
+    http: httpx.AsyncClient, code: str
 ) -> None:
-    body = sse('{"choices": [', "[DONE]")
+    error = json.dumps({"error": {"message": "boom", "code": code}})
+    with trio.fail_after(10):
+        async with canned_server([response(200, error.encode())]) as url:
+            with pytest.raises(HttpError, match="boom") as info:
+                await make_api(http, url).chat(HELLO)
+        assert info.value.http_status == 200
+        async with canned_server([response(200, sse(error), "text/event-stream")]) as url:
+            with pytest.raises(HttpError, match="boom") as info:
+                async with make_api(http, url).chat_stream(HELLO) as events:
+                    async for _ in events:
+                        pass
+        assert info.value.http_status == 200
+
+
+async def test_a_5000_digit_sse_retry_field_is_ignored(http: httpx.AsyncClient) -> None:
+    done = '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    body = b"retry: " + b"9" * 5000 + b"\n" + sse(DELTA, done, "[DONE]")
     with trio.fail_after(10):
         async with canned_server([response(200, body, "text/event-stream")]) as url:
-            with pytest.raises(ProtocolViolation):
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                got = [e async for e in events]
+    assert got == [ChatDelta("hi"), ChatDone("stop", None)]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"choices": [', "malformed JSON"),
+        (b'{"choices": [{"index": ' + BIG_INT + b', "delta": {"content": "x"}}]}', "4300 digits"),
+        (b'{"error": {"message": "boom", "code": ' + BIG_INT + b"}}", "4300 digits"),
+        (DEEP, "nested too deeply"),
+    ],
+    ids=["truncated", "5000-digit-int", "5000-digit-error-code", "deep-nesting"],
+)
+async def test_malformed_json_in_stream_raises_protocol_violation(
+    http: httpx.AsyncClient, data: bytes, message: str
+) -> None:
+    body = b"data: " + data + b"\n\n" + sse("[DONE]")
+    with trio.fail_after(10):
+        async with canned_server([response(200, body, "text/event-stream")]) as url:
+            with pytest.raises(ProtocolViolation, match=message):
                 async with make_api(http, url).chat_stream(HELLO) as events:
                     async for _ in events:
                         pass

@@ -66,6 +66,8 @@ def test_retry_sets_reconnection_time_only_for_digits() -> None:
     assert decoder.retry == 1500
     decoder.feed(b"retry: 15x\nretry: -1\nretry:\n")
     assert decoder.retry == 1500
+    decoder.feed(b"retry: " + b"9" * 5000 + b"\n")  # more digits than int() takes
+    assert decoder.retry == 1500
 
 
 def test_event_without_data_is_not_dispatched_but_its_id_counts() -> None:

@@ -248,8 +248,19 @@ def _decode_json(body: bytes, what: str) -> Any:
         raise ProtocolViolation(f"{what}: body is not UTF-8 ({exc.reason})") from exc
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolViolation(f"{what}: malformed JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolViolation(f"{what}: {_json_error(exc)}") from exc
+
+
+def _json_error(exc: ValueError | RecursionError) -> str:
+    """Why ``json.loads`` failed. Besides ``JSONDecodeError`` it raises ``ValueError``
+    for an integer of over 4300 digits (Python's int-str limit) and
+    ``RecursionError`` for deep nesting: peer input, so all three are caught."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON: {exc}"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to parse"
+    return f"unparseable JSON: {exc}"
 
 
 def _is_int(value: object) -> bool:
@@ -871,7 +882,8 @@ class HttpApi:
         if isinstance(error, dict):
             message = error.get("message", error)
             code = error.get("code")
-        if isinstance(code, str) and code.isdigit():
+        # isdigit() alone passes "²" and 5000-digit strings, which int() refuses.
+        if isinstance(code, str) and code.isascii() and code.isdigit() and len(code) <= 3:
             code = int(code)
         if _is_int(code) and 400 <= code <= 599:  # type: ignore[operator]
             status = code  # type: ignore[assignment]
@@ -1143,12 +1155,12 @@ class _ChatEvents:
             return
         try:
             data = json.loads(sse.data)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # see _json_error
             if sse.event == "error":  # plain-text error data: the message is the text
                 data = sse.data
             else:
                 raise ProtocolViolation(
-                    f"{self._what}: malformed JSON in event stream: {exc}"
+                    f"{self._what}: event stream data: {_json_error(exc)}"
                 ) from exc
         error = _error_object(data, sse.event)
         if error is not None:

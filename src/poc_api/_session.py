@@ -97,6 +97,7 @@ class GenerateStream:
         self._first_decode = False
         self._received = False
         self._exited = False  # its block has exited: no more waiting for events
+        self._drained = False  # _drain ran: its grace is spent, even if it gave up
         self.done: Done | None = None
         """The ``Done`` event once it has arrived."""
 
@@ -197,8 +198,12 @@ class GenerateStream:
         Bounded: by the call's own ``timeout`` if it has one, and in any case by
         a grace of ``close_timeout`` seconds. A server that sent ``Done`` and
         then no trailers has its stream reset when the block exits; the session
-        is kept, since ``Done`` told its state.
+        is kept, since ``Done`` told its state. Runs once: the iteration and the
+        block's exit both call it, and the grace must not be given twice.
         """
+        if self._drained:
+            return
+        self._drained = True
         now = trio.current_time()
         limit = now + self._session._close_timeout
         if self._timeouts is not None:

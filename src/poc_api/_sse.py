@@ -12,7 +12,7 @@ It follows the WHATWG HTML "event stream interpretation" algorithm
 - ``data`` lines are joined with ``\\n``; ``event`` names the event (``"message"``
   when absent); ``id`` sets the last event id, which persists across events, and is
   ignored when it contains NUL; ``retry`` sets :attr:`SSEDecoder.retry` when it is
-  all ASCII digits; other fields are ignored;
+  all ASCII digits (at most 18 of them); other fields are ignored;
 - a blank line dispatches the event, unless no ``data`` line was seen;
 - an event the stream ends in the middle of is discarded (``close(flush=True)``
   dispatches it instead, for a body known to be complete).
@@ -197,7 +197,9 @@ class SSEDecoder:
             if "\0" not in value:
                 self._last_id = value
         elif field == "retry" and value.isascii() and value.isdigit():
-            self.retry = int(value)
+            # int() refuses over 4300 digits; no usable delay has more than 18.
+            if len(value) <= 18:
+                self.retry = int(value)
         elif field == "error" and self._error_field:
             # llama.cpp's server writes a failure as an ``error: {json}`` line, a
             # field the standard ignores; opted in, it is an ``error`` event at once.
