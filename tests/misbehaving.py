@@ -47,6 +47,16 @@ server's default)::
 - ``"miscount"``: Generate streams its tokens, then a ``Done`` that counts one more;
 - ``"truncated"``: a message whose length prefix promises ``claimed_size`` bytes;
   16 follow, then END_STREAM (the message is cut short by the end of the stream).
+- ``"no_trailers"``: the whole answer, then END_STREAM on an empty DATA frame: no
+  trailers, so no ``grpc-status``;
+- ``"headers_end"``: response HEADERS (no ``grpc-status``) that end the stream;
+- ``"extension_frames"``: frames a peer must ignore first (an unknown type, ORIGIN,
+  ALTSVC, a 1xx informational response), then the ``"ok"`` answer;
+- ``"bad_bin_trailer"``: the ``"ok"`` answer whose trailers carry a ``-bin`` value
+  that is not base64;
+- ``"no_status_header"``: response HEADERS without ``:status`` (then nothing);
+- ``"non_ascii_header"``: response HEADERS with a byte 0xff in a header value;
+- ``"push_promise"``: a PUSH_PROMISE (the client disabled push), then ``"ok"``.
 
 ``srv.mute = True`` makes *new connections* accept TCP and never send a byte
 (no SETTINGS, no PING ACK): the "black hole" server.
@@ -99,6 +109,13 @@ Kind = Literal[
     "status_after_tokens",
     "truncated",
     "goaway_graceful",
+    "no_trailers",
+    "headers_end",
+    "extension_frames",
+    "bad_bin_trailer",
+    "no_status_header",
+    "non_ascii_header",
+    "push_promise",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -128,6 +145,7 @@ class Reply:
     claimed_size: int = 0
     send_body: bool = False
     good_first: int = 0  # "malformed" on Generate: this many good tokens come first
+    message: str = "injected%20failure"  # "trailers_only": its grpc-message
 
 
 @attrs.frozen
@@ -298,10 +316,26 @@ class _Connection:
             self.h2.end_stream(sid)
             await self.flush()
 
-    async def send_unary(self, sid: int, message: bytes) -> None:
+    async def send_unary(
+        self, sid: int, message: bytes, trailers: list[tuple[str, str]] | None = _OK_TRAILERS
+    ) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         await self.send_data(sid, _frame_len(0, len(message)) + message)
-        await self.send_headers(sid, _OK_TRAILERS, end=True)
+        if trailers is None:
+            await self.send_data(sid, b"", end=True)
+        else:
+            await self.send_headers(sid, trailers, end=True)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Bytes h2 would refuse to send, after whatever h2 has queued."""
+        async with self.send_lock:
+            await self.stream.send_all(self.h2.data_to_send() + data)
+
+    async def send_raw_headers(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        frame = hyperframe.frame.HeadersFrame(sid)
+        frame.data = self.h2.encoder.encode(headers)  # keeps h2's HPACK table in step
+        frame.flags.add("END_HEADERS")
+        await self.send_raw(frame.serialize())
 
     async def close(self) -> None:
         await self.stream.aclose()
@@ -321,22 +355,66 @@ class _Connection:
         ):
             pass  # the client reset the stream or went away: nothing left to answer
 
-    async def _ok(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+    async def _ok(
+        self,
+        sid: int,
+        method: str,
+        body: bytes,
+        reply: Reply,
+        trailers: list[tuple[str, str]] | None = _OK_TRAILERS,
+    ) -> None:
         if reply.first_delay and method != "Generate":
             await trio.sleep(reply.first_delay)  # processed, but the answer is late
         if method == "OpenSession":
             msg = pb.OpenSessionResponse(session_id=f"mis-{self.number}-{sid}", max_length=1 << 20)
-            await self.send_unary(sid, bytes(msg))
+            await self.send_unary(sid, bytes(msg), trailers)
         elif method == "CloseSession":
-            await self.send_unary(sid, bytes(pb.CloseSessionResponse()))
+            await self.send_unary(sid, bytes(pb.CloseSessionResponse()), trailers)
         elif method == "AppendImage":
             req = pb.AppendImageRequest.parse(body)
             msg = pb.AppendImageResponse(placeholder_count=4, total_length=req.offset + 4)
-            await self.send_unary(sid, bytes(msg))
+            await self.send_unary(sid, bytes(msg), trailers)
         elif method == "Generate":
-            await self._generate(sid, pb.GenerateRequest.parse(body), reply)
+            await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=trailers)
         else:
             await self._trailers_only(sid, method, body, Reply("trailers_only", status=12))
+
+    async def _no_trailers(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._ok(sid, method, body, reply, trailers=None)
+
+    async def _headers_end(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=True)
+
+    async def _extension_frames(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        unknown = struct.pack(">I", 3)[1:] + bytes([0xEE, 0]) + struct.pack(">I", 0) + b"abc"
+        origin = struct.pack(">I", 0)[1:] + bytes([0x0C, 0]) + struct.pack(">I", 0)
+        altsvc = hyperframe.frame.AltSvcFrame(sid)
+        altsvc.field = b'h2=":443"'
+        await self.send_raw(unknown + origin + altsvc.serialize())
+        await self.send_raw_headers(sid, [(b":status", b"100")])
+        await self._ok(sid, method, body, reply)
+
+    async def _bad_bin_trailer(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._ok(sid, method, body, reply, trailers=[*_OK_TRAILERS, ("x-trace-bin", "a")])
+
+    async def _no_status_header(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_raw_headers(sid, [(b"content-type", b"application/grpc+proto")])
+
+    async def _push_promise(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        frame = hyperframe.frame.PushPromiseFrame(sid)
+        frame.promised_stream_id = 2
+        frame.data = self.h2.encoder.encode(
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"x")]
+        )
+        frame.flags.add("END_HEADERS")
+        await self.send_raw(frame.serialize())
+        await self._ok(sid, method, body, reply)
+
+    async def _non_ascii_header(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_raw_headers(
+            sid,
+            [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"x-note", b"\xff")],
+        )
 
     async def _done_no_trailers(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
@@ -369,7 +447,7 @@ class _Connection:
         req: pb.GenerateRequest,
         reply: Reply,
         *,
-        trailers: bool = True,
+        trailers: list[tuple[str, str]] | bool | None = True,
         miscount: int = 0,
     ) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
@@ -390,8 +468,12 @@ class _Connection:
             await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
         m = n + miscount
         await self.send_data(sid, encode_done(end, m, end + m, "length" if n else "prefill"))
-        if trailers:
+        if trailers is True:
             await self.send_headers(sid, _OK_TRAILERS, end=True)
+        elif trailers is None:
+            await self.send_data(sid, b"", end=True)
+        elif trailers:
+            await self.send_headers(sid, trailers, end=True)
 
     async def _silent(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         return  # the stream stays open, unanswered, until the client resets it
@@ -424,7 +506,7 @@ class _Connection:
         headers = [
             *_GRPC_HEADERS,
             ("grpc-status", str(reply.status)),
-            ("grpc-message", "injected%20failure"),
+            ("grpc-message", reply.message),
         ]
         await self.send_headers(sid, headers, end=True)
 

@@ -42,14 +42,21 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
-from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
+from h2.events import (
+    AlternativeServiceAvailable,
+    ConnectionTerminated,
+    DataReceived,
+    InformationalResponseReceived,
+    RemoteSettingsChanged,
+    UnknownFrameReceived,
+)
 from h2.exceptions import StreamClosedError
 from hyperframe.frame import WindowUpdateFrame
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink, StreamBlock
 from ._hpack import CachingEncoder
-from ._http import redact_url
+from ._http import EXCERPT_LIMIT, redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
@@ -123,7 +130,10 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
             # grpclib reports a non-gRPC answer as status UNKNOWN: it is the peer's fault.
             return e.ProtocolViolation(f"{name}: the server did not answer gRPC: {text}")
         cls = _STATUS_ERRORS.get(exc.status, e.RpcError)
-        msg = f"{name}: {exc.status.name}: {exc.message or ''}".rstrip(": ")
+        text = exc.message or ""
+        if len(text) > EXCERPT_LIMIT:  # as HTTP error bodies are
+            text = text[:EXCERPT_LIMIT] + "…"
+        msg = f"{name}: {exc.status.name}: {text}".rstrip(": ")
         return cls(msg, grpc_status=exc.status.name)
     if isinstance(exc, StreamTerminatedError):
         text = str(exc)
@@ -194,6 +204,10 @@ class KeepAlive:
 # processed it, exactly as with REFUSED_STREAM.
 _GOAWAY_REFUSED = "Received GOAWAY above this stream's id: not processed (REFUSED_STREAM)"
 
+
+# What a client must ignore: frames of unknown type (RFC 9113 4.1, ORIGIN too),
+# ALTSVC, and a 1xx answer before the real one.
+_IGNORED_EVENTS = (UnknownFrameReceived, AlternativeServiceAvailable, InformationalResponseReceived)
 
 # How a call that came to a channel after it was closed is ended (see _PocChannel).
 _CLOSED_UNSENT = "the connection was closed before this call was sent (REFUSED_STREAM)"
@@ -343,7 +357,21 @@ class GrpcTransport:
         if delay > 0:
             await asyncio.sleep(delay)
         try:
-            protocol = await channel.__connect__()
+            # connect_timeout bounds the TCP connect and TLS handshake too (asyncio's
+            # own bounds are the OS's SYN retries and 60 s for the handshake).
+            started = loop.time()
+            bound = asyncio.timeout(self._connect_timeout)
+            try:
+                async with bound:
+                    protocol = await channel.__connect__()
+            except TimeoutError:
+                if not bound.expired():  # the OS's own connect timeout (an OSError)
+                    raise
+                raise e.ServerUnavailable(
+                    f"{self._target.url}: no connection within "
+                    f"connect_timeout={self._connect_timeout:g} s",
+                    retriable=True,
+                ) from None
             assert isinstance(protocol, _PocH2Protocol)
             # An HTTP/2 server speaks first (its SETTINGS frame). Something that
             # accepts TCP and stays silent, or answers in HTTP/1.1, would otherwise
@@ -351,7 +379,7 @@ class GrpcTransport:
             if not protocol.settings_received.is_set():
                 # A silent peer is also what keepalive exists to catch: wait no
                 # longer than a ping interval plus its timeout.
-                limit = self._connect_timeout
+                limit = max(0.0, self._connect_timeout - (loop.time() - started))
                 if self._keepalive is not None:
                     limit = min(limit, self._keepalive.time + self._keepalive.timeout)
                 await self._await_settings(channel, protocol, limit)
@@ -474,6 +502,15 @@ class GrpcTransport:
                         raise
             except StreamTerminatedError as exc:
                 received = reader is not None and reader.count > 0
+                if received and _retriable_reset(exc):
+                    # "Not processed", yet replies came: it was. Sending the call
+                    # again would run it twice, so this is no refusal to retry.
+                    assert reader is not None
+                    raise e.StreamCancelled(
+                        f"{path.rsplit('/', 1)[-1]}: the server reset the stream after "
+                        f"{reader.count} replies: {exc}",
+                        grpc_status="CANCELLED",
+                    ) from exc
                 if not received and _retriable_reset(exc):
                     if str(exc) in _UNSENT and drained < _DRAINED_RETRIES:
                         drained += 1
@@ -772,32 +809,49 @@ async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -
     """Read a call's answer: headers, every message into ``sink``, trailers."""
     raw = stream._stream
     try:
-        await stream.recv_initial_metadata()
-        # grpclib's wrapper wakes this task if the connection dies.
-        with stream._wrapper:
-            await reader.pump(sink)
-        await stream.recv_trailing_metadata()
-    except StreamTerminatedError:
-        # grpclib fails every stream of a connection that goes away, even one whose
-        # answer had fully arrived (say, a GOAWAY right behind it). If the server
-        # finished the call, finish reading it from the buffer.
-        headers = dict(raw.headers) if raw.headers is not None else None
-        trailers_only = headers is not None and "grpc-status" in headers
-        if raw.trailers is None and not trailers_only:
-            raise
-        assert headers is not None
-        if not stream._recv_initial_metadata_done:
-            stream._raise_for_status(headers)
-            stream._raise_for_content_type(headers)
-            stream._recv_initial_metadata_done = True
-        if trailers_only:
-            status, message, details = stream._process_grpc_status(headers)
-        else:
-            await reader.pump(sink)
-            assert raw.trailers is not None
-            status, message, details = stream._process_grpc_status(dict(raw.trailers))
-        stream._recv_trailing_metadata_done = True
-        stream._raise_for_grpc_status(status, message, details)
+        try:
+            await stream.recv_initial_metadata()
+            # grpclib's wrapper wakes this task if the connection dies.
+            with stream._wrapper:
+                await reader.pump(sink)
+            if raw.trailers is None and not _has_grpc_status(raw.headers):
+                # The stream ended (END_STREAM) with no trailers: grpclib would wait
+                # for them forever, on a connection keepalive finds healthy.
+                raise e.ProtocolViolation(
+                    f"{reader.path}: the stream ended without trailers (no grpc-status)"
+                )
+            await stream.recv_trailing_metadata()
+        except StreamTerminatedError:
+            # grpclib fails every stream of a connection that goes away, even one whose
+            # answer had fully arrived (say, a GOAWAY right behind it). If the server
+            # finished the call, finish reading it from the buffer.
+            headers = dict(raw.headers) if raw.headers is not None else None
+            trailers_only = headers is not None and "grpc-status" in headers
+            if raw.trailers is None and not trailers_only:
+                raise
+            assert headers is not None
+            if not stream._recv_initial_metadata_done:
+                stream._raise_for_status(headers)
+                stream._raise_for_content_type(headers)
+                stream._recv_initial_metadata_done = True
+            if trailers_only:
+                status, message, details = stream._process_grpc_status(headers)
+            else:
+                await reader.pump(sink)
+                assert raw.trailers is not None
+                status, message, details = stream._process_grpc_status(dict(raw.trailers))
+            stream._recv_trailing_metadata_done = True
+            stream._raise_for_grpc_status(status, message, details)
+    except (KeyError, ValueError) as exc:
+        # grpclib reads headers unchecked (validate_inbound_headers=False): a
+        # missing :status is a KeyError, a -bin value that is not base64 a
+        # binascii.Error (a ValueError), and so on.
+        raise e.ProtocolViolation(f"{reader.path}: unreadable response headers: {exc!r}") from exc
+
+
+def _has_grpc_status(headers: Any) -> bool:
+    """Whether response headers are trailers-only (they carry ``grpc-status``)."""
+    return headers is not None and any(name == "grpc-status" for name, _ in headers)
 
 
 def _draining(channel: Channel) -> bool:
@@ -931,7 +985,9 @@ class _PocH2Protocol(H2Protocol):
                 self.config.http2_connection_window_size - initial
             )
         settings: dict[h2.settings.SettingCodes | int, int] = {
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME_SIZE
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME_SIZE,
+            # gRPC has no use for server push: a PUSH_PROMISE is a protocol error.
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
         }
         if self.config.http2_stream_window_size != initial:
             settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = (
@@ -949,14 +1005,14 @@ class _PocH2Protocol(H2Protocol):
         # grpclib's own data_received, recording what it drops.
         try:
             events = self.connection.feed(data)
-        except h2.exceptions.ProtocolError:
-            log.debug("HTTP/2 protocol error from the server", exc_info=True)
-            self.protocol_error = True
-            self.lost.set()
-            self.processor.close("Protocol error")
+        except (h2.exceptions.ProtocolError, UnicodeDecodeError):
+            # (h2 decodes header values as ASCII, as grpclib configures it.)
+            self._protocol_error()
             return
         self.connection.flush()
         for event in events:
+            if isinstance(event, _IGNORED_EVENTS):
+                continue
             if isinstance(event, RemoteSettingsChanged):
                 self.settings_received.set()
             elif (
@@ -965,8 +1021,18 @@ class _PocH2Protocol(H2Protocol):
             ):
                 self._graceful_goaway(event.last_stream_id or 0)
                 continue  # grpclib would fail every stream of the connection
-            self.processor.process(event)
+            try:
+                self.processor.process(event)
+            except NotImplementedError:  # an event grpclib has no use for
+                self._protocol_error()
+                return
         self.connection.flush()
+
+    def _protocol_error(self) -> None:
+        log.debug("HTTP/2 protocol error from the server", exc_info=True)
+        self.protocol_error = True
+        self.lost.set()
+        self.processor.close("Protocol error")
 
     def _graceful_goaway(self, last_stream_id: int) -> None:
         log.debug("graceful GOAWAY (last stream %d): draining the connection", last_stream_id)

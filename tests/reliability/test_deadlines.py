@@ -52,6 +52,26 @@ async def test_black_hole_server_fails_via_keepalive_without_any_user_timeout(
         assert time.monotonic() - started < 2.0
 
 
+async def test_connect_timeout_bounds_a_tls_handshake_that_never_answers(
+    bad_server: MisbehavingServer,
+) -> None:
+    # asyncio's own bound on a TLS handshake is 60 s; keepalive has no connection
+    # to ping yet.
+    bad_server.mute = True
+    client = poc_api.ApiClient(
+        DUMMY_BASE_URL,
+        grpc_url=f"https://127.0.0.1:{bad_server.port}",
+        connect_timeout=0.5,
+        close_timeout=0.5,
+    )
+    async with client:
+        started = time.monotonic()
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable, match="connect_timeout"):
+            async with client.session():
+                pass
+        assert 0.4 <= time.monotonic() - started < 1.5
+
+
 async def test_http1_answer_is_detected_by_keepalive_and_the_client_recovers(
     bad_server: MisbehavingServer,
 ) -> None:
