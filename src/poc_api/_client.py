@@ -93,8 +93,8 @@ class ApiClient:
         grpc_url: the gRPC endpoint; default ``POC_GRPC_URL`` or derived from
             ``base_url`` (see :func:`resolve_grpc_url`). A list of URLs, or a
             ``dns:///host:port`` target, makes a pool of endpoints (below).
-        connect_timeout: seconds to connect (HTTP), and for the gRPC server to
-            start speaking HTTP/2 after the TCP connection is made.
+        connect_timeout: seconds to connect (HTTP); for gRPC, to connect (TCP and
+            TLS) and hear the server speak HTTP/2 (its SETTINGS), all together.
         timeout: HTTP request timeout in seconds.
         close_timeout: bound on each shielded ``CloseSession`` at a session's exit.
         max_buffered_events: events buffered per stream before the client stops
