@@ -229,6 +229,8 @@ class HttpApp:
                     body = json.loads(raw) if raw else None
                 except (ValueError, UnicodeDecodeError) as e:
                     raise HttpError(400, f"malformed JSON body: {e}") from None
+                except RecursionError:
+                    raise HttpError(400, "JSON body nested too deeply") from None
             result = await handler(body, params)
         except HttpError as e:
             await self._send_json(conn, writer, e.status, _error_json(e), request_id)
