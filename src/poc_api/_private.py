@@ -37,7 +37,7 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("grpclib.protocol.Connection instance", "last_ping_sent", "keepalive between turns"),
     ("grpclib.protocol.Connection instance", "_config", "keepalive between turns"),
     ("grpclib.client.Channel", "_protocol_factory", "install the split-window protocol"),
-    ("grpclib.client.Channel", "__connect__", "connect, then wait for SETTINGS"),
+    ("grpclib.client.Channel", "__connect__", "bounded connect; never reconnect a closed one"),
     ("grpclib.client.Channel instance", "_protocol", "the connection's SETTINGS state"),
     ("grpclib.client.Channel instance", "_connected", "reuse a live connection"),
     ("grpclib.client.Channel instance", "_config", "protocol factory arguments"),
