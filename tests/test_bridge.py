@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -608,15 +609,20 @@ async def test_closing_under_a_wedged_loop_thread_keeps_outcomes_and_wakes_every
         release.set()
         bridge.thread.join(5)
         # The close left the wedged loop behind: end its tasks here, then close it.
+        # (Its queued shutdown may start meanwhile and cancel this drain: go again.)
         loop = bridge.loop
-        tasks = asyncio.all_tasks(loop)
-        for task in tasks:
-            task.cancel()
 
-        async def drain() -> None:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async def drain(tasks: set[asyncio.Task[Any]]) -> None:
+            await asyncio.wait(tasks)
 
-        loop.run_until_complete(drain())
+        for _ in range(5):
+            tasks = asyncio.all_tasks(loop)
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(drain(tasks))
         loop.close()
         bridge._close_eventfds()
     assert outcomes == {"held": None, "quick": 7, "wedge": "closed"}
