@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, final
@@ -185,8 +185,15 @@ class ApiClient:
         self._dns_refresh = float(dns_refresh)
         if not isinstance(keepalive_idle, bool):
             raise TypeError("keepalive_idle must be a bool")
-        if "\n" in api_key or "\r" in api_key:
-            raise ValueError("api_key must not contain line breaks")
+        if api_key and (
+            not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip()
+        ):
+            # It goes in a header (HTTP and gRPC metadata): refused there, the
+            # transport's own error would quote it. The key itself is not shown.
+            raise ValueError(
+                "api_key must be printable ASCII with no leading or trailing space "
+                "(a stray newline or space from a .env file?)"
+            )
         for name, value in (
             ("connect_timeout", connect_timeout),
             ("timeout", timeout),
@@ -265,16 +272,18 @@ class ApiClient:
         await trio.lowlevel.checkpoint()
         bridge = AsyncioBridge.start(cancel_timeout=self._close_timeout)
         metadata: tuple[tuple[str, str], ...] = ()
-        headers: dict[str, str] = {}
+        auth: httpx.Auth | None = None
         if self._api_key:
             metadata = (("authorization", f"Bearer {self._api_key}"),)
-            headers["authorization"] = f"Bearer {self._api_key}"
+            # An auth of the client's own: httpx would otherwise turn a base_url's
+            # user:password@ into Basic auth that replaces the Bearer header.
+            auth = _BearerAuth(self._api_key)
         self._bridge = bridge
         self._transport = self._new_transport(bridge, self._target, metadata)
         self._router = self._new_router(bridge, self._transport, metadata)
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
-            headers=headers,
+            auth=auth,
         )
         self._http = HttpApi(http, self._base_url, self._api_key, self._model)
         self._http_client = http
@@ -585,6 +594,20 @@ class ApiClient:
         """Vocabulary size and special token ids (reference-server extension)."""
         with deadline(timeout, "tokenizer_info"):
             return await self._https().tokenizer_info()
+
+
+class _BearerAuth(httpx.Auth):
+    """``authorization: Bearer <key>`` on every request (repr without the key)."""
+
+    def __init__(self, key: str) -> None:
+        self._header = f"Bearer {key}"
+
+    def __repr__(self) -> str:
+        return "<_BearerAuth>"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["authorization"] = self._header
+        yield request
 
 
 @final

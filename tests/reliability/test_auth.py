@@ -114,6 +114,28 @@ async def test_the_right_key_works_everywhere_and_never_leaks(
     assert "Bearer" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    "key", [SERVER_KEY + " ", " " + SERVER_KEY, SERVER_KEY + "\n", "sk-\x00x", "sk-é", "a\tb"]
+)
+def test_a_key_no_header_can_carry_is_refused_up_front_without_showing_it(key: str) -> None:
+    # httpx (h11) and grpclib refuse such header values themselves, quoting them
+    # in their messages: a trailing space from a .env file would print the key.
+    with pytest.raises(ValueError, match="api_key") as info:
+        poc_api.ApiClient("http://127.0.0.1:9/v1", api_key=key)
+    assert key.strip() not in str(info.value)
+
+
+async def test_a_base_url_password_does_not_replace_the_key_on_http(
+    keyed: ReferenceServer,
+) -> None:
+    # httpx makes user:password@ into Basic auth, which replaced the Bearer header.
+    url = keyed.base_url.replace("http://", "http://user:pa55@")
+    async with poc_api.ApiClient(url, api_key=SERVER_KEY, grpc_url=keyed.grpc_url) as c:
+        with trio.fail_after(10):
+            for call in CALLS:
+                await call(c)
+
+
 async def test_a_client_is_refused_after_a_failed_auth_and_does_not_retry_forever(
     keyed: ReferenceServer,
 ) -> None:
