@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -338,6 +339,18 @@ async def test_right_key_is_accepted(
         async with api.chat_stream(HELLO, max_tokens=2) as events:
             assert isinstance([e async for e in events][-1], ChatDone)
         assert await api.tokenize("a") == [97]
+
+
+async def test_chat_stream_takes_an_infinite_timeout_like_every_other_call(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    api = make_api(http, server.base_url)
+    with trio.fail_after(10):
+        async with api.chat_stream(HELLO, max_tokens=2, timeout=math.inf) as events:
+            assert isinstance([e async for e in events][-1], ChatDone)
+        with pytest.raises(ValueError, match="timeout"):
+            async with api.chat_stream(HELLO, timeout=-1):
+                pass
 
 
 async def test_api_key_never_appears_in_errors_or_logs(

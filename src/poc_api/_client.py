@@ -430,6 +430,8 @@ class ApiClient:
             rewind: on divergence, truncate to the longest shared prefix (default)
                 instead of raising :class:`SessionDivergence`.
         """
+        if not isinstance(rewind, bool):
+            raise TypeError(f"rewind must be a bool, not {type(rewind).__name__}")
         conv = Conversation(
             self._grpc(),
             self._model,
@@ -617,12 +619,16 @@ class _ConversationBlock:
     A class, not an ``@asynccontextmanager`` (see ``Session.generate``).
     """
 
-    __slots__ = ("_conv",)
+    __slots__ = ("_conv", "_entered")
 
     def __init__(self, conv: Conversation) -> None:
         self._conv = conv
+        self._entered = False
 
     async def __aenter__(self) -> Conversation:
+        if self._entered:  # its exit closes the conversation: one block only
+            raise RuntimeError("a conversation block can be entered only once")
+        self._entered = True
         return self._conv
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -121,6 +121,7 @@ class ConversationStream:
         self._events = events
         self._shape = readout_shape
         self._lookahead: Token | Done | None = None
+        self._done_delivered = False  # the caller has seen the StreamDone
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
 
@@ -144,6 +145,7 @@ class ConversationStream:
             self.decoded.append(ev.id)
             return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position)
         assert isinstance(ev, Done)
+        self._done_delivered = True
         return StreamDone(ev.usage, ev.finish_reason)
 
     async def __anext__(self) -> StreamEvent:
@@ -501,6 +503,14 @@ class _Turn:
             if exc is not None or events.done is None:
                 return  # failed or left early: the session is lost; it is dropped
             if len(out.decoded) != events.done.completion_tokens:
+                if not out._done_delivered:
+                    # Left before reading every token: the history would lack them.
+                    log.debug(
+                        "session %s: the stream was left before its last token; "
+                        "dropping the session",
+                        session.session_id,
+                    )
+                    return
                 log.warning(
                     "session %s: Done says %d tokens were decoded but %d arrived; "
                     "dropping the session",

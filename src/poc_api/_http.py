@@ -53,7 +53,7 @@ from ._errors import (
     collapse_cancellation,
 )
 from ._sse import SSEDecoder, SSEEvent
-from ._types import ReadoutManifest, TrainResult, TrainSample, Usage
+from ._types import ReadoutManifest, TrainResult, TrainSample, Usage, check_timeout
 
 __all__ = [
     "ChatCompletion",
@@ -843,8 +843,7 @@ class HttpApi:
             extra_body=extra_body,
             extra=extra,
         )
-        if timeout is not None:
-            _check_number("timeout", timeout, 0.0, math.inf)
+        check_timeout("timeout", timeout)  # inf is fine, as everywhere
         # A cancel scope around a yield is fine in a context manager (same task).
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             if not payload["model"]:

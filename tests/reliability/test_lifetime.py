@@ -7,6 +7,7 @@ never speaks, and one that speaks HTTP/1.1.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -341,3 +342,31 @@ async def test_blocks_entered_twice_or_nested_say_what_is_wrong(server: Referenc
                     with pytest.raises(RuntimeError, match="already in a stream block"):
                         async with conv.stream([poc_api.Tokens([1])], SamplingParams()):
                             pass
+
+
+async def test_a_conversation_block_entered_twice_says_so(server: ReferenceServer) -> None:
+    async with client_for(server) as client:
+        block = client.conversation()
+        async with block as conv:
+            with pytest.raises(RuntimeError, match="entered only once"):
+                async with block:
+                    pass
+            # ... and the first block's conversation is still open and usable.
+            async with conv.stream([poc_api.Tokens(HELLO)], SamplingParams(max_tokens=2)) as ev:
+                assert len([e async for e in ev]) == 3
+
+
+async def test_a_conversation_stream_left_unread_drops_its_session_without_a_warning(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Not reading the reply is the caller's choice, not a server inconsistency.
+    async with client_for(server) as client, client.conversation() as conv:
+        async with conv.stream([poc_api.Tokens(HELLO)], SamplingParams(max_tokens=2)):
+            await trio.sleep(0.1)  # Done arrives, unread
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_conversation_rewind_must_be_a_bool() -> None:
+    client = poc_api.ApiClient("http://127.0.0.1:9/v1")
+    with pytest.raises(TypeError, match="rewind"):
+        client.conversation(rewind="no")  # type: ignore[arg-type]
