@@ -660,6 +660,28 @@ async def test_stream_error_status_raises_on_entering_the_block(
     assert info.value.http_status == 400
 
 
+async def test_a_keyword_that_is_almost_one_of_chats_is_refused_as_a_typo(
+    http: httpx.AsyncClient,
+) -> None:
+    seen: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        seen.append(await stream.receive_some(65536))
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, record, 0)
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1"
+        api = make_api(http, url)
+        for typo, meant in (("max_token", "max_tokens"), ("temprature", "temperature")):
+            with pytest.raises(TypeError, match=f"did you mean '{meant}'"):
+                await api.chat(HELLO, **{typo: 1})
+            with pytest.raises(TypeError, match=f"did you mean '{meant}'"):
+                async with api.chat_stream(HELLO, **{typo: 1}):
+                    pass
+        nursery.cancel_scope.cancel()
+    assert seen == []  # nothing was sent
+
+
 async def test_stream_decodes_crlf_events_split_at_every_byte(http: httpx.AsyncClient) -> None:
     body = sse(DELTA, DELTA).replace(b"\n", b"\r\n") + b"data: [DONE]\r\n\r\n"
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import difflib
 import functools
 import json
 import logging
@@ -351,6 +352,23 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
     return value
 
 
+# The keywords chat() and chat_stream() take themselves (for the typo check).
+_CHAT_KEYWORDS = (
+    "timeout",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "seed",
+    "extra_body",
+)
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -650,6 +668,15 @@ class HttpApi:
             payload["seed"] = _check_int("seed", seed, -(2**63), 2**64 - 1)
         if extra_body is not None and not isinstance(extra_body, Mapping):
             raise TypeError(f"extra_body must be a mapping, not {type(extra_body).__name__}")
+        for key in extra:
+            # A keyword that is almost one of ours is a typo, not a vendor field
+            # (cutoff 0.85 lets vLLM's top_k past top_p): say so, send nothing.
+            near = difflib.get_close_matches(key, _CHAT_KEYWORDS, n=1, cutoff=0.85)
+            if near:
+                raise TypeError(
+                    f"chat() got an unexpected keyword {key!r}: did you mean {near[0]!r}? "
+                    f"(extra_body={{{key!r}: ...}} sends it as it is)"
+                )
         # Anything else (``logit_bias``, vendor fields such as vLLM's ``top_k``) goes
         # through as given: ``extra_body`` last, as the openai client merges it.
         for more in (extra, extra_body or {}):
