@@ -147,6 +147,18 @@ async def test_score_many_keeps_input_order_and_bounds_concurrency(
     assert 1 <= peak <= 3
 
 
+async def test_score_many_stays_within_the_clients_stream_limit(server: ReferenceServer) -> None:
+    # Its default max_concurrency (16) is more than this client lets run at once:
+    # the batch must not trip the client's own limit (LimitExceeded).
+    prompts = [([Tokens(PROMPT[: 5 + i])], [(1, 5 + i)]) for i in range(24)]
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_concurrent_streams=4
+    ) as c:
+        with trio.fail_after(30):
+            results = await c.score_many(prompts)
+    assert len(results) == 24
+
+
 async def test_score_many_raises_the_first_error_unwrapped(client: poc_api.ApiClient) -> None:
     prompts = [([Tokens(PROMPT)], [(1, 5)])] * 5 + [
         ([Tokens([1]), Image(b"nope", "image/png")], [(0, 1)])

@@ -477,9 +477,10 @@ class ApiClient:
     ) -> list[list[ScoreResult]]:
         """Score many ``(chunks, ranges)`` prompts concurrently over the one connection.
 
-        At most ``max_concurrency`` are in flight; results are in input order. The
-        first failure cancels the rest and is raised (unwrapped). ``timeout`` bounds
-        the whole batch.
+        At most ``max_concurrency`` are in flight (never more than the client's
+        ``max_concurrent_streams``, which would refuse them); results are in input
+        order. The first failure cancels the rest and is raised (unwrapped).
+        ``timeout`` bounds the whole batch.
 
         ``share_prefix=True`` groups prompts that share a prefix (token by token;
         images whole): each group gets one session that prefills the prefix once,
@@ -487,6 +488,8 @@ class ApiClient:
         :meth:`score_continuations` does. The results are the same as without it.
         A group's prompts run one after another; the groups run concurrently.
         """
+        if isinstance(max_concurrency, int) and not isinstance(max_concurrency, bool):
+            max_concurrency = min(max_concurrency, self._max_streams)
         with deadline(timeout, "score_many"):
             return await score_many(
                 self._grpc(),
