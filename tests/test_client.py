@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import re
 import sys
 import time
 from collections.abc import AsyncGenerator
@@ -118,6 +120,32 @@ async def test_generate_returns_prefill_logprobs_and_readouts_for_requested_rang
         lps = [x.logprob for x in t.top_logprobs]
         assert lps == sorted(lps, reverse=True)
         assert t.top_logprobs[0].id == t.id
+
+
+async def test_generate_readouts_are_flat_and_token_documents_how_to_shape_them(
+    client: poc_api.ApiClient,
+) -> None:
+    # What Token's docstring says of Session.generate holds: the parameters it
+    # names exist, readouts come flat, and the cast it gives shapes them.
+    params = inspect.signature(poc_api.Session.generate).parameters
+    assert "readout_shape" not in params
+    named = re.findall(r"``(\w+)`` on\s+``(?:Session\.)?generate``", Token.__doc__ or "")
+    assert named and all(name in params for name in named), named
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    n_layers, n_concepts = manifest.shape
+    with trio.fail_after(10):
+        async with (
+            client.session() as s,
+            s.generate(HELLO, sampling=SamplingParams(max_tokens=1), readout_ranges=[(0, 2)]) as ev,
+        ):
+            tokens = [e async for e in ev if isinstance(e, Token) and e.readout is not None]
+    assert tokens
+    flat = tokens[0].readout
+    assert flat is not None and flat.ndim == 1 and len(flat) == n_layers * n_concepts
+    shaped = flat.cast("B").cast("f", (n_layers, n_concepts))
+    assert shaped.shape == manifest.shape
+    assert shaped.tolist()[1] == flat.tolist()[n_concepts : 2 * n_concepts]
 
 
 async def test_append_image_reports_placeholders_and_moves_committed_len(

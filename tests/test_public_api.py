@@ -93,3 +93,25 @@ def test_deprecation_warnings_of_poc_api_and_its_runtime_deps_are_errors() -> No
     # ... and only theirs: a test dependency's warning is not ours to fail on.
     with warnings.catch_warnings(record=True):
         warnings.warn_explicit("going away", DeprecationWarning, "x.py", 1, module="hypothesis")
+
+
+def test_readout_manifest_takes_typed_iterables() -> None:
+    # attrs' __init__ takes its argument types from the converters, and so does
+    # mypy's attrs plugin: with a bare ``tuple`` converter mypy --strict could not
+    # solve its TypeVar, and no ``ReadoutManifest(...)`` call type-checked.
+    import typing
+    from collections.abc import Iterable
+
+    hints = typing.get_type_hints(poc_api.ReadoutManifest.__init__)
+    assert hints["concepts"] == Iterable[str]
+    assert hints["layers"] == Iterable[int]
+    manifest = poc_api.ReadoutManifest(["a", "b"], [0, 1])
+    assert manifest == poc_api.ReadoutManifest(("a", "b"), (0, 1))
+    assert manifest.concepts == ("a", "b") and manifest.layers == (0, 1)
+
+
+def test_stream_done_always_carries_usage() -> None:
+    # StreamDone is built from a wire Done, whose usage is always there.
+    import typing
+
+    assert typing.get_type_hints(poc_api.StreamDone)["usage"] is poc_api.Usage

@@ -28,12 +28,16 @@ __all__ = [
 ]
 
 
+def _ids(value: Iterable[int]) -> tuple[int, ...]:
+    return _u32_tuple(value, "ids")
+
+
 @final
 @attrs.frozen
 class Tokens:
     """A run of text token ids (each takes one session position)."""
 
-    ids: tuple[int, ...] = attrs.field(converter=_u32_tuple)
+    ids: tuple[int, ...] = attrs.field(converter=_ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -54,11 +58,17 @@ def _to_bytes(value: bytes | bytearray | memoryview) -> bytes:
     return bytes(value)
 
 
-def _check_mime(_inst: object, _attr: object, value: Any) -> None:
+def check_image_mime(value: object) -> str:
+    """An image MIME type: ``TypeError`` unless a str, ``ValueError`` unless ``image/...``."""
     if not isinstance(value, str):
         raise TypeError(f"mime must be a str, not {type(value).__name__}")
     if not value.startswith("image/"):
         raise ValueError(f"mime must be an image type such as 'image/png', got {value!r}")
+    return value
+
+
+def _check_mime(_inst: object, _attr: object, value: Any) -> None:
+    check_image_mime(value)
 
 
 @final
@@ -78,14 +88,19 @@ class Image:
 Chunk = Tokens | Image
 
 
-def check_chunks(chunks: Sequence[Chunk]) -> list[Chunk]:
-    """A list of the prompt's chunks; ``TypeError`` unless each is Tokens or Image."""
-    if isinstance(chunks, Tokens | Image) or not isinstance(chunks, Sequence):
-        raise TypeError("chunks must be a sequence of Tokens/Image, not a single chunk")
+def check_chunks(chunks: Sequence[Chunk], name: str = "chunks") -> list[Chunk]:
+    """A list of the prompt's chunks; ``TypeError`` (naming the parameter ``name``)
+    unless a sequence of which each is Tokens or Image."""
+    if isinstance(chunks, Tokens | Image):
+        raise TypeError(
+            f"{name} must be a sequence of Tokens/Image, not a single chunk (wrap it in a list)"
+        )
+    if isinstance(chunks, str | bytes | bytearray) or not isinstance(chunks, Sequence):
+        raise TypeError(f"{name} must be a sequence of Tokens/Image, not {type(chunks).__name__}")
     out = list(chunks)
     for c in out:
         if not isinstance(c, Tokens | Image):
-            raise TypeError(f"chunks must be Tokens or Image, got {type(c).__name__}")
+            raise TypeError(f"{name} must hold Tokens or Image, got {type(c).__name__}")
     return out
 
 

@@ -19,7 +19,7 @@ the last bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -45,17 +45,21 @@ __all__ = [
 ]
 
 
-def validate_ranges(ranges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """Check ``(start, end)`` pairs: ints in uint32, ``start < end``. Any order."""
-    if isinstance(ranges, str | bytes):
-        raise TypeError("ranges must be a sequence of (start, end) pairs")
+def validate_ranges(ranges: Sequence[Sequence[int]], name: str = "ranges") -> list[tuple[int, int]]:
+    """Check ``(start, end)`` pairs: ints in uint32, ``start < end``. Any order.
+
+    Errors name the parameter ``name``."""
+    if isinstance(ranges, str | bytes) or not isinstance(ranges, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of (start, end) pairs, not {type(ranges).__name__}"
+        )
     out = []
     for r in ranges:
         if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
-            raise TypeError(f"a range must be a (start, end) pair, got {r!r}")
-        start, end = _u32("range start", r[0]), _u32("range end", r[1])
+            raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
+        start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
         if start >= end:
-            raise ValueError(f"a range must have start < end, got ({start}, {end})")
+            raise ValueError(f"{name} must have start < end, got ({start}, {end})")
         out.append((start, end))
     return out
 
@@ -152,10 +156,11 @@ async def _score_in_session(
 
 
 def _precheck(
-    chunks: Sequence[Chunk], ranges: Sequence[Sequence[int]]
+    chunks: Sequence[Chunk], ranges: Sequence[Sequence[int]], where: str = ""
 ) -> tuple[list[Chunk], list[tuple[int, int]]]:
-    checked = check_chunks(chunks)
-    rs = validate_ranges(ranges)
+    """Check one prompt; ``where`` prefixes the parameter names (``prompts[3] ``)."""
+    checked = check_chunks(chunks, f"{where}chunks")
+    rs = validate_ranges(ranges, f"{where}ranges")
     if all(isinstance(c, Tokens) or c.known_expanded_len for c in checked):
         total = sum(len(c.ids) if isinstance(c, Tokens) else c.known_expanded_len for c in checked)
         for start, end in rs:
@@ -218,7 +223,15 @@ async def score_many(
         raise ValueError("max_concurrency must be >= 1")
     if not isinstance(share_prefix, bool):
         raise TypeError("share_prefix must be a bool")
-    checked = [_precheck(c, r) for c, r in prompts]
+    if isinstance(prompts, str | bytes) or not isinstance(prompts, Iterable):
+        raise TypeError(
+            f"prompts must be a sequence of (chunks, ranges) pairs, not {type(prompts).__name__}"
+        )
+    checked = []
+    for i, pair in enumerate(prompts):
+        if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"prompts[{i}] must be a (chunks, ranges) pair, got {pair!r:.80}")
+        checked.append(_precheck(pair[0], pair[1], f"prompts[{i}] "))
     results: list[list[ScoreResult] | None] = [None] * len(checked)
     first_error: list[BaseException] = []
     limiter = trio.CapacityLimiter(max_concurrency)
@@ -501,7 +514,7 @@ async def score_continuations(
     close_timeout: float,
 ) -> list[ScoreResult]:
     """Score continuations of one prompt with one prefill; see ``ApiClient.score_continuations``."""
-    prompt = check_chunks(prompt_chunks)
+    prompt = check_chunks(prompt_chunks, "prompt_chunks")
     if isinstance(continuations, str | bytes | bytearray | Tokens | Image) or not isinstance(
         continuations, Sequence
     ):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, final
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, final
 import trio
 
 from . import _errors as e
+from ._chunks import check_image_mime
 from ._pool import bind_session
 from ._proto import salience as pb
 from ._types import (
@@ -61,9 +62,13 @@ class _Timeouts:
 
 
 def _check_ranges(name: str, ranges: Sequence[Sequence[int]]) -> list[pb.PositionRange]:
+    if isinstance(ranges, str | bytes) or not isinstance(ranges, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of (start, end) pairs, not {type(ranges).__name__}"
+        )
     out = []
     for r in ranges:
-        if isinstance(r, str | bytes) or len(r) != 2:
+        if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
             raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
         start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
         if start >= end:
@@ -313,10 +318,20 @@ class Session:
         return events.done
 
     async def rewind(self, length: int, *, timeout: float | None = None) -> Done:
-        """Drop every position ``>= length`` (``Generate`` with ``truncating = true``)."""
-        async with self.generate(
-            (), sampling=SamplingParams(max_tokens=0), rewind_to=length, timeout=timeout
-        ) as ev:
+        """Drop every position ``>= length`` (``Generate`` with ``truncating = true``).
+
+        ``length`` is an int in ``[0, committed_len]``: ``TypeError`` /
+        ``ValueError`` (naming ``length``) before anything is sent otherwise.
+        """
+        # None too, at once: to the generate block it would mean "no rewind". The
+        # end of the session is checked once the call holds it.
+        _u32("length", length)
+        total = check_timeout("timeout", timeout)
+        timeouts = _Timeouts(total, None, None) if total is not None else None
+        block = _GenerateBlock(
+            self, (), SamplingParams(max_tokens=0), [], [], 0, length, timeouts, "length"
+        )
+        async with block as ev:
             async for _ in ev:
                 pass
         assert ev.done is not None
@@ -340,8 +355,7 @@ class Session:
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"image data must be bytes, not {type(data).__name__}")
-        if not isinstance(mime, str):
-            raise TypeError(f"mime must be a str, not {type(mime).__name__}")
+        check_image_mime(mime)  # as the Image chunk does: the server decodes images only
         if not data:
             raise ValueError("image data is empty")
         check_timeout("timeout", timeout)
@@ -370,13 +384,13 @@ class Session:
             self._committed_len = resp.total_length
             return ImageAppend(resp.placeholder_count, resp.total_length)
 
-    def _offset(self, rewind_to: int | None) -> tuple[int, bool]:
+    def _offset(self, rewind_to: int | None, name: str = "rewind_to") -> tuple[int, bool]:
         if rewind_to is None:
             return self._committed_len, False
-        _u32("rewind_to", rewind_to)
+        _u32(name, rewind_to)
         if rewind_to > self._committed_len:
             raise ValueError(
-                f"rewind_to={rewind_to} is past the session's end ({self._committed_len})"
+                f"{name}={rewind_to} is past the session's end ({self._committed_len})"
             )
         return rewind_to, True
 
@@ -413,7 +427,7 @@ class Session:
                     if isinstance(ev, poc_api.Token) and not ev.is_prefill:
                         print(ev.id, ev.sampled_logprob)
         """
-        ids = _u32_tuple(tokens)
+        ids = _u32_tuple(tokens, "tokens")
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError("sampling must be a SamplingParams")
@@ -555,6 +569,7 @@ class _GenerateBlock:
         "_ids",
         "_lp",
         "_priority",
+        "_rewind_name",
         "_rewind_to",
         "_ro",
         "_rpc",
@@ -574,8 +589,10 @@ class _GenerateBlock:
         priority: int,
         rewind_to: int | None,
         timeouts: _Timeouts | None,
+        rewind_name: str = "rewind_to",
     ) -> None:
         self._session = session
+        self._rewind_name = rewind_name  # the caller's parameter, for errors
         self._ids = ids
         self._sampling = sampling
         self._lp = lp
@@ -601,7 +618,7 @@ class _GenerateBlock:
     async def _start(self, s: Session) -> GenerateStream:
         s._check_usable()
         ids, sampling = self._ids, self._sampling
-        offset, truncating = s._offset(self._rewind_to)
+        offset, truncating = s._offset(self._rewind_to, self._rewind_name)
         if offset + len(ids) > U32_MAX:
             raise ValueError("the prompt does not fit in uint32 positions")
         req = pb.GenerateRequest(

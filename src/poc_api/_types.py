@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, final
 
 import attrs
@@ -49,11 +50,41 @@ def _check_u32(_inst: object, attribute: attrs.Attribute[Any], value: object) ->
     _u32(attribute.name, value)
 
 
-def _check_float(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def _finite(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{attribute.name} must be a float, not {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{attribute.name} must be finite, got {value}")
+        raise TypeError(f"{name} must be a float, not {type(value).__name__}")
+    try:
+        as_float = float(value)  # an int past 1.8e308 does not convert
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an int too large for a float") from None
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return as_float
+
+
+def _check_float(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _finite(attribute.name, value)
+
+
+_F32 = struct.Struct("<f")
+_F32_MAX = 3.4028234663852886e38
+
+
+def _check_float32(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """A finite float that a protobuf ``float`` (float32) field can carry.
+
+    Checked with the packing the encoder does, so exactly what would overflow
+    there (magnitudes rounding past ``_F32_MAX``) is refused here, by name. Tiny
+    magnitudes (below float32's ~1.4e-45) are let through: they round to 0.0 on
+    the wire, which is what such a value means anyway.
+    """
+    as_float = _finite(attribute.name, value)
+    try:
+        _F32.pack(as_float)
+    except OverflowError:
+        raise ValueError(
+            f"{attribute.name} must fit in a float32 (magnitude <= {_F32_MAX:.8g}), got {value}"
+        ) from None
 
 
 def check_timeout(name: str, value: float | None) -> float | None:
@@ -75,10 +106,26 @@ def check_int32(name: str, value: int) -> int:
     return value
 
 
-def _u32_tuple(value: Sequence[int]) -> tuple[int, ...]:
+def _u32_tuple(value: Iterable[int], name: str = "tokens") -> tuple[int, ...]:
+    """Token ids as a tuple; ``TypeError`` naming ``name`` unless an iterable of ints."""
     if isinstance(value, str | bytes):
-        raise TypeError("expected a sequence of token ids, not a string")
-    return tuple(_u32("token id", v) for v in value)
+        raise TypeError(f"{name} must be a sequence of token ids, not a string")
+    try:
+        items = iter(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of token ids, not {type(value).__name__}"
+        ) from None
+    return tuple(_u32("token id", v) for v in items)
+
+
+# One converter per field, so errors name the field (attrs passes the value only).
+def _stop_token_ids(value: Iterable[int]) -> tuple[int, ...]:
+    return _u32_tuple(value, "stop_token_ids")
+
+
+def _tokens(value: Iterable[int]) -> tuple[int, ...]:
+    return _u32_tuple(value, "tokens")
 
 
 @final
@@ -100,10 +147,11 @@ class SamplingParams:
     """
 
     max_tokens: int = attrs.field(default=256, validator=_check_u32)
-    temperature: float = attrs.field(default=0.0, validator=_check_float)
-    top_p: float = attrs.field(default=1.0, validator=_check_float)
+    # float32 on the wire (GenerateRequest): checked to fit before anything is sent.
+    temperature: float = attrs.field(default=0.0, validator=_check_float32)
+    top_p: float = attrs.field(default=1.0, validator=_check_float32)
     top_k: int = attrs.field(default=0, validator=_check_u32)
-    stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_u32_tuple)
+    stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_stop_token_ids)
     logprob_top_k: int = attrs.field(default=0, validator=_check_u32)
 
     def __attrs_post_init__(self) -> None:
@@ -123,13 +171,23 @@ class Usage:
     total_tokens: int
 
 
+# Typed converters (not a bare ``tuple``, whose TypeVar mypy's attrs plugin
+# cannot solve): ``ReadoutManifest(["a"], [0])`` type-checks under --strict.
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(value)
+
+
 @final
 @attrs.frozen
 class ReadoutManifest:
     """Names for the readout vectors: which concepts, read at which layers."""
 
-    concepts: tuple[str, ...] = attrs.field(converter=tuple)
-    layers: tuple[int, ...] = attrs.field(converter=tuple)
+    concepts: tuple[str, ...] = attrs.field(converter=_str_tuple)
+    layers: tuple[int, ...] = attrs.field(converter=_int_tuple)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -152,8 +210,11 @@ class Token:
     """A wire ``Token`` event from ``Session.generate``.
 
     ``readout`` is a flat float32 ``memoryview`` (``n_layers * n_concepts``,
-    layer-major) or ``None`` when not requested; ``readout_shape`` on
-    ``generate`` makes it 2-D.
+    layer-major) or ``None`` when not requested (``readout_ranges`` on
+    ``Session.generate``). ``Session.generate`` takes no shape and always gives
+    it flat: ``mv.cast("B").cast("f", (n_layers, n_concepts))`` or
+    ``numpy.asarray(mv).reshape(...)`` shapes it. 2-D readouts come from
+    ``Conversation.stream(..., readout_shape=...)``, on :class:`TokenOut`.
     """
 
     id: int
@@ -220,7 +281,7 @@ class ImageAppended:
 class StreamDone:
     """The stream finished; ``usage`` is the final ``Done``'s accounting."""
 
-    usage: Usage | None
+    usage: Usage
     finish_reason: str = ""
 
 
@@ -238,13 +299,19 @@ class ScoreResult:
 
 
 def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"target_ranges must be a sequence of (start, end) pairs, not {type(value).__name__}"
+        )
     out = []
     for r in value:
+        if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
+            raise TypeError(f"target_ranges must hold (start, end) pairs, got {r!r}")
         start, end = r
-        _u32("range start", start)
-        _u32("range end", end)
+        _u32("target_ranges start", start)
+        _u32("target_ranges end", end)
         if start >= end:
-            raise ValueError(f"target range must have start < end, got [{start}, {end})")
+            raise ValueError(f"target_ranges must have start < end, got [{start}, {end})")
         out.append((start, end))
     return tuple(out)
 
@@ -254,7 +321,7 @@ def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
 class TrainSample:
     """One training sample for ``ApiClient.train``: tokens and the ranges to learn."""
 
-    tokens: tuple[int, ...] = attrs.field(converter=_u32_tuple)
+    tokens: tuple[int, ...] = attrs.field(converter=_tokens)
     target_ranges: tuple[tuple[int, int], ...] = attrs.field(converter=_ranges)
     weight: float = attrs.field(default=1.0, validator=_check_float)
 

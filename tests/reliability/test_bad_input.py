@@ -87,6 +87,8 @@ async def test_an_out_of_vocabulary_id_is_invalid_request_and_keeps_things_usabl
         ("not bytes", "image/png", TypeError),
         (PNG, None, TypeError),
         (PNG, 7, TypeError),
+        (PNG, "text/plain", ValueError),  # as Image(PNG, "text/plain") does
+        (PNG, "", ValueError),
     ],
 )
 async def test_bad_images_are_refused_before_sending(
@@ -224,6 +226,153 @@ async def test_a_readout_shape_that_does_not_match_the_server_drops_readouts(
 def test_bad_sampling_params_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError)):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": 1e300}, {"temperature": -1e300}, {"temperature": 3.5e38}, {"top_p": -1e39}],
+)
+def test_floats_too_large_for_the_float32_wire_field_are_refused_by_name(
+    kwargs: dict[str, Any],
+) -> None:
+    # Without the check they passed and then failed at encoding, as OverflowError.
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=f"^{name} must fit in a float32"):
+        SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match=r"^temperature must be finite"):
+        SamplingParams(temperature=10**400)  # an int no float holds
+
+
+async def test_the_largest_float32_is_accepted_and_sent(client: poc_api.ApiClient) -> None:
+    # The limit is float32's, not lower: its largest value encodes and is sent.
+    # (Magnitudes too small for float32 are accepted too and arrive as 0.0.)
+    sampling = SamplingParams(max_tokens=1, temperature=3.4028234663852886e38)
+    async with client.session() as s, s.generate([1], sampling=sampling) as ev:
+        events = [e async for e in ev]
+    assert isinstance(events[-1], poc_api.Done)
+
+
+@pytest.mark.parametrize(
+    ("length", "exc_type"),
+    [
+        (None, TypeError),  # was taken as "no rewind": a no-op Generate was sent
+        (1.5, TypeError),
+        ("1", TypeError),
+        (True, TypeError),
+        (-1, ValueError),
+        (99, ValueError),  # past the session's end
+    ],
+)
+async def test_rewind_needs_an_int_length_and_names_it_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer, length: Any, exc_type: type
+) -> None:
+    async with client.session() as s:
+        await s.prefill([1, 2, 3])
+        before = server.state().generate_calls
+        with pytest.raises(exc_type, match=r"^length\b"):
+            await s.rewind(length)
+        assert server.state().generate_calls == before
+        assert not s.lost and s.committed_len == 3
+        await s.rewind(2)
+        assert s.committed_len == 2
+
+
+async def test_append_image_refuses_a_non_image_mime_as_image_does(
+    client: poc_api.ApiClient,
+) -> None:
+    with pytest.raises(ValueError) as from_chunk:
+        Image(PNG, "text/plain")
+    async with client.session() as s:
+        with pytest.raises(ValueError) as from_session:
+            await s.append_image(PNG, "text/plain")
+    assert str(from_session.value) == str(from_chunk.value)
+
+
+async def _enter(block: Any) -> None:
+    async with block:
+        pass
+
+
+def _case(call: Callable[[Any, poc_api.ApiClient], object], exc_type: type, match: str) -> Any:
+    return pytest.param(call, exc_type, match, id=match)
+
+
+# Each bad argument's error names the parameter it is about (not "'NoneType' object
+# is not iterable" or "not enough values to unpack"), and comes before anything is sent.
+NAMED_ERRORS = [
+    _case(lambda s, c: s.prefill(None), TypeError, "^tokens must be a sequence .* NoneType"),
+    _case(lambda s, c: s.prefill(5), TypeError, "^tokens must be a sequence .* int"),
+    _case(lambda s, c: _enter(s.generate(None)), TypeError, "^tokens must be a sequence"),
+    _case(
+        lambda s, c: _enter(s.generate([1], readout_ranges=None)),
+        TypeError,
+        "^readout_ranges must be a sequence of .start, end. pairs, not NoneType",
+    ),
+    _case(
+        lambda s, c: _enter(s.generate([1], logprobs_ranges=(0, 2))),
+        TypeError,
+        "^logprobs_ranges must hold .start, end. pairs, got 0",
+    ),
+    _case(
+        lambda s, c: _enter(s.generate([1], logprobs_ranges=[{0, 2}])),
+        TypeError,
+        "^logprobs_ranges must hold .start, end. pairs",
+    ),
+    _case(lambda s, c: SamplingParams(stop_token_ids=None), TypeError, "^stop_token_ids must"),
+    _case(lambda s, c: SamplingParams(stop_token_ids=5), TypeError, "^stop_token_ids must"),
+    _case(lambda s, c: Tokens(None), TypeError, "^ids must be a sequence of token ids"),
+    _case(lambda s, c: TrainSample(None, [(0, 1)]), TypeError, "^tokens must be a sequence"),
+    _case(lambda s, c: TrainSample([1, 2], [(0,)]), TypeError, "^target_ranges must hold"),
+    _case(lambda s, c: TrainSample([1, 2], "ab"), TypeError, "^target_ranges must be a seq"),
+    _case(lambda s, c: TrainSample([1, 2], None), TypeError, "^target_ranges must be a seq"),
+    _case(lambda s, c: c.score(None, [(0, 1)]), TypeError, "^chunks must .* not NoneType"),
+    _case(lambda s, c: c.score([Tokens([1, 2])], None), TypeError, "^ranges must be a seq"),
+    _case(lambda s, c: c.score([Tokens([1, 2])], (0, 2)), TypeError, "^ranges must hold"),
+    _case(lambda s, c: c.score_many(None), TypeError, "^prompts must be a sequence"),
+    _case(
+        lambda s, c: c.score_many([[Tokens([1, 2])]]),
+        TypeError,
+        r"^prompts\[0\] must be a \(chunks, ranges\) pair",
+    ),
+    _case(
+        lambda s, c: c.score_many([([Tokens([1, 2])], [(0, 1)]), ([Tokens([1])], None)]),
+        TypeError,
+        r"^prompts\[1\] ranges must be a sequence",
+    ),
+    _case(
+        lambda s, c: c.score_continuations(None, [[1]]),
+        TypeError,
+        "^prompt_chunks must be a sequence of Tokens/Image, not NoneType",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "exc_type", "match"), NAMED_ERRORS)
+async def test_bad_arguments_raise_errors_that_name_their_parameter(
+    client: poc_api.ApiClient,
+    server: ReferenceServer,
+    call: Callable[[Any, poc_api.ApiClient], object],
+    exc_type: type,
+    match: str,
+) -> None:
+    async with client.session() as s:
+        await s.prefill([1, 2])
+        before = server.state().rpc_counts
+        with pytest.raises(exc_type, match=match):
+            result = call(s, client)
+            if isinstance(result, Awaitable):
+                await result
+        assert server.state().rpc_counts == before
+        assert not s.lost
+
+
+async def test_a_conversation_given_none_says_so(client: poc_api.ApiClient) -> None:
+    async with client.conversation() as conv:
+        with pytest.raises(
+            TypeError, match=r"^chunks must be a sequence of Tokens/Image, not None"
+        ):
+            async with conv.stream(None):  # type: ignore[arg-type]
+                pass
 
 
 # -- HTTP endpoints with a tiny real HTTP server ------------------------------------------
