@@ -89,6 +89,15 @@ def test_prompt_to_chunks_rejects_unbalanced_prompts(
         prompt_to_chunks(tokens, [(PNG_A, "image/png")] * n_images, VS, VE)
 
 
+@pytest.mark.parametrize(
+    ("vs", "ve", "exc"), [("258", 259, TypeError), (258, None, TypeError), (258, 258, ValueError)]
+)
+def test_prompt_to_chunks_checks_its_special_ids(vs: object, ve: object, exc: type) -> None:
+    # (Even where no bracket occurs: a wrong id would split the next prompt wrong.)
+    with pytest.raises(exc, match="vision_"):
+        prompt_to_chunks([1, 2], [], vs, ve)  # type: ignore[arg-type]
+
+
 def test_chunk_constructors_validate_before_anything_is_sent() -> None:
     with pytest.raises(ValueError):
         Tokens([-1])

@@ -12,7 +12,7 @@ from typing import Any, final
 import attrs
 
 from ._errors import SessionDivergence
-from ._types import U32_MAX, _u32_tuple
+from ._types import U32_MAX, _u32, _u32_tuple
 
 __all__ = [
     "Chunk",
@@ -149,6 +149,10 @@ def prompt_to_chunks(
         >>> prompt_to_chunks([1, 258, 260, 260, 259, 2], [(png, "image/png")], 258, 259)
         [Tokens(ids=(1, 258)), Image(..., known_expanded_len=2), Tokens(ids=(259, 2))]
     """
+    _u32("vision_start", vision_start)
+    _u32("vision_end", vision_end)
+    if vision_start == vision_end:
+        raise ValueError("vision_start and vision_end must differ")
     image_iter = iter(images)
     out: list[Chunk] = []
     text: list[int] = []
