@@ -76,6 +76,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import hyperframe.frame
 import trio
 
@@ -164,6 +165,8 @@ class MisbehavingServer:
     def __init__(self, default: Reply) -> None:
         self.default = default
         self.mute = False
+        #: MAX_CONCURRENT_STREAMS that new connections announce (None: h2's 100).
+        self.max_streams: int | None = None
         self.port = 0
         self.connections = 0
         self.calls: list[Call] = []
@@ -254,6 +257,10 @@ class _Connection:
 
     async def run(self) -> None:
         self.h2.initiate_connection()
+        if self.server.max_streams is not None:
+            self.h2.update_settings(
+                {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_streams}
+            )
         await self.flush()
         async with trio.open_nursery() as nursery:
             while True:

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import ssl as _ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, Protocol, final
@@ -484,22 +485,29 @@ class GrpcTransport:
                 drained += 1
                 continue
             reader: _Reader | None = None
+            protocol = channel._protocol
+            assert isinstance(protocol, _PocH2Protocol)
+            gate = protocol.gate
             try:
-                metadata = self._metadata + extra_metadata if extra_metadata else self._metadata
-                async with channel.request(
-                    path, cardinality, bytes, bytes, metadata=metadata
-                ) as stream:
-                    try:
-                        await stream.send_request()
-                        if progress is not None:
-                            # HEADERS are written: the server may act on this call.
-                            progress.headers_sent = True
-                        await stream.send_message(request, end=True)
-                        reader = _Reader(stream._stream, max_size, path)
-                        await _receive(stream, reader, sink)
-                    except BaseException:
-                        _reset_cancel(stream)
-                        raise
+                await gate.enter(path.endswith("/CloseSession"))
+                try:
+                    metadata = self._metadata + extra_metadata if extra_metadata else self._metadata
+                    async with channel.request(
+                        path, cardinality, bytes, bytes, metadata=metadata
+                    ) as stream:
+                        try:
+                            await stream.send_request()
+                            if progress is not None:
+                                # HEADERS are written: the server may act on this call.
+                                progress.headers_sent = True
+                            await stream.send_message(request, end=True)
+                            reader = _Reader(stream._stream, max_size, path)
+                            await _receive(stream, reader, sink)
+                        except BaseException:
+                            _reset_cancel(stream)
+                            raise
+                finally:
+                    gate.leave()
             except StreamTerminatedError as exc:
                 received = reader is not None and reader.count > 0
                 if received and _retriable_reset(exc):
@@ -956,6 +964,7 @@ class _PocH2Protocol(H2Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.gate = _StreamGate(self._stream_limit)
         self.settings_received = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
@@ -963,6 +972,11 @@ class _PocH2Protocol(H2Protocol):
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
+
+    def _stream_limit(self) -> int:
+        """The server's MAX_CONCURRENT_STREAMS (h2's default until its SETTINGS)."""
+        h2_conn = self._h2
+        return 2**31 if h2_conn is None else h2_conn.remote_settings.max_concurrent_streams
 
     @property
     def draining(self) -> bool:
@@ -1036,6 +1050,7 @@ class _PocH2Protocol(H2Protocol):
 
     def _graceful_goaway(self, last_stream_id: int) -> None:
         log.debug("graceful GOAWAY (last stream %d): draining the connection", last_stream_id)
+        self.gate.fail_all()  # calls waiting for a stream here go to a new connection
         for stream_id, stream in list(self.processor.streams.items()):
             if stream_id > last_stream_id:
                 # Never processed by the server: safe to send again elsewhere.
@@ -1043,7 +1058,65 @@ class _PocH2Protocol(H2Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.set()
+        self.gate.fail_all()
         self.processor.close(reason="Protocol error" if self.protocol_error else "Connection lost")
+
+
+class _StreamGate:
+    """Calls wait here, first come first served, for one of the server's
+    MAX_CONCURRENT_STREAMS (100 by h2's default, 128 behind nginx); CloseSession
+    goes ahead of new calls.
+
+    grpclib's own wait for a free stream wakes every waiter each time a stream
+    ends and lets whoever runs first take it: under load (hundreds of agents on
+    one connection) a CloseSession could wait past ``close_timeout`` and leave its
+    session on the server, and every release woke hundreds of tasks. Here a
+    release wakes exactly one waiter. Loop side only.
+    """
+
+    __slots__ = ("active", "calls", "cleanups", "limit")
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.active = 0  # admitted calls whose stream has not ended
+        self.calls: deque[asyncio.Future[None]] = deque()
+        self.cleanups: deque[asyncio.Future[None]] = deque()
+        self.limit = limit
+
+    async def enter(self, cleanup: bool) -> None:
+        if self.active < self.limit() and not self.cleanups and (cleanup or not self.calls):
+            self.active += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self.cleanups if cleanup else self.calls
+        queue.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.leave()  # admitted just as it was cancelled: pass the stream on
+            elif fut in queue:
+                queue.remove(fut)
+            raise
+
+    def leave(self) -> None:
+        self.active -= 1
+        limit = self.limit()
+        while self.active < limit:
+            queue = self.cleanups or self.calls
+            if not queue:
+                return
+            fut = queue.popleft()
+            if not fut.done():  # (a cancelled waiter's future is)
+                fut.set_result(None)
+                self.active += 1
+
+    def fail_all(self) -> None:
+        """The connection is gone or draining: its waiters go again on a new one."""
+        for queue in (self.cleanups, self.calls):
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_exception(StreamTerminatedError(_CLOSED_UNSENT))
 
 
 class _CoalescingTransport:

@@ -528,3 +528,71 @@ async def test_a_refusal_after_events_is_not_retriable(bad_server: MisbehavingSe
         assert not getattr(err, "retriable", False), repr(err)
         assert [call.kind for call in bad_server.calls_to("Generate")] == ["reset"]
         await assert_next_call_works(c)
+
+
+async def test_close_session_goes_ahead_of_calls_waiting_for_the_servers_stream_limit(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Past the server's MAX_CONCURRENT_STREAMS calls wait for a stream. grpclib's own
+    # wait let the calls queued first (or any newcomer) win every free stream, so
+    # under load a CloseSession waited past close_timeout and its session leaked.
+    bad_server.max_streams = 2
+    async with client_for(bad_server, close_timeout=5.0) as c:
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def streaming() -> None:  # holds a stream for ~0.5 s
+                async with c.session() as s:
+                    sampling = SamplingParams(max_tokens=10)
+                    async with s.generate([1], sampling=sampling) as ev:
+                        async for _ in ev:
+                            pass
+
+            async def opener() -> None:
+                async with c.session():
+                    await done.wait()
+
+            async with c.session():  # its CloseSession comes while the others wait
+                bad_server.plan("Generate", Reply(tokens=10, interval=0.05))
+                bad_server.plan("Generate", Reply(tokens=10, interval=0.05))
+                nursery.start_soon(streaming)
+                nursery.start_soon(streaming)
+                await wait_for(lambda: len(bad_server.calls_to("Generate")) == 2)
+                for _ in range(10):
+                    nursery.start_soon(opener)
+                await trio.sleep(0.1)  # the openers wait for a stream
+            done.set()
+    order = [call.method for call in bad_server.calls if call.method != "Generate"]
+    first_close = order.index("CloseSession")
+    # Before it: the three sessions opened first, and at most the one opener that
+    # took the stream freed just before the CloseSession asked for one.
+    assert order[:first_close].count("OpenSession") <= 4, order
+
+
+async def test_calls_cancelled_while_waiting_for_a_stream_leave_no_trace(
+    bad_server: MisbehavingServer,
+) -> None:
+    bad_server.max_streams = 2
+    async with client_for(bad_server) as c:
+        async with trio.open_nursery() as nursery:
+
+            async def streaming() -> None:
+                async with c.session() as s:
+                    async with s.generate([1], sampling=SamplingParams(max_tokens=10)) as ev:
+                        async for _ in ev:
+                            pass
+
+            for _ in range(2):
+                bad_server.plan("Generate", Reply(tokens=10, interval=0.03))
+                nursery.start_soon(streaming)
+            await wait_for(lambda: len(bad_server.calls_to("Generate")) == 2)
+            for i in range(20):  # wait for a stream; cancelled at staggered times
+                with trio.move_on_after(0.01 * i):
+                    async with c.session():
+                        pass
+        # Every stream came back, and nothing waits: the next calls go at once.
+        assert c._transport is not None and c._transport._channel is not None
+        protocol = c._transport._channel._protocol
+        gate = protocol.gate  # type: ignore[union-attr]
+        assert (gate.active, len(gate.calls), len(gate.cleanups)) == (0, 0, 0)
+        await assert_next_call_works(c)
