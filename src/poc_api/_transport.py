@@ -964,7 +964,7 @@ class _PocH2Protocol(H2Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.gate = _StreamGate(self._stream_limit)
+        self.gate = _StreamGate()
         self.settings_received = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
@@ -972,11 +972,6 @@ class _PocH2Protocol(H2Protocol):
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
-
-    def _stream_limit(self) -> int:
-        """The server's MAX_CONCURRENT_STREAMS (h2's default until its SETTINGS)."""
-        h2_conn = self._h2
-        return 2**31 if h2_conn is None else h2_conn.remote_settings.max_concurrent_streams
 
     @property
     def draining(self) -> bool:
@@ -1029,6 +1024,8 @@ class _PocH2Protocol(H2Protocol):
                 continue
             if isinstance(event, RemoteSettingsChanged):
                 self.settings_received.set()
+                if self._h2 is not None:
+                    self.gate.set_limit(self._h2.remote_settings.max_concurrent_streams)
             elif (
                 isinstance(event, ConnectionTerminated)
                 and event.error_code == h2.errors.ErrorCodes.NO_ERROR
@@ -1076,14 +1073,18 @@ class _StreamGate:
 
     __slots__ = ("active", "calls", "cleanups", "limit")
 
-    def __init__(self, limit: Callable[[], int]) -> None:
+    def __init__(self) -> None:
         self.active = 0  # admitted calls whose stream has not ended
         self.calls: deque[asyncio.Future[None]] = deque()
         self.cleanups: deque[asyncio.Future[None]] = deque()
+        self.limit = 2**31  # the server's MAX_CONCURRENT_STREAMS, once its SETTINGS came
+
+    def set_limit(self, limit: int) -> None:
         self.limit = limit
+        self._admit()
 
     async def enter(self, cleanup: bool) -> None:
-        if self.active < self.limit() and not self.cleanups and (cleanup or not self.calls):
+        if self.active < self.limit and not self.cleanups and (cleanup or not self.calls):
             self.active += 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -1100,8 +1101,11 @@ class _StreamGate:
 
     def leave(self) -> None:
         self.active -= 1
-        limit = self.limit()
-        while self.active < limit:
+        if self.calls or self.cleanups:
+            self._admit()
+
+    def _admit(self) -> None:
+        while self.active < self.limit:
             queue = self.cleanups or self.calls
             if not queue:
                 return
