@@ -115,3 +115,34 @@ def test_stream_done_always_carries_usage() -> None:
     import typing
 
     assert typing.get_type_hints(poc_api.StreamDone)["usage"] is poc_api.Usage
+
+
+def test_every_exception_survives_pickling_with_its_attributes() -> None:
+    # Errors cross process boundaries (multiprocessing, trio-parallel): those with
+    # required keyword-only arguments (HttpError, SessionDivergence) did not unpickle.
+    import pickle
+
+    made = {
+        poc_api.HttpError: poc_api.HttpError(
+            "HTTP 500", http_status=500, url="http://h/v1/train", body_excerpt="boom"
+        ),
+        poc_api.SessionDivergence: poc_api.SessionDivergence(
+            "diverged",
+            reason="short",
+            chunk_index=None,
+            accumulated=3,
+            chunk_len=0,
+            committed_len=5,
+        ),
+    }
+    classes = [
+        obj
+        for name in poc_api.__all__
+        if isinstance(obj := getattr(poc_api, name), type) and issubclass(obj, poc_api.PocApiError)
+    ]
+    assert poc_api.HttpError in classes and len(classes) > 10
+    for cls in classes:
+        exc = made.get(cls) or cls("went wrong", grpc_status="UNAVAILABLE", retriable=True)
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is cls
+        assert (str(back), back.args, vars(back)) == (str(exc), exc.args, vars(exc))

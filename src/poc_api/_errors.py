@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn, final
+from typing import Any, NoReturn, final
 
 import trio
 
@@ -95,6 +95,19 @@ class PocApiError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its args plus its attributes, rebuilt without calling
+        # __init__: subclasses with required keyword-only arguments (HttpError,
+        # SessionDivergence) would not unpickle otherwise (multiprocessing,
+        # trio-parallel).
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+def _rebuild(cls: type[PocApiError], args: tuple[Any, ...]) -> PocApiError:
+    exc = cls.__new__(cls, *args)
+    exc.args = args  # (OSError's __new__, PocApiTimeout's, leaves them to __init__)
+    return exc
 
 
 class TransportError(PocApiError):

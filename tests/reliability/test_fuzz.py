@@ -154,7 +154,7 @@ def test_api_client_constructor(
         c = poc_api.ApiClient(base_url, api_key, model=model, grpc_url=grpc_url, **numbers)
     except OK_ERRORS:
         return
-    assert (api_key or "\x00") not in repr(c) or not api_key
+    assert len(api_key) < 4 or api_key not in repr(c)  # (a short key is in any port)
 
 
 @FUZZ
