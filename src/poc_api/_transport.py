@@ -834,7 +834,7 @@ async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -
             # answer had fully arrived (say, a GOAWAY right behind it). If the server
             # finished the call, finish reading it from the buffer.
             headers = dict(raw.headers) if raw.headers is not None else None
-            trailers_only = headers is not None and "grpc-status" in headers
+            trailers_only = _has_grpc_status(raw.headers)
             if raw.trailers is None and not trailers_only:
                 raise
             assert headers is not None
