@@ -377,6 +377,20 @@ async def test_api_key_never_appears_in_errors_or_logs(
     assert any(r.name == "poc_api.http" for r in caplog.records)
 
 
+async def test_a_short_key_is_redacted_where_it_stands_alone_not_inside_words(
+    http: httpx.AsyncClient,
+) -> None:
+    # A plain substring replace turned "table" into "t<redacted>le" for the key "ab".
+    body = b'{"error": "no table: key ab is unknown (Bearer ab, key=ab&x)"}'
+    with trio.fail_after(10):
+        async with canned_server([response(500, body)]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url, "ab").train([TrainSample([1], [(0, 1)])])
+    excerpt = info.value.body_excerpt
+    assert "no table: key <redacted> is unknown" in excerpt
+    assert "(Bearer <redacted>, key=<redacted>&x)" in excerpt
+
+
 async def test_authorization_header_is_sent_only_when_a_key_is_set(
     http: httpx.AsyncClient,
 ) -> None:

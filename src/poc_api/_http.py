@@ -319,6 +319,25 @@ def redact_url(text: str) -> str:
     return _URL_PASSWORD.sub(r"\g<user>:***@", text)
 
 
+# Characters of a bearer token (RFC 6750 b64token, less the trailing "=").
+_TOKEN_CHARS: Final = r"A-Za-z0-9\-._~+/"
+
+
+def _key_pattern(api_key: str) -> re.Pattern[str] | None:
+    """What to redact an API key by, in messages; None for no key.
+
+    A key of 8 characters or more is replaced wherever it appears. A shorter one
+    only where it stands alone (not inside a longer token): "ab" would otherwise
+    turn every "table" into "t<redacted>le".
+    """
+    if not api_key:
+        return None
+    key = re.escape(api_key)
+    if len(api_key) >= 8:
+        return re.compile(key)
+    return re.compile(rf"(?<![{_TOKEN_CHARS}]){key}(?![{_TOKEN_CHARS}])")
+
+
 def _check_messages(messages: object) -> list[dict[str, Any]]:
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence of dicts, not {type(messages).__name__}")
@@ -440,6 +459,7 @@ class HttpApi:
         # What error messages and logs show: never a password from the URL.
         self._shown = redact_url(base_url)
         self._api_key = api_key
+        self._key_pattern = _key_pattern(api_key)
         self._model = model
         self._manifest_lock = trio.Lock()
         self._manifest_fetched = False
@@ -460,7 +480,8 @@ class HttpApi:
 
     def _redact(self, text: str) -> str:
         text = redact_url(text)
-        return text.replace(self._api_key, "<redacted>") if self._api_key else text
+        pattern = self._key_pattern
+        return pattern.sub("<redacted>", text) if pattern is not None else text
 
     def _status_error(self, method: str, url: str, status: int, body: bytes) -> PocApiError:
         excerpt = self._redact(error_excerpt(body))
