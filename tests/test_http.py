@@ -18,9 +18,12 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+import poc_api
 from poc_api._errors import (
     AuthenticationError,
     HttpError,
+    LimitExceeded,
+    PocApiError,
     PocApiTimeout,
     ProtocolViolation,
     ServerUnavailable,
@@ -389,6 +392,58 @@ async def test_a_short_key_is_redacted_where_it_stands_alone_not_inside_words(
     excerpt = info.value.body_excerpt
     assert "no table: key <redacted> is unknown" in excerpt
     assert "(Bearer <redacted>, key=<redacted>&x)" in excerpt
+
+
+async def endless_body(stream: trio.SocketStream, status: int = 200) -> None:
+    """A chunked answer that never ends: 64 KiB chunks for as long as anyone reads."""
+    await read_request(stream)
+    head = f"HTTP/1.1 {status} Endless\r\ncontent-type: application/json\r\n"
+    await stream.send_all(head.encode() + b"transfer-encoding: chunked\r\n\r\n")
+    chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+    while True:
+        await stream.send_all(chunk)
+
+
+@pytest.mark.parametrize("status", [200, 500])
+async def test_an_endless_body_fails_at_the_size_limit_instead_of_eating_memory(
+    http: httpx.AsyncClient, status: int
+) -> None:
+    # The body was read whole into memory, however large: a JSON answer or an
+    # error page that never ends grew until the process died.
+    with trio.fail_after(10):
+        async with canned_server(partial(endless_body, status=status)) as url:
+            api = HttpApi(http, url, "", "m", max_body=1 << 20)
+            with pytest.raises(PocApiError) as info:
+                await api.tokenizer_info()
+    if status == 200:
+        assert isinstance(info.value, LimitExceeded)
+        assert "larger than 1048576 bytes" in str(info.value)
+    else:  # the excerpt is all an error needs
+        assert isinstance(info.value, HttpError) and info.value.http_status == 500
+
+
+async def test_a_content_length_over_the_limit_fails_before_the_body_is_read(
+    http: httpx.AsyncClient,
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000000\r\n\r\n"
+    with trio.fail_after(10):
+        async with canned_server([head + b"[1, 2"]) as url:
+            api = HttpApi(http, url, "", "m", max_body=1000)
+            with pytest.raises(LimitExceeded, match="5000000 bytes"):
+                await api.tokenizer_info()
+
+
+async def test_the_clients_max_message_size_bounds_http_bodies_too() -> None:
+    with trio.fail_after(10):
+        async with canned_server(endless_body) as url:
+            async with poc_api.ApiClient(url, max_message_size=1 << 20) as client:
+                with pytest.raises(LimitExceeded, match="larger than 1048576 bytes"):
+                    await client.readout_manifest()
+
+
+async def test_max_body_must_be_a_positive_int(http: httpx.AsyncClient) -> None:
+    with pytest.raises(ValueError, match="max_body"):
+        HttpApi(http, "http://127.0.0.1:1/v1", "", "m", max_body=0)
 
 
 async def test_authorization_header_is_sent_only_when_a_key_is_set(

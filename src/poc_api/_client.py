@@ -101,7 +101,9 @@ class ApiClient:
             reading and HTTP/2 flow control pushes back on the server. This bound
             slows the server down instead of raising: no event is ever dropped.
         max_message_size: largest gRPC message sent or accepted, in bytes; a
-            larger one raises :class:`LimitExceeded` before it is read.
+            larger one raises :class:`LimitExceeded` before it is read. The same
+            bound applies to an HTTP answer's body (a chat stream's events are
+            bounded one by one instead).
         keepalive_time: ping the gRPC server every this many seconds while calls
             are open (``None``: never). A server that does not answer within
             ``keepalive_timeout`` seconds is treated as gone: every open call
@@ -285,7 +287,9 @@ class ApiClient:
             timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
             auth=auth,
         )
-        self._http = HttpApi(http, self._base_url, self._api_key, self._model)
+        self._http = HttpApi(
+            http, self._base_url, self._api_key, self._model, max_body=self._max_message_size
+        )
         self._http_client = http
         self._state = _State.OPENED
         return self

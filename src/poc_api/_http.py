@@ -46,6 +46,7 @@ import trio
 from ._errors import (
     AuthenticationError,
     HttpError,
+    LimitExceeded,
     PocApiError,
     PocApiTimeout,
     ProtocolViolation,
@@ -453,8 +454,21 @@ class HttpApi:
             manifest = await api.readout_manifest()
     """
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str, api_key: str, model: str) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        api_key: str,
+        model: str,
+        *,
+        max_body: int = 64 * 1024 * 1024,
+    ) -> None:
+        if isinstance(max_body, bool) or not isinstance(max_body, int):
+            raise TypeError(f"max_body must be an int, not {type(max_body).__name__}")
+        if max_body < 1:
+            raise ValueError(f"max_body must be positive, got {max_body}")
         self._client = client
+        self._max_body = max_body
         self._base_url = base_url
         # What error messages and logs show: never a password from the URL.
         self._shown = redact_url(base_url)
@@ -499,13 +513,12 @@ class HttpApi:
         log.debug("%s %s", method, shown)
         started = time.monotonic()
         with _map_httpx_errors(method, shown, self._client):
-            response = await self._client.request(
-                method,
-                url,
-                headers=self._headers(),
-                json=payload,
-            )
-        body = response.content
+            request = self._client.build_request(method, url, headers=self._headers(), json=payload)
+            response = await self._client.send(request, stream=True)
+            try:
+                body = await self._read_body(response, f"{method} {shown}")
+            finally:
+                await response.aclose()
         log.debug(
             "%s %s -> %d (%d bytes, %.1f ms)",
             method,
@@ -519,6 +532,30 @@ class HttpApi:
         if not response.is_success:
             raise self._status_error(method, shown, response.status_code, body)
         return _decode_json(body, f"{method} {shown}")
+
+    async def _read_body(self, response: httpx.Response, what: str) -> bytes:
+        """The body, read up to ``max_body`` (``LimitExceeded`` past it); of an error
+        answer only as much as its excerpt needs."""
+        if not response.is_success:
+            limit = _ERROR_BODY_READ_LIMIT
+        else:
+            limit = self._max_body
+            length = response.headers.get("content-length", "")
+            if length.isascii() and length.isdigit() and int(length) > limit:
+                raise LimitExceeded(
+                    f"{what}: the response body ({int(length)} bytes) is larger than "
+                    f"{limit} bytes (max_message_size)"
+                )
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                if not response.is_success:
+                    break
+                raise LimitExceeded(
+                    f"{what}: the response body is larger than {limit} bytes (max_message_size)"
+                )
+        return bytes(body)
 
     # -- endpoints -----------------------------------------------------------------
 
