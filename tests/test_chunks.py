@@ -244,3 +244,16 @@ def test_common_prefix_never_cuts_an_image() -> None:
 def test_prompt_to_chunks_rejects_images_that_are_not_image_or_pairs(images: object) -> None:
     with pytest.raises(TypeError, match=r"Image or a \(bytes, mime\) pair"):
         prompt_to_chunks([VS, VE], images, VS, VE)  # type: ignore[arg-type]
+
+
+def test_a_long_run_of_ids_has_a_short_repr_and_a_short_one_an_evaluable_repr() -> None:
+    # A 100k-token prompt's repr (in a traceback or a log line) printed every id.
+    from poc_api import Tokens, TrainSample
+
+    long = Tokens(range(100_000))
+    assert repr(long) == (
+        "Tokens(ids=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, ... 99984 more))"
+    )
+    assert len(repr(TrainSample(range(100_000), [(0, 1)]))) < 150
+    short = Tokens([5, 6, 7])
+    assert eval(repr(short), {"Tokens": Tokens}) == short

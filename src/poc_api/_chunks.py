@@ -12,7 +12,7 @@ from typing import Any, final
 import attrs
 
 from ._errors import SessionDivergence
-from ._types import U32_MAX, _u32, _u32_tuple
+from ._types import U32_MAX, _ids_repr, _u32, _u32_tuple
 
 __all__ = [
     "Chunk",
@@ -37,7 +37,7 @@ def _ids(value: Iterable[int]) -> tuple[int, ...]:
 class Tokens:
     """A run of text token ids (each takes one session position)."""
 
-    ids: tuple[int, ...] = attrs.field(converter=_ids)
+    ids: tuple[int, ...] = attrs.field(converter=_ids, repr=_ids_repr)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -12,7 +12,7 @@ import math
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar, final
+from typing import Any, Final, TypeVar, final
 
 import attrs
 
@@ -122,6 +122,18 @@ def _u32_tuple(value: Iterable[int], name: str = "tokens") -> tuple[int, ...]:
 # One converter per field, so errors name the field (attrs passes the value only).
 def _stop_token_ids(value: Iterable[int]) -> tuple[int, ...]:
     return _u32_tuple(value, "stop_token_ids")
+
+
+# A repr shows this many ids at most: a prompt's run can hold 100k of them, and a
+# repr lands in tracebacks and logs.
+_REPR_IDS: Final = 16
+
+
+def _ids_repr(ids: tuple[int, ...]) -> str:
+    if len(ids) <= _REPR_IDS:
+        return repr(ids)
+    shown = ", ".join(map(str, ids[:_REPR_IDS]))
+    return f"({shown}, ... {len(ids) - _REPR_IDS} more)"
 
 
 def _tokens(value: Iterable[int]) -> tuple[int, ...]:
@@ -321,7 +333,7 @@ def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
 class TrainSample:
     """One training sample for ``ApiClient.train``: tokens and the ranges to learn."""
 
-    tokens: tuple[int, ...] = attrs.field(converter=_tokens)
+    tokens: tuple[int, ...] = attrs.field(converter=_tokens, repr=_ids_repr)
     target_ranges: tuple[tuple[int, int], ...] = attrs.field(converter=_ranges)
     weight: float = attrs.field(default=1.0, validator=_check_float)
 
