@@ -67,6 +67,7 @@ __all__ = [
     "ChatToolCallDelta",
     "HttpApi",
     "error_excerpt",
+    "key_redactor",
     "redact_url",
 ]
 
@@ -324,19 +325,26 @@ def redact_url(text: str) -> str:
 _TOKEN_CHARS: Final = r"A-Za-z0-9\-._~+/"
 
 
-def _key_pattern(api_key: str) -> re.Pattern[str] | None:
-    """What to redact an API key by, in messages; None for no key.
+def key_redactor(api_key: str) -> Callable[[str], str]:
+    """A function that replaces ``api_key`` in a message with ``<redacted>``.
 
     A key of 8 characters or more is replaced wherever it appears. A shorter one
     only where it stands alone (not inside a longer token): "ab" would otherwise
     turn every "table" into "t<redacted>le".
+
+    >>> key_redactor("sk-123456")("bad key sk-123456")
+    'bad key <redacted>'
     """
     if not api_key:
-        return None
+        return _unchanged
     key = re.escape(api_key)
-    if len(api_key) >= 8:
-        return re.compile(key)
-    return re.compile(rf"(?<![{_TOKEN_CHARS}]){key}(?![{_TOKEN_CHARS}])")
+    if len(api_key) < 8:
+        key = rf"(?<![{_TOKEN_CHARS}]){key}(?![{_TOKEN_CHARS}])"
+    return functools.partial(re.compile(key).sub, "<redacted>")
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 def _check_messages(messages: object) -> list[dict[str, Any]]:
@@ -473,7 +481,7 @@ class HttpApi:
         # What error messages and logs show: never a password from the URL.
         self._shown = redact_url(base_url)
         self._api_key = api_key
-        self._key_pattern = _key_pattern(api_key)
+        self._redact_key = key_redactor(api_key)
         self._model = model
         self._manifest_lock = trio.Lock()
         self._manifest_fetched = False
@@ -494,8 +502,7 @@ class HttpApi:
 
     def _redact(self, text: str) -> str:
         text = redact_url(text)
-        pattern = self._key_pattern
-        return pattern.sub("<redacted>", text) if pattern is not None else text
+        return self._redact_key(text)
 
     def _status_error(self, method: str, url: str, status: int, body: bytes) -> PocApiError:
         excerpt = self._redact(error_excerpt(body))

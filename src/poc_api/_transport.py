@@ -57,7 +57,7 @@ from hyperframe.frame import WindowUpdateFrame
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink, StreamBlock
 from ._hpack import CachingEncoder
-from ._http import EXCERPT_LIMIT, redact_url
+from ._http import EXCERPT_LIMIT, key_redactor, redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
@@ -159,12 +159,27 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
     return None
 
 
-def _raise_mapped(exc: Exception, path: str, *, closed: bool = False) -> NoReturn:
+def _bearer_key(metadata: tuple[tuple[str, str], ...]) -> str:
+    for name, value in metadata:
+        if name == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer ") :]
+    return ""
+
+
+def _raise_mapped(
+    exc: Exception, path: str, *, closed: bool = False, redact: Callable[[str], str] | None = None
+) -> NoReturn:
     """Raise ``exc`` as its :class:`PocApiError`, chained; as itself if unmapped.
 
     With ``closed`` (the client closed its channel), a lost connection is the
     close's doing, not the server's: it is raised as ``trio.ClosedResourceError``.
+    ``redact`` cleans a server's grpc-message (of the error and of its cause).
     """
+    if redact is not None and isinstance(exc, GRPCError) and exc.message:
+        message = redact(exc.message)
+        if message != exc.message:
+            clean = GRPCError(exc.status, message, exc.details)
+            raise map_grpc_error(clean, path) or clean from clean
     mapped = map_grpc_error(exc, path)
     if closed and isinstance(mapped, e.ServerUnavailable):
         raise e.closed_under_call() from exc
@@ -261,7 +276,12 @@ class GrpcTransport:
         self._bridge = bridge
         self._target = target
         self._metadata = metadata
-        self._unindexed = unindexed_headers
+        # A server may quote the key it refused in grpc-message: never show it.
+        self._redact = key_redactor(_bearer_key(metadata))
+        # The key as a never-indexed literal (RFC 7541 §7.1.3, what h2 itself does
+        # unless grpclib turns its normalisation off): out of the compression
+        # context, and out of hpack's debug log, which prints what it indexes.
+        self._unindexed = unindexed_headers | {"authorization"}
         self._max_message_size = max_message_size
         self._keepalive = keepalive
         self._ssl_context = ssl_context
@@ -627,7 +647,7 @@ class GrpcTransport:
                 defer_ki=cleanup,
             )
         except Exception as exc:
-            _raise_mapped(exc, path, closed=self._closed)
+            _raise_mapped(exc, path, closed=self._closed, redact=self._redact)
         finally:
             self.open_streams -= 1
 
@@ -1255,7 +1275,7 @@ class _ServerStream:
                     path, Cardinality.UNARY_STREAM, request, sink, extra_metadata=extra
                 )
             except Exception as exc:
-                _raise_mapped(exc, path, closed=t._closed)
+                _raise_mapped(exc, path, closed=t._closed, redact=t._redact)
 
         t._take_slot(self._method)
         try:

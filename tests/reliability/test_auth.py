@@ -192,3 +192,36 @@ def test_debug_output_of_a_whole_run_never_contains_the_key() -> None:
     for secret in (SERVER_KEY, WRONG_KEY):
         assert secret not in proc.stderr
         assert secret not in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_a_key_the_grpc_server_echoes_in_its_message_is_redacted(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server that quotes the key it refused ("invalid key sk-...") had it printed
+    # in the AuthenticationError and in the grpclib error chained to it.
+    from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
+
+    caplog.set_level(logging.DEBUG)
+    echoed = f"invalid%20key%20{WRONG_KEY}%20(Bearer%20{WRONG_KEY})"
+    async with misbehaving_server() as srv:
+        srv.plan(method, Reply("trailers_only", status=16, message=echoed))
+        async with poc_api.ApiClient(DUMMY_BASE_URL, api_key=WRONG_KEY, grpc_url=srv.url) as c:
+            with trio.fail_after(5), pytest.raises(poc_api.AuthenticationError) as info:
+                await grpc_conversation(c)
+    assert WRONG_KEY not in exception_texts(info.value)
+    # hpack's encoder logged "Adding b'authorization'=b'Bearer sk-...'" as it put
+    # the key in its dynamic table; it is now a never-indexed literal that hpack
+    # never sees. (Decoders log what they receive: the test server's, and the
+    # client's of the echoing grpc-message, are not ours to silence.)
+    logged = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("hpack") and not r.getMessage().startswith("Decod")
+    ]
+    assert any(line.startswith("Encoded header block") for line in logged)
+    assert not [line for line in logged if "authorization" in line and WRONG_KEY in line]
+    assert not [
+        r for r in caplog.records if r.name.startswith("poc_api") and WRONG_KEY in r.getMessage()
+    ]
+    assert "invalid key <redacted> (Bearer <redacted>)" in str(info.value)
