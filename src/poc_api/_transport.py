@@ -175,17 +175,18 @@ def _raise_mapped(
     close's doing, not the server's: it is raised as ``trio.ClosedResourceError``.
     ``redact`` cleans a server's grpc-message (of the error and of its cause).
     """
+    cause: Exception = exc
     if redact is not None and isinstance(exc, GRPCError) and exc.message:
         message = redact(exc.message)
         if message != exc.message:
-            clean = GRPCError(exc.status, message, exc.details)
-            raise map_grpc_error(clean, path) or clean from clean
-    mapped = map_grpc_error(exc, path)
+            # The chained cause is shown too: a clean copy stands in for it.
+            cause = GRPCError(exc.status, message, exc.details)
+    mapped = map_grpc_error(cause, path)
     if closed and isinstance(mapped, e.ServerUnavailable):
-        raise e.closed_under_call() from exc
+        raise e.closed_under_call() from cause
     if mapped is None or mapped is exc:
         raise exc
-    raise mapped from exc
+    raise mapped from cause
 
 
 def _reset_cancel(stream: Stream[Any, Any]) -> None:
