@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import poc_api
@@ -28,7 +28,14 @@ from poc_api._errors import (
     ProtocolViolation,
     ServerUnavailable,
 )
-from poc_api._http import ChatCompletion, ChatDelta, ChatDone, HttpApi, error_excerpt
+from poc_api._http import (
+    ChatCompletion,
+    ChatDelta,
+    ChatDone,
+    HttpApi,
+    error_excerpt,
+    key_redactor,
+)
 from poc_api._types import ReadoutManifest, TrainResult, TrainSample, Usage
 from poc_api.server import ReferenceServer, ServerConfig
 
@@ -378,6 +385,37 @@ async def test_api_key_never_appears_in_errors_or_logs(
     assert "<redacted>" in str(errors[0])
     assert KEY not in caplog.text
     assert any(r.name == "poc_api.http" for r in caplog.records)
+
+
+_KEY_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)  # printable, no space
+# "<redacted>"; for keys that could form again across it, these (not ASCII).
+_MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039REDACTED\u203a")
+
+
+@given(
+    key=st.text(_KEY_CHARS, min_size=1, max_size=12),
+    words=st.lists(
+        st.one_of(st.just(None), st.text(_KEY_CHARS, max_size=12)), min_size=1, max_size=8
+    ),
+)
+@example(key="ab", words=["table", None, "key=ab&x"])  # "t<redacted>le" before
+@example(key="ted>abcd", words=["ted>abcdabcd"])  # "<redacted>abcd" holds the key again
+def test_key_redaction_hides_every_standalone_key_and_changes_no_other_word(
+    key: str, words: list[str | None]
+) -> None:
+    # None stands for the key itself, as a word of its own in a message.
+    text = " ".join(key if w is None else w for w in words)
+    out = key_redactor(key)(text).split(" ")
+    assert len(out) == len(words)
+    for word, got in zip(words, out, strict=True):
+        if word is None or word == key:
+            assert got in _MARKS
+        elif len(key) >= 8:
+            assert key not in got
+        elif not any(mark in got for mark in _MARKS):  # a short key inside a token stays
+            assert got == word
+        else:  # only where it stands apart from token characters ("key=ab&x")
+            assert re.search(r"[^A-Za-z0-9\-._~+/]", word)
 
 
 async def test_a_short_key_is_redacted_where_it_stands_alone_not_inside_words(

@@ -340,7 +340,12 @@ def key_redactor(api_key: str) -> Callable[[str], str]:
     key = re.escape(api_key)
     if len(api_key) < 8:
         key = rf"(?<![{_TOKEN_CHARS}]){key}(?![{_TOKEN_CHARS}])"
-    return functools.partial(re.compile(key).sub, "<redacted>")
+    # A key with "<" or ">" could form again across "<redacted>" and its
+    # neighbours; keys are ASCII, so the angle quotes U+2039/U+203A take no part.
+    mark = "<redacted>"
+    if "<" in api_key or ">" in api_key or api_key in mark:
+        mark = "\u2039REDACTED\u203a" if api_key in "redacted" else "\u2039redacted\u203a"
+    return functools.partial(re.compile(key).sub, mark)
 
 
 def _unchanged(text: str) -> str:
