@@ -370,6 +370,7 @@ async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachabl
                 assert status.state is EndpointState.UNREACHABLE
 
 
+@pytest.mark.slow
 async def test_score_many_on_a_pool_gives_one_servers_results_and_balances() -> None:
     rng = random.Random(7)
     prompts = []

@@ -12,6 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 from reliability_helpers import (
     ServerProcess,
@@ -153,6 +154,7 @@ class Storm:
             await trio.sleep_forever()
 
 
+@pytest.mark.slow
 async def test_a_thousand_random_cancellations_leave_nothing_behind() -> None:
     rng = random.Random(SEED)
     srv = Server()
