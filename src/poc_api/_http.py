@@ -545,25 +545,26 @@ class HttpApi:
             raise self._status_error(method, shown, response.status_code, body)
         return _decode_json(body, f"{method} {shown}")
 
-    async def _read_body(self, response: httpx.Response, what: str) -> bytes:
-        """The body, read up to ``max_body`` (``LimitExceeded`` past it); of an error
-        answer only as much as its excerpt needs."""
-        if not response.is_success:
-            limit = _ERROR_BODY_READ_LIMIT
-        else:
-            limit = self._max_body
-            length = response.headers.get("content-length", "")
-            if length.isascii() and length.isdigit() and int(length) > limit:
-                raise LimitExceeded(
-                    f"{what}: the response body ({int(length)} bytes) is larger than "
-                    f"{limit} bytes (max_message_size)"
-                )
+    async def _read_body(
+        self, response: httpx.Response, what: str, chunks: AsyncIterator[bytes] | None = None
+    ) -> bytes:
+        """The body (from ``chunks`` if the caller already holds its iterator), read up
+        to ``max_body`` (``LimitExceeded`` past it); of an error answer only as much
+        as its excerpt needs."""
+        ok = response.is_success
+        limit = self._max_body if ok else _ERROR_BODY_READ_LIMIT
+        length = response.headers.get("content-length", "")
+        if ok and length.isascii() and length.isdigit() and int(length) > limit:
+            raise LimitExceeded(
+                f"{what}: the response body ({int(length)} bytes) is larger than "
+                f"{limit} bytes (max_message_size)"
+            )
         body = bytearray()
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_bytes() if chunks is None else chunks:
             body += chunk
+            if not ok and len(body) >= limit:
+                break
             if len(body) > limit:
-                if not response.is_success:
-                    break
                 raise LimitExceeded(
                     f"{what}: the response body is larger than {limit} bytes (max_message_size)"
                 )
@@ -1168,14 +1169,10 @@ class _ChatEvents:
     async def check_response(self) -> None:
         status = self._response.status_code
         if not self._response.is_success:
-            body = bytearray()
             with _map_httpx_errors("POST", self._url, self._api._client):
-                async for chunk in self._chunks:
-                    body += chunk
-                    if len(body) >= _ERROR_BODY_READ_LIMIT:
-                        break
+                body = await self._api._read_body(self._response, self._what, self._chunks)
             log.debug("POST %s -> %d (stream refused)", self._url, status)
-            raise self._api._status_error("POST", self._url, status, bytes(body))
+            raise self._api._status_error("POST", self._url, status, body)
         ctype = self._response.headers.get("content-type", "")
         if not ctype.lower().startswith("text/event-stream"):
             raise ProtocolViolation(
