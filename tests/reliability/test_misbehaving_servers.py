@@ -320,11 +320,21 @@ async def test_a_session_opened_while_its_call_was_cancelled_is_closed(
     """OpenSession reached the server (which made the session) but the caller was
     cancelled before the reply came: the client still learns the id and closes it,
     or the session leaks on the server until its idle timeout."""
+
+    async def cancel_once_the_server_has_the_call(scope: trio.CancelScope) -> None:
+        # Not a fixed delay: connecting first can take longer than one on a busy machine,
+        # and a call cancelled before it was sent rightly leaves nothing to close.
+        await wait_for(lambda: bool(bad_server.calls_to("OpenSession")), timeout=5)
+        scope.cancel()
+
     async with client_for(bad_server) as c:
-        bad_server.plan("OpenSession", Reply(first_delay=0.3))
-        with trio.move_on_after(0.1):
-            async with c.session():
-                raise AssertionError("the block must not run")
+        bad_server.plan("OpenSession", Reply(first_delay=0.3))  # within close_timeout
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_the_server_has_the_call, scope)
+                async with c.session():
+                    raise AssertionError("the block must not run")
+        assert scope.cancelled_caught
         await wait_for(lambda: bool(bad_server.calls_to("CloseSession")), timeout=5)
     assert len(bad_server.calls_to("CloseSession")) == 1
 
