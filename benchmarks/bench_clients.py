@@ -6,6 +6,10 @@ replay server, so each client's RSS is its own. Usage (normally via run.py)::
     python benchmarks/bench_clients.py CLIENT --port P --server-pid PID \\
         --gen-dir DIR --params JSON --out FILE
 
+With ``--serve PHASE`` instead of ``--out``, the worker times one window of
+that phase each time run.py writes ``go`` on its stdin (see ``run.py``'s
+paired rounds).
+
 Clients:
 
 * ``poc_api`` — poc_api on trio: ``ApiClient`` + ``session().generate()``,
@@ -225,6 +229,12 @@ class PocApi(_Client):
         await trio.sleep(seconds)
 
     @staticmethod
+    async def read_line() -> str:
+        import trio
+
+        return await trio.to_thread.run_sync(sys.stdin.readline)
+
+    @staticmethod
     def run(main: Callable[[], Awaitable[Any]]) -> Any:
         import trio
 
@@ -267,6 +277,12 @@ class _Asyncio(_Client):
         import asyncio
 
         await asyncio.sleep(seconds)
+
+    @staticmethod
+    async def read_line() -> str:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
     @staticmethod
     def run(main: Callable[[], Awaitable[Any]]) -> Any:
@@ -684,10 +700,15 @@ async def phase_rss(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
+def _stream_unit(c: Any, p: dict[str, Any], readout: bool) -> Callable[[], Awaitable[int]]:
+    n = p["readout_len"] if readout else p["stream_len"]
+    return lambda: c.stream(n, readout)
+
+
 async def phase_stream(c: Any, meter: Meter, p: dict[str, Any], readout: bool) -> dict[str, Any]:
     n = p["readout_len"] if readout else p["stream_len"]
     await c.stream(min(n, 1000), readout)  # warm-up
-    return await _timed(meter, lambda: c.stream(n, readout), p["box_s"], p["repeats"])
+    return await _timed(meter, _stream_unit(c, p, readout), p["box_s"], p["repeats"])
 
 
 async def phase_score(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]:
@@ -704,14 +725,17 @@ async def phase_score(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]
     return m
 
 
-async def phase_unary(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]:
-    await c.unary_pair()
-
+def _unary_unit(c: Any) -> Callable[[], Awaitable[int]]:
     async def unit() -> int:
         await c.unary_pair()
         return 2
 
-    return await _timed(meter, unit, p["box_s"], p["repeats"])
+    return unit
+
+
+async def phase_unary(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]:
+    await c.unary_pair()
+    return await _timed(meter, _unary_unit(c), p["box_s"], p["repeats"])
 
 
 async def _concurrent_round(
@@ -800,6 +824,40 @@ async def run_all(name: str, args: argparse.Namespace, p: dict[str, Any]) -> dic
     return results
 
 
+# Phases a paired run (``--serve``) can time: run.py alternates two workers'
+# windows of one of these, so that the machine's drift hits both alike.
+SERVE_PHASES = ("unary", "stream_plain", "stream_readout")
+
+
+async def serve_windows(name: str, args: argparse.Namespace, p: dict[str, Any]) -> dict[str, Any]:
+    """Paired mode: warm up, say ready, then time one window per ``go`` line on stdin.
+
+    Each window's measurements go to stdout as one JSON line; any other line
+    (or the end of stdin) ends the run.
+    """
+    c = CLIENTS[name](args.port, args.gen_dir)
+    meter = Meter(args.server_pid)
+    phase = args.serve
+    await c.open()
+    try:
+        if phase == "unary":
+            await c.unary_pair()
+            unit = _unary_unit(c)
+        else:
+            readout = phase == "stream_readout"
+            n = p["readout_len"] if readout else p["stream_len"]
+            await c.stream(min(n, 1000), readout)
+            unit = _stream_unit(c, p, readout)
+        print(json.dumps({"ready": True}), flush=True)
+        while (await c.read_line()).strip() == "go":
+            gc.collect()
+            m = await _timed(meter, unit, p["paired_box_s"], 1)
+            print(json.dumps(m), flush=True)
+    finally:
+        await c.close()
+    return {}
+
+
 def main() -> None:
     """Run one client's phases and write the results as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -808,10 +866,22 @@ def main() -> None:
     parser.add_argument("--server-pid", type=int, required=True)
     parser.add_argument("--gen-dir", required=True)
     parser.add_argument("--params", required=True, help="JSON: event counts and time boxes")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=False)
+    parser.add_argument(
+        "--serve",
+        choices=SERVE_PHASES,
+        help="paired mode: time one window of this phase per 'go' line on stdin",
+    )
     args = parser.parse_args()
     params = json.loads(args.params)
     cls = CLIENTS[args.client]
+    if args.serve:
+        if args.serve not in PHASES[args.client]:
+            parser.error(f"{args.client} has no {args.serve} phase")
+        cls.run(lambda: serve_windows(args.client, args, params))
+        return
+    if not args.out:
+        parser.error("--out is required (unless --serve)")
     t0 = time.perf_counter()
     results = cls.run(lambda: run_all(args.client, args, params))
     results["total_wall"] = time.perf_counter() - t0

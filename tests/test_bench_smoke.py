@@ -43,6 +43,10 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
     # Bridge v2's goals: streams against both asyncio read paths, unary client CPU.
     assert "Bridge v2: plain stream" in out and "grpclib chunk read (same read path)" in out
     assert "Bridge v2: client CPU per unary RPC" in out
+    # ...judged on the paired rounds (both workers at once, taking turns).
+    assert "Paired rounds:" in out and "alternating rounds" in out
+    for phase in ("unary", "stream_plain", "stream_readout"):
+        assert f"| {phase} | " in out
     # The prefix-sharing row (reference server with a simulated prefill cost).
     assert "Prefix-shared scoring" in out and "`score_continuations`" in out
     # The scale-out row (pool, and nginx when installed).
