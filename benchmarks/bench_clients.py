@@ -872,7 +872,15 @@ def main() -> None:
         choices=SERVE_PHASES,
         help="paired mode: time one window of this phase per 'go' line on stdin",
     )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=None,
+        help="run on this CPU only (every thread of the process, set before any starts)",
+    )
     args = parser.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     params = json.loads(args.params)
     cls = CLIENTS[args.client]
     if args.serve:

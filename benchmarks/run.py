@@ -175,6 +175,12 @@ PAIRS: list[tuple[str, str, str, str, tuple[str, float]]] = [
     ("stream_plain", "poc_api", "grpclib_raw", "rate", (">=", 0.85)),
     ("stream_readout", "poc_api", "grpclib_raw", "rate", (">=", 0.85)),
 ]
+# Shown beside "unary", not a goal: the same rounds with each client process on
+# one CPU and the server on the others, so poc_api's two threads (trio's and the
+# loop's) wake each other on the same CPU. On a VM a wake-up across CPUs costs
+# several times one within a CPU; the two rows together say how much of the
+# unary gap that is.
+PINNED = "unary, client on 1 CPU"
 
 
 # -- setup --------------------------------------------------------------------------
@@ -313,9 +319,11 @@ class _Serving:
         server_pid: int,
         gen_dir: Path,
         params: dict[str, Any],
+        cpu: int | None = None,
     ) -> None:
         self.client = client
         self.timeout = float(params["worker_timeout"])
+        pin = [] if cpu is None else ["--cpu", str(cpu)]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -331,6 +339,7 @@ class _Serving:
                 json.dumps(params),
                 "--serve",
                 phase,
+                *pin,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -388,15 +397,27 @@ def run_paired(
     server_pid: int,
     gen_dir: Path,
     params: dict[str, Any],
+    *,
+    pinned: bool = False,
 ) -> dict[str, Any]:
     """Alternating windows of ``client`` and ``peer``; one ratio per round.
 
     The order flips every round (A B, B A, A B, ...), so a steady drift of the
     machine favours neither side; both workers stay connected and warm between
-    windows, and only one of them runs at a time.
+    windows, and only one of them runs at a time. ``pinned``: both workers on
+    the first CPU this process may use, the server on the others meanwhile.
     """
-    a = _Serving(client, phase, port, server_pid, gen_dir, params)
-    b = _Serving(peer, phase, port, server_pid, gen_dir, params)
+    cpu: int | None = None
+    server_cpus: set[int] | None = None
+    if pinned:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return {"error": "needs two CPUs"}
+        cpu = cpus[0]
+        server_cpus = os.sched_getaffinity(server_pid)
+        os.sched_setaffinity(server_pid, set(cpus[1:]))
+    a = _Serving(client, phase, port, server_pid, gen_dir, params, cpu)
+    b = _Serving(peer, phase, port, server_pid, gen_dir, params, cpu)
     rounds: list[dict[str, Any]] = []
     try:
         a.ready()
@@ -412,6 +433,8 @@ def run_paired(
     finally:
         a.close()
         b.close()
+        if server_cpus is not None:
+            os.sched_setaffinity(server_pid, server_cpus)
     ratios = sorted(r["ratio"] for r in rounds)
     mid = len(ratios) // 2
     median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
@@ -568,18 +591,21 @@ def paired_lines(paired: dict[str, dict[str, Any]]) -> tuple[list[str], list[str
         "",
         "Paired rounds: the ratio goals measured again with both workers connected "
         "at once and taking turns, one window each, the order flipped every round; "
-        "one ratio per round, judged on the median:",
+        "one ratio per round, judged on the median. The row "
+        f'"{PINNED}" is no goal: the unary rounds again with each client process '
+        "on one CPU (all its threads) and the replay server on the others, so "
+        "poc_api's trio thread and loop thread wake each other within one CPU:",
         "",
         "| Phase | Compared | Peer | Rounds x window | Median | Range | Every round |",
         "|---|---|---|---:|---:|---:|---|",
     ]
     for phase, r in paired.items():
         if "error" in r:
-            console.append(f"  {phase:<15} FAILED: {r['error']}")
+            console.append(f"  {phase:<22} FAILED: {r['error']}")
             continue
         each = ", ".join(f"{x['ratio']:.2f}" for x in r["rounds"])
         console.append(
-            f"  {phase:<15} {what[r['figure']]:<20} vs {SHORT[r['peer']]:<12} "
+            f"  {phase:<22} {what[r['figure']]:<20} vs {SHORT[r['peer']]:<12} "
             f"median {r['median']:.2f}x  range {r['min']:.2f}-{r['max']:.2f}x  [{each}]"
         )
         md.append(
@@ -1172,17 +1198,32 @@ def main() -> int:
                     f"{res['server_connections']} TCP connection(s)  {status}",
                     flush=True,
                 )
-            for phase, client, peer, figure, _goal in pairs:
+            runs = [
+                (phase, client, peer, figure, phase) for phase, client, peer, figure, _ in pairs
+            ]
+            if pairs and pairs[0][0] == "unary" and len(os.sched_getaffinity(0)) >= 2:
+                runs.insert(1, ("unary", *pairs[0][1:4], PINNED))
+            for phase, client, peer, figure, key in runs:
                 t0 = time.perf_counter()
-                got = run_paired(phase, client, peer, figure, port, server.pid, gen, params)
-                extra.setdefault("paired", {})[phase] = got
+                got = run_paired(
+                    phase,
+                    client,
+                    peer,
+                    figure,
+                    port,
+                    server.pid,
+                    gen,
+                    params,
+                    pinned=key == PINNED,
+                )
+                extra.setdefault("paired", {})[key] = got
                 status = (
                     "FAILED: " + got["error"]
                     if "error" in got
                     else f"median {got['median']:.2f}x ({got['min']:.2f}-{got['max']:.2f}x)"
                 )
                 print(
-                    f"  paired {phase:<14} {time.perf_counter() - t0:5.1f} s  "
+                    f"  paired {key:<22} {time.perf_counter() - t0:5.1f} s  "
                     f"{client} / {peer}  {status}",
                     flush=True,
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
     assert "Paired rounds:" in out and "alternating rounds" in out
     for phase in ("unary", "stream_plain", "stream_readout"):
         assert f"| {phase} | " in out
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "| unary, client on 1 CPU | " in out
     # The prefix-sharing row (reference server with a simulated prefill cost).
     assert "Prefix-shared scoring" in out and "`score_continuations`" in out
     # The scale-out row (pool, and nginx when installed).
