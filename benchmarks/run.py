@@ -324,6 +324,7 @@ class _Serving:
         self.client = client
         self.timeout = float(params["worker_timeout"])
         pin = [] if cpu is None else ["--cpu", str(cpu)]
+        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -343,7 +344,9 @@ class _Serving:
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe: a worker that logs more than a pipe holds
+            # would block while this process waits on its stdout.
+            stderr=self.err,
             text=True,
         )
 
@@ -353,7 +356,9 @@ class _Serving:
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             self.proc.kill()
-            _, err = self.proc.communicate()
+            self.proc.wait()
+            self.err.seek(0)
+            err = self.err.read()
             tail = " | ".join((err or "no answer").strip().splitlines()[-8:])
             raise RuntimeError(f"{self.client}: {tail}")
         return dict(json.loads(line))
@@ -379,6 +384,9 @@ class _Serving:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.err.close()
 
 
 def _figure(m: dict[str, Any], figure: str) -> float:
