@@ -826,7 +826,9 @@ async def run_all(name: str, args: argparse.Namespace, p: dict[str, Any]) -> dic
 
 # Phases a paired run (``--serve``) can time: run.py alternates two workers'
 # windows of one of these, so that the machine's drift hits both alike.
-SERVE_PHASES = ("unary", "stream_plain", "stream_readout")
+SERVE_PHASES = ("unary", "unary_16", "stream_plain", "stream_readout")
+# "unary_16": 16 tasks at once, each an Open+Close pair, per unit (agents sharing a client).
+UNARY_CALLERS = 16
 
 
 async def serve_windows(name: str, args: argparse.Namespace, p: dict[str, Any]) -> dict[str, Any]:
@@ -843,6 +845,14 @@ async def serve_windows(name: str, args: argparse.Namespace, p: dict[str, Any]) 
         if phase == "unary":
             await c.unary_pair()
             unit = _unary_unit(c)
+        elif phase == "unary_16":
+            await c.unary_pair()
+            pair = _unary_unit(c)
+
+            async def unit() -> int:
+                await c.gather([pair] * UNARY_CALLERS)
+                return 2 * UNARY_CALLERS
+
         else:
             readout = phase == "stream_readout"
             n = p["readout_len"] if readout else p["stream_len"]
@@ -884,7 +894,7 @@ def main() -> None:
     params = json.loads(args.params)
     cls = CLIENTS[args.client]
     if args.serve:
-        if args.serve not in PHASES[args.client]:
+        if args.serve.removesuffix("_16") not in PHASES[args.client]:
             parser.error(f"{args.client} has no {args.serve} phase")
         cls.run(lambda: serve_windows(args.client, args, params))
         return

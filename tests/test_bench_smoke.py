@@ -48,6 +48,7 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
     assert "Paired rounds:" in out and "alternating rounds" in out
     for phase in ("unary", "stream_plain", "stream_readout"):
         assert f"| {phase} | " in out
+    assert "| unary, 16 callers at once | " in out
     if len(os.sched_getaffinity(0)) >= 2:
         assert "| unary, client on 1 CPU | " in out
     # The prefix-sharing row (reference server with a simulated prefill cost).
