@@ -331,6 +331,7 @@ async def test_cancelling_a_million_token_decode_stops_the_server_promptly(
         assert time.perf_counter() - t0 < 2.0
 
 
+@pytest.mark.heavy
 async def test_two_hundred_abandoned_streams_do_not_starve_the_connection(
     client: poc_api.ApiClient, server: ReferenceServer
 ) -> None:
@@ -520,6 +521,7 @@ async def test_calls_beyond_max_concurrent_streams_raise_limit_exceeded(
             await s.prefill([1])
 
 
+@pytest.mark.heavy
 async def test_streams_nobody_reads_do_not_stall_the_others(server: ReferenceServer) -> None:
     # Agents that stop reading their streams must only stop their own streams: the
     # connection's flow-control window is shared by every agent on the client.
@@ -552,6 +554,7 @@ async def _stream_forty(c: poc_api.ApiClient) -> None:
                         break  # abandoned with data in flight
 
 
+@pytest.mark.heavy
 async def test_connection_window_accounting_stays_exact(server: ReferenceServer) -> None:
     # The connection window is returned on receipt and stream windows on reading;
     # after far more than a connection window of data (streams read to the end and

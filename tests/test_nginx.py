@@ -62,6 +62,7 @@ async def three_turns(client: poc_api.ApiClient, i: int) -> tuple[int, int]:
     return first, later
 
 
+@pytest.mark.heavy
 async def test_200_conversations_through_nginx_send_only_deltas_on_one_backend(
     backends: list[ReferenceServer], proxy: str
 ) -> None:
@@ -119,6 +120,7 @@ async def test_without_the_affinity_header_nginx_loses_sessions(
     assert failed > 0
 
 
+@pytest.mark.heavy
 async def test_many_concurrent_calls_survive_nginx_ending_connections_with_goaway() -> None:
     # nginx sends a graceful GOAWAY after keepalive_requests calls on a connection;
     # calls it never processed, queued or in flight at that moment, are sent again.

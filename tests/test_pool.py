@@ -266,6 +266,7 @@ async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> N
                 await wait_for(lambda: client.endpoints[1].state is EndpointState.SERVING)
 
 
+@pytest.mark.heavy
 async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
     """200 conversations on 3 servers; one server dies during the second turn.
 

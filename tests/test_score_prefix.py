@@ -257,6 +257,7 @@ _part = st.one_of(
 
 
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.slow
 @given(
     prompt=st.lists(_part, max_size=3),
     conts=st.lists(st.lists(_part, max_size=3), max_size=5),
