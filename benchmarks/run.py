@@ -276,17 +276,11 @@ def betterproto2_decode_rate(min_time: float) -> float:
             return n / elapsed
 
 
-def run_worker(
-    client: str,
-    port: int,
-    server_pid: int,
-    gen_dir: Path,
-    params: dict[str, Any],
-    tmp: Path,
-) -> dict[str, Any]:
-    """Run one client's worker process; return its JSON results (or an error)."""
-    out = tmp / f"{client}.json"
-    cmd = [
+def worker_cmd(
+    client: str, port: int, server_pid: int, gen_dir: Path, params: dict[str, Any], *more: str
+) -> list[str]:
+    """The command line of one client's worker (``bench_clients.py``), ``more`` appended."""
+    return [
         sys.executable,
         str(HERE / "bench_clients.py"),
         client,
@@ -298,9 +292,21 @@ def run_worker(
         str(gen_dir),
         "--params",
         json.dumps(params),
-        "--out",
-        str(out),
+        *more,
     ]
+
+
+def run_worker(
+    client: str,
+    port: int,
+    server_pid: int,
+    gen_dir: Path,
+    params: dict[str, Any],
+    tmp: Path,
+) -> dict[str, Any]:
+    """Run one client's worker process; return its JSON results (or an error)."""
+    out = tmp / f"{client}.json"
+    cmd = worker_cmd(client, port, server_pid, gen_dir, params, "--out", str(out))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
     except subprocess.TimeoutExpired:
@@ -329,22 +335,7 @@ class _Serving:
         pin = [] if cpu is None else ["--cpu", str(cpu)]
         self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "bench_clients.py"),
-                client,
-                "--port",
-                str(port),
-                "--server-pid",
-                str(server_pid),
-                "--gen-dir",
-                str(gen_dir),
-                "--params",
-                json.dumps(params),
-                "--serve",
-                phase,
-                *pin,
-            ],
+            worker_cmd(client, port, server_pid, gen_dir, params, "--serve", phase, *pin),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             # A file, not a pipe: a worker that logs more than a pipe holds
