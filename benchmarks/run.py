@@ -30,8 +30,8 @@ their median. Run one after the other, minutes apart, the two sides of a ratio
 see different machines when the machine drifts (a VM's neighbours, frequency):
 three such unary runs in a row here gave 0.71x, 1.08x and 1.50x.
 
-Modes: the default full run takes a few minutes (1,000,000 events for the RSS
-figure, best of 3 two-second windows for rates); ``--quick`` under a minute
+Modes: the default full run takes about 13 minutes on a 2-core VM (1,000,000 events for the RSS
+figure, best of 3 two-second windows for rates); ``--quick`` about two minutes
 (100,000 events, one short window each); ``--smoke`` a few seconds, for the test
 suite (tiny counts, the figures mean nothing).
 """
@@ -1114,7 +1114,7 @@ def machine() -> str:
 def main() -> int:
     """Run the benchmark; exit 1 if a client failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="under a minute, fewer events")
+    parser.add_argument("--quick", action="store_true", help="about two minutes, fewer events")
     parser.add_argument("--smoke", action="store_true", help="seconds; tiny counts (tests)")
     parser.add_argument(
         "--clients",
