@@ -700,15 +700,18 @@ async def phase_rss(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def _stream_unit(c: Any, p: dict[str, Any], readout: bool) -> Callable[[], Awaitable[int]]:
+async def _warm_stream_unit(
+    c: Any, p: dict[str, Any], readout: bool
+) -> Callable[[], Awaitable[int]]:
+    """Warm up (one shorter stream), then the timed unit: one stream of the phase's length."""
     n = p["readout_len"] if readout else p["stream_len"]
+    await c.stream(min(n, 1000), readout)
     return lambda: c.stream(n, readout)
 
 
 async def phase_stream(c: Any, meter: Meter, p: dict[str, Any], readout: bool) -> dict[str, Any]:
-    n = p["readout_len"] if readout else p["stream_len"]
-    await c.stream(min(n, 1000), readout)  # warm-up
-    return await _timed(meter, _stream_unit(c, p, readout), p["box_s"], p["repeats"])
+    unit = await _warm_stream_unit(c, p, readout)
+    return await _timed(meter, unit, p["box_s"], p["repeats"])
 
 
 async def phase_score(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]:
@@ -725,17 +728,26 @@ async def phase_score(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]
     return m
 
 
-def _unary_unit(c: Any) -> Callable[[], Awaitable[int]]:
-    async def unit() -> int:
+async def _warm_unary_unit(c: Any, callers: int = 1) -> Callable[[], Awaitable[int]]:
+    """Warm up (one pair), then the timed unit: ``callers`` Open+Close pairs at once."""
+    await c.unary_pair()
+
+    async def pair() -> None:
         await c.unary_pair()
-        return 2
+
+    async def unit() -> int:
+        if callers == 1:
+            await pair()
+        else:
+            await c.gather([pair] * callers)
+        return 2 * callers
 
     return unit
 
 
 async def phase_unary(c: Any, meter: Meter, p: dict[str, Any]) -> dict[str, Any]:
-    await c.unary_pair()
-    return await _timed(meter, _unary_unit(c), p["box_s"], p["repeats"])
+    unit = await _warm_unary_unit(c)
+    return await _timed(meter, unit, p["box_s"], p["repeats"])
 
 
 async def _concurrent_round(
@@ -824,10 +836,16 @@ async def run_all(name: str, args: argparse.Namespace, p: dict[str, Any]) -> dic
     return results
 
 
-# Phases a paired run (``--serve``) can time: run.py alternates two workers'
-# windows of one of these, so that the machine's drift hits both alike.
-SERVE_PHASES = ("unary", "unary_16", "stream_plain", "stream_readout")
-# "unary_16": 16 tasks at once, each an Open+Close pair, per unit (agents sharing a client).
+# Phases a paired run (``--serve``) can time, each with the phase of PHASES it
+# needs: run.py alternates two workers' windows of one of these, so that the
+# machine's drift hits both alike. "unary_16": 16 tasks at once, each an
+# Open+Close pair, per unit (agents sharing a client).
+SERVE_PHASES = {
+    "unary": "unary",
+    "unary_16": "unary",
+    "stream_plain": "stream_plain",
+    "stream_readout": "stream_readout",
+}
 UNARY_CALLERS = 16
 
 
@@ -842,22 +860,10 @@ async def serve_windows(name: str, args: argparse.Namespace, p: dict[str, Any]) 
     phase = args.serve
     await c.open()
     try:
-        if phase == "unary":
-            await c.unary_pair()
-            unit = _unary_unit(c)
-        elif phase == "unary_16":
-            await c.unary_pair()
-            pair = _unary_unit(c)
-
-            async def unit() -> int:
-                await c.gather([pair] * UNARY_CALLERS)
-                return 2 * UNARY_CALLERS
-
+        if SERVE_PHASES[phase] == "unary":
+            unit = await _warm_unary_unit(c, UNARY_CALLERS if phase == "unary_16" else 1)
         else:
-            readout = phase == "stream_readout"
-            n = p["readout_len"] if readout else p["stream_len"]
-            await c.stream(min(n, 1000), readout)
-            unit = _stream_unit(c, p, readout)
+            unit = await _warm_stream_unit(c, p, phase == "stream_readout")
         print(json.dumps({"ready": True}), flush=True)
         while (await c.read_line()).strip() == "go":
             gc.collect()
@@ -894,7 +900,7 @@ def main() -> None:
     params = json.loads(args.params)
     cls = CLIENTS[args.client]
     if args.serve:
-        if args.serve.removesuffix("_16") not in PHASES[args.client]:
+        if SERVE_PHASES[args.serve] not in PHASES[args.client]:
             parser.error(f"{args.client} has no {args.serve} phase")
         cls.run(lambda: serve_windows(args.client, args, params))
         return
