@@ -351,7 +351,7 @@ class GrpcTransport:
             channel.sessions_open = lambda: self.open_sessions > 0
         return channel
 
-    async def _ready_channel(self) -> Channel:
+    async def _ready_channel(self) -> _PocChannel:
         # Runs on the asyncio side, which is single-threaded: plain attributes are
         # enough, and grpclib's own connect lock makes concurrent first callers
         # share one TCP/HTTP2 connection.
@@ -411,6 +411,10 @@ class GrpcTransport:
                 backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
                 self._retry_at = loop.time() + backoff
             raise
+        if channel.shut:
+            # Closed (by the client's close, or replaced) while this call waited
+            # for it to settle: nothing of the call was sent, so it may go again.
+            raise StreamTerminatedError(_CLOSED_UNSENT)
         if channel is self._channel:
             self._failures = 0
             self._retry_at = 0.0
@@ -687,15 +691,19 @@ class GrpcTransport:
                     task.cancel()
                 if pending:
                     await asyncio.wait(pending)
-            self._closed = True
-            channel, self._channel = self._channel, None
-            if channel is not None:
-                channel.close()
-            for old in self._draining:
-                old.close()
-            self._draining.clear()
+            self._shut()
 
         await self._bridge.run(close, defer_ki=True)
+
+    def _shut(self) -> None:
+        """asyncio: close every connection; calls not yet sent fail with ClosedResourceError."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        for old in self._draining:
+            old.close()
+        self._draining.clear()
 
 
 class _SinkLike(Protocol):

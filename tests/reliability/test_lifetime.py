@@ -7,6 +7,7 @@ never speaks, and one that speaks HTTP/1.1.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -18,6 +19,7 @@ import trio
 
 import poc_api
 from poc_api import SamplingParams
+from poc_api._transport import GrpcTransport, _PocH2Protocol
 from poc_api.server import ReferenceServer, tokenize
 from poc_api.testing import reference_server
 
@@ -294,6 +296,37 @@ async def test_closing_the_client_under_any_running_call_gives_a_clean_error(
     # ClosedResourceError (the server is fine: not a retriable ServerUnavailable).
     for exc in caught:
         assert isinstance(exc, trio.ClosedResourceError), repr(exc)
+
+
+async def test_a_close_as_the_connection_settles_fails_the_waiting_call_cleanly(
+    server: ReferenceServer,
+) -> None:
+    # The close lands between the server's SETTINGS and the wake-up of a call
+    # that waited for them (CI, stop 20: 1 run in ~30). The call must fail with
+    # the close's ClosedResourceError, not meet a channel that has no connection.
+    async def race(transport: GrpcTransport) -> BaseException | None:
+        call = asyncio.ensure_future(transport.unary_in_loop("OpenSession", b""))
+        # grpclib's connect signals nothing a second waiter could wait on: poll.
+        while (channel := transport._channel) is None or channel._protocol is None:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        protocol = channel._protocol
+        assert isinstance(protocol, _PocH2Protocol)
+        assert not protocol.settings_received.is_set()  # the call waits for them
+        # Woken in the same loop pass as the call's own waiter, and so before
+        # the call itself resumes (asyncio.wait wakes it one pass later).
+        await protocol.settings_received.wait()
+        transport._shut()
+        try:
+            await call
+        except BaseException as exc:
+            return exc
+        return None
+
+    async with client_for(server) as client:
+        assert client._bridge is not None and client._transport is not None
+        with trio.fail_after(10):
+            exc = await client._bridge.run(race, client._transport)
+    assert isinstance(exc, trio.ClosedResourceError), repr(exc)
 
 
 async def test_a_streams_events_iterated_after_its_block_say_the_block_has_exited(
