@@ -253,8 +253,11 @@ async def test_pool_spreads_sessions_and_keeps_each_on_its_endpoint() -> None:
 
 
 async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:
+    # The health checks' interval is also their timeout: at 50 ms, a loaded
+    # machine timed them all out, and with every endpoint UNREACHABLE the pool
+    # placed sessions on the one that was not serving too.
     async with reference_servers(3) as servers:
-        async with pool_client(servers, health_check_interval=0.05) as client:
+        async with pool_client(servers, health_check_interval=0.25) as client:
             with trio.fail_after(20):
                 await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts health checks
                 await trio.to_thread.run_sync(servers[1].set_serving, False)
@@ -438,7 +441,7 @@ async def test_public_pool_calls_are_checkpoints() -> None:
 
 async def test_drain_reports_not_serving_and_waits_for_open_sessions() -> None:
     async with reference_servers(2) as servers:
-        async with pool_client(servers, health_check_interval=0.05) as client:
+        async with pool_client(servers, health_check_interval=0.25) as client:
             with trio.fail_after(20):
                 async with client.session() as s:
                     await s.prefill([1, 2])
