@@ -252,6 +252,33 @@ async def test_pool_spreads_sessions_and_keeps_each_on_its_endpoint() -> None:
         assert [e.sessions for e in client.endpoints] == [0, 0, 0]
 
 
+async def test_closing_the_client_closes_held_sessions_on_their_own_servers() -> None:
+    # Closed from another task while blocks hold sessions on every server: each
+    # is closed on its server, under the affinity key it was opened with.
+    async with reference_servers(3) as servers:
+        client = pool_client(servers, close_timeout=2.0)
+
+        async def hold(*, task_status: trio.TaskStatus[None]) -> None:
+            async with client.session() as s:
+                await s.prefill([1, 2, 3])
+                task_status.started()
+                await trio.sleep_forever()
+
+        with trio.fail_after(20):
+            async with client, trio.open_nursery() as nursery:
+                for _ in range(12):
+                    await nursery.start(hold)
+                assert sum(len(s.state().session_ids) for s in servers) == 12
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+        for srv in servers:
+            state = srv.state()
+            assert not state.session_ids
+            opened = sorted(key for method, key in state.affinity if method == "OpenSession")
+            closed = sorted(key for method, key in state.affinity if method == "CloseSession")
+            assert opened == closed
+
+
 async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:
     # The health checks' interval is also their timeout: at 50 ms, a loaded
     # machine timed them all out, and with every endpoint UNREACHABLE the pool

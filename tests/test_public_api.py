@@ -43,6 +43,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "SSEDecoder",
         "SSEEvent",
         "open_session",
+        "close_live_sessions",
         "DeltaPlan",
         "check_chunks",
         "chunk_len",

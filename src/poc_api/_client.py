@@ -32,7 +32,7 @@ from ._pool import (
     parse_grpc_targets,
 )
 from ._score import score_chunks, score_continuations, score_many
-from ._session import Session, open_session
+from ._session import Session, close_live_sessions, open_session
 from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
 from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample, keyword_only_from
 
@@ -307,8 +307,9 @@ class ApiClient:
 
         A checkpoint. Always closes, even when cancelled (the cleanup is
         shielded). Any task may call it: calls still running in other tasks fail
-        with ``trio.ClosedResourceError``. A second call waits until the first
-        has finished.
+        with ``trio.ClosedResourceError``, and the sessions their blocks hold are
+        closed on the server first (``CloseSession``, bounded by
+        ``close_timeout``). A second call waits until the first has finished.
         """
         if self._state is not _State.OPENED:
             self._state = _State.CLOSED
@@ -321,6 +322,11 @@ class ApiClient:
         closed = self._closed = trio.Event()
         try:
             with trio.CancelScope(shield=True):
+                if self._router is not None and self._bridge is not None:
+                    try:
+                        await close_live_sessions(self._router, self._bridge, self._close_timeout)
+                    except Exception as exc:  # the rest still closes
+                        log.warning("closing the sessions still open failed: %s", exc)
                 if self._router is not None:
                     try:
                         await self._router.aclose()

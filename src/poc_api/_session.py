@@ -7,6 +7,7 @@ exit — always, shielded, bounded by a short timeout.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -36,11 +37,11 @@ from ._types import (
 from ._wire import decode_generate_event, decode_open_session, encode_string_field, parse_reply
 
 if TYPE_CHECKING:
-    from ._bridge import BatchReceiver
+    from ._bridge import AsyncioBridge, BatchReceiver
     from ._pool import Router, SessionRoute
     from ._transport import GrpcTransport
 
-__all__ = ["GenerateStream", "Session", "open_session"]
+__all__ = ["GenerateStream", "Session", "close_live_sessions", "open_session"]
 
 log = logging.getLogger("poc_api.grpc")
 
@@ -256,6 +257,7 @@ class Session:
         self._lock = trio.Lock()
         self._lost = False
         self._closed = False
+        self._closed_by_client = False  # CloseSession sent by the client's close
         self._max_buffered = max_buffered_events
 
     def __repr__(self) -> str:
@@ -294,7 +296,7 @@ class Session:
             )
 
     def _check_usable(self) -> None:
-        if self._transport.closed:
+        if self._transport.closed or self._closed_by_client:
             raise trio.ClosedResourceError("the ApiClient is closed")
         if self._closed:
             raise trio.ClosedResourceError("the session is closed")
@@ -535,6 +537,7 @@ class open_session:  # used like the function it replaced
         )
         log.debug("session %s opened (max_length=%d)", session_id, max_length)
         transport.open_sessions += 1  # keepalive watches the connection between turns
+        self._transport.live_sessions.add(session)  # the client's close closes it too
         return session
 
     @trio.lowlevel.enable_ki_protection
@@ -545,6 +548,7 @@ class open_session:  # used like the function it replaced
         tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
+            self._transport.live_sessions.discard(self._session)
             try:
                 await self._session.aclose()
             finally:
@@ -686,3 +690,54 @@ class _GenerateBlock:
             if not rejected and stream.done is None:
                 s._lost = True
             s._lock.release()
+
+
+async def close_live_sessions(
+    owner: GrpcTransport | Router, bridge: AsyncioBridge, timeout: float
+) -> None:
+    """Close the sessions that blocks still hold when their client closes (trio side).
+
+    A client closed from another task (a supervisor shutting down, say) would
+    otherwise leave these on the server until its idle eviction. One
+    ``CloseSession`` each, all at once, bounded by ``timeout``; a failure is
+    logged. The blocks, when they leave, find their session closed and say
+    nothing. The caller shields this (``ApiClient.aclose``).
+    """
+    sessions = list(owner.live_sessions)
+    owner.live_sessions.clear()
+    if not sessions:
+        return
+    for session in sessions:
+        # Before anything is sent: a block that leaves meanwhile sends nothing more.
+        session._closed = session._closed_by_client = True
+
+    async def close_all() -> None:
+        calls = {
+            asyncio.ensure_future(
+                s._transport.unary_in_loop(
+                    "CloseSession",
+                    encode_string_field(s._session_id),  # CloseSessionRequest
+                )
+            ): s
+            for s in sessions
+        }
+        done, pending = await asyncio.wait(calls, timeout=timeout)
+        for task in pending:
+            task.cancel()
+            log.warning(
+                "CloseSession %s (client closing) timed out after %.1f s",
+                calls[task]._session_id,
+                timeout,
+            )
+        if pending:
+            await asyncio.wait(pending)
+        for task in done:
+            if (exc := task.exception()) is not None:
+                log.warning(
+                    "CloseSession %s (client closing) failed: %s", calls[task]._session_id, exc
+                )
+            else:
+                log.debug("session %s closed with its client", calls[task]._session_id)
+
+    log.debug("closing %d sessions still held by blocks", len(sessions))
+    await bridge.run(close_all, defer_ki=True)

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn, Protocol, final
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -60,6 +60,9 @@ from ._hpack import CachingEncoder
 from ._http import EXCERPT_LIMIT, key_redactor, redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
+
+if TYPE_CHECKING:
+    from ._session import Session
 
 __all__ = ["GrpcTarget", "GrpcTransport", "KeepAlive", "deadline", "map_grpc_error"]
 
@@ -294,6 +297,9 @@ class GrpcTransport:
         """Calls in flight on this transport (unary and streaming)."""
         self.open_sessions = 0
         """Sessions opened through this transport and not yet closed (trio side)."""
+        self.live_sessions: set[Session] = set()
+        """Sessions whose blocks still hold them, when opened with this transport
+        (trio side): what :func:`close_live_sessions` closes at the client's close."""
         self._channel: _PocChannel | None = None
         self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False

@@ -298,6 +298,43 @@ async def test_closing_the_client_under_any_running_call_gives_a_clean_error(
         assert isinstance(exc, trio.ClosedResourceError), repr(exc)
 
 
+async def test_closing_the_client_closes_the_sessions_its_blocks_still_hold(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A supervisor closes the shared client while agents still hold sessions,
+    # idle or mid-stream: the server frees them at the close, not at its idle
+    # eviction, and the agents' blocks then leave quietly.
+    client = client_for(server, close_timeout=1.0)
+    caught: list[BaseException] = []
+
+    async def idle_agent(*, task_status: trio.TaskStatus[None]) -> None:
+        async with client.session() as s:
+            await s.prefill(HELLO)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def streaming_agent(*, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            async with client.session() as s, s.generate(HELLO, sampling=LONG) as ev:
+                task_status.started()
+                async for _ in ev:
+                    pass
+        except trio.ClosedResourceError as exc:
+            caught.append(exc)
+
+    with trio.fail_after(10):
+        async with client:
+            async with trio.open_nursery() as nursery:
+                for agent in [idle_agent] * 3 + [streaming_agent] * 2:
+                    await nursery.start(agent)
+                assert len(server.state().session_ids) == 5
+                await client.aclose()
+                assert server.state().session_ids == frozenset()
+                nursery.cancel_scope.cancel()
+    assert len(caught) == 2  # the streams failed with the close's error
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 async def test_a_close_as_the_connection_settles_fails_the_waiting_call_cleanly(
     server: ReferenceServer,
 ) -> None:
