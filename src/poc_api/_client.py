@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import logging
 import os
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from types import TracebackType
 from typing import Any, final
 from urllib.parse import urlsplit
@@ -318,32 +319,52 @@ class ApiClient:
                     await self._closed.wait()
             await trio.lowlevel.checkpoint()
             return
+        if self._bridge is not None:
+            self._bridge.check_caller()  # another trio.run's close would break both
         self._state = _State.CLOSED
         closed = self._closed = trio.Event()
+        # The steps run in a task of their own: trio delivers Ctrl-C to the main
+        # task at any checkpoint, shielded or not, and there it would cut the close
+        # short (the loop thread, the connection left open). Here it waits until
+        # everything is closed, then goes on.
+        trio.lowlevel.spawn_system_task(self._shut_down, closed, name="poc_api: client close")
+        ki: KeyboardInterrupt | None = None
+        with trio.CancelScope(shield=True):
+            while not closed.is_set():
+                try:
+                    await closed.wait()
+                except KeyboardInterrupt as exc:
+                    ki = exc
+        if ki is not None:
+            raise ki
+        await trio.lowlevel.checkpoint()
+
+    async def _shut_down(self, closed: trio.Event) -> None:
+        """The steps of :meth:`aclose`; each failure is logged and the next step runs."""
+
+        async def step(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await fn()
+            except Exception as exc:  # the rest still closes
+                log.warning("closing %s failed: %s", what, exc)
+
         try:
-            with trio.CancelScope(shield=True):
-                if self._router is not None and self._bridge is not None:
-                    try:
-                        await close_live_sessions(self._router, self._bridge, self._close_timeout)
-                    except Exception as exc:  # the rest still closes
-                        log.warning("closing the sessions still open failed: %s", exc)
-                if self._router is not None:
-                    try:
-                        await self._router.aclose()
-                    except Exception as exc:  # the rest still closes
-                        log.warning("closing the endpoint pool failed: %s", exc)
-                if self._transport is not None:
-                    try:
-                        await self._transport.aclose()
-                    except Exception as exc:  # the bridge below still closes
-                        log.warning("closing the gRPC channel failed: %s", exc)
-                if self._http_client is not None:
-                    await self._http_client.aclose()
-                if self._bridge is not None:
-                    await self._bridge.aclose()
+            router, bridge = self._router, self._bridge
+            if router is not None and bridge is not None:
+                await step(
+                    "the sessions still open",
+                    partial(close_live_sessions, router, bridge, self._close_timeout),
+                )
+            if router is not None:
+                await step("the endpoint pool", router.aclose)
+            if self._transport is not None:
+                await step("the gRPC channel", self._transport.aclose)
+            if self._http_client is not None:
+                await step("the HTTP client", self._http_client.aclose)
+            if bridge is not None:
+                await step("the asyncio thread", bridge.aclose)
         finally:
             closed.set()
-        await trio.lowlevel.checkpoint()
 
     def _grpc(self) -> Router:
         if self._state is _State.CLOSED:

@@ -45,7 +45,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, final
+from typing import final
 from urllib.parse import urlsplit
 
 import attrs
@@ -59,10 +59,7 @@ from ._proto.grpc.health.v1 import (
     HealthCheckResponse,
     HealthCheckResponseServingStatus,
 )
-from ._transport import GrpcTarget, GrpcTransport, _Collect, deadline
-
-if TYPE_CHECKING:
-    from ._session import Session
+from ._transport import GrpcTarget, GrpcTransport, LiveSessions, _Collect, deadline
 
 __all__ = [
     "DEFAULT_AFFINITY_HEADER",
@@ -317,9 +314,8 @@ class Router:
         self._health_task: asyncio.Task[None] | None = None
         self._resolved_at = -float("inf")
         self._resolving: asyncio.Future[None] | None = None
-        self.live_sessions: set[Session] = set()
-        """Sessions whose blocks still hold them (trio side): what
-        :func:`close_live_sessions` closes at the client's close."""
+        self.live_sessions = LiveSessions()
+        """The sessions opened through this router (trio side)."""
 
     @property
     def closed(self) -> bool:

@@ -505,6 +505,10 @@ class open_session:  # used like the function it replaced
     async def __aenter__(self) -> Session:
         if self._session is not None:
             raise RuntimeError("this session block was already entered")
+        live = self._transport.live_sessions
+        if live.closing:  # past the client's own check, before its close began
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("the ApiClient is closed")
         # In a pool, each session gets its own route (endpoint + affinity key).
         transport = bind_session(self._transport)
         log.debug("opening new session (model=%r)", self._model)
@@ -519,12 +523,17 @@ class open_session:  # used like the function it replaced
                 encode_string_field(sid),  # CloseSessionRequest
             )
 
-        raw = await transport.unary(
-            "OpenSession",
-            encode_string_field(self._model),  # OpenSessionRequest
-            timeout=self._timeout,
-            orphan=close_orphan,
-        )
+        live.opening += 1
+        try:
+            raw = await transport.unary(
+                "OpenSession",
+                encode_string_field(self._model),  # OpenSessionRequest
+                timeout=self._timeout,
+                orphan=close_orphan,
+            )
+        finally:
+            live.opening -= 1
+            live.changed()
         session_id, max_length = decode_open_session(raw)
         if not session_id:
             raise e.ProtocolViolation("OpenSession: the server sent an empty session id")
@@ -536,8 +545,13 @@ class open_session:  # used like the function it replaced
             close_timeout=self._close_timeout,
         )
         log.debug("session %s opened (max_length=%d)", session_id, max_length)
+        live.held.add(session)  # the client's close closes it too
+        if live.closing:
+            # The client began closing while this session opened: that close
+            # closes it with the others; the block does not start.
+            self._session = None
+            raise e.closed_under_call()
         transport.open_sessions += 1  # keepalive watches the connection between turns
-        self._transport.live_sessions.add(session)  # the client's close closes it too
         return session
 
     @trio.lowlevel.enable_ki_protection
@@ -548,7 +562,7 @@ class open_session:  # used like the function it replaced
         tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
-            self._transport.live_sessions.discard(self._session)
+            self._transport.live_sessions.held.discard(self._session)
             try:
                 await self._session.aclose()
             finally:
@@ -699,45 +713,58 @@ async def close_live_sessions(
 
     A client closed from another task (a supervisor shutting down, say) would
     otherwise leave these on the server until its idle eviction. One
-    ``CloseSession`` each, all at once, bounded by ``timeout``; a failure is
-    logged. The blocks, when they leave, find their session closed and say
-    nothing. The caller shields this (``ApiClient.aclose``).
+    ``CloseSession`` each, all at once; an ``OpenSession`` still in flight is
+    waited for and its session closed too. All of it within ``timeout``; a
+    failure is logged. The blocks, when they leave, find their session closed
+    and say nothing. The caller shields this (``ApiClient.aclose``).
     """
-    sessions = list(owner.live_sessions)
-    owner.live_sessions.clear()
-    if not sessions:
-        return
-    for session in sessions:
-        # Before anything is sent: a block that leaves meanwhile sends nothing more.
-        session._closed = session._closed_by_client = True
-
-    async def close_all() -> None:
-        calls = {
-            asyncio.ensure_future(
-                s._transport.unary_in_loop(
-                    "CloseSession",
-                    encode_string_field(s._session_id),  # CloseSessionRequest
-                )
-            ): s
-            for s in sessions
-        }
-        done, pending = await asyncio.wait(calls, timeout=timeout)
-        for task in pending:
-            task.cancel()
-            log.warning(
-                "CloseSession %s (client closing) timed out after %.1f s",
-                calls[task]._session_id,
-                timeout,
-            )
-        if pending:
-            await asyncio.wait(pending)
-        for task in done:
-            if (exc := task.exception()) is not None:
-                log.warning(
-                    "CloseSession %s (client closing) failed: %s", calls[task]._session_id, exc
-                )
+    live = owner.live_sessions
+    live.closing = True
+    sending: list[Session] = []
+    with trio.move_on_after(timeout):
+        while True:
+            sending = list(live.held)
+            live.held.clear()
+            if sending:
+                for session in sending:
+                    # Before anything is sent: a block leaving meanwhile sends nothing.
+                    session._closed = session._closed_by_client = True
+                log.debug("closing %d sessions still held by blocks", len(sending))
+                await bridge.run(_close_all, sending, defer_ki=True)
+                sending = []
+            elif live.opening:
+                await live.wait_changed()
             else:
-                log.debug("session %s closed with its client", calls[task]._session_id)
+                return
+    log.warning(
+        "%d sessions (and %d still opening) were not closed within close_timeout=%g s "
+        "of the client's close; the server frees them when idle",
+        len(sending) + len(live.held),
+        live.opening,
+        timeout,
+    )
 
-    log.debug("closing %d sessions still held by blocks", len(sessions))
-    await bridge.run(close_all, defer_ki=True)
+
+async def _close_all(sessions: list[Session]) -> None:
+    """asyncio: ``CloseSession`` for each of ``sessions``, at once; failures are logged."""
+    calls = {
+        asyncio.ensure_future(
+            s._transport.unary_in_loop(
+                "CloseSession",
+                encode_string_field(s._session_id),  # CloseSessionRequest
+            )
+        ): s
+        for s in sessions
+    }
+    try:
+        await asyncio.wait(calls)
+    finally:  # cancelled: the client's close_timeout ran out
+        for task in calls:
+            task.cancel()
+    for task, s in calls.items():
+        if task.cancelled():  # the loop is closing under it
+            log.warning("CloseSession %s (client closing) was cancelled", s._session_id)
+        elif (exc := task.exception()) is not None:
+            log.warning("CloseSession %s (client closing) failed: %s", s._session_id, exc)
+        else:
+            log.debug("session %s closed with its client", s._session_id)

@@ -256,6 +256,31 @@ _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 
 
 @final
+class LiveSessions:
+    """The sessions that blocks hold, and the ``OpenSession`` calls in flight (trio side).
+
+    What the client's close closes (``close_live_sessions``): sessions held, and
+    those still opening, once their reply comes.
+    """
+
+    __slots__ = ("_changed", "closing", "held", "opening")
+
+    def __init__(self) -> None:
+        self.held: set[Session] = set()
+        self.opening = 0
+        self.closing = False  # the client's close has begun: no new OpenSession
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        """An ``OpenSession`` call ended: wake the close waiting for it."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+
+@final
 class GrpcTransport:
     """The gRPC side of a client: one channel, opened on first use, shared by all calls.
 
@@ -297,9 +322,8 @@ class GrpcTransport:
         """Calls in flight on this transport (unary and streaming)."""
         self.open_sessions = 0
         """Sessions opened through this transport and not yet closed (trio side)."""
-        self.live_sessions: set[Session] = set()
-        """Sessions whose blocks still hold them, when opened with this transport
-        (trio side): what :func:`close_live_sessions` closes at the client's close."""
+        self.live_sessions = LiveSessions()
+        """The sessions opened with this transport (trio side)."""
         self._channel: _PocChannel | None = None
         self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False

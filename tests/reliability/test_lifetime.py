@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
+from reliability_helpers import wait_for
 
 import poc_api
 from poc_api import SamplingParams
@@ -90,7 +93,10 @@ async def test_a_client_used_from_another_threads_trio_run_says_so(
         async def use_http() -> None:
             await client.readout_manifest()
 
-        for use in (use_grpc, use_http):
+        async def close() -> None:
+            await client.aclose()
+
+        for use in (use_grpc, use_http, close):
             try:
                 trio.run(use)
             except BaseException as exc:
@@ -102,7 +108,7 @@ async def test_a_client_used_from_another_threads_trio_run_says_so(
             # ... and the owner's run is unharmed.
             async with client.session() as s:
                 await s.prefill([1, 2])
-    assert len(errors) == 2
+    assert len(errors) == 3
     for error in errors:
         assert isinstance(error, RuntimeError)
         assert "another trio.run" in str(error)
@@ -333,6 +339,61 @@ async def test_closing_the_client_closes_the_sessions_its_blocks_still_hold(
                 nursery.cancel_scope.cancel()
     assert len(caught) == 2  # the streams failed with the close's error
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_a_session_still_opening_when_the_client_closes_is_closed_too() -> None:
+    # Its OpenSession was on the wire when the close began: the close waits for
+    # the reply and closes that session as well; the block never starts.
+    caught: list[BaseException] = []
+    async with misbehaving_server() as srv:
+        srv.plan("OpenSession", Reply(first_delay=0.3))
+        client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=2.0)
+
+        async def opener() -> None:
+            try:
+                async with client.session():
+                    raise AssertionError("the block must not start")
+            except trio.ClosedResourceError as exc:
+                caught.append(exc)
+
+        with trio.fail_after(10):
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(opener)
+                await wait_for(lambda: len(srv.calls_to("OpenSession")) == 1)
+                await client.aclose()
+        assert [c.kind for c in srv.calls_to("CloseSession")] == ["ok"]
+    assert len(caught) == 1
+
+
+def test_ctrl_c_during_the_clients_close_still_closes_everything() -> None:
+    # A second Ctrl-C while the client closes (here: its CloseSession of a held
+    # session gets no answer, so the close takes close_timeout). trio delivers it
+    # at any checkpoint of the main task, shielded or not: the close must still
+    # run to its end (no loop thread left behind), and then raise it.
+    async def main() -> None:
+        async with misbehaving_server() as srv:
+            srv.plan("CloseSession", Reply(first_delay=30.0))
+            client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=1.0)
+            await client.__aenter__()
+            held = client.session()
+            await held.__aenter__()  # a block that never leaves: its session is held
+            threading.Timer(0.3, signal.raise_signal, [signal.SIGINT]).start()
+            started = time.monotonic()
+            try:
+                await client.aclose()
+            finally:
+                elapsed.append(time.monotonic() - started)
+
+    elapsed: list[float] = []
+    with pytest.raises(BaseException) as info:
+        trio.run(main)
+    assert (
+        info.group_contains(KeyboardInterrupt)
+        if isinstance(info.value, BaseExceptionGroup)
+        else isinstance(info.value, KeyboardInterrupt)
+    ), repr(info.value)
+    assert 0.9 < elapsed[0] < 5.0, elapsed  # the close ran its course first
+    assert not [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
 
 
 async def test_a_close_as_the_connection_settles_fails_the_waiting_call_cleanly(
