@@ -523,7 +523,7 @@ class open_session:  # used like the function it replaced
                 encode_string_field(sid),  # CloseSessionRequest
             )
 
-        live.opening += 1
+        live.in_flight += 1
         try:
             raw = await transport.unary(
                 "OpenSession",
@@ -532,7 +532,7 @@ class open_session:  # used like the function it replaced
                 orphan=close_orphan,
             )
         finally:
-            live.opening -= 1
+            live.in_flight -= 1
             live.changed()
         session_id, max_length = decode_open_session(raw)
         if not session_id:
@@ -562,10 +562,14 @@ class open_session:  # used like the function it replaced
         tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
-            self._transport.live_sessions.held.discard(self._session)
+            live = self._transport.live_sessions
+            live.held.discard(self._session)
+            live.in_flight += 1  # the client's close waits for this CloseSession
             try:
                 await self._session.aclose()
             finally:
+                live.in_flight -= 1
+                live.changed()
                 # The session's own transport: in a pool, its endpoint's.
                 self._session._transport.open_sessions -= 1
 
@@ -714,9 +718,10 @@ async def close_live_sessions(
     A client closed from another task (a supervisor shutting down, say) would
     otherwise leave these on the server until its idle eviction. One
     ``CloseSession`` each, all at once; an ``OpenSession`` still in flight is
-    waited for and its session closed too. All of it within ``timeout``; a
-    failure is logged. The blocks, when they leave, find their session closed
-    and say nothing. The caller shields this (``ApiClient.aclose``).
+    waited for and its session closed too, as is a block's own ``CloseSession``.
+    All of it within ``timeout``; a failure is logged. The blocks, when they
+    leave, find their session closed and say nothing. The caller shields this
+    (``ApiClient.aclose``).
     """
     live = owner.live_sessions
     live.closing = True
@@ -732,15 +737,15 @@ async def close_live_sessions(
                 log.debug("closing %d sessions still held by blocks", len(sending))
                 await bridge.run(_close_all, sending, defer_ki=True)
                 sending = []
-            elif live.opening:
+            elif live.in_flight:
                 await live.wait_changed()
             else:
                 return
     log.warning(
-        "%d sessions (and %d still opening) were not closed within close_timeout=%g s "
+        "%d sessions (and %d opening or closing) were not closed within close_timeout=%g s "
         "of the client's close; the server frees them when idle",
         len(sending) + len(live.held),
-        live.opening,
+        live.in_flight,
         timeout,
     )
 

@@ -257,22 +257,23 @@ _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 
 @final
 class LiveSessions:
-    """The sessions that blocks hold, and the ``OpenSession`` calls in flight (trio side).
+    """The sessions that blocks hold, and their session calls in flight (trio side).
 
-    What the client's close closes (``close_live_sessions``): sessions held, and
-    those still opening, once their reply comes.
+    What the client's close closes (``close_live_sessions``): the sessions held,
+    and those still opening once their reply comes; it also waits for the
+    ``CloseSession`` of a block that is leaving.
     """
 
-    __slots__ = ("_changed", "closing", "held", "opening")
+    __slots__ = ("_changed", "closing", "held", "in_flight")
 
     def __init__(self) -> None:
         self.held: set[Session] = set()
-        self.opening = 0
+        self.in_flight = 0  # OpenSession and a block's own CloseSession calls
         self.closing = False  # the client's close has begun: no new OpenSession
         self._changed = trio.Event()
 
     def changed(self) -> None:
-        """An ``OpenSession`` call ended: wake the close waiting for it."""
+        """One of the calls in flight ended: wake the close waiting for it."""
         self._changed.set()
         self._changed = trio.Event()
 

@@ -43,10 +43,21 @@ def client_for(server: ReferenceServer, **kw: object) -> poc_api.ApiClient:
     return poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url, **kw)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+async def busy_server() -> AsyncIterator[ReferenceServer]:
+    """A server that decodes 1,000 tokens/s: a long stream outlasts any close.
+
+    (At full speed a stream fills the context window in ~0.1 s, and could end
+    normally while the client's close sends its CloseSessions.)
+    """
+    async with reference_server(token_delay_ms=1) as srv:
+        yield srv
+
+
 async def test_closing_the_client_from_another_task_fails_its_streams_cleanly(
-    server: ReferenceServer,
+    busy_server: ReferenceServer,
 ) -> None:
-    client = client_for(server, close_timeout=1.0)
+    client = client_for(busy_server, close_timeout=1.0)
     caught: list[BaseException] = []
 
     async def agent(task_status: trio.TaskStatus[None]) -> None:
@@ -305,11 +316,12 @@ async def test_closing_the_client_under_any_running_call_gives_a_clean_error(
 
 
 async def test_closing_the_client_closes_the_sessions_its_blocks_still_hold(
-    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+    busy_server: ReferenceServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A supervisor closes the shared client while agents still hold sessions,
     # idle or mid-stream: the server frees them at the close, not at its idle
     # eviction, and the agents' blocks then leave quietly.
+    server = busy_server
     client = client_for(server, close_timeout=1.0)
     caught: list[BaseException] = []
 
@@ -363,6 +375,27 @@ async def test_a_session_still_opening_when_the_client_closes_is_closed_too() ->
                 await client.aclose()
         assert [c.kind for c in srv.calls_to("CloseSession")] == ["ok"]
     assert len(caught) == 1
+
+
+async def test_a_blocks_own_close_session_in_flight_is_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A block left (its CloseSession on the wire, answered late) just as another
+    # task closes the client: the close lets it finish instead of cutting it off.
+    async with misbehaving_server() as srv:
+        srv.plan("CloseSession", Reply(first_delay=0.3))
+        client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=2.0)
+
+        async def holder() -> None:
+            async with client.session() as s:
+                await s.prefill([1, 2])
+
+        with trio.fail_after(10):
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(holder)
+                await wait_for(lambda: len(srv.calls_to("CloseSession")) == 1)
+                await client.aclose()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_ctrl_c_during_the_clients_close_still_closes_everything() -> None:
