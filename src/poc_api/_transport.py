@@ -270,14 +270,17 @@ class LiveSessions:
         self.held: set[Session] = set()
         self.in_flight = 0  # OpenSession and a block's own CloseSession calls
         self.closing = False  # the client's close has begun: no new OpenSession
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None  # only while the close waits
 
     def changed(self) -> None:
         """One of the calls in flight ended: wake the close waiting for it."""
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def wait_changed(self) -> None:
+        if self._changed is None:
+            self._changed = trio.Event()
         await self._changed.wait()
 
 
