@@ -518,10 +518,7 @@ class open_session:  # used like the function it replaced
             # already made the session; close it instead of leaking it until eviction.
             sid, _ = decode_open_session(reply)
             log.debug("closing session %s, whose OpenSession call was abandoned", sid)
-            await transport.unary_in_loop(
-                "CloseSession",
-                encode_string_field(sid),  # CloseSessionRequest
-            )
+            await _close_in_loop(transport, sid)
 
         live.in_flight += 1
         try:
@@ -753,13 +750,7 @@ async def close_live_sessions(
 async def _close_all(sessions: list[Session]) -> None:
     """asyncio: ``CloseSession`` for each of ``sessions``, at once; failures are logged."""
     calls = {
-        asyncio.ensure_future(
-            s._transport.unary_in_loop(
-                "CloseSession",
-                encode_string_field(s._session_id),  # CloseSessionRequest
-            )
-        ): s
-        for s in sessions
+        asyncio.ensure_future(_close_in_loop(s._transport, s._session_id)): s for s in sessions
     }
     try:
         await asyncio.wait(calls)
@@ -773,3 +764,11 @@ async def _close_all(sessions: list[Session]) -> None:
             log.warning("CloseSession %s (client closing) failed: %s", s._session_id, exc)
         else:
             log.debug("session %s closed with its client", s._session_id)
+
+
+async def _close_in_loop(transport: GrpcTransport | SessionRoute, session_id: str) -> None:
+    """asyncio: ``CloseSession`` for one session, on its own route."""
+    await transport.unary_in_loop(
+        "CloseSession",
+        encode_string_field(session_id),  # CloseSessionRequest
+    )
