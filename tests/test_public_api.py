@@ -66,9 +66,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "DnsTarget",
         "Router",
         "SessionRoute",
-        "bind_session",
         "check_affinity_header",
-        "failover_attempts",
         "parse_grpc_targets",
     }
     for info in pkgutil.iter_modules(poc_api.__path__):

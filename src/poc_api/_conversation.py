@@ -31,7 +31,6 @@ import trio
 
 from ._chunks import Chunk, Image, Tokens, check_chunks, plan_delta
 from ._errors import ServerUnavailable, SessionNotFound
-from ._pool import failover_attempts
 from ._session import GenerateStream, Session, open_session
 from ._types import (
     U32_MAX,
@@ -49,7 +48,6 @@ from ._types import (
 
 if TYPE_CHECKING:
     from ._pool import Router
-    from ._transport import GrpcTransport
 
 __all__ = ["Conversation", "ConversationStream", "reshape_readout"]
 
@@ -172,7 +170,7 @@ class Conversation:
 
     def __init__(
         self,
-        transport: GrpcTransport | Router,
+        transport: Router,
         model: str,
         *,
         rewind: bool,
@@ -316,7 +314,7 @@ class Conversation:
             except ServerUnavailable:
                 # A pool places the new session on another endpoint (issue 12).
                 await gen_stack.aclose()
-                if attempt or failover_attempts(self._transport) < 2:
+                if attempt or self._transport.failover_attempts < 2:
                     raise
                 log.info(
                     "session %s: its server is unreachable: opening a new session "

@@ -45,10 +45,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import final
+from typing import TYPE_CHECKING, final
 from urllib.parse import urlsplit
 
 import attrs
+import trio
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
@@ -59,7 +60,10 @@ from ._proto.grpc.health.v1 import (
     HealthCheckResponse,
     HealthCheckResponseServingStatus,
 )
-from ._transport import GrpcTarget, GrpcTransport, LiveSessions, _Collect, deadline
+from ._transport import GrpcTarget, GrpcTransport, _Collect, deadline
+
+if TYPE_CHECKING:
+    from ._session import Session
 
 __all__ = [
     "DEFAULT_AFFINITY_HEADER",
@@ -68,9 +72,7 @@ __all__ = [
     "EndpointStatus",
     "Router",
     "SessionRoute",
-    "bind_session",
     "check_affinity_header",
-    "failover_attempts",
     "parse_grpc_targets",
 ]
 
@@ -278,6 +280,35 @@ async def _lookup(host: str, port: int) -> list[str]:
 
 
 @final
+class LiveSessions:
+    """The sessions that blocks hold, and their session calls in flight (trio side).
+
+    What the client's close closes (``close_live_sessions``): the sessions held,
+    and those still opening once their reply comes; it also waits for the
+    ``CloseSession`` of a block that is leaving.
+    """
+
+    __slots__ = ("_changed", "closing", "held", "in_flight")
+
+    def __init__(self) -> None:
+        self.held: set[Session] = set()
+        self.in_flight = 0  # OpenSession and a block's own CloseSession calls
+        self.closing = False  # the client's close has begun: no new OpenSession
+        self._changed: trio.Event | None = None  # only while the close waits
+
+    def changed(self) -> None:
+        """One of the calls in flight ended: wake the close waiting for it."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_changed(self) -> None:
+        if self._changed is None:
+            self._changed = trio.Event()
+        await self._changed.wait()
+
+
+@final
 class Router:
     """Where sessions go: one endpoint, or a pool of them. Owned by an ``ApiClient``.
 
@@ -326,6 +357,11 @@ class Router:
     def failover(self) -> bool:
         """Whether a lost session or call can be placed on another endpoint."""
         return self._dns is not None or len(self._endpoints) > 1
+
+    @property
+    def failover_attempts(self) -> int:
+        """How often a scoring call may run when its server dies: twice in a pool, else once."""
+        return 2 if self.failover else 1
 
     def endpoints(self) -> tuple[EndpointStatus, ...]:
         """Every endpoint's state and load (a snapshot)."""
@@ -652,15 +688,3 @@ class _Observed:
             raise
         if isinstance(exc, e.ServerUnavailable):
             self._ep.failed()
-
-
-def bind_session(transport: GrpcTransport | Router) -> GrpcTransport | SessionRoute:
-    """What one new session uses: a fresh :class:`SessionRoute`, or the plain transport."""
-    if isinstance(transport, Router):
-        return transport.bind_session()
-    return transport
-
-
-def failover_attempts(transport: GrpcTransport | Router) -> int:
-    """How often a scoring call may run when its server dies: twice in a pool, else once."""
-    return 2 if isinstance(transport, Router) and transport.failover else 1

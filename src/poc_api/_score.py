@@ -26,13 +26,11 @@ import trio
 
 from . import _errors as e
 from ._chunks import Chunk, Image, Tokens, check_chunks
-from ._pool import failover_attempts
 from ._session import Session, open_session
 from ._types import SamplingParams, ScoreResult, Token, _u32
 
 if TYPE_CHECKING:
     from ._pool import Router
-    from ._transport import GrpcTransport
 
 __all__ = [
     "group_by_prefix",
@@ -170,7 +168,7 @@ def _precheck(
 
 
 async def score_chunks(
-    transport: GrpcTransport | Router,
+    transport: Router,
     model: str,
     chunks: Sequence[Chunk],
     ranges: Sequence[Sequence[int]],
@@ -183,7 +181,7 @@ async def score_chunks(
     if not rs:
         await trio.lowlevel.checkpoint()
         return []
-    tries = failover_attempts(transport)
+    tries = transport.failover_attempts
     for attempt in range(tries):
         try:
             async with open_session(
@@ -201,7 +199,7 @@ async def score_chunks(
 
 
 async def score_many(
-    transport: GrpcTransport | Router,
+    transport: Router,
     model: str,
     prompts: Sequence[tuple[Sequence[Chunk], Sequence[Sequence[int]]]],
     *,
@@ -236,7 +234,7 @@ async def score_many(
     first_error: list[BaseException] = []
     limiter = trio.CapacityLimiter(max_concurrency)
 
-    tries = failover_attempts(transport)
+    tries = transport.failover_attempts
 
     async def one(indices: list[int], shared: int) -> None:
         async with limiter:
@@ -505,7 +503,7 @@ def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | N
 
 
 async def score_continuations(
-    transport: GrpcTransport | Router,
+    transport: Router,
     model: str,
     prompt_chunks: Sequence[Chunk],
     continuations: Sequence[Sequence[int] | Sequence[Chunk] | Chunk],

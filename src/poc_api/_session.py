@@ -20,7 +20,6 @@ import trio
 
 from . import _errors as e
 from ._chunks import check_image_mime
-from ._pool import bind_session
 from ._proto import salience as pb
 from ._types import (
     U32_MAX,
@@ -486,7 +485,7 @@ class open_session:  # used like the function it replaced
 
     def __init__(
         self,
-        transport: GrpcTransport | Router,
+        transport: Router,
         model: str,
         *,
         max_buffered_events: int,
@@ -510,7 +509,7 @@ class open_session:  # used like the function it replaced
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("the ApiClient is closed")
         # In a pool, each session gets its own route (endpoint + affinity key).
-        transport = bind_session(self._transport)
+        transport = self._transport.bind_session()
         log.debug("opening new session (model=%r)", self._model)
 
         async def close_orphan(reply: bytes) -> None:
@@ -707,9 +706,7 @@ class _GenerateBlock:
             s._lock.release()
 
 
-async def close_live_sessions(
-    owner: GrpcTransport | Router, bridge: AsyncioBridge, timeout: float
-) -> None:
+async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: float) -> None:
     """Close the sessions that blocks still hold when their client closes (trio side).
 
     A client closed from another task (a supervisor shutting down, say) would

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, final
+from typing import Any, NoReturn, Protocol, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -60,9 +60,6 @@ from ._hpack import CachingEncoder
 from ._http import EXCERPT_LIMIT, key_redactor, redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
-
-if TYPE_CHECKING:
-    from ._session import Session
 
 __all__ = ["GrpcTarget", "GrpcTransport", "KeepAlive", "deadline", "map_grpc_error"]
 
@@ -256,35 +253,6 @@ _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 
 
 @final
-class LiveSessions:
-    """The sessions that blocks hold, and their session calls in flight (trio side).
-
-    What the client's close closes (``close_live_sessions``): the sessions held,
-    and those still opening once their reply comes; it also waits for the
-    ``CloseSession`` of a block that is leaving.
-    """
-
-    __slots__ = ("_changed", "closing", "held", "in_flight")
-
-    def __init__(self) -> None:
-        self.held: set[Session] = set()
-        self.in_flight = 0  # OpenSession and a block's own CloseSession calls
-        self.closing = False  # the client's close has begun: no new OpenSession
-        self._changed: trio.Event | None = None  # only while the close waits
-
-    def changed(self) -> None:
-        """One of the calls in flight ended: wake the close waiting for it."""
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    async def wait_changed(self) -> None:
-        if self._changed is None:
-            self._changed = trio.Event()
-        await self._changed.wait()
-
-
-@final
 class GrpcTransport:
     """The gRPC side of a client: one channel, opened on first use, shared by all calls.
 
@@ -326,8 +294,6 @@ class GrpcTransport:
         """Calls in flight on this transport (unary and streaming)."""
         self.open_sessions = 0
         """Sessions opened through this transport and not yet closed (trio side)."""
-        self.live_sessions = LiveSessions()
-        """The sessions opened with this transport (trio side)."""
         self._channel: _PocChannel | None = None
         self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False
