@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 
 import pytest
 import trio
@@ -19,6 +19,21 @@ from poc_api import SamplingParams, Token
 from poc_api.server import EOS, ReferenceServer, ServerConfig, tokenize
 
 HELLO = tokenize("The quick brown fox")
+
+
+@pytest.fixture(scope="module")
+def wide_server() -> Iterator[ReferenceServer]:
+    """A server whose readouts are 256 floats (32 layers): ~1 KiB per event.
+
+    For tests that must push tens of MiB through flow-control windows: the same
+    bytes take a tenth of the events, and about half the time, of the default's.
+    """
+    srv = ReferenceServer(ServerConfig(max_context=2_000_000, ignore_eos=True, n_layers=32))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 # -- construction and URLs ---------------------------------------------------------
@@ -522,17 +537,27 @@ async def test_calls_beyond_max_concurrent_streams_raise_limit_exceeded(
 
 
 @pytest.mark.heavy
-async def test_streams_nobody_reads_do_not_stall_the_others(server: ReferenceServer) -> None:
+async def test_streams_nobody_reads_do_not_stall_the_others(
+    wide_server: ReferenceServer,
+) -> None:
+    server = wide_server
     # Agents that stop reading their streams must only stop their own streams: the
     # connection's flow-control window is shared by every agent on the client.
     # 20 unread streams hold more than any connection window a client might pick.
-    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+    # (A small event buffer: the bytes each unread stream holds are then its window.)
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_buffered_events=64
+    ) as c:
         async with contextlib.AsyncExitStack() as stack:
             before = server.state().bytes_streamed
             for _ in range(20):
                 idle = await stack.enter_async_context(c.session())
                 unread = await stack.enter_async_context(
-                    idle.generate(HELLO, sampling=SamplingParams(max_tokens=10**7))
+                    idle.generate(
+                        HELLO,
+                        sampling=SamplingParams(max_tokens=10**7),
+                        readout_ranges=[(0, 10**7)],
+                    )
                 )
                 await unread.__anext__()
             stalled = await wait_until_streaming_stalls(server)
@@ -547,7 +572,7 @@ async def test_streams_nobody_reads_do_not_stall_the_others(server: ReferenceSer
 async def _stream_forty(c: poc_api.ApiClient) -> None:
     for i in range(40):
         async with c.session() as s:
-            sampling = SamplingParams(max_tokens=10_000)
+            sampling = SamplingParams(max_tokens=1_200)
             async with s.generate(HELLO, sampling=sampling, readout_ranges=[(0, 10**6)]) as ev:
                 async for e in ev:
                     if i % 4 == 0 and isinstance(e, Token) and e.position > 100:
@@ -555,7 +580,8 @@ async def _stream_forty(c: poc_api.ApiClient) -> None:
 
 
 @pytest.mark.heavy
-async def test_connection_window_accounting_stays_exact(server: ReferenceServer) -> None:
+async def test_connection_window_accounting_stays_exact(wide_server: ReferenceServer) -> None:
+    server = wide_server
     # The connection window is returned on receipt and stream windows on reading;
     # after far more than a connection window of data (streams read to the end and
     # streams abandoned mid-flight) it must be neither inflated nor shrunk.
