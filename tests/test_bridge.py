@@ -19,6 +19,8 @@ import pytest
 import trio
 import trio.testing
 from helpers import wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poc_api import _bridge as bridge_module
 from poc_api._bridge import AsyncioBridge, Sink, _Mailbox, open_bridge
@@ -435,6 +437,43 @@ async def test_a_stream_is_drained_in_batches_in_order() -> None:
                     got.extend(batch)
     assert got == list(range(5000))
     assert batches < 200 and wakes[0] < 200, (batches, wakes[0])
+
+
+@settings(max_examples=40)
+@given(
+    sizes=st.lists(st.integers(0, 3000), max_size=300),
+    max_items=st.integers(1, 64),
+    max_bytes=st.integers(1, 8000),
+    consumer_naps=st.booleans(),
+)
+def test_a_byte_bounded_stream_keeps_every_batch_within_its_bounds(
+    sizes: list[int], max_items: int, max_bytes: int, consumer_naps: bool
+) -> None:
+    # Each batch the consumer takes is what the buffer held: at most max_items
+    # items, and under max_bytes before its last item (one item always fits).
+    items = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+
+    async def produce(sink: Sink[bytes]) -> None:
+        for item in items:
+            if sink.push(item):
+                await sink.wait_space()
+
+    async def main() -> list[list[bytes]]:
+        batches = []
+        async with open_bridge() as bridge:
+            with trio.fail_after(10):
+                async with bridge.stream(produce, max_items=max_items, max_bytes=max_bytes) as rx:
+                    while batch := await rx.receive_batch():
+                        batches.append(batch)
+                        if consumer_naps:
+                            await trio.sleep(0.001)
+        return batches
+
+    batches = trio.run(main)
+    assert [item for batch in batches for item in batch] == items
+    for batch in batches:
+        assert len(batch) <= max_items
+        assert sum(map(len, batch[:-1])) < max_bytes
 
 
 async def test_a_full_buffer_pauses_the_producer_until_the_consumer_reads() -> None:

@@ -171,17 +171,19 @@ class StreamBlock(Generic[T]):
     drops a Ctrl-C (python/cpython#95959).
     """
 
-    __slots__ = ("_bridge", "_call", "_max_items", "_producer")
+    __slots__ = ("_bridge", "_call", "_max_bytes", "_max_items", "_producer")
 
     def __init__(
         self,
         bridge: AsyncioBridge,
         producer: Callable[[Sink[T]], Coroutine[Any, Any, None]],
         max_items: int,
+        max_bytes: int,
     ) -> None:
         self._bridge = bridge
         self._producer = producer
         self._max_items = max_items
+        self._max_bytes = max_bytes
         self._call: _Call | None = None
 
     @trio.lowlevel.enable_ki_protection  # a submitted producer is always settled
@@ -190,7 +192,7 @@ class StreamBlock(Generic[T]):
         bridge.check_caller()
         if self._call is not None:
             raise RuntimeError("a stream block can be entered only once")
-        buf: _Buffer[T] = _Buffer(bridge, self._max_items)
+        buf: _Buffer[T] = _Buffer(bridge, self._max_items, self._max_bytes)
         sink = Sink(buf)
 
         def on_done(call: _Call) -> None:
@@ -223,14 +225,17 @@ class Sink(Generic[T]):
     Pushed items collect in a list of the producer's own and reach the shared
     buffer in one locked step per loop iteration (right before the loop
     selects), not one per item: a stream's messages arrive thousands per read.
+    With a byte bound, items are weighed by ``len()``.
     """
 
-    __slots__ = ("_buf", "_pending", "_room")
+    __slots__ = ("_buf", "_pending", "_pending_bytes", "_room", "_room_bytes")
 
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
         self._pending: list[T] = []
+        self._pending_bytes = 0
         self._room = buffer.max_items  # free places in the buffer at the last flush
+        self._room_bytes = buffer.max_bytes  # and free bytes (0: not weighed)
 
     def push(self, item: T) -> bool:
         """Append one item; the consumer gets it before the loop next waits.
@@ -242,6 +247,10 @@ class Sink(Generic[T]):
         pending.append(item)
         if len(pending) == 1:
             self._buf.bridge.before_select(self.flush)
+        if self._room_bytes:
+            self._pending_bytes += len(item)  # type: ignore[arg-type]
+            if self._pending_bytes >= self._room_bytes:
+                return True
         return len(pending) >= self._room
 
     def flush(self) -> None:
@@ -255,6 +264,10 @@ class Sink(Generic[T]):
             items = buf.items
             items.extend(pending)
             self._room = buf.max_items - len(items)
+            if buf.max_bytes:
+                buf.nbytes += self._pending_bytes
+                self._pending_bytes = 0
+                self._room_bytes = max(buf.max_bytes - buf.nbytes, 1)
             waiter = buf.trio_waiter
             if waiter is not None:
                 buf.trio_waiter = None
@@ -268,8 +281,11 @@ class Sink(Generic[T]):
         while True:
             with buf.lock:
                 free = buf.max_items - len(buf.items)
-                if free > 0:
+                free_bytes = buf.max_bytes - buf.nbytes
+                if free > 0 and (not buf.max_bytes or free_bytes > 0):
                     self._room = free
+                    if buf.max_bytes:
+                        self._room_bytes = free_bytes
                     return
                 space = buf.space = asyncio.get_running_loop().create_future()
             await space
@@ -282,16 +298,20 @@ class _Buffer(Generic[T]):
         "finished",
         "items",
         "lock",
+        "max_bytes",
         "max_items",
+        "nbytes",
         "space",
         "trio_waiter",
     )
 
-    def __init__(self, bridge: AsyncioBridge, max_items: int) -> None:
+    def __init__(self, bridge: AsyncioBridge, max_items: int, max_bytes: int = 0) -> None:
         self.bridge = bridge
         self.lock = threading.Lock()
         self.items: collections.deque[T] = collections.deque()
         self.max_items = max_items
+        self.max_bytes = max_bytes  # 0: items are not weighed
+        self.nbytes = 0  # the items' weight (with max_bytes)
         self.trio_waiter: trio.Event | None = None
         self.space: asyncio.Future[None] | None = None  # the producer waits on it
         self.finished = False
@@ -318,6 +338,7 @@ class BatchReceiver(Generic[T]):
         with buf.lock:
             items = list(buf.items)
             buf.items.clear()
+            buf.nbytes = 0
             space, buf.space = buf.space, None
         if space is not None:
             buf.bridge._to_loop.post(lambda: _wake_future(space))
@@ -746,19 +767,22 @@ class AsyncioBridge:
         producer: Callable[[Sink[T]], Coroutine[Any, Any, None]],
         *,
         max_items: int,
+        max_bytes: int = 0,
     ) -> StreamBlock[T]:
         """Run ``producer(sink)`` on asyncio while the block drains its items.
 
-        ``max_items`` bounds the buffer: a producer that finds it full waits in
-        :meth:`Sink.wait_space`, which stops reading from the network and so
-        lets HTTP/2 flow control slow the server down.
+        ``max_items`` bounds the buffer, and ``max_bytes`` (if not 0) bounds the
+        items' total ``len()``; one item is always taken, however big. A
+        producer that finds the buffer full waits in :meth:`Sink.wait_space`,
+        which stops reading from the network and so lets HTTP/2 flow control
+        slow the server down.
 
         Leaving the block cancels the producer (if still running) and waits
         (shielded, bounded) for it to finish. The producer's exception is raised
         from :meth:`BatchReceiver.receive_batch`, never from this block's exit,
         and the block's own exception leaves it untouched.
         """
-        return StreamBlock(self, producer, max_items)
+        return StreamBlock(self, producer, max_items, max_bytes)
 
     async def aclose(self) -> None:
         """Cancel every asyncio task, stop the loop and join its thread (idempotent).

@@ -101,6 +101,10 @@ class ApiClient:
         max_buffered_events: events buffered per stream before the client stops
             reading and HTTP/2 flow control pushes back on the server. This bound
             slows the server down instead of raising: no event is ever dropped.
+        max_buffered_bytes: the same bound in bytes (of the events as received),
+            for events that carry big readouts; past it one more event is still
+            taken, however big. A stream nobody reads holds at most two such
+            buffers (the batch being read and the next) plus its 1 MiB window.
         max_message_size: largest gRPC message sent or accepted, in bytes; a
             larger one raises :class:`LimitExceeded` before it is read. The same
             bound applies to an HTTP answer's body (a chat stream's events are
@@ -160,6 +164,7 @@ class ApiClient:
         timeout: float = 600.0,
         close_timeout: float = 5.0,
         max_buffered_events: int = 4096,
+        max_buffered_bytes: int = 4 * 1024 * 1024,
         max_message_size: int = 64 * 1024 * 1024,
         keepalive_time: float | None = 300.0,
         keepalive_timeout: float = 20.0,
@@ -212,6 +217,7 @@ class ApiClient:
                 raise ValueError(f"{name} must be a positive, finite number of seconds")
         for name, count in (
             ("max_buffered_events", max_buffered_events),
+            ("max_buffered_bytes", max_buffered_bytes),
             ("max_message_size", max_message_size),
             ("max_concurrent_streams", max_concurrent_streams),
         ):
@@ -234,6 +240,7 @@ class ApiClient:
         self._timeout = timeout
         self._close_timeout = close_timeout
         self._max_buffered = max_buffered_events
+        self._max_buffered_bytes = max_buffered_bytes
         self._max_message_size = max_message_size
         self._max_streams = max_concurrent_streams
         self._state = _State.UNOPENED
@@ -383,6 +390,7 @@ class ApiClient:
             target,
             metadata=metadata,
             max_message_size=self._max_message_size,
+            max_buffered_bytes=self._max_buffered_bytes,
             keepalive=self._keepalive,
             connect_timeout=self._connect_timeout,
             reap_timeout=self._close_timeout,

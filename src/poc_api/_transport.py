@@ -267,6 +267,7 @@ class GrpcTransport:
         *,
         metadata: tuple[tuple[str, str], ...],
         max_message_size: int,
+        max_buffered_bytes: int = 4 << 20,
         keepalive: KeepAlive | None = KeepAlive(),
         connect_timeout: float = 30.0,
         reap_timeout: float = 5.0,
@@ -284,6 +285,7 @@ class GrpcTransport:
         # context, and out of hpack's debug log, which prints what it indexes.
         self._unindexed = unindexed_headers | {"authorization"}
         self._max_message_size = max_message_size
+        self._max_buffered_bytes = max_buffered_bytes
         self._keepalive = keepalive
         self._ssl_context = ssl_context
         self._connect_timeout = connect_timeout
@@ -670,6 +672,9 @@ class GrpcTransport:
         extra_metadata: tuple[tuple[str, str], ...] = (),
     ) -> _ServerStream:
         """Open a server-streaming RPC whose raw messages the block drains in batches.
+
+        The buffer holds at most ``max_items`` messages and (past one message)
+        the transport's ``max_buffered_bytes``.
 
         Leaving the block before the stream ended resets it with CANCEL and waits
         until that is done. Errors are raised, mapped, by ``receive_batch``. A
@@ -1288,7 +1293,9 @@ class _ServerStream:
 
         t._take_slot(self._method)
         try:
-            block = t._bridge.stream(produce, max_items=self._max_items)
+            block = t._bridge.stream(
+                produce, max_items=self._max_items, max_bytes=t._max_buffered_bytes
+            )
             rx = await block.__aenter__()
         except BaseException:
             t.open_streams -= 1

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 import trio
+from helpers import wait_until_streaming_stalls
 from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
 from reliability_helpers import make_png, wait_for
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
-from poc_api.server import ReferenceServer, tokenize
+from poc_api.server import ReferenceServer, ServerConfig, tokenize
 
 HELLO = tokenize("The quick brown fox")
 MB = 1024 * 1024
@@ -143,3 +145,73 @@ async def test_a_one_event_buffer_still_delivers_every_event_in_order(
                 async with conv.stream([Tokens(HELLO)], SamplingParams(max_tokens=500)) as ev:
                     out = [e async for e in ev]
                 assert len(out) == 501 and isinstance(out[-1], poc_api.StreamDone)
+
+
+@pytest.fixture(scope="module")
+def wide_server() -> Iterator[ReferenceServer]:
+    """Readouts of 512 floats (64 layers x 8 concepts): ~2 KiB per token event."""
+    srv = ReferenceServer(ServerConfig(max_context=2_000_000, ignore_eos=True, n_layers=64))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def _bytes_an_unread_stream_holds(server: ReferenceServer, **client_kw: int) -> int:
+    """What the server wrote to one stream nobody reads, until flow control stopped it."""
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url, **client_kw) as c:
+        async with c.session() as s:
+            await s.prefill(HELLO)
+            before = server.state().bytes_streamed
+            sampling = SamplingParams(max_tokens=10**6)
+            async with s.generate(sampling=sampling, readout_ranges=[(0, 10**7)]) as ev:
+                first = await ev.__anext__()
+                assert isinstance(first, Token) and first.readout is not None
+                assert first.readout.nbytes == 64 * 8 * 4
+                return await wait_until_streaming_stalls(server) - before
+
+
+@pytest.mark.parametrize(
+    ("client_kw", "bound"),
+    [
+        ({}, 4 * MB),  # the default: 4 MiB, reached long before 4,096 such events
+        ({"max_buffered_bytes": 256 * 1024}, 256 * 1024),
+    ],
+    ids=["default", "256KiB"],
+)
+async def test_an_unread_stream_of_big_events_holds_its_byte_bound_plus_its_window(
+    wide_server: ReferenceServer, client_kw: dict[str, int], bound: int
+) -> None:
+    # Events are counted (max_buffered_events) and weighed: with real models' readouts
+    # (tens of KiB a token) 4,096 buffered events alone would be hundreds of MiB per
+    # stream. The buffer is full at `bound` bytes; then the 1 MiB stream window
+    # fills (less what is acknowledged only in batches), and the server stops.
+    held = await _bytes_an_unread_stream_holds(wide_server, **client_kw)
+    assert bound < held < bound + 1 * MB + 64 * 1024
+
+
+async def test_a_byte_bound_below_one_event_still_delivers_every_event_in_order(
+    wide_server: ReferenceServer,
+) -> None:
+    # Every event is bigger than the bound: the buffer then takes one at a time.
+    async with poc_api.ApiClient(
+        wide_server.base_url, grpc_url=wide_server.grpc_url, max_buffered_bytes=100
+    ) as c:
+        with trio.fail_after(30):
+            async with c.session() as s:
+                positions = []
+                sampling = SamplingParams(max_tokens=2000)
+                async with s.generate(HELLO, sampling=sampling, readout_ranges=[(0, 10**7)]) as ev:
+                    async for e in ev:
+                        if isinstance(e, Token):
+                            positions.append(e.position)
+                            if len(positions) % 500 == 0:
+                                await trio.sleep(0.01)
+                assert positions == list(range(len(HELLO) + 2000))
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "4"])
+def test_max_buffered_bytes_must_be_a_positive_int(value: object) -> None:
+    with pytest.raises(ValueError if value in (0, -1) else TypeError, match="max_buffered_bytes"):
+        poc_api.ApiClient("http://127.0.0.1:1/v1", max_buffered_bytes=value)  # type: ignore[arg-type]
