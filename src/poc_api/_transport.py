@@ -680,7 +680,9 @@ class GrpcTransport:
         until that is done. Errors are raised, mapped, by ``receive_batch``. A
         stream refused before any message (REFUSED_STREAM) is retried up to twice.
         """
-        return _ServerStream(self, method, request, max_items, extra_metadata)
+        return _ServerStream(
+            self, method, request, max_items, self._max_buffered_bytes, extra_metadata
+        )
 
     async def aclose(self) -> None:
         """Close the channel (idempotent). In-flight calls fail with ClosedResourceError.
@@ -1260,7 +1262,15 @@ def deadline(timeout: float | None, what: str) -> Iterator[None]:
 class _ServerStream:
     """The block of :meth:`GrpcTransport.server_stream` (a class: see ``StreamBlock``)."""
 
-    __slots__ = ("_block", "_extra", "_max_items", "_method", "_request", "_transport")
+    __slots__ = (
+        "_block",
+        "_extra",
+        "_max_bytes",
+        "_max_items",
+        "_method",
+        "_request",
+        "_transport",
+    )
 
     def __init__(
         self,
@@ -1268,12 +1278,14 @@ class _ServerStream:
         method: str,
         request: bytes,
         max_items: int,
+        max_bytes: int,
         extra_metadata: tuple[tuple[str, str], ...],
     ) -> None:
         self._transport = transport
         self._method = method
         self._request = request
         self._max_items = max_items
+        self._max_bytes = max_bytes
         self._extra = extra_metadata
         self._block: StreamBlock[bytes] | None = None
 
@@ -1293,9 +1305,7 @@ class _ServerStream:
 
         t._take_slot(self._method)
         try:
-            block = t._bridge.stream(
-                produce, max_items=self._max_items, max_bytes=t._max_buffered_bytes
-            )
+            block = t._bridge.stream(produce, max_items=self._max_items, max_bytes=self._max_bytes)
             rx = await block.__aenter__()
         except BaseException:
             t.open_streams -= 1
