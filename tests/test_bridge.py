@@ -476,6 +476,35 @@ def test_a_byte_bounded_stream_keeps_every_batch_within_its_bounds(
         assert sum(map(len, batch[:-1])) < max_bytes
 
 
+@pytest.mark.parametrize("when", ["running", "not yet started"])
+async def test_aborted_streams_end_as_closed_and_later_ones_do_not_start(when: str) -> None:
+    # The client's close aborts the streams first (abort_streams): each consumer
+    # gets ClosedResourceError, not an end that looks like the stream's own.
+    produced = 0
+
+    async def produce(sink: Sink[int]) -> None:
+        nonlocal produced
+        while True:
+            produced += 1
+            sink.push(produced)
+            await asyncio.sleep(0.001)
+
+    async with open_bridge() as bridge:
+        with trio.fail_after(5):
+            async with bridge.stream(produce, max_items=1000) as rx:
+                if when == "running":
+                    assert await rx.receive_batch()
+                bridge.abort_streams()  # "not yet started": its start is still queued
+                with pytest.raises(trio.ClosedResourceError):
+                    while True:
+                        await rx.receive_batch()
+            if when == "not yet started":
+                assert produced == 0
+            with pytest.raises(trio.ClosedResourceError):
+                async with bridge.stream(produce, max_items=1000):
+                    raise AssertionError("a stream started after the abort")
+
+
 async def test_a_full_buffer_pauses_the_producer_until_the_consumer_reads() -> None:
     produced: list[int] = []
 

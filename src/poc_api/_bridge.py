@@ -130,6 +130,7 @@ class _Call:
     """One coroutine crossing to asyncio; its outcome crosses back."""
 
     __slots__ = (
+        "aborted",
         "cancel_requested",
         "detach",
         "done",
@@ -159,7 +160,8 @@ class _Call:
         self.returned = False  # the coroutine returned ``result``
         self.error: BaseException | None = None
         self.task: asyncio.Task[Any] | None = None
-        self.cancel_requested = False
+        self.cancel_requested = False  # by its caller: it ends as cancelled
+        self.aborted = False  # by the client's close: it ends as closed (abort_streams)
 
 
 @final
@@ -192,6 +194,8 @@ class StreamBlock(Generic[T]):
         bridge.check_caller()
         if self._call is not None:
             raise RuntimeError("a stream block can be entered only once")
+        if bridge._streams_aborted:
+            raise trio.ClosedResourceError("the ApiClient is closed")
         buf: _Buffer[T] = _Buffer(bridge, self._max_items, self._max_bytes)
         sink = Sink(buf)
 
@@ -204,7 +208,8 @@ class StreamBlock(Generic[T]):
             if waiter is not None:
                 bridge._to_trio.post(waiter.set)
 
-        self._call = bridge._submit(self._producer, (sink,), on_done)
+        self._call = call = bridge._submit(self._producer, (sink,), on_done)
+        bridge._streams.add(call)
         return BatchReceiver(buf)
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -216,6 +221,7 @@ class StreamBlock(Generic[T]):
                 await self._bridge._settle(call, name)
         finally:
             self._bridge._live.discard(call)
+            self._bridge._streams.discard(call)
 
 
 @final
@@ -403,6 +409,8 @@ class AsyncioBridge:
         self._instrument = _FlushBeforeIoWait(self._flush_to_loop)
         self._closing = False
         self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
+        self._streams: set[_Call] = set()  # trio side: the stream blocks' producers
+        self._streams_aborted = False
         self._closed = trio.Event()
         self._thread_done = trio.Event()
         self._thread = threading.Thread(
@@ -587,7 +595,9 @@ class AsyncioBridge:
                 self._forget(call)
 
         def begin() -> None:
-            if call.cancel_requested or self._loop.is_closed():
+            if call.cancel_requested or call.aborted or self._loop.is_closed():
+                if call.aborted and not call.cancel_requested:
+                    call.error = closed_under_call()
                 self._finish(call)
                 return
             task = _start_task(self._loop, body())
@@ -683,6 +693,36 @@ class AsyncioBridge:
             task.add_done_callback(lambda _: self._forget(call))
 
         self._to_loop.post(cancel)
+
+    def abort_streams(self) -> None:
+        """trio: end every running stream, and every later one, as closed under it.
+
+        The client's close does this first: each stream is reset (CANCEL) as if
+        its block had left, and its consumer gets ``trio.ClosedResourceError``
+        from its next ``receive_batch``; no event is taken after the reset. The
+        connection stays up for what the close still sends (``CloseSession``).
+        """
+        self._streams_aborted = True
+        for call in self._streams:
+            if call.finished:
+                continue
+            call.aborted = True
+
+            def abort(call: _Call = call) -> None:
+                task = call.task
+                if task is None or task.done() or call.finished:
+                    return  # not started (begin() sees `aborted`), or over
+                task.cancel()  # the body records closed_under_call() ...
+
+                def ended(_: object) -> None:
+                    # ... unless it was cancelled before its first step.
+                    if not call.finished and call.error is None and not call.returned:
+                        call.error = closed_under_call()
+                    self._forget(call)
+
+                task.add_done_callback(ended)
+
+            self._to_loop.post(abort)
 
     async def _settle(self, call: _Call, what: str) -> None:
         """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end."""

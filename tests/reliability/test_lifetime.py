@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+import h2.errors
 import pytest
 import trio
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
@@ -76,6 +77,39 @@ async def test_closing_the_client_from_another_task_fails_its_streams_cleanly(
                 await client.aclose()  # not the task that streams
     assert len(caught) == 1
     assert isinstance(caught[0], trio.ClosedResourceError), repr(caught[0])
+
+
+async def test_closing_the_client_resets_its_running_streams_with_cancel_first(
+    busy_server: ReferenceServer,
+) -> None:
+    # A supervisor's close stops the streams at once, as leaving their blocks
+    # would: RST_STREAM(CANCEL), so the server stops decoding for them, and no event
+    # reaches an agent once its stream is reset. (Before, the streams ran on while
+    # the held sessions were closed, and ended with the connection.)
+    client = client_for(busy_server, close_timeout=1.0)
+    resets_before = len(busy_server.state().resets)
+    caught: list[BaseException] = []
+
+    async def agent(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            async with client.session() as s, s.generate(HELLO, sampling=LONG) as ev:
+                await ev.__anext__()  # the server is streaming
+                task_status.started()
+                async for _ in ev:
+                    pass
+        except BaseException as exc:
+            caught.append(exc)
+
+    with trio.fail_after(10):
+        async with client:
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    await nursery.start(agent)
+                await client.aclose()
+        await wait_for(lambda: len(busy_server.state().resets) >= resets_before + 3)
+    assert [type(exc) for exc in caught] == [trio.ClosedResourceError] * 3
+    codes = [code for _, code in busy_server.state().resets[resets_before:]]
+    assert codes == [h2.errors.ErrorCodes.CANCEL] * 3
 
 
 async def test_clients_closed_out_of_order_close_cleanly(server: ReferenceServer) -> None:
