@@ -21,6 +21,7 @@ import trio
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
+from poc_api.cli import main as cli_main
 from poc_api.cli import sparkline
 from poc_api.testing import open_client, reference_server
 
@@ -304,10 +305,25 @@ async def test_base_url_comes_from_the_environment() -> None:
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )
-async def test_usage_errors_exit_2(args: Sequence[str]) -> None:
-    result = await run_cli(*args)
+def test_usage_errors_exit_2(
+    args: Sequence[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In this process (a subprocess each cost ~1 s of imports); the next test runs
+    # one through a real process.
+    for name in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli_main(args)
+    out = capsys.readouterr()
+    assert exited.value.code == 2, (out.out, out.err)
+    assert out.err.strip(), "a usage error says what is wrong"
+
+
+async def test_a_usage_error_exits_2_from_the_process() -> None:
+    result = await run_cli("generate", "hi", "--top-p", "2")
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
+    assert "top-p" in result.stderr
 
 
 async def test_the_installed_console_script_runs() -> None:
