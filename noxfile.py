@@ -60,9 +60,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on src/."""
+    """mypy --strict on src/ and on the benchmarks."""
     session.install("-e", ".[test]", "mypy==2.4.1")
     session.run("mypy", "--strict", "src/poc_api")
+    session.run("mypy", "--strict", "benchmarks")
 
 
 @nox.session(python="3.11")

@@ -201,7 +201,7 @@ class PocApi(_Client):
                 if type(ev) is token_t:
                     count += ev.id > 0
                     if readout:
-                        floats += len(ev.readout)
+                        floats += len(ev.readout)  # type: ignore[arg-type]
         _check(count, floats, n, readout)
         return count
 
@@ -440,9 +440,9 @@ class GrpclibWire(GrpclibBetterproto):
             if type(ev) is token_t:
                 count += ev.id > 0
                 if readout:
-                    floats += len(ev.readout)
+                    floats += len(ev.readout)  # type: ignore[arg-type]
             elif ev is not None:
-                handle[1] = ev.total_tokens
+                handle[1] = ev.total_tokens  # type: ignore[union-attr]
 
         await self._generate(self._request(handle, n, readout), on_event)
         _check(count, floats, n, readout)
@@ -519,7 +519,10 @@ class GrpclibChunk(GrpclibWire):
         from poc_api._transport import _Reader
 
         class Sink:
-            push = staticmethod(lambda raw: on_event(raw) or False)
+            @staticmethod
+            def push(raw: bytes) -> bool:
+                on_event(raw)
+                return False
 
             async def wait_space(self) -> None:  # pragma: no cover - never full
                 return
@@ -550,7 +553,7 @@ class Grpcio(_Asyncio):
         self.stub: Any = None
 
     async def open(self) -> None:
-        import grpc
+        import grpc  # type: ignore[import-untyped]
 
         self.channel = grpc.aio.insecure_channel(
             self.target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]

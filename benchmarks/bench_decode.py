@@ -15,6 +15,8 @@ import argparse
 import random
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from poc_api._proto.salience import (
     Done,
@@ -29,7 +31,12 @@ from poc_api._wire import decode_generate_event
 
 def _events() -> dict[str, bytes]:
     rng = random.Random(0)
-    base = {"id": 151_234, "is_prefill": False, "position": 4_321, "sampled_logprob": -0.123}
+    base: dict[str, Any] = {
+        "id": 151_234,
+        "is_prefill": False,
+        "position": 4_321,
+        "sampled_logprob": -0.123,
+    }
     # 8 layers x 32 concepts, layer-major.
     readout = [rng.uniform(-4.0, 4.0) for _ in range(8 * 32)]
     tops = [TopLogprob(id=rng.randrange(152_000), logprob=-0.5 * i) for i in range(5)]
@@ -79,8 +86,8 @@ def main() -> None:
 
     print(f"{'event':<28}{'bytes':>7}{'ours ev/s':>13}{'betterproto2':>14}{'ratio':>8}")
     for name, data in _events().items():
-        ours = _rate(lambda data=data: decode_generate_event(data), min_time, repeats)
-        theirs = _rate(lambda data=data: GenerateEvent.parse(data), min_time, repeats)
+        ours = _rate(partial(decode_generate_event, data), min_time, repeats)
+        theirs = _rate(partial(GenerateEvent.parse, data), min_time, repeats)
         print(f"{name:<28}{len(data):>7}{ours:>13,.0f}{theirs:>14,.0f}{ours / theirs:>7.1f}x")
 
     request = GenerateRequest(

@@ -42,7 +42,7 @@ import signal
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpclib.const
 import grpclib.server
@@ -344,7 +344,9 @@ async def serve(gen_dir: str, host: str, port: int, readout_floats: int) -> None
     stats = _Stats()
     server = _CountingServer([ReplayService(salience_pb2, readout_floats, stats)], stats)
     await server.start(host, port)
-    sockets = server._server.sockets if server._server is not None else []
+    # grpclib's Server keeps its asyncio.Server private; the bench only reads its port.
+    listening = cast(asyncio.Server | None, server._server)
+    sockets = listening.sockets if listening is not None else ()
     print(f"PORT {sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

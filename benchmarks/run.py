@@ -247,6 +247,7 @@ def server_stats(port: int) -> dict[str, Any]:
                 await stream.recv_trailing_metadata()
         finally:
             channel.close()
+        assert reply is not None, "the Stats reply had no message"
         return dict(json.loads(reply))
 
     return asyncio.run(ask())
@@ -913,7 +914,7 @@ def goals_rows(
 
     def cpu_per(r: dict[str, Any], phase: str) -> float:
         row = r[phase]
-        return float(row["cpu"]) / max(1, row["work"])
+        return float(row["cpu"]) / max(1, int(row["work"]))
 
     def rate(r: dict[str, Any], phase: str) -> float | None:
         row = r.get(phase)

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         assert server.stdout is not None
-        urls = {}
+        urls: dict[str, str] = {}
         while len(urls) < 2:
             line = server.stdout.readline()
             if not line:
