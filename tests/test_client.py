@@ -762,3 +762,30 @@ async def test_generate_score_and_conversation_make_no_async_generator(
     finally:
         sys.set_asyncgen_hooks(*hooks)
     assert made == [], made
+
+
+async def test_tokens_compare_by_value_so_two_greedy_runs_are_equal(
+    client: poc_api.ApiClient,
+) -> None:
+    # Deterministic decodes are checked by comparing their events; readouts count.
+    async def run(**kw: object) -> list[object]:
+        async with client.session() as s:
+            sampling = SamplingParams(max_tokens=20)
+            async with s.generate(HELLO, sampling=sampling, **kw) as ev:  # type: ignore[arg-type]
+                return [e async for e in ev]
+
+    with trio.fail_after(10):
+        first = await run(readout_ranges=[(0, 10**6)])
+        assert first == await run(readout_ranges=[(0, 10**6)])
+        assert first != await run()  # the same tokens without readouts
+    tokens = [e for e in first if isinstance(e, Token)]
+    assert len(set(tokens)) == len(tokens)  # hashable, readouts and all
+    turns = []
+    for _ in range(2):
+        async with client.conversation() as conv:
+            async with conv.stream(
+                [poc_api.Tokens(HELLO)], SamplingParams(max_tokens=5), readout_shape=(3, 8)
+            ) as ev:
+                turns.append([e async for e in ev if isinstance(e, poc_api.TokenOut)])
+    assert turns[0] == turns[1] and len(turns[0]) == 5
+    assert all(t.readout is not None and t.readout.shape == (3, 8) for t in turns[0])

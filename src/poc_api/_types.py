@@ -217,7 +217,7 @@ class TopLogprob:
 
 
 @final
-@attrs.frozen(eq=False)
+@attrs.frozen
 class Token:
     """A wire ``Token`` event from ``Session.generate``.
 
@@ -227,6 +227,9 @@ class Token:
     it flat: ``mv.cast("B").cast("f", (n_layers, n_concepts))`` or
     ``numpy.asarray(mv).reshape(...)`` shapes it. 2-D readouts come from
     ``Conversation.stream(..., readout_shape=...)``, on :class:`TokenOut`.
+
+    Tokens compare by value, readouts included; the hash leaves the readout out
+    (a float memoryview has none).
     """
 
     id: int
@@ -234,7 +237,7 @@ class Token:
     is_prefill: bool
     sampled_logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
-    readout: memoryview[float] | None = None
+    readout: memoryview[float] | None = attrs.field(default=None, hash=False)
 
 
 @final
@@ -266,16 +269,17 @@ class ImageAppend:
 
 
 @final
-@attrs.frozen(eq=False)
+@attrs.frozen
 class TokenOut:
     """A decoded token from ``Conversation.stream``.
 
     ``readout`` is a 2-D float32 ``memoryview`` shaped ``(n_layers, n_concepts)``
     when a ``readout_shape`` was given and the server sent a vector of that size.
+    Compared by value like :class:`Token`.
     """
 
     id: int
-    readout: memoryview[float] | None = None
+    readout: memoryview[float] | None = attrs.field(default=None, hash=False)
     logprob: float = 0.0
     position: int = 0
 
