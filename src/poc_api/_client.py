@@ -315,10 +315,10 @@ class ApiClient:
 
         A checkpoint. Always closes, even when cancelled (the cleanup is
         shielded). Any task may call it: calls still running in other tasks fail
-        with ``trio.ClosedResourceError`` (their streams are reset at once), and
-        the sessions their blocks hold are closed on the server before the
-        connection (``CloseSession``, bounded by ``close_timeout``). A second
-        call waits until the first has finished.
+        with ``trio.ClosedResourceError`` at once (streams reset, HTTP requests
+        cut), and the sessions their blocks hold are closed on the server before
+        the connection (``CloseSession``, bounded by ``close_timeout``). A
+        second call waits until the first has finished.
         """
         if self._state is not _State.OPENED:
             self._state = _State.CLOSED
@@ -358,10 +358,13 @@ class ApiClient:
 
         try:
             router, bridge = self._router, self._bridge
+            # Running calls end first (streams reset, as their blocks would on
+            # leaving; HTTP requests cut): no agent reads on while the held
+            # sessions are closed, which can take close_timeout.
             if bridge is not None:
-                # Running streams end first (reset, as their blocks would on leaving):
-                # no agent reads on while its session is closed under it.
                 bridge.abort_streams()
+            if self._http is not None:
+                self._http.abort_calls()
             if router is not None and bridge is not None:
                 await step(
                     "the sessions still open",

@@ -8,12 +8,14 @@ never speaks, and one that speaks HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
 import threading
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 import h2.errors
 import pytest
@@ -430,6 +432,72 @@ async def test_a_blocks_own_close_session_in_flight_is_waited_for(
                 await wait_for(lambda: len(srv.calls_to("CloseSession")) == 1)
                 await client.aclose()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def _drip_sse(stream: trio.SocketStream) -> None:
+    """An HTTP/1.1 chat server that streams one delta every 10 ms, forever;
+    a non-streaming request gets no answer at all."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += await stream.receive_some(65536)
+    if b'"stream":true' not in request.replace(b" ", b""):
+        await trio.sleep_forever()
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+    )
+    delta = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+    while True:
+        await stream.send_all(delta)
+        await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("call", ["chat_stream", "chat"])
+async def test_closing_the_client_ends_its_http_calls_at_once(call: str) -> None:
+    # HTTP calls end when the close begins, as gRPC streams do, not once the held
+    # sessions are closed (here that takes close_timeout: CloseSession gets no answer).
+    async def serve(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with stream:
+                await _drip_sse(stream)
+
+    async with misbehaving_server() as srv, trio.open_nursery() as servers:
+        srv.plan("CloseSession", Reply(first_delay=30.0))
+        [listener] = await servers.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        base_url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/v1"
+        client = poc_api.ApiClient(base_url, grpc_url=srv.url, model="m", close_timeout=2.0)
+        ended: list[tuple[BaseException, float]] = []
+        messages = [{"role": "user", "content": "hi"}]
+
+        async def chatter(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                if call == "chat":
+                    task_status.started()
+                    await client.chat(messages)
+                else:
+                    async with client.chat_stream(messages) as events:
+                        await events.__anext__()
+                        task_status.started()
+                        async for _ in events:
+                            pass
+            except BaseException as exc:
+                ended.append((exc, time.monotonic()))
+
+        with trio.fail_after(10):
+            async with client:
+                held = client.session()
+                await held.__aenter__()  # a block that never leaves: its session is held
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(chatter)
+                    await trio.sleep(0.1)
+                    started = time.monotonic()
+                    await client.aclose()
+                    closed = time.monotonic()
+                await held.__aexit__(None, None, None)
+        servers.cancel_scope.cancel()
+    [(exc, at)] = ended
+    assert isinstance(exc, trio.ClosedResourceError), repr(exc)
+    assert closed - started > 1.5  # the CloseSession's wait
+    assert at - started < 0.5, (at - started, closed - started)
 
 
 def test_ctrl_c_during_the_clients_close_still_closes_everything() -> None:
