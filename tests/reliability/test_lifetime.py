@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import signal
 import threading
 import time
@@ -440,7 +441,12 @@ async def _drip_sse(stream: trio.SocketStream) -> None:
     request = b""
     while b"\r\n\r\n" not in request:
         request += await stream.receive_some(65536)
-    if b'"stream":true' not in request.replace(b" ", b""):
+    head, _, body = request.partition(b"\r\n\r\n")
+    length = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
+    assert length is not None, head
+    while len(body) < int(length.group(1)):  # the body may come in a segment of its own
+        body += await stream.receive_some(65536)
+    if b'"stream":true' not in body.replace(b" ", b""):
         await trio.sleep_forever()
     await stream.send_all(
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
