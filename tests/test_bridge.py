@@ -478,7 +478,7 @@ def test_a_byte_bounded_stream_keeps_every_batch_within_its_bounds(
 
 @pytest.mark.parametrize("when", ["running", "not yet started"])
 async def test_aborted_streams_end_as_closed_and_later_ones_do_not_start(when: str) -> None:
-    # The client's close aborts the streams first (abort_streams): each consumer
+    # The client's close aborts the streams first (abort_calls): each consumer
     # gets ClosedResourceError, not an end that looks like the stream's own.
     produced = 0
 
@@ -494,7 +494,7 @@ async def test_aborted_streams_end_as_closed_and_later_ones_do_not_start(when: s
             async with bridge.stream(produce, max_items=1000) as rx:
                 if when == "running":
                     assert await rx.receive_batch()
-                bridge.abort_streams()  # "not yet started": its start is still queued
+                bridge.abort_calls()  # "not yet started": its start is still queued
                 with pytest.raises(trio.ClosedResourceError):
                     while True:
                         await rx.receive_batch()
@@ -503,6 +503,30 @@ async def test_aborted_streams_end_as_closed_and_later_ones_do_not_start(when: s
             with pytest.raises(trio.ClosedResourceError):
                 async with bridge.stream(produce, max_items=1000):
                     raise AssertionError("a stream started after the abort")
+
+
+async def test_abort_calls_ends_abortable_runs_only() -> None:
+    async def nap() -> str:
+        await asyncio.sleep(30)
+        return "slept"
+
+    async def quick() -> str:
+        return "done"
+
+    async with open_bridge() as bridge:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def abortable() -> None:
+                    with pytest.raises(trio.ClosedResourceError):
+                        await bridge.run(nap, abortable=True)
+
+                nursery.start_soon(abortable)
+                await trio.sleep(0.05)
+                bridge.abort_calls()
+            with pytest.raises(trio.ClosedResourceError):
+                await bridge.run(quick, abortable=True)
+            assert await bridge.run(quick) == "done"  # the close's own calls still run
 
 
 async def test_a_full_buffer_pauses_the_producer_until_the_consumer_reads() -> None:

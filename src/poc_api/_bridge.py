@@ -161,7 +161,7 @@ class _Call:
         self.error: BaseException | None = None
         self.task: asyncio.Task[Any] | None = None
         self.cancel_requested = False  # by its caller: it ends as cancelled
-        self.aborted = False  # by the client's close: it ends as closed (abort_streams)
+        self.aborted = False  # by the client's close: it ends as closed (abort_calls)
 
 
 @final
@@ -194,7 +194,7 @@ class StreamBlock(Generic[T]):
         bridge.check_caller()
         if self._call is not None:
             raise RuntimeError("a stream block can be entered only once")
-        if bridge._streams_aborted:
+        if bridge._aborted:
             raise trio.ClosedResourceError("the ApiClient is closed")
         buf: _Buffer[T] = _Buffer(bridge, self._max_items, self._max_bytes)
         sink = Sink(buf)
@@ -209,7 +209,7 @@ class StreamBlock(Generic[T]):
                 bridge._to_trio.post(waiter.set)
 
         self._call = call = bridge._submit(self._producer, (sink,), on_done)
-        bridge._streams.add(call)
+        bridge._abortable.add(call)
         return BatchReceiver(buf)
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -221,7 +221,7 @@ class StreamBlock(Generic[T]):
                 await self._bridge._settle(call, name)
         finally:
             self._bridge._live.discard(call)
-            self._bridge._streams.discard(call)
+            self._bridge._abortable.discard(call)
 
 
 @final
@@ -409,8 +409,8 @@ class AsyncioBridge:
         self._instrument = _FlushBeforeIoWait(self._flush_to_loop)
         self._closing = False
         self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
-        self._streams: set[_Call] = set()  # trio side: the stream blocks' producers
-        self._streams_aborted = False
+        self._abortable: set[_Call] = set()  # trio side: what abort_calls ends
+        self._aborted = False
         self._closed = trio.Event()
         self._thread_done = trio.Event()
         self._thread = threading.Thread(
@@ -694,16 +694,18 @@ class AsyncioBridge:
 
         self._to_loop.post(cancel)
 
-    def abort_streams(self) -> None:
-        """trio: end every running stream, and every later one, as closed under it.
+    def abort_calls(self) -> None:
+        """trio: end every running stream and abortable call, and every later one,
+        as closed under it.
 
         The client's close does this first: each stream is reset (CANCEL) as if
         its block had left, and its consumer gets ``trio.ClosedResourceError``
-        from its next ``receive_batch``; no event is taken after the reset. The
-        connection stays up for what the close still sends (``CloseSession``).
+        from its next ``receive_batch`` (no event is taken after the reset); a
+        :meth:`run` call made ``abortable`` raises it. The connection stays up
+        for what the close still sends (``CloseSession``).
         """
-        self._streams_aborted = True
-        for call in self._streams:
+        self._aborted = True
+        for call in self._abortable:
             if call.finished:
                 continue
             call.aborted = True
@@ -751,6 +753,7 @@ class AsyncioBridge:
         abandoned: Callable[[T], None] | None = None,
         detach: Callable[[asyncio.Task[Any]], bool] | None = None,
         defer_ki: bool = False,
+        abortable: bool = False,
     ) -> T:
         """Run ``await fn(*args)`` on the asyncio loop and return its result.
 
@@ -767,10 +770,15 @@ class AsyncioBridge:
 
         With ``defer_ki`` (cleanup calls such as ``CloseSession``), Ctrl-C does
         not interrupt the call: its ``KeyboardInterrupt`` is raised once the call
-        has finished, so the cleanup still happens.
+        has finished, so the cleanup still happens. An ``abortable`` call ends
+        as closed under it when :meth:`abort_calls` runs.
         """
         self.check_caller()
+        if abortable and self._aborted:
+            raise trio.ClosedResourceError("the ApiClient is closed")
         call = self._submit(fn, args, detach=detach, fd=self._take_fd())
+        if abortable:
+            self._abortable.add(call)
         ki: KeyboardInterrupt | None = None
         try:
             while True:
@@ -791,6 +799,7 @@ class AsyncioBridge:
             raise
         finally:
             self._live.discard(call)
+            self._abortable.discard(call)
             if call.fd >= 0:
                 self._free_fds.append(call.fd)
         if ki is not None:

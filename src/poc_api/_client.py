@@ -362,7 +362,7 @@ class ApiClient:
             # leaving; HTTP requests cut): no agent reads on while the held
             # sessions are closed, which can take close_timeout.
             if bridge is not None:
-                bridge.abort_streams()
+                bridge.abort_calls()
             if self._http is not None:
                 self._http.abort_calls()
             if router is not None and bridge is not None:

@@ -579,6 +579,7 @@ class SessionRoute:
         timeout: float | None = None,
         orphan: Callable[[bytes], Awaitable[None]] | None = None,
         cleanup: bool = False,
+        abortable: bool = False,
     ) -> bytes:
         """A unary call of this session, on its endpoint; see :meth:`GrpcTransport.unary`."""
         if method == "OpenSession":
@@ -591,6 +592,7 @@ class SessionRoute:
                 timeout=timeout,
                 orphan=orphan,
                 cleanup=cleanup,
+                abortable=abortable,
                 extra_metadata=self._metadata,
             )
         except e.ServerUnavailable:

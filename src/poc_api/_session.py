@@ -372,7 +372,9 @@ class Session:
         async with self._lock:
             self._check_usable()
             try:
-                raw = await self._transport.unary("AppendImage", bytes(req), timeout=timeout)
+                raw = await self._transport.unary(
+                    "AppendImage", bytes(req), timeout=timeout, abortable=True
+                )
             except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
                 raise  # rejected before anything was appended
             except BaseException:

@@ -590,6 +590,7 @@ class GrpcTransport:
         timeout: float | None = None,
         orphan: Callable[[bytes], Awaitable[None]] | None = None,
         cleanup: bool = False,
+        abortable: bool = False,
         extra_metadata: tuple[tuple[str, str], ...] = (),
     ) -> bytes:
         """Call a unary RPC; a trio checkpoint. Raises a :class:`PocApiError`.
@@ -600,7 +601,8 @@ class GrpcTransport:
         reply comes: how an OpenSession that reached the server still gets its
         session closed. The client's exit waits for these cleanups. A
         ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
-        ``KeyboardInterrupt`` comes once it has finished.
+        ``KeyboardInterrupt`` comes once it has finished. An ``abortable`` call
+        (``AppendImage``) ends at once when the client's close begins.
         """
         if timeout is not None:
             with deadline(timeout, method):
@@ -609,6 +611,7 @@ class GrpcTransport:
                     request,
                     orphan=orphan,
                     cleanup=cleanup,
+                    abortable=abortable,
                     extra_metadata=extra_metadata,
                 )
         path = SERVICE + method
@@ -652,6 +655,7 @@ class GrpcTransport:
                 abandoned=abandoned,
                 detach=detach if orphan is not None else None,
                 defer_ki=cleanup,
+                abortable=abortable,
             )
         except Exception as exc:
             _raise_mapped(exc, path, closed=self._closed, redact=self._redact)

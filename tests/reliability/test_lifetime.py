@@ -22,7 +22,7 @@ import h2.errors
 import pytest
 import trio
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
-from reliability_helpers import wait_for
+from reliability_helpers import make_png, wait_for
 
 import poc_api
 from poc_api import SamplingParams
@@ -500,6 +500,36 @@ async def test_closing_the_client_ends_its_http_calls_at_once(call: str) -> None
                     closed = time.monotonic()
                 await held.__aexit__(None, None, None)
         servers.cancel_scope.cancel()
+    [(exc, at)] = ended
+    assert isinstance(exc, trio.ClosedResourceError), repr(exc)
+    assert closed - started > 1.5  # the CloseSession's wait
+    assert at - started < 0.5, (at - started, closed - started)
+
+
+async def test_closing_the_client_ends_an_image_append_in_flight_at_once() -> None:
+    # AppendImage too (its session is closed meanwhile anyway), as streams are;
+    # OpenSession and CloseSession are not cut: their sessions must be closed.
+    async with misbehaving_server() as srv:
+        srv.plan("AppendImage", Reply(first_delay=30.0))
+        srv.plan("CloseSession", Reply(first_delay=30.0))
+        client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=2.0)
+        ended: list[tuple[BaseException, float]] = []
+
+        async def appender(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                async with client.session() as s:
+                    task_status.started()
+                    await s.append_image(make_png(56, 56), "image/png")
+            except BaseException as exc:
+                ended.append((exc, time.monotonic()))
+
+        with trio.fail_after(10):
+            async with client, trio.open_nursery() as nursery:
+                await nursery.start(appender)
+                await wait_for(lambda: len(srv.calls_to("AppendImage")) == 1)
+                started = time.monotonic()
+                await client.aclose()
+                closed = time.monotonic()
     [(exc, at)] = ended
     assert isinstance(exc, trio.ClosedResourceError), repr(exc)
     assert closed - started > 1.5  # the CloseSession's wait
