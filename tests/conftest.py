@@ -70,6 +70,21 @@ def server() -> Iterator[ReferenceServer]:
 
 
 @pytest.fixture(scope="session")
+def wide_server() -> Iterator[ReferenceServer]:
+    """Like ``server``, with readouts of 512 floats (64 layers): ~2 KiB per token event.
+
+    For tests that move many bytes (flow-control windows, byte bounds): the same
+    bytes take a twentieth of the events, and about half the time, of ``server``'s.
+    """
+    srv = ReferenceServer(ServerConfig(max_context=2_000_000, ignore_eos=True, n_layers=64))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
 def eos_server() -> Iterator[ReferenceServer]:
     """A server with the default (EOS-honouring, 8192-position) configuration."""
     srv = ReferenceServer(ServerConfig())

@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 
 import pytest
 import trio
@@ -19,21 +19,6 @@ from poc_api import SamplingParams, Token
 from poc_api.server import EOS, ReferenceServer, ServerConfig, tokenize
 
 HELLO = tokenize("The quick brown fox")
-
-
-@pytest.fixture(scope="module")
-def wide_server() -> Iterator[ReferenceServer]:
-    """A server whose readouts are 256 floats (32 layers): ~1 KiB per event.
-
-    For tests that must push tens of MiB through flow-control windows: the same
-    bytes take a tenth of the events, and about half the time, of the default's.
-    """
-    srv = ReferenceServer(ServerConfig(max_context=2_000_000, ignore_eos=True, n_layers=32))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 # -- construction and URLs ---------------------------------------------------------
@@ -572,7 +557,7 @@ async def test_streams_nobody_reads_do_not_stall_the_others(
 async def _stream_forty(c: poc_api.ApiClient) -> None:
     for i in range(40):
         async with c.session() as s:
-            sampling = SamplingParams(max_tokens=1_200)
+            sampling = SamplingParams(max_tokens=600)
             async with s.generate(HELLO, sampling=sampling, readout_ranges=[(0, 10**6)]) as ev:
                 async for e in ev:
                     if i % 4 == 0 and isinstance(e, Token) and e.position > 100:

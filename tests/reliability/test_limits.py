@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -13,7 +12,7 @@ from reliability_helpers import make_png, wait_for
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
-from poc_api.server import ReferenceServer, ServerConfig, tokenize
+from poc_api.server import ReferenceServer, tokenize
 
 HELLO = tokenize("The quick brown fox")
 MB = 1024 * 1024
@@ -125,37 +124,41 @@ async def test_a_generate_refused_before_sending_leaves_the_session_usable(
             assert s.committed_len == 3
 
 
-async def test_a_one_event_buffer_still_delivers_every_event_in_order(
-    server: ReferenceServer,
+@pytest.mark.parametrize(
+    ("server_name", "client_kw"),
+    [
+        ("server", {"max_buffered_events": 1}),
+        # Every event (~2 KiB) is bigger than the bound: one at a time all the same.
+        ("wide_server", {"max_buffered_bytes": 100}),
+    ],
+    ids=["one-event", "bytes-below-one-event"],
+)
+async def test_a_buffer_of_one_event_still_delivers_every_event_in_order(
+    request: pytest.FixtureRequest, server_name: str, client_kw: dict[str, int]
 ) -> None:
-    async with poc_api.ApiClient(
-        server.base_url, grpc_url=server.grpc_url, max_buffered_events=1
-    ) as c:
+    server: ReferenceServer = request.getfixturevalue(server_name)
+    readout = server_name == "wide_server"
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url, **client_kw) as c:
         with trio.fail_after(30):
             async with c.session() as s:
                 positions = []
-                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=3000)) as ev:
+                async with s.generate(
+                    HELLO,
+                    sampling=SamplingParams(max_tokens=3000),
+                    readout_ranges=[(0, 10**7)] if readout else [],
+                ) as ev:
                     async for e in ev:
                         if isinstance(e, Token):
                             positions.append(e.position)
+                            assert (e.readout is not None) == readout
                         if len(positions) % 500 == 0:
                             await trio.sleep(0.01)  # a consumer that stalls now and then
-                assert positions == list(range(len(HELLO), len(HELLO) + 3000))
+                first = 0 if readout else len(HELLO)  # readouts bring the prompt's events
+                assert positions == list(range(first, len(HELLO) + 3000))
             async with c.conversation() as conv:
                 async with conv.stream([Tokens(HELLO)], SamplingParams(max_tokens=500)) as ev:
                     out = [e async for e in ev]
                 assert len(out) == 501 and isinstance(out[-1], poc_api.StreamDone)
-
-
-@pytest.fixture(scope="module")
-def wide_server() -> Iterator[ReferenceServer]:
-    """Readouts of 512 floats (64 layers x 8 concepts): ~2 KiB per token event."""
-    srv = ReferenceServer(ServerConfig(max_context=2_000_000, ignore_eos=True, n_layers=64))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 async def _bytes_an_unread_stream_holds(server: ReferenceServer, **client_kw: int) -> int:
@@ -199,26 +202,6 @@ async def test_an_unread_stream_of_big_events_holds_its_byte_bound_plus_its_wind
     # never stopped.
     held = await _bytes_an_unread_stream_holds(wide_server, **client_kw)
     assert bound < held <= 2 * (bound + WIDE_EVENT) + 1 * MB
-
-
-async def test_a_byte_bound_below_one_event_still_delivers_every_event_in_order(
-    wide_server: ReferenceServer,
-) -> None:
-    # Every event is bigger than the bound: the buffer then takes one at a time.
-    async with poc_api.ApiClient(
-        wide_server.base_url, grpc_url=wide_server.grpc_url, max_buffered_bytes=100
-    ) as c:
-        with trio.fail_after(30):
-            async with c.session() as s:
-                positions = []
-                sampling = SamplingParams(max_tokens=2000)
-                async with s.generate(HELLO, sampling=sampling, readout_ranges=[(0, 10**7)]) as ev:
-                    async for e in ev:
-                        if isinstance(e, Token):
-                            positions.append(e.position)
-                            if len(positions) % 500 == 0:
-                                await trio.sleep(0.01)
-                assert positions == list(range(len(HELLO) + 2000))
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "4"])
