@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -62,3 +66,41 @@ async def asyncio_tasks_pending(client: Any) -> list[asyncio.Task[Any]]:
 
     result: list[asyncio.Task[Any]] = await client._bridge.run(census)
     return result
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def read_request(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 request: its head and its Content-Length body (which httpx writes
+    apart from the head: it may come in a segment of its own)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        more = await stream.receive_some(65536)
+        if not more:
+            return buf, b""
+        buf += more
+    head, _, body = buf.partition(b"\r\n\r\n")
+    m = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
+    while m and len(body) < int(m.group(1)):
+        body += await stream.receive_some(65536)
+    return head, body
+
+
+@asynccontextmanager
+async def http_server(handler: Handler) -> AsyncIterator[str]:
+    """A trio TCP server on 127.0.0.1:0 running ``handler`` per connection; yields
+    its base_url (``.../v1``). A client that hangs up first is fine."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield f"http://127.0.0.1:{port}/v1"
+        nursery.cancel_scope.cancel()

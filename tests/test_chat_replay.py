@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from functools import partial
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from helpers import Handler, http_server, read_request
 
 import poc_api
 from poc_api import (
@@ -271,48 +270,12 @@ async def test_vllm_flat_error_carries_its_code_as_status() -> None:
 # -- over real sockets ----------------------------------------------------------------
 
 
-Handler = Callable[[trio.SocketStream], Awaitable[None]]
-
-
-async def read_request(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    """One HTTP/1.1 request: its head and its Content-Length body."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        more = await stream.receive_some(65536)
-        if not more:
-            return buf, b""
-        buf += more
-    head, _, body = buf.partition(b"\r\n\r\n")
-    m = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
-    while m and len(body) < int(m.group(1)):
-        body += await stream.receive_some(65536)
-    return head, body
-
-
 def answer(status: int, body: bytes, content_type: str = "application/json") -> bytes:
     head = (
         f"HTTP/1.1 {status} Replay\r\ncontent-type: {content_type}\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
-
-
-@asynccontextmanager
-async def replay_server(handler: Handler) -> AsyncIterator[str]:
-    """A trio TCP server on 127.0.0.1:0 running ``handler`` per connection; yields base_url."""
-
-    async def serve(stream: trio.SocketStream) -> None:
-        try:
-            async with stream:
-                await handler(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield f"http://127.0.0.1:{port}/v1"
-        nursery.cancel_scope.cancel()
 
 
 def stream_replayer(body: bytes, piece: int) -> Handler:
@@ -342,7 +305,7 @@ async def test_replayed_streams_over_a_socket(
     got: list[ChatEvent] = []
     exc: Exception | None = None
     with trio.fail_after(20):
-        async with replay_server(stream_replayer(stream, piece)) as url:
+        async with http_server(stream_replayer(stream, piece)) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="m") as client:
                 try:
                     async with client.chat_stream(HELLO) as evs:
@@ -409,7 +372,7 @@ TOOLS = [
 async def test_chat_sends_openai_fields_and_reads_tool_calls() -> None:
     rec = Recorder({"POST /chat/completions": answer(200, COMPLETION)})
     with trio.fail_after(10):
-        async with replay_server(rec) as url:
+        async with http_server(rec) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="m") as client:
                 done = await client.chat(
                     HELLO,
@@ -463,7 +426,7 @@ async def test_bad_arguments_raise_before_anything_is_sent(
 ) -> None:
     rec = Recorder({})
     with trio.fail_after(10):
-        async with replay_server(rec) as url:
+        async with http_server(rec) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
                 with pytest.raises(error):
                     if "timeout" in kwargs:
@@ -482,7 +445,7 @@ async def test_without_model_the_only_served_model_is_named_and_cached() -> None
         {"GET /models": answer(200, MODELS_ONE), "POST /chat/completions": answer(200, COMPLETION)}
     )
     with trio.fail_after(10):
-        async with replay_server(rec) as url:
+        async with http_server(rec) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
                 await client.chat(HELLO)
                 await client.chat(HELLO)
@@ -506,7 +469,7 @@ async def test_without_model_an_ambiguous_server_is_a_clear_error_before_sending
 ) -> None:
     rec = Recorder({"GET /models": models})
     with trio.fail_after(10):
-        async with replay_server(rec) as url:
+        async with http_server(rec) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
                 with pytest.raises(ValueError, match=match):
                     await client.chat(HELLO)
@@ -526,7 +489,7 @@ async def test_model_given_is_sent_without_asking(server: ReferenceServer) -> No
 async def test_credentials_in_the_url_never_appear_in_errors() -> None:
     rec = Recorder({"POST /chat/completions": answer(500, b'{"error": "boom"}')})
     with trio.fail_after(10):
-        async with replay_server(rec) as url:
+        async with http_server(rec) as url:
             secret_url = url.replace("http://", "http://alice:hunter2@")
             async with poc_api.ApiClient(
                 secret_url, grpc_url="http://127.0.0.1:1", model="m"
@@ -552,7 +515,7 @@ async def test_chat_stream_timeout_bounds_the_whole_block() -> None:
 
     got: list[ChatEvent] = []
     with trio.fail_after(10):
-        async with replay_server(stall) as url:
+        async with http_server(stall) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="m") as client:
                 with pytest.raises(PocApiTimeout):
                     async with client.chat_stream(HELLO, timeout=0.3) as events:
@@ -582,7 +545,7 @@ async def test_a_vllm_flat_error_in_a_200_answer_raises_with_its_message() -> No
     flat = {"object": "error", "message": "The model `x` does not exist.", "code": 404}
     rec = Recorder({"POST /chat/completions": answer(200, json.dumps(flat).encode())})
     with trio.fail_after(10):
-        async with replay_server(rec) as url:
+        async with http_server(rec) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="x") as client:
                 with pytest.raises(HttpError, match="does not exist") as info:
                     await client.chat(HELLO)

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from helpers import Handler, http_server, read_request
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -63,21 +64,6 @@ def make_api(client: httpx.AsyncClient, base_url: str, key: str = "") -> HttpApi
     return HttpApi(client, base_url, key, "poc-reference")
 
 
-async def read_request(stream: trio.SocketStream) -> bytes:
-    """Read one HTTP/1.1 request (head and Content-Length body); return the head."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        if not data:
-            return buf
-        buf += data
-    head, _, body = buf.partition(b"\r\n\r\n")
-    m = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
-    while m and len(body) < int(m.group(1)):
-        body += await stream.receive_some(65536)
-    return head
-
-
 def response(
     status: int, body: bytes, content_type: str = "application/json", *, length: bool = True
 ) -> bytes:
@@ -85,9 +71,6 @@ def response(
     if length:
         head += f"content-length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
-
-
-Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
 @asynccontextmanager
@@ -110,18 +93,8 @@ async def canned_server(handler: Handler | Sequence[bytes]) -> AsyncIterator[str
 
         handler = send_canned
 
-    async def serve(stream: trio.SocketStream) -> None:
-        try:
-            async with stream:
-                await handler(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client hung up first: that is what some tests do
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield f"http://127.0.0.1:{port}/v1"
-        nursery.cancel_scope.cancel()
+    async with http_server(handler) as url:  # the client may hang up first: some tests do
+        yield url
 
 
 def sse(*events: str) -> bytes:
@@ -490,7 +463,7 @@ async def test_authorization_header_is_sent_only_when_a_key_is_set(
     heads: list[bytes] = []
 
     async def record(stream: trio.SocketStream) -> None:
-        heads.append((await read_request(stream)).lower())
+        heads.append((await read_request(stream))[0].lower())
         await stream.send_all(response(404, b""))
 
     with trio.fail_after(10):
@@ -581,7 +554,7 @@ async def test_chat_stream_sends_stream_options_include_usage(http: httpx.AsyncC
     heads: list[bytes] = []
 
     async def record(stream: trio.SocketStream) -> None:
-        heads.append(await read_request(stream))
+        heads.append((await read_request(stream))[0])
         await stream.send_all(response(200, sse("[DONE]"), "text/event-stream"))
 
     with trio.fail_after(10):

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from helpers import http_server, read_request
 from reliability_helpers import make_png
 
 import poc_api
@@ -386,20 +387,6 @@ def http_response(status: int, body: bytes, ctype: str = "application/json") -> 
     return head.encode() + body
 
 
-async def read_request(stream: trio.SocketStream) -> None:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        if not data:
-            return
-        buf += data
-    head, _, body = buf.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            while len(body) < int(line.split(b":")[1]):
-                body += await stream.receive_some(65536)
-
-
 @asynccontextmanager
 async def tiny_http(
     answers: list[bytes | Callable[[trio.SocketStream], Awaitable[None]]],
@@ -415,20 +402,14 @@ async def tiny_http(
         nonlocal served
         answer = answers[min(served, len(answers) - 1)]
         served += 1
-        try:
-            async with stream:
-                await read_request(stream)
-                if callable(answer):
-                    await answer(stream)
-                else:
-                    await stream.send_all(answer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        await read_request(stream)
+        if callable(answer):
+            await answer(stream)
+        else:
+            await stream.send_all(answer)
 
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, serve, 0)
-        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1"
-        nursery.cancel_scope.cancel()
+    async with http_server(serve) as url:
+        yield url
 
 
 MANIFEST_OK = http_response(200, b'{"concepts": ["a", "b"], "layers": [0, 1, 2]}')

@@ -8,19 +8,17 @@ never speaks, and one that speaks HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import re
 import signal
 import threading
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 
 import h2.errors
 import pytest
 import trio
+from helpers import http_server, read_request
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
 
@@ -415,14 +413,7 @@ async def test_a_blocks_own_close_session_in_flight_is_waited_for(
 async def _drip_sse(stream: trio.SocketStream) -> None:
     """An HTTP/1.1 chat server that streams one delta every 10 ms, forever;
     a non-streaming request gets no answer at all."""
-    request = b""
-    while b"\r\n\r\n" not in request:
-        request += await stream.receive_some(65536)
-    head, _, body = request.partition(b"\r\n\r\n")
-    length = re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE)
-    assert length is not None, head
-    while len(body) < int(length.group(1)):  # the body may come in a segment of its own
-        body += await stream.receive_some(65536)
+    _, body = await read_request(stream)
     if b'"stream":true' not in body.replace(b" ", b""):
         await trio.sleep_forever()
     await stream.send_all(
@@ -438,15 +429,8 @@ async def _drip_sse(stream: trio.SocketStream) -> None:
 async def test_closing_the_client_ends_its_http_calls_at_once(call: str) -> None:
     # HTTP calls end when the close begins, as gRPC streams do, not once the held
     # sessions are closed (here that takes close_timeout: CloseSession gets no answer).
-    async def serve(stream: trio.SocketStream) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            async with stream:
-                await _drip_sse(stream)
-
-    async with misbehaving_server() as srv, trio.open_nursery() as servers:
+    async with misbehaving_server() as srv, http_server(_drip_sse) as base_url:
         srv.plan("CloseSession", Reply(first_delay=30.0))
-        [listener] = await servers.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-        base_url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}/v1"
         client = poc_api.ApiClient(base_url, grpc_url=srv.url, model="m", close_timeout=2.0)
         ended: list[tuple[BaseException, float]] = []
         messages = [{"role": "user", "content": "hi"}]
@@ -476,7 +460,6 @@ async def test_closing_the_client_ends_its_http_calls_at_once(call: str) -> None
                     await client.aclose()
                     closed = time.monotonic()
                 await held.__aexit__(None, None, None)
-        servers.cancel_scope.cancel()
     [(exc, at)] = ended
     assert isinstance(exc, trio.ClosedResourceError), repr(exc)
     assert closed - started > 1.5  # the CloseSession's wait
