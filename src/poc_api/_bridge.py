@@ -44,6 +44,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Generic, TypeVar, final
 
 import trio
@@ -679,20 +680,7 @@ class AsyncioBridge:
         # Set here too, not only on the loop: a call whose start is still queued
         # behind other work then never starts at all.
         call.cancel_requested = True
-
-        def cancel() -> None:
-            task = call.task
-            if task is None or task.done() or call.finished:
-                return
-            if call.detach is not None and call.detach(task):
-                # The task runs on by itself; the trio side stops waiting now.
-                self._finish(call)
-                return
-            task.cancel()
-            # A task cancelled before its first step never runs `body`.
-            task.add_done_callback(lambda _: self._forget(call))
-
-        self._to_loop.post(cancel)
+        self._to_loop.post(partial(self._cancel_task, call))
 
     def abort_calls(self) -> None:
         """trio: end every running stream and abortable call, and every later one,
@@ -706,25 +694,30 @@ class AsyncioBridge:
         """
         self._aborted = True
         for call in self._abortable:
-            if call.finished:
-                continue
-            call.aborted = True
+            if not call.finished:
+                call.aborted = True
+                self._to_loop.post(partial(self._cancel_task, call))
 
-            def abort(call: _Call = call) -> None:
-                task = call.task
-                if task is None or task.done() or call.finished:
-                    return  # not started (begin() sees `aborted`), or over
-                task.cancel()  # the body records closed_under_call() ...
+    def _cancel_task(self, call: _Call) -> None:
+        """asyncio: cancel the task of a call its caller gave up (``_cancel``) or the
+        client's close ended (``abort_calls``)."""
+        task = call.task
+        if task is None or task.done() or call.finished:
+            return  # not started (begin() sees the flags), or over
+        if call.cancel_requested and call.detach is not None and call.detach(task):
+            # The task runs on by itself; the trio side stops waiting now.
+            self._finish(call)
+            return
+        task.cancel()
 
-                def ended(_: object) -> None:
-                    # ... unless it was cancelled before its first step.
-                    if not call.finished and call.error is None and not call.returned:
-                        call.error = closed_under_call()
-                    self._forget(call)
+        def ended(_: object) -> None:
+            # A task cancelled before its first step never runs `body`: its
+            # outcome is recorded here, as `body` would have.
+            if not call.finished:
+                call.error = None if call.cancel_requested else closed_under_call()
+            self._forget(call)
 
-                task.add_done_callback(ended)
-
-            self._to_loop.post(abort)
+        task.add_done_callback(ended)
 
     async def _settle(self, call: _Call, what: str) -> None:
         """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end."""

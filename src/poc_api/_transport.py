@@ -267,7 +267,7 @@ class GrpcTransport:
         *,
         metadata: tuple[tuple[str, str], ...],
         max_message_size: int,
-        max_buffered_bytes: int = 4 << 20,
+        max_buffered_bytes: int,
         keepalive: KeepAlive | None = KeepAlive(),
         connect_timeout: float = 30.0,
         reap_timeout: float = 5.0,
