@@ -359,12 +359,13 @@ class ApiClient:
         try:
             router, bridge = self._router, self._bridge
             # Running calls end first (streams reset, as their blocks would on
-            # leaving; HTTP requests cut): no agent reads on while the held
+            # leaving; HTTP requests cut by closing their client, which the
+            # CloseSessions do not need): no agent reads on while the held
             # sessions are closed, which can take close_timeout.
             if bridge is not None:
                 bridge.abort_calls()
-            if self._http is not None:
-                self._http.abort_calls()
+            if self._http_client is not None:
+                await step("the HTTP client", self._http_client.aclose)
             if router is not None and bridge is not None:
                 await step(
                     "the sessions still open",
@@ -374,8 +375,6 @@ class ApiClient:
                 await step("the endpoint pool", router.aclose)
             if self._transport is not None:
                 await step("the gRPC channel", self._transport.aclose)
-            if self._http_client is not None:
-                await step("the HTTP client", self._http_client.aclose)
             if bridge is not None:
                 await step("the asyncio thread", bridge.aclose)
         finally:

@@ -493,40 +493,11 @@ class HttpApi:
         self._manifest: ReadoutManifest | None = None
         self._model_lock = trio.Lock()
         self._served_model: str | None = None  # from GET /models when model is ""
-        self._in_flight: set[trio.CancelScope] = set()  # one per network wait (_io)
-        self._aborted = False
 
     def __repr__(self) -> str:
         return f"<HttpApi {self._shown} model={self._model!r}>"
 
     # -- plumbing ------------------------------------------------------------------
-
-    def abort_calls(self) -> None:
-        """End every request in flight, and every later one, as closed under it.
-
-        ``ApiClient``'s close does this first: each waiting request (a chat
-        stream's next read included) raises ``trio.ClosedResourceError`` at once
-        rather than when the httpx client is closed, after the held sessions.
-        """
-        self._aborted = True
-        for scope in self._in_flight:
-            scope.cancel()
-
-    @contextlib.contextmanager
-    def _io(self, method: str, url: str) -> Iterator[None]:
-        """Around each network wait: errors mapped (``_map_httpx_errors``), and
-        ended by :meth:`abort_calls`."""
-        if self._aborted:
-            raise closed_under_call()
-        with trio.CancelScope() as scope:
-            self._in_flight.add(scope)
-            try:
-                with _map_httpx_errors(method, url, self._client):
-                    yield
-            finally:
-                self._in_flight.discard(scope)
-        if scope.cancelled_caught:  # only abort_calls cancels it
-            raise closed_under_call()
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
         headers = {"accept": accept}
@@ -553,7 +524,7 @@ class HttpApi:
         shown = self._shown + path
         log.debug("%s %s", method, shown)
         started = time.monotonic()
-        with self._io(method, shown):
+        with _map_httpx_errors(method, shown, self._client):
             request = self._client.build_request(method, url, headers=self._headers(), json=payload)
             response = await self._client.send(request, stream=True)
             try:
@@ -984,7 +955,7 @@ class HttpApi:
                 json=payload,
             )
             log.debug("POST %s (stream)", shown)
-            with self._io("POST", shown):
+            with _map_httpx_errors("POST", shown, self._client):
                 response = await self._client.send(request, stream=True)
             events = _ChatEvents(self, response, shown)
             try:
@@ -1198,7 +1169,7 @@ class _ChatEvents:
     async def check_response(self) -> None:
         status = self._response.status_code
         if not self._response.is_success:
-            with self._api._io("POST", self._url):
+            with _map_httpx_errors("POST", self._url, self._api._client):
                 body = await self._api._read_body(self._response, self._what, self._chunks)
             log.debug("POST %s -> %d (stream refused)", self._url, status)
             raise self._api._status_error("POST", self._url, status, body)
@@ -1224,7 +1195,7 @@ class _ChatEvents:
                         "this stream's block has exited: iterate its events inside the block"
                     )
                 raise StopAsyncIteration
-            with self._api._io("POST", self._url):
+            with _map_httpx_errors("POST", self._url, self._api._client):
                 try:
                     chunk: bytes | None = await self._chunks.__anext__()
                 except StopAsyncIteration:
