@@ -213,6 +213,7 @@ class StreamBlock(Generic[T]):
         bridge._abortable.add(call)
         return BatchReceiver(buf)
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(self, *exc_info: object) -> None:
         call = self._call
         assert call is not None, "exited a stream block never entered"

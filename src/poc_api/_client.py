@@ -273,6 +273,7 @@ class ApiClient:
         """The model name sent with every call ("" = the server's default)."""
         return self._model
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> ApiClient:
         if self._state is _State.OPENED:
             raise RuntimeError("the client is already open")
@@ -302,6 +303,7 @@ class ApiClient:
         self._state = _State.OPENED
         return self
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -310,6 +312,7 @@ class ApiClient:
     ) -> None:
         await self.aclose()
 
+    @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Close the channel, the HTTP client and the asyncio thread (idempotent).
 
@@ -674,12 +677,14 @@ class _ConversationBlock:
         self._conv = conv
         self._entered = False
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Conversation:
         if self._entered:  # its exit closes the conversation: one block only
             raise RuntimeError("a conversation block can be entered only once")
         self._entered = True
         return self._conv
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(self, *exc_info: object) -> None:
         with trio.CancelScope(shield=True):
             await self._conv.aclose()

@@ -445,6 +445,7 @@ class _Turn:
         self._sent: list[Chunk] = []
         self._session: Session | None = None
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> ConversationStream:
         if self._entered:
             raise RuntimeError("a conversation stream block can be entered only once")
@@ -487,6 +488,7 @@ class _Turn:
             with trio.CancelScope(shield=True):
                 await self._conv._drop()
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

@@ -430,12 +430,14 @@ class _EnteredOnce(Generic[_T]):
         self._cm = cm
         self._entered = False
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> _T:
         if self._entered:
             raise RuntimeError("a chat_stream block can be entered only once")
         self._entered = True
         return await self._cm.__aenter__()
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -516,6 +518,10 @@ class HttpApi:
             return AuthenticationError(message, http_status=status)
         return HttpError(message, http_status=status, url=redact_url(url), body_excerpt=excerpt)
 
+    # KI-protected: httpx and httpcore run trio.fail_after and move_on_after, whose
+    # @contextmanager a Ctrl-C can tear in half ("Cancel scope stack corrupted").
+    # Protected, the Ctrl-C comes at the next checkpoint instead, as in trio's own code.
+    @trio.lowlevel.enable_ki_protection
     async def _request(
         self, method: str, path: str, payload: object = None, *, allow_404: bool = False
     ) -> Any:
@@ -1183,6 +1189,7 @@ class _ChatEvents:
     def __aiter__(self) -> _ChatEvents:
         return self
 
+    @trio.lowlevel.enable_ki_protection  # see _request
     async def __anext__(self) -> ChatEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
         while not self._queue:
@@ -1317,6 +1324,7 @@ class _ChatEvents:
         part.arguments.append(arguments)
         self._queue.append(ChatToolCallDelta(index, call_id, name, arguments, choice))
 
+    @trio.lowlevel.enable_ki_protection  # see _request
     async def aclose(self) -> None:
         """Release the response: shielded so cancellation cannot leak the connection."""
         self._cut = not self._finished  # the block was left before the stream ended

@@ -670,6 +670,7 @@ class _Observed:
         self._cm = cm
         self._ep = ep
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:
         try:
             return await self._cm.__aenter__()
@@ -677,6 +678,7 @@ class _Observed:
             self._ep.failed()
             raise
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

@@ -623,6 +623,7 @@ class _GenerateBlock:
         self._rpc: AbstractAsyncContextManager[BatchReceiver[bytes]] | None = None
         self._stream: GenerateStream | None = None
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> GenerateStream:
         s = self._session
         if self._rpc is not None:
@@ -673,6 +674,7 @@ class _GenerateBlock:
         self._stream = GenerateStream(rx, s, started, self._timeouts)
         return self._stream
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,

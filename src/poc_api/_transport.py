@@ -27,8 +27,8 @@ import logging
 import ssl as _ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any, NoReturn, Protocol, final
 from urllib.parse import urlsplit
 
@@ -1246,20 +1246,44 @@ class _PocChannel(Channel):
         return protocol
 
 
-@contextmanager
-def deadline(timeout: float | None, what: str) -> Iterator[None]:
+@final
+class deadline:  # used like the function it replaced
     """Bound the block by ``timeout`` seconds; raise :class:`PocApiTimeout` when it passes.
 
     ``None`` means no bound (the caller's own cancel scopes still apply).
+
+    A class with KI-protected enter and exit, not a ``@contextmanager``: a Ctrl-C
+    landing in contextlib's ``__exit__`` would leave the generator's cancel scope
+    open, and trio then fails with "Cancel scope stack corrupted".
     """
-    if check_timeout("timeout", timeout) is None:
-        yield
-        return
-    assert timeout is not None
-    with trio.move_on_after(timeout) as scope:
-        yield
-    if scope.cancelled_caught:
-        raise e.PocApiTimeout(f"{what}: no answer within {timeout:g} s")
+
+    __slots__ = ("_scope", "_timeout", "_what")
+
+    def __init__(self, timeout: float | None, what: str) -> None:
+        self._timeout = check_timeout("timeout", timeout)
+        self._what = what
+        self._scope: trio.CancelScope | None = None
+
+    @trio.lowlevel.enable_ki_protection
+    def __enter__(self) -> None:
+        if self._timeout is not None:
+            self._scope = trio.CancelScope(deadline=trio.current_time() + self._timeout)
+            self._scope.__enter__()
+
+    @trio.lowlevel.enable_ki_protection
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scope, self._scope = self._scope, None
+        if scope is None:
+            return
+        scope.__exit__(exc_type, exc, tb)  # raises whatever is not its own Cancelled
+        if scope.cancelled_caught:
+            msg = f"{self._what}: no answer within {self._timeout:g} s"
+            raise e.PocApiTimeout(msg) from None
 
 
 @final
@@ -1293,6 +1317,7 @@ class _ServerStream:
         self._extra = extra_metadata
         self._block: StreamBlock[bytes] | None = None
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:
         t = self._transport
         path = SERVICE + self._method
@@ -1317,6 +1342,7 @@ class _ServerStream:
         self._block = block
         return rx
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._block is not None, "exited a stream never entered"
         try:
