@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,10 @@ from hypothesis import strategies as st
 import poc_api
 from poc_api import Image, SamplingParams, Tokens, TrainSample, prompt_to_chunks
 from poc_api.server import VISION_END, VISION_START, ReferenceServer
+
+# What these find (a check missing before a request is sent) does not depend on the
+# Python or dependency versions: one cell of the CI matrix runs them (CI time).
+pytestmark = pytest.mark.slow
 
 OK_ERRORS = (poc_api.PocApiError, ValueError, TypeError)
 # POC_FUZZ_EXAMPLES raises the count for a longer local hunt.
