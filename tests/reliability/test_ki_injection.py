@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -116,8 +117,8 @@ class _Injector:
                 sys.settrace(None)
                 self.where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
                 handler = signal.getsignal(signal.SIGINT)
-                assert callable(handler), handler  # trio.run's
-                handler(signal.SIGINT, frame)
+                if callable(handler):  # trio.run's (checked before the scenario)
+                    handler(signal.SIGINT, frame)
         return self
 
 
@@ -165,6 +166,8 @@ def _run(srv: ReferenceServer, scenario: Scenario, at: int) -> tuple[str, _Injec
     injector = _Injector(at)
 
     async def main() -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler) and handler is not signal.default_int_handler, handler
         sys.settrace(injector)
         try:
             client = poc_api.ApiClient(
@@ -175,6 +178,11 @@ def _run(srv: ReferenceServer, scenario: Scenario, at: int) -> tuple[str, _Injec
         finally:
             sys.settrace(None)
 
+    # A run that hangs: its stack goes to stderr, which conftest's hang report shows.
+    main_thread = threading.get_ident()
+    watchdog = threading.Timer(20, _report_hang, args=(main_thread, injector))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         trio.run(main)
     except KeyboardInterrupt:
@@ -183,11 +191,34 @@ def _run(srv: ReferenceServer, scenario: Scenario, at: int) -> tuple[str, _Injec
         return f"{type(exc).__name__}: {exc}"[:300], injector
     finally:
         sys.settrace(None)
+        watchdog.cancel()
     return "finished", injector
+
+
+def _report_hang(thread_id: int, injector: _Injector) -> None:
+    frame = sys._current_frames().get(thread_id)
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+    loops = len(_loop_threads())
+    print(
+        f"run at line {injector.at} ({injector.where}) still running after 20 s, "
+        f"{loops} loop threads; its stack:\n{stack}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _loop_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
+
+
+@pytest.fixture(autouse=True)
+def python_handles_sigint() -> Any:
+    """trio.run handles SIGINT only where Python does: not when the process was
+    started with SIGINT ignored (a background job of a shell without job control,
+    as CI runs may be)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture(scope="module")
