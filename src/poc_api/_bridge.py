@@ -43,13 +43,12 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Generic, TypeVar, final
 
 import trio
 
-from ._errors import PocApiError, closed_under_call
+from ._errors import PocApiError, closed_under_call, protected_asynccontextmanager
 
 __all__ = ["AsyncioBridge", "BatchReceiver", "Sink", "open_bridge"]
 
@@ -964,7 +963,7 @@ def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
     log.warning("asyncio: %s", context.get("message"), exc_info=exc)
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_bridge(*, cancel_timeout: float = 5.0) -> AsyncIterator[AsyncioBridge]:
     """Start an asyncio loop thread for the duration of the block.
 

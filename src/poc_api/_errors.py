@@ -32,9 +32,12 @@ place each: :func:`poc_api._transport.map_grpc_error` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, NoReturn, final
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
+from types import TracebackType
+from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, final
 
 import trio
 
@@ -272,3 +275,54 @@ def closed_under_call() -> trio.ClosedResourceError:
     (retriable) :class:`ServerUnavailable`.
     """
     return trio.ClosedResourceError("the ApiClient was closed while this call was running")
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def protected_asynccontextmanager(
+    fn: Callable[_P, AsyncIterator[_T]],
+) -> Callable[_P, AbstractAsyncContextManager[_T]]:
+    """``contextlib.asynccontextmanager`` with KI-protected enter and exit, and a
+    block that says so when entered twice.
+
+    A Ctrl-C landing in contextlib's own ``__aexit__`` would leave the generator
+    suspended, with whatever it holds open (a cancel scope: "Cancel scope stack
+    corrupted"; a client: its loop thread). Protected, it comes at the next
+    checkpoint instead, as in trio's own code. (contextlib's second entry fails
+    with an ``AttributeError`` about its internals.)
+    """
+    factory = contextlib.asynccontextmanager(fn)
+
+    @functools.wraps(fn)
+    def block(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[_T]:
+        return _Protected(factory(*args, **kwargs), fn.__name__)
+
+    return block
+
+
+@final
+class _Protected(Generic[_T]):
+    __slots__ = ("_cm", "_entered", "_name")
+
+    def __init__(self, cm: AbstractAsyncContextManager[_T], name: str) -> None:
+        self._cm = cm
+        self._name = name
+        self._entered = False
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aenter__(self) -> _T:
+        if self._entered:
+            raise RuntimeError(f"a {self._name} block can be entered only once")
+        self._entered = True
+        return await self._cm.__aenter__()
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)

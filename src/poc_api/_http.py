@@ -35,9 +35,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
-from types import TracebackType
-from typing import Any, Final, Generic, NoReturn, ParamSpec, TypeVar, final
+from typing import Any, Final, NoReturn, final
 
 import attrs
 import httpx
@@ -53,6 +51,7 @@ from ._errors import (
     ServerUnavailable,
     closed_under_call,
     collapse_cancellation,
+    protected_asynccontextmanager,
 )
 from ._sse import SSEDecoder, SSEEvent
 from ._types import ReadoutManifest, TrainResult, TrainSample, Usage, check_timeout
@@ -401,50 +400,6 @@ _CHAT_KEYWORDS = (
     "seed",
     "extra_body",
 )
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-def _block_entered_once(
-    fn: Callable[_P, AsyncIterator[_T]],
-) -> Callable[_P, AbstractAsyncContextManager[_T]]:
-    """``contextlib.asynccontextmanager``, whose block says so when entered twice.
-
-    (contextlib's own fails with an ``AttributeError`` about its internals.)
-    """
-    factory = contextlib.asynccontextmanager(fn)
-
-    @functools.wraps(fn)
-    def block(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[_T]:
-        return _EnteredOnce(factory(*args, **kwargs))
-
-    return block
-
-
-@final
-class _EnteredOnce(Generic[_T]):
-    __slots__ = ("_cm", "_entered")
-
-    def __init__(self, cm: AbstractAsyncContextManager[_T]) -> None:
-        self._cm = cm
-        self._entered = False
-
-    @trio.lowlevel.enable_ki_protection
-    async def __aenter__(self) -> _T:
-        if self._entered:
-            raise RuntimeError("a chat_stream block can be entered only once")
-        self._entered = True
-        return await self._cm.__aenter__()
-
-    @trio.lowlevel.enable_ki_protection
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        return await self._cm.__aexit__(exc_type, exc, tb)
 
 
 @final
@@ -881,7 +836,7 @@ class HttpApi:
             choices=tuple(c for _, c in parsed) if len(parsed) > 1 else (),
         )
 
-    @_block_entered_once
+    @protected_asynccontextmanager
     async def chat_stream(
         self,
         messages: Sequence[Mapping[str, Any]],

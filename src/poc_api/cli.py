@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, TypeVar, final
 from urllib.parse import urlsplit
 
@@ -43,6 +43,7 @@ from . import _errors as e
 from ._chunks import Chunk, Tokens
 from ._client import ApiClient
 from ._conversation import ConversationStream
+from ._errors import protected_asynccontextmanager
 from ._http import ChatDelta
 from ._png import encode_png
 from ._session import GenerateStream
@@ -197,7 +198,7 @@ class _Conn:
     server: ReferenceServer | None
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIterator[_Conn]:
     """A client for ``target``; an embedded reference server when it has no URL."""
     if target.base_url is None:

@@ -43,13 +43,13 @@ import os
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from ._client import ApiClient
+from ._errors import protected_asynccontextmanager
 from ._png import encode_png
 from .server import ReferenceServer, ServerConfig
 
@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def reference_server(**config: Any) -> AsyncIterator[ReferenceServer]:
     """Run a reference server for the block; stop it on exit.
 
@@ -83,7 +83,7 @@ async def reference_server(**config: Any) -> AsyncIterator[ReferenceServer]:
         yield server
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def reference_servers(n: int, **config: Any) -> AsyncIterator[list[ReferenceServer]]:
     """Run ``n`` reference servers for the block ; stop them on exit.
 
@@ -183,7 +183,7 @@ http {{
 """
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def nginx_grpc_proxy(
     backends: Sequence[str],
     *,
@@ -254,7 +254,7 @@ async def nginx_grpc_proxy(
                     await process.wait()
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_client(server: ReferenceServer, **client_options: Any) -> AsyncIterator[ApiClient]:
     """An open :class:`~poc_api.ApiClient` connected to ``server``, closed on exit.
 
