@@ -52,7 +52,7 @@ pytestmark = [
 
 # Runs per scenario: lines spread evenly, and lines of enters and exits (a sample
 # that differs between Pythons and trio versions). POC_API_KI_FULL=1 runs every line
-# (about 11,000 runs, 10 minutes).
+# (about 11,000 runs, 20 minutes).
 SPREAD_RUNS = 15
 EDGE_RUNS = 25
 FULL = os.environ.get("POC_API_KI_FULL") == "1"
@@ -77,7 +77,8 @@ def _with_exits(code: types.CodeType) -> frozenset[int]:
     )
 
 
-# Where a Ctrl-C most easily tears a resource in half: every line of these runs.
+# Where a Ctrl-C most easily tears a resource in half: the runs sample the lines of
+# these (each line once, at its first run).
 _EDGES = frozenset({"__enter__", "__exit__", "__aenter__", "__aexit__", "aclose", "start"})
 
 
