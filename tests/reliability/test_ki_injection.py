@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 import trio
+from helpers import make_png
 
 import poc_api
 from poc_api import SamplingParams, Tokens
@@ -52,11 +53,12 @@ pytestmark = [
 
 # Runs per scenario: lines spread evenly, and lines of enters and exits (a sample
 # that differs between Pythons and trio versions). POC_API_KI_FULL=1 runs every line
-# (about 11,000 runs, 20 minutes).
-SPREAD_RUNS = 15
-EDGE_RUNS = 25
+# (about 18,000 runs, 30 minutes).
+SPREAD_RUNS = 12
+EDGE_RUNS = 20
 FULL = os.environ.get("POC_API_KI_FULL") == "1"
 CLOSE_TIMEOUT = 5.0
+PNG = make_png(56, 28)
 POC = os.path.dirname(poc_api.__file__)
 SERVER = os.path.join(POC, "server")
 
@@ -154,16 +156,37 @@ async def _http(c: poc_api.ApiClient) -> None:
             pass
 
 
+async def _image(c: poc_api.ApiClient) -> None:
+    async with c.session() as s:
+        await s.prefill([1, 2], timeout=30)
+        await s.append_image(PNG, "image/png", timeout=30)
+
+
+async def _pool(c: poc_api.ApiClient) -> None:
+    # Run with two servers (see _run): sessions and calls are spread over both.
+    async with c.session() as s:
+        async with s.generate([4], sampling=SamplingParams(max_tokens=3)) as ev:
+            async for _ in ev:
+                pass
+    prompts = [([Tokens([72, 101, 108])], [(1, 2)]), ([Tokens([72, 101, 108, 108])], [(1, 3)])]
+    await c.score_many(prompts)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "session": _session,
     "conversation": _conversation,
     "score": _score,
     "http": _http,
+    "image": _image,
+    "pool": _pool,
 }
 
 
-def _run(srv: ReferenceServer, scenario: Scenario, at: int) -> tuple[str, _Injector]:
+def _run(servers: list[ReferenceServer], name: str, at: int) -> tuple[str, _Injector]:
     """One ``trio.run`` of the scenario, traced; how it ended."""
+    scenario = SCENARIOS[name]
+    # The pool scenario talks to both servers; the others to the first.
+    grpc_url = [s.grpc_url for s in servers] if name == "pool" else servers[0].grpc_url
     injector = _Injector(at)
 
     async def main() -> None:
@@ -171,9 +194,8 @@ def _run(srv: ReferenceServer, scenario: Scenario, at: int) -> tuple[str, _Injec
         assert callable(handler) and handler is not signal.default_int_handler, handler
         sys.settrace(injector)
         try:
-            client = poc_api.ApiClient(
-                srv.base_url, grpc_url=srv.grpc_url, close_timeout=CLOSE_TIMEOUT
-            )
+            base_url = servers[0].base_url
+            client = poc_api.ApiClient(base_url, grpc_url=grpc_url, close_timeout=CLOSE_TIMEOUT)
             async with client:
                 await scenario(client)
         finally:
@@ -223,17 +245,22 @@ def python_handles_sigint() -> Any:
 
 
 @pytest.fixture(scope="module")
-def srv() -> Any:
-    server = ReferenceServer(ServerConfig())
-    server.start()
-    yield server
-    server.stop()
+def servers() -> Any:
+    started = [ReferenceServer(ServerConfig()), ReferenceServer(ServerConfig())]
+    for server in started:
+        server.start()
+    yield started
+    for server in started:
+        server.stop()
+
+
+def _session_ids(servers: list[ReferenceServer]) -> list[str]:
+    return sorted(i for s in servers for i in s.state().session_ids)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_ctrl_c_at_any_line_unwinds_cleanly(srv: ReferenceServer, name: str) -> None:
-    scenario = SCENARIOS[name]
-    outcome, probe = _run(srv, scenario, at=sys.maxsize)  # counts the lines
+def test_ctrl_c_at_any_line_unwinds_cleanly(servers: list[ReferenceServer], name: str) -> None:
+    outcome, probe = _run(servers, name, at=sys.maxsize)  # counts the lines
     assert outcome == "finished", outcome
     lines = probe.seen
     if FULL:
@@ -247,18 +274,18 @@ def test_ctrl_c_at_any_line_unwinds_cleanly(srv: ReferenceServer, name: str) -> 
     for at in sample:
         before = set(_loop_threads())
         started = time.monotonic()
-        outcome, injector = _run(srv, scenario, at)
+        outcome, injector = _run(servers, name, at)
         took = time.monotonic() - started
         left = [t.name for t in _loop_threads() if t not in before]
         give_up = time.monotonic() + 3
-        while srv.state().session_ids and time.monotonic() < give_up:
+        while _session_ids(servers) and time.monotonic() < give_up:
             time.sleep(0.01)
-        sessions = srv.state().session_ids
+        sessions = _session_ids(servers)
         if outcome == "finished" and injector.seen < at:
             continue  # this run had fewer lines (how many varies a little)
         if outcome != "KeyboardInterrupt" or left or sessions or took > CLOSE_TIMEOUT - 1:
             bad.append(
                 f"line {at} ({injector.where}): {outcome}, {took:.2f} s, "
-                f"threads {left}, sessions {sorted(sessions)}"
+                f"threads {left}, sessions {sessions}"
             )
     assert not bad, f"{len(bad)} of {len(sample)} runs ({lines} lines):\n" + "\n".join(bad)
