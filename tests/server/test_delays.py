@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from poc_api.server import ServerConfig
@@ -61,3 +62,30 @@ def test_token_delay_is_per_decoded_token(
     assert elapsed >= 0.2
     # A prefill-only call decodes nothing and pays nothing.
     assert timed(lambda: c.generate(sid, append_tokens=[66], offset=11, max_tokens=0)) < 0.1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_delay_applies_to_chat_completions_too(
+    make_server: ServerFactory, stream: bool
+) -> None:
+    # A test of a slow chat stream (a client closed or cancelled mid-stream) needs a
+    # server that decodes at a given pace, as Generate does.
+    srv = make_server(token_delay_ms=20, ignore_eos=True)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    with httpx.Client(base_url=srv.base_url, timeout=10) as http:
+        t0 = time.perf_counter()
+        if not stream:
+            r = http.post("/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 10
+            assert time.perf_counter() - t0 >= 0.2
+            return
+        arrivals = []
+        with http.stream("POST", "/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.perf_counter() - t0)
+        # Paced: the deltas arrive as they are decoded, not all at the end.
+        assert arrivals[-1] >= 0.2
+        assert arrivals[-1] - arrivals[1] >= 0.1, arrivals

@@ -253,11 +253,16 @@ class _Decode:
         hold = max((len(s) for s in self.s.stop), default=1) - 1
         text, sent, cut = "", 0, False
         entries: list[dict[str, Any]] = []
+        token_delay = self.rt.config.token_delay_ms / 1e3
         try:
             while self.completion < self.s.max_tokens:
                 if len(tokens) >= max_context:
                     self.finish_reason = "length"
                     break
+                if token_delay:
+                    # Simulated GPU time per decoded token, as Generate's; what was
+                    # decoded so far has gone out (a stream yields it as it goes).
+                    await asyncio.sleep(token_delay)
                 dist = model.dist(tokens)
                 tok = spec.pick(dist, len(tokens), tokens)
                 tokens.append(tok)

@@ -41,7 +41,8 @@ class ServerConfig:
 
     Simulated GPU time, both 0 (off) by default: ``prefill_delay_us`` microseconds per
     position a session takes in (text tokens and image placeholders alike) and
-    ``token_delay_ms`` milliseconds per decoded token. The server waits with
+    ``token_delay_ms`` milliseconds per decoded token (``Generate`` and the
+    OpenAI-compatible completions alike). The server waits with
     ``asyncio.sleep``, so it burns no CPU, and concurrent requests overlap as if the
     GPU had unlimited batch capacity; a request cancelled mid-wait stops at once.
     """
