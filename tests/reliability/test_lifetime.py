@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 import h2.errors
 import pytest
 import trio
-from helpers import http_server, read_request
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
 
@@ -410,28 +409,15 @@ async def test_a_blocks_own_close_session_in_flight_is_waited_for(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
-async def _drip_sse(stream: trio.SocketStream) -> None:
-    """An HTTP/1.1 chat server that streams one delta every 10 ms, forever;
-    a non-streaming request gets no answer at all."""
-    _, body = await read_request(stream)
-    if b'"stream":true' not in body.replace(b" ", b""):
-        await trio.sleep_forever()
-    await stream.send_all(
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
-    )
-    delta = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
-    while True:
-        await stream.send_all(delta)
-        await trio.sleep(0.01)
-
-
 @pytest.mark.parametrize("call", ["chat_stream", "chat"])
 async def test_closing_the_client_ends_its_http_calls_at_once(call: str) -> None:
     # HTTP calls end when the close begins, as gRPC streams do, not once the held
     # sessions are closed (here that takes close_timeout: CloseSession gets no answer).
-    async with misbehaving_server() as srv, http_server(_drip_sse) as base_url:
+    # The chat server decodes a token every 10 ms, for over two hours.
+    slow = reference_server(token_delay_ms=10, ignore_eos=True, max_context=10**8)
+    async with misbehaving_server() as srv, slow as chat_server:
         srv.plan("CloseSession", Reply(first_delay=30.0))
-        client = poc_api.ApiClient(base_url, grpc_url=srv.url, model="m", close_timeout=2.0)
+        client = poc_api.ApiClient(chat_server.base_url, grpc_url=srv.url, close_timeout=2.0)
         ended: list[tuple[BaseException, float]] = []
         messages = [{"role": "user", "content": "hi"}]
 
@@ -439,9 +425,9 @@ async def test_closing_the_client_ends_its_http_calls_at_once(call: str) -> None
             try:
                 if call == "chat":
                     task_status.started()
-                    await client.chat(messages)
+                    await client.chat(messages, max_tokens=10**6)
                 else:
-                    async with client.chat_stream(messages) as events:
+                    async with client.chat_stream(messages, max_tokens=10**6) as events:
                         await events.__anext__()
                         task_status.started()
                         async for _ in events:
