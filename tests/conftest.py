@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -53,6 +54,18 @@ def _hung(item: pytest.Item) -> None:
     faulthandler.dump_traceback(file=err, all_threads=True)
     err.flush()
     os._exit(70)
+
+
+@pytest.fixture
+def python_handles_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler for the test, so that ``trio.run`` installs its own.
+
+    A shell without job control (CI's) starts background jobs with SIGINT ignored;
+    Python and trio then install no handler, and a SIGINT would do nothing.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

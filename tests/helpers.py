@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -20,6 +21,11 @@ async def wait_for(predicate: object, timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110 - the server lives on another thread
             await trio.sleep(0.002)
+
+
+def loop_threads() -> list[threading.Thread]:
+    """The asyncio loop threads of poc_api clients (bridges) alive now."""
+    return [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
 
 
 def make_png(width: int, height: int, seed: int = 0) -> bytes:

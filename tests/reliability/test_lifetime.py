@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import h2.errors
 import pytest
 import trio
+from helpers import loop_threads
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
 
@@ -259,7 +260,7 @@ def test_no_loop_thread_outlives_its_client() -> None:
                         await s.prefill([1])
 
     trio.run(main)
-    assert not [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
+    assert not loop_threads()
 
 
 async def _conversation_agent(client: poc_api.ApiClient, started: trio.Event) -> None:
@@ -482,7 +483,9 @@ async def test_closing_the_client_ends_an_image_append_in_flight_at_once() -> No
     assert at - started < 0.5, (at - started, closed - started)
 
 
-def test_ctrl_c_during_the_clients_close_still_closes_everything() -> None:
+def test_ctrl_c_during_the_clients_close_still_closes_everything(
+    python_handles_sigint: None,
+) -> None:
     # A second Ctrl-C while the client closes (here: its CloseSession of a held
     # session gets no answer, so the close takes close_timeout). trio delivers it
     # at any checkpoint of the main task, shielded or not: the close must still
@@ -502,21 +505,15 @@ def test_ctrl_c_during_the_clients_close_still_closes_everything() -> None:
                 elapsed.append(time.monotonic() - started)
 
     elapsed: list[float] = []
-    # A shell without job control (CI's) starts background jobs with SIGINT
-    # ignored; trio then installs no handler and the signal would do nothing.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(BaseException) as info:
-            trio.run(main)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(BaseException) as info:
+        trio.run(main)
     assert (
         info.group_contains(KeyboardInterrupt)
         if isinstance(info.value, BaseExceptionGroup)
         else isinstance(info.value, KeyboardInterrupt)
     ), repr(info.value)
     assert 0.9 < elapsed[0] < 5.0, elapsed  # the close ran its course first
-    assert not [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
+    assert not loop_threads()
 
 
 async def test_a_close_as_the_connection_settles_fails_the_waiting_call_cleanly(
