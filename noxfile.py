@@ -3,6 +3,7 @@ typecheck and proto. `nox -s bench` and `nox -s soak` run on demand."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,10 @@ MATRIX = [
 # every cell. (CI time is budgeted: a cell costs about four minutes there.)
 SLOW_CELL = ("3.11", "latest")
 HEAVY_PYTHON = "3.11"
+# Test processes per cell (pytest-xdist). Most tests wait on sockets and timers, so
+# two processes on CI's 2 cores halve a cell's time. Two, not one per core, so a
+# bigger machine runs the configuration CI runs (the tests' own time limits assume it).
+WORKERS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
 @nox.session
@@ -45,8 +50,12 @@ def tests(session: nox.Session, deps: str) -> None:
     else:
         session.install("--upgrade", "-e", ".[test]")
     args = session.posargs
-    if not args and (session.python, deps) != SLOW_CELL:
-        args = ["-m", "not slow" if session.python == HEAVY_PYTHON else "not slow and not heavy"]
+    if not args:
+        if (session.python, deps) != SLOW_CELL:
+            heavy = session.python == HEAVY_PYTHON
+            args = ["-m", "not slow" if heavy else "not slow and not heavy"]
+        if WORKERS > 1:
+            args = [*args, "-n", str(WORKERS)]
     session.run("python", "-m", "pytest", "-q", *args)
 
 
