@@ -212,10 +212,15 @@ async def decode(api: HttpApi, pieces: Sequence[bytes]) -> tuple[list[ChatEvent]
     got: list[ChatEvent] = []
     try:
         await events.check_response()
-        async for event in events:
-            got.append(event)
-    except (HttpError, ProtocolViolation) as exc:
-        return got, exc
+        async with trio.open_nursery() as nursery:  # as chat_stream's block reads it
+            nursery.start_soon(events.pump)
+            try:
+                async for event in events:
+                    got.append(event)
+            except (HttpError, ProtocolViolation) as exc:
+                return got, exc
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
         await events.aclose()
     return got, None

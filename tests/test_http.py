@@ -902,3 +902,60 @@ async def test_requests_are_logged_at_debug_under_poc_api_http(
     lines = [r.getMessage() for r in caplog.records if r.name == "poc_api.http"]
     assert any("POST " + server.base_url + "/tokenize" in line for line in lines)
     assert any("-> 200" in line for line in lines)
+
+
+# --- chat_stream reads that are cancelled or fail ---------------------------------------
+
+
+async def test_a_cancelled_read_of_a_chat_stream_loses_nothing(http: httpx.AsyncClient) -> None:
+    # A per-event timeout (a spinner's tick) around one read, then reading on: the
+    # stream goes on where it stopped, as a Generate stream does. (The read used to
+    # end httpx's reader for good: the next one raised a false ProtocolViolation.)
+    async with ReferenceServer(ServerConfig(port=0, token_delay_ms=50)) as srv:
+        api = make_api(http, srv.base_url)
+        with trio.fail_after(20):
+            whole = await api.chat(HELLO, max_tokens=5, temperature=0)
+            got: list[object] = []
+            ticks = 0
+            async with api.chat_stream(HELLO, max_tokens=5, temperature=0) as events:
+                while True:
+                    with trio.move_on_after(0.01) as tick:
+                        try:
+                            got.append(await events.__anext__())
+                        except StopAsyncIteration:
+                            break
+                    ticks += tick.cancelled_caught
+    assert ticks > 0  # reads were cancelled, or this test proves nothing
+    assert "".join(e.text for e in got if isinstance(e, ChatDelta)) == whole.text
+    assert got[-1] == ChatDone(whole.finish_reason, whole.usage)
+
+
+async def test_reading_on_after_a_chat_stream_failed_raises_again(
+    http: httpx.AsyncClient,
+) -> None:
+    # The connection drops after one delta and its finish reason: a caller that
+    # catches the error and iterates again must not get a ChatDone as if complete.
+    finish = '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    body = sse(DELTA, finish)
+    head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 9999\r\n\r\n"
+    with trio.fail_after(10):
+        async with canned_server([head.encode() + body]) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                assert await events.__anext__() == ChatDelta("hi", 0)
+                for _ in range(3):
+                    with pytest.raises(ServerUnavailable):
+                        await events.__anext__()
+
+
+async def test_max_message_size_bounds_each_chat_stream_event() -> None:
+    big = json.dumps({"choices": [{"index": 0, "delta": {"content": "x" * 5000}}]})
+    with trio.fail_after(10):
+        async with (
+            canned_server([response(200, sse(big, "[DONE]"), "text/event-stream")]) as url,
+            httpx.AsyncClient() as client,
+        ):
+            api = HttpApi(client, url, "", "m", max_body=4096)
+            async with api.chat_stream(HELLO) as events:
+                with pytest.raises(LimitExceeded):
+                    async for _ in events:
+                        pass

@@ -871,7 +871,9 @@ class HttpApi:
         raised: an error event (OpenAI's ``{"error": ...}``, vLLM's
         ``{"object": "error"}``, ``event: error``) raises :class:`~poc_api.HttpError`
         with the server's message; a stream that ends before any finish reason
-        raises :class:`~poc_api.ProtocolViolation`.
+        raises :class:`~poc_api.ProtocolViolation`. A read you cancel (a timeout
+        around one ``__anext__``) loses nothing: the next read goes on; a read that
+        failed raises its error again on every later read.
 
         Leaving the block -- after the last event, by ``break``, by an exception or
         by cancellation -- closes the response (shielded, bounded): an unfinished
@@ -921,7 +923,24 @@ class HttpApi:
             events = _ChatEvents(self, response, shown)
             try:
                 await events.check_response()
-                yield events
+                # The body is read by a task of the block's own, so that a read the
+                # caller cancels (a per-event timeout) loses nothing: the next one
+                # goes on where it stopped. (httpx's reader ends for good, and drops
+                # its connection, when a cancellation passes through it.)
+                body_error: BaseException | None = None
+                with collapse_cancellation():  # the pump raises nothing but Cancelled
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(events.pump)
+                        try:
+                            yield events
+                        except BaseException as exc:
+                            # Raised below, past the nursery, as itself: trio would put
+                            # it in a group (and copy the caller's own group).
+                            body_error = exc
+                        finally:
+                            nursery.cancel_scope.cancel()
+                if body_error is not None:
+                    raise body_error
             finally:
                 await events.aclose()
         if scope.cancelled_caught:
@@ -1105,10 +1124,13 @@ class _ChatEvents:
     """The async iterator behind :meth:`HttpApi.chat_stream` (a class, not an async
     generator, so that abandoning it leaves nothing for the garbage collector).
 
-    Decoded events go to a queue; an error found while decoding a network read is
-    kept and raised only once the queue -- the deltas that came before it in the
-    same read -- has been delivered, so what the caller sees never depends on how
-    TCP cut the bytes.
+    The block's :meth:`pump` task reads the body and hands over one chunk at a
+    time (or the error that ended the read); a cancelled ``__anext__`` loses
+    nothing. Decoded events go to a queue; an error found while decoding a network
+    read is kept and raised only once the queue -- the deltas that came before it
+    in the same read -- has been delivered, so what the caller sees never depends
+    on how TCP cut the bytes. Once raised, an error is raised again by every
+    later read: a stream that failed never looks complete.
     """
 
     def __init__(self, api: HttpApi, response: httpx.Response, url: str) -> None:
@@ -1117,9 +1139,13 @@ class _ChatEvents:
         self._url = url  # already redacted: used only in messages
         self._what = f"POST {url}"
         self._chunks = response.aiter_bytes()
-        self._decoder = SSEDecoder(error_field=True)  # llama.cpp's error lines too
+        # From pump() to __anext__: a chunk, the error that ended the body, or None
+        # at its end. Unbuffered: the pump reads no further ahead than one chunk.
+        self._send, self._receive = trio.open_memory_channel[bytes | Exception | None](0)
+        # llama.cpp's error lines too; each event bounded as a whole answer is.
+        self._decoder = SSEDecoder(max_buffer=api._max_body, error_field=True)
         self._queue: deque[ChatEvent] = deque()
-        self._error: PocApiError | None = None  # raised after the queue drains
+        self._error: Exception | None = None  # raised after the queue drains, then again
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
         self._cut = False  # the block was left before the end: iterating is an error
         self._done_queued = False  # the ChatDone is in the queue (or already delivered)
@@ -1141,6 +1167,26 @@ class _ChatEvents:
             )
         log.debug("POST %s -> %d (streaming)", self._url, status)
 
+    @trio.lowlevel.enable_ki_protection  # see _request: httpx's reads run here
+    async def pump(self) -> None:
+        """trio, a task of the block's: read the body and hand it over chunk by chunk.
+
+        Raises nothing but cancellation: a failed read is handed over, in order.
+        """
+        with self._send:
+            while True:
+                item: bytes | Exception | None
+                try:
+                    with _map_httpx_errors("POST", self._url, self._api._client):
+                        item = await self._chunks.__anext__()
+                except StopAsyncIteration:
+                    item = None
+                except Exception as exc:
+                    item = exc
+                await self._send.send(item)
+                if not isinstance(item, bytes):
+                    return
+
     def __aiter__(self) -> _ChatEvents:
         return self
 
@@ -1149,19 +1195,23 @@ class _ChatEvents:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
         while not self._queue:
             if self._error is not None:
-                error, self._error = self._error, None
-                raise error
+                raise self._error
             if self._finished:
                 if self._cut:
                     raise trio.ClosedResourceError(
                         "this stream's block has exited: iterate its events inside the block"
                     )
                 raise StopAsyncIteration
-            with _map_httpx_errors("POST", self._url, self._api._client):
-                try:
-                    chunk: bytes | None = await self._chunks.__anext__()
-                except StopAsyncIteration:
-                    chunk = None
+            try:
+                chunk = await self._receive.receive()
+            except trio.EndOfChannel:
+                # The pump stopped without an end: the block is exiting.
+                self._finished = self._cut = True
+                continue
+            if isinstance(chunk, Exception):
+                self._finished = True
+                self._error = chunk
+                continue
             try:
                 if chunk is None:
                     self._finished = True
