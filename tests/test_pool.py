@@ -524,3 +524,42 @@ async def test_dns_target_follows_the_records_as_they_change(
                     await wait_for(lambda: client.endpoints[0].state is not EndpointState.RETIRED)
         finally:
             await trio.to_thread.run_sync(b.stop)
+
+
+async def test_dns_target_with_one_address_is_resolved_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One record at first: the pool still re-resolves it every ``dns_refresh``
+    seconds, so a replaced pod (old address dead, the record names a new one) is
+    picked up."""
+    from poc_api import _pool
+
+    records = ["127.0.0.1"]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return list(records)
+
+    monkeypatch.setattr(_pool, "_lookup", lookup)
+    async with reference_servers(1) as (a,):
+        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
+        await trio.to_thread.run_sync(b.start)
+        try:
+            url = f"dns:///pool.test:{a.grpc_port}"
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
+            ) as client:
+                with trio.fail_after(20):
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                    assert [e.url for e in client.endpoints] == [a.grpc_url]
+                    await trio.to_thread.run_sync(a.kill)
+                    records[:] = ["127.0.0.2"]
+                    await wait_for(
+                        lambda: any(
+                            e.url == b.grpc_url and e.state is not EndpointState.RETIRED
+                            for e in client.endpoints
+                        )
+                    )
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                    assert b.state().rpc_counts.get("OpenSession", 0) == 1
+        finally:
+            await trio.to_thread.run_sync(b.stop)

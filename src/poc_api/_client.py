@@ -128,8 +128,9 @@ class ApiClient:
             (``CloseSession`` included). An L7 proxy that hashes on it (nginx
             ``hash $http_x_session_affinity consistent``) keeps each session on the
             backend that holds it. ``None`` sends no key.
-        health_check_interval: with several endpoints, seconds between
-            ``grpc.health.v1`` checks of each (run on the client's asyncio thread).
+        health_check_interval: with several endpoints (or a ``dns:///``
+            target), seconds between ``grpc.health.v1`` checks of each (run on
+            the client's asyncio thread).
         dns_refresh: seconds between re-resolutions of a ``dns:///`` target.
 
     Many servers: ``grpc_url`` may list several endpoints, or be a

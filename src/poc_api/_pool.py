@@ -15,8 +15,9 @@ a session must reach that server. Two ways to spread sessions over servers:
   session goes to the less loaded of two random healthy endpoints (open
   sessions + calls in flight: "power of two choices"); its calls then stay there.
 
-Health: while the pool has more than one endpoint, an asyncio task on the
-bridge's loop asks each endpoint ``grpc.health.v1.Health/Check`` every
+Health: while the pool has more than one endpoint (or a DNS target, however
+many addresses it has now), an asyncio task on the bridge's loop re-resolves the
+DNS target when due and asks each endpoint ``grpc.health.v1.Health/Check`` every
 ``health_interval`` seconds (the bridge cancels it when the client closes: no
 trio nursery is held across user code). An endpoint that answers NOT_SERVING,
 cannot be reached, or failed a call recently (exponential backoff) gets no new
@@ -389,12 +390,14 @@ class Router:
         fails as it would on one server. Raises :class:`ServerUnavailable` when
         every endpoint was tried already (or DNS listed none).
         """
+        if not self._health_started and self.failover:
+            # Before the one-endpoint shortcut: a DNS target that resolved to one
+            # address is re-resolved by this task too. One plain URL needs none.
+            self._health_started = True
+            self._bridge.call_soon(self._start_health)
         endpoints = self._endpoints
         if len(endpoints) == 1 and not exclude:
             return endpoints[0]
-        if self.failover and not self._health_started:
-            self._health_started = True
-            self._bridge.call_soon(self._start_health)
         now = time.monotonic()
         left = [ep for ep in endpoints if ep not in exclude]
         live = [ep for ep in left if ep.state is not EndpointState.RETIRED]
