@@ -401,6 +401,28 @@ async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachabl
                 assert status.state is EndpointState.UNREACHABLE
 
 
+async def test_a_server_unavailable_raised_by_a_streams_body_does_not_count_against_it() -> None:
+    # The block's own stream is fine; its body fails on something else (a call
+    # to another service): the endpoint stays healthy and keeps its share.
+    async with (
+        reference_servers(2) as servers,
+        pool_client(servers, health_check_interval=3600) as client,
+    ):
+        with trio.fail_after(20):
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                home = next(
+                    i for i, v in enumerate(servers) if s.session_id in v.state().session_ids
+                )
+                with pytest.raises(poc_api.ServerUnavailable):
+                    async with s.generate(sampling=TURN) as ev:
+                        async for _ in ev:
+                            raise poc_api.ServerUnavailable("a tool's server is down")
+            status = client.endpoints[home]
+            assert status.failures == 0
+            assert status.state is not EndpointState.UNREACHABLE
+
+
 @pytest.mark.slow
 async def test_score_many_on_a_pool_gives_one_servers_results_and_balances() -> None:
     rng = random.Random(7)

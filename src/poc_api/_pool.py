@@ -662,24 +662,28 @@ class SessionRoute:
 class _Observed:
     """Marks the endpoint failed when a stream on it finds the server gone.
 
+    Only the stream's own failure counts: a ``ServerUnavailable`` raised by the
+    block's body (another client's call, say) says nothing about this endpoint.
     A class, not an ``@asynccontextmanager``: see ``StreamBlock``.
     """
 
-    __slots__ = ("_cm", "_ep")
+    __slots__ = ("_cm", "_ep", "_rx")
 
     def __init__(
         self, cm: AbstractAsyncContextManager[BatchReceiver[bytes]], ep: _Endpoint
     ) -> None:
         self._cm = cm
         self._ep = ep
+        self._rx: BatchReceiver[bytes] | None = None
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:
         try:
-            return await self._cm.__aenter__()
+            rx = self._rx = await self._cm.__aenter__()
         except e.ServerUnavailable:
             self._ep.failed()
             raise
+        return rx
 
     @trio.lowlevel.enable_ki_protection
     async def __aexit__(
@@ -688,10 +692,14 @@ class _Observed:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        lost = False
         try:
             await self._cm.__aexit__(exc_type, exc, tb)
         except e.ServerUnavailable:
-            self._ep.failed()
+            lost = True
             raise
-        if isinstance(exc, e.ServerUnavailable):
-            self._ep.failed()
+        finally:
+            # The stream is settled by now: its error, if any, is the RPC's own.
+            rx = self._rx
+            if lost or (rx is not None and isinstance(rx.error, e.ServerUnavailable)):
+                self._ep.failed()
