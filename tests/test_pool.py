@@ -538,12 +538,23 @@ async def test_dns_target_follows_the_records_as_they_change(
                     assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
                     assert all(s.state().rpc_counts.get("OpenSession", 0) > 5 for s in (a, b))
                     records[:] = ["127.0.0.2"]
-                    await wait_for(lambda: client.endpoints[0].state is EndpointState.RETIRED)
+                    # Retired (and soon dropped: it has no session left).
+                    await wait_for(
+                        lambda: all(
+                            e.url != a.grpc_url or e.state is EndpointState.RETIRED
+                            for e in client.endpoints
+                        )
+                    )
                     before = a.state().rpc_counts["OpenSession"]
                     await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 20)
                     assert a.state().rpc_counts["OpenSession"] == before
                     records[:] = ["127.0.0.1", "127.0.0.2"]
-                    await wait_for(lambda: client.endpoints[0].state is not EndpointState.RETIRED)
+                    await wait_for(
+                        lambda: any(
+                            e.url == a.grpc_url and e.state is not EndpointState.RETIRED
+                            for e in client.endpoints
+                        )
+                    )
         finally:
             await trio.to_thread.run_sync(b.stop)
 
@@ -583,5 +594,44 @@ async def test_dns_target_with_one_address_is_resolved_again(
                     )
                     await client.score([Tokens([1, 2, 3])], [(1, 3)])
                     assert b.state().rpc_counts.get("OpenSession", 0) == 1
+        finally:
+            await trio.to_thread.run_sync(b.stop)
+
+
+async def test_a_retired_endpoint_is_dropped_once_its_last_session_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An address DNS no longer lists keeps its open session (calls on it still
+    work), then leaves the endpoint list and has its connection closed."""
+    from poc_api import _pool
+
+    records = ["127.0.0.1"]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return list(records)
+
+    monkeypatch.setattr(_pool, "_lookup", lookup)
+    async with reference_servers(1) as (a,):
+        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
+        await trio.to_thread.run_sync(b.start)
+        try:
+            url = f"dns:///pool.test:{a.grpc_port}"
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
+            ) as client:
+                with trio.fail_after(20):
+                    async with client.session() as s:
+                        await s.prefill([1, 2])
+                        records[:] = ["127.0.0.2"]
+                        await wait_for(lambda: len(client.endpoints) == 2)
+                        await wait_for(lambda: client.endpoints[0].state is EndpointState.RETIRED)
+                        await trio.sleep(0.3)  # several refresh passes: it stays
+                        assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
+                        await s.prefill([3])
+                        assert a.state().connections_open == 1
+                    await wait_for(lambda: [e.url for e in client.endpoints] == [b.grpc_url])
+                    await wait_for(lambda: a.state().connections_open == 0)
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                    assert not a.state().session_ids
         finally:
             await trio.to_thread.run_sync(b.stop)

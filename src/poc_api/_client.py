@@ -442,7 +442,8 @@ class ApiClient:
         """Each gRPC endpoint's state, open sessions, calls in flight and failures.
 
         One entry per endpoint of the pool (one for a single ``grpc_url``; those a
-        ``dns:///`` target resolved to so far); empty until the client is open.
+        ``dns:///`` target resolved to so far, less the retired ones that had no
+        session or call left); empty until the client is open.
         """
         return () if self._router is None else self._router.endpoints()
 

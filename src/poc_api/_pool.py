@@ -103,7 +103,8 @@ class EndpointState(enum.Enum):
     """A call or health check could not reach it: no new sessions until its
     backoff has passed."""
     RETIRED = "retired"
-    """DNS no longer lists it: no new sessions; open ones carry on."""
+    """DNS no longer lists it: no new sessions; open ones carry on. Once it has
+    none left (no session, no call) it is dropped and its connection closed."""
 
 
 @final
@@ -231,6 +232,16 @@ class _Endpoint:
         """Sessions open here: the transport counts them (keepalive needs it too)."""
         return self.transport.open_sessions
 
+    def idle(self) -> bool:
+        """Nothing of the client uses it: no session, no call, no cleanup pending."""
+        transport = self.transport
+        return (
+            self.opening == 0
+            and transport.open_sessions == 0
+            and transport.open_streams == 0
+            and not transport._reapers
+        )
+
     def usable(self, now: float) -> bool:
         state = self.state
         return (
@@ -338,6 +349,8 @@ class Router:
         self._owned: list[GrpcTransport] = list(owned)  # the router closes these
         self._dns: DnsTarget | None = None
         self._endpoints: list[_Endpoint] = []
+        # Retired, idle endpoints already out of the list, to close on the next pass.
+        self._leaving: list[_Endpoint] = []
         if isinstance(endpoints, DnsTarget):
             self._dns = endpoints
         else:
@@ -466,10 +479,34 @@ class Router:
                 ep.state = EndpointState.UNKNOWN
         for ep in endpoints:
             if ep.target.host not in addresses and ep.state is not EndpointState.RETIRED:
-                # Its open sessions carry on; it only gets no new ones.
+                # Its open sessions carry on; it only gets no new ones, and is
+                # dropped once it has none (_forget_retired).
                 log.info("%s: endpoint %s is gone from DNS", dns.url, ep.target.url)
                 ep.state = EndpointState.RETIRED
         self._endpoints = endpoints  # replaced whole: the trio side reads it unlocked
+
+    def _forget_retired(self) -> None:
+        """asyncio: drop the retired endpoints nothing uses any more; close their connections.
+
+        In two passes, a health interval apart: an idle one first leaves the list
+        (no new session can be placed there), and its connection is closed on a
+        later pass once it is still idle, so a session the trio side was just
+        placing there (read from the old list) is not cut. While DNS lists no live
+        endpoint the retired ones stay: ``pick`` still tries them then.
+        """
+        dns = self._dns
+        assert dns is not None
+        for ep in list(self._leaving):
+            if ep.idle():
+                self._leaving.remove(ep)
+                self._owned.remove(ep.transport)
+                ep.transport._shut()
+                log.info("%s: retired endpoint %s dropped", dns.url, ep.target.url)
+        endpoints = self._endpoints
+        gone = [ep for ep in endpoints if ep.state is EndpointState.RETIRED and ep.idle()]
+        if gone and any(ep.state is not EndpointState.RETIRED for ep in endpoints):
+            self._endpoints = [ep for ep in endpoints if ep not in gone]  # replaced whole
+            self._leaving += gone
 
     def _start_health(self) -> None:
         if not self._bridge.closed and self._health_task is None:
@@ -481,6 +518,8 @@ class Router:
         while True:
             if self._dns is not None and loop.time() - self._resolved_at >= self._dns_refresh:
                 await self._resolve()
+            if self._dns is not None:
+                self._forget_retired()
             checks = [self._check(ep) for ep in self._endpoints if ep.transport is not None]
             await asyncio.gather(*checks)
             await asyncio.sleep(self._health_interval)
