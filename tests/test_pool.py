@@ -296,6 +296,36 @@ async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> N
                 await wait_for(lambda: client.endpoints[1].state is EndpointState.SERVING)
 
 
+async def test_a_health_check_queued_behind_the_clients_own_streams_is_no_failure() -> None:
+    # 110 long streams on one server that allows 100 at once: the health check
+    # waits for a stream of its own behind them (client side) and times out.
+    # The server answers every call: that must not count against it.
+    async with reference_servers(2, ignore_eos=True, token_delay_ms=50) as (a, b):
+        async with pool_client([a, b], health_check_interval=0.25) as client:
+            with trio.fail_after(30):
+                await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts health checks
+                await trio.to_thread.run_sync(b.set_serving, False)  # all sessions on a
+                await wait_for(lambda: client.endpoints[1].state is EndpointState.NOT_SERVING)
+
+                async def stream() -> None:
+                    async with client.session() as s:
+                        sampling = SamplingParams(max_tokens=10**6)
+                        async with s.generate([1, 2], sampling=sampling) as ev:
+                            async for _ in ev:
+                                pass
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(110):
+                        nursery.start_soon(stream)
+                    await wait_for(lambda: a.state().rpc_counts.get("Generate", 0) >= 100, 10)
+                    before = client.endpoints[0].failures
+                    await trio.sleep(1.2)  # several health checks, each queued
+                    status = client.endpoints[0]
+                    assert status.streams == 110
+                    assert status.failures == before, status
+                    nursery.cancel_scope.cancel()
+
+
 @pytest.mark.heavy
 async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
     """200 conversations on 3 servers; one server dies during the second turn.

@@ -61,7 +61,7 @@ from ._proto.grpc.health.v1 import (
     HealthCheckResponse,
     HealthCheckResponseServingStatus,
 )
-from ._transport import GrpcTarget, GrpcTransport, _Collect, deadline
+from ._transport import GrpcTarget, GrpcTransport, _Collect, _Progress, deadline
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -527,9 +527,12 @@ class Router:
     async def _check(self, ep: _Endpoint) -> None:
         sink = _Collect()
         request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
+        progress = _Progress()
         try:
             await asyncio.wait_for(
-                ep.transport._exchange(_HEALTH_CHECK, Cardinality.UNARY_UNARY, request, sink),
+                ep.transport._exchange(
+                    _HEALTH_CHECK, Cardinality.UNARY_UNARY, request, sink, progress
+                ),
                 timeout=min(self._health_interval, 5.0),
             )
             reply = HealthCheckResponse.parse(sink.items[0]) if sink.items else None
@@ -543,6 +546,15 @@ class Router:
             return
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            if progress.queued:
+                # Never sent: every stream the server allows is taken by this
+                # client's own calls. A busy server is no failed one.
+                log.debug("health check of %s skipped: its streams are all busy", ep.target.url)
+                return
+            log.debug("health check of %s timed out", ep.target.url)
+            ep.failed()
+            return
         except Exception as exc:
             log.debug("health check of %s failed: %s", ep.target.url, exc)
             ep.failed()

@@ -516,7 +516,11 @@ class GrpcTransport:
             assert isinstance(protocol, _PocH2Protocol)
             gate = protocol.gate
             try:
+                if progress is not None:
+                    progress.queued = True
                 await gate.enter(path.endswith("/CloseSession"))
+                if progress is not None:
+                    progress.queued = False
                 try:
                     metadata = self._metadata + extra_metadata if extra_metadata else self._metadata
                     async with channel.request(
@@ -734,10 +738,12 @@ async def _undo(orphan: Callable[[bytes], Awaitable[None]], reply: bytes) -> Non
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
-    __slots__ = ("headers_sent", "reap_timer")
+    __slots__ = ("headers_sent", "queued", "reap_timer")
 
     def __init__(self) -> None:
         self.headers_sent = False
+        # Waiting for a stream of the connection, behind this client's own calls.
+        self.queued = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
         self.reap_timer: asyncio.TimerHandle | None = None
 
