@@ -393,6 +393,34 @@ async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
             assert not srv.state().session_ids, "a session leaked on a survivor"
 
 
+async def test_max_concurrent_streams_bounds_the_whole_pool() -> None:
+    # Four long streams spread over three servers: a fifth call of the client
+    # is refused, wherever it would go.
+    async with (
+        reference_servers(3, ignore_eos=True, token_delay_ms=20) as servers,
+        pool_client(servers, max_concurrent_streams=4) as client,
+    ):
+        with trio.fail_after(20):
+
+            async def hold(*, task_status: trio.TaskStatus[None]) -> None:
+                async with client.session() as s:
+                    sampling = SamplingParams(max_tokens=10**6)
+                    async with s.generate([1, 2], sampling=sampling) as ev:
+                        task_status.started()
+                        async for _ in ev:
+                            pass
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    await nursery.start(hold)
+                streams = [e.streams for e in client.endpoints]
+                assert sum(streams) == 4 and max(streams) < 4, streams
+                with pytest.raises(poc_api.LimitExceeded, match="max_concurrent_streams=4"):
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                nursery.cancel_scope.cancel()
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])  # the slots came back
+
+
 async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
     async with reference_servers(2) as servers, pool_client(servers) as client:
         with trio.fail_after(20):
