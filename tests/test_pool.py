@@ -13,6 +13,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from helpers import wait_for
+from misbehaving import Reply, misbehaving_server
 
 import poc_api
 from poc_api import EndpointState, EndpointStatus, SamplingParams, StreamDone, TokenOut, Tokens
@@ -277,6 +278,34 @@ async def test_closing_the_client_closes_held_sessions_on_their_own_servers() ->
             opened = sorted(key for method, key in state.affinity if method == "OpenSession")
             closed = sorted(key for method, key in state.affinity if method == "CloseSession")
             assert opened == closed
+
+
+async def test_the_close_warning_counts_only_the_sessions_it_could_not_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One held session on a good server, one on a server that never answers
+    # CloseSession: the close closes the first, and its warning names one.
+    async with reference_servers(1) as (good,), misbehaving_server() as silent:
+        silent.plan("CloseSession", Reply("silent"))
+        client = poc_api.ApiClient(
+            good.base_url, grpc_url=[good.grpc_url, silent.url], close_timeout=0.5
+        )
+
+        async def hold(*, task_status: trio.TaskStatus[None]) -> None:
+            async with client.session():
+                task_status.started()
+                await trio.sleep_forever()
+
+        with trio.fail_after(20):
+            async with client, trio.open_nursery() as nursery:
+                for _ in range(2):  # the second goes to the less loaded endpoint
+                    await nursery.start(hold)
+                assert [e.sessions for e in client.endpoints] == [1, 1]
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+        assert not good.state().session_ids
+        warnings = [r.getMessage() for r in caplog.records if "not closed within" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].startswith("1 sessions (and 0 opening"), warnings
 
 
 async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:
