@@ -139,6 +139,8 @@ def test_affinity_header_is_checked(header: object, error: type[Exception]) -> N
         (b"http://127.0.0.1:1", TypeError),
         ("dns:///no-port", ValueError),
         ("dns://8.8.8.8/example.com:80", ValueError),
+        ("dns:///a..b:80", ValueError),
+        (f"dns:///{'x' * 64}.example:80", ValueError),
         (42, TypeError),
     ],
 )

@@ -146,6 +146,15 @@ class DnsTarget:
         parts = urlsplit(f"http://{rest}")
         if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
             raise ValueError(f"a DNS target must look like dns:///host:port, got {text!r}")
+        try:
+            # What getaddrinfo does to the name first: an empty or over-long label
+            # would otherwise surface as a bare UnicodeError from the first call.
+            parts.hostname.encode("idna")
+        except UnicodeError:
+            raise ValueError(
+                f"{parts.hostname!r} in {text!r} is not a valid host name "
+                "(an empty label, or one longer than 63 characters)"
+            ) from None
         return cls(parts.hostname, parts.port)
 
     @property
