@@ -13,6 +13,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from helpers import wait_for
+from misbehaving import Reply, misbehaving_server
 
 import poc_api
 from poc_api import EndpointState, EndpointStatus, SamplingParams, StreamDone, TokenOut, Tokens
@@ -138,6 +139,8 @@ def test_affinity_header_is_checked(header: object, error: type[Exception]) -> N
         (b"http://127.0.0.1:1", TypeError),
         ("dns:///no-port", ValueError),
         ("dns://8.8.8.8/example.com:80", ValueError),
+        ("dns:///a..b:80", ValueError),
+        (f"dns:///{'x' * 64}.example:80", ValueError),
         (42, TypeError),
     ],
 )
@@ -279,6 +282,34 @@ async def test_closing_the_client_closes_held_sessions_on_their_own_servers() ->
             assert opened == closed
 
 
+async def test_the_close_warning_counts_only_the_sessions_it_could_not_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One held session on a good server, one on a server that never answers
+    # CloseSession: the close closes the first, and its warning names one.
+    async with reference_servers(1) as (good,), misbehaving_server() as silent:
+        silent.plan("CloseSession", Reply("silent"))
+        client = poc_api.ApiClient(
+            good.base_url, grpc_url=[good.grpc_url, silent.url], close_timeout=0.5
+        )
+
+        async def hold(*, task_status: trio.TaskStatus[None]) -> None:
+            async with client.session():
+                task_status.started()
+                await trio.sleep_forever()
+
+        with trio.fail_after(20):
+            async with client, trio.open_nursery() as nursery:
+                for _ in range(2):  # the second goes to the less loaded endpoint
+                    await nursery.start(hold)
+                assert [e.sessions for e in client.endpoints] == [1, 1]
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+        assert not good.state().session_ids
+        warnings = [r.getMessage() for r in caplog.records if "not closed within" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].startswith("1 sessions (and 0 opening"), warnings
+
+
 async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:
     # The health checks' interval is also their timeout: at 50 ms, a loaded
     # machine timed them all out, and with every endpoint UNREACHABLE the pool
@@ -294,6 +325,36 @@ async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> N
                 assert servers[1].state().rpc_counts.get("OpenSession", 0) == before
                 await trio.to_thread.run_sync(servers[1].set_serving, True)
                 await wait_for(lambda: client.endpoints[1].state is EndpointState.SERVING)
+
+
+async def test_a_health_check_queued_behind_the_clients_own_streams_is_no_failure() -> None:
+    # 110 long streams on one server that allows 100 at once: the health check
+    # waits for a stream of its own behind them (client side) and times out.
+    # The server answers every call: that must not count against it.
+    async with reference_servers(2, ignore_eos=True, token_delay_ms=50) as (a, b):
+        async with pool_client([a, b], health_check_interval=0.25) as client:
+            with trio.fail_after(30):
+                await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts health checks
+                await trio.to_thread.run_sync(b.set_serving, False)  # all sessions on a
+                await wait_for(lambda: client.endpoints[1].state is EndpointState.NOT_SERVING)
+
+                async def stream() -> None:
+                    async with client.session() as s:
+                        sampling = SamplingParams(max_tokens=10**6)
+                        async with s.generate([1, 2], sampling=sampling) as ev:
+                            async for _ in ev:
+                                pass
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(110):
+                        nursery.start_soon(stream)
+                    await wait_for(lambda: a.state().rpc_counts.get("Generate", 0) >= 100, 10)
+                    before = client.endpoints[0].failures
+                    await trio.sleep(1.2)  # several health checks, each queued
+                    status = client.endpoints[0]
+                    assert status.streams == 110
+                    assert status.failures == before, status
+                    nursery.cancel_scope.cancel()
 
 
 @pytest.mark.heavy
@@ -363,6 +424,34 @@ async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
             assert not srv.state().session_ids, "a session leaked on a survivor"
 
 
+async def test_max_concurrent_streams_bounds_the_whole_pool() -> None:
+    # Four long streams spread over three servers: a fifth call of the client
+    # is refused, wherever it would go.
+    async with (
+        reference_servers(3, ignore_eos=True, token_delay_ms=20) as servers,
+        pool_client(servers, max_concurrent_streams=4) as client,
+    ):
+        with trio.fail_after(20):
+
+            async def hold(*, task_status: trio.TaskStatus[None]) -> None:
+                async with client.session() as s:
+                    sampling = SamplingParams(max_tokens=10**6)
+                    async with s.generate([1, 2], sampling=sampling) as ev:
+                        task_status.started()
+                        async for _ in ev:
+                            pass
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    await nursery.start(hold)
+                streams = [e.streams for e in client.endpoints]
+                assert sum(streams) == 4 and max(streams) < 4, streams
+                with pytest.raises(poc_api.LimitExceeded, match="max_concurrent_streams=4"):
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                nursery.cancel_scope.cancel()
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])  # the slots came back
+
+
 async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
     async with reference_servers(2) as servers, pool_client(servers) as client:
         with trio.fail_after(20):
@@ -399,6 +488,28 @@ async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachabl
                 status = client.endpoints[victim]
                 assert status.failures >= 1
                 assert status.state is EndpointState.UNREACHABLE
+
+
+async def test_a_server_unavailable_raised_by_a_streams_body_does_not_count_against_it() -> None:
+    # The block's own stream is fine; its body fails on something else (a call
+    # to another service): the endpoint stays healthy and keeps its share.
+    async with (
+        reference_servers(2) as servers,
+        pool_client(servers, health_check_interval=3600) as client,
+    ):
+        with trio.fail_after(20):
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                home = next(
+                    i for i, v in enumerate(servers) if s.session_id in v.state().session_ids
+                )
+                with pytest.raises(poc_api.ServerUnavailable):
+                    async with s.generate(sampling=TURN) as ev:
+                        async for _ in ev:
+                            raise poc_api.ServerUnavailable("a tool's server is down")
+            status = client.endpoints[home]
+            assert status.failures == 0
+            assert status.state is not EndpointState.UNREACHABLE
 
 
 @pytest.mark.slow
@@ -516,11 +627,100 @@ async def test_dns_target_follows_the_records_as_they_change(
                     assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
                     assert all(s.state().rpc_counts.get("OpenSession", 0) > 5 for s in (a, b))
                     records[:] = ["127.0.0.2"]
-                    await wait_for(lambda: client.endpoints[0].state is EndpointState.RETIRED)
+                    # Retired (and soon dropped: it has no session left).
+                    await wait_for(
+                        lambda: all(
+                            e.url != a.grpc_url or e.state is EndpointState.RETIRED
+                            for e in client.endpoints
+                        )
+                    )
                     before = a.state().rpc_counts["OpenSession"]
                     await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 20)
                     assert a.state().rpc_counts["OpenSession"] == before
                     records[:] = ["127.0.0.1", "127.0.0.2"]
-                    await wait_for(lambda: client.endpoints[0].state is not EndpointState.RETIRED)
+                    await wait_for(
+                        lambda: any(
+                            e.url == a.grpc_url and e.state is not EndpointState.RETIRED
+                            for e in client.endpoints
+                        )
+                    )
+        finally:
+            await trio.to_thread.run_sync(b.stop)
+
+
+async def test_dns_target_with_one_address_is_resolved_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One record at first: the pool still re-resolves it every ``dns_refresh``
+    seconds, so a replaced pod (old address dead, the record names a new one) is
+    picked up."""
+    from poc_api import _pool
+
+    records = ["127.0.0.1"]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return list(records)
+
+    monkeypatch.setattr(_pool, "_lookup", lookup)
+    async with reference_servers(1) as (a,):
+        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
+        await trio.to_thread.run_sync(b.start)
+        try:
+            url = f"dns:///pool.test:{a.grpc_port}"
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
+            ) as client:
+                with trio.fail_after(20):
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                    assert [e.url for e in client.endpoints] == [a.grpc_url]
+                    await trio.to_thread.run_sync(a.kill)
+                    records[:] = ["127.0.0.2"]
+                    await wait_for(
+                        lambda: any(
+                            e.url == b.grpc_url and e.state is not EndpointState.RETIRED
+                            for e in client.endpoints
+                        )
+                    )
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                    assert b.state().rpc_counts.get("OpenSession", 0) == 1
+        finally:
+            await trio.to_thread.run_sync(b.stop)
+
+
+async def test_a_retired_endpoint_is_dropped_once_its_last_session_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An address DNS no longer lists keeps its open session (calls on it still
+    work), then leaves the endpoint list and has its connection closed."""
+    from poc_api import _pool
+
+    records = ["127.0.0.1"]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return list(records)
+
+    monkeypatch.setattr(_pool, "_lookup", lookup)
+    async with reference_servers(1) as (a,):
+        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
+        await trio.to_thread.run_sync(b.start)
+        try:
+            url = f"dns:///pool.test:{a.grpc_port}"
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
+            ) as client:
+                with trio.fail_after(20):
+                    async with client.session() as s:
+                        await s.prefill([1, 2])
+                        records[:] = ["127.0.0.2"]
+                        await wait_for(lambda: len(client.endpoints) == 2)
+                        await wait_for(lambda: client.endpoints[0].state is EndpointState.RETIRED)
+                        await trio.sleep(0.3)  # several refresh passes: it stays
+                        assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
+                        await s.prefill([3])
+                        assert a.state().connections_open == 1
+                    await wait_for(lambda: [e.url for e in client.endpoints] == [b.grpc_url])
+                    await wait_for(lambda: a.state().connections_open == 0)
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                    assert not a.state().session_ids
         finally:
             await trio.to_thread.run_sync(b.stop)

@@ -131,6 +131,7 @@ def test_the_list_names_every_private_attribute_the_transport_touches() -> None:
         "_check_size",
         "_closed",
         "_exchange",
+        "_give_slot",
         "_redact",
         "_take_slot",
         "_transport",

@@ -29,6 +29,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "GrpcTarget",
         "GrpcTransport",
         "KeepAlive",
+        "StreamBudget",
         "deadline",
         "map_grpc_error",
         "RawCodec",

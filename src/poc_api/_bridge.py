@@ -339,6 +339,11 @@ class BatchReceiver(Generic[T]):
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
 
+    @property
+    def error(self) -> BaseException | None:
+        """The producer's own exception, once it ended with one (else ``None``)."""
+        return self._buf.error
+
     def receive_nowait(self) -> list[T]:
         """Take whatever is buffered now (maybe nothing), without waiting."""
         buf = self._buf

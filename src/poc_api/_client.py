@@ -34,7 +34,7 @@ from ._pool import (
 )
 from ._score import score_chunks, score_continuations, score_many
 from ._session import Session, close_live_sessions, open_session
-from ._transport import GrpcTarget, GrpcTransport, KeepAlive, deadline
+from ._transport import GrpcTarget, GrpcTransport, KeepAlive, StreamBudget, deadline
 from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample, keyword_only_from
 
 __all__ = ["ApiClient", "resolve_grpc_url"]
@@ -120,7 +120,8 @@ class ApiClient:
             agent between turns), so a frozen server is found before the next
             turn. Off: ping only while calls run.
         max_concurrent_streams: calls (unary or streaming) in flight at once on
-            this client; one more raises :class:`LimitExceeded` at once. A guard
+            this client (over all endpoints of a pool); one more raises
+            :class:`LimitExceeded` at once. A guard
             against runaway fan-out; bound concurrency yourself (e.g. with a
             ``trio.CapacityLimiter``, as ``score_many`` does) to wait instead.
         affinity_header: the gRPC metadata key that carries each session's random
@@ -128,8 +129,9 @@ class ApiClient:
             (``CloseSession`` included). An L7 proxy that hashes on it (nginx
             ``hash $http_x_session_affinity consistent``) keeps each session on the
             backend that holds it. ``None`` sends no key.
-        health_check_interval: with several endpoints, seconds between
-            ``grpc.health.v1`` checks of each (run on the client's asyncio thread).
+        health_check_interval: with several endpoints (or a ``dns:///``
+            target), seconds between ``grpc.health.v1`` checks of each (run on
+            the client's asyncio thread).
         dns_refresh: seconds between re-resolutions of a ``dns:///`` target.
 
     Many servers: ``grpc_url`` may list several endpoints, or be a
@@ -243,6 +245,8 @@ class ApiClient:
         self._max_buffered_bytes = max_buffered_bytes
         self._max_message_size = max_message_size
         self._max_streams = max_concurrent_streams
+        # One bound for the client: every endpoint of a pool counts against it.
+        self._streams = StreamBudget(max_concurrent_streams)
         self._state = _State.UNOPENED
         self._bridge: AsyncioBridge | None = None
         self._transport: GrpcTransport | None = None
@@ -405,6 +409,7 @@ class ApiClient:
             connect_timeout=self._connect_timeout,
             reap_timeout=self._close_timeout,
             max_concurrent_streams=self._max_streams,
+            streams=self._streams,
             unindexed_headers=frozenset([self._affinity_header] if self._affinity_header else []),
         )
 
@@ -441,7 +446,8 @@ class ApiClient:
         """Each gRPC endpoint's state, open sessions, calls in flight and failures.
 
         One entry per endpoint of the pool (one for a single ``grpc_url``; those a
-        ``dns:///`` target resolved to so far); empty until the client is open.
+        ``dns:///`` target resolved to so far, less the retired ones that had no
+        session or call left); empty until the client is open.
         """
         return () if self._router is None else self._router.endpoints()
 

@@ -15,8 +15,9 @@ a session must reach that server. Two ways to spread sessions over servers:
   session goes to the less loaded of two random healthy endpoints (open
   sessions + calls in flight: "power of two choices"); its calls then stay there.
 
-Health: while the pool has more than one endpoint, an asyncio task on the
-bridge's loop asks each endpoint ``grpc.health.v1.Health/Check`` every
+Health: while the pool has more than one endpoint (or a DNS target, however
+many addresses it has now), an asyncio task on the bridge's loop re-resolves the
+DNS target when due and asks each endpoint ``grpc.health.v1.Health/Check`` every
 ``health_interval`` seconds (the bridge cancels it when the client closes: no
 trio nursery is held across user code). An endpoint that answers NOT_SERVING,
 cannot be reached, or failed a call recently (exponential backoff) gets no new
@@ -60,7 +61,7 @@ from ._proto.grpc.health.v1 import (
     HealthCheckResponse,
     HealthCheckResponseServingStatus,
 )
-from ._transport import GrpcTarget, GrpcTransport, _Collect, deadline
+from ._transport import GrpcTarget, GrpcTransport, _Collect, _Progress, deadline
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -102,7 +103,8 @@ class EndpointState(enum.Enum):
     """A call or health check could not reach it: no new sessions until its
     backoff has passed."""
     RETIRED = "retired"
-    """DNS no longer lists it: no new sessions; open ones carry on."""
+    """DNS no longer lists it: no new sessions; open ones carry on. Once it has
+    none left (no session, no call) it is dropped and its connection closed."""
 
 
 @final
@@ -144,6 +146,15 @@ class DnsTarget:
         parts = urlsplit(f"http://{rest}")
         if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
             raise ValueError(f"a DNS target must look like dns:///host:port, got {text!r}")
+        try:
+            # What getaddrinfo does to the name first: an empty or over-long label
+            # would otherwise surface as a bare UnicodeError from the first call.
+            parts.hostname.encode("idna")
+        except UnicodeError:
+            raise ValueError(
+                f"{parts.hostname!r} in {text!r} is not a valid host name "
+                "(an empty label, or one longer than 63 characters)"
+            ) from None
         return cls(parts.hostname, parts.port)
 
     @property
@@ -229,6 +240,16 @@ class _Endpoint:
     def sessions(self) -> int:
         """Sessions open here: the transport counts them (keepalive needs it too)."""
         return self.transport.open_sessions
+
+    def idle(self) -> bool:
+        """Nothing of the client uses it: no session, no call, no cleanup pending."""
+        transport = self.transport
+        return (
+            self.opening == 0
+            and transport.open_sessions == 0
+            and transport.open_streams == 0
+            and not transport._reapers
+        )
 
     def usable(self, now: float) -> bool:
         state = self.state
@@ -337,6 +358,8 @@ class Router:
         self._owned: list[GrpcTransport] = list(owned)  # the router closes these
         self._dns: DnsTarget | None = None
         self._endpoints: list[_Endpoint] = []
+        # Retired, idle endpoints already out of the list, to close on the next pass.
+        self._leaving: list[_Endpoint] = []
         if isinstance(endpoints, DnsTarget):
             self._dns = endpoints
         else:
@@ -389,12 +412,14 @@ class Router:
         fails as it would on one server. Raises :class:`ServerUnavailable` when
         every endpoint was tried already (or DNS listed none).
         """
+        if not self._health_started and self.failover:
+            # Before the one-endpoint shortcut: a DNS target that resolved to one
+            # address is re-resolved by this task too. One plain URL needs none.
+            self._health_started = True
+            self._bridge.call_soon(self._start_health)
         endpoints = self._endpoints
         if len(endpoints) == 1 and not exclude:
             return endpoints[0]
-        if self.failover and not self._health_started:
-            self._health_started = True
-            self._bridge.call_soon(self._start_health)
         now = time.monotonic()
         left = [ep for ep in endpoints if ep not in exclude]
         live = [ep for ep in left if ep.state is not EndpointState.RETIRED]
@@ -463,10 +488,34 @@ class Router:
                 ep.state = EndpointState.UNKNOWN
         for ep in endpoints:
             if ep.target.host not in addresses and ep.state is not EndpointState.RETIRED:
-                # Its open sessions carry on; it only gets no new ones.
+                # Its open sessions carry on; it only gets no new ones, and is
+                # dropped once it has none (_forget_retired).
                 log.info("%s: endpoint %s is gone from DNS", dns.url, ep.target.url)
                 ep.state = EndpointState.RETIRED
         self._endpoints = endpoints  # replaced whole: the trio side reads it unlocked
+
+    def _forget_retired(self) -> None:
+        """asyncio: drop the retired endpoints nothing uses any more; close their connections.
+
+        In two passes, a health interval apart: an idle one first leaves the list
+        (no new session can be placed there), and its connection is closed on a
+        later pass once it is still idle, so a session the trio side was just
+        placing there (read from the old list) is not cut. While DNS lists no live
+        endpoint the retired ones stay: ``pick`` still tries them then.
+        """
+        dns = self._dns
+        assert dns is not None
+        for ep in list(self._leaving):
+            if ep.idle():
+                self._leaving.remove(ep)
+                self._owned.remove(ep.transport)
+                ep.transport._shut()
+                log.info("%s: retired endpoint %s dropped", dns.url, ep.target.url)
+        endpoints = self._endpoints
+        gone = [ep for ep in endpoints if ep.state is EndpointState.RETIRED and ep.idle()]
+        if gone and any(ep.state is not EndpointState.RETIRED for ep in endpoints):
+            self._endpoints = [ep for ep in endpoints if ep not in gone]  # replaced whole
+            self._leaving += gone
 
     def _start_health(self) -> None:
         if not self._bridge.closed and self._health_task is None:
@@ -478,6 +527,8 @@ class Router:
         while True:
             if self._dns is not None and loop.time() - self._resolved_at >= self._dns_refresh:
                 await self._resolve()
+            if self._dns is not None:
+                self._forget_retired()
             checks = [self._check(ep) for ep in self._endpoints if ep.transport is not None]
             await asyncio.gather(*checks)
             await asyncio.sleep(self._health_interval)
@@ -485,9 +536,12 @@ class Router:
     async def _check(self, ep: _Endpoint) -> None:
         sink = _Collect()
         request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
+        progress = _Progress()
         try:
             await asyncio.wait_for(
-                ep.transport._exchange(_HEALTH_CHECK, Cardinality.UNARY_UNARY, request, sink),
+                ep.transport._exchange(
+                    _HEALTH_CHECK, Cardinality.UNARY_UNARY, request, sink, progress
+                ),
                 timeout=min(self._health_interval, 5.0),
             )
             reply = HealthCheckResponse.parse(sink.items[0]) if sink.items else None
@@ -501,6 +555,15 @@ class Router:
             return
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            if progress.queued:
+                # Never sent: every stream the server allows is taken by this
+                # client's own calls. A busy server is no failed one.
+                log.debug("health check of %s skipped: its streams are all busy", ep.target.url)
+                return
+            log.debug("health check of %s timed out", ep.target.url)
+            ep.failed()
+            return
         except Exception as exc:
             log.debug("health check of %s failed: %s", ep.target.url, exc)
             ep.failed()
@@ -659,24 +722,28 @@ class SessionRoute:
 class _Observed:
     """Marks the endpoint failed when a stream on it finds the server gone.
 
+    Only the stream's own failure counts: a ``ServerUnavailable`` raised by the
+    block's body (another client's call, say) says nothing about this endpoint.
     A class, not an ``@asynccontextmanager``: see ``StreamBlock``.
     """
 
-    __slots__ = ("_cm", "_ep")
+    __slots__ = ("_cm", "_ep", "_rx")
 
     def __init__(
         self, cm: AbstractAsyncContextManager[BatchReceiver[bytes]], ep: _Endpoint
     ) -> None:
         self._cm = cm
         self._ep = ep
+        self._rx: BatchReceiver[bytes] | None = None
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:
         try:
-            return await self._cm.__aenter__()
+            rx = self._rx = await self._cm.__aenter__()
         except e.ServerUnavailable:
             self._ep.failed()
             raise
+        return rx
 
     @trio.lowlevel.enable_ki_protection
     async def __aexit__(
@@ -685,10 +752,14 @@ class _Observed:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        lost = False
         try:
             await self._cm.__aexit__(exc_type, exc, tb)
         except e.ServerUnavailable:
-            self._ep.failed()
+            lost = True
             raise
-        if isinstance(exc, e.ServerUnavailable):
-            self._ep.failed()
+        finally:
+            # The stream is settled by now: its error, if any, is the RPC's own.
+            rx = self._rx
+            if lost or (rx is not None and isinstance(rx.error, e.ServerUnavailable)):
+                self._ep.failed()

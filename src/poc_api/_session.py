@@ -723,7 +723,7 @@ async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: flo
     """
     live = owner.live_sessions
     live.closing = True
-    sending: list[Session] = []
+    unsettled: set[Session] = set()  # their CloseSession has not ended (yet)
     with trio.move_on_after(timeout):
         while True:
             sending = list(live.held)
@@ -733,8 +733,8 @@ async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: flo
                     # Before anything is sent: a block leaving meanwhile sends nothing.
                     session._closed = session._closed_by_client = True
                 log.debug("closing %d sessions still held by blocks", len(sending))
-                await bridge.run(_close_all, sending, defer_ki=True)
-                sending = []
+                unsettled.update(sending)
+                await bridge.run(_close_all, sending, unsettled, defer_ki=True)
             elif live.in_flight:
                 await live.wait_changed()
             else:
@@ -742,21 +742,28 @@ async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: flo
     log.warning(
         "%d sessions (and %d opening or closing) were not closed within close_timeout=%g s "
         "of the client's close; the server frees them when idle",
-        len(sending) + len(live.held),
+        len(unsettled) + len(live.held),
         live.in_flight,
         timeout,
     )
 
 
-async def _close_all(sessions: list[Session]) -> None:
-    """asyncio: ``CloseSession`` for each of ``sessions``, at once; failures are logged."""
+async def _close_all(sessions: list[Session], unsettled: set[Session] | None = None) -> None:
+    """asyncio: ``CloseSession`` for each of ``sessions``, at once; failures are logged.
+
+    Each session whose ``CloseSession`` succeeded leaves ``unsettled``: what is
+    left when this is cancelled is what the close did not close.
+    """
     calls = {
         asyncio.ensure_future(_close_in_loop(s._transport, s._session_id)): s for s in sessions
     }
     try:
         await asyncio.wait(calls)
     finally:  # cancelled: the client's close_timeout ran out
-        for task in calls:
+        for task, s in calls.items():
+            closed = task.done() and not task.cancelled() and task.exception() is None
+            if closed and unsettled is not None:
+                unsettled.discard(s)
             task.cancel()
     for task, s in calls.items():
         if task.cancelled():  # the loop is closing under it

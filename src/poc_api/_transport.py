@@ -61,7 +61,14 @@ from ._http import EXCERPT_LIMIT, key_redactor, redact_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
-__all__ = ["GrpcTarget", "GrpcTransport", "KeepAlive", "deadline", "map_grpc_error"]
+__all__ = [
+    "GrpcTarget",
+    "GrpcTransport",
+    "KeepAlive",
+    "StreamBudget",
+    "deadline",
+    "map_grpc_error",
+]
 
 log = logging.getLogger("poc_api.grpc")
 
@@ -253,6 +260,21 @@ _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 
 
 @final
+class StreamBudget:
+    """Calls in flight on all of one client's transports, and their bound (trio side).
+
+    A pool has a transport per endpoint; ``max_concurrent_streams`` bounds the
+    client as a whole, so they share one of these.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+@final
 class GrpcTransport:
     """The gRPC side of a client: one channel, opened on first use, shared by all calls.
 
@@ -274,7 +296,10 @@ class GrpcTransport:
         max_concurrent_streams: int = 1024,
         ssl_context: _ssl.SSLContext | None = None,
         unindexed_headers: frozenset[str] = frozenset(),
+        streams: StreamBudget | None = None,
     ) -> None:
+        """``streams``: the client's calls in flight, shared with its other
+        transports (else this transport's own, bounded by ``max_concurrent_streams``)."""
         self._bridge = bridge
         self._target = target
         self._metadata = metadata
@@ -291,7 +316,7 @@ class GrpcTransport:
         self._connect_timeout = connect_timeout
         self._reap_timeout = reap_timeout
         self._reapers: set[asyncio.Future[Any]] = set()
-        self._max_streams = max_concurrent_streams
+        self._streams = streams if streams is not None else StreamBudget(max_concurrent_streams)
         self.open_streams = 0
         """Calls in flight on this transport (unary and streaming)."""
         self.open_sessions = 0
@@ -469,12 +494,18 @@ class GrpcTransport:
         # A guard against runaway fan-out: one connection multiplexes every call,
         # and the server caps concurrent streams anyway (grpclib then queues).
         # Cleanup (CloseSession) is never refused: refusing it would leak a session.
-        if not cleanup and self.open_streams >= self._max_streams:
+        streams = self._streams
+        if not cleanup and streams.used >= streams.limit:
             raise e.LimitExceeded(
-                f"{method}: {self.open_streams} calls already in flight on this client "
-                f"(max_concurrent_streams={self._max_streams})"
+                f"{method}: {streams.used} calls already in flight on this client "
+                f"(max_concurrent_streams={streams.limit})"
             )
+        streams.used += 1
         self.open_streams += 1
+
+    def _give_slot(self) -> None:
+        self._streams.used -= 1
+        self.open_streams -= 1
 
     def _check_size(self, data: bytes, method: str) -> None:
         if len(data) > self._max_message_size:
@@ -516,7 +547,11 @@ class GrpcTransport:
             assert isinstance(protocol, _PocH2Protocol)
             gate = protocol.gate
             try:
+                if progress is not None:
+                    progress.queued = True
                 await gate.enter(path.endswith("/CloseSession"))
+                if progress is not None:
+                    progress.queued = False
                 try:
                     metadata = self._metadata + extra_metadata if extra_metadata else self._metadata
                     async with channel.request(
@@ -660,7 +695,7 @@ class GrpcTransport:
         except Exception as exc:
             _raise_mapped(exc, path, closed=self._closed, redact=self._redact)
         finally:
-            self.open_streams -= 1
+            self._give_slot()
 
     def _reap_later(self, task: asyncio.Future[Any]) -> None:
         """asyncio: the client's exit waits (``reap_timeout``) for this cleanup task."""
@@ -734,10 +769,12 @@ async def _undo(orphan: Callable[[bytes], Awaitable[None]], reply: bytes) -> Non
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
-    __slots__ = ("headers_sent", "reap_timer")
+    __slots__ = ("headers_sent", "queued", "reap_timer")
 
     def __init__(self) -> None:
         self.headers_sent = False
+        # Waiting for a stream of the connection, behind this client's own calls.
+        self.queued = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
         self.reap_timer: asyncio.TimerHandle | None = None
 
@@ -1337,7 +1374,7 @@ class _ServerStream:
             block = t._bridge.stream(produce, max_items=self._max_items, max_bytes=self._max_bytes)
             rx = await block.__aenter__()
         except BaseException:
-            t.open_streams -= 1
+            t._give_slot()
             raise
         self._block = block
         return rx
@@ -1348,4 +1385,4 @@ class _ServerStream:
         try:
             await self._block.__aexit__(*exc_info)
         finally:
-            self._transport.open_streams -= 1
+            self._transport._give_slot()
