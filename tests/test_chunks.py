@@ -12,6 +12,7 @@ from poc_api import Image, SessionDivergence, Tokens, prompt_to_chunks
 from poc_api._chunks import (
     Chunk,
     chunk_len,
+    chunks_before,
     common_prefix_len,
     plan_delta,
     walk_chunks,
@@ -208,6 +209,15 @@ def test_rewind_plan_keeps_exactly_the_shared_prefix(
     if plan.offset < min(len(h), len(p)):
         nxt_h, nxt_p = h[plan.offset], p[plan.offset]
         assert nxt_h != nxt_p or isinstance(nxt_h, tuple)
+
+
+@given(st.lists(known_chunk_st, max_size=6), st.data())
+def test_chunks_before_a_boundary_is_that_prefix(chunks: list[Chunk], data: st.DataObject) -> None:
+    flat = _flatten(chunks)
+    # Any position not inside an image: the end, or one not at an image's 2nd+ unit.
+    inside = [isinstance(u, tuple) and u[1] > 0 for u in flat] + [False]
+    pos = data.draw(st.sampled_from([i for i, x in enumerate(inside) if not x]))
+    assert _flatten(chunks_before(chunks, pos)) == flat[:pos]
 
 
 def test_rewind_plan_without_divergence_sends_just_the_new_tail() -> None:

@@ -97,6 +97,30 @@ async def test_images_interleaved_with_text_flush_before_each_image(
         assert server.state().rpc_counts["AppendImage"] == after.rpc_counts["AppendImage"]
 
 
+async def test_an_image_of_unknown_length_is_never_resent_in_later_turns(
+    client: poc_api.ApiClient, server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The documented usage: the same chunks every turn, the image's length never
+    # tracked by the caller. Every other turn used to rewind to before the image
+    # (its length 0 in the recorded history) and append it again.
+    caplog.set_level(logging.INFO, logger="poc_api")
+    chunks: list[poc_api.Chunk] = [Tokens([1, 2, 3]), Image(make_png(56, 56), "image/png")]
+    chunks.append(Tokens([4, 5]))
+    async with client.conversation() as conv:
+        chunks.append(Tokens(decoded(await run(conv, chunks))))
+        for turn in range(2, 6):
+            before = server.state()
+            events = await run(conv, [*chunks, Tokens([6])])
+            after = server.state()
+            appends = after.rpc_counts.get("AppendImage", 0) - before.rpc_counts.get(
+                "AppendImage", 0
+            )
+            assert appends == 0, f"turn {turn}"
+            assert after.tokens_appended - before.tokens_appended == 1, f"turn {turn}"
+            chunks += [Tokens([6]), Tokens(decoded(events))]
+    assert "rewinding" not in caplog.text
+
+
 async def test_readouts_are_reshaped_to_layers_by_concepts(client: poc_api.ApiClient) -> None:
     manifest = await client.readout_manifest()
     assert manifest is not None

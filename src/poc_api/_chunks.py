@@ -21,6 +21,7 @@ __all__ = [
     "Tokens",
     "check_chunks",
     "chunk_len",
+    "chunks_before",
     "common_prefix_len",
     "plan_delta",
     "prompt_to_chunks",
@@ -285,6 +286,26 @@ class DeltaPlan:
     offset: int
     truncating: bool
     delta: tuple[Chunk, ...]
+
+
+def chunks_before(chunks: Sequence[Chunk], pos: int) -> list[Chunk]:
+    """The chunks up to position ``pos``, cutting a token run when needed.
+
+    ``pos`` must not fall inside an image (a shared boundary never does).
+    """
+    acc = 0
+    out: list[Chunk] = []
+    for chunk in chunks:
+        if acc >= pos:
+            break
+        n = chunk_len(chunk)
+        if acc + n > pos:
+            if not isinstance(chunk, Tokens):
+                raise ValueError(f"position {pos} falls inside an image")
+            chunk = Tokens(chunk.ids[: pos - acc])
+        out.append(chunk)
+        acc += n
+    return out
 
 
 def _split_at(chunks: Sequence[Chunk], pos: int, history: Sequence[Chunk]) -> tuple[Chunk, ...]:
