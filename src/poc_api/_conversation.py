@@ -14,6 +14,11 @@ what the session holds (token by token; images whole) and truncates the rest
 server-side with ``truncating = true``, logging a line on ``poc_api.grpc``.
 ``rewind=False`` gives the seed's behaviour: :class:`SessionDivergence` with the
 numbers, raised before anything is sent.
+
+An image takes the positions the server gives it: the session's history records
+each appended image's ``placeholder_count``, never the caller's
+``known_expanded_len`` (a disagreeing one is logged as a warning), so the next
+turn's delta is cut where the session really ends.
 """
 
 from __future__ import annotations
@@ -351,7 +356,7 @@ class Conversation:
         pending: list[int] = []
         # What the session will hold after Done: what it kept (the history's own
         # chunks, whose image lengths are known), the delta with each image's
-        # length filled in from the server's answer, then the decoded tokens.
+        # length as the server reported it, then the decoded tokens.
         # Taken from the prompt instead, an image sent in an earlier turn kept
         # the caller's length 0, and the next turn rewound to before it.
         sent = chunks_before(self._history, plan.offset)
@@ -366,7 +371,17 @@ class Conversation:
             appended = await session.append_image(
                 chunk.data, chunk.mime, timeout=_remaining(deadline_at)
             )
-            n = chunk.known_expanded_len or appended.placeholder_count
+            n = appended.placeholder_count
+            if chunk.known_expanded_len not in (0, n):
+                # The server decides how many positions an image takes; keeping
+                # the caller's number would cut the next turn's delta in the wrong place.
+                log.warning(
+                    "session %s: an image's known_expanded_len is %d but the server "
+                    "gave it %d positions; the conversation uses the server's count",
+                    session.session_id,
+                    chunk.known_expanded_len,
+                    n,
+                )
             sent.append(attrs.evolve(chunk, known_expanded_len=n))
             prefix.append(ImageAppended(appended.placeholder_count))
         prompt_len = session.committed_len + len(pending)
