@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from poc_api import Image, SessionDivergence, Tokens, prompt_to_chunks
 from poc_api._chunks import (
     Chunk,
     chunk_len,
+    chunks_before,
     common_prefix_len,
     plan_delta,
     walk_chunks,
@@ -190,24 +192,97 @@ known_chunk_st = st.one_of(
 )
 
 
+# The server's placeholder count follows from an image's bytes; a session's
+# history records it. A prompt's image may say 0 (unknown), the truth, or a wrong
+# number of the caller's own.
+SERVER_LEN = {PNG_A: 2, PNG_B: 3}
+history_chunk_st = st.one_of(
+    st.builds(Tokens, st.lists(st.integers(0, 3), min_size=1, max_size=5)),
+    st.sampled_from([PNG_A, PNG_B]).map(lambda d: Image(d, "image/png", SERVER_LEN[d])),
+)
+prompt_chunk_st = st.one_of(
+    st.builds(Tokens, st.lists(st.integers(0, 3), min_size=1, max_size=5)),
+    st.builds(Image, st.sampled_from([PNG_A, PNG_B]), st.just("image/png"), st.integers(0, 4)),
+)
+
+
+def _served(chunks: list[Chunk] | tuple[Chunk, ...]) -> list[object]:
+    """The positions a server holds for the chunks: each image at its real length."""
+    return _flatten(
+        [
+            attrs.evolve(c, known_expanded_len=SERVER_LEN[c.data]) if isinstance(c, Image) else c
+            for c in chunks
+        ]
+    )
+
+
 @settings(max_examples=300)
-@given(st.lists(known_chunk_st, max_size=6), st.lists(known_chunk_st, max_size=6))
+@given(st.lists(history_chunk_st, max_size=6), st.lists(prompt_chunk_st, max_size=6))
 def test_rewind_plan_keeps_exactly_the_shared_prefix(
     history: list[Chunk], prompt: list[Chunk]
 ) -> None:
     committed = sum(chunk_len(c) for c in history)
     plan = plan_delta(prompt, committed, history, rewind=True)
-    h, p = _flatten(history), _flatten(prompt)
+    h, p = _flatten(history), _served(prompt)
     # What stays on the server is a prefix both share ...
     assert plan.offset <= committed
     assert h[: plan.offset] == p[: plan.offset]
     assert plan.truncating == (plan.offset < committed)
-    # ... and the delta is exactly the rest of the prompt.
-    assert _flatten(plan.delta) == p[plan.offset :]
-    # The shared prefix is maximal unless an image would be cut.
+    # ... and the delta is exactly the rest of the prompt, whatever lengths the
+    # prompt's images claim.
+    assert _served(plan.delta) == p[plan.offset :]
+    # The shared prefix is maximal (an image of equal bytes is the same image).
     if plan.offset < min(len(h), len(p)):
-        nxt_h, nxt_p = h[plan.offset], p[plan.offset]
-        assert nxt_h != nxt_p or isinstance(nxt_h, tuple)
+        assert h[plan.offset] != p[plan.offset]
+
+
+@settings(max_examples=300)
+@given(st.lists(history_chunk_st, max_size=6), st.lists(prompt_chunk_st, max_size=6))
+def test_plan_without_rewind_raises_or_sends_exactly_the_rest(
+    history: list[Chunk], prompt: list[Chunk]
+) -> None:
+    committed = sum(chunk_len(c) for c in history)
+    try:
+        plan = plan_delta(prompt, committed, history, rewind=False)
+    except SessionDivergence:
+        return
+    h, p = _flatten(history), _served(prompt)
+    assert (plan.offset, plan.truncating) == (committed, False)
+    assert p[:committed] == h
+    assert _served(plan.delta) == p[committed:]
+
+
+def test_plan_does_not_trust_wrong_lengths_that_cancel_out() -> None:
+    # The walk by the caller's lengths (1 + 2 = 3, + 1 = 4) ends after Tokens([3]),
+    # which the session does not hold (the image took 2 positions).
+    history: list[Chunk] = [Image(PNG_A, "image/png", 2), Tokens([1, 2])]
+    prompt: list[Chunk] = [Image(PNG_A, "image/png", 1), Tokens([1, 2]), Tokens([3])]
+    for rewind in (True, False):
+        plan = plan_delta(prompt, 4, history, rewind=rewind)
+        assert (plan.offset, plan.truncating, plan.delta) == (4, False, (Tokens([3]),))
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[Tokens([1, 2]), Image(PNG_A, "image/png")], [Tokens([1, 2, 3])], [Tokens([1, 2, 3, 4, 5])]],
+    ids=["unknown-image-length", "short", "long"],
+)
+def test_a_history_that_does_not_add_up_is_not_trusted(history: list[Chunk]) -> None:
+    prompt: list[Chunk] = [Tokens([1, 2]), Image(PNG_A, "image/png", 2), Tokens([5])]
+    plan = plan_delta(prompt, 4, history, rewind=True)
+    assert (plan.offset, plan.truncating, plan.delta) == (0, True, tuple(prompt))
+    with pytest.raises(SessionDivergence) as info:
+        plan_delta(prompt, 4, history, rewind=False)
+    assert info.value.reason == "content"
+
+
+@given(st.lists(known_chunk_st, max_size=6), st.data())
+def test_chunks_before_a_boundary_is_that_prefix(chunks: list[Chunk], data: st.DataObject) -> None:
+    flat = _flatten(chunks)
+    # Any position not inside an image: the end, or one not at an image's 2nd+ unit.
+    inside = [isinstance(u, tuple) and u[1] > 0 for u in flat] + [False]
+    pos = data.draw(st.sampled_from([i for i, x in enumerate(inside) if not x]))
+    assert _flatten(chunks_before(chunks, pos)) == flat[:pos]
 
 
 def test_rewind_plan_without_divergence_sends_just_the_new_tail() -> None:

@@ -97,6 +97,65 @@ async def test_images_interleaved_with_text_flush_before_each_image(
         assert server.state().rpc_counts["AppendImage"] == after.rpc_counts["AppendImage"]
 
 
+async def test_an_image_of_unknown_length_is_never_resent_in_later_turns(
+    client: poc_api.ApiClient, server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The documented usage: the same chunks every turn, the image's length never
+    # tracked by the caller. Every other turn used to rewind to before the image
+    # (its length 0 in the recorded history) and append it again.
+    caplog.set_level(logging.INFO, logger="poc_api")
+    chunks: list[poc_api.Chunk] = [Tokens([1, 2, 3]), Image(make_png(56, 56), "image/png")]
+    chunks.append(Tokens([4, 5]))
+    async with client.conversation() as conv:
+        chunks.append(Tokens(decoded(await run(conv, chunks))))
+        for turn in range(2, 6):
+            before = server.state()
+            events = await run(conv, [*chunks, Tokens([6])])
+            after = server.state()
+            appends = after.rpc_counts.get("AppendImage", 0) - before.rpc_counts.get(
+                "AppendImage", 0
+            )
+            assert appends == 0, f"turn {turn}"
+            assert after.tokens_appended - before.tokens_appended == 1, f"turn {turn}"
+            chunks += [Tokens([6]), Tokens(decoded(events))]
+    assert "rewinding" not in caplog.text
+
+
+@pytest.mark.parametrize("claimed", [3, 5])
+async def test_a_wrong_known_expanded_len_gives_way_to_the_servers_count(
+    client: poc_api.ApiClient,
+    server: ReferenceServer,
+    caplog: pytest.LogCaptureFixture,
+    claimed: int,
+) -> None:
+    # The server gives this image 4 positions; the caller says otherwise. The
+    # conversation used to keep the caller's number, and the next turn cut its
+    # delta at the wrong place: a token sent twice or dropped, no error.
+    png = make_png(56, 56)
+    chunks: list[poc_api.Chunk] = [Tokens([72, 101, 108]), Image(png, "image/png", claimed)]
+    chunks.append(Tokens([108, 111]))
+    async with client.conversation() as conv:
+        first = await run(conv, chunks)
+        assert first[0] == ImageAppended(4)
+        assert "known_expanded_len" in caplog.text  # the warning names the mismatch
+        chunks += [Tokens(decoded(first)), Tokens([32, 119])]
+        before = server.state()
+        second = [(e.id, e.position) for e in await run(conv, chunks) if isinstance(e, TokenOut)]
+        after = server.state()
+        assert after.tokens_appended - before.tokens_appended == 2  # just the delta
+        assert after.rpc_counts["AppendImage"] == before.rpc_counts["AppendImage"]
+        committed = conv.committed_len
+    # A fresh session given the whole prompt: same tokens at the same positions.
+    async with client.session() as s:
+        await s.prefill([72, 101, 108])
+        await s.append_image(png, "image/png")
+        rest = [108, 111, *decoded(first), 32, 119]
+        async with s.generate(rest, sampling=GREEDY8) as ev:
+            fresh = [(e.id, e.position) async for e in ev if isinstance(e, poc_api.Token)]
+        assert second == fresh
+        assert committed == s.committed_len
+
+
 async def test_readouts_are_reshaped_to_layers_by_concepts(client: poc_api.ApiClient) -> None:
     manifest = await client.readout_manifest()
     assert manifest is not None

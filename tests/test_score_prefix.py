@@ -247,6 +247,61 @@ def test_grouping_puts_shared_prefixes_together() -> None:
     assert groups == [([0, 2], 100), ([1, 3], 49), ([4], 61)]
 
 
+def _bos_pairs(n: int, tail: int) -> list[list[poc_api.Chunk]]:
+    """For each k: a short ``[BOS, a_k]`` query and the same two tokens plus a long tail."""
+    out: list[list[poc_api.Chunk]] = []
+    for k in range(n):
+        out.append([Tokens([256, 65 + k])])
+        out.append([Tokens([256, 65 + k] + [97 + (k * 7 + i) % 26 for i in range(tail)])])
+    return out
+
+
+def test_short_prompts_do_not_chain_unrelated_prompts_into_one_group() -> None:
+    # Each neighbour in sorted order shares at least half of the shorter of the
+    # two, but the group's prefix fell to the BOS token alone: 32 prompts ran
+    # one after another in one session.
+    groups = sorted(group_by_prefix(_bos_pairs(16, 200)))
+    assert groups == [([2 * k, 2 * k + 1], 2) for k in range(16)]
+
+
+_unit_prompts = st.lists(
+    st.lists(st.sampled_from([0, 1, 2]), max_size=8).map(lambda ids: [Tokens([7, *ids])]),
+    max_size=12,
+)
+
+
+@settings(max_examples=200)
+@given(_unit_prompts)
+def test_every_group_shares_more_than_half_of_any_two_members(
+    prompts: list[list[poc_api.Chunk]],
+) -> None:
+    ids = [list(p[0].ids) for p in prompts]  # type: ignore[union-attr]
+    groups = group_by_prefix(prompts)
+    assert sorted(i for members, _ in groups for i in members) == list(range(len(prompts)))
+    for members, shared in groups:
+        rows = [ids[i] for i in members]
+        # ``shared`` is exactly what every member starts with ...
+        assert all(r[:shared] == rows[0][:shared] for r in rows)
+        assert shared == len(rows[0]) or any(
+            len(r) == shared or r[shared] != rows[0][shared] for r in rows
+        )
+        # ... and is worth sharing: more than half of the shorter of any two members.
+        if len(rows) > 1:
+            second_longest = sorted(len(r) for r in rows)[-2]
+            assert 2 * shared > second_longest
+
+
+async def test_score_many_share_prefix_runs_unrelated_groups_in_their_own_sessions(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    prompts = [(p, [(1, 2)] if len(p[0]) == 2 else [(1, 40)]) for p in _bos_pairs(8, 40)]  # type: ignore[arg-type]
+    before = server.state().rpc_counts.get("OpenSession", 0)
+    with trio.fail_after(20):
+        shared = await client.score_many(prompts, share_prefix=True)
+    assert server.state().rpc_counts.get("OpenSession", 0) - before == 8  # one per pair
+    assert shared == await client.score_many(prompts)
+
+
 # A prompt of up to 3 text runs and images, and up to 5 continuations of up to 3 parts.
 _IMGS = [make_png(28, 28, seed=1), make_png(56, 28, seed=2)]
 _text = st.lists(st.sampled_from(TEXT), min_size=1, max_size=30)

@@ -21,6 +21,7 @@ __all__ = [
     "Tokens",
     "check_chunks",
     "chunk_len",
+    "chunks_before",
     "common_prefix_len",
     "plan_delta",
     "prompt_to_chunks",
@@ -252,7 +253,11 @@ def common_prefix_len(committed: Sequence[Chunk], chunks: Sequence[Chunk]) -> in
 
     Tokens compare one by one (a token run may be cut anywhere); an image counts
     only whole, when its bytes and mime are equal and its length is known on the
-    committed side. The result is always a boundary both sides share.
+    committed side, and it takes the committed side's length: the server derives
+    an image's placeholder count from its bytes, so the session's record (the
+    server's answer) is the truth, and the other side's ``known_expanded_len``
+    (0, or a number of the caller's own) is not looked at. The result is always a
+    boundary both sides share.
     """
     pos = 0
     for a, b in zip(_units(committed), _units(chunks), strict=False):
@@ -266,7 +271,6 @@ def common_prefix_len(committed: Sequence[Chunk], chunks: Sequence[Chunk]) -> in
                 or a.data != b.data
                 or a.mime != b.mime
                 or a.known_expanded_len == 0
-                or b.known_expanded_len not in (0, a.known_expanded_len)
             ):
                 break
             pos += a.known_expanded_len
@@ -287,26 +291,53 @@ class DeltaPlan:
     delta: tuple[Chunk, ...]
 
 
-def _split_at(chunks: Sequence[Chunk], pos: int, history: Sequence[Chunk]) -> tuple[Chunk, ...]:
-    """The chunks from position ``pos`` on, cutting a token run when needed.
+def chunks_before(chunks: Sequence[Chunk], pos: int) -> list[Chunk]:
+    """The chunks up to position ``pos``, cutting a token run when needed.
 
-    Images the history already knows the length of get it filled in.
+    ``pos`` must not fall inside an image (a shared boundary never does).
     """
-    known = {(c.data, c.mime): c.known_expanded_len for c in history if isinstance(c, Image)}
     acc = 0
     out: list[Chunk] = []
     for chunk in chunks:
-        if isinstance(chunk, Image) and chunk.known_expanded_len == 0:
-            n = known.get((chunk.data, chunk.mime), 0)
-            if n and acc < pos:
-                chunk = attrs.evolve(chunk, known_expanded_len=n)
+        if acc >= pos:
+            break
         n = chunk_len(chunk)
+        if acc + n > pos:
+            if not isinstance(chunk, Tokens):
+                raise ValueError(f"position {pos} falls inside an image")
+            chunk = Tokens(chunk.ids[: pos - acc])
+        out.append(chunk)
+        acc += n
+    return out
+
+
+def _split_at(chunks: Sequence[Chunk], pos: int, history: Sequence[Chunk]) -> tuple[Chunk, ...]:
+    """The chunks from position ``pos`` on, cutting a token run when needed.
+
+    ``pos`` is a boundary the chunks share with ``history``
+    (:func:`common_prefix_len`): before it, the k-th image of the chunks is the
+    k-th image of the history, and takes the history's length, whatever the
+    chunk's own ``known_expanded_len`` says.
+    """
+    held = iter([c.known_expanded_len for c in history if isinstance(c, Image)])
+    acc = 0
+    out: list[Chunk] = []
+    for chunk in chunks:
         if acc >= pos:
             out.append(chunk)
-        elif isinstance(chunk, Tokens) and acc + n > pos:
-            out.append(Tokens(chunk.ids[pos - acc :]))
-        acc += n
+        elif isinstance(chunk, Tokens):
+            if acc + len(chunk) > pos:
+                out.append(Tokens(chunk.ids[pos - acc :]))
+            acc += len(chunk)
+        else:
+            acc += next(held)
     return tuple(out)
+
+
+def _describes(history: Sequence[Chunk], committed_len: int) -> bool:
+    """Whether ``history`` can be the content of a session of ``committed_len``."""
+    known = all(isinstance(c, Tokens) or c.known_expanded_len for c in history)
+    return known and sum(chunk_len(c) for c in history) == committed_len
 
 
 def plan_delta(
@@ -325,21 +356,32 @@ def plan_delta(
     also raises when the content before ``committed_len`` differs (reason
     ``"content"``). With ``rewind=True`` and a history, a prompt that differs from
     the session's content rewinds to the last shared boundary.
+
+    Images compare by content; the history's length is the truth (see
+    :func:`common_prefix_len`). A history that does not add up to
+    ``committed_len`` (an image of unknown length, or a different total) does
+    not describe the session: it is treated as knowing nothing, so a rewind
+    starts over from position 0 and ``rewind=False`` raises ``"content"``,
+    rather than cutting the delta in the wrong place.
     """
-    if history is None or not rewind:
+    if history is not None and not _describes(history, committed_len):
+        history = []
+    if history is None:
         start = walk_chunks(chunks, committed_len)
-        if history is not None:
-            shared = common_prefix_len(history, chunks)
-            if shared < committed_len:
-                raise SessionDivergence(
-                    f"session divergence: the prompt differs from the session's content "
-                    f"at position {shared} (committed_len {committed_len})",
-                    reason="content",
-                    chunk_index=None,
-                    accumulated=shared,
-                    chunk_len=0,
-                    committed_len=committed_len,
-                )
         return DeltaPlan(committed_len, False, tuple(chunks[start:]))
     shared = min(common_prefix_len(history, chunks), committed_len)
+    if not rewind:
+        walk_chunks(chunks, committed_len)  # the seed's checks, with its numbers
+        if shared < committed_len:
+            raise SessionDivergence(
+                f"session divergence: the prompt differs from the session's content "
+                f"at position {shared} (committed_len {committed_len})",
+                reason="content",
+                chunk_index=None,
+                accumulated=shared,
+                chunk_len=0,
+                committed_len=committed_len,
+            )
+    # Cut where the history says, not where the walk by the caller's lengths
+    # does: wrong image lengths that cancel out pass the walk at another boundary.
     return DeltaPlan(shared, shared < committed_len, _split_at(chunks, shared, history))

@@ -14,6 +14,11 @@ what the session holds (token by token; images whole) and truncates the rest
 server-side with ``truncating = true``, logging a line on ``poc_api.grpc``.
 ``rewind=False`` gives the seed's behaviour: :class:`SessionDivergence` with the
 numbers, raised before anything is sent.
+
+An image takes the positions the server gives it: the session's history records
+each appended image's ``placeholder_count``, never the caller's
+``known_expanded_len`` (a disagreeing one is logged as a warning), so the next
+turn's delta is cut where the session really ends.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._chunks import Chunk, Image, Tokens, check_chunks, plan_delta
+from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta
 from ._errors import ServerUnavailable, SessionNotFound
 from ._session import GenerateStream, Session, open_session
 from ._types import (
@@ -349,10 +354,16 @@ class Conversation:
             await session.rewind(plan.offset, timeout=_remaining(deadline_at))
         prefix: list[StreamEvent] = []
         pending: list[int] = []
-        image_lens: dict[tuple[bytes, str], int] = {}
+        # What the session will hold after Done: what it kept (the history's own
+        # chunks, whose image lengths are known), the delta with each image's
+        # length as the server reported it, then the decoded tokens.
+        # Taken from the prompt instead, an image sent in an earlier turn kept
+        # the caller's length 0, and the next turn rewound to before it.
+        sent = chunks_before(self._history, plan.offset)
         for chunk in plan.delta:
             if isinstance(chunk, Tokens):
                 pending.extend(chunk.ids)
+                sent.append(chunk)
                 continue
             if pending:
                 await session.prefill(pending, timeout=_remaining(deadline_at))
@@ -360,7 +371,18 @@ class Conversation:
             appended = await session.append_image(
                 chunk.data, chunk.mime, timeout=_remaining(deadline_at)
             )
-            image_lens[(chunk.data, chunk.mime)] = appended.placeholder_count
+            n = appended.placeholder_count
+            if chunk.known_expanded_len not in (0, n):
+                # The server decides how many positions an image takes; keeping
+                # the caller's number would cut the next turn's delta in the wrong place.
+                log.warning(
+                    "session %s: an image's known_expanded_len is %d but the server "
+                    "gave it %d positions; the conversation uses the server's count",
+                    session.session_id,
+                    chunk.known_expanded_len,
+                    n,
+                )
+            sent.append(attrs.evolve(chunk, known_expanded_len=n))
             prefix.append(ImageAppended(appended.placeholder_count))
         prompt_len = session.committed_len + len(pending)
         readout_ranges = [(prompt_len, U32_MAX)] if shape is not None else []
@@ -377,14 +399,6 @@ class Conversation:
         )
         out = ConversationStream(prefix, events, shape)
         await out._prime()
-        # What the session will hold after Done: the prompt, with each image's
-        # length as the server reported it, then the decoded tokens.
-        sent = [
-            attrs.evolve(c, known_expanded_len=image_lens[(c.data, c.mime)])
-            if isinstance(c, Image) and c.known_expanded_len == 0 and (c.data, c.mime) in image_lens
-            else c
-            for c in chunks
-        ]
         return out, events, sent
 
     async def aclose(self) -> None:

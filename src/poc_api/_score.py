@@ -342,25 +342,34 @@ def group_by_prefix(prompts: Sequence[Sequence[Chunk]]) -> list[tuple[list[int],
 
     ``shared_units`` counts the units (text tokens, whole images) at the start of
     every prompt of the group. Prompts are sorted by content, so prompts with long
-    common prefixes end up next to each other, and a sorted run is cut where a
-    neighbour shares less than half of the shorter of the two: prompts that only
-    share, say, a BOS token are not worth serialising in one session. The
-    grouping only decides what is sent once; results never depend on it.
+    common prefixes end up next to each other; a prompt joins the group before it
+    only while the group's shared prefix stays more than half of the shorter of
+    any two members: prompts that only share, say, a BOS token are not worth
+    serialising in one session. The grouping only decides what is sent once;
+    results never depend on it.
     """
     keys = [[_unit_key(u) for u in _units(p)] for p in prompts]
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     groups: list[tuple[list[int], int]] = []
+    # The last group's two longest members' lengths: the longer of any two
+    # members' shorter ones is the second longest.
+    longest = second = 0
     for i in order:
+        n = len(keys[i])
         if groups:
             members, shared = groups[-1]
-            prev = keys[members[-1]]
-            common = _common_units(prev, keys[i])
-            if common and common >= min(len(prev), len(keys[i])) / 2:
+            # In sorted order, a run's common prefix is its smallest neighbour's.
+            common = min(shared, _common_units(keys[members[-1]], keys[i]))
+            # Judged on the group's prefix, not the last member's: short prompts
+            # sharing half with each neighbour chained unrelated ones together.
+            middle = sorted((longest, second, n))[1]
+            if 2 * common > middle:
                 members.append(i)
-                # In sorted order, a run's common prefix is its smallest neighbour's.
-                groups[-1] = (members, min(shared, common))
+                groups[-1] = (members, common)
+                longest, second = max(longest, n), middle
                 continue
-        groups.append(([i], len(keys[i])))
+        groups.append(([i], n))
+        longest, second = n, 0
     for members, _ in groups:
         members.sort()
     return groups
