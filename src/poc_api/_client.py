@@ -285,7 +285,6 @@ class ApiClient:
             raise RuntimeError("a closed ApiClient cannot be reopened; create a new one")
         # A checkpoint, as trio's own resources are, before anything starts.
         await trio.lowlevel.checkpoint()
-        bridge = AsyncioBridge.start(cancel_timeout=self._close_timeout)
         metadata: tuple[tuple[str, str], ...] = ()
         auth: httpx.Auth | None = None
         if self._api_key:
@@ -293,13 +292,23 @@ class ApiClient:
             # An auth of the client's own: httpx would otherwise turn a base_url's
             # user:password@ into Basic auth that replaces the Bearer header.
             auth = _BearerAuth(self._api_key)
-        self._bridge = bridge
-        self._transport = self._new_transport(bridge, self._target, metadata)
-        self._router = self._new_router(bridge, self._transport, metadata)
+        # Before the loop thread: httpx reads the proxy variables here and may
+        # refuse them (ALL_PROXY=socks5://... without socksio installed).
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
             auth=auth,
         )
+        bridge = AsyncioBridge.start(cancel_timeout=self._close_timeout)
+        try:
+            self._transport = self._new_transport(bridge, self._target, metadata)
+            self._router = self._new_router(bridge, self._transport, metadata)
+        except BaseException:
+            self._transport = self._router = None
+            with trio.CancelScope(shield=True):
+                await bridge.aclose()
+                await http.aclose()
+            raise
+        self._bridge = bridge
         self._http = HttpApi(
             http, self._base_url, self._api_key, self._model, max_body=self._max_message_size
         )

@@ -626,3 +626,18 @@ def test_conversation_rewind_must_be_a_bool() -> None:
     client = poc_api.ApiClient("http://127.0.0.1:9/v1")
     with pytest.raises(TypeError, match="rewind"):
         client.conversation(rewind="no")  # type: ignore[arg-type]
+
+
+async def test_a_client_whose_http_side_cannot_be_made_leaves_no_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # httpx reads the proxy variables when its client is made, and refuses some
+    # (here an unknown scheme; ALL_PROXY=socks5://... without socksio is another).
+    # Each failed entry used to leave its asyncio loop thread running.
+    monkeypatch.setenv("HTTP_PROXY", "foo://127.0.0.1:1")
+    before = len(loop_threads())
+    for _ in range(3):
+        with pytest.raises(ValueError, match="proxy"):
+            async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url="http://127.0.0.1:1"):
+                pass  # pragma: no cover
+    assert len(loop_threads()) == before
