@@ -360,6 +360,50 @@ async def test_api_key_never_appears_in_errors_or_logs(
     assert any(r.name == "poc_api.http" for r in caplog.records)
 
 
+async def test_api_key_never_appears_when_a_server_echoes_it_in_a_200_answer(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server that answers every request with its headers, in the wrong shape:
+    # the messages that quote the answer (shape errors, the model list) and the
+    # debug log must not quote the key. (Only error bodies were redacted.)
+    caplog.set_level(logging.DEBUG)
+
+    async def echo(stream: trio.SocketStream) -> None:
+        head, _ = await read_request(stream)
+        auth = next(
+            line.decode() for line in head.split(b"\r\n") if line.lower().startswith(b"auth")
+        )
+        path = head.split(b" ")[1]
+        if path.endswith(b"/models"):
+            body: object = {"data": [{"id": auth}, {"id": "b"}]}
+        elif path.endswith(b"/chat/completions"):
+            message = {"content": "ok"}
+            body = {"choices": [{"message": message, "finish_reason": "stop"}], "usage": auth}
+        else:
+            body = {"echo": auth}
+        await stream.send_all(response(200, json.dumps(body).encode()))
+
+    errors: list[Exception] = []
+    with trio.fail_after(10):
+        async with canned_server(echo) as url:
+            for model in ("m", ""):
+                api = HttpApi(http, url, KEY, model)
+                calls = [
+                    partial(api.tokenize, "x"),
+                    partial(api.train, [TrainSample([1], [(0, 1)])]),
+                    partial(api.chat, HELLO),
+                ]
+                for call in calls:
+                    try:
+                        await call()
+                    except Exception as exc:
+                        errors.append(exc)
+    assert [type(e) for e in errors] == [ProtocolViolation, ProtocolViolation] * 2 + [ValueError]
+    assert all(KEY not in str(e) for e in errors)
+    assert "<redacted>" in str(errors[0]) and "<redacted>" in str(errors[-1])
+    assert KEY not in caplog.text
+
+
 _KEY_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)  # printable, no space
 # "<redacted>"; for keys that could form again across it, these (not ASCII).
 _MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039REDACTED\u203a")

@@ -34,8 +34,25 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, Final, NoReturn, final
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import (
+    Any,
+    Final,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    final,
+)
 
 import attrs
 import httpx
@@ -278,6 +295,38 @@ def _short_repr(value: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class _Redacts(Protocol):
+    def _redact(self, text: str) -> str: ...
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _redacting(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Where an HTTP call leaves the library: the key out of its error's message.
+
+    For methods of an object with ``_redact``. Messages quote the server's answers
+    (a shape error, a model list); a server that echoes the request's headers back
+    would put the key in them.
+    """
+
+    @functools.wraps(fn)
+    async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except (PocApiError, ValueError) as exc:
+            text = str(exc)
+            clean = cast(_Redacts, args[0])._redact(text)
+            if clean != text:
+                exc.args = (clean,)
+                if isinstance(exc, PocApiError):
+                    exc.message = clean  # what its str() shows
+            raise
+
+    return call
+
+
 def _parse_usage(value: object, what: str) -> Usage | None:
     """Usage from a response, tolerantly: a completion is worth more than its accounting.
 
@@ -300,7 +349,8 @@ def _parse_usage(value: object, what: str) -> Usage | None:
                 break
             counts[field] = n
     if not counts:
-        log.debug("%s: ignoring unusable usage %s", what, _short_repr(value))
+        # Not the value itself: it is the server's, and may echo anything back.
+        log.debug("%s: ignoring a usage that is not an object of integer counts", what)
         return None
     prompt = counts.get("prompt_tokens", 0)
     completion = counts.get("completion_tokens", 0)
@@ -533,6 +583,7 @@ class HttpApi:
 
     # -- endpoints -----------------------------------------------------------------
 
+    @_redacting
     async def readout_manifest(self) -> ReadoutManifest | None:
         """``GET /readout/manifest``: the readout manifest, or ``None`` when disabled (404).
 
@@ -564,6 +615,7 @@ class HttpApi:
             _shape_error(what, '"layers": [int]', layers)
         return ReadoutManifest(concepts=concepts, layers=layers)
 
+    @_redacting
     async def train(self, samples: Sequence[TrainSample]) -> TrainResult:
         """``POST /train``: submit training samples; returns the server's job.
 
@@ -599,6 +651,7 @@ class HttpApi:
             _shape_error(what, '{"accepted": int, "job_id": str}', data)
         return TrainResult(accepted=accepted, job_id=job_id)
 
+    @_redacting
     async def tokenize(self, text: str) -> list[int]:
         """``POST /tokenize`` (reference-server extension): text to token ids.
 
@@ -613,6 +666,7 @@ class HttpApi:
             _shape_error(what, '{"tokens": [int]}', data)
         return tokens
 
+    @_redacting
     async def detokenize(self, tokens: Sequence[int]) -> str:
         """``POST /detokenize`` (reference-server extension): token ids to text.
 
@@ -633,6 +687,7 @@ class HttpApi:
             _shape_error(what, '{"text": str}', data)
         return text
 
+    @_redacting
     async def tokenizer_info(self) -> dict[str, Any]:
         """``GET /tokenizer`` (reference-server extension): ``vocab_size`` and special ids.
 
@@ -727,6 +782,7 @@ class HttpApi:
             raise TypeError(f"chat request is not JSON-serialisable: {exc}") from exc
         return payload
 
+    @_redacting
     async def _chat_model(self) -> str:
         """The model to name: ``model=`` if given, else the server's only model.
 
@@ -757,13 +813,14 @@ class HttpApi:
             _shape_error(what, '{"data": [...]}', data)
         ids = [e.get("id") for e in entries if isinstance(e, dict)]
         if len(ids) == 1 and isinstance(ids[0], str) and ids[0]:
-            log.debug("%s: using the only served model %r", what, ids[0])
+            log.debug("%s: using the only served model %r", what, self._redact(ids[0]))
             return ids[0]
         raise ValueError(
             f"model= is not set and {what} lists {len(ids)} models "
             f"({_short_repr(ids)}); pass model= to name one"
         )
 
+    @_redacting
     async def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -1153,6 +1210,10 @@ class _ChatEvents:
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
 
+    def _redact(self, text: str) -> str:
+        return self._api._redact(text)
+
+    @_redacting
     async def check_response(self) -> None:
         status = self._response.status_code
         if not self._response.is_success:
@@ -1190,6 +1251,7 @@ class _ChatEvents:
     def __aiter__(self) -> _ChatEvents:
         return self
 
+    @_redacting
     @trio.lowlevel.enable_ki_protection  # see _request
     async def __anext__(self) -> ChatEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
