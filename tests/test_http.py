@@ -1003,3 +1003,36 @@ async def test_max_message_size_bounds_each_chat_stream_event() -> None:
                 with pytest.raises(LimitExceeded):
                     async for _ in events:
                         pass
+
+
+async def test_content_parts_whose_text_is_not_a_string_are_a_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    def answer(text: object) -> bytes:
+        message = {"content": [{"type": "text", "text": text}, {"type": "text", "text": "b"}]}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return response(200, json.dumps({"choices": [choice]}).encode())
+
+    with trio.fail_after(10):
+        async with canned_server([answer(None), answer(7)]) as url:
+            api = make_api(http, url)
+            assert (await api.chat(HELLO)).text == "b"  # no text: nothing, as a null field
+            with pytest.raises(ProtocolViolation, match="'text'"):  # was a raw TypeError
+                await api.chat(HELLO)
+
+
+async def test_a_stream_refused_with_a_200_json_error_raises_the_servers_message(
+    http: httpx.AsyncClient,
+) -> None:
+    refusal = json.dumps({"error": {"message": "model overloaded", "code": 503}}).encode()
+    with trio.fail_after(10):
+        async with canned_server([response(200, refusal), response(200, b"[1]")]) as url:
+            api = make_api(http, url)
+            with pytest.raises(HttpError, match="model overloaded") as info:
+                async with api.chat_stream(HELLO):
+                    pass  # pragma: no cover
+            assert info.value.http_status == 503
+            # JSON that is no error object is still not a stream.
+            with pytest.raises(ProtocolViolation, match="text/event-stream"):
+                async with api.chat_stream(HELLO):
+                    pass  # pragma: no cover

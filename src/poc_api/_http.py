@@ -1124,7 +1124,7 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
         _shape_error(what, "a message object", message)
     content = message.get("content")
     if isinstance(content, list):  # content parts, as some servers echo them
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = "".join(_str_field(p, "text", what) for p in content if isinstance(p, dict))
     if content is not None and not isinstance(content, str):
         _shape_error(what, "a str message content", content)
     reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
@@ -1222,6 +1222,18 @@ class _ChatEvents:
             log.debug("POST %s -> %d (stream refused)", self._url, status)
             raise self._api._status_error("POST", self._url, status, body)
         ctype = self._response.headers.get("content-type", "")
+        if ctype.lower().startswith("application/json"):
+            # Some servers refuse a stream with a 200 JSON error object (an
+            # overloaded vLLM): its message is worth more than "not a stream".
+            with _map_httpx_errors("POST", self._url, self._api._client):
+                body = await self._api._read_body(self._response, self._what, self._chunks)
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):  # see _json_error
+                data = None
+            error = _error_object(data, "")
+            if error is not None:
+                raise self._api._server_error(self._url, response_status=status, error=error)
         if not ctype.lower().startswith("text/event-stream"):
             raise ProtocolViolation(
                 f"{self._what}: expected text/event-stream, got {ctype or 'no content-type'!r}"
