@@ -52,6 +52,24 @@ def test_client_trims_base_url_and_hides_the_api_key() -> None:
     assert "sk-secret-123" not in repr(c)
 
 
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://127.0.0.1:8000/v1\n",  # a .env file's newline
+        "http://127.0.0.1:8000/v\x00",
+        "http://[::1:8000/v1",
+        "http://127.0.0.1:8000/v1?api-version=2024",  # calls would go to /v1?...=2024/...
+        "http://127.0.0.1:8000/v1#x",  # calls would go to /v1
+        "ftp://127.0.0.1:8000/v1",
+    ],
+)
+def test_a_base_url_the_http_calls_cannot_use_is_a_value_error_at_once(base: str) -> None:
+    # Even with grpc_url given (which used to skip every check of base_url): every
+    # HTTP call would otherwise fail with httpx's raw InvalidURL, or hit a wrong path.
+    with pytest.raises(ValueError, match="base_url"):
+        poc_api.ApiClient(base, grpc_url="http://127.0.0.1:1")
+
+
 def test_https_base_url_selects_tls() -> None:
     c = poc_api.ApiClient("https://example.com/v1")
     assert c.grpc_url == "https://example.com:444"

@@ -69,6 +69,27 @@ def resolve_grpc_url(
     return f"{parts.scheme}://{host}:{port + 1}"
 
 
+def _check_base_url(base_url: str) -> None:
+    """A ``ValueError`` now for a base URL the HTTP calls could not use.
+
+    Every HTTP call appends its path to it: a query or fragment would send the
+    calls to the wrong path, and an unparseable URL (a trailing newline from a
+    .env file) would fail every call with httpx's own error.
+    """
+    shown = redact_url(base_url)
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"base_url {shown!r} is not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"base_url must look like http://host:port/v1, got {shown!r}")
+    if url.query or url.fragment or "?" in base_url or "#" in base_url:
+        raise ValueError(
+            f"base_url must have no query or fragment (each call appends its path "
+            f"to it), got {shown!r}"
+        )
+
+
 def _first_target(pool: tuple[GrpcTarget, ...] | DnsTarget | None) -> GrpcTarget | None:
     if pool is None:
         return None
@@ -88,7 +109,8 @@ class ApiClient:
     """A client for a salience server. Use it as an async context manager.
 
     Args:
-        base_url: the OpenAI-style HTTP root, e.g. ``http://127.0.0.1:8000/v1``.
+        base_url: the OpenAI-style HTTP root, e.g. ``http://127.0.0.1:8000/v1``
+            (no query or fragment: each call appends its path; ``ValueError``).
         api_key: sent as ``authorization: Bearer <key>`` on every call when set.
         model: the model name sent with ``OpenSession`` and HTTP calls.
         grpc_url: the gRPC endpoint; default ``POC_GRPC_URL`` or derived from
@@ -178,6 +200,7 @@ class ApiClient:
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
+        _check_base_url(base_url)
         if not isinstance(api_key, str) or not isinstance(model, str):
             raise TypeError("api_key and model must be str")
         pool = parse_grpc_targets(grpc_url)  # checks a list or dns:/// target
