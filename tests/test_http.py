@@ -1036,3 +1036,32 @@ async def test_a_stream_refused_with_a_200_json_error_raises_the_servers_message
             with pytest.raises(ProtocolViolation, match="text/event-stream"):
                 async with api.chat_stream(HELLO):
                     pass  # pragma: no cover
+
+
+async def test_text_utf8_cannot_encode_is_refused_before_anything_is_sent(
+    http: httpx.AsyncClient,
+) -> None:
+    # A lone surrogate (from a bad decode upstream) used to fail inside httpx with
+    # a message about the JSON body's position, or (older httpx) be sent escaped.
+    requests: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:  # pragma: no cover - nothing comes
+        requests.append((await read_request(stream))[0])
+
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with trio.fail_after(10):
+        async with canned_server(record) as url:
+            api = make_api(http, url)
+            bad = [{"role": "user", "content": "a\ud800b"}]
+            with pytest.raises(ValueError, match="lone surrogate"):
+                await api.chat(bad)
+            with pytest.raises(ValueError, match="lone surrogate"):
+                async with api.chat_stream(bad):
+                    pass  # pragma: no cover
+            with pytest.raises(ValueError, match="lone surrogate"):
+                await api.tokenize("a\udc80")
+            with pytest.raises(TypeError, match="JSON"):  # was a raw RecursionError
+                await api.chat(HELLO, extra_body={"x": deep})
+    assert requests == []

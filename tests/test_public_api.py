@@ -48,6 +48,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "DeltaPlan",
         "check_chunks",
         "chunk_len",
+        "chunks_before",
         "common_prefix_len",
         "plan_delta",
         "walk_chunks",

@@ -290,6 +290,11 @@ def _shape_error(what: str, expected: str, got: object) -> NoReturn:
     raise ProtocolViolation(f"{what}: expected {expected}, got {_short_repr(got)}")
 
 
+def _unencodable(exc: UnicodeEncodeError) -> str:
+    bad = exc.object[exc.start : exc.end]
+    return f"a string holds {bad!r} (a lone surrogate), which UTF-8 cannot encode"
+
+
 def _short_repr(value: object, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -659,6 +664,10 @@ class HttpApi:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text: {_unencodable(exc)}") from None
         what = f"POST {self._shown}/tokenize"
         data = await self._request("POST", "/tokenize", {"text": text})
         tokens = data.get("tokens") if isinstance(data, dict) else None
@@ -777,9 +786,12 @@ class HttpApi:
         if stream:
             payload["stream_options"] = {"include_usage": True}
         try:
-            json.dumps(payload, allow_nan=False)  # what httpx will do when sending
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"chat request is not JSON-serialisable: {exc}") from exc
+            # What httpx does when sending (UTF-8 as newer httpx encodes it).
+            json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"chat request: {_unencodable(exc)}") from None
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise TypeError(f"chat request is not JSON-serialisable: {exc!r}") from exc
         return payload
 
     @_redacting
