@@ -1065,3 +1065,19 @@ async def test_text_utf8_cannot_encode_is_refused_before_anything_is_sent(
             with pytest.raises(TypeError, match="JSON"):  # was a raw RecursionError
                 await api.chat(HELLO, extra_body={"x": deep})
     assert requests == []
+
+
+@pytest.mark.parametrize("falsy", ["null", '""', "false", "{}"])
+async def test_an_empty_error_field_is_no_error(http: httpx.AsyncClient, falsy: str) -> None:
+    # As the official client reads it: only a truthy "error" is one.
+    choice = '{"index":0,"message":{"content":"hi"},"finish_reason":"stop"}'
+    answer = response(200, f'{{"choices":[{choice}],"error":{falsy}}}'.encode())
+    chunk = f'{{"choices":[{{"index":0,"delta":{{"content":"hi"}}}}],"error":{falsy}}}'
+    streamed = response(200, sse(chunk, "[DONE]"), "text/event-stream")
+    with trio.fail_after(10):
+        async with canned_server([answer, streamed]) as url:
+            api = make_api(http, url)
+            assert (await api.chat(HELLO)).text == "hi"
+            async with api.chat_stream(HELLO) as events:
+                got = [e async for e in events]
+            assert got == [ChatDelta("hi", 0), ChatDone("", None)]

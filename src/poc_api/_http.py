@@ -1099,7 +1099,7 @@ def _error_object(data: object, event: str) -> object | None:
     """
     if isinstance(data, dict):
         error: object = data.get("error")
-        if error is not None:
+        if error:  # as the official client: "error": null, "" or false is no error
             return error
         if data.get("object") == "error":
             return data
