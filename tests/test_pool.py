@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -600,14 +602,14 @@ async def test_drain_reports_not_serving_and_waits_for_open_sessions() -> None:
                         await s.aclose()
 
 
-async def test_dns_target_follows_the_records_as_they_change(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Two servers on one port of two loopback addresses, behind a name whose
-    records change: new addresses become endpoints, vanished ones are retired."""
+@asynccontextmanager
+async def dns_pool(
+    monkeypatch: pytest.MonkeyPatch, records: list[str]
+) -> AsyncIterator[tuple[ReferenceServer, ReferenceServer, poc_api.ApiClient]]:
+    """Two servers on one port of two loopback addresses (127.0.0.1, 127.0.0.2),
+    and a client of ``dns:///pool.test:PORT`` whose lookup answers ``records`` as
+    they are at each refresh (every 50 ms)."""
     from poc_api import _pool
-
-    records = ["127.0.0.1", "127.0.0.2"]
 
     async def lookup(host: str, port: int) -> list[str]:
         assert host == "pool.test"
@@ -622,30 +624,40 @@ async def test_dns_target_follows_the_records_as_they_change(
             async with poc_api.ApiClient(
                 a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
             ) as client:
-                with trio.fail_after(20):
-                    await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 40)
-                    assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
-                    assert all(s.state().rpc_counts.get("OpenSession", 0) > 5 for s in (a, b))
-                    records[:] = ["127.0.0.2"]
-                    # Retired (and soon dropped: it has no session left).
-                    await wait_for(
-                        lambda: all(
-                            e.url != a.grpc_url or e.state is EndpointState.RETIRED
-                            for e in client.endpoints
-                        )
-                    )
-                    before = a.state().rpc_counts["OpenSession"]
-                    await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 20)
-                    assert a.state().rpc_counts["OpenSession"] == before
-                    records[:] = ["127.0.0.1", "127.0.0.2"]
-                    await wait_for(
-                        lambda: any(
-                            e.url == a.grpc_url and e.state is not EndpointState.RETIRED
-                            for e in client.endpoints
-                        )
-                    )
+                yield a, b, client
         finally:
             await trio.to_thread.run_sync(b.stop)
+
+
+async def test_dns_target_follows_the_records_as_they_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two servers on one port of two loopback addresses, behind a name whose
+    records change: new addresses become endpoints, vanished ones are retired."""
+    records = ["127.0.0.1", "127.0.0.2"]
+    async with dns_pool(monkeypatch, records) as (a, b, client):
+        with trio.fail_after(20):
+            await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 40)
+            assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
+            assert all(s.state().rpc_counts.get("OpenSession", 0) > 5 for s in (a, b))
+            records[:] = ["127.0.0.2"]
+            # Retired (and soon dropped: it has no session left).
+            await wait_for(
+                lambda: all(
+                    e.url != a.grpc_url or e.state is EndpointState.RETIRED
+                    for e in client.endpoints
+                )
+            )
+            before = a.state().rpc_counts["OpenSession"]
+            await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 20)
+            assert a.state().rpc_counts["OpenSession"] == before
+            records[:] = ["127.0.0.1", "127.0.0.2"]
+            await wait_for(
+                lambda: any(
+                    e.url == a.grpc_url and e.state is not EndpointState.RETIRED
+                    for e in client.endpoints
+                )
+            )
 
 
 async def test_dns_target_with_one_address_is_resolved_again(
@@ -654,37 +666,21 @@ async def test_dns_target_with_one_address_is_resolved_again(
     """One record at first: the pool still re-resolves it every ``dns_refresh``
     seconds, so a replaced pod (old address dead, the record names a new one) is
     picked up."""
-    from poc_api import _pool
-
     records = ["127.0.0.1"]
-
-    async def lookup(host: str, port: int) -> list[str]:
-        return list(records)
-
-    monkeypatch.setattr(_pool, "_lookup", lookup)
-    async with reference_servers(1) as (a,):
-        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
-        await trio.to_thread.run_sync(b.start)
-        try:
-            url = f"dns:///pool.test:{a.grpc_port}"
-            async with poc_api.ApiClient(
-                a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
-            ) as client:
-                with trio.fail_after(20):
-                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
-                    assert [e.url for e in client.endpoints] == [a.grpc_url]
-                    await trio.to_thread.run_sync(a.kill)
-                    records[:] = ["127.0.0.2"]
-                    await wait_for(
-                        lambda: any(
-                            e.url == b.grpc_url and e.state is not EndpointState.RETIRED
-                            for e in client.endpoints
-                        )
-                    )
-                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
-                    assert b.state().rpc_counts.get("OpenSession", 0) == 1
-        finally:
-            await trio.to_thread.run_sync(b.stop)
+    async with dns_pool(monkeypatch, records) as (a, b, client):
+        with trio.fail_after(20):
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])
+            assert [e.url for e in client.endpoints] == [a.grpc_url]
+            await trio.to_thread.run_sync(a.kill)
+            records[:] = ["127.0.0.2"]
+            await wait_for(
+                lambda: any(
+                    e.url == b.grpc_url and e.state is not EndpointState.RETIRED
+                    for e in client.endpoints
+                )
+            )
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])
+            assert b.state().rpc_counts.get("OpenSession", 0) == 1
 
 
 async def test_a_retired_endpoint_is_dropped_once_its_last_session_closes(
@@ -692,35 +688,19 @@ async def test_a_retired_endpoint_is_dropped_once_its_last_session_closes(
 ) -> None:
     """An address DNS no longer lists keeps its open session (calls on it still
     work), then leaves the endpoint list and has its connection closed."""
-    from poc_api import _pool
-
     records = ["127.0.0.1"]
-
-    async def lookup(host: str, port: int) -> list[str]:
-        return list(records)
-
-    monkeypatch.setattr(_pool, "_lookup", lookup)
-    async with reference_servers(1) as (a,):
-        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
-        await trio.to_thread.run_sync(b.start)
-        try:
-            url = f"dns:///pool.test:{a.grpc_port}"
-            async with poc_api.ApiClient(
-                a.base_url, grpc_url=url, dns_refresh=0.05, health_check_interval=0.05
-            ) as client:
-                with trio.fail_after(20):
-                    async with client.session() as s:
-                        await s.prefill([1, 2])
-                        records[:] = ["127.0.0.2"]
-                        await wait_for(lambda: len(client.endpoints) == 2)
-                        await wait_for(lambda: client.endpoints[0].state is EndpointState.RETIRED)
-                        await trio.sleep(0.3)  # several refresh passes: it stays
-                        assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
-                        await s.prefill([3])
-                        assert a.state().connections_open == 1
-                    await wait_for(lambda: [e.url for e in client.endpoints] == [b.grpc_url])
-                    await wait_for(lambda: a.state().connections_open == 0)
-                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
-                    assert not a.state().session_ids
-        finally:
-            await trio.to_thread.run_sync(b.stop)
+    async with dns_pool(monkeypatch, records) as (a, b, client):
+        with trio.fail_after(20):
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                records[:] = ["127.0.0.2"]
+                await wait_for(lambda: len(client.endpoints) == 2)
+                await wait_for(lambda: client.endpoints[0].state is EndpointState.RETIRED)
+                await trio.sleep(0.3)  # several refresh passes: it stays
+                assert [e.url for e in client.endpoints] == [a.grpc_url, b.grpc_url]
+                await s.prefill([3])
+                assert a.state().connections_open == 1
+            await wait_for(lambda: [e.url for e in client.endpoints] == [b.grpc_url])
+            await wait_for(lambda: a.state().connections_open == 0)
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])
+            assert not a.state().session_ids
