@@ -8,15 +8,18 @@ import logging
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 from helpers import asyncio_tasks_pending, wait_for, wait_until_streaming_stalls
 
 import poc_api
 from poc_api import SamplingParams, Token
 from poc_api.server import EOS, ReferenceServer, ServerConfig, tokenize
+from poc_api.testing import open_client
 
 HELLO = tokenize("The quick brown fox")
 
@@ -796,3 +799,87 @@ async def test_tokens_compare_by_value_so_two_greedy_runs_are_equal(
                 turns.append([e async for e in ev if isinstance(e, poc_api.TokenOut)])
     assert turns[0] == turns[1] and len(turns[0]) == 5
     assert all(t.readout is not None and t.readout.shape == (3, 8) for t in turns[0])
+
+
+# -- one session, several tasks ------------------------------------------------------
+
+
+@asynccontextmanager
+async def _session_held_by_a_decode(
+    tokens: int,
+) -> AsyncIterator[tuple[ReferenceServer, poc_api.Session, trio.Event]]:
+    """A session on a slow server (20 ms a token) whose ``generate`` of ``tokens``
+    runs in a task of its own; the event is set once its first token came."""
+    async with ReferenceServer(ServerConfig(token_delay_ms=20, ignore_eos=True)) as srv:
+        async with open_client(srv) as client, client.session() as s, trio.open_nursery() as n:
+            holding = trio.Event()
+
+            async def decode() -> None:
+                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=tokens)) as ev:
+                    async for _ in ev:
+                        holding.set()  # the server runs it
+
+            n.start_soon(decode)
+            await holding.wait()
+            yield srv, s, holding
+
+
+async def test_append_image_waits_for_the_session_and_appends_at_its_new_end(
+    png_56x28: bytes,
+) -> None:
+    # The offset was read before waiting for the session: once the decode had
+    # moved the end, the server refused it (OffsetMismatch).
+    with trio.fail_after(20):
+        async with _session_held_by_a_decode(10) as (_, s, _):
+            appended = await s.append_image(png_56x28, "image/png")
+            assert appended.total_length == len(HELLO) + 10 + appended.placeholder_count
+            assert s.committed_len == appended.total_length and not s.lost
+
+
+async def test_a_timeout_that_runs_out_waiting_for_the_session_sends_nothing(
+    png_56x28: bytes,
+) -> None:
+    # A call waiting for a session another task's decode holds: its timeout covers
+    # the wait, and running out there leaves the session as it was. (Before, the
+    # wait was not bounded, the call then timed out on entry, and the session was
+    # marked lost for every task although the server never saw the call.)
+    with trio.fail_after(20):
+        async with _session_held_by_a_decode(40) as (srv, s, _):
+            generates = srv.state().rpc_counts.get("Generate", 0)
+            t0 = trio.current_time()
+            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent"):
+                await s.prefill([1, 2], timeout=0.2)
+            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent"):
+                await s.append_image(png_56x28, "image/png", timeout=0.2)
+            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent"):
+                async with s.generate([1], sampling=SamplingParams(max_tokens=1), timeout=0.2):
+                    pass  # pragma: no cover
+            assert trio.current_time() - t0 < 3  # three waits of 0.2 s, not the decode's 0.8
+            assert not s.lost
+            assert srv.state().rpc_counts.get("Generate", 0) == generates
+        # The decode's task finished its stream, and the block closed the session.
+
+
+async def test_a_second_task_reading_a_stream_gets_busy_resource_error() -> None:
+    # As trio's own streams. It used to take the first reader's wake-up and
+    # leave one of them waiting forever.
+    with trio.fail_after(20):
+        async with ReferenceServer(ServerConfig(token_delay_ms=10, ignore_eos=True)) as srv:
+            async with open_client(srv) as client, client.session() as s:
+                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=20)) as ev:
+                    got: list[object] = []
+
+                    async def read() -> None:
+                        got.extend([e async for e in ev])
+
+                    async with trio.open_nursery() as n:
+                        n.start_soon(read)
+                        await trio.testing.wait_all_tasks_blocked()
+                        with pytest.raises(trio.BusyResourceError):
+                            await ev.__anext__()
+                assert isinstance(got[-1], poc_api.Done) and len(got) == 20 + 1
+
+
+def test_a_timeout_too_large_for_a_float_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="too large"):  # was OverflowError
+        poc_api._types.check_timeout("timeout", 10**400)

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from helpers import Handler, http_server, read_request
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -1081,3 +1082,24 @@ async def test_an_empty_error_field_is_no_error(http: httpx.AsyncClient, falsy: 
             async with api.chat_stream(HELLO) as events:
                 got = [e async for e in events]
             assert got == [ChatDelta("hi", 0), ChatDone("", None)]
+
+
+async def test_a_second_task_reading_a_chat_stream_gets_busy_resource_error(
+    http: httpx.AsyncClient,
+) -> None:
+    async with ReferenceServer(ServerConfig(port=0, token_delay_ms=20)) as srv:
+        api = make_api(http, srv.base_url)
+        with trio.fail_after(20):
+            whole = await api.chat(HELLO, max_tokens=5, temperature=0)
+            async with api.chat_stream(HELLO, max_tokens=5, temperature=0) as events:
+                got: list[object] = []
+
+                async def read() -> None:
+                    got.extend([e async for e in events])
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(read)
+                    await trio.testing.wait_all_tasks_blocked()
+                    with pytest.raises(trio.BusyResourceError):
+                        await events.__anext__()
+    assert "".join(e.text for e in got if isinstance(e, ChatDelta)) == whole.text

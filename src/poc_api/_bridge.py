@@ -334,10 +334,11 @@ def _wake_future(fut: asyncio.Future[None]) -> None:
 class BatchReceiver(Generic[T]):
     """The trio-side end of a stream buffer."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_waiting")
 
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
+        self._waiting = False  # a task waits in receive_batch
 
     @property
     def error(self) -> BaseException | None:
@@ -363,6 +364,10 @@ class BatchReceiver(Generic[T]):
         exception if it failed. A checkpoint only when it has to wait.
         """
         buf = self._buf
+        if self._waiting:
+            # As trio's own streams: one waiter only (a second one would take the
+            # first one's wake-up, and the first would wait forever).
+            raise trio.BusyResourceError("another task is already reading this stream")
         while True:
             with buf.lock:
                 if buf.items:
@@ -372,9 +377,20 @@ class BatchReceiver(Generic[T]):
                 if buf.finished:
                     return []
                 waiter = buf.trio_waiter = trio.Event()
-            await waiter.wait()
+            self._waiting = True
+            try:
+                await waiter.wait()
+            finally:
+                self._waiting = False
         # One consumer: the items found above are still there (maybe more).
         return self.receive_nowait()
+
+
+def _after(seconds: float) -> float:
+    """The trio deadline ``seconds`` from now. Cancel scopes are made with it, not
+    with ``move_on_after``: a ``@contextmanager`` that a Ctrl-C landing in its exit
+    leaves half-closed ("Cancel scope stack corrupted")."""
+    return trio.current_time() + seconds
 
 
 @final
@@ -728,7 +744,7 @@ class AsyncioBridge:
         """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end."""
         self._cancel(call)
         ki: KeyboardInterrupt | None = None
-        with trio.move_on_after(self._cancel_timeout, shield=True) as scope:
+        with trio.CancelScope(deadline=_after(self._cancel_timeout), shield=True) as scope:
             while not call.done.is_set():
                 try:
                     await self._wait(call)
@@ -862,13 +878,13 @@ class AsyncioBridge:
             await loop.shutdown_asyncgens()
 
         call = self._submit(shutdown, ())
-        with trio.move_on_after(self._cancel_timeout * 2):
+        with trio.CancelScope(deadline=_after(self._cancel_timeout * 2)):
             await call.done.wait()
         try:
             loop.call_soon_threadsafe(loop.stop)
         except RuntimeError:
             pass
-        with trio.move_on_after(self._cancel_timeout) as scope:
+        with trio.CancelScope(deadline=_after(self._cancel_timeout)) as scope:
             await self._thread_done.wait()
         # Whatever did not finish (a task that ignored cancellation) will never
         # report back: fail its waiter instead of leaving it hanging. A call that

@@ -975,7 +975,9 @@ class HttpApi:
         )
         check_timeout("timeout", timeout)  # inf is fine, as everywhere
         # A cancel scope around a yield is fine in a context manager (same task).
-        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        # A CancelScope, not move_on_after (a @contextmanager a Ctrl-C can tear).
+        deadline = trio.current_time() + (math.inf if timeout is None else timeout)
+        with trio.CancelScope(deadline=deadline) as scope:
             if not payload["model"]:
                 payload["model"] = await self._chat_model()
             url = self._base_url + "/chat/completions"
@@ -1214,6 +1216,7 @@ class _ChatEvents:
         # llama.cpp's error lines too; each event bounded as a whole answer is.
         self._decoder = SSEDecoder(max_buffer=api._max_body, error_field=True)
         self._queue: deque[ChatEvent] = deque()
+        self._waiting = False  # a task waits for the next chunk
         self._error: Exception | None = None  # raised after the queue drains, then again
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
         self._cut = False  # the block was left before the end: iterating is an error
@@ -1288,12 +1291,17 @@ class _ChatEvents:
                         "this stream's block has exited: iterate its events inside the block"
                     )
                 raise StopAsyncIteration
+            if self._waiting:  # as BatchReceiver: one reader at a time
+                raise trio.BusyResourceError("another task is already reading this stream")
+            self._waiting = True
             try:
                 chunk = await self._receive.receive()
             except trio.EndOfChannel:
                 # The pump stopped without an end: the block is exiting.
                 self._finished = self._cut = True
                 continue
+            finally:
+                self._waiting = False
             if isinstance(chunk, Exception):
                 self._finished = True
                 self._error = chunk
@@ -1420,7 +1428,7 @@ class _ChatEvents:
         """Release the response: shielded so cancellation cannot leak the connection."""
         self._cut = not self._finished  # the block was left before the stream ended
         self._finished = True
-        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+        with trio.CancelScope(deadline=trio.current_time() + _CLOSE_TIMEOUT, shield=True):
             try:
                 close_chunks = getattr(self._chunks, "aclose", None)
                 if close_chunks is not None:

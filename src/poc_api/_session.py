@@ -50,12 +50,12 @@ Range = tuple[int, int]
 class _Timeouts:
     """Deadlines of one generate stream, in trio time."""
 
-    __slots__ = ("between", "first_token", "last_event", "started", "total_at")
+    __slots__ = ("between", "first_token", "first_token_from", "last_event", "started", "total_at")
 
     def __init__(
         self, total: float | None, first_token: float | None, between: float | None
     ) -> None:
-        self.started = self.last_event = trio.current_time()
+        self.started = self.last_event = self.first_token_from = trio.current_time()
         self.total_at = self.started + total if total is not None else math.inf
         self.first_token = first_token
         self.between = between
@@ -159,15 +159,18 @@ class GenerateStream:
     async def _receive_with_timeouts(self, t: _Timeouts) -> list[bytes]:
         limit, what = t.total_at, "total"
         if not self._first_decode and self.done is None:
-            if t.first_token is not None and t.started + t.first_token < limit:
-                limit, what = t.started + t.first_token, "first-token"
+            if t.first_token is not None and t.first_token_from + t.first_token < limit:
+                limit, what = t.first_token_from + t.first_token, "first-token"
         elif t.between is not None and t.last_event + t.between < limit:
             limit, what = t.last_event + t.between, "between-tokens"
-        with trio.move_on_at(limit):
+        # Not move_on_at: a @contextmanager, which a Ctrl-C can tear (this frame
+        # is not KI-protected: it runs per event).
+        with trio.CancelScope(deadline=limit):
             batch = await self._rx.receive_batch()
             t.last_event = trio.current_time()
             return batch
-        waited = trio.current_time() - (t.started if what != "between-tokens" else t.last_event)
+        since = {"total": t.started, "first-token": t.first_token_from}.get(what, t.last_event)
+        waited = trio.current_time() - since
         raise e.PocApiTimeout(
             f"Generate: {what} timeout after {waited:.3g} s (session {self._session.session_id})"
         )
@@ -213,7 +216,7 @@ class GenerateStream:
         limit = now + self._session._close_timeout
         if self._timeouts is not None:
             limit = min(limit, self._timeouts.total_at)
-        with trio.move_on_at(limit) as scope:
+        with trio.CancelScope(deadline=limit) as scope:
             while not self._finished:
                 self._batch = await self._rx.receive_batch()
                 self._i = len(self._batch)
@@ -352,7 +355,9 @@ class Session:
             data: encoded image bytes (PNG, JPEG, GIF, WebP).
             mime: its type, e.g. ``"image/png"``.
             rewind_to: append at this offset instead, dropping the positions after it.
-            timeout: seconds before :class:`PocApiTimeout` (the session is then lost).
+            timeout: seconds before :class:`PocApiTimeout` (the session is then
+                lost, unless the time ran out while another task's call held the
+                session: nothing was sent then).
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"image data must be bytes, not {type(data).__name__}")
@@ -360,20 +365,29 @@ class Session:
         if not data:
             raise ValueError("image data is empty")
         check_timeout("timeout", timeout)
-        offset, truncating = self._offset(rewind_to)
-        req = pb.AppendImageRequest(
-            session_id=self._session_id,
-            image=bytes(data),
-            mime=mime,
-            offset=offset,
-            truncating=truncating,
-        )
+        if rewind_to is not None:
+            _u32("rewind_to", rewind_to)
+        image = bytes(data)
         self._busy_check()
-        async with self._lock:
+        now = trio.current_time()
+        deadline_at = now + (math.inf if timeout is None else timeout)
+        await self._take(deadline_at, "AppendImage", now)
+        try:
             self._check_usable()
+            # The offset once the session is ours: a call that held it may have
+            # moved its end (the server would refuse a stale one).
+            offset, truncating = self._offset(rewind_to)
+            req = pb.AppendImageRequest(
+                session_id=self._session_id,
+                image=image,
+                mime=mime,
+                offset=offset,
+                truncating=truncating,
+            )
+            left = None if timeout is None else max(0.0, deadline_at - trio.current_time())
             try:
                 raw = await self._transport.unary(
-                    "AppendImage", bytes(req), timeout=timeout, abortable=True
+                    "AppendImage", bytes(req), timeout=left, abortable=True
                 )
             except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
                 raise  # rejected before anything was appended
@@ -386,6 +400,27 @@ class Session:
             )
             self._committed_len = resp.total_length
             return ImageAppend(resp.placeholder_count, resp.total_length)
+        finally:
+            self._lock.release()
+
+    async def _take(self, deadline_at: float, method: str, since: float) -> None:
+        """Wait for the session (another task's call may hold it) until ``deadline_at``.
+
+        Running out raises :class:`PocApiTimeout` with nothing sent: the session
+        is left as it is. The caller releases ``_lock``.
+        """
+        if deadline_at == math.inf:
+            await self._lock.acquire()
+            return
+        with trio.CancelScope(deadline=deadline_at) as waiting:
+            await self._lock.acquire()
+        if waiting.cancelled_caught:
+            waited = trio.current_time() - since
+            held = ", which another call holds" if self._lock.locked() else ""
+            raise e.PocApiTimeout(
+                f"{method}: timeout after {waited:.3g} s waiting for session "
+                f"{self._session_id}{held}; nothing was sent"
+            )
 
     def _offset(self, rewind_to: int | None, name: str = "rewind_to") -> tuple[int, bool]:
         if rewind_to is None:
@@ -416,7 +451,10 @@ class Session:
         from the iteration and marks the session lost): ``timeout`` bounds the
         whole call, ``first_token_timeout`` the wait for the first decoded token
         (or ``Done``), ``token_timeout`` each wait between events after that. A
-        healthy stream is never cut by a timeout you did not set.
+        healthy stream is never cut by a timeout you did not set. Waiting for the
+        session while another task's call holds it counts against ``timeout``
+        only; running out there raises on entry, with nothing sent and the
+        session intact.
 
         The RPC runs while the block is open. Leaving the block before the
         ``Done`` event — by ``break``, an exception or cancellation — resets the
@@ -464,7 +502,7 @@ class Session:
             await trio.lowlevel.checkpoint()
             return
         timeout = self._close_timeout
-        with trio.move_on_after(timeout, shield=True) as scope:
+        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True) as scope:
             try:
                 req = encode_string_field(self._session_id)  # CloseSessionRequest
                 await self._transport.unary("CloseSession", req, cleanup=True)
@@ -629,7 +667,14 @@ class _GenerateBlock:
         if self._rpc is not None:
             raise RuntimeError("a generate block can be entered only once")
         s._busy_check()
-        await s._lock.acquire()
+        timeouts = self._timeouts
+        if timeouts is None:
+            await s._lock.acquire()
+        else:
+            # Waiting for the session counts against the total timeout only.
+            await s._take(timeouts.total_at, "Generate", timeouts.started)
+            # The first-token and between-tokens clocks start with the call itself.
+            timeouts.last_event = timeouts.first_token_from = trio.current_time()
         try:
             return await self._start(s)
         except BaseException:
@@ -724,7 +769,7 @@ async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: flo
     live = owner.live_sessions
     live.closing = True
     unsettled: set[Session] = set()  # their CloseSession has not ended (yet)
-    with trio.move_on_after(timeout):
+    with trio.CancelScope(deadline=trio.current_time() + timeout):
         while True:
             sending = list(live.held)
             live.held.clear()

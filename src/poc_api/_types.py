@@ -93,7 +93,10 @@ def check_timeout(name: str, value: float | None) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range (math.inf is the way to say "never")
+        raise ValueError(f"{name} is too large a number of seconds (math.inf: none)") from None
 
 
 def check_int32(name: str, value: int) -> int:
