@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import pytest
 import trio
+from helpers import http_server, read_request
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
@@ -35,7 +36,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_DEBUG")
+        if k not in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_MODEL", "POC_DEBUG")
     }
     env.update(extra)
     return env
@@ -211,6 +212,37 @@ async def test_chat_prints_the_streamed_reply() -> None:
     assert result.stdout == expected + "\n"
 
 
+async def test_chat_sends_the_model_named_by_model_or_poc_model() -> None:
+    # A server serving two models: without --model there is no way to name one.
+    bodies: list[dict[str, object]] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        _, body = await read_request(stream)
+        bodies.append(json.loads(body))
+        chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
+        sse = f"data: {chunk}\n\ndata: [DONE]\n\n".encode()
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            + f"content-length: {len(sse)}\r\nconnection: close\r\n\r\n".encode()
+            + sse
+        )
+
+    async with http_server(handler) as url:
+        flag = await run_cli("chat", "x", "--url", url, "--model", "b")
+        env = await run_cli("chat", "x", "--url", url, env=cli_env(POC_MODEL="a"))
+    assert (flag.returncode, flag.stdout, env.returncode) == (0, "hi\n", 0), flag.stderr
+    assert [b["model"] for b in bodies] == ["b", "a"]
+
+
+async def test_an_unreachable_url_with_a_password_is_named_and_redacted() -> None:
+    # The error named the gRPC endpoint (the redacted message never held the raw
+    # URL it looked for), and demo printed the password.
+    result = await run_cli("generate", "hi", "--url", "http://user:s3cret@127.0.0.1:1/v1")
+    assert result.returncode == 1
+    assert "cannot reach the server at http://user:***@127.0.0.1:1/v1" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+
+
 # -- serve -----------------------------------------------------------------------------
 
 
@@ -302,6 +334,12 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["serve", "--port", "70000"],
         ["serve", "--prefill-delay-us", "-1"],
         ["serve", "--token-delay-ms", "nope"],
+        # NaN passed click's ranges and crashed in a constructor with a traceback:
+        ["generate", "hi", "--temperature", "nan"],
+        ["generate", "hi", "--top-p", "nan"],
+        ["serve", "--prefill-delay-us", "nan"],
+        ["serve", "--token-delay-ms", "nan"],
+        ["serve", "--idle-timeout", "nan"],
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )
@@ -310,7 +348,7 @@ def test_usage_errors_exit_2(
 ) -> None:
     # In this process (a subprocess each cost ~1 s of imports); the next test runs
     # one through a real process.
-    for name in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_DEBUG"):
+    for name in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_MODEL", "POC_DEBUG"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit) as exited:
         cli_main(args)

@@ -15,6 +15,8 @@ import trio
 
 import poc_api
 from poc_api._png import encode_png
+from poc_api.server import ServerConfig
+from poc_api.server import __main__ as server_main
 from poc_api.testing import make_png, open_client, reference_server
 
 TIMEOUT = 60
@@ -56,6 +58,27 @@ async def test_open_client_uses_the_servers_api_key() -> None:
             async with open_client(server, api_key="wrong") as client:
                 with pytest.raises(poc_api.AuthenticationError):
                     await client.tokenize("a")
+
+
+async def test_open_client_takes_a_grpc_url_of_the_callers() -> None:
+    # (It raised "got multiple values for keyword argument 'grpc_url'".)
+    with trio.fail_after(20):
+        async with reference_server() as a, reference_server() as b:
+            async with open_client(a, grpc_url=b.grpc_url) as client:
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+                    assert s.session_id in b.state().session_ids
+                    assert not a.state().session_ids
+
+
+def test_a_server_port_must_leave_room_for_grpc_on_the_next_one() -> None:
+    # 70000 wrapped to 4464; 65535 put gRPC on a random port.
+    for port in (-1, 65535, 70000):
+        with pytest.raises(ValueError, match="port"):
+            ServerConfig(port=port)
+    with pytest.raises(SystemExit) as exited:  # python -m poc_api.server: a usage error
+        server_main.parse_args(["--port", "70000"])
+    assert exited.value.code == 2
 
 
 async def test_reference_server_stops_when_the_block_exits() -> None:

@@ -44,7 +44,7 @@ from ._chunks import Chunk, Tokens
 from ._client import ApiClient
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager
-from ._http import ChatDelta
+from ._http import ChatDelta, redact_url
 from ._png import encode_png
 from ._session import GenerateStream
 from ._types import Done, ReadoutManifest, SamplingParams, StreamDone, Token, TokenOut, Usage
@@ -63,6 +63,8 @@ _NO_ENDPOINT: Final = frozenset({404, 405, 501})
 _ENV_URL: Final = "POC_BASE_URL"
 _ENV_KEY: Final = "POC_API_KEY"
 _ENV_GRPC: Final = "POC_GRPC_URL"
+_ENV_MODEL: Final = "POC_MODEL"
+_MODEL_KEY: Final = "poc_api.model"  # in click's ctx.meta, shared by the group and its commands
 
 T = TypeVar("T")
 
@@ -113,6 +115,18 @@ class _Target:
     base_url: str | None
     api_key: str
     grpc_url: str | None
+    model: str = ""
+
+
+class _FloatRange(click.FloatRange):
+    """click's ``FloatRange``, less NaN: it compares false with both bounds, so
+    click lets it through to a constructor that then raises outside ``_run``."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if isinstance(rv, float) and math.isnan(rv):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return rv
 
 
 def _check_url(value: str, what: str) -> str:
@@ -152,7 +166,13 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
     grpc = grpc_flag or os.environ.get(_ENV_GRPC) or None
     if grpc:
         _check_url(grpc, "--grpc-url" if grpc_flag else _ENV_GRPC)
-    return _Target(base.rstrip("/"), key, grpc)
+    model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
+    return _Target(base.rstrip("/"), key, grpc, model)
+
+
+def _keep_model(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value is not None:  # a command's own --model wins over the group's
+        ctx.meta[_MODEL_KEY] = value
 
 
 def _url_option(func: Callable[..., T]) -> Callable[..., T]:
@@ -175,6 +195,14 @@ def _url_option(func: Callable[..., T]) -> Callable[..., T]:
             metavar="URL",
             default=None,
             help=f"gRPC endpoint [env {_ENV_GRPC}]. Default: the --url port + 1.",
+        ),
+        click.option(
+            "--model",
+            metavar="NAME",
+            default=None,
+            expose_value=False,
+            callback=_keep_model,
+            help=f"Model name to send [env {_ENV_MODEL}]. Default: the server's only one.",
         ),
     ]
     for opt in reversed(opts):
@@ -210,8 +238,11 @@ async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIte
             async with client:
                 yield _Conn(client, server)
         return
-    client = ApiClient(target.base_url, api_key=target.api_key, grpc_url=target.grpc_url)
-    where.base_url, where.grpc_url = client.base_url, client.grpc_url
+    client = ApiClient(
+        target.base_url, api_key=target.api_key, grpc_url=target.grpc_url, model=target.model
+    )
+    # Redacted, as error messages are: _describe looks for it in them.
+    where.base_url, where.grpc_url = redact_url(client.base_url), client.grpc_url
     async with client:
         yield _Conn(client, None)
 
@@ -582,7 +613,7 @@ async def _demo(target: _Target, where: _Where) -> None:
             con.print(f"server: embedded reference server (seed {server.config.seed})")
         else:
             con.print("server: remote")
-        con.print(f"  HTTP {client.base_url}  ·  gRPC {client.grpc_url}")
+        con.print(f"  HTTP {redact_url(client.base_url)}  ·  gRPC {client.grpc_url}")
 
         def note_fallback() -> None:
             con.print(
@@ -779,14 +810,14 @@ async def _demo(target: _Target, where: _Where) -> None:
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(0.0, 1e6),
+    type=_FloatRange(0.0, 1e6),
     default=0.0,
     show_default=True,
     help="0 is greedy.",
 )
 @click.option(
     "--top-p",
-    type=click.FloatRange(0.0, 1.0),
+    type=_FloatRange(0.0, 1.0),
     default=1.0,
     show_default=True,
     help="Nucleus filter; 1 is off.",
@@ -969,8 +1000,8 @@ def _positions_line(prompt_len: int, lengths: Sequence[int], counted: int | None
 @click.option(
     "--max-tokens", type=click.IntRange(0), default=64, show_default=True, help="Reply budget."
 )
-@click.option("--temperature", type=click.FloatRange(0.0, 1e6), default=None)
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=None)
+@click.option("--temperature", type=_FloatRange(0.0, 1e6), default=None)
+@click.option("--top-p", type=_FloatRange(0.0, 1.0), default=None)
 @click.option(
     "--seed",
     type=click.IntRange(0),
@@ -1042,7 +1073,7 @@ _DEFAULTS = ServerConfig()
 )
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(0.0, min_open=True),
+    type=_FloatRange(0.0, min_open=True),
     default=_DEFAULTS.idle_timeout,
     show_default=True,
     help="Seconds before an idle session is evicted.",
@@ -1053,14 +1084,14 @@ _DEFAULTS = ServerConfig()
 @click.option("--ignore-eos", is_flag=True, help="Never stop at the model's EOS token.")
 @click.option(
     "--prefill-delay-us",
-    type=click.FloatRange(0.0, 1e6),
+    type=_FloatRange(0.0, 1e6),
     default=_DEFAULTS.prefill_delay_us,
     show_default=True,
     help="Simulated GPU time per prefilled position, in microseconds (0 = off).",
 )
 @click.option(
     "--token-delay-ms",
-    type=click.FloatRange(0.0, 1e6),
+    type=_FloatRange(0.0, 1e6),
     default=_DEFAULTS.token_delay_ms,
     show_default=True,
     help="Simulated GPU time per decoded token, in milliseconds (0 = off).",

@@ -259,12 +259,14 @@ async def open_client(server: ReferenceServer, **client_options: Any) -> AsyncIt
     """An open :class:`~poc_api.ApiClient` connected to ``server``, closed on exit.
 
     It uses the server's gRPC URL explicitly (so ``POC_GRPC_URL`` in the
-    environment cannot redirect it) and its api key, if it has one. Other keyword
-    arguments go to :class:`~poc_api.ApiClient` (``model``, ``timeout``, ...).
+    environment cannot redirect it) and its api key, if it has one. Keyword
+    arguments go to :class:`~poc_api.ApiClient` (``model``, ``timeout``, ...) and
+    override these: ``grpc_url=proxy.grpc_url`` goes through an
+    :func:`nginx_grpc_proxy`.
     """
-    options: dict[str, Any] = {"api_key": server.config.api_key or ""}
+    options: dict[str, Any] = {"api_key": server.config.api_key or "", "grpc_url": server.grpc_url}
     options.update(client_options)
-    async with ApiClient(server.base_url, grpc_url=server.grpc_url, **options) as client:
+    async with ApiClient(server.base_url, **options) as client:
         yield client
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 from ._app import run_forever
@@ -51,6 +52,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         help="at most this many simulated prefills at once (0 = unlimited)",
     )
     a = p.parse_args(argv)
+    try:
+        return _config(a)
+    except (TypeError, ValueError) as exc:  # a port out of range, a NaN delay, ...
+        p.error(str(exc))
+
+
+def _config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=a.host,
         port=a.port,
@@ -74,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: parse arguments and serve until interrupted."""
     if os.environ.get("POC_DEBUG") == "1":
         logging.basicConfig(level=logging.DEBUG)
-    run_forever(parse_args(argv))
+    config = parse_args(argv)
+    try:
+        run_forever(config)
+    except OSError as exc:  # a busy port, a host not ours: one line, as poc-api serve says it
+        sys.exit(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ def _non_negative_finite(_: object, attribute: attrs.Attribute[float], value: ob
         raise ValueError(f"{attribute.name} must be >= 0 and finite, got {value}")
 
 
+def _port_pair(_: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name} must be an int")
+    # HTTP on the port, gRPC on the next one: both must be ports.
+    if not 0 <= value <= 65534:
+        raise ValueError(f"{attribute.name} must be 0 (any free pair) or 1-65534, got {value}")
+
+
 @final
 @attrs.frozen(kw_only=True)
 class ServerConfig:
@@ -48,12 +56,12 @@ class ServerConfig:
     """
 
     host: str = "127.0.0.1"
-    port: int = 0
+    port: int = attrs.field(default=0, validator=_port_pair)
     api_key: str | None = None
     readout: bool = True
     seed: int = 0
     max_sessions: int = 1024
-    idle_timeout: float = 600.0
+    idle_timeout: float = attrs.field(default=600.0, validator=_non_negative_finite)
     max_context: int = 8192
     max_message_size: int = 64 * 1024 * 1024
     ignore_eos: bool = False
