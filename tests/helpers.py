@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import trio
+import trio.testing
 
 from poc_api.server import ReferenceServer
 
@@ -110,3 +111,24 @@ async def http_server(handler: Handler) -> AsyncIterator[str]:
         port = listeners[0].socket.getsockname()[1]
         yield f"http://127.0.0.1:{port}/v1"
         nursery.cancel_scope.cancel()
+
+
+async def read_beside_a_second_reader(events: AsyncIterable[Any]) -> list[Any]:
+    """Read ``events`` to the end in one task while another task tries to read too:
+    that one must get ``trio.BusyResourceError`` (as with trio's own streams).
+    Returns what the first task read."""
+    got: list[Any] = []
+
+    async def read() -> None:
+        got.extend([e async for e in events])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        try:
+            await events.__aiter__().__anext__()
+        except trio.BusyResourceError:
+            pass
+        else:
+            raise AssertionError("a second reader got an event, not BusyResourceError")
+    return got

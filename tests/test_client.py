@@ -14,7 +14,12 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from helpers import asyncio_tasks_pending, wait_for, wait_until_streaming_stalls
+from helpers import (
+    asyncio_tasks_pending,
+    read_beside_a_second_reader,
+    wait_for,
+    wait_until_streaming_stalls,
+)
 
 import poc_api
 from poc_api import SamplingParams, Token
@@ -867,16 +872,7 @@ async def test_a_second_task_reading_a_stream_gets_busy_resource_error() -> None
         async with ReferenceServer(ServerConfig(token_delay_ms=10, ignore_eos=True)) as srv:
             async with open_client(srv) as client, client.session() as s:
                 async with s.generate(HELLO, sampling=SamplingParams(max_tokens=20)) as ev:
-                    got: list[object] = []
-
-                    async def read() -> None:
-                        got.extend([e async for e in ev])
-
-                    async with trio.open_nursery() as n:
-                        n.start_soon(read)
-                        await trio.testing.wait_all_tasks_blocked()
-                        with pytest.raises(trio.BusyResourceError):
-                            await ev.__anext__()
+                    got = await read_beside_a_second_reader(ev)
                 assert isinstance(got[-1], poc_api.Done) and len(got) == 20 + 1
 
 

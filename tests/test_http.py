@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from helpers import Handler, http_server, read_request
+from helpers import Handler, http_server, read_beside_a_second_reader, read_request
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -1092,14 +1092,5 @@ async def test_a_second_task_reading_a_chat_stream_gets_busy_resource_error(
         with trio.fail_after(20):
             whole = await api.chat(HELLO, max_tokens=5, temperature=0)
             async with api.chat_stream(HELLO, max_tokens=5, temperature=0) as events:
-                got: list[object] = []
-
-                async def read() -> None:
-                    got.extend([e async for e in events])
-
-                async with trio.open_nursery() as n:
-                    n.start_soon(read)
-                    await trio.testing.wait_all_tasks_blocked()
-                    with pytest.raises(trio.BusyResourceError):
-                        await events.__anext__()
+                got = await read_beside_a_second_reader(events)
     assert "".join(e.text for e in got if isinstance(e, ChatDelta)) == whole.text
