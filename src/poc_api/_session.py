@@ -341,6 +341,9 @@ class Session:
         assert ev.done is not None
         return ev.done
 
+    # Protected: a Ctrl-C between taking the session and the try that gives it
+    # back would leave the session taken (it comes at the next checkpoint instead).
+    @trio.lowlevel.enable_ki_protection
     async def append_image(
         self,
         data: bytes,
