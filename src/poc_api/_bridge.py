@@ -386,13 +386,6 @@ class BatchReceiver(Generic[T]):
         return self.receive_nowait()
 
 
-def _after(seconds: float) -> float:
-    """The trio deadline ``seconds`` from now. Cancel scopes are made with it, not
-    with ``move_on_after``: a ``@contextmanager`` that a Ctrl-C landing in its exit
-    leaves half-closed ("Cancel scope stack corrupted")."""
-    return trio.current_time() + seconds
-
-
 @final
 class AsyncioBridge:
     """An asyncio loop running in its own thread; see the module docstring.
@@ -744,7 +737,9 @@ class AsyncioBridge:
         """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end."""
         self._cancel(call)
         ki: KeyboardInterrupt | None = None
-        with trio.CancelScope(deadline=_after(self._cancel_timeout), shield=True) as scope:
+        # A CancelScope, not move_on_after: that is a @contextmanager, which a Ctrl-C
+        # landing in its exit leaves half-closed ("Cancel scope stack corrupted").
+        with trio.CancelScope(relative_deadline=self._cancel_timeout, shield=True) as scope:
             while not call.done.is_set():
                 try:
                     await self._wait(call)
@@ -878,13 +873,13 @@ class AsyncioBridge:
             await loop.shutdown_asyncgens()
 
         call = self._submit(shutdown, ())
-        with trio.CancelScope(deadline=_after(self._cancel_timeout * 2)):
+        with trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
             await call.done.wait()
         try:
             loop.call_soon_threadsafe(loop.stop)
         except RuntimeError:
             pass
-        with trio.CancelScope(deadline=_after(self._cancel_timeout)) as scope:
+        with trio.CancelScope(relative_deadline=self._cancel_timeout) as scope:
             await self._thread_done.wait()
         # Whatever did not finish (a task that ignored cancellation) will never
         # report back: fail its waiter instead of leaving it hanging. A call that

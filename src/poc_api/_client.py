@@ -267,7 +267,6 @@ class ApiClient:
         self._max_buffered = max_buffered_events
         self._max_buffered_bytes = max_buffered_bytes
         self._max_message_size = max_message_size
-        self._max_streams = max_concurrent_streams
         # One bound for the client: every endpoint of a pool counts against it.
         self._streams = StreamBudget(max_concurrent_streams)
         self._state = _State.UNOPENED
@@ -440,7 +439,6 @@ class ApiClient:
             keepalive=self._keepalive,
             connect_timeout=self._connect_timeout,
             reap_timeout=self._close_timeout,
-            max_concurrent_streams=self._max_streams,
             streams=self._streams,
             unindexed_headers=frozenset([self._affinity_header] if self._affinity_header else []),
         )
@@ -576,7 +574,7 @@ class ApiClient:
         A group's prompts run one after another; the groups run concurrently.
         """
         if isinstance(max_concurrency, int) and not isinstance(max_concurrency, bool):
-            max_concurrency = min(max_concurrency, self._max_streams)
+            max_concurrency = min(max_concurrency, self._streams.limit)
         with deadline(timeout, "score_many"):
             return await score_many(
                 self._grpc(),

@@ -976,8 +976,7 @@ class HttpApi:
         check_timeout("timeout", timeout)  # inf is fine, as everywhere
         # A cancel scope around a yield is fine in a context manager (same task).
         # A CancelScope, not move_on_after (a @contextmanager a Ctrl-C can tear).
-        deadline = trio.current_time() + (math.inf if timeout is None else timeout)
-        with trio.CancelScope(deadline=deadline) as scope:
+        with trio.CancelScope(relative_deadline=math.inf if timeout is None else timeout) as scope:
             if not payload["model"]:
                 payload["model"] = await self._chat_model()
             url = self._base_url + "/chat/completions"
@@ -1428,7 +1427,7 @@ class _ChatEvents:
         """Release the response: shielded so cancellation cannot leak the connection."""
         self._cut = not self._finished  # the block was left before the stream ended
         self._finished = True
-        with trio.CancelScope(deadline=trio.current_time() + _CLOSE_TIMEOUT, shield=True):
+        with trio.CancelScope(relative_deadline=_CLOSE_TIMEOUT, shield=True):
             try:
                 close_chunks = getattr(self._chunks, "aclose", None)
                 if close_chunks is not None:

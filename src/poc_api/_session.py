@@ -505,7 +505,7 @@ class Session:
             await trio.lowlevel.checkpoint()
             return
         timeout = self._close_timeout
-        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True) as scope:
+        with trio.CancelScope(relative_deadline=timeout, shield=True) as scope:
             try:
                 req = encode_string_field(self._session_id)  # CloseSessionRequest
                 await self._transport.unary("CloseSession", req, cleanup=True)
@@ -772,7 +772,7 @@ async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: flo
     live = owner.live_sessions
     live.closing = True
     unsettled: set[Session] = set()  # their CloseSession has not ended (yet)
-    with trio.CancelScope(deadline=trio.current_time() + timeout):
+    with trio.CancelScope(relative_deadline=timeout):
         while True:
             sending = list(live.held)
             live.held.clear()

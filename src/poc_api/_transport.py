@@ -1304,7 +1304,7 @@ class deadline:  # used like the function it replaced
     @trio.lowlevel.enable_ki_protection
     def __enter__(self) -> None:
         if self._timeout is not None:
-            self._scope = trio.CancelScope(deadline=trio.current_time() + self._timeout)
+            self._scope = trio.CancelScope(relative_deadline=self._timeout)
             self._scope.__enter__()
 
     @trio.lowlevel.enable_ki_protection
