@@ -148,3 +148,21 @@ def test_every_exception_survives_pickling_with_its_attributes() -> None:
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is cls
         assert (str(back), back.args, vars(back)) == (str(exc), exc.args, vars(exc))
+
+
+def test_type_hints_of_every_public_class_resolve() -> None:
+    # attrs.resolve_types, cattrs and pydantic evaluate the annotations: on 3.11,
+    # where memoryview takes no subscript, Token's ``memoryview[float]`` raised.
+    import typing
+
+    import attrs
+
+    for name in poc_api.__all__:
+        obj = getattr(poc_api, name)
+        if not isinstance(obj, type):
+            continue
+        typing.get_type_hints(obj)
+        if attrs.has(obj):
+            attrs.resolve_types(obj)
+    hints = typing.get_type_hints(poc_api.Token)
+    assert hints["readout"] == memoryview | None

@@ -7,12 +7,12 @@ does I/O; the conversation uses these functions to decide what to send.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, final
+from typing import Any, SupportsIndex, final
 
 import attrs
 
 from ._errors import SessionDivergence
-from ._types import U32_MAX, _ids_repr, _u32, _u32_tuple
+from ._types import _ids_repr, _u32, _u32_tuple
 
 __all__ = [
     "Chunk",
@@ -44,11 +44,8 @@ class Tokens:
         return len(self.ids)
 
 
-def _check_len(_inst: object, _attr: object, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError("known_expanded_len must be an int")
-    if not 0 <= value <= U32_MAX:
-        raise ValueError(f"known_expanded_len must be in [0, 2**32), got {value}")
+def _known_len(value: SupportsIndex) -> int:
+    return _u32("known_expanded_len", value)
 
 
 def _to_bytes(value: bytes | bytearray | memoryview) -> bytes:
@@ -83,7 +80,7 @@ class Image:
 
     data: bytes = attrs.field(converter=_to_bytes, repr=lambda d: f"<{len(d)} bytes>")
     mime: str = attrs.field(validator=_check_mime)
-    known_expanded_len: int = attrs.field(default=0, validator=_check_len)
+    known_expanded_len: int = attrs.field(default=0, converter=_known_len)
 
 
 Chunk = Tokens | Image
@@ -150,8 +147,8 @@ def prompt_to_chunks(
         >>> prompt_to_chunks([1, 258, 260, 260, 259, 2], [(png, "image/png")], 258, 259)
         [Tokens(ids=(1, 258)), Image(..., known_expanded_len=2), Tokens(ids=(259, 2))]
     """
-    _u32("vision_start", vision_start)
-    _u32("vision_end", vision_end)
+    vision_start = _u32("vision_start", vision_start)
+    vision_end = _u32("vision_end", vision_end)
     if vision_start == vision_end:
         raise ValueError("vision_start and vision_end must differ")
     image_iter = iter(images)

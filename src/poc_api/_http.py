@@ -71,7 +71,7 @@ from ._errors import (
     protected_asynccontextmanager,
 )
 from ._sse import SSEDecoder, SSEEvent
-from ._types import ReadoutManifest, TrainResult, TrainSample, Usage, check_timeout
+from ._types import ReadoutManifest, TrainResult, TrainSample, Usage, _u32_tuple, check_timeout
 
 __all__ = [
     "ChatCompletion",
@@ -682,15 +682,9 @@ class HttpApi:
         Bad ids raise ``TypeError``/``ValueError`` before sending. A checkpoint;
         cancelling abandons the request.
         """
-        if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
-            raise TypeError("tokens must be a sequence of ints")
-        for t in tokens:
-            if not _is_int(t):
-                raise TypeError(f"token ids must be ints, not {type(t).__name__}")
-            if not 0 <= t <= _U32_MAX:
-                raise ValueError(f"token id out of range: {t}")
+        ids = _u32_tuple(tokens)
         what = f"POST {self._shown}/detokenize"
-        data = await self._request("POST", "/detokenize", {"tokens": list(tokens)})
+        data = await self._request("POST", "/detokenize", {"tokens": list(ids)})
         text = data.get("text") if isinstance(data, dict) else None
         if not isinstance(text, str):
             _shape_error(what, '{"text": str}', data)

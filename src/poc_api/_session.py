@@ -329,7 +329,7 @@ class Session:
         """
         # None too, at once: to the generate block it would mean "no rewind". The
         # end of the session is checked once the call holds it.
-        _u32("length", length)
+        length = _u32("length", length)
         total = check_timeout("timeout", timeout)
         timeouts = _Timeouts(total, None, None) if total is not None else None
         block = _GenerateBlock(
@@ -369,7 +369,7 @@ class Session:
             raise ValueError("image data is empty")
         check_timeout("timeout", timeout)
         if rewind_to is not None:
-            _u32("rewind_to", rewind_to)
+            rewind_to = _u32("rewind_to", rewind_to)
         image = bytes(data)
         self._busy_check()
         now = trio.current_time()
@@ -428,7 +428,7 @@ class Session:
     def _offset(self, rewind_to: int | None, name: str = "rewind_to") -> tuple[int, bool]:
         if rewind_to is None:
             return self._committed_len, False
-        _u32(name, rewind_to)
+        rewind_to = _u32(name, rewind_to)
         if rewind_to > self._committed_len:
             raise ValueError(
                 f"{name}={rewind_to} is past the session's end ({self._committed_len})"
@@ -477,7 +477,7 @@ class Session:
             raise TypeError("sampling must be a SamplingParams")
         lp = _check_ranges("logprobs_ranges", logprobs_ranges)
         ro = _check_ranges("readout_ranges", readout_ranges)
-        check_int32("priority", priority)
+        priority = check_int32("priority", priority)
         timeouts = None
         total = check_timeout("timeout", timeout)
         first = check_timeout("first_token_timeout", first_token_timeout)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeAlias, TypeVar, final
 
 import attrs
 
@@ -37,17 +38,49 @@ __all__ = [
 
 U32_MAX = 2**32 - 1
 
+if TYPE_CHECKING:
+    _FloatView: TypeAlias = memoryview[float]
+else:
+    # memoryview takes a subscript from 3.12 on: spelled out, it would break
+    # typing.get_type_hints (attrs.resolve_types, cattrs, pydantic) on 3.11.
+    _FloatView = memoryview
+
+
+def as_int(name: str, value: object) -> int:
+    """``value`` as a plain ``int``: an int, or an integer that is not one by type
+    (numpy's ``int64``, an ``IntEnum``) through ``operator.index``.
+
+    ``TypeError`` naming ``name`` for anything else, bools included (numpy's too).
+    """
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:  # numpy's bool has an __index__ that refuses
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
 
 def _u32(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    value = as_int(name, value)
     if not 0 <= value <= U32_MAX:
         raise ValueError(f"{name} must be in [0, 2**32), got {value}")
     return value
 
 
-def _check_u32(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    _u32(attribute.name, value)
+# One converter per field, so errors name the field (attrs passes the value only);
+# converters, not validators, so a numpy integer is stored as a plain int.
+def _max_tokens(value: SupportsIndex) -> int:
+    return _u32("max_tokens", value)
+
+
+def _top_k(value: SupportsIndex) -> int:
+    return _u32("top_k", value)
+
+
+def _logprob_top_k(value: SupportsIndex) -> int:
+    return _u32("logprob_top_k", value)
 
 
 def _finite(name: str, value: object) -> float:
@@ -102,8 +135,7 @@ def check_timeout(name: str, value: float | None) -> float | None:
 def check_int32(name: str, value: int) -> int:
     """An int32 field: ``TypeError`` unless an int (bools rejected), ``ValueError``
     unless it fits."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = as_int(name, value)
     if not -(2**31) <= value < 2**31:
         raise ValueError(f"{name} must fit in an int32, got {value}")
     return value
@@ -161,13 +193,13 @@ class SamplingParams:
         SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9)
     """
 
-    max_tokens: int = attrs.field(default=256, validator=_check_u32)
+    max_tokens: int = attrs.field(default=256, converter=_max_tokens)
     # float32 on the wire (GenerateRequest): checked to fit before anything is sent.
     temperature: float = attrs.field(default=0.0, validator=_check_float32)
     top_p: float = attrs.field(default=1.0, validator=_check_float32)
-    top_k: int = attrs.field(default=0, validator=_check_u32)
+    top_k: int = attrs.field(default=0, converter=_top_k)
     stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_stop_token_ids)
-    logprob_top_k: int = attrs.field(default=0, validator=_check_u32)
+    logprob_top_k: int = attrs.field(default=0, converter=_top_k)
 
     def __attrs_post_init__(self) -> None:
         if self.temperature < 0:
@@ -240,7 +272,7 @@ class Token:
     is_prefill: bool
     sampled_logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
-    readout: memoryview[float] | None = attrs.field(default=None, hash=False)
+    readout: _FloatView | None = attrs.field(default=None, hash=False)
 
 
 @final
@@ -282,7 +314,7 @@ class TokenOut:
     """
 
     id: int
-    readout: memoryview[float] | None = attrs.field(default=None, hash=False)
+    readout: _FloatView | None = attrs.field(default=None, hash=False)
     logprob: float = 0.0
     position: int = 0
 
@@ -326,9 +358,8 @@ def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
     for r in value:
         if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
             raise TypeError(f"target_ranges must hold (start, end) pairs, got {r!r}")
-        start, end = r
-        _u32("target_ranges start", start)
-        _u32("target_ranges end", end)
+        start = _u32("target_ranges start", r[0])
+        end = _u32("target_ranges end", r[1])
         if start >= end:
             raise ValueError(f"target_ranges must have start < end, got [{start}, {end})")
         out.append((start, end))

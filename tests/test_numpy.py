@@ -1,0 +1,105 @@
+"""numpy at the edges of the API: readouts it wraps without a copy, integers it makes.
+
+numpy is optional for users (tests/test_wire.py checks poc_api works without it);
+these tests hold the two promises made to those who have it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+import poc_api
+from poc_api import SamplingParams, Token, TokenOut, Tokens
+from poc_api.server import tokenize
+
+HELLO = tokenize("Hello world")
+
+
+def _same_buffer(view: memoryview) -> bool:
+    # Two arrays over one memoryview share memory only if neither copied it.
+    return bool(np.shares_memory(np.asarray(view), np.asarray(view)))
+
+
+async def test_numpy_wraps_a_generate_readout_without_a_copy(client: poc_api.ApiClient) -> None:
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    n_layers, n_concepts = manifest.shape
+    with trio.fail_after(10):
+        async with (
+            client.session() as s,
+            s.generate(HELLO, sampling=SamplingParams(max_tokens=2), readout_ranges=[(0, 9)]) as ev,
+        ):
+            tokens = [e async for e in ev if isinstance(e, Token) and e.readout is not None]
+    assert len(tokens) == 9
+    for t in tokens:
+        assert t.readout is not None
+        arr = np.asarray(t.readout)
+        assert arr.dtype == np.float32 and arr.shape == (n_layers * n_concepts,)
+        assert _same_buffer(t.readout)
+        assert arr.tolist() == t.readout.tolist()
+        assert arr.reshape(manifest.shape).shape == manifest.shape
+
+
+async def test_numpy_wraps_a_conversation_readout_as_layers_by_concepts(
+    client: poc_api.ApiClient,
+) -> None:
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    with trio.fail_after(10):
+        async with (
+            client.conversation() as conv,
+            conv.stream(
+                [Tokens(HELLO)], SamplingParams(max_tokens=3), readout_shape=manifest.shape
+            ) as events,
+        ):
+            tokens = [e async for e in events if isinstance(e, TokenOut)]
+    assert len(tokens) == 3
+    for t in tokens:
+        assert t.readout is not None
+        arr = np.asarray(t.readout)
+        assert arr.dtype == np.float32 and arr.shape == manifest.shape
+        assert _same_buffer(t.readout)
+        assert arr.tolist() == t.readout.tolist()
+
+
+async def test_numpy_integers_are_token_ids_and_become_plain_ints(
+    client: poc_api.ApiClient,
+) -> None:
+    # Token ids come out of tokenizers and models as numpy arrays; they are ints
+    # by operator.index, as Python's own sequences take them.
+    ids = np.array(HELLO, dtype=np.int64)
+    assert all(type(i) is int for i in Tokens(ids).ids)
+    sampling = SamplingParams(max_tokens=np.int64(4), top_k=np.uint32(0), logprob_top_k=np.int8(2))
+    assert (type(sampling.max_tokens), type(sampling.top_k), type(sampling.logprob_top_k)) == (
+        int,
+        int,
+        int,
+    )
+    assert sampling == SamplingParams(max_tokens=4, top_k=0, logprob_top_k=2)
+
+    async def decode(tokens: object, prefill: object) -> list[tuple[int, int]]:
+        async with client.session() as s:
+            await s.prefill(prefill)  # type: ignore[arg-type]
+            async with s.generate(tokens, sampling=sampling) as ev:  # type: ignore[arg-type]
+                return [(e.id, e.position) async for e in ev if isinstance(e, Token)]
+
+    with trio.fail_after(10):
+        plain = await decode(HELLO[3:], HELLO[:3])
+        assert await decode(ids[3:], ids[:3]) == plain
+        assert await decode(ids[3:].astype(np.int32), list(ids[:3])) == plain
+
+        n = len(HELLO)
+        [scored] = await client.score([Tokens(HELLO)], [(1, n)])
+        ranges = [(np.int64(1), np.int64(n))]
+        assert await client.score([Tokens(ids)], ranges) == [scored]
+        assert await client.detokenize(ids) == await client.detokenize(HELLO)
+
+
+@pytest.mark.parametrize("bad", [np.True_, np.float64(3.0), np.float32(3.0)])
+def test_numpy_bools_and_floats_are_not_token_ids(bad: object) -> None:
+    with pytest.raises(TypeError, match="token id must be an int"):
+        Tokens([1, bad])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="max_tokens must be an int"):
+        SamplingParams(max_tokens=bad)  # type: ignore[arg-type]
