@@ -199,7 +199,7 @@ class SamplingParams:
     top_p: float = attrs.field(default=1.0, validator=_check_float32)
     top_k: int = attrs.field(default=0, converter=_top_k)
     stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_stop_token_ids)
-    logprob_top_k: int = attrs.field(default=0, converter=_top_k)
+    logprob_top_k: int = attrs.field(default=0, converter=_logprob_top_k)
 
     def __attrs_post_init__(self) -> None:
         if self.temperature < 0:
