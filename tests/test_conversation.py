@@ -175,11 +175,18 @@ async def test_readout_of_the_wrong_shape_is_dropped_with_a_warning(
     client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="poc_api")
-    async with client.conversation() as conv:
-        events = await run(conv, [Tokens(tokenize("Hi"))], readout_shape=(5, 5))
-    tokens = [e for e in events if isinstance(e, TokenOut)]
-    assert tokens and all(t.readout is None for t in tokens)
-    assert "readout shape mismatch: expected 5*5=25, got 24" in caplog.text
+    for turn in range(2):
+        caplog.clear()
+        async with client.conversation() as conv:
+            events = await run(conv, [Tokens(tokenize("Hi"))], readout_shape=(5, 5))
+        tokens = [e for e in events if isinstance(e, TokenOut)]
+        assert tokens and all(t.readout is None for t in tokens)
+        # Once per stream, with a count at its end: every stream says so (the
+        # warning was once per process, and a second stream dropped all silently).
+        mismatches = [r for r in caplog.records if "readout shape mismatch" in r.message]
+        assert len(mismatches) == 1, turn
+        assert "expected 5*5=25, got 24" in mismatches[0].message
+        assert f"{len(tokens)} readouts of this stream were dropped" in caplog.text
 
 
 async def test_without_readout_shape_no_readouts_are_requested(

@@ -58,28 +58,15 @@ __all__ = ["Conversation", "ConversationStream", "reshape_readout"]
 
 log = logging.getLogger("poc_api.grpc")
 
-_warned_shapes: set[tuple[int, int, int]] = set()
-
 
 def reshape_readout(flat: memoryview[float], shape: tuple[int, int]) -> memoryview[float] | None:
     """View a flat float32 readout as ``(n_layers, n_concepts)``, without copying.
 
-    Returns ``None`` (and logs a warning, once per distinct mismatch) when the
-    vector's length is not ``n_layers * n_concepts``, as the seed does.
+    Returns ``None`` when the vector's length is not ``n_layers * n_concepts``
+    (the caller warns, as the seed does).
     """
     n_layers, n_concepts = shape
-    expected = n_layers * n_concepts
-    if len(flat) != expected:
-        key = (n_layers, n_concepts, len(flat))
-        if key not in _warned_shapes:
-            _warned_shapes.add(key)
-            log.warning(
-                "readout shape mismatch: expected %d*%d=%d, got %d",
-                n_layers,
-                n_concepts,
-                expected,
-                len(flat),
-            )
+    if len(flat) != n_layers * n_concepts:
         return None
     if flat.c_contiguous:
         return flat.cast("B").cast("f", shape)
@@ -125,6 +112,7 @@ class ConversationStream:
         self._shape = readout_shape
         self._lookahead: Token | Done | None = None
         self._done_delivered = False  # the caller has seen the StreamDone
+        self._mismatches = 0  # readouts dropped for their length
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
 
@@ -145,11 +133,29 @@ class ConversationStream:
             readout = None
             if ev.readout is not None and self._shape is not None:
                 readout = reshape_readout(ev.readout, self._shape)
+                if readout is None:
+                    self._mismatch(len(ev.readout))
             self.decoded.append(ev.id)
             return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position)
         assert isinstance(ev, Done)
         self._done_delivered = True
+        if self._mismatches > 1:
+            log.warning("%d readouts of this stream were dropped (length)", self._mismatches)
         return StreamDone(ev.usage, ev.finish_reason)
+
+    def _mismatch(self, got: int) -> None:
+        # Warned once per stream (a count at its end), not once per token.
+        self._mismatches += 1
+        if self._mismatches == 1:
+            assert self._shape is not None
+            n_layers, n_concepts = self._shape
+            log.warning(
+                "readout shape mismatch: expected %d*%d=%d, got %d; dropped",
+                n_layers,
+                n_concepts,
+                n_layers * n_concepts,
+                got,
+            )
 
     async def __anext__(self) -> StreamEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's

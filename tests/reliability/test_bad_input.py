@@ -202,7 +202,7 @@ async def test_a_readout_shape_that_does_not_match_the_server_drops_readouts(
         async with conv.stream(
             [Tokens(HELLO)],
             SamplingParams(max_tokens=4),
-            readout_shape=(11, 13),  # (the warning is once per shape: keep it unique)
+            readout_shape=(11, 13),
         ) as ev:
             tokens = [e async for e in ev if isinstance(e, poc_api.TokenOut)]
     assert len(tokens) == 4 and all(t.readout is None for t in tokens)
