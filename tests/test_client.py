@@ -879,3 +879,38 @@ async def test_a_second_task_reading_a_stream_gets_busy_resource_error() -> None
 def test_a_timeout_too_large_for_a_float_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="too large"):  # was OverflowError
         poc_api._types.check_timeout("timeout", 10**400)
+
+
+async def test_a_slow_consumer_of_buffered_events_lets_other_tasks_run(
+    client: poc_api.ApiClient,
+) -> None:
+    # Iterating events already buffered took no trip through trio's scheduler:
+    # a consumer slower than the server never waited, so no other task ran (and
+    # no deadline fired) until the stream ended, seconds later. Now one trip at
+    # least every millisecond.
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.005)
+            ticks += 1
+
+    with trio.fail_after(20):
+        async with client.session() as s, trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat)
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=2000)) as ev:
+                await ev.__anext__()
+                while not ev._rx._buf.finished:  # noqa: ASYNC110 - every event is buffered
+                    await trio.sleep(0.01)
+                before = ticks
+                started = time.perf_counter()
+                async for _ in ev:
+                    until = time.perf_counter() + 0.0002  # some work per token
+                    while time.perf_counter() < until:
+                        pass
+                busy = time.perf_counter() - started
+            during = ticks - before
+            nursery.cancel_scope.cancel()
+    assert busy > 0.3  # 2000 tokens at 0.2 ms: ~80 heartbeats were due
+    assert during >= 10, (during, busy)

@@ -334,11 +334,21 @@ def _wake_future(fut: asyncio.Future[None]) -> None:
 class BatchReceiver(Generic[T]):
     """The trio-side end of a stream buffer."""
 
-    __slots__ = ("_buf", "_waiting")
+    __slots__ = ("_buf", "_interrupted", "_waiting")
 
     def __init__(self, buffer: _Buffer[T]) -> None:
         self._buf = buffer
         self._waiting = False  # a task waits in receive_batch
+        self._interrupted: Callable[[], BaseException] | None = None
+
+    def interrupt(self, error: Callable[[], BaseException]) -> None:
+        """trio: make every later :meth:`receive_batch` raise ``error()``, and wake
+        the task waiting in one now (its resource was closed under it)."""
+        self._interrupted = error
+        with self._buf.lock:
+            waiter, self._buf.trio_waiter = self._buf.trio_waiter, None
+        if waiter is not None:
+            waiter.set()
 
     @property
     def error(self) -> BaseException | None:
@@ -369,6 +379,8 @@ class BatchReceiver(Generic[T]):
             # first one's wake-up, and the first would wait forever).
             raise trio.BusyResourceError("another task is already reading this stream")
         while True:
+            if self._interrupted is not None:
+                raise self._interrupted()
             with buf.lock:
                 if buf.items:
                     break

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, final
@@ -43,6 +43,20 @@ if TYPE_CHECKING:
 __all__ = ["GenerateStream", "Session", "close_live_sessions", "open_session"]
 
 log = logging.getLogger("poc_api.grpc")
+
+# Longest a stream's iteration runs on buffered events without letting other
+# tasks run (seconds): one trip through the scheduler per slice costs ~0.5 %.
+_FAIR_SLICE = 0.001
+
+
+def _closed_under(session: Session) -> trio.ClosedResourceError:
+    """What a call gets when its session is closed by another task while it runs."""
+    if session._closed_by_client or session._transport.closed:
+        return e.closed_under_call()
+    return trio.ClosedResourceError(
+        f"session {session._session_id} was closed while this call was running"
+    )
+
 
 Range = tuple[int, int]
 
@@ -81,8 +95,13 @@ def _check_ranges(name: str, ranges: Sequence[Sequence[int]]) -> list[pb.Positio
 class GenerateStream:
     """The events of one ``Generate`` call: :class:`Token`\\ s, then one :class:`Done`.
 
-    Iterate it with ``async for``. Iteration is a checkpoint only when it waits
-    for the network: events already received come out without one.
+    Iterate it with ``async for``. Each step is a cancellation point; events
+    already received come out without a trip through trio's scheduler, except
+    that one is taken at least every millisecond (so a consumer slower than the
+    server, always finding events buffered, does not starve other tasks or
+    overrun its deadlines). A session closed by another task while this stream
+    runs (:meth:`Session.aclose`) ends it with ``trio.ClosedResourceError``, as
+    a trio stream closed under its reader.
     """
 
     def __init__(
@@ -103,6 +122,7 @@ class GenerateStream:
         self._received = False
         self._exited = False  # its block has exited: no more waiting for events
         self._drained = False  # _drain ran: its grace is spent, even if it gave up
+        self._yielded = time.perf_counter()  # when this stream last let others run
         self.done: Done | None = None
         """The ``Done`` event once it has arrived."""
 
@@ -112,8 +132,17 @@ class GenerateStream:
     async def __anext__(self) -> WireEvent:
         # A cancellation point on every event (0.3 µs), as trio's own receive is:
         # a cancelled scope stops the loop at once, not after the buffered batch.
-        # The scheduling half of a checkpoint comes with each wait for a batch.
+        # The scheduling half of a checkpoint (a few µs) comes with each wait for a
+        # batch, and at least every _FAIR_SLICE: a slow consumer always finds
+        # events buffered, and would otherwise hold trio's only thread for as long
+        # as the server keeps ahead (other tasks, and deadlines, wait meanwhile).
         await trio.lowlevel.checkpoint_if_cancelled()
+        now = time.perf_counter()
+        if now - self._yielded > _FAIR_SLICE:
+            self._yielded = now
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if self.done is None and self._session._closed and not self._exited:
+            raise _closed_under(self._session)
         while True:
             if self.done is not None:
                 # Done is last: only the end of the stream may follow (bounded wait).
@@ -149,6 +178,7 @@ class GenerateStream:
                 self._batch = await self._rx.receive_batch()
             else:
                 self._batch = await self._receive_with_timeouts(self._timeouts)
+            self._yielded = time.perf_counter()  # (if it waited; near enough if not)
             self._i = 0
             self._received = self._received or bool(self._batch)
             if not self._batch:
@@ -261,6 +291,8 @@ class Session:
         self._closed = False
         self._closed_by_client = False  # CloseSession sent by the client's close
         self._max_buffered = max_buffered_events
+        # Ends the call holding the session, when the session is closed under it.
+        self._interrupt: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -388,15 +420,21 @@ class Session:
                 truncating=truncating,
             )
             left = None if timeout is None else max(0.0, deadline_at - trio.current_time())
-            try:
-                raw = await self._transport.unary(
-                    "AppendImage", bytes(req), timeout=left, abortable=True
-                )
-            except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
-                raise  # rejected before anything was appended
-            except BaseException:
-                self._lost = True
-                raise
+            with trio.CancelScope() as closing:  # cancelled by aclose() from another task
+                self._interrupt = closing.cancel
+                try:
+                    raw = await self._transport.unary(
+                        "AppendImage", bytes(req), timeout=left, abortable=True
+                    )
+                except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
+                    raise  # rejected before anything was appended
+                except BaseException:
+                    self._lost = True
+                    raise
+                finally:
+                    self._interrupt = None
+            if closing.cancelled_caught:
+                raise _closed_under(self)
             resp = parse_reply(pb.AppendImageResponse, raw)
             log.debug(
                 "AppendImage: N=%d total_length=%d", resp.placeholder_count, resp.total_length
@@ -491,12 +529,16 @@ class Session:
         """Send ``CloseSession`` (idempotent), shielded from cancellation.
 
         Bounded by the client's ``close_timeout``; a failure is logged, not raised, because
-        the server frees idle sessions by itself.
+        the server frees idle sessions by itself. A call of another task running on
+        the session meanwhile ends with ``trio.ClosedResourceError`` (its stream is
+        reset when its block exits), as do calls waiting for the session.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        if self._interrupt is not None:
+            self._interrupt()
         if self._transport.closed:
             log.warning(
                 "session %s outlived its ApiClient; the server frees it when idle",
@@ -719,8 +761,15 @@ class _GenerateBlock:
         # What fails here (a client-side limit, a closed client) failed before
         # anything was sent: the session is untouched and stays usable.
         rx = await rpc.__aenter__()
-        self._stream = GenerateStream(rx, s, started, self._timeouts)
-        return self._stream
+        stream = self._stream = GenerateStream(rx, s, started, self._timeouts)
+
+        def interrupt() -> None:
+            # Not once Done is in: the call is over, only its trailers are due.
+            if stream.done is None:
+                rx.interrupt(lambda: _closed_under(s))
+
+        s._interrupt = interrupt
+        return stream
 
     @trio.lowlevel.enable_ki_protection
     async def __aexit__(
@@ -732,6 +781,7 @@ class _GenerateBlock:
         s, stream, rpc = self._session, self._stream, self._rpc
         assert stream is not None and rpc is not None, "exited a block never entered"
         out = exc  # what leaves the block: the body's exception, or one raised here
+        s._interrupt = None
         try:
             if exc is None:
                 try:
@@ -745,6 +795,13 @@ class _GenerateBlock:
                     raise
                 await rpc.__aexit__(None, None, None)
             else:
+                if stream.done is None:
+                    # Left by an exception after Done arrived unread: the call did
+                    # finish, and the session is kept, as when left by ``break``.
+                    try:
+                        stream._done_if_buffered()
+                    except e.PocApiError:
+                        pass  # a second Done: the body's exception is what leaves
                 await rpc.__aexit__(exc_type, exc, tb)
         except BaseException as err:
             out = err

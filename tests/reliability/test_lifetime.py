@@ -641,3 +641,97 @@ async def test_a_client_whose_http_side_cannot_be_made_leaves_no_thread(
             async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url="http://127.0.0.1:1"):
                 pass  # pragma: no cover
     assert len(loop_threads()) == before
+
+
+async def test_closing_a_session_from_another_task_ends_its_running_generate(
+    busy_server: ReferenceServer,
+) -> None:
+    # As a trio stream closed under its reader: the stream's task gets
+    # ClosedResourceError at once and its block resets the RPC. (Before, the
+    # close returned and the stream ran on to the end of its decode.)
+    client = client_for(busy_server, close_timeout=1.0)
+    resets_before = len(busy_server.state().resets)
+    caught: list[BaseException] = []
+    with trio.fail_after(10):
+        async with client, client.session() as s:
+
+            async def agent(task_status: trio.TaskStatus[None]) -> None:
+                try:
+                    async with s.generate(HELLO, sampling=LONG) as ev:
+                        await ev.__anext__()  # the server is streaming
+                        task_status.started()
+                        async for _ in ev:
+                            pass
+                except BaseException as exc:
+                    caught.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent)
+                await s.aclose()
+            assert s.session_id not in busy_server.state().session_ids
+            await wait_for(lambda: len(busy_server.state().resets) > resets_before)
+            # A call waiting for the session, or made after, says it is closed.
+            with pytest.raises(trio.ClosedResourceError, match="session is closed"):
+                await s.prefill([1])
+    assert [type(exc) for exc in caught] == [trio.ClosedResourceError]
+    assert "was closed while this call was running" in str(caught[0])
+
+
+async def test_closing_a_session_from_another_task_ends_its_prefill_and_image_append(
+    png_56x28: bytes,
+) -> None:
+    # A server that takes a second per position: both calls would run that long.
+    caught: dict[str, BaseException] = {}
+    async with reference_server(prefill_delay_us=1_000_000) as srv:
+        client = client_for(srv, close_timeout=1.0)
+        async with client:
+            for call in ("prefill", "append_image"):
+                async with client.session() as s:
+
+                    async def run(call: str = call, s: poc_api.Session = s) -> None:
+                        try:
+                            if call == "prefill":
+                                await s.prefill(HELLO * 3)
+                            else:
+                                await s.append_image(png_56x28, "image/png")
+                        except BaseException as exc:
+                            caught[call] = exc
+
+                    with trio.fail_after(5):
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(run)
+                            await trio.sleep(0.2)  # sent, and "computing"
+                            t0 = trio.current_time()
+                            await s.aclose()
+                        assert trio.current_time() - t0 < 1.0
+            assert not srv.state().session_ids
+    assert {k: type(v) for k, v in caught.items()} == {
+        "prefill": trio.ClosedResourceError,
+        "append_image": trio.ClosedResourceError,
+    }
+
+
+async def test_leaving_a_generate_block_by_an_exception_after_done_keeps_the_session(
+    server: ReferenceServer,
+) -> None:
+    # Done arrived (unread) before the body raised: the call finished on the
+    # server, so the session is as usable as after a `break`. (It was marked
+    # lost, for an exception or a cancel, but not for a break.)
+    async with client_for(server) as client, client.session() as s:
+        for leave in ("break", "raise", "cancel"):
+            before = s.committed_len
+            with trio.CancelScope() as scope:
+                try:
+                    async with s.generate([1, 2], sampling=SamplingParams(max_tokens=3)) as ev:
+                        await ev.__anext__()
+                        await wait_for(lambda ev=ev: ev._rx._buf.finished)  # Done is in
+                        if leave == "raise":
+                            raise KeyError(leave)
+                        if leave == "cancel":
+                            scope.cancel()
+                            await trio.sleep_forever()
+                except KeyError:
+                    pass
+            assert not s.lost, leave
+            assert s.committed_len == before + 2 + 3, leave
+        await s.prefill([3])  # and it is usable
