@@ -214,7 +214,90 @@ async def test_cancelled_manifest_fetch_is_not_cached(http: httpx.AsyncClient) -
             with trio.move_on_after(0.2) as scope:
                 await api.readout_manifest()
             assert scope.cancelled_caught
-            assert api._manifest_fetched is False
+            assert api._manifest.fetched is False
+
+
+def held_answers(answers: Sequence[bytes], release: trio.Event, paths: list[str]) -> Handler:
+    """A handler that records each request's path and holds its answer (the n-th
+    connection's is ``answers[n]``, the last repeating) until ``release`` is set."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        head, _ = await read_request(stream)
+        paths.append(head.split()[1].decode())
+        mine = answers[min(len(paths), len(answers)) - 1]
+        await release.wait()
+        await stream.send_all(mine)
+
+    return answer
+
+
+@pytest.mark.parametrize("endpoint", ["manifest", "models"])
+async def test_concurrent_callers_share_one_failed_fetch_instead_of_each_retrying(
+    http: httpx.AsyncClient, endpoint: str
+) -> None:
+    # Waiters of a fetch that failed used to take the lock in turn and send it
+    # again, one after another: n callers, n requests, n times the wait.
+    release, paths = trio.Event(), list[str]()
+    errors: list[BaseException] = []
+
+    async def call(api: HttpApi) -> None:
+        try:
+            if endpoint == "manifest":
+                await api.readout_manifest()
+            else:
+                await api.chat(HELLO)
+        except (HttpError, ValueError) as exc:
+            errors.append(exc)
+
+    handler = held_answers([response(503, b"overloaded")], release, paths)
+    with trio.fail_after(10):
+        async with canned_server(handler) as url:
+            api = HttpApi(http, url, "", "")  # no model: chat() asks GET /models
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(call, api)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+            assert len(paths) == 1  # one request for the 8 of them
+            assert len(errors) == 8
+            for exc in errors:
+                http_error = exc if isinstance(exc, HttpError) else exc.__cause__
+                assert isinstance(http_error, HttpError) and http_error.http_status == 503
+            await call(api)  # the failure was not cached: a later call asks again
+            assert len(paths) == 2 and len(errors) == 9
+
+
+async def test_waiters_of_a_fetch_cancelled_by_its_caller_start_a_new_one(
+    http: httpx.AsyncClient,
+) -> None:
+    release, paths = trio.Event(), list[str]()
+    ok = response(200, b'{"concepts": ["a"], "layers": [4]}')
+    handler = held_answers([response(503, b"never sent"), ok], release, paths)
+    with trio.fail_after(10):
+        async with canned_server(handler) as url:
+            api = make_api(http, url)
+            got: list[ReadoutManifest | None] = []
+
+            async def wait_for_manifest() -> None:
+                got.append(await api.readout_manifest())
+
+            async with trio.open_nursery() as nursery:
+                first = trio.CancelScope()
+
+                async def first_caller() -> None:
+                    with first:
+                        await api.readout_manifest()
+
+                nursery.start_soon(first_caller)
+                await trio.testing.wait_all_tasks_blocked()  # its request is sent
+                nursery.start_soon(wait_for_manifest)
+                nursery.start_soon(wait_for_manifest)
+                await trio.testing.wait_all_tasks_blocked()
+                first.cancel()  # the first caller gives up: its fetch is cut...
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()  # ... and one of its waiters has sent a new one
+    assert len(paths) == 2
+    assert got == [ReadoutManifest(concepts=["a"], layers=[4])] * 2
 
 
 @pytest.mark.parametrize(

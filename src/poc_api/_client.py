@@ -626,8 +626,9 @@ class ApiClient:
     async def readout_manifest(self, *, timeout: float | None = None) -> ReadoutManifest | None:
         """The readout manifest, or ``None`` when the server has readout disabled.
 
-        Fetched once per client and shared, even by concurrent first callers; a
-        failed or cancelled fetch is not cached.
+        Fetched once per client and shared, even by concurrent first callers (one
+        request; they all get its answer, or its error); a failed or cancelled
+        fetch is not cached: a later call tries again.
         """
         with deadline(timeout, "readout_manifest"):
             return await self._https().readout_manifest()

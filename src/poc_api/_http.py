@@ -43,9 +43,11 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from types import TracebackType
 from typing import (
     Any,
     Final,
+    Generic,
     NoReturn,
     ParamSpec,
     Protocol,
@@ -406,6 +408,71 @@ def _unchanged(text: str) -> str:
     return text
 
 
+_T = TypeVar("_T")
+
+
+@final
+class _Attempt:
+    """One run of a :class:`_SharedFetch`'s fetch, awaited by the callers that came
+    while it ran. ``error`` stays ``None`` when it ended without a value or an error
+    of its own (its caller was cancelled)."""
+
+    __slots__ = ("done", "error", "traceback")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None
+        self.traceback: TracebackType | None = None
+
+
+@final
+class _SharedFetch(Generic[_T]):
+    """A value fetched once and cached, one attempt at a time shared by every caller.
+
+    The first caller runs ``fetch``; callers that arrive while it runs wait for that
+    same attempt and get its value or its error (one request, not one each in
+    turn). A failure is not cached: a caller arriving after the attempt ended
+    starts a new one. An attempt cut short by its own caller's cancellation (or
+    Ctrl-C) has no answer to share: one of its waiters starts a new attempt, the
+    others wait for that one. :meth:`get` is always a checkpoint.
+    """
+
+    __slots__ = ("_attempt", "_fetch", "_value", "fetched")
+
+    def __init__(self, fetch: Callable[[], Awaitable[_T]]) -> None:
+        self._fetch = fetch
+        self._attempt: _Attempt | None = None
+        self._value: _T | None = None
+        self.fetched = False
+
+    async def get(self) -> _T:
+        while True:
+            if self.fetched:
+                await trio.lowlevel.checkpoint()
+                return cast(_T, self._value)
+            attempt = self._attempt
+            if attempt is None:
+                return await self._run()
+            await attempt.done.wait()
+            if attempt.error is not None:
+                # Every waiter raises the attempt's own error, from where it was
+                # raised (as asyncio.Future.result() does), not its grown traceback.
+                raise attempt.error.with_traceback(attempt.traceback)
+
+    async def _run(self) -> _T:
+        attempt = self._attempt = _Attempt()
+        try:
+            value = await self._fetch()
+        except Exception as exc:
+            attempt.error, attempt.traceback = exc, exc.__traceback__
+            raise
+        finally:
+            self._attempt = None
+            attempt.done.set()
+        self._value, self.fetched = value, True
+        return value
+
+
 def _check_messages(messages: object) -> list[dict[str, Any]]:
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence of dicts, not {type(messages).__name__}")
@@ -500,11 +567,8 @@ class HttpApi:
         self._api_key = api_key
         self._redact_key = key_redactor(api_key)
         self._model = model
-        self._manifest_lock = trio.Lock()
-        self._manifest_fetched = False
-        self._manifest: ReadoutManifest | None = None
-        self._model_lock = trio.Lock()
-        self._served_model: str | None = None  # from GET /models when model is ""
+        self._manifest = _SharedFetch(self._fetch_manifest)
+        self._served_model = _SharedFetch(self._fetch_served_model)  # when model is ""
 
     def __repr__(self) -> str:
         return f"<HttpApi {self._shown} model={self._model!r}>"
@@ -593,17 +657,12 @@ class HttpApi:
         """``GET /readout/manifest``: the readout manifest, or ``None`` when disabled (404).
 
         Fetched once per ``HttpApi`` and cached: concurrent first callers wait for a
-        single request. A failed or cancelled fetch caches nothing, so the next caller
-        tries again. Always a checkpoint.
+        single request and all get its answer -- its error too. A failed or
+        cancelled fetch caches nothing: a caller arriving after it ended tries
+        again (and the waiters of a fetch cancelled by its own caller start a new
+        one). Always a checkpoint.
         """
-        if self._manifest_fetched:
-            await trio.lowlevel.checkpoint()
-            return self._manifest
-        async with self._manifest_lock:
-            if not self._manifest_fetched:
-                self._manifest = await self._fetch_manifest()
-                self._manifest_fetched = True
-        return self._manifest
+        return await self._manifest.get()
 
     async def _fetch_manifest(self) -> ReadoutManifest | None:
         what = f"GET {self._shown}/readout/manifest"
@@ -796,15 +855,13 @@ class HttpApi:
         ``""``, so without ``model=`` this asks ``GET /models`` once per client and
         uses the served model when there is exactly one. Any other list, or an error
         status, raises ``ValueError`` before the chat request is sent (a garbage
-        answer: :class:`~poc_api.ProtocolViolation`). A failed lookup caches nothing.
+        answer: :class:`~poc_api.ProtocolViolation`). Concurrent callers share one
+        lookup and its outcome, as :meth:`readout_manifest`'s callers share one
+        fetch; a failed lookup caches nothing.
         """
         if self._model:
             return self._model
-        if self._served_model is None:
-            async with self._model_lock:
-                if self._served_model is None:
-                    self._served_model = await self._fetch_served_model()
-        return self._served_model
+        return await self._served_model.get()
 
     async def _fetch_served_model(self) -> str:
         what = f"GET {self._shown}/models"
