@@ -992,6 +992,66 @@ async def test_unanswered_request_raises_poc_api_timeout() -> None:
     assert isinstance(info.value.__cause__, httpx.TimeoutException)
 
 
+def trickle(answer: bytes, every: float = 0.1) -> Handler:
+    """A handler that sends ``answer`` one byte every ``every`` seconds: each socket
+    read gets something in time, the answer as a whole takes ages."""
+
+    async def send_slowly(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        for i in range(len(answer)):
+            await stream.send_all(answer[i : i + 1])
+            await trio.sleep(every)
+
+    return send_slowly
+
+
+CHAT_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("call", ["tokenize", "chat_stream"])
+async def test_the_clients_timeout_bounds_a_trickled_answer_as_a_whole(call: str) -> None:
+    # ApiClient(timeout=) became httpx's per-read timeout only: a byte every 0.1 s
+    # kept tokenize() (or a chat stream's headers) waiting for as long as it went on.
+    answer = response(200, b'{"tokens": [' + b"1, " * 100 + b"1]}")
+    if call == "chat_stream":
+        answer = CHAT_STREAM_HEAD + sse(DELTA, "[DONE]")
+    with trio.fail_after(5):  # the answer takes over 15 s
+        async with canned_server(trickle(answer)) as url:
+            async with poc_api.ApiClient(
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.5
+            ) as c:
+                started = trio.current_time()
+                with pytest.raises(PocApiTimeout, match=r"within 0\.5 s") as info:
+                    if call == "tokenize":
+                        await c.tokenize("a")
+                    else:
+                        async with c.chat_stream(HELLO):
+                            pass
+                assert trio.current_time() - started < 2
+    assert isinstance(info.value, TimeoutError)
+
+
+async def test_the_clients_timeout_does_not_cut_a_chat_stream_that_lasts_longer() -> None:
+    async def slow_stream(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(CHAT_STREAM_HEAD)
+        for _ in range(10):  # an event every 0.15 s: 1.5 s in all
+            await trio.sleep(0.15)
+            await stream.send_all(sse(DELTA))
+        await stream.send_all(sse("[DONE]"))
+
+    with trio.fail_after(10):
+        async with canned_server(slow_stream) as url:
+            async with poc_api.ApiClient(
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.5
+            ) as c:
+                async with c.chat_stream(HELLO) as events:
+                    got = [ev async for ev in events]
+    assert len(got) == 11 and isinstance(got[-1], ChatDone)
+
+
 async def test_refused_connection_raises_server_unavailable(http: httpx.AsyncClient) -> None:
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))

@@ -118,7 +118,13 @@ class ApiClient:
             ``dns:///host:port`` target, makes a pool of endpoints (below).
         connect_timeout: seconds to connect (HTTP); for gRPC, to connect (TCP and
             TLS) and hear the server speak HTTP/2 (its SETTINGS), all together.
-        timeout: HTTP request timeout in seconds.
+        timeout: seconds each HTTP call's request may take as a whole: sending
+            it, the response headers and the whole body (:class:`PocApiTimeout`),
+            however slowly the server trickles its answer. For :meth:`chat_stream`
+            it bounds the time until the response headers have arrived (a long
+            stream is not cut), and then each wait for the stream's next bytes
+            (httpx's read timeout). A call's own ``timeout=`` bounds it as well.
+            Not used by the gRPC calls.
         close_timeout: bound on each shielded ``CloseSession`` at a session's exit.
         max_buffered_events: events buffered per stream before the client stops
             reading and HTTP/2 flow control pushes back on the server. This bound
@@ -332,7 +338,12 @@ class ApiClient:
             raise
         self._bridge = bridge
         self._http = HttpApi(
-            http, self._base_url, self._api_key, self._model, max_body=self._max_message_size
+            http,
+            self._base_url,
+            self._api_key,
+            self._model,
+            max_body=self._max_message_size,
+            timeout=self._timeout,
         )
         self._http_client = http
         self._state = _State.OPENED

@@ -535,6 +535,13 @@ class HttpApi:
         base_url: the HTTP root without a trailing ``/``, e.g. ``http://h:8000/v1``.
         api_key: sent as ``authorization: Bearer <key>`` when not empty.
         model: the model name sent with ``/train`` and ``/chat/completions``.
+        max_body: the largest response body accepted, in bytes.
+        timeout: seconds each request may take as a whole -- sending, the response
+            headers and the whole body -- or, for :meth:`chat_stream`, until the
+            response headers have arrived; past it :class:`~poc_api.PocApiTimeout`.
+            ``None``: no bound but the httpx client's own, which are per socket
+            operation (a server trickling its answer a byte at a time never
+            trips them).
 
     Every coroutine is a checkpoint. Cancelling one abandons its request: httpx
     closes the connection it was using, the pool stays usable, nothing is cached.
@@ -554,7 +561,9 @@ class HttpApi:
         model: str,
         *,
         max_body: int = 64 * 1024 * 1024,
+        timeout: float | None = None,
     ) -> None:
+        self._timeout = check_timeout("timeout", timeout)
         if isinstance(max_body, bool) or not isinstance(max_body, int):
             raise TypeError(f"max_body must be an int, not {type(max_body).__name__}")
         if max_body < 1:
@@ -585,6 +594,13 @@ class HttpApi:
         text = redact_url(text)
         return self._redact_key(text)
 
+    def _time_limit(self) -> float:
+        return math.inf if self._timeout is None else self._timeout
+
+    def _timed_out(self, method: str, shown: str, what: str) -> PocApiTimeout:
+        assert self._timeout is not None
+        return PocApiTimeout(f"{method} {shown}: {what} within {self._timeout:g} s (timeout)")
+
     def _status_error(self, method: str, url: str, status: int, body: bytes) -> PocApiError:
         excerpt = self._redact(error_excerpt(body))
         message = f"HTTP {status} from {method} {redact_url(url)}: {excerpt}"
@@ -604,13 +620,20 @@ class HttpApi:
         shown = self._shown + path
         log.debug("%s %s", method, shown)
         started = time.monotonic()
-        with _map_httpx_errors(method, shown, self._client):
-            request = self._client.build_request(method, url, headers=self._headers(), json=payload)
-            response = await self._client.send(request, stream=True)
-            try:
-                body = await self._read_body(response, f"{method} {shown}")
-            finally:
-                await response.aclose()
+        # httpx's timeouts bound each socket operation, not the request: a server
+        # trickling its answer a byte at a time would hold the caller forever.
+        with trio.CancelScope(relative_deadline=self._time_limit()) as scope:
+            with _map_httpx_errors(method, shown, self._client):
+                request = self._client.build_request(
+                    method, url, headers=self._headers(), json=payload
+                )
+                response = await self._client.send(request, stream=True)
+                try:
+                    body = await self._read_body(response, f"{method} {shown}")
+                finally:
+                    await response.aclose()
+        if scope.cancelled_caught:
+            raise self._timed_out(method, shown, "no complete answer")
         log.debug(
             "%s %s -> %d (%d bytes, %.1f ms)",
             method,
@@ -980,6 +1003,8 @@ class HttpApi:
 
         Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the whole block,
         reading included, and raises :class:`~poc_api.PocApiTimeout` when it passes.
+        The ``HttpApi``'s own ``timeout`` bounds only the wait for the response
+        headers (and an error answer's body): a long stream is never cut by it.
 
         Entering the block sends the request and waits for the response headers
         (an error status raises here). Iterating yields :class:`ChatDelta`,
@@ -1039,11 +1064,20 @@ class HttpApi:
                 json=payload,
             )
             log.debug("POST %s (stream)", shown)
-            with _map_httpx_errors("POST", shown, self._client):
-                response = await self._client.send(request, stream=True)
+            # The client's timeout bounds the wait for the answer to begin, not the
+            # stream (httpx's read timeout still bounds each wait for the next bytes).
+            answer_by = trio.current_time() + self._time_limit()
+            with trio.CancelScope(deadline=answer_by) as head:
+                with _map_httpx_errors("POST", shown, self._client):
+                    response = await self._client.send(request, stream=True)
+            if head.cancelled_caught:
+                raise self._timed_out("POST", shown, "no response headers")
             events = _ChatEvents(self, response, shown)
             try:
-                await events.check_response()
+                with trio.CancelScope(deadline=answer_by) as head:
+                    await events.check_response()  # (an error answer's body is read here)
+                if head.cancelled_caught:
+                    raise self._timed_out("POST", shown, "no complete error answer")
                 # The body is read by a task of the block's own, so that a read the
                 # caller cancels (a per-event timeout) loses nothing: the next one
                 # goes on where it stopped. (httpx's reader ends for good, and drops
