@@ -488,6 +488,49 @@ async def test_api_key_never_appears_when_a_server_echoes_it_in_a_200_answer(
     assert KEY not in caplog.text
 
 
+LONG_KEY = "sk-live-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"  # 54 chars
+
+
+async def echo_key_across_a_cut(stream: trio.SocketStream, case: str) -> None:
+    """Answer with the request's key where a cut of the answer falls inside it."""
+    head, _ = await read_request(stream)
+    key = head.split(b"Bearer ")[1].split(b"\r\n")[0]
+    if case == "excerpt-cut":  # the key from byte 485: across the 500-byte excerpt
+        await stream.send_all(response(400, b"x" * 470 + b" invalid token " + key, "text/plain"))
+    elif case == "read-cut":
+        # The key over and over, one of them across the 2000-byte read of an error
+        # body: redacted, the 36 echoes before it shrink to 396 chars, and the read's
+        # partial key (its first 40 chars) comes within the excerpt's 500.
+        body = (key + b" ") * 40
+        cut = body.index(key, 2000 - len(key)) + 40
+        head_ = b"HTTP/1.1 400 X\r\ncontent-type: text/plain\r\n"
+        await stream.send_all(head_ + b"content-length: %d\r\n\r\n" % len(body) + body[:cut])
+        await trio.sleep(0.3)  # by now the client has read 2000 bytes and stopped
+        await stream.send_all(body[cut:])
+    else:  # "shape-error": across the 200-char cut of a shape error's repr
+        await stream.send_all(response(200, json.dumps({"x": "y" * 180 + key.decode()}).encode()))
+
+
+@pytest.mark.parametrize("case", ["excerpt-cut", "read-cut", "shape-error"])
+async def test_api_key_echoed_across_a_cut_leaves_no_part_of_it_in_the_error(
+    http: httpx.AsyncClient, case: str
+) -> None:
+    # The excerpt was cut first and redacted after: the key's first part, no longer
+    # the key, stayed in the message and in body_excerpt.
+    with trio.fail_after(10):
+        async with canned_server(partial(echo_key_across_a_cut, case=case)) as url:
+            with pytest.raises(PocApiError) as info:
+                await HttpApi(http, url, LONG_KEY, "m").tokenize("a")
+    err = info.value
+    texts = [str(err), getattr(err, "body_excerpt", "")]
+    assert not any(LONG_KEY[:10] in text for text in texts)
+    assert "<redacted>" in str(err)
+    if isinstance(err, HttpError):
+        assert len(err.body_excerpt) <= 500 and err.body_excerpt in str(err)
+    else:
+        assert isinstance(err, ProtocolViolation)
+
+
 _KEY_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)  # printable, no space
 # "<redacted>"; for keys that could form again across it, these (not ASCII).
 _MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039REDACTED\u203a")

@@ -19,7 +19,7 @@ Errors:
 
 The api key travels only in the ``authorization`` header. It is never put in an
 exception message or a log line, and is redacted from body excerpts in case a
-server echoes it back.
+server echoes it back: from all of the answer read, before the excerpt is cut.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextvars import ContextVar
 from types import TracebackType
 from typing import (
     Any,
@@ -298,7 +299,9 @@ def _unencodable(exc: UnicodeEncodeError) -> str:
 
 
 def _short_repr(value: object, limit: int = 200) -> str:
-    text = repr(value)
+    # The key out before the cut: a key across it would leave its first part,
+    # which no redaction after the cut recognises.
+    text = _call_redactor.get()(repr(value))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -320,16 +323,20 @@ def _redacting(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, A
 
     @functools.wraps(fn)
     async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        redact = cast(_Redacts, args[0])._redact
+        token = _call_redactor.set(redact)  # for the excerpts made during the call
         try:
             return await fn(*args, **kwargs)
         except (PocApiError, ValueError) as exc:
             text = str(exc)
-            clean = cast(_Redacts, args[0])._redact(text)
+            clean = redact(text)
             if clean != text:
                 exc.args = (clean,)
                 if isinstance(exc, PocApiError):
                     exc.message = clean  # what its str() shows
             raise
+        finally:
+            _call_redactor.reset(token)
 
     return call
 
@@ -406,6 +413,13 @@ def key_redactor(api_key: str) -> Callable[[str], str]:
 
 def _unchanged(text: str) -> str:
     return text
+
+
+#: The redactor of the HttpApi call running in this task (set by ``_redacting``),
+#: for the excerpts of a server's answer that module functions make.
+_call_redactor: ContextVar[Callable[[str], str]] = ContextVar(
+    "poc_api_http_redactor", default=_unchanged
+)
 
 
 _T = TypeVar("_T")
@@ -601,8 +615,26 @@ class HttpApi:
         assert self._timeout is not None
         return PocApiTimeout(f"{method} {shown}: {what} within {self._timeout:g} s (timeout)")
 
+    def _excerpt(self, body: bytes, *, whole: bool) -> str:
+        """:func:`error_excerpt` of ``body`` with the key redacted from all of it
+        first: redacted after the cut, a key across the cut left its first part.
+
+        ``whole=False`` (a body read only in part) also drops a first part of the
+        key at its end, which the redactor cannot recognise.
+        """
+        # surrogateescape: the bytes come back unchanged for error_excerpt's cut.
+        text = self._redact(body.decode("utf-8", "surrogateescape"))
+        key = self._api_key
+        if not whole:
+            for n in range(min(len(key) - 1, len(text)), 0, -1):
+                if text.endswith(key[:n]):
+                    text = text[:-n]
+                    break
+        return error_excerpt(text.encode("utf-8", "surrogateescape"))
+
     def _status_error(self, method: str, url: str, status: int, body: bytes) -> PocApiError:
-        excerpt = self._redact(error_excerpt(body))
+        # Error bodies are read up to _ERROR_BODY_READ_LIMIT: one that long may go on.
+        excerpt = self._excerpt(body, whole=len(body) < _ERROR_BODY_READ_LIMIT)
         message = f"HTTP {status} from {method} {redact_url(url)}: {excerpt}"
         if status in (401, 403):
             return AuthenticationError(message, http_status=status)
