@@ -911,6 +911,57 @@ async def test_stream_error_status_raises_on_entering_the_block(
     assert info.value.http_status == 400
 
 
+# Error answers whose body cannot be read whole: (status line and headers, body
+# sent, the error class the status maps to, the error that cut the read short).
+CUT_ERROR_BODIES = {
+    "cut-short": (
+        b"HTTP/1.1 503 Busy\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\n",
+        b"server overloaded",
+        HttpError,
+        ServerUnavailable,
+    ),
+    "broken-gzip": (
+        b"HTTP/1.1 500 Err\r\ncontent-type: text/plain\r\ncontent-encoding: gzip\r\n"
+        b"content-length: 9\r\n\r\n",
+        b"not gzip!",
+        HttpError,
+        ProtocolViolation,
+    ),
+    "auth-cut-short": (
+        b"HTTP/1.1 401 No\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\n",
+        b"bad key",
+        AuthenticationError,
+        ServerUnavailable,
+    ),
+}
+
+
+@pytest.mark.parametrize("call", ["train", "chat_stream"])
+@pytest.mark.parametrize("case", list(CUT_ERROR_BODIES))
+async def test_an_error_status_is_kept_when_its_body_cannot_be_read_whole(
+    http: httpx.AsyncClient, case: str, call: str
+) -> None:
+    # The status line arrived, then the body failed: the caller got a
+    # ServerUnavailable or ProtocolViolation with no http_status at all.
+    head, body, expected, cause = CUT_ERROR_BODIES[case]
+    status = int(head.split()[1])
+    with trio.fail_after(10):
+        async with canned_server([head + body]) as url:
+            api = make_api(http, url)
+            with pytest.raises(PocApiError) as info:
+                if call == "train":
+                    await api.train([TrainSample([1, 2], [(0, 2)])])
+                else:
+                    async with api.chat_stream(HELLO):
+                        pytest.fail("entered the block despite an error status")
+    err = info.value
+    assert type(err) is expected and err.http_status == status
+    assert f"HTTP {status}" in str(err) and "body cut short" in str(err)
+    if isinstance(err, HttpError) and case == "cut-short":
+        assert err.body_excerpt == "server overloaded"  # what did arrive
+    assert isinstance(err.__cause__, cause)
+
+
 async def test_a_keyword_that_is_almost_one_of_chats_is_refused_as_a_typo(
     http: httpx.AsyncClient,
 ) -> None:

@@ -9,7 +9,8 @@ Errors:
 
 - a 4xx/5xx answer raises :class:`~poc_api.HttpError` (401/403:
   :class:`~poc_api.AuthenticationError`) whose message holds the status, the URL and
-  :func:`error_excerpt` of the body;
+  :func:`error_excerpt` of the body -- of as much of it as arrived, when its read
+  failed (that failure is the error's ``__cause__``);
 - a body that is not UTF-8 JSON of the expected shape raises
   :class:`~poc_api.ProtocolViolation`;
 - httpx's own exceptions are translated in exactly one place,
@@ -632,10 +633,18 @@ class HttpApi:
                     break
         return error_excerpt(text.encode("utf-8", "surrogateescape"))
 
-    def _status_error(self, method: str, url: str, status: int, body: bytes) -> PocApiError:
+    def _status_error(
+        self, method: str, url: str, status: int, body: bytes, cut: PocApiError | None = None
+    ) -> PocApiError:
+        """The error for an error status (401/403: ``AuthenticationError``), with an
+        excerpt of ``body``; ``cut`` is the error that cut the body's read short
+        (raise this one from it)."""
         # Error bodies are read up to _ERROR_BODY_READ_LIMIT: one that long may go on.
-        excerpt = self._excerpt(body, whole=len(body) < _ERROR_BODY_READ_LIMIT)
+        whole = cut is None and len(body) < _ERROR_BODY_READ_LIMIT
+        excerpt = self._excerpt(body, whole=whole)
         message = f"HTTP {status} from {method} {redact_url(url)}: {excerpt}"
+        if cut is not None:
+            message = f"{message.rstrip()} [body cut short: {type(cut).__name__}]"
         if status in (401, 403):
             return AuthenticationError(message, http_status=status)
         return HttpError(message, http_status=status, url=redact_url(url), body_excerpt=excerpt)
@@ -652,6 +661,7 @@ class HttpApi:
         shown = self._shown + path
         log.debug("%s %s", method, shown)
         started = time.monotonic()
+        cut: PocApiError | None = None  # what cut an error body's read short
         # httpx's timeouts bound each socket operation, not the request: a server
         # trickling its answer a byte at a time would hold the caller forever.
         with trio.CancelScope(relative_deadline=self._time_limit()) as scope:
@@ -661,7 +671,10 @@ class HttpApi:
                 )
                 response = await self._client.send(request, stream=True)
                 try:
-                    body = await self._read_body(response, f"{method} {shown}")
+                    if response.is_success:
+                        body = await self._read_body(response, f"{method} {shown}")
+                    else:
+                        body, cut = await self._read_error_body(response, method, shown)
                 finally:
                     await response.aclose()
         if scope.cancelled_caught:
@@ -677,15 +690,43 @@ class HttpApi:
         if allow_404 and response.status_code == 404:
             return None
         if not response.is_success:
-            raise self._status_error(method, shown, response.status_code, body)
+            raise self._status_error(method, shown, response.status_code, body, cut) from cut
         return _decode_json(body, f"{method} {shown}")
 
+    async def _read_error_body(
+        self,
+        response: httpx.Response,
+        method: str,
+        shown: str,
+        chunks: AsyncIterator[bytes] | None = None,
+    ) -> tuple[bytes, PocApiError | None]:
+        """An error answer's body, as much of it as could be read, and the error that
+        cut the read short (``None`` if none did).
+
+        The status line did arrive: a body lost on the way (a dropped connection,
+        a broken gzip encoding) must not turn a 503 into a status-less error.
+        """
+        received = bytearray()
+        try:
+            with _map_httpx_errors(method, shown, self._client):
+                await self._read_body(response, f"{method} {shown}", chunks, into=received)
+        except PocApiError as exc:
+            log.debug("%s %s: error body cut short: %s", method, shown, exc)
+            return bytes(received), exc
+        return bytes(received), None
+
     async def _read_body(
-        self, response: httpx.Response, what: str, chunks: AsyncIterator[bytes] | None = None
+        self,
+        response: httpx.Response,
+        what: str,
+        chunks: AsyncIterator[bytes] | None = None,
+        *,
+        into: bytearray | None = None,
     ) -> bytes:
         """The body (from ``chunks`` if the caller already holds its iterator), read up
         to ``max_body`` (``LimitExceeded`` past it); of an error answer only as much
-        as its excerpt needs."""
+        as its excerpt needs. ``into`` receives the bytes as they arrive (what came
+        before a failed read)."""
         ok = response.is_success
         limit = self._max_body if ok else _ERROR_BODY_READ_LIMIT
         length = response.headers.get("content-length", "")
@@ -694,7 +735,7 @@ class HttpApi:
                 f"{what}: the response body ({int(length)} bytes) is larger than "
                 f"{limit} bytes (max_message_size)"
             )
-        body = bytearray()
+        body = bytearray() if into is None else into
         async for chunk in response.aiter_bytes() if chunks is None else chunks:
             body += chunk
             if not ok and len(body) >= limit:
@@ -1348,10 +1389,10 @@ class _ChatEvents:
     async def check_response(self) -> None:
         status = self._response.status_code
         if not self._response.is_success:
-            with _map_httpx_errors("POST", self._url, self._api._client):
-                body = await self._api._read_body(self._response, self._what, self._chunks)
+            api = self._api
+            body, cut = await api._read_error_body(self._response, "POST", self._url, self._chunks)
             log.debug("POST %s -> %d (stream refused)", self._url, status)
-            raise self._api._status_error("POST", self._url, status, body)
+            raise api._status_error("POST", self._url, status, body, cut) from cut
         ctype = self._response.headers.get("content-type", "")
         if ctype.lower().startswith("application/json"):
             # Some servers refuse a stream with a 200 JSON error object (an
