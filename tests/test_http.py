@@ -3,10 +3,12 @@ the answers the reference server never gives (5xx, garbage, cut streams)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -613,6 +615,39 @@ async def test_a_content_length_over_the_limit_fails_before_the_body_is_read(
             api = HttpApi(http, url, "", "m", max_body=1000)
             with pytest.raises(LimitExceeded, match="5000000 bytes"):
                 await api.tokenizer_info()
+
+
+async def never_reads(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    "case", ["send-cancelled", "error-body-past-its-read", "body-past-max-body"]
+)
+async def test_no_unfinished_httpx_async_generator_is_left_for_the_garbage_collector(
+    http: httpx.AsyncClient, case: str
+) -> None:
+    # Cancelling a POST while its body was being sent (httpx's ByteStream.__aiter__),
+    # or stopping a body's read early (httpx's aiter_bytes chain), left an async
+    # generator unfinished: trio's finaliser then warned "Async generator ... was
+    # garbage collected" (raised here as an error, and caught by pytest's
+    # unraisable-exception capture, which the configuration makes an error).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with trio.fail_after(10):
+            if case == "send-cancelled":
+                async with canned_server(never_reads) as url:
+                    big = TrainSample(list(range(1_000_000)), [(0, 10)])  # a 7 MB body
+                    with trio.move_on_after(0.5) as scope:
+                        await make_api(http, url).train([big])
+                    assert scope.cancelled_caught
+            else:
+                status = 500 if case == "error-body-past-its-read" else 200
+                async with canned_server(partial(endless_body, status=status)) as url:
+                    api = HttpApi(http, url, "", "m", max_body=1 << 20)
+                    with pytest.raises(HttpError if status == 500 else LimitExceeded):
+                        await api.tokenizer_info()
+        gc.collect()  # trio's finaliser warns right here, in the collector's callback
 
 
 async def test_the_clients_max_message_size_bounds_http_bodies_too() -> None:

@@ -488,6 +488,45 @@ class _SharedFetch(Generic[_T]):
         return value
 
 
+@final
+class _RequestBody(httpx.ByteStream):
+    """A request body (as httpx's ``ByteStream``) whose async iterator is a plain
+    object, not an async generator.
+
+    httpx's own ``__aiter__`` is one: a send cancelled midway (a timeout, the
+    caller's cancel) leaves it unfinished, and trio's finaliser warns when the
+    garbage collector finds it (``ResourceWarning: Async generator ... was garbage
+    collected``; an error under ``-W error``). A ByteStream, so httpx never swaps
+    it for one of its own.
+    """
+
+    def __init__(self, content: bytes) -> None:
+        super().__init__(content)
+        self._content = content
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _OneChunk(self._content)
+
+
+@final
+class _OneChunk:
+    """An async iterator of one chunk."""
+
+    __slots__ = ("_chunk",)
+
+    def __init__(self, chunk: bytes) -> None:
+        self._chunk: bytes | None = chunk
+
+    def __aiter__(self) -> _OneChunk:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk, self._chunk = self._chunk, None
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+
 def _check_messages(messages: object) -> list[dict[str, Any]]:
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence of dicts, not {type(messages).__name__}")
@@ -599,6 +638,15 @@ class HttpApi:
 
     # -- plumbing ------------------------------------------------------------------
 
+    def _build_request(
+        self, method: str, url: str, payload: object, accept: str = "application/json"
+    ) -> httpx.Request:
+        request = self._client.build_request(
+            method, url, headers=self._headers(accept), json=payload
+        )
+        request.stream = _RequestBody(request.content)  # see _RequestBody
+        return request
+
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
         headers = {"accept": accept}
         if self._api_key:
@@ -666,9 +714,7 @@ class HttpApi:
         # trickling its answer a byte at a time would hold the caller forever.
         with trio.CancelScope(relative_deadline=self._time_limit()) as scope:
             with _map_httpx_errors(method, shown, self._client):
-                request = self._client.build_request(
-                    method, url, headers=self._headers(), json=payload
-                )
+                request = self._build_request(method, url, payload)
                 response = await self._client.send(request, stream=True)
                 try:
                     if response.is_success:
@@ -736,14 +782,21 @@ class HttpApi:
                 f"{limit} bytes (max_message_size)"
             )
         body = bytearray() if into is None else into
-        async for chunk in response.aiter_bytes() if chunks is None else chunks:
-            body += chunk
-            if not ok and len(body) >= limit:
-                break
-            if len(body) > limit:
-                raise LimitExceeded(
-                    f"{what}: the response body is larger than {limit} bytes (max_message_size)"
-                )
+        # The read is stopped by a cancel, not by leaving the loop (a break, a
+        # raise): the Cancelled runs through httpx's chain of async generators and
+        # finishes them, where a break would leave them for the garbage collector
+        # (trio's ResourceWarning, as _RequestBody's). httpx drops the connection.
+        with trio.CancelScope() as enough:
+            async for chunk in response.aiter_bytes() if chunks is None else chunks:
+                if enough.cancel_called:
+                    continue  # what httpx had already buffered
+                body += chunk
+                if len(body) > limit or (not ok and len(body) >= limit):
+                    enough.cancel()
+        if ok and len(body) > limit:
+            raise LimitExceeded(
+                f"{what}: the response body is larger than {limit} bytes (max_message_size)"
+            )
         return bytes(body)
 
     # -- endpoints -----------------------------------------------------------------
@@ -1130,12 +1183,7 @@ class HttpApi:
                 payload["model"] = await self._chat_model()
             url = self._base_url + "/chat/completions"
             shown = self._shown + "/chat/completions"
-            request = self._client.build_request(
-                "POST",
-                url,
-                headers=self._headers(accept="text/event-stream"),
-                json=payload,
-            )
+            request = self._build_request("POST", url, payload, accept="text/event-stream")
             log.debug("POST %s (stream)", shown)
             # The client's timeout bounds the wait for the answer to begin, not the
             # stream (httpx's read timeout still bounds each wait for the next bytes).
