@@ -1083,6 +1083,19 @@ async def test_tokenize_detokenize_round_trip(
         assert await api.detokenize(tokens) == text
 
 
+@pytest.mark.parametrize("bad", [-1, 2**32, 2**40])
+async def test_tokenize_refuses_ids_no_token_can_have(http: httpx.AsyncClient, bad: int) -> None:
+    # They were returned as they came: the caller's next call with them (detokenize,
+    # TrainSample) then raised a ValueError that blamed the caller.
+    answer = response(200, json.dumps({"tokens": [5, bad, 2**32 - 1]}).encode())
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            with pytest.raises(
+                ProtocolViolation, match=rf"token id {bad} is not in \[0, 2\*\*32\)"
+            ):
+                await make_api(http, url).tokenize("hello")
+
+
 async def test_tokenizer_info_lists_vocab_size_and_special_ids(
     server: ReferenceServer, http: httpx.AsyncClient
 ) -> None:

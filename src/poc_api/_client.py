@@ -683,7 +683,10 @@ class ApiClient:
         return self._https().chat_stream(messages, timeout=timeout, **kwargs)
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
-        """Encode text with the server's tokenizer (reference-server extension)."""
+        """Encode text with the server's tokenizer (reference-server extension).
+
+        An answer with an id outside ``[0, 2**32)`` raises :class:`ProtocolViolation`.
+        """
         with deadline(timeout, "tokenize"):
             return await self._https().tokenize(text)
 

@@ -868,7 +868,9 @@ class HttpApi:
     async def tokenize(self, text: str) -> list[int]:
         """``POST /tokenize`` (reference-server extension): text to token ids.
 
-        A checkpoint; cancelling abandons the request.
+        An id that no token can have (outside ``[0, 2**32)``) raises
+        :class:`~poc_api.ProtocolViolation`. A checkpoint; cancelling abandons the
+        request.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
@@ -881,6 +883,10 @@ class HttpApi:
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
             _shape_error(what, '{"tokens": [int]}', data)
+        # Caught here, not as a ValueError blaming the caller's next call with them.
+        bad = next((t for t in tokens if not 0 <= t <= _U32_MAX), None)
+        if bad is not None:
+            raise ProtocolViolation(f"{what}: token id {bad} is not in [0, 2**32)")
         return tokens
 
     @_redacting
