@@ -1214,6 +1214,72 @@ async def test_connection_closed_without_answer_raises_server_unavailable(
                 await make_api(http, url).tokenize("a")
 
 
+def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = False) -> Handler:
+    """Keep-alive connections that the server closes, unanswered, on the second
+    request each gets (its idle timeout racing the request); with ``fresh_too``,
+    on the first. ``requests`` records (connection number, request line)."""
+    connections = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        mine = connections
+        for n in range(1, 3):
+            head, _ = await read_request(stream)
+            if not head:
+                return
+            requests.append((mine, head.split(b"\r\n")[0].decode()))
+            if n == 2 or fresh_too:
+                return  # closed without an answer
+            body = b'{"concepts": ["a"], "layers": [0], "accepted": 1, "job_id": "j"}'
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            await stream.send_all(head % len(body) + b"\r\n" + body)  # and keep it open
+
+    return serve
+
+
+@pytest.mark.parametrize("call", ["readout_manifest", "tokenizer_info", "models"])
+async def test_a_get_on_a_pooled_connection_the_server_just_closed_is_sent_again(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, call: str
+) -> None:
+    # The server's keep-alive timeout raced the next request: an idempotent GET
+    # failed with ServerUnavailable "Server disconnected without sending a response".
+    caplog.set_level(logging.DEBUG, logger="poc_api.http")
+    requests: list[tuple[int, str]] = []
+    with trio.fail_after(10):
+        async with canned_server(keep_alive_then_close(requests)) as url:
+            api = HttpApi(http, url, "", "")
+            await api.train([TrainSample([1], [(0, 1)])])  # opens connection 1
+            if call == "models":
+                with pytest.raises(ProtocolViolation, match="/models"):  # (not a list)
+                    await api.chat(HELLO)
+            else:
+                await getattr(api, call)()
+    assert [n for n, _ in requests] == [1, 1, 2]  # sent again, on a new connection
+    assert requests[1][1] == requests[2][1]
+    assert "sending it again" in caplog.text
+
+
+async def test_a_post_or_a_get_on_a_fresh_connection_is_never_sent_again(
+    http: httpx.AsyncClient,
+) -> None:
+    requests: list[tuple[int, str]] = []
+    with trio.fail_after(10):
+        async with canned_server(keep_alive_then_close(requests)) as url:
+            api = make_api(http, url)
+            await api.readout_manifest()  # opens connection 1
+            with pytest.raises(ServerUnavailable, match="without sending a response"):
+                await api.train([TrainSample([1], [(0, 1)])])
+        async with canned_server(keep_alive_then_close(requests, fresh_too=True)) as url:
+            with pytest.raises(ServerUnavailable, match="without sending a response"):
+                await make_api(http, url).tokenizer_info()
+    assert [line.split()[:2] for _, line in requests] == [
+        ["GET", "/v1/readout/manifest"],
+        ["POST", "/v1/train"],
+        ["GET", "/v1/tokenizer"],
+    ]
+
+
 async def test_garbage_instead_of_http_raises_protocol_violation(
     http: httpx.AsyncClient,
 ) -> None:

@@ -600,6 +600,10 @@ class HttpApi:
     Every coroutine is a checkpoint. Cancelling one abandons its request: httpx
     closes the connection it was using, the pool stays usable, nothing is cached.
 
+    A GET that the server answers by closing the pooled keep-alive connection it
+    was sent on (its idle timeout racing the request) is sent once more, on
+    another connection (logged at debug). Other requests are never sent twice.
+
     Example::
 
         async with httpx.AsyncClient() as http:
@@ -646,6 +650,35 @@ class HttpApi:
         )
         request.stream = _RequestBody(request.content)  # see _RequestBody
         return request
+
+    async def _send(self, method: str, url: str, shown: str, payload: object) -> httpx.Response:
+        """Send a JSON request; return its response unread (the caller closes it).
+
+        A GET that went out on a reused keep-alive connection just as the server
+        closed it (its idle timeout racing the request: "Server disconnected
+        without sending a response") is sent once more. The pool has dropped that
+        connection, and before reusing an idle one httpx drops it if the server
+        has closed it, so the second try goes out on a live connection, most often
+        a new one. A GET is idempotent; anything else is never sent twice.
+        """
+        reused = True
+
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
+            nonlocal reused
+            if event.startswith("connection.connect_"):  # httpcore opens a connection
+                reused = False
+
+        request = self._build_request(method, url, payload)
+        if method != "GET":
+            return await self._client.send(request, stream=True)
+        request.extensions["trace"] = trace  # httpx's documented trace extension
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            if not reused or "without sending a response" not in str(exc):
+                raise
+            log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
+        return await self._client.send(self._build_request(method, url, payload), stream=True)
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
         headers = {"accept": accept}
@@ -714,8 +747,7 @@ class HttpApi:
         # trickling its answer a byte at a time would hold the caller forever.
         with trio.CancelScope(relative_deadline=self._time_limit()) as scope:
             with _map_httpx_errors(method, shown, self._client):
-                request = self._build_request(method, url, payload)
-                response = await self._client.send(request, stream=True)
+                response = await self._send(method, url, shown, payload)
                 try:
                     if response.is_success:
                         body = await self._read_body(response, f"{method} {shown}")
