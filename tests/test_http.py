@@ -192,6 +192,44 @@ async def test_manifest_404_means_readout_disabled_and_is_cached(http: httpx.Asy
             assert srv.state().http_requests.get(MANIFEST_PATH) == 1
 
 
+@pytest.mark.parametrize(
+    ("body", "empty"),
+    [
+        (b'{"concepts": [], "layers": [0, 1]}', "concepts"),
+        (b'{"concepts": ["a"], "layers": []}', "layers"),
+    ],
+    ids=["no-concepts", "no-layers"],
+)
+async def test_a_manifest_with_no_concepts_or_no_layers_means_no_readout_and_is_cached(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, body: bytes, empty: str
+) -> None:
+    # It was accepted with shape (2, 0) or (0, 1), which every readout call refuses.
+    caplog.set_level(logging.WARNING, logger="poc_api.http")
+    paths: list[str] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        paths.append((await read_request(stream))[0].split()[1].decode())
+        await stream.send_all(response(200, body))
+
+    with trio.fail_after(10):
+        async with canned_server(answer) as url:
+            api = make_api(http, url)
+            assert await api.readout_manifest() is None
+            assert await api.readout_manifest() is None
+    assert paths == [MANIFEST_PATH]  # cached, as a 404 is
+    assert f"lists no {empty}" in caplog.text
+
+
+async def test_negative_and_repeated_layer_indices_are_the_servers_business(
+    http: httpx.AsyncClient,
+) -> None:
+    body = b'{"concepts": ["a"], "layers": [-1, 3, 3]}'  # -1 can mean the last layer
+    with trio.fail_after(10):
+        async with canned_server([response(200, body)]) as url:
+            manifest = await make_api(http, url).readout_manifest()
+    assert manifest is not None and manifest.layers == (-1, 3, 3) and manifest.shape == (3, 1)
+
+
 async def test_failed_manifest_fetch_is_not_cached(http: httpx.AsyncClient) -> None:
     ok = response(200, b'{"concepts": ["a"], "layers": [4]}')
     with trio.fail_after(10):

@@ -635,7 +635,8 @@ class ApiClient:
     # -- HTTP --------------------------------------------------------------------
 
     async def readout_manifest(self, *, timeout: float | None = None) -> ReadoutManifest | None:
-        """The readout manifest, or ``None`` when the server has readout disabled.
+        """The readout manifest, or ``None`` when the server has readout disabled
+        (or sends a manifest with no concepts or no layers: a warning is logged).
 
         Fetched once per client and shared, even by concurrent first callers (one
         request; they all get its answer, or its error); a failed or cancelled

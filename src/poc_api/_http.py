@@ -837,6 +837,9 @@ class HttpApi:
     async def readout_manifest(self) -> ReadoutManifest | None:
         """``GET /readout/manifest``: the readout manifest, or ``None`` when disabled (404).
 
+        A manifest that lists no concepts or no layers names no readout (its shape
+        would be empty): it is ``None`` too, with a warning logged.
+
         Fetched once per ``HttpApi`` and cached: concurrent first callers wait for a
         single request and all get its answer -- its error too. A failed or
         cancelled fetch caches nothing: a caller arriving after it ended tries
@@ -858,6 +861,12 @@ class HttpApi:
             _shape_error(what, '"concepts": [str]', concepts)
         if not isinstance(layers, list) or not all(_is_int(x) for x in layers):
             _shape_error(what, '"layers": [int]', layers)
+        # Shape (n, 0) or (0, n): every readout call would refuse it. (Negative and
+        # repeated layer indices are the server's business: -1 can be the last.)
+        if not concepts or not layers:
+            empty = "concepts" if not concepts else "layers"
+            log.warning("%s lists no %s: taking readout as disabled", what, empty)
+            return None
         return ReadoutManifest(concepts=concepts, layers=layers)
 
     @_redacting
