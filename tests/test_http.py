@@ -3,10 +3,12 @@ the answers the reference server never gives (5xx, garbage, cut streams)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -190,6 +192,44 @@ async def test_manifest_404_means_readout_disabled_and_is_cached(http: httpx.Asy
             assert srv.state().http_requests.get(MANIFEST_PATH) == 1
 
 
+@pytest.mark.parametrize(
+    ("body", "empty"),
+    [
+        (b'{"concepts": [], "layers": [0, 1]}', "concepts"),
+        (b'{"concepts": ["a"], "layers": []}', "layers"),
+    ],
+    ids=["no-concepts", "no-layers"],
+)
+async def test_a_manifest_with_no_concepts_or_no_layers_means_no_readout_and_is_cached(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, body: bytes, empty: str
+) -> None:
+    # It was accepted with shape (2, 0) or (0, 1), which every readout call refuses.
+    caplog.set_level(logging.WARNING, logger="poc_api.http")
+    paths: list[str] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        paths.append((await read_request(stream))[0].split()[1].decode())
+        await stream.send_all(response(200, body))
+
+    with trio.fail_after(10):
+        async with canned_server(answer) as url:
+            api = make_api(http, url)
+            assert await api.readout_manifest() is None
+            assert await api.readout_manifest() is None
+    assert paths == [MANIFEST_PATH]  # cached, as a 404 is
+    assert f"lists no {empty}" in caplog.text
+
+
+async def test_negative_and_repeated_layer_indices_are_the_servers_business(
+    http: httpx.AsyncClient,
+) -> None:
+    body = b'{"concepts": ["a"], "layers": [-1, 3, 3]}'  # -1 can mean the last layer
+    with trio.fail_after(10):
+        async with canned_server([response(200, body)]) as url:
+            manifest = await make_api(http, url).readout_manifest()
+    assert manifest is not None and manifest.layers == (-1, 3, 3) and manifest.shape == (3, 1)
+
+
 async def test_failed_manifest_fetch_is_not_cached(http: httpx.AsyncClient) -> None:
     ok = response(200, b'{"concepts": ["a"], "layers": [4]}')
     with trio.fail_after(10):
@@ -214,7 +254,90 @@ async def test_cancelled_manifest_fetch_is_not_cached(http: httpx.AsyncClient) -
             with trio.move_on_after(0.2) as scope:
                 await api.readout_manifest()
             assert scope.cancelled_caught
-            assert api._manifest_fetched is False
+            assert api._manifest.fetched is False
+
+
+def held_answers(answers: Sequence[bytes], release: trio.Event, paths: list[str]) -> Handler:
+    """A handler that records each request's path and holds its answer (the n-th
+    connection's is ``answers[n]``, the last repeating) until ``release`` is set."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        head, _ = await read_request(stream)
+        paths.append(head.split()[1].decode())
+        mine = answers[min(len(paths), len(answers)) - 1]
+        await release.wait()
+        await stream.send_all(mine)
+
+    return answer
+
+
+@pytest.mark.parametrize("endpoint", ["manifest", "models"])
+async def test_concurrent_callers_share_one_failed_fetch_instead_of_each_retrying(
+    http: httpx.AsyncClient, endpoint: str
+) -> None:
+    # Waiters of a fetch that failed used to take the lock in turn and send it
+    # again, one after another: n callers, n requests, n times the wait.
+    release, paths = trio.Event(), list[str]()
+    errors: list[BaseException] = []
+
+    async def call(api: HttpApi) -> None:
+        try:
+            if endpoint == "manifest":
+                await api.readout_manifest()
+            else:
+                await api.chat(HELLO)
+        except (HttpError, ValueError) as exc:
+            errors.append(exc)
+
+    handler = held_answers([response(503, b"overloaded")], release, paths)
+    with trio.fail_after(10):
+        async with canned_server(handler) as url:
+            api = HttpApi(http, url, "", "")  # no model: chat() asks GET /models
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(call, api)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+            assert len(paths) == 1  # one request for the 8 of them
+            assert len(errors) == 8
+            for exc in errors:
+                http_error = exc if isinstance(exc, HttpError) else exc.__cause__
+                assert isinstance(http_error, HttpError) and http_error.http_status == 503
+            await call(api)  # the failure was not cached: a later call asks again
+            assert len(paths) == 2 and len(errors) == 9
+
+
+async def test_waiters_of_a_fetch_cancelled_by_its_caller_start_a_new_one(
+    http: httpx.AsyncClient,
+) -> None:
+    release, paths = trio.Event(), list[str]()
+    ok = response(200, b'{"concepts": ["a"], "layers": [4]}')
+    handler = held_answers([response(503, b"never sent"), ok], release, paths)
+    with trio.fail_after(10):
+        async with canned_server(handler) as url:
+            api = make_api(http, url)
+            got: list[ReadoutManifest | None] = []
+
+            async def wait_for_manifest() -> None:
+                got.append(await api.readout_manifest())
+
+            async with trio.open_nursery() as nursery:
+                first = trio.CancelScope()
+
+                async def first_caller() -> None:
+                    with first:
+                        await api.readout_manifest()
+
+                nursery.start_soon(first_caller)
+                await trio.testing.wait_all_tasks_blocked()  # its request is sent
+                nursery.start_soon(wait_for_manifest)
+                nursery.start_soon(wait_for_manifest)
+                await trio.testing.wait_all_tasks_blocked()
+                first.cancel()  # the first caller gives up: its fetch is cut...
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()  # ... and one of its waiters has sent a new one
+    assert len(paths) == 2
+    assert got == [ReadoutManifest(concepts=["a"], layers=[4])] * 2
 
 
 @pytest.mark.parametrize(
@@ -405,6 +528,49 @@ async def test_api_key_never_appears_when_a_server_echoes_it_in_a_200_answer(
     assert KEY not in caplog.text
 
 
+LONG_KEY = "sk-live-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"  # 54 chars
+
+
+async def echo_key_across_a_cut(stream: trio.SocketStream, case: str) -> None:
+    """Answer with the request's key where a cut of the answer falls inside it."""
+    head, _ = await read_request(stream)
+    key = head.split(b"Bearer ")[1].split(b"\r\n")[0]
+    if case == "excerpt-cut":  # the key from byte 485: across the 500-byte excerpt
+        await stream.send_all(response(400, b"x" * 470 + b" invalid token " + key, "text/plain"))
+    elif case == "read-cut":
+        # The key over and over, one of them across the 2000-byte read of an error
+        # body: redacted, the 36 echoes before it shrink to 396 chars, and the read's
+        # partial key (its first 40 chars) comes within the excerpt's 500.
+        body = (key + b" ") * 40
+        cut = body.index(key, 2000 - len(key)) + 40
+        head_ = b"HTTP/1.1 400 X\r\ncontent-type: text/plain\r\n"
+        await stream.send_all(head_ + b"content-length: %d\r\n\r\n" % len(body) + body[:cut])
+        await trio.sleep(0.3)  # by now the client has read 2000 bytes and stopped
+        await stream.send_all(body[cut:])
+    else:  # "shape-error": across the 200-char cut of a shape error's repr
+        await stream.send_all(response(200, json.dumps({"x": "y" * 180 + key.decode()}).encode()))
+
+
+@pytest.mark.parametrize("case", ["excerpt-cut", "read-cut", "shape-error"])
+async def test_api_key_echoed_across_a_cut_leaves_no_part_of_it_in_the_error(
+    http: httpx.AsyncClient, case: str
+) -> None:
+    # The excerpt was cut first and redacted after: the key's first part, no longer
+    # the key, stayed in the message and in body_excerpt.
+    with trio.fail_after(10):
+        async with canned_server(partial(echo_key_across_a_cut, case=case)) as url:
+            with pytest.raises(PocApiError) as info:
+                await HttpApi(http, url, LONG_KEY, "m").tokenize("a")
+    err = info.value
+    texts = [str(err), getattr(err, "body_excerpt", "")]
+    assert not any(LONG_KEY[:10] in text for text in texts)
+    assert "<redacted>" in str(err)
+    if isinstance(err, HttpError):
+        assert len(err.body_excerpt) <= 500 and err.body_excerpt in str(err)
+    else:
+        assert isinstance(err, ProtocolViolation)
+
+
 _KEY_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)  # printable, no space
 # "<redacted>"; for keys that could form again across it, these (not ASCII).
 _MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039REDACTED\u203a")
@@ -487,6 +653,39 @@ async def test_a_content_length_over_the_limit_fails_before_the_body_is_read(
             api = HttpApi(http, url, "", "m", max_body=1000)
             with pytest.raises(LimitExceeded, match="5000000 bytes"):
                 await api.tokenizer_info()
+
+
+async def never_reads(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    "case", ["send-cancelled", "error-body-past-its-read", "body-past-max-body"]
+)
+async def test_no_unfinished_httpx_async_generator_is_left_for_the_garbage_collector(
+    http: httpx.AsyncClient, case: str
+) -> None:
+    # Cancelling a POST while its body was being sent (httpx's ByteStream.__aiter__),
+    # or stopping a body's read early (httpx's aiter_bytes chain), left an async
+    # generator unfinished: trio's finaliser then warned "Async generator ... was
+    # garbage collected" (raised here as an error, and caught by pytest's
+    # unraisable-exception capture, which the configuration makes an error).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with trio.fail_after(10):
+            if case == "send-cancelled":
+                async with canned_server(never_reads) as url:
+                    big = TrainSample(list(range(1_000_000)), [(0, 10)])  # a 7 MB body
+                    with trio.move_on_after(0.5) as scope:
+                        await make_api(http, url).train([big])
+                    assert scope.cancelled_caught
+            else:
+                status = 500 if case == "error-body-past-its-read" else 200
+                async with canned_server(partial(endless_body, status=status)) as url:
+                    api = HttpApi(http, url, "", "m", max_body=1 << 20)
+                    with pytest.raises(HttpError if status == 500 else LimitExceeded):
+                        await api.tokenizer_info()
+        gc.collect()  # trio's finaliser warns right here, in the collector's callback
 
 
 async def test_the_clients_max_message_size_bounds_http_bodies_too() -> None:
@@ -785,6 +984,57 @@ async def test_stream_error_status_raises_on_entering_the_block(
     assert info.value.http_status == 400
 
 
+# Error answers whose body cannot be read whole: (status line and headers, body
+# sent, the error class the status maps to, the error that cut the read short).
+CUT_ERROR_BODIES = {
+    "cut-short": (
+        b"HTTP/1.1 503 Busy\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\n",
+        b"server overloaded",
+        HttpError,
+        ServerUnavailable,
+    ),
+    "broken-gzip": (
+        b"HTTP/1.1 500 Err\r\ncontent-type: text/plain\r\ncontent-encoding: gzip\r\n"
+        b"content-length: 9\r\n\r\n",
+        b"not gzip!",
+        HttpError,
+        ProtocolViolation,
+    ),
+    "auth-cut-short": (
+        b"HTTP/1.1 401 No\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\n",
+        b"bad key",
+        AuthenticationError,
+        ServerUnavailable,
+    ),
+}
+
+
+@pytest.mark.parametrize("call", ["train", "chat_stream"])
+@pytest.mark.parametrize("case", list(CUT_ERROR_BODIES))
+async def test_an_error_status_is_kept_when_its_body_cannot_be_read_whole(
+    http: httpx.AsyncClient, case: str, call: str
+) -> None:
+    # The status line arrived, then the body failed: the caller got a
+    # ServerUnavailable or ProtocolViolation with no http_status at all.
+    head, body, expected, cause = CUT_ERROR_BODIES[case]
+    status = int(head.split()[1])
+    with trio.fail_after(10):
+        async with canned_server([head + body]) as url:
+            api = make_api(http, url)
+            with pytest.raises(PocApiError) as info:
+                if call == "train":
+                    await api.train([TrainSample([1, 2], [(0, 2)])])
+                else:
+                    async with api.chat_stream(HELLO):
+                        pytest.fail("entered the block despite an error status")
+    err = info.value
+    assert type(err) is expected and err.http_status == status
+    assert f"HTTP {status}" in str(err) and "body cut short" in str(err)
+    if isinstance(err, HttpError) and case == "cut-short":
+        assert err.body_excerpt == "server overloaded"  # what did arrive
+    assert isinstance(err.__cause__, cause)
+
+
 async def test_a_keyword_that_is_almost_one_of_chats_is_refused_as_a_typo(
     http: httpx.AsyncClient,
 ) -> None:
@@ -871,6 +1121,19 @@ async def test_tokenize_detokenize_round_trip(
         assert await api.detokenize(tokens) == text
 
 
+@pytest.mark.parametrize("bad", [-1, 2**32, 2**40])
+async def test_tokenize_refuses_ids_no_token_can_have(http: httpx.AsyncClient, bad: int) -> None:
+    # They were returned as they came: the caller's next call with them (detokenize,
+    # TrainSample) then raised a ValueError that blamed the caller.
+    answer = response(200, json.dumps({"tokens": [5, bad, 2**32 - 1]}).encode())
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            with pytest.raises(
+                ProtocolViolation, match=rf"token id {bad} is not in \[0, 2\*\*32\)"
+            ):
+                await make_api(http, url).tokenize("hello")
+
+
 async def test_tokenizer_info_lists_vocab_size_and_special_ids(
     server: ReferenceServer, http: httpx.AsyncClient
 ) -> None:
@@ -909,6 +1172,66 @@ async def test_unanswered_request_raises_poc_api_timeout() -> None:
     assert isinstance(info.value.__cause__, httpx.TimeoutException)
 
 
+def trickle(answer: bytes, every: float = 0.1) -> Handler:
+    """A handler that sends ``answer`` one byte every ``every`` seconds: each socket
+    read gets something in time, the answer as a whole takes ages."""
+
+    async def send_slowly(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        for i in range(len(answer)):
+            await stream.send_all(answer[i : i + 1])
+            await trio.sleep(every)
+
+    return send_slowly
+
+
+CHAT_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("call", ["tokenize", "chat_stream"])
+async def test_the_clients_timeout_bounds_a_trickled_answer_as_a_whole(call: str) -> None:
+    # ApiClient(timeout=) became httpx's per-read timeout only: a byte every 0.1 s
+    # kept tokenize() (or a chat stream's headers) waiting for as long as it went on.
+    answer = response(200, b'{"tokens": [' + b"1, " * 100 + b"1]}")
+    if call == "chat_stream":
+        answer = CHAT_STREAM_HEAD + sse(DELTA, "[DONE]")
+    with trio.fail_after(5):  # the answer takes over 15 s
+        async with canned_server(trickle(answer)) as url:
+            async with poc_api.ApiClient(
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.5
+            ) as c:
+                started = trio.current_time()
+                with pytest.raises(PocApiTimeout, match=r"within 0\.5 s") as info:
+                    if call == "tokenize":
+                        await c.tokenize("a")
+                    else:
+                        async with c.chat_stream(HELLO):
+                            pass
+                assert trio.current_time() - started < 2
+    assert isinstance(info.value, TimeoutError)
+
+
+async def test_the_clients_timeout_does_not_cut_a_chat_stream_that_lasts_longer() -> None:
+    async def slow_stream(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(CHAT_STREAM_HEAD)
+        for _ in range(10):  # an event every 0.15 s: 1.5 s in all
+            await trio.sleep(0.15)
+            await stream.send_all(sse(DELTA))
+        await stream.send_all(sse("[DONE]"))
+
+    with trio.fail_after(10):
+        async with canned_server(slow_stream) as url:
+            async with poc_api.ApiClient(
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.5
+            ) as c:
+                async with c.chat_stream(HELLO) as events:
+                    got = [ev async for ev in events]
+    assert len(got) == 11 and isinstance(got[-1], ChatDone)
+
+
 async def test_refused_connection_raises_server_unavailable(http: httpx.AsyncClient) -> None:
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
@@ -927,6 +1250,72 @@ async def test_connection_closed_without_answer_raises_server_unavailable(
         async with canned_server([b""]) as url:
             with pytest.raises(ServerUnavailable):
                 await make_api(http, url).tokenize("a")
+
+
+def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = False) -> Handler:
+    """Keep-alive connections that the server closes, unanswered, on the second
+    request each gets (its idle timeout racing the request); with ``fresh_too``,
+    on the first. ``requests`` records (connection number, request line)."""
+    connections = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        mine = connections
+        for n in range(1, 3):
+            head, _ = await read_request(stream)
+            if not head:
+                return
+            requests.append((mine, head.split(b"\r\n")[0].decode()))
+            if n == 2 or fresh_too:
+                return  # closed without an answer
+            body = b'{"concepts": ["a"], "layers": [0], "accepted": 1, "job_id": "j"}'
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            await stream.send_all(head % len(body) + b"\r\n" + body)  # and keep it open
+
+    return serve
+
+
+@pytest.mark.parametrize("call", ["readout_manifest", "tokenizer_info", "models"])
+async def test_a_get_on_a_pooled_connection_the_server_just_closed_is_sent_again(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, call: str
+) -> None:
+    # The server's keep-alive timeout raced the next request: an idempotent GET
+    # failed with ServerUnavailable "Server disconnected without sending a response".
+    caplog.set_level(logging.DEBUG, logger="poc_api.http")
+    requests: list[tuple[int, str]] = []
+    with trio.fail_after(10):
+        async with canned_server(keep_alive_then_close(requests)) as url:
+            api = HttpApi(http, url, "", "")
+            await api.train([TrainSample([1], [(0, 1)])])  # opens connection 1
+            if call == "models":
+                with pytest.raises(ProtocolViolation, match="/models"):  # (not a list)
+                    await api.chat(HELLO)
+            else:
+                await getattr(api, call)()
+    assert [n for n, _ in requests] == [1, 1, 2]  # sent again, on a new connection
+    assert requests[1][1] == requests[2][1]
+    assert "sending it again" in caplog.text
+
+
+async def test_a_post_or_a_get_on_a_fresh_connection_is_never_sent_again(
+    http: httpx.AsyncClient,
+) -> None:
+    requests: list[tuple[int, str]] = []
+    with trio.fail_after(10):
+        async with canned_server(keep_alive_then_close(requests)) as url:
+            api = make_api(http, url)
+            await api.readout_manifest()  # opens connection 1
+            with pytest.raises(ServerUnavailable, match="without sending a response"):
+                await api.train([TrainSample([1], [(0, 1)])])
+        async with canned_server(keep_alive_then_close(requests, fresh_too=True)) as url:
+            with pytest.raises(ServerUnavailable, match="without sending a response"):
+                await make_api(http, url).tokenizer_info()
+    assert [line.split()[:2] for _, line in requests] == [
+        ["GET", "/v1/readout/manifest"],
+        ["POST", "/v1/train"],
+        ["GET", "/v1/tokenizer"],
+    ]
 
 
 async def test_garbage_instead_of_http_raises_protocol_violation(

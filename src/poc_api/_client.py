@@ -118,7 +118,13 @@ class ApiClient:
             ``dns:///host:port`` target, makes a pool of endpoints (below).
         connect_timeout: seconds to connect (HTTP); for gRPC, to connect (TCP and
             TLS) and hear the server speak HTTP/2 (its SETTINGS), all together.
-        timeout: HTTP request timeout in seconds.
+        timeout: seconds each HTTP call's request may take as a whole: sending
+            it, the response headers and the whole body (:class:`PocApiTimeout`),
+            however slowly the server trickles its answer. For :meth:`chat_stream`
+            it bounds the time until the response headers have arrived (a long
+            stream is not cut), and then each wait for the stream's next bytes
+            (httpx's read timeout). A call's own ``timeout=`` bounds it as well.
+            Not used by the gRPC calls.
         close_timeout: bound on each shielded ``CloseSession`` at a session's exit.
         max_buffered_events: events buffered per stream before the client stops
             reading and HTTP/2 flow control pushes back on the server. This bound
@@ -332,7 +338,12 @@ class ApiClient:
             raise
         self._bridge = bridge
         self._http = HttpApi(
-            http, self._base_url, self._api_key, self._model, max_body=self._max_message_size
+            http,
+            self._base_url,
+            self._api_key,
+            self._model,
+            max_body=self._max_message_size,
+            timeout=self._timeout,
         )
         self._http_client = http
         self._state = _State.OPENED
@@ -624,10 +635,12 @@ class ApiClient:
     # -- HTTP --------------------------------------------------------------------
 
     async def readout_manifest(self, *, timeout: float | None = None) -> ReadoutManifest | None:
-        """The readout manifest, or ``None`` when the server has readout disabled.
+        """The readout manifest, or ``None`` when the server has readout disabled
+        (or sends a manifest with no concepts or no layers: a warning is logged).
 
-        Fetched once per client and shared, even by concurrent first callers; a
-        failed or cancelled fetch is not cached.
+        Fetched once per client and shared, even by concurrent first callers (one
+        request; they all get its answer, or its error); a failed or cancelled
+        fetch is not cached: a later call tries again.
         """
         with deadline(timeout, "readout_manifest"):
             return await self._https().readout_manifest()
@@ -671,7 +684,10 @@ class ApiClient:
         return self._https().chat_stream(messages, timeout=timeout, **kwargs)
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
-        """Encode text with the server's tokenizer (reference-server extension)."""
+        """Encode text with the server's tokenizer (reference-server extension).
+
+        An answer with an id outside ``[0, 2**32)`` raises :class:`ProtocolViolation`.
+        """
         with deadline(timeout, "tokenize"):
             return await self._https().tokenize(text)
 

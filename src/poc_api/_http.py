@@ -9,7 +9,8 @@ Errors:
 
 - a 4xx/5xx answer raises :class:`~poc_api.HttpError` (401/403:
   :class:`~poc_api.AuthenticationError`) whose message holds the status, the URL and
-  :func:`error_excerpt` of the body;
+  :func:`error_excerpt` of the body -- of as much of it as arrived, when its read
+  failed (that failure is the error's ``__cause__``);
 - a body that is not UTF-8 JSON of the expected shape raises
   :class:`~poc_api.ProtocolViolation`;
 - httpx's own exceptions are translated in exactly one place,
@@ -19,7 +20,7 @@ Errors:
 
 The api key travels only in the ``authorization`` header. It is never put in an
 exception message or a log line, and is redacted from body excerpts in case a
-server echoes it back.
+server echoes it back: from all of the answer read, before the excerpt is cut.
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextvars import ContextVar
+from types import TracebackType
 from typing import (
     Any,
     Final,
+    Generic,
     NoReturn,
     ParamSpec,
     Protocol,
@@ -296,7 +300,9 @@ def _unencodable(exc: UnicodeEncodeError) -> str:
 
 
 def _short_repr(value: object, limit: int = 200) -> str:
-    text = repr(value)
+    # The key out before the cut: a key across it would leave its first part,
+    # which no redaction after the cut recognises.
+    text = _call_redactor.get()(repr(value))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -318,16 +324,20 @@ def _redacting(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, A
 
     @functools.wraps(fn)
     async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        redact = cast(_Redacts, args[0])._redact
+        token = _call_redactor.set(redact)  # for the excerpts made during the call
         try:
             return await fn(*args, **kwargs)
         except (PocApiError, ValueError) as exc:
             text = str(exc)
-            clean = cast(_Redacts, args[0])._redact(text)
+            clean = redact(text)
             if clean != text:
                 exc.args = (clean,)
                 if isinstance(exc, PocApiError):
                     exc.message = clean  # what its str() shows
             raise
+        finally:
+            _call_redactor.reset(token)
 
     return call
 
@@ -406,6 +416,117 @@ def _unchanged(text: str) -> str:
     return text
 
 
+#: The redactor of the HttpApi call running in this task (set by ``_redacting``),
+#: for the excerpts of a server's answer that module functions make.
+_call_redactor: ContextVar[Callable[[str], str]] = ContextVar(
+    "poc_api_http_redactor", default=_unchanged
+)
+
+
+_T = TypeVar("_T")
+
+
+@final
+class _Attempt:
+    """One run of a :class:`_SharedFetch`'s fetch, awaited by the callers that came
+    while it ran. ``error`` stays ``None`` when it ended without a value or an error
+    of its own (its caller was cancelled)."""
+
+    __slots__ = ("done", "error", "traceback")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None
+        self.traceback: TracebackType | None = None
+
+
+@final
+class _SharedFetch(Generic[_T]):
+    """A value fetched once and cached, one attempt at a time shared by every caller.
+
+    The first caller runs ``fetch``; callers that arrive while it runs wait for that
+    same attempt and get its value or its error (one request, not one each in
+    turn). A failure is not cached: a caller arriving after the attempt ended
+    starts a new one. An attempt cut short by its own caller's cancellation (or
+    Ctrl-C) has no answer to share: one of its waiters starts a new attempt, the
+    others wait for that one. :meth:`get` is always a checkpoint.
+    """
+
+    __slots__ = ("_attempt", "_fetch", "_value", "fetched")
+
+    def __init__(self, fetch: Callable[[], Awaitable[_T]]) -> None:
+        self._fetch = fetch
+        self._attempt: _Attempt | None = None
+        self._value: _T | None = None
+        self.fetched = False
+
+    async def get(self) -> _T:
+        while True:
+            if self.fetched:
+                await trio.lowlevel.checkpoint()
+                return cast(_T, self._value)
+            attempt = self._attempt
+            if attempt is None:
+                return await self._run()
+            await attempt.done.wait()
+            if attempt.error is not None:
+                # Every waiter raises the attempt's own error, from where it was
+                # raised (as asyncio.Future.result() does), not its grown traceback.
+                raise attempt.error.with_traceback(attempt.traceback)
+
+    async def _run(self) -> _T:
+        attempt = self._attempt = _Attempt()
+        try:
+            value = await self._fetch()
+        except Exception as exc:
+            attempt.error, attempt.traceback = exc, exc.__traceback__
+            raise
+        finally:
+            self._attempt = None
+            attempt.done.set()
+        self._value, self.fetched = value, True
+        return value
+
+
+@final
+class _RequestBody(httpx.ByteStream):
+    """A request body (as httpx's ``ByteStream``) whose async iterator is a plain
+    object, not an async generator.
+
+    httpx's own ``__aiter__`` is one: a send cancelled midway (a timeout, the
+    caller's cancel) leaves it unfinished, and trio's finaliser warns when the
+    garbage collector finds it (``ResourceWarning: Async generator ... was garbage
+    collected``; an error under ``-W error``). A ByteStream, so httpx never swaps
+    it for one of its own.
+    """
+
+    def __init__(self, content: bytes) -> None:
+        super().__init__(content)
+        self._content = content
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _OneChunk(self._content)
+
+
+@final
+class _OneChunk:
+    """An async iterator of one chunk."""
+
+    __slots__ = ("_chunk",)
+
+    def __init__(self, chunk: bytes) -> None:
+        self._chunk: bytes | None = chunk
+
+    def __aiter__(self) -> _OneChunk:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk, self._chunk = self._chunk, None
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+
 def _check_messages(messages: object) -> list[dict[str, Any]]:
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence of dicts, not {type(messages).__name__}")
@@ -468,9 +589,20 @@ class HttpApi:
         base_url: the HTTP root without a trailing ``/``, e.g. ``http://h:8000/v1``.
         api_key: sent as ``authorization: Bearer <key>`` when not empty.
         model: the model name sent with ``/train`` and ``/chat/completions``.
+        max_body: the largest response body accepted, in bytes.
+        timeout: seconds each request may take as a whole -- sending, the response
+            headers and the whole body -- or, for :meth:`chat_stream`, until the
+            response headers have arrived; past it :class:`~poc_api.PocApiTimeout`.
+            ``None``: no bound but the httpx client's own, which are per socket
+            operation (a server trickling its answer a byte at a time never
+            trips them).
 
     Every coroutine is a checkpoint. Cancelling one abandons its request: httpx
     closes the connection it was using, the pool stays usable, nothing is cached.
+
+    A GET that the server answers by closing the pooled keep-alive connection it
+    was sent on (its idle timeout racing the request) is sent once more, on
+    another connection (logged at debug). Other requests are never sent twice.
 
     Example::
 
@@ -487,7 +619,9 @@ class HttpApi:
         model: str,
         *,
         max_body: int = 64 * 1024 * 1024,
+        timeout: float | None = None,
     ) -> None:
+        self._timeout = check_timeout("timeout", timeout)
         if isinstance(max_body, bool) or not isinstance(max_body, int):
             raise TypeError(f"max_body must be an int, not {type(max_body).__name__}")
         if max_body < 1:
@@ -500,16 +634,51 @@ class HttpApi:
         self._api_key = api_key
         self._redact_key = key_redactor(api_key)
         self._model = model
-        self._manifest_lock = trio.Lock()
-        self._manifest_fetched = False
-        self._manifest: ReadoutManifest | None = None
-        self._model_lock = trio.Lock()
-        self._served_model: str | None = None  # from GET /models when model is ""
+        self._manifest = _SharedFetch(self._fetch_manifest)
+        self._served_model = _SharedFetch(self._fetch_served_model)  # when model is ""
 
     def __repr__(self) -> str:
         return f"<HttpApi {self._shown} model={self._model!r}>"
 
     # -- plumbing ------------------------------------------------------------------
+
+    def _build_request(
+        self, method: str, url: str, payload: object, accept: str = "application/json"
+    ) -> httpx.Request:
+        request = self._client.build_request(
+            method, url, headers=self._headers(accept), json=payload
+        )
+        request.stream = _RequestBody(request.content)  # see _RequestBody
+        return request
+
+    async def _send(self, method: str, url: str, shown: str, payload: object) -> httpx.Response:
+        """Send a JSON request; return its response unread (the caller closes it).
+
+        A GET that went out on a reused keep-alive connection just as the server
+        closed it (its idle timeout racing the request: "Server disconnected
+        without sending a response") is sent once more. The pool has dropped that
+        connection, and before reusing an idle one httpx drops it if the server
+        has closed it, so the second try goes out on a live connection, most often
+        a new one. A GET is idempotent; anything else is never sent twice.
+        """
+        reused = True
+
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
+            nonlocal reused
+            if event.startswith("connection.connect_"):  # httpcore opens a connection
+                reused = False
+
+        request = self._build_request(method, url, payload)
+        if method != "GET":
+            return await self._client.send(request, stream=True)
+        request.extensions["trace"] = trace  # httpx's documented trace extension
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            if not reused or "without sending a response" not in str(exc):
+                raise
+            log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
+        return await self._client.send(self._build_request(method, url, payload), stream=True)
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
         headers = {"accept": accept}
@@ -521,9 +690,42 @@ class HttpApi:
         text = redact_url(text)
         return self._redact_key(text)
 
-    def _status_error(self, method: str, url: str, status: int, body: bytes) -> PocApiError:
-        excerpt = self._redact(error_excerpt(body))
+    def _time_limit(self) -> float:
+        return math.inf if self._timeout is None else self._timeout
+
+    def _timed_out(self, method: str, shown: str, what: str) -> PocApiTimeout:
+        assert self._timeout is not None
+        return PocApiTimeout(f"{method} {shown}: {what} within {self._timeout:g} s (timeout)")
+
+    def _excerpt(self, body: bytes, *, whole: bool) -> str:
+        """:func:`error_excerpt` of ``body`` with the key redacted from all of it
+        first: redacted after the cut, a key across the cut left its first part.
+
+        ``whole=False`` (a body read only in part) also drops a first part of the
+        key at its end, which the redactor cannot recognise.
+        """
+        # surrogateescape: the bytes come back unchanged for error_excerpt's cut.
+        text = self._redact(body.decode("utf-8", "surrogateescape"))
+        key = self._api_key
+        if not whole:
+            for n in range(min(len(key) - 1, len(text)), 0, -1):
+                if text.endswith(key[:n]):
+                    text = text[:-n]
+                    break
+        return error_excerpt(text.encode("utf-8", "surrogateescape"))
+
+    def _status_error(
+        self, method: str, url: str, status: int, body: bytes, cut: PocApiError | None = None
+    ) -> PocApiError:
+        """The error for an error status (401/403: ``AuthenticationError``), with an
+        excerpt of ``body``; ``cut`` is the error that cut the body's read short
+        (raise this one from it)."""
+        # Error bodies are read up to _ERROR_BODY_READ_LIMIT: one that long may go on.
+        whole = cut is None and len(body) < _ERROR_BODY_READ_LIMIT
+        excerpt = self._excerpt(body, whole=whole)
         message = f"HTTP {status} from {method} {redact_url(url)}: {excerpt}"
+        if cut is not None:
+            message = f"{message.rstrip()} [body cut short: {type(cut).__name__}]"
         if status in (401, 403):
             return AuthenticationError(message, http_status=status)
         return HttpError(message, http_status=status, url=redact_url(url), body_excerpt=excerpt)
@@ -540,13 +742,21 @@ class HttpApi:
         shown = self._shown + path
         log.debug("%s %s", method, shown)
         started = time.monotonic()
-        with _map_httpx_errors(method, shown, self._client):
-            request = self._client.build_request(method, url, headers=self._headers(), json=payload)
-            response = await self._client.send(request, stream=True)
-            try:
-                body = await self._read_body(response, f"{method} {shown}")
-            finally:
-                await response.aclose()
+        cut: PocApiError | None = None  # what cut an error body's read short
+        # httpx's timeouts bound each socket operation, not the request: a server
+        # trickling its answer a byte at a time would hold the caller forever.
+        with trio.CancelScope(relative_deadline=self._time_limit()) as scope:
+            with _map_httpx_errors(method, shown, self._client):
+                response = await self._send(method, url, shown, payload)
+                try:
+                    if response.is_success:
+                        body = await self._read_body(response, f"{method} {shown}")
+                    else:
+                        body, cut = await self._read_error_body(response, method, shown)
+                finally:
+                    await response.aclose()
+        if scope.cancelled_caught:
+            raise self._timed_out(method, shown, "no complete answer")
         log.debug(
             "%s %s -> %d (%d bytes, %.1f ms)",
             method,
@@ -558,15 +768,43 @@ class HttpApi:
         if allow_404 and response.status_code == 404:
             return None
         if not response.is_success:
-            raise self._status_error(method, shown, response.status_code, body)
+            raise self._status_error(method, shown, response.status_code, body, cut) from cut
         return _decode_json(body, f"{method} {shown}")
 
+    async def _read_error_body(
+        self,
+        response: httpx.Response,
+        method: str,
+        shown: str,
+        chunks: AsyncIterator[bytes] | None = None,
+    ) -> tuple[bytes, PocApiError | None]:
+        """An error answer's body, as much of it as could be read, and the error that
+        cut the read short (``None`` if none did).
+
+        The status line did arrive: a body lost on the way (a dropped connection,
+        a broken gzip encoding) must not turn a 503 into a status-less error.
+        """
+        received = bytearray()
+        try:
+            with _map_httpx_errors(method, shown, self._client):
+                await self._read_body(response, f"{method} {shown}", chunks, into=received)
+        except PocApiError as exc:
+            log.debug("%s %s: error body cut short: %s", method, shown, exc)
+            return bytes(received), exc
+        return bytes(received), None
+
     async def _read_body(
-        self, response: httpx.Response, what: str, chunks: AsyncIterator[bytes] | None = None
+        self,
+        response: httpx.Response,
+        what: str,
+        chunks: AsyncIterator[bytes] | None = None,
+        *,
+        into: bytearray | None = None,
     ) -> bytes:
         """The body (from ``chunks`` if the caller already holds its iterator), read up
         to ``max_body`` (``LimitExceeded`` past it); of an error answer only as much
-        as its excerpt needs."""
+        as its excerpt needs. ``into`` receives the bytes as they arrive (what came
+        before a failed read)."""
         ok = response.is_success
         limit = self._max_body if ok else _ERROR_BODY_READ_LIMIT
         length = response.headers.get("content-length", "")
@@ -575,15 +813,22 @@ class HttpApi:
                 f"{what}: the response body ({int(length)} bytes) is larger than "
                 f"{limit} bytes (max_message_size)"
             )
-        body = bytearray()
-        async for chunk in response.aiter_bytes() if chunks is None else chunks:
-            body += chunk
-            if not ok and len(body) >= limit:
-                break
-            if len(body) > limit:
-                raise LimitExceeded(
-                    f"{what}: the response body is larger than {limit} bytes (max_message_size)"
-                )
+        body = bytearray() if into is None else into
+        # The read is stopped by a cancel, not by leaving the loop (a break, a
+        # raise): the Cancelled runs through httpx's chain of async generators and
+        # finishes them, where a break would leave them for the garbage collector
+        # (trio's ResourceWarning, as _RequestBody's). httpx drops the connection.
+        with trio.CancelScope() as enough:
+            async for chunk in response.aiter_bytes() if chunks is None else chunks:
+                if enough.cancel_called:
+                    continue  # what httpx had already buffered
+                body += chunk
+                if len(body) > limit or (not ok and len(body) >= limit):
+                    enough.cancel()
+        if ok and len(body) > limit:
+            raise LimitExceeded(
+                f"{what}: the response body is larger than {limit} bytes (max_message_size)"
+            )
         return bytes(body)
 
     # -- endpoints -----------------------------------------------------------------
@@ -592,18 +837,16 @@ class HttpApi:
     async def readout_manifest(self) -> ReadoutManifest | None:
         """``GET /readout/manifest``: the readout manifest, or ``None`` when disabled (404).
 
+        A manifest that lists no concepts or no layers names no readout (its shape
+        would be empty): it is ``None`` too, with a warning logged.
+
         Fetched once per ``HttpApi`` and cached: concurrent first callers wait for a
-        single request. A failed or cancelled fetch caches nothing, so the next caller
-        tries again. Always a checkpoint.
+        single request and all get its answer -- its error too. A failed or
+        cancelled fetch caches nothing: a caller arriving after it ended tries
+        again (and the waiters of a fetch cancelled by its own caller start a new
+        one). Always a checkpoint.
         """
-        if self._manifest_fetched:
-            await trio.lowlevel.checkpoint()
-            return self._manifest
-        async with self._manifest_lock:
-            if not self._manifest_fetched:
-                self._manifest = await self._fetch_manifest()
-                self._manifest_fetched = True
-        return self._manifest
+        return await self._manifest.get()
 
     async def _fetch_manifest(self) -> ReadoutManifest | None:
         what = f"GET {self._shown}/readout/manifest"
@@ -618,6 +861,12 @@ class HttpApi:
             _shape_error(what, '"concepts": [str]', concepts)
         if not isinstance(layers, list) or not all(_is_int(x) for x in layers):
             _shape_error(what, '"layers": [int]', layers)
+        # Shape (n, 0) or (0, n): every readout call would refuse it. (Negative and
+        # repeated layer indices are the server's business: -1 can be the last.)
+        if not concepts or not layers:
+            empty = "concepts" if not concepts else "layers"
+            log.warning("%s lists no %s: taking readout as disabled", what, empty)
+            return None
         return ReadoutManifest(concepts=concepts, layers=layers)
 
     @_redacting
@@ -660,7 +909,9 @@ class HttpApi:
     async def tokenize(self, text: str) -> list[int]:
         """``POST /tokenize`` (reference-server extension): text to token ids.
 
-        A checkpoint; cancelling abandons the request.
+        An id that no token can have (outside ``[0, 2**32)``) raises
+        :class:`~poc_api.ProtocolViolation`. A checkpoint; cancelling abandons the
+        request.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
@@ -673,6 +924,10 @@ class HttpApi:
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
             _shape_error(what, '{"tokens": [int]}', data)
+        # Caught here, not as a ValueError blaming the caller's next call with them.
+        bad = next((t for t in tokens if not 0 <= t <= _U32_MAX), None)
+        if bad is not None:
+            raise ProtocolViolation(f"{what}: token id {bad} is not in [0, 2**32)")
         return tokens
 
     @_redacting
@@ -796,15 +1051,13 @@ class HttpApi:
         ``""``, so without ``model=`` this asks ``GET /models`` once per client and
         uses the served model when there is exactly one. Any other list, or an error
         status, raises ``ValueError`` before the chat request is sent (a garbage
-        answer: :class:`~poc_api.ProtocolViolation`). A failed lookup caches nothing.
+        answer: :class:`~poc_api.ProtocolViolation`). Concurrent callers share one
+        lookup and its outcome, as :meth:`readout_manifest`'s callers share one
+        fetch; a failed lookup caches nothing.
         """
         if self._model:
             return self._model
-        if self._served_model is None:
-            async with self._model_lock:
-                if self._served_model is None:
-                    self._served_model = await self._fetch_served_model()
-        return self._served_model
+        return await self._served_model.get()
 
     async def _fetch_served_model(self) -> str:
         what = f"GET {self._shown}/models"
@@ -923,6 +1176,8 @@ class HttpApi:
 
         Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the whole block,
         reading included, and raises :class:`~poc_api.PocApiTimeout` when it passes.
+        The ``HttpApi``'s own ``timeout`` bounds only the wait for the response
+        headers (and an error answer's body): a long stream is never cut by it.
 
         Entering the block sends the request and waits for the response headers
         (an error status raises here). Iterating yields :class:`ChatDelta`,
@@ -975,18 +1230,22 @@ class HttpApi:
                 payload["model"] = await self._chat_model()
             url = self._base_url + "/chat/completions"
             shown = self._shown + "/chat/completions"
-            request = self._client.build_request(
-                "POST",
-                url,
-                headers=self._headers(accept="text/event-stream"),
-                json=payload,
-            )
+            request = self._build_request("POST", url, payload, accept="text/event-stream")
             log.debug("POST %s (stream)", shown)
-            with _map_httpx_errors("POST", shown, self._client):
-                response = await self._client.send(request, stream=True)
+            # The client's timeout bounds the wait for the answer to begin, not the
+            # stream (httpx's read timeout still bounds each wait for the next bytes).
+            answer_by = trio.current_time() + self._time_limit()
+            with trio.CancelScope(deadline=answer_by) as head:
+                with _map_httpx_errors("POST", shown, self._client):
+                    response = await self._client.send(request, stream=True)
+            if head.cancelled_caught:
+                raise self._timed_out("POST", shown, "no response headers")
             events = _ChatEvents(self, response, shown)
             try:
-                await events.check_response()
+                with trio.CancelScope(deadline=answer_by) as head:
+                    await events.check_response()  # (an error answer's body is read here)
+                if head.cancelled_caught:
+                    raise self._timed_out("POST", shown, "no complete error answer")
                 # The body is read by a task of the block's own, so that a read the
                 # caller cancels (a per-event timeout) loses nothing: the next one
                 # goes on where it stopped. (httpx's reader ends for good, and drops
@@ -1225,10 +1484,10 @@ class _ChatEvents:
     async def check_response(self) -> None:
         status = self._response.status_code
         if not self._response.is_success:
-            with _map_httpx_errors("POST", self._url, self._api._client):
-                body = await self._api._read_body(self._response, self._what, self._chunks)
+            api = self._api
+            body, cut = await api._read_error_body(self._response, "POST", self._url, self._chunks)
             log.debug("POST %s -> %d (stream refused)", self._url, status)
-            raise self._api._status_error("POST", self._url, status, body)
+            raise api._status_error("POST", self._url, status, body, cut) from cut
         ctype = self._response.headers.get("content-type", "")
         if ctype.lower().startswith("application/json"):
             # Some servers refuse a stream with a 200 JSON error object (an
