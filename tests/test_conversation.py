@@ -377,3 +377,38 @@ async def test_stream_total_timeout_raises_and_drops_the_session(
                     pass
         assert conv.session is None
         await run(conv, [Tokens([1])])
+
+
+async def test_events_with_readouts_pickle_and_deep_copy_by_value(
+    client: poc_api.ApiClient,
+) -> None:
+    # Events go to worker processes (ProcessPoolExecutor, trio-parallel): a
+    # memoryview readout made pickle and deepcopy raise TypeError.
+    import copy
+    import pickle
+
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    async with client.conversation() as conv:
+        events = await run(conv, [Tokens(tokenize("Hi"))], readout_shape=manifest.shape)
+    outs = [e for e in events if isinstance(e, TokenOut)]
+    with trio.fail_after(10):
+        async with (
+            client.session() as s,
+            s.generate(
+                [65, 66], sampling=SamplingParams(max_tokens=1), readout_ranges=[(0, 10)]
+            ) as ev,
+        ):
+            tokens = [e async for e in ev if isinstance(e, poc_api.Token)]
+    assert outs and tokens and all(e.readout is not None for e in [*outs, *tokens])
+    for event in [*outs, *tokens]:
+        for back in (pickle.loads(pickle.dumps(event)), copy.deepcopy(event), copy.copy(event)):
+            assert type(back) is type(event) and back == event and hash(back) == hash(event)
+            assert back.readout is not None and event.readout is not None
+            assert (back.readout.format, back.readout.shape) == ("f", event.readout.shape)
+            assert back.readout.tolist() == event.readout.tolist()
+    assert pickle.loads(pickle.dumps(outs)) == outs
+    # The repr tells the readout's shape, not its address.
+    n_layers, n_concepts = manifest.shape
+    assert f"readout=<float32 ({n_layers}, {n_concepts})>" in repr(outs[0])
+    assert f"readout=<float32 ({n_layers * n_concepts},)>" in repr(tokens[0])

@@ -13,7 +13,7 @@ import operator
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeAlias, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeAlias, TypeVar, cast, final
 
 import attrs
 
@@ -242,6 +242,52 @@ class ReadoutManifest:
         return (len(self.layers), len(self.concepts))
 
 
+_E = TypeVar("_E", bound="Token | TokenOut")
+
+
+def _readout_repr(view: _FloatView | None) -> str:
+    # ``<memory at 0x...>`` says nothing; the format and shape are what one checks.
+    if view is None:
+        return "None"
+    try:
+        kind = "float32" if view.format == "f" else f"memoryview format {view.format!r}"
+        return f"<{kind} {view.shape}>"
+    except ValueError:  # released by its owner
+        return "<released memoryview>"
+
+
+def _readout_state(view: _FloatView | None) -> tuple[bytes, str, tuple[int, ...]] | None:
+    return None if view is None else (view.tobytes(), view.format, view.shape or ())
+
+
+def _readout_from_state(state: tuple[bytes, str, tuple[int, ...]] | None) -> _FloatView | None:
+    if state is None:
+        return None
+    data, fmt, shape = state
+    # cast refuses a shape with a zero in it: an empty readout comes back flat.
+    # (The format is the view's own, ``"f"`` for every readout poc_api makes.)
+    raw = memoryview(data)
+    view = raw.cast(fmt, shape) if data else raw.cast(fmt)  # type: ignore[call-overload]
+    return cast("_FloatView", view)
+
+
+def _rebuild_with_readout(
+    cls: type[_E], fields: dict[str, Any], state: tuple[bytes, str, tuple[int, ...]] | None
+) -> _E:
+    return cls(**fields, readout=_readout_from_state(state))
+
+
+def _reduce_with_readout(self: Token | TokenOut) -> tuple[Any, ...]:
+    """``__reduce__`` of the events that carry a readout.
+
+    A memoryview neither pickles nor deep-copies, so events could not go to a
+    worker process (``ProcessPoolExecutor``, trio-parallel): the readout goes as
+    its bytes, format and shape, and comes back as a read-only view equal to it.
+    """
+    fields = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
+    return (_rebuild_with_readout, (type(self), fields, _readout_state(fields.pop("readout"))))
+
+
 @final
 @attrs.frozen
 class TopLogprob:
@@ -264,7 +310,9 @@ class Token:
     ``Conversation.stream(..., readout_shape=...)``, on :class:`TokenOut`.
 
     Tokens compare by value, readouts included; the hash leaves the readout out
-    (a float memoryview has none).
+    (a float memoryview has none). They pickle and deep-copy (to a worker
+    process, say): the readout comes back as an equal read-only view of the same
+    format and shape. The repr shows a readout's shape, ``<float32 (24,)>``.
     """
 
     id: int
@@ -272,7 +320,9 @@ class Token:
     is_prefill: bool
     sampled_logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
-    readout: _FloatView | None = attrs.field(default=None, hash=False)
+    readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
+
+    __reduce__ = _reduce_with_readout
 
 
 @final
@@ -310,13 +360,15 @@ class TokenOut:
 
     ``readout`` is a 2-D float32 ``memoryview`` shaped ``(n_layers, n_concepts)``
     when a ``readout_shape`` was given and the server sent a vector of that size.
-    Compared by value like :class:`Token`.
+    Compared by value, pickled and copied like :class:`Token`.
     """
 
     id: int
-    readout: _FloatView | None = attrs.field(default=None, hash=False)
+    readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
     logprob: float = 0.0
     position: int = 0
+
+    __reduce__ = _reduce_with_readout
 
 
 @final
