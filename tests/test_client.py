@@ -879,3 +879,22 @@ async def test_a_second_task_reading_a_stream_gets_busy_resource_error() -> None
 def test_a_timeout_too_large_for_a_float_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="too large"):  # was OverflowError
         poc_api._types.check_timeout("timeout", 10**400)
+
+
+async def test_api_client_chat_refuses_an_unknown_keyword_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    before = server.state().http_requests.get("/v1/chat/completions", 0)
+    with trio.fail_after(10):
+        with pytest.raises(TypeError, match=r"'max_new_tokens' \(did you mean 'max_tokens'\?\)"):
+            await client.chat(messages, max_new_tokens=2)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=r"'top_k'.*extra_body=\{'top_k': \.\.\.\}"):
+            async with client.chat_stream(messages, top_k=4):  # type: ignore[call-arg]
+                pass
+        with pytest.raises(TypeError, match=r"^model must be a str"):
+            await client.chat(messages, model=5)  # type: ignore[arg-type]
+        # The escape hatch still sends a field as it is.
+        done = await client.chat(messages, max_tokens=2, extra_body={"top_k": 4})
+    assert done.usage is not None and done.usage.completion_tokens == 2
+    assert server.state().http_requests.get("/v1/chat/completions", 0) == before + 1

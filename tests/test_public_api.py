@@ -166,3 +166,27 @@ def test_type_hints_of_every_public_class_resolve() -> None:
             attrs.resolve_types(obj)
     hints = typing.get_type_hints(poc_api.Token)
     assert hints["readout"] == memoryview | None
+
+
+def test_api_client_chat_spells_out_the_keywords_of_http_api_chat() -> None:
+    # ApiClient.chat/chat_stream took **kwargs: no type checking, help() showed
+    # nothing, and an unknown keyword (max_new_tokens=2) was sent as it was.
+    import inspect
+    from collections.abc import Callable
+
+    from poc_api._http import HttpApi
+
+    def keywords(fn: Callable[..., object]) -> list[str]:
+        params = inspect.signature(fn).parameters.values()
+        return [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+
+    for method in (poc_api.ApiClient.chat, poc_api.ApiClient.chat_stream):
+        kinds = [p.kind for p in inspect.signature(method).parameters.values()]
+        assert inspect.Parameter.VAR_KEYWORD not in kinds, method
+    client_chat = keywords(poc_api.ApiClient.chat)
+    assert client_chat == ["timeout", *keywords(HttpApi.chat)]  # a per-call deadline of its own
+    assert keywords(poc_api.ApiClient.chat_stream) == keywords(HttpApi.chat_stream)
+    assert "max_tokens" in client_chat and "extra_body" in client_chat
+    for method in (poc_api.ApiClient.chat, poc_api.ApiClient.chat_stream):
+        doc = inspect.getdoc(method) or ""
+        assert all(f"    {name}:" in doc for name in client_chat), method

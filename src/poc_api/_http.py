@@ -442,6 +442,7 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
 # The keywords chat() and chat_stream() take themselves (for the typo check).
 _CHAT_KEYWORDS = (
     "timeout",
+    "model",
     "max_tokens",
     "temperature",
     "top_p",
@@ -708,6 +709,7 @@ class HttpApi:
         messages: Sequence[Mapping[str, Any]],
         *,
         stream: bool,
+        model: str | None,
         max_tokens: int | None,
         temperature: float | None,
         top_p: float | None,
@@ -724,9 +726,14 @@ class HttpApi:
     ) -> dict[str, Any]:
         """The request body, every argument checked (TypeError/ValueError) before sending.
 
-        ``"model"`` is filled in by the caller (it may need a ``GET /models``).
+        An empty ``"model"`` is filled in by the caller (it may need a ``GET /models``).
         """
-        payload: dict[str, Any] = {"model": self._model, "messages": _check_messages(messages)}
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a str, not {type(model).__name__}")
+        payload: dict[str, Any] = {
+            "model": self._model if model is None else model,
+            "messages": _check_messages(messages),
+        }
         if max_tokens is not None:
             payload["max_tokens"] = _check_int("max_tokens", max_tokens, 0, _U32_MAX)
         if temperature is not None:
@@ -831,6 +838,7 @@ class HttpApi:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
+        model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -855,6 +863,8 @@ class HttpApi:
         :class:`~poc_api.HttpError` with the server's message. Cancelling abandons
         the request.
 
+        ``model`` names the model for this call instead of the client's.
+
         Example::
 
             done = await api.chat([{"role": "user", "content": "hi"}], max_tokens=16)
@@ -863,6 +873,7 @@ class HttpApi:
         payload = self._chat_payload(
             messages,
             stream=False,
+            model=model,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -905,6 +916,7 @@ class HttpApi:
         messages: Sequence[Mapping[str, Any]],
         *,
         timeout: float | None = None,
+        model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -953,6 +965,7 @@ class HttpApi:
         payload = self._chat_payload(
             messages,
             stream=True,
+            model=model,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
