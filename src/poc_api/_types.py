@@ -121,10 +121,16 @@ def _check_float32(_inst: object, attribute: attrs.Attribute[Any], value: object
 
 
 def check_timeout(name: str, value: float | None) -> float | None:
-    """A timeout in seconds (``None`` = none); ``ValueError`` unless a number >= 0."""
+    """A timeout in seconds (``None`` = none).
+
+    ``TypeError`` naming ``name`` unless an int or float (bools refused), as for
+    ``ApiClient``'s own timeouts; ``ValueError`` if negative, NaN or too large.
+    """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if not value >= 0:  # NaN too
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
     try:
         return float(value)

@@ -348,6 +348,21 @@ NAMED_ERRORS = [
         TypeError,
         "^prompt_chunks must be a sequence of Tokens/Image, not NoneType",
     ),
+    # A timeout of the wrong type is a TypeError (it was a ValueError), as on ApiClient.
+    _case(lambda s, c: s.prefill([1], timeout="5"), TypeError, "^timeout must be a number .* str"),
+    _case(
+        lambda s, c: _enter(s.generate([1], first_token_timeout="1")),
+        TypeError,
+        "^first_token_timeout must be a number of seconds or None, not str",
+    ),
+    _case(
+        lambda s, c: _enter(s.generate([1], token_timeout=True)),
+        TypeError,
+        "^token_timeout must be a number of seconds or None, not bool",
+    ),
+    _case(lambda s, c: c.readout_manifest(timeout=[1]), TypeError, "^timeout must .* not list"),
+    _case(lambda s, c: s.prefill([1], timeout=-1), ValueError, "^timeout must be a non-neg"),
+    _case(lambda s, c: s.rewind(1, timeout=float("nan")), ValueError, "^timeout .* got nan"),
 ]
 
 
