@@ -112,6 +112,28 @@ def test_readout_manifest_takes_typed_iterables() -> None:
     assert manifest.concepts == ("a", "b") and manifest.layers == (0, 1)
 
 
+def test_readout_manifest_refuses_strings_and_elements_of_the_wrong_type() -> None:
+    # A str was split into characters, and elements went unchecked: ("v", "o", ...).
+    import pytest
+
+    bad = [
+        (("vowel", [0]), "^concepts must be a sequence of str, not str"),
+        ((b"ab", [0]), "^concepts must be a sequence of str, not bytes"),
+        ((None, [0]), "^concepts must be a sequence of str, not NoneType"),
+        ((["a", 1], [0]), r"^concepts\[1\] must be a str, not int"),
+        ((["a"], "012"), "^layers must be a sequence of int, not str"),
+        ((["a"], 3), "^layers must be a sequence of int, not int"),
+        ((["a"], [0.5, None]), r"^layers\[0\] must be an int, not float"),
+        ((["a"], [0, True]), r"^layers\[1\] must be an int, not bool"),
+    ]
+    for args, match in bad:
+        with pytest.raises(TypeError, match=match):
+            poc_api.ReadoutManifest(*args)
+    # Negative layer indices count from the end; any iterable of the right elements.
+    manifest = poc_api.ReadoutManifest(iter(["a", "b"]), range(-2, 0))
+    assert (manifest.concepts, manifest.layers, manifest.shape) == (("a", "b"), (-2, -1), (2, 2))
+
+
 def test_stream_done_always_carries_usage() -> None:
     # StreamDone is built from a wire Done, whose usage is always there.
     import typing

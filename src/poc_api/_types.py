@@ -235,20 +235,38 @@ class Usage:
     total_tokens: int
 
 
+def _sequence(name: str, value: object, of: str) -> tuple[object, ...]:
+    # A str is iterable, but a manifest of "vowel" is not five concepts.
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of {of}, not {type(value).__name__}")
+    return tuple(value)
+
+
 # Typed converters (not a bare ``tuple``, whose TypeVar mypy's attrs plugin
 # cannot solve): ``ReadoutManifest(["a"], [0])`` type-checks under --strict.
 def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
-    return tuple(value)
+    concepts = _sequence("concepts", value, "str")
+    for i, concept in enumerate(concepts):
+        if not isinstance(concept, str):
+            raise TypeError(f"concepts[{i}] must be a str, not {type(concept).__name__}")
+    return cast("tuple[str, ...]", concepts)
 
 
 def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
-    return tuple(value)
+    # Negative indices are fine: -1 can mean the last layer.
+    layers = _sequence("layers", value, "int")
+    return tuple(as_int(f"layers[{i}]", layer) for i, layer in enumerate(layers))
 
 
 @final
 @attrs.frozen
 class ReadoutManifest:
-    """Names for the readout vectors: which concepts, read at which layers."""
+    """Names for the readout vectors: which concepts, read at which layers.
+
+    ``concepts`` is a sequence of str and ``layers`` one of ints (negative ones
+    count from the last layer); anything else, a bare str included, is a
+    ``TypeError``.
+    """
 
     concepts: tuple[str, ...] = attrs.field(converter=_str_tuple)
     layers: tuple[int, ...] = attrs.field(converter=_int_tuple)
