@@ -134,6 +134,20 @@ def test_readout_manifest_refuses_strings_and_elements_of_the_wrong_type() -> No
     assert (manifest.concepts, manifest.layers, manifest.shape) == (("a", "b"), (-2, -1), (2, 2))
 
 
+def test_attributes_are_typed_as_precisely_as_their_values() -> None:
+    # HttpError.http_status was int | None though always set; reason a plain str
+    # (a typo in a comparison went unnoticed); chat logprobs were Any.
+    import typing
+    from typing import Any, Literal
+
+    assert typing.get_type_hints(poc_api.HttpError)["http_status"] is int
+    assert typing.get_type_hints(poc_api.PocApiError)["http_status"] == int | None
+    reason = typing.get_type_hints(poc_api.SessionDivergence.__init__)["reason"]
+    assert reason == Literal["unknown_length", "straddle", "short", "content"]
+    for cls in (poc_api.ChatCompletion, poc_api.ChatDelta):
+        assert typing.get_type_hints(cls)["logprobs"] == dict[str, Any] | None
+
+
 def test_stream_done_always_carries_usage() -> None:
     # StreamDone is built from a wire Done, whose usage is always there.
     import typing

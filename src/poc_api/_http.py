@@ -156,7 +156,7 @@ class ChatCompletion:
     usage: Usage | None
     tool_calls: tuple[ChatToolCall, ...] = ()
     reasoning: str = ""
-    logprobs: Any = attrs.field(default=None, hash=False)
+    logprobs: dict[str, Any] | None = attrs.field(default=None, hash=False)
     choices: tuple[ChatCompletion, ...] = ()
 
 
@@ -172,7 +172,7 @@ class ChatDelta:
 
     text: str
     choice: int = 0
-    logprobs: Any = attrs.field(default=None, hash=False)
+    logprobs: dict[str, Any] | None = attrs.field(default=None, hash=False)
 
 
 @final
@@ -1175,9 +1175,17 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
         usage=None,
         tool_calls=tuple(tool_calls),
         reasoning=reasoning,
-        logprobs=choice.get("logprobs"),
+        logprobs=_logprobs(choice, what),
     )
     return index, completion
+
+
+def _logprobs(choice: dict[str, Any], what: str) -> dict[str, Any] | None:
+    # OpenAI's is an object or null; anything else would break the typed field.
+    logprobs = choice.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, dict):
+        _shape_error(what, '"logprobs": {...} or null', logprobs)
+    return logprobs
 
 
 @final
@@ -1394,7 +1402,7 @@ class _ChatEvents:
                 self._queue.append(ChatReasoningDelta(reasoning, index))
             content = delta.get("content")
             if isinstance(content, str) and content:
-                self._queue.append(ChatDelta(content, index, choice.get("logprobs")))
+                self._queue.append(ChatDelta(content, index, _logprobs(choice, self._what)))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for call in calls:
