@@ -226,3 +226,33 @@ def test_api_client_chat_spells_out_the_keywords_of_http_api_chat() -> None:
     for method in (poc_api.ApiClient.chat, poc_api.ApiClient.chat_stream):
         doc = inspect.getdoc(method) or ""
         assert all(f"    {name}:" in doc for name in client_chat), method
+
+
+def test_poc_debug_lines_appear_once_when_the_app_configures_logging_too() -> None:
+    # POC_DEBUG=1 adds a stderr handler at import; an app calling basicConfig()
+    # afterwards got every poc_api line twice (its handler and ours).
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, poc_api\n"
+        "log = logging.getLogger('poc_api.grpc')\n"
+        "log.debug('before the app configures logging')\n"
+        "logging.basicConfig(level=logging.WARNING, format='APP %(levelname)s %(message)s')\n"
+        "log.debug('after basicConfig')\n"
+        "log.warning('a warning')\n"
+    )
+    env = dict(os.environ, POC_DEBUG="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    # Before: our handler; after: the app's handler (and format) alone.
+    assert sum("before the app" in line for line in lines) == 1
+    assert "poc_api.grpc DEBUG before the app configures logging" in proc.stderr
+    assert [line for line in lines if "after basicConfig" in line] == [
+        "APP DEBUG after basicConfig"
+    ]
+    assert [line for line in lines if "a warning" in line] == ["APP WARNING a warning"]
