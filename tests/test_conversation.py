@@ -412,3 +412,32 @@ async def test_events_with_readouts_pickle_and_deep_copy_by_value(
     n_layers, n_concepts = manifest.shape
     assert f"readout=<float32 ({n_layers}, {n_concepts})>" in repr(outs[0])
     assert f"readout=<float32 ({n_layers * n_concepts},)>" in repr(tokens[0])
+
+
+async def test_conversation_and_stream_reprs_tell_the_session_and_state(
+    client: poc_api.ApiClient,
+) -> None:
+    # They were <poc_api._conversation.Conversation object at 0x...>.
+    with trio.fail_after(10):
+        async with client.conversation() as conv:
+            assert repr(conv) == "<Conversation no session rewind=True>"
+            async with conv.stream([Tokens([65])], SamplingParams(max_tokens=2)) as ev:
+                assert conv.session is not None
+                sid = conv.session.session_id
+                assert (
+                    repr(conv)
+                    == f"<Conversation session {sid} committed_len=0 rewind=True streaming>"
+                )
+                assert repr(ev) == f"<ConversationStream session {sid} decoded=0 streaming>"
+                events = [e async for e in ev]
+                assert repr(ev) == f"<ConversationStream session {sid} decoded=2 done>"
+            assert isinstance(events[-1], StreamDone)
+            assert repr(conv) == f"<Conversation session {sid} committed_len=3 rewind=True>"
+        assert repr(conv).endswith(" closed>")
+        async with client.session() as s:
+            async with s.generate([1], sampling=SamplingParams(max_tokens=1)) as g:
+                assert repr(g) == f"<GenerateStream session {s.session_id} streaming>"
+                _ = [e async for e in g]
+                assert repr(g) == (
+                    f"<GenerateStream session {s.session_id} done finish_reason='length'>"
+                )

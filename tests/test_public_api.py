@@ -15,6 +15,38 @@ def test_all_names_exist_and_are_documented() -> None:
             assert getattr(obj, "__doc__", None), f"{name} has no docstring"
 
 
+def test_the_namespace_holds_nothing_public_beyond_all_and_classes_say_poc_api() -> None:
+    # ``from __future__ import annotations`` left poc_api.annotations behind, and
+    # the POC_DEBUG hook was reachable as poc_api.configure_debug_from_env.
+    import pickle
+    import types
+
+    stray = {
+        name
+        for name, obj in vars(poc_api).items()
+        if not name.startswith("_") and not isinstance(obj, types.ModuleType)
+    } - set(poc_api.__all__)
+    assert stray == set()
+    # As trio: reprs, tracebacks and help() show poc_api.X, not the private module...
+    classes = [obj for name in poc_api.__all__ if isinstance(obj := getattr(poc_api, name), type)]
+    assert len(classes) > 40
+    assert [c for c in classes if c.__module__ != "poc_api"] == []
+    assert repr(poc_api.SamplingParams) == "<class 'poc_api.SamplingParams'>"
+    # ... and pickles by reference to poc_api.X, which resolves (values and errors).
+    for cls in classes:
+        assert b"poc_api._" not in pickle.dumps(cls), cls
+        assert pickle.loads(pickle.dumps(cls)) is cls
+    for value in (
+        poc_api.SamplingParams(max_tokens=3),
+        poc_api.Tokens([1, 2]),
+        poc_api.TokenOut(1),
+        poc_api.EndpointState.SERVING,
+        poc_api.SessionLost("gone"),
+    ):
+        back = pickle.loads(pickle.dumps(value))
+        assert type(back) is type(value) and repr(back) == repr(value)
+
+
 def test_every_public_name_of_private_modules_is_reexported() -> None:
     exported = set(poc_api.__all__)
     internal_only = {
