@@ -389,6 +389,7 @@ async def test_chat_sends_openai_fields_and_reads_tool_calls() -> None:
                     top_logprobs=2,
                     seed=5,
                     stop=["\n"],
+                    model="per-call",  # the client's model for this call
                     extra_body={"top_k": 4, "chat_template_kwargs": {"x": True}},
                 )
     assert done == ChatCompletion(
@@ -399,6 +400,7 @@ async def test_chat_sends_openai_fields_and_reads_tool_calls() -> None:
         reasoning="hmm",
     )
     _, sent = rec.requests[0]
+    assert sent["model"] == "per-call"
     assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto"
     assert sent["response_format"] == {"type": "json_object"}
     assert (sent["n"], sent["logprobs"], sent["top_logprobs"], sent["seed"]) == (1, True, 2, 5)

@@ -914,3 +914,22 @@ async def test_a_slow_consumer_of_buffered_events_lets_other_tasks_run(
             nursery.cancel_scope.cancel()
     assert busy > 0.3  # 2000 tokens at 0.2 ms: ~80 heartbeats were due
     assert during >= 10, (during, busy)
+
+
+async def test_api_client_chat_refuses_an_unknown_keyword_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    before = server.state().http_requests.get("/v1/chat/completions", 0)
+    with trio.fail_after(10):
+        with pytest.raises(TypeError, match=r"'max_new_tokens' \(did you mean 'max_tokens'\?\)"):
+            await client.chat(messages, max_new_tokens=2)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=r"'top_k'.*extra_body=\{'top_k': \.\.\.\}"):
+            async with client.chat_stream(messages, top_k=4):  # type: ignore[call-arg]
+                pass
+        with pytest.raises(TypeError, match=r"^model must be a str"):
+            await client.chat(messages, model=5)  # type: ignore[arg-type]
+        # The escape hatch still sends a field as it is.
+        done = await client.chat(messages, max_tokens=2, extra_body={"top_k": 4})
+    assert done.usage is not None and done.usage.completion_tokens == 2
+    assert server.state().http_requests.get("/v1/chat/completions", 0) == before + 1

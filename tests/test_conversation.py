@@ -384,3 +384,67 @@ async def test_stream_total_timeout_raises_and_drops_the_session(
                     pass
         assert conv.session is None
         await run(conv, [Tokens([1])])
+
+
+async def test_events_with_readouts_pickle_and_deep_copy_by_value(
+    client: poc_api.ApiClient,
+) -> None:
+    # Events go to worker processes (ProcessPoolExecutor, trio-parallel): a
+    # memoryview readout made pickle and deepcopy raise TypeError.
+    import copy
+    import pickle
+
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    async with client.conversation() as conv:
+        events = await run(conv, [Tokens(tokenize("Hi"))], readout_shape=manifest.shape)
+    outs = [e for e in events if isinstance(e, TokenOut)]
+    with trio.fail_after(10):
+        async with (
+            client.session() as s,
+            s.generate(
+                [65, 66], sampling=SamplingParams(max_tokens=1), readout_ranges=[(0, 10)]
+            ) as ev,
+        ):
+            tokens = [e async for e in ev if isinstance(e, poc_api.Token)]
+    assert outs and tokens and all(e.readout is not None for e in [*outs, *tokens])
+    for event in [*outs, *tokens]:
+        for back in (pickle.loads(pickle.dumps(event)), copy.deepcopy(event), copy.copy(event)):
+            assert type(back) is type(event) and back == event and hash(back) == hash(event)
+            assert back.readout is not None and event.readout is not None
+            assert (back.readout.format, back.readout.shape) == ("f", event.readout.shape)
+            assert back.readout.tolist() == event.readout.tolist()
+    assert pickle.loads(pickle.dumps(outs)) == outs
+    # The repr tells the readout's shape, not its address.
+    n_layers, n_concepts = manifest.shape
+    assert f"readout=<float32 ({n_layers}, {n_concepts})>" in repr(outs[0])
+    assert f"readout=<float32 ({n_layers * n_concepts},)>" in repr(tokens[0])
+
+
+async def test_conversation_and_stream_reprs_tell_the_session_and_state(
+    client: poc_api.ApiClient,
+) -> None:
+    # They were <poc_api._conversation.Conversation object at 0x...>.
+    with trio.fail_after(10):
+        async with client.conversation() as conv:
+            assert repr(conv) == "<Conversation no session rewind=True>"
+            async with conv.stream([Tokens([65])], SamplingParams(max_tokens=2)) as ev:
+                assert conv.session is not None
+                sid = conv.session.session_id
+                assert (
+                    repr(conv)
+                    == f"<Conversation session {sid} committed_len=0 rewind=True streaming>"
+                )
+                assert repr(ev) == f"<ConversationStream session {sid} decoded=0 streaming>"
+                events = [e async for e in ev]
+                assert repr(ev) == f"<ConversationStream session {sid} decoded=2 done>"
+            assert isinstance(events[-1], StreamDone)
+            assert repr(conv) == f"<Conversation session {sid} committed_len=3 rewind=True>"
+        assert repr(conv).endswith(" closed>")
+        async with client.session() as s:
+            async with s.generate([1], sampling=SamplingParams(max_tokens=1)) as g:
+                assert repr(g) == f"<GenerateStream session {s.session_id} streaming>"
+                _ = [e async for e in g]
+                assert repr(g) == (
+                    f"<GenerateStream session {s.session_id} done finish_reason='length'>"
+                )

@@ -964,6 +964,29 @@ async def test_malformed_json_in_stream_raises_protocol_violation(
                         pass
 
 
+async def test_logprobs_that_are_not_an_object_or_null_are_a_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    # ChatCompletion/ChatDelta.logprobs are typed dict | None: a server's list (or
+    # any other shape) is refused, not handed on as it came.
+    choice = '{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop",'
+    whole = f'{{"choices":[{choice}"logprobs":[1]}}]}}'.encode()
+    delta = '{"choices":[{"index":0,"delta":{"content":"hi"},"logprobs":"x"}]}'
+    with trio.fail_after(10):
+        async with canned_server([response(200, whole)]) as url:
+            with pytest.raises(ProtocolViolation, match="logprobs"):
+                await make_api(http, url).chat(HELLO)
+        body = sse(delta, "[DONE]")
+        async with canned_server([response(200, body, "text/event-stream")]) as url:
+            with pytest.raises(ProtocolViolation, match="logprobs"):
+                async with make_api(http, url).chat_stream(HELLO) as events:
+                    async for _ in events:
+                        pass
+        fine = f'{{"choices":[{choice}"logprobs":{{"content":[]}}}}]}}'.encode()
+        async with canned_server([response(200, fine)]) as url:
+            assert (await make_api(http, url).chat(HELLO)).logprobs == {"content": []}
+
+
 async def test_stream_with_wrong_content_type_raises_protocol_violation(
     http: httpx.AsyncClient,
 ) -> None:

@@ -15,6 +15,38 @@ def test_all_names_exist_and_are_documented() -> None:
             assert getattr(obj, "__doc__", None), f"{name} has no docstring"
 
 
+def test_the_namespace_holds_nothing_public_beyond_all_and_classes_say_poc_api() -> None:
+    # ``from __future__ import annotations`` left poc_api.annotations behind, and
+    # the POC_DEBUG hook was reachable as poc_api.configure_debug_from_env.
+    import pickle
+    import types
+
+    stray = {
+        name
+        for name, obj in vars(poc_api).items()
+        if not name.startswith("_") and not isinstance(obj, types.ModuleType)
+    } - set(poc_api.__all__)
+    assert stray == set()
+    # As trio: reprs, tracebacks and help() show poc_api.X, not the private module...
+    classes = [obj for name in poc_api.__all__ if isinstance(obj := getattr(poc_api, name), type)]
+    assert len(classes) > 40
+    assert [c for c in classes if c.__module__ != "poc_api"] == []
+    assert repr(poc_api.SamplingParams) == "<class 'poc_api.SamplingParams'>"
+    # ... and pickles by reference to poc_api.X, which resolves (values and errors).
+    for cls in classes:
+        assert b"poc_api._" not in pickle.dumps(cls), cls
+        assert pickle.loads(pickle.dumps(cls)) is cls
+    for value in (
+        poc_api.SamplingParams(max_tokens=3),
+        poc_api.Tokens([1, 2]),
+        poc_api.TokenOut(1),
+        poc_api.EndpointState.SERVING,
+        poc_api.SessionLost("gone"),
+    ):
+        back = pickle.loads(pickle.dumps(value))
+        assert type(back) is type(value) and repr(back) == repr(value)
+
+
 def test_every_public_name_of_private_modules_is_reexported() -> None:
     exported = set(poc_api.__all__)
     internal_only = {
@@ -112,6 +144,42 @@ def test_readout_manifest_takes_typed_iterables() -> None:
     assert manifest.concepts == ("a", "b") and manifest.layers == (0, 1)
 
 
+def test_readout_manifest_refuses_strings_and_elements_of_the_wrong_type() -> None:
+    # A str was split into characters, and elements went unchecked: ("v", "o", ...).
+    import pytest
+
+    bad = [
+        (("vowel", [0]), "^concepts must be a sequence of str, not str"),
+        ((b"ab", [0]), "^concepts must be a sequence of str, not bytes"),
+        ((None, [0]), "^concepts must be a sequence of str, not NoneType"),
+        ((["a", 1], [0]), r"^concepts\[1\] must be a str, not int"),
+        ((["a"], "012"), "^layers must be a sequence of int, not str"),
+        ((["a"], 3), "^layers must be a sequence of int, not int"),
+        ((["a"], [0.5, None]), r"^layers\[0\] must be an int, not float"),
+        ((["a"], [0, True]), r"^layers\[1\] must be an int, not bool"),
+    ]
+    for args, match in bad:
+        with pytest.raises(TypeError, match=match):
+            poc_api.ReadoutManifest(*args)
+    # Negative layer indices count from the end; any iterable of the right elements.
+    manifest = poc_api.ReadoutManifest(iter(["a", "b"]), range(-2, 0))
+    assert (manifest.concepts, manifest.layers, manifest.shape) == (("a", "b"), (-2, -1), (2, 2))
+
+
+def test_attributes_are_typed_as_precisely_as_their_values() -> None:
+    # HttpError.http_status was int | None though always set; reason a plain str
+    # (a typo in a comparison went unnoticed); chat logprobs were Any.
+    import typing
+    from typing import Any, Literal
+
+    assert typing.get_type_hints(poc_api.HttpError)["http_status"] is int
+    assert typing.get_type_hints(poc_api.PocApiError)["http_status"] == int | None
+    reason = typing.get_type_hints(poc_api.SessionDivergence.__init__)["reason"]
+    assert reason == Literal["unknown_length", "straddle", "short", "content"]
+    for cls in (poc_api.ChatCompletion, poc_api.ChatDelta):
+        assert typing.get_type_hints(cls)["logprobs"] == dict[str, Any] | None
+
+
 def test_stream_done_always_carries_usage() -> None:
     # StreamDone is built from a wire Done, whose usage is always there.
     import typing
@@ -166,3 +234,57 @@ def test_type_hints_of_every_public_class_resolve() -> None:
             attrs.resolve_types(obj)
     hints = typing.get_type_hints(poc_api.Token)
     assert hints["readout"] == memoryview | None
+
+
+def test_api_client_chat_spells_out_the_keywords_of_http_api_chat() -> None:
+    # ApiClient.chat/chat_stream took **kwargs: no type checking, help() showed
+    # nothing, and an unknown keyword (max_new_tokens=2) was sent as it was.
+    import inspect
+    from collections.abc import Callable
+
+    from poc_api._http import HttpApi
+
+    def keywords(fn: Callable[..., object]) -> list[str]:
+        params = inspect.signature(fn).parameters.values()
+        return [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+
+    for method in (poc_api.ApiClient.chat, poc_api.ApiClient.chat_stream):
+        kinds = [p.kind for p in inspect.signature(method).parameters.values()]
+        assert inspect.Parameter.VAR_KEYWORD not in kinds, method
+    client_chat = keywords(poc_api.ApiClient.chat)
+    assert client_chat == ["timeout", *keywords(HttpApi.chat)]  # a per-call deadline of its own
+    assert keywords(poc_api.ApiClient.chat_stream) == keywords(HttpApi.chat_stream)
+    assert "max_tokens" in client_chat and "extra_body" in client_chat
+    for method in (poc_api.ApiClient.chat, poc_api.ApiClient.chat_stream):
+        doc = inspect.getdoc(method) or ""
+        assert all(f"    {name}:" in doc for name in client_chat), method
+
+
+def test_poc_debug_lines_appear_once_when_the_app_configures_logging_too() -> None:
+    # POC_DEBUG=1 adds a stderr handler at import; an app calling basicConfig()
+    # afterwards got every poc_api line twice (its handler and ours).
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, poc_api\n"
+        "log = logging.getLogger('poc_api.grpc')\n"
+        "log.debug('before the app configures logging')\n"
+        "logging.basicConfig(level=logging.WARNING, format='APP %(levelname)s %(message)s')\n"
+        "log.debug('after basicConfig')\n"
+        "log.warning('a warning')\n"
+    )
+    env = dict(os.environ, POC_DEBUG="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    # Before: our handler; after: the app's handler (and format) alone.
+    assert sum("before the app" in line for line in lines) == 1
+    assert "poc_api.grpc DEBUG before the app configures logging" in proc.stderr
+    assert [line for line in lines if "after basicConfig" in line] == [
+        "APP DEBUG after basicConfig"
+    ]
+    assert [line for line in lines if "a warning" in line] == ["APP WARNING a warning"]

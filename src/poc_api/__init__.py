@@ -17,8 +17,8 @@ Example::
 Everything public is re-exported here from private modules; see ``__all__``.
 """
 
-from __future__ import annotations
-
+# (No ``from __future__ import annotations`` here: it would leave a stray
+# ``poc_api.annotations`` behind, and this module annotates nothing.)
 from ._chunks import Chunk, Image, Tokens, prompt_to_chunks
 from ._client import ApiClient, resolve_grpc_url
 from ._conversation import Conversation, ConversationStream
@@ -50,7 +50,7 @@ from ._http import (
     ChatToolCall,
     ChatToolCallDelta,
 )
-from ._log import configure_debug_from_env
+from ._log import configure_debug_from_env as _configure_debug_from_env
 from ._pool import EndpointState, EndpointStatus
 from ._session import GenerateStream, Session
 from ._types import (
@@ -127,4 +127,29 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-configure_debug_from_env()
+
+def _fixup_module_metadata() -> None:
+    """Show exported classes as ``poc_api.X`` (reprs, tracebacks, ``help()``),
+    not as the private module that defines them, as trio does.
+
+    Pickles name them ``poc_api.X`` too, which resolves since they are exported.
+    ``typing.get_type_hints`` evaluates a class's string annotations in the
+    namespace of its ``__module__``: they are resolved in their own module
+    first, so attrs.resolve_types, cattrs and pydantic still see the types.
+    """
+    import inspect
+    import typing
+
+    for name in __all__:
+        obj = globals()[name]
+        if not isinstance(obj, type) or not obj.__module__.startswith("poc_api._"):
+            continue
+        own = inspect.get_annotations(obj)  # the class's own, unevaluated
+        if own:
+            hints = typing.get_type_hints(obj)
+            obj.__annotations__ = {key: hints[key] for key in own}
+        obj.__module__ = "poc_api"
+
+
+_fixup_module_metadata()
+_configure_debug_from_env()

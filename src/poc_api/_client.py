@@ -7,14 +7,17 @@ conversation and call, and an httpx client for the HTTP endpoints.
 
 from __future__ import annotations
 
+import difflib
 import enum
+import functools
+import inspect
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, final
+from typing import Any, ParamSpec, TypeVar, final
 from urllib.parse import urlsplit
 
 import httpx
@@ -40,6 +43,54 @@ from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample, keyw
 __all__ = ["ApiClient", "resolve_grpc_url"]
 
 log = logging.getLogger("poc_api")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _known_keywords_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Refuse a keyword ``fn`` does not take with a ``TypeError`` that suggests the
+    nearest one and points to ``extra_body``.
+
+    For ``chat``/``chat_stream``, whose options are spelled out so that a type
+    checker and ``help()`` see them: Python's own error would not say where a
+    field they do not name goes. (An unknown keyword used to be sent as it was,
+    so ``max_new_tokens=2`` was silently ignored by the server.)
+    """
+    params = inspect.signature(fn).parameters
+    known = [name for name, p in params.items() if p.kind is p.KEYWORD_ONLY]
+
+    def check(kwargs: dict[str, Any]) -> None:
+        unknown = [key for key in kwargs if key not in params]
+        if not unknown:
+            return
+        named = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, known, n=1)
+            named.append(f"{key!r} (did you mean {near[0]!r}?)" if near else repr(key))
+        plural = "s" if len(unknown) > 1 else ""
+        raise TypeError(
+            f"{fn.__qualname__}() got an unexpected keyword argument{plural} "
+            f"{', '.join(named)}; pass extra_body={{{unknown[0]!r}: ...}} to send a field "
+            "as it is"
+        )
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def checked_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+            check(kwargs)
+            return await fn(*args, **kwargs)
+
+        return checked_async  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        check(kwargs)
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 def resolve_grpc_url(
@@ -652,36 +703,132 @@ class ApiClient:
         with deadline(timeout, "train"):
             return await self._https().train(samples)
 
+    @_known_keywords_only
     async def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         timeout: float | None = None,
-        **kwargs: Any,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        seed: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> ChatCompletion:
-        """OpenAI-compatible chat completion (non-streaming).
+        """OpenAI-compatible chat completion (non-streaming), ``POST /chat/completions``.
 
-        ``kwargs`` are :meth:`HttpApi.chat`'s: ``max_tokens``, ``temperature``,
-        ``top_p``, ``stop``, ``tools``, ``tool_choice``, ``response_format``, ``n``,
-        ``logprobs``, ``top_logprobs``, ``seed`` and ``extra_body``.
+        Options left at ``None`` are not sent (the server's defaults apply). Bad
+        arguments raise ``TypeError``/``ValueError`` before anything is sent; an
+        unknown keyword is a ``TypeError`` naming it (a field the server knows and
+        this method does not goes in ``extra_body``).
+
+        Args:
+            messages: OpenAI message mappings (``{"role", "content"}``; an assistant
+                tool-call turn may have ``content: None``).
+            timeout: seconds for the whole call (:class:`PocApiTimeout` when passed).
+            model: the model to name for this call instead of the client's ``model``.
+            max_tokens: decode budget.
+            temperature: sampling temperature (0 is greedy).
+            top_p: nucleus sampling threshold in ``[0, 1]``.
+            stop: a string, or strings, that end the completion.
+            tools: OpenAI tool definitions (``{"type": "function", "function": ...}``).
+            tool_choice: ``"none"``, ``"auto"``, ``"required"`` or a mapping naming a tool.
+            response_format: e.g. ``{"type": "json_object"}``.
+            n: number of choices (all in :attr:`ChatCompletion.choices`).
+            logprobs: return the sampled tokens' logprobs.
+            top_logprobs: alternatives per position (needs ``logprobs=True``).
+            seed: sampling seed.
+            extra_body: fields sent as they are, after the ones above (vLLM's
+                ``top_k``, ``chat_template_kwargs``, ...).
         """
         with deadline(timeout, "chat"):
-            return await self._https().chat(messages, **kwargs)
+            return await self._https().chat(
+                messages,
+                model=model,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=stop,
+                tools=tools,
+                tool_choice=tool_choice,
+                response_format=response_format,
+                n=n,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                seed=seed,
+                extra_body=extra_body,
+            )
 
+    @_known_keywords_only
     def chat_stream(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         timeout: float | None = None,
-        **kwargs: Any,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        seed: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[ChatEvent]]:
         """OpenAI-compatible streaming chat: deltas, then a final :class:`ChatDone`.
 
-        ``kwargs`` as :meth:`chat`; ``timeout`` bounds the whole block (reading
-        included). Leaving the block early closes the HTTP response (the connection
-        goes back to the pool or is discarded).
+        Yields :class:`ChatDelta`, :class:`ChatReasoningDelta` and
+        :class:`ChatToolCallDelta` events in the order the server sent them, then
+        one :class:`ChatDone`. Leaving the block early closes the HTTP response
+        (the connection goes back to the pool or is discarded).
+
+        Args:
+            messages: as :meth:`chat`.
+            timeout: seconds for the whole block, reading included
+                (:class:`PocApiTimeout` when passed).
+            model: as :meth:`chat`.
+            max_tokens: as :meth:`chat`.
+            temperature: as :meth:`chat`.
+            top_p: as :meth:`chat`.
+            stop: as :meth:`chat`.
+            tools: as :meth:`chat`.
+            tool_choice: as :meth:`chat`.
+            response_format: as :meth:`chat`.
+            n: as :meth:`chat` (each delta names its ``choice``).
+            logprobs: as :meth:`chat` (carried on each :class:`ChatDelta`).
+            top_logprobs: as :meth:`chat`.
+            seed: as :meth:`chat`.
+            extra_body: as :meth:`chat`.
         """
-        return self._https().chat_stream(messages, timeout=timeout, **kwargs)
+        return self._https().chat_stream(
+            messages,
+            timeout=timeout,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            n=n,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            seed=seed,
+            extra_body=extra_body,
+        )
 
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
         """Encode text with the server's tokenizer (reference-server extension).

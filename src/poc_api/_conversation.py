@@ -116,6 +116,14 @@ class ConversationStream:
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
 
+    def __repr__(self) -> str:
+        # Cheap and never raising: it lands in logs and tracebacks.
+        state = "done" if self._done_delivered else "streaming"
+        return (
+            f"<ConversationStream session {self._events._session.session_id} "
+            f"decoded={len(self.decoded)} {state}>"
+        )
+
     def __aiter__(self) -> ConversationStream:
         return self
 
@@ -198,6 +206,18 @@ class Conversation:
         self._session: Session | None = None
         self._history: list[Chunk] = []
         self._closed = False
+
+    def __repr__(self) -> str:
+        # Cheap and never raising: it lands in logs and tracebacks.
+        session = self._session
+        held = (
+            "no session"
+            if session is None
+            else f"session {session.session_id} committed_len={session.committed_len}"
+        )
+        busy = " streaming" if self._lock.locked() else ""
+        closed = " closed" if self._closed else ""
+        return f"<Conversation {held} rewind={self._rewind}{busy}{closed}>"
 
     @property
     def session(self) -> Session | None:

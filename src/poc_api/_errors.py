@@ -37,7 +37,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from types import TracebackType
-from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, final
+from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeAlias, TypeVar, final
 
 import trio
 
@@ -173,6 +173,9 @@ class HttpError(PocApiError):
     The message holds the status, the URL and at most 500 characters of the body.
     """
 
+    # Narrower than PocApiError's: every HttpError is built with a status.
+    http_status: int
+
     def __init__(self, message: str, *, http_status: int, url: str, body_excerpt: str) -> None:
         super().__init__(message, http_status=http_status)
         self.url = url
@@ -187,6 +190,10 @@ class ProtocolViolation(PocApiError):
 @final
 class LimitExceeded(PocApiError):
     """A client-side bound (message size, concurrent streams, ...) was exceeded."""
+
+
+#: Why a prompt's chunks no longer line up with the session (``SessionDivergence.reason``).
+_DivergenceReason: TypeAlias = Literal["unknown_length", "straddle", "short", "content"]
 
 
 @final
@@ -205,14 +212,14 @@ class SessionDivergence(PocApiError):
         self,
         message: str,
         *,
-        reason: str,
+        reason: _DivergenceReason,
         chunk_index: int | None,
         accumulated: int,
         chunk_len: int,
         committed_len: int,
     ) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason: _DivergenceReason = reason
         self.chunk_index = chunk_index
         self.accumulated = accumulated
         self.chunk_len = chunk_len

@@ -160,7 +160,7 @@ class ChatCompletion:
     usage: Usage | None
     tool_calls: tuple[ChatToolCall, ...] = ()
     reasoning: str = ""
-    logprobs: Any = attrs.field(default=None, hash=False)
+    logprobs: dict[str, Any] | None = attrs.field(default=None, hash=False)
     choices: tuple[ChatCompletion, ...] = ()
 
 
@@ -176,7 +176,7 @@ class ChatDelta:
 
     text: str
     choice: int = 0
-    logprobs: Any = attrs.field(default=None, hash=False)
+    logprobs: dict[str, Any] | None = attrs.field(default=None, hash=False)
 
 
 @final
@@ -563,6 +563,7 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
 # The keywords chat() and chat_stream() take themselves (for the typo check).
 _CHAT_KEYWORDS = (
     "timeout",
+    "model",
     "max_tokens",
     "temperature",
     "top_p",
@@ -963,6 +964,7 @@ class HttpApi:
         messages: Sequence[Mapping[str, Any]],
         *,
         stream: bool,
+        model: str | None,
         max_tokens: int | None,
         temperature: float | None,
         top_p: float | None,
@@ -979,9 +981,14 @@ class HttpApi:
     ) -> dict[str, Any]:
         """The request body, every argument checked (TypeError/ValueError) before sending.
 
-        ``"model"`` is filled in by the caller (it may need a ``GET /models``).
+        An empty ``"model"`` is filled in by the caller (it may need a ``GET /models``).
         """
-        payload: dict[str, Any] = {"model": self._model, "messages": _check_messages(messages)}
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a str, not {type(model).__name__}")
+        payload: dict[str, Any] = {
+            "model": self._model if model is None else model,
+            "messages": _check_messages(messages),
+        }
         if max_tokens is not None:
             payload["max_tokens"] = _check_int("max_tokens", max_tokens, 0, _U32_MAX)
         if temperature is not None:
@@ -1084,6 +1091,7 @@ class HttpApi:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
+        model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -1108,6 +1116,8 @@ class HttpApi:
         :class:`~poc_api.HttpError` with the server's message. Cancelling abandons
         the request.
 
+        ``model`` names the model for this call instead of the client's.
+
         Example::
 
             done = await api.chat([{"role": "user", "content": "hi"}], max_tokens=16)
@@ -1116,6 +1126,7 @@ class HttpApi:
         payload = self._chat_payload(
             messages,
             stream=False,
+            model=model,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -1158,6 +1169,7 @@ class HttpApi:
         messages: Sequence[Mapping[str, Any]],
         *,
         timeout: float | None = None,
+        model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -1208,6 +1220,7 @@ class HttpApi:
         payload = self._chat_payload(
             messages,
             stream=True,
+            model=model,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -1421,9 +1434,17 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
         usage=None,
         tool_calls=tuple(tool_calls),
         reasoning=reasoning,
-        logprobs=choice.get("logprobs"),
+        logprobs=_logprobs(choice, what),
     )
     return index, completion
+
+
+def _logprobs(choice: dict[str, Any], what: str) -> dict[str, Any] | None:
+    # OpenAI's is an object or null; anything else would break the typed field.
+    logprobs = choice.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, dict):
+        _shape_error(what, '"logprobs": {...} or null', logprobs)
+    return logprobs
 
 
 @final
@@ -1640,7 +1661,7 @@ class _ChatEvents:
                 self._queue.append(ChatReasoningDelta(reasoning, index))
             content = delta.get("content")
             if isinstance(content, str) and content:
-                self._queue.append(ChatDelta(content, index, choice.get("logprobs")))
+                self._queue.append(ChatDelta(content, index, _logprobs(choice, self._what)))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for call in calls:

@@ -126,6 +126,18 @@ class GenerateStream:
         self.done: Done | None = None
         """The ``Done`` event once it has arrived."""
 
+    def __repr__(self) -> str:
+        # Cheap and never raising: it lands in logs and tracebacks.
+        if self.done is not None:
+            state = f"done finish_reason={self.done.finish_reason!r}"
+        elif self._exited:
+            state = "left before Done"
+        elif self._finished:
+            state = "ended without Done"
+        else:
+            state = "streaming"
+        return f"<GenerateStream session {self._session.session_id} {state}>"
+
     def __aiter__(self) -> GenerateStream:
         return self
 

@@ -13,7 +13,7 @@ import operator
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeAlias, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeAlias, TypeVar, cast, final
 
 import attrs
 
@@ -121,10 +121,16 @@ def _check_float32(_inst: object, attribute: attrs.Attribute[Any], value: object
 
 
 def check_timeout(name: str, value: float | None) -> float | None:
-    """A timeout in seconds (``None`` = none); ``ValueError`` unless a number >= 0."""
+    """A timeout in seconds (``None`` = none).
+
+    ``TypeError`` naming ``name`` unless an int or float (bools refused), as for
+    ``ApiClient``'s own timeouts; ``ValueError`` if negative, NaN or too large.
+    """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if not value >= 0:  # NaN too
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
     try:
         return float(value)
@@ -142,7 +148,12 @@ def check_int32(name: str, value: int) -> int:
 
 
 def _u32_tuple(value: Iterable[int], name: str = "tokens") -> tuple[int, ...]:
-    """Token ids as a tuple; ``TypeError`` naming ``name`` unless an iterable of ints."""
+    """Token ids as a tuple; ``TypeError`` naming ``name`` unless an iterable of ints.
+
+    An element's error names it, ``tokens[3]``. (Prompts run to 100k ids: plain
+    in-range ints take a check-only loop, and the element's name is only made on
+    the path of numpy integers and errors.)
+    """
     if isinstance(value, str | bytes):
         raise TypeError(f"{name} must be a sequence of token ids, not a string")
     try:
@@ -151,7 +162,13 @@ def _u32_tuple(value: Iterable[int], name: str = "tokens") -> tuple[int, ...]:
         raise TypeError(
             f"{name} must be a sequence of token ids, not {type(value).__name__}"
         ) from None
-    return tuple(_u32("token id", v) for v in items)
+    ids = tuple(items)
+    for v in ids:
+        if type(v) is not int or not 0 <= v <= U32_MAX:
+            break
+    else:
+        return ids
+    return tuple(_u32(f"{name}[{i}]", v) for i, v in enumerate(ids))
 
 
 # One converter per field, so errors name the field (attrs passes the value only).
@@ -218,20 +235,38 @@ class Usage:
     total_tokens: int
 
 
+def _sequence(name: str, value: object, of: str) -> tuple[object, ...]:
+    # A str is iterable, but a manifest of "vowel" is not five concepts.
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of {of}, not {type(value).__name__}")
+    return tuple(value)
+
+
 # Typed converters (not a bare ``tuple``, whose TypeVar mypy's attrs plugin
 # cannot solve): ``ReadoutManifest(["a"], [0])`` type-checks under --strict.
 def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
-    return tuple(value)
+    concepts = _sequence("concepts", value, "str")
+    for i, concept in enumerate(concepts):
+        if not isinstance(concept, str):
+            raise TypeError(f"concepts[{i}] must be a str, not {type(concept).__name__}")
+    return cast("tuple[str, ...]", concepts)
 
 
 def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
-    return tuple(value)
+    # Negative indices are fine: -1 can mean the last layer.
+    layers = _sequence("layers", value, "int")
+    return tuple(as_int(f"layers[{i}]", layer) for i, layer in enumerate(layers))
 
 
 @final
 @attrs.frozen
 class ReadoutManifest:
-    """Names for the readout vectors: which concepts, read at which layers."""
+    """Names for the readout vectors: which concepts, read at which layers.
+
+    ``concepts`` is a sequence of str and ``layers`` one of ints (negative ones
+    count from the last layer); anything else, a bare str included, is a
+    ``TypeError``.
+    """
 
     concepts: tuple[str, ...] = attrs.field(converter=_str_tuple)
     layers: tuple[int, ...] = attrs.field(converter=_int_tuple)
@@ -240,6 +275,52 @@ class ReadoutManifest:
     def shape(self) -> tuple[int, int]:
         """``(n_layers, n_concepts)``: the shape of one token's readout."""
         return (len(self.layers), len(self.concepts))
+
+
+_E = TypeVar("_E", bound="Token | TokenOut")
+
+
+def _readout_repr(view: _FloatView | None) -> str:
+    # ``<memory at 0x...>`` says nothing; the format and shape are what one checks.
+    if view is None:
+        return "None"
+    try:
+        kind = "float32" if view.format == "f" else f"memoryview format {view.format!r}"
+        return f"<{kind} {view.shape}>"
+    except ValueError:  # released by its owner
+        return "<released memoryview>"
+
+
+def _readout_state(view: _FloatView | None) -> tuple[bytes, str, tuple[int, ...]] | None:
+    return None if view is None else (view.tobytes(), view.format, view.shape or ())
+
+
+def _readout_from_state(state: tuple[bytes, str, tuple[int, ...]] | None) -> _FloatView | None:
+    if state is None:
+        return None
+    data, fmt, shape = state
+    # cast refuses a shape with a zero in it: an empty readout comes back flat.
+    # (The format is the view's own, ``"f"`` for every readout poc_api makes.)
+    raw = memoryview(data)
+    view = raw.cast(fmt, shape) if data else raw.cast(fmt)  # type: ignore[call-overload]
+    return cast("_FloatView", view)
+
+
+def _rebuild_with_readout(
+    cls: type[_E], fields: dict[str, Any], state: tuple[bytes, str, tuple[int, ...]] | None
+) -> _E:
+    return cls(**fields, readout=_readout_from_state(state))
+
+
+def _reduce_with_readout(self: Token | TokenOut) -> tuple[Any, ...]:
+    """``__reduce__`` of the events that carry a readout.
+
+    A memoryview neither pickles nor deep-copies, so events could not go to a
+    worker process (``ProcessPoolExecutor``, trio-parallel): the readout goes as
+    its bytes, format and shape, and comes back as a read-only view equal to it.
+    """
+    fields = {a.name: getattr(self, a.name) for a in attrs.fields(type(self))}
+    return (_rebuild_with_readout, (type(self), fields, _readout_state(fields.pop("readout"))))
 
 
 @final
@@ -264,7 +345,9 @@ class Token:
     ``Conversation.stream(..., readout_shape=...)``, on :class:`TokenOut`.
 
     Tokens compare by value, readouts included; the hash leaves the readout out
-    (a float memoryview has none).
+    (a float memoryview has none). They pickle and deep-copy (to a worker
+    process, say): the readout comes back as an equal read-only view of the same
+    format and shape. The repr shows a readout's shape, ``<float32 (24,)>``.
     """
 
     id: int
@@ -272,7 +355,9 @@ class Token:
     is_prefill: bool
     sampled_logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
-    readout: _FloatView | None = attrs.field(default=None, hash=False)
+    readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
+
+    __reduce__ = _reduce_with_readout
 
 
 @final
@@ -310,13 +395,15 @@ class TokenOut:
 
     ``readout`` is a 2-D float32 ``memoryview`` shaped ``(n_layers, n_concepts)``
     when a ``readout_shape`` was given and the server sent a vector of that size.
-    Compared by value like :class:`Token`.
+    Compared by value, pickled and copied like :class:`Token`.
     """
 
     id: int
-    readout: _FloatView | None = attrs.field(default=None, hash=False)
+    readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
     logprob: float = 0.0
     position: int = 0
+
+    __reduce__ = _reduce_with_readout
 
 
 @final

@@ -348,6 +348,43 @@ NAMED_ERRORS = [
         TypeError,
         "^prompt_chunks must be a sequence of Tokens/Image, not NoneType",
     ),
+    # An element's error names the argument and the index (it said "token id").
+    _case(lambda s, c: s.prefill([1.0]), TypeError, r"^tokens\[0\] must be an int, not float"),
+    _case(lambda s, c: s.prefill([1, -1]), ValueError, r"^tokens\[1\] must be in \[0, 2\*\*32\)"),
+    _case(
+        lambda s, c: _enter(s.generate([1, 2, "3"])),
+        TypeError,
+        r"^tokens\[2\] must be an int, not str",
+    ),
+    _case(
+        lambda s, c: SamplingParams(stop_token_ids=[1, "2"]),
+        TypeError,
+        r"^stop_token_ids\[1\] must be an int, not str",
+    ),
+    _case(lambda s, c: Tokens([1, 2, 3.0]), TypeError, r"^ids\[2\] must be an int, not float"),
+    _case(
+        lambda s, c: TrainSample([1, None], [(0, 1)]),
+        TypeError,
+        r"^tokens\[1\] must be an int, not NoneType",
+    ),
+    _case(
+        lambda s, c: c.detokenize([1, True]), TypeError, r"^tokens\[1\] must be an int, not bool"
+    ),
+    # A timeout of the wrong type is a TypeError (it was a ValueError), as on ApiClient.
+    _case(lambda s, c: s.prefill([1], timeout="5"), TypeError, "^timeout must be a number .* str"),
+    _case(
+        lambda s, c: _enter(s.generate([1], first_token_timeout="1")),
+        TypeError,
+        "^first_token_timeout must be a number of seconds or None, not str",
+    ),
+    _case(
+        lambda s, c: _enter(s.generate([1], token_timeout=True)),
+        TypeError,
+        "^token_timeout must be a number of seconds or None, not bool",
+    ),
+    _case(lambda s, c: c.readout_manifest(timeout=[1]), TypeError, "^timeout must .* not list"),
+    _case(lambda s, c: s.prefill([1], timeout=-1), ValueError, "^timeout must be a non-neg"),
+    _case(lambda s, c: s.rewind(1, timeout=float("nan")), ValueError, "^timeout .* got nan"),
 ]
 
 
