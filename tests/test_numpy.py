@@ -103,3 +103,19 @@ def test_numpy_bools_and_floats_are_not_token_ids(bad: object) -> None:
         Tokens([1, bad])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="max_tokens must be an int"):
         SamplingParams(max_tokens=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("array", "error"),
+    [
+        (np.array([1.0, 2.0]), "ids\\[0\\] must be an int, not float"),
+        (np.array([True]), "ids\\[0\\] must be an int, not bool"),
+        (np.zeros((2, 2), dtype=np.int64), "ids\\[0\\] must be an int, not list"),
+        (np.array([1, -1]), "ids\\[1\\] must be in"),
+        (np.array([2**32], dtype=np.uint64), "ids\\[0\\] must be in"),
+    ],
+)
+def test_numpy_arrays_of_anything_but_token_ids_are_refused(array: object, error: str) -> None:
+    # Arrays are read whole (tolist: plain ints in one C call), then checked as a list.
+    with pytest.raises((TypeError, ValueError), match=error):
+        Tokens(array)  # type: ignore[arg-type]
