@@ -331,7 +331,6 @@ class ApiClient:
         self._transport: GrpcTransport | None = None
         self._router: Router | None = None
         self._http: HttpApi | None = None
-        self._http_client: httpx.AsyncClient | None = None
         self._closed: trio.Event | None = None
 
     def __repr__(self) -> str:
@@ -396,7 +395,6 @@ class ApiClient:
             max_body=self._max_message_size,
             timeout=self._timeout,
         )
-        self._http_client = http
         self._state = _State.OPENED
         return self
 
@@ -464,8 +462,8 @@ class ApiClient:
             # sessions are closed, which can take close_timeout.
             if bridge is not None:
                 bridge.abort_calls()
-            if self._http_client is not None:
-                await step("the HTTP client", self._http_client.aclose)
+            if self._http is not None:
+                await step("the HTTP client", self._http.aclose)
             if router is not None and bridge is not None:
                 await step(
                     "the sessions still open",

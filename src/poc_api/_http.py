@@ -637,6 +637,10 @@ class HttpApi:
         self._model = model
         self._manifest = _SharedFetch(self._fetch_manifest)
         self._served_model = _SharedFetch(self._fetch_served_model)  # when model is ""
+        # Sends in flight, which aclose() ends before it closes httpx's client.
+        self._sending: set[trio.CancelScope] = set()
+        self._sends_ended: trio.Event | None = None
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"<HttpApi {self._shown} model={self._model!r}>"
@@ -671,15 +675,48 @@ class HttpApi:
 
         request = self._build_request(method, url, payload)
         if method != "GET":
-            return await self._client.send(request, stream=True)
+            return await self._send_owned(request)
         request.extensions["trace"] = trace  # httpx's documented trace extension
         try:
-            return await self._client.send(request, stream=True)
+            return await self._send_owned(request)
         except httpx.RemoteProtocolError as exc:
             if not reused or "without sending a response" not in str(exc):
                 raise
             log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
-        return await self._client.send(self._build_request(method, url, payload), stream=True)
+        return await self._send_owned(self._build_request(method, url, payload))
+
+    async def _send_owned(self, request: httpx.Request) -> httpx.Response:
+        """``client.send(request, stream=True)``, which :meth:`aclose` can end.
+
+        Ended so, it raises ``trio.ClosedResourceError``. (Closing httpx's client
+        alone does not end a send whose connection is still being opened: the
+        pool's close skips it, the request then goes out and succeeds, and the
+        new connection is left open, out of any pool, until the process exits.)
+        """
+        if self._closing:
+            await trio.lowlevel.checkpoint()
+            raise closed_under_call()
+        scope = trio.CancelScope()
+        self._sending.add(scope)
+        try:
+            with scope:
+                return await self._client.send(request, stream=True)
+        finally:
+            self._sending.discard(scope)
+            if not self._sending and self._sends_ended is not None:
+                self._sends_ended.set()
+        raise closed_under_call()  # (reached only when aclose() cancelled it)
+
+    async def aclose(self) -> None:
+        """End the sends in flight (``trio.ClosedResourceError``), then close httpx's
+        client, which ends the reads of the answers already begun."""
+        self._closing = True
+        while self._sending:
+            ended = self._sends_ended = trio.Event()
+            for scope in self._sending:
+                scope.cancel()
+            await ended.wait()
+        await self._client.aclose()
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
         headers = {"accept": accept}
@@ -1250,7 +1287,7 @@ class HttpApi:
             answer_by = trio.current_time() + self._time_limit()
             with trio.CancelScope(deadline=answer_by) as head:
                 with _map_httpx_errors("POST", shown, self._client):
-                    response = await self._client.send(request, stream=True)
+                    response = await self._send_owned(request)
             if head.cancelled_caught:
                 raise self._timed_out("POST", shown, "no response headers")
             events = _ChatEvents(self, response, shown)

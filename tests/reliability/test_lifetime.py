@@ -8,9 +8,11 @@ never speaks, and one that speaks HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -735,3 +737,64 @@ async def test_leaving_a_generate_block_by_an_exception_after_done_keeps_the_ses
             assert not s.lost, leave
             assert s.committed_len == before + 2 + 3, leave
         await s.prefill([3])  # and it is usable
+
+
+def _open_sockets_to(port: int, exclude: list[socket.socket]) -> list[socket.socket]:
+    """This process's open stdlib sockets that are connected (or connecting) to ``port``."""
+    found = []
+    for obj in gc.get_objects():
+        if not isinstance(obj, socket.socket) or obj in exclude or obj.fileno() == -1:
+            continue
+        try:
+            peer = obj.getpeername()
+        except OSError:  # connecting, or not a connected socket
+            continue
+        if obj.family == socket.AF_INET and peer[1] == port:
+            found.append(obj)
+    return found
+
+
+async def test_closing_the_client_ends_http_calls_still_connecting() -> None:
+    # A listener whose accept queue is full: connects hang (their SYNs dropped).
+    # httpx's close does not end a send whose connection is still being opened
+    # (its pool skips it): such calls ran on after the client's close, and their
+    # connections, once made, were left open outside any pool.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.create_connection(("127.0.0.1", port), timeout=5)]
+    ended: list[tuple[BaseException, float]] = []
+    client = poc_api.ApiClient(f"http://127.0.0.1:{port}/v1", grpc_url="http://127.0.0.1:1")
+
+    async def caller(call: str) -> None:
+        try:
+            if call == "chat_stream":
+                async with client.chat_stream([{"role": "user", "content": "hi"}], model="m"):
+                    pass
+            elif call == "tokenize":
+                await client.tokenize("x")
+            else:
+                await getattr(client, call)()
+        except BaseException as exc:
+            ended.append((exc, time.monotonic()))
+
+    try:
+        with trio.fail_after(10):
+            async with client, trio.open_nursery() as nursery:
+                for call in ("tokenize", "readout_manifest", "tokenizer_info", "chat_stream"):
+                    nursery.start_soon(caller, call)
+                await trio.sleep(0.3)  # all four are connecting
+                assert not ended
+                started = time.monotonic()
+                await client.aclose()
+                closed = time.monotonic()
+                assert len(ended) == 4  # before the close returned
+        assert [type(exc) for exc, _ in ended] == [trio.ClosedResourceError] * 4
+        assert closed - started < 1.0
+        gc.collect()
+        assert _open_sockets_to(port, fillers) == []
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
