@@ -711,11 +711,13 @@ class HttpApi:
         """End the sends in flight (``trio.ClosedResourceError``), then close httpx's
         client, which ends the reads of the answers already begun."""
         self._closing = True
-        while self._sending:
-            ended = self._sends_ended = trio.Event()
-            for scope in self._sending:
-                scope.cancel()
-            await ended.wait()
+        # Bounded: a send ends at its next checkpoint, but a close must never hang.
+        with trio.CancelScope(relative_deadline=_CLOSE_TIMEOUT):
+            while self._sending:
+                ended = self._sends_ended = trio.Event()
+                for scope in self._sending:
+                    scope.cancel()
+                await ended.wait()
         await self._client.aclose()
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
