@@ -927,6 +927,9 @@ async def test_api_client_chat_refuses_an_unknown_keyword_before_sending(
         with pytest.raises(TypeError, match=r"'top_k'.*extra_body=\{'top_k': \.\.\.\}"):
             async with client.chat_stream(messages, top_k=4):  # type: ignore[call-arg]
                 pass
+        # OpenAI's stream=True is a call of its own here (extra_body refuses it).
+        with pytest.raises(TypeError, match=r"takes no 'stream'; use chat_stream\(\)"):
+            await client.chat(messages, stream=True)  # type: ignore[call-arg]
         with pytest.raises(TypeError, match=r"^model must be a str"):
             await client.chat(messages, model=5)  # type: ignore[arg-type]
         # The escape hatch still sends a field as it is.

@@ -65,6 +65,8 @@ def _known_keywords_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
         unknown = [key for key in kwargs if key not in params]
         if not unknown:
             return
+        if "stream" in unknown:  # OpenAI's stream=True: a call of its own here
+            raise TypeError(f"{fn.__qualname__}() takes no 'stream'; use chat_stream() to stream")
         named = []
         for key in unknown:
             near = difflib.get_close_matches(key, known, n=1)
@@ -195,6 +197,7 @@ class ApiClient:
             5 minutes, is the most frequent pinging that gRPC's C-core servers
             accept by default on a quiet connection (more often earns a GOAWAY
             "too_many_pings"); lower it for servers that allow it.
+        keepalive_timeout: seconds to wait for a ping's answer (default 20).
         keepalive_idle: also ping while no call runs but sessions are open (an
             agent between turns), so a frozen server is found before the next
             turn. Off: ping only while calls run.
