@@ -460,7 +460,7 @@ class ApiClient:
         try:
             router, bridge = self._router, self._bridge
             # Running calls end first (streams reset, as their blocks would on
-            # leaving; HTTP requests cut by closing their client, which the
+            # leaving; HTTP sends ended, then their client closed, which the
             # CloseSessions do not need): no agent reads on while the held
             # sessions are closed, which can take close_timeout.
             if bridge is not None:
