@@ -288,3 +288,33 @@ def test_poc_debug_lines_appear_once_when_the_app_configures_logging_too() -> No
         "APP DEBUG after basicConfig"
     ]
     assert [line for line in lines if "a warning" in line] == ["APP WARNING a warning"]
+
+
+def test_the_poc_debug_handler_takes_no_lock_before_its_check() -> None:
+    # Its check takes logging's module lock (getLogger); dictConfig holds that lock
+    # while it takes every handler's. Done under the handler's own lock (in emit),
+    # a thread logging while another configured logging deadlocked both.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, threading, time, poc_api\n"
+        "handler = logging.getLogger('poc_api').handlers[0]\n"
+        "log = logging.getLogger('poc_api.grpc')\n"
+        "log.debug('warm the level cache')\n"
+        "logging._lock.acquire()  # as dictConfig does, before the handlers' locks\n"
+        "t = threading.Thread(target=log.debug, args=('a line',), daemon=True)\n"
+        "t.start(); time.sleep(0.3)  # it waits for the module lock now\n"
+        "free = handler.lock.acquire(timeout=2)  # dictConfig's next step\n"
+        "print('handler lock free:', free)\n"
+        "free and handler.lock.release()\n"
+        "logging._lock.release()\n"
+        "t.join(5); print('logged:', not t.is_alive())\n"
+    )
+    env = dict(os.environ, POC_DEBUG="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["handler lock free: True", "logged: True"], proc.stdout

@@ -13,13 +13,18 @@ class _DebugHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     Added at import, before an application configures logging: one that calls
     ``logging.basicConfig()`` afterwards would otherwise get every poc_api line
-    twice. Checked at emit time, so the application's handlers (and format) take
+    twice. Checked for each record, so the application's handlers (and format) take
     over whenever they are there, and its levels still let the debug lines through.
     """
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self._shown_elsewhere(record):
-            super().emit(record)
+    # A filter, not in emit(): emit runs under this handler's lock, and the check
+    # takes logging's module lock (getLogger), which dictConfig holds while it
+    # takes every handler's lock: a deadlock between a logging thread and one
+    # configuring logging. Handler.handle runs filters before it takes the lock.
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._shown_elsewhere(record):
+            return False
+        return bool(super().filter(record))
 
     def _shown_elsewhere(self, record: logging.LogRecord) -> bool:
         logger: logging.Logger | None = logging.getLogger(record.name)
