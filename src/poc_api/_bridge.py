@@ -341,6 +341,11 @@ class BatchReceiver(Generic[T]):
         self._waiting = False  # a task waits in receive_batch
         self._interrupted: Callable[[], BaseException] | None = None
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether :meth:`interrupt` was called."""
+        return self._interrupted is not None
+
     def interrupt(self, error: Callable[[], BaseException]) -> None:
         """trio: make every later :meth:`receive_batch` raise ``error()``, and wake
         the task waiting in one now (its resource was closed under it)."""

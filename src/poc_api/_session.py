@@ -190,7 +190,6 @@ class GenerateStream:
                 self._batch = await self._rx.receive_batch()
             else:
                 self._batch = await self._receive_with_timeouts(self._timeouts)
-            self._yielded = time.perf_counter()  # (if it waited; near enough if not)
             self._i = 0
             self._received = self._received or bool(self._batch)
             if not self._batch:
@@ -254,6 +253,8 @@ class GenerateStream:
         if self._drained:
             return
         self._drained = True
+        if self._rx.interrupted:
+            return  # the session was closed under it: the block's exit resets the stream
         now = trio.current_time()
         limit = now + self._session._close_timeout
         if self._timeouts is not None:

@@ -798,3 +798,25 @@ async def test_closing_the_client_ends_http_calls_still_connecting() -> None:
         for s in fillers:
             s.close()
         listener.close()
+
+
+async def test_a_block_whose_body_handled_its_sessions_close_leaves_without_error(
+    server: ReferenceServer,
+) -> None:
+    # Done buffered, unread, when another task closed the session: the body caught
+    # the ClosedResourceError, but leaving the block drained the stream, and the
+    # drain raised the same error again, out of the block's exit.
+    async with client_for(server) as client, client.session() as s:
+        caught = None
+        with trio.fail_after(10):
+            async with s.generate([4], sampling=SamplingParams(max_tokens=4)) as ev:
+                await ev.__anext__()
+                await wait_for(lambda: ev._rx._buf.finished)  # Done is in, unread
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(s.aclose)
+                try:
+                    async for _ in ev:
+                        pass
+                except trio.ClosedResourceError as exc:
+                    caught = exc
+        assert caught is not None
