@@ -1506,3 +1506,34 @@ async def test_a_second_task_reading_a_chat_stream_gets_busy_resource_error(
             async with api.chat_stream(HELLO, max_tokens=5, temperature=0) as events:
                 got = await read_beside_a_second_reader(events)
     assert "".join(e.text for e in got if isinstance(e, ChatDelta)) == whole.text
+
+
+@pytest.mark.parametrize("call", ["tokenize", "chat_stream"])
+async def test_the_clients_timeout_in_an_error_body_keeps_the_status(call: str) -> None:
+    # The status line is in, its body trickles: the timeout cut the answer as a
+    # whole and the 503 was lost (a bare PocApiTimeout). Now it cuts the body.
+    body = b'{"error": {"message": "overloaded", "type": "server_error"}}' + b" " * 200
+    answer = response(503, body)
+    head = answer[: answer.index(b"\r\n\r\n") + 4]
+
+    async def slow_body(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(head)
+        for i in range(len(body)):  # over 25 s
+            await stream.send_all(body[i : i + 1])
+            await trio.sleep(0.1)
+
+    with trio.fail_after(5):
+        async with canned_server(slow_body) as url:
+            async with poc_api.ApiClient(
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=1.0
+            ) as c:
+                with pytest.raises(HttpError) as info:
+                    if call == "tokenize":
+                        await c.tokenize("a")
+                    else:
+                        async with c.chat_stream(HELLO):
+                            pass
+    assert info.value.http_status == 503
+    assert "[body cut short: PocApiTimeout]" in str(info.value)
+    assert isinstance(info.value.__cause__, PocApiTimeout)

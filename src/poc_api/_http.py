@@ -474,6 +474,10 @@ class _SharedFetch(Generic[_T]):
                 # raised (as asyncio.Future.result() does), not its grown traceback.
                 raise attempt.error.with_traceback(attempt.traceback)
 
+    # Protected: a Ctrl-C between making the attempt and the try, or between
+    # forgetting it and telling its waiters, would leave every later caller (or
+    # the waiters) waiting for ever; it comes at the next checkpoint instead.
+    @trio.lowlevel.enable_ki_protection
     async def _run(self) -> _T:
         attempt = self._attempt = _Attempt()
         try:
@@ -792,7 +796,14 @@ class HttpApi:
                     if response.is_success:
                         body = await self._read_body(response, f"{method} {shown}")
                     else:
-                        body, cut = await self._read_error_body(response, method, shown)
+                        # The status is in: the time left goes to its body, whose
+                        # timeout cuts the body, not the answer (the status stays).
+                        # (Taken from the outer scope: of two cancelled scopes,
+                        # the outer one would catch it.)
+                        limit, scope.deadline = scope.deadline, math.inf
+                        body, cut = await self._read_error_body(
+                            response, method, shown, deadline=limit
+                        )
                 finally:
                     await response.aclose()
         if scope.cancelled_caught:
@@ -817,20 +828,26 @@ class HttpApi:
         method: str,
         shown: str,
         chunks: AsyncIterator[bytes] | None = None,
+        *,
+        deadline: float = math.inf,
     ) -> tuple[bytes, PocApiError | None]:
-        """An error answer's body, as much of it as could be read, and the error that
-        cut the read short (``None`` if none did).
+        """An error answer's body, as much of it as could be read by ``deadline``,
+        and the error that cut the read short (``None`` if none did).
 
         The status line did arrive: a body lost on the way (a dropped connection,
-        a broken gzip encoding) must not turn a 503 into a status-less error.
+        a broken gzip encoding, the client's timeout) must not turn a 503 into a
+        status-less error.
         """
         received = bytearray()
-        try:
-            with _map_httpx_errors(method, shown, self._client):
-                await self._read_body(response, f"{method} {shown}", chunks, into=received)
-        except PocApiError as exc:
-            log.debug("%s %s: error body cut short: %s", method, shown, exc)
-            return bytes(received), exc
+        with trio.CancelScope(deadline=deadline) as reading:
+            try:
+                with _map_httpx_errors(method, shown, self._client):
+                    await self._read_body(response, f"{method} {shown}", chunks, into=received)
+            except PocApiError as exc:
+                log.debug("%s %s: error body cut short: %s", method, shown, exc)
+                return bytes(received), exc
+        if reading.cancelled_caught:
+            return bytes(received), self._timed_out(method, shown, "no complete error body")
         return bytes(received), None
 
     async def _read_body(
@@ -1295,7 +1312,7 @@ class HttpApi:
             events = _ChatEvents(self, response, shown)
             try:
                 with trio.CancelScope(deadline=answer_by) as head:
-                    await events.check_response()  # (an error answer's body is read here)
+                    await events.check_response(head)  # (an error answer's body is read here)
                 if head.cancelled_caught:
                     raise self._timed_out("POST", shown, "no complete error answer")
                 # The body is read by a task of the block's own, so that a read the
@@ -1541,11 +1558,20 @@ class _ChatEvents:
         return self._api._redact(text)
 
     @_redacting
-    async def check_response(self) -> None:
+    async def check_response(self, head: trio.CancelScope | None = None) -> None:
+        """Raise for an answer that is not a stream; ``head`` bounds the wait for it."""
         status = self._response.status_code
         if not self._response.is_success:
             api = self._api
-            body, cut = await api._read_error_body(self._response, "POST", self._url, self._chunks)
+            # The status is in: the time left goes to its body, whose timeout cuts
+            # the body, not the answer (the status stays). (Taken from ``head``:
+            # of two cancelled scopes, the outer one would catch it.)
+            deadline = math.inf
+            if head is not None:
+                deadline, head.deadline = head.deadline, math.inf
+            body, cut = await api._read_error_body(
+                self._response, "POST", self._url, self._chunks, deadline=deadline
+            )
             log.debug("POST %s -> %d (stream refused)", self._url, status)
             raise api._status_error("POST", self._url, status, body, cut) from cut
         ctype = self._response.headers.get("content-type", "")
