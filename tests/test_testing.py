@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -88,6 +89,43 @@ async def test_reference_server_stops_when_the_block_exits() -> None:
         async with poc_api.ApiClient(base_url, grpc_url=grpc_url) as client:
             with pytest.raises(poc_api.ServerUnavailable):
                 await client.tokenize("a")
+
+
+async def test_reference_server_stops_when_the_block_is_left_by_cancellation() -> None:
+    # A test's timeout (or a failing sibling) cancels the block: its exit's worker
+    # thread was refused by the cancellation, and the server ran on, serving.
+    with trio.move_on_after(0.5):
+        async with reference_server() as server:
+            await trio.sleep_forever()
+    assert server._thread is not None and not server._thread.is_alive()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", server.http_port)
+
+
+async def test_a_second_stop_returns_once_the_server_has_stopped() -> None:
+    # A test draining with stop(grace=...) in one thread while a call runs, and the
+    # block's exit calling stop() in another: the second returned at once, with
+    # the server still up.
+    import threading
+
+    with trio.fail_after(20):
+        async with reference_server(token_delay_ms=50) as server, open_client(server) as client:
+
+            async def long_call() -> None:
+                with contextlib.suppress(poc_api.PocApiError, trio.ClosedResourceError):
+                    async with client.session() as s:
+                        sampling = poc_api.SamplingParams(max_tokens=20)  # 1 s
+                        async with s.generate([65], sampling=sampling) as events:
+                            async for _ in events:
+                                pass
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_call)
+                await trio.sleep(0.3)
+                threading.Thread(target=server.stop, kwargs={"grace": 5}).start()
+                await trio.sleep(0.1)
+                await trio.to_thread.run_sync(server.stop)
+                assert server._thread is not None and not server._thread.is_alive()
 
 
 async def test_reference_server_passes_config_through() -> None:

@@ -222,15 +222,18 @@ class ReferenceServer:
         ``grace`` seconds to finish (new calls must go elsewhere), then they are
         cancelled and every connection is closed, so clients notice at once.
         """
-        if self._thread is None or self._stopped:
+        if self._thread is None:
             return
-        self._stopped = True
-        self._grace = grace
-        loop, event = self._loop, self._stop_event
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(event.set)
-        self._thread.join(grace + _STOP_TIMEOUT)
+        if not self._stopped:
+            self._stopped = True
+            self._grace = grace
+            loop, event = self._loop, self._stop_event
+            if loop is not None and event is not None:
+                with contextlib.suppress(RuntimeError):  # loop already closed
+                    loop.call_soon_threadsafe(event.set)
+        # A second call (another task's, during the first one's grace) also
+        # returns only once the server has stopped.
+        self._thread.join(self._grace + _STOP_TIMEOUT)
 
     async def __aenter__(self) -> ReferenceServer:
         await _run_in_thread(self.start)
@@ -242,7 +245,9 @@ class ReferenceServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _run_in_thread(self.stop)
+        # Shielded: a block left by cancellation (a test's timeout, a failing
+        # sibling) must stop its server too, not leave it running.
+        await _run_in_thread(self.stop, shielded=True)
 
     def _thread_main(self) -> None:
         # trio-asyncio installs a global event loop policy; a plain
@@ -290,14 +295,23 @@ class ReferenceServer:
             rt.store.evict_idle()
 
 
-async def _run_in_thread(fn: object) -> None:
+async def _run_in_thread(fn: object, *, shielded: bool = False) -> None:
+    """``fn()`` in a worker thread; ``shielded``: run to its end even if cancelled."""
     assert callable(fn)
     if sniffio.current_async_library() == "trio":
         import trio
 
-        await trio.to_thread.run_sync(fn)
-    else:
+        with trio.CancelScope(shield=shielded):
+            await trio.to_thread.run_sync(fn)
+    elif not shielded:
         await asyncio.to_thread(fn)
+    else:
+        done = asyncio.ensure_future(asyncio.to_thread(fn))
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await done  # (the thread runs on regardless: wait for it, then go)
+            raise
 
 
 def run_forever(config: ServerConfig) -> None:
