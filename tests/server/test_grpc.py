@@ -75,6 +75,16 @@ def test_idle_sessions_are_evicted(
     assert status_of(lambda: c.generate(sid, append_tokens=[1])) is Status.NOT_FOUND
 
 
+def test_an_idle_timeout_of_zero_never_evicts(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    # 0 is "off", as for the other knobs; it evicted every session at once.
+    c = connect(make_server(idle_timeout=0))
+    sid = c.open()
+    time.sleep(0.1)  # several rounds of the eviction loop (its interval: 10 ms)
+    c.generate(sid, append_tokens=[65])
+
+
 def test_active_session_is_kept_alive_by_use(
     make_server: ServerFactory, connect: Callable[..., SyncSalience]
 ) -> None:

@@ -27,7 +27,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     p.add_argument("--no-readout", action="store_true", help="disable readout (manifest 404)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-sessions", type=int, default=d.max_sessions)
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
+    p.add_argument(
+        "--idle-timeout", type=float, default=d.idle_timeout, help="seconds (0 = never evict)"
+    )
     p.add_argument("--max-context", type=int, default=d.max_context)
     p.add_argument("--max-message-size", type=int, default=d.max_message_size)
     p.add_argument("--ignore-eos", action="store_true")

@@ -289,6 +289,8 @@ class ReferenceServer:
 
     @staticmethod
     async def _evict_loop(rt: Runtime) -> None:
+        if not rt.config.idle_timeout:
+            return  # 0: sessions are never evicted
         interval = min(max(rt.config.idle_timeout / 4, 0.01), 1.0)
         while True:
             await asyncio.sleep(interval)

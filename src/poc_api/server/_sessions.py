@@ -140,7 +140,9 @@ class SessionStore:
             session.last_used = self._clock()
 
     def evict_idle(self) -> list[str]:
-        """Drop sessions idle for longer than ``idle_timeout``; returns their ids."""
+        """Drop sessions idle for longer than ``idle_timeout`` (0: never); returns their ids."""
+        if not self.idle_timeout:
+            return []  # 0 is "off", as for the server's other knobs
         deadline = self._clock() - self.idle_timeout
         with self._lock:
             stale = [s.id for s in self._sessions.values() if not s.busy and s.last_used < deadline]

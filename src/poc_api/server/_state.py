@@ -46,6 +46,7 @@ class ServerConfig:
     ``port = 0`` picks a free pair of ports (HTTP on ``p``, gRPC on ``p + 1``).
     ``api_key`` set means every request must carry ``authorization: Bearer <key>``.
     ``readout = False`` makes the manifest 404 and readout ranges yield no vectors.
+    A session unused for ``idle_timeout`` seconds is evicted (0: never).
 
     Simulated GPU time, both 0 (off) by default: ``prefill_delay_us`` microseconds per
     position a session takes in (text tokens and image placeholders alike) and
