@@ -235,3 +235,25 @@ def test_http_auth(make_server: ServerFactory, method: str, path: str) -> None:
     assert httpx.request(method, url, json=body, headers=wrong, timeout=TIMEOUT).status_code == 401
     good = {"authorization": "Bearer k"}
     assert httpx.request(method, url, json=body, headers=good, timeout=TIMEOUT).status_code == 200
+
+
+def test_a_client_that_expects_100_continue_gets_it(server: ReferenceServer) -> None:
+    # curl sends "Expect: 100-continue" for bodies over 1 KiB and waits a second
+    # for the go-ahead before it sends the body anyway: 1 s per such request.
+    import socket
+
+    body = b'{"text": "' + b"a" * 2000 + b'"}'
+    head = (
+        f"POST /v1/tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nexpect: 100-continue\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.5)
+        assert sock.recv(1000).startswith(b"HTTP/1.1 100 ")
+        sock.settimeout(5)
+        sock.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]

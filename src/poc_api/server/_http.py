@@ -139,7 +139,7 @@ class HttpApp:
         try:
             while True:
                 try:
-                    request = await self._read_request(conn, reader)
+                    request = await self._read_request(conn, reader, writer)
                 except HttpError as e:
                     await self._send_json(conn, writer, e.status, _error_json(e), _request_id({}))
                     break
@@ -174,7 +174,7 @@ class HttpApp:
                 pass
 
     async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[h11.Request, bytes] | None:
         limit = self._rt.config.max_message_size
         req: h11.Request | None = None
@@ -182,6 +182,10 @@ class HttpApp:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    # "Expect: 100-continue" (curl's, for bodies over 1 KiB): the
+                    # client would wait a second before sending the body anyway.
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                 conn.receive_data(await reader.read(_READ_SIZE))
                 continue
             if isinstance(event, h11.Request):
