@@ -257,3 +257,27 @@ def test_a_client_that_expects_100_continue_gets_it(server: ReferenceServer) -> 
         while b"\r\n\r\n" not in answer:
             answer += sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"JUNK\r\n\r\n", 400),
+        (b"POST /v1/tokenize HTTP/1.1\r\nhost: x\r\ncontent-length: -5\r\n\r\n", 400),
+        (b"GET /v1/health HTTP/1.1\r\nhost: x\r\nbad header: 1\r\n\r\n", 400),
+    ],
+)
+def test_a_request_that_cannot_be_read_gets_a_400(
+    server: ReferenceServer, request_bytes: bytes, status: int
+) -> None:
+    # It got no answer: the connection was closed (the error response was only
+    # sent once a request had been read).
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:100]
+    assert b'"invalid_request_error"' in answer

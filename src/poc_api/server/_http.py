@@ -144,9 +144,10 @@ class HttpApp:
                     await self._send_json(conn, writer, e.status, _error_json(e), _request_id({}))
                     break
                 except h11.RemoteProtocolError as e:
-                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                        err = error_body(400, str(e))
-                        await self._send_json(conn, writer, 400, err, _request_id({}))
+                    # h11's hint: 400, or 431 for headers over its limit.
+                    status = e.error_status_hint
+                    err = error_body(status, str(e))
+                    await self._send_json(conn, writer, status, err, _request_id({}))
                     break
                 if request is None:
                     break
@@ -258,8 +259,10 @@ class HttpApp:
             ("content-length", str(len(data))),
             ("x-request-id", request_id),
         ]
-        if conn.our_state is not h11.SEND_RESPONSE:
-            return  # a response is already under way; nothing sane left to send
+        # IDLE: the client's request could not even be read (h11 lets a server
+        # answer that with an error). Anything else: a response is under way.
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
         writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
         writer.write(conn.send(h11.Data(data=data)))
         writer.write(conn.send(h11.EndOfMessage()))
