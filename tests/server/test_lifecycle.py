@@ -96,3 +96,28 @@ def test_public_names_are_exported() -> None:
         "bytes_streamed",
         "affinity",
     }
+
+
+def test_a_busy_grpc_port_is_named_in_the_error() -> None:
+    # The gRPC port is never given (it is the HTTP port + 1): a bare "Address
+    # already in use" for a free HTTP port left the user guessing which.
+    http, grpc = bind_port_pair("127.0.0.1", 0)
+    port = http.getsockname()[1]
+    http.close()  # free; its neighbour stays taken
+    try:
+        with pytest.raises(OSError, match=rf"127\.0\.0\.1:{port + 1} \(gRPC, the HTTP port \+ 1\)"):
+            bind_port_pair("127.0.0.1", port)
+        # And the HTTP port it took was given back.
+        socket.create_server(("127.0.0.1", port)).close()
+    finally:
+        grpc.close()
+
+
+def test_an_empty_host_listens_on_every_interface() -> None:
+    # "" reads as every interface (its URLs say 127.0.0.1): getaddrinfo("") failed.
+    http, grpc = bind_port_pair("", 0)
+    try:
+        assert http.getsockname()[0] in ("0.0.0.0", "::")
+    finally:
+        http.close()
+        grpc.close()

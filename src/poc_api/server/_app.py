@@ -27,8 +27,9 @@ _PORT_PAIR_ATTEMPTS: Final = 64
 
 
 def _listen(host: str, port: int) -> socket.socket:
+    # "" is every interface (as _url_host reads it): getaddrinfo wants None for that.
     family, kind, proto, _, addr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -42,6 +43,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _listen_on(host: str, port: int, what: str) -> socket.socket:
+    """:func:`_listen`, whose error names the port (the gRPC one is never given)."""
+    try:
+        return _listen(host, port)
+    except OSError as e:
+        where = f"{host or '*'}:{port} ({what})"
+        raise OSError(e.errno, f"cannot listen on {where}: {e.strerror}") from e
+
+
 def bind_port_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     """Listening sockets on ``port`` and ``port + 1`` (PROTOCOL.md §1).
 
@@ -49,9 +59,9 @@ def bind_port_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     gRPC; on a clash both are released and another pair is tried.
     """
     if port:
-        http = _listen(host, port)
+        http = _listen_on(host, port, "HTTP")
         try:
-            return http, _listen(host, port + 1)
+            return http, _listen_on(host, port + 1, "gRPC, the HTTP port + 1")
         except BaseException:
             http.close()
             raise
