@@ -113,6 +113,7 @@ class ConversationStream:
         self._lookahead: Token | Done | None = None
         self._done_delivered = False  # the caller has seen the StreamDone
         self._mismatches = 0  # readouts dropped for their length
+        self._closed = False  # aclose() was called
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
 
@@ -165,8 +166,17 @@ class ConversationStream:
                 got,
             )
 
+    async def aclose(self) -> None:
+        """Stop reading (idempotent; what ``contextlib.aclosing`` calls): later
+        iteration raises ``trio.ClosedResourceError``; the turn ends as when its
+        block is left early."""
+        self._closed = True
+        await self._events.aclose()
+
     async def __anext__(self) -> StreamEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
         if self._prefix:
             return self._prefix.pop(0)
         if self._lookahead is not None:

@@ -123,6 +123,7 @@ class GenerateStream:
         self._exited = False  # its block has exited: no more waiting for events
         self._drained = False  # _drain ran: its grace is spent, even if it gave up
         self._yielded = time.perf_counter()  # when this stream last let others run
+        self._reader_closed = False  # aclose() was called
         self.done: Done | None = None
         """The ``Done`` event once it has arrived."""
 
@@ -141,6 +142,18 @@ class GenerateStream:
     def __aiter__(self) -> GenerateStream:
         return self
 
+    async def aclose(self) -> None:
+        """Stop reading (idempotent; what ``contextlib.aclosing`` calls).
+
+        Later iteration raises ``trio.ClosedResourceError``, also in a task waiting
+        for an event now. The call itself ends as when the block is left early:
+        the block's exit resets it, unless its ``Done`` had already arrived.
+        """
+        self._reader_closed = True
+        if self.done is None:
+            self._rx.interrupt(lambda: trio.ClosedResourceError("this stream was closed"))
+        await trio.lowlevel.checkpoint()
+
     async def __anext__(self) -> WireEvent:
         # A cancellation point on every event (0.3 µs), as trio's own receive is:
         # a cancelled scope stops the loop at once, not after the buffered batch.
@@ -153,6 +166,8 @@ class GenerateStream:
         if now - self._yielded > _FAIR_SLICE:
             self._yielded = now
             await trio.lowlevel.cancel_shielded_checkpoint()
+        if self._reader_closed:
+            raise trio.ClosedResourceError("this stream was closed")
         if self.done is None and self._session._closed and not self._exited:
             raise _closed_under(self._session)
         while True:

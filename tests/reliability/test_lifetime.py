@@ -8,6 +8,7 @@ never speaks, and one that speaks HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import random
@@ -820,3 +821,43 @@ async def test_a_block_whose_body_handled_its_sessions_close_leaves_without_erro
                 except trio.ClosedResourceError as exc:
                     caught = exc
         assert caught is not None
+
+
+async def test_streams_close_with_aclosing_and_from_another_task(
+    busy_server: ReferenceServer,
+) -> None:
+    # contextlib.aclosing(events), a common idiom, raised AttributeError on leaving:
+    # the streams had no aclose(). Closed, a stream says so to every later read
+    # (and to a task waiting in one), and its block still ends the call.
+    with trio.fail_after(10):
+        async with client_for(busy_server) as client:
+            async with client.session() as s:
+                async with s.generate(HELLO, sampling=LONG) as ev:
+                    async with contextlib.aclosing(ev):
+                        await ev.__anext__()
+                    with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
+                        await ev.__anext__()
+                assert s.lost  # left before Done, as by break
+            async with client.session() as s:
+                async with s.generate(HELLO, sampling=LONG) as ev:
+                    await ev.__anext__()
+                    caught = []
+
+                    async def reader() -> None:
+                        try:
+                            async for _ in ev:
+                                pass
+                        except trio.ClosedResourceError as exc:
+                            caught.append(exc)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(reader)
+                        await trio.sleep(0.1)  # it waits for the next token
+                        await ev.aclose()
+                    assert len(caught) == 1
+            async with client.conversation() as conv:
+                async with conv.stream([poc_api.Tokens(HELLO)], LONG) as cev:
+                    async with contextlib.aclosing(cev):
+                        await cev.__anext__()
+                    with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
+                        await cev.__anext__()
