@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import subprocess
+import sys
 
 import poc_api
 
@@ -260,13 +263,19 @@ def test_api_client_chat_spells_out_the_keywords_of_http_api_chat() -> None:
         assert all(f"    {name}:" in doc for name in client_chat), method
 
 
+def _run_with_poc_debug(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter with ``POC_DEBUG=1`` (read at import)."""
+    env = dict(os.environ, POC_DEBUG="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_poc_debug_lines_appear_once_when_the_app_configures_logging_too() -> None:
     # POC_DEBUG=1 adds a stderr handler at import; an app calling basicConfig()
     # afterwards got every poc_api line twice (its handler and ours).
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import logging, poc_api\n"
         "log = logging.getLogger('poc_api.grpc')\n"
@@ -275,11 +284,7 @@ def test_poc_debug_lines_appear_once_when_the_app_configures_logging_too() -> No
         "log.debug('after basicConfig')\n"
         "log.warning('a warning')\n"
     )
-    env = dict(os.environ, POC_DEBUG="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_with_poc_debug(script)
     lines = proc.stderr.splitlines()
     # Before: our handler; after: the app's handler (and format) alone.
     assert sum("before the app" in line for line in lines) == 1
@@ -294,10 +299,6 @@ def test_the_poc_debug_handler_takes_no_lock_before_its_check() -> None:
     # Its check takes logging's module lock (getLogger); dictConfig holds that lock
     # while it takes every handler's. Done under the handler's own lock (in emit),
     # a thread logging while another configured logging deadlocked both.
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import logging, threading, time, poc_api\n"
         "handler = logging.getLogger('poc_api').handlers[0]\n"
@@ -312,9 +313,5 @@ def test_the_poc_debug_handler_takes_no_lock_before_its_check() -> None:
         "logging._lock.release()\n"
         "t.join(5); print('logged:', not t.is_alive())\n"
     )
-    env = dict(os.environ, POC_DEBUG="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_with_poc_debug(script)
     assert proc.stdout.split("\n")[:2] == ["handler lock free: True", "logged: True"], proc.stdout
