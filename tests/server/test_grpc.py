@@ -524,3 +524,48 @@ def test_grpc_auth(make_server: ServerFactory, connect: Callable[..., SyncSalien
     assert status_of(lambda: connect(srv).generate(sid, append_tokens=[1], offset=2)) is (
         Status.UNAUTHENTICATED
     )
+
+
+def test_a_message_shorter_than_its_length_prefix_is_internal_without_an_error_log(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpclib's recv_message asserts on it: the answer was UNKNOWN "Internal Server
+    # Error", with an ERROR traceback in the log.
+    import socket
+    import struct
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(
+        sid,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/salience.Salience/OpenSession"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    conn.send_data(sid, struct.pack(">BI", 0, 50) + b"\x0a", end_stream=True)  # 1 of 50
+    headers: dict[bytes, bytes] = {}
+    with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        ended = False
+        while not ended:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection"
+            for ev in conn.receive_data(data):
+                if getattr(ev, "stream_id", None) != sid:
+                    continue
+                if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    headers.update(dict(ev.headers))
+                ended = ended or isinstance(ev, h2.events.StreamEnded)
+            sock.sendall(conn.data_to_send())
+    assert headers[b"grpc-status"] == b"13", headers
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

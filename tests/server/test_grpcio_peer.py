@@ -211,3 +211,20 @@ def test_grpcio_server_graceful_stop_lets_a_poc_api_stream_finish(
     finally:
         server.stop(None)
     assert isinstance(events[-1], poc_api.Done) and events[-1].completion_tokens == 60
+
+
+def test_a_compressed_request_is_unimplemented_without_an_error_log(
+    pb: tuple[ModuleType, ModuleType], server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A grpcio peer with compression on: grpclib raised NotImplementedError from
+    # recv_message, answered UNKNOWN "Internal Server Error" and logged an ERROR
+    # traceback (a test failing on error logs failed for the server's sake).
+    with grpc.insecure_channel(
+        f"127.0.0.1:{server.grpc_port}", compression=grpc.Compression.Gzip
+    ) as channel:
+        stub = pb[1].SalienceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.OpenSession(pb[0].OpenSessionRequest(model="m" * 300), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "compressed" in info.value.details()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

@@ -204,7 +204,14 @@ class SalienceService:
         header = md.get("authorization") if md is not None else None
         if not self._rt.authorized(header if isinstance(header, str) else None):
             raise GRPCError(Status.UNAUTHENTICATED, "missing or wrong api key")
-        request = await stream.recv_message()
+        try:
+            request = await stream.recv_message()
+        except NotImplementedError:  # grpclib's answer to a compressed message
+            raise GRPCError(
+                Status.UNIMPLEMENTED, "compressed messages are not supported (send identity)"
+            ) from None
+        except AssertionError:  # grpclib's "Received less data than expected"
+            raise GRPCError(Status.INTERNAL, "message shorter than its length prefix") from None
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
         return request
