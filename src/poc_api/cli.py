@@ -1144,10 +1144,8 @@ def serve(
         where.base_url = f"http://{host}:{port}/v1"
         try:
             run_forever(config)
-        except OSError as exc:
-            raise CliError(
-                f"cannot listen on {host}:{port} or {port + 1}: {exc.strerror or exc}"
-            ) from exc
+        except OSError as exc:  # its message names the host and port
+            raise CliError(exc.strerror or str(exc)) from exc
 
     _run(body)
 

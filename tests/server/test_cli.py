@@ -52,3 +52,28 @@ def test_module_entry_point_serves_http_and_grpc() -> None:
                 proc.kill()
                 proc.wait(TIMEOUT)
     assert proc.returncode == 0
+
+
+def test_a_busy_port_is_one_line_that_names_it_once() -> None:
+    # The front end prefixed the bind error with its own "cannot listen on ...",
+    # which the bind error now says itself: the line said it twice, the first time
+    # with the wrong port.
+    from poc_api.server._app import bind_port_pair
+
+    http, grpc = bind_port_pair("127.0.0.1", 0)
+    port = http.getsockname()[1]
+    http.close()  # free; the gRPC port next to it stays taken
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "poc_api.server", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        grpc.close()
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == (
+        f"error: cannot listen on 127.0.0.1:{port + 1} (gRPC, the HTTP port + 1): "
+        "Address already in use"
+    ), proc.stderr

@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run_forever(config)
     except OSError as exc:  # a busy port, a host not ours: one line, as poc-api serve says it
-        sys.exit(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
+        sys.exit(f"error: {exc.strerror or exc}")  # (it names the host and port)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ def _listen_on(host: str, port: int, what: str) -> socket.socket:
 def bind_port_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     """Listening sockets on ``port`` and ``port + 1`` (PROTOCOL.md §1).
 
+    An ``OSError``'s message says where and which port (the front ends print it
+    as it is).
+
     With ``port = 0`` the kernel picks the HTTP port and the next one is tried for
     gRPC; on a clash both are released and another pair is tried.
     """
@@ -66,17 +69,17 @@ def bind_port_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
             http.close()
             raise
     for _ in range(_PORT_PAIR_ATTEMPTS):
-        http = _listen(host, 0)
+        http = _listen_on(host, 0, "HTTP")
         p = http.getsockname()[1]
         if p < 65535:
             try:
-                return http, _listen(host, p + 1)
+                return http, _listen_on(host, p + 1, "gRPC, the HTTP port + 1")
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     http.close()
                     raise
         http.close()
-    raise OSError(errno.EADDRINUSE, "no free pair of adjacent ports found")
+    raise OSError(errno.EADDRINUSE, f"no free pair of adjacent ports on {host or '*'}")
 
 
 def _url_host(host: str) -> str:
