@@ -796,13 +796,8 @@ class HttpApi:
                     if response.is_success:
                         body = await self._read_body(response, f"{method} {shown}")
                     else:
-                        # The status is in: the time left goes to its body, whose
-                        # timeout cuts the body, not the answer (the status stays).
-                        # (Taken from the outer scope: of two cancelled scopes,
-                        # the outer one would catch it.)
-                        limit, scope.deadline = scope.deadline, math.inf
                         body, cut = await self._read_error_body(
-                            response, method, shown, deadline=limit
+                            response, method, shown, within=scope
                         )
                 finally:
                     await response.aclose()
@@ -829,15 +824,21 @@ class HttpApi:
         shown: str,
         chunks: AsyncIterator[bytes] | None = None,
         *,
-        deadline: float = math.inf,
+        within: trio.CancelScope | None = None,
     ) -> tuple[bytes, PocApiError | None]:
-        """An error answer's body, as much of it as could be read by ``deadline``,
-        and the error that cut the read short (``None`` if none did).
+        """An error answer's body, as much of it as could be read in time, and the
+        error that cut the read short (``None`` if none did).
 
         The status line did arrive: a body lost on the way (a dropped connection,
         a broken gzip encoding, the client's timeout) must not turn a 503 into a
-        status-less error.
+        status-less error. ``within`` is the scope whose deadline bounds the
+        answer: the time it has left goes to the body, so that running out cuts
+        the body, not the answer. (Its deadline is taken from it: of two
+        cancelled scopes, the outer one would catch it.)
         """
+        deadline = math.inf
+        if within is not None:
+            deadline, within.deadline = within.deadline, math.inf
         received = bytearray()
         with trio.CancelScope(deadline=deadline) as reading:
             try:
@@ -1563,14 +1564,8 @@ class _ChatEvents:
         status = self._response.status_code
         if not self._response.is_success:
             api = self._api
-            # The status is in: the time left goes to its body, whose timeout cuts
-            # the body, not the answer (the status stays). (Taken from ``head``:
-            # of two cancelled scopes, the outer one would catch it.)
-            deadline = math.inf
-            if head is not None:
-                deadline, head.deadline = head.deadline, math.inf
             body, cut = await api._read_error_body(
-                self._response, "POST", self._url, self._chunks, deadline=deadline
+                self._response, "POST", self._url, self._chunks, within=head
             )
             log.debug("POST %s -> %d (stream refused)", self._url, status)
             raise api._status_error("POST", self._url, status, body, cut) from cut
