@@ -29,6 +29,7 @@ import codecs
 import contextlib
 import difflib
 import functools
+import inspect
 import json
 import logging
 import math
@@ -562,25 +563,6 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
     if not math.isfinite(value) or not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
-
-
-# The keywords chat() and chat_stream() take themselves (for the typo check).
-_CHAT_KEYWORDS = (
-    "timeout",
-    "model",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "tools",
-    "tool_choice",
-    "response_format",
-    "n",
-    "logprobs",
-    "top_logprobs",
-    "seed",
-    "extra_body",
-)
 
 
 @final
@@ -1366,6 +1348,14 @@ class HttpApi:
             body_excerpt=excerpt,
         )
 
+
+# The keywords chat() and chat_stream() take themselves (for the typo check), from
+# chat_stream's signature (a superset of chat's: it adds timeout), not a copy of it.
+_CHAT_KEYWORDS: Final = tuple(
+    name
+    for name, param in inspect.signature(HttpApi.chat_stream).parameters.items()
+    if param.kind is param.KEYWORD_ONLY
+)
 
 #: Most choices (``n``) and top logprobs a request may ask for, as OpenAI's limits.
 _MAX_CHOICES: Final = 128
