@@ -36,7 +36,7 @@ import trio
 
 from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta
 from ._errors import ServerUnavailable, SessionNotFound
-from ._session import GenerateStream, Session, open_session
+from ._session import GenerateStream, Session, open_session, stream_closed
 from ._types import (
     U32_MAX,
     Done,
@@ -176,7 +176,7 @@ class ConversationStream:
     async def __anext__(self) -> StreamEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
         if self._closed:
-            raise trio.ClosedResourceError("this stream was closed")
+            raise stream_closed()
         if self._prefix:
             return self._prefix.pop(0)
         if self._lookahead is not None:
