@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import signal
@@ -15,7 +16,7 @@ from typing import Final, final
 
 import sniffio
 
-from ._grpc import ObservedServer
+from ._grpc import ObservedServer, close_listener
 from ._http import HttpApp
 from ._state import Runtime, ServerConfig, ServerState
 
@@ -196,15 +197,10 @@ class ReferenceServer:
         """
         loop, grpc_server = self._loop, self._grpc_server
         if loop is not None and grpc_server is not None and not self._stopped:
-            aborted = threading.Event()
-
-            def abort() -> None:
-                grpc_server.abort()
-                aborted.set()
-
             with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(abort)
-                aborted.wait(_STOP_TIMEOUT)
+                aborted = asyncio.run_coroutine_threadsafe(grpc_server.abort(), loop)
+                with contextlib.suppress(concurrent.futures.TimeoutError):
+                    aborted.result(_STOP_TIMEOUT)
         self.stop()
 
     # -- lifecycle ---------------------------------------------------------
@@ -291,7 +287,7 @@ class ReferenceServer:
             await self._stop_event.wait()
         finally:
             evictor.cancel()
-            http_server.close()
+            await close_listener(http_server)
             await grpc_server.shutdown(self._grace)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(grpc_server.wait_closed(), _STOP_TIMEOUT / 2)

@@ -460,6 +460,24 @@ class _ObservedProtocol(H2Protocol):
                 self._stats.connection_closed()
 
 
+async def close_listener(server: asyncio.AbstractServer) -> None:
+    """``server.close()``, after the connections it has accepted have attached.
+
+    ``close()`` between the accept of a connection and its handling (the next loop
+    turn) leaves that connection's transport half made and unclosed: a
+    ``ResourceWarning`` later, and on CPython 3.13.0 a ``TypeError`` raised in the
+    garbage collector's ``__del__``, inside whatever code runs then (gh-109564,
+    fixed in 3.13.1). So: stop watching the listening sockets, give the accepted
+    connections their turn, then close.
+    """
+    if isinstance(server, asyncio.Server):  # (grpclib types its listener as the ABC)
+        loop = server.get_loop()
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)
+    server.close()
+
+
 @final
 class ObservedServer(grpclib.server.Server):
     """grpclib ``Server`` whose connections are :class:`_ObservedProtocol`."""
@@ -474,7 +492,7 @@ class ObservedServer(grpclib.server.Server):
         """Stop: GOAWAY on every connection, up to ``grace`` s for running calls to
         finish, then cancel what is left and close every connection."""
         assert self._server is not None
-        self._server.close()  # no new connections
+        await close_listener(self._server)  # no new connections
         if grace > 0:
             for conn in list(self.connections):
                 conn.goaway()
@@ -490,8 +508,10 @@ class ObservedServer(grpclib.server.Server):
     def _busy(self) -> bool:
         return any(c.running_streams() for c in self.connections)
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Die like a crashed process: stop listening, drop every connection at once."""
+        assert self._server is not None
+        await close_listener(self._server)
         self.close()
         for conn in list(self.connections):
             conn.abort_transport()
