@@ -119,3 +119,33 @@ def test_numpy_arrays_of_anything_but_token_ids_are_refused(array: object, error
     # Arrays are read whole (tolist: plain ints in one C call), then checked as a list.
     with pytest.raises((TypeError, ValueError), match=error):
         Tokens(array)  # type: ignore[arg-type]
+
+
+async def test_numpy_floats_are_floats_and_become_plain_floats(
+    client: poc_api.ApiClient,
+) -> None:
+    # A temperature or a weight computed with numpy is a numpy float (float32 is
+    # not a subclass of float, float64 is); both are taken and stored as floats.
+    sampling = SamplingParams(max_tokens=2, temperature=np.float32(0.5), top_p=np.float16(1))
+    assert (type(sampling.temperature), type(sampling.top_p)) == (float, float)
+    assert sampling == SamplingParams(max_tokens=2, temperature=0.5, top_p=1.0)
+    sample = poc_api.TrainSample(HELLO, [(1, 3)], weight=np.float32(2))
+    assert type(sample.weight) is float and sample.weight == 2.0
+    with trio.fail_after(10):
+        async with client.session() as s:
+            await s.prefill(HELLO, timeout=np.float32(5))  # type: ignore[arg-type]
+            async with s.generate([], sampling=sampling) as ev:
+                assert [e async for e in ev if isinstance(e, Token)]
+        answer = await client.chat(
+            [{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            temperature=np.float32(0.5),  # type: ignore[arg-type]
+            top_p=np.float64(0.5),
+        )
+        assert answer.finish_reason == "length"
+
+
+@pytest.mark.parametrize("bad", [np.True_, np.array([0.5])])
+def test_numpy_bools_and_arrays_are_not_floats(bad: object) -> None:
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        SamplingParams(temperature=bad)  # type: ignore[arg-type]

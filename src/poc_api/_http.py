@@ -76,7 +76,15 @@ from ._errors import (
     protected_asynccontextmanager,
 )
 from ._sse import SSEDecoder, SSEEvent
-from ._types import ReadoutManifest, TrainResult, TrainSample, Usage, _u32_tuple, check_timeout
+from ._types import (
+    ReadoutManifest,
+    TrainResult,
+    TrainSample,
+    Usage,
+    _u32_tuple,
+    as_float,
+    check_timeout,
+)
 
 __all__ = [
     "ChatCompletion",
@@ -558,11 +566,13 @@ def _check_messages(messages: object) -> list[dict[str, Any]]:
 
 
 def _check_number(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or not low <= value <= high:
+    try:
+        number = as_float(name, value, "a number")  # (a numpy float32 is not JSON's)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or not low <= number <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
+    return number
 
 
 @final

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 import struct
 import warnings
@@ -63,6 +64,21 @@ def as_int(name: str, value: object) -> int:
     raise TypeError(f"{name} must be an int, not {type(value).__name__}")
 
 
+def as_float(name: str, value: object, what: str = "a float") -> float:
+    """``value`` as a plain ``float``: an int or float, or a real number that is not
+    one by type (numpy's ``float32``, a ``Fraction``).
+
+    ``TypeError`` ("``name`` must be ``what``") for anything else, bools included
+    (numpy's are not real numbers); ``OverflowError`` from ``float()`` for an int
+    past float's range.
+    """
+    if type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__}")
+    return float(value)
+
+
 def _u32(name: str, value: object) -> int:
     value = as_int(name, value)
     if not 0 <= value <= U32_MAX:
@@ -85,26 +101,24 @@ def _logprob_top_k(value: SupportsIndex) -> int:
 
 
 def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a float, not {type(value).__name__}")
     try:
-        as_float = float(value)  # an int past 1.8e308 does not convert
-    except OverflowError:
+        number = as_float(name, value)
+    except OverflowError:  # an int past 1.8e308
         raise ValueError(f"{name} must be finite, got an int too large for a float") from None
-    if not math.isfinite(as_float):
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value}")
-    return as_float
+    return number
 
 
-def _check_float(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    _finite(attribute.name, value)
+def _weight(value: float) -> float:
+    return _finite("weight", value)
 
 
 _F32 = struct.Struct("<f")
 _F32_MAX = 3.4028234663852886e38
 
 
-def _check_float32(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def _float32(name: str, value: object) -> float:
     """A finite float that a protobuf ``float`` (float32) field can carry.
 
     Checked with the packing the encoder does, so exactly what would overflow
@@ -112,13 +126,23 @@ def _check_float32(_inst: object, attribute: attrs.Attribute[Any], value: object
     magnitudes (below float32's ~1.4e-45) are let through: they round to 0.0 on
     the wire, which is what such a value means anyway.
     """
-    as_float = _finite(attribute.name, value)
+    number = _finite(name, value)
     try:
-        _F32.pack(as_float)
+        _F32.pack(number)
     except OverflowError:
         raise ValueError(
-            f"{attribute.name} must fit in a float32 (magnitude <= {_F32_MAX:.8g}), got {value}"
+            f"{name} must fit in a float32 (magnitude <= {_F32_MAX:.8g}), got {value}"
         ) from None
+    return number
+
+
+# Converters (as for the int fields), so a numpy float is stored as a plain float.
+def _temperature(value: float) -> float:
+    return _float32("temperature", value)
+
+
+def _top_p(value: float) -> float:
+    return _float32("top_p", value)
 
 
 def check_timeout(name: str, value: float | None) -> float | None:
@@ -129,14 +153,13 @@ def check_timeout(name: str, value: float | None) -> float | None:
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    if not value >= 0:  # NaN too
-        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
     try:
-        return float(value)
+        seconds = as_float(name, value, "a number of seconds or None")
     except OverflowError:  # an int past float's range (math.inf is the way to say "never")
         raise ValueError(f"{name} is too large a number of seconds (math.inf: none)") from None
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    return seconds
 
 
 def check_int32(name: str, value: int) -> int:
@@ -218,8 +241,8 @@ class SamplingParams:
 
     max_tokens: int = attrs.field(default=256, converter=_max_tokens)
     # float32 on the wire (GenerateRequest): checked to fit before anything is sent.
-    temperature: float = attrs.field(default=0.0, validator=_check_float32)
-    top_p: float = attrs.field(default=1.0, validator=_check_float32)
+    temperature: float = attrs.field(default=0.0, converter=_temperature)
+    top_p: float = attrs.field(default=1.0, converter=_top_p)
     top_k: int = attrs.field(default=0, converter=_top_k)
     stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_stop_token_ids)
     logprob_top_k: int = attrs.field(default=0, converter=_logprob_top_k)
@@ -466,7 +489,7 @@ class TrainSample:
 
     tokens: tuple[int, ...] = attrs.field(converter=_tokens, repr=_ids_repr)
     target_ranges: tuple[tuple[int, int], ...] = attrs.field(converter=_ranges)
-    weight: float = attrs.field(default=1.0, validator=_check_float)
+    weight: float = attrs.field(default=1.0, converter=_weight)
 
     def __attrs_post_init__(self) -> None:
         for start, end in self.target_ranges:
