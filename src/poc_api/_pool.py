@@ -634,6 +634,10 @@ class SessionRoute:
             raise RuntimeError("no OpenSession went through this route yet")
         return self._endpoint
 
+    def check_sendable(self, method: str, request: bytes) -> None:
+        """:meth:`GrpcTransport.check_sendable` on this session's endpoint."""
+        self._current().transport.check_sendable(method, request)
+
     async def unary(
         self,
         method: str,

@@ -453,11 +453,14 @@ class Session:
                 truncating=truncating,
             )
             left = None if timeout is None else max(0.0, deadline_at - trio.current_time())
+            request = bytes(req)
+            # A client-side refusal sends nothing: the session stays as it was.
+            self._transport.check_sendable("AppendImage", request)
             with trio.CancelScope() as closing:  # cancelled by aclose() from another task
                 self._interrupt = closing.cancel
                 try:
                     raw = await self._transport.unary(
-                        "AppendImage", bytes(req), timeout=left, abortable=True
+                        "AppendImage", request, timeout=left, abortable=True
                     )
                 except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
                     raise  # rejected before anything was appended

@@ -490,17 +490,31 @@ class GrpcTransport:
             f"SETTINGS within {limit:g} s: is it a gRPC server?"
         )
 
-    def _take_slot(self, method: str, *, cleanup: bool = False) -> None:
+    def check_sendable(self, method: str, request: bytes) -> None:
+        """Raise the ``LimitExceeded`` that :meth:`unary` would raise before sending
+        (a message over ``max_message_size``, no call slot left), if any.
+
+        For a caller that must tell "refused, nothing sent" from a failure on the
+        way: with no checkpoint between this and the call, nothing changes between.
+        """
+        self._check_size(request, SERVICE + method)
+        self._check_slot(method)
+
+    def _check_slot(self, method: str) -> None:
         # A guard against runaway fan-out: one connection multiplexes every call,
         # and the server caps concurrent streams anyway (grpclib then queues).
-        # Cleanup (CloseSession) is never refused: refusing it would leak a session.
         streams = self._streams
-        if not cleanup and streams.used >= streams.limit:
+        if streams.used >= streams.limit:
             raise e.LimitExceeded(
                 f"{method}: {streams.used} calls already in flight on this client "
                 f"(max_concurrent_streams={streams.limit})"
             )
-        streams.used += 1
+
+    def _take_slot(self, method: str, *, cleanup: bool = False) -> None:
+        # Cleanup (CloseSession) is never refused: refusing it would leak a session.
+        if not cleanup:
+            self._check_slot(method)
+        self._streams.used += 1
         self.open_streams += 1
 
     def _give_slot(self) -> None:

@@ -103,8 +103,30 @@ async def test_an_oversized_request_is_refused_before_sending(
             with trio.fail_after(5), pytest.raises(poc_api.LimitExceeded):
                 await s.append_image(make_png(56, 28, padding=2 * MB), "image/png")
             assert server.state().rpc_counts.get("AppendImage", 0) == before
+            # Nothing was sent: the session is as it was (it was marked lost).
+            assert not s.lost
+            await s.prefill([3])
+            assert s.committed_len == 1
         async with c.session() as s:
             await s.append_image(make_png(56, 28), "image/png")
+
+
+async def test_an_append_image_refused_for_want_of_a_call_slot_leaves_the_session_usable(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_concurrent_streams=1
+    ) as c:
+        async with c.session() as s, c.session() as busy:
+            await s.prefill([1, 2])
+            with trio.fail_after(10):
+                async with busy.generate(HELLO, sampling=SamplingParams(max_tokens=10**6)) as ev:
+                    await ev.__anext__()
+                    with pytest.raises(poc_api.LimitExceeded, match="max_concurrent_streams"):
+                        await s.append_image(make_png(56, 28), "image/png")
+                    assert not s.lost
+            appended = await s.append_image(make_png(56, 28), "image/png")
+            assert appended.total_length == 4
 
 
 async def test_a_generate_refused_before_sending_leaves_the_session_usable(
