@@ -149,3 +149,78 @@ async def test_numpy_floats_are_floats_and_become_plain_floats(
 def test_numpy_bools_and_arrays_are_not_floats(bad: object) -> None:
     with pytest.raises(TypeError, match="temperature must be a float"):
         SamplingParams(temperature=bad)  # type: ignore[arg-type]
+
+
+async def test_numpy_arrays_and_integers_everywhere_ids_ranges_and_counts_are_taken(
+    client: poc_api.ApiClient,
+) -> None:
+    # Where the API takes token ids, (start, end) ranges or a count, numpy's
+    # forms of them (an array of ids, a 2-D array of ranges, an int64) work as
+    # the lists and ints they stand for.
+    ids = np.array(HELLO, dtype=np.int64)
+    n = len(HELLO)
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    with trio.fail_after(20):
+        plain = await client.score_continuations([Tokens(HELLO[:3])], [HELLO[3:]])
+        assert await client.score_continuations([Tokens(ids[:3])], [ids[3:]]) == plain
+
+        scored = await client.score([Tokens(HELLO)], [(1, n), (2, 4)])
+        assert await client.score([Tokens(ids)], np.array([[1, n], [2, 4]])) == scored
+        many = await client.score_many([([Tokens(HELLO)], [(1, n)])] * 2, max_concurrency=2)
+        assert many == await client.score_many(
+            [([Tokens(ids)], np.array([[1, n]]))] * 2,  # type: ignore[list-item]
+            max_concurrency=np.int64(2),  # type: ignore[arg-type]
+        )
+
+        async with client.session() as s:
+            async with s.generate(
+                ids,
+                sampling=SamplingParams(max_tokens=1, logprob_top_k=np.int64(1)),
+                logprobs_ranges=np.array([[1, n]]),
+                readout_ranges=np.array([[0, 2]]),
+            ) as ev:
+                got = [e async for e in ev if isinstance(e, Token)]
+            assert {e.position for e in got if e.is_prefill} == set(range(n))
+            assert sum(e.readout is not None for e in got) == 2
+
+        sample = poc_api.TrainSample(ids, np.array([[1, 3]]))
+        assert sample.target_ranges == ((1, 3),) and type(sample.target_ranges[0][0]) is int
+
+        shape = np.array(manifest.shape)
+        async with (
+            client.conversation() as conv,
+            conv.stream(
+                [Tokens(ids)],
+                SamplingParams(max_tokens=1),
+                readout_shape=(shape[0], shape[1]),
+            ) as events,
+        ):
+            assert [e async for e in events]
+
+        answer = await client.chat(
+            [{"role": "user", "content": "hi"}],
+            max_tokens=np.int64(2),
+            seed=np.int32(7),  # type: ignore[arg-type]
+        )
+        assert answer.finish_reason == "length"
+
+
+def test_type_hints_take_numpy_arrays_of_ids_and_numpy_positions() -> None:
+    # mypy --strict refused s.prefill(np.array(ids)) (Sequence[int]: an ndarray is
+    # only Iterable) and s.rewind(np.int64(3)) (int), which run as the README says.
+    import typing
+    from collections.abc import Iterable
+
+    def hints(fn: object) -> dict[str, object]:
+        return typing.get_type_hints(fn)
+
+    assert hints(poc_api.Session.prefill)["tokens"] == Iterable[int]
+    assert hints(poc_api.Session.generate)["tokens"] == Iterable[int]
+    assert hints(poc_api.ApiClient.detokenize)["tokens"] == Iterable[int]
+    assert Iterable[int] in typing.get_args(
+        typing.get_args(hints(poc_api.ApiClient.score_continuations)["continuations"])[0]
+    )
+    assert hints(poc_api.Session.rewind)["length"] == typing.SupportsIndex
+    for fn in (poc_api.Session.generate, poc_api.Session.append_image):
+        assert hints(fn)["rewind_to"] == typing.SupportsIndex | None

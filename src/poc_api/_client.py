@@ -13,7 +13,15 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
@@ -652,7 +660,7 @@ class ApiClient:
     async def score_continuations(
         self,
         prompt_chunks: Sequence[Chunk],
-        continuations: Sequence[Sequence[int] | Sequence[Chunk] | Chunk],
+        continuations: Sequence[Iterable[int] | Sequence[Chunk] | Chunk],
         *,
         timeout: float | None = None,
     ) -> list[ScoreResult]:
@@ -839,7 +847,7 @@ class ApiClient:
         with deadline(timeout, "tokenize"):
             return await self._https().tokenize(text)
 
-    async def detokenize(self, tokens: Sequence[int], *, timeout: float | None = None) -> str:
+    async def detokenize(self, tokens: Iterable[int], *, timeout: float | None = None) -> str:
         """Decode token ids with the server's tokenizer (reference-server extension)."""
         with deadline(timeout, "detokenize"):
             return await self._https().detokenize(tokens)

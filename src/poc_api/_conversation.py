@@ -46,6 +46,7 @@ from ._types import (
     StreamEvent,
     Token,
     TokenOut,
+    as_int,
     check_int32,
     check_timeout,
     keyword_only_from,
@@ -76,13 +77,9 @@ def reshape_readout(flat: memoryview[float], shape: tuple[int, int]) -> memoryvi
 def _check_shape(shape: object) -> tuple[int, int] | None:
     if shape is None:
         return None
-    if (
-        not isinstance(shape, tuple | list)
-        or len(shape) != 2
-        or not all(isinstance(x, int) and not isinstance(x, bool) for x in shape)
-    ):
+    if not isinstance(shape, tuple | list) or len(shape) != 2:
         raise TypeError(f"readout_shape must be (n_layers, n_concepts), got {shape!r}")
-    n_layers, n_concepts = shape
+    n_layers, n_concepts = as_int("n_layers", shape[0]), as_int("n_concepts", shape[1])
     if n_layers <= 0 or n_concepts <= 0:
         raise ValueError(f"readout_shape must be positive, got {shape!r}")
     return (n_layers, n_concepts)

@@ -41,6 +41,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Iterable,
     Iterator,
     Mapping,
     Sequence,
@@ -83,6 +84,7 @@ from ._types import (
     Usage,
     _u32_tuple,
     as_float,
+    as_int,
     check_timeout,
 )
 
@@ -981,7 +983,7 @@ class HttpApi:
         return tokens
 
     @_redacting
-    async def detokenize(self, tokens: Sequence[int]) -> str:
+    async def detokenize(self, tokens: Iterable[int]) -> str:
         """``POST /detokenize`` (reference-server extension): token ids to text.
 
         Bad ids raise ``TypeError``/``ValueError`` before sending. A checkpoint;
@@ -1374,9 +1376,7 @@ _TOOL_CHOICES: Final = frozenset({"none", "auto", "required"})
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    assert isinstance(value, int)
+    value = as_int(name, value)  # (a numpy int is not JSON's)
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value

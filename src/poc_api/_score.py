@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 
 from . import _errors as e
 from ._chunks import Chunk, Image, Tokens, check_chunks
 from ._session import Session, open_session
-from ._types import SamplingParams, ScoreResult, Token, _u32
+from ._types import SamplingParams, ScoreResult, Token, as_int, check_ranges
 
 if TYPE_CHECKING:
     from ._pool import Router
@@ -47,19 +47,7 @@ def validate_ranges(ranges: Sequence[Sequence[int]], name: str = "ranges") -> li
     """Check ``(start, end)`` pairs: ints in uint32, ``start < end``. Any order.
 
     Errors name the parameter ``name``."""
-    if isinstance(ranges, str | bytes) or not isinstance(ranges, Iterable):
-        raise TypeError(
-            f"{name} must be a sequence of (start, end) pairs, not {type(ranges).__name__}"
-        )
-    out = []
-    for r in ranges:
-        if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
-            raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
-        start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
-        if start >= end:
-            raise ValueError(f"{name} must have start < end, got ({start}, {end})")
-        out.append((start, end))
-    return out
+    return check_ranges(ranges, name)
 
 
 def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -215,8 +203,7 @@ async def score_many(
     prompt's rest after a rewind to its end. The groups run concurrently; the
     prompts of one group one after another.
     """
-    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-        raise TypeError("max_concurrency must be an int")
+    max_concurrency = as_int("max_concurrency", max_concurrency)
     if max_concurrency < 1:
         raise ValueError("max_concurrency must be >= 1")
     if not isinstance(share_prefix, bool):
@@ -467,6 +454,9 @@ async def _score_group(
 def _check_continuation(value: object, i: int) -> list[Chunk]:
     if isinstance(value, Tokens | Image):
         return [value]
+    if not isinstance(value, str | bytes | bytearray | Sequence) and hasattr(value, "tolist"):
+        ids = Tokens(cast(Iterable[int], value))  # a numpy array of ids
+        return [ids] if ids.ids else []
     if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
         raise TypeError(
             f"continuation {i} must be token ids or a sequence of Tokens/Image, "
@@ -515,7 +505,7 @@ async def score_continuations(
     transport: Router,
     model: str,
     prompt_chunks: Sequence[Chunk],
-    continuations: Sequence[Sequence[int] | Sequence[Chunk] | Chunk],
+    continuations: Sequence[Iterable[int] | Sequence[Chunk] | Chunk],
     *,
     max_buffered_events: int,
     close_timeout: float,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, SupportsIndex, final
 
 import trio
 
@@ -31,6 +31,7 @@ from ._types import (
     _u32,
     _u32_tuple,
     check_int32,
+    check_ranges,
     check_timeout,
 )
 from ._wire import decode_generate_event, decode_open_session, encode_string_field, parse_reply
@@ -80,20 +81,8 @@ class _Timeouts:
         self.between = between
 
 
-def _check_ranges(name: str, ranges: Sequence[Sequence[int]]) -> list[pb.PositionRange]:
-    if isinstance(ranges, str | bytes) or not isinstance(ranges, Iterable):
-        raise TypeError(
-            f"{name} must be a sequence of (start, end) pairs, not {type(ranges).__name__}"
-        )
-    out = []
-    for r in ranges:
-        if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
-            raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
-        start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
-        if start >= end:
-            raise ValueError(f"{name} must have start < end, got ({start}, {end})")
-        out.append(pb.PositionRange(start=start, end=end))
-    return out
+def _check_ranges(name: str, ranges: Iterable[Sequence[int]]) -> list[pb.PositionRange]:
+    return [pb.PositionRange(start=a, end=b) for a, b in check_ranges(ranges, name)]
 
 
 @final
@@ -372,7 +361,7 @@ class Session:
                 f"session {self._session_id} was interrupted mid-call; open a new session"
             )
 
-    async def prefill(self, tokens: Sequence[int], *, timeout: float | None = None) -> Done:
+    async def prefill(self, tokens: Iterable[int], *, timeout: float | None = None) -> Done:
         """Append tokens without decoding (``Generate`` with ``max_tokens = 0``).
 
         Returns the ``Done`` event. A checkpoint; cancelling it (or ``timeout``
@@ -386,7 +375,7 @@ class Session:
         assert events.done is not None
         return events.done
 
-    async def rewind(self, length: int, *, timeout: float | None = None) -> Done:
+    async def rewind(self, length: SupportsIndex, *, timeout: float | None = None) -> Done:
         """Drop every position ``>= length`` (``Generate`` with ``truncating = true``).
 
         ``length`` is an int in ``[0, committed_len]``: ``TypeError`` /
@@ -414,7 +403,7 @@ class Session:
         data: bytes,
         mime: str,
         *,
-        rewind_to: int | None = None,
+        rewind_to: SupportsIndex | None = None,
         timeout: float | None = None,
     ) -> ImageAppend:
         """Append an encoded image; the server writes its placeholder positions.
@@ -499,7 +488,7 @@ class Session:
                 f"{self._session_id}{held}; nothing was sent"
             )
 
-    def _offset(self, rewind_to: int | None, name: str = "rewind_to") -> tuple[int, bool]:
+    def _offset(self, rewind_to: SupportsIndex | None, name: str = "rewind_to") -> tuple[int, bool]:
         if rewind_to is None:
             return self._committed_len, False
         rewind_to = _u32(name, rewind_to)
@@ -511,13 +500,13 @@ class Session:
 
     def generate(
         self,
-        tokens: Sequence[int] = (),
+        tokens: Iterable[int] = (),
         *,
         sampling: SamplingParams | None = None,
         logprobs_ranges: Sequence[Range] = (),
         readout_ranges: Sequence[Range] = (),
         priority: int = 0,
-        rewind_to: int | None = None,
+        rewind_to: SupportsIndex | None = None,
         timeout: float | None = None,
         first_token_timeout: float | None = None,
         token_timeout: float | None = None,
@@ -726,7 +715,7 @@ class _GenerateBlock:
         lp: list[pb.PositionRange],
         ro: list[pb.PositionRange],
         priority: int,
-        rewind_to: int | None,
+        rewind_to: SupportsIndex | None,
         timeouts: _Timeouts | None,
         rewind_name: str = "rewind_to",
     ) -> None:

@@ -180,12 +180,9 @@ def _u32_tuple(value: Iterable[int], name: str = "tokens") -> tuple[int, ...]:
     """
     if isinstance(value, str | bytes):
         raise TypeError(f"{name} must be a sequence of token ids, not a string")
-    if not isinstance(value, list | tuple):
-        # A numpy array (or array.array) gives plain ints in one C call, 20x
-        # faster than its scalars one by one; what it gives is checked below.
-        tolist = getattr(value, "tolist", None)
-        if callable(tolist):
-            value = tolist()
+    # A numpy array gives plain ints in one C call (20x faster than its scalars
+    # one by one); what it gives is checked below.
+    value = cast(Iterable[int], _plain(value))
     try:
         ids = tuple(value)
     except TypeError:
@@ -465,21 +462,37 @@ class ScoreResult:
     logprob: float
 
 
-def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+def _plain(value: object) -> object:
+    # A numpy array (or array.array) as plain Python lists and ints, in one C call.
+    if isinstance(value, list | tuple):
+        return value
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else value
+
+
+def check_ranges(value: Iterable[Sequence[int]], name: str = "ranges") -> list[tuple[int, int]]:
+    """``(start, end)`` position pairs: ints in uint32, ``start < end``, any order.
+
+    A 2-D numpy array of pairs works as a list of them. Errors name ``name``.
+    """
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise TypeError(
-            f"target_ranges must be a sequence of (start, end) pairs, not {type(value).__name__}"
+            f"{name} must be a sequence of (start, end) pairs, not {type(value).__name__}"
         )
     out = []
-    for r in value:
+    for r in cast(Iterable[object], _plain(value)):
+        r = _plain(r)
         if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
-            raise TypeError(f"target_ranges must hold (start, end) pairs, got {r!r}")
-        start = _u32("target_ranges start", r[0])
-        end = _u32("target_ranges end", r[1])
+            raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
+        start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
         if start >= end:
-            raise ValueError(f"target_ranges must have start < end, got [{start}, {end})")
+            raise ValueError(f"{name} must have start < end, got [{start}, {end})")
         out.append((start, end))
-    return tuple(out)
+    return out
+
+
+def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    return tuple(check_ranges(value, "target_ranges"))
 
 
 @final
