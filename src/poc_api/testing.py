@@ -261,8 +261,8 @@ async def open_client(server: ReferenceServer, **client_options: Any) -> AsyncIt
     It uses the server's gRPC URL explicitly (so ``POC_GRPC_URL`` in the
     environment cannot redirect it) and its api key, if it has one. Keyword
     arguments go to :class:`~poc_api.ApiClient` (``model``, ``timeout``, ...) and
-    override these: ``grpc_url=proxy.grpc_url`` goes through an
-    :func:`nginx_grpc_proxy`.
+    override these: ``grpc_url=proxy``, with ``proxy`` the URL an
+    :func:`nginx_grpc_proxy` yields, goes through that proxy.
     """
     options: dict[str, Any] = {"api_key": server.config.api_key or "", "grpc_url": server.grpc_url}
     options.update(client_options)
