@@ -142,6 +142,29 @@ async def test_generate_prints_the_greedy_completion() -> None:
     assert result.stdout == expected + "\n"
 
 
+async def test_output_piped_into_head_ends_quietly_as_unix_tools_do() -> None:
+    # `poc-api generate ... | head -c 10`: the reader goes away mid-stream. That is
+    # the reader's choice, not an error: no "error: Broken pipe" line, and the exit
+    # status of a process killed by SIGPIPE (141), as `yes | head` has.
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.lowlevel.open_process(
+            [*CLI, "generate", "Once upon a time", "--max-tokens", "100000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        first = await proc.stdout.receive_some(10)
+        assert first
+        await proc.stdout.aclose()
+        err = b""
+        while chunk := await proc.stderr.receive_some():
+            err += chunk
+        status = await proc.wait()
+    assert err.decode() == ""
+    assert status == 141
+
+
 async def test_generate_seed_reaches_the_embedded_server() -> None:
     async with reference_server(seed=7) as server, open_client(server) as client:
         expected = await greedy_text(client, "It was", 24, temperature=1.0)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import select
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -509,6 +511,17 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
     return None
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (so a broken pipe is
+    our output's, not a connection's)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll(), no real stdout
+        return False
+
+
 def _run(body: Callable[[_Where], None]) -> None:
     """Run a command body, reporting a failure as one ``error:`` line (exit status 1)."""
     where = _Where()
@@ -521,6 +534,12 @@ def _run(body: Callable[[_Where], None]) -> None:
         if isinstance(leaf, KeyboardInterrupt):
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        if isinstance(leaf, BrokenPipeError) and _stdout_reader_gone():
+            # The reader of our output went away (`| head`): its choice, not an
+            # error. Quiet, with the status of a process SIGPIPE killed, as Unix
+            # tools end; stdout to /dev/null so the exit's flush cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         if isinstance(leaf, click.ClickException | click.exceptions.Exit | SystemExit):
             raise leaf from None
         message = _describe(leaf, where)
