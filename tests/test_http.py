@@ -1266,13 +1266,89 @@ async def test_refused_connection_raises_server_unavailable(http: httpx.AsyncCli
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
+async def _every_http_call(client: poc_api.ApiClient) -> list[tuple[str, BaseException]]:
+    """What each HTTP call of ``client`` raises (GETs, POSTs, a stream)."""
+    calls: dict[str, Any] = {
+        "tokenize": lambda: client.tokenize("x"),
+        "readout_manifest": client.readout_manifest,
+        "chat": lambda: client.chat(HELLO, model="m"),
+        "train": lambda: client.train([TrainSample([1], [(0, 1)])]),
+        "tokenizer_info": client.tokenizer_info,
+    }
+    raised: list[tuple[str, BaseException]] = []
+    for name, call in calls.items():
+        with pytest.raises(PocApiError) as info:
+            await call()
+        raised.append((name, info.value))
+    with pytest.raises(PocApiError) as info:
+        async with client.chat_stream(HELLO, model="m"):
+            pass
+    raised.append(("chat_stream", info.value))
+    return raised
+
+
+async def test_a_refused_connection_is_retriable_for_every_http_call() -> None:
+    # README: "a refused connection is ServerUnavailable(retriable=True)". It was,
+    # for gRPC only: every HTTP call (chat, train, tokenize...) said retriable=False,
+    # though nothing was sent, so retry logic keyed on it never retried them.
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        url = f"http://127.0.0.1:{port}/v1"
+        with trio.fail_after(10):
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
+                raised = await _every_http_call(client)
+    for name, exc in raised:
+        assert isinstance(exc, ServerUnavailable), name
+        assert exc.retriable, name
+        assert isinstance(exc.__cause__, httpx.ConnectError), name
+
+
+async def test_a_connect_that_times_out_is_retriable() -> None:
+    # Nothing was sent either: the TCP connection never came up.
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # Fill the accept queue (nobody accepts): the server drops the next SYNs.
+    fillers = [trio.socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            with trio.move_on_after(0.05):
+                await filler.connect(("127.0.0.1", port))
+        with trio.fail_after(20):
+            async with poc_api.ApiClient(
+                f"http://127.0.0.1:{port}/v1", grpc_url="http://127.0.0.1:1", connect_timeout=0.2
+            ) as client:
+                raised = await _every_http_call(client)
+    finally:
+        for s in [listener, *fillers]:
+            s.close()
+    for name, exc in raised:
+        assert isinstance(exc, PocApiTimeout), name
+        assert exc.retriable, name
+        assert isinstance(exc.__cause__, httpx.ConnectTimeout), name
+
+
 async def test_connection_closed_without_answer_raises_server_unavailable(
     http: httpx.AsyncClient,
 ) -> None:
     with trio.fail_after(10):
         async with canned_server([b""]) as url:
-            with pytest.raises(ServerUnavailable):
+            with pytest.raises(ServerUnavailable) as info:
                 await make_api(http, url).tokenize("a")
+    # The request went out: the server may have acted on it. Not safe to resend.
+    assert not info.value.retriable
+
+
+async def test_an_error_status_is_not_retriable(http: httpx.AsyncClient) -> None:
+    # The server answered (a 503 too): as a gRPC UNAVAILABLE status, it may have
+    # done part of the work; only a call that certainly was not sent is retriable.
+    with trio.fail_after(10):
+        async with canned_server([response(503, b"busy")]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url).train([TrainSample([1], [(0, 1)])])
+    assert info.value.http_status == 503 and not info.value.retriable
 
 
 def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = False) -> Handler:

@@ -16,7 +16,10 @@ Errors:
 - httpx's own exceptions are translated in exactly one place,
   :func:`_map_httpx_errors`: timeouts to :class:`~poc_api.PocApiTimeout`, lost or
   refused connections to :class:`~poc_api.ServerUnavailable`, unparseable HTTP to
-  :class:`~poc_api.ProtocolViolation`.
+  :class:`~poc_api.ProtocolViolation`. ``retriable`` is set only when nothing of
+  the request was sent: the connection could not be made (refused, or its connect
+  timed out). A lost connection or an error status (a 503 too) may come after
+  the server acted on the request.
 
 The api key travels only in the ``authorization`` header. It is never put in an
 exception message or a log line, and is redacted from body excerpts in case a
@@ -260,8 +263,13 @@ def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Itera
 
 def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
     text = redact_url(str(exc))
+    # httpcore raises ConnectError and ConnectTimeout only while it opens the
+    # connection (TCP, TLS, a proxy's tunnel), and PoolTimeout while it waits for
+    # one: not a byte of the request was sent, so it is safe to send again, as a
+    # refused gRPC connection is. Anything later may have reached the server.
+    unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     if isinstance(exc, httpx.TimeoutException):
-        return PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})")
+        return PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})", retriable=unsent)
     if isinstance(exc, httpx.RemoteProtocolError):
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
@@ -270,7 +278,7 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
     if isinstance(exc, httpx.DecodingError):
         return ProtocolViolation(f"{method} {url}: undecodable response body: {text}")
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
-    return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}")
+    return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}", retriable=unsent)
 
 
 def _decode_json(body: bytes, what: str) -> Any:
