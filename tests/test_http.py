@@ -484,6 +484,70 @@ async def test_api_key_never_appears_in_errors_or_logs(
     assert any(r.name == "poc_api.http" for r in caplog.records)
 
 
+async def test_a_url_password_never_appears_in_any_log_record(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # README: the password of a user:password@ URL never appears in logs. httpx's
+    # own INFO line named it: "HTTP Request: POST http://bob:PASSW0RD@host/v1/...".
+    caplog.set_level(logging.DEBUG)  # every logger: httpx, httpcore, poc_api
+    url = server.base_url.replace("http://", "http://bob:PASSW0RD%21@")
+    with trio.fail_after(20):
+        async with poc_api.ApiClient(url, grpc_url=server.grpc_url) as client:
+            await client.tokenize("hi")
+            await client.readout_manifest()
+            await client.chat(HELLO, max_tokens=2)
+            async with client.chat_stream(HELLO, max_tokens=2) as events:
+                async for _ in events:
+                    pass
+            async with client.session() as s:
+                await s.prefill([65])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(r.name == "httpx" and "HTTP Request" in r.getMessage() for r in caplog.records)
+    assert [m for m in messages if "PASSW0RD" in m] == []
+    assert any("bob:***@" in m for m in messages)  # poc_api's own lines still say whose
+
+
+@pytest.mark.parametrize("key", ["", KEY])
+@pytest.mark.parametrize("userinfo", ["bob:PASSW0RD%21@", "bob@", ":PASSW0RD@", ""])
+async def test_a_url_password_is_sent_as_before_basic_auth_unless_a_key_is_set(
+    key: str, userinfo: str
+) -> None:
+    # The userinfo is kept out of the URL httpx logs; on the wire nothing changes:
+    # Basic auth from it as httpx made it, or the key's Bearer header instead.
+    heads: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        heads.append((await read_request(stream))[0])
+        await stream.send_all(response(200, b'{"tokens": [1]}'))
+
+    with trio.fail_after(10):
+        async with canned_server(record) as url:
+            url = url.replace("http://", "http://" + userinfo)
+            async with poc_api.ApiClient(url, key, grpc_url="http://127.0.0.1:1") as client:
+                await client.tokenize("x")
+            async with httpx.AsyncClient() as http:  # HttpApi on a client of its own
+                await make_api(http, url, key).tokenize("x")
+    parsed = httpx.URL(url)
+    if key:
+        expected: str | None = f"Bearer {key}"
+    elif userinfo:
+        basic = httpx.BasicAuth(parsed.username, parsed.password)
+        expected = next(basic.auth_flow(httpx.Request("GET", "http://h"))).headers["authorization"]
+    else:
+        expected = None
+    for head in heads:
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith("POST /v1/tokenize ")
+        found = [
+            v.strip()
+            for n, _, v in (x.partition(":") for x in lines[1:])
+            if n.lower() == "authorization"
+        ]
+        assert found == ([] if expected is None else [expected])
+        assert "PASSW0RD" not in head.decode()
+    assert len(heads) == 2
+
+
 async def test_api_key_never_appears_when_a_server_echoes_it_in_a_200_answer(
     http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -24,6 +24,8 @@ Errors:
 The api key travels only in the ``authorization`` header. It is never put in an
 exception message or a log line, and is redacted from body excerpts in case a
 server echoes it back: from all of the answer read, before the excerpt is cut.
+A ``user:password@`` in ``base_url`` is taken out of the URLs httpx sees (and
+logs) and sent as the Basic auth httpx would have made of it.
 """
 
 from __future__ import annotations
@@ -402,6 +404,25 @@ def redact_url(text: str) -> str:
     return _URL_PASSWORD.sub(r"\g<user>:***@", text)
 
 
+# The ``scheme://`` and the userinfo after it, up to the authority's last "@".
+_USERINFO: Final = re.compile(r"^(?P<scheme>[^:/?#]+://)[^/?#]*@")
+
+
+def _split_userinfo(url: str) -> tuple[str, httpx.BasicAuth | None]:
+    """``url`` without its ``user:password@``, and the Basic auth httpx makes of it.
+
+    >>> _split_userinfo("http://me:s3cret@h:8000/v1")[0]
+    'http://h:8000/v1'
+    """
+    if _USERINFO.match(url) is None:
+        return url, None
+    parts = httpx.URL(url)  # (percent-decoded as httpx decodes them for its auth)
+    bare = _USERINFO.sub(r"\g<scheme>", url, count=1)
+    if not parts.username and not parts.password:
+        return bare, None  # "http://@h": httpx sends no auth for it either
+    return bare, httpx.BasicAuth(parts.username, parts.password)
+
+
 # Characters of a bearer token (RFC 6750 b64token, less the trailing "=").
 _TOKEN_CHARS: Final = r"A-Za-z0-9\-._~+/"
 
@@ -633,7 +654,13 @@ class HttpApi:
             raise ValueError(f"max_body must be positive, got {max_body}")
         self._client = client
         self._max_body = max_body
-        self._base_url = base_url
+        # httpx logs every request's URL (at INFO): a user:password@ in it would be
+        # in the application's logs. httpx gets the URL without it, and its
+        # credentials as the Basic auth httpx would have made of them (none when
+        # the key's Bearer header is sent instead).
+        self._base_url, self._url_auth = _split_userinfo(base_url)
+        if api_key:
+            self._url_auth = None
         # What error messages and logs show: never a password from the URL.
         self._shown = redact_url(base_url)
         self._api_key = api_key
@@ -658,6 +685,10 @@ class HttpApi:
             method, url, headers=self._headers(accept), json=payload
         )
         request.stream = _RequestBody(request.content)  # see _RequestBody
+        # The URL's credentials, where httpx would have sent them: an auth of the
+        # client's own comes first (it runs after this, at send).
+        if self._url_auth is not None and self._client.auth is None:
+            request = next(self._url_auth.auth_flow(request))
         return request
 
     async def _send(self, method: str, url: str, shown: str, payload: object) -> httpx.Response:
