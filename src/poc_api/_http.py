@@ -1091,7 +1091,7 @@ class HttpApi:
         if tools is not None:
             payload["tools"] = _check_tools(tools)
         if tool_choice is not None:
-            payload["tool_choice"] = _check_tool_choice(tool_choice)
+            payload["tool_choice"] = _check_tool_choice(tool_choice, payload.get("tools"))
         if response_format is not None:
             payload["response_format"] = _check_typed_mapping("response_format", response_format)
         if n is not None:
@@ -1445,12 +1445,36 @@ def _check_tools(tools: object) -> list[dict[str, Any]]:
     return out
 
 
-def _check_tool_choice(choice: object) -> str | dict[str, Any]:
+def _check_tool_choice(choice: object, tools: list[dict[str, Any]] | None) -> str | dict[str, Any]:
+    """OpenAI's ``"none"``, ``"auto"``, ``"required"``, or a ``{"type": ...}`` mapping.
+
+    A ``"function"`` choice must name a function -- one of ``tools`` when they are
+    given -- as every OpenAI-compatible server requires: sent without one, the
+    server's 400 would blame nothing the caller can see. Other types (OpenAI's
+    ``allowed_tools``, a vendor's) are left to the server.
+    """
     if isinstance(choice, str):
         if choice not in _TOOL_CHOICES:
             raise ValueError(f"tool_choice must be one of {sorted(_TOOL_CHOICES)} or a mapping")
         return choice
-    return _check_typed_mapping("tool_choice", choice)
+    checked = _check_typed_mapping("tool_choice", choice)
+    if checked["type"] != "function":
+        return checked
+    function = checked.get("function")
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            "tool_choice of type 'function' needs 'function': {'name': str}, "
+            f"got {_short_repr(function)}"
+        )
+    # (_check_tools made sure each function tool has a str name.)
+    names = {t["function"]["name"] for t in tools or () if t["type"] == "function"}
+    if tools is not None and name not in names:
+        raise ValueError(
+            f"tool_choice names the function {name!r}, which is not one of the tools "
+            f"({sorted(names)})"
+        )
+    return checked
 
 
 def _error_object(data: object, event: str) -> object | None:
