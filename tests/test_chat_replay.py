@@ -222,7 +222,7 @@ async def decode(api: HttpApi, pieces: Sequence[bytes]) -> tuple[list[ChatEvent]
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        await events.aclose()
+        await events.release()
     return got, None
 
 

@@ -908,6 +908,47 @@ async def test_cancelling_a_stalled_stream_releases_its_connection() -> None:
                 assert await make_api(http, srv.base_url).tokenize("a") == [97]
 
 
+async def test_a_chat_stream_read_after_its_aclose_says_the_stream_was_closed() -> None:
+    # A read after aclose() inside the block said "this stream's block has exited",
+    # which it had not. GenerateStream and ConversationStream say "this stream was
+    # closed" (README: later reads, and a task waiting in one, get ClosedResourceError).
+    async def stall(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(response(200, sse(DELTA, DELTA), "text/event-stream", length=False))
+        await trio.sleep_forever()
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+        with trio.fail_after(10):
+            async with canned_server(stall) as url:
+                api = make_api(http, url)
+                async with api.chat_stream(HELLO) as events:
+                    assert await events.__anext__() == ChatDelta("hi")
+                    await events.aclose()  # (a second delta was still to come)
+                    with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
+                        await events.__anext__()
+                    await events.aclose()  # idempotent
+                with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
+                    await events.__anext__()  # closed first: that is what it says after
+                # A task waiting in a read when another closes the stream gets it too.
+                caught: list[BaseException] = []
+                async with api.chat_stream(HELLO) as events:
+
+                    async def reader() -> None:
+                        try:
+                            async for _ in events:
+                                pass
+                        except trio.ClosedResourceError as exc:
+                            caught.append(exc)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(reader)
+                        await trio.testing.wait_all_tasks_blocked()  # it waits for more
+                        await events.aclose()
+                assert [str(exc) for exc in caught] == ["this stream was closed"]
+            async with ReferenceServer(ServerConfig(port=0)) as srv:  # the pool still works
+                assert await make_api(http, srv.base_url).tokenize("a") == [97]
+
+
 async def test_cancelling_inside_the_block_keeps_the_client_usable(
     server: ReferenceServer,
 ) -> None:

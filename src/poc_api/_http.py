@@ -79,6 +79,7 @@ from ._errors import (
     closed_under_call,
     collapse_cancellation,
     protected_asynccontextmanager,
+    stream_closed,
 )
 from ._sse import SSEDecoder, SSEEvent
 from ._types import (
@@ -1296,7 +1297,10 @@ class HttpApi:
         Leaving the block -- after the last event, by ``break``, by an exception or
         by cancellation -- closes the response (shielded, bounded): an unfinished
         response's connection is dropped rather than returned to the pool half-read,
-        so the client stays usable.
+        so the client stays usable. ``events.aclose()`` (``contextlib.aclosing``)
+        stops reading: later reads, and a task waiting in one, raise
+        ``trio.ClosedResourceError("this stream was closed")``; the block's exit
+        still ends the request.
 
         Example::
 
@@ -1366,7 +1370,7 @@ class HttpApi:
                 if body_error is not None:
                     raise body_error
             finally:
-                await events.aclose()
+                await events.release()
         if scope.cancelled_caught:
             raise PocApiTimeout(f"chat_stream: not finished within {timeout:g} s")
 
@@ -1613,6 +1617,7 @@ class _ChatEvents:
         self._error: Exception | None = None  # raised after the queue drains, then again
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
         self._cut = False  # the block was left before the end: iterating is an error
+        self._reader_closed = False  # aclose() was called: iterating is an error
         self._done_queued = False  # the ChatDone is in the queue (or already delivered)
         self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
         self._usage: Usage | None = None
@@ -1667,7 +1672,10 @@ class _ChatEvents:
                     item = None
                 except Exception as exc:
                     item = exc
-                await self._send.send(item)
+                try:
+                    await self._send.send(item)
+                except trio.BrokenResourceError:
+                    return  # aclose() closed the reading end: no one will read more
                 if not isinstance(item, bytes):
                     return
 
@@ -1678,6 +1686,8 @@ class _ChatEvents:
     @trio.lowlevel.enable_ki_protection  # see _request
     async def __anext__(self) -> ChatEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
+        if self._reader_closed:
+            raise stream_closed()
         while not self._queue:
             if self._error is not None:
                 raise self._error
@@ -1692,6 +1702,8 @@ class _ChatEvents:
             self._waiting = True
             try:
                 chunk = await self._receive.receive()
+            except trio.ClosedResourceError:
+                raise stream_closed() from None  # aclose() (by another task) closed it
             except trio.EndOfChannel:
                 # The pump stopped without an end: the block is exiting.
                 self._finished = self._cut = True
@@ -1819,9 +1831,20 @@ class _ChatEvents:
         part.arguments.append(arguments)
         self._queue.append(ChatToolCallDelta(index, call_id, name, arguments, choice))
 
-    @trio.lowlevel.enable_ki_protection  # see _request
     async def aclose(self) -> None:
-        """Release the response: shielded so cancellation cannot leak the connection."""
+        """Stop reading (idempotent; what ``contextlib.aclosing`` calls).
+
+        Later reads raise ``trio.ClosedResourceError``, also in a task waiting in
+        one now. As with ``GenerateStream``, the block's exit ends the request.
+        """
+        self._reader_closed = True
+        self._receive.close()  # wakes a task waiting in receive()
+        await trio.lowlevel.checkpoint()
+
+    @trio.lowlevel.enable_ki_protection  # see _request
+    async def release(self) -> None:
+        """The block's exit: release the response, shielded so that cancellation
+        cannot leak the connection. (The pump has stopped: nothing reads it.)"""
         self._cut = not self._finished  # the block was left before the stream ended
         self._finished = True
         with trio.CancelScope(relative_deadline=_CLOSE_TIMEOUT, shield=True):
