@@ -222,7 +222,7 @@ async def decode(api: HttpApi, pieces: Sequence[bytes]) -> tuple[list[ChatEvent]
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        await events.aclose()
+        await events.release()
     return got, None
 
 
@@ -415,6 +415,27 @@ async def test_chat_sends_openai_fields_and_reads_tool_calls() -> None:
         ({"tools": [{"function": {"name": "f"}}]}, ValueError),
         ({"tools": [{"type": "function", "function": {}}]}, ValueError),
         ({"tool_choice": "always"}, ValueError),
+        # A named choice with no name was sent, for the server's 400 (HttpError).
+        ({"tools": TOOLS, "tool_choice": {"type": "function"}}, ValueError),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {}}}, ValueError),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_weather"}},
+            ValueError,
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": ""}}},
+            ValueError,
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": 1}}},
+            ValueError,
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            ValueError,
+        ),
+        ({"tool_choice": {"function": {"name": "get_weather"}}}, ValueError),
+        ({"tool_choice": ["auto"]}, TypeError),
         ({"response_format": "json"}, TypeError),
         ({"n": 0}, ValueError),
         ({"n": 1.0}, TypeError),
@@ -445,6 +466,28 @@ async def test_bad_arguments_raise_before_anything_is_sent(
                     async with client.chat_stream(HELLO, **kwargs):
                         pass
     assert rec.requests == []
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice"),
+    [
+        (TOOLS, {"type": "function", "function": {"name": "get_weather"}}),
+        # Without tools= here (given some other way, say): the name is the server's to check.
+        (None, {"type": "function", "function": {"name": "anything"}}),
+        # Shapes of other types (OpenAI's newer ones, a vendor's) are the server's business.
+        (TOOLS, {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}),
+    ],
+)
+async def test_a_well_formed_tool_choice_is_sent_as_given(
+    tools: list[dict[str, Any]] | None, choice: dict[str, Any]
+) -> None:
+    rec = Recorder({"POST /chat/completions": answer(200, COMPLETION)})
+    with trio.fail_after(10):
+        async with http_server(rec) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", model="m") as client:
+                await client.chat(HELLO, tools=tools, tool_choice=choice)
+    _, sent = rec.requests[0]
+    assert sent["tool_choice"] == choice
 
 
 async def test_without_model_the_only_served_model_is_named_and_cached() -> None:

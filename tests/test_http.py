@@ -484,6 +484,70 @@ async def test_api_key_never_appears_in_errors_or_logs(
     assert any(r.name == "poc_api.http" for r in caplog.records)
 
 
+async def test_a_url_password_never_appears_in_any_log_record(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # README: the password of a user:password@ URL never appears in logs. httpx's
+    # own INFO line named it: "HTTP Request: POST http://bob:PASSW0RD@host/v1/...".
+    caplog.set_level(logging.DEBUG)  # every logger: httpx, httpcore, poc_api
+    url = server.base_url.replace("http://", "http://bob:PASSW0RD%21@")
+    with trio.fail_after(20):
+        async with poc_api.ApiClient(url, grpc_url=server.grpc_url) as client:
+            await client.tokenize("hi")
+            await client.readout_manifest()
+            await client.chat(HELLO, max_tokens=2)
+            async with client.chat_stream(HELLO, max_tokens=2) as events:
+                async for _ in events:
+                    pass
+            async with client.session() as s:
+                await s.prefill([65])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(r.name == "httpx" and "HTTP Request" in r.getMessage() for r in caplog.records)
+    assert [m for m in messages if "PASSW0RD" in m] == []
+    assert any("bob:***@" in m for m in messages)  # poc_api's own lines still say whose
+
+
+@pytest.mark.parametrize("key", ["", KEY])
+@pytest.mark.parametrize("userinfo", ["bob:PASSW0RD%21@", "bob@", ":PASSW0RD@", ""])
+async def test_a_url_password_is_sent_as_before_basic_auth_unless_a_key_is_set(
+    key: str, userinfo: str
+) -> None:
+    # The userinfo is kept out of the URL httpx logs; on the wire nothing changes:
+    # Basic auth from it as httpx made it, or the key's Bearer header instead.
+    heads: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        heads.append((await read_request(stream))[0])
+        await stream.send_all(response(200, b'{"tokens": [1]}'))
+
+    with trio.fail_after(10):
+        async with canned_server(record) as url:
+            url = url.replace("http://", "http://" + userinfo)
+            async with poc_api.ApiClient(url, key, grpc_url="http://127.0.0.1:1") as client:
+                await client.tokenize("x")
+            async with httpx.AsyncClient() as http:  # HttpApi on a client of its own
+                await make_api(http, url, key).tokenize("x")
+    parsed = httpx.URL(url)
+    if key:
+        expected: str | None = f"Bearer {key}"
+    elif userinfo:
+        basic = httpx.BasicAuth(parsed.username, parsed.password)
+        expected = next(basic.auth_flow(httpx.Request("GET", "http://h"))).headers["authorization"]
+    else:
+        expected = None
+    for head in heads:
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith("POST /v1/tokenize ")
+        found = [
+            v.strip()
+            for n, _, v in (x.partition(":") for x in lines[1:])
+            if n.lower() == "authorization"
+        ]
+        assert found == ([] if expected is None else [expected])
+        assert "PASSW0RD" not in head.decode()
+    assert len(heads) == 2
+
+
 async def test_api_key_never_appears_when_a_server_echoes_it_in_a_200_answer(
     http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -841,6 +905,47 @@ async def test_cancelling_a_stalled_stream_releases_its_connection() -> None:
                 assert scope.cancelled_caught
                 assert got == [ChatDelta("hi")]
             async with ReferenceServer(ServerConfig(port=0)) as srv:
+                assert await make_api(http, srv.base_url).tokenize("a") == [97]
+
+
+async def test_a_chat_stream_read_after_its_aclose_says_the_stream_was_closed() -> None:
+    # A read after aclose() inside the block said "this stream's block has exited",
+    # which it had not. GenerateStream and ConversationStream say "this stream was
+    # closed" (README: later reads, and a task waiting in one, get ClosedResourceError).
+    async def stall(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(response(200, sse(DELTA, DELTA), "text/event-stream", length=False))
+        await trio.sleep_forever()
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+        with trio.fail_after(10):
+            async with canned_server(stall) as url:
+                api = make_api(http, url)
+                async with api.chat_stream(HELLO) as events:
+                    assert await events.__anext__() == ChatDelta("hi")
+                    await events.aclose()  # (a second delta was still to come)
+                    with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
+                        await events.__anext__()
+                    await events.aclose()  # idempotent
+                with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
+                    await events.__anext__()  # closed first: that is what it says after
+                # A task waiting in a read when another closes the stream gets it too.
+                caught: list[BaseException] = []
+                async with api.chat_stream(HELLO) as events:
+
+                    async def reader() -> None:
+                        try:
+                            async for _ in events:
+                                pass
+                        except trio.ClosedResourceError as exc:
+                            caught.append(exc)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(reader)
+                        await trio.testing.wait_all_tasks_blocked()  # it waits for more
+                        await events.aclose()
+                assert [str(exc) for exc in caught] == ["this stream was closed"]
+            async with ReferenceServer(ServerConfig(port=0)) as srv:  # the pool still works
                 assert await make_api(http, srv.base_url).tokenize("a") == [97]
 
 
@@ -1266,13 +1371,89 @@ async def test_refused_connection_raises_server_unavailable(http: httpx.AsyncCli
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
+async def _every_http_call(client: poc_api.ApiClient) -> list[tuple[str, BaseException]]:
+    """What each HTTP call of ``client`` raises (GETs, POSTs, a stream)."""
+    calls: dict[str, Any] = {
+        "tokenize": lambda: client.tokenize("x"),
+        "readout_manifest": client.readout_manifest,
+        "chat": lambda: client.chat(HELLO, model="m"),
+        "train": lambda: client.train([TrainSample([1], [(0, 1)])]),
+        "tokenizer_info": client.tokenizer_info,
+    }
+    raised: list[tuple[str, BaseException]] = []
+    for name, call in calls.items():
+        with pytest.raises(PocApiError) as info:
+            await call()
+        raised.append((name, info.value))
+    with pytest.raises(PocApiError) as info:
+        async with client.chat_stream(HELLO, model="m"):
+            pass
+    raised.append(("chat_stream", info.value))
+    return raised
+
+
+async def test_a_refused_connection_is_retriable_for_every_http_call() -> None:
+    # README: "a refused connection is ServerUnavailable(retriable=True)". It was,
+    # for gRPC only: every HTTP call (chat, train, tokenize...) said retriable=False,
+    # though nothing was sent, so retry logic keyed on it never retried them.
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        url = f"http://127.0.0.1:{port}/v1"
+        with trio.fail_after(10):
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
+                raised = await _every_http_call(client)
+    for name, exc in raised:
+        assert isinstance(exc, ServerUnavailable), name
+        assert exc.retriable, name
+        assert isinstance(exc.__cause__, httpx.ConnectError), name
+
+
+async def test_a_connect_that_times_out_is_retriable() -> None:
+    # Nothing was sent either: the TCP connection never came up.
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    # Fill the accept queue (nobody accepts): the server drops the next SYNs.
+    fillers = [trio.socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            with trio.move_on_after(0.05):
+                await filler.connect(("127.0.0.1", port))
+        with trio.fail_after(20):
+            async with poc_api.ApiClient(
+                f"http://127.0.0.1:{port}/v1", grpc_url="http://127.0.0.1:1", connect_timeout=0.2
+            ) as client:
+                raised = await _every_http_call(client)
+    finally:
+        for s in [listener, *fillers]:
+            s.close()
+    for name, exc in raised:
+        assert isinstance(exc, PocApiTimeout), name
+        assert exc.retriable, name
+        assert isinstance(exc.__cause__, httpx.ConnectTimeout), name
+
+
 async def test_connection_closed_without_answer_raises_server_unavailable(
     http: httpx.AsyncClient,
 ) -> None:
     with trio.fail_after(10):
         async with canned_server([b""]) as url:
-            with pytest.raises(ServerUnavailable):
+            with pytest.raises(ServerUnavailable) as info:
                 await make_api(http, url).tokenize("a")
+    # The request went out: the server may have acted on it. Not safe to resend.
+    assert not info.value.retriable
+
+
+async def test_an_error_status_is_not_retriable(http: httpx.AsyncClient) -> None:
+    # The server answered (a 503 too): as a gRPC UNAVAILABLE status, it may have
+    # done part of the work; only a call that certainly was not sent is retriable.
+    with trio.fail_after(10):
+        async with canned_server([response(503, b"busy")]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url).train([TrainSample([1], [(0, 1)])])
+    assert info.value.http_status == 503 and not info.value.retriable
 
 
 def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = False) -> Handler:

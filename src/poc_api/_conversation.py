@@ -35,8 +35,8 @@ import attrs
 import trio
 
 from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta
-from ._errors import ServerUnavailable, SessionNotFound
-from ._session import GenerateStream, Session, open_session, stream_closed
+from ._errors import ServerUnavailable, SessionNotFound, stream_closed
+from ._session import GenerateStream, Session, open_session
 from ._types import (
     U32_MAX,
     Done,

@@ -284,6 +284,12 @@ def closed_under_call() -> trio.ClosedResourceError:
     return trio.ClosedResourceError("the ApiClient was closed while this call was running")
 
 
+def stream_closed() -> trio.ClosedResourceError:
+    """What a stream's reader gets once the stream's ``aclose()`` was called
+    (``GenerateStream``, ``ConversationStream``, a chat stream's events)."""
+    return trio.ClosedResourceError("this stream was closed")
+
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 

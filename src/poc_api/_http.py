@@ -16,11 +16,16 @@ Errors:
 - httpx's own exceptions are translated in exactly one place,
   :func:`_map_httpx_errors`: timeouts to :class:`~poc_api.PocApiTimeout`, lost or
   refused connections to :class:`~poc_api.ServerUnavailable`, unparseable HTTP to
-  :class:`~poc_api.ProtocolViolation`.
+  :class:`~poc_api.ProtocolViolation`. ``retriable`` is set only when nothing of
+  the request was sent: the connection could not be made (refused, or its connect
+  timed out). A lost connection or an error status (a 503 too) may come after
+  the server acted on the request.
 
 The api key travels only in the ``authorization`` header. It is never put in an
 exception message or a log line, and is redacted from body excerpts in case a
 server echoes it back: from all of the answer read, before the excerpt is cut.
+A ``user:password@`` in ``base_url`` is taken out of the URLs httpx sees (and
+logs) and sent as the Basic auth httpx would have made of it.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ from ._errors import (
     closed_under_call,
     collapse_cancellation,
     protected_asynccontextmanager,
+    stream_closed,
 )
 from ._sse import SSEDecoder, SSEEvent
 from ._types import (
@@ -262,8 +268,13 @@ def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Itera
 
 def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
     text = redact_url(str(exc))
+    # httpcore raises ConnectError and ConnectTimeout only while it opens the
+    # connection (TCP, TLS, a proxy's tunnel), and PoolTimeout while it waits for
+    # one: not a byte of the request was sent, so it is safe to send again, as a
+    # refused gRPC connection is. Anything later may have reached the server.
+    unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     if isinstance(exc, httpx.TimeoutException):
-        return PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})")
+        return PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})", retriable=unsent)
     if isinstance(exc, httpx.RemoteProtocolError):
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
@@ -272,7 +283,7 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
     if isinstance(exc, httpx.DecodingError):
         return ProtocolViolation(f"{method} {url}: undecodable response body: {text}")
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
-    return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}")
+    return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}", retriable=unsent)
 
 
 def _decode_json(body: bytes, what: str) -> Any:
@@ -394,6 +405,25 @@ def redact_url(text: str) -> str:
     'http://me:***@h:8000/v1'
     """
     return _URL_PASSWORD.sub(r"\g<user>:***@", text)
+
+
+# The ``scheme://`` and the userinfo after it, up to the authority's last "@".
+_USERINFO: Final = re.compile(r"^(?P<scheme>[^:/?#]+://)[^/?#]*@")
+
+
+def _split_userinfo(url: str) -> tuple[str, httpx.BasicAuth | None]:
+    """``url`` without its ``user:password@``, and the Basic auth httpx makes of it.
+
+    >>> _split_userinfo("http://me:s3cret@h:8000/v1")[0]
+    'http://h:8000/v1'
+    """
+    if _USERINFO.match(url) is None:
+        return url, None
+    parts = httpx.URL(url)  # (percent-decoded as httpx decodes them for its auth)
+    bare = _USERINFO.sub(r"\g<scheme>", url, count=1)
+    if not parts.username and not parts.password:
+        return bare, None  # "http://@h": httpx sends no auth for it either
+    return bare, httpx.BasicAuth(parts.username, parts.password)
 
 
 # Characters of a bearer token (RFC 6750 b64token, less the trailing "=").
@@ -627,7 +657,13 @@ class HttpApi:
             raise ValueError(f"max_body must be positive, got {max_body}")
         self._client = client
         self._max_body = max_body
-        self._base_url = base_url
+        # httpx logs every request's URL (at INFO): a user:password@ in it would be
+        # in the application's logs. httpx gets the URL without it, and its
+        # credentials as the Basic auth httpx would have made of them (none when
+        # the key's Bearer header is sent instead).
+        self._base_url, self._url_auth = _split_userinfo(base_url)
+        if api_key:
+            self._url_auth = None
         # What error messages and logs show: never a password from the URL.
         self._shown = redact_url(base_url)
         self._api_key = api_key
@@ -652,6 +688,10 @@ class HttpApi:
             method, url, headers=self._headers(accept), json=payload
         )
         request.stream = _RequestBody(request.content)  # see _RequestBody
+        # The URL's credentials, where httpx would have sent them: an auth of the
+        # client's own comes first (it runs after this, at send).
+        if self._url_auth is not None and self._client.auth is None:
+            request = next(self._url_auth.auth_flow(request))
         return request
 
     async def _send(self, method: str, url: str, shown: str, payload: object) -> httpx.Response:
@@ -1054,7 +1094,7 @@ class HttpApi:
         if tools is not None:
             payload["tools"] = _check_tools(tools)
         if tool_choice is not None:
-            payload["tool_choice"] = _check_tool_choice(tool_choice)
+            payload["tool_choice"] = _check_tool_choice(tool_choice, payload.get("tools"))
         if response_format is not None:
             payload["response_format"] = _check_typed_mapping("response_format", response_format)
         if n is not None:
@@ -1259,7 +1299,10 @@ class HttpApi:
         Leaving the block -- after the last event, by ``break``, by an exception or
         by cancellation -- closes the response (shielded, bounded): an unfinished
         response's connection is dropped rather than returned to the pool half-read,
-        so the client stays usable.
+        so the client stays usable. ``events.aclose()`` (``contextlib.aclosing``)
+        stops reading: later reads, and a task waiting in one, raise
+        ``trio.ClosedResourceError("this stream was closed")``; the block's exit
+        still ends the request.
 
         Example::
 
@@ -1329,7 +1372,7 @@ class HttpApi:
                 if body_error is not None:
                     raise body_error
             finally:
-                await events.aclose()
+                await events.release()
         if scope.cancelled_caught:
             raise PocApiTimeout(f"chat_stream: not finished within {timeout:g} s")
 
@@ -1406,12 +1449,36 @@ def _check_tools(tools: object) -> list[dict[str, Any]]:
     return out
 
 
-def _check_tool_choice(choice: object) -> str | dict[str, Any]:
+def _check_tool_choice(choice: object, tools: list[dict[str, Any]] | None) -> str | dict[str, Any]:
+    """OpenAI's ``"none"``, ``"auto"``, ``"required"``, or a ``{"type": ...}`` mapping.
+
+    A ``"function"`` choice must name a function -- one of ``tools`` when they are
+    given -- as every OpenAI-compatible server requires: sent without one, the
+    server's 400 would blame nothing the caller can see. Other types (OpenAI's
+    ``allowed_tools``, a vendor's) are left to the server.
+    """
     if isinstance(choice, str):
         if choice not in _TOOL_CHOICES:
             raise ValueError(f"tool_choice must be one of {sorted(_TOOL_CHOICES)} or a mapping")
         return choice
-    return _check_typed_mapping("tool_choice", choice)
+    checked = _check_typed_mapping("tool_choice", choice)
+    if checked["type"] != "function":
+        return checked
+    function = checked.get("function")
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            "tool_choice of type 'function' needs 'function': {'name': str}, "
+            f"got {_short_repr(function)}"
+        )
+    # (_check_tools made sure each function tool has a str name.)
+    names = {t["function"]["name"] for t in tools or () if t["type"] == "function"}
+    if tools is not None and name not in names:
+        raise ValueError(
+            f"tool_choice names the function {name!r}, which is not one of the tools "
+            f"({sorted(names)})"
+        )
+    return checked
 
 
 def _error_object(data: object, event: str) -> object | None:
@@ -1550,6 +1617,7 @@ class _ChatEvents:
         self._error: Exception | None = None  # raised after the queue drains, then again
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
         self._cut = False  # the block was left before the end: iterating is an error
+        self._reader_closed = False  # aclose() was called: iterating is an error
         self._done_queued = False  # the ChatDone is in the queue (or already delivered)
         self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
         self._usage: Usage | None = None
@@ -1604,7 +1672,10 @@ class _ChatEvents:
                     item = None
                 except Exception as exc:
                     item = exc
-                await self._send.send(item)
+                try:
+                    await self._send.send(item)
+                except trio.BrokenResourceError:
+                    return  # aclose() closed the reading end: no one will read more
                 if not isinstance(item, bytes):
                     return
 
@@ -1615,6 +1686,8 @@ class _ChatEvents:
     @trio.lowlevel.enable_ki_protection  # see _request
     async def __anext__(self) -> ChatEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
+        if self._reader_closed:
+            raise stream_closed()
         while not self._queue:
             if self._error is not None:
                 raise self._error
@@ -1629,6 +1702,8 @@ class _ChatEvents:
             self._waiting = True
             try:
                 chunk = await self._receive.receive()
+            except trio.ClosedResourceError:
+                raise stream_closed() from None  # aclose() (by another task) closed it
             except trio.EndOfChannel:
                 # The pump stopped without an end: the block is exiting.
                 self._finished = self._cut = True
@@ -1756,9 +1831,20 @@ class _ChatEvents:
         part.arguments.append(arguments)
         self._queue.append(ChatToolCallDelta(index, call_id, name, arguments, choice))
 
-    @trio.lowlevel.enable_ki_protection  # see _request
     async def aclose(self) -> None:
-        """Release the response: shielded so cancellation cannot leak the connection."""
+        """Stop reading (idempotent; what ``contextlib.aclosing`` calls).
+
+        Later reads raise ``trio.ClosedResourceError``, also in a task waiting in
+        one now. As with ``GenerateStream``, the block's exit ends the request.
+        """
+        self._reader_closed = True
+        self._receive.close()  # wakes a task waiting in receive()
+        await trio.lowlevel.checkpoint()
+
+    @trio.lowlevel.enable_ki_protection  # see _request
+    async def release(self) -> None:
+        """The block's exit: release the response, shielded so that cancellation
+        cannot leak the connection. (The pump has stopped: nothing reads it.)"""
         self._cut = not self._finished  # the block was left before the stream ended
         self._finished = True
         with trio.CancelScope(relative_deadline=_CLOSE_TIMEOUT, shield=True):

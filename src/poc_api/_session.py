@@ -59,11 +59,6 @@ def _closed_under(session: Session) -> trio.ClosedResourceError:
     )
 
 
-def stream_closed() -> trio.ClosedResourceError:
-    """What a stream's reader gets once the stream's ``aclose()`` was called."""
-    return trio.ClosedResourceError("this stream was closed")
-
-
 Range = tuple[int, int]
 
 
@@ -145,7 +140,7 @@ class GenerateStream:
         """
         self._reader_closed = True
         if self.done is None:
-            self._rx.interrupt(stream_closed)
+            self._rx.interrupt(e.stream_closed)
         await trio.lowlevel.checkpoint()
 
     async def __anext__(self) -> WireEvent:
@@ -161,7 +156,7 @@ class GenerateStream:
             self._yielded = now
             await trio.lowlevel.cancel_shielded_checkpoint()
         if self._reader_closed:
-            raise stream_closed()
+            raise e.stream_closed()
         if self.done is None and self._session._closed and not self._exited:
             raise _closed_under(self._session)
         while True:
