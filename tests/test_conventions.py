@@ -70,6 +70,19 @@ async def test_a_refused_connection_is_retriable() -> None:
     assert info.value.retriable
 
 
+async def test_a_connection_that_cannot_be_made_is_retriable() -> None:
+    # A name that does not resolve fails the connect too: nothing was sent, so
+    # safe to send again (as HTTP's calls say of a failed connect). It was not.
+    async with poc_api.ApiClient(
+        "http://127.0.0.1:9/v1", grpc_url="http://no-such-host.invalid:50051"
+    ) as c:
+        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+            async with c.session():
+                pass
+    assert info.value.retriable
+    assert "no-such-host.invalid" in str(info.value)
+
+
 async def test_close_session_does_not_count_against_max_concurrent_streams(
     server: ReferenceServer,
 ) -> None:

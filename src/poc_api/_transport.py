@@ -413,14 +413,18 @@ class GrpcTransport:
             try:
                 async with bound:
                     protocol = await channel.__connect__()
-            except TimeoutError:
-                if not bound.expired():  # the OS's own connect timeout (an OSError)
-                    raise
+            except OSError as exc:  # (TimeoutError is one)
+                if isinstance(exc, TimeoutError) and bound.expired():
+                    raise e.ServerUnavailable(
+                        f"{self._target.url}: no connection within "
+                        f"connect_timeout={self._connect_timeout:g} s",
+                        retriable=True,
+                    ) from None
+                # Refused, no route, a name that does not resolve: no connection,
+                # so nothing of the call was sent and it may go again.
                 raise e.ServerUnavailable(
-                    f"{self._target.url}: no connection within "
-                    f"connect_timeout={self._connect_timeout:g} s",
-                    retriable=True,
-                ) from None
+                    f"{self._target.url}: cannot connect: {exc}", retriable=True
+                ) from exc
             assert isinstance(protocol, _PocH2Protocol)
             # An HTTP/2 server speaks first (its SETTINGS frame). Something that
             # accepts TCP and stays silent, or answers in HTTP/1.1, would otherwise
