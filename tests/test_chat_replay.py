@@ -2,7 +2,7 @@
 
 Byte-exact OpenAI, vLLM and llama.cpp style streams are decoded
 
-- in memory, by the real ``_ChatEvents`` over an ``httpx.Response`` whose body is
+- in memory, by the real ``ChatStream`` over an ``httpx.Response`` whose body is
   the stream cut at every byte boundary (and byte by byte) -- what the caller sees
   must never depend on how TCP cut the bytes;
 - over real sockets, from a tiny trio TCP server on port 0 that replays the bytes
@@ -34,7 +34,7 @@ from poc_api import (
     ProtocolViolation,
     Usage,
 )
-from poc_api._http import ChatEvent, HttpApi, _ChatEvents
+from poc_api._http import ChatEvent, ChatStream, HttpApi
 from poc_api.server import ReferenceServer
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -208,12 +208,12 @@ async def decode(api: HttpApi, pieces: Sequence[bytes]) -> tuple[list[ChatEvent]
     response = httpx.Response(
         200, headers={"content-type": "text/event-stream"}, stream=Body(pieces)
     )
-    events = _ChatEvents(api, response, URL)
+    events = ChatStream(api, response, URL)
     got: list[ChatEvent] = []
     try:
         await events.check_response()
         async with trio.open_nursery() as nursery:  # as chat_stream's block reads it
-            nursery.start_soon(events.pump)
+            nursery.start_soon(events._pump)
             try:
                 async for event in events:
                     got.append(event)
@@ -222,7 +222,7 @@ async def decode(api: HttpApi, pieces: Sequence[bytes]) -> tuple[list[ChatEvent]
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        await events.release()
+        await events._release()
     return got, None
 
 

@@ -315,3 +315,15 @@ def test_the_poc_debug_handler_takes_no_lock_before_its_check() -> None:
     )
     proc = _run_with_poc_debug(script)
     assert proc.stdout.split("\n")[:2] == ["handler lock free: True", "logged: True"], proc.stdout
+
+
+def test_chat_stream_yields_a_typed_stream_with_aclose() -> None:
+    # It was typed as a bare AsyncIterator[ChatEvent], so `events.aclose()`, which
+    # the README documents (and contextlib.aclosing calls), failed mypy --strict.
+    import typing
+    from contextlib import AbstractAsyncContextManager
+
+    returned = typing.get_type_hints(poc_api.ApiClient.chat_stream)["return"]
+    assert typing.get_origin(returned) is AbstractAsyncContextManager
+    assert typing.get_args(returned) == (poc_api.ChatStream,)
+    assert callable(poc_api.ChatStream.aclose)

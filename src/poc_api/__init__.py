@@ -47,6 +47,7 @@ from ._http import (
     ChatDone,
     ChatEvent,
     ChatReasoningDelta,
+    ChatStream,
     ChatToolCall,
     ChatToolCallDelta,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "ChatDone",
     "ChatEvent",
     "ChatReasoningDelta",
+    "ChatStream",
     "ChatToolCall",
     "ChatToolCallDelta",
     "Chunk",

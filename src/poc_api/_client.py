@@ -14,7 +14,6 @@ import inspect
 import logging
 import os
 from collections.abc import (
-    AsyncIterator,
     Awaitable,
     Callable,
     Generator,
@@ -34,7 +33,7 @@ import trio
 from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._conversation import Conversation
-from ._http import ChatCompletion, ChatEvent, HttpApi, redact_url
+from ._http import ChatCompletion, ChatStream, HttpApi, redact_url
 from ._pool import (
     DEFAULT_AFFINITY_HEADER,
     DnsTarget,
@@ -795,7 +794,7 @@ class ApiClient:
         top_logprobs: int | None = None,
         seed: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
-    ) -> AbstractAsyncContextManager[AsyncIterator[ChatEvent]]:
+    ) -> AbstractAsyncContextManager[ChatStream]:
         """OpenAI-compatible streaming chat: deltas, then a final :class:`ChatDone`.
 
         Yields :class:`ChatDelta`, :class:`ChatReasoningDelta` and

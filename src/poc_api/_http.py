@@ -100,6 +100,7 @@ __all__ = [
     "ChatDone",
     "ChatEvent",
     "ChatReasoningDelta",
+    "ChatStream",
     "ChatToolCall",
     "ChatToolCallDelta",
     "HttpApi",
@@ -1274,7 +1275,7 @@ class HttpApi:
         seed: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
         **extra: Any,
-    ) -> AsyncIterator[AsyncIterator[ChatEvent]]:
+    ) -> AsyncIterator[ChatStream]:
         """``POST /chat/completions`` with ``stream: true``: deltas, then one ``ChatDone``.
 
         Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the whole block,
@@ -1347,7 +1348,7 @@ class HttpApi:
                     response = await self._send_owned(request)
             if head.cancelled_caught:
                 raise self._timed_out("POST", shown, "no response headers")
-            events = _ChatEvents(self, response, shown)
+            events = ChatStream(self, response, shown)
             try:
                 with trio.CancelScope(deadline=answer_by) as head:
                     await events.check_response(head)  # (an error answer's body is read here)
@@ -1360,7 +1361,7 @@ class HttpApi:
                 body_error: BaseException | None = None
                 with collapse_cancellation():  # the pump raises nothing but Cancelled
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(events.pump)
+                        nursery.start_soon(events._pump)
                         try:
                             yield events
                         except BaseException as exc:
@@ -1372,7 +1373,7 @@ class HttpApi:
                 if body_error is not None:
                     raise body_error
             finally:
-                await events.release()
+                await events._release()
         if scope.cancelled_caught:
             raise PocApiTimeout(f"chat_stream: not finished within {timeout:g} s")
 
@@ -1588,18 +1589,38 @@ class _ToolCallParts:
 
 
 @final
-class _ChatEvents:
-    """The async iterator behind :meth:`HttpApi.chat_stream` (a class, not an async
-    generator, so that abandoning it leaves nothing for the garbage collector).
+class ChatStream:
+    """The events of one streamed chat completion (``ApiClient.chat_stream``):
+    :class:`ChatDelta`, :class:`ChatReasoningDelta` and :class:`ChatToolCallDelta`
+    as they arrive, then one :class:`ChatDone`.
 
-    The block's :meth:`pump` task reads the body and hands over one chunk at a
-    time (or the error that ended the read); a cancelled ``__anext__`` loses
-    nothing. Decoded events go to a queue; an error found while decoding a network
-    read is kept and raised only once the queue -- the deltas that came before it
-    in the same read -- has been delivered, so what the caller sees never depends
-    on how TCP cut the bytes. Once raised, an error is raised again by every
-    later read: a stream that failed never looks complete.
+    Iterate it with ``async for`` inside its block; each step is a cancellation
+    point and a cancelled step loses nothing. An error in the stream is raised
+    after the events that came before it, and again by every later read: a
+    stream that failed never looks complete. :meth:`aclose` stops reading
+    (``contextlib.aclosing``); the block's exit ends the request.
     """
+
+    # A class, not an async generator, so that abandoning it leaves nothing for the
+    # garbage collector. The block's _pump task reads the body and hands over one
+    # chunk at a time (or the error that ended the read). Decoded events go to a
+    # queue; an error found while decoding a network read is kept until the queue
+    # -- the deltas before it in the same read -- is delivered, so what the caller
+    # sees never depends on how TCP cut the bytes.
+
+    def __repr__(self) -> str:
+        # Cheap and never raising: it lands in logs and tracebacks.
+        if self._reader_closed:
+            state = "closed"
+        elif self._error is not None:
+            state = f"failed: {type(self._error).__name__}"
+        elif self._cut:
+            state = "left before the end"
+        elif self._finished:
+            state = f"finished finish_reason={self._finish_reason!r}"
+        else:
+            state = "streaming"
+        return f"<poc_api.ChatStream {self._what} {state}>"
 
     def __init__(self, api: HttpApi, response: httpx.Response, url: str) -> None:
         self._api = api
@@ -1657,7 +1678,7 @@ class _ChatEvents:
         log.debug("POST %s -> %d (streaming)", self._url, status)
 
     @trio.lowlevel.enable_ki_protection  # see _request: httpx's reads run here
-    async def pump(self) -> None:
+    async def _pump(self) -> None:
         """trio, a task of the block's: read the body and hand it over chunk by chunk.
 
         Raises nothing but cancellation: a failed read is handed over, in order.
@@ -1679,7 +1700,7 @@ class _ChatEvents:
                 if not isinstance(item, bytes):
                     return
 
-    def __aiter__(self) -> _ChatEvents:
+    def __aiter__(self) -> ChatStream:
         return self
 
     @_redacting
@@ -1842,7 +1863,7 @@ class _ChatEvents:
         await trio.lowlevel.checkpoint()
 
     @trio.lowlevel.enable_ki_protection  # see _request
-    async def release(self) -> None:
+    async def _release(self) -> None:
         """The block's exit: release the response, shielded so that cancellation
         cannot leak the connection. (The pump has stopped: nothing reads it.)"""
         self._cut = not self._finished  # the block was left before the stream ended
