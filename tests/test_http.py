@@ -635,6 +635,31 @@ async def test_api_key_echoed_across_a_cut_leaves_no_part_of_it_in_the_error(
         assert isinstance(err, ProtocolViolation)
 
 
+@pytest.mark.parametrize("slashes", [False, True], ids=["json", "json-escaped-slashes"])
+async def test_a_key_echoed_json_escaped_is_redacted_too(
+    http: httpx.AsyncClient, slashes: bool
+) -> None:
+    # A key with '"', '\\' or '/' (base64 keys have '/') comes back escaped in a
+    # JSON error body ('\\"', '\\\\', and '\\/' from servers that escape slashes):
+    # the plain key was redacted, its escaped form went into the message.
+    key = 'sk-ab"cd\\ef/gh0123456789'
+
+    async def echo(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        body = json.dumps({"error": {"message": f"invalid api key {key}"}})
+        if slashes:
+            body = body.replace("/", "\\/")
+        await stream.send_all(response(401, body.encode()))
+
+    with trio.fail_after(10):
+        async with canned_server(echo) as url:
+            with pytest.raises(PocApiError) as info:
+                await HttpApi(http, url, key, "m").tokenize("a")
+    texts = [str(info.value), getattr(info.value, "body_excerpt", "")]
+    assert not any("0123456789" in text for text in texts), texts
+    assert "<redacted>" in str(info.value)
+
+
 _KEY_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)  # printable, no space
 # "<redacted>"; for keys that could form again across it, these (not ASCII).
 _MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039REDACTED\u203a")

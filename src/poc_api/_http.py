@@ -443,7 +443,13 @@ def key_redactor(api_key: str) -> Callable[[str], str]:
     """
     if not api_key:
         return _unchanged
-    key = re.escape(api_key)
+    # As a JSON string shows it too ('"' and '\\' escaped; '/' as '\\/' by some
+    # servers): an error body that echoes the key is JSON, quoted as it came.
+    in_json = json.dumps(api_key)[1:-1]
+    forms = dict.fromkeys([api_key, in_json, in_json.replace("/", "\\/")])
+    key = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
+    if len(forms) > 1:
+        key = f"(?:{key})"
     if len(api_key) < 8:
         key = rf"(?<![{_TOKEN_CHARS}]){key}(?![{_TOKEN_CHARS}])"
     # A key with "<" or ">" could form again across "<redacted>" and its
