@@ -933,6 +933,55 @@ async def test_cancelling_a_stalled_stream_releases_its_connection() -> None:
                 assert await make_api(http, srv.base_url).tokenize("a") == [97]
 
 
+class _Boom(Exception):
+    pass
+
+
+async def _leave_early(api: HttpApi, how: str) -> None:
+    if how == "break":
+        async with api.chat_stream(HELLO, max_tokens=2000) as events:
+            async for _ in events:
+                break
+    elif how == "exception":
+        with pytest.raises(_Boom):
+            async with api.chat_stream(HELLO, max_tokens=2000) as events:
+                async for _ in events:
+                    raise _Boom
+    elif how == "unread":
+        async with api.chat_stream(HELLO, max_tokens=2000) as events:
+            await trio.sleep(0.01)  # the pump has read, and waits to hand over
+    elif how == "aclose":
+        async with api.chat_stream(HELLO, max_tokens=2000) as events:
+            await events.__anext__()
+            await events.aclose()
+    else:  # "cancel"
+        with trio.move_on_after(0.02):
+            async with api.chat_stream(HELLO, max_tokens=10**5) as events:
+                async for _ in events:
+                    pass
+
+
+@pytest.mark.parametrize("how", ["break", "exception", "unread", "aclose", "cancel"])
+async def test_leaving_a_chat_stream_early_leaves_no_async_generator_to_the_gc(
+    server: ReferenceServer, http: httpx.AsyncClient, how: str
+) -> None:
+    # The block's exit closed httpx's outer body iterator only: the five async
+    # generators nested under it (httpx's, httpcore's) were left suspended, for the
+    # garbage collector and trio's finalizer: a ResourceWarning each, an error
+    # under the -W error that strict test suites use.
+    api = make_api(http, server.base_url)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with trio.fail_after(20):
+            for _ in range(5):
+                await _leave_early(api, how)
+            gc.collect()
+            await trio.sleep(0.05)  # trio closes what it finalizes in tasks of its own
+    abandoned = [str(w.message) for w in caught if "garbage collected" in str(w.message)]
+    assert len(abandoned) == 0, abandoned[:1]
+    assert await api.tokenize("a") == [97]  # and the pool works on
+
+
 async def test_a_chat_stream_read_after_its_aclose_says_the_stream_was_closed() -> None:
     # A read after aclose() inside the block said "this stream's block has exited",
     # which it had not. GenerateStream and ConversationStream say "this stream was

@@ -287,6 +287,28 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
     return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}", retriable=unsent)
 
 
+async def _finish_by_cancel(chunks: AsyncIterator[bytes]) -> None:
+    """End a body iterator left part-read, and every async generator under it.
+
+    Its ``aclose()`` would end the outer generator only: httpx's and httpcore's
+    generators nested under it (six of them) would stay suspended at their
+    ``yield``, for the garbage collector and trio's finalizer (a ResourceWarning
+    each; an error under ``-W error``). Resumed in a cancelled scope instead, the
+    innermost one's next read raises ``Cancelled``, which runs through each of them
+    and finishes it, as in :meth:`HttpApi._read_body`. What httpx had already
+    buffered comes first: a bounded amount, dropped.
+    """
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            while True:
+                await chunks.__anext__()
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:  # the read's own error: the body is being dropped
+            log.debug("a body dropped part-read ended with %r", exc)
+
+
 def _decode_json(body: bytes, what: str) -> Any:
     try:
         text = body.decode("utf-8")
@@ -1876,9 +1898,7 @@ class ChatStream:
         self._finished = True
         with trio.CancelScope(relative_deadline=_CLOSE_TIMEOUT, shield=True):
             try:
-                close_chunks = getattr(self._chunks, "aclose", None)
-                if close_chunks is not None:
-                    await close_chunks()
+                await _finish_by_cancel(self._chunks)
                 await self._response.aclose()
             except Exception as exc:
                 # The connection is being thrown away; a failure to close it politely
