@@ -936,3 +936,30 @@ async def test_api_client_chat_refuses_an_unknown_keyword_before_sending(
         done = await client.chat(messages, max_tokens=2, extra_body={"top_k": 4})
     assert done.usage is not None and done.usage.completion_tokens == 2
     assert server.state().http_requests.get("/v1/chat/completions", 0) == before + 1
+
+
+async def test_a_connection_out_of_stream_ids_is_retired_for_a_new_one(
+    server: ReferenceServer,
+) -> None:
+    # HTTP/2 gives a client 2**30 streams per connection (~17 days of 733 calls/s).
+    # At the end every call failed with ProtocolViolation("Exhausted allowed stream
+    # IDs") and the client never reconnected. Near the end the connection is now
+    # retired as after a graceful GOAWAY: what runs on it finishes, new calls go to
+    # a new connection.
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        with trio.fail_after(20):
+            async with c.session() as s:
+                await s.prefill([1, 2, 3])
+                before = server.state().connections_total
+                h2_conn = c._transport._channel._protocol._h2  # type: ignore[union-attr]
+
+                async def wear_out() -> None:  # (the client's own loop owns h2's state)
+                    assert h2_conn is not None
+                    h2_conn.highest_outbound_stream_id = h2_conn.HIGHEST_ALLOWED_STREAM_ID - 6
+
+                await c._bridge.run(wear_out)
+                for _ in range(5):
+                    async with c.session() as other:
+                        await other.prefill([1, 2, 3])
+                await s.prefill([4])  # the session opened on the old connection goes on
+            assert server.state().connections_total == before + 1

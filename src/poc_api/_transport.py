@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, NoReturn, Protocol, final
+from typing import Any, Final, NoReturn, Protocol, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -386,10 +386,13 @@ class GrpcTransport:
             raise trio.ClosedResourceError("the ApiClient is closed")
         channel = self._channel
         self._sweep_draining()
-        if channel is not None and _draining(channel):
-            # A graceful GOAWAY: its streams finish on the old connection, new
-            # calls go to a new one.
-            log.info("salience server at %s is draining this connection", self._target.url)
+        if channel is not None and (_draining(channel) or _worn_out(channel)):
+            # A graceful GOAWAY, or stream ids running out: its streams finish on
+            # the old connection, new calls go to a new one.
+            if _draining(channel):
+                log.info("salience server at %s is draining this connection", self._target.url)
+            else:
+                log.info("connection to %s is out of stream ids: opening another", self._target.url)
             self._draining.append(channel)
             channel = self._channel = None
         if channel is not None and channel._connected and _settled(channel):
@@ -962,6 +965,16 @@ def _draining(channel: Channel) -> bool:
     return isinstance(protocol, _PocH2Protocol) and protocol.draining
 
 
+#: Stream ids kept back at the end of a connection's (see _PocH2Protocol.worn_out):
+#: more than the calls that can be on their way to their HEADERS at once.
+_STREAM_ID_RESERVE: Final = 1 << 16
+
+
+def _worn_out(channel: Channel) -> bool:
+    protocol = channel._protocol
+    return isinstance(protocol, _PocH2Protocol) and protocol.worn_out
+
+
 def _settled(channel: Channel) -> bool:
     protocol = channel._protocol
     return isinstance(protocol, _PocH2Protocol) and protocol.settings_received.is_set()
@@ -1072,6 +1085,17 @@ class _PocH2Protocol(H2Protocol):
     def draining(self) -> bool:
         """A graceful GOAWAY came: finish what runs, start nothing (h2 knows)."""
         return self._h2 is not None and self._h2.goaway_last_stream_id is not None
+
+    @property
+    def worn_out(self) -> bool:
+        """Nearly out of stream ids (a client has 2**30 per connection): time to
+        start nothing more on it, as after a graceful GOAWAY. The reserve covers
+        the calls that passed this check and have yet to send their HEADERS."""
+        h2_conn = self._h2
+        return h2_conn is not None and (
+            h2_conn.highest_outbound_stream_id
+            > h2_conn.HIGHEST_ALLOWED_STREAM_ID - 2 * _STREAM_ID_RESERVE
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib's own connection_made with the h2 connection class swapped.
