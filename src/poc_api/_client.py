@@ -352,7 +352,9 @@ class ApiClient:
 
     @property
     def base_url(self) -> str:
-        """The HTTP root, without a trailing slash."""
+        """The HTTP root, without a trailing slash: as given, so with the password
+        of a ``user:password@`` URL (the repr, logs and error messages show
+        ``user:***@``)."""
         return self._base_url
 
     @property
