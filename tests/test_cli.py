@@ -142,13 +142,19 @@ async def test_generate_prints_the_greedy_completion() -> None:
     assert result.stdout == expected + "\n"
 
 
-async def test_output_piped_into_head_ends_quietly_as_unix_tools_do() -> None:
+@pytest.mark.parametrize(
+    "args",
+    [["generate", "Once upon a time", "--max-tokens", "100000"], ["demo"]],
+    ids=["generate", "demo"],
+)
+async def test_output_piped_into_head_ends_quietly_as_unix_tools_do(args: list[str]) -> None:
     # `poc-api generate ... | head -c 10`: the reader goes away mid-stream. That is
     # the reader's choice, not an error: no "error: Broken pipe" line, and the exit
-    # status of a process killed by SIGPIPE (141), as `yes | head` has.
+    # status of a process killed by SIGPIPE (141), as `yes | head` has. (demo
+    # writes through rich, which caught the broken pipe itself: exit 1.)
     with trio.fail_after(TIMEOUT):
         proc = await trio.lowlevel.open_process(
-            [*CLI, "generate", "Once upon a time", "--max-tokens", "100000"],
+            [*CLI, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=cli_env(),

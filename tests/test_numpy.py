@@ -12,6 +12,7 @@ import trio
 
 import poc_api
 from poc_api import SamplingParams, Token, TokenOut, Tokens
+from poc_api._types import check_timeout
 from poc_api.server import tokenize
 
 HELLO = tokenize("Hello world")
@@ -145,10 +146,25 @@ async def test_numpy_floats_are_floats_and_become_plain_floats(
         assert answer.finish_reason == "length"
 
 
-@pytest.mark.parametrize("bad", [np.True_, np.array([0.5])])
-def test_numpy_bools_and_arrays_are_not_floats(bad: object) -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.True_,
+        np.array([0.5]),
+        np.timedelta64(200, "ms"),
+        np.timedelta64(3),
+        np.datetime64(1, "s"),
+    ],
+)
+def test_numpy_bools_arrays_and_times_are_not_floats_or_ints(bad: object) -> None:
+    # A timedelta64 is an integer to numpy (numbers.Real): taken, a 200 ms
+    # timeout became 200 s, or 200,000,000 s in nanoseconds.
     with pytest.raises(TypeError, match="temperature must be a float"):
         SamplingParams(temperature=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+        check_timeout("timeout", bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="max_tokens must be an int"):
+        SamplingParams(max_tokens=bad)  # type: ignore[arg-type]
 
 
 async def test_numpy_arrays_and_integers_everywhere_ids_ranges_and_counts_are_taken(
@@ -164,6 +180,7 @@ async def test_numpy_arrays_and_integers_everywhere_ids_ranges_and_counts_are_ta
     with trio.fail_after(20):
         plain = await client.score_continuations([Tokens(HELLO[:3])], [HELLO[3:]])
         assert await client.score_continuations([Tokens(ids[:3])], [ids[3:]]) == plain
+        assert await client.score_continuations([Tokens(HELLO[:3])], [iter(HELLO[3:])]) == plain
 
         scored = await client.score([Tokens(HELLO)], [(1, n), (2, 4)])
         assert await client.score([Tokens(ids)], np.array([[1, n], [2, 4]])) == scored

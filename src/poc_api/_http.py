@@ -466,9 +466,13 @@ def key_redactor(api_key: str) -> Callable[[str], str]:
     if not api_key:
         return _unchanged
     # As a JSON string shows it too ('"' and '\\' escaped; '/' as '\\/' by some
-    # servers): an error body that echoes the key is JSON, quoted as it came.
+    # servers; Go's '&', '<', '>' as \\u0026...): an error body that echoes the
+    # key is JSON, quoted as it came.
     in_json = json.dumps(api_key)[1:-1]
-    forms = dict.fromkeys([api_key, in_json, in_json.replace("/", "\\/")])
+    in_go = in_json.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    forms = dict.fromkeys(
+        [api_key, *(f for js in (in_json, in_go) for f in (js, js.replace("/", "\\/")))]
+    )
     key = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
     if len(forms) > 1:
         key = f"(?:{key})"

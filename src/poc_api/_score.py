@@ -454,9 +454,11 @@ async def _score_group(
 def _check_continuation(value: object, i: int) -> list[Chunk]:
     if isinstance(value, Tokens | Image):
         return [value]
-    if not isinstance(value, str | bytes | bytearray | Sequence) and hasattr(value, "tolist"):
-        ids = Tokens(cast(Iterable[int], value))  # a numpy array of ids
-        return [ids] if ids.ids else []
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes | bytearray | Sequence):
+        if hasattr(value, "tolist"):
+            ids = Tokens(cast(Iterable[int], value))  # a numpy array of ids
+            return [ids] if ids.ids else []
+        value = list(value)  # an iterator: of ids or of chunks, as a list would be
     if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
         raise TypeError(
             f"continuation {i} must be token ids or a sequence of Tokens/Image, "

@@ -55,7 +55,7 @@ def as_int(name: str, value: object) -> int:
     """
     if type(value) is int:
         return value
-    if not isinstance(value, bool):
+    if not isinstance(value, bool) and not _is_time(value):
         # Not isinstance(value, SupportsIndex): a Protocol check costs ~8 µs.
         try:
             return operator.index(value)  # type: ignore[arg-type]
@@ -74,9 +74,15 @@ def as_float(name: str, value: object, what: str = "a float") -> float:
     """
     if type(value) is float:
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or _is_time(value):
         raise TypeError(f"{name} must be {what}, not {type(value).__name__}")
     return float(value)
+
+
+def _is_time(value: object) -> bool:
+    # numpy's timedelta64 is an integer to numpy (numbers.Real, and __index__ on
+    # some versions), in a unit of its own: a 200 ms timeout would be 200 s.
+    return getattr(getattr(value, "dtype", None), "kind", None) in ("m", "M")
 
 
 def _u32(name: str, value: object) -> int:

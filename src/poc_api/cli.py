@@ -22,6 +22,7 @@ debug logging and a traceback for unexpected errors.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -433,7 +434,7 @@ async def _pump(open_events: Callable[[], _Events], live: _LiveText | None, labe
 
 def _console() -> Console:
     # Not a terminal (CI, a pipe): plain text, 80 columns, no colour codes.
-    return Console(highlight=False)
+    return _Console(highlight=False)
 
 
 def _show_char(text: str) -> str:
@@ -509,6 +510,13 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
     if isinstance(exc, ValueError | TypeError):
         return f"bad argument: {exc}"
     return None
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's own exits with status 1; _run ends every command's broken pipe
+        # the same way (quietly, 141). (rich < 14 has no hook: the error comes.)
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
 
 def _stdout_reader_gone() -> bool:
