@@ -211,7 +211,7 @@ async def decode(api: HttpApi, pieces: Sequence[bytes]) -> tuple[list[ChatEvent]
     events = ChatStream(api, response, URL)
     got: list[ChatEvent] = []
     try:
-        await events.check_response()
+        await events._check_response()
         async with trio.open_nursery() as nursery:  # as chat_stream's block reads it
             nursery.start_soon(events._pump)
             try:

@@ -129,7 +129,7 @@ def prompt_to_chunks(
     vision_start: int,
     vision_end: int,
 ) -> list[Chunk]:
-    """Split a flat token prompt into chunks at image brackets (PROTOCOL.md §4).
+    """Split a flat token prompt into chunks at image brackets (proto/PROTOCOL.md §4).
 
     Tokens up to and including ``vision_start`` stay text; the positions strictly
     between ``vision_start`` and ``vision_end`` become the next image of

@@ -105,7 +105,7 @@ def _known_keywords_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 def resolve_grpc_url(
     base_url: str, grpc_url: str | None = None, env: Mapping[str, str] | None = None
 ) -> str:
-    """The gRPC endpoint for a client (PROTOCOL.md §1).
+    """The gRPC endpoint for a client (proto/PROTOCOL.md §1).
 
     In order: ``grpc_url``; the ``POC_GRPC_URL`` environment variable; else the
     base URL's host with port + 1 (80/443 without a port → 81/444), TLS when

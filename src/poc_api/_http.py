@@ -1,7 +1,7 @@
 """The HTTP side of the client: readout manifest, train, chat, tokenizer endpoints.
 
 :class:`HttpApi` wraps an ``httpx.AsyncClient`` (owned by ``ApiClient``); httpx
-runs on trio natively. Everything here is JSON under ``base_url`` (PROTOCOL.md §5),
+runs on trio natively. Everything here is JSON under ``base_url`` (proto/PROTOCOL.md §5),
 plus OpenAI-compatible ``/chat/completions`` with Server-Sent Events decoded by
 :class:`~poc_api._sse.SSEDecoder`.
 
@@ -111,7 +111,7 @@ __all__ = [
 
 log = logging.getLogger("poc_api.http")
 
-#: Body characters kept in an error message (PROTOCOL.md §5).
+#: Body characters kept in an error message (proto/PROTOCOL.md §5).
 EXCERPT_LIMIT: Final = 500
 #: Bytes of an error body read from a streaming response: enough for the excerpt,
 #: bounded so an endless error body cannot hold the caller.
@@ -1383,7 +1383,7 @@ class HttpApi:
             events = ChatStream(self, response, shown)
             try:
                 with trio.CancelScope(deadline=answer_by) as head:
-                    await events.check_response(head)  # (an error answer's body is read here)
+                    await events._check_response(head)  # (an error answer's body is read here)
                 if head.cancelled_caught:
                     raise self._timed_out("POST", shown, "no complete error answer")
                 # The body is read by a task of the block's own, so that a read the
@@ -1680,7 +1680,7 @@ class ChatStream:
         return self._api._redact(text)
 
     @_redacting
-    async def check_response(self, head: trio.CancelScope | None = None) -> None:
+    async def _check_response(self, head: trio.CancelScope | None = None) -> None:
         """Raise for an answer that is not a stream; ``head`` bounds the wait for it."""
         status = self._response.status_code
         if not self._response.is_success:

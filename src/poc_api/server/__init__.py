@@ -2,7 +2,7 @@
 
 For tests, demos and ``poc-api serve``: a byte-level character n-gram model
 behind the exact wire contract of ``proto/salience.proto`` and the HTTP endpoints
-of PROTOCOL.md §5. No GPU, no extra dependencies.
+of proto/PROTOCOL.md §5. No GPU, no extra dependencies.
 
 Example::
 

@@ -54,7 +54,7 @@ def _listen_on(host: str, port: int, what: str) -> socket.socket:
 
 
 def bind_port_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
-    """Listening sockets on ``port`` and ``port + 1`` (PROTOCOL.md §1).
+    """Listening sockets on ``port`` and ``port + 1`` (proto/PROTOCOL.md §1).
 
     An ``OSError``'s message says where and which port (the front ends print it
     as it is).

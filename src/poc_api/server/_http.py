@@ -2,7 +2,7 @@
 
 Routes (under ``/v1`` unless noted), all JSON:
 
-- ``GET /v1/readout/manifest``, ``POST /v1/train`` (PROTOCOL.md §5)
+- ``GET /v1/readout/manifest``, ``POST /v1/train`` (proto/PROTOCOL.md §5)
 - ``POST /v1/chat/completions`` and legacy ``POST /v1/completions`` (OpenAI-compatible,
   :mod:`._openai`; ``stream: true`` answers SSE)
 - ``GET /v1/models``, ``GET /v1/models/{id}``
@@ -58,7 +58,7 @@ def _is_number(v: object) -> bool:
 
 
 def validate_train(body: Any) -> int:
-    """Validate a ``/v1/train`` body (PROTOCOL.md §5); returns the sample count."""
+    """Validate a ``/v1/train`` body (proto/PROTOCOL.md §5); returns the sample count."""
     if not isinstance(body, dict):
         raise HttpError(400, "body must be a JSON object")
     if not isinstance(body.get("model"), str):

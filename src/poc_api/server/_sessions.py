@@ -28,7 +28,7 @@ class ErrorKind(enum.Enum):
 
 
 class SessionError(Exception):
-    """A request that breaks a protocol rule (PROTOCOL.md §2)."""
+    """A request that breaks a protocol rule (proto/PROTOCOL.md §2)."""
 
     def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
