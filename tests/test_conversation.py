@@ -448,3 +448,28 @@ async def test_conversation_and_stream_reprs_tell_the_session_and_state(
                 assert repr(g) == (
                     f"<GenerateStream session {s.session_id} done finish_reason='length'>"
                 )
+
+
+async def test_a_readout_shape_that_is_not_the_manifests_is_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # Only the element count was checked, by the stream, after sending: a swapped
+    # (n_concepts, n_layers) gave readouts of the wrong shape without a word, and a
+    # wrong count dropped every readout with a warning. With the manifest known
+    # (fetched by this client), both are refused up front.
+    manifest = await client.readout_manifest()
+    assert manifest is not None
+    n_layers, n_concepts = manifest.shape
+    before = server.state().generate_calls
+    async with client.conversation() as conv:
+        for bad in ((n_concepts, n_layers), (n_layers, n_concepts + 1)):
+            with pytest.raises(ValueError, match="readout manifest"):
+                conv.stream(
+                    [Tokens(tokenize("Hi"))], SamplingParams(max_tokens=1), readout_shape=bad
+                )
+        assert server.state().generate_calls == before
+        async with conv.stream(
+            [Tokens(tokenize("Hi"))], SamplingParams(max_tokens=1), readout_shape=manifest.shape
+        ) as ev:
+            outs = [e async for e in ev if isinstance(e, poc_api.TokenOut)]
+    assert outs and all(o.readout is not None for o in outs)

@@ -595,6 +595,7 @@ class ApiClient:
             rewind=rewind,
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
+            known_shape=self._https().known_readout_shape,
         )
         return _ConversationBlock(conv)
 

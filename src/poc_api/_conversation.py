@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, final
@@ -202,10 +202,12 @@ class Conversation:
         rewind: bool,
         max_buffered_events: int,
         close_timeout: float,
+        known_shape: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self._transport = transport
         self._model = model
         self._rewind = rewind
+        self._known_shape = known_shape  # the readout manifest's, once fetched
         self._max_buffered = max_buffered_events
         self._close_timeout = close_timeout
         self._lock = trio.Lock()
@@ -282,7 +284,9 @@ class Conversation:
         first from the iterator) and the first reply event has arrived. The final
         ``Generate`` carries the trailing text and the decode budget; with
         ``readout_shape`` it asks for readouts of every decoded position,
-        reshaped to ``(n_layers, n_concepts)``.
+        reshaped to ``(n_layers, n_concepts)``: the readout manifest's shape
+        (``ValueError`` before sending for another, once the client has fetched
+        the manifest; else a readout of the wrong size is dropped with a warning).
 
         A held session the server no longer knows (restart, idle eviction:
         ``NOT_FOUND``) is replaced transparently: a new session is opened, the
@@ -308,6 +312,14 @@ class Conversation:
         if not isinstance(sampling, SamplingParams):
             raise TypeError("sampling must be a SamplingParams")
         shape = _check_shape(readout_shape)
+        known = self._known_shape()
+        if shape is not None and known is not None and shape != known:
+            # A wrong count would drop every readout (with a warning); a swapped
+            # shape would reshape them wrongly without a word.
+            raise ValueError(
+                f"readout_shape {shape} is not the server's readout manifest's "
+                f"(n_layers, n_concepts) = {known}"
+            )
         prio = check_int32("priority", 0 if priority is None else priority)
         total = check_timeout("timeout", timeout)
         check_timeout("first_token_timeout", first_token_timeout)

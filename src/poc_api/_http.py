@@ -958,6 +958,12 @@ class HttpApi:
 
     # -- endpoints -----------------------------------------------------------------
 
+    def known_readout_shape(self) -> tuple[int, int] | None:
+        """The readout shape of the manifest already fetched, if any (no I/O)."""
+        fetch = self._manifest
+        manifest = fetch._value if fetch.fetched else None
+        return manifest.shape if isinstance(manifest, ReadoutManifest) else None
+
     @_redacting
     async def readout_manifest(self) -> ReadoutManifest | None:
         """``GET /readout/manifest``: the readout manifest, or ``None`` when disabled (404).
