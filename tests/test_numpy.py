@@ -227,7 +227,7 @@ def test_type_hints_take_numpy_arrays_of_ids_and_numpy_positions() -> None:
     # mypy --strict refused s.prefill(np.array(ids)) (Sequence[int]: an ndarray is
     # only Iterable) and s.rewind(np.int64(3)) (int), which run as the README says.
     import typing
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     def hints(fn: object) -> dict[str, object]:
         return typing.get_type_hints(fn)
@@ -241,3 +241,11 @@ def test_type_hints_take_numpy_arrays_of_ids_and_numpy_positions() -> None:
     assert hints(poc_api.Session.rewind)["length"] == typing.SupportsIndex
     for fn in (poc_api.Session.generate, poc_api.Session.append_image):
         assert hints(fn)["rewind_to"] == typing.SupportsIndex | None
+    # A float32 temperature, and ranges as lists or a 2-D array, which run.
+    init = hints(poc_api.SamplingParams.__init__)
+    assert init["temperature"] == init["top_p"] == typing.SupportsFloat
+    assert hints(poc_api.TrainSample.__init__)["weight"] == typing.SupportsFloat
+    ranges = Iterable[Sequence[typing.SupportsIndex]]
+    assert hints(poc_api.ApiClient.score)["ranges"] == ranges
+    assert hints(poc_api.Session.generate)["readout_ranges"] == ranges
+    assert hints(poc_api.TrainSample.__init__)["target_ranges"] == ranges

@@ -45,7 +45,14 @@ from ._pool import (
 from ._score import score_chunks, score_continuations, score_many
 from ._session import Session, close_live_sessions, open_session
 from ._transport import GrpcTarget, GrpcTransport, KeepAlive, StreamBudget, deadline
-from ._types import ReadoutManifest, ScoreResult, TrainResult, TrainSample, keyword_only_from
+from ._types import (
+    Ranges,
+    ReadoutManifest,
+    ScoreResult,
+    TrainResult,
+    TrainSample,
+    keyword_only_from,
+)
 
 __all__ = ["ApiClient", "resolve_grpc_url"]
 
@@ -602,7 +609,7 @@ class ApiClient:
     async def score(
         self,
         chunks: Sequence[Chunk],
-        ranges: Sequence[tuple[int, int]],
+        ranges: Ranges,
         *,
         timeout: float | None = None,
     ) -> list[ScoreResult]:
@@ -627,7 +634,7 @@ class ApiClient:
 
     async def score_many(
         self,
-        prompts: Sequence[tuple[Sequence[Chunk], Sequence[tuple[int, int]]]],
+        prompts: Sequence[tuple[Sequence[Chunk], Ranges]],
         *,
         max_concurrency: int = 16,
         share_prefix: bool = False,

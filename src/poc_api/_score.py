@@ -27,7 +27,7 @@ import trio
 from . import _errors as e
 from ._chunks import Chunk, Image, Tokens, check_chunks
 from ._session import Session, open_session
-from ._types import SamplingParams, ScoreResult, Token, as_int, check_ranges
+from ._types import Ranges, SamplingParams, ScoreResult, Token, as_int, check_ranges
 
 if TYPE_CHECKING:
     from ._pool import Router
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-def validate_ranges(ranges: Sequence[Sequence[int]], name: str = "ranges") -> list[tuple[int, int]]:
+def validate_ranges(ranges: Ranges, name: str = "ranges") -> list[tuple[int, int]]:
     """Check ``(start, end)`` pairs: ints in uint32, ``start < end``. Any order.
 
     Errors name the parameter ``name``."""
@@ -142,7 +142,7 @@ async def _score_in_session(
 
 
 def _precheck(
-    chunks: Sequence[Chunk], ranges: Sequence[Sequence[int]], where: str = ""
+    chunks: Sequence[Chunk], ranges: Ranges, where: str = ""
 ) -> tuple[list[Chunk], list[tuple[int, int]]]:
     """Check one prompt; ``where`` prefixes the parameter names (``prompts[3] ``)."""
     checked = check_chunks(chunks, f"{where}chunks")
@@ -159,7 +159,7 @@ async def score_chunks(
     transport: Router,
     model: str,
     chunks: Sequence[Chunk],
-    ranges: Sequence[Sequence[int]],
+    ranges: Ranges,
     *,
     max_buffered_events: int,
     close_timeout: float,
@@ -189,7 +189,7 @@ async def score_chunks(
 async def score_many(
     transport: Router,
     model: str,
-    prompts: Sequence[tuple[Sequence[Chunk], Sequence[Sequence[int]]]],
+    prompts: Sequence[tuple[Sequence[Chunk], Ranges]],
     *,
     max_concurrency: int,
     max_buffered_events: int,

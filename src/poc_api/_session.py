@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, SupportsIndex, final
@@ -25,6 +25,7 @@ from ._types import (
     U32_MAX,
     Done,
     ImageAppend,
+    Ranges,
     SamplingParams,
     Token,
     WireEvent,
@@ -59,9 +60,6 @@ def _closed_under(session: Session) -> trio.ClosedResourceError:
     )
 
 
-Range = tuple[int, int]
-
-
 class _Timeouts:
     """Deadlines of one generate stream, in trio time."""
 
@@ -76,7 +74,7 @@ class _Timeouts:
         self.between = between
 
 
-def _check_ranges(name: str, ranges: Iterable[Sequence[int]]) -> list[pb.PositionRange]:
+def _check_ranges(name: str, ranges: Ranges) -> list[pb.PositionRange]:
     return [pb.PositionRange(start=a, end=b) for a, b in check_ranges(ranges, name)]
 
 
@@ -498,8 +496,8 @@ class Session:
         tokens: Iterable[int] = (),
         *,
         sampling: SamplingParams | None = None,
-        logprobs_ranges: Sequence[Range] = (),
-        readout_ranges: Sequence[Range] = (),
+        logprobs_ranges: Ranges = (),
+        readout_ranges: Ranges = (),
         priority: int = 0,
         rewind_to: SupportsIndex | None = None,
         timeout: float | None = None,

@@ -14,7 +14,17 @@ import operator
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TypeAlias, TypeVar, cast, final
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    SupportsFloat,
+    SupportsIndex,
+    TypeAlias,
+    TypeVar,
+    cast,
+    final,
+)
 
 import attrs
 
@@ -116,7 +126,7 @@ def _finite(name: str, value: object) -> float:
     return number
 
 
-def _weight(value: float) -> float:
+def _weight(value: SupportsFloat) -> float:
     return _finite("weight", value)
 
 
@@ -143,11 +153,11 @@ def _float32(name: str, value: object) -> float:
 
 
 # Converters (as for the int fields), so a numpy float is stored as a plain float.
-def _temperature(value: float) -> float:
+def _temperature(value: SupportsFloat) -> float:
     return _float32("temperature", value)
 
 
-def _top_p(value: float) -> float:
+def _top_p(value: SupportsFloat) -> float:
     return _float32("top_p", value)
 
 
@@ -476,7 +486,12 @@ def _plain(value: object) -> object:
     return tolist() if callable(tolist) else value
 
 
-def check_ranges(value: Iterable[Sequence[int]], name: str = "ranges") -> list[tuple[int, int]]:
+#: ``(start, end)`` pairs as the API takes them: tuples or lists of ints, a 2-D
+#: numpy array (whose rows are not ``Sequence``\ s to a type checker, but ``Any``).
+Ranges: TypeAlias = Iterable[Sequence[SupportsIndex]]
+
+
+def check_ranges(value: Ranges, name: str = "ranges") -> list[tuple[int, int]]:
     """``(start, end)`` position pairs: ints in uint32, ``start < end``, any order.
 
     A 2-D numpy array of pairs works as a list of them. Errors name ``name``.
@@ -497,7 +512,7 @@ def check_ranges(value: Iterable[Sequence[int]], name: str = "ranges") -> list[t
     return out
 
 
-def _ranges(value: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+def _ranges(value: Ranges) -> tuple[tuple[int, int], ...]:
     return tuple(check_ranges(value, "target_ranges"))
 
 
