@@ -494,7 +494,8 @@ class GrpcTransport:
             )
         raise e.ServerUnavailable(
             f"{self._target.url} accepted the connection but sent no HTTP/2 "
-            f"SETTINGS within {limit:g} s: is it a gRPC server?"
+            f"SETTINGS within {limit:g} s: is it a gRPC server, and not frozen "
+            "(stopped, overloaded: the kernel accepts connections for it)?"
         )
 
     def check_sendable(self, method: str, request: bytes) -> None:
@@ -514,7 +515,8 @@ class GrpcTransport:
         if streams.used >= streams.limit:
             raise e.LimitExceeded(
                 f"{method}: {streams.used} calls already in flight on this client "
-                f"(max_concurrent_streams={streams.limit})"
+                f"(max_concurrent_streams={streams.limit}; raise it, or bound your "
+                "tasks' calls with a trio.CapacityLimiter)"
             )
 
     def _take_slot(self, method: str, *, cleanup: bool = False) -> None:
