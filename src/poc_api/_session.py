@@ -506,6 +506,15 @@ class Session:
     ) -> AbstractAsyncContextManager[GenerateStream]:
         """Append ``tokens``, decode, and stream the wire events.
 
+        ``sampling`` sets the decode (``max_tokens=0``: prefill only, as
+        :meth:`prefill`). ``logprobs_ranges`` and ``readout_ranges`` are
+        half-open ``(start, end)`` positions: each appended position in one comes
+        as a prefill ``Token`` with its logprob, or its readout (positions of
+        earlier calls are not sent again); decoded tokens always come, with their
+        logprob, and their readout inside a readout range. ``priority`` (int32,
+        higher first) only orders work on a busy server. ``rewind_to`` appends at
+        that offset instead of the session's end, dropping the positions after it.
+
         Timeouts (seconds, all off by default; each raises :class:`PocApiTimeout`
         from the iteration and marks the session lost): ``timeout`` bounds the
         whole call, ``first_token_timeout`` the wait for the first decoded token
