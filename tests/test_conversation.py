@@ -473,3 +473,17 @@ async def test_a_readout_shape_that_is_not_the_manifests_is_refused_before_sendi
         ) as ev:
             outs = [e async for e in ev if isinstance(e, poc_api.TokenOut)]
     assert outs and all(o.readout is not None for o in outs)
+
+
+async def test_logprob_top_k_reaches_a_conversations_tokens(client: poc_api.ApiClient) -> None:
+    # SamplingParams(logprob_top_k=3) was taken by Conversation.stream and sent,
+    # but TokenOut had nowhere to put the answer: dropped without a word.
+    sampling = SamplingParams(max_tokens=3, logprob_top_k=3)
+    async with client.session() as s, s.generate(tokenize("Hi"), sampling=sampling) as ev:
+        raw = [e for e in [x async for x in ev] if isinstance(e, poc_api.Token)]
+    async with client.conversation() as conv:
+        events = await run(conv, [Tokens(tokenize("Hi"))], sampling)
+    outs = [e for e in events if isinstance(e, TokenOut)]
+    assert [o.top_logprobs for o in outs] == [t.top_logprobs for t in raw if not t.is_prefill]
+    assert all(len(o.top_logprobs) == 3 for o in outs)
+    assert TokenOut(1).top_logprobs == ()

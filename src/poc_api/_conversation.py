@@ -142,7 +142,7 @@ class ConversationStream:
                 if readout is None:
                     self._mismatch(len(ev.readout))
             self.decoded.append(ev.id)
-            return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position)
+            return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position, ev.top_logprobs)
         assert isinstance(ev, Done)
         self._done_delivered = True
         if self._mismatches > 1:

@@ -437,13 +437,16 @@ class TokenOut:
 
     ``readout`` is a 2-D float32 ``memoryview`` shaped ``(n_layers, n_concepts)``
     when a ``readout_shape`` was given and the server sent a vector of that size.
-    Compared by value, pickled and copied like :class:`Token`.
+    ``top_logprobs`` holds the ``logprob_top_k`` most likely tokens when the
+    stream's sampling asked for them. Compared by value, pickled and copied like
+    :class:`Token`.
     """
 
     id: int
     readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
     logprob: float = 0.0
     position: int = 0
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
     __reduce__ = _reduce_with_readout
 
