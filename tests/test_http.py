@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import re
+import tracemalloc
 import warnings
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -1795,3 +1797,78 @@ async def test_the_clients_timeout_in_an_error_body_keeps_the_status(call: str) 
     assert info.value.http_status == 503
     assert "[body cut short: PocApiTimeout]" in str(info.value)
     assert isinstance(info.value.__cause__, PocApiTimeout)
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=9)
+
+
+_BOMB = _gzip(b"0" * (64 << 20))  # 64 MiB of JSON-ish zeros in ~64 KiB on the wire
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [("gzip", _BOMB), ("gzip, gzip", _gzip(_BOMB)), ("deflate", zlib.compress(b"0" * (64 << 20)))],
+    ids=["gzip", "gzip-twice", "deflate"],
+)
+@pytest.mark.parametrize("status", [200, 500])
+async def test_a_compressed_bomb_is_cut_at_the_limit_not_decoded_whole(
+    http: httpx.AsyncClient, encoding: str, body: bytes, status: int
+) -> None:
+    # max_message_size was counted after decoding, and httpx decodes a chunk whole:
+    # 1.8 KB of "gzip, gzip" made 2 GB in one call (MemoryError). Decoding is now
+    # done a piece at a time, so the limit (or the error excerpt's) cuts it short.
+    head = (
+        f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+        f"content-encoding: {encoding}\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with trio.fail_after(20):
+        async with canned_server([head + body]) as url:
+            api = HttpApi(http, url, "", "m", max_body=1 << 20)
+            tracemalloc.start()
+            try:
+                with pytest.raises(PocApiError) as info:
+                    await api.tokenize("a")
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    if status == 200:
+        assert isinstance(info.value, LimitExceeded | ProtocolViolation)
+    else:
+        assert isinstance(info.value, HttpError) and info.value.http_status == 500
+
+
+async def test_a_gzipped_answer_is_decoded(http: httpx.AsyncClient) -> None:
+    body = _gzip(json.dumps({"tokens": [104, 105]}).encode())
+    head = (
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        f"content-encoding: gzip\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with trio.fail_after(10):
+        async with canned_server([head + body]) as url:
+            assert await make_api(http, url).tokenize("hi") == [104, 105]
+
+
+async def test_an_encoding_that_was_not_asked_for_is_a_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    # Only gzip and deflate are asked for (and decoded a piece at a time); httpx
+    # would have decoded br or zstd whole, when their packages are installed.
+    seen: list[bytes] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        head, _ = await read_request(stream)
+        seen.append(head)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-encoding: br\r\ncontent-length: 4\r\n\r\nxxxx"
+        )
+
+    with trio.fail_after(10):
+        async with canned_server(answer) as url:
+            with pytest.raises(ProtocolViolation, match="content-encoding 'br' was not asked"):
+                await make_api(http, url).tokenize("a")
+    assert b"accept-encoding: gzip, deflate\r\n" in seen[0].lower()

@@ -40,6 +40,7 @@ import logging
 import math
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -287,6 +288,133 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
     return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}", retriable=unsent)
 
 
+#: Decoded bytes handed out per step of a compressed body: what bounds memory when
+#: a few kilobytes on the wire say gigabytes (a gzip bomb).
+_DECODE_PIECE: Final = 64 * 1024
+#: The content-encodings asked for (``accept-encoding``) and decoded here.
+_ACCEPT_ENCODING: Final = "gzip, deflate"
+
+
+@final
+class _DecodedBody:
+    """A response's body, decoded as its ``content-encoding`` says, at most
+    ``_DECODE_PIECE`` bytes per step (an async iterator; ``aclose()`` closes httpx's).
+
+    httpx decodes each chunk read whole, so the size limits (``max_body``, the
+    error excerpt's read) counted bytes only once a chunk had become gigabytes:
+    1.8 KB of ``gzip, gzip`` took 2 GB. Here every layer's decompressor is given
+    a cap per call and keeps the rest of its input for the next step.
+    """
+
+    def __init__(self, response: httpx.Response, what: str) -> None:
+        self._raw = response.aiter_raw()
+        self._what = what
+        encodings = [
+            e.strip().lower()
+            for e in response.headers.get("content-encoding", "").split(",")
+            if e.strip() and e.strip().lower() != "identity"
+        ]
+        for encoding in encodings:
+            if encoding not in ("gzip", "x-gzip", "deflate"):
+                raise ProtocolViolation(
+                    f"{what}: the response's content-encoding {encoding!r} was not asked "
+                    f"for (accept-encoding: {_ACCEPT_ENCODING})"
+                )
+        # Outermost (last applied) first; each layer's pending input beside it.
+        self._layers = [_Inflater(e, what) for e in reversed(encodings)]
+        self._eof = False
+
+    def __aiter__(self) -> _DecodedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            piece = self._step(0)
+            if piece:
+                return piece
+            if self._eof:
+                raise StopAsyncIteration
+            try:
+                raw = await self._raw.__anext__()
+            except StopAsyncIteration:
+                self._eof = True
+                for layer in self._layers:
+                    layer.finish()
+                continue
+            if not self._layers:
+                return raw
+            self._layers[0].feed(raw)
+
+    def _step(self, i: int) -> bytes:
+        """Up to one piece out of layer ``i`` (feeding it from the layer before)."""
+        if i == len(self._layers):
+            return b""
+        layer = self._layers[i]
+        while True:
+            out = layer.take(_DECODE_PIECE)
+            if i + 1 == len(self._layers):
+                return out
+            if out:
+                self._layers[i + 1].feed(out)
+            nxt = self._step(i + 1)
+            if nxt or not out:
+                return nxt
+
+    def drop(self) -> None:
+        """Decode no more: later steps only read the raw body on (to its end, or to
+        the cancellation that stops it), so dropping a bomb costs no CPU."""
+        self._layers = []
+
+
+def _drop(chunks: AsyncIterator[bytes]) -> None:
+    if isinstance(chunks, _DecodedBody):
+        chunks.drop()
+
+
+@final
+class _Inflater:
+    """One content-encoding layer: input fed in, output taken in capped pieces."""
+
+    def __init__(self, encoding: str, what: str) -> None:
+        self._what = what
+        self._deflate = encoding == "deflate"
+        # deflate: zlib-wrapped as the RFC says, or raw as some servers send it
+        # (httpx tries both too); decided by the first bytes.
+        wbits = zlib.MAX_WBITS if self._deflate else zlib.MAX_WBITS | 16
+        self._z = zlib.decompressobj(wbits)
+        self._pending = b""
+        self._started = False
+        self._ended = False  # no more input will come
+        self._flushed = False
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data
+
+    def finish(self) -> None:
+        self._ended = True
+
+    def take(self, limit: int) -> bytes:
+        try:
+            if self._pending:
+                data, self._pending = self._pending, b""
+                try:
+                    out = self._z.decompress(data, limit)
+                except zlib.error:
+                    if not (self._deflate and not self._started):
+                        raise
+                    self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+                    out = self._z.decompress(data, limit)
+                self._started = True
+                self._pending = self._z.unconsumed_tail
+                return out
+            if self._ended and not self._flushed:
+                self._flushed = True
+                return self._z.flush()  # (bounded: what the window still holds)
+            return b""
+        except zlib.error as exc:
+            raise ProtocolViolation(f"{self._what}: undecodable response body: {exc}") from exc
+
+
 async def _finish_by_cancel(chunks: AsyncIterator[bytes]) -> None:
     """End a body iterator left part-read, and every async generator under it.
 
@@ -298,6 +426,7 @@ async def _finish_by_cancel(chunks: AsyncIterator[bytes]) -> None:
     and finishes it, as in :meth:`HttpApi._read_body`. What httpx had already
     buffered comes first: a bounded amount, dropped.
     """
+    _drop(chunks)
     with trio.CancelScope() as scope:
         scope.cancel()
         try:
@@ -792,7 +921,9 @@ class HttpApi:
         await self._client.aclose()
 
     def _headers(self, accept: str = "application/json") -> dict[str, str]:
-        headers = {"accept": accept}
+        # Only what _DecodedBody decodes a piece at a time (httpx would add br and
+        # zstd when their packages are installed, decoded whole).
+        headers = {"accept": accept, "accept-encoding": _ACCEPT_ENCODING}
         if self._api_key:
             headers["authorization"] = f"Bearer {self._api_key}"
         return headers
@@ -944,12 +1075,14 @@ class HttpApi:
         # finishes them, where a break would leave them for the garbage collector
         # (trio's ResourceWarning, as _RequestBody's). httpx drops the connection.
         with trio.CancelScope() as enough:
-            async for chunk in response.aiter_bytes() if chunks is None else chunks:
+            source = _DecodedBody(response, what) if chunks is None else chunks
+            async for chunk in source:
                 if enough.cancel_called:
                     continue  # what httpx had already buffered
                 body += chunk
                 if len(body) > limit or (not ok and len(body) >= limit):
                     enough.cancel()
+                    _drop(source)
         if ok and len(body) > limit:
             raise LimitExceeded(
                 f"{what}: the response body is larger than {limit} bytes (max_message_size)"
@@ -1665,7 +1798,7 @@ class ChatStream:
         self._response = response
         self._url = url  # already redacted: used only in messages
         self._what = f"POST {url}"
-        self._chunks = response.aiter_bytes()
+        self._chunks: AsyncIterator[bytes] = _DecodedBody(response, self._what)
         # From pump() to __anext__: a chunk, the error that ended the body, or None
         # at its end. Unbuffered: the pump reads no further ahead than one chunk.
         self._send, self._receive = trio.open_memory_channel[bytes | Exception | None](0)
