@@ -385,7 +385,7 @@ class ApiClient:
         metadata: tuple[tuple[str, str], ...] = ()
         auth: httpx.Auth | None = None
         if self._api_key:
-            metadata = (("authorization", f"Bearer {self._api_key}"),)
+            metadata = (("authorization", _Secret(f"Bearer {self._api_key}")),)
             # An auth of the client's own: httpx would otherwise turn a base_url's
             # user:password@ into Basic auth that replaces the Bearer header.
             auth = _BearerAuth(self._api_key)
@@ -865,6 +865,19 @@ class ApiClient:
         """Vocabulary size and special token ids (reference-server extension)."""
         with deadline(timeout, "tokenizer_info"):
             return await self._https().tokenizer_info()
+
+
+@final
+class _Secret(str):
+    """A str that is itself on the wire and ``<redacted>`` in reprs: the gRPC
+    metadata's key is a local of every call's frame, and traceback tools that
+    show locals (rich's ``show_locals``, ``pytest -l``, error trackers) print
+    their reprs."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
 
 
 class _BearerAuth(httpx.Auth):

@@ -193,7 +193,14 @@ def _raise_mapped(
         raise e.closed_under_call() from cause
     if mapped is None or mapped is exc:
         raise exc
-    raise mapped from cause
+    if cause is exc:
+        raise mapped from cause
+    try:
+        raise mapped from cause
+    finally:
+        # The original, key and all, would stay reachable as the implicit context
+        # (suppressed from tracebacks, still shown by error trackers).
+        mapped.__context__ = None
 
 
 def _reset_cancel(stream: Stream[Any, Any]) -> None:

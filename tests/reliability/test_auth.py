@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
 
 import poc_api
 from poc_api import SamplingParams, Tokens, TrainSample
@@ -73,12 +74,18 @@ CALLS = [
 
 
 def exception_texts(exc: BaseException) -> str:
-    """Everything an exception would print, its causes included."""
+    """Everything an exception would print, its causes and contexts included (an
+    error tracker shows a suppressed context too: it is still there)."""
     parts = []
-    seen: BaseException | None = exc
-    while seen is not None:
-        parts += [str(seen), repr(seen), repr(seen.args)]
-        seen = seen.__cause__ or seen.__context__
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        parts += [str(e), repr(e), repr(e.args)]
+        todo += [e.__cause__, e.__context__]
     return "\n".join(parts)
 
 
@@ -225,3 +232,43 @@ async def test_a_key_the_grpc_server_echoes_in_its_message_is_redacted(
         r for r in caplog.records if r.name.startswith("poc_api") and WRONG_KEY in r.getMessage()
     ]
     assert "invalid key <redacted> (Bearer <redacted>)" in str(info.value)
+
+
+def _locals_with(exc: BaseException, secret: str) -> list[str]:
+    """Frames of ``exc``'s chain (causes and contexts too) with ``secret`` in a
+    local's repr: what traceback tools that show locals print (rich's
+    show_locals, pytest -l, error trackers)."""
+    import traceback
+
+    found: list[str] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        for frame, _ in traceback.walk_tb(e.__traceback__):
+            for name, value in frame.f_locals.items():
+                try:
+                    shown = repr(value)
+                except Exception:
+                    continue
+                if secret in shown:
+                    found.append(f"{frame.f_code.co_name}: {name}")
+        todo += [e.__cause__, e.__context__]
+    return found
+
+
+async def test_the_key_is_in_no_traceback_local_of_a_failed_call(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The gRPC call's frame held the metadata tuple, ('authorization', 'Bearer
+    # <key>'), as a local: any failed call's traceback printed with its locals
+    # showed the key.
+    bad_server.plan("OpenSession", Reply("trailers_only", status=13, message="internal"))
+    async with poc_api.ApiClient(DUMMY_BASE_URL, api_key=SERVER_KEY, grpc_url=bad_server.url) as c:
+        with trio.fail_after(10), pytest.raises(poc_api.RpcError) as info:
+            async with c.session():
+                pass
+    assert _locals_with(info.value, SERVER_KEY) == []
