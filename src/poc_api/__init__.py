@@ -52,6 +52,7 @@ from ._http import (
     ChatToolCallDelta,
 )
 from ._log import configure_debug_from_env as _configure_debug_from_env
+from ._log import escape_controls_in_logs as _escape_controls_in_logs
 from ._pool import EndpointState, EndpointStatus
 from ._session import GenerateStream, Session
 from ._types import (
@@ -154,4 +155,5 @@ def _fixup_module_metadata() -> None:
 
 
 _fixup_module_metadata()
+_escape_controls_in_logs()
 _configure_debug_from_env()

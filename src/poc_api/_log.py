@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from typing import Final
 
 __all__ = ["configure_debug_from_env"]
 
@@ -36,6 +38,34 @@ class _DebugHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 return False
             logger = logger.parent
         return False
+
+
+# Control characters (C0 but tab, DEL, C1) as \x.. escapes: what a server says
+# (a status message, a session id) goes into poc_api's lines, and its newlines
+# would start lines of its choosing in the application's log, its ESCs would
+# drive the terminal showing it.
+_ESCAPES: Final = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09
+} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class _OneLine(logging.Filter):
+    """Escape control characters in each record's message (on poc_api's loggers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            record.msg, record.args = message.translate(_ESCAPES), None
+        return True
+
+
+def escape_controls_in_logs() -> None:
+    """Install the escaping on poc_api's loggers (at import; idempotent)."""
+    for name in ("poc_api", "poc_api.grpc", "poc_api.http"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLine) for f in logger.filters):
+            logger.addFilter(_OneLine())
 
 
 def configure_debug_from_env() -> None:

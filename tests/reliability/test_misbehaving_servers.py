@@ -6,6 +6,7 @@ normal call against the same server, which behaves again.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -606,3 +607,21 @@ async def test_calls_cancelled_while_waiting_for_a_stream_leave_no_trace(
         gate = protocol.gate  # type: ignore[union-attr]
         assert (gate.active, len(gate.calls), len(gate.cleanups)) == (0, 0, 0)
         await assert_next_call_works(c)
+
+
+async def test_a_servers_newlines_cannot_forge_log_lines(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server's status message went into WARNING lines as it came: its newlines
+    # made lines of its own choosing ("... INFO auth: admin login OK") in the
+    # application's log. Control characters in poc_api's lines are now escaped.
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    forged = "2099-01-01 00:00:01,000 CRITICAL auth: admin login OK"
+    bad_server.plan("CloseSession", Reply("trailers_only", status=13, message=f"boom%0A{forged}"))
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        with trio.fail_after(10):
+            async with c.session():
+                pass
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("poc_api")]
+    assert any(forged in line for line in lines)  # the message is there, on its line
+    assert not [line for line in lines if "\n" in line or "\x1b" in line]
