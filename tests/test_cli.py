@@ -407,3 +407,17 @@ async def test_the_installed_console_script_runs() -> None:
         )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.decode()) >= 5
+
+
+def test_a_usage_error_about_a_url_does_not_print_its_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "invalid POC_BASE_URL: bad port in 'http://me:S3CRETPASS@host:x/v1'".
+    for name in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_MODEL", "POC_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    for url in ("http://me:S3CRETPASS@host:x/v1", "ftp://me:S3CRETPASS@host/v1"):
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["--url", url, "generate", "hi"])
+        out = capsys.readouterr()
+        assert exited.value.code == 2, (out.out, out.err)
+        assert "S3CRETPASS" not in out.err + out.out and "me:***@" in out.err

@@ -41,6 +41,7 @@ from poc_api._http import (
     HttpApi,
     error_excerpt,
     key_redactor,
+    redact_url,
 )
 from poc_api._types import ReadoutManifest, TrainResult, TrainSample, Usage
 from poc_api.server import ReferenceServer, ServerConfig
@@ -1872,3 +1873,17 @@ async def test_an_encoding_that_was_not_asked_for_is_a_protocol_violation(
             with pytest.raises(ProtocolViolation, match="content-encoding 'br' was not asked"):
                 await make_api(http, url).tokenize("a")
     assert b"accept-encoding: gzip, deflate\r\n" in seen[0].lower()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://me:s3cret@h:8000/v1", "http://me:***@h:8000/v1"),
+        ("http://me:p@ss@h:9/v1", "http://me:***@h:9/v1"),  # httpx takes the last "@"
+        ("see http://me:pw@h and mail me@x.org", "see http://me:***@h and mail me@x.org"),
+        ("http://h:8000/v1 bob@x.com", "http://h:8000/v1 bob@x.com"),
+    ],
+)
+def test_redact_url_hides_a_password_with_an_at_sign_too(url: str, shown: str) -> None:
+    # "me:p@ss@h" showed "me:***@ss@h": the part after the first "@" leaked.
+    assert redact_url(url) == shown

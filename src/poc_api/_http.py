@@ -546,8 +546,9 @@ def _parse_usage(value: object, what: str) -> Usage | None:
     return Usage(prompt, completion, counts.get("total_tokens", prompt + completion))
 
 
-# ``scheme://user:password@host``: the password is a credential.
-_URL_PASSWORD: Final = re.compile(r"(?P<user>//[^/?#@:\s]*):[^/?#@\s]*@")
+# ``scheme://user:password@host``: the password is a credential. It may hold a
+# raw "@" (httpx, as browsers, takes the authority's last one as its end).
+_URL_PASSWORD: Final = re.compile(r"(?P<user>//[^/?#@:\s]*):(?:[^/?#@\s]|@(?=[^/?#\s]*@))*@")
 
 
 def redact_url(text: str) -> str:

@@ -137,9 +137,11 @@ def _check_url(value: str, what: str) -> str:
     try:
         _ = parts.port
     except ValueError:
-        raise click.UsageError(f"invalid {what}: bad port in {value!r}") from None
+        raise click.UsageError(f"invalid {what}: bad port in {redact_url(value)!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise click.UsageError(f"invalid {what}: expected http(s)://host:port/..., got {value!r}")
+        raise click.UsageError(
+            f"invalid {what}: expected http(s)://host:port/..., got {redact_url(value)!r}"
+        )
     return value
 
 
