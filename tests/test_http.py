@@ -3,6 +3,7 @@ the answers the reference server never gives (5xx, garbage, cut streams)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -1887,3 +1888,46 @@ async def test_an_encoding_that_was_not_asked_for_is_a_protocol_violation(
 def test_redact_url_hides_a_password_with_an_at_sign_too(url: str, shown: str) -> None:
     # "me:p@ss@h" showed "me:***@ss@h": the part after the first "@" leaked.
     assert redact_url(url) == shown
+
+
+async def test_a_stream_of_endless_tool_call_arguments_is_cut_at_the_limit(
+    http: httpx.AsyncClient,
+) -> None:
+    # The pieces of a tool call's arguments were kept to join at the end, without
+    # a bound: 686 MiB of them took 762 MB, with max_message_size at 1 MiB.
+    piece = json.dumps(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "c",
+                                "function": {"name": "f", "arguments": "x" * 60000},
+                            }
+                        ]
+                    },
+                    "finish_reason": None,
+                }
+            ]
+        }
+    )
+
+    async def flood(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(response(200, b"", "text/event-stream", length=False))
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            for _ in range(100):  # 6 MB of arguments
+                await stream.send_all(sse(piece))
+
+    with trio.fail_after(20):
+        async with canned_server(flood) as url:
+            api = HttpApi(http, url, "", "m", max_body=1 << 20)
+            deltas = 0
+            with pytest.raises(LimitExceeded, match="tool call"):
+                async with api.chat_stream(HELLO) as events:
+                    async for event in events:
+                        deltas += 1
+    assert 0 < deltas < 30

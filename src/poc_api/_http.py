@@ -1815,6 +1815,7 @@ class ChatStream:
         self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
+        self._tool_text = 0  # characters of tool calls kept to join at the end
 
     def _redact(self, text: str) -> str:
         return self._api._redact(text)
@@ -2016,6 +2017,13 @@ class ChatStream:
         raw_name = function.get("name")
         name = raw_name if isinstance(raw_name, str) else ""
         arguments = _arguments_text(function.get("arguments"))
+        # Kept until the end (ChatDone's tool_calls): bounded as a whole answer is.
+        self._tool_text += len(arguments) + len(name) + len(call_id)
+        if self._tool_text > self._api._max_body:
+            raise LimitExceeded(
+                f"{self._what}: the stream's tool calls are larger than "
+                f"{self._api._max_body} characters (max_message_size)"
+            )
         part = parts.setdefault(index, _ToolCallParts())
         part.id = part.id or call_id
         part.name = part.name or name
