@@ -1928,6 +1928,6 @@ async def test_a_stream_of_endless_tool_call_arguments_is_cut_at_the_limit(
             deltas = 0
             with pytest.raises(LimitExceeded, match="tool call"):
                 async with api.chat_stream(HELLO) as events:
-                    async for event in events:
+                    async for _ in events:
                         deltas += 1
     assert 0 < deltas < 30
