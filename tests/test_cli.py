@@ -421,3 +421,36 @@ def test_a_usage_error_about_a_url_does_not_print_its_password(
         out = capsys.readouterr()
         assert exited.value.code == 2, (out.out, out.err)
         assert "S3CRETPASS" not in out.err + out.out and "me:***@" in out.err
+
+
+def test_a_servers_control_characters_do_not_reach_the_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Generated text and error messages come from the server: written as they came,
+    # its escape sequences cleared the screen, set the window title, wrote the
+    # clipboard (OSC 52), or rewrote the "error:" line into a fake success.
+    import io
+
+    import poc_api
+    from poc_api import cli as cli_module
+
+    hostile = "ok\x1b]52;c;ZXZpbA==\x07\x1b[2J\rdone\n\tnext"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    cli_module._write_stdout(hostile)
+    shown = terminal.getvalue()
+    assert "\x1b" not in shown and "\x07" not in shown and "\r" not in shown
+    assert shown.startswith("ok") and "done\n\tnext" in shown  # newlines, tabs kept
+
+    def fail(_where: object) -> None:
+        raise poc_api.RpcError(f"server said: {hostile}")
+
+    with pytest.raises(SystemExit):
+        cli_module._run(fail)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "\x1b" not in err and "\x07" not in err

@@ -41,6 +41,7 @@ import trio
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import _errors as e
 from ._chunks import Chunk, Tokens
@@ -104,7 +105,19 @@ def sparkline(values: Sequence[float], low: float | None = None, high: float | N
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return _shown(" ".join(text.split()))
+
+
+# Control characters but newline and tab, as \x.. escapes: text from a server
+# (generated, or an error message) must not drive the terminal (clear it, set its
+# title, write the clipboard with OSC 52, rewrite the line above).
+_TERMINAL_ESCAPES: Final = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)
+}
+
+
+def _shown(text: str) -> str:
+    return text.translate(_TERMINAL_ESCAPES)
 
 
 # -- connection settings --------------------------------------------------------------
@@ -465,7 +478,9 @@ async def _readout_table(
     chars = [_show_char(await codec.piece(t)) for t in reply.ids[: len(reply.readouts)]]
     table.add_row("(token)", "".join(chars), "", "")
     for name, values in zip(manifest.concepts, series, strict=True):
-        table.add_row(name, sparkline(values), f"{min(values):.2f}", f"{max(values):.2f}")
+        # The server names the concepts: shown as text (not rich markup), escaped.
+        shown = Text(_shown(name))
+        table.add_row(shown, sparkline(values), f"{min(values):.2f}", f"{max(values):.2f}")
     return table
 
 
@@ -653,7 +668,7 @@ async def _demo(target: _Target, where: _Where) -> None:
         codec = _Codec(client, note_fallback)
 
         def write_live(text: str) -> None:
-            con.print(text, end="", style="cyan", markup=False, soft_wrap=True)
+            con.print(_shown(text), end="", style="cyan", markup=False, soft_wrap=True)
 
         live = _LiveText(codec, write_live)
 
@@ -896,7 +911,8 @@ def generate(
 
 
 def _write_stdout(text: str) -> None:
-    sys.stdout.write(text)
+    # To a terminal, escaped; to a pipe or file, the text as generated.
+    sys.stdout.write(_shown(text) if sys.stdout.isatty() else text)
     sys.stdout.flush()
 
 
