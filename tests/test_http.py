@@ -1931,3 +1931,16 @@ async def test_a_stream_of_endless_tool_call_arguments_is_cut_at_the_limit(
                     async for _ in events:
                         deltas += 1
     assert 0 < deltas < 30
+
+
+async def test_a_huge_content_type_is_cut_in_the_error(http: httpx.AsyncClient) -> None:
+    # "expected text/event-stream, got '<48 KB>'": every other quote of an answer
+    # in an error is cut to a few hundred characters.
+    ctype = "text/html; x=" + "y" * 48_000
+    answer = f"HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: 0\r\n\r\n".encode()
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            with pytest.raises(ProtocolViolation, match="expected text/event-stream") as info:
+                async with make_api(http, url).chat_stream(HELLO):
+                    pytest.fail("entered the block")
+    assert len(str(info.value)) < 500

@@ -1846,7 +1846,8 @@ class ChatStream:
                 raise self._api._server_error(self._url, response_status=status, error=error)
         if not ctype.lower().startswith("text/event-stream"):
             raise ProtocolViolation(
-                f"{self._what}: expected text/event-stream, got {ctype or 'no content-type'!r}"
+                f"{self._what}: expected text/event-stream, got "
+                f"{_short_repr(ctype) if ctype else 'no content-type'}"
             )
         log.debug("POST %s -> %d (streaming)", self._url, status)
 
