@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
@@ -73,10 +73,9 @@ CALLS = [
 ]
 
 
-def exception_texts(exc: BaseException) -> str:
-    """Everything an exception would print, its causes and contexts included (an
-    error tracker shows a suppressed context too: it is still there)."""
-    parts = []
+def chained(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception chained to it, causes and contexts (an error
+    tracker shows a suppressed context too: it is still there)."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -84,9 +83,13 @@ def exception_texts(exc: BaseException) -> str:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        parts += [str(e), repr(e), repr(e.args)]
+        yield e
         todo += [e.__cause__, e.__context__]
-    return "\n".join(parts)
+
+
+def exception_texts(exc: BaseException) -> str:
+    """Everything an exception would print, every chained one included."""
+    return "\n".join(f"{e}\n{e!r}\n{e.args!r}" for e in chained(exc))
 
 
 @pytest.mark.parametrize("call", CALLS, ids=lambda f: f.__name__)
@@ -241,13 +244,7 @@ def _locals_with(exc: BaseException, secret: str) -> list[str]:
     import traceback
 
     found: list[str] = []
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in chained(exc):
         for frame, _ in traceback.walk_tb(e.__traceback__):
             for name, value in frame.f_locals.items():
                 try:
@@ -256,7 +253,6 @@ def _locals_with(exc: BaseException, secret: str) -> list[str]:
                     continue
                 if secret in shown:
                     found.append(f"{frame.f_code.co_name}: {name}")
-        todo += [e.__cause__, e.__context__]
     return found
 
 
