@@ -152,7 +152,7 @@ async def test_numpy_floats_are_floats_and_become_plain_floats(
         np.True_,
         np.array([0.5]),
         np.timedelta64(200, "ms"),
-        np.timedelta64(3),
+        np.timedelta64(3, "D"),  # (with a unit: numpy deprecates the generic one)
         np.datetime64(1, "s"),
     ],
 )
