@@ -1944,3 +1944,22 @@ async def test_a_huge_content_type_is_cut_in_the_error(http: httpx.AsyncClient) 
                 async with make_api(http, url).chat_stream(HELLO):
                     pytest.fail("entered the block")
     assert len(str(info.value)) < 500
+
+
+async def test_an_error_status_in_an_encoding_not_asked_for_keeps_its_status(
+    http: httpx.AsyncClient,
+) -> None:
+    answer = (
+        b"HTTP/1.1 503 Busy\r\ncontent-type: application/json\r\n"
+        b"content-encoding: br\r\ncontent-length: 4\r\n\r\nxxxx"
+    )
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            api = make_api(http, url)
+            with pytest.raises(HttpError) as info:
+                async with api.chat_stream(HELLO):
+                    pytest.fail("entered the block")
+            assert info.value.http_status == 503
+            with pytest.raises(HttpError) as info:
+                await api.tokenize("a")
+            assert info.value.http_status == 503

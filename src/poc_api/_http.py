@@ -314,20 +314,26 @@ class _DecodedBody:
             for e in response.headers.get("content-encoding", "").split(",")
             if e.strip() and e.strip().lower() != "identity"
         ]
+        # Raised by the first read, not here: the caller's cleanup (and an error
+        # status's report) must come first, as for any other unreadable body.
+        self._refused: ProtocolViolation | None = None
         for encoding in encodings:
             if encoding not in ("gzip", "x-gzip", "deflate"):
-                raise ProtocolViolation(
+                self._refused = ProtocolViolation(
                     f"{what}: the response's content-encoding {encoding!r} was not asked "
                     f"for (accept-encoding: {_ACCEPT_ENCODING})"
                 )
         # Outermost (last applied) first; each layer's pending input beside it.
-        self._layers = [_Inflater(e, what) for e in reversed(encodings)]
+        self._layers = [_Inflater(e, what) for e in reversed(encodings) if self._refused is None]
         self._eof = False
 
     def __aiter__(self) -> _DecodedBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._refused is not None:
+            await trio.lowlevel.checkpoint()
+            raise self._refused
         while True:
             piece = self._step(0)
             if piece:
@@ -364,6 +370,7 @@ class _DecodedBody:
         """Decode no more: later steps only read the raw body on (to its end, or to
         the cancellation that stops it), so dropping a bomb costs no CPU."""
         self._layers = []
+        self._refused = None
 
 
 def _drop(chunks: AsyncIterator[bytes]) -> None:
