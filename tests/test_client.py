@@ -879,6 +879,9 @@ async def test_a_second_task_reading_a_stream_gets_busy_resource_error() -> None
 def test_a_timeout_too_large_for_a_float_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="too large"):  # was OverflowError
         poc_api._types.check_timeout("timeout", 10**400)
+    # A negative one is negative first (said "too large" since ed06272).
+    with pytest.raises(ValueError, match="non-negative"):
+        poc_api._types.check_timeout("timeout", -(10**400))
 
 
 async def test_a_slow_consumer_of_buffered_events_lets_other_tasks_run(

@@ -172,7 +172,10 @@ def check_timeout(name: str, value: float | None) -> float | None:
     try:
         seconds = as_float(name, value, "a number of seconds or None")
     except OverflowError:  # an int past float's range (math.inf is the way to say "never")
-        raise ValueError(f"{name} is too large a number of seconds (math.inf: none)") from None
+        if value < 0:
+            seconds = -math.inf  # (refused below, as negative)
+        else:
+            raise ValueError(f"{name} is too large a number of seconds (math.inf: none)") from None
     if not seconds >= 0:  # NaN too
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
     return seconds
