@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Final
 
 __all__ = ["configure_debug_from_env"]
@@ -40,14 +39,17 @@ class _DebugHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return False
 
 
-# Control characters (C0 but tab, DEL, C1) as \x.. escapes: what a server says
-# (a status message, a session id) goes into poc_api's lines, and its newlines
-# would start lines of its choosing in the application's log, its ESCs would
-# drive the terminal showing it.
-_ESCAPES: Final = {
-    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09
-} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
-_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+def control_escapes(keep: str = "\t") -> dict[int, str]:
+    """A ``str.translate`` table: control characters (C0, DEL, C1) but those in
+    ``keep`` as ``\\x..`` escapes. What a server says (a status message, a session
+    id, generated text) goes into log lines and onto terminals: its newlines would
+    start lines of its choosing, its ESCs would drive the terminal showing them."""
+    controls = (*range(0x20), 0x7F, *range(0x80, 0xA0))
+    return {c: f"\\x{c:02x}" for c in controls if chr(c) not in keep}
+
+
+# In a log line, a newline too, and the Unicode line and paragraph separators.
+_ESCAPES: Final = control_escapes() | {0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class _OneLine(logging.Filter):
@@ -55,8 +57,9 @@ class _OneLine(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if _CONTROL.search(message):
-            record.msg, record.args = message.translate(_ESCAPES), None
+        escaped = message.translate(_ESCAPES)
+        if escaped != message:
+            record.msg, record.args = escaped, None
         return True
 
 

@@ -49,6 +49,7 @@ from ._client import ApiClient
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager
 from ._http import ChatDelta, redact_url
+from ._log import control_escapes
 from ._png import encode_png
 from ._session import GenerateStream
 from ._types import Done, ReadoutManifest, SamplingParams, StreamDone, Token, TokenOut, Usage
@@ -108,12 +109,9 @@ def _one_line(text: str) -> str:
     return _shown(" ".join(text.split()))
 
 
-# Control characters but newline and tab, as \x.. escapes: text from a server
-# (generated, or an error message) must not drive the terminal (clear it, set its
-# title, write the clipboard with OSC 52, rewrite the line above).
-_TERMINAL_ESCAPES: Final = {
-    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)
-}
+# Text from a server (generated, or an error message) must not drive the terminal
+# (clear it, set its title, write the clipboard with OSC 52, rewrite the line above).
+_TERMINAL_ESCAPES: Final = control_escapes(keep="\t\n")
 
 
 def _shown(text: str) -> str:
