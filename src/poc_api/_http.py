@@ -298,7 +298,8 @@ _ACCEPT_ENCODING: Final = "gzip, deflate"
 @final
 class _DecodedBody:
     """A response's body, decoded as its ``content-encoding`` says, at most
-    ``_DECODE_PIECE`` bytes per step (an async iterator; ``aclose()`` closes httpx's).
+    ``_DECODE_PIECE`` bytes per step (an async iterator; end one part-read with
+    :func:`_finish_by_cancel`).
 
     httpx decodes each chunk read whole, so the size limits (``max_body``, the
     error excerpt's read) counted bytes only once a chunk had become gigabytes:
@@ -308,12 +309,10 @@ class _DecodedBody:
 
     def __init__(self, response: httpx.Response, what: str) -> None:
         self._raw = response.aiter_raw()
-        self._what = what
-        encodings = [
-            e.strip().lower()
-            for e in response.headers.get("content-encoding", "").split(",")
-            if e.strip() and e.strip().lower() != "identity"
-        ]
+        listed = (
+            e.strip().lower() for e in response.headers.get("content-encoding", "").split(",")
+        )
+        encodings = [e for e in listed if e and e != "identity"]
         # Raised by the first read, not here: the caller's cleanup (and an error
         # status's report) must come first, as for any other unreadable body.
         self._refused: ProtocolViolation | None = None
@@ -670,6 +669,10 @@ class _SharedFetch(Generic[_T]):
         self._attempt: _Attempt | None = None
         self._value: _T | None = None
         self.fetched = False
+
+    def cached(self) -> _T | None:
+        """The value fetched, if one was (no I/O, no checkpoint)."""
+        return self._value if self.fetched else None
 
     async def get(self) -> _T:
         while True:
@@ -1101,9 +1104,8 @@ class HttpApi:
 
     def known_readout_shape(self) -> tuple[int, int] | None:
         """The readout shape of the manifest already fetched, if any (no I/O)."""
-        fetch = self._manifest
-        manifest = fetch._value if fetch.fetched else None
-        return manifest.shape if isinstance(manifest, ReadoutManifest) else None
+        manifest = self._manifest.cached()
+        return manifest.shape if manifest is not None else None
 
     @_redacting
     async def readout_manifest(self) -> ReadoutManifest | None:
@@ -1807,7 +1809,7 @@ class ChatStream:
         self._url = url  # already redacted: used only in messages
         self._what = f"POST {url}"
         self._chunks: AsyncIterator[bytes] = _DecodedBody(response, self._what)
-        # From pump() to __anext__: a chunk, the error that ended the body, or None
+        # From _pump() to __anext__: a chunk, the error that ended the body, or None
         # at its end. Unbuffered: the pump reads no further ahead than one chunk.
         self._send, self._receive = trio.open_memory_channel[bytes | Exception | None](0)
         # llama.cpp's error lines too; each event bounded as a whole answer is.
