@@ -27,7 +27,7 @@ import trio
 from . import _errors as e
 from ._chunks import Chunk, Image, Tokens, check_chunks
 from ._session import Session, open_session
-from ._types import Ranges, SamplingParams, ScoreResult, Token, as_int, check_ranges
+from ._types import Ranges, SamplingParams, ScoreResult, Token, _plain, as_int, check_ranges
 
 if TYPE_CHECKING:
     from ._pool import Router
@@ -455,10 +455,9 @@ def _check_continuation(value: object, i: int) -> list[Chunk]:
     if isinstance(value, Tokens | Image):
         return [value]
     if isinstance(value, Iterable) and not isinstance(value, str | bytes | bytearray | Sequence):
-        if hasattr(value, "tolist"):
-            ids = Tokens(cast(Iterable[int], value))  # a numpy array of ids
-            return [ids] if ids.ids else []
-        value = list(value)  # an iterator: of ids or of chunks, as a list would be
+        # A numpy array of ids (plain ints in one call), or an iterator of ids or
+        # of chunks: as the list it stands for.
+        value = list(cast(Iterable[object], _plain(value)))
     if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
         raise TypeError(
             f"continuation {i} must be token ids or a sequence of Tokens/Image, "
