@@ -132,3 +132,25 @@ async def read_beside_a_second_reader(events: AsyncIterable[Any]) -> list[Any]:
         else:
             raise AssertionError("a second reader got an event, not BusyResourceError")
     return got
+
+
+async def aclose_under_a_reader(
+    events: Any, settle: Callable[[], Awaitable[object]]
+) -> list[BaseException]:
+    """Close a stream (its ``aclose()``) while another task waits in a read of it,
+    once ``settle()`` has let that task get there. Returns what the waiting read
+    raised, if it raised ``trio.ClosedResourceError``."""
+    caught: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            async for _ in events:
+                pass
+        except trio.ClosedResourceError as exc:
+            caught.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await settle()
+        await events.aclose()
+    return caught

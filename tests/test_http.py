@@ -21,7 +21,13 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from helpers import Handler, http_server, read_beside_a_second_reader, read_request
+from helpers import (
+    Handler,
+    aclose_under_a_reader,
+    http_server,
+    read_beside_a_second_reader,
+    read_request,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -1011,20 +1017,9 @@ async def test_a_chat_stream_read_after_its_aclose_says_the_stream_was_closed() 
                 with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
                     await events.__anext__()  # closed first: that is what it says after
                 # A task waiting in a read when another closes the stream gets it too.
-                caught: list[BaseException] = []
                 async with api.chat_stream(HELLO) as events:
-
-                    async def reader() -> None:
-                        try:
-                            async for _ in events:
-                                pass
-                        except trio.ClosedResourceError as exc:
-                            caught.append(exc)
-
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(reader)
-                        await trio.testing.wait_all_tasks_blocked()  # it waits for more
-                        await events.aclose()
+                    settle = trio.testing.wait_all_tasks_blocked  # (it waits for more)
+                    caught = await aclose_under_a_reader(events, settle)
                 assert [str(exc) for exc in caught] == ["this stream was closed"]
             async with ReferenceServer(ServerConfig(port=0)) as srv:  # the pool still works
                 assert await make_api(http, srv.base_url).tokenize("a") == [97]

@@ -17,11 +17,12 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 import h2.errors
 import pytest
 import trio
-from helpers import loop_threads
+from helpers import aclose_under_a_reader, loop_threads
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
 
@@ -841,19 +842,8 @@ async def test_streams_close_with_aclosing_and_from_another_task(
             async with client.session() as s:
                 async with s.generate(HELLO, sampling=LONG) as ev:
                     await ev.__anext__()
-                    caught = []
-
-                    async def reader() -> None:
-                        try:
-                            async for _ in ev:
-                                pass
-                        except trio.ClosedResourceError as exc:
-                            caught.append(exc)
-
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(reader)
-                        await trio.sleep(0.1)  # it waits for the next token
-                        await ev.aclose()
+                    # (settled once the reader waits for the next token)
+                    caught = await aclose_under_a_reader(ev, partial(trio.sleep, 0.1))
                     assert len(caught) == 1
             async with client.conversation() as conv:
                 async with conv.stream([poc_api.Tokens(HELLO)], LONG) as cev:
