@@ -1511,6 +1511,19 @@ async def test_a_connect_that_times_out_is_retriable() -> None:
         assert isinstance(exc.__cause__, httpx.ConnectTimeout), name
 
 
+async def test_a_tls_failure_says_why(server: ReferenceServer) -> None:
+    # https:// to a plaintext port (or a certificate that does not verify): httpx's
+    # ConnectError and the trio error under it have empty messages, and the error
+    # said only "ConnectError: ". The reason is the SSL error at the chain's end.
+    url = server.base_url.replace("http://", "https://")
+    with trio.fail_after(10):
+        async with poc_api.ApiClient(url, grpc_url=server.grpc_url) as client:
+            with pytest.raises(ServerUnavailable) as info:
+                await client.tokenize("a")
+    assert "WRONG_VERSION_NUMBER" in str(info.value), info.value
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
 async def test_connection_closed_without_answer_raises_server_unavailable(
     http: httpx.AsyncClient,
 ) -> None:

@@ -268,8 +268,25 @@ def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Itera
         raise
 
 
+def _reason(exc: BaseException) -> str:
+    """The first non-empty message down ``exc``'s chain of causes.
+
+    httpx's ConnectError over trio has none of its own, nor has the trio error
+    under it: why a TLS handshake failed is told only by the SSL error at the end.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause)
+        if text:
+            return text
+        cause = cause.__cause__ or cause.__context__
+    return ""
+
+
 def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
-    text = redact_url(str(exc))
+    text = redact_url(_reason(exc))
     # httpcore raises ConnectError and ConnectTimeout only while it opens the
     # connection (TCP, TLS, a proxy's tunnel), and PoolTimeout while it waits for
     # one: not a byte of the request was sent, so it is safe to send again, as a
