@@ -48,6 +48,7 @@ from typing import Any, Generic, TypeVar, final
 
 import trio
 
+from ._clock import hold_clock
 from ._errors import PocApiError, closed_under_call, protected_asynccontextmanager
 
 __all__ = ["AsyncioBridge", "BatchReceiver", "Sink", "open_bridge"]
@@ -396,7 +397,8 @@ class BatchReceiver(Generic[T]):
                 waiter = buf.trio_waiter = trio.Event()
             self._waiting = True
             try:
-                await waiter.wait()
+                with hold_clock():
+                    await waiter.wait()
             finally:
                 self._waiting = False
         # One consumer: the items found above are still there (maybe more).
@@ -676,6 +678,10 @@ class AsyncioBridge:
 
     async def _wait(self, call: _Call) -> None:
         """trio: return once the call's outcome has reached this side (a checkpoint)."""
+        with hold_clock():
+            await self._wait_held(call)
+
+    async def _wait_held(self, call: _Call) -> None:
         fd = call.fd
         if fd < 0:
             await call.done.wait()
@@ -890,13 +896,13 @@ class AsyncioBridge:
             await loop.shutdown_asyncgens()
 
         call = self._submit(shutdown, ())
-        with trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
+        with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
             await call.done.wait()
         try:
             loop.call_soon_threadsafe(loop.stop)
         except RuntimeError:
             pass
-        with trio.CancelScope(relative_deadline=self._cancel_timeout) as scope:
+        with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout) as scope:
             await self._thread_done.wait()
         # Whatever did not finish (a task that ignored cancellation) will never
         # report back: fail its waiter instead of leaving it hanging. A call that

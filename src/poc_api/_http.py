@@ -70,6 +70,7 @@ import attrs
 import httpx
 import trio
 
+from ._clock import hold_clock
 from ._errors import (
     AuthenticationError,
     HttpError,
@@ -253,8 +254,9 @@ def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Itera
     url = redact_url(url)
     try:
         # httpx's trio backend connects in a nursery (happy eyeballs): a cancel
-        # there would otherwise come out as a group of Cancelled.
-        with collapse_cancellation():
+        # there would otherwise come out as a group of Cancelled. The server's
+        # answer is I/O a MockClock cannot see coming (_clock).
+        with collapse_cancellation(), hold_clock():
             yield
     except (httpx.TransportError, httpx.DecodingError) as exc:
         if client.is_closed:

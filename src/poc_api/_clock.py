@@ -1,0 +1,93 @@
+"""An autojumping ``trio.testing.MockClock`` held while poc_api waits for its server.
+
+A MockClock with ``autojump_threshold`` (pytest-trio's ``autojump_clock``: 0)
+jumps to the next deadline as soon as every task has been blocked that long. It
+cannot see I/O in flight in another thread or process, and poc_api's always is:
+a gRPC call waits for the loop thread, an HTTP call for a server. Jumping then,
+every timeout of the call fires at once, a cancelled call's bounded cleanup is
+cut short, and the client's exit leaves its thread behind.
+
+trio's docs ask for a threshold that avoids such false alarms "where some I/O is
+in flight". poc_api knows when its own is, so while it waits, :class:`hold_clock`
+raises the clock's threshold to :data:`HOLD_SECONDS` of real time, and puts the
+user's back when the last wait ends. Between poc_api's calls, the user's sleeps
+and timeouts jump as before; a server that never answers still times out, after
+the run has been idle that long. Any other clock is left alone, at the cost of
+one ``current_clock()`` per wait.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+import trio
+from trio.testing import MockClock
+
+__all__ = ["HOLD_SECONDS", "hold_clock"]
+
+# Real seconds the whole run must sit idle, while poc_api waits, before a held
+# clock jumps: far above a test server's answer, low enough that a test of a
+# silent server still ends soon.
+HOLD_SECONDS = 1.0
+
+
+@final
+class _Hold:
+    __slots__ = ("count", "saved")
+
+    def __init__(self, saved: float) -> None:
+        self.count = 0
+        self.saved = saved  # the user's threshold, put back by the last release
+
+
+_HOLDS: trio.lowlevel.RunVar[_Hold | None] = trio.lowlevel.RunVar(
+    "poc_api_clock_hold", default=None
+)
+
+
+@final
+class hold_clock:
+    """``with hold_clock():`` around a wait for the loop thread or a server.
+
+    Nests, and counts across tasks: the clock's own threshold comes back when
+    the last hold of the run ends (unless someone set another one meanwhile).
+    A class, not a ``@contextmanager``: it runs on every call's path, and its
+    enter and exit must not be split by a Ctrl-C.
+    """
+
+    __slots__ = ("_clock",)
+
+    def __init__(self) -> None:
+        self._clock: MockClock | None = None
+
+    @trio.lowlevel.enable_ki_protection
+    def __enter__(self) -> None:
+        clock = trio.lowlevel.current_clock()
+        if not isinstance(clock, MockClock):
+            return
+        hold = _HOLDS.get()
+        if hold is None:
+            hold = _Hold(clock.autojump_threshold)
+            _HOLDS.set(hold)
+        if hold.count == 0:
+            hold.saved = clock.autojump_threshold
+            if hold.saved < HOLD_SECONDS:
+                clock.autojump_threshold = HOLD_SECONDS
+        hold.count += 1
+        self._clock = clock
+
+    @trio.lowlevel.enable_ki_protection
+    def __exit__(self, *exc_info: object) -> None:
+        clock, self._clock = self._clock, None
+        if clock is None:
+            return
+        hold = _HOLDS.get()
+        assert hold is not None and hold.count > 0, "hold_clock released more than held"
+        hold.count -= 1
+        # Put the user's threshold back, unless they set one of their own meanwhile.
+        if (
+            hold.count == 0
+            and hold.saved < HOLD_SECONDS
+            and clock.autojump_threshold == HOLD_SECONDS
+        ):
+            clock.autojump_threshold = hold.saved

@@ -1,0 +1,156 @@
+"""poc_api under pytest-trio's ``autojump_clock`` (a MockClock that jumps whenever
+every task waits): its waits for the loop thread and the HTTP server are I/O in
+flight the clock cannot see, and it must not jump over them (``_clock``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import pytest
+import trio
+import trio.testing
+
+import poc_api
+from poc_api._clock import HOLD_SECONDS, hold_clock
+from poc_api.server import ReferenceServer
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+async def test_calls_with_timeouts_run_under_an_autojumping_clock(
+    autojump_clock: trio.testing.MockClock,
+    server: ReferenceServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every timeout here fired at once before: the clock jumped to it while the
+    # call waited for the loop thread ("OpenSession: no answer within 5 s"), and
+    # the client's exit left its thread behind.
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    client = poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url)
+    async with client:
+        async with client.session(timeout=5) as s:
+            await s.prefill([1, 2, 3])
+            sampling = poc_api.SamplingParams(max_tokens=5)
+            async with s.generate([4], sampling=sampling, token_timeout=5, timeout=5) as events:
+                tokens = [ev async for ev in events if isinstance(ev, poc_api.Token)]
+            assert len(tokens) == 5
+        [scored] = await client.score([poc_api.Tokens([1, 2, 3, 4])], [(1, 4)], timeout=5)
+        assert math.isfinite(scored.logprob)
+        async with client.conversation() as conv:
+            async with conv.stream(
+                [poc_api.Tokens([5, 6])], sampling=sampling, timeout=5
+            ) as events:
+                async for _ in events:
+                    pass
+        assert await client.tokenize("hello", timeout=5)
+        async with client.chat_stream(HELLO, model="m", timeout=5) as chat:
+            async for _ in chat:
+                pass
+        assert (await client.chat(HELLO, model="m", timeout=5)).text
+        thread = client._bridge.thread if client._bridge is not None else None
+    assert thread is not None and not thread.is_alive()
+    assert autojump_clock.autojump_threshold == 0  # the user's, back
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+async def test_the_users_own_sleeps_still_jump(
+    autojump_clock: trio.testing.MockClock, client: poc_api.ApiClient
+) -> None:
+    async with client.session() as s:
+        started, virtual = time.monotonic(), trio.current_time()
+        await trio.sleep(3600)  # between calls: nothing of poc_api's in flight
+        await s.prefill([1, 2])
+        await trio.sleep(3600)
+    assert trio.current_time() - virtual >= 7200
+    assert time.monotonic() - started < HOLD_SECONDS
+
+
+async def test_a_server_that_never_answers_still_times_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Held, the clock jumps once the run has sat idle HOLD_SECONDS of real time.
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        sock.listen(8)  # never accepted: the connection is made, nothing answers
+        port = sock.getsockname()[1]
+        client = poc_api.ApiClient(
+            "http://127.0.0.1:1/v1", grpc_url=f"http://127.0.0.1:{port}", close_timeout=1
+        )
+        started, virtual = time.monotonic(), trio.current_time()
+        async with client:
+            with pytest.raises(poc_api.PocApiTimeout, match="within 30 s"):
+                async with client.session(timeout=30):
+                    pass
+    assert trio.current_time() - virtual >= 30
+    assert time.monotonic() - started < 5 * HOLD_SECONDS + 5
+    assert autojump_clock.autojump_threshold == 0
+
+
+async def test_a_cancelled_stream_is_settled_under_an_autojumping_clock(
+    autojump_clock: trio.testing.MockClock,
+    client: poc_api.ApiClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The reset of a cancelled stream waits (bounded) for the loop thread; the
+    # bound jumped at once, and the session's state was guessed.
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    async with client.session() as s:
+        sampling = poc_api.SamplingParams(max_tokens=100_000)
+        with trio.move_on_after(10):
+            async with s.generate([1, 2], sampling=sampling) as events:
+                async for _ in events:
+                    await trio.sleep(1)  # the deadline comes in virtual time
+        assert s.lost
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+async def test_hold_clock_nests_across_tasks_and_gives_the_threshold_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    held = trio.Event()
+    release = trio.Event()
+
+    async def holder() -> None:
+        with hold_clock():
+            held.set()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        with hold_clock():
+            assert autojump_clock.autojump_threshold == HOLD_SECONDS
+            nursery.start_soon(holder)
+            await held.wait()
+            with hold_clock():
+                pass
+            assert autojump_clock.autojump_threshold == HOLD_SECONDS
+        assert autojump_clock.autojump_threshold == HOLD_SECONDS  # the other task holds
+        release.set()
+    assert autojump_clock.autojump_threshold == 0
+
+
+async def test_hold_clock_keeps_a_threshold_the_user_set_meanwhile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with hold_clock():
+        autojump_clock.autojump_threshold = 0.25
+    assert autojump_clock.autojump_threshold == 0.25
+
+
+async def test_hold_clock_leaves_a_high_threshold_and_other_clocks_alone() -> None:
+    clock = trio.lowlevel.current_clock()
+    with hold_clock():
+        assert trio.lowlevel.current_clock() is clock  # nothing to hold: not a MockClock
+
+    async def main() -> None:
+        clock = trio.lowlevel.current_clock()
+        assert isinstance(clock, trio.testing.MockClock)
+        with hold_clock():
+            assert clock.autojump_threshold == 5.0
+        assert clock.autojump_threshold == 5.0
+
+    # A threshold above the hold's is already safe: untouched.
+    await trio.to_thread.run_sync(
+        lambda: trio.run(main, clock=trio.testing.MockClock(autojump_threshold=5.0))
+    )
