@@ -67,6 +67,23 @@ async def test_the_users_own_sleeps_still_jump(
     assert time.monotonic() - started < HOLD_SECONDS
 
 
+async def test_a_deadline_around_a_busy_agent_fires_in_about_real_time(
+    autojump_clock: trio.testing.MockClock, client: poc_api.ApiClient
+) -> None:
+    # An agent that keeps calling never lets the run idle, so a held clock must
+    # move by itself: with only the threshold raised, virtual time stood still
+    # and "run the agent for 1 s" ran forever.
+    started = time.monotonic()
+    calls = 0
+    with trio.move_on_after(1) as scope:
+        while time.monotonic() - started < 15:
+            await client.score([poc_api.Tokens([1, 2, 3, 4])], [(1, 4)])
+            calls += 1
+    assert scope.cancelled_caught, f"no deadline after {calls} calls in 15 s"
+    assert time.monotonic() - started < 5
+    assert autojump_clock.rate == 0 and autojump_clock.autojump_threshold == 0
+
+
 async def test_a_server_that_never_answers_still_times_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -120,6 +137,7 @@ async def test_hold_clock_nests_across_tasks_and_gives_the_threshold_back(
     async with trio.open_nursery() as nursery:
         with hold_clock():
             assert autojump_clock.autojump_threshold == HOLD_SECONDS
+            assert autojump_clock.rate == 1.0
             nursery.start_soon(holder)
             await held.wait()
             with hold_clock():
@@ -127,15 +145,21 @@ async def test_hold_clock_nests_across_tasks_and_gives_the_threshold_back(
             assert autojump_clock.autojump_threshold == HOLD_SECONDS
         assert autojump_clock.autojump_threshold == HOLD_SECONDS  # the other task holds
         release.set()
-    assert autojump_clock.autojump_threshold == 0
+    assert autojump_clock.autojump_threshold == 0 and autojump_clock.rate == 0
 
 
 async def test_hold_clock_keeps_a_threshold_the_user_set_meanwhile(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     with hold_clock():
+        assert autojump_clock.rate == 1.0
         autojump_clock.autojump_threshold = 0.25
+        autojump_clock.rate = 2.0
     assert autojump_clock.autojump_threshold == 0.25
+    assert autojump_clock.rate == 2.0
+    with hold_clock():
+        autojump_clock.rate = 3.0
+    assert autojump_clock.rate == 3.0 and autojump_clock.autojump_threshold == 0.25
 
 
 async def test_hold_clock_leaves_a_high_threshold_and_other_clocks_alone() -> None:

@@ -9,11 +9,14 @@ cut short, and the client's exit leaves its thread behind.
 
 trio's docs ask for a threshold that avoids such false alarms "where some I/O is
 in flight". poc_api knows when its own is, so while it waits, :class:`hold_clock`
-raises the clock's threshold to :data:`HOLD_SECONDS` of real time, and puts the
-user's back when the last wait ends. Between poc_api's calls, the user's sleeps
-and timeouts jump as before; a server that never answers still times out, after
-the run has been idle that long. Any other clock is left alone, at the cost of
-one ``current_clock()`` per wait.
+holds the clock: its threshold goes up to :data:`HOLD_SECONDS` of real time, and
+its ``rate`` to 1, so that virtual time flows as real time does while the I/O
+runs (an agent that keeps calling never lets the run idle, and a deadline around
+it must still come). The user's values come back when the last wait ends.
+Between poc_api's calls, the user's sleeps and timeouts jump as before; a server
+that never answers still times out, after the run has been idle that long. A
+clock that does not autojump, and any other clock, is left alone, at the cost
+of one ``current_clock()`` per wait.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ HOLD_SECONDS = 1.0
 
 @final
 class _Hold:
-    __slots__ = ("count", "saved")
+    __slots__ = ("count", "held", "rate", "threshold")
 
-    def __init__(self, saved: float) -> None:
-        self.count = 0
-        self.saved = saved  # the user's threshold, put back by the last release
+    def __init__(self) -> None:
+        self.count = 0  # waits in progress
+        self.held = False  # the clock's values are the hold's (the user's saved)
+        self.threshold = 0.0
+        self.rate = 0.0
 
 
 _HOLDS: trio.lowlevel.RunVar[_Hold | None] = trio.lowlevel.RunVar(
@@ -49,8 +54,9 @@ _HOLDS: trio.lowlevel.RunVar[_Hold | None] = trio.lowlevel.RunVar(
 class hold_clock:
     """``with hold_clock():`` around a wait for the loop thread or a server.
 
-    Nests, and counts across tasks: the clock's own threshold comes back when
-    the last hold of the run ends (unless someone set another one meanwhile).
+    Nests, and counts across tasks: the clock's own threshold and rate come
+    back when the last hold of the run ends (each unless someone set another
+    one meanwhile).
     A class, not a ``@contextmanager``: it runs on every call's path, and its
     enter and exit must not be split by a Ctrl-C.
     """
@@ -67,12 +73,14 @@ class hold_clock:
             return
         hold = _HOLDS.get()
         if hold is None:
-            hold = _Hold(clock.autojump_threshold)
+            hold = _Hold()
             _HOLDS.set(hold)
-        if hold.count == 0:
-            hold.saved = clock.autojump_threshold
-            if hold.saved < HOLD_SECONDS:
-                clock.autojump_threshold = HOLD_SECONDS
+        if hold.count == 0 and clock.autojump_threshold < HOLD_SECONDS:
+            hold.held = True
+            hold.threshold, hold.rate = clock.autojump_threshold, clock.rate
+            clock.autojump_threshold = HOLD_SECONDS
+            if clock.rate < 1.0:
+                clock.rate = 1.0
         hold.count += 1
         self._clock = clock
 
@@ -84,10 +92,11 @@ class hold_clock:
         hold = _HOLDS.get()
         assert hold is not None and hold.count > 0, "hold_clock released more than held"
         hold.count -= 1
-        # Put the user's threshold back, unless they set one of their own meanwhile.
-        if (
-            hold.count == 0
-            and hold.saved < HOLD_SECONDS
-            and clock.autojump_threshold == HOLD_SECONDS
-        ):
-            clock.autojump_threshold = hold.saved
+        if hold.count or not hold.held:
+            return
+        hold.held = False
+        # The user's values back, unless they set others of their own meanwhile.
+        if clock.autojump_threshold == HOLD_SECONDS:
+            clock.autojump_threshold = hold.threshold
+        if clock.rate == max(hold.rate, 1.0):
+            clock.rate = hold.rate
