@@ -14,7 +14,8 @@ import trio.testing
 
 import poc_api
 from poc_api._clock import HOLD_SECONDS, hold_clock
-from poc_api.server import ReferenceServer
+from poc_api.server import ReferenceServer, ServerConfig
+from poc_api.testing import nginx_grpc_proxy, reference_server, reference_servers
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -121,6 +122,22 @@ async def test_a_cancelled_stream_is_settled_under_an_autojumping_clock(
                     await trio.sleep(1)  # the deadline comes in virtual time
         assert s.lost
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+async def test_the_testing_servers_start_and_stop_under_a_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Starting and stopping wait for a worker thread: the clock jumped to the
+    # deadline at once (TooSlowError in 0.05 s of real time).
+    with trio.fail_after(30):
+        async with reference_server() as server:
+            async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+                await c.tokenize("a")
+        async with reference_servers(2) as servers:
+            assert len({s.grpc_url for s in servers}) == 2
+        async with ReferenceServer(ServerConfig(port=0)) as server:
+            async with nginx_grpc_proxy([server.grpc_url]) as url:
+                assert url.startswith("http://")
 
 
 async def test_hold_clock_nests_across_tasks_and_gives_the_threshold_back(

@@ -49,6 +49,7 @@ from typing import Any
 import trio
 
 from ._client import ApiClient
+from ._clock import hold_clock
 from ._errors import protected_asynccontextmanager
 from ._png import encode_png
 from .server import ReferenceServer, ServerConfig
@@ -109,11 +110,12 @@ async def reference_servers(n: int, **config: Any) -> AsyncIterator[list[Referen
         # One after another: each start takes milliseconds, and a failure is then
         # a plain exception, not a group.
         for server in servers:
-            await trio.to_thread.run_sync(server.start)
+            with hold_clock():  # (a thread's work, which a MockClock cannot see)
+                await trio.to_thread.run_sync(server.start)
             started.append(server)
         yield servers
     finally:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), hold_clock():
             for server in started:
                 await trio.to_thread.run_sync(server.stop)
 
@@ -217,21 +219,13 @@ async def nginx_grpc_proxy(
                 keepalive_requests=keepalive_requests,
             )
         )
-        process = await trio.lowlevel.open_process(
-            [
-                nginx,
-                "-p",
-                workdir,
-                "-c",
-                str(conf),
-                "-e",
-                f"{workdir}/error.log",
-                "-g",
-                "daemon off;",
-            ]
-        )
+        args = [nginx, "-p", workdir, "-c", str(conf), "-e", f"{workdir}/error.log"]
+        # (nginx starting, in a worker thread then in its own process, and its
+        # stop below, are work a MockClock cannot see: _clock)
+        with hold_clock():
+            process = await trio.lowlevel.open_process([*args, "-g", "daemon off;"])
         try:
-            with trio.fail_after(10):
+            with hold_clock(), trio.fail_after(10):
                 while True:
                     if process.poll() is not None:
                         log = (Path(workdir) / "error.log").read_text(errors="replace")
@@ -245,7 +239,7 @@ async def nginx_grpc_proxy(
                     break
             yield f"http://127.0.0.1:{port}"
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), hold_clock():
                 process.terminate()
                 with trio.move_on_after(5) as scope:
                     await process.wait()

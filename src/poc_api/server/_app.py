@@ -312,7 +312,10 @@ async def _run_in_thread(fn: object, *, shielded: bool = False) -> None:
     if sniffio.current_async_library() == "trio":
         import trio
 
-        with trio.CancelScope(shield=shielded):
+        from .._clock import hold_clock
+
+        # The thread is work an autojumping MockClock cannot see (_clock).
+        with trio.CancelScope(shield=shielded), hold_clock():
             await trio.to_thread.run_sync(fn)
     elif not shielded:
         await asyncio.to_thread(fn)
