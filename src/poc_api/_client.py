@@ -473,27 +473,31 @@ class ApiClient:
             except Exception as exc:  # the rest still closes
                 log.warning("closing %s failed: %s", what, exc)
 
+        # Shielded: the system nursery is cancelled when the run ends (a client
+        # of a system task, or of an async generator trio finalizes then), and the
+        # steps must still all run; each is bounded by close_timeout.
         try:
-            router, bridge = self._router, self._bridge
-            # Running calls end first (streams reset, as their blocks would on
-            # leaving; HTTP sends ended, then their client closed, which the
-            # CloseSessions do not need): no agent reads on while the held
-            # sessions are closed, which can take close_timeout.
-            if bridge is not None:
-                bridge.abort_calls()
-            if self._http is not None:
-                await step("the HTTP client", self._http.aclose)
-            if router is not None and bridge is not None:
-                await step(
-                    "the sessions still open",
-                    partial(close_live_sessions, router, bridge, self._close_timeout),
-                )
-            if router is not None:
-                await step("the endpoint pool", router.aclose)
-            if self._transport is not None:
-                await step("the gRPC channel", self._transport.aclose)
-            if bridge is not None:
-                await step("the asyncio thread", bridge.aclose)
+            with trio.CancelScope(shield=True):
+                router, bridge = self._router, self._bridge
+                # Running calls end first (streams reset, as their blocks would on
+                # leaving; HTTP sends ended, then their client closed, which the
+                # CloseSessions do not need): no agent reads on while the held
+                # sessions are closed, which can take close_timeout.
+                if bridge is not None:
+                    bridge.abort_calls()
+                if self._http is not None:
+                    await step("the HTTP client", self._http.aclose)
+                if router is not None and bridge is not None:
+                    await step(
+                        "the sessions still open",
+                        partial(close_live_sessions, router, bridge, self._close_timeout),
+                    )
+                if router is not None:
+                    await step("the endpoint pool", router.aclose)
+                if self._transport is not None:
+                    await step("the gRPC channel", self._transport.aclose)
+                if bridge is not None:
+                    await step("the asyncio thread", bridge.aclose)
         finally:
             closed.set()
 

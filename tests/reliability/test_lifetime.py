@@ -851,3 +851,29 @@ async def test_streams_close_with_aclosing_and_from_another_task(
                         await cev.__anext__()
                     with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
                         await cev.__anext__()
+
+
+async def test_a_client_in_a_system_task_closes_fully_when_the_run_ends(
+    server: ReferenceServer,
+) -> None:
+    # A background service in a system task: when the main task returns, trio
+    # cancels the system nursery, where the client's close runs too. Its steps
+    # were cut at the first checkpoint: the loop thread and the connection stayed,
+    # and the session was never closed on the server.
+    before = len(loop_threads())
+
+    async def service(ready: trio.Event) -> None:
+        async with client_for(server) as c:
+            async with c.session() as s:
+                await s.prefill(HELLO)
+                ready.set()
+                await trio.sleep_forever()  # cancelled when the main task returns
+
+    async def main() -> None:
+        ready = trio.Event()
+        trio.lowlevel.spawn_system_task(service, ready)
+        await ready.wait()
+
+    await trio.to_thread.run_sync(trio.run, main)
+    assert len(loop_threads()) == before
+    await wait_for(lambda: not server.state().session_ids and not server.state().connections_open)
