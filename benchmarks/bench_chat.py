@@ -378,11 +378,8 @@ class HttpxChat(_Asyncio):
         return 1
 
 
-class HttpxTrioChat(HttpxChat, _Trio):
-    """The same raw httpx code on trio."""
-
-    read_line = _Trio.read_line
-    run = _Trio.run
+class HttpxTrioChat(_Trio, HttpxChat):
+    """The same raw httpx code on trio (``_Trio`` first: its ``run`` and ``read_line``)."""
 
 
 CLIENTS: dict[str, type[Any]] = {

@@ -38,7 +38,7 @@ their median. Run one after the other, minutes apart, the two sides of a ratio
 see different machines when the machine drifts (a VM's neighbours, frequency):
 three such unary runs in a row here gave 0.71x, 1.08x and 1.50x.
 
-Modes: the default full run takes about 13 minutes on a 2-core VM (1,000,000 events for the RSS
+Modes: the default full run takes about 15 minutes on a 2-core VM (1,000,000 events for the RSS
 figure, best of 3 two-second windows for rates); ``--quick`` about two minutes
 (100,000 events, one short window each); ``--smoke`` a few seconds, for the test
 suite (tiny counts, the figures mean nothing).
@@ -551,19 +551,21 @@ def chat_lines(r: dict[str, Any]) -> tuple[list[str], list[str]]:
     console = [
         f"chat over HTTP, OpenAI-compatible ({label}):",
         f"  {'client':<12} {'stream ev/s':>11} {'CPU µs/ev':>10} {'vs openai':>9} "
-        f"{'server':>6} {'chat() req/s':>12} {'CPU µs/req':>10} {'vs openai':>9} {'conns':>5}",
+        f"{'server':>6} {'others':>6} {'chat() req/s':>12} {'CPU µs/req':>10} {'vs openai':>9} "
+        f"{'conns':>5}",
     ]
     md = [
         "",
         f"OpenAI-compatible chat over HTTP ({label}; a replay server in its own process "
         "sends pre-built answers, each client in its own process, one after another; "
         "ratios in parentheses are to the `openai` column, CPU per event or request "
-        "for the CPU rows; server: the replay server's CPU as % of one core):",
+        "for the CPU rows; server and others: the CPU of the replay server and of every "
+        "other process, as % of one core, while the client streamed):",
         "",
         "| Figure | unit | " + " | ".join(CHAT_LABELS[c] for c in CHAT_CLIENTS) + " |",
         "|---|---|" + "---:|" * len(CHAT_CLIENTS),
     ]
-    cells: dict[str, list[str]] = {k: [] for k in ("rate", "cpu", "srv", "urate", "ucpu")}
+    cells: dict[str, list[str]] = {k: [] for k in ("rate", "cpu", "srv", "oth", "urate", "ucpu")}
     for client in CHAT_CLIENTS:
         res = clients.get(client, {})
         if "error" in res or "stream" not in res:
@@ -573,9 +575,10 @@ def chat_lines(r: dict[str, Any]) -> tuple[list[str], list[str]]:
             continue
         st, un = res["stream"], res["unary"]
         srv = f"{100 * st['srv_cpu'] / st['wall']:.0f}%"
+        others = f"{100 * st.get('others', 0.0) / st['wall']:.0f}%"
         console.append(
             f"  {CHAT_SHORT[client]:<12} {_num(st['rate']):>11} {per_unit(st):>10.1f} "
-            f"{vs(client, 'stream', 'cpu'):>9} {srv:>6} {_num(un['rate']):>12} "
+            f"{vs(client, 'stream', 'cpu'):>9} {srv:>6} {others:>6} {_num(un['rate']):>12} "
             f"{per_unit(un):>10.0f} {vs(client, 'unary', 'cpu'):>9} "
             f"{res.get('server_connections', '?'):>5}"
         )
@@ -586,12 +589,14 @@ def chat_lines(r: dict[str, Any]) -> tuple[list[str], list[str]]:
         cells["rate"].append(cell(_num(st["rate"]), vs(client, "stream", "rate")))
         cells["cpu"].append(cell(f"{per_unit(st):.1f}", vs(client, "stream", "cpu")))
         cells["srv"].append(srv)
+        cells["oth"].append(others)
         cells["urate"].append(cell(_num(un["rate"]), vs(client, "unary", "rate")))
-        cells["ucpu"].append(cell(f"{per_unit(un):.0f}", vs(client, "unary", "cpu")))
+        cells["ucpu"].append(cell(f"{per_unit(un):,.0f}", vs(client, "unary", "cpu")))
     for key, fig, unit in (
         ("rate", "streamed chat, token events", "ev/s ↑"),
         ("cpu", "client CPU per streamed event", "µs ↓"),
         ("srv", "server CPU while streaming", "% core"),
+        ("oth", "other processes' CPU meanwhile", "% core"),
         ("urate", "`chat()`, non-streamed", "req/s ↑"),
         ("ucpu", "client CPU per `chat()` request", "µs ↓"),
     ):
