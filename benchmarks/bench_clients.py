@@ -41,7 +41,10 @@ import argparse
 import gc
 import json
 import os
+import select
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -132,6 +135,67 @@ class Meter:
         srv = proc_cpu(self._pid) - self._s0
         others = max(0.0, machine_busy() - self._b0 - cpu - srv)
         return {"wall": wall, "cpu": cpu, "srv_cpu": srv, "others": others}
+
+
+class Serving:
+    """A worker in paired mode (``--serve``), for the driver: a window per :meth:`window`.
+
+    ``cmd`` starts it; it prints one JSON line when ready and one per ``go`` line
+    written on its stdin (any other line ends it). ``run.py``'s paired rounds and
+    ``bench_chat.py``'s use it.
+    """
+
+    def __init__(self, client: str, cmd: list[str], timeout: float) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            # A file, not a pipe: a worker that logs more than a pipe holds
+            # would block while this process waits on its stdout.
+            stderr=self.err,
+            text=True,
+        )
+
+    def _line(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.proc.kill()
+            self.proc.wait()
+            self.err.seek(0)
+            err = self.err.read()
+            tail = " | ".join((err or "no answer").strip().splitlines()[-8:])
+            raise RuntimeError(f"{self.client}: {tail}")
+        return dict(json.loads(line))
+
+    def ready(self) -> None:
+        self._line()
+
+    def window(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.err.close()
 
 
 # -- clients ------------------------------------------------------------------------

@@ -22,6 +22,14 @@ And ``scale_out`` (``bench_scale_out.py``): ``score_many`` throughput on 1, 2 an
 4 reference servers that prefill one request at a time, through the client-side
 pool and through nginx (``--phases scale_out`` runs just that row).
 
+And ``chat`` (``bench_chat.py``): OpenAI-compatible chat over HTTP against a
+replay server of its own (pre-built SSE answers): events/s and client CPU per
+event of a streamed completion, and requests/s of non-streamed ones, for
+poc_api's ``chat_stream``/``chat`` (trio), the ``openai`` package's
+``AsyncOpenAI`` (asyncio, the baseline) and raw httpx (asyncio and trio), plus
+alternating rounds of poc_api against openai and raw httpx (``--phases chat``
+runs just that row).
+
 ``paired``: the ratio goals (Bridge v2's unary CPU and stream rates) measured
 again in alternating windows. Two workers run at once, each connected and warmed
 up, and take turns: one window of poc_api, one of its peer, then the other way
@@ -30,7 +38,7 @@ their median. Run one after the other, minutes apart, the two sides of a ratio
 see different machines when the machine drifts (a VM's neighbours, frequency):
 three such unary runs in a row here gave 0.71x, 1.08x and 1.50x.
 
-Modes: the default full run takes about 13 minutes on a 2-core VM (1,000,000 events for the RSS
+Modes: the default full run takes about 15 minutes on a 2-core VM (1,000,000 events for the RSS
 figure, best of 3 two-second windows for rates); ``--quick`` about two minutes
 (100,000 events, one short window each); ``--smoke`` a few seconds, for the test
 suite (tiny counts, the figures mean nothing).
@@ -43,7 +51,6 @@ import asyncio
 import json
 import os
 import platform
-import select
 import signal
 import statistics
 import subprocess
@@ -54,7 +61,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench_clients import machine_busy
+from bench_chat import CHAT_BASELINE, CHAT_CLIENTS, CHAT_LABELS, CHAT_SHORT
+from bench_clients import Serving, machine_busy
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -111,6 +119,8 @@ MODES: dict[str, dict[str, Any]] = {
         "scale_delay_us": 200.0,
         "paired_rounds": 10,
         "paired_box_s": 1.0,
+        "chat_len": 2_000,
+        "chat_tokens": 16,
     },
     "quick": {
         "rss_events": 100_000,
@@ -133,6 +143,8 @@ MODES: dict[str, dict[str, Any]] = {
         "scale_delay_us": 200.0,
         "paired_rounds": 4,
         "paired_box_s": 0.4,
+        "chat_len": 2_000,
+        "chat_tokens": 16,
     },
     "smoke": {
         "rss_events": 2_000,
@@ -155,6 +167,8 @@ MODES: dict[str, dict[str, Any]] = {
         "scale_delay_us": 5.0,
         "paired_rounds": 2,
         "paired_box_s": 0.01,
+        "chat_len": 200,
+        "chat_tokens": 16,
     },
 }
 ALL_PHASES = [
@@ -166,10 +180,18 @@ ALL_PHASES = [
     "concurrency",
     "score_prefix",
     "scale_out",
+    "chat",
     "paired",
 ]
+# Phases with a worker process of their own (``run_extra``), each a script: its
+# results go in ``extra`` under the phase's name.
+EXTRA_PHASES = {
+    "score_prefix": ["bench_score_prefix.py"],
+    "scale_out": ["bench_scale_out.py"],
+    "chat": ["bench_chat.py", "run"],
+}
 # Phases the replay-server client workers run; the others have workers of their own.
-CLIENT_PHASES = [ph for ph in ALL_PHASES if ph not in ("score_prefix", "scale_out", "paired")]
+CLIENT_PHASES = [ph for ph in ALL_PHASES if ph not in (*EXTRA_PHASES, "paired")]
 # The paired rounds: (phase, client, peer, figure compared, goal as (op, bound)).
 PAIRS: list[tuple[str, str, str, str, tuple[str, float]]] = [
     ("unary", "poc_api", "grpclib_bp2", "cpu", ("<=", 1.3)),
@@ -319,72 +341,6 @@ def run_worker(
     return dict(json.loads(out.read_text()))
 
 
-class _Serving:
-    """One ``bench_clients.py --serve`` worker: a window per :meth:`window` call."""
-
-    def __init__(
-        self,
-        client: str,
-        phase: str,
-        port: int,
-        server_pid: int,
-        gen_dir: Path,
-        params: dict[str, Any],
-        cpu: int | None = None,
-    ) -> None:
-        self.client = client
-        self.timeout = float(params["worker_timeout"])
-        pin = [] if cpu is None else ["--cpu", str(cpu)]
-        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            worker_cmd(client, port, server_pid, gen_dir, params, "--serve", phase, *pin),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            # A file, not a pipe: a worker that logs more than a pipe holds
-            # would block while this process waits on its stdout.
-            stderr=self.err,
-            text=True,
-        )
-
-    def _line(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.proc.kill()
-            self.proc.wait()
-            self.err.seek(0)
-            err = self.err.read()
-            tail = " | ".join((err or "no answer").strip().splitlines()[-8:])
-            raise RuntimeError(f"{self.client}: {tail}")
-        return dict(json.loads(line))
-
-    def ready(self) -> None:
-        self._line()
-
-    def window(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        return self._line()
-
-    def close(self) -> None:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.err.close()
-
-
 def _figure(m: dict[str, Any], figure: str) -> float:
     """A window's figure: client CPU seconds per unit of work, or the rate."""
     if figure == "cpu":
@@ -411,6 +367,7 @@ def run_paired(
     windows, and only one of them runs at a time. ``pinned``: both workers on
     the first CPU this process may use, the server on the others meanwhile.
     """
+    timeout = float(params["worker_timeout"])
     cpu: int | None = None
     server_cpus: set[int] | None = None
     if pinned:
@@ -420,8 +377,10 @@ def run_paired(
         cpu = cpus[0]
         server_cpus = os.sched_getaffinity(server_pid)
         os.sched_setaffinity(server_pid, set(cpus[1:]))
-    a = _Serving(client, phase, port, server_pid, gen_dir, params, cpu)
-    b = _Serving(peer, phase, port, server_pid, gen_dir, params, cpu)
+    pin = [] if cpu is None else ["--cpu", str(cpu)]
+    more = ("--serve", phase, *pin)
+    a = Serving(client, worker_cmd(client, port, server_pid, gen_dir, params, *more), timeout)
+    b = Serving(peer, worker_cmd(peer, port, server_pid, gen_dir, params, *more), timeout)
     rounds: list[dict[str, Any]] = []
     try:
         a.ready()
@@ -453,33 +412,14 @@ def run_paired(
     }
 
 
-def run_score_prefix(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """The prefix-sharing row (``bench_score_prefix.py``); its JSON results or an error."""
-    out = tmp / "score_prefix.json"
+def run_extra(phase: str, params: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """One of ``EXTRA_PHASES`` in its worker process; its JSON results or an error."""
+    script, *args = EXTRA_PHASES[phase]
+    out = tmp / f"{phase}.json"
     cmd = [
         sys.executable,
-        str(HERE / "bench_score_prefix.py"),
-        "--params",
-        json.dumps(params),
-        "--out",
-        str(out),
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {params['worker_timeout']} s"}
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return dict(json.loads(out.read_text()))
-
-
-def run_scale_out(params: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """The scale-out row (``bench_scale_out.py``); its JSON results or an error."""
-    out = tmp / "scale_out.json"
-    cmd = [
-        sys.executable,
-        str(HERE / "bench_scale_out.py"),
+        str(HERE / script),
+        *args,
         "--params",
         json.dumps(params),
         "--out",
@@ -582,6 +522,113 @@ def score_prefix_lines(r: dict[str, Any]) -> tuple[list[str], list[str]]:
         "The reference server sleeps for its simulated prefill, so concurrent prefills "
         "overlap for free there; on a real GPU they compete for the same compute.",
     ]
+    return console, md
+
+
+def chat_lines(r: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Console lines and markdown lines for the chat row (``bench_chat.py``)."""
+    if "error" in r:
+        return [f"chat: FAILED: {r['error']}"], []
+    clients = r["clients"]
+    base = clients.get(CHAT_BASELINE, {})
+
+    def per_unit(m: dict[str, Any]) -> float:
+        return float(m["cpu"]) / max(1, int(m["work"])) * 1e6
+
+    def vs(client: str, phase: str, figure: str) -> str:
+        mine, theirs = clients[client].get(phase), base.get(phase)
+        if client == CHAT_BASELINE or not mine or not theirs:
+            return ""
+        if figure == "rate":
+            return f"{mine['rate'] / theirs['rate']:.2f}x"
+        return f"{per_unit(mine) / per_unit(theirs):.2f}x"
+
+    label = (
+        f"{r['chat_len']:,}-token streams, one token per SSE event and one event per HTTP "
+        f"chunk; `chat()`: {r['chat_tokens']}-token answers; best of {r['repeats']} "
+        f"window(s) of {r['box_s']:g} s"
+    )
+    console = [
+        f"chat over HTTP, OpenAI-compatible ({label}):",
+        f"  {'client':<12} {'stream ev/s':>11} {'CPU µs/ev':>10} {'vs openai':>9} "
+        f"{'server':>6} {'others':>6} {'chat() req/s':>12} {'CPU µs/req':>10} {'vs openai':>9} "
+        f"{'conns':>5}",
+    ]
+    md = [
+        "",
+        f"OpenAI-compatible chat over HTTP ({label}; a replay server in its own process "
+        "sends pre-built answers, each client in its own process, one after another; "
+        "ratios in parentheses are to the `openai` column, CPU per event or request "
+        "for the CPU rows; server and others: the CPU of the replay server and of every "
+        "other process, as % of one core, while the client streamed):",
+        "",
+        "| Figure | unit | " + " | ".join(CHAT_LABELS[c] for c in CHAT_CLIENTS) + " |",
+        "|---|---|" + "---:|" * len(CHAT_CLIENTS),
+    ]
+    cells: dict[str, list[str]] = {k: [] for k in ("rate", "cpu", "srv", "oth", "urate", "ucpu")}
+    for client in CHAT_CLIENTS:
+        res = clients.get(client, {})
+        if "error" in res or "stream" not in res:
+            console.append(f"  {CHAT_SHORT[client]:<12} FAILED: {res.get('error', 'no result')}")
+            for k in cells:
+                cells[k].append("—")
+            continue
+        st, un = res["stream"], res["unary"]
+        srv = f"{100 * st['srv_cpu'] / st['wall']:.0f}%"
+        others = f"{100 * st.get('others', 0.0) / st['wall']:.0f}%"
+        console.append(
+            f"  {CHAT_SHORT[client]:<12} {_num(st['rate']):>11} {per_unit(st):>10.1f} "
+            f"{vs(client, 'stream', 'cpu'):>9} {srv:>6} {others:>6} {_num(un['rate']):>12} "
+            f"{per_unit(un):>10.0f} {vs(client, 'unary', 'cpu'):>9} "
+            f"{res.get('server_connections', '?'):>5}"
+        )
+
+        def cell(text: str, ratio: str) -> str:
+            return f"{text} ({ratio})" if ratio else text
+
+        cells["rate"].append(cell(_num(st["rate"]), vs(client, "stream", "rate")))
+        cells["cpu"].append(cell(f"{per_unit(st):.1f}", vs(client, "stream", "cpu")))
+        cells["srv"].append(srv)
+        cells["oth"].append(others)
+        cells["urate"].append(cell(_num(un["rate"]), vs(client, "unary", "rate")))
+        cells["ucpu"].append(cell(f"{per_unit(un):,.0f}", vs(client, "unary", "cpu")))
+    for key, fig, unit in (
+        ("rate", "streamed chat, token events", "ev/s ↑"),
+        ("cpu", "client CPU per streamed event", "µs ↓"),
+        ("srv", "server CPU while streaming", "% core"),
+        ("oth", "other processes' CPU meanwhile", "% core"),
+        ("urate", "`chat()`, non-streamed", "req/s ↑"),
+        ("ucpu", "client CPU per `chat()` request", "µs ↓"),
+    ):
+        md.append(f"| {fig} | {unit} | " + " | ".join(cells[key]) + " |")
+    paired = r.get("paired", {})
+    if paired:
+        console.append("  alternating stream windows, ratio poc_api / peer:")
+        md += [
+            "",
+            "The same streams in alternating windows (poc_api and the peer both connected "
+            "and warm, taking turns, the order flipped every round; one ratio per round, "
+            "poc_api / peer):",
+            "",
+            "| Peer | Rounds x window | CPU per event, median | range | every round "
+            "| ev/s, median |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+    for peer, pr in paired.items():
+        if "error" in pr:
+            console.append(f"    vs {CHAT_SHORT[peer]:<10} FAILED: {pr['error']}")
+            continue
+        each = ", ".join(f"{x['cpu_ratio']:.2f}" for x in pr["rounds"])
+        console.append(
+            f"    vs {CHAT_SHORT[peer]:<10} CPU per event median {pr['cpu_median']:.2f}x "
+            f"(range {pr['cpu_min']:.2f}-{pr['cpu_max']:.2f}x) [{each}]; "
+            f"ev/s median {pr['rate_median']:.2f}x"
+        )
+        md.append(
+            f"| {CHAT_SHORT[peer]} | {len(pr['rounds'])} x {pr['box_s']:g} s | "
+            f"{pr['cpu_median']:.2f}x | {pr['cpu_min']:.2f}-{pr['cpu_max']:.2f}x | {each} | "
+            f"{pr['rate_median']:.2f}x |"
+        )
     return console, md
 
 
@@ -887,6 +934,10 @@ def build_tables(
         so_console, so_md = scale_out_lines(extra["scale_out"])
         lines += ["", *so_console]
         md += so_md
+    if "chat" in extra:
+        ch_console, ch_md = chat_lines(extra["chat"])
+        lines += ["", *ch_console]
+        md += ch_md
     md += [
         "",
         "Details. Client, server and others: CPU time of the client process, of the "
@@ -1157,21 +1208,12 @@ def main() -> int:
         clients = []
     with tempfile.TemporaryDirectory(prefix="poc-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        if "score_prefix" in params["phases"]:
+        for phase in [ph for ph in EXTRA_PHASES if ph in params["phases"]]:
             t0 = time.perf_counter()
-            extra["score_prefix"] = run_score_prefix(params, tmp)
-            failed = extra["score_prefix"].get("error")
+            extra[phase] = run_extra(phase, params, tmp)
+            failed = extra[phase].get("error")
             print(
-                f"  {'score_prefix':<13} {time.perf_counter() - t0:5.1f} s  "
-                + (f"FAILED: {failed}" if failed else "ok"),
-                flush=True,
-            )
-        if "scale_out" in params["phases"]:
-            t0 = time.perf_counter()
-            extra["scale_out"] = run_scale_out(params, tmp)
-            failed = extra["scale_out"].get("error")
-            print(
-                f"  {'scale_out':<13} {time.perf_counter() - t0:5.1f} s  "
+                f"  {phase:<13} {time.perf_counter() - t0:5.1f} s  "
                 + (f"FAILED: {failed}" if failed else "ok"),
                 flush=True,
             )
@@ -1260,7 +1302,11 @@ def _report(
         Path(results_path).write_text(md)
         print(f"wrote {results_path}")
     failed = any("error" in r for r in results.values())
-    extras_failed = any("error" in extra.get(k, {}) for k in ("score_prefix", "scale_out"))
+    extras_failed = any("error" in extra.get(k, {}) for k in EXTRA_PHASES)
+    chat = extra.get("chat", {})
+    extras_failed |= any(
+        "error" in r for part in ("clients", "paired") for r in chat.get(part, {}).values()
+    )
     extras_failed |= any("error" in r for r in extra.get("paired", {}).values())
     return 1 if failed or extras_failed else 0
 

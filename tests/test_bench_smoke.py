@@ -55,6 +55,10 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
     assert "Prefix-shared scoring" in out and "`score_continuations`" in out
     # The scale-out row (pool, and nginx when installed).
     assert "Scale-out (" in out and "client-side pool" in out
+    # The chat row: OpenAI-compatible streaming over HTTP against the openai package.
+    assert "OpenAI-compatible chat over HTTP" in out and "openai `AsyncOpenAI`" in out
+    assert "| client CPU per streamed event | µs ↓ |" in out
+    assert "alternating stream windows" in out
     assert "FAILED" not in out
     # The markdown printed is the markdown written.
     written = results.read_text()
