@@ -486,6 +486,17 @@ class AsyncioBridge:
 
     async def _run_trio_wakeups(self) -> None:
         """trio, a system task (protected from Ctrl-C): run what the loop posts."""
+        try:
+            await self._serve_trio_wakeups()
+        except trio.Cancelled:
+            # The run is ending (trio cancels its system tasks then) and the bridge
+            # is still open: its client is being closed now (ApiClient's watch),
+            # and that close waits for these wake-ups. Served on, for a while.
+            with trio.CancelScope(shield=True, relative_deadline=3 * self._cancel_timeout):
+                await self._serve_trio_wakeups()
+            raise
+
+    async def _serve_trio_wakeups(self) -> None:
         fd = self._trio_fd
         while True:
             try:

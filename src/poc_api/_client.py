@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import (
     Awaitable,
     Callable,
@@ -349,6 +350,7 @@ class ApiClient:
         self._router: Router | None = None
         self._http: HttpApi | None = None
         self._closed: trio.Event | None = None
+        self._watch: trio.CancelScope | None = None  # _close_at_run_end's
 
     def __repr__(self) -> str:
         # Never the api key.
@@ -415,7 +417,30 @@ class ApiClient:
             timeout=self._timeout,
         )
         self._state = _State.OPENED
+        trio.lowlevel.spawn_system_task(self._close_at_run_end, name="poc_api: client watch")
         return self
+
+    async def _close_at_run_end(self) -> None:
+        """A system task: a client still open when its trio.run ends is closed then.
+
+        trio cancels its system tasks once the main task has returned: a client
+        entered and never closed (a slip) would otherwise leave its loop thread,
+        its connection and its sessions behind, for every such run. :meth:`aclose`
+        ends this task.
+        """
+        with trio.CancelScope() as self._watch:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if self._state is _State.OPENED:
+                    msg = f"{self!r} was not closed before its trio.run ended; closing it now"
+                    log.warning("%s", msg)
+                    try:
+                        warnings.warn(msg, ResourceWarning, stacklevel=1)
+                    except Warning:  # -W error: raised here, it would crash the run
+                        pass
+                    with trio.CancelScope(shield=True):
+                        await self.aclose()
 
     @trio.lowlevel.enable_ki_protection
     async def __aexit__(
@@ -447,6 +472,8 @@ class ApiClient:
         if self._bridge is not None:
             self._bridge.check_caller()  # another trio.run's close would break both
         self._state = _State.CLOSED
+        if self._watch is not None:
+            self._watch.cancel()
         closed = self._closed = trio.Event()
         # The steps run in a task of their own: trio delivers Ctrl-C to the main
         # task at any checkpoint, shielded or not, and there it would cut the close

@@ -874,6 +874,29 @@ async def test_a_client_in_a_system_task_closes_fully_when_the_run_ends(
         trio.lowlevel.spawn_system_task(service, ready)
         await ready.wait()
 
+    started = time.monotonic()
     await trio.to_thread.run_sync(trio.run, main)
+    # The close waited for the bridge's wake-up task, itself a system task the
+    # run's end had already cancelled: 10 s, until its bound.
+    assert time.monotonic() - started < 3
+    assert len(loop_threads()) == before
+    await wait_for(lambda: not server.state().session_ids and not server.state().connections_open)
+
+
+async def test_a_client_left_open_is_closed_when_its_run_ends(server: ReferenceServer) -> None:
+    # Entered and never closed (a user's slip): every trio.run that did so left a
+    # loop thread, a connection and the sessions behind, and nothing said so.
+    before = len(loop_threads())
+
+    async def main() -> None:
+        client = client_for(server)
+        await client.__aenter__()
+        session = await client.session().__aenter__()
+        await session.prefill(HELLO)
+
+    started = time.monotonic()
+    with pytest.warns(ResourceWarning, match="was not closed"):
+        await trio.to_thread.run_sync(trio.run, main)
+    assert time.monotonic() - started < 3
     assert len(loop_threads()) == before
     await wait_for(lambda: not server.state().session_ids and not server.state().connections_open)
