@@ -31,7 +31,6 @@ logs) and sent as the Basic auth httpx would have made of it.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import difflib
 import functools
 import inspect
@@ -48,7 +47,6 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -244,30 +242,56 @@ class ChatDone:
 ChatEvent = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
 
 
-@contextlib.contextmanager
-def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Iterator[None]:
+@final
+class _map_httpx_errors:
     """The one place where httpx exceptions become poc_api exceptions.
 
     A request that fails because ``client`` was closed under it (by another
     task) raises ``trio.ClosedResourceError``, as the gRPC calls do.
+
+    A class, not a ``@contextmanager``: a chat stream's body is read through it
+    chunk by chunk (one instance, entered once per read), and its enter and exit
+    must not be split by a Ctrl-C. ``url`` is redacted only for an error's message.
     """
-    url = redact_url(url)
-    try:
-        # httpx's trio backend connects in a nursery (happy eyeballs): a cancel
-        # there would otherwise come out as a group of Cancelled. The server's
-        # answer is I/O a MockClock cannot see coming (_clock).
-        with collapse_cancellation(), hold_clock():
-            yield
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        if client.is_closed:
+
+    __slots__ = ("_client", "_hold", "_method", "_url")
+
+    def __init__(self, method: str, url: str, client: httpx.AsyncClient) -> None:
+        self._method = method
+        self._url = url
+        self._client = client
+        # The server's answer is I/O a MockClock cannot see coming (_clock).
+        self._hold = hold_clock()
+
+    @trio.lowlevel.enable_ki_protection
+    def __enter__(self) -> None:
+        self._hold.__enter__()
+
+    @trio.lowlevel.enable_ki_protection
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._hold.__exit__(exc_type, exc, tb)
+        if exc is None:
+            return
+        if isinstance(exc, BaseExceptionGroup):
+            # httpx's trio backend connects in a nursery (happy eyeballs): a cancel
+            # there would otherwise come out as a group of Cancelled. (A group of
+            # anything else leaves as it is.)
+            with collapse_cancellation():
+                raise exc
+        client = self._client
+        if isinstance(exc, httpx.TransportError | httpx.DecodingError):
+            if client.is_closed:
+                raise closed_under_call() from exc
+            raise _from_httpx(exc, self._method, redact_url(self._url)) from exc
+        if isinstance(exc, RuntimeError) and client.is_closed:
+            # httpx's "Cannot send a request, as the client has been closed": the
+            # close came while this call waited at a checkpoint before sending.
             raise closed_under_call() from exc
-        raise _from_httpx(exc, method, url) from exc
-    except RuntimeError as exc:
-        # httpx's "Cannot send a request, as the client has been closed": the close
-        # came while this call waited at a checkpoint before sending.
-        if client.is_closed:
-            raise closed_under_call() from exc
-        raise
 
 
 def _reason(exc: BaseException) -> str:
