@@ -9,10 +9,11 @@ import json
 import logging
 import math
 import re
+import socket
 import tracemalloc
 import warnings
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -42,6 +43,7 @@ from poc_api._errors import (
     ServerUnavailable,
 )
 from poc_api._http import (
+    _CHAT_READ_AHEAD,
     ChatCompletion,
     ChatDelta,
     ChatDone,
@@ -1671,6 +1673,87 @@ async def test_reading_on_after_a_chat_stream_failed_raises_again(
                 assert await events.__anext__() == ChatDelta("hi", 0)
                 for _ in range(3):
                     with pytest.raises(ServerUnavailable):
+                        await events.__anext__()
+
+
+async def _until_it_stalls(count: Callable[[], int], quiet: float = 0.3) -> int:
+    """Wait until ``count()`` has not changed for ``quiet`` seconds; return it."""
+    last = -1
+    while (now := count()) != last:
+        last = now
+        await trio.sleep(quiet)
+    return last
+
+
+async def test_a_chat_stream_unread_stops_reading_its_socket_and_reading_on_gets_all() -> None:
+    # The block's task decodes events ahead of the reader, but only so far: while
+    # about _CHAT_READ_AHEAD bytes' worth of them wait unread it reads no more, so
+    # the server's sending stalls (small socket buffers: the kernel's share is
+    # small). Reading on resumes it, and every event comes, in order.
+    one = sse(json.dumps({"choices": [{"index": 0, "delta": {"content": "x" * 100}}]}))
+    batches, per_batch = 400, 100  # 40,000 events, 5 MB
+    sent = 0
+    done = False
+
+    async def flood(stream: trio.SocketStream) -> None:
+        nonlocal sent, done
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        await read_request(stream)
+        await stream.send_all(response(200, b"", "text/event-stream", length=False))
+        for _ in range(batches):
+            await stream.send_all(one * per_batch)
+            sent += len(one) * per_batch
+        await stream.send_all(sse("[DONE]"))
+        done = True
+
+    small = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)]
+    transport = httpx.AsyncHTTPTransport(socket_options=small)
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(transport=transport) as http, canned_server(flood) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                first = await events.__anext__()
+                stalled = await _until_it_stalls(lambda: sent)
+                assert not done and stalled < 1_000_000, stalled
+                assert len(events._queue) * len(one) <= 2 * _CHAT_READ_AHEAD
+                with trio.move_on_after(0.01):  # a read cancelled meanwhile loses nothing
+                    await trio.sleep_forever()
+                rest = [e async for e in events]
+    assert done
+    assert [first, *rest[:-1]] == [ChatDelta("x" * 100)] * (batches * per_batch)
+    assert rest[-1] == ChatDone("", None)
+
+
+@pytest.mark.parametrize("ending", ["error event", "connection lost", "bad data"])
+async def test_a_chat_stream_error_read_ahead_comes_after_the_events_before_it(
+    http: httpx.AsyncClient, ending: str
+) -> None:
+    # The block's task has read the whole body, error included, before the reader
+    # reads anything: the reader still gets every event sent before the error,
+    # then the error, and again on every later read.
+    deltas = sse(*[DELTA] * 50)
+    head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    if ending == "error event":
+        tail = sse('{"error": {"message": "boom", "code": 500}}', DELTA, "[DONE]")
+        answer = head.encode() + b"connection: close\r\n\r\n" + deltas + tail
+        expected: tuple[type[Exception], str] = (HttpError, "boom")
+    elif ending == "connection lost":
+        answer = head.encode() + b"content-length: 999999\r\n\r\n" + deltas
+        expected = (ServerUnavailable, "connection lost")
+    else:
+        answer = head.encode() + b"connection: close\r\n\r\n" + deltas + sse("{not json")
+        expected = (ProtocolViolation, "malformed JSON")
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                await trio.testing.wait_all_tasks_blocked()  # (the server has closed)
+                assert events._error is not None  # read ahead, error included
+                got = []
+                with pytest.raises(expected[0], match=expected[1]):
+                    async for event in events:
+                        got.append(event)
+                assert got == [ChatDelta("hi", 0)] * 50
+                for _ in range(2):
+                    with pytest.raises(expected[0], match=expected[1]):
                         await events.__anext__()
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from poc_api import _sse
 from poc_api._errors import LimitExceeded
 from poc_api._sse import SSEDecoder, SSEEvent
 
@@ -297,3 +299,31 @@ def test_error_field_is_an_error_event_only_when_asked_for() -> None:
         d = SSEDecoder(error_field=True)
         events = d.feed(line[:cut]) + d.feed(line[cut:])
         assert events == [SSEEvent(event="error", data='{"message": "slot unavailable"}')], cut
+
+
+# -- the line splitter's fast path (no CR: str.split) against the general one (regex) --
+
+
+@given(st.text(alphabet=st.sampled_from("ab\n\r\u2028\x85é"), max_size=40))
+def test_the_line_splitter_cuts_as_the_line_ending_regex_does(text: str) -> None:
+    pieces, start = [], 0
+    for m in _sse._EOL.finditer(text):  # the pieces the spec's line endings make
+        pieces.append(text[start : m.start()])
+        start = m.end()
+    pieces.append(text[start:])
+    assert _sse._lines(text) == pieces
+    assert _sse._lines(text.replace("\r", "")) == _sse._EOL.split(text.replace("\r", ""))
+
+
+@given(event_streams(), st.data())
+def test_the_fast_path_decodes_as_the_general_one(
+    stream: tuple[bytes, list[SSEEvent]], data: st.DataObject
+) -> None:
+    body, expected = stream
+    cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=10))
+    for text in (body, body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")):
+        chunks = split_at(text, cuts)
+        fast = decode_all(chunks)
+        with mock.patch.object(_sse, "_lines", _sse._EOL.split):  # the regex for every text
+            assert decode_all(chunks) == fast
+    assert decode_all(split_at(body, cuts)) == expected

@@ -48,7 +48,6 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -120,6 +119,9 @@ EXCERPT_LIMIT: Final = 500
 _ERROR_BODY_READ_LIMIT: Final = 4 * EXCERPT_LIMIT
 #: Closing a response is local work; the bound only guards a wedged transport.
 _CLOSE_TIMEOUT: Final = 5.0
+#: Bytes of a chat stream's body the block's task reads ahead of the caller: once
+#: the events decoded from that many wait unread, it stops reading until they are.
+_CHAT_READ_AHEAD: Final = 64 * 1024
 _RESERVED_CHAT_KEYS: Final = frozenset({"messages", "stream", "stream_options"})
 _U32_MAX: Final = 2**32 - 1
 
@@ -244,30 +246,56 @@ class ChatDone:
 ChatEvent = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
 
 
-@contextlib.contextmanager
-def _map_httpx_errors(method: str, url: str, client: httpx.AsyncClient) -> Iterator[None]:
+@final
+class _map_httpx_errors:
     """The one place where httpx exceptions become poc_api exceptions.
 
     A request that fails because ``client`` was closed under it (by another
     task) raises ``trio.ClosedResourceError``, as the gRPC calls do.
+
+    A class, not a ``@contextmanager``: a chat stream's body is read through it
+    chunk by chunk (one instance, entered once per read), and its enter and exit
+    must not be split by a Ctrl-C. ``url`` is redacted only for an error's message.
     """
-    url = redact_url(url)
-    try:
-        # httpx's trio backend connects in a nursery (happy eyeballs): a cancel
-        # there would otherwise come out as a group of Cancelled. The server's
-        # answer is I/O a MockClock cannot see coming (_clock).
-        with collapse_cancellation(), hold_clock():
-            yield
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        if client.is_closed:
+
+    __slots__ = ("_client", "_hold", "_method", "_url")
+
+    def __init__(self, method: str, url: str, client: httpx.AsyncClient) -> None:
+        self._method = method
+        self._url = url
+        self._client = client
+        # The server's answer is I/O a MockClock cannot see coming (_clock).
+        self._hold = hold_clock()
+
+    @trio.lowlevel.enable_ki_protection
+    def __enter__(self) -> None:
+        self._hold.__enter__()
+
+    @trio.lowlevel.enable_ki_protection
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._hold.__exit__(exc_type, exc, tb)
+        if exc is None:
+            return
+        if isinstance(exc, BaseExceptionGroup):
+            # httpx's trio backend connects in a nursery (happy eyeballs): a cancel
+            # there would otherwise come out as a group of Cancelled. (A group of
+            # anything else leaves as it is.)
+            with collapse_cancellation():
+                raise exc
+        client = self._client
+        if isinstance(exc, httpx.TransportError | httpx.DecodingError):
+            if client.is_closed:
+                raise closed_under_call() from exc
+            raise _from_httpx(exc, self._method, redact_url(self._url)) from exc
+        if isinstance(exc, RuntimeError) and client.is_closed:
+            # httpx's "Cannot send a request, as the client has been closed": the
+            # close came while this call waited at a checkpoint before sending.
             raise closed_under_call() from exc
-        raise _from_httpx(exc, method, url) from exc
-    except RuntimeError as exc:
-        # httpx's "Cannot send a request, as the client has been closed": the close
-        # came while this call waited at a checkpoint before sending.
-        if client.is_closed:
-            raise closed_under_call() from exc
-        raise
 
 
 def _reason(exc: BaseException) -> str:
@@ -383,6 +411,13 @@ class _DecodedBody:
             nxt = self._step(i + 1)
             if nxt or not out:
                 return nxt
+
+    def plain(self) -> AsyncIterator[bytes] | None:
+        """httpx's own iterator of the body when this one only passes its chunks on
+        (no content-encoding, nothing read yet): reading it is reading this."""
+        if self._layers or self._refused is not None or self._eof:
+            return None
+        return self._raw
 
     def drop(self) -> None:
         """Decode no more: later steps only read the raw body on (to its end, or to
@@ -1495,7 +1530,9 @@ class HttpApi:
         with the server's message; a stream that ends before any finish reason
         raises :class:`~poc_api.ProtocolViolation`. A read you cancel (a timeout
         around one ``__anext__``) loses nothing: the next read goes on; a read that
-        failed raises its error again on every later read.
+        failed raises its error again on every later read. The block reads the body
+        ahead of you, by at most about 64 KiB of events: while they wait unread it
+        reads no more (the server's sending stalls), and it goes on once you read.
 
         Leaving the block -- after the last event, by ``break``, by an exception or
         by cancellation -- closes the response (shielded, bounded): an unfinished
@@ -1789,6 +1826,33 @@ class _ToolCallParts:
 
 
 @final
+class _Parked:
+    """A place for one task to wait until another wakes it: trio's lowlevel
+    park and reschedule, with no ``trio.Event`` made per wait."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        """Wait for :meth:`wake` (a cancellation point; one task at a time)."""
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def wake(self) -> None:
+        """Wake the task waiting, if one is."""
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+
+@final
 class ChatStream:
     """The events of one streamed chat completion (``ApiClient.chat_stream``):
     :class:`ChatDelta`, :class:`ChatReasoningDelta` and :class:`ChatToolCallDelta`
@@ -1802,10 +1866,12 @@ class ChatStream:
     """
 
     # A class, not an async generator, so that abandoning it leaves nothing for the
-    # garbage collector. The block's _pump task reads the body and hands over one
-    # chunk at a time (or the error that ended the read). Decoded events go to a
-    # queue; an error found while decoding a network read is kept until the queue
-    # -- the deltas before it in the same read -- is delivered, so what the caller
+    # garbage collector. The block's _pump task reads the body, decodes its events
+    # into a queue, and wakes the reader only when it waits (an event ready to read
+    # costs no task switch); it stops reading while _CHAT_READ_AHEAD bytes' worth
+    # of events wait unread, and goes on when the reader has taken them all. The
+    # error that ended the body (a failed read, an error event, bad data) is kept
+    # until the queue -- the events before it -- is delivered, so what the caller
     # sees never depends on how TCP cut the bytes.
 
     def __repr__(self) -> str:
@@ -1827,14 +1893,16 @@ class ChatStream:
         self._response = response
         self._url = url  # already redacted: used only in messages
         self._what = f"POST {url}"
-        self._chunks: AsyncIterator[bytes] = _DecodedBody(response, self._what)
-        # From _pump() to __anext__: a chunk, the error that ended the body, or None
-        # at its end. Unbuffered: the pump reads no further ahead than one chunk.
-        self._send, self._receive = trio.open_memory_channel[bytes | Exception | None](0)
+        self._chunks = _DecodedBody(response, self._what)
         # llama.cpp's error lines too; each event bounded as a whole answer is.
         self._decoder = SSEDecoder(max_buffer=api._max_body, error_field=True)
+        # Filled by _pump(), emptied by __anext__.
         self._queue: deque[ChatEvent] = deque()
-        self._waiting = False  # a task waits for the next chunk
+        self._unread = 0  # body bytes read since the queue was last empty
+        self._reader = _Parked()  # the task waiting in __anext__ for events
+        self._pump_parked = _Parked()  # _pump(), waiting for the queue to be read
+        self._pump_gone = False  # _pump() returned or was cancelled: no more events
+        self._waiting = False  # a task waits in __anext__
         self._error: Exception | None = None  # raised after the queue drains, then again
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
         self._cut = False  # the block was left before the end: iterating is an error
@@ -1881,36 +1949,98 @@ class ChatStream:
 
     @trio.lowlevel.enable_ki_protection  # see _request: httpx's reads run here
     async def _pump(self) -> None:
-        """trio, a task of the block's: read the body and hand it over chunk by chunk.
+        """trio, a task of the block's: read the body and decode its events into
+        the queue, at most ``_CHAT_READ_AHEAD`` bytes ahead of the reader.
 
-        Raises nothing but cancellation: a failed read is handed over, in order.
+        Raises nothing but cancellation: the error that ends the stream is queued
+        behind the events before it.
         """
-        with self._send:
-            while True:
-                item: bytes | Exception | None
+        _call_redactor.set(self._redact)  # (this task's own context) see _redacting
+        chunks = self._chunks.plain() or self._chunks
+        reading = _map_httpx_errors("POST", self._url, self._api._client)
+        try:
+            while not self._reader_closed:
                 try:
-                    with _map_httpx_errors("POST", self._url, self._api._client):
-                        item = await self._chunks.__anext__()
+                    with reading:
+                        chunk = await chunks.__anext__()
                 except StopAsyncIteration:
-                    item = None
-                except Exception as exc:
-                    item = exc
-                try:
-                    await self._send.send(item)
-                except trio.BrokenResourceError:
-                    return  # aclose() closed the reading end: no one will read more
-                if not isinstance(item, bytes):
+                    self._end_of_stream()
                     return
+                except Exception as exc:
+                    self._fail(exc)
+                    return
+                try:
+                    for sse in self._decoder.feed(chunk):
+                        self._handle(sse)
+                        if self._finished:
+                            break
+                except Exception as exc:
+                    self._fail(exc)
+                    return
+                if self._finished:  # [DONE]
+                    self._reader.wake()
+                    # One more read, as the reader of a whole body would: the end of
+                    # the body, mostly, so that httpx gives the connection back to
+                    # its pool. Anything else waits for the block's exit, unread.
+                    with contextlib.suppress(Exception), reading:
+                        await chunks.__anext__()
+                    return
+                if self._queue:
+                    self._unread += len(chunk)
+                    self._reader.wake()
+                    while self._unread >= _CHAT_READ_AHEAD and not self._reader_closed:
+                        await self._pump_parked.wait()  # until the reader takes them all
+        finally:
+            self._pump_gone = True
+            self._reader.wake()
+
+    def _fail(self, exc: Exception) -> None:
+        """The pump's end by an error: raised once the events before it are read."""
+        self._finished = True
+        self._error = exc
+        self._reader.wake()
+
+    def _end_of_stream(self) -> None:
+        """The pump's end with the body's."""
+        self._finished = True
+        try:
+            # An event the server did not finish with a blank line (often a bare
+            # ``data: [DONE]``) still counts: the body is complete.
+            for sse in self._decoder.close(flush=True):
+                self._handle(sse)
+            self._end_of_body()
+        except Exception as exc:
+            self._error = exc
+        self._reader.wake()
 
     def __aiter__(self) -> ChatStream:
         return self
 
-    @_redacting
     @trio.lowlevel.enable_ki_protection  # see _request
     async def __anext__(self) -> ChatEvent:
+        queue = self._queue
+        if queue and not self._waiting and not self._reader_closed:
+            # An event is ready: nothing to wait for, nothing to raise (but a
+            # cancellation: still a cancellation point, as GenerateStream's).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            event = queue.popleft()
+            if not queue:
+                self._drained()
+            return event
+        return await self._wait_next()
+
+    def _drained(self) -> None:
+        """The reader took the last queued event: the pump may read on."""
+        self._unread = 0
+        self._pump_parked.wake()
+
+    @_redacting
+    async def _wait_next(self) -> ChatEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
         if self._reader_closed:
             raise stream_closed()
+        if self._waiting:  # as BatchReceiver: one reader at a time
+            raise trio.BusyResourceError("another task is already reading this stream")
         while not self._queue:
             if self._error is not None:
                 raise self._error
@@ -1920,40 +2050,21 @@ class ChatStream:
                         "this stream's block has exited: iterate its events inside the block"
                     )
                 raise StopAsyncIteration
-            if self._waiting:  # as BatchReceiver: one reader at a time
-                raise trio.BusyResourceError("another task is already reading this stream")
-            self._waiting = True
-            try:
-                chunk = await self._receive.receive()
-            except trio.ClosedResourceError:
-                raise stream_closed() from None  # aclose() (by another task) closed it
-            except trio.EndOfChannel:
+            if self._pump_gone:
                 # The pump stopped without an end: the block is exiting.
                 self._finished = self._cut = True
                 continue
+            self._waiting = True
+            try:
+                await self._reader.wait()
             finally:
                 self._waiting = False
-            if isinstance(chunk, Exception):
-                self._finished = True
-                self._error = chunk
-                continue
-            try:
-                if chunk is None:
-                    self._finished = True
-                    # An event the server did not finish with a blank line (often a
-                    # bare ``data: [DONE]``) still counts: the body is complete.
-                    for sse in self._decoder.close(flush=True):
-                        self._handle(sse)
-                    self._end_of_body()
-                else:
-                    for sse in self._decoder.feed(chunk):
-                        self._handle(sse)
-                        if self._finished:
-                            break
-            except PocApiError as exc:
-                self._finished = True
-                self._error = exc
-        return self._queue.popleft()
+            if self._reader_closed:
+                raise stream_closed()  # aclose() (by another task) closed it
+        event = self._queue.popleft()
+        if not self._queue:
+            self._drained()
+        return event
 
     def _queue_done(self) -> None:
         calls = self._tool_calls.get(0, {})
@@ -2068,14 +2179,20 @@ class ChatStream:
         one now. As with ``GenerateStream``, the block's exit ends the request.
         """
         self._reader_closed = True
-        self._receive.close()  # wakes a task waiting in receive()
+        self._reader.wake()  # a task waiting in a read raises
+        self._pump_parked.wake()  # and the pump reads no more
         await trio.lowlevel.checkpoint()
 
     @trio.lowlevel.enable_ki_protection  # see _request
     async def _release(self) -> None:
         """The block's exit: release the response, shielded so that cancellation
         cannot leak the connection. (The pump has stopped: nothing reads it.)"""
-        self._cut = not self._finished  # the block was left before the stream ended
+        # The block was left before the reader had the whole stream: what the pump
+        # had queued is dropped, and reading on says so.
+        self._cut = not self._finished or bool(self._queue)
+        if self._cut:
+            self._queue.clear()
+            self._error = None
         self._finished = True
         with trio.CancelScope(relative_deadline=_CLOSE_TIMEOUT, shield=True):
             try:

@@ -45,6 +45,14 @@ _EOL: Final = re.compile(r"\r\n|\r|\n")
 _BOM: Final = "\ufeff"
 
 
+def _lines(text: str) -> list[str]:
+    """The pieces of ``text`` between its line endings (CRLF, LF or CR), in order:
+    the last one is what follows the last ending (``""`` when ``text`` ends in one)."""
+    if "\r" in text:
+        return _EOL.split(text)
+    return text.split("\n")  # the usual text: the same pieces, without the regex
+
+
 @final
 @attrs.frozen
 class SSEEvent:
@@ -152,20 +160,17 @@ class SSEDecoder:
         if not text:
             return []
         events: list[SSEEvent] = []
-        start = 0
-        for m in _EOL.finditer(text):
-            piece = text[start : m.start()]
+        lines = _lines(text)
+        rest = lines.pop()  # after the last line ending: "" if the text ends in one
+        if lines:
             if self._partial:
-                self._partial.append(piece)
-                line = "".join(self._partial)
+                self._partial.append(lines[0])
+                lines[0] = "".join(self._partial)
                 self._partial.clear()
                 self._partial_len = 0
-            else:
-                line = piece
-            self._process_line(line, events)
-            start = m.end()
-        if start < len(text):
-            rest = text[start:]
+            for line in lines:
+                self._process_line(line, events)
+        if rest:
             self._partial.append(rest)
             self._partial_len += len(rest)
             if self._partial_len > self._max_buffer:
@@ -183,9 +188,12 @@ class SSEDecoder:
             return
         if line[0] == ":":
             return
-        field, colon, value = line.partition(":")
-        if colon and value[:1] == " ":
-            value = value[1:]
+        if line.startswith("data: "):  # the usual line, parsed as below without partition
+            field, value = "data", line[6:]
+        else:
+            field, colon, value = line.partition(":")
+            if colon and value[:1] == " ":
+                value = value[1:]
         if field == "data":
             self._data.append(value)
             self._data_len += len(value) + 1
