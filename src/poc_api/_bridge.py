@@ -455,11 +455,16 @@ class AsyncioBridge:
     def start(cls, *, cancel_timeout: float = 5.0) -> AsyncioBridge:
         """Start a bridge (its loop thread) owned by the current trio run."""
         bridge = cls(cancel_timeout=cancel_timeout)
+        try:
+            bridge._thread.start()
+        except BaseException:  # (no thread left to start: nothing else has begun)
+            bridge._loop.close()
+            bridge._close_eventfds()
+            raise
         if bridge._trio_fd >= 0:
             trio.lowlevel.spawn_system_task(
                 bridge._run_trio_wakeups, name="poc_api bridge wake-ups"
             )
-        bridge._thread.start()
         trio.lowlevel.add_instrument(bridge._instrument)
         return bridge
 

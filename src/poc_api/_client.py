@@ -33,6 +33,7 @@ import trio
 
 from ._bridge import AsyncioBridge
 from ._chunks import Chunk
+from ._clock import hold_clock
 from ._conversation import Conversation
 from ._http import ChatCompletion, ChatStream, HttpApi, redact_url
 from ._pool import (
@@ -58,6 +59,9 @@ from ._types import (
 __all__ = ["ApiClient", "resolve_grpc_url"]
 
 log = logging.getLogger("poc_api")
+
+# How often the run's-end watch looks whether the client's owner task has ended.
+_OWNER_POLL = 0.005
 
 
 _P = ParamSpec("_P")
@@ -351,6 +355,7 @@ class ApiClient:
         self._http: HttpApi | None = None
         self._closed: trio.Event | None = None
         self._watch: trio.CancelScope | None = None  # _close_at_run_end's
+        self._owner: trio.lowlevel.Task | None = None  # the task that entered
 
     def __repr__(self) -> str:
         # Never the api key.
@@ -417,6 +422,9 @@ class ApiClient:
             timeout=self._timeout,
         )
         self._state = _State.OPENED
+        # Made here, not in the task: a close before the task first runs cancels it.
+        self._watch = trio.CancelScope()
+        self._owner = trio.lowlevel.current_task()
         trio.lowlevel.spawn_system_task(self._close_at_run_end, name="poc_api: client watch")
         return self
 
@@ -428,10 +436,13 @@ class ApiClient:
         its connection and its sessions behind, for every such run. :meth:`aclose`
         ends this task.
         """
-        with trio.CancelScope() as self._watch:
+        assert self._watch is not None
+        with self._watch:
             try:
                 await trio.sleep_forever()
             finally:
+                if self._state is _State.OPENED:
+                    await self._owner_exits()
                 if self._state is _State.OPENED:
                     msg = f"{self!r} was not closed before its trio.run ended; closing it now"
                     log.warning("%s", msg)
@@ -490,6 +501,20 @@ class ApiClient:
         if ki is not None:
             raise ki
         await trio.lowlevel.checkpoint()
+
+    async def _owner_exits(self) -> None:
+        """At the run's end: wait (bounded) while the task that entered the client
+        unwinds, for it may be about to close the client itself (a system task's
+        block, cancelled with this one)."""
+        owner = self._owner
+        self._owner = None
+        if owner is None:
+            return
+        with hold_clock(), trio.CancelScope(shield=True, relative_deadline=self._close_timeout):
+            while self._state is _State.OPENED:
+                if inspect.getcoroutinestate(owner.coro) == inspect.CORO_CLOSED:
+                    return
+                await trio.sleep(_OWNER_POLL)
 
     async def _shut_down(self, closed: trio.Event) -> None:
         """The steps of :meth:`aclose`; each failure is logged and the next step runs."""

@@ -16,12 +16,14 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator
 from functools import partial
 
 import h2.errors
 import pytest
 import trio
+import trio.testing
 from helpers import aclose_under_a_reader, loop_threads
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
@@ -900,3 +902,76 @@ async def test_a_client_left_open_is_closed_when_its_run_ends(server: ReferenceS
     assert time.monotonic() - started < 3
     assert len(loop_threads()) == before
     await wait_for(lambda: not server.state().session_ids and not server.state().connections_open)
+
+
+def _watch_tasks() -> list[trio.lowlevel.Task]:
+    """The client watch tasks alive in this run's system nursery."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return [
+        task
+        for nursery in root.child_nurseries
+        for task in nursery.child_tasks
+        if task.name == "poc_api: client watch"
+    ]
+
+
+async def test_a_closed_client_leaves_no_watch_task_behind(server: ReferenceServer) -> None:
+    # The watch made its cancel scope when it first ran: a client closed before
+    # that (no checkpoint in the block) left the task, and the closed client it
+    # holds, until the run's end.
+    before = len(_watch_tasks())
+    for _ in range(20):
+        async with client_for(server):
+            pass
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(_watch_tasks()) == before
+
+
+async def test_a_client_closed_by_its_task_at_the_run_end_gives_no_warning(
+    server: ReferenceServer,
+) -> None:
+    # The owner (a system task) and the watch are cancelled together at the run's
+    # end; the watch, running first, took the client for one left open.
+    async def service(ready: trio.Event) -> None:
+        async with client_for(server) as c:
+            await c.tokenize("hi")
+            ready.set()
+            await trio.sleep_forever()
+
+    async def main() -> None:
+        ready = trio.Event()
+        trio.lowlevel.spawn_system_task(service, ready)
+        await ready.wait()
+
+    def runs() -> None:
+        for _ in range(20):
+            trio.run(main)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await trio.to_thread.run_sync(runs)
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+async def test_a_client_whose_thread_cannot_start_lets_the_run_end_at_once(
+    server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Thread exhaustion: the bridge's wake-up task was already running, nothing
+    # closed the bridge, and the run's end waited out 3 x close_timeout for it.
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if self.name == "poc_api-asyncio":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            async with client_for(server, close_timeout=2):
+                pass
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    started = time.monotonic()
+    await trio.to_thread.run_sync(trio.run, main)
+    assert time.monotonic() - started < 1
