@@ -179,6 +179,21 @@ async def test_hold_clock_keeps_a_threshold_the_user_set_meanwhile(
     assert autojump_clock.rate == 3.0 and autojump_clock.autojump_threshold == 0.25
 
 
+async def test_a_threshold_the_user_lowers_during_a_hold_is_held_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Set while a stream was being read (a hold never released), the user's 0 was
+    # left in force: every later call was jumped over (OpenSession timed out in
+    # 0.00 s of real time).
+    with hold_clock():
+        autojump_clock.autojump_threshold = 0
+        autojump_clock.rate = 0
+        with hold_clock():
+            assert autojump_clock.autojump_threshold == HOLD_SECONDS
+            assert autojump_clock.rate == 1.0
+    assert autojump_clock.autojump_threshold == 0 and autojump_clock.rate == 0
+
+
 async def test_hold_clock_leaves_a_high_threshold_and_other_clocks_alone() -> None:
     clock = trio.lowlevel.current_clock()
     with hold_clock():

@@ -56,7 +56,8 @@ class hold_clock:
 
     Nests, and counts across tasks: the clock's own threshold and rate come
     back when the last hold of the run ends (each unless someone set another
-    one meanwhile).
+    one meanwhile; one set to the hold's own value, 1 s or rate 1, cannot be
+    told from it and is undone too).
     A class, not a ``@contextmanager``: it runs on every call's path, and its
     enter and exit must not be split by a Ctrl-C.
     """
@@ -75,12 +76,18 @@ class hold_clock:
         if hold is None:
             hold = _Hold()
             _HOLDS.set(hold)
-        if hold.count == 0 and clock.autojump_threshold < HOLD_SECONDS:
-            hold.held = True
-            hold.threshold, hold.rate = clock.autojump_threshold, clock.rate
+        # At every wait, not only the first: the user may lower the threshold while
+        # waits are in progress (trio lets it change at any time), and a stream
+        # read on and on would otherwise leave it lowered for good.
+        if clock.autojump_threshold < HOLD_SECONDS:
+            if not hold.held:
+                hold.held = True
+                hold.rate = clock.rate
+            hold.threshold = clock.autojump_threshold
             clock.autojump_threshold = HOLD_SECONDS
-            if clock.rate < 1.0:
-                clock.rate = 1.0
+        if hold.held and clock.rate < 1.0:
+            hold.rate = clock.rate
+            clock.rate = 1.0
         hold.count += 1
         self._clock = clock
 
