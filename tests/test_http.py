@@ -2054,3 +2054,11 @@ async def test_an_error_status_in_an_encoding_not_asked_for_keeps_its_status(
             with pytest.raises(HttpError) as info:
                 await api.tokenize("a")
             assert info.value.http_status == 503
+
+
+def test_a_connection_error_reason_is_cut_as_other_quotes_are() -> None:
+    from poc_api._http import _reason
+
+    outer = httpx.ConnectError("")
+    outer.__cause__ = OSError("x" * 10_000)
+    assert len(_reason(outer)) < 600

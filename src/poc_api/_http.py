@@ -310,7 +310,9 @@ def _reason(exc: BaseException) -> str:
         seen.add(id(cause))
         text = str(cause)
         if text:
-            return text
+            return text if len(text) <= EXCERPT_LIMIT else text[:EXCERPT_LIMIT] + "..."
+        # (The context too when suppressed: httpcore raises its ConnectError "from
+        # None", with the trio error, and the SSL error under it, as its context.)
         cause = cause.__cause__ or cause.__context__
     return ""
 
