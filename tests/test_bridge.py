@@ -697,6 +697,17 @@ async def test_closing_under_a_wedged_loop_thread_keeps_outcomes_and_wakes_every
                 hold.set()
                 await trio.sleep(0.1)
                 await bridge.aclose()
+            # Its wake-up task has ended too: left, it would serve on at the run's
+            # end (3 x cancel_timeout) for a thread that will never post again.
+            await trio.testing.wait_all_tasks_blocked()
+            root = trio.lowlevel.current_root_task()
+            assert root is not None
+            assert not [
+                task
+                for nursery in root.child_nurseries
+                for task in nursery.child_tasks
+                if task.name == "poc_api bridge wake-ups"
+            ]
     finally:
         release.set()
         bridge.thread.join(5)

@@ -938,8 +938,11 @@ class AsyncioBridge:
         # on_done posts (a stream's waiting consumer) and whatever the loop posted
         # last: the loop will flush nothing any more, so run them here (trio side).
         self._to_trio._run()
-        if scope.cancelled_caught:  # pragma: no cover - a wedged asyncio callback
+        if scope.cancelled_caught:  # a wedged asyncio callback
             log.warning("the asyncio thread did not stop; leaving it (daemon) behind")
+            if self._trio_fd >= 0:
+                # The wake-up task ends (the fds stay open: the thread may yet write).
+                trio.lowlevel.notify_closing(self._trio_fd)
             return
         self._thread.join()
         loop.close()
