@@ -200,6 +200,8 @@ def test_pytest_plugin_fixtures_work_in_a_users_project(tmp_path: Path) -> None:
     (tmp_path / "test_user.py").write_text(
         textwrap.dedent(
             """
+            import trio
+
             import poc_api
 
 
@@ -218,12 +220,20 @@ def test_pytest_plugin_fixtures_work_in_a_users_project(tmp_path: Path) -> None:
             async def test_scoring_from_the_docstring(poc_client):
                 results = await poc_client.score([poc_api.Tokens(list(b"Hi there"))], [(2, 8)])
                 assert results[0].logprob < 0
+
+
+            async def test_an_agent_with_backoff_under_autojump(poc_client, autojump_clock):
+                # An hour of backoff runs at once; the calls' timeouts do not fire.
+                for _ in range(3):
+                    async with poc_client.session(timeout=5) as s:
+                        await s.prefill(await poc_client.tokenize("Hi", timeout=5))
+                    await trio.sleep(1200)
             """
         )
     )
     result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 passed" in result.stdout
+    assert "4 passed" in result.stdout
 
 
 def test_importing_without_pytest_still_gives_the_context_managers(tmp_path: Path) -> None:
