@@ -85,6 +85,22 @@ async def test_a_deadline_around_a_busy_agent_fires_in_about_real_time(
     assert autojump_clock.rate == 0 and autojump_clock.autojump_threshold == 0
 
 
+async def test_a_users_sleep_inside_a_chat_stream_still_jumps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The stream's task read ahead (held) for as long as the server streamed, so a
+    # sleep of the reader's own, between events, lasted until the stream's end.
+    async with reference_server(token_delay_ms=20) as server:
+        async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+            async with client.chat_stream(HELLO, model="m", max_tokens=100) as events:
+                await events.__anext__()
+                started = time.monotonic()
+                await trio.sleep(30)
+                assert time.monotonic() - started < HOLD_SECONDS / 2
+                rest = [event async for event in events]
+    assert isinstance(rest[-1], poc_api.ChatDone)
+
+
 async def test_a_server_that_never_answers_still_times_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

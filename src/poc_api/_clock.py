@@ -21,17 +21,24 @@ of one ``current_clock()`` per wait.
 
 from __future__ import annotations
 
+import math
 from typing import final
 
 import trio
 from trio.testing import MockClock
 
-__all__ = ["HOLD_SECONDS", "hold_clock"]
+__all__ = ["HOLD_SECONDS", "autojumping", "hold_clock"]
 
 # Real seconds the whole run must sit idle, while poc_api waits, before a held
 # clock jumps: far above a test server's answer, low enough that a test of a
 # silent server still ends soon.
 HOLD_SECONDS = 1.0
+
+
+def autojumping() -> bool:
+    """Whether this run's clock is a MockClock that jumps by itself (held or not)."""
+    clock = trio.lowlevel.current_clock()
+    return isinstance(clock, MockClock) and clock.autojump_threshold < math.inf
 
 
 @final

@@ -69,7 +69,7 @@ import attrs
 import httpx
 import trio
 
-from ._clock import hold_clock
+from ._clock import autojumping, hold_clock
 from ._errors import (
     AuthenticationError,
     HttpError,
@@ -1960,6 +1960,10 @@ class ChatStream:
         _call_redactor.set(self._redact)  # (this task's own context) see _redacting
         chunks = self._chunks.plain() or self._chunks
         reading = _map_httpx_errors("POST", self._url, self._api._client)
+        # Under an autojumping MockClock a read holds the clock (_clock), and a
+        # read ahead would hold it while the reader sleeps between events: there,
+        # read on only once the reader has taken what is queued.
+        ahead = 1 if autojumping() else _CHAT_READ_AHEAD
         try:
             while not self._reader_closed:
                 try:
@@ -1990,7 +1994,7 @@ class ChatStream:
                 if self._queue:
                     self._unread += len(chunk)
                     self._reader.wake()
-                    while self._unread >= _CHAT_READ_AHEAD and not self._reader_closed:
+                    while self._unread >= ahead and not self._reader_closed:
                         await self._pump_parked.wait()  # until the reader takes them all
         finally:
             self._pump_gone = True
