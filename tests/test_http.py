@@ -47,6 +47,7 @@ from poc_api._http import (
     ChatCompletion,
     ChatDelta,
     ChatDone,
+    ChatStream,
     HttpApi,
     error_excerpt,
     key_redactor,
@@ -2062,3 +2063,41 @@ def test_a_connection_error_reason_is_cut_as_other_quotes_are() -> None:
     outer = httpx.ConnectError("")
     outer.__cause__ = OSError("x" * 10_000)
     assert len(_reason(outer)) < 600
+
+
+async def test_a_stream_left_early_under_a_reader_never_looks_complete(
+    http: httpx.AsyncClient,
+) -> None:
+    # A reader in another task waits in a read while the block is left early. It
+    # gets ClosedResourceError; its later reads ended the stream normally
+    # (StopAsyncIteration, repr "finished") when it ran before the block's exit
+    # did: trio wakes the two in a random order, so the test tries many times.
+    async def one_delta_then_silence(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(CHAT_STREAM_HEAD + sse(DELTA))
+        await trio.sleep_forever()
+
+    later: list[str] = []
+
+    async def reader(events: ChatStream) -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            async for _ in events:
+                pass
+        await trio.sleep(0.05)  # the block's exit has finished
+        for _ in range(2):
+            try:
+                await events.__anext__()
+                later.append("event")
+            except StopAsyncIteration:
+                later.append("end")
+            except trio.ClosedResourceError:
+                later.append("closed")
+
+    with trio.fail_after(20):
+        async with canned_server(one_delta_then_silence) as url:
+            for _ in range(20):
+                async with trio.open_nursery() as nursery:
+                    async with make_api(http, url).chat_stream(HELLO) as events:
+                        nursery.start_soon(reader, events)
+                        await trio.testing.wait_all_tasks_blocked()
+    assert set(later) == {"closed"}, later

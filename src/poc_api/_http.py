@@ -2195,7 +2195,7 @@ class ChatStream:
         cannot leak the connection. (The pump has stopped: nothing reads it.)"""
         # The block was left before the reader had the whole stream: what the pump
         # had queued is dropped, and reading on says so.
-        self._cut = not self._finished or bool(self._queue)
+        self._cut = self._cut or not self._finished or bool(self._queue)
         if self._cut:
             self._queue.clear()
             self._error = None
