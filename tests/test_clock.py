@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
 import time
 
 import pytest
@@ -226,3 +228,16 @@ async def test_hold_clock_leaves_a_high_threshold_and_other_clocks_alone() -> No
     await trio.to_thread.run_sync(
         lambda: trio.run(main, clock=trio.testing.MockClock(autojump_threshold=5.0))
     )
+
+
+def test_importing_poc_api_imports_no_test_machinery() -> None:
+    # The hold once imported trio.testing for MockClock, and trio.testing imports
+    # pytest's internals: 40 ms more on every `import poc_api` (a CLI's start).
+    code = (
+        "import sys, poc_api, poc_api.cli\n"
+        "print(sorted(m for m in ('trio.testing', '_pytest', 'pytest') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -22,10 +22,13 @@ of one ``current_clock()`` per wait.
 from __future__ import annotations
 
 import math
-from typing import final
+import sys
+from typing import TYPE_CHECKING, final
 
 import trio
-from trio.testing import MockClock
+
+if TYPE_CHECKING:
+    from trio.testing import MockClock
 
 __all__ = ["HOLD_SECONDS", "autojumping", "hold_clock"]
 
@@ -35,10 +38,23 @@ __all__ = ["HOLD_SECONDS", "autojumping", "hold_clock"]
 HOLD_SECONDS = 1.0
 
 
+def _mock_clock() -> MockClock | None:
+    """This run's clock if it is a MockClock.
+
+    trio.testing is not imported for it (it imports pytest's internals: 40 ms of
+    every ``import poc_api``): a program that never imported it has no MockClock.
+    """
+    testing = sys.modules.get("trio.testing")
+    if testing is None:
+        return None
+    clock = trio.lowlevel.current_clock()
+    return clock if isinstance(clock, testing.MockClock) else None
+
+
 def autojumping() -> bool:
     """Whether this run's clock is a MockClock that jumps by itself (held or not)."""
-    clock = trio.lowlevel.current_clock()
-    return isinstance(clock, MockClock) and clock.autojump_threshold < math.inf
+    clock = _mock_clock()
+    return clock is not None and clock.autojump_threshold < math.inf
 
 
 @final
@@ -76,8 +92,8 @@ class hold_clock:
 
     @trio.lowlevel.enable_ki_protection
     def __enter__(self) -> None:
-        clock = trio.lowlevel.current_clock()
-        if not isinstance(clock, MockClock):
+        clock = _mock_clock()
+        if clock is None:
             return
         hold = _HOLDS.get()
         if hold is None:
