@@ -1098,6 +1098,24 @@ def goals_rows(
                     ok(speedup >= target),
                 )
             )
+    # Chat streaming, judged on the alternating rounds (CPU per event, poc_api /
+    # peer): far below the official client, and near bare httpx + json.loads.
+    chat_paired = extra.get("chat", {}).get("paired", {})
+    for peer, label, bound in (
+        ("openai", "the `openai` package", 0.5),
+        ("httpx", "raw httpx + SSE lines + `json.loads`", 1.5),
+    ):
+        pr = chat_paired.get(peer)
+        if pr and "error" not in pr:
+            rows.append(
+                (
+                    f"chat stream, client CPU per event vs {label}",
+                    f"<= {bound}x",
+                    f"median {pr['cpu_median']:.2f}x of {len(pr['rounds'])} alternating rounds "
+                    f"(range {pr['cpu_min']:.2f}-{pr['cpu_max']:.2f}x)",
+                    ok(pr["cpu_median"] <= bound),
+                )
+            )
     rss = p.get("rss")
     if rss:
         rows.append(

@@ -59,6 +59,7 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
     assert "OpenAI-compatible chat over HTTP" in out and "openai `AsyncOpenAI`" in out
     assert "| client CPU per streamed event | µs ↓ |" in out
     assert "alternating stream windows" in out
+    assert "chat stream, client CPU per event vs the `openai` package" in out
     assert "FAILED" not in out
     # The markdown printed is the markdown written.
     written = results.read_text()
