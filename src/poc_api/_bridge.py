@@ -694,29 +694,26 @@ class AsyncioBridge:
 
     async def _wait(self, call: _Call) -> None:
         """trio: return once the call's outcome has reached this side (a checkpoint)."""
-        with hold_clock():
-            await self._wait_held(call)
-
-    async def _wait_held(self, call: _Call) -> None:
-        fd = call.fd
-        if fd < 0:
-            await call.done.wait()
-            return
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:  # the bridge closed; _stop_loop ended it
-                if not call.finished:  # pragma: no cover - _stop_loop ends every call
-                    raise
-                break
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:  # pragma: no cover - only this task reads it
-                continue
-            # A write left by the fd's last user (cancelled as its call finished)
-            # wakes this one too early: its own call finishes before its write.
-            if call.finished:
-                break
+        with hold_clock():  # (the loop thread's work, which a MockClock cannot see)
+            fd = call.fd
+            if fd < 0:
+                await call.done.wait()
+                return
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except trio.ClosedResourceError:  # the bridge closed; _stop_loop ended it
+                    if not call.finished:  # pragma: no cover - _stop_loop ends every call
+                        raise
+                    break
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:  # pragma: no cover - only this task reads it
+                    continue
+                # A write left by the fd's last user (cancelled as its call finished)
+                # wakes this one too early: its own call finishes before its write.
+                if call.finished:
+                    break
         call.done.set()
 
     def _forget(self, call: _Call) -> None:
