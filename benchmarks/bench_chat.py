@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench_clients import Meter, Serving, _timed
+from bench_clients import Meter, Serving, _timed, run_json_worker
 
 HERE = Path(__file__).resolve().parent
 MODEL = "bench-chat"
@@ -465,14 +465,9 @@ def _run_worker(
     out = tmp / f"chat-{client}.json"
     cmd = [*_worker_cmd(client, port, server_pid, params), "--out", str(out)]
     before = _stats(port)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {params['worker_timeout']} s"}
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    res = dict(json.loads(out.read_text()))
+    res = run_json_worker(cmd, out, params["worker_timeout"])
+    if "error" in res:
+        return res
     after = _stats(port)
     # The "before" query's own connection is counted in "after".
     res["server_connections"] = after["connections_opened"] - before["connections_opened"] - 1

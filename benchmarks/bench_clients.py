@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 U32_MAX = 2**32 - 1
@@ -110,6 +111,19 @@ def machine_busy() -> float:
         v = [int(x) for x in f.readline().split()[1:9]]
     # user nice system idle iowait irq softirq steal: everything but idle and iowait.
     return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / _TICK
+
+
+def run_json_worker(cmd: list[str], out: Path, timeout: float) -> dict[str, Any]:
+    """Run a worker process that writes its results as JSON to ``out``; return them,
+    or ``{"error": ...}`` with the end of its output if it failed or timed out."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return dict(json.loads(out.read_text()))
 
 
 class Meter:

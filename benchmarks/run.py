@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_chat import CHAT_BASELINE, CHAT_CLIENTS, CHAT_LABELS, CHAT_SHORT
-from bench_clients import Serving, machine_busy
+from bench_clients import Serving, machine_busy, run_json_worker
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -331,14 +331,7 @@ def run_worker(
     """Run one client's worker process; return its JSON results (or an error)."""
     out = tmp / f"{client}.json"
     cmd = worker_cmd(client, port, server_pid, gen_dir, params, "--out", str(out))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {params['worker_timeout']} s"}
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return dict(json.loads(out.read_text()))
+    return run_json_worker(cmd, out, params["worker_timeout"])
 
 
 def _figure(m: dict[str, Any], figure: str) -> float:
@@ -425,14 +418,7 @@ def run_extra(phase: str, params: dict[str, Any], tmp: Path) -> dict[str, Any]:
         "--out",
         str(out),
     ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=params["worker_timeout"])
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {params['worker_timeout']} s"}
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return dict(json.loads(out.read_text()))
+    return run_json_worker(cmd, out, params["worker_timeout"])
 
 
 def scale_out_label(r: dict[str, Any]) -> str:
