@@ -51,7 +51,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench_clients import Meter, Serving, _timed, run_json_worker
+from bench_clients import (
+    AsyncioRuntime,
+    Meter,
+    Serving,
+    TrioRuntime,
+    _timed,
+    run_json_worker,
+)
 
 HERE = Path(__file__).resolve().parent
 MODEL = "bench-chat"
@@ -247,28 +254,12 @@ class _ChatClient:
         raise NotImplementedError
 
 
-class _Trio(_ChatClient):
-    @staticmethod
-    async def read_line() -> str:
-        import trio
-
-        return await trio.to_thread.run_sync(sys.stdin.readline)
-
-    @staticmethod
-    def run(main: Callable[[], Awaitable[Any]]) -> Any:
-        import trio
-
-        return trio.run(main)
+class _Trio(TrioRuntime, _ChatClient):
+    pass
 
 
-class _Asyncio(_ChatClient):
-    @staticmethod
-    async def read_line() -> str:
-        return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-
-    @staticmethod
-    def run(main: Callable[[], Awaitable[Any]]) -> Any:
-        return asyncio.run(main())  # type: ignore[arg-type]
+class _Asyncio(AsyncioRuntime, _ChatClient):
+    pass
 
 
 class PocApiChat(_Trio):

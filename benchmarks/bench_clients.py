@@ -219,6 +219,66 @@ def _score_tokens(n: int) -> list[int]:
     return [(i * 7919) % 150_000 + 1 for i in range(n)]
 
 
+class TrioRuntime:
+    """A worker's event loop when its client runs on trio: the main loop, tasks at
+    once, sleeping, and reading a line of stdin (a paired run's "go") without
+    blocking the loop."""
+
+    @staticmethod
+    async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> None:
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            for fn in fns:
+                nursery.start_soon(fn)
+
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        import trio
+
+        await trio.sleep(seconds)
+
+    @staticmethod
+    async def read_line() -> str:
+        import trio
+
+        return await trio.to_thread.run_sync(sys.stdin.readline)
+
+    @staticmethod
+    def run(main: Callable[[], Awaitable[Any]]) -> Any:
+        import trio
+
+        return trio.run(main)
+
+
+class AsyncioRuntime:
+    """The same on asyncio."""
+
+    @staticmethod
+    async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> None:
+        import asyncio
+
+        await asyncio.gather(*(fn() for fn in fns))
+
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+
+    @staticmethod
+    async def read_line() -> str:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+    @staticmethod
+    def run(main: Callable[[], Awaitable[Any]]) -> Any:
+        import asyncio
+
+        return asyncio.run(main())  # type: ignore[arg-type]
+
+
 class _Client:
     """What every client offers; ``stream`` is a fresh session around one ``generate``."""
 
@@ -240,7 +300,7 @@ class _Client:
             await self.close_session(handle)
 
 
-class PocApi(_Client):
+class PocApi(TrioRuntime, _Client):
     """poc_api on trio: sessions and ``generate``."""
 
     runtime = "trio"
@@ -292,32 +352,6 @@ class PocApi(_Client):
         async with self.client.session():
             pass
 
-    @staticmethod
-    async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> None:
-        import trio
-
-        async with trio.open_nursery() as nursery:
-            for fn in fns:
-                nursery.start_soon(fn)
-
-    @staticmethod
-    async def sleep(seconds: float) -> None:
-        import trio
-
-        await trio.sleep(seconds)
-
-    @staticmethod
-    async def read_line() -> str:
-        import trio
-
-        return await trio.to_thread.run_sync(sys.stdin.readline)
-
-    @staticmethod
-    def run(main: Callable[[], Awaitable[Any]]) -> Any:
-        import trio
-
-        return trio.run(main)
-
 
 class PocApiConversation(PocApi):
     """poc_api on trio through ``conversation().stream()``: one turn per conversation."""
@@ -341,32 +375,8 @@ class PocApiConversation(PocApi):
         return count
 
 
-class _Asyncio(_Client):
+class _Asyncio(AsyncioRuntime, _Client):
     runtime = "asyncio"
-
-    @staticmethod
-    async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> None:
-        import asyncio
-
-        await asyncio.gather(*(fn() for fn in fns))
-
-    @staticmethod
-    async def sleep(seconds: float) -> None:
-        import asyncio
-
-        await asyncio.sleep(seconds)
-
-    @staticmethod
-    async def read_line() -> str:
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-
-    @staticmethod
-    def run(main: Callable[[], Awaitable[Any]]) -> Any:
-        import asyncio
-
-        return asyncio.run(main())  # type: ignore[arg-type]
 
 
 class GrpclibBetterproto(_Asyncio):
