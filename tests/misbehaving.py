@@ -57,6 +57,10 @@ server's default)::
 - ``"no_status_header"``: response HEADERS without ``:status`` (then nothing);
 - ``"non_ascii_header"``: response HEADERS with a byte 0xff in a header value;
 - ``"push_promise"``: a PUSH_PROMISE (the client disabled push), then ``"ok"``.
+- ``"flood"``: Generate writes its ``tokens`` tokens as one blob, so they go out in
+  DATA frames as big as the stream's window and the client's frame size allow.
+
+``srv.data_sent`` counts the DATA bytes written so far, on every stream.
 
 ``srv.mute = True`` makes *new connections* accept TCP and never send a byte
 (no SETTINGS, no PING ACK): the "black hole" server.
@@ -117,6 +121,7 @@ Kind = Literal[
     "no_status_header",
     "non_ascii_header",
     "push_promise",
+    "flood",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -173,6 +178,7 @@ class MisbehavingServer:
         #: (connection, stream_id, h2 error code) of every RST_STREAM the client sent.
         self.resets: list[tuple[int, int, int]] = []
         self.pings = 0
+        self.data_sent = 0
         self._plans: defaultdict[str, deque[Reply]] = defaultdict(deque)
         self._open: list[trio.SocketStream] = []
 
@@ -317,6 +323,7 @@ class _Connection:
                 await self.window.wait()
                 continue
             self.h2.send_data(sid, bytes(view[:size]))
+            self.server.data_sent += size
             view = view[size:]
             await self.flush()
         if end:
@@ -481,6 +488,18 @@ class _Connection:
             await self.send_data(sid, b"", end=True)
         elif trailers:
             await self.send_headers(sid, trailers, end=True)
+
+    async def _flood(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        req = pb.GenerateRequest.parse(body)
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        end = req.offset + len(req.append_tokens)
+        blob = b"".join(
+            encode_token(65 + i % 26, False, end + i, -0.5) for i in range(reply.tokens)
+        )
+        await self.send_data(sid, blob)
+        n = reply.tokens
+        await self.send_data(sid, encode_done(end, n, end + n, "length"))
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
 
     async def _silent(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         return  # the stream stays open, unanswered, until the client resets it

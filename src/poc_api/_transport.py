@@ -828,15 +828,17 @@ class _Reader:
 
     It takes whole DATA chunks from the stream's buffer and cuts the messages
     out itself: grpclib's ``recv_data`` would slice its buffer twice per
-    message (prefix, then body), most of a small message's cost. The window is
-    returned as a chunk is taken, as grpclib does, so a consumer that stops
-    reading (a full sink) still slows the server through flow control. A
+    message (prefix, then body), most of a small message's cost. A chunk's
+    window goes back when the next chunk is needed, once its messages are cut
+    (grpclib returns it as the chunk is taken): a consumer that stops reading
+    (a full sink) then holds at most the stream window beyond its sink, even
+    when the server packs the whole window into one DATA frame. A
     message's size is checked from its prefix before its body is gathered, so
     an oversized message is refused before it is buffered (grpclib would take
     any size). Interrupted (the connection died), it resumes where it stopped.
     """
 
-    __slots__ = ("_buf", "_parts", "_pos", "count", "max_size", "path", "raw")
+    __slots__ = ("_buf", "_owed", "_parts", "_pos", "count", "max_size", "path", "raw")
 
     def __init__(self, raw: Any, max_size: int, path: str) -> None:
         self.raw = raw  # grpclib.protocol.Stream
@@ -847,6 +849,8 @@ class _Reader:
         self._buf = b""
         self._pos = 0
         self._parts: list[bytes] = []
+        # The window of the chunks taken, not given back yet (see the class doc).
+        self._owed = 0
 
     async def pump(self, sink: _SinkLike) -> None:
         """Read every message to the end of the stream into ``sink``.
@@ -900,9 +904,11 @@ class _Reader:
                             return
                         where = "a message header" if have < 5 else "a message"
                         raise e.ProtocolViolation(f"{self.path}: the stream ended inside {where}")
+                    if self._owed:  # what was taken is cut (or gathered): more may come
+                        ack(self._owed)
+                        self._owed = 0
                     data, data_size, ack_size = await chunks.get()
-                    if ack_size:  # the window goes back as grpclib's own reads return it
-                        ack(ack_size)
+                    self._owed += ack_size
                     if not data_size:
                         continue  # the end-of-stream mark (seen above) or an empty frame
                     parts.append(data)

@@ -92,6 +92,19 @@ async def test_a_reply_just_under_the_limit_is_accepted(bad_server: MisbehavingS
                 pass
 
 
+async def test_a_reply_three_times_the_stream_window_arrives(bad_server: MisbehavingServer) -> None:
+    # The window of a message's gathered chunks goes back before the next is awaited,
+    # or a message bigger than the stream window would wait forever for its rest.
+    async with poc_api.ApiClient(
+        DUMMY_BASE_URL, grpc_url=bad_server.url, max_message_size=4 * MB, close_timeout=0.5
+    ) as c:
+        bad_server.plan("OpenSession", Reply("oversized", claimed_size=3 * MB, send_body=True))
+        with trio.fail_after(10), pytest.raises(poc_api.ProtocolViolation, match="empty session"):
+            async with c.session():
+                pass
+    assert bad_server.data_sent > 3 * MB
+
+
 async def test_an_oversized_request_is_refused_before_sending(
     server: ReferenceServer,
 ) -> None:
@@ -224,6 +237,30 @@ async def test_an_unread_stream_of_big_events_holds_its_byte_bound_plus_its_wind
     # never stopped.
     held = await _bytes_an_unread_stream_holds(wide_server, **client_kw)
     assert bound < held <= 2 * (bound + WIDE_EVENT) + 1 * MB
+
+
+async def test_a_stream_in_big_data_frames_holds_no_more_than_its_window_beyond_its_buffers(
+    bad_server: MisbehavingServer,
+) -> None:
+    # A server may pack the whole stream window into one DATA frame (the client takes
+    # frames up to 1 MiB). The client takes such a frame whole and cuts the messages
+    # out as its buffer has room: the window for the frame's uncut rest goes back only
+    # when it is cut, or an unread stream would hold that rest *beyond* its window
+    # (it held two windows here, and the ReferenceServer's 128 KiB writes went over
+    # the bound of the test above on a loaded machine).
+    bound, event = 32 * 1024, 18  # an 18-byte token event (its 5-byte prefix in)
+    bad_server.plan("Generate", Reply("flood", tokens=200_000))
+    kw = {"max_buffered_bytes": bound, "max_buffered_events": 10**6}
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, **kw) as c:
+        async with c.session() as s:
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=200_000)) as ev:
+                assert isinstance(await ev.__anext__(), Token)
+                with trio.fail_after(30):
+                    last = -1
+                    while bad_server.data_sent != last:  # until flow control stops it
+                        last = bad_server.data_sent
+                        await trio.sleep(0.3)
+    assert 1 * MB <= last <= 2 * (bound + event) + 1 * MB
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "4"])
