@@ -63,6 +63,35 @@ def test_client_trims_base_url_and_hides_the_api_key() -> None:
 @pytest.mark.parametrize(
     "base",
     [
+        "http://me:s3 cret@127.0.0.1:8000/v1",  # a raw space: httpx takes it
+        "http://me:s3cret @127.0.0.1:8000/v1",
+        "http://me:s3/cret@127.0.0.1:8000/v1",  # httpx refuses these: "Invalid port: 's3'"
+        "http://me:s3#cret@127.0.0.1:8000/v1",
+        "http://me:s3?cret@127.0.0.1:8000/v1",
+    ],
+)
+def test_a_password_in_base_url_is_never_shown_whatever_it_holds(base: str) -> None:
+    # A URL password is cut at whitespace or "/?#" by the free-text redaction (error
+    # messages quote URLs among words): the client's repr showed "me:s3 cret@", and a
+    # raw "/" showed all of it in the ValueError, and httpx's "Invalid port: 's3'".
+    try:
+        shown = repr(poc_api.ApiClient(base))
+    except ValueError as exc:
+        shown = str(exc)
+        assert "percent-encode" in shown
+    assert "s3" not in shown and "cret" not in shown
+    assert "me:***@" in shown
+
+
+def test_a_password_in_grpc_url_is_never_shown() -> None:
+    with pytest.raises(ValueError, match="gRPC URL") as info:
+        poc_api.ApiClient("http://127.0.0.1:8000/v1", grpc_url="http://me:s3/cret@127.0.0.1:1")
+    assert "s3" not in str(info.value) and "cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
         "http://127.0.0.1:8000/v1\n",  # a .env file's newline
         "http://127.0.0.1:8000/v\x00",
         "http://[::1:8000/v1",

@@ -75,6 +75,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "HttpApi",
         "error_excerpt",
         "redact_url",
+        "shown_url",
         "key_redactor",
         "SSEDecoder",
         "SSEEvent",

@@ -35,7 +35,7 @@ from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
-from ._http import ChatCompletion, ChatStream, HttpApi, redact_url
+from ._http import ChatCompletion, ChatStream, HttpApi, shown_url
 from ._pool import (
     DEFAULT_AFFINITY_HEADER,
     DnsTarget,
@@ -134,7 +134,7 @@ def resolve_grpc_url(
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
-            f"base_url must look like http://host:port/v1, got {redact_url(base_url)!r}"
+            f"base_url must look like http://host:port/v1, got {shown_url(base_url)!r}"
         )
     port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
@@ -148,10 +148,16 @@ def _check_base_url(base_url: str) -> None:
     calls to the wrong path, and an unparseable URL (a trailing newline from a
     .env file) would fail every call with httpx's own error.
     """
-    shown = redact_url(base_url)
+    shown = shown_url(base_url)
     try:
         url = httpx.URL(base_url)
     except httpx.InvalidURL as exc:
+        if shown != base_url:
+            # httpx's reason may quote the password ("Invalid port: 's3'").
+            raise ValueError(
+                f"base_url {shown!r} is not a valid URL: percent-encode any '/', '?', '#', "
+                "'@' or ':' in its user:password"
+            ) from None
         raise ValueError(f"base_url {shown!r} is not a valid URL: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"base_url must look like http://host:port/v1, got {shown!r}")
@@ -360,7 +366,7 @@ class ApiClient:
     def __repr__(self) -> str:
         # Never the api key.
         return (
-            f"<ApiClient base_url={redact_url(self._base_url)!r} grpc_url={self._target.url!r} "
+            f"<ApiClient base_url={shown_url(self._base_url)!r} grpc_url={self._target.url!r} "
             f"model={self._model!r} {self._state.value}>"
         )
 

@@ -108,6 +108,7 @@ __all__ = [
     "error_excerpt",
     "key_redactor",
     "redact_url",
+    "shown_url",
 ]
 
 log = logging.getLogger("poc_api.http")
@@ -622,6 +623,38 @@ def redact_url(text: str) -> str:
     return _URL_PASSWORD.sub(r"\g<user>:***@", text)
 
 
+def shown_url(url: str) -> str:
+    """One URL as a message or a repr may show it: its password ``***``, whatever it holds.
+
+    :func:`redact_url` reads free text, where a URL ends at whitespace; here the
+    whole string is the URL, so a password with a raw space is hidden too, and
+    one with a raw "/", "?" or "#" (which ends the authority, so the URL is
+    invalid) is hidden up to the string's last "@".
+
+    >>> shown_url("http://me:s3 cret@h:8000/v1")
+    'http://me:***@h:8000/v1'
+    """
+    scheme = _SCHEME.match(url)
+    if scheme is None or "@" not in url:
+        return redact_url(url)
+    userinfo = _USERINFO.match(url)
+    if userinfo is not None:
+        end = userinfo.end()  # the authority's last "@"
+    else:
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL:
+            end = url.rindex("@") + 1  # a raw "/?#" ended the authority inside it
+        else:
+            return redact_url(url)  # valid: its "@"s are in the path
+    user, colon, _ = url[scheme.end() : end - 1].partition(":")
+    if not colon:
+        return redact_url(url)
+    return f"{url[: scheme.end()]}{user}:***@{url[end:]}"
+
+
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
 # The ``scheme://`` and the userinfo after it, up to the authority's last "@".
 _USERINFO: Final = re.compile(r"^(?P<scheme>[^:/?#]+://)[^/?#]*@")
 
@@ -894,7 +927,7 @@ class HttpApi:
         if api_key:
             self._url_auth = None
         # What error messages and logs show: never a password from the URL.
-        self._shown = redact_url(base_url)
+        self._shown = shown_url(base_url)
         self._api_key = api_key
         self._redact_key = key_redactor(api_key)
         self._model = model

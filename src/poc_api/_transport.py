@@ -57,7 +57,7 @@ from hyperframe.frame import WindowUpdateFrame
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink, StreamBlock
 from ._hpack import CachingEncoder
-from ._http import EXCERPT_LIMIT, key_redactor, redact_url
+from ._http import EXCERPT_LIMIT, key_redactor, shown_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
@@ -94,11 +94,18 @@ class GrpcTarget:
     def from_url(cls, url: str) -> GrpcTarget:
         """Parse ``http://host:port`` / ``https://host:port`` (a path is ignored)."""
         parts = urlsplit(url)
+        bad = f"gRPC URL must look like http://host:port, got {shown_url(url)!r}"
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"gRPC URL must look like http://host:port, got {redact_url(url)!r}")
+            raise ValueError(bad)
+        if "@" in parts.netloc:
+            # Credentials that would be dropped without a word: gRPC calls carry api_key.
+            raise ValueError(f"{bad}: the gRPC calls send no user:password (they use api_key)")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{bad}: bad port") from None
         tls = parts.scheme == "https"
-        port = parts.port if parts.port is not None else (443 if tls else 80)
-        return cls(parts.hostname, port, tls)
+        return cls(parts.hostname, port if port is not None else (443 if tls else 80), tls)
 
     @property
     def url(self) -> str:

@@ -48,7 +48,7 @@ from ._chunks import Chunk, Tokens
 from ._client import ApiClient
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager
-from ._http import ChatDelta, redact_url
+from ._http import ChatDelta, shown_url
 from ._log import control_escapes
 from ._png import encode_png
 from ._session import GenerateStream
@@ -148,10 +148,10 @@ def _check_url(value: str, what: str) -> str:
     try:
         _ = parts.port
     except ValueError:
-        raise click.UsageError(f"invalid {what}: bad port in {redact_url(value)!r}") from None
+        raise click.UsageError(f"invalid {what}: bad port in {shown_url(value)!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise click.UsageError(
-            f"invalid {what}: expected http(s)://host:port/..., got {redact_url(value)!r}"
+            f"invalid {what}: expected http(s)://host:port/..., got {shown_url(value)!r}"
         )
     return value
 
@@ -258,7 +258,7 @@ async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIte
         target.base_url, api_key=target.api_key, grpc_url=target.grpc_url, model=target.model
     )
     # Redacted, as error messages are: _describe looks for it in them.
-    where.base_url, where.grpc_url = redact_url(client.base_url), client.grpc_url
+    where.base_url, where.grpc_url = shown_url(client.base_url), client.grpc_url
     async with client:
         yield _Conn(client, None)
 
@@ -655,7 +655,7 @@ async def _demo(target: _Target, where: _Where) -> None:
             con.print(f"server: embedded reference server (seed {server.config.seed})")
         else:
             con.print("server: remote")
-        con.print(f"  HTTP {redact_url(client.base_url)}  ·  gRPC {client.grpc_url}")
+        con.print(f"  HTTP {shown_url(client.base_url)}  ·  gRPC {client.grpc_url}")
 
         def note_fallback() -> None:
             con.print(
