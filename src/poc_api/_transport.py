@@ -1144,6 +1144,10 @@ class _PocH2Protocol(H2Protocol):
                 self.config.http2_stream_window_size
             )
         h2_conn.update_settings(settings)
+        # Take such frames from now on: a server may send one right behind its ACK of
+        # this, in one read, and h2 checks a read's frames against the limit in force
+        # when the read began (16 KiB until the ACK), failing the connection.
+        h2_conn.max_inbound_frame_size = _MAX_FRAME_SIZE
         writer = _CoalescingTransport(transport, self.before_select)  # type: ignore[arg-type]
         self.connection = _PocConnection(h2_conn, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.sessions_open = self.sessions_open

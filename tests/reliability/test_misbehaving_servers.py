@@ -625,3 +625,44 @@ async def test_a_servers_newlines_cannot_forge_log_lines(
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("poc_api")]
     assert any(forged in line for line in lines)  # the message is there, on its line
     assert not [line for line in lines if "\n" in line or "\x1b" in line]
+
+
+async def test_a_big_data_frame_right_behind_the_settings_ack_is_accepted() -> None:
+    # The client announces DATA frames up to 1 MiB. A server may send one as soon as
+    # it acknowledged that, in the same TCP write; h2 checks every frame of a read
+    # against the limit in force when the read began (16 KiB), so the client failed
+    # the call and the connection ("the server broke the HTTP/2 protocol").
+    import h2.config
+    import h2.connection
+    import h2.events
+    from helpers import http_server
+    from misbehaving import _padding
+
+    from poc_api._proto import salience as pb
+
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())  # our SETTINGS; the ACK waits
+        while data := await stream.receive_some(65536):
+            answered = False
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.StreamEnded):
+                    answered = True
+                    # Any reply parses as OpenSessionResponse or CloseSessionResponse.
+                    body = bytes(pb.OpenSessionResponse(session_id="s", max_length=99))
+                    body += _padding(40_000)  # one 40 KB DATA frame
+                    conn.send_headers(
+                        ev.stream_id, [(":status", "200"), ("content-type", "application/grpc")]
+                    )
+                    conn.send_data(ev.stream_id, b"\0" + len(body).to_bytes(4, "big") + body)
+                    conn.send_headers(ev.stream_id, [("grpc-status", "0")], end_stream=True)
+            if answered:
+                await stream.send_all(conn.data_to_send())  # the ACK, then the answer
+
+    async with http_server(serve) as url:
+        grpc_url = url.removesuffix("/v1")
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=grpc_url, close_timeout=1) as c:
+            with trio.fail_after(5):
+                async with c.session() as s:
+                    assert s.session_id == "s"
