@@ -57,6 +57,10 @@ server's default)::
 - ``"no_status_header"``: response HEADERS without ``:status`` (then nothing);
 - ``"non_ascii_header"``: response HEADERS with a byte 0xff in a header value;
 - ``"push_promise"``: a PUSH_PROMISE (the client disabled push), then ``"ok"``.
+- ``"refuse_after_answer"``: HEADERS, one good reply message and RST_STREAM
+  (REFUSED_STREAM), in one write: a refusal of a call the server answered;
+- ``"two_replies"`` (unary methods): two good reply messages, then nothing (the
+  stream stays open);
 - ``"flood"``: Generate writes its ``tokens`` tokens as one blob, so they go out in
   DATA frames as big as the stream's window and the client's frame size allow.
 
@@ -122,6 +126,8 @@ Kind = Literal[
     "non_ascii_header",
     "push_promise",
     "flood",
+    "refuse_after_answer",
+    "two_replies",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -544,6 +550,23 @@ class _Connection:
             await trio.sleep_forever()  # the rest never comes
         await self.send_data(sid, prefix + _padding(reply.claimed_size))
         await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    def _good_reply(self, sid: int, method: str) -> bytes:
+        if method == "Generate":
+            return encode_token(65, False, 1, -0.5)
+        msg = pb.OpenSessionResponse(session_id=f"mis-{self.number}-{sid}", max_length=1 << 20)
+        return _frame_len(0, len(bytes(msg))) + bytes(msg)
+
+    async def _refuse_after_answer(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        self.h2.send_headers(sid, _GRPC_HEADERS)
+        self.h2.send_data(sid, self._good_reply(sid, method))
+        self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+        await self.flush()
+
+    async def _two_replies(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        await self.send_data(sid, self._good_reply(sid, method) * 2)
+        await trio.sleep_forever()
 
     async def _refuse(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)

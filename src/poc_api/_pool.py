@@ -534,7 +534,7 @@ class Router:
             await asyncio.sleep(self._health_interval)
 
     async def _check(self, ep: _Endpoint) -> None:
-        sink = _Collect()
+        sink = _Collect("Check")
         request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
         progress = _Progress()
         try:

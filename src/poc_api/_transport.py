@@ -580,6 +580,7 @@ class GrpcTransport:
                 drained += 1
                 continue
             reader: _Reader | None = None
+            raw: Any = None  # grpclib.protocol.Stream, once the HEADERS are out
             protocol = channel._protocol
             assert isinstance(protocol, _PocH2Protocol)
             gate = protocol.gate
@@ -596,6 +597,7 @@ class GrpcTransport:
                     ) as stream:
                         try:
                             await stream.send_request()
+                            raw = stream._stream
                             if progress is not None:
                                 # HEADERS are written: the server may act on this call.
                                 progress.headers_sent = True
@@ -608,14 +610,14 @@ class GrpcTransport:
                 finally:
                     gate.leave()
             except StreamTerminatedError as exc:
-                received = reader is not None and reader.count > 0
+                # Any answer counts, cut into messages or still in grpclib's buffer.
+                received = raw is not None and (raw.headers is not None or raw.data_received > 0)
                 if received and _retriable_reset(exc):
-                    # "Not processed", yet replies came: it was. Sending the call
+                    # "Not processed", yet it answered: it was. Sending the call
                     # again would run it twice, so this is no refusal to retry.
-                    assert reader is not None
                     raise e.StreamCancelled(
-                        f"{path.rsplit('/', 1)[-1]}: the server reset the stream after "
-                        f"{reader.count} replies: {exc}",
+                        f"{path.rsplit('/', 1)[-1]}: the server reset the stream after it "
+                        f"began to answer: {exc}",
                         grpc_status="CANCELLED",
                     ) from exc
                 if not received and _retriable_reset(exc):
@@ -643,12 +645,10 @@ class GrpcTransport:
         """asyncio: a unary call, for code already running on the asyncio side."""
         path = SERVICE + method
         self._check_size(request, path)
-        sink = _Collect()
+        sink = _Collect(method)
         await self._exchange(path, Cardinality.UNARY_UNARY, request, sink, progress, extra_metadata)
-        if len(sink.items) != 1:
-            raise e.ProtocolViolation(
-                f"{method}: expected one reply message, got {len(sink.items)}"
-            )
+        if not sink.items:
+            raise e.ProtocolViolation(f"{method}: expected one reply message, got none")
         return sink.items[0]
 
     # Protected from Ctrl-C between the reply's arrival and its return: a reply
@@ -817,12 +817,16 @@ class _Progress:
 
 
 class _Collect:
-    """A sink for unary replies."""
+    """A sink for a unary call's reply: a second one fails the call at once (a
+    server that kept answering would otherwise fill memory until it ended)."""
 
-    def __init__(self) -> None:
+    def __init__(self, method: str) -> None:
+        self.method = method
         self.items: list[bytes] = []
 
     def push(self, item: bytes) -> bool:
+        if self.items:
+            raise e.ProtocolViolation(f"{self.method}: expected one reply message, got more")
         self.items.append(item)
         return False
 

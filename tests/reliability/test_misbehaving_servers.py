@@ -175,6 +175,35 @@ async def test_a_stream_refused_every_time_fails_after_bounded_retries(
         await assert_next_call_works(c)
 
 
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_a_refusal_after_an_answer_is_stream_cancelled_and_not_sent_again(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    # REFUSED_STREAM says "not processed", yet the server answered: sending the call
+    # again could run it twice. It was sent again when the answer was still in
+    # grpclib's buffer (not cut into messages yet) as the reset came: the server ran
+    # it twice, and the first OpenSession's session was left open.
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("refuse_after_answer"))
+        await fails_with(c, method, poc_api.StreamCancelled)
+        assert len(bad_server.calls_to(method)) == 1
+        await assert_next_call_works(c)
+
+
+async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Replies were collected without a bound until the stream ended: a server that
+    # kept answering grew the client's memory at network speed (400 MiB for 400
+    # 1 MiB replies), and one that never ended the stream held the call.
+    async with client_for(bad_server) as c:
+        bad_server.plan("OpenSession", Reply("two_replies"))
+        with trio.fail_after(3), pytest.raises(poc_api.ProtocolViolation, match="one reply"):
+            async with c.session():
+                pass
+        await assert_next_call_works(c)
+
+
 @pytest.mark.parametrize("code", [2, 8, 11])  # INTERNAL_ERROR, CANCEL, ENHANCE_YOUR_CALM
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
 async def test_reset_stream_is_stream_cancelled_and_not_retried(
