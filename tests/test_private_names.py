@@ -60,6 +60,7 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
             }
             await stream.send_message(b"", end=True)
             found["grpclib.protocol.Buffer instance"] = stream._stream.buffer
+            found["grpclib.protocol.Stream instance"] = stream._stream
             await stream.recv_message()
             return found
 

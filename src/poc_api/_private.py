@@ -67,8 +67,14 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "_inbound_flow_control_window_manager",
         "return connection-level window on receipt",
     ),
-    # Undocumented (though not underscored) names of h2 and hpack: _hpack.py's
-    # encoder is installed on the connection and watches hpack's dynamic table.
+    # Undocumented (though not underscored) names of grpclib, h2 and hpack: the bytes
+    # a stream received; _hpack.py's encoder is installed on the connection and
+    # watches hpack's dynamic table.
+    (
+        "grpclib.protocol.Stream instance",
+        "data_received",
+        "a refusal after an answer is no refusal (never sent again)",
+    ),
     ("h2.connection.H2Connection instance", "encoder", "install the caching HPACK encoder"),
     ("hpack.Encoder instance", "header_table", "the table a cached block depends on"),
     ("hpack.table.HeaderTable instance", "dynamic_entries", "the table's state (_hpack)"),
