@@ -37,11 +37,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
+import select
 import selectors
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
 from typing import Any, Generic, TypeVar, final
@@ -70,6 +73,16 @@ _BLOCKED_SIGNALS = (
 _USE_EVENTFD = hasattr(os, "eventfd")
 # At most this many eventfds per bridge for run() calls to wait on (_take_fd).
 _MAX_CALL_FDS = 32
+
+# A busy trio (tasks runnable, so its I/O check does not block) releases and
+# retakes the GIL at every check, and CPython then never lets a thread that waits
+# for the GIL (woken from select, or back from any syscall) take it: each release
+# restarts that thread's wait for a switch (5 ms). The loop thread could wait
+# seconds with replies in hand. When it has made no progress for this long, and is
+# not idle in select, trio sleeps to hand it over until it is back in select.
+_GIL_STARVED_AFTER = 0.002
+_GIL_HANDOVER_STEP = 0.0001
+_GIL_HANDOVER_MAX = 0.002
 
 
 class _Mailbox:
@@ -440,7 +453,15 @@ class AsyncioBridge:
         self._call_fds: list[int] = []
         self._free_fds: list[int] = []
         self._fd_wakes: list[int] = []
-        self._instrument = _FlushBeforeIoWait(self._flush_to_loop)
+        self._selector = selector
+        # Is the loop's I/O ready (trio side)? Linux: poll its epoll fd.
+        self._probe: Any = None
+        if isinstance(selector, selectors.EpollSelector):
+            self._probe = select.poll()
+            self._probe.register(selector.fileno(), select.POLLIN)
+        self._seen_selects = 0
+        self._seen_at = 0.0
+        self._instrument = _FlushBeforeIoWait(self._flush_to_loop, self._hand_over_gil)
         self._closing = False
         self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
         self._abortable: set[_Call] = set()  # trio side: what abort_calls ends
@@ -583,6 +604,36 @@ class AsyncioBridge:
             self._to_loop.flush()
         except RuntimeError:  # the loop closed: nothing left to wake
             pass
+
+    def _hand_over_gil(self) -> None:
+        """trio, about to check I/O without blocking: let a starved loop thread run.
+
+        See ``_GIL_STARVED_AFTER``. Looks at most once per that interval: one
+        poll of the loop's epoll fd, and a sleep only if the loop thread is
+        stuck with its I/O ready.
+        """
+        probe = self._probe
+        if probe is None:
+            return
+        now = time.perf_counter()
+        selector = self._selector
+        seen = selector.selects
+        if seen != self._seen_selects:
+            self._seen_selects, self._seen_at = seen, now
+            return
+        if now - self._seen_at < _GIL_STARVED_AFTER:
+            return
+        self._seen_at = now
+        if seen & 1 and time.monotonic() < selector.idle_until and not probe.poll(0):
+            return  # idle in select: no I/O ready, no timer due
+        # Starved, in select with its I/O ready or in the middle of its work: let it
+        # run up to its next select (bounded).
+        until = now + _GIL_HANDOVER_MAX
+        while True:
+            time.sleep(_GIL_HANDOVER_STEP)
+            now_seen = selector.selects
+            if (now_seen != seen and now_seen & 1) or time.perf_counter() > until:
+                break
 
     def before_select(self, fn: Callable[[], None]) -> None:
         """asyncio side: run ``fn()`` once, right before the loop next selects.
@@ -963,13 +1014,17 @@ else:
 
 
 class _FlushBeforeIoWait(trio.abc.Instrument):
-    """Wakes the loop thread for the bridge's posts right before trio blocks."""
+    """Wakes the loop thread for the bridge's posts right before trio blocks, and
+    lets it have the GIL while trio is busy (``_GIL_STARVED_AFTER``)."""
 
-    def __init__(self, flush: Callable[[], None]) -> None:
+    def __init__(self, flush: Callable[[], None], busy: Callable[[], None]) -> None:
         self._flush = flush
+        self._busy = busy
 
     def before_io_wait(self, timeout: float) -> None:
         self._flush()
+        if not timeout:  # tasks are runnable: trio keeps the GIL but for an instant
+            self._busy()
 
 
 class _FlushingSelector(selectors.DefaultSelector):
@@ -985,6 +1040,10 @@ class _FlushingSelector(selectors.DefaultSelector):
     def __init__(self, flush: Callable[[], None]) -> None:
         super().__init__()
         self._flush = flush
+        # The loop thread's progress, for trio: odd while it is in select, which
+        # it may leave for no I/O before idle_until (time.monotonic()).
+        self.selects = 0
+        self.idle_until = 0.0
         self._wake_fd = -1
         self._on_wake: Callable[[], None] = _nothing
 
@@ -995,7 +1054,10 @@ class _FlushingSelector(selectors.DefaultSelector):
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         self._flush()
+        self.idle_until = math.inf if timeout is None else time.monotonic() + timeout
+        self.selects += 1
         events = super().select(timeout)
+        self.selects += 1
         fd = self._wake_fd
         if fd >= 0:
             for i, (key, _) in enumerate(events):
