@@ -41,6 +41,13 @@ async def test_numpy_wraps_a_generate_readout_without_a_copy(client: poc_api.Api
         assert _same_buffer(t.readout)
         assert arr.tolist() == t.readout.tolist()
         assert arr.reshape(manifest.shape).shape == manifest.shape
+        # The typed route the docs recommend copies nothing either; tolist() gives
+        # floats (typeshed says list[int]).
+        typed = np.asarray(t.readout, dtype=np.float32).reshape(manifest.shape)
+        assert (
+            np.shares_memory(typed, arr) and typed.tolist() == arr.reshape(manifest.shape).tolist()
+        )
+        assert all(type(x) is float for x in t.readout.tolist())
 
 
 async def test_numpy_wraps_a_conversation_readout_as_layers_by_concepts(
@@ -63,6 +70,39 @@ async def test_numpy_wraps_a_conversation_readout_as_layers_by_concepts(
         assert arr.dtype == np.float32 and arr.shape == manifest.shape
         assert _same_buffer(t.readout)
         assert arr.tolist() == t.readout.tolist()
+        assert np.shares_memory(np.asarray(t.readout, dtype=np.float32), arr)
+        assert all(type(x) is float for row in t.readout.tolist() for x in row)
+
+
+def test_readout_docs_recommend_the_typed_numpy_route() -> None:
+    # typeshed types memoryview.tolist() as list[int], and numpy.asarray(mv) is an
+    # array of Any: the docs recommended both. asarray with dtype=numpy.float32 is
+    # an NDArray[float32] (tests/typing/user_readouts.py checks it under mypy).
+    from pathlib import Path
+
+    from poc_api import _types
+
+    route = "numpy.asarray(ev.readout, dtype=numpy.float32)"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = " ".join(readme.split())
+    docs = {
+        "poc_api._types": _types.__doc__ or "",
+        "Token": Token.__doc__ or "",
+        "TokenOut": TokenOut.__doc__ or "",
+        "README.md": readme,
+    }
+    for where, doc in docs.items():
+        doc = " ".join(doc.split()).replace("``", "`")
+        assert route in doc, where
+        if "tolist()" in doc:
+            assert "list[int]" in doc, f"{where}: tolist() is typed list[int]"
+    # ... and the fields' own docstrings (shown on hover), in the source.
+    source = Path(_types.__file__).read_text(encoding="utf-8")
+    fields = source.split("readout: _FloatView | None = attrs.field(")[1:]
+    assert len(fields) == 2
+    for field in fields:
+        docstring = field.split("\n", 1)[1].lstrip()
+        assert docstring.startswith('"""') and route in docstring.split('"""')[1].replace("``", "`")
 
 
 async def test_numpy_integers_are_token_ids_and_become_plain_ints(

@@ -1,8 +1,12 @@
 """Value types: sampling parameters, wire events, stream events, results.
 
 All are frozen attrs classes. Readout data is a ``memoryview`` of float32
-(format ``"f"``) that ``numpy.asarray`` wraps without copying; numpy is not
-needed to use it (``mv.tolist()`` gives nested lists).
+(format ``"f"``) that numpy wraps without copying. The typed way to read it is
+``numpy.asarray(ev.readout, dtype=numpy.float32)``: an ``NDArray[numpy.float32]``
+to a type checker, where a bare ``numpy.asarray(ev.readout)`` is an array of
+``Any``. numpy is not needed to use it: ``ev.readout.tolist()`` gives (nested)
+lists of floats at run time, though typeshed types ``memoryview.tolist()`` as
+``list[int]`` (a checker sees ints there).
 """
 
 from __future__ import annotations
@@ -385,8 +389,9 @@ class Token:
     ``readout`` is a flat float32 ``memoryview`` (``n_layers * n_concepts``,
     layer-major) or ``None`` when not requested (``readout_ranges`` on
     ``Session.generate``). ``Session.generate`` takes no shape and always gives
-    it flat: ``mv.cast("B").cast("f", (n_layers, n_concepts))`` or
-    ``numpy.asarray(mv).reshape(...)`` shapes it. 2-D readouts come from
+    it flat: ``numpy.asarray(ev.readout, dtype=numpy.float32).reshape(manifest.shape)``
+    shapes it without a copy, typed ``NDArray[numpy.float32]`` (without numpy,
+    ``mv.cast("B").cast("f", (n_layers, n_concepts))``). 2-D readouts come from
     ``Conversation.stream(..., readout_shape=...)``, on :class:`TokenOut`.
 
     Tokens compare by value, readouts included; the hash leaves the readout out
@@ -401,6 +406,12 @@ class Token:
     sampled_logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
     readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
+    """The flat float32 readout (``n_layers * n_concepts``, layer-major), or ``None``.
+
+    Typed: ``numpy.asarray(ev.readout, dtype=numpy.float32)``, an
+    ``NDArray[numpy.float32]`` over the same memory. ``ev.readout.tolist()`` gives
+    floats at run time, though typeshed types it ``list[int]``.
+    """
 
     __reduce__ = _reduce_with_readout
 
@@ -439,7 +450,9 @@ class TokenOut:
     """A decoded token from ``Conversation.stream``.
 
     ``readout`` is a 2-D float32 ``memoryview`` shaped ``(n_layers, n_concepts)``
-    when a ``readout_shape`` was given and the server sent a vector of that size.
+    when a ``readout_shape`` was given and the server sent a vector of that size:
+    ``numpy.asarray(ev.readout, dtype=numpy.float32)`` wraps it without a copy,
+    typed ``NDArray[numpy.float32]``.
     ``top_logprobs`` holds the ``logprob_top_k`` most likely tokens when the
     stream's sampling asked for them. Compared by value, pickled and copied like
     :class:`Token`.
@@ -447,6 +460,12 @@ class TokenOut:
 
     id: int
     readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
+    """The float32 readout shaped ``(n_layers, n_concepts)``, or ``None``.
+
+    Typed: ``numpy.asarray(ev.readout, dtype=numpy.float32)``, an
+    ``NDArray[numpy.float32]`` over the same memory. ``ev.readout.tolist()`` gives
+    lists of floats at run time, though typeshed types it ``list[int]``.
+    """
     logprob: float = 0.0
     position: int = 0
     top_logprobs: tuple[TopLogprob, ...] = ()
