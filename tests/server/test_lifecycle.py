@@ -102,6 +102,20 @@ def test_public_names_are_exported() -> None:
     }
 
 
+def test_server_config_takes_concepts_as_any_iterable_of_names() -> None:
+    # converter=tuple: mypy's attrs plugin cannot solve tuple's TypeVar, so no
+    # ServerConfig(concepts=[...]) or (concepts=("a", "b")) call type-checked
+    # (tests/typing/user_server.py). A typed converter stores the same tuple.
+    import typing
+    from collections.abc import Iterable
+
+    assert typing.get_type_hints(ServerConfig.__init__)["concepts"] == Iterable[str]
+    for given in (["a", "b"], ("a", "b"), iter("ab")):
+        assert ServerConfig(concepts=given).concepts == ("a", "b")
+    with pytest.raises(ValueError, match="concepts must be a non-empty tuple"):
+        ServerConfig(concepts=[])
+
+
 def test_a_busy_grpc_port_is_named_in_the_error() -> None:
     # The gRPC port is never given (it is the HTTP port + 1): a bare "Address
     # already in use" for a free HTTP port left the user guessing which.

@@ -7,6 +7,7 @@ import hmac
 import math
 import threading
 from collections import Counter, deque
+from collections.abc import Iterable
 from typing import Any, final
 
 import attrs
@@ -16,6 +17,12 @@ from ._model import DEFAULT_CONCEPTS, NGramModel, Readout, default_model
 from ._sessions import SessionStore
 
 __all__ = ["Runtime", "ServerConfig", "ServerState", "Stats"]
+
+
+def _concepts(value: Iterable[str]) -> tuple[str, ...]:
+    # A typed converter, not a bare ``tuple``, whose TypeVar mypy's attrs plugin
+    # cannot solve: ``ServerConfig(concepts=["a", "b"])`` type-checks under --strict.
+    return tuple(value)
 
 
 def _check_concepts(_: object, __: object, value: tuple[str, ...]) -> None:
@@ -68,7 +75,7 @@ class ServerConfig:
     ignore_eos: bool = False
     n_layers: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     concepts: tuple[str, ...] = attrs.field(
-        default=DEFAULT_CONCEPTS, converter=tuple, validator=_check_concepts
+        default=DEFAULT_CONCEPTS, converter=_concepts, validator=_check_concepts
     )
     model_name: str = "poc-reference"
     prefill_delay_us: float = attrs.field(default=0.0, validator=_non_negative_finite)
