@@ -72,6 +72,39 @@ async def test_open_client_takes_a_grpc_url_of_the_callers() -> None:
                     assert not a.state().session_ids
 
 
+def test_the_helpers_keywords_are_typed_as_server_config_and_api_client_take_them() -> None:
+    # They took **config: Any and **client_options: Any: a misspelt keyword
+    # passed both type checkers (tests/typing/user_testing.py). The TypedDicts
+    # must follow ServerConfig's fields and ApiClient's options: a new one added
+    # there and not here fails this test.
+    import inspect
+    import typing
+    from collections.abc import Callable
+
+    from poc_api.testing import ApiClientOptions, ServerConfigFields, reference_servers
+
+    def keywords(fn: Callable[..., object], skip: set[str]) -> dict[str, object]:
+        hints = typing.get_type_hints(fn)
+        params = inspect.signature(fn).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return {p.name: hints[p.name] for p in params if p.kind in kinds and p.name not in skip}
+
+    assert typing.get_type_hints(ServerConfigFields) == keywords(ServerConfig.__init__, {"self"})
+    assert typing.get_type_hints(ApiClientOptions) == keywords(
+        poc_api.ApiClient.__init__, {"self", "base_url"}
+    )
+    assert ServerConfigFields.__required_keys__ == ApiClientOptions.__required_keys__ == set()
+    for fn, typed in (
+        (reference_server, ServerConfigFields),
+        (reference_servers, ServerConfigFields),
+        (open_client, ApiClientOptions),
+    ):
+        [variadic] = [
+            p for p in inspect.signature(fn).parameters.values() if p.kind is p.VAR_KEYWORD
+        ]
+        assert typing.get_type_hints(fn)[variadic.name] == typing.Unpack[typed], fn
+
+
 def test_a_server_port_must_leave_room_for_grpc_on_the_next_one() -> None:
     # 70000 wrapped to 4464; 65535 put gRPC on a random port.
     for port in (-1, 65535, 70000):

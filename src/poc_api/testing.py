@@ -42,9 +42,9 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, Unpack
 
 import trio
 
@@ -56,6 +56,8 @@ from .server import ReferenceServer, ServerConfig
 
 __all__ = [
     "NGINX",
+    "ApiClientOptions",
+    "ServerConfigFields",
     "make_png",
     "nginx_grpc_config",
     "nginx_grpc_proxy",
@@ -65,12 +67,65 @@ __all__ = [
 ]
 
 
+class ServerConfigFields(TypedDict, total=False):
+    """The keyword arguments of :class:`~poc_api.server.ServerConfig`, all optional.
+
+    What :func:`reference_server` and :func:`reference_servers` take, so that a type
+    checker refuses a misspelt field or a value of the wrong type. Each means what
+    the field of ``ServerConfig`` of the same name means.
+    """
+
+    host: str
+    port: int
+    api_key: str | None
+    readout: bool
+    seed: int
+    max_sessions: int
+    idle_timeout: float
+    max_context: int
+    max_message_size: int
+    ignore_eos: bool
+    n_layers: int
+    concepts: Iterable[str]
+    model_name: str
+    prefill_delay_us: float
+    token_delay_ms: float
+    prefill_slots: int
+
+
+class ApiClientOptions(TypedDict, total=False):
+    """The options of :class:`~poc_api.ApiClient` after ``base_url``, all optional.
+
+    What :func:`open_client` takes, so that a type checker refuses a misspelt
+    option or a value of the wrong type. Each means what the ``ApiClient``
+    argument of the same name means.
+    """
+
+    api_key: str
+    model: str
+    grpc_url: str | Sequence[str] | None
+    connect_timeout: float
+    timeout: float
+    close_timeout: float
+    max_buffered_events: int
+    max_buffered_bytes: int
+    max_message_size: int
+    keepalive_time: float | None
+    keepalive_timeout: float
+    keepalive_idle: bool
+    max_concurrent_streams: int
+    affinity_header: str | None
+    health_check_interval: float
+    dns_refresh: float
+
+
 @protected_asynccontextmanager
-async def reference_server(**config: Any) -> AsyncIterator[ReferenceServer]:
+async def reference_server(**config: Unpack[ServerConfigFields]) -> AsyncIterator[ReferenceServer]:
     """Run a reference server for the block; stop it on exit.
 
     Keyword arguments are :class:`~poc_api.server.ServerConfig` fields (``seed``,
-    ``api_key``, ``readout``, ``max_context``, ``ignore_eos``, ...). The port defaults
+    ``api_key``, ``readout``, ``max_context``, ``ignore_eos``, ...: see
+    :class:`ServerConfigFields`). The port defaults
     to 0: a free pair of loopback ports (HTTP on ``p``, gRPC on ``p + 1``).
 
     Starting and stopping run in a worker thread, so the event loop is not blocked.
@@ -85,13 +140,16 @@ async def reference_server(**config: Any) -> AsyncIterator[ReferenceServer]:
 
 
 @protected_asynccontextmanager
-async def reference_servers(n: int, **config: Any) -> AsyncIterator[list[ReferenceServer]]:
+async def reference_servers(
+    n: int, **config: Unpack[ServerConfigFields]
+) -> AsyncIterator[list[ReferenceServer]]:
     """Run ``n`` reference servers for the block ; stop them on exit.
 
-    Keyword arguments are :class:`~poc_api.server.ServerConfig` fields, shared by
-    all of them (``token_delay_ms`` and ``prefill_delay_us`` make them behave like
-    busy inference servers). A test may :meth:`~poc_api.server.ReferenceServer.stop`
-    one early to kill it; stopping twice is harmless.
+    Keyword arguments are :class:`~poc_api.server.ServerConfig` fields
+    (:class:`ServerConfigFields`), shared by all of them (``token_delay_ms`` and
+    ``prefill_delay_us`` make them behave like busy inference servers). A test may
+    :meth:`~poc_api.server.ReferenceServer.stop` one early to kill it; stopping
+    twice is harmless.
 
     Example::
 
@@ -249,16 +307,21 @@ async def nginx_grpc_proxy(
 
 
 @protected_asynccontextmanager
-async def open_client(server: ReferenceServer, **client_options: Any) -> AsyncIterator[ApiClient]:
+async def open_client(
+    server: ReferenceServer, **client_options: Unpack[ApiClientOptions]
+) -> AsyncIterator[ApiClient]:
     """An open :class:`~poc_api.ApiClient` connected to ``server``, closed on exit.
 
     It uses the server's gRPC URL explicitly (so ``POC_GRPC_URL`` in the
     environment cannot redirect it) and its api key, if it has one. Keyword
-    arguments go to :class:`~poc_api.ApiClient` (``model``, ``timeout``, ...) and
-    override these: ``grpc_url=proxy``, with ``proxy`` the URL an
-    :func:`nginx_grpc_proxy` yields, goes through that proxy.
+    arguments go to :class:`~poc_api.ApiClient` (``model``, ``timeout``, ...: see
+    :class:`ApiClientOptions`) and override these: ``grpc_url=proxy``, with
+    ``proxy`` the URL an :func:`nginx_grpc_proxy` yields, goes through that proxy.
     """
-    options: dict[str, Any] = {"api_key": server.config.api_key or "", "grpc_url": server.grpc_url}
+    options: ApiClientOptions = {
+        "api_key": server.config.api_key or "",
+        "grpc_url": server.grpc_url,
+    }
     options.update(client_options)
     async with ApiClient(server.base_url, **options) as client:
         yield client
