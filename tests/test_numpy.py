@@ -174,16 +174,52 @@ async def test_numpy_floats_are_floats_and_become_plain_floats(
     assert type(sample.weight) is float and sample.weight == 2.0
     with trio.fail_after(10):
         async with client.session() as s:
-            await s.prefill(HELLO, timeout=np.float32(5))  # type: ignore[arg-type]
+            await s.prefill(HELLO, timeout=np.float32(5))
             async with s.generate([], sampling=sampling) as ev:
                 assert [e async for e in ev if isinstance(e, Token)]
         answer = await client.chat(
             [{"role": "user", "content": "hi"}],
             max_tokens=2,
-            temperature=np.float32(0.5),  # type: ignore[arg-type]
+            temperature=np.float32(0.5),
             top_p=np.float64(0.5),
         )
         assert answer.finish_reason == "length"
+
+
+async def test_a_numpy_float32_timeout_becomes_a_plain_float_trio_deadline(
+    client: poc_api.ApiClient,
+) -> None:
+    # chat_stream, and append_image waiting for its session, made a trio deadline
+    # of the timeout as given: a float32 one, which trio's I/O wait refused
+    # ("TypeError: timeout must be an integer or None") once it was the nearest
+    # deadline, and trio.run died. (The types now take any real number.)
+    import time
+    from functools import partial
+
+    import trio.testing
+
+    from poc_api.testing import make_png
+
+    async def block_a_while() -> None:
+        # The nearest deadline is the call's while trio waits for this thread.
+        await trio.to_thread.run_sync(time.sleep, 0.05)
+
+    with trio.fail_after(30):
+        messages = [{"role": "user", "content": "hi"}]
+        async with client.chat_stream(messages, max_tokens=2, timeout=np.float32(20)) as events:
+            await block_a_while()
+            assert [e async for e in events]
+        async with client.session() as s:
+            async with trio.open_nursery() as nursery:
+                async with s.generate(HELLO, sampling=SamplingParams(max_tokens=2)) as ev:
+                    # The append waits for the session, which this block holds.
+                    append = partial(s.append_image, timeout=np.float32(20))
+                    nursery.start_soon(append, make_png(), "image/png")
+                    await trio.testing.wait_all_tasks_blocked()
+                    await block_a_while()
+                    async for _ in ev:
+                        pass
+            assert s.committed_len == len(HELLO) + 2 + 4  # the image's 4 placeholders
 
 
 @pytest.mark.parametrize(
@@ -258,29 +294,73 @@ async def test_numpy_arrays_and_integers_everywhere_ids_ranges_and_counts_are_ta
         answer = await client.chat(
             [{"role": "user", "content": "hi"}],
             max_tokens=np.int64(2),
-            seed=np.int32(7),  # type: ignore[arg-type]
+            seed=np.int32(7),
         )
         assert answer.finish_reason == "length"
 
 
 def test_type_hints_take_numpy_arrays_of_ids_and_numpy_positions() -> None:
     # mypy --strict refused s.prefill(np.array(ids)) (Sequence[int]: an ndarray is
-    # only Iterable) and s.rewind(np.int64(3)) (int), which run as the README says.
+    # only Iterable) and s.rewind(np.int64(3)) (int), which run as the README says;
+    # then a list of numpy ids (Iterable[int]), a numpy priority, a numpy float
+    # timeout and a bytearray image (tests/typing/user_numpy.py).
     import typing
     from collections.abc import Iterable, Sequence
+    from typing import SupportsFloat, SupportsIndex
 
     def hints(fn: object) -> dict[str, object]:
         return typing.get_type_hints(fn)
 
-    assert hints(poc_api.Session.prefill)["tokens"] == Iterable[int]
-    assert hints(poc_api.Session.generate)["tokens"] == Iterable[int]
-    assert hints(poc_api.ApiClient.detokenize)["tokens"] == Iterable[int]
-    assert Iterable[int] in typing.get_args(
+    ids = Iterable[SupportsIndex]
+    assert hints(poc_api.Session.prefill)["tokens"] == ids
+    assert hints(poc_api.Session.generate)["tokens"] == ids
+    assert hints(poc_api.ApiClient.detokenize)["tokens"] == ids
+    assert hints(poc_api.Tokens.__init__)["ids"] == ids
+    assert hints(poc_api.TrainSample.__init__)["tokens"] == ids
+    assert hints(poc_api.SamplingParams.__init__)["stop_token_ids"] == ids
+    assert hints(poc_api.ReadoutManifest.__init__)["layers"] == ids
+    assert ids in typing.get_args(
         typing.get_args(hints(poc_api.ApiClient.score_continuations)["continuations"])[0]
     )
-    assert hints(poc_api.Session.rewind)["length"] == typing.SupportsIndex
+    prompt = hints(poc_api.prompt_to_chunks)
+    assert prompt["tokens"] == ids  # read once: any iterable
+    assert prompt["vision_start"] == prompt["vision_end"] == SupportsIndex
+    assert hints(poc_api.Session.rewind)["length"] == SupportsIndex
     for fn in (poc_api.Session.generate, poc_api.Session.append_image):
-        assert hints(fn)["rewind_to"] == typing.SupportsIndex | None
+        assert hints(fn)["rewind_to"] == SupportsIndex | None
+    assert hints(poc_api.Session.generate)["priority"] == SupportsIndex
+    stream = hints(poc_api.Conversation.stream)
+    assert stream["priority"] == SupportsIndex | None
+    assert stream["readout_shape"] == tuple[SupportsIndex, SupportsIndex] | None
+    assert hints(poc_api.Session.append_image)["data"] == bytes | bytearray | memoryview
+    # Every per-call timeout is checked by check_timeout, which takes any real number.
+    timed = [
+        poc_api.ApiClient.session,
+        poc_api.ApiClient.score,
+        poc_api.ApiClient.score_many,
+        poc_api.ApiClient.score_continuations,
+        poc_api.ApiClient.readout_manifest,
+        poc_api.ApiClient.train,
+        poc_api.ApiClient.chat,
+        poc_api.ApiClient.chat_stream,
+        poc_api.ApiClient.tokenize,
+        poc_api.ApiClient.detokenize,
+        poc_api.ApiClient.tokenizer_info,
+        poc_api.Session.prefill,
+        poc_api.Session.rewind,
+        poc_api.Session.append_image,
+        poc_api.Session.generate,
+        poc_api.Conversation.stream,
+    ]
+    for fn in timed:
+        timeouts = {k: v for k, v in hints(fn).items() if k.endswith("timeout")}
+        assert timeouts and set(timeouts.values()) == {SupportsFloat | None}, fn
+    # chat's numbers, which it checks as the gRPC side does.
+    for fn in (poc_api.ApiClient.chat, poc_api.ApiClient.chat_stream):
+        chat = hints(fn)
+        for name in ("max_tokens", "n", "top_logprobs", "seed"):
+            assert chat[name] == SupportsIndex | None, name
+        assert chat["temperature"] == chat["top_p"] == SupportsFloat | None
     # A float32 temperature, and ranges as lists or a 2-D array, which run.
     init = hints(poc_api.SamplingParams.__init__)
     assert init["temperature"] == init["top_p"] == typing.SupportsFloat

@@ -146,7 +146,7 @@ def test_readout_manifest_takes_typed_iterables() -> None:
 
     hints = typing.get_type_hints(poc_api.ReadoutManifest.__init__)
     assert hints["concepts"] == Iterable[str]
-    assert hints["layers"] == Iterable[int]
+    assert hints["layers"] == Iterable[typing.SupportsIndex]  # numpy's ints too
     manifest = poc_api.ReadoutManifest(["a", "b"], [0, 1])
     assert manifest == poc_api.ReadoutManifest(("a", "b"), (0, 1))
     assert manifest.concepts == ("a", "b") and manifest.layers == (0, 1)

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-def _ids(value: Iterable[int]) -> tuple[int, ...]:
+def _ids(value: Iterable[SupportsIndex]) -> tuple[int, ...]:
     return _u32_tuple(value, "ids")
 
 
@@ -124,12 +124,15 @@ def _as_image(item: object) -> Image:
 
 
 def prompt_to_chunks(
-    tokens: Sequence[int],
+    tokens: Iterable[SupportsIndex],
     images: Iterable[Image | tuple[bytes, str]],
-    vision_start: int,
-    vision_end: int,
+    vision_start: SupportsIndex,
+    vision_end: SupportsIndex,
 ) -> list[Chunk]:
     """Split a flat token prompt into chunks at image brackets (proto/PROTOCOL.md §4).
+
+    ``tokens`` is any iterable of ids (read once: a list, a numpy array, a
+    generator); ids and brackets may be numpy integers.
 
     Tokens up to and including ``vision_start`` stay text; the positions strictly
     between ``vision_start`` and ``vision_end`` become the next image of
@@ -153,7 +156,7 @@ def prompt_to_chunks(
         raise ValueError("vision_start and vision_end must differ")
     image_iter = iter(images)
     out: list[Chunk] = []
-    text: list[int] = []
+    text: list[SupportsIndex] = []
     inside = False
     inner = 0
     for tok in tokens:

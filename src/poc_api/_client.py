@@ -25,7 +25,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, final
+from typing import Any, ParamSpec, SupportsFloat, SupportsIndex, TypeVar, final
 from urllib.parse import urlsplit
 
 import httpx
@@ -633,7 +633,9 @@ class ApiClient:
 
     # -- gRPC --------------------------------------------------------------------
 
-    def session(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Session]:
+    def session(
+        self, *, timeout: SupportsFloat | None = None
+    ) -> AbstractAsyncContextManager[Session]:
         """Open a server-side session for the block (``OpenSession`` … ``CloseSession``).
 
         ``timeout`` bounds the ``OpenSession`` call. Leaving the block in any way —
@@ -673,7 +675,7 @@ class ApiClient:
         chunks: Sequence[Chunk],
         ranges: Ranges,
         *,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
     ) -> list[ScoreResult]:
         """Sum the log-probabilities of the prompt positions in each range.
 
@@ -700,7 +702,7 @@ class ApiClient:
         *,
         max_concurrency: int = 16,
         share_prefix: bool = False,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
     ) -> list[list[ScoreResult]]:
         """Score many ``(chunks, ranges)`` prompts concurrently over the one connection.
 
@@ -731,9 +733,9 @@ class ApiClient:
     async def score_continuations(
         self,
         prompt_chunks: Sequence[Chunk],
-        continuations: Sequence[Iterable[int] | Sequence[Chunk] | Chunk],
+        continuations: Sequence[Iterable[SupportsIndex] | Sequence[Chunk] | Chunk],
         *,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
     ) -> list[ScoreResult]:
         """Score continuations of one prompt, sending the prompt once.
 
@@ -765,7 +767,9 @@ class ApiClient:
 
     # -- HTTP --------------------------------------------------------------------
 
-    async def readout_manifest(self, *, timeout: float | None = None) -> ReadoutManifest | None:
+    async def readout_manifest(
+        self, *, timeout: SupportsFloat | None = None
+    ) -> ReadoutManifest | None:
         """The readout manifest, or ``None`` when the server has readout disabled
         (or sends a manifest with no concepts or no layers: a warning is logged).
 
@@ -777,7 +781,7 @@ class ApiClient:
             return await self._https().readout_manifest()
 
     async def train(
-        self, samples: Sequence[TrainSample], *, timeout: float | None = None
+        self, samples: Sequence[TrainSample], *, timeout: SupportsFloat | None = None
     ) -> TrainResult:
         """Send training samples to ``POST {base_url}/train``."""
         with deadline(timeout, "train"):
@@ -788,19 +792,19 @@ class ApiClient:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
         model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
+        max_tokens: SupportsIndex | None = None,
+        temperature: SupportsFloat | None = None,
+        top_p: SupportsFloat | None = None,
         stop: str | Sequence[str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
-        n: int | None = None,
+        n: SupportsIndex | None = None,
         logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        seed: int | None = None,
+        top_logprobs: SupportsIndex | None = None,
+        seed: SupportsIndex | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> ChatCompletion:
         """OpenAI-compatible chat completion (non-streaming), ``POST /chat/completions``.
@@ -852,19 +856,19 @@ class ApiClient:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
         model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
+        max_tokens: SupportsIndex | None = None,
+        temperature: SupportsFloat | None = None,
+        top_p: SupportsFloat | None = None,
         stop: str | Sequence[str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
-        n: int | None = None,
+        n: SupportsIndex | None = None,
         logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        seed: int | None = None,
+        top_logprobs: SupportsIndex | None = None,
+        seed: SupportsIndex | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> AbstractAsyncContextManager[ChatStream]:
         """OpenAI-compatible streaming chat: deltas, then a final :class:`ChatDone`.
@@ -910,7 +914,7 @@ class ApiClient:
             extra_body=extra_body,
         )
 
-    async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
+    async def tokenize(self, text: str, *, timeout: SupportsFloat | None = None) -> list[int]:
         """Encode text with the server's tokenizer (reference-server extension).
 
         An answer with an id outside ``[0, 2**32)`` raises :class:`ProtocolViolation`.
@@ -918,12 +922,14 @@ class ApiClient:
         with deadline(timeout, "tokenize"):
             return await self._https().tokenize(text)
 
-    async def detokenize(self, tokens: Iterable[int], *, timeout: float | None = None) -> str:
+    async def detokenize(
+        self, tokens: Iterable[SupportsIndex], *, timeout: SupportsFloat | None = None
+    ) -> str:
         """Decode token ids with the server's tokenizer (reference-server extension)."""
         with deadline(timeout, "detokenize"):
             return await self._https().detokenize(tokens)
 
-    async def tokenizer_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+    async def tokenizer_info(self, *, timeout: SupportsFloat | None = None) -> dict[str, Any]:
         """Vocabulary size and special token ids (reference-server extension)."""
         with deadline(timeout, "tokenizer_info"):
             return await self._https().tokenizer_info()

@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, SupportsFloat, SupportsIndex, final
 
 import attrs
 import trio
@@ -271,11 +271,11 @@ class Conversation:
         chunks: Sequence[Chunk],
         sampling: SamplingParams | None = None,
         *,
-        priority: int | None = None,
-        readout_shape: tuple[int, int] | None = None,
-        timeout: float | None = None,
-        first_token_timeout: float | None = None,
-        token_timeout: float | None = None,
+        priority: SupportsIndex | None = None,
+        readout_shape: tuple[SupportsIndex, SupportsIndex] | None = None,
+        timeout: SupportsFloat | None = None,
+        first_token_timeout: SupportsFloat | None = None,
+        token_timeout: SupportsFloat | None = None,
     ) -> AbstractAsyncContextManager[ConversationStream]:
         """Send the prompt's delta and stream the reply.
 
@@ -322,11 +322,9 @@ class Conversation:
             )
         prio = check_int32("priority", 0 if priority is None else priority)
         total = check_timeout("timeout", timeout)
-        check_timeout("first_token_timeout", first_token_timeout)
-        check_timeout("token_timeout", token_timeout)
-        return _Turn(
-            self, chunks, sampling, prio, shape, (first_token_timeout, token_timeout), total
-        )
+        first = check_timeout("first_token_timeout", first_token_timeout)
+        between = check_timeout("token_timeout", token_timeout)
+        return _Turn(self, chunks, sampling, prio, shape, (first, between), total)
 
     async def _begin(
         self,

@@ -60,6 +60,8 @@ from typing import (
     NoReturn,
     ParamSpec,
     Protocol,
+    SupportsFloat,
+    SupportsIndex,
     TypeVar,
     cast,
     final,
@@ -1294,7 +1296,7 @@ class HttpApi:
         return tokens
 
     @_redacting
-    async def detokenize(self, tokens: Iterable[int]) -> str:
+    async def detokenize(self, tokens: Iterable[SupportsIndex]) -> str:
         """``POST /detokenize`` (reference-server extension): token ids to text.
 
         Bad ids raise ``TypeError``/``ValueError`` before sending. A checkpoint;
@@ -1327,17 +1329,17 @@ class HttpApi:
         *,
         stream: bool,
         model: str | None,
-        max_tokens: int | None,
-        temperature: float | None,
-        top_p: float | None,
+        max_tokens: SupportsIndex | None,
+        temperature: SupportsFloat | None,
+        top_p: SupportsFloat | None,
         stop: str | Sequence[str] | None,
         tools: Sequence[Mapping[str, Any]] | None,
         tool_choice: str | Mapping[str, Any] | None,
         response_format: Mapping[str, Any] | None,
-        n: int | None,
+        n: SupportsIndex | None,
         logprobs: bool | None,
-        top_logprobs: int | None,
-        seed: int | None,
+        top_logprobs: SupportsIndex | None,
+        seed: SupportsIndex | None,
         extra_body: Mapping[str, Any] | None,
         extra: dict[str, Any],
     ) -> dict[str, Any]:
@@ -1454,17 +1456,17 @@ class HttpApi:
         messages: Sequence[Mapping[str, Any]],
         *,
         model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
+        max_tokens: SupportsIndex | None = None,
+        temperature: SupportsFloat | None = None,
+        top_p: SupportsFloat | None = None,
         stop: str | Sequence[str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
-        n: int | None = None,
+        n: SupportsIndex | None = None,
         logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        seed: int | None = None,
+        top_logprobs: SupportsIndex | None = None,
+        seed: SupportsIndex | None = None,
         extra_body: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> ChatCompletion:
@@ -1530,19 +1532,19 @@ class HttpApi:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
         model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
+        max_tokens: SupportsIndex | None = None,
+        temperature: SupportsFloat | None = None,
+        top_p: SupportsFloat | None = None,
         stop: str | Sequence[str] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
-        n: int | None = None,
+        n: SupportsIndex | None = None,
         logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        seed: int | None = None,
+        top_logprobs: SupportsIndex | None = None,
+        seed: SupportsIndex | None = None,
         extra_body: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> AsyncIterator[ChatStream]:
@@ -1602,10 +1604,12 @@ class HttpApi:
             extra_body=extra_body,
             extra=extra,
         )
-        check_timeout("timeout", timeout)  # inf is fine, as everywhere
+        # inf is fine, as everywhere. A plain float: a numpy float32 made a float32
+        # trio deadline, which trio's I/O wait refused ("timeout must be an integer").
+        seconds = check_timeout("timeout", timeout)
         # A cancel scope around a yield is fine in a context manager (same task).
         # A CancelScope, not move_on_after (a @contextmanager a Ctrl-C can tear).
-        with trio.CancelScope(relative_deadline=math.inf if timeout is None else timeout) as scope:
+        with trio.CancelScope(relative_deadline=math.inf if seconds is None else seconds) as scope:
             if not payload["model"]:
                 payload["model"] = await self._chat_model()
             url = self._base_url + "/chat/completions"
@@ -1647,7 +1651,7 @@ class HttpApi:
             finally:
                 await events._release()
         if scope.cancelled_caught:
-            raise PocApiTimeout(f"chat_stream: not finished within {timeout:g} s")
+            raise PocApiTimeout(f"chat_stream: not finished within {seconds:g} s")
 
     def _server_error(self, url: str, *, response_status: int, error: object) -> HttpError:
         """An error object inside a 200 answer, as an :class:`HttpError`.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, SupportsIndex, cast
 
 import trio
 
@@ -506,7 +506,7 @@ async def score_continuations(
     transport: Router,
     model: str,
     prompt_chunks: Sequence[Chunk],
-    continuations: Sequence[Iterable[int] | Sequence[Chunk] | Chunk],
+    continuations: Sequence[Iterable[SupportsIndex] | Sequence[Chunk] | Chunk],
     *,
     max_buffered_events: int,
     close_timeout: float,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, SupportsIndex, final
+from typing import TYPE_CHECKING, SupportsFloat, SupportsIndex, final
 
 import trio
 
@@ -354,7 +354,9 @@ class Session:
                 f"session {self._session_id} was interrupted mid-call; open a new session"
             )
 
-    async def prefill(self, tokens: Iterable[int], *, timeout: float | None = None) -> Done:
+    async def prefill(
+        self, tokens: Iterable[SupportsIndex], *, timeout: SupportsFloat | None = None
+    ) -> Done:
         """Append tokens without decoding (``Generate`` with ``max_tokens = 0``).
 
         Returns the ``Done`` event. A checkpoint; cancelling it (or ``timeout``
@@ -368,7 +370,7 @@ class Session:
         assert events.done is not None
         return events.done
 
-    async def rewind(self, length: SupportsIndex, *, timeout: float | None = None) -> Done:
+    async def rewind(self, length: SupportsIndex, *, timeout: SupportsFloat | None = None) -> Done:
         """Drop every position ``>= length`` (``Generate`` with ``truncating = true``).
 
         ``length`` is an int in ``[0, committed_len]``: ``TypeError`` /
@@ -393,16 +395,17 @@ class Session:
     @trio.lowlevel.enable_ki_protection
     async def append_image(
         self,
-        data: bytes,
+        data: bytes | bytearray | memoryview,
         mime: str,
         *,
         rewind_to: SupportsIndex | None = None,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
     ) -> ImageAppend:
         """Append an encoded image; the server writes its placeholder positions.
 
         Args:
-            data: encoded image bytes (PNG, JPEG, GIF, WebP).
+            data: encoded image bytes (PNG, JPEG, GIF, WebP): ``bytes``, a
+                ``bytearray`` or a ``memoryview`` (copied before sending).
             mime: its type, e.g. ``"image/png"``.
             rewind_to: append at this offset instead, dropping the positions after it.
             timeout: seconds before :class:`PocApiTimeout` (the session is then
@@ -414,13 +417,15 @@ class Session:
         check_image_mime(mime)  # as the Image chunk does: the server decodes images only
         if not data:
             raise ValueError("image data is empty")
-        check_timeout("timeout", timeout)
+        # A plain float: a numpy float32 would make a float32 trio deadline, which
+        # trio's I/O wait refuses ("timeout must be an integer or None").
+        seconds = check_timeout("timeout", timeout)
         if rewind_to is not None:
             rewind_to = _u32("rewind_to", rewind_to)
         image = bytes(data)
         self._busy_check()
         now = trio.current_time()
-        deadline_at = now + (math.inf if timeout is None else timeout)
+        deadline_at = now + (math.inf if seconds is None else seconds)
         await self._take(deadline_at, "AppendImage", now)
         try:
             self._check_usable()
@@ -434,7 +439,7 @@ class Session:
                 offset=offset,
                 truncating=truncating,
             )
-            left = None if timeout is None else max(0.0, deadline_at - trio.current_time())
+            left = None if seconds is None else max(0.0, deadline_at - trio.current_time())
             request = bytes(req)
             # A client-side refusal sends nothing: the session stays as it was.
             self._transport.check_sendable("AppendImage", request)
@@ -493,16 +498,16 @@ class Session:
 
     def generate(
         self,
-        tokens: Iterable[int] = (),
+        tokens: Iterable[SupportsIndex] = (),
         *,
         sampling: SamplingParams | None = None,
         logprobs_ranges: Ranges = (),
         readout_ranges: Ranges = (),
-        priority: int = 0,
+        priority: SupportsIndex = 0,
         rewind_to: SupportsIndex | None = None,
-        timeout: float | None = None,
-        first_token_timeout: float | None = None,
-        token_timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
+        first_token_timeout: SupportsFloat | None = None,
+        token_timeout: SupportsFloat | None = None,
     ) -> AbstractAsyncContextManager[GenerateStream]:
         """Append ``tokens``, decode, and stream the wire events.
 
@@ -542,14 +547,14 @@ class Session:
             raise TypeError("sampling must be a SamplingParams")
         lp = _check_ranges("logprobs_ranges", logprobs_ranges)
         ro = _check_ranges("readout_ranges", readout_ranges)
-        priority = check_int32("priority", priority)
+        prio = check_int32("priority", priority)
         timeouts = None
         total = check_timeout("timeout", timeout)
         first = check_timeout("first_token_timeout", first_token_timeout)
         between = check_timeout("token_timeout", token_timeout)
         if total is not None or first is not None or between is not None:
             timeouts = _Timeouts(total, first, between)
-        return _GenerateBlock(self, ids, sampling, lp, ro, priority, rewind_to, timeouts)
+        return _GenerateBlock(self, ids, sampling, lp, ro, prio, rewind_to, timeouts)
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -602,14 +607,13 @@ class open_session:  # used like the function it replaced
         *,
         max_buffered_events: int,
         close_timeout: float,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
     ) -> None:
-        check_timeout("timeout", timeout)
+        self._timeout = check_timeout("timeout", timeout)
         self._transport = transport
         self._model = model
         self._max_buffered = max_buffered_events
         self._close_timeout = close_timeout
-        self._timeout = timeout
         self._session: Session | None = None
 
     @trio.lowlevel.enable_ki_protection

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Final, NoReturn, Protocol, final
+from typing import Any, Final, NoReturn, Protocol, SupportsFloat, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -1368,7 +1368,7 @@ class deadline:  # used like the function it replaced
 
     __slots__ = ("_scope", "_timeout", "_what")
 
-    def __init__(self, timeout: float | None, what: str) -> None:
+    def __init__(self, timeout: SupportsFloat | None, what: str) -> None:
         self._timeout = check_timeout("timeout", timeout)
         self._what = what
         self._scope: trio.CancelScope | None = None

@@ -165,18 +165,20 @@ def _top_p(value: SupportsFloat) -> float:
     return _float32("top_p", value)
 
 
-def check_timeout(name: str, value: float | None) -> float | None:
-    """A timeout in seconds (``None`` = none).
+def check_timeout(name: str, value: SupportsFloat | None) -> float | None:
+    """A timeout in seconds (``None`` = none), as a plain float.
 
-    ``TypeError`` naming ``name`` unless an int or float (bools refused), as for
-    ``ApiClient``'s own timeouts; ``ValueError`` if negative, NaN or too large.
+    ``TypeError`` naming ``name`` unless a real number (an int or float, numpy's
+    ``float32``, a ``Fraction``; bools refused); ``ValueError`` if negative, NaN
+    or too large. Use what it returns, not the value given: a trio deadline made
+    of a numpy float32 breaks trio's I/O wait.
     """
     if value is None:
         return None
     try:
         seconds = as_float(name, value, "a number of seconds or None")
     except OverflowError:  # an int past float's range (math.inf is the way to say "never")
-        if value < 0:
+        if cast(numbers.Real, value) < 0:  # (as_float took it: a real number)
             seconds = -math.inf  # (refused below, as negative)
         else:
             raise ValueError(f"{name} is too large a number of seconds (math.inf: none)") from None
@@ -185,7 +187,7 @@ def check_timeout(name: str, value: float | None) -> float | None:
     return seconds
 
 
-def check_int32(name: str, value: int) -> int:
+def check_int32(name: str, value: SupportsIndex) -> int:
     """An int32 field: ``TypeError`` unless an int (bools rejected), ``ValueError``
     unless it fits."""
     value = as_int(name, value)
@@ -194,7 +196,7 @@ def check_int32(name: str, value: int) -> int:
     return value
 
 
-def _u32_tuple(value: Iterable[int], name: str = "tokens") -> tuple[int, ...]:
+def _u32_tuple(value: Iterable[SupportsIndex], name: str = "tokens") -> tuple[int, ...]:
     """Token ids as a tuple; ``TypeError`` naming ``name`` unless an iterable of ints.
 
     An element's error names it, ``tokens[3]``. (Prompts run to 100k ids: plain
@@ -221,7 +223,7 @@ def _u32_tuple(value: Iterable[int], name: str = "tokens") -> tuple[int, ...]:
 
 
 # One converter per field, so errors name the field (attrs passes the value only).
-def _stop_token_ids(value: Iterable[int]) -> tuple[int, ...]:
+def _stop_token_ids(value: Iterable[SupportsIndex]) -> tuple[int, ...]:
     return _u32_tuple(value, "stop_token_ids")
 
 
@@ -237,7 +239,7 @@ def _ids_repr(ids: tuple[int, ...]) -> str:
     return f"({shown}, ... {len(ids) - _REPR_IDS} more)"
 
 
-def _tokens(value: Iterable[int]) -> tuple[int, ...]:
+def _tokens(value: Iterable[SupportsIndex]) -> tuple[int, ...]:
     return _u32_tuple(value, "tokens")
 
 
@@ -301,7 +303,7 @@ def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
     return cast("tuple[str, ...]", concepts)
 
 
-def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
+def _int_tuple(value: Iterable[SupportsIndex]) -> tuple[int, ...]:
     # Negative indices are fine: -1 can mean the last layer.
     layers = _sequence("layers", value, "int")
     return tuple(as_int(f"layers[{i}]", layer) for i, layer in enumerate(layers))
