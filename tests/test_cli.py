@@ -131,6 +131,37 @@ async def test_demo_against_a_url_without_readout_skips_readouts_gracefully() ->
     assert "demo-key" not in result.stdout + result.stderr
 
 
+async def test_the_demo_takes_vision_brackets_from_a_tokenizer_answer_of_the_right_shape() -> None:
+    # tokenizer_info() checks its answer's shape now (TokenizerInfo, else a
+    # ProtocolViolation); the demo, which skipped an answer of another shape,
+    # still skips it, and an endpoint that is not there.
+    from poc_api.cli import _vision_brackets
+
+    class Answering:
+        def __init__(self, answer: object) -> None:
+            self.answer = answer
+
+        async def tokenizer_info(self) -> object:
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+
+    def http_error(status: int) -> poc_api.HttpError:
+        return poc_api.HttpError("no", http_status=status, url="u", body_excerpt="")
+
+    special = {"vision_start": 258, "vision_end": 259, "bos": 256}
+    cases: list[tuple[object, tuple[list[int], list[int]]]] = [
+        ({"vocab_size": 261, "special": special}, ([258], [259])),
+        ({"vocab_size": 261, "special": {"bos": 256}}, ([], [])),
+        (poc_api.ProtocolViolation("GET /v1/tokenizer: expected ..."), ([], [])),
+        (http_error(404), ([], [])),
+    ]
+    for answer, brackets in cases:
+        assert await _vision_brackets(Answering(answer)) == brackets  # type: ignore[arg-type]
+    with pytest.raises(poc_api.HttpError):
+        await _vision_brackets(Answering(http_error(500)))  # type: ignore[arg-type]
+
+
 # -- generate --------------------------------------------------------------------------
 
 

@@ -1348,6 +1348,37 @@ async def test_tokenizer_info_lists_vocab_size_and_special_ids(
         info = await make_api(http, server.base_url).tokenizer_info()
     assert info["vocab_size"] == 261
     assert info["special"]["vision_start"] == 258
+    # The whole of TokenizerInfo's shape, as its type says.
+    assert set(info) == {"vocab_size", "special"}
+    assert all(type(k) is str and type(v) is int for k, v in info["special"].items())
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ([1], "an object"),
+        ({"special": {}}, '"vocab_size": int'),
+        ({"vocab_size": "261", "special": {}}, '"vocab_size": int'),
+        ({"vocab_size": True, "special": {}}, '"vocab_size": int'),
+        ({"vocab_size": -1, "special": {}}, '"vocab_size": int'),
+        ({"vocab_size": 261}, '"special": {name: token id}'),
+        ({"vocab_size": 261, "special": [258]}, '"special": {name: token id}'),
+        ({"vocab_size": 261, "special": {"bos": "256"}}, '"special": {name: token id}'),
+        ({"vocab_size": 261, "special": {"bos": 2**32}}, '"special": {name: token id}'),
+    ],
+)
+async def test_tokenizer_info_of_another_shape_is_a_protocol_violation(
+    http: httpx.AsyncClient, answer: object, expected: str
+) -> None:
+    # It was typed dict[str, Any] and handed on as it came; typed TokenizerInfo,
+    # its keys and types are checked (as tokenize checks its ids).
+    with trio.fail_after(10):
+        async with canned_server([response(200, json.dumps(answer).encode())]) as url:
+            with pytest.raises(ProtocolViolation, match=re.escape(f"expected {expected}")):
+                await make_api(http, url).tokenizer_info()
+        extra = {"vocab_size": 3, "special": {"bos": 0}, "model": "m"}
+        async with canned_server([response(200, json.dumps(extra).encode())]) as url:
+            assert await make_api(http, url).tokenizer_info() == extra  # kept as sent
 
 
 async def test_detokenize_rejects_bad_ids_before_sending(
@@ -1565,7 +1596,10 @@ def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = 
             requests.append((mine, head.split(b"\r\n")[0].decode()))
             if n == 2 or fresh_too:
                 return  # closed without an answer
-            body = b'{"concepts": ["a"], "layers": [0], "accepted": 1, "job_id": "j"}'
+            body = (
+                b'{"concepts": ["a"], "layers": [0], "accepted": 1, "job_id": "j", '
+                b'"vocab_size": 2, "special": {}}'
+            )
             head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             await stream.send_all(head % len(body) + b"\r\n" + body)  # and keep it open
 

@@ -184,8 +184,27 @@ def test_attributes_are_typed_as_precisely_as_their_values() -> None:
     assert typing.get_type_hints(poc_api.PocApiError)["http_status"] == int | None
     reason = typing.get_type_hints(poc_api.SessionDivergence.__init__)["reason"]
     assert reason == Literal["unknown_length", "straddle", "short", "content"]
+    # Then they were dict[str, Any], and tokenizer_info() too: Any reached user
+    # code (tests/typing/user_http.py).
     for cls in (poc_api.ChatCompletion, poc_api.ChatDelta):
-        assert typing.get_type_hints(cls)["logprobs"] == dict[str, Any] | None
+        assert typing.get_type_hints(cls)["logprobs"] == poc_api.ChatLogprobs | None
+    assert typing.get_type_hints(poc_api.ChatLogprobs) == {
+        "content": list[poc_api.ChatTokenLogprob] | None,
+        "refusal": list[poc_api.ChatTokenLogprob] | None,
+    }
+    top = {"token": str, "logprob": float, "bytes": list[int] | None}
+    assert typing.get_type_hints(poc_api.ChatTopLogprob) == top
+    assert typing.get_type_hints(poc_api.ChatTokenLogprob) == {
+        **top,
+        "top_logprobs": list[poc_api.ChatTopLogprob],
+    }
+    for unchecked in (poc_api.ChatLogprobs, poc_api.ChatTokenLogprob, poc_api.ChatTopLogprob):
+        assert unchecked.__required_keys__ == frozenset(), unchecked  # as the server sent it
+    returned = typing.get_type_hints(poc_api.ApiClient.tokenizer_info)["return"]
+    assert returned is poc_api.TokenizerInfo
+    assert typing.get_type_hints(returned) == {"vocab_size": int, "special": dict[str, int]}
+    assert returned.__required_keys__ == {"vocab_size", "special"}  # checked
+    assert Any not in typing.get_type_hints(poc_api.ChatDelta).values()
 
 
 def test_stream_done_always_carries_usage() -> None:

@@ -35,7 +35,7 @@ from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
-from ._http import ChatCompletion, ChatStream, HttpApi, shown_url
+from ._http import ChatCompletion, ChatStream, HttpApi, TokenizerInfo, shown_url
 from ._pool import (
     DEFAULT_AFFINITY_HEADER,
     DnsTarget,
@@ -929,8 +929,12 @@ class ApiClient:
         with deadline(timeout, "detokenize"):
             return await self._https().detokenize(tokens)
 
-    async def tokenizer_info(self, *, timeout: SupportsFloat | None = None) -> dict[str, Any]:
-        """Vocabulary size and special token ids (reference-server extension)."""
+    async def tokenizer_info(self, *, timeout: SupportsFloat | None = None) -> TokenizerInfo:
+        """Vocabulary size and special token ids (reference-server extension).
+
+        ``{"vocab_size": int, "special": {name: id}}`` (:class:`TokenizerInfo`); an
+        answer of another shape raises :class:`ProtocolViolation`.
+        """
         with deadline(timeout, "tokenizer_info"):
             return await self._https().tokenizer_info()
 

@@ -62,6 +62,8 @@ from typing import (
     Protocol,
     SupportsFloat,
     SupportsIndex,
+    TypedDict,
+    TypeGuard,
     TypeVar,
     cast,
     final,
@@ -102,11 +104,15 @@ __all__ = [
     "ChatDelta",
     "ChatDone",
     "ChatEvent",
+    "ChatLogprobs",
     "ChatReasoningDelta",
     "ChatStream",
+    "ChatTokenLogprob",
     "ChatToolCall",
     "ChatToolCallDelta",
+    "ChatTopLogprob",
     "HttpApi",
+    "TokenizerInfo",
     "error_excerpt",
     "key_redactor",
     "redact_url",
@@ -163,6 +169,56 @@ class ChatToolCall:
     type: str = "function"
 
 
+class ChatTopLogprob(TypedDict, total=False):
+    """One of the most likely tokens at a position (OpenAI's ``top_logprobs[i]``).
+
+    As the server sent it: see :class:`ChatLogprobs`.
+    """
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TypedDict, total=False):
+    """One generated token with its logprob (OpenAI's ``logprobs.content[i]``).
+
+    As the server sent it: see :class:`ChatLogprobs`.
+    """
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(TypedDict, total=False):
+    """A chat choice's ``logprobs`` object, in OpenAI's shape:
+    ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}, ...]}``.
+
+    It is the server's JSON as it was parsed, passed on unchecked except that it
+    is an object (anything else is a :class:`~poc_api.ProtocolViolation`): a
+    server may leave out keys of this shape, send ``null`` for them, or add its
+    own. The types say what OpenAI sends; read the keys with ``.get()``.
+    """
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None
+
+
+class TokenizerInfo(TypedDict):
+    """The answer of ``GET /tokenizer`` (a reference-server extension), checked.
+
+    ``vocab_size`` is the number of token ids; ``special`` maps the names of
+    special tokens (``"bos"``, ``"eos"``, ``"vision_start"``, ``"vision_end"``,
+    ``"image_pad"`` on the reference server) to their ids. Keys beyond these two
+    are kept as the server sent them.
+    """
+
+    vocab_size: int
+    special: dict[str, int]
+
+
 @final
 @attrs.frozen
 class ChatCompletion:
@@ -175,7 +231,8 @@ class ChatCompletion:
         tool_calls: the tool calls of the first choice, in order.
         reasoning: the first choice's ``reasoning_content`` (reasoning models), or ``""``.
         logprobs: the first choice's ``logprobs`` object as the server sent it
-            (``{"content": [{"token", "logprob", "top_logprobs"}, ...]}``), or ``None``.
+            (:class:`ChatLogprobs`: ``{"content": [{"token", "logprob",
+            "top_logprobs"}, ...]}``, checked to be an object only), or ``None``.
         choices: every choice in index order when the server sent more than one
             (``n > 1``), each with ``usage=None``; empty otherwise.
     """
@@ -185,7 +242,7 @@ class ChatCompletion:
     usage: Usage | None
     tool_calls: tuple[ChatToolCall, ...] = ()
     reasoning: str = ""
-    logprobs: dict[str, Any] | None = attrs.field(default=None, hash=False)
+    logprobs: ChatLogprobs | None = attrs.field(default=None, hash=False)
     choices: tuple[ChatCompletion, ...] = ()
 
 
@@ -195,13 +252,14 @@ class ChatDelta:
     """A piece of streamed chat text (of choice ``choice``; 0 unless ``n > 1``).
 
     ``logprobs`` is the chunk's ``logprobs`` object as the server sent it (with
-    ``logprobs=True``: ``{"content": [{"token", "logprob", "top_logprobs"}, ...]}``
-    for the tokens of this piece), else ``None``.
+    ``logprobs=True``, a :class:`ChatLogprobs`: ``{"content": [{"token",
+    "logprob", "top_logprobs"}, ...]}`` for the tokens of this piece, checked to
+    be an object only), else ``None``.
     """
 
     text: str
     choice: int = 0
-    logprobs: dict[str, Any] | None = attrs.field(default=None, hash=False)
+    logprobs: ChatLogprobs | None = attrs.field(default=None, hash=False)
 
 
 @final
@@ -525,7 +583,7 @@ def _json_error(exc: ValueError | RecursionError) -> str:
     return f"unparseable JSON: {exc}"
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -1311,15 +1369,27 @@ class HttpApi:
         return text
 
     @_redacting
-    async def tokenizer_info(self) -> dict[str, Any]:
+    async def tokenizer_info(self) -> TokenizerInfo:
         """``GET /tokenizer`` (reference-server extension): ``vocab_size`` and special ids.
 
-        A checkpoint; cancelling abandons the request.
+        An answer not of that shape (``{"vocab_size": int, "special": {str: id}}``,
+        ints in ``[0, 2**32)``) raises :class:`~poc_api.ProtocolViolation`. A
+        checkpoint; cancelling abandons the request.
         """
         data = await self._request("GET", "/tokenizer")
+        what = f"GET {self._shown}/tokenizer"
         if not isinstance(data, dict):
-            _shape_error(f"GET {self._shown}/tokenizer", "an object", data)
-        return data
+            _shape_error(what, "an object", data)
+        vocab_size = data.get("vocab_size")
+        if not _is_int(vocab_size) or not 0 <= vocab_size <= _U32_MAX:
+            _shape_error(what, '"vocab_size": int', vocab_size)
+        special = data.get("special")
+        if not isinstance(special, dict) or not all(
+            isinstance(name, str) and _is_int(i) and 0 <= i <= _U32_MAX
+            for name, i in special.items()
+        ):
+            _shape_error(what, '"special": {name: token id}', special)
+        return cast(TokenizerInfo, data)
 
     # -- chat ----------------------------------------------------------------------
 
@@ -1669,8 +1739,8 @@ class HttpApi:
         # isdigit() alone passes "²" and 5000-digit strings, which int() refuses.
         if isinstance(code, str) and code.isascii() and code.isdigit() and len(code) <= 3:
             code = int(code)
-        if _is_int(code) and 400 <= code <= 599:  # type: ignore[operator]
-            status = code  # type: ignore[assignment]
+        if _is_int(code) and 400 <= code <= 599:
+            status = code
         text = self._redact(message if isinstance(message, str) else json.dumps(message))
         excerpt = error_excerpt(text.encode())
         return HttpError(
@@ -1840,12 +1910,13 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
     return index, completion
 
 
-def _logprobs(choice: dict[str, Any], what: str) -> dict[str, Any] | None:
+def _logprobs(choice: dict[str, Any], what: str) -> ChatLogprobs | None:
     # OpenAI's is an object or null; anything else would break the typed field.
+    # (Its contents go on unchecked, as ChatLogprobs says.)
     logprobs = choice.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, dict):
         _shape_error(what, '"logprobs": {...} or null', logprobs)
-    return logprobs
+    return cast("ChatLogprobs | None", logprobs)
 
 
 @final

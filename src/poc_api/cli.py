@@ -635,11 +635,10 @@ async def _vision_brackets(client: ApiClient) -> tuple[list[int], list[int]]:
         if exc.http_status in _NO_ENDPOINT:
             return [], []
         raise
-    special = info.get("special")
-    if not isinstance(special, dict):
+    except e.ProtocolViolation:  # a /tokenizer of another shape: no brackets known
         return [], []
-    start, end = special.get("vision_start"), special.get("vision_end")
-    if type(start) is int and type(end) is int and start >= 0 and end >= 0:
+    start, end = info["special"].get("vision_start"), info["special"].get("vision_end")
+    if start is not None and end is not None:
         return [start], [end]
     return [], []
 
