@@ -207,6 +207,21 @@ def test_attributes_are_typed_as_precisely_as_their_values() -> None:
     assert Any not in typing.get_type_hints(poc_api.ChatDelta).values()
 
 
+def test_the_type_aliases_public_signatures_use_are_exported() -> None:
+    # Ranges (score, generate's ranges, TrainSample) and the Literal of
+    # SessionDivergence.reason were private: a user could not name them in an
+    # annotation without importing a private module (tests/typing/user_aliases.py).
+    import typing
+    from typing import Literal
+
+    assert {"Ranges", "DivergenceReason"} <= set(poc_api.__all__)
+    assert poc_api.Ranges == typing.get_type_hints(poc_api.ApiClient.score)["ranges"]
+    assert poc_api.Ranges == typing.get_type_hints(poc_api.Session.generate)["readout_ranges"]
+    reason = typing.get_type_hints(poc_api.SessionDivergence.__init__)["reason"]
+    assert poc_api.DivergenceReason == reason
+    assert reason == Literal["unknown_length", "straddle", "short", "content"]
+
+
 def test_stream_done_always_carries_usage() -> None:
     # StreamDone is built from a wire Done, whose usage is always there.
     import typing

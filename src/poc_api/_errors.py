@@ -44,6 +44,7 @@ import trio
 __all__ = [
     "AuthenticationError",
     "ContextOverflow",
+    "DivergenceReason",
     "HttpError",
     "InvalidRequest",
     "LimitExceeded",
@@ -192,8 +193,14 @@ class LimitExceeded(PocApiError):
     """A client-side bound (message size, concurrent streams, ...) was exceeded."""
 
 
-#: Why a prompt's chunks no longer line up with the session (``SessionDivergence.reason``).
-_DivergenceReason: TypeAlias = Literal["unknown_length", "straddle", "short", "content"]
+DivergenceReason: TypeAlias = Literal["unknown_length", "straddle", "short", "content"]
+"""Why a prompt's chunks no longer line up with the session: :attr:`SessionDivergence.reason`.
+
+``"unknown_length"``: a chunk of unknown length (an image) comes before the
+session's end; ``"straddle"``: a chunk runs across it; ``"short"``: the chunks
+end before it; ``"content"``: the prompt differs from what the session holds
+before it (``rewind=False``).
+"""
 
 
 @final
@@ -212,14 +219,14 @@ class SessionDivergence(PocApiError):
         self,
         message: str,
         *,
-        reason: _DivergenceReason,
+        reason: DivergenceReason,
         chunk_index: int | None,
         accumulated: int,
         chunk_len: int,
         committed_len: int,
     ) -> None:
         super().__init__(message)
-        self.reason: _DivergenceReason = reason
+        self.reason: DivergenceReason = reason
         self.chunk_index = chunk_index
         self.accumulated = accumulated
         self.chunk_len = chunk_len

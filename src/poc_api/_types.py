@@ -37,6 +37,7 @@ __all__ = [
     "Done",
     "ImageAppend",
     "ImageAppended",
+    "Ranges",
     "ReadoutManifest",
     "SamplingParams",
     "ScoreResult",
@@ -513,9 +514,13 @@ def _plain(value: object) -> object:
     return tolist() if callable(tolist) else value
 
 
-#: ``(start, end)`` pairs as the API takes them: tuples or lists of ints, a 2-D
-#: numpy array (whose rows are not ``Sequence``\ s to a type checker, but ``Any``).
 Ranges: TypeAlias = Iterable[Sequence[SupportsIndex]]
+"""Half-open ``(start, end)`` position pairs, as ``score``, ``generate``'s
+``logprobs_ranges``/``readout_ranges`` and ``TrainSample`` take them.
+
+Tuples or lists of ints (numpy's integers too), or a 2-D numpy array (whose rows
+are ``Any`` to a type checker, not sequences).
+"""
 
 
 def check_ranges(value: Ranges, name: str = "ranges") -> list[tuple[int, int]]:
