@@ -222,6 +222,43 @@ def test_the_type_aliases_public_signatures_use_are_exported() -> None:
     assert reason == Literal["unknown_length", "straddle", "short", "content"]
 
 
+def test_public_type_aliases_are_explicit_with_a_docstring_for_hover() -> None:
+    # WireEvent, StreamEvent, Chunk and ChatEvent were bare `X = A | B`: editors
+    # (pyright/Pylance) showed no docstring on hover. The convention they show:
+    # `X: TypeAlias = ...` followed by a string literal.
+    import ast
+    import inspect
+    from pathlib import Path
+
+    aliases = {
+        name
+        for name in poc_api.__all__
+        if not isinstance(obj := getattr(poc_api, name), type) and not inspect.isfunction(obj)
+    }
+    assert {"WireEvent", "StreamEvent", "Chunk", "ChatEvent", "Ranges", "DivergenceReason"} <= (
+        aliases
+    )
+    found: dict[str, str] = {}
+    for path in Path(poc_api.__file__).parent.glob("_*.py"):
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        for i, node in enumerate(body):
+            names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            for name in set(names) & aliases:
+                assert isinstance(node, ast.AnnAssign), f"{name} ({path.name}) is not annotated"
+                assert ast.unparse(node.annotation) == "TypeAlias", name
+                after = body[i + 1] if i + 1 < len(body) else None
+                assert (
+                    isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)
+                    and after.value.value.strip()
+                ), f"{name} ({path.name}) has no docstring after it"
+                found[name] = path.name
+    assert set(found) == aliases
+
+
 def test_stream_done_always_carries_usage() -> None:
     # StreamDone is built from a wire Done, whose usage is always there.
     import typing

@@ -7,7 +7,7 @@ does I/O; the conversation uses these functions to decide what to send.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, SupportsIndex, final
+from typing import Any, SupportsIndex, TypeAlias, final
 
 import attrs
 
@@ -83,7 +83,10 @@ class Image:
     known_expanded_len: int = attrs.field(default=0, converter=_known_len)
 
 
-Chunk = Tokens | Image
+Chunk: TypeAlias = Tokens | Image
+"""One piece of a prompt: a run of text token ids (:class:`Tokens`) or an
+:class:`Image`. A prompt is a sequence of them (``Conversation.stream``,
+``ApiClient.score``, :func:`prompt_to_chunks`)."""
 
 
 def check_chunks(chunks: Sequence[Chunk], name: str = "chunks") -> list[Chunk]:

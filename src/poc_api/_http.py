@@ -62,6 +62,7 @@ from typing import (
     Protocol,
     SupportsFloat,
     SupportsIndex,
+    TypeAlias,
     TypedDict,
     TypeGuard,
     TypeVar,
@@ -304,7 +305,10 @@ class ChatDone:
     tool_calls: tuple[ChatToolCall, ...] = ()
 
 
-ChatEvent = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
+ChatEvent: TypeAlias = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
+"""An event of ``ApiClient.chat_stream``: :class:`ChatDelta`,
+:class:`ChatReasoningDelta` and :class:`ChatToolCallDelta` in the order the
+server sent them, then one :class:`ChatDone`."""
 
 
 @final

@@ -435,7 +435,9 @@ class Done:
         return Usage(self.prompt_tokens, self.completion_tokens, self.total_tokens)
 
 
-WireEvent = Token | Done
+WireEvent: TypeAlias = Token | Done
+"""An event of ``Session.generate``'s stream: a :class:`Token` per prompt position
+asked for and per decoded token, then one :class:`Done`."""
 
 
 @final
@@ -493,7 +495,9 @@ class StreamDone:
     finish_reason: str = ""
 
 
-StreamEvent = TokenOut | ImageAppended | StreamDone
+StreamEvent: TypeAlias = TokenOut | ImageAppended | StreamDone
+"""An event of ``Conversation.stream``: an :class:`ImageAppended` per image sent,
+a :class:`TokenOut` per decoded token, then one :class:`StreamDone`."""
 
 
 @final
