@@ -327,15 +327,15 @@ class _Buffer(Generic[T]):
     )
 
     def __init__(self, bridge: AsyncioBridge, max_items: int, max_bytes: int = 0) -> None:
-        self.bridge = bridge
-        self.lock = threading.Lock()
+        self.bridge: AsyncioBridge = bridge
+        self.lock: threading.Lock = threading.Lock()
         self.items: collections.deque[T] = collections.deque()
-        self.max_items = max_items
-        self.max_bytes = max_bytes  # 0: items are not weighed
-        self.nbytes = 0  # the items' weight (with max_bytes)
+        self.max_items: int = max_items
+        self.max_bytes: int = max_bytes  # 0: items are not weighed
+        self.nbytes: int = 0  # the items' weight (with max_bytes)
         self.trio_waiter: trio.Event | None = None
         self.space: asyncio.Future[None] | None = None  # the producer waits on it
-        self.finished = False
+        self.finished: bool = False
         self.error: BaseException | None = None
 
 

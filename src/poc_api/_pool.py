@@ -223,13 +223,13 @@ class _Endpoint:
     )
 
     def __init__(self, target: GrpcTarget, transport: GrpcTransport) -> None:
-        self.target = target
-        self.transport = transport
-        self.opening = 0  # OpenSession calls in flight here (trio side only)
-        self.failures = 0
-        self.consecutive = 0
-        self.down_until = 0.0  # time.monotonic(); both threads read it
-        self.state = EndpointState.UNKNOWN
+        self.target: GrpcTarget = target
+        self.transport: GrpcTransport = transport
+        self.opening: int = 0  # OpenSession calls in flight here (trio side only)
+        self.failures: int = 0
+        self.consecutive: int = 0
+        self.down_until: float = 0.0  # time.monotonic(); both threads read it
+        self.state: EndpointState = EndpointState.UNKNOWN
         self._lock = threading.Lock()
 
     @property
@@ -313,8 +313,8 @@ class LiveSessions:
 
     def __init__(self) -> None:
         self.held: set[Session] = set()
-        self.in_flight = 0  # OpenSession and a block's own CloseSession calls
-        self.closing = False  # the client's close has begun: no new OpenSession
+        self.in_flight: int = 0  # OpenSession and a block's own CloseSession calls
+        self.closing: bool = False  # the client's close has begun: no new OpenSession
         self._changed: trio.Event | None = None  # only while the close waits
 
     def changed(self) -> None:
@@ -368,7 +368,7 @@ class Router:
         self._health_task: asyncio.Task[None] | None = None
         self._resolved_at = -float("inf")
         self._resolving: asyncio.Future[None] | None = None
-        self.live_sessions = LiveSessions()
+        self.live_sessions: LiveSessions = LiveSessions()
         """The sessions opened through this router (trio side)."""
 
     @property

@@ -68,10 +68,13 @@ class _Timeouts:
     def __init__(
         self, total: float | None, first_token: float | None, between: float | None
     ) -> None:
-        self.started = self.last_event = self.first_token_from = trio.current_time()
-        self.total_at = self.started + total if total is not None else math.inf
-        self.first_token = first_token
-        self.between = between
+        now = trio.current_time()
+        self.started: float = now
+        self.last_event: float = now
+        self.first_token_from: float = now
+        self.total_at: float = now + total if total is not None else math.inf
+        self.first_token: float | None = first_token
+        self.between: float | None = between
 
 
 def _check_ranges(name: str, ranges: Ranges) -> list[pb.PositionRange]:

@@ -284,8 +284,8 @@ class StreamBudget:
     __slots__ = ("limit", "used")
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
+        self.limit: int = limit
+        self.used: int = 0
 
 
 @final
@@ -331,9 +331,9 @@ class GrpcTransport:
         self._reap_timeout = reap_timeout
         self._reapers: set[asyncio.Future[Any]] = set()
         self._streams = streams if streams is not None else StreamBudget(max_concurrent_streams)
-        self.open_streams = 0
+        self.open_streams: int = 0
         """Calls in flight on this transport (unary and streaming)."""
-        self.open_sessions = 0
+        self.open_sessions: int = 0
         """Sessions opened through this transport and not yet closed (trio side)."""
         self._channel: _PocChannel | None = None
         self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
@@ -341,7 +341,7 @@ class GrpcTransport:
         self._failures = 0
         self._retry_at = 0.0
         self._closed = False
-        self.channels_opened = 0
+        self.channels_opened: int = 0
         """How many channels this transport has opened (1 unless it reconnected)."""
 
     @property
@@ -809,9 +809,9 @@ class _Progress:
     __slots__ = ("headers_sent", "queued", "reap_timer")
 
     def __init__(self) -> None:
-        self.headers_sent = False
+        self.headers_sent: bool = False
         # Waiting for a stream of the connection, behind this client's own calls.
-        self.queued = False
+        self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
         self.reap_timer: asyncio.TimerHandle | None = None
 

@@ -416,7 +416,9 @@ class Token:
     floats at run time, though typeshed types it ``list[int]``.
     """
 
-    __reduce__ = _reduce_with_readout
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle and copy support: the readout goes as its bytes, format and shape."""
+        return _reduce_with_readout(self)
 
 
 @final
@@ -475,7 +477,9 @@ class TokenOut:
     position: int = 0
     top_logprobs: tuple[TopLogprob, ...] = ()
 
-    __reduce__ = _reduce_with_readout
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle and copy support: the readout goes as its bytes, format and shape."""
+        return _reduce_with_readout(self)
 
 
 @final

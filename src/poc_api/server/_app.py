@@ -111,7 +111,8 @@ class ReferenceServer:
     """
 
     def __init__(self, config: ServerConfig | None = None) -> None:
-        self.config = config if config is not None else ServerConfig()
+        self.config: ServerConfig = config if config is not None else ServerConfig()
+        """The configuration the server runs with."""
         self._rt: Runtime | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
