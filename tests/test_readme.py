@@ -1,7 +1,9 @@
 """The README's example program: it runs, and it is ``docs/readme_example.py`` verbatim.
 
 README.md shows the example as the first ```python block after the line
-``<!-- readme-example -->``.
+``<!-- readme-example -->``. Its library sketch (the first ```python block under
+``## The library``) is ``tests/typing/user_readme.py`` verbatim, which mypy
+--strict checks (nox's typecheck session).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 EXAMPLE = ROOT / "docs" / "readme_example.py"
 MARKER = "<!-- readme-example -->"
+SKETCH_PROGRAM = ROOT / "tests" / "typing" / "user_readme.py"
 TIMEOUT = 60
 
 
@@ -66,3 +70,18 @@ def test_readme_embeds_the_docs_example_verbatim() -> None:
 
 def test_readme_example_runs(tmp_path: Path) -> None:
     check_output(run_example(readme_example(), tmp_path))
+
+
+def test_the_library_sketch_is_the_type_checked_program_verbatim() -> None:
+    # The sketch passed manifest.shape (ReadoutManifest | None) on unchecked, and
+    # reused one loop variable for three event types: pasted into a program,
+    # mypy --strict refused it. tests/typing/user_readme.py holds it as is.
+    text = README.read_text(encoding="utf-8").replace("\r\n", "\n")
+    after = text.split("\n## The library\n", 1)[1]
+    m = re.search(r"^```python[ \t]*\n(.*?)^```[ \t]*$", after, re.DOTALL | re.MULTILINE)
+    assert m is not None, "no ```python block under ## The library"
+    program = SKETCH_PROGRAM.read_text(encoding="utf-8")
+    begin, end = "    # README sketch begins\n", "    # README sketch ends\n"
+    embedded = program.split(begin, 1)[1].split(end, 1)[0]
+    assert textwrap.dedent(embedded) == m.group(1)
+    assert "readout_shape=manifest.shape" not in m.group(1)  # the None check is shown
