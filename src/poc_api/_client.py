@@ -227,7 +227,8 @@ class ApiClient:
             agent between turns), so a frozen server is found before the next
             turn. Off: ping only while calls run.
         max_concurrent_streams: calls (unary or streaming) in flight at once on
-            this client (over all endpoints of a pool); one more raises
+            this client, those waiting for one of the server's own streams
+            included (over all endpoints of a pool); one more raises
             :class:`LimitExceeded` at once. A guard
             against runaway fan-out; bound concurrency yourself (e.g. with a
             ``trio.CapacityLimiter``, as ``score_many`` does) to wait instead.
