@@ -839,17 +839,29 @@ class _Reader:
 
     It takes whole DATA chunks from the stream's buffer and cuts the messages
     out itself: grpclib's ``recv_data`` would slice its buffer twice per
-    message (prefix, then body), most of a small message's cost. A chunk's
-    window goes back when the next chunk is needed, once its messages are cut
-    (grpclib returns it as the chunk is taken): a consumer that stops reading
-    (a full sink) then holds at most the stream window beyond its sink, even
-    when the server packs the whole window into one DATA frame. A
+    message (prefix, then body), most of a small message's cost. The window
+    goes back as messages are cut, not as a chunk is taken (as grpclib does): a
+    consumer that stops reading (a full sink) then holds at most the stream
+    window beyond its sink, even when the server packs the whole window into
+    one DATA frame. (It goes back when the next chunk is needed, and for what
+    was cut when the sink fills: not per message, which would cost the hot
+    path.) A
     message's size is checked from its prefix before its body is gathered, so
     an oversized message is refused before it is buffered (grpclib would take
     any size). Interrupted (the connection died), it resumes where it stopped.
     """
 
-    __slots__ = ("_buf", "_owed", "_parts", "_pos", "count", "max_size", "path", "raw")
+    __slots__ = (
+        "_buf",
+        "_owed",
+        "_owed_data",
+        "_parts",
+        "_pos",
+        "count",
+        "max_size",
+        "path",
+        "raw",
+    )
 
     def __init__(self, raw: Any, max_size: int, path: str) -> None:
         self.raw = raw  # grpclib.protocol.Stream
@@ -860,8 +872,10 @@ class _Reader:
         self._buf = b""
         self._pos = 0
         self._parts: list[bytes] = []
-        # The window of the chunks taken, not given back yet (see the class doc).
+        # The window of the chunks taken, not given back yet (see the class doc),
+        # and their data bytes: the last _owed_data bytes of what is not cut yet.
         self._owed = 0
+        self._owed_data = 0
 
     async def pump(self, sink: _SinkLike) -> None:
         """Read every message to the end of the stream into ``sink``.
@@ -901,6 +915,12 @@ class _Reader:
                     full = push(buf[pos + 5 : end])
                     pos = end
                     if full:
+                        # Give back the window of what this chunk gave the sink.
+                        cut = self._owed_data - (n - pos)
+                        if cut > 0:
+                            ack(cut)
+                            self._owed -= cut
+                            self._owed_data -= cut
                         await sink.wait_space()
                 # Gather chunks until the next message (or its prefix) is whole: one
                 # join per message that spans chunks, however many it spans.
@@ -917,9 +937,10 @@ class _Reader:
                         raise e.ProtocolViolation(f"{self.path}: the stream ended inside {where}")
                     if self._owed:  # what was taken is cut (or gathered): more may come
                         ack(self._owed)
-                        self._owed = 0
+                        self._owed = self._owed_data = 0
                     data, data_size, ack_size = await chunks.get()
                     self._owed += ack_size
+                    self._owed_data += data_size
                     if not data_size:
                         continue  # the end-of-stream mark (seen above) or an empty frame
                     parts.append(data)
