@@ -61,8 +61,11 @@ server's default)::
   (REFUSED_STREAM), in one write: a refusal of a call the server answered;
 - ``"two_replies"`` (unary methods): two good reply messages, then nothing (the
   stream stays open);
-- ``"flood"``: Generate writes its ``tokens`` tokens as one blob, so they go out in
-  DATA frames as big as the stream's window and the client's frame size allow.
+- ``"dribble"``: Generate sends its ``tokens`` tokens a byte per DATA frame, each
+  followed by an empty DATA frame (within the window: it must be small);
+- ``"flood"``: Generate writes its ``tokens`` tokens (each with a 128-float readout)
+  as one blob, so they go out in DATA frames as big as the stream's window and the
+  client's frame size allow.
 
 ``srv.data_sent`` counts the DATA bytes written so far, on every stream.
 
@@ -126,6 +129,7 @@ Kind = Literal[
     "non_ascii_header",
     "push_promise",
     "flood",
+    "dribble",
     "refuse_after_answer",
     "two_replies",
 ]
@@ -185,6 +189,7 @@ class MisbehavingServer:
         self.resets: list[tuple[int, int, int]] = []
         self.pings = 0
         self.data_sent = 0
+        self.dribbled = False  # a "dribble" reply was sent in full
         self._plans: defaultdict[str, deque[Reply]] = defaultdict(deque)
         self._open: list[trio.SocketStream] = []
 
@@ -499,8 +504,10 @@ class _Connection:
         req = pb.GenerateRequest.parse(body)
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         end = req.offset + len(req.append_tokens)
+        readout = [0.5] * 128  # a 512-byte readout: a ~530-byte event
         blob = b"".join(
-            encode_token(65 + i % 26, False, end + i, -0.5) for i in range(reply.tokens)
+            encode_token(65 + i % 26, False, end + i, -0.5, readout=readout)
+            for i in range(reply.tokens)
         )
         await self.send_data(sid, blob)
         n = reply.tokens
@@ -550,6 +557,22 @@ class _Connection:
             await trio.sleep_forever()  # the rest never comes
         await self.send_data(sid, prefix + _padding(reply.claimed_size))
         await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    async def _dribble(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        req = pb.GenerateRequest.parse(body)
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        end = req.offset + len(req.append_tokens)
+        blob = b"".join(encode_token(65, False, end + i, -0.5) for i in range(reply.tokens))
+        for i in range(len(blob)):
+            self.h2.send_data(sid, blob[i : i + 1])
+            self.h2.send_data(sid, b"")
+            self.server.data_sent += 1
+            if i % 4096 == 4095:
+                await self.flush()
+        n = reply.tokens
+        self.h2.send_data(sid, encode_done(end, n, end + n, "length"))
+        await self.send_headers(sid, _OK_TRAILERS, end=True)
+        self.server.dribbled = True
 
     def _good_reply(self, sid: int, method: str) -> bytes:
         if method == "Generate":

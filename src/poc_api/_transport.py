@@ -1189,7 +1189,15 @@ class _PocH2Protocol(H2Protocol):
             self._protocol_error()
             return
         self.connection.flush()
+        run: list[DataReceived] = []  # DATA of one stream in a row, not handed on yet
         for event in events:
+            if isinstance(event, DataReceived):
+                if run and run[0].stream_id != event.stream_id:
+                    self._data(run)
+                run.append(event)
+                continue
+            if run:
+                self._data(run)
             if isinstance(event, _IGNORED_EVENTS):
                 continue
             if isinstance(event, RemoteSettingsChanged):
@@ -1207,7 +1215,24 @@ class _PocH2Protocol(H2Protocol):
             except NotImplementedError:  # an event grpclib has no use for
                 self._protocol_error()
                 return
+        if run:
+            self._data(run)
         self.connection.flush()
+
+    def _data(self, run: list[DataReceived]) -> None:
+        """Hand grpclib one stream's DATA frames of one read as one chunk (and empty).
+
+        grpclib queues an entry (~130 bytes) per frame: a window of 1-byte frames
+        would take ~140 MiB, and empty frames, which take no window, any amount.
+        One entry per read per stream, none for nothing, bounds that by the window.
+        """
+        event = run[0]
+        if len(run) > 1:  # (h2's events are plain objects, ours once handed over)
+            event.data = b"".join([e.data for e in run])
+            event.flow_controlled_length = sum([e.flow_controlled_length or 0 for e in run])
+        run.clear()
+        if event.data or event.flow_controlled_length:
+            self.processor.process(event)
 
     def _protocol_error(self) -> None:
         log.debug("HTTP/2 protocol error from the server", exc_info=True)

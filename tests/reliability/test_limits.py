@@ -13,6 +13,7 @@ from reliability_helpers import make_png, wait_for
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
 from poc_api.server import ReferenceServer, tokenize
+from poc_api.server._grpc import encode_token
 
 HELLO = tokenize("The quick brown fox")
 MB = 1024 * 1024
@@ -248,12 +249,13 @@ async def test_a_stream_in_big_data_frames_holds_no_more_than_its_window_beyond_
     # when it is cut, or an unread stream would hold that rest *beyond* its window
     # (it held two windows here, and the ReferenceServer's 128 KiB writes went over
     # the bound of the test above on a loaded machine).
-    bound, event = 32 * 1024, 18  # an 18-byte token event (its 5-byte prefix in)
-    bad_server.plan("Generate", Reply("flood", tokens=200_000))
+    bound = 32 * 1024
+    event = 5 + len(encode_token(65, False, 10_000, -0.5, readout=[0.5] * 128)[5:])
+    bad_server.plan("Generate", Reply("flood", tokens=5_000))  # ~2.6 MB
     kw = {"max_buffered_bytes": bound, "max_buffered_events": 10**6}
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, **kw) as c:
         async with c.session() as s:
-            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=200_000)) as ev:
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=5_000)) as ev:
                 assert isinstance(await ev.__anext__(), Token)
                 with trio.fail_after(30):
                     last = -1
@@ -263,7 +265,35 @@ async def test_a_stream_in_big_data_frames_holds_no_more_than_its_window_beyond_
     # More than the window: what was cut into the buffers went back at once (with the
     # whole frame's window held until it was all cut, a server that sends
     # window-sized frames could not send on while a slow consumer worked through one).
-    assert 1 * MB + bound < last <= 2 * (bound + event) + 1 * MB
+    # The buffers weigh messages, the window counts their 5-byte prefixes too.
+    assert 1 * MB + bound < last <= 2 * (bound + event) * event / (event - 5) + 1 * MB
+
+
+async def test_an_unread_stream_of_tiny_and_empty_data_frames_holds_little(
+    bad_server: MisbehavingServer,
+) -> None:
+    # grpclib queues one entry (~130 bytes) per DATA frame: a stream window's worth of
+    # 1-byte frames held ~140 MiB, and empty frames (no window at all) without bound.
+    # Frames that came in one read are now one entry, and empty ones none.
+    bad_server.plan("Generate", Reply("dribble", tokens=5_000))
+    kw = {"max_buffered_events": 2, "close_timeout": 1.0}
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, **kw) as c:
+        async with c.session() as s:
+            sampling = SamplingParams(max_tokens=5_000)
+            async with s.generate(HELLO, sampling=sampling) as ev:
+                assert isinstance(await ev.__anext__(), Token)
+
+                async def queued() -> int:
+                    protocol = c._transport._channel._protocol  # type: ignore[union-attr]
+                    streams = protocol.processor.streams.values()
+                    return sum(st.buffer._unacked.qsize() for st in streams)
+
+                with trio.fail_after(60):
+                    await wait_for(lambda: bad_server.dribbled, timeout=60)  # all of it is out
+                    entries = -1
+                    while entries != (entries := await c._bridge.run(queued)):  # type: ignore[union-attr]  # noqa: ASYNC110
+                        await trio.sleep(0.5)  # until the client has taken it all in
+    assert entries < 2_000, entries  # it was ~180,000 (two per byte)
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "4"])
