@@ -340,6 +340,8 @@ class GrpcTransport:
         self._channel_was_connected = False
         self._failures = 0
         self._retry_at = 0.0
+        # The connection attempt in flight: calls that come meanwhile await it.
+        self._attempt: asyncio.Future[None] | None = None
         self._closed = False
         self.channels_opened: int = 0
         """How many channels this transport has opened (1 unless it reconnected)."""
@@ -393,35 +395,57 @@ class GrpcTransport:
         return channel
 
     async def _ready_channel(self) -> _PocChannel:
+        """asyncio: the connected channel, connecting it first if need be.
+
+        A call that comes while another one is connecting shares that attempt's
+        outcome: its failure fails every call that waited for it.
+        """
         # Runs on the asyncio side, which is single-threaded: plain attributes are
-        # enough, and grpclib's own connect lock makes concurrent first callers
-        # share one TCP/HTTP2 connection.
-        if self._closed:
-            raise trio.ClosedResourceError("the ApiClient is closed")
-        channel = self._channel
-        self._sweep_draining()
-        if channel is not None and (_draining(channel) or _worn_out(channel)):
-            # A graceful GOAWAY, or stream ids running out: its streams finish on
-            # the old connection, new calls go to a new one.
-            if _draining(channel):
-                log.info("salience server at %s is draining this connection", self._target.url)
-            else:
-                log.info("connection to %s is out of stream ids: opening another", self._target.url)
-            self._draining.append(channel)
-            channel = self._channel = None
-        if channel is not None and channel._connected and _settled(channel):
-            return channel
-        if channel is not None and (self._channel_was_connected or channel.shut):
-            # The connection was lost (or closed): start over with a fresh channel.
-            log.info("salience connection to %s lost; reconnecting", self._target.url)
-            channel.close()
-            channel = None
-        if channel is None:
-            channel = self._channel = self._new_channel()
+        # enough. Calls share one connection attempt through ``_attempt``, not
+        # through grpclib's connect lock, behind which each waiting call would try
+        # again in turn once the attempt failed (and count one more failure).
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the ApiClient is closed")
+            channel = self._channel
+            self._sweep_draining()
+            if channel is not None and (_draining(channel) or _worn_out(channel)):
+                # A graceful GOAWAY, or stream ids running out: its streams finish on
+                # the old connection, new calls go to a new one.
+                if _draining(channel):
+                    log.info("salience server at %s is draining this connection", self._target.url)
+                else:
+                    log.info(
+                        "connection to %s is out of stream ids: opening another",
+                        self._target.url,
+                    )
+                self._draining.append(channel)
+                channel = self._channel = None
+            if channel is not None and channel._connected and _settled(channel):
+                return channel
+            attempt = self._attempt
+            if attempt is not None:
+                # Its failure is this call's too; after a success (or a cancelled
+                # attempt) look again.
+                await asyncio.shield(attempt)
+                continue
+            if channel is not None and (self._channel_was_connected or channel.shut):
+                # The connection was lost (or closed): start over with a fresh channel.
+                log.info("salience connection to %s lost; reconnecting", self._target.url)
+                channel.close()
+                channel = None
+            delay = self._retry_at - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue  # another call may have connected meanwhile
+            if channel is None:
+                channel = self._channel = self._new_channel()
+            return await self._connect(channel)
+
+    async def _connect(self, channel: _PocChannel) -> _PocChannel:
+        """asyncio: one connection attempt, which calls that come meanwhile share."""
         loop = asyncio.get_running_loop()
-        delay = self._retry_at - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        attempt = self._attempt = loop.create_future()
         try:
             # connect_timeout bounds the TCP connect and TLS handshake too (asyncio's
             # own bounds are the OS's SYN retries and 60 s for the handshake).
@@ -458,7 +482,13 @@ class GrpcTransport:
                 self._failures += 1
                 backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
                 self._retry_at = loop.time() + backoff
+                attempt.set_exception(exc)  # for the calls that waited for it
+                attempt.exception()  # (none may have: nothing to log then)
             raise
+        finally:
+            self._attempt = None
+            if not attempt.done():
+                attempt.set_result(None)
         if channel.shut:
             # Closed (by the client's close, or replaced) while this call waited
             # for it to settle: nothing of the call was sent, so it may go again.

@@ -344,6 +344,41 @@ async def test_reconnect_after_the_server_vanishes_backs_off_but_recovers(
         assert time.monotonic() - started < 3.0
 
 
+async def test_calls_that_come_while_a_connection_attempt_runs_share_its_failure() -> None:
+    """Ten calls at once to a port whose TLS handshake fails after 0.3 s: the one
+    connection attempt fails all ten. (Behind grpclib's connect lock each waiting
+    call used to try again in turn: ten connections, ten failures counted for the
+    backoff, the last call failing after 3 s.)"""
+    accepted = 0
+
+    async def not_tls(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        async with stream:
+            await trio.sleep(0.3)
+            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    async with trio.open_nursery() as server:
+        listeners = await server.start(trio.serve_tcp, not_tls, 0)
+        url = f"https://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        errors: list[poc_api.ServerUnavailable] = []
+
+        async def agent() -> None:
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                async with c.session():
+                    pass
+            errors.append(info.value)
+
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url, close_timeout=0.5) as c:
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(agent)
+        server.cancel_scope.cancel()
+    assert len(errors) == 10
+    assert all(err.retriable and "cannot connect" in str(err) for err in errors), errors
+    assert accepted == 1
+
+
 async def test_a_session_opened_while_its_call_was_cancelled_is_closed(
     bad_server: MisbehavingServer,
 ) -> None:
