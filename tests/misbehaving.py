@@ -234,12 +234,14 @@ class MisbehavingServer:
 
 
 @asynccontextmanager
-async def misbehaving_server(default: Reply | None = None) -> AsyncIterator[MisbehavingServer]:
-    """Run a :class:`MisbehavingServer` on 127.0.0.1 (port 0) for the block."""
+async def misbehaving_server(
+    default: Reply | None = None, *, port: int = 0
+) -> AsyncIterator[MisbehavingServer]:
+    """Run a :class:`MisbehavingServer` on 127.0.0.1 (``port``, 0: any free one) for the block."""
     srv = MisbehavingServer(default if default is not None else Reply())
     try:
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(trio.serve_tcp, srv._handle, 0)
+            listeners = await nursery.start(trio.serve_tcp, srv._handle, port)
             srv.port = listeners[0].socket.getsockname()[1]
             try:
                 yield srv

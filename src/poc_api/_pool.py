@@ -538,9 +538,16 @@ class Router:
         request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
         progress = _Progress()
         try:
+            # Waits out the transport's reconnect backoff and tries (where other
+            # calls fail at once): the check is what finds the server back.
             await asyncio.wait_for(
                 ep.transport._exchange(
-                    _HEALTH_CHECK, Cardinality.UNARY_UNARY, request, sink, progress
+                    _HEALTH_CHECK,
+                    Cardinality.UNARY_UNARY,
+                    request,
+                    sink,
+                    progress,
+                    wait_for_ready=True,
                 ),
                 timeout=min(self._health_interval, 5.0),
             )

@@ -173,6 +173,15 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
     return None
 
 
+def _failure_reason(exc: BaseException, url: str) -> str:
+    """Why a connection attempt failed, without the URL its message may start with."""
+    text = str(exc) or type(exc).__name__
+    for prefix in (f"{url}: ", f"{url} "):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    return text
+
+
 def _bearer_key(metadata: tuple[tuple[str, str], ...]) -> str:
     for name, value in metadata:
         if name == "authorization" and value.startswith("Bearer "):
@@ -292,8 +301,11 @@ class StreamBudget:
 class GrpcTransport:
     """The gRPC side of a client: one channel, opened on first use, shared by all calls.
 
-    After the connection is lost the next call opens a new channel; failed
-    connection attempts back off exponentially, at most ``1 s`` apart.
+    After the connection is lost the next call opens a new channel. Failed
+    connection attempts back off exponentially (50 ms, doubling, at most ``1 s``
+    apart); a call that comes while the last attempt's backoff runs fails at once
+    with a retriable :class:`ServerUnavailable` (gRPC's TRANSIENT_FAILURE: calls
+    that do not wait for ready fail fast) and the first call after it tries again.
     """
 
     def __init__(
@@ -339,7 +351,9 @@ class GrpcTransport:
         self._draining: list[Channel] = []  # after a graceful GOAWAY, until their streams end
         self._channel_was_connected = False
         self._failures = 0
-        self._retry_at = 0.0
+        self._retry_at = 0.0  # loop time: no connection attempt before this
+        self._failed_at = 0.0  # loop time of the last failed attempt
+        self._last_failure = ""  # why it failed
         # The connection attempt in flight: calls that come meanwhile await it.
         self._attempt: asyncio.Future[None] | None = None
         self._closed = False
@@ -394,11 +408,14 @@ class GrpcTransport:
             channel.sessions_open = lambda: self.open_sessions > 0
         return channel
 
-    async def _ready_channel(self) -> _PocChannel:
+    async def _ready_channel(self, *, wait_for_ready: bool = False) -> _PocChannel:
         """asyncio: the connected channel, connecting it first if need be.
 
         A call that comes while another one is connecting shares that attempt's
-        outcome: its failure fails every call that waited for it.
+        outcome: its failure fails every call that waited for it. Within the
+        backoff after a failed attempt this raises a retriable
+        ``ServerUnavailable`` at once, unless ``wait_for_ready`` (health checks):
+        then it waits for the backoff to pass and tries.
         """
         # Runs on the asyncio side, which is single-threaded: plain attributes are
         # enough. Calls share one connection attempt through ``_attempt``, not
@@ -434,8 +451,20 @@ class GrpcTransport:
                 log.info("salience connection to %s lost; reconnecting", self._target.url)
                 channel.close()
                 channel = None
-            delay = self._retry_at - asyncio.get_running_loop().time()
+            now = asyncio.get_running_loop().time()
+            delay = self._retry_at - now
             if delay > 0:
+                if not wait_for_ready:
+                    # The server could not be reached moments ago: failing now beats
+                    # sleeping out the backoff to try again (a pool places the call
+                    # elsewhere, an agent decides for itself). Nothing was sent.
+                    raise e.ServerUnavailable(
+                        f"{self._target.url} could not be reached "
+                        f"{now - self._failed_at:.2g} s ago ({self._last_failure}); "
+                        f"the next connection attempt will be made by the first call "
+                        f"{delay:.2g} s from now (reconnect backoff)",
+                        retriable=True,
+                    )
                 await asyncio.sleep(delay)
                 continue  # another call may have connected meanwhile
             if channel is None:
@@ -481,7 +510,9 @@ class GrpcTransport:
             if not _closed_unsent(exc):  # not the server's failure: no backoff
                 self._failures += 1
                 backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
-                self._retry_at = loop.time() + backoff
+                self._failed_at = loop.time()
+                self._retry_at = self._failed_at + backoff
+                self._last_failure = _failure_reason(exc, self._target.url)
                 attempt.set_exception(exc)  # for the calls that waited for it
                 attempt.exception()  # (none may have: nothing to log then)
             raise
@@ -589,6 +620,8 @@ class GrpcTransport:
         sink: _SinkLike,
         progress: _Progress | None = None,
         extra_metadata: tuple[tuple[str, str], ...] = (),
+        *,
+        wait_for_ready: bool = False,
     ) -> None:
         """asyncio: one call — send ``request``, hand every reply message to ``sink``.
 
@@ -596,13 +629,15 @@ class GrpcTransport:
         was never processed), up to twice, and a call a draining connection
         (graceful GOAWAY) never sent, or one that came to a connection already
         closed, up to eight times, each on a fresh connection. On any exit
-        before the call finished the stream is reset with CANCEL.
+        before the call finished the stream is reset with CANCEL. Within the
+        reconnect backoff the call fails at once (``ServerUnavailable``), unless
+        ``wait_for_ready``: then it waits for the backoff to pass.
         """
         max_size = self._max_message_size
         refused = drained = 0
         while True:
             try:
-                channel = await self._ready_channel()
+                channel = await self._ready_channel(wait_for_ready=wait_for_ready)
             except StreamTerminatedError as exc:
                 # The channel was closed (replaced) while this call connected it.
                 if not _closed_unsent(exc) or drained >= _DRAINED_RETRIES:

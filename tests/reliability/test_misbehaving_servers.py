@@ -7,6 +7,7 @@ normal call against the same server, which behaves again.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import pytest
@@ -326,22 +327,69 @@ async def test_a_done_that_miscounts_the_reply_drops_the_conversations_session(
 async def test_reconnect_after_the_server_vanishes_backs_off_but_recovers(
     bad_server: MisbehavingServer,
 ) -> None:
-    """Connection refused a few times in a row, then the server is back."""
+    """Connection refused a few times in a row, then the server is back.
+
+    Within the backoff after a failed connection attempt a call fails at once,
+    retriable, saying why and when the next attempt is made (gRPC's
+    TRANSIENT_FAILURE), instead of sleeping out the backoff to try again; the
+    backoff still grows to its bound of 1 s, and the first call after it connects.
+    """
     from misbehaving import misbehaving_server
 
     async with client_for(bad_server) as c:
         await assert_next_call_works(c)
     # A client pointed at a port where nothing listens fails fast and typed.
     async with misbehaving_server() as gone:
-        url = gone.url
+        port, url = gone.port, gone.url
+    next_attempt = re.compile(r"by the first call (\S+) s from now")
+
+    async def refused() -> poc_api.ServerUnavailable:
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+            async with c.session():
+                pass
+        assert info.value.retriable
+        return info.value
+
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url, close_timeout=0.5) as c:
-        started = time.monotonic()
-        for _ in range(4):
-            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
-                async with c.session():
-                    pass
-        # Backoff is bounded: four refused attempts take well under 4 x 1 s.
-        assert time.monotonic() - started < 3.0
+        attempts = 0
+        waits: list[float] = []
+        while attempts < 6:  # backoff 0.05, 0.1, 0.2, 0.4, 0.8, then 1 s
+            err = await refused()
+            if "could not be reached" in str(err):
+                assert "cannot connect" in str(err), err  # the last attempt's reason
+                match = next_attempt.search(str(err))
+                assert match is not None, err
+                waits.append(float(match[1]))
+                await trio.sleep(waits[-1] + 0.01)
+            else:
+                assert "cannot connect" in str(err), err
+                attempts += 1
+        assert all(w <= 1.0 for w in waits), waits
+        # Right after an attempt failed, 20 calls at once all fail without waiting
+        # for the next one (a liveness bound: each used to wait out the 1 s).
+        took: list[float] = []
+
+        async def agent() -> None:
+            started = time.monotonic()
+            err = await refused()
+            took.append(time.monotonic() - started)
+            assert "could not be reached" in str(err), err
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(agent)
+        assert max(took) < 0.5, took
+        # The server is back: the first call after the backoff connects.
+        async with misbehaving_server(port=port):
+            with trio.fail_after(5):
+                while True:
+                    try:
+                        async with c.session():
+                            break
+                    except poc_api.ServerUnavailable as exc:
+                        match = next_attempt.search(str(exc))  # still within the backoff
+                        assert match is not None, exc
+                        await trio.sleep(float(match[1]) + 0.01)
 
 
 async def test_calls_that_come_while_a_connection_attempt_runs_share_its_failure() -> None:
