@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
@@ -452,6 +453,43 @@ async def test_max_concurrent_streams_bounds_the_whole_pool() -> None:
                     await client.score([Tokens([1, 2, 3])], [(1, 3)])
                 nursery.cancel_scope.cancel()
             await client.score([Tokens([1, 2, 3])], [(1, 3)])  # the slots came back
+
+
+async def test_conversations_fail_over_without_waiting_on_the_dead_server() -> None:
+    """The server of 20 conversations dies between turns: each next turn moves to
+    the survivor at once. (Each such turn used to take about 1 s: its first call,
+    then the CloseSession of the session it left behind, each waited out the
+    reconnect backoff before failing against the dead server.)"""
+    async with (
+        reference_servers(2) as servers,
+        pool_client(servers) as client,
+        AsyncExitStack() as stack,
+    ):
+        with trio.fail_after(20):
+            convs = [await stack.enter_async_context(client.conversation()) for _ in range(60)]
+            async with trio.open_nursery() as nursery:
+                for conv in convs:
+                    nursery.start_soon(turn, conv, [1, 2, 3])
+            victim, survivor = servers
+            held = victim.state().session_ids
+            on_victim = [c for c in convs if c.session is not None and c.session.session_id in held]
+            on_victim = on_victim[:20]
+            assert len(on_victim) == 20  # (the pool spreads them: about 30 each)
+            await trio.to_thread.run_sync(victim.kill)
+            took: list[float] = []
+
+            async def timed(conv: poc_api.Conversation) -> None:
+                started = time.monotonic()
+                await turn(conv, [1, 2, 3, 4])
+                took.append(time.monotonic() - started)
+
+            async with trio.open_nursery() as nursery:
+                for conv in on_victim:
+                    nursery.start_soon(timed, conv)
+        left = survivor.state().session_ids
+        assert all(c.session is not None and c.session.session_id in left for c in on_victim)
+        # A liveness bound (such a turn takes tens of ms here), not a speed target.
+        assert max(took) < 0.5, sorted(took)
 
 
 async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
