@@ -636,6 +636,10 @@ class SessionRoute:
     def open_sessions(self, value: int) -> None:
         self._current().transport.open_sessions = value
 
+    def first_loss_of_outage(self) -> bool:
+        """:meth:`GrpcTransport.first_loss_of_outage` of this session's endpoint."""
+        return self._current().transport.first_loss_of_outage()
+
     def _current(self) -> _Endpoint:
         if self._endpoint is None:
             raise RuntimeError("no OpenSession went through this route yet")

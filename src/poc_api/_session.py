@@ -21,6 +21,7 @@ import trio
 from . import _errors as e
 from ._chunks import check_image_mime
 from ._proto import salience as pb
+from ._transport import map_grpc_error
 from ._types import (
     U32_MAX,
     Done,
@@ -563,10 +564,13 @@ class Session:
     async def aclose(self) -> None:
         """Send ``CloseSession`` (idempotent), shielded from cancellation.
 
-        Bounded by the client's ``close_timeout``; a failure is logged, not raised, because
-        the server frees idle sessions by itself. A call of another task running on
-        the session meanwhile ends with ``trio.ClosedResourceError`` (its stream is
-        reset when its block exits), as do calls waiting for the session.
+        Bounded by the client's ``close_timeout``; a failure is logged, not raised,
+        because the server frees idle sessions by itself. Of the sessions lost with
+        a server that cannot be reached (``ServerUnavailable``), only the first is
+        logged at WARNING until the client reaches that server again; the rest at
+        DEBUG. A call of another task running on the session meanwhile ends with
+        ``trio.ClosedResourceError`` (its stream is reset when its block exits), as
+        do calls waiting for the session.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -588,7 +592,7 @@ class Session:
                 await self._transport.unary("CloseSession", req, cleanup=True)
                 log.debug("session %s closed", self._session_id)
             except Exception as exc:
-                log.warning("CloseSession %s failed: %s", self._session_id, exc)
+                _log_close_failure(self._transport, self._session_id, exc)
         if scope.cancelled_caught:
             log.warning("CloseSession %s timed out after %.1f s", self._session_id, timeout)
 
@@ -856,9 +860,9 @@ async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: flo
     otherwise leave these on the server until its idle eviction. One
     ``CloseSession`` each, all at once; an ``OpenSession`` still in flight is
     waited for and its session closed too, as is a block's own ``CloseSession``.
-    All of it within ``timeout``; a failure is logged. The blocks, when they
-    leave, find their session closed and say nothing. The caller shields this
-    (``ApiClient.aclose``).
+    All of it within ``timeout``; a failure is logged (as by ``Session.aclose``).
+    The blocks, when they leave, find their session closed and say nothing. The
+    caller shields this (``ApiClient.aclose``).
     """
     live = owner.live_sessions
     live.closing = True
@@ -908,9 +912,32 @@ async def _close_all(sessions: list[Session], unsettled: set[Session] | None = N
         if task.cancelled():  # the loop is closing under it
             log.warning("CloseSession %s (client closing) was cancelled", s._session_id)
         elif (exc := task.exception()) is not None:
-            log.warning("CloseSession %s (client closing) failed: %s", s._session_id, exc)
+            _log_close_failure(s._transport, s._session_id, exc, " (client closing)")
         else:
             log.debug("session %s closed with its client", s._session_id)
+
+
+def _log_close_failure(
+    transport: GrpcTransport | SessionRoute, session_id: str, exc: BaseException, when: str = ""
+) -> None:
+    """Log a failed ``CloseSession`` (either thread): at WARNING, except that of the
+    sessions lost because their endpoint cannot be reached (``ServerUnavailable``)
+    only the first is, until a connection to it is made again; the rest go to DEBUG.
+    """
+    if isinstance(map_grpc_error(exc, "CloseSession"), e.ServerUnavailable):
+        if transport.first_loss_of_outage():
+            log.warning(
+                "CloseSession %s%s failed: %s (further sessions lost with %s are logged "
+                "at DEBUG until it is reached again; the server frees them when idle)",
+                session_id,
+                when,
+                exc,
+                transport.url,
+            )
+        else:
+            log.debug("CloseSession %s%s failed: %s", session_id, when, exc)
+        return
+    log.warning("CloseSession %s%s failed: %s", session_id, when, exc)
 
 
 async def _close_in_loop(transport: GrpcTransport | SessionRoute, session_id: str) -> None:

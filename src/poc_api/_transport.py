@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl as _ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -356,6 +357,9 @@ class GrpcTransport:
         self._last_failure = ""  # why it failed
         # The connection attempt in flight: calls that come meanwhile await it.
         self._attempt: asyncio.Future[None] | None = None
+        self._reached = 0  # connections made (asyncio side)
+        self._loss_logged = -1  # _reached when the last outage was logged at WARNING
+        self._loss_lock = threading.Lock()  # sessions are closed from either thread
         self._closed = False
         self.channels_opened: int = 0
         """How many channels this transport has opened (1 unless it reconnected)."""
@@ -369,6 +373,24 @@ class GrpcTransport:
     def target(self) -> GrpcTarget:
         """The endpoint this transport talks to."""
         return self._target
+
+    @property
+    def url(self) -> str:
+        """The endpoint's URL."""
+        return self._target.url
+
+    def first_loss_of_outage(self) -> bool:
+        """Whether a session whose ``CloseSession`` could not reach this endpoint is
+        the first since a connection to it was last made (either thread).
+
+        That one is logged at WARNING, the rest of the outage at DEBUG: a server
+        that dies under many sessions is one event, not one per session.
+        """
+        with self._loss_lock:
+            if self._loss_logged == self._reached:
+                return False
+            self._loss_logged = self._reached
+            return True
 
     def _config(self) -> Configuration:
         windows = Configuration(
@@ -528,6 +550,7 @@ class GrpcTransport:
             self._failures = 0
             self._retry_at = 0.0
             self._channel_was_connected = True
+            self._reached += 1
         return channel
 
     def _sweep_draining(self) -> None:

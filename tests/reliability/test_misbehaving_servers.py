@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
@@ -390,6 +391,93 @@ async def test_reconnect_after_the_server_vanishes_backs_off_but_recovers(
                         match = next_attempt.search(str(exc))  # still within the backoff
                         assert match is not None, exc
                         await trio.sleep(float(match[1]) + 0.01)
+
+
+async def open_when_reachable(c: poc_api.ApiClient, held: AsyncExitStack) -> None:
+    """A session held by ``held``, once the server (back on its port) is connected:
+    calls within the reconnect backoff of an earlier outage fail at once."""
+    with trio.fail_after(5):
+        while True:
+            try:
+                await held.enter_async_context(c.session())
+            except poc_api.ServerUnavailable:
+                await trio.sleep(0.05)
+            else:
+                return
+
+
+def close_records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("CloseSession")
+    ]
+
+
+async def test_sessions_lost_with_an_unreachable_server_warn_once_per_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Five sessions whose server went away: their CloseSession calls log one
+    WARNING, which says the others are logged at DEBUG. Once the server is reached
+    again, the next outage warns again; a CloseSession the server answers with an
+    error still warns every time."""
+    from misbehaving import misbehaving_server
+
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with misbehaving_server() as probe:
+        port, url = probe.port, probe.url
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url, close_timeout=1.0) as c:
+        for _outage in range(2):
+            async with AsyncExitStack() as held:
+                async with misbehaving_server(port=port):
+                    for _ in range(5):
+                        await open_when_reachable(c, held)
+                caplog.clear()  # the server is gone; the blocks exit
+            records = close_records(caplog)
+            levels = [level for level, _ in records]
+            assert levels == [logging.WARNING] + [logging.DEBUG] * 4, records
+            assert f"further sessions lost with {url} are logged at DEBUG" in records[0][1]
+        # Reached, and answering CloseSession with an error: each one warns.
+        async with misbehaving_server(port=port) as srv:
+            srv.plan("CloseSession", *[Reply("trailers_only", status=13)] * 3)
+            async with AsyncExitStack() as held:
+                for _ in range(3):
+                    await open_when_reachable(c, held)
+                caplog.clear()
+            records = close_records(caplog)
+            assert [level for level, _ in records] == [logging.WARNING] * 3, records
+            assert all("INTERNAL" in m for _, m in records), records
+
+
+async def test_sessions_the_client_closes_with_an_unreachable_server_warn_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client closes (from another task) while blocks hold four sessions on a
+    server that went away: one WARNING, three DEBUG."""
+    from misbehaving import misbehaving_server
+
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with misbehaving_server() as probe:
+        port, url = probe.port, probe.url
+    client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url, close_timeout=1.0)
+
+    async def hold(*, task_status: trio.TaskStatus[None]) -> None:
+        async with client.session():
+            task_status.started()
+            await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with client, trio.open_nursery() as nursery:
+            async with misbehaving_server(port=port):
+                for _ in range(4):
+                    await nursery.start(hold)
+            caplog.clear()
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    records = close_records(caplog)
+    assert [level for level, _ in records] == [logging.WARNING] + [logging.DEBUG] * 3, records
+    assert all("(client closing) failed" in m for _, m in records), records
+    assert "further sessions lost with" in records[0][1]
 
 
 async def test_calls_that_come_while_a_connection_attempt_runs_share_its_failure() -> None:
