@@ -120,7 +120,12 @@ class TransportError(PocApiError):
 
 @final
 class ServerUnavailable(TransportError):
-    """The server cannot be reached, went away, or answered UNAVAILABLE."""
+    """The server cannot be reached, went away, or answered UNAVAILABLE.
+
+    Within the reconnect backoff after a failed connection attempt, a call raises
+    this at once (``retriable``: nothing was sent), saying when the next attempt
+    will be made.
+    """
 
 
 @final

@@ -26,7 +26,9 @@ sessions; its open sessions carry on until they fail.
 Failover: an ``OpenSession`` that cannot reach its endpoint is retried on
 another one (nothing exists yet to lose). Conversations reopen elsewhere on
 their next stream and send the whole prompt again; scoring retries a prompt
-once elsewhere. Raw sessions raise as before: their state is gone.
+once elsewhere. Raw sessions raise as before: their state is gone. None of this
+waits on a dead endpoint: within its transport's reconnect backoff a call fails
+at once (only health checks wait the backoff out, to find the server back).
 
 Thread-safety: endpoints are read on the trio side and updated by health checks
 on the asyncio side. Counters written from both sides are changed under a lock;
