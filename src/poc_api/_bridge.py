@@ -461,6 +461,7 @@ class AsyncioBridge:
             self._probe.register(selector.fileno(), select.POLLIN)
         self._seen_selects = 0
         self._seen_at = 0.0
+        self._starved_after = _GIL_STARVED_AFTER
         self._instrument = _FlushBeforeIoWait(self._flush_to_loop, self._hand_over_gil)
         self._closing = False
         self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
@@ -610,7 +611,9 @@ class AsyncioBridge:
 
         See ``_GIL_STARVED_AFTER``. Looks at most once per that interval: one
         poll of the loop's epoll fd, and a sleep only if the loop thread is
-        stuck with its I/O ready.
+        stuck with its I/O ready or in the middle of its work. A hand-over that
+        brings no progress (the thread is wedged, or blocked elsewhere) doubles
+        the interval, up to a second: trio is not slowed for nothing.
         """
         probe = self._probe
         if probe is None:
@@ -620,20 +623,28 @@ class AsyncioBridge:
         seen = selector.selects
         if seen != self._seen_selects:
             self._seen_selects, self._seen_at = seen, now
+            self._starved_after = _GIL_STARVED_AFTER
             return
-        if now - self._seen_at < _GIL_STARVED_AFTER:
+        if now - self._seen_at < self._starved_after:
             return
         self._seen_at = now
         if seen & 1 and time.monotonic() < selector.idle_until and not probe.poll(0):
             return  # idle in select: no I/O ready, no timer due
+        if self._closing or not self._thread.is_alive():
+            return
         # Starved, in select with its I/O ready or in the middle of its work: let it
         # run up to its next select (bounded).
         until = now + _GIL_HANDOVER_MAX
         while True:
             time.sleep(_GIL_HANDOVER_STEP)
             now_seen = selector.selects
-            if (now_seen != seen and now_seen & 1) or time.perf_counter() > until:
+            if now_seen != seen and now_seen & 1:
+                return  # (the next look notices the progress)
+            if time.perf_counter() > until:
                 break
+        self._seen_at = time.perf_counter()
+        if now_seen == seen:  # not a step: wedged, or blocked without the GIL
+            self._starved_after = min(2 * self._starved_after, 1.0)
 
     def before_select(self, fn: Callable[[], None]) -> None:
         """asyncio side: run ``fn()`` once, right before the loop next selects.
@@ -942,9 +953,13 @@ class AsyncioBridge:
         self._closing = True
         try:
             with trio.CancelScope(shield=True):
-                if self._thread.is_alive():
-                    await self._stop_loop()
+                await self._stop_loop()
         finally:
+            # Also when the thread died or was left behind wedged.
+            try:
+                trio.lowlevel.remove_instrument(self._instrument)
+            except KeyError:  # pragma: no cover - someone removed it for us
+                pass
             self._closed.set()
 
     async def _stop_loop(self) -> None:
@@ -959,15 +974,18 @@ class AsyncioBridge:
                 await asyncio.wait(tasks, timeout=self._cancel_timeout)
             await loop.shutdown_asyncgens()
 
-        call = self._submit(shutdown, ())
-        with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
-            await call.done.wait()
-        try:
-            loop.call_soon_threadsafe(loop.stop)
-        except RuntimeError:
-            pass
-        with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout) as scope:
-            await self._thread_done.wait()
+        wedged = False
+        if self._thread.is_alive():  # (else it died: an exception escaped the loop)
+            call = self._submit(shutdown, ())
+            with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
+                await call.done.wait()
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:
+                pass
+            with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout) as scope:
+                await self._thread_done.wait()
+            wedged = scope.cancelled_caught
         # Whatever did not finish (a task that ignored cancellation) will never
         # report back: fail its waiter instead of leaving it hanging. A call that
         # did finish keeps its outcome, though a wedged thread never sent it.
@@ -986,7 +1004,7 @@ class AsyncioBridge:
         # on_done posts (a stream's waiting consumer) and whatever the loop posted
         # last: the loop will flush nothing any more, so run them here (trio side).
         self._to_trio._run()
-        if scope.cancelled_caught:  # a wedged asyncio callback
+        if wedged:  # a wedged asyncio callback
             log.warning("the asyncio thread did not stop; leaving it (daemon) behind")
             if self._trio_fd >= 0:
                 # The wake-up task ends (the fds stay open: the thread may yet write).
@@ -995,10 +1013,6 @@ class AsyncioBridge:
         self._thread.join()
         loop.close()
         self._close_eventfds()
-        try:
-            trio.lowlevel.remove_instrument(self._instrument)
-        except KeyError:  # pragma: no cover - someone removed it for us
-            pass
 
 
 if sys.version_info >= (3, 12):
