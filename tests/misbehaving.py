@@ -63,6 +63,7 @@ server's default)::
   stream stays open);
 - ``"dribble"``: Generate sends its ``tokens`` tokens a byte per DATA frame, each
   followed by an empty DATA frame (within the window: it must be small);
+  ``"dribble_ping"`` the same with a PING after each byte instead;
 - ``"flood"``: Generate writes its ``tokens`` tokens (each with a 128-float readout)
   as one blob, so they go out in DATA frames as big as the stream's window and the
   client's frame size allow.
@@ -130,6 +131,7 @@ Kind = Literal[
     "push_promise",
     "flood",
     "dribble",
+    "dribble_ping",
     "refuse_after_answer",
     "two_replies",
 ]
@@ -560,14 +562,22 @@ class _Connection:
         await self.send_data(sid, prefix + _padding(reply.claimed_size))
         await self.send_headers(sid, _OK_TRAILERS, end=True)
 
-    async def _dribble(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+    async def _dribble_ping(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._dribble(sid, method, body, reply, ping=True)
+
+    async def _dribble(
+        self, sid: int, method: str, body: bytes, reply: Reply, ping: bool = False
+    ) -> None:
         req = pb.GenerateRequest.parse(body)
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         end = req.offset + len(req.append_tokens)
         blob = b"".join(encode_token(65, False, end + i, -0.5) for i in range(reply.tokens))
         for i in range(len(blob)):
             self.h2.send_data(sid, blob[i : i + 1])
-            self.h2.send_data(sid, b"")
+            if ping:
+                self.h2.ping(i.to_bytes(8, "big"))
+            else:
+                self.h2.send_data(sid, b"")
             self.server.data_sent += 1
             if i % 4096 == 4095:
                 await self.flush()

@@ -1277,15 +1277,28 @@ class _PocH2Protocol(H2Protocol):
             self._protocol_error()
             return
         self.connection.flush()
-        run: list[DataReceived] = []  # DATA of one stream in a row, not handed on yet
+        # Each stream's DATA of this read, not handed on yet: handed on before the
+        # stream's next other event (its end, trailers, reset), before the
+        # connection's end, and at the end of the read; events of other streams
+        # or of the connection (PING, SETTINGS, unknown frames) leave them be.
+        runs: dict[int, list[DataReceived]] = {}
         for event in events:
             if isinstance(event, DataReceived):
-                if run and run[0].stream_id != event.stream_id:
-                    self._data(run)
-                run.append(event)
+                run = runs.get(event.stream_id)
+                if run is None:
+                    runs[event.stream_id] = [event]
+                else:
+                    run.append(event)
                 continue
-            if run:
-                self._data(run)
+            if runs:
+                if isinstance(event, ConnectionTerminated):
+                    for run in runs.values():
+                        self._data(run)
+                    runs.clear()
+                else:
+                    run = runs.pop(getattr(event, "stream_id", 0), None)
+                    if run is not None:
+                        self._data(run)
             if isinstance(event, _IGNORED_EVENTS):
                 continue
             if isinstance(event, RemoteSettingsChanged):
@@ -1303,12 +1316,13 @@ class _PocH2Protocol(H2Protocol):
             except NotImplementedError:  # an event grpclib has no use for
                 self._protocol_error()
                 return
-        if run:
+        for run in runs.values():
             self._data(run)
         self.connection.flush()
 
     def _data(self, run: list[DataReceived]) -> None:
-        """Hand grpclib one stream's DATA frames of one read as one chunk (and empty).
+        """Hand grpclib one stream's DATA frames of one read as one chunk (and empty
+        ones not at all).
 
         grpclib queues an entry (~130 bytes) per frame: a window of 1-byte frames
         would take ~140 MiB, and empty frames, which take no window, any amount.
@@ -1318,7 +1332,6 @@ class _PocH2Protocol(H2Protocol):
         if len(run) > 1:  # (h2's events are plain objects, ours once handed over)
             event.data = b"".join([e.data for e in run])
             event.flow_controlled_length = sum([e.flow_controlled_length or 0 for e in run])
-        run.clear()
         if event.data or event.flow_controlled_length:
             self.processor.process(event)
 

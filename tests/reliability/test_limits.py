@@ -7,7 +7,7 @@ import time
 import pytest
 import trio
 from helpers import wait_until_streaming_stalls
-from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from misbehaving import DUMMY_BASE_URL, Kind, MisbehavingServer, Reply
 from reliability_helpers import make_png, wait_for
 
 import poc_api
@@ -269,13 +269,15 @@ async def test_a_stream_in_big_data_frames_holds_no_more_than_its_window_beyond_
     assert 1 * MB + bound < last <= 2 * (bound + event) * event / (event - 5) + 1 * MB
 
 
+@pytest.mark.parametrize("kind", ["dribble", "dribble_ping"])
 async def test_an_unread_stream_of_tiny_and_empty_data_frames_holds_little(
-    bad_server: MisbehavingServer,
+    bad_server: MisbehavingServer, kind: Kind
 ) -> None:
     # grpclib queues one entry (~130 bytes) per DATA frame: a stream window's worth of
     # 1-byte frames held ~140 MiB, and empty frames (no window at all) without bound.
-    # Frames that came in one read are now one entry, and empty ones none.
-    bad_server.plan("Generate", Reply("dribble", tokens=5_000))
+    # A stream's frames that came in one read are now one entry, and empty ones
+    # none, also with frames of no concern to the stream between them (PINGs).
+    bad_server.plan("Generate", Reply(kind, tokens=5_000))
     kw = {"max_buffered_events": 2, "close_timeout": 1.0}
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, **kw) as c:
         async with c.session() as s:
