@@ -6,6 +6,9 @@ these tests hold the two promises made to those who have it.
 
 from __future__ import annotations
 
+import decimal
+import typing
+
 import numpy as np
 import pytest
 import trio
@@ -369,3 +372,32 @@ def test_type_hints_take_numpy_arrays_of_ids_and_numpy_positions() -> None:
     assert hints(poc_api.ApiClient.score)["ranges"] == ranges
     assert hints(poc_api.Session.generate)["readout_ranges"] == ranges
     assert hints(poc_api.TrainSample.__init__)["target_ranges"] == ranges
+
+
+class _OnlyFloat:
+    def __float__(self) -> float:
+        return 0.5
+
+
+@pytest.mark.parametrize(
+    "value",
+    [decimal.Decimal("0.5"), np.array(0.5), _OnlyFloat()],
+    ids=["Decimal", "0-d array", "__float__"],
+)
+def test_what_supports_float_admits_runs_too(value: typing.SupportsFloat) -> None:
+    # The hints say SupportsFloat (timeouts, temperature, top_p, chat numbers); the
+    # run time took only numbers.Real: a Decimal, a 0-d array or any __float__
+    # passed the type checker and raised TypeError.
+    from poc_api._http import _check_number
+
+    assert check_timeout("timeout", value) == 0.5
+    assert poc_api.SamplingParams(temperature=value).temperature == 0.5
+    assert _check_number("temperature", value, 0.0, 2.0) == 0.5
+
+
+@pytest.mark.parametrize(
+    "value", [np.True_, np.array([0.5, 1.0]), np.timedelta64(200, "ms"), "0.5", 1j]
+)
+def test_what_is_no_real_number_is_still_refused(value: object) -> None:
+    with pytest.raises(TypeError, match="timeout"):
+        check_timeout("timeout", value)  # type: ignore[arg-type]

@@ -70,7 +70,7 @@ def as_int(name: str, value: object) -> int:
     """
     if type(value) is int:
         return value
-    if not isinstance(value, bool) and not _is_time(value):
+    if not isinstance(value, bool) and not _is_odd_numpy(value):
         # Not isinstance(value, SupportsIndex): a Protocol check costs ~8 µs.
         try:
             return operator.index(value)  # type: ignore[arg-type]
@@ -80,24 +80,33 @@ def as_int(name: str, value: object) -> int:
 
 
 def as_float(name: str, value: object, what: str = "a float") -> float:
-    """``value`` as a plain ``float``: an int or float, or a real number that is not
-    one by type (numpy's ``float32``, a ``Fraction``).
+    """``value`` as a plain ``float``: an int or float, or anything else that
+    ``SupportsFloat`` (numpy's ``float32`` or a 0-d array, a ``Fraction``, a
+    ``Decimal``).
 
     ``TypeError`` ("``name`` must be ``what``") for anything else, bools included
-    (numpy's are not real numbers); ``OverflowError`` from ``float()`` for an int
-    past float's range.
+    (numpy's too), numpy times and arrays of more than one value; ``OverflowError``
+    from ``float()`` for an int past float's range.
     """
     if type(value) is float:
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or _is_time(value):
+    if (
+        isinstance(value, bool)
+        or not (isinstance(value, numbers.Real) or hasattr(type(value), "__float__"))
+        or _is_odd_numpy(value)
+    ):
         raise TypeError(f"{name} must be {what}, not {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # an array of more than one value
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__}") from None
 
 
-def _is_time(value: object) -> bool:
+def _is_odd_numpy(value: object) -> bool:
     # numpy's timedelta64 is an integer to numpy (numbers.Real, and __index__ on
-    # some versions), in a unit of its own: a 200 ms timeout would be 200 s.
-    return getattr(getattr(value, "dtype", None), "kind", None) in ("m", "M")
+    # some versions), in a unit of its own: a 200 ms timeout would be 200 s. And
+    # its bools have __float__.
+    return getattr(getattr(value, "dtype", None), "kind", None) in ("m", "M", "b")
 
 
 def _u32(name: str, value: object) -> int:
