@@ -68,6 +68,10 @@ def test_client_trims_base_url_and_hides_the_api_key() -> None:
         "http://me:s3/cret@127.0.0.1:8000/v1",  # httpx refuses these: "Invalid port: 's3'"
         "http://me:s3#cret@127.0.0.1:8000/v1",
         "http://me:s3?cret@127.0.0.1:8000/v1",
+        # Digits before the raw "/": a valid URL to httpx (host "me", port 12), so
+        # the password was shown unchanged.
+        "http://me:12/s3cret@127.0.0.1:8000/v1",
+        "https://me:1/s3cret@127.0.0.1:8000/v1",
     ],
 )
 def test_a_password_in_base_url_is_never_shown_whatever_it_holds(base: str) -> None:
@@ -81,6 +85,14 @@ def test_a_password_in_base_url_is_never_shown_whatever_it_holds(base: str) -> N
         assert "percent-encode" in shown
     assert "s3" not in shown and "cret" not in shown
     assert "me:***@" in shown
+
+
+def test_a_bad_base_url_with_a_password_names_its_own_fault() -> None:
+    # Any invalid URL with a password got the hint to percent-encode it, also one
+    # whose fault is a trailing newline (a .env file's).
+    with pytest.raises(ValueError, match="non-printable") as info:
+        poc_api.ApiClient("http://me:s3cret@127.0.0.1:8000/v1\n")
+    assert "percent-encode" not in str(info.value) and "s3cret" not in str(info.value)
 
 
 @pytest.mark.parametrize("grpc", ["http://me:s3/cret@127.0.0.1:1", "http://me:s3cret@127.0.0.1:1"])

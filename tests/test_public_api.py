@@ -76,6 +76,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "error_excerpt",
         "redact_url",
         "shown_url",
+        "url_password",
         "key_redactor",
         "SSEDecoder",
         "SSEEvent",

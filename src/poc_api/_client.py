@@ -35,7 +35,7 @@ from ._bridge import AsyncioBridge
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
-from ._http import ChatCompletion, ChatStream, HttpApi, TokenizerInfo, shown_url
+from ._http import ChatCompletion, ChatStream, HttpApi, TokenizerInfo, shown_url, url_password
 from ._pool import (
     DEFAULT_AFFINITY_HEADER,
     DnsTarget,
@@ -149,16 +149,23 @@ def _check_base_url(base_url: str) -> None:
     .env file) would fail every call with httpx's own error.
     """
     shown = shown_url(base_url)
+    password = url_password(base_url)
+    hint = (
+        ": percent-encode any '/', '?', '#' or '@' in its user:password"
+        if any(c in password for c in "/?#@")
+        else ""
+    )
     try:
         url = httpx.URL(base_url)
     except httpx.InvalidURL as exc:
-        if shown != base_url:
-            # httpx's reason may quote the password ("Invalid port: 's3'").
-            raise ValueError(
-                f"base_url {shown!r} is not a valid URL: percent-encode any '/', '?', '#', "
-                "'@' or ':' in its user:password"
-            ) from None
-        raise ValueError(f"base_url {shown!r} is not a valid URL: {exc}") from None
+        if hint:  # (the fault; and httpx's reason may quote it: "Invalid port: 's3'")
+            raise ValueError(f"base_url {shown!r} is not a valid URL{hint}") from None
+        reason = str(exc).replace(password, "***") if password else str(exc)
+        raise ValueError(f"base_url {shown!r} is not a valid URL: {reason}") from None
+    if hint or b"@" in url.raw_path:
+        # A valid URL to httpx: the password's start was taken for a port, the rest
+        # for a path. (No server's API root has a raw "@" in its path.)
+        raise ValueError(f"base_url {shown!r} has a raw '@' after its host{hint}")
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"base_url must look like http://host:port/v1, got {shown!r}")
     if url.query or url.fragment or "?" in base_url or "#" in base_url:

@@ -118,6 +118,7 @@ __all__ = [
     "key_redactor",
     "redact_url",
     "shown_url",
+    "url_password",
 ]
 
 log = logging.getLogger("poc_api.http")
@@ -692,29 +693,30 @@ def shown_url(url: str) -> str:
 
     :func:`redact_url` reads free text, where a URL ends at whitespace; here the
     whole string is the URL, so a password with a raw space is hidden too, and
-    one with a raw "/", "?" or "#" (which ends the authority, so the URL is
-    invalid) is hidden up to the string's last "@".
+    one with a raw "/", "?" or "#" (which ends the host part early: the URL is
+    then invalid, or, with digits before it, a port and a path) is hidden up to
+    the string's last "@". (A valid URL with an "@" in its path after a port is
+    shown cut so too: better than a password shown.)
 
     >>> shown_url("http://me:s3 cret@h:8000/v1")
     'http://me:***@h:8000/v1'
     """
     scheme = _SCHEME.match(url)
-    if scheme is None or "@" not in url:
+    if scheme is None or "@" not in url[scheme.end() :]:
         return redact_url(url)
-    userinfo = _USERINFO.match(url)
-    if userinfo is not None:
-        end = userinfo.end()  # the authority's last "@"
-    else:
-        try:
-            httpx.URL(url)
-        except httpx.InvalidURL:
-            end = url.rindex("@") + 1  # a raw "/?#" ended the authority inside it
-        else:
-            return redact_url(url)  # valid: its "@"s are in the path
+    end = url.rindex("@") + 1
     user, colon, _ = url[scheme.end() : end - 1].partition(":")
     if not colon:
         return redact_url(url)
     return f"{url[: scheme.end()]}{user}:***@{url[end:]}"
+
+
+def url_password(url: str) -> str:
+    """The raw password :func:`shown_url` hides ("" if none)."""
+    scheme = _SCHEME.match(url)
+    if scheme is None or "@" not in url[scheme.end() :]:
+        return ""
+    return url[scheme.end() : url.rindex("@")].partition(":")[2]
 
 
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
