@@ -553,6 +553,21 @@ async def test_generate_total_timeout_raises_typed_and_loses_the_session(
     await wait_for(lambda: server.state().cancelled_streams > before)
 
 
+async def test_the_total_timeout_holds_for_a_consumer_slower_than_the_server(
+    client: poc_api.ApiClient,
+) -> None:
+    # It was checked only while the consumer waited for events: one that always
+    # found events buffered (a slow consumer) never timed out, and the stream ran
+    # to its end (the flaky "DID NOT RAISE" of the test above under load).
+    async with client.session() as s:
+        with pytest.raises(poc_api.PocApiTimeout, match="total timeout"), trio.fail_after(10):
+            async with s.generate(
+                HELLO, sampling=SamplingParams(max_tokens=5_000), timeout=0.3
+            ) as ev:
+                async for _ in ev:
+                    time.sleep(0.0005)  # noqa: ASYNC251 - CPU work between events: 2.5 s in all
+
+
 async def test_a_long_healthy_stream_is_not_cut_by_timeouts_not_set(
     client: poc_api.ApiClient,
 ) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, SupportsFloat, SupportsIndex, final
+from typing import TYPE_CHECKING, NoReturn, SupportsFloat, SupportsIndex, final
 
 import trio
 
@@ -205,6 +205,10 @@ class GenerateStream:
 
     async def _receive_with_timeouts(self, t: _Timeouts) -> list[bytes]:
         limit, what = t.total_at, "total"
+        if trio.current_time() >= limit:
+            # Out of time, though events keep coming: a consumer slower than the
+            # server always finds a batch ready, so the wait below never ends late.
+            return self._timed_out(t, what)
         if not self._first_decode and self.done is None:
             if t.first_token is not None and t.first_token_from + t.first_token < limit:
                 limit, what = t.first_token_from + t.first_token, "first-token"
@@ -216,6 +220,9 @@ class GenerateStream:
             batch = await self._rx.receive_batch()
             t.last_event = trio.current_time()
             return batch
+        return self._timed_out(t, what)
+
+    def _timed_out(self, t: _Timeouts, what: str) -> NoReturn:
         since = {"total": t.started, "first-token": t.first_token_from}.get(what, t.last_event)
         waited = trio.current_time() - since
         raise e.PocApiTimeout(
