@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,12 +32,28 @@ __all__ = [
 
 
 def free_port_pair() -> int:
-    """An HTTP port ``p`` such that ``p`` and ``p + 1`` were both free a moment ago."""
-    http, grpc = bind_port_pair("127.0.0.1", 0)
-    port = int(http.getsockname()[1])
-    http.close()
-    grpc.close()
-    return port
+    """An HTTP port ``p`` such that ``p`` and ``p + 1`` were both free a moment ago.
+
+    Picked below the kernel's range of ports for outgoing connections: in it, any
+    connection made meanwhile (the suite makes thousands) may take ``p + 1`` before
+    the server process binds it (seen in CI: "cannot listen on ...: Address already
+    in use"). Here only another explicit bind can, and picks are random.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux: IANA's dynamic range starts at 49152
+        low = 32768
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(10_000, max(low, 10_002) - 1)
+        try:
+            http, grpc = bind_port_pair("127.0.0.1", port)
+        except OSError:
+            continue
+        http.close()
+        grpc.close()
+        return port
+    raise OSError("no free pair of adjacent ports below the ephemeral range")
 
 
 class ServerProcess:
