@@ -371,7 +371,7 @@ async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
     async with reference_servers(3, ignore_eos=True, token_delay_ms=20) as servers:
         async with pool_client(servers, health_check_interval=0.2) as client:
             failed_turns = 0
-            killed = trio.Event()
+            killing, killed = trio.Event(), trio.Event()
             second_turn_started = 0
             done = 0
 
@@ -388,8 +388,10 @@ async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
                             reply = await turn(conv, prompt)
                         except poc_api.ServerUnavailable:
                             # Its server died under this very turn: the next try
-                            # must work, on a survivor, with the whole prompt.
-                            assert killed.is_set()
+                            # must work, on a survivor, with the whole prompt. (The
+                            # kill runs in a thread: its failures, which now come at
+                            # once, may come before `killed` is set.)
+                            assert killing.is_set()
                             failed_turns += 1
                             reply = await turn(conv, prompt)
                         prompt = prompt + reply
@@ -406,6 +408,7 @@ async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
                         timeout=30,
                     )
                     opened = [s.state().rpc_counts["OpenSession"] for s in servers[1:]]
+                    killing.set()
                     await trio.to_thread.run_sync(servers[0].kill)
                     killed.set()
             assert done == n
