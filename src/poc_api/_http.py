@@ -701,22 +701,27 @@ def shown_url(url: str) -> str:
     >>> shown_url("http://me:s3 cret@h:8000/v1")
     'http://me:***@h:8000/v1'
     """
-    scheme = _SCHEME.match(url)
-    if scheme is None or "@" not in url[scheme.end() :]:
+    span = _password_span(url)
+    if span is None:
         return redact_url(url)
-    end = url.rindex("@") + 1
-    user, colon, _ = url[scheme.end() : end - 1].partition(":")
-    if not colon:
-        return redact_url(url)
-    return f"{url[: scheme.end()]}{user}:***@{url[end:]}"
+    return f"{url[: span[0]]}***{url[span[1] :]}"
 
 
 def url_password(url: str) -> str:
     """The raw password :func:`shown_url` hides ("" if none)."""
+    span = _password_span(url)
+    return "" if span is None else url[span[0] : span[1]]
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where a whole URL's password lies: after ``scheme://user:``, up to the
+    string's last "@" (``None`` without such a password)."""
     scheme = _SCHEME.match(url)
-    if scheme is None or "@" not in url[scheme.end() :]:
-        return ""
-    return url[scheme.end() : url.rindex("@")].partition(":")[2]
+    if scheme is None:
+        return None
+    at = url.rfind("@", scheme.end())
+    colon = url.find(":", scheme.end(), at) if at >= 0 else -1
+    return None if colon < 0 else (colon + 1, at)
 
 
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
