@@ -178,10 +178,10 @@ def _top_p(value: SupportsFloat) -> float:
 def check_timeout(name: str, value: SupportsFloat | None) -> float | None:
     """A timeout in seconds (``None`` = none), as a plain float.
 
-    ``TypeError`` naming ``name`` unless a real number (an int or float, numpy's
-    ``float32``, a ``Fraction``; bools refused); ``ValueError`` if negative, NaN
-    or too large. Use what it returns, not the value given: a trio deadline made
-    of a numpy float32 breaks trio's I/O wait.
+    ``TypeError`` naming ``name`` unless a number :func:`as_float` takes (an int or
+    float, numpy's ``float32``, a ``Fraction``, a ``Decimal``; bools refused);
+    ``ValueError`` if negative, NaN or too large. Use what it returns, not the
+    value given: a trio deadline made of a numpy float32 breaks trio's I/O wait.
     """
     if value is None:
         return None
