@@ -525,9 +525,13 @@ class GrpcTransport:
                 # A silent peer is also what keepalive exists to catch: wait no
                 # longer than a ping interval plus its timeout.
                 limit = max(0.0, self._connect_timeout - (loop.time() - started))
+                bound_by = f"connect_timeout={self._connect_timeout:g} s"
                 if self._keepalive is not None:
-                    limit = min(limit, self._keepalive.time + self._keepalive.timeout)
-                await self._await_settings(channel, protocol, limit)
+                    ping = self._keepalive.time + self._keepalive.timeout
+                    if ping < limit:
+                        limit = ping
+                        bound_by = f"keepalive_time + keepalive_timeout = {ping:g} s"
+                await self._await_settings(channel, protocol, limit, bound_by)
         except Exception as exc:
             if not _closed_unsent(exc):  # not the server's failure: no backoff
                 self._failures += 1
@@ -562,9 +566,12 @@ class GrpcTransport:
                 channel.close()
 
     async def _await_settings(
-        self, channel: Channel, protocol: _PocH2Protocol, limit: float
+        self, channel: Channel, protocol: _PocH2Protocol, limit: float, bound_by: str
     ) -> None:
-        """Wait for the peer's SETTINGS; fail at once if the connection dies first."""
+        """Wait for the peer's SETTINGS; fail at once if the connection dies first.
+
+        ``bound_by`` names the setting that ``limit`` comes from (for the message).
+        """
         waiters = [
             asyncio.ensure_future(protocol.settings_received.wait()),
             asyncio.ensure_future(protocol.lost.wait()),
@@ -590,10 +597,13 @@ class GrpcTransport:
                 "is it a gRPC server?",
                 retriable=True,
             )
+        # Retriable: nothing of the call was sent (calls wait for the SETTINGS),
+        # as for a connect that times out.
         raise e.ServerUnavailable(
             f"{self._target.url} accepted the connection but sent no HTTP/2 "
-            f"SETTINGS within {limit:g} s: is it a gRPC server, and not frozen "
-            "(stopped, overloaded: the kernel accepts connections for it)?"
+            f"SETTINGS within {bound_by}: is it a gRPC server, and not frozen "
+            "(stopped, overloaded: the kernel accepts connections for it)?",
+            retriable=True,
         )
 
     def check_sendable(self, method: str, request: bytes) -> None:

@@ -244,6 +244,25 @@ async def test_client_exit_after_a_silent_listener_is_quick() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_silent_listener_fails_the_call_as_retriable_naming_the_setting() -> None:
+    # Nothing of the call was sent (the client waits for the server's SETTINGS
+    # first): the same retriable failure as a connect that times out, and as the
+    # next call gets within the reconnect backoff.
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_silent_listener)
+        client = poc_api.ApiClient(
+            "http://127.0.0.1:9/v1", grpc_url=f"http://127.0.0.1:{port}", connect_timeout=0.3
+        )
+        with trio.fail_after(10):
+            async with client:
+                with pytest.raises(poc_api.ServerUnavailable) as info:
+                    async with client.session():
+                        pass
+        assert info.value.retriable
+        assert "connect_timeout=0.3 s" in str(info.value), str(info.value)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_grpc_url_pointing_at_an_http1_port_fails_fast(server: ReferenceServer) -> None:
     # The reference server's HTTP port speaks HTTP/1.1 only.
     client = poc_api.ApiClient(server.base_url, grpc_url=f"http://127.0.0.1:{server.http_port}")
