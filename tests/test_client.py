@@ -911,13 +911,17 @@ async def test_a_timeout_that_runs_out_waiting_for_the_session_sends_nothing(
         async with _session_held_by_a_decode(40) as (srv, s, _):
             generates = srv.state().rpc_counts.get("Generate", 0)
             t0 = trio.current_time()
-            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent"):
+            # Each is retriable, as its message says: the server never saw it.
+            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
                 await s.prefill([1, 2], timeout=0.2)
-            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent"):
+            assert info.value.retriable
+            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
                 await s.append_image(png_56x28, "image/png", timeout=0.2)
-            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent"):
+            assert info.value.retriable
+            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
                 async with s.generate([1], sampling=SamplingParams(max_tokens=1), timeout=0.2):
                     pass  # pragma: no cover
+            assert info.value.retriable
             assert trio.current_time() - t0 < 3  # three waits of 0.2 s, not the decode's 0.8
             assert not s.lost
             assert srv.state().rpc_counts.get("Generate", 0) == generates

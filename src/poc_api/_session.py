@@ -494,7 +494,8 @@ class Session:
             held = ", which another call holds" if self._lock.locked() else ""
             raise e.PocApiTimeout(
                 f"{method}: timeout after {waited:.3g} s waiting for session "
-                f"{self._session_id}{held}; nothing was sent"
+                f"{self._session_id}{held}; nothing was sent",
+                retriable=True,
             )
 
     def _offset(self, rewind_to: SupportsIndex | None, name: str = "rewind_to") -> tuple[int, bool]:
