@@ -417,6 +417,22 @@ async def test_500_error_message_has_status_url_and_500_char_excerpt(
     assert "500" in str(err) and err.url in str(err) and err.body_excerpt in str(err)
 
 
+async def test_500_body_control_characters_are_escaped_in_the_message_not_the_excerpt(
+    http: httpx.AsyncClient,
+) -> None:
+    # str(err) goes into the application's logs and terminals: the server's
+    # newlines and ESCs are escaped there; body_excerpt keeps the body's text.
+    body = b"bad\nFAKE LOG LINE\x1b[31mred\ttab"
+    with trio.fail_after(10):
+        async with canned_server([response(500, body, "text/plain")]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url).readout_manifest()
+    err = info.value
+    assert err.body_excerpt == body.decode()
+    assert "bad\\x0aFAKE LOG LINE\\x1b[31mred\ttab" in str(err), str(err)
+    assert "\n" not in str(err) and "\x1b" not in str(err)
+
+
 async def test_500_excerpt_with_multibyte_char_straddling_the_cut(
     http: httpx.AsyncClient,
 ) -> None:

@@ -41,6 +41,8 @@ from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeAlias, TypeVa
 
 import trio
 
+from ._log import ONE_LINE_ESCAPES
+
 __all__ = [
     "AuthenticationError",
     "ContextOverflow",
@@ -67,6 +69,10 @@ __all__ = [
 class PocApiError(Exception):
     """Base of every error poc_api raises on purpose.
 
+    Its message has control characters (but tab) escaped (``\\x0a``): what a
+    server said in it cannot start a line of its own in a log or drive a terminal.
+    Attributes that hold the server's text (``body_excerpt``) keep it as it came.
+
     Attributes:
         grpc_status: the gRPC status name (``"NOT_FOUND"``, ...) when the error
             came from a gRPC call, else ``None``.
@@ -88,6 +94,9 @@ class PocApiError(Exception):
         http_status: int | None = None,
         retriable: bool = False,
     ) -> None:
+        # What a server says (a status message, a body) goes into messages that
+        # applications log and print: as in poc_api's own log lines (_log.py).
+        message = message.translate(ONE_LINE_ESCAPES)
         super().__init__(message)
         self.message = message
         if grpc_status is not None:

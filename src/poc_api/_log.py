@@ -49,7 +49,7 @@ def control_escapes(keep: str = "\t") -> dict[int, str]:
 
 
 # In a log line, a newline too, and the Unicode line and paragraph separators.
-_ESCAPES: Final = control_escapes() | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+ONE_LINE_ESCAPES: Final = control_escapes() | {0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class _OneLine(logging.Filter):
@@ -57,7 +57,7 @@ class _OneLine(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        escaped = message.translate(_ESCAPES)
+        escaped = message.translate(ONE_LINE_ESCAPES)
         if escaped != message:
             record.msg, record.args = escaped, None
         return True

@@ -827,6 +827,25 @@ async def test_a_servers_newlines_cannot_forge_log_lines(
     assert not [line for line in lines if "\n" in line or "\x1b" in line]
 
 
+async def test_a_servers_control_characters_are_escaped_in_the_exception_message(
+    bad_server: MisbehavingServer,
+) -> None:
+    # An application logs the error it caught (log.error("%s", exc)): a newline of
+    # the server's in its message made a log line of the server's choosing, an ESC
+    # drove the terminal. Escaped as in poc_api's own log lines.
+    forged = "2099-01-01 CRITICAL auth: admin login OK"
+    bad_server.plan(
+        "OpenSession", Reply("trailers_only", status=13, message=f"boom%0A{forged}%1B[31m")
+    )
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        with trio.fail_after(10), pytest.raises(poc_api.PocApiError) as info:
+            async with c.session():
+                pass  # pragma: no cover
+    text = str(info.value)
+    assert f"boom\\x0a{forged}\\x1b[31m" in text, text
+    assert "\n" not in text and "\x1b" not in text and "\n" not in repr(info.value.args)
+
+
 async def test_a_big_data_frame_right_behind_the_settings_ack_is_accepted() -> None:
     # The client announces DATA frames up to 1 MiB. A server may send one as soon as
     # it acknowledged that, in the same TCP write; h2 checks every frame of a read
