@@ -289,3 +289,31 @@ def test_importing_without_pytest_still_gives_the_context_managers(tmp_path: Pat
     result = run_python(["-c", script], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[111, 107]"
+
+
+async def test_an_in_process_reference_server_keeps_api_keys_out_of_debug_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # hpack logs every header block it decodes at DEBUG: with the reference server
+    # in the process and DEBUG logging on, the server's side printed each call's
+    # "authorization: Bearer <key>" (also a client's wrong key).
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    key, wrong = "sk-SECRET-KEY-123", "sk-WRONG-KEY-999"
+    with trio.fail_after(20):
+        # A server without a key beside it: hpack's other lines still show.
+        async with reference_server() as open_server, reference_server(api_key=key) as server:
+            async with open_client(open_server) as client:
+                await client.tokenize("x")
+            async with open_client(server, api_key=key) as client:
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+            async with open_client(server, api_key=wrong) as client:
+                with pytest.raises(poc_api.AuthenticationError):
+                    async with client.session():
+                        pass  # pragma: no cover
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(r.name.startswith("hpack") for r in caplog.records)  # it does log
+    assert any(m.startswith("Decoded (b':path'") for m in messages)
+    assert not [m for m in messages if key in m or wrong in m or "Bearer" in m]

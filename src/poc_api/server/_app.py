@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import logging
 import signal
 import socket
 import sys
@@ -23,6 +24,48 @@ from ._state import Runtime, ServerConfig, ServerState
 __all__ = ["ReferenceServer", "run_forever"]
 
 _START_TIMEOUT: Final = 30.0
+
+
+class _HideAuthorization(logging.Filter):
+    """On hpack's logger: drop the DEBUG lines that show a request's authorization.
+
+    hpack logs each header block it decodes, and each header, at DEBUG: with a
+    reference server in the process and DEBUG logging on, the application's log
+    would show every client's ``authorization: Bearer <key>``. Installed while a
+    reference server runs (``_hiding``).
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        lowered = message.lower()
+        if "authorization" in lowered or "bearer" in lowered:
+            return False
+        return not any(key and key in message for key in self.keys)
+
+
+_HPACK_LOGGER: Final = logging.getLogger("hpack.hpack")
+_hiding_lock = threading.Lock()
+_hiding: list[str] = []  # one entry per running server: its api key ("" for none)
+_hide = _HideAuthorization(_hiding)
+
+
+def _hide_authorization(key: str, on: bool) -> None:
+    """Count a server in (``on``) or out of hpack's filter."""
+    with _hiding_lock:
+        if on:
+            if not _hiding:
+                _HPACK_LOGGER.addFilter(_hide)
+            _hiding.append(key)
+        else:
+            _hiding.remove(key)
+            if not _hiding:
+                _HPACK_LOGGER.removeFilter(_hide)
+
+
 _STOP_TIMEOUT: Final = 10.0
 _PORT_PAIR_ATTEMPTS: Final = 64
 
@@ -262,6 +305,8 @@ class ReferenceServer:
     def _thread_main(self) -> None:
         # trio-asyncio installs a global event loop policy; a plain
         # SelectorEventLoop keeps this thread independent of it.
+        key = self.config.api_key or ""
+        _hide_authorization(key, True)
         try:
             with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
                 runner.run(self._serve())
@@ -269,6 +314,7 @@ class ReferenceServer:
             if not self._ready.is_set():
                 self._error = e
         finally:
+            _hide_authorization(key, False)
             self._ready.set()
 
     async def _serve(self) -> None:
