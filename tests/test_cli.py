@@ -387,6 +387,11 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["score", "hi"],
         ["generate"],
         ["generate", "hi", "--url", "not-a-url"],
+        # A URL the client refuses (exited 1, "bad argument: ..."); a base URL on the
+        # last port has no gRPC port (exited 1 on a gRPC URL the user never gave).
+        ["generate", "hi", "--url", "http://h:1/v1?x=1"],
+        ["generate", "hi", "--url", "http://h:65535/v1"],
+        ["generate", ""],  # as score's empty TEXT (exited 1 after starting a server)
         ["generate", "hi", "--url", UNREACHABLE, "--seed", "1"],
         ["generate", "hi", "--grpc-url", "http://127.0.0.1:2"],
         ["generate", "hi", "--max-tokens", "-1"],

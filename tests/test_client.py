@@ -47,6 +47,17 @@ def test_grpc_url_is_derived_from_base_url(base: str, expected: str) -> None:
     assert poc_api.resolve_grpc_url(base, env={}) == expected
 
 
+def test_a_base_url_on_the_last_port_has_no_grpc_port_to_derive() -> None:
+    # Port + 1 = 65536 was returned, and failed later as a "bad port" of a gRPC
+    # URL the user never gave.
+    with pytest.raises(ValueError, match=r"65535.*grpc_url"):
+        poc_api.resolve_grpc_url("http://h:65535/v1", env={})
+    with pytest.raises(ValueError, match=r"65535.*grpc_url"):
+        poc_api.ApiClient("http://h:65535/v1")
+    # With a grpc_url of its own, such a base_url is fine.
+    assert poc_api.resolve_grpc_url("http://h:65535/v1", "http://h:1", env={}) == "http://h:1"
+
+
 def test_grpc_url_precedence_is_argument_then_env_then_derived() -> None:
     env = {"POC_GRPC_URL": "http://env:1"}
     assert poc_api.resolve_grpc_url("http://h:8000/v1", "http://arg:2", env) == "http://arg:2"

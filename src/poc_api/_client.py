@@ -137,11 +137,16 @@ def resolve_grpc_url(
             f"base_url must look like http://host:port/v1, got {shown_url(base_url)!r}"
         )
     port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
+    if port >= 65535:
+        raise ValueError(
+            f"base_url {shown_url(base_url)!r} is on port {port}: there is no port + 1 "
+            "for gRPC; pass grpc_url"
+        )
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}:{port + 1}"
 
 
-def _check_base_url(base_url: str) -> None:
+def check_base_url(base_url: str) -> None:
     """A ``ValueError`` now for a base URL the HTTP calls could not use.
 
     Every HTTP call appends its path to it: a query or fragment would send the
@@ -293,7 +298,7 @@ class ApiClient:
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
-        _check_base_url(base_url)
+        check_base_url(base_url)
         if not isinstance(api_key, str) or not isinstance(model, str):
             raise TypeError("api_key and model must be str")
         pool = parse_grpc_targets(grpc_url)  # checks a list or dns:/// target

@@ -45,7 +45,7 @@ from rich.text import Text
 
 from . import _errors as e
 from ._chunks import Chunk, Tokens
-from ._client import ApiClient
+from ._client import ApiClient, check_base_url, resolve_grpc_url
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager
 from ._http import ChatDelta, shown_url
@@ -178,10 +178,16 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
             raise click.UsageError("--grpc-url needs --url (or POC_BASE_URL)")
         # POC_GRPC_URL is for remote servers; the embedded one has its own ports.
         return _Target(None, key, None)
-    _check_url(base, "--url" if url or g.url else _ENV_URL)
+    what = "--url" if url or g.url else _ENV_URL
+    _check_url(base, what)
     grpc = grpc_flag or os.environ.get(_ENV_GRPC) or None
     if grpc:
         _check_url(grpc, "--grpc-url" if grpc_flag else _ENV_GRPC)
+    try:  # what the client would refuse, as a usage error (before any work)
+        check_base_url(base.rstrip("/"))
+        resolve_grpc_url(base, grpc, env={})
+    except ValueError as exc:
+        raise click.UsageError(f"invalid {what}: {exc}") from None
     model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
     return _Target(base.rstrip("/"), key, grpc, model)
 
@@ -895,6 +901,8 @@ def generate(
     readout: bool,
 ) -> None:
     """Stream the completion of TEXT to stdout as it arrives."""
+    if not text:
+        raise click.BadParameter("must not be empty", param_hint="TEXT")
     target = _target(url, api_key, grpc_url)
     if seed is not None and target.base_url is not None:
         raise click.UsageError(
