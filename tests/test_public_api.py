@@ -449,3 +449,10 @@ def test_chat_stream_yields_a_typed_stream_with_aclose() -> None:
     assert typing.get_origin(returned) is AbstractAsyncContextManager
     assert typing.get_args(returned) == (poc_api.ChatStream,)
     assert callable(poc_api.ChatStream.aclose)
+
+
+def test_the_installed_version_is_the_packages_own() -> None:
+    # One place for the version (pyproject reads __init__'s): they cannot drift.
+    import importlib.metadata
+
+    assert importlib.metadata.version("poc_api") == poc_api.__version__
