@@ -429,6 +429,20 @@ async def test_a_usage_error_exits_2_from_the_process() -> None:
     assert "top-p" in result.stderr
 
 
+async def test_python_dash_m_poc_api_is_the_command() -> None:
+    # Where the console script is not on PATH (a venv not activated).
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "poc_api", "--help"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env(),
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: poc-api" in proc.stdout.decode()
+
+
 async def test_the_installed_console_script_runs() -> None:
     bindir = os.path.dirname(sys.executable)
     exe = shutil.which("poc-api", path=bindir + os.pathsep + os.environ.get("PATH", ""))
