@@ -502,9 +502,15 @@ async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
                 await s.prefill([1, 2])
                 victim = next(v for v in servers if s.session_id in v.state().session_ids)
                 await trio.to_thread.run_sync(victim.kill)
-                with pytest.raises(poc_api.ServerUnavailable):
+                with pytest.raises(poc_api.ServerUnavailable) as info:
                     await s.prefill([3])
-                assert s.lost
+                # Refused (the client saw the connection go first): nothing was sent
+                # (retriable), so the session is as it was, not lost, and a retry
+                # fails the same way while its server is down. Lost under a call
+                # already sent: not retriable, and the session is lost.
+                assert info.value.retriable is not s.lost
+                with pytest.raises((poc_api.ServerUnavailable, poc_api.SessionLost)):
+                    await s.prefill([3])
             # New sessions go to the survivor.
             async with client.session() as s2:
                 await s2.prefill([1])

@@ -46,7 +46,6 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, final
 from urllib.parse import urlsplit
@@ -63,7 +62,7 @@ from ._proto.grpc.health.v1 import (
     HealthCheckResponse,
     HealthCheckResponseServingStatus,
 )
-from ._transport import GrpcTarget, GrpcTransport, _Collect, _Progress, deadline
+from ._transport import GrpcTarget, GrpcTransport, StreamCall, _Collect, _Progress, deadline
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -722,9 +721,7 @@ class SessionRoute:
         ep = self._current()
         return await ep.transport.unary_in_loop(method, request, extra_metadata=self._metadata)
 
-    def server_stream(
-        self, method: str, request: bytes, *, max_items: int
-    ) -> AbstractAsyncContextManager[BatchReceiver[bytes]]:
+    def server_stream(self, method: str, request: bytes, *, max_items: int) -> StreamCall:
         """A streaming call of this session; see :meth:`GrpcTransport.server_stream`."""
         ep = self._current()
         cm = ep.transport.server_stream(
@@ -746,12 +743,15 @@ class _Observed:
 
     __slots__ = ("_cm", "_ep", "_rx")
 
-    def __init__(
-        self, cm: AbstractAsyncContextManager[BatchReceiver[bytes]], ep: _Endpoint
-    ) -> None:
+    def __init__(self, cm: StreamCall, ep: _Endpoint) -> None:
         self._cm = cm
         self._ep = ep
         self._rx: BatchReceiver[bytes] | None = None
+
+    @property
+    def sent(self) -> bool:
+        """See :attr:`StreamCall.sent`."""
+        return self._cm.sent
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:

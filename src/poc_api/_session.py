@@ -21,7 +21,7 @@ import trio
 from . import _errors as e
 from ._chunks import check_image_mime
 from ._proto import salience as pb
-from ._transport import map_grpc_error
+from ._transport import StreamCall, map_grpc_error
 from ._types import (
     U32_MAX,
     Done,
@@ -115,6 +115,7 @@ class GenerateStream:
         self._drained = False  # _drain ran: its grace is spent, even if it gave up
         self._yielded = time.perf_counter()  # when this stream last let others run
         self._reader_closed = False  # aclose() was called
+        self._raised: e.PocApiError | None = None  # the last error the call raised
         self.done: Done | None = None
         """The ``Done`` event once it has arrived."""
 
@@ -192,10 +193,14 @@ class GenerateStream:
                 raise trio.ClosedResourceError(
                     "this stream's block has exited: iterate its events inside the block"
                 )
-            if self._timeouts is None:
-                self._batch = await self._rx.receive_batch()
-            else:
-                self._batch = await self._receive_with_timeouts(self._timeouts)
+            try:
+                if self._timeouts is None:
+                    self._batch = await self._rx.receive_batch()
+                else:
+                    self._batch = await self._receive_with_timeouts(self._timeouts)
+            except e.PocApiError as exc:
+                self._raised = exc  # the call's own failure (its block's exit looks)
+                raise
             self._i = 0
             self._received = self._received or bool(self._batch)
             if not self._batch:
@@ -460,8 +465,12 @@ class Session:
                     raw = await self._transport.unary(
                         "AppendImage", request, timeout=left, abortable=True
                     )
-                except (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow):
+                except _REJECTED:
                     raise  # rejected before anything was appended
+                except e.PocApiError as exc:
+                    if not exc.retriable:  # (retriable: the server never processed it)
+                        self._lost = True
+                    raise
                 except BaseException:
                     self._lost = True
                     raise
@@ -749,7 +758,7 @@ class _GenerateBlock:
         self._priority = priority
         self._rewind_to = rewind_to
         self._timeouts = timeouts
-        self._rpc: AbstractAsyncContextManager[BatchReceiver[bytes]] | None = None
+        self._rpc: StreamCall | None = None
         self._stream: GenerateStream | None = None
 
     @trio.lowlevel.enable_ki_protection
@@ -854,8 +863,16 @@ class _GenerateBlock:
             raise
         finally:
             stream._exited = True
-            # Refused before any event: nothing was appended, the session is intact.
-            rejected = isinstance(out, _REJECTED) and not stream._received
+            own = out is not None and out is stream._raised
+            if own and isinstance(out, e.PocApiTimeout) and not rpc.sent:
+                # Its time ran out while it waited for a stream of the connection
+                # (or for the connection): the request never reached the server.
+                out.retriable = True
+            # Refused before any event (or not processed at all, as a retriable
+            # error says): nothing was appended, the session is intact.
+            rejected = not stream._received and (
+                isinstance(out, _REJECTED) or (own and out.retriable)  # type: ignore[union-attr]
+            )
             if not rejected and stream.done is None:
                 s._lost = True
             s._lock.release()

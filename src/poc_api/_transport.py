@@ -774,18 +774,30 @@ class GrpcTransport:
         ``KeyboardInterrupt`` comes once it has finished. An ``abortable`` call
         (``AppendImage``) ends at once when the client's close begins.
         """
-        if timeout is not None:
-            with deadline(timeout, method):
-                return await self.unary(
-                    method,
-                    request,
-                    orphan=orphan,
-                    cleanup=cleanup,
-                    abortable=abortable,
-                    extra_metadata=extra_metadata,
-                )
-        path = SERVICE + method
         progress = _Progress()
+        if timeout is not None:
+            # Timed out before its HEADERS were written, the call never reached the
+            # server (a cancelled call not on the wire is dropped): retriable.
+            with deadline(timeout, method, unsent=lambda: not progress.headers_sent):
+                return await self._unary(
+                    method, request, progress, orphan, cleanup, abortable, extra_metadata
+                )
+        return await self._unary(
+            method, request, progress, orphan, cleanup, abortable, extra_metadata
+        )
+
+    @trio.lowlevel.enable_ki_protection  # as unary's
+    async def _unary(
+        self,
+        method: str,
+        request: bytes,
+        progress: _Progress,
+        orphan: Callable[[bytes], Awaitable[None]] | None,
+        cleanup: bool,
+        abortable: bool,
+        extra_metadata: tuple[tuple[str, str], ...],
+    ) -> bytes:
+        path = SERVICE + method
 
         async def call() -> bytes:
             reply = await self.unary_in_loop(
@@ -844,7 +856,7 @@ class GrpcTransport:
         *,
         max_items: int,
         extra_metadata: tuple[tuple[str, str], ...] = (),
-    ) -> _ServerStream:
+    ) -> StreamCall:
         """Open a server-streaming RPC whose raw messages the block drains in batches.
 
         The buffer holds at most ``max_items`` messages and (past one message)
@@ -885,6 +897,24 @@ class GrpcTransport:
         for old in self._draining:
             old.close()
         self._draining.clear()
+
+
+class StreamCall(Protocol):
+    """The block of a server-streaming call (:meth:`GrpcTransport.server_stream`)."""
+
+    @property
+    def sent(self) -> bool:
+        """Whether the request may have reached the server (final after the block)."""
+        ...
+
+    async def __aenter__(self) -> BatchReceiver[bytes]: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 class _SinkLike(Protocol):
@@ -1523,11 +1553,19 @@ class deadline:  # used like the function it replaced
     open, and trio then fails with "Cancel scope stack corrupted".
     """
 
-    __slots__ = ("_scope", "_timeout", "_what")
+    __slots__ = ("_scope", "_timeout", "_unsent", "_what")
 
-    def __init__(self, timeout: SupportsFloat | None, what: str) -> None:
+    def __init__(
+        self,
+        timeout: SupportsFloat | None,
+        what: str,
+        *,
+        unsent: Callable[[], bool] | None = None,
+    ) -> None:
         self._timeout = check_timeout("timeout", timeout)
         self._what = what
+        # Says, once the block has ended, whether nothing of it reached the server.
+        self._unsent = unsent
         self._scope: trio.CancelScope | None = None
 
     @trio.lowlevel.enable_ki_protection
@@ -1549,6 +1587,8 @@ class deadline:  # used like the function it replaced
         scope.__exit__(exc_type, exc, tb)  # raises whatever is not its own Cancelled
         if scope.cancelled_caught:
             msg = f"{self._what}: no answer within {self._timeout:g} s"
+            if self._unsent is not None and self._unsent():
+                raise e.PocApiTimeout(f"{msg}; nothing was sent", retriable=True) from None
             raise e.PocApiTimeout(msg) from None
 
 
@@ -1562,6 +1602,7 @@ class _ServerStream:
         "_max_bytes",
         "_max_items",
         "_method",
+        "_progress",
         "_request",
         "_transport",
     )
@@ -1582,18 +1623,27 @@ class _ServerStream:
         self._max_bytes = max_bytes
         self._extra = extra_metadata
         self._block: StreamBlock[bytes] | None = None
+        self._progress = _Progress()
+
+    @property
+    def sent(self) -> bool:
+        """Whether the request's HEADERS were written: the server may have seen it.
+
+        Final once the block has exited (its asyncio side has ended then).
+        """
+        return self._progress.headers_sent
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:
         t = self._transport
         path = SERVICE + self._method
         t._check_size(self._request, path)
-        request, extra = self._request, self._extra
+        request, extra, progress = self._request, self._extra, self._progress
 
         async def produce(sink: Sink[bytes]) -> None:
             try:
                 await t._exchange(
-                    path, Cardinality.UNARY_STREAM, request, sink, extra_metadata=extra
+                    path, Cardinality.UNARY_STREAM, request, sink, progress, extra_metadata=extra
                 )
             except Exception as exc:
                 _raise_mapped(exc, path, closed=t._closed, redact=t._redact)

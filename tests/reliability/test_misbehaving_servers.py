@@ -885,3 +885,75 @@ async def test_a_big_data_frame_right_behind_the_settings_ack_is_accepted() -> N
             with trio.fail_after(5):
                 async with c.session() as s:
                     assert s.session_id == "s"
+
+
+async def test_a_call_refused_for_good_leaves_its_session_usable(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Refused three times (the client retries twice): ServerUnavailable(retriable),
+    # "the server certainly did not process it", yet the session was marked lost,
+    # so retrying as the flag invites raised SessionLost.
+    from poc_api.testing import make_png
+
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        async with c.session() as s:
+            await s.prefill([1, 2])
+            for method, call in (
+                ("Generate", lambda: s.prefill([3])),
+                ("AppendImage", lambda: s.append_image(make_png(), "image/png")),
+            ):
+                bad_server.plan(method, *[Reply("refuse")] * 3)
+                with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                    await call()
+                assert info.value.retriable
+                assert not s.lost and s.committed_len == 2
+            await s.prefill([3])  # the retry goes through
+            assert s.committed_len == 3
+
+
+async def test_a_timeout_while_queued_for_a_stream_is_retriable_and_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The server allows one stream, which another call holds: a call that times out
+    # waiting for a stream never reached the server, so the timeout is retriable
+    # and its session stays usable (it was marked lost, retriable=False).
+    from poc_api.testing import make_png
+
+    bad_server.max_streams = 1
+    sampling = SamplingParams(max_tokens=3)
+
+    async def generate(s: poc_api.Session, **timeouts: float) -> None:
+        async with s.generate([3], sampling=sampling, **timeouts) as ev:
+            async for _ in ev:
+                pass  # pragma: no cover
+
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5) as c:
+        async with c.session() as s1, c.session() as s2:
+            await s2.prefill([1, 2])
+            bad_server.plan("Generate", Reply("silent"))
+            async with trio.open_nursery() as nursery:
+                held = trio.Event()
+
+                async def hold() -> None:
+                    async with s1.generate([1], sampling=sampling):
+                        held.set()
+                        await trio.sleep_forever()
+
+                nursery.start_soon(hold)
+                await held.wait()
+                await wait_for(lambda: len(bad_server.calls_to("Generate")) == 2)
+                calls = len(bad_server.calls)
+                for call in (
+                    lambda: s2.prefill([3], timeout=0.2),
+                    lambda: s2.append_image(make_png(), "image/png", timeout=0.2),
+                    lambda: generate(s2, timeout=0.2),
+                    lambda: generate(s2, first_token_timeout=0.2),
+                ):
+                    with trio.fail_after(10), pytest.raises(poc_api.PocApiTimeout) as info:
+                        await call()
+                    assert info.value.retriable, str(info.value)
+                    assert not s2.lost and s2.committed_len == 2
+                assert len(bad_server.calls) == calls  # none of them reached the server
+                nursery.cancel_scope.cancel()
+            await s2.prefill([3])
+            assert s2.committed_len == 3
