@@ -40,6 +40,8 @@ server's default)::
 - ``"goaway_graceful"``: Generate sends half its tokens, then GOAWAY(NO_ERROR) with
   this stream as the last one, then the rest, ``Done`` and trailers, as a gRPC
   server shutting down gracefully does; the connection closes ``interval`` s later;
+- ``"done_then_close"``: Generate streams its tokens and ``Done``, then closes the
+  TCP connection (no trailers);
 - ``"after_done"``: Generate streams its tokens and ``Done``, then (``interval``
   seconds later) one more token;
 - ``"status_after_tokens"``: Generate streams its tokens, then trailers with
@@ -117,6 +119,7 @@ Kind = Literal[
     "close_mid_stream",
     "close",
     "done_no_trailers",
+    "done_then_close",
     "after_done",
     "miscount",
     "status_after_tokens",
@@ -448,6 +451,11 @@ class _Connection:
     async def _done_no_trailers(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
         await trio.sleep_forever()
+
+    async def _done_then_close(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
+        await trio.sleep(0.05)
+        await self.close()
 
     async def _after_done(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         req = pb.GenerateRequest.parse(body)

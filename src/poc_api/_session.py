@@ -279,7 +279,21 @@ class GenerateStream:
             limit = min(limit, self._timeouts.total_at)
         with trio.CancelScope(deadline=limit) as scope:
             while not self._finished:
-                self._batch = await self._rx.receive_batch()
+                try:
+                    self._batch = await self._rx.receive_batch()
+                except e.ServerUnavailable as exc:
+                    # Only the trailers went with the connection: Done told the
+                    # session's state (the session outlives a connection), so the
+                    # call succeeded, as when a server stalls after Done. Raising
+                    # would invite a retry that appends the tokens twice.
+                    log.warning(
+                        "session %s: the connection was lost after Done, before the "
+                        "end of the stream (%s); the call completed",
+                        self._session.session_id,
+                        exc,
+                    )
+                    self._finished = True
+                    return
                 self._i = len(self._batch)
                 if not self._batch:
                     self._finished = True
