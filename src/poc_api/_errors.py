@@ -84,7 +84,10 @@ class PocApiError(Exception):
     http_status: int | None = None
     retriable: bool = False
     """True when the server certainly did not process the request (e.g. it
-    refused the stream), so sending it again is safe."""
+    refused the stream), so sending it again is safe. For a call made of several
+    requests (a conversation's turn, a ``score``), the failing one was not
+    processed and what the earlier ones did is undone (the turn's session is
+    closed) or changed nothing (scoring)."""
 
     def __init__(
         self,
