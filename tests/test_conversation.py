@@ -487,3 +487,51 @@ async def test_logprob_top_k_reaches_a_conversations_tokens(client: poc_api.ApiC
     assert [o.top_logprobs for o in outs] == [t.top_logprobs for t in raw if not t.is_prefill]
     assert all(len(o.top_logprobs) == 3 for o in outs)
     assert TokenOut(1).top_logprobs == ()
+
+
+async def test_stream_timeout_bounds_the_wait_for_another_tasks_turn() -> None:
+    # The wait for another task's turn had no deadline: the second stream waited
+    # out the whole first turn, then found its time gone at the session, raised
+    # and closed the session the first turn had just kept (the next turn resent
+    # the whole prompt).
+    async with ReferenceServer(ServerConfig(token_delay_ms=50)) as srv:
+        async with (
+            poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as c,
+            c.conversation() as conv,
+        ):
+            with trio.fail_after(20):
+                first: list[poc_api.StreamEvent] = []
+                started = trio.Event()
+
+                async def long_turn() -> None:  # 40 tokens: 2 s
+                    async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=40)) as ev:
+                        started.set()
+                        first.extend([e async for e in ev])
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(long_turn)
+                    await started.wait()
+                    assert conv.session is not None
+                    session = conv.session
+                    calls = srv.state().rpc_counts
+                    t0 = trio.current_time()
+                    with pytest.raises(poc_api.PocApiTimeout) as info:
+                        async with conv.stream(
+                            [Tokens([1, 2])], SamplingParams(max_tokens=2), timeout=0.3
+                        ):
+                            pytest.fail("the turn should not have started")
+                    waited = trio.current_time() - t0
+                    assert not first  # the other turn still runs
+                    assert srv.state().rpc_counts == calls  # nothing was sent
+                # A liveness bound, not a speed one: the other turn takes 2 s.
+                assert 0.25 < waited < 1.5
+                assert info.value.retriable
+                assert "another task holds" in str(info.value)
+                assert "nothing was sent" in str(info.value)
+                # The other turn ended normally, and kept its session.
+                assert isinstance(first[-1], StreamDone) and len(decoded(first)) == 40
+                assert conv.session is session and conv.committed_len == 2 + 40
+                before = srv.state().tokens_appended
+                await run(conv, [Tokens([1, 2]), Tokens(decoded(first)), Tokens([3])])
+                assert srv.state().tokens_appended - before == 1  # only the delta
+                assert conv.session is session

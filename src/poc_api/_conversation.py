@@ -5,8 +5,9 @@ The trio counterpart of the seed's ``session_lock`` + ``stream_session_mm`` +
 chunks against what the session already holds, sends the delta (text runs
 merged, a prefill flush before each image, images appended in order), and
 streams the decoded tokens. On success the session is kept for the next call; on
-any error or cancellation it is closed and forgotten, and the next call opens a
-new one and sends the whole prompt again.
+any error or cancellation once the call has its turn (a timeout while another
+task's turn runs leaves it alone) it is closed and forgotten, and the next call
+opens a new one and sends the whole prompt again.
 
 Divergence (the prompt no longer matches the session): by default the
 conversation *rewinds* — it keeps the longest prefix the prompt shares with
@@ -35,7 +36,7 @@ import attrs
 import trio
 
 from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta
-from ._errors import ServerUnavailable, SessionNotFound, stream_closed
+from ._errors import PocApiTimeout, ServerUnavailable, SessionNotFound, stream_closed
 from ._session import GenerateStream, Session, open_session
 from ._types import (
     U32_MAX,
@@ -191,7 +192,7 @@ class Conversation:
     """A session slot reused across turns. Get one from ``ApiClient.conversation()``.
 
     Streams on one conversation are serialised: a second :meth:`stream` waits
-    for the first block to exit.
+    for the first block to exit (within its ``timeout``, if it has one).
     """
 
     def __init__(
@@ -296,8 +297,11 @@ class Conversation:
         closes the session; the next stream starts a new one.
 
         Timeouts (seconds, off by default, :class:`PocApiTimeout`): ``timeout``
-        bounds everything up to ``StreamDone``; ``first_token_timeout`` and
-        ``token_timeout`` are as in :meth:`Session.generate`.
+        bounds everything up to ``StreamDone``, the wait for another task's turn
+        on this conversation included (running out there raises a retriable
+        ``PocApiTimeout``: nothing was sent, and the conversation and its session
+        are left as they are); ``first_token_timeout`` and ``token_timeout`` are
+        as in :meth:`Session.generate`.
 
         Example::
 
@@ -509,13 +513,14 @@ class _Turn:
         self._entered = True
         conv = self._conv
         timeout = self._timeout
-        deadline_at = trio.current_time() + timeout if timeout is not None else math.inf
+        started = trio.current_time()
+        deadline_at = started + timeout if timeout is not None else math.inf
         if conv._lock.statistics().owner is trio.lowlevel.current_task():
             raise RuntimeError(
                 "this task is already in a stream block of this conversation, which "
                 "runs one turn at a time: leave that block first"
             )
-        await conv._lock.acquire()
+        await self._take_turn(deadline_at, started)
         if conv._closed:
             conv._lock.release()
             raise trio.ClosedResourceError("the conversation is closed")
@@ -535,6 +540,33 @@ class _Turn:
                 conv._lock.release()
             raise
         return self._out
+
+    async def _take_turn(self, deadline_at: float, started: float) -> None:
+        """Wait for the conversation (another task's turn may hold it) until ``deadline_at``.
+
+        ``timeout`` bounds this wait too. Running out raises a retriable
+        :class:`PocApiTimeout` before anything is sent or dropped: the session
+        belongs to the other turn, which keeps it for the next one.
+        """
+        lock = self._conv._lock
+        if deadline_at == math.inf:
+            await lock.acquire()
+            return
+        held = lock.locked()  # another task's turn: the message says so
+        with trio.CancelScope(deadline=deadline_at) as waiting:
+            await lock.acquire()
+        if not waiting.cancelled_caught and trio.current_time() < deadline_at:
+            return
+        # Handed the turn only as the time ran out: the session's own wait would
+        # time out at once, and the failed turn would drop the session.
+        if not waiting.cancelled_caught:
+            lock.release()
+        raise PocApiTimeout(
+            f"conversation stream: timeout after {trio.current_time() - started:.3g} s "
+            "waiting for the conversation"
+            f"{', whose turn another task holds' if held else ''}; nothing was sent",
+            retriable=True,
+        )
 
     async def _fail(self) -> None:
         # The stack may still hold the Generate when priming failed: close it
