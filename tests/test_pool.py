@@ -26,7 +26,7 @@ from poc_api._proto.grpc.health.v1 import (
     HealthStub,
 )
 from poc_api.server import ReferenceServer, ServerConfig, tokenize
-from poc_api.testing import make_png, reference_servers
+from poc_api.testing import make_png, reference_server, reference_servers
 
 SALIENCE = ("OpenSession", "CloseSession", "AppendImage", "Generate")
 TURN = SamplingParams(max_tokens=4)
@@ -514,6 +514,74 @@ async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
             # New sessions go to the survivor.
             async with client.session() as s2:
                 await s2.prefill([1])
+
+
+def open_sessions_seen(server: ReferenceServer) -> int:
+    return server.state().rpc_counts.get("OpenSession", 0)
+
+
+async def test_a_session_refused_by_a_full_server_opens_on_another_endpoint() -> None:
+    """Only an unreachable endpoint made OpenSession try another one: a full server
+    (RESOURCE_EXHAUSTED, no session made) failed about half of the pool's sessions,
+    scoring calls and conversation turns with ResourceExhausted while the other
+    server was free."""
+    async with (
+        reference_server(max_sessions=1) as full,
+        reference_server() as free,
+        poc_api.ApiClient(full.base_url, grpc_url=full.grpc_url) as other,
+        other.session(),  # takes the full server's only session
+        pool_client([full, free]) as client,
+    ):
+        with trio.fail_after(20):
+            refused_before = open_sessions_seen(full)
+            for _ in range(10):
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+            for _ in range(5):
+                await client.score([Tokens([1, 2, 3])], [(1, 3)])
+            for _ in range(5):
+                async with client.conversation() as conv:
+                    await turn(conv, [1, 2, 3])
+            # The full server was asked (each time it was picked) and refused.
+            assert open_sessions_seen(full) > refused_before
+            assert len(full.state().session_ids) == 1
+            # Full is not failed: it stays in rotation, with no backoff.
+            assert client.endpoints[0].failures == 0
+            assert client.endpoints[0].state is not EndpointState.UNREACHABLE
+
+
+async def test_when_every_endpoint_is_full_the_caller_gets_resource_exhausted() -> None:
+    async with (
+        reference_servers(2, max_sessions=1) as servers,
+        AsyncExitStack() as stack,
+    ):
+        for server in servers:
+            other = await stack.enter_async_context(
+                poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url)
+            )
+            await stack.enter_async_context(other.session())
+        client = await stack.enter_async_context(pool_client(servers))
+        with trio.fail_after(20):
+            before = [open_sessions_seen(s) for s in servers]
+            with pytest.raises(poc_api.ResourceExhausted):
+                async with client.session():
+                    pass
+            # Each endpoint was asked once, none twice.
+            assert [open_sessions_seen(s) for s in servers] == [b + 1 for b in before]
+            with pytest.raises(poc_api.ResourceExhausted):
+                await client.score([Tokens([1, 2, 3])], [(1, 3)])
+            async with client.conversation() as conv:
+                with pytest.raises(poc_api.ResourceExhausted):
+                    await turn(conv, [1, 2, 3])
+            assert [open_sessions_seen(s) for s in servers] == [b + 3 for b in before]
+            # One server: asked once, as before.
+            async with poc_api.ApiClient(
+                servers[0].base_url, grpc_url=servers[0].grpc_url
+            ) as single:
+                with pytest.raises(poc_api.ResourceExhausted):
+                    async with single.session():
+                        pass
+            assert open_sessions_seen(servers[0]) == before[0] + 4
 
 
 async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachable() -> None:

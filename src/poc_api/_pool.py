@@ -23,8 +23,9 @@ trio nursery is held across user code). An endpoint that answers NOT_SERVING,
 cannot be reached, or failed a call recently (exponential backoff) gets no new
 sessions; its open sessions carry on until they fail.
 
-Failover: an ``OpenSession`` that cannot reach its endpoint is retried on
-another one (nothing exists yet to lose). Conversations reopen elsewhere on
+Failover: an ``OpenSession`` that cannot reach its endpoint, or that the
+endpoint refuses as full (``RESOURCE_EXHAUSTED``), is retried on another one
+(nothing exists yet to lose). Conversations reopen elsewhere on
 their next stream and send the whole prompt again; scoring retries a prompt
 once elsewhere. Raw sessions raise as before: their state is gone. None of this
 waits on a dead endpoint: within its transport's reconnect backoff a call fails
@@ -603,7 +604,7 @@ class SessionRoute:
 
     Quacks like the :class:`GrpcTransport` a :class:`Session` uses. The endpoint
     is chosen by ``OpenSession`` (retried on another endpoint when it cannot reach
-    the chosen one) and never changes after that.
+    the chosen one, or the chosen one is full) and never changes after that.
     """
 
     __slots__ = ("_endpoint", "_metadata", "_router")
@@ -699,15 +700,26 @@ class SessionRoute:
                     "OpenSession", request, orphan=orphan, extra_metadata=self._metadata
                 )
             except BaseException as exc:
-                if not isinstance(exc, e.ServerUnavailable):
+                # Either way no session was made there: nothing is lost by
+                # opening it on another endpoint.
+                if isinstance(exc, e.ServerUnavailable):
+                    ep.failed()
+                    level, why = logging.INFO, "is unreachable"
+                elif isinstance(exc, e.ResourceExhausted):
+                    # Full (max sessions) is no failure: it stays in rotation and
+                    # takes sessions again once some close (which can be often:
+                    # DEBUG).
+                    level, why = logging.DEBUG, "refused a new session"
+                else:
                     raise
-                ep.failed()
                 tried.append(ep)
                 if not router.failover or len(tried) >= len(router._endpoints):
                     raise
-                log.info(
-                    "OpenSession: %s is unreachable (%s); trying another endpoint",
+                log.log(
+                    level,
+                    "OpenSession: %s %s (%s); trying another endpoint",
                     ep.target.url,
+                    why,
                     exc,
                 )
                 continue
