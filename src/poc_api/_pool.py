@@ -684,10 +684,14 @@ class SessionRoute:
         request: bytes,
         timeout: float | None,
         orphan: Callable[[bytes], Awaitable[None]] | None,
+        progress: _Progress | None = None,
     ) -> bytes:
         if timeout is not None:
-            with deadline(timeout, "OpenSession"):
-                return await self._open(request, None, orphan)
+            # Retriable if it ran out before any attempt's request went out.
+            progress = _Progress()
+            sent = progress
+            with deadline(timeout, "OpenSession", unsent=lambda: not sent.headers_sent):
+                return await self._open(request, None, orphan, progress)
         router = self._router
         tried: list[_Endpoint] = []
         if router._dns is not None:
@@ -695,9 +699,14 @@ class SessionRoute:
         while True:
             ep = self._endpoint = router.pick(tried)
             ep.opening += 1  # counted while opening, so concurrent picks see it
+            attempt = _Progress()
             try:
                 reply = await ep.transport.unary(
-                    "OpenSession", request, orphan=orphan, extra_metadata=self._metadata
+                    "OpenSession",
+                    request,
+                    orphan=orphan,
+                    extra_metadata=self._metadata,
+                    progress=attempt,
                 )
             except BaseException as exc:
                 # Either way no session was made there: nothing is lost by
@@ -725,6 +734,8 @@ class SessionRoute:
                 continue
             finally:
                 ep.opening -= 1
+                if progress is not None and attempt.headers_sent:
+                    progress.headers_sent = True
             ep.reached()
             return reply
 

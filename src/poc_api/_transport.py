@@ -762,6 +762,7 @@ class GrpcTransport:
         cleanup: bool = False,
         abortable: bool = False,
         extra_metadata: tuple[tuple[str, str], ...] = (),
+        progress: _Progress | None = None,
     ) -> bytes:
         """Call a unary RPC; a trio checkpoint. Raises a :class:`PocApiError`.
 
@@ -773,8 +774,11 @@ class GrpcTransport:
         ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
         ``KeyboardInterrupt`` comes once it has finished. An ``abortable`` call
         (``AppendImage``) ends at once when the client's close begins.
+        ``progress`` (the caller's, to learn whether the request went out) is
+        made here if not given.
         """
-        progress = _Progress()
+        if progress is None:
+            progress = _Progress()
         if timeout is not None:
             # Timed out before its HEADERS were written, the call never reached the
             # server (a cancelled call not on the wire is dropped): retriable.

@@ -263,6 +263,27 @@ async def test_a_silent_listener_fails_the_call_as_retriable_naming_the_setting(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["one server", "pool"])
+async def test_a_session_timeout_before_anything_was_sent_is_retriable(pool: bool) -> None:
+    # session(timeout=) ran out while the client waited for a silent server's
+    # SETTINGS: nothing was sent, yet the PocApiTimeout said retriable=False (in a
+    # pool too, where the OpenSession's timeout spans the endpoints it tries).
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(_silent_listener) for _ in range(2 if pool else 1)]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        client = poc_api.ApiClient(
+            "http://127.0.0.1:9/v1", grpc_url=urls if pool else urls[0], close_timeout=0.5
+        )
+        with trio.fail_after(10):
+            async with client:
+                with pytest.raises(poc_api.PocApiTimeout) as info:
+                    async with client.session(timeout=0.3):
+                        pass  # pragma: no cover
+        assert info.value.retriable, str(info.value)
+        assert "nothing was sent" in str(info.value)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_grpc_url_pointing_at_an_http1_port_fails_fast(server: ReferenceServer) -> None:
     # The reference server's HTTP port speaks HTTP/1.1 only.
     client = poc_api.ApiClient(server.base_url, grpc_url=f"http://127.0.0.1:{server.http_port}")
