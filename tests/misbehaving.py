@@ -27,8 +27,13 @@ server's default)::
   16 bytes follow and the stream stalls, unless ``send_body`` (then all of it);
 - ``"refuse"``: RST_STREAM(REFUSED_STREAM) before any answer;
 - ``"reset"``: RST_STREAM(``status``) — for Generate after the headers and two tokens;
-- ``"goaway"``: GOAWAY(``status``) whose last stream id excludes this request,
-  then close the connection;
+- ``"goaway"``: GOAWAY(``status``, ``debug_data``) whose last stream id excludes this
+  request, then close the connection;
+- ``"goaway_open"``: the same GOAWAY, and the connection left open (as gRPC servers
+  do: the client is to close it);
+- ``"goaway_mid_stream"``: Generate sends its headers and two tokens (unary methods:
+  nothing), then GOAWAY(``status``, ``debug_data``) with this stream as the last one
+  (the server may have processed it); the connection is left open;
 - ``"goaway_after"``: answer normally, then GOAWAY(NO_ERROR) and close;
 - ``"malformed"``: a correctly framed message that is not valid protobuf (on
   Generate, after ``good_first`` good tokens);
@@ -114,6 +119,8 @@ Kind = Literal[
     "refuse",
     "reset",
     "goaway",
+    "goaway_open",
+    "goaway_mid_stream",
     "goaway_after",
     "malformed",
     "close_mid_stream",
@@ -167,6 +174,7 @@ class Reply:
     send_body: bool = False
     good_first: int = 0  # "malformed" on Generate: this many good tokens come first
     message: str = "injected%20failure"  # "trailers_only": its grpc-message
+    debug_data: bytes = b""  # "goaway", "goaway_open", "goaway_mid_stream"
 
 
 @attrs.frozen
@@ -625,9 +633,27 @@ class _Connection:
         await self.flush()
 
     async def _goaway(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
-        self.h2.close_connection(error_code=reply.status, last_stream_id=max(0, sid - 2))
-        await self.flush()
+        await self._goaway_open(sid, method, body, reply)
         await self.close()
+
+    async def _goaway_open(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        self.h2.close_connection(
+            error_code=reply.status,
+            last_stream_id=max(0, sid - 2),
+            additional_data=reply.debug_data or None,
+        )
+        await self.flush()
+
+    async def _goaway_mid_stream(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        if method == "Generate":
+            await self.send_headers(sid, _GRPC_HEADERS, end=False)
+            await self.send_data(sid, encode_token(65, False, 1, -0.5))
+            await self.send_data(sid, encode_token(66, False, 2, -0.5))
+            await trio.sleep(0.01)
+        self.h2.close_connection(
+            error_code=reply.status, last_stream_id=sid, additional_data=reply.debug_data or None
+        )
+        await self.flush()
 
     async def _goaway_graceful(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         req = pb.GenerateRequest.parse(body)

@@ -75,6 +75,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "data_received",
         "a refusal after an answer is no refusal (never sent again)",
     ),
+    (
+        "grpclib.protocol.Stream instance",
+        "id",
+        "a stream above a GOAWAY's last stream id was not processed (sent again)",
+    ),
     ("h2.connection.H2Connection instance", "encoder", "install the caching HPACK encoder"),
     ("hpack.Encoder instance", "header_table", "the table a cached block depends on"),
     ("hpack.table.HeaderTable instance", "dynamic_entries", "the table's state (_hpack)"),

@@ -248,8 +248,8 @@ class KeepAlive:
     """Also ping while no call runs but sessions are open (between turns)."""
 
 
-# How a stream above a graceful GOAWAY's last stream id is ended: the server never
-# processed it, exactly as with REFUSED_STREAM.
+# How a stream above a GOAWAY's last stream id is ended: the server never processed
+# it (RFC 9113 6.8, whatever the GOAWAY's error code), exactly as with REFUSED_STREAM.
 _GOAWAY_REFUSED = "Received GOAWAY above this stream's id: not processed (REFUSED_STREAM)"
 
 
@@ -259,6 +259,15 @@ _IGNORED_EVENTS = (UnknownFrameReceived, AlternativeServiceAvailable, Informatio
 
 # How a call that came to a channel after it was closed is ended (see _PocChannel).
 _CLOSED_UNSENT = "the connection was closed before this call was sent (REFUSED_STREAM)"
+
+
+def _code_name(code: int | None) -> str:
+    """An HTTP/2 error code's name (its number when unknown)."""
+    code = code or 0
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return f"0x{code:x}"
 
 
 def _closed_unsent(exc: BaseException) -> bool:
@@ -276,9 +285,10 @@ def _retriable_reset(exc: BaseException) -> bool:
 
 _MAX_BACKOFF = 1.0
 _REFUSED_RETRIES = 2
-# A connection that drains (graceful GOAWAY) refuses calls the server never saw;
-# behind a proxy that ends connections every N calls that can happen more than
-# twice to one call, so these have a bound of their own.
+# A GOAWAY refuses the calls above its last stream id, and a connection that drains
+# (graceful GOAWAY) the calls it has not sent yet: the server never saw them. Behind
+# a proxy that ends connections every N calls that can happen more than twice to one
+# call, so these have a bound of their own.
 _DRAINED_RETRIES = 8
 _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 
@@ -659,9 +669,10 @@ class GrpcTransport:
         """asyncio: one call — send ``request``, hand every reply message to ``sink``.
 
         Retries a stream the server refused before answering (REFUSED_STREAM: it
-        was never processed), up to twice, and a call a draining connection
-        (graceful GOAWAY) never sent, or one that came to a connection already
-        closed, up to eight times, each on a fresh connection. On any exit
+        was never processed), up to twice, and a call above a GOAWAY's last stream
+        id (whatever its error code), one a draining connection (graceful GOAWAY)
+        never sent, or one that came to a connection already closed, up to eight
+        times, each on a fresh connection. On any exit
         before the call finished the stream is reset with CANCEL. Within the
         reconnect backoff the call fails at once (``ServerUnavailable``), unless
         ``wait_for_ready``: then it waits for the backoff to pass.
@@ -708,18 +719,24 @@ class GrpcTransport:
                 finally:
                     gate.leave()
             except StreamTerminatedError as exc:
+                ended = exc
+                if raw is not None and protocol.unprocessed(raw.id) and not _retriable_reset(exc):
+                    # Above a GOAWAY's last stream id: not processed, whatever ended
+                    # it here (an error GOAWAY fails every stream of its connection,
+                    # and a connection lost right after a GOAWAY does too).
+                    ended = StreamTerminatedError(_GOAWAY_REFUSED)
                 # Any answer counts, cut into messages or still in grpclib's buffer.
                 received = raw is not None and (raw.headers is not None or raw.data_received > 0)
-                if received and _retriable_reset(exc):
+                if received and _retriable_reset(ended):
                     # "Not processed", yet it answered: it was. Sending the call
                     # again would run it twice, so this is no refusal to retry.
                     raise e.StreamCancelled(
                         f"{path.rsplit('/', 1)[-1]}: the server reset the stream after it "
-                        f"began to answer: {exc}",
+                        f"began to answer: {ended}",
                         grpc_status="CANCELLED",
                     ) from exc
-                if not received and _retriable_reset(exc):
-                    if str(exc) in _UNSENT and drained < _DRAINED_RETRIES:
+                if not received and _retriable_reset(ended):
+                    if str(ended) in _UNSENT and drained < _DRAINED_RETRIES:
                         drained += 1
                         log.debug(
                             "%s: not sent on a connection that went away; sending it again", path
@@ -729,7 +746,9 @@ class GrpcTransport:
                         refused += 1
                         log.debug("%s: stream refused by the server; retrying", path)
                         continue
-                raise
+                if ended is exc:
+                    raise
+                raise ended from exc
             return
 
     async def unary_in_loop(
@@ -1255,10 +1274,18 @@ class _PocH2Protocol(H2Protocol):
         self.settings_received = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
+        # The lowest last stream id of the GOAWAYs received (None: none came).
+        self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
+
+    def unprocessed(self, stream_id: int) -> bool:
+        """Whether a GOAWAY said the server never processed this stream: its id is
+        above the GOAWAY's last stream id, whatever the error code (RFC 9113 6.8)."""
+        last = self.goaway_last_stream_id
+        return last is not None and stream_id > last
 
     @property
     def draining(self) -> bool:
@@ -1349,12 +1376,19 @@ class _PocH2Protocol(H2Protocol):
                 self.settings_received.set()
                 if self._h2 is not None:
                     self.gate.set_limit(self._h2.remote_settings.max_concurrent_streams)
-            elif (
-                isinstance(event, ConnectionTerminated)
-                and event.error_code == h2.errors.ErrorCodes.NO_ERROR
-            ):
-                self._graceful_goaway(event.last_stream_id or 0)
-                continue  # grpclib would fail every stream of the connection
+            elif isinstance(event, ConnectionTerminated):
+                last = event.last_stream_id or 0
+                if self.goaway_last_stream_id is None or last < self.goaway_last_stream_id:
+                    self.goaway_last_stream_id = last
+                if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
+                    self._graceful_goaway(last)
+                    continue  # grpclib would fail every stream of the connection
+                log.debug(
+                    "GOAWAY %s (last stream %d, debug data %r): the connection is closed",
+                    _code_name(event.error_code),
+                    last,
+                    event.additional_data,
+                )
             try:
                 self.processor.process(event)
             except NotImplementedError:  # an event grpclib has no use for

@@ -218,13 +218,50 @@ async def test_reset_stream_is_stream_cancelled_and_not_retried(
         await assert_next_call_works(c)
 
 
+@pytest.mark.parametrize("kind", ["goaway", "goaway_open"])
+@pytest.mark.parametrize("code", [2, 11])  # INTERNAL_ERROR, ENHANCE_YOUR_CALM
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
-async def test_goaway_with_an_error_fails_the_call_and_the_client_reconnects(
+async def test_a_call_above_an_error_goaways_last_stream_is_sent_again_elsewhere(
+    bad_server: MisbehavingServer, method: str, code: int, kind: str
+) -> None:
+    # RFC 9113 6.8: streams above last_stream_id were not processed, whatever the
+    # error code. Such a call failed as a lost connection (not retriable), and a
+    # raw session was marked lost.
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply(kind, status=code, debug_data=b"bye"))  # type: ignore[arg-type]
+        with trio.fail_after(5):
+            events = await generate_once(c)
+        assert isinstance(events[-1], poc_api.Done)
+        await assert_next_call_works(c)
+    assert bad_server.connections == 2
+    assert [x.connection for x in bad_server.calls_to(method)][:2] == [1, 2]
+
+
+async def test_a_call_every_error_goaway_refuses_fails_retriably_and_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", *[Reply("goaway_open", status=2)] * 50)
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+            await s.prefill([1, 2])
+        assert info.value.retriable and not s.lost
+        assert 2 <= len(bad_server.calls_to("Generate")) <= 11  # bounded retries
+        bad_server._plans["Generate"].clear()
+        with trio.fail_after(5):
+            await s.prefill([1, 2])
+        assert s.committed_len == 2
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_a_call_at_an_error_goaways_last_stream_fails_and_is_not_sent_again(
     bad_server: MisbehavingServer, method: str
 ) -> None:
+    # The server may have processed it: no retry, not retriable.
     async with client_for(bad_server) as c:
-        bad_server.plan(method, Reply("goaway", status=2))  # INTERNAL_ERROR
-        await fails_with(c, method, poc_api.ServerUnavailable)
+        bad_server.plan(method, Reply("goaway_mid_stream", status=2))
+        err = await fails_with(c, method, poc_api.ServerUnavailable)
+        assert not err.retriable
+        assert len(bad_server.calls_to(method)) == 1
         await assert_next_call_works(c)
     assert bad_server.connections == 2
 
