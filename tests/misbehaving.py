@@ -75,7 +75,8 @@ server's default)::
   as one blob, so they go out in DATA frames as big as the stream's window and the
   client's frame size allow.
 
-``srv.data_sent`` counts the DATA bytes written so far, on every stream.
+``srv.data_sent`` counts the DATA bytes written so far, on every stream;
+``srv.ping_times`` holds (connection, ``time.monotonic()``) of every PING received.
 
 ``srv.mute = True`` makes *new connections* accept TCP and never send a byte
 (no SETTINGS, no PING ACK): the "black hole" server.
@@ -84,6 +85,7 @@ server's default)::
 from __future__ import annotations
 
 import struct
+import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -201,6 +203,7 @@ class MisbehavingServer:
         #: (connection, stream_id, h2 error code) of every RST_STREAM the client sent.
         self.resets: list[tuple[int, int, int]] = []
         self.pings = 0
+        self.ping_times: list[tuple[int, float]] = []
         self.data_sent = 0
         self.dribbled = False  # a "dribble" reply was sent in full
         self._plans: defaultdict[str, deque[Reply]] = defaultdict(deque)
@@ -329,6 +332,7 @@ class _Connection:
             self.server.resets.append((self.number, ev.stream_id, int(ev.error_code)))
         elif isinstance(ev, h2.events.PingReceived):
             self.server.pings += 1
+            self.server.ping_times.append((self.number, time.monotonic()))
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.window.set()
             self.window = trio.Event()

@@ -420,6 +420,22 @@ class GrpcTransport:
             _http2_min_sent_ping_interval_without_data=self._keepalive.time,
         )
 
+    def _too_many_pings(self) -> None:
+        """asyncio: the server closed a connection for pinging too often (GOAWAY
+        ENHANCE_YOUR_CALM "too_many_pings"). As gRPC's own clients do, ping half as
+        often on the connections to come: at the same rate every one would end so."""
+        keepalive = self._keepalive
+        if keepalive is None:
+            return
+        self._keepalive = attrs.evolve(keepalive, time=keepalive.time * 2)
+        log.warning(
+            'salience server at %s sent GOAWAY ENHANCE_YOUR_CALM "too_many_pings": '
+            "keepalive_time is now %g s (was %g s) for its new connections",
+            self._target.url,
+            keepalive.time * 2,
+            keepalive.time,
+        )
+
     def _new_channel(self) -> _PocChannel:
         log.debug("opening shared salience channel: grpc_url=%s", self._target.url)
         ssl: Any = None
@@ -435,6 +451,7 @@ class GrpcTransport:
             config=self._config(),
         )
         channel.before_select = self._bridge.before_select
+        channel.too_many_pings = self._too_many_pings
         channel.unindexed_headers = self._unindexed
         if self._keepalive is not None and self._keepalive.idle:
             channel.sessions_open = lambda: self.open_sessions > 0
@@ -1277,6 +1294,7 @@ class _PocH2Protocol(H2Protocol):
         # The lowest last stream id of the GOAWAYs received (None: none came).
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
+        self.too_many_pings: Callable[[], None] = lambda: None
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
@@ -1389,6 +1407,11 @@ class _PocH2Protocol(H2Protocol):
                     last,
                     event.additional_data,
                 )
+                if (
+                    event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                    and event.additional_data == b"too_many_pings"
+                ):
+                    self.too_many_pings()
             try:
                 self.processor.process(event)
             except NotImplementedError:  # an event grpclib has no use for
@@ -1550,6 +1573,7 @@ def _run_now(fn: Callable[[], None]) -> None:
 
 class _PocChannel(Channel):
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+    too_many_pings: Callable[[], None] = staticmethod(lambda: None)
     before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
     unindexed_headers: frozenset[str] = frozenset()
     shut = False  # closed by the transport: for good, never connected again
@@ -1575,6 +1599,7 @@ class _PocChannel(Channel):
     def _protocol_factory(self) -> H2Protocol:
         protocol = _PocH2Protocol(Handler(), self._config, self._h2_config)
         protocol.sessions_open = self.sessions_open
+        protocol.too_many_pings = self.too_many_pings
         protocol.before_select = self.before_select
         protocol.unindexed_headers = self.unindexed_headers
         return protocol

@@ -252,6 +252,40 @@ async def test_a_call_every_error_goaway_refuses_fails_retriably_and_keeps_the_s
         assert s.committed_len == 2
 
 
+@pytest.mark.parametrize(
+    ("code", "debug_data", "doubled"),
+    [(11, b"too_many_pings", True), (11, b"slow down", False), (2, b"too_many_pings", False)],
+)
+async def test_goaway_too_many_pings_doubles_keepalive_time(
+    bad_server: MisbehavingServer,
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+    debug_data: bytes,
+    doubled: bool,
+) -> None:
+    # What gRPC servers send a client that pings more often than they allow. gRPC's
+    # clients then ping half as often; poc_api kept its rate, so every new
+    # connection was pinged into the same GOAWAY.
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    async with client_for(bad_server, keepalive_time=0.1, keepalive_timeout=2.0) as c:
+        async with c.session() as s:  # pings go on while it is open (keepalive_idle)
+            bad_server.plan("Generate", Reply("goaway_open", status=code, debug_data=debug_data))
+            with trio.fail_after(5):
+                await s.prefill([1, 2])  # sent again on connection 2
+
+            def pings() -> list[float]:
+                return [t for n, t in bad_server.ping_times if n == 2]
+
+            await wait_for(lambda: len(pings()) >= 3)
+    first, _, third = pings()[:3]
+    warned = [r.getMessage() for r in caplog.records if "too_many_pings" in r.getMessage()]
+    if doubled:
+        assert third - first >= 0.3  # two intervals of 0.2 s (0.1 s before: 0.2 s)
+        assert len(warned) == 1 and "keepalive_time is now 0.2 s (was 0.1 s)" in warned[0]
+    else:
+        assert not warned
+
+
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
 async def test_a_call_at_an_error_goaways_last_stream_fails_and_is_not_sent_again(
     bad_server: MisbehavingServer, method: str
