@@ -8,14 +8,14 @@ is sent. The tree::
     ├── TransportError            the connection, not the server, failed
     │   ├── ServerUnavailable     cannot connect, connection lost, UNAVAILABLE
     │   └── PocApiTimeout         a deadline passed (also a TimeoutError)
-    ├── RpcError                  the server answered with a non-OK gRPC status
-    │   ├── AuthenticationError   UNAUTHENTICATED, or HTTP 401/403
+    ├── RpcError                  the server answered with a non-OK gRPC status, or reset the stream
+    │   ├── AuthenticationError   UNAUTHENTICATED or PERMISSION_DENIED, or HTTP 401/403
     │   ├── SessionNotFound       NOT_FOUND: unknown, closed or evicted session
     │   ├── ContextOverflow       OUT_OF_RANGE: the context window is full
     │   ├── InvalidRequest        INVALID_ARGUMENT (e.g. an undecodable image)
     │   ├── OffsetMismatch        FAILED_PRECONDITION: offset != session length
     │   ├── ResourceExhausted     RESOURCE_EXHAUSTED: server limits
-    │   └── StreamCancelled       CANCELLED, or the server reset the stream
+    │   └── StreamCancelled       CANCELLED, or the server reset the stream with CANCEL
     ├── HttpError                 an HTTP endpoint answered 4xx/5xx
     ├── ProtocolViolation         the peer sent something malformed
     ├── LimitExceeded             a client-side bound was hit
@@ -181,7 +181,10 @@ class ResourceExhausted(RpcError):
 
 @final
 class StreamCancelled(RpcError):
-    """The server cancelled or reset the stream."""
+    """The server cancelled the call (CANCELLED), or reset its stream with CANCEL.
+
+    A reset with another HTTP/2 error code raises the error of the gRPC status
+    gRPC maps that code to (see the README's errors section)."""
 
 
 @final

@@ -157,8 +157,11 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
             return e.ServerUnavailable(
                 f"{name}: the server refused the stream: {text}", retriable=True
             )
-        if "reset by remote" in text:
-            return e.StreamCancelled(f"{name}: {text}", grpc_status="CANCELLED")
+        code = _remote_reset(exc)
+        if code is not None:
+            status = _RESET_STATUSES.get(code, Status.INTERNAL)
+            cls = _STATUS_ERRORS.get(status, e.RpcError)
+            return cls(f"{name}: {status.name}: {_ended_how(exc)}", grpc_status=status.name)
         if text == "Protocol error":
             return e.ProtocolViolation(f"{name}: the server broke the HTTP/2 protocol")
         return e.ServerUnavailable(f"{name}: connection lost: {text}", grpc_status="UNAVAILABLE")
@@ -274,12 +277,44 @@ def _closed_unsent(exc: BaseException) -> bool:
     return isinstance(exc, StreamTerminatedError) and str(exc) == _CLOSED_UNSENT
 
 
-def _retriable_reset(exc: BaseException) -> bool:
-    # grpclib words a peer's RST_STREAM as "... error_code: <code>"; the code
-    # prints as a name or a number depending on the Python version.
+# The gRPC status of a stream the server reset (gRPC's PROTOCOL-HTTP2.md, "Errors").
+# Every other code is INTERNAL: those it maps so (NO_ERROR, PROTOCOL_ERROR,
+# INTERNAL_ERROR, ...), and, as in gRPC's C-core, those it does not list.
+_RESET_STATUSES: Final[dict[int, Status]] = {
+    h2.errors.ErrorCodes.REFUSED_STREAM: Status.UNAVAILABLE,
+    h2.errors.ErrorCodes.CANCEL: Status.CANCELLED,
+    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM: Status.RESOURCE_EXHAUSTED,
+    h2.errors.ErrorCodes.INADEQUATE_SECURITY: Status.PERMISSION_DENIED,
+}
+
+# How grpclib words a peer's RST_STREAM; the code prints as a number or a name
+# depending on the Python version.
+_RESET_TEXT = "Stream reset by remote party, error_code: "
+
+
+def _remote_reset(exc: BaseException) -> int | None:
+    """The HTTP/2 error code of the server's RST_STREAM that ended the stream, if
+    one did (one grpclib words beyond reading: INTERNAL_ERROR)."""
     text = str(exc)
+    if not isinstance(exc, StreamTerminatedError) or not text.startswith(_RESET_TEXT):
+        return None
+    word = text[len(_RESET_TEXT) :].strip().removeprefix("ErrorCodes.")
+    if word.isdigit():
+        return int(word)
+    return int(h2.errors.ErrorCodes.__members__.get(word, h2.errors.ErrorCodes.INTERNAL_ERROR))
+
+
+def _ended_how(exc: BaseException) -> str:
+    """What ended a stream, in words: the server's reset, with its code, else grpclib's reason."""
+    code = _remote_reset(exc)
+    if code is None:
+        return str(exc)
+    return f"the server reset the stream with HTTP/2 error code {_code_name(code)}"
+
+
+def _retriable_reset(exc: BaseException) -> bool:
     return isinstance(exc, StreamTerminatedError) and (
-        "REFUSED_STREAM" in text or text.rstrip().endswith(": 7")
+        str(exc) in _UNSENT or _remote_reset(exc) == h2.errors.ErrorCodes.REFUSED_STREAM
     )
 
 
@@ -747,10 +782,10 @@ class GrpcTransport:
                 if received and _retriable_reset(ended):
                     # "Not processed", yet it answered: it was. Sending the call
                     # again would run it twice, so this is no refusal to retry.
-                    raise e.StreamCancelled(
-                        f"{path.rsplit('/', 1)[-1]}: the server reset the stream after it "
-                        f"began to answer: {ended}",
-                        grpc_status="CANCELLED",
+                    raise e.ServerUnavailable(
+                        f"{path.rsplit('/', 1)[-1]}: UNAVAILABLE: {_ended_how(ended)} "
+                        "after it began to answer",
+                        grpc_status="UNAVAILABLE",
                     ) from exc
                 if not received and _retriable_reset(ended):
                     if str(ended) in _UNSENT and drained < _DRAINED_RETRIES:

@@ -178,7 +178,7 @@ async def test_a_stream_refused_every_time_fails_after_bounded_retries(
 
 
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
-async def test_a_refusal_after_an_answer_is_stream_cancelled_and_not_sent_again(
+async def test_a_refusal_after_an_answer_is_not_retriable_and_not_sent_again(
     bad_server: MisbehavingServer, method: str
 ) -> None:
     # REFUSED_STREAM says "not processed", yet the server answered: sending the call
@@ -187,7 +187,9 @@ async def test_a_refusal_after_an_answer_is_stream_cancelled_and_not_sent_again(
     # it twice, and the first OpenSession's session was left open.
     async with client_for(bad_server) as c:
         bad_server.plan(method, Reply("refuse_after_answer"))
-        await fails_with(c, method, poc_api.StreamCancelled)
+        err = await fails_with(c, method, poc_api.ServerUnavailable)
+        assert not err.retriable and err.grpc_status == "UNAVAILABLE"
+        assert "reset the stream with HTTP/2 error code REFUSED_STREAM" in str(err)
         assert len(bad_server.calls_to(method)) == 1
         await assert_next_call_works(c)
 
@@ -206,14 +208,42 @@ async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
         await assert_next_call_works(c)
 
 
-@pytest.mark.parametrize("code", [2, 8, 11])  # INTERNAL_ERROR, CANCEL, ENHANCE_YOUR_CALM
+@pytest.mark.parametrize(
+    ("code", "name", "exc_type", "status"),
+    [
+        # gRPC's PROTOCOL-HTTP2.md, "Errors"; codes it does not list are INTERNAL,
+        # as in gRPC's C-core.
+        (0x0, "NO_ERROR", poc_api.RpcError, "INTERNAL"),
+        (0x1, "PROTOCOL_ERROR", poc_api.RpcError, "INTERNAL"),
+        (0x2, "INTERNAL_ERROR", poc_api.RpcError, "INTERNAL"),
+        (0x3, "FLOW_CONTROL_ERROR", poc_api.RpcError, "INTERNAL"),
+        (0x4, "SETTINGS_TIMEOUT", poc_api.RpcError, "INTERNAL"),
+        (0x5, "STREAM_CLOSED", poc_api.RpcError, "INTERNAL"),
+        (0x6, "FRAME_SIZE_ERROR", poc_api.RpcError, "INTERNAL"),
+        (0x8, "CANCEL", poc_api.StreamCancelled, "CANCELLED"),
+        (0x9, "COMPRESSION_ERROR", poc_api.RpcError, "INTERNAL"),
+        (0xA, "CONNECT_ERROR", poc_api.RpcError, "INTERNAL"),
+        (0xB, "ENHANCE_YOUR_CALM", poc_api.ResourceExhausted, "RESOURCE_EXHAUSTED"),
+        (0xC, "INADEQUATE_SECURITY", poc_api.AuthenticationError, "PERMISSION_DENIED"),
+        (0xD, "HTTP_1_1_REQUIRED", poc_api.RpcError, "INTERNAL"),
+        (0xFF, "0xff", poc_api.RpcError, "INTERNAL"),
+    ],
+)
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
-async def test_reset_stream_is_stream_cancelled_and_not_retried(
-    bad_server: MisbehavingServer, method: str, code: int
+async def test_a_reset_stream_maps_to_the_grpc_status_of_its_code_and_is_not_retried(
+    bad_server: MisbehavingServer,
+    method: str,
+    code: int,
+    name: str,
+    exc_type: type[poc_api.PocApiError],
+    status: str,
 ) -> None:
+    # Every reset was StreamCancelled (grpc_status CANCELLED), whatever its code.
     async with client_for(bad_server) as c:
         bad_server.plan(method, Reply("reset", status=code))
-        await fails_with(c, method, poc_api.StreamCancelled)
+        err = await fails_with(c, method, exc_type)
+        assert type(err) is exc_type and err.grpc_status == status and not err.retriable
+        assert f"the server reset the stream with HTTP/2 error code {name}" in str(err)
         assert len(bad_server.calls_to(method)) == 1  # it may have been processed
         await assert_next_call_works(c)
 
