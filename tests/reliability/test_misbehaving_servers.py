@@ -177,6 +177,42 @@ async def test_a_stream_refused_every_time_fails_after_bounded_retries(
         await assert_next_call_works(c)
 
 
+@pytest.mark.parametrize("timeout", [None, 5.0])
+async def test_a_call_the_server_never_processed_keeps_the_session(
+    bad_server: MisbehavingServer, png_56x28: bytes, timeout: float | None
+) -> None:
+    # A retriable failure says the server did not process the call: nothing was
+    # appended. The session was marked lost all the same, so every later call on
+    # it raised SessionLost.
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", *[Reply("refuse")] * 50)
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+            await s.prefill([1, 2], timeout=timeout)
+        assert info.value.retriable and not s.lost
+        bad_server._plans["Generate"].clear()
+        bad_server.plan("AppendImage", *[Reply("refuse")] * 50)
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+            await s.append_image(png_56x28, "image/png", timeout=timeout)
+        assert info.value.retriable and not s.lost
+        bad_server._plans["AppendImage"].clear()
+        with trio.fail_after(5):
+            done = await s.prefill([1, 2])
+        assert isinstance(done, poc_api.Done) and s.committed_len == 2
+
+
+async def test_a_retriable_error_of_the_blocks_body_still_marks_the_session_lost(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Only the call's own error says what became of it: one the body raised (from
+    # another call) leaves this call's outcome unknown.
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", Reply("silent"))
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+            async with s.generate([1, 2], sampling=FIVE):
+                raise poc_api.ServerUnavailable("another call's", retriable=True)
+        assert s.lost
+
+
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
 async def test_a_refusal_after_an_answer_is_not_retriable_and_not_sent_again(
     bad_server: MisbehavingServer, method: str
