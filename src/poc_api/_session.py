@@ -884,8 +884,10 @@ class _GenerateBlock:
                 out.retriable = True
             # Refused before any event (or not processed at all, as a retriable
             # error says): nothing was appended, the session is intact.
-            rejected = not stream._received and (
-                isinstance(out, _REJECTED) or (own and out.retriable)  # type: ignore[union-attr]
+            # The call's own error only: one the body raised (another call's) says
+            # nothing of what this call did.
+            rejected = (
+                own and not stream._received and (isinstance(out, _REJECTED) or out.retriable)  # type: ignore[union-attr]
             )
             if not rejected and stream.done is None:
                 s._lost = True

@@ -200,16 +200,26 @@ async def test_a_call_the_server_never_processed_keeps_the_session(
         assert isinstance(done, poc_api.Done) and s.committed_len == 2
 
 
-async def test_a_retriable_error_of_the_blocks_body_still_marks_the_session_lost(
-    bad_server: MisbehavingServer,
+@pytest.mark.parametrize(
+    "error",
+    [
+        poc_api.ServerUnavailable("another call's", retriable=True),
+        # A refusal (nothing appended) of another call's: this call may have run.
+        poc_api.InvalidRequest("another call's", grpc_status="INVALID_ARGUMENT"),
+    ],
+    ids=["retriable", "rejected"],
+)
+async def test_an_error_of_the_blocks_body_still_marks_the_session_lost(
+    bad_server: MisbehavingServer, error: poc_api.PocApiError
 ) -> None:
     # Only the call's own error says what became of it: one the body raised (from
     # another call) leaves this call's outcome unknown.
     async with client_for(bad_server) as c, c.session() as s:
         bad_server.plan("Generate", Reply("silent"))
-        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+        with trio.fail_after(5), pytest.raises(type(error)):
             async with s.generate([1, 2], sampling=FIVE):
-                raise poc_api.ServerUnavailable("another call's", retriable=True)
+                await wait_for(lambda: len(bad_server.calls_to("Generate")) == 1)
+                raise error
         assert s.lost
 
 
