@@ -17,6 +17,8 @@ server's default)::
   streams ``tokens`` tokens after ``first_delay`` s, ``interval`` s apart; a
   unary call is answered ``first_delay`` s late);
 - ``"silent"``: never answer this stream (the connection stays healthy);
+- ``"hold"``: as ``"silent"``, and the server's ``held`` is ``(connection, stream id)``
+  (a test then acts on that connection);
 - ``"garbage"``: write an invalid HTTP/2 frame (DATA on stream 0);
 - ``"http1"``: answer in HTTP/1.1, which an HTTP/2 parser reads as the header of a
   huge frame and then waits for;
@@ -112,6 +114,7 @@ DUMMY_BASE_URL = "http://127.0.0.1:9/v1"
 Kind = Literal[
     "ok",
     "silent",
+    "hold",
     "garbage",
     "http1",
     "wrong_content_type",
@@ -197,6 +200,7 @@ class MisbehavingServer:
         self.mute = False
         #: MAX_CONCURRENT_STREAMS that new connections announce (None: h2's 100).
         self.max_streams: int | None = None
+        self.held: tuple[_Connection, int] | None = None  # see "hold"
         self.port = 0
         self.connections = 0
         self.calls: list[Call] = []
@@ -540,6 +544,9 @@ class _Connection:
 
     async def _silent(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         return  # the stream stays open, unanswered, until the client resets it
+
+    async def _hold(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        self.server.held = (self, sid)
 
     async def _garbage(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         # A DATA frame on stream 0: no HTTP/2 peer may accept it.

@@ -1622,8 +1622,11 @@ class _PocChannel(Channel):
         # call that took the channel before the client closed, or before it was
         # replaced), and a connect in flight when it closes completes unclosed:
         # either way a connection that nothing would ever close. Nothing of the
-        # call was sent yet, so it may go again on a fresh connection.
-        if self.shut:
+        # call was sent yet, so it may go again on a fresh connection. Nor does a
+        # channel whose connection was lost connect again: a call let through as
+        # it died (an error GOAWAY) would go out on that new connection while
+        # _exchange judges it by the old one's GOAWAY (sent again, run twice).
+        if self.shut or (self._protocol is not None and not self._connected):
             raise StreamTerminatedError(_CLOSED_UNSENT)
         protocol = await super().__connect__()
         if self.shut:

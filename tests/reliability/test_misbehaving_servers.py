@@ -1129,3 +1129,52 @@ async def test_a_connection_lost_after_done_is_no_failure(
             await s.prefill([4])  # on a new connection
             assert s.committed_len == 6
     assert "after Done" in caplog.text
+
+
+async def test_a_call_let_through_as_its_connection_dies_is_sent_once(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Calls waiting for a stream of a connection that allows one are let through
+    # just as an error GOAWAY (and more streams allowed, in the same write) ends
+    # it. grpclib connected the channel again by itself, and the calls went out
+    # there, judged by the old connection's GOAWAY: when the new connection died
+    # after the server had read them, two of them were sent a third time and ran
+    # twice. A channel whose connection was lost is never connected again: the
+    # calls go out once, on a connection of the client's own making.
+    import h2.settings
+
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5) as c:
+        async with AsyncExitStack() as stack:
+            y = await stack.enter_async_context(c.session())
+            xs = [await stack.enter_async_context(c.session()) for _ in range(3)]
+            await bad_server.close_connections()  # (sessions outlive connections)
+            await trio.sleep(0.2)
+            bad_server.max_streams = 1
+            bad_server.plan("Generate", Reply("hold"))
+            outcomes: dict[str, str] = {}
+
+            async def prefill(name: str, s: poc_api.Session, ids: list[int]) -> None:
+                try:
+                    await s.prefill(ids)
+                    outcomes[name] = "ok"
+                except poc_api.PocApiError as exc:
+                    outcomes[name] = f"{type(exc).__name__} retriable={exc.retriable}"
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(prefill, "Y", y, [1])
+                    await wait_for(lambda: bad_server.held is not None)
+                    for i, s in enumerate(xs):
+                        nursery.start_soon(prefill, f"X{i}", s, [10 + i])
+                        await trio.sleep(0.05)  # each waits for the one stream
+                    await trio.sleep(0.2)
+                    assert bad_server.held is not None
+                    conn, sid = bad_server.held
+                    bad_server.max_streams = None
+                    bad_server.plan("Generate", Reply("silent"), Reply("silent"), Reply("close"))
+                    conn.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+                    conn.h2.close_connection(error_code=2, last_stream_id=sid)
+                    await conn.flush()
+    generates = bad_server.calls_to("Generate")
+    assert len(generates) == 4, (outcomes, generates)  # Y's, and each X's once
+    assert "ok" not in [outcomes[f"X{i}"] for i in range(3)], outcomes
