@@ -180,6 +180,7 @@ class Reply:
     good_first: int = 0  # "malformed" on Generate: this many good tokens come first
     message: str = "injected%20failure"  # "trailers_only": its grpc-message
     debug_data: bytes = b""  # "goaway", "goaway_open", "goaway_mid_stream"
+    count: int = 1  # "goaway_open": this many GOAWAY frames, in one write
 
 
 @attrs.frozen
@@ -648,11 +649,12 @@ class _Connection:
         await self.close()
 
     async def _goaway_open(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
-        self.h2.close_connection(
-            error_code=reply.status,
-            last_stream_id=max(0, sid - 2),
-            additional_data=reply.debug_data or None,
-        )
+        for _ in range(reply.count):
+            self.h2.close_connection(
+                error_code=reply.status,
+                last_stream_id=max(0, sid - 2),
+                additional_data=reply.debug_data or None,
+            )
         await self.flush()
 
     async def _goaway_mid_stream(self, sid: int, method: str, body: bytes, reply: Reply) -> None:

@@ -233,7 +233,7 @@ class ApiClient:
             fails with :class:`ServerUnavailable` instead of hanging. The default,
             5 minutes, is the most frequent pinging that gRPC's C-core servers
             accept by default on a quiet connection (more often earns a GOAWAY
-            "too_many_pings", after which poc_api doubles it for that server, as
+            "too_many_pings", after which poc_api doubles it for that server, up to 2 h, as
             gRPC's clients do, with a warning); lower it for servers that allow it.
         keepalive_timeout: seconds to wait for a ping's answer (default 20).
         keepalive_idle: also ping while no call runs but sessions are open (an

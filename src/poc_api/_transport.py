@@ -319,6 +319,8 @@ def _retriable_reset(exc: BaseException) -> bool:
 
 
 _MAX_BACKOFF = 1.0
+# keepalive_time doubles on each "too_many_pings" GOAWAY up to this (seconds).
+_MAX_KEEPALIVE_TIME = 7200.0
 _REFUSED_RETRIES = 2
 # A GOAWAY refuses the calls above its last stream id, and a connection that drains
 # (graceful GOAWAY) the calls it has not sent yet: the server never saw them. Behind
@@ -460,14 +462,16 @@ class GrpcTransport:
         ENHANCE_YOUR_CALM "too_many_pings"). As gRPC's own clients do, ping half as
         often on the connections to come: at the same rate every one would end so."""
         keepalive = self._keepalive
-        if keepalive is None:
+        if keepalive is None or keepalive.time >= _MAX_KEEPALIVE_TIME:
             return
-        self._keepalive = attrs.evolve(keepalive, time=keepalive.time * 2)
+        # Bounded: keepalive is what finds a frozen server.
+        longer = min(keepalive.time * 2, _MAX_KEEPALIVE_TIME)
+        self._keepalive = attrs.evolve(keepalive, time=longer)
         log.warning(
             'salience server at %s sent GOAWAY ENHANCE_YOUR_CALM "too_many_pings": '
             "keepalive_time is now %g s (was %g s) for its new connections",
             self._target.url,
-            keepalive.time * 2,
+            longer,
             keepalive.time,
         )
 
@@ -1330,6 +1334,7 @@ class _PocH2Protocol(H2Protocol):
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
         self.too_many_pings: Callable[[], None] = lambda: None
+        self._calmed = False  # a "too_many_pings" GOAWAY came (too_many_pings ran)
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
@@ -1445,7 +1450,9 @@ class _PocH2Protocol(H2Protocol):
                 if (
                     event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
                     and event.additional_data == b"too_many_pings"
+                    and not self._calmed
                 ):
+                    self._calmed = True  # once per connection, however many frames
                     self.too_many_pings()
             try:
                 self.processor.process(event)

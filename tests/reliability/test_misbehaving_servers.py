@@ -362,6 +362,34 @@ async def test_goaway_too_many_pings_doubles_keepalive_time(
         assert not warned
 
 
+async def test_many_too_many_pings_goaways_double_keepalive_time_once_and_boundedly(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each GOAWAY frame doubled it: 40 in one write took keepalive_time from 1 s to
+    # 1.1e12 s, 1100 to inf (keepalive, which finds a frozen server, off for good),
+    # with one WARNING each. One doubling per connection now, and at most 2 hours.
+    from poc_api import _transport
+
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    async with client_for(bad_server, keepalive_time=0.1, keepalive_timeout=2.0) as c:
+        async with c.session() as s:
+            bad_server.plan(
+                "Generate",
+                Reply("goaway_open", status=11, debug_data=b"too_many_pings", count=40),
+            )
+            with trio.fail_after(5):
+                await s.prefill([1, 2])
+            transport = c._transport
+            assert isinstance(transport, _transport.GrpcTransport)
+            assert transport._keepalive is not None
+            assert transport._keepalive.time == 0.2
+            for _ in range(20):  # on one new connection after another
+                transport._too_many_pings()
+            assert transport._keepalive.time == _transport._MAX_KEEPALIVE_TIME
+    warned = [r for r in caplog.records if "too_many_pings" in r.getMessage()]
+    assert len(warned) < 20
+
+
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
 async def test_a_call_at_an_error_goaways_last_stream_fails_and_is_not_sent_again(
     bad_server: MisbehavingServer, method: str
