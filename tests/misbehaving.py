@@ -49,6 +49,8 @@ server's default)::
   server shutting down gracefully does; the connection closes ``interval`` s later;
 - ``"done_then_close"``: Generate streams its tokens and ``Done``, then closes the
   TCP connection (no trailers);
+- ``"done_then_status"``: Generate streams its tokens and ``Done``, then trailers with
+  ``grpc-status`` = ``status``;
 - ``"after_done"``: Generate streams its tokens and ``Done``, then (``interval``
   seconds later) one more token;
 - ``"status_after_tokens"``: Generate streams its tokens, then trailers with
@@ -132,6 +134,7 @@ Kind = Literal[
     "close",
     "done_no_trailers",
     "done_then_close",
+    "done_then_status",
     "after_done",
     "miscount",
     "status_after_tokens",
@@ -473,6 +476,11 @@ class _Connection:
         await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
         await trio.sleep(0.05)
         await self.close()
+
+    async def _done_then_status(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._generate(sid, pb.GenerateRequest.parse(body), reply, trailers=False)
+        trailers = [("grpc-status", str(reply.status)), ("grpc-message", "injected%20failure")]
+        await self.send_headers(sid, trailers, end=True)
 
     async def _after_done(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         req = pb.GenerateRequest.parse(body)

@@ -281,15 +281,17 @@ class GenerateStream:
             while not self._finished:
                 try:
                     self._batch = await self._rx.receive_batch()
-                except e.ServerUnavailable as exc:
-                    # Only the trailers went with the connection: Done told the
-                    # session's state (the session outlives a connection), so the
-                    # call succeeded, as when a server stalls after Done. Raising
-                    # would invite a retry that appends the tokens twice.
+                except (e.TransportError, e.RpcError) as exc:
+                    # Done told the session's state (and the session outlives a
+                    # connection): the call succeeded, whatever ended its stream (a
+                    # lost connection, a reset, an error status), as when a server
+                    # stalls after Done. Raising would invite a retry that appends
+                    # the tokens twice. (A malformed end, ProtocolViolation, is
+                    # still raised: the server is broken.)
                     log.warning(
-                        "session %s: the connection was lost after Done, before the "
-                        "end of the stream (%s); the call completed",
+                        "session %s: the stream failed after Done (%s: %s); the call completed",
                         self._session.session_id,
+                        type(exc).__name__,
                         exc,
                     )
                     self._finished = True

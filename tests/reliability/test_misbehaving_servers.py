@@ -11,6 +11,7 @@ import re
 import time
 from contextlib import AsyncExitStack
 
+import attrs
 import pytest
 import trio
 from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
@@ -1134,29 +1135,34 @@ async def test_a_timeout_while_queued_for_a_stream_is_retriable_and_keeps_the_se
             assert s2.committed_len == 3
 
 
-async def test_a_connection_lost_after_done_is_no_failure(
-    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "end",
+    [Reply("done_then_close"), Reply("done_then_status", status=13)],
+    ids=["connection lost", "INTERNAL status"],
+)
+async def test_a_stream_that_fails_after_done_is_no_failure(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture, end: Reply
 ) -> None:
-    # Done tells the session's state; only the trailers were lost with the
-    # connection. The call raised ServerUnavailable while the session had already
-    # moved on (committed_len), so an agent retrying the "failed" prefill appended
-    # its tokens twice; a server that stalls after Done instead was a success.
+    # Done tells the session's state; only the stream's end went wrong. The call
+    # raised (ServerUnavailable, RpcError) while the session had already moved on
+    # (committed_len), so an agent retrying the "failed" prefill appended its
+    # tokens twice; a server that stalls after Done instead was a success.
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
         async with c.session() as s:
-            bad_server.plan("Generate", Reply("done_then_close", tokens=0))
+            bad_server.plan("Generate", attrs.evolve(end, tokens=0))
             with trio.fail_after(10):
                 await s.prefill([1, 2])
             assert not s.lost and s.committed_len == 2
-            bad_server.plan("Generate", Reply("done_then_close", tokens=2))
+            bad_server.plan("Generate", attrs.evolve(end, tokens=2))
             with trio.fail_after(10):
                 async with s.generate([3], sampling=SamplingParams(max_tokens=2)) as ev:
                     async for event in ev:
                         if isinstance(event, poc_api.Done):
                             break
             assert not s.lost and s.committed_len == 5
-            await s.prefill([4])  # on a new connection
+            await s.prefill([4])
             assert s.committed_len == 6
-    assert "after Done" in caplog.text
+    assert "failed after Done" in caplog.text
 
 
 async def test_a_call_let_through_as_its_connection_dies_is_sent_once(
