@@ -392,6 +392,9 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["generate", "hi", "--url", "http://h:1/v1?x=1"],
         ["generate", "hi", "--url", "http://h:65535/v1"],
         ["generate", ""],  # as score's empty TEXT (exited 1 after starting a server)
+        ["generate", "hi", "--url", "http://[::1/v1"],  # (a traceback from urlsplit)
+        ["generate", "hi", "--url", "http://h:1/v1", "--grpc-url", "http://[::1:10"],
+        ["generate", "hi", "--url", "http://h:1/v1", "--grpc-url", "http://u:p@h:10"],
         ["generate", "hi", "--url", UNREACHABLE, "--seed", "1"],
         ["generate", "hi", "--grpc-url", "http://127.0.0.1:2"],
         ["generate", "hi", "--max-tokens", "-1"],

@@ -52,6 +52,7 @@ from ._http import ChatDelta, shown_url
 from ._log import control_escapes
 from ._png import encode_png
 from ._session import GenerateStream
+from ._transport import GrpcTarget
 from ._types import Done, ReadoutManifest, SamplingParams, StreamDone, Token, TokenOut, Usage
 from .server import ReferenceServer, ServerConfig, run_forever
 
@@ -144,7 +145,10 @@ class _FloatRange(click.FloatRange):
 
 
 def _check_url(value: str, what: str) -> str:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)  # ("Invalid IPv6 URL" for an unclosed "[")
+    except ValueError as exc:
+        raise click.UsageError(f"invalid {what}: {exc}: {shown_url(value)!r}") from None
     try:
         _ = parts.port
     except ValueError:
@@ -188,6 +192,12 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
         resolve_grpc_url(base, grpc, env={})
     except ValueError as exc:
         raise click.UsageError(f"invalid {what}: {exc}") from None
+    if grpc:
+        try:
+            GrpcTarget.from_url(grpc)
+        except ValueError as exc:
+            grpc_what = "--grpc-url" if grpc_flag else _ENV_GRPC
+            raise click.UsageError(f"invalid {grpc_what}: {exc}") from None
     model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
     return _Target(base.rstrip("/"), key, grpc, model)
 
