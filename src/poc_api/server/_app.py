@@ -27,7 +27,7 @@ _START_TIMEOUT: Final = 30.0
 
 
 class _HideAuthorization(logging.Filter):
-    """On hpack's logger: drop the DEBUG lines that show a request's authorization.
+    """On hpack's loggers: drop the DEBUG lines that show a request's authorization.
 
     hpack logs each header block it decodes, and each header, at DEBUG: with a
     reference server in the process and DEBUG logging on, the application's log
@@ -47,7 +47,9 @@ class _HideAuthorization(logging.Filter):
         return not any(key and key in message for key in self.keys)
 
 
-_HPACK_LOGGER: Final = logging.getLogger("hpack.hpack")
+# hpack.hpack logs the header blocks and headers it decodes; hpack.table the
+# entries it evicts (a client may index its authorization header).
+_HPACK_LOGGERS: Final = (logging.getLogger("hpack.hpack"), logging.getLogger("hpack.table"))
 _hiding_lock = threading.Lock()
 _hiding: list[str] = []  # one entry per running server: its api key ("" for none)
 _hide = _HideAuthorization(_hiding)
@@ -58,12 +60,14 @@ def _hide_authorization(key: str, on: bool) -> None:
     with _hiding_lock:
         if on:
             if not _hiding:
-                _HPACK_LOGGER.addFilter(_hide)
+                for logger in _HPACK_LOGGERS:
+                    logger.addFilter(_hide)
             _hiding.append(key)
         else:
             _hiding.remove(key)
             if not _hiding:
-                _HPACK_LOGGER.removeFilter(_hide)
+                for logger in _HPACK_LOGGERS:
+                    logger.removeFilter(_hide)
 
 
 _STOP_TIMEOUT: Final = 10.0
