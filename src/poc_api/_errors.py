@@ -99,7 +99,7 @@ class PocApiError(Exception):
     ) -> None:
         # What a server says (a status message, a body) goes into messages that
         # applications log and print: as in poc_api's own log lines (_log.py).
-        message = message.translate(ONE_LINE_ESCAPES)
+        message = str(message).translate(ONE_LINE_ESCAPES)  # (an exception, say)
         super().__init__(message)
         self.message = message
         if grpc_status is not None:

@@ -182,3 +182,11 @@ async def test_a_users_exception_leaves_every_block_untouched(
             with pytest.raises(ExceptionGroup) as group_info:
                 await where(client, mine)
             assert group_info.value is mine
+
+
+def test_an_error_made_from_something_not_a_str_has_its_text() -> None:
+    # As Exception(x) does; escaping control characters (str.translate) made
+    # PocApiError(123) an AttributeError.
+    assert str(poc_api.PocApiError(123)) == "123"  # type: ignore[arg-type]
+    cause = ValueError("bad\nthing")
+    assert str(poc_api.ServerUnavailable(cause)) == "bad\\x0athing"  # type: ignore[arg-type]
