@@ -227,12 +227,18 @@ async def _silent_listener(task_status: trio.TaskStatus[int]) -> None:
     await trio.serve_listeners(hold, listeners)
 
 
-async def test_client_exit_after_a_silent_listener_is_quick() -> None:
+@contextlib.asynccontextmanager
+async def _silent_listeners(n: int = 1) -> AsyncIterator[list[str]]:
+    """The gRPC URLs of ``n`` listeners that accept TCP and never say a word."""
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(_silent_listener)
-        client = poc_api.ApiClient(
-            "http://127.0.0.1:9/v1", grpc_url=f"http://127.0.0.1:{port}", close_timeout=5.0
-        )
+        ports = [await nursery.start(_silent_listener) for _ in range(n)]
+        yield [f"http://127.0.0.1:{port}" for port in ports]
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_exit_after_a_silent_listener_is_quick() -> None:
+    async with _silent_listeners() as [url]:
+        client = poc_api.ApiClient("http://127.0.0.1:9/v1", grpc_url=url, close_timeout=5.0)
         with trio.fail_after(10):
             async with client:
                 with trio.move_on_after(0.3):
@@ -241,18 +247,14 @@ async def test_client_exit_after_a_silent_listener_is_quick() -> None:
                 started = time.monotonic()
         # The OpenSession never reached the wire: nothing to reap, no close_timeout wait.
         assert time.monotonic() - started < 1.0
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_silent_listener_fails_the_call_as_retriable_naming_the_setting() -> None:
     # Nothing of the call was sent (the client waits for the server's SETTINGS
     # first): the same retriable failure as a connect that times out, and as the
     # next call gets within the reconnect backoff.
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(_silent_listener)
-        client = poc_api.ApiClient(
-            "http://127.0.0.1:9/v1", grpc_url=f"http://127.0.0.1:{port}", connect_timeout=0.3
-        )
+    async with _silent_listeners() as [url]:
+        client = poc_api.ApiClient("http://127.0.0.1:9/v1", grpc_url=url, connect_timeout=0.3)
         with trio.fail_after(10):
             async with client:
                 with pytest.raises(poc_api.ServerUnavailable) as info:
@@ -260,7 +262,6 @@ async def test_a_silent_listener_fails_the_call_as_retriable_naming_the_setting(
                         pass
         assert info.value.retriable
         assert "connect_timeout=0.3 s" in str(info.value), str(info.value)
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["one server", "pool"])
@@ -268,9 +269,7 @@ async def test_a_session_timeout_before_anything_was_sent_is_retriable(pool: boo
     # session(timeout=) ran out while the client waited for a silent server's
     # SETTINGS: nothing was sent, yet the PocApiTimeout said retriable=False (in a
     # pool too, where the OpenSession's timeout spans the endpoints it tries).
-    async with trio.open_nursery() as nursery:
-        ports = [await nursery.start(_silent_listener) for _ in range(2 if pool else 1)]
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
+    async with _silent_listeners(2 if pool else 1) as urls:
         client = poc_api.ApiClient(
             "http://127.0.0.1:9/v1", grpc_url=urls if pool else urls[0], close_timeout=0.5
         )
@@ -281,7 +280,6 @@ async def test_a_session_timeout_before_anything_was_sent_is_retriable(pool: boo
                         pass  # pragma: no cover
         assert info.value.retriable, str(info.value)
         assert "nothing was sent" in str(info.value)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_grpc_url_pointing_at_an_http1_port_fails_fast(server: ReferenceServer) -> None:
