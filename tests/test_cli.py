@@ -294,6 +294,29 @@ async def test_chat_sends_the_model_named_by_model_or_poc_model() -> None:
     assert [b["model"] for b in bodies] == ["b", "a"]
 
 
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [(401, "refused the api key"), (403, "the api key is not allowed it")],
+)
+async def test_a_refusal_says_whether_the_key_was_wrong_or_not_allowed(
+    status: int, says: str
+) -> None:
+    # 403 (and PERMISSION_DENIED) was told as a wrong key: the key was fine.
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        body = b'{"error": "no"}'
+        await stream.send_all(
+            f"HTTP/1.1 {status} No\r\ncontent-type: application/json\r\n".encode()
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    async with http_server(handler) as url:
+        result = await run_cli("chat", "x", "--url", url, "--api-key", "k")
+    assert result.returncode == 1, result.stderr
+    assert says in result.stderr, result.stderr
+
+
 async def test_an_unreachable_url_with_a_password_is_named_and_redacted() -> None:
     # The error named the gRPC endpoint (the redacted message never held the raw
     # URL it looked for), and demo printed the password.

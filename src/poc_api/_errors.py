@@ -151,7 +151,12 @@ class RpcError(PocApiError):
 
 @final
 class AuthenticationError(RpcError):
-    """The api key was missing or wrong (gRPC UNAUTHENTICATED, HTTP 401/403)."""
+    """The server refused the caller.
+
+    The api key was missing or wrong (gRPC ``UNAUTHENTICATED``, HTTP 401), or the
+    key is not allowed what was asked (``PERMISSION_DENIED``, HTTP 403, a stream
+    reset with ``INADEQUATE_SECURITY``): ``grpc_status`` / ``http_status`` say which.
+    """
 
 
 @final

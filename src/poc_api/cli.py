@@ -533,6 +533,8 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
             return f"the server at {url} did not answer in time ({msg})"
         return f"cannot reach the server at {url} ({msg})"
     if isinstance(exc, e.AuthenticationError):
+        if exc.grpc_status == "PERMISSION_DENIED" or exc.http_status == 403:
+            return f"the server refused the request: the api key is not allowed it ({exc})"
         return f"the server refused the api key ({exc})"
     if isinstance(exc, e.PocApiError | CliError):
         return str(exc)
