@@ -373,6 +373,31 @@ async def test_serve_runs_a_server_that_clients_reach_until_terminated() -> None
     assert b"ready" in rest and secret.encode() not in rest
 
 
+@pytest.mark.parametrize(("host", "every"), [("0.0.0.0", True), ("127.0.0.1", False)])
+async def test_serve_says_when_it_listens_on_every_interface(host: str, every: bool) -> None:
+    # The printed URLs name 127.0.0.1 (what this machine connects to) also when
+    # the server listens on every interface: the ready line says so.
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.lowlevel.open_process(
+            [*CLI, "serve", "--port", "0", "--host", host],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=cli_env(),
+        )
+        assert proc.stderr is not None
+        err = b""
+        try:
+            while not re.search(rb"ready.*\n", err):  # (the whole line)
+                chunk = await proc.stderr.receive_some()
+                assert chunk, "serve exited before listening"
+                err += chunk
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+            await proc.stderr.aclose()
+    assert (b"ready on every interface" in err) is every, err
+
+
 # -- errors ----------------------------------------------------------------------------
 
 

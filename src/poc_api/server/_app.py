@@ -397,8 +397,10 @@ def run_forever(config: ServerConfig) -> None:
         auth = "required" if config.api_key else "off"
         print(f"base_url: {server.base_url}", flush=True)
         print(f"grpc_url: {server.grpc_url}", flush=True)
+        # The URLs above are for this machine; say when others can reach it too.
+        where = " on every interface" if config.host in ("", "0.0.0.0", "::") else ""
         print(
-            f"poc_api reference server ready (auth {auth}, readout "
+            f"poc_api reference server ready{where} (auth {auth}, readout "
             f"{'on' if config.readout else 'off'}, seed {config.seed})",
             file=sys.stderr,
             flush=True,
