@@ -700,7 +700,7 @@ class ApiClient:
         log-probability and add nothing to a range. ``timeout`` bounds the whole
         call (:class:`PocApiTimeout`).
         """
-        with deadline(timeout, "score"):
+        with deadline(timeout, "score", composite=True):
             return await score_chunks(
                 self._grpc(),
                 self._model,
@@ -733,7 +733,7 @@ class ApiClient:
         """
         if isinstance(max_concurrency, int) and not isinstance(max_concurrency, bool):
             max_concurrency = min(max_concurrency, self._streams.limit)
-        with deadline(timeout, "score_many"):
+        with deadline(timeout, "score_many", composite=True):
             return await score_many(
                 self._grpc(),
                 self._model,
@@ -769,7 +769,7 @@ class ApiClient:
         when the lengths are known (after ``OpenSession`` says ``max_length``).
         ``timeout`` bounds the whole call.
         """
-        with deadline(timeout, "score_continuations"):
+        with deadline(timeout, "score_continuations", composite=True):
             return await score_continuations(
                 self._grpc(),
                 self._model,

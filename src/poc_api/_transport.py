@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Final, NoReturn, Protocol, SupportsFloat, final
 from urllib.parse import urlsplit
@@ -766,6 +767,8 @@ class GrpcTransport:
                             if progress is not None:
                                 # HEADERS are written: the server may act on this call.
                                 progress.headers_sent = True
+                                if progress.block is not None:
+                                    progress.block.any = True
                             await stream.send_message(request, end=True)
                             reader = _Reader(stream._stream, max_size, path)
                             await _receive(stream, reader, sink)
@@ -1010,13 +1013,29 @@ async def _undo(orphan: Callable[[bytes], Awaitable[None]], reply: bytes) -> Non
         log.warning("cleaning up after an abandoned call failed: %s", exc)
 
 
+class _Sent:
+    """Whether any gRPC call of a block (a ``score``: several calls, in several
+    tasks) wrote its HEADERS: see ``deadline(..., composite=True)``."""
+
+    __slots__ = ("any",)
+
+    def __init__(self) -> None:
+        self.any = False
+
+
+# The _Sent of the innermost composite deadline around this task. A task started
+# inside that block gets a copy of the context, holding the same _Sent.
+_BLOCK_SENT: ContextVar[_Sent | None] = ContextVar("poc_api_block_sent", default=None)
+
+
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
-    __slots__ = ("headers_sent", "queued", "reap_timer")
+    __slots__ = ("block", "headers_sent", "queued", "reap_timer")
 
     def __init__(self) -> None:
         self.headers_sent: bool = False
+        self.block = _BLOCK_SENT.get()  # (made on the trio side, in the caller's task)
         # Waiting for a stream of the connection, behind this client's own calls.
         self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
@@ -1655,13 +1674,16 @@ class deadline:  # used like the function it replaced
     """Bound the block by ``timeout`` seconds; raise :class:`PocApiTimeout` when it passes.
 
     ``None`` means no bound (the caller's own cancel scopes still apply).
+    A timeout is retriable ("nothing was sent") when ``unsent()`` says so, or,
+    with ``composite``, when no gRPC call made inside the block (in any task it
+    started) wrote its HEADERS.
 
     A class with KI-protected enter and exit, not a ``@contextmanager``: a Ctrl-C
     landing in contextlib's ``__exit__`` would leave the generator's cancel scope
     open, and trio then fails with "Cancel scope stack corrupted".
     """
 
-    __slots__ = ("_scope", "_timeout", "_unsent", "_what")
+    __slots__ = ("_composite", "_scope", "_sent", "_timeout", "_token", "_unsent", "_what")
 
     def __init__(
         self,
@@ -1669,16 +1691,23 @@ class deadline:  # used like the function it replaced
         what: str,
         *,
         unsent: Callable[[], bool] | None = None,
+        composite: bool = False,
     ) -> None:
         self._timeout = check_timeout("timeout", timeout)
         self._what = what
         # Says, once the block has ended, whether nothing of it reached the server.
         self._unsent = unsent
+        self._composite = composite
         self._scope: trio.CancelScope | None = None
+        self._sent: _Sent | None = None
+        self._token: Any = None
 
     @trio.lowlevel.enable_ki_protection
     def __enter__(self) -> None:
         if self._timeout is not None:
+            if self._composite:
+                self._sent = _Sent()
+                self._token = _BLOCK_SENT.set(self._sent)
             self._scope = trio.CancelScope(relative_deadline=self._timeout)
             self._scope.__enter__()
 
@@ -1692,10 +1721,17 @@ class deadline:  # used like the function it replaced
         scope, self._scope = self._scope, None
         if scope is None:
             return
+        token, self._token = self._token, None
+        if token is not None:
+            _BLOCK_SENT.reset(token)
         scope.__exit__(exc_type, exc, tb)  # raises whatever is not its own Cancelled
         if scope.cancelled_caught:
             msg = f"{self._what}: no answer within {self._timeout:g} s"
-            if self._unsent is not None and self._unsent():
+            if self._sent is not None:
+                unsent = not self._sent.any
+            else:
+                unsent = self._unsent is not None and self._unsent()
+            if unsent:
                 raise e.PocApiTimeout(f"{msg}; nothing was sent", retriable=True) from None
             raise e.PocApiTimeout(msg) from None
 

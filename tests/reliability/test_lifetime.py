@@ -282,6 +282,45 @@ async def test_a_session_timeout_before_anything_was_sent_is_retriable(pool: boo
         assert "nothing was sent" in str(info.value)
 
 
+_SCORES = {
+    "score": lambda c: c.score([poc_api.Tokens(HELLO * 20)], [(1, 20)], timeout=0.3),
+    "score_many": lambda c: c.score_many(
+        [([poc_api.Tokens(HELLO * 20)], [(1, 20)])] * 3, timeout=0.3
+    ),
+    "score_continuations": lambda c: c.score_continuations(
+        [poc_api.Tokens(HELLO * 20)], [[1, 2], [3]], timeout=0.3
+    ),
+}
+
+
+@pytest.mark.parametrize("call", list(_SCORES))
+@pytest.mark.parametrize("pool", [False, True], ids=["one server", "pool"])
+async def test_a_score_timeout_is_retriable_only_when_nothing_was_sent(
+    call: str, pool: bool
+) -> None:
+    # A score's timeout spans several requests (in several tasks for score_many):
+    # it said retriable=False also when none of them went out (a silent server).
+    score = _SCORES[call]
+    async with _silent_listeners(2 if pool else 1) as urls:
+        client = poc_api.ApiClient(
+            "http://127.0.0.1:9/v1", grpc_url=urls if pool else urls[0], close_timeout=0.5
+        )
+        with trio.fail_after(10):
+            async with client:
+                with pytest.raises(poc_api.PocApiTimeout) as info:
+                    await score(client)
+        assert info.value.retriable, str(info.value)
+        assert "nothing was sent" in str(info.value)
+    # Sent, and the server is slow to answer: the server may have acted on it.
+    async with reference_server(prefill_delay_us=100_000) as slow:
+        with trio.fail_after(10):
+            async with client_for(slow) as client:
+                with pytest.raises(poc_api.PocApiTimeout) as info:
+                    await score(client)
+    assert not info.value.retriable, str(info.value)
+    assert "nothing was sent" not in str(info.value)
+
+
 async def test_a_grpc_url_pointing_at_an_http1_port_fails_fast(server: ReferenceServer) -> None:
     # The reference server's HTTP port speaks HTTP/1.1 only.
     client = poc_api.ApiClient(server.base_url, grpc_url=f"http://127.0.0.1:{server.http_port}")
