@@ -550,6 +550,27 @@ async def test_a_session_refused_by_a_full_server_opens_on_another_endpoint() ->
             assert client.endpoints[0].state is not EndpointState.UNREACHABLE
 
 
+async def test_a_full_server_is_asked_last_for_a_while_not_at_every_other_pick() -> None:
+    # A full server stayed first choice half of the time: each of those sessions
+    # paid a refused OpenSession round trip first, for as long as it stayed full.
+    async with (
+        reference_server(max_sessions=1) as full,
+        reference_server() as free,
+        poc_api.ApiClient(full.base_url, grpc_url=full.grpc_url) as other,
+        other.session(),  # takes the full server's only session
+        pool_client([full, free]) as client,
+    ):
+        with trio.fail_after(20):
+            before = open_sessions_seen(full)
+            for _ in range(30):
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+            # One refusal holds it back for _FULL_HOLD (2 s); 30 sessions take far
+            # less. Without the hold: ~15 refusals.
+            assert open_sessions_seen(full) - before <= 3
+            assert len(full.state().session_ids) == 1
+
+
 async def test_when_every_endpoint_is_full_the_caller_gets_resource_exhausted() -> None:
     async with (
         reference_servers(2, max_sessions=1) as servers,

@@ -90,6 +90,10 @@ _HEALTH_SERVICE = "salience.Salience"
 # per consecutive failure (a health check that succeeds clears it).
 _BACKOFF_BASE = 0.25
 _BACKOFF_MAX = 10.0
+# An endpoint that refused a session as full is picked last for this long: it
+# stays in rotation (it is no failure), but is not asked first again and again
+# while it stays full.
+_FULL_HOLD = 2.0
 
 
 class EndpointState(enum.Enum):
@@ -218,6 +222,7 @@ class _Endpoint:
         "consecutive",
         "down_until",
         "failures",
+        "full_until",
         "opening",
         "state",
         "target",
@@ -231,6 +236,7 @@ class _Endpoint:
         self.failures: int = 0
         self.consecutive: int = 0
         self.down_until: float = 0.0  # time.monotonic(); both threads read it
+        self.full_until: float = 0.0  # time.monotonic(); trio side only
         self.state: EndpointState = EndpointState.UNKNOWN
         self._lock = threading.Lock()
 
@@ -411,8 +417,10 @@ class Router:
 
         Usable first (SERVING or not checked yet, not in backoff); if none is,
         any endpoint out of backoff, then any at all: a call that fails there
-        fails as it would on one server. Raises :class:`ServerUnavailable` when
-        every endpoint was tried already (or DNS listed none).
+        fails as it would on one server. Among those, one that refused a session
+        as full within ``_FULL_HOLD`` only when all did. Raises
+        :class:`ServerUnavailable` when every endpoint was tried already (or DNS
+        listed none).
         """
         if not self._health_started and self.failover:
             # Before the one-endpoint shortcut: a DNS target that resolved to one
@@ -438,6 +446,8 @@ class Router:
         if not candidates:
             what = self._dns.url if self._dns is not None else "the endpoint list"
             raise e.ServerUnavailable(f"no endpoint of {what} is left to try")
+        if len(candidates) > 1:
+            candidates = [ep for ep in candidates if now >= ep.full_until] or candidates
         if len(candidates) == 1:
             return candidates[0]
         a, b = random.sample(candidates, 2)
@@ -719,6 +729,7 @@ class SessionRoute:
                     # takes sessions again once some close (which can be often:
                     # DEBUG).
                     level, why = logging.DEBUG, "refused a new session"
+                    ep.full_until = time.monotonic() + _FULL_HOLD
                 else:
                     raise
                 tried.append(ep)
