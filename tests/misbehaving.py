@@ -14,8 +14,9 @@ server's default)::
 ``Reply.kind`` is one of:
 
 - ``"ok"``: a small well-behaved salience server (sessions are fake; Generate
-  streams ``tokens`` tokens after ``first_delay`` s, ``interval`` s apart; a
-  unary call is answered ``first_delay`` s late);
+  streams ``tokens`` tokens after ``first_delay`` s, ``interval`` s apart, with the
+  logprob of every prompt position in a requested range but those in
+  ``skip_logprobs``; a unary call is answered ``first_delay`` s late);
 - ``"silent"``: never answer this stream (the connection stays healthy);
 - ``"hold"``: as ``"silent"``, and the server's ``held`` is ``(connection, stream id)``
   (a test then acts on that connection);
@@ -184,6 +185,7 @@ class Reply:
     message: str = "injected%20failure"  # "trailers_only": its grpc-message
     debug_data: bytes = b""  # "goaway", "goaway_open", "goaway_mid_stream"
     count: int = 1  # "goaway_open": this many GOAWAY frames, in one write
+    skip_logprobs: tuple[int, ...] = ()  # Generate: prompt positions whose logprob is left out
 
 
 @attrs.frozen
@@ -518,6 +520,7 @@ class _Connection:
             encode_token(req.append_tokens[p - start], True, p, -1.0)
             for p in range(start, end)
             if any(r.start <= p < r.end for r in req.logprobs_ranges)
+            and p not in reply.skip_logprobs
         )
         if prefill:
             await self.send_data(sid, prefill)

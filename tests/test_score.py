@@ -9,6 +9,7 @@ import trio
 from helpers import make_png, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
+from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
 from poc_api import Image, SamplingParams, ScoreResult, Token, Tokens
@@ -123,6 +124,23 @@ async def test_the_ephemeral_session_is_closed_after_success_error_and_cancel(
     with trio.move_on_after(0.01):
         await client.score(long_prompt, [(1, len(PROMPT) * 400)])
     await wait_for(lambda: not server.state().session_ids)
+
+
+async def test_a_logprob_the_server_left_out_is_a_protocol_violation() -> None:
+    # Summed without it, the range's score would be silently too high (an absent
+    # position adds 0): the count of positions that came back is checked.
+    async with (
+        misbehaving_server(Reply(skip_logprobs=(5,))) as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=1.0) as client,
+    ):
+        with trio.fail_after(10):
+            prompt = [Tokens(list(range(10, 20)))]
+            with pytest.raises(poc_api.ProtocolViolation, match="expected logprobs for 6 pos"):
+                await client.score(prompt, [(2, 8)])
+            # Outside the range, the same omission is nothing to score.
+            assert await client.score(prompt, [(6, 9)]) == [ScoreResult(6, 9, -3.0)]
+            srv.default = Reply()  # every logprob: -1.0 each
+            assert await client.score(prompt, [(2, 8)]) == [ScoreResult(2, 8, -6.0)]
 
 
 async def test_score_many_keeps_input_order_and_bounds_concurrency(

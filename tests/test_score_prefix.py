@@ -11,6 +11,7 @@ import trio
 from helpers import make_png, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from trio.testing import assert_checkpoints
 
 import poc_api
@@ -237,6 +238,31 @@ async def test_score_many_share_prefix_errors(client: poc_api.ApiClient) -> None
     unknown = [([Tokens(TEXT[:9]), Image(make_png(28, 28), "image/png")], [(1, 50)])] * 2
     with trio.fail_after(10), pytest.raises(ValueError, match="outside"):
         await client.score_many(unknown, share_prefix=True)
+
+
+async def test_a_logprob_the_server_left_out_after_a_rewind_is_a_protocol_violation() -> None:
+    # Position 11 lies in the continuation, sent after a rewind to the prefix's end:
+    # its own count check, not the plain score's, has to notice it is missing.
+    prefix = list(range(10, 20))
+    async with (
+        misbehaving_server(Reply(skip_logprobs=(11,))) as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=1.0) as client,
+    ):
+        with trio.fail_after(10):
+            with pytest.raises(poc_api.ProtocolViolation, match="expected logprobs for 3 pos"):
+                await client.score_continuations([Tokens(prefix)], [[1, 2, 3]])
+            prompts = [([Tokens([*prefix, *cont])], [(10, 13)]) for cont in ([1, 2, 3], [4, 5, 6])]
+            assert len(group_by_prefix([chunks for chunks, _ in prompts])) == 1
+            with pytest.raises(poc_api.ProtocolViolation, match="expected logprobs for 3 pos"):
+                await client.score_many(prompts, share_prefix=True)
+            srv.default = Reply()  # every logprob: -1.0 each
+            assert await client.score_continuations([Tokens(prefix)], [[1, 2, 3]]) == [
+                ScoreResult(10, 13, -3.0)
+            ]
+            assert (
+                await client.score_many(prompts, share_prefix=True)
+                == [[ScoreResult(10, 13, -3.0)]] * 2
+            )
 
 
 def test_grouping_puts_shared_prefixes_together() -> None:
