@@ -695,6 +695,40 @@ async def test_score_many_retries_a_prompt_whose_server_died_once_elsewhere() ->
         assert client.endpoints[2].failures > 0
 
 
+async def test_score_retries_a_prompt_whose_server_died_once_elsewhere() -> None:
+    # score_many's retry, for a single client.score: the server holding the
+    # score's session dies during its Generate; the prompt is scored again on the
+    # survivor, with the one-server result.
+    prompt = [Tokens(list(range(40, 80)))]
+    async with reference_servers(2, prefill_delay_us=10_000) as servers:
+        async with pool_client(servers[:1]) as one:
+            want = await one.score(prompt, [(1, 40)])
+        generates = [s.state().rpc_counts.get("Generate", 0) for s in servers]
+
+        def started() -> list[int]:
+            now = [s.state().rpc_counts.get("Generate", 0) for s in servers]
+            return [i for i, (n, b) in enumerate(zip(now, generates, strict=True)) if n > b]
+
+        async with pool_client(servers, health_check_interval=3600) as client:
+            victims: list[int] = []
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+
+                    async def kill_soon() -> None:
+                        # The first Generate prefills for 0.4 s: killed in the middle.
+                        await wait_for(started)
+                        victims.extend(started())
+                        await trio.to_thread.run_sync(servers[victims[0]].kill)
+
+                    nursery.start_soon(kill_soon)
+                    got = await client.score(prompt, [(1, 40)])
+            assert got == want
+            assert len(victims) == 1
+            assert client.endpoints[victims[0]].failures > 0
+            survivor = servers[1 - victims[0]]
+            assert survivor.state().rpc_counts.get("Generate", 0) > generates[1 - victims[0]]
+
+
 async def test_dns_target_resolves_to_endpoints() -> None:
     async with reference_servers(1) as (srv,):
         url = f"dns:///127.0.0.1:{srv.grpc_port}"
