@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.lowlevel
 from helpers import make_png
+from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
 from poc_api import (
@@ -370,6 +371,23 @@ async def test_evicted_session_is_reopened_and_the_prompt_resent_transparently(
                 assert conv.committed_len == 3 + 8 + 1 + 8
                 assert isinstance(events[-1], StreamDone)
     assert "is gone on the server" in caplog.text
+
+
+async def test_a_fresh_session_the_server_does_not_know_is_not_replaced() -> None:
+    # Only a session held from an earlier turn may be gone (restart, eviction) and
+    # be replaced: NOT_FOUND for the session just opened for this turn is raised,
+    # not answered with another OpenSession.
+    async with (
+        misbehaving_server() as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=1.0) as c,
+        c.conversation() as conv,
+    ):
+        srv.plan("Generate", Reply("trailers_only", status=5), Reply("trailers_only", status=5))
+        with pytest.raises(poc_api.SessionNotFound):
+            await run(conv, [Tokens([1, 2, 3])])
+        assert conv.session is None
+        assert len(srv.calls_to("OpenSession")) == 1
+        assert len(srv.calls_to("Generate")) == 1
 
 
 async def test_stream_total_timeout_raises_and_drops_the_session(
