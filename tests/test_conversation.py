@@ -390,6 +390,26 @@ async def test_a_fresh_session_the_server_does_not_know_is_not_replaced() -> Non
         assert len(srv.calls_to("Generate")) == 1
 
 
+async def test_with_one_server_an_unavailable_turn_is_not_reopened_on_it() -> None:
+    # A pool reopens the turn's session on another endpoint; with one server there
+    # is no other: the error is the caller's (its retry policy, its backoff), not
+    # an at-once second OpenSession on the server that just said UNAVAILABLE.
+    async with (
+        misbehaving_server() as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=1.0) as c,
+        c.conversation() as conv,
+    ):
+        srv.plan("Generate", Reply("trailers_only", status=14))
+        with pytest.raises(poc_api.ServerUnavailable):
+            await run(conv, [Tokens([1, 2, 3])])
+        assert conv.session is None
+        assert len(srv.calls_to("OpenSession")) == 1
+        # The next turn starts over, on a new session.
+        events = await run(conv, [Tokens([1, 2, 3])])
+        assert isinstance(events[-1], StreamDone)
+        assert len(srv.calls_to("OpenSession")) == 2
+
+
 async def test_stream_total_timeout_raises_and_drops_the_session(
     client: poc_api.ApiClient,
 ) -> None:
