@@ -628,6 +628,29 @@ async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachabl
                 assert status.state is EndpointState.UNREACHABLE
 
 
+async def test_a_unary_call_that_finds_its_server_gone_marks_the_endpoint_unreachable() -> None:
+    # As a stream does: a session's unary call (AppendImage) on a dead server
+    # counts against its endpoint, which then gets no new sessions for a while.
+    async with (
+        reference_servers(2) as servers,
+        pool_client(servers, health_check_interval=3600) as client,
+    ):
+        with trio.fail_after(20):
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                victim = next(
+                    i for i, v in enumerate(servers) if s.session_id in v.state().session_ids
+                )
+                assert client.endpoints[victim].failures == 0
+                await trio.to_thread.run_sync(servers[victim].kill)
+                with pytest.raises(poc_api.ServerUnavailable):
+                    await s.append_image(make_png(28, 28), "image/png")
+                # Seen by the call itself, before the session's close tries it.
+                status = client.endpoints[victim]
+                assert status.failures >= 1
+                assert status.state is EndpointState.UNREACHABLE
+
+
 async def test_a_server_unavailable_raised_by_a_streams_body_does_not_count_against_it() -> None:
     # The block's own stream is fine; its body fails on something else (a call
     # to another service): the endpoint stays healthy and keeps its share.
