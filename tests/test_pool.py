@@ -16,7 +16,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from helpers import wait_for
-from misbehaving import Reply, misbehaving_server
+from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
 from poc_api import EndpointState, EndpointStatus, SamplingParams, StreamDone, TokenOut, Tokens
@@ -311,6 +311,32 @@ async def test_the_close_warning_counts_only_the_sessions_it_could_not_close(
         assert not good.state().session_ids
         warnings = [r.getMessage() for r in caplog.records if "not closed within" in r.getMessage()]
         assert len(warnings) == 1 and warnings[0].startswith("1 sessions (and 0 opening"), warnings
+
+
+async def test_a_pool_session_timeout_after_its_open_session_was_sent_is_not_retriable() -> None:
+    # The pool's OpenSession runs as attempts, one per endpoint tried: an attempt
+    # that sent its request (the server may have made the session) makes the
+    # whole call's timeout non-retriable, as on one server.
+    async with misbehaving_server() as a, misbehaving_server() as b:
+        for srv in (a, b):
+            # First full (each connection is up before the timed call), then silent.
+            srv.plan("OpenSession", Reply("trailers_only", status=8), Reply("silent"))
+        async with poc_api.ApiClient(
+            DUMMY_BASE_URL,
+            grpc_url=[a.url, b.url],
+            close_timeout=0.2,  # the close waits this long for the silent OpenSession
+            health_check_interval=3600,
+        ) as client:
+            with trio.fail_after(10):
+                with pytest.raises(poc_api.ResourceExhausted):
+                    async with client.session():
+                        pass
+                with pytest.raises(poc_api.PocApiTimeout) as info:
+                    async with client.session(timeout=0.2):
+                        pass
+        assert info.value.retriable is False
+        assert "nothing was sent" not in str(info.value)
+        assert [c.kind for c in a.calls + b.calls if c.method == "OpenSession"].count("silent") == 1
 
 
 async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:
