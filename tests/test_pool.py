@@ -546,11 +546,10 @@ def open_sessions_seen(server: ReferenceServer) -> int:
     return server.state().rpc_counts.get("OpenSession", 0)
 
 
-async def test_a_session_refused_by_a_full_server_opens_on_another_endpoint() -> None:
-    """Only an unreachable endpoint made OpenSession try another one: a full server
-    (RESOURCE_EXHAUSTED, no session made) failed about half of the pool's sessions,
-    scoring calls and conversation turns with ResourceExhausted while the other
-    server was free."""
+@asynccontextmanager
+async def _one_full_one_free() -> AsyncIterator[tuple[ReferenceServer, poc_api.ApiClient]]:
+    """A pool client of two servers, the first full (its only session taken by
+    another client); yields that server and the client."""
     async with (
         reference_server(max_sessions=1) as full,
         reference_server() as free,
@@ -558,6 +557,15 @@ async def test_a_session_refused_by_a_full_server_opens_on_another_endpoint() ->
         other.session(),  # takes the full server's only session
         pool_client([full, free]) as client,
     ):
+        yield full, client
+
+
+async def test_a_session_refused_by_a_full_server_opens_on_another_endpoint() -> None:
+    """Only an unreachable endpoint made OpenSession try another one: a full server
+    (RESOURCE_EXHAUSTED, no session made) failed about half of the pool's sessions,
+    scoring calls and conversation turns with ResourceExhausted while the other
+    server was free."""
+    async with _one_full_one_free() as (full, client):
         with trio.fail_after(20):
             refused_before = open_sessions_seen(full)
             for _ in range(10):
@@ -579,13 +587,7 @@ async def test_a_session_refused_by_a_full_server_opens_on_another_endpoint() ->
 async def test_a_full_server_is_asked_last_for_a_while_not_at_every_other_pick() -> None:
     # A full server stayed first choice half of the time: each of those sessions
     # paid a refused OpenSession round trip first, for as long as it stayed full.
-    async with (
-        reference_server(max_sessions=1) as full,
-        reference_server() as free,
-        poc_api.ApiClient(full.base_url, grpc_url=full.grpc_url) as other,
-        other.session(),  # takes the full server's only session
-        pool_client([full, free]) as client,
-    ):
+    async with _one_full_one_free() as (full, client):
         with trio.fail_after(20):
             before = open_sessions_seen(full)
             for _ in range(30):
