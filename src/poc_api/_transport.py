@@ -1020,7 +1020,7 @@ class _Sent:
     __slots__ = ("any",)
 
     def __init__(self) -> None:
-        self.any = False
+        self.any: bool = False
 
 
 # The _Sent of the innermost composite deadline around this task. A task started
@@ -1035,7 +1035,7 @@ class _Progress:
 
     def __init__(self) -> None:
         self.headers_sent: bool = False
-        self.block = _BLOCK_SENT.get()  # (made on the trio side, in the caller's task)
+        self.block: _Sent | None = _BLOCK_SENT.get()  # (made in the caller's trio task)
         # Waiting for a stream of the connection, behind this client's own calls.
         self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
