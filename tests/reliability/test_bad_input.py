@@ -576,3 +576,28 @@ async def test_bad_chat_messages_are_refused_before_sending(messages: Any) -> No
             with pytest.raises((ValueError, TypeError)):
                 await c.chat(messages)
             assert (await c.chat([{"role": "user", "content": "hi"}])).text == "hi"
+
+
+async def test_rewinding_to_the_sessions_own_end_is_accepted_and_changes_nothing(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # The end itself is in [0, committed_len]: a no-op, not "past the session's end".
+    greedy = SamplingParams(max_tokens=4)
+    async with client.session() as fresh:
+        await fresh.prefill(HELLO)
+        async with fresh.generate(sampling=greedy) as ev:
+            expected = [t.id async for t in ev if isinstance(t, poc_api.Token)]
+    async with client.session() as s:
+        await s.prefill(HELLO)
+        end = s.committed_len
+        appended = server.state().tokens_appended
+        done = await s.rewind(end)
+        assert done.total_tokens == end
+        assert s.committed_len == end and not s.lost
+        async with s.generate(rewind_to=s.committed_len, sampling=greedy) as ev:
+            got = [t.id async for t in ev if isinstance(t, poc_api.Token)]
+        assert ev.done is not None and ev.done.prompt_tokens == end
+        assert s.committed_len == end + len(got) and not s.lost
+        # Nothing was dropped or added on the server: it decodes as a fresh session.
+        assert server.state().tokens_appended == appended
+        assert got == expected
