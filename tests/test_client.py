@@ -7,6 +7,7 @@ import inspect
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
@@ -131,6 +132,29 @@ def test_a_base_url_the_http_calls_cannot_use_is_a_value_error_at_once(base: str
     # HTTP call would otherwise fail with httpx's raw InvalidURL, or hit a wrong path.
     with pytest.raises(ValueError, match="base_url"):
         poc_api.ApiClient(base, grpc_url="http://127.0.0.1:1")
+
+
+_COUNTS = (
+    "max_buffered_events",
+    "max_buffered_bytes",
+    "max_message_size",
+    "max_concurrent_streams",
+)
+
+
+@pytest.mark.parametrize("name", _COUNTS)
+@pytest.mark.parametrize(
+    ("value", "exc_type"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("8", TypeError)],
+)
+def test_a_count_setting_below_one_or_not_an_int_is_refused_by_name_at_construction(
+    name: str, value: object, exc_type: type[Exception]
+) -> None:
+    threads = threading.active_count()
+    with pytest.raises(exc_type, match=rf"^{name} must be"):
+        poc_api.ApiClient("http://127.0.0.1:9/v1", **{name: value})  # type: ignore[arg-type]
+    assert threading.active_count() == threads  # nothing was started
+    poc_api.ApiClient("http://127.0.0.1:9/v1", **{name: 1})  # type: ignore[arg-type]
 
 
 def test_https_base_url_selects_tls() -> None:
