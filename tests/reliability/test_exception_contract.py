@@ -18,6 +18,7 @@ from reliability_helpers import make_png
 
 import poc_api
 from poc_api import SamplingParams, Tokens
+from poc_api._errors import collapse_cancellation
 from poc_api.server import ReferenceServer, tokenize
 from poc_api.testing import open_client, reference_server
 
@@ -190,3 +191,31 @@ def test_an_error_made_from_something_not_a_str_has_its_text() -> None:
     assert str(poc_api.PocApiError(123)) == "123"  # type: ignore[arg-type]
     cause = ValueError("bad\nthing")
     assert str(poc_api.ServerUnavailable(cause)) == "bad\\x0athing"  # type: ignore[arg-type]
+
+
+# -- collapse_cancellation: the library's own nurseries ----------------------------------
+
+
+async def test_a_nursery_group_with_an_error_besides_cancellation_is_not_collapsed() -> None:
+    # An error raised as an outer cancellation lands must reach the caller: only
+    # groups of nothing but cancellation (and Ctrl-C) become one exception.
+    async def fail(outer: trio.CancelScope) -> None:
+        outer.cancel()
+        raise ValueError("boom")  # no checkpoint between: raised, not cancelled
+
+    left: list[BaseException] = []
+    with trio.CancelScope() as outer:
+        try:
+            with collapse_cancellation():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.sleep_forever)
+                    nursery.start_soon(fail, outer)
+        except BaseException as exc:  # whatever left, to look at below
+            left.append(exc)
+    assert len(left) == 1
+    group = left[0]
+    assert isinstance(group, BaseExceptionGroup), repr(group)
+    errors, rest = group.split(ValueError)
+    assert errors is not None and str(errors.exceptions[0]) == "boom"
+    # It held a cancellation too, so this was the case to get right.
+    assert rest is not None and rest.split(trio.Cancelled)[1] is None
