@@ -219,3 +219,20 @@ async def test_a_nursery_group_with_an_error_besides_cancellation_is_not_collaps
     assert errors is not None and str(errors.exceptions[0]) == "boom"
     # It held a cancellation too, so this was the case to get right.
     assert rest is not None and rest.split(trio.Cancelled)[1] is None
+
+
+async def test_ctrl_c_wins_over_cancellation_when_a_group_of_both_is_collapsed() -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as exc:
+            cancelled = exc  # a real one: trio.Cancelled has no public constructor
+    ki = KeyboardInterrupt()
+    left: list[BaseException] = []
+    try:
+        with collapse_cancellation():
+            raise BaseExceptionGroup("both", [cancelled, ki])
+    except BaseException as exc:  # a Cancelled leaving would not fail the test by itself
+        left.append(exc)
+    assert len(left) == 1 and left[0] is ki, repr(left)
