@@ -1052,3 +1052,18 @@ async def test_a_client_whose_thread_cannot_start_lets_the_run_end_at_once(
     started = time.monotonic()
     await trio.to_thread.run_sync(trio.run, main)
     assert time.monotonic() - started < 1
+
+
+async def test_a_close_session_that_never_answers_is_cut_at_close_timeout_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with misbehaving_server() as srv:
+        srv.plan("CloseSession", Reply("silent"))
+        client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=0.2)
+        async with client:
+            with trio.fail_after(5):
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+            assert [c.kind for c in srv.calls_to("CloseSession")] == ["silent"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"CloseSession {s.session_id} timed out after 0.2 s"], caplog.text
