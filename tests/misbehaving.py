@@ -186,6 +186,7 @@ class Reply:
     debug_data: bytes = b""  # "goaway", "goaway_open", "goaway_mid_stream"
     count: int = 1  # "goaway_open": this many GOAWAY frames, in one write
     skip_logprobs: tuple[int, ...] = ()  # Generate: prompt positions whose logprob is left out
+    session_id: str | None = None  # "ok" OpenSession: this id (None: mis-<conn>-<stream>)
 
 
 @attrs.frozen
@@ -420,7 +421,10 @@ class _Connection:
         if reply.first_delay and method != "Generate":
             await trio.sleep(reply.first_delay)  # processed, but the answer is late
         if method == "OpenSession":
-            msg = pb.OpenSessionResponse(session_id=f"mis-{self.number}-{sid}", max_length=1 << 20)
+            session_id = reply.session_id
+            if session_id is None:
+                session_id = f"mis-{self.number}-{sid}"
+            msg = pb.OpenSessionResponse(session_id=session_id, max_length=1 << 20)
             await self.send_unary(sid, bytes(msg), trailers)
         elif method == "CloseSession":
             await self.send_unary(sid, bytes(pb.CloseSessionResponse()), trailers)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 from helpers import http_server, read_request
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
 from reliability_helpers import make_png
 
 import poc_api
@@ -601,3 +602,17 @@ async def test_rewinding_to_the_sessions_own_end_is_accepted_and_changes_nothing
         # Nothing was dropped or added on the server: it decodes as a fresh session.
         assert server.state().tokens_appended == appended
         assert got == expected
+
+
+async def test_an_open_session_answer_with_an_empty_session_id_is_a_protocol_violation(
+    bad_server: MisbehavingServer,
+) -> None:
+    bad_server.plan("OpenSession", Reply(session_id=""))
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5) as c:
+        with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation, match="empty session id"):
+            async with c.session():
+                pass
+        with trio.fail_after(5):  # the client stays usable
+            async with c.session() as s:
+                await s.prefill([1, 2])
+        assert s.session_id
