@@ -207,6 +207,10 @@ class MisbehavingServer:
         self.mute = False
         #: MAX_CONCURRENT_STREAMS that new connections announce (None: h2's 100).
         self.max_streams: int | None = None
+        #: INITIAL_WINDOW_SIZE that new connections announce; they then grant no
+        #: flow-control credit, so a request body bigger than it stalls (None: h2's
+        #: 65,535, and credit as data arrives).
+        self.stall_window: int | None = None
         self.held: tuple[_Connection, int] | None = None  # see "hold"
         self.port = 0
         self.connections = 0
@@ -294,6 +298,7 @@ class _Connection:
         self.send_lock = trio.Lock()
         self.window = trio.Event()
         self.requests: dict[int, tuple[str, bytearray]] = {}
+        self.stall_window = server.stall_window
 
     async def flush(self) -> None:
         async with self.send_lock:
@@ -306,6 +311,10 @@ class _Connection:
         if self.server.max_streams is not None:
             self.h2.update_settings(
                 {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_streams}
+            )
+        if self.stall_window is not None:
+            self.h2.update_settings(
+                {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.stall_window}
             )
         await self.flush()
         async with trio.open_nursery() as nursery:
@@ -335,7 +344,8 @@ class _Connection:
         elif isinstance(ev, h2.events.DataReceived):
             if ev.stream_id in self.requests:
                 self.requests[ev.stream_id][1].extend(ev.data)
-            self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if self.stall_window is None:
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         elif isinstance(ev, h2.events.StreamEnded):
             method, body = self.requests.pop(ev.stream_id, ("", bytearray()))
             nursery.start_soon(self._respond, ev.stream_id, method, bytes(body))

@@ -294,3 +294,21 @@ async def test_a_server_frozen_between_turns_is_found_while_a_session_is_open(
                 proc.signal(signal.SIGCONT)
     # With idle pings, the dead connection was noticed with nothing in flight.
     assert lost is idle
+
+
+async def test_an_append_image_timed_out_after_its_headers_went_out_is_not_retriable(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The HEADERS are out, the body stalls on a window the server never opens: the
+    # server may have started on the call, so this is no "nothing was sent" timeout,
+    # and the session is lost.
+    bad_server.stall_window = 1024
+    image = b"\x89PNG\r\n\x1a\n" + bytes(100_000)
+    async with client_for(bad_server) as c:
+        async with c.session() as s:
+            with trio.fail_after(5):  # a body within the window is answered
+                await s.append_image(image[:200], "image/png", timeout=2)
+            with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout) as info:
+                await s.append_image(image, "image/png", timeout=0.3)
+            assert info.value.retriable is False, info.value
+            assert s.lost
