@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
+import inspect
 import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from typing import Any
 
 import pytest
+import trio
 from helpers import make_png
 from hypothesis import settings
 
@@ -38,6 +42,55 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
         yield
     finally:
         timer.cancel()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    # Before pytest-trio's own hook wraps the test function in its runner.
+    if (
+        isinstance(item, pytest.Function)
+        and item.get_closest_marker("trio") is not None
+        and inspect.iscoroutinefunction(item.obj)
+        and not hasattr(item.obj, "hypothesis")
+    ):
+        item.obj = _stray_cancelled_fails(item.obj)
+    yield
+
+
+def _stray_cancelled_fails(
+    test: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """The test fails when a ``trio.Cancelled`` that no cancelled scope around it
+    caused leaves it.
+
+    pytest-trio cancels its own scope around the test as the test ends, and
+    that scope then swallows a stray Cancelled: a test whose code under test
+    leaked one (a cancellation bug) passed. Found by mutation testing: a
+    ``pytest.raises(KeyboardInterrupt)`` passed where a Cancelled came out.
+    """
+
+    @functools.wraps(test)
+    async def wrapper(**kwargs: Any) -> None:
+        try:
+            await test(**kwargs)
+        except BaseException as exc:
+            if not _only_cancelled(exc):
+                raise
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except trio.Cancelled:
+                raise exc from None  # a real cancellation (pytest-trio's, a fixture's)
+            raise AssertionError(
+                "a trio.Cancelled left the test that no cancelled scope around it caused"
+            ) from exc
+
+    return wrapper
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(sub) for sub in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 def _hung(item: pytest.Item) -> None:

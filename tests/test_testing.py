@@ -324,3 +324,37 @@ async def test_an_in_process_reference_server_keeps_api_keys_out_of_debug_logs(
     assert any(r.name.startswith("hpack") for r in caplog.records)  # it does log
     assert any(m.startswith("Decoded (b':path'") for m in messages)
     assert not [m for m in messages if key in m or wrong in m or "Bearer" in m]
+
+
+# -- the suite's own guard (tests/conftest.py) -------------------------------------------
+
+
+async def _leak_a_cancelled() -> None:
+    """Raise a trio.Cancelled whose scope has already ended (what a cancellation
+    bug in code under test lets out)."""
+    caught: list[BaseException] = []
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.sleep(1)
+        except trio.Cancelled as exc:
+            caught.append(exc)
+    raise caught[0]
+
+
+async def test_a_stray_cancelled_fails_a_test_and_a_real_cancellation_does_not() -> None:
+    # pytest-trio swallows a Cancelled that leaves a test: one leaked by the code
+    # under test passed. The guard turns it into a failure, and lets through one
+    # that a cancelled scope around the test caused.
+    from conftest import _stray_cancelled_fails
+
+    with pytest.raises(AssertionError, match="no cancelled scope"):
+        await _stray_cancelled_fails(_leak_a_cancelled)()
+
+    async def cancelled_from_outside() -> None:
+        await trio.sleep_forever()
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await _stray_cancelled_fails(cancelled_from_outside)()
+    assert scope.cancelled_caught
