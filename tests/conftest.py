@@ -47,13 +47,13 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     # Before pytest-trio's own hook wraps the test function in its runner.
-    if (
-        isinstance(item, pytest.Function)
-        and item.get_closest_marker("trio") is not None
-        and inspect.iscoroutinefunction(item.obj)
-        and not hasattr(item.obj, "hypothesis")
-    ):
-        item.obj = _stray_cancelled_fails(item.obj)
+    if isinstance(item, pytest.Function) and item.get_closest_marker("trio") is not None:
+        hypothesis = getattr(item.obj, "hypothesis", None)
+        if hypothesis is not None:
+            if inspect.iscoroutinefunction(hypothesis.inner_test):
+                hypothesis.inner_test = _stray_cancelled_fails(hypothesis.inner_test)
+        elif inspect.iscoroutinefunction(item.obj):
+            item.obj = _stray_cancelled_fails(item.obj)
     yield
 
 
