@@ -743,9 +743,9 @@ async def test_the_stream_deadline_also_bounds_the_wait_for_trailers_after_done(
             # Done arrived: the session's state is known, so it is kept.
             assert isinstance(events[-1], poc_api.Done)
             assert not s.lost and s.committed_len == 5
-            # One grace of close_timeout, not one for the iteration and another
-            # for the block's exit.
-            assert time.monotonic() - started < 0.75
+            # One grace of close_timeout (0.5 s), not one for the iteration and
+            # another for the block's exit (>= 1 s). (0.52 s seen under load.)
+            assert time.monotonic() - started < 0.9
             assert caplog.text.count("of Done; resetting the stream") == 1
             # ... and with a total timeout, that bounds it too.
             bad_server.plan("Generate", Reply("done_no_trailers", tokens=1))
