@@ -45,6 +45,11 @@ def pool_client(servers: list[ReferenceServer], **options: object) -> poc_api.Ap
     )
 
 
+def home_of(session: poc_api.Session, servers: list[ReferenceServer]) -> int:
+    """The index of the server that holds ``session``."""
+    return next(i for i, v in enumerate(servers) if session.session_id in v.state().session_ids)
+
+
 async def turn(conv: poc_api.Conversation, prompt: list[int]) -> list[int]:
     """One conversation turn; the decoded ids."""
     async with conv.stream([Tokens(prompt)], TURN, timeout=20) as events:
@@ -526,7 +531,7 @@ async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
         with trio.fail_after(20):
             async with client.session() as s:
                 await s.prefill([1, 2])
-                victim = next(v for v in servers if s.session_id in v.state().session_ids)
+                victim = servers[home_of(s, servers)]
                 await trio.to_thread.run_sync(victim.kill)
                 with pytest.raises(poc_api.ServerUnavailable) as info:
                     await s.prefill([3])
@@ -641,9 +646,7 @@ async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachabl
         with trio.fail_after(20):
             async with client.session() as s:
                 await s.prefill([1, 2])
-                victim = next(
-                    i for i, v in enumerate(servers) if s.session_id in v.state().session_ids
-                )
+                victim = home_of(s, servers)
                 assert client.endpoints[victim].failures == 0
                 with pytest.raises(poc_api.ServerUnavailable):
                     async with s.generate(sampling=SamplingParams(max_tokens=10**6)) as ev:
@@ -666,9 +669,7 @@ async def test_a_unary_call_that_finds_its_server_gone_marks_the_endpoint_unreac
         with trio.fail_after(20):
             async with client.session() as s:
                 await s.prefill([1, 2])
-                victim = next(
-                    i for i, v in enumerate(servers) if s.session_id in v.state().session_ids
-                )
+                victim = home_of(s, servers)
                 assert client.endpoints[victim].failures == 0
                 await trio.to_thread.run_sync(servers[victim].kill)
                 with pytest.raises(poc_api.ServerUnavailable):
@@ -689,9 +690,7 @@ async def test_a_server_unavailable_raised_by_a_streams_body_does_not_count_agai
         with trio.fail_after(20):
             async with client.session() as s:
                 await s.prefill([1, 2])
-                home = next(
-                    i for i, v in enumerate(servers) if s.session_id in v.state().session_ids
-                )
+                home = home_of(s, servers)
                 with pytest.raises(poc_api.ServerUnavailable):
                     async with s.generate(sampling=TURN) as ev:
                         async for _ in ev:
@@ -806,7 +805,7 @@ async def test_drain_reports_not_serving_and_waits_for_open_sessions() -> None:
             with trio.fail_after(20):
                 async with client.session() as s:
                     await s.prefill([1, 2])
-                    victim = next(v for v in servers if s.session_id in v.state().session_ids)
+                    victim = servers[home_of(s, servers)]
                     index = servers.index(victim)
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(trio.to_thread.run_sync, victim.drain, 10.0)

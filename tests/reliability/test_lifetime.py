@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import h2.errors
@@ -269,6 +269,20 @@ async def test_a_session_timeout_before_anything_was_sent_is_retriable(pool: boo
     # session(timeout=) ran out while the client waited for a silent server's
     # SETTINGS: nothing was sent, yet the PocApiTimeout said retriable=False (in a
     # pool too, where the OpenSession's timeout spans the endpoints it tries).
+    async def call(client: poc_api.ApiClient) -> None:
+        async with client.session(timeout=0.3):
+            pass  # pragma: no cover
+
+    timeout = await _timeout_on_silent_listeners(call, pool)
+    assert timeout.retriable, str(timeout)
+    assert "nothing was sent" in str(timeout)
+
+
+async def _timeout_on_silent_listeners(
+    call: Callable[[poc_api.ApiClient], Awaitable[object]], pool: bool
+) -> poc_api.PocApiTimeout:
+    """The PocApiTimeout ``call`` raises on a client of one silent listener (or a
+    pool of two)."""
     async with _silent_listeners(2 if pool else 1) as urls:
         client = poc_api.ApiClient(
             "http://127.0.0.1:9/v1", grpc_url=urls if pool else urls[0], close_timeout=0.5
@@ -276,10 +290,8 @@ async def test_a_session_timeout_before_anything_was_sent_is_retriable(pool: boo
         with trio.fail_after(10):
             async with client:
                 with pytest.raises(poc_api.PocApiTimeout) as info:
-                    async with client.session(timeout=0.3):
-                        pass  # pragma: no cover
-        assert info.value.retriable, str(info.value)
-        assert "nothing was sent" in str(info.value)
+                    await call(client)
+    return info.value
 
 
 _SCORES = {
@@ -301,16 +313,9 @@ async def test_a_score_timeout_is_retriable_only_when_nothing_was_sent(
     # A score's timeout spans several requests (in several tasks for score_many):
     # it said retriable=False also when none of them went out (a silent server).
     score = _SCORES[call]
-    async with _silent_listeners(2 if pool else 1) as urls:
-        client = poc_api.ApiClient(
-            "http://127.0.0.1:9/v1", grpc_url=urls if pool else urls[0], close_timeout=0.5
-        )
-        with trio.fail_after(10):
-            async with client:
-                with pytest.raises(poc_api.PocApiTimeout) as info:
-                    await score(client)
-        assert info.value.retriable, str(info.value)
-        assert "nothing was sent" in str(info.value)
+    timeout = await _timeout_on_silent_listeners(score, pool)
+    assert timeout.retriable, str(timeout)
+    assert "nothing was sent" in str(timeout)
     # Sent, and the server is slow to answer: the server may have acted on it.
     async with reference_server(prefill_delay_us=100_000) as slow:
         with trio.fail_after(10):
