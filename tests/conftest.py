@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import faulthandler
-import functools
 import inspect
 import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
-import trio
-from helpers import make_png
+from helpers import make_png, stray_cancelled_fails
 from hypothesis import settings
 
 import poc_api
@@ -51,46 +48,10 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         hypothesis = getattr(item.obj, "hypothesis", None)
         if hypothesis is not None:
             if inspect.iscoroutinefunction(hypothesis.inner_test):
-                hypothesis.inner_test = _stray_cancelled_fails(hypothesis.inner_test)
+                hypothesis.inner_test = stray_cancelled_fails(hypothesis.inner_test)
         elif inspect.iscoroutinefunction(item.obj):
-            item.obj = _stray_cancelled_fails(item.obj)
+            item.obj = stray_cancelled_fails(item.obj)
     yield
-
-
-def _stray_cancelled_fails(
-    test: Callable[..., Coroutine[Any, Any, None]],
-) -> Callable[..., Coroutine[Any, Any, None]]:
-    """The test fails when a ``trio.Cancelled`` that no cancelled scope around it
-    caused leaves it.
-
-    pytest-trio cancels its own scope around the test as the test ends, and
-    that scope then swallows a stray Cancelled: a test whose code under test
-    leaked one (a cancellation bug) passed. Found by mutation testing: a
-    ``pytest.raises(KeyboardInterrupt)`` passed where a Cancelled came out.
-    """
-
-    @functools.wraps(test)
-    async def wrapper(**kwargs: Any) -> None:
-        try:
-            await test(**kwargs)
-        except BaseException as exc:
-            if not _only_cancelled(exc):
-                raise
-            try:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            except trio.Cancelled:
-                raise exc from None  # a real cancellation (pytest-trio's, a fixture's)
-            raise AssertionError(
-                "a trio.Cancelled left the test that no cancelled scope around it caused"
-            ) from exc
-
-    return wrapper
-
-
-def _only_cancelled(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_cancelled(sub) for sub in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
 
 
 def _hung(item: pytest.Item) -> None:

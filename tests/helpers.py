@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -154,3 +155,42 @@ async def aclose_under_a_reader(
         await settle()
         await events.aclose()
     return caught
+
+
+def stray_cancelled_fails(
+    test: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """The test fails when a ``trio.Cancelled`` that no cancelled scope around it
+    caused leaves it.
+
+    pytest-trio cancels its own scope around the test as the test ends, and
+    that scope then swallows a stray Cancelled: a test whose code under test
+    leaked one (a cancellation bug) passed. Found by mutation testing: a
+    ``pytest.raises(KeyboardInterrupt)`` passed where a Cancelled came out.
+    (tests/conftest.py wraps every async test in it.) It sees what leaves the
+    test function only: a stray Cancelled in a task of a nursery the test opened
+    is swallowed by that nursery's scope, and fixtures are not wrapped.
+    """
+
+    @functools.wraps(test)
+    async def wrapper(**kwargs: Any) -> None:
+        try:
+            await test(**kwargs)
+        except BaseException as exc:
+            if not _only_cancelled(exc):
+                raise
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except trio.Cancelled:
+                raise exc from None  # a real cancellation (pytest-trio's, a fixture's)
+            raise AssertionError(
+                "a trio.Cancelled left the test that no cancelled scope around it caused"
+            ) from exc
+
+    return wrapper
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(sub) for sub in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)

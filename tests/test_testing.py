@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import stray_cancelled_fails
 
 import poc_api
 from poc_api._png import encode_png
@@ -346,15 +347,13 @@ async def test_a_stray_cancelled_fails_a_test_and_a_real_cancellation_does_not()
     # pytest-trio swallows a Cancelled that leaves a test: one leaked by the code
     # under test passed. The guard turns it into a failure, and lets through one
     # that a cancelled scope around the test caused.
-    from conftest import _stray_cancelled_fails
-
     with pytest.raises(AssertionError, match="no cancelled scope"):
-        await _stray_cancelled_fails(_leak_a_cancelled)()
+        await stray_cancelled_fails(_leak_a_cancelled)()
 
     async def cancelled_from_outside() -> None:
         await trio.sleep_forever()
 
     with trio.CancelScope() as scope:
         scope.cancel()
-        await _stray_cancelled_fails(cancelled_from_outside)()
+        await stray_cancelled_fails(cancelled_from_outside)()
     assert scope.cancelled_caught
