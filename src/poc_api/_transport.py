@@ -768,7 +768,7 @@ class GrpcTransport:
                                 # HEADERS are written: the server may act on this call.
                                 progress.headers_sent = True
                                 if progress.block is not None:
-                                    progress.block.any = True
+                                    progress.block.mark()
                             await stream.send_message(request, end=True)
                             reader = _Reader(stream._stream, max_size, path)
                             await _receive(stream, reader, sink)
@@ -1017,10 +1017,18 @@ class _Sent:
     """Whether any gRPC call of a block (a ``score``: several calls, in several
     tasks) wrote its HEADERS: see ``deadline(..., composite=True)``."""
 
-    __slots__ = ("any",)
+    __slots__ = ("any", "parent")
 
-    def __init__(self) -> None:
+    def __init__(self, parent: _Sent | None) -> None:
         self.any: bool = False
+        # The block around this one (nested composite deadlines): sent there too.
+        self.parent: _Sent | None = parent
+
+    def mark(self) -> None:
+        block: _Sent | None = self
+        while block is not None:
+            block.any = True
+            block = block.parent
 
 
 # The _Sent of the innermost composite deadline around this task. A task started
@@ -1706,7 +1714,7 @@ class deadline:  # used like the function it replaced
     def __enter__(self) -> None:
         if self._timeout is not None:
             if self._composite:
-                self._sent = _Sent()
+                self._sent = _Sent(_BLOCK_SENT.get())
                 self._token = _BLOCK_SENT.set(self._sent)
             self._scope = trio.CancelScope(relative_deadline=self._timeout)
             self._scope.__enter__()

@@ -326,6 +326,19 @@ async def test_a_score_timeout_is_retriable_only_when_nothing_was_sent(
     assert "nothing was sent" not in str(info.value)
 
 
+async def test_a_composite_deadline_around_another_learns_what_the_inner_one_sent() -> None:
+    # A call marked only the innermost composite block: an outer one that ran out
+    # said "nothing was sent" (retriable) though the score's requests went out.
+    from poc_api._transport import deadline
+
+    async with reference_server(prefill_delay_us=100_000) as slow, client_for(slow) as client:
+        with trio.fail_after(10), pytest.raises(poc_api.PocApiTimeout) as info:
+            with deadline(0.3, "outer", composite=True):
+                await client.score([poc_api.Tokens(HELLO * 20)], [(1, 20)], timeout=10)
+    assert str(info.value).startswith("outer:")
+    assert not info.value.retriable, str(info.value)
+
+
 async def test_a_grpc_url_pointing_at_an_http1_port_fails_fast(server: ReferenceServer) -> None:
     # The reference server's HTTP port speaks HTTP/1.1 only.
     client = poc_api.ApiClient(server.base_url, grpc_url=f"http://127.0.0.1:{server.http_port}")
