@@ -604,6 +604,34 @@ async def test_a_full_server_is_asked_last_for_a_while_not_at_every_other_pick()
             assert len(full.state().session_ids) == 1
 
 
+async def test_a_full_server_that_takes_a_session_again_is_no_longer_asked_last() -> None:
+    # The hold outlived the server's refusal: once it took a session (every other
+    # endpoint full too), it stayed "full" for the rest of its 2 s, and the
+    # server that really was full was asked first half of the time.
+    async with (
+        reference_servers(2, max_sessions=1) as (a, b),
+        poc_api.ApiClient(a.base_url, grpc_url=a.grpc_url) as other_a,
+        poc_api.ApiClient(b.base_url, grpc_url=b.grpc_url) as other_b,
+        pool_client([a, b]) as client,
+    ):
+        with trio.fail_after(20):
+            async with other_a.session():
+                # Until a refuses one (then it is held back).
+                before = open_sessions_seen(a)
+                while open_sessions_seen(a) == before:
+                    async with client.session():
+                        pass
+            async with other_b.session():
+                # b is full now, a is held but free: a takes this one, after b's refusal.
+                async with client.session() as s:
+                    assert s.session_id in a.state().session_ids
+                refused_by_b = open_sessions_seen(b)
+                for _ in range(10):
+                    async with client.session() as s:
+                        assert s.session_id in a.state().session_ids
+                assert open_sessions_seen(b) == refused_by_b  # b (held) was not asked
+
+
 async def test_when_every_endpoint_is_full_the_caller_gets_resource_exhausted() -> None:
     async with (
         reference_servers(2, max_sessions=1) as servers,
@@ -750,7 +778,8 @@ async def test_score_retries_a_prompt_whose_server_died_once_elsewhere() -> None
     # score's session dies during its Generate; the prompt is scored again on the
     # survivor, with the one-server result.
     prompt = [Tokens(list(range(40, 80)))]
-    async with reference_servers(2, prefill_delay_us=10_000) as servers:
+    # 25 ms per position: a 1 s prefill to kill the server in, also on a loaded machine.
+    async with reference_servers(2, prefill_delay_us=25_000) as servers:
         async with pool_client(servers[:1]) as one:
             want = await one.score(prompt, [(1, 40)])
         generates = [s.state().rpc_counts.get("Generate", 0) for s in servers]
@@ -765,7 +794,7 @@ async def test_score_retries_a_prompt_whose_server_died_once_elsewhere() -> None
                 async with trio.open_nursery() as nursery:
 
                     async def kill_soon() -> None:
-                        # The first Generate prefills for 0.4 s: killed in the middle.
+                        # The first Generate prefills for 1 s: killed in the middle.
                         await wait_for(started)
                         victims.extend(started())
                         await trio.to_thread.run_sync(servers[victims[0]].kill)

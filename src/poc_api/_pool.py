@@ -748,6 +748,7 @@ class SessionRoute:
                 if progress is not None and attempt.headers_sent:
                     progress.headers_sent = True
             ep.reached()
+            ep.full_until = 0.0  # it took a session: it has room again
             return reply
 
     async def unary_in_loop(self, method: str, request: bytes) -> bytes:
