@@ -296,7 +296,7 @@ async def test_chat_sends_the_model_named_by_model_or_poc_model() -> None:
 
 @pytest.mark.parametrize(
     ("status", "says"),
-    [(401, "refused the api key"), (403, "the api key is not allowed it")],
+    [(401, "refused the api key"), (403, "refused the request: permission denied")],
 )
 async def test_a_refusal_says_whether_the_key_was_wrong_or_not_allowed(
     status: int, says: str

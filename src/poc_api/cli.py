@@ -534,7 +534,7 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
         return f"cannot reach the server at {url} ({msg})"
     if isinstance(exc, e.AuthenticationError):
         if exc.grpc_status == "PERMISSION_DENIED" or exc.http_status == 403:
-            return f"the server refused the request: the api key is not allowed it ({exc})"
+            return f"the server refused the request: permission denied ({exc})"
         return f"the server refused the api key ({exc})"
     if isinstance(exc, e.PocApiError | CliError):
         return str(exc)
