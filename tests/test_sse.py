@@ -129,6 +129,14 @@ def test_bom_in_the_middle_of_data_is_kept() -> None:
     assert decode_all([b"data: \xef\xbb\xbfx\n\n"]) == [SSEEvent(data="\ufeffx")]
 
 
+def test_a_bom_opening_a_later_chunk_is_data_not_dropped() -> None:
+    # Only the stream's first character may be a BOM to drop: a chunk boundary
+    # is where TCP happened to cut, not a new stream.
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a") == []
+    assert decoder.feed("\ufeffb\n\n".encode()) == [SSEEvent(data="a\ufeffb")]
+
+
 def test_multibyte_utf8_split_across_chunks() -> None:
     stream = "data: h€llo 🦀\n\n".encode()
     assert decode_all([bytes([b]) for b in stream]) == [SSEEvent(data="h€llo 🦀")]
