@@ -72,6 +72,15 @@ def test_retry_sets_reconnection_time_only_for_digits() -> None:
     assert decoder.retry == 1500
 
 
+def test_retry_keeps_18_digits_and_ignores_19() -> None:
+    # 18 digits is the cap (no usable delay has more): the 19-digit value is ignored.
+    decoder = SSEDecoder()
+    decoder.feed(b"retry: " + b"9" * 18 + b"\n")
+    assert decoder.retry == 10**18 - 1
+    decoder.feed(b"retry: 1" + b"0" * 18 + b"\n")
+    assert decoder.retry == 10**18 - 1
+
+
 def test_event_without_data_is_not_dispatched_but_its_id_counts() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"event: ping\nid: 9\n\n") == []
