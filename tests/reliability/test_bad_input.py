@@ -408,6 +408,14 @@ async def test_bad_arguments_raise_errors_that_name_their_parameter(
         assert not s.lost
 
 
+def test_a_target_range_may_end_at_the_last_token_but_not_past_it() -> None:
+    assert TrainSample([1, 2], [(0, 2)]).target_ranges == ((0, 2),)
+    with pytest.raises(ValueError, match=r"exceeds the sample's 2 tokens"):
+        TrainSample([1, 2], [(0, 3)])
+    with pytest.raises(ValueError, match=r"exceeds the sample's 2 tokens"):
+        TrainSample([1, 2], [(1, 2), (2, 3)])
+
+
 async def test_a_conversation_given_none_says_so(client: poc_api.ApiClient) -> None:
     async with client.conversation() as conv:
         with pytest.raises(
