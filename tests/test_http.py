@@ -2151,3 +2151,19 @@ async def test_a_stream_left_early_under_a_reader_never_looks_complete(
                         nursery.start_soon(reader, events)
                         await trio.testing.wait_all_tasks_blocked()
     assert set(later) == {"closed"}, later
+
+
+async def test_train_answered_with_a_bool_accepted_is_a_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    # bool is an int subclass: {"accepted": true} passed for the count of samples.
+    answers = [
+        response(200, b'{"accepted": true, "job_id": "j1"}'),
+        response(200, b'{"accepted": 1, "job_id": "j1"}'),
+    ]
+    with trio.fail_after(10):
+        async with canned_server(answers) as url:
+            api = make_api(http, url)
+            with pytest.raises(ProtocolViolation, match='"accepted": int'):
+                await api.train([TrainSample([1, 2], [(0, 2)])])
+            assert await api.train([TrainSample([1, 2], [(0, 2)])]) == TrainResult(1, "j1")
