@@ -2167,3 +2167,24 @@ async def test_train_answered_with_a_bool_accepted_is_a_protocol_violation(
             with pytest.raises(ProtocolViolation, match='"accepted": int'):
                 await api.train([TrainSample([1, 2], [(0, 2)])])
             assert await api.train([TrainSample([1, 2], [(0, 2)])]) == TrainResult(1, "j1")
+
+
+async def test_chat_choices_listed_out_of_order_come_back_in_index_order(
+    http: httpx.AsyncClient,
+) -> None:
+    # Nothing in the protocol orders the list: choice 0 is the one with index 0.
+    body = {
+        "choices": [
+            {"index": 1, "message": {"content": "second"}, "finish_reason": "length"},
+            {"index": 0, "message": {"content": "first"}, "finish_reason": "stop"},
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+    }
+    with trio.fail_after(10):
+        async with canned_server([response(200, json.dumps(body).encode())]) as url:
+            done = await make_api(http, url).chat(HELLO, n=2)
+    assert (done.text, done.finish_reason) == ("first", "stop")
+    assert [(c.text, c.finish_reason) for c in done.choices] == [
+        ("first", "stop"),
+        ("second", "length"),
+    ]
