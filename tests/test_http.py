@@ -2188,3 +2188,21 @@ async def test_chat_choices_listed_out_of_order_come_back_in_index_order(
         ("first", "stop"),
         ("second", "length"),
     ]
+
+
+async def test_a_streams_finish_reason_is_choice_0s_when_another_finishes_later(
+    http: httpx.AsyncClient,
+) -> None:
+    # With n=2, choice 1's finish chunk comes after choice 0's: ChatDone carries
+    # choice 0's reason (as chat()'s finish_reason is choice 0's).
+    def chunk(index: int, content: str, finish: str | None) -> str:
+        choice = {"index": index, "delta": {"content": content}, "finish_reason": finish}
+        return json.dumps({"choices": [choice]})
+
+    body = sse(chunk(0, "a", None), chunk(1, "b", None), chunk(0, "", "stop"))
+    body += sse(chunk(1, "c", "length"), "[DONE]")
+    with trio.fail_after(10):
+        async with canned_server([CHAT_STREAM_HEAD + body]) as url:
+            async with make_api(http, url).chat_stream(HELLO, n=2) as events:
+                got = [e async for e in events]
+    assert got == [ChatDelta("a", 0), ChatDelta("b", 1), ChatDelta("c", 1), ChatDone("stop", None)]
