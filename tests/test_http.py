@@ -2206,3 +2206,16 @@ async def test_a_streams_finish_reason_is_choice_0s_when_another_finishes_later(
             async with make_api(http, url).chat_stream(HELLO, n=2) as events:
                 got = [e async for e in events]
     assert got == [ChatDelta("a", 0), ChatDelta("b", 1), ChatDelta("c", 1), ChatDone("stop", None)]
+
+
+async def test_a_url_password_in_an_error_body_is_redacted(http: httpx.AsyncClient) -> None:
+    # A proxy's error page that quotes an upstream URL with its credentials: the
+    # message and body_excerpt (both made of the redacted body) show "***".
+    body = b"upstream http://me:s3cret@h/x refused the connection"
+    with trio.fail_after(10):
+        async with canned_server([response(500, body, "text/plain")]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url).tokenize("a")
+    assert info.value.http_status == 500
+    assert "s3cret" not in str(info.value) and "s3cret" not in info.value.body_excerpt
+    assert "http://me:***@h/x refused" in str(info.value)
