@@ -2219,3 +2219,26 @@ async def test_a_url_password_in_an_error_body_is_redacted(http: httpx.AsyncClie
     assert info.value.http_status == 500
     assert "s3cret" not in str(info.value) and "s3cret" not in info.value.body_excerpt
     assert "http://me:***@h/x refused" in str(info.value)
+
+
+async def test_a_read_timeout_in_the_middle_of_a_chat_stream_is_not_retriable() -> None:
+    # The request was sent and answered in part: sending it again may do the work
+    # twice. Only a timeout before any byte went out (connect, pool) is retriable.
+    async def one_delta_then_silence(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(CHAT_STREAM_HEAD + sse(DELTA))
+        await trio.sleep_forever()
+
+    got: list[object] = []
+    with trio.fail_after(10):
+        async with canned_server(one_delta_then_silence) as url:
+            async with poc_api.ApiClient(
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.3
+            ) as c:
+                with pytest.raises(PocApiTimeout) as info:
+                    async with c.chat_stream(HELLO) as events:
+                        async for event in events:
+                            got.append(event)
+    assert got == [ChatDelta("hi")]
+    assert info.value.retriable is False
+    assert isinstance(info.value.__cause__, httpx.ReadTimeout)
