@@ -2242,3 +2242,36 @@ async def test_a_read_timeout_in_the_middle_of_a_chat_stream_is_not_retriable() 
     assert got == [ChatDelta("hi")]
     assert info.value.retriable is False
     assert isinstance(info.value.__cause__, httpx.ReadTimeout)
+
+
+async def test_an_error_body_is_read_only_as_far_as_its_excerpt_needs(
+    http: httpx.AsyncClient,
+) -> None:
+    # A 503 with a 64 MiB body (under max_body): only a bounded excerpt is read,
+    # and the connection dropped, long before the server could send it all (the
+    # socket buffers between the two hold a few MiB at most).
+    size, piece = 64 << 20, b"x" * (64 << 10)
+    sent = 0
+    stopped = trio.Event()
+
+    async def huge_error(stream: trio.SocketStream) -> None:
+        nonlocal sent
+        await read_request(stream)
+        head = f"HTTP/1.1 503 Busy\r\ncontent-type: text/plain\r\ncontent-length: {size}\r\n\r\n"
+        try:
+            await stream.send_all(head.encode())
+            while sent < size:
+                await stream.send_all(piece)
+                sent += len(piece)
+        finally:
+            stopped.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with canned_server(huge_error) as url:
+            api = HttpApi(http, url, "", "m", max_body=size * 2)
+            with pytest.raises(HttpError) as info:
+                await api.tokenize("a")
+            await stopped.wait()
+    assert info.value.http_status == 503 and info.value.body_excerpt == "x" * 500
+    assert sent < size
