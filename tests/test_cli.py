@@ -555,3 +555,19 @@ def test_a_servers_control_characters_do_not_reach_the_terminal(
         cli_module._run(fail)  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "\x1b" not in err and "\x07" not in err
+
+
+def test_ctrl_c_in_a_command_exits_130_saying_interrupted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 128 + SIGINT, as a shell reports a process Ctrl-C ended: not 1, a failure.
+    from poc_api import cli as cli_module
+
+    def interrupted(_where: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        cli_module._run(interrupted)  # type: ignore[arg-type]
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
