@@ -571,3 +571,24 @@ def test_ctrl_c_in_a_command_exits_130_saying_interrupted(
     assert exited.value.code == 130
     assert capsys.readouterr().err == "error: interrupted\n"
 
+
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError])
+def test_an_unexpected_errors_control_characters_do_not_reach_the_terminal(
+    kind: type[Exception], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a PocApiError: the "unexpected ..." line (RuntimeError) and the "bad
+    # argument" line (ValueError) carry the exception's text, which can hold a
+    # server's or an argument's escape sequences.
+    from poc_api import cli as cli_module
+
+    monkeypatch.delenv("POC_DEBUG", raising=False)
+
+    def fail(_where: object) -> None:
+        raise kind("x\x1b]52;c;ZQ==\x07\x1b[2Jy")
+
+    with pytest.raises(SystemExit) as exited:
+        cli_module._run(fail)  # type: ignore[arg-type]
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "x" in err and "y" in err
+    assert "\x1b" not in err and "\x07" not in err
