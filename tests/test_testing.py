@@ -357,3 +357,12 @@ async def test_a_stray_cancelled_fails_a_test_and_a_real_cancellation_does_not()
         scope.cancel()
         await stray_cancelled_fails(cancelled_from_outside)()
     assert scope.cancelled_caught
+
+
+async def test_reference_servers_wants_at_least_one() -> None:
+    from poc_api.testing import reference_servers
+
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="at least 1"):
+            async with reference_servers(n):
+                pytest.fail("reference_servers(0) ran its block")  # pragma: no cover
