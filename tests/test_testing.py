@@ -366,3 +366,16 @@ async def test_reference_servers_wants_at_least_one() -> None:
         with pytest.raises(ValueError, match="at least 1"):
             async with reference_servers(n):
                 pytest.fail("reference_servers(0) ran its block")  # pragma: no cover
+
+
+async def test_reference_servers_stop_every_server_when_the_block_exits() -> None:
+    from poc_api.testing import reference_servers
+
+    with trio.fail_after(20):
+        async with reference_servers(2) as servers:
+            assert all(s._thread is not None and s._thread.is_alive() for s in servers)
+    for server in servers:
+        assert server._thread is not None and not server._thread.is_alive()
+        for port in (server.http_port, server.grpc_port):
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", port)
