@@ -12,7 +12,7 @@ import pytest
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
-from poc_api._proto.salience import GenerateEvent, GenerateRequest, OpenSessionRequest
+from poc_api._proto.salience import Done, GenerateEvent, GenerateRequest, OpenSessionRequest
 from poc_api.server import EOS, VOCAB_SIZE, ReferenceServer, tokenize
 
 from .conftest import ServerFactory, SyncSalience, wait_until
@@ -569,3 +569,40 @@ def test_a_message_shorter_than_its_length_prefix_is_internal_without_an_error_l
             sock.sendall(conn.data_to_send())
     assert headers[b"grpc-status"] == b"13", headers
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_a_second_generate_on_a_busy_session_is_failed_precondition(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    # Interleaved appends would make positions meaningless: a Generate on a session
+    # that another Generate is using is refused, not run alongside it.
+    c = connect(make_server(token_delay_ms=20, ignore_eos=True))
+    sid = c.open()
+
+    async def run() -> tuple[GRPCError | None, Done | None]:
+        async with c.channel.request(
+            "/salience.Salience/Generate", Cardinality.UNARY_STREAM, GenerateRequest, GenerateEvent
+        ) as first:
+            await first.send_message(
+                GenerateRequest(session_id=sid, append_tokens=PROMPT, max_tokens=25), end=True
+            )
+            event = await first.recv_message()  # the first token: the call holds the session
+            assert event is not None and event.token is not None
+            # A rewind that would otherwise be valid, so only "busy" can refuse it.
+            second = GenerateRequest(session_id=sid, append_tokens=[65], truncating=True)
+            refused: GRPCError | None = None
+            try:
+                [_ async for _ in c.stub.generate(second)]
+            except GRPCError as exc:
+                refused = exc
+            events = []
+            while (ev := await first.recv_message()) is not None:
+                events.append(ev)
+        return refused, events[-1].done if events else None
+
+    refused, done = c.run(run())
+    assert refused is not None, "the second Generate ran on the busy session"
+    assert refused.status is Status.FAILED_PRECONDITION
+    assert "busy" in (refused.message or ""), refused.message
+    assert done is not None and done.completion_tokens == 25  # the first one ran on
+    c.generate(sid, append_tokens=[65], offset=len(PROMPT) + 25)  # and the session is free
