@@ -12,7 +12,13 @@ import pytest
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
-from poc_api._proto.salience import Done, GenerateEvent, GenerateRequest, OpenSessionRequest
+from poc_api._proto.salience import (
+    CloseSessionRequest,
+    Done,
+    GenerateEvent,
+    GenerateRequest,
+    OpenSessionRequest,
+)
 from poc_api.server import EOS, VOCAB_SIZE, ReferenceServer, tokenize
 
 from .conftest import ServerFactory, SyncSalience, wait_until
@@ -606,3 +612,40 @@ def test_a_second_generate_on_a_busy_session_is_failed_precondition(
     assert "busy" in (refused.message or ""), refused.message
     assert done is not None and done.completion_tokens == 25  # the first one ran on
     c.generate(sid, append_tokens=[65], offset=len(PROMPT) + 25)  # and the session is free
+
+
+def test_a_session_busy_longer_than_the_idle_timeout_is_not_evicted(
+    make_server: ServerFactory, connect: Callable[..., SyncSalience]
+) -> None:
+    # A decode that outlasts idle_timeout: another session's OpenSession runs the
+    # eviction meanwhile; the session in use must survive it (its last_used dates
+    # from before the call) and stay usable after.
+    idle = 0.5
+    srv = make_server(idle_timeout=idle, token_delay_ms=20, ignore_eos=True)
+    c = connect(srv)
+    sid = c.open()
+    opened = time.monotonic()
+
+    async def run() -> tuple[bool, Done | None]:
+        async with c.channel.request(
+            "/salience.Salience/Generate", Cardinality.UNARY_STREAM, GenerateRequest, GenerateEvent
+        ) as stream:
+            # >= 0.9 s of decode: still running when the other session opens.
+            req = GenerateRequest(session_id=sid, append_tokens=PROMPT, max_tokens=45)
+            await stream.send_message(req, end=True)
+            kept: bool | None = None
+            events = []
+            while (ev := await stream.recv_message()) is not None:
+                events.append(ev)
+                if kept is None and time.monotonic() - opened > idle + 0.1:
+                    assert ev.done is None, "the decode ended before the other session opened"
+                    c2 = await c.stub.open_session(OpenSessionRequest())  # runs the eviction
+                    kept = sid in srv.state().session_ids
+                    await c.stub.close_session(CloseSessionRequest(session_id=c2.session_id))
+        assert kept is not None
+        return kept, events[-1].done
+
+    kept, done = c.run(run())
+    assert kept, "the session was evicted while its Generate ran"
+    assert done is not None and done.completion_tokens == 45
+    c.generate(sid, append_tokens=[65], offset=len(PROMPT) + 45)  # still there, usable
