@@ -281,3 +281,24 @@ def test_a_request_that_cannot_be_read_gets_a_400(
             answer += chunk
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:100]
     assert b'"invalid_request_error"' in answer
+
+
+def test_a_body_one_byte_over_max_message_size_is_413_and_one_at_it_is_served(
+    make_server: ServerFactory,
+) -> None:
+    limit = 1000
+    srv = make_server(max_message_size=limit)
+    request = b'{"text": "a"}'
+
+    def post(size: int) -> httpx.Response:
+        body = request + b" " * (size - len(request))  # JSON whitespace: still valid
+        assert len(body) == size
+        with httpx.Client(base_url=srv.base_url, timeout=TIMEOUT) as c:
+            return c.post("/tokenize", content=body, headers={"content-type": "application/json"})
+
+    at = post(limit)
+    assert at.status_code == 200, at.text
+    assert at.json()["tokens"] == [ord("a")]
+    over = post(limit + 1)
+    assert over.status_code == 413, over.text
+    assert str(limit) in over.text
