@@ -302,3 +302,26 @@ def test_a_body_one_byte_over_max_message_size_is_413_and_one_at_it_is_served(
     over = post(limit + 1)
     assert over.status_code == 413, over.text
     assert str(limit) in over.text
+
+
+def test_a_chat_one_token_short_of_the_context_window_decodes_one_token(
+    make_server: ServerFactory,
+) -> None:
+    # The context window holds max_context positions: a prompt of max_context - 1
+    # leaves room for exactly one generated token, then "length".
+    max_context = 64
+    srv = make_server(max_context=max_context, ignore_eos=True)
+    with httpx.Client(base_url=srv.base_url, timeout=TIMEOUT) as c:
+
+        def chat(content: str) -> dict[str, Any]:
+            messages = [{"role": "user", "content": content}]
+            r = c.post("/chat/completions", json={"messages": messages, "max_tokens": 1000})
+            assert r.status_code == 200, r.text
+            body: dict[str, Any] = r.json()
+            return body
+
+        template = chat("")["usage"]["prompt_tokens"]  # the chat template's own tokens
+        body = chat("a" * (max_context - 1 - template))  # one token per ASCII byte
+    assert body["usage"]["prompt_tokens"] == max_context - 1
+    assert body["usage"]["completion_tokens"] == 1
+    assert body["choices"][0]["finish_reason"] == "length"
