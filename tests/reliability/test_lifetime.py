@@ -131,9 +131,17 @@ async def test_a_client_used_from_another_threads_trio_run_says_so(
             except BaseException as exc:
                 errors.append(exc)
 
-    with trio.fail_after(10):
-        async with client_for(server) as client:
-            await trio.to_thread.run_sync(other_thread, client)
+    with trio.fail_after(30):
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(client_for(server))
+            # A thread of its own, joined with a bound: without the check, a call
+            # waited forever for an answer delivered to the owner's run.
+            thread = threading.Thread(target=other_thread, args=(client,), daemon=True)
+            thread.start()
+            await trio.to_thread.run_sync(thread.join, 10, abandon_on_cancel=True)
+            if thread.is_alive():
+                stack.pop_all()  # its close would wait on the hung call: left behind
+                pytest.fail(f"a call from another trio.run hung (errors so far: {errors})")
             # ... and the owner's run is unharmed.
             async with client.session() as s:
                 await s.prefill([1, 2])
