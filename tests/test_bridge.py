@@ -577,6 +577,42 @@ async def test_items_pushed_as_the_producer_ends_reach_a_consumer_that_looks_at_
             release.set()
 
 
+async def test_items_pushed_in_a_producers_last_step_arrive_before_its_end() -> None:
+    # As the test above, on any Python: the producer's last step pushes and returns,
+    # and the loop is held right after it in the same iteration, before the flush
+    # that runs as the loop selects. Its end must bring the items along.
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(5)
+
+    async def produce(sink: Sink[int]) -> None:
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+
+        def go() -> None:
+            wake.set_result(None)  # queues this task's next step ...
+            loop.call_soon(hold)  # ... and the hold right after it
+
+        loop.call_soon(go)
+        await wake
+        for i in range(3):
+            sink.push(i)
+
+    async with open_bridge() as bridge:
+        try:
+            async with bridge.stream(produce, max_items=10) as rx:
+                assert await trio.to_thread.run_sync(holding.wait, 5)
+                with trio.fail_after(5):
+                    batch = await rx.receive_batch()
+                    release.set()  # the rest needs the loop
+                    assert batch == [0, 1, 2]
+                    assert await rx.receive_batch() == []
+        finally:
+            release.set()
+
+
 async def test_the_producers_error_comes_from_receive_batch() -> None:
     async def produce(sink: Sink[int]) -> None:
         sink.push(1)
