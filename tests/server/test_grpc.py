@@ -620,7 +620,9 @@ def test_a_session_busy_longer_than_the_idle_timeout_is_not_evicted(
     # A decode that outlasts idle_timeout: another session's OpenSession runs the
     # eviction meanwhile; the session in use must survive it (its last_used dates
     # from before the call) and stay usable after.
-    idle = 0.5
+    # 1 s: the last call below must come within it of the decode's end, also on a
+    # loaded machine.
+    idle = 1.0
     srv = make_server(idle_timeout=idle, token_delay_ms=20, ignore_eos=True)
     c = connect(srv)
     sid = c.open()
@@ -630,8 +632,8 @@ def test_a_session_busy_longer_than_the_idle_timeout_is_not_evicted(
         async with c.channel.request(
             "/salience.Salience/Generate", Cardinality.UNARY_STREAM, GenerateRequest, GenerateEvent
         ) as stream:
-            # >= 0.9 s of decode: still running when the other session opens.
-            req = GenerateRequest(session_id=sid, append_tokens=PROMPT, max_tokens=45)
+            # >= 1.6 s of decode: still running when the other session opens.
+            req = GenerateRequest(session_id=sid, append_tokens=PROMPT, max_tokens=80)
             await stream.send_message(req, end=True)
             kept: bool | None = None
             events = []
@@ -647,5 +649,5 @@ def test_a_session_busy_longer_than_the_idle_timeout_is_not_evicted(
 
     kept, done = c.run(run())
     assert kept, "the session was evicted while its Generate ran"
-    assert done is not None and done.completion_tokens == 45
-    c.generate(sid, append_tokens=[65], offset=len(PROMPT) + 45)  # still there, usable
+    assert done is not None and done.completion_tokens == 80
+    c.generate(sid, append_tokens=[65], offset=len(PROMPT) + 80)  # still there, usable
