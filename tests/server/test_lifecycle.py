@@ -131,6 +131,29 @@ def test_a_busy_grpc_port_is_named_in_the_error() -> None:
         grpc.close()
 
 
+@pytest.mark.parametrize(
+    ("host", "url_host"),
+    [
+        ("", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),
+        ("::", "[::1]"),
+        ("::0", "[::1]"),  # was "[::0]": a URL no client can connect to
+        ("0000::", "[::1]"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("::1", "[::1]"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_the_urls_of_a_server_on_every_interface_name_this_machine(
+    host: str, url_host: str
+) -> None:
+    from poc_api.server._app import _url_host, every_interface
+
+    assert _url_host(host) == url_host
+    # ... and the ready line of `poc-api serve` says "on every interface" for these.
+    assert every_interface(host) is (host not in ("127.0.0.1", "::1", "localhost"))
+
+
 def test_an_empty_host_listens_on_every_interface() -> None:
     # "" reads as every interface (its URLs say 127.0.0.1): getaddrinfo("") failed.
     http, grpc = bind_port_pair("", 0)

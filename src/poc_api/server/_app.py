@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import ipaddress
 import logging
 import signal
 import socket
@@ -130,11 +131,21 @@ def bind_port_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     raise OSError(errno.EADDRINUSE, f"no free pair of adjacent ports on {host or '*'}")
 
 
+def every_interface(host: str) -> bool:
+    """Whether a server listening on ``host`` listens on every interface
+    ("", 0.0.0.0, ::, and their other spellings: ::0, 0000::...)."""
+    if host == "":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name
+        return False
+
+
 def _url_host(host: str) -> str:
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
+    """The host for this machine's URLs of a server listening on ``host``."""
+    if every_interface(host):
+        return "[::1]" if ":" in host else "127.0.0.1"
     return f"[{host}]" if ":" in host else host
 
 
@@ -398,7 +409,7 @@ def run_forever(config: ServerConfig) -> None:
         print(f"base_url: {server.base_url}", flush=True)
         print(f"grpc_url: {server.grpc_url}", flush=True)
         # The URLs above are for this machine; say when others can reach it too.
-        where = " on every interface" if config.host in ("", "0.0.0.0", "::") else ""
+        where = " on every interface" if every_interface(config.host) else ""
         print(
             f"poc_api reference server ready{where} (auth {auth}, readout "
             f"{'on' if config.readout else 'off'}, seed {config.seed})",
