@@ -746,7 +746,7 @@ class SessionRoute:
             finally:
                 ep.opening -= 1
                 if progress is not None and attempt.headers_sent:
-                    progress.headers_sent = True
+                    progress.mark_sent()
             ep.reached()
             ep.full_until = 0.0  # it took a session: it has room again
             return reply

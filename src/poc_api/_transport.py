@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, Final, NoReturn, Protocol, SupportsFloat, final
 from urllib.parse import urlsplit
@@ -766,9 +766,7 @@ class GrpcTransport:
                             raw = stream._stream
                             if progress is not None:
                                 # HEADERS are written: the server may act on this call.
-                                progress.headers_sent = True
-                                if progress.block is not None:
-                                    progress.block.mark()
+                                progress.mark_sent()
                             await stream.send_message(request, end=True)
                             reader = _Reader(stream._stream, max_size, path)
                             await _receive(stream, reader, sink)
@@ -1048,6 +1046,12 @@ class _Progress:
         self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
         self.reap_timer: asyncio.TimerHandle | None = None
+
+    def mark_sent(self) -> None:
+        """The call's HEADERS are written: so are those of its composite blocks."""
+        self.headers_sent = True
+        if self.block is not None:
+            self.block.mark()
 
 
 class _Collect:
@@ -1691,7 +1695,7 @@ class deadline:  # used like the function it replaced
     open, and trio then fails with "Cancel scope stack corrupted".
     """
 
-    __slots__ = ("_composite", "_scope", "_sent", "_timeout", "_token", "_unsent", "_what")
+    __slots__ = ("_composite", "_scope", "_timeout", "_token", "_unsent", "_what")
 
     def __init__(
         self,
@@ -1707,15 +1711,15 @@ class deadline:  # used like the function it replaced
         self._unsent = unsent
         self._composite = composite
         self._scope: trio.CancelScope | None = None
-        self._sent: _Sent | None = None
-        self._token: Any = None
+        self._token: Token[_Sent | None] | None = None
 
     @trio.lowlevel.enable_ki_protection
     def __enter__(self) -> None:
         if self._timeout is not None:
             if self._composite:
-                self._sent = _Sent(_BLOCK_SENT.get())
-                self._token = _BLOCK_SENT.set(self._sent)
+                sent = _Sent(_BLOCK_SENT.get())
+                self._token = _BLOCK_SENT.set(sent)
+                self._unsent = lambda: not sent.any
             self._scope = trio.CancelScope(relative_deadline=self._timeout)
             self._scope.__enter__()
 
@@ -1735,11 +1739,7 @@ class deadline:  # used like the function it replaced
         scope.__exit__(exc_type, exc, tb)  # raises whatever is not its own Cancelled
         if scope.cancelled_caught:
             msg = f"{self._what}: no answer within {self._timeout:g} s"
-            if self._sent is not None:
-                unsent = not self._sent.any
-            else:
-                unsent = self._unsent is not None and self._unsent()
-            if unsent:
+            if self._unsent is not None and self._unsent():
                 raise e.PocApiTimeout(f"{msg}; nothing was sent", retriable=True) from None
             raise e.PocApiTimeout(msg) from None
 
