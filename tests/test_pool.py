@@ -666,7 +666,12 @@ async def test_when_every_endpoint_is_full_the_caller_gets_resource_exhausted() 
             assert open_sessions_seen(servers[0]) == before[0] + 4
 
 
-async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachable() -> None:
+@pytest.mark.parametrize("call", ["stream", "unary"])
+async def test_a_call_that_finds_its_server_gone_marks_the_endpoint_unreachable(
+    call: str,
+) -> None:
+    # A session's stream, or its unary call (AppendImage), on a dead server counts
+    # against its endpoint, which then gets no new sessions for a while.
     async with (
         reference_servers(2, ignore_eos=True, token_delay_ms=5) as servers,
         pool_client(servers, health_check_interval=3600) as client,
@@ -677,31 +682,14 @@ async def test_a_stream_that_finds_its_server_gone_marks_the_endpoint_unreachabl
                 victim = home_of(s, servers)
                 assert client.endpoints[victim].failures == 0
                 with pytest.raises(poc_api.ServerUnavailable):
-                    async with s.generate(sampling=SamplingParams(max_tokens=10**6)) as ev:
-                        async for _ in ev:
-                            if servers[victim].state().session_ids:
-                                await trio.to_thread.run_sync(servers[victim].kill)
-                # Seen by the stream itself, before the session's close tries it.
-                status = client.endpoints[victim]
-                assert status.failures >= 1
-                assert status.state is EndpointState.UNREACHABLE
-
-
-async def test_a_unary_call_that_finds_its_server_gone_marks_the_endpoint_unreachable() -> None:
-    # As a stream does: a session's unary call (AppendImage) on a dead server
-    # counts against its endpoint, which then gets no new sessions for a while.
-    async with (
-        reference_servers(2) as servers,
-        pool_client(servers, health_check_interval=3600) as client,
-    ):
-        with trio.fail_after(20):
-            async with client.session() as s:
-                await s.prefill([1, 2])
-                victim = home_of(s, servers)
-                assert client.endpoints[victim].failures == 0
-                await trio.to_thread.run_sync(servers[victim].kill)
-                with pytest.raises(poc_api.ServerUnavailable):
-                    await s.append_image(make_png(28, 28), "image/png")
+                    if call == "stream":
+                        async with s.generate(sampling=SamplingParams(max_tokens=10**6)) as ev:
+                            async for _ in ev:
+                                if servers[victim].state().session_ids:
+                                    await trio.to_thread.run_sync(servers[victim].kill)
+                    else:
+                        await trio.to_thread.run_sync(servers[victim].kill)
+                        await s.append_image(make_png(28, 28), "image/png")
                 # Seen by the call itself, before the session's close tries it.
                 status = client.endpoints[victim]
                 assert status.failures >= 1
