@@ -896,3 +896,23 @@ async def test_a_closed_bridge_leaves_no_instrument_behind_also_when_its_thread_
     await bridge.aclose()
     with pytest.raises(KeyError):
         trio.lowlevel.remove_instrument(bridge._instrument)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_bridge_closed_before_its_wake_up_task_first_ran_ends_that_task(
+    wake_path: str,
+) -> None:
+    # CI: the wake-up task's first step came after a close in the same scheduler pass
+    # (trio runs a batch in either order): it waited on the closed eventfd, -1, and
+    # the run died with TrioInternalError. Here nothing checkpoints between start and
+    # close, so that task's first step always comes after it.
+    def die() -> None:
+        raise SystemExit
+
+    bridge = bridge_module.AsyncioBridge.start()
+    bridge.loop.call_soon_threadsafe(die)
+    bridge.thread.join(5)
+    assert not bridge.thread.is_alive()
+    await bridge.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert "poc_api bridge wake-ups" not in _system_task_names()

@@ -439,6 +439,8 @@ class AsyncioBridge:
         # The eventfds, while open (-1 otherwise): the loop side's is written by
         # trio only, trio's by the loop thread only.
         self._loop_fd = self._trio_fd = -1
+        # Set (trio side) when the wake-up task must end: also before its first step.
+        self._wakeups_ended = False
         if _USE_EVENTFD:
             self._loop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._trio_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -525,12 +527,14 @@ class AsyncioBridge:
 
     async def _serve_trio_wakeups(self) -> None:
         fd = self._trio_fd
-        while True:
+        # Checked first too: a close in the scheduler pass that started this task
+        # may come before its first step (the fd is then -1, or left to a wedged thread).
+        while not self._wakeups_ended:
             try:
                 await trio.lowlevel.wait_readable(fd)
             except trio.ClosedResourceError:  # the bridge closed (notify_closing)
                 return
-            if self._trio_fd < 0:  # closed while this task was being woken
+            if self._wakeups_ended:  # closed while this task was being woken
                 return
             try:
                 os.eventfd_read(fd)
@@ -542,6 +546,7 @@ class AsyncioBridge:
         """trio, once the loop thread has ended and the loop is closed."""
         loop_fd, trio_fd = self._loop_fd, self._trio_fd
         self._loop_fd = self._trio_fd = -1
+        self._wakeups_ended = True
         call_fds, self._call_fds, self._free_fds = self._call_fds, [], []
         for fd in call_fds:
             trio.lowlevel.notify_closing(fd)  # a waiter left behind wakes (closed)
@@ -1008,6 +1013,7 @@ class AsyncioBridge:
             log.warning("the asyncio thread did not stop; leaving it (daemon) behind")
             if self._trio_fd >= 0:
                 # The wake-up task ends (the fds stay open: the thread may yet write).
+                self._wakeups_ended = True
                 trio.lowlevel.notify_closing(self._trio_fd)
             return
         self._thread.join()
