@@ -916,3 +916,117 @@ async def test_a_bridge_closed_before_its_wake_up_task_first_ran_ends_that_task(
     await bridge.aclose()
     await trio.testing.wait_all_tasks_blocked()
     assert "poc_api bridge wake-ups" not in _system_task_names()
+
+
+def _die() -> None:
+    raise SystemExit
+
+
+def _kill_loop_thread(bridge: AsyncioBridge) -> None:
+    """End the loop thread as a bug would (an exception escaping a loop callback)."""
+    bridge.loop.call_soon_threadsafe(_die)
+    bridge.thread.join(5)
+    assert not bridge.thread.is_alive()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_loop_thread_that_died_fails_waiting_and_later_calls_at_once() -> None:
+    # Nothing noticed the death until aclose(): a call waiting then, and every call
+    # made later, waited for ever (and ApiClient.aclose with them: see test_lifetime).
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async def work() -> int:
+        return 42
+
+    bridge = bridge_module.AsyncioBridge.start()
+    try:
+        with trio.fail_after(3):
+            assert await bridge.run(work) == 42
+            async with trio.open_nursery() as nursery:
+                waiting: list[BaseException] = []
+
+                async def wait_forever() -> None:
+                    with pytest.raises(trio.ClosedResourceError) as caught:
+                        await bridge.run(forever)
+                    waiting.append(caught.value)
+
+                nursery.start_soon(wait_forever)
+                await wait_for(started.is_set)
+                _kill_loop_thread(bridge)
+            assert "asyncio thread" in str(waiting[0])
+            with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
+                await bridge.run(work)
+    finally:
+        await bridge.aclose()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_call_woken_as_a_bridge_with_a_dead_thread_closes_keeps_its_outcome(
+    wake_path: str,
+) -> None:
+    # A caller woken by its eventfd in the scheduler pass of a close that comes first
+    # (trio runs a batch in either order; a close after the thread died has no
+    # checkpoint) read the closed fd: OSError(EBADF), or another fd reusing its number.
+    # Twenty closes: each comes first half of the time.
+    async def gated() -> int:
+        gate.append(asyncio.get_running_loop().create_future())
+        await gate[-1]
+        return 42
+
+    def release_and_die() -> None:
+        gate[-1].set_result(None)
+        asyncio.get_running_loop().call_soon(_die)
+
+    for _ in range(20):
+        gate: list[asyncio.Future[None]] = []
+        bridge = bridge_module.AsyncioBridge.start()
+        outcome: list[object] = []
+
+        async def caller(bridge: AsyncioBridge = bridge, outcome: list[object] = outcome) -> None:
+            try:
+                outcome.append(await bridge.run(gated))
+            except trio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(caller)
+                await wait_for(lambda gate=gate: bool(gate))  # type: ignore[misc]
+                bridge.loop.call_soon_threadsafe(release_and_die)
+                bridge.thread.join(5)
+                # The caller's fd is readable: both tasks run in the next pass.
+                await trio.lowlevel.checkpoint()
+                await bridge.aclose()
+        assert outcome[0] == 42 or isinstance(outcome[0], trio.ClosedResourceError), outcome
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_loop_thread_that_dies_during_the_close_does_not_hold_it_up() -> None:
+    # The close waited twice cancel_timeout for its shutdown step, which the dead
+    # thread would never finish.
+    started = threading.Event()
+
+    async def dies_when_cancelled() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            asyncio.get_running_loop().call_soon(_die)
+
+    bridge = bridge_module.AsyncioBridge.start(cancel_timeout=5)
+    async with trio.open_nursery() as nursery:
+
+        async def run_it() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await bridge.run(dies_when_cancelled)
+
+        nursery.start_soon(run_it)
+        await wait_for(started.is_set)
+        began = trio.current_time()
+        await bridge.aclose()  # (shielded: a fail_after could not end it)
+        assert trio.current_time() - began < 2
+    assert not bridge.thread.is_alive()

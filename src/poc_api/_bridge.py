@@ -418,6 +418,13 @@ class BatchReceiver(Generic[T]):
         return self.receive_nowait()
 
 
+def _thread_died() -> trio.ClosedResourceError:
+    return trio.ClosedResourceError(
+        "poc_api's asyncio thread has ended unexpectedly (a bug: see the log); "
+        "close the ApiClient and open a new one"
+    )
+
+
 @final
 class AsyncioBridge:
     """An asyncio loop running in its own thread; see the module docstring.
@@ -471,6 +478,8 @@ class AsyncioBridge:
         self._aborted = False
         self._closed = trio.Event()
         self._thread_done = trio.Event()
+        self._stop_asked = False  # trio side: the close has told the loop to stop
+        self._thread_died = False  # trio side: the loop thread ended unasked
         self._thread = threading.Thread(
             target=self._thread_main, name="poc_api-asyncio", daemon=True
         )
@@ -580,9 +589,20 @@ class AsyncioBridge:
         finally:
             self._flush_to_trio()
             try:
-                self._token.run_sync_soon(self._thread_done.set)
+                self._token.run_sync_soon(self._thread_ended)
             except trio.RunFinishedError:
                 pass
+
+    def _thread_ended(self) -> None:
+        """trio: the loop thread has ended. Unasked (an exception escaped a loop
+        callback: a bug), nothing will run there any more: the calls waiting on it
+        fail now, and later ones at once (see ``_submit``), not for ever."""
+        self._thread_done.set()
+        if not self._stop_asked:
+            log.error("poc_api's asyncio thread ended unexpectedly; close the ApiClient")
+            self._thread_died = True
+        # Also during a close: its shutdown step will not finish either.
+        self._fail_unfinished(_thread_died() if self._thread_died else closed_under_call())
 
     def check_caller(self) -> None:
         """Raise unless called from the trio run that owns this bridge, while open."""
@@ -723,6 +743,8 @@ class AsyncioBridge:
 
         if self._loop.is_closed():
             raise trio.ClosedResourceError("the ApiClient is closed")
+        if self._thread_died:
+            raise _thread_died()
         self._to_loop.post(begin)
         self._live.add(call)
         return call
@@ -772,6 +794,10 @@ class AsyncioBridge:
                 except trio.ClosedResourceError:  # the bridge closed; _stop_loop ended it
                     if not call.finished:  # pragma: no cover - _stop_loop ends every call
                         raise
+                    break
+                if self._wakeups_ended and call.finished:
+                    # Closed in the pass that woke this task, before its step: the
+                    # fd is closed (its number perhaps reused), or a wedged thread's.
                     break
                 try:
                     os.eventfd_read(fd)
@@ -967,6 +993,25 @@ class AsyncioBridge:
                 pass
             self._closed.set()
 
+    def _fail_unfinished(self, error: BaseException) -> None:
+        """trio, once the loop thread has ended (or is left wedged): fail every call
+        still waiting on it, and run what the loop posted last."""
+        for left in list(self._live):
+            if left.done.is_set():
+                continue
+            if not left.finished:
+                left.error = error
+                left.finished = True
+                if left.on_done is not None:
+                    left.on_done(left)
+            left.done.set()
+            if left.fd >= 0:
+                # Its waiter wakes, also if the fds stay open (a wedged thread).
+                os.eventfd_write(left.fd, 1)
+        # on_done posts (a stream's waiting consumer) and whatever the loop posted
+        # last: the loop will flush nothing any more, so run them here (trio side).
+        self._to_trio._run()
+
     async def _stop_loop(self) -> None:
         loop = self._loop
 
@@ -984,6 +1029,7 @@ class AsyncioBridge:
             call = self._submit(shutdown, ())
             with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
                 await call.done.wait()
+            self._stop_asked = True
             try:
                 loop.call_soon_threadsafe(loop.stop)
             except RuntimeError:
@@ -994,21 +1040,7 @@ class AsyncioBridge:
         # Whatever did not finish (a task that ignored cancellation) will never
         # report back: fail its waiter instead of leaving it hanging. A call that
         # did finish keeps its outcome, though a wedged thread never sent it.
-        for left in list(self._live):
-            if left.done.is_set():
-                continue
-            if not left.finished:
-                left.error = closed_under_call()
-                left.finished = True
-                if left.on_done is not None:
-                    left.on_done(left)
-            left.done.set()
-            if left.fd >= 0:
-                # Its waiter wakes, also if the fds stay open (a wedged thread).
-                os.eventfd_write(left.fd, 1)
-        # on_done posts (a stream's waiting consumer) and whatever the loop posted
-        # last: the loop will flush nothing any more, so run them here (trio side).
-        self._to_trio._run()
+        self._fail_unfinished(_thread_died() if self._thread_died else closed_under_call())
         if wedged:  # a wedged asyncio callback
             log.warning("the asyncio thread did not stop; leaving it (daemon) behind")
             if self._trio_fd >= 0:

@@ -1093,3 +1093,26 @@ async def test_a_close_session_that_never_answers_is_cut_at_close_timeout_with_a
             assert [c.kind for c in srv.calls_to("CloseSession")] == ["silent"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [f"CloseSession {s.session_id} timed out after 0.2 s"], caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_client_whose_loop_thread_died_fails_its_calls_and_still_closes(
+    server: ReferenceServer,
+) -> None:
+    # The close's steps (the held sessions, the pool, the channel) each waited on
+    # the dead loop for ever, shielded: the process hung, also on Ctrl-C.
+    def die() -> None:
+        raise SystemExit
+
+    with trio.fail_after(10):
+        async with client_for(server, close_timeout=1.0) as client:
+            async with client.session() as s:
+                await s.prefill(HELLO)
+                bridge = client._bridge
+                assert bridge is not None
+                bridge.loop.call_soon_threadsafe(die)
+                bridge.thread.join(5)
+                with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
+                    await s.prefill(HELLO)
+                with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
+                    await client.score([poc_api.Tokens([1, 2, 3])], [(1, 3)])
