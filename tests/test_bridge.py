@@ -1030,3 +1030,30 @@ async def test_a_loop_thread_that_dies_during_the_close_does_not_hold_it_up() ->
         await bridge.aclose()  # (shielded: a fail_after could not end it)
         assert trio.current_time() - began < 2
     assert not bridge.thread.is_alive()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_bridge_closed_while_its_dead_thread_is_still_exiting_closes() -> None:
+    # The death is known in trio before the thread is done exiting: the close took
+    # the thread for alive, submitted its shutdown step and failed with the death.
+    bridge = bridge_module.AsyncioBridge.start()
+    token, exiting, released = bridge._token, threading.Event(), threading.Event()
+
+    class Lingering:
+        def run_sync_soon(self, fn: Callable[[], object]) -> None:
+            token.run_sync_soon(fn)
+            if fn == bridge._thread_ended:
+                exiting.set()
+                released.wait(5)  # the thread lingers after telling trio
+
+    bridge._token = Lingering()  # type: ignore[assignment]
+    bridge.loop.call_soon_threadsafe(_die)
+    try:
+        await wait_for(exiting.is_set)
+        await trio.testing.wait_all_tasks_blocked()  # _thread_ended has run
+        assert bridge.thread.is_alive()
+        threading.Timer(0.05, released.set).start()  # (the close joins the thread)
+        await bridge.aclose()
+    finally:
+        released.set()
+    assert not bridge.thread.is_alive()

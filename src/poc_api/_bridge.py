@@ -1025,7 +1025,8 @@ class AsyncioBridge:
             await loop.shutdown_asyncgens()
 
         wedged = False
-        if self._thread.is_alive():  # (else it died: an exception escaped the loop)
+        # Else it died (an exception escaped the loop); it may still be exiting.
+        if self._thread.is_alive() and not self._thread_died:
             call = self._submit(shutdown, ())
             with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
                 await call.done.wait()
