@@ -551,6 +551,10 @@ def open_sessions_seen(server: ReferenceServer) -> int:
     return server.state().rpc_counts.get("OpenSession", 0)
 
 
+def shown_full(client: poc_api.ApiClient) -> dict[str, bool]:
+    return {ep.url: ep.full for ep in client.endpoints}
+
+
 @asynccontextmanager
 async def _one_full_one_free() -> AsyncIterator[tuple[ReferenceServer, poc_api.ApiClient]]:
     """A pool client of two servers, the first full (its only session taken by
@@ -621,10 +625,12 @@ async def test_a_full_server_that_takes_a_session_again_is_no_longer_asked_last(
                 while open_sessions_seen(a) == before:
                     async with client.session():
                         pass
+                assert shown_full(client) == {a.grpc_url: True, b.grpc_url: False}
             async with other_b.session():
                 # b is full now, a is held but free: a takes this one, after b's refusal.
                 async with client.session() as s:
                     assert s.session_id in a.state().session_ids
+                assert shown_full(client) == {a.grpc_url: False, b.grpc_url: True}
                 refused_by_b = open_sessions_seen(b)
                 for _ in range(10):
                     async with client.session() as s:

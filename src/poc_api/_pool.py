@@ -124,6 +124,8 @@ class EndpointStatus:
         sessions: sessions this client holds (or is opening) there.
         streams: calls in flight there.
         failures: calls and health checks that could not reach it, in total.
+        full: it refused a new session as full (``RESOURCE_EXHAUSTED``) less
+            than 2 s ago and has taken none since: new sessions ask it last.
     """
 
     url: str
@@ -131,6 +133,7 @@ class EndpointStatus:
     sessions: int
     streams: int
     failures: int
+    full: bool = False
 
 
 @final
@@ -299,6 +302,7 @@ class _Endpoint:
             self.sessions + self.opening,
             self.transport.open_streams,
             self.failures,
+            full=time.monotonic() < self.full_until,
         )
 
 
