@@ -25,6 +25,19 @@ async def wait_for(predicate: object, timeout: float = 5.0) -> None:
             await trio.sleep(0.002)
 
 
+def die_like_a_bug() -> None:
+    """A loop callback that ends the loop thread, as a bug would (SystemExit escapes
+    asyncio's callback handling)."""
+    raise SystemExit
+
+
+def kill_loop_thread(bridge: Any) -> None:
+    """End an ``AsyncioBridge``'s loop thread as a bug would, and wait until it has."""
+    bridge.loop.call_soon_threadsafe(die_like_a_bug)
+    bridge.thread.join(5)
+    assert not bridge.thread.is_alive()
+
+
 def loop_threads() -> list[threading.Thread]:
     """The asyncio loop threads of poc_api clients (bridges) alive now."""
     return [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]

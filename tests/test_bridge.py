@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from helpers import wait_for
+from helpers import die_like_a_bug, kill_loop_thread, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -887,11 +887,8 @@ async def test_a_closed_bridge_leaves_no_instrument_behind_also_when_its_thread_
     # The instrument (wake-ups, the GIL hand-over) was removed only by a clean stop:
     # after a loop thread that died (or was left wedged) it stayed for the whole run,
     # handing the GIL over to nobody.
-    def die() -> None:
-        raise SystemExit
-
     bridge = bridge_module.AsyncioBridge.start()
-    bridge.call_soon(die)
+    bridge.call_soon(die_like_a_bug)
     await wait_for(lambda: not bridge.thread.is_alive(), timeout=5)
     await bridge.aclose()
     with pytest.raises(KeyError):
@@ -906,27 +903,11 @@ async def test_a_bridge_closed_before_its_wake_up_task_first_ran_ends_that_task(
     # (trio runs a batch in either order): it waited on the closed eventfd, -1, and
     # the run died with TrioInternalError. Here nothing checkpoints between start and
     # close, so that task's first step always comes after it.
-    def die() -> None:
-        raise SystemExit
-
     bridge = bridge_module.AsyncioBridge.start()
-    bridge.loop.call_soon_threadsafe(die)
-    bridge.thread.join(5)
-    assert not bridge.thread.is_alive()
+    kill_loop_thread(bridge)
     await bridge.aclose()
     await trio.testing.wait_all_tasks_blocked()
     assert "poc_api bridge wake-ups" not in _system_task_names()
-
-
-def _die() -> None:
-    raise SystemExit
-
-
-def _kill_loop_thread(bridge: AsyncioBridge) -> None:
-    """End the loop thread as a bug would (an exception escaping a loop callback)."""
-    bridge.loop.call_soon_threadsafe(_die)
-    bridge.thread.join(5)
-    assert not bridge.thread.is_alive()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -956,7 +937,7 @@ async def test_a_loop_thread_that_died_fails_waiting_and_later_calls_at_once() -
 
                 nursery.start_soon(wait_forever)
                 await wait_for(started.is_set)
-                _kill_loop_thread(bridge)
+                kill_loop_thread(bridge)
             assert "asyncio thread" in str(waiting[0])
             with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
                 await bridge.run(work)
@@ -979,7 +960,7 @@ async def test_a_call_woken_as_a_bridge_with_a_dead_thread_closes_keeps_its_outc
 
     def release_and_die() -> None:
         gate[-1].set_result(None)
-        asyncio.get_running_loop().call_soon(_die)
+        asyncio.get_running_loop().call_soon(die_like_a_bug)
 
     for _ in range(20):
         gate: list[asyncio.Future[None]] = []
@@ -1015,7 +996,7 @@ async def test_a_loop_thread_that_dies_during_the_close_does_not_hold_it_up() ->
         try:
             await asyncio.Event().wait()
         finally:
-            asyncio.get_running_loop().call_soon(_die)
+            asyncio.get_running_loop().call_soon(die_like_a_bug)
 
     bridge = bridge_module.AsyncioBridge.start(cancel_timeout=5)
     async with trio.open_nursery() as nursery:
@@ -1047,7 +1028,7 @@ async def test_a_bridge_closed_while_its_dead_thread_is_still_exiting_closes() -
                 released.wait(5)  # the thread lingers after telling trio
 
     bridge._token = Lingering()  # type: ignore[assignment]
-    bridge.loop.call_soon_threadsafe(_die)
+    bridge.loop.call_soon_threadsafe(die_like_a_bug)
     try:
         await wait_for(exiting.is_set)
         await trio.testing.wait_all_tasks_blocked()  # _thread_ended has run

@@ -24,7 +24,7 @@ import h2.errors
 import pytest
 import trio
 import trio.testing
-from helpers import aclose_under_a_reader, loop_threads
+from helpers import aclose_under_a_reader, kill_loop_thread, loop_threads
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
 
@@ -1101,17 +1101,13 @@ async def test_a_client_whose_loop_thread_died_fails_its_calls_and_still_closes(
 ) -> None:
     # The close's steps (the held sessions, the pool, the channel) each waited on
     # the dead loop for ever, shielded: the process hung, also on Ctrl-C.
-    def die() -> None:
-        raise SystemExit
-
     with trio.fail_after(10):
         async with client_for(server, close_timeout=1.0) as client:
             async with client.session() as s:
                 await s.prefill(HELLO)
                 bridge = client._bridge
                 assert bridge is not None
-                bridge.loop.call_soon_threadsafe(die)
-                bridge.thread.join(5)
+                kill_loop_thread(bridge)
                 with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
                     await s.prefill(HELLO)
                 with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
