@@ -76,6 +76,9 @@ server's default)::
 - ``"dribble"``: Generate sends its ``tokens`` tokens a byte per DATA frame, each
   followed by an empty DATA frame (within the window: it must be small);
   ``"dribble_ping"`` the same with a PING after each byte instead;
+- ``"ping_flood"``: stop reading the connection, then write PING frames (each one
+  a client must answer) until ``claimed_size`` bytes went out or the client closes
+  the connection; the server's ``flood_sent`` counts the bytes written;
 - ``"flood"``: Generate writes its ``tokens`` tokens (each with a 128-float readout)
   as one blob, so they go out in DATA frames as big as the stream's window and the
   client's frame size allow.
@@ -151,6 +154,7 @@ Kind = Literal[
     "flood",
     "dribble",
     "dribble_ping",
+    "ping_flood",
     "refuse_after_answer",
     "two_replies",
 ]
@@ -221,6 +225,7 @@ class MisbehavingServer:
         self.ping_times: list[tuple[int, float]] = []
         self.data_sent = 0
         self.dribbled = False  # a "dribble" reply was sent in full
+        self.flood_sent = 0  # "ping_flood": bytes of PING frames written
         self._plans: defaultdict[str, deque[Reply]] = defaultdict(deque)
         self._open: list[trio.SocketStream] = []
 
@@ -299,6 +304,7 @@ class _Connection:
         self.window = trio.Event()
         self.requests: dict[int, tuple[str, bytearray]] = {}
         self.stall_window = server.stall_window
+        self.reading = True  # "ping_flood" stops the reader
 
     async def flush(self) -> None:
         async with self.send_lock:
@@ -335,6 +341,8 @@ class _Connection:
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     break
+                if not self.reading:
+                    await trio.sleep_forever()  # (until the connection's tasks end)
             nursery.cancel_scope.cancel()
 
     def _on_event(self, ev: h2.events.Event, nursery: trio.Nursery) -> None:
@@ -614,6 +622,16 @@ class _Connection:
             await trio.sleep_forever()  # the rest never comes
         await self.send_data(sid, prefix + _padding(reply.claimed_size))
         await self.send_headers(sid, _OK_TRAILERS, end=True)
+
+    async def _ping_flood(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        self.reading = False
+        ping = hyperframe.frame.PingFrame(0)
+        ping.opaque_data = b"flooding"
+        blob = ping.serialize() * 4096
+        while self.server.flood_sent < reply.claimed_size:
+            async with self.send_lock:
+                await self.stream.send_all(blob)
+            self.server.flood_sent += len(blob)
 
     async def _dribble_ping(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self._dribble(sid, method, body, reply, ping=True)

@@ -163,8 +163,10 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
             status = _RESET_STATUSES.get(code, Status.INTERNAL)
             cls = _STATUS_ERRORS.get(status, e.RpcError)
             return cls(f"{name}: {status.name}: {_ended_how(exc)}", grpc_status=status.name)
-        if text == "Protocol error":
+        if text == _PROTOCOL_ERROR:
             return e.ProtocolViolation(f"{name}: the server broke the HTTP/2 protocol")
+        if text.startswith(f"{_PROTOCOL_ERROR}: "):
+            return e.ProtocolViolation(f"{name}: {text[len(_PROTOCOL_ERROR) + 2 :]}")
         return e.ServerUnavailable(f"{name}: connection lost: {text}", grpc_status="UNAVAILABLE")
     if isinstance(exc, asyncio.TimeoutError):
         return e.PocApiTimeout(f"{name}: deadline exceeded")
@@ -323,6 +325,17 @@ _MAX_BACKOFF = 1.0
 # keepalive_time doubles on each "too_many_pings" GOAWAY up to this (seconds).
 _MAX_KEEPALIVE_TIME = 7200.0
 _REFUSED_RETRIES = 2
+
+# grpclib's reason for the streams of a connection that broke the protocol.
+_PROTOCOL_ERROR = "Protocol error"
+# Answers (PING and SETTINGS ACKs, 17 and 9 bytes) to a server that reads none of
+# them wait in the write buffer: past this much, written since that buffer filled
+# up (asyncio's high-water mark), the server is cut off. A server that reads never
+# comes near it; one that floods would otherwise grow it 1:1 with its flood.
+_MAX_UNREAD_ANSWERS = 1024 * 1024
+_FLOODED = (
+    "the server sends frames that need an answer (PING, SETTINGS) and reads none of the answers"
+)
 # A GOAWAY refuses the calls above its last stream id, and a connection that drains
 # (graceful GOAWAY) the calls it has not sent yet: the server never saw them. Behind
 # a proxy that ends connections every N calls that can happen more than twice to one
@@ -1361,6 +1374,7 @@ class _PocH2Protocol(H2Protocol):
         self.settings_received = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
+        self._error_reason = _PROTOCOL_ERROR  # the streams' end, after a protocol error
         # The lowest last stream id of the GOAWAYs received (None: none came).
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
@@ -1369,6 +1383,12 @@ class _PocH2Protocol(H2Protocol):
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
+        self._socket: asyncio.Transport | None = None
+        self._writer: _CoalescingTransport | None = None
+        # Bytes h2 wrote to answer the server's frames (PING and SETTINGS ACKs)
+        # since the socket's write buffer filled up: see _MAX_UNREAD_ANSWERS.
+        self._paused = False
+        self._unread_answers = 0
 
     def unprocessed(self, stream_id: int) -> bool:
         """Whether a GOAWAY said the server never processed this stream: its id is
@@ -1422,14 +1442,26 @@ class _PocH2Protocol(H2Protocol):
         # when the read began (16 KiB until the ACK), failing the connection.
         h2_conn.max_inbound_frame_size = _MAX_FRAME_SIZE
         writer = _CoalescingTransport(transport, self.before_select)  # type: ignore[arg-type]
+        self._socket, self._writer = transport, writer  # type: ignore[assignment]
         self.connection = _PocConnection(h2_conn, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.sessions_open = self.sessions_open
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._paused = True
+        self._unread_answers = 0
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._paused = False
+
     def data_received(self, data: bytes) -> None:
         # grpclib's own data_received, recording what it drops.
+        writer = self._writer
+        written = writer.written if writer is not None else 0
         try:
             events = self.connection.feed(data)
         except (h2.exceptions.ProtocolError, UnicodeDecodeError):
@@ -1437,6 +1469,11 @@ class _PocH2Protocol(H2Protocol):
             self._protocol_error()
             return
         self.connection.flush()
+        if self._paused and writer is not None:
+            self._unread_answers += writer.written - written
+            if self._unread_answers > _MAX_UNREAD_ANSWERS:
+                self._flooded()
+                return
         # Each stream's DATA of this read, not handed on yet: handed on before the
         # stream's next other event (its end, trailers, reset), before the
         # connection's end, and at the end of the read; events of other streams
@@ -1509,11 +1546,20 @@ class _PocH2Protocol(H2Protocol):
         if event.data or event.flow_controlled_length:
             self.processor.process(event)
 
-    def _protocol_error(self) -> None:
+    def _protocol_error(self, reason: str = _PROTOCOL_ERROR) -> None:
         log.debug("HTTP/2 protocol error from the server", exc_info=True)
         self.protocol_error = True
+        self._error_reason = reason
         self.lost.set()
-        self.processor.close("Protocol error")
+        self.processor.close(reason)
+
+    def _flooded(self) -> None:
+        """The server sends frames h2 answers (PING, SETTINGS) and reads none of
+        the answers: each would wait in the write buffer, for ever. Cut it off."""
+        log.warning("%s: closing the connection", _FLOODED)
+        self._protocol_error(f"{_PROTOCOL_ERROR}: {_FLOODED}")
+        if self._socket is not None:
+            self._socket.abort()  # drops the write buffer at once
 
     def _graceful_goaway(self, last_stream_id: int) -> None:
         log.debug("graceful GOAWAY (last stream %d): draining the connection", last_stream_id)
@@ -1526,7 +1572,8 @@ class _PocH2Protocol(H2Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.set()
         self.gate.fail_all()
-        self.processor.close(reason="Protocol error" if self.protocol_error else "Connection lost")
+        reason = self._error_reason if self.protocol_error else "Connection lost"
+        self.processor.close(reason=reason)
 
 
 class _StreamGate:
@@ -1603,7 +1650,7 @@ class _CoalescingTransport:
     waits longer than the iteration that wrote it.
     """
 
-    __slots__ = ("_before_select", "_chunks", "_real")
+    __slots__ = ("_before_select", "_chunks", "_real", "written")
 
     def __init__(
         self,
@@ -1613,10 +1660,12 @@ class _CoalescingTransport:
         self._real = real
         self._before_select = before_select
         self._chunks: list[bytes] = []
+        self.written = 0  # bytes, in total
 
     def write(self, data: bytes) -> None:
         if not data:
             return
+        self.written += len(data)
         chunks = self._chunks
         chunks.append(data)
         if len(chunks) == 1:

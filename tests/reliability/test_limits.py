@@ -298,6 +298,22 @@ async def test_an_unread_stream_of_tiny_and_empty_data_frames_holds_little(
     assert entries < 2_000, entries  # it was ~180,000 (two per byte)
 
 
+async def test_a_server_that_floods_pings_and_reads_no_answer_is_cut_off(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The client answered every PING into its write buffer, which a server that
+    # reads nothing never drains: memory grew with the flood (~3 MiB/s here, 1:1
+    # with what the server sent) for as long as it went on.
+    flood = 256 * MB
+    bad_server.plan("OpenSession", Reply("ping_flood", claimed_size=flood))
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        with trio.fail_after(60), pytest.raises(poc_api.ProtocolViolation, match="PING"):
+            async with c.session():
+                pass
+        # Cut off after ~1 MiB of unread answers, plus what the socket buffers held.
+        assert bad_server.flood_sent < 32 * MB, bad_server.flood_sent
+
+
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "4"])
 def test_max_buffered_bytes_must_be_a_positive_int(value: object) -> None:
     with pytest.raises(ValueError if value in (0, -1) else TypeError, match="max_buffered_bytes"):
