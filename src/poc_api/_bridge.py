@@ -601,8 +601,7 @@ class AsyncioBridge:
         if not self._stop_asked:
             log.error("poc_api's asyncio thread ended unexpectedly; close the ApiClient")
             self._thread_died = True
-        # Also during a close: its shutdown step will not finish either.
-        self._fail_unfinished(_thread_died() if self._thread_died else closed_under_call())
+        self._fail_unfinished()  # also during a close: its shutdown step will not finish
 
     def check_caller(self) -> None:
         """Raise unless called from the trio run that owns this bridge, while open."""
@@ -993,14 +992,16 @@ class AsyncioBridge:
                 pass
             self._closed.set()
 
-    def _fail_unfinished(self, error: BaseException) -> None:
+    def _fail_unfinished(self) -> None:
         """trio, once the loop thread has ended (or is left wedged): fail every call
-        still waiting on it, and run what the loop posted last."""
+        still waiting on it (each with an exception of its own: its traceback will
+        be its caller's), and run what the loop posted last."""
+        error = _thread_died if self._thread_died else closed_under_call
         for left in list(self._live):
             if left.done.is_set():
                 continue
             if not left.finished:
-                left.error = error
+                left.error = error()
                 left.finished = True
                 if left.on_done is not None:
                     left.on_done(left)
@@ -1041,7 +1042,7 @@ class AsyncioBridge:
         # Whatever did not finish (a task that ignored cancellation) will never
         # report back: fail its waiter instead of leaving it hanging. A call that
         # did finish keeps its outcome, though a wedged thread never sent it.
-        self._fail_unfinished(_thread_died() if self._thread_died else closed_under_call())
+        self._fail_unfinished()
         if wedged:  # a wedged asyncio callback
             log.warning("the asyncio thread did not stop; leaving it (daemon) behind")
             if self._trio_fd >= 0:
