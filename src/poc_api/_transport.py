@@ -1316,12 +1316,16 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
         return events
 
     goaway_last_stream_id: int | None = None
+    lost = False  # the connection is gone (set by _PocH2Protocol.connection_lost)
 
     def get_next_available_stream_id(self) -> int:
         # grpclib picks the id of a new stream right before sending its HEADERS,
         # also for calls that were queued (for a stream slot or write buffer
-        # space) when the GOAWAY came. Such a call was never seen by the server:
-        # refuse it here, and _exchange sends it again on a new connection.
+        # space) when the GOAWAY came, or the connection was lost. Such a call was
+        # never seen by the server: refuse it here, and _exchange sends it again
+        # on a new connection.
+        if self.lost:
+            raise StreamTerminatedError(_CLOSED_UNSENT)
         if self.goaway_last_stream_id is not None:
             raise StreamTerminatedError(_GOAWAY_REFUSED)
         return super().get_next_available_stream_id()
@@ -1574,6 +1578,11 @@ class _PocH2Protocol(H2Protocol):
         self.gate.fail_all()
         reason = self._error_reason if self.protocol_error else "Connection lost"
         self.processor.close(reason=reason)
+        if self._h2 is not None:
+            # A call that waits for the write buffer to drain before its HEADERS is
+            # not the processor's yet: woken, it finds the connection lost (unsent).
+            self._h2.lost = True
+            self.connection.write_ready.set()
 
 
 class _StreamGate:

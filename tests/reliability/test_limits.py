@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -12,6 +13,8 @@ from reliability_helpers import make_png, wait_for
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
+from poc_api import _transport as transport_module
+from poc_api._transport import _PocH2Protocol
 from poc_api.server import ReferenceServer, tokenize
 from poc_api.server._grpc import encode_token
 
@@ -312,6 +315,39 @@ async def test_a_server_that_floods_pings_and_reads_no_answer_is_cut_off(
                 pass
         # Cut off after ~1 MiB of unread answers, plus what the socket buffers held.
         assert bad_server.flood_sent < 32 * MB, bad_server.flood_sent
+
+
+async def test_a_call_waiting_to_write_when_its_connection_is_cut_off_goes_elsewhere(
+    bad_server: MisbehavingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A call that had its connection but waited for the full write buffer to drain
+    # (before its HEADERS) was woken by nothing when the connection died: it hung
+    # (a flooding server cut off, or any connection lost while its buffer was full).
+    paused = threading.Event()
+    pause_writing = _PocH2Protocol.pause_writing
+
+    def pausing(self: _PocH2Protocol) -> None:
+        pause_writing(self)
+        paused.set()
+
+    monkeypatch.setattr(_PocH2Protocol, "pause_writing", pausing)
+    # (A longer flood before the cutoff: the second call is surely waiting by then.)
+    monkeypatch.setattr(transport_module, "_MAX_UNREAD_ANSWERS", 8 * MB)
+    bad_server.plan("OpenSession", Reply("ping_flood", claimed_size=256 * MB))
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def flooded() -> None:
+                    with pytest.raises(poc_api.ProtocolViolation, match="PING"):
+                        async with c.session():
+                            pass
+
+                nursery.start_soon(flooded)
+                await wait_for(paused.is_set, timeout=30)
+                async with c.session() as s:  # nothing of it was sent: sent again
+                    await s.prefill([1, 2])
+        assert bad_server.connections == 2
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "4"])
