@@ -50,6 +50,7 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     InformationalResponseReceived,
+    PingReceived,
     RemoteSettingsChanged,
     UnknownFrameReceived,
 )
@@ -331,8 +332,23 @@ _PROTOCOL_ERROR = "Protocol error"
 # Answers (PING and SETTINGS ACKs, 17 and 9 bytes) to a server that reads none of
 # them wait in the write buffer: past this much, written since that buffer filled
 # up (asyncio's high-water mark), the server is cut off. A server that reads never
-# comes near it; one that floods would otherwise grow it 1:1 with its flood.
+# comes near it; one that floods would otherwise grow it 1:1 with its flood. (Other
+# answers, RST_STREAM to frames on a stream this side reset, are not counted: a
+# legitimate server's frames in flight can add up, and flow control bounds them.)
 _MAX_UNREAD_ANSWERS = 1024 * 1024
+
+
+def _answer_bytes(events: list[Any]) -> int:
+    """The bytes h2 writes to answer these events' frames: PING and SETTINGS ACKs."""
+    answers = 0
+    for event in events:
+        if isinstance(event, PingReceived):
+            answers += 17
+        elif isinstance(event, RemoteSettingsChanged):
+            answers += 9
+    return answers
+
+
 _FLOODED = (
     "the server sends frames that need an answer (PING, SETTINGS) and reads none of the answers"
 )
@@ -1388,8 +1404,7 @@ class _PocH2Protocol(H2Protocol):
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
         self._socket: asyncio.Transport | None = None
-        self._writer: _CoalescingTransport | None = None
-        # Bytes h2 wrote to answer the server's frames (PING and SETTINGS ACKs)
+        # Bytes of h2's answers to the server's PING and SETTINGS frames (ACKs)
         # since the socket's write buffer filled up: see _MAX_UNREAD_ANSWERS.
         self._paused = False
         self._unread_answers = 0
@@ -1446,7 +1461,7 @@ class _PocH2Protocol(H2Protocol):
         # when the read began (16 KiB until the ACK), failing the connection.
         h2_conn.max_inbound_frame_size = _MAX_FRAME_SIZE
         writer = _CoalescingTransport(transport, self.before_select)  # type: ignore[arg-type]
-        self._socket, self._writer = transport, writer  # type: ignore[assignment]
+        self._socket = transport  # type: ignore[assignment]
         self.connection = _PocConnection(h2_conn, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.sessions_open = self.sessions_open
         self.connection.flush()
@@ -1464,8 +1479,6 @@ class _PocH2Protocol(H2Protocol):
 
     def data_received(self, data: bytes) -> None:
         # grpclib's own data_received, recording what it drops.
-        writer = self._writer
-        written = writer.written if writer is not None else 0
         try:
             events = self.connection.feed(data)
         except (h2.exceptions.ProtocolError, UnicodeDecodeError):
@@ -1473,8 +1486,8 @@ class _PocH2Protocol(H2Protocol):
             self._protocol_error()
             return
         self.connection.flush()
-        if self._paused and writer is not None:
-            self._unread_answers += writer.written - written
+        if self._paused:
+            self._unread_answers += _answer_bytes(events)
             if self._unread_answers > _MAX_UNREAD_ANSWERS:
                 self._flooded()
                 return
@@ -1659,7 +1672,7 @@ class _CoalescingTransport:
     waits longer than the iteration that wrote it.
     """
 
-    __slots__ = ("_before_select", "_chunks", "_real", "written")
+    __slots__ = ("_before_select", "_chunks", "_real")
 
     def __init__(
         self,
@@ -1669,12 +1682,10 @@ class _CoalescingTransport:
         self._real = real
         self._before_select = before_select
         self._chunks: list[bytes] = []
-        self.written = 0  # bytes, in total
 
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self.written += len(data)
         chunks = self._chunks
         chunks.append(data)
         if len(chunks) == 1:
