@@ -36,6 +36,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("grpclib.protocol.Connection", "_is_need_send_ping", "keepalive between turns"),
     ("grpclib.protocol.Connection instance", "last_ping_sent", "keepalive between turns"),
     ("grpclib.protocol.Connection instance", "_config", "keepalive between turns"),
+    (
+        "grpclib.protocol.Connection instance",
+        "write_ready",
+        "wake a call waiting to write when its connection dies",
+    ),
     ("grpclib.client.Channel", "_protocol_factory", "install the split-window protocol"),
     ("grpclib.client.Channel", "__connect__", "bounded connect; never reconnect a closed one"),
     ("grpclib.client.Channel instance", "_protocol", "the connection's SETTINGS state"),
