@@ -73,6 +73,10 @@ server's default)::
   (REFUSED_STREAM), in one write: a refusal of a call the server answered;
 - ``"two_replies"`` (unary methods): two good reply messages, then nothing (the
   stream stays open);
+- ``"reply_then_status"`` (unary methods): the ``"ok"`` reply, then trailers with
+  ``grpc-status`` = ``status``;
+- ``"reply_then_close"`` (unary methods): the ``"ok"`` reply, then close the TCP
+  connection (no trailers);
 - ``"dribble"``: Generate sends its ``tokens`` tokens a byte per DATA frame, each
   followed by an empty DATA frame (within the window: it must be small);
   ``"dribble_ping"`` the same with a PING after each byte instead;
@@ -83,6 +87,8 @@ server's default)::
   as one blob, so they go out in DATA frames as big as the stream's window and the
   client's frame size allow.
 
+``srv.opened`` holds every session id an OpenSession answer carried (sent or not
+cut short), ``srv.closed`` every one a CloseSession asked to close.
 ``srv.data_sent`` counts the DATA bytes written so far, on every stream;
 ``srv.ping_times`` holds (connection, ``time.monotonic()``) of every PING received.
 
@@ -157,6 +163,8 @@ Kind = Literal[
     "ping_flood",
     "refuse_after_answer",
     "two_replies",
+    "reply_then_status",
+    "reply_then_close",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -226,6 +234,8 @@ class MisbehavingServer:
         self.data_sent = 0
         self.dribbled = False  # a "dribble" reply was sent in full
         self.flood_sent = 0  # "ping_flood": bytes of PING frames written
+        self.opened: list[str] = []  # session ids OpenSession answers carried
+        self.closed: list[str] = []  # session ids CloseSession asked to close
         self._plans: defaultdict[str, deque[Reply]] = defaultdict(deque)
         self._open: list[trio.SocketStream] = []
 
@@ -418,6 +428,8 @@ class _Connection:
     async def _respond(self, sid: int, method: str, body: bytes) -> None:
         reply = self.server._next_reply(method)
         self.server.calls.append(Call(method, self.number, sid, reply.kind))
+        if method == "CloseSession":
+            self.server.closed.append(pb.CloseSessionRequest.parse(body[5:]).session_id)
         try:
             await getattr(self, "_" + reply.kind)(sid, method, body[5:], reply)
         except (
@@ -442,6 +454,7 @@ class _Connection:
             session_id = reply.session_id
             if session_id is None:
                 session_id = f"mis-{self.number}-{sid}"
+            self.server.opened.append(session_id)
             msg = pb.OpenSessionResponse(session_id=session_id, max_length=1 << 20)
             await self.send_unary(sid, bytes(msg), trailers)
         elif method == "CloseSession":
@@ -660,7 +673,9 @@ class _Connection:
     def _good_reply(self, sid: int, method: str) -> bytes:
         if method == "Generate":
             return encode_token(65, False, 1, -0.5)
-        msg = pb.OpenSessionResponse(session_id=f"mis-{self.number}-{sid}", max_length=1 << 20)
+        session_id = f"mis-{self.number}-{sid}"
+        self.server.opened.append(session_id)
+        msg = pb.OpenSessionResponse(session_id=session_id, max_length=1 << 20)
         return _frame_len(0, len(bytes(msg))) + bytes(msg)
 
     async def _refuse_after_answer(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
@@ -673,6 +688,14 @@ class _Connection:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         await self.send_data(sid, self._good_reply(sid, method) * 2)
         await trio.sleep_forever()
+
+    async def _reply_then_status(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._ok(sid, method, body, reply, trailers=[("grpc-status", str(reply.status))])
+
+    async def _reply_then_close(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self.send_headers(sid, _GRPC_HEADERS, end=False)
+        await self.send_data(sid, self._good_reply(sid, method))
+        await self.close()
 
     async def _refuse(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)

@@ -344,6 +344,24 @@ async def test_a_pool_session_timeout_after_its_open_session_was_sent_is_not_ret
         assert [c.kind for c in a.calls + b.calls if c.method == "OpenSession"].count("silent") == 1
 
 
+async def test_a_pool_session_answered_then_lost_is_closed_where_it_was_made() -> None:
+    # Each endpoint answers OpenSession, then drops the connection: the pool
+    # tries the other. The session each server made was left open there; now
+    # each is closed, on its own server (not the route's next endpoint).
+    async with misbehaving_server() as a, misbehaving_server() as b:
+        for srv in (a, b):
+            srv.plan("OpenSession", Reply("reply_then_close"))
+        async with poc_api.ApiClient(
+            DUMMY_BASE_URL, grpc_url=[a.url, b.url], close_timeout=0.5, health_check_interval=3600
+        ) as client:
+            with trio.fail_after(10):
+                with pytest.raises(poc_api.ServerUnavailable):
+                    async with client.session():
+                        pass
+                assert len(a.opened) == len(b.opened) == 1
+                await wait_for(lambda: a.closed == a.opened and b.closed == b.opened)
+
+
 async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:
     # The health checks' interval is also their timeout: at 50 ms, a loaded
     # machine timed them all out, and with every endpoint UNREACHABLE the pool

@@ -65,6 +65,8 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "GrpcTransport",
         "KeepAlive",
         "StreamBudget",
+        "Orphan",
+        "UnaryInLoop",
         "deadline",
         "map_grpc_error",
         "RawCodec",

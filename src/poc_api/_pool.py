@@ -46,7 +46,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, final
 from urllib.parse import urlsplit
@@ -63,7 +63,15 @@ from ._proto.grpc.health.v1 import (
     HealthCheckResponse,
     HealthCheckResponseServingStatus,
 )
-from ._transport import GrpcTarget, GrpcTransport, StreamCall, _Collect, _Progress, deadline
+from ._transport import (
+    GrpcTarget,
+    GrpcTransport,
+    Orphan,
+    StreamCall,
+    _Collect,
+    _Progress,
+    deadline,
+)
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -671,7 +679,7 @@ class SessionRoute:
         request: bytes,
         *,
         timeout: float | None = None,
-        orphan: Callable[[bytes], Awaitable[None]] | None = None,
+        orphan: Orphan | None = None,
         cleanup: bool = False,
         abortable: bool = False,
     ) -> bytes:
@@ -697,7 +705,7 @@ class SessionRoute:
         self,
         request: bytes,
         timeout: float | None,
-        orphan: Callable[[bytes], Awaitable[None]] | None,
+        orphan: Orphan | None,
         progress: _Progress | None = None,
     ) -> bytes:
         if timeout is not None:
@@ -723,7 +731,8 @@ class SessionRoute:
                     progress=attempt,
                 )
             except BaseException as exc:
-                # Either way no session was made there: nothing is lost by
+                # Either way no session is left there (one the server made before
+                # the call failed is closed by ``orphan``): nothing is lost by
                 # opening it on another endpoint.
                 if isinstance(exc, e.ServerUnavailable):
                     ep.failed()

@@ -21,7 +21,7 @@ import trio
 from . import _errors as e
 from ._chunks import check_image_mime
 from ._proto import salience as pb
-from ._transport import StreamCall, map_grpc_error
+from ._transport import StreamCall, UnaryInLoop, map_grpc_error
 from ._types import (
     U32_MAX,
     Done,
@@ -677,12 +677,17 @@ class open_session:  # used like the function it replaced
         transport = self._transport.bind_session()
         log.debug("opening new session (model=%r)", self._model)
 
-        async def close_orphan(reply: bytes) -> None:
-            # asyncio side: the caller gave up on OpenSession after the server had
-            # already made the session; close it instead of leaking it until eviction.
+        async def close_orphan(reply: bytes, call: UnaryInLoop) -> None:
+            # asyncio side: the server made the session, and the caller never got
+            # it (it gave up on OpenSession, or the call failed after the answer
+            # came): close it instead of leaking it until eviction. ``call`` goes
+            # where the OpenSession went (in a pool, the next attempt's endpoint
+            # may already be the route's).
             sid, _ = decode_open_session(reply)
-            log.debug("closing session %s, whose OpenSession call was abandoned", sid)
-            await _close_in_loop(transport, sid)
+            if not sid:
+                return
+            log.debug("closing session %s, which its OpenSession caller never got", sid)
+            await call("CloseSession", encode_string_field(sid))  # CloseSessionRequest
 
         live.in_flight += 1
         try:

@@ -64,11 +64,20 @@ from ._http import EXCERPT_LIMIT, key_redactor, shown_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
+#: asyncio: a unary call (method, request) on the endpoint, and with the metadata, of
+#: the call whose reply is being undone.
+UnaryInLoop = Callable[[str, bytes], Awaitable[bytes]]
+#: asyncio: undoes what a reply says the server did, for a caller that never got
+#: it (see :meth:`GrpcTransport.unary`).
+Orphan = Callable[[bytes, UnaryInLoop], Awaitable[None]]
+
 __all__ = [
     "GrpcTarget",
     "GrpcTransport",
     "KeepAlive",
+    "Orphan",
     "StreamBudget",
+    "UnaryInLoop",
     "deadline",
     "map_grpc_error",
 ]
@@ -800,6 +809,10 @@ class GrpcTransport:
                             reader = _Reader(stream._stream, max_size, path)
                             await _receive(stream, reader, sink)
                         except BaseException:
+                            if raw is not None and isinstance(sink, _Collect) and sink.salvage:
+                                # A reply still in grpclib's buffer (the buffer goes
+                                # with the stream) says what the server did too.
+                                sink.salvage_from(reader or _Reader(raw, max_size, path))
                             _reset_cancel(stream)
                             raise
                 finally:
@@ -844,12 +857,26 @@ class GrpcTransport:
         progress: _Progress | None = None,
         *,
         extra_metadata: tuple[tuple[str, str], ...] = (),
+        undo: Orphan | None = None,
     ) -> bytes:
-        """asyncio: a unary call, for code already running on the asyncio side."""
+        """asyncio: a unary call, for code already running on the asyncio side.
+
+        With ``undo``, a call that fails after its reply arrived (the server
+        acted on it: a reset, an error status or a lost connection came after
+        the answer) has ``undo(reply, ...)`` run in the background: its caller
+        gets the error and nothing to undo with.
+        """
         path = SERVICE + method
         self._check_size(request, path)
-        sink = _Collect(method)
-        await self._exchange(path, Cardinality.UNARY_UNARY, request, sink, progress, extra_metadata)
+        sink = _Collect(method, salvage=undo is not None)
+        try:
+            await self._exchange(
+                path, Cardinality.UNARY_UNARY, request, sink, progress, extra_metadata
+            )
+        except BaseException:
+            if undo is not None and sink.items:
+                self._undo_later(undo, sink.items[0], extra_metadata)
+            raise
         if not sink.items:
             raise e.ProtocolViolation(f"{method}: expected one reply message, got none")
         return sink.items[0]
@@ -863,7 +890,7 @@ class GrpcTransport:
         request: bytes,
         *,
         timeout: float | None = None,
-        orphan: Callable[[bytes], Awaitable[None]] | None = None,
+        orphan: Orphan | None = None,
         cleanup: bool = False,
         abortable: bool = False,
         extra_metadata: tuple[tuple[str, str], ...] = (),
@@ -873,9 +900,11 @@ class GrpcTransport:
 
         ``timeout`` bounds the whole call (PocApiTimeout). With ``orphan``, a call
         abandoned (cancelled or timed out) keeps running in the background for up
-        to ``reap_timeout`` seconds, and ``orphan(reply)`` runs (on asyncio) if its
-        reply comes: how an OpenSession that reached the server still gets its
-        session closed. The client's exit waits for these cleanups. A
+        to ``reap_timeout`` seconds, and ``orphan(reply, call)`` runs (on asyncio)
+        if its reply comes, ``call`` making unary calls on this call's endpoint:
+        how an OpenSession that reached the server still gets its session closed.
+        So does one whose reply came before the call failed. The client's exit
+        waits for these cleanups. A
         ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
         ``KeyboardInterrupt`` comes once it has finished. An ``abortable`` call
         (``AppendImage``) ends at once when the client's close begins.
@@ -901,7 +930,7 @@ class GrpcTransport:
         method: str,
         request: bytes,
         progress: _Progress,
-        orphan: Callable[[bytes], Awaitable[None]] | None,
+        orphan: Orphan | None,
         cleanup: bool,
         abortable: bool,
         extra_metadata: tuple[tuple[str, str], ...],
@@ -910,13 +939,13 @@ class GrpcTransport:
 
         async def call() -> bytes:
             reply = await self.unary_in_loop(
-                method, request, progress, extra_metadata=extra_metadata
+                method, request, progress, extra_metadata=extra_metadata, undo=orphan
             )
             if progress.reap_timer is not None and orphan is not None:
                 # Detached (the caller gave up after the HEADERS went out) and the
                 # reply came in time: undo what the server did.
                 progress.reap_timer.cancel()
-                await _undo(orphan, reply)
+                await _undo(orphan, reply, self._unary_on(extra_metadata))
             return reply
 
         def detach(task: asyncio.Task[Any]) -> bool:
@@ -934,9 +963,7 @@ class GrpcTransport:
         def abandoned(reply: bytes) -> None:
             # The reply arrived just as the caller gave up: undo it all the same.
             if orphan is not None:
-                self._bridge.call_soon(
-                    lambda: self._reap_later(asyncio.ensure_future(_undo(orphan, reply)))
-                )
+                self._bridge.call_soon(lambda: self._undo_later(orphan, reply, extra_metadata))
 
         # The slot by hand, not by a context manager: this is every unary call's path.
         self._take_slot(method, cleanup=cleanup)
@@ -952,6 +979,21 @@ class GrpcTransport:
             _raise_mapped(exc, path, closed=self._closed, redact=self._redact)
         finally:
             self._give_slot()
+
+    def _unary_on(self, extra_metadata: tuple[tuple[str, str], ...]) -> UnaryInLoop:
+        """asyncio: unary calls with a call's metadata, for undoing what it did."""
+
+        def call(method: str, request: bytes) -> Awaitable[bytes]:
+            return self.unary_in_loop(method, request, extra_metadata=extra_metadata)
+
+        return call
+
+    def _undo_later(
+        self, orphan: Orphan, reply: bytes, extra_metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        """asyncio: undo a reply nobody will use, in the background (see ``unary``)."""
+        undo = _undo(orphan, reply, self._unary_on(extra_metadata))
+        self._reap_later(asyncio.ensure_future(undo))
 
     def _reap_later(self, task: asyncio.Future[Any]) -> None:
         """asyncio: the client's exit waits (``reap_timeout``) for this cleanup task."""
@@ -1032,10 +1074,10 @@ class _SinkLike(Protocol):
     async def wait_space(self) -> None: ...
 
 
-async def _undo(orphan: Callable[[bytes], Awaitable[None]], reply: bytes) -> None:
+async def _undo(orphan: Orphan, reply: bytes, call: UnaryInLoop) -> None:
     """asyncio: undo what an abandoned call's reply says the server did; a failure is logged."""
     try:
-        await orphan(reply)
+        await orphan(reply, call)
     except Exception as exc:
         log.warning("cleaning up after an abandoned call failed: %s", exc)
 
@@ -1087,9 +1129,11 @@ class _Collect:
     """A sink for a unary call's reply: a second one fails the call at once (a
     server that kept answering would otherwise fill memory until it ended)."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, *, salvage: bool = False) -> None:
         self.method = method
         self.items: list[bytes] = []
+        # A reply that arrived before the call failed is wanted (to undo it).
+        self.salvage = salvage
 
     def push(self, item: bytes) -> bool:
         if self.items:
@@ -1099,6 +1143,13 @@ class _Collect:
 
     async def wait_space(self) -> None:  # pragma: no cover - never full
         return
+
+    def salvage_from(self, reader: _Reader) -> None:
+        """Keep the reply of a failing call from what ``reader`` has not read yet."""
+        if not self.items:
+            first = reader.first_received()
+            if first is not None:
+                self.items.append(first)
 
 
 class _Reader:
@@ -1143,6 +1194,26 @@ class _Reader:
         # and their data bytes: the last _owed_data bytes of what is not cut yet.
         self._owed = 0
         self._owed_data = 0
+
+    def first_received(self) -> bytes | None:
+        """The first whole message received and not read yet; it does not wait.
+
+        For a call that failed right after its answer arrived (a reset or a
+        lost connection behind it), whose answer the caller still needs.
+        """
+        # Taken without giving their window back: the stream is ending, and the
+        # connection's part went back on receipt (_SplitWindowH2Connection).
+        chunks = self.raw.buffer._unacked
+        parts = [self._buf[self._pos :], *self._parts]
+        while not chunks.empty():
+            parts.append(chunks.get_nowait()[0])
+        data = b"".join(parts)
+        if len(data) < 5 or data[0]:
+            return None
+        end = 5 + int.from_bytes(data[1:5], "big")
+        if end - 5 > self.max_size or end > len(data):
+            return None
+        return data[5:end]
 
     async def pump(self, sink: _SinkLike) -> None:
         """Read every message to the end of the stream into ``sink``.

@@ -241,6 +241,35 @@ async def test_a_refusal_after_an_answer_is_not_retriable_and_not_sent_again(
         await assert_next_call_works(c)
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply("refuse_after_answer"),
+        Reply("two_replies"),
+        Reply("reply_then_status", status=13),
+        Reply("reply_then_close"),
+        Reply("no_trailers"),
+        Reply("bad_bin_trailer"),
+    ],
+    ids=lambda reply: reply.kind,
+)
+async def test_a_session_answered_by_an_open_session_that_then_failed_is_closed(
+    bad_server: MisbehavingServer, reply: Reply
+) -> None:
+    # The answer came (the server made the session), then the call failed: its
+    # caller gets the error and no session to close, and the session was left
+    # open on the server until its idle eviction.
+    async with client_for(bad_server) as c:
+        bad_server.plan("OpenSession", reply)
+        with trio.fail_after(5), pytest.raises(poc_api.PocApiError):
+            async with c.session():
+                pass
+        assert len(bad_server.opened) == 1
+        await wait_for(lambda: bad_server.closed == bad_server.opened)
+        await assert_next_call_works(c)
+    assert bad_server.closed == bad_server.opened
+
+
 async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
     bad_server: MisbehavingServer,
 ) -> None:
