@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -19,7 +20,15 @@ from helpers import wait_for
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
-from poc_api import EndpointState, EndpointStatus, SamplingParams, StreamDone, TokenOut, Tokens
+from poc_api import (
+    EndpointState,
+    EndpointStatus,
+    SamplingParams,
+    StreamDone,
+    TokenOut,
+    Tokens,
+    _transport,
+)
 from poc_api._proto.grpc.health.v1 import (
     HealthCheckRequest,
     HealthCheckResponseServingStatus,
@@ -360,6 +369,33 @@ async def test_a_pool_session_answered_then_lost_is_closed_where_it_was_made() -
                         pass
                 assert len(a.opened) == len(b.opened) == 1
                 await wait_for(lambda: a.closed == a.opened and b.closed == b.opened)
+
+
+async def test_a_pool_session_undone_late_is_closed_where_it_was_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same, with each undo starting after the route moved on to the other
+    # endpoint: a close sent by the route would go to the wrong server.
+    real = _transport._undo
+
+    async def late(*args: Any) -> None:
+        await asyncio.sleep(0.3)
+        await real(*args)
+
+    monkeypatch.setattr(_transport, "_undo", late)
+    async with misbehaving_server() as a, misbehaving_server() as b:
+        for srv in (a, b):
+            srv.plan("OpenSession", Reply("reply_then_close"))
+        async with poc_api.ApiClient(
+            DUMMY_BASE_URL, grpc_url=[a.url, b.url], close_timeout=2, health_check_interval=3600
+        ) as client:
+            with trio.fail_after(10):
+                with pytest.raises(poc_api.ServerUnavailable):
+                    async with client.session():
+                        pass
+                await wait_for(lambda: len(a.closed) + len(b.closed) == 2)
+                assert len(a.opened) == len(b.opened) == 1
+                assert (a.closed, b.closed) == (a.opened, b.opened)
 
 
 async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> None:

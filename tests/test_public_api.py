@@ -66,7 +66,6 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "KeepAlive",
         "StreamBudget",
         "Orphan",
-        "UnaryInLoop",
         "deadline",
         "map_grpc_error",
         "RawCodec",

@@ -21,7 +21,7 @@ import trio
 from . import _errors as e
 from ._chunks import check_image_mime
 from ._proto import salience as pb
-from ._transport import StreamCall, UnaryInLoop, map_grpc_error
+from ._transport import StreamCall, map_grpc_error
 from ._types import (
     U32_MAX,
     Done,
@@ -677,17 +677,30 @@ class open_session:  # used like the function it replaced
         transport = self._transport.bind_session()
         log.debug("opening new session (model=%r)", self._model)
 
-        async def close_orphan(reply: bytes, call: UnaryInLoop) -> None:
+        async def close_orphan(
+            reply: bytes, owner: GrpcTransport, metadata: tuple[tuple[str, str], ...]
+        ) -> None:
             # asyncio side: the server made the session, and the caller never got
             # it (it gave up on OpenSession, or the call failed after the answer
-            # came): close it instead of leaking it until eviction. ``call`` goes
-            # where the OpenSession went (in a pool, the next attempt's endpoint
-            # may already be the route's).
+            # came): close it instead of leaking it until eviction. ``owner`` is
+            # the transport the OpenSession went by (in a pool, the route may
+            # already point at the next attempt's endpoint).
             sid, _ = decode_open_session(reply)
             if not sid:
                 return
             log.debug("closing session %s, which its OpenSession caller never got", sid)
-            await call("CloseSession", encode_string_field(sid))  # CloseSessionRequest
+            try:
+                await owner.unary_in_loop(
+                    "CloseSession",
+                    encode_string_field(sid),  # CloseSessionRequest
+                    extra_metadata=metadata,
+                )
+            except Exception as exc:
+                if isinstance(map_grpc_error(exc, "CloseSession"), e.SessionNotFound):
+                    # A failed call's reply need not mean the session was kept.
+                    log.debug("session %s, of a failed OpenSession, was not found", sid)
+                else:
+                    _log_close_failure(owner, sid, exc, " (its OpenSession's caller never got it)")
 
         live.in_flight += 1
         try:

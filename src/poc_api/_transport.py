@@ -64,12 +64,10 @@ from ._http import EXCERPT_LIMIT, key_redactor, shown_url
 from ._types import check_timeout
 from ._wire import RawCodec
 
-#: asyncio: a unary call (method, request) on the endpoint, and with the metadata, of
-#: the call whose reply is being undone.
-UnaryInLoop = Callable[[str, bytes], Awaitable[bytes]]
 #: asyncio: undoes what a reply says the server did, for a caller that never got
-#: it (see :meth:`GrpcTransport.unary`).
-Orphan = Callable[[bytes, UnaryInLoop], Awaitable[None]]
+#: it (see :meth:`GrpcTransport.unary`): ``orphan(reply, transport, metadata)``,
+#: the transport and metadata of the call that got the reply.
+Orphan = Callable[[bytes, "GrpcTransport", tuple[tuple[str, str], ...]], Awaitable[None]]
 
 __all__ = [
     "GrpcTarget",
@@ -77,7 +75,6 @@ __all__ = [
     "KeepAlive",
     "Orphan",
     "StreamBudget",
-    "UnaryInLoop",
     "deadline",
     "map_grpc_error",
 ]
@@ -809,11 +806,13 @@ class GrpcTransport:
                             reader = _Reader(stream._stream, max_size, path)
                             await _receive(stream, reader, sink)
                         except BaseException:
-                            if raw is not None and isinstance(sink, _Collect) and sink.salvage:
-                                # A reply still in grpclib's buffer (the buffer goes
-                                # with the stream) says what the server did too.
-                                sink.salvage_from(reader or _Reader(raw, max_size, path))
-                            _reset_cancel(stream)
+                            try:
+                                if raw is not None and isinstance(sink, _Collect) and sink.salvage:
+                                    # A reply still in grpclib's buffer (it goes with
+                                    # the stream) says what the server did too.
+                                    sink.salvage_from(reader or _Reader(raw, max_size, path))
+                            finally:
+                                _reset_cancel(stream)
                             raise
                 finally:
                     gate.leave()
@@ -900,9 +899,9 @@ class GrpcTransport:
 
         ``timeout`` bounds the whole call (PocApiTimeout). With ``orphan``, a call
         abandoned (cancelled or timed out) keeps running in the background for up
-        to ``reap_timeout`` seconds, and ``orphan(reply, call)`` runs (on asyncio)
-        if its reply comes, ``call`` making unary calls on this call's endpoint:
-        how an OpenSession that reached the server still gets its session closed.
+        to ``reap_timeout`` seconds, and ``orphan(reply, self, extra_metadata)``
+        runs (on asyncio) if its reply comes: how an OpenSession that reached the
+        server still gets its session closed, on the endpoint that made it.
         So does one whose reply came before the call failed. The client's exit
         waits for these cleanups. A
         ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
@@ -945,7 +944,7 @@ class GrpcTransport:
                 # Detached (the caller gave up after the HEADERS went out) and the
                 # reply came in time: undo what the server did.
                 progress.reap_timer.cancel()
-                await _undo(orphan, reply, self._unary_on(extra_metadata))
+                await _undo(orphan, reply, self, extra_metadata)
             return reply
 
         def detach(task: asyncio.Task[Any]) -> bool:
@@ -980,20 +979,14 @@ class GrpcTransport:
         finally:
             self._give_slot()
 
-    def _unary_on(self, extra_metadata: tuple[tuple[str, str], ...]) -> UnaryInLoop:
-        """asyncio: unary calls with a call's metadata, for undoing what it did."""
-
-        def call(method: str, request: bytes) -> Awaitable[bytes]:
-            return self.unary_in_loop(method, request, extra_metadata=extra_metadata)
-
-        return call
-
     def _undo_later(
         self, orphan: Orphan, reply: bytes, extra_metadata: tuple[tuple[str, str], ...]
     ) -> None:
         """asyncio: undo a reply nobody will use, in the background (see ``unary``)."""
-        undo = _undo(orphan, reply, self._unary_on(extra_metadata))
-        self._reap_later(asyncio.ensure_future(undo))
+        if self._closed:  # its close's calls would fail at once
+            log.debug("not undoing a reply that came as the client closed")
+            return
+        self._reap_later(asyncio.ensure_future(_undo(orphan, reply, self, extra_metadata)))
 
     def _reap_later(self, task: asyncio.Future[Any]) -> None:
         """asyncio: the client's exit waits (``reap_timeout``) for this cleanup task."""
@@ -1028,13 +1021,17 @@ class GrpcTransport:
         """
 
         async def close() -> None:
-            reapers = set(self._reapers)
-            if reapers:
-                _, pending = await asyncio.wait(reapers, timeout=self._reap_timeout)
+            # The set read again: a cleanup that ends (a detached call failing
+            # after its reply, or cut by its reap timer) may start another.
+            loop = asyncio.get_running_loop()
+            end = loop.time() + self._reap_timeout
+            while self._reapers and (left := end - loop.time()) > 0:
+                await asyncio.wait(set(self._reapers), timeout=left)
+            while self._reapers:
+                pending = set(self._reapers)
                 for task in pending:
                     task.cancel()
-                if pending:
-                    await asyncio.wait(pending)
+                await asyncio.wait(pending)
             self._shut()
 
         await self._bridge.run(close, defer_ki=True)
@@ -1074,10 +1071,15 @@ class _SinkLike(Protocol):
     async def wait_space(self) -> None: ...
 
 
-async def _undo(orphan: Orphan, reply: bytes, call: UnaryInLoop) -> None:
+async def _undo(
+    orphan: Orphan,
+    reply: bytes,
+    transport: GrpcTransport,
+    extra_metadata: tuple[tuple[str, str], ...],
+) -> None:
     """asyncio: undo what an abandoned call's reply says the server did; a failure is logged."""
     try:
-        await orphan(reply, call)
+        await orphan(reply, transport, extra_metadata)
     except Exception as exc:
         log.warning("cleaning up after an abandoned call failed: %s", exc)
 
@@ -1198,11 +1200,11 @@ class _Reader:
     def first_received(self) -> bytes | None:
         """The first whole message received and not read yet; it does not wait.
 
-        For a call that failed right after its answer arrived (a reset or a
-        lost connection behind it), whose answer the caller still needs.
+        For a call that failed (or was cancelled) after its answer arrived,
+        whose answer is still needed. Its stream is reset right after.
         """
-        # Taken without giving their window back: the stream is ending, and the
-        # connection's part went back on receipt (_SplitWindowH2Connection).
+        # Taken without giving their window back: the stream is reset next, and
+        # the connection's part went back on receipt (_SplitWindowH2Connection).
         chunks = self.raw.buffer._unacked
         parts = [self._buf[self._pos :], *self._parts]
         while not chunks.empty():

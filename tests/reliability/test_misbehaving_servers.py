@@ -12,9 +12,10 @@ import time
 from contextlib import AsyncExitStack
 
 import attrs
+import h2.errors
 import pytest
 import trio
-from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from misbehaving import _GRPC_HEADERS, DUMMY_BASE_URL, MisbehavingServer, Reply
 from reliability_helpers import wait_for
 
 import poc_api
@@ -268,6 +269,86 @@ async def test_a_session_answered_by_an_open_session_that_then_failed_is_closed(
         await wait_for(lambda: bad_server.closed == bad_server.opened)
         await assert_next_call_works(c)
     assert bad_server.closed == bad_server.opened
+
+
+async def _answer_held_open_session_without_trailers(srv: MisbehavingServer) -> None:
+    await wait_for(lambda: srv.held is not None)
+    assert srv.held is not None
+    conn, sid = srv.held
+    await conn.send_headers(sid, _GRPC_HEADERS, end=False)
+    await conn.send_data(sid, conn._good_reply(sid, "OpenSession"))
+
+
+async def _open_and_give_up_after_the_answer(c: poc_api.ApiClient, srv: MisbehavingServer) -> None:
+    """An OpenSession answered (no trailers yet) whose caller gives up: detached."""
+    srv.plan("OpenSession", Reply("hold"))
+    async with trio.open_nursery() as nursery:
+
+        async def opener() -> None:
+            async with c.session():
+                pass
+
+        nursery.start_soon(opener)
+        await _answer_held_open_session_without_trailers(srv)
+        await trio.sleep(0.2)  # the reply is in; its trailers are not
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("then", ["error_status", "ok_trailers", "reset", "lost_connection"])
+async def test_a_detached_open_session_is_closed_once_however_it_ends(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture, then: str
+) -> None:
+    # The caller gave up after the answer came: the call runs on in the background
+    # and its session is closed once (by the failure path or the detached one).
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with client_for(bad_server, close_timeout=3) as c:
+        await _open_and_give_up_after_the_answer(c, bad_server)
+        assert bad_server.held is not None
+        conn, sid = bad_server.held
+        if then == "error_status":
+            await conn.send_headers(sid, [("grpc-status", "13")], end=True)
+        elif then == "ok_trailers":
+            await conn.send_headers(sid, [("grpc-status", "0")], end=True)
+        elif then == "reset":
+            conn.h2.reset_stream(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            await conn.flush()
+        else:
+            await bad_server.close_connections()
+        await wait_for(lambda: bad_server.closed == bad_server.opened)
+        await trio.sleep(0.3)  # no second close
+    assert bad_server.closed == bad_server.opened == ["mis-1-1"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_detached_open_session_cut_by_its_reap_timer_after_the_answer_is_closed(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Its trailers never come: the reap timer cancels the call, with the reply in hand.
+    async with client_for(bad_server, close_timeout=0.3) as c:
+        await _open_and_give_up_after_the_answer(c, bad_server)
+        await wait_for(lambda: bad_server.closed == bad_server.opened, timeout=3)
+    assert bad_server.closed == bad_server.opened == ["mis-1-1"]
+
+
+async def test_a_session_to_undo_that_comes_during_the_clients_close_is_closed(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The close waited for the cleanups it knew of when it began: one started
+    # during that wait (the detached call failing) was cut off, with a WARNING.
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with client_for(bad_server, close_timeout=3) as c:
+        await _open_and_give_up_after_the_answer(c, bad_server)
+
+        async def lose_the_connection() -> None:
+            await trio.sleep(0.3)
+            await bad_server.close_connections()  # the detached call fails now
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lose_the_connection)
+                await c.aclose()
+    assert bad_server.closed == bad_server.opened == ["mis-1-1"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
