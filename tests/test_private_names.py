@@ -15,6 +15,7 @@ from typing import Any
 
 import grpclib.server
 import h2.connection
+import h2.exceptions
 import hpack
 import trio
 from grpclib.client import Channel
@@ -55,6 +56,7 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
                 "grpclib.client.Channel instance": channel,
                 "grpclib.client.Stream instance": stream,
                 "h2.connection.H2Connection instance": h2.connection.H2Connection(),
+                "h2.exceptions.StreamClosedError instance": h2.exceptions.StreamClosedError(1),
                 "hpack.Encoder instance": hpack.Encoder(),
                 "hpack.table.HeaderTable instance": hpack.Encoder().header_table,
             }

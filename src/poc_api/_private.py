@@ -4,7 +4,8 @@ grpclib offers no public way to reset a stream with CANCEL, to read messages
 without its per-message codec (or a stream's DATA a chunk at a time), to swap
 the h2 connection class (the flow-control split), to know whether the peer's
 SETTINGS arrived, or to set keepalive; h2 offers no public way to return
-connection-level window apart from stream-level window; hpack documents neither
+connection-level window apart from stream-level window, nor to receive frames
+without formatting each one for a trace log nobody reads; hpack documents neither
 its encoder's table nor how h2 holds its encoder. ``_transport.py`` and
 ``_hpack.py`` use the names below for that, and nothing else private
 (``server/_grpc.py`` uses the last two for the reference server's graceful
@@ -67,6 +68,13 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "keep a connection open after a graceful GOAWAY",
     ),
     ("grpclib.protocol.Stream", "__terminated__", "end streams above a GOAWAY's last id"),
+    # h2's _receive_frame, taken over less its per-frame repr (see _transport.py),
+    # and what it calls; tests/test_h2_receive_frame.py runs both on the same frames.
+    ("h2.connection.H2Connection", "_receive_frame", "receive frames without a repr each"),
+    ("h2.connection.H2Connection instance", "_frame_dispatch_table", "receive frames"),
+    ("h2.connection.H2Connection", "_stream_is_closed_by_reset", "receive frames"),
+    ("h2.connection.H2Connection", "_stream_is_closed_by_end", "receive frames"),
+    ("h2.exceptions.StreamClosedError instance", "_events", "receive frames"),
     (
         "h2.connection.H2Connection instance",
         "_inbound_flow_control_window_manager",

@@ -54,8 +54,8 @@ from h2.events import (
     RemoteSettingsChanged,
     UnknownFrameReceived,
 )
-from h2.exceptions import StreamClosedError
-from hyperframe.frame import WindowUpdateFrame
+from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from hyperframe.frame import RstStreamFrame, WindowUpdateFrame
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver, Sink, StreamBlock
@@ -1403,6 +1403,36 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
                 frame.window_increment = increment
                 self._prepare_for_sending([frame])
         return events
+
+    def _receive_frame(self, frame: Any) -> list[Any]:
+        # h2's own, less its first line: ``logger.trace("...", repr(frame))``
+        # formats every frame received, logger or not (a few % of a unary call's
+        # CPU). tests/test_private_names.py runs both on the same frames.
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except StreamClosedError as exc:
+            # Closed by RST_STREAM: a stream error (RST_STREAM back); else a
+            # connection error.
+            if self._stream_is_closed_by_reset(exc.stream_id):
+                f = RstStreamFrame(exc.stream_id)
+                f.error_code = exc.error_code
+                self._prepare_for_sending([f])
+                events = exc._events
+            else:
+                raise
+        except StreamIDTooLowError as exc:
+            if self._stream_is_closed_by_reset(exc.stream_id):
+                f = RstStreamFrame(exc.stream_id)
+                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(exc.stream_id):
+                raise StreamClosedError(exc.stream_id) from exc
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events  # type: ignore[no-any-return]
 
     goaway_last_stream_id: int | None = None
     lost = False  # the connection is gone (set by _PocH2Protocol.connection_lost)
