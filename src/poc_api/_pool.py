@@ -373,6 +373,9 @@ class Router:
         self._bridge = bridge
         self._make_transport = make_transport
         self._header = affinity_header
+        # Affinity keys are to be unique, not secret: no syscall per session (it
+        # would also hand the GIL to the loop thread, mid-call).
+        self._keys = random.Random(os.urandom(16))
         self._health_interval = health_interval
         self._dns_refresh = dns_refresh
         self._owned: list[GrpcTransport] = list(owned)  # the router closes these
@@ -420,7 +423,7 @@ class Router:
             if len(self._endpoints) == 1 and self._dns is None:
                 return self._endpoints[0].transport
             return SessionRoute(self, ())
-        return SessionRoute(self, ((self._header, os.urandom(8).hex()),))
+        return SessionRoute(self, ((self._header, f"{self._keys.getrandbits(64):016x}"),))
 
     # -- placement (trio side) -----------------------------------------------
 
