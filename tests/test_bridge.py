@@ -945,6 +945,13 @@ async def test_a_loop_thread_that_died_fails_waiting_and_later_calls_at_once() -
             assert waiting[0] is not waiting[1]
             with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
                 await bridge.run(work)
+            # A call refused at once gives its eventfd back: each one made a new
+            # eventfd (until 32 were open), kept until the close.
+            made = len(bridge._call_fds)
+            for _ in range(40):
+                with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
+                    await bridge.run(work)
+            assert len(bridge._call_fds) == made
     finally:
         await bridge.aclose()
 

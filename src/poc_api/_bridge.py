@@ -913,7 +913,13 @@ class AsyncioBridge:
         self.check_caller()
         if abortable and self._aborted:
             raise trio.ClosedResourceError("the ApiClient is closed")
-        call = self._submit(fn, args, detach=detach, fd=self._take_fd())
+        fd = self._take_fd()
+        try:
+            call = self._submit(fn, args, detach=detach, fd=fd)
+        except BaseException:
+            if fd >= 0:  # refused at once (closed, or its thread died): fd unused
+                self._free_fds.append(fd)
+            raise
         if abortable:
             self._abortable.add(call)
         ki: KeyboardInterrupt | None = None
