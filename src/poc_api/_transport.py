@@ -1407,7 +1407,7 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
     def _receive_frame(self, frame: Any) -> list[Any]:
         # h2's own, less its first line: ``logger.trace("...", repr(frame))``
         # formats every frame received, logger or not (a few % of a unary call's
-        # CPU). tests/test_private_names.py runs both on the same frames.
+        # CPU). tests/test_h2_receive_frame.py runs both on the same frames.
         try:
             frames, events = self._frame_dispatch_table[frame.__class__](frame)
         except StreamClosedError as exc:
