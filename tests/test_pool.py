@@ -987,3 +987,28 @@ async def test_a_retired_endpoint_is_dropped_once_its_last_session_closes(
             await wait_for(lambda: a.state().connections_open == 0)
             await client.score([Tokens([1, 2, 3])], [(1, 3)])
             assert not a.state().session_ids
+
+
+async def test_a_pool_closes_its_endpoints_at_once_not_one_after_another() -> None:
+    # Each server made a session for an OpenSession that then failed, and goes
+    # silent on the CloseSession that undoes it. The client's close waits up to
+    # close_timeout for those cleanups: it waited that long for each endpoint in
+    # turn (3 endpoints: 3 x close_timeout).
+    async with AsyncExitStack() as stack:
+        servers = [await stack.enter_async_context(misbehaving_server()) for _ in range(3)]
+        for srv in servers:
+            srv.plan("OpenSession", Reply("reply_then_close"))
+            srv.plan("CloseSession", Reply("silent"))
+        client = poc_api.ApiClient(
+            DUMMY_BASE_URL,
+            grpc_url=[srv.url for srv in servers],
+            close_timeout=1.5,
+            health_check_interval=3600,
+        )
+        async with client:
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable):
+                async with client.session():
+                    pass
+            await wait_for(lambda: all(srv.closed for srv in servers))  # the undos hang
+            start = time.monotonic()
+        assert time.monotonic() - start < 2.5  # was 4.5+

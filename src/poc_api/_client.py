@@ -370,7 +370,7 @@ class ApiClient:
         self._streams = StreamBudget(max_concurrent_streams)
         self._state = _State.UNOPENED
         self._bridge: AsyncioBridge | None = None
-        self._transport: GrpcTransport | None = None
+        self._transport: GrpcTransport | None = None  # the first endpoint's
         self._router: Router | None = None
         self._http: HttpApi | None = None
         self._closed: trio.Event | None = None
@@ -565,9 +565,7 @@ class ApiClient:
                         partial(close_live_sessions, router, bridge, self._close_timeout),
                     )
                 if router is not None:
-                    await step("the endpoint pool", router.aclose)
-                if self._transport is not None:
-                    await step("the gRPC channel", self._transport.aclose)
+                    await step("the gRPC channels", router.aclose)
                 if bridge is not None:
                     await step("the asyncio thread", bridge.aclose)
         finally:
@@ -623,7 +621,9 @@ class ApiClient:
             affinity_header=self._affinity_header,
             health_interval=self._health_interval,
             dns_refresh=self._dns_refresh,
-            owned=endpoints[1:] if isinstance(endpoints, list) else (),
+            # All of them, the primary too (also with dns:///, where it is unused):
+            # the router closes them together.
+            owned=[primary, *endpoints[1:]] if isinstance(endpoints, list) else [primary],
         )
 
     @property

@@ -368,8 +368,7 @@ class Router:
         dns_refresh: float = 30.0,
         owned: Sequence[GrpcTransport] = (),
     ) -> None:
-        """``owned``: transports of ``endpoints`` that this router closes (the
-        client closes its first one itself)."""
+        """``owned``: the transports this router closes (all the client made)."""
         self._bridge = bridge
         self._make_transport = make_transport
         self._header = affinity_header
@@ -606,21 +605,30 @@ class Router:
         ep.reached(serving=serving)
 
     async def aclose(self) -> None:
-        """Stop health checks and close the transports this router made (trio side)."""
+        """Stop health checks and close the transports this router made (trio side).
 
-        async def stop() -> None:
+        The transports close together: each waits up to its ``reap_timeout`` for
+        the cleanups of abandoned calls, which one after another took N times that.
+        """
+
+        async def close() -> None:
             task, self._health_task = self._health_task, None
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            owned = list(self._owned)
+            results = await asyncio.gather(
+                *(t.close_in_loop() for t in owned), return_exceptions=True
+            )
+            for transport, result in zip(owned, results, strict=True):
+                if isinstance(result, Exception):  # the others still closed
+                    log.warning(
+                        "closing the channel to %s failed: %s", transport.target.url, result
+                    )
+                elif isinstance(result, BaseException):
+                    raise result
 
-        if not self._bridge.closed:
-            await self._bridge.run(stop, defer_ki=True)
-        for transport in self._owned:
-            try:
-                await transport.aclose()
-            except Exception as exc:  # the others still close
-                log.warning("closing the channel to %s failed: %s", transport.target.url, exc)
+        await self._bridge.run(close, defer_ki=True)
 
 
 @final

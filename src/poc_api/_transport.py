@@ -1019,22 +1019,22 @@ class GrpcTransport:
 
         Cleanups of abandoned calls get ``reap_timeout`` seconds to finish first.
         """
+        await self._bridge.run(self.close_in_loop, defer_ki=True)
 
-        async def close() -> None:
-            # The set read again: a cleanup that ends (a detached call failing
-            # after its reply, or cut by its reap timer) may start another.
-            loop = asyncio.get_running_loop()
-            end = loop.time() + self._reap_timeout
-            while self._reapers and (left := end - loop.time()) > 0:
-                await asyncio.wait(set(self._reapers), timeout=left)
-            while self._reapers:
-                pending = set(self._reapers)
-                for task in pending:
-                    task.cancel()
-                await asyncio.wait(pending)
-            self._shut()
-
-        await self._bridge.run(close, defer_ki=True)
+    async def close_in_loop(self) -> None:
+        """asyncio: :meth:`aclose` (a pool closes its transports together with it)."""
+        # The set read again: a cleanup that ends (a detached call failing
+        # after its reply, or cut by its reap timer) may start another.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._reap_timeout
+        while self._reapers and (left := end - loop.time()) > 0:
+            await asyncio.wait(set(self._reapers), timeout=left)
+        while self._reapers:
+            pending = set(self._reapers)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
+        self._shut()
 
     def _shut(self) -> None:
         """asyncio: close every connection; calls not yet sent fail with ClosedResourceError."""
