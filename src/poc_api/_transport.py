@@ -458,6 +458,11 @@ class GrpcTransport:
         return self._target
 
     @property
+    def reap_timeout(self) -> float:
+        """How long cleanups of abandoned calls may take (the client's ``close_timeout``)."""
+        return self._reap_timeout
+
+    @property
     def url(self) -> str:
         """The endpoint's URL."""
         return self._target.url
@@ -1077,9 +1082,20 @@ async def _undo(
     transport: GrpcTransport,
     extra_metadata: tuple[tuple[str, str], ...],
 ) -> None:
-    """asyncio: undo what an abandoned call's reply says the server did; a failure is logged."""
+    """asyncio: undo what an abandoned call's reply says the server did; a failure is logged.
+
+    Bounded by ``reap_timeout``, as a session's own close is by ``close_timeout``:
+    on a server that never answers, it would hold its stream until the client's close.
+    """
     try:
-        await orphan(reply, transport, extra_metadata)
+        async with asyncio.timeout(transport.reap_timeout):
+            await orphan(reply, transport, extra_metadata)
+    except TimeoutError:
+        log.warning(
+            "cleaning up after an abandoned call timed out after %.1f s (to %s)",
+            transport.reap_timeout,
+            transport.target.url,
+        )
     except Exception as exc:
         log.warning("cleaning up after an abandoned call failed: %s", exc)
 

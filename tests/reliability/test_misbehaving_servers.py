@@ -351,6 +351,26 @@ async def test_a_session_to_undo_that_comes_during_the_clients_close_is_closed(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_a_cleanup_whose_close_goes_unanswered_ends_within_close_timeout(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The CloseSession that undoes a failed OpenSession had no bound of its own:
+    # on a server that never answered it, it held its stream and task until the
+    # client closed. Now it ends after close_timeout, as a session's close does.
+    bad_server.plan("OpenSession", Reply("reply_then_close"))
+    bad_server.plan("CloseSession", Reply("silent"))
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+            async with c.session():
+                pass
+        await wait_for(lambda: bad_server.closed == bad_server.opened)
+        assert c._transport is not None
+        transport = c._transport
+        await wait_for(lambda: not transport._reapers, timeout=3)
+        assert any("timed out" in r.getMessage() for r in caplog.records)
+        await assert_next_call_works(c)
+
+
 async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
     bad_server: MisbehavingServer,
 ) -> None:
