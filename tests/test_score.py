@@ -7,13 +7,13 @@ import math
 import pytest
 import trio
 from helpers import make_png, wait_for
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
 from poc_api import Image, SamplingParams, ScoreResult, Token, Tokens
-from poc_api._score import merge_ranges, range_sums
+from poc_api._score import _exact_prefix_sums, merge_ranges, range_sums
 from poc_api.server import ReferenceServer, tokenize
 
 PROMPT = tokenize("It was the best of times, it was the worst of times")
@@ -194,14 +194,53 @@ ranges_st = st.lists(
 
 
 @given(st.dictionaries(st.integers(0, 60), st.floats(-20, 0), max_size=40), ranges_st)
-def test_range_sums_match_a_direct_sum(
+@example({0: -20.0, 1: -5.898086214983778e-07}, [(0, 2), (1, 2)])
+@example({0: -1e-300, 1: -5e-324, 2: -20.0}, [(0, 1), (1, 2), (0, 3)])
+def test_range_sums_are_each_ranges_exact_sum(
     logprobs: dict[int, float], ranges: list[tuple[int, int]]
 ) -> None:
+    # Exactly fsum's correctly rounded sum: a range's sum must not depend on the
+    # other ranges of the call (prefix sums subtracted lost -5.9e-7 to -20.0).
     got = range_sums(logprobs, ranges)
     for r, (a, b) in zip(got, ranges, strict=True):
         assert (r.start, r.end) == (a, b)
-        direct = math.fsum(v for p, v in logprobs.items() if a <= p < b)
-        assert r.logprob == pytest.approx(direct, abs=1e-9)
+        assert r.logprob == math.fsum(v for p, v in logprobs.items() if a <= p < b)
+
+
+@given(
+    st.lists(st.floats(-20, 0), min_size=1, max_size=30),
+    st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), max_size=10),
+)
+def test_exact_prefix_sums_give_fsum_of_every_slice(
+    values: list[float], pairs: list[tuple[int, int]]
+) -> None:
+    result = _exact_prefix_sums(values)
+    assert result is not None
+    prefix, scale = result
+    for a, b in pairs:
+        a, b = sorted((min(a, len(values)), min(b, len(values))))
+        assert (prefix[b] - prefix[a]) / scale == math.fsum(values[a:b])
+
+
+def test_range_sums_of_every_prefix_are_exact_too() -> None:
+    # Heavily overlapping ranges take the exact-prefix-sum path.
+    logprobs = {0: -20.0, 1: -5.898086214983778e-07, 2: -3.0}
+    ranges = [(0, 3), (1, 2), (1, 3)] * 10
+    got = range_sums(logprobs, ranges)
+    assert [r.logprob for r in got[:3]] == [
+        math.fsum([-20.0, -5.898086214983778e-07, -3.0]),
+        -5.898086214983778e-07,
+        math.fsum([-5.898086214983778e-07, -3.0]),
+    ]
+    inf = float("inf")
+    got = range_sums({0: -inf, 1: -1.0}, [(0, 2), (1, 2)] * 10)
+    assert [r.logprob for r in got[:2]] == [-inf, -1.0]
+
+
+def test_range_sums_of_non_finite_logprobs() -> None:
+    inf = float("inf")
+    got = range_sums({0: -inf, 1: -1.0, 2: -2.0}, [(0, 2), (1, 3)])
+    assert [r.logprob for r in got] == [-inf, -3.0]
 
 
 @given(ranges_st)
