@@ -16,7 +16,7 @@ import trio
 import poc_api
 from poc_api import SamplingParams, Token, TokenOut, Tokens
 from poc_api._types import check_timeout
-from poc_api.server import tokenize
+from poc_api.server import ReferenceServer, tokenize
 
 HELLO = tokenize("Hello world")
 
@@ -401,3 +401,18 @@ def test_what_supports_float_admits_runs_too(value: typing.SupportsFloat) -> Non
 def test_what_is_no_real_number_is_still_refused(value: object) -> None:
     with pytest.raises(TypeError, match="timeout"):
         check_timeout("timeout", value)  # type: ignore[arg-type]
+
+
+async def test_a_numpy_max_concurrency_is_clamped_to_the_stream_limit_too(
+    server: ReferenceServer,
+) -> None:
+    # The clamp to max_concurrent_streams took only plain ints: np.int64(8) went
+    # through unclamped, and the third call in flight failed with LimitExceeded.
+    text = tokenize("It was the best of times, it was the worst of times")
+    prompts = [([Tokens(text[: 4 + i])], [(1, 4 + i)]) for i in range(8)]
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_concurrent_streams=2
+    ) as client:
+        with trio.fail_after(20):
+            got = await client.score_many(prompts, max_concurrency=np.int64(8))  # type: ignore[arg-type]
+    assert len(got) == 8

@@ -53,6 +53,7 @@ from ._types import (
     ScoreResult,
     TrainResult,
     TrainSample,
+    as_int,
     keyword_only_from,
 )
 
@@ -731,8 +732,8 @@ class ApiClient:
         :meth:`score_continuations` does. The results are the same as without it.
         A group's prompts run one after another; the groups run concurrently.
         """
-        if isinstance(max_concurrency, int) and not isinstance(max_concurrency, bool):
-            max_concurrency = min(max_concurrency, self._streams.limit)
+        # As an int first: numpy's int64 skipped the clamp (and then hit the limit).
+        max_concurrency = min(as_int("max_concurrency", max_concurrency), self._streams.limit)
         with deadline(timeout, "score_many", composite=True):
             return await score_many(
                 self._grpc(),
