@@ -259,6 +259,19 @@ async def test_without_rewind_each_divergence_raises_with_numbers_before_sending
         assert conv.committed_len == 2 + 8
 
 
+async def test_without_rewind_an_empty_token_run_in_the_sent_part_is_no_divergence(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # Tokens([]) takes 0 positions, a known length: the walk took it for an
+    # unknown one and the second turn, a pure extension, raised SessionDivergence.
+    async with client.conversation(rewind=False) as conv:
+        first = [Tokens([1, 2]), Tokens([]), Tokens([3])]
+        events = await run(conv, first)
+        before = server.state().tokens_appended
+        await run(conv, [*first, Tokens(decoded(events)), Tokens([4])])
+        assert server.state().tokens_appended - before == 1
+
+
 async def test_error_closes_the_session_and_the_next_stream_resends_everything(
     client: poc_api.ApiClient, server: ReferenceServer
 ) -> None:

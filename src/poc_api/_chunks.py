@@ -210,7 +210,9 @@ def walk_chunks(chunks: Sequence[Chunk], committed_len: int) -> int:
         if acc == committed_len:
             return i
         n = chunk_len(chunk)
-        if n == 0:
+        # Only an image's length can be unknown (0); an empty token run takes 0
+        # positions, known (the seed's check took it for unknown: spec §4 wins).
+        if n == 0 and not isinstance(chunk, Tokens):
             raise SessionDivergence(
                 f"session divergence: chunk {i} has unknown length but precedes "
                 f"committed_len {committed_len} (acc={acc})",
