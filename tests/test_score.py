@@ -254,3 +254,41 @@ def test_merged_ranges_cover_exactly_the_union(ranges: list[tuple[int, int]]) ->
 
 def test_score_result_is_a_value() -> None:
     assert ScoreResult(1, 2, -0.5) == ScoreResult(1, 2, -0.5)
+
+
+@pytest.mark.parametrize("call", ["score", "score_many", "share_prefix", "conversation"])
+@pytest.mark.parametrize("image_len", [4, 0], ids=["image_len_known", "image_len_unknown"])
+async def test_a_prompt_past_the_context_window_is_refused_before_it_is_sent(
+    eos_server: ReferenceServer, call: str, image_len: int
+) -> None:
+    # Only score_continuations checked the window: score, score_many and a
+    # conversation sent the prompt until the server refused it (OUT_OF_RANGE).
+    # Lengths known: nothing is sent. An image of unknown length: what precedes
+    # it and the image go, then the rest is refused before it is sent.
+    window = 8192
+    text = (PROMPT * 400)[: window - 100]
+    img = Image(make_png(56, 56), "image/png", image_len)  # 4 positions
+    prompt: list[poc_api.Chunk] = [Tokens(text[:100]), img, Tokens(text)]  # window + 4
+    other: list[poc_api.Chunk] = [*prompt[:2], Tokens([*text[:-1], 7])]
+    async with poc_api.ApiClient(eos_server.base_url, grpc_url=eos_server.grpc_url) as client:
+        before = eos_server.state()
+        with trio.fail_after(20), pytest.raises(poc_api.ContextOverflow) as info:
+            if call == "score":
+                await client.score(prompt, [(1, 50)])
+            elif call == "score_many":
+                await client.score_many([(prompt, [(1, 50)])])
+            elif call == "share_prefix":
+                await client.score_many(
+                    [(prompt, [(1, 50)]), (other, [(1, 50)])], share_prefix=True
+                )
+            else:
+                async with client.conversation() as conv:
+                    async with conv.stream(prompt, SamplingParams(max_tokens=1)):
+                        pass
+        assert info.value.grpc_status is None  # the client's refusal, not the server's
+        assert str(window) in str(info.value)
+        after = eos_server.state()
+        appended = after.tokens_appended - before.tokens_appended
+        images = after.rpc_counts.get("AppendImage", 0) - before.rpc_counts.get("AppendImage", 0)
+        assert (appended, images) == ((0, 0) if image_len else (100, 1))
+        await wait_for(lambda: not eos_server.state().session_ids)

@@ -112,6 +112,19 @@ def chunk_len(chunk: Chunk) -> int:
     return chunk.known_expanded_len
 
 
+def known_len(chunks: Iterable[Chunk]) -> int | None:
+    """Positions the chunks take, or None when an image's length is unknown."""
+    total = 0
+    for c in chunks:
+        if isinstance(c, Tokens):
+            total += len(c.ids)
+        elif c.known_expanded_len:
+            total += c.known_expanded_len
+        else:
+            return None
+    return total
+
+
 _NO_IMAGE: Any = object()
 
 

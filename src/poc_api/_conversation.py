@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, SupportsFloat, SupportsIndex, final
 import attrs
 import trio
 
-from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta
+from ._chunks import Chunk, Tokens, check_chunks, chunks_before, known_len, plan_delta
 from ._errors import PocApiTimeout, ServerUnavailable, SessionNotFound, stream_closed
-from ._session import GenerateStream, Session, open_session
+from ._session import GenerateStream, Session, check_window, open_session
 from ._types import (
     U32_MAX,
     Done,
@@ -390,6 +390,8 @@ class Conversation:
         """Send the delta, open the final Generate (into ``gen_stack``) and prime it."""
         first_token_timeout, token_timeout, deadline_at = timeouts
         plan = plan_delta(chunks, session.committed_len, self._history, rewind=self._rewind)
+        if (n := known_len(plan.delta)) is not None:
+            check_window(session, plan.offset + n)
         if plan.truncating:
             log.info(
                 "session %s: prompt diverges from the session at position %d "
@@ -413,6 +415,7 @@ class Conversation:
                 sent.append(chunk)
                 continue
             if pending:
+                check_window(session, session.committed_len + len(pending))
                 await session.prefill(pending, timeout=_remaining(deadline_at))
                 pending = []
             appended = await session.append_image(
@@ -432,6 +435,7 @@ class Conversation:
             sent.append(attrs.evolve(chunk, known_expanded_len=n))
             prefix.append(ImageAppended(appended.placeholder_count))
         prompt_len = session.committed_len + len(pending)
+        check_window(session, prompt_len)
         readout_ranges = [(prompt_len, U32_MAX)] if shape is not None else []
         events = await gen_stack.enter_async_context(
             session.generate(

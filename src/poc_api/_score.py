@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, SupportsIndex, cast
 import trio
 
 from . import _errors as e
-from ._chunks import Chunk, Image, Tokens, check_chunks
-from ._session import Session, open_session
+from ._chunks import Chunk, Image, Tokens, check_chunks, known_len
+from ._session import Session, check_window, open_session
 from ._types import Ranges, SamplingParams, ScoreResult, Token, _plain, as_int, check_ranges
 
 if TYPE_CHECKING:
@@ -147,12 +147,15 @@ async def _score_in_session(
     image_spans: list[tuple[int, int]] = []
     pending: list[int] = []
     pos = 0
+    if (n := known_len(chunks)) is not None:
+        check_window(session, n)
     for chunk in chunks:
         if isinstance(chunk, Tokens):
             pending.extend(chunk.ids)
             pos += len(chunk.ids)
             continue
         if pending:
+            check_window(session, pos)
             await _collect(session, pending, wire, logprobs)
             pending = []
         appended = await session.append_image(chunk.data, chunk.mime)
@@ -162,6 +165,7 @@ async def _score_in_session(
     for start, end in ranges:
         if end > total:
             raise ValueError(f"range ({start}, {end}) lies outside the {total}-position prompt")
+    check_window(session, total)
     await _collect(session, pending, wire, logprobs)
     # Every text position inside a range must have come back.
     for start, end in wire:
@@ -422,6 +426,7 @@ async def _append(
             pos += len(chunk.ids)
             continue
         if pending:
+            check_window(session, pos)
             ranges = [(pending_at, pos)] if wire is None else wire
             await _collect(session, pending, ranges, into, rewind_to=rewind_to)
             rewind_to = None
@@ -432,6 +437,7 @@ async def _append(
         pos += appended.placeholder_count
         pending_at = pos
     if pending:
+        check_window(session, pos)
         ranges = [(pending_at, pos)] if wire is None else wire
         await _collect(session, pending, ranges, into, rewind_to=rewind_to)
     return pos
@@ -461,6 +467,9 @@ async def _score_group(
     results: list[list[ScoreResult] | None],
 ) -> None:
     """Score ``(index, chunks, ranges)`` prompts whose first ``shared`` units are equal."""
+    for _, chunks, _ in group:
+        if (n := known_len(chunks)) is not None:
+            check_window(session, n)
     prefix = _to_chunks(_units(group[0][1])[:shared])
     # The prefix's positions may lie in any prompt's ranges: ask for them all now,
     # since the server never re-emits positions an earlier call appended.
@@ -506,19 +515,6 @@ def _check_continuation(value: object, i: int) -> list[Chunk]:
     return [Tokens(items)] if items else []
 
 
-def _known_len(chunks: Sequence[Chunk]) -> int | None:
-    """Positions the chunks take, or None when an image's length is unknown."""
-    total = 0
-    for c in chunks:
-        if isinstance(c, Tokens):
-            total += len(c.ids)
-        elif c.known_expanded_len:
-            total += c.known_expanded_len
-        else:
-            return None
-    return total
-
-
 def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | None]) -> None:
     """ContextOverflow, before anything is appended, for a continuation that cannot fit."""
     if not max_length or prompt_len is None:
@@ -553,8 +549,8 @@ async def score_continuations(
     ):
         raise TypeError("continuations must be a sequence of continuations")
     conts = [_check_continuation(c, i) for i, c in enumerate(continuations)]
-    lengths = [_known_len(c) for c in conts]
-    prompt_len = _known_len(prompt)
+    lengths = [known_len(c) for c in conts]
+    prompt_len = known_len(prompt)
     if not conts or (prompt_len is not None and all(n == 0 for n in lengths)):
         # Nothing to score (every continuation empty: each sums to 0).
         await trio.lowlevel.checkpoint()

@@ -639,6 +639,17 @@ class Session:
             log.warning("CloseSession %s timed out after %.1f s", self._session_id, timeout)
 
 
+def check_window(session: Session, end: int) -> None:
+    """ContextOverflow, before anything is sent, for a call that would take
+    ``session`` to ``end`` positions, past its context window (the server would
+    refuse it with OUT_OF_RANGE, after what came before it was sent)."""
+    if session.max_length and end > session.max_length:
+        raise e.ContextOverflow(
+            f"the prompt takes {end} positions, past the context window of "
+            f"{session.max_length} (refused before sending)"
+        )
+
+
 @final
 class open_session:  # used like the function it replaced
     """Open a session for the block; close it on exit, whatever happens.
