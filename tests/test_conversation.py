@@ -7,7 +7,7 @@ import logging
 import pytest
 import trio
 import trio.lowlevel
-from helpers import make_png
+from helpers import make_png, wait_for
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
@@ -401,6 +401,32 @@ async def test_a_fresh_session_the_server_does_not_know_is_not_replaced() -> Non
         assert conv.session is None
         assert len(srv.calls_to("OpenSession")) == 1
         assert len(srv.calls_to("Generate")) == 1
+
+
+async def test_a_conversation_closed_while_a_turn_opens_its_session_closes_it() -> None:
+    # Another task closed the conversation while the turn waited for OpenSession:
+    # the turn went on, on a closed conversation, and its session stayed open
+    # until the conversation's block ended.
+    async with (
+        misbehaving_server() as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=1.0) as c,
+        c.conversation() as conv,
+    ):
+        srv.plan("OpenSession", Reply(first_delay=0.3))
+
+        async def close_soon() -> None:
+            await trio.sleep(0.1)
+            await conv.aclose()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close_soon)
+                with pytest.raises(trio.ClosedResourceError, match="conversation is closed"):
+                    await run(conv, [Tokens([1, 2, 3])])
+            await wait_for(lambda: srv.closed == srv.opened)
+        assert len(srv.opened) == 1
+        assert srv.calls_to("Generate") == []
+        assert conv.session is None
 
 
 async def test_with_one_server_an_unavailable_turn_is_not_reopened_on_it() -> None:

@@ -256,6 +256,11 @@ class Conversation:
         except BaseException:
             await stack.aclose()
             raise
+        if self._closed:
+            # Closed by another task while this turn waited for its session: the
+            # turn would go on on a closed conversation, holding the session.
+            await stack.aclose()
+            raise trio.ClosedResourceError("the conversation is closed")
         self._stack, self._session, self._history = stack, session, []
         return session
 
