@@ -292,3 +292,24 @@ async def test_a_prompt_past_the_context_window_is_refused_before_it_is_sent(
         images = after.rpc_counts.get("AppendImage", 0) - before.rpc_counts.get("AppendImage", 0)
         assert (appended, images) == ((0, 0) if image_len else (100, 1))
         await wait_for(lambda: not eos_server.state().session_ids)
+
+
+@pytest.mark.parametrize("call", ["score", "share_prefix", "score_continuations"])
+async def test_an_image_the_server_gives_another_length_than_said_is_warned_of(
+    client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture, call: str
+) -> None:
+    # The server's count is used (spec §4): ranges the caller computed from its
+    # own count point at other positions, and nothing said so (a conversation did).
+    img = Image(make_png(56, 56), "image/png", 7)  # the server gives it 4
+    prompt: list[poc_api.Chunk] = [Tokens(PROMPT[:3]), img, Tokens(PROMPT[3:8])]
+    with trio.fail_after(10):
+        if call == "score":
+            await client.score(prompt, [(1, 3)])
+        elif call == "share_prefix":
+            other = [*prompt[:2], Tokens(PROMPT[3:9])]
+            await client.score_many([(prompt, [(1, 3)]), (other, [(1, 3)])], share_prefix=True)
+        else:
+            await client.score_continuations(prompt[:2], [PROMPT[3:5]])
+    [record] = [r for r in caplog.records if "known_expanded_len" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "is 7 but the server gave it 4 positions" in record.getMessage()

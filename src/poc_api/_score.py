@@ -18,6 +18,7 @@ the last bit.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, SupportsIndex, cast
@@ -31,6 +32,8 @@ from ._types import Ranges, SamplingParams, ScoreResult, Token, _plain, as_int, 
 
 if TYPE_CHECKING:
     from ._pool import Router
+
+log = logging.getLogger("poc_api.grpc")
 
 __all__ = [
     "group_by_prefix",
@@ -159,6 +162,7 @@ async def _score_in_session(
             await _collect(session, pending, wire, logprobs)
             pending = []
         appended = await session.append_image(chunk.data, chunk.mime)
+        _check_image_len(session, chunk, appended.placeholder_count)
         image_spans.append((pos, pos + appended.placeholder_count))
         pos += appended.placeholder_count
     total = pos
@@ -432,6 +436,7 @@ async def _append(
             rewind_to = None
             pending = []
         appended = await session.append_image(chunk.data, chunk.mime, rewind_to=rewind_to)
+        _check_image_len(session, chunk, appended.placeholder_count)
         rewind_to = None
         image_spans.append((pos, pos + appended.placeholder_count))
         pos += appended.placeholder_count
@@ -441,6 +446,22 @@ async def _append(
         ranges = [(pending_at, pos)] if wire is None else wire
         await _collect(session, pending, ranges, into, rewind_to=rewind_to)
     return pos
+
+
+def _check_image_len(session: Session, image: Image, count: int) -> None:
+    """Warn when the server gave an image another length than the caller said.
+
+    The server's count is the truth (spec §4) and is used; ranges the caller
+    computed from its own count point at other positions after the image.
+    """
+    if image.known_expanded_len not in (0, count):
+        log.warning(
+            "session %s: an image's known_expanded_len is %d but the server gave it "
+            "%d positions; positions after it are the server's",
+            session.session_id,
+            image.known_expanded_len,
+            count,
+        )
 
 
 def _text_positions(wire: Sequence[tuple[int, int]], image_spans: Sequence[tuple[int, int]]) -> int:
