@@ -680,3 +680,32 @@ def test_decode_open_session_refuses_a_session_id_cut_short(session_id: str) -> 
 def test_decode_open_session_refuses_a_session_id_that_is_not_utf8() -> None:
     with pytest.raises(ProtocolViolation, match="not UTF-8"):
         _wire.decode_open_session(b"\x0a\x02\xff\xfe")
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(max_size=20))
+def test_decode_append_image_matches_betterproto2(count: int, total: int, unknown: bytes) -> None:
+    data = bytes(pb.AppendImageResponse(placeholder_count=count, total_length=total))
+    extra = b"\x4a" + bytes([len(unknown)]) + unknown
+    for wire in (data, extra + data, data + extra):
+        assert _wire.decode_append_image(wire) == (count, total)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"\x12\x01\x03",  # field 2 length-delimited: betterproto2 made total_length [3]
+        b"\x15\x00\x00\x00\x00",  # field 2 as fixed32: betterproto2 raised KeyError
+        b"\x11" + bytes(8),  # field 2 as fixed64
+        b"\x0a\x00",  # field 1 length-delimited
+    ],
+)
+def test_decode_append_image_skips_a_known_field_of_another_wire_type(tail: bytes) -> None:
+    # protobuf treats it as an unknown field (upb: (4, 7)).
+    assert _wire.decode_append_image(b"\x08\x04\x10\x07" + tail) == (4, 7)
+
+
+def test_decode_append_image_keeps_uint32s_low_bits_and_refuses_truncation() -> None:
+    assert _wire.decode_append_image(b"\x10" + b"\xff" * 9 + b"\x01") == (0, 2**32 - 1)
+    for bad in (b"\x08", b"\x08\x80", b"\x12\x05ab", b"\x0b"):
+        with pytest.raises(ProtocolViolation, match="AppendImageResponse"):
+            _wire.decode_append_image(bad)

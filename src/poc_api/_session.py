@@ -36,7 +36,12 @@ from ._types import (
     check_ranges,
     check_timeout,
 )
-from ._wire import decode_generate_event, decode_open_session, encode_string_field, parse_reply
+from ._wire import (
+    decode_append_image,
+    decode_generate_event,
+    decode_open_session,
+    encode_string_field,
+)
 
 if TYPE_CHECKING:
     from ._bridge import AsyncioBridge, BatchReceiver
@@ -503,12 +508,16 @@ class Session:
                     self._interrupt = None
             if closing.cancelled_caught:
                 raise _closed_under(self)
-            resp = parse_reply(pb.AppendImageResponse, raw)
-            log.debug(
-                "AppendImage: N=%d total_length=%d", resp.placeholder_count, resp.total_length
-            )
-            self._committed_len = resp.total_length
-            return ImageAppend(resp.placeholder_count, resp.total_length)
+            try:
+                count, total = decode_append_image(raw)
+            except e.ProtocolViolation:
+                # The server answered OK: it may have appended the image, and the
+                # session's length is unknown (later calls would miss its offset).
+                self._lost = True
+                raise
+            log.debug("AppendImage: N=%d total_length=%d", count, total)
+            self._committed_len = total
+            return ImageAppend(count, total)
         finally:
             self._lock.release()
 

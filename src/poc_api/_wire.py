@@ -29,8 +29,8 @@ betterproto2's looser ones:
 Anything truncated or malformed raises :class:`~poc_api._errors.ProtocolViolation`.
 
 :class:`RawCodec` lets grpclib hand the raw message bytes to the caller, which
-decodes them lazily with :func:`decode_generate_event` (streams) or with
-``MessageType.parse(data)`` (betterproto2, unary responses).
+decodes them lazily with :func:`decode_generate_event` (streams),
+:func:`decode_open_session` and :func:`decode_append_image` (unary replies).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from typing import Any, TypeVar
+from typing import Any
 
 import betterproto2
 from grpclib.encoding.base import CodecBase
@@ -46,7 +46,7 @@ from grpclib.encoding.base import CodecBase
 from ._errors import ProtocolViolation
 from ._types import Done, Token, TopLogprob
 
-__all__ = ["RawCodec", "decode_generate_event", "parse_reply"]
+__all__ = ["RawCodec", "decode_append_image", "decode_generate_event", "decode_open_session"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -152,34 +152,6 @@ def _skip_group(data: bytes, pos: int, end: int, number: int, depth: int) -> int
     raise _malformed(f"truncated group {number}", end)
 
 
-def _check_wire_format(data: bytes) -> None:
-    """Walk a message's top-level fields; raise on anything truncated or malformed."""
-    pos, end = 0, len(data)
-    while pos < end:
-        tag, pos = _tag(data, pos, end)
-        pos = _skip(data, pos, end, tag)
-
-
-_M = TypeVar("_M", bound=betterproto2.Message)
-
-
-def parse_reply(message_type: type[_M], data: bytes) -> _M:
-    """Parse a unary reply with betterproto2, strictly.
-
-    betterproto2 silently accepts a truncated length-delimited field (a broken
-    reply would give a garbage session id); the structure is checked first, and
-    any parse failure becomes :class:`ProtocolViolation`.
-    """
-    name = message_type.__name__
-    try:
-        _check_wire_format(data)
-        return message_type.parse(data)
-    except ProtocolViolation as exc:
-        raise ProtocolViolation(str(exc).replace("GenerateEvent", name)) from None
-    except Exception as exc:  # betterproto2 raises assorted errors on bad input
-        raise ProtocolViolation(f"malformed {name}: {exc}") from exc
-
-
 def encode_string_field(value: str) -> bytes:
     """Encode a message whose only field is ``string ... = 1``.
 
@@ -226,6 +198,31 @@ def decode_open_session(data: bytes) -> tuple[str, int]:
     except UnicodeDecodeError:
         raise ProtocolViolation("malformed OpenSessionResponse: session_id is not UTF-8") from None
     return session_id, max_length
+
+
+def decode_append_image(data: bytes) -> tuple[int, int]:
+    """Decode an ``AppendImageResponse``: ``(placeholder_count, total_length)``, strictly.
+
+    As :func:`decode_open_session`. betterproto2 took a known field of another
+    wire type for its own: a length-delimited field 2 became a *list* in
+    ``total_length`` (and the session's ``committed_len``), a fixed32 one a KeyError.
+    """
+    count, total = 0, 0
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            tag, pos = _tag(data, pos, end)
+            if tag == 0x08:  # 1: placeholder_count, uint32
+                value, pos = _varint(data, pos, end)
+                count = value & _MASK32
+            elif tag == 0x10:  # 2: total_length, uint32
+                value, pos = _varint(data, pos, end)
+                total = value & _MASK32
+            else:
+                pos = _skip(data, pos, end, tag)
+    except ProtocolViolation as exc:
+        raise ProtocolViolation(str(exc).replace("GenerateEvent", "AppendImageResponse")) from None
+    return count, total
 
 
 def _top_logprob(data: bytes, pos: int, end: int) -> TopLogprob:

@@ -1217,6 +1217,25 @@ async def test_a_call_refused_for_good_leaves_its_session_usable(
             assert s.committed_len == 3
 
 
+async def test_a_malformed_append_image_reply_marks_the_session_lost(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The server answered OK, so it may have appended the image: the session's
+    # length is unknown. It stayed usable with the old committed_len, and every
+    # later call missed the server's offset (OffsetMismatch, for ever).
+    from poc_api.testing import make_png
+
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        async with c.session() as s:
+            await s.prefill([1, 2, 3])
+            bad_server.plan("AppendImage", Reply("malformed"))
+            with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
+                await s.append_image(make_png(), "image/png")
+            assert s.lost
+            with pytest.raises(poc_api.SessionLost):
+                await s.prefill([4])
+
+
 async def test_a_timeout_while_queued_for_a_stream_is_retriable_and_keeps_the_session(
     bad_server: MisbehavingServer,
 ) -> None:
