@@ -1017,3 +1017,35 @@ async def test_a_pool_closes_its_endpoints_at_once_not_one_after_another(
             assert all(len(t._reapers) == 1 for t in client._router._owned)  # type: ignore[union-attr]
             start = time.monotonic()
         assert time.monotonic() - start < 2.5  # was 4.5+
+
+
+async def test_a_caller_giving_up_during_the_first_dns_lookup_does_not_fail_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first caller's task ran the shared lookup: cancelled, it ended the lookup
+    # for everyone, and a caller waiting for it got "resolved to no address".
+    from poc_api import _pool
+
+    async def slow_lookup(host: str, port: int) -> list[str]:
+        await asyncio.sleep(0.3)
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(_pool, "_lookup", slow_lookup)
+    async with reference_servers(1) as (srv,):
+        url = f"dns:///pool.test:{srv.grpc_port}"
+        async with poc_api.ApiClient(srv.base_url, grpc_url=url) as client:
+
+            async def impatient() -> None:
+                with trio.move_on_after(0.1):
+                    async with client.session():
+                        pass
+
+            async def patient() -> None:
+                await trio.sleep(0.02)
+                async with client.session() as s:
+                    await s.prefill([1])
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(impatient)
+                    nursery.start_soon(patient)

@@ -477,17 +477,23 @@ class Router:
     # -- asyncio side ------------------------------------------------------------
 
     async def _resolve(self) -> None:
-        """asyncio: (re)resolve the DNS target; concurrent callers share one lookup."""
-        if self._resolving is not None:
-            await asyncio.shield(self._resolving)
-            return
-        loop = asyncio.get_running_loop()
-        self._resolving = loop.create_future()
-        try:
-            await self._resolve_now()
-        finally:
-            self._resolving.set_result(None)
+        """asyncio: (re)resolve the DNS target; concurrent callers share one lookup.
+
+        The lookup runs in a task of its own: run by the first caller's task, it
+        ended for everyone when that caller gave up (cancelled), and the others
+        found no endpoint ("resolved to no address").
+        """
+        task = self._resolving
+        if task is None:
+            task = self._resolving = asyncio.ensure_future(self._resolve_now())
+            task.add_done_callback(self._resolved)
+        await asyncio.shield(task)
+
+    def _resolved(self, task: asyncio.Future[None]) -> None:
+        if self._resolving is task:
             self._resolving = None
+        if not task.cancelled():
+            task.exception()  # its callers have it (if any still wait)
 
     async def _resolve_now(self) -> None:
         dns = self._dns
@@ -612,10 +618,11 @@ class Router:
         """
 
         async def close() -> None:
-            task, self._health_task = self._health_task, None
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            for task in (self._health_task, self._resolving):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            self._health_task = self._resolving = None
             owned = list(self._owned)
             results = await asyncio.gather(
                 *(t.close_in_loop() for t in owned), return_exceptions=True
