@@ -364,8 +364,8 @@ class _map_httpx_errors:
             raise closed_under_call() from exc
 
 
-def _reason(exc: BaseException) -> str:
-    """The first non-empty message down ``exc``'s chain of causes.
+def _reason(exc: BaseException, redact: Callable[[str], str]) -> str:
+    """The first non-empty message down ``exc``'s chain of causes, put through ``redact``.
 
     httpx's ConnectError over trio has none of its own, nor has the trio error
     under it: why a TLS handshake failed is told only by the SSL error at the end.
@@ -374,7 +374,9 @@ def _reason(exc: BaseException) -> str:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        text = str(cause)
+        # Redacted before the cut: a key across it would leave its first part,
+        # which no redaction after the cut recognises.
+        text = redact(str(cause))
         if text:
             return text if len(text) <= EXCERPT_LIMIT else text[:EXCERPT_LIMIT] + "..."
         # (The context too when suppressed: httpcore raises its ConnectError "from
@@ -384,7 +386,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
-    text = redact_url(_reason(exc))
+    # httpx's messages quote the server's bytes (a bad header line, a bad chunk),
+    # which may echo the key: out of them before they are cut, logged or raised.
+    key_out = _call_redactor.get()
+    text = _reason(exc, lambda reason: key_out(redact_url(reason)))
     # httpcore raises ConnectError and ConnectTimeout only while it opens the
     # connection (TCP, TLS, a proxy's tunnel), and PoolTimeout while it waits for
     # one: not a byte of the request was sent, so it is safe to send again, as a
@@ -617,7 +622,8 @@ _R = TypeVar("_R")
 
 
 def _redacting(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Where an HTTP call leaves the library: the key out of its error's message.
+    """Where an HTTP call leaves the library: the key out of its error's message,
+    and out of the messages of the errors under it (:func:`_redact_chain`).
 
     For methods of an object with ``_redact``. Messages quote the server's answers
     (a shape error, a model list); a server that echoes the request's headers back
@@ -631,17 +637,29 @@ def _redacting(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, A
         try:
             return await fn(*args, **kwargs)
         except (PocApiError, ValueError) as exc:
-            text = str(exc)
-            clean = redact(text)
-            if clean != text:
-                exc.args = (clean,)
-                if isinstance(exc, PocApiError):
-                    exc.message = clean  # what its str() shows
+            _redact_chain(exc, redact)
             raise
         finally:
             _call_redactor.reset(token)
 
     return call
+
+
+def _redact_chain(exc: BaseException, redact: Callable[[str], str]) -> None:
+    """``redact`` the message of ``exc`` and of each exception down its chain of
+    causes: a traceback shows them all, and httpx's, h11's and httpcore's quote
+    the server's bytes as they came (an echoed key in a bad header line)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause)
+        clean = redact(text)
+        if clean != text:
+            cause.args = (clean,)
+            if isinstance(cause, PocApiError):
+                cause.message = clean  # what its str() shows
+        cause = cause.__cause__ or cause.__context__
 
 
 def _parse_usage(value: object, what: str) -> Usage | None:
@@ -1214,7 +1232,7 @@ class HttpApi:
                 with _map_httpx_errors(method, shown, self._client):
                     await self._read_body(response, f"{method} {shown}", chunks, into=received)
             except PocApiError as exc:
-                log.debug("%s %s: error body cut short: %s", method, shown, exc)
+                log.debug("%s %s: error body cut short: %s", method, shown, self._redact(str(exc)))
                 return bytes(received), exc
         if reading.cancelled_caught:
             return bytes(received), self._timed_out(method, shown, "no complete error body")
@@ -1701,8 +1719,7 @@ class HttpApi:
             # stream (httpx's read timeout still bounds each wait for the next bytes).
             answer_by = trio.current_time() + self._time_limit()
             with trio.CancelScope(deadline=answer_by) as head:
-                with _map_httpx_errors("POST", shown, self._client):
-                    response = await self._send_owned(request)
+                response = await self._send_stream(request, shown)
             if head.cancelled_caught:
                 raise self._timed_out("POST", shown, "no response headers")
             events = ChatStream(self, response, shown)
@@ -1733,6 +1750,11 @@ class HttpApi:
                 await events._release()
         if scope.cancelled_caught:
             raise PocApiTimeout(f"chat_stream: not finished within {seconds:g} s")
+
+    @_redacting  # (chat_stream, a generator, cannot be): its errors quote the server
+    async def _send_stream(self, request: httpx.Request, shown: str) -> httpx.Response:
+        with _map_httpx_errors("POST", shown, self._client):
+            return await self._send_owned(request)
 
     def _server_error(self, url: str, *, response_status: int, error: object) -> HttpError:
         """An error object inside a 200 answer, as an :class:`HttpError`.
