@@ -825,8 +825,24 @@ async def never_reads(stream: trio.SocketStream) -> None:
     await trio.sleep_forever()
 
 
+async def not_gzip(stream: trio.SocketStream, status: int) -> None:
+    """An answer that says it is gzipped and is not, on a connection left open."""
+    await read_request(stream)
+    body = b"this is not gzip at all"
+    head = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+    await stream.send_all(head.encode() + b"content-length: %d\r\n\r\n" % len(body) + body)
+    await trio.sleep(1)
+
+
 @pytest.mark.parametrize(
-    "case", ["send-cancelled", "error-body-past-its-read", "body-past-max-body"]
+    "case",
+    [
+        "send-cancelled",
+        "error-body-past-its-read",
+        "body-past-max-body",
+        "undecodable-body",
+        "undecodable-error-body",
+    ],
 )
 async def test_no_unfinished_httpx_async_generator_is_left_for_the_garbage_collector(
     http: httpx.AsyncClient, case: str
@@ -835,11 +851,17 @@ async def test_no_unfinished_httpx_async_generator_is_left_for_the_garbage_colle
     # or stopping a body's read early (httpx's aiter_bytes chain), left an async
     # generator unfinished: trio's finaliser then warned "Async generator ... was
     # garbage collected" (raised here as an error, and caught by pytest's
-    # unraisable-exception capture, which the configuration makes an error).
+    # unraisable-exception capture, which the configuration makes an error). So
+    # did a body that failed to decode (content-encoding: gzip, not gzip).
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
         with trio.fail_after(10):
-            if case == "send-cancelled":
+            if case.startswith("undecodable"):
+                status = 500 if case == "undecodable-error-body" else 200
+                async with canned_server(partial(not_gzip, status=status)) as url:
+                    with pytest.raises(HttpError if status == 500 else ProtocolViolation):
+                        await make_api(http, url).tokenizer_info()
+            elif case == "send-cancelled":
                 async with canned_server(never_reads) as url:
                     big = TrainSample(list(range(1_000_000)), [(0, 10)])  # a 7 MB body
                     with trio.move_on_after(0.5) as scope:

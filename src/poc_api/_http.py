@@ -1265,13 +1265,19 @@ class HttpApi:
         # (trio's ResourceWarning, as _RequestBody's). httpx drops the connection.
         with trio.CancelScope() as enough:
             source = _DecodedBody(response, what) if chunks is None else chunks
-            async for chunk in source:
-                if enough.cancel_called:
-                    continue  # what httpx had already buffered
-                body += chunk
-                if len(body) > limit or (not ok and len(body) >= limit):
-                    enough.cancel()
-                    _drop(source)
+            try:
+                async for chunk in source:
+                    if enough.cancel_called:
+                        continue  # what httpx had already buffered
+                    body += chunk
+                    if len(body) > limit or (not ok and len(body) >= limit):
+                        enough.cancel()
+                        _drop(source)
+            except Exception:
+                # A body that failed to decode (not the gzip it said) left httpx's
+                # generators under it suspended at their yield: finished as above.
+                await _finish_by_cancel(source)
+                raise
         if ok and len(body) > limit:
             raise LimitExceeded(
                 f"{what}: the response body is larger than {limit} bytes (max_message_size)"
