@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import socket
+import time
 import traceback
 import tracemalloc
 import warnings
@@ -1839,6 +1840,45 @@ async def test_a_chat_stream_unread_stops_reading_its_socket_and_reading_on_gets
     assert done
     assert [first, *rest[:-1]] == [ChatDelta("x" * 100)] * (batches * per_batch)
     assert rest[-1] == ChatDone("", None)
+
+
+async def test_a_slow_consumer_of_queued_chat_events_lets_other_tasks_run(
+    http: httpx.AsyncClient,
+) -> None:
+    # An event already queued came out with no trip through trio's scheduler: a
+    # consumer slower than the server never waited, so no other task ran (and no
+    # deadline fired) until the queue was empty (600 events at 1 ms: a 5 ms
+    # heartbeat starved 660 ms). Now one trip at least every millisecond, as
+    # GenerateStream's.
+    n = 600
+    body = sse(*[DELTA] * n, '{"choices":[{"index":0,"finish_reason":"stop"}]}', "[DONE]")
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.005)
+            ticks += 1
+
+    with trio.fail_after(20):
+        async with canned_server([response(200, body, "text/event-stream")]) as url:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(heartbeat)
+                async with make_api(http, url).chat_stream(HELLO) as events:
+                    while not events._finished:  # noqa: ASYNC110 - until all are queued
+                        await trio.sleep(0.01)
+                    assert len(events._queue) == n + 1
+                    before = ticks
+                    started = time.perf_counter()
+                    async for _ in events:
+                        until = time.perf_counter() + 0.001  # the consumer's work per event
+                        while time.perf_counter() < until:
+                            pass
+                    busy = time.perf_counter() - started
+                during = ticks - before
+                nursery.cancel_scope.cancel()
+    assert busy > 0.5  # 600 events at 1 ms: ~120 heartbeats were due
+    assert during >= 10, (during, busy)
 
 
 @pytest.mark.parametrize("ending", ["error event", "connection lost", "bad data"])

@@ -17,12 +17,16 @@ Between poc_api's calls, the user's sleeps and timeouts jump as before; a server
 that never answers still times out, after the run has been idle that long. A
 clock that does not autojump, and any other clock, is left alone, at the cost
 of one ``current_clock()`` per wait.
+
+Also :class:`FairSlice`: how often a stream's reader that finds events ready
+lets other tasks run (in real time, whatever the clock).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -30,7 +34,7 @@ import trio
 if TYPE_CHECKING:
     from trio.testing import MockClock
 
-__all__ = ["HOLD_SECONDS", "autojumping", "hold_clock"]
+__all__ = ["FAIR_SLICE", "HOLD_SECONDS", "FairSlice", "autojumping", "hold_clock"]
 
 # Real seconds the whole run must sit idle, while poc_api waits, before a held
 # clock jumps: far above a test server's answer, low enough that a test of a
@@ -130,3 +134,36 @@ class hold_clock:
             clock.autojump_threshold = hold.threshold
         if clock.rate == max(hold.rate, 1.0):
             clock.rate = hold.rate
+
+
+# Longest a stream's iteration runs on events already received without letting
+# other tasks run (seconds): one trip through the scheduler per slice costs ~0.5 %.
+FAIR_SLICE = 0.001
+
+
+@final
+class FairSlice:
+    """When a stream's reader last let other tasks run (``GenerateStream``,
+    ``ChatStream``).
+
+    An event already received comes out with no wait, so with no trip through
+    trio's scheduler: a consumer slower than the server always finds one ready,
+    and would hold trio's only thread for as long as the server keeps ahead
+    (other tasks, and deadlines, wait meanwhile). The reader takes one
+    (``cancel_shielded_checkpoint``) whenever :meth:`due` says so. Not an async
+    method: it runs on every event, and a coroutine each would cost more.
+    """
+
+    __slots__ = ("_yielded",)
+
+    def __init__(self) -> None:
+        self._yielded = time.perf_counter()
+
+    def due(self) -> bool:
+        """Whether over ``FAIR_SLICE`` has passed since the last trip (counted
+        from now when it has: the caller takes one)."""
+        now = time.perf_counter()
+        if now - self._yielded > FAIR_SLICE:
+            self._yielded = now
+            return True
+        return False

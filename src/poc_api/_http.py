@@ -74,7 +74,7 @@ import attrs
 import httpx
 import trio
 
-from ._clock import autojumping, hold_clock
+from ._clock import FairSlice, autojumping, hold_clock
 from ._errors import (
     AuthenticationError,
     HttpError,
@@ -2052,6 +2052,7 @@ class ChatStream:
         self._pump_parked = _Parked()  # _pump(), waiting for the queue to be read
         self._pump_gone = False  # _pump() returned or was cancelled: no more events
         self._waiting = False  # a task waits in __anext__
+        self._fair = FairSlice()  # when the reader last let other tasks run
         self._error: Exception | None = None  # raised after the queue drains, then again
         self._finished = False  # [DONE] seen, the stream ended or failed: read no more
         self._cut = False  # the block was left before the end: iterating is an error
@@ -2171,6 +2172,12 @@ class ChatStream:
 
     @trio.lowlevel.enable_ki_protection  # see _request
     async def __anext__(self) -> ChatEvent:
+        # As GenerateStream's: a trip through the scheduler at least every
+        # FAIR_SLICE, or a consumer slower than the server, finding events queued
+        # every time, holds trio's thread until the stream ends (other tasks and
+        # deadlines wait). Before the rest: other tasks may close the stream meanwhile.
+        if self._fair.due():
+            await trio.lowlevel.cancel_shielded_checkpoint()
         queue = self._queue
         if queue and not self._waiting and not self._reader_closed:
             # An event is ready: nothing to wait for, nothing to raise (but a

@@ -20,6 +20,7 @@ import trio
 
 from . import _errors as e
 from ._chunks import check_image_mime
+from ._clock import FairSlice
 from ._proto import salience as pb
 from ._transport import StreamCall, map_grpc_error
 from ._types import (
@@ -51,10 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["GenerateStream", "Session", "close_live_sessions", "open_session"]
 
 log = logging.getLogger("poc_api.grpc")
-
-# Longest a stream's iteration runs on buffered events without letting other
-# tasks run (seconds): one trip through the scheduler per slice costs ~0.5 %.
-_FAIR_SLICE = 0.001
 
 
 def _closed_under(session: Session) -> trio.ClosedResourceError:
@@ -118,7 +115,7 @@ class GenerateStream:
         self._received = False
         self._exited = False  # its block has exited: no more waiting for events
         self._drained = False  # _drain ran: its grace is spent, even if it gave up
-        self._yielded = time.perf_counter()  # when this stream last let others run
+        self._fair = FairSlice()  # when this stream last let others run
         self._reader_closed = False  # aclose() was called
         self._raised: e.PocApiError | None = None  # the last error the call raised
         self.done: Done | None = None
@@ -155,13 +152,11 @@ class GenerateStream:
         # A cancellation point on every event (0.3 µs), as trio's own receive is:
         # a cancelled scope stops the loop at once, not after the buffered batch.
         # The scheduling half of a checkpoint (a few µs) comes with each wait for a
-        # batch, and at least every _FAIR_SLICE: a slow consumer always finds
+        # batch, and at least every FAIR_SLICE: a slow consumer always finds
         # events buffered, and would otherwise hold trio's only thread for as long
         # as the server keeps ahead (other tasks, and deadlines, wait meanwhile).
         await trio.lowlevel.checkpoint_if_cancelled()
-        now = time.perf_counter()
-        if now - self._yielded > _FAIR_SLICE:
-            self._yielded = now
+        if self._fair.due():
             await trio.lowlevel.cancel_shielded_checkpoint()
         if self._reader_closed:
             raise e.stream_closed()
