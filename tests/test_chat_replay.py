@@ -508,22 +508,23 @@ async def test_without_model_the_only_served_model_is_named_and_cached() -> None
 
 
 @pytest.mark.parametrize(
-    ("models", "match"),
+    ("models", "error", "match"),
     [
-        (answer(200, MODELS_TWO), "lists 2 models"),
-        (answer(404, b'{"detail": "Not Found"}'), "failed"),
+        (answer(200, MODELS_TWO), ValueError, "lists 2 models"),
+        # The server's error status is its own (an HttpError), not a bad argument.
+        (answer(404, b'{"detail": "Not Found"}'), poc_api.HttpError, "failed.*HTTP 404"),
     ],
 )
 async def test_without_model_an_ambiguous_server_is_a_clear_error_before_sending(
-    models: bytes, match: str
+    models: bytes, error: type[Exception], match: str
 ) -> None:
     rec = Recorder({"GET /models": models})
     with trio.fail_after(10):
         async with http_server(rec) as url:
             async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
-                with pytest.raises(ValueError, match=match):
+                with pytest.raises(error, match=match):
                     await client.chat(HELLO)
-                with pytest.raises(ValueError, match=match):
+                with pytest.raises(error, match=match):
                     async with client.chat_stream(HELLO):
                         pass
     assert {r[0] for r in rec.requests} == {"GET /models"}  # the chat was never sent

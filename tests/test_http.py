@@ -322,6 +322,37 @@ async def test_concurrent_callers_share_one_failed_fetch_instead_of_each_retryin
             assert len(paths) == 2 and len(errors) == 9
 
 
+@pytest.mark.parametrize("status", [503, 404])
+@pytest.mark.parametrize("call", ["chat", "chat_stream"])
+async def test_an_error_status_of_the_model_lookup_is_an_http_error_not_a_value_error(
+    call: str, status: int
+) -> None:
+    # Without model=, chat() asks GET /models first: its 503 came out as a
+    # builtins ValueError, which says "your argument is wrong" (and that only
+    # `except PocApiError` around the call did not catch).
+    paths: list[bytes] = []
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        head, _ = await read_request(stream)
+        paths.append(head.split(b" ")[1])
+        await stream.send_all(response(status, b"busy", "text/plain"))
+
+    with trio.fail_after(10):
+        async with canned_server(refuse) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
+                with pytest.raises(PocApiError) as info:
+                    if call == "chat":
+                        await client.chat(HELLO)
+                    else:
+                        async with client.chat_stream(HELLO):
+                            pass
+    err = info.value
+    assert type(err) is HttpError and err.http_status == status
+    assert err.url.endswith("/v1/models") and err.body_excerpt == "busy"
+    assert str(err).startswith("model= is not set and GET ") and f"HTTP {status}" in str(err)
+    assert paths == [b"/v1/models"]  # the chat request was not sent
+
+
 async def test_waiters_of_a_fetch_cancelled_by_its_caller_start_a_new_one(
     http: httpx.AsyncClient,
 ) -> None:

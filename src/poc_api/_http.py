@@ -1525,9 +1525,11 @@ class HttpApi:
 
         Servers that check the name (vLLM answers 404 to an unknown one) refuse
         ``""``, so without ``model=`` this asks ``GET /models`` once per client and
-        uses the served model when there is exactly one. Any other list, or an error
-        status, raises ``ValueError`` before the chat request is sent (a garbage
-        answer: :class:`~poc_api.ProtocolViolation`). Concurrent callers share one
+        uses the served model when there is exactly one. Any other list raises
+        ``ValueError`` before the chat request is sent; an error status raises
+        :class:`~poc_api.HttpError` (401/403: :class:`~poc_api.AuthenticationError`)
+        saying the lookup failed, and a garbage answer
+        :class:`~poc_api.ProtocolViolation`. Concurrent callers share one
         lookup and its outcome, as :meth:`readout_manifest`'s callers share one
         fetch; a failed lookup caches nothing.
         """
@@ -1540,8 +1542,13 @@ class HttpApi:
         try:
             data = await self._request("GET", "/models")
         except HttpError as exc:  # (401/403 and garbage answers raise as themselves)
-            raise ValueError(
-                f"model= is not set and {what} failed, so there is no model to name: {exc}"
+            # The server's error, not a bad argument (a 503 is worth retrying): an
+            # HttpError still, with its status, that says why chat() asked.
+            raise HttpError(
+                f"model= is not set and {what} failed, so there is no model to name: {exc}",
+                http_status=exc.http_status,
+                url=exc.url,
+                body_excerpt=exc.body_excerpt,
             ) from exc
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
