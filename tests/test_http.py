@@ -2134,6 +2134,40 @@ async def test_a_gzipped_answer_is_decoded(http: httpx.AsyncClient) -> None:
             assert await make_api(http, url).tokenize("hi") == [104, 105]
 
 
+_TOKENS = json.dumps({"tokens": [104, 105]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "whole"),
+    [
+        ("gzip", _gzip(_TOKENS[:7]) + _gzip(_TOKENS[7:]), True),
+        ("gzip", _gzip(_TOKENS) + b"\0" * 8, True),  # (padding, as gzip's reader skips)
+        ("gzip", _gzip(_TOKENS)[:-8], False),
+        ("deflate", zlib.compress(_TOKENS)[:-4], False),
+        ("gzip, gzip", _gzip(_gzip(_TOKENS)[:-8]), False),
+    ],
+    ids=["two-members", "zero-padded", "cut-before-crc", "deflate-cut", "inner-gzip-cut"],
+)
+async def test_a_gzip_body_of_several_members_is_decoded_whole_and_a_cut_one_is_refused(
+    http: httpx.AsyncClient, encoding: str, body: bytes, whole: bool
+) -> None:
+    # Only the first member of a gzip body was decoded (RFC 1952 allows several:
+    # the rest was dropped unsaid), and a body cut short of its end (its
+    # checksum, here) passed for a whole one.
+    head = (
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        f"content-encoding: {encoding}\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with trio.fail_after(10):
+        async with canned_server([head + body]) as url:
+            api = make_api(http, url)
+            if whole:
+                assert await api.tokenize("hi") == [104, 105]
+            else:
+                with pytest.raises(ProtocolViolation, match=r"undecodable.*truncated"):
+                    await api.tokenize("hi")
+
+
 async def test_an_encoding_that_was_not_asked_for_is_a_protocol_violation(
     http: httpx.AsyncClient,
 ) -> None:

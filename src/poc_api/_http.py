@@ -517,6 +517,7 @@ class _Inflater:
         self._z = zlib.decompressobj(wbits)
         self._pending = b""
         self._started = False
+        self._between = False  # gzip: a member has ended, no byte of the next came yet
         self._ended = False  # no more input will come
         self._flushed = False
 
@@ -528,7 +529,16 @@ class _Inflater:
 
     def take(self, limit: int) -> bytes:
         try:
-            if self._pending:
+            while self._pending:
+                if self._between:
+                    # Zero padding after a member is skipped, as Python's gzip module does.
+                    self._pending = self._pending.lstrip(b"\0")
+                    if not self._pending:
+                        break
+                    self._between = False
+                elif self._z.eof:  # deflate: what follows its end is ignored, as httpx does
+                    self._pending = b""
+                    break
                 data, self._pending = self._pending, b""
                 try:
                     out = self._z.decompress(data, limit)
@@ -539,10 +549,26 @@ class _Inflater:
                     out = self._z.decompress(data, limit)
                 self._started = True
                 self._pending = self._z.unconsumed_tail
-                return out
+                if self._z.eof and not self._deflate:
+                    # A gzip body may be several members one after another (RFC 1952),
+                    # each needing a decompressor of its own. All that follows this
+                    # one is in unused_data (unconsumed_tail may repeat some of it).
+                    self._pending = self._z.unused_data
+                    self._z = zlib.decompressobj(zlib.MAX_WBITS | 16)
+                    self._between = True
+                if out or not self._pending:  # (b"" says: nothing until more input)
+                    return out
             if self._ended and not self._flushed:
                 self._flushed = True
-                return self._z.flush()  # (bounded: what the window still holds)
+                out = self._z.flush()  # (bounded: what the window still holds)
+                if self._started and not self._between and not self._z.eof:
+                    # A body cut short (in a member, or before its checksum) must
+                    # not pass for a whole one.
+                    raise ProtocolViolation(
+                        f"{self._what}: undecodable response body: it ends inside "
+                        f"its {'deflate' if self._deflate else 'gzip'} stream (truncated)"
+                    )
+                return out
             return b""
         except zlib.error as exc:
             raise ProtocolViolation(f"{self._what}: undecodable response body: {exc}") from exc
