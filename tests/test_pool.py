@@ -1049,3 +1049,28 @@ async def test_a_caller_giving_up_during_the_first_dns_lookup_does_not_fail_the_
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(impatient)
                     nursery.start_soon(patient)
+
+
+async def test_sessions_leave_an_endpoint_that_never_speaks_for_one_that_is_ready() -> None:
+    # A server that accepts TCP and never speaks HTTP/2: the OpenSessions placed
+    # there waited for its SETTINGS up to connect_timeout (30 s) while the other
+    # endpoint was connected and idle (about half of them timed out here). Now one
+    # still waiting after a second fails over to the ready endpoint.
+    async with reference_servers(1) as (good,), misbehaving_server() as hole:
+        hole.mute = True
+        async with poc_api.ApiClient(good.base_url, grpc_url=[hole.url, good.grpc_url]) as client:
+            opened = 0
+
+            async def one() -> None:
+                nonlocal opened
+                async with client.session(timeout=5) as s:
+                    await s.prefill([1])
+                    opened += 1
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(20):
+                        nursery.start_soon(one)
+            assert opened == 20
+            assert good.state().rpc_counts["OpenSession"] == 20
+            assert client.endpoints[0].state is EndpointState.UNREACHABLE

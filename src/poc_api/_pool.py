@@ -47,6 +47,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, final
 from urllib.parse import urlsplit
@@ -412,6 +413,14 @@ class Router:
         """Every endpoint's state and load (a snapshot)."""
         return tuple(ep.status() for ep in self._endpoints)
 
+    def other_ready(self, ep: _Endpoint) -> bool:
+        """Whether an endpoint but ``ep`` is connected and usable (either thread)."""
+        now = time.monotonic()
+        return any(
+            other is not ep and other.usable(now) and other.transport.connected
+            for other in self._endpoints
+        )
+
     def bind_session(self) -> SessionRoute | GrpcTransport:
         """A route for one new session, with a fresh affinity key.
 
@@ -740,6 +749,8 @@ class SessionRoute:
             ep = self._endpoint = router.pick(tried)
             ep.opening += 1  # counted while opening, so concurrent picks see it
             attempt = _Progress()
+            if router.failover and not ep.transport.connected:
+                attempt.hedge = partial(router.other_ready, ep)
             try:
                 reply = await ep.transport.unary(
                     "OpenSession",

@@ -363,6 +363,10 @@ _FLOODED = (
 # a proxy that ends connections every N calls that can happen more than twice to one
 # call, so these have a bound of their own.
 _DRAINED_RETRIES = 8
+# Seconds a pool's OpenSession waits for a connection to its endpoint before it
+# goes to another that is ready (a listener that never speaks HTTP/2 would hold
+# it connect_timeout). A healthy server's SETTINGS come in milliseconds.
+_CONNECT_HEDGE = 1.0
 _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 
 
@@ -440,6 +444,7 @@ class GrpcTransport:
         self._last_failure = ""  # why it failed
         # The connection attempt in flight: calls that come meanwhile await it.
         self._attempt: asyncio.Future[None] | None = None
+        self._connecting: asyncio.Future[_PocChannel] | None = None  # a hedged attempt's task
         self._reached = 0  # connections made (asyncio side)
         self._loss_logged = -1  # _reached when the last outage was logged at WARNING
         self._loss_lock = threading.Lock()  # sessions are closed from either thread
@@ -456,6 +461,12 @@ class GrpcTransport:
     def target(self) -> GrpcTarget:
         """The endpoint this transport talks to."""
         return self._target
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up and its server's SETTINGS came (either thread)."""
+        channel = self._channel
+        return channel is not None and channel._connected and _settled(channel)
 
     @property
     def reap_timeout(self) -> float:
@@ -537,14 +548,19 @@ class GrpcTransport:
             channel.sessions_open = lambda: self.open_sessions > 0
         return channel
 
-    async def _ready_channel(self, *, wait_for_ready: bool = False) -> _PocChannel:
+    async def _ready_channel(
+        self, *, wait_for_ready: bool = False, hedge: Callable[[], bool] | None = None
+    ) -> _PocChannel:
         """asyncio: the connected channel, connecting it first if need be.
 
         A call that comes while another one is connecting shares that attempt's
         outcome: its failure fails every call that waited for it. Within the
         backoff after a failed attempt this raises a retriable
         ``ServerUnavailable`` at once, unless ``wait_for_ready`` (health checks):
-        then it waits for the backoff to pass and tries.
+        then it waits for the backoff to pass and tries. With ``hedge`` (a
+        pool's OpenSession), a call still waiting for the connection after
+        ``_CONNECT_HEDGE`` seconds gives up (retriable ``ServerUnavailable``)
+        as soon as ``hedge()`` says another endpoint is ready; the attempt goes on.
         """
         # Runs on the asyncio side, which is single-threaded: plain attributes are
         # enough. Calls share one connection attempt through ``_attempt``, not
@@ -573,7 +589,10 @@ class GrpcTransport:
             if attempt is not None:
                 # Its failure is this call's too; after a success (or a cancelled
                 # attempt) look again.
-                await asyncio.shield(attempt)
+                if hedge is None:
+                    await asyncio.shield(attempt)
+                else:
+                    await self._wait_hedged(attempt, hedge)
                 continue
             if channel is not None and (self._channel_was_connected or channel.shut):
                 # The connection was lost (or closed): start over with a fresh channel.
@@ -598,12 +617,43 @@ class GrpcTransport:
                 continue  # another call may have connected meanwhile
             if channel is None:
                 channel = self._channel = self._new_channel()
-            return await self._connect(channel)
+            # Made here, not in _connect: calls that come before a task runs it share it.
+            attempt = self._attempt = asyncio.get_running_loop().create_future()
+            if hedge is None:
+                return await self._connect(channel, attempt)
+            # In a task of its own, which goes on if this call leaves it (as above).
+            task = self._connecting = asyncio.ensure_future(self._connect(channel, attempt))
+            task.add_done_callback(self._connected_or_not)
 
-    async def _connect(self, channel: _PocChannel) -> _PocChannel:
+    def _connected_or_not(self, task: asyncio.Future[_PocChannel]) -> None:
+        if self._connecting is task:
+            self._connecting = None
+        if not task.cancelled():
+            task.exception()  # its waiters have it, through the attempt
+
+    async def _wait_hedged(self, attempt: asyncio.Future[None], hedge: Callable[[], bool]) -> None:
+        """asyncio: wait for a connection attempt; leave it if another endpoint is ready."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = _CONNECT_HEDGE
+        while True:
+            done, _ = await asyncio.wait((attempt,), timeout=timeout)  # (never cancels it)
+            if done:
+                attempt.result()  # its failure is this call's too
+                return
+            if hedge():
+                # Nothing of the call was sent: it may go to the ready endpoint.
+                raise e.ServerUnavailable(
+                    f"{self._target.url}: not connected after "
+                    f"{loop.time() - started:.2g} s (no HTTP/2 SETTINGS yet), while "
+                    "another endpoint is ready",
+                    retriable=True,
+                )
+            timeout = _CONNECT_HEDGE / 4
+
+    async def _connect(self, channel: _PocChannel, attempt: asyncio.Future[None]) -> _PocChannel:
         """asyncio: one connection attempt, which calls that come meanwhile share."""
         loop = asyncio.get_running_loop()
-        attempt = self._attempt = loop.create_future()
         try:
             # connect_timeout bounds the TCP connect and TLS handshake too (asyncio's
             # own bounds are the OS's SYN retries and 60 s for the handshake).
@@ -778,7 +828,10 @@ class GrpcTransport:
         refused = drained = 0
         while True:
             try:
-                channel = await self._ready_channel(wait_for_ready=wait_for_ready)
+                channel = await self._ready_channel(
+                    wait_for_ready=wait_for_ready,
+                    hedge=None if progress is None else progress.hedge,
+                )
             except StreamTerminatedError as exc:
                 # The channel was closed (replaced) while this call connected it.
                 if not _closed_unsent(exc) or drained >= _DRAINED_RETRIES:
@@ -1126,10 +1179,13 @@ _BLOCK_SENT: ContextVar[_Sent | None] = ContextVar("poc_api_block_sent", default
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
-    __slots__ = ("block", "headers_sent", "queued", "reap_timer")
+    __slots__ = ("block", "headers_sent", "hedge", "queued", "reap_timer")
 
     def __init__(self) -> None:
         self.headers_sent: bool = False
+        # A pool's OpenSession: whether another endpoint is ready (asyncio side),
+        # for leaving a connection that does not come (see _ready_channel).
+        self.hedge: Callable[[], bool] | None = None
         self.block: _Sent | None = _BLOCK_SENT.get()  # (made in the caller's trio task)
         # Waiting for a stream of the connection, behind this client's own calls.
         self.queued: bool = False
