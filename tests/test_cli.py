@@ -8,6 +8,7 @@ the CLI's plumbing, not the toy model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import poc_api
 from poc_api import SamplingParams, Token, Tokens
 from poc_api.cli import main as cli_main
 from poc_api.cli import sparkline
+from poc_api.server import ReferenceServer
 from poc_api.testing import open_client, reference_server
 
 CLI = (sys.executable, "-m", "poc_api.cli")
@@ -456,6 +458,17 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["serve", "--prefill-delay-us", "nan"],
         ["serve", "--token-delay-ms", "nan"],
         ["serve", "--idle-timeout", "nan"],
+        # Found only by the client or the server (exit 1, after starting a server),
+        # or not at all (chat sent an empty message and exited 0):
+        ["chat", ""],
+        ["chat", "hi", "--max-tokens", "0"],
+        ["chat", "hi", "--max-tokens", "99999999999"],
+        ["generate", "a\udcff"],  # argv bytes that are not UTF-8
+        ["chat", "a\udcff"],
+        ["chat", "hi", "--system", "\udcff"],
+        ["score", "a\udcff", "-c", "x"],
+        ["score", "hi", "-c", "\udcff"],
+        ["generate", "hi", "--url", "http://h:1/v1", "--grpc-url", "dns:///no-port"],
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )
@@ -592,3 +605,53 @@ def test_an_unexpected_errors_control_characters_do_not_reach_the_terminal(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "x" in err and "y" in err
     assert "\x1b" not in err and "\x07" not in err
+
+
+def test_model_reaches_the_embedded_server_too(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --model was dropped when no --url was given ("Model name to send").
+    for name in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_MODEL", "POC_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.DEBUG, logger="poc_api.server")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["generate", "hi", "--max-tokens", "1", "--model", "other"])
+    assert exited.value.code == 0
+    assert any("OpenSession for model 'other'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dns_grpc_target_is_taken_as_the_client_takes_it(
+    server: ReferenceServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was a usage error ("expected http(s)://host:port/..."), where
+    # ApiClient(grpc_url="dns:///...") makes a pool of the name's addresses.
+    for name in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_MODEL", "POC_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    grpc = f"dns:///127.0.0.1:{server.grpc_port}"
+    with pytest.raises(SystemExit) as exited:
+        cli_main(
+            ["generate", "hi", "--max-tokens", "2", "--url", server.base_url, "--grpc-url", grpc]
+        )
+    out = capsys.readouterr()
+    assert exited.value.code == 0, out.err
+    assert out.out.strip()
+
+
+def test_serve_takes_an_idle_timeout_of_0_for_never() -> None:
+    from poc_api.cli import cli
+
+    ctx = cli.make_context("poc-api", ["serve", "--idle-timeout", "0"])
+    with ctx:
+        sub = cli.get_command(ctx, "serve")
+        assert sub is not None
+        sub_ctx = sub.make_context("serve", ["--idle-timeout", "0"], parent=ctx)
+        assert sub_ctx.params["idle_timeout"] == 0.0
+
+
+@pytest.mark.parametrize("field", ["max_sessions", "max_context", "max_message_size"])
+def test_a_server_config_of_0_sessions_context_or_message_size_is_refused(field: str) -> None:
+    # A server of 0 refused every session or request (python -m poc_api.server).
+    from poc_api.server import ServerConfig
+
+    with pytest.raises(ValueError, match=field):
+        ServerConfig(**{field: 0})  # type: ignore[arg-type]

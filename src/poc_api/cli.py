@@ -51,6 +51,7 @@ from ._errors import protected_asynccontextmanager
 from ._http import ChatDelta, shown_url
 from ._log import control_escapes
 from ._png import encode_png
+from ._pool import parse_grpc_targets
 from ._session import GenerateStream
 from ._transport import GrpcTarget
 from ._types import Done, ReadoutManifest, SamplingParams, StreamDone, Token, TokenOut, Usage
@@ -144,6 +145,18 @@ class _FloatRange(click.FloatRange):
         return rv
 
 
+def _check_text(value: str, hint: str, *, empty_ok: bool = False) -> None:
+    """A usage error (exit 2, before any work) for text the client would refuse."""
+    if not value and not empty_ok:
+        raise click.BadParameter("must not be empty", param_hint=hint)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # argv bytes that are not UTF-8 (surrogateescape)
+        raise click.BadParameter(
+            f"is not UTF-8 text ({value[exc.start : exc.end]!r} at {exc.start})", param_hint=hint
+        ) from None
+
+
 def _check_url(value: str, what: str) -> str:
     try:
         parts = urlsplit(value)  # ("Invalid IPv6 URL" for an unclosed "[")
@@ -181,22 +194,27 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
         if grpc_flag:
             raise click.UsageError("--grpc-url needs --url (or POC_BASE_URL)")
         # POC_GRPC_URL is for remote servers; the embedded one has its own ports.
-        return _Target(None, key, None)
+        return _Target(None, key, None, ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, ""))
     what = "--url" if url or g.url else _ENV_URL
     _check_url(base, what)
     grpc = grpc_flag or os.environ.get(_ENV_GRPC) or None
-    if grpc:
-        _check_url(grpc, "--grpc-url" if grpc_flag else _ENV_GRPC)
+    grpc_what = "--grpc-url" if grpc_flag else _ENV_GRPC
+    if grpc and grpc.startswith("dns:"):
+        try:  # a pool of the name's addresses, as ApiClient(grpc_url="dns:///...") makes
+            parse_grpc_targets(grpc)
+        except ValueError as exc:
+            raise click.UsageError(f"invalid {grpc_what}: {exc}") from None
+    elif grpc:
+        _check_url(grpc, grpc_what)
     try:  # what the client would refuse, as a usage error (before any work)
         check_base_url(base.rstrip("/"))
         resolve_grpc_url(base, grpc, env={})
     except ValueError as exc:
         raise click.UsageError(f"invalid {what}: {exc}") from None
-    if grpc:
+    if grpc and not grpc.startswith("dns:"):
         try:
             GrpcTarget.from_url(grpc)
         except ValueError as exc:
-            grpc_what = "--grpc-url" if grpc_flag else _ENV_GRPC
             raise click.UsageError(f"invalid {grpc_what}: {exc}") from None
     model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
     return _Target(base.rstrip("/"), key, grpc, model)
@@ -266,7 +284,12 @@ async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIte
         config = ServerConfig(seed=seed, api_key=target.api_key or None)
         async with ReferenceServer(config) as server:
             where.base_url, where.grpc_url = server.base_url, server.grpc_url
-            client = ApiClient(server.base_url, api_key=target.api_key, grpc_url=server.grpc_url)
+            client = ApiClient(
+                server.base_url,
+                api_key=target.api_key,
+                grpc_url=server.grpc_url,
+                model=target.model,
+            )
             async with client:
                 yield _Conn(client, server)
         return
@@ -913,8 +936,7 @@ def generate(
     readout: bool,
 ) -> None:
     """Stream the completion of TEXT to stdout as it arrives."""
-    if not text:
-        raise click.BadParameter("must not be empty", param_hint="TEXT")
+    _check_text(text, "TEXT")
     target = _target(url, api_key, grpc_url)
     if seed is not None and target.base_url is not None:
         raise click.UsageError(
@@ -1003,10 +1025,9 @@ def score(
     then, after a blank line, how many positions were sent: TEXT is prefilled
     once and each continuation appended after a rewind to its end.
     """
-    if not text:
-        raise click.BadParameter("must not be empty", param_hint="TEXT")
-    if any(not c for c in continuations):
-        raise click.BadParameter("must not be empty", param_hint="--continuation")
+    _check_text(text, "TEXT")
+    for c in continuations:
+        _check_text(c, "--continuation")
     target = _target(url, api_key, grpc_url)
     _run_async(lambda where: _score(target, where, text, continuations))
 
@@ -1060,7 +1081,11 @@ def _positions_line(prompt_len: int, lengths: Sequence[int], counted: int | None
 @_url_option
 @click.option("--system", default=None, help="A system message to put first.")
 @click.option(
-    "--max-tokens", type=click.IntRange(0), default=64, show_default=True, help="Reply budget."
+    "--max-tokens",
+    type=click.IntRange(1, 2**32 - 1),
+    default=64,
+    show_default=True,
+    help="Reply budget.",
 )
 @click.option("--temperature", type=_FloatRange(0.0, 1e6), default=None)
 @click.option("--top-p", type=_FloatRange(0.0, 1.0), default=None)
@@ -1082,6 +1107,9 @@ def chat(
     seed: int | None,
 ) -> None:
     """OpenAI-compatible chat (POST /chat/completions, streamed), printed live."""
+    _check_text(text, "TEXT")
+    if system is not None:
+        _check_text(system, "--system", empty_ok=True)
     target = _target(url, api_key, grpc_url)
     messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": text})
@@ -1135,10 +1163,10 @@ _DEFAULTS = ServerConfig()
 )
 @click.option(
     "--idle-timeout",
-    type=_FloatRange(0.0, min_open=True),
+    type=_FloatRange(0.0),
     default=_DEFAULTS.idle_timeout,
     show_default=True,
-    help="Seconds before an idle session is evicted.",
+    help="Seconds before an idle session is evicted (0: never).",
 )
 @click.option(
     "--max-context", type=click.IntRange(1), default=_DEFAULTS.max_context, show_default=True

@@ -68,10 +68,11 @@ class ServerConfig:
     api_key: str | None = None
     readout: bool = True
     seed: int = 0
-    max_sessions: int = 1024
+    # At least 1 each: a server of 0 would refuse every session or request.
+    max_sessions: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
     idle_timeout: float = attrs.field(default=600.0, validator=_non_negative_finite)
-    max_context: int = 8192
-    max_message_size: int = 64 * 1024 * 1024
+    max_context: int = attrs.field(default=8192, validator=attrs.validators.ge(1))
+    max_message_size: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(1))
     ignore_eos: bool = False
     n_layers: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     concepts: tuple[str, ...] = attrs.field(
