@@ -241,6 +241,12 @@ def test_range_sums_of_non_finite_logprobs() -> None:
     inf = float("inf")
     got = range_sums({0: -inf, 1: -1.0, 2: -2.0}, [(0, 2), (1, 3)])
     assert [r.logprob for r in got] == [-inf, -3.0]
+    # fsum raised ValueError ("-inf + inf in fsum"), out of score(): nan, as sum gives.
+    for logprobs in ({0: inf, 1: -inf}, {0: inf, 5: -inf}):
+        [r] = range_sums(logprobs, [(0, 6)])
+        assert math.isnan(r.logprob)
+    [r] = range_sums({0: 1e308, 1: 1e308}, [(0, 2)])  # fsum: OverflowError
+    assert r.logprob == inf
 
 
 @given(ranges_st)
@@ -256,42 +262,71 @@ def test_score_result_is_a_value() -> None:
     assert ScoreResult(1, 2, -0.5) == ScoreResult(1, 2, -0.5)
 
 
-@pytest.mark.parametrize("call", ["score", "score_many", "share_prefix", "conversation"])
-@pytest.mark.parametrize("image_len", [4, 0], ids=["image_len_known", "image_len_unknown"])
+WINDOW_CALLS = ["score", "score_many", "share_prefix", "conversation", "continuations"]
+
+
+async def _window_call(client: poc_api.ApiClient, call: str, prompt: list[poc_api.Chunk]) -> None:
+    """One call of ``call``'s kind on ``prompt`` (its last chunk: text)."""
+    last = prompt[-1]
+    assert isinstance(last, Tokens)
+    other = [*prompt[:-1], Tokens([*last.ids[:-1], 7])]
+    if call == "score":
+        await client.score(prompt, [(1, 50)])
+    elif call == "score_many":
+        await client.score_many([(prompt, [(1, 50)])])
+    elif call == "share_prefix":
+        await client.score_many([(prompt, [(1, 50)]), (other, [(1, 50)])], share_prefix=True)
+    elif call == "conversation":
+        async with client.conversation() as conv:
+            async with conv.stream(prompt, SamplingParams(max_tokens=1)) as events:
+                async for _ in events:
+                    pass
+    else:
+        await client.score_continuations(prompt[:-1], [last.ids])
+
+
+@pytest.mark.parametrize("call", WINDOW_CALLS)
+@pytest.mark.parametrize("image_len", [4, 0], ids=["image_len_said", "image_len_unknown"])
+@pytest.mark.parametrize("over", ["text", "image"])
 async def test_a_prompt_past_the_context_window_is_refused_before_it_is_sent(
-    eos_server: ReferenceServer, call: str, image_len: int
+    eos_server: ReferenceServer, call: str, image_len: int, over: str
 ) -> None:
     # Only score_continuations checked the window: score, score_many and a
     # conversation sent the prompt until the server refused it (OUT_OF_RANGE).
-    # Lengths known: nothing is sent. An image of unknown length: what precedes
-    # it and the image go, then the rest is refused before it is sent.
+    # Text alone too long: nothing is sent. Text that fits, and an image that
+    # takes it past the window: the image's length is the server's to say (a
+    # stated one may be wrong), so what precedes the rest and the image go, and
+    # the rest is refused before it is sent.
     window = 8192
-    text = (PROMPT * 400)[: window - 100]
+    size = window + 1 if over == "text" else window
+    text = (PROMPT * 400)[: size - 100]
     img = Image(make_png(56, 56), "image/png", image_len)  # 4 positions
-    prompt: list[poc_api.Chunk] = [Tokens(text[:100]), img, Tokens(text)]  # window + 4
-    other: list[poc_api.Chunk] = [*prompt[:2], Tokens([*text[:-1], 7])]
+    prompt: list[poc_api.Chunk] = [Tokens(text[:100]), img, Tokens(text)]
     async with poc_api.ApiClient(eos_server.base_url, grpc_url=eos_server.grpc_url) as client:
         before = eos_server.state()
         with trio.fail_after(20), pytest.raises(poc_api.ContextOverflow) as info:
-            if call == "score":
-                await client.score(prompt, [(1, 50)])
-            elif call == "score_many":
-                await client.score_many([(prompt, [(1, 50)])])
-            elif call == "share_prefix":
-                await client.score_many(
-                    [(prompt, [(1, 50)]), (other, [(1, 50)])], share_prefix=True
-                )
-            else:
-                async with client.conversation() as conv:
-                    async with conv.stream(prompt, SamplingParams(max_tokens=1)):
-                        pass
+            await _window_call(client, call, prompt)
         assert info.value.grpc_status is None  # the client's refusal, not the server's
         assert str(window) in str(info.value)
         after = eos_server.state()
         appended = after.tokens_appended - before.tokens_appended
         images = after.rpc_counts.get("AppendImage", 0) - before.rpc_counts.get("AppendImage", 0)
-        assert (appended, images) == ((0, 0) if image_len else (100, 1))
+        assert (appended, images) == ((0, 0) if over == "text" else (100, 1))
         await wait_for(lambda: not eos_server.state().session_ids)
+
+
+@pytest.mark.parametrize("call", WINDOW_CALLS)
+async def test_an_image_said_longer_than_it_is_does_not_refuse_a_prompt_that_fits(
+    eos_server: ReferenceServer, call: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The window check counted the stated 9000 positions: ContextOverflow for a
+    # prompt of 100 + 4 + 100 positions.
+    img = Image(make_png(56, 56), "image/png", 9000)  # the server gives it 4
+    prompt: list[poc_api.Chunk] = [Tokens(PROMPT * 8), img, Tokens(PROMPT * 8)]
+    async with poc_api.ApiClient(eos_server.base_url, grpc_url=eos_server.grpc_url) as client:
+        with trio.fail_after(20):
+            await _window_call(client, call, prompt)
+    assert any("known_expanded_len is 9000" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("call", ["score", "share_prefix", "score_continuations"])

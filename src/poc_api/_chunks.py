@@ -125,6 +125,12 @@ def known_len(chunks: Iterable[Chunk]) -> int | None:
     return total
 
 
+def text_len(chunks: Iterable[Chunk]) -> int:
+    """Positions the chunks' text takes: a lower bound of theirs that holds whatever
+    an image's stated length (the server decides that one)."""
+    return sum(len(c.ids) for c in chunks if isinstance(c, Tokens))
+
+
 _NO_IMAGE: Any = object()
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, SupportsFloat, SupportsIndex, final
 import attrs
 import trio
 
-from ._chunks import Chunk, Tokens, check_chunks, chunks_before, known_len, plan_delta
+from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta, text_len
 from ._errors import PocApiTimeout, ServerUnavailable, SessionNotFound, stream_closed
 from ._session import GenerateStream, Session, check_window, open_session
 from ._types import (
@@ -395,8 +395,9 @@ class Conversation:
         """Send the delta, open the final Generate (into ``gen_stack``) and prime it."""
         first_token_timeout, token_timeout, deadline_at = timeouts
         plan = plan_delta(chunks, session.committed_len, self._history, rewind=self._rewind)
-        if (n := known_len(plan.delta)) is not None:
-            check_window(session, plan.offset + n)
+        # Text only: an image's stated length may be wrong (the server decides
+        # it); the checks before each call below have its real one.
+        check_window(session, plan.offset + text_len(plan.delta))
         if plan.truncating:
             log.info(
                 "session %s: prompt diverges from the session at position %d "

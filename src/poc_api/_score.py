@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, SupportsIndex, cast
 import trio
 
 from . import _errors as e
-from ._chunks import Chunk, Image, Tokens, check_chunks, known_len
+from ._chunks import Chunk, Image, Tokens, check_chunks, known_len, text_len
 from ._session import Session, check_window, open_session
 from ._types import Ranges, SamplingParams, ScoreResult, Token, _plain, as_int, check_ranges
 
@@ -89,11 +89,19 @@ def range_sums(logprobs: dict[int, float], ranges: Sequence[tuple[int, int]]) ->
                     ScoreResult(s, t, (prefix_sums[t - lo] - prefix_sums[s - lo]) / scale)
                     for s, t in ranges
                 ]
-        return [ScoreResult(s, t, math.fsum(dense[s - lo : t - lo])) for s, t in ranges]
+        return [ScoreResult(s, t, _fsum(dense[s - lo : t - lo])) for s, t in ranges]
     return [
-        ScoreResult(s, t, math.fsum(v for p, v in logprobs.items() if s <= p < t))
-        for s, t in ranges
+        ScoreResult(s, t, _fsum([v for p, v in logprobs.items() if s <= p < t])) for s, t in ranges
     ]
+
+
+def _fsum(values: list[float]) -> float:
+    """``math.fsum``, but nan for -inf + inf and inf for an overflow, as ``sum``
+    gives (fsum raises ValueError / OverflowError: not an error of the caller's)."""
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):
+        return sum(values)
 
 
 def _exact_prefix_sums(values: list[float]) -> tuple[list[int], int] | None:
@@ -150,8 +158,9 @@ async def _score_in_session(
     image_spans: list[tuple[int, int]] = []
     pending: list[int] = []
     pos = 0
-    if (n := known_len(chunks)) is not None:
-        check_window(session, n)
+    # Text only: an image's stated length may be wrong (the server decides it);
+    # the check before each call below has its real one.
+    check_window(session, text_len(chunks))
     for chunk in chunks:
         if isinstance(chunk, Tokens):
             pending.extend(chunk.ids)
@@ -489,8 +498,7 @@ async def _score_group(
 ) -> None:
     """Score ``(index, chunks, ranges)`` prompts whose first ``shared`` units are equal."""
     for _, chunks, _ in group:
-        if (n := known_len(chunks)) is not None:
-            check_window(session, n)
+        check_window(session, text_len(chunks))  # (as _score_in_session's)
     prefix = _to_chunks(_units(group[0][1])[:shared])
     # The prefix's positions may lie in any prompt's ranges: ask for them all now,
     # since the server never re-emits positions an earlier call appended.
@@ -542,13 +550,14 @@ def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | N
         return
     if prompt_len > max_length:
         raise e.ContextOverflow(
-            f"the {prompt_len}-position prompt exceeds the context window of "
+            f"the prompt ({prompt_len} positions or more) exceeds the context window of "
             f"{max_length} positions (checked before sending; nothing was scored)"
         )
     for i, n in enumerate(lengths):
         if n is not None and prompt_len + n > max_length:
             raise e.ContextOverflow(
-                f"continuation {i} ({n} positions) after the {prompt_len}-position prompt "
+                f"continuation {i} ({n} positions or more) after the {prompt_len}-position "
+                "prompt "
                 f"exceeds the context window of {max_length} positions (checked before "
                 "sending any continuation; nothing was scored)"
             )
@@ -581,13 +590,14 @@ async def score_continuations(
     async with open_session(
         transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
     ) as session:
-        _check_window(session.max_length, prompt_len, lengths)
+        # Text only (lower bounds): an image's stated length may be wrong.
+        _check_window(session.max_length, text_len(prompt), [text_len(c) for c in conts])
         spans: list[tuple[int, int]] = []
         end_of_prompt = await _append(
             session, prompt, rewind_to=None, wire=[], into={}, image_spans=spans
         )
         # Now the prompt's length is known even when an image's was not.
-        _check_window(session.max_length, end_of_prompt, lengths)
+        _check_window(session.max_length, end_of_prompt, [text_len(c) for c in conts])
         results = []
         for cont in conts:
             logprobs: dict[int, float] = {}
