@@ -1074,3 +1074,49 @@ async def test_sessions_leave_an_endpoint_that_never_speaks_for_one_that_is_read
             assert opened == 20
             assert good.state().rpc_counts["OpenSession"] == 20
             assert client.endpoints[0].state is EndpointState.UNREACHABLE
+
+
+@asynccontextmanager
+async def slow_first_bytes(port: int, delay: float) -> AsyncIterator[str]:
+    """A TCP proxy to 127.0.0.1:``port`` that holds the server's first bytes
+    ``delay`` s (a slow link: the connection is ready that much later)."""
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream, hold: float) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                if hold:
+                    await trio.sleep(hold)
+                    hold = 0
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await dst.aclose()
+
+    async def handle(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, server, 0.0)
+            nursery.start_soon(pump, server, client, delay)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handle, 0)
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_left_for_a_ready_endpoint_that_refuses_it_comes_back() -> None:
+    # The endpoint left (its connection slow) for a connected one that is full:
+    # the session failed (ServerUnavailable or ResourceExhausted) though the slow
+    # endpoint would have taken it, as it did before the hedge.
+    async with (
+        reference_servers(1) as (slow,),
+        slow_first_bytes(slow.grpc_port, 2.5) as slow_url,
+        misbehaving_server() as full,
+    ):
+        full.plan("OpenSession", *[Reply("trailers_only", status=8)] * 10)  # RESOURCE_EXHAUSTED
+        async with poc_api.ApiClient(slow.base_url, grpc_url=[slow_url, full.url]) as client:
+            with trio.fail_after(15):
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+            assert slow.state().rpc_counts["OpenSession"] == 1

@@ -413,11 +413,15 @@ class Router:
         """Every endpoint's state and load (a snapshot)."""
         return tuple(ep.status() for ep in self._endpoints)
 
-    def other_ready(self, ep: _Endpoint) -> bool:
-        """Whether an endpoint but ``ep`` is connected and usable (either thread)."""
+    def other_ready(self, tried: list[_Endpoint]) -> bool:
+        """Whether an endpoint not in ``tried`` is connected, usable and not full
+        (a call may go there at once; either thread)."""
         now = time.monotonic()
         return any(
-            other is not ep and other.usable(now) and other.transport.connected
+            other not in tried
+            and other.usable(now)
+            and now >= other.full_until
+            and other.transport.connected
             for other in self._endpoints
         )
 
@@ -743,14 +747,18 @@ class SessionRoute:
                 return await self._open(request, None, orphan, progress)
         router = self._router
         tried: list[_Endpoint] = []
+        # Left while they connected, for one that was ready: if nothing else
+        # takes the session, the call comes back to them, and waits.
+        left: list[_Endpoint] = []
+        back: list[_Endpoint] = []
         if router._dns is not None:
             await router.ready()
         while True:
             ep = self._endpoint = router.pick(tried)
             ep.opening += 1  # counted while opening, so concurrent picks see it
             attempt = _Progress()
-            if router.failover and not ep.transport.connected:
-                attempt.hedge = partial(router.other_ready, ep)
+            if router.failover and ep not in back and not ep.transport.connected:
+                attempt.hedge = partial(router.other_ready, [ep, *tried])
             try:
                 reply = await ep.transport.unary(
                     "OpenSession",
@@ -775,8 +783,16 @@ class SessionRoute:
                 else:
                     raise
                 tried.append(ep)
+                if attempt.left:
+                    left.append(ep)
                 if not router.failover or len(tried) >= len(router._endpoints):
-                    raise
+                    if not left:
+                        raise
+                    # Every endpoint tried: back to one this call left (the only
+                    # one pick() can give now), waiting for its connection this time.
+                    again = left.pop(0)
+                    back.append(again)
+                    tried.remove(again)
                 log.log(
                     level,
                     "OpenSession: %s %s (%s); trying another endpoint",

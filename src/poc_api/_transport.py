@@ -464,9 +464,21 @@ class GrpcTransport:
 
     @property
     def connected(self) -> bool:
-        """Whether a connection is up and its server's SETTINGS came (either thread)."""
+        """Whether a new call can go at once: a connection is up, its server's
+        SETTINGS came, and it is not draining or out of stream ids (either thread)."""
         channel = self._channel
-        return channel is not None and channel._connected and _settled(channel)
+        if channel is None:
+            return False
+        # One read of the protocol: grpclib's close() deletes it (then the class's
+        # None shows) while the trio thread may be reading.
+        protocol = channel._protocol
+        return (
+            isinstance(protocol, _PocH2Protocol)
+            and not protocol.lost.is_set()
+            and protocol.settings_received.is_set()
+            and not protocol.draining
+            and not protocol.worn_out
+        )
 
     @property
     def reap_timeout(self) -> float:
@@ -549,7 +561,7 @@ class GrpcTransport:
         return channel
 
     async def _ready_channel(
-        self, *, wait_for_ready: bool = False, hedge: Callable[[], bool] | None = None
+        self, *, wait_for_ready: bool = False, progress: _Progress | None = None
     ) -> _PocChannel:
         """asyncio: the connected channel, connecting it first if need be.
 
@@ -557,10 +569,11 @@ class GrpcTransport:
         outcome: its failure fails every call that waited for it. Within the
         backoff after a failed attempt this raises a retriable
         ``ServerUnavailable`` at once, unless ``wait_for_ready`` (health checks):
-        then it waits for the backoff to pass and tries. With ``hedge`` (a
-        pool's OpenSession), a call still waiting for the connection after
-        ``_CONNECT_HEDGE`` seconds gives up (retriable ``ServerUnavailable``)
-        as soon as ``hedge()`` says another endpoint is ready; the attempt goes on.
+        then it waits for the backoff to pass and tries. With a ``progress.hedge``
+        (a pool's OpenSession), a call still waiting for the connection after
+        ``_CONNECT_HEDGE`` seconds gives up (retriable ``ServerUnavailable``,
+        ``progress.left`` set) as soon as ``hedge()`` says another endpoint is
+        ready; the attempt goes on.
         """
         # Runs on the asyncio side, which is single-threaded: plain attributes are
         # enough. Calls share one connection attempt through ``_attempt``, not
@@ -589,10 +602,10 @@ class GrpcTransport:
             if attempt is not None:
                 # Its failure is this call's too; after a success (or a cancelled
                 # attempt) look again.
-                if hedge is None:
+                if progress is None or progress.hedge is None:
                     await asyncio.shield(attempt)
                 else:
-                    await self._wait_hedged(attempt, hedge)
+                    await self._wait_hedged(attempt, progress)
                 continue
             if channel is not None and (self._channel_was_connected or channel.shut):
                 # The connection was lost (or closed): start over with a fresh channel.
@@ -619,7 +632,7 @@ class GrpcTransport:
                 channel = self._channel = self._new_channel()
             # Made here, not in _connect: calls that come before a task runs it share it.
             attempt = self._attempt = asyncio.get_running_loop().create_future()
-            if hedge is None:
+            if progress is None or progress.hedge is None:
                 return await self._connect(channel, attempt)
             # In a task of its own, which goes on if this call leaves it (as above).
             task = self._connecting = asyncio.ensure_future(self._connect(channel, attempt))
@@ -631,8 +644,10 @@ class GrpcTransport:
         if not task.cancelled():
             task.exception()  # its waiters have it, through the attempt
 
-    async def _wait_hedged(self, attempt: asyncio.Future[None], hedge: Callable[[], bool]) -> None:
+    async def _wait_hedged(self, attempt: asyncio.Future[None], progress: _Progress) -> None:
         """asyncio: wait for a connection attempt; leave it if another endpoint is ready."""
+        hedge = progress.hedge
+        assert hedge is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeout = _CONNECT_HEDGE
@@ -643,6 +658,7 @@ class GrpcTransport:
                 return
             if hedge():
                 # Nothing of the call was sent: it may go to the ready endpoint.
+                progress.left = True
                 raise e.ServerUnavailable(
                     f"{self._target.url}: not connected after "
                     f"{loop.time() - started:.2g} s (no HTTP/2 SETTINGS yet), while "
@@ -830,7 +846,7 @@ class GrpcTransport:
             try:
                 channel = await self._ready_channel(
                     wait_for_ready=wait_for_ready,
-                    hedge=None if progress is None else progress.hedge,
+                    progress=progress,
                 )
             except StreamTerminatedError as exc:
                 # The channel was closed (replaced) while this call connected it.
@@ -1179,13 +1195,14 @@ _BLOCK_SENT: ContextVar[_Sent | None] = ContextVar("poc_api_block_sent", default
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
-    __slots__ = ("block", "headers_sent", "hedge", "queued", "reap_timer")
+    __slots__ = ("block", "headers_sent", "hedge", "left", "queued", "reap_timer")
 
     def __init__(self) -> None:
         self.headers_sent: bool = False
         # A pool's OpenSession: whether another endpoint is ready (asyncio side),
         # for leaving a connection that does not come (see _ready_channel).
         self.hedge: Callable[[], bool] | None = None
+        self.left: bool = False  # it did leave its connection for a ready endpoint
         self.block: _Sent | None = _BLOCK_SENT.get()  # (made in the caller's trio task)
         # Waiting for a stream of the connection, behind this client's own calls.
         self.queued: bool = False
