@@ -741,6 +741,26 @@ async def test_api_key_echoed_in_bad_http_is_in_no_error_of_the_chain_nor_the_lo
     assert LONG_KEY[:10] not in caplog.text
 
 
+async def test_redaction_leaves_the_exception_the_caller_was_handling_alone(
+    http: httpx.AsyncClient,
+) -> None:
+    # The walk down the raised error's chain went on into the caller's own
+    # exception (its __context__) and rewrote its args: (503, url) became one string.
+    class Mine(Exception):
+        pass
+
+    with trio.fail_after(10):
+        async with canned_server(partial(echo_key_in_bad_http, case="header")) as url:
+            api = HttpApi(http, url, LONG_KEY, "m")
+            try:
+                raise Mine(503, f"http://mirror.example/{LONG_KEY}")
+            except Mine as mine:
+                with pytest.raises(ProtocolViolation) as info:
+                    await api.chat(HELLO)
+                assert mine.args == (503, f"http://mirror.example/{LONG_KEY}")
+    assert LONG_KEY[:10] not in str(info.value)
+
+
 @pytest.mark.parametrize("escaping", ["json", "slashes", "go"])
 async def test_a_key_echoed_json_escaped_is_redacted_too(
     http: httpx.AsyncClient, escaping: str
@@ -2145,8 +2165,22 @@ _TOKENS = json.dumps({"tokens": [104, 105]}).encode()
         ("gzip", _gzip(_TOKENS)[:-8], False),
         ("deflate", zlib.compress(_TOKENS)[:-4], False),
         ("gzip, gzip", _gzip(_gzip(_TOKENS)[:-8]), False),
+        # Bytes after the body that are no member: ignored, as httpx does (they
+        # were taken for a member, and failed the call).
+        ("gzip", _gzip(_TOKENS) + b"\r\n", True),
+        ("gzip", _gzip(_TOKENS) + b"\x1f", True),
+        ("gzip", _gzip(_TOKENS[:7]) + _gzip(_TOKENS[7:]) + b"junk" + _gzip(b"x"), True),
     ],
-    ids=["two-members", "zero-padded", "cut-before-crc", "deflate-cut", "inner-gzip-cut"],
+    ids=[
+        "two-members",
+        "zero-padded",
+        "cut-before-crc",
+        "deflate-cut",
+        "inner-gzip-cut",
+        "crlf-after",
+        "half-magic-after",
+        "junk-after-two",
+    ],
 )
 async def test_a_gzip_body_of_several_members_is_decoded_whole_and_a_cut_one_is_refused(
     http: httpx.AsyncClient, encoding: str, body: bytes, whole: bool

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 import zlib
 from collections import deque
@@ -504,6 +505,9 @@ def _drop(chunks: AsyncIterator[bytes]) -> None:
         chunks.drop()
 
 
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+
+
 @final
 class _Inflater:
     """One content-encoding layer: input fed in, output taken in capped pieces."""
@@ -520,9 +524,11 @@ class _Inflater:
         self._between = False  # gzip: a member has ended, no byte of the next came yet
         self._ended = False  # no more input will come
         self._flushed = False
+        self._ignoring = False  # gzip: what followed a member was no member; ignored
 
     def feed(self, data: bytes) -> None:
-        self._pending += data
+        if not self._ignoring:
+            self._pending += data
 
     def finish(self) -> None:
         self._ended = True
@@ -534,6 +540,14 @@ class _Inflater:
                     # Zero padding after a member is skipped, as Python's gzip module does.
                     self._pending = self._pending.lstrip(b"\0")
                     if not self._pending:
+                        break
+                    if self._pending == _GZIP_MAGIC[:1] and not self._ended:
+                        break  # the next member's magic, cut: wait for its second byte
+                    if not self._pending.startswith(_GZIP_MAGIC):
+                        # Not another member (a stray CRLF): ignored, as httpx does
+                        # (and as what follows a deflate stream's end is).
+                        log.debug("%s: ignoring bytes after the gzip body", self._what)
+                        self._pending, self._ignoring = b"", True
                         break
                     self._between = False
                 elif self._z.eof:  # deflate: what follows its end is ignored, as httpx does
@@ -660,10 +674,11 @@ def _redacting(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, A
     async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         redact = cast(_Redacts, args[0])._redact
         token = _call_redactor.set(redact)  # for the excerpts made during the call
+        outer = sys.exception()  # the caller's, if it calls from an except block
         try:
             return await fn(*args, **kwargs)
         except (PocApiError, ValueError) as exc:
-            _redact_chain(exc, redact)
+            _redact_chain(exc, redact, stop=outer)
             raise
         finally:
             _call_redactor.reset(token)
@@ -671,21 +686,33 @@ def _redacting(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, A
     return call
 
 
-def _redact_chain(exc: BaseException, redact: Callable[[str], str]) -> None:
+def _redact_chain(
+    exc: BaseException, redact: Callable[[str], str], *, stop: BaseException | None = None
+) -> None:
     """``redact`` the message of ``exc`` and of each exception down its chain of
     causes: a traceback shows them all, and httpx's, h11's and httpcore's quote
-    the server's bytes as they came (an echoed key in a bad header line)."""
+    the server's bytes as they came (an echoed key in a bad header line).
+
+    Only down to ``stop`` (the exception the caller was handling when it called:
+    the chain goes on into the caller's own), and only exceptions of poc_api and
+    the HTTP stack under it: another's ``args`` are its owner's to read.
+    """
     seen: set[int] = set()
     cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
+    while cause is not None and cause is not stop and id(cause) not in seen:
         seen.add(id(cause))
-        text = str(cause)
-        clean = redact(text)
-        if clean != text:
-            cause.args = (clean,)
-            if isinstance(cause, PocApiError):
-                cause.message = clean  # what its str() shows
+        if type(cause).__module__.partition(".")[0] in _REDACTED_MODULES:
+            text = str(cause)
+            clean = redact(text)
+            if clean != text:
+                cause.args = (clean,)
+                if isinstance(cause, PocApiError):
+                    cause.message = clean  # what its str() shows
         cause = cause.__cause__ or cause.__context__
+
+
+# Whose exceptions _redact_chain rewrites: those raised for an HTTP call.
+_REDACTED_MODULES: Final = frozenset({"poc_api", "httpx", "httpcore", "h11", "builtins"})
 
 
 def _parse_usage(value: object, what: str) -> Usage | None:
