@@ -463,6 +463,7 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["chat", ""],
         ["chat", "hi", "--max-tokens", "0"],
         ["chat", "hi", "--max-tokens", "99999999999"],
+        ["chat", "hi", "--max-tokens", "2147483648"],  # (the server's 400, exit 1)
         ["generate", "a\udcff"],  # argv bytes that are not UTF-8
         ["chat", "a\udcff"],
         ["chat", "hi", "--system", "\udcff"],

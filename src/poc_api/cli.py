@@ -1082,7 +1082,7 @@ def _positions_line(prompt_len: int, lengths: Sequence[int], counted: int | None
 @click.option("--system", default=None, help="A system message to put first.")
 @click.option(
     "--max-tokens",
-    type=click.IntRange(1, 2**32 - 1),
+    type=click.IntRange(1, 2**31 - 1),  # OpenAI's field is an int32
     default=64,
     show_default=True,
     help="Reply budget.",
