@@ -6,6 +6,7 @@ import asyncio
 import functools
 import re
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from functools import partial
@@ -207,3 +208,32 @@ def _only_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_only_cancelled(sub) for sub in exc.exceptions)
     return isinstance(exc, trio.Cancelled)
+
+
+@asynccontextmanager
+async def heartbeat(period: float = 0.005) -> AsyncIterator[Callable[[], int]]:
+    """A task that ticks every ``period`` s during the block; yields a reader of
+    the tick count (how often other tasks got to run)."""
+    ticks = 0
+
+    async def beat() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(period)
+            ticks += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(beat)
+        yield lambda: ticks
+        nursery.cancel_scope.cancel()
+
+
+async def consume_busily(events: AsyncIterable[Any], work: float) -> float:
+    """Iterate ``events`` doing ``work`` s of busy work (no checkpoint) per event,
+    as a consumer slower than its server; the seconds it took."""
+    started = time.perf_counter()
+    async for _ in events:
+        until = time.perf_counter() + work
+        while time.perf_counter() < until:
+            pass
+    return time.perf_counter() - started

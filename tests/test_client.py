@@ -17,6 +17,8 @@ import trio
 import trio.testing
 from helpers import (
     asyncio_tasks_pending,
+    consume_busily,
+    heartbeat,
     read_beside_a_second_reader,
     wait_for,
     wait_until_streaming_stalls,
@@ -990,30 +992,15 @@ async def test_a_slow_consumer_of_buffered_events_lets_other_tasks_run(
     # a consumer slower than the server never waited, so no other task ran (and
     # no deadline fired) until the stream ended, seconds later. Now one trip at
     # least every millisecond.
-    ticks = 0
-
-    async def heartbeat() -> None:
-        nonlocal ticks
-        while True:
-            await trio.sleep(0.005)
-            ticks += 1
-
     with trio.fail_after(20):
-        async with client.session() as s, trio.open_nursery() as nursery:
-            nursery.start_soon(heartbeat)
+        async with client.session() as s, heartbeat() as ticks:
             async with s.generate(HELLO, sampling=SamplingParams(max_tokens=2000)) as ev:
                 await ev.__anext__()
                 while not ev._rx._buf.finished:  # noqa: ASYNC110 - every event is buffered
                     await trio.sleep(0.01)
-                before = ticks
-                started = time.perf_counter()
-                async for _ in ev:
-                    until = time.perf_counter() + 0.0002  # some work per token
-                    while time.perf_counter() < until:
-                        pass
-                busy = time.perf_counter() - started
-            during = ticks - before
-            nursery.cancel_scope.cancel()
+                before = ticks()
+                busy = await consume_busily(ev, 0.0002)  # some work per token
+            during = ticks() - before
     assert busy > 0.3  # 2000 tokens at 0.2 ms: ~80 heartbeats were due
     assert during >= 10, (during, busy)
 

@@ -10,7 +10,6 @@ import logging
 import math
 import re
 import socket
-import time
 import traceback
 import tracemalloc
 import warnings
@@ -27,6 +26,8 @@ import trio.testing
 from helpers import (
     Handler,
     aclose_under_a_reader,
+    consume_busily,
+    heartbeat,
     http_server,
     read_beside_a_second_reader,
     read_request,
@@ -1903,31 +1904,16 @@ async def test_a_slow_consumer_of_queued_chat_events_lets_other_tasks_run(
     # GenerateStream's.
     n = 600
     body = sse(*[DELTA] * n, '{"choices":[{"index":0,"finish_reason":"stop"}]}', "[DONE]")
-    ticks = 0
-
-    async def heartbeat() -> None:
-        nonlocal ticks
-        while True:
-            await trio.sleep(0.005)
-            ticks += 1
-
     with trio.fail_after(20):
         async with canned_server([response(200, body, "text/event-stream")]) as url:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(heartbeat)
+            async with heartbeat() as ticks:
                 async with make_api(http, url).chat_stream(HELLO) as events:
                     while not events._finished:  # noqa: ASYNC110 - until all are queued
                         await trio.sleep(0.01)
                     assert len(events._queue) == n + 1
-                    before = ticks
-                    started = time.perf_counter()
-                    async for _ in events:
-                        until = time.perf_counter() + 0.001  # the consumer's work per event
-                        while time.perf_counter() < until:
-                            pass
-                    busy = time.perf_counter() - started
-                during = ticks - before
-                nursery.cancel_scope.cancel()
+                    before = ticks()
+                    busy = await consume_busily(events, 0.001)
+                during = ticks() - before
     assert busy > 0.5  # 600 events at 1 ms: ~120 heartbeats were due
     assert during >= 10, (during, busy)
 
@@ -2143,23 +2129,13 @@ async def test_a_compressed_bomb_is_cut_at_the_limit_not_decoded_whole(
         assert isinstance(info.value, HttpError) and info.value.http_status == 500
 
 
-async def test_a_gzipped_answer_is_decoded(http: httpx.AsyncClient) -> None:
-    body = _gzip(json.dumps({"tokens": [104, 105]}).encode())
-    head = (
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-        f"content-encoding: gzip\r\ncontent-length: {len(body)}\r\n\r\n"
-    ).encode()
-    with trio.fail_after(10):
-        async with canned_server([head + body]) as url:
-            assert await make_api(http, url).tokenize("hi") == [104, 105]
-
-
 _TOKENS = json.dumps({"tokens": [104, 105]}).encode()
 
 
 @pytest.mark.parametrize(
     ("encoding", "body", "whole"),
     [
+        ("gzip", _gzip(_TOKENS), True),
         ("gzip", _gzip(_TOKENS[:7]) + _gzip(_TOKENS[7:]), True),
         ("gzip", _gzip(_TOKENS) + b"\0" * 8, True),  # (padding, as gzip's reader skips)
         ("gzip", _gzip(_TOKENS)[:-8], False),
@@ -2172,6 +2148,7 @@ _TOKENS = json.dumps({"tokens": [104, 105]}).encode()
         ("gzip", _gzip(_TOKENS[:7]) + _gzip(_TOKENS[7:]) + b"junk" + _gzip(b"x"), True),
     ],
     ids=[
+        "one-member",
         "two-members",
         "zero-padded",
         "cut-before-crc",
