@@ -444,7 +444,7 @@ class GrpcTransport:
         self._last_failure = ""  # why it failed
         # The connection attempt in flight: calls that come meanwhile await it.
         self._attempt: asyncio.Future[None] | None = None
-        self._connecting: asyncio.Future[_PocChannel] | None = None  # a hedged attempt's task
+        self._connecting: asyncio.Future[_PocChannel] | None = None  # the attempt's task
         self._reached = 0  # connections made (asyncio side)
         self._loss_logged = -1  # _reached when the last outage was logged at WARNING
         self._loss_lock = threading.Lock()  # sessions are closed from either thread
@@ -632,9 +632,10 @@ class GrpcTransport:
                 channel = self._channel = self._new_channel()
             # Made here, not in _connect: calls that come before a task runs it share it.
             attempt = self._attempt = asyncio.get_running_loop().create_future()
-            if progress is None or progress.hedge is None:
-                return await self._connect(channel, attempt)
-            # In a task of its own, which goes on if this call leaves it (as above).
+            # In a task of its own, which every call waits for (above): one that
+            # leaves (cancelled, a health check timing out, a pool's call going to a
+            # ready endpoint) no longer ends it for the others, who then started
+            # over, with a fresh connect_timeout.
             task = self._connecting = asyncio.ensure_future(self._connect(channel, attempt))
             task.add_done_callback(self._connected_or_not)
 
@@ -1113,6 +1114,8 @@ class GrpcTransport:
     def _shut(self) -> None:
         """asyncio: close every connection; calls not yet sent fail with ClosedResourceError."""
         self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()  # its waiters then find the transport closed
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()

@@ -371,6 +371,36 @@ async def test_a_cleanup_whose_close_goes_unanswered_ends_within_close_timeout(
         await assert_next_call_works(c)
 
 
+async def test_a_caller_leaving_a_connection_attempt_does_not_restart_it_for_the_others(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The call that started the connection ran it: cancelled, it ended the attempt,
+    # and a call waiting for it started over, with a fresh connect_timeout (here
+    # 2 + 3 s instead of 3 s). A pool's health check timing out did the same.
+    bad_server.mute = True  # accepts TCP, never speaks HTTP/2
+    async with client_for(bad_server, connect_timeout=3) as c:
+        failed_at: list[float] = []
+        start = trio.current_time()
+
+        async def first() -> None:
+            with trio.move_on_after(2):
+                async with c.session():
+                    pass
+
+        async def second() -> None:
+            await trio.sleep(0.1)
+            with pytest.raises(poc_api.ServerUnavailable):
+                async with c.session():
+                    pass
+            failed_at.append(trio.current_time() - start)
+
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                nursery.start_soon(second)
+        assert failed_at[0] < 4.2, failed_at
+
+
 async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
     bad_server: MisbehavingServer,
 ) -> None:
