@@ -1073,7 +1073,6 @@ async def test_sessions_leave_an_endpoint_that_never_speaks_for_one_that_is_read
                         nursery.start_soon(one)
             assert opened == 20
             assert good.state().rpc_counts["OpenSession"] == 20
-            assert client.endpoints[0].state is EndpointState.UNREACHABLE
 
 
 @asynccontextmanager
@@ -1120,3 +1119,56 @@ async def test_a_session_left_for_a_ready_endpoint_that_refuses_it_comes_back() 
                 async with client.session() as s:
                     await s.prefill([1, 2])
             assert slow.state().rpc_counts["OpenSession"] == 1
+
+
+async def test_new_sessions_go_to_connected_endpoints_not_to_ones_still_connecting() -> None:
+    # Two endpoints that never speak and one that does: a session picked for a
+    # silent one waited a second there before it went to the good one (a burst
+    # after the start took up to two seconds). The health checks connect every
+    # endpoint; a connected one is preferred.
+    async with (
+        reference_servers(1) as (good,),
+        misbehaving_server() as hole1,
+        misbehaving_server() as hole2,
+    ):
+        hole1.mute = hole2.mute = True
+        urls = [hole1.url, hole2.url, good.grpc_url]
+        async with poc_api.ApiClient(good.base_url, grpc_url=urls) as client:
+            with trio.fail_after(10):
+                async with client.session():  # the start: it may wait a second
+                    pass
+            took: list[float] = []
+
+            async def one() -> None:
+                start = trio.current_time()
+                async with client.session():
+                    took.append(trio.current_time() - start)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(12):
+                        nursery.start_soon(one)
+            assert max(took) < 0.8, took
+
+
+async def test_a_session_left_for_a_full_endpoint_waits_for_its_hold_not_for_the_silent_one() -> (
+    None
+):
+    # The ready endpoint refused as full; the other never speaks. The call came
+    # back to the silent one and waited out its connect_timeout (8 s, then
+    # ServerUnavailable), though the full one had room again 2 s later.
+    async with misbehaving_server() as hole, misbehaving_server() as full:
+        hole.mute = True
+        full.plan("OpenSession", Reply(), Reply("trailers_only", status=8))  # RESOURCE_EXHAUSTED
+        async with poc_api.ApiClient(
+            DUMMY_BASE_URL, grpc_url=[hole.url, full.url], connect_timeout=8
+        ) as client:
+            with trio.fail_after(10):
+                async with client.session():  # connects `full` (its first answer)
+                    pass
+            start = trio.current_time()
+            with trio.fail_after(15):
+                async with client.session():
+                    pass
+            assert trio.current_time() - start < 5
+            assert [c.kind for c in full.calls_to("OpenSession")] == ["ok", "trailers_only", "ok"]

@@ -103,6 +103,9 @@ _BACKOFF_MAX = 10.0
 # stays in rotation (it is no failure), but is not asked first again and again
 # while it stays full.
 _FULL_HOLD = 2.0
+# How often an OpenSession comes back to an endpoint it left while it connected
+# (see SessionRoute._open): each time, after a second or a "full" hold at least.
+_COMEBACKS = 2
 
 
 class EndpointState(enum.Enum):
@@ -445,7 +448,9 @@ class Router:
         Usable first (SERVING or not checked yet, not in backoff); if none is,
         any endpoint out of backoff, then any at all: a call that fails there
         fails as it would on one server. Among those, one that refused a session
-        as full within ``_FULL_HOLD`` only when all did. Raises
+        as full within ``_FULL_HOLD`` only when all did, and one not connected
+        only when none is (the health checks connect every endpoint: one that
+        never answers them gets no session while another can take it). Raises
         :class:`ServerUnavailable` when every endpoint was tried already (or DNS
         listed none).
         """
@@ -475,6 +480,8 @@ class Router:
             raise e.ServerUnavailable(f"no endpoint of {what} is left to try")
         if len(candidates) > 1:
             candidates = [ep for ep in candidates if now >= ep.full_until] or candidates
+        if len(candidates) > 1:
+            candidates = [ep for ep in candidates if ep.transport.connected] or candidates
         if len(candidates) == 1:
             return candidates[0]
         a, b = random.sample(candidates, 2)
@@ -746,19 +753,21 @@ class SessionRoute:
             with deadline(timeout, "OpenSession", unsent=lambda: not sent.headers_sent):
                 return await self._open(request, None, orphan, progress)
         router = self._router
-        tried: list[_Endpoint] = []
-        # Left while they connected, for one that was ready: if nothing else
-        # takes the session, the call comes back to them, and waits.
+        tried: list[_Endpoint] = []  # not to be picked again (but see "left")
+        unreachable: list[_Endpoint] = []  # failed in this call: never again
+        # Left while they connected, for one that was ready (connected, and not
+        # full or its hold passed): when every endpoint has been tried, the call
+        # comes back to one (at most _COMEBACKS times), and may leave it again.
         left: list[_Endpoint] = []
-        back: list[_Endpoint] = []
+        comebacks = 0
         if router._dns is not None:
             await router.ready()
         while True:
             ep = self._endpoint = router.pick(tried)
             ep.opening += 1  # counted while opening, so concurrent picks see it
             attempt = _Progress()
-            if router.failover and ep not in back and not ep.transport.connected:
-                attempt.hedge = partial(router.other_ready, [ep, *tried])
+            if router.failover and not ep.transport.connected:
+                attempt.hedge = partial(router.other_ready, [ep, *unreachable])
             try:
                 reply = await ep.transport.unary(
                     "OpenSession",
@@ -771,9 +780,13 @@ class SessionRoute:
                 # Either way no session is left there (one the server made before
                 # the call failed is closed by ``orphan``): nothing is lost by
                 # opening it on another endpoint.
-                if isinstance(exc, e.ServerUnavailable):
+                if attempt.left:  # no failure: it is slow, or it never speaks
+                    level, why = logging.DEBUG, "is still connecting"
+                    left.append(ep)
+                elif isinstance(exc, e.ServerUnavailable):
                     ep.failed()
                     level, why = logging.INFO, "is unreachable"
+                    unreachable.append(ep)
                 elif isinstance(exc, e.ResourceExhausted):
                     # Full (max sessions) is no failure: it stays in rotation and
                     # takes sessions again once some close (which can be often:
@@ -783,16 +796,26 @@ class SessionRoute:
                 else:
                     raise
                 tried.append(ep)
-                if attempt.left:
-                    left.append(ep)
-                if not router.failover or len(tried) >= len(router._endpoints):
-                    if not left:
+                if not router.failover:
+                    raise
+                if len(tried) >= len(router._endpoints):
+                    if not left or comebacks >= _COMEBACKS:
                         raise
-                    # Every endpoint tried: back to one this call left (the only
-                    # one pick() can give now), waiting for its connection this time.
+                    # Every endpoint tried: back to one this call left (pick() gives
+                    # it, or a full one whose hold has passed), waiting for its
+                    # connection, or for a full one's hold to pass.
+                    comebacks += 1
                     again = left.pop(0)
-                    back.append(again)
-                    tried.remove(again)
+                    tried = [*unreachable, *left]
+                    log.log(
+                        level,
+                        "OpenSession: %s %s (%s); back to %s",
+                        ep.target.url,
+                        why,
+                        exc,
+                        again.target.url,
+                    )
+                    continue
                 log.log(
                     level,
                     "OpenSession: %s %s (%s); trying another endpoint",
