@@ -1172,3 +1172,49 @@ async def test_a_session_left_for_a_full_endpoint_waits_for_its_hold_not_for_the
                     pass
             assert trio.current_time() - start < 5
             assert [c.kind for c in full.calls_to("OpenSession")] == ["ok", "trailers_only", "ok"]
+
+
+async def test_an_endpoint_whose_connection_dropped_gets_new_sessions_at_once() -> None:
+    # Its connection cut (a proxy restarted) while its server stayed healthy: it
+    # got no new session until a health check had reconnected it (up to
+    # health_check_interval), when preferring connected endpoints.
+    async with reference_servers(2) as (a, b):
+        streams: list[trio.SocketStream] = []
+
+        async def handle(client: trio.SocketStream) -> None:
+            server = await trio.open_tcp_stream("127.0.0.1", a.grpc_port)
+            streams.extend((client, server))
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+                try:
+                    while data := await src.receive_some(65536):
+                        await dst.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                finally:
+                    await dst.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, server)
+                nursery.start_soon(pump, server, client)
+
+        async with trio.open_nursery() as proxy:
+            listeners = await proxy.start(trio.serve_tcp, handle, 0)
+            a_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=[a_url, b.grpc_url], health_check_interval=30
+            ) as client:
+                with trio.fail_after(20):
+                    await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 8)
+                    await wait_for(
+                        lambda: all(e.state is EndpointState.SERVING for e in client.endpoints)
+                    )
+                    for s in streams:
+                        await s.aclose()  # the connection to a is gone
+                    await wait_for(lambda: not client._router._endpoints[0].transport.connected)  # type: ignore[union-attr]
+                    before = a.state().rpc_counts.get("OpenSession", 0)
+                    await client.score_many(
+                        [([Tokens([1, 2, 3])], [(1, 3)])] * 20, max_concurrency=1
+                    )
+                    assert a.state().rpc_counts.get("OpenSession", 0) - before >= 3
+            proxy.cancel_scope.cancel()

@@ -448,9 +448,10 @@ class Router:
         Usable first (SERVING or not checked yet, not in backoff); if none is,
         any endpoint out of backoff, then any at all: a call that fails there
         fails as it would on one server. Among those, one that refused a session
-        as full within ``_FULL_HOLD`` only when all did, and one not connected
-        only when none is (the health checks connect every endpoint: one that
-        never answers them gets no session while another can take it). Raises
+        as full within ``_FULL_HOLD`` only when all did, and one neither
+        connected nor answering its health checks only when no other is (the
+        checks connect every endpoint: one that never speaks gets no session
+        while another can take it). Raises
         :class:`ServerUnavailable` when every endpoint was tried already (or DNS
         listed none).
         """
@@ -481,7 +482,13 @@ class Router:
         if len(candidates) > 1:
             candidates = [ep for ep in candidates if now >= ep.full_until] or candidates
         if len(candidates) > 1:
-            candidates = [ep for ep in candidates if ep.transport.connected] or candidates
+            # Not one that never answered yet while another can take it (one
+            # SERVING whose connection dropped reconnects on demand, as it did).
+            candidates = [
+                ep
+                for ep in candidates
+                if ep.transport.connected or ep.state is EndpointState.SERVING
+            ] or candidates
         if len(candidates) == 1:
             return candidates[0]
         a, b = random.sample(candidates, 2)

@@ -638,6 +638,13 @@ class GrpcTransport:
             # over, with a fresh connect_timeout.
             task = self._connecting = asyncio.ensure_future(self._connect(channel, attempt))
             task.add_done_callback(self._connected_or_not)
+            # The call that started it gets the channel it made (or its failure,
+            # which _exchange counts: a server whose every connection goes away at
+            # once would otherwise be reconnected to without end or backoff).
+            if progress is None or progress.hedge is None:
+                return await asyncio.shield(task)
+            await self._wait_hedged(task, progress)
+            return task.result()
 
     def _connected_or_not(self, task: asyncio.Future[_PocChannel]) -> None:
         if self._connecting is task:
@@ -645,8 +652,9 @@ class GrpcTransport:
         if not task.cancelled():
             task.exception()  # its waiters have it, through the attempt
 
-    async def _wait_hedged(self, attempt: asyncio.Future[None], progress: _Progress) -> None:
-        """asyncio: wait for a connection attempt; leave it if another endpoint is ready."""
+    async def _wait_hedged(self, attempt: asyncio.Future[Any], progress: _Progress) -> None:
+        """asyncio: wait for a connection attempt (its future or its task); leave it
+        if another endpoint is ready."""
         hedge = progress.hedge
         assert hedge is not None
         loop = asyncio.get_running_loop()
@@ -1114,8 +1122,9 @@ class GrpcTransport:
     def _shut(self) -> None:
         """asyncio: close every connection; calls not yet sent fail with ClosedResourceError."""
         self._closed = True
-        if self._connecting is not None:
-            self._connecting.cancel()  # its waiters then find the transport closed
+        # A connection attempt still running ends with its channel's close (or by
+        # connect_timeout; the client's close cancels every task anyway): cancelled
+        # here, its callers would get asyncio's CancelledError, not the close's error.
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()

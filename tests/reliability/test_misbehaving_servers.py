@@ -6,6 +6,7 @@ normal call against the same server, which behaves again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -399,6 +400,35 @@ async def test_a_caller_leaving_a_connection_attempt_does_not_restart_it_for_the
                 nursery.start_soon(first)
                 nursery.start_soon(second)
         assert failed_at[0] < 4.2, failed_at
+
+
+async def test_a_server_whose_every_connection_goes_away_at_once_is_not_redialed_without_end() -> (
+    None
+):
+    # SETTINGS, then GOAWAY(NO_ERROR, last stream 0), on every connection: a call
+    # that waited for a connection attempt it started looked again, found the
+    # channel draining and dialed anew, without backoff (3,577 connections in 3 s).
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    goaway = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + bytes(8)
+    connections = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await stream.send_all(settings + goaway)
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(65536):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handle, 0)
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url, close_timeout=0.5) as c:
+            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+                async with c.session():
+                    pass
+        assert connections <= 12
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
