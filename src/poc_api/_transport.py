@@ -642,9 +642,15 @@ class GrpcTransport:
             # which _exchange counts: a server whose every connection goes away at
             # once would otherwise be reconnected to without end or backoff).
             if progress is None or progress.hedge is None:
-                return await asyncio.shield(task)
-            await self._wait_hedged(task, progress)
-            return task.result()
+                channel = await asyncio.shield(task)
+            else:
+                await self._wait_hedged(task, progress)
+                channel = task.result()
+            if channel.shut or channel._protocol is None:
+                # Its waiters ran first: one found it draining (or lost) and the
+                # sweep closed it before this call sent anything.
+                raise StreamTerminatedError(_CLOSED_UNSENT)
+            return channel
 
     def _connected_or_not(self, task: asyncio.Future[_PocChannel]) -> None:
         if self._connecting is task:
