@@ -360,8 +360,7 @@ def _split_at(chunks: Sequence[Chunk], pos: int, history: Sequence[Chunk]) -> tu
 
 def _describes(history: Sequence[Chunk], committed_len: int) -> bool:
     """Whether ``history`` can be the content of a session of ``committed_len``."""
-    known = all(isinstance(c, Tokens) or c.known_expanded_len for c in history)
-    return known and sum(chunk_len(c) for c in history) == committed_len
+    return known_len(history) == committed_len
 
 
 def plan_delta(
