@@ -544,9 +544,10 @@ def _check_continuation(value: object, i: int) -> list[Chunk]:
     return [Tokens(items)] if items else []
 
 
-def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | None]) -> None:
-    """ContextOverflow, before anything is appended, for a continuation that cannot fit."""
-    if not max_length or prompt_len is None:
+def _check_window(max_length: int, prompt_len: int, lengths: list[int]) -> None:
+    """ContextOverflow, before anything is appended, for a continuation that cannot fit
+    (``lengths``: lower bounds, text only)."""
+    if not max_length:
         return
     if prompt_len > max_length:
         raise e.ContextOverflow(
@@ -554,7 +555,7 @@ def _check_window(max_length: int, prompt_len: int | None, lengths: list[int | N
             f"{max_length} positions (checked before sending; nothing was scored)"
         )
     for i, n in enumerate(lengths):
-        if n is not None and prompt_len + n > max_length:
+        if prompt_len + n > max_length:
             raise e.ContextOverflow(
                 f"continuation {i} ({n} positions or more) after the {prompt_len}-position "
                 "prompt "
@@ -591,13 +592,14 @@ async def score_continuations(
         transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
     ) as session:
         # Text only (lower bounds): an image's stated length may be wrong.
-        _check_window(session.max_length, text_len(prompt), [text_len(c) for c in conts])
+        cont_text = [text_len(c) for c in conts]
+        _check_window(session.max_length, text_len(prompt), cont_text)
         spans: list[tuple[int, int]] = []
         end_of_prompt = await _append(
             session, prompt, rewind_to=None, wire=[], into={}, image_spans=spans
         )
         # Now the prompt's length is known even when an image's was not.
-        _check_window(session.max_length, end_of_prompt, [text_len(c) for c in conts])
+        _check_window(session.max_length, end_of_prompt, cont_text)
         results = []
         for cont in conts:
             logprobs: dict[int, float] = {}
