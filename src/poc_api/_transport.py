@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, Final, NoReturn, Protocol, SupportsFloat, final
+from typing import Any, Final, NoReturn, Protocol, SupportsFloat, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -368,6 +368,7 @@ _DRAINED_RETRIES = 8
 # it connect_timeout). A healthy server's SETTINGS come in milliseconds.
 _CONNECT_HEDGE = 1.0
 _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
+_T = TypeVar("_T")
 
 
 @final
@@ -602,10 +603,7 @@ class GrpcTransport:
             if attempt is not None:
                 # Its failure is this call's too; after a success (or a cancelled
                 # attempt) look again.
-                if progress is None or progress.hedge is None:
-                    await asyncio.shield(attempt)
-                else:
-                    await self._wait_hedged(attempt, progress)
+                await self._wait_attempt(attempt, progress)
                 continue
             if channel is not None and (self._channel_was_connected or channel.shut):
                 # The connection was lost (or closed): start over with a fresh channel.
@@ -641,11 +639,7 @@ class GrpcTransport:
             # The call that started it gets the channel it made (or its failure,
             # which _exchange counts: a server whose every connection goes away at
             # once would otherwise be reconnected to without end or backoff).
-            if progress is None or progress.hedge is None:
-                channel = await asyncio.shield(task)
-            else:
-                await self._wait_hedged(task, progress)
-                channel = task.result()
+            channel = await self._wait_attempt(task, progress)
             if channel.shut or channel._protocol is None:
                 # Its waiters ran first: one found it draining (or lost) and the
                 # sweep closed it before this call sent anything.
@@ -658,19 +652,21 @@ class GrpcTransport:
         if not task.cancelled():
             task.exception()  # its waiters have it, through the attempt
 
-    async def _wait_hedged(self, attempt: asyncio.Future[Any], progress: _Progress) -> None:
-        """asyncio: wait for a connection attempt (its future or its task); leave it
-        if another endpoint is ready."""
-        hedge = progress.hedge
-        assert hedge is not None
+    async def _wait_attempt(self, attempt: asyncio.Future[_T], progress: _Progress | None) -> _T:
+        """asyncio: the outcome of a connection attempt (its future or its task),
+        never cancelled by this call's leaving; with a ``progress.hedge``, left for
+        another endpoint that is ready (see :meth:`_ready_channel`)."""
+        hedge = None if progress is None else progress.hedge
+        if hedge is None:
+            return await asyncio.shield(attempt)
+        assert progress is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeout = _CONNECT_HEDGE
         while True:
             done, _ = await asyncio.wait((attempt,), timeout=timeout)  # (never cancels it)
             if done:
-                attempt.result()  # its failure is this call's too
-                return
+                return attempt.result()  # its failure is this call's too
             if hedge():
                 # Nothing of the call was sent: it may go to the ready endpoint.
                 progress.left = True
