@@ -49,6 +49,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -365,24 +366,32 @@ class _map_httpx_errors:
             raise closed_under_call() from exc
 
 
+def _chain(exc: BaseException, stop: BaseException | None = None) -> Iterator[BaseException]:
+    """``exc``, then each exception down its chain of causes (until ``stop``).
+
+    The context too when suppressed: httpcore raises its ConnectError "from None",
+    with the trio error, and the SSL error under it, as its context.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and cause is not stop and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
 def _reason(exc: BaseException, redact: Callable[[str], str]) -> str:
     """The first non-empty message down ``exc``'s chain of causes, put through ``redact``.
 
     httpx's ConnectError over trio has none of its own, nor has the trio error
     under it: why a TLS handshake failed is told only by the SSL error at the end.
     """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    for cause in _chain(exc):
         # Redacted before the cut: a key across it would leave its first part,
         # which no redaction after the cut recognises.
         text = redact(str(cause))
         if text:
             return text if len(text) <= EXCERPT_LIMIT else text[:EXCERPT_LIMIT] + "..."
-        # (The context too when suppressed: httpcore raises its ConnectError "from
-        # None", with the trio error, and the SSL error under it, as its context.)
-        cause = cause.__cause__ or cause.__context__
     return ""
 
 
@@ -697,10 +706,7 @@ def _redact_chain(
     the chain goes on into the caller's own), and only exceptions of poc_api and
     the HTTP stack under it: another's ``args`` are its owner's to read.
     """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and cause is not stop and id(cause) not in seen:
-        seen.add(id(cause))
+    for cause in _chain(exc, stop):
         if type(cause).__module__.partition(".")[0] in _REDACTED_MODULES:
             text = str(cause)
             clean = redact(text)
@@ -708,7 +714,6 @@ def _redact_chain(
                 cause.args = (clean,)
                 if isinstance(cause, PocApiError):
                     cause.message = clean  # what its str() shows
-        cause = cause.__cause__ or cause.__context__
 
 
 # Whose exceptions _redact_chain rewrites: those raised for an HTTP call.
