@@ -189,12 +189,13 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
     key = api_key if api_key is not None else g.api_key
     if key is None:
         key = os.environ.get(_ENV_KEY, "")
+    model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
     grpc_flag = grpc_url or g.grpc_url
     if base is None:
         if grpc_flag:
             raise click.UsageError("--grpc-url needs --url (or POC_BASE_URL)")
         # POC_GRPC_URL is for remote servers; the embedded one has its own ports.
-        return _Target(None, key, None, ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, ""))
+        return _Target(None, key, None, model)
     what = "--url" if url or g.url else _ENV_URL
     _check_url(base, what)
     grpc = grpc_flag or os.environ.get(_ENV_GRPC) or None
@@ -216,7 +217,6 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
             GrpcTarget.from_url(grpc)
         except ValueError as exc:
             raise click.UsageError(f"invalid {grpc_what}: {exc}") from None
-    model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
     return _Target(base.rstrip("/"), key, grpc, model)
 
 
