@@ -16,7 +16,8 @@ server's default)::
 - ``"ok"``: a small well-behaved salience server (sessions are fake; Generate
   streams ``tokens`` tokens after ``first_delay`` s, ``interval`` s apart, with the
   logprob of every prompt position in a requested range but those in
-  ``skip_logprobs``; a unary call is answered ``first_delay`` s late);
+  ``skip_logprobs``; a unary call is answered ``first_delay`` s late, with the
+  message ``raw`` if given: the only way ``Check`` is answered but UNIMPLEMENTED);
 - ``"silent"``: never answer this stream (the connection stays healthy);
 - ``"hold"``: as ``"silent"``, and the server's ``held`` is ``(connection, stream id)``
   (a test then acts on that connection);
@@ -198,6 +199,7 @@ class Reply:
     debug_data: bytes = b""  # "goaway", "goaway_open", "goaway_mid_stream"
     count: int = 1  # "goaway_open": this many GOAWAY frames, in one write
     skip_logprobs: tuple[int, ...] = ()  # Generate: prompt positions whose logprob is left out
+    raw: bytes | None = None  # "ok" on a unary method (also Check): this reply message
     session_id: str | None = None  # "ok" OpenSession: this id (None: mis-<conn>-<stream>)
 
 
@@ -450,7 +452,9 @@ class _Connection:
     ) -> None:
         if reply.first_delay and method != "Generate":
             await trio.sleep(reply.first_delay)  # processed, but the answer is late
-        if method == "OpenSession":
+        if reply.raw is not None and method != "Generate":
+            await self.send_unary(sid, reply.raw, trailers)
+        elif method == "OpenSession":
             session_id = reply.session_id
             if session_id is None:
                 session_id = f"mis-{self.number}-{sid}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator
@@ -1073,6 +1074,57 @@ async def test_sessions_leave_an_endpoint_that_never_speaks_for_one_that_is_read
                         nursery.start_soon(one)
             assert opened == 20
             assert good.state().rpc_counts["OpenSession"] == 20
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"\x0a\x00",  # field 1 length-delimited: betterproto2 made the status []
+        b"\x0d\x00\x00\x00\x00",  # field 1 as fixed32: betterproto2 raised KeyError
+    ],
+)
+async def test_a_health_reply_with_a_known_field_of_another_wire_type_is_still_serving(
+    extra: bytes,
+) -> None:
+    # protobuf skips such a field (as an unknown one): the reply says SERVING.
+    # Parsed by betterproto2, the endpoint was NOT_SERVING or failed, and got no
+    # new session for as long as its server answered so.
+    async with misbehaving_server() as a, misbehaving_server() as b:
+        a.plan("Check", *[Reply(raw=b"\x08\x01" + extra)] * 1000)
+        async with poc_api.ApiClient(
+            DUMMY_BASE_URL, grpc_url=[a.url, b.url], health_check_interval=0.1
+        ) as client:
+            async with client.session():
+                pass  # starts health checks
+            await wait_for(lambda: len(a.calls_to("Check")) >= 2, timeout=5)
+            assert client.endpoints[0].state is EndpointState.SERVING
+            assert client.endpoints[0].failures == 0
+
+
+async def test_a_silent_endpoint_does_not_slow_the_health_checks_of_the_others() -> None:
+    # Each check of a silent endpoint times out after the interval, and the next
+    # round of checks began an interval after that one ended: the good endpoint
+    # was checked every 2 intervals (a server's NOT_SERVING noticed that late).
+    async with reference_servers(1) as (good,), misbehaving_server() as hole:
+        hole.mute = True
+        health = good._rt.health if good._rt is not None else None
+        assert health is not None
+        checks: list[float] = []
+        original = health.status
+
+        def status(service: str) -> Any:
+            checks.append(time.monotonic())  # (the server's thread)
+            return original(service)
+
+        health.status = status  # type: ignore[method-assign]
+        async with poc_api.ApiClient(
+            good.base_url, grpc_url=[good.grpc_url, hole.url], health_check_interval=0.3
+        ) as client:
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts health checks
+            await trio.sleep(3.3)
+        gaps = [round(b - a, 2) for a, b in itertools.pairwise(checks)]
+        # 0.3 s apart (as with no silent endpoint); they were 0.6 s apart.
+        assert len(gaps) >= 5 and sorted(gaps)[len(gaps) // 2] < 0.45, gaps
 
 
 @asynccontextmanager

@@ -73,6 +73,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "never_indexed_literal",
         "decode_append_image",
         "decode_generate_event",
+        "decode_health_check",
         "decode_open_session",
         "HttpApi",
         "error_excerpt",

@@ -709,3 +709,34 @@ def test_decode_append_image_keeps_uint32s_low_bits_and_refuses_truncation() -> 
     for bad in (b"\x08", b"\x08\x80", b"\x12\x05ab", b"\x0b"):
         with pytest.raises(ProtocolViolation, match="AppendImageResponse"):
             _wire.decode_append_image(bad)
+
+
+@given(st.integers(-(2**31), 2**31 - 1), st.binary(max_size=20))
+def test_decode_health_check_matches_betterproto2(status: int, unknown: bytes) -> None:
+    from poc_api._proto.grpc.health.v1 import HealthCheckResponse
+
+    data = bytes(HealthCheckResponse(status=status))  # type: ignore[arg-type]
+    extra = b"\x4a" + bytes([len(unknown)]) + unknown
+    for wire in (data, extra + data, data + extra):
+        assert _wire.decode_health_check(wire) == status
+        assert HealthCheckResponse.parse(wire).status == status
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"\x0a\x00",  # length-delimited: betterproto2 made the status []
+        b"\x0d\x00\x00\x00\x00",  # fixed32: betterproto2 raised KeyError
+        b"\x09" + bytes(8),  # fixed64
+    ],
+)
+def test_decode_health_check_skips_field_1_of_another_wire_type(tail: bytes) -> None:
+    assert _wire.decode_health_check(b"\x08\x01" + tail) == 1
+    assert _wire.decode_health_check(tail + b"\x08\x02") == 2
+
+
+def test_decode_health_check_refuses_truncation() -> None:
+    assert _wire.decode_health_check(b"") == 0  # UNKNOWN: every field at its default
+    for bad in (b"\x08", b"\x08\x80", b"\x0a\x05ab", b"\x0b"):
+        with pytest.raises(ProtocolViolation, match="HealthCheckResponse"):
+            _wire.decode_health_check(bad)

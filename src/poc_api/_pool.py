@@ -61,7 +61,6 @@ from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver
 from ._proto.grpc.health.v1 import (
     HealthCheckRequest,
-    HealthCheckResponse,
     HealthCheckResponseServingStatus,
 )
 from ._transport import (
@@ -73,6 +72,7 @@ from ._transport import (
     _Progress,
     deadline,
 )
+from ._wire import decode_health_check
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -584,13 +584,16 @@ class Router:
         """asyncio: check every endpoint periodically (cancelled when the bridge closes)."""
         loop = asyncio.get_running_loop()
         while True:
-            if self._dns is not None and loop.time() - self._resolved_at >= self._dns_refresh:
+            started = loop.time()
+            if self._dns is not None and started - self._resolved_at >= self._dns_refresh:
                 await self._resolve()
             if self._dns is not None:
                 self._forget_retired()
             checks = [self._check(ep) for ep in self._endpoints if ep.transport is not None]
             await asyncio.gather(*checks)
-            await asyncio.sleep(self._health_interval)
+            # A cycle every interval: a check that times out (a silent endpoint,
+            # up to the interval) no longer delays the next check of every other.
+            await asyncio.sleep(max(0.0, started + self._health_interval - loop.time()))
 
     async def _check(self, ep: _Endpoint) -> None:
         sink = _Collect("Check")
@@ -610,7 +613,7 @@ class Router:
                 ),
                 timeout=min(self._health_interval, 5.0),
             )
-            reply = HealthCheckResponse.parse(sink.items[0]) if sink.items else None
+            status = decode_health_check(sink.items[0]) if sink.items else None
         except GRPCError as exc:
             if exc.status in (Status.UNIMPLEMENTED, Status.NOT_FOUND):
                 # A server without the health service (or without this entry) that
@@ -634,7 +637,7 @@ class Router:
             log.debug("health check of %s failed: %s", ep.target.url, exc)
             ep.failed()
             return
-        serving = reply is not None and reply.status is HealthCheckResponseServingStatus.SERVING
+        serving = status == HealthCheckResponseServingStatus.SERVING
         ep.reached(serving=serving)
 
     async def aclose(self) -> None:

@@ -46,7 +46,13 @@ from grpclib.encoding.base import CodecBase
 from ._errors import ProtocolViolation
 from ._types import Done, Token, TopLogprob
 
-__all__ = ["RawCodec", "decode_append_image", "decode_generate_event", "decode_open_session"]
+__all__ = [
+    "RawCodec",
+    "decode_append_image",
+    "decode_generate_event",
+    "decode_health_check",
+    "decode_open_session",
+]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -223,6 +229,29 @@ def decode_append_image(data: bytes) -> tuple[int, int]:
     except ProtocolViolation as exc:
         raise ProtocolViolation(str(exc).replace("GenerateEvent", "AppendImageResponse")) from None
     return count, total
+
+
+def decode_health_check(data: bytes) -> int:
+    """Decode a ``grpc.health.v1.HealthCheckResponse``: its ``status`` number, strictly.
+
+    As :func:`decode_open_session` (a known field of another wire type is
+    skipped, as protobuf does; betterproto2 failed the check on it). An enum is
+    an int32: a negative value comes as ten varint bytes.
+    """
+    status = 0
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            tag, pos = _tag(data, pos, end)
+            if tag == 0x08:  # 1: status, enum (int32)
+                value, pos = _varint(data, pos, end)
+                value &= _MASK32
+                status = value - (1 << 32) if value >> 31 else value
+            else:
+                pos = _skip(data, pos, end, tag)
+    except ProtocolViolation as exc:
+        raise ProtocolViolation(str(exc).replace("GenerateEvent", "HealthCheckResponse")) from None
+    return status
 
 
 def _top_logprob(data: bytes, pos: int, end: int) -> TopLogprob:
