@@ -253,10 +253,11 @@ class GenerateStream:
         """Left early: if ``Done`` already arrived (unread), the call did finish."""
         pending = self._batch[self._i :] + self._rx.receive_nowait()
         self._batch, self._i = [], 0
-        for raw in pending:
+        for i, raw in enumerate(pending):
             ev = decode_generate_event(raw)
             if isinstance(ev, Done):
                 self._on_done(ev)
+                self._batch = pending[i + 1 :]  # for _drain: only the end may follow
                 return
 
     async def _receive_after_done(self) -> bool:
@@ -292,6 +293,10 @@ class GenerateStream:
         if self._drained:
             return
         self._drained = True
+        if self._i < len(self._batch):
+            # Events that came with Done, unread (the body stopped at Done): as
+            # those that come later, a broken server (they were dropped silently).
+            raise e.ProtocolViolation("Generate: the server sent events after Done")
         if self._rx.interrupted:
             return  # the session was closed under it: the block's exit resets the stream
         now = trio.current_time()

@@ -968,18 +968,21 @@ async def test_the_stream_deadline_also_bounds_the_wait_for_trailers_after_done(
 async def test_events_after_done_are_a_protocol_violation(
     bad_server: MisbehavingServer,
 ) -> None:
-    # Found by the iteration, or by the block's exit when the body stops at Done.
+    # Found by the iteration, or by the block's exit when the body stops at Done:
+    # also when they came with Done, buffered behind it (those were dropped).
     async with poc_api.ApiClient(
         DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5, max_concurrent_streams=1
     ) as c:
         async with c.session() as s:
-            for stop_at_done in (False, True):
+            for stop_at_done, buffered in ((False, False), (True, False), (True, True)):
                 bad_server.plan("Generate", Reply("after_done", tokens=2, interval=0.05))
                 with (
                     trio.fail_after(5),
                     pytest.raises(poc_api.ProtocolViolation, match="after Done"),
                 ):
                     async with s.generate([1], sampling=SamplingParams(max_tokens=2)) as ev:
+                        if buffered:
+                            await trio.sleep(0.3)  # every event arrives before the first read
                         async for e in ev:
                             if stop_at_done and isinstance(e, poc_api.Done):
                                 break
