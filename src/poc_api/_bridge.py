@@ -49,6 +49,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
 from typing import Any, Generic, TypeVar, final
 
+import sniffio
 import trio
 
 from ._clock import hold_clock
@@ -416,6 +417,21 @@ class BatchReceiver(Generic[T]):
                 self._waiting = False
         # One consumer: the items found above are still there (maybe more).
         return self.receive_nowait()
+
+
+def require_trio(what: str) -> None:
+    """Raise a ``RuntimeError`` naming the problem unless trio runs this task.
+
+    Under asyncio, trio's first checkpoint failed with asyncio's "Task got bad
+    yield" about a trio internal.
+    """
+    try:
+        library: str | None = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = None
+    if library != "trio":
+        here = f"this is {library}" if library else "no async library runs here"
+        raise RuntimeError(f"{what} needs trio (trio.run): {here}")
 
 
 def _thread_died() -> trio.ClosedResourceError:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ._bridge import AsyncioBridge
+from ._bridge import AsyncioBridge, require_trio
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
@@ -404,6 +404,7 @@ class ApiClient:
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> ApiClient:
+        require_trio("poc_api.ApiClient")
         if self._state is _State.OPENED:
             raise RuntimeError("the client is already open")
         if self._state is _State.CLOSED:

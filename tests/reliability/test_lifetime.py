@@ -151,6 +151,18 @@ async def test_a_client_used_from_another_threads_trio_run_says_so(
         assert "another trio.run" in str(error)
 
 
+def test_a_client_entered_under_asyncio_says_it_needs_trio() -> None:
+    # It failed with asyncio's "Task got bad yield: <class
+    # 'trio._core._traps.CancelShieldedCheckpoint'>", a trio internal.
+    async def under_asyncio() -> None:
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url="http://127.0.0.1:9"):
+            pass
+
+    with pytest.raises(RuntimeError, match=r"needs trio \(trio\.run\): this is asyncio"):
+        asyncio.run(under_asyncio())
+    assert not loop_threads()  # and nothing was started
+
+
 async def test_everything_after_close_raises_closed_resource_error(
     server: ReferenceServer,
 ) -> None:
