@@ -187,6 +187,22 @@ async def test_score_many_raises_the_first_error_unwrapped(client: poc_api.ApiCl
         await client.score_many(prompts, max_concurrency=0)
 
 
+@pytest.mark.parametrize("share_prefix", [False, True])
+async def test_score_many_errors_say_which_prompt(
+    client: poc_api.ApiClient, share_prefix: bool
+) -> None:
+    # One bad prompt among 12: the error did not say which (a server's refusal
+    # came bare, and a range check's message left out the "prompts[i]" the
+    # other checks give).
+    good = ([Tokens(PROMPT)], [(1, 5)])
+    prompts = [good] * 7 + [([Tokens([*PROMPT, 5000])], [(1, 3)])] + [good] * 4
+    with pytest.raises(poc_api.InvalidRequest, match="vocabulary") as info:
+        await client.score_many(prompts, max_concurrency=2, share_prefix=share_prefix)
+    assert getattr(info.value, "__notes__", None) == ["score_many: prompts[7]"]
+    with pytest.raises(ValueError, match=r"^prompts\[1\] range \(0, 9\) lies outside"):
+        await client.score_many([good, ([Tokens([1])], [(0, 9)])])
+
+
 ranges_st = st.lists(
     st.tuples(st.integers(0, 40), st.integers(1, 20)).map(lambda t: (t[0], t[0] + t[1])),
     max_size=8,

@@ -724,8 +724,9 @@ class ApiClient:
 
         At most ``max_concurrency`` are in flight (never more than the client's
         ``max_concurrent_streams``, which would refuse them); results are in input
-        order. The first failure cancels the rest and is raised (unwrapped).
-        ``timeout`` bounds the whole batch.
+        order. The first failure cancels the rest and is raised (unwrapped), with
+        a note naming its prompt (``score_many: prompts[7]``; a group's shared
+        prefix names the group's). ``timeout`` bounds the whole batch.
 
         ``share_prefix=True`` groups prompts that share a prefix (token by token;
         images whole): each group gets one session that prefills the prefix once,

@@ -203,7 +203,9 @@ def _precheck(
         total = sum(len(c.ids) if isinstance(c, Tokens) else c.known_expanded_len for c in checked)
         for start, end in rs:
             if end > total:
-                raise ValueError(f"range ({start}, {end}) lies outside the {total}-position prompt")
+                raise ValueError(
+                    f"{where}range ({start}, {end}) lies outside the {total}-position prompt"
+                )
     return checked, rs
 
 
@@ -276,11 +278,13 @@ async def score_many(
     tries = transport.failover_attempts
 
     async def one(indices: list[int], shared: int) -> None:
+        # The prompts being scored (a group's shared prefix: all of them).
+        at = list(indices)
         async with limiter:
             try:
                 for attempt in range(tries):
                     try:
-                        await in_session(indices, shared)
+                        await in_session(indices, shared, at)
                         break
                     except e.ServerUnavailable:
                         # In a pool: its server died before the result; once more,
@@ -290,10 +294,16 @@ async def score_many(
             except Exception as exc:
                 # Keep the first failure, cancel the rest: one error, not a group.
                 if not first_error:
+                    # Which prompt (a server's refusal does not say).
+                    which = ", ".join(f"prompts[{i}]" for i in at)
+                    exc.add_note(
+                        f"score_many: {which}" + (" (their shared prefix)" * (len(at) > 1))
+                    )
                     first_error.append(exc)
                 nursery.cancel_scope.cancel()
 
-    async def in_session(indices: list[int], shared: int) -> None:
+    async def in_session(indices: list[int], shared: int, at: list[int]) -> None:
+        at[:] = indices
         async with open_session(
             transport,
             model,
@@ -305,7 +315,7 @@ async def score_many(
                 results[indices[0]] = await _score_in_session(session, chunks, rs)
             else:
                 group = [(i, *checked[i]) for i in indices]
-                await _score_group(session, group, shared, results)
+                await _score_group(session, group, shared, results, at)
 
     # Prompts without ranges need no session at all.
     todo = [i for i, (_, rs) in enumerate(checked) if rs]
@@ -495,10 +505,16 @@ async def _score_group(
     group: list[tuple[int, list[Chunk], list[tuple[int, int]]]],
     shared: int,
     results: list[list[ScoreResult] | None],
+    at: list[int],
 ) -> None:
-    """Score ``(index, chunks, ranges)`` prompts whose first ``shared`` units are equal."""
-    for _, chunks, _ in group:
+    """Score ``(index, chunks, ranges)`` prompts whose first ``shared`` units are equal.
+
+    ``at`` is set to the index of the prompt being scored once the prefix is sent.
+    """
+    for index, chunks, _ in group:
+        at[:] = [index]
         check_window(session, text_len(chunks))  # (as _score_in_session's)
+    at[:] = [index for index, _, _ in group]
     prefix = _to_chunks(_units(group[0][1])[:shared])
     # The prefix's positions may lie in any prompt's ranges: ask for them all now,
     # since the server never re-emits positions an earlier call appended.
@@ -509,6 +525,7 @@ async def _score_group(
         session, prefix, rewind_to=None, wire=union, into=prefix_lp, image_spans=prefix_spans
     )
     for index, chunks, rs in group:
+        at[:] = [index]
         wire = merge_ranges(rs)
         # Exactly the positions the prompt's own session would have reported.
         lp = {p: v for p, v in prefix_lp.items() if any(a <= p < b for a, b in wire)}
