@@ -348,6 +348,32 @@ async def test_context_overflow_is_typed(eos_server: ReferenceServer) -> None:
                 await s.prefill([65] * (s.max_length + 1))
 
 
+async def test_a_call_past_the_context_window_is_refused_before_sending(
+    eos_server: ReferenceServer,
+) -> None:
+    # The session knows its window: the append was sent and refused by the
+    # server (OUT_OF_RANGE), where score refused it up front.
+    async with poc_api.ApiClient(eos_server.base_url, grpc_url=eos_server.grpc_url) as c:
+        async with c.session() as s:
+            await s.prefill([65] * 10)
+            sent = eos_server.state().rpc_counts["Generate"]
+            with pytest.raises(poc_api.ContextOverflow, match="refused before sending") as info:
+                await s.prefill([65] * (s.max_length - 9))
+            assert info.value.grpc_status is None
+            with pytest.raises(poc_api.ContextOverflow):
+                async with s.generate([65] * s.max_length, rewind_to=1):
+                    pass
+            assert eos_server.state().rpc_counts["Generate"] == sent
+            # Nothing was sent: the session is as it was, and takes what fits.
+            assert not s.lost and s.committed_len == 10
+            await s.prefill([65] * (s.max_length - 10))
+            prefill = SamplingParams(max_tokens=0)
+            async with s.generate([66] * (s.max_length - 5), sampling=prefill, rewind_to=5) as ev:
+                async for _ in ev:
+                    pass
+            assert s.committed_len == s.max_length
+
+
 async def test_session_block_that_raises_closes_its_session(
     client: poc_api.ApiClient, server: ReferenceServer
 ) -> None:

@@ -587,7 +587,9 @@ class Session:
         The RPC runs while the block is open. Leaving the block before the
         ``Done`` event — by ``break``, an exception or cancellation — resets the
         HTTP/2 stream (CANCEL), the server stops, and the session is marked
-        :attr:`lost`. Arguments are checked before anything is sent.
+        :attr:`lost`. Arguments are checked before anything is sent, the context
+        window too: an append past ``max_length`` raises :class:`ContextOverflow`
+        (``grpc_status`` ``None``) and leaves the session as it was.
 
         Example::
 
@@ -850,6 +852,8 @@ class _GenerateBlock:
         offset, truncating = s._offset(self._rewind_to, self._rewind_name)
         if offset + len(ids) > U32_MAX:
             raise ValueError("the prompt does not fit in uint32 positions")
+        # The server would refuse it (OUT_OF_RANGE): say so without a round trip.
+        check_window(s, offset + len(ids))
         req = pb.GenerateRequest(
             session_id=s._session_id,
             append_tokens=list(ids),
