@@ -451,6 +451,52 @@ async def test_500_error_message_has_status_url_and_500_char_excerpt(
     assert "500" in str(err) and err.url in str(err) and err.body_excerpt in str(err)
 
 
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (  # OpenAI's (and the reference server's)
+            b'{"error": {"message": "response_format is not supported", "type": '
+            b'"invalid_request_error", "param": "response_format", "code": null}}',
+            "response_format is not supported",
+        ),
+        (b'{"object": "error", "message": "bad model", "code": 400}', "bad model"),  # vLLM's
+        (b'{"detail": "Not Found"}', "Not Found"),  # FastAPI's
+        (b'{"error": "plain words"}', "plain words"),
+        (b'{"error": {"code": 400}}', None),  # no message: the body itself
+        (b"not json at all", None),
+        (b"[" * 100_000, None),  # deeper than json's recursion limit
+    ],
+)
+async def test_an_error_status_says_the_servers_message(
+    http: httpx.AsyncClient, body: bytes, said: str | None
+) -> None:
+    # The message quoted the raw JSON body ('HTTP 400 from POST ...: {"error":
+    # {"message": ...}}'), where the README promises "the server's message".
+    with trio.fail_after(10):
+        async with canned_server([response(400, body)]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url).readout_manifest()
+    err = info.value
+    assert err.body_excerpt == error_excerpt(body)  # the body, as before
+    expected = said if said is not None else err.body_excerpt
+    assert str(err) == f"HTTP 400 from GET {url}/readout/manifest: {expected}"
+
+
+async def test_the_servers_message_is_redacted_also_when_json_escapes_the_key(
+    http: httpx.AsyncClient,
+) -> None:
+    key = "sk-test-0123456789"
+    escaped = "".join(f"\\u{ord(c):04x}" for c in key)  # as JSON may spell it
+    body = f'{{"error": {{"message": "bad key {escaped}"}}}}'.encode()
+    with trio.fail_after(10):
+        async with canned_server([response(400, body)]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url, key).readout_manifest()
+    message = str(info.value)
+    # (The body's excerpt still has it as the server spelt it: the message had it too.)
+    assert escaped not in message and message.endswith("bad key <redacted>"), message
+
+
 async def test_500_body_control_characters_are_escaped_in_the_message_not_the_excerpt(
     http: httpx.AsyncClient,
 ) -> None:

@@ -196,7 +196,9 @@ class StreamCancelled(RpcError):
 class HttpError(PocApiError):
     """An HTTP endpoint answered with an error status.
 
-    The message holds the status, the URL and at most 500 characters of the body.
+    The message holds the status, the URL and the server's message (of a JSON
+    error body: OpenAI's, vLLM's, FastAPI's), else at most 500 characters of the
+    body; :attr:`body_excerpt` always has the latter.
     """
 
     # Narrower than PocApiError's: every HttpError is built with a status.

@@ -1203,6 +1203,23 @@ class HttpApi:
                     break
         return error_excerpt(text.encode("utf-8", "surrogateescape"))
 
+    def _said(self, body: bytes) -> str | None:
+        """The message of a JSON error body (OpenAI's ``{"error": {"message"}}``,
+        vLLM's flat one, FastAPI's ``{"detail"}``), redacted and cut as an
+        excerpt; ``None`` when it has none (the excerpt of the body says it)."""
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+            return None
+        error = _error_object(data, "")
+        if error is None and isinstance(data, dict):
+            error = data.get("detail")
+        if isinstance(error, dict):
+            error = error.get("message")
+        if not isinstance(error, str) or not error.strip():
+            return None
+        return error_excerpt(self._redact(error).encode("utf-8", "surrogateescape"))
+
     def _status_error(
         self, method: str, url: str, status: int, body: bytes, cut: PocApiError | None = None
     ) -> PocApiError:
@@ -1212,7 +1229,8 @@ class HttpApi:
         # Error bodies are read up to _ERROR_BODY_READ_LIMIT: one that long may go on.
         whole = cut is None and len(body) < _ERROR_BODY_READ_LIMIT
         excerpt = self._excerpt(body, whole=whole)
-        message = f"HTTP {status} from {method} {redact_url(url)}: {excerpt}"
+        said = self._said(body) if whole else None
+        message = f"HTTP {status} from {method} {redact_url(url)}: {said or excerpt}"
         if cut is not None:
             message = f"{message.rstrip()} [body cut short: {type(cut).__name__}]"
         if status in (401, 403):
