@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import decimal
 import inspect
 import logging
 import re
@@ -11,7 +12,9 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -158,6 +161,65 @@ def test_a_count_setting_below_one_or_not_an_int_is_refused_by_name_at_construct
     # Nothing was started (another test's idle worker thread may have ended).
     assert not set(threading.enumerate()) - before
     poc_api.ApiClient("http://127.0.0.1:9/v1", **{name: 1})  # type: ignore[arg-type]
+
+
+_SECONDS = (
+    "connect_timeout",
+    "timeout",
+    "close_timeout",
+    "keepalive_time",
+    "keepalive_timeout",
+    "health_check_interval",
+    "dns_refresh",
+)
+
+
+@pytest.mark.parametrize("name", _SECONDS)
+@pytest.mark.parametrize(
+    ("value", "exc_type"),
+    [
+        (0, ValueError),
+        (float("inf"), ValueError),
+        pytest.param(10**400, ValueError, id="10**400"),  # (past float's range)
+        (True, TypeError),
+        ("5", TypeError),
+        (np.True_, TypeError),
+        (np.timedelta64(200, "ms"), TypeError),
+    ],
+)
+def test_a_seconds_setting_that_is_no_positive_real_number_is_refused_by_name(
+    name: str, value: object, exc_type: type[Exception]
+) -> None:
+    with pytest.raises(exc_type, match=rf"^{name} must be a"):
+        poc_api.ApiClient("http://127.0.0.1:9/v1", **{name: value})  # type: ignore[arg-type]
+
+
+async def test_the_constructor_takes_numpy_numbers_and_fractions_as_the_rest_of_the_api(
+    server: ReferenceServer,
+) -> None:
+    # The README says timeouts may be any real number (numpy's float32 included)
+    # and counts numpy integers, as SamplingParams and generate take them; the
+    # constructor refused them ("timeout must be a number of seconds").
+    c = poc_api.ApiClient(
+        server.base_url,
+        grpc_url=server.grpc_url,
+        connect_timeout=np.float32(3),
+        timeout=np.float32(20),
+        close_timeout=Fraction(1, 2),
+        keepalive_time=np.float64(60),
+        keepalive_timeout=decimal.Decimal("2.5"),
+        health_check_interval=np.float32(5),
+        dns_refresh=np.int64(30),
+        max_buffered_events=np.int64(64),
+        max_buffered_bytes=np.int32(1 << 20),
+        max_message_size=np.uint32(1 << 24),
+        max_concurrent_streams=np.int16(8),
+    )
+    async with c:
+        async with c.session() as s:
+            async with s.generate(HELLO, sampling=SamplingParams(max_tokens=2)) as ev:
+                assert [e async for e in ev]
+        assert await c.tokenize("hi")
 
 
 def test_https_base_url_selects_tls() -> None:

@@ -12,6 +12,7 @@ import enum
 import functools
 import inspect
 import logging
+import math
 import os
 import warnings
 from collections.abc import (
@@ -53,6 +54,7 @@ from ._types import (
     ScoreResult,
     TrainResult,
     TrainSample,
+    as_float,
     as_int,
     keyword_only_from,
 )
@@ -181,6 +183,28 @@ def check_base_url(base_url: str) -> None:
         )
 
 
+def _seconds(name: str, value: object) -> float:
+    """A positive, finite number of seconds as a plain float (a numpy float32
+    would break trio's I/O wait as a deadline); ``TypeError`` unless a number
+    :func:`as_float` takes (bools refused), ``ValueError`` otherwise."""
+    try:
+        seconds = as_float(name, value, "a number of seconds")
+    except OverflowError:  # an int past float's range: too large, as inf is
+        seconds = math.inf
+    if not seconds > 0 or seconds == math.inf:
+        raise ValueError(f"{name} must be a positive, finite number of seconds")
+    return seconds
+
+
+def _count(name: str, value: object) -> int:
+    """A positive count as a plain int: ``TypeError`` unless an int (numpy's too;
+    bools refused), ``ValueError`` below 1."""
+    count = as_int(name, value)
+    if count < 1:
+        raise ValueError(f"{name} must be positive")
+    return count
+
+
 def _first_target(pool: tuple[GrpcTarget, ...] | DnsTarget | None) -> GrpcTarget | None:
     if pool is None:
         return None
@@ -284,19 +308,19 @@ class ApiClient:
         *,
         model: str = "",
         grpc_url: str | Sequence[str] | None = None,
-        connect_timeout: float = 30.0,
-        timeout: float = 600.0,
-        close_timeout: float = 5.0,
-        max_buffered_events: int = 4096,
-        max_buffered_bytes: int = 4 * 1024 * 1024,
-        max_message_size: int = 64 * 1024 * 1024,
-        keepalive_time: float | None = 300.0,
-        keepalive_timeout: float = 20.0,
+        connect_timeout: SupportsFloat = 30.0,
+        timeout: SupportsFloat = 600.0,
+        close_timeout: SupportsFloat = 5.0,
+        max_buffered_events: SupportsIndex = 4096,
+        max_buffered_bytes: SupportsIndex = 4 * 1024 * 1024,
+        max_message_size: SupportsIndex = 64 * 1024 * 1024,
+        keepalive_time: SupportsFloat | None = 300.0,
+        keepalive_timeout: SupportsFloat = 20.0,
         keepalive_idle: bool = True,
-        max_concurrent_streams: int = 1024,
+        max_concurrent_streams: SupportsIndex = 1024,
         affinity_header: str | None = DEFAULT_AFFINITY_HEADER,
-        health_check_interval: float = 5.0,
-        dns_refresh: float = 30.0,
+        health_check_interval: SupportsFloat = 5.0,
+        dns_refresh: SupportsFloat = 30.0,
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
@@ -305,17 +329,10 @@ class ApiClient:
             raise TypeError("api_key and model must be str")
         pool = parse_grpc_targets(grpc_url)  # checks a list or dns:/// target
         self._affinity_header = check_affinity_header(affinity_header)
-        for what, seconds in (
-            ("health_check_interval", health_check_interval),
-            ("dns_refresh", dns_refresh),
-        ):
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-                raise TypeError(f"{what} must be a number of seconds")
-            if not seconds > 0 or seconds == float("inf"):
-                raise ValueError(f"{what} must be a positive, finite number of seconds")
+        # Numbers as the rest of the API takes them (numpy's, a Fraction), stored plain.
+        self._health_interval = _seconds("health_check_interval", health_check_interval)
+        self._dns_refresh = _seconds("dns_refresh", dns_refresh)
         self._pool = pool
-        self._health_interval = float(health_check_interval)
-        self._dns_refresh = float(dns_refresh)
         if not isinstance(keepalive_idle, bool):
             raise TypeError("keepalive_idle must be a bool")
         if api_key and (
@@ -327,48 +344,27 @@ class ApiClient:
                 "api_key must be printable ASCII with no leading or trailing space "
                 "(a stray newline or space from a .env file?)"
             )
-        for name, value in (
-            ("connect_timeout", connect_timeout),
-            ("timeout", timeout),
-            ("close_timeout", close_timeout),
-            ("keepalive_timeout", keepalive_timeout),
-            ("keepalive_time", keepalive_time),
-        ):
-            if value is None and name == "keepalive_time":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a number of seconds")
-            if not value > 0 or value == float("inf"):
-                raise ValueError(f"{name} must be a positive, finite number of seconds")
-        for name, count in (
-            ("max_buffered_events", max_buffered_events),
-            ("max_buffered_bytes", max_buffered_bytes),
-            ("max_message_size", max_message_size),
-            ("max_concurrent_streams", max_concurrent_streams),
-        ):
-            if isinstance(count, bool) or not isinstance(count, int):
-                raise TypeError(f"{name} must be an int")
-            if count < 1:
-                raise ValueError(f"{name} must be positive")
+        self._connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self._timeout = _seconds("timeout", timeout)
+        self._close_timeout = _seconds("close_timeout", close_timeout)
+        ping_timeout = _seconds("keepalive_timeout", keepalive_timeout)
         self._keepalive = (
-            KeepAlive(keepalive_time, keepalive_timeout, keepalive_idle)
+            KeepAlive(_seconds("keepalive_time", keepalive_time), ping_timeout, keepalive_idle)
             if keepalive_time is not None
             else None
         )
+        self._max_buffered = _count("max_buffered_events", max_buffered_events)
+        self._max_buffered_bytes = _count("max_buffered_bytes", max_buffered_bytes)
+        self._max_message_size = _count("max_message_size", max_message_size)
+        streams = _count("max_concurrent_streams", max_concurrent_streams)
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._model = model
         self._target = _first_target(pool) or GrpcTarget.from_url(
             resolve_grpc_url(self._base_url, grpc_url if isinstance(grpc_url, str) else None)
         )
-        self._connect_timeout = connect_timeout
-        self._timeout = timeout
-        self._close_timeout = close_timeout
-        self._max_buffered = max_buffered_events
-        self._max_buffered_bytes = max_buffered_bytes
-        self._max_message_size = max_message_size
         # One bound for the client: every endpoint of a pool counts against it.
-        self._streams = StreamBudget(max_concurrent_streams)
+        self._streams = StreamBudget(streams)
         self._state = _State.UNOPENED
         self._bridge: AsyncioBridge | None = None
         self._transport: GrpcTransport | None = None  # the first endpoint's

@@ -44,7 +44,7 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypedDict, Unpack
+from typing import SupportsFloat, SupportsIndex, TypedDict, Unpack
 
 import trio
 
@@ -104,19 +104,19 @@ class ApiClientOptions(TypedDict, total=False):
     api_key: str
     model: str
     grpc_url: str | Sequence[str] | None
-    connect_timeout: float
-    timeout: float
-    close_timeout: float
-    max_buffered_events: int
-    max_buffered_bytes: int
-    max_message_size: int
-    keepalive_time: float | None
-    keepalive_timeout: float
+    connect_timeout: SupportsFloat
+    timeout: SupportsFloat
+    close_timeout: SupportsFloat
+    max_buffered_events: SupportsIndex
+    max_buffered_bytes: SupportsIndex
+    max_message_size: SupportsIndex
+    keepalive_time: SupportsFloat | None
+    keepalive_timeout: SupportsFloat
     keepalive_idle: bool
-    max_concurrent_streams: int
+    max_concurrent_streams: SupportsIndex
     affinity_header: str | None
-    health_check_interval: float
-    dns_refresh: float
+    health_check_interval: SupportsFloat
+    dns_refresh: SupportsFloat
 
 
 @protected_asynccontextmanager

@@ -64,6 +64,24 @@ async def ids_positions_and_timeouts(client: poc_api.ApiClient, png: bytes) -> N
     poc_api.ReadoutManifest(["a"], [np.int64(0)])
 
 
+def client_settings() -> poc_api.ApiClient:
+    # The constructor's seconds and counts too.
+    return poc_api.ApiClient(
+        "http://127.0.0.1:8000/v1",
+        connect_timeout=np.float32(3),
+        timeout=np.float32(600),
+        close_timeout=Fraction(1, 2),
+        keepalive_time=np.float64(300),
+        keepalive_timeout=np.float16(20),
+        max_buffered_events=np.int64(64),
+        max_buffered_bytes=np.int32(1 << 20),
+        max_message_size=np.uint32(1 << 24),
+        max_concurrent_streams=np.int16(8),
+        health_check_interval=np.float32(5),
+        dns_refresh=np.int64(30),
+    )
+
+
 async def conversation(client: poc_api.ApiClient, ids: list[np.int64]) -> None:
     async with client.conversation() as conv:
         async with conv.stream(
