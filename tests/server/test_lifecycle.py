@@ -116,6 +116,14 @@ def test_server_config_takes_concepts_as_any_iterable_of_names() -> None:
         ServerConfig(concepts=[])
 
 
+@pytest.mark.parametrize("value", ["vowel", b"vowel", 5])
+def test_server_config_refuses_a_str_for_concepts_as_the_manifest_does(value: object) -> None:
+    # concepts="vowel" became five one-letter concepts, silently; the client's
+    # ReadoutManifest("vowel", ...) raises TypeError for the same mistake.
+    with pytest.raises(TypeError, match=r"^concepts must be a sequence of str, not "):
+        ServerConfig(concepts=value)  # type: ignore[arg-type]
+
+
 def test_a_busy_grpc_port_is_named_in_the_error() -> None:
     # The gRPC port is never given (it is the HTTP port + 1): a bare "Address
     # already in use" for a free HTTP port left the user guessing which.

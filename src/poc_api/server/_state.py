@@ -22,6 +22,10 @@ __all__ = ["Runtime", "ServerConfig", "ServerState", "Stats"]
 def _concepts(value: Iterable[str]) -> tuple[str, ...]:
     # A typed converter, not a bare ``tuple``, whose TypeVar mypy's attrs plugin
     # cannot solve: ``ServerConfig(concepts=["a", "b"])`` type-checks under --strict.
+    # A str is iterable, but concepts="vowel" is not five one-letter concepts (the
+    # client's ReadoutManifest refuses it too).
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"concepts must be a sequence of str, not {type(value).__name__}")
     return tuple(value)
 
 
