@@ -656,3 +656,49 @@ def test_a_server_config_of_0_sessions_context_or_message_size_is_refused(field:
 
     with pytest.raises(ValueError, match=field):
         ServerConfig(**{field: 0})  # type: ignore[arg-type]
+
+
+def _readme_command_line() -> tuple[str, str]:
+    """README's "## Command line" section: its synopsis block, and the rest."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    before, block, after = section.split("```", 2)
+    return block, before + after
+
+
+def test_every_option_has_help_and_is_in_the_readme_synopsis() -> None:
+    # The synopsis lagged behind the commands (generate --seed, chat's sampling
+    # options, serve --max-sessions ... --ignore-eos were missing), and serve's
+    # --max-sessions and --max-context showed no help at all.
+    import click
+
+    from poc_api.cli import cli
+
+    block, prose = _readme_command_line()
+    shared = {opt for p in cli.params for opt in p.opts}  # --url etc.: in the prose
+    missing: list[str] = []
+    unhelped: list[str] = []
+    for name, command in cli.commands.items():
+        # The command's synopsis: its line and the indented lines continuing it.
+        synopsis = re.search(rf"^poc-api {name}\b.*(?:\n[ \t]+\S.*)*", block, re.MULTILINE)
+        assert synopsis is not None, f"README's synopsis has no line for {name!r}"
+        for param in command.params:
+            if not isinstance(param, click.Option):
+                continue
+            if not param.help:
+                unhelped.append(f"{name} {param.opts[-1]}")
+            for opt in param.opts + param.secondary_opts:
+                if not opt.startswith("--"):
+                    continue
+                mentioned = rf"(?<![\w-]){re.escape(opt)}(?![\w-])"
+                if not re.search(mentioned, synopsis.group()) and not (
+                    opt in shared and re.search(mentioned, prose)
+                ):
+                    missing.append(f"{name} {opt}")
+    unhelped += [
+        f"poc-api {p.opts[-1]}" for p in cli.params if isinstance(p, click.Option) and not p.help
+    ]
+    assert not missing, f"options missing from README's synopsis: {missing}"
+    assert not unhelped, f"options without a help text: {unhelped}"

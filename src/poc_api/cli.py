@@ -1087,8 +1087,18 @@ def _positions_line(prompt_len: int, lengths: Sequence[int], counted: int | None
     show_default=True,
     help="Reply budget.",
 )
-@click.option("--temperature", type=_FloatRange(0.0, 1e6), default=None)
-@click.option("--top-p", type=_FloatRange(0.0, 1.0), default=None)
+@click.option(
+    "--temperature",
+    type=_FloatRange(0.0, 1e6),
+    default=None,
+    help="0 is greedy. Default: the server's (the reference server's is 0).",
+)
+@click.option(
+    "--top-p",
+    type=_FloatRange(0.0, 1.0),
+    default=None,
+    help="Nucleus filter; 1 is off. Default: the server's.",
+)
 @click.option(
     "--seed",
     type=click.IntRange(0),
@@ -1159,7 +1169,11 @@ _DEFAULTS = ServerConfig()
 @click.option("--no-readout", is_flag=True, help="Disable readout (the manifest answers 404).")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Sampler seed.")
 @click.option(
-    "--max-sessions", type=click.IntRange(1), default=_DEFAULTS.max_sessions, show_default=True
+    "--max-sessions",
+    type=click.IntRange(1),
+    default=_DEFAULTS.max_sessions,
+    show_default=True,
+    help="Most sessions open at once; opening one more is refused (RESOURCE_EXHAUSTED).",
 )
 @click.option(
     "--idle-timeout",
@@ -1169,7 +1183,11 @@ _DEFAULTS = ServerConfig()
     help="Seconds before an idle session is evicted (0: never).",
 )
 @click.option(
-    "--max-context", type=click.IntRange(1), default=_DEFAULTS.max_context, show_default=True
+    "--max-context",
+    type=click.IntRange(1),
+    default=_DEFAULTS.max_context,
+    show_default=True,
+    help="Context window of a session, in positions; appending past it is refused (OUT_OF_RANGE).",
 )
 @click.option("--ignore-eos", is_flag=True, help="Never stop at the model's EOS token.")
 @click.option(
