@@ -49,6 +49,22 @@ def test_explicit_port_in_use_fails_to_start() -> None:
     srv.stop()  # idempotent
 
 
+async def test_the_repr_shows_the_state_and_the_urls_once_started() -> None:
+    # It was object's (<poc_api.server._app.ReferenceServer object at 0x...>).
+    srv = ReferenceServer(ServerConfig(api_key="sk-repr-secret"))
+    assert repr(srv) == "<ReferenceServer not started>"
+    with trio.fail_after(TIMEOUT):
+        async with srv:
+            urls = f"base_url={srv.base_url!r} grpc_url={srv.grpc_url!r}"
+            assert repr(srv) == f"<ReferenceServer running {urls}>"
+            clash = ReferenceServer(ServerConfig(port=srv.http_port))
+            with pytest.raises(OSError):
+                clash.start()
+            assert repr(clash) == "<ReferenceServer failed to start: OSError>"
+    assert repr(srv) == f"<ReferenceServer stopped {urls}>"
+    assert "sk-repr-secret" not in repr(srv)
+
+
 def test_port_zero_skips_pairs_whose_second_port_is_taken() -> None:
     http, grpc = bind_port_pair("127.0.0.1", 0)
     try:

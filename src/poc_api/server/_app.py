@@ -182,6 +182,20 @@ class ReferenceServer:
         self._grpc_server: ObservedServer | None = None
         self._grace = 0.0
 
+    def __repr__(self) -> str:
+        # Its state, and its URLs once it listens; never the api key.
+        thread = self._thread
+        if thread is None:
+            return "<ReferenceServer not started>"
+        if not self._ready.is_set():
+            return "<ReferenceServer starting>"
+        if self._error is not None:
+            return f"<ReferenceServer failed to start: {type(self._error).__name__}>"
+        urls = f"base_url={self.base_url!r} grpc_url={self.grpc_url!r}"
+        if not thread.is_alive():
+            return f"<ReferenceServer stopped {urls}>"
+        return f"<ReferenceServer {'stopping' if self._stopped else 'running'} {urls}>"
+
     # -- addresses ---------------------------------------------------------
 
     @property
