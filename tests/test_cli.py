@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+import httpx
 import pytest
 import trio
 from helpers import http_server, read_request
@@ -335,7 +336,11 @@ async def test_serve_runs_a_server_that_clients_reach_until_terminated() -> None
     secret = "serve-secret-123"
     with trio.fail_after(TIMEOUT):
         proc = await trio.lowlevel.open_process(
-            [*CLI, "serve", "--port", "0", "--api-key", secret, "--seed", "3"],
+            [
+                *CLI,
+                *("serve", "--port", "0", "--api-key", secret, "--seed", "3"),
+                *("--n-layers", "5", "--model-name", "served-model", "--max-message-size", "99999"),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=cli_env(),
@@ -356,7 +361,13 @@ async def test_serve_runs_a_server_that_clients_reach_until_terminated() -> None
                 async with client.session() as s:
                     await s.prefill(await client.tokenize("hello"))
                     assert s.committed_len == 5
-                assert await client.readout_manifest() is not None
+                manifest = await client.readout_manifest()
+                assert manifest is not None and manifest.layers == tuple(range(5))
+            async with httpx.AsyncClient() as http:
+                models = await http.get(
+                    f"{base_url}/models", headers={"authorization": f"Bearer {secret}"}
+                )
+            assert [m["id"] for m in models.json()["data"]] == ["served-model"]
 
             # A wrong key: one line on stderr, exit 1, and no key is ever printed.
             bad = await run_cli("generate", "hi", "--url", base_url, "--api-key", "wrong-key-456")

@@ -1191,6 +1191,26 @@ _DEFAULTS = ServerConfig()
 )
 @click.option("--ignore-eos", is_flag=True, help="Never stop at the model's EOS token.")
 @click.option(
+    "--max-message-size",
+    type=click.IntRange(1),
+    default=_DEFAULTS.max_message_size,
+    show_default=True,
+    help="Largest gRPC message taken or sent, in bytes.",
+)
+@click.option(
+    "--n-layers",
+    type=click.IntRange(1),
+    default=_DEFAULTS.n_layers,
+    show_default=True,
+    help="Layers of each readout (n_layers x n_concepts floats per token).",
+)
+@click.option(
+    "--model-name",
+    default=_DEFAULTS.model_name,
+    show_default=True,
+    help="The model's name (GET /models, chat answers).",
+)
+@click.option(
     "--prefill-delay-us",
     type=_FloatRange(0.0, 1e6),
     default=_DEFAULTS.prefill_delay_us,
@@ -1221,6 +1241,9 @@ def serve(
     idle_timeout: float,
     max_context: int,
     ignore_eos: bool,
+    max_message_size: int,
+    n_layers: int,
+    model_name: str,
     prefill_delay_us: float,
     token_delay_ms: float,
     prefill_slots: int,
@@ -1243,6 +1266,9 @@ def serve(
         idle_timeout=idle_timeout,
         max_context=max_context,
         ignore_eos=ignore_eos,
+        max_message_size=max_message_size,
+        n_layers=n_layers,
+        model_name=model_name,
         prefill_delay_us=prefill_delay_us,
         token_delay_ms=token_delay_ms,
         prefill_slots=prefill_slots,

@@ -77,3 +77,21 @@ def test_a_busy_port_is_one_line_that_names_it_once() -> None:
         f"error: cannot listen on 127.0.0.1:{port + 1} (gRPC, the HTTP port + 1): "
         "Address already in use"
     ), proc.stderr
+
+
+def test_the_module_entry_point_takes_the_options_of_poc_api_serve() -> None:
+    # The README calls them the same command: `serve` lacked --max-message-size,
+    # --n-layers and --model-name, and most of the module's options had no help.
+    from poc_api.cli import serve
+    from poc_api.server.__main__ import _parser
+
+    parser = _parser()
+    module = {
+        opt: action.help
+        for action in parser._actions  # (argparse lists them nowhere public)
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
+    assert all(module.values()), [opt for opt, text in module.items() if not text]
+    served = {opt for param in serve.params for opt in param.opts if opt.startswith("--")}
+    assert set(module) == served

@@ -16,25 +16,48 @@ __all__ = ["main", "parse_args"]
 
 def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     """Build a :class:`ServerConfig` from command-line arguments."""
+    p = _parser()
+    a = p.parse_args(argv)
+    try:
+        return _config(a)
+    except (TypeError, ValueError) as exc:  # a port out of range, a NaN delay, ...
+        p.error(str(exc))
+
+
+def _parser() -> argparse.ArgumentParser:
+    # The options of `poc-api serve` (tests/server/test_cli.py holds them together).
     d = ServerConfig()
     p = argparse.ArgumentParser(
         prog="python -m poc_api.server",
         description="Deterministic salience reference server: HTTP on PORT, gRPC on PORT+1.",
     )
-    p.add_argument("--host", default=d.host)
+    p.add_argument("--host", default=d.host, help="interface to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 = pick a free pair)")
-    p.add_argument("--api-key", default=os.environ.get("POC_API_KEY") or None)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("POC_API_KEY") or None,
+        help="require this bearer token [env POC_API_KEY]",
+    )
     p.add_argument("--no-readout", action="store_true", help="disable readout (manifest 404)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    p.add_argument("--seed", type=int, default=d.seed, help="sampler seed")
+    p.add_argument(
+        "--max-sessions", type=int, default=d.max_sessions, help="most sessions open at once"
+    )
     p.add_argument(
         "--idle-timeout", type=float, default=d.idle_timeout, help="seconds (0 = never evict)"
     )
-    p.add_argument("--max-context", type=int, default=d.max_context)
-    p.add_argument("--max-message-size", type=int, default=d.max_message_size)
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--n-layers", type=int, default=d.n_layers)
-    p.add_argument("--model-name", default=d.model_name)
+    p.add_argument(
+        "--max-context", type=int, default=d.max_context, help="context window, in positions"
+    )
+    p.add_argument(
+        "--max-message-size",
+        type=int,
+        default=d.max_message_size,
+        help="largest gRPC message taken or sent, in bytes",
+    )
+    p.add_argument("--ignore-eos", action="store_true", help="never stop at EOS")
+    p.add_argument("--n-layers", type=int, default=d.n_layers, help="layers of each readout")
+    p.add_argument("--model-name", default=d.model_name, help="the model's name")
     p.add_argument(
         "--prefill-delay-us",
         type=float,
@@ -53,11 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         default=d.prefill_slots,
         help="at most this many simulated prefills at once (0 = unlimited)",
     )
-    a = p.parse_args(argv)
-    try:
-        return _config(a)
-    except (TypeError, ValueError) as exc:  # a port out of range, a NaN delay, ...
-        p.error(str(exc))
+    return p
 
 
 def _config(a: argparse.Namespace) -> ServerConfig:
