@@ -6,6 +6,7 @@ import asyncio
 import collections
 import itertools
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,6 +19,8 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from helpers import wait_for
+from hypothesis import given
+from hypothesis import strategies as st
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
@@ -1270,3 +1273,60 @@ async def test_an_endpoint_whose_connection_dropped_gets_new_sessions_at_once() 
                     )
                     assert a.state().rpc_counts.get("OpenSession", 0) - before >= 3
             proxy.cancel_scope.cancel()
+
+
+async def test_an_agent_retrying_a_dead_server_gets_server_unavailable_every_time() -> None:
+    # From the 1025th failed attempt in a row (about a second of tight retries),
+    # every attempt raised OverflowError ("int too large to convert to float")
+    # from the endpoint's backoff.
+    async with reference_server() as srv:
+        async with poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as client:
+            async with client.session():
+                pass
+            srv.stop()
+            errors = collections.Counter()
+            with trio.fail_after(60):
+                for _ in range(1100):
+                    try:
+                        async with client.session():
+                            pass
+                    except poc_api.PocApiError as exc:
+                        errors[type(exc)] += 1
+            assert errors == {poc_api.ServerUnavailable: 1100}
+
+
+async def test_a_long_outage_backs_off_at_the_cap_and_never_overflows() -> None:
+    # 0.25 * 2 ** (n - 1) is past float's range from the 1025th failure in a row
+    # (85 min of health checks of a dead endpoint): OverflowError out of the
+    # health loop, which then died, and out of every call of the transport once
+    # 1025 connection attempts had failed.
+    dead = [f"http://127.0.0.1:{_refusing_port()}" for _ in range(2)]
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=dead, connect_timeout=1) as client:
+        router = client._router
+        assert router is not None
+        ep = router._endpoints[0]
+        for _ in range(2000):
+            ep.failed()
+        assert 9 < ep.down_until - time.monotonic() <= 10
+        transport = ep.transport
+        transport._failures = 5000  # as after 5000 failed attempts (one a second: 83 min)
+        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable):
+            async with client.session():
+                pass
+        assert transport._failures == 5001
+
+
+@given(st.integers(1, 10**6))
+def test_reconnect_backoff_doubles_up_to_its_cap(failures: int) -> None:
+    from poc_api._transport import backoff
+
+    got = backoff(failures, 0.05, 1.0)
+    assert got == (1.0 if failures > 64 else min(1.0, 0.05 * 2 ** (failures - 1)))
+    assert backoff(failures + 1, 0.05, 1.0) >= got
+
+
+def _refusing_port() -> int:
+    """A loopback port nothing listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

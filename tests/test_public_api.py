@@ -66,6 +66,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "KeepAlive",
         "StreamBudget",
         "Orphan",
+        "backoff",
         "deadline",
         "map_grpc_error",
         "RawCodec",

@@ -70,6 +70,7 @@ from ._transport import (
     StreamCall,
     _Collect,
     _Progress,
+    backoff,
     deadline,
 )
 from ._wire import decode_health_check
@@ -284,8 +285,8 @@ class _Endpoint:
         with self._lock:
             self.failures += 1
             self.consecutive += 1
-            backoff = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (self.consecutive - 1))
-            self.down_until = time.monotonic() + backoff
+            wait = backoff(self.consecutive, _BACKOFF_BASE, _BACKOFF_MAX)
+            self.down_until = time.monotonic() + wait
             if self.state is not EndpointState.RETIRED:
                 self.state = EndpointState.UNREACHABLE
 

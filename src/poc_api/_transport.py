@@ -75,6 +75,7 @@ __all__ = [
     "KeepAlive",
     "Orphan",
     "StreamBudget",
+    "backoff",
     "deadline",
     "map_grpc_error",
 ]
@@ -329,6 +330,15 @@ def _retriable_reset(exc: BaseException) -> bool:
 
 
 _MAX_BACKOFF = 1.0
+
+
+def backoff(failures: int, base: float, cap: float) -> float:
+    """Seconds to wait after ``failures`` failures in a row: ``base`` doubled each
+    time, up to ``cap``. The exponent is bounded: ``base * 2 ** 1024`` is past
+    float's range (an outage of a thousand failures raised OverflowError)."""
+    return min(cap, base * 2.0 ** min(failures - 1, 64))
+
+
 # keepalive_time doubles on each "too_many_pings" GOAWAY up to this (seconds).
 _MAX_KEEPALIVE_TIME = 7200.0
 _REFUSED_RETRIES = 2
@@ -719,9 +729,8 @@ class GrpcTransport:
         except Exception as exc:
             if not _closed_unsent(exc):  # not the server's failure: no backoff
                 self._failures += 1
-                backoff = min(_MAX_BACKOFF, 0.05 * 2 ** (self._failures - 1))
                 self._failed_at = loop.time()
-                self._retry_at = self._failed_at + backoff
+                self._retry_at = self._failed_at + backoff(self._failures, 0.05, _MAX_BACKOFF)
                 self._last_failure = _failure_reason(exc, self._target.url)
                 attempt.set_exception(exc)  # for the calls that waited for it
                 attempt.exception()  # (none may have: nothing to log then)
