@@ -463,6 +463,8 @@ async def test_500_error_message_has_status_url_and_500_char_excerpt(
         (b'{"detail": "Not Found"}', "Not Found"),  # FastAPI's
         (b'{"error": "plain words"}', "plain words"),
         (b'{"error": {"code": 400}}', None),  # no message: the body itself
+        # A lone surrogate (JSON.stringify of half an emoji): UnicodeEncodeError
+        (b'{"error": {"message": "bad \\ud800 x"}}', "bad \\ud800 x"),
         (b"not json at all", None),
         (b"[" * 100_000, None),  # deeper than json's recursion limit
     ],

@@ -1218,7 +1218,9 @@ class HttpApi:
             error = error.get("message")
         if not isinstance(error, str) or not error.strip():
             return None
-        return error_excerpt(self._redact(error).encode("utf-8", "surrogateescape"))
+        # backslashreplace: JSON may carry a lone surrogate (half an emoji), which
+        # no UTF-8 encodes; it shows as \ud800.
+        return error_excerpt(self._redact(error).encode("utf-8", "backslashreplace"))
 
     def _status_error(
         self, method: str, url: str, status: int, body: bytes, cut: PocApiError | None = None
