@@ -30,7 +30,9 @@ Anything truncated or malformed raises :class:`~poc_api._errors.ProtocolViolatio
 
 :class:`RawCodec` lets grpclib hand the raw message bytes to the caller, which
 decodes them lazily with :func:`decode_generate_event` (streams),
-:func:`decode_open_session` and :func:`decode_append_image` (unary replies).
+:func:`decode_open_session`, :func:`decode_append_image` and
+:func:`decode_health_check` (unary replies, by the same rules: betterproto2 took
+a known field of another wire type for its own there too).
 """
 
 from __future__ import annotations
