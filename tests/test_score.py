@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 import trio
@@ -201,6 +202,49 @@ async def test_score_many_errors_say_which_prompt(
     assert getattr(info.value, "__notes__", None) == ["score_many: prompts[7]"]
     with pytest.raises(ValueError, match=r"^prompts\[1\] range \(0, 9\) lies outside"):
         await client.score_many([good, ([Tokens([1])], [(0, 9)])])
+
+
+async def test_score_many_notes_only_its_own_error() -> None:
+    # The callers of one connection attempt share its failure, one exception
+    # object: score_many's note landed on another task's session() error, and
+    # two score_many calls each carried both notes.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # refused once closed
+    got: dict[str, BaseException] = {}
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url) as client:
+
+        async def session() -> None:
+            with pytest.raises(poc_api.ServerUnavailable) as info:
+                async with client.session():
+                    pass
+            got["session"] = info.value
+
+        async def many(name: str, n: int) -> None:
+            with pytest.raises(poc_api.ServerUnavailable) as info:
+                await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * n)
+            got[name] = info.value
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session)
+            nursery.start_soon(many, "three", 3)
+            nursery.start_soon(many, "five", 5)
+    assert getattr(got["session"], "__notes__", None) is None
+    for name, n in (("three", 3), ("five", 5)):
+        notes = got[name].__notes__  # type: ignore[attr-defined]
+        assert len(notes) == 1 and notes[0].startswith("score_many: prompts["), notes
+        assert int(notes[0].split("[")[1].split("]")[0]) < n
+
+
+async def test_a_score_many_groups_note_stays_short(client: poc_api.ApiClient) -> None:
+    # A group's note listed every prompt: 2000 alike made a 28,922-character note.
+    prompts = [([Tokens([*PROMPT, 5000])], [(1, 3)])] * 2000
+    with pytest.raises(poc_api.InvalidRequest) as info:
+        await client.score_many(prompts, share_prefix=True)
+    assert info.value.__notes__ == [  # type: ignore[attr-defined]
+        "score_many: prompts[0], prompts[1], prompts[2] and 1997 more "
+        "(scored in one session, sharing a prefix)"
+    ]
 
 
 ranges_st = st.lists(

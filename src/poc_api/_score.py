@@ -240,6 +240,34 @@ async def score_chunks(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _which(at: list[int]) -> str:
+    """A note naming the prompts ``at`` (a group's: the first three)."""
+    named = ", ".join(f"prompts[{i}]" for i in at[:3])
+    if len(at) > 3:
+        named += f" and {len(at) - 3} more"
+    if len(at) > 1:
+        named += " (scored in one session, sharing a prefix)"
+    return f"score_many: {named}"
+
+
+def _noted(exc: Exception, note: str) -> Exception:
+    """A copy of ``exc`` with ``note``: the object may be other calls' error too
+    (the callers of one connection attempt share its failure), whose notes this
+    note is not."""
+    try:
+        copy = type(exc).__new__(type(exc), *exc.args)
+        copy.__dict__.update(exc.__dict__)
+    except Exception:  # pragma: no cover - an exception type that cannot be copied
+        return exc
+    if "__notes__" in copy.__dict__:
+        copy.__notes__ = list(exc.__notes__)
+    copy.__cause__ = exc.__cause__
+    copy.__context__ = exc.__context__
+    copy.__suppress_context__ = exc.__suppress_context__
+    copy.add_note(note)
+    return copy.with_traceback(exc.__traceback__)
+
+
 async def score_many(
     transport: Router,
     model: str,
@@ -295,11 +323,7 @@ async def score_many(
                 # Keep the first failure, cancel the rest: one error, not a group.
                 if not first_error:
                     # Which prompt (a server's refusal does not say).
-                    which = ", ".join(f"prompts[{i}]" for i in at)
-                    exc.add_note(
-                        f"score_many: {which}" + (" (their shared prefix)" * (len(at) > 1))
-                    )
-                    first_error.append(exc)
+                    first_error.append(_noted(exc, _which(at)))
                 nursery.cancel_scope.cancel()
 
     async def in_session(indices: list[int], shared: int, at: list[int]) -> None:
