@@ -974,7 +974,10 @@ async def test_events_after_done_are_a_protocol_violation(
         DUMMY_BASE_URL, grpc_url=bad_server.url, close_timeout=0.5, max_concurrent_streams=1
     ) as c:
         async with c.session() as s:
-            for stop_at_done, buffered in ((False, False), (True, False), (True, True)):
+            # stop_at_done None: the body stops at the first token, before Done
+            # (the block's exit finds Done buffered, and the event after it).
+            cases = ((False, False), (True, False), (True, True), (None, True))
+            for stop_at_done, buffered in cases:
                 bad_server.plan("Generate", Reply("after_done", tokens=2, interval=0.05))
                 with (
                     trio.fail_after(5),
@@ -984,7 +987,9 @@ async def test_events_after_done_are_a_protocol_violation(
                         if buffered:
                             await trio.sleep(0.3)  # every event arrives before the first read
                         async for e in ev:
-                            if stop_at_done and isinstance(e, poc_api.Done):
+                            if stop_at_done is None or (
+                                stop_at_done and isinstance(e, poc_api.Done)
+                            ):
                                 break
         # The stream's slot was given back (max_concurrent_streams=1).
         with trio.fail_after(5):
