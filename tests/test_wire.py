@@ -740,3 +740,31 @@ def test_decode_health_check_refuses_truncation() -> None:
     for bad in (b"\x08", b"\x08\x80", b"\x0a\x05ab", b"\x0b"):
         with pytest.raises(ProtocolViolation, match="HealthCheckResponse"):
             _wire.decode_health_check(bad)
+
+
+def _length_delimited(tag: int, body: bytes) -> bytes:
+    size, prefix = len(body), b""
+    while size >= 0x80:
+        prefix += bytes([size & 0x7F | 0x80])
+        size >>= 7
+    return bytes([tag]) + prefix + bytes([size]) + body
+
+
+@pytest.mark.parametrize("groups", [97, 98, 99, 100, 101])
+@pytest.mark.parametrize("where", ["event", "token", "top_logprob"])
+def test_nested_groups_are_refused_at_upbs_depth(groups: int, where: str) -> None:
+    # upb counts a sub-message as one level of nesting, as a group is: 99 groups
+    # inside a TopLogprob went through here and were refused there.
+    data = b"\x1b" * groups + b"\x1c" * groups  # unknown field 3, a group
+    if where in ("token", "top_logprob"):
+        if where == "top_logprob":
+            data = _length_delimited(0x2A, data)
+        data = _length_delimited(0x0A, data)
+    refused = upb_parse(data) is None
+    if refused:
+        with pytest.raises(ProtocolViolation, match="nested too deeply"):
+            decode_generate_event(data)
+    else:
+        decode_generate_event(data)
+    # (the limit itself: upb's 100 levels in all)
+    assert refused == (groups + ("event", "token", "top_logprob").index(where) > 100)

@@ -279,7 +279,7 @@ def _top_logprob(data: bytes, pos: int, end: int) -> TopLogprob:
             (logprob,) = _unpack_f32(data, pos)
             pos += 4
         else:
-            pos = _skip(data, pos, end, tag)
+            pos = _skip(data, pos, end, tag, 2)  # (nesting: GenerateEvent > Token > here)
     return TopLogprob(tid, logprob)
 
 
@@ -425,7 +425,7 @@ def decode_generate_event(data: bytes) -> Token | Done | None:
                         chunks += (pos, pos + 4)
                     pos += 4
                 else:
-                    pos = _skip(data, pos, end, tag)
+                    pos = _skip(data, pos, end, tag, 1)  # (a sub-message: one level, as upb)
         else:  # done = 2
             if which != 2:
                 which = 2
@@ -459,7 +459,7 @@ def decode_generate_event(data: bytes) -> Token | Done | None:
                         raise _malformed("Done.finish_reason is not UTF-8", pos) from None
                     pos += n
                 else:
-                    pos = _skip(data, pos, end, tag)
+                    pos = _skip(data, pos, end, tag, 1)
 
     if which == 1:
         return Token(
