@@ -7,6 +7,7 @@ import decimal
 import inspect
 import logging
 import re
+import socket
 import sys
 import threading
 import time
@@ -22,7 +23,9 @@ from helpers import (
     asyncio_tasks_pending,
     consume_busily,
     heartbeat,
+    http_server,
     read_beside_a_second_reader,
+    read_request,
     wait_for,
     wait_until_streaming_stalls,
 )
@@ -1140,3 +1143,61 @@ async def test_a_connection_out_of_stream_ids_is_retired_for_a_new_one(
                         await other.prefill([1, 2, 3])
                 await s.prefill([4])  # the session opened on the old connection goes on
             assert server.state().connections_total == before + 1
+
+
+async def test_callers_sharing_one_connection_attempt_each_get_their_own_error() -> None:
+    # One exception object raised in every waiting task: one traceback, one
+    # context, one list of notes for all of them.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # refused once closed
+    errors: list[BaseException] = []
+    async with poc_api.ApiClient("http://127.0.0.1:9/v1", grpc_url=url) as client:
+
+        async def one() -> None:
+            with pytest.raises(poc_api.ServerUnavailable) as info:
+                async with client.session():
+                    pass
+            errors.append(info.value)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+    assert len({id(e) for e in errors}) == 3
+    assert len({str(e) for e in errors}) == 1  # the same failure
+
+
+async def test_callers_sharing_one_manifest_fetch_each_get_their_own_error() -> None:
+    # A caller waiting from inside its own except block made its exception the
+    # __context__ of the other caller's error (the same object).
+    async def slow_bad_manifest(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await trio.sleep(0.2)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: 6\r\n\r\n[1, 2]"
+        )
+
+    got: dict[str, BaseException] = {}
+    async with http_server(slow_bad_manifest) as url, poc_api.ApiClient(url, model="m") as client:
+
+        async def first() -> None:
+            with pytest.raises(poc_api.PocApiError) as info:
+                await client.readout_manifest()
+            got["first"] = info.value
+
+        async def second() -> None:
+            await trio.sleep(0.05)
+            try:
+                raise KeyError("the second caller's own business")
+            except KeyError:
+                with pytest.raises(poc_api.PocApiError) as info:
+                    await client.readout_manifest()
+                got["second"] = info.value
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+    assert got["first"] is not got["second"]
+    assert not isinstance(got["first"].__context__, KeyError)
+    assert type(got["first"]) is type(got["second"]) and str(got["first"]) == str(got["second"])

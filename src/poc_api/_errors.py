@@ -120,6 +120,28 @@ class PocApiError(Exception):
         return (_rebuild, (type(self), self.args), self.__dict__)
 
 
+_E = TypeVar("_E", bound=BaseException)
+
+
+def own_copy(exc: _E) -> _E:
+    """A copy of ``exc`` for one of the callers that share a failure (the waiters
+    of one connection attempt, of one cached fetch).
+
+    One object raised in several tasks is one traceback, one ``__context__`` and
+    one list of notes for all of them: a task's exception then showed another
+    task's frames, the exception that task was handling, or its notes.
+    """
+    copy = type(exc).__new__(type(exc), *exc.args)
+    copy.args = exc.args  # (as _rebuild: some __new__ leave them to __init__)
+    copy.__dict__.update(exc.__dict__)
+    if "__notes__" in copy.__dict__:
+        copy.__notes__ = list(exc.__notes__)
+    copy.__cause__ = exc.__cause__
+    copy.__context__ = exc.__context__
+    copy.__suppress_context__ = exc.__suppress_context__
+    return copy.with_traceback(exc.__traceback__)
+
+
 def _rebuild(cls: type[PocApiError], args: tuple[Any, ...]) -> PocApiError:
     exc = cls.__new__(cls, *args)
     exc.args = args  # (OSError's __new__, PocApiTimeout's, leaves them to __init__)

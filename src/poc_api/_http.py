@@ -87,6 +87,7 @@ from ._errors import (
     ServerUnavailable,
     closed_under_call,
     collapse_cancellation,
+    own_copy,
     protected_asynccontextmanager,
     stream_closed,
 )
@@ -920,9 +921,10 @@ class _SharedFetch(Generic[_T]):
                 return await self._run()
             await attempt.done.wait()
             if attempt.error is not None:
-                # Every waiter raises the attempt's own error, from where it was
-                # raised (as asyncio.Future.result() does), not its grown traceback.
-                raise attempt.error.with_traceback(attempt.traceback)
+                # Every waiter raises a copy of the attempt's error (its own context
+                # and traceback), from where it was raised (as asyncio's
+                # Future.result() does), not from its grown traceback.
+                raise own_copy(attempt.error).with_traceback(attempt.traceback)
 
     # Protected: a Ctrl-C between making the attempt and the try, or between
     # forgetting it and telling its waiters, would leave every later caller (or

@@ -251,21 +251,11 @@ def _which(at: list[int]) -> str:
 
 
 def _noted(exc: Exception, note: str) -> Exception:
-    """A copy of ``exc`` with ``note``: the object may be other calls' error too
-    (the callers of one connection attempt share its failure), whose notes this
-    note is not."""
-    try:
-        copy = type(exc).__new__(type(exc), *exc.args)
-        copy.__dict__.update(exc.__dict__)
-    except Exception:  # pragma: no cover - an exception type that cannot be copied
-        return exc
-    if "__notes__" in copy.__dict__:
-        copy.__notes__ = list(exc.__notes__)
-    copy.__cause__ = exc.__cause__
-    copy.__context__ = exc.__context__
-    copy.__suppress_context__ = exc.__suppress_context__
+    """A copy of ``exc`` with ``note``: the object may be other calls' error too,
+    whose notes this note is not."""
+    copy = e.own_copy(exc)
     copy.add_note(note)
-    return copy.with_traceback(exc.__traceback__)
+    return copy
 
 
 async def score_many(

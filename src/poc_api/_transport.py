@@ -668,7 +668,12 @@ class GrpcTransport:
         another endpoint that is ready (see :meth:`_ready_channel`)."""
         hedge = None if progress is None else progress.hedge
         if hedge is None:
-            return await asyncio.shield(attempt)
+            try:
+                return await asyncio.shield(attempt)
+            except Exception as exc:
+                # Its failure is every waiter's: each its own copy (one object
+                # raised in several tasks shares their tracebacks and contexts).
+                raise e.own_copy(exc) from exc.__cause__
         assert progress is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -676,7 +681,11 @@ class GrpcTransport:
         while True:
             done, _ = await asyncio.wait((attempt,), timeout=timeout)  # (never cancels it)
             if done:
-                return attempt.result()  # its failure is this call's too
+                error = attempt.exception()
+                if error is None:
+                    return attempt.result()
+                # Its failure is this call's too (a copy of its own, as above).
+                raise e.own_copy(error) from error.__cause__
             if hedge():
                 # Nothing of the call was sent: it may go to the ready endpoint.
                 progress.left = True
