@@ -499,6 +499,24 @@ async def test_the_servers_message_is_redacted_also_when_json_escapes_the_key(
     assert escaped not in message and message.endswith("bad key <redacted>"), message
 
 
+async def test_a_key_the_server_echoes_in_another_case_is_redacted_too(
+    http: httpx.AsyncClient,
+) -> None:
+    # The content-encoding check quotes the header lower-cased: the key went
+    # through the (case-sensitive) redaction.
+    key = "sk-Secret-XYZ-123456"
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-encoding: " + key.encode() + b"\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            with pytest.raises(ProtocolViolation, match="content-encoding") as info:
+                await make_api(http, url, key).readout_manifest()
+    message = str(info.value)
+    assert key.lower() not in message.lower() and "<redacted>" in message, message
+
+
 async def test_500_body_control_characters_are_escaped_in_the_message_not_the_excerpt(
     http: httpx.AsyncClient,
 ) -> None:
@@ -840,7 +858,7 @@ async def test_a_key_echoed_json_escaped_is_redacted_too(
 
 _KEY_CHARS = st.characters(min_codepoint=0x21, max_codepoint=0x7E)  # printable, no space
 # "<redacted>"; for keys that could form again across it, these (not ASCII).
-_MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039REDACTED\u203a")
+_MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039***\u203a")
 
 
 @given(
@@ -851,6 +869,8 @@ _MARKS = ("<redacted>", "\u2039redacted\u203a", "\u2039REDACTED\u203a")
 )
 @example(key="ab", words=["table", None, "key=ab&x"])  # "t<redacted>le" before
 @example(key="ted>abcd", words=["ted>abcdabcd"])  # "<redacted>abcd" holds the key again
+@example(key="ab", words=["AB", "tABle"])  # in any case (a header quoted lower-cased)
+@example(key="Redacted", words=[None])  # its mark holds no letter
 def test_key_redaction_hides_every_standalone_key_and_changes_no_other_word(
     key: str, words: list[str | None]
 ) -> None:
@@ -859,7 +879,7 @@ def test_key_redaction_hides_every_standalone_key_and_changes_no_other_word(
     out = key_redactor(key)(text).split(" ")
     assert len(out) == len(words)
     for word, got in zip(words, out, strict=True):
-        if word is None or word == key:
+        if word is None or word.lower() == key.lower():
             assert got in _MARKS
         elif len(key) >= 8:
             assert key not in got

@@ -827,7 +827,7 @@ _TOKEN_CHARS: Final = r"A-Za-z0-9\-._~+/"
 
 
 def key_redactor(api_key: str) -> Callable[[str], str]:
-    """A function that replaces ``api_key`` in a message with ``<redacted>``.
+    """A function that replaces ``api_key`` (in any case) in a message with ``<redacted>``.
 
     A key of 8 characters or more is replaced wherever it appears. A shorter one
     only where it stands alone (not inside a longer token): "ab" would otherwise
@@ -854,9 +854,10 @@ def key_redactor(api_key: str) -> Callable[[str], str]:
     # A key with "<" or ">" could form again across "<redacted>" and its
     # neighbours; keys are ASCII, so the angle quotes U+2039/U+203A take no part.
     mark = "<redacted>"
-    if "<" in api_key or ">" in api_key or api_key in mark:
-        mark = "\u2039REDACTED\u203a" if api_key in "redacted" else "\u2039redacted\u203a"
-    return functools.partial(re.compile(key).sub, mark)
+    if "<" in api_key or ">" in api_key or api_key.lower() in mark:
+        mark = "\u2039***\u203a" if api_key.lower() in "redacted" else "\u2039redacted\u203a"
+    # In any case: a message may quote what it says lower-cased (a header value).
+    return functools.partial(re.compile(key, re.IGNORECASE).sub, mark)
 
 
 def _unchanged(text: str) -> str:
