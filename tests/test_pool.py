@@ -1130,6 +1130,42 @@ async def test_a_silent_endpoint_does_not_slow_the_health_checks_of_the_others()
         assert len(gaps) >= 5 and sorted(gaps)[len(gaps) // 2] < 0.45, gaps
 
 
+async def test_a_health_check_that_raises_does_not_end_the_health_checks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An exception out of one check ended the loop that runs them all, silently:
+    # the pool then never saw an endpoint come back or go NOT_SERVING (the
+    # backoff's OverflowError did that). A bug injected into one check here.
+    async with reference_servers(2) as servers:
+        health = servers[0]._rt.health if servers[0]._rt is not None else None
+        assert health is not None
+        checks: list[float] = []
+        original = health.status
+
+        def status(service: str) -> Any:
+            checks.append(time.monotonic())  # (the server's thread)
+            return original(service)
+
+        health.status = status  # type: ignore[method-assign]
+        async with pool_client(servers, health_check_interval=0.1) as client:
+            router = client._router
+            assert router is not None
+            check = router._check
+            failed = []
+
+            async def check_with_a_bug(ep: Any) -> None:
+                if not failed:
+                    failed.append(ep)
+                    raise RuntimeError("a bug in a health check")
+                await check(ep)
+
+            router._check = check_with_a_bug  # type: ignore[method-assign]
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts health checks
+            await wait_for(lambda: len(checks) >= 5, timeout=10)
+        assert failed
+        assert "a bug in a health check" in caplog.text
+
+
 @asynccontextmanager
 async def slow_first_bytes(port: int, delay: float) -> AsyncIterator[str]:
     """A TCP proxy to 127.0.0.1:``port`` that holds the server's first bytes

@@ -590,8 +590,21 @@ class Router:
                 await self._resolve()
             if self._dns is not None:
                 self._forget_retired()
-            checks = [self._check(ep) for ep in self._endpoints if ep.transport is not None]
-            await asyncio.gather(*checks)
+            endpoints = [ep for ep in self._endpoints if ep.transport is not None]
+            results = await asyncio.gather(
+                *(self._check(ep) for ep in endpoints), return_exceptions=True
+            )
+            for ep, result in zip(endpoints, results, strict=True):
+                if isinstance(result, Exception):
+                    # A bug: one check's exception ended the loop of them all, and
+                    # the pool saw no endpoint change state again. Said, and on.
+                    log.error(
+                        "health check of %s failed unexpectedly (checks go on)",
+                        ep.target.url,
+                        exc_info=result,
+                    )
+                elif isinstance(result, BaseException):
+                    raise result
             # A cycle every interval: a check that times out (a silent endpoint,
             # up to the interval) no longer delays the next check of every other.
             await asyncio.sleep(max(0.0, started + self._health_interval - loop.time()))
