@@ -1104,22 +1104,28 @@ async def test_a_health_reply_with_a_known_field_of_another_wire_type_is_still_s
             assert client.endpoints[0].failures == 0
 
 
+def health_check_times(server: ReferenceServer) -> list[float]:
+    """A list that gets the time of every health check ``server`` answers from now on."""
+    health = server._rt.health if server._rt is not None else None
+    assert health is not None
+    checks: list[float] = []
+    original = health.status
+
+    def status(service: str) -> Any:
+        checks.append(time.monotonic())  # (the server's thread)
+        return original(service)
+
+    health.status = status  # type: ignore[method-assign]
+    return checks
+
+
 async def test_a_silent_endpoint_does_not_slow_the_health_checks_of_the_others() -> None:
     # Each check of a silent endpoint times out after the interval, and the next
     # round of checks began an interval after that one ended: the good endpoint
     # was checked every 2 intervals (a server's NOT_SERVING noticed that late).
     async with reference_servers(1) as (good,), misbehaving_server() as hole:
         hole.mute = True
-        health = good._rt.health if good._rt is not None else None
-        assert health is not None
-        checks: list[float] = []
-        original = health.status
-
-        def status(service: str) -> Any:
-            checks.append(time.monotonic())  # (the server's thread)
-            return original(service)
-
-        health.status = status  # type: ignore[method-assign]
+        checks = health_check_times(good)
         async with poc_api.ApiClient(
             good.base_url, grpc_url=[good.grpc_url, hole.url], health_check_interval=0.3
         ) as client:
@@ -1137,16 +1143,7 @@ async def test_a_health_check_that_raises_does_not_end_the_health_checks(
     # the pool then never saw an endpoint come back or go NOT_SERVING (the
     # backoff's OverflowError did that). A bug injected into one check here.
     async with reference_servers(2) as servers:
-        health = servers[0]._rt.health if servers[0]._rt is not None else None
-        assert health is not None
-        checks: list[float] = []
-        original = health.status
-
-        def status(service: str) -> Any:
-            checks.append(time.monotonic())  # (the server's thread)
-            return original(service)
-
-        health.status = status  # type: ignore[method-assign]
+        checks = health_check_times(servers[0])
         async with pool_client(servers, health_check_interval=0.1) as client:
             router = client._router
             assert router is not None
