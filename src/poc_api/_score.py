@@ -175,9 +175,7 @@ async def _score_in_session(
         image_spans.append((pos, pos + appended.placeholder_count))
         pos += appended.placeholder_count
     total = pos
-    for start, end in ranges:
-        if end > total:
-            raise ValueError(f"range ({start}, {end}) lies outside the {total}-position prompt")
+    _check_within(ranges, total)
     check_window(session, total)
     await _collect(session, pending, wire, logprobs)
     # Every text position inside a range must have come back.
@@ -199,14 +197,19 @@ def _precheck(
     """Check one prompt; ``where`` prefixes the parameter names (``prompts[3] ``)."""
     checked = check_chunks(chunks, f"{where}chunks")
     rs = validate_ranges(ranges, f"{where}ranges")
-    if all(isinstance(c, Tokens) or c.known_expanded_len for c in checked):
-        total = sum(len(c.ids) if isinstance(c, Tokens) else c.known_expanded_len for c in checked)
-        for start, end in rs:
-            if end > total:
-                raise ValueError(
-                    f"{where}range ({start}, {end}) lies outside the {total}-position prompt"
-                )
+    total = known_len(checked)
+    if total is not None:
+        _check_within(rs, total, where)
     return checked, rs
+
+
+def _check_within(ranges: Sequence[tuple[int, int]], total: int, where: str = "") -> None:
+    """ValueError for a range that ends past a ``total``-position prompt."""
+    for start, end in ranges:
+        if end > total:
+            raise ValueError(
+                f"{where}range ({start}, {end}) lies outside the {total}-position prompt"
+            )
 
 
 async def score_chunks(
@@ -548,9 +551,7 @@ async def _score_group(
         total = await _append(
             session, rest, rewind_to=end_of_prefix, wire=wire, into=lp, image_spans=spans
         )
-        for start, end in rs:
-            if end > total:
-                raise ValueError(f"range ({start}, {end}) lies outside the {total}-position prompt")
+        _check_within(rs, total)
         _check_count(lp, _text_positions(wire, spans))
         results[index] = range_sums(lp, rs)
 
