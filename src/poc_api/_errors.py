@@ -131,8 +131,7 @@ def own_copy(exc: _E) -> _E:
     one list of notes for all of them: a task's exception then showed another
     task's frames, the exception that task was handling, or its notes.
     """
-    copy = type(exc).__new__(type(exc), *exc.args)
-    copy.args = exc.args  # (as _rebuild: some __new__ leave them to __init__)
+    copy = _rebuild(type(exc), exc.args)
     copy.__dict__.update(exc.__dict__)
     if "__notes__" in copy.__dict__:
         copy.__notes__ = list(exc.__notes__)
@@ -142,7 +141,8 @@ def own_copy(exc: _E) -> _E:
     return copy.with_traceback(exc.__traceback__)
 
 
-def _rebuild(cls: type[PocApiError], args: tuple[Any, ...]) -> PocApiError:
+def _rebuild(cls: type[_E], args: tuple[Any, ...]) -> _E:
+    """An exception of ``cls`` with ``args``, made without its ``__init__``."""
     exc = cls.__new__(cls, *args)
     exc.args = args  # (OSError's __new__, PocApiTimeout's, leaves them to __init__)
     return exc
