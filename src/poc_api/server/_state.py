@@ -8,10 +8,11 @@ import math
 import threading
 from collections import Counter, deque
 from collections.abc import Iterable
-from typing import Any, final
+from typing import Any, cast, final
 
 import attrs
 
+from .._types import _sequence
 from ._health import HealthStatus
 from ._model import DEFAULT_CONCEPTS, NGramModel, Readout, default_model
 from ._sessions import SessionStore
@@ -22,11 +23,9 @@ __all__ = ["Runtime", "ServerConfig", "ServerState", "Stats"]
 def _concepts(value: Iterable[str]) -> tuple[str, ...]:
     # A typed converter, not a bare ``tuple``, whose TypeVar mypy's attrs plugin
     # cannot solve: ``ServerConfig(concepts=["a", "b"])`` type-checks under --strict.
-    # A str is iterable, but concepts="vowel" is not five one-letter concepts (the
-    # client's ReadoutManifest refuses it too).
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise TypeError(f"concepts must be a sequence of str, not {type(value).__name__}")
-    return tuple(value)
+    # A str is iterable, but concepts="vowel" is not five one-letter concepts:
+    # refused as the client's ReadoutManifest refuses it.
+    return cast("tuple[str, ...]", _sequence("concepts", value, "str"))
 
 
 def _check_concepts(_: object, __: object, value: tuple[str, ...]) -> None:
