@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import socket
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
@@ -237,3 +238,10 @@ async def consume_busily(events: AsyncIterable[Any], work: float) -> float:
         while time.perf_counter() < until:
             pass
     return time.perf_counter() - started
+
+
+def refusing_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

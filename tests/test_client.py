@@ -7,7 +7,6 @@ import decimal
 import inspect
 import logging
 import re
-import socket
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from helpers import (
     http_server,
     read_beside_a_second_reader,
     read_request,
+    refusing_port,
     wait_for,
     wait_until_streaming_stalls,
 )
@@ -1148,9 +1148,7 @@ async def test_a_connection_out_of_stream_ids_is_retired_for_a_new_one(
 async def test_callers_sharing_one_connection_attempt_each_get_their_own_error() -> None:
     # One exception object raised in every waiting task: one traceback, one
     # context, one list of notes for all of them.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # refused once closed
+    url = f"http://127.0.0.1:{refusing_port()}"
     errors: list[BaseException] = []
     async with poc_api.ApiClient("http://127.0.0.1:9/v1", grpc_url=url) as client:
 

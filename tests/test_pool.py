@@ -6,7 +6,6 @@ import asyncio
 import collections
 import itertools
 import random
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,7 +17,7 @@ import trio.testing
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from helpers import wait_for
+from helpers import refusing_port, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
@@ -1333,7 +1332,7 @@ async def test_a_long_outage_backs_off_at_the_cap_and_never_overflows() -> None:
     # (85 min of health checks of a dead endpoint): OverflowError out of the
     # health loop, which then died, and out of every call of the transport once
     # 1025 connection attempts had failed.
-    dead = [f"http://127.0.0.1:{_refusing_port()}" for _ in range(2)]
+    dead = [f"http://127.0.0.1:{refusing_port()}" for _ in range(2)]
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=dead, connect_timeout=1) as client:
         router = client._router
         assert router is not None
@@ -1356,10 +1355,3 @@ def test_reconnect_backoff_doubles_up_to_its_cap(failures: int) -> None:
     got = backoff(failures, 0.05, 1.0)
     assert got == (1.0 if failures > 64 else min(1.0, 0.05 * 2 ** (failures - 1)))
     assert backoff(failures + 1, 0.05, 1.0) >= got
-
-
-def _refusing_port() -> int:
-    """A loopback port nothing listens on (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

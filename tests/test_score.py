@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import trio
-from helpers import make_png, wait_for
+from helpers import make_png, refusing_port, wait_for
 from hypothesis import example, given
 from hypothesis import strategies as st
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
@@ -208,9 +207,7 @@ async def test_score_many_notes_only_its_own_error() -> None:
     # The callers of one connection attempt share its failure, one exception
     # object: score_many's note landed on another task's session() error, and
     # two score_many calls each carried both notes.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # refused once closed
+    url = f"http://127.0.0.1:{refusing_port()}"
     got: dict[str, BaseException] = {}
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url) as client:
 
