@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import os
+import ssl
 import warnings
 from collections.abc import (
     Awaitable,
@@ -47,7 +48,14 @@ from ._pool import (
 )
 from ._score import score_chunks, score_continuations, score_many
 from ._session import Session, close_live_sessions, open_session
-from ._transport import GrpcTarget, GrpcTransport, KeepAlive, StreamBudget, deadline
+from ._transport import (
+    GrpcTarget,
+    GrpcTransport,
+    KeepAlive,
+    StreamBudget,
+    deadline,
+    grpc_ssl_context,
+)
 from ._types import (
     Ranges,
     ReadoutManifest,
@@ -279,6 +287,14 @@ class ApiClient:
             target), seconds between ``grpc.health.v1`` checks of each (run on
             the client's asyncio thread).
         dns_refresh: seconds between re-resolutions of a ``dns:///`` target.
+        ssl_context_factory: for ``https`` URLs, a function returning a new
+            :class:`ssl.SSLContext` (which CAs to trust, a client certificate),
+            e.g. ``lambda: ssl.create_default_context(cafile="corp-ca.pem")``.
+            It is called twice as the client opens: the HTTP calls get one
+            context and the gRPC connections another (each side sets the ALPN
+            protocols of its own). Default: httpx's, for both sides alike:
+            certifi's CAs, or those of ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
+            when set.
 
     Many servers: ``grpc_url`` may list several endpoints, or be a
     ``dns:///host:port`` target whose A/AAAA records are the endpoints. Each
@@ -321,6 +337,7 @@ class ApiClient:
         affinity_header: str | None = DEFAULT_AFFINITY_HEADER,
         health_check_interval: SupportsFloat = 5.0,
         dns_refresh: SupportsFloat = 30.0,
+        ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
@@ -335,6 +352,13 @@ class ApiClient:
         self._pool = pool
         if not isinstance(keepalive_idle, bool):
             raise TypeError("keepalive_idle must be a bool")
+        if ssl_context_factory is not None and not callable(ssl_context_factory):
+            raise TypeError(
+                "ssl_context_factory must be a function that returns an ssl.SSLContext "
+                "(it is called once for the HTTP calls and once for the gRPC connections)"
+            )
+        self._ssl_context_factory = ssl_context_factory
+        self._grpc_ssl: ssl.SSLContext | None = None
         if api_key and (
             not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip()
         ):
@@ -414,11 +438,23 @@ class ApiClient:
             # An auth of the client's own: httpx would otherwise turn a base_url's
             # user:password@ into Basic auth that replaces the Bearer header.
             auth = _BearerAuth(self._api_key)
+        verify: ssl.SSLContext | bool = True
+        if self._ssl_context_factory is not None:
+            # Two contexts: httpcore sets ALPN "http/1.1" on its context at each
+            # connect, which would make a shared one offer gRPC servers no "h2".
+            self._grpc_ssl = grpc_ssl_context(self._ssl_context_factory)
+            verify = self._ssl_context_factory()
+            if verify is self._grpc_ssl or not isinstance(verify, ssl.SSLContext):
+                got = "the same one twice" if verify is self._grpc_ssl else type(verify).__name__
+                raise TypeError(
+                    f"ssl_context_factory must return a new ssl.SSLContext at each call, got {got}"
+                )
         # Before the loop thread: httpx reads the proxy variables here and may
         # refuse them (ALL_PROXY=socks5://... without socksio installed).
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
             auth=auth,
+            verify=verify,
         )
         bridge = AsyncioBridge.start(cancel_timeout=self._close_timeout)
         try:
@@ -590,6 +626,7 @@ class ApiClient:
             keepalive=self._keepalive,
             connect_timeout=self._connect_timeout,
             reap_timeout=self._close_timeout,
+            ssl_context=self._grpc_ssl,
             streams=self._streams,
             unindexed_headers=frozenset([self._affinity_header] if self._affinity_header else []),
         )

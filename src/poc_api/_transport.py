@@ -39,6 +39,7 @@ import h2.connection
 import h2.errors
 import h2.exceptions
 import h2.settings
+import httpx
 import trio
 from grpclib.client import Channel, Handler, Stream
 from grpclib.config import Configuration
@@ -381,6 +382,25 @@ _UNSENT = (_GOAWAY_REFUSED, _CLOSED_UNSENT)
 _T = TypeVar("_T")
 
 
+def grpc_ssl_context(make: Callable[[], _ssl.SSLContext] | None) -> _ssl.SSLContext:
+    """The ``SSLContext`` of a client's gRPC connections, offering ALPN ``h2``.
+
+    ``make()``'s context, else httpx's default one: the gRPC side then trusts
+    the CAs the HTTP side trusts (certifi's, or those of ``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` when set). grpclib's own default reads certifi's alone, so
+    a private CA that the HTTP calls accepted failed every gRPC call.
+    """
+    context = httpx.create_ssl_context() if make is None else make()
+    if not isinstance(context, _ssl.SSLContext):
+        raise TypeError(
+            "ssl_context_factory must return a new ssl.SSLContext at each call, "
+            f"got {type(context).__name__}"
+        )
+    # gRPC servers (grpc-go, C-core behind TLS) refuse a handshake without it.
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 @final
 class StreamBudget:
     """Calls in flight on all of one client's transports, and their bound (trio side).
@@ -554,7 +574,9 @@ class GrpcTransport:
         log.debug("opening shared salience channel: grpc_url=%s", self._target.url)
         ssl: Any = None
         if self._target.tls:
-            ssl = self._ssl_context if self._ssl_context is not None else True
+            if self._ssl_context is None:
+                self._ssl_context = grpc_ssl_context(None)
+            ssl = self._ssl_context
         self.channels_opened += 1
         self._channel_was_connected = False
         channel = _PocChannel(

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import SupportsFloat, SupportsIndex, TypedDict, Unpack
 
@@ -117,6 +118,7 @@ class ApiClientOptions(TypedDict, total=False):
     affinity_header: str | None
     health_check_interval: SupportsFloat
     dns_refresh: SupportsFloat
+    ssl_context_factory: Callable[[], ssl.SSLContext] | None
 
 
 @protected_asynccontextmanager

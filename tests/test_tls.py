@@ -1,0 +1,212 @@
+"""TLS: ``https`` URLs on both sides, a private CA, a client certificate.
+
+The reference server speaks plaintext; a TLS-terminating proxy (trio's
+``SSLStream``, a certificate from ``trustme``'s CA) sits in front of each of its
+ports, choosing ALPN ``h2`` for gRPC and ``http/1.1`` for HTTP as real servers do.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+import poc_api
+from poc_api import Tokens
+from poc_api.server import ReferenceServer
+from poc_api.testing import reference_server
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(sink)
+
+
+@asynccontextmanager
+async def tls_proxy(
+    port: int, server_ssl: ssl.SSLContext, alpn: str, seen: list[str] | None = None
+) -> AsyncIterator[int]:
+    """A TLS port in front of ``127.0.0.1:port`` that speaks only ``alpn``;
+    ``seen`` gets each handshake's outcome ("ok", or why not)."""
+
+    async def serve(tcp: trio.SocketStream) -> None:
+        tls = trio.SSLStream(tcp, server_ssl, server_side=True)
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            if seen is not None:
+                cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+                seen.append(getattr(cause, "reason", None) or repr(cause))
+            await trio.aclose_forcefully(tcp)
+            return
+        if tls.selected_alpn_protocol() != alpn:
+            # As grpc-go does: no "h2" offered, no gRPC (and no "http/1.1", no HTTP).
+            if seen is not None:
+                seen.append(f"ALPN {tls.selected_alpn_protocol()!r}")
+            await trio.aclose_forcefully(tls)
+            return
+        if seen is not None:
+            seen.append("ok")
+        backend = await trio.open_tcp_stream("127.0.0.1", port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, tls, backend)
+            nursery.start_soon(_pump, backend, tls)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            partial(trio.serve_tcp, serve, 0, host="127.0.0.1", handler_nursery=nursery)
+        )
+        yield listener.socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+def server_context(
+    ca: trustme.CA, alpn: str, client_ca: trustme.CA | None = None
+) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    ctx.set_alpn_protocols([alpn])
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        client_ca.configure_trust(ctx)
+    return ctx
+
+
+@asynccontextmanager
+async def tls_server(
+    ca: trustme.CA, client_ca: trustme.CA | None = None, seen: list[str] | None = None
+) -> AsyncIterator[tuple[ReferenceServer, str, str]]:
+    """A reference server behind TLS: (server, https base_url, https grpc_url)."""
+    async with (
+        reference_server() as server,
+        tls_proxy(
+            server.http_port, server_context(ca, "http/1.1", client_ca), "http/1.1", seen
+        ) as http_port,
+        tls_proxy(server.grpc_port, server_context(ca, "h2", client_ca), "h2", seen) as grpc_port,
+    ):
+        yield server, f"https://localhost:{http_port}/v1", f"https://localhost:{grpc_port}"
+
+
+async def use_both_sides(client: poc_api.ApiClient) -> None:
+    """One HTTP call and one gRPC call."""
+    assert await client.readout_manifest() is not None
+    [result] = await client.score([Tokens([5, 6, 7, 8])], [(1, 4)])
+    assert result.logprob < 0
+
+
+async def test_a_private_ca_from_ssl_context_factory_serves_grpc_and_http(ca: trustme.CA) -> None:
+    def trusting() -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        return ctx
+
+    seen: list[str] = []
+    async with (
+        tls_server(ca, seen=seen) as (_, base_url, grpc_url),
+        poc_api.ApiClient(base_url, grpc_url=grpc_url, ssl_context_factory=trusting) as client,
+    ):
+        await use_both_sides(client)
+    assert seen == ["ok", "ok"], seen  # each side offered its protocol by ALPN
+
+
+async def test_grpc_trusts_ssl_cert_file_as_the_http_calls_do(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # grpclib's default context reads certifi's CAs alone: the HTTP calls took
+    # the private CA of SSL_CERT_FILE and every gRPC call failed to verify.
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with (
+        tls_server(ca) as (_, base_url, grpc_url),
+        poc_api.ApiClient(base_url, grpc_url=grpc_url) as client,
+    ):
+        await use_both_sides(client)
+
+
+async def test_a_client_certificate_from_the_factory_is_presented_on_both_sides(
+    ca: trustme.CA,
+) -> None:
+    client_ca = trustme.CA()
+    client_cert = client_ca.issue_cert("agent@example.com")
+
+    def with_cert(present: bool) -> Callable[[], ssl.SSLContext]:
+        def make() -> ssl.SSLContext:
+            ctx = ssl.create_default_context()
+            ca.configure_trust(ctx)
+            if present:
+                client_cert.configure_cert(ctx)
+            return ctx
+
+        return make
+
+    seen: list[str] = []
+    async with tls_server(ca, client_ca, seen) as (_, base_url, grpc_url):
+        async with poc_api.ApiClient(
+            base_url, grpc_url=grpc_url, ssl_context_factory=with_cert(True)
+        ) as client:
+            await use_both_sides(client)
+        assert seen and set(seen) == {"ok"}, seen
+        # Without it the server refuses the handshake: a typed error on each side.
+        async with poc_api.ApiClient(
+            base_url, grpc_url=grpc_url, ssl_context_factory=with_cert(False)
+        ) as client:
+            with pytest.raises(poc_api.PocApiError):
+                await client.readout_manifest()
+            with pytest.raises(poc_api.ServerUnavailable):
+                await client.score([Tokens([5, 6, 7])], [(1, 3)])
+        assert "ok" not in seen[-1], seen
+
+
+async def test_an_untrusted_grpc_certificate_is_server_unavailable_saying_why(
+    ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with (
+        tls_server(ca) as (_, base_url, grpc_url),
+        poc_api.ApiClient(base_url, grpc_url=grpc_url) as client,
+    ):
+        with pytest.raises(poc_api.ServerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await client.score([Tokens([5, 6, 7])], [(1, 3)])
+
+
+def test_ssl_context_factory_must_be_a_function() -> None:
+    with pytest.raises(TypeError, match="ssl_context_factory must be a function"):
+        poc_api.ApiClient(
+            "https://localhost:1/v1",
+            ssl_context_factory=ssl.create_default_context(),  # type: ignore[arg-type]
+        )
+
+
+@pytest.mark.parametrize("returns", ["same", "not a context"])
+async def test_ssl_context_factory_must_return_a_new_context_each_call(returns: str) -> None:
+    # One context for both sides would be mutated by each: httpcore sets its
+    # ALPN to http/1.1 at every connect, and gRPC servers refuse a handshake
+    # without h2.
+    shared = ssl.create_default_context()
+
+    def make() -> ssl.SSLContext:
+        return shared if returns == "same" else "ctx"  # type: ignore[return-value]
+
+    client = poc_api.ApiClient("https://localhost:1/v1", ssl_context_factory=make)
+    with pytest.raises(TypeError, match=r"must return a new ssl\.SSLContext"):
+        async with client:
+            pass
