@@ -264,14 +264,18 @@ class ApiClient:
             are open (``None``: never). A server that does not answer within
             ``keepalive_timeout`` seconds is treated as gone: every open call
             fails with :class:`ServerUnavailable` instead of hanging. The default,
-            5 minutes, is the most frequent pinging that gRPC's C-core servers
-            accept by default on a quiet connection (more often earns a GOAWAY
-            "too_many_pings", after which poc_api doubles it for that server, up to 2 h, as
-            gRPC's clients do, with a warning); lower it for servers that allow it.
+            5 minutes, is the most frequent pinging during calls that gRPC's
+            C-core and Go servers accept by default (more often earns a GOAWAY
+            "too_many_pings", after which poc_api doubles it for that server, up
+            to 2 h, as gRPC's clients do, with a warning); lower it for servers
+            that allow it.
         keepalive_timeout: seconds to wait for a ping's answer (default 20).
         keepalive_idle: also ping while no call runs but sessions are open (an
             agent between turns), so a frozen server is found before the next
-            turn. Off: ping only while calls run.
+            turn. Off: ping only while calls run. gRPC's C-core and Go servers
+            allow such pings only every 2 hours unless configured to permit
+            them: a "too_many_pings" GOAWAY that comes while no call runs turns
+            this off for that server (with a warning), not the rate.
         max_concurrent_streams: calls (unary or streaming) in flight at once on
             this client, those waiting for one of the server's own streams
             included (over all endpoints of a pool); one more raises

@@ -555,9 +555,28 @@ class GrpcTransport:
     def _too_many_pings(self) -> None:
         """asyncio: the server closed a connection for pinging too often (GOAWAY
         ENHANCE_YOUR_CALM "too_many_pings"). As gRPC's own clients do, ping half as
-        often on the connections to come: at the same rate every one would end so."""
+        often on the connections to come: at the same rate every one would end so.
+
+        Unless no call ran: then a ping between calls did it, and the connections
+        to come ping only during calls, at the same rate. gRPC's servers (C-core,
+        grpc-go) take a ping on a connection with no call at most every 2 hours
+        unless told to permit them; doubling up to that would have left a frozen
+        server mid-call unnoticed for hours.
+        """
         keepalive = self._keepalive
-        if keepalive is None or keepalive.time >= _MAX_KEEPALIVE_TIME:
+        if keepalive is None:
+            return
+        if keepalive.idle and self.open_streams == 0:
+            self._keepalive = attrs.evolve(keepalive, idle=False)
+            log.warning(
+                'salience server at %s sent GOAWAY ENHANCE_YOUR_CALM "too_many_pings" '
+                "while no call ran: its new connections are pinged only during calls "
+                "(keepalive_idle off for it; keepalive_time still %g s)",
+                self._target.url,
+                keepalive.time,
+            )
+            return
+        if keepalive.time >= _MAX_KEEPALIVE_TIME:
             return
         # Bounded: keepalive is what finds a frozen server.
         longer = min(keepalive.time * 2, _MAX_KEEPALIVE_TIME)

@@ -228,3 +228,72 @@ def test_a_compressed_request_is_unimplemented_without_an_error_log(
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "compressed" in info.value.details()
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_a_grpcio_server_that_refuses_pings_between_calls_gets_them_only_during_calls(
+    pb: tuple[ModuleType, ModuleType], caplog: pytest.LogCaptureFixture
+) -> None:
+    """C-core's ping policy: with no call running, a ping is allowed every 2 hours
+    (unless ``keepalive_permit_without_calls``); the third too early earns GOAWAY
+    ENHANCE_YOUR_CALM "too_many_pings". poc_api pings between calls while
+    sessions are open (``keepalive_idle``): it doubled ``keepalive_time`` on each
+    such GOAWAY, so an agent between turns ended a connection again and again, and
+    the rate during calls (what finds a frozen server mid-call) went to 2 hours."""
+    import logging
+    from concurrent import futures
+
+    import trio
+
+    import poc_api
+
+    pb2, pb2_grpc = pb
+
+    class Servicer(pb2_grpc.SalienceServicer):  # type: ignore[misc]
+        def OpenSession(self, request: Any, context: Any) -> Any:
+            return pb2.OpenSessionResponse(session_id="s1", max_length=1 << 20)
+
+        def CloseSession(self, request: Any, context: Any) -> Any:
+            return pb2.CloseSessionResponse()
+
+        def Generate(self, request: Any, context: Any) -> Iterator[Any]:
+            time.sleep(0.8)  # long enough for pings during the call
+            n = request.offset + len(request.append_tokens)
+            yield pb2.GenerateEvent(done=pb2.Done(prompt_tokens=n, total_tokens=n))
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        # Pings during calls every 100 ms are fine; between calls, C-core's default.
+        options=[("grpc.http2.min_ping_interval_without_data_ms", 100)],
+    )
+    pb2_grpc.add_SalienceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    caplog.set_level(logging.WARNING, logger="poc_api")
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "too_many_pings" in r.getMessage()]
+
+    async def main() -> float | None:
+        async with poc_api.ApiClient(
+            "http://127.0.0.1:9/v1",
+            grpc_url=f"http://127.0.0.1:{port}",
+            keepalive_time=0.2,
+            keepalive_timeout=5.0,
+        ) as c:
+            async with c.session() as s:
+                with trio.fail_after(TIMEOUT):
+                    while not warned():  # noqa: ASYNC110 - idle pings: a GOAWAY after ~4
+                        await trio.sleep(0.05)
+                    for _ in range(2):  # a turn, then think between turns
+                        await s.prefill([1, 2])
+                        await trio.sleep(1.5)
+            keepalive = c._transport._keepalive if c._transport is not None else None
+            return keepalive.time if keepalive is not None else None
+
+    try:
+        time_after = trio.run(main)
+    finally:
+        server.stop(None)
+    [message] = warned()  # one: it came once, not at each thinking pause
+    assert "while no call ran" in message, message
+    assert time_after == 0.2  # the rate during calls is kept
