@@ -367,6 +367,10 @@ async def test_bad_arguments_raise_before_anything_is_sent(
         with pytest.raises(TypeError, match="priority must be an int"):
             async with s.generate([1], priority=1.5):  # type: ignore[arg-type]
                 pass
+        with pytest.raises(ValueError, match="int32"):
+            await s.prefill([1], priority=-(2**31) - 1)
+        with pytest.raises(TypeError, match="priority must be an int"):
+            await s.rewind(0, priority="high")  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             await s.rewind(5)  # past the end
         with pytest.raises(ValueError):

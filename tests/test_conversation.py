@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import trio
@@ -96,6 +97,33 @@ async def test_images_interleaved_with_text_flush_before_each_image(
         events2 = await run(conv, [*chunks, reply, Tokens([9])])
         assert not any(isinstance(e, ImageAppended) for e in events2)
         assert server.state().rpc_counts["AppendImage"] == after.rpc_counts["AppendImage"]
+
+
+async def test_every_generate_of_a_turn_carries_its_priority(
+    client: poc_api.ApiClient, server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The prefill before each image (and a rewind) went at priority 0: on a busy
+    # server a high-priority turn with images waited behind everyone's decode.
+    from poc_api.server import _grpc
+
+    priorities: list[int] = []
+    init = _grpc._Generation.__init__
+
+    def record(self: object, rt: object, stream: object, session: object, req: Any) -> None:
+        priorities.append(req.priority)  # (the server's thread)
+        init(self, rt, stream, session, req)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_grpc._Generation, "__init__", record)
+    chunks: list[poc_api.Chunk] = [
+        Tokens([1, 2]),
+        Image(make_png(28, 28), "image/png"),
+        Tokens([3]),
+    ]
+    async with client.conversation() as conv:
+        await run(conv, chunks, priority=7)
+        await run(conv, [*chunks, Tokens([4]), Image(make_png(28, 56), "image/png")], priority=-2)
+    # A flush and the final Generate each; the second turn's rewind first.
+    assert priorities == [7, 7, -2, -2, -2], priorities
 
 
 async def test_an_image_of_unknown_length_is_never_resent_in_later_turns(

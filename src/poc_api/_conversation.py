@@ -406,7 +406,7 @@ class Conversation:
                 plan.offset,
                 session.committed_len,
             )
-            await session.rewind(plan.offset, timeout=_remaining(deadline_at))
+            await session.rewind(plan.offset, timeout=_remaining(deadline_at), priority=priority)
         prefix: list[StreamEvent] = []
         pending: list[int] = []
         # What the session will hold after Done: what it kept (the history's own
@@ -422,7 +422,9 @@ class Conversation:
                 continue
             if pending:
                 check_window(session, session.committed_len + len(pending))
-                await session.prefill(pending, timeout=_remaining(deadline_at))
+                # The turn's priority: on a busy server the text before an image
+                # waited behind every other request's decode.
+                await session.prefill(pending, timeout=_remaining(deadline_at), priority=priority)
                 pending = []
             appended = await session.append_image(
                 chunk.data, chunk.mime, timeout=_remaining(deadline_at)

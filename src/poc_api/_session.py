@@ -401,34 +401,47 @@ class Session:
             )
 
     async def prefill(
-        self, tokens: Iterable[SupportsIndex], *, timeout: SupportsFloat | None = None
+        self,
+        tokens: Iterable[SupportsIndex],
+        *,
+        timeout: SupportsFloat | None = None,
+        priority: SupportsIndex = 0,
     ) -> Done:
         """Append tokens without decoding (``Generate`` with ``max_tokens = 0``).
 
         Returns the ``Done`` event. A checkpoint; cancelling it (or ``timeout``
         seconds passing, :class:`PocApiTimeout`) marks the session lost.
+        ``priority`` as for :meth:`generate`.
         """
         async with self.generate(
-            tokens, sampling=SamplingParams(max_tokens=0), timeout=timeout
+            tokens, sampling=SamplingParams(max_tokens=0), timeout=timeout, priority=priority
         ) as events:
             async for _ in events:
                 pass
         assert events.done is not None
         return events.done
 
-    async def rewind(self, length: SupportsIndex, *, timeout: SupportsFloat | None = None) -> Done:
+    async def rewind(
+        self,
+        length: SupportsIndex,
+        *,
+        timeout: SupportsFloat | None = None,
+        priority: SupportsIndex = 0,
+    ) -> Done:
         """Drop every position ``>= length`` (``Generate`` with ``truncating = true``).
 
         ``length`` is an int in ``[0, committed_len]``: ``TypeError`` /
         ``ValueError`` (naming ``length``) before anything is sent otherwise.
+        ``priority`` as for :meth:`generate`.
         """
         # None too, at once: to the generate block it would mean "no rewind". The
         # end of the session is checked once the call holds it.
         length = _u32("length", length)
         total = check_timeout("timeout", timeout)
+        prio = check_int32("priority", priority)
         timeouts = _Timeouts(total, None, None) if total is not None else None
         block = _GenerateBlock(
-            self, (), SamplingParams(max_tokens=0), [], [], 0, length, timeouts, "length"
+            self, (), SamplingParams(max_tokens=0), [], [], prio, length, timeouts, "length"
         )
         async with block as ev:
             async for _ in ev:
