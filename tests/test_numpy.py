@@ -101,7 +101,7 @@ def test_readout_docs_recommend_the_typed_numpy_route() -> None:
             assert "list[int]" in doc, f"{where}: tolist() is typed list[int]"
     # ... and the fields' own docstrings (shown on hover), in the source.
     source = Path(_types.__file__).read_text(encoding="utf-8")
-    fields = source.split("readout: _FloatView | None = attrs.field(")[1:]
+    fields = source.split("readout: _memoryview[float] | None = attrs.field(")[1:]
     assert len(fields) == 2
     for field in fields:
         docstring = field.split("\n", 1)[1].lstrip()

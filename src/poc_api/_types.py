@@ -54,12 +54,18 @@ __all__ = [
 
 U32_MAX = 2**32 - 1
 
+# The readouts' type, written ``_memoryview[float]``. An import, not a TypeAlias:
+# pyright (Pylance) names an alias in hovers and messages, so users saw the private
+# name ``_FloatView | None`` where ``memoryview[float] | None`` is meant.
 if TYPE_CHECKING:
-    _FloatView: TypeAlias = memoryview[float]
+    from builtins import memoryview as _memoryview
 else:
-    # memoryview takes a subscript from 3.12 on: spelled out, it would break
-    # typing.get_type_hints (attrs.resolve_types, cattrs, pydantic) on 3.11.
-    _FloatView = memoryview
+    # memoryview takes a subscript from 3.12 on: spelled out, ``memoryview[float]``
+    # would break typing.get_type_hints (attrs.resolve_types, cattrs, pydantic) on
+    # 3.11. At run time this one's subscript is plain memoryview, on every Python.
+    class _memoryview:
+        def __class_getitem__(cls, item: object) -> type[memoryview]:
+            return memoryview
 
 
 def as_int(name: str, value: object) -> int:
@@ -341,7 +347,7 @@ class ReadoutManifest:
 _E = TypeVar("_E", bound="Token | TokenOut")
 
 
-def _readout_repr(view: _FloatView | None) -> str:
+def _readout_repr(view: _memoryview[float] | None) -> str:
     # ``<memory at 0x...>`` says nothing; the format and shape are what one checks.
     if view is None:
         return "None"
@@ -352,11 +358,13 @@ def _readout_repr(view: _FloatView | None) -> str:
         return "<released memoryview>"
 
 
-def _readout_state(view: _FloatView | None) -> tuple[bytes, str, tuple[int, ...]] | None:
+def _readout_state(view: _memoryview[float] | None) -> tuple[bytes, str, tuple[int, ...]] | None:
     return None if view is None else (view.tobytes(), view.format, view.shape or ())
 
 
-def _readout_from_state(state: tuple[bytes, str, tuple[int, ...]] | None) -> _FloatView | None:
+def _readout_from_state(
+    state: tuple[bytes, str, tuple[int, ...]] | None,
+) -> _memoryview[float] | None:
     if state is None:
         return None
     data, fmt, shape = state
@@ -364,7 +372,7 @@ def _readout_from_state(state: tuple[bytes, str, tuple[int, ...]] | None) -> _Fl
     # (The format is the view's own, ``"f"`` for every readout poc_api makes.)
     raw = memoryview(data)
     view = raw.cast(fmt, shape) if data else raw.cast(fmt)  # type: ignore[call-overload]
-    return cast("_FloatView", view)
+    return cast("_memoryview[float]", view)
 
 
 def _rebuild_with_readout(
@@ -417,7 +425,7 @@ class Token:
     is_prefill: bool
     sampled_logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
-    readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
+    readout: _memoryview[float] | None = attrs.field(default=None, hash=False, repr=_readout_repr)
     """The flat float32 readout (``n_layers * n_concepts``, layer-major), or ``None``.
 
     Typed: ``numpy.asarray(ev.readout, dtype=numpy.float32)``, an
@@ -475,7 +483,7 @@ class TokenOut:
     """
 
     id: int
-    readout: _FloatView | None = attrs.field(default=None, hash=False, repr=_readout_repr)
+    readout: _memoryview[float] | None = attrs.field(default=None, hash=False, repr=_readout_repr)
     """The float32 readout shaped ``(n_layers, n_concepts)``, or ``None``.
 
     Typed: ``numpy.asarray(ev.readout, dtype=numpy.float32)``, an
