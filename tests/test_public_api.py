@@ -267,7 +267,57 @@ def test_public_type_aliases_are_explicit_with_a_docstring_for_hover() -> None:
     assert set(found) == aliases
 
 
-def test_attributes_of_classes_public_signatures_reach_are_declared() -> None:
+def test_public_annotations_name_no_private_type_alias() -> None:
+    # pyright (Pylance) shows a type alias by its name in hovers and messages (mypy
+    # expands it): Token.readout and TokenOut.readout read `_FloatView | None`, a
+    # name users cannot import, instead of `memoryview[float] | None`.
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    import attrs
+
+    import poc_api.server
+    import poc_api.testing
+
+    private: set[str] = set()
+    for path in Path(poc_api.__file__).parent.rglob("*.py"):
+        if "_proto" in path.parts:
+            continue
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        # Module level, including the branches of `if TYPE_CHECKING:`.
+        nodes = body + [n for node in body if isinstance(node, ast.If) for n in node.body]
+        for node in nodes:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if ast.unparse(node.annotation) == "TypeAlias":
+                    private.add(node.target.id)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript | ast.BinOp):
+                private.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    private = {name for name in private if name.startswith("_")}
+    assert "_Unit" in private  # (_score.py's, used by private functions only)
+
+    def annotations(obj: object) -> list[str]:
+        if inspect.isfunction(obj):
+            return [str(a) for a in inspect.get_annotations(obj).values()]
+        if not isinstance(obj, type):
+            return []
+        found = [str(a) for a in inspect.get_annotations(obj).values()]
+        if attrs.has(obj):
+            found += [str(a.type) for a in attrs.fields(obj)]
+        for name, member in vars(obj).items():
+            if name.startswith("_") and name != "__init__":
+                continue
+            if isinstance(member, property):
+                member = member.fget
+            found += annotations(inspect.unwrap(member)) if inspect.isfunction(member) else []
+        return found
+
+    for module in (poc_api, poc_api.server, poc_api.testing):
+        for name in module.__all__:
+            for annotation in annotations(getattr(module, name)):
+                named = set(re.findall(r"\b_\w+", annotation)) & private
+                assert not named, f"{module.__name__}.{name}: {annotation!r} names {named}"
     # pyright --verifytypes poc_api scored 89.9 %: attributes assigned without an
     # annotation (a literal, or more than one assignment) "could be inferred
     # differently by type checkers", on classes that public signatures reach
