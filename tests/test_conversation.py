@@ -338,6 +338,53 @@ async def test_breaking_out_early_loses_the_session(client: poc_api.ApiClient) -
         assert conv.session is None
 
 
+class _AfterTheTurn(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["raise", "cancel"])
+async def test_a_body_that_raises_after_stream_done_keeps_the_session(
+    client: poc_api.ApiClient, server: ReferenceServer, how: str
+) -> None:
+    # The turn is complete on both sides once StreamDone is seen: the session was
+    # dropped all the same, and the next turn sent the whole prompt again
+    # (Session.generate keeps its session in the same case).
+    async with client.conversation() as conv:
+        events: list[poc_api.StreamEvent] = []
+        with trio.CancelScope() as scope:
+            try:
+                async with conv.stream([Tokens([1, 2, 3])], GREEDY8) as ev:
+                    async for e in ev:
+                        events.append(e)
+                    if how == "cancel":
+                        scope.cancel()
+                        await trio.lowlevel.checkpoint()
+                    raise _AfterTheTurn
+            except _AfterTheTurn:
+                pass
+        assert isinstance(events[-1], StreamDone)
+        assert conv.session is not None and conv.committed_len == 3 + 8
+        before = server.state().tokens_appended
+        await run(conv, [Tokens([1, 2, 3, *decoded(events), 4])])
+        assert server.state().tokens_appended - before == 1  # the delta alone
+
+
+async def test_a_body_that_raises_before_stream_done_drops_the_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # Every token read, the end not seen: a failed turn (as before).
+    async with client.conversation() as conv:
+        with pytest.raises(_AfterTheTurn):
+            async with conv.stream([Tokens([1, 2, 3])], GREEDY8) as ev:
+                tokens = 0
+                async for e in ev:
+                    assert isinstance(e, TokenOut)
+                    tokens += 1
+                    if tokens == 8:  # the last one: StreamDone comes next
+                        raise _AfterTheTurn
+        assert conv.session is None
+
+
 async def test_concurrent_streams_on_one_conversation_are_serialised(
     client: poc_api.ApiClient,
 ) -> None:

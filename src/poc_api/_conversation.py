@@ -5,9 +5,10 @@ The trio counterpart of the seed's ``session_lock`` + ``stream_session_mm`` +
 chunks against what the session already holds, sends the delta (text runs
 merged, a prefill flush before each image, images appended in order), and
 streams the decoded tokens. On success the session is kept for the next call; on
-any error or cancellation once the call has its turn (a timeout while another
-task's turn runs leaves it alone) it is closed and forgotten, and the next call
-opens a new one and sends the whole prompt again.
+any error or cancellation once the call has its turn and before its
+:class:`StreamDone` was read (a timeout while another task's turn runs leaves it
+alone) it is closed and forgotten, and the next call opens a new one and sends
+the whole prompt again. The block's own exception after ``StreamDone`` keeps it.
 
 Divergence (the prompt no longer matches the session): by default the
 conversation *rewinds* — it keeps the longest prefix the prompt shares with
@@ -36,7 +37,13 @@ import attrs
 import trio
 
 from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta, text_len
-from ._errors import PocApiTimeout, ServerUnavailable, SessionNotFound, stream_closed
+from ._errors import (
+    PocApiError,
+    PocApiTimeout,
+    ServerUnavailable,
+    SessionNotFound,
+    stream_closed,
+)
 from ._session import GenerateStream, Session, check_window, open_session
 from ._types import (
     U32_MAX,
@@ -110,6 +117,7 @@ class ConversationStream:
         self._shape = readout_shape
         self._lookahead: Token | Done | None = None
         self._done_delivered = False  # the caller has seen the StreamDone
+        self._failed = False  # the stream itself raised (a PocApiError)
         self._mismatches = 0  # readouts dropped for their length
         self._closed = False  # aclose() was called
         self.decoded: list[int] = []
@@ -180,10 +188,16 @@ class ConversationStream:
         if self._lookahead is not None:
             ev, self._lookahead = self._lookahead, None
             return self._convert(ev)
-        async for ev in self._events:
-            if type(ev) is Token and ev.is_prefill:
-                continue
-            return self._convert(ev)
+        try:
+            async for ev in self._events:
+                if type(ev) is Token and ev.is_prefill:
+                    continue
+                return self._convert(ev)
+        except PocApiError:
+            # After StreamDone too (events after Done: a broken server): the
+            # turn failed, and its session is not kept.
+            self._failed = True
+            raise
         raise StopAsyncIteration
 
 
@@ -298,8 +312,9 @@ class Conversation:
         ``NOT_FOUND``) is replaced transparently: a new session is opened, the
         whole prompt is sent again, and a log line says so.
 
-        Leaving the block before :class:`StreamDone`, an error or cancellation
-        closes the session; the next stream starts a new one.
+        Leaving the block before :class:`StreamDone` was read, an error or
+        cancellation closes the session; the next stream starts a new one. After
+        it, the session is kept whatever ends the block.
 
         Timeouts (seconds, off by default, :class:`PocApiTimeout`): ``timeout``
         bounds everything up to ``StreamDone``, the wait for another task's turn
@@ -601,8 +616,13 @@ class _Turn:
         ok = False
         try:
             await self._gen_stack.__aexit__(exc_type, exc, tb)
-            if exc is not None or events.done is None:
+            if events.done is None or session.lost:
                 return  # failed or left early: the session is lost; it is dropped
+            if exc is not None and (not out._done_delivered or out._failed):
+                return  # raised before the end was seen, or by the stream: a failed turn
+            # Also with the body's own exception (or a cancel) after StreamDone: the
+            # turn is complete on both sides, and the session is kept, as
+            # Session.generate keeps it (the next turn sent the whole prompt again).
             if len(out.decoded) != events.done.completion_tokens:
                 if not out._done_delivered:
                     # Left before reading every token: the history would lack them.
