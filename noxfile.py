@@ -69,8 +69,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on src/, on the benchmarks and on the user programs of tests/typing."""
-    session.install("-e", ".[test]", "mypy==2.4.1")
+    """mypy --strict on src/, on the benchmarks and on the user programs of tests/typing;
+    pyright on those programs and on the completeness of the public API's types."""
+    session.install("-e", ".[test]", "mypy==2.4.1", "pyright==1.1.414")
     session.run("mypy", "--strict", "src/poc_api")
     session.run("mypy", "--strict", "benchmarks")
     # Programs a user would write against the public API (never run, nor collected
@@ -78,6 +79,11 @@ def typecheck(session: nox.Session) -> None:
     # carries a `# type: ignore[code]`, which --strict (warn_unused_ignores) checks
     # is still needed. MYPYPATH: this tree's poc_api, however it is installed.
     session.run("mypy", "--strict", "tests/typing", env={"MYPYPATH": "src"})
+    # Pylance's checker, as many users see the API: those programs strict (see
+    # [tool.pyright]), and no public name whose type pyright cannot tell (a missing
+    # annotation it would have to infer). Its wheel brings pyright; node runs it.
+    session.run("pyright")
+    session.run("pyright", "--verifytypes", "poc_api", "--ignoreexternal")
 
 
 @nox.session(python="3.11")
