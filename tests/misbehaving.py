@@ -58,6 +58,9 @@ server's default)::
 - ``"status_after_tokens"``: Generate streams its tokens, then trailers with
   ``grpc-status`` = ``status`` (no ``Done``);
 - ``"miscount"``: Generate streams its tokens, then a ``Done`` that counts one more;
+- ``"no_done"``: Generate streams its tokens, then OK trailers: no ``Done``;
+- ``"two_dones"``: Generate streams its tokens, two ``Done`` (in one DATA frame),
+  then OK trailers;
 - ``"truncated"``: a message whose length prefix promises ``claimed_size`` bytes;
   16 follow, then END_STREAM (the message is cut short by the end of the stream).
 - ``"no_trailers"``: the whole answer, then END_STREAM on an empty DATA frame: no
@@ -148,6 +151,8 @@ Kind = Literal[
     "done_then_status",
     "after_done",
     "miscount",
+    "no_done",
+    "two_dones",
     "status_after_tokens",
     "truncated",
     "goaway_graceful",
@@ -544,6 +549,12 @@ class _Connection:
     async def _miscount(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self._generate(sid, pb.GenerateRequest.parse(body), reply, miscount=1)
 
+    async def _no_done(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._generate(sid, pb.GenerateRequest.parse(body), reply, dones=0)
+
+    async def _two_dones(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        await self._generate(sid, pb.GenerateRequest.parse(body), reply, dones=2)
+
     async def _generate(
         self,
         sid: int,
@@ -552,6 +563,7 @@ class _Connection:
         *,
         trailers: list[tuple[str, str]] | bool | None = True,
         miscount: int = 0,
+        dones: int = 1,
     ) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         start, end = req.offset, req.offset + len(req.append_tokens)
@@ -571,7 +583,8 @@ class _Connection:
                 await trio.sleep(reply.interval)
             await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
         m = n + miscount
-        await self.send_data(sid, encode_done(end, m, end + m, "length" if n else "prefill"))
+        done = encode_done(end, m, end + m, "length" if n else "prefill")
+        await self.send_data(sid, done * dones)  # (0: nothing)
         if trailers is True:
             await self.send_headers(sid, _OK_TRAILERS, end=True)
         elif trailers is None:

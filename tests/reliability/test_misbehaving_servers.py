@@ -997,6 +997,87 @@ async def test_events_after_done_are_a_protocol_violation(
                 await s.prefill([1])
 
 
+@pytest.mark.parametrize("tokens", [0, 3])
+async def test_an_ok_stream_without_done_is_a_protocol_violation_and_loses_the_session(
+    bad_server: MisbehavingServer, tokens: int
+) -> None:
+    # §3: exactly one Done, last. A stream that ends OK without one says nothing
+    # of the session's length (the server appended the prompt, and decoded some):
+    # a call that looked complete would leave committed_len wrong for the next one.
+    got: list[poc_api.WireEvent] = []
+    async with client_for(bad_server) as c:
+        async with c.session() as s:
+            bad_server.plan("Generate", Reply("no_done", tokens=tokens))
+            with (
+                trio.fail_after(5),
+                pytest.raises(poc_api.ProtocolViolation, match="without a Done"),
+            ):
+                async with s.generate([1, 2], sampling=FIVE) as ev:
+                    async for e in ev:
+                        got.append(e)
+            assert s.lost
+        assert [type(e) for e in got] == [Token] * tokens  # the events before the end
+        await assert_next_call_works(c)
+
+
+async def test_a_conversation_turn_without_done_is_a_protocol_violation_and_drops_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.conversation() as conv:
+        bad_server.plan("Generate", Reply("no_done", tokens=3))
+        with (
+            trio.fail_after(5),
+            pytest.raises(poc_api.ProtocolViolation, match="without a Done"),
+        ):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                held = conv.session
+                async for _ in ev:
+                    pass
+        assert held is not None and held.lost
+        assert conv.session is None
+        assert bad_server.closed == bad_server.opened  # closed on the server too
+        # The next turn starts over on a new session, the whole prompt again.
+        with trio.fail_after(5):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                events = [e async for e in ev]
+        assert isinstance(events[-1], poc_api.StreamDone)
+        assert len(bad_server.calls_to("OpenSession")) == 2
+
+
+@pytest.mark.parametrize("stop_at_done", [False, True], ids=["read to the end", "break at Done"])
+async def test_a_second_done_is_a_protocol_violation(
+    bad_server: MisbehavingServer, stop_at_done: bool
+) -> None:
+    # Found by the iteration, or by the block's exit when the body stops at the
+    # first Done (the second came in the same DATA frame, buffered behind it).
+    async with client_for(bad_server) as c, c.session() as s:
+        bad_server.plan("Generate", Reply("two_dones", tokens=2))
+        with (
+            trio.fail_after(5),
+            pytest.raises(poc_api.ProtocolViolation, match=r"after Done|second Done"),
+        ):
+            async with s.generate([1], sampling=FIVE) as ev:
+                async for e in ev:
+                    if stop_at_done and isinstance(e, poc_api.Done):
+                        break
+
+
+async def test_a_second_done_in_a_conversation_turn_is_a_protocol_violation(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.conversation() as conv:
+        bad_server.plan("Generate", Reply("two_dones", tokens=2))
+        with (
+            trio.fail_after(5),
+            pytest.raises(poc_api.ProtocolViolation, match=r"after Done|second Done"),
+        ):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                async for _ in ev:
+                    pass
+        # The server is broken: the turn's session is not kept for the next one.
+        assert conv.session is None
+
+
 @pytest.mark.parametrize("tokens", [0, 2])
 async def test_a_refusal_after_events_marks_the_session_lost(
     bad_server: MisbehavingServer, tokens: int
