@@ -91,6 +91,8 @@ server's default)::
   as one blob, so they go out in DATA frames as big as the stream's window and the
   client's frame size allow.
 
+``srv.calls`` records each request's headers and message (``Call.headers``,
+``Call.request``: the protobuf bytes, without the gRPC length prefix).
 ``srv.opened`` holds every session id an OpenSession answer carried (sent or not
 cut short), ``srv.closed`` every one a CloseSession asked to close.
 ``srv.data_sent`` counts the DATA bytes written so far, on every stream;
@@ -210,12 +212,15 @@ class Reply:
 
 @attrs.frozen
 class Call:
-    """One request the server saw: method, connection number (1-based), stream id."""
+    """One request the server saw: method, connection number (1-based), stream id,
+    and how it was answered; then what it carried (left out of its repr)."""
 
     method: str
     connection: int
     stream_id: int
     kind: Kind
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    request: bytes = attrs.field(default=b"", repr=False)  # the message, unframed
 
 
 class MisbehavingServer:
@@ -320,6 +325,7 @@ class _Connection:
         self.send_lock = trio.Lock()
         self.window = trio.Event()
         self.requests: dict[int, tuple[str, bytearray]] = {}
+        self.headers: dict[int, tuple[tuple[str, str], ...]] = {}
         self.stall_window = server.stall_window
         self.reading = True  # "ping_flood" stops the reader
 
@@ -366,6 +372,7 @@ class _Connection:
         if isinstance(ev, h2.events.RequestReceived):
             path = dict(ev.headers).get(":path", "")
             self.requests[ev.stream_id] = (str(path).rsplit("/", 1)[-1], bytearray())
+            self.headers[ev.stream_id] = tuple((str(k), str(v)) for k, v in ev.headers)
         elif isinstance(ev, h2.events.DataReceived):
             if ev.stream_id in self.requests:
                 self.requests[ev.stream_id][1].extend(ev.data)
@@ -373,7 +380,8 @@ class _Connection:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         elif isinstance(ev, h2.events.StreamEnded):
             method, body = self.requests.pop(ev.stream_id, ("", bytearray()))
-            nursery.start_soon(self._respond, ev.stream_id, method, bytes(body))
+            headers = self.headers.pop(ev.stream_id, ())
+            nursery.start_soon(self._respond, ev.stream_id, method, bytes(body), headers)
         elif isinstance(ev, h2.events.StreamReset):
             self.server.resets.append((self.number, ev.stream_id, int(ev.error_code)))
         elif isinstance(ev, h2.events.PingReceived):
@@ -432,9 +440,11 @@ class _Connection:
 
     # -- answering -------------------------------------------------------------------
 
-    async def _respond(self, sid: int, method: str, body: bytes) -> None:
+    async def _respond(
+        self, sid: int, method: str, body: bytes, headers: tuple[tuple[str, str], ...]
+    ) -> None:
         reply = self.server._next_reply(method)
-        self.server.calls.append(Call(method, self.number, sid, reply.kind))
+        self.server.calls.append(Call(method, self.number, sid, reply.kind, headers, body[5:]))
         if method == "CloseSession":
             self.server.closed.append(pb.CloseSessionRequest.parse(body[5:]).session_id)
         try:

@@ -29,9 +29,11 @@ from helpers import (
     wait_for,
     wait_until_streaming_stalls,
 )
+from misbehaving import DUMMY_BASE_URL, misbehaving_server
 
 import poc_api
-from poc_api import SamplingParams, Token
+from poc_api import SamplingParams, Token, Tokens
+from poc_api._proto import salience as pb
 from poc_api.server import EOS, ReferenceServer, ServerConfig, tokenize
 from poc_api.testing import open_client
 
@@ -265,6 +267,73 @@ async def test_session_prefill_generate_and_committed_len(
             assert s.committed_len == len(HELLO) + 1 + 8
         sid = s.session_id
     assert sid not in server.state().session_ids
+
+
+U32_MAX = 2**32 - 1
+
+# Each field differs from its default and from the other fields' values: a field
+# sent as another's, or left out, shows. The second case: each at its range's edge.
+WIRE_CASES = [
+    (
+        SamplingParams(
+            max_tokens=3,
+            temperature=0.75,
+            top_p=0.5,
+            top_k=40,
+            stop_token_ids=(7, 11),
+            logprob_top_k=5,
+        ),
+        9,
+    ),
+    (
+        SamplingParams(
+            max_tokens=U32_MAX,
+            temperature=3.4028234663852886e38,  # float32's largest
+            top_p=2.0**-149,  # float32's smallest
+            top_k=U32_MAX,
+            stop_token_ids=(0, U32_MAX),
+            logprob_top_k=U32_MAX - 1,
+        ),
+        -(2**31),
+    ),
+]
+
+
+@pytest.mark.parametrize(("sampling", "priority"), WIRE_CASES, ids=["typical", "extremes"])
+@pytest.mark.parametrize("via", ["Session.generate", "Conversation.stream"])
+async def test_sampling_fields_and_priority_reach_the_wire_as_given(
+    via: str, sampling: SamplingParams, priority: int
+) -> None:
+    # The reference server cannot tell most of them apart (a greedy run ignores
+    # top_p, nothing reads priority): the request as a server read it can.
+    async with (
+        misbehaving_server() as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url) as c,
+    ):
+        with trio.fail_after(10):
+            if via == "Session.generate":
+                async with (
+                    c.session() as s,
+                    s.generate([1, 2], sampling=sampling, priority=priority) as ev,
+                ):
+                    async for _ in ev:
+                        pass
+            else:
+                async with (
+                    c.conversation() as conv,
+                    conv.stream([Tokens([1, 2])], sampling, priority=priority) as ev,
+                ):
+                    async for _ in ev:
+                        pass
+    [call] = srv.calls_to("Generate")
+    req = pb.GenerateRequest.parse(call.request)
+    assert req.max_tokens == sampling.max_tokens
+    assert req.temperature == sampling.temperature
+    assert req.top_p == sampling.top_p
+    assert req.top_k == sampling.top_k
+    assert req.stop_token_ids == list(sampling.stop_token_ids)
+    assert req.logprob_top_k == sampling.logprob_top_k
+    assert req.priority == priority
 
 
 async def test_generate_returns_prefill_logprobs_and_readouts_for_requested_ranges(
