@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
+from helpers import make_png
 from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
 
 import poc_api
@@ -122,6 +123,36 @@ async def test_the_right_key_works_everywhere_and_never_leaks(
                 reprs = repr(c) + repr(s)
     assert SERVER_KEY not in caplog.text + reprs
     assert "Bearer" not in caplog.text
+
+
+async def test_every_rpc_carries_the_key_close_session_included(
+    bad_server: MisbehavingServer,
+) -> None:
+    # A CloseSession without the key is refused, and a refused close is only
+    # logged: the session would stay on the server until its idle eviction. The
+    # headers as the server read them show the key on each call.
+    async with poc_api.ApiClient(DUMMY_BASE_URL, api_key=SERVER_KEY, grpc_url=bad_server.url) as c:
+        with trio.fail_after(10):
+            async with c.session() as s:
+                await s.prefill([1, 2])
+                await s.append_image(make_png(8, 8), "image/png")
+            await grpc_score(c)
+            await grpc_conversation(c)
+    methods = {call.method for call in bad_server.calls}
+    assert methods == {"OpenSession", "Generate", "AppendImage", "CloseSession"}
+    assert len(bad_server.closed) == len(bad_server.opened) == 3
+    for call in bad_server.calls:
+        assert dict(call.headers).get("authorization") == f"Bearer {SERVER_KEY}", call
+
+
+async def test_a_keyed_server_frees_every_session_the_client_closes(
+    keyed: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(keyed.base_url, api_key=SERVER_KEY, grpc_url=keyed.grpc_url) as c:
+        with trio.fail_after(10):
+            for call in (grpc_session, grpc_score, grpc_conversation):
+                await call(c)
+                assert keyed.state().session_ids == frozenset(), call.__name__
 
 
 @pytest.mark.parametrize(
