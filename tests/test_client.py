@@ -629,6 +629,26 @@ async def test_two_hundred_abandoned_streams_do_not_starve_the_connection(
     assert server.state().connections_open >= 1
 
 
+async def test_entering_the_client_connects_nothing_and_the_first_call_opens_one_connection(
+    server: ReferenceServer,
+) -> None:
+    # §6: the channel opens lazily. A client made at startup for a server that is
+    # not up yet must not fail, or hold a connection, before it is used.
+    before = server.state().connections_total
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        await trio.sleep(0.2)  # time for a connection the client might open by itself
+        assert server.state().connections_total == before
+        with trio.fail_after(10):
+            await c.readout_manifest()  # HTTP: not the gRPC channel's business
+            assert server.state().connections_total == before
+            async with c.session() as s:
+                await s.prefill([1, 2])
+            assert server.state().connections_total - before == 1
+            async with c.session() as s:  # and the next calls share it
+                await s.prefill([1, 2])
+    assert server.state().connections_total - before == 1
+
+
 async def test_hundred_concurrent_first_calls_share_one_connection(
     server: ReferenceServer,
 ) -> None:
