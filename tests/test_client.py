@@ -75,6 +75,26 @@ def test_grpc_url_precedence_is_argument_then_env_then_derived() -> None:
     assert poc_api.resolve_grpc_url("http://h:8000/v1", None, env) == "http://env:1"
 
 
+async def test_api_client_itself_takes_its_grpc_url_from_poc_grpc_url(
+    server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # §1 for the client, not only resolve_grpc_url(env=...): the variable wins
+    # over the port derived from base_url, on which nothing listens here ...
+    nothing = refusing_port()
+    base_url = f"http://127.0.0.1:{nothing - 1}/v1"
+    monkeypatch.setenv("POC_GRPC_URL", server.grpc_url)
+    with trio.fail_after(10):
+        async with poc_api.ApiClient(base_url) as c:
+            assert c.grpc_url == server.grpc_url
+            async with c.session() as s:
+                await s.prefill([1, 2])
+        # ... and grpc_url, given, wins over the variable.
+        monkeypatch.setenv("POC_GRPC_URL", f"http://127.0.0.1:{nothing}")
+        async with poc_api.ApiClient(base_url, grpc_url=server.grpc_url) as c:
+            async with c.session() as s:
+                await s.prefill([1, 2])
+
+
 def test_client_trims_base_url_and_hides_the_api_key() -> None:
     c = poc_api.ApiClient("http://127.0.0.1:8000/v1/", api_key="sk-secret-123")
     assert c.base_url == "http://127.0.0.1:8000/v1"
