@@ -1614,6 +1614,18 @@ async def test_unanswered_request_raises_poc_api_timeout() -> None:
     assert isinstance(info.value.__cause__, httpx.TimeoutException)
 
 
+async def test_http_timeouts_default_to_the_seeds_30_s_connect_and_600_s_total() -> None:
+    # The seed's reqwest client: connect_timeout 30 s, timeout 600 s for a request
+    # as a whole. No public attribute tells them: the httpx client the library
+    # built does, and the bound HttpApi puts on each request as a whole (which
+    # the trickled-answer test below shows at work).
+    async with poc_api.ApiClient("http://127.0.0.1:9/v1", grpc_url="http://127.0.0.1:1") as c:
+        api = c._http
+        assert api is not None
+        assert api._client.timeout == httpx.Timeout(600.0, connect=30.0)
+        assert api._timeout == 600.0
+
+
 def trickle(answer: bytes, every: float = 0.1) -> Handler:
     """A handler that sends ``answer`` one byte every ``every`` seconds: each socket
     read gets something in time, the answer as a whole takes ages."""
