@@ -235,8 +235,8 @@ class GenerateStream:
         )
 
     def _on_done(self, done: Done) -> None:
-        if self.done is not None:
-            raise e.ProtocolViolation("Generate: the server sent a second Done event")
+        # Called only while no Done has come: a second one is among the
+        # "events after Done" that _drain and __anext__ refuse.
         self.done = done
         self._session._committed_len = done.total_tokens
         log.debug(
@@ -936,7 +936,7 @@ class _GenerateBlock:
                     try:
                         stream._done_if_buffered()
                     except e.PocApiError:
-                        pass  # a second Done: the body's exception is what leaves
+                        pass  # a malformed event among them: the body's exception leaves
                 await rpc.__aexit__(exc_type, exc, tb)
         except BaseException as err:
             out = err

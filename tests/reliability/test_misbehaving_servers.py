@@ -1054,7 +1054,7 @@ async def test_a_second_done_is_a_protocol_violation(
         bad_server.plan("Generate", Reply("two_dones", tokens=2))
         with (
             trio.fail_after(5),
-            pytest.raises(poc_api.ProtocolViolation, match=r"after Done|second Done"),
+            pytest.raises(poc_api.ProtocolViolation, match="after Done"),
         ):
             async with s.generate([1], sampling=FIVE) as ev:
                 async for e in ev:
@@ -1069,7 +1069,7 @@ async def test_a_second_done_in_a_conversation_turn_is_a_protocol_violation(
         bad_server.plan("Generate", Reply("two_dones", tokens=2))
         with (
             trio.fail_after(5),
-            pytest.raises(poc_api.ProtocolViolation, match=r"after Done|second Done"),
+            pytest.raises(poc_api.ProtocolViolation, match="after Done"),
         ):
             async with conv.stream([Tokens([1, 2])], FIVE) as ev:
                 async for _ in ev:
