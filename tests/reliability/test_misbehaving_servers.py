@@ -1526,3 +1526,26 @@ async def test_a_call_let_through_as_its_connection_dies_is_sent_once(
     generates = bad_server.calls_to("Generate")
     assert len(generates) == 4, (outcomes, generates)  # Y's, and each X's once
     assert "ok" not in [outcomes[f"X{i}"] for i in range(3)], outcomes
+
+
+async def test_a_session_whose_server_reports_no_context_window_is_not_checked_against_one(
+    bad_server: MisbehavingServer,
+) -> None:
+    # max_length 0 means "not reported" (the proto's default): no window to check
+    # before sending, the server's OUT_OF_RANGE decides. (The reference server
+    # always reports one.)
+    from poc_api._proto import salience as pb
+
+    no_window = bytes(pb.OpenSessionResponse(session_id="s0", max_length=0))
+    bad_server.plan("OpenSession", *[Reply(raw=no_window)] * 3)
+    bad_server.default = Reply(tokens=0)
+    async with client_for(bad_server) as c:
+        with trio.fail_after(5):
+            async with c.session() as s:
+                assert s.max_length == 0
+                await s.prefill([1] * 5000)
+            # Scoring's checks (a session each, the same answer).
+            [result] = await c.score([Tokens([1] * 5000)], [(1, 3)])
+            assert result.end == 3
+            [cont] = await c.score_continuations([Tokens([1] * 5000)], [[2, 3]])
+            assert (cont.start, cont.end) == (5000, 5002)
