@@ -158,7 +158,7 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.005
 
 
 def make_png(width: int, height: int, *, padding: int = 0) -> bytes:
-    """A PNG with a real IHDR (what the reference server reads) and an optional
+    """A complete RGB PNG (the reference server decodes it) with an optional
     ancillary chunk of ``padding`` bytes to make it as large as a test needs."""
     import struct
     import zlib

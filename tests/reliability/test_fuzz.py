@@ -14,6 +14,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from reliability_helpers import make_png
 
 import poc_api
 from poc_api import Image, SamplingParams, Tokens, TrainSample, prompt_to_chunks
@@ -32,10 +33,7 @@ FUZZ = settings(
 )
 FEW = settings(FUZZ, max_examples=40)
 
-PNG = (
-    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x008\x00\x00\x00\x1c\x08\x02\x00\x00\x00"
-    b"\x00\x00\x00\x00"
-)
+PNG = make_png(56, 28)  # complete: the reference server decodes it
 
 anything = st.one_of(
     st.none(),
