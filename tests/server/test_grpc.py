@@ -22,7 +22,17 @@ from poc_api._proto.salience import (
 from poc_api.server import EOS, VOCAB_SIZE, ReferenceServer, tokenize
 
 from .conftest import ServerFactory, SyncSalience, wait_until
-from .test_images import gif, jpeg, png, webp
+from .test_images import (
+    GARBAGE_IDAT,
+    IHDR_STUB,
+    JPEG_HEADERS_ONLY,
+    REAL,
+    gif,
+    jpeg,
+    png,
+    real,
+    webp,
+)
 
 PROMPT = tokenize("The keeper climbed the steps ")
 
@@ -364,13 +374,51 @@ def test_append_image_offset_rules(client: SyncSalience) -> None:
 
 
 @pytest.mark.parametrize(
-    ("data", "mime"),
-    [(b"", "image/png"), (b"garbage bytes", "image/png"), (png(8, 8), "image/x-unknown")],
-    ids=["empty", "undecodable", "unknown-mime"],
+    ("data", "mime", "why"),
+    [
+        (b"", "image/png", "not a PNG, GIF, JPEG or WebP image"),
+        (b"garbage bytes", "image/png", "not a PNG, GIF, JPEG or WebP image"),
+        (png(8, 8), "image/x-unknown", "unsupported mime type"),
+        # What a header-only check let through (4 placeholders each).
+        (IHDR_STUB, "image/png", "before its IEND chunk"),
+        (GARBAGE_IDAT, "image/png", "PNG image data does not inflate"),
+        (gif(56, 56), "image/png", "the data is a GIF image, not the PNG"),
+        (JPEG_HEADERS_ONLY, "image/jpeg", "bad JPEG scan header"),
+        (png(56, 56)[:-20], "image/png", "cut short"),
+    ],
+    ids=[
+        "empty",
+        "undecodable",
+        "unknown-mime",
+        "png-ihdr-stub",
+        "png-garbage-idat",
+        "gif-as-png",
+        "jpeg-without-scan",
+        "truncated-png",
+    ],
 )
-def test_bad_image_is_invalid_argument(client: SyncSalience, data: bytes, mime: str) -> None:
+def test_bad_image_is_invalid_argument(
+    client: SyncSalience, data: bytes, mime: str, why: str
+) -> None:
     sid = client.open()
-    assert status_of(lambda: client.append_image(sid, data, mime, 0)) is Status.INVALID_ARGUMENT
+    with pytest.raises(GRPCError) as info:
+        client.append_image(sid, data, mime, 0)
+    assert info.value.status is Status.INVALID_ARGUMENT
+    assert info.value.message is not None
+    assert info.value.message.startswith("cannot decode image: ") and why in info.value.message
+    # Nothing was appended: the session is still empty.
+    res = client.append_image(sid, png(28, 28), "image/png", 0)
+    assert (res.placeholder_count, res.total_length) == (1, 1)
+
+
+def test_real_encoders_images_go_through(client: SyncSalience) -> None:
+    sid = client.open()
+    total = 0
+    for name, (mime, (w, h)) in sorted(REAL.items()):
+        res = client.append_image(sid, real(name), mime, total)
+        n = math.ceil(w / 28) * math.ceil(h / 28)
+        assert (res.placeholder_count, res.total_length) == (n, total + n), name
+        total += n
 
 
 def test_image_beyond_context_is_out_of_range(
