@@ -25,8 +25,8 @@ to its end with the standard library (``struct``, ``zlib``), not just its header
   (VP8X), still images with a bitstream of the canvas's size and animations
   with frames that each hold one. The bitstreams are not decoded.
 
-So a PNG is refused for any corruption or truncation (CRC-32 and Adler-32 see
-every byte), and every format for truncation. What still passes: damage inside
+So a PNG is refused for a changed byte anywhere (CRC-32 and Adler-32 see every
+byte), and every format when cut short. What still passes: damage inside
 JPEG, GIF or WebP compressed data that leaves the structure whole (finding it
 would take a full decoder), and bytes after a JPEG's EOI (cameras put MPF
 pictures there, and decoders stop at EOI). Bytes after a PNG's IEND, a GIF's
@@ -42,6 +42,7 @@ as ``image/jpeg``; parameters after ``;`` are ignored). Pure functions; errors a
 from __future__ import annotations
 
 import math
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -101,6 +102,9 @@ _SOF: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _SOF_HIERARCHICAL: Final = frozenset({0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF})
 _SOF_LOSSLESS: Final = frozenset({0xC3, 0xCB})  # no quantization tables
 _RST: Final = frozenset(range(0xD0, 0xD8))
+# In entropy-coded data, 0xFF is followed by 0x00 (a stuffed 0xFF), a restart marker
+# or a fill byte; anything else is the marker that ends it.
+_SCAN_END: Final = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 _VP8_START: Final = b"\x9d\x01\x2a"
 
@@ -358,18 +362,10 @@ def _jpeg_tables(marker: int, body: bytes, at: int, quant: set[int]) -> None:
 
 def _jpeg_scan_end(data: bytes, i: int) -> int:
     """The offset of the marker that ends the entropy-coded data starting at ``i``."""
-    n = len(data)
-    while True:
-        j = data.find(b"\xff", i)
-        if j < 0 or j + 1 >= n:
-            raise ValueError("JPEG is cut short in entropy-coded data: no EOI")
-        nxt = data[j + 1]
-        if nxt == 0x00 or nxt in _RST:  # a stuffed 0xFF or a restart marker
-            i = j + 2
-        elif nxt == 0xFF:  # fill byte before a marker
-            i = j + 1
-        else:
-            return j
+    end = _SCAN_END.search(data, i)
+    if end is None:
+        raise ValueError("JPEG is cut short in entropy-coded data: no EOI")
+    return end.start()
 
 
 def _jpeg(data: bytes) -> tuple[int, int]:
