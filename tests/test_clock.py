@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import trio.testing
 import poc_api
 from poc_api._clock import HOLD_SECONDS, hold_clock
 from poc_api.server import ReferenceServer, ServerConfig
-from poc_api.testing import nginx_grpc_proxy, reference_server, reference_servers
+from poc_api.testing import NGINX, nginx_grpc_proxy, reference_server, reference_servers
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -153,6 +154,17 @@ async def test_the_testing_servers_start_and_stop_under_a_deadline(
                 await c.tokenize("a")
         async with reference_servers(2) as servers:
             assert len({s.grpc_url for s in servers}) == 2
+
+
+# Skipped, saying so, where nginx is missing outside CI (as tests/test_nginx.py is).
+@pytest.mark.skipif(
+    not os.path.exists(NGINX) and not os.environ.get("CI"),
+    reason=f"nginx is not installed at {NGINX} (apt-get install nginx-light)",
+)
+async def test_the_nginx_proxy_starts_and_stops_under_a_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(30):
         async with ReferenceServer(ServerConfig(port=0)) as server:
             async with nginx_grpc_proxy([server.grpc_url]) as url:
                 assert url.startswith("http://")
