@@ -128,3 +128,31 @@ async def test_iterating_a_stream_stops_at_once_when_its_scope_is_cancelled(
                     if seen == 3:
                         scope.cancel()
             assert seen == 3  # not the rest of the buffered batch
+
+
+def test_every_runtime_dependency_is_pinned_at_its_lower_bound_in_lowest_txt() -> None:
+    # The lowest cells install with .ci/lowest.txt as constraints: a dependency
+    # missing there is tested at its latest only, and a pin that is not the
+    # declared lower bound tests a version users may not have.
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    declared = {}
+    for spec in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)(,<[0-9.]+)?", spec)
+        assert m, f"unexpected dependency spec {spec!r}"
+        declared[m[1].lower()] = m[2]
+    pins = {}
+    for line in (root / ".ci" / "lowest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower()] = version.strip()
+
+    def norm(v: str) -> tuple[int, ...]:
+        parts = [int(x) for x in v.split(".")]
+        return tuple(parts + [0] * (3 - len(parts)))
+
+    assert declared.keys() == pins.keys(), declared.keys() ^ pins.keys()
+    assert {n: norm(v) for n, v in declared.items()} == {n: norm(v) for n, v in pins.items()}
