@@ -732,8 +732,9 @@ class ApiClient:
     ) -> list[ScoreResult]:
         """Sum the log-probabilities of the prompt positions in each range.
 
-        Uses an ephemeral session (closed on exit, also on error or cancellation)
-        and one final ``Generate(max_tokens=0)`` with ``logprobs_ranges``. Ranges are
+        Uses an ephemeral session (closed on exit, also on error or cancellation):
+        the chunks go as in a conversation (a prefill before each image, then
+        the rest), every ``Generate(max_tokens=0)`` with ``logprobs_ranges``. Ranges are
         half-open ``(start, end)``, in any order, and must lie inside the prompt;
         results come back in the order given. Image placeholder positions have no
         log-probability and add nothing to a range. ``timeout`` bounds the whole
