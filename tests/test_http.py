@@ -323,7 +323,7 @@ async def test_concurrent_callers_share_one_failed_fetch_instead_of_each_retryin
             assert len(paths) == 2 and len(errors) == 9
 
 
-@pytest.mark.parametrize("status", [503, 404])
+@pytest.mark.parametrize("status", [503, 404, 401, 403])
 @pytest.mark.parametrize("call", ["chat", "chat_stream"])
 async def test_an_error_status_of_the_model_lookup_is_an_http_error_not_a_value_error(
     call: str, status: int
@@ -348,8 +348,12 @@ async def test_an_error_status_of_the_model_lookup_is_an_http_error_not_a_value_
                         async with client.chat_stream(HELLO):
                             pass
     err = info.value
-    assert type(err) is HttpError and err.http_status == status
-    assert err.url.endswith("/v1/models") and err.body_excerpt == "busy"
+    # 401/403: AuthenticationError, saying too that the lookup failed (it did not).
+    if status in (401, 403):
+        assert type(err) is poc_api.AuthenticationError and err.http_status == status
+    else:
+        assert type(err) is HttpError and err.http_status == status
+        assert err.url.endswith("/v1/models") and err.body_excerpt == "busy"
     assert str(err).startswith("model= is not set and GET ") and f"HTTP {status}" in str(err)
     assert paths == [b"/v1/models"]  # the chat request was not sent
 

@@ -1622,7 +1622,7 @@ class HttpApi:
         what = f"GET {self._shown}/models"
         try:
             data = await self._request("GET", "/models")
-        except HttpError as exc:  # (401/403 and garbage answers raise as themselves)
+        except HttpError as exc:  # (garbage answers raise as themselves)
             # The server's error, not a bad argument (a 503 is worth retrying): an
             # HttpError still, with its status, that says why chat() asked.
             raise HttpError(
@@ -1630,6 +1630,12 @@ class HttpApi:
                 http_status=exc.http_status,
                 url=exc.url,
                 body_excerpt=exc.body_excerpt,
+            ) from exc
+        except AuthenticationError as exc:
+            # 401/403: the same error type, and the same word on why chat() asked.
+            raise AuthenticationError(
+                f"model= is not set and {what} failed, so there is no model to name: {exc}",
+                http_status=exc.http_status,
             ) from exc
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
