@@ -481,6 +481,12 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["score", "a\udcff", "-c", "x"],
         ["score", "hi", "-c", "\udcff"],
         ["generate", "hi", "--url", "http://h:1/v1", "--grpc-url", "dns:///no-port"],
+        # An api key no header can carry: exit 1 from the client, after starting
+        # the embedded server.
+        ["--api-key", "k\n", "generate", "hi"],
+        ["score", "hi", "-c", "x", "--api-key", " k"],
+        ["chat", "hi", "--url", UNREACHABLE, "--api-key", "k\u00e9"],
+        ["demo", "--api-key", "k k\t"],
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )
@@ -713,3 +719,18 @@ def test_every_option_has_help_and_is_in_the_readme_synopsis() -> None:
     ]
     assert not missing, f"options missing from README's synopsis: {missing}"
     assert not unhelped, f"options without a help text: {unhelped}"
+
+
+def test_an_api_key_from_the_environment_that_no_header_can_carry_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A .env file's trailing newline: exit 1 from the client, after the embedded
+    # server had started; now exit 2 naming the variable, before any work.
+    for name in ("POC_BASE_URL", "POC_GRPC_URL", "POC_MODEL", "POC_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("POC_API_KEY", "secret\n")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["generate", "hi"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "invalid POC_API_KEY" in err and "secret" not in err

@@ -191,6 +191,19 @@ def check_base_url(base_url: str) -> None:
         )
 
 
+def check_api_key(api_key: str) -> None:
+    """A ``ValueError`` now for a key no header can carry (the CLI's check too)."""
+    if api_key and (
+        not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip()
+    ):
+        # It goes in a header (HTTP and gRPC metadata): refused there, the
+        # transport's own error would quote it. The key itself is not shown.
+        raise ValueError(
+            "api_key must be printable ASCII with no leading or trailing space "
+            "(a stray newline or space from a .env file?)"
+        )
+
+
 def _seconds(name: str, value: object) -> float:
     """A positive, finite number of seconds as a plain float (a numpy float32
     would break trio's I/O wait as a deadline); ``TypeError`` unless a number
@@ -363,15 +376,7 @@ class ApiClient:
             )
         self._ssl_context_factory = ssl_context_factory
         self._grpc_ssl: ssl.SSLContext | None = None
-        if api_key and (
-            not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip()
-        ):
-            # It goes in a header (HTTP and gRPC metadata): refused there, the
-            # transport's own error would quote it. The key itself is not shown.
-            raise ValueError(
-                "api_key must be printable ASCII with no leading or trailing space "
-                "(a stray newline or space from a .env file?)"
-            )
+        check_api_key(api_key)
         self._connect_timeout = _seconds("connect_timeout", connect_timeout)
         self._timeout = _seconds("timeout", timeout)
         self._close_timeout = _seconds("close_timeout", close_timeout)

@@ -45,7 +45,7 @@ from rich.text import Text
 
 from . import _errors as e
 from ._chunks import Chunk, Tokens
-from ._client import ApiClient, check_base_url, resolve_grpc_url
+from ._client import ApiClient, check_api_key, check_base_url, resolve_grpc_url
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager
 from ._http import ChatDelta, shown_url
@@ -189,6 +189,11 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
     key = api_key if api_key is not None else g.api_key
     if key is None:
         key = os.environ.get(_ENV_KEY, "")
+    try:  # what the client would refuse, as a usage error (before any server starts)
+        check_api_key(key)
+    except ValueError as exc:
+        origin = "--api-key" if api_key is not None or g.api_key is not None else _ENV_KEY
+        raise click.UsageError(f"invalid {origin}: {exc}") from None
     model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
     grpc_flag = grpc_url or g.grpc_url
     if base is None:
