@@ -404,6 +404,38 @@ async def test_pool_places_no_new_session_on_a_server_that_is_not_serving() -> N
                 await wait_for(lambda: client.endpoints[1].state is EndpointState.SERVING)
 
 
+async def test_a_new_client_places_no_session_on_a_server_that_is_not_serving() -> None:
+    # Health checks started at the first placement, and every endpoint was
+    # UNKNOWN (usable) until its first answer: a new client put sessions on a
+    # draining server (one of four, in 3 of 5 clients).
+    async with reference_servers(2) as servers:
+        await trio.to_thread.run_sync(servers[1].set_serving, False)
+        with trio.fail_after(30):
+            for _ in range(6):
+                before = servers[1].state().rpc_counts.get("OpenSession", 0)
+                async with pool_client(servers) as client:
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(4):
+                            nursery.start_soon(client.score, [Tokens([1, 2, 3])], [(1, 3)])
+                    assert client.endpoints[1].state is EndpointState.NOT_SERVING
+                assert servers[1].state().rpc_counts.get("OpenSession", 0) == before
+
+
+async def test_a_new_clients_first_session_waits_at_most_a_second_for_a_silent_endpoint() -> None:
+    # The wait for the first health answers is bounded: an endpoint that never
+    # speaks HTTP/2 holds the first session up to a second, not its check's timeout.
+    async with reference_servers(1) as (good,), misbehaving_server() as hole:
+        hole.mute = True
+        async with poc_api.ApiClient(
+            good.base_url, grpc_url=[hole.url, good.grpc_url], health_check_interval=4.0
+        ) as client:
+            started = trio.current_time()
+            with trio.fail_after(10):
+                [result] = await client.score([Tokens([1, 2, 3])], [(1, 3)])
+            assert trio.current_time() - started < 2.0
+            assert result.logprob < 0
+
+
 async def test_a_health_check_queued_behind_the_clients_own_streams_is_no_failure() -> None:
     # 110 long streams on one server that allows 100 at once: the health check
     # waits for a stream of its own behind them (client side) and times out.

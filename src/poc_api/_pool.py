@@ -107,6 +107,9 @@ _FULL_HOLD = 2.0
 # How often an OpenSession comes back to an endpoint it left while it connected
 # (see SessionRoute._open): each time, after a second or a "full" hold at least.
 _COMEBACKS = 2
+# Seconds a new client's first placement waits for the endpoints' first health
+# answers (see Router.first_checks); a healthy server's come in milliseconds.
+_FIRST_CHECKS_WAIT = 1.0
 
 
 class EndpointState(enum.Enum):
@@ -393,6 +396,10 @@ class Router:
             self._endpoints = [_Endpoint(t.target, t) for t in endpoints]
         self._health_started = False
         self._health_task: asyncio.Task[None] | None = None
+        # Set (asyncio side) once every endpoint has answered its first health check
+        # or failed it, or the first round has ended; read on the trio side.
+        self._first_checks: asyncio.Event | None = None
+        self.first_checks_done: bool = False
         self._resolved_at = -float("inf")
         self._resolving: asyncio.Future[None] | None = None
         self.live_sessions: LiveSessions = LiveSessions()
@@ -577,9 +584,41 @@ class Router:
             self._endpoints = [ep for ep in endpoints if ep not in gone]  # replaced whole
             self._leaving += gone
 
+    async def first_checks(self) -> None:
+        """Wait, at most ``_FIRST_CHECKS_WAIT``, for every endpoint's first health answer.
+
+        Until then an endpoint is UNKNOWN, which placement takes as usable: a new
+        client put sessions on a draining (NOT_SERVING) server. gRPC's clients
+        too take a health-checked endpoint as ready only once it has answered.
+        The bound keeps an endpoint that never speaks from holding the first
+        session up (its check times out only after the check interval).
+        """
+        self._health_started = True
+
+        async def wait() -> None:
+            self._start_health()
+            done = self._first_checks
+            if done is not None:
+                try:
+                    await asyncio.wait_for(done.wait(), _FIRST_CHECKS_WAIT)
+                except TimeoutError:
+                    pass
+            self.first_checks_done = True
+
+        await self._bridge.run(wait)
+
     def _start_health(self) -> None:
         if not self._bridge.closed and self._health_task is None:
+            self._first_checks = asyncio.Event()
             self._health_task = asyncio.ensure_future(self._health_loop())
+
+    def _note_first_checks(self, round_ended: bool = False) -> None:
+        """asyncio: after a check, whether every endpoint's first answer is in."""
+        done = self._first_checks
+        if done is None or done.is_set():
+            return
+        if round_ended or all(ep.state is not EndpointState.UNKNOWN for ep in self._endpoints):
+            done.set()
 
     async def _health_loop(self) -> None:
         """asyncio: check every endpoint periodically (cancelled when the bridge closes)."""
@@ -594,6 +633,7 @@ class Router:
             results = await asyncio.gather(
                 *(self._check(ep) for ep in endpoints), return_exceptions=True
             )
+            self._note_first_checks(round_ended=True)
             for ep, result in zip(endpoints, results, strict=True):
                 if isinstance(result, Exception):
                     # A bug: one check's exception ended the loop of them all, and
@@ -610,6 +650,12 @@ class Router:
             await asyncio.sleep(max(0.0, started + self._health_interval - loop.time()))
 
     async def _check(self, ep: _Endpoint) -> None:
+        try:
+            await self._check_once(ep)
+        finally:
+            self._note_first_checks()
+
+    async def _check_once(self, ep: _Endpoint) -> None:
         sink = _Collect("Check")
         request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
         progress = _Progress()
@@ -786,6 +832,8 @@ class SessionRoute:
         comebacks = 0
         if router._dns is not None:
             await router.ready()
+        if router.failover and not router.first_checks_done:
+            await router.first_checks()
         while True:
             ep = self._endpoint = router.pick(tried)
             ep.opening += 1  # counted while opening, so concurrent picks see it
