@@ -552,21 +552,22 @@ class GrpcTransport:
             _http2_min_sent_ping_interval_without_data=self._keepalive.time,
         )
 
-    def _too_many_pings(self) -> None:
+    def _too_many_pings(self, calls_open: bool) -> None:
         """asyncio: the server closed a connection for pinging too often (GOAWAY
         ENHANCE_YOUR_CALM "too_many_pings"). As gRPC's own clients do, ping half as
         often on the connections to come: at the same rate every one would end so.
 
-        Unless no call ran: then a ping between calls did it, and the connections
-        to come ping only during calls, at the same rate. gRPC's servers (C-core,
-        grpc-go) take a ping on a connection with no call at most every 2 hours
-        unless told to permit them; doubling up to that would have left a frozen
-        server mid-call unnoticed for hours.
+        Unless no call ran on that connection (``calls_open``: its open streams,
+        health checks and cleanups included): then a ping between calls did it,
+        and the connections to come ping only during calls, at the same rate.
+        gRPC's servers (C-core, grpc-go) take a ping on a connection with no call
+        at most every 2 hours unless told to permit them; doubling up to that
+        would have left a frozen server mid-call unnoticed for hours.
         """
         keepalive = self._keepalive
         if keepalive is None:
             return
-        if keepalive.idle and self.open_streams == 0:
+        if keepalive.idle and not calls_open:
             self._keepalive = attrs.evolve(keepalive, idle=False)
             log.warning(
                 'salience server at %s sent GOAWAY ENHANCE_YOUR_CALM "too_many_pings" '
@@ -1663,7 +1664,7 @@ class _PocH2Protocol(H2Protocol):
         # The lowest last stream id of the GOAWAYs received (None: none came).
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
-        self.too_many_pings: Callable[[], None] = lambda: None
+        self.too_many_pings: Callable[[bool], None] = lambda calls_open: None
         self._calmed = False  # a "too_many_pings" GOAWAY came (too_many_pings ran)
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
@@ -1803,7 +1804,7 @@ class _PocH2Protocol(H2Protocol):
                     and not self._calmed
                 ):
                     self._calmed = True  # once per connection, however many frames
-                    self.too_many_pings()
+                    self.too_many_pings(bool(self.processor.streams))
             try:
                 self.processor.process(event)
             except NotImplementedError:  # an event grpclib has no use for
@@ -1980,7 +1981,7 @@ def _run_now(fn: Callable[[], None]) -> None:
 
 class _PocChannel(Channel):
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
-    too_many_pings: Callable[[], None] = staticmethod(lambda: None)
+    too_many_pings: Callable[[bool], None] = staticmethod(lambda calls_open: None)
     before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
     unindexed_headers: frozenset[str] = frozenset()
     shut = False  # closed by the transport: for good, never connected again

@@ -569,6 +569,33 @@ async def test_goaway_too_many_pings_doubles_keepalive_time(
         assert not warned
 
 
+async def test_a_too_many_pings_goaway_during_a_health_check_doubles_keepalive_time(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A health check is a call on that connection (it takes no slot of the
+    # client's): such a GOAWAY is no sign of pings between calls, yet it turned
+    # them off, as if no call ran.
+    from poc_api.testing import reference_server
+
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    bad_server.plan("Check", Reply("goaway_open", status=11, debug_data=b"too_many_pings"))
+    async with reference_server() as good:
+        async with poc_api.ApiClient(
+            good.base_url,
+            grpc_url=[bad_server.url, good.grpc_url],
+            keepalive_time=0.1,
+            keepalive_timeout=2.0,
+            close_timeout=1.0,
+        ) as c:
+            with trio.fail_after(10):
+                await c.score([Tokens([1, 2, 3])], [(1, 3)])  # starts the health checks
+                await wait_for(
+                    lambda: any("too_many_pings" in r.getMessage() for r in caplog.records)
+                )
+    [message] = [r.getMessage() for r in caplog.records if "too_many_pings" in r.getMessage()]
+    assert "keepalive_time is now 0.2 s (was 0.1 s)" in message, message
+
+
 async def test_many_too_many_pings_goaways_double_keepalive_time_once_and_boundedly(
     bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -591,7 +618,7 @@ async def test_many_too_many_pings_goaways_double_keepalive_time_once_and_bounde
             assert transport._keepalive is not None
             assert transport._keepalive.time == 0.2
             for _ in range(20):  # on one new connection after another
-                transport._too_many_pings()
+                transport._too_many_pings(True)  # (with a call open)
             assert transport._keepalive.time == _transport._MAX_KEEPALIVE_TIME
     warned = [r for r in caplog.records if "too_many_pings" in r.getMessage()]
     assert len(warned) < 20
