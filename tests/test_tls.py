@@ -7,12 +7,17 @@ ports, choosing ALPN ``h2`` for gRPC and ``http/1.1`` for HTTP as real servers d
 
 from __future__ import annotations
 
+import gc
 import ssl
+import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 import trio
 import trustme
@@ -28,22 +33,38 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+@attrs.define
+class Knobs:
+    """How a :func:`tls_proxy` misbehaves (changed while it runs)."""
+
+    frozen: bool = False  # moves no byte either way, TCP up: a frozen server
+    linger: float = 0.0  # seconds before it passes an end on: a peer some RTT away
+
+
+async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream, knobs: Knobs) -> None:
     try:
         while data := await source.receive_some(65536):
+            while knobs.frozen:  # noqa: ASYNC110 - a test knob, set from the test
+                await trio.sleep(0.02)
             await sink.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
+        await trio.sleep(knobs.linger)
         await trio.aclose_forcefully(sink)
 
 
 @asynccontextmanager
 async def tls_proxy(
-    port: int, server_ssl: ssl.SSLContext, alpn: str, seen: list[str] | None = None
+    port: int,
+    server_ssl: ssl.SSLContext,
+    alpn: str,
+    seen: list[str] | None = None,
+    knobs: Knobs | None = None,
 ) -> AsyncIterator[int]:
     """A TLS port in front of ``127.0.0.1:port`` that speaks only ``alpn``;
     ``seen`` gets each handshake's outcome ("ok", or why not)."""
+    knobs = knobs or Knobs()
 
     async def serve(tcp: trio.SocketStream) -> None:
         tls = trio.SSLStream(tcp, server_ssl, server_side=True)
@@ -65,8 +86,8 @@ async def tls_proxy(
             seen.append("ok")
         backend = await trio.open_tcp_stream("127.0.0.1", port)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump, tls, backend)
-            nursery.start_soon(_pump, backend, tls)
+            nursery.start_soon(_pump, tls, backend, knobs)
+            nursery.start_soon(_pump, backend, tls, knobs)
 
     async with trio.open_nursery() as nursery:
         [listener] = await nursery.start(
@@ -90,15 +111,22 @@ def server_context(
 
 @asynccontextmanager
 async def tls_server(
-    ca: trustme.CA, client_ca: trustme.CA | None = None, seen: list[str] | None = None
+    ca: trustme.CA,
+    client_ca: trustme.CA | None = None,
+    seen: list[str] | None = None,
+    knobs: Knobs | None = None,
+    **config: Any,
 ) -> AsyncIterator[tuple[ReferenceServer, str, str]]:
-    """A reference server behind TLS: (server, https base_url, https grpc_url)."""
+    """A reference server behind TLS: (server, https base_url, https grpc_url);
+    ``knobs`` for its gRPC side."""
     async with (
-        reference_server() as server,
+        reference_server(**config) as server,
         tls_proxy(
             server.http_port, server_context(ca, "http/1.1", client_ca), "http/1.1", seen
         ) as http_port,
-        tls_proxy(server.grpc_port, server_context(ca, "h2", client_ca), "h2", seen) as grpc_port,
+        tls_proxy(
+            server.grpc_port, server_context(ca, "h2", client_ca), "h2", seen, knobs
+        ) as grpc_port,
     ):
         yield server, f"https://localhost:{http_port}/v1", f"https://localhost:{grpc_port}"
 
@@ -210,3 +238,63 @@ async def test_ssl_context_factory_must_return_a_new_context_each_call(returns: 
     with pytest.raises(TypeError, match=r"must return a new ssl\.SSLContext"):
         async with client:
             pass
+
+
+def trusting(ca: trustme.CA) -> Callable[[], ssl.SSLContext]:
+    def make() -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        return ctx
+
+    return make
+
+
+async def test_keepalive_finds_a_frozen_tls_server_as_soon_as_a_plaintext_one(
+    ca: trustme.CA,
+) -> None:
+    # grpclib closes a connection whose ping went unanswered; over TLS that close
+    # first traded close_notify alerts for up to 30 s (asyncio's
+    # ssl_shutdown_timeout): the stream failed 31 s after the freeze, and every
+    # call meanwhile raised a bare AttributeError from grpclib (the closed
+    # connection still looked connected).
+    knobs = Knobs()
+    async with (
+        tls_server(ca, knobs=knobs, token_delay_ms=100) as (_, base_url, grpc_url),
+        poc_api.ApiClient(
+            base_url,
+            grpc_url=grpc_url,
+            ssl_context_factory=trusting(ca),
+            keepalive_time=0.5,
+            keepalive_timeout=1.0,
+        ) as client,
+        client.session() as s,
+    ):
+        await s.prefill([1, 2])
+        frozen_at = 0.0
+        with trio.fail_after(20), pytest.raises(poc_api.ServerUnavailable):
+            async with s.generate([3], sampling=poc_api.SamplingParams(max_tokens=400)) as ev:
+                async for _ in ev:
+                    if not knobs.frozen:
+                        knobs.frozen, frozen_at = True, time.monotonic()
+        assert time.monotonic() - frozen_at < 5.0  # 0.5 + 1.0 s, as in plaintext
+        # A call now fails as a call to a frozen server does (typed, at once).
+        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable):
+            await client.score([Tokens([5, 6, 7])], [(1, 3)])
+
+
+async def test_a_tls_connection_is_closed_with_its_client(ca: trustme.CA) -> None:
+    # close() began the close_notify exchange, the loop stopped before the peer
+    # (20 ms away) answered, and the socket stayed open until the garbage
+    # collector closed it ("unclosed transport"): every client of a remote server.
+    knobs = Knobs(linger=0.02)
+    async with tls_server(ca, knobs=knobs) as (_, base_url, grpc_url):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for _ in range(5):
+                async with poc_api.ApiClient(
+                    base_url, grpc_url=grpc_url, ssl_context_factory=trusting(ca)
+                ) as client:
+                    await client.score([Tokens([5, 6, 7])], [(1, 3)])
+            gc.collect()
+        unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not unclosed, unclosed

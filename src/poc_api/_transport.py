@@ -505,7 +505,7 @@ class GrpcTransport:
         protocol = channel._protocol
         return (
             isinstance(protocol, _PocH2Protocol)
-            and not protocol.lost.is_set()
+            and not protocol.closed
             and protocol.settings_received.is_set()
             and not protocol.draining
             and not protocol.worn_out
@@ -1526,8 +1526,14 @@ def _worn_out(channel: Channel) -> bool:
 
 
 def _settled(channel: Channel) -> bool:
+    """The peer's SETTINGS came, and grpclib has not closed the connection (between
+    its close and the loss it causes, a new call failed with an AttributeError)."""
     protocol = channel._protocol
-    return isinstance(protocol, _PocH2Protocol) and protocol.settings_received.is_set()
+    return (
+        isinstance(protocol, _PocH2Protocol)
+        and protocol.settings_received.is_set()
+        and not protocol.closed
+    )
 
 
 class _SplitWindowH2Connection(h2.connection.H2Connection):
@@ -1670,6 +1676,7 @@ class _PocH2Protocol(H2Protocol):
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
         self._socket: asyncio.Transport | None = None
+        self._writer: _CoalescingTransport | None = None
         # Bytes of h2's answers to the server's PING and SETTINGS frames (ACKs)
         # since the socket's write buffer filled up: see _MAX_UNREAD_ANSWERS.
         self._paused = False
@@ -1726,7 +1733,7 @@ class _PocH2Protocol(H2Protocol):
         # this, in one read, and h2 checks a read's frames against the limit in force
         # when the read began (16 KiB until the ACK), failing the connection.
         h2_conn.max_inbound_frame_size = _MAX_FRAME_SIZE
-        writer = _CoalescingTransport(transport, self.before_select)  # type: ignore[arg-type]
+        writer = self._writer = _CoalescingTransport(transport, self.before_select)  # type: ignore[arg-type]
         self._socket = transport  # type: ignore[assignment]
         self.connection = _PocConnection(h2_conn, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.sessions_open = self.sessions_open
@@ -1852,6 +1859,12 @@ class _PocH2Protocol(H2Protocol):
                 # Never processed by the server: safe to send again elsewhere.
                 stream.__terminated__(_GOAWAY_REFUSED)
 
+    @property
+    def closed(self) -> bool:
+        """grpclib closed the connection (keepalive's ping went unanswered, the
+        channel closed): no new call goes on it, even before it is lost."""
+        return self.lost.is_set() or (self._writer is not None and self._writer.closed)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.set()
         self.gate.fail_all()
@@ -1938,7 +1951,7 @@ class _CoalescingTransport:
     waits longer than the iteration that wrote it.
     """
 
-    __slots__ = ("_before_select", "_chunks", "_real")
+    __slots__ = ("_before_select", "_chunks", "_real", "closed")
 
     def __init__(
         self,
@@ -1948,6 +1961,7 @@ class _CoalescingTransport:
         self._real = real
         self._before_select = before_select
         self._chunks: list[bytes] = []
+        self.closed = False  # grpclib closed the connection (lost follows soon)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -1968,8 +1982,17 @@ class _CoalescingTransport:
         return self._real.is_closing()
 
     def close(self) -> None:
+        self.closed = True
         self.flush()  # a reset or GOAWAY written just before still goes out
-        self._real.close()
+        if self._real.get_extra_info("ssl_object") is not None:
+            # Over TLS, close() first trades close_notify alerts, for up to 30 s
+            # (asyncio's ssl_shutdown_timeout), and only then is the connection
+            # lost: a server found frozen by keepalive kept every call waiting that
+            # long, and a client's exit (its loop stops at once) left the socket
+            # open. HTTP/2 needs no close_notify (its frames say where they end).
+            self._real.abort()
+        else:
+            self._real.close()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._real.get_extra_info(name, default)
