@@ -1046,6 +1046,13 @@ class AsyncioBridge:
             if tasks:
                 await asyncio.wait(tasks, timeout=self._cancel_timeout)
             await loop.shutdown_asyncgens()
+            # Its worker threads (getaddrinfo of a host name) end with the client,
+            # not when the garbage collector gets to the executor. Bounded: a
+            # lookup stuck on a dead DNS server is left to finish on its own.
+            try:
+                await asyncio.wait_for(loop.shutdown_default_executor(), self._cancel_timeout)
+            except TimeoutError:
+                log.debug("a getaddrinfo of the client's still runs; not waiting for it")
 
         wedged = False
         # Else it died (an exception escaped the loop); it may still be exiting.

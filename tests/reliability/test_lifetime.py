@@ -384,6 +384,25 @@ def test_no_loop_thread_outlives_its_client() -> None:
     assert not loop_threads()
 
 
+async def test_no_executor_thread_outlives_its_client() -> None:
+    # A host name's getaddrinfo runs in the loop's default executor: its worker
+    # thread lived on after the block, until the garbage collector took the
+    # executor (half a second later, here).
+    def executor_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("asyncio_")}
+
+    before = executor_threads()
+    left = 0
+    async with reference_server() as server:
+        for _ in range(20):  # (about half of them left one before)
+            async with poc_api.ApiClient(
+                server.base_url, grpc_url=f"http://localhost:{server.grpc_port}"
+            ) as client:
+                await client.score([poc_api.Tokens([1, 2, 3])], [(1, 3)])
+            left += bool(executor_threads() - before)
+    assert left == 0
+
+
 async def _conversation_agent(client: poc_api.ApiClient, started: trio.Event) -> None:
     async with client.conversation() as conv:
         async with conv.stream([poc_api.Tokens(HELLO)], LONG) as ev:
