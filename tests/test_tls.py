@@ -225,7 +225,7 @@ def test_ssl_context_factory_must_be_a_function() -> None:
 
 
 @pytest.mark.parametrize("returns", ["same", "not a context"])
-async def test_ssl_context_factory_must_return_a_new_context_each_call(returns: str) -> None:
+def test_ssl_context_factory_must_return_a_new_context_each_call(returns: str) -> None:
     # One context for both sides would be mutated by each: httpcore sets its
     # ALPN to http/1.1 at every connect, and gRPC servers refuse a handshake
     # without h2.
@@ -234,10 +234,30 @@ async def test_ssl_context_factory_must_return_a_new_context_each_call(returns: 
     def make() -> ssl.SSLContext:
         return shared if returns == "same" else "ctx"  # type: ignore[return-value]
 
-    client = poc_api.ApiClient("https://localhost:1/v1", ssl_context_factory=make)
     with pytest.raises(TypeError, match=r"must return a new ssl\.SSLContext"):
-        async with client:
-            pass
+        poc_api.ApiClient("https://localhost:1/v1", ssl_context_factory=make)
+
+
+def test_ssl_context_factory_runs_when_the_client_is_made() -> None:
+    # Not as it opens: that is shielded from Ctrl-C, and a factory is the
+    # caller's code (a slow one held Ctrl-C off until it returned, twice).
+    made: list[ssl.SSLContext] = []
+
+    def make() -> ssl.SSLContext:
+        made.append(ssl.create_default_context())
+        return made[-1]
+
+    poc_api.ApiClient("https://localhost:1/v1", ssl_context_factory=make)
+    assert len(made) == 2 and made[0] is not made[1]
+
+
+def test_a_server_side_context_is_refused_at_once() -> None:
+    # It failed at each connect: a raw ssl.SSLError from the HTTP side.
+    with pytest.raises(ValueError, match="client contexts"):
+        poc_api.ApiClient(
+            "https://localhost:1/v1",
+            ssl_context_factory=lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER),
+        )
 
 
 def trusting(ca: trustme.CA) -> Callable[[], ssl.SSLContext]:

@@ -53,6 +53,7 @@ from ._transport import (
     GrpcTransport,
     KeepAlive,
     StreamBudget,
+    check_client_context,
     deadline,
     grpc_ssl_context,
 )
@@ -307,7 +308,7 @@ class ApiClient:
         ssl_context_factory: for ``https`` URLs, a function returning a new
             :class:`ssl.SSLContext` (which CAs to trust, a client certificate),
             e.g. ``lambda: ssl.create_default_context(cafile="corp-ca.pem")``.
-            It is called twice as the client opens: the HTTP calls get one
+            It is called twice when the client is made: the HTTP calls get one
             context and the gRPC connections another (each side sets the ALPN
             protocols of its own). Default: httpx's, for both sides alike:
             certifi's CAs, or those of ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
@@ -374,8 +375,23 @@ class ApiClient:
                 "ssl_context_factory must be a function that returns an ssl.SSLContext "
                 "(it is called once for the HTTP calls and once for the gRPC connections)"
             )
-        self._ssl_context_factory = ssl_context_factory
         self._grpc_ssl: ssl.SSLContext | None = None
+        self._http_ssl: ssl.SSLContext | None = None
+        if ssl_context_factory is not None:
+            # Made here, not as the client opens: the factory is the caller's code,
+            # and the opening is shielded from Ctrl-C. Two contexts: httpcore sets
+            # ALPN "http/1.1" on its context at each connect, which would make a
+            # shared one offer gRPC servers no "h2".
+            self._grpc_ssl = grpc_ssl_context(ssl_context_factory)
+            http_ssl = ssl_context_factory()
+            if http_ssl is self._grpc_ssl or not isinstance(http_ssl, ssl.SSLContext):
+                got = (
+                    "the same one twice" if http_ssl is self._grpc_ssl else type(http_ssl).__name__
+                )
+                raise TypeError(
+                    f"ssl_context_factory must return a new ssl.SSLContext at each call, got {got}"
+                )
+            self._http_ssl = check_client_context(http_ssl)
         check_api_key(api_key)
         self._connect_timeout = _seconds("connect_timeout", connect_timeout)
         self._timeout = _seconds("timeout", timeout)
@@ -447,17 +463,7 @@ class ApiClient:
             # An auth of the client's own: httpx would otherwise turn a base_url's
             # user:password@ into Basic auth that replaces the Bearer header.
             auth = _BearerAuth(self._api_key)
-        verify: ssl.SSLContext | bool = True
-        if self._ssl_context_factory is not None:
-            # Two contexts: httpcore sets ALPN "http/1.1" on its context at each
-            # connect, which would make a shared one offer gRPC servers no "h2".
-            self._grpc_ssl = grpc_ssl_context(self._ssl_context_factory)
-            verify = self._ssl_context_factory()
-            if verify is self._grpc_ssl or not isinstance(verify, ssl.SSLContext):
-                got = "the same one twice" if verify is self._grpc_ssl else type(verify).__name__
-                raise TypeError(
-                    f"ssl_context_factory must return a new ssl.SSLContext at each call, got {got}"
-                )
+        verify: ssl.SSLContext | bool = self._http_ssl if self._http_ssl is not None else True
         # Before the loop thread: httpx reads the proxy variables here and may
         # refuse them (ALL_PROXY=socks5://... without socksio installed).
         http = httpx.AsyncClient(

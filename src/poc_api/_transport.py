@@ -398,6 +398,17 @@ def grpc_ssl_context(make: Callable[[], _ssl.SSLContext] | None) -> _ssl.SSLCont
         )
     # gRPC servers (grpc-go, C-core behind TLS) refuse a handshake without it.
     context.set_alpn_protocols(["h2"])
+    return check_client_context(context)
+
+
+def check_client_context(context: _ssl.SSLContext) -> _ssl.SSLContext:
+    """``context``, if it can make client connections (``ValueError`` now, not an
+    SSL error at each connect: a server's context, PROTOCOL_TLS_SERVER)."""
+    if context.protocol == _ssl.PROTOCOL_TLS_SERVER:
+        raise ValueError(
+            "ssl_context_factory must make client contexts (ssl.create_default_context()), "
+            "got a PROTOCOL_TLS_SERVER one"
+        )
     return context
 
 
