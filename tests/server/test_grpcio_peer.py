@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -152,16 +152,14 @@ def test_grpcio_normalized_top_logprobs(peer: Any, pb: tuple[ModuleType, ModuleT
         assert math.isclose(total, 1.0, abs_tol=1e-4)
 
 
-def test_grpcio_server_graceful_stop_lets_a_poc_api_stream_finish(
+def start_grpcio_server(
     pb: tuple[ModuleType, ModuleType],
-) -> None:
-    """grpcio's server.stop(grace) sends GOAWAY and lets running calls finish."""
-    import threading
+    generate: Callable[[Any], Iterator[Any]],
+    options: Sequence[tuple[str, Any]] = (),
+) -> tuple[Any, int]:
+    """A grpcio (C-core) salience server of one session id, answering Generate with
+    ``generate(request)``; started, on a free loopback port: (server, port)."""
     from concurrent import futures
-
-    import trio
-
-    import poc_api
 
     pb2, pb2_grpc = pb
 
@@ -173,21 +171,40 @@ def test_grpcio_server_graceful_stop_lets_a_poc_api_stream_finish(
             return pb2.CloseSessionResponse()
 
         def Generate(self, request: Any, context: Any) -> Iterator[Any]:
-            start = request.offset + len(request.append_tokens)
-            for i in range(request.max_tokens):
-                time.sleep(0.01)
-                yield pb2.GenerateEvent(
-                    token=pb2.Token(id=65, position=start + i, sampled_logprob=-0.5)
-                )
-            n = request.max_tokens
-            yield pb2.GenerateEvent(
-                done=pb2.Done(prompt_tokens=start, completion_tokens=n, total_tokens=start + n)
-            )
+            return generate(request)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=list(options))
     pb2_grpc.add_SalienceServicer_to_server(Servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return server, port
+
+
+def test_grpcio_server_graceful_stop_lets_a_poc_api_stream_finish(
+    pb: tuple[ModuleType, ModuleType],
+) -> None:
+    """grpcio's server.stop(grace) sends GOAWAY and lets running calls finish."""
+    import threading
+
+    import trio
+
+    import poc_api
+
+    pb2 = pb[0]
+
+    def generate(request: Any) -> Iterator[Any]:
+        start = request.offset + len(request.append_tokens)
+        for i in range(request.max_tokens):
+            time.sleep(0.01)
+            yield pb2.GenerateEvent(
+                token=pb2.Token(id=65, position=start + i, sampled_logprob=-0.5)
+            )
+        n = request.max_tokens
+        yield pb2.GenerateEvent(
+            done=pb2.Done(prompt_tokens=start, completion_tokens=n, total_tokens=start + n)
+        )
+
+    server, port = start_grpcio_server(pb, generate)
 
     async def main() -> list[Any]:
         async with poc_api.ApiClient(
@@ -240,34 +257,22 @@ def test_a_grpcio_server_that_refuses_pings_between_calls_gets_them_only_during_
     such GOAWAY, so an agent between turns ended a connection again and again, and
     the rate during calls (what finds a frozen server mid-call) went to 2 hours."""
     import logging
-    from concurrent import futures
 
     import trio
 
     import poc_api
 
-    pb2, pb2_grpc = pb
+    pb2 = pb[0]
 
-    class Servicer(pb2_grpc.SalienceServicer):  # type: ignore[misc]
-        def OpenSession(self, request: Any, context: Any) -> Any:
-            return pb2.OpenSessionResponse(session_id="s1", max_length=1 << 20)
+    def generate(request: Any) -> Iterator[Any]:
+        time.sleep(0.8)  # long enough for pings during the call
+        n = request.offset + len(request.append_tokens)
+        yield pb2.GenerateEvent(done=pb2.Done(prompt_tokens=n, total_tokens=n))
 
-        def CloseSession(self, request: Any, context: Any) -> Any:
-            return pb2.CloseSessionResponse()
-
-        def Generate(self, request: Any, context: Any) -> Iterator[Any]:
-            time.sleep(0.8)  # long enough for pings during the call
-            n = request.offset + len(request.append_tokens)
-            yield pb2.GenerateEvent(done=pb2.Done(prompt_tokens=n, total_tokens=n))
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        # Pings during calls every 100 ms are fine; between calls, C-core's default.
-        options=[("grpc.http2.min_ping_interval_without_data_ms", 100)],
+    # Pings during calls every 100 ms are fine; between calls, C-core's default.
+    server, port = start_grpcio_server(
+        pb, generate, [("grpc.http2.min_ping_interval_without_data_ms", 100)]
     )
-    pb2_grpc.add_SalienceServicer_to_server(Servicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     caplog.set_level(logging.WARNING, logger="poc_api")
 
     def warned() -> list[str]:
