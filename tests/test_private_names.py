@@ -52,6 +52,7 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
         ) as stream:
             found = {
                 "grpclib.protocol.Connection instance": channel._protocol.connection,
+                "grpclib.protocol.EventsProcessor instance": channel._protocol.processor,
                 "grpclib.server.Server instance": grpclib.server.Server([]),
                 "grpclib.client.Channel instance": channel,
                 "grpclib.client.Stream instance": stream,

@@ -93,6 +93,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "id",
         "a stream above a GOAWAY's last stream id was not processed (sent again)",
     ),
+    (
+        "grpclib.protocol.EventsProcessor instance",
+        "streams",
+        "a connection's open calls (GOAWAY refusals, idle checks, too_many_pings)",
+    ),
     ("h2.connection.H2Connection instance", "encoder", "install the caching HPACK encoder"),
     ("hpack.Encoder instance", "header_table", "the table a cached block depends on"),
     ("hpack.table.HeaderTable instance", "dynamic_entries", "the table's state (_hpack)"),
