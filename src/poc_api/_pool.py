@@ -394,7 +394,6 @@ class Router:
             self._dns = endpoints
         else:
             self._endpoints = [_Endpoint(t.target, t) for t in endpoints]
-        self._health_started = False
         self._health_task: asyncio.Task[None] | None = None
         # Set (asyncio side) once every endpoint has answered its first health check
         # or failed it, or the first round has ended; read on the trio side.
@@ -463,11 +462,6 @@ class Router:
         :class:`ServerUnavailable` when every endpoint was tried already (or DNS
         listed none).
         """
-        if not self._health_started and self.failover:
-            # Before the one-endpoint shortcut: a DNS target that resolved to one
-            # address is re-resolved by this task too. One plain URL needs none.
-            self._health_started = True
-            self._bridge.call_soon(self._start_health)
         endpoints = self._endpoints
         if len(endpoints) == 1 and not exclude:
             return endpoints[0]
@@ -585,15 +579,17 @@ class Router:
             self._leaving += gone
 
     async def first_checks(self) -> None:
-        """Wait, at most ``_FIRST_CHECKS_WAIT``, for every endpoint's first health answer.
+        """Start the health checks, and wait, at most ``_FIRST_CHECKS_WAIT``, for
+        every endpoint's first answer (a pool's first placement does).
 
         Until then an endpoint is UNKNOWN, which placement takes as usable: a new
         client put sessions on a draining (NOT_SERVING) server. gRPC's clients
         too take a health-checked endpoint as ready only once it has answered.
         The bound keeps an endpoint that never speaks from holding the first
-        session up (its check times out only after the check interval).
+        session up (its check times out only after the check interval). A DNS
+        target that resolved to one address is a pool too: the checks' task
+        re-resolves it.
         """
-        self._health_started = True
 
         async def wait() -> None:
             self._start_health()
