@@ -53,9 +53,9 @@ from ._transport import (
     GrpcTransport,
     KeepAlive,
     StreamBudget,
-    check_client_context,
     deadline,
     grpc_ssl_context,
+    made_context,
 )
 from ._types import (
     Ranges,
@@ -383,15 +383,12 @@ class ApiClient:
             # ALPN "http/1.1" on its context at each connect, which would make a
             # shared one offer gRPC servers no "h2".
             self._grpc_ssl = grpc_ssl_context(ssl_context_factory)
-            http_ssl = ssl_context_factory()
-            if http_ssl is self._grpc_ssl or not isinstance(http_ssl, ssl.SSLContext):
-                got = (
-                    "the same one twice" if http_ssl is self._grpc_ssl else type(http_ssl).__name__
-                )
+            self._http_ssl = made_context(ssl_context_factory)
+            if self._http_ssl is self._grpc_ssl:
                 raise TypeError(
-                    f"ssl_context_factory must return a new ssl.SSLContext at each call, got {got}"
+                    "ssl_context_factory must return a new ssl.SSLContext at each call, "
+                    "got the same one twice"
                 )
-            self._http_ssl = check_client_context(http_ssl)
         check_api_key(api_key)
         self._connect_timeout = _seconds("connect_timeout", connect_timeout)
         self._timeout = _seconds("timeout", timeout)

@@ -390,20 +390,22 @@ def grpc_ssl_context(make: Callable[[], _ssl.SSLContext] | None) -> _ssl.SSLCont
     ``SSL_CERT_DIR`` when set). grpclib's own default reads certifi's alone, so
     a private CA that the HTTP calls accepted failed every gRPC call.
     """
-    context = httpx.create_ssl_context() if make is None else make()
+    context = httpx.create_ssl_context() if make is None else made_context(make)
+    # gRPC servers (grpc-go, C-core behind TLS) refuse a handshake without it.
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def made_context(make: Callable[[], _ssl.SSLContext]) -> _ssl.SSLContext:
+    """``make()``, checked now: an ``ssl.SSLContext`` (``TypeError``) that can make
+    client connections (``ValueError``, not an SSL error at each connect: a
+    server's context, PROTOCOL_TLS_SERVER)."""
+    context = make()
     if not isinstance(context, _ssl.SSLContext):
         raise TypeError(
             "ssl_context_factory must return a new ssl.SSLContext at each call, "
             f"got {type(context).__name__}"
         )
-    # gRPC servers (grpc-go, C-core behind TLS) refuse a handshake without it.
-    context.set_alpn_protocols(["h2"])
-    return check_client_context(context)
-
-
-def check_client_context(context: _ssl.SSLContext) -> _ssl.SSLContext:
-    """``context``, if it can make client connections (``ValueError`` now, not an
-    SSL error at each connect: a server's context, PROTOCOL_TLS_SERVER)."""
     if context.protocol == _ssl.PROTOCOL_TLS_SERVER:
         raise ValueError(
             "ssl_context_factory must make client contexts (ssl.create_default_context()), "
