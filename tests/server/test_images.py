@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 from poc_api.server._images import image_size, placeholder_count
 
+# PNG's numbers spelled out here, not imported from _images: the tests build
+# their images from their own reading of the spec, so a wrong table there fails.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Colour type: samples per pixel.
 PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
