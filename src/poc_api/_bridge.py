@@ -152,6 +152,7 @@ class _Call:
         "error",
         "fd",
         "finished",
+        "may_abort",
         "on_done",
         "result",
         "returned",
@@ -177,6 +178,8 @@ class _Call:
         self.task: asyncio.Task[Any] | None = None
         self.cancel_requested = False  # by its caller: it ends as cancelled
         self.aborted = False  # by the client's close: it ends as closed (abort_calls)
+        # Asked on the loop when the close aborts a running call: False, it runs on.
+        self.may_abort: Callable[[], bool] | None = None
 
 
 @final
@@ -862,6 +865,8 @@ class AsyncioBridge:
         task = call.task
         if task is None or task.done() or call.finished:
             return  # not started (begin() sees the flags), or over
+        if not call.cancel_requested and call.may_abort is not None and not call.may_abort():
+            return  # aborted by the close, and it has gone too far: it runs on
         if call.cancel_requested and call.detach is not None and call.detach(task):
             # The task runs on by itself; the trio side stops waiting now.
             self._finish(call)
@@ -906,7 +911,7 @@ class AsyncioBridge:
         abandoned: Callable[[T], None] | None = None,
         detach: Callable[[asyncio.Task[Any]], bool] | None = None,
         defer_ki: bool = False,
-        abortable: bool = False,
+        abortable: bool | Callable[[], bool] = False,
     ) -> T:
         """Run ``await fn(*args)`` on the asyncio loop and return its result.
 
@@ -924,7 +929,9 @@ class AsyncioBridge:
         With ``defer_ki`` (cleanup calls such as ``CloseSession``), Ctrl-C does
         not interrupt the call: its ``KeyboardInterrupt`` is raised once the call
         has finished, so the cleanup still happens. An ``abortable`` call ends
-        as closed under it when :meth:`abort_calls` runs.
+        as closed under it when :meth:`abort_calls` runs; given a function, only
+        if the call has not started yet or the function (asked on the loop, as the
+        abort comes) returns True.
         """
         self.check_caller()
         if abortable and self._aborted:
@@ -937,6 +944,8 @@ class AsyncioBridge:
                 self._free_fds.append(fd)
             raise
         if abortable:
+            if abortable is not True:
+                call.may_abort = abortable
             self._abortable.add(call)
         ki: KeyboardInterrupt | None = None
         try:

@@ -786,10 +786,11 @@ class SessionRoute:
         orphan: Orphan | None = None,
         cleanup: bool = False,
         abortable: bool = False,
+        abort_unsent: bool = False,
     ) -> bytes:
         """A unary call of this session, on its endpoint; see :meth:`GrpcTransport.unary`."""
         if method == "OpenSession":
-            return await self._open(request, timeout, orphan)
+            return await self._open(request, timeout, orphan, abort_unsent)
         ep = self._current()
         try:
             return await ep.transport.unary(
@@ -799,6 +800,7 @@ class SessionRoute:
                 orphan=orphan,
                 cleanup=cleanup,
                 abortable=abortable,
+                abort_unsent=abort_unsent,
                 extra_metadata=self._metadata,
             )
         except e.ServerUnavailable:
@@ -810,14 +812,14 @@ class SessionRoute:
         request: bytes,
         timeout: float | None,
         orphan: Orphan | None,
+        abort_unsent: bool,
         progress: _Progress | None = None,
     ) -> bytes:
         if timeout is not None:
             # Retriable if it ran out before any attempt's request went out.
             progress = _Progress()
-            sent = progress
-            with deadline(timeout, "OpenSession", unsent=lambda: not sent.headers_sent):
-                return await self._open(request, None, orphan, progress)
+            with deadline(timeout, "OpenSession", unsent=progress.unsent):
+                return await self._open(request, None, orphan, abort_unsent, progress)
         router = self._router
         tried: list[_Endpoint] = []  # not to be picked again (but see "left")
         unreachable: list[_Endpoint] = []  # failed in this call: never again
@@ -841,6 +843,7 @@ class SessionRoute:
                     "OpenSession",
                     request,
                     orphan=orphan,
+                    abort_unsent=abort_unsent,
                     extra_metadata=self._metadata,
                     progress=attempt,
                 )

@@ -744,6 +744,8 @@ class open_session:  # used like the function it replaced
                 encode_string_field(self._model),  # OpenSessionRequest
                 timeout=self._timeout,
                 orphan=close_orphan,
+                # The client's close waits for it only once it may have reached the server.
+                abort_unsent=True,
             )
         finally:
             live.in_flight -= 1
@@ -966,7 +968,8 @@ async def close_live_sessions(owner: Router, bridge: AsyncioBridge, timeout: flo
     A client closed from another task (a supervisor shutting down, say) would
     otherwise leave these on the server until its idle eviction. One
     ``CloseSession`` each, all at once; an ``OpenSession`` still in flight is
-    waited for and its session closed too, as is a block's own ``CloseSession``.
+    waited for and its session closed too (one whose request never went out
+    ends at once: ``abort_calls``), as is a block's own ``CloseSession``.
     All of it within ``timeout``; a failure is logged (as by ``Session.aclose``).
     The blocks, when they leave, find their session closed and say nothing. The
     caller shields this (``ApiClient.aclose``).

@@ -1050,6 +1050,7 @@ class GrpcTransport:
         orphan: Orphan | None = None,
         cleanup: bool = False,
         abortable: bool = False,
+        abort_unsent: bool = False,
         extra_metadata: tuple[tuple[str, str], ...] = (),
         progress: _Progress | None = None,
     ) -> bytes:
@@ -1064,22 +1065,23 @@ class GrpcTransport:
         waits for these cleanups. A
         ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
         ``KeyboardInterrupt`` comes once it has finished. An ``abortable`` call
-        (``AppendImage``) ends at once when the client's close begins.
+        (``AppendImage``) ends at once when the client's close begins; with
+        ``abort_unsent`` (``OpenSession``), only if its HEADERS are not written
+        yet (nothing exists on the server: the close need not wait for it).
         ``progress`` (the caller's, to learn whether the request went out) is
         made here if not given.
         """
         if progress is None:
             progress = _Progress()
+        abort: bool | Callable[[], bool] = abortable or (abort_unsent and progress.unsent)
         if timeout is not None:
             # Timed out before its HEADERS were written, the call never reached the
             # server (a cancelled call not on the wire is dropped): retriable.
-            with deadline(timeout, method, unsent=lambda: not progress.headers_sent):
+            with deadline(timeout, method, unsent=progress.unsent):
                 return await self._unary(
-                    method, request, progress, orphan, cleanup, abortable, extra_metadata
+                    method, request, progress, orphan, cleanup, abort, extra_metadata
                 )
-        return await self._unary(
-            method, request, progress, orphan, cleanup, abortable, extra_metadata
-        )
+        return await self._unary(method, request, progress, orphan, cleanup, abort, extra_metadata)
 
     @trio.lowlevel.enable_ki_protection  # as unary's
     async def _unary(
@@ -1089,7 +1091,7 @@ class GrpcTransport:
         progress: _Progress,
         orphan: Orphan | None,
         cleanup: bool,
-        abortable: bool,
+        abortable: bool | Callable[[], bool],
         extra_metadata: tuple[tuple[str, str], ...],
     ) -> bytes:
         path = SERVICE + method
@@ -1295,6 +1297,10 @@ class _Progress:
         self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
         self.reap_timer: asyncio.TimerHandle | None = None
+
+    def unsent(self) -> bool:
+        """Whether the call surely never reached the server (its HEADERS not written)."""
+        return not self.headers_sent
 
     def mark_sent(self) -> None:
         """The call's HEADERS are written: so are those of its composite blocks."""

@@ -940,6 +940,49 @@ async def test_closing_the_client_ends_http_calls_still_connecting() -> None:
         listener.close()
 
 
+@pytest.mark.parametrize("servers", [1, 2], ids=["one server", "pool of two"])
+async def test_closing_the_client_ends_an_open_session_still_connecting(
+    servers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its OpenSession never reached the wire (the TCP connect hangs): nothing exists
+    # on the server, so the close has nothing to wait for. It waited close_timeout
+    # (5 s) for the call, then warned that "1 opening" session was not closed.
+    listeners, fillers = [], []
+    for _ in range(servers):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # its accept queue full: connects hang (their SYNs dropped)
+        listeners.append(listener)
+        fillers.append(socket.create_connection(listener.getsockname(), timeout=5))
+    urls = [f"http://127.0.0.1:{listener.getsockname()[1]}" for listener in listeners]
+    client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=urls[0] if servers == 1 else urls)
+    ended: list[BaseException] = []
+
+    async def opener() -> None:
+        try:
+            async with client.session():
+                pass
+        except BaseException as exc:
+            ended.append(exc)
+
+    try:
+        with trio.fail_after(10), caplog.at_level(logging.WARNING, logger="poc_api"):
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(opener)
+                await trio.sleep(0.5)  # connecting (a pool: past its first health checks)
+                assert not ended
+                started = time.monotonic()
+                await client.aclose()
+                took = time.monotonic() - started
+                assert len(ended) == 1  # before the close returned
+        assert isinstance(ended[0], trio.ClosedResourceError)
+        assert took < 1.0
+        assert not [r for r in caplog.records if "were not closed" in r.getMessage()]
+    finally:
+        for s in fillers + listeners:
+            s.close()
+
+
 async def test_a_block_whose_body_handled_its_sessions_close_leaves_without_error(
     server: ReferenceServer,
 ) -> None:
