@@ -332,7 +332,7 @@ async def test_a_call_waiting_to_write_when_its_connection_is_cut_off_goes_elsew
 
     monkeypatch.setattr(_PocH2Protocol, "pause_writing", pausing)
     # (A longer flood before the cutoff: the second call is surely waiting by then.)
-    monkeypatch.setattr(transport_module, "_MAX_UNREAD_ANSWERS", 8 * MB)
+    monkeypatch.setattr(transport_module, "_MAX_UNREAD_ANSWERS", 2 * MB)
     bad_server.plan("OpenSession", Reply("ping_flood", claimed_size=256 * MB))
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
         with trio.fail_after(60):
