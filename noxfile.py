@@ -35,10 +35,12 @@ MATRIX = [
 # every cell. (CI time is budgeted: a cell costs about four minutes there.)
 SLOW_CELL = ("3.11", "latest")
 HEAVY_PYTHON = "3.11"
-# Test processes per cell (pytest-xdist). Most tests wait on sockets and timers, so
-# two processes on CI's 2 cores halve a cell's time. Two, not one per core, so a
-# bigger machine runs the configuration CI runs (the tests' own time limits assume it).
-WORKERS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+# Test processes per cell (pytest-xdist). Three on CI's 2 cores: with two, a third of
+# their time went to waiting on sockets and timers (a cell here: 200 s with two, 151-163 s
+# with three). Three, not one per core plus one, so a bigger machine runs the
+# configuration CI runs (the tests' own time limits assume it); one on a single core.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+WORKERS = 3 if _CORES >= 2 else 1
 
 
 @nox.session
