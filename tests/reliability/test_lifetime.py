@@ -940,6 +940,31 @@ async def test_closing_the_client_ends_http_calls_still_connecting() -> None:
         listener.close()
 
 
+async def _close_while_a_session_opens(grpc_url: str | list[str]) -> None:
+    """Close the client from another task while a session opens; it must end at once."""
+    client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=grpc_url)
+    ended: list[BaseException] = []
+
+    async def opener() -> None:
+        try:
+            async with client.session():
+                pass
+        except BaseException as exc:
+            ended.append(exc)
+
+    with trio.fail_after(10):
+        async with client, trio.open_nursery() as nursery:
+            nursery.start_soon(opener)
+            await trio.sleep(0.5)  # connecting (a pool: past its first health checks)
+            assert not ended
+            started = time.monotonic()
+            await client.aclose()
+            took = time.monotonic() - started
+            assert len(ended) == 1  # before the close returned
+    assert isinstance(ended[0], trio.ClosedResourceError)
+    assert took < 1.0
+
+
 @pytest.mark.parametrize("servers", [1, 2], ids=["one server", "pool of two"])
 async def test_closing_the_client_ends_an_open_session_still_connecting(
     servers: int, caplog: pytest.LogCaptureFixture
@@ -955,32 +980,25 @@ async def test_closing_the_client_ends_an_open_session_still_connecting(
         listeners.append(listener)
         fillers.append(socket.create_connection(listener.getsockname(), timeout=5))
     urls = [f"http://127.0.0.1:{listener.getsockname()[1]}" for listener in listeners]
-    client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=urls[0] if servers == 1 else urls)
-    ended: list[BaseException] = []
-
-    async def opener() -> None:
-        try:
-            async with client.session():
-                pass
-        except BaseException as exc:
-            ended.append(exc)
-
     try:
-        with trio.fail_after(10), caplog.at_level(logging.WARNING, logger="poc_api"):
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(opener)
-                await trio.sleep(0.5)  # connecting (a pool: past its first health checks)
-                assert not ended
-                started = time.monotonic()
-                await client.aclose()
-                took = time.monotonic() - started
-                assert len(ended) == 1  # before the close returned
-        assert isinstance(ended[0], trio.ClosedResourceError)
-        assert took < 1.0
+        with caplog.at_level(logging.WARNING, logger="poc_api"):
+            await _close_while_a_session_opens(urls[0] if servers == 1 else urls)
         assert not [r for r in caplog.records if "were not closed" in r.getMessage()]
     finally:
         for s in fillers + listeners:
             s.close()
+
+
+async def test_closing_the_client_ends_an_open_session_on_a_server_that_never_speaks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # TCP accepted, no SETTINGS ever: the request waits for them, unsent. The close
+    # waited close_timeout for it too.
+    async with misbehaving_server() as srv:
+        srv.mute = True
+        with caplog.at_level(logging.WARNING, logger="poc_api"):
+            await _close_while_a_session_opens(srv.url)
+    assert not [r for r in caplog.records if "were not closed" in r.getMessage()]
 
 
 async def test_a_block_whose_body_handled_its_sessions_close_leaves_without_error(
