@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 
 import h2.errors
@@ -894,32 +894,44 @@ def _open_sockets_to(port: int, exclude: list[socket.socket]) -> list[socket.soc
     return found
 
 
-async def test_closing_the_client_ends_http_calls_still_connecting() -> None:
-    # A listener whose accept queue is full: connects hang (their SYNs dropped).
-    # httpx's close does not end a send whose connection is still being opened
-    # (its pool skips it): such calls ran on after the client's close, and their
-    # connections, once made, were left open outside any pool.
+@contextlib.contextmanager
+def _hanging_listener() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A loopback port whose connects hang: its accept queue is full (nobody
+    accepts), so the kernel drops their SYNs. Yields the port and the sockets
+    that fill the queue."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     port = listener.getsockname()[1]
     fillers = [socket.create_connection(("127.0.0.1", port), timeout=5)]
-    ended: list[tuple[BaseException, float]] = []
-    client = poc_api.ApiClient(f"http://127.0.0.1:{port}/v1", grpc_url="http://127.0.0.1:1")
-
-    async def caller(call: str) -> None:
-        try:
-            if call == "chat_stream":
-                async with client.chat_stream([{"role": "user", "content": "hi"}], model="m"):
-                    pass
-            elif call == "tokenize":
-                await client.tokenize("x")
-            else:
-                await getattr(client, call)()
-        except BaseException as exc:
-            ended.append((exc, time.monotonic()))
-
     try:
+        yield port, fillers
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+async def test_closing_the_client_ends_http_calls_still_connecting() -> None:
+    # httpx's close does not end a send whose connection is still being opened
+    # (its pool skips it): such calls ran on after the client's close, and their
+    # connections, once made, were left open outside any pool.
+    with _hanging_listener() as (port, fillers):
+        ended: list[tuple[BaseException, float]] = []
+        client = poc_api.ApiClient(f"http://127.0.0.1:{port}/v1", grpc_url="http://127.0.0.1:1")
+
+        async def caller(call: str) -> None:
+            try:
+                if call == "chat_stream":
+                    async with client.chat_stream([{"role": "user", "content": "hi"}], model="m"):
+                        pass
+                elif call == "tokenize":
+                    await client.tokenize("x")
+                else:
+                    await getattr(client, call)()
+            except BaseException as exc:
+                ended.append((exc, time.monotonic()))
+
         with trio.fail_after(10):
             async with client, trio.open_nursery() as nursery:
                 for call in ("tokenize", "readout_manifest", "tokenizer_info", "chat_stream"):
@@ -934,14 +946,13 @@ async def test_closing_the_client_ends_http_calls_still_connecting() -> None:
         assert closed - started < 1.0
         gc.collect()
         assert _open_sockets_to(port, fillers) == []
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
 
 
-async def _close_while_a_session_opens(grpc_url: str | list[str]) -> None:
-    """Close the client from another task while a session opens; it must end at once."""
+async def _close_while_a_session_opens(
+    grpc_url: str | list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Close the client from another task while a session opens: the session's
+    block must end at once, and no session be reported left unclosed."""
     client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=grpc_url)
     ended: list[BaseException] = []
 
@@ -952,7 +963,7 @@ async def _close_while_a_session_opens(grpc_url: str | list[str]) -> None:
         except BaseException as exc:
             ended.append(exc)
 
-    with trio.fail_after(10):
+    with trio.fail_after(10), caplog.at_level(logging.WARNING, logger="poc_api"):
         async with client, trio.open_nursery() as nursery:
             nursery.start_soon(opener)
             await trio.sleep(0.5)  # connecting (a pool: past its first health checks)
@@ -963,6 +974,7 @@ async def _close_while_a_session_opens(grpc_url: str | list[str]) -> None:
             assert len(ended) == 1  # before the close returned
     assert isinstance(ended[0], trio.ClosedResourceError)
     assert took < 1.0
+    assert not [r for r in caplog.records if "were not closed" in r.getMessage()]
 
 
 @pytest.mark.parametrize("servers", [1, 2], ids=["one server", "pool of two"])
@@ -972,21 +984,10 @@ async def test_closing_the_client_ends_an_open_session_still_connecting(
     # Its OpenSession never reached the wire (the TCP connect hangs): nothing exists
     # on the server, so the close has nothing to wait for. It waited close_timeout
     # (5 s) for the call, then warned that "1 opening" session was not closed.
-    listeners, fillers = [], []
-    for _ in range(servers):
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)  # its accept queue full: connects hang (their SYNs dropped)
-        listeners.append(listener)
-        fillers.append(socket.create_connection(listener.getsockname(), timeout=5))
-    urls = [f"http://127.0.0.1:{listener.getsockname()[1]}" for listener in listeners]
-    try:
-        with caplog.at_level(logging.WARNING, logger="poc_api"):
-            await _close_while_a_session_opens(urls[0] if servers == 1 else urls)
-        assert not [r for r in caplog.records if "were not closed" in r.getMessage()]
-    finally:
-        for s in fillers + listeners:
-            s.close()
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(_hanging_listener())[0] for _ in range(servers)]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        await _close_while_a_session_opens(urls[0] if servers == 1 else urls, caplog)
 
 
 async def test_closing_the_client_ends_an_open_session_on_a_server_that_never_speaks(
@@ -996,9 +997,7 @@ async def test_closing_the_client_ends_an_open_session_on_a_server_that_never_sp
     # waited close_timeout for it too.
     async with misbehaving_server() as srv:
         srv.mute = True
-        with caplog.at_level(logging.WARNING, logger="poc_api"):
-            await _close_while_a_session_opens(srv.url)
-    assert not [r for r in caplog.records if "were not closed" in r.getMessage()]
+        await _close_while_a_session_opens(srv.url, caplog)
 
 
 async def test_a_block_whose_body_handled_its_sessions_close_leaves_without_error(
