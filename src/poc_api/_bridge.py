@@ -944,7 +944,7 @@ class AsyncioBridge:
                 self._free_fds.append(fd)
             raise
         if abortable:
-            if abortable is not True:
+            if callable(abortable):
                 call.may_abort = abortable
             self._abortable.add(call)
         ki: KeyboardInterrupt | None = None
