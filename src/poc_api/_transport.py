@@ -825,13 +825,15 @@ class GrpcTransport:
     async def _await_settings(
         self, channel: Channel, protocol: _PocH2Protocol, limit: float, bound_by: str
     ) -> None:
-        """Wait for the peer's SETTINGS; fail at once if the connection dies first.
+        """Wait for the peer's SETTINGS; fail at once if the connection dies or the
+        peer sends GOAWAY first.
 
         ``bound_by`` names the setting that ``limit`` comes from (for the message).
         """
         waiters = [
             asyncio.ensure_future(protocol.settings_received.wait()),
             asyncio.ensure_future(protocol.lost.wait()),
+            asyncio.ensure_future(protocol.went_away_first.wait()),
         ]
         try:
             await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
@@ -843,6 +845,12 @@ class GrpcTransport:
         if channel is self._channel:
             channel.close()
             self._channel = None
+        if protocol.went_away_first.is_set() and not protocol.protocol_error:
+            raise e.ServerUnavailable(
+                f"{self._target.url} sent GOAWAY before its HTTP/2 SETTINGS: it refused "
+                "the connection (shutting down?)",
+                retriable=True,
+            )
         if protocol.lost.is_set():
             if protocol.protocol_error:
                 raise e.ProtocolViolation(
@@ -1674,15 +1682,17 @@ _MAX_FRAME_SIZE = 1 << 20
 
 
 class _PocH2Protocol(H2Protocol):
-    """grpclib's client protocol with split flow control, plus two facts grpclib
-    does not keep: whether the peer's SETTINGS arrived, and whether the connection
-    died of a protocol error (grpclib reports that as "Connection lost", like a
-    network failure)."""
+    """grpclib's client protocol with split flow control, plus facts grpclib does
+    not keep: whether the peer's SETTINGS arrived (or a GOAWAY before them), and
+    whether the connection died of a protocol error (grpclib reports that as
+    "Connection lost", like a network failure)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = _StreamGate()
         self.settings_received = asyncio.Event()
+        # A GOAWAY came before the SETTINGS: the server refused the connection.
+        self.went_away_first = asyncio.Event()
         self.lost = asyncio.Event()
         self.protocol_error = False
         self._error_reason = _PROTOCOL_ERROR  # the streams' end, after a protocol error
@@ -1812,6 +1822,8 @@ class _PocH2Protocol(H2Protocol):
                 if self._h2 is not None:
                     self.gate.set_limit(self._h2.remote_settings.max_concurrent_streams)
             elif isinstance(event, ConnectionTerminated):
+                if not self.settings_received.is_set():
+                    self.went_away_first.set()  # no call went on it (they wait for SETTINGS)
                 last = event.last_stream_id or 0
                 if self.goaway_last_stream_id is None or last < self.goaway_last_stream_id:
                     self.goaway_last_stream_id = last

@@ -447,6 +447,32 @@ async def test_a_server_whose_every_connection_goes_away_at_once_is_not_redialed
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("code", [0, 2], ids=["graceful", "error"])
+async def test_a_server_that_goes_away_before_its_settings_fails_calls_at_once(code: int) -> None:
+    # A GOAWAY as the server's first frame (no SETTINGS: a server refusing the
+    # connection as it shuts down) ends the connection before any call could go on
+    # it. A graceful one kept the connection open, so calls waited connect_timeout
+    # for SETTINGS that would never come (30 s by default), then blamed a frozen server.
+    goaway = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + bytes(4) + code.to_bytes(4, "big")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await stream.send_all(goaway)
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(65536):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handle, 0)
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=url, close_timeout=0.5) as c:
+            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as caught:
+                async with c.session():
+                    pass
+        assert "GOAWAY before" in str(caught.value)
+        assert caught.value.retriable
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
     bad_server: MisbehavingServer,
 ) -> None:
