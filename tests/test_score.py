@@ -405,3 +405,33 @@ async def test_an_image_the_server_gives_another_length_than_said_is_warned_of(
     [record] = [r for r in caplog.records if "known_expanded_len" in r.getMessage()]
     assert record.levelname == "WARNING"
     assert "is 7 but the server gave it 4 positions" in record.getMessage()
+
+
+@pytest.mark.parametrize("said", [3, 7], ids=["said_shorter", "said_longer"])
+@pytest.mark.parametrize("call", ["score", "score_many", "share_prefix"])
+async def test_a_range_past_an_image_the_server_gives_another_length_than_said_is_refused(
+    server: ReferenceServer, client: poc_api.ApiClient, call: str, said: int
+) -> None:
+    # The caller counted the image as `said` positions; the server gives it 4. A
+    # range after it, computed from that count, names other positions: said shorter,
+    # its sum came back as a plausible, wrong logprob (a WARNING the only sign); said
+    # longer, the error blamed the range. Ranges before the image stand (above).
+    img = Image(make_png(56, 56), "image/png", said)  # the server gives it 4
+    prompt: list[poc_api.Chunk] = [Tokens(PROMPT[:3]), img, Tokens(PROMPT[3:8])]
+    after = (3 + said, 3 + said + 5)  # the text after the image, by the caller's count
+    ranges = [(1, 3), after]
+    # Into the image as far as both counts agree: the same positions either way.
+    with trio.fail_after(10):
+        await client.score(prompt, [(1, 3 + min(said, 4))])
+    with trio.fail_after(10), pytest.raises(ValueError) as info:
+        if call == "score":
+            await client.score(prompt, ranges)
+        elif call == "score_many":
+            await client.score_many([(prompt, ranges)])
+        else:
+            other = [*prompt[:2], Tokens(PROMPT[3:9])]
+            await client.score_many([(prompt, ranges), (other, [(1, 3)])], share_prefix=True)
+    message = str(info.value)
+    assert f"known_expanded_len={said}" in message and "4 positions" in message, message
+    assert str(after) in message, message
+    await wait_for(lambda: not server.state().session_ids)

@@ -745,8 +745,10 @@ class ApiClient:
         the rest), every ``Generate(max_tokens=0)`` with ``logprobs_ranges``. Ranges are
         half-open ``(start, end)``, in any order, and must lie inside the prompt;
         results come back in the order given. Image placeholder positions have no
-        log-probability and add nothing to a range. ``timeout`` bounds the whole
-        call (:class:`PocApiTimeout`).
+        log-probability and add nothing to a range. An image's length is the
+        server's: one whose ``known_expanded_len`` the server contradicts raises
+        ``ValueError`` if a range reaches past it (that range was counted from the
+        wrong length). ``timeout`` bounds the whole call (:class:`PocApiTimeout`).
         """
         with deadline(timeout, "score", composite=True):
             return await score_chunks(

@@ -171,7 +171,7 @@ async def _score_in_session(
             await _collect(session, pending, wire, logprobs)
             pending = []
         appended = await session.append_image(chunk.data, chunk.mime)
-        _check_image_len(session, chunk, appended.placeholder_count)
+        _check_image_len(session, chunk, appended.placeholder_count, pos, ranges)
         image_spans.append((pos, pos + appended.placeholder_count))
         pos += appended.placeholder_count
     total = pos
@@ -472,7 +472,7 @@ async def _append(
             rewind_to = None
             pending = []
         appended = await session.append_image(chunk.data, chunk.mime, rewind_to=rewind_to)
-        _check_image_len(session, chunk, appended.placeholder_count)
+        _check_image_len(session, chunk, appended.placeholder_count, pos, wire)
         rewind_to = None
         image_spans.append((pos, pos + appended.placeholder_count))
         pos += appended.placeholder_count
@@ -484,20 +484,39 @@ async def _append(
     return pos
 
 
-def _check_image_len(session: Session, image: Image, count: int) -> None:
-    """Warn when the server gave an image another length than the caller said.
+def _check_image_len(
+    session: Session,
+    image: Image,
+    count: int,
+    at: int,
+    ranges: Sequence[tuple[int, int]] | None,
+) -> None:
+    """Refuse, or warn of, an image the server gave another length than the caller said.
 
-    The server's count is the truth (spec §4) and is used; ranges the caller
-    computed from its own count point at other positions after the image.
+    The server's count is the truth (spec §4) and is used. A range of the
+    caller's (``ranges``; ``None``: positions the server's counts place) that
+    reaches past the image (at ``at``, as long as both counts agree) was computed
+    from the caller's count and names other positions: ValueError, rather than a
+    plausible, wrong sum. Ranges before the image stand: a warning.
     """
-    if image.known_expanded_len not in (0, count):
-        log.warning(
-            "session %s: an image's known_expanded_len is %d but the server gave it "
-            "%d positions; positions after it are the server's",
-            session.session_id,
-            image.known_expanded_len,
-            count,
-        )
+    said = image.known_expanded_len
+    if said in (0, count):
+        return
+    for start, end in ranges or ():
+        if end > at + min(said, count):
+            raise ValueError(
+                f"an image at position {at} has known_expanded_len={said}, but the server "
+                f"expanded it to {count} positions: range ({start}, {end}), which reaches "
+                "past it, was computed from the wrong length (positions after an image "
+                "follow the server's count)"
+            )
+    log.warning(
+        "session %s: an image's known_expanded_len is %d but the server gave it "
+        "%d positions; positions after it are the server's",
+        session.session_id,
+        said,
+        count,
+    )
 
 
 def _text_positions(wire: Sequence[tuple[int, int]], image_spans: Sequence[tuple[int, int]]) -> int:
