@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -15,6 +16,7 @@ import poc_api
 from poc_api import Image, SamplingParams, ScoreResult, Token, Tokens
 from poc_api._score import _exact_prefix_sums, merge_ranges, range_sums
 from poc_api.server import ReferenceServer, tokenize
+from poc_api.testing import reference_server
 
 PROMPT = tokenize("It was the best of times, it was the worst of times")
 
@@ -175,6 +177,41 @@ async def test_score_many_stays_within_the_clients_stream_limit(server: Referenc
         with trio.fail_after(30):
             results = await c.score_many(prompts)
     assert len(results) == 24
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+async def test_score_many_fits_itself_to_a_server_that_refuses_sessions_past_a_cap(
+    share_prefix: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server that holds at most 4 sessions refused the 5th of score_many's
+    # default 16 at once (RESOURCE_EXHAUSTED), and the whole batch failed, though
+    # it only had to wait for its own sessions. It goes on with fewer at once now.
+    caplog.set_level(logging.INFO, logger="poc_api")
+    # Distinct first tokens: with share_prefix, 24 groups (sessions), not one.
+    prompts = [([Tokens([i + 10, *PROMPT[: 5 + i]])], [(1, 6 + i)]) for i in range(24)]
+    async with reference_server(max_sessions=4, prefill_delay_us=300) as srv:
+        async with poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as c:
+            with trio.fail_after(30):
+                results = await c.score_many(prompts, share_prefix=share_prefix)
+                opened = srv.state().rpc_counts["OpenSession"]
+                singles = [await c.score(chunks, rs) for chunks, rs in prompts]
+            assert results == singles
+            assert opened > 24  # refusals too: the cap was met (else this shows nothing)
+            await wait_for(lambda: not srv.state().session_ids)
+    said = [r.getMessage() for r in caplog.records if "RESOURCE_EXHAUSTED" in r.getMessage()]
+    # Never fewer at once than the server takes: answers in, their tasks not run yet, count.
+    limits = [int(m.split("at most ")[1].split()[0]) for m in said]
+    assert limits and min(limits) >= 4, said
+
+
+async def test_score_many_on_a_server_others_fill_fails_as_refused() -> None:
+    # Holding no session of its own, it has nothing to wait for: the refusal stands.
+    prompts = [([Tokens(PROMPT)], [(1, 5)])] * 3
+    async with reference_server(max_sessions=2) as srv:
+        async with poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as c:
+            async with c.session(), c.session():
+                with trio.fail_after(10), pytest.raises(poc_api.ResourceExhausted):
+                    await c.score_many(prompts)
 
 
 async def test_score_many_raises_the_first_error_unwrapped(client: poc_api.ApiClient) -> None:

@@ -772,9 +772,14 @@ class ApiClient:
 
         At most ``max_concurrency`` are in flight (never more than the client's
         ``max_concurrent_streams``, which would refuse them); results are in input
-        order. The first failure cancels the rest and is raised (unwrapped), with
-        a note naming its prompt (``score_many: prompts[7]``; a group's shared
-        prefix names the group's). ``timeout`` bounds the whole batch.
+        order. A server that refuses one more session (``RESOURCE_EXHAUSTED``: a
+        cap on open sessions) while this call has others open is not a failure:
+        the call goes on with no more at once than it then had (logged at INFO),
+        each refused prompt again when one of them ends. With none of its own
+        open, the refusal is raised. The first failure cancels the rest and is
+        raised (unwrapped), with a note naming its prompt (``score_many:
+        prompts[7]``; a group's shared prefix names the group's). ``timeout``
+        bounds the whole batch.
 
         ``share_prefix=True`` groups prompts that share a prefix (token by token;
         images whole): each group gets one session that prefills the prefix once,

@@ -295,44 +295,79 @@ async def score_many(
     results: list[list[ScoreResult] | None] = [None] * len(checked)
     first_error: list[BaseException] = []
     limiter = trio.CapacityLimiter(max_concurrency)
+    # This call's sessions: made and not closed yet; asked for and not answered yet.
+    holding = opening = 0
 
     tries = transport.failover_attempts
 
     async def one(indices: list[int], shared: int) -> None:
         # The prompts being scored (a group's shared prefix: all of them).
         at = list(indices)
-        async with limiter:
-            try:
-                for attempt in range(tries):
+        try:
+            while True:
+                async with limiter:
                     try:
-                        await in_session(indices, shared, at)
-                        break
-                    except e.ServerUnavailable:
-                        # In a pool: its server died before the result; once more,
-                        # elsewhere.
-                        if attempt + 1 >= tries:
-                            raise
-            except Exception as exc:
-                # Keep the first failure, cancel the rest: one error, not a group.
-                if not first_error:
-                    # Which prompt (a server's refusal does not say).
-                    first_error.append(_noted(exc, _which(at)))
-                nursery.cancel_scope.cancel()
+                        for attempt in range(tries):
+                            try:
+                                await in_session(indices, shared, at)
+                                return
+                            except e.ServerUnavailable:
+                                # In a pool: its server died before the result; once
+                                # more, elsewhere.
+                                if attempt + 1 >= tries:
+                                    raise
+                    except _Full:
+                        pass  # in line again, behind the limiter's smaller total
+        except Exception as exc:
+            # Keep the first failure, cancel the rest: one error, not a group.
+            if not first_error:
+                # Which prompt (a server's refusal does not say).
+                first_error.append(_noted(exc, _which(at)))
+            nursery.cancel_scope.cancel()
 
     async def in_session(indices: list[int], shared: int, at: list[int]) -> None:
+        nonlocal holding, opening
         at[:] = indices
-        async with open_session(
-            transport,
-            model,
-            max_buffered_events=max_buffered_events,
-            close_timeout=close_timeout,
-        ) as session:
-            if len(indices) == 1:
-                chunks, rs = checked[indices[0]]
-                results[indices[0]] = await _score_in_session(session, chunks, rs)
+        state = "opening"
+        opening += 1
+        try:
+            async with open_session(
+                transport,
+                model,
+                max_buffered_events=max_buffered_events,
+                close_timeout=close_timeout,
+            ) as session:
+                opening -= 1
+                holding += 1
+                state = "made"
+                if len(indices) == 1:
+                    chunks, rs = checked[indices[0]]
+                    results[indices[0]] = await _score_in_session(session, chunks, rs)
+                else:
+                    group = [(i, *checked[i]) for i in indices]
+                    await _score_group(session, group, shared, results, at)
+        except e.ResourceExhausted:
+            # This call's other sessions, made or maybe being made (an answer may
+            # be in, its task not run yet): no fewer than the server holds of them.
+            others = holding + opening - 1
+            if state == "made" or not others:
+                raise  # not the OpenSession, or nothing of this call's to wait for
+            # The server holds no more sessions (its cap, or others' sessions too)
+            # than this call has open: go on with at most that many at once. Each
+            # retry waits in line for one of them to end: the batch progresses.
+            if others < limiter.total_tokens:
+                log.info(
+                    "score_many: the server refused one more session (RESOURCE_EXHAUSTED); "
+                    "going on with at most %d at once",
+                    others,
+                )
+                limiter.total_tokens = others
+            raise _Full from None
+        finally:
+            if state == "opening":
+                opening -= 1
             else:
-                group = [(i, *checked[i]) for i in indices]
-                await _score_group(session, group, shared, results, at)
+                holding -= 1
 
     # Prompts without ranges need no session at all.
     todo = [i for i, (_, rs) in enumerate(checked) if rs]
@@ -354,6 +389,10 @@ async def score_many(
     if first_error:
         raise first_error[0]
     return [r if r is not None else [] for r in results]
+
+
+class _Full(Exception):
+    """score_many: a session was refused as one too many; try again later."""
 
 
 # -- prefix sharing ------------------------------------------------------------------
