@@ -499,7 +499,8 @@ class Router:
     async def ready(self) -> None:
         """Resolve a DNS target the first time (a checkpoint only when it resolves)."""
         if self._dns is not None and not self._endpoints:
-            await self._bridge.run(self._resolve)
+            # Nothing sent yet: the client's close need not wait for it.
+            await self._bridge.run(self._resolve, abortable=True)
             if not self._endpoints:
                 raise e.ServerUnavailable(f"{self._dns.url} resolved to no address")
 
@@ -601,7 +602,8 @@ class Router:
                     pass
             self.first_checks_done = True
 
-        await self._bridge.run(wait)
+        # A wait, nothing sent: the client's close ends it at once.
+        await self._bridge.run(wait, abortable=True)
 
     def _start_health(self) -> None:
         if not self._bridge.closed and self._health_task is None:
