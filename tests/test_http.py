@@ -1497,6 +1497,8 @@ async def test_stream_decodes_crlf_events_split_at_every_byte(http: httpx.AsyncC
         ([{"role": "user"}], {}, ValueError),
         ([{"role": "user", "content": 3}], {}, TypeError),
         (HELLO, {"max_tokens": -1}, ValueError),
+        (HELLO, {"max_tokens": 0}, ValueError),  # OpenAI's and vLLM's minimum is 1
+        (HELLO, {"max_tokens": 2**31}, ValueError),  # past an int32: servers refuse it
         (HELLO, {"max_tokens": 1.5}, TypeError),
         (HELLO, {"temperature": float("nan")}, ValueError),
         (HELLO, {"top_p": 2}, ValueError),

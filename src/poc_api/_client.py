@@ -889,7 +889,7 @@ class ApiClient:
                 tool-call turn may have ``content: None``).
             timeout: seconds for the whole call (:class:`PocApiTimeout` when passed).
             model: the model to name for this call instead of the client's ``model``.
-            max_tokens: decode budget.
+            max_tokens: decode budget, 1 to 2**31 - 1 (as OpenAI-compatible servers take).
             temperature: sampling temperature (0 is greedy).
             top_p: nucleus sampling threshold in ``[0, 1]``.
             stop: a string, or strings, that end the completion.

@@ -138,6 +138,7 @@ _CLOSE_TIMEOUT: Final = 5.0
 _CHAT_READ_AHEAD: Final = 64 * 1024
 _RESERVED_CHAT_KEYS: Final = frozenset({"messages", "stream", "stream_options"})
 _U32_MAX: Final = 2**32 - 1
+_I32_MAX: Final = 2**31 - 1
 
 
 def error_excerpt(body: bytes, limit: int = EXCERPT_LIMIT) -> str:
@@ -1540,7 +1541,8 @@ class HttpApi:
             "messages": _check_messages(messages),
         }
         if max_tokens is not None:
-            payload["max_tokens"] = _check_int("max_tokens", max_tokens, 0, _U32_MAX)
+            # OpenAI-compatible servers take 1 and up, and no more than an int32.
+            payload["max_tokens"] = _check_int("max_tokens", max_tokens, 1, _I32_MAX)
         if temperature is not None:
             payload["temperature"] = _check_number("temperature", temperature, 0.0, math.inf)
         if top_p is not None:
