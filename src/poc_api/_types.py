@@ -220,7 +220,8 @@ def _u32_tuple(value: Iterable[SupportsIndex], name: str = "tokens") -> tuple[in
     the path of numpy integers and errors.)
     """
     if isinstance(value, str | bytes):
-        raise TypeError(f"{name} must be a sequence of token ids, not a string")
+        kind = "bytes" if isinstance(value, bytes) else "a string"
+        raise TypeError(f"{name} must be a sequence of token ids, not {kind}")
     # A numpy array gives plain ints in one C call (20x faster than its scalars
     # one by one); what it gives is checked below.
     value = cast(Iterable[int], _plain(value))

@@ -416,12 +416,13 @@ def test_a_target_range_may_end_at_the_last_token_but_not_past_it() -> None:
         TrainSample([1, 2], [(1, 2), (2, 3)])
 
 
-@pytest.mark.parametrize("ids", [b"\x01\x02", "ab"])
+@pytest.mark.parametrize(("ids", "kind"), [(b"\x01\x02", "bytes"), ("ab", "a string")])
 async def test_token_ids_given_as_a_string_or_bytes_are_refused_before_sending(
-    client: poc_api.ApiClient, server: ReferenceServer, ids: Any
+    client: poc_api.ApiClient, server: ReferenceServer, ids: Any, kind: str
 ) -> None:
     # Bytes iterate as small ints: without the check b"\x01\x02" was the ids [1, 2].
-    not_a_string = r"^tokens must be a sequence of token ids, not a string"
+    # (Bytes were called "a string" too.)
+    not_a_string = rf"^tokens must be a sequence of token ids, not {kind}$"
     before = server.state().http_requests.get("/v1/detokenize", 0)
     with pytest.raises(TypeError, match=not_a_string):
         TrainSample(ids, [(0, 1)])
