@@ -116,7 +116,8 @@ class EndpointState(enum.Enum):
     """What the pool knows about an endpoint."""
 
     UNKNOWN = "unknown"
-    """Not checked yet: new sessions may go there."""
+    """Not checked yet: new sessions may go there. A single ``grpc_url`` is never
+    health-checked: it stays here while it answers (UNREACHABLE when it does not)."""
     SERVING = "serving"
     """Its last health check said SERVING (or it has no health service)."""
     NOT_SERVING = "not_serving"
