@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, SupportsIndex, cast
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, SupportsIndex, TypeVar, cast
 
 import trio
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from ._pool import Router
 
 log = logging.getLogger("poc_api.grpc")
+
+_T = TypeVar("_T")
 
 __all__ = [
     "group_by_prefix",
@@ -226,19 +229,27 @@ async def score_chunks(
     if not rs:
         await trio.lowlevel.checkpoint()
         return []
-    tries = transport.failover_attempts
-    for attempt in range(tries):
+
+    async def attempt() -> list[ScoreResult]:
+        async with open_session(
+            transport,
+            model,
+            max_buffered_events=max_buffered_events,
+            close_timeout=close_timeout,
+        ) as session:
+            return await _score_in_session(session, checked, rs)
+
+    return await _failing_over(transport.failover_attempts, attempt)
+
+
+async def _failing_over(tries: int, attempt: Callable[[], Awaitable[_T]]) -> _T:
+    """``attempt()``, up to ``tries`` times while it fails with ServerUnavailable:
+    in a pool, its server died before the result; once more, elsewhere."""
+    for i in range(tries):
         try:
-            async with open_session(
-                transport,
-                model,
-                max_buffered_events=max_buffered_events,
-                close_timeout=close_timeout,
-            ) as session:
-                return await _score_in_session(session, checked, rs)
+            return await attempt()
         except e.ServerUnavailable:
-            # In a pool: its server died before the result; once more, elsewhere.
-            if attempt + 1 >= tries:
+            if i + 1 >= tries:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -307,15 +318,8 @@ async def score_many(
             while True:
                 async with limiter:
                     try:
-                        for attempt in range(tries):
-                            try:
-                                await in_session(indices, shared, at)
-                                return
-                            except e.ServerUnavailable:
-                                # In a pool: its server died before the result; once
-                                # more, elsewhere.
-                                if attempt + 1 >= tries:
-                                    raise
+                        await _failing_over(tries, partial(in_session, indices, shared, at))
+                        return
                     except _Full:
                         pass  # in line again, behind the limiter's smaller total
         except Exception as exc:
@@ -328,7 +332,7 @@ async def score_many(
     async def in_session(indices: list[int], shared: int, at: list[int]) -> None:
         nonlocal holding, opening
         at[:] = indices
-        state = "opening"
+        made = False  # (opening until then)
         opening += 1
         try:
             async with open_session(
@@ -339,7 +343,7 @@ async def score_many(
             ) as session:
                 opening -= 1
                 holding += 1
-                state = "made"
+                made = True
                 if len(indices) == 1:
                     chunks, rs = checked[indices[0]]
                     results[indices[0]] = await _score_in_session(session, chunks, rs)
@@ -350,7 +354,7 @@ async def score_many(
             # This call's other sessions, made or maybe being made (an answer may
             # be in, its task not run yet): no fewer than the server holds of them.
             others = holding + opening - 1
-            if state == "made" or not others:
+            if made or not others:
                 raise  # not the OpenSession, or nothing of this call's to wait for
             # The server holds no more sessions (its cap, or others' sessions too)
             # than this call has open: go on with at most that many at once. Each
@@ -364,10 +368,10 @@ async def score_many(
                 limiter.total_tokens = others
             raise _Full from None
         finally:
-            if state == "opening":
-                opening -= 1
-            else:
+            if made:
                 holding -= 1
+            else:
+                opening -= 1
 
     # Prompts without ranges need no session at all.
     todo = [i for i, (_, rs) in enumerate(checked) if rs]
