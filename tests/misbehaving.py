@@ -33,8 +33,8 @@ server's default)::
 - ``"reset"``: RST_STREAM(``status``) — for Generate after the headers and two tokens;
 - ``"goaway"``: GOAWAY(``status``, ``debug_data``) whose last stream id excludes this
   request, then close the connection;
-- ``"goaway_open"``: the same GOAWAY, and the connection left open (as gRPC servers
-  do: the client is to close it);
+- ``"goaway_open"``: the same GOAWAY (``first_delay`` s late), and the connection left
+  open (as gRPC servers do: the client is to close it);
 - ``"goaway_mid_stream"``: Generate sends its headers and two tokens (unary methods:
   nothing), then GOAWAY(``status``, ``debug_data``) with this stream as the last one
   (the server may have processed it); the connection is left open;
@@ -742,6 +742,8 @@ class _Connection:
         await self.close()
 
     async def _goaway_open(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        if reply.first_delay:
+            await trio.sleep(reply.first_delay)
         for _ in range(reply.count):
             self.h2.close_connection(
                 error_code=reply.status,

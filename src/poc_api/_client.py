@@ -281,8 +281,8 @@ class ApiClient:
             5 minutes, is the most frequent pinging during calls that gRPC's
             C-core and Go servers accept by default (more often earns a GOAWAY
             "too_many_pings", after which poc_api doubles it for that server, up
-            to 2 h, as gRPC's clients do, with a warning); lower it for servers
-            that allow it.
+            to 2 h, as gRPC's clients do, with a warning; not for one on a
+            connection poc_api never pinged); lower it for servers that allow it.
         keepalive_timeout: seconds to wait for a ping's answer (default 20).
         keepalive_idle: also ping while no call runs but sessions are open (an
             agent between turns), so a frozen server is found before the next

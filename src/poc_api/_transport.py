@@ -565,10 +565,13 @@ class GrpcTransport:
             _http2_min_sent_ping_interval_without_data=self._keepalive.time,
         )
 
-    def _too_many_pings(self, calls_open: bool) -> None:
+    def _too_many_pings(self, calls_open: bool, pinged: bool = True) -> None:
         """asyncio: the server closed a connection for pinging too often (GOAWAY
         ENHANCE_YOUR_CALM "too_many_pings"). As gRPC's own clients do, ping half as
         often on the connections to come: at the same rate every one would end so.
+
+        Unless that connection was never pinged (``pinged``): no rate of pings
+        would calm that server, and a longer one only finds a frozen server later.
 
         Unless no call ran on that connection (``calls_open``: its open streams,
         health checks and cleanups included): then a ping between calls did it,
@@ -579,6 +582,15 @@ class GrpcTransport:
         """
         keepalive = self._keepalive
         if keepalive is None:
+            return
+        if not pinged:
+            log.warning(
+                'salience server at %s sent GOAWAY ENHANCE_YOUR_CALM "too_many_pings" '
+                "on a connection poc_api sent no PING on: keepalive unchanged "
+                "(keepalive_time %g s)",
+                self._target.url,
+                keepalive.time,
+            )
             return
         if keepalive.idle and not calls_open:
             self._keepalive = attrs.evolve(keepalive, idle=False)
@@ -1699,7 +1711,8 @@ class _PocH2Protocol(H2Protocol):
         # The lowest last stream id of the GOAWAYs received (None: none came).
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
-        self.too_many_pings: Callable[[bool], None] = lambda calls_open: None
+        # (calls_open, pinged): see GrpcTransport._too_many_pings
+        self.too_many_pings: Callable[[bool, bool], None] = lambda calls_open, pinged: None
         self._calmed = False  # a "too_many_pings" GOAWAY came (too_many_pings ran)
         self.before_select: Callable[[Callable[[], None]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
@@ -1842,7 +1855,8 @@ class _PocH2Protocol(H2Protocol):
                     and not self._calmed
                 ):
                     self._calmed = True  # once per connection, however many frames
-                    self.too_many_pings(bool(self.processor.streams))
+                    pinged = self.connection.last_ping_sent is not None
+                    self.too_many_pings(bool(self.processor.streams), pinged)
             try:
                 self.processor.process(event)
             except NotImplementedError:  # an event grpclib has no use for
@@ -2035,7 +2049,7 @@ def _run_now(fn: Callable[[], None]) -> None:
 
 class _PocChannel(Channel):
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
-    too_many_pings: Callable[[bool], None] = staticmethod(lambda calls_open: None)
+    too_many_pings: Callable[[bool, bool], None] = staticmethod(lambda calls_open, pinged: None)
     before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
     unindexed_headers: frozenset[str] = frozenset()
     shut = False  # closed by the transport: for good, never connected again

@@ -578,6 +578,7 @@ async def test_goaway_too_many_pings_doubles_keepalive_time(
     caplog.set_level(logging.WARNING, logger="poc_api")
     async with client_for(bad_server, keepalive_time=0.1, keepalive_timeout=2.0) as c:
         async with c.session() as s:  # pings go on while it is open (keepalive_idle)
+            await wait_for(lambda: any(n == 1 for n, _ in bad_server.ping_times))
             bad_server.plan("Generate", Reply("goaway_open", status=code, debug_data=debug_data))
             with trio.fail_after(5):
                 await s.prefill([1, 2])  # sent again on connection 2
@@ -595,6 +596,29 @@ async def test_goaway_too_many_pings_doubles_keepalive_time(
         assert not warned
 
 
+async def test_a_too_many_pings_goaway_on_a_connection_never_pinged_leaves_keepalive_alone(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Pinging half as often cannot calm a server that was not pinged at all: it
+    # only made a frozen server take twice as long to find, on every connection.
+    from poc_api import _transport
+
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    bad_server.plan("OpenSession", Reply("goaway_open", status=11, debug_data=b"too_many_pings"))
+    async with client_for(bad_server, keepalive_time=1.0, keepalive_timeout=2.0) as c:
+        with trio.fail_after(5):
+            async with c.session() as s:  # its OpenSession is sent again on connection 2
+                await s.prefill([1, 2])
+        transport = c._transport
+        assert isinstance(transport, _transport.GrpcTransport)
+        assert transport._keepalive is not None
+        assert transport._keepalive.time == 1.0
+        assert transport._keepalive.idle
+    assert not [t for n, t in bad_server.ping_times if n == 1]  # (as the test means)
+    [message] = [r.getMessage() for r in caplog.records if "too_many_pings" in r.getMessage()]
+    assert "no PING" in message and "keepalive unchanged" in message, message
+
+
 async def test_a_too_many_pings_goaway_during_a_health_check_doubles_keepalive_time(
     bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -604,7 +628,11 @@ async def test_a_too_many_pings_goaway_during_a_health_check_doubles_keepalive_t
     from poc_api.testing import reference_server
 
     caplog.set_level(logging.WARNING, logger="poc_api")
-    bad_server.plan("Check", Reply("goaway_open", status=11, debug_data=b"too_many_pings"))
+    # Answered 0.3 s late: the Check is pinged (keepalive_time 0.1 s) before it.
+    bad_server.plan(
+        "Check",
+        Reply("goaway_open", status=11, debug_data=b"too_many_pings", first_delay=0.3),
+    )
     async with reference_server() as good:
         async with poc_api.ApiClient(
             good.base_url,
@@ -633,6 +661,7 @@ async def test_many_too_many_pings_goaways_double_keepalive_time_once_and_bounde
     caplog.set_level(logging.WARNING, logger="poc_api")
     async with client_for(bad_server, keepalive_time=0.1, keepalive_timeout=2.0) as c:
         async with c.session() as s:
+            await wait_for(lambda: any(n == 1 for n, _ in bad_server.ping_times))
             bad_server.plan(
                 "Generate",
                 Reply("goaway_open", status=11, debug_data=b"too_many_pings", count=40),
