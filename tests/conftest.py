@@ -32,7 +32,7 @@ HANG_SECONDS = float(os.environ.get("POC_TEST_HANG_SECONDS", "120"))
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
-    timer = threading.Timer(HANG_SECONDS, _hung, args=(item,))
+    timer = threading.Timer(_hang_seconds(item), _hung, args=(item,))
     timer.daemon = True
     timer.start()
     try:
@@ -54,6 +54,12 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     yield
 
 
+def _hang_seconds(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("hang_seconds")
+    own = float(marker.args[0]) if marker is not None else 0.0
+    return max(HANG_SECONDS, own)
+
+
 def _hung(item: pytest.Item) -> None:
     capman = item.config.pluginmanager.getplugin("capturemanager")
     captured = ("", "")
@@ -62,7 +68,7 @@ def _hung(item: pytest.Item) -> None:
         captured = capman.read_global_capture()
         capman.suspend_global_capture(in_=True)
     err = sys.stderr
-    err.write(f"\n\nHANG: {item.nodeid} still running after {HANG_SECONDS:.0f} s\n")
+    err.write(f"\n\nHANG: {item.nodeid} still running after {_hang_seconds(item):.0f} s\n")
     err.write(f"--- captured stdout ---\n{captured[0]}\n--- captured stderr ---\n{captured[1]}\n")
     err.flush()
     faulthandler.dump_traceback(file=err, all_threads=True)

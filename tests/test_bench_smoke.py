@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# A whole benchmark program: 75 s on a loaded machine here; one CI run took it
+# over 120 s (the old bound) on a machine loaded beyond the test processes.
 @pytest.mark.slow
+@pytest.mark.hang_seconds(360)
 def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
     results = tmp_path / "results.md"
     proc = subprocess.run(
@@ -27,7 +30,7 @@ def test_bench_smoke_run_exits_0_and_prints_the_tables(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
