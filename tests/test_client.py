@@ -1157,6 +1157,8 @@ async def test_a_timeout_that_runs_out_waiting_for_the_session_sends_nothing(
             with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
                 await s.prefill([1, 2], timeout=0.2)
             assert info.value.retriable
+            assert "waiting for session" in str(info.value), info.value
+            assert "which another call holds" in str(info.value), info.value
             with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
                 await s.append_image(png_56x28, "image/png", timeout=0.2)
             assert info.value.retriable
@@ -1168,6 +1170,24 @@ async def test_a_timeout_that_runs_out_waiting_for_the_session_sends_nothing(
             assert not s.lost
             assert srv.state().rpc_counts.get("Generate", 0) == generates
         # The decode's task finished its stream, and the block closed the session.
+
+
+@pytest.mark.parametrize("timeout", [0, 1e-9])
+async def test_a_timeout_that_runs_out_before_sending_says_so_not_a_wait(
+    server: ReferenceServer, timeout: float
+) -> None:
+    # No other task held the session: "waiting for session" sent users looking for
+    # a concurrency bug that was not there.
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        async with c.session() as s:
+            with pytest.raises(poc_api.PocApiTimeout) as info:
+                await s.prefill([1, 2], timeout=timeout)
+            message = str(info.value)
+            assert info.value.retriable and not s.lost
+            assert "before its request was sent" in message, message
+            assert "waiting for" not in message and "nothing was sent" in message, message
+            await s.prefill([1, 2])
+            assert s.committed_len == 2
 
 
 async def test_a_second_task_reading_a_stream_gets_busy_resource_error() -> None:

@@ -410,7 +410,9 @@ class Session:
         """Append tokens without decoding (``Generate`` with ``max_tokens = 0``).
 
         Returns the ``Done`` event. A checkpoint; cancelling it (or ``timeout``
-        seconds passing, :class:`PocApiTimeout`) marks the session lost.
+        seconds passing, :class:`PocApiTimeout`) once its request is sent marks the
+        session lost. Before that (waiting for another task's call on the session)
+        the session stays as it was, and the timeout is ``retriable``.
         ``priority`` as for :meth:`generate`.
         """
         async with self.generate(
@@ -547,10 +549,12 @@ class Session:
             await self._lock.acquire()
         if waiting.cancelled_caught:
             waited = trio.current_time() - since
-            held = ", which another call holds" if self._lock.locked() else ""
+            if self._lock.locked():
+                where = f"waiting for session {self._session_id}, which another call holds"
+            else:  # (a timeout of 0, or one that ran out in this checkpoint)
+                where = f"before its request was sent (session {self._session_id})"
             raise e.PocApiTimeout(
-                f"{method}: timeout after {waited:.3g} s waiting for session "
-                f"{self._session_id}{held}; nothing was sent",
+                f"{method}: timeout after {waited:.3g} s {where}; nothing was sent",
                 retriable=True,
             )
 
