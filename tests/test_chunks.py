@@ -306,7 +306,17 @@ def test_content_divergence_is_raised_without_rewind() -> None:
     with pytest.raises(SessionDivergence) as info:
         plan_delta([Tokens([1, 9, 3]), Tokens([4])], 3, history, rewind=False)
     assert info.value.reason == "content"
-    assert info.value.accumulated == 1
+    assert "at position 1" in str(info.value)
+    # The chunk that holds the first position that differs (it was None: code that
+    # indexes the prompt with it for every reason but "short" failed).
+    err = info.value
+    assert (err.chunk_index, err.accumulated, err.chunk_len) == (0, 0, 3)
+    history = [Tokens([1, 2]), Image(PNG_A, "image/png", 3), Tokens([4, 5])]
+    prompt: list[Chunk] = [Tokens([1, 2]), Image(PNG_A, "image/png", 3), Tokens([4, 6])]
+    with pytest.raises(SessionDivergence) as info:
+        plan_delta(prompt, 7, history, rewind=False)
+    err = info.value
+    assert (err.reason, err.chunk_index, err.accumulated, err.chunk_len) == ("content", 2, 5, 2)
 
 
 def test_common_prefix_never_cuts_an_image() -> None:

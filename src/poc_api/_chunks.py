@@ -159,7 +159,9 @@ def prompt_to_chunks(
     Tokens up to and including ``vision_start`` stay text; the positions strictly
     between ``vision_start`` and ``vision_end`` become the next image of
     ``images`` with ``known_expanded_len`` = their count; ``vision_end`` and what
-    follows is text again.
+    follows is text again. Brackets with nothing between them (a template whose
+    image the server expands) give an image of unknown length
+    (``known_expanded_len`` 0): the server's count is used once it is appended.
 
     Raises:
         ValueError: unbalanced brackets, or a different number of images than
@@ -396,13 +398,18 @@ def plan_delta(
     if not rewind:
         walk_chunks(chunks, committed_len)  # the seed's checks, with its numbers
         if shared < committed_len:
+            # The walk passed: the chunks before committed_len have known lengths.
+            index, acc = 0, 0
+            while acc + chunk_len(chunks[index]) <= shared:
+                acc += chunk_len(chunks[index])
+                index += 1
             raise SessionDivergence(
                 f"session divergence: the prompt differs from the session's content "
-                f"at position {shared} (committed_len {committed_len})",
+                f"at position {shared}, in chunk {index} (committed_len {committed_len})",
                 reason="content",
-                chunk_index=None,
-                accumulated=shared,
-                chunk_len=0,
+                chunk_index=index,
+                accumulated=acc,
+                chunk_len=chunk_len(chunks[index]),
                 committed_len=committed_len,
             )
     # Cut where the history says, not where the walk by the caller's lengths

@@ -77,7 +77,9 @@ class PocApiError(Exception):
         grpc_status: the gRPC status name (``"NOT_FOUND"``, ...) when the error
             came from a gRPC call, else ``None``.
         http_status: the HTTP status code when it came from an HTTP call.
-        retriable: see below.
+        retriable: True when the server certainly did not process the request
+            (e.g. it refused the stream), so sending it again is safe; see
+            :attr:`PocApiError.retriable` for calls made of several requests.
     """
 
     grpc_status: str | None = None
@@ -258,7 +260,8 @@ class SessionDivergence(PocApiError):
 
     Attributes:
         reason: ``"unknown_length"``, ``"straddle"``, ``"short"`` or ``"content"``.
-        chunk_index: the chunk where the walk stopped (``None`` for ``"short"``).
+        chunk_index: the chunk where the walk stopped (``"content"``: the chunk
+            that holds the first position that differs; ``None`` for ``"short"``).
         accumulated: positions summed before that chunk.
         chunk_len: that chunk's length (0 when unknown).
         committed_len: positions the session holds on the server.
