@@ -487,6 +487,9 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["score", "hi", "-c", "x", "--api-key", " k"],
         ["chat", "hi", "--url", UNREACHABLE, "--api-key", "k\u00e9"],
         ["demo", "--api-key", "k k\t"],
+        # serve runs a server: a client's URL given to it was silently ignored.
+        ["--url", "http://127.0.0.1:8000/v1", "serve", "--port", "0"],
+        ["--grpc-url", "http://127.0.0.1:8001", "serve", "--port", "0"],
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )

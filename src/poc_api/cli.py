@@ -13,7 +13,9 @@ Without ``--url`` (or ``POC_BASE_URL``), ``demo``, ``generate``, ``score`` and
 ``chat`` start the reference server inside the process, on free loopback ports,
 so they work out of the box. ``--api-key`` (``POC_API_KEY``) and ``--grpc-url``
 (``POC_GRPC_URL``) complete the connection settings; they are accepted both
-before and after the command name.
+before and after the command name. ``POC_GRPC_URL`` without a base URL is not
+used (the embedded server has its own ports), while ``--grpc-url`` without one
+is a usage error.
 
 Errors print one line on stderr, ``error: ...``, and exit with status 1; usage
 errors exit with status 2. The api key is never printed. ``POC_DEBUG=1`` adds
@@ -249,7 +251,10 @@ def _url_option(func: Callable[..., T]) -> Callable[..., T]:
             "--grpc-url",
             metavar="URL",
             default=None,
-            help=f"gRPC endpoint [env {_ENV_GRPC}]. Default: the --url port + 1.",
+            help=(
+                f"gRPC endpoint [env {_ENV_GRPC}, read with a --url only]. "
+                "Default: the --url port + 1."
+            ),
         ),
         click.option(
             "--model",
@@ -1258,6 +1263,13 @@ def serve(
     Prints "base_url: ..." and "grpc_url: ..." on stdout once both ports listen.
     """
     g = click.get_current_context().find_object(_Globals)
+    if g is not None and (g.url or g.grpc_url):
+        # (POC_BASE_URL and POC_GRPC_URL, ambient settings for the client commands,
+        # are not looked at.)
+        raise click.UsageError(
+            "--url and --grpc-url are for the client commands; serve listens on "
+            "--host and --port (gRPC on PORT+1)"
+        )
     key = api_key if api_key is not None else (g.api_key if g is not None else None)
     if key is None:
         key = os.environ.get(_ENV_KEY) or None
