@@ -126,7 +126,8 @@ __all__ = [
 
 log = logging.getLogger("poc_api.http")
 
-#: Body characters kept in an error message (proto/PROTOCOL.md §5).
+#: Body bytes kept in an error message, cut on a character boundary (so at most
+#: as many characters: proto/PROTOCOL.md §5, the seed's floor_char_boundary).
 EXCERPT_LIMIT: Final = 500
 #: Bytes of an error body read from a streaming response: enough for the excerpt,
 #: bounded so an endless error body cannot hold the caller.
