@@ -10,6 +10,7 @@ import sys
 import threading
 
 import httpx
+import pytest
 
 TIMEOUT = 20.0
 
@@ -95,3 +96,19 @@ def test_the_module_entry_point_takes_the_options_of_poc_api_serve() -> None:
     assert all(module.values()), [opt for opt, text in module.items() if not text]
     served = {opt for param in serve.params for opt in param.opts if opt.startswith("--")}
     assert set(module) == served
+
+
+def test_the_module_entry_points_help_shows_defaults_but_never_the_api_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from poc_api.server.__main__ import _config, _parser
+
+    monkeypatch.setenv("POC_API_KEY", "sekrit-key")
+    text = _parser().format_help()
+    assert "(default: 8000)" in text and "(default: 1024)" in text, text
+    assert "sekrit" not in text
+    # The variable still sets the key; the option wins over it.
+    assert _config(_parser().parse_args([])).api_key == "sekrit-key"
+    assert _config(_parser().parse_args(["--api-key", "k"])).api_key == "k"
+    monkeypatch.delenv("POC_API_KEY")
+    assert _config(_parser().parse_args([])).api_key is None

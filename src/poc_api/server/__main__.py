@@ -30,12 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m poc_api.server",
         description="Deterministic salience reference server: HTTP on PORT, gRPC on PORT+1.",
+        # Defaults shown, as `poc-api serve --help` shows them.
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default=d.host, help="interface to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 = pick a free pair)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("POC_API_KEY") or None,
+        default=None,  # then POC_API_KEY (read in main: --help must not print the key)
         help="require this bearer token [env POC_API_KEY]",
     )
     p.add_argument("--no-readout", action="store_true", help="disable readout (manifest 404)")
@@ -83,7 +85,7 @@ def _config(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=a.host,
         port=a.port,
-        api_key=a.api_key,
+        api_key=a.api_key or os.environ.get("POC_API_KEY") or None,
         readout=not a.no_readout,
         seed=a.seed,
         max_sessions=a.max_sessions,
