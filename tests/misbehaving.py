@@ -99,7 +99,8 @@ cut short), ``srv.closed`` every one a CloseSession asked to close.
 ``srv.ping_times`` holds (connection, ``time.monotonic()``) of every PING received.
 
 ``srv.mute = True`` makes *new connections* accept TCP and never send a byte
-(no SETTINGS, no PING ACK): the "black hole" server.
+(no SETTINGS, no PING ACK): the "black hole" server. ``srv.deaf = True`` makes the
+open connections read and answer nothing more (no PING ACK): a frozen process.
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ class MisbehavingServer:
     def __init__(self, default: Reply) -> None:
         self.default = default
         self.mute = False
+        self.deaf = False
         #: MAX_CONCURRENT_STREAMS that new connections announce (None: h2's 100).
         self.max_streams: int | None = None
         #: INITIAL_WINDOW_SIZE that new connections announce; they then grant no
@@ -354,6 +356,8 @@ class _Connection:
                     break
                 if not data:
                     break
+                if self.server.deaf:
+                    continue
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError:

@@ -36,6 +36,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ),
     ("grpclib.protocol.Connection", "_is_need_send_ping", "keepalive between turns"),
     ("grpclib.protocol.Connection instance", "last_ping_sent", "keepalive between turns"),
+    (
+        "grpclib.protocol.Connection instance",
+        "_close_by_ping_handler",
+        "tell a keepalive close from others (messages)",
+    ),
     ("grpclib.protocol.Connection instance", "_config", "keepalive between turns"),
     (
         "grpclib.protocol.Connection instance",

@@ -176,7 +176,9 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
             return e.ProtocolViolation(f"{name}: the server broke the HTTP/2 protocol")
         if text.startswith(f"{_PROTOCOL_ERROR}: "):
             return e.ProtocolViolation(f"{name}: {text[len(_PROTOCOL_ERROR) + 2 :]}")
-        return e.ServerUnavailable(f"{name}: connection lost: {text}", grpc_status="UNAVAILABLE")
+        # grpclib's "Connection lost", or ours: "Connection lost: why" (_lost_reason).
+        detail = text.removeprefix(_LOST) if text.startswith(_LOST) else f": {text}"
+        return e.ServerUnavailable(f"{name}: connection lost{detail}", grpc_status="UNAVAILABLE")
     if isinstance(exc, asyncio.TimeoutError):
         return e.PocApiTimeout(f"{name}: deadline exceeded")
     if isinstance(exc, ConnectionRefusedError):
@@ -346,6 +348,7 @@ _REFUSED_RETRIES = 2
 
 # grpclib's reason for the streams of a connection that broke the protocol.
 _PROTOCOL_ERROR = "Protocol error"
+_LOST = "Connection lost"  # grpclib's end of a lost connection's streams
 # Answers (PING and SETTINGS ACKs, 17 and 9 bytes) to a server that reads none of
 # them wait in the write buffer: past this much, written since that buffer filled
 # up (asyncio's high-water mark), the server is cut off. A server that reads never
@@ -632,6 +635,7 @@ class GrpcTransport:
             config=self._config(),
         )
         channel.before_select = self._bridge.before_select
+        channel.url = self._target.url
         channel.too_many_pings = self._too_many_pings
         channel.unindexed_headers = self._unindexed
         if self._keepalive is not None and self._keepalive.idle:
@@ -863,7 +867,9 @@ class GrpcTransport:
                 "the connection (shutting down?)",
                 retriable=True,
             )
-        if protocol.lost.is_set():
+        if protocol.lost.is_set() and not protocol.connection.ping_unanswered:
+            # (Pinged while it waited, with sessions open: keepalive closing it is
+            # the same silence as this wait running out, which it may come first.)
             if protocol.protocol_error:
                 raise e.ProtocolViolation(
                     f"{self._target.url} answered, but not in HTTP/2: is it a gRPC server "
@@ -1677,6 +1683,16 @@ class _PocConnection(Connection):
     agent thinks between turns would be found only at the next call."""
 
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+    ping_unanswered = False  # keepalive closed the connection: a ping went unanswered
+
+    def close(self) -> None:
+        # grpclib's keepalive closes the connection by calling this from the timer it
+        # set when it pinged (cancelled by the answer); any other close comes before
+        # that timer is due. (The bridge's loop keeps time by time.monotonic().)
+        timer = self._close_by_ping_handler
+        if timer is not None and not timer.cancelled() and timer.when() <= time.monotonic():
+            self.ping_unanswered = True
+        super().close()
 
     def _is_need_send_ping(self) -> bool:
         if super()._is_need_send_ping():
@@ -1699,6 +1715,8 @@ class _PocH2Protocol(H2Protocol):
     whether the connection died of a protocol error (grpclib reports that as
     "Connection lost", like a network failure)."""
 
+    connection: _PocConnection  # (made in connection_made)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = _StreamGate()
@@ -1711,6 +1729,7 @@ class _PocH2Protocol(H2Protocol):
         # The lowest last stream id of the GOAWAYs received (None: none came).
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
+        self.url = "the server"  # the transport's grpc_url, for messages
         # (calls_open, pinged): see GrpcTransport._too_many_pings
         self.too_many_pings: Callable[[bool, bool], None] = lambda calls_open, pinged: None
         self._calmed = False  # a "too_many_pings" GOAWAY came (too_many_pings ran)
@@ -1910,11 +1929,22 @@ class _PocH2Protocol(H2Protocol):
         channel closed): no new call goes on it, even before it is lost."""
         return self.lost.is_set() or (self._writer is not None and self._writer.closed)
 
+    def _lost_reason(self, exc: BaseException | None) -> str:
+        """The end of the connection's streams, as map_grpc_error words it."""
+        if self.protocol_error:
+            return self._error_reason
+        if self.connection.ping_unanswered:
+            timeout = self.connection._config._keepalive_timeout
+            return (
+                f"{_LOST}: no answer to a keepalive ping from {self.url} within "
+                f"keepalive_timeout = {timeout:g} s (frozen, or the network is down?)"
+            )
+        return f"{_LOST} (salience server at {self.url})" + (f": {exc}" if exc else "")
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.set()
         self.gate.fail_all()
-        reason = self._error_reason if self.protocol_error else "Connection lost"
-        self.processor.close(reason=reason)
+        self.processor.close(reason=self._lost_reason(exc))
         if self._h2 is not None:
             # A call that waits for the write buffer to drain before its HEADERS is
             # not the processor's yet: woken, it finds the connection lost (unsent).
@@ -2049,6 +2079,7 @@ def _run_now(fn: Callable[[], None]) -> None:
 
 class _PocChannel(Channel):
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+    url = "the server"
     too_many_pings: Callable[[bool, bool], None] = staticmethod(lambda calls_open, pinged: None)
     before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
     unindexed_headers: frozenset[str] = frozenset()
@@ -2078,6 +2109,7 @@ class _PocChannel(Channel):
     def _protocol_factory(self) -> H2Protocol:
         protocol = _PocH2Protocol(Handler(), self._config, self._h2_config)
         protocol.sessions_open = self.sessions_open
+        protocol.url = self.url
         protocol.too_many_pings = self.too_many_pings
         protocol.before_select = self.before_select
         protocol.unindexed_headers = self.unindexed_headers

@@ -52,6 +52,50 @@ async def test_black_hole_server_fails_via_keepalive_without_any_user_timeout(
         assert time.monotonic() - started < 2.0
 
 
+async def test_a_ping_unanswered_mid_stream_says_keepalive_and_names_the_server(
+    bad_server: MisbehavingServer,
+) -> None:
+    # It said "Generate: connection lost: Connection lost": in a pool, which server,
+    # and why?
+    async with client_for(bad_server, keepalive_time=0.1, keepalive_timeout=0.5) as c:
+        async with c.session() as s:
+            bad_server.plan("Generate", Reply(tokens=5, interval=10.0))
+            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+                async with s.generate([1, 2], sampling=SamplingParams(max_tokens=5)) as ev:
+                    async for _ in ev:
+                        bad_server.deaf = True  # frozen, as its peers see it
+    message = str(info.value)
+    assert "keepalive ping" in message and "keepalive_timeout = 0.5 s" in message, message
+    assert bad_server.url in message and "Connection lost" not in message, message
+
+
+async def test_a_frozen_server_met_on_a_new_connection_is_not_called_a_non_grpc_server(
+    bad_server: MisbehavingServer,
+) -> None:
+    # With sessions open the new connection is pinged while it waits for SETTINGS,
+    # and the unanswered ping closes it at about the time the wait runs out (the
+    # two timers ~1 ms apart). When the close came first, the frozen server was
+    # reported as one that closed the connection "before speaking HTTP/2: is it a
+    # gRPC server?" (2 of 20 tries here before the fix; 0 of 40 after). A few
+    # tries, each on a fresh client (no reconnect backoff between them).
+    for _ in range(6):
+        bad_server.mute = False
+        async with client_for(bad_server, keepalive_time=0.1, keepalive_timeout=0.3) as c:
+            async with c.session() as s:
+                await s.prefill([1, 2])
+                bad_server.mute = True
+                await bad_server.close_connections()  # restarted, and frozen at once
+                channel = c._transport._channel  # type: ignore[union-attr]
+                protocol = channel._protocol if channel is not None else None
+                assert protocol is not None
+                await wait_for(protocol.lost.is_set)  # type: ignore[attr-defined]
+                with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+                    async with c.session():
+                        pass  # pragma: no cover
+                message = str(info.value)
+                assert "sent no HTTP/2 SETTINGS within keepalive_time" in message, message
+
+
 async def test_connect_timeout_bounds_a_tls_handshake_that_never_answers(
     bad_server: MisbehavingServer,
 ) -> None:
