@@ -842,15 +842,22 @@ async def test_score_many_retries_a_prompt_whose_server_died_once_elsewhere() ->
         assert client.endpoints[2].failures > 0
 
 
-async def test_score_retries_a_prompt_whose_server_died_once_elsewhere() -> None:
+@pytest.mark.parametrize("call", ["score", "score_continuations"])
+async def test_score_retries_a_prompt_whose_server_died_once_elsewhere(call: str) -> None:
     # score_many's retry, for a single client.score: the server holding the
     # score's session dies during its Generate; the prompt is scored again on the
-    # survivor, with the one-server result.
+    # survivor, with the one-server result. (score_continuations had no retry.)
     prompt = [Tokens(list(range(40, 80)))]
+
+    async def scored(client: poc_api.ApiClient) -> object:
+        if call == "score":
+            return await client.score(prompt, [(1, 40)])
+        return await client.score_continuations(prompt, [[7, 8, 9], [10]])
+
     # 25 ms per position: a 1 s prefill to kill the server in, also on a loaded machine.
     async with reference_servers(2, prefill_delay_us=25_000) as servers:
         async with pool_client(servers[:1]) as one:
-            want = await one.score(prompt, [(1, 40)])
+            want = await scored(one)
         generates = [s.state().rpc_counts.get("Generate", 0) for s in servers]
 
         def started() -> list[int]:
@@ -869,7 +876,7 @@ async def test_score_retries_a_prompt_whose_server_died_once_elsewhere() -> None
                         await trio.to_thread.run_sync(servers[victims[0]].kill)
 
                     nursery.start_soon(kill_soon)
-                    got = await client.score(prompt, [(1, 40)])
+                    got = await scored(client)
             assert got == want
             assert len(victims) == 1
             assert client.endpoints[victims[0]].failures > 0

@@ -682,30 +682,42 @@ async def score_continuations(
         if prompt_len is None:
             return []
         return [ScoreResult(prompt_len, prompt_len, 0.0) for _ in conts]
-    async with open_session(
-        transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
-    ) as session:
-        # Text only (lower bounds): an image's stated length may be wrong.
-        cont_text = [text_len(c) for c in conts]
-        _check_window(session.max_length, text_len(prompt), cont_text)
-        spans: list[tuple[int, int]] = []
-        end_of_prompt = await _append(
-            session, prompt, rewind_to=None, wire=[], into={}, image_spans=spans
+
+    async def attempt() -> list[ScoreResult]:
+        async with open_session(
+            transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
+        ) as session:
+            return await _continuations_in_session(session, prompt, conts)
+
+    # In a pool, once more elsewhere if its server dies (as score does).
+    return await _failing_over(transport.failover_attempts, attempt)
+
+
+async def _continuations_in_session(
+    session: Session, prompt: Sequence[Chunk], conts: Sequence[Sequence[Chunk]]
+) -> list[ScoreResult]:
+    """``score_continuations``' work in its session."""
+    # Text only (lower bounds): an image's stated length may be wrong.
+    cont_text = [text_len(c) for c in conts]
+    _check_window(session.max_length, text_len(prompt), cont_text)
+    spans: list[tuple[int, int]] = []
+    end_of_prompt = await _append(
+        session, prompt, rewind_to=None, wire=[], into={}, image_spans=spans
+    )
+    # Now the prompt's length is known even when an image's was not.
+    _check_window(session.max_length, end_of_prompt, cont_text)
+    results = []
+    for cont in conts:
+        logprobs: dict[int, float] = {}
+        spans = []
+        end = await _append(
+            session,
+            cont,
+            rewind_to=end_of_prompt,
+            wire=None,
+            into=logprobs,
+            image_spans=spans,
         )
-        # Now the prompt's length is known even when an image's was not.
-        _check_window(session.max_length, end_of_prompt, cont_text)
-        results = []
-        for cont in conts:
-            logprobs: dict[int, float] = {}
-            spans = []
-            end = await _append(
-                session,
-                cont,
-                rewind_to=end_of_prompt,
-                wire=None,
-                into=logprobs,
-                image_spans=spans,
-            )
-            _check_count(logprobs, end - end_of_prompt - sum(b - a for a, b in spans))
-            results.append(range_sums(logprobs, [(end_of_prompt, end)])[0])
-        return results
+        _check_count(logprobs, end - end_of_prompt - sum(b - a for a, b in spans))
+        results.append(range_sums(logprobs, [(end_of_prompt, end)])[0])
+    return results
