@@ -1688,9 +1688,11 @@ class _PocConnection(Connection):
     def close(self) -> None:
         # grpclib's keepalive closes the connection by calling this from the timer it
         # set when it pinged (cancelled by the answer); any other close comes before
-        # that timer is due. (The bridge's loop keeps time by time.monotonic().)
+        # that timer is due. (The bridge's loop keeps time by time.monotonic(), and
+        # runs a timer up to its clock resolution early: the slack.)
         timer = self._close_by_ping_handler
-        if timer is not None and not timer.cancelled() and timer.when() <= time.monotonic():
+        due = time.monotonic() + 0.001
+        if timer is not None and not timer.cancelled() and timer.when() <= due:
             self.ping_unanswered = True
         super().close()
 
