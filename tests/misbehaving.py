@@ -361,6 +361,12 @@ class _Connection:
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError:
+                    if self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
+                        # Frames that crossed our GOAWAY (a keepalive PING): h2
+                        # refuses them; a server that went away reads on, as
+                        # "goaway_open" promises (it broke off here, at times
+                        # before its GOAWAY was even written).
+                        continue
                     break
                 for ev in events:
                     self._on_event(ev, nursery)

@@ -597,8 +597,10 @@ async def test_conversations_fail_over_without_waiting_on_the_dead_server() -> N
                     nursery.start_soon(timed, conv)
         left = survivor.state().session_ids
         assert all(c.session is not None and c.session.session_id in left for c in on_victim)
-        # A liveness bound (such a turn takes tens of ms here), not a speed target.
-        assert max(took) < 0.5, sorted(took)
+        # A liveness bound, not a speed target: such a turn takes tens of ms here
+        # (0.1-0.26 s beside three busy loops; 0.56 s once in a loaded CI cell), and
+        # ~1.05 s when it waits out the reconnect backoff (the bug this guards).
+        assert max(took) < 0.8, sorted(took)
 
 
 async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
