@@ -230,14 +230,34 @@ async def score_chunks(
         await trio.lowlevel.checkpoint()
         return []
 
-    async def attempt() -> list[ScoreResult]:
+    return await _in_a_session(
+        transport,
+        model,
+        partial(_score_in_session, chunks=checked, ranges=rs),
+        max_buffered_events=max_buffered_events,
+        close_timeout=close_timeout,
+    )
+
+
+async def _in_a_session(
+    transport: Router,
+    model: str,
+    work: Callable[[Session], Awaitable[_T]],
+    *,
+    max_buffered_events: int,
+    close_timeout: float,
+) -> _T:
+    """``work`` in an ephemeral session; in a pool, once more elsewhere if its
+    server dies (``_failing_over``)."""
+
+    async def attempt() -> _T:
         async with open_session(
             transport,
             model,
             max_buffered_events=max_buffered_events,
             close_timeout=close_timeout,
         ) as session:
-            return await _score_in_session(session, checked, rs)
+            return await work(session)
 
     return await _failing_over(transport.failover_attempts, attempt)
 
@@ -682,15 +702,13 @@ async def score_continuations(
         if prompt_len is None:
             return []
         return [ScoreResult(prompt_len, prompt_len, 0.0) for _ in conts]
-
-    async def attempt() -> list[ScoreResult]:
-        async with open_session(
-            transport, model, max_buffered_events=max_buffered_events, close_timeout=close_timeout
-        ) as session:
-            return await _continuations_in_session(session, prompt, conts)
-
-    # In a pool, once more elsewhere if its server dies (as score does).
-    return await _failing_over(transport.failover_attempts, attempt)
+    return await _in_a_session(
+        transport,
+        model,
+        partial(_continuations_in_session, prompt=prompt, conts=conts),
+        max_buffered_events=max_buffered_events,
+        close_timeout=close_timeout,
+    )
 
 
 async def _continuations_in_session(
