@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 = pick a free pair)")
     p.add_argument(
         "--api-key",
-        default=None,  # then POC_API_KEY (read in main: --help must not print the key)
+        default=None,  # then POC_API_KEY (read in _config: --help must not print the key)
         help="require this bearer token [env POC_API_KEY]",
     )
     p.add_argument("--no-readout", action="store_true", help="disable readout (manifest 404)")
