@@ -86,8 +86,8 @@ async def test_scores_with_images_inside_the_prompt(client: poc_api.ApiClient) -
 @pytest.mark.parametrize(
     ("ranges", "exc"),
     [
-        ([(5, 5)], ValueError),
         ([(6, 2)], ValueError),
+        ([(len(PROMPT) + 1, len(PROMPT) + 1)], ValueError),  # empty, but outside
         ([(-1, 2)], ValueError),
         ([(0, 2**32)], ValueError),
         ([(0, 10_000)], ValueError),  # outside the prompt
@@ -103,6 +103,40 @@ async def test_range_validation_happens_before_anything_is_sent(
     with pytest.raises(exc):
         await client.score([Tokens(PROMPT)], ranges)  # type: ignore[arg-type]
     assert server.state().rpc_counts.get("OpenSession", 0) == before
+
+
+async def test_empty_ranges_sum_to_zero_as_empty_continuations_do(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # A candidate list with an empty candidate: (len(p), len(p) + 0). score_continuations
+    # returned 0 for it; score and score_many refused it ("start < end").
+    n = len(PROMPT)
+    [alone] = await client.score([Tokens(PROMPT)], [(1, 5)])
+    [cont] = await client.score_continuations([Tokens(PROMPT)], [[]])
+    assert cont == ScoreResult(n, n, 0.0)
+    before = server.state().rpc_counts.get("OpenSession", 0)
+    assert await client.score([Tokens(PROMPT)], [(n, n), (0, 0)]) == [
+        ScoreResult(n, n, 0.0),
+        ScoreResult(0, 0, 0.0),
+    ]
+    many = [([Tokens(PROMPT)], [(n, n)]), ([Tokens(PROMPT)], [])]
+    for share in (False, True):
+        assert await client.score_many(many, share_prefix=share) == [[cont], []]
+    # Nothing to sum: no session was opened for any of those.
+    assert server.state().rpc_counts.get("OpenSession", 0) == before
+    # Beside a real range (also where that range starts or ends), the same sums.
+    mixed = [(3, 3), (1, 5), (5, 5), (1, 1)]
+    want = [ScoreResult(3, 3, 0.0), alone, ScoreResult(5, 5, 0.0), ScoreResult(1, 1, 0.0)]
+    assert await client.score([Tokens(PROMPT)], mixed) == want
+    for share in (False, True):
+        got = await client.score_many([([Tokens(PROMPT)], mixed)] * 2, share_prefix=share)
+        assert got == [want, want]
+    # A prompt of unknown length (an image) is sent, to check the range lies inside.
+    chunks: list[poc_api.Chunk] = [Tokens([1, 2]), Image(make_png(28, 28), "image/png")]
+    assert await client.score(chunks, [(3, 3)]) == [ScoreResult(3, 3, 0.0)]
+    with pytest.raises(ValueError, match="outside"):
+        await client.score(chunks, [(4, 4)])
+    await wait_for(lambda: not server.state().session_ids)
 
 
 async def test_range_past_the_end_of_a_prompt_with_unknown_image_length(
@@ -282,7 +316,7 @@ async def test_a_score_many_groups_note_stays_short(client: poc_api.ApiClient) -
 
 
 ranges_st = st.lists(
-    st.tuples(st.integers(0, 40), st.integers(1, 20)).map(lambda t: (t[0], t[0] + t[1])),
+    st.tuples(st.integers(0, 40), st.integers(0, 20)).map(lambda t: (t[0], t[0] + t[1])),
     max_size=8,
 )
 

@@ -743,7 +743,8 @@ class ApiClient:
         Uses an ephemeral session (closed on exit, also on error or cancellation):
         the chunks go as in a conversation (a prefill before each image, then
         the rest), every ``Generate(max_tokens=0)`` with ``logprobs_ranges``. Ranges are
-        half-open ``(start, end)``, in any order, and must lie inside the prompt;
+        half-open ``(start, end)``, in any order, and must lie inside the prompt
+        (an empty one sums to 0, as an empty continuation does);
         results come back in the order given. Image placeholder positions have no
         log-probability and add nothing to a range. An image's length is the
         server's: one whose ``known_expanded_len`` the server contradicts raises

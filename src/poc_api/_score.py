@@ -50,16 +50,20 @@ __all__ = [
 
 
 def validate_ranges(ranges: Ranges, name: str = "ranges") -> list[tuple[int, int]]:
-    """Check ``(start, end)`` pairs: ints in uint32, ``start < end``. Any order.
+    """Check ``(start, end)`` pairs: ints in uint32, ``start <= end``. Any order.
 
-    Errors name the parameter ``name``."""
-    return check_ranges(ranges, name)
+    An empty range (``start == end``: an empty continuation, say) sums to 0, as
+    in ``score_continuations``. Errors name the parameter ``name``."""
+    return check_ranges(ranges, name, allow_empty=True)
 
 
 def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, non-overlapping union of half-open ranges (what goes on the wire)."""
+    """Sorted, non-overlapping union of half-open ranges (what goes on the wire);
+    empty ones add nothing."""
     merged: list[tuple[int, int]] = []
     for start, end in sorted(ranges):
+        if start == end:
+            continue
         if merged and start <= merged[-1][1]:
             if end > merged[-1][1]:
                 merged[-1] = (merged[-1][0], end)
@@ -196,14 +200,20 @@ async def _score_in_session(
 
 def _precheck(
     chunks: Sequence[Chunk], ranges: Ranges, where: str = ""
-) -> tuple[list[Chunk], list[tuple[int, int]]]:
-    """Check one prompt; ``where`` prefixes the parameter names (``prompts[3] ``)."""
+) -> tuple[list[Chunk], list[tuple[int, int]], list[ScoreResult] | None]:
+    """Check one prompt; ``where`` prefixes the parameter names (``prompts[3] ``).
+
+    The third item is the prompt's results when it needs no session: no range, or
+    only empty ones inside a prompt whose length is known (each sums to 0).
+    """
     checked = check_chunks(chunks, f"{where}chunks")
     rs = validate_ranges(ranges, f"{where}ranges")
     total = known_len(checked)
     if total is not None:
         _check_within(rs, total, where)
-    return checked, rs
+    if not rs or (total is not None and all(s == t for s, t in rs)):
+        return checked, rs, [ScoreResult(s, t, 0.0) for s, t in rs]
+    return checked, rs, None
 
 
 def _check_within(ranges: Sequence[tuple[int, int]], total: int, where: str = "") -> None:
@@ -225,10 +235,10 @@ async def score_chunks(
     close_timeout: float,
 ) -> list[ScoreResult]:
     """Score one prompt in an ephemeral session; see ``ApiClient.score``."""
-    checked, rs = _precheck(chunks, ranges)
-    if not rs:
+    checked, rs, trivial = _precheck(chunks, ranges)
+    if trivial is not None:
         await trio.lowlevel.checkpoint()
-        return []
+        return trivial
 
     return await _in_a_session(
         transport,
@@ -365,10 +375,10 @@ async def score_many(
                 holding += 1
                 made = True
                 if len(indices) == 1:
-                    chunks, rs = checked[indices[0]]
+                    chunks, rs, _ = checked[indices[0]]
                     results[indices[0]] = await _score_in_session(session, chunks, rs)
                 else:
-                    group = [(i, *checked[i]) for i in indices]
+                    group = [(i, *checked[i][:2]) for i in indices]
                     await _score_group(session, group, shared, results, at)
         except e.ResourceExhausted:
             # This call's other sessions, made or maybe being made (an answer may
@@ -393,11 +403,11 @@ async def score_many(
             else:
                 opening -= 1
 
-    # Prompts without ranges need no session at all.
-    todo = [i for i, (_, rs) in enumerate(checked) if rs]
-    for i, (_, rs) in enumerate(checked):
-        if not rs:
-            results[i] = []
+    # Prompts without ranges (or with empty ones only) need no session at all.
+    todo = [i for i, (_, _, trivial) in enumerate(checked) if trivial is None]
+    for i, (_, _, trivial) in enumerate(checked):
+        if trivial is not None:
+            results[i] = trivial
     if share_prefix:
         groups = group_by_prefix([checked[i][0] for i in todo])
         batches = [([todo[j] for j in members], shared) for members, shared in groups]

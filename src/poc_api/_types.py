@@ -549,8 +549,11 @@ are ``Any`` to a type checker, not sequences).
 """
 
 
-def check_ranges(value: Ranges, name: str = "ranges") -> list[tuple[int, int]]:
-    """``(start, end)`` position pairs: ints in uint32, ``start < end``, any order.
+def check_ranges(
+    value: Ranges, name: str = "ranges", *, allow_empty: bool = False
+) -> list[tuple[int, int]]:
+    """``(start, end)`` position pairs: ints in uint32, ``start < end`` (``<=`` with
+    ``allow_empty``), any order.
 
     A 2-D numpy array of pairs works as a list of them. Errors name ``name``.
     """
@@ -564,8 +567,9 @@ def check_ranges(value: Ranges, name: str = "ranges") -> list[tuple[int, int]]:
         if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
             raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
         start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
-        if start >= end:
-            raise ValueError(f"{name} must have start < end, got [{start}, {end})")
+        if start > end or (start == end and not allow_empty):
+            want = "start <= end" if allow_empty else "start < end"
+            raise ValueError(f"{name} must have {want}, got [{start}, {end})")
         out.append((start, end))
     return out
 
