@@ -8,6 +8,7 @@ ports, choosing ALPN ``h2`` for gRPC and ``http/1.1`` for HTTP as real servers d
 from __future__ import annotations
 
 import gc
+import os
 import ssl
 import time
 import warnings
@@ -21,6 +22,7 @@ import attrs
 import pytest
 import trio
 import trustme
+from helpers import wait_for
 
 import poc_api
 from poc_api import Tokens
@@ -318,3 +320,49 @@ async def test_a_tls_connection_is_closed_with_its_client(ca: trustme.CA) -> Non
             gc.collect()
         unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
         assert not unclosed, unclosed
+
+
+async def test_the_default_ca_certificates_load_once_and_off_the_trio_thread(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each ApiClient's entry made httpx's default SSLContext in the trio thread:
+    # 30-45 ms of loading certifi's CAs, every task of the run stalled meanwhile;
+    # and each endpoint of a pool made its own for gRPC, in the loop thread.
+    import httpx
+
+    from poc_api import _transport
+
+    made: list[tuple[str, bool]] = []
+    real = httpx.create_ssl_context
+
+    def spy(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append((os.environ.get("SSL_CERT_FILE", ""), trio.lowlevel.in_trio_run()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(httpx, "create_ssl_context", spy)
+    monkeypatch.setattr(_transport, "_DEFAULT_SSL", {})
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with tls_server(ca) as (_, base_url, grpc_url):
+        # A pool of two endpoints (the one server by two names), both connected.
+        host = "127.0.0.1" if "localhost" in grpc_url else "localhost"
+        pool = [grpc_url, f"https://{host}:{grpc_url.rsplit(':', 1)[1]}"]
+        for _ in range(2):
+            async with poc_api.ApiClient(base_url, grpc_url=pool) as client:
+                await use_both_sides(client)
+                await wait_for(
+                    lambda: all(
+                        ep.state is poc_api.EndpointState.SERVING for ep in client.endpoints
+                    )
+                )
+    # One for the HTTP side and one for gRPC (shared by both endpoints), for both
+    # clients; none in the trio thread.
+    assert made == [(str(pem), False)] * 2, made
+    assert sorted(side for side, *_ in _transport._DEFAULT_SSL) == ["grpc", "http"]
+    # The variables choose the CAs: a new value, a new context.
+    monkeypatch.delenv("SSL_CERT_FILE")
+    async with poc_api.ApiClient("http://127.0.0.1:1/v1"):
+        pass
+    assert made[2:] == [("", False)], made

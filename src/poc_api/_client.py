@@ -53,7 +53,9 @@ from ._transport import (
     GrpcTransport,
     KeepAlive,
     StreamBudget,
+    cached_ssl_context,
     deadline,
+    default_ssl_context,
     grpc_ssl_context,
     made_context,
 )
@@ -312,7 +314,8 @@ class ApiClient:
             context and the gRPC connections another (each side sets the ALPN
             protocols of its own). Default: httpx's, for both sides alike:
             certifi's CAs, or those of ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
-            when set.
+            when set; loaded once per process (in a worker thread, not
+            stalling the trio run) and shared by the clients that use it.
 
     Many servers: ``grpc_url`` may list several endpoints, or be a
     ``dns:///host:port`` target whose A/AAAA records are the endpoints. Each
@@ -460,7 +463,10 @@ class ApiClient:
             # An auth of the client's own: httpx would otherwise turn a base_url's
             # user:password@ into Basic auth that replaces the Bearer header.
             auth = _BearerAuth(self._api_key)
-        verify: ssl.SSLContext | bool = self._http_ssl if self._http_ssl is not None else True
+        verify = self._http_ssl or cached_ssl_context("http")
+        if verify is None:
+            # Made in a thread (once per process): loading the CAs blocked the run.
+            verify = await trio.to_thread.run_sync(default_ssl_context, "http")
         # Before the loop thread: httpx reads the proxy variables here and may
         # refuse them (ALL_PROXY=socks5://... without socksio installed).
         http = httpx.AsyncClient(

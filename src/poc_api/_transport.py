@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import ssl as _ssl
 import threading
 import time
@@ -388,14 +389,49 @@ _T = TypeVar("_T")
 def grpc_ssl_context(make: Callable[[], _ssl.SSLContext] | None) -> _ssl.SSLContext:
     """The ``SSLContext`` of a client's gRPC connections, offering ALPN ``h2``.
 
-    ``make()``'s context, else httpx's default one: the gRPC side then trusts
-    the CAs the HTTP side trusts (certifi's, or those of ``SSL_CERT_FILE`` /
-    ``SSL_CERT_DIR`` when set). grpclib's own default reads certifi's alone, so
-    a private CA that the HTTP calls accepted failed every gRPC call.
+    ``make()``'s context, else the default one (:func:`default_ssl_context`,
+    httpx's trust): the gRPC side then trusts the CAs the HTTP side trusts
+    (certifi's, or those of ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set).
+    grpclib's own default reads certifi's alone, so a private CA that the HTTP
+    calls accepted failed every gRPC call.
     """
-    context = httpx.create_ssl_context() if make is None else made_context(make)
+    if make is None:
+        return default_ssl_context("grpc")
+    context = made_context(make)
     # gRPC servers (grpc-go, C-core behind TLS) refuse a handshake without it.
     context.set_alpn_protocols(["h2"])
+    return context
+
+
+# The default contexts, made once per process (and per side, and per value of the
+# variables that choose the CAs): loading certifi's CAs takes 30-45 ms, which every
+# ApiClient's entry spent blocking its whole trio run, and a pool's each endpoint
+# its loop thread. A side's own context, as before: httpcore sets the HTTP one's
+# ALPN (http/1.1) at every connect, the gRPC one offers h2.
+_DEFAULT_SSL: dict[tuple[str, str | None, str | None], _ssl.SSLContext] = {}
+_DEFAULT_SSL_LOCK = threading.Lock()
+
+
+def _default_ssl_key(side: str) -> tuple[str, str | None, str | None]:
+    return side, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+
+
+def cached_ssl_context(side: str) -> _ssl.SSLContext | None:
+    """The default context of ``side`` ("http" or "grpc") if made already, else None."""
+    return _DEFAULT_SSL.get(_default_ssl_key(side))
+
+
+def default_ssl_context(side: str) -> _ssl.SSLContext:
+    """httpx's default context for ``side`` ("http" or "grpc": offering ALPN
+    ``h2``), made on first use (blocking: call it in a thread from trio)."""
+    key = _default_ssl_key(side)
+    with _DEFAULT_SSL_LOCK:
+        context = _DEFAULT_SSL.get(key)
+        if context is None:
+            context = httpx.create_ssl_context()
+            if side == "grpc":
+                context.set_alpn_protocols(["h2"])
+            _DEFAULT_SSL[key] = context
     return context
 
 
