@@ -484,6 +484,51 @@ async def test_unknown_session_is_session_not_found(
             await s.prefill([1])
 
 
+async def test_a_lost_session_says_what_made_it_lost(client: poc_api.ApiClient) -> None:
+    # Every later call said "was interrupted mid-call", also of a session the server
+    # had forgotten (a restart): it was never interrupted.
+    async def lost_by(what: str) -> str:
+        async with client.session() as s:
+            await s.prefill(HELLO)
+            if what == "not found":
+                await s.aclose()
+                s._closed = False  # reach past the guard to send a call for a dead id
+                with pytest.raises(poc_api.SessionNotFound):
+                    await s.prefill([1])
+            elif what == "cancel":
+                with trio.move_on_after(0.05):
+                    async with s.generate(sampling=SamplingParams(max_tokens=10**6)) as ev:
+                        async for _ in ev:
+                            pass
+            elif what == "timeout":
+                with pytest.raises(poc_api.PocApiTimeout):
+                    async with s.generate(
+                        sampling=SamplingParams(max_tokens=10**6), timeout=0.05
+                    ) as ev:
+                        async for _ in ev:
+                            pass
+            else:
+                with pytest.raises(KeyError):
+                    async with s.generate(sampling=SamplingParams(max_tokens=10**6)) as ev:
+                        async for _ in ev:
+                            raise KeyError(what)
+            assert s.lost
+            with pytest.raises(poc_api.SessionLost) as info:
+                await s.prefill([1])
+            await s.aclose()
+            return str(info.value)
+
+    msg = await lost_by("not found")
+    assert "is lost: the server does not know it (Generate: NOT_FOUND" in msg, msg
+    msg = await lost_by("cancel")
+    assert "is lost: a call on it was cancelled before it finished;" in msg, msg
+    msg = await lost_by("timeout")
+    assert "is lost: a call on it did not finish: PocApiTimeout: Generate" in msg, msg
+    msg = await lost_by("body")
+    assert "is lost: a generate block on it was left by KeyError before its Done" in msg, msg
+    assert msg.endswith("its state on the server is unknown: open a new session"), msg
+
+
 async def test_offset_mismatch_is_typed(client: poc_api.ApiClient) -> None:
     async with client.session() as s:
         await s.prefill([1, 2, 3])
@@ -591,7 +636,7 @@ async def test_leaving_a_stream_early_resets_it_with_cancel_and_loses_the_sessio
                     if isinstance(e, Token) and e.position > len(HELLO) + 5:
                         break
             assert s.lost
-            with pytest.raises(poc_api.SessionLost):
+            with pytest.raises(poc_api.SessionLost, match="block on it was left before its Done"):
                 await s.prefill([1])
         await wait_for(lambda: server.state().cancelled_streams > before.cancelled_streams)
     after = server.state()

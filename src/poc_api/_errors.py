@@ -20,7 +20,7 @@ is sent. The tree::
     ├── ProtocolViolation         the peer sent something malformed
     ├── LimitExceeded             a client-side bound was hit
     ├── SessionDivergence         the prompt no longer matches the session
-    └── SessionLost               a session was interrupted mid-call
+    └── SessionLost               a session's state is unknown (a call cut short, or gone)
 
 ``AuthenticationError`` is raised for both transports, so it is also an
 ``HttpError``-like: it carries ``http_status`` when it came from HTTP.
@@ -290,7 +290,9 @@ class SessionLost(PocApiError):
     """The session's server-side state is unknown after an interrupted call.
 
     A generate stream that was cancelled or failed before its ``Done`` leaves the
-    session in a state the client cannot know. Open a new session.
+    session in a state the client cannot know, as does a call that found the
+    session gone from the server (``SessionNotFound``: a restart, an eviction).
+    The message says which. Open a new session.
     """
 
 

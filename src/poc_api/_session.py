@@ -54,6 +54,12 @@ __all__ = ["GenerateStream", "Session", "close_live_sessions", "open_session"]
 log = logging.getLogger("poc_api.grpc")
 
 
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """``str(exc)`` on one line, at most ``limit`` characters (for another message)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _closed_under(session: Session) -> trio.ClosedResourceError:
     """What a call gets when its session is closed by another task while it runs."""
     if session._closed_by_client or session._transport.closed:
@@ -349,6 +355,7 @@ class Session:
         self._committed_len = 0
         self._lock = trio.Lock()
         self._lost = False
+        self._lost_why = ""  # what made it lost, for SessionLost's message
         self._closed = False
         self._closed_by_client = False  # CloseSession sent by the client's close
         self._max_buffered = max_buffered_events
@@ -379,8 +386,32 @@ class Session:
 
     @property
     def lost(self) -> bool:
-        """True after an interrupted call: the server-side state is unknown."""
+        """True after a call that did not finish (cancelled, timed out, failed
+        part-way) or that found the session gone from the server: the server-side
+        state is unknown, and later calls raise :class:`SessionLost` saying why."""
         return self._lost
+
+    def _mark_lost(self, cause: BaseException | None, *, own: bool = True) -> None:
+        """The session's state is unknown now, after ``cause`` (see ``lost``).
+
+        ``own``: ``cause`` is the call's own outcome, not the exception of the
+        block around it (a generate block left part-way by its body's error).
+        """
+        if self._lost:
+            return
+        self._lost = True
+        if isinstance(cause, e.SessionNotFound):
+            why = f"the server does not know it ({_short(cause)})"
+        elif isinstance(cause, trio.Cancelled):
+            why = "a call on it was cancelled before it finished"
+        elif isinstance(cause, KeyboardInterrupt):
+            why = "a call on it was interrupted (Ctrl-C) before it finished"
+        elif cause is None or not own:
+            left = "" if cause is None else f" by {type(cause).__name__}"
+            why = f"a generate block on it was left{left} before its Done"
+        else:
+            why = f"a call on it did not finish: {type(cause).__name__}: {_short(cause)}"
+        self._lost_why = why
 
     def _busy_check(self) -> None:
         # trio.Lock would say "attempt to re-acquire an already held Lock".
@@ -397,7 +428,8 @@ class Session:
             raise trio.ClosedResourceError("the session is closed")
         if self._lost:
             raise e.SessionLost(
-                f"session {self._session_id} was interrupted mid-call; open a new session"
+                f"session {self._session_id} is lost: {self._lost_why}; its state on the "
+                "server is unknown: open a new session"
             )
 
     async def prefill(
@@ -514,10 +546,10 @@ class Session:
                     raise  # rejected before anything was appended
                 except e.PocApiError as exc:
                     if not exc.retriable:  # (retriable: the server never processed it)
-                        self._lost = True
+                        self._mark_lost(exc)
                     raise
-                except BaseException:
-                    self._lost = True
+                except BaseException as exc:
+                    self._mark_lost(exc)
                     raise
                 finally:
                     self._interrupt = None
@@ -525,10 +557,10 @@ class Session:
                 raise _closed_under(self)
             try:
                 count, total = decode_append_image(raw)
-            except e.ProtocolViolation:
+            except e.ProtocolViolation as exc:
                 # The server answered OK: it may have appended the image, and the
                 # session's length is unknown (later calls would miss its offset).
-                self._lost = True
+                self._mark_lost(exc)
                 raise
             log.debug("AppendImage: N=%d total_length=%d", count, total)
             self._committed_len = total
@@ -962,7 +994,7 @@ class _GenerateBlock:
                 own and not stream._received and (isinstance(out, _REJECTED) or out.retriable)  # type: ignore[union-attr]
             )
             if not rejected and stream.done is None:
-                s._lost = True
+                s._mark_lost(out, own=own)
             s._lock.release()
 
 
