@@ -1276,6 +1276,39 @@ async def test_stream_cut_before_done_raises_protocol_violation(http: httpx.Asyn
     assert got == [ChatDelta("hi")]
 
 
+@pytest.mark.parametrize("framed", [False, True])
+async def test_a_body_ended_by_its_close_inside_an_event_loses_that_event(
+    http: httpx.AsyncClient, framed: bool
+) -> None:
+    # A body without a length (ended by the connection's close) cut inside its last
+    # event: that event was decoded anyway and failed as malformed JSON, also after
+    # the finish chunk (an answer the official client ends normally). An event
+    # stream drops an event it ends inside. A body whose length says it is whole
+    # has no cut: its malformed last event is one.
+    finish = '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    half = b'data: {"choices":[{"ind'
+    with trio.fail_after(10):
+        malformed = "malformed JSON"
+        for body, unframed, whole in [
+            (sse(DELTA, finish) + half, "stop", malformed),
+            (sse(DELTA) + half, "closed in the middle of an event", malformed),
+            (sse(DELTA) + b"event: x\n", "before any finish_reason$", "finish_reason$"),
+        ]:
+            outcome = whole if framed else unframed
+            answer = response(200, body, "text/event-stream", length=framed)
+            async with canned_server([answer]) as url:
+                got: list[object] = []
+                with contextlib.ExitStack() as expect:
+                    if outcome != "stop":
+                        expect.enter_context(pytest.raises(ProtocolViolation, match=outcome))
+                    async with make_api(http, url).chat_stream(HELLO) as events:
+                        async for event in events:
+                            got.append(event)
+                assert got[0] == ChatDelta("hi")
+                if outcome == "stop":
+                    assert got == [ChatDelta("hi"), ChatDone("stop", None)]
+
+
 async def test_chunked_stream_cut_mid_body_raises_server_unavailable(
     http: httpx.AsyncClient,
 ) -> None:

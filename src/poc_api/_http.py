@@ -2142,6 +2142,14 @@ class ChatStream:
         self._chunks = _DecodedBody(response, self._what)
         # llama.cpp's error lines too; each event bounded as a whole answer is.
         self._decoder = SSEDecoder(max_buffer=api._max_body, error_field=True)
+        # Is the body's end known to be its end (a length, chunked framing)? Else it
+        # is the connection's close, which may cut the last event (see _end_of_stream).
+        headers = response.headers
+        self._framed = (
+            "content-length" in headers
+            or "chunked" in headers.get("transfer-encoding", "").lower()
+            or response.http_version not in ("HTTP/1.0", "HTTP/1.1")
+        )
         # Filled by _pump(), emptied by __anext__.
         self._queue: deque[ChatEvent] = deque()
         self._unread = 0  # body bytes read since the queue was last empty
@@ -2155,6 +2163,7 @@ class ChatStream:
         self._cut = False  # the block was left before the end: iterating is an error
         self._reader_closed = False  # aclose() was called: iterating is an error
         self._done_queued = False  # the ChatDone is in the queue (or already delivered)
+        self._cut_event = False  # the body's close cut its last event (dropped)
         self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
@@ -2257,8 +2266,19 @@ class ChatStream:
         try:
             # An event the server did not finish with a blank line (often a bare
             # ``data: [DONE]``) still counts: the body is complete.
-            for sse in self._decoder.close(flush=True):
-                self._handle(sse)
+            cut = self._decoder.unfinished
+            events = self._decoder.close(flush=True)
+            for i, sse in enumerate(events):
+                try:
+                    self._handle(sse)
+                except ProtocolViolation:
+                    if self._framed or not cut or i != len(events) - 1:
+                        raise
+                    # A body that ends with its connection's close, cut in the
+                    # middle of its last event: that event is lost, not malformed
+                    # (an event stream drops an event the stream ends inside).
+                    log.debug("%s: the body ended in the middle of an event", self._what)
+                    self._cut_event = True
             self._end_of_body()
         except Exception as exc:
             self._error = exc
@@ -2337,8 +2357,9 @@ class ChatStream:
         if self._done_queued:
             return
         if self._finish_reason is None:
+            cut = " (the connection closed in the middle of an event)" if self._cut_event else ""
             raise ProtocolViolation(
-                f"{self._what}: event stream ended before [DONE] and before any finish_reason"
+                f"{self._what}: event stream ended before [DONE] and before any finish_reason{cut}"
             )
         # The official client ends such a stream normally: the answer is complete.
         log.debug("%s: stream ended without [DONE] after its finish chunk", self._what)

@@ -108,6 +108,11 @@ class SSEDecoder:
         self.retry: int | None = None
 
     @property
+    def unfinished(self) -> bool:
+        """An event (or a line) is under way: the stream ending now would cut it."""
+        return bool(self._partial_len or self._data or self._event_type)
+
+    @property
     def last_event_id(self) -> str:
         """The last ``id:`` value seen (``""`` if none); a reconnect would send it."""
         return self._last_id
