@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import socket
+import struct
 import traceback
 import tracemalloc
 import warnings
@@ -1834,10 +1835,13 @@ async def test_an_error_status_is_not_retriable(http: httpx.AsyncClient) -> None
     assert info.value.http_status == 503 and not info.value.retriable
 
 
-def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = False) -> Handler:
+def keep_alive_then_close(
+    requests: list[tuple[int, str]], *, fresh_too: bool = False, reset: bool = False
+) -> Handler:
     """Keep-alive connections that the server closes, unanswered, on the second
     request each gets (its idle timeout racing the request); with ``fresh_too``,
-    on the first. ``requests`` records (connection number, request line)."""
+    on the first. ``reset``: the close is a reset (RST, as a close that finds the
+    request unread gives). ``requests`` records (connection number, request line)."""
     connections = 0
 
     async def serve(stream: trio.SocketStream) -> None:
@@ -1850,6 +1854,10 @@ def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = 
                 return
             requests.append((mine, head.split(b"\r\n")[0].decode()))
             if n == 2 or fresh_too:
+                if reset:  # SO_LINGER 0: the close sends RST
+                    stream.socket.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
                 return  # closed without an answer
             body = (
                 b'{"concepts": ["a"], "layers": [0], "accepted": 1, "job_id": "j", '
@@ -1861,16 +1869,19 @@ def keep_alive_then_close(requests: list[tuple[int, str]], *, fresh_too: bool = 
     return serve
 
 
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 @pytest.mark.parametrize("call", ["readout_manifest", "tokenizer_info", "models"])
 async def test_a_get_on_a_pooled_connection_the_server_just_closed_is_sent_again(
-    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, call: str
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, call: str, reset: bool
 ) -> None:
     # The server's keep-alive timeout raced the next request: an idempotent GET
-    # failed with ServerUnavailable "Server disconnected without sending a response".
+    # failed with ServerUnavailable "Server disconnected without sending a response"
+    # (and, once that was resent, still with "Connection reset by peer" where the
+    # server's close found the request unread).
     caplog.set_level(logging.DEBUG, logger="poc_api.http")
     requests: list[tuple[int, str]] = []
     with trio.fail_after(10):
-        async with canned_server(keep_alive_then_close(requests)) as url:
+        async with canned_server(keep_alive_then_close(requests, reset=reset)) as url:
             api = HttpApi(http, url, "", "")
             await api.train([TrainSample([1], [(0, 1)])])  # opens connection 1
             if call == "models":
@@ -1883,18 +1894,21 @@ async def test_a_get_on_a_pooled_connection_the_server_just_closed_is_sent_again
     assert "sending it again" in caplog.text
 
 
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
 async def test_a_post_or_a_get_on_a_fresh_connection_is_never_sent_again(
-    http: httpx.AsyncClient,
+    http: httpx.AsyncClient, reset: bool
 ) -> None:
     requests: list[tuple[int, str]] = []
+    closed = "reset by peer|Broken pipe" if reset else "without sending a response"
     with trio.fail_after(10):
-        async with canned_server(keep_alive_then_close(requests)) as url:
+        async with canned_server(keep_alive_then_close(requests, reset=reset)) as url:
             api = make_api(http, url)
             await api.readout_manifest()  # opens connection 1
-            with pytest.raises(ServerUnavailable, match="without sending a response"):
+            with pytest.raises(ServerUnavailable, match=closed):
                 await api.train([TrainSample([1], [(0, 1)])])
-        async with canned_server(keep_alive_then_close(requests, fresh_too=True)) as url:
-            with pytest.raises(ServerUnavailable, match="without sending a response"):
+        fresh = keep_alive_then_close(requests, fresh_too=True, reset=reset)
+        async with canned_server(fresh) as url:
+            with pytest.raises(ServerUnavailable, match=closed):
                 await make_api(http, url).tokenizer_info()
     assert [line.split()[:2] for _, line in requests] == [
         ["GET", "/v1/readout/manifest"],

@@ -1021,6 +1021,25 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
     return number
 
 
+def _closed_under_request(exc: httpx.TransportError) -> bool:
+    """Did the server close the connection before answering (no status line came)?
+
+    A close with nothing read ("Server disconnected without sending a response"),
+    or a reset (ECONNRESET, or EPIPE writing): a server closing a connection whose
+    request it has not read answers with RST.
+    """
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "without sending a response" in str(exc)
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionResetError | BrokenPipeError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 @final
 class HttpApi:
     """The HTTP endpoints of one server, over a caller-owned ``httpx.AsyncClient``.
@@ -1043,9 +1062,10 @@ class HttpApi:
     Every coroutine is a checkpoint. Cancelling one abandons its request: httpx
     closes the connection it was using, the pool stays usable, nothing is cached.
 
-    A GET that the server answers by closing the pooled keep-alive connection it
-    was sent on (its idle timeout racing the request) is sent once more, on
-    another connection (logged at debug). Other requests are never sent twice.
+    A GET that the server answers by closing (or resetting) the pooled keep-alive
+    connection it was sent on (its idle timeout racing the request) is sent once
+    more, on another connection (logged at debug). Other requests are never sent
+    twice.
 
     Example::
 
@@ -1113,7 +1133,8 @@ class HttpApi:
 
         A GET that went out on a reused keep-alive connection just as the server
         closed it (its idle timeout racing the request: "Server disconnected
-        without sending a response") is sent once more. The pool has dropped that
+        without sending a response", or a reset where the close found the request
+        unread) is sent once more. The pool has dropped that
         connection, and before reusing an idle one httpx drops it if the server
         has closed it, so the second try goes out on a live connection, most often
         a new one. A GET is idempotent; anything else is never sent twice.
@@ -1131,8 +1152,8 @@ class HttpApi:
         request.extensions["trace"] = trace  # httpx's documented trace extension
         try:
             return await self._send_owned(request)
-        except httpx.RemoteProtocolError as exc:
-            if not reused or "without sending a response" not in str(exc):
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            if not reused or not _closed_under_request(exc):
                 raise
             log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
         return await self._send_owned(self._build_request(method, url, payload))
