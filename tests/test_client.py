@@ -155,6 +155,12 @@ def test_a_password_in_grpc_url_is_refused_and_never_shown(grpc: str) -> None:
         "http://127.0.0.1:8000/v1?api-version=2024",  # calls would go to /v1?...=2024/...
         "http://127.0.0.1:8000/v1#x",  # calls would go to /v1
         "ftp://127.0.0.1:8000/v1",
+        # Host names getaddrinfo refuses (IDNA): each HTTP call raised a bare
+        # UnicodeError naming no URL; a bad A-label: the idna package's IDNAError.
+        "http://a..b/v1",
+        "http://" + "a" * 64 + ".example/v1",
+        "http://xn--zz.example/v1",
+        "http://exa mple.com/v1",  # sent to the resolver as it was
     ],
 )
 def test_a_base_url_the_http_calls_cannot_use_is_a_value_error_at_once(base: str) -> None:
@@ -162,6 +168,29 @@ def test_a_base_url_the_http_calls_cannot_use_is_a_value_error_at_once(base: str
     # HTTP call would otherwise fail with httpx's raw InvalidURL, or hit a wrong path.
     with pytest.raises(ValueError, match="base_url"):
         poc_api.ApiClient(base, grpc_url="http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    "grpc",
+    [
+        "http://a..b:1",
+        "http://" + "a" * 64 + ".example:1",
+        "http://exa mple.com:1",
+        ["http://127.0.0.1:1", "http://a..b:1"],
+    ],
+)
+def test_a_grpc_host_name_no_connection_can_use_is_a_value_error_at_once(grpc: object) -> None:
+    # The first call raised a bare UnicodeError (from getaddrinfo, in the loop thread).
+    with pytest.raises(ValueError, match=r"gRPC URL .* host name"):
+        poc_api.ApiClient("http://127.0.0.1:8000/v1", grpc_url=grpc)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "::1", "fe80::1%eth0", "localhost", "xn--bcher-kva.example", "a_b.c"]
+)
+def test_host_names_and_addresses_that_may_connect_pass(host: str) -> None:
+    url = f"[{host}]" if ":" in host else host
+    poc_api.ApiClient(f"http://{url}:8000/v1", grpc_url=f"http://{url}:8001")
 
 
 _COUNTS = (

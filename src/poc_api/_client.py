@@ -57,6 +57,7 @@ from ._transport import (
     deadline,
     default_ssl_context,
     grpc_ssl_context,
+    host_name_problem,
     made_context,
 )
 from ._types import (
@@ -176,6 +177,9 @@ def check_base_url(base_url: str) -> None:
     )
     try:
         url = httpx.URL(base_url)
+        host = url.host  # decoded: the idna package's IDNAError for a bad "xn--" label
+    except UnicodeError as exc:
+        raise ValueError(f"base_url {shown!r} has an invalid host name: {exc}") from None
     except httpx.InvalidURL as exc:
         if hint:  # (the fault; and httpx's reason may quote it: "Invalid port: 's3'")
             raise ValueError(f"base_url {shown!r} is not a valid URL{hint}") from None
@@ -185,8 +189,11 @@ def check_base_url(base_url: str) -> None:
         # A valid URL to httpx: the password's start was taken for a port, the rest
         # for a path. (No server's API root has a raw "@" in its path.)
         raise ValueError(f"base_url {shown!r} has a raw '@' after its host{hint}")
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme not in ("http", "https") or not host:
         raise ValueError(f"base_url must look like http://host:port/v1, got {shown!r}")
+    problem = host_name_problem(url.raw_host.decode("ascii"))
+    if problem is not None:
+        raise ValueError(f"base_url {shown!r} cannot be connected to: {problem}")
     if url.query or url.fragment or "?" in base_url or "#" in base_url:
         raise ValueError(
             f"base_url must have no query or fragment (each call appends its path "

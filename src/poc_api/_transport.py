@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import ssl as _ssl
@@ -93,6 +94,28 @@ _STREAM_WINDOW = 1 << 20
 _CONNECTION_WINDOW = 16 << 20
 
 
+def host_name_problem(host: str) -> str | None:
+    """Why ``host`` (an IP address or a name) cannot be connected to, or None.
+
+    What getaddrinfo does to a name first (IDNA) refuses an empty label or one
+    longer than 63 characters: found only at the first call, as a bare
+    ``UnicodeError`` with no URL in it. A space or a control character reaches
+    the resolver as it is, to fail as an unknown host.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if any(c.isspace() or not c.isprintable() or c in "%/\\" for c in host):
+        return "a space, control character, '%', '/' or '\\' in the host name"
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return "an empty label, or one longer than 63 characters, in the host name"
+    return None
+
+
 @final
 @attrs.frozen
 class GrpcTarget:
@@ -116,6 +139,9 @@ class GrpcTarget:
             port = parts.port
         except ValueError:
             raise ValueError(f"{bad}: bad port") from None
+        problem = host_name_problem(parts.hostname)
+        if problem is not None:
+            raise ValueError(f"{bad}: {problem}")
         tls = parts.scheme == "https"
         return cls(parts.hostname, port if port is not None else (443 if tls else 80), tls)
 
