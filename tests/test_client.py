@@ -198,6 +198,7 @@ _COUNTS = (
     "max_buffered_bytes",
     "max_message_size",
     "max_concurrent_streams",
+    "max_http_connections",
 )
 
 

@@ -1310,6 +1310,46 @@ async def test_a_body_ended_by_its_close_inside_an_event_loses_that_event(
                     assert got == [ChatDelta("hi"), ChatDone("stop", None)]
 
 
+async def test_http_calls_past_max_http_connections_fail_at_once_not_wait_unseen(
+    server: ReferenceServer,
+) -> None:
+    # httpx's pool (100 connections) made the 101st call wait, unseen, for a
+    # connection, which open chat streams held until their blocks ended: a manifest
+    # or train call waited out its whole timeout (600 s), or for ever beside streams
+    # whose blocks waited on it.
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_http_connections=2
+    ) as client:
+        assert await client.tokenizer_info()
+        with trio.fail_after(10):
+            async with client.chat_stream(HELLO, max_tokens=500) as first:
+                async with client.chat_stream(HELLO, max_tokens=500):
+                    with pytest.raises(LimitExceeded, match="max_http_connections = 2"):
+                        await client.tokenizer_info()
+                    with pytest.raises(LimitExceeded, match="/chat/completions: 2 HTTP calls"):
+                        async with client.chat_stream(HELLO):
+                            pass
+                assert await client.readout_manifest() is not None  # one came free
+                async for _ in first:
+                    pass
+            # Every slot comes back, whatever ended the call.
+            with trio.move_on_after(0.01):
+                async with client.chat_stream(HELLO, max_tokens=500) as s:
+                    async for _ in s:
+                        await trio.sleep(1)
+            with pytest.raises(KeyError):
+                async with client.chat_stream(HELLO, max_tokens=500):
+                    raise KeyError("mine")
+            await two_calls_at_once(client)
+
+
+async def two_calls_at_once(client: poc_api.ApiClient) -> None:
+    """Two calls at once fit in the two slots (none was left taken)."""
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(client.tokenizer_info)
+
+
 async def test_chunked_stream_cut_mid_body_raises_server_unavailable(
     http: httpx.AsyncClient,
 ) -> None:

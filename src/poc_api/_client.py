@@ -305,6 +305,12 @@ class ApiClient:
             :class:`LimitExceeded` at once. A guard
             against runaway fan-out; bound concurrency yourself (e.g. with a
             ``trio.CapacityLimiter``, as ``score_many`` does) to wait instead.
+        max_http_connections: HTTP calls (chat, chat streams until their block
+            ends, manifest, train, tokenizer) in flight at once on this client,
+            each on a connection of its own; one more raises
+            :class:`LimitExceeded` at once, as ``max_concurrent_streams`` does
+            on the gRPC side (waiting unseen for a connection to come free, it
+            could wait for streams that wait on it).
         affinity_header: the gRPC metadata key that carries each session's random
             affinity key, on ``OpenSession`` and every later call of the session
             (``CloseSession`` included). An L7 proxy that hashes on it (nginx
@@ -362,6 +368,7 @@ class ApiClient:
         keepalive_timeout: SupportsFloat = 20.0,
         keepalive_idle: bool = True,
         max_concurrent_streams: SupportsIndex = 1024,
+        max_http_connections: SupportsIndex = 256,
         affinity_header: str | None = DEFAULT_AFFINITY_HEADER,
         health_check_interval: SupportsFloat = 5.0,
         dns_refresh: SupportsFloat = 30.0,
@@ -413,6 +420,7 @@ class ApiClient:
         self._max_buffered_bytes = _count("max_buffered_bytes", max_buffered_bytes)
         self._max_message_size = _count("max_message_size", max_message_size)
         streams = _count("max_concurrent_streams", max_concurrent_streams)
+        self._max_http = _count("max_http_connections", max_http_connections)
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._model = model
@@ -480,6 +488,12 @@ class ApiClient:
             timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
             auth=auth,
             verify=verify,
+            # Never more calls than connections (HttpApi counts them): none waits
+            # in httpx's pool. (httpx's own default: 100, and a silent wait.)
+            limits=httpx.Limits(
+                max_connections=self._max_http,
+                max_keepalive_connections=min(20, self._max_http),
+            ),
         )
         bridge = AsyncioBridge.start(cancel_timeout=self._close_timeout)
         try:
@@ -499,6 +513,7 @@ class ApiClient:
             self._model,
             max_body=self._max_message_size,
             timeout=self._timeout,
+            max_calls=self._max_http,
         )
         self._state = _State.OPENED
         # Made here, not in the task: a close before the task first runs cancels it.

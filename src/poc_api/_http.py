@@ -1021,6 +1021,49 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
     return number
 
 
+@final
+class _CallSlots:
+    """Counts an HttpApi's calls in flight against its ``max_calls`` (None: no bound)."""
+
+    __slots__ = ("_limit", "in_flight")
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise TypeError(f"max_calls must be an int or None, not {type(limit).__name__}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"max_calls must be >= 1, got {limit}")
+        self._limit = limit
+        self.in_flight = 0
+
+    def held(self, method: str, shown: str) -> _CallSlot:
+        """One slot for a call, as a ``with`` block; ``LimitExceeded`` if none is free."""
+        if self._limit is not None and self.in_flight >= self._limit:
+            raise LimitExceeded(
+                f"{method} {shown}: {self.in_flight} HTTP calls of this client are in "
+                f"flight (chat streams until their block ends), and max_http_connections "
+                f"= {self._limit}: raise it, or bound your concurrency (a "
+                "trio.CapacityLimiter) to wait instead"
+            )
+        self.in_flight += 1
+        return _CallSlot(self)
+
+
+@final
+class _CallSlot:
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: _CallSlots) -> None:
+        self._slots: _CallSlots | None = slots
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc_info: object) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.in_flight -= 1
+
+
 def _closed_under_request(exc: httpx.TransportError) -> bool:
     """Did the server close the connection before answering (no status line came)?
 
@@ -1083,8 +1126,13 @@ class HttpApi:
         *,
         max_body: int = 64 * 1024 * 1024,
         timeout: float | None = None,
+        max_calls: int | None = None,
     ) -> None:
         self._timeout = check_timeout("timeout", timeout)
+        # Calls in flight, each holding one of httpx's pooled connections (a chat
+        # stream for its whole block): one past ``max_calls`` raises LimitExceeded
+        # instead of waiting, unseen, in httpx's pool for a connection to come free.
+        self._calls = _CallSlots(max_calls)
         if isinstance(max_body, bool) or not isinstance(max_body, int):
             raise TypeError(f"max_body must be an int, not {type(max_body).__name__}")
         if max_body < 1:
@@ -1280,7 +1328,10 @@ class HttpApi:
         cut: PocApiError | None = None  # what cut an error body's read short
         # httpx's timeouts bound each socket operation, not the request: a server
         # trickling its answer a byte at a time would hold the caller forever.
-        with trio.CancelScope(relative_deadline=self._time_limit()) as scope:
+        with (
+            self._calls.held(method, shown),
+            trio.CancelScope(relative_deadline=self._time_limit()) as scope,
+        ):
             with _map_httpx_errors(method, shown, self._client):
                 response = await self._send(method, url, shown, payload)
                 try:
@@ -1839,39 +1890,40 @@ class HttpApi:
             shown = self._shown + "/chat/completions"
             request = self._build_request("POST", url, payload, accept="text/event-stream")
             log.debug("POST %s (stream)", shown)
-            # The client's timeout bounds the wait for the answer to begin, not the
-            # stream (httpx's read timeout still bounds each wait for the next bytes).
-            answer_by = trio.current_time() + self._time_limit()
-            with trio.CancelScope(deadline=answer_by) as head:
-                response = await self._send_stream(request, shown)
-            if head.cancelled_caught:
-                raise self._timed_out("POST", shown, "no response headers")
-            events = ChatStream(self, response, shown)
-            try:
+            with self._calls.held("POST", shown):  # until the block's end
+                # The client's timeout bounds the wait for the answer to begin, not the
+                # stream (httpx's read timeout still bounds each wait for the next bytes).
+                answer_by = trio.current_time() + self._time_limit()
                 with trio.CancelScope(deadline=answer_by) as head:
-                    await events._check_response(head)  # (an error answer's body is read here)
+                    response = await self._send_stream(request, shown)
                 if head.cancelled_caught:
-                    raise self._timed_out("POST", shown, "no complete error answer")
-                # The body is read by a task of the block's own, so that a read the
-                # caller cancels (a per-event timeout) loses nothing: the next one
-                # goes on where it stopped. (httpx's reader ends for good, and drops
-                # its connection, when a cancellation passes through it.)
-                body_error: BaseException | None = None
-                with collapse_cancellation():  # the pump raises nothing but Cancelled
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(events._pump)
-                        try:
-                            yield events
-                        except BaseException as exc:
-                            # Raised below, past the nursery, as itself: trio would put
-                            # it in a group (and copy the caller's own group).
-                            body_error = exc
-                        finally:
-                            nursery.cancel_scope.cancel()
-                if body_error is not None:
-                    raise body_error
-            finally:
-                await events._release()
+                    raise self._timed_out("POST", shown, "no response headers")
+                events = ChatStream(self, response, shown)
+                try:
+                    with trio.CancelScope(deadline=answer_by) as head:
+                        await events._check_response(head)  # (an error answer's body is read here)
+                    if head.cancelled_caught:
+                        raise self._timed_out("POST", shown, "no complete error answer")
+                    # The body is read by a task of the block's own, so that a read the
+                    # caller cancels (a per-event timeout) loses nothing: the next one
+                    # goes on where it stopped. (httpx's reader ends for good, and drops
+                    # its connection, when a cancellation passes through it.)
+                    body_error: BaseException | None = None
+                    with collapse_cancellation():  # the pump raises nothing but Cancelled
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(events._pump)
+                            try:
+                                yield events
+                            except BaseException as exc:
+                                # Raised below, past the nursery, as itself: trio would put
+                                # it in a group (and copy the caller's own group).
+                                body_error = exc
+                            finally:
+                                nursery.cancel_scope.cancel()
+                    if body_error is not None:
+                        raise body_error
+                finally:
+                    await events._release()
         if scope.cancelled_caught:
             raise PocApiTimeout(f"chat_stream: not finished within {seconds:g} s")
 

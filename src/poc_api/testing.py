@@ -115,6 +115,7 @@ class ApiClientOptions(TypedDict, total=False):
     keepalive_timeout: SupportsFloat
     keepalive_idle: bool
     max_concurrent_streams: SupportsIndex
+    max_http_connections: SupportsIndex
     affinity_header: str | None
     health_check_interval: SupportsFloat
     dns_refresh: SupportsFloat
