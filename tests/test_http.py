@@ -2134,7 +2134,8 @@ async def test_max_message_size_bounds_each_chat_stream_event() -> None:
         ):
             api = HttpApi(client, url, "", "m", max_body=4096)
             async with api.chat_stream(HELLO) as events:
-                with pytest.raises(LimitExceeded):
+                # Named as every other error of the call: the method and the URL.
+                with pytest.raises(LimitExceeded, match=r"^POST http://\S+/chat/completions: SSE"):
                     async for _ in events:
                         pass
 

@@ -2330,6 +2330,9 @@ class ChatStream:
     def _fail(self, exc: Exception) -> None:
         """The pump's end by an error: raised once the events before it are read."""
         self._finished = True
+        if isinstance(exc, LimitExceeded) and exc.args and str(exc.args[0]).startswith("SSE "):
+            # The decoder's, which knows no URL: said as every other error of the call.
+            exc = LimitExceeded(f"{self._what}: {exc}")
         self._error = exc
         self._reader.wake()
 
