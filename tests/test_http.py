@@ -456,6 +456,33 @@ async def test_500_error_message_has_status_url_and_500_char_excerpt(
     assert "500" in str(err) and err.url in str(err) and err.body_excerpt in str(err)
 
 
+async def test_a_redirect_is_not_followed_and_says_where_it_pointed(
+    http: httpx.AsyncClient,
+) -> None:
+    # "HTTP 302 from GET ...: " and nothing more: an empty body, and no word of
+    # where the server sent the call (mostly a base_url to fix: a missing /v1).
+    def redirect(status: int, location: str) -> bytes:
+        return (
+            f"HTTP/1.1 {status} Moved\r\nlocation: {location}\r\ncontent-length: 0\r\n"
+            "connection: close\r\n\r\n"
+        ).encode()
+
+    with trio.fail_after(10):
+        target = "http://me:s3cret@example.com/v1/readout/manifest?k=sk-123456789"
+        async with canned_server([redirect(302, target)]) as url:
+            with pytest.raises(HttpError) as info:
+                await make_api(http, url, key="sk-123456789").readout_manifest()
+        msg = str(info.value)
+        assert info.value.http_status == 302
+        assert "a redirect to 'http://me:***@example.com/v1/readout/manifest?k=" in msg, msg
+        assert msg.endswith("not followed (is base_url right?)"), msg  # (no body)
+        assert "s3cret" not in msg and "sk-123456789" not in msg, msg
+        async with canned_server([redirect(307, "/v2/chat/completions")]) as url:
+            with pytest.raises(HttpError, match=r"307 .*a redirect to '/v2/chat/completions'"):
+                async with make_api(http, url).chat_stream(HELLO):
+                    pass
+
+
 @pytest.mark.parametrize(
     ("body", "said"),
     [

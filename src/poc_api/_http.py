@@ -1297,16 +1297,32 @@ class HttpApi:
         return error_excerpt(self._redact(error).encode("utf-8", "backslashreplace"))
 
     def _status_error(
-        self, method: str, url: str, status: int, body: bytes, cut: PocApiError | None = None
+        self,
+        method: str,
+        url: str,
+        status: int,
+        body: bytes,
+        cut: PocApiError | None = None,
+        *,
+        location: str | None = None,
     ) -> PocApiError:
         """The error for an error status (401/403: ``AuthenticationError``), with an
         excerpt of ``body``; ``cut`` is the error that cut the body's read short
-        (raise this one from it)."""
+        (raise this one from it); ``location``: a redirect's (3xx) target."""
         # Error bodies are read up to _ERROR_BODY_READ_LIMIT: one that long may go on.
         whole = cut is None and len(body) < _ERROR_BODY_READ_LIMIT
         excerpt = self._excerpt(body, whole=whole)
         said = self._said(body) if whole else None
         message = f"HTTP {status} from {method} {redact_url(url)}: {said or excerpt}"
+        if location is not None and 300 <= status < 400:
+            # Redirects are not followed (a POST's body would be lost, or the key
+            # sent elsewhere): say where it pointed, mostly a base_url to fix.
+            target = error_excerpt(self._redact(redact_url(location)).encode(), limit=200)
+            detail = said or excerpt
+            message = (
+                f"HTTP {status} from {method} {redact_url(url)}: a redirect to {target!r}, "
+                f"not followed (is base_url right?){': ' + detail if detail else ''}"
+            )
         if cut is not None:
             message = f"{message.rstrip()} [body cut short: {type(cut).__name__}]"
         if status in (401, 403):
@@ -1356,7 +1372,14 @@ class HttpApi:
         if allow_404 and response.status_code == 404:
             return None
         if not response.is_success:
-            raise self._status_error(method, shown, response.status_code, body, cut) from cut
+            raise self._status_error(
+                method,
+                shown,
+                response.status_code,
+                body,
+                cut,
+                location=response.headers.get("location"),
+            ) from cut
         return _decode_json(body, f"{method} {shown}")
 
     async def _read_error_body(
@@ -2255,7 +2278,10 @@ class ChatStream:
                 self._response, "POST", self._url, self._chunks, within=head
             )
             log.debug("POST %s -> %d (stream refused)", self._url, status)
-            raise api._status_error("POST", self._url, status, body, cut) from cut
+            location = self._response.headers.get("location")
+            raise api._status_error(
+                "POST", self._url, status, body, cut, location=location
+            ) from cut
         ctype = self._response.headers.get("content-type", "")
         if ctype.lower().startswith("application/json"):
             # Some servers refuse a stream with a 200 JSON error object (an
