@@ -131,6 +131,19 @@ async def test_empty_ranges_sum_to_zero_as_empty_continuations_do(
     for share in (False, True):
         got = await client.score_many([([Tokens(PROMPT)], mixed)] * 2, share_prefix=share)
         assert got == [want, want]
+    # An image whose stated length the server contradicts: a real range past it is
+    # refused (counted from the wrong length), an empty one sums to 0 as anywhere;
+    # with or without share_prefix alike (the grouped path checked only the wire).
+    png = make_png(56, 56)  # four positions; said three
+    wrong = [Tokens(PROMPT[:4]), Image(png, "image/png", known_expanded_len=3), Tokens([9, 10])]
+    for share in (False, True):
+        for empty in (8, 9):
+            got = await client.score_many(
+                [(wrong, [(0, 2), (empty, empty)])] * 2, share_prefix=share
+            )
+            assert [r[1] for r in got] == [ScoreResult(empty, empty, 0.0)] * 2
+        with pytest.raises(ValueError, match="wrong length"):
+            await client.score_many([(wrong, [(0, 2), (7, 8)])] * 2, share_prefix=share)
     # A prompt of unknown length (an image) is sent, to check the range lies inside.
     chunks: list[poc_api.Chunk] = [Tokens([1, 2]), Image(make_png(28, 28), "image/png")]
     assert await client.score(chunks, [(3, 3)]) == [ScoreResult(3, 3, 0.0)]
