@@ -2165,6 +2165,16 @@ async def test_max_message_size_bounds_each_chat_stream_event() -> None:
                 with pytest.raises(LimitExceeded, match=r"^POST http://\S+/chat/completions: SSE"):
                     async for _ in events:
                         pass
+    # Also where the body's end completes the line that goes past the bound.
+    ends_in_it = b"data: " + b"a" * 3000 + b"\ndata: " + b"b" * 3000
+    for framed in (True, False):
+        answer = response(200, ends_in_it, "text/event-stream", length=framed)
+        async with canned_server([answer]) as url, httpx.AsyncClient() as client:
+            api = HttpApi(client, url, "", "m", max_body=4096)
+            async with api.chat_stream(HELLO) as events:
+                with pytest.raises(LimitExceeded, match=r"^POST http://\S+/chat/completions: SSE"):
+                    async for _ in events:
+                        pass
 
 
 async def test_content_parts_whose_text_is_not_a_string_are_a_protocol_violation(

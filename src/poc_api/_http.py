@@ -2356,11 +2356,15 @@ class ChatStream:
     def _fail(self, exc: Exception) -> None:
         """The pump's end by an error: raised once the events before it are read."""
         self._finished = True
-        if isinstance(exc, LimitExceeded) and exc.args and str(exc.args[0]).startswith("SSE "):
-            # The decoder's, which knows no URL: said as every other error of the call.
-            exc = LimitExceeded(f"{self._what}: {exc}")
-        self._error = exc
+        self._error = self._named(exc)
         self._reader.wake()
+
+    def _named(self, exc: Exception) -> Exception:
+        """``exc``, saying the call's method and URL as every other error of it does
+        (the SSE decoder's size errors know no URL)."""
+        if isinstance(exc, LimitExceeded) and exc.args and str(exc.args[0]).startswith("SSE "):
+            return LimitExceeded(f"{self._what}: {exc}")
+        return exc
 
     def _end_of_stream(self) -> None:
         """The pump's end with the body's."""
@@ -2383,7 +2387,7 @@ class ChatStream:
                     self._cut_event = True
             self._end_of_body()
         except Exception as exc:
-            self._error = exc
+            self._error = self._named(exc)
         self._reader.wake()
 
     def __aiter__(self) -> ChatStream:
