@@ -366,3 +366,47 @@ async def test_the_default_ca_certificates_load_once_and_off_the_trio_thread(
     async with poc_api.ApiClient("http://127.0.0.1:1/v1"):
         pass
     assert made[2:] == [("", False)], made
+
+
+async def test_the_ca_certificates_load_beside_a_program_whose_threads_fill_trios_limiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The CAs load in a thread (above): through trio's default limiter (40), the
+    # entry waited behind the program's own blocked threads, maybe for ever.
+    import threading
+
+    from poc_api import _transport
+
+    monkeypatch.setattr(_transport, "_DEFAULT_SSL", {})
+    release = threading.Event()
+    limiter = trio.to_thread.current_default_thread_limiter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(limiter.total_tokens):
+            nursery.start_soon(
+                partial(trio.to_thread.run_sync, release.wait, abandon_on_cancel=True)
+            )
+        await wait_for(lambda: limiter.borrowed_tokens == limiter.total_tokens)
+        try:
+            with trio.fail_after(10):
+                async with poc_api.ApiClient("http://127.0.0.1:1/v1"):
+                    pass
+        finally:
+            release.set()
+
+
+async def test_ca_certificates_that_cannot_be_loaded_are_a_value_error_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bare FileNotFoundError (or ssl.SSLError) from the client's entry.
+    from poc_api import _transport
+
+    monkeypatch.setattr(_transport, "_DEFAULT_SSL", {})
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match=r"SSL_CERT_FILE='.*missing\.pem'"):
+        async with poc_api.ApiClient("http://127.0.0.1:1/v1"):
+            pass
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "bad.pem"))
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        async with poc_api.ApiClient("http://127.0.0.1:1/v1"):
+            pass

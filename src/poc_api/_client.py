@@ -481,7 +481,11 @@ class ApiClient:
         verify = self._http_ssl or cached_ssl_context("http")
         if verify is None:
             # Made in a thread (once per process): loading the CAs blocked the run.
-            verify = await trio.to_thread.run_sync(default_ssl_context, "http")
+            # A limiter of its own: trio's default one may be taken by the program's
+            # own blocked threads (40 of them), and the entry would wait for them.
+            verify = await trio.to_thread.run_sync(
+                default_ssl_context, "http", limiter=trio.CapacityLimiter(1)
+            )
         # Before the loop thread: httpx reads the proxy variables here and may
         # refuse them (ALL_PROXY=socks5://... without socksio installed).
         http = httpx.AsyncClient(

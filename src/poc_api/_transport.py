@@ -454,7 +454,14 @@ def default_ssl_context(side: str) -> _ssl.SSLContext:
     with _DEFAULT_SSL_LOCK:
         context = _DEFAULT_SSL.get(key)
         if context is None:
-            context = httpx.create_ssl_context()
+            try:
+                context = httpx.create_ssl_context()
+            except OSError as exc:  # (ssl.SSLError too)
+                _, cert_file, cert_dir = key
+                raise ValueError(
+                    f"the CA certificates to trust cannot be loaded (SSL_CERT_FILE="
+                    f"{cert_file!r}, SSL_CERT_DIR={cert_dir!r}): {exc}"
+                ) from None
             if side == "grpc":
                 context.set_alpn_protocols(["h2"])
             _DEFAULT_SSL[key] = context
