@@ -161,6 +161,7 @@ def test_affinity_header_is_checked(header: object, error: type[Exception]) -> N
         ("dns://8.8.8.8/example.com:80", ValueError),
         ("dns:///a..b:80", ValueError),
         (f"dns:///{'x' * 64}.example:80", ValueError),
+        ("dns:///bad host:80", ValueError),  # (went to the resolver as it was)
         (42, TypeError),
     ],
 )

@@ -72,6 +72,7 @@ from ._transport import (
     _Progress,
     backoff,
     deadline,
+    host_name_problem,
 )
 from ._wire import decode_health_check
 
@@ -172,15 +173,12 @@ class DnsTarget:
         parts = urlsplit(f"http://{rest}")
         if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
             raise ValueError(f"a DNS target must look like dns:///host:port, got {text!r}")
-        try:
-            # What getaddrinfo does to the name first: an empty or over-long label
-            # would otherwise surface as a bare UnicodeError from the first call.
-            parts.hostname.encode("idna")
-        except UnicodeError:
-            raise ValueError(
-                f"{parts.hostname!r} in {text!r} is not a valid host name "
-                "(an empty label, or one longer than 63 characters)"
-            ) from None
+        # What getaddrinfo does to the name first (IDNA): an empty or over-long
+        # label would surface as a bare UnicodeError from the first call; a space
+        # would go to the resolver as it is.
+        problem = host_name_problem(parts.hostname)
+        if problem is not None:
+            raise ValueError(f"{parts.hostname!r} in {text!r} is not a valid host name: {problem}")
         return cls(parts.hostname, parts.port)
 
     @property
