@@ -1050,6 +1050,8 @@ class _CallSlots:
 
 @final
 class _CallSlot:
+    """One call's slot (see :class:`_CallSlots`), given back once, on leaving its block."""
+
     __slots__ = ("_slots",)
 
     def __init__(self, slots: _CallSlots) -> None:
