@@ -597,7 +597,14 @@ async def test_conversations_fail_over_without_waiting_on_the_dead_server() -> N
                 for conv in on_victim:
                     nursery.start_soon(timed, conv)
         left = survivor.state().session_ids
-        assert all(c.session is not None and c.session.session_id in left for c in on_victim)
+        # (Failed once in ~200 CI cells, not reproduced here in 25 runs under load:
+        # say where each conversation's session is, should it fail again.)
+        where = [
+            (c.session.session_id, c.session.session_id in held) if c.session else None
+            for c in on_victim
+            if c.session is None or c.session.session_id not in left
+        ]
+        assert not where, (where, sorted(left), sorted(took))
         # A liveness bound, not a speed target: such a turn takes tens of ms here
         # (0.1-0.26 s beside three busy loops; 0.56 s once in a loaded CI cell), and
         # ~1.05 s when it waits out the reconnect backoff (the bug this guards).
