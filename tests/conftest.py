@@ -11,7 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
-from helpers import make_png, stray_cancelled_fails
+from helpers import HELD_PORTS, make_png, stray_cancelled_fails
 from hypothesis import settings
 
 import poc_api
@@ -39,6 +39,8 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
         yield
     finally:
         timer.cancel()
+        while HELD_PORTS:  # (helpers.kill_for_good)
+            HELD_PORTS.pop().close()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -245,3 +245,24 @@ def refusing_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# Ports of servers killed for good, kept taken until the test ends (conftest closes them).
+HELD_PORTS: list[socket.socket] = []
+
+
+async def kill_for_good(server: ReferenceServer) -> None:
+    """``server.kill()``, then keep its ports taken until the test ends: bound, not
+    listening, so a connect is refused as by a dead server. Released, a port may go
+    to a server another test starts meanwhile (xdist runs three processes), and a
+    client reconnecting to the dead one's address reaches that one, alive."""
+    await trio.to_thread.run_sync(server.kill)
+    for port in (server.grpc_port, server.http_port):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:  # taken already: the rare case this guards against
+            sock.close()
+            continue
+        HELD_PORTS.append(sock)

@@ -17,7 +17,7 @@ import trio.testing
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from helpers import refusing_port, wait_for
+from helpers import kill_for_good, refusing_port, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
@@ -516,7 +516,7 @@ async def test_conversations_fail_over_when_a_server_dies_mid_run() -> None:
                     )
                     opened = [s.state().rpc_counts["OpenSession"] for s in servers[1:]]
                     killing.set()
-                    await trio.to_thread.run_sync(servers[0].kill)
+                    await kill_for_good(servers[0])
                     killed.set()
             assert done == n
             # The dead server's conversations reopened on the survivors (at most
@@ -585,7 +585,7 @@ async def test_conversations_fail_over_without_waiting_on_the_dead_server() -> N
             on_victim = [c for c in convs if c.session is not None and c.session.session_id in held]
             on_victim = on_victim[:20]
             assert len(on_victim) == 20  # (the pool spreads them: about 30 each)
-            await trio.to_thread.run_sync(victim.kill)
+            await kill_for_good(victim)
             took: list[float] = []
 
             async def timed(conv: poc_api.Conversation) -> None:
@@ -617,7 +617,7 @@ async def test_raw_session_on_a_dead_server_raises_server_unavailable() -> None:
             async with client.session() as s:
                 await s.prefill([1, 2])
                 victim = servers[home_of(s, servers)]
-                await trio.to_thread.run_sync(victim.kill)
+                await kill_for_good(victim)
                 with pytest.raises(poc_api.ServerUnavailable) as info:
                     await s.prefill([3])
                 # Refused (the client saw the connection go first): nothing was sent
@@ -777,9 +777,9 @@ async def test_a_call_that_finds_its_server_gone_marks_the_endpoint_unreachable(
                         async with s.generate(sampling=SamplingParams(max_tokens=10**6)) as ev:
                             async for _ in ev:
                                 if servers[victim].state().session_ids:
-                                    await trio.to_thread.run_sync(servers[victim].kill)
+                                    await kill_for_good(servers[victim])
                     else:
-                        await trio.to_thread.run_sync(servers[victim].kill)
+                        await kill_for_good(servers[victim])
                         await s.append_image(make_png(28, 28), "image/png")
                 # Seen by the call itself, before the session's close tries it.
                 status = client.endpoints[victim]
@@ -844,7 +844,7 @@ async def test_score_many_retries_a_prompt_whose_server_died_once_elsewhere() ->
                         await wait_for(
                             lambda: servers[2].state().rpc_counts.get("Generate", 0) >= 3
                         )
-                        await trio.to_thread.run_sync(servers[2].kill)
+                        await kill_for_good(servers[2])
 
                     nursery.start_soon(kill_soon)
                     got = await client.score_many(prompts, max_concurrency=30)
@@ -883,7 +883,7 @@ async def test_score_retries_a_prompt_whose_server_died_once_elsewhere(call: str
                         # The first Generate prefills for 1 s: killed in the middle.
                         await wait_for(started)
                         victims.extend(started())
-                        await trio.to_thread.run_sync(servers[victims[0]].kill)
+                        await kill_for_good(servers[victims[0]])
 
                     nursery.start_soon(kill_soon)
                     got = await scored(client)
@@ -1006,7 +1006,7 @@ async def test_dns_target_with_one_address_is_resolved_again(
         with trio.fail_after(20):
             await client.score([Tokens([1, 2, 3])], [(1, 3)])
             assert [e.url for e in client.endpoints] == [a.grpc_url]
-            await trio.to_thread.run_sync(a.kill)
+            await kill_for_good(a)
             records[:] = ["127.0.0.2"]
             await wait_for(
                 lambda: any(
