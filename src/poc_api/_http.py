@@ -2239,7 +2239,7 @@ class ChatStream:
         self._what = f"POST {url}"
         self._chunks = _DecodedBody(response, self._what)
         # llama.cpp's error lines too; each event bounded as a whole answer is.
-        self._decoder = SSEDecoder(max_buffer=api._max_body, error_field=True)
+        self._decoder = SSEDecoder(max_buffer=api._max_body, error_field=True, what=self._what)
         # Is the body's end known to be its end (a length, chunked framing)? Else it
         # is the connection's close, which may cut the last event (see _end_of_stream).
         headers = response.headers
@@ -2358,15 +2358,8 @@ class ChatStream:
     def _fail(self, exc: Exception) -> None:
         """The pump's end by an error: raised once the events before it are read."""
         self._finished = True
-        self._error = self._named(exc)
+        self._error = exc
         self._reader.wake()
-
-    def _named(self, exc: Exception) -> Exception:
-        """``exc``, saying the call's method and URL as every other error of it does
-        (the SSE decoder's size errors know no URL)."""
-        if isinstance(exc, LimitExceeded) and exc.args and str(exc.args[0]).startswith("SSE "):
-            return LimitExceeded(f"{self._what}: {exc}")
-        return exc
 
     def _end_of_stream(self) -> None:
         """The pump's end with the body's."""
@@ -2389,7 +2382,7 @@ class ChatStream:
                     self._cut_event = True
             self._end_of_body()
         except Exception as exc:
-            self._error = self._named(exc)
+            self._error = exc
         self._reader.wake()
 
     def __aiter__(self) -> ChatStream:

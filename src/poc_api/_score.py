@@ -239,7 +239,6 @@ async def score_chunks(
     if trivial is not None:
         await trio.lowlevel.checkpoint()
         return trivial
-
     return await _in_a_session(
         transport,
         model,

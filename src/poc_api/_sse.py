@@ -80,7 +80,8 @@ class SSEDecoder:
     non-standard ``error: ...`` line, as llama.cpp's server sends one, as an event of
     type ``"error"``. ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
     longer than that many characters raises :class:`~poc_api.LimitExceeded`
-    (a peer that never sends a line ending must not grow the buffer forever).
+    (a peer that never sends a line ending must not grow the buffer forever);
+    ``what`` (e.g. ``"POST https://host/v1/chat/completions"``) begins its message.
 
     Example::
 
@@ -89,10 +90,13 @@ class SSEDecoder:
         d.feed(b"\\ndata: b\\n\\n")  # [SSEEvent(event="message", data="a\\nb", id="")]
     """
 
-    def __init__(self, *, max_buffer: int = DEFAULT_MAX_BUFFER, error_field: bool = False) -> None:
+    def __init__(
+        self, *, max_buffer: int = DEFAULT_MAX_BUFFER, error_field: bool = False, what: str = ""
+    ) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be positive, got {max_buffer}")
         self._max_buffer = max_buffer
+        self._prefix = f"{what}: " if what else ""
         self._error_field = error_field
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True  # no character decoded yet: a BOM may still come
@@ -180,7 +184,8 @@ class SSEDecoder:
             self._partial_len += len(rest)
             if self._partial_len > self._max_buffer:
                 raise LimitExceeded(
-                    f"SSE line longer than {self._max_buffer} characters without a line ending"
+                    f"{self._prefix}SSE line longer than {self._max_buffer} characters "
+                    "without a line ending"
                 )
         elif text[-1] == "\r":
             # The CR already ended its line; an LF opening the next chunk is its partner.
@@ -203,7 +208,9 @@ class SSEDecoder:
             self._data.append(value)
             self._data_len += len(value) + 1
             if self._data_len > self._max_buffer:
-                raise LimitExceeded(f"SSE event data longer than {self._max_buffer} characters")
+                raise LimitExceeded(
+                    f"{self._prefix}SSE event data longer than {self._max_buffer} characters"
+                )
         elif field == "event":
             self._event_type = value
         elif field == "id":
