@@ -85,9 +85,16 @@ def make_api(client: httpx.AsyncClient, base_url: str, key: str = "") -> HttpApi
 
 
 def response(
-    status: int, body: bytes, content_type: str = "application/json", *, length: bool = True
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    *,
+    length: bool = True,
+    encoding: str = "",
 ) -> bytes:
     head = f"HTTP/1.1 {status} Canned\r\ncontent-type: {content_type}\r\nconnection: close\r\n"
+    if encoding:
+        head += f"content-encoding: {encoding}\r\n"
     if length:
         head += f"content-length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body
@@ -1304,26 +1311,42 @@ async def test_stream_cut_before_done_raises_protocol_violation(http: httpx.Asyn
     assert got == [ChatDelta("hi")]
 
 
+def _gzip_unfinished(data: bytes) -> bytes:
+    """``data`` as a streaming server gzips it, flushed but not ended (no trailer)."""
+    z = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    return z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
+
+
+@pytest.mark.parametrize("encoding", ["", "gzip"])
 @pytest.mark.parametrize("framed", [False, True])
 async def test_a_body_ended_by_its_close_inside_an_event_loses_that_event(
-    http: httpx.AsyncClient, framed: bool
+    http: httpx.AsyncClient, framed: bool, encoding: str
 ) -> None:
     # A body without a length (ended by the connection's close) cut inside its last
     # event: that event was decoded anyway and failed as malformed JSON, also after
     # the finish chunk (an answer the official client ends normally). An event
     # stream drops an event it ends inside. A body whose length says it is whole
     # has no cut: its malformed last event is one.
+    # Gzipped, the close cuts the gzip stream too: after the finish chunk that
+    # failed the whole answer ("ends inside its gzip stream"), where the plain
+    # body's ended normally; before it, the cut gzip stream is what is reported.
     finish = '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
     half = b'data: {"choices":[{"ind'
     with trio.fail_after(10):
         malformed = "malformed JSON"
+        cut_gzip = "ends inside its gzip stream"
         for body, unframed, whole in [
             (sse(DELTA, finish) + half, "stop", malformed),
             (sse(DELTA) + half, "closed in the middle of an event", malformed),
             (sse(DELTA) + b"event: x\n", "before any finish_reason$", "finish_reason$"),
         ]:
+            if encoding:
+                body = _gzip_unfinished(body)
+                whole = cut_gzip
+                if unframed != "stop":
+                    unframed = cut_gzip
             outcome = whole if framed else unframed
-            answer = response(200, body, "text/event-stream", length=framed)
+            answer = response(200, body, "text/event-stream", length=framed, encoding=encoding)
             async with canned_server([answer]) as url:
                 got: list[object] = []
                 with contextlib.ExitStack() as expect:

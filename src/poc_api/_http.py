@@ -505,6 +505,11 @@ class _DecodedBody:
             return None
         return self._raw
 
+    @property
+    def truncated(self) -> ProtocolViolation | None:
+        """The error of a body that ended inside a compressed stream, once read to there."""
+        return next((layer.truncated for layer in self._layers if layer.truncated), None)
+
     def drop(self) -> None:
         """Decode no more: later steps only read the raw body on (to its end, or to
         the cancellation that stops it), so dropping a bomb costs no CPU."""
@@ -537,6 +542,7 @@ class _Inflater:
         self._ended = False  # no more input will come
         self._flushed = False
         self._ignoring = False  # gzip: what followed a member was no member; ignored
+        self.truncated: ProtocolViolation | None = None  # the input ended inside a stream
 
     def feed(self, data: bytes) -> None:
         if not self._ignoring:
@@ -546,6 +552,8 @@ class _Inflater:
         self._ended = True
 
     def take(self, limit: int) -> bytes:
+        if self.truncated is not None:
+            raise self.truncated
         try:
             while self._pending:
                 if self._between:
@@ -589,11 +597,15 @@ class _Inflater:
                 out = self._z.flush()  # (bounded: what the window still holds)
                 if self._started and not self._between and not self._z.eof:
                     # A body cut short (in a member, or before its checksum) must
-                    # not pass for a whole one.
-                    raise ProtocolViolation(
+                    # not pass for a whole one. What it held before the cut comes
+                    # first: a reader whose body's end is the connection's close
+                    # (ChatStream) may count it, as it counts a plain body's.
+                    self.truncated = ProtocolViolation(
                         f"{self._what}: undecodable response body: it ends inside "
                         f"its {'deflate' if self._deflate else 'gzip'} stream (truncated)"
                     )
+                    if not out:
+                        raise self.truncated
                 return out
             return b""
         except zlib.error as exc:
@@ -2328,7 +2340,12 @@ class ChatStream:
                     self._end_of_stream()
                     return
                 except Exception as exc:
-                    self._fail(exc)
+                    if exc is self._chunks.truncated and not self._framed:
+                        # The connection's close (the body's end) cut its gzip
+                        # stream: as a plain body's cut, not an error in itself.
+                        self._end_of_stream(exc)
+                    else:
+                        self._fail(exc)
                     return
                 try:
                     for sse in self._decoder.feed(chunk):
@@ -2361,13 +2378,13 @@ class ChatStream:
         self._error = exc
         self._reader.wake()
 
-    def _end_of_stream(self) -> None:
-        """The pump's end with the body's."""
+    def _end_of_stream(self, truncated: ProtocolViolation | None = None) -> None:
+        """The pump's end with the body's; ``truncated``: the close cut its encoding."""
         self._finished = True
         try:
             # An event the server did not finish with a blank line (often a bare
             # ``data: [DONE]``) still counts: the body is complete.
-            cut = self._decoder.unfinished
+            cut = self._decoder.unfinished or truncated is not None
             events = self._decoder.close(flush=True)
             for i, sse in enumerate(events):
                 try:
@@ -2380,6 +2397,8 @@ class ChatStream:
                     # (an event stream drops an event the stream ends inside).
                     log.debug("%s: the body ended in the middle of an event", self._what)
                     self._cut_event = True
+            if truncated is not None and self._finish_reason is None:
+                raise truncated  # before the answer's end: the cut is the news
             self._end_of_body()
         except Exception as exc:
             self._error = exc
