@@ -15,7 +15,7 @@ import traceback
 import tracemalloc
 import warnings
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -1795,6 +1795,48 @@ async def test_the_clients_timeout_bounds_a_trickled_answer_as_a_whole(call: str
                             pass
                 assert trio.current_time() - started < 2
     assert isinstance(info.value, TimeoutError)
+
+
+async def test_a_timed_out_http_call_names_its_url_and_a_models_lookup_why_it_ran() -> None:
+    # A call's own timeout= said "tokenizer_info: no answer within 0.3 s", with no
+    # word of where it had waited; and chat() without model= that timed out in its
+    # GET /models lookup named a URL the caller never asked for, without saying why.
+    async def silent(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with canned_server(silent) as url:
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as c:
+                calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                    ("GET /readout/manifest", lambda: c.readout_manifest(timeout=0.3)),
+                    ("POST /train", lambda: c.train([], timeout=0.3)),
+                    ("POST /tokenize", lambda: c.tokenize("a", timeout=0.3)),
+                    ("POST /detokenize", lambda: c.detokenize([1], timeout=0.3)),
+                    ("GET /tokenizer", lambda: c.tokenizer_info(timeout=0.3)),
+                    ("POST /chat/completions", lambda: c.chat(HELLO, model="m", timeout=0.3)),
+                ]
+                for endpoint, call in calls:
+                    method, path = endpoint.split()
+                    with pytest.raises(PocApiTimeout) as info:
+                        await call()
+                    assert f"({method} {url}{path}): no answer within 0.3 s" in str(info.value)
+                with pytest.raises(PocApiTimeout) as info:
+                    async with c.chat_stream(HELLO, model="m", timeout=0.3):
+                        pass
+                assert f"chat_stream (POST {url}/chat/completions): not finished" in str(info.value)
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1", timeout=0.3) as c:
+                why = (
+                    f"model= is not set and GET {url}/models failed, so there is no "
+                    f"model to name: GET {url}/models: no complete answer within 0.3 s"
+                )
+                with pytest.raises(PocApiTimeout) as info:
+                    await c.chat(HELLO)
+                assert str(info.value).startswith(why)
+                with pytest.raises(PocApiTimeout) as info:
+                    async with c.chat_stream(HELLO):
+                        pass
+                assert str(info.value).startswith(why)
 
 
 async def test_the_clients_timeout_does_not_cut_a_chat_stream_that_lasts_longer() -> None:

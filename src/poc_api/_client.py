@@ -880,15 +880,17 @@ class ApiClient:
         request; they all get its answer, or its error); a failed or cancelled
         fetch is not cached: a later call tries again.
         """
-        with deadline(timeout, "readout_manifest"):
-            return await self._https().readout_manifest()
+        api = self._https()
+        with deadline(timeout, api.call_name("readout_manifest", "GET", "/readout/manifest")):
+            return await api.readout_manifest()
 
     async def train(
         self, samples: Sequence[TrainSample], *, timeout: SupportsFloat | None = None
     ) -> TrainResult:
         """Send training samples to ``POST {base_url}/train``."""
-        with deadline(timeout, "train"):
-            return await self._https().train(samples)
+        api = self._https()
+        with deadline(timeout, api.call_name("train", "POST", "/train")):
+            return await api.train(samples)
 
     @_known_keywords_only
     async def chat(
@@ -936,8 +938,9 @@ class ApiClient:
             extra_body: fields sent as they are, after the ones above (vLLM's
                 ``top_k``, ``chat_template_kwargs``, ...).
         """
-        with deadline(timeout, "chat"):
-            return await self._https().chat(
+        api = self._https()
+        with deadline(timeout, api.call_name("chat", "POST", "/chat/completions")):
+            return await api.chat(
                 messages,
                 model=model,
                 max_tokens=max_tokens,
@@ -1022,15 +1025,17 @@ class ApiClient:
 
         An answer with an id outside ``[0, 2**32)`` raises :class:`ProtocolViolation`.
         """
-        with deadline(timeout, "tokenize"):
-            return await self._https().tokenize(text)
+        api = self._https()
+        with deadline(timeout, api.call_name("tokenize", "POST", "/tokenize")):
+            return await api.tokenize(text)
 
     async def detokenize(
         self, tokens: Iterable[SupportsIndex], *, timeout: SupportsFloat | None = None
     ) -> str:
         """Decode token ids with the server's tokenizer (reference-server extension)."""
-        with deadline(timeout, "detokenize"):
-            return await self._https().detokenize(tokens)
+        api = self._https()
+        with deadline(timeout, api.call_name("detokenize", "POST", "/detokenize")):
+            return await api.detokenize(tokens)
 
     async def tokenizer_info(self, *, timeout: SupportsFloat | None = None) -> TokenizerInfo:
         """Vocabulary size and special token ids (reference-server extension).
@@ -1038,8 +1043,9 @@ class ApiClient:
         ``{"vocab_size": int, "special": {name: id}}`` (:class:`TokenizerInfo`); an
         answer of another shape raises :class:`ProtocolViolation`.
         """
-        with deadline(timeout, "tokenizer_info"):
-            return await self._https().tokenizer_info()
+        api = self._https()
+        with deadline(timeout, api.call_name("tokenizer_info", "GET", "/tokenizer")):
+            return await api.tokenizer_info()
 
 
 @final

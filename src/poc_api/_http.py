@@ -1267,6 +1267,10 @@ class HttpApi:
         text = redact_url(text)
         return self._redact_key(text)
 
+    def call_name(self, name: str, method: str, path: str) -> str:
+        """``name`` and the request it makes, as messages show them (a timeout's)."""
+        return f"{name} ({method} {self._shown}{path})"
+
     def _time_limit(self) -> float:
         return math.inf if self._timeout is None else self._timeout
 
@@ -1749,6 +1753,12 @@ class HttpApi:
                 f"model= is not set and {what} failed, so there is no model to name: {exc}",
                 http_status=exc.http_status,
             ) from exc
+        except (ServerUnavailable, PocApiTimeout) as exc:
+            # As above: the caller asked for a chat, not for this URL.
+            raise type(exc)(
+                f"model= is not set and {what} failed, so there is no model to name: {exc}",
+                retriable=exc.retriable,
+            ) from exc
         entries = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             _shape_error(what, '{"data": [...]}', data)
@@ -1920,11 +1930,11 @@ class HttpApi:
         seconds = check_timeout("timeout", timeout)
         # A cancel scope around a yield is fine in a context manager (same task).
         # A CancelScope, not move_on_after (a @contextmanager a Ctrl-C can tear).
+        url = self._base_url + "/chat/completions"
+        shown = self._shown + "/chat/completions"
         with trio.CancelScope(relative_deadline=math.inf if seconds is None else seconds) as scope:
             if not payload["model"]:
                 payload["model"] = await self._chat_model()
-            url = self._base_url + "/chat/completions"
-            shown = self._shown + "/chat/completions"
             request = self._build_request("POST", url, payload, accept="text/event-stream")
             log.debug("POST %s (stream)", shown)
             with self._calls.held("POST", shown):  # until the block's end
@@ -1962,7 +1972,7 @@ class HttpApi:
                 finally:
                     await events._release()
         if scope.cancelled_caught:
-            raise PocApiTimeout(f"chat_stream: not finished within {seconds:g} s")
+            raise PocApiTimeout(f"chat_stream (POST {shown}): not finished within {seconds:g} s")
 
     @_redacting  # (chat_stream, a generator, cannot be): its errors quote the server
     async def _send_stream(self, request: httpx.Request, shown: str) -> httpx.Response:
