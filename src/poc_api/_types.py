@@ -581,13 +581,19 @@ def _ranges(value: Ranges) -> tuple[tuple[int, int], ...]:
 @final
 @attrs.frozen
 class TrainSample:
-    """One training sample for ``ApiClient.train``: tokens and the ranges to learn."""
+    """One training sample for ``ApiClient.train``: tokens and the ranges to learn.
+
+    ``tokens`` must not be empty; each target range ``(start, end)`` has
+    ``0 <= start < end <= len(tokens)`` (``ValueError`` otherwise, when made).
+    """
 
     tokens: tuple[int, ...] = attrs.field(converter=_tokens, repr=_ids_repr)
     target_ranges: tuple[tuple[int, int], ...] = attrs.field(converter=_ranges)
     weight: float = attrs.field(default=1.0, converter=_weight)
 
     def __attrs_post_init__(self) -> None:
+        if not self.tokens:
+            raise ValueError("a TrainSample needs at least one token (tokens is empty)")
         for start, end in self.target_ranges:
             if end > len(self.tokens):
                 raise ValueError(

@@ -164,6 +164,14 @@ async def test_malformed_ranges_are_refused_before_sending(
         assert not s.lost
 
 
+def test_a_train_sample_without_tokens_is_a_value_error() -> None:
+    # TrainSample(tokens=[], target_ranges=[]) was accepted and sent (the server
+    # counted it as a sample): a sample with nothing in it to learn is a mistake.
+    with pytest.raises(ValueError, match="at least one token"):
+        TrainSample(tokens=[], target_ranges=[])
+    assert TrainSample(tokens=[1], target_ranges=[]).tokens == (1,)
+
+
 async def test_a_range_past_the_prompt_is_a_value_error(client: poc_api.ApiClient) -> None:
     with pytest.raises(ValueError, match="outside"):
         await client.score([Tokens([1, 2, 3])], [(1, 4)])
