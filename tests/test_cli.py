@@ -215,6 +215,20 @@ async def test_generate_seed_reaches_the_embedded_server() -> None:
     assert result.stdout == expected + "\n"
 
 
+async def test_generate_does_not_print_the_special_token_it_stops_on() -> None:
+    # A completion that ended on the model's end-of-sequence token printed it
+    # ("... came down.<|eos|>"): the tokenizer's special tokens are not text.
+    args = ("The quick brown fox", 200)
+    async with reference_server(seed=3) as server, open_client(server) as client:
+        expected = await greedy_text(client, *args, temperature=0.8)
+    assert expected.endswith("<|eos|>")
+    result = await run_cli(
+        "generate", args[0], "--max-tokens", str(args[1]), "--temperature", "0.8", "--seed", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected.removesuffix("<|eos|>") + "\n"
+
+
 async def test_generate_with_readout_shows_a_sparkline_per_concept() -> None:
     result = await run_cli("generate", "Hello there", "--max-tokens", "12", "--readout")
     assert result.returncode == 0, result.stderr

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import select
@@ -68,6 +69,8 @@ SPARK_BLOCKS: Final = "▁▂▃▄▅▆▇█"
 #: the stream (and HTTP/2 flow control on the server) instead of growing memory.
 _LIVE_BUFFER: Final = 1024
 #: Statuses meaning "this server has no tokenizer endpoint".
+log = logging.getLogger("poc_api.cli")
+
 _NO_ENDPOINT: Final = frozenset({404, 405, 501})
 _ENV_URL: Final = "POC_BASE_URL"
 _ENV_KEY: Final = "POC_API_KEY"
@@ -328,6 +331,7 @@ class _Codec:
         self._on_fallback = on_fallback
         self.byte_level = False
         self._single: dict[int, str] = {}
+        self._specials: frozenset[int] | None = None
 
     def _fall_back(self, exc: e.HttpError) -> None:
         if exc.http_status not in _NO_ENDPOINT:
@@ -363,6 +367,20 @@ class _Codec:
                 out.clear()
         return "".join(text) + out.decode("utf-8", errors="replace")
 
+    async def specials(self) -> frozenset[int]:
+        """The tokenizer's special ids (``/tokenizer``), not shown as text; none
+        when the server does not say (no such endpoint, or any failure: this is
+        for display only)."""
+        if self._specials is None:
+            found: frozenset[int] = frozenset()
+            if not self.byte_level:
+                try:
+                    found = frozenset((await self._client.tokenizer_info())["special"].values())
+                except (e.HttpError, e.ProtocolViolation) as exc:
+                    log.debug("no special token ids to leave out of the text: %s", exc)
+            self._specials = found
+        return self._specials
+
     async def piece(self, token: int) -> str:
         """The text of one token, cached."""
         if token not in self._single:
@@ -394,7 +412,12 @@ class _LiveText:
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                self._pending += batch
+                # Special tokens (the end-of-sequence a completion stops on) are
+                # not text: left out, as tokenizers' skip_special_tokens does.
+                specials = await self._codec.specials()
+                self._pending += (i for i in batch if i not in specials)
+                if not self._pending:
+                    continue
                 text = await self._codec.decode(self._pending)
                 if text.endswith("\ufffd") and len(self._pending) < 4:
                     continue
