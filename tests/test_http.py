@@ -628,6 +628,43 @@ async def test_chat_stream_takes_an_infinite_timeout_like_every_other_call(
                 pass
 
 
+async def test_a_chat_streams_timeout_bounds_its_events_not_the_callers_own_code() -> None:
+    # chat_stream(timeout=) was a cancel scope around the whole block: it cancelled
+    # the caller's own code in it (a sleep after the last event), and then said the
+    # stream was "not finished". A Generate stream's timeout bounds its events only.
+    async def slow_stream(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(CHAT_STREAM_HEAD)
+        for _ in range(10):  # an event every 0.15 s: 1.5 s in all
+            await trio.sleep(0.15)
+            await stream.send_all(sse(DELTA))
+        await stream.send_all(sse("[DONE]"))
+
+    with trio.fail_after(20):
+        async with canned_server(slow_stream) as url:
+            async with poc_api.ApiClient(url, model="m", grpc_url="http://127.0.0.1:1") as c:
+                async with c.chat_stream(HELLO, timeout=3) as events:
+                    got = [ev async for ev in events]
+                    started = trio.current_time()
+                    await trio.sleep(2)  # past the deadline: the caller's time, not cut
+                    assert trio.current_time() - started >= 2
+                assert len(got) == 11
+                # A stream not finished by then: the read that waits past it raises.
+                async with c.chat_stream(HELLO, timeout=0.5) as events:
+                    first = await events.__anext__()
+                    await trio.sleep(0.6)  # not cut either; events came meanwhile
+                    with pytest.raises(PocApiTimeout) as info:
+                        while True:
+                            got.append(await events.__anext__())
+                    assert str(info.value) == (
+                        f"chat_stream (POST {url}/chat/completions): not finished within 0.5 s"
+                    )
+                    with pytest.raises(PocApiTimeout) as again:  # and every later read
+                        await events.__anext__()
+                    assert again.value is info.value
+                assert first == ChatDelta("hi") and len(got) < 11 + 10
+
+
 async def test_api_key_never_appears_in_errors_or_logs(
     keyed_server: ReferenceServer, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -986,8 +986,10 @@ class ApiClient:
 
         Args:
             messages: as :meth:`chat`.
-            timeout: seconds for the whole block, reading included
-                (:class:`PocApiTimeout` when passed).
+            timeout: seconds until the stream's end: entering the block, and each
+                read waiting for events after it, raises :class:`PocApiTimeout`
+                once they have passed (as a Generate stream's timeout; your own
+                code in the block is not cut).
             model: as :meth:`chat`.
             max_tokens: as :meth:`chat`.
             temperature: as :meth:`chat`.

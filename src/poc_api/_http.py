@@ -1871,8 +1871,11 @@ class HttpApi:
     ) -> AsyncIterator[ChatStream]:
         """``POST /chat/completions`` with ``stream: true``: deltas, then one ``ChatDone``.
 
-        Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the whole block,
-        reading included, and raises :class:`~poc_api.PocApiTimeout` when it passes.
+        Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the stream, as a
+        Generate stream's does: entering the block, then each read that waits for
+        events, raises :class:`~poc_api.PocApiTimeout` once it has passed before
+        the stream's end (and every later read raises it again). Time the caller
+        spends in the block is not cut by it, and a finished stream never times out.
         The ``HttpApi``'s own ``timeout`` bounds only the wait for the response
         headers (and an error answer's body): a long stream is never cut by it.
 
@@ -1932,7 +1935,10 @@ class HttpApi:
         # A CancelScope, not move_on_after (a @contextmanager a Ctrl-C can tear).
         url = self._base_url + "/chat/completions"
         shown = self._shown + "/chat/completions"
-        with trio.CancelScope(relative_deadline=math.inf if seconds is None else seconds) as scope:
+        # It bounds the wait for the answer's start here, and the block's reads
+        # after it (ChatStream._wait_next): not the caller's own code in the block.
+        deadline = trio.current_time() + (math.inf if seconds is None else seconds)
+        with trio.CancelScope(deadline=deadline) as scope:
             if not payload["model"]:
                 payload["model"] = await self._chat_model()
             request = self._build_request("POST", url, payload, accept="text/event-stream")
@@ -1951,6 +1957,9 @@ class HttpApi:
                         await events._check_response(head)  # (an error answer's body is read here)
                     if head.cancelled_caught:
                         raise self._timed_out("POST", shown, "no complete error answer")
+                    scope.deadline = math.inf  # the stream's reads take it on
+                    if seconds is not None:
+                        events._deadline, events._timeout = deadline, seconds
                     # The body is read by a task of the block's own, so that a read the
                     # caller cancels (a per-event timeout) loses nothing: the next one
                     # goes on where it stopped. (httpx's reader ends for good, and drops
@@ -2288,6 +2297,10 @@ class ChatStream:
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
         self._tool_text = 0  # characters of tool calls kept to join at the end
+        # chat_stream(timeout=): when a read still waiting for events times out.
+        self._deadline = math.inf
+        self._timeout = math.inf
+        self._closed_by: PocApiTimeout | None = None  # what later reads raise, if not "closed"
 
     def _redact(self, text: str) -> str:
         return self._api._redact(text)
@@ -2445,7 +2458,7 @@ class ChatStream:
     async def _wait_next(self) -> ChatEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
         if self._reader_closed:
-            raise stream_closed()
+            raise self._closed_by or stream_closed()
         if self._waiting:  # as BatchReceiver: one reader at a time
             raise trio.BusyResourceError("another task is already reading this stream")
         while not self._queue:
@@ -2463,15 +2476,33 @@ class ChatStream:
                 continue
             self._waiting = True
             try:
-                await self._reader.wait()
+                if self._deadline == math.inf:
+                    await self._reader.wait()
+                else:
+                    # The stream's timeout bounds its events, as a Generate stream's:
+                    # a read waiting past it, never the caller's own code.
+                    with trio.CancelScope(deadline=self._deadline) as wait:
+                        await self._reader.wait()
+                    if wait.cancelled_caught:
+                        self._time_out()
             finally:
                 self._waiting = False
             if self._reader_closed:
-                raise stream_closed()  # aclose() (by another task) closed it
+                raise self._closed_by or stream_closed()  # aclose() (by another task)
         event = self._queue.popleft()
         if not self._queue:
             self._drained()
         return event
+
+    def _time_out(self) -> NoReturn:
+        """Its timeout passed before the stream's end: this read and every later
+        one raise :class:`PocApiTimeout`; nothing more is read."""
+        self._closed_by = PocApiTimeout(
+            f"chat_stream ({self._what}): not finished within {self._timeout:g} s"
+        )
+        self._reader_closed = True
+        self._pump_parked.wake()  # (the pump reads no more)
+        raise self._closed_by
 
     def _queue_done(self) -> None:
         calls = self._tool_calls.get(0, {})
