@@ -25,7 +25,7 @@ from helpers import http_server, read_request
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
 from poc_api.cli import main as cli_main
-from poc_api.cli import sparkline
+from poc_api.cli import _count, sparkline
 from poc_api.server import ReferenceServer
 from poc_api.testing import open_client, reference_server
 
@@ -70,6 +70,11 @@ async def greedy_text(client: poc_api.ApiClient, prompt: str, n: int, **sampling
 
 
 # -- pure helpers -----------------------------------------------------------------------
+
+
+def test_a_count_of_one_is_singular() -> None:
+    # The demo said "1 tokens" (a prompt of one token, a server's short context).
+    assert [_count(n, "token") for n in (0, 1, 2)] == ["0 tokens", "1 token", "2 tokens"]
 
 
 def test_sparkline_scales_from_lowest_to_highest_block() -> None:
@@ -346,6 +351,53 @@ async def test_an_unreachable_url_with_a_password_is_named_and_redacted() -> Non
 # -- serve -----------------------------------------------------------------------------
 
 
+async def test_a_server_killed_mid_stream_is_told_in_error_and_warning_lines_only() -> None:
+    # `poc-api generate --url ...` with the server killed mid-stream: stderr began
+    # with a bare log line (logging's last resort: "CloseSession ... failed"), the
+    # error said "cannot reach the server" of a server it had reached, and on a
+    # terminal the error line went on the line the generated text had left open.
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.lowlevel.open_process(
+            [*CLI, "serve", "--port", "0", "--token-delay-ms", "20"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=cli_env(),
+        )
+        try:
+            assert proc.stdout is not None
+            buf = b""
+            while b"grpc_url:" not in buf:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "serve exited before listening"
+                buf += chunk
+            urls = dict(line.split(": ", 1) for line in buf.decode().splitlines() if ": " in line)
+            gen = await trio.lowlevel.open_process(
+                [*CLI, "generate", "Once", "--url", urls["base_url"], "--max-tokens", "1000"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=cli_env(),
+            )
+            assert gen.stdout is not None and gen.stderr is not None
+            out = await gen.stdout.receive_some()
+            assert out  # it streams: now the server goes
+            proc.kill()
+            while chunk := await gen.stdout.receive_some():
+                out += chunk
+            err = b""
+            while chunk := await gen.stderr.receive_some():
+                err += chunk
+            assert await gen.wait() == 1
+        finally:
+            proc.kill()
+            await proc.wait()
+            if proc.stdout is not None:
+                await proc.stdout.aclose()
+    lines = err.decode().splitlines()
+    assert lines and all(line.startswith(("error: ", "warning: ")) for line in lines), lines
+    assert lines[-1].startswith("error: ") and "cannot reach" not in lines[-1], lines
+    assert out.endswith(b"\n")
+
+
 async def test_serve_runs_a_server_that_clients_reach_until_terminated() -> None:
     secret = "serve-secret-123"
     with trio.fail_after(TIMEOUT):
@@ -504,6 +556,7 @@ async def test_base_url_comes_from_the_environment() -> None:
         # serve runs a server: a client's URL given to it was silently ignored.
         ["--url", "http://127.0.0.1:8000/v1", "serve", "--port", "0"],
         ["--grpc-url", "http://127.0.0.1:8001", "serve", "--port", "0"],
+        ["--model", "m", "serve", "--port", "0"],  # (ignored; serve takes --model-name)
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )

@@ -112,6 +112,10 @@ def sparkline(values: Sequence[float], low: float | None = None, high: float | N
     return "".join(out)
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _one_line(text: str) -> str:
     return _shown(" ".join(text.split()))
 
@@ -587,7 +591,9 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
             url = where.grpc_url or where.base_url
         if isinstance(exc, e.PocApiTimeout):
             return f"the server at {url} did not answer in time ({msg})"
-        return f"cannot reach the server at {url} ({msg})"
+        if exc.retriable:  # nothing reached it
+            return f"cannot reach the server at {url} ({msg})"
+        return f"the connection to the server at {url} failed ({msg})"
     if isinstance(exc, e.AuthenticationError):
         if exc.grpc_status == "PERMISSION_DENIED" or exc.http_status == 403:
             return f"the server refused the request: permission denied ({exc})"
@@ -619,15 +625,42 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+class _WarningLines(logging.Handler):
+    """poc_api's warnings on stderr as ``warning: ...`` lines, as errors are shown
+    (logging's last resort printed them bare, before the ``error:`` line)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _Stdout.end_line()
+            click.echo(f"{record.levelname.lower()}: {_one_line(record.getMessage())}", err=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _log_warnings_as_lines() -> None:
+    """Install :class:`_WarningLines`, unless logging is set up (``POC_DEBUG=1``,
+    or a program that runs the CLI in its own process with handlers of its own)."""
+    logger = logging.getLogger("poc_api")
+    if not logger.handlers and not logging.getLogger().handlers:
+        logger.addHandler(_WarningLines())
+
+
 def _run(body: Callable[[_Where], None]) -> None:
     """Run a command body, reporting a failure as one ``error:`` line (exit status 1)."""
     where = _Where()
+    _Stdout.mid_line = False
+    _log_warnings_as_lines()
     try:
         body(where)
     except (click.exceptions.Exit, click.ClickException, SystemExit):
         raise
     except BaseException as exc:
         leaf = _leaf(exc)
+        if not isinstance(leaf, BrokenPipeError):
+            _Stdout.end_line()
         if isinstance(leaf, KeyboardInterrupt):
             click.echo("error: interrupted", err=True)
             sys.exit(130)
@@ -752,7 +785,7 @@ async def _demo(target: _Target, where: _Where) -> None:
             await session.prefill(prefix + start)
             con.print(
                 f"prefill  {json.dumps(_DEMO_PREFIX)}\n"
-                f"         {len(prefix)} tokens "
+                f"         {_count(len(prefix), 'token')} "
                 f"({'byte-level fallback' if codec.byte_level else 'via /tokenize'})"
                 + (f" + vision_start {start}" if start else "")
                 + f" → committed_len {session.committed_len}"
@@ -780,7 +813,7 @@ async def _demo(target: _Target, where: _Where) -> None:
             )
             con.print()
             con.print(
-                f"finish_reason {reply.finish_reason!r} · {len(reply.ids)} tokens · "
+                f"finish_reason {reply.finish_reason!r} · {_count(len(reply.ids), 'token')} · "
                 f"committed_len {session.committed_len}"
             )
             timings.append(reply.timing)
@@ -986,6 +1019,25 @@ def _write_stdout(text: str) -> None:
     # To a terminal, escaped; to a pipe or file, the text as generated.
     sys.stdout.write(_shown(text) if sys.stdout.isatty() else text)
     sys.stdout.flush()
+    if text:
+        _Stdout.mid_line = not text.endswith("\n")
+
+
+class _Stdout:
+    """Whether the text streamed to stdout has left its line open (an error that
+    ends the stream first ends the line, so that the two do not run together)."""
+
+    mid_line = False
+
+    @classmethod
+    def end_line(cls) -> None:
+        if cls.mid_line:
+            cls.mid_line = False
+            try:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # (a closed or broken stdout: nothing to end)
+                pass
 
 
 async def _generate(
@@ -1285,13 +1337,18 @@ def serve(
 
     Prints "base_url: ..." and "grpc_url: ..." on stdout once both ports listen.
     """
-    g = click.get_current_context().find_object(_Globals)
+    ctx = click.get_current_context()
+    g = ctx.find_object(_Globals)
     if g is not None and (g.url or g.grpc_url):
         # (POC_BASE_URL and POC_GRPC_URL, ambient settings for the client commands,
         # are not looked at.)
         raise click.UsageError(
             "--url and --grpc-url are for the client commands; serve listens on "
             "--host and --port (gRPC on PORT+1)"
+        )
+    if ctx.meta.get(_MODEL_KEY):  # (POC_MODEL, as the URLs, is not looked at)
+        raise click.UsageError(
+            "--model is for the client commands; serve names its model with --model-name"
         )
     key = api_key if api_key is not None else (g.api_key if g is not None else None)
     if key is None:
