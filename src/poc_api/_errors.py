@@ -221,8 +221,9 @@ class HttpError(PocApiError):
     """An HTTP endpoint answered with an error status.
 
     The message holds the status, the URL and the server's message (of a JSON
-    error body: OpenAI's, vLLM's, FastAPI's), else at most 500 characters of the
-    body; :attr:`body_excerpt` always has the latter.
+    error body: OpenAI's, vLLM's, FastAPI's), else the body's first 500 bytes,
+    cut on a character boundary (so at most 500 characters); :attr:`body_excerpt`
+    always has the latter.
     """
 
     # Narrower than PocApiError's: every HttpError is built with a status.

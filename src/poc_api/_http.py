@@ -129,9 +129,10 @@ log = logging.getLogger("poc_api.http")
 #: Body bytes kept in an error message, cut on a character boundary (so at most
 #: as many characters: proto/PROTOCOL.md §5, the seed's floor_char_boundary).
 EXCERPT_LIMIT: Final = 500
-#: Bytes of an error body read from a streaming response: enough for the excerpt,
-#: bounded so an endless error body cannot hold the caller.
-_ERROR_BODY_READ_LIMIT: Final = 4 * EXCERPT_LIMIT
+#: Bytes of an error body read: enough for the server's message in a JSON error
+#: body (a validation error listing every field runs to kilobytes; only a body read
+#: whole is parsed), bounded so an endless error body cannot hold the caller.
+_ERROR_BODY_READ_LIMIT: Final = 64 * 1024
 #: Closing a response is local work; the bound only guards a wedged transport.
 _CLOSE_TIMEOUT: Final = 5.0
 #: Bytes of a chat stream's body the block's task reads ahead of the caller: once
