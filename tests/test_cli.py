@@ -24,8 +24,8 @@ from helpers import http_server, read_request
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
-from poc_api.cli import main as cli_main
 from poc_api.cli import _count, sparkline
+from poc_api.cli import main as cli_main
 from poc_api.server import ReferenceServer
 from poc_api.testing import open_client, reference_server
 
