@@ -414,30 +414,60 @@ async def test_generate_returns_prefill_logprobs_and_readouts_for_requested_rang
         assert t.top_logprobs[0].id == t.id
 
 
-async def test_generate_readouts_are_flat_and_token_documents_how_to_shape_them(
-    client: poc_api.ApiClient,
+async def test_generate_readouts_are_flat_or_shaped_by_readout_shape(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # What Token's docstring says of Session.generate holds: the parameters it
-    # names exist, readouts come flat, and the cast it gives shapes them.
+    # PROTOCOL.md: readouts are exposed 2-D, (n_layers, n_concepts). Session.generate
+    # gave them flat only (no readout_shape, as Conversation.stream has): now flat
+    # by default (the wire's layout, as Token's docstring says), 2-D on request.
     params = inspect.signature(poc_api.Session.generate).parameters
-    assert "readout_shape" not in params
     named = re.findall(r"``(\w+)`` on\s+``(?:Session\.)?generate``", Token.__doc__ or "")
     assert named and all(name in params for name in named), named
-    manifest = await client.readout_manifest()
-    assert manifest is not None
-    n_layers, n_concepts = manifest.shape
-    with trio.fail_after(10):
+    got: dict[object, list[Token]] = {}
+
+    async def run(client: poc_api.ApiClient, shape: tuple[int, int] | None) -> None:
         async with (
             client.session() as s,
-            s.generate(HELLO, sampling=SamplingParams(max_tokens=1), readout_ranges=[(0, 2)]) as ev,
+            s.generate(
+                HELLO,
+                sampling=SamplingParams(max_tokens=2, temperature=0),
+                readout_ranges=[(0, len(HELLO) + 2)],
+                readout_shape=shape,
+            ) as ev,
         ):
-            tokens = [e async for e in ev if isinstance(e, Token) and e.readout is not None]
-    assert tokens
-    flat = tokens[0].readout
-    assert flat is not None and flat.ndim == 1 and len(flat) == n_layers * n_concepts
-    shaped = flat.cast("B").cast("f", (n_layers, n_concepts))
-    assert shaped.shape == manifest.shape
-    assert shaped.tolist()[1] == flat.tolist()[n_concepts : 2 * n_concepts]
+            got[shape] = [e async for e in ev if isinstance(e, Token)]
+
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        with trio.fail_after(10):
+            # The manifest not fetched yet: a shape of another count is not known
+            # to be wrong before the call; its readouts are dropped, with one
+            # warning for the stream and a count at its end.
+            await run(client, None)
+            await run(client, (3, 5))
+            manifest = await client.readout_manifest()
+            assert manifest is not None
+            n_layers, n_concepts = manifest.shape
+            await run(client, manifest.shape)
+            async with client.session() as s:
+                with pytest.raises(ValueError, match="manifest"):  # now known: refused
+                    s.generate([1], readout_shape=(n_concepts, n_layers))
+                with pytest.raises(ValueError, match="positive"):
+                    s.generate([1], readout_shape=(0, 3))
+    flat, shaped = got[None], got[manifest.shape]
+    assert flat[0].readout is not None and flat[0].readout.ndim == 1
+    assert len(flat[0].readout) == n_layers * n_concepts
+    assert [t.readout.shape for t in shaped if t.readout is not None] == [manifest.shape] * len(
+        flat
+    )
+    for a, b in zip(flat, shaped, strict=True):
+        assert a.readout is not None and b.readout is not None
+        assert b.readout.tolist()[1] == a.readout.tolist()[n_concepts : 2 * n_concepts]
+    assert [t.readout for t in got[(3, 5)]] == [None] * len(flat)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        f"readout shape mismatch: expected 3*5=15, got {n_layers * n_concepts}; dropped",
+        f"{len(flat)} readouts of this stream were dropped (length)",
+    ]
 
 
 async def test_append_image_reports_placeholders_and_moves_committed_len(

@@ -742,6 +742,7 @@ class ApiClient:
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
             timeout=timeout,
+            known_shape=self._https().known_readout_shape,
         )
 
     def conversation(self, *, rewind: bool = True) -> AbstractAsyncContextManager[Conversation]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-from array import array
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
@@ -44,7 +43,14 @@ from ._errors import (
     SessionNotFound,
     stream_closed,
 )
-from ._session import GenerateStream, Session, check_window, open_session
+from ._session import (
+    GenerateStream,
+    ReadoutShaper,
+    Session,
+    check_readout_shape,
+    check_window,
+    open_session,
+)
 from ._types import (
     U32_MAX,
     Done,
@@ -54,7 +60,6 @@ from ._types import (
     StreamEvent,
     Token,
     TokenOut,
-    as_int,
     check_int32,
     check_timeout,
     keyword_only_from,
@@ -63,34 +68,9 @@ from ._types import (
 if TYPE_CHECKING:
     from ._pool import Router
 
-__all__ = ["Conversation", "ConversationStream", "reshape_readout"]
+__all__ = ["Conversation", "ConversationStream"]
 
 log = logging.getLogger("poc_api.grpc")
-
-
-def reshape_readout(flat: memoryview[float], shape: tuple[int, int]) -> memoryview[float] | None:
-    """View a flat float32 readout as ``(n_layers, n_concepts)``, without copying.
-
-    Returns ``None`` when the vector's length is not ``n_layers * n_concepts``
-    (the caller warns, as the seed does).
-    """
-    n_layers, n_concepts = shape
-    if len(flat) != n_layers * n_concepts:
-        return None
-    if flat.c_contiguous:
-        return flat.cast("B").cast("f", shape)
-    return memoryview(array("f", flat).tobytes()).cast("f", shape)  # pragma: no cover
-
-
-def _check_shape(shape: object) -> tuple[int, int] | None:
-    if shape is None:
-        return None
-    if not isinstance(shape, tuple | list) or len(shape) != 2:
-        raise TypeError(f"readout_shape must be (n_layers, n_concepts), got {shape!r}")
-    n_layers, n_concepts = as_int("n_layers", shape[0]), as_int("n_concepts", shape[1])
-    if n_layers <= 0 or n_concepts <= 0:
-        raise ValueError(f"readout_shape must be positive, got {shape!r}")
-    return (n_layers, n_concepts)
 
 
 def _remaining(deadline_at: float) -> float | None:
@@ -114,11 +94,10 @@ class ConversationStream:
     ) -> None:
         self._prefix = prefix
         self._events = events
-        self._shape = readout_shape
+        self._shaper = None if readout_shape is None else ReadoutShaper(readout_shape)
         self._lookahead: Token | Done | None = None
         self._done_delivered = False  # the caller has seen the StreamDone
         self._failed = False  # the stream itself raised (a PocApiError)
-        self._mismatches = 0  # readouts dropped for their length
         self._closed = False  # aclose() was called
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
@@ -146,31 +125,15 @@ class ConversationStream:
     def _convert(self, ev: Token | Done) -> StreamEvent:
         if type(ev) is Token:
             readout = None
-            if ev.readout is not None and self._shape is not None:
-                readout = reshape_readout(ev.readout, self._shape)
-                if readout is None:
-                    self._mismatch(len(ev.readout))
+            if ev.readout is not None and self._shaper is not None:
+                readout = self._shaper.shaped(ev.readout)
             self.decoded.append(ev.id)
             return TokenOut(ev.id, readout, ev.sampled_logprob, ev.position, ev.top_logprobs)
         assert isinstance(ev, Done)
         self._done_delivered = True
-        if self._mismatches > 1:
-            log.warning("%d readouts of this stream were dropped (length)", self._mismatches)
+        if self._shaper is not None:
+            self._shaper.done()
         return StreamDone(ev.usage, ev.finish_reason)
-
-    def _mismatch(self, got: int) -> None:
-        # Warned once per stream (a count at its end), not once per token.
-        self._mismatches += 1
-        if self._mismatches == 1:
-            assert self._shape is not None
-            n_layers, n_concepts = self._shape
-            log.warning(
-                "readout shape mismatch: expected %d*%d=%d, got %d; dropped",
-                n_layers,
-                n_concepts,
-                n_layers * n_concepts,
-                got,
-            )
 
     async def aclose(self) -> None:
         """Stop reading (idempotent; what ``contextlib.aclosing`` calls): later
@@ -335,15 +298,7 @@ class Conversation:
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError("sampling must be a SamplingParams")
-        shape = _check_shape(readout_shape)
-        known = self._known_shape()
-        if shape is not None and known is not None and shape != known:
-            # A wrong count would drop every readout (with a warning); a swapped
-            # shape would reshape them wrongly without a word.
-            raise ValueError(
-                f"readout_shape {shape} is not the server's readout manifest's "
-                f"(n_layers, n_concepts) = {known}"
-            )
+        shape = check_readout_shape(readout_shape, self._known_shape())
         prio = check_int32("priority", 0 if priority is None else priority)
         total = check_timeout("timeout", timeout)
         first = check_timeout("first_token_timeout", first_token_timeout)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -33,6 +34,7 @@ from ._types import (
     WireEvent,
     _u32,
     _u32_tuple,
+    as_int,
     check_int32,
     check_ranges,
     check_timeout,
@@ -49,7 +51,15 @@ if TYPE_CHECKING:
     from ._pool import Router, SessionRoute
     from ._transport import GrpcTransport
 
-__all__ = ["GenerateStream", "Session", "close_live_sessions", "open_session"]
+__all__ = [
+    "GenerateStream",
+    "ReadoutShaper",
+    "Session",
+    "check_readout_shape",
+    "close_live_sessions",
+    "open_session",
+    "reshape_readout",
+]
 
 log = logging.getLogger("poc_api.grpc")
 
@@ -86,6 +96,74 @@ class _Timeouts:
         self.between: float | None = between
 
 
+def reshape_readout(flat: memoryview[float], shape: tuple[int, int]) -> memoryview[float] | None:
+    """View a flat float32 readout as ``(n_layers, n_concepts)``, without copying.
+
+    Returns ``None`` when the vector's length is not ``n_layers * n_concepts``
+    (the caller warns, as the seed does).
+    """
+    n_layers, n_concepts = shape
+    if len(flat) != n_layers * n_concepts:
+        return None
+    if flat.c_contiguous:
+        return flat.cast("B").cast("f", shape)
+    return memoryview(array("f", flat).tobytes()).cast("f", shape)  # pragma: no cover
+
+
+def check_readout_shape(
+    shape: object, known: tuple[int, int] | None = None
+) -> tuple[int, int] | None:
+    """A ``readout_shape`` argument checked: ``None``, or positive ``(n_layers,
+    n_concepts)`` that is the readout manifest's when that is ``known``."""
+    if shape is None:
+        return None
+    if not isinstance(shape, tuple | list) or len(shape) != 2:
+        raise TypeError(f"readout_shape must be (n_layers, n_concepts), got {shape!r}")
+    n_layers, n_concepts = as_int("n_layers", shape[0]), as_int("n_concepts", shape[1])
+    if n_layers <= 0 or n_concepts <= 0:
+        raise ValueError(f"readout_shape must be positive, got {shape!r}")
+    if known is not None and (n_layers, n_concepts) != known:
+        # A wrong count would drop every readout (with a warning); a swapped
+        # shape would reshape them wrongly without a word.
+        raise ValueError(
+            f"readout_shape {(n_layers, n_concepts)} is not the server's readout "
+            f"manifest's (n_layers, n_concepts) = {known}"
+        )
+    return (n_layers, n_concepts)
+
+
+@final
+class ReadoutShaper:
+    """The readouts of one stream, shaped ``(n_layers, n_concepts)``; a vector of
+    another length is dropped with a warning, as the seed does: once per stream
+    (and a count at its end), not once per token."""
+
+    __slots__ = ("_mismatches", "shape")
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self._mismatches = 0
+
+    def shaped(self, flat: memoryview[float]) -> memoryview[float] | None:
+        readout = reshape_readout(flat, self.shape)
+        if readout is None:
+            self._mismatches += 1
+            if self._mismatches == 1:
+                n_layers, n_concepts = self.shape
+                log.warning(
+                    "readout shape mismatch: expected %d*%d=%d, got %d; dropped",
+                    n_layers,
+                    n_concepts,
+                    n_layers * n_concepts,
+                    len(flat),
+                )
+        return readout
+
+    def done(self) -> None:
+        if self._mismatches > 1:
+            log.warning("%d readouts of this stream were dropped (length)", self._mismatches)
+
+
 def _check_ranges(name: str, ranges: Ranges) -> list[pb.PositionRange]:
     return [pb.PositionRange(start=a, end=b) for a, b in check_ranges(ranges, name)]
 
@@ -109,8 +187,10 @@ class GenerateStream:
         session: Session,
         method_started: float,
         timeouts: _Timeouts | None = None,
+        shaper: ReadoutShaper | None = None,
     ) -> None:
         self._rx = rx
+        self._shaper = shaper  # readout_shape=: Token readouts shaped 2-D
         self._timeouts = timeouts
         self._session = session
         self._batch: list[bytes] = []
@@ -189,9 +269,20 @@ class GenerateStream:
                             self._session.session_id,
                             (time.perf_counter() - self._started) * 1e3,
                         )
+                    if ev.readout is not None and self._shaper is not None:
+                        ev = Token(
+                            ev.id,
+                            ev.position,
+                            ev.is_prefill,
+                            ev.sampled_logprob,
+                            ev.top_logprobs,
+                            self._shaper.shaped(ev.readout),
+                        )
                     return ev
                 assert isinstance(ev, Done)
                 self._on_done(ev)
+                if self._shaper is not None:
+                    self._shaper.done()
                 return ev
             if self._finished:
                 raise StopAsyncIteration
@@ -347,9 +438,11 @@ class Session:
         *,
         max_buffered_events: int,
         close_timeout: float = 5.0,
+        known_shape: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self._transport = transport
         self._close_timeout = close_timeout
+        self._known_shape = known_shape  # the readout manifest's, once fetched
         self._session_id = session_id
         self._max_length = max_length
         self._committed_len = 0
@@ -612,6 +705,7 @@ class Session:
         timeout: SupportsFloat | None = None,
         first_token_timeout: SupportsFloat | None = None,
         token_timeout: SupportsFloat | None = None,
+        readout_shape: tuple[SupportsIndex, SupportsIndex] | None = None,
     ) -> AbstractAsyncContextManager[GenerateStream]:
         """Append ``tokens``, decode, and stream the wire events.
 
@@ -632,6 +726,13 @@ class Session:
         session while another task's call holds it counts against ``timeout``
         only; running out there raises on entry, with nothing sent and the
         session intact.
+
+        Readouts come flat (``n_layers * n_concepts`` floats, layer-major, as on
+        the wire); with ``readout_shape=(n_layers, n_concepts)`` (the readout
+        manifest's ``shape``) each ``Token.readout`` is that 2-D view instead, as
+        ``Conversation.stream`` gives, and a vector of another length is dropped
+        with a warning. A shape that is not the manifest's, once the client has
+        fetched it, is a ``ValueError``.
 
         The RPC runs while the block is open. Leaving the block before the
         ``Done`` event — by ``break``, an exception or cancellation — resets the
@@ -660,7 +761,8 @@ class Session:
         between = check_timeout("token_timeout", token_timeout)
         if total is not None or first is not None or between is not None:
             timeouts = _Timeouts(total, first, between)
-        return _GenerateBlock(self, ids, sampling, lp, ro, prio, rewind_to, timeouts)
+        shape = check_readout_shape(readout_shape, self._known_shape())
+        return _GenerateBlock(self, ids, sampling, lp, ro, prio, rewind_to, timeouts, shape=shape)
 
     @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
@@ -728,12 +830,14 @@ class open_session:  # used like the function it replaced
         max_buffered_events: int,
         close_timeout: float,
         timeout: SupportsFloat | None = None,
+        known_shape: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self._timeout = check_timeout("timeout", timeout)
         self._transport = transport
         self._model = model
         self._max_buffered = max_buffered_events
         self._close_timeout = close_timeout
+        self._known_shape = known_shape
         self._session: Session | None = None
 
     @trio.lowlevel.enable_ki_protection
@@ -795,6 +899,7 @@ class open_session:  # used like the function it replaced
             max_length,
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
+            known_shape=self._known_shape,
         )
         log.debug("session %s opened (max_length=%d)", session_id, max_length)
         live.held.add(session)  # the client's close closes it too
@@ -849,6 +954,7 @@ class _GenerateBlock:
         "_rpc",
         "_sampling",
         "_session",
+        "_shape",
         "_stream",
         "_timeouts",
     )
@@ -864,8 +970,10 @@ class _GenerateBlock:
         rewind_to: SupportsIndex | None,
         timeouts: _Timeouts | None,
         rewind_name: str = "rewind_to",
+        shape: tuple[int, int] | None = None,
     ) -> None:
         self._session = session
+        self._shape = shape
         self._rewind_name = rewind_name  # the caller's parameter, for errors
         self._ids = ids
         self._sampling = sampling
@@ -934,7 +1042,8 @@ class _GenerateBlock:
         # What fails here (a client-side limit, a closed client) failed before
         # anything was sent: the session is untouched and stays usable.
         rx = await rpc.__aenter__()
-        stream = self._stream = GenerateStream(rx, s, started, self._timeouts)
+        shaper = None if self._shape is None else ReadoutShaper(self._shape)
+        stream = self._stream = GenerateStream(rx, s, started, self._timeouts, shaper)
 
         def interrupt() -> None:
             # Not once Done is in: the call is over, only its trailers are due.

@@ -407,13 +407,13 @@ class TopLogprob:
 class Token:
     """A wire ``Token`` event from ``Session.generate``.
 
-    ``readout`` is a flat float32 ``memoryview`` (``n_layers * n_concepts``,
-    layer-major) or ``None`` when not requested (``readout_ranges`` on
-    ``Session.generate``). ``Session.generate`` takes no shape and always gives
-    it flat: ``numpy.asarray(ev.readout, dtype=numpy.float32).reshape(manifest.shape)``
-    shapes it without a copy, typed ``NDArray[numpy.float32]`` (without numpy,
-    ``mv.cast("B").cast("f", (n_layers, n_concepts))``). 2-D readouts come from
-    ``Conversation.stream(..., readout_shape=...)``, on :class:`TokenOut`.
+    ``readout`` is a float32 ``memoryview`` or ``None`` when not requested
+    (``readout_ranges`` on ``Session.generate``): flat (``n_layers * n_concepts``,
+    layer-major, as on the wire), or 2-D ``(n_layers, n_concepts)`` when
+    ``readout_shape`` on ``Session.generate`` asked for it (a vector of another
+    length then comes as ``None``, with a warning). A flat one shapes without a
+    copy: ``numpy.asarray(ev.readout, dtype=numpy.float32).reshape(manifest.shape)``
+    (without numpy, ``mv.cast("B").cast("f", (n_layers, n_concepts))``).
 
     Tokens compare by value, readouts included; the hash leaves the readout out
     (a float memoryview has none). They pickle and deep-copy (to a worker
@@ -427,7 +427,7 @@ class Token:
     sampled_logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
     readout: _memoryview[float] | None = attrs.field(default=None, hash=False, repr=_readout_repr)
-    """The flat float32 readout (``n_layers * n_concepts``, layer-major), or ``None``.
+    """The float32 readout, flat or shaped as ``readout_shape`` asked, or ``None``.
 
     Typed: ``numpy.asarray(ev.readout, dtype=numpy.float32)``, an
     ``NDArray[numpy.float32]`` over the same memory. ``ev.readout.tolist()`` gives
