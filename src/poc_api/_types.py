@@ -266,12 +266,14 @@ class SamplingParams:
     """How to decode. Mirrors the sampling fields of ``GenerateRequest``.
 
     Args:
-        max_tokens: decode budget; 0 appends the prompt and decodes nothing.
-        temperature: 0 is greedy.
-        top_p: nucleus filter; 0 or 1 switches it off.
-        top_k: 0 switches it off.
-        stop_token_ids: decoding stops after emitting one of these.
-        logprob_top_k: when > 0, decoded tokens carry the k most likely alternatives.
+        max_tokens: decode budget; 0 appends the prompt and decodes nothing
+            (default 256).
+        temperature: 0 is greedy (the default).
+        top_p: nucleus filter; 0 or 1 switches it off (default 1).
+        top_k: 0 switches it off (the default).
+        stop_token_ids: decoding stops after emitting one of these (default none).
+        logprob_top_k: when > 0, decoded tokens carry the k most likely
+            alternatives (default 0).
 
     Example::
 
