@@ -491,6 +491,38 @@ async def test_an_image_the_server_gives_another_length_than_said_is_warned_of(
     assert "is 7 but the server gave it 4 positions" in record.getMessage()
 
 
+async def test_share_prefix_gives_what_each_prompt_gets_alone_when_they_state_an_image_differently(
+    server: ReferenceServer, client: poc_api.ApiClient
+) -> None:
+    # Prompts with the same image bytes but different known_expanded_len shared
+    # their prefix, built from the first prompt's chunks: the stated length checked
+    # was that prompt's. A range counted from another prompt's wrong length came
+    # back as a plausible, wrong sum; a prompt with no wrong length was refused.
+    png = make_png(56, 56)  # the server gives it 4 positions
+
+    def prompt(said: int, tail: list[int]) -> list[poc_api.Chunk]:
+        return [Tokens(PROMPT[:6]), Image(png, "image/png", said), Tokens(tail)]
+
+    wrong = 7
+    cases = [
+        # the wrong length's prompt has a range after the image: refused either way
+        [(prompt(0, [9, 10, 11]), [(0, 3)]), (prompt(wrong, [12, 13]), [(6 + wrong, 6 + wrong + 2)])],
+        # the wrong length's ranges lie before the image; the other's after it: a result
+        [(prompt(wrong, [9, 10, 11]), [(0, 3)]), (prompt(0, [12, 13]), [(10, 12)])],
+    ]
+    with trio.fail_after(20):
+        for prompts in cases:
+            outcomes = []
+            for share in (False, True):
+                try:
+                    outcomes.append(await client.score_many(prompts, share_prefix=share))
+                except ValueError as exc:
+                    outcomes.append(str(exc))
+            assert outcomes[0] == outcomes[1], outcomes
+        assert isinstance(outcomes[0], list)
+    await wait_for(lambda: not server.state().session_ids)
+
+
 @pytest.mark.parametrize("said", [3, 7], ids=["said_shorter", "said_longer"])
 @pytest.mark.parametrize("call", ["score", "score_many", "share_prefix"])
 async def test_a_range_past_an_image_the_server_gives_another_length_than_said_is_refused(

@@ -816,7 +816,7 @@ class ApiClient:
         bounds the whole batch.
 
         ``share_prefix=True`` groups prompts that share a prefix (token by token;
-        images whole): each group gets one session that prefills the prefix once,
+        images whole, with the same bytes, mime and ``known_expanded_len``): each group gets one session that prefills the prefix once,
         then rewinds to its end for each prompt's rest, as
         :meth:`score_continuations` does. The results are the same as without it.
         A group's prompts run one after another; the groups run concurrently.

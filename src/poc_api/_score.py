@@ -444,10 +444,15 @@ def _units(chunks: Sequence[Chunk]) -> list[_Unit]:
     return out
 
 
-def _unit_key(unit: _Unit) -> tuple[int, int] | tuple[int, bytes, str]:
-    # Images compare by content, not by known_expanded_len: the server derives the
-    # placeholder count from the bytes, so equal bytes take equal positions.
-    return (0, unit) if isinstance(unit, int) else (1, unit.data, unit.mime)
+def _unit_key(unit: _Unit) -> tuple[int, int] | tuple[int, bytes, str, int]:
+    # Equal bytes take equal positions (the server counts them from the bytes),
+    # but the stated known_expanded_len is compared too: the shared prefix is sent
+    # as one prompt's chunks, and a length the server contradicts is checked
+    # against the ranges counted from it (_check_image_len). Prompts that state
+    # it differently share no prefix past the image, so each gets its own check.
+    if isinstance(unit, int):
+        return (0, unit)
+    return (1, unit.data, unit.mime, unit.known_expanded_len)
 
 
 def _to_chunks(units: Sequence[_Unit]) -> list[Chunk]:
