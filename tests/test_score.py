@@ -506,7 +506,7 @@ async def test_share_prefix_gives_what_each_prompt_gets_alone_when_they_state_an
     wrong = 7
     cases = [
         # the wrong length's prompt has a range after the image: refused either way
-        [(prompt(0, [9, 10, 11]), [(0, 3)]), (prompt(wrong, [12, 13]), [(6 + wrong, 6 + wrong + 2)])],
+        [(prompt(0, [9, 10, 11]), [(0, 3)]), (prompt(wrong, [12, 13]), [(13, 15)])],
         # the wrong length's ranges lie before the image; the other's after it: a result
         [(prompt(wrong, [9, 10, 11]), [(0, 3)]), (prompt(0, [12, 13]), [(10, 12)])],
     ]

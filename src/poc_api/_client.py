@@ -816,10 +816,11 @@ class ApiClient:
         bounds the whole batch.
 
         ``share_prefix=True`` groups prompts that share a prefix (token by token;
-        images whole, with the same bytes, mime and ``known_expanded_len``): each group gets one session that prefills the prefix once,
-        then rewinds to its end for each prompt's rest, as
-        :meth:`score_continuations` does. The results are the same as without it.
-        A group's prompts run one after another; the groups run concurrently.
+        images whole, with the same bytes, mime and ``known_expanded_len``): each
+        group gets one session that prefills the prefix once, then rewinds to its
+        end for each prompt's rest, as :meth:`score_continuations` does. The
+        results are the same as without it. A group's prompts run one after
+        another; the groups run concurrently.
         """
         # As an int first: numpy's int64 skipped the clamp (and then hit the limit).
         max_concurrency = min(as_int("max_concurrency", max_concurrency), self._streams.limit)
