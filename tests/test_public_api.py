@@ -98,6 +98,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "check_readout_shape",
         "merge_ranges",
         "range_sums",
+        "positions_within",
         "score_chunks",
         "score_many",
         "score_continuations",

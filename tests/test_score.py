@@ -14,7 +14,7 @@ from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
 from poc_api import Image, SamplingParams, ScoreResult, Token, Tokens
-from poc_api._score import _exact_prefix_sums, merge_ranges, range_sums
+from poc_api._score import _exact_prefix_sums, merge_ranges, positions_within, range_sums
 from poc_api.server import ReferenceServer, tokenize
 from poc_api.testing import reference_server
 
@@ -346,6 +346,17 @@ def test_range_sums_are_each_ranges_exact_sum(
     for r, (a, b) in zip(got, ranges, strict=True):
         assert (r.start, r.end) == (a, b)
         assert r.logprob == math.fsum(v for p, v in logprobs.items() if a <= p < b)
+
+
+@given(st.dictionaries(st.integers(0, 60), st.floats(-20, 0), max_size=40), ranges_st)
+def test_positions_within_merged_ranges_are_the_ones_any_range_holds(
+    logprobs: dict[int, float], ranges: list[tuple[int, int]]
+) -> None:
+    # share_prefix's filter of a prefix's logprobs for each prompt: a lookup per
+    # position of each range (it tested every position against every range).
+    end = max(logprobs, default=-1) + 1
+    want = {p: v for p, v in logprobs.items() if any(a <= p < b for a, b in ranges)}
+    assert positions_within(logprobs, merge_ranges(ranges), end) == want
 
 
 @given(

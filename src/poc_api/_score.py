@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, SupportsIndex, TypeVar, cast
 
@@ -41,6 +41,7 @@ _T = TypeVar("_T")
 __all__ = [
     "group_by_prefix",
     "merge_ranges",
+    "positions_within",
     "range_sums",
     "score_chunks",
     "score_continuations",
@@ -643,7 +644,7 @@ async def _score_group(
         at[:] = [index]
         wire = merge_ranges(rs)
         # Exactly the positions the prompt's own session would have reported.
-        lp = {p: v for p, v in prefix_lp.items() if any(a <= p < b for a, b in wire)}
+        lp = positions_within(prefix_lp, wire, end_of_prefix)
         spans = list(prefix_spans)
         rest = _to_chunks(_units(chunks)[shared:])
         total = await _append(
@@ -652,6 +653,27 @@ async def _score_group(
         _check_within(rs, total)
         _check_count(lp, _text_positions(wire, spans))
         results[index] = range_sums(lp, rs)
+
+
+def positions_within(
+    logprobs: Mapping[int, float], wire: Sequence[tuple[int, int]], end: int
+) -> dict[int, float]:
+    """The entries of ``logprobs`` (positions below ``end``) inside ``wire``
+    (merged ranges: sorted, disjoint).
+
+    Looked up range by range, up to ``end``: at most ``end`` lookups. Testing
+    each position against every range cost positions x ranges, for every prompt
+    of a group (a range on every other position of a long prefix: quadratic).
+    """
+    out: dict[int, float] = {}
+    for start, stop in wire:
+        if start >= end:
+            break
+        for p in range(start, min(stop, end)):
+            value = logprobs.get(p)
+            if value is not None:
+                out[p] = value
+    return out
 
 
 def _check_continuation(value: object, i: int) -> list[Chunk]:
