@@ -17,7 +17,7 @@ import numbers
 import operator
 import struct
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -559,7 +559,8 @@ def check_ranges(
 
     A 2-D numpy array of pairs works as a list of them. Errors name ``name``.
     """
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+    # (A mapping iterates its keys: pairs as keys passed, their values dropped.)
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
         raise TypeError(
             f"{name} must be a sequence of (start, end) pairs, not {type(value).__name__}"
         )

@@ -164,6 +164,15 @@ async def test_malformed_ranges_are_refused_before_sending(
         assert not s.lost
 
 
+async def test_ranges_given_as_a_mapping_are_a_type_error(client: poc_api.ApiClient) -> None:
+    # score(chunks, {(0, 1): 1}) was accepted, its keys taken as the ranges: a dict
+    # is not a sequence of pairs, and its values were dropped without a word.
+    with pytest.raises(TypeError, match="not dict"):
+        await client.score([Tokens(HELLO)], {(0, 1): 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not dict"):
+        TrainSample(tokens=HELLO, target_ranges={(0, 1): 1})  # type: ignore[arg-type]
+
+
 def test_a_train_sample_without_tokens_is_a_value_error() -> None:
     # TrainSample(tokens=[], target_ranges=[]) was accepted and sent (the server
     # counted it as a sample): a sample with nothing in it to learn is a mistake.
