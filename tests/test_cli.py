@@ -348,6 +348,16 @@ async def test_an_unreachable_url_with_a_password_is_named_and_redacted() -> Non
     assert "s3cret" not in result.stderr + result.stdout
 
 
+async def serve_urls(stdout: trio.abc.ReceiveStream) -> dict[str, str]:
+    """``{"base_url": ..., "grpc_url": ...}`` from ``poc-api serve``'s first lines."""
+    buf = b""
+    while b"grpc_url:" not in buf:
+        chunk = await stdout.receive_some()
+        assert chunk, "serve exited before listening"
+        buf += chunk
+    return dict(line.split(": ", 1) for line in buf.decode().splitlines() if ": " in line)
+
+
 # -- serve -----------------------------------------------------------------------------
 
 
@@ -365,12 +375,7 @@ async def test_a_server_killed_mid_stream_is_told_in_error_and_warning_lines_onl
         )
         try:
             assert proc.stdout is not None
-            buf = b""
-            while b"grpc_url:" not in buf:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, "serve exited before listening"
-                buf += chunk
-            urls = dict(line.split(": ", 1) for line in buf.decode().splitlines() if ": " in line)
+            urls = await serve_urls(proc.stdout)
             gen = await trio.lowlevel.open_process(
                 [*CLI, "generate", "Once", "--url", urls["base_url"], "--max-tokens", "1000"],
                 stdout=subprocess.PIPE,
@@ -413,12 +418,7 @@ async def test_serve_runs_a_server_that_clients_reach_until_terminated() -> None
         )
         try:
             assert proc.stdout is not None and proc.stderr is not None
-            buf = b""
-            while b"grpc_url:" not in buf:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, "serve exited before listening"
-                buf += chunk
-            urls = dict(line.split(": ", 1) for line in buf.decode().splitlines() if ": " in line)
+            urls = await serve_urls(proc.stdout)
             base_url = urls["base_url"]
 
             async with poc_api.ApiClient(

@@ -632,16 +632,8 @@ async def test_a_chat_streams_timeout_bounds_its_events_not_the_callers_own_code
     # chat_stream(timeout=) was a cancel scope around the whole block: it cancelled
     # the caller's own code in it (a sleep after the last event), and then said the
     # stream was "not finished". A Generate stream's timeout bounds its events only.
-    async def slow_stream(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        await stream.send_all(CHAT_STREAM_HEAD)
-        for _ in range(10):  # an event every 0.15 s: 1.5 s in all
-            await trio.sleep(0.15)
-            await stream.send_all(sse(DELTA))
-        await stream.send_all(sse("[DONE]"))
-
     with trio.fail_after(20):
-        async with canned_server(slow_stream) as url:
+        async with canned_server(slow_chat_stream) as url:
             async with poc_api.ApiClient(url, model="m", grpc_url="http://127.0.0.1:1") as c:
                 async with c.chat_stream(HELLO, timeout=3) as events:
                     got = [ev async for ev in events]
@@ -1805,6 +1797,16 @@ async def test_http_timeouts_default_to_the_seeds_30_s_connect_and_600_s_total()
         assert api._timeout == 600.0
 
 
+async def slow_chat_stream(stream: trio.SocketStream) -> None:
+    """A chat stream of ten deltas, one every 0.15 s (1.5 s in all), then [DONE]."""
+    await read_request(stream)
+    await stream.send_all(CHAT_STREAM_HEAD)
+    for _ in range(10):
+        await trio.sleep(0.15)
+        await stream.send_all(sse(DELTA))
+    await stream.send_all(sse("[DONE]"))
+
+
 def trickle(answer: bytes, every: float = 0.1) -> Handler:
     """A handler that sends ``answer`` one byte every ``every`` seconds: each socket
     read gets something in time, the answer as a whole takes ages."""
@@ -1889,16 +1891,8 @@ async def test_a_timed_out_http_call_names_its_url_and_a_models_lookup_why_it_ra
 
 
 async def test_the_clients_timeout_does_not_cut_a_chat_stream_that_lasts_longer() -> None:
-    async def slow_stream(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        await stream.send_all(CHAT_STREAM_HEAD)
-        for _ in range(10):  # an event every 0.15 s: 1.5 s in all
-            await trio.sleep(0.15)
-            await stream.send_all(sse(DELTA))
-        await stream.send_all(sse("[DONE]"))
-
     with trio.fail_after(10):
-        async with canned_server(slow_stream) as url:
+        async with canned_server(slow_chat_stream) as url:
             async with poc_api.ApiClient(
                 url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.5
             ) as c:
