@@ -2484,7 +2484,8 @@ class ChatStream:
                     # a read waiting past it, never the caller's own code.
                     with trio.CancelScope(deadline=self._deadline) as wait:
                         await self._reader.wait()
-                    if wait.cancelled_caught:
+                    # (Not if what it waited for came as it passed: then that counts.)
+                    if wait.cancelled_caught and not (self._queue or self._finished):
                         self._time_out()
             finally:
                 self._waiting = False
