@@ -398,9 +398,91 @@ async def test_a_server_killed_mid_stream_is_told_in_error_and_warning_lines_onl
             if proc.stdout is not None:
                 await proc.stdout.aclose()
     lines = err.decode().splitlines()
-    assert lines and all(line.startswith(("error: ", "warning: ")) for line in lines), lines
+    assert lines and all(line.startswith(("error: ", "poc_api warning: ")) for line in lines)
     assert lines[-1].startswith("error: ") and "cannot reach" not in lines[-1], lines
-    assert out.endswith(b"\n")
+    assert out  # (in a pipe, the text as generated: see the terminal's case below)
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_a_warning_or_error_ends_the_line_streamed_text_left_open_on_a_terminal_only(
+    tty: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # On a terminal, a warning or an error after streamed text ran on in its line;
+    # the first fix ended the line in a file or pipe too, adding a newline to the
+    # generated text there (also in the middle of it, for a warning).
+    from poc_api.cli import _Stdout, _write_stdout
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    _write_stdout("once upon")
+    _Stdout.end_line()
+    _Stdout.end_line()  # (once)
+    _write_stdout(" a time\n")
+    _Stdout.end_line()  # (a line the text ended: nothing)
+    out = capsys.readouterr().out
+    assert out == ("once upon\n a time\n" if tty else "once upon a time\n")
+
+
+def test_poc_api_log_records_print_as_one_line_and_only_while_a_command_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A warning came out bare (logging's last resort); an ERROR record's traceback,
+    # printed in one line as "error: ...", read as the command's own failure.
+    import logging
+
+    from poc_api.cli import _WarningLines
+
+    handler = _WarningLines()
+    record = logging.LogRecord("poc_api.grpc", logging.ERROR, "f", 1, "it broke", (), None)
+    try:
+        raise OSError("no route")
+    except OSError:
+        record.exc_info = sys.exc_info()
+    handler.emit(record)
+    warning = logging.LogRecord("poc_api.grpc", logging.WARNING, "f", 1, "%d lost", (2,), None)
+    handler.emit(warning)
+    assert capsys.readouterr().err == (
+        "poc_api error: it broke: OSError: no route\npoc_api warning: 2 lost\n"
+    )
+
+
+def test_the_cli_log_handler_is_there_while_a_command_runs_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It was added to the poc_api logger for good: a program that runs the CLI in
+    # its own process kept it (and another for each command it ran).
+    import logging
+
+    from poc_api.cli import _run, _WarningLines
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # (pytest's own: none)
+    logger = logging.getLogger("poc_api")
+    before = list(logger.handlers)
+    seen: list[list[logging.Handler]] = []
+    _run(lambda where: seen.append(list(logger.handlers)))
+    _run(lambda where: seen.append(list(logger.handlers)), warning_lines=False)
+    assert [type(h) for h in seen[0]] == [*map(type, before), _WarningLines]
+    assert seen[1] == before and logger.handlers == before
+
+
+async def test_generate_shows_special_tokens_when_the_server_will_not_list_them() -> None:
+    # The special ids are for display only: a /tokenizer that refused the key (or
+    # timed out, or lost its connection) failed the whole `generate`.
+    from poc_api.cli import _Codec
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        body = b'{"error": "no"}'
+        await stream.send_all(
+            b"HTTP/1.1 403 No\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    async with http_server(handler) as url:
+        async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:
+            with trio.fail_after(10):
+                assert await _Codec(client).specials() == frozenset()
 
 
 async def test_serve_runs_a_server_that_clients_reach_until_terminated() -> None:

@@ -18,12 +18,15 @@ used (the embedded server has its own ports), while ``--grpc-url`` without one
 is a usage error.
 
 Errors print one line on stderr, ``error: ...``, and exit with status 1; usage
-errors exit with status 2. The api key is never printed. ``POC_DEBUG=1`` adds
-debug logging and a traceback for unexpected errors.
+errors exit with status 2. poc_api's own log records of WARNING and above print
+as one-line ``poc_api warning: ...`` (``serve`` leaves them to logging). The api
+key is never printed. ``POC_DEBUG=1`` adds debug logging and a traceback for
+unexpected errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -32,9 +35,10 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Final, TypeVar, final
 from urllib.parse import urlsplit
 
@@ -380,7 +384,7 @@ class _Codec:
             if not self.byte_level:
                 try:
                     found = frozenset((await self._client.tokenizer_info())["special"].values())
-                except (e.HttpError, e.ProtocolViolation) as exc:
+                except e.PocApiError as exc:  # (the text's own calls say what fails)
                     log.debug("no special token ids to leave out of the text: %s", exc)
             self._specials = found
         return self._specials
@@ -591,9 +595,10 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
             url = where.grpc_url or where.base_url
         if isinstance(exc, e.PocApiTimeout):
             return f"the server at {url} did not answer in time ({msg})"
-        if exc.retriable:  # nothing reached it
+        if exc.retriable:  # (nothing was sent)
             return f"cannot reach the server at {url} ({msg})"
-        return f"the connection to the server at {url} failed ({msg})"
+        # Perhaps reached, and lost: the message says which.
+        return f"the server at {url} is unavailable ({msg})"
     if isinstance(exc, e.AuthenticationError):
         if exc.grpc_status == "PERMISSION_DENIED" or exc.http_status == 403:
             return f"the server refused the request: permission denied ({exc})"
@@ -634,27 +639,46 @@ class _WarningLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                # One line, as errors are (POC_DEBUG=1 shows the traceback).
+                exc = record.exc_info[1]
+                message = f"{message}: {type(exc).__name__}: {exc}"
             _Stdout.end_line()
-            click.echo(f"{record.levelname.lower()}: {_one_line(record.getMessage())}", err=True)
+            # Not "error:" for an ERROR record: that prefix is the command's own failure.
+            click.echo(f"poc_api {record.levelname.lower()}: {_one_line(message)}", err=True)
         except Exception:
             self.handleError(record)
 
 
-def _log_warnings_as_lines() -> None:
-    """Install :class:`_WarningLines`, unless logging is set up (``POC_DEBUG=1``,
-    or a program that runs the CLI in its own process with handlers of its own)."""
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """:class:`_WarningLines` on the ``poc_api`` logger while a command runs, unless
+    logging is set up (``POC_DEBUG=1``, or a program that runs the CLI in its own
+    process with handlers of its own)."""
     logger = logging.getLogger("poc_api")
-    if not logger.handlers and not logging.getLogger().handlers:
-        logger.addHandler(_WarningLines())
+    if logger.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = _WarningLines()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
-def _run(body: Callable[[_Where], None]) -> None:
-    """Run a command body, reporting a failure as one ``error:`` line (exit status 1)."""
+def _run(body: Callable[[_Where], None], *, warning_lines: bool = True) -> None:
+    """Run a command body, reporting a failure as one ``error:`` line (exit status 1).
+
+    ``warning_lines``: poc_api's log records of WARNING and above as one-line
+    ``poc_api warning: ...`` (``serve`` keeps logging's own output, tracebacks and all).
+    """
     where = _Where()
     _Stdout.mid_line = False
-    _log_warnings_as_lines()
     try:
-        body(where)
+        with _warnings_as_lines() if warning_lines else contextlib.nullcontext():
+            body(where)
     except (click.exceptions.Exit, click.ClickException, SystemExit):
         raise
     except BaseException as exc:
@@ -772,7 +796,9 @@ async def _demo(target: _Target, where: _Where) -> None:
         codec = _Codec(client, note_fallback)
 
         def write_live(text: str) -> None:
-            con.print(_shown(text), end="", style="cyan", markup=False, soft_wrap=True)
+            with _Stdout.lock:
+                con.print(_shown(text), end="", style="cyan", markup=False, soft_wrap=True)
+                _Stdout.wrote(text)
 
         live = _LiveText(codec, write_live)
 
@@ -1017,25 +1043,37 @@ def generate(
 
 def _write_stdout(text: str) -> None:
     # To a terminal, escaped; to a pipe or file, the text as generated.
-    sys.stdout.write(_shown(text) if sys.stdout.isatty() else text)
-    sys.stdout.flush()
-    if text:
-        _Stdout.mid_line = not text.endswith("\n")
+    with _Stdout.lock:
+        sys.stdout.write(_shown(text) if sys.stdout.isatty() else text)
+        sys.stdout.flush()
+        _Stdout.wrote(text)
 
 
 class _Stdout:
-    """Whether the text streamed to stdout has left its line open (an error that
-    ends the stream first ends the line, so that the two do not run together)."""
+    """Whether the text streamed to stdout has left its line open: a warning or an
+    error shown while it is, on the same terminal, first ends that line, so that
+    the two do not run together. (In a file or a pipe, stdout holds the text as
+    generated: nothing is added to it.)"""
 
     mid_line = False
+    #: Warnings may come from the client's loop thread too.
+    lock = threading.Lock()
+
+    @classmethod
+    def wrote(cls, text: str) -> None:
+        if text:
+            cls.mid_line = not text.endswith("\n")
 
     @classmethod
     def end_line(cls) -> None:
-        if cls.mid_line:
+        with cls.lock:
+            if not cls.mid_line:
+                return
             cls.mid_line = False
             try:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+                if sys.stdout.isatty() and sys.stderr.isatty():
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
             except (OSError, ValueError):  # (a closed or broken stdout: nothing to end)
                 pass
 
@@ -1059,6 +1097,7 @@ async def _generate(
         ids = await codec.encode(text)
         if not ids:
             raise CliError("TEXT encodes to no tokens")
+        await codec.specials()  # (before the stream: the text waits for nothing then)
         async with client.conversation() as conv:
             reply = await _pump(
                 lambda: conv.stream(
@@ -1378,7 +1417,7 @@ def serve(
         except OSError as exc:  # its message names the host and port
             raise CliError(exc.strerror or str(exc)) from exc
 
-    _run(body)
+    _run(body, warning_lines=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
