@@ -654,6 +654,9 @@ async def test_a_chat_streams_timeout_bounds_its_events_not_the_callers_own_code
                     with pytest.raises(PocApiTimeout) as again:  # and every later read
                         await events.__anext__()
                     assert again.value is info.value
+                    await events.aclose()  # ... until it is closed
+                    with pytest.raises(trio.ClosedResourceError, match="stream was closed"):
+                        await events.__anext__()
                 assert first == ChatDelta("hi") and len(got) < 11 + 10
 
 
@@ -1888,6 +1891,16 @@ async def test_a_timed_out_http_call_names_its_url_and_a_models_lookup_why_it_ra
                     async with c.chat_stream(HELLO):
                         pass
                 assert str(info.value).startswith(why)
+            # The call's own timeout, in the lookup: it named the POST never sent.
+            async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as c:
+                lookup = f"(GET {url}/models, to find the model to name: model= is not set)"
+                with pytest.raises(PocApiTimeout) as info:
+                    await c.chat(HELLO, timeout=0.3)
+                assert str(info.value) == f"chat {lookup}: no answer within 0.3 s"
+                with pytest.raises(PocApiTimeout) as info:
+                    async with c.chat_stream(HELLO, timeout=0.3):
+                        pass
+                assert str(info.value) == f"chat_stream {lookup}: not finished within 0.3 s"
 
 
 async def test_the_clients_timeout_does_not_cut_a_chat_stream_that_lasts_longer() -> None:

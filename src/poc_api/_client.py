@@ -941,7 +941,7 @@ class ApiClient:
                 ``top_k``, ``chat_template_kwargs``, ...).
         """
         api = self._https()
-        with deadline(timeout, api.call_name("chat", "POST", "/chat/completions")):
+        with deadline(timeout, api.chat_call_name("chat", model)):
             return await api.chat(
                 messages,
                 model=model,

@@ -1272,6 +1272,20 @@ class HttpApi:
         """``name`` and the request it makes, as messages show them (a timeout's)."""
         return f"{name} ({method} {self._shown}{path})"
 
+    def chat_call_name(self, name: str, model: str | None) -> Callable[[], str]:
+        """:meth:`call_name` of a chat call, told when it is needed: without a model
+        to name, the call first asks ``GET /models``, and a timeout that passes
+        there must name that request, not the chat request never sent."""
+
+        def named() -> str:
+            if model or self._model or self._served_model.fetched:
+                return self.call_name(name, "POST", "/chat/completions")
+            return (
+                f"{name} (GET {self._shown}/models, to find the model to name: model= is not set)"
+            )
+
+        return named
+
     def _time_limit(self) -> float:
         return math.inf if self._timeout is None else self._timeout
 
@@ -1873,10 +1887,13 @@ class HttpApi:
         """``POST /chat/completions`` with ``stream: true``: deltas, then one ``ChatDone``.
 
         Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the stream, as a
-        Generate stream's does: entering the block, then each read that waits for
-        events, raises :class:`~poc_api.PocApiTimeout` once it has passed before
-        the stream's end (and every later read raises it again). Time the caller
-        spends in the block is not cut by it, and a finished stream never times out.
+        Generate stream's does: entering the block, then each read that has to wait
+        for events, raises :class:`~poc_api.PocApiTimeout` once it has passed (and
+        every later read raises it again, until ``aclose()``). Time the caller spends
+        in the block is not cut by it, and a read that finds events read ahead
+        returns them; but a reader slower than the server may outlast it while the
+        block holds its read-ahead (below): the stream had ended on the server, not
+        yet in the block.
         The ``HttpApi``'s own ``timeout`` bounds only the wait for the response
         headers (and an error answer's body): a long stream is never cut by it.
 
@@ -1982,7 +1999,8 @@ class HttpApi:
                 finally:
                     await events._release()
         if scope.cancelled_caught:
-            raise PocApiTimeout(f"chat_stream (POST {shown}): not finished within {seconds:g} s")
+            what = self.chat_call_name("chat_stream", payload["model"])()
+            raise PocApiTimeout(f"{what}: not finished within {seconds:g} s")
 
     @_redacting  # (chat_stream, a generator, cannot be): its errors quote the server
     async def _send_stream(self, request: httpx.Request, shown: str) -> httpx.Response:
@@ -2620,6 +2638,7 @@ class ChatStream:
         one now. As with ``GenerateStream``, the block's exit ends the request.
         """
         self._reader_closed = True
+        self._closed_by = None  # (after a timeout too: closed is what later reads say)
         self._reader.wake()  # a task waiting in a read raises
         self._pump_parked.wake()  # and the pump reads no more
         await trio.lowlevel.checkpoint()

@@ -2206,13 +2206,13 @@ class deadline:  # used like the function it replaced
     def __init__(
         self,
         timeout: SupportsFloat | None,
-        what: str,
+        what: str | Callable[[], str],
         *,
         unsent: Callable[[], bool] | None = None,
         composite: bool = False,
     ) -> None:
         self._timeout = check_timeout("timeout", timeout)
-        self._what = what
+        self._what = what  # (a callable: named when it times out)
         # Says, once the block has ended, whether nothing of it reached the server.
         self._unsent = unsent
         self._composite = composite
@@ -2244,7 +2244,8 @@ class deadline:  # used like the function it replaced
             _BLOCK_SENT.reset(token)
         scope.__exit__(exc_type, exc, tb)  # raises whatever is not its own Cancelled
         if scope.cancelled_caught:
-            msg = f"{self._what}: no answer within {self._timeout:g} s"
+            what = self._what if isinstance(self._what, str) else self._what()
+            msg = f"{what}: no answer within {self._timeout:g} s"
             if self._unsent is not None and self._unsent():
                 raise e.PocApiTimeout(f"{msg}; nothing was sent", retriable=True) from None
             raise e.PocApiTimeout(msg) from None
