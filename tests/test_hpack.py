@@ -45,22 +45,29 @@ def test_blocks_decode_as_hpack_would_and_tables_stay_in_step(
 ) -> None:
     ours, reference = CachingEncoder([AFFINITY]), hpack.Encoder()
     peer = hpack.Decoder()
+    resizes = 0  # since the last block
     for kind, arg, keys in steps:
         if kind == "resize":
             # Only real changes: hpack forgets a pending size update when the
             # same size is set twice (its own quirk, with or without our cache).
             if arg != reference.header_table_size:
                 ours.header_table_size = reference.header_table_size = arg
+                # A strict peer: no size update above the limit it acknowledged.
+                peer.max_allowed_table_size = arg
+                resizes += 1
             continue
         headers = lists[arg]
         sent = [*headers, *((AFFINITY, k) for k in keys)]
         block = ours.encode(sent)
         # Byte for byte what hpack sends for the same headers, then the
-        # affinity literals (which do not depend on any table).
+        # affinity literals (which do not depend on any table); but for several
+        # resizes since the last block, where hpack signals every size and ours
+        # the smallest and the last (RFC 7541 4.2), which the peer judges.
         expected = reference.encode(headers) + b"".join(
             never_indexed_literal(AFFINITY, k) for k in keys
         )
-        assert block == expected
+        assert block == expected or resizes > 1
+        resizes = 0
         assert _decoded(peer, block) == [
             *((n, v, False) for n, v in headers),
             *((AFFINITY, k, True) for k in keys),
@@ -108,6 +115,49 @@ def test_a_table_shrunk_and_grown_back_lost_its_back_entries() -> None:
         block = ours.encode(step)
         assert block == reference.encode(step)
         assert _decoded(peer, block) == [(n, v, False) for n, v in step]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "updates"),
+    [
+        ([8192, 0], [0]),
+        ([0, 4096, 0], [0]),
+        ([8192, 100], [100]),
+        ([100, 8192], [100, 8192]),
+        ([0, 100, 4096], [0, 4096]),
+        ([8192, 8192], [8192]),
+        ([4096], []),
+    ],
+)
+def test_several_table_size_changes_between_blocks_signal_the_smallest_and_the_last(
+    sizes: list[int], updates: list[int]
+) -> None:
+    # Two SETTINGS_HEADER_TABLE_SIZE changes (8192, then 0) before a request:
+    # hpack signalled both, and a strict peer refused the 8192 it had not
+    # acknowledged last (COMPRESSION_ERROR: the connection died). RFC 7541 4.2:
+    # the smallest size of the interval, then the final one. And one set to the
+    # same size again kept its update (hpack forgot it: tables out of step).
+    enc = CachingEncoder()
+    for size in sizes:
+        enc.header_table_size = size
+    block = enc.encode([(b":path", b"/x")])
+    expected = b""
+    for size in updates:
+        expected += _prefixed_int(size, 0x20, 5)
+    rest = block[len(expected) :]
+    assert block.startswith(expected) and rest[0] & 0xE0 != 0x20  # (no more updates)
+    peer = hpack.Decoder()
+    peer.max_allowed_table_size = sizes[-1]
+    assert _decoded(peer, block) == [(b":path", b"/x", False)]
+    assert peer.header_table.maxsize == sizes[-1]
+
+
+def _prefixed_int(value: int, flags: int, bits: int) -> bytes:
+    from hpack.hpack import encode_integer
+
+    out = encode_integer(value, bits)
+    out[0] |= flags
+    return bytes(out)
 
 
 @pytest.mark.parametrize("length", [0, 1, 126, 127, 128, 300, 20_000])

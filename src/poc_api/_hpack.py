@@ -91,6 +91,28 @@ class CachingEncoder(hpack.Encoder):
         # header list -> (table state it was encoded in, block)
         self._blocks: dict[tuple[tuple[bytes, bytes], ...], tuple[_State, bytes]] = {}
 
+    @property
+    def header_table_size(self) -> int:
+        """The dynamic table's maximum size (set by h2 from the peer's SETTINGS)."""
+        return int(self.header_table.maxsize)
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # hpack's setter signals every size set since the last block: two quick
+        # SETTINGS (8192, then 0) sent an update to 8192 that a strict peer,
+        # having acknowledged 0 last, refuses (COMPRESSION_ERROR: the connection
+        # dies). RFC 7541 4.2: the smallest size of the interval, then the final
+        # one. And the same size set again cleared ``resized``, so a pending
+        # update was never sent and the two tables went out of step.
+        table, changes = self.header_table, self.table_size_changes
+        table.maxsize = value  # (evicts; resized: whether the size changed)
+        if table.resized:
+            changes.append(value)
+        if changes:
+            table.resized = True  # still to signal, whatever this set changed
+            smallest = min(changes)
+            changes[:] = [smallest] if smallest == value else [smallest, value]
+
     def _state(self) -> _State:
         table = self.header_table
         entries = table.dynamic_entries

@@ -107,6 +107,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("hpack.Encoder instance", "header_table", "the table a cached block depends on"),
     ("hpack.table.HeaderTable instance", "dynamic_entries", "the table's state (_hpack)"),
     ("hpack.table.HeaderTable instance", "resized", "a table size update is pending"),
+    (
+        "hpack.Encoder instance",
+        "table_size_changes",
+        "the table size updates to signal: the smallest and the last (RFC 7541 4.2)",
+    ),
     ("hpack.table.HeaderTable", "maxsize", "the table's state (_hpack)"),
     # The reference server (poc_api.server): graceful shutdown.
     ("grpclib.server.Server instance", "_server", "stop accepting before the grace period"),
