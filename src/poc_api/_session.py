@@ -141,7 +141,7 @@ class ReadoutShaper:
     __slots__ = ("_mismatches", "shape")
 
     def __init__(self, shape: tuple[int, int]) -> None:
-        self.shape = shape
+        self.shape: tuple[int, int] = shape
         self._mismatches = 0
 
     def shaped(self, flat: memoryview[float]) -> memoryview[float] | None:

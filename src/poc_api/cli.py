@@ -72,9 +72,8 @@ SPARK_BLOCKS: Final = "▁▂▃▄▅▆▇█"
 #: the bound only matters if the tokenizer endpoint stalls: then it pushes back on
 #: the stream (and HTTP/2 flow control on the server) instead of growing memory.
 _LIVE_BUFFER: Final = 1024
+_logger: Final = logging.getLogger("poc_api.cli")
 #: Statuses meaning "this server has no tokenizer endpoint".
-log = logging.getLogger("poc_api.cli")
-
 _NO_ENDPOINT: Final = frozenset({404, 405, 501})
 _ENV_URL: Final = "POC_BASE_URL"
 _ENV_KEY: Final = "POC_API_KEY"
@@ -385,7 +384,7 @@ class _Codec:
                 try:
                     found = frozenset((await self._client.tokenizer_info())["special"].values())
                 except e.PocApiError as exc:  # (the text's own calls say what fails)
-                    log.debug("no special token ids to leave out of the text: %s", exc)
+                    _logger.debug("no special token ids to leave out of the text: %s", exc)
             self._specials = found
         return self._specials
 
