@@ -768,7 +768,8 @@ class Session:
     async def aclose(self) -> None:
         """Send ``CloseSession`` (idempotent), shielded from cancellation.
 
-        Bounded by the client's ``close_timeout``; a failure is logged, not raised,
+        Bounded by the client's ``close_timeout``; a close cut by a lost connection
+        (or never sent) goes once more, on a new one. A failure is logged, not raised,
         because the server frees idle sessions by itself. Of the sessions lost with
         a server that cannot be reached (``ServerUnavailable``), only the first is
         logged at WARNING until the client reaches that server again; the rest at
@@ -791,12 +792,22 @@ class Session:
             return
         timeout = self._close_timeout
         with trio.CancelScope(relative_deadline=timeout, shield=True) as scope:
-            try:
-                req = encode_string_field(self._session_id)  # CloseSessionRequest
-                await self._transport.unary("CloseSession", req, cleanup=True)
-                log.debug("session %s closed", self._session_id)
-            except Exception as exc:
-                _log_close_failure(self._transport, self._session_id, exc)
+            req = encode_string_field(self._session_id)  # CloseSessionRequest
+            for attempt in (1, 2):
+                try:
+                    await self._transport.unary("CloseSession", req, cleanup=True)
+                    log.debug("session %s closed", self._session_id)
+                    break
+                except Exception as exc:
+                    # A close cut by its connection (or never sent) goes once more,
+                    # on a new one: closing twice is harmless (spec: an unknown or
+                    # closed session's close succeeds), a session left is not
+                    # (its KV cache stays until the server evicts it when idle).
+                    lost = isinstance(map_grpc_error(exc, "CloseSession"), e.ServerUnavailable)
+                    if attempt == 1 and lost and not self._transport.closed:
+                        log.debug("session %s: its close failed (%s); again", self._session_id, exc)
+                        continue
+                    _log_close_failure(self._transport, self._session_id, exc)
         if scope.cancelled_caught:
             log.warning("CloseSession %s timed out after %.1f s", self._session_id, timeout)
 

@@ -373,6 +373,24 @@ async def test_a_cleanup_whose_close_goes_unanswered_ends_within_close_timeout(
         await assert_next_call_works(c)
 
 
+async def test_a_close_cut_by_its_connection_is_sent_again_on_a_new_one(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A CloseSession whose connection dropped under it was never sent again: the
+    # session stayed on the (healthy) server until evicted when idle, 10 to 50 per
+    # run under a proxy cutting connections. Closing twice is harmless (an
+    # unknown or closed session's close succeeds): once more, on a new connection.
+    bad_server.plan("CloseSession", Reply("close"))
+    async with client_for(bad_server, close_timeout=2) as c:
+        with trio.fail_after(5):
+            async with c.session() as s:
+                await s.prefill([1, 2])
+        assert [r.kind for r in bad_server.calls_to("CloseSession")] == ["close", "ok"]
+        assert bad_server.closed == bad_server.opened * 2
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        await assert_next_call_works(c)
+
+
 async def test_a_caller_leaving_a_connection_attempt_does_not_restart_it_for_the_others(
     bad_server: MisbehavingServer,
 ) -> None:
