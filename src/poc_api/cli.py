@@ -630,8 +630,9 @@ def _stdout_reader_gone() -> bool:
 
 
 class _WarningLines(logging.Handler):
-    """poc_api's warnings on stderr as ``warning: ...`` lines, as errors are shown
-    (logging's last resort printed them bare, before the ``error:`` line)."""
+    """poc_api's log records (WARNING and above) on stderr as one-line
+    ``poc_api warning: ...`` (``poc_api error: ...``), as the command's own errors
+    are shown (logging's last resort printed them bare, before the ``error:`` line)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
