@@ -2517,9 +2517,8 @@ class ChatStream:
     def _time_out(self) -> NoReturn:
         """Its timeout passed before the stream's end: this read and every later
         one raise :class:`PocApiTimeout`; nothing more is read."""
-        self._closed_by = PocApiTimeout(
-            f"chat_stream ({self._what}): not finished within {self._timeout:g} s"
-        )
+        what = self._api.call_name("chat_stream", "POST", "/chat/completions")
+        self._closed_by = PocApiTimeout(f"{what}: not finished within {self._timeout:g} s")
         self._reader_closed = True
         self._pump_parked.wake()  # (the pump reads no more)
         raise self._closed_by
