@@ -7,14 +7,16 @@ ports, choosing ALPN ``h2`` for gRPC and ``http/1.1`` for HTTP as real servers d
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import socket
 import ssl
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -408,3 +410,82 @@ async def test_ca_certificates_that_cannot_be_loaded_are_a_value_error_naming_th
     with pytest.raises(ValueError, match=r"cannot be loaded \(SSL_CERT_FILE='.*bad\.pem'"):
         async with poc_api.ApiClient("http://127.0.0.1:1/v1"):
             pass
+
+
+async def test_grpc_to_an_https_port_without_h2_says_alpn_chose_none(ca: trustme.CA) -> None:
+    # The HTTP side's TLS port offers only http/1.1: the handshake ends with no
+    # ALPN protocol, and the port closes. The message said "closed the connection
+    # before speaking HTTP/2" and nothing of the handshake that told why.
+    async with (
+        tls_server(ca) as (_, base_url, _grpc_url),
+        poc_api.ApiClient(
+            base_url, grpc_url=base_url.removesuffix("/v1"), ssl_context_factory=trusting(ca)
+        ) as client,
+    ):
+        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+            await client.score([Tokens([5, 6, 7])], [(1, 3)])
+    assert "its TLS handshake chose no ALPN protocol, not 'h2'" in str(info.value)
+
+
+@contextmanager
+def refusing_handshakes(ctx: ssl.SSLContext | None) -> Iterator[int]:
+    """A blocking TLS port (its alerts go out before the socket closes, as a real
+    server's do) that ends every handshake: with ``ctx``'s refusal, or by closing
+    the connection after the ClientHello when ``ctx`` is None. Yields the port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the listener closed: the test is over
+                return
+            with conn:
+                if ctx is None:
+                    conn.recv(4096)  # the ClientHello: the handshake has begun
+                    continue
+                with contextlib.suppress(OSError):  # (ssl.SSLError is one)
+                    ctx.wrap_socket(conn, server_side=True)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+async def grpc_failure(ca: trustme.CA, port: int) -> poc_api.ServerUnavailable:
+    async with poc_api.ApiClient(
+        "https://localhost:1/v1",
+        grpc_url=f"https://localhost:{port}",
+        ssl_context_factory=trusting(ca),
+    ) as client:
+        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+            await client.score([Tokens([5, 6, 7])], [(1, 3)])
+    return info.value
+
+
+async def test_a_tls_server_refusing_alpn_h2_is_named_as_such(ca: trustme.CA) -> None:
+    # nginx without http2 ends the handshake with a no_application_protocol alert
+    # (120); the message was OpenSSL's own "tlsv1 alert no application protocol".
+    ctx = server_context(ca, "http/1.1")
+    ctx.sni_callback = lambda *_: 120  # type: ignore[assignment,return-value]
+    with refusing_handshakes(ctx) as port:
+        exc = await grpc_failure(ca, port)
+    assert "refused ALPN 'h2'" in str(exc), exc
+    assert "it does not speak HTTP/2" in str(exc)
+    assert exc.retriable
+
+
+async def test_a_connection_closed_in_the_handshake_says_so(ca: trustme.CA) -> None:
+    # asyncio reports a close in the handshake as a ConnectionResetError with no
+    # text: the message ended in "cannot connect: " and nothing.
+    with refusing_handshakes(None) as port:
+        exc = await grpc_failure(ca, port)
+    assert str(exc).endswith(
+        "cannot connect: the connection closed in the TLS handshake (ConnectionResetError)"
+    ), exc
+    assert exc.retriable

@@ -218,6 +218,23 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
     return None
 
 
+def _connect_failure(exc: OSError, tls: bool) -> str:
+    """Why a connect (TCP, then TLS) failed, for a message that goes on from it."""
+    text = str(exc)
+    if isinstance(exc, _ssl.SSLError) and "no application protocol" in text:
+        # nginx and Go servers without HTTP/2 end the handshake with this alert.
+        return (
+            "the TLS server refused ALPN 'h2' (a no_application_protocol alert): "
+            "it does not speak HTTP/2, so it is no gRPC server (an HTTPS port for HTTP/1.1?)"
+        )
+    if not text:
+        # asyncio reports a close in the TLS handshake as a bare ConnectionResetError.
+        if tls and isinstance(exc, ConnectionResetError):
+            return f"the connection closed in the TLS handshake ({type(exc).__name__})"
+        return type(exc).__name__
+    return text
+
+
 def _failure_reason(exc: BaseException, url: str) -> str:
     """Why a connection attempt failed, without the URL its message may start with."""
     text = str(exc) or type(exc).__name__
@@ -857,8 +874,9 @@ class GrpcTransport:
                     ) from None
                 # Refused, no route, a name that does not resolve: no connection,
                 # so nothing of the call was sent and it may go again.
+                why = _connect_failure(exc, self._target.tls)
                 raise e.ServerUnavailable(
-                    f"{self._target.url}: cannot connect: {exc}", retriable=True
+                    f"{self._target.url}: cannot connect: {why}", retriable=True
                 ) from exc
             assert isinstance(protocol, _PocH2Protocol)
             # An HTTP/2 server speaks first (its SETTINGS frame). Something that
@@ -941,20 +959,20 @@ class GrpcTransport:
             # the same silence as this wait running out, which it may come first.)
             if protocol.protocol_error:
                 raise e.ProtocolViolation(
-                    f"{self._target.url} answered, but not in HTTP/2: is it a gRPC server "
-                    "(an HTTP/1.1 port?)"
+                    f"{self._target.url} answered, but not in HTTP/2{protocol.alpn_note}: "
+                    "is it a gRPC server (an HTTP/1.1 port?)"
                 )
             raise e.ServerUnavailable(
-                f"{self._target.url} closed the connection before speaking HTTP/2: "
-                "is it a gRPC server?",
+                f"{self._target.url} closed the connection before speaking HTTP/2"
+                f"{protocol.alpn_note}: is it a gRPC server?",
                 retriable=True,
             )
         # Retriable: nothing of the call was sent (calls wait for the SETTINGS),
         # as for a connect that times out.
         raise e.ServerUnavailable(
             f"{self._target.url} accepted the connection but sent no HTTP/2 "
-            f"SETTINGS within {bound_by}: is it a gRPC server, and not frozen "
-            "(stopped, overloaded: the kernel accepts connections for it)?",
+            f"SETTINGS within {bound_by}{protocol.alpn_note}: is it a gRPC server, "
+            "and not frozen (stopped, overloaded: the kernel accepts connections for it)?",
             retriable=True,
         )
 
@@ -1801,6 +1819,8 @@ class _PocH2Protocol(H2Protocol):
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
         self.url = "the server"  # the transport's grpc_url, for messages
+        # Over TLS, unless its handshake chose ALPN h2: what it chose, for messages.
+        self.alpn_note = ""
         # (calls_open, pinged): see GrpcTransport._too_many_pings
         self.too_many_pings: Callable[[bool, bool], None] = lambda calls_open, pinged: None
         self._calmed = False  # a "too_many_pings" GOAWAY came (too_many_pings ran)
@@ -1841,6 +1861,10 @@ class _PocH2Protocol(H2Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _set_nodelay(sock)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None and (alpn := tls.selected_alpn_protocol()) != "h2":
+            chose = "no ALPN protocol" if alpn is None else f"ALPN {alpn!r}"
+            self.alpn_note = f" (its TLS handshake chose {chose}, not 'h2')"
         h2_conn = self._h2 = _SplitWindowH2Connection(config=self.h2_config)
         # Per-session values (the affinity key) go out as never-indexed literals:
         # in the dynamic table they would evict the stable headers.
