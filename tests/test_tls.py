@@ -489,3 +489,19 @@ async def test_a_connection_closed_in_the_handshake_says_so(ca: trustme.CA) -> N
         "cannot connect: the connection closed in the TLS handshake (ConnectionResetError)"
     ), exc
     assert exc.retriable
+
+
+async def test_an_https_base_url_refusing_alpn_http_1_1_is_named_as_such(ca: trustme.CA) -> None:
+    # A gRPC-only TLS port (grpc-go refuses a handshake without h2) given as the
+    # base_url: the message was OpenSSL's "tlsv1 alert no application protocol".
+    ctx = server_context(ca, "h2")
+    ctx.sni_callback = lambda *_: 120  # type: ignore[assignment,return-value]
+    with refusing_handshakes(ctx) as port:
+        async with poc_api.ApiClient(
+            f"https://localhost:{port}/v1", ssl_context_factory=trusting(ca)
+        ) as client:
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                await client.readout_manifest()
+    assert "refused ALPN 'http/1.1'" in str(info.value), info.value
+    assert "is base_url a gRPC port" in str(info.value)
+    assert info.value.retriable

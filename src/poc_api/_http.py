@@ -418,6 +418,14 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
         return ProtocolViolation(f"{method} {url}: malformed HTTP response: {text}")
     if isinstance(exc, httpx.DecodingError):
         return ProtocolViolation(f"{method} {url}: undecodable response body: {text}")
+    if isinstance(exc, httpx.ConnectError) and "no application protocol" in text:
+        # A gRPC-only TLS port (grpc-go's, nginx's with only http2) ends the
+        # handshake with this alert: it takes ALPN h2 alone.
+        return ServerUnavailable(
+            f"{method} {url}: the TLS server refused ALPN 'http/1.1' (a "
+            "no_application_protocol alert), as a gRPC-only port does: is base_url a gRPC port?",
+            retriable=True,
+        )
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
     return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}", retriable=unsent)
 
