@@ -886,3 +886,98 @@ def test_an_api_key_from_the_environment_that_no_header_can_carry_is_a_usage_err
     err = capsys.readouterr().err
     assert exited.value.code == 2
     assert "invalid POC_API_KEY" in err and "secret" not in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+async def test_sigterm_and_sighup_mid_stream_close_the_session_as_ctrl_c_does(
+    sig: signal.Signals,
+) -> None:
+    # Only SIGINT unwound: SIGTERM (timeout, systemd, docker stop) and SIGHUP (a
+    # closed terminal) killed the process with its session left on the server.
+    async with reference_server(token_delay_ms=20) as server:
+        with trio.fail_after(TIMEOUT):
+            proc = await trio.lowlevel.open_process(
+                [*CLI, "generate", "Once", "--max-tokens", "5000", "--url", server.base_url],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=cli_env(),
+            )
+            assert proc.stdout is not None and proc.stderr is not None
+            try:
+                assert await proc.stdout.receive_some(), "generate printed nothing"
+                assert len(server.state().session_ids) == 1
+                proc.send_signal(sig)
+                code = await proc.wait()
+                err = b""
+                while chunk := await proc.stderr.receive_some():
+                    err += chunk
+            finally:
+                with trio.CancelScope(shield=True):
+                    proc.kill()
+                    await proc.wait()
+                    await proc.stdout.aclose()
+                    await proc.stderr.aclose()
+            assert code == 128 + sig, err
+            assert err.decode().endswith(
+                "error: terminated\n" if sig == signal.SIGTERM else "error: hung up\n"
+            ), err
+            assert server.state().session_ids == frozenset()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["demo"], ["generate", "héllo", "--max-tokens", "20", "--temperature", "2", "--seed", "3"]],
+)
+async def test_output_the_terminal_cannot_encode_is_replaced(command: list[str]) -> None:
+    # PYTHONIOENCODING=ascii (or an old locale): a character it cannot encode
+    # (the demo's "·", a sampled U+FFFD) ended the command as "error: bad
+    # argument: 'ascii' codec can't encode ...".
+    done = await run_cli(*command, env=cli_env(PYTHONIOENCODING="ascii"))
+    assert done.returncode == 0, done.stderr
+    assert "error" not in done.stderr, done.stderr
+    assert "?" in done.stdout  # (what could not be encoded)
+
+
+async def test_generate_with_stdout_closed_is_no_bug(server: ReferenceServer) -> None:
+    # sys.stdout is None with fd 1 closed: "unexpected AttributeError ... this is
+    # a bug in poc_api", where score and demo printed nothing (as print() does).
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.run_process(
+            [*CLI, "generate", "hi", "--max-tokens", "3", "--url", server.base_url],
+            capture_stderr=True,
+            check=False,
+            env=cli_env(),
+            preexec_fn=lambda: os.close(1),
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+
+
+async def test_serve_into_a_reader_that_stops_ends_quietly_as_sigpipe() -> None:
+    # `poc-api serve --port 0 | head -1` (to learn the port): "error: Broken pipe"
+    # and status 1, where the client commands end quietly with 141. (A reader
+    # gone before the first line, so that the write surely fails.)
+    with trio.fail_after(TIMEOUT):
+        done = await trio.run_process(
+            [
+                "bash",
+                "-c",
+                f"{' '.join(CLI)} serve --port 0 | true; echo ${{PIPESTATUS[0]}}",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env(),
+        )
+    assert done.stdout.strip() == b"141", done
+    assert b"error" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [("--idle-timeout", "inf"), ("--n-layers", "100000")])
+async def test_serve_refuses_out_of_range_values_as_usage_errors(option: str, value: str) -> None:
+    # --idle-timeout inf: a ValueError traceback and status 1. --n-layers 1000:
+    # "unexpected OverflowError ... a bug in poc_api".
+    done = await run_cli("serve", "--port", "0", option, value)
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and option in done.stderr

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import math
@@ -688,6 +689,10 @@ def _run(body: Callable[[_Where], None], *, warning_lines: bool = True) -> None:
         if isinstance(leaf, KeyboardInterrupt):
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        if isinstance(leaf, _EndedBySignal):
+            with contextlib.suppress(OSError):  # (a hung-up terminal's stderr may be gone)
+                click.echo(f"error: {leaf}", err=True)
+            sys.exit(128 + leaf.signum)
         if isinstance(leaf, BrokenPipeError) and _stdout_reader_gone():
             # The reader of our output went away (`| head`): its choice, not an
             # error. Quiet, with the status of a process SIGPIPE killed, as Unix
@@ -708,9 +713,46 @@ def _run(body: Callable[[_Where], None], *, warning_lines: bool = True) -> None:
         sys.exit(1)
 
 
+#: Signals a client command ends on as on Ctrl-C: its calls cancelled, its
+#: sessions closed; then the status of a process the signal killed.
+_END_SIGNALS: Final = (
+    {signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"} if sys.platform != "win32" else {}
+)
+
+
+@final
+class _EndedBySignal(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(_END_SIGNALS[signal.Signals(signum)])
+        self.signum = signum
+
+
+async def _until_signal(body: Callable[[_Where], Awaitable[None]], where: _Where) -> None:
+    """Run ``body``; SIGTERM or SIGHUP cancels it (so it unwinds as under Ctrl-C:
+    streams reset, sessions closed), then raises :class:`_EndedBySignal`."""
+    if not _END_SIGNALS:
+        await body(where)
+        return
+    got: list[int] = []
+    with trio.open_signal_receiver(*_END_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    got.append(signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            await body(where)
+            nursery.cancel_scope.cancel()
+    if got:
+        raise _EndedBySignal(got[0])
+
+
 def _run_async(body: Callable[[_Where], Awaitable[None]]) -> None:
     """:func:`_run` for an async body, under ``trio.run``."""
-    _run(lambda where: trio.run(body, where))
+    _run(lambda where: trio.run(_until_signal, body, where))
 
 
 # -- the command group -----------------------------------------------------------------
@@ -1043,6 +1085,8 @@ def generate(
 
 def _write_stdout(text: str) -> None:
     # To a terminal, escaped; to a pipe or file, the text as generated.
+    if sys.stdout is None:  # fd 1 closed: written nowhere, as print() does
+        return
     with _Stdout.lock:
         sys.stdout.write(_shown(text) if sys.stdout.isatty() else text)
         sys.stdout.flush()
@@ -1301,7 +1345,7 @@ _DEFAULTS = ServerConfig()
 )
 @click.option(
     "--idle-timeout",
-    type=_FloatRange(0.0),
+    type=_FloatRange(0.0, 1e9),
     default=_DEFAULTS.idle_timeout,
     show_default=True,
     help="Seconds before an idle session is evicted (0: never).",
@@ -1323,7 +1367,7 @@ _DEFAULTS = ServerConfig()
 )
 @click.option(
     "--n-layers",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 1024),
     default=_DEFAULTS.n_layers,
     show_default=True,
     help="Layers of each readout (n_layers x n_concepts floats per token).",
@@ -1414,6 +1458,8 @@ def serve(
         where.base_url = f"http://{host}:{port}/v1"
         try:
             run_forever(config)
+        except BrokenPipeError:  # the reader of its URLs went away: _run ends quietly
+            raise
         except OSError as exc:  # its message names the host and port
             raise CliError(exc.strerror or str(exc)) from exc
 
@@ -1422,6 +1468,11 @@ def serve(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``poc-api`` console script."""
+    for stream in (sys.stdout, sys.stderr):
+        # What the terminal's encoding cannot show becomes "?", not an error that
+        # ends the command (PYTHONIOENCODING=ascii, an old locale).
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="replace")
     cli.main(args=list(argv) if argv is not None else None, prog_name="poc-api")
 
 

@@ -148,3 +148,10 @@ def test_hand_encoded_done_parses_with_betterproto2() -> None:
     assert done is not None
     assert (done.prompt_tokens, done.completion_tokens, done.total_tokens) == (3, 0, 300)
     assert done.finish_reason == "eos"
+
+
+def test_the_reference_readout_takes_many_layers() -> None:
+    # 3.0**layer overflowed from layer 647: ServerConfig(n_layers=1000) failed as
+    # the server started ("OverflowError: Numerical result out of range").
+    readout = Readout(("a",), 1000)
+    assert len(readout.vector([1, 2, 3], 2)) == 1000

@@ -311,7 +311,8 @@ class Readout:
             tuple(ci for ci, pred in enumerate(preds) if pred(t)) for t in range(VOCAB_SIZE)
         ]
         self._weights = [
-            [math.exp(-age / (0.5 * 3.0**layer)) for age in range(READOUT_WINDOW)]
+            # (3.0**647 overflows; from layer 40 on every weight is 1.0 anyway)
+            [math.exp(-age / (0.5 * 3.0 ** min(layer, 300))) for age in range(READOUT_WINDOW)]
             for layer in range(n_layers)
         ]
         self._cum_weights = [list(accumulate(w)) for w in self._weights]
