@@ -981,3 +981,18 @@ async def test_serve_refuses_out_of_range_values_as_usage_errors(option: str, va
     done = await run_cli("serve", "--port", "0", option, value)
     assert done.returncode == 2, done
     assert "Traceback" not in done.stderr and option in done.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["generate", "hi", "--max-tokens", "3"], ["score", "hi", "-c", " x"]]
+)
+async def test_the_byte_level_fallback_warns_outside_the_demo(
+    server: ReferenceServer, command: list[str]
+) -> None:
+    # A base_url missing its /v1 (so /tokenize answers 404) fell back to byte ids
+    # in silence and exited 0: against a real server, wrong tokens throughout.
+    done = await run_cli(*command, "--url", server.base_url.removesuffix("/v1"))
+    assert done.returncode == 0, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("warning: ") and "404" in line, line
+    assert "byte-level rule" in line

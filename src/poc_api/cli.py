@@ -348,6 +348,15 @@ class _Codec:
             self.byte_level = True
             if self._on_fallback is not None:
                 self._on_fallback()
+            else:
+                # Right for the reference server's byte-level tokenizer only: a
+                # base_url missing its /v1 would otherwise go on in silence.
+                _Stdout.end_line()
+                click.echo(
+                    f"warning: {_one_line(str(exc))}: using the byte-level rule instead "
+                    "(ids < 256 are UTF-8 bytes), right only for a byte-level tokenizer",
+                    err=True,
+                )
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
