@@ -35,7 +35,7 @@ import poc_api
 from poc_api import SamplingParams, Token, Tokens
 from poc_api._proto import salience as pb
 from poc_api.server import EOS, ReferenceServer, ServerConfig, tokenize
-from poc_api.testing import open_client
+from poc_api.testing import open_client, reference_server
 
 HELLO = tokenize("The quick brown fox")
 
@@ -900,19 +900,43 @@ async def test_generate_total_timeout_raises_typed_and_loses_the_session(
     await wait_for(lambda: server.state().cancelled_streams > before)
 
 
-async def test_the_total_timeout_holds_for_a_consumer_slower_than_the_server(
-    client: poc_api.ApiClient,
-) -> None:
+async def test_the_total_timeout_holds_for_a_consumer_slower_than_the_server() -> None:
     # It was checked only while the consumer waited for events: one that always
     # found events buffered (a slow consumer) never timed out, and the stream ran
-    # to its end (the flaky "DID NOT RAISE" of the test above under load).
-    async with client.session() as s:
+    # to its end (the flaky "DID NOT RAISE" of the test above under load). The
+    # server streams on for 5 s, 1 ms a token; the consumer takes 2 ms an event.
+    async with (
+        reference_server(token_delay_ms=1) as server,
+        open_client(server) as client,
+        client.session() as s,
+    ):
         with pytest.raises(poc_api.PocApiTimeout, match="total timeout"), trio.fail_after(10):
             async with s.generate(
                 HELLO, sampling=SamplingParams(max_tokens=5_000), timeout=0.3
             ) as ev:
                 async for _ in ev:
-                    time.sleep(0.0005)  # noqa: ASYNC251 - CPU work between events: 2.5 s in all
+                    time.sleep(0.002)  # noqa: ASYNC251 - CPU work between events
+
+
+async def test_the_total_timeout_spares_a_call_that_finished_in_time() -> None:
+    # The server ended the stream within the timeout; a consumer slower than it
+    # got PocApiTimeout once the timeout passed, with the rest of the call,
+    # Done included, buffered (and a conversation lost its session for it).
+    # chat_stream and README say a timeout cuts a read still waiting.
+    sampling = SamplingParams(max_tokens=30)  # 4 ms each: ended after about 0.12 s
+    async with reference_server(token_delay_ms=4) as server, open_client(server) as client:
+        async with client.session() as s:
+            async with s.generate([65], sampling=sampling, timeout=1.0) as ev:
+                n = 0
+                async for _ in ev:
+                    n += 1
+                    await trio.sleep(0.1)  # the agent's own work: 3 s in all
+            assert n == 31 and ev.done is not None and not s.lost
+        async with client.conversation() as conv:
+            async with conv.stream([Tokens([65])], sampling, timeout=1.0) as cev:
+                async for _ in cev:
+                    await trio.sleep(0.1)
+            assert conv.session is not None and conv.committed_len == 31
 
 
 async def test_a_long_healthy_stream_is_not_cut_by_timeouts_not_set(

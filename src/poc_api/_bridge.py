@@ -378,6 +378,13 @@ class BatchReceiver(Generic[T]):
         """The producer's own exception, once it ended with one (else ``None``)."""
         return self._buf.error
 
+    @property
+    def ended(self) -> bool:
+        """Whether the producer has ended: all it will push is buffered (or taken),
+        so :meth:`receive_batch` no longer waits."""
+        with self._buf.lock:
+            return self._buf.finished
+
     def receive_nowait(self) -> list[T]:
         """Take whatever is buffered now (maybe nothing), without waiting."""
         buf = self._buf

@@ -308,6 +308,10 @@ class GenerateStream:
     async def _receive_with_timeouts(self, t: _Timeouts) -> list[bytes]:
         limit, what = t.total_at, "total"
         if trio.current_time() >= limit:
+            if self._rx.ended:
+                # The call ended in time, and what is buffered is the rest of it
+                # (its Done too): a timeout cuts only a read that would wait.
+                return await self._rx.receive_batch()
             # Out of time, though events keep coming: a consumer slower than the
             # server always finds a batch ready, so the wait below never ends late.
             return self._timed_out(t, what)
@@ -722,7 +726,9 @@ class Session:
         from the iteration and marks the session lost): ``timeout`` bounds the
         whole call, ``first_token_timeout`` the wait for the first decoded token
         (or ``Done``), ``token_timeout`` each wait between events after that. A
-        healthy stream is never cut by a timeout you did not set. Waiting for the
+        healthy stream is never cut by a timeout you did not set, nor a call whose
+        stream had ended in time by your own slow reading of its events (a timeout
+        raises from a read that would wait). Waiting for the
         session while another task's call holds it counts against ``timeout``
         only; running out there raises on entry, with nothing sent and the
         session intact.
