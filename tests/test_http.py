@@ -2790,3 +2790,62 @@ async def test_an_error_body_is_read_only_as_far_as_its_excerpt_needs(
             await stopped.wait()
     assert info.value.http_status == 503 and info.value.body_excerpt == "x" * 500
     assert sent < size
+
+
+async def read_chat(api: HttpApi, stream: bool) -> None:
+    if stream:
+        async with api.chat_stream(HELLO) as events:
+            async for _ in events:
+                pass
+    else:
+        await api.chat(HELLO)
+
+
+def chat_answer(error: str, stream: bool) -> bytes:
+    """A 200 answer holding ``error`` (OpenAI's error object): whole, or as an
+    event of a stream."""
+    if stream:
+        return response(200, sse(DELTA, f'{{"error": {error}}}'), "text/event-stream")
+    return response(200, f'{{"error": {error}}}'.encode())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_in_band_error_with_a_lone_surrogate_is_an_http_error(
+    http: httpx.AsyncClient, stream: bool
+) -> None:
+    # (Half an emoji, as JSON.stringify escapes it.) A bare UnicodeEncodeError
+    # left chat() and chat_stream(): the excerpt encoded the text strictly.
+    answer = chat_answer('{"message": "overloaded \\ud83d", "code": "503"}', stream)
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            with pytest.raises(HttpError, match=r"overloaded \\ud83d") as info:
+                await read_chat(make_api(http, url), stream)
+    assert info.value.http_status == 503
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("code", ['"401"', "403"])
+async def test_an_in_band_401_or_403_is_an_authentication_error(
+    http: httpx.AsyncClient, stream: bool, code: str
+) -> None:
+    # It was an HttpError with http_status=401: `except AuthenticationError`
+    # missed it, where README promises AuthenticationError for 401/403.
+    answer = chat_answer(f'{{"message": "invalid api key", "code": {code}}}', stream)
+    with trio.fail_after(10):
+        async with canned_server([answer]) as url:
+            with pytest.raises(poc_api.AuthenticationError, match="invalid api key") as info:
+                await read_chat(make_api(http, url), stream)
+    assert info.value.http_status == int(code.strip('"'))
+
+
+async def test_a_model_id_with_a_lone_surrogate_is_a_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    # chat() without model= takes GET /models' only id; "m\ud800" cannot be sent
+    # (JSON bodies are UTF-8): a bare UnicodeEncodeError came out of httpx.
+    models = response(200, b'{"object": "list", "data": [{"id": "m\\ud800"}]}')
+    with trio.fail_after(10):
+        async with canned_server([models]) as url:
+            api = HttpApi(http, url, "", "")
+            with pytest.raises(poc_api.ProtocolViolation, match="model id"):
+                await api.chat(HELLO)

@@ -370,6 +370,14 @@ class _map_httpx_errors:
             raise closed_under_call() from exc
 
 
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _chain(exc: BaseException, stop: BaseException | None = None) -> Iterator[BaseException]:
     """``exc``, then each exception down its chain of causes (until ``stop``).
 
@@ -1787,6 +1795,12 @@ class HttpApi:
             _shape_error(what, '{"data": [...]}', data)
         ids = [e.get("id") for e in entries if isinstance(e, dict)]
         if len(ids) == 1 and isinstance(ids[0], str) and ids[0]:
+            if not _utf8_encodable(ids[0]):
+                # A lone surrogate (half an emoji, JSON-escaped): no request can carry it.
+                raise ProtocolViolation(
+                    f"{what} names a model id that is not valid Unicode "
+                    f"({_short_repr(ids[0])}); pass model= to name it"
+                )
             log.debug("%s: using the only served model %r", what, self._redact(ids[0]))
             return ids[0]
         raise ValueError(
@@ -2015,8 +2029,11 @@ class HttpApi:
         with _map_httpx_errors("POST", shown, self._client):
             return await self._send_owned(request)
 
-    def _server_error(self, url: str, *, response_status: int, error: object) -> HttpError:
-        """An error object inside a 200 answer, as an :class:`HttpError`.
+    def _server_error(
+        self, url: str, *, response_status: int, error: object
+    ) -> HttpError | AuthenticationError:
+        """An error object inside a 200 answer, as an :class:`HttpError` (an
+        :class:`AuthenticationError` for a 401 or 403, as for such a status).
 
         ``error`` is OpenAI's ``{"message", "type", "param", "code"}``, vLLM's flat
         ``{"object": "error", "message", ...}``, or any JSON value or text. Its
@@ -2034,7 +2051,13 @@ class HttpApi:
         if _is_int(code) and 400 <= code <= 599:
             status = code
         text = self._redact(message if isinstance(message, str) else json.dumps(message))
-        excerpt = error_excerpt(text.encode())
+        # (A lone surrogate, JSON-escaped half an emoji, is shown escaped, as _said does.)
+        excerpt = error_excerpt(text.encode("utf-8", "backslashreplace"))
+        if status in (401, 403):
+            return AuthenticationError(
+                f"POST {redact_url(url)}: server error (HTTP {status}): {excerpt}",
+                http_status=status,
+            )
         return HttpError(
             f"POST {redact_url(url)}: server error (HTTP {status}): {excerpt}",
             http_status=status,
