@@ -488,17 +488,23 @@ class ApiClient:
             )
         # Before the loop thread: httpx reads the proxy variables here and may
         # refuse them (ALL_PROXY=socks5://... without socksio installed).
-        http = httpx.AsyncClient(
-            timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
-            auth=auth,
-            verify=verify,
-            # Never more calls than connections (HttpApi counts them): none waits
-            # in httpx's pool. (httpx's own default: 100, and a silent wait.)
-            limits=httpx.Limits(
-                max_connections=self._max_http,
-                max_keepalive_connections=min(20, self._max_http),
-            ),
-        )
+        try:
+            http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
+                auth=auth,
+                verify=verify,
+                # Never more calls than connections (HttpApi counts them): none waits
+                # in httpx's pool. (httpx's own default: 100, and a silent wait.)
+                limits=httpx.Limits(
+                    max_connections=self._max_http,
+                    max_keepalive_connections=min(20, self._max_http),
+                ),
+            )
+        except ImportError as exc:  # a SOCKS proxy, without socksio installed
+            raise ValueError(
+                f"a proxy environment variable (ALL_PROXY, HTTPS_PROXY, ...) asks for "
+                f"what httpx cannot do here: {exc}"
+            ) from exc
         bridge = AsyncioBridge.start(cancel_timeout=self._close_timeout)
         try:
             self._transport = self._new_transport(bridge, self._target, metadata)

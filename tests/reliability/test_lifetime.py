@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import logging
 import random
 import signal
@@ -783,6 +784,19 @@ async def test_a_client_whose_http_side_cannot_be_made_leaves_no_thread(
             async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url="http://127.0.0.1:1"):
                 pass  # pragma: no cover
     assert len(loop_threads()) == before
+
+
+async def test_a_socks_proxy_without_socksio_is_a_value_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bare ImportError from httpx left the client's entry (in a gRPC-only
+    # program too), where an unknown proxy scheme is a ValueError.
+    if importlib.util.find_spec("socksio") is not None:
+        pytest.skip("socksio is installed: httpx takes the SOCKS proxy")
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1")
+    with pytest.raises(ValueError, match=r"proxy environment variable .*socksio"):
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url="http://127.0.0.1:1"):
+            pass  # pragma: no cover
 
 
 async def test_closing_a_session_from_another_task_ends_its_running_generate(
