@@ -22,6 +22,7 @@ from poc_api import (
     Tokens,
 )
 from poc_api.server import ReferenceServer, ServerConfig, tokenize
+from poc_api.testing import open_client, reference_server
 
 GREEDY8 = SamplingParams(max_tokens=8)
 
@@ -687,3 +688,28 @@ async def test_stream_timeout_bounds_the_wait_for_another_tasks_turn() -> None:
                 await run(conv, [Tokens([1, 2]), Tokens(decoded(first)), Tokens([3])])
                 assert srv.state().tokens_appended - before == 1  # only the delta
                 assert conv.session is session
+
+
+async def test_a_turn_refused_before_sending_keeps_the_session() -> None:
+    # ContextOverflow "(refused before sending)" closed the session all the same:
+    # the next, shorter turn sent the whole history again (210 tokens, not 10).
+    history = [65 + (i % 26) for i in range(200)]
+    async with (
+        reference_server(max_context=256) as server,
+        open_client(server) as client,
+        client.conversation() as conv,
+    ):
+        async with conv.stream([Tokens(history)], SamplingParams(max_tokens=0)) as ev:
+            async for _ in ev:
+                pass
+        session = conv.session
+        before = server.state()
+        with pytest.raises(poc_api.ContextOverflow, match="refused before sending"):
+            async with conv.stream([Tokens(history + [66] * 100)], SamplingParams(max_tokens=4)):
+                pass  # pragma: no cover
+        assert server.state().rpc_counts == before.rpc_counts  # nothing sent, nothing closed
+        assert conv.session is session and session is not None
+        async with conv.stream([Tokens(history + [66] * 10)], SamplingParams(max_tokens=0)) as ev:
+            async for _ in ev:
+                pass
+        assert server.state().tokens_appended - before.tokens_appended == 10

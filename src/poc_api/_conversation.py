@@ -99,6 +99,8 @@ class ConversationStream:
         self._done_delivered = False  # the caller has seen the StreamDone
         self._failed = False  # the stream itself raised (a PocApiError)
         self._closed = False  # aclose() was called
+        # The last turn's start was refused, too long, before it sent anything (_start).
+        self._untouched = False
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
 
@@ -316,6 +318,7 @@ class Conversation:
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk], Session]:
         """Start a turn: a held or new session, replaced once if it is gone."""
         deadline_at = timeouts[2]
+        self._untouched = False
         for attempt in range(2):
             fresh = self._session is None
             if self._session is not None:
@@ -364,10 +367,15 @@ class Conversation:
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk]]:
         """Send the delta, open the final Generate (into ``gen_stack``) and prime it."""
         first_token_timeout, token_timeout, deadline_at = timeouts
+        # (A divergence, rewind=False, fails the turn as any error: README.)
         plan = plan_delta(chunks, session.committed_len, self._history, rewind=self._rewind)
         # Text only: an image's stated length may be wrong (the server decides
-        # it); the checks before each call below have its real one.
+        # it); the checks before each call below have its real one. Refused here,
+        # before a call of the turn was sent, a prompt too long for the context
+        # leaves the session as it was: it is kept (see _Turn.__aenter__).
+        self._untouched = True
         check_window(session, plan.offset + text_len(plan.delta))
+        self._untouched = False
         if plan.truncating:
             log.info(
                 "session %s: prompt diverges from the session at position %d "
@@ -517,7 +525,10 @@ class _Turn:
             )
         except BaseException:
             try:
-                await self._fail()
+                if conv._untouched:  # refused before sending: the session stands
+                    await self._gen_stack.aclose()
+                else:
+                    await self._fail()
             finally:
                 conv._lock.release()
             raise
