@@ -99,8 +99,6 @@ class ConversationStream:
         self._done_delivered = False  # the caller has seen the StreamDone
         self._failed = False  # the stream itself raised (a PocApiError)
         self._closed = False  # aclose() was called
-        # The last turn's start was refused, too long, before it sent anything (_start).
-        self._untouched = False
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
 
@@ -195,6 +193,8 @@ class Conversation:
         self._session: Session | None = None
         self._history: list[Chunk] = []
         self._closed = False
+        # The last turn's start was refused, too long, before it sent anything (_start).
+        self._untouched = False
 
     def __repr__(self) -> str:
         # Cheap and never raising: it lands in logs and tracebacks.

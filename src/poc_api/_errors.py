@@ -352,6 +352,14 @@ def stream_closed() -> trio.ClosedResourceError:
     return trio.ClosedResourceError("this stream was closed")
 
 
+def alpn_refused(reason: str) -> bool:
+    """Whether a failed TLS handshake's ``reason`` is the server's
+    no_application_protocol alert (OpenSSL's words for it): it took none of the
+    ALPN protocols offered, as a gRPC-only port refuses http/1.1, and an HTTP/1.1
+    one h2."""
+    return "no application protocol" in reason
+
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 

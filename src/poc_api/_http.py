@@ -85,6 +85,7 @@ from ._errors import (
     PocApiTimeout,
     ProtocolViolation,
     ServerUnavailable,
+    alpn_refused,
     closed_under_call,
     collapse_cancellation,
     own_copy,
@@ -370,14 +371,6 @@ class _map_httpx_errors:
             raise closed_under_call() from exc
 
 
-def _utf8_encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _chain(exc: BaseException, stop: BaseException | None = None) -> Iterator[BaseException]:
     """``exc``, then each exception down its chain of causes (until ``stop``).
 
@@ -426,7 +419,7 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
         return ProtocolViolation(f"{method} {url}: malformed HTTP response: {text}")
     if isinstance(exc, httpx.DecodingError):
         return ProtocolViolation(f"{method} {url}: undecodable response body: {text}")
-    if isinstance(exc, httpx.ConnectError) and "no application protocol" in text:
+    if isinstance(exc, httpx.ConnectError) and alpn_refused(text):
         # A gRPC-only TLS port (grpc-go's, nginx's with only http2) ends the
         # handshake with this alert: it takes ALPN h2 alone.
         return ServerUnavailable(
@@ -1795,12 +1788,13 @@ class HttpApi:
             _shape_error(what, '{"data": [...]}', data)
         ids = [e.get("id") for e in entries if isinstance(e, dict)]
         if len(ids) == 1 and isinstance(ids[0], str) and ids[0]:
-            if not _utf8_encodable(ids[0]):
-                # A lone surrogate (half an emoji, JSON-escaped): no request can carry it.
+            try:
+                ids[0].encode("utf-8")
+            except UnicodeEncodeError as exc:  # (half an emoji, JSON-escaped)
                 raise ProtocolViolation(
-                    f"{what} names a model id that is not valid Unicode "
-                    f"({_short_repr(ids[0])}); pass model= to name it"
-                )
+                    f"{what} names a model id no request can carry: {_unencodable(exc)}; "
+                    "pass model= to name it"
+                ) from None
             log.debug("%s: using the only served model %r", what, self._redact(ids[0]))
             return ids[0]
         raise ValueError(
@@ -2053,13 +2047,11 @@ class HttpApi:
         text = self._redact(message if isinstance(message, str) else json.dumps(message))
         # (A lone surrogate, JSON-escaped half an emoji, is shown escaped, as _said does.)
         excerpt = error_excerpt(text.encode("utf-8", "backslashreplace"))
+        message = f"POST {redact_url(url)}: server error (HTTP {status}): {excerpt}"
         if status in (401, 403):
-            return AuthenticationError(
-                f"POST {redact_url(url)}: server error (HTTP {status}): {excerpt}",
-                http_status=status,
-            )
+            return AuthenticationError(message, http_status=status)
         return HttpError(
-            f"POST {redact_url(url)}: server error (HTTP {status}): {excerpt}",
+            message,
             http_status=status,
             url=redact_url(url),
             body_excerpt=excerpt,

@@ -221,7 +221,7 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
 def _connect_failure(exc: OSError, tls: bool) -> str:
     """Why a connect (TCP, then TLS) failed, for a message that goes on from it."""
     text = str(exc)
-    if isinstance(exc, _ssl.SSLError) and "no application protocol" in text:
+    if isinstance(exc, _ssl.SSLError) and e.alpn_refused(text):
         # nginx and Go servers without HTTP/2 end the handshake with this alert.
         return (
             "the TLS server refused ALPN 'h2' (a no_application_protocol alert): "
