@@ -416,15 +416,9 @@ async def test_grpc_to_an_https_port_without_h2_says_alpn_chose_none(ca: trustme
     # The HTTP side's TLS port offers only http/1.1: the handshake ends with no
     # ALPN protocol, and the port closes. The message said "closed the connection
     # before speaking HTTP/2" and nothing of the handshake that told why.
-    async with (
-        tls_server(ca) as (_, base_url, _grpc_url),
-        poc_api.ApiClient(
-            base_url, grpc_url=base_url.removesuffix("/v1"), ssl_context_factory=trusting(ca)
-        ) as client,
-    ):
-        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
-            await client.score([Tokens([5, 6, 7])], [(1, 3)])
-    assert "its TLS handshake chose no ALPN protocol, not 'h2'" in str(info.value)
+    async with tls_server(ca) as (_, base_url, _grpc_url):
+        exc = await grpc_failure(ca, base_url.removesuffix("/v1"))
+    assert "its TLS handshake chose no ALPN protocol, not 'h2'" in str(exc)
 
 
 @contextmanager
@@ -457,10 +451,11 @@ def refusing_handshakes(ctx: ssl.SSLContext | None) -> Iterator[int]:
         thread.join(5)
 
 
-async def grpc_failure(ca: trustme.CA, port: int) -> poc_api.ServerUnavailable:
+async def grpc_failure(ca: trustme.CA, grpc_url: str) -> poc_api.ServerUnavailable:
+    """The ServerUnavailable of a gRPC call to ``grpc_url``, trusting ``ca``."""
     async with poc_api.ApiClient(
         "https://localhost:1/v1",
-        grpc_url=f"https://localhost:{port}",
+        grpc_url=grpc_url,
         ssl_context_factory=trusting(ca),
     ) as client:
         with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
@@ -474,7 +469,7 @@ async def test_a_tls_server_refusing_alpn_h2_is_named_as_such(ca: trustme.CA) ->
     ctx = server_context(ca, "http/1.1")
     ctx.sni_callback = lambda *_: 120  # type: ignore[assignment,return-value]
     with refusing_handshakes(ctx) as port:
-        exc = await grpc_failure(ca, port)
+        exc = await grpc_failure(ca, f"https://localhost:{port}")
     assert "refused ALPN 'h2'" in str(exc), exc
     assert "it does not speak HTTP/2" in str(exc)
     assert exc.retriable
@@ -484,7 +479,7 @@ async def test_a_connection_closed_in_the_handshake_says_so(ca: trustme.CA) -> N
     # asyncio reports a close in the handshake as a ConnectionResetError with no
     # text: the message ended in "cannot connect: " and nothing.
     with refusing_handshakes(None) as port:
-        exc = await grpc_failure(ca, port)
+        exc = await grpc_failure(ca, f"https://localhost:{port}")
     assert str(exc).endswith(
         "cannot connect: the connection closed in the TLS handshake (ConnectionResetError)"
     ), exc
