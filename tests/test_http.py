@@ -2419,6 +2419,52 @@ async def test_the_clients_timeout_in_an_error_body_keeps_the_status(call: str) 
     assert isinstance(info.value.__cause__, PocApiTimeout)
 
 
+@pytest.mark.parametrize(
+    "call", ["tokenize", "readout_manifest", "chat", "chat_stream", "chat_stream-models"]
+)
+async def test_a_calls_own_timeout_in_an_error_body_keeps_the_status(call: str) -> None:
+    # As above, with the call's own timeout= (the client's is 600 s): it cancelled
+    # the error body's read from outside, and the 503 that had arrived was lost
+    # (a bare PocApiTimeout). It now cuts the body, as the client's timeout does.
+    body = b'{"error": {"message": "overloaded", "type": "server_error"}}' + b" " * 200
+    answer = response(503, body)
+    head = answer[: answer.index(b"\r\n\r\n") + 4]
+
+    async def slow_body(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(head)
+        for i in range(len(body)):  # over 25 s
+            await stream.send_all(body[i : i + 1])
+            await trio.sleep(0.1)
+
+    with trio.fail_after(5):
+        async with canned_server(slow_body) as url:
+            # chat_stream-models: the 503 answers the GET /models that finds the model.
+            model = "" if call == "chat_stream-models" else "m"
+            async with poc_api.ApiClient(url, model=model, grpc_url="http://127.0.0.1:1") as c:
+                started = trio.current_time()
+                with pytest.raises(HttpError) as info:
+                    if call == "tokenize":
+                        await c.tokenize("a", timeout=1.0)
+                    elif call == "readout_manifest":
+                        await c.readout_manifest(timeout=1.0)
+                    elif call == "chat":
+                        await c.chat(HELLO, timeout=1.0)
+                    else:
+                        async with c.chat_stream(HELLO, timeout=1.0):
+                            pass
+                assert trio.current_time() - started < 3
+    assert info.value.http_status == 503
+    assert "[body cut short: PocApiTimeout]" in str(info.value)
+    cause = info.value.__cause__
+    if call == "chat_stream-models":  # (the /models error, as the chat call's cause)
+        assert isinstance(cause, HttpError) and "model= is not set" in str(info.value)
+        cause = cause.__cause__
+    assert isinstance(cause, PocApiTimeout)
+    # It names the bound that passed: the call's, not the client's 600 s.
+    assert "600" not in str(cause) and "timeout" in str(cause)
+
+
 def _gzip(data: bytes) -> bytes:
     import gzip
 

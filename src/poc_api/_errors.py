@@ -36,6 +36,7 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeAlias, TypeVar, final
 
@@ -358,6 +359,45 @@ def alpn_refused(reason: str) -> bool:
     ALPN protocols offered, as a gRPC-only port refuses http/1.1, and an HTTP/1.1
     one h2."""
     return "no application protocol" in reason
+
+
+# The cancel scopes of the public calls running in this task (their timeout=), and
+# the task: an HTTP error body read inside them takes their deadlines (_http), so
+# that a call's timeout cuts the body and not the status line already in.
+_CALL_SCOPES: ContextVar[tuple[object, tuple[trio.CancelScope, ...]] | None] = ContextVar(
+    "poc_api_call_scopes", default=None
+)
+
+
+@final
+class call_scope:
+    """While the block runs, ``scope`` bounds the public call running in this task:
+    :func:`call_scopes` lists it. A class, not a ``@contextmanager``, for the KI
+    protection of the callers' own ``__enter__``/``__exit__``."""
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+        self._token: Token[tuple[object, tuple[trio.CancelScope, ...]] | None] | None = None
+
+    def __enter__(self) -> None:
+        scopes = (*call_scopes(), self._scope)
+        self._token = _CALL_SCOPES.set((trio.lowlevel.current_task(), scopes))
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _CALL_SCOPES.reset(token)
+
+
+def call_scopes() -> tuple[trio.CancelScope, ...]:
+    """The scopes of :class:`call_scope` blocks around this point of this task
+    (not those of a task that started this one: a child task must not move them)."""
+    entry = _CALL_SCOPES.get()
+    if entry is None or entry[0] is not trio.lowlevel.current_task():
+        return ()
+    return entry[1]
 
 
 _P = ParamSpec("_P")

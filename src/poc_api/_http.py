@@ -86,6 +86,8 @@ from ._errors import (
     ProtocolViolation,
     ServerUnavailable,
     alpn_refused,
+    call_scope,
+    call_scopes,
     closed_under_call,
     collapse_cancellation,
     own_copy,
@@ -1437,15 +1439,19 @@ class HttpApi:
         error that cut the read short (``None`` if none did).
 
         The status line did arrive: a body lost on the way (a dropped connection,
-        a broken gzip encoding, the client's timeout) must not turn a 503 into a
-        status-less error. ``within`` is the scope whose deadline bounds the
-        answer: the time it has left goes to the body, so that running out cuts
-        the body, not the answer. (Its deadline is taken from it: of two
-        cancelled scopes, the outer one would catch it.)
+        a broken gzip encoding, a timeout) must not turn a 503 into a status-less
+        error. ``within`` is the scope of the client's timeout, which bounds the
+        answer; the public call's own ``timeout=`` around it (:func:`call_scopes`)
+        bounds it too. The time they have left goes to the body, so that running
+        out cuts the body, not the answer. (Their deadlines are taken from them
+        meanwhile: of two cancelled scopes, the outer one would catch it. They get
+        them back unless the time ran out.)
         """
-        deadline = math.inf
-        if within is not None:
-            deadline, within.deadline = within.deadline, math.inf
+        scopes = ([] if within is None else [within]) + list(call_scopes())
+        deadlines = [scope.deadline for scope in scopes]
+        deadline = min(deadlines, default=math.inf)
+        for scope in scopes:
+            scope.deadline = math.inf
         received = bytearray()
         with trio.CancelScope(deadline=deadline) as reading:
             try:
@@ -1454,8 +1460,15 @@ class HttpApi:
             except PocApiError as exc:
                 log.debug("%s %s: error body cut short: %s", method, shown, self._redact(str(exc)))
                 return bytes(received), exc
+            finally:
+                if not reading.cancel_called:
+                    for scope, was in zip(scopes, deadlines, strict=True):
+                        scope.deadline = was
         if reading.cancelled_caught:
-            return bytes(received), self._timed_out(method, shown, "no complete error body")
+            if within is not None and deadlines[0] == deadline:
+                return bytes(received), self._timed_out(method, shown, "no complete error body")
+            what = f"{method} {shown}: no complete error body within the call's timeout"
+            return bytes(received), PocApiTimeout(what)
         return bytes(received), None
 
     async def _read_body(
@@ -1974,7 +1987,8 @@ class HttpApi:
         deadline = trio.current_time() + (math.inf if seconds is None else seconds)
         with trio.CancelScope(deadline=deadline) as scope:
             if not payload["model"]:
-                payload["model"] = await self._chat_model()
+                with call_scope(scope):  # (an error body read takes its deadline)
+                    payload["model"] = await self._chat_model()
             request = self._build_request("POST", url, payload, accept="text/event-stream")
             log.debug("POST %s (stream)", shown)
             with self._calls.held("POST", shown):  # until the block's end
@@ -1987,7 +2001,7 @@ class HttpApi:
                     raise self._timed_out("POST", shown, "no response headers")
                 events = ChatStream(self, response, shown)
                 try:
-                    with trio.CancelScope(deadline=answer_by) as head:
+                    with call_scope(scope), trio.CancelScope(deadline=answer_by) as head:
                         await events._check_response(head)  # (an error answer's body is read here)
                     if head.cancelled_caught:
                         raise self._timed_out("POST", shown, "no complete error answer")

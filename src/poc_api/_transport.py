@@ -2225,7 +2225,7 @@ class deadline:  # used like the function it replaced
     open, and trio then fails with "Cancel scope stack corrupted".
     """
 
-    __slots__ = ("_composite", "_scope", "_timeout", "_token", "_unsent", "_what")
+    __slots__ = ("_call", "_composite", "_scope", "_timeout", "_token", "_unsent", "_what")
 
     def __init__(
         self,
@@ -2241,6 +2241,7 @@ class deadline:  # used like the function it replaced
         self._unsent = unsent
         self._composite = composite
         self._scope: trio.CancelScope | None = None
+        self._call: e.call_scope | None = None
         self._token: Token[_Sent | None] | None = None
 
     @trio.lowlevel.enable_ki_protection
@@ -2252,6 +2253,9 @@ class deadline:  # used like the function it replaced
                 self._unsent = lambda: not sent.any
             self._scope = trio.CancelScope(relative_deadline=self._timeout)
             self._scope.__enter__()
+            # An HTTP error body read in the block takes its deadline (_http).
+            self._call = e.call_scope(self._scope)
+            self._call.__enter__()
 
     @trio.lowlevel.enable_ki_protection
     def __exit__(
@@ -2263,6 +2267,9 @@ class deadline:  # used like the function it replaced
         scope, self._scope = self._scope, None
         if scope is None:
             return
+        call, self._call = self._call, None
+        if call is not None:
+            call.__exit__()
         token, self._token = self._token, None
         if token is not None:
             _BLOCK_SENT.reset(token)
