@@ -317,6 +317,61 @@ async def test_chat_sends_the_model_named_by_model_or_poc_model() -> None:
 
 
 @pytest.mark.parametrize(
+    ("models", "says"),
+    [
+        (b'{"data": [{"id": "a"}, {"id": "b"}]}', "lists 2 models (['a', 'b'])"),
+        (b'{"data": [{"id": 7}]}', "lists 1 model with no usable id ([7])"),
+        (b'{"data": []}', "lists no models"),
+        (None, "failed, so there is no model to name: HTTP 503"),
+    ],
+    ids=["two", "no-usable-id", "none", "503"],
+)
+async def test_chat_without_a_model_to_name_says_model_as_the_cli_spells_it(
+    models: bytes | None, says: str
+) -> None:
+    # The library's words came through as they are: "bad argument: model= is not
+    # set ... pass model= to name one" (a Python parameter, and not a bad
+    # argument: a missing one), and "lists 1 models" for a lone id that is no name.
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        status, body = (503, b'{"error": "busy"}') if models is None else (200, models)
+        await stream.send_all(
+            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n".encode()
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    async with http_server(handler) as url:
+        result = await run_cli("chat", "x", "--url", url)
+    assert result.returncode == 1, result.stderr
+    assert says in result.stderr
+    assert result.stderr.startswith("error: --model (or POC_MODEL) is not set and GET "), (
+        result.stderr
+    )
+    assert "model=" not in result.stderr and "bad argument" not in result.stderr
+    if models is not None:
+        assert result.stderr.rstrip().endswith("pass --model to name one")
+
+
+async def test_a_redirect_asks_whether_the_url_option_is_right() -> None:
+    # It asked "is base_url right?", the library's argument, not the option.
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(
+            b"HTTP/1.1 307 Moved\r\nlocation: http://elsewhere/v2/models\r\n"
+            b"content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+
+    async with http_server(handler) as url:
+        result = await run_cli("chat", "x", "--url", url)
+    assert result.returncode == 1, result.stderr
+    assert "a redirect to 'http://elsewhere/v2/models', not followed (is --url right?)" in (
+        result.stderr
+    )
+    assert "base_url" not in result.stderr
+
+
+@pytest.mark.parametrize(
     ("status", "says"),
     [(401, "refused the api key"), (403, "refused the request: permission denied")],
 )

@@ -145,6 +145,10 @@ _RESERVED_CHAT_KEYS: Final = frozenset({"messages", "stream", "stream_options"})
 _U32_MAX: Final = 2**32 - 1
 _I32_MAX: Final = 2**31 - 1
 
+# How chat messages name the model= argument: the CLI spells them as its --model.
+NO_MODEL_SET: Final = "model= is not set"
+PASS_MODEL: Final = "pass model="
+
 
 def error_excerpt(body: bytes, limit: int = EXCERPT_LIMIT) -> str:
     """The first ``limit`` bytes of an HTTP body as text, cut on a character boundary.
@@ -1291,9 +1295,7 @@ class HttpApi:
         def named() -> str:
             if model or self._model or self._served_model.fetched:
                 return self.call_name(name, "POST", "/chat/completions")
-            return (
-                f"{name} (GET {self._shown}/models, to find the model to name: model= is not set)"
-            )
+            return f"{name} (GET {self._shown}/models, to find the model to name: {NO_MODEL_SET})"
 
         return named
 
@@ -1779,7 +1781,7 @@ class HttpApi:
             # The server's error, not a bad argument (a 503 is worth retrying): an
             # HttpError still, with its status, that says why chat() asked.
             raise HttpError(
-                f"model= is not set and {what} failed, so there is no model to name: {exc}",
+                f"{NO_MODEL_SET} and {what} failed, so there is no model to name: {exc}",
                 http_status=exc.http_status,
                 url=exc.url,
                 body_excerpt=exc.body_excerpt,
@@ -1787,13 +1789,13 @@ class HttpApi:
         except AuthenticationError as exc:
             # 401/403: the same error type, and the same word on why chat() asked.
             raise AuthenticationError(
-                f"model= is not set and {what} failed, so there is no model to name: {exc}",
+                f"{NO_MODEL_SET} and {what} failed, so there is no model to name: {exc}",
                 http_status=exc.http_status,
             ) from exc
         except (ServerUnavailable, PocApiTimeout) as exc:
             # As above: the caller asked for a chat, not for this URL.
             raise type(exc)(
-                f"model= is not set and {what} failed, so there is no model to name: {exc}",
+                f"{NO_MODEL_SET} and {what} failed, so there is no model to name: {exc}",
                 retriable=exc.retriable,
             ) from exc
         entries = data.get("data") if isinstance(data, dict) else None
@@ -1806,14 +1808,17 @@ class HttpApi:
             except UnicodeEncodeError as exc:  # (half an emoji, JSON-escaped)
                 raise ProtocolViolation(
                     f"{what} names a model id no request can carry: {_unencodable(exc)}; "
-                    "pass model= to name it"
+                    f"{PASS_MODEL} to name it"
                 ) from None
             log.debug("%s: using the only served model %r", what, self._redact(ids[0]))
             return ids[0]
-        raise ValueError(
-            f"model= is not set and {what} lists {len(ids)} models "
-            f"({_short_repr(ids)}); pass model= to name one"
-        )
+        if not ids:
+            listed = "lists no models"
+        elif len(ids) == 1:
+            listed = f"lists 1 model with no usable id ({_short_repr(ids)})"
+        else:
+            listed = f"lists {len(ids)} models ({_short_repr(ids)})"
+        raise ValueError(f"{NO_MODEL_SET} and {what} {listed}; {PASS_MODEL} to name one")
 
     @_redacting
     async def chat(

@@ -56,7 +56,7 @@ from ._chunks import Chunk, Tokens
 from ._client import ApiClient, check_api_key, check_base_url, resolve_grpc_url
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager
-from ._http import ChatDelta, shown_url
+from ._http import NO_MODEL_SET, PASS_MODEL, ChatDelta, shown_url
 from ._log import control_escapes
 from ._png import encode_png
 from ._pool import parse_grpc_targets
@@ -597,6 +597,16 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def _describe(exc: BaseException, where: _Where) -> str | None:
     """The one-line message for an expected failure; ``None`` for a bug."""
+    said = _describe_as_library(exc, where)
+    # The library names its arguments (model=, base_url); here they are options.
+    if said is not None:
+        said = said.replace(NO_MODEL_SET, f"--model (or {_ENV_MODEL}) is not set")
+        said = said.replace(PASS_MODEL, "pass --model")
+        said = said.replace("(is base_url ", "(is --url ").replace(": is base_url ", ": is --url ")
+    return said
+
+
+def _describe_as_library(exc: BaseException, where: _Where) -> str | None:
     if isinstance(exc, e.TransportError):
         msg = str(exc)
         url = where.base_url
@@ -614,6 +624,8 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
         return f"the server refused the api key ({exc})"
     if isinstance(exc, e.PocApiError | CliError):
         return str(exc)
+    if isinstance(exc, ValueError) and str(exc).startswith(NO_MODEL_SET):
+        return str(exc)  # (an argument missing, not a bad one)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     if isinstance(exc, ValueError | TypeError):
