@@ -21,6 +21,7 @@ import httpx
 import pytest
 import trio
 from helpers import http_server, read_request
+from misbehaving import Reply, misbehaving_server
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
@@ -351,6 +352,43 @@ async def test_chat_without_a_model_to_name_says_model_as_the_cli_spells_it(
     assert "model=" not in result.stderr and "bad argument" not in result.stderr
     if models is not None:
         assert result.stderr.rstrip().endswith("pass --model to name one")
+
+
+@pytest.mark.parametrize("silent", ["http", "grpc"])
+async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
+    # There was no --timeout: a server gone silent held generate for the client's
+    # 600 s (an HTTP call) or for ever (a Generate stream that sends no token).
+    async def http(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        if silent == "http":
+            await trio.sleep_forever()
+        body = b'{"detail": "Not Found"}'  # (no tokenizer: the byte-level rule)
+        await stream.send_all(
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    async with http_server(http) as url, misbehaving_server() as srv:
+        srv.plan("Generate", Reply("silent"))
+        started = trio.current_time()
+        result = await run_cli(
+            "generate", "hi", "--url", url, "--grpc-url", srv.url, "--timeout", "0.5"
+        )
+        took = trio.current_time() - started
+    assert result.returncode == 1, result.stderr
+    assert "did not answer in time" in result.stderr
+    assert re.search(r"\b0\.5\d* s\b", result.stderr), result.stderr
+    assert took < 10  # (a fresh interpreter's start included)
+    methods = [c.method for c in srv.calls]
+    assert ("Generate" in methods) == (silent == "grpc"), methods
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "x"])
+async def test_timeout_must_be_a_positive_number_of_seconds(value: str) -> None:
+    result = await run_cli("generate", "hi", "--timeout", value)
+    assert result.returncode == 2, result.stderr
+    assert "--timeout" in result.stderr
 
 
 async def test_a_redirect_asks_whether_the_url_option_is_right() -> None:

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, TypedDict, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -81,6 +81,7 @@ _ENV_KEY: Final = "POC_API_KEY"
 _ENV_GRPC: Final = "POC_GRPC_URL"
 _ENV_MODEL: Final = "POC_MODEL"
 _MODEL_KEY: Final = "poc_api.model"  # in click's ctx.meta, shared by the group and its commands
+_TIMEOUT_KEY: Final = "poc_api.timeout"  # (as _MODEL_KEY)
 
 T = TypeVar("T")
 
@@ -145,6 +146,23 @@ class _Target:
     api_key: str
     grpc_url: str | None
     model: str = ""
+    #: --timeout: the bound on each wait for the server (None: the library's own).
+    timeout: float | None = None
+
+    def stream_timeouts(self) -> _StreamTimeouts:
+        """A Generate stream's keyword arguments for ``timeout``: the first token
+        and each next one are waits; the stream as a whole is not."""
+        return {"first_token_timeout": self.timeout, "token_timeout": self.timeout}
+
+
+class _StreamTimeouts(TypedDict):
+    first_token_timeout: float | None
+    token_timeout: float | None
+
+
+class _ClientTimeouts(TypedDict, total=False):
+    timeout: float
+    connect_timeout: float
 
 
 class _FloatRange(click.FloatRange):
@@ -208,12 +226,13 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
         origin = "--api-key" if api_key is not None or g.api_key is not None else _ENV_KEY
         raise click.UsageError(f"invalid {origin}: {exc}") from None
     model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
+    timeout: float | None = ctx.meta.get(_TIMEOUT_KEY)
     grpc_flag = grpc_url or g.grpc_url
     if base is None:
         if grpc_flag:
             raise click.UsageError("--grpc-url needs --url (or POC_BASE_URL)")
         # POC_GRPC_URL is for remote servers; the embedded one has its own ports.
-        return _Target(None, key, None, model)
+        return _Target(None, key, None, model, timeout)
     what = "--url" if url or g.url else _ENV_URL
     _check_url(base, what)
     grpc = grpc_flag or os.environ.get(_ENV_GRPC) or None
@@ -235,12 +254,17 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
             GrpcTarget.from_url(grpc)
         except ValueError as exc:
             raise click.UsageError(f"invalid {grpc_what}: {exc}") from None
-    return _Target(base.rstrip("/"), key, grpc, model)
+    return _Target(base.rstrip("/"), key, grpc, model, timeout)
 
 
 def _keep_model(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
     if value is not None:  # a command's own --model wins over the group's
         ctx.meta[_MODEL_KEY] = value
+
+
+def _keep_timeout(ctx: click.Context, _: click.Parameter, value: float | None) -> None:
+    if value is not None:  # (as --model)
+        ctx.meta[_TIMEOUT_KEY] = value
 
 
 def _url_option(func: Callable[..., T]) -> Callable[..., T]:
@@ -275,6 +299,17 @@ def _url_option(func: Callable[..., T]) -> Callable[..., T]:
             callback=_keep_model,
             help=f"Model name to send [env {_ENV_MODEL}]. Default: the server's only one.",
         ),
+        click.option(
+            "--timeout",
+            metavar="SECONDS",
+            type=_FloatRange(0.0, 1e9, min_open=True),
+            default=None,
+            expose_value=False,
+            callback=_keep_timeout,
+            help="Bound on each wait for the server: connecting, each HTTP request, "
+            "each gRPC call, the first token and each next one, a whole score. "
+            "Default: 600 s for an HTTP request, 30 s to connect, none for gRPC.",
+        ),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -297,6 +332,13 @@ class _Conn:
     server: ReferenceServer | None
 
 
+def _client_timeouts(target: _Target) -> _ClientTimeouts:
+    """``ApiClient``'s keyword arguments for ``--timeout`` (none without it)."""
+    if target.timeout is None:
+        return {}
+    return {"timeout": target.timeout, "connect_timeout": min(30.0, target.timeout)}
+
+
 @protected_asynccontextmanager
 async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIterator[_Conn]:
     """A client for ``target``; an embedded reference server when it has no URL."""
@@ -310,12 +352,17 @@ async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIte
                 api_key=target.api_key,
                 grpc_url=server.grpc_url,
                 model=target.model,
+                **_client_timeouts(target),
             )
             async with client:
                 yield _Conn(client, server)
         return
     client = ApiClient(
-        target.base_url, api_key=target.api_key, grpc_url=target.grpc_url, model=target.model
+        target.base_url,
+        api_key=target.api_key,
+        grpc_url=target.grpc_url,
+        model=target.model,
+        **_client_timeouts(target),
     )
     # Redacted, as error messages are: _describe looks for it in them.
     where.base_url, where.grpc_url = shown_url(client.base_url), client.grpc_url
@@ -868,10 +915,10 @@ async def _demo(target: _Target, where: _Where) -> None:
         # 1 + 2: a session holding text and an image, then a live greedy stream.
         con.print()
         con.rule("[bold]1. Session: text, then an image", align="left")
-        async with client.session() as session:
+        async with client.session(timeout=target.timeout) as session:
             prefix = await codec.encode(_DEMO_PREFIX)
             start, end = await _vision_brackets(client)
-            await session.prefill(prefix + start)
+            await session.prefill(prefix + start, timeout=target.timeout)
             con.print(
                 f"prefill  {json.dumps(_DEMO_PREFIX)}\n"
                 f"         {_count(len(prefix), 'token')} "
@@ -880,7 +927,7 @@ async def _demo(target: _Target, where: _Where) -> None:
                 + f" → committed_len {session.committed_len}"
             )
             png = encode_png(56, 56)
-            appended = await session.append_image(png, "image/png")
+            appended = await session.append_image(png, "image/png", timeout=target.timeout)
             con.print(
                 f"image    56x56 PNG, {len(png)} bytes → placeholder_count "
                 f"[bold]{appended.placeholder_count}[/] → committed_len {appended.total_length}"
@@ -898,7 +945,9 @@ async def _demo(target: _Target, where: _Where) -> None:
             )
             write_live(_DEMO_AFTER_IMAGE)
             reply = await _pump(
-                lambda: session.generate(after, sampling=sampling), live, "2. generation"
+                lambda: session.generate(after, sampling=sampling, **target.stream_timeouts()),
+                live,
+                "2. generation",
             )
             con.print()
             con.print(
@@ -928,6 +977,7 @@ async def _demo(target: _Target, where: _Where) -> None:
                     chunks1,
                     SamplingParams(max_tokens=32),
                     readout_shape=None if manifest is None else manifest.shape,
+                    **target.stream_timeouts(),
                 ),
                 live,
                 "3. conversation turn 1",
@@ -952,7 +1002,9 @@ async def _demo(target: _Target, where: _Where) -> None:
             prompt = await codec.encode(_DEMO_SCORE_PROMPT)
             conts = [await codec.encode(c) for c in _DEMO_CONTINUATIONS]
             counted = server.state().tokens_appended if server is not None else 0
-            results = await client.score_continuations([Tokens(prompt)], conts)
+            results = await client.score_continuations(
+                [Tokens(prompt)], conts, timeout=target.timeout
+            )
             counted = server.state().tokens_appended - counted if server is not None else 0
             scored = [
                 (cont_text, len(cont), result.logprob)
@@ -992,7 +1044,9 @@ async def _demo(target: _Target, where: _Where) -> None:
             con.print(f"turn 2 adds {json.dumps(_DEMO_TURN2)}; output:")
             write_live(_DEMO_TURN2)
             r2 = await _pump(
-                lambda: conv.stream([Tokens(full)], SamplingParams(max_tokens=24)),
+                lambda: conv.stream(
+                    [Tokens(full)], SamplingParams(max_tokens=24), **target.stream_timeouts()
+                ),
                 live,
                 "5. conversation turn 2",
             )
@@ -1169,6 +1223,7 @@ async def _generate(
                     [Tokens(ids)],
                     sampling,
                     readout_shape=None if manifest is None else manifest.shape,
+                    **target.stream_timeouts(),
                 ),
                 _LiveText(codec, _write_stdout),
                 "generate",
@@ -1233,7 +1288,7 @@ async def _score(target: _Target, where: _Where, text: str, continuations: tuple
                 raise CliError(f"continuation {json.dumps(cont_text)} encodes to no tokens")
             conts.append(cont)
         appended = conn.server.state().tokens_appended if conn.server is not None else 0
-        results = await client.score_continuations([Tokens(prompt)], conts)
+        results = await client.score_continuations([Tokens(prompt)], conts, timeout=target.timeout)
         if conn.server is not None:
             appended = conn.server.state().tokens_appended - appended
     lengths = [len(c) for c in conts]
