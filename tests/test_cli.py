@@ -47,11 +47,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 async def run_cli(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, stdin: bytes = b""
 ) -> subprocess.CompletedProcess[str]:
     with trio.fail_after(TIMEOUT):
         proc = await trio.run_process(
             [*CLI, *args],
+            stdin=stdin,
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -389,6 +390,31 @@ async def test_timeout_must_be_a_positive_number_of_seconds(value: str) -> None:
     result = await run_cli("generate", "hi", "--timeout", value)
     assert result.returncode == 2, result.stderr
     assert "--timeout" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "score", "chat"])
+async def test_text_dash_reads_standard_input(command: str) -> None:
+    # "-" was sent as the prompt itself: a long prompt had to fit on the command line.
+    text = "Once upon a time,\nin a small town"
+    extra = {
+        "generate": ["--temperature", "0", "--max-tokens", "12"],
+        "score": ["-c", " there", "-c", " lived"],
+        "chat": ["--max-tokens", "12", "--seed", "3"],
+    }[command]
+    given = await run_cli(command, text, *extra)
+    piped = await run_cli(command, "-", *extra, stdin=text.encode() + b"\n")
+    assert (given.returncode, piped.returncode) == (0, 0), piped.stderr
+    assert piped.stdout == given.stdout and given.stdout.strip()  # (one final newline dropped)
+
+
+@pytest.mark.parametrize(
+    ("stdin", "says"),
+    [(b"", "must not be empty"), (b"\n", "must not be empty"), (b"a\xffb", "not UTF-8")],
+)
+async def test_text_dash_refuses_what_the_argument_would(stdin: bytes, says: str) -> None:
+    result = await run_cli("generate", "-", stdin=stdin)
+    assert result.returncode == 2, result.stderr
+    assert "TEXT" in result.stderr and says in result.stderr
 
 
 async def test_a_redirect_asks_whether_the_url_option_is_right() -> None:

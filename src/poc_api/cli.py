@@ -188,6 +188,25 @@ def _check_text(value: str, hint: str, *, empty_ok: bool = False) -> None:
         ) from None
 
 
+def _text_argument(value: str, hint: str) -> str:
+    """``value``, or for ``-`` standard input read whole: as a usage error (exit 2)
+    what :func:`_check_text` refuses, or input that is not UTF-8. One final newline
+    is dropped (``echo`` and here-documents add it)."""
+    if value == "-":
+        if sys.stdin is None:  # (fd 0 closed)
+            raise click.BadParameter("- reads standard input, which is closed", param_hint=hint)
+        data = sys.stdin.buffer.read()
+        try:
+            value = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(
+                f"standard input is not UTF-8 text (byte {exc.start})", param_hint=hint
+            ) from None
+        value = value[:-2] if value.endswith("\r\n") else value.removesuffix("\n")
+    _check_text(value, hint)
+    return value
+
+
 def _check_url(value: str, what: str) -> str:
     try:
         parts = urlsplit(value)  # ("Invalid IPv6 URL" for an unclosed "[")
@@ -1144,8 +1163,8 @@ def generate(
     seed: int | None,
     readout: bool,
 ) -> None:
-    """Stream the completion of TEXT to stdout as it arrives."""
-    _check_text(text, "TEXT")
+    """Stream the completion of TEXT (- reads it from stdin) to stdout as it arrives."""
+    text = _text_argument(text, "TEXT")
     target = _target(url, api_key, grpc_url)
     if seed is not None and target.base_url is not None:
         raise click.UsageError(
@@ -1262,14 +1281,15 @@ def score(
     api_key: str | None,
     grpc_url: str | None,
 ) -> None:
-    """Score continuations of TEXT: summed log-probability, best first.
+    """Score continuations of TEXT (- reads it from stdin): summed log-probability,
+    best first.
 
     Prints one row per continuation: rank, summed logprob (natural log), the
     per-token average, the token count and the continuation as a JSON string;
     then, after a blank line, how many positions were sent: TEXT is prefilled
     once and each continuation appended after a rewind to its end.
     """
-    _check_text(text, "TEXT")
+    text = _text_argument(text, "TEXT")
     for c in continuations:
         _check_text(c, "--continuation")
     target = _target(url, api_key, grpc_url)
@@ -1360,8 +1380,11 @@ def chat(
     top_p: float | None,
     seed: int | None,
 ) -> None:
-    """OpenAI-compatible chat (POST /chat/completions, streamed), printed live."""
-    _check_text(text, "TEXT")
+    """OpenAI-compatible chat (POST /chat/completions, streamed), printed live.
+
+    TEXT is the user's message; - reads it from stdin.
+    """
+    text = _text_argument(text, "TEXT")
     if system is not None:
         _check_text(system, "--system", empty_ok=True)
     target = _target(url, api_key, grpc_url)
