@@ -417,6 +417,38 @@ async def test_text_dash_refuses_what_the_argument_would(stdin: bytes, says: str
     assert "TEXT" in result.stderr and says in result.stderr
 
 
+@pytest.mark.parametrize("fails", [True, False])
+async def test_a_failed_close_is_told_after_the_commands_own_error(fails: bool) -> None:
+    # The CloseSession warning, three lines long on a terminal, came first and
+    # the command's own error last: what went wrong was the last thing to find.
+    async def http(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        body = b'{"detail": "Not Found"}'  # (no tokenizer: the byte-level rule)
+        await stream.send_all(
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    async with http_server(http) as url, misbehaving_server() as srv:
+        if fails:
+            srv.plan("Generate", Reply("trailers_only", status=14))
+        srv.plan("CloseSession", Reply("trailers_only", status=13))
+        result = await run_cli("generate", "hi", "--url", url, "--grpc-url", srv.url)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert result.returncode == (1 if fails else 0), result.stderr
+    if fails:
+        assert lines[0].startswith("error: the server at "), result.stderr
+        assert lines[1:] == [
+            "poc_api warning: session mis-1-1 was not closed either (CloseSession failed); "
+            "the server frees it when idle"
+        ], result.stderr
+    else:  # (the whole warning: it is the only thing that went wrong)
+        assert len(lines) == 1 and lines[0].startswith(
+            "poc_api warning: CloseSession mis-1-1 failed: "
+        )
+
+
 async def test_a_redirect_asks_whether_the_url_option_is_right() -> None:
     # It asked "is base_url right?", the library's argument, not the option.
     async def handler(stream: trio.SocketStream) -> None:
@@ -518,7 +550,8 @@ async def test_a_server_killed_mid_stream_is_told_in_error_and_warning_lines_onl
                 await proc.stdout.aclose()
     lines = err.decode().splitlines()
     assert lines and all(line.startswith(("error: ", "poc_api warning: ")) for line in lines)
-    assert lines[-1].startswith("error: ") and "cannot reach" not in lines[-1], lines
+    # (The session's failed close, if told, is told after the error: see below.)
+    assert lines[0].startswith("error: ") and "cannot reach" not in lines[0], lines
     assert out  # (in a pipe, the text as generated: see the terminal's case below)
 
 

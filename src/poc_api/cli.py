@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
-from typing import Any, Final, TypedDict, TypeVar, final
+from typing import Any, Final, NoReturn, TypedDict, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -720,12 +720,39 @@ def _stdout_reader_gone() -> bool:
 class _WarningLines(logging.Handler):
     """poc_api's log records (WARNING and above) on stderr as one-line
     ``poc_api warning: ...`` (``poc_api error: ...``), as the command's own errors
-    are shown (logging's last resort printed them bare, before the ``error:`` line)."""
+    are shown (logging's last resort printed them bare, before the ``error:`` line).
+
+    A failed ``CloseSession`` is held back until the command ends (:meth:`told`):
+    when the command failed too, most often for the same reason, it is one short
+    line after the command's own error, not a long one before it.
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
+        self._closes: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("CloseSession "):
+            self._closes.append(record)
+            return
+        self._show(record)
+
+    def told(self, *, failed: bool) -> None:
+        """Show the held-back close failures: in short after a failed command."""
+        records, self._closes = self._closes, []
+        for record in records:
+            if not failed:
+                self._show(record)
+                continue
+            session = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            with contextlib.suppress(OSError):  # (as the error line's own echo)
+                click.echo(
+                    f"poc_api {record.levelname.lower()}: session {session} was not closed "
+                    "either (CloseSession failed); the server frees it when idle",
+                    err=True,
+                )
+
+    def _show(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
             if record.exc_info and record.exc_info[1] is not None:
@@ -740,15 +767,14 @@ class _WarningLines(logging.Handler):
 
 
 @contextmanager
-def _warnings_as_lines() -> Iterator[None]:
-    """:class:`_WarningLines` on the ``poc_api`` logger while a command runs, unless
-    logging is set up (``POC_DEBUG=1``, or a program that runs the CLI in its own
-    process with handlers of its own)."""
+def _warnings_as_lines(handler: _WarningLines) -> Iterator[None]:
+    """``handler`` on the ``poc_api`` logger while a command runs, unless logging
+    is set up (``POC_DEBUG=1``, or a program that runs the CLI in its own process
+    with handlers of its own)."""
     logger = logging.getLogger("poc_api")
     if logger.handlers or logging.getLogger().handlers:
         yield
         return
-    handler = _WarningLines()
     logger.addHandler(handler)
     try:
         yield
@@ -764,40 +790,52 @@ def _run(body: Callable[[_Where], None], *, warning_lines: bool = True) -> None:
     """
     where = _Where()
     _Stdout.mid_line = False
+    lines = _WarningLines()
     try:
-        with _warnings_as_lines() if warning_lines else contextlib.nullcontext():
+        with _warnings_as_lines(lines) if warning_lines else contextlib.nullcontext():
             body(where)
     except (click.exceptions.Exit, click.ClickException, SystemExit):
+        lines.told(failed=False)
         raise
     except BaseException as exc:
-        leaf = _leaf(exc)
-        if not isinstance(leaf, BrokenPipeError):
-            _Stdout.end_line()
-        if isinstance(leaf, KeyboardInterrupt):
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        if isinstance(leaf, _EndedBySignal):
-            with contextlib.suppress(OSError):  # (a hung-up terminal's stderr may be gone)
-                click.echo(f"error: {leaf}", err=True)
-            sys.exit(128 + leaf.signum)
-        if isinstance(leaf, BrokenPipeError) and _stdout_reader_gone():
-            # The reader of our output went away (`| head`): its choice, not an
-            # error. Quiet, with the status of a process SIGPIPE killed, as Unix
-            # tools end; stdout to /dev/null so the exit's flush cannot fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(128 + signal.SIGPIPE)
-        if isinstance(leaf, click.ClickException | click.exceptions.Exit | SystemExit):
-            raise leaf from None
-        message = _describe(leaf, where)
-        if message is None:
-            if os.environ.get("POC_DEBUG") == "1":
-                raise
-            message = (
-                f"unexpected {type(leaf).__name__}: {leaf} "
-                "(set POC_DEBUG=1 for a traceback; this is a bug in poc_api)"
-            )
-        click.echo(f"error: {_one_line(message)}", err=True)
-        sys.exit(1)
+        try:
+            _report(exc, where)
+        finally:
+            lines.told(failed=True)
+    else:
+        lines.told(failed=False)
+
+
+def _report(exc: BaseException, where: _Where) -> NoReturn:
+    """Say how the command failed (one ``error:`` line), and exit with its status."""
+    leaf = _leaf(exc)
+    if not isinstance(leaf, BrokenPipeError):
+        _Stdout.end_line()
+    if isinstance(leaf, KeyboardInterrupt):
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    if isinstance(leaf, _EndedBySignal):
+        with contextlib.suppress(OSError):  # (a hung-up terminal's stderr may be gone)
+            click.echo(f"error: {leaf}", err=True)
+        sys.exit(128 + leaf.signum)
+    if isinstance(leaf, BrokenPipeError) and _stdout_reader_gone():
+        # The reader of our output went away (`| head`): its choice, not an
+        # error. Quiet, with the status of a process SIGPIPE killed, as Unix
+        # tools end; stdout to /dev/null so the exit's flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
+    if isinstance(leaf, click.ClickException | click.exceptions.Exit | SystemExit):
+        raise leaf from None
+    message = _describe(leaf, where)
+    if message is None:
+        if os.environ.get("POC_DEBUG") == "1":
+            raise exc  # (the traceback, whole)
+        message = (
+            f"unexpected {type(leaf).__name__}: {leaf} "
+            "(set POC_DEBUG=1 for a traceback; this is a bug in poc_api)"
+        )
+    click.echo(f"error: {_one_line(message)}", err=True)
+    sys.exit(1)
 
 
 #: Signals a client command ends on as on Ctrl-C: its calls cancelled, its
