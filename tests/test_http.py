@@ -2462,7 +2462,35 @@ async def test_a_calls_own_timeout_in_an_error_body_keeps_the_status(call: str) 
         cause = cause.__cause__
     assert isinstance(cause, PocApiTimeout)
     # It names the bound that passed: the call's, not the client's 600 s.
-    assert "600" not in str(cause) and "timeout" in str(cause)
+    assert "600 s" not in str(cause) and "timeout" in str(cause)
+
+
+NGINX_404 = (
+    b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+    b"<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx/1.18.0</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (NGINX_404, "an HTML page titled '404 Not Found'"),
+        (b"<!DOCTYPE html><html><body><p>Gone   away</p></body></html>", "an HTML page: Gone away"),
+        (b"<html><head><title>\n  A &amp; B \n</title>", "an HTML page titled 'A & B'"),
+    ],
+    ids=["nginx", "no-title", "entities"],
+)
+async def test_an_html_error_page_is_told_by_its_title_not_its_markup(
+    http: httpx.AsyncClient, body: bytes, says: str
+) -> None:
+    # A base_url missing its /v1 (or a proxy's error page) put the page's markup in
+    # the message: "HTTP 404 from POST .../tokenize: <html> <head><title>404 ...".
+    async with canned_server([response(404, body, "text/html")]) as url:
+        with pytest.raises(HttpError) as info:
+            await make_api(http, url).tokenize("a")
+    assert str(info.value).endswith(f"/tokenize: {says}"), str(info.value)
+    assert info.value.body_excerpt.startswith("<")  # (the excerpt stays the body's)
 
 
 def _gzip(data: bytes) -> bytes:

@@ -34,6 +34,7 @@ import codecs
 import contextlib
 import difflib
 import functools
+import html
 import inspect
 import json
 import logging
@@ -148,6 +149,27 @@ _I32_MAX: Final = 2**31 - 1
 # How chat messages name the model= argument: the CLI spells them as its --model.
 NO_MODEL_SET: Final = "model= is not set"
 PASS_MODEL: Final = "pass model="
+
+
+#: Characters of an HTML error page looked at for its title or text.
+_HTML_SCAN: Final = 8192
+_HTML_START: Final = re.compile(r"\s*(<!doctype\s+html|<html)", re.IGNORECASE)
+_HTML_TITLE: Final = re.compile(r"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+_HTML_HIDDEN: Final = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_TAG: Final = re.compile(r"<[^>]*>")
+
+
+def _html_summary(text: str) -> str | None:
+    """An HTML error page (a proxy's, or a base_url missing its ``/v1``) told by its
+    title, else by its text; ``None`` for a body that is not an HTML page."""
+    if not _HTML_START.match(text):
+        return None
+    found = _HTML_TITLE.search(text)
+    title = " ".join(html.unescape(found.group(1)).split()) if found else ""
+    if title:
+        return f"an HTML page titled {error_excerpt(title.encode(), limit=200)!r}"
+    words = " ".join(html.unescape(_HTML_TAG.sub(" ", _HTML_HIDDEN.sub(" ", text))).split())
+    return f"an HTML page: {error_excerpt(words.encode(), limit=200)}" if words else "an HTML page"
 
 
 def error_excerpt(body: bytes, limit: int = EXCERPT_LIMIT) -> str:
@@ -1359,6 +1381,8 @@ class HttpApi:
         whole = cut is None and len(body) < _ERROR_BODY_READ_LIMIT
         excerpt = self._excerpt(body, whole=whole)
         said = self._said(body) if whole else None
+        if said is None:  # (a page's title, not its markup; redacted as the excerpt)
+            said = _html_summary(self._redact(body[:_HTML_SCAN].decode("utf-8", "replace")))
         message = f"HTTP {status} from {method} {redact_url(url)}: {said or excerpt}"
         if location is not None and 300 <= status < 400:
             # Redirects are not followed (a POST's body would be lost, or the key
