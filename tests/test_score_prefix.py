@@ -392,3 +392,18 @@ async def test_a_long_continuation(client: poc_api.ApiClient) -> None:
         got = await client.score_continuations([Tokens(TEXT[:10])], [long, TEXT[:3]])
         [full] = await client.score([Tokens(TEXT[:10] + long)], [(10, 20_010)])
     assert got[0] == full
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "says"),
+    [
+        ([1, -1], ValueError, r"^continuation 2: ids\[1\] must be in \[0, 2\*\*32\)"),
+        ([1, "x"], TypeError, r"^continuation 2: ids\[1\] must be an int"),
+    ],
+)
+async def test_a_bad_continuation_id_names_its_continuation(
+    client: poc_api.ApiClient, bad: list[object], error: type[Exception], says: str
+) -> None:
+    # "ids[0] must be in [0, 2**32)": of which of the continuations, it did not say.
+    with pytest.raises(error, match=says):
+        await client.score_continuations([Tokens([5, 6])], [[1, 2], [3], bad])  # type: ignore[list-item]

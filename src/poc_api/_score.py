@@ -693,7 +693,10 @@ def _check_continuation(value: object, i: int) -> list[Chunk]:
         return items
     if any(isinstance(x, Tokens | Image) for x in items):
         raise TypeError(f"continuation {i} mixes token ids and chunks")
-    return [Tokens(items)] if items else []
+    try:
+        return [Tokens(items)] if items else []
+    except (TypeError, ValueError) as exc:  # ("ids[1] must be an int": of which one?)
+        raise type(exc)(f"continuation {i}: {exc}") from None
 
 
 def _check_window(max_length: int, prompt_len: int, lengths: list[int]) -> None:
