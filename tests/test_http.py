@@ -2049,7 +2049,7 @@ def keep_alive_then_close(
                 return  # closed without an answer
             body = (
                 b'{"concepts": ["a"], "layers": [0], "accepted": 1, "job_id": "j", '
-                b'"vocab_size": 2, "special": {}}'
+                b'"vocab_size": 2, "special": {}, "tokens": [1], "text": "a"}'
             )
             head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             await stream.send_all(head % len(body) + b"\r\n" + body)  # and keep it open
@@ -2058,14 +2058,17 @@ def keep_alive_then_close(
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
-@pytest.mark.parametrize("call", ["readout_manifest", "tokenizer_info", "models"])
-async def test_a_get_on_a_pooled_connection_the_server_just_closed_is_sent_again(
+@pytest.mark.parametrize(
+    "call", ["readout_manifest", "tokenizer_info", "models", "tokenize", "detokenize"]
+)
+async def test_an_idempotent_call_on_a_pooled_connection_the_server_just_closed_is_sent_again(
     http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, call: str, reset: bool
 ) -> None:
     # The server's keep-alive timeout raced the next request: an idempotent GET
     # failed with ServerUnavailable "Server disconnected without sending a response"
     # (and, once that was resent, still with "Connection reset by peer" where the
-    # server's close found the request unread).
+    # server's close found the request unread). So did POST /tokenize and
+    # /detokenize, pure functions of their body that an agent calls all the time.
     caplog.set_level(logging.DEBUG, logger="poc_api.http")
     requests: list[tuple[int, str]] = []
     with trio.fail_after(10):
@@ -2075,6 +2078,10 @@ async def test_a_get_on_a_pooled_connection_the_server_just_closed_is_sent_again
             if call == "models":
                 with pytest.raises(ProtocolViolation, match="/models"):  # (not a list)
                     await api.chat(HELLO)
+            elif call == "tokenize":
+                assert await api.tokenize("a") == [1]
+            elif call == "detokenize":
+                assert await api.detokenize([1]) == "a"
             else:
                 await getattr(api, call)()
     assert [n for n, _ in requests] == [1, 1, 2]  # sent again, on a new connection

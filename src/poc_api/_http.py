@@ -144,6 +144,8 @@ _CLOSE_TIMEOUT: Final = 5.0
 _CHAT_READ_AHEAD: Final = 64 * 1024
 _RESERVED_CHAT_KEYS: Final = frozenset({"messages", "stream", "stream_options"})
 _U32_MAX: Final = 2**32 - 1
+#: POSTs that are pure functions of their body: sent twice, they do no harm.
+_PURE_POSTS: Final = frozenset({"/tokenize", "/detokenize"})
 _I32_MAX: Final = 2**31 - 1
 
 # How chat messages name the model= argument: the CLI spells them as its --model.
@@ -1157,10 +1159,10 @@ class HttpApi:
     Every coroutine is a checkpoint. Cancelling one abandons its request: httpx
     closes the connection it was using, the pool stays usable, nothing is cached.
 
-    A GET that the server answers by closing (or resetting) the pooled keep-alive
-    connection it was sent on (its idle timeout racing the request) is sent once
-    more, on another connection (logged at debug). Other requests are never sent
-    twice.
+    A GET, ``/tokenize`` or ``/detokenize`` that the server answers by closing (or
+    resetting) the pooled keep-alive connection it was sent on (its idle timeout
+    racing the request) is sent once more, on another connection (logged at
+    debug). Other requests (chat, train) are never sent twice.
 
     Example::
 
@@ -1228,16 +1230,19 @@ class HttpApi:
             request = next(self._url_auth.auth_flow(request))
         return request
 
-    async def _send(self, method: str, url: str, shown: str, payload: object) -> httpx.Response:
+    async def _send(
+        self, method: str, url: str, shown: str, payload: object, *, idempotent: bool
+    ) -> httpx.Response:
         """Send a JSON request; return its response unread (the caller closes it).
 
-        A GET that went out on a reused keep-alive connection just as the server
-        closed it (its idle timeout racing the request: "Server disconnected
-        without sending a response", or a reset where the close found the request
-        unread) is sent once more. The pool has dropped that
-        connection, and before reusing an idle one httpx drops it if the server
-        has closed it, so the second try goes out on a live connection, most often
-        a new one. A GET is idempotent; anything else is never sent twice.
+        An ``idempotent`` request (a GET, or a POST of :data:`_PURE_POSTS`) that went
+        out on a reused keep-alive connection just as the server closed it (its
+        idle timeout racing the request: "Server disconnected without sending a
+        response", or a reset where the close found the request unread) is sent
+        once more. The pool has dropped that connection, and before reusing an
+        idle one httpx drops it if the server has closed it, so the second try
+        goes out on a live connection, most often a new one. Anything else is
+        never sent twice.
         """
         reused = True
 
@@ -1247,7 +1252,7 @@ class HttpApi:
                 reused = False
 
         request = self._build_request(method, url, payload)
-        if method != "GET":
+        if not idempotent:
             return await self._send_owned(request)
         request.extensions["trace"] = trace  # httpx's documented trace extension
         try:
@@ -1419,7 +1424,8 @@ class HttpApi:
             trio.CancelScope(relative_deadline=self._time_limit()) as scope,
         ):
             with _map_httpx_errors(method, shown, self._client):
-                response = await self._send(method, url, shown, payload)
+                idempotent = method == "GET" or path in _PURE_POSTS
+                response = await self._send(method, url, shown, payload, idempotent=idempotent)
                 try:
                     if response.is_success:
                         body = await self._read_body(response, f"{method} {shown}")
