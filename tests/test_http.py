@@ -2500,6 +2500,19 @@ async def test_an_html_error_page_is_told_by_its_title_not_its_markup(
     assert info.value.body_excerpt.startswith("<")  # (the excerpt stays the body's)
 
 
+@pytest.mark.parametrize("done", ["[DONE] ", " [DONE]", "[DONE]\r"])
+async def test_done_with_spaces_around_it_ends_the_stream(
+    http: httpx.AsyncClient, done: str
+) -> None:
+    # "data: [DONE] " (a trailing space) was a ProtocolViolation; the official
+    # client ends the stream on any data that starts with [DONE].
+    body = sse(DELTA, done)
+    async with canned_server([CHAT_STREAM_HEAD + body]) as url:
+        async with make_api(http, url).chat_stream(HELLO) as events:
+            got = [e async for e in events]
+    assert [type(e).__name__ for e in got] == ["ChatDelta", "ChatDone"]
+
+
 def _gzip(data: bytes) -> bytes:
     import gzip
 

@@ -2620,7 +2620,7 @@ class ChatStream:
     def _handle(self, sse: SSEEvent) -> None:
         if self._done_queued:
             return  # nothing after [DONE] counts
-        if sse.data == "[DONE]":
+        if sse.data.strip(" \t") == "[DONE]":  # (spaces around it: some servers send them)
             self._finished = True
             self._queue_done()
             return
