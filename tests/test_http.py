@@ -2513,6 +2513,14 @@ async def test_done_with_spaces_around_it_ends_the_stream(
     assert [type(e).__name__ for e in got] == ["ChatDelta", "ChatDone"]
 
 
+async def test_a_json_answer_with_a_utf8_bom_is_read(http: httpx.AsyncClient) -> None:
+    # A byte order mark before the JSON (some Windows stacks write one) was a
+    # ProtocolViolation "malformed JSON"; RFC 8259 lets a parser ignore it.
+    body = b"\xef\xbb\xbf" + b'{"tokens": [1, 2]}'
+    async with canned_server([response(200, body)]) as url:
+        assert await make_api(http, url).tokenize("a") == [1, 2]
+
+
 def _gzip(data: bytes) -> bytes:
     import gzip
 

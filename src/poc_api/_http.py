@@ -677,7 +677,8 @@ async def _finish_by_cancel(chunks: AsyncIterator[bytes]) -> None:
 
 def _decode_json(body: bytes, what: str) -> Any:
     try:
-        text = body.decode("utf-8")
+        # utf-8-sig: a byte order mark first is dropped (RFC 8259 lets a parser).
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ProtocolViolation(f"{what}: body is not UTF-8 ({exc.reason})") from exc
     try:
