@@ -54,6 +54,7 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
                 "grpclib.protocol.Connection instance": channel._protocol.connection,
                 "grpclib.protocol.EventsProcessor instance": channel._protocol.processor,
                 "grpclib.server.Server instance": grpclib.server.Server([]),
+                "grpclib.server.Handler instance": grpclib.server.Handler({}, None, None, None),  # type: ignore[arg-type]
                 "grpclib.client.Channel instance": channel,
                 "grpclib.client.Stream instance": stream,
                 "h2.connection.H2Connection instance": h2.connection.H2Connection(),

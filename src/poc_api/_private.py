@@ -8,8 +8,8 @@ connection-level window apart from stream-level window, nor to receive frames
 without formatting each one for a trace log nobody reads; hpack documents neither
 its encoder's table nor how h2 holds its encoder. ``_transport.py`` and
 ``_hpack.py`` use the names below for that, and nothing else private
-(``server/_grpc.py`` uses the last two for the reference server's graceful
-shutdown).
+(``server/_grpc.py`` uses the last three for the reference server's graceful
+shutdown and its release of calls reset before they ran).
 ``tests/test_private_names.py`` checks every one of them against the installed
 versions (on real objects from a real call), so an upgrade that drops one fails
 loudly there instead of silently disabling a feature. ``pyproject.toml`` caps
@@ -116,4 +116,9 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     # The reference server (poc_api.server): graceful shutdown.
     ("grpclib.server.Server instance", "_server", "stop accepting before the grace period"),
     ("grpclib.protocol.Connection instance", "_connection", "the h2 connection's last stream id"),
+    (
+        "grpclib.server.Handler instance",
+        "_tasks",
+        "release the stream of a call reset before its handler's first step",
+    ),
 )

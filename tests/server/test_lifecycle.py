@@ -16,6 +16,8 @@ import trio
 from poc_api.server import ReferenceServer, ServerConfig, ServerState
 from poc_api.server._app import bind_port_pair
 
+from .conftest import ServerFactory, wait_until
+
 TIMEOUT = 10.0
 
 
@@ -248,3 +250,57 @@ def _local_port(transport: object) -> int | None:
     get = getattr(transport, "get_extra_info", None)
     sockname = get("sockname") if get is not None else None
     return sockname[1] if isinstance(sockname, tuple) else None
+
+
+def test_a_call_reset_before_its_handler_ran_leaves_no_stream_behind(
+    make_server: ServerFactory,
+) -> None:
+    # grpclib's request handler releases its stream in a `finally`; a call whose
+    # RST_STREAM came in the same read as its request was cancelled before that
+    # handler's first step, and its Stream stayed on the connection until the
+    # connection closed: a client that keeps one connection and cancels calls
+    # grew the server without bound, and stop(grace=) then waited out its grace.
+    import h2.config
+    import h2.connection
+    import h2.errors
+
+    srv = make_server()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock = socket.create_connection(("127.0.0.1", int(srv.grpc_url.rsplit(":", 1)[1])))
+    try:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/salience.Salience/OpenSession"),
+            (":authority", "127.0.0.1"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+        for i in range(10):
+            sid = 1 + 2 * i
+            conn.send_headers(sid, headers)
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        sock.sendall(conn.data_to_send())  # each request and its reset in one read
+        grpc = srv._grpc_server
+        assert grpc is not None
+        assert wait_until(lambda: len(srv.state().resets) == 10)
+        assert wait_until(lambda: not any(c.running_streams() for c in grpc.connections)), [
+            c.running_streams() for c in grpc.connections
+        ]
+    finally:
+        sock.close()
+
+
+def test_the_servers_records_of_resets_keep_the_latest_not_all() -> None:
+    # Stats.resets was a list that grew by every RST_STREAM a client ever sent
+    # (and state() copied it whole): a server running for days grew without bound.
+    from poc_api.server._state import KEPT_RECORDS, Stats
+
+    stats = Stats()
+    for i in range(KEPT_RECORDS + 5):
+        stats.stream_reset(2 * i + 1, 8)
+    resets = stats.snapshot(frozenset()).resets
+    assert len(resets) == KEPT_RECORDS
+    assert resets[-1] == (2 * (KEPT_RECORDS + 4) + 1, 8) and resets[0] == (11, 8)

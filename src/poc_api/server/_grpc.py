@@ -21,7 +21,7 @@ import grpclib.server
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import H2Protocol, Stream
 from h2.events import StreamReset
 from hyperframe.frame import GoAwayFrame
 
@@ -479,6 +479,36 @@ async def close_listener(server: asyncio.AbstractServer) -> None:
 
 
 @final
+class _Handler(grpclib.server.Handler):
+    """grpclib's ``Handler``, which also releases the stream of a call cancelled
+    before its task's first step.
+
+    grpclib's request handler releases its stream in a ``finally``; a call whose
+    RST_STREAM comes in the same read as its request is cancelled before that
+    ``finally`` can run, and its ``Stream`` stayed on the connection until the
+    connection closed: without bound under a client that keeps one connection
+    and cancels calls, and ``stop(grace=)`` waited out its grace for it.
+    """
+
+    def accept(
+        self,
+        stream: Stream,
+        headers: Any,
+        release_stream: Callable[[], Any],
+    ) -> None:
+        released = False
+
+        def release_once() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                release_stream()
+
+        super().accept(stream, headers, release_once)
+        self._tasks[stream].add_done_callback(lambda _: release_once())
+
+
+@final
 class ObservedServer(grpclib.server.Server):
     """grpclib ``Server`` whose connections are :class:`_ObservedProtocol`."""
 
@@ -519,7 +549,7 @@ class ObservedServer(grpclib.server.Server):
     def _protocol_factory(self) -> H2Protocol:
         # Mirrors grpclib.server.Server._protocol_factory (grpclib 0.4.x).
         self.__gc_step__()
-        handler = grpclib.server.Handler(
+        handler = _Handler(
             self._mapping, self._codec, self._status_details_codec, self.__dispatch__
         )
         self._handlers.add(handler)

@@ -8,7 +8,7 @@ import math
 import threading
 from collections import Counter, deque
 from collections.abc import Iterable
-from typing import Any, cast, final
+from typing import Any, Final, cast, final
 
 import attrs
 
@@ -95,8 +95,9 @@ class ServerConfig:
 class ServerState:
     """A consistent snapshot of what the server has seen (for tests and debugging).
 
-    ``resets`` lists ``(stream_id, h2_error_code)`` for every RST_STREAM a client
-    sent (8 is CANCEL); ``cancelled_streams`` counts Generate calls stopped by one.
+    ``resets`` lists ``(stream_id, h2_error_code)`` for the RST_STREAMs clients sent
+    (8 is CANCEL), the latest :data:`KEPT_RECORDS` of them; ``cancelled_streams``
+    counts Generate calls stopped by one.
     ``tokens_appended`` counts tokens sessions took in (a refused call adds none);
     ``generate_calls`` counts every Generate, refused or not.
     """
@@ -116,7 +117,7 @@ class ServerState:
     #: a stream flows, stands still while the client's flow-control window is shut).
     bytes_streamed: int = 0
     #: ``(method, key)`` for the latest calls that carried an ``x-session-affinity``
-    #: header (at most 100,000): what a proxy hashing on it would have seen.
+    #: header (the latest KEPT_RECORDS): what a proxy hashing on it would have seen.
     affinity: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -138,6 +139,10 @@ class ServerState:
         }
 
 
+#: Records of ``resets`` and ``affinity`` a server keeps (the latest).
+KEPT_RECORDS: Final = 100_000
+
+
 @final
 class Stats:
     """Mutable counters, written on the server thread and read from any thread."""
@@ -147,7 +152,8 @@ class Stats:
         self.connections_total = 0
         self.connections_open = 0
         self.cancelled_streams = 0
-        self.resets: list[tuple[int, int]] = []
+        # Bounded: a server that runs for days under cancelling clients must not grow.
+        self.resets: deque[tuple[int, int]] = deque(maxlen=KEPT_RECORDS)
         self.tokens_appended = 0
         self.generate_calls = 0
         self.rpc_counts: Counter[str] = Counter()
@@ -155,7 +161,7 @@ class Stats:
         self.train_samples = 0
         self.tokens_decoded = 0
         self.bytes_streamed = 0
-        self.affinity: deque[tuple[str, str]] = deque(maxlen=100_000)
+        self.affinity: deque[tuple[str, str]] = deque(maxlen=KEPT_RECORDS)
 
     def connection_opened(self) -> None:
         with self._lock:
