@@ -417,10 +417,20 @@ class GenerateStream:
                 else:
                     raise e.ProtocolViolation("Generate: the server sent events after Done")
         if scope.cancelled_caught:
+            if limit <= now:
+                # The block went on past the call's timeout before it left: no
+                # wait was given, and the server is not to blame for the reset.
+                log.debug(
+                    "session %s: the call's timeout had passed when the block left after "
+                    "Done; resetting the stream",
+                    self._session.session_id,
+                )
+                return
             log.warning(
-                "session %s: no end of stream within %.3g s of Done; resetting the stream",
+                "session %s: no end of stream within %.3g s of Done%s; resetting the stream",
                 self._session.session_id,
                 limit - now,
+                " (the call's timeout)" if limit < now + self._session._close_timeout else "",
             )
 
 
