@@ -13,8 +13,10 @@ from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
 from poc_api import (
+    Chunk,
     Image,
     ImageAppended,
+    PocApiTimeout,
     SamplingParams,
     SessionDivergence,
     StreamDone,
@@ -713,3 +715,32 @@ async def test_a_turn_refused_before_sending_keeps_the_session() -> None:
             async for _ in ev:
                 pass
         assert server.state().tokens_appended - before.tokens_appended == 10
+
+
+@pytest.mark.parametrize("silent", ["OpenSession", "rewind", "AppendImage"])
+async def test_first_token_timeout_bounds_the_turns_calls_before_its_generate(
+    silent: str,
+) -> None:
+    # first_token_timeout bounded only the Generate call: a conversation turn whose
+    # session open (or rewind, or image append) got no answer waited for ever,
+    # although no token could come before it. It now bounds the turn up to its
+    # first token, as the name says.
+    async with misbehaving_server() as srv:
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url) as client:
+            async with client.conversation() as conv:
+                first: list[Chunk] = [Tokens([1, 2, 3])]
+                if silent == "rewind":  # a first turn, then a prompt that diverges
+                    async with conv.stream(first, SamplingParams(max_tokens=1)) as ev:
+                        _ = [e async for e in ev]
+                    first = [Tokens([1, 9])]
+                if silent == "AppendImage":
+                    first = [Tokens([1]), Image(make_png(8, 8), "image/png")]
+                # (A rewind is a Generate with truncating set, before the turn's own.)
+                srv.plan("Generate" if silent == "rewind" else silent, Reply("silent"))
+                started = trio.current_time()
+                with trio.fail_after(5), pytest.raises(PocApiTimeout):
+                    async with conv.stream(
+                        first, SamplingParams(max_tokens=1), first_token_timeout=0.3
+                    ) as ev:
+                        _ = [e async for e in ev]
+                assert trio.current_time() - started < 2

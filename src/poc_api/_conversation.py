@@ -285,8 +285,10 @@ class Conversation:
         bounds everything up to ``StreamDone``, the wait for another task's turn
         on this conversation included (running out there raises a retriable
         ``PocApiTimeout``: nothing was sent, and the conversation and its session
-        are left as they are); ``first_token_timeout`` and ``token_timeout`` are
-        as in :meth:`Session.generate`.
+        are left as they are); ``first_token_timeout`` bounds the wait for the
+        first decoded token (or ``Done``) from the turn's start past that wait:
+        opening the session and sending the delta (a rewind, prefills, image
+        appends) included; ``token_timeout`` is as in :meth:`Session.generate`.
 
         Example::
 
@@ -317,14 +319,18 @@ class Conversation:
         timeouts: tuple[float | None, float | None, float],
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk], Session]:
         """Start a turn: a held or new session, replaced once if it is gone."""
-        deadline_at = timeouts[2]
+        first, _, deadline_at = timeouts
+        # first_token_timeout runs from here (past the wait for the turn): no token
+        # comes before the session is open and the delta sent, so it bounds those too.
+        first_at = math.inf if first is None else trio.current_time() + first
+        timeouts = (first_at, timeouts[1], deadline_at)
         self._untouched = False
         for attempt in range(2):
             fresh = self._session is None
             if self._session is not None:
                 session = self._session
             else:
-                session = await self._open(_remaining(deadline_at))
+                session = await self._open(_remaining(min(first_at, deadline_at)))
             try:
                 out, events, sent = await self._start(
                     gen_stack, session, chunks, sampling, priority, shape, timeouts
@@ -363,10 +369,14 @@ class Conversation:
         sampling: SamplingParams,
         priority: int,
         shape: tuple[int, int] | None,
-        timeouts: tuple[float | None, float | None, float],
+        timeouts: tuple[float, float | None, float],
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk]]:
-        """Send the delta, open the final Generate (into ``gen_stack``) and prime it."""
-        first_token_timeout, token_timeout, deadline_at = timeouts
+        """Send the delta, open the final Generate (into ``gen_stack``) and prime it.
+
+        ``timeouts``: when the first token is due (a trio time), the token
+        timeout, when the turn is due."""
+        first_at, token_timeout, deadline_at = timeouts
+        before_token = min(first_at, deadline_at)  # (the calls that send the delta)
         # (A divergence, rewind=False, fails the turn as any error: README.)
         plan = plan_delta(chunks, session.committed_len, self._history, rewind=self._rewind)
         # Text only: an image's stated length may be wrong (the server decides
@@ -384,7 +394,7 @@ class Conversation:
                 plan.offset,
                 session.committed_len,
             )
-            await session.rewind(plan.offset, timeout=_remaining(deadline_at), priority=priority)
+            await session.rewind(plan.offset, timeout=_remaining(before_token), priority=priority)
         prefix: list[StreamEvent] = []
         pending: list[int] = []
         # What the session will hold after Done: what it kept (the history's own
@@ -402,10 +412,10 @@ class Conversation:
                 check_window(session, session.committed_len + len(pending))
                 # The turn's priority: on a busy server the text before an image
                 # waited behind every other request's decode.
-                await session.prefill(pending, timeout=_remaining(deadline_at), priority=priority)
+                await session.prefill(pending, timeout=_remaining(before_token), priority=priority)
                 pending = []
             appended = await session.append_image(
-                chunk.data, chunk.mime, timeout=_remaining(deadline_at)
+                chunk.data, chunk.mime, timeout=_remaining(before_token)
             )
             n = appended.placeholder_count
             if chunk.known_expanded_len not in (0, n):
@@ -430,7 +440,7 @@ class Conversation:
                 readout_ranges=readout_ranges,
                 priority=priority,
                 timeout=_remaining(deadline_at),
-                first_token_timeout=first_token_timeout,
+                first_token_timeout=_remaining(first_at),
                 token_timeout=token_timeout,
             )
         )
