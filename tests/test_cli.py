@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
 import pytest
@@ -355,7 +356,7 @@ async def test_chat_without_a_model_to_name_says_model_as_the_cli_spells_it(
         assert result.stderr.rstrip().endswith("pass --model to name one")
 
 
-@pytest.mark.parametrize("silent", ["http", "grpc"])
+@pytest.mark.parametrize("silent", ["http", "OpenSession", "Generate"])
 async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
     # There was no --timeout: a server gone silent held generate for the client's
     # 600 s (an HTTP call) or for ever (a Generate stream that sends no token).
@@ -371,7 +372,8 @@ async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
         )
 
     async with http_server(http) as url, misbehaving_server() as srv:
-        srv.plan("Generate", Reply("silent"))
+        if silent != "http":
+            srv.plan(silent, Reply("silent"))
         started = trio.current_time()
         result = await run_cli(
             "generate", "hi", "--url", url, "--grpc-url", srv.url, "--timeout", "0.5"
@@ -379,10 +381,10 @@ async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
         took = trio.current_time() - started
     assert result.returncode == 1, result.stderr
     assert "did not answer in time" in result.stderr
-    assert re.search(r"\b0\.5\d* s\b", result.stderr), result.stderr
+    assert re.search(r"\b0\.[3-5]\d* s\b", result.stderr), result.stderr
     assert took < 10  # (a fresh interpreter's start included)
     methods = [c.method for c in srv.calls]
-    assert ("Generate" in methods) == (silent == "grpc"), methods
+    assert ("OpenSession" in methods) == (silent != "http"), methods
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "x"])
@@ -405,6 +407,55 @@ async def test_text_dash_reads_standard_input(command: str) -> None:
     piped = await run_cli(command, "-", *extra, stdin=text.encode() + b"\n")
     assert (given.returncode, piped.returncode) == (0, 0), piped.stderr
     assert piped.stdout == given.stdout and given.stdout.strip()  # (one final newline dropped)
+
+
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs /proc/<pid>/syscall")
+async def test_ctrl_c_while_text_dash_waits_for_stdin_ends_as_any_ctrl_c() -> None:
+    # The read ran in click's argument handling, before the command's own: Ctrl-C
+    # there printed click's "Aborted!" and exited 1, not "error: interrupted", 130.
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.lowlevel.open_process(
+            [*CLI, "generate", "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+        )
+        try:
+            syscall = trio.Path(f"/proc/{proc.pid}/syscall")
+            # Polled: another process, blocked in read(0, ...), has no event to give.
+            while not (await syscall.read_text()).startswith("0 0x0 "):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert await proc.wait() == 130
+            assert proc.stderr is not None
+            err = b""
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+        finally:
+            proc.kill()
+            await proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    await stream.aclose()
+    assert err.decode() == "error: interrupted\n"
+
+
+async def test_text_dash_with_an_unreadable_stdin_is_one_error_line(tmp_path: Path) -> None:
+    # A read error (stdin open for writing only) ended in a traceback.
+    with (tmp_path / "w").open("wb") as write_only, trio.fail_after(TIMEOUT):
+        proc = await trio.run_process(
+            [*CLI, "generate", "-"],
+            stdin=write_only,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=cli_env(),
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.startswith("error: cannot read TEXT from standard input: "), err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -188,23 +188,43 @@ def _check_text(value: str, hint: str, *, empty_ok: bool = False) -> None:
         ) from None
 
 
-def _text_argument(value: str, hint: str) -> str:
-    """``value``, or for ``-`` standard input read whole: as a usage error (exit 2)
-    what :func:`_check_text` refuses, or input that is not UTF-8. One final newline
-    is dropped (``echo`` and here-documents add it)."""
-    if value == "-":
+@final
+class _Text:
+    """A TEXT argument: checked at once as given, or for ``-`` standard input,
+    read whole by :meth:`read` as the command runs (under :func:`_run`, so that a
+    Ctrl-C while it waits ends as any command's, and a failed read is one error
+    line). As a usage error (exit 2): what :func:`_check_text` refuses, or input
+    that is not UTF-8. One final newline of the input is dropped (``echo`` and
+    here-documents add it)."""
+
+    def __init__(self, value: str, hint: str) -> None:
+        self.value = value
+        self._hint = hint
+        if value != "-":
+            _check_text(value, hint)
+
+    def read(self) -> None:
+        if self.value != "-":
+            return
         if sys.stdin is None:  # (fd 0 closed)
-            raise click.BadParameter("- reads standard input, which is closed", param_hint=hint)
-        data = sys.stdin.buffer.read()
+            raise click.BadParameter(
+                "- reads standard input, which is closed", param_hint=self._hint
+            )
         try:
-            value = data.decode("utf-8")
+            data = sys.stdin.buffer.read()
+        except OSError as exc:  # (a descriptor open for writing only, say)
+            raise CliError(
+                f"cannot read {self._hint} from standard input: {exc.strerror or exc}"
+            ) from None
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise click.BadParameter(
-                f"standard input is not UTF-8 text (byte {exc.start})", param_hint=hint
+                f"standard input is not UTF-8 text (byte {exc.start})", param_hint=self._hint
             ) from None
-        value = value[:-2] if value.endswith("\r\n") else value.removesuffix("\n")
-    _check_text(value, hint)
-    return value
+        text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+        _check_text(text, self._hint)
+        self.value = text
 
 
 def _check_url(value: str, what: str) -> str:
@@ -875,9 +895,15 @@ async def _until_signal(body: Callable[[_Where], Awaitable[None]], where: _Where
         raise _EndedBySignal(got[0])
 
 
-def _run_async(body: Callable[[_Where], Awaitable[None]]) -> None:
-    """:func:`_run` for an async body, under ``trio.run``."""
-    _run(lambda where: trio.run(_until_signal, body, where))
+def _run_async(body: Callable[[_Where], Awaitable[None]], *, text: _Text | None = None) -> None:
+    """:func:`_run` for an async body, under ``trio.run``; ``text`` is read first."""
+
+    def run(where: _Where) -> None:
+        if text is not None:
+            text.read()
+        trio.run(_until_signal, body, where)
+
+    _run(run)
 
 
 # -- the command group -----------------------------------------------------------------
@@ -1202,7 +1228,7 @@ def generate(
     readout: bool,
 ) -> None:
     """Stream the completion of TEXT (- reads it from stdin) to stdout as it arrives."""
-    text = _text_argument(text, "TEXT")
+    prompt = _Text(text, "TEXT")
     target = _target(url, api_key, grpc_url)
     if seed is not None and target.base_url is not None:
         raise click.UsageError(
@@ -1212,7 +1238,10 @@ def generate(
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k
     )
-    _run_async(lambda where: _generate(target, where, text, sampling, seed or 0, readout))
+    _run_async(
+        lambda where: _generate(target, where, prompt.value, sampling, seed or 0, readout),
+        text=prompt,
+    )
 
 
 def _write_stdout(text: str) -> None:
@@ -1327,11 +1356,11 @@ def score(
     then, after a blank line, how many positions were sent: TEXT is prefilled
     once and each continuation appended after a rewind to its end.
     """
-    text = _text_argument(text, "TEXT")
+    prompt = _Text(text, "TEXT")
     for c in continuations:
         _check_text(c, "--continuation")
     target = _target(url, api_key, grpc_url)
-    _run_async(lambda where: _score(target, where, text, continuations))
+    _run_async(lambda where: _score(target, where, prompt.value, continuations), text=prompt)
 
 
 async def _score(target: _Target, where: _Where, text: str, continuations: tuple[str, ...]) -> None:
@@ -1422,14 +1451,18 @@ def chat(
 
     TEXT is the user's message; - reads it from stdin.
     """
-    text = _text_argument(text, "TEXT")
+    prompt = _Text(text, "TEXT")
     if system is not None:
         _check_text(system, "--system", empty_ok=True)
     target = _target(url, api_key, grpc_url)
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": text})
     extra: dict[str, Any] = {} if seed is None else {"seed": seed}
-    _run_async(lambda where: _chat(target, where, messages, max_tokens, temperature, top_p, extra))
+
+    def chat_body(where: _Where) -> Awaitable[None]:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": prompt.value})
+        return _chat(target, where, messages, max_tokens, temperature, top_p, extra)
+
+    _run_async(chat_body, text=prompt)
 
 
 async def _chat(
