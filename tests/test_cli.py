@@ -356,7 +356,7 @@ async def test_chat_without_a_model_to_name_says_model_as_the_cli_spells_it(
         assert result.stderr.rstrip().endswith("pass --model to name one")
 
 
-@pytest.mark.parametrize("silent", ["http", "OpenSession", "Generate"])
+@pytest.mark.parametrize("silent", ["http", "OpenSession", "Generate", "CloseSession"])
 async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
     # There was no --timeout: a server gone silent held generate for the client's
     # 600 s (an HTTP call) or for ever (a Generate stream that sends no token).
@@ -379,6 +379,10 @@ async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
             "generate", "hi", "--url", url, "--grpc-url", srv.url, "--timeout", "0.5"
         )
         took = trio.current_time() - started
+    if silent == "CloseSession":  # the command is done: the close waits --timeout, not 5 s
+        assert result.returncode == 0, result.stderr
+        assert "CloseSession" in result.stderr and took < 4.5
+        return
     assert result.returncode == 1, result.stderr
     assert "did not answer in time" in result.stderr
     assert re.search(r"\b0\.[3-5]\d* s\b", result.stderr), result.stderr

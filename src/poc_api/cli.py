@@ -163,6 +163,7 @@ class _StreamTimeouts(TypedDict):
 class _ClientTimeouts(TypedDict, total=False):
     timeout: float
     connect_timeout: float
+    close_timeout: float
 
 
 class _FloatRange(click.FloatRange):
@@ -346,8 +347,9 @@ def _url_option(func: Callable[..., T]) -> Callable[..., T]:
             expose_value=False,
             callback=_keep_timeout,
             help="Bound on each wait for the server: connecting, each HTTP request, "
-            "each gRPC call, the first token and each next one, a whole score. "
-            "Default: 600 s for an HTTP request, 30 s to connect, none for gRPC.",
+            "each gRPC call, the first token and each next one, a whole score, "
+            "closing a session. Default: 600 s for an HTTP request, 30 s to connect, "
+            "5 s to close, none for other gRPC calls.",
         ),
     ]
     for opt in reversed(opts):
@@ -375,7 +377,8 @@ def _client_timeouts(target: _Target) -> _ClientTimeouts:
     """``ApiClient``'s keyword arguments for ``--timeout`` (none without it)."""
     if target.timeout is None:
         return {}
-    return {"timeout": target.timeout, "connect_timeout": min(30.0, target.timeout)}
+    t = target.timeout
+    return {"timeout": t, "connect_timeout": min(30.0, t), "close_timeout": min(5.0, t)}
 
 
 @protected_asynccontextmanager
