@@ -64,6 +64,15 @@ async def run_cli(
     )
 
 
+def json_answer(status: int, body: bytes) -> bytes:
+    """A whole HTTP/1.1 answer of ``status`` with a JSON ``body``; the connection closes."""
+    return (
+        f"HTTP/1.1 {status} Canned\r\ncontent-type: application/json\r\n".encode()
+        + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+        + body
+    )
+
+
 async def greedy_text(client: poc_api.ApiClient, prompt: str, n: int, **sampling: float) -> str:
     ids = await client.tokenize(prompt)
     async with client.session() as s:
@@ -338,11 +347,7 @@ async def test_chat_without_a_model_to_name_says_model_as_the_cli_spells_it(
     async def handler(stream: trio.SocketStream) -> None:
         await read_request(stream)
         status, body = (503, b'{"error": "busy"}') if models is None else (200, models)
-        await stream.send_all(
-            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n".encode()
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
+        await stream.send_all(json_answer(status, body))
 
     async with http_server(handler) as url:
         result = await run_cli("chat", "x", "--url", url)
@@ -356,20 +361,21 @@ async def test_chat_without_a_model_to_name_says_model_as_the_cli_spells_it(
         assert result.stderr.rstrip().endswith("pass --model to name one")
 
 
+async def no_tokenizer(stream: trio.SocketStream) -> None:
+    """An HTTP side that answers 404 (no tokenizer: the byte-level rule is used)."""
+    await read_request(stream)
+    await stream.send_all(json_answer(404, b'{"detail": "Not Found"}'))
+
+
 @pytest.mark.parametrize("silent", ["http", "OpenSession", "Generate", "CloseSession"])
 async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
     # There was no --timeout: a server gone silent held generate for the client's
     # 600 s (an HTTP call) or for ever (a Generate stream that sends no token).
     async def http(stream: trio.SocketStream) -> None:
-        await read_request(stream)
         if silent == "http":
+            await read_request(stream)
             await trio.sleep_forever()
-        body = b'{"detail": "Not Found"}'  # (no tokenizer: the byte-level rule)
-        await stream.send_all(
-            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
+        await no_tokenizer(stream)
 
     async with http_server(http) as url, misbehaving_server() as srv:
         if silent != "http":
@@ -476,16 +482,7 @@ async def test_text_dash_refuses_what_the_argument_would(stdin: bytes, says: str
 async def test_a_failed_close_is_told_after_the_commands_own_error(fails: bool) -> None:
     # The CloseSession warning, three lines long on a terminal, came first and
     # the command's own error last: what went wrong was the last thing to find.
-    async def http(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        body = b'{"detail": "Not Found"}'  # (no tokenizer: the byte-level rule)
-        await stream.send_all(
-            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
-
-    async with http_server(http) as url, misbehaving_server() as srv:
+    async with http_server(no_tokenizer) as url, misbehaving_server() as srv:
         if fails:
             srv.plan("Generate", Reply("trailers_only", status=14))
         srv.plan("CloseSession", Reply("trailers_only", status=13))
@@ -532,12 +529,7 @@ async def test_a_refusal_says_whether_the_key_was_wrong_or_not_allowed(
     # 403 (and PERMISSION_DENIED) was told as a wrong key: the key was fine.
     async def handler(stream: trio.SocketStream) -> None:
         await read_request(stream)
-        body = b'{"error": "no"}'
-        await stream.send_all(
-            f"HTTP/1.1 {status} No\r\ncontent-type: application/json\r\n".encode()
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
+        await stream.send_all(json_answer(status, b'{"error": "no"}'))
 
     async with http_server(handler) as url:
         result = await run_cli("chat", "x", "--url", url, "--api-key", "k")
@@ -679,12 +671,7 @@ async def test_generate_shows_special_tokens_when_the_server_will_not_list_them(
 
     async def handler(stream: trio.SocketStream) -> None:
         await read_request(stream)
-        body = b'{"error": "no"}'
-        await stream.send_all(
-            b"HTTP/1.1 403 No\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
+        await stream.send_all(json_answer(403, b'{"error": "no"}'))
 
     async with http_server(handler) as url:
         async with poc_api.ApiClient(url, grpc_url="http://127.0.0.1:1") as client:

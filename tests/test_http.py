@@ -2395,21 +2395,21 @@ async def test_a_second_task_reading_a_chat_stream_gets_busy_resource_error(
     assert "".join(e.text for e in got if isinstance(e, ChatDelta)) == whole.text
 
 
+async def slow_body(stream: trio.SocketStream) -> None:
+    """A 503 whose status line comes at once and its body a byte every 0.1 s."""
+    body = b'{"error": {"message": "overloaded", "type": "server_error"}}' + b" " * 200
+    answer = response(503, body)
+    await read_request(stream)
+    await stream.send_all(answer[: answer.index(b"\r\n\r\n") + 4])
+    for i in range(len(body)):  # over 25 s
+        await stream.send_all(body[i : i + 1])
+        await trio.sleep(0.1)
+
+
 @pytest.mark.parametrize("call", ["tokenize", "chat_stream"])
 async def test_the_clients_timeout_in_an_error_body_keeps_the_status(call: str) -> None:
     # The status line is in, its body trickles: the timeout cut the answer as a
     # whole and the 503 was lost (a bare PocApiTimeout). Now it cuts the body.
-    body = b'{"error": {"message": "overloaded", "type": "server_error"}}' + b" " * 200
-    answer = response(503, body)
-    head = answer[: answer.index(b"\r\n\r\n") + 4]
-
-    async def slow_body(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        await stream.send_all(head)
-        for i in range(len(body)):  # over 25 s
-            await stream.send_all(body[i : i + 1])
-            await trio.sleep(0.1)
-
     with trio.fail_after(5):
         async with canned_server(slow_body) as url:
             async with poc_api.ApiClient(
@@ -2433,17 +2433,6 @@ async def test_a_calls_own_timeout_in_an_error_body_keeps_the_status(call: str) 
     # As above, with the call's own timeout= (the client's is 600 s): it cancelled
     # the error body's read from outside, and the 503 that had arrived was lost
     # (a bare PocApiTimeout). It now cuts the body, as the client's timeout does.
-    body = b'{"error": {"message": "overloaded", "type": "server_error"}}' + b" " * 200
-    answer = response(503, body)
-    head = answer[: answer.index(b"\r\n\r\n") + 4]
-
-    async def slow_body(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        await stream.send_all(head)
-        for i in range(len(body)):  # over 25 s
-            await stream.send_all(body[i : i + 1])
-            await trio.sleep(0.1)
-
     with trio.fail_after(5):
         async with canned_server(slow_body) as url:
             # chat_stream-models: the 503 answers the GET /models that finds the model.
