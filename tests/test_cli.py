@@ -430,6 +430,9 @@ async def test_ctrl_c_while_text_dash_waits_for_stdin_ends_as_any_ctrl_c() -> No
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=cli_env(),
+            # A shell without job control (CI) starts background jobs with SIGINT
+            # ignored, and a child inherits that: Python then keeps it ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             syscall = trio.Path(f"/proc/{proc.pid}/syscall")
