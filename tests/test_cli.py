@@ -391,7 +391,7 @@ async def test_timeout_bounds_each_wait_of_a_command(silent: str) -> None:
         return
     assert result.returncode == 1, result.stderr
     assert "did not answer in time" in result.stderr
-    assert re.search(r"\b0\.[3-5]\d* s\b", result.stderr), result.stderr
+    assert re.search(r"\b0\.5\d* s\b", result.stderr), result.stderr
     assert took < 10  # (a fresh interpreter's start included)
     methods = [c.method for c in srv.calls]
     assert ("OpenSession" in methods) == (silent != "http"), methods

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -744,3 +745,19 @@ async def test_first_token_timeout_bounds_the_turns_calls_before_its_generate(
                     ) as ev:
                         _ = [e async for e in ev]
                 assert trio.current_time() - started < 2
+
+
+async def test_a_turns_first_token_timeout_says_the_whole_wait() -> None:
+    # The turn's session open took 0.3 s of its 0.6 s, and the timeout said
+    # "first-token timeout after 0.3 s": the Generate's part, not what was set.
+    async with misbehaving_server() as srv:
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url) as client:
+            async with client.conversation() as conv:
+                srv.plan("OpenSession", Reply(first_delay=0.3))
+                srv.plan("Generate", Reply("silent"))
+                with trio.fail_after(5), pytest.raises(PocApiTimeout) as info:
+                    async with conv.stream(
+                        [Tokens([1])], SamplingParams(max_tokens=1), first_token_timeout=0.6
+                    ) as ev:
+                        _ = [e async for e in ev]
+    assert re.search(r"first-token timeout after 0\.6\d* s", str(info.value)), info.value

@@ -322,8 +322,9 @@ class Conversation:
         first, _, deadline_at = timeouts
         # first_token_timeout runs from here (past the wait for the turn): no token
         # comes before the session is open and the delta sent, so it bounds those too.
-        first_at = math.inf if first is None else trio.current_time() + first
-        timeouts = (first_at, timeouts[1], deadline_at)
+        started = trio.current_time()
+        first_at = math.inf if first is None else started + first
+        clocks = (started, first_at, timeouts[1], deadline_at)
         self._untouched = False
         for attempt in range(2):
             fresh = self._session is None
@@ -333,7 +334,7 @@ class Conversation:
                 session = await self._open(_remaining(min(first_at, deadline_at)))
             try:
                 out, events, sent = await self._start(
-                    gen_stack, session, chunks, sampling, priority, shape, timeouts
+                    gen_stack, session, chunks, sampling, priority, shape, clocks
                 )
                 return out, events, sent, session
             except SessionNotFound:
@@ -369,13 +370,13 @@ class Conversation:
         sampling: SamplingParams,
         priority: int,
         shape: tuple[int, int] | None,
-        timeouts: tuple[float, float | None, float],
+        clocks: tuple[float, float, float | None, float],
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk]]:
         """Send the delta, open the final Generate (into ``gen_stack``) and prime it.
 
-        ``timeouts``: when the first token is due (a trio time), the token
-        timeout, when the turn is due."""
-        first_at, token_timeout, deadline_at = timeouts
+        ``clocks``: when the turn started and when its first token is due (trio
+        times), the token timeout, when the turn is due."""
+        started, first_at, token_timeout, deadline_at = clocks
         before_token = min(first_at, deadline_at)  # (the calls that send the delta)
         # (A divergence, rewind=False, fails the turn as any error: README.)
         plan = plan_delta(chunks, session.committed_len, self._history, rewind=self._rewind)
@@ -444,6 +445,11 @@ class Conversation:
                 token_timeout=token_timeout,
             )
         )
+        clock = events._timeouts
+        if clock is not None and not math.isinf(first_at):
+            # The same deadline, counted from the turn's start: a timeout then
+            # says how long the turn waited, not the Generate's part of it.
+            clock.first_token_from, clock.first_token = started, first_at - started
         out = ConversationStream(prefix, events, shape)
         await out._prime()
         return out, events, sent

@@ -2276,7 +2276,8 @@ class deadline:  # used like the function it replaced
         scope.__exit__(exc_type, exc, tb)  # raises whatever is not its own Cancelled
         if scope.cancelled_caught:
             what = self._what if isinstance(self._what, str) else self._what()
-            msg = f"{what}: no answer within {self._timeout:g} s"
+            # (.4g: a timeout derived from a deadline, 0.499989 s, shows as 0.5 s.)
+            msg = f"{what}: no answer within {self._timeout:.4g} s"
             if self._unsent is not None and self._unsent():
                 raise e.PocApiTimeout(f"{msg}; nothing was sent", retriable=True) from None
             raise e.PocApiTimeout(msg) from None
