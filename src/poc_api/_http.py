@@ -144,13 +144,15 @@ _CLOSE_TIMEOUT: Final = 5.0
 _CHAT_READ_AHEAD: Final = 64 * 1024
 _RESERVED_CHAT_KEYS: Final = frozenset({"messages", "stream", "stream_options"})
 _U32_MAX: Final = 2**32 - 1
+_I32_MAX: Final = 2**31 - 1
 #: POSTs that are pure functions of their body: sent twice, they do no harm.
 _PURE_POSTS: Final = frozenset({"/tokenize", "/detokenize"})
-_I32_MAX: Final = 2**31 - 1
 
-# How chat messages name the model= argument: the CLI spells them as its --model.
+# How messages name the model= and base_url arguments: the CLI spells them as its
+# --model and --url.
 NO_MODEL_SET: Final = "model= is not set"
 PASS_MODEL: Final = "pass model="
+IS_BASE_URL: Final = "is base_url "
 
 
 #: Characters of an HTML error page looked at for its title or text.
@@ -454,7 +456,7 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
         # handshake with this alert: it takes ALPN h2 alone.
         return ServerUnavailable(
             f"{method} {url}: the TLS server refused ALPN 'http/1.1' (a "
-            "no_application_protocol alert), as a gRPC-only port does: is base_url a gRPC port?",
+            f"no_application_protocol alert), as a gRPC-only port does: {IS_BASE_URL}a gRPC port?",
             retriable=True,
         )
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
@@ -1397,7 +1399,7 @@ class HttpApi:
             detail = said or excerpt
             message = (
                 f"HTTP {status} from {method} {redact_url(url)}: a redirect to {target!r}, "
-                f"not followed (is base_url right?){': ' + detail if detail else ''}"
+                f"not followed ({IS_BASE_URL}right?){': ' + detail if detail else ''}"
             )
         if cut is not None:
             message = f"{message.rstrip()} [body cut short: {type(cut).__name__}]"

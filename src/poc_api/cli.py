@@ -56,7 +56,7 @@ from ._chunks import Chunk, Tokens
 from ._client import ApiClient, check_api_key, check_base_url, resolve_grpc_url
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager
-from ._http import NO_MODEL_SET, PASS_MODEL, ChatDelta, shown_url
+from ._http import IS_BASE_URL, NO_MODEL_SET, PASS_MODEL, ChatDelta, shown_url
 from ._log import control_escapes
 from ._png import encode_png
 from ._pool import parse_grpc_targets
@@ -691,7 +691,7 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
     if said is not None:
         said = said.replace(NO_MODEL_SET, f"--model (or {_ENV_MODEL}) is not set")
         said = said.replace(PASS_MODEL, "pass --model")
-        said = said.replace("(is base_url ", "(is --url ").replace(": is base_url ", ": is --url ")
+        said = said.replace(IS_BASE_URL, "is --url ")
     return said
 
 
