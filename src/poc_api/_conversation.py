@@ -319,12 +319,12 @@ class Conversation:
         timeouts: tuple[float | None, float | None, float],
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk], Session]:
         """Start a turn: a held or new session, replaced once if it is gone."""
-        first, _, deadline_at = timeouts
+        first, between, deadline_at = timeouts
         # first_token_timeout runs from here (past the wait for the turn): no token
         # comes before the session is open and the delta sent, so it bounds those too.
         started = trio.current_time()
         first_at = math.inf if first is None else started + first
-        clocks = (started, first_at, timeouts[1], deadline_at)
+        clocks = (started, first_at, between, deadline_at)
         self._untouched = False
         for attempt in range(2):
             fresh = self._session is None
