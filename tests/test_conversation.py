@@ -739,7 +739,8 @@ async def test_first_token_timeout_bounds_the_turns_calls_before_its_generate(
                 # (A rewind is a Generate with truncating set, before the turn's own.)
                 srv.plan("Generate" if silent == "rewind" else silent, Reply("silent"))
                 started = trio.current_time()
-                with trio.fail_after(5), pytest.raises(PocApiTimeout):
+                # (It says which bound ran out: the OpenSession's own words did not.)
+                with trio.fail_after(5), pytest.raises(PocApiTimeout, match="first-token"):
                     async with conv.stream(
                         first, SamplingParams(max_tokens=1), first_token_timeout=0.3
                     ) as ev:

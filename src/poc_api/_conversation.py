@@ -326,40 +326,50 @@ class Conversation:
         first_at = math.inf if first is None else started + first
         clocks = (started, first_at, between, deadline_at)
         self._untouched = False
-        for attempt in range(2):
-            fresh = self._session is None
-            if self._session is not None:
-                session = self._session
-            else:
-                session = await self._open(_remaining(min(first_at, deadline_at)))
-            try:
-                out, events, sent = await self._start(
-                    gen_stack, session, chunks, sampling, priority, shape, clocks
-                )
-                return out, events, sent, session
-            except SessionNotFound:
-                await gen_stack.aclose()
-                if fresh or attempt:
-                    raise
-                log.info(
-                    "session %s is gone on the server (restarted or evicted): "
-                    "opening a new one and sending the whole prompt again",
-                    session.session_id,
-                )
-                with trio.CancelScope(shield=True):
-                    await self._drop()
-            except ServerUnavailable:
-                # A pool places the new session on another endpoint (issue 12).
-                await gen_stack.aclose()
-                if attempt or self._transport.failover_attempts < 2:
-                    raise
-                log.info(
-                    "session %s: its server is unreachable: opening a new session "
-                    "on another endpoint and sending the whole prompt again",
-                    session.session_id,
-                )
-                with trio.CancelScope(shield=True):
-                    await self._drop()
+        try:
+            for attempt in range(2):
+                fresh = self._session is None
+                if self._session is not None:
+                    session = self._session
+                else:
+                    session = await self._open(_remaining(min(first_at, deadline_at)))
+                try:
+                    out, events, sent = await self._start(
+                        gen_stack, session, chunks, sampling, priority, shape, clocks
+                    )
+                    return out, events, sent, session
+                except SessionNotFound:
+                    await gen_stack.aclose()
+                    if fresh or attempt:
+                        raise
+                    log.info(
+                        "session %s is gone on the server (restarted or evicted): "
+                        "opening a new one and sending the whole prompt again",
+                        session.session_id,
+                    )
+                    with trio.CancelScope(shield=True):
+                        await self._drop()
+                except ServerUnavailable:
+                    # A pool places the new session on another endpoint (issue 12).
+                    await gen_stack.aclose()
+                    if attempt or self._transport.failover_attempts < 2:
+                        raise
+                    log.info(
+                        "session %s: its server is unreachable: opening a new session "
+                        "on another endpoint and sending the whole prompt again",
+                        session.session_id,
+                    )
+                    with trio.CancelScope(shield=True):
+                        await self._drop()
+        except PocApiTimeout as exc:
+            # The first-token bound ran out before the Generate (opening the
+            # session, sending the delta): say so, as the Generate's own does.
+            if first is None or first_at > deadline_at or "first-token" in str(exc):
+                raise
+            raise PocApiTimeout(
+                f"first-token timeout after {first:.4g} s, before the Generate: {exc}",
+                retriable=exc.retriable,
+            ) from exc
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _start(
