@@ -244,6 +244,17 @@ async def test_a_manifest_with_no_concepts_or_no_layers_means_no_readout_and_is_
     assert f"lists no {empty}" in caplog.text
 
 
+async def test_a_manifest_answered_200_null_is_refused_not_taken_as_disabled(
+    http: httpx.AsyncClient,
+) -> None:
+    # JSON null was told from an allowed 404 by `is None`: a 200 "null" turned
+    # readout off (cached, for the client's life) and logged it as a 404.
+    with trio.fail_after(10):
+        async with canned_server([response(200, b"null")]) as url:
+            with pytest.raises(ProtocolViolation, match="expected an object, got None"):
+                await make_api(http, url).readout_manifest()
+
+
 async def test_negative_and_repeated_layer_indices_are_the_servers_business(
     http: httpx.AsyncClient,
 ) -> None:
@@ -2487,6 +2498,29 @@ async def test_an_html_error_page_is_told_by_its_title_not_its_markup(
             await make_api(http, url).tokenize("a")
     assert str(info.value).endswith(f"/tokenize: {says}"), str(info.value)
     assert info.value.body_excerpt.startswith("<")  # (the excerpt stays the body's)
+
+
+SSO_PAGE = b"<!DOCTYPE html><html><head><title>Corporate SSO - Sign in</title></head></html>"
+
+
+@pytest.mark.parametrize("call", ["manifest", "train", "chat"])
+async def test_a_200_html_page_instead_of_json_is_told_by_its_title(
+    http: httpx.AsyncClient, call: str
+) -> None:
+    # A proxy's sign-in page (or a base_url pointing at a web site) answered 200
+    # said only "malformed JSON: Expecting value: line 1 column 1 (char 0)".
+    async with canned_server([response(200, SSO_PAGE, "text/html")]) as url:
+        api = make_api(http, url)
+        with pytest.raises(ProtocolViolation) as info:
+            if call == "manifest":
+                await api.readout_manifest()
+            elif call == "train":
+                await api.train([TrainSample(tokens=[1, 2], target_ranges=[(0, 2)])])
+            else:
+                await api.chat(HELLO, model="m")
+    said = str(info.value)
+    assert "expected JSON, got an HTML page titled 'Corporate SSO - Sign in'" in said, said
+    assert "is base_url right?" in said and "malformed" not in said
 
 
 @pytest.mark.parametrize("done", ["[DONE] ", " [DONE]", "[DONE]\r"])

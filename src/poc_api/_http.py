@@ -155,6 +155,9 @@ PASS_MODEL: Final = "pass model="
 IS_BASE_URL: Final = "is base_url "
 
 
+#: What ``HttpApi._request`` returns for an allowed 404 (JSON ``null`` is ``None``).
+_ABSENT: Final = object()
+
 #: Characters of an HTML error page looked at for its title or text.
 _HTML_SCAN: Final = 8192
 _HTML_START: Final = re.compile(r"\s*(<!doctype\s+html|<html)", re.IGNORECASE)
@@ -677,7 +680,7 @@ async def _finish_by_cancel(chunks: AsyncIterator[bytes]) -> None:
             log.debug("a body dropped part-read ended with %r", exc)
 
 
-def _decode_json(body: bytes, what: str) -> Any:
+def _decode_json(body: bytes, what: str, redact: Callable[[str], str] = str) -> Any:
     try:
         # utf-8-sig: a byte order mark first is dropped (RFC 8259 lets a parser).
         text = body.decode("utf-8-sig")
@@ -686,6 +689,13 @@ def _decode_json(body: bytes, what: str) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
+        # A web page where JSON was due (a proxy's sign-in page, a base_url that
+        # points at a web site) is told by its title, not by a JSON parse error.
+        page = _html_summary(redact(text[:_HTML_SCAN]))
+        if page is not None:
+            raise ProtocolViolation(
+                f"{what}: expected JSON, got {page} ({IS_BASE_URL}right?)"
+            ) from exc
         raise ProtocolViolation(f"{what}: {_json_error(exc)}") from exc
 
 
@@ -1414,7 +1424,7 @@ class HttpApi:
     async def _request(
         self, method: str, path: str, payload: object = None, *, allow_404: bool = False
     ) -> Any:
-        """Send one JSON request; return the decoded JSON body (``None`` for an allowed 404)."""
+        """Send one JSON request; return the decoded JSON body (``_ABSENT`` for an allowed 404)."""
         url = self._base_url + path
         shown = self._shown + path
         log.debug("%s %s", method, shown)
@@ -1449,7 +1459,7 @@ class HttpApi:
             (time.monotonic() - started) * 1000,
         )
         if allow_404 and response.status_code == 404:
-            return None
+            return _ABSENT  # (not None: that is a JSON null)
         if not response.is_success:
             raise self._status_error(
                 method,
@@ -1459,7 +1469,7 @@ class HttpApi:
                 cut,
                 location=response.headers.get("location"),
             ) from cut
-        return _decode_json(body, f"{method} {shown}")
+        return _decode_json(body, f"{method} {shown}", self._redact)
 
     async def _read_error_body(
         self,
@@ -1577,7 +1587,7 @@ class HttpApi:
     async def _fetch_manifest(self) -> ReadoutManifest | None:
         what = f"GET {self._shown}/readout/manifest"
         data = await self._request("GET", "/readout/manifest", allow_404=True)
-        if data is None:
+        if data is _ABSENT:
             log.debug("readout disabled on %s (404)", self._shown)
             return None
         if not isinstance(data, dict):
