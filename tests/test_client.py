@@ -918,6 +918,28 @@ async def test_the_total_timeout_holds_for_a_consumer_slower_than_the_server() -
                     time.sleep(0.002)  # noqa: ASYNC251 - CPU work between events
 
 
+@pytest.mark.parametrize("which", ["timeout", "first_token_timeout", "token_timeout"])
+async def test_a_generate_timeout_names_the_bound_set_not_a_late_wake(which: str) -> None:
+    # The message gave the time measured when the task woke: a loaded machine (here a
+    # consumer that blocks the run) made a 0.2 s timeout say "after 0.5 s" (a CLI test
+    # flaky under load, expecting the --timeout it set).
+    delay = 2000 if which == "token_timeout" else 1  # ms a token: a stall after the first
+    async with (
+        reference_server(token_delay_ms=delay) as server,
+        open_client(server) as client,
+        client.session() as s,
+    ):
+        sampling = SamplingParams(max_tokens=10**6 if delay == 1 else 3)
+        with pytest.raises(poc_api.PocApiTimeout) as info, trio.fail_after(10):
+            async with s.generate(HELLO, sampling=sampling, **{which: 0.2}) as ev:
+                if which == "first_token_timeout":
+                    time.sleep(0.5)  # noqa: ASYNC251 - the run blocked before its first read
+                async for _ in ev:
+                    time.sleep(0.5)  # noqa: ASYNC251 - the run blocked between reads
+    kind = {"timeout": "total", "first_token_timeout": "first-token"}.get(which, "between-tokens")
+    assert f"Generate: {kind} timeout after 0.2 s" in str(info.value), info.value
+
+
 async def test_the_total_timeout_spares_a_call_that_finished_in_time() -> None:
     # The server ended the stream within the timeout; a consumer slower than it
     # got PocApiTimeout once the timeout passed, with the rest of the call,
