@@ -19,6 +19,12 @@ import trio.testing
 from poc_api.server import ReferenceServer
 
 
+async def block_the_run(after: float, seconds: float) -> None:
+    """Block the whole trio run for ``seconds`` (as a loaded machine may)."""
+    await trio.sleep(after)
+    time.sleep(seconds)  # noqa: ASYNC251 - the point: no task runs meanwhile
+
+
 async def wait_for(predicate: object, timeout: float = 5.0) -> None:
     """Poll a server-side condition (servers run on their own thread)."""
     assert callable(predicate)

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 from helpers import (
     asyncio_tasks_pending,
+    block_the_run,
     consume_busily,
     heartbeat,
     http_server,
@@ -1301,14 +1302,18 @@ async def test_a_timeout_that_runs_out_waiting_for_the_session_sends_nothing(
     # wait was not bounded, the call then timed out on entry, and the session was
     # marked lost for every task although the server never saw the call.)
     with trio.fail_after(20):
-        async with _session_held_by_a_decode(40) as (srv, s, _):
+        async with _session_held_by_a_decode(100) as (srv, s, _):
             generates = srv.state().rpc_counts.get("Generate", 0)
             t0 = trio.current_time()
             # Each is retriable, as its message says: the server never saw it.
-            with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
-                await s.prefill([1, 2], timeout=0.2)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(block_the_run, 0.1, 0.5)  # the timeout wakes late
+                with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
+                    await s.prefill([1, 2], timeout=0.2)
             assert info.value.retriable
             assert "waiting for session" in str(info.value), info.value
+            # The bound set, not the time measured as the run woke late.
+            assert "timeout after 0.2 s waiting" in str(info.value), info.value
             assert "which another call holds" in str(info.value), info.value
             with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
                 await s.append_image(png_56x28, "image/png", timeout=0.2)
@@ -1317,7 +1322,9 @@ async def test_a_timeout_that_runs_out_waiting_for_the_session_sends_nothing(
                 async with s.generate([1], sampling=SamplingParams(max_tokens=1), timeout=0.2):
                     pass  # pragma: no cover
             assert info.value.retriable
-            assert trio.current_time() - t0 < 3  # three waits of 0.2 s, not the decode's 0.8
+            assert (
+                trio.current_time() - t0 < 3
+            )  # three waits (one woken late), not the decode's 2 s
             assert not s.lost
             assert srv.state().rpc_counts.get("Generate", 0) == generates
         # The decode's task finished its stream, and the block closed the session.

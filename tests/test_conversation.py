@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 import trio.lowlevel
-from helpers import make_png, wait_for
+from helpers import block_the_run, make_png, wait_for
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 
 import poc_api
@@ -671,6 +671,7 @@ async def test_stream_timeout_bounds_the_wait_for_another_tasks_turn() -> None:
                     session = conv.session
                     calls = srv.state().rpc_counts
                     t0 = trio.current_time()
+                    nursery.start_soon(block_the_run, 0.1, 0.5)  # the timeout wakes late
                     with pytest.raises(poc_api.PocApiTimeout) as info:
                         async with conv.stream(
                             [Tokens([1, 2])], SamplingParams(max_tokens=2), timeout=0.3
@@ -684,6 +685,8 @@ async def test_stream_timeout_bounds_the_wait_for_another_tasks_turn() -> None:
                 assert info.value.retriable
                 assert "another task holds" in str(info.value)
                 assert "nothing was sent" in str(info.value)
+                # The bound set, not the time measured as the run woke late.
+                assert "timeout after 0.3 s waiting" in str(info.value), info.value
                 # The other turn ended normally, and kept its session.
                 assert isinstance(first[-1], StreamDone) and len(decoded(first)) == 40
                 assert conv.session is session and conv.committed_len == 2 + 40

@@ -581,7 +581,7 @@ class _Turn:
         if not waiting.cancelled_caught:
             lock.release()
         raise PocApiTimeout(
-            f"conversation stream: timeout after {trio.current_time() - started:.3g} s "
+            f"conversation stream: timeout after {deadline_at - started:.3g} s "
             "waiting for the conversation"
             f"{', whose turn another task holds' if held else ''}; nothing was sent",
             retriable=True,

@@ -693,7 +693,7 @@ class Session:
         with trio.CancelScope(deadline=deadline_at) as waiting:
             await self._lock.acquire()
         if waiting.cancelled_caught:
-            waited = trio.current_time() - since
+            waited = deadline_at - since  # the bound set (the wake may come late)
             if self._lock.locked():
                 where = f"waiting for session {self._session_id}, which another call holds"
             else:  # (a timeout of 0, or one that ran out in this checkpoint)
