@@ -16,6 +16,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -392,13 +393,17 @@ async def test_chat_sends_openai_fields_and_reads_tool_calls() -> None:
                     model="per-call",  # the client's model for this call
                     extra_body={"top_k": 4, "chat_template_kwargs": {"x": True}},
                 )
-    assert done == ChatCompletion(
+    first = ChatCompletion(
         text="",
         finish_reason="tool_calls",
-        usage=Usage(7, 5, 12),  # total_tokens left out by the server: the sum
+        usage=None,
         tool_calls=(ChatToolCall("call_1", "get_weather", '{"city":"Oslo"}'),),
         reasoning="hmm",
     )
+    # total_tokens left out by the server: the sum. choices[0] is the first choice,
+    # also when there is only one (it was empty then: an IndexError for openai users).
+    usage = Usage(7, 5, 12)
+    assert done == attrs.evolve(first, usage=usage, choices=(first,))
     _, sent = rec.requests[0]
     assert sent["model"] == "per-call"
     assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto"

@@ -277,8 +277,9 @@ class ChatCompletion:
         logprobs: the first choice's ``logprobs`` object as the server sent it
             (:class:`ChatLogprobs`: ``{"content": [{"token", "logprob",
             "top_logprobs"}, ...]}``, checked to be an object only), or ``None``.
-        choices: every choice in index order when the server sent more than one
-            (``n > 1``), each with ``usage=None``; empty otherwise.
+        choices: every choice in index order, each with ``usage=None`` and no
+            ``choices`` of its own: one unless ``n > 1`` (so ``choices[0]`` is the
+            first choice, as in the ``openai`` package).
     """
 
     text: str
@@ -1937,7 +1938,7 @@ class HttpApi:
         return attrs.evolve(
             first,
             usage=_parse_usage(data.get("usage"), what),
-            choices=tuple(c for _, c in parsed) if len(parsed) > 1 else (),
+            choices=tuple(c for _, c in parsed),
         )
 
     @protected_asynccontextmanager
