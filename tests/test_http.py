@@ -4,6 +4,8 @@ the answers the reference server never gives (5xx, garbage, cut streams)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import gc
 import json
 import logging
@@ -56,6 +58,7 @@ from poc_api._http import (
     error_excerpt,
     key_redactor,
     redact_url,
+    retry_after,
 )
 from poc_api._types import ReadoutManifest, TrainResult, TrainSample, Usage
 from poc_api.server import ReferenceServer, ServerConfig
@@ -2498,6 +2501,48 @@ async def test_an_html_error_page_is_told_by_its_title_not_its_markup(
             await make_api(http, url).tokenize("a")
     assert str(info.value).endswith(f"/tokenize: {says}"), str(info.value)
     assert info.value.body_excerpt.startswith("<")  # (the excerpt stays the body's)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("retry-after: 7\r\n", 7.0),
+        ("retry-after: Wed, 21 Oct 2015 07:28:00 GMT\r\n", 0.0),
+        ("retry-after: soon\r\n", None),
+        ("", None),
+    ],
+    ids=["seconds", "past-date", "garbage", "absent"],
+)
+@pytest.mark.parametrize("call", ["tokenize", "chat", "chat_stream"])
+async def test_an_error_answer_says_how_long_its_retry_after_asks_to_wait(
+    http: httpx.AsyncClient, call: str, header: str, expected: float | None
+) -> None:
+    # A 429's Retry-After was dropped: HttpError had no way to give it, so a caller
+    # (the openai package retries by it) could not back off as the server asked.
+    head = f"HTTP/1.1 429 Slow down\r\ncontent-length: 4\r\n{header}connection: close\r\n\r\n"
+    async with canned_server([head.encode() + b"busy"]) as url:
+        api = make_api(http, url)
+        with pytest.raises(HttpError) as info:
+            if call == "tokenize":
+                await api.tokenize("a")
+            elif call == "chat":
+                await api.chat(HELLO, model="m")
+            else:
+                async with api.chat_stream(HELLO, model="m"):
+                    pass  # pragma: no cover
+    assert info.value.http_status == 429
+    assert info.value.retry_after == expected
+
+
+def test_retry_after_reads_a_future_date_and_refuses_what_is_not_one() -> None:
+    soon = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=90),
+        usegmt=True,
+    )
+    assert 80 < (retry_after(soon) or 0) <= 90
+    assert retry_after(" 3 ") == 3.0 and retry_after("9" * 5000) == 1e11
+    for bad in ["-1", "1.5", "²", "", "Mon, 99 Foo 2015 07:28:00 GMT"]:
+        assert retry_after(bad) is None, bad
 
 
 SSO_PAGE = b"<!DOCTYPE html><html><head><title>Corporate SSO - Sign in</title></head></html>"

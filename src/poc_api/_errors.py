@@ -224,16 +224,27 @@ class HttpError(PocApiError):
     The message holds the status, the URL and the server's message (of a JSON
     error body: OpenAI's, vLLM's, FastAPI's), else the body's first 500 bytes,
     cut on a character boundary (so at most 500 characters); :attr:`body_excerpt`
-    always has the latter.
+    always has the latter. :attr:`retry_after` is the wait in seconds the
+    answer's ``Retry-After`` header asked for (a 429 or a 503, mostly), or
+    ``None``: poc_api does not retry by itself.
     """
 
     # Narrower than PocApiError's: every HttpError is built with a status.
     http_status: int
 
-    def __init__(self, message: str, *, http_status: int, url: str, body_excerpt: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int,
+        url: str,
+        body_excerpt: str,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message, http_status=http_status)
         self.url = url
         self.body_excerpt = body_excerpt
+        self.retry_after = retry_after
 
 
 @final

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import datetime
 import difflib
+import email.utils
 import functools
 import html
 import inspect
@@ -177,6 +179,28 @@ def _html_summary(text: str) -> str | None:
         return f"an HTML page titled {error_excerpt(title.encode(), limit=200)!r}"
     words = " ".join(html.unescape(_HTML_TAG.sub(" ", _HTML_HIDDEN.sub(" ", text))).split())
     return f"an HTML page: {error_excerpt(words.encode(), limit=200)}" if words else "an HTML page"
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header value asks to wait (RFC 9110 §10.2.3:
+    delay-seconds or an HTTP-date, a past date being 0), or ``None`` for none or
+    one that is neither.
+
+    >>> retry_after("7"), retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), retry_after("soon")
+    (7.0, 0.0, None)
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= 11 else 1e11  # (no 5000-digit parse)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # (-0000: "UTC, source unknown")
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def error_excerpt(body: bytes, limit: int = EXCERPT_LIMIT) -> str:
@@ -1391,11 +1415,13 @@ class HttpApi:
         body: bytes,
         cut: PocApiError | None = None,
         *,
-        location: str | None = None,
+        headers: httpx.Headers | None = None,
     ) -> PocApiError:
         """The error for an error status (401/403: ``AuthenticationError``), with an
         excerpt of ``body``; ``cut`` is the error that cut the body's read short
-        (raise this one from it); ``location``: a redirect's (3xx) target."""
+        (raise this one from it); ``headers``: the answer's (a redirect's
+        ``Location``, a ``Retry-After``)."""
+        location = headers.get("location") if headers is not None else None
         # Error bodies are read up to _ERROR_BODY_READ_LIMIT: one that long may go on.
         whole = cut is None and len(body) < _ERROR_BODY_READ_LIMIT
         excerpt = self._excerpt(body, whole=whole)
@@ -1416,7 +1442,13 @@ class HttpApi:
             message = f"{message.rstrip()} [body cut short: {type(cut).__name__}]"
         if status in (401, 403):
             return AuthenticationError(message, http_status=status)
-        return HttpError(message, http_status=status, url=redact_url(url), body_excerpt=excerpt)
+        return HttpError(
+            message,
+            http_status=status,
+            url=redact_url(url),
+            body_excerpt=excerpt,
+            retry_after=retry_after(headers.get("retry-after")) if headers is not None else None,
+        )
 
     # KI-protected: httpx and httpcore run trio.fail_after and move_on_after, whose
     # @contextmanager a Ctrl-C can tear in half ("Cancel scope stack corrupted").
@@ -1468,7 +1500,7 @@ class HttpApi:
                 response.status_code,
                 body,
                 cut,
-                location=response.headers.get("location"),
+                headers=response.headers,
             ) from cut
         return _decode_json(body, f"{method} {shown}", self._redact)
 
@@ -1829,6 +1861,7 @@ class HttpApi:
                 http_status=exc.http_status,
                 url=exc.url,
                 body_excerpt=exc.body_excerpt,
+                retry_after=exc.retry_after,
             ) from exc
         except AuthenticationError as exc:
             # 401/403: the same error type, and the same word on why chat() asked.
@@ -2420,9 +2453,8 @@ class ChatStream:
                 self._response, "POST", self._url, self._chunks, within=head
             )
             log.debug("POST %s -> %d (stream refused)", self._url, status)
-            location = self._response.headers.get("location")
             raise api._status_error(
-                "POST", self._url, status, body, cut, location=location
+                "POST", self._url, status, body, cut, headers=self._response.headers
             ) from cut
         ctype = self._response.headers.get("content-type", "")
         if ctype.lower().startswith("application/json"):
