@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -64,6 +64,7 @@ __all__ = [
     "StreamCancelled",
     "TransportError",
     "collapse_cancellation",
+    "start_tasks",
 ]
 
 
@@ -328,6 +329,21 @@ def collapse_cancellation() -> Iterator[None]:
             raise
         ki = [x for x in leaves if isinstance(x, KeyboardInterrupt)]
         _reraise((ki or leaves)[0])
+
+
+@trio.lowlevel.enable_ki_protection
+def start_tasks(
+    nursery: trio.Nursery, fn: Callable[..., Awaitable[object]], *args_list: tuple[Any, ...]
+) -> None:
+    """``nursery.start_soon(fn, *args)`` for each ``args``, protected from Ctrl-C.
+
+    trio's ``start_soon`` is not: a ``KeyboardInterrupt`` landing inside it (between
+    its steps of making the task) leaves a coroutine never awaited, a task the
+    nursery waits for but never runs (a hang), or a ``TrioInternalError`` at the
+    run's end. Protected, it comes at the next checkpoint instead.
+    """
+    for args in args_list:
+        nursery.start_soon(fn, *args)
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

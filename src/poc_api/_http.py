@@ -95,6 +95,7 @@ from ._errors import (
     collapse_cancellation,
     own_copy,
     protected_asynccontextmanager,
+    start_tasks,
     stream_closed,
 )
 from ._sse import SSEDecoder, SSEEvent
@@ -2097,7 +2098,7 @@ class HttpApi:
                     body_error: BaseException | None = None
                     with collapse_cancellation():  # the pump raises nothing but Cancelled
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(events._pump)
+                            start_tasks(nursery, events._pump, ())
                             try:
                                 yield events
                             except BaseException as exc:

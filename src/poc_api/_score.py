@@ -418,8 +418,7 @@ async def score_many(
     # The children catch every Exception; what can group is cancellation.
     with e.collapse_cancellation():
         async with trio.open_nursery() as nursery:
-            for indices, shared in batches:
-                nursery.start_soon(one, indices, shared)
+            e.start_tasks(nursery, one, *batches)
     if first_error:
         raise first_error[0]
     return [r if r is not None else [] for r in results]

@@ -55,7 +55,7 @@ from . import _errors as e
 from ._chunks import Chunk, Tokens
 from ._client import ApiClient, check_api_key, check_base_url, resolve_grpc_url
 from ._conversation import ConversationStream
-from ._errors import protected_asynccontextmanager
+from ._errors import protected_asynccontextmanager, start_tasks
 from ._http import IS_BASE_URL, NO_MODEL_SET, PASS_MODEL, ChatDelta, shown_url
 from ._log import control_escapes
 from ._png import encode_png
@@ -593,7 +593,7 @@ async def _pump(open_events: Callable[[], _Events], live: _LiveText | None, labe
     try:
         async with trio.open_nursery() as nursery:
             if live is not None:
-                nursery.start_soon(live.run, receive)
+                start_tasks(nursery, live.run, (receive,))
             else:
                 receive.close()
             async with send:
@@ -891,7 +891,7 @@ async def _until_signal(body: Callable[[_Where], Awaitable[None]], where: _Where
                     nursery.cancel_scope.cancel()
                     return
 
-            nursery.start_soon(watch)
+            start_tasks(nursery, watch, ())
             await body(where)
             nursery.cancel_scope.cancel()
     if got:

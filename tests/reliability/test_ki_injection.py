@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import functools
+import gc
 import os
 import random
 import signal
@@ -35,6 +36,7 @@ import threading
 import time
 import traceback
 import types
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -276,3 +278,89 @@ def test_ctrl_c_at_any_line_unwinds_cleanly(servers: list[ReferenceServer], name
                 f"threads {left}, sessions {sessions}"
             )
     assert not bad, f"{len(bad)} of {len(sample)} runs ({lines} lines):\n" + "\n".join(bad)
+
+
+_RUN_PY = os.path.join(os.path.dirname(trio.__file__), "_core", "_run.py")
+
+
+def _in_our_spawn(frame: types.FrameType) -> bool:
+    """A frame of trio's ``start_soon`` (or the ``spawn_impl`` under it) that poc_api called."""
+    if frame.f_code.co_filename != _RUN_PY or frame.f_code.co_name not in (
+        "start_soon",
+        "spawn_impl",
+    ):
+        return False
+    back = frame.f_back
+    for _ in range(3):  # spawn_impl <- start_soon <- poc_api's start_tasks
+        if back is None:
+            return False
+        if back.f_code.co_filename.startswith(POC):
+            return True
+        back = back.f_back
+    return False
+
+
+class _SpawnInjector(_Injector):
+    """SIGINT at the ``at``-th line trio runs to start a task of poc_api's."""
+
+    def __call__(self, frame: types.FrameType, event: str, arg: object) -> Any:
+        if self.seen >= self.at:
+            return None
+        if event == "line" and _in_our_spawn(frame):
+            self.seen += 1
+            if self.seen == self.at:
+                sys.settrace(None)
+                self.where = f"{frame.f_code.co_name}:{frame.f_lineno}"
+                handler = signal.getsignal(signal.SIGINT)
+                if callable(handler):
+                    handler(signal.SIGINT, frame)
+        return self
+
+
+def test_ctrl_c_inside_trio_starting_a_task_of_ours_unwinds_cleanly(
+    servers: list[ReferenceServer],
+) -> None:
+    # trio's start_soon is not KI-protected: a Ctrl-C landing in it as score_many
+    # started its tasks left "coroutine ... was never awaited", a task the nursery
+    # waited for but never ran (a hang), or TrioInternalError at the run's end.
+    prompts = [([Tokens([72, 101, 108 + i])], [(1, 3)]) for i in range(3)]
+
+    def run(at: int) -> tuple[str, _Injector]:
+        injector = _SpawnInjector(at)
+
+        async def main() -> None:
+            async with poc_api.ApiClient(
+                servers[0].base_url, grpc_url=servers[0].grpc_url, close_timeout=CLOSE_TIMEOUT
+            ) as client:
+                sys.settrace(injector)
+                try:
+                    await client.score_many(prompts, max_concurrency=2)
+                finally:
+                    sys.settrace(None)
+
+        watchdog = threading.Timer(20, _report_hang, args=(threading.get_ident(), injector))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # "never awaited"
+                trio.run(main)
+        except KeyboardInterrupt:
+            return "KeyboardInterrupt", injector
+        except BaseException as exc:
+            return f"{type(exc).__name__}: {exc}"[:300], injector
+        finally:
+            sys.settrace(None)
+            watchdog.cancel()
+        return "finished", injector
+
+    outcome, probe = run(sys.maxsize)
+    assert outcome == "finished", outcome
+    assert probe.seen > 0  # the lines of trio's start_soon are seen
+    bad = []
+    for at in range(1, probe.seen + 1):
+        gc.collect()  # (a coroutine never awaited warns when collected)
+        outcome, injector = run(at)
+        if outcome != "KeyboardInterrupt" or _session_ids(servers):
+            bad.append(f"line {at} ({injector.where}): {outcome}")
+    assert not bad, f"{len(bad)} of {probe.seen} runs:\n" + "\n".join(bad)
