@@ -58,6 +58,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "PRIVATE_NAMES",
         "keyword_only_from",
         "collapse_cancellation",
+        "start_tasks",
         "BatchReceiver",
         "Sink",
         "open_bridge",
