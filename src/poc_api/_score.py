@@ -29,7 +29,16 @@ import trio
 from . import _errors as e
 from ._chunks import Chunk, Image, Tokens, check_chunks, known_len, text_len
 from ._session import Session, check_window, open_session
-from ._types import Ranges, SamplingParams, ScoreResult, Token, _plain, as_int, check_ranges
+from ._types import (
+    Ranges,
+    SamplingParams,
+    ScoreResult,
+    Token,
+    _plain,
+    as_int,
+    check_ranges,
+    unordered,
+)
 
 if TYPE_CHECKING:
     from ._pool import Router
@@ -328,6 +337,7 @@ async def score_many(
         raise TypeError(
             f"prompts must be a sequence of (chunks, ranges) pairs, not {type(prompts).__name__}"
         )
+    unordered(prompts, "prompts", "(chunks, ranges) pairs")  # (results come in its order)
     checked = []
     for i, pair in enumerate(prompts):
         if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
@@ -678,6 +688,7 @@ def positions_within(
 def _check_continuation(value: object, i: int) -> list[Chunk]:
     if isinstance(value, Tokens | Image):
         return [value]
+    unordered(value, f"continuation {i}", "token ids or chunks")
     if isinstance(value, Iterable) and not isinstance(value, str | bytes | bytearray | Sequence):
         # A numpy array of ids (plain ints in one call), or an iterator of ids or
         # of chunks: as the list it stands for.
@@ -729,6 +740,7 @@ async def score_continuations(
 ) -> list[ScoreResult]:
     """Score continuations of one prompt with one prefill; see ``ApiClient.score_continuations``."""
     prompt = check_chunks(prompt_chunks, "prompt_chunks")
+    unordered(continuations, "continuations", "continuations")  # (results come in its order)
     if isinstance(continuations, str | bytes | bytearray | Tokens | Image) or not isinstance(
         continuations, Sequence
     ):

@@ -18,6 +18,7 @@ import operator
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -212,8 +213,24 @@ def check_int32(name: str, value: SupportsIndex) -> int:
     return value
 
 
-def _u32_tuple(value: Iterable[SupportsIndex], name: str = "tokens") -> tuple[int, ...]:
-    """Token ids as a tuple; ``TypeError`` naming ``name`` unless an iterable of ints.
+def unordered(value: object, name: str, what: str) -> None:
+    """``TypeError`` for a set or a mapping given where order matters.
+
+    Its order is arbitrary: a set of ids would be a prompt silently scrambled, a
+    set of ranges results that come back shuffled.
+    """
+    if isinstance(value, AbstractSet | Mapping):
+        raise TypeError(
+            f"{name} must be a sequence of {what}, not {type(value).__name__}: "
+            "its order is arbitrary (sort it, or make it a list)"
+        )
+
+
+def _u32_tuple(
+    value: Iterable[SupportsIndex], name: str = "tokens", *, ordered: bool = True
+) -> tuple[int, ...]:
+    """Token ids as a tuple; ``TypeError`` naming ``name`` unless an iterable of ints
+    (and, if ``ordered``, not a set).
 
     An element's error names it, ``tokens[3]``. (Prompts run to 100k ids: plain
     in-range ints take a check-only loop, and the element's name is only made on
@@ -222,6 +239,8 @@ def _u32_tuple(value: Iterable[SupportsIndex], name: str = "tokens") -> tuple[in
     if isinstance(value, str | bytes):
         kind = "bytes" if isinstance(value, bytes) else "a string"
         raise TypeError(f"{name} must be a sequence of token ids, not {kind}")
+    if ordered:
+        unordered(value, name, "token ids")
     # A numpy array gives plain ints in one C call (20x faster than its scalars
     # one by one); what it gives is checked below.
     value = cast(Iterable[int], _plain(value))
@@ -241,7 +260,7 @@ def _u32_tuple(value: Iterable[SupportsIndex], name: str = "tokens") -> tuple[in
 
 # One converter per field, so errors name the field (attrs passes the value only).
 def _stop_token_ids(value: Iterable[SupportsIndex]) -> tuple[int, ...]:
-    return _u32_tuple(value, "stop_token_ids")
+    return _u32_tuple(value, "stop_token_ids", ordered=False)  # (a set of them is fine)
 
 
 # A repr shows this many ids at most: a prompt's run can hold 100k of them, and a
@@ -552,10 +571,11 @@ are ``Any`` to a type checker, not sequences).
 
 
 def check_ranges(
-    value: Ranges, name: str = "ranges", *, allow_empty: bool = False
+    value: Ranges, name: str = "ranges", *, allow_empty: bool = False, ordered: bool = True
 ) -> list[tuple[int, int]]:
     """``(start, end)`` position pairs: ints in uint32, ``start < end`` (``<=`` with
-    ``allow_empty``), any order.
+    ``allow_empty``), any order; a set of them only if not ``ordered`` (results
+    come back in the ranges' order).
 
     A 2-D numpy array of pairs works as a list of them. Errors name ``name``.
     """
@@ -564,6 +584,8 @@ def check_ranges(
         raise TypeError(
             f"{name} must be a sequence of (start, end) pairs, not {type(value).__name__}"
         )
+    if ordered:
+        unordered(value, name, "(start, end) pairs")
     out = []
     for r in cast(Iterable[object], _plain(value)):
         r = _plain(r)
@@ -578,7 +600,7 @@ def check_ranges(
 
 
 def _ranges(value: Ranges) -> tuple[tuple[int, int], ...]:
-    return tuple(check_ranges(value, "target_ranges"))
+    return tuple(check_ranges(value, "target_ranges", ordered=False))
 
 
 @final

@@ -657,3 +657,41 @@ async def test_an_open_session_answer_with_an_empty_session_id_is_a_protocol_vio
             async with c.session() as s:
                 await s.prefill([1, 2])
         assert s.session_id
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["Tokens", "prefill", "score-ranges", "score_many-prompts", "continuation", "continuations"],
+)
+async def test_a_set_where_order_matters_is_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer, call: str
+) -> None:
+    # A set's order is arbitrary: Tokens({5, 3, 300}) became (3, 300, 5), a prompt
+    # silently scrambled (and ranges' results, which come back in their order,
+    # shuffled). score_many({...}) said "prompts[0] must be a pair, got 'a'".
+    before = server.state().rpc_counts.copy()
+    prompt = [Tokens([72, 101, 108])]
+    with pytest.raises(TypeError, match=r"(set|dict).*order") as info:
+        if call == "Tokens":
+            Tokens({5, 3, 300})
+        elif call == "prefill":
+            async with client.session() as s:
+                await s.prefill(frozenset({5, 3}))  # type: ignore[arg-type]
+        elif call == "score-ranges":
+            await client.score(prompt, {(0, 1), (1, 2)})  # type: ignore[arg-type]
+        elif call == "score_many-prompts":
+            await client.score_many({"a": 1})  # type: ignore[arg-type]
+        elif call == "continuation":
+            await client.score_continuations(prompt, [{1, 2}])  # type: ignore[list-item]
+        else:
+            await client.score_continuations(prompt, {(1,), (2,)})  # type: ignore[arg-type]
+    after = server.state().rpc_counts
+    assert after.get("Generate", 0) == before.get("Generate", 0), info.value
+    opened = after.get("OpenSession", 0) - before.get("OpenSession", 0)
+    assert opened == (call == "prefill"), info.value  # (only that block's own session)
+
+
+def test_sets_stay_fine_where_order_does_not_matter() -> None:
+    assert sorted(SamplingParams(stop_token_ids={7, 3}).stop_token_ids) == [3, 7]
+    sample = TrainSample(tokens=[1, 2, 3], target_ranges={(0, 1), (1, 3)})
+    assert sorted(sample.target_ranges) == [(0, 1), (1, 3)]
