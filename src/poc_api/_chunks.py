@@ -11,7 +11,7 @@ from typing import Any, SupportsIndex, TypeAlias, final
 
 import attrs
 
-from ._errors import SessionDivergence
+from ._errors import LimitExceeded, SessionDivergence
 from ._types import _ids_repr, _u32, _u32_tuple
 
 __all__ = [
@@ -103,6 +103,18 @@ def check_chunks(chunks: Sequence[Chunk], name: str = "chunks") -> list[Chunk]:
         if not isinstance(c, Tokens | Image):
             raise TypeError(f"{name} must hold Tokens or Image, got {type(c).__name__}")
     return out
+
+
+def check_image_sizes(chunks: Sequence[Chunk], max_message_size: int, name: str = "chunks") -> None:
+    """``LimitExceeded`` for an image whose bytes alone are over ``max_message_size``:
+    its ``AppendImage`` could never be sent, and a call made of several (a prompt's
+    ``OpenSession``, prefill, image) is refused before the first goes out."""
+    for i, c in enumerate(chunks):
+        if isinstance(c, Image) and len(c.data) > max_message_size:
+            raise LimitExceeded(
+                f"{name}[{i}]: an image of {len(c.data)} bytes, over max_message_size="
+                f"{max_message_size} (refused before sending)"
+            )
 
 
 def chunk_len(chunk: Chunk) -> int:

@@ -709,6 +709,7 @@ class ApiClient:
             # All of them, the primary too (also with dns:///, where it is unused):
             # the router closes them together.
             owned=[primary, *endpoints[1:]] if isinstance(endpoints, list) else [primary],
+            max_message_size=self._max_message_size,
         )
 
     @property

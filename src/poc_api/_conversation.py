@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING, SupportsFloat, SupportsIndex, final
 import attrs
 import trio
 
-from ._chunks import Chunk, Tokens, check_chunks, chunks_before, plan_delta, text_len
+from ._chunks import (
+    Chunk,
+    Tokens,
+    check_chunks,
+    check_image_sizes,
+    chunks_before,
+    plan_delta,
+    text_len,
+)
 from ._errors import (
     PocApiError,
     PocApiTimeout,
@@ -299,6 +307,7 @@ class Conversation:
                             print(e.id)
         """
         chunks = check_chunks(chunks)
+        check_image_sizes(chunks, self._transport.max_message_size)
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError("sampling must be a SamplingParams")

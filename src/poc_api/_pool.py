@@ -374,8 +374,11 @@ class Router:
         health_interval: float = 5.0,
         dns_refresh: float = 30.0,
         owned: Sequence[GrpcTransport] = (),
+        max_message_size: int = 64 * 1024 * 1024,
     ) -> None:
         """``owned``: the transports this router closes (all the client made)."""
+        self.max_message_size: int = max_message_size
+        """The client's, which every endpoint's transport has (for checks before sending)."""
         self._bridge = bridge
         self._make_transport = make_transport
         self._header = affinity_header

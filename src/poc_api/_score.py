@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, SupportsIndex, TypeVar, cast
 import trio
 
 from . import _errors as e
-from ._chunks import Chunk, Image, Tokens, check_chunks, known_len, text_len
+from ._chunks import Chunk, Image, Tokens, check_chunks, check_image_sizes, known_len, text_len
 from ._session import Session, check_window, open_session
 from ._types import (
     Ranges,
@@ -209,7 +209,7 @@ async def _score_in_session(
 
 
 def _precheck(
-    chunks: Sequence[Chunk], ranges: Ranges, where: str = ""
+    chunks: Sequence[Chunk], ranges: Ranges, max_message_size: int, where: str = ""
 ) -> tuple[list[Chunk], list[tuple[int, int]], list[ScoreResult] | None]:
     """Check one prompt; ``where`` prefixes the parameter names (``prompts[3] ``).
 
@@ -217,6 +217,7 @@ def _precheck(
     only empty ones inside a prompt whose length is known (each sums to 0).
     """
     checked = check_chunks(chunks, f"{where}chunks")
+    check_image_sizes(checked, max_message_size, f"{where}chunks")
     rs = validate_ranges(ranges, f"{where}ranges")
     total = known_len(checked)
     if total is not None:
@@ -245,7 +246,7 @@ async def score_chunks(
     close_timeout: float,
 ) -> list[ScoreResult]:
     """Score one prompt in an ephemeral session; see ``ApiClient.score``."""
-    checked, rs, trivial = _precheck(chunks, ranges)
+    checked, rs, trivial = _precheck(chunks, ranges, transport.max_message_size)
     if trivial is not None:
         await trio.lowlevel.checkpoint()
         return trivial
@@ -342,7 +343,7 @@ async def score_many(
     for i, pair in enumerate(prompts):
         if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise TypeError(f"prompts[{i}] must be a (chunks, ranges) pair, got {pair!r:.80}")
-        checked.append(_precheck(pair[0], pair[1], f"prompts[{i}] "))
+        checked.append(_precheck(pair[0], pair[1], transport.max_message_size, f"prompts[{i}] "))
     results: list[list[ScoreResult] | None] = [None] * len(checked)
     first_error: list[BaseException] = []
     limiter = trio.CapacityLimiter(max_concurrency)
@@ -740,12 +741,15 @@ async def score_continuations(
 ) -> list[ScoreResult]:
     """Score continuations of one prompt with one prefill; see ``ApiClient.score_continuations``."""
     prompt = check_chunks(prompt_chunks, "prompt_chunks")
+    check_image_sizes(prompt, transport.max_message_size, "prompt_chunks")
     unordered(continuations, "continuations", "continuations")  # (results come in its order)
     if isinstance(continuations, str | bytes | bytearray | Tokens | Image) or not isinstance(
         continuations, Sequence
     ):
         raise TypeError("continuations must be a sequence of continuations")
     conts = [_check_continuation(c, i) for i, c in enumerate(continuations)]
+    for i, cont in enumerate(conts):
+        check_image_sizes(cont, transport.max_message_size, f"continuation {i}")
     lengths = [known_len(c) for c in conts]
     prompt_len = known_len(prompt)
     if not conts or (prompt_len is not None and all(n == 0 for n in lengths)):

@@ -695,3 +695,31 @@ def test_sets_stay_fine_where_order_does_not_matter() -> None:
     assert sorted(SamplingParams(stop_token_ids={7, 3}).stop_token_ids) == [3, 7]
     sample = TrainSample(tokens=[1, 2, 3], target_ranges={(0, 1), (1, 3)})
     assert sorted(sample.target_ranges) == [(0, 1), (1, 3)]
+
+
+@pytest.mark.parametrize("call", ["score", "score_many", "score_continuations", "conversation"])
+async def test_an_image_over_max_message_size_is_refused_before_sending(
+    server: ReferenceServer, call: str
+) -> None:
+    # It was refused at its AppendImage: after the OpenSession and the prefill of
+    # the tokens before it had gone out (and, in a conversation, with the session
+    # dropped for it). Its size is known before anything is sent.
+    big = Image(make_png(8, 8) + b"\0" * (2 << 20), "image/png")
+    prompt = [Tokens([72, 101]), big, Tokens([108])]
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_message_size=1 << 20
+    ) as client:
+        before = server.state().rpc_counts.copy()
+        with pytest.raises(poc_api.LimitExceeded, match="max_message_size") as info:
+            if call == "score":
+                await client.score(prompt, [(0, 2)])
+            elif call == "score_many":
+                await client.score_many([([Tokens([1, 2])], [(0, 2)]), (prompt, [(0, 2)])])
+            elif call == "score_continuations":
+                await client.score_continuations([Tokens([1, 2])], [[3], [big]])
+            else:
+                async with client.conversation() as conv:
+                    async with conv.stream(prompt, SamplingParams(max_tokens=1)):
+                        pass  # pragma: no cover
+        assert "before sending" in str(info.value), info.value
+        assert server.state().rpc_counts == before, info.value
