@@ -765,3 +765,20 @@ async def test_a_turns_first_token_timeout_says_the_whole_wait() -> None:
                     ) as ev:
                         _ = [e async for e in ev]
     assert re.search(r"first-token timeout after 0\.6\d* s", str(info.value)), info.value
+
+
+async def test_a_turns_total_timeout_names_the_turns_bound_not_the_generates_part() -> None:
+    # The turn's timeout bounds opening the session and the prefill too; the
+    # Generate got what was left of it, and its message named that ("after
+    # 0.297 s" for a 0.3 s timeout), as the first-token bound's once did.
+    async with (
+        reference_server(token_delay_ms=20) as server,
+        open_client(server) as client,
+        client.conversation() as conv,
+    ):
+        with trio.fail_after(10), pytest.raises(poc_api.PocApiTimeout) as info:
+            sampling = SamplingParams(max_tokens=1000)
+            async with conv.stream([Tokens([1, 2, 3])], sampling, timeout=0.3) as ev:
+                async for _ in ev:
+                    pass
+    assert "Generate: total timeout after 0.3 s" in str(info.value), info.value

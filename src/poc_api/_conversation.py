@@ -465,10 +465,12 @@ class Conversation:
             )
         )
         clock = events._timeouts
+        # The same deadlines, counted from the turn's start: a timeout then names
+        # the turn's bound, not the part of it the Generate got.
         if clock is not None and not math.isinf(first_at):
-            # The same deadline, counted from the turn's start: a timeout then
-            # says how long the turn waited, not the Generate's part of it.
             clock.first_token_from, clock.first_token = started, first_at - started
+        if clock is not None and not math.isinf(deadline_at):
+            clock.started = started  # (total_at is deadline_at already)
         out = ConversationStream(prefix, events, shape)
         await out._prime()
         return out, events, sent
