@@ -34,6 +34,7 @@ from poc_api import (
 )
 from poc_api._proto.grpc.health.v1 import (
     HealthCheckRequest,
+    HealthCheckResponse,
     HealthCheckResponseServingStatus,
     HealthStub,
 )
@@ -435,6 +436,25 @@ async def test_a_new_clients_first_session_waits_at_most_a_second_for_a_silent_e
                 [result] = await client.score([Tokens([1, 2, 3])], [(1, 3)])
             assert trio.current_time() - started < 2.0
             assert result.logprob < 0
+
+
+async def test_an_endpoints_first_health_check_may_take_longer_than_a_short_interval() -> None:
+    # A check's timeout is the interval (at most 5 s): at 0.3 s, the first check of
+    # a healthy endpoint (connecting first; a cold process took 0.33 s) timed out,
+    # and the endpoint sat out its backoff with no session while others took them
+    # all (15/0/15 in a pool review). Its first check gets at least a second.
+    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
+    async with reference_servers(1) as (good,), misbehaving_server() as slow:
+        slow.plan("Check", Reply(first_delay=0.6, raw=serving), *[Reply(raw=serving)] * 100)
+        async with poc_api.ApiClient(
+            good.base_url, grpc_url=[good.grpc_url, slow.url], health_check_interval=0.3
+        ) as client:
+            with trio.fail_after(10):
+                await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts the checks
+                await wait_for(lambda: len(slow.calls_to("Check")) >= 3)
+            status = client.endpoints[1]
+            assert status.failures == 0, status
+            assert status.state is EndpointState.SERVING, status
 
 
 async def test_a_health_check_queued_behind_the_clients_own_streams_is_no_failure() -> None:

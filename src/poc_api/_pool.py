@@ -101,6 +101,9 @@ _HEALTH_SERVICE = "salience.Salience"
 # per consecutive failure (a health check that succeeds clears it).
 _BACKOFF_BASE = 0.25
 _BACKOFF_MAX = 10.0
+# A health check's timeout is the interval (at most 5 s), but an endpoint's first
+# check, which connects too, gets at least this long.
+_FIRST_CHECK_TIMEOUT = 1.0
 # An endpoint that refused a session as full is picked last for this long: it
 # stays in rotation (it is no failure), but is not asked first again and again
 # while it stays full.
@@ -659,6 +662,11 @@ class Router:
         sink = _Collect("Check")
         request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
         progress = _Progress()
+        timeout = min(self._health_interval, 5.0)
+        if ep.state is EndpointState.UNKNOWN:
+            # Its first check connects too (in a cold process, 0.33 s was seen): timed
+            # out by a short interval, a healthy endpoint sat out its backoff.
+            timeout = max(timeout, _FIRST_CHECK_TIMEOUT)
         try:
             # Waits out the transport's reconnect backoff and tries (where other
             # calls fail at once): the check is what finds the server back.
@@ -671,7 +679,7 @@ class Router:
                     progress,
                     wait_for_ready=True,
                 ),
-                timeout=min(self._health_interval, 5.0),
+                timeout=timeout,
             )
             status = decode_health_check(sink.items[0]) if sink.items else None
         except GRPCError as exc:
