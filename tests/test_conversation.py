@@ -768,17 +768,31 @@ async def test_a_turns_first_token_timeout_says_the_whole_wait() -> None:
 
 
 async def test_a_turns_total_timeout_names_the_turns_bound_not_the_generates_part() -> None:
-    # The turn's timeout bounds opening the session and the prefill too; the
-    # Generate got what was left of it, and its message named that ("after
-    # 0.297 s" for a 0.3 s timeout), as the first-token bound's once did.
+    # The turn's timeout bounds its wait for another task's turn, opening the
+    # session and the prefill too; the Generate got what was left of it, and its
+    # message named that ("after 0.0659 s" for a 0.3 s timeout), and then what was
+    # left after the wait for the turn ("after 0.299 s", under load).
     async with (
         reference_server(token_delay_ms=20) as server,
         open_client(server) as client,
         client.conversation() as conv,
     ):
-        with trio.fail_after(10), pytest.raises(poc_api.PocApiTimeout) as info:
-            sampling = SamplingParams(max_tokens=1000)
-            async with conv.stream([Tokens([1, 2, 3])], sampling, timeout=0.3) as ev:
+        held = trio.Event()
+
+        async def hold_the_turn() -> None:
+            async with conv.stream([Tokens([1, 2, 3])], SamplingParams(max_tokens=1)) as ev:
+                held.set()
                 async for _ in ev:
                     pass
+                await trio.sleep(0.1)  # the other turn waits this long for it
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold_the_turn)
+                await held.wait()
+                with pytest.raises(poc_api.PocApiTimeout) as info:
+                    sampling = SamplingParams(max_tokens=1000)
+                    async with conv.stream([Tokens([1, 2, 3])], sampling, timeout=0.3) as ev:
+                        async for _ in ev:
+                            pass
     assert "Generate: total timeout after 0.3 s" in str(info.value), info.value

@@ -325,15 +325,15 @@ class Conversation:
         sampling: SamplingParams,
         priority: int,
         shape: tuple[int, int] | None,
-        timeouts: tuple[float | None, float | None, float],
+        timeouts: tuple[float | None, float | None, float, float],
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk], Session]:
         """Start a turn: a held or new session, replaced once if it is gone."""
-        first, between, deadline_at = timeouts
+        first, between, deadline_at, turn_started = timeouts
         # first_token_timeout runs from here (past the wait for the turn): no token
         # comes before the session is open and the delta sent, so it bounds those too.
         started = trio.current_time()
         first_at = math.inf if first is None else started + first
-        clocks = (started, first_at, between, deadline_at)
+        clocks = (started, first_at, between, deadline_at, turn_started)
         self._untouched = False
         try:
             for attempt in range(2):
@@ -389,13 +389,14 @@ class Conversation:
         sampling: SamplingParams,
         priority: int,
         shape: tuple[int, int] | None,
-        clocks: tuple[float, float, float | None, float],
+        clocks: tuple[float, float, float | None, float, float],
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk]]:
         """Send the delta, open the final Generate (into ``gen_stack``) and prime it.
 
-        ``clocks``: when the turn started and when its first token is due (trio
-        times), the token timeout, when the turn is due."""
-        started, first_at, token_timeout, deadline_at = clocks
+        ``clocks``: when the turn started sending and when its first token is due
+        (trio times), the token timeout, when the turn is due, and when it began
+        (its wait for the conversation included)."""
+        started, first_at, token_timeout, deadline_at, turn_started = clocks
         before_token = min(first_at, deadline_at)  # (the calls that send the delta)
         # (A divergence, rewind=False, fails the turn as any error: README.)
         plan = plan_delta(chunks, session.committed_len, self._history, rewind=self._rewind)
@@ -470,7 +471,7 @@ class Conversation:
         if clock is not None and not math.isinf(first_at):
             clock.first_token_from, clock.first_token = started, first_at - started
         if clock is not None and not math.isinf(deadline_at):
-            clock.started = started  # (total_at is deadline_at already)
+            clock.started = turn_started  # (total_at is deadline_at already)
         out = ConversationStream(prefix, events, shape)
         await out._prime()
         return out, events, sent
@@ -558,7 +559,7 @@ class _Turn:
                 self._sampling,
                 self._priority,
                 self._shape,
-                (*self._timeouts, deadline_at),
+                (*self._timeouts, deadline_at, started),
             )
         except BaseException:
             try:
