@@ -693,13 +693,13 @@ class Session:
         with trio.CancelScope(deadline=deadline_at) as waiting:
             await self._lock.acquire()
         if waiting.cancelled_caught:
-            waited = deadline_at - since  # the bound set (the wake may come late)
+            bound = deadline_at - since  # the bound set, not the wait (the wake may come late)
             if self._lock.locked():
                 where = f"waiting for session {self._session_id}, which another call holds"
             else:  # (a timeout of 0, or one that ran out in this checkpoint)
                 where = f"before its request was sent (session {self._session_id})"
             raise e.PocApiTimeout(
-                f"{method}: timeout after {waited:.3g} s {where}; nothing was sent",
+                f"{method}: timeout after {bound:.3g} s {where}; nothing was sent",
                 retriable=True,
             )
 
