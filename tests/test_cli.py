@@ -1,4 +1,6 @@
-"""The ``poc-api`` command line, run as a real process (``python -m poc_api.cli``).
+"""The ``poc-api`` command line, run as a real process: forked from one that imported
+it already (cli_fork.py), or started afresh (``python -m poc_api.cli``) where the
+interpreter's start is the subject.
 
 Expected outputs are computed with the library against an in-process reference
 server of the same configuration as the CLI's embedded one, so the tests check
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from cli_fork import run_forked
 from helpers import http_server, read_request
 from misbehaving import Reply, misbehaving_server
 
@@ -48,8 +51,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 async def run_cli(
-    *args: str, env: dict[str, str] | None = None, stdin: bytes = b""
+    *args: str, env: dict[str, str] | None = None, stdin: bytes = b"", fork: bool = True
 ) -> subprocess.CompletedProcess[str]:
+    """``poc-api *args``: forked from a process that imported it (cli_fork.py) unless
+    ``fork=False``, for what only a fresh interpreter shows."""
+    if fork:
+        return await run_forked(
+            args, env=cli_env() if env is None else env, stdin=stdin, timeout=TIMEOUT
+        )
     with trio.fail_after(TIMEOUT):
         proc = await trio.run_process(
             [*CLI, *args],
@@ -101,7 +110,7 @@ def test_sparkline_scales_from_lowest_to_highest_block() -> None:
 
 
 async def test_demo_tours_the_library_and_exits_zero() -> None:
-    result = await run_cli("demo")
+    result = await run_cli("demo", fork=False)  # the main job, as a user runs it
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     out = result.stdout
@@ -180,6 +189,35 @@ async def test_the_demo_takes_vision_brackets_from_a_tokenizer_answer_of_the_rig
         assert await _vision_brackets(Answering(answer)) == brackets  # type: ignore[arg-type]
     with pytest.raises(poc_api.HttpError):
         await _vision_brackets(Answering(http_error(500)))  # type: ignore[arg-type]
+
+
+# -- how these tests run it ------------------------------------------------------------
+
+
+async def test_a_forked_command_runs_as_a_fresh_process_would() -> None:
+    # The forked child (cli_fork.py) must show what a real process shows, or these
+    # tests test the emulation: same output, same error lines, same exit status.
+    for args in (
+        ["generate", "Once upon a time", "--max-tokens", "5", "--readout"],
+        ["generate", "hi", "--url", UNREACHABLE, "--api-key", "k"],
+        ["generate", "hi", "--top-p", "2"],
+    ):
+        forked = await run_cli(*args)
+        real = await run_cli(*args, fork=False)
+        assert (forked.returncode, forked.stdout, forked.stderr) == (
+            real.returncode,
+            real.stdout,
+            real.stderr,
+        ), args
+
+
+async def test_a_forked_command_is_spared_the_imports() -> None:
+    # (multiprocessing skips a preload that fails to import, silently: the tests
+    # would run, each a second slower.)
+    result = await run_cli("--help", env=cli_env(POC_API_TEST_PRELOADED="1"))
+    assert result.returncode == 0, result.stderr
+    assert "Usage: poc-api" in result.stdout
+    assert result.stderr == "preloaded=True\n"
 
 
 # -- generate --------------------------------------------------------------------------
@@ -854,7 +892,7 @@ def test_usage_errors_exit_2(
 
 
 async def test_a_usage_error_exits_2_from_the_process() -> None:
-    result = await run_cli("generate", "hi", "--top-p", "2")
+    result = await run_cli("generate", "hi", "--top-p", "2", fork=False)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert "top-p" in result.stderr
@@ -1130,7 +1168,7 @@ async def test_output_the_terminal_cannot_encode_is_replaced(command: list[str])
     # PYTHONIOENCODING=ascii (or an old locale): a character it cannot encode
     # (the demo's "·", a sampled U+FFFD) ended the command as "error: bad
     # argument: 'ascii' codec can't encode ...".
-    done = await run_cli(*command, env=cli_env(PYTHONIOENCODING="ascii"))
+    done = await run_cli(*command, env=cli_env(PYTHONIOENCODING="ascii"), fork=False)
     assert done.returncode == 0, done.stderr
     assert "error" not in done.stderr, done.stderr
     assert "?" in done.stdout  # (what could not be encoded)
