@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 
@@ -301,6 +303,25 @@ async def test_an_unread_stream_of_tiny_and_empty_data_frames_holds_little(
     assert entries < 2_000, entries  # it was 17,000-34,000 (an entry per frame)
 
 
+@pytest.fixture
+def small_send_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's sockets get a fixed 16 KiB kernel send buffer.
+
+    A "ping_flood" server reads nothing, so the client's answers back up in its
+    kernel send buffer before its own write buffer: on loopback that buffer grows
+    to 4 MiB, 250,000 PINGs the client decodes (seconds of CPU) before the cutoff
+    under test even starts counting.
+    """
+    connection_made = _PocH2Protocol.connection_made
+
+    def made(self: _PocH2Protocol, transport: asyncio.BaseTransport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        connection_made(self, transport)
+
+    monkeypatch.setattr(_PocH2Protocol, "connection_made", made)
+
+
+@pytest.mark.usefixtures("small_send_buffer")
 async def test_a_server_that_floods_pings_and_reads_no_answer_is_cut_off(
     bad_server: MisbehavingServer,
 ) -> None:
@@ -317,6 +338,7 @@ async def test_a_server_that_floods_pings_and_reads_no_answer_is_cut_off(
         assert bad_server.flood_sent < 32 * MB, bad_server.flood_sent
 
 
+@pytest.mark.usefixtures("small_send_buffer")
 async def test_a_call_waiting_to_write_when_its_connection_is_cut_off_goes_elsewhere(
     bad_server: MisbehavingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
