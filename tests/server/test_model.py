@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from poc_api._proto.salience import GenerateEvent
@@ -14,6 +14,7 @@ from poc_api.server._model import (
     DEFAULT_CONCEPTS,
     EOS,
     IMAGE_PAD,
+    READOUT_WINDOW,
     VOCAB_SIZE,
     Readout,
     SamplingSpec,
@@ -115,6 +116,35 @@ def test_readout_sees_image_positions() -> None:
     image = DEFAULT_CONCEPTS.index("image")
     v = r.vector([IMAGE_PAD, IMAGE_PAD], 1)
     assert v[image] == 1.0 and v[len(DEFAULT_CONCEPTS) + image] == 1.0
+
+
+@given(
+    tokens=st.lists(st.integers(-2, VOCAB_SIZE + 2), min_size=1, max_size=40),
+    at=st.floats(0, 1),
+    layers=st.sampled_from([1, 3, 64]),
+    concepts=st.sampled_from([DEFAULT_CONCEPTS, ("image", "vowel", "xyz")]),
+)
+@example(tokens=PROMPT, at=1.0, layers=64, concepts=DEFAULT_CONCEPTS)  # a full window
+def test_readout_is_its_definition_to_the_last_bit(
+    tokens: list[int], at: float, layers: int, concepts: tuple[str, ...]
+) -> None:
+    # vector() adds a layer-tuple at a time: the readouts a server sends must stay
+    # those of the definition (each concept's weights summed youngest token first,
+    # then divided by the window's total weight), not merely close to them.
+    r = Readout(concepts, layers)
+    position = min(int(at * len(tokens)), len(tokens) - 1)
+    n_c = len(concepts)
+    expected = [0.0] * (layers * n_c)
+    start = max(0, position - READOUT_WINDOW + 1)
+    for age, t in enumerate(reversed(tokens[start : position + 1])):
+        for ci in r._active[t] if 0 <= t < VOCAB_SIZE else ():
+            for layer in range(layers):
+                expected[layer * n_c + ci] += r._weights[layer][age]
+    for layer in range(layers):
+        for ci in range(n_c):
+            expected[layer * n_c + ci] /= r._cum_weights[layer][position - start]
+    got = r.vector(tokens, position)
+    assert [x.hex() for x in got] == [x.hex() for x in expected]
 
 
 @given(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import operator
 import string
 import zlib
 from array import array
@@ -316,23 +317,31 @@ class Readout:
             for layer in range(n_layers)
         ]
         self._cum_weights = [list(accumulate(w)) for w in self._weights]
+        # The same numbers by age and by span, every layer's at once: vector() adds
+        # them a layer-tuple at a time in C (map), 4-5x faster at 64 layers than
+        # adding one float at a time, with the same additions in the same order.
+        self._by_age = [tuple(w[age] for w in self._weights) for age in range(READOUT_WINDOW)]
+        self._norms = [tuple(c[span] for c in self._cum_weights) for span in range(READOUT_WINDOW)]
 
     def vector(self, tokens: Sequence[int], position: int) -> list[float]:
         """The readout at ``position``: a function of ``tokens[: position + 1]`` only."""
         n_c = len(self.concepts)
-        out = [0.0] * self.width
         start = max(0, position - READOUT_WINDOW + 1)
+        by_age, active = self._by_age, self._active
+        # Per concept, its per-layer sums, youngest token first.
+        sums: list[Sequence[float] | None] = [None] * n_c
         for age, t in enumerate(reversed(tokens[start : position + 1])):
-            active = self._active[t] if 0 <= t < VOCAB_SIZE else ()
-            for ci in active:
-                for layer in range(self.n_layers):
-                    out[layer * n_c + ci] += self._weights[layer][age]
-        span = position - start
-        for layer in range(self.n_layers):
-            norm = self._cum_weights[layer][span]
-            base = layer * n_c
-            for ci in range(n_c):
-                out[base + ci] /= norm
+            if 0 <= t < VOCAB_SIZE:
+                weights = by_age[age]
+                for ci in active[t]:
+                    acc = sums[ci]
+                    # (0.0 + w is w: the first needs no addition.)
+                    sums[ci] = weights if acc is None else list(map(operator.add, acc, weights))
+        out = [0.0] * self.width
+        norms = self._norms[position - start]
+        for ci, acc in enumerate(sums):
+            if acc is not None:
+                out[ci::n_c] = map(operator.truediv, acc, norms)  # layer-major
         return out
 
 
