@@ -51,6 +51,7 @@ def loop_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "poc_api-asyncio"]
 
 
+@functools.cache  # (a byte at a time in Python: the tests asked for the same ones often)
 def make_png(width: int, height: int, seed: int = 0) -> bytes:
     """A valid RGB PNG of the given size (zlib + struct, no imaging library)."""
     import struct

@@ -200,7 +200,6 @@ async def test_a_forked_command_runs_as_a_fresh_process_would() -> None:
     for args in (
         ["generate", "Once upon a time", "--max-tokens", "5", "--readout"],
         ["generate", "hi", "--url", UNREACHABLE, "--api-key", "k"],
-        ["generate", "hi", "--top-p", "2"],
     ):
         forked = await run_cli(*args)
         real = await run_cli(*args, fork=False)
