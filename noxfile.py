@@ -32,15 +32,16 @@ MATRIX = [
 # in this cell only. Tests marked `heavy` depend on the dependency versions (HTTP/2
 # flow control, GOAWAYs through nginx, the pool's failover) but not on Python's:
 # they run in this Python's cells, lowest and latest pins. Every other test runs in
-# every cell. (CI time is budgeted: a cell costs about four minutes there.)
+# every cell. (CI time is budgeted: a cell costs two to three minutes there.)
 SLOW_CELL = ("3.11", "latest")
 HEAVY_PYTHON = "3.11"
-# Test processes per cell (pytest-xdist). Three on CI's 2 cores: with two, a third of
-# their time went to waiting on sockets and timers (a cell here: 200 s with two, 151-163 s
-# with three). Three, not one per core plus one, so a bigger machine runs the
+# Test processes per cell (pytest-xdist). Five on CI's 2 cores: many tests wait on
+# sockets and timers, and with three the cores were idle a third of the time (a
+# 3.12 cell here: 139 s with three workers, 122 with four, 99 with five, 101 with
+# six; with two, 200 s). Five, not a count per core, so a bigger machine runs the
 # configuration CI runs (the tests' own time limits assume it); one on a single core.
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-WORKERS = 3 if _CORES >= 2 else 1
+WORKERS = 5 if _CORES >= 2 else 1
 
 
 @nox.session
