@@ -319,8 +319,9 @@ async def test_a_server_frozen_between_turns_is_found_while_a_session_is_open(
     proc.start()
     # keepalive_timeout is the time the live server has to answer a ping: on a loaded
     # 2-core CI machine 0.3 s was once too short for a fresh server process (the
-    # OpenSession's connection was dropped as dead before the freeze).
-    keepalive_time, keepalive_timeout = 0.2, 1.0
+    # OpenSession's connection was dropped as dead before the freeze), and 1.0 s
+    # once with six test processes on two cores.
+    keepalive_time, keepalive_timeout = 0.2, 1.5
     async with poc_api.ApiClient(
         proc.base_url,
         grpc_url=proc.grpc_url,
@@ -339,7 +340,16 @@ async def test_a_server_frozen_between_turns_is_found_while_a_session_is_open(
             # frozen with it unanswered, even a connection without idle pings is
             # (rightly) found dead, and that is not what this test is about.
             connection = protocol.connection  # type: ignore[attr-defined]
-            await wait_for(lambda: connection._close_by_ping_handler is None)
+            # And no stream open: without idle pings, a ping goes out only during a
+            # call, so none is sent after this (one sent as the prefill's stream
+            # closed is waited for). A connection lost before the freeze says so.
+            await wait_for(
+                lambda: (
+                    connection._close_by_ping_handler is None
+                    and not any(st.open for st in connection._connection.streams.values())
+                )
+            )
+            assert not protocol.lost.is_set(), "lost before the freeze: a ping unanswered"  # type: ignore[attr-defined]
             proc.signal(signal.SIGSTOP)
             try:
                 await trio.sleep(keepalive_time + keepalive_timeout + 0.7)
