@@ -56,6 +56,11 @@ async def run_forked(
     argv: Sequence[str], *, env: dict[str, str], stdin: bytes, timeout: float
 ) -> subprocess.CompletedProcess[str]:
     """``poc-api *argv`` in a forked child, as ``trio.run_process`` would report it."""
+    # The interpreter read these as it started, long before the fork: a test that
+    # sets one must start a fresh one, or it tests nothing.
+    names = {k for k in (*env, *os.environ) if k.startswith("PYTHON")}
+    if changed := sorted(k for k in names if env.get(k) != os.environ.get(k)):
+        raise ValueError(f"{', '.join(changed)} set: that takes a fresh interpreter (fork=False)")
     with tempfile.TemporaryDirectory() as folder:
         _prepare(folder, stdin)
         child = _CTX.Process(target=_child, args=(list(argv), env, folder))

@@ -55,10 +55,9 @@ async def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``poc-api *args``: forked from a process that imported it (cli_fork.py) unless
     ``fork=False``, for what only a fresh interpreter shows."""
+    env = cli_env() if env is None else env
     if fork:
-        return await run_forked(
-            args, env=cli_env() if env is None else env, stdin=stdin, timeout=TIMEOUT
-        )
+        return await run_forked(args, env=env, stdin=stdin, timeout=TIMEOUT)
     with trio.fail_after(TIMEOUT):
         proc = await trio.run_process(
             [*CLI, *args],
@@ -66,7 +65,7 @@ async def run_cli(
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env=cli_env() if env is None else env,
+            env=env,
         )
     return subprocess.CompletedProcess(
         proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()

@@ -704,12 +704,12 @@ class ApiClient:
             make,
             endpoints,
             affinity_header=self._affinity_header,
+            max_message_size=self._max_message_size,
             health_interval=self._health_interval,
             dns_refresh=self._dns_refresh,
             # All of them, the primary too (also with dns:///, where it is unused):
             # the router closes them together.
             owned=[primary, *endpoints[1:]] if isinstance(endpoints, list) else [primary],
-            max_message_size=self._max_message_size,
         )
 
     @property

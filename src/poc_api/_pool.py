@@ -374,10 +374,10 @@ class Router:
         endpoints: Sequence[GrpcTransport] | DnsTarget,
         *,
         affinity_header: str | None,
+        max_message_size: int,
         health_interval: float = 5.0,
         dns_refresh: float = 30.0,
         owned: Sequence[GrpcTransport] = (),
-        max_message_size: int = 64 * 1024 * 1024,
     ) -> None:
         """``owned``: the transports this router closes (all the client made)."""
         self.max_message_size: int = max_message_size

@@ -247,18 +247,22 @@ def _session_ids(servers: list[ReferenceServer]) -> list[str]:
     return sorted(i for s in servers for i in s.state().session_ids)
 
 
+def _sample(lines: int, edges: list[int]) -> list[int]:
+    """The runs to make of ``lines``: every one with POC_API_KI_FULL=1, else ``edges``
+    and SPREAD_RUNS spread evenly."""
+    if FULL:
+        return list(range(1, lines + 1))
+    stride = max(1, lines // SPREAD_RUNS)
+    return sorted({*edges, *range(1 + (lines % stride) // 2, lines + 1, stride)})
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_ctrl_c_at_any_line_unwinds_cleanly(servers: list[ReferenceServer], name: str) -> None:
     outcome, probe = _run(servers, name, at=sys.maxsize)  # counts the lines
     assert outcome == "finished", outcome
     lines = probe.seen
-    if FULL:
-        sample = list(range(1, lines + 1))
-    else:
-        stride = max(1, lines // SPREAD_RUNS)
-        rng = random.Random(f"{name} {sys.version_info[:2]} {trio.__version__}")
-        edges = rng.sample(probe.edges, min(EDGE_RUNS, len(probe.edges)))
-        sample = sorted({*edges, *range(1 + (lines % stride) // 2, lines + 1, stride)})
+    rng = random.Random(f"{name} {sys.version_info[:2]} {trio.__version__}")
+    sample = _sample(lines, rng.sample(probe.edges, min(EDGE_RUNS, len(probe.edges))))
     bad: list[str] = []
     for at in sample:
         before = set(loop_threads())
@@ -361,13 +365,7 @@ def test_ctrl_c_inside_trio_starting_a_task_of_ours_unwinds_cleanly(
     outcome, probe = run(sys.maxsize)
     assert outcome == "finished", outcome
     assert probe.seen > 0  # the lines of trio's start_soon are seen
-    if FULL:
-        sample = list(range(1, probe.seen + 1))
-    else:  # each line trio runs to start a task, once, and a spread of the later runs
-        stride = max(1, probe.seen // SPREAD_RUNS)
-        sample = sorted(
-            {*probe.edges, *range(1 + (probe.seen % stride) // 2, probe.seen + 1, stride)}
-        )
+    sample = _sample(probe.seen, probe.edges)  # each line trio runs to start a task, once
     bad = []
     for at in sample:
         gc.collect()  # (a coroutine never awaited warns when collected)
