@@ -26,14 +26,18 @@ from typing import Any
 import betterproto2
 import pytest
 from grpclib.encoding.base import CodecBase
+from helpers import make_png, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poc_api import _wire
+import poc_api
+from poc_api import SamplingParams, _wire
 from poc_api._errors import ProtocolViolation
 from poc_api._proto import salience as pb
+from poc_api._proto.grpc.health.v1 import HealthCheckRequest
 from poc_api._types import Done, Token, TopLogprob
 from poc_api._wire import RawCodec, decode_generate_event
+from poc_api.server import ReferenceServer
 
 PROTO_DIR = Path(__file__).resolve().parent.parent / "proto"
 U32 = 2**32 - 1
@@ -47,9 +51,14 @@ FAST = settings(
 # --------------------------------------------------------------------------- oracles
 
 
-@functools.cache
 def _upb_event_class() -> Any:
     """GenerateEvent of the reference protobuf runtime, in a private descriptor pool."""
+    return _upb_class("salience.GenerateEvent")
+
+
+@functools.cache
+def _upb_class(name: str) -> Any:
+    """Message ``name`` of the reference protobuf runtime, in a private descriptor pool."""
     # grpcio-tools and protobuf are part of the test extra: a missing one is a
     # broken install, so import them plainly rather than skip.
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -66,7 +75,7 @@ def _upb_event_class() -> Any:
     pool = descriptor_pool.DescriptorPool()
     for f in fds.file:
         pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("salience.GenerateEvent"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
 
 
 def _f32(bits: int) -> float:
@@ -654,6 +663,100 @@ def test_encode_string_field_matches_betterproto2(value: str) -> None:
     encoded = _wire.encode_string_field(value)
     assert encoded == bytes(pb.OpenSessionRequest(model=value))
     assert encoded == bytes(pb.CloseSessionRequest(session_id=value))
+    assert encoded == bytes(HealthCheckRequest(service=value))
+
+
+# -- the other requests: byte for byte betterproto2's, and what upb reads back -------
+
+_U32S = st.integers(0, U32) | st.sampled_from([0, 1, 127, 128, 16383, 16384, U32])
+_RANGES = st.lists(st.tuples(_U32S, _U32S), max_size=3)
+
+
+def _same_float(a: float, b: float) -> bool:
+    return _nf(a) == _nf(b) or a == b == 0.0  # (-0.0 is left out, and reads back as 0.0)
+
+
+@FAST
+@given(
+    session_id=st.text(),
+    append_tokens=st.lists(_U32S, max_size=20),
+    offset=_U32S,
+    truncating=st.booleans(),
+    max_tokens=_U32S,
+    logprobs_ranges=_RANGES,
+    logprob_top_k=_U32S,
+    readout_ranges=_RANGES,
+    temperature=st.floats(width=32),
+    top_p=st.floats(width=32),
+    top_k=_U32S,
+    stop_token_ids=st.lists(_U32S, max_size=5),
+    priority=st.integers(-(2**31), 2**31 - 1) | st.sampled_from([-1, -(2**31), 2**31 - 1]),
+)
+def test_encode_generate_request_matches_betterproto2_and_upb(**fields: Any) -> None:
+    encoded = _wire.encode_generate_request(**fields)
+    ranges = {
+        k: [pb.PositionRange(start=a, end=b) for a, b in fields[k]]
+        for k in ("logprobs_ranges", "readout_ranges")
+    }
+    assert encoded == bytes(pb.GenerateRequest(**{**fields, **ranges}))
+    back = _upb_class("salience.GenerateRequest").FromString(encoded)
+    for name, value in fields.items():
+        got = getattr(back, name)
+        if name.endswith("_ranges"):
+            assert [(r.start, r.end) for r in got] == value, name
+        elif isinstance(value, float):
+            assert _same_float(got, value), (name, got, value)
+        elif isinstance(value, list):
+            assert list(got) == value, name
+        else:
+            assert got == value, name
+
+
+@FAST
+@given(
+    session_id=st.text(),
+    image=st.binary(max_size=300),
+    mime=st.text(),
+    offset=_U32S,
+    truncating=st.booleans(),
+)
+def test_encode_append_image_request_matches_betterproto2_and_upb(**fields: Any) -> None:
+    encoded = _wire.encode_append_image_request(**fields)
+    assert encoded == bytes(pb.AppendImageRequest(**fields))
+    back = _upb_class("salience.AppendImageRequest").FromString(encoded)
+    assert {name: getattr(back, name) for name in fields} == fields
+
+
+async def test_the_client_encodes_no_request_with_betterproto2(
+    server: ReferenceServer, eos_server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # betterproto2's bytes(message) imports pydantic.dataclasses on its first call
+    # where pydantic is installed: 50-200 ms inside a first Generate's first-token
+    # wait, which a CLI test's 0.5 s --timeout ran out on in CI.
+    encoded: list[str] = []
+    to_bytes = betterproto2.Message.__bytes__
+
+    def spy(message: betterproto2.Message) -> bytes:
+        encoded.append(type(message).__name__)
+        return to_bytes(message)
+
+    monkeypatch.setattr(betterproto2.Message, "__bytes__", spy)
+    urls = [server.grpc_url, eos_server.grpc_url]  # two endpoints: a pool, health-checked
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=urls, health_check_interval=0.05
+    ) as client:
+        async with client.session() as s:
+            await s.append_image(make_png(8, 8), "image/png")
+            sampling = SamplingParams(max_tokens=2, temperature=0.5, stop_token_ids=(300,))
+            async with s.generate(
+                [1, 2], sampling=sampling, logprobs_ranges=[(0, 2)], readout_ranges=[(1, 3)]
+            ) as events:
+                assert [e async for e in events]
+        serving = {poc_api.EndpointState.SERVING}
+        await wait_for(lambda: {ep.state for ep in client.endpoints} == serving)
+    requests = {"OpenSessionRequest", "CloseSessionRequest", "HealthCheckRequest"}
+    requests |= {"GenerateRequest", "AppendImageRequest"}
+    assert not requests & set(encoded), encoded
 
 
 @given(st.text(), st.integers(0, 2**32 - 1), st.binary(max_size=8))

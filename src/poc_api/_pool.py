@@ -59,10 +59,7 @@ from grpclib.exceptions import GRPCError
 
 from . import _errors as e
 from ._bridge import AsyncioBridge, BatchReceiver
-from ._proto.grpc.health.v1 import (
-    HealthCheckRequest,
-    HealthCheckResponseServingStatus,
-)
+from ._proto.grpc.health.v1 import HealthCheckResponseServingStatus
 from ._transport import (
     GrpcTarget,
     GrpcTransport,
@@ -74,7 +71,7 @@ from ._transport import (
     deadline,
     host_name_problem,
 )
-from ._wire import decode_health_check
+from ._wire import decode_health_check, encode_string_field
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -660,7 +657,7 @@ class Router:
 
     async def _check_once(self, ep: _Endpoint) -> None:
         sink = _Collect("Check")
-        request = bytes(HealthCheckRequest(service=_HEALTH_SERVICE))
+        request = encode_string_field(_HEALTH_SERVICE)  # HealthCheckRequest
         progress = _Progress()
         timeout = min(self._health_interval, 5.0)
         if ep.state is EndpointState.UNKNOWN:

@@ -22,7 +22,6 @@ import trio
 from . import _errors as e
 from ._chunks import check_image_mime
 from ._clock import FairSlice
-from ._proto import salience as pb
 from ._transport import StreamCall, map_grpc_error
 from ._types import (
     U32_MAX,
@@ -43,6 +42,8 @@ from ._wire import (
     decode_append_image,
     decode_generate_event,
     decode_open_session,
+    encode_append_image_request,
+    encode_generate_request,
     encode_string_field,
 )
 
@@ -164,8 +165,8 @@ class ReadoutShaper:
             log.warning("%d readouts of this stream were dropped (length)", self._mismatches)
 
 
-def _check_ranges(name: str, ranges: Ranges) -> list[pb.PositionRange]:
-    return [pb.PositionRange(start=a, end=b) for a, b in check_ranges(ranges, name)]
+def _check_ranges(name: str, ranges: Ranges) -> list[tuple[int, int]]:
+    return check_ranges(ranges, name)
 
 
 @final
@@ -638,7 +639,7 @@ class Session:
             # The offset once the session is ours: a call that held it may have
             # moved its end (the server would refuse a stale one).
             offset, truncating = self._offset(rewind_to)
-            req = pb.AppendImageRequest(
+            request = encode_append_image_request(
                 session_id=self._session_id,
                 image=image,
                 mime=mime,
@@ -646,7 +647,6 @@ class Session:
                 truncating=truncating,
             )
             left = None if seconds is None else max(0.0, deadline_at - trio.current_time())
-            request = bytes(req)
             # A client-side refusal sends nothing: the session stays as it was.
             self._transport.check_sendable("AppendImage", request)
             with trio.CancelScope() as closing:  # cancelled by aclose() from another task
@@ -997,8 +997,8 @@ class _GenerateBlock:
         session: Session,
         ids: tuple[int, ...],
         sampling: SamplingParams,
-        lp: list[pb.PositionRange],
-        ro: list[pb.PositionRange],
+        lp: list[tuple[int, int]],
+        ro: list[tuple[int, int]],
         priority: int,
         rewind_to: SupportsIndex | None,
         timeouts: _Timeouts | None,
@@ -1046,9 +1046,9 @@ class _GenerateBlock:
             raise ValueError("the prompt does not fit in uint32 positions")
         # The server would refuse it (OUT_OF_RANGE): say so without a round trip.
         check_window(s, offset + len(ids))
-        req = pb.GenerateRequest(
+        req = encode_generate_request(
             session_id=s._session_id,
-            append_tokens=list(ids),
+            append_tokens=ids,
             offset=offset,
             truncating=truncating,
             max_tokens=sampling.max_tokens,
@@ -1058,7 +1058,7 @@ class _GenerateBlock:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            stop_token_ids=list(sampling.stop_token_ids),
+            stop_token_ids=sampling.stop_token_ids,
             priority=self._priority,
         )
         log.debug(
@@ -1070,7 +1070,7 @@ class _GenerateBlock:
             self._priority,
         )
         started = time.perf_counter()
-        rpc = s._transport.server_stream("Generate", bytes(req), max_items=s._max_buffered)
+        rpc = s._transport.server_stream("Generate", req, max_items=s._max_buffered)
         self._rpc = rpc
         # What fails here (a client-side limit, a closed client) failed before
         # anything was sent: the session is untouched and stays usable.

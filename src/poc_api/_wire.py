@@ -1,4 +1,5 @@
-"""Fast wire decoding of ``salience.GenerateEvent`` and a pass-through grpclib codec.
+"""Fast wire decoding of ``salience.GenerateEvent``, the client's request encoders,
+and a pass-through grpclib codec.
 
 betterproto2 parses a token event carrying a 256-float readout in ~220 µs because
 it walks packed floats one by one in Python. :func:`decode_generate_event` is a
@@ -40,6 +41,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Sequence
 from typing import Any
 
 import betterproto2
@@ -54,6 +56,9 @@ __all__ = [
     "decode_generate_event",
     "decode_health_check",
     "decode_open_session",
+    "encode_append_image_request",
+    "encode_generate_request",
+    "encode_string_field",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -163,19 +168,131 @@ def _skip_group(data: bytes, pos: int, end: int, number: int, depth: int) -> int
 def encode_string_field(value: str) -> bytes:
     """Encode a message whose only field is ``string ... = 1``.
 
-    ``OpenSessionRequest`` and ``CloseSessionRequest``, sent twice per session:
-    built here in about a microsecond, where betterproto2 takes ten or more.
+    ``OpenSessionRequest``, ``CloseSessionRequest`` (sent twice per session) and
+    ``HealthCheckRequest``: built here in about a microsecond, where betterproto2
+    takes ten or more.
     """
     if not value:
         return b""  # proto3 leaves a default field out
-    data = value.encode()
-    n = len(data)
-    prefix = bytearray(b"\x0a")
+    out = bytearray()
+    _put_bytes(out, 0x0A, value.encode())
+    return bytes(out)
+
+
+# The client encodes every request itself, not with betterproto2: its
+# ``bytes(message)`` asks pydantic whether the message is a pydantic dataclass,
+# and where pydantic is installed (openai, fastapi, ... bring it) the first ask
+# imports ``pydantic.dataclasses``: 50-200 ms of CPU inside a first Generate's
+# first-token wait. The output is byte for byte betterproto2's (tests/test_wire.py).
+
+
+def _put_varint(out: bytearray, n: int) -> None:
     while n >= 0x80:
-        prefix.append((n & 0x7F) | 0x80)
+        out.append((n & 0x7F) | 0x80)
         n >>= 7
-    prefix.append(n)
-    return bytes(prefix) + data
+    out.append(n)
+
+
+def _put_bytes(out: bytearray, tag: int, data: bytes | bytearray) -> None:
+    out.append(tag)
+    _put_varint(out, len(data))
+    out += data
+
+
+def _put_packed(out: bytearray, tag: int, values: Sequence[int]) -> None:
+    if not values:
+        return  # proto3 leaves an empty repeated field out
+    body = bytearray()
+    for v in values:
+        if v < 0x80:
+            body.append(v)
+        else:
+            _put_varint(body, v)
+    _put_bytes(out, tag, body)
+
+
+def _put_ranges(out: bytearray, tag: int, ranges: Sequence[tuple[int, int]]) -> None:
+    for start, end in ranges:
+        item = bytearray()
+        if start:
+            item.append(0x08)
+            _put_varint(item, start)
+        if end:
+            item.append(0x10)
+            _put_varint(item, end)
+        _put_bytes(out, tag, item)
+
+
+_pack_f32 = struct.Struct("<f").pack
+
+
+def encode_generate_request(
+    *,
+    session_id: str,
+    append_tokens: Sequence[int],
+    offset: int,
+    truncating: bool,
+    max_tokens: int,
+    logprobs_ranges: Sequence[tuple[int, int]],
+    logprob_top_k: int,
+    readout_ranges: Sequence[tuple[int, int]],
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    stop_token_ids: Sequence[int],
+    priority: int,
+) -> bytes:
+    """Encode a ``GenerateRequest`` (values already checked: uint32s in range,
+    floats that fit a float32, ``priority`` an int32)."""
+    out = bytearray()
+    if session_id:
+        _put_bytes(out, 0x0A, session_id.encode())
+    _put_packed(out, 0x12, append_tokens)
+    for tag, value in ((0x18, offset), (0x20, int(truncating)), (0x28, max_tokens)):
+        if value:
+            out.append(tag)
+            _put_varint(out, value)
+    _put_ranges(out, 0x32, logprobs_ranges)
+    if logprob_top_k:
+        out.append(0x38)
+        _put_varint(out, logprob_top_k)
+    _put_ranges(out, 0x42, readout_ranges)
+    # (-0.0 == 0.0: left out, as betterproto2 leaves it out.)
+    if temperature:
+        out.append(0x4D)
+        out += _pack_f32(temperature)
+    if top_p:
+        out.append(0x55)
+        out += _pack_f32(top_p)
+    if top_k:
+        out.append(0x58)
+        _put_varint(out, top_k)
+    _put_packed(out, 0x62, stop_token_ids)
+    if priority:
+        out.append(0x68)
+        _put_varint(out, priority & _MASK64)  # a negative int32 takes ten bytes
+    return bytes(out)
+
+
+def encode_append_image_request(
+    *, session_id: str, image: bytes, mime: str, offset: int, truncating: bool
+) -> bytes:
+    """Encode an ``AppendImageRequest`` (``offset`` a checked uint32)."""
+    head = bytearray()
+    if session_id:
+        _put_bytes(head, 0x0A, session_id.encode())
+    if image:  # (the image itself is copied once, by the join)
+        head.append(0x12)
+        _put_varint(head, len(image))
+    tail = bytearray()
+    if mime:
+        _put_bytes(tail, 0x1A, mime.encode())
+    if offset:
+        tail.append(0x20)
+        _put_varint(tail, offset)
+    if truncating:
+        tail += b"\x28\x01"
+    return b"".join((head, image, tail))
 
 
 def decode_open_session(data: bytes) -> tuple[str, int]:
