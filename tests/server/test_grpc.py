@@ -460,7 +460,10 @@ def test_generate_streams_a_long_decode_fast(
     toks, done = c.generate(sid, append_tokens=PROMPT, max_tokens=30_000)
     rate = len(toks) / (time.perf_counter() - start)
     assert done.completion_tokens == 30_000 and done.finish_reason == "length"
-    assert rate > 5_000, f"{rate:.0f} tokens/s"  # generous: CI boxes are noisy
+    # A bound only a stall per token breaks (a timer, a flow-control wait), not a
+    # speed target (those live in benchmarks/): 5,000 tokens/s failed with the
+    # suite sharing two cores with six busy processes (3,440; ~25,000 idle).
+    assert rate > 500, f"{rate:.0f} tokens/s"
 
 
 def test_client_reset_stops_decode_and_is_recorded(
