@@ -697,6 +697,9 @@ class Router:
                 return
             log.debug("health check of %s timed out", ep.target.url)
             ep.failed()
+            # Calls already sent there would wait out keepalive_time if it froze.
+            if ep.transport.probe():
+                log.debug("pinging %s: calls in flight there wait on its answer", ep.target.url)
             return
         except Exception as exc:
             log.debug("health check of %s failed: %s", ep.target.url, exc)

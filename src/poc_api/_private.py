@@ -115,7 +115,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("hpack.table.HeaderTable", "maxsize", "the table's state (_hpack)"),
     # The reference server (poc_api.server): graceful shutdown.
     ("grpclib.server.Server instance", "_server", "stop accepting before the grace period"),
-    ("grpclib.protocol.Connection instance", "_connection", "the h2 connection's last stream id"),
+    (
+        "grpclib.protocol.Connection instance",
+        "_connection",
+        "the h2 connection's last stream id; a ping when a health check goes unanswered",
+    ),
     (
         "grpclib.server.Handler instance",
         "_tasks",

@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import ssl as _ssl
+import struct
 import threading
 import time
 from collections import deque
@@ -594,6 +595,20 @@ class GrpcTransport:
     def target(self) -> GrpcTarget:
         """The endpoint this transport talks to."""
         return self._target
+
+    def probe(self) -> bool:
+        """asyncio: a health check of this server went unanswered: ping its
+        connection now if calls are in flight on it, and close it (failing them
+        with ``ServerUnavailable``) unless the answer comes within
+        ``keepalive_timeout``. Keepalive alone would find a frozen server only
+        after ``keepalive_time`` (300 s by default). Whether a ping went out."""
+        channel = self._channel
+        protocol = None if channel is None else channel._protocol
+        if self._keepalive is None or not isinstance(protocol, _PocH2Protocol):
+            return False
+        if protocol.closed or not protocol.processor.streams:
+            return False  # (nothing waits on it: keepalive's own pings suffice)
+        return protocol.connection.probe(self._keepalive.timeout)
 
     @property
     def connected(self) -> bool:
@@ -1782,6 +1797,19 @@ class _PocConnection(Connection):
         if timer is not None and not timer.cancelled() and timer.when() <= due:
             self.ping_unanswered = True
         super().close()
+
+    def probe(self, timeout: float) -> bool:
+        """Ping now (asyncio side), unless a ping is out already: unanswered within
+        ``timeout`` seconds, the connection closes as keepalive closes it. Whether
+        a ping went out."""
+        if self._close_by_ping_handler is not None or self.is_closing():
+            return False
+        now = time.monotonic()
+        self._connection.ping(struct.pack("!Q", int(now * 10**6)))
+        self.flush()
+        self.last_ping_sent = now
+        self._close_by_ping_handler = asyncio.get_running_loop().call_later(timeout, self.close)
+        return True
 
     def _is_need_send_ping(self) -> bool:
         if super()._is_need_send_ping():

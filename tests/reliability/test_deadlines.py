@@ -198,6 +198,46 @@ async def test_sigstopped_server_is_detected_within_keepalive_interval_plus_time
                 await s2.prefill([1, 2, 3])
 
 
+async def test_a_pool_pings_a_server_whose_health_check_goes_unanswered(
+    server_process: type[ServerProcess], port_pair: int, server: ReferenceServer
+) -> None:
+    # A call already sent to a server that froze waited out keepalive (300 s +
+    # 20 s by default), although its health check had marked the server
+    # UNREACHABLE within a health interval: the check now pings that connection.
+    proc = server_process(port_pair, "--max-context", "2000000", "--ignore-eos")
+    proc.start()
+    interval, keepalive_timeout = 0.3, 1.0
+    async with poc_api.ApiClient(
+        proc.base_url,
+        grpc_url=[proc.grpc_url, server.grpc_url],
+        health_check_interval=interval,
+        keepalive_timeout=keepalive_timeout,  # (keepalive_time stays 300 s)
+        close_timeout=0.5,
+    ) as c:
+        async with c.session() as s1, c.session() as s2:  # one on each server
+            serving = {poc_api.EndpointState.SERVING}  # (checks start with the first)
+            await wait_for(lambda: {ep.state for ep in c.endpoints} == serving)
+            s, other = (s1, s2) if s1._transport.url == proc.grpc_url else (s2, s1)
+            assert s._transport.url == proc.grpc_url
+            stopped_at = 0.0
+            try:
+                with trio.fail_after(20), pytest.raises(poc_api.ServerUnavailable) as info:
+                    async with s.generate(HELLO, sampling=SamplingParams(max_tokens=10**7)) as ev:
+                        n = 0
+                        async for _ in ev:
+                            n += 1
+                            if n == 1000:
+                                proc.signal(signal.SIGSTOP)
+                                stopped_at = time.monotonic()
+                detected = time.monotonic() - stopped_at
+            finally:
+                proc.signal(signal.SIGCONT)
+            assert "keepalive ping" in str(info.value), info.value
+            # Buffered events, then a check's interval and timeout, then the ping's.
+            assert detected < 2 * interval + keepalive_timeout + 3.0, detected
+            await other.prefill([1, 2, 3])  # the other server's session lives on
+
+
 # -- stream timeouts -----------------------------------------------------------------
 
 
