@@ -8,7 +8,7 @@ import itertools
 import random
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -28,6 +28,7 @@ from poc_api import (
     EndpointStatus,
     SamplingParams,
     StreamDone,
+    Token,
     TokenOut,
     Tokens,
     _transport,
@@ -455,6 +456,45 @@ async def test_an_endpoints_first_health_check_may_take_longer_than_a_short_inte
             status = client.endpoints[1]
             assert status.failures == 0, status
             assert status.state is EndpointState.SERVING, status
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+async def test_a_health_check_that_times_out_pings_the_calls_connection(frozen: bool) -> None:
+    # Calls already sent to a server that froze waited for keepalive's next ping
+    # (300 s away by default) though its check had timed out: the timeout now
+    # pings that connection. A server that is only slow to check answers the
+    # ping, and its calls go on; a frozen one (deaf: it reads and answers nothing)
+    # does not, and its calls fail within keepalive_timeout.
+    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
+    async with reference_servers(1) as (good,), misbehaving_server() as slow:
+        slow.plan("Check", Reply(raw=serving), Reply(raw=serving), *[Reply("silent")] * 99)
+        n = 400 if frozen else 40  # tokens 0.05 s apart: 20 s (never finished), or 2 s
+        slow.default = Reply(tokens=n, interval=0.05)
+        async with poc_api.ApiClient(
+            good.base_url,
+            grpc_url=[good.grpc_url, slow.url],
+            health_check_interval=0.3,
+            keepalive_timeout=0.5,  # (keepalive_time stays 300 s: no ping of its own)
+        ) as client:
+            with trio.fail_after(15):
+                async with client.session() as s1, client.session() as s2:
+                    assert {ep.sessions for ep in client.endpoints} == {1}
+                    s = s1 if s1._transport.url == slow.url else s2
+                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
+                    got = 0
+                    with (
+                        pytest.raises(poc_api.ServerUnavailable, match="keepalive ping")
+                        if frozen
+                        else nullcontext()
+                    ):
+                        async with s.generate([1, 2], sampling=SamplingParams(max_tokens=n)) as ev:
+                            async for event in ev:
+                                got += isinstance(event, Token)
+                                if got == 5:
+                                    slow.deaf = frozen
+            assert client.endpoints[1].state is EndpointState.UNREACHABLE
+            # (A deaf server reads no PING: it went unanswered, as the match says.)
+            assert (got < n) if frozen else (got == n and slow.pings >= 1), (got, slow.pings)
 
 
 async def test_a_health_check_queued_behind_the_clients_own_streams_is_no_failure() -> None:
