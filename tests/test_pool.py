@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from typing import Any
 
+import h2.connection
 import pytest
 import trio
 import trio.testing
@@ -495,6 +496,32 @@ async def test_a_health_check_that_times_out_pings_the_calls_connection(frozen: 
             assert client.endpoints[1].state is EndpointState.UNREACHABLE
             # (A deaf server reads no PING: it went unanswered, as the match says.)
             assert (got < n) if frozen else (got == n and slow.pings >= 1), (got, slow.pings)
+
+
+async def test_a_probe_of_a_connection_that_h2_has_closed_sends_nothing(
+    server: ReferenceServer,
+) -> None:
+    # An error GOAWAY closes h2's state machine before grpclib closes the
+    # connection: a ping in between raised h2's ProtocolError out of the check.
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        with trio.fail_after(20):
+            async with c.session() as s:
+                sampling = SamplingParams(max_tokens=10**6)
+                async with s.generate([1, 2], sampling=sampling) as ev:
+                    await ev.__anext__()  # a call in flight: the probe would ping
+                    transport = c._transport
+                    machine = transport._channel._protocol._h2.state_machine  # type: ignore[union-attr]
+
+                    async def probe_closed() -> tuple[bool, bool]:  # (on the client's loop)
+                        state = machine.state
+                        machine.state = h2.connection.ConnectionState.CLOSED
+                        try:
+                            closed = transport.probe()  # type: ignore[union-attr]
+                        finally:
+                            machine.state = state
+                        return closed, transport.probe()  # type: ignore[union-attr]
+
+                    assert await c._bridge.run(probe_closed) == (False, True)
 
 
 async def test_a_health_check_queued_behind_the_clients_own_streams_is_no_failure() -> None:

@@ -1805,7 +1805,10 @@ class _PocConnection(Connection):
         if self._close_by_ping_handler is not None or self.is_closing():
             return False
         now = time.monotonic()
-        self._connection.ping(struct.pack("!Q", int(now * 10**6)))
+        try:
+            self._connection.ping(struct.pack("!Q", int(now * 10**6)))
+        except h2.exceptions.ProtocolError:
+            return False  # h2 closed it (an error GOAWAY came): it ends by itself
         self.flush()
         self.last_ping_sent = now
         self._close_by_ping_handler = asyncio.get_running_loop().call_later(timeout, self.close)
