@@ -498,6 +498,36 @@ async def test_a_health_check_that_times_out_pings_the_calls_connection(frozen: 
             assert (got < n) if frozen else (got == n and slow.pings >= 1), (got, slow.pings)
 
 
+async def test_a_server_that_sends_no_data_is_not_pinged_at_each_check_it_leaves_unanswered() -> (
+    None
+):
+    # Pings with no DATA from the server in between, more often than keepalive's,
+    # are what gRPC servers count as abuse (ping strikes): they end the
+    # connection, calls and all, with GOAWAY "too_many_pings". Probing a live
+    # connection on each of its unanswered checks did that.
+    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
+    async with reference_servers(1) as (good,), misbehaving_server() as slow:
+        slow.plan("Check", Reply(raw=serving), Reply(raw=serving), *[Reply("silent")] * 99)
+        slow.plan("Generate", Reply("silent"))
+        async with poc_api.ApiClient(
+            good.base_url,
+            grpc_url=[good.grpc_url, slow.url],
+            health_check_interval=0.2,
+            keepalive_timeout=0.5,
+        ) as client:
+            with trio.fail_after(15):
+                async with client.session() as s1, client.session() as s2:
+                    s = s1 if s1._transport.url == slow.url else s2
+                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
+                    async with s.generate([1, 2], sampling=SamplingParams(max_tokens=5)) as ev:
+                        with trio.move_on_after(2):
+                            async for _ in ev:
+                                pass
+                    checks = len(slow.calls_to("Check"))
+        assert checks >= 6, checks  # (the unanswered ones: each timed out, then the next)
+        assert slow.pings == 1, slow.ping_times
+
+
 async def test_a_probe_of_a_connection_that_h2_has_closed_sends_nothing(
     server: ReferenceServer,
 ) -> None:

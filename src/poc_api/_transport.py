@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import ssl as _ssl
 import struct
@@ -1688,6 +1689,9 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
     stream-level window on consumption (see the module docstring), and that
     stays open after a graceful GOAWAY."""
 
+    #: time.monotonic() of the last DATA received (a probe's ping rate depends on it)
+    data_at: float = -math.inf
+
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         # h2 closes its state machine on any GOAWAY, after which the DATA of
         # streams the server promised to finish is a protocol error. HTTP/2 lets
@@ -1711,6 +1715,7 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
             if isinstance(event, DataReceived):
                 received += event.flow_controlled_length or 0
         if received:
+            self.data_at = time.monotonic()
             # The same batching h2 applies on acknowledgement (update once half
             # the window is used), so this adds no WINDOW_UPDATE per DATA frame.
             increment = self._inbound_flow_control_window_manager.process_bytes(received)
@@ -1801,12 +1806,23 @@ class _PocConnection(Connection):
     def probe(self, timeout: float) -> bool:
         """Ping now (asyncio side), unless a ping is out already: unanswered within
         ``timeout`` seconds, the connection closes as keepalive closes it. Whether
-        a ping went out."""
+        a ping went out.
+
+        Nor when a ping went out less than ``keepalive_time`` ago and no DATA came
+        since: gRPC servers count such pings as abuse (ping strikes, reset when
+        they send DATA or HEADERS) and end the connection, calls and all, with
+        GOAWAY "too_many_pings"."""
         if self._close_by_ping_handler is not None or self.is_closing():
             return False
         now = time.monotonic()
+        last = self.last_ping_sent
+        h2_conn = self._connection
+        interval = self._config._keepalive_time or 0.0  # (set: probes need keepalive)
+        data_since = isinstance(h2_conn, _SplitWindowH2Connection) and h2_conn.data_at > (last or 0)
+        if last is not None and now - last < interval and not data_since:
+            return False
         try:
-            self._connection.ping(struct.pack("!Q", int(now * 10**6)))
+            h2_conn.ping(struct.pack("!Q", int(now * 10**6)))
         except h2.exceptions.ProtocolError:
             return False  # h2 closed it (an error GOAWAY came): it ends by itself
         self.flush()
