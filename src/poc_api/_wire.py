@@ -214,16 +214,24 @@ def _put_packed(out: bytearray, tag: int, values: Sequence[int]) -> None:
 def _put_ranges(out: bytearray, tag: int, ranges: Sequence[tuple[int, int]]) -> None:
     for start, end in ranges:
         item = bytearray()
-        if start:
-            item.append(0x08)
-            _put_varint(item, start)
-        if end:
-            item.append(0x10)
-            _put_varint(item, end)
+        _put_uint(item, 0x08, start)
+        _put_uint(item, 0x10, end)
         _put_bytes(out, tag, item)
 
 
+def _put_uint(out: bytearray, tag: int, value: int) -> None:
+    if value:  # proto3 leaves a default field out
+        out.append(tag)
+        _put_varint(out, value)
+
+
 _pack_f32 = struct.Struct("<f").pack
+
+
+def _put_f32(out: bytearray, tag: int, value: float) -> None:
+    if value:  # (-0.0 == 0.0: left out too, as betterproto2 leaves it out)
+        out.append(tag)
+        out += _pack_f32(value)
 
 
 def encode_generate_request(
@@ -248,29 +256,17 @@ def encode_generate_request(
     if session_id:
         _put_bytes(out, 0x0A, session_id.encode())
     _put_packed(out, 0x12, append_tokens)
-    for tag, value in ((0x18, offset), (0x20, int(truncating)), (0x28, max_tokens)):
-        if value:
-            out.append(tag)
-            _put_varint(out, value)
+    _put_uint(out, 0x18, offset)
+    _put_uint(out, 0x20, int(truncating))
+    _put_uint(out, 0x28, max_tokens)
     _put_ranges(out, 0x32, logprobs_ranges)
-    if logprob_top_k:
-        out.append(0x38)
-        _put_varint(out, logprob_top_k)
+    _put_uint(out, 0x38, logprob_top_k)
     _put_ranges(out, 0x42, readout_ranges)
-    # (-0.0 == 0.0: left out, as betterproto2 leaves it out.)
-    if temperature:
-        out.append(0x4D)
-        out += _pack_f32(temperature)
-    if top_p:
-        out.append(0x55)
-        out += _pack_f32(top_p)
-    if top_k:
-        out.append(0x58)
-        _put_varint(out, top_k)
+    _put_f32(out, 0x4D, temperature)
+    _put_f32(out, 0x55, top_p)
+    _put_uint(out, 0x58, top_k)
     _put_packed(out, 0x62, stop_token_ids)
-    if priority:
-        out.append(0x68)
-        _put_varint(out, priority & _MASK64)  # a negative int32 takes ten bytes
+    _put_uint(out, 0x68, priority & _MASK64)  # a negative int32 takes ten bytes
     return bytes(out)
 
 
@@ -287,11 +283,8 @@ def encode_append_image_request(
     tail = bytearray()
     if mime:
         _put_bytes(tail, 0x1A, mime.encode())
-    if offset:
-        tail.append(0x20)
-        _put_varint(tail, offset)
-    if truncating:
-        tail += b"\x28\x01"
+    _put_uint(tail, 0x20, offset)
+    _put_uint(tail, 0x28, int(truncating))
     return b"".join((head, image, tail))
 
 

@@ -162,6 +162,28 @@ async def test_prefill_and_append_image_timeouts(bad_server: MisbehavingServer) 
 # -- a frozen server process ---------------------------------------------------------
 
 
+async def frozen_mid_stream(
+    proc: ServerProcess, session: poc_api.Session, *, limit: float
+) -> tuple[float, poc_api.ServerUnavailable]:
+    """Stream on ``session`` (a session on ``proc``), SIGSTOP ``proc`` at the
+    1,000th event, and take the ServerUnavailable that must end the stream within
+    ``limit`` seconds: the seconds from the stop to it, and it. ``proc`` goes on
+    (SIGCONT) whatever happens."""
+    stopped_at = 0.0
+    try:
+        with trio.fail_after(limit), pytest.raises(poc_api.ServerUnavailable) as info:
+            async with session.generate(HELLO, sampling=SamplingParams(max_tokens=10**7)) as ev:
+                n = 0
+                async for _ in ev:
+                    n += 1
+                    if n == 1000:
+                        proc.signal(signal.SIGSTOP)
+                        stopped_at = time.monotonic()
+        return time.monotonic() - stopped_at, info.value
+    finally:
+        proc.signal(signal.SIGCONT)
+
+
 async def test_sigstopped_server_is_detected_within_keepalive_interval_plus_timeout(
     server_process: type[ServerProcess], port_pair: int
 ) -> None:
@@ -176,20 +198,8 @@ async def test_sigstopped_server_is_detected_within_keepalive_interval_plus_time
         keepalive_timeout=keepalive_timeout,
         close_timeout=0.5,
     ) as c:
-        stopped_at = 0.0
-        try:
-            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable):
-                async with c.session() as s:
-                    async with s.generate(HELLO, sampling=SamplingParams(max_tokens=10**7)) as ev:
-                        n = 0
-                        async for _ in ev:
-                            n += 1
-                            if n == 1000:
-                                proc.signal(signal.SIGSTOP)
-                                stopped_at = time.monotonic()
-            detected = time.monotonic() - stopped_at
-        finally:
-            proc.signal(signal.SIGCONT)
+        async with c.session() as s:
+            detected, _ = await frozen_mid_stream(proc, s, limit=10)
         # Buffered events drain first; then one ping interval plus its timeout.
         assert detected < keepalive_time + keepalive_timeout + 1.0, detected
         # The process woke up: the same client talks to it again on a new connection.
@@ -219,20 +229,8 @@ async def test_a_pool_pings_a_server_whose_health_check_goes_unanswered(
             await wait_for(lambda: {ep.state for ep in c.endpoints} == serving)
             s, other = (s1, s2) if s1._transport.url == proc.grpc_url else (s2, s1)
             assert s._transport.url == proc.grpc_url
-            stopped_at = 0.0
-            try:
-                with trio.fail_after(20), pytest.raises(poc_api.ServerUnavailable) as info:
-                    async with s.generate(HELLO, sampling=SamplingParams(max_tokens=10**7)) as ev:
-                        n = 0
-                        async for _ in ev:
-                            n += 1
-                            if n == 1000:
-                                proc.signal(signal.SIGSTOP)
-                                stopped_at = time.monotonic()
-                detected = time.monotonic() - stopped_at
-            finally:
-                proc.signal(signal.SIGCONT)
-            assert "keepalive ping" in str(info.value), info.value
+            detected, exc = await frozen_mid_stream(proc, s, limit=20)
+            assert "keepalive ping" in str(exc), exc
             # Buffered events, then a check's interval and timeout, then the ping's.
             assert detected < 2 * interval + keepalive_timeout + 3.0, detected
             await other.prefill([1, 2, 3])  # the other server's session lives on
