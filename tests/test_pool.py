@@ -498,6 +498,35 @@ async def test_a_health_check_that_times_out_pings_the_calls_connection(frozen: 
             assert (got < n) if frozen else (got == n and slow.pings >= 1), (got, slow.pings)
 
 
+async def test_a_health_check_that_times_out_pings_a_draining_connections_calls_too() -> None:
+    # The server sends a graceful GOAWAY mid-stream (the stream runs on, on its
+    # draining connection; checks go on a new one), then freezes: only the new
+    # connection was probed, and the stream waited for keepalive.
+    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
+    async with reference_servers(1) as (good,), misbehaving_server() as slow:
+        slow.plan("Check", Reply(raw=serving), Reply(raw=serving), *[Reply("silent")] * 99)
+        n = 60  # tokens 0.1 s apart: 3 s to the GOAWAY, then 3 s more
+        slow.plan("Generate", Reply("goaway_graceful", tokens=n, interval=0.1))
+        async with poc_api.ApiClient(
+            good.base_url,
+            grpc_url=[good.grpc_url, slow.url],
+            health_check_interval=0.3,
+            keepalive_timeout=0.5,
+        ) as client:
+            with trio.fail_after(15):
+                async with client.session() as s1, client.session() as s2:
+                    s = s1 if s1._transport.url == slow.url else s2
+                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
+                    got = 0
+                    with pytest.raises(poc_api.ServerUnavailable, match="keepalive ping"):
+                        async with s.generate([1, 2], sampling=SamplingParams(max_tokens=n)) as ev:
+                            async for event in ev:
+                                got += isinstance(event, Token)
+                                if got == n // 2 + 1:  # past the GOAWAY
+                                    slow.deaf = True
+        assert n // 2 < got < n, got
+
+
 async def test_a_server_that_sends_no_data_is_not_pinged_at_each_check_it_leaves_unanswered() -> (
     None
 ):

@@ -603,13 +603,17 @@ class GrpcTransport:
         with ``ServerUnavailable``) unless the answer comes within
         ``keepalive_timeout``. Keepalive alone would find a frozen server only
         after ``keepalive_time`` (300 s by default). Whether a ping went out."""
-        channel = self._channel
-        protocol = None if channel is None else channel._protocol
-        if self._keepalive is None or not isinstance(protocol, _PocH2Protocol):
+        if self._keepalive is None:
             return False
-        if protocol.closed or not protocol.processor.streams:
-            return False  # (nothing waits on it: keepalive's own pings suffice)
-        return protocol.connection.probe(self._keepalive.timeout)
+        pinged = False
+        # Connections draining after a graceful GOAWAY too: their calls run on.
+        for channel in (self._channel, *self._draining):
+            protocol = None if channel is None else channel._protocol
+            if not isinstance(protocol, _PocH2Protocol) or protocol.closed:
+                continue
+            if protocol.processor.streams:  # (else nothing waits on it)
+                pinged |= protocol.connection.probe(self._keepalive.timeout)
+        return pinged
 
     @property
     def connected(self) -> bool:
@@ -1791,6 +1795,7 @@ class _PocConnection(Connection):
 
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
     ping_unanswered = False  # keepalive closed the connection: a ping went unanswered
+    writer: _CoalescingTransport | None = None  # (set by the protocol that made it)
 
     def close(self) -> None:
         # grpclib's keepalive closes the connection by calling this from the timer it
@@ -1801,6 +1806,8 @@ class _PocConnection(Connection):
         due = time.monotonic() + 0.001
         if timer is not None and not timer.cancelled() and timer.when() <= due:
             self.ping_unanswered = True
+            if self.writer is not None:
+                self.writer.peer_gone = True
         super().close()
 
     def probe(self, timeout: float) -> bool:
@@ -1940,6 +1947,7 @@ class _PocH2Protocol(H2Protocol):
         self._socket = transport  # type: ignore[assignment]
         self.connection = _PocConnection(h2_conn, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.sessions_open = self.sessions_open
+        self.connection.writer = writer
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
@@ -2168,7 +2176,7 @@ class _CoalescingTransport:
     waits longer than the iteration that wrote it.
     """
 
-    __slots__ = ("_before_select", "_chunks", "_real", "closed")
+    __slots__ = ("_before_select", "_chunks", "_real", "closed", "peer_gone")
 
     def __init__(
         self,
@@ -2179,6 +2187,7 @@ class _CoalescingTransport:
         self._before_select = before_select
         self._chunks: list[bytes] = []
         self.closed = False  # grpclib closed the connection (lost follows soon)
+        self.peer_gone = False  # a ping went unanswered: close() aborts
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -2200,6 +2209,13 @@ class _CoalescingTransport:
 
     def close(self) -> None:
         self.closed = True
+        if self.peer_gone:
+            # Over plain TCP, close() ends the connection only once its write
+            # buffer has drained, which a frozen peer never does: a request body
+            # waiting there (a big image) kept the connection, and its calls,
+            # open with no end.
+            self._real.abort()
+            return
         self.flush()  # a reset or GOAWAY written just before still goes out
         if self._real.get_extra_info("ssl_object") is not None:
             # Over TLS, close() first trades close_notify alerts, for up to 30 s

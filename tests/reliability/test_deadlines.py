@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -234,6 +235,36 @@ async def test_a_pool_pings_a_server_whose_health_check_goes_unanswered(
             # Buffered events, then a check's interval and timeout, then the ping's.
             assert detected < 2 * interval + keepalive_timeout + 3.0, detected
             await other.prefill([1, 2, 3])  # the other server's session lives on
+
+
+@pytest.mark.parametrize("pool", [False, True])
+async def test_a_frozen_server_with_a_big_request_left_unsent_is_found_too(
+    server_process: type[ServerProcess], port_pair: int, server: ReferenceServer, pool: bool
+) -> None:
+    # A server that stops reading leaves a big request body in the client's write
+    # buffer, and over plain TCP a close waits for that buffer to drain: a ping
+    # gone unanswered then closed nothing. Keepalive alone hung the call for
+    # ever; a pool's probe left it to the next check ("Connection closed").
+    proc = server_process(port_pair)
+    proc.start()
+    keepalive = {"keepalive_time": 0.5} if not pool else {"health_check_interval": 0.3}
+    urls = [proc.grpc_url, server.grpc_url] if pool else [proc.grpc_url]
+    async with poc_api.ApiClient(
+        proc.base_url, grpc_url=urls, keepalive_timeout=0.5, close_timeout=0.5, **keepalive
+    ) as c:
+        async with c.session() as s1, c.session() as s2:
+            serving = {poc_api.EndpointState.SERVING}
+            if pool:  # (checks start with the first session)
+                await wait_for(lambda: {ep.state for ep in c.endpoints} == serving)
+            s = s1 if not pool or s1._transport.url == proc.grpc_url else s2
+            image = os.urandom(16 << 20)  # past the server's 4 MiB flow-control window
+            proc.signal(signal.SIGSTOP)
+            try:
+                with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                    await s.append_image(image, "image/png")
+            finally:
+                proc.signal(signal.SIGCONT)
+            assert "keepalive ping" in str(info.value), info.value
 
 
 # -- stream timeouts -----------------------------------------------------------------
