@@ -1059,6 +1059,8 @@ class GrpcTransport:
         """
         max_size = self._max_message_size
         refused = drained = 0
+        task = asyncio.current_task()
+        level = 0 if task is None else task.cancelling()
         while True:
             try:
                 channel = await self._ready_channel(
@@ -1108,6 +1110,7 @@ class GrpcTransport:
                 finally:
                     gate.leave()
             except StreamTerminatedError as exc:
+                _forget_swallowed_cancels(task, level)
                 ended = exc
                 if raw is not None and protocol.unprocessed(raw.id) and not _retriable_reset(exc):
                     # Above a GOAWAY's last stream id: not processed, whatever ended
@@ -1613,9 +1616,28 @@ class _Reader:
             self._buf, self._pos = buf, pos
 
 
+def _forget_swallowed_cancels(task: asyncio.Task[Any] | None, level: int) -> None:
+    """asyncio: undo the cancel requests grpclib swallowed in ``task`` since its
+    count was ``level``.
+
+    grpclib ends a call that its connection's end (or a GOAWAY) cut by
+    cancelling the task and raising ``StreamTerminatedError`` in place of the
+    ``CancelledError``, never calling ``uncancel()``. The count left behind makes
+    the task's next asyncio timeout raise ``CancelledError``, not
+    ``TimeoutError`` (``asyncio.wait_for`` too, from Python 3.12): a health
+    check's did, and ended the pool's health checks for good. Called right where
+    the error is caught, with no await since, where no other cancel can be pending.
+    """
+    if task is not None:
+        while task.cancelling() > level:
+            task.uncancel()
+
+
 async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -> None:
     """Read a call's answer: headers, every message into ``sink``, trailers."""
     raw = stream._stream
+    task = asyncio.current_task()
+    level = 0 if task is None else task.cancelling()
     try:
         try:
             await stream.recv_initial_metadata()
@@ -1630,6 +1652,7 @@ async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -
                 )
             await stream.recv_trailing_metadata()
         except StreamTerminatedError:
+            _forget_swallowed_cancels(task, level)
             # grpclib fails every stream of a connection that goes away, even one whose
             # answer had fully arrived (say, a GOAWAY right behind it). If the server
             # finished the call, finish reading it from the buffer.

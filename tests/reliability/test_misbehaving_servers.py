@@ -6,6 +6,7 @@ normal call against the same server, which behaves again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -1673,3 +1674,37 @@ async def test_a_session_whose_server_reports_no_context_window_is_not_checked_a
             assert result.end == 3
             [cont] = await c.score_continuations([Tokens([1] * 5000)], [[2, 3]])
             assert (cont.start, cont.end) == (5000, 5002)
+
+
+@pytest.mark.parametrize("kind", ["close", "goaway"])
+async def test_a_call_cut_by_its_connection_leaves_its_task_no_cancel_request(
+    bad_server: MisbehavingServer, kind: str
+) -> None:
+    # grpclib ends such a call by cancelling its task and raising
+    # StreamTerminatedError instead, never uncancel()ing it: the task's next
+    # asyncio timeout then raised CancelledError, not TimeoutError. On 3.12+ a
+    # pool's health check (asyncio.wait_for) did so after a GOAWAY, and the pool
+    # never checked an endpoint again.
+    bad_server.plan("OpenSession", Reply(kind))
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+        transport = c._transport
+        assert transport is not None
+
+        async def call_then_time_out() -> tuple[str, int, bool]:
+            try:
+                await transport.unary_in_loop("OpenSession", b"")
+                failed = "nothing"
+            except Exception as exc:
+                failed = type(exc).__name__
+            task = asyncio.current_task()
+            assert task is not None
+            try:
+                async with asyncio.timeout(0.01):
+                    await asyncio.sleep(1)
+            except TimeoutError:
+                return failed, task.cancelling(), True
+            return failed, task.cancelling(), False  # pragma: no cover
+
+        with trio.fail_after(10):
+            failed, cancelling, timed_out = await c._bridge.run(call_then_time_out)  # type: ignore[union-attr]
+        assert (cancelling, timed_out) == (0, True), failed
