@@ -34,6 +34,7 @@ from poc_api import (
     Tokens,
     _transport,
 )
+from poc_api._pool import Router
 from poc_api._proto.grpc.health.v1 import (
     HealthCheckRequest,
     HealthCheckResponse,
@@ -1550,3 +1551,30 @@ def test_reconnect_backoff_doubles_up_to_its_cap(failures: int) -> None:
     got = backoff(failures, 0.05, 1.0)
     assert got == (1.0 if failures > 64 else min(1.0, 0.05 * 2 ** (failures - 1)))
     assert backoff(failures + 1, 0.05, 1.0) >= got
+
+
+async def test_a_health_check_that_ends_cancelled_does_not_end_the_checks(
+    server: ReferenceServer,
+    eos_server: ReferenceServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A check whose timeout came out as a CancelledError (grpclib's swallowed
+    # cancels, Python 3.12+) was re-raised by the loop of checks, which ended
+    # for good: the pool never saw an endpoint change state again.
+    checks: list[str] = []
+    check_once = Router._check_once
+
+    async def check(self: Router, ep: Any) -> None:
+        checks.append(ep.target.url)
+        if len(checks) == 3:
+            raise asyncio.CancelledError  # as such a check ended
+        await check_once(self, ep)
+
+    monkeypatch.setattr(Router, "_check_once", check)
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=[server.grpc_url, eos_server.grpc_url], health_check_interval=0.05
+    ) as client:
+        await client.score([Tokens([1, 2, 3])], [(1, 3)])  # starts the checks
+        await wait_for(lambda: len(checks) >= 10)
+    assert "failed unexpectedly (checks go on)" in caplog.text

@@ -634,8 +634,12 @@ class Router:
                 *(self._check(ep) for ep in endpoints), return_exceptions=True
             )
             self._note_first_checks(round_ended=True)
+            me = asyncio.current_task()
             for ep, result in zip(endpoints, results, strict=True):
-                if isinstance(result, Exception):
+                # A check's own cancellation, this loop not cancelled: a check
+                # whose timeout was turned into one (grpclib's swallowed cancels).
+                stray = isinstance(result, asyncio.CancelledError) and not (me and me.cancelling())
+                if isinstance(result, Exception) or stray:
                     # A bug: one check's exception ended the loop of them all, and
                     # the pool saw no endpoint change state again. Said, and on.
                     log.error(
