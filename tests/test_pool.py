@@ -21,7 +21,7 @@ from grpclib.exceptions import GRPCError
 from helpers import kill_for_good, refusing_port, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
-from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply, misbehaving_server
 
 import poc_api
 from poc_api import (
@@ -460,6 +460,35 @@ async def test_an_endpoints_first_health_check_may_take_longer_than_a_short_inte
             assert status.state is EndpointState.SERVING, status
 
 
+_SERVING = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
+
+
+@asynccontextmanager
+async def checks_go_silent(
+    interval: float, generate: Reply
+) -> AsyncIterator[tuple[poc_api.ApiClient, poc_api.Session, MisbehavingServer]]:
+    """A pool of a reference server and a misbehaving one that answers its first
+    two health checks (every ``interval`` s) and no other, its Generate answered
+    with ``generate``; keepalive_timeout 0.5 s, keepalive_time its 300 s (no ping
+    of its own). Yields the client, a session on the misbehaving server (one is
+    open on the other too) once two checks came, and that server."""
+    async with reference_servers(1) as (good,), misbehaving_server() as slow:
+        slow.plan("Check", Reply(raw=_SERVING), Reply(raw=_SERVING), *[Reply("silent")] * 99)
+        slow.plan("Generate", generate)
+        async with poc_api.ApiClient(
+            good.base_url,
+            grpc_url=[good.grpc_url, slow.url],
+            health_check_interval=interval,
+            keepalive_timeout=0.5,
+        ) as client:
+            with trio.fail_after(15):
+                async with client.session() as s1, client.session() as s2:
+                    assert {ep.sessions for ep in client.endpoints} == {1}
+                    s = s1 if s1._transport.url == slow.url else s2
+                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
+                    yield client, s, slow
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 async def test_a_health_check_that_times_out_pings_the_calls_connection(frozen: bool) -> None:
     # Calls already sent to a server that froze waited for keepalive's next ping
@@ -467,65 +496,39 @@ async def test_a_health_check_that_times_out_pings_the_calls_connection(frozen: 
     # pings that connection. A server that is only slow to check answers the
     # ping, and its calls go on; a frozen one (deaf: it reads and answers nothing)
     # does not, and its calls fail within keepalive_timeout.
-    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
-    async with reference_servers(1) as (good,), misbehaving_server() as slow:
-        slow.plan("Check", Reply(raw=serving), Reply(raw=serving), *[Reply("silent")] * 99)
-        n = 400 if frozen else 40  # tokens 0.05 s apart: 20 s (never finished), or 2 s
-        slow.default = Reply(tokens=n, interval=0.05)
-        async with poc_api.ApiClient(
-            good.base_url,
-            grpc_url=[good.grpc_url, slow.url],
-            health_check_interval=0.3,
-            keepalive_timeout=0.5,  # (keepalive_time stays 300 s: no ping of its own)
-        ) as client:
-            with trio.fail_after(15):
-                async with client.session() as s1, client.session() as s2:
-                    assert {ep.sessions for ep in client.endpoints} == {1}
-                    s = s1 if s1._transport.url == slow.url else s2
-                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
-                    got = 0
-                    with (
-                        pytest.raises(poc_api.ServerUnavailable, match="keepalive ping")
-                        if frozen
-                        else nullcontext()
-                    ):
-                        async with s.generate([1, 2], sampling=SamplingParams(max_tokens=n)) as ev:
-                            async for event in ev:
-                                got += isinstance(event, Token)
-                                if got == 5:
-                                    slow.deaf = frozen
-            assert client.endpoints[1].state is EndpointState.UNREACHABLE
-            # (A deaf server reads no PING: it went unanswered, as the match says.)
-            assert (got < n) if frozen else (got == n and slow.pings >= 1), (got, slow.pings)
+    n = 400 if frozen else 40  # tokens 0.05 s apart: 20 s (never finished), or 2 s
+    async with checks_go_silent(0.3, Reply(tokens=n, interval=0.05)) as (client, s, slow):
+        got = 0
+        with (
+            pytest.raises(poc_api.ServerUnavailable, match="keepalive ping")
+            if frozen
+            else nullcontext()
+        ):
+            async with s.generate([1, 2], sampling=SamplingParams(max_tokens=n)) as ev:
+                async for event in ev:
+                    got += isinstance(event, Token)
+                    if got == 5:
+                        slow.deaf = frozen
+        assert client.endpoints[1].state is EndpointState.UNREACHABLE
+    # (A deaf server reads no PING: it went unanswered, as the match says.)
+    assert (got < n) if frozen else (got == n and slow.pings >= 1), (got, slow.pings)
 
 
 async def test_a_health_check_that_times_out_pings_a_draining_connections_calls_too() -> None:
     # The server sends a graceful GOAWAY mid-stream (the stream runs on, on its
     # draining connection; checks go on a new one), then freezes: only the new
     # connection was probed, and the stream waited for keepalive.
-    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
-    async with reference_servers(1) as (good,), misbehaving_server() as slow:
-        slow.plan("Check", Reply(raw=serving), Reply(raw=serving), *[Reply("silent")] * 99)
-        n = 60  # tokens 0.1 s apart: 3 s to the GOAWAY, then 3 s more
-        slow.plan("Generate", Reply("goaway_graceful", tokens=n, interval=0.1))
-        async with poc_api.ApiClient(
-            good.base_url,
-            grpc_url=[good.grpc_url, slow.url],
-            health_check_interval=0.3,
-            keepalive_timeout=0.5,
-        ) as client:
-            with trio.fail_after(15):
-                async with client.session() as s1, client.session() as s2:
-                    s = s1 if s1._transport.url == slow.url else s2
-                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
-                    got = 0
-                    with pytest.raises(poc_api.ServerUnavailable, match="keepalive ping"):
-                        async with s.generate([1, 2], sampling=SamplingParams(max_tokens=n)) as ev:
-                            async for event in ev:
-                                got += isinstance(event, Token)
-                                if got == n // 2 + 1:  # past the GOAWAY
-                                    slow.deaf = True
-        assert n // 2 < got < n, got
+    n = 60  # tokens 0.1 s apart: 3 s to the GOAWAY, then 3 s more
+    generate = Reply("goaway_graceful", tokens=n, interval=0.1)
+    async with checks_go_silent(0.3, generate) as (_, s, slow):
+        got = 0
+        with pytest.raises(poc_api.ServerUnavailable, match="keepalive ping"):
+            async with s.generate([1, 2], sampling=SamplingParams(max_tokens=n)) as ev:
+                async for event in ev:
+                    got += isinstance(event, Token)
+                    if got == n // 2 + 1:  # past the GOAWAY
+                        slow.deaf = True
+    assert n // 2 < got < n, got
 
 
 async def test_a_server_that_sends_no_data_is_not_pinged_at_each_check_it_leaves_unanswered() -> (
@@ -535,27 +538,14 @@ async def test_a_server_that_sends_no_data_is_not_pinged_at_each_check_it_leaves
     # are what gRPC servers count as abuse (ping strikes): they end the
     # connection, calls and all, with GOAWAY "too_many_pings". Probing a live
     # connection on each of its unanswered checks did that.
-    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
-    async with reference_servers(1) as (good,), misbehaving_server() as slow:
-        slow.plan("Check", Reply(raw=serving), Reply(raw=serving), *[Reply("silent")] * 99)
-        slow.plan("Generate", Reply("silent"))
-        async with poc_api.ApiClient(
-            good.base_url,
-            grpc_url=[good.grpc_url, slow.url],
-            health_check_interval=0.2,
-            keepalive_timeout=0.5,
-        ) as client:
-            with trio.fail_after(15):
-                async with client.session() as s1, client.session() as s2:
-                    s = s1 if s1._transport.url == slow.url else s2
-                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
-                    async with s.generate([1, 2], sampling=SamplingParams(max_tokens=5)) as ev:
-                        with trio.move_on_after(2):
-                            async for _ in ev:
-                                pass
-                    checks = len(slow.calls_to("Check"))
-        assert checks >= 6, checks  # (the unanswered ones: each timed out, then the next)
-        assert slow.pings == 1, slow.ping_times
+    async with checks_go_silent(0.2, Reply("silent")) as (_, s, slow):
+        async with s.generate([1, 2], sampling=SamplingParams(max_tokens=5)) as ev:
+            with trio.move_on_after(2):
+                async for _ in ev:
+                    pass
+        checks = len(slow.calls_to("Check"))
+    assert checks >= 6, checks  # (the unanswered ones: each timed out, then the next)
+    assert slow.pings == 1, slow.ping_times
 
 
 async def test_a_probe_of_a_connection_that_h2_has_closed_sends_nothing(
