@@ -46,6 +46,7 @@ from poc_api.testing import make_png, reference_server, reference_servers
 
 SALIENCE = ("OpenSession", "CloseSession", "AppendImage", "Generate")
 TURN = SamplingParams(max_tokens=4)
+SERVING = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
 
 
 def salience_calls(server: ReferenceServer) -> int:
@@ -446,9 +447,8 @@ async def test_an_endpoints_first_health_check_may_take_longer_than_a_short_inte
     # a healthy endpoint (connecting first; a cold process took 0.33 s) timed out,
     # and the endpoint sat out its backoff with no session while others took them
     # all (15/0/15 in a pool review). Its first check gets at least a second.
-    serving = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
     async with reference_servers(1) as (good,), misbehaving_server() as slow:
-        slow.plan("Check", Reply(first_delay=0.6, raw=serving), *[Reply(raw=serving)] * 100)
+        slow.plan("Check", Reply(first_delay=0.6, raw=SERVING), *[Reply(raw=SERVING)] * 100)
         async with poc_api.ApiClient(
             good.base_url, grpc_url=[good.grpc_url, slow.url], health_check_interval=0.3
         ) as client:
@@ -458,9 +458,6 @@ async def test_an_endpoints_first_health_check_may_take_longer_than_a_short_inte
             status = client.endpoints[1]
             assert status.failures == 0, status
             assert status.state is EndpointState.SERVING, status
-
-
-_SERVING = bytes(HealthCheckResponse(status=HealthCheckResponseServingStatus.SERVING))
 
 
 @asynccontextmanager
@@ -473,7 +470,7 @@ async def checks_go_silent(
     of its own). Yields the client, a session on the misbehaving server (one is
     open on the other too) once two checks came, and that server."""
     async with reference_servers(1) as (good,), misbehaving_server() as slow:
-        slow.plan("Check", Reply(raw=_SERVING), Reply(raw=_SERVING), *[Reply("silent")] * 99)
+        slow.plan("Check", Reply(raw=SERVING), Reply(raw=SERVING), *[Reply("silent")] * 99)
         slow.plan("Generate", generate)
         async with poc_api.ApiClient(
             good.base_url,

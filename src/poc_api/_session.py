@@ -165,10 +165,6 @@ class ReadoutShaper:
             log.warning("%d readouts of this stream were dropped (length)", self._mismatches)
 
 
-def _check_ranges(name: str, ranges: Ranges) -> list[tuple[int, int]]:
-    return check_ranges(ranges, name)
-
-
 @final
 class GenerateStream:
     """The events of one ``Generate`` call: :class:`Token`\\ s, then one :class:`Done`.
@@ -774,8 +770,8 @@ class Session:
         sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError("sampling must be a SamplingParams")
-        lp = _check_ranges("logprobs_ranges", logprobs_ranges)
-        ro = _check_ranges("readout_ranges", readout_ranges)
+        lp = check_ranges(logprobs_ranges, "logprobs_ranges")
+        ro = check_ranges(readout_ranges, "readout_ranges")
         prio = check_int32("priority", priority)
         timeouts = None
         total = check_timeout("timeout", timeout)

@@ -172,10 +172,8 @@ def encode_string_field(value: str) -> bytes:
     ``HealthCheckRequest``: built here in about a microsecond, where betterproto2
     takes ten or more.
     """
-    if not value:
-        return b""  # proto3 leaves a default field out
     out = bytearray()
-    _put_bytes(out, 0x0A, value.encode())
+    _put_str(out, 0x0A, value)
     return bytes(out)
 
 
@@ -197,6 +195,11 @@ def _put_bytes(out: bytearray, tag: int, data: bytes | bytearray) -> None:
     out.append(tag)
     _put_varint(out, len(data))
     out += data
+
+
+def _put_str(out: bytearray, tag: int, value: str) -> None:
+    if value:  # proto3 leaves a default field out
+        _put_bytes(out, tag, value.encode())
 
 
 def _put_packed(out: bytearray, tag: int, values: Sequence[int]) -> None:
@@ -253,8 +256,7 @@ def encode_generate_request(
     """Encode a ``GenerateRequest`` (values already checked: uint32s in range,
     floats that fit a float32, ``priority`` an int32)."""
     out = bytearray()
-    if session_id:
-        _put_bytes(out, 0x0A, session_id.encode())
+    _put_str(out, 0x0A, session_id)
     _put_packed(out, 0x12, append_tokens)
     _put_uint(out, 0x18, offset)
     _put_uint(out, 0x20, int(truncating))
@@ -275,14 +277,12 @@ def encode_append_image_request(
 ) -> bytes:
     """Encode an ``AppendImageRequest`` (``offset`` a checked uint32)."""
     head = bytearray()
-    if session_id:
-        _put_bytes(head, 0x0A, session_id.encode())
+    _put_str(head, 0x0A, session_id)
     if image:  # (the image itself is copied once, by the join)
         head.append(0x12)
         _put_varint(head, len(image))
     tail = bytearray()
-    if mime:
-        _put_bytes(tail, 0x1A, mime.encode())
+    _put_str(tail, 0x1A, mime)
     _put_uint(tail, 0x20, offset)
     _put_uint(tail, 0x28, int(truncating))
     return b"".join((head, image, tail))
