@@ -273,3 +273,11 @@ async def kill_for_good(server: ReferenceServer) -> None:
             sock.close()
             continue
         HELD_PORTS.append(sock)
+
+
+def chat_done(finish_reason: str, usage: Any, tool_calls: tuple[Any, ...] = ()) -> Any:
+    """The ChatDone of a one-choice stream: its choice repeated in ``choices``."""
+    from poc_api import ChatDone
+
+    only = ChatDone(finish_reason, None, tool_calls)
+    return ChatDone(finish_reason, usage, tool_calls, (only,))

@@ -20,7 +20,7 @@ import attrs
 import httpx
 import pytest
 import trio
-from helpers import Handler, http_server, read_request
+from helpers import Handler, chat_done, http_server, read_request
 
 import poc_api
 from poc_api import (
@@ -98,7 +98,7 @@ OPENAI_TOOLS_EVENTS: list[ChatEvent] = [
     ChatToolCallDelta(0, "", "", '{"ci'),
     ChatToolCallDelta(0, "", "", 'ty": "Oslo"}'),
     ChatToolCallDelta(1, "call_def", "get_time", "{}"),
-    ChatDone(
+    chat_done(
         "tool_calls",
         Usage(9, 3, 12),
         (
@@ -125,7 +125,7 @@ VLLM_REASONING_EVENTS: list[ChatEvent] = [
     ChatReasoningDelta("ing é"),
     ChatDelta("Hi"),
     ChatDelta("!"),
-    ChatDone("stop", Usage(5, 4, 9)),
+    chat_done("stop", Usage(5, 4, 9)),
 ]
 
 # llama.cpp: finish and usage-ish timings on the last chunk, then [DONE].
@@ -138,7 +138,7 @@ LLAMACPP = data(
 LLAMACPP_EVENTS: list[ChatEvent] = [
     ChatDelta("Hel"),
     ChatDelta("lo"),
-    ChatDone("length", Usage(9, 3, 12)),
+    chat_done("length", Usage(9, 3, 12)),
 ]
 
 TEXT = data(chunk({"content": "a"}), chunk({"content": "b"}), chunk({"content": "c"}))
@@ -172,7 +172,7 @@ DONE_WITHOUT_BLANK_LINE = TEXT + FINISH + b"data: [DONE]\n"
 DONE_WITHOUT_EOL = TEXT + FINISH + b"data: [DONE]"
 CUT_BEFORE_FINISH = TEXT
 
-ABC_DONE: list[ChatEvent] = [*ABC, ChatDone("stop", Usage(9, 3, 12))]
+ABC_DONE: list[ChatEvent] = [*ABC, chat_done("stop", Usage(9, 3, 12))]
 
 # (name, stream, events delivered, (error type, message pattern) or None)
 CASES: list[tuple[str, bytes, list[ChatEvent], tuple[type[Exception], str] | None]] = [
@@ -594,7 +594,7 @@ async def test_reference_server_round_trip_with_tools_n_and_logprobs(
     assert len(done.choices) == 2 and done.choices[0].text == done.text
     assert done.tool_calls == () and len(done.logprobs["content"]) == 6
     assert "".join(e.text for e in streamed if isinstance(e, ChatDelta)) == whole.text
-    assert streamed[-1] == ChatDone(whole.finish_reason, whole.usage)
+    assert streamed[-1] == chat_done(whole.finish_reason, whole.usage)
 
 
 async def test_a_vllm_flat_error_in_a_200_answer_raises_with_its_message() -> None:
@@ -617,7 +617,8 @@ async def test_streamed_choices_carry_their_index(server: ReferenceServer) -> No
     for i in (0, 1):
         text = "".join(e.text for e in got if isinstance(e, ChatDelta) and e.choice == i)
         assert text == whole.choices[i].text
-    assert got[-1] == ChatDone("length", whole.usage)
+    expected = tuple(ChatDone(c.finish_reason, None, c.tool_calls) for c in whole.choices)
+    assert got[-1] == ChatDone("length", whole.usage, (), expected)
 
 
 async def test_streamed_logprobs_ride_on_their_deltas(server: ReferenceServer) -> None:

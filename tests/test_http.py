@@ -30,6 +30,7 @@ import trio.testing
 from helpers import (
     Handler,
     aclose_under_a_reader,
+    chat_done,
     consume_busily,
     heartbeat,
     http_server,
@@ -55,6 +56,7 @@ from poc_api._http import (
     ChatDelta,
     ChatDone,
     ChatStream,
+    ChatToolCall,
     HttpApi,
     error_excerpt,
     key_redactor,
@@ -1198,7 +1200,7 @@ async def test_streamed_text_equals_non_streamed_text_under_greedy(
             got = [e async for e in events]
     assert all(isinstance(e, ChatDelta) for e in got[:-1]) and len(got) > 2
     assert "".join(e.text for e in got[:-1] if isinstance(e, ChatDelta)) == whole.text
-    assert got[-1] == ChatDone(whole.finish_reason, whole.usage)
+    assert got[-1] == chat_done(whole.finish_reason, whole.usage)
 
 
 async def test_chat_stream_sends_stream_options_include_usage(http: httpx.AsyncClient) -> None:
@@ -1211,7 +1213,7 @@ async def test_chat_stream_sends_stream_options_include_usage(http: httpx.AsyncC
     with trio.fail_after(10):
         async with canned_server(record) as url:
             async with make_api(http, url).chat_stream(HELLO) as events:
-                assert [e async for e in events] == [ChatDone("", None)]
+                assert [e async for e in events] == [chat_done("", None)]
     assert b"accept: text/event-stream" in heads[0].lower()
 
 
@@ -1416,7 +1418,7 @@ async def test_a_body_ended_by_its_close_inside_an_event_loses_that_event(
                             got.append(event)
                 assert got[0] == ChatDelta("hi")
                 if outcome == "stop":
-                    assert got == [ChatDelta("hi"), ChatDone("stop", None)]
+                    assert got == [ChatDelta("hi"), chat_done("stop", None)]
 
 
 async def test_http_calls_past_max_http_connections_fail_at_once_not_wait_unseen(
@@ -1514,7 +1516,7 @@ async def test_a_5000_digit_sse_retry_field_is_ignored(http: httpx.AsyncClient) 
         async with canned_server([response(200, body, "text/event-stream")]) as url:
             async with make_api(http, url).chat_stream(HELLO) as events:
                 got = [e async for e in events]
-    assert got == [ChatDelta("hi"), ChatDone("stop", None)]
+    assert got == [ChatDelta("hi"), chat_done("stop", None)]
 
 
 @pytest.mark.parametrize(
@@ -1668,7 +1670,7 @@ async def test_stream_decodes_crlf_events_split_at_every_byte(http: httpx.AsyncC
         async with canned_server(trickle) as url:
             async with make_api(http, url).chat_stream(HELLO) as events:
                 got = [e async for e in events]
-    assert got == [ChatDelta("hi"), ChatDelta("hi"), ChatDone("", None)]
+    assert got == [ChatDelta("hi"), ChatDelta("hi"), chat_done("", None)]
 
 
 @pytest.mark.parametrize(
@@ -2170,7 +2172,7 @@ async def test_a_cancelled_read_of_a_chat_stream_loses_nothing(http: httpx.Async
                     ticks += tick.cancelled_caught
     assert ticks > 0  # reads were cancelled, or this test proves nothing
     assert "".join(e.text for e in got if isinstance(e, ChatDelta)) == whole.text
-    assert got[-1] == ChatDone(whole.finish_reason, whole.usage)
+    assert got[-1] == chat_done(whole.finish_reason, whole.usage)
 
 
 async def test_reading_on_after_a_chat_stream_failed_raises_again(
@@ -2234,7 +2236,7 @@ async def test_a_chat_stream_unread_stops_reading_its_socket_and_reading_on_gets
                 rest = [e async for e in events]
     assert done
     assert [first, *rest[:-1]] == [ChatDelta("x" * 100)] * (batches * per_batch)
-    assert rest[-1] == ChatDone("", None)
+    assert rest[-1] == chat_done("", None)
 
 
 async def test_a_slow_consumer_of_queued_chat_events_lets_other_tasks_run(
@@ -2443,7 +2445,7 @@ async def test_an_empty_error_field_is_no_error(http: httpx.AsyncClient, falsy: 
             assert (await api.chat(HELLO)).text == "hi"
             async with api.chat_stream(HELLO) as events:
                 got = [e async for e in events]
-            assert got == [ChatDelta("hi", 0), ChatDone("", None)]
+            assert got == [ChatDelta("hi", 0), chat_done("", None)]
 
 
 async def test_a_second_task_reading_a_chat_stream_gets_busy_resource_error(
@@ -2924,22 +2926,54 @@ async def test_chat_choices_listed_out_of_order_come_back_in_index_order(
     ]
 
 
-async def test_a_streams_finish_reason_is_choice_0s_when_another_finishes_later(
+async def test_a_streams_done_holds_every_choice_and_leads_with_choice_0s(
     http: httpx.AsyncClient,
 ) -> None:
-    # With n=2, choice 1's finish chunk comes after choice 0's: ChatDone carries
-    # choice 0's reason (as chat()'s finish_reason is choice 0's).
-    def chunk(index: int, content: str, finish: str | None) -> str:
-        choice = {"index": index, "delta": {"content": content}, "finish_reason": finish}
-        return json.dumps({"choices": [choice]})
+    # With n=2, choice 1's finish chunk (and its tool call) comes after choice 0's:
+    # ChatDone's own fields are choice 0's (as chat()'s are), and choices[1] holds
+    # choice 1's reason and call. It used to carry choice 0's alone.
+    def chunk(index: int, delta: dict[str, Any], finish: str | None) -> str:
+        return json.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
 
-    body = sse(chunk(0, "a", None), chunk(1, "b", None), chunk(0, "", "stop"))
-    body += sse(chunk(1, "c", "length"), "[DONE]")
+    call = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}
+    body = sse(chunk(0, {"content": "a"}, None), chunk(1, {"content": "b"}, None))
+    body += sse(chunk(0, {}, "stop"), chunk(1, {"tool_calls": [call]}, None))
+    body += sse(chunk(1, {}, "tool_calls"), "[DONE]")
     with trio.fail_after(10):
         async with canned_server([CHAT_STREAM_HEAD + body]) as url:
             async with make_api(http, url).chat_stream(HELLO, n=2) as events:
                 got = [e async for e in events]
-    assert got == [ChatDelta("a", 0), ChatDelta("b", 1), ChatDelta("c", 1), ChatDone("stop", None)]
+    calls = (ChatToolCall("c1", "f", "{}"),)
+    assert got[:2] == [ChatDelta("a", 0), ChatDelta("b", 1)]
+    assert got[-1] == ChatDone(
+        "stop", None, (), (ChatDone("stop", None), ChatDone("tool_calls", None, calls))
+    )
+
+
+@pytest.mark.parametrize("second_finishes", [True, False])
+async def test_a_stream_without_done_is_whole_only_once_every_choice_finished(
+    http: httpx.AsyncClient, second_finishes: bool
+) -> None:
+    # No [DONE]: the body's end counts as the answer's end only after each choice's
+    # finish chunk; choice 0's alone left choice 1 cut short without a word.
+    def chunk(index: int, finish: str | None) -> str:
+        choice = {"index": index, "delta": {"content": "x"}, "finish_reason": finish}
+        return json.dumps({"choices": [choice]})
+
+    body = sse(chunk(0, None), chunk(1, None), chunk(0, "stop"))
+    if second_finishes:
+        body += sse(chunk(1, "length"))
+    with trio.fail_after(10):
+        async with canned_server([CHAT_STREAM_HEAD + body]) as url:
+            async with make_api(http, url).chat_stream(HELLO, n=2) as events:
+                if second_finishes:
+                    got = [e async for e in events]
+                    assert isinstance(got[-1], ChatDone)
+                    assert [c.finish_reason for c in got[-1].choices] == ["stop", "length"]
+                else:
+                    with pytest.raises(ProtocolViolation, match="before choice 1's finish_reason"):
+                        async for _ in events:
+                            pass
 
 
 async def test_a_url_password_in_an_error_body_is_redacted(http: httpx.AsyncClient) -> None:

@@ -363,15 +363,24 @@ class ChatToolCallDelta:
 @final
 @attrs.frozen
 class ChatDone:
-    """Last event of a chat stream (after ``data: [DONE]``, or after the finish chunk
+    """Last event of a chat stream (after ``data: [DONE]``, or after the finish chunks
     of a stream that ended without ``[DONE]``).
 
-    ``finish_reason`` and ``tool_calls`` are the first choice's.
+    Attributes:
+        finish_reason: the first choice's ``"stop"``, ``"length"``, ...
+            (``""`` if it sent none).
+        usage: token accounting, or ``None`` when the server sent none.
+        tool_calls: the first choice's tool calls, put together, in order.
+        choices: every choice in index order, each with ``usage=None`` and no
+            ``choices`` of its own: one unless ``n > 1`` (so ``choices[i]`` holds
+            choice ``i``'s finish reason and tool calls, as
+            :attr:`ChatCompletion.choices` does for ``chat()``).
     """
 
     finish_reason: str
     usage: Usage | None
     tool_calls: tuple[ChatToolCall, ...] = ()
+    choices: tuple[ChatDone, ...] = ()
 
 
 ChatEvent: TypeAlias = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
@@ -2425,7 +2434,7 @@ class ChatStream:
         elif self._cut:
             state = "left before the end"
         elif self._finished:
-            state = f"finished finish_reason={self._finish_reason!r}"
+            state = f"finished finish_reason={self._finish.get(self._first, '')!r}"
         else:
             state = "streaming"
         return f"<poc_api.ChatStream {self._what} {state}>"
@@ -2460,7 +2469,8 @@ class ChatStream:
         self._reader_closed = False  # aclose() was called: iterating is an error
         self._done_queued = False  # the ChatDone is in the queue (or already delivered)
         self._cut_event = False  # the body's close cut its last event (dropped)
-        self._finish_reason: str | None = None  # choice 0's, once a finish chunk came
+        self._finish: dict[int, str] = {}  # each choice's, once its finish chunk came
+        self._choices: set[int] = set()  # the indexes of the choices seen
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
         self._tool_text = 0  # characters of tool calls kept to join at the end
@@ -2586,7 +2596,7 @@ class ChatStream:
                     # (an event stream drops an event the stream ends inside).
                     log.debug("%s: the body ended in the middle of an event", self._what)
                     self._cut_event = True
-            if truncated is not None and self._finish_reason is None:
+            if truncated is not None and self._unfinished() is not None:
                 raise truncated  # before the answer's end: the cut is the news
             self._end_of_body()
         except Exception as exc:
@@ -2670,23 +2680,39 @@ class ChatStream:
         self._pump_parked.wake()  # (the pump reads no more)
         raise self._closed_by
 
+    @property
+    def _first(self) -> int:
+        """The first choice's index (0 unless a server numbers them otherwise)."""
+        return min(self._choices, default=0)
+
+    def _unfinished(self) -> str | None:
+        """What is missing for the answer to be whole without ``[DONE]``, or None."""
+        if not self._finish:
+            return "any finish_reason"
+        missing = sorted(self._choices - self._finish.keys())
+        return f"choice {missing[0]}'s finish_reason" if missing else None
+
     def _queue_done(self) -> None:
-        calls = self._tool_calls.get(0, {})
-        done = ChatDone(
-            self._finish_reason or "",
-            self._usage,
-            tuple(calls[i].done() for i in sorted(calls)),
-        )
+        def choice(index: int) -> ChatDone:
+            calls = self._tool_calls.get(index, {})
+            tool_calls = tuple(calls[i].done() for i in sorted(calls))
+            return ChatDone(self._finish.get(index, ""), None, tool_calls)
+
+        # As chat() does: choices in index order, the first one's on ChatDone.
+        choices = tuple(choice(i) for i in sorted(self._choices or {0}))
+        first = choices[0]
+        done = ChatDone(first.finish_reason, self._usage, first.tool_calls, choices)
         self._queue.append(done)
         self._done_queued = True
 
     def _end_of_body(self) -> None:
         if self._done_queued:
             return
-        if self._finish_reason is None:
+        missing = self._unfinished()
+        if missing is not None:
             cut = " (the connection closed in the middle of an event)" if self._cut_event else ""
             raise ProtocolViolation(
-                f"{self._what}: event stream ended before [DONE] and before any finish_reason{cut}"
+                f"{self._what}: event stream ended before [DONE] and before {missing}{cut}"
             )
         # The official client ends such a stream normally: the answer is complete.
         log.debug("%s: stream ended without [DONE] after its finish chunk", self._what)
@@ -2741,9 +2767,10 @@ class ChatStream:
                 for call in calls:
                     if isinstance(call, dict):
                         self._tool_call(index, call)
+        self._choices.add(index)
         finish = choice.get("finish_reason")
-        if isinstance(finish, str) and finish and index == 0:
-            self._finish_reason = finish
+        if isinstance(finish, str) and finish:
+            self._finish[index] = finish
 
     def _tool_call(self, choice: int, call: dict[str, Any]) -> None:
         parts = self._tool_calls.setdefault(choice, {})
