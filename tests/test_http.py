@@ -2950,6 +2950,20 @@ async def test_a_streams_done_holds_every_choice_and_leads_with_choice_0s(
     )
 
 
+async def test_a_stream_with_more_choices_than_a_request_may_ask_for_is_refused(
+    http: httpx.AsyncClient,
+) -> None:
+    # Each choice seen is kept for ChatDone: a server that numbers every chunk anew
+    # would grow that without bound (n is at most 128).
+    chunks = [json.dumps({"choices": [{"index": i, "delta": {}}]}) for i in range(200)]
+    with trio.fail_after(10):
+        async with canned_server([CHAT_STREAM_HEAD + sse(*chunks, "[DONE]")]) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                with pytest.raises(ProtocolViolation, match=r"more than 128 choices \(index 128\)"):
+                    async for _ in events:
+                        pass
+
+
 @pytest.mark.parametrize("second_finishes", [True, False])
 async def test_a_stream_without_done_is_whole_only_once_every_choice_finished(
     http: httpx.AsyncClient, second_finishes: bool

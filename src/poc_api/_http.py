@@ -2767,7 +2767,13 @@ class ChatStream:
                 for call in calls:
                     if isinstance(call, dict):
                         self._tool_call(index, call)
-        self._choices.add(index)
+        if index not in self._choices:
+            # Kept until the end (ChatDone's choices): as many as a request may ask for.
+            if len(self._choices) >= _MAX_CHOICES:
+                raise ProtocolViolation(
+                    f"{self._what}: more than {_MAX_CHOICES} choices (index {index})"
+                )
+            self._choices.add(index)
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
             self._finish[index] = finish
