@@ -290,6 +290,51 @@ def test_arbitrary_bytes_never_crash_and_are_split_invariant(
     assert decode_all(split_at(body, cuts)) == decode_all([body])
 
 
+# -- one whole event per chunk: the usual chat stream's shape (a shortcut in feed) -------
+
+
+@given(st.lists(st.tuples(st.one_of(st.none(), id_text), field_text), max_size=6))
+def test_one_whole_event_per_chunk_gives_the_events_of_the_lines(
+    events: list[tuple[str | None, str]],
+) -> None:
+    # Each event a chunk of its own ("data: v" and its blank line), an id line now
+    # and then in a chunk before it: the ids carry over into the events.
+    chunks: list[bytes] = []
+    expected: list[SSEEvent] = []
+    last_id = ""
+    for ident, value in events:
+        if ident is not None:
+            chunks.append(f"id: {ident}\n".encode())
+            last_id = ident
+        chunks.append(f"data: {value}\n\n".encode())
+        expected.append(SSEEvent("message", value, last_id))
+    assert decode_all(chunks) == expected
+    assert decode_all([b"".join(chunks)]) == expected
+
+
+@pytest.mark.parametrize(
+    ("before", "expected"),
+    [
+        (b"event: delta\n", [SSEEvent("delta", "v")]),  # the event's type came first
+        (b"data: a\n", [SSEEvent("message", "a\nv")]),  # a data line came first
+        (b"x-", []),  # a line's first bytes: "x-data: v" is an unknown field
+        (b"\r", [SSEEvent("message", "v")]),  # a CR ended the line before
+    ],
+)
+def test_a_whole_event_chunk_after_an_event_under_way_joins_it(
+    before: bytes, expected: list[SSEEvent]
+) -> None:
+    # A chunk shaped as a whole event is one only when nothing is under way.
+    assert decode_all([before, b"data: v\n\n"]) == expected
+
+
+def test_a_whole_event_chunk_over_the_bound_raises() -> None:
+    d = SSEDecoder(max_buffer=8)
+    assert d.feed(b"data: 1234567\n\n") == [SSEEvent("message", "1234567")]
+    with pytest.raises(LimitExceeded, match="event data longer than 8"):
+        d.feed(b"data: 12345678\n\n")
+
+
 # -- close(flush=True) and error_field: for bodies known to be complete ----------------
 
 

@@ -168,6 +168,18 @@ class SSEDecoder:
                 text = text[1:]
         if not text:
             return []
+        if (
+            text[-2:] == "\n\n"
+            and text.startswith("data: ")
+            and not self._partial
+            and not self._data
+            and not self._event_type
+        ):
+            # The usual chunk, one whole event ("data: {json}" and its blank line)
+            # with nothing under way: the event the lines below would give.
+            value = text[6:-2]
+            if "\n" not in value and "\r" not in value and len(value) < self._max_buffer:
+                return [SSEEvent("message", value, self._last_id)]
         events: list[SSEEvent] = []
         lines = _lines(text)
         rest = lines.pop()  # after the last line ending: "" if the text ends in one
