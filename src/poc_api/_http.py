@@ -2119,7 +2119,7 @@ class HttpApi:
                     response = await self._send_stream(request, shown)
                 if head.cancelled_caught:
                     raise self._timed_out("POST", shown, "no response headers")
-                events = ChatStream(self, response, shown)
+                events = ChatStream(self, response, shown, payload.get("n"))
                 try:
                     with call_scope(scope), trio.CancelScope(deadline=answer_by) as head:
                         await events._check_response(head)  # (an error answer's body is read here)
@@ -2439,7 +2439,9 @@ class ChatStream:
             state = "streaming"
         return f"<poc_api.ChatStream {self._what} {state}>"
 
-    def __init__(self, api: HttpApi, response: httpx.Response, url: str) -> None:
+    def __init__(self, api: HttpApi, response: httpx.Response, url: str, n: object = None) -> None:
+        """``n``: the choices the request asked for (``extra_body`` may ask for more
+        than ``chat_stream``'s own ``n`` allows)."""
         self._api = api
         self._response = response
         self._url = url  # already redacted: used only in messages
@@ -2470,7 +2472,11 @@ class ChatStream:
         self._done_queued = False  # the ChatDone is in the queue (or already delivered)
         self._cut_event = False  # the body's close cut its last event (dropped)
         self._finish: dict[int, str] = {}  # each choice's, once its finish chunk came
-        self._choices: set[int] = set()  # the indexes of the choices seen
+        self._choices: set[int] = set()  # the indexes of the choices seen (kept for ChatDone)
+        # Some servers number every chunk of an n=1 answer anew (0, 1, 2, ...): keep
+        # no more choices than the request may ask for, and stream on.
+        self._max_choices = max(_MAX_CHOICES, n if _is_int(n) else 1)
+        self._choices_dropped = False  # (the warning is given once)
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
         self._tool_text = 0  # characters of tool calls kept to join at the end
@@ -2596,7 +2602,7 @@ class ChatStream:
                     # (an event stream drops an event the stream ends inside).
                     log.debug("%s: the body ended in the middle of an event", self._what)
                     self._cut_event = True
-            if truncated is not None and self._unfinished() is not None:
+            if truncated is not None and self._unfinished():
                 raise truncated  # before the answer's end: the cut is the news
             self._end_of_body()
         except Exception as exc:
@@ -2685,12 +2691,15 @@ class ChatStream:
         """The first choice's index (0 unless a server numbers them otherwise)."""
         return min(self._choices, default=0)
 
-    def _unfinished(self) -> str | None:
-        """What is missing for the answer to be whole without ``[DONE]``, or None."""
-        if not self._finish:
-            return "any finish_reason"
-        missing = sorted(self._choices - self._finish.keys())
-        return f"choice {missing[0]}'s finish_reason" if missing else None
+    def _unfinished(self) -> bool:
+        """Is the answer unfinished, should the body end without ``[DONE]``?
+
+        As before ``choices`` existed, the first choice's finish says: servers
+        that stream ``n > 1`` have sent every finish chunk with index 0 (llama.cpp
+        before March 2026), and a choice whose finish never came shows as ``""``
+        in ``ChatDone.choices``.
+        """
+        return self._first not in self._finish
 
     def _queue_done(self) -> None:
         def choice(index: int) -> ChatDone:
@@ -2708,11 +2717,10 @@ class ChatStream:
     def _end_of_body(self) -> None:
         if self._done_queued:
             return
-        missing = self._unfinished()
-        if missing is not None:
+        if self._unfinished():
             cut = " (the connection closed in the middle of an event)" if self._cut_event else ""
             raise ProtocolViolation(
-                f"{self._what}: event stream ended before [DONE] and before {missing}{cut}"
+                f"{self._what}: event stream ended before [DONE] and before any finish_reason{cut}"
             )
         # The official client ends such a stream normally: the answer is complete.
         log.debug("%s: stream ended without [DONE] after its finish chunk", self._what)
@@ -2768,11 +2776,18 @@ class ChatStream:
                     if isinstance(call, dict):
                         self._tool_call(index, call)
         if index not in self._choices:
-            # Kept until the end (ChatDone's choices): as many as a request may ask for.
-            if len(self._choices) >= _MAX_CHOICES:
-                raise ProtocolViolation(
-                    f"{self._what}: more than {_MAX_CHOICES} choices (index {index})"
-                )
+            if len(self._choices) >= self._max_choices:
+                if not self._choices_dropped:
+                    self._choices_dropped = True
+                    log.warning(
+                        "%s: the stream names more than %d choices (index %d): "
+                        "ChatDone.choices holds the first %d",
+                        self._what,
+                        self._max_choices,
+                        index,
+                        self._max_choices,
+                    )
+                return
             self._choices.add(index)
         finish = choice.get("finish_reason")
         if isinstance(finish, str) and finish:
