@@ -16,6 +16,7 @@ from typing import Any
 import trio
 import trio.testing
 
+from poc_api import ChatDone, ChatToolCall, Usage
 from poc_api.server import ReferenceServer
 
 
@@ -275,9 +276,9 @@ async def kill_for_good(server: ReferenceServer) -> None:
         HELD_PORTS.append(sock)
 
 
-def chat_done(finish_reason: str, usage: Any, tool_calls: tuple[Any, ...] = ()) -> Any:
+def chat_done(
+    finish_reason: str, usage: Usage | None, tool_calls: tuple[ChatToolCall, ...] = ()
+) -> ChatDone:
     """The ChatDone of a one-choice stream: its choice repeated in ``choices``."""
-    from poc_api import ChatDone
-
     only = ChatDone(finish_reason, None, tool_calls)
     return ChatDone(finish_reason, usage, tool_calls, (only,))
