@@ -137,6 +137,11 @@ def sse(*events: str) -> bytes:
 DELTA = '{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
 
 
+def choice_chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
+    """A chat stream chunk of one choice (``n > 1`` streams send one per choice)."""
+    return json.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+
 # --- error_excerpt (pure) ------------------------------------------------------------
 
 
@@ -2932,13 +2937,10 @@ async def test_a_streams_done_holds_every_choice_and_leads_with_choice_0s(
     # With n=2, choice 1's finish chunk (and its tool call) comes after choice 0's:
     # ChatDone's own fields are choice 0's (as chat()'s are), and choices[1] holds
     # choice 1's reason and call. It used to carry choice 0's alone.
-    def chunk(index: int, delta: dict[str, Any], finish: str | None) -> str:
-        return json.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
-
     call = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}
-    body = sse(chunk(0, {"content": "a"}, None), chunk(1, {"content": "b"}, None))
-    body += sse(chunk(0, {}, "stop"), chunk(1, {"tool_calls": [call]}, None))
-    body += sse(chunk(1, {}, "tool_calls"), "[DONE]")
+    body = sse(choice_chunk(0, {"content": "a"}), choice_chunk(1, {"content": "b"}))
+    body += sse(choice_chunk(0, {}, "stop"), choice_chunk(1, {"tool_calls": [call]}))
+    body += sse(choice_chunk(1, {}, "tool_calls"), "[DONE]")
     with trio.fail_after(10):
         async with canned_server([CHAT_STREAM_HEAD + body]) as url:
             async with make_api(http, url).chat_stream(HELLO, n=2) as events:
@@ -2958,14 +2960,9 @@ async def test_a_stream_naming_more_choices_than_kept_streams_on(
     # or more through extra_body): some servers (Foundry Local, old TGI) number
     # every chunk of an n=1 answer anew. Past that, the stream goes on (a warning
     # says so); failing it broke such a server's every answer over 128 tokens.
-    def chunk(i: int) -> str:
-        finish = "stop" if i == 199 else None
-        return json.dumps(
-            {"choices": [{"index": i, "delta": {"content": "x"}, "finish_reason": finish}]}
-        )
-
     extra_body = None if extra_n is None else {"n": extra_n}
-    body = sse(*(chunk(i) for i in range(200)), "[DONE]")
+    chunks = (choice_chunk(i, {"content": "x"}, "stop" if i == 199 else None) for i in range(200))
+    body = sse(*chunks, "[DONE]")
     with trio.fail_after(10):
         async with canned_server([CHAT_STREAM_HEAD + body]) as url:
             api = make_api(http, url)
@@ -2988,12 +2985,8 @@ async def test_a_stream_without_done_is_whole_once_its_first_choice_finished(
     # No [DONE], n=2: the first choice's finish ends the answer, as it did before
     # ChatDone had choices. (llama.cpp before March 2026 sent every finish chunk
     # with index 0: choice 1 never finishes.) Its missing finish shows as "".
-    def chunk(index: int, content: str, finish: str | None) -> str:
-        delta = {"content": content} if content else {}
-        return json.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
-
-    body = sse(chunk(0, "a", None), chunk(1, "b", None), chunk(0, "", "stop"))
-    body += sse(chunk(0, "", "length"))
+    body = sse(choice_chunk(0, {"content": "a"}), choice_chunk(1, {"content": "b"}))
+    body += sse(choice_chunk(0, {}, "stop"), choice_chunk(0, {}, "length"))
     with trio.fail_after(10):
         async with canned_server([CHAT_STREAM_HEAD + body]) as url:
             async with make_api(http, url).chat_stream(HELLO, n=2) as events:
