@@ -364,6 +364,13 @@ class _Where:
     def __init__(self) -> None:
         self.base_url: str | None = None
         self.grpc_url: str | None = None
+        #: Endpoints that have answered: one lost later is "unavailable", not
+        #: "cannot reach" (a new connection to a killed server is refused).
+        self.reached: set[str] = set()
+
+    def answered(self, url: str | None) -> None:
+        if url is not None:
+            self.reached.add(url)
 
 
 @final
@@ -423,8 +430,11 @@ class _Codec:
     tokenizer's byte-level rule instead: ids below 256 are UTF-8 bytes.
     """
 
-    def __init__(self, client: ApiClient, on_fallback: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, client: ApiClient, where: _Where, on_fallback: Callable[[], None] | None = None
+    ) -> None:
         self._client = client
+        self._where = where
         self._on_fallback = on_fallback
         self.byte_level = False
         self._single: dict[int, str] = {}
@@ -451,18 +461,24 @@ class _Codec:
         """Token ids of ``text``."""
         if not self.byte_level:
             try:
-                return await self._client.tokenize(text)
+                ids = await self._client.tokenize(text)
             except e.HttpError as exc:
                 self._fall_back(exc)
+            else:
+                self._where.answered(self._where.base_url)
+                return ids
         return list(text.encode("utf-8"))
 
     async def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD)."""
         if not self.byte_level:
             try:
-                return await self._client.detokenize(ids)
+                decoded = await self._client.detokenize(ids)
             except e.HttpError as exc:
                 self._fall_back(exc)
+            else:
+                self._where.answered(self._where.base_url)
+                return decoded
         out = bytearray()
         text = []
         for i in ids:
@@ -584,7 +600,9 @@ _Events = (
 )
 
 
-async def _pump(open_events: Callable[[], _Events], live: _LiveText | None, label: str) -> _Reply:
+async def _pump(
+    open_events: Callable[[], _Events], live: _LiveText | None, label: str, where: _Where
+) -> _Reply:
     """Run one generate stream, feeding decoded ids to ``live`` as they arrive."""
     ids: list[int] = []
     readouts: list[memoryview[float]] = []
@@ -600,6 +618,7 @@ async def _pump(open_events: Callable[[], _Events], live: _LiveText | None, labe
                 timing = _Timing(label)
                 async with open_events() as events:
                     async for ev in events:
+                        where.answered(where.grpc_url)
                         if isinstance(ev, Token | TokenOut):
                             if isinstance(ev, Token) and ev.is_prefill:
                                 continue
@@ -703,7 +722,7 @@ def _describe_as_library(exc: BaseException, where: _Where) -> str | None:
             url = where.grpc_url or where.base_url
         if isinstance(exc, e.PocApiTimeout):
             return f"the server at {url} did not answer in time ({msg})"
-        if exc.retriable:  # (nothing was sent)
+        if exc.retriable and url not in where.reached:  # (not sent to one heard from)
             return f"cannot reach the server at {url} ({msg})"
         # Perhaps reached, and lost: the message says which.
         return f"the server at {url} is unavailable ({msg})"
@@ -989,7 +1008,7 @@ async def _demo(target: _Target, where: _Where) -> None:
                 "using the byte-level rule (ids < 256 are UTF-8 bytes)"
             )
 
-        codec = _Codec(client, note_fallback)
+        codec = _Codec(client, where, note_fallback)
 
         def write_live(text: str) -> None:
             with _Stdout.lock:
@@ -1034,6 +1053,7 @@ async def _demo(target: _Target, where: _Where) -> None:
                 lambda: session.generate(after, sampling=sampling, **target.stream_timeouts()),
                 live,
                 "2. generation",
+                where,
             )
             con.print()
             con.print(
@@ -1067,6 +1087,7 @@ async def _demo(target: _Target, where: _Where) -> None:
                 ),
                 live,
                 "3. conversation turn 1",
+                where,
             )
             con.print()
             timings.append(r1.timing)
@@ -1135,6 +1156,7 @@ async def _demo(target: _Target, where: _Where) -> None:
                 ),
                 live,
                 "5. conversation turn 2",
+                where,
             )
             con.print()
             timings.append(r2.timing)
@@ -1301,7 +1323,7 @@ async def _generate(
             manifest = await client.readout_manifest()
             if manifest is None:
                 raise CliError("readout is disabled on this server (the manifest answered 404)")
-        codec = _Codec(client)
+        codec = _Codec(client, where)
         ids = await codec.encode(text)
         if not ids:
             raise CliError("TEXT encodes to no tokens")
@@ -1316,6 +1338,7 @@ async def _generate(
                 ),
                 _LiveText(codec, _write_stdout),
                 "generate",
+                where,
             )
         _write_stdout("\n")
         if manifest is not None:
@@ -1369,7 +1392,7 @@ def score(
 async def _score(target: _Target, where: _Where, text: str, continuations: tuple[str, ...]) -> None:
     async with _connect(target, where) as conn:
         client = conn.client
-        codec = _Codec(client)
+        codec = _Codec(client, where)
         prompt = await codec.encode(text)
         conts: list[list[int]] = []
         for cont_text in continuations:
