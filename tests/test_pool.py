@@ -737,15 +737,17 @@ async def test_conversations_fail_over_without_waiting_on_the_dead_server() -> N
             # One at a time: each turn's calls to the dead server (the turn's own
             # Generate, then the CloseSession of the session it leaves) fail in
             # turn, so had they waited out the reconnect backoff, which grows with
-            # each failure to 1 s, the later turns would take about 2 s each. Here
-            # one takes a few ms more than the control: the bound is for liveness,
-            # not speed. (A fixed 0.8 s for 20 turns at once failed under load, and
-            # no longer caught the bug: they took 0.21 s with it.)
+            # each failure to 1 s, every turn from the second on would take 1.4-3 s.
+            # Here one takes a few ms more than the control: the bound is for
+            # liveness, not speed, and two turns may miss it (a loaded machine
+            # stalls one now and then: 0.53 s once beside a busy loop). (A fixed
+            # 0.8 s for 20 turns at once failed under load, and no longer caught
+            # the bug: they took 0.21 s with it.)
             bound = max(control) + 0.5
             took: list[float] = []
             for conv in on_victim:
                 await timed(conv, took)
-                assert took[-1] < bound, (sorted(control), took)
+                assert sum(t >= bound for t in took) <= 2, (sorted(control), took)
         left = survivor.state().session_ids
         # (Failed once in ~200 CI cells, not reproduced here in 25 runs under load:
         # say where each conversation's session is, should it fail again.)
