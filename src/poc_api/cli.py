@@ -722,7 +722,7 @@ def _describe_as_library(exc: BaseException, where: _Where) -> str | None:
             url = where.grpc_url or where.base_url
         if isinstance(exc, e.PocApiTimeout):
             return f"the server at {url} did not answer in time ({msg})"
-        if exc.retriable and url not in where.reached:  # (not sent to one heard from)
+        if exc.retriable and url not in where.reached:  # (nothing sent; never heard from)
             return f"cannot reach the server at {url} ({msg})"
         # Perhaps reached, and lost: the message says which.
         return f"the server at {url} is unavailable ({msg})"
