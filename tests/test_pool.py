@@ -541,8 +541,11 @@ async def test_a_server_that_sends_no_data_is_not_pinged_at_each_check_it_leaves
                 async for _ in ev:
                     pass
         checks = len(slow.calls_to("Check"))
+        # Counted before the session closes: CloseSession's answer is DATA, after
+        # which a check that times out while it is in flight may rightly ping again.
+        pings = list(slow.ping_times)
     assert checks >= 6, checks  # (the unanswered ones: each timed out, then the next)
-    assert slow.pings == 1, slow.ping_times
+    assert len(pings) == 1, pings
 
 
 async def test_a_probe_of_a_connection_that_h2_has_closed_sends_nothing(
