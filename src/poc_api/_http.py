@@ -653,6 +653,15 @@ class _Inflater:
                 elif self._z.eof:  # deflate: what follows its end is ignored, as httpx does
                     self._pending = b""
                     break
+                elif (
+                    self._deflate
+                    and not self._started
+                    and len(self._pending) < 2
+                    and not self._ended
+                ):
+                    # zlib takes a lone first byte and waits: the header check (zlib
+                    # or raw?) needs both of its bytes.
+                    break
                 data, self._pending = self._pending, b""
                 try:
                     out = self._z.decompress(data, limit)
