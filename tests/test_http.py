@@ -2637,6 +2637,44 @@ async def test_done_with_spaces_around_it_ends_the_stream(
     assert [type(e).__name__ for e in got] == ["ChatDelta", "ChatDone"]
 
 
+@pytest.mark.parametrize("leave", ["at-the-end", "by-break"])
+async def test_a_chat_stream_read_to_done_gives_its_connection_back_to_the_pool(
+    http: httpx.AsyncClient, leave: str
+) -> None:
+    # A server that writes the chunked body's end after [DONE] (a write of its
+    # own, as uvicorn does): the block's exit cancelled the read that was to take
+    # it, and httpx drops a connection whose read was cancelled. Every stream
+    # then opened a new connection (a TLS handshake on https).
+    connections = 0
+    finish = '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    events = sse(DELTA, finish, "[DONE]")
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            head, _ = await read_request(stream)
+            if not head:
+                return
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(events), events)
+            )
+            await trio.sleep(0.01)
+            await stream.send_all(b"0\r\n\r\n")
+
+    with trio.fail_after(10):
+        async with canned_server(serve) as url:
+            api = make_api(http, url)
+            for _ in range(3):
+                async with api.chat_stream(HELLO) as stream:
+                    async for event in stream:
+                        if isinstance(event, ChatDone) and leave == "by-break":
+                            break
+                assert isinstance(event, ChatDone)
+    assert connections == 1
+
+
 async def test_a_json_answer_with_a_utf8_bom_is_read(http: httpx.AsyncClient) -> None:
     # A byte order mark before the JSON (some Windows stacks write one) was a
     # ProtocolViolation "malformed JSON"; RFC 8259 lets a parser ignore it.

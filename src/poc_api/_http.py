@@ -145,6 +145,10 @@ _CLOSE_TIMEOUT: Final = 5.0
 #: Bytes of a chat stream's body the block's task reads ahead of the caller: once
 #: the events decoded from that many wait unread, it stops reading until they are.
 _CHAT_READ_AHEAD: Final = 64 * 1024
+# How long a chat stream's block, left after [DONE], waits for the body's end (it
+# comes at once from any server that sends it apart; a server that never does
+# costs this much per stream, then its connection).
+_BODY_END_GRACE: Final = 0.1
 _RESERVED_CHAT_KEYS: Final = frozenset({"messages", "stream", "stream_options"})
 _U32_MAX: Final = 2**32 - 1
 _I32_MAX: Final = 2**31 - 1
@@ -2152,7 +2156,11 @@ class HttpApi:
                                 # it in a group (and copy the caller's own group).
                                 body_error = exc
                             finally:
-                                nursery.cancel_scope.cancel()
+                                try:
+                                    if body_error is None:
+                                        await events._let_the_body_end()
+                                finally:
+                                    nursery.cancel_scope.cancel()
                     if body_error is not None:
                         raise body_error
                 finally:
@@ -2472,6 +2480,10 @@ class ChatStream:
         self._reader = _Parked()  # the task waiting in __anext__ for events
         self._pump_parked = _Parked()  # _pump(), waiting for the queue to be read
         self._pump_gone = False  # _pump() returned or was cancelled: no more events
+        # Set once _pump() has returned (or was cancelled): the block's exit may wait
+        # for its read of the body's end after [DONE] (_let_the_body_end).
+        self._pump_ended = trio.Event()
+        self._reading_the_end = False  # _pump() reads on after [DONE], for the body's end
         self._waiting = False  # a task waits in __anext__
         self._fair = FairSlice()  # when the reader last let other tasks run
         self._error: Exception | None = None  # raised after the queue drains, then again
@@ -2574,6 +2586,7 @@ class ChatStream:
                     # One more read, as the reader of a whole body would: the end of
                     # the body, mostly, so that httpx gives the connection back to
                     # its pool. Anything else waits for the block's exit, unread.
+                    self._reading_the_end = True
                     with contextlib.suppress(Exception), reading:
                         await chunks.__anext__()
                     return
@@ -2584,7 +2597,18 @@ class ChatStream:
                         await self._pump_parked.wait()  # until the reader takes them all
         finally:
             self._pump_gone = True
+            self._pump_ended.set()
             self._reader.wake()
+
+    async def _let_the_body_end(self) -> None:
+        """The block's exit, not by an exception: if the body's end is still to
+        come after ``[DONE]`` (a server that writes it apart, as uvicorn does), wait
+        a little for it. The block's cancelling that read would cost the connection:
+        httpx drops one whose read was cancelled, and the next call opens another
+        (a TLS handshake on https)."""
+        if self._reading_the_end and not self._pump_ended.is_set():
+            with trio.CancelScope(deadline=trio.current_time() + _BODY_END_GRACE):
+                await self._pump_ended.wait()
 
     def _fail(self, exc: Exception) -> None:
         """The pump's end by an error: raised once the events before it are read."""
