@@ -96,7 +96,7 @@ def check_chunks(chunks: Sequence[Chunk], name: str = "chunks") -> list[Chunk]:
         raise TypeError(
             f"{name} must be a sequence of Tokens/Image, not a single chunk (wrap it in a list)"
         )
-    if isinstance(chunks, str | bytes | bytearray) or not isinstance(chunks, Sequence):
+    if isinstance(chunks, str | bytes | bytearray | memoryview) or not isinstance(chunks, Sequence):
         raise TypeError(f"{name} must be a sequence of Tokens/Image, not {type(chunks).__name__}")
     out = list(chunks)
     for c in out:

@@ -236,8 +236,8 @@ def _u32_tuple(
     in-range ints take a check-only loop, and the element's name is only made on
     the path of numpy integers and errors.)
     """
-    if isinstance(value, str | bytes):
-        kind = "bytes" if isinstance(value, bytes) else "a string"
+    if isinstance(value, str | bytes | bytearray | memoryview):
+        kind = "a string" if isinstance(value, str) else type(value).__name__
         raise TypeError(f"{name} must be a sequence of token ids, not {kind}")
     if ordered:
         unordered(value, name, "token ids")
@@ -565,8 +565,9 @@ Ranges: TypeAlias = Iterable[Sequence[SupportsIndex]]
 """Half-open ``(start, end)`` position pairs, as ``score``, ``generate``'s
 ``logprobs_ranges``/``readout_ranges`` and ``TrainSample`` take them.
 
-Tuples or lists of ints (numpy's integers too), or a 2-D numpy array (whose rows
-are ``Any`` to a type checker, not sequences).
+Tuples or lists of ints (numpy's integers too), ``range(start, end)`` objects (a
+range of step 1 is the range of its positions), or a 2-D numpy array (whose rows
+are ``Any`` to a type checker, not sequences). Bytes-like pairs are refused.
 """
 
 
@@ -580,7 +581,9 @@ def check_ranges(
     A 2-D numpy array of pairs works as a list of them. Errors name ``name``.
     """
     # (A mapping iterates its keys: pairs as keys passed, their values dropped.)
-    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+    if isinstance(value, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
+        value, Iterable
+    ):
         raise TypeError(
             f"{name} must be a sequence of (start, end) pairs, not {type(value).__name__}"
         )
@@ -588,8 +591,16 @@ def check_ranges(
         unordered(value, name, "(start, end) pairs")
     out = []
     for r in cast(Iterable[object], _plain(value)):
-        r = _plain(r)
-        if isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 2:
+        if isinstance(r, range) and r.step == 1:
+            # The range of its positions (not the pair of its two elements).
+            r = (r.start, r.stop)
+        elif not isinstance(r, str | bytes | bytearray | memoryview | range):
+            r = _plain(r)
+        if (
+            isinstance(r, str | bytes | bytearray | memoryview | range)
+            or not isinstance(r, Sequence)
+            or len(r) != 2
+        ):
             raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
         start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
         if start > end or (start == end and not allow_empty):

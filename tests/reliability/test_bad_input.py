@@ -34,6 +34,9 @@ BAD_RANGES: list[Any] = [
     5,
     "ab",
     None,
+    bytearray(b"\x01\x02"),  # (iterates as ints: it was the pair (1, 2))
+    memoryview(b"\x01\x02"),
+    range(0, 4, 2),  # a range is its positions: one with steps is none
 ]
 
 
@@ -162,6 +165,18 @@ async def test_malformed_ranges_are_refused_before_sending(
         with pytest.raises((ValueError, TypeError)):
             TrainSample(tokens=HELLO, target_ranges=[bad])
         assert not s.lost
+
+
+async def test_a_range_object_is_the_range_of_its_positions(client: poc_api.ApiClient) -> None:
+    # range(1, 3) is positions 1 and 2, the pair (1, 3): it was read as the pair of
+    # its elements, (1, 2), and range(1, 4) was refused (three elements).
+    prompt = [Tokens(HELLO)]
+    for r, pair in [(range(1, 3), (1, 3)), (range(1, 4), (1, 4)), (range(1, 2), (1, 2))]:
+        [got] = await client.score(prompt, [r])
+        assert got == (await client.score(prompt, [pair]))[0]
+    assert TrainSample(HELLO, [range(0, 2)]).target_ranges == ((0, 2),)
+    with pytest.raises(TypeError, match=r"range\(0, 4, 2\)"):
+        await client.score(prompt, [range(0, 4, 2)])
 
 
 async def test_ranges_given_as_a_mapping_are_a_type_error(client: poc_api.ApiClient) -> None:
@@ -434,18 +449,31 @@ def test_a_target_range_may_end_at_the_last_token_but_not_past_it() -> None:
         TrainSample([1, 2], [(1, 2), (2, 3)])
 
 
-@pytest.mark.parametrize(("ids", "kind"), [(b"\x01\x02", "bytes"), ("ab", "a string")])
+@pytest.mark.parametrize(
+    ("ids", "kind"),
+    [
+        (b"\x01\x02", "bytes"),
+        ("ab", "a string"),
+        (bytearray(b"\x01\x02"), "bytearray"),
+        (memoryview(b"\x01\x02"), "memoryview"),
+    ],
+)
 async def test_token_ids_given_as_a_string_or_bytes_are_refused_before_sending(
     client: poc_api.ApiClient, server: ReferenceServer, ids: Any, kind: str
 ) -> None:
     # Bytes iterate as small ints: without the check b"\x01\x02" was the ids [1, 2].
-    # (Bytes were called "a string" too.)
+    # (Bytes were called "a string" too; a bytearray or memoryview passed.)
     not_a_string = rf"^tokens must be a sequence of token ids, not {kind}$"
     before = server.state().http_requests.get("/v1/detokenize", 0)
     with pytest.raises(TypeError, match=not_a_string):
         TrainSample(ids, [(0, 1)])
     with pytest.raises(TypeError, match=not_a_string):
         await client.detokenize(ids)
+    with pytest.raises(TypeError, match=rf"^ids must be a sequence of token ids, not {kind}$"):
+        Tokens(ids)
+    continuation = rf"^continuation 0 must be token ids .*, not {type(ids).__name__}$"
+    with pytest.raises(TypeError, match=continuation):
+        await client.score_continuations([Tokens([1, 2])], [ids])
     assert server.state().http_requests.get("/v1/detokenize", 0) == before
 
 
