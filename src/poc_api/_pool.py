@@ -46,10 +46,10 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Any, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -72,6 +72,8 @@ from ._transport import (
     host_name_problem,
 )
 from ._wire import decode_health_check, encode_string_field
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -319,6 +321,22 @@ class _Endpoint:
             self.failures,
             full=time.monotonic() < self.full_until,
         )
+
+
+async def _timed(coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    """``asyncio.wait_for(coro, timeout)``, but what the coroutine's task ends with is
+    always read. Cancelled, Python 3.11's wait_for cancels the task and waits for
+    it without reading its outcome: an exception it ended with instead (grpclib
+    raises StreamTerminatedError for a stream reset as it was cancelled) was logged
+    as "Task exception was never retrieved" at the client's close."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_read_outcome)
+    return await asyncio.wait_for(task, timeout)
+
+
+def _read_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # (read: asyncio then logs nothing of it)
 
 
 async def _lookup(host: str, port: int) -> list[str]:
@@ -671,7 +689,7 @@ class Router:
         try:
             # Waits out the transport's reconnect backoff and tries (where other
             # calls fail at once): the check is what finds the server back.
-            await asyncio.wait_for(
+            await _timed(
                 ep.transport._exchange(
                     _HEALTH_CHECK,
                     Cardinality.UNARY_UNARY,
@@ -680,7 +698,7 @@ class Router:
                     progress,
                     wait_for_ready=True,
                 ),
-                timeout=timeout,
+                timeout,
             )
             status = decode_health_check(sink.items[0]) if sink.items else None
         except GRPCError as exc:
