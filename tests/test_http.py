@@ -1897,6 +1897,7 @@ async def test_a_timed_out_http_call_names_its_url_and_a_models_lookup_why_it_ra
                     with pytest.raises(PocApiTimeout) as info:
                         await call()
                     assert f"({method} {url}{path}): no answer within 0.3 s" in str(info.value)
+                    assert not info.value.retriable  # (sent: the server may act on it)
                 with pytest.raises(PocApiTimeout) as info:
                     async with c.chat_stream(HELLO, model="m", timeout=0.3):
                         pass
@@ -1947,14 +1948,19 @@ async def test_refused_connection_raises_server_unavailable(http: httpx.AsyncCli
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
-async def _every_http_call(client: poc_api.ApiClient) -> list[tuple[str, BaseException]]:
-    """What each HTTP call of ``client`` raises (GETs, POSTs, a stream)."""
+async def _every_http_call(
+    client: poc_api.ApiClient, timeout: float | None = None
+) -> list[tuple[str, BaseException]]:
+    """What each HTTP call of ``client`` raises (GETs, POSTs, a stream), each given
+    ``timeout``."""
     calls: dict[str, Any] = {
-        "tokenize": lambda: client.tokenize("x"),
-        "readout_manifest": client.readout_manifest,
-        "chat": lambda: client.chat(HELLO, model="m"),
-        "train": lambda: client.train([TrainSample([1], [(0, 1)])]),
-        "tokenizer_info": client.tokenizer_info,
+        "tokenize": lambda: client.tokenize("x", timeout=timeout),
+        "detokenize": lambda: client.detokenize([1], timeout=timeout),
+        "readout_manifest": lambda: client.readout_manifest(timeout=timeout),
+        "chat": lambda: client.chat(HELLO, model="m", timeout=timeout),
+        "chat without a model": lambda: client.chat(HELLO, timeout=timeout),
+        "train": lambda: client.train([TrainSample([1], [(0, 1)])], timeout=timeout),
+        "tokenizer_info": lambda: client.tokenizer_info(timeout=timeout),
     }
     raised: list[tuple[str, BaseException]] = []
     for name, call in calls.items():
@@ -1962,10 +1968,17 @@ async def _every_http_call(client: poc_api.ApiClient) -> list[tuple[str, BaseExc
             await call()
         raised.append((name, info.value))
     with pytest.raises(PocApiError) as info:
-        async with client.chat_stream(HELLO, model="m"):
+        async with client.chat_stream(HELLO, model="m", timeout=timeout):
             pass
     raised.append(("chat_stream", info.value))
     return raised
+
+
+def _httpx_cause(exc: BaseException) -> BaseException | None:
+    """The httpx error under ``exc`` (under the lookup's error, for a chat without a
+    model that failed in its ``GET /models``)."""
+    cause = exc.__cause__
+    return cause.__cause__ if isinstance(cause, PocApiError) else cause
 
 
 async def test_a_refused_connection_is_retriable_for_every_http_call() -> None:
@@ -1982,11 +1995,13 @@ async def test_a_refused_connection_is_retriable_for_every_http_call() -> None:
     for name, exc in raised:
         assert isinstance(exc, ServerUnavailable), name
         assert exc.retriable, name
-        assert isinstance(exc.__cause__, httpx.ConnectError), name
+        assert isinstance(_httpx_cause(exc), httpx.ConnectError), name
 
 
-async def test_a_connect_that_times_out_is_retriable() -> None:
-    # Nothing was sent either: the TCP connection never came up.
+@pytest.mark.parametrize("which", ["connect_timeout", "client timeout", "call timeout"])
+async def test_a_connect_that_times_out_is_retriable(which: str) -> None:
+    # Nothing was sent either: the TCP connection never came up. The client's
+    # timeout, or a call's own, passing first said retriable=False all the same.
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen(0)
@@ -1999,16 +2014,22 @@ async def test_a_connect_that_times_out_is_retriable() -> None:
                 await filler.connect(("127.0.0.1", port))
         with trio.fail_after(20):
             async with poc_api.ApiClient(
-                f"http://127.0.0.1:{port}/v1", grpc_url="http://127.0.0.1:1", connect_timeout=0.2
+                f"http://127.0.0.1:{port}/v1",
+                grpc_url="http://127.0.0.1:1",
+                connect_timeout=0.2 if which == "connect_timeout" else 30,
+                timeout=0.2 if which == "client timeout" else 30,
             ) as client:
-                raised = await _every_http_call(client)
+                raised = await _every_http_call(client, 0.2 if which == "call timeout" else None)
     finally:
         for s in [listener, *fillers]:
             s.close()
     for name, exc in raised:
         assert isinstance(exc, PocApiTimeout), name
-        assert exc.retriable, name
-        assert isinstance(exc.__cause__, httpx.ConnectTimeout), name
+        assert exc.retriable, (name, exc)
+        if which == "connect_timeout":
+            assert isinstance(_httpx_cause(exc), httpx.ConnectTimeout), name
+        else:
+            assert str(exc).endswith("; nothing was sent"), (name, exc)
 
 
 async def test_a_tls_failure_says_why(server: ReferenceServer) -> None:

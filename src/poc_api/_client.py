@@ -890,7 +890,9 @@ class ApiClient:
         fetch is not cached: a later call tries again.
         """
         api = self._https()
-        with deadline(timeout, api.call_name("readout_manifest", "GET", "/readout/manifest")):
+        with deadline(
+            timeout, api.call_name("readout_manifest", "GET", "/readout/manifest"), composite=True
+        ):
             return await api.readout_manifest()
 
     async def train(
@@ -898,7 +900,7 @@ class ApiClient:
     ) -> TrainResult:
         """Send training samples to ``POST {base_url}/train``."""
         api = self._https()
-        with deadline(timeout, api.call_name("train", "POST", "/train")):
+        with deadline(timeout, api.call_name("train", "POST", "/train"), composite=True):
             return await api.train(samples)
 
     @_known_keywords_only
@@ -948,7 +950,7 @@ class ApiClient:
                 ``top_k``, ``chat_template_kwargs``, ...).
         """
         api = self._https()
-        with deadline(timeout, api.chat_call_name("chat", model)):
+        with deadline(timeout, api.chat_call_name("chat", model), composite=True):
             return await api.chat(
                 messages,
                 model=model,
@@ -1037,7 +1039,7 @@ class ApiClient:
         An answer with an id outside ``[0, 2**32)`` raises :class:`ProtocolViolation`.
         """
         api = self._https()
-        with deadline(timeout, api.call_name("tokenize", "POST", "/tokenize")):
+        with deadline(timeout, api.call_name("tokenize", "POST", "/tokenize"), composite=True):
             return await api.tokenize(text)
 
     async def detokenize(
@@ -1045,7 +1047,7 @@ class ApiClient:
     ) -> str:
         """Decode token ids with the server's tokenizer (reference-server extension)."""
         api = self._https()
-        with deadline(timeout, api.call_name("detokenize", "POST", "/detokenize")):
+        with deadline(timeout, api.call_name("detokenize", "POST", "/detokenize"), composite=True):
             return await api.detokenize(tokens)
 
     async def tokenizer_info(self, *, timeout: SupportsFloat | None = None) -> TokenizerInfo:
@@ -1055,7 +1057,9 @@ class ApiClient:
         answer of another shape raises :class:`ProtocolViolation`.
         """
         api = self._https()
-        with deadline(timeout, api.call_name("tokenizer_info", "GET", "/tokenizer")):
+        with deadline(
+            timeout, api.call_name("tokenizer_info", "GET", "/tokenizer"), composite=True
+        ):
             return await api.tokenizer_info()
 
 

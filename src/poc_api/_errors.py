@@ -388,6 +388,30 @@ def alpn_refused(reason: str) -> bool:
     return "no application protocol" in reason
 
 
+class Sent:
+    """Whether any call of a block (a ``score``: several gRPC calls, in several
+    tasks; a ``chat``: an HTTP lookup, then the request) began to send its request
+    (gRPC: wrote its HEADERS): see ``_transport.deadline(..., composite=True)``."""
+
+    __slots__ = ("any", "parent")
+
+    def __init__(self, parent: Sent | None) -> None:
+        self.any: bool = False
+        # The block around this one (nested composite deadlines): sent there too.
+        self.parent: Sent | None = parent
+
+    def mark(self) -> None:
+        block: Sent | None = self
+        while block is not None:
+            block.any = True
+            block = block.parent
+
+
+# The Sent of the innermost composite deadline around this task. A task started
+# inside that block gets a copy of the context, holding the same Sent.
+BLOCK_SENT: ContextVar[Sent | None] = ContextVar("poc_api_block_sent", default=None)
+
+
 # The cancel scopes of the public calls running in this task (their timeout=), and
 # the task: an HTTP error body read inside them takes their deadlines (_http), so
 # that a call's timeout cuts the body and not the status line already in.

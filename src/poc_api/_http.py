@@ -81,12 +81,14 @@ import trio
 
 from ._clock import FairSlice, autojumping, hold_clock
 from ._errors import (
+    BLOCK_SENT,
     AuthenticationError,
     HttpError,
     LimitExceeded,
     PocApiError,
     PocApiTimeout,
     ProtocolViolation,
+    Sent,
     ServerUnavailable,
     alpn_refused,
     call_scope,
@@ -599,6 +601,23 @@ class _DecodedBody:
         the cancellation that stops it), so dropping a bomb costs no CPU."""
         self._layers = []
         self._refused = None
+
+
+def _tracer(
+    sent: Sent, reused: list[bool] | None = None
+) -> Callable[[str, Mapping[str, Any]], Awaitable[None]]:
+    """A request's ``trace`` (httpx's documented extension): marks ``sent`` once
+    httpcore begins to write the request's headers (before that, nothing of it can
+    have reached the server: a timeout then is retriable), and sets ``reused[0]``
+    to False if it opens a new connection for it."""
+
+    async def trace(event: str, info: Mapping[str, Any]) -> None:
+        if event.endswith(".send_request_headers.started"):
+            sent.mark()
+        elif reused is not None and event.startswith("connection.connect_"):
+            reused[0] = False
+
+    return trace
 
 
 def _drop(chunks: AsyncIterator[bytes]) -> None:
@@ -1330,9 +1349,10 @@ class HttpApi:
         return request
 
     async def _send(
-        self, method: str, url: str, shown: str, payload: object, *, idempotent: bool
+        self, method: str, url: str, shown: str, payload: object, *, idempotent: bool, sent: Sent
     ) -> httpx.Response:
         """Send a JSON request; return its response unread (the caller closes it).
+        ``sent`` is marked once the request begins to go out (see :func:`_tracer`).
 
         An ``idempotent`` request (a GET, or a POST of :data:`_PURE_POSTS`) that went
         out on a reused keep-alive connection just as the server closed it (its
@@ -1343,24 +1363,18 @@ class HttpApi:
         goes out on a live connection, most often a new one. Anything else is
         never sent twice.
         """
-        reused = True
-
-        async def trace(event: str, info: Mapping[str, Any]) -> None:
-            nonlocal reused
-            if event.startswith("connection.connect_"):  # httpcore opens a connection
-                reused = False
-
+        reused = [True]
         request = self._build_request(method, url, payload)
-        if not idempotent:
-            return await self._send_owned(request)
-        request.extensions["trace"] = trace  # httpx's documented trace extension
+        request.extensions["trace"] = _tracer(sent, reused)
         try:
             return await self._send_owned(request)
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            if not reused or not _closed_under_request(exc):
+            if not idempotent or not reused[0] or not _closed_under_request(exc):
                 raise
             log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
-        return await self._send_owned(self._build_request(method, url, payload))
+        request = self._build_request(method, url, payload)
+        request.extensions["trace"] = _tracer(sent)
+        return await self._send_owned(request)
 
     async def _send_owned(self, request: httpx.Request) -> httpx.Response:
         """``client.send(request, stream=True)``, which :meth:`aclose` can end.
@@ -1428,9 +1442,16 @@ class HttpApi:
     def _time_limit(self) -> float:
         return math.inf if self._timeout is None else self._timeout
 
-    def _timed_out(self, method: str, shown: str, what: str) -> PocApiTimeout:
+    def _timed_out(
+        self, method: str, shown: str, what: str, sent: Sent | None = None
+    ) -> PocApiTimeout:
+        """The client's ``timeout`` passed; retriable if ``sent`` says nothing went out
+        (the connection was still being opened)."""
         assert self._timeout is not None
-        return PocApiTimeout(f"{method} {shown}: {what} within {self._timeout:g} s (timeout)")
+        message = f"{method} {shown}: {what} within {self._timeout:g} s (timeout)"
+        if sent is not None and not sent.any:
+            return PocApiTimeout(f"{message}; nothing was sent", retriable=True)
+        return PocApiTimeout(message)
 
     def _excerpt(self, body: bytes, *, whole: bool) -> str:
         """:func:`error_excerpt` of ``body`` with the key redacted from all of it
@@ -1524,6 +1545,7 @@ class HttpApi:
         log.debug("%s %s", method, shown)
         started = time.monotonic()
         cut: PocApiError | None = None  # what cut an error body's read short
+        sent = Sent(BLOCK_SENT.get())  # (marks the public call's block too)
         # httpx's timeouts bound each socket operation, not the request: a server
         # trickling its answer a byte at a time would hold the caller forever.
         with (
@@ -1532,7 +1554,9 @@ class HttpApi:
         ):
             with _map_httpx_errors(method, shown, self._client):
                 idempotent = method == "GET" or path in _PURE_POSTS
-                response = await self._send(method, url, shown, payload, idempotent=idempotent)
+                response = await self._send(
+                    method, url, shown, payload, idempotent=idempotent, sent=sent
+                )
                 try:
                     if response.is_success:
                         body = await self._read_body(response, f"{method} {shown}")
@@ -1543,7 +1567,7 @@ class HttpApi:
                 finally:
                     await response.aclose()
         if scope.cancelled_caught:
-            raise self._timed_out(method, shown, "no complete answer")
+            raise self._timed_out(method, shown, "no complete answer", sent)
         log.debug(
             "%s %s -> %d (%d bytes, %.1f ms)",
             method,
@@ -2118,11 +2142,20 @@ class HttpApi:
         # It bounds the wait for the answer's start here, and the block's reads
         # after it (ChatStream._wait_next): not the caller's own code in the block.
         deadline = trio.current_time() + (math.inf if seconds is None else seconds)
+        # Has anything gone out (the model lookup's request, or the stream's)?
+        sent = Sent(BLOCK_SENT.get())
         with trio.CancelScope(deadline=deadline) as scope:
             if not payload["model"]:
-                with call_scope(scope):  # (an error body read takes its deadline)
-                    payload["model"] = await self._chat_model()
+                # (Set and reset around the await alone: a context variable set in
+                # a generator's frame would stay set in the caller's block.)
+                token = BLOCK_SENT.set(sent)
+                try:
+                    with call_scope(scope):  # (an error body read takes its deadline)
+                        payload["model"] = await self._chat_model()
+                finally:
+                    BLOCK_SENT.reset(token)
             request = self._build_request("POST", url, payload, accept="text/event-stream")
+            request.extensions["trace"] = _tracer(sent)
             log.debug("POST %s (stream)", shown)
             with self._calls.held("POST", shown):  # until the block's end
                 # The client's timeout bounds the wait for the answer to begin, not the
@@ -2131,7 +2164,7 @@ class HttpApi:
                 with trio.CancelScope(deadline=answer_by) as head:
                     response = await self._send_stream(request, shown)
                 if head.cancelled_caught:
-                    raise self._timed_out("POST", shown, "no response headers")
+                    raise self._timed_out("POST", shown, "no response headers", sent)
                 events = ChatStream(self, response, shown, payload.get("n"))
                 try:
                     with call_scope(scope), trio.CancelScope(deadline=answer_by) as head:
@@ -2167,6 +2200,10 @@ class HttpApi:
                     await events._release()
         if scope.cancelled_caught:
             what = self.chat_call_name("chat_stream", payload["model"])()
+            if not sent.any:
+                raise PocApiTimeout(
+                    f"{what}: not finished within {seconds:g} s; nothing was sent", retriable=True
+                )
             raise PocApiTimeout(f"{what}: not finished within {seconds:g} s")
 
     @_redacting  # (chat_stream, a generator, cannot be): its errors quote the server

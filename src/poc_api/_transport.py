@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar, Token
+from contextvars import Token
 from types import TracebackType
 from typing import Any, Final, NoReturn, Protocol, SupportsFloat, TypeVar, final
 from urllib.parse import urlsplit
@@ -1394,29 +1394,6 @@ async def _undo(
         log.warning("cleaning up after an abandoned call failed: %s", exc)
 
 
-class _Sent:
-    """Whether any gRPC call of a block (a ``score``: several calls, in several
-    tasks) wrote its HEADERS: see ``deadline(..., composite=True)``."""
-
-    __slots__ = ("any", "parent")
-
-    def __init__(self, parent: _Sent | None) -> None:
-        self.any: bool = False
-        # The block around this one (nested composite deadlines): sent there too.
-        self.parent: _Sent | None = parent
-
-    def mark(self) -> None:
-        block: _Sent | None = self
-        while block is not None:
-            block.any = True
-            block = block.parent
-
-
-# The _Sent of the innermost composite deadline around this task. A task started
-# inside that block gets a copy of the context, holding the same _Sent.
-_BLOCK_SENT: ContextVar[_Sent | None] = ContextVar("poc_api_block_sent", default=None)
-
-
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
@@ -1428,7 +1405,7 @@ class _Progress:
         # for leaving a connection that does not come (see _ready_channel).
         self.hedge: Callable[[], bool] | None = None
         self.left: bool = False  # it did leave its connection for a ready endpoint
-        self.block: _Sent | None = _BLOCK_SENT.get()  # (made in the caller's trio task)
+        self.block: e.Sent | None = e.BLOCK_SENT.get()  # (made in the caller's trio task)
         # Waiting for a stream of the connection, behind this client's own calls.
         self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
@@ -2303,8 +2280,9 @@ class deadline:  # used like the function it replaced
 
     ``None`` means no bound (the caller's own cancel scopes still apply).
     A timeout is retriable ("nothing was sent") when ``unsent()`` says so, or,
-    with ``composite``, when no gRPC call made inside the block (in any task it
-    started) wrote its HEADERS.
+    with ``composite``, when no call made inside the block (in any task it
+    started) began to send: no gRPC call wrote its HEADERS, no HTTP request
+    began to write its headers.
 
     A class with KI-protected enter and exit, not a ``@contextmanager``: a Ctrl-C
     landing in contextlib's ``__exit__`` would leave the generator's cancel scope
@@ -2328,14 +2306,14 @@ class deadline:  # used like the function it replaced
         self._composite = composite
         self._scope: trio.CancelScope | None = None
         self._call: e.call_scope | None = None
-        self._token: Token[_Sent | None] | None = None
+        self._token: Token[e.Sent | None] | None = None
 
     @trio.lowlevel.enable_ki_protection
     def __enter__(self) -> None:
         if self._timeout is not None:
             if self._composite:
-                sent = _Sent(_BLOCK_SENT.get())
-                self._token = _BLOCK_SENT.set(sent)
+                sent = e.Sent(e.BLOCK_SENT.get())
+                self._token = e.BLOCK_SENT.set(sent)
                 self._unsent = lambda: not sent.any
             self._scope = trio.CancelScope(relative_deadline=self._timeout)
             self._scope.__enter__()
@@ -2358,7 +2336,7 @@ class deadline:  # used like the function it replaced
             call.__exit__()
         token, self._token = self._token, None
         if token is not None:
-            _BLOCK_SENT.reset(token)
+            e.BLOCK_SENT.reset(token)
         scope.__exit__(exc_type, exc, tb)  # raises whatever is not its own Cancelled
         if scope.cancelled_caught:
             what = self._what if isinstance(self._what, str) else self._what()
