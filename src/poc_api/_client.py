@@ -863,8 +863,10 @@ class ApiClient:
         :meth:`score` gives for the full prompt over that range (the first
         position is conditioned on the prompt). An empty continuation sums to 0.
         A continuation that cannot fit the context window raises
-        :class:`ContextOverflow` for the whole call, before anything is appended
-        when the lengths are known (after ``OpenSession`` says ``max_length``).
+        :class:`ContextOverflow` for the whole call: before anything is appended
+        (once ``OpenSession`` says ``max_length``) when its text alone overflows;
+        one that overflows only with its images (whose stated lengths this check
+        does not trust) is refused by the server, after those before it.
         ``timeout`` bounds the whole call.
         """
         with deadline(timeout, "score_continuations", composite=True):
