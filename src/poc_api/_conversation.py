@@ -617,6 +617,11 @@ class _Turn:
     ) -> None:
         conv, out, events, session = self._conv, self._out, self._events, self._session
         assert out is not None and events is not None and session is not None
+        # What was read ahead on entry and is still unread stays unread: iterated
+        # after the block, the stream says the block has exited, as a Generate
+        # stream's does (or ends, if it had ended inside).
+        out._prefix.clear()
+        out._lookahead = None
         ok = False
         try:
             await self._gen_stack.__aexit__(exc_type, exc, tb)

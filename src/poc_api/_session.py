@@ -71,6 +71,13 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _block_exited() -> trio.ClosedResourceError:
+    """What reading a stream's events gets once its block has been left."""
+    return trio.ClosedResourceError(
+        "this stream's block has exited: iterate its events inside the block"
+    )
+
+
 def _closed_under(session: Session) -> trio.ClosedResourceError:
     """What a call gets when its session is closed by another task while it runs."""
     if session._closed_by_client or session._transport.closed:
@@ -219,6 +226,13 @@ class GenerateStream:
     def __aiter__(self) -> GenerateStream:
         return self
 
+    def _left_early(self) -> None:
+        """The block is being left before Done: a task reading the events (another
+        task's) is told so, not that the stream ended without Done (the reset that
+        ends it is the client's own)."""
+        if self.done is None and not self._rx.interrupted:
+            self._rx.interrupt(_block_exited)
+
     async def aclose(self) -> None:
         """Stop reading (idempotent; what ``contextlib.aclosing`` calls).
 
@@ -284,9 +298,7 @@ class GenerateStream:
             if self._finished:
                 raise StopAsyncIteration
             if self._exited:
-                raise trio.ClosedResourceError(
-                    "this stream's block has exited: iterate its events inside the block"
-                )
+                raise _block_exited()
             try:
                 if self._timeouts is None:
                     self._batch = await self._rx.receive_batch()
@@ -1102,8 +1114,10 @@ class _GenerateBlock:
                         await stream._drain()
                 except BaseException as err:
                     out = err
+                    stream._left_early()
                     await rpc.__aexit__(type(err), err, err.__traceback__)
                     raise
+                stream._left_early()
                 await rpc.__aexit__(None, None, None)
             else:
                 if stream.done is None:
@@ -1113,6 +1127,7 @@ class _GenerateBlock:
                         stream._done_if_buffered()
                     except e.PocApiError:
                         pass  # a malformed event among them: the body's exception leaves
+                stream._left_early()
                 await rpc.__aexit__(exc_type, exc, tb)
         except BaseException as err:
             out = err

@@ -716,6 +716,14 @@ async def test_a_streams_events_iterated_after_its_block_say_the_block_has_exite
                     await cev.__anext__()
                 with pytest.raises(trio.ClosedResourceError, match="block has exited"):
                     await cev.__anext__()
+                # Left unread: the events read ahead on entry (an image's, the first
+                # token) came out after the block, before the error.
+                png = poc_api.Image(make_png(2, 2), "image/png")
+                async with conv.stream([png, poc_api.Tokens(HELLO)], LONG) as cev:
+                    pass
+                with pytest.raises(trio.ClosedResourceError, match="block has exited"):
+                    await cev.__anext__()
+                assert cev.decoded == []
             async with client.chat_stream(chat, model="m", max_tokens=4000) as chat_ev:
                 await chat_ev.__anext__()
             with pytest.raises(trio.ClosedResourceError, match="block has exited"):
@@ -723,6 +731,43 @@ async def test_a_streams_events_iterated_after_its_block_say_the_block_has_exite
             async with client.chat_stream(chat, model="m", max_tokens=2) as chat_ev:
                 assert isinstance([e async for e in chat_ev][-1], poc_api.ChatDone)
             assert [e async for e in chat_ev] == []
+
+
+@pytest.mark.parametrize("kind", ["generate", "conversation"])
+async def test_a_reader_in_another_task_is_told_the_block_has_exited(kind: str) -> None:
+    # The block's own task left it before Done while another task waited for an
+    # event: that reader got ProtocolViolation "the stream ended without a Done
+    # event", blaming the server for the reset the client itself sent.
+    got: list[BaseException] = []
+
+    async def read(events: AsyncIterator[object], task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            async for _ in events:
+                pass
+        except BaseException as exc:  # (what the reader is told is the test)
+            got.append(exc)
+
+    with trio.fail_after(10):
+        # (Tokens 5 ms apart: the reader waits for the next one when the block is left.)
+        async with (
+            reference_server(token_delay_ms=5) as server,
+            client_for(server) as client,
+            trio.open_nursery() as nursery,
+        ):
+            if kind == "generate":
+                async with client.session() as s:
+                    async with s.generate(HELLO, sampling=LONG) as ev:
+                        await nursery.start(read, ev)
+                        await trio.sleep(0.05)
+            else:
+                async with client.conversation() as conv:
+                    async with conv.stream([poc_api.Tokens(HELLO)], LONG) as cev:
+                        await nursery.start(read, cev)
+                        await trio.sleep(0.05)
+    [exc] = got
+    assert isinstance(exc, trio.ClosedResourceError), repr(exc)
+    assert "block has exited" in str(exc)
 
 
 async def test_blocks_entered_twice_or_nested_say_what_is_wrong(server: ReferenceServer) -> None:
