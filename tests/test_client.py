@@ -151,6 +151,8 @@ def test_a_password_in_grpc_url_is_refused_and_never_shown(grpc: str) -> None:
     "base",
     [
         "http://127.0.0.1:8000/v1\n",  # a .env file's newline
+        "http://127.0.0.1:8000/v1 ",  # a .env file's space: calls went to /v1%20/...
+        " http://127.0.0.1:8000/v1",
         "http://127.0.0.1:8000/v\x00",
         "http://[::1:8000/v1",
         "http://127.0.0.1:8000/v1?api-version=2024",  # calls would go to /v1?...=2024/...
@@ -183,6 +185,25 @@ def test_a_base_url_the_http_calls_cannot_use_is_a_value_error_at_once(base: str
 def test_a_grpc_host_name_no_connection_can_use_is_a_value_error_at_once(grpc: object) -> None:
     # The first call raised a bare UnicodeError (from getaddrinfo, in the loop thread).
     with pytest.raises(ValueError, match=r"gRPC URL .* host name"):
+        poc_api.ApiClient("http://127.0.0.1:8000/v1", grpc_url=grpc)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "grpc",
+    [
+        "http://127.0.0.1:1 ",
+        " http://127.0.0.1:1",
+        ["http://127.0.0.1:1", "http://[::1]:1\t"],
+        "dns:///localhost:1\n",
+        "dns:///localhost:1 ",
+    ],
+)
+def test_a_grpc_url_with_spaces_around_it_is_a_value_error_that_says_so(grpc: object) -> None:
+    # A leading space, or a DNS target's trailing newline, passed (urllib strips
+    # them); a trailing space said "bad port", or urllib's own "could not be cast".
+    with pytest.raises(
+        ValueError, match=r"(gRPC URL|DNS target) .* leading or trailing whitespace"
+    ):
         poc_api.ApiClient("http://127.0.0.1:8000/v1", grpc_url=grpc)  # type: ignore[arg-type]
 
 

@@ -185,6 +185,11 @@ def check_base_url(base_url: str) -> None:
             raise ValueError(f"base_url {shown!r} is not a valid URL{hint}") from None
         reason = str(exc).replace(password, "***") if password else str(exc)
         raise ValueError(f"base_url {shown!r} is not a valid URL: {reason}") from None
+    if base_url != base_url.strip():
+        # A trailing space is a valid URL to httpx: every call went to "/v1%20/...".
+        raise ValueError(
+            f"base_url {shown!r} has leading or trailing whitespace (from a .env file?)"
+        )
     if hint or b"@" in url.raw_path:
         # A valid URL to httpx: the password's start was taken for a port, the rest
         # for a path. (No server's API root has a raw "@" in its path.)

@@ -167,21 +167,31 @@ class DnsTarget:
     @classmethod
     def parse(cls, text: str) -> DnsTarget:
         """Parse ``dns:///host:port`` (gRPC's syntax; ``dns:host:port`` too)."""
+        if text != text.strip():
+            raise ValueError(
+                f"a DNS target must look like dns:///host:port, got {text!r}: it has "
+                "leading or trailing whitespace (from a .env file?)"
+            )
         rest = text[len("dns:") :]
         if rest.startswith("//"):
             authority, _, rest = rest[2:].partition("/")
             if authority:
                 raise ValueError(f"DNS servers in a target are not supported: {text!r}")
         parts = urlsplit(f"http://{rest}")
-        if not parts.hostname or parts.port is None or parts.path not in ("", "/"):
-            raise ValueError(f"a DNS target must look like dns:///host:port, got {text!r}")
+        bad = f"a DNS target must look like dns:///host:port, got {text!r}"
+        try:
+            port = parts.port
+        except ValueError:  # (urllib's "Port could not be cast to integer value")
+            raise ValueError(f"{bad}: bad port") from None
+        if not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise ValueError(bad)
         # What getaddrinfo does to the name first (IDNA): an empty or over-long
         # label would surface as a bare UnicodeError from the first call; a space
         # would go to the resolver as it is.
         problem = host_name_problem(parts.hostname)
         if problem is not None:
             raise ValueError(f"{parts.hostname!r} in {text!r} is not a valid host name: {problem}")
-        return cls(parts.hostname, parts.port)
+        return cls(parts.hostname, port)
 
     @property
     def url(self) -> str:

@@ -132,6 +132,8 @@ class GrpcTarget:
         """Parse ``http://host:port`` / ``https://host:port`` (a path is ignored)."""
         parts = urlsplit(url)
         bad = f"gRPC URL must look like http://host:port, got {shown_url(url)!r}"
+        if url != url.strip():
+            raise ValueError(f"{bad}: it has leading or trailing whitespace (from a .env file?)")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(bad)
         if "@" in parts.netloc:
