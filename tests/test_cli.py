@@ -907,6 +907,15 @@ async def test_base_url_comes_from_the_environment() -> None:
         ["--url", "http://127.0.0.1:8000/v1", "serve", "--port", "0"],
         ["--grpc-url", "http://127.0.0.1:8001", "serve", "--port", "0"],
         ["--model", "m", "serve", "--port", "0"],  # (ignored; serve takes --model-name)
+        ["--timeout", "5", "serve", "--port", "0"],  # (ignored)
+        # A key no client can send: a server no poc_api client could use.
+        ["serve", "--port", "0", "--api-key", " k"],
+        ["--api-key", "k\u00e9", "serve", "--port", "0"],
+        # The library's range check, after starting a server (exit 1):
+        ["chat", "hi", "--seed", str(2**64)],
+        # A .env file's trailing space: calls went to /v1%20/... (chat: a 404; generate
+        # and score: the byte-level fallback, exit 0).
+        ["generate", "hi", "--url", "http://h:1/v1 "],
     ],
     ids=lambda a: " ".join(a) or "no-args",
 )

@@ -2696,6 +2696,15 @@ async def test_a_chat_stream_read_to_done_gives_its_connection_back_to_the_pool(
     assert connections == 1
 
 
+async def test_an_error_status_with_an_empty_body_says_so(http: httpx.AsyncClient) -> None:
+    # "HTTP 404 from POST .../tokenize:" ended in a colon with nothing after it (and
+    # the CLI's fallback warning read "...tokenize:: using the byte-level rule").
+    async with canned_server([response(404, b"")]) as url:
+        with pytest.raises(HttpError) as info:
+            await make_api(http, url).tokenize("a")
+    assert str(info.value) == f"HTTP 404 from POST {url}/tokenize (an empty body)"
+
+
 async def test_a_json_answer_with_a_utf8_bom_is_read(http: httpx.AsyncClient) -> None:
     # A byte order mark before the JSON (some Windows stacks write one) was a
     # ProtocolViolation "malformed JSON"; RFC 8259 lets a parser ignore it.

@@ -1510,12 +1510,14 @@ class HttpApi:
         said = self._said(body) if whole else None
         if said is None:  # (a page's title, not its markup; redacted as the excerpt)
             said = _html_summary(self._redact(body[:_HTML_SCAN].decode("utf-8", "replace")))
-        message = f"HTTP {status} from {method} {redact_url(url)}: {said or excerpt}"
+        detail = said or excerpt
+        message = f"HTTP {status} from {method} {redact_url(url)}" + (
+            f": {detail}" if detail else " (an empty body)"
+        )
         if location is not None and 300 <= status < 400:
             # Redirects are not followed (a POST's body would be lost, or the key
             # sent elsewhere): say where it pointed, mostly a base_url to fix.
             target = error_excerpt(self._redact(redact_url(location)).encode(), limit=200)
-            detail = said or excerpt
             message = (
                 f"HTTP {status} from {method} {redact_url(url)}: a redirect to {target!r}, "
                 f"not followed ({IS_BASE_URL}right?){': ' + detail if detail else ''}"

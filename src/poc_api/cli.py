@@ -1458,7 +1458,7 @@ def _positions_line(prompt_len: int, lengths: Sequence[int], counted: int | None
 )
 @click.option(
     "--seed",
-    type=click.IntRange(0),
+    type=click.IntRange(0, 2**64 - 1),  # (what the library sends: an int64 or uint64)
     default=None,
     help="Sent as the OpenAI 'seed' field (the reference server honours it).",
 )
@@ -1629,9 +1629,16 @@ def serve(
         raise click.UsageError(
             "--model is for the client commands; serve names its model with --model-name"
         )
+    if ctx.meta.get(_TIMEOUT_KEY) is not None:
+        raise click.UsageError("--timeout is for the client commands; serve waits on nothing")
     key = api_key if api_key is not None else (g.api_key if g is not None else None)
+    origin = "--api-key" if key is not None else _ENV_KEY
     if key is None:
         key = os.environ.get(_ENV_KEY) or None
+    try:  # a key no client's header can carry: a server no client could use
+        check_api_key(key or "")
+    except ValueError as exc:
+        raise click.UsageError(f"invalid {origin}: {exc}") from None
     config = ServerConfig(
         host=host,
         port=port,
