@@ -69,6 +69,10 @@ _BLOCKED_SIGNALS = (
 )
 
 
+# The least time the client's close gives its loop thread to stop (its tasks
+# cancelled, its executor shut down), whatever the cancel_timeout.
+_STOP_MIN = 1.0
+
 # One eventfd per direction where there are eventfds (Linux); tests turn this off
 # to run the portable path too.
 _USE_EVENTFD = hasattr(os, "eventfd")
@@ -1053,6 +1057,9 @@ class AsyncioBridge:
 
     async def _stop_loop(self) -> None:
         loop = self._loop
+        # The bounds guard against a wedged loop thread, not a slow server: a
+        # cancel_timeout (close_timeout) of 0.1 ms left a healthy thread behind.
+        bound = max(self._cancel_timeout, _STOP_MIN)
 
         async def shutdown() -> None:
             me = asyncio.current_task()
@@ -1060,13 +1067,13 @@ class AsyncioBridge:
             for task in tasks:
                 task.cancel()
             if tasks:
-                await asyncio.wait(tasks, timeout=self._cancel_timeout)
+                await asyncio.wait(tasks, timeout=bound)
             await loop.shutdown_asyncgens()
             # Its worker threads (getaddrinfo of a host name) end with the client,
             # not when the garbage collector gets to the executor. Bounded: a
             # lookup stuck on a dead DNS server is left to finish on its own.
             try:
-                await asyncio.wait_for(loop.shutdown_default_executor(), self._cancel_timeout)
+                await asyncio.wait_for(loop.shutdown_default_executor(), bound)
             except TimeoutError:
                 log.debug("a getaddrinfo of the client's still runs; not waiting for it")
 
@@ -1074,14 +1081,14 @@ class AsyncioBridge:
         # Else it died (an exception escaped the loop); it may still be exiting.
         if self._thread.is_alive() and not self._thread_died:
             call = self._submit(shutdown, ())
-            with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout * 2):
+            with hold_clock(), trio.CancelScope(relative_deadline=bound * 2):
                 await call.done.wait()
             self._stop_asked = True
             try:
                 loop.call_soon_threadsafe(loop.stop)
             except RuntimeError:
                 pass
-            with hold_clock(), trio.CancelScope(relative_deadline=self._cancel_timeout) as scope:
+            with hold_clock(), trio.CancelScope(relative_deadline=bound) as scope:
                 await self._thread_done.wait()
             wedged = scope.cancelled_caught
         # Whatever did not finish (a task that ignored cancellation) will never

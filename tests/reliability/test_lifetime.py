@@ -770,6 +770,22 @@ async def test_a_reader_in_another_task_is_told_the_block_has_exited(kind: str) 
     assert "block has exited" in str(exc)
 
 
+async def test_a_tiny_close_timeout_still_stops_the_loop_thread(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # close_timeout bounded the wait for the client's own loop thread to stop too:
+    # at 0.1 ms it was "left behind" (a WARNING), and its cancelled tasks were
+    # "destroyed but pending" at the interpreter's exit.
+    caplog.set_level(logging.WARNING, logger="poc_api")
+    before = len(loop_threads())
+    for _ in range(3):
+        async with client_for(server, close_timeout=1e-4) as client:
+            async with client.session() as s:
+                await s.prefill(HELLO)
+    assert "did not stop" not in caplog.text
+    assert len(loop_threads()) == before
+
+
 async def test_blocks_entered_twice_or_nested_say_what_is_wrong(server: ReferenceServer) -> None:
     chat = [{"role": "user", "content": "hi"}]
     with trio.fail_after(10):
