@@ -258,8 +258,11 @@ class MisbehavingServer:
         """The gRPC URL to give ``ApiClient(grpc_url=...)``."""
         return f"http://127.0.0.1:{self.port}"
 
-    def plan(self, method: str, *replies: Reply) -> None:
-        """Answer the next calls of ``method`` (``"*"``: any method) with ``replies``."""
+    def plan(self, method: str, *replies: Reply, replace: bool = False) -> None:
+        """Answer the next calls of ``method`` (``"*"``: any method) with ``replies``
+        (``replace``: instead of the replies still planned for it)."""
+        if replace:
+            self._plans[method].clear()
         self._plans[method].extend(replies)
 
     def calls_to(self, method: str) -> list[Call]:

@@ -342,12 +342,20 @@ async def test_conversation_stream_timeouts_fire_and_drop_the_session(
     bad_server: MisbehavingServer,
 ) -> None:
     async with client_for(bad_server) as c, c.conversation() as conv:
+        # A turn first: the connection's setup (a cold process's first call took over
+        # 0.2 s under load) is not in the first-token bound below, and the first
+        # scenario's Generate goes out on the session this turn leaves.
+        with trio.fail_after(5):
+            async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=2)) as ev:
+                assert isinstance([e async for e in ev][-1], poc_api.StreamDone)
         for reply, kw, what in [
             (Reply(first_delay=10.0), {"first_token_timeout": 0.2}, "first"),
             (Reply(tokens=5, interval=10.0), {"token_timeout": 0.2}, "between"),
             (Reply(tokens=500, interval=0.01), {"timeout": 0.3}, "total"),
         ]:
-            bad_server.plan("Generate", reply)
+            # (replace: a scenario whose bound ran out before its Generate was sent
+            # left its reply to the next one, whose bounds did not cover it.)
+            bad_server.plan("Generate", reply, replace=True)
             with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout, match=what):
                 async with conv.stream(
                     [Tokens([1, 2])], SamplingParams(max_tokens=500), **kw
