@@ -23,6 +23,22 @@ from poc_api.testing import NGINX, nginx_grpc_proxy, reference_server, reference
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
+async def test_a_processs_first_client_entry_is_not_jumped_over(
+    autojump_clock: trio.testing.MockClock,
+    server: ReferenceServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first client of a process loads the CA certificates in a thread, a wait
+    # the clock cannot see: it jumped 30 s over it, and the enclosing deadline
+    # fired at the next call.
+    from poc_api import _transport
+
+    monkeypatch.setattr(_transport, "_DEFAULT_SSL", {})  # (as in a new process)
+    with trio.fail_after(30):
+        async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+            assert await client.tokenize("hi")
+
+
 async def test_calls_with_timeouts_run_under_an_autojumping_clock(
     autojump_clock: trio.testing.MockClock,
     server: ReferenceServer,

@@ -251,6 +251,7 @@ def _first_target(pool: tuple[GrpcTarget, ...] | DnsTarget | None) -> GrpcTarget
 
 class _State(enum.Enum):
     UNOPENED = "unopened"
+    OPENING = "opening"  # (its entry waits: another task's entry is refused)
     OPENED = "opened"
     CLOSED = "closed"
 
@@ -472,8 +473,23 @@ class ApiClient:
         require_trio("poc_api.ApiClient")
         if self._state is _State.OPENED:
             raise RuntimeError("the client is already open")
+        if self._state is _State.OPENING:
+            raise RuntimeError("the client is being opened by another task")
         if self._state is _State.CLOSED:
             raise RuntimeError("a closed ApiClient cannot be reopened; create a new one")
+        # Marked before the entry's first wait: another task's entry then is refused,
+        # and an aclose() meanwhile (it sets CLOSED) is seen below.
+        self._state = _State.OPENING
+        try:
+            await self._open()
+        except BaseException:
+            if self._state is _State.OPENING:
+                self._state = _State.UNOPENED  # (it may be entered again)
+            raise
+        return self
+
+    async def _open(self) -> None:
+        """The entry's work (KI-protected as ``__aenter__``): ends OPENED, or raises."""
         # A checkpoint, as trio's own resources are, before anything starts.
         await trio.lowlevel.checkpoint()
         metadata: tuple[tuple[str, str], ...] = ()
@@ -488,9 +504,12 @@ class ApiClient:
             # Made in a thread (once per process): loading the CAs blocked the run.
             # A limiter of its own: trio's default one may be taken by the program's
             # own blocked threads (40 of them), and the entry would wait for them.
-            verify = await trio.to_thread.run_sync(
-                default_ssl_context, "http", limiter=trio.CapacityLimiter(1)
-            )
+            with hold_clock():  # (a wait a MockClock cannot see)
+                verify = await trio.to_thread.run_sync(
+                    default_ssl_context, "http", limiter=trio.CapacityLimiter(1)
+                )
+        if self._state is not _State.OPENING:  # aclose() from another task meanwhile
+            raise trio.ClosedResourceError("the ApiClient was closed while it was being opened")
         # Before the loop thread: httpx reads the proxy variables here and may
         # refuse them (ALL_PROXY=socks5://... without socksio installed).
         try:
@@ -535,7 +554,6 @@ class ApiClient:
         self._watch = trio.CancelScope()
         self._owner = trio.lowlevel.current_task()
         trio.lowlevel.spawn_system_task(self._close_at_run_end, name="poc_api: client watch")
-        return self
 
     async def _close_at_run_end(self) -> None:
         """A system task: a client still open when its trio.run ends is closed then.

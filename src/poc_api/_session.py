@@ -880,11 +880,20 @@ class open_session:  # used like the function it replaced
         self._close_timeout = close_timeout
         self._known_shape = known_shape
         self._session: Session | None = None
+        self._entering = False  # its entry waits (another task's is refused)
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Session:
-        if self._session is not None:
+        if self._session is not None or self._entering:
             raise RuntimeError("this session block was already entered")
+        self._entering = True
+        try:
+            return await self._enter()
+        finally:
+            self._entering = False
+
+    async def _enter(self) -> Session:
+        """The entry's work (KI-protected as ``__aenter__``)."""
         live = self._transport.live_sessions
         if live.closing:  # past the client's own check, before its close began
             await trio.lowlevel.checkpoint()
@@ -986,6 +995,7 @@ class _GenerateBlock:
     """
 
     __slots__ = (
+        "_entering",
         "_ids",
         "_lp",
         "_priority",
@@ -1025,12 +1035,21 @@ class _GenerateBlock:
         self._timeouts = timeouts
         self._rpc: StreamCall | None = None
         self._stream: GenerateStream | None = None
+        self._entering = False  # its entry waits (another task's is refused)
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> GenerateStream:
-        s = self._session
-        if self._rpc is not None:
+        if self._rpc is not None or self._entering:
             raise RuntimeError("a generate block can be entered only once")
+        self._entering = True
+        try:
+            return await self._enter()
+        finally:
+            self._entering = False
+
+    async def _enter(self) -> GenerateStream:
+        """The entry's work (KI-protected as ``__aenter__``)."""
+        s = self._session
         s._busy_check()
         timeouts = self._timeouts
         if timeouts is None:

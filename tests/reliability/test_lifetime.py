@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
+from typing import Any
 
 import h2.errors
 import pytest
@@ -30,7 +31,7 @@ from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
 
 import poc_api
-from poc_api import SamplingParams
+from poc_api import SamplingParams, _transport
 from poc_api._transport import GrpcTransport, _PocH2Protocol
 from poc_api.server import ReferenceServer, tokenize
 from poc_api.testing import reference_server
@@ -784,6 +785,121 @@ async def test_a_tiny_close_timeout_still_stops_the_loop_thread(
                 await s.prefill(HELLO)
     assert "did not stop" not in caplog.text
     assert len(loop_threads()) == before
+
+
+async def _hold(_: object) -> None:
+    await trio.sleep(0.2)
+
+
+async def _enter_twice_at_once(
+    block: Any, body: Callable[[Any], Awaitable[None]] = _hold
+) -> list[BaseException | None]:
+    """What each of two tasks that enter ``block`` at the same moment gets (``None``:
+    it entered, ran ``body`` with what the block gave, and left)."""
+    got: list[BaseException | None] = []
+
+    async def enter() -> None:
+        try:
+            async with block as value:
+                await body(value)
+        except BaseException as exc:  # (what each is told is the test)
+            got.append(exc)
+        else:
+            got.append(None)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(enter)
+        nursery.start_soon(enter)
+    return got
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["warm", "first-client"])
+async def test_a_client_entered_by_two_tasks_at_once_refuses_the_second(
+    server: ReferenceServer, monkeypatch: pytest.MonkeyPatch, cold: bool
+) -> None:
+    # Both passed the state check (it came before the entry's first checkpoint, and
+    # the first client's wait for its CA certificates): two loop threads, one left
+    # behind for good, or TrioInternalError from the client's watch task.
+    if cold:
+        monkeypatch.setattr(_transport, "_DEFAULT_SSL", {})  # (as in a new process)
+    before = len(loop_threads())
+    with trio.fail_after(10):
+        got = await _enter_twice_at_once(client_for(server))
+    assert sorted(map(repr, got)) == [
+        "None",
+        repr(RuntimeError("the client is being opened by another task")),
+    ], got
+    assert len(loop_threads()) == before
+
+
+async def test_a_client_closed_while_it_is_being_opened_stays_closed(
+    server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aclose() from another task during the entry's wait for the CA certificates
+    # returned, and the entry then opened the client all the same: calls worked.
+    from poc_api import _client
+
+    def slow_ssl(side: str) -> Any:
+        time.sleep(0.3)  # (in the entry's thread)
+        return _transport.default_ssl_context(side)
+
+    monkeypatch.setattr(_transport, "_DEFAULT_SSL", {})
+    monkeypatch.setattr(_client, "default_ssl_context", slow_ssl)
+    client = client_for(server)
+    before = len(loop_threads())
+
+    async def close_soon() -> None:
+        await trio.sleep(0.1)
+        await client.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close_soon)
+            with pytest.raises(trio.ClosedResourceError, match="closed while it was being opened"):
+                async with client:
+                    pass
+        with pytest.raises(trio.ClosedResourceError):
+            await client.tokenize("hi")
+    assert len(loop_threads()) == before
+
+
+async def test_a_session_block_entered_by_two_tasks_at_once_refuses_the_second(
+    server: ReferenceServer,
+) -> None:
+    # Both opened a session; the first block's exit closed the second's, and its
+    # own stayed open on the server until the client closed.
+    with trio.fail_after(10):
+        async with client_for(server) as client:
+            before = server.state().session_ids
+            got = await _enter_twice_at_once(client.session())
+            assert sorted(map(repr, got)) == [
+                "None",
+                repr(RuntimeError("this session block was already entered")),
+            ], got
+            assert server.state().session_ids <= before  # none left open
+
+
+async def test_a_generate_block_entered_by_two_tasks_at_once_refuses_the_second(
+    server: ReferenceServer,
+) -> None:
+    # The second waited for the session's lock, then sent a Generate of its own:
+    # the ids were appended twice.
+    with trio.fail_after(10):
+        async with client_for(server) as client, client.session() as s:
+            calls = server.state().rpc_counts.get("Generate", 0)
+            block = s.generate([1, 2, 3], sampling=SamplingParams(max_tokens=2))
+
+            async def read(events: AsyncIterator[object]) -> None:
+                async for _ in events:
+                    pass
+
+            got = await _enter_twice_at_once(block, read)
+            assert sorted(map(repr, got)) == [
+                "None",
+                repr(RuntimeError("a generate block can be entered only once")),
+            ], got
+            assert server.state().rpc_counts.get("Generate", 0) == calls + 1
+            assert s.committed_len == 5
 
 
 async def test_blocks_entered_twice_or_nested_say_what_is_wrong(server: ReferenceServer) -> None:
