@@ -620,6 +620,13 @@ def _tracer(
     return trace
 
 
+def _timeout(message: str, sent: Sent | None) -> PocApiTimeout:
+    """A timeout, retriable if ``sent`` says none of the call's requests went out."""
+    if sent is not None and not sent.any:
+        return PocApiTimeout(f"{message}; nothing was sent", retriable=True)
+    return PocApiTimeout(message)
+
+
 def _drop(chunks: AsyncIterator[bytes]) -> None:
     if isinstance(chunks, _DecodedBody):
         chunks.drop()
@@ -1448,10 +1455,7 @@ class HttpApi:
         """The client's ``timeout`` passed; retriable if ``sent`` says nothing went out
         (the connection was still being opened)."""
         assert self._timeout is not None
-        message = f"{method} {shown}: {what} within {self._timeout:g} s (timeout)"
-        if sent is not None and not sent.any:
-            return PocApiTimeout(f"{message}; nothing was sent", retriable=True)
-        return PocApiTimeout(message)
+        return _timeout(f"{method} {shown}: {what} within {self._timeout:g} s (timeout)", sent)
 
     def _excerpt(self, body: bytes, *, whole: bool) -> str:
         """:func:`error_excerpt` of ``body`` with the key redacted from all of it
@@ -2202,11 +2206,7 @@ class HttpApi:
                     await events._release()
         if scope.cancelled_caught:
             what = self.chat_call_name("chat_stream", payload["model"])()
-            if not sent.any:
-                raise PocApiTimeout(
-                    f"{what}: not finished within {seconds:g} s; nothing was sent", retriable=True
-                )
-            raise PocApiTimeout(f"{what}: not finished within {seconds:g} s")
+            raise _timeout(f"{what}: not finished within {seconds:g} s", sent)
 
     @_redacting  # (chat_stream, a generator, cannot be): its errors quote the server
     async def _send_stream(self, request: httpx.Request, shown: str) -> httpx.Response:
@@ -2518,9 +2518,8 @@ class ChatStream:
         self._unread = 0  # body bytes read since the queue was last empty
         self._reader = _Parked()  # the task waiting in __anext__ for events
         self._pump_parked = _Parked()  # _pump(), waiting for the queue to be read
-        self._pump_gone = False  # _pump() returned or was cancelled: no more events
-        # Set once _pump() has returned (or was cancelled): the block's exit may wait
-        # for its read of the body's end after [DONE] (_let_the_body_end).
+        # Set once _pump() has returned or was cancelled: no more events (the block's
+        # exit may wait for its read of the body's end after [DONE]: _let_the_body_end).
         self._pump_ended = trio.Event()
         self._reading_the_end = False  # _pump() reads on after [DONE], for the body's end
         self._waiting = False  # a task waits in __anext__
@@ -2635,7 +2634,6 @@ class ChatStream:
                     while self._unread >= ahead and not self._reader_closed:
                         await self._pump_parked.wait()  # until the reader takes them all
         finally:
-            self._pump_gone = True
             self._pump_ended.set()
             self._reader.wake()
 
@@ -2724,7 +2722,7 @@ class ChatStream:
                         "this stream's block has exited: iterate its events inside the block"
                     )
                 raise StopAsyncIteration
-            if self._pump_gone:
+            if self._pump_ended.is_set():
                 # The pump stopped without an end: the block is exiting.
                 self._finished = self._cut = True
                 continue
