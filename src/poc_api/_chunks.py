@@ -12,7 +12,7 @@ from typing import Any, SupportsIndex, TypeAlias, final
 import attrs
 
 from ._errors import LimitExceeded, SessionDivergence
-from ._types import _ids_repr, _u32, _u32_tuple
+from ._types import BYTES_LIKE, _ids_repr, _u32, _u32_tuple
 
 __all__ = [
     "Chunk",
@@ -96,7 +96,7 @@ def check_chunks(chunks: Sequence[Chunk], name: str = "chunks") -> list[Chunk]:
         raise TypeError(
             f"{name} must be a sequence of Tokens/Image, not a single chunk (wrap it in a list)"
         )
-    if isinstance(chunks, str | bytes | bytearray | memoryview) or not isinstance(chunks, Sequence):
+    if isinstance(chunks, BYTES_LIKE) or not isinstance(chunks, Sequence):
         raise TypeError(f"{name} must be a sequence of Tokens/Image, not {type(chunks).__name__}")
     out = list(chunks)
     for c in out:

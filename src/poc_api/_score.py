@@ -31,6 +31,7 @@ from . import _errors as e
 from ._chunks import Chunk, Image, Tokens, check_chunks, check_image_sizes, known_len, text_len
 from ._session import Session, check_window, open_session
 from ._types import (
+    BYTES_LIKE,
     Ranges,
     SamplingParams,
     ScoreResult,
@@ -698,12 +699,11 @@ def _check_continuation(value: object, i: int) -> list[Chunk]:
     if isinstance(value, Tokens | Image):
         return [value]
     unordered(value, f"continuation {i}", "token ids or chunks")
-    bytes_like = str | bytes | bytearray | memoryview  # (iterate as small ints, or chars)
-    if isinstance(value, Iterable) and not isinstance(value, bytes_like | Sequence):
+    if isinstance(value, Iterable) and not isinstance(value, BYTES_LIKE | Sequence):
         # A numpy array of ids (plain ints in one call), or an iterator of ids or
         # of chunks: as the list it stands for.
         value = list(cast(Iterable[object], _plain(value)))
-    if isinstance(value, bytes_like) or not isinstance(value, Sequence):
+    if isinstance(value, BYTES_LIKE) or not isinstance(value, Sequence):
         raise TypeError(
             f"continuation {i} must be token ids or a sequence of Tokens/Image, "
             f"not {type(value).__name__}"
@@ -752,9 +752,9 @@ async def score_continuations(
     prompt = check_chunks(prompt_chunks, "prompt_chunks")
     check_image_sizes(prompt, transport.max_message_size, "prompt_chunks")
     unordered(continuations, "continuations", "continuations")  # (results come in its order)
-    if isinstance(
-        continuations, str | bytes | bytearray | memoryview | Tokens | Image
-    ) or not isinstance(continuations, Sequence):
+    if isinstance(continuations, BYTES_LIKE | Tokens | Image) or not isinstance(
+        continuations, Sequence
+    ):
         raise TypeError("continuations must be a sequence of continuations")
     conts = [_check_continuation(c, i) for i, c in enumerate(continuations)]
     for i, cont in enumerate(conts):

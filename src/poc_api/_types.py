@@ -226,6 +226,11 @@ def unordered(value: object, name: str, what: str) -> None:
         )
 
 
+# Values that iterate as characters or as small ints (bytes): never token ids, a
+# range pair or a sequence of chunks, though they are sequences.
+BYTES_LIKE: Final = str | bytes | bytearray | memoryview
+
+
 def _u32_tuple(
     value: Iterable[SupportsIndex], name: str = "tokens", *, ordered: bool = True
 ) -> tuple[int, ...]:
@@ -236,7 +241,7 @@ def _u32_tuple(
     in-range ints take a check-only loop, and the element's name is only made on
     the path of numpy integers and errors.)
     """
-    if isinstance(value, str | bytes | bytearray | memoryview):
+    if isinstance(value, BYTES_LIKE):
         kind = "a string" if isinstance(value, str) else type(value).__name__
         raise TypeError(f"{name} must be a sequence of token ids, not {kind}")
     if ordered:
@@ -581,9 +586,7 @@ def check_ranges(
     A 2-D numpy array of pairs works as a list of them. Errors name ``name``.
     """
     # (A mapping iterates its keys: pairs as keys passed, their values dropped.)
-    if isinstance(value, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
-        value, Iterable
-    ):
+    if isinstance(value, BYTES_LIKE | Mapping) or not isinstance(value, Iterable):
         raise TypeError(
             f"{name} must be a sequence of (start, end) pairs, not {type(value).__name__}"
         )
@@ -594,13 +597,9 @@ def check_ranges(
         if isinstance(r, range) and r.step == 1:
             # The range of its positions (not the pair of its two elements).
             r = (r.start, r.stop)
-        elif not isinstance(r, str | bytes | bytearray | memoryview | range):
+        elif not isinstance(r, BYTES_LIKE | range):
             r = _plain(r)
-        if (
-            isinstance(r, str | bytes | bytearray | memoryview | range)
-            or not isinstance(r, Sequence)
-            or len(r) != 2
-        ):
+        if isinstance(r, BYTES_LIKE | range) or not isinstance(r, Sequence) or len(r) != 2:
             raise TypeError(f"{name} must hold (start, end) pairs, got {r!r}")
         start, end = _u32(f"{name} start", r[0]), _u32(f"{name} end", r[1])
         if start > end or (start == end and not allow_empty):
