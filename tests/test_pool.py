@@ -1612,3 +1612,67 @@ def test_a_health_check_that_fails_as_it_is_cancelled_leaves_no_unread_exception
 
     asyncio.run(main())
     assert reported == []
+
+
+def test_a_dns_refresh_retiring_an_endpoint_as_it_fails_keeps_it_retired(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop thread retires an endpoint (its address left DNS) while the trio
+    thread records a failure there, between its "not retired?" check and its write:
+    the endpoint stays retired (it was overwritten UNREACHABLE, and a health check's
+    answer then made it SERVING again: sessions placed on it until the next refresh)."""
+    import inspect
+    import sys
+    import threading
+
+    from poc_api import _pool
+    from poc_api._pool import DnsTarget, EndpointState, _Endpoint
+    from poc_api._transport import GrpcTarget
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return ["127.0.0.2"]
+
+    monkeypatch.setattr(_pool, "_lookup", lookup)
+    router = Router(
+        None,  # type: ignore[arg-type]  # _resolve_now uses no bridge
+        lambda target: None,  # type: ignore[arg-type,return-value]  # nor a transport
+        DnsTarget.parse("dns:///pool.test:1"),
+        affinity_header=None,
+        max_message_size=1 << 20,
+    )
+    ep = _Endpoint(GrpcTarget("127.0.0.1", 1, False), None)  # type: ignore[arg-type]
+    ep.state = EndpointState.SERVING
+    router._endpoints = [ep]
+
+    source, first = inspect.getsourcelines(_Endpoint.failed)
+    (write,) = [first + i for i, line in enumerate(source) if "self.state = EndpointState" in line]
+    paused, go = threading.Event(), threading.Event()
+
+    def trace(frame: Any, event: str, arg: object) -> Any:
+        if frame.f_code is _Endpoint.failed.__code__:
+            if event == "line" and frame.f_lineno == write:
+                paused.set()
+                go.wait(10)
+            return trace
+        return None
+
+    def fail() -> None:
+        sys.settrace(trace)
+        try:
+            ep.failed()
+        finally:
+            sys.settrace(None)
+
+    failing = threading.Thread(target=fail)
+    failing.start()
+    try:
+        assert paused.wait(10)
+        refresh = threading.Thread(target=asyncio.run, args=(router._resolve_now(),))
+        refresh.start()
+        refresh.join(0.3)  # it waits for the failure's write, or (the bug) it is over
+    finally:
+        go.set()
+        failing.join(10)
+    refresh.join(10)
+    assert not refresh.is_alive()
+    assert ep.state is EndpointState.RETIRED

@@ -322,6 +322,20 @@ class _Endpoint:
             elif self.state is EndpointState.UNREACHABLE:
                 self.state = EndpointState.UNKNOWN
 
+    def listed(self, listed: bool) -> bool:
+        """asyncio (a DNS refresh): whether its address is still listed; True if
+        that retired it. Under the lock: ``failed``/``reached`` (trio thread)
+        check for RETIRED before they write, so a retirement between the two
+        would be overwritten."""
+        with self._lock:
+            retired = self.state is EndpointState.RETIRED
+            if listed and retired:
+                self.state = EndpointState.UNKNOWN
+            elif not listed and not retired:
+                self.state = EndpointState.RETIRED
+                return True
+            return False
+
     def status(self) -> EndpointStatus:
         return EndpointStatus(
             self.target.url,
@@ -576,14 +590,13 @@ class Router:
                 self._owned.append(transport)
                 endpoints.append(_Endpoint(target, transport))
                 log.info("%s: new endpoint %s", dns.url, target.url)
-            elif ep.state is EndpointState.RETIRED:
-                ep.state = EndpointState.UNKNOWN
+            else:
+                ep.listed(True)
         for ep in endpoints:
-            if ep.target.host not in addresses and ep.state is not EndpointState.RETIRED:
+            if ep.target.host not in addresses and ep.listed(False):
                 # Its open sessions carry on; it only gets no new ones, and is
                 # dropped once it has none (_forget_retired).
                 log.info("%s: endpoint %s is gone from DNS", dns.url, ep.target.url)
-                ep.state = EndpointState.RETIRED
         self._endpoints = endpoints  # replaced whole: the trio side reads it unlocked
 
     def _forget_retired(self) -> None:
