@@ -86,8 +86,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port + 1}"
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start the process and wait until both ports accept connections."""
+        """Start the process; return once it has printed its URLs (both ports listen)."""
         env = dict(os.environ if self.env is None else self.env)
+        # Only this start's output counts: a restart appends to the first one's.
+        seen = self._out.stat().st_size if self._out.exists() else 0
         with self._out.open("ab") as out, self._err.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "poc_api.server", "--port", str(self.port), *self.args],
@@ -101,7 +103,10 @@ class ServerProcess:
                 raise RuntimeError(
                     f"server exited with {self.proc.returncode}: {self.stderr_text()}"
                 )
-            if "grpc_url:" in self._out.read_text(errors="replace"):
+            with self._out.open("rb") as out:
+                out.seek(seen)
+                started = b"grpc_url:" in out.read()
+            if started:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start: {self.stderr_text()}")

@@ -79,3 +79,15 @@ async def test_sigkill_fails_every_stream_typed_within_a_second_and_restart_reco
             score = await client.score([poc_api.Tokens(HELLO)], [(1, 5)])
             assert len(score) == 1
         assert second.state()["connections_total"] == 1
+
+
+def test_a_server_process_started_again_listens_once_start_returns(
+    server_process: type[ServerProcess], port_pair: int
+) -> None:
+    # A restart's start() found the first start's "grpc_url:" line in the output
+    # file and returned at once, before the new process listened.
+    server = server_process(port_pair)
+    server.start()
+    server.kill()
+    server.start()
+    assert server.state()["connections_total"] == 0  # (refused, with the bug)
