@@ -702,3 +702,16 @@ def test_a_session_busy_longer_than_the_idle_timeout_is_not_evicted(
     assert kept, "the session was evicted while its Generate ran"
     assert done is not None and done.completion_tokens == 80
     c.generate(sid, append_tokens=[65], offset=len(PROMPT) + 80)  # still there, usable
+
+
+def test_a_status_message_quoting_a_huge_request_is_cut(client: SyncSalience) -> None:
+    # It quoted the mime uncut: 100k characters in grpc-message, a trailer block
+    # that failed the client's whole connection (every other stream on it too).
+    sid = client.open()
+    with pytest.raises(GRPCError) as info:
+        client.append_image(sid, b"\x89PNG\r\n\x1a\n", "image/" + "x" * 100_000, 0)
+    assert info.value.status is Status.INVALID_ARGUMENT
+    message = info.value.message or ""
+    assert message.startswith("cannot decode image") and message.endswith("...")
+    assert len(message) <= 512
+    assert client.open()  # the connection is fine

@@ -53,6 +53,18 @@ _STATUS: Final = {
     ErrorKind.RESOURCE_EXHAUSTED: Status.RESOURCE_EXHAUSTED,
 }
 
+# A status message quotes the request (a mime type, a session id): cut, so that a
+# huge one does not make a trailer block that fails the client's whole connection.
+_MAX_STATUS_MESSAGE: Final = 512
+
+
+def _status_error(e: SessionError) -> GRPCError:
+    message = e.message
+    if len(message) > _MAX_STATUS_MESSAGE:
+        message = message[: _MAX_STATUS_MESSAGE - 3] + "..."
+    return GRPCError(_STATUS[e.kind], message)
+
+
 # Flush pending events (and let the loop see RST_STREAM) this often.
 _FLUSH_EVENTS: Final = 64
 _FLUSH_SECONDS: Final = 0.002
@@ -224,7 +236,7 @@ class SalienceService:
         try:
             session = self._rt.store.open()
         except SessionError as e:
-            raise GRPCError(_STATUS[e.kind], e.message) from None
+            raise _status_error(e) from None
         await stream.send_message(
             OpenSessionResponse(session_id=session.id, max_length=cfg.max_context)
         )
@@ -250,7 +262,7 @@ class SalienceService:
                 session.append_at(req.offset, [IMAGE_PAD] * n)
                 total = len(session)
         except SessionError as e:
-            raise GRPCError(_STATUS[e.kind], e.message) from None
+            raise _status_error(e) from None
         await stream.send_message(AppendImageResponse(placeholder_count=n, total_length=total))
 
     async def _generate(self, stream: _Stream) -> None:
@@ -261,7 +273,7 @@ class SalienceService:
             with self._rt.store.use(req.session_id) as session:
                 await _Generation(self._rt, stream, session, req).run()
         except SessionError as e:
-            raise GRPCError(_STATUS[e.kind], e.message) from None
+            raise _status_error(e) from None
         except (asyncio.CancelledError, StreamTerminatedError):
             # grpclib cancels the handler task when the client sends RST_STREAM; a
             # handler waiting inside grpclib's stream wrapper (e.g. on flow control)
