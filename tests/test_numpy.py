@@ -416,3 +416,19 @@ async def test_a_numpy_max_concurrency_is_clamped_to_the_stream_limit_too(
         with trio.fail_after(20):
             got = await client.score_many(prompts, max_concurrency=np.int64(8))  # type: ignore[arg-type]
     assert len(got) == 8
+
+
+async def test_an_empty_two_dimensional_image_buffer_is_refused_as_empty(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # len() of a 5 x 0 view is 5: it passed the "image data is empty" check, and an
+    # empty AppendImage went out (InvalidRequest).
+    empty = memoryview(np.zeros((5, 0), dtype=np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        poc_api.Image(empty, "image/png")
+    async with client.session() as s:
+        before = server.state().rpc_counts.get("AppendImage", 0)
+        with pytest.raises(ValueError, match="empty"):
+            await s.append_image(empty, "image/png")
+        assert server.state().rpc_counts.get("AppendImage", 0) == before
+        assert not s.lost

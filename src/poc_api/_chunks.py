@@ -13,6 +13,7 @@ import attrs
 
 from ._errors import LimitExceeded, SessionDivergence
 from ._types import BYTES_LIKE, _ids_repr, _u32, _u32_tuple
+from ._wire import append_image_request_size
 
 __all__ = [
     "Chunk",
@@ -48,20 +49,38 @@ def _known_len(value: SupportsIndex) -> int:
     return _u32("known_expanded_len", value)
 
 
-def _to_bytes(value: bytes | bytearray | memoryview) -> bytes:
+def image_bytes(value: object) -> bytes:
+    """Image data as bytes (a copy): ``TypeError`` unless bytes, a bytearray or a
+    memoryview, ``ValueError`` if it holds no byte."""
     if not isinstance(value, bytes | bytearray | memoryview):
         raise TypeError(f"image data must be bytes, not {type(value).__name__}")
-    if not len(value):
+    # nbytes, not len(): a memoryview's len() is its first dimension (5 for 5 x 0).
+    if not memoryview(value).nbytes:
         raise ValueError("image data is empty")
     return bytes(value)
 
 
+# RFC 6838: a type and a subtype name of at most 127 characters each.
+_MAX_MIME = 255
+
+
 def check_image_mime(value: object) -> str:
-    """An image MIME type: ``TypeError`` unless a str, ``ValueError`` unless ``image/...``."""
+    """An image MIME type: ``TypeError`` unless a str, ``ValueError`` unless
+    ``image/<subtype>`` (any case, as MIME types are), at most 255 characters and
+    encodable (UTF-8)."""
     if not isinstance(value, str):
         raise TypeError(f"mime must be a str, not {type(value).__name__}")
-    if not value.startswith("image/"):
+    if len(value) > _MAX_MIME:
+        raise ValueError(
+            f"mime must be at most {_MAX_MIME} characters (RFC 6838), got {len(value)}: "
+            f"{value[:40]!r}..."
+        )
+    if not value[:6].lower() == "image/" or len(value) == 6:
         raise ValueError(f"mime must be an image type such as 'image/png', got {value!r}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"mime must be encodable as UTF-8, got {value!r}") from None
     return value
 
 
@@ -78,7 +97,7 @@ class Image:
     placeholder positions.
     """
 
-    data: bytes = attrs.field(converter=_to_bytes, repr=lambda d: f"<{len(d)} bytes>")
+    data: bytes = attrs.field(converter=image_bytes, repr=lambda d: f"<{len(d)} bytes>")
     mime: str = attrs.field(validator=_check_mime)
     known_expanded_len: int = attrs.field(default=0, converter=_known_len)
 
@@ -105,15 +124,26 @@ def check_chunks(chunks: Sequence[Chunk], name: str = "chunks") -> list[Chunk]:
     return out
 
 
-def check_image_sizes(chunks: Sequence[Chunk], max_message_size: int, name: str = "chunks") -> None:
-    """``LimitExceeded`` for an image whose bytes alone are over ``max_message_size``:
-    its ``AppendImage`` could never be sent, and a call made of several (a prompt's
-    ``OpenSession``, prefill, image) is refused before the first goes out."""
+def check_image_sizes(
+    chunks: Sequence[Chunk], max_message_size: int, name: str = "chunks", session_id: str = ""
+) -> None:
+    """``LimitExceeded`` for an image whose ``AppendImage`` request would be over
+    ``max_message_size``: it could never be sent, and a call made of several (a
+    prompt's ``OpenSession``, prefill, image) is refused before the first goes out.
+
+    Without the ``session_id`` (no session yet) the size is a lower bound, short of
+    the id's bytes: the call checks again once its session is open, before it
+    sends anything else.
+    """
     for i, c in enumerate(chunks):
-        if isinstance(c, Image) and len(c.data) > max_message_size:
+        if not isinstance(c, Image):
+            continue
+        size = append_image_request_size(session_id=session_id, image_len=len(c.data), mime=c.mime)
+        if size > max_message_size:
             raise LimitExceeded(
-                f"{name}[{i}]: an image of {len(c.data)} bytes, over max_message_size="
-                f"{max_message_size} (refused before sending)"
+                f"{name}[{i}]: an image of {len(c.data)} bytes, whose AppendImage request "
+                f"({size} bytes) is over max_message_size={max_message_size} "
+                "(refused before sending)"
             )
 
 

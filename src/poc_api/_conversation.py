@@ -203,6 +203,9 @@ class Conversation:
         self._closed = False
         # The last turn's start was refused, too long, before it sent anything (_start).
         self._untouched = False
+        # The current turn has had a request answered (its OpenSession, a rewind, a
+        # prefill, an image): what it failed with was not all it did (_Turn).
+        self._turn_sent = False
 
     def __repr__(self) -> str:
         # Cheap and never raising: it lands in logs and tracebacks.
@@ -298,6 +301,11 @@ class Conversation:
         opening the session and sending the delta (a rewind, prefills, image
         appends) included; ``token_timeout`` is as in :meth:`Session.generate`.
 
+        A turn that fails with a ``retriable`` error before any of its requests
+        was processed leaves the conversation and its session as they were; once
+        one was, the session is closed (a note on the error says so), and the next
+        turn opens another and sends the whole prompt.
+
         Example::
 
             async with client.conversation() as conv:
@@ -334,7 +342,7 @@ class Conversation:
         started = trio.current_time()
         first_at = math.inf if first is None else started + first
         clocks = (started, first_at, between, deadline_at, turn_started)
-        self._untouched = False
+        self._untouched = self._turn_sent = False
         try:
             for attempt in range(2):
                 fresh = self._session is None
@@ -342,13 +350,14 @@ class Conversation:
                     session = self._session
                 else:
                     session = await self._open(_remaining(min(first_at, deadline_at)))
+                    self._turn_sent = True
                 try:
                     out, events, sent = await self._start(
                         gen_stack, session, chunks, sampling, priority, shape, clocks
                     )
                     return out, events, sent, session
-                except SessionNotFound:
-                    await gen_stack.aclose()
+                except SessionNotFound as exc:
+                    await _leave(gen_stack, exc)
                     if fresh or attempt:
                         raise
                     log.info(
@@ -358,9 +367,9 @@ class Conversation:
                     )
                     with trio.CancelScope(shield=True):
                         await self._drop()
-                except ServerUnavailable:
+                except ServerUnavailable as exc:
                     # A pool places the new session on another endpoint (issue 12).
-                    await gen_stack.aclose()
+                    await _leave(gen_stack, exc)
                     if attempt or self._transport.failover_attempts < 2:
                         raise
                     log.info(
@@ -406,6 +415,8 @@ class Conversation:
         # leaves the session as it was: it is kept (see _Turn.__aenter__).
         self._untouched = True
         check_window(session, plan.offset + text_len(plan.delta))
+        # Exact now that the session's id is known (stream() checked without it).
+        session._check_images(plan.delta)
         self._untouched = False
         if plan.truncating:
             log.info(
@@ -416,6 +427,7 @@ class Conversation:
                 session.committed_len,
             )
             await session.rewind(plan.offset, timeout=_remaining(before_token), priority=priority)
+            self._turn_sent = True
         prefix: list[StreamEvent] = []
         pending: list[int] = []
         # What the session will hold after Done: what it kept (the history's own
@@ -434,10 +446,12 @@ class Conversation:
                 # The turn's priority: on a busy server the text before an image
                 # waited behind every other request's decode.
                 await session.prefill(pending, timeout=_remaining(before_token), priority=priority)
+                self._turn_sent = True
                 pending = []
             appended = await session.append_image(
                 chunk.data, chunk.mime, timeout=_remaining(before_token)
             )
+            self._turn_sent = True
             n = appended.placeholder_count
             if chunk.known_expanded_len not in (0, n):
                 # The server decides how many positions an image takes; keeping
@@ -483,6 +497,12 @@ class Conversation:
             await trio.lowlevel.checkpoint()
             return
         await self._drop()
+
+
+async def _leave(gen_stack: AsyncExitStack, exc: BaseException) -> None:
+    """Close the turn's Generate block as left by ``exc`` (which it may have
+    raised): a block left by its own retriable error keeps its session intact."""
+    await gen_stack.__aexit__(type(exc), exc, exc.__traceback__)
 
 
 @final
@@ -561,11 +581,22 @@ class _Turn:
                 self._shape,
                 (*self._timeouts, deadline_at, started),
             )
-        except BaseException:
+        except BaseException as exc:
+            retriable = isinstance(exc, PocApiError) and exc.retriable
             try:
                 if conv._untouched:  # refused before sending: the session stands
                     await self._gen_stack.aclose()
+                elif retriable and not conv._turn_sent:
+                    # Its first request was never processed: the session is as it
+                    # was, and stands (the Generate's block, told why it is left,
+                    # keeps it too).
+                    await _leave(self._gen_stack, exc)
                 else:
+                    if retriable:
+                        exc.add_note(
+                            "this turn's earlier requests had been processed: its session "
+                            "is closed, and the next turn sends the whole prompt again"
+                        )
                     await self._fail()
             finally:
                 conv._lock.release()

@@ -830,6 +830,11 @@ class SessionRoute:
             raise RuntimeError("no OpenSession went through this route yet")
         return self._endpoint
 
+    @property
+    def max_message_size(self) -> int:
+        """The client's (every endpoint's transport has it)."""
+        return self._router.max_message_size
+
     def check_sendable(self, method: str, request: bytes) -> None:
         """:meth:`GrpcTransport.check_sendable` on this session's endpoint."""
         self._current().transport.check_sendable(method, request)

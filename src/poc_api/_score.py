@@ -187,6 +187,7 @@ async def _score_in_session(
     # Text only: an image's stated length may be wrong (the server decides it);
     # the check before each call below has its real one.
     check_window(session, text_len(chunks))
+    session._check_images(chunks)
     for chunk in chunks:
         if isinstance(chunk, Tokens):
             pending.extend(chunk.ids)
@@ -649,6 +650,7 @@ async def _score_group(
     for index, chunks, _ in group:
         at[:] = [index]
         check_window(session, text_len(chunks))  # (as _score_in_session's)
+        session._check_images(chunks)
     at[:] = [index for index, _, _ in group]
     prefix = _to_chunks(_units(group[0][1])[:shared])
     # The prefix's positions may lie in any prompt's ranges: ask for them all now,
@@ -783,6 +785,9 @@ async def _continuations_in_session(
     # Text only (lower bounds): an image's stated length may be wrong.
     cont_text = [text_len(c) for c in conts]
     _check_window(session.max_length, text_len(prompt), cont_text)
+    session._check_images(prompt, "prompt_chunks")
+    for i, cont in enumerate(conts):
+        session._check_images(cont, f"continuation {i}")
     spans: list[tuple[int, int]] = []
     end_of_prompt = await _append(
         session, prompt, rewind_to=None, wire=[], into={}, image_spans=spans

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn, SupportsFloat, SupportsIndex, final
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn, SupportsFloat, SupportsIndex, final
 import trio
 
 from . import _errors as e
-from ._chunks import check_image_mime
+from ._chunks import Chunk, check_image_mime, check_image_sizes, image_bytes
 from ._clock import FairSlice
 from ._transport import StreamCall, map_grpc_error
 from ._types import (
@@ -557,6 +557,12 @@ class Session:
                 "generate block): finish or leave that block first"
             )
 
+    def _check_images(self, chunks: Sequence[Chunk], name: str = "chunks") -> None:
+        """``LimitExceeded`` for an image whose ``AppendImage`` here would be too
+        large: exact, with this session's id (a call that made the session checked
+        without it, before its OpenSession). For such calls, before their first send."""
+        check_image_sizes(chunks, self._transport.max_message_size, name, self._session_id)
+
     def _check_usable(self) -> None:
         if self._transport.closed or self._closed_by_client:
             raise trio.ClosedResourceError("the ApiClient is closed")
@@ -641,17 +647,13 @@ class Session:
                 lost, unless the time ran out while another task's call held the
                 session: nothing was sent then).
         """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(f"image data must be bytes, not {type(data).__name__}")
+        image = image_bytes(data)  # checked (and copied) as the Image chunk's
         check_image_mime(mime)  # as the Image chunk does: the server decodes images only
-        if not data:
-            raise ValueError("image data is empty")
         # A plain float: a numpy float32 would make a float32 trio deadline, which
         # trio's I/O wait refuses ("timeout must be an integer or None").
         seconds = check_timeout("timeout", timeout)
         if rewind_to is not None:
             rewind_to = _u32("rewind_to", rewind_to)
-        image = bytes(data)
         self._busy_check()
         now = trio.current_time()
         deadline_at = now + (math.inf if seconds is None else seconds)

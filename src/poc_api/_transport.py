@@ -998,6 +998,11 @@ class GrpcTransport:
             retriable=True,
         )
 
+    @property
+    def max_message_size(self) -> int:
+        """The largest message it sends or accepts, in bytes."""
+        return self._max_message_size
+
     def check_sendable(self, method: str, request: bytes) -> None:
         """Raise the ``LimitExceeded`` that :meth:`unary` would raise before sending
         (a message over ``max_message_size``, no call slot left), if any.

@@ -288,6 +288,21 @@ def encode_append_image_request(
     return b"".join((head, image, tail))
 
 
+def append_image_request_size(*, session_id: str, image_len: int, mime: str) -> int:
+    """Bytes of the ``AppendImageRequest`` for an image of ``image_len`` bytes, at
+    the largest offset and truncating: no request for it is larger."""
+    size = len(
+        encode_append_image_request(
+            session_id=session_id, image=b"", mime=mime, offset=_MASK32, truncating=True
+        )
+    )
+    if image_len:
+        head = bytearray()
+        _put_varint(head, image_len)
+        size += 1 + len(head) + image_len
+    return size
+
+
 def decode_open_session(data: bytes) -> tuple[str, int]:
     """Decode an ``OpenSessionResponse``: ``(session_id, max_length)``, strictly.
 

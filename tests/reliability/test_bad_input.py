@@ -15,6 +15,7 @@ from reliability_helpers import make_png
 
 import poc_api
 from poc_api import Image, SamplingParams, Tokens, TrainSample
+from poc_api._wire import append_image_request_size
 from poc_api.server import ReferenceServer, tokenize
 
 HELLO = tokenize("The quick brown fox")
@@ -94,6 +95,11 @@ async def test_an_out_of_vocabulary_id_is_invalid_request_and_keeps_things_usabl
         (PNG, 7, TypeError),
         (PNG, "text/plain", ValueError),  # as Image(PNG, "text/plain") does
         (PNG, "", ValueError),
+        (PNG, "image/", ValueError),
+        # The server quoted it in its error's grpc-message, whose size then failed
+        # the whole connection (other tasks' streams on it too).
+        (PNG, "image/" + "x" * 100_000, ValueError),
+        (PNG, "image/png\ud800", ValueError),  # a bare UnicodeEncodeError, later
     ],
 )
 async def test_bad_images_are_refused_before_sending(
@@ -134,11 +140,25 @@ async def test_undecodable_images_are_invalid_request_and_keep_the_session(
         ("not bytes", "image/png", TypeError),
         (PNG, None, TypeError),
         (PNG, "text/plain", ValueError),
+        (PNG, "image/", ValueError),
+        (PNG, "image/" + "x" * 250, ValueError),  # RFC 6838: 127 + "/" + 127
+        (PNG, "image/png\ud800", ValueError),
     ],
 )
 def test_bad_image_chunks_are_refused_at_construction(data: Any, mime: Any, exc_type: type) -> None:
     with pytest.raises(exc_type):
         Image(data, mime)
+
+
+async def test_an_image_type_in_capitals_is_an_image_type(
+    client: poc_api.ApiClient,
+) -> None:
+    # MIME types are case-insensitive (RFC 9110 8.3.1); the server decodes these.
+    for mime in ("IMAGE/PNG", "Image/Png"):
+        results = await client.score([Tokens([1, 2]), Image(PNG, mime)], [(0, 2)])
+        assert len(results) == 1
+        async with client.session() as s:
+            assert (await s.append_image(PNG, mime)).placeholder_count == 2
 
 
 async def test_an_image_type_the_server_cannot_decode_is_invalid_request(
@@ -723,6 +743,59 @@ def test_sets_stay_fine_where_order_does_not_matter() -> None:
     assert sorted(SamplingParams(stop_token_ids={7, 3}).stop_token_ids) == [3, 7]
     sample = TrainSample(tokens=[1, 2, 3], target_ranges={(0, 1), (1, 3)})
     assert sorted(sample.target_ranges) == [(0, 1), (1, 3)]
+
+
+@pytest.mark.parametrize(
+    "call", ["score", "score_many", "score_continuations", "conversation", "append_image"]
+)
+async def test_an_image_whose_request_is_over_max_message_size_is_refused_before_sending(
+    server: ReferenceServer, call: str
+) -> None:
+    # Its bytes are within the limit, its AppendImage request (with the mime, the
+    # session id, the offset) is not: the check counted the bytes only, so it was
+    # refused at its AppendImage, after the prefill (a conversation's session dropped).
+    # The request fits but for the session id: only a check that has it refuses.
+    limit = append_image_request_size(session_id="", image_len=len(PNG), mime="image/png")
+    big = Image(PNG, "image/png")
+    prompt = [Tokens([72, 101]), big, Tokens([108])]
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, max_message_size=limit
+    ) as client:
+        async with client.conversation() as conv:
+            async with conv.stream([Tokens([72, 101])], SamplingParams(max_tokens=1)) as ev:
+                reply = [e.id async for e in ev if isinstance(e, poc_api.TokenOut)]
+            held = conv.session
+            assert held is not None
+            async with client.session() as s:
+                before = server.state().rpc_counts.copy()
+                with pytest.raises(poc_api.LimitExceeded, match="max_message_size") as info:
+                    if call == "score":
+                        await client.score(prompt, [(0, 2)])
+                    elif call == "score_many":
+                        await client.score_many([([Tokens([1, 2])], [(0, 2)]), (prompt, [(0, 2)])])
+                    elif call == "score_continuations":
+                        await client.score_continuations([Tokens([1, 2])], [[3], [big]])
+                    elif call == "append_image":
+                        await s.append_image(PNG, "image/png")
+                    else:
+                        delta = [Tokens([72, 101, *reply, 4]), big]
+                        async with conv.stream(delta, SamplingParams(max_tokens=1)):
+                            pass  # pragma: no cover
+                if call != "append_image":  # (the transport's own check)
+                    assert "before sending" in str(info.value), info.value
+                after = server.state().rpc_counts
+                if call in ("score", "score_continuations"):
+                    # Checked exactly once its session is open: the OpenSession
+                    # (and its close) went out, nothing else.
+                    sent = {k: after[k] - before.get(k, 0) for k in after}
+                    assert {k: n for k, n in sent.items() if n} in (
+                        {},
+                        {"OpenSession": 1, "CloseSession": 1},
+                    ), sent
+                elif call != "score_many":
+                    assert after == before, info.value
+                assert not s.lost
+            assert conv.session is held  # kept: nothing was sent
 
 
 @pytest.mark.parametrize("call", ["score", "score_many", "score_continuations", "conversation"])

@@ -1733,3 +1733,49 @@ async def test_a_call_cut_by_its_connection_leaves_its_task_no_cancel_request(
         with trio.fail_after(10):
             failed, cancelling, timed_out = await c._bridge.run(call_then_time_out)  # type: ignore[union-attr]
         assert (cancelling, timed_out) == (0, True), failed
+
+
+async def test_a_turn_whose_first_request_the_server_never_processed_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The turn's Generate (its whole delta) was refused every time: retriable,
+    # nothing processed, so the session is as it was. It was dropped all the same,
+    # and the next turn opened a new one and sent the whole prompt again.
+    async with client_for(bad_server) as c, c.conversation() as conv:
+        with trio.fail_after(5):
+            async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                reply = [e.id async for e in ev if isinstance(e, poc_api.TokenOut)]
+        held = conv.session
+        assert held is not None
+        bad_server.plan("Generate", *[Reply("refuse")] * 50)
+        prompt = [Tokens([1, 2, *reply, 3])]
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+            async with conv.stream(prompt, FIVE) as ev:
+                pass  # pragma: no cover
+        assert info.value.retriable
+        assert not getattr(info.value, "__notes__", None)
+        assert conv.session is held and not held.lost
+        bad_server._plans["Generate"].clear()
+        opened = len(bad_server.calls_to("OpenSession"))
+        with trio.fail_after(5):
+            async with conv.stream(prompt, FIVE) as ev:
+                events = [e async for e in ev]
+        assert isinstance(events[-1], poc_api.StreamDone)
+        assert len(bad_server.calls_to("OpenSession")) == opened
+
+
+async def test_a_retriable_failure_after_the_turn_sent_requests_says_the_session_is_closed(
+    bad_server: MisbehavingServer, png_56x28: bytes
+) -> None:
+    # The prefill before the image went through, then the AppendImage was refused:
+    # retriable (that request was not processed), but the turn's session is closed,
+    # and the error, whose message said "nothing was sent", now says so.
+    async with client_for(bad_server) as c, c.conversation() as conv:
+        bad_server.plan("AppendImage", *[Reply("refuse")] * 50)
+        prompt = [Tokens([1, 2]), poc_api.Image(png_56x28, "image/png"), Tokens([3])]
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable) as info:
+            async with conv.stream(prompt, FIVE):
+                pass  # pragma: no cover
+        assert info.value.retriable
+        assert any("session is closed" in note for note in info.value.__notes__)
+        assert conv.session is None
