@@ -2842,6 +2842,27 @@ async def test_a_deflate_body_is_read_however_its_first_bytes_arrive(
             assert await make_api(http, url).tokenize("hi") == [104, 105]
 
 
+async def test_a_deflate_body_cut_after_its_first_byte_is_truncated(
+    http: httpx.AsyncClient,
+) -> None:
+    # The lone first byte waited for its second (zlib or raw?); when the body
+    # ended there, it decoded to nothing and passed for a whole, empty body.
+    body = zlib.compress(_TOKENS)[:1]
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        head = (
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            f"content-encoding: deflate\r\ncontent-length: {len(body)}\r\n\r\n"
+        ).encode()
+        await stream.send_all(head + body)
+
+    with trio.fail_after(10):
+        async with canned_server(answer) as url:
+            with pytest.raises(poc_api.ProtocolViolation, match=r"deflate stream \(truncated\)"):
+                await make_api(http, url).tokenize("hi")
+
+
 async def test_an_encoding_that_was_not_asked_for_is_a_protocol_violation(
     http: httpx.AsyncClient,
 ) -> None:

@@ -709,8 +709,12 @@ class _Inflater:
                     self._pending = self._z.unused_data
                     self._z = zlib.decompressobj(zlib.MAX_WBITS | 16)
                     self._between = True
-                if out or not self._pending:  # (b"" says: nothing until more input)
+                if out:
                     return out
+                if not self._pending:
+                    if not self._ended:
+                        return out  # (b"" says: nothing until more input)
+                    break  # all of it in: was it whole? (a lone first byte, say)
             if self._ended and not self._flushed:
                 self._flushed = True
                 out = self._z.flush()  # (bounded: what the window still holds)
