@@ -611,6 +611,11 @@ class AsyncioBridge:
         """True once :meth:`aclose` has begun."""
         return self._closing
 
+    @property
+    def calls_aborted(self) -> bool:
+        """True once :meth:`abort_calls` has run (the client's close has begun)."""
+        return self._aborted
+
     def _thread_main(self) -> None:
         if _BLOCKED_SIGNALS:
             signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)

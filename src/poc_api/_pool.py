@@ -287,6 +287,7 @@ class _Endpoint:
             and transport.open_sessions == 0
             and transport.open_streams == 0
             and not transport._reapers
+            and not transport._unclosed  # (closes sent again: close_later)
         )
 
     def usable(self, now: float) -> bool:
@@ -820,6 +821,10 @@ class SessionRoute:
     @open_sessions.setter
     def open_sessions(self, value: int) -> None:
         self._current().transport.open_sessions = value
+
+    def close_later(self, session_id: str, *, timed_out: bool) -> None:
+        """:meth:`GrpcTransport.close_later` on this session's endpoint."""
+        self._current().transport.close_later(session_id, timed_out=timed_out)
 
     def first_loss_of_outage(self) -> bool:
         """:meth:`GrpcTransport.first_loss_of_outage` of this session's endpoint."""

@@ -819,7 +819,9 @@ class Session:
         because the server frees idle sessions by itself. Of the sessions lost with
         a server that cannot be reached (``ServerUnavailable``), only the first is
         logged at WARNING until the client reaches that server again; the rest at
-        DEBUG. A call of another task running on the session meanwhile ends with
+        DEBUG. A close that timed out or could not reach the server is sent again in
+        the background until it gets through (for up to 10 minutes, and once more as
+        the client closes). A call of another task running on the session meanwhile ends with
         ``trio.ClosedResourceError`` (its stream is reset when its block exits), as
         do calls waiting for the session.
         """
@@ -837,11 +839,12 @@ class Session:
             await trio.lowlevel.checkpoint()
             return
         timeout = self._close_timeout
+        transport = self._transport
         with trio.CancelScope(relative_deadline=timeout, shield=True) as scope:
             req = encode_string_field(self._session_id)  # CloseSessionRequest
             for attempt in (1, 2):
                 try:
-                    await self._transport.unary("CloseSession", req, cleanup=True)
+                    await transport.unary("CloseSession", req, cleanup=True)
                     log.debug("session %s closed", self._session_id)
                     break
                 except Exception as exc:
@@ -850,12 +853,28 @@ class Session:
                     # closed session's close succeeds), a session left is not
                     # (its KV cache stays until the server evicts it when idle).
                     lost = isinstance(map_grpc_error(exc, "CloseSession"), e.ServerUnavailable)
-                    if attempt == 1 and lost and not self._transport.closed:
+                    if attempt == 1 and lost and not transport.closed:
                         log.debug("session %s: its close failed (%s); again", self._session_id, exc)
                         continue
-                    _log_close_failure(self._transport, self._session_id, exc)
-        if scope.cancelled_caught:
-            log.warning("CloseSession %s timed out after %.1f s", self._session_id, timeout)
+                    _log_close_failure(transport, self._session_id, exc)
+                    if lost and not transport.closed:
+                        transport.close_later(self._session_id, timed_out=False)
+        if scope.cancelled_caught and not transport.closed:
+            # A server stalled past close_timeout (a GC pause, a busy host): the
+            # session would stay there until its idle eviction. Sent again in the
+            # background until it gets through. One warning per outage, as above.
+            transport.close_later(self._session_id, timed_out=True)
+            if transport.first_loss_of_outage():
+                log.warning(
+                    "CloseSession %s timed out after %.1f s; it is sent again in the "
+                    "background until %s answers (further sessions whose close times "
+                    "out are logged at DEBUG until then)",
+                    self._session_id,
+                    timeout,
+                    transport.url,
+                )
+            else:
+                log.debug("CloseSession %s timed out after %.1f s", self._session_id, timeout)
 
 
 def check_window(session: Session, end: int) -> None:

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import Token
+from functools import partial
 from types import TracebackType
 from typing import Any, Final, NoReturn, Protocol, SupportsFloat, TypeVar, final
 from urllib.parse import urlsplit
@@ -67,7 +68,7 @@ from ._bridge import AsyncioBridge, BatchReceiver, Sink, StreamBlock
 from ._hpack import CachingEncoder
 from ._http import EXCERPT_LIMIT, key_redactor, shown_url
 from ._types import check_timeout
-from ._wire import RawCodec
+from ._wire import RawCodec, encode_string_field
 
 #: asyncio: undoes what a reply says the server did, for a caller that never got
 #: it (see :meth:`GrpcTransport.unary`): ``orphan(reply, transport, metadata)``,
@@ -390,6 +391,15 @@ def backoff(failures: int, base: float, cap: float) -> float:
     return min(cap, base * 2.0 ** min(failures - 1, 64))
 
 
+# A session whose CloseSession did not get through (its server stalled past
+# close_timeout, or could not be reached) has it sent again in the background
+# (GrpcTransport.close_later): first this many seconds later, the wait doubled
+# each time up to _RECLOSE_MAX, for up to _RECLOSE_FOR seconds (a server's idle
+# eviction frees it by then: the reference server's default is 600 s).
+_RECLOSE_FIRST = 1.0
+_RECLOSE_MAX = 30.0
+_RECLOSE_FOR = 600.0
+
 # keepalive_time doubles on each "too_many_pings" GOAWAY up to this (seconds).
 _MAX_KEEPALIVE_TIME = 7200.0
 _REFUSED_RETRIES = 2
@@ -567,6 +577,11 @@ class GrpcTransport:
         self._connect_timeout = connect_timeout
         self._reap_timeout = reap_timeout
         self._reapers: set[asyncio.Future[Any]] = set()
+        # asyncio side: sessions whose CloseSession did not get through (close_later):
+        # the loop time to give up at, and whether it timed out (else the server
+        # could not be reached); and the task that sends them again.
+        self._unclosed: dict[str, tuple[float, bool]] = {}
+        self._recloser: asyncio.Task[None] | None = None
         self._streams = streams if streams is not None else StreamBudget(max_concurrent_streams)
         self.open_streams: int = 0
         """Calls in flight on this transport (unary and streaming)."""
@@ -1291,6 +1306,82 @@ class GrpcTransport:
             return
         self._reap_later(asyncio.ensure_future(_undo(orphan, reply, self, extra_metadata)))
 
+    def close_later(self, session_id: str, *, timed_out: bool) -> None:
+        """trio: send ``CloseSession`` for ``session_id`` again, in the background,
+        until it gets through: its own close timed out (a server stalled past
+        ``close_timeout``: a GC pause, a busy host) or could not reach the server.
+        Tried again with backoff for up to ``_RECLOSE_FOR`` seconds, and once more
+        as the client closes; not for a close made as the client closes."""
+        if self._bridge.calls_aborted:
+            return  # the client's own close: its summary says what was left
+        self._bridge.call_soon(partial(self._queue_close, session_id, timed_out))
+
+    def _queue_close(self, session_id: str, timed_out: bool) -> None:
+        """asyncio: see :meth:`close_later`."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._unclosed.setdefault(session_id, (loop.time() + _RECLOSE_FOR, timed_out))
+        if self._recloser is None or self._recloser.done():
+            self._recloser = loop.create_task(self._reclose())
+
+    async def _reclose(self) -> None:
+        """asyncio: the background task of :meth:`close_later`."""
+        failures = 0
+        while self._unclosed and not self._closed:
+            failures += 1
+            await asyncio.sleep(backoff(failures, _RECLOSE_FIRST, _RECLOSE_MAX))
+            if await self._close_unclosed():
+                failures = 0  # it answers again: the rest (if any) soon
+
+    async def _close_unclosed(self) -> bool:
+        """asyncio: ``CloseSession`` again for every session of :meth:`close_later`,
+        all at once, each bounded by ``reap_timeout``. Whether the server answered."""
+        ids = list(self._unclosed)
+        answered = await asyncio.gather(*(self._close_again(sid) for sid in ids))
+        return any(answered)
+
+    async def _close_again(self, session_id: str) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._reap_timeout):
+                await self.unary_in_loop("CloseSession", encode_string_field(session_id))
+        except Exception as exc:
+            mapped = map_grpc_error(exc, "CloseSession")
+            if isinstance(exc, TimeoutError) or isinstance(mapped, e.ServerUnavailable):
+                give_up_at = self._unclosed.get(session_id, (0.0, False))[0]
+                if loop.time() >= give_up_at or self._closed:
+                    self._unclosed.pop(session_id, None)
+                    log.debug("CloseSession %s: given up (%s)", session_id, exc or "timed out")
+                return False
+            self._unclosed.pop(session_id, None)  # refused: sending it again will not help
+            log.warning("CloseSession %s failed: %s", session_id, mapped or exc)
+            return True
+        self._unclosed.pop(session_id, None)
+        with self._loss_lock:  # reached again: the next outage is logged anew
+            self._reached += 1
+        log.info("session %s closed (its first CloseSession had not got through)", session_id)
+        return True
+
+    async def _last_closes(self) -> None:
+        """asyncio, as the client closes: one more try for every session of
+        :meth:`close_later` (bounded, as the other cleanups, by ``reap_timeout``)."""
+        try:
+            await self._close_unclosed()
+        finally:
+            if self._unclosed:
+                # A WARNING if a timed-out close's was "sent again" (the earlier
+                # warning of one that could not reach its server said this already).
+                timed_out = any(t for _, t in self._unclosed.values())
+                log.log(
+                    logging.WARNING if timed_out else logging.DEBUG,
+                    "%d session(s) whose CloseSession did not get through to %s are "
+                    "left to the server's idle eviction",
+                    len(self._unclosed),
+                    self.url,
+                )
+                self._unclosed.clear()
+
     def _reap_later(self, task: asyncio.Future[Any]) -> None:
         """asyncio: the client's exit waits (``reap_timeout``) for this cleanup task."""
         self._reapers.add(task)
@@ -1330,6 +1421,12 @@ class GrpcTransport:
         # after its reply, or cut by its reap timer) may start another.
         loop = asyncio.get_running_loop()
         end = loop.time() + self._reap_timeout
+        recloser, self._recloser = self._recloser, None
+        if recloser is not None and not recloser.done():
+            recloser.cancel()
+            await asyncio.wait({recloser})
+        if self._unclosed:
+            self._reap_later(asyncio.ensure_future(self._last_closes()))
         while self._reapers and (left := end - loop.time()) > 0:
             await asyncio.wait(set(self._reapers), timeout=left)
         while self._reapers:
@@ -1342,6 +1439,9 @@ class GrpcTransport:
     def _shut(self) -> None:
         """asyncio: close every connection; calls not yet sent fail with ClosedResourceError."""
         self._closed = True
+        recloser, self._recloser = self._recloser, None
+        if recloser is not None:
+            recloser.cancel()  # (it ends at once: its calls fail on the closed transport)
         # A connection attempt still running ends with its channel's close (or by
         # connect_timeout; the client's close cancels every task anyway): cancelled
         # here, its callers would get asyncio's CancelledError, not the close's error.

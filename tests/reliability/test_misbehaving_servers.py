@@ -1779,3 +1779,71 @@ async def test_a_retriable_failure_after_the_turn_sent_requests_says_the_session
         assert info.value.retriable
         assert any("session is closed" in note for note in info.value.__notes__)
         assert conv.session is None
+
+
+async def test_a_close_that_times_out_is_sent_again_until_it_gets_through(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server stalled past close_timeout (a GC pause, a busy host): its
+    # CloseSessions were reset and never sent again, so every session closed during
+    # the stall stayed on the server until its idle eviction (10 min by default),
+    # and each logged a WARNING of its own.
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with client_for(bad_server, close_timeout=0.3) as c:
+        with trio.fail_after(5):
+            async with c.session() as a, c.session() as b:
+                ids = {a.session_id, b.session_id}
+                bad_server.plan("CloseSession", Reply("silent"), Reply("silent"))
+        assert set(bad_server.closed) == ids
+        with trio.fail_after(10):
+            # (Sent again 1 s later; the server answers these.)
+            await wait_for(lambda: len(bad_server.closed) == 4, timeout=10)
+        assert set(bad_server.closed[2:]) == ids
+        await wait_for(lambda: caplog.text.count("its first CloseSession had not") == 2)
+        kinds = [c.kind for c in bad_server.calls_to("CloseSession")]
+        assert kinds == ["silent", "silent", "ok", "ok"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "sent again in the background" in warnings[0], warnings
+
+
+async def test_a_close_that_cannot_reach_its_server_is_sent_again_once_it_can(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Cut twice by its connection (the server reachable again later, its
+    # sessions intact: a network partition): sent again in the background.
+    async with client_for(bad_server, close_timeout=1.0) as c:
+        with trio.fail_after(5):
+            async with c.session() as s:
+                bad_server.plan("CloseSession", Reply("close"), Reply("close"))
+        with trio.fail_after(10):
+            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 3, timeout=10)
+        assert bad_server.closed == [s.session_id] * 3
+        assert [c.kind for c in bad_server.calls_to("CloseSession")] == ["close", "close", "ok"]
+
+
+async def test_a_close_still_not_through_when_the_client_closes_is_tried_once_more(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Once more, bounded by close_timeout, then left (one summary line); a close
+    # made by the client's own close is not queued (its exit would wait twice).
+    bad_server.plan("CloseSession", *[Reply("silent")] * 10)
+
+    async def hold(c: poc_api.ApiClient, task_status: trio.TaskStatus[None]) -> None:
+        async with c.session():  # closed by the client's close
+            task_status.started()
+            await trio.sleep_forever()
+
+    async with client_for(bad_server, close_timeout=0.3) as c:
+        with trio.fail_after(5):
+            async with c.session():
+                pass
+            async with trio.open_nursery() as nursery:
+                await nursery.start(hold, c)
+                started = trio.current_time()
+                await c.aclose()
+                elapsed = trio.current_time() - started
+                nursery.cancel_scope.cancel()
+    # The held session's close (0.3 s), then the queued one's last try (0.3 s).
+    assert elapsed < 1.5, elapsed
+    assert len(bad_server.calls_to("CloseSession")) == 3
+    assert "1 session(s) whose CloseSession did not get through" in caplog.text
