@@ -199,3 +199,16 @@ def test_a_repeated_header_list_is_served_from_the_cache() -> None:
     assert ours.encode([*headers, (AFFINITY, b"k1")]) == second + never_indexed_literal(
         AFFINITY, b"k1"
     )
+
+
+def test_an_iterator_of_headers_with_a_sensitive_one_loses_none() -> None:
+    # On a sensitive header the encoder handed the rest to hpack: the same,
+    # partly read iterator, so the headers before it were lost (h2 passes a
+    # generator when it normalises outbound headers).
+    headers = [
+        HeaderTuple(b":method", b"POST"),
+        HeaderTuple(b":path", b"/x"),
+        NeverIndexedHeaderTuple(b"proxy-authorization", b"k"),
+    ]
+    block = CachingEncoder().encode(iter(headers))
+    assert hpack.Decoder().decode(block, raw=True) == [(h[0], h[1]) for h in headers]

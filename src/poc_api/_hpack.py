@@ -122,6 +122,9 @@ class CachingEncoder(hpack.Encoder):
         """Encode ``headers`` into a header block, as :meth:`hpack.Encoder.encode` does."""
         if isinstance(headers, dict) or not huffman:
             return super().encode(headers, huffman)
+        # A list: on a sensitive header all of them go to hpack (an iterator, partly
+        # read by then, would lose those before it).
+        headers = list(headers)
         unindexed = self.unindexed
         kept: list[tuple[bytes, bytes]] = []
         tail = b""
