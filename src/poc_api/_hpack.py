@@ -124,7 +124,8 @@ class CachingEncoder(hpack.Encoder):
             return super().encode(headers, huffman)
         # A list: on a sensitive header all of them go to hpack (an iterator, partly
         # read by then, would lose those before it).
-        headers = list(headers)
+        if not isinstance(headers, list):
+            headers = list(headers)
         unindexed = self.unindexed
         kept: list[tuple[bytes, bytes]] = []
         tail = b""
