@@ -379,3 +379,11 @@ async def test_reference_servers_stop_every_server_when_the_block_exits() -> Non
         for port in (server.http_port, server.grpc_port):
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", port)
+
+
+def test_make_png_takes_numpy_integer_sides() -> None:
+    # Counts elsewhere may be numpy integers (README); make_png refused them.
+    np = pytest.importorskip("numpy")
+    assert make_png(np.int64(57), np.uint16(30), seed=3) == make_png(57, 30, seed=3)
+    with pytest.raises(TypeError):
+        make_png(True, 1)

@@ -14,9 +14,10 @@ Example::
 
 from __future__ import annotations
 
+import operator
 import struct
 import zlib
-from typing import Final
+from typing import Final, SupportsIndex
 
 __all__ = ["encode_png"]
 
@@ -44,22 +45,28 @@ def _gradient(width: int, height: int, seed: int) -> bytes:
     return bytes(pixels)
 
 
-def encode_png(width: int, height: int, rgb: bytes | None = None, *, seed: int = 0) -> bytes:
+def encode_png(
+    width: SupportsIndex, height: SupportsIndex, rgb: bytes | None = None, *, seed: int = 0
+) -> bytes:
     """Encode RGB pixels (row-major, 3 bytes a pixel) as a PNG file.
 
     Without ``rgb``, draws a colourful diagonal gradient that ``seed`` shifts;
     the same arguments always give the same bytes.
 
     Raises:
-        TypeError: a side that is not an int.
+        TypeError: a side that is not an integer (an int, a numpy integer).
         ValueError: a side outside ``[1, 2**31)``, or ``rgb`` not holding exactly
             ``width * height * 3`` bytes.
     """
+    sides = []
     for name, side in (("width", width), ("height", height)):
-        if isinstance(side, bool) or not isinstance(side, int):
+        if isinstance(side, bool) or not hasattr(type(side), "__index__"):
             raise TypeError(f"{name} must be an int, not {type(side).__name__}")
+        side = operator.index(side)  # (a numpy integer, as counts elsewhere may be)
         if not 1 <= side <= _MAX_SIDE:
             raise ValueError(f"{name} must be in [1, 2**31), got {side}")
+        sides.append(side)
+    width, height = sides
     if rgb is None:
         rgb = _gradient(width, height, seed)
     stride = width * 3

@@ -330,7 +330,7 @@ async def open_client(
         yield client
 
 
-def make_png(width: int = 56, height: int = 56, seed: int = 0) -> bytes:
+def make_png(width: SupportsIndex = 56, height: SupportsIndex = 56, seed: int = 0) -> bytes:
     """A valid RGB PNG image of the given size (deterministic in ``seed``).
 
     The reference server gives an image one position per 28x28 patch: a 56x56
