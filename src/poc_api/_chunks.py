@@ -125,20 +125,27 @@ def check_chunks(chunks: Sequence[Chunk], name: str = "chunks") -> list[Chunk]:
 
 
 def check_image_sizes(
-    chunks: Sequence[Chunk], max_message_size: int, name: str = "chunks", session_id: str = ""
+    chunks: Sequence[Chunk],
+    max_message_size: int,
+    name: str = "chunks",
+    session_id: str = "",
+    max_offset: int = 2**32 - 1,
 ) -> None:
     """``LimitExceeded`` for an image whose ``AppendImage`` request would be over
     ``max_message_size``: it could never be sent, and a call made of several (a
     prompt's ``OpenSession``, prefill, image) is refused before the first goes out.
 
-    Without the ``session_id`` (no session yet) the size is a lower bound, short of
-    the id's bytes: the call checks again once its session is open, before it
-    sends anything else.
+    The request's size is taken at its largest: at ``max_offset`` (a session's
+    context window bounds it), truncating; a few bytes over what it may be. Without
+    the ``session_id`` (no session yet) it is short of the id's bytes: the call
+    checks again once its session is open, before it sends anything else.
     """
     for i, c in enumerate(chunks):
         if not isinstance(c, Image):
             continue
-        size = append_image_request_size(session_id=session_id, image_len=len(c.data), mime=c.mime)
+        size = append_image_request_size(
+            session_id=session_id, image_len=len(c.data), mime=c.mime, max_offset=max_offset
+        )
         if size > max_message_size:
             raise LimitExceeded(
                 f"{name}[{i}]: an image of {len(c.data)} bytes, whose AppendImage request "

@@ -380,6 +380,9 @@ class Conversation:
                     with trio.CancelScope(shield=True):
                         await self._drop()
         except PocApiTimeout as exc:
+            # The Generate's block told first: one that timed out before its request
+            # went out makes the timeout retriable (and keeps the session intact).
+            await _leave(gen_stack, exc)
             # The first-token bound ran out before the Generate (opening the
             # session, sending the delta): say so, as the Generate's own does.
             if first is None or first_at > deadline_at or "first-token" in str(exc):
@@ -415,7 +418,7 @@ class Conversation:
         # leaves the session as it was: it is kept (see _Turn.__aenter__).
         self._untouched = True
         check_window(session, plan.offset + text_len(plan.delta))
-        # Exact now that the session's id is known (stream() checked without it).
+        # Again, with the session's id (stream() checked without it).
         session._check_images(plan.delta)
         self._untouched = False
         if plan.truncating:
@@ -582,22 +585,28 @@ class _Turn:
                 (*self._timeouts, deadline_at, started),
             )
         except BaseException as exc:
-            retriable = isinstance(exc, PocApiError) and exc.retriable
             try:
-                if conv._untouched:  # refused before sending: the session stands
-                    await self._gen_stack.aclose()
-                elif retriable and not conv._turn_sent:
-                    # Its first request was never processed: the session is as it
-                    # was, and stands (the Generate's block, told why it is left,
-                    # keeps it too).
+                try:
+                    # The Generate's block first, told why it is left: one that
+                    # timed out before its request went out makes the timeout
+                    # retriable, and a block left by its own retriable error keeps
+                    # the session intact (else it marks it lost).
                     await _leave(self._gen_stack, exc)
-                else:
-                    if retriable:
-                        exc.add_note(
-                            "this turn's earlier requests had been processed: its session "
-                            "is closed, and the next turn sends the whole prompt again"
-                        )
-                    await self._fail()
+                finally:
+                    retriable = isinstance(exc, PocApiError) and exc.retriable
+                    if conv._untouched or (retriable and not conv._turn_sent):
+                        # Refused before sending, or its first request was never
+                        # processed: the session is as it was, and stands.
+                        pass
+                    else:
+                        if retriable:
+                            exc.add_note(
+                                "this turn's earlier requests had been processed: its "
+                                "session is closed, and the next turn sends the whole "
+                                "prompt again"
+                            )
+                        with trio.CancelScope(shield=True):
+                            await conv._drop()
             finally:
                 conv._lock.release()
             raise

@@ -822,9 +822,12 @@ class SessionRoute:
     def open_sessions(self, value: int) -> None:
         self._current().transport.open_sessions = value
 
-    def close_later(self, session_id: str, *, timed_out: bool) -> None:
-        """:meth:`GrpcTransport.close_later` on this session's endpoint."""
-        self._current().transport.close_later(session_id, timed_out=timed_out)
+    def close_later(self, session_id: str, *, timed_out: bool) -> bool:
+        """:meth:`GrpcTransport.close_later` on this session's endpoint, with its
+        affinity key."""
+        return self._current().transport.close_later(
+            session_id, timed_out=timed_out, extra_metadata=self._metadata
+        )
 
     def first_loss_of_outage(self) -> bool:
         """:meth:`GrpcTransport.first_loss_of_outage` of this session's endpoint."""

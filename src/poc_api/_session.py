@@ -559,9 +559,16 @@ class Session:
 
     def _check_images(self, chunks: Sequence[Chunk], name: str = "chunks") -> None:
         """``LimitExceeded`` for an image whose ``AppendImage`` here would be too
-        large: exact, with this session's id (a call that made the session checked
-        without it, before its OpenSession). For such calls, before their first send."""
-        check_image_sizes(chunks, self._transport.max_message_size, name, self._session_id)
+        large: with this session's id (a call that made the session checked without
+        it, before its OpenSession), at an offset within its context window. For
+        such calls, before their first send."""
+        check_image_sizes(
+            chunks,
+            self._transport.max_message_size,
+            name,
+            self._session_id,
+            self._max_length or U32_MAX,
+        )
 
     def _check_usable(self) -> None:
         if self._transport.closed or self._closed_by_client:
@@ -859,22 +866,24 @@ class Session:
                     _log_close_failure(transport, self._session_id, exc)
                     if lost and not transport.closed:
                         transport.close_later(self._session_id, timed_out=False)
-        if scope.cancelled_caught and not transport.closed:
-            # A server stalled past close_timeout (a GC pause, a busy host): the
-            # session would stay there until its idle eviction. Sent again in the
-            # background until it gets through. One warning per outage, as above.
-            transport.close_later(self._session_id, timed_out=True)
-            if transport.first_loss_of_outage():
-                log.warning(
-                    "CloseSession %s timed out after %.1f s; it is sent again in the "
-                    "background until %s answers (further sessions whose close times "
-                    "out are logged at DEBUG until then)",
-                    self._session_id,
-                    timeout,
-                    transport.url,
-                )
-            else:
-                log.debug("CloseSession %s timed out after %.1f s", self._session_id, timeout)
+        if not scope.cancelled_caught:
+            return
+        # A server stalled past close_timeout (a GC pause, a busy host): the session
+        # would stay there until its idle eviction. Sent again in the background
+        # until it gets through (not in the client's close). One warning per outage.
+        if transport.closed or not transport.close_later(self._session_id, timed_out=True):
+            log.warning("CloseSession %s timed out after %.1f s", self._session_id, timeout)
+        elif transport.first_loss_of_outage():
+            log.warning(
+                "CloseSession %s timed out after %.1f s; it is sent again in the "
+                "background until %s answers (further sessions whose close times "
+                "out are logged at DEBUG until then)",
+                self._session_id,
+                timeout,
+                transport.url,
+            )
+        else:
+            log.debug("CloseSession %s timed out after %.1f s", self._session_id, timeout)
 
 
 def check_window(session: Session, end: int) -> None:
@@ -955,12 +964,20 @@ class open_session:  # used like the function it replaced
                     encode_string_field(sid),  # CloseSessionRequest
                     extra_metadata=metadata,
                 )
+            except asyncio.CancelledError:
+                # Cut by reap_timeout (a stalled server), or by the client's close
+                # (then not queued): sent again later, as a session's own close is.
+                owner._queue_close(sid, True, metadata)
+                raise
             except Exception as exc:
-                if isinstance(map_grpc_error(exc, "CloseSession"), e.SessionNotFound):
+                mapped = map_grpc_error(exc, "CloseSession")
+                if isinstance(mapped, e.SessionNotFound):
                     # A failed call's reply need not mean the session was kept.
                     log.debug("session %s, of a failed OpenSession, was not found", sid)
                 else:
                     _log_close_failure(owner, sid, exc, " (its OpenSession's caller never got it)")
+                    if isinstance(mapped, e.ServerUnavailable):
+                        owner._queue_close(sid, False, metadata)
 
         live.in_flight += 1
         try:

@@ -399,6 +399,17 @@ def backoff(failures: int, base: float, cap: float) -> float:
 _RECLOSE_FIRST = 1.0
 _RECLOSE_MAX = 30.0
 _RECLOSE_FOR = 600.0
+_RECLOSE_BATCH = 16  # re-closes in flight at once: user calls keep the other streams
+
+
+@attrs.frozen
+class _Unclosed:
+    """A session of :meth:`GrpcTransport.close_later`."""
+
+    give_up_at: float  # loop time
+    timed_out: bool  # its close timed out (else the server could not be reached)
+    metadata: tuple[tuple[str, str], ...]  # its calls' (the affinity key)
+
 
 # keepalive_time doubles on each "too_many_pings" GOAWAY up to this (seconds).
 _MAX_KEEPALIVE_TIME = 7200.0
@@ -580,7 +591,7 @@ class GrpcTransport:
         # asyncio side: sessions whose CloseSession did not get through (close_later):
         # the loop time to give up at, and whether it timed out (else the server
         # could not be reached); and the task that sends them again.
-        self._unclosed: dict[str, tuple[float, bool]] = {}
+        self._unclosed: dict[str, _Unclosed] = {}
         self._recloser: asyncio.Task[None] | None = None
         self._streams = streams if streams is not None else StreamBudget(max_concurrent_streams)
         self.open_streams: int = 0
@@ -1306,22 +1317,36 @@ class GrpcTransport:
             return
         self._reap_later(asyncio.ensure_future(_undo(orphan, reply, self, extra_metadata)))
 
-    def close_later(self, session_id: str, *, timed_out: bool) -> None:
+    def close_later(
+        self,
+        session_id: str,
+        *,
+        timed_out: bool,
+        extra_metadata: tuple[tuple[str, str], ...] = (),
+    ) -> bool:
         """trio: send ``CloseSession`` for ``session_id`` again, in the background,
         until it gets through: its own close timed out (a server stalled past
         ``close_timeout``: a GC pause, a busy host) or could not reach the server.
         Tried again with backoff for up to ``_RECLOSE_FOR`` seconds, and once more
-        as the client closes; not for a close made as the client closes."""
+        as the client closes, with the session's ``extra_metadata`` (its affinity
+        key: behind a proxy, the close must reach the server that holds it). Not
+        for a close made as the client closes: whether it will be sent again."""
         if self._bridge.calls_aborted:
-            return  # the client's own close: its summary says what was left
-        self._bridge.call_soon(partial(self._queue_close, session_id, timed_out))
+            return False  # the client's own close: its summary says what was left
+        self._bridge.call_soon(partial(self._queue_close, session_id, timed_out, extra_metadata))
+        return True
 
-    def _queue_close(self, session_id: str, timed_out: bool) -> None:
+    def _queue_close(
+        self, session_id: str, timed_out: bool, extra_metadata: tuple[tuple[str, str], ...]
+    ) -> None:
         """asyncio: see :meth:`close_later`."""
-        if self._closed:
+        if self._closed or self._bridge.calls_aborted:
             return
         loop = asyncio.get_running_loop()
-        self._unclosed.setdefault(session_id, (loop.time() + _RECLOSE_FOR, timed_out))
+        if session_id not in self._unclosed:
+            self._unclosed[session_id] = _Unclosed(
+                loop.time() + _RECLOSE_FOR, timed_out, extra_metadata
+            )
         if self._recloser is None or self._recloser.done():
             self._recloser = loop.create_task(self._reclose())
 
@@ -1335,32 +1360,76 @@ class GrpcTransport:
                 failures = 0  # it answers again: the rest (if any) soon
 
     async def _close_unclosed(self) -> bool:
-        """asyncio: ``CloseSession`` again for every session of :meth:`close_later`,
-        all at once, each bounded by ``reap_timeout``. Whether the server answered."""
+        """asyncio: ``CloseSession`` again for the sessions of :meth:`close_later`,
+        ``_RECLOSE_BATCH`` at a time (the connection's streams are its calls' too),
+        each bounded by ``reap_timeout``; the round stops at a batch the server
+        left unanswered. Whether it answered. Logged once a round, not per session.
+        """
         ids = list(self._unclosed)
-        answered = await asyncio.gather(*(self._close_again(sid) for sid in ids))
-        return any(answered)
+        closed = 0
+        refused: list[tuple[str, BaseException]] = []
+        answered = False
+        try:
+            for at in range(0, len(ids), _RECLOSE_BATCH):
+                batch = ids[at : at + _RECLOSE_BATCH]
+                outcomes = await asyncio.gather(*(self._close_again(sid) for sid in batch))
+                if all(outcome is False for outcome in outcomes):
+                    break  # unanswered: so would the rest be, now
+                answered = True
+                for sid, outcome in zip(batch, outcomes, strict=True):
+                    if outcome is True:
+                        closed += 1
+                    elif outcome is not False:
+                        refused.append((sid, outcome))
+        finally:
+            if answered:
+                with self._loss_lock:  # reached again: the next outage is logged anew
+                    self._reached += 1
+            if closed:
+                log.info(
+                    "%d session(s) closed on %s whose first CloseSession had not got through",
+                    closed,
+                    self.url,
+                )
+            if refused:
+                sid, exc = refused[0]
+                log.warning(
+                    "%d CloseSession(s) sent again to %s were refused (the server frees "
+                    "those sessions when idle); the first, of %s: %s",
+                    len(refused),
+                    self.url,
+                    sid,
+                    exc,
+                )
+        return answered
 
-    async def _close_again(self, session_id: str) -> bool:
+    async def _close_again(self, session_id: str) -> bool | BaseException:
+        """asyncio: one more ``CloseSession``: True if it got through, False if
+        unanswered (still queued, unless its time is up), else the refusal."""
+        entry = self._unclosed.get(session_id)
+        if entry is None:  # (dropped meanwhile)
+            return True
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._reap_timeout):
-                await self.unary_in_loop("CloseSession", encode_string_field(session_id))
+                await self.unary_in_loop(
+                    "CloseSession",
+                    encode_string_field(session_id),  # CloseSessionRequest
+                    extra_metadata=entry.metadata,
+                )
         except Exception as exc:
             mapped = map_grpc_error(exc, "CloseSession")
             if isinstance(exc, TimeoutError) or isinstance(mapped, e.ServerUnavailable):
-                give_up_at = self._unclosed.get(session_id, (0.0, False))[0]
-                if loop.time() >= give_up_at or self._closed:
+                if loop.time() >= entry.give_up_at or self._closed:
                     self._unclosed.pop(session_id, None)
                     log.debug("CloseSession %s: given up (%s)", session_id, exc or "timed out")
                 return False
-            self._unclosed.pop(session_id, None)  # refused: sending it again will not help
-            log.warning("CloseSession %s failed: %s", session_id, mapped or exc)
-            return True
+            self._unclosed.pop(session_id, None)  # answered: sending it again will not help
+            if isinstance(mapped, e.SessionNotFound):
+                return True  # gone already (a restart): as good as closed
+            return mapped or exc
         self._unclosed.pop(session_id, None)
-        with self._loss_lock:  # reached again: the next outage is logged anew
-            self._reached += 1
-        log.info("session %s closed (its first CloseSession had not got through)", session_id)
+        log.debug("session %s closed (its first CloseSession had not got through)", session_id)
         return True
 
     async def _last_closes(self) -> None:
@@ -1372,7 +1441,7 @@ class GrpcTransport:
             if self._unclosed:
                 # A WARNING if a timed-out close's was "sent again" (the earlier
                 # warning of one that could not reach its server said this already).
-                timed_out = any(t for _, t in self._unclosed.values())
+                timed_out = any(u.timed_out for u in self._unclosed.values())
                 log.log(
                     logging.WARNING if timed_out else logging.DEBUG,
                     "%d session(s) whose CloseSession did not get through to %s are "
@@ -1493,7 +1562,8 @@ async def _undo(
             await orphan(reply, transport, extra_metadata)
     except TimeoutError:
         log.warning(
-            "cleaning up after an abandoned call timed out after %.1f s (to %s)",
+            "cleaning up after an abandoned call timed out after %.1f s (to %s); "
+            "it is sent again in the background",
             transport.reap_timeout,
             transport.target.url,
         )

@@ -288,12 +288,15 @@ def encode_append_image_request(
     return b"".join((head, image, tail))
 
 
-def append_image_request_size(*, session_id: str, image_len: int, mime: str) -> int:
-    """Bytes of the ``AppendImageRequest`` for an image of ``image_len`` bytes, at
-    the largest offset and truncating: no request for it is larger."""
+def append_image_request_size(
+    *, session_id: str, image_len: int, mime: str, max_offset: int = _MASK32
+) -> int:
+    """Bytes of the ``AppendImageRequest`` for an image of ``image_len`` bytes at
+    an offset up to ``max_offset``, truncating: no request for it is larger (one
+    not truncating, or at a smaller offset, is at most 7 bytes smaller)."""
     size = len(
         encode_append_image_request(
-            session_id=session_id, image=b"", mime=mime, offset=_MASK32, truncating=True
+            session_id=session_id, image=b"", mime=mime, offset=max_offset, truncating=True
         )
     )
     if image_len:

@@ -1799,9 +1799,14 @@ async def test_a_close_that_times_out_is_sent_again_until_it_gets_through(
             # (Sent again 1 s later; the server answers these.)
             await wait_for(lambda: len(bad_server.closed) == 4, timeout=10)
         assert set(bad_server.closed[2:]) == ids
-        await wait_for(lambda: caplog.text.count("its first CloseSession had not") == 2)
-        kinds = [c.kind for c in bad_server.calls_to("CloseSession")]
-        assert kinds == ["silent", "silent", "ok", "ok"]
+        await wait_for(lambda: "2 session(s) closed on" in caplog.text)
+        calls = bad_server.calls_to("CloseSession")
+        assert [c.kind for c in calls] == ["silent", "silent", "ok", "ok"]
+        # With the session's affinity key, as its first close: behind a proxy that
+        # hashes on it, a re-close without it reached another server, which
+        # answered OK (an unknown session's close succeeds), and the session stayed.
+        keys = [dict(c.headers).get("x-session-affinity") for c in calls]
+        assert None not in keys and sorted(keys[:2]) == sorted(keys[2:])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "sent again in the background" in warnings[0], warnings
 
@@ -1847,3 +1852,102 @@ async def test_a_close_still_not_through_when_the_client_closes_is_tried_once_mo
     assert elapsed < 1.5, elapsed
     assert len(bad_server.calls_to("CloseSession")) == 3
     assert "1 session(s) whose CloseSession did not get through" in caplog.text
+
+
+async def test_re_closes_go_a_batch_at_a_time_and_a_round_stops_at_an_unanswered_batch(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Every pending re-close went at once, in the connection's front-of-queue lane
+    # for closes: on a server leaving them unanswered, each round held user calls
+    # back for reap_timeout (and hundreds of streams).
+    async with client_for(bad_server, close_timeout=0.3) as c:
+        sessions = []
+        with trio.fail_after(10):
+            for _ in range(40):
+                sessions.append(await c.session().__aenter__())
+            bad_server.plan("CloseSession", *[Reply("silent")] * 1000)
+            async with trio.open_nursery() as nursery:
+                for s in sessions:
+                    nursery.start_soon(s.aclose)
+            assert len(bad_server.calls_to("CloseSession")) == 40
+            # The first round (1 s later): one batch of 16, unanswered, and no more.
+            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) > 40)
+            await trio.sleep(0.6)
+            assert len(bad_server.calls_to("CloseSession")) == 40 + 16
+            bad_server._plans["CloseSession"].clear()
+
+
+async def test_re_closes_the_server_refuses_are_one_warning_and_not_found_is_closed(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="poc_api")
+    async with client_for(bad_server, close_timeout=0.3) as c:
+        with trio.fail_after(10):
+            sessions = [await c.session().__aenter__() for _ in range(6)]
+            bad_server.plan(
+                "CloseSession",
+                *[Reply("silent")] * 6,
+                *[Reply("trailers_only", status=13, message="nope")] * 3,
+                *[Reply("trailers_only", status=5, message="gone")] * 3,
+            )
+            async with trio.open_nursery() as nursery:
+                for s in sessions:
+                    nursery.start_soon(s.aclose)
+            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 12)
+            await wait_for(lambda: "session(s) closed on" in caplog.text)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings  # the timeouts' (one), the refusals' (one)
+    assert "3 CloseSession(s) sent again" in warnings[1] and "INTERNAL" in warnings[1]
+    assert "3 session(s) closed on" in caplog.text  # NOT_FOUND: gone already
+
+
+async def test_a_turn_whose_generate_timed_out_waiting_for_a_stream_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Its Generate never went out (the connection's one stream was taken): a raw
+    # session's generate says retriable and keeps the session; the turn read the
+    # error's flag before the Generate's block had set it, and dropped the session.
+    bad_server.max_streams = 1
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        async with c.conversation() as conv, c.session() as other:
+            with trio.fail_after(5):
+                async with conv.stream([Tokens([1, 2])], FIVE) as ev:
+                    reply = [e.id async for e in ev if isinstance(e, poc_api.TokenOut)]
+            held = conv.session
+            assert held is not None
+            bad_server.plan("Generate", Reply("silent"))
+            async with trio.open_nursery() as nursery:
+
+                async def hog() -> None:
+                    async with other.generate([7], sampling=FIVE) as g:
+                        async for _ in g:
+                            pass  # pragma: no cover
+
+                nursery.start_soon(hog)
+                await wait_for(lambda: len(bad_server.calls_to("Generate")) == 2)
+                with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout) as info:
+                    async with conv.stream([Tokens([1, 2, *reply, 3])], FIVE, timeout=0.3):
+                        pass  # pragma: no cover
+                nursery.cancel_scope.cancel()
+            assert info.value.retriable, info.value
+            assert not getattr(info.value, "__notes__", None)
+            assert conv.session is held and not held.lost
+
+
+async def test_the_close_of_a_session_its_caller_never_got_is_sent_again_too(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The OpenSession's caller gave up (its timeout) before the answer; the
+    # session the answer names is closed in the background, and that close, cut
+    # by reap_timeout on a stalled server, was not sent again.
+    async with client_for(bad_server, close_timeout=0.3) as c:
+        # (Answered within reap_timeout of the caller's giving up: else not read.)
+        bad_server.plan("OpenSession", Reply(first_delay=0.2))
+        bad_server.plan("CloseSession", Reply("silent"))
+        with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
+            async with c.session(timeout=0.1):
+                pass  # pragma: no cover
+        with trio.fail_after(10):
+            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 2, timeout=10)
+        assert [c.kind for c in bad_server.calls_to("CloseSession")] == ["silent", "ok"]
+        assert len(set(bad_server.closed)) == 1
