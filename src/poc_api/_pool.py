@@ -829,6 +829,10 @@ class SessionRoute:
             session_id, timed_out=timed_out, extra_metadata=self._metadata
         )
 
+    def warn_now(self, what: str) -> bool:
+        """:meth:`GrpcTransport.warn_now` of this session's endpoint."""
+        return self._current().transport.warn_now(what)
+
     def first_loss_of_outage(self) -> bool:
         """:meth:`GrpcTransport.first_loss_of_outage` of this session's endpoint."""
         return self._current().transport.first_loss_of_outage()

@@ -101,7 +101,8 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     (
         "grpclib.protocol.EventsProcessor instance",
         "streams",
-        "a connection's open calls (GOAWAY refusals, idle checks, too_many_pings)",
+        "a connection's open calls (GOAWAY refusals, idle checks, too_many_pings, "
+        "the resets before a keepalive close)",
     ),
     ("h2.connection.H2Connection instance", "encoder", "install the caching HPACK encoder"),
     ("hpack.Encoder instance", "header_table", "the table a cached block depends on"),
@@ -118,7 +119,8 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     (
         "grpclib.protocol.Connection instance",
         "_connection",
-        "the h2 connection's last stream id; a ping when a health check goes unanswered",
+        "the h2 connection's last stream id; a ping when a health check goes unanswered; "
+        "the resets before a keepalive close",
     ),
     (
         "grpclib.server.Handler instance",

@@ -455,11 +455,15 @@ class GenerateStream:
                     limit - now,
                 )
                 return
-            log.warning(
-                "session %s: no end of stream within %.3g s of Done%s; resetting the stream",
+            # One a minute per endpoint: a stalled server makes one per stream.
+            warn = self._session._transport.warn_now("drain")
+            log.log(
+                logging.WARNING if warn else logging.DEBUG,
+                "session %s: no end of stream within %.3g s of Done%s; resetting the stream%s",
                 self._session.session_id,
                 limit - now,
                 " (the call's timeout)" if by_timeout else "",
+                " (more such within a minute are logged at DEBUG)" if warn else "",
             )
 
 

@@ -400,6 +400,12 @@ _RECLOSE_FIRST = 1.0
 _RECLOSE_MAX = 30.0
 _RECLOSE_FOR = 600.0
 _RECLOSE_BATCH = 16  # re-closes in flight at once: user calls keep the other streams
+# A re-close waits this long for its answer (at least reap_timeout): a server
+# just back from a long stall works through its backlog first, and a re-close cut
+# then would wait for the next round (up to _RECLOSE_MAX).
+_RECLOSE_WAIT = 10.0
+# warn_now: one warning of a kind per endpoint this often (seconds); the rest DEBUG.
+_WARN_EVERY = 60.0
 
 
 @attrs.frozen
@@ -611,6 +617,7 @@ class GrpcTransport:
         self._reached = 0  # connections made (asyncio side)
         self._loss_logged = -1  # _reached when the last outage was logged at WARNING
         self._loss_lock = threading.Lock()  # sessions are closed from either thread
+        self._warned_until: dict[str, float] = {}  # warn_now: time.monotonic()
         self._closed = False
         self.channels_opened: int = 0
         """How many channels this transport has opened (1 unless it reconnected)."""
@@ -670,6 +677,17 @@ class GrpcTransport:
     def url(self) -> str:
         """The endpoint's URL."""
         return self._target.url
+
+    def warn_now(self, what: str) -> bool:
+        """Whether a warning of kind ``what`` about this endpoint goes out at WARNING
+        now: one a minute (either thread); the rest at DEBUG. A stalled server
+        would make one per stream."""
+        now = time.monotonic()
+        with self._loss_lock:
+            if now < self._warned_until.get(what, 0.0):
+                return False
+            self._warned_until[what] = now + _WARN_EVERY
+            return True
 
     def first_loss_of_outage(self) -> bool:
         """Whether a session whose ``CloseSession`` could not reach this endpoint is
@@ -1359,12 +1377,15 @@ class GrpcTransport:
             if await self._close_unclosed():
                 failures = 0  # it answers again: the rest (if any) soon
 
-    async def _close_unclosed(self) -> bool:
+    async def _close_unclosed(self, wait: float | None = None) -> bool:
         """asyncio: ``CloseSession`` again for the sessions of :meth:`close_later`,
         ``_RECLOSE_BATCH`` at a time (the connection's streams are its calls' too),
-        each bounded by ``reap_timeout``; the round stops at a batch the server
-        left unanswered. Whether it answered. Logged once a round, not per session.
+        each bounded by ``wait`` (default ``_RECLOSE_WAIT``, at least
+        ``reap_timeout``); the round stops at a batch the server left unanswered.
+        Whether it answered. Logged once a round, not per session.
         """
+        if wait is None:
+            wait = max(self._reap_timeout, _RECLOSE_WAIT)
         ids = list(self._unclosed)
         closed = 0
         refused: list[tuple[str, BaseException]] = []
@@ -1372,7 +1393,7 @@ class GrpcTransport:
         try:
             for at in range(0, len(ids), _RECLOSE_BATCH):
                 batch = ids[at : at + _RECLOSE_BATCH]
-                outcomes = await asyncio.gather(*(self._close_again(sid) for sid in batch))
+                outcomes = await asyncio.gather(*(self._close_again(sid, wait) for sid in batch))
                 if all(outcome is False for outcome in outcomes):
                     break  # unanswered: so would the rest be, now
                 answered = True
@@ -1403,7 +1424,7 @@ class GrpcTransport:
                 )
         return answered
 
-    async def _close_again(self, session_id: str) -> bool | BaseException:
+    async def _close_again(self, session_id: str, wait: float) -> bool | BaseException:
         """asyncio: one more ``CloseSession``: True if it got through, False if
         unanswered (still queued, unless its time is up), else the refusal."""
         entry = self._unclosed.get(session_id)
@@ -1411,7 +1432,7 @@ class GrpcTransport:
             return True
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._reap_timeout):
+            async with asyncio.timeout(wait):
                 await self.unary_in_loop(
                     "CloseSession",
                     encode_string_field(session_id),  # CloseSessionRequest
@@ -1436,7 +1457,7 @@ class GrpcTransport:
         """asyncio, as the client closes: one more try for every session of
         :meth:`close_later` (bounded, as the other cleanups, by ``reap_timeout``)."""
         try:
-            await self._close_unclosed()
+            await self._close_unclosed(self._reap_timeout)
         finally:
             if self._unclosed:
                 # A WARNING if a timed-out close's was "sent again" (the earlier
@@ -1971,6 +1992,7 @@ class _PocConnection(Connection):
     agent thinks between turns would be found only at the next call."""
 
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
+    open_stream_ids: Callable[[], list[int]] = staticmethod(list)  # (set by the protocol)
     ping_unanswered = False  # keepalive closed the connection: a ping went unanswered
     writer: _CoalescingTransport | None = None  # (set by the protocol that made it)
 
@@ -1984,8 +2006,26 @@ class _PocConnection(Connection):
         if timer is not None and not timer.cancelled() and timer.when() <= due:
             self.ping_unanswered = True
             if self.writer is not None:
+                self._cancel_streams(self.writer)
                 self.writer.peer_gone = True
         super().close()
+
+    def _cancel_streams(self, writer: _CoalescingTransport) -> None:
+        """Reset every open stream (CANCEL) before a keepalive close drops the
+        connection. Its server is stalled, not gone: the requests wait in its
+        socket, and it would run them on waking (an OpenSession, a session nobody
+        knows of, left until its idle eviction; in a pool the call went to another
+        server meanwhile). Written straight to the socket (the close aborts, and
+        drops what asyncio still holds), and only if nothing waits before them."""
+        h2_conn = self._connection
+        for stream_id in self.open_stream_ids():
+            try:
+                h2_conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            except h2.exceptions.H2Error:
+                pass  # closed already, or the connection is
+        data = h2_conn.data_to_send()
+        if data:
+            writer.write_now(data)
 
     def probe(self, timeout: float) -> bool:
         """Ping now (asyncio side), unless a ping is out already: unanswered within
@@ -2124,6 +2164,7 @@ class _PocH2Protocol(H2Protocol):
         self._socket = transport  # type: ignore[assignment]
         self.connection = _PocConnection(h2_conn, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.sessions_open = self.sessions_open
+        self.connection.open_stream_ids = lambda: list(self.processor.streams)
         self.connection.writer = writer
         self.connection.flush()
         self.connection.initialize()
@@ -2383,6 +2424,16 @@ class _CoalescingTransport:
 
     def is_closing(self) -> bool:
         return self._real.is_closing()
+
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` straight to the socket, ahead of what waits in the list
+        (dropped): only if asyncio holds nothing unsent, so that it goes to the
+        kernel at once, behind whole frames (a peer that stopped reading may leave
+        room for only part of it: that part goes)."""
+        self._chunks = []
+        real = self._real
+        if not real.is_closing() and real.get_write_buffer_size() == 0:
+            real.write(data)
 
     def close(self) -> None:
         self.closed = True

@@ -91,3 +91,43 @@ def test_a_server_process_started_again_listens_once_start_returns(
     server.kill()
     server.start()
     assert server.state()["connections_total"] == 0  # (refused, with the bug)
+
+
+async def test_calls_cut_by_keepalive_on_a_stalled_server_are_reset_not_run_on_waking(
+    server_process: type[ServerProcess], port_pair: int
+) -> None:
+    # A server stalled (SIGSTOP: a GC pause, a busy host) with OpenSessions in
+    # flight: keepalive closed the connection (the calls failed, and in a pool went
+    # to another server), but the requests waited in the server's socket and it ran
+    # them on waking: one session each that nobody knew of, until idle eviction.
+    server = server_process(port_pair)
+    server.start()
+    async with poc_api.ApiClient(
+        server.base_url,
+        grpc_url=server.grpc_url,
+        keepalive_time=0.5,
+        keepalive_timeout=0.5,
+        close_timeout=0.5,
+    ) as client:
+        async with client.session() as s:
+            await s.prefill([1])  # connected
+        server.signal(signal.SIGSTOP)
+        failed: list[BaseException] = []
+
+        async def opener() -> None:
+            try:
+                async with client.session():
+                    raise AssertionError("opened on a stopped server")  # pragma: no cover
+            except poc_api.ServerUnavailable as exc:
+                failed.append(exc)
+
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(5):
+                        nursery.start_soon(opener)
+        finally:
+            server.signal(signal.SIGCONT)
+        assert len(failed) == 5 and "keepalive" in str(failed[0])
+        await trio.sleep(1.0)  # it reads what waited, the resets with it
+        assert server.state()["session_ids"] == []

@@ -1951,3 +1951,21 @@ async def test_the_close_of_a_session_its_caller_never_got_is_sent_again_too(
             await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 2, timeout=10)
         assert [c.kind for c in bad_server.calls_to("CloseSession")] == ["silent", "ok"]
         assert len(set(bad_server.closed)) == 1
+
+
+async def test_streams_without_an_end_after_done_warn_once_a_minute_per_endpoint(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stalled server left every stream between Done and its trailers: one
+    # WARNING each (a soak of 120 agents logged 43 after one stall).
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with client_for(bad_server, close_timeout=0.2) as c, c.session() as s:
+        for _ in range(3):
+            bad_server.plan("Generate", Reply("done_no_trailers", tokens=1))
+            with trio.fail_after(5):
+                async with s.generate([1], sampling=SamplingParams(max_tokens=1)) as ev:
+                    async for _ in ev:
+                        pass
+    drains = [r for r in caplog.records if "of Done; resetting the stream" in r.getMessage()]
+    assert [r.levelno for r in drains] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert "logged at DEBUG" in drains[0].getMessage()
