@@ -2826,6 +2826,16 @@ async def test_a_deflate_body_is_read_however_its_first_bytes_arrive(
     # for a good header (zlib waits for the second), and a raw body failed with
     # "incorrect header check" when the second came.
     body = zlib.compress(_TOKENS) if wrapped else _raw_deflate(_TOKENS)
+    with trio.fail_after(10):
+        async with canned_server(_deflate_answer(body, first)) as url:
+            assert await make_api(http, url).tokenize("hi") == [104, 105]
+
+
+def _deflate_answer(
+    body: bytes, first: int | None = None
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A server's answer: ``body`` as a deflate-encoded JSON body, its ``first``
+    bytes in a read of their own (all of it at once by default)."""
 
     async def answer(stream: trio.SocketStream) -> None:
         await read_request(stream)
@@ -2834,12 +2844,11 @@ async def test_a_deflate_body_is_read_however_its_first_bytes_arrive(
             f"content-encoding: deflate\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode()
         await stream.send_all(head + body[:first])
-        await trio.sleep(0.05)  # (its own read)
-        await stream.send_all(body[first:])
+        if first is not None:
+            await trio.sleep(0.05)  # (its own read)
+            await stream.send_all(body[first:])
 
-    with trio.fail_after(10):
-        async with canned_server(answer) as url:
-            assert await make_api(http, url).tokenize("hi") == [104, 105]
+    return answer
 
 
 async def test_a_deflate_body_cut_after_its_first_byte_is_truncated(
@@ -2848,17 +2857,8 @@ async def test_a_deflate_body_cut_after_its_first_byte_is_truncated(
     # The lone first byte waited for its second (zlib or raw?); when the body
     # ended there, it decoded to nothing and passed for a whole, empty body.
     body = zlib.compress(_TOKENS)[:1]
-
-    async def answer(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        head = (
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-            f"content-encoding: deflate\r\ncontent-length: {len(body)}\r\n\r\n"
-        ).encode()
-        await stream.send_all(head + body)
-
     with trio.fail_after(10):
-        async with canned_server(answer) as url:
+        async with canned_server(_deflate_answer(body)) as url:
             with pytest.raises(poc_api.ProtocolViolation, match=r"deflate stream \(truncated\)"):
                 await make_api(http, url).tokenize("hi")
 

@@ -745,6 +745,27 @@ def test_sets_stay_fine_where_order_does_not_matter() -> None:
     assert sorted(sample.target_ranges) == [(0, 1), (1, 3)]
 
 
+async def _with_image(
+    client: poc_api.ApiClient,
+    call: str,
+    prompt: list[Tokens | Image],
+    image: Image,
+    conv: poc_api.Conversation,
+    delta: list[Tokens | Image],
+) -> None:
+    """``call`` ("score", "score_many", "score_continuations", "conversation": a
+    turn of ``delta``) with ``prompt`` (or ``image``) in it."""
+    if call == "score":
+        await client.score(prompt, [(0, 2)])
+    elif call == "score_many":
+        await client.score_many([([Tokens([1, 2])], [(0, 2)]), (prompt, [(0, 2)])])
+    elif call == "score_continuations":
+        await client.score_continuations([Tokens([1, 2])], [[3], [image]])
+    else:
+        async with conv.stream(delta, SamplingParams(max_tokens=1)):
+            raise AssertionError("the turn began")  # pragma: no cover
+
+
 @pytest.mark.parametrize(
     "call", ["score", "score_many", "score_continuations", "conversation", "append_image"]
 )
@@ -769,18 +790,11 @@ async def test_an_image_whose_request_is_over_max_message_size_is_refused_before
             async with client.session() as s:
                 before = server.state().rpc_counts.copy()
                 with pytest.raises(poc_api.LimitExceeded, match="max_message_size") as info:
-                    if call == "score":
-                        await client.score(prompt, [(0, 2)])
-                    elif call == "score_many":
-                        await client.score_many([([Tokens([1, 2])], [(0, 2)]), (prompt, [(0, 2)])])
-                    elif call == "score_continuations":
-                        await client.score_continuations([Tokens([1, 2])], [[3], [big]])
-                    elif call == "append_image":
+                    if call == "append_image":
                         await s.append_image(PNG, "image/png")
                     else:
                         delta = [Tokens([72, 101, *reply, 4]), big]
-                        async with conv.stream(delta, SamplingParams(max_tokens=1)):
-                            pass  # pragma: no cover
+                        await _with_image(client, call, prompt, big, conv, delta)
                 if call != "append_image":  # (the transport's own check)
                     assert "before sending" in str(info.value), info.value
                 after = server.state().rpc_counts
@@ -812,15 +826,7 @@ async def test_an_image_over_max_message_size_is_refused_before_sending(
     ) as client:
         before = server.state().rpc_counts.copy()
         with pytest.raises(poc_api.LimitExceeded, match="max_message_size") as info:
-            if call == "score":
-                await client.score(prompt, [(0, 2)])
-            elif call == "score_many":
-                await client.score_many([([Tokens([1, 2])], [(0, 2)]), (prompt, [(0, 2)])])
-            elif call == "score_continuations":
-                await client.score_continuations([Tokens([1, 2])], [[3], [big]])
-            else:
-                async with client.conversation() as conv:
-                    async with conv.stream(prompt, SamplingParams(max_tokens=1)):
-                        pass  # pragma: no cover
+            async with client.conversation() as conv:
+                await _with_image(client, call, prompt, big, conv, prompt)
         assert "before sending" in str(info.value), info.value
         assert server.state().rpc_counts == before, info.value
