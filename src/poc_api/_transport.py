@@ -1357,8 +1357,11 @@ class GrpcTransport:
     def _queue_close(
         self, session_id: str, timed_out: bool, extra_metadata: tuple[tuple[str, str], ...]
     ) -> None:
-        """asyncio: see :meth:`close_later`."""
-        if self._closed or self._bridge.calls_aborted:
+        """asyncio: see :meth:`close_later` (also for an OpenSession's background
+        close, cut: see ``close_orphan``). Taken also once the client's close has
+        begun (posted before it, or an orphan's): its last try, or its summary,
+        counts it."""
+        if self._closed:
             return
         loop = asyncio.get_running_loop()
         if session_id not in self._unclosed:
@@ -1459,18 +1462,22 @@ class GrpcTransport:
         try:
             await self._close_unclosed(self._reap_timeout)
         finally:
-            if self._unclosed:
-                # A WARNING if a timed-out close's was "sent again" (the earlier
-                # warning of one that could not reach its server said this already).
-                timed_out = any(u.timed_out for u in self._unclosed.values())
-                log.log(
-                    logging.WARNING if timed_out else logging.DEBUG,
-                    "%d session(s) whose CloseSession did not get through to %s are "
-                    "left to the server's idle eviction",
-                    len(self._unclosed),
-                    self.url,
-                )
-                self._unclosed.clear()
+            self._give_up_unclosed()
+
+    def _give_up_unclosed(self) -> None:
+        """asyncio, closing: say how many sessions of :meth:`close_later` are left."""
+        if self._unclosed:
+            # A WARNING if a timed-out close's was "sent again" (the earlier
+            # warning of one that could not reach its server said this already).
+            timed_out = any(u.timed_out for u in self._unclosed.values())
+            log.log(
+                logging.WARNING if timed_out else logging.DEBUG,
+                "%d session(s) whose CloseSession did not get through to %s are "
+                "left to the server's idle eviction",
+                len(self._unclosed),
+                self.url,
+            )
+            self._unclosed.clear()
 
     def _reap_later(self, task: asyncio.Future[Any]) -> None:
         """asyncio: the client's exit waits (``reap_timeout``) for this cleanup task."""
@@ -1524,6 +1531,7 @@ class GrpcTransport:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending)
+        self._give_up_unclosed()  # (queued meanwhile: an orphan's close, cut)
         self._shut()
 
     def _shut(self) -> None:
@@ -1582,11 +1590,13 @@ async def _undo(
         async with asyncio.timeout(transport.reap_timeout):
             await orphan(reply, transport, extra_metadata)
     except TimeoutError:
-        log.warning(
-            "cleaning up after an abandoned call timed out after %.1f s (to %s); "
-            "it is sent again in the background",
+        closing = transport._bridge.calls_aborted  # (then the close's summary counts it)
+        log.log(
+            logging.DEBUG if closing else logging.WARNING,
+            "cleaning up after an abandoned call timed out after %.1f s (to %s)%s",
             transport.reap_timeout,
             transport.target.url,
+            "" if closing else "; it is sent again in the background",
         )
     except Exception as exc:
         log.warning("cleaning up after an abandoned call failed: %s", exc)
@@ -2426,14 +2436,15 @@ class _CoalescingTransport:
         return self._real.is_closing()
 
     def write_now(self, data: bytes) -> None:
-        """Write ``data`` straight to the socket, ahead of what waits in the list
-        (dropped): only if asyncio holds nothing unsent, so that it goes to the
-        kernel at once, behind whole frames (a peer that stopped reading may leave
-        room for only part of it: that part goes)."""
-        self._chunks = []
+        """Write what waits in the list, then ``data``, straight to the socket: only
+        if asyncio holds nothing unsent, so that it goes to the kernel at once,
+        behind whole frames (a peer that stopped reading may leave room for only
+        part of it: that part goes). What waits goes first: a reset must not name a
+        stream whose HEADERS the peer never got."""
+        chunks, self._chunks = self._chunks, []
         real = self._real
         if not real.is_closing() and real.get_write_buffer_size() == 0:
-            real.write(data)
+            real.write(b"".join([*chunks, data]))
 
     def close(self) -> None:
         self.closed = True

@@ -1956,3 +1956,23 @@ async def test_streams_without_an_end_after_done_warn_once_a_minute_per_endpoint
     drains = [r for r in caplog.records if "of Done; resetting the stream" in r.getMessage()]
     assert [r.levelno for r in drains] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
     assert "logged at DEBUG" in drains[0].getMessage()
+
+
+async def test_an_orphans_close_cut_during_the_clients_close_is_counted_as_left(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The background close of a session whose OpenSession's caller gave up, cut
+    # by reap_timeout while the client was closing: dropped without a word (the
+    # one WARNING said it would be sent again).
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        bad_server.plan("OpenSession", Reply(first_delay=0.2))
+        bad_server.plan("CloseSession", *[Reply("silent")] * 5)
+        with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
+            async with c.session(timeout=0.1):
+                pass  # pragma: no cover
+        await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"1 session(s) whose CloseSession did not get through to {bad_server.url} are "
+        "left to the server's idle eviction"
+    ], warnings
