@@ -1372,13 +1372,21 @@ class GrpcTransport:
             self._recloser = loop.create_task(self._reclose())
 
     async def _reclose(self) -> None:
-        """asyncio: the background task of :meth:`close_later`."""
-        failures = 0
+        """asyncio: the background task of :meth:`close_later`.
+
+        Only on a connection the client's calls made: a re-close makes none. Its
+        failed attempts would put the transport in reconnect backoff, and a call
+        made as the server came back would fail at once (a restart test did).
+        """
+        delay = _RECLOSE_FIRST
         while self._unclosed and not self._closed:
-            failures += 1
-            await asyncio.sleep(backoff(failures, _RECLOSE_FIRST, _RECLOSE_MAX))
-            if await self._close_unclosed():
-                failures = 0  # it answers again: the rest (if any) soon
+            await asyncio.sleep(delay)
+            if not self.connected:
+                delay = _RECLOSE_FIRST  # (looked at again soon: a flag, no I/O)
+            elif await self._close_unclosed():
+                delay = _RECLOSE_FIRST  # it answers again: the rest (if any) soon
+            else:
+                delay = min(2 * delay, _RECLOSE_MAX)
 
     async def _close_unclosed(self, wait: float | None = None) -> bool:
         """asyncio: ``CloseSession`` again for the sessions of :meth:`close_later`,
@@ -1395,6 +1403,8 @@ class GrpcTransport:
         answered = False
         try:
             for at in range(0, len(ids), _RECLOSE_BATCH):
+                if not self.connected:
+                    break  # (see _reclose: no connection attempt of its own)
                 batch = ids[at : at + _RECLOSE_BATCH]
                 outcomes = await asyncio.gather(*(self._close_again(sid, wait) for sid in batch))
                 if all(outcome is False for outcome in outcomes):

@@ -136,3 +136,28 @@ async def test_calls_cut_by_keepalive_on_a_stalled_server_are_reset_not_run_on_w
         assert len(failed) == 5 and "keepalive" in str(failed[0])
         await trio.sleep(1.0)  # it reads what waited, the resets with it
         assert server.state()["session_ids"] == []
+
+
+async def test_re_closes_make_no_connection_attempt_of_their_own(
+    server_process: type[ServerProcess], port_pair: int
+) -> None:
+    # Sessions whose close could not reach a killed server are sent again in the
+    # background. Those re-closes connected on their own, failed, and put the
+    # transport in reconnect backoff: a call made as the server came back failed
+    # at once ("could not be reached 0.068 s ago", seen in CI).
+    server = server_process(port_pair)
+    server.start()
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, close_timeout=0.5
+    ) as client:
+        transport = client._grpc()._endpoints[0].transport
+        async with client.session() as s:
+            await s.prefill([1])
+            server.kill()
+        failed = transport._failures  # connection attempts failed in a row
+        await trio.sleep(2.5)  # re-close rounds were due at 1 s and 3 s
+        assert transport._failures == failed
+        server.start()
+        with trio.fail_after(10):
+            async with client.session() as s2:  # connects; the first call works
+                await s2.prefill([1])

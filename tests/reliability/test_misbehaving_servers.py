@@ -1802,15 +1802,21 @@ async def test_a_close_that_cannot_reach_its_server_is_sent_again_once_it_can(
     bad_server: MisbehavingServer,
 ) -> None:
     # Cut twice by its connection (the server reachable again later, its
-    # sessions intact: a network partition): sent again in the background.
+    # sessions intact: a network partition): sent again in the background, once
+    # the client's calls have made a connection again (a re-close makes none).
     async with client_for(bad_server, close_timeout=1.0) as c:
         with trio.fail_after(5):
             async with c.session() as s:
                 bad_server.plan("CloseSession", Reply("close"), Reply("close"))
+            await trio.sleep(1.5)
+            assert len(bad_server.calls_to("CloseSession")) == 2  # (not connected)
+            async with c.session():  # a call of the client's: connected again
+                pass
         with trio.fail_after(10):
-            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 3, timeout=10)
-        assert bad_server.closed == [s.session_id] * 3
-        assert [c.kind for c in bad_server.calls_to("CloseSession")] == ["close", "close", "ok"]
+            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 4, timeout=10)
+        closes = bad_server.calls_to("CloseSession")
+        assert [c.kind for c in closes] == ["close", "close", "ok", "ok"]
+        assert bad_server.closed.count(s.session_id) == 3  # (and the new session's)
 
 
 async def test_a_close_still_not_through_when_the_client_closes_is_tried_once_more(
