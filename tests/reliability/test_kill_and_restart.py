@@ -127,6 +127,12 @@ async def _stall_with_opens_in_flight(server: ServerProcess) -> list[str]:
         async with client.session() as s:
             await s.prefill([1])  # connected
         server.signal(signal.SIGSTOP)
+        # Stopped once the kernel says so: a loaded VM ran it on for a while after
+        # kill() returned, and it took the OpenSessions then (seen in CI: one
+        # opened, or all five made before the stop took).
+        with trio.fail_after(5):
+            while _proc_state(server.pid) != "T":  # noqa: ASYNC110 - another process
+                await trio.sleep(0.001)
         failed: list[BaseException] = []
 
         async def opener() -> None:
@@ -172,3 +178,9 @@ async def test_re_closes_make_no_connection_attempt_of_their_own(
         with trio.fail_after(10):
             async with client.session() as s2:  # connects; the first call works
                 await s2.prefill([1])
+
+
+def _proc_state(pid: int) -> str:
+    """A process's state letter from /proc (``T``: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
