@@ -946,8 +946,13 @@ async def test_a_generate_timeout_names_the_bound_set_not_a_late_wake(which: str
     # consumer that blocks the run) made a 0.2 s timeout say "after 0.5 s" (a CLI test
     # flaky under load, expecting the --timeout it set).
     delay = 2000 if which == "token_timeout" else 1  # ms a token: a stall after the first
+    # The first token seconds late (1 s of prefill a prompt token): the call may
+    # start before the run blocks (a loop thread awake for something else), and a
+    # first token already buffered when the run woke was read, not timed out (the
+    # test then ran into its 10 s).
+    prefill_us = 1e6 if which == "first_token_timeout" else 0.0
     async with (
-        reference_server(token_delay_ms=delay) as server,
+        reference_server(token_delay_ms=delay, prefill_delay_us=prefill_us) as server,
         open_client(server) as client,
         client.session() as s,
     ):
@@ -955,6 +960,7 @@ async def test_a_generate_timeout_names_the_bound_set_not_a_late_wake(which: str
         with pytest.raises(poc_api.PocApiTimeout) as info, trio.fail_after(10):
             async with s.generate(HELLO, sampling=sampling, **{which: 0.2}) as ev:
                 if which == "first_token_timeout":
+                    await trio.sleep(0.05)  # the call surely under way (prefill)
                     time.sleep(0.5)  # noqa: ASYNC251 - the run blocked before its first read
                 async for _ in ev:
                     time.sleep(0.5)  # noqa: ASYNC251 - the run blocked between reads
