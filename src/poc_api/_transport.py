@@ -1388,12 +1388,14 @@ class GrpcTransport:
             else:
                 delay = min(2 * delay, _RECLOSE_MAX)
 
-    async def _close_unclosed(self, wait: float | None = None) -> bool:
+    async def _close_unclosed(self, wait: float | None = None, *, connect: bool = False) -> bool:
         """asyncio: ``CloseSession`` again for the sessions of :meth:`close_later`,
         ``_RECLOSE_BATCH`` at a time (the connection's streams are its calls' too),
         each bounded by ``wait`` (default ``_RECLOSE_WAIT``, at least
         ``reap_timeout``); the round stops at a batch the server left unanswered.
-        Whether it answered. Logged once a round, not per session.
+        Whether it answered. Logged once a round, not per session. Only on a
+        connection that is up, unless ``connect`` (the client's close): then the
+        first batch may make one (a call in reconnect backoff fails at once).
         """
         if wait is None:
             wait = max(self._reap_timeout, _RECLOSE_WAIT)
@@ -1403,7 +1405,7 @@ class GrpcTransport:
         answered = False
         try:
             for at in range(0, len(ids), _RECLOSE_BATCH):
-                if not self.connected:
+                if not self.connected and not (connect and at == 0):
                     break  # (see _reclose: no connection attempt of its own)
                 batch = ids[at : at + _RECLOSE_BATCH]
                 outcomes = await asyncio.gather(*(self._close_again(sid, wait) for sid in batch))
@@ -1470,7 +1472,8 @@ class GrpcTransport:
         """asyncio, as the client closes: one more try for every session of
         :meth:`close_later` (bounded, as the other cleanups, by ``reap_timeout``)."""
         try:
-            await self._close_unclosed(self._reap_timeout)
+            # May connect: no call is left for a failed attempt's backoff to hold up.
+            await self._close_unclosed(self._reap_timeout, connect=True)
         finally:
             self._give_up_unclosed()
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
+import pytest
 import trio
 import trio.lowlevel
 from reliability_helpers import ServerProcess
@@ -178,6 +180,26 @@ async def test_re_closes_make_no_connection_attempt_of_their_own(
         with trio.fail_after(10):
             async with client.session() as s2:  # connects; the first call works
                 await s2.prefill([1])
+
+
+async def test_the_last_re_close_at_a_client_close_tries_a_gone_server_briefly(
+    server_process: type[ServerProcess], port_pair: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client's close connects for its last re-closes (a network blip leaves the
+    # sessions on a server that is still there); a server that is gone refuses the
+    # connection, and the close neither waits for it nor fails.
+    caplog.set_level(logging.DEBUG, "poc_api.grpc")
+    server = server_process(port_pair)
+    server.start()
+    async with poc_api.ApiClient(
+        server.base_url, grpc_url=server.grpc_url, close_timeout=2.0
+    ) as client:
+        async with client.session() as s:
+            await s.prefill([1])
+            server.kill()
+        started = trio.current_time()
+    assert trio.current_time() - started < 1.0
+    assert "1 session(s) whose CloseSession did not get through" in caplog.text
 
 
 def _proc_state(pid: int) -> str:

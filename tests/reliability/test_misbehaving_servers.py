@@ -1819,6 +1819,25 @@ async def test_a_close_that_cannot_reach_its_server_is_sent_again_once_it_can(
         assert bad_server.closed.count(s.session_id) == 3  # (and the new session's)
 
 
+async def test_a_close_left_by_a_lost_connection_goes_once_more_as_an_idle_client_closes(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Re-closes make no connection of their own, and the client's last try at its
+    # close made none either: a client that made no call after the connection was
+    # lost (an agent that finished) left the session to the server's idle eviction.
+    # At the close, with no call left to hold up, the last try may connect.
+    async with client_for(bad_server, close_timeout=1.0) as c:
+        with trio.fail_after(5):
+            async with c.session() as s:
+                bad_server.plan("CloseSession", Reply("close"), Reply("close"))
+            assert len(bad_server.calls_to("CloseSession")) == 2
+            started = trio.current_time()
+    assert trio.current_time() - started < 2.0
+    closes = bad_server.calls_to("CloseSession")
+    assert [(c.kind, c.connection) for c in closes] == [("close", 1), ("close", 2), ("ok", 3)]
+    assert bad_server.closed == [s.session_id] * 3
+
+
 async def test_a_close_still_not_through_when_the_client_closes_is_tried_once_more(
     bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
 ) -> None:
