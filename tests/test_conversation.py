@@ -767,6 +767,25 @@ async def test_a_turns_first_token_timeout_says_the_whole_wait() -> None:
     assert re.search(r"first-token timeout after 0\.6\d* s", str(info.value)), info.value
 
 
+async def test_a_turns_total_timeout_before_its_generate_names_the_turns_bound() -> None:
+    # Opening the session took 0.15 s of the turn's 0.4 s; the image append that
+    # then ran out of it said "AppendImage: no answer within 0.25 s": its own part
+    # (and a Generate left no time to send, "timeout after 0 s").
+    async with misbehaving_server() as srv:
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url) as client:
+            async with client.conversation() as conv:
+                srv.plan("OpenSession", Reply(first_delay=0.15))
+                srv.plan("AppendImage", Reply("silent"))
+                prompt = [Tokens([1]), Image(make_png(8, 8), "image/png")]
+                with trio.fail_after(5), pytest.raises(PocApiTimeout) as info:
+                    async with conv.stream(prompt, SamplingParams(max_tokens=1), timeout=0.4):
+                        pass
+    message = str(info.value)
+    assert re.match(r"total timeout after 0\.4\d* s, before the Generate: AppendImage", message)
+    assert not info.value.retriable  # (the append went out)
+    assert conv.session is None
+
+
 async def test_a_turns_total_timeout_names_the_turns_bound_not_the_generates_part() -> None:
     # The turn's timeout bounds its wait for another task's turn, opening the
     # session and the prefill too; the Generate got what was left of it, and its

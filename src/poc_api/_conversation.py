@@ -206,6 +206,8 @@ class Conversation:
         # The current turn has had a request answered (its OpenSession, a rewind, a
         # prefill, an image): what it failed with was not all it did (_Turn).
         self._turn_sent = False
+        # The turn's Generate is open, its timeouts counted from the turn's start.
+        self._generate_timed = False
 
     def __repr__(self) -> str:
         # Cheap and never raising: it lands in logs and tracebacks.
@@ -342,7 +344,7 @@ class Conversation:
         started = trio.current_time()
         first_at = math.inf if first is None else started + first
         clocks = (started, first_at, between, deadline_at, turn_started)
-        self._untouched = self._turn_sent = False
+        self._untouched = self._turn_sent = self._generate_timed = False
         try:
             for attempt in range(2):
                 fresh = self._session is None
@@ -383,12 +385,19 @@ class Conversation:
             # The Generate's block told first: one that timed out before its request
             # went out makes the timeout retriable (and keeps the session intact).
             await _leave(gen_stack, exc)
-            # The first-token bound ran out before the Generate (opening the
-            # session, sending the delta): say so, as the Generate's own does.
-            if first is None or first_at > deadline_at or "first-token" in str(exc):
+            if self._generate_timed:
+                raise  # the Generate's own, which names the turn's bounds
+            # A bound of the turn ran out before the Generate (opening the session,
+            # sending the delta), in a call that got what was left of it and named
+            # that: say which bound, and its whole length, as the Generate's own does.
+            if first is not None and first_at <= deadline_at:
+                which, bound = "first-token", first
+            elif not math.isinf(deadline_at):
+                which, bound = "total", deadline_at - turn_started
+            else:  # pragma: no cover - a call of the turn got a bound of its own
                 raise
             raise PocApiTimeout(
-                f"first-token timeout after {first:.4g} s, before the Generate: {exc}",
+                f"{which} timeout after {bound:.4g} s, before the Generate: {exc}",
                 retriable=exc.retriable,
             ) from exc
         raise AssertionError("unreachable: the second attempt returns or raises")
@@ -483,6 +492,7 @@ class Conversation:
             )
         )
         clock = events._timeouts
+        self._generate_timed = True
         # The same deadlines, counted from the turn's start: a timeout then names
         # the turn's bound, not the part of it the Generate got.
         if clock is not None and not math.isinf(first_at):
