@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import email.utils
+import functools
 import gc
 import json
 import logging
@@ -2759,6 +2760,51 @@ async def test_a_compressed_bomb_is_cut_at_the_limit_not_decoded_whole(
         assert isinstance(info.value, LimitExceeded | ProtocolViolation)
     else:
         assert isinstance(info.value, HttpError) and info.value.http_status == 500
+
+
+@functools.cache
+def _sse_bomb() -> bytes:
+    """A gzipped event stream of 64 MiB of blank lines (~64 KB), left open."""
+    return _gzip_unfinished(b"\n" * (64 << 20))
+
+
+@pytest.mark.parametrize("bound", ["timeout", "cancel"])
+async def test_a_stream_inflating_a_bomb_lets_trio_run_and_ends_at_its_bound(
+    http: httpx.AsyncClient, bound: str
+) -> None:
+    # Blank lines make no event (so no back-pressure), and each 64 KiB piece
+    # inflated from input already in hand came out without a schedule point: the
+    # reader held trio's thread ~5 s here (200 MB: 15 s), past its timeout, a
+    # cancel, other tasks' sleeps and Ctrl-C.
+    blob = _sse_bomb()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
+            + f"{len(blob):x}\r\n".encode()
+            + blob
+            + b"\r\n"
+        )
+        await trio.sleep(30)
+
+    async with canned_server(handler) as url:
+        api = make_api(http, url)
+        started = time.perf_counter()
+        async with heartbeat(0.01) as ticks:
+            with trio.fail_after(20), trio.move_on_after(0.5 if bound == "cancel" else 30):
+                with contextlib.ExitStack() as expect:
+                    if bound == "timeout":
+                        expect.enter_context(pytest.raises(PocApiTimeout))
+                    timeout = 0.5 if bound == "timeout" else None
+                    async with api.chat_stream(HELLO, timeout=timeout) as events:
+                        async for _ in events:
+                            pass
+            elapsed = time.perf_counter() - started
+            beats = ticks()
+    assert elapsed < 2, f"ended {elapsed:.1f} s after it began, bounded at 0.5 s"
+    assert beats >= elapsed / 0.01 / 8, f"{beats} heartbeats in {elapsed:.2f} s"
 
 
 _TOKENS = json.dumps({"tokens": [104, 105]}).encode()

@@ -552,12 +552,24 @@ class _DecodedBody:
         if self._refused is not None:
             await trio.lowlevel.checkpoint()
             raise self._refused
+        read = False  # has this step awaited the raw body (a schedule point)?
         while True:
             piece = self._step(0)
             if piece:
+                if not read:
+                    # Decoded from input already in hand: no I/O, so no trip through
+                    # the scheduler. A few kilobytes on the wire inflate to gigabytes
+                    # (a gzip bomb of blank lines or comments, which a chat stream
+                    # reads on and on): without one here the reader held trio's
+                    # thread for seconds, past every deadline and Ctrl-C. Shielded:
+                    # a Cancelled here would leave httpx's generators suspended.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if trio.current_effective_deadline() == -math.inf:
+                        await self._cancelled()
                 return piece
             if self._eof:
                 raise StopAsyncIteration
+            read = True
             try:
                 raw = await self._raw.__anext__()
             except StopAsyncIteration:
@@ -568,6 +580,23 @@ class _DecodedBody:
             if not self._layers:
                 return raw
             self._layers[0].feed(raw)
+
+    async def _cancelled(self) -> NoReturn:
+        """Raise the caller's cancellation, from the raw read where there is one.
+
+        Decoding stops (the rest of a bomb would hold the cancel for as long). The
+        raw reads raise it inside httpx's generators, finishing them; what they
+        return meanwhile (buffered already, no checkpoint) is dropped, not handed
+        out undecoded. At the body's end they are finished: raised here.
+        """
+        self.drop()
+        while not self._eof:
+            try:
+                await self._raw.__anext__()
+            except StopAsyncIteration:
+                self._eof = True
+        await trio.lowlevel.checkpoint()
+        raise AssertionError("unreachable: a cancelled task's checkpoint raises")
 
     def _step(self, i: int) -> bytes:
         """Up to one piece out of layer ``i`` (feeding it from the layer before)."""
