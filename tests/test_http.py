@@ -267,6 +267,36 @@ async def test_a_manifest_answered_200_null_is_refused_not_taken_as_disabled(
                 await make_api(http, url).readout_manifest()
 
 
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(204, b""), (202, b'{"concepts": ["a"], "layers": [4]}'), (203, b"{}")],
+)
+async def test_a_manifest_answered_with_another_2xx_than_200_is_an_error_naming_it(
+    http: httpx.AsyncClient, status: int, body: bytes
+) -> None:
+    # Any 2xx passed for a 200 (PROTOCOL.md section 5: any status but 200 and 404
+    # is an error holding the status): a 204 failed as "malformed JSON" with no
+    # status, and a 202 (accepted, to be done later) was taken as the manifest.
+    with trio.fail_after(10):
+        async with canned_server([response(status, body)]) as url:
+            with pytest.raises(HttpError, match=f"HTTP {status} from GET ") as info:
+                await make_api(http, url).readout_manifest()
+    assert info.value.http_status == status
+
+
+async def test_a_manifest_answered_200_with_an_error_object_says_the_servers_message(
+    http: httpx.AsyncClient,
+) -> None:
+    # It said 'expected "concepts": [str], got None', and the server's words were lost.
+    body = b'{"error": {"message": "readout is warming up", "code": 503}}'
+    with trio.fail_after(10):
+        async with canned_server([response(200, body)]) as url:
+            with pytest.raises(HttpError, match="readout is warming up") as info:
+                await make_api(http, url).readout_manifest()
+    assert info.value.http_status == 503
+    assert str(info.value).startswith("GET "), info.value
+
+
 async def test_negative_and_repeated_layer_indices_are_the_servers_business(
     http: httpx.AsyncClient,
 ) -> None:

@@ -1576,9 +1576,11 @@ class HttpApi:
     # Protected, the Ctrl-C comes at the next checkpoint instead, as in trio's own code.
     @trio.lowlevel.enable_ki_protection
     async def _request(
-        self, method: str, path: str, payload: object = None, *, allow_404: bool = False
+        self, method: str, path: str, payload: object = None, *, manifest: bool = False
     ) -> Any:
-        """Send one JSON request; return the decoded JSON body (``_ABSENT`` for an allowed 404)."""
+        """Send one JSON request; return the decoded JSON body. With ``manifest``
+        (PROTOCOL.md section 5), a 404 returns ``_ABSENT`` and any status but 200
+        and 404 is an error, a 2xx too."""
         url = self._base_url + path
         shown = self._shown + path
         log.debug("%s %s", method, shown)
@@ -1615,9 +1617,9 @@ class HttpApi:
             len(body),
             (time.monotonic() - started) * 1000,
         )
-        if allow_404 and response.status_code == 404:
+        if manifest and response.status_code == 404:
             return _ABSENT  # (not None: that is a JSON null)
-        if not response.is_success:
+        if not response.is_success or (manifest and response.status_code != 200):
             raise self._status_error(
                 method,
                 shown,
@@ -1731,7 +1733,9 @@ class HttpApi:
         """``GET /readout/manifest``: the readout manifest, or ``None`` when disabled (404).
 
         A manifest that lists no concepts or no layers names no readout (its shape
-        would be empty): it is ``None`` too, with a warning logged.
+        would be empty): it is ``None`` too, with a warning logged. Any status but
+        200 and 404 (a 204 too) raises :class:`HttpError` holding it, as does a 200
+        that carries an error object (with the server's message).
 
         Fetched once per ``HttpApi`` and cached: concurrent first callers wait for a
         single request and all get its answer -- its error too. A failed or
@@ -1743,12 +1747,17 @@ class HttpApi:
 
     async def _fetch_manifest(self) -> ReadoutManifest | None:
         what = f"GET {self._shown}/readout/manifest"
-        data = await self._request("GET", "/readout/manifest", allow_404=True)
+        data = await self._request("GET", "/readout/manifest", manifest=True)
         if data is _ABSENT:
             log.debug("readout disabled on %s (404)", self._shown)
             return None
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
+        error = _error_object(data, "")
+        if error is not None and "concepts" not in data:  # (the server's own words)
+            raise self._server_error(
+                self._shown + "/readout/manifest", response_status=200, error=error, method="GET"
+            )
         concepts, layers = data.get("concepts"), data.get("layers")
         if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
             _shape_error(what, '"concepts": [str]', concepts)
@@ -2247,7 +2256,7 @@ class HttpApi:
             return await self._send_owned(request)
 
     def _server_error(
-        self, url: str, *, response_status: int, error: object
+        self, url: str, *, response_status: int, error: object, method: str = "POST"
     ) -> HttpError | AuthenticationError:
         """An error object inside a 200 answer, as an :class:`HttpError` (an
         :class:`AuthenticationError` for a 401 or 403, as for such a status).
@@ -2270,7 +2279,7 @@ class HttpApi:
         text = self._redact(message if isinstance(message, str) else json.dumps(message))
         # (A lone surrogate, JSON-escaped half an emoji, is shown escaped, as _said does.)
         excerpt = error_excerpt(text.encode("utf-8", "backslashreplace"))
-        message = f"POST {redact_url(url)}: server error (HTTP {status}): {excerpt}"
+        message = f"{method} {redact_url(url)}: server error (HTTP {status}): {excerpt}"
         if status in (401, 403):
             return AuthenticationError(message, http_status=status)
         return HttpError(
