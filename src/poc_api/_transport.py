@@ -611,6 +611,9 @@ class GrpcTransport:
         self._retry_at = 0.0  # loop time: no connection attempt before this
         self._failed_at = 0.0  # loop time of the last failed attempt
         self._last_failure = ""  # why it failed
+        # The last failed attempt got no answer (connect_timeout, no SETTINGS): the
+        # client's close does not try again for its re-closes (_close_unclosed).
+        self._last_hung = False
         # The connection attempt in flight: calls that come meanwhile await it.
         self._attempt: asyncio.Future[None] | None = None
         self._connecting: asyncio.Future[_PocChannel] | None = None  # the attempt's task
@@ -923,6 +926,7 @@ class GrpcTransport:
     async def _connect(self, channel: _PocChannel, attempt: asyncio.Future[None]) -> _PocChannel:
         """asyncio: one connection attempt, which calls that come meanwhile share."""
         loop = asyncio.get_running_loop()
+        self._last_hung = False
         try:
             # connect_timeout bounds the TCP connect and TLS handshake too (asyncio's
             # own bounds are the OS's SYN retries and 60 s for the handshake).
@@ -933,6 +937,7 @@ class GrpcTransport:
                     protocol = await channel.__connect__()
             except OSError as exc:  # (TimeoutError is one)
                 if isinstance(exc, TimeoutError) and bound.expired():
+                    self._last_hung = True
                     raise e.ServerUnavailable(
                         f"{self._target.url}: no connection within "
                         f"connect_timeout={self._connect_timeout:g} s",
@@ -1035,6 +1040,7 @@ class GrpcTransport:
             )
         # Retriable: nothing of the call was sent (calls wait for the SETTINGS),
         # as for a connect that times out.
+        self._last_hung = True
         raise e.ServerUnavailable(
             f"{self._target.url} accepted the connection but sent no HTTP/2 "
             f"SETTINGS within {bound_by}{protocol.alpn_note}: is it a gRPC server, "
@@ -1403,6 +1409,10 @@ class GrpcTransport:
         closed = 0
         refused: list[tuple[str, BaseException]] = []
         answered = False
+        # Not when an attempt is in flight (it began before the close: a call's, which
+        # has waited for it as long) or the last one got no answer: the close would
+        # wait its whole reap_timeout for a server that was just found silent.
+        connect = connect and self._attempt is None and not self._last_hung
         try:
             for at in range(0, len(ids), _RECLOSE_BATCH):
                 if not self.connected and not (connect and at == 0):

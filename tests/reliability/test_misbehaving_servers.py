@@ -2001,3 +2001,23 @@ async def test_an_orphans_close_cut_during_the_clients_close_is_counted_as_left(
         f"1 session(s) whose CloseSession did not get through to {bad_server.url} are "
         "left to the server's idle eviction"
     ], warnings
+
+
+async def test_the_last_re_close_does_not_wait_again_for_a_server_that_never_connected(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The connection is lost and the server turns into a black hole (a host gone
+    # without an RST, a frozen server whose kernel still accepts): the session's
+    # close waited its close_timeout for a connection that never came. The
+    # client's close should not wait that long again, for the same attempt.
+    async with client_for(bad_server, close_timeout=1.0) as c:
+        async with c.session() as s:
+            await s.prefill([1])
+            bad_server.mute = True
+            bad_server.plan("Generate", Reply("close"))
+            with pytest.raises(poc_api.PocApiError):
+                async with s.generate([2], sampling=FIVE) as ev:
+                    async for _ in ev:
+                        pass  # pragma: no cover
+        started = trio.current_time()
+    assert trio.current_time() - started < 0.5
