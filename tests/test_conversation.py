@@ -815,3 +815,17 @@ async def test_a_turns_total_timeout_names_the_turns_bound_not_the_generates_par
                         async for _ in ev:
                             pass
     assert "Generate: total timeout after 0.3 s" in str(info.value), info.value
+
+
+async def test_a_servers_deadline_exceeded_before_the_generate_is_not_the_turns_timeout() -> None:
+    # The server answered the image append DEADLINE_EXCEEDED at once (its own
+    # bound): the turn's 30 s did not run out, and the error must not say it did.
+    async with misbehaving_server() as srv:
+        async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url) as client:
+            async with client.conversation() as conv:
+                srv.plan("AppendImage", Reply("trailers_only", status=4))
+                prompt = [Tokens([1]), Image(make_png(8, 8), "image/png")]
+                with trio.fail_after(5), pytest.raises(PocApiTimeout) as info:
+                    async with conv.stream(prompt, SamplingParams(max_tokens=1), timeout=30):
+                        pass
+    assert "timeout after 30 s" not in str(info.value), str(info.value)

@@ -382,11 +382,14 @@ class Conversation:
                     with trio.CancelScope(shield=True):
                         await self._drop()
         except PocApiTimeout as exc:
+            ran_out = trio.current_time() >= min(first_at, deadline_at)
             # The Generate's block told first: one that timed out before its request
             # went out makes the timeout retriable (and keeps the session intact).
             await _leave(gen_stack, exc)
-            if self._generate_timed:
-                raise  # the Generate's own, which names the turn's bounds
+            if self._generate_timed or not ran_out:
+                # The Generate's own, which names the turn's bounds; or not the
+                # turn's bound at all (a server's DEADLINE_EXCEEDED, in no time).
+                raise
             # A bound of the turn ran out before the Generate (opening the session,
             # sending the delta), in a call that got what was left of it and named
             # that: say which bound, and its whole length, as the Generate's own does.
