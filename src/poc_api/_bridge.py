@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import contextlib
 import logging
 import math
 import os
@@ -472,6 +474,9 @@ class AsyncioBridge:
         self._idle_callbacks: list[Callable[[], None]] = []  # loop side only
         selector = _FlushingSelector(self._before_select)
         self._loop = asyncio.SelectorEventLoop(selector)
+        # Its own, so that the close can wait for it bounded (_stop_loop).
+        self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+        self._loop.set_default_executor(self._executor)
         self._loop.set_exception_handler(_log_loop_exception)
         # The eventfds, while open (-1 otherwise): the loop side's is written by
         # trio only, trio's by the loop thread only.
@@ -1077,9 +1082,22 @@ class AsyncioBridge:
             # Its worker threads (getaddrinfo of a host name) end with the client,
             # not when the garbage collector gets to the executor. Bounded: a
             # lookup stuck on a dead DNS server is left to finish on its own.
-            try:
-                await asyncio.wait_for(loop.shutdown_default_executor(), bound)
-            except TimeoutError:
+            # Not loop.shutdown_default_executor() under wait_for: cancelled, it
+            # joins its helper thread on this loop, until the lookup ends.
+            executor, ended = self._executor, loop.create_future()
+
+            def end() -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+            def shut_down() -> None:
+                executor.shutdown(wait=True)
+                with contextlib.suppress(RuntimeError):  # (the loop is gone)
+                    loop.call_soon_threadsafe(end)
+
+            threading.Thread(target=shut_down, name="poc_api-executor", daemon=True).start()
+            done, _ = await asyncio.wait({ended}, timeout=bound)
+            if not done:
                 log.debug("a getaddrinfo of the client's still runs; not waiting for it")
 
         wedged = False

@@ -1404,3 +1404,34 @@ async def test_a_client_whose_loop_thread_died_fails_its_calls_and_still_closes(
                     await s.prefill(HELLO)
                 with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
                     await client.score([poc_api.Tokens([1, 2, 3])], [(1, 3)])
+
+
+async def test_client_exit_with_a_getaddrinfo_stuck_is_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A dead DNS server: the getaddrinfo of a connection attempt hangs in the
+    # loop's executor. The close waits max(close_timeout, 1 s) for it, no longer
+    # ("left to finish on its own"), and the loop thread stops normally.
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def stuck(host: Any, *args: Any, **kw: Any) -> Any:
+        if host == "stuck.example":
+            release.wait(30)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    try:
+        client = poc_api.ApiClient(
+            DUMMY_BASE_URL, grpc_url="http://stuck.example:50051", close_timeout=0.5
+        )
+        async with client:
+            with trio.move_on_after(0.2):
+                async with client.session():
+                    pass  # pragma: no cover
+            started = time.monotonic()
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    assert elapsed < 1.5, f"the client's close took {elapsed:.1f} s"
+    assert "did not stop" not in caplog.text
