@@ -387,3 +387,34 @@ def test_make_png_takes_numpy_integer_sides() -> None:
     assert make_png(np.int64(57), np.uint16(30), seed=3) == make_png(57, 30, seed=3)
     with pytest.raises(TypeError):
         make_png(True, 1)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="trio's SIGINT handler")
+@pytest.mark.usefixtures("python_handles_sigint")
+@pytest.mark.parametrize("helper", ["reference_server", "reference_servers"])
+def test_a_ctrl_c_landing_in_the_blocks_exit_still_stops_the_servers(helper: str) -> None:
+    # trio delivers a Ctrl-C to the main task at its next checkpoint, shielded or
+    # not: one that came as the block exited hit the checkpoint that starts the
+    # worker thread of stop(), and the server ran on, its ports open.
+    import signal
+
+    from poc_api.testing import reference_servers
+
+    servers: list[poc_api.server.ReferenceServer] = []
+
+    @trio.lowlevel.enable_ki_protection
+    async def exit_under_ctrl_c(cm: contextlib.AbstractAsyncContextManager[object]) -> None:
+        signal.raise_signal(signal.SIGINT)  # protected here: pending until a checkpoint
+        await cm.__aexit__(None, None, None)
+
+    async def main() -> None:
+        cm: contextlib.AbstractAsyncContextManager[object]
+        cm = reference_server() if helper == "reference_server" else reference_servers(2)
+        got = await cm.__aenter__()
+        servers.extend(got if isinstance(got, list) else [got])  # type: ignore[arg-type]
+        await exit_under_ctrl_c(cm)
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+    for server in servers:
+        assert server._thread is not None and not server._thread.is_alive(), server

@@ -54,6 +54,7 @@ from ._clock import hold_clock
 from ._errors import protected_asynccontextmanager
 from ._png import encode_png
 from .server import ReferenceServer, ServerConfig
+from .server._app import _run_in_thread
 
 __all__ = [
     "NGINX",
@@ -176,9 +177,16 @@ async def reference_servers(
             started.append(server)
         yield servers
     finally:
-        with trio.CancelScope(shield=True), hold_clock():
-            for server in started:
-                await trio.to_thread.run_sync(server.stop)
+        # Shielded, and each stop run to its end under a Ctrl-C too (trio delivers
+        # one at any checkpoint, shielded or not); the Ctrl-C goes on after.
+        ki: KeyboardInterrupt | None = None
+        for server in started:
+            try:
+                await _run_in_thread(server.stop, shielded=True)
+            except KeyboardInterrupt as exc:
+                ki = exc
+        if ki is not None:
+            raise ki
 
 
 #: Where Debian's nginx packages (``nginx-light`` is enough) install the binary.
