@@ -1273,3 +1273,32 @@ async def test_the_byte_level_fallback_warns_outside_the_demo(
     [line] = done.stderr.splitlines()
     assert line.startswith("warning: ") and "404" in line, line
     assert "byte-level rule" in line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["generate", "--help"]])
+def test_help_text_that_cannot_be_written_is_one_error_line(args: list[str]) -> None:
+    # click writes these itself, outside _run: a full disk gave a Python traceback.
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*CLI, *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stderr == "error: No space left on device\n"
+
+
+@pytest.mark.parametrize(
+    "command", [["generate", "hi"], ["chat", "hi"], ["score", "hi", "-c", "x"]]
+)
+async def test_a_model_name_that_is_not_utf8_is_a_usage_error(command: list[str]) -> None:
+    # TEXT and --system were checked; --model went on to the first call that sent
+    # it, after the embedded server had started: "bad argument: 'utf-8' codec ...", 1.
+    result = await run_cli(*command, "--model", "\udcff")
+    assert result.returncode == 2, result.stderr
+    assert "--model" in result.stderr and "not UTF-8" in result.stderr

@@ -266,6 +266,8 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
         origin = "--api-key" if api_key is not None or g.api_key is not None else _ENV_KEY
         raise click.UsageError(f"invalid {origin}: {exc}") from None
     model = ctx.meta.get(_MODEL_KEY) or os.environ.get(_ENV_MODEL, "")
+    # (as TEXT: argv bytes that are not UTF-8 fail only in the first call that sends it)
+    _check_text(model, "--model" if ctx.meta.get(_MODEL_KEY) else _ENV_MODEL, empty_ok=True)
     timeout: float | None = ctx.meta.get(_TIMEOUT_KEY)
     grpc_flag = grpc_url or g.grpc_url
     if base is None:
@@ -1676,7 +1678,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         # ends the command (PYTHONIOENCODING=ascii, an old locale).
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="replace")
-    cli.main(args=list(argv) if argv is not None else None, prog_name="poc-api")
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="poc-api")
+    except OSError as exc:
+        # Text click writes itself (--help, --version, a usage error) that could not
+        # be written (a full disk, a closed stream): one line, as a command's own.
+        with contextlib.suppress(OSError, ValueError):
+            click.echo(f"error: {exc.strerror or exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
