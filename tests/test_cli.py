@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -1102,6 +1103,27 @@ def test_a_server_config_of_0_sessions_context_or_message_size_is_refused(field:
 
     with pytest.raises(ValueError, match=field):
         ServerConfig(**{field: 0})  # type: ignore[arg-type]
+
+
+def test_an_empty_model_name_is_refused_by_serve_and_the_server_config() -> None:
+    # `serve --model-name ""` ran a server whose /models listed "", which no chat
+    # could name ("lists 1 model with no usable id"; --model "" means none).
+    from click.testing import CliRunner
+
+    from poc_api.cli import cli
+    from poc_api.server import ServerConfig
+
+    with socket.socket() as taken:  # (without the check, serve fails there, not runs on)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = CliRunner().invoke(cli, ["serve", "--port", port, "--model-name", " "])
+    assert result.exit_code == 2 and "--model-name must not be empty" in result.output
+    for bad in ("", "  "):
+        with pytest.raises(ValueError, match="model_name must not be empty"):
+            ServerConfig(model_name=bad)
+    with pytest.raises(TypeError, match="model_name must be a str"):
+        ServerConfig(model_name=None)  # type: ignore[arg-type]
 
 
 def _readme_command_line() -> tuple[str, str]:

@@ -1641,6 +1641,8 @@ def serve(
         check_api_key(key or "")
     except ValueError as exc:
         raise click.UsageError(f"invalid {origin}: {exc}") from None
+    if not model_name.strip():  # (a name no client could ask for)
+        raise click.UsageError("--model-name must not be empty")
     config = ServerConfig(
         host=host,
         port=port,

@@ -33,6 +33,15 @@ def _check_concepts(_: object, __: object, value: tuple[str, ...]) -> None:
         raise ValueError("concepts must be a non-empty tuple of names")
 
 
+def _model_name(_: object, attribute: attrs.Attribute[str], value: object) -> None:
+    # An empty (or blank) name is one no client can ask for: /models lists it, and
+    # chat clients that take the listed id send "" (refused as no model at all).
+    if not isinstance(value, str):
+        raise TypeError(f"{attribute.name} must be a str")
+    if not value.strip():
+        raise ValueError(f"{attribute.name} must not be empty")
+
+
 def _non_negative_finite(_: object, attribute: attrs.Attribute[float], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{attribute.name} must be a number")
@@ -81,7 +90,7 @@ class ServerConfig:
     concepts: tuple[str, ...] = attrs.field(
         default=DEFAULT_CONCEPTS, converter=_concepts, validator=_check_concepts
     )
-    model_name: str = "poc-reference"
+    model_name: str = attrs.field(default="poc-reference", validator=_model_name)
     prefill_delay_us: float = attrs.field(default=0.0, validator=_non_negative_finite)
     token_delay_ms: float = attrs.field(default=0.0, validator=_non_negative_finite)
     #: At most this many simulated prefills run at once (0: unlimited). With 1 the
