@@ -1301,13 +1301,15 @@ async def test_the_byte_level_fallback_warns_outside_the_demo(
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["generate", "--help"]])
 def test_help_text_that_cannot_be_written_is_one_error_line(args: list[str]) -> None:
     # click writes these itself, outside _run: a full disk gave a Python traceback.
+    # Buffered (no PYTHONUNBUFFERED, as on CI), the exit's flush failed again: 120.
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}
     with open("/dev/full", "w") as full:
         result = subprocess.run(
             [*CLI, *args],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
-            env=cli_env(),
+            env=env,
             timeout=TIMEOUT,
             check=False,
         )

@@ -1687,6 +1687,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         # be written (a full disk, a closed stream): one line, as a command's own.
         with contextlib.suppress(OSError, ValueError):
             click.echo(f"error: {exc.strerror or exc}", err=True)
+        # What is still buffered for them goes nowhere: the exit's own flush would
+        # fail again ("Exception ignored", and status 120).
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    os.dup2(devnull, stream.fileno())
         sys.exit(1)
 
 
