@@ -208,6 +208,22 @@ def test_a_grpc_url_with_spaces_around_it_is_a_value_error_that_says_so(grpc: ob
 
 
 @pytest.mark.parametrize(
+    ("base", "grpc", "which"),
+    [
+        ("http://127.0.0.1:0/v1", "http://127.0.0.1:8001", "base_url"),
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:0", "gRPC URL"),
+        ("http://127.0.0.1:8000/v1", ["http://127.0.0.1:8001", "http://[::1]:0"], "gRPC URL"),
+        ("http://127.0.0.1:8000/v1", "dns:///localhost:0", "DNS target"),
+    ],
+)
+def test_port_0_is_a_value_error(base: str, grpc: object, which: str) -> None:
+    # httpx took port 0 for the default port: "all attempts to connect to
+    # 127.0.0.1:80 failed"; gRPC tried port 0 itself, with as puzzling an error.
+    with pytest.raises(ValueError, match=rf"{which} .*port 0, which no server listens on"):
+        poc_api.ApiClient(base, grpc_url=grpc)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
     "host", ["127.0.0.1", "::1", "fe80::1%eth0", "localhost", "xn--bcher-kva.example", "a_b.c"]
 )
 def test_host_names_and_addresses_that_may_connect_pass(host: str) -> None:

@@ -196,6 +196,9 @@ def check_base_url(base_url: str) -> None:
         raise ValueError(f"base_url {shown!r} has a raw '@' after its host{hint}")
     if url.scheme not in ("http", "https") or not host:
         raise ValueError(f"base_url must look like http://host:port/v1, got {shown!r}")
+    if url.port == 0:
+        # httpx takes port 0 for the scheme's default (80): the calls went there.
+        raise ValueError(f"base_url {shown!r} is on port 0, which no server listens on")
     problem = host_name_problem(url.raw_host.decode("ascii"))
     if problem is not None:
         raise ValueError(f"base_url {shown!r} cannot be connected to: {problem}")

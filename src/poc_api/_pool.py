@@ -185,6 +185,8 @@ class DnsTarget:
             raise ValueError(f"{bad}: bad port") from None
         if not parts.hostname or port is None or parts.path not in ("", "/"):
             raise ValueError(bad)
+        if port == 0:
+            raise ValueError(f"{bad}: port 0, which no server listens on")
         # What getaddrinfo does to the name first (IDNA): an empty or over-long
         # label would surface as a bare UnicodeError from the first call; a space
         # would go to the resolver as it is.

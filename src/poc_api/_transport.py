@@ -144,6 +144,8 @@ class GrpcTarget:
             port = parts.port
         except ValueError:
             raise ValueError(f"{bad}: bad port") from None
+        if port == 0:  # (asyncio would connect to it, and fail with a puzzling error)
+            raise ValueError(f"{bad}: port 0, which no server listens on")
         problem = host_name_problem(parts.hostname)
         if problem is not None:
             raise ValueError(f"{bad}: {problem}")
