@@ -292,6 +292,15 @@ async def test_generate_with_readout_shows_a_sparkline_per_concept() -> None:
     assert all(len(spark) == 12 for spark in concepts.values())
 
 
+async def test_generate_with_readout_and_no_tokens_says_none_were_decoded() -> None:
+    # "the server sent no readout vectors of the manifest's shape": a server fault,
+    # for what --max-tokens 0 asked (readouts come with decoded tokens).
+    result = await run_cli("generate", "Hello there", "--max-tokens", "0", "--readout")
+    assert result.returncode == 0, result.stderr
+    assert "no token was decoded, so there are no readouts to show" in result.stdout
+    assert "manifest's shape" not in result.stdout
+
+
 # -- score -----------------------------------------------------------------------------
 
 

@@ -1351,6 +1351,8 @@ async def _generate(
                         manifest, reply, codec, title=f"readouts, layer {manifest.layers[-1]}"
                     )
                 )
+            elif not reply.ids:  # (--max-tokens 0: readouts come with decoded tokens)
+                con.print("no token was decoded, so there are no readouts to show")
             else:
                 con.print("the server sent no readout vectors of the manifest's shape")
 
