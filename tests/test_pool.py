@@ -1676,3 +1676,44 @@ def test_a_dns_refresh_retiring_an_endpoint_as_it_fails_keeps_it_retired(
     refresh.join(10)
     assert not refresh.is_alive()
     assert ep.state is EndpointState.RETIRED
+
+
+_SAME_PROMPTS = [([poc_api.Tokens(list(range(40, 60)))], [(1, 20)])] * 12
+
+
+async def test_score_many_on_a_full_server_adapts_as_on_one_server_while_another_is_dead() -> None:
+    # The full endpoint's RESOURCE_EXHAUSTED was dropped for the dead one's
+    # "could not be reached" (pick() tries a dead endpoint last): score_many waits
+    # in line on the one and ended the batch on the other.
+    async with reference_servers(1, max_sessions=2, prefill_delay_us=2000) as servers:
+        srv = servers[0]
+        async with poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as single:
+            want = await single.score_many(_SAME_PROMPTS, max_concurrency=8)
+        dead = f"http://127.0.0.1:{refusing_port()}"
+        async with poc_api.ApiClient(srv.base_url, grpc_url=[srv.grpc_url, dead]) as client:
+            with trio.fail_after(30):
+                got = await client.score_many(_SAME_PROMPTS, max_concurrency=8)
+        assert got == want
+
+
+async def test_a_session_refused_by_the_only_live_endpoint_as_full_is_resource_exhausted() -> None:
+    async with reference_servers(1, max_sessions=1) as servers:
+        srv = servers[0]
+        dead = f"http://127.0.0.1:{refusing_port()}"
+        async with (
+            poc_api.ApiClient(srv.base_url, grpc_url=srv.grpc_url) as other,
+            other.session(),  # the server is full
+            poc_api.ApiClient(srv.base_url, grpc_url=[srv.grpc_url, dead]) as client,
+        ):
+            with trio.fail_after(20):
+                for _ in range(3):
+                    with pytest.raises(poc_api.ResourceExhausted):
+                        async with client.session():
+                            pass
+                with pytest.raises(poc_api.ResourceExhausted):
+                    await client.score([poc_api.Tokens([1, 2, 3])], [(1, 3)])
+                async with client.conversation() as conv:
+                    with pytest.raises(poc_api.ResourceExhausted):
+                        async with conv.stream([poc_api.Tokens([1, 2])], timeout=10) as events:
+                            async for _ in events:
+                                pass

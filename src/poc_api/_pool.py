@@ -904,6 +904,10 @@ class SessionRoute:
         # comes back to one (at most _COMEBACKS times), and may leave it again.
         left: list[_Endpoint] = []
         comebacks = 0
+        # An endpoint's refusal as full: what the caller gets if every endpoint
+        # failed, rather than the last one's being unreachable (score_many waits
+        # in line on RESOURCE_EXHAUSTED; a ServerUnavailable ends it).
+        refused: e.ResourceExhausted | None = None
         if router._dns is not None:
             await router.ready()
         if router.failover and not router.first_checks_done:
@@ -940,6 +944,7 @@ class SessionRoute:
                     # DEBUG).
                     level, why = logging.DEBUG, "refused a new session"
                     ep.full_until = time.monotonic() + _FULL_HOLD
+                    refused = exc
                 else:
                     raise
                 tried.append(ep)
@@ -947,6 +952,8 @@ class SessionRoute:
                     raise
                 if len(tried) >= len(router._endpoints):
                     if not left or comebacks >= _COMEBACKS:
+                        if refused is not None and refused is not exc:
+                            raise refused from None
                         raise
                     # Every endpoint tried: back to one this call left (pick() gives
                     # it, or a full one whose hold has passed), waiting for its
