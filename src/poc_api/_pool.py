@@ -1023,6 +1023,11 @@ class _Observed:
         """See :attr:`StreamCall.sent`."""
         return self._cm.sent
 
+    @property
+    def server_ended(self) -> bool:
+        """See :attr:`StreamCall.server_ended`."""
+        return self._cm.server_ended
+
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:
         try:

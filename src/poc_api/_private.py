@@ -57,7 +57,7 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ("grpclib.client.Stream instance", "_send_request_done", "reset only sent calls"),
     ("grpclib.protocol.Buffer instance", "_unacked", "take DATA chunks whole (_Reader)"),
     ("grpclib.protocol.Buffer instance", "_ack_callback", "return window per chunk (_Reader)"),
-    ("grpclib.protocol.Buffer instance", "_eof", "the end of a stream's data (_Reader)"),
+    ("grpclib.protocol.Buffer instance", "_eof", "a stream's end (_Reader, server_ended)"),
     ("grpclib.client.Stream instance", "_wrapper", "wake a reader when the connection dies"),
     ("grpclib.client.Stream instance", "_recv_initial_metadata_done", "finish after GOAWAY"),
     ("grpclib.client.Stream instance", "_recv_trailing_metadata_done", "finish after GOAWAY"),

@@ -197,8 +197,10 @@ class GenerateStream:
         method_started: float,
         timeouts: _Timeouts | None = None,
         shaper: ReadoutShaper | None = None,
+        server_ended: Callable[[], bool] = lambda: False,
     ) -> None:
         self._rx = rx
+        self._server_ended = server_ended  # the server ended the call (all of it is here)
         self._shaper = shaper  # readout_shape=: Token readouts shaped 2-D
         self._timeouts = timeouts
         self._session = session
@@ -322,9 +324,11 @@ class GenerateStream:
     async def _receive_with_timeouts(self, t: _Timeouts) -> list[bytes]:
         limit, what = t.total_at, "total"
         if trio.current_time() >= limit:
-            if self._rx.ended:
+            if self._rx.ended or self._server_ended():
                 # The call ended in time, and what is buffered is the rest of it
-                # (its Done too): a timeout cuts only a read that would wait.
+                # (its Done too): a timeout cuts only a read that would wait. (The
+                # server's end, not only the buffer's: a full buffer holds the rest
+                # back, in memory already, until the reader takes what it has.)
                 return await self._rx.receive_batch()
             # Out of time, though events keep coming: a consumer slower than the
             # server always finds a batch ready, so the wait below never ends late.
@@ -1159,7 +1163,9 @@ class _GenerateBlock:
         # anything was sent: the session is untouched and stays usable.
         rx = await rpc.__aenter__()
         shaper = None if self._shape is None else ReadoutShaper(self._shape)
-        stream = self._stream = GenerateStream(rx, s, started, self._timeouts, shaper)
+        stream = self._stream = GenerateStream(
+            rx, s, started, self._timeouts, shaper, lambda: rpc.server_ended
+        )
 
         def interrupt() -> None:
             # Not once Done is in: the call is over, only its trailers are due.
@@ -1221,7 +1227,11 @@ class _GenerateBlock:
             rejected = (
                 own and not stream._received and (isinstance(out, _REJECTED) or out.retriable)  # type: ignore[union-attr]
             )
-            if not rejected and stream.done is None:
+            # Nothing was written (cancelled while it waited for a stream of the
+            # connection, or for the connection): the server never saw the call,
+            # whatever ended it, as a timeout there says (retriable).
+            unsent = not rpc.sent and not stream._received
+            if not rejected and not unsent and stream.done is None:
                 s._mark_lost(out, own=own)
             s._lock.release()
 

@@ -1153,6 +1153,7 @@ class GrpcTransport:
                             raw = stream._stream
                             if progress is not None:
                                 # HEADERS are written: the server may act on this call.
+                                progress.raw = raw
                                 progress.mark_sent()
                             await stream.send_message(request, end=True)
                             reader = _Reader(stream._stream, max_size, path)
@@ -1584,6 +1585,11 @@ class StreamCall(Protocol):
         """Whether the request may have reached the server (final after the block)."""
         ...
 
+    @property
+    def server_ended(self) -> bool:
+        """Whether the server has ended the stream (all it sent is received)."""
+        ...
+
     async def __aenter__(self) -> BatchReceiver[bytes]: ...
 
     async def __aexit__(
@@ -1630,7 +1636,7 @@ async def _undo(
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
-    __slots__ = ("block", "headers_sent", "hedge", "left", "queued", "reap_timer")
+    __slots__ = ("block", "headers_sent", "hedge", "left", "queued", "raw", "reap_timer")
 
     def __init__(self) -> None:
         self.headers_sent: bool = False
@@ -1643,6 +1649,8 @@ class _Progress:
         self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
         self.reap_timer: asyncio.TimerHandle | None = None
+        # The call's grpclib stream, once its HEADERS are out (the latest attempt's).
+        self.raw: Any = None
 
     def unsent(self) -> bool:
         """Whether the call surely never reached the server (its HEADERS not written)."""
@@ -2651,6 +2659,14 @@ class _ServerStream:
         Final once the block has exited (its asyncio side has ended then).
         """
         return self._progress.headers_sent
+
+    @property
+    def server_ended(self) -> bool:
+        """Whether the server has ended the stream (END_STREAM received): all it
+        sent is in the client's memory, though perhaps not in the block's buffer
+        yet (read from the trio thread: a flag that only ever turns True)."""
+        raw = self._progress.raw
+        return raw is not None and bool(raw.buffer._eof)
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> BatchReceiver[bytes]:

@@ -376,3 +376,28 @@ async def test_a_call_waiting_to_write_when_its_connection_is_cut_off_goes_elsew
 def test_max_buffered_bytes_must_be_a_positive_int(value: object) -> None:
     with pytest.raises(ValueError if value in (0, -1) else TypeError, match="max_buffered_bytes"):
         poc_api.ApiClient("http://127.0.0.1:1/v1", max_buffered_bytes=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "client_kw",
+    [{"max_buffered_events": 8}, {"max_buffered_bytes": 300}],
+    ids=["events", "bytes"],
+)
+async def test_a_stream_the_server_ended_in_time_is_not_cut_by_timeout_for_slow_reading(
+    server: ReferenceServer, client_kw: dict[str, int]
+) -> None:
+    # The server sends all 60 tokens, Done and its trailers within milliseconds; the
+    # consumer reads them slowly, past timeout=. generate()'s contract: a call whose
+    # stream had ended in time is not cut by your own slow reading of its events.
+    # With the client's own buffer bound holding back the (already received) rest,
+    # the call raised PocApiTimeout and the session was marked lost.
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url, **client_kw) as c:
+        async with c.session() as s:
+            n = 0
+            sampling = SamplingParams(max_tokens=60)
+            async with s.generate(HELLO, sampling=sampling, timeout=0.5) as ev:
+                async for _ in ev:
+                    n += 1
+                    await trio.sleep(0.02)  # 61 events: ~1.3 s of slow reading
+            assert n == 61 and not s.lost
+            assert s.committed_len == len(HELLO) + 60

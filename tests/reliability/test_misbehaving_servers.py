@@ -2021,3 +2021,26 @@ async def test_the_last_re_close_does_not_wait_again_for_a_server_that_never_con
                         pass  # pragma: no cover
         started = trio.current_time()
     assert trio.current_time() - started < 0.5
+
+
+async def test_a_generate_cancelled_while_waiting_for_a_stream_keeps_its_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Nothing was sent: the server never saw the call. A timeout= there is retriable
+    # and keeps the session; a cancellation must too (prefill's docstring: only a
+    # call cancelled "once its request is sent" marks the session lost).
+    bad_server.max_streams = 1
+    async with client_for(bad_server) as c, c.session() as hog, c.session() as s:
+        async with trio.open_nursery() as nursery:
+            bad_server.plan("Generate", Reply("silent"))
+            nursery.start_soon(hog.prefill, [1])  # holds the only stream
+            await wait_for(lambda: len(bad_server.calls_to("Generate")) == 1)
+            with trio.move_on_after(0.2) as scope:
+                await s.prefill([1, 2])  # waits for a stream
+            assert scope.cancelled_caught
+            assert len(bad_server.calls_to("Generate")) == 1  # never sent
+            assert not s.lost
+            nursery.cancel_scope.cancel()
+        with trio.fail_after(5):
+            await s.prefill([1, 2])
+        assert s.committed_len == 2
