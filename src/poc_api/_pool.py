@@ -863,6 +863,7 @@ class SessionRoute:
         cleanup: bool = False,
         abortable: bool = False,
         abort_unsent: bool = False,
+        progress: _Progress | None = None,
     ) -> bytes:
         """A unary call of this session, on its endpoint; see :meth:`GrpcTransport.unary`."""
         if method == "OpenSession":
@@ -878,6 +879,7 @@ class SessionRoute:
                 abortable=abortable,
                 abort_unsent=abort_unsent,
                 extra_metadata=self._metadata,
+                progress=progress,
             )
         except e.ServerUnavailable:
             ep.failed()

@@ -22,7 +22,7 @@ import trio
 from . import _errors as e
 from ._chunks import Chunk, check_image_mime, check_image_sizes, image_bytes
 from ._clock import FairSlice
-from ._transport import StreamCall, map_grpc_error
+from ._transport import StreamCall, _Progress, map_grpc_error
 from ._types import (
     U32_MAX,
     Done,
@@ -688,11 +688,12 @@ class Session:
             left = None if seconds is None else max(0.0, deadline_at - trio.current_time())
             # A client-side refusal sends nothing: the session stays as it was.
             self._transport.check_sendable("AppendImage", request)
+            progress = _Progress()  # (whether its request was written)
             with trio.CancelScope() as closing:  # cancelled by aclose() from another task
                 self._interrupt = closing.cancel
                 try:
                     raw = await self._transport.unary(
-                        "AppendImage", request, timeout=left, abortable=True
+                        "AppendImage", request, timeout=left, abortable=True, progress=progress
                     )
                 except _REJECTED:
                     raise  # rejected before anything was appended
@@ -701,7 +702,10 @@ class Session:
                         self._mark_lost(exc)
                     raise
                 except BaseException as exc:
-                    self._mark_lost(exc)
+                    # Cancelled (or Ctrl-C) before its request was written, as while it
+                    # waited for a stream of the connection: the server never saw it.
+                    if progress.headers_sent:
+                        self._mark_lost(exc)
                     raise
                 finally:
                     self._interrupt = None

@@ -2044,3 +2044,28 @@ async def test_a_generate_cancelled_while_waiting_for_a_stream_keeps_its_session
         with trio.fail_after(5):
             await s.prefill([1, 2])
         assert s.committed_len == 2
+
+
+async def test_an_image_append_cancelled_while_waiting_for_a_stream_keeps_its_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    # As the Generate above: a timeout= there kept the session (retriable), a
+    # cancellation marked it lost, with no AppendImage on the server.
+    from poc_api.testing import make_png
+
+    bad_server.max_streams = 1
+    png = make_png(8, 8)
+    async with client_for(bad_server) as c, c.session() as hog, c.session() as s:
+        async with trio.open_nursery() as nursery:
+            bad_server.plan("Generate", Reply("silent"))
+            nursery.start_soon(hog.prefill, [1])  # holds the only stream
+            await wait_for(lambda: len(bad_server.calls_to("Generate")) == 1)
+            with trio.move_on_after(0.2) as scope:
+                await s.append_image(png, "image/png")  # waits for a stream
+            assert scope.cancelled_caught
+            assert not bad_server.calls_to("AppendImage")  # never sent
+            assert not s.lost
+            nursery.cancel_scope.cancel()
+        with trio.fail_after(5):
+            await s.append_image(png, "image/png")
+        assert s.committed_len > 0
