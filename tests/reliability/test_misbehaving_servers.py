@@ -2023,49 +2023,36 @@ async def test_the_last_re_close_does_not_wait_again_for_a_server_that_never_con
     assert trio.current_time() - started < 0.5
 
 
-async def test_a_generate_cancelled_while_waiting_for_a_stream_keeps_its_session(
-    bad_server: MisbehavingServer,
+@pytest.mark.parametrize("method", ["Generate", "AppendImage"])
+async def test_a_call_cancelled_while_waiting_for_a_stream_keeps_its_session(
+    bad_server: MisbehavingServer, method: str
 ) -> None:
     # Nothing was sent: the server never saw the call. A timeout= there is retriable
-    # and keeps the session; a cancellation must too (prefill's docstring: only a
-    # call cancelled "once its request is sent" marks the session lost).
-    bad_server.max_streams = 1
-    async with client_for(bad_server) as c, c.session() as hog, c.session() as s:
-        async with trio.open_nursery() as nursery:
-            bad_server.plan("Generate", Reply("silent"))
-            nursery.start_soon(hog.prefill, [1])  # holds the only stream
-            await wait_for(lambda: len(bad_server.calls_to("Generate")) == 1)
-            with trio.move_on_after(0.2) as scope:
-                await s.prefill([1, 2])  # waits for a stream
-            assert scope.cancelled_caught
-            assert len(bad_server.calls_to("Generate")) == 1  # never sent
-            assert not s.lost
-            nursery.cancel_scope.cancel()
-        with trio.fail_after(5):
-            await s.prefill([1, 2])
-        assert s.committed_len == 2
-
-
-async def test_an_image_append_cancelled_while_waiting_for_a_stream_keeps_its_session(
-    bad_server: MisbehavingServer,
-) -> None:
-    # As the Generate above: a timeout= there kept the session (retriable), a
-    # cancellation marked it lost, with no AppendImage on the server.
+    # and keeps the session; a cancellation marked it lost (prefill's docstring:
+    # only a call cancelled "once its request is sent" marks the session lost).
     from poc_api.testing import make_png
 
-    bad_server.max_streams = 1
     png = make_png(8, 8)
+    bad_server.max_streams = 1
     async with client_for(bad_server) as c, c.session() as hog, c.session() as s:
+
+        async def call() -> None:
+            if method == "Generate":
+                await s.prefill([1, 2])
+            else:
+                await s.append_image(png, "image/png")
+
         async with trio.open_nursery() as nursery:
             bad_server.plan("Generate", Reply("silent"))
             nursery.start_soon(hog.prefill, [1])  # holds the only stream
             await wait_for(lambda: len(bad_server.calls_to("Generate")) == 1)
             with trio.move_on_after(0.2) as scope:
-                await s.append_image(png, "image/png")  # waits for a stream
+                await call()  # waits for a stream
             assert scope.cancelled_caught
-            assert not bad_server.calls_to("AppendImage")  # never sent
+            seen = [call.method for call in bad_server.calls]
+            assert seen == ["OpenSession", "OpenSession", "Generate"]  # (the hog's): not sent
             assert not s.lost
             nursery.cancel_scope.cancel()
         with trio.fail_after(5):
-            await s.append_image(png, "image/png")
+            await call()
         assert s.committed_len > 0
