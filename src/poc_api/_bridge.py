@@ -197,7 +197,7 @@ class StreamBlock(Generic[T]):
     drops a Ctrl-C (python/cpython#95959).
     """
 
-    __slots__ = ("_bridge", "_call", "_max_bytes", "_max_items", "_producer")
+    __slots__ = ("_bridge", "_call", "_max_bytes", "_max_items", "_producer", "_unsettled")
 
     def __init__(
         self,
@@ -205,9 +205,11 @@ class StreamBlock(Generic[T]):
         producer: Callable[[Sink[T]], Coroutine[Any, Any, None]],
         max_items: int,
         max_bytes: int,
+        unsettled: Callable[[], None] | None = None,
     ) -> None:
         self._bridge = bridge
         self._producer = producer
+        self._unsettled = unsettled
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._call: _Call | None = None
@@ -243,7 +245,8 @@ class StreamBlock(Generic[T]):
         try:
             if not call.done.is_set():
                 name = getattr(self._producer, "__name__", "stream")
-                await self._bridge._settle(call, name)
+                if not await self._bridge._settle(call, name) and self._unsettled is not None:
+                    self._unsettled()  # its asyncio side runs on: it may still send
         finally:
             self._bridge._live.discard(call)
             self._bridge._abortable.discard(call)
@@ -903,8 +906,9 @@ class AsyncioBridge:
 
         task.add_done_callback(ended)
 
-    async def _settle(self, call: _Call, what: str) -> None:
-        """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end."""
+    async def _settle(self, call: _Call, what: str) -> bool:
+        """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end
+        (whether it did: if not, it may still go on, and send, after this)."""
         self._cancel(call)
         ki: KeyboardInterrupt | None = None
         # A CancelScope, not move_on_after: that is a @contextmanager, which a Ctrl-C
@@ -923,6 +927,7 @@ class AsyncioBridge:
                 what,
                 self._cancel_timeout,
             )
+        return call.done.is_set()
 
     @trio.lowlevel.enable_ki_protection  # a submitted call is always awaited or settled
     async def run(
@@ -933,6 +938,7 @@ class AsyncioBridge:
         detach: Callable[[asyncio.Task[Any]], bool] | None = None,
         defer_ki: bool = False,
         abortable: bool | Callable[[], bool] = False,
+        unsettled: Callable[[], None] | None = None,
     ) -> T:
         """Run ``await fn(*args)`` on the asyncio loop and return its result.
 
@@ -980,7 +986,9 @@ class AsyncioBridge:
                     ki = exc
         except BaseException:
             if not call.finished:
-                await self._settle(call, getattr(fn, "__name__", "call"))
+                settled = await self._settle(call, getattr(fn, "__name__", "call"))
+                if not settled and unsettled is not None:
+                    unsettled()  # its asyncio side runs on: it may still send
             if call.finished and call.returned and abandoned is not None:
                 abandoned(call.result)
             if ki is not None:
@@ -1006,6 +1014,7 @@ class AsyncioBridge:
         *,
         max_items: int,
         max_bytes: int = 0,
+        unsettled: Callable[[], None] | None = None,
     ) -> StreamBlock[T]:
         """Run ``producer(sink)`` on asyncio while the block drains its items.
 
@@ -1020,7 +1029,7 @@ class AsyncioBridge:
         from :meth:`BatchReceiver.receive_batch`, never from this block's exit,
         and the block's own exception leaves it untouched.
         """
-        return StreamBlock(self, producer, max_items, max_bytes)
+        return StreamBlock(self, producer, max_items, max_bytes, unsettled)
 
     async def aclose(self) -> None:
         """Cancel every asyncio task, stop the loop and join its thread (idempotent).

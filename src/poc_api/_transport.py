@@ -1329,6 +1329,8 @@ class GrpcTransport:
                 detach=detach if orphan is not None else None,
                 defer_ki=cleanup,
                 abortable=abortable,
+                # Given up on while its asyncio side runs on: it may yet be sent.
+                unsettled=progress.mark_sent,
             )
         except Exception as exc:
             _raise_mapped(exc, path, closed=self._closed, redact=self._redact)
@@ -2685,7 +2687,12 @@ class _ServerStream:
 
         t._take_slot(self._method)
         try:
-            block = t._bridge.stream(produce, max_items=self._max_items, max_bytes=self._max_bytes)
+            block = t._bridge.stream(
+                produce,
+                max_items=self._max_items,
+                max_bytes=self._max_bytes,
+                unsettled=progress.mark_sent,  # it may yet be sent (see sent)
+            )
             rx = await block.__aenter__()
         except BaseException:
             t._give_slot()

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from typing import Any
 
 import attrs
 import h2.errors
@@ -2056,3 +2057,36 @@ async def test_a_call_cancelled_while_waiting_for_a_stream_keeps_its_session(
         with trio.fail_after(5):
             await call()
         assert s.committed_len > 0
+
+
+@pytest.mark.parametrize("method", ["Generate", "AppendImage"])
+async def test_a_call_cancelled_while_the_loop_stalls_past_cancel_timeout_loses_its_session(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    # The asyncio loop stalls (1 s, past close_timeout=0.2) right after the call is
+    # queued: the trio side gives up waiting for it with its HEADERS not yet
+    # written, then the loop goes on and sends it. The server may have changed the
+    # session: it must be marked lost, as before 8347f87 / 7349b97.
+    from poc_api.testing import make_png
+
+    async with client_for(bad_server, close_timeout=0.2) as c, c.session() as s:
+        await s.prefill([1])
+        bridge = c._bridge
+        assert bridge is not None
+        submit = bridge._submit
+
+        def submit_then_stall(*a: Any, **kw: Any) -> Any:
+            call = submit(*a, **kw)
+            bridge.call_soon(lambda: time.sleep(1.0))
+            return call
+
+        bridge._submit = submit_then_stall  # type: ignore[method-assign]
+        with trio.move_on_after(0.1) as scope:
+            if method == "Generate":
+                await s.prefill([2, 3])
+            else:
+                await s.append_image(make_png(8, 8), "image/png")
+        bridge._submit = submit  # type: ignore[method-assign]
+        assert scope.cancelled_caught
+        await wait_for(lambda: len(bad_server.calls_to(method)) == 1 + (method == "Generate"))
+        assert s.lost  # the server got the call
