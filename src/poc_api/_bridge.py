@@ -245,8 +245,7 @@ class StreamBlock(Generic[T]):
         try:
             if not call.done.is_set():
                 name = getattr(self._producer, "__name__", "stream")
-                if not await self._bridge._settle(call, name) and self._unsettled is not None:
-                    self._unsettled()  # its asyncio side runs on: it may still send
+                await self._bridge._settle(call, name, self._unsettled)
         finally:
             self._bridge._live.discard(call)
             self._bridge._abortable.discard(call)
@@ -906,9 +905,14 @@ class AsyncioBridge:
 
         task.add_done_callback(ended)
 
-    async def _settle(self, call: _Call, what: str) -> bool:
-        """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end
-        (whether it did: if not, it may still go on, and send, after this)."""
+    async def _settle(
+        self, call: _Call, what: str, unsettled: Callable[[], None] | None = None
+    ) -> None:
+        """Cancel ``call`` and wait, shielded and bounded, for its asyncio side to end.
+
+        If it did not, it may still go on, and send, after this: ``unsettled()``
+        is called then (a Ctrl-C that came meanwhile is raised after it).
+        """
         self._cancel(call)
         ki: KeyboardInterrupt | None = None
         # A CancelScope, not move_on_after: that is a @contextmanager, which a Ctrl-C
@@ -919,6 +923,8 @@ class AsyncioBridge:
                     await self._wait(call)
                 except KeyboardInterrupt as exc:  # finish the cleanup first
                     ki = exc
+        if not call.done.is_set() and unsettled is not None:
+            unsettled()
         if ki is not None:
             raise ki
         if scope.cancelled_caught:
@@ -927,7 +933,6 @@ class AsyncioBridge:
                 what,
                 self._cancel_timeout,
             )
-        return call.done.is_set()
 
     @trio.lowlevel.enable_ki_protection  # a submitted call is always awaited or settled
     async def run(
@@ -951,7 +956,8 @@ class AsyncioBridge:
         returning True: it is then not cancelled but left to finish on its own,
         and the cancellation propagates at once. Raises
         ``trio.ClosedResourceError`` if the bridge is closed, or closes under
-        the call.
+        the call. If the wait runs out with the task still going, ``unsettled()``
+        is called: what the task does from then on goes unseen.
 
         With ``defer_ki`` (cleanup calls such as ``CloseSession``), Ctrl-C does
         not interrupt the call: its ``KeyboardInterrupt`` is raised once the call
@@ -986,9 +992,7 @@ class AsyncioBridge:
                     ki = exc
         except BaseException:
             if not call.finished:
-                settled = await self._settle(call, getattr(fn, "__name__", "call"))
-                if not settled and unsettled is not None:
-                    unsettled()  # its asyncio side runs on: it may still send
+                await self._settle(call, getattr(fn, "__name__", "call"), unsettled)
             if call.finished and call.returned and abandoned is not None:
                 abandoned(call.result)
             if ki is not None:
@@ -1025,7 +1029,8 @@ class AsyncioBridge:
         slow the server down.
 
         Leaving the block cancels the producer (if still running) and waits
-        (shielded, bounded) for it to finish. The producer's exception is raised
+        (shielded, bounded) for it to finish; ``unsettled()`` if it did not. The
+        producer's exception is raised
         from :meth:`BatchReceiver.receive_batch`, never from this block's exit,
         and the block's own exception leaves it untouched.
         """
