@@ -424,6 +424,24 @@ async def test_sampling_fields_and_priority_reach_the_wire_as_given(
     assert req.priority == priority
 
 
+@pytest.mark.parametrize("top_p", [1e-46, 2.0**-151, 5e-324])
+async def test_a_top_p_below_float32s_smallest_is_not_sent_as_off(top_p: float) -> None:
+    # PROTOCOL.md §3: top_p 0 switches the filter off. A positive top_p below
+    # float32's smallest (2**-149) asks for the tightest nucleus (the most likely
+    # token only); rounded to 0.0 on the wire it asked for no filter at all.
+    async with (
+        misbehaving_server() as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url) as c,
+    ):
+        sampling = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+        with trio.fail_after(10):
+            async with c.session() as s, s.generate([1, 2], sampling=sampling) as ev:
+                async for _ in ev:
+                    pass
+    [call] = srv.calls_to("Generate")
+    assert pb.GenerateRequest.parse(call.request).top_p > 0
+
+
 async def test_generate_returns_prefill_logprobs_and_readouts_for_requested_ranges(
     client: poc_api.ApiClient,
 ) -> None:

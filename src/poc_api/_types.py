@@ -153,6 +153,7 @@ def _weight(value: SupportsFloat) -> float:
 
 _F32 = struct.Struct("<f")
 _F32_MAX = 3.4028234663852886e38
+_F32_TINY = 2.0**-149  # float32's smallest positive (subnormal) value
 
 
 def _float32(name: str, value: object) -> float:
@@ -161,7 +162,8 @@ def _float32(name: str, value: object) -> float:
     Checked with the packing the encoder does, so exactly what would overflow
     there (magnitudes rounding past ``_F32_MAX``) is refused here, by name. Tiny
     magnitudes (below float32's ~1.4e-45) are let through: they round to 0.0 on
-    the wire, which is what such a value means anyway.
+    the wire, which is what such a temperature means anyway (``top_p``, whose 0
+    means "off", is raised to float32's smallest instead).
     """
     number = _finite(name, value)
     try:
@@ -179,7 +181,12 @@ def _temperature(value: SupportsFloat) -> float:
 
 
 def _top_p(value: SupportsFloat) -> float:
-    return _float32("top_p", value)
+    top_p = _float32("top_p", value)
+    if 0.0 < top_p < _F32_TINY:
+        # 0 on the wire switches the filter off (PROTOCOL.md §3): the tightest
+        # nucleus asked for would become none. float32's smallest keeps its meaning.
+        return _F32_TINY
+    return top_p
 
 
 def check_timeout(name: str, value: SupportsFloat | None) -> float | None:
