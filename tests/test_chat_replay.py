@@ -630,3 +630,88 @@ async def test_streamed_logprobs_ride_on_their_deltas(server: ReferenceServer) -
             whole = await client.chat(HELLO, temperature=0, **kwargs)
     streamed = [t for e in got for t in e.logprobs["content"]]
     assert streamed == whole.logprobs["content"]
+
+
+# Ollama (0.20.x, ollama/ollama#15457) numbers every streamed tool call of a turn
+# ``index: 0``, each with an id of its own: distinct calls, not pieces of one.
+OLLAMA_SAME_INDEX = data(
+    chunk(
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "write_file", "arguments": '{"path":"a"}'},
+                }
+            ]
+        }
+    ),
+    chunk(
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": '{"path":"b"}'},
+                }
+            ]
+        }
+    ),
+    chunk({}, "tool_calls"),
+    "[DONE]",
+)
+
+
+def tool_piece(id: str, name: str | None, arguments: str) -> str:
+    function = {"arguments": arguments} | ({"name": name} if name else {})
+    return chunk({"tool_calls": [{"index": 0, "id": id, "type": "function", "function": function}]})
+
+
+# lmdeploy (InternLM/lmdeploy#3412): index 0 for every call too, the pieces after
+# a call's first with id "".
+LMDEPLOY_SAME_INDEX = data(
+    tool_piece("call_1", "write_file", ""),
+    tool_piece("", None, '{"path":"a"}'),
+    tool_piece("call_2", "read_file", ""),
+    tool_piece("", None, '{"path":"b"}'),
+    chunk({}, "tool_calls"),
+    "[DONE]",
+)
+
+
+@pytest.mark.parametrize(
+    "stream", [OLLAMA_SAME_INDEX, LMDEPLOY_SAME_INDEX], ids=["ollama", "lmdeploy"]
+)
+async def test_streamed_tool_calls_reusing_an_index_with_new_ids_stay_apart(stream: bytes) -> None:
+    async with httpx.AsyncClient() as http:
+        api = HttpApi(http, "http://replay.invalid/v1", "", "m")
+        got, exc = await decode(api, [stream])
+    assert exc is None
+    assert got[-1] == chat_done(
+        "tool_calls",
+        None,
+        (
+            ChatToolCall("call_1", "write_file", '{"path":"a"}'),
+            ChatToolCall("call_2", "read_file", '{"path":"b"}'),
+        ),
+    )
+    # The deltas say which call each piece belongs to, as ChatDone does.
+    assert {e.index for e in got if isinstance(e, ChatToolCallDelta) and e.id} == {0, 1}
+
+
+async def test_streamed_content_parts_are_text_as_in_chat() -> None:
+    # Mistral's reasoning models stream content as a list of parts; chat() joins
+    # the text parts of such a message, so the stream must not drop them.
+    stream = data(
+        chunk({"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hm"}]}]}),
+        chunk({"content": [{"type": "text", "text": "Hel"}]}),
+        chunk({"content": [{"type": "text", "text": "lo"}]}, "stop"),
+        "[DONE]",
+    )
+    async with httpx.AsyncClient() as http:
+        api = HttpApi(http, "http://replay.invalid/v1", "", "m")
+        got, exc = await decode(api, [stream])
+    assert exc is None
+    assert got == [ChatDelta("Hel"), ChatDelta("lo"), chat_done("stop", None)]

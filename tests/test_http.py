@@ -1259,6 +1259,41 @@ async def test_chat_stream_sends_stream_options_include_usage(http: httpx.AsyncC
     assert b"accept: text/event-stream" in heads[0].lower()
 
 
+async def test_a_server_refusing_stream_options_can_be_streamed_from(
+    http: httpx.AsyncClient,
+) -> None:
+    # vLLM before 0.4.3 (and NVIDIA NIM) forbid fields they do not know, this one
+    # too: extra_body={"stream_options": None} leaves it out (it was a ValueError,
+    # "chat() sets ['stream_options'] itself": no way to stream from them at all).
+    bodies: list[dict[str, Any]] = []
+    refusal = (
+        b'{"object":"error","message":"[{\'type\': \'extra_forbidden\', \'loc\': '
+        b"('body', 'stream_options')}]\",\"code\":400}"
+    )
+
+    async def strict(stream: trio.SocketStream) -> None:
+        body = json.loads((await read_request(stream))[1])
+        bodies.append(body)
+        if "stream_options" in body:
+            await stream.send_all(response(400, refusal))
+        else:
+            await stream.send_all(response(200, sse(DELTA, "[DONE]"), "text/event-stream"))
+
+    with trio.fail_after(10):
+        async with canned_server(strict) as url:
+            api = make_api(http, url)
+            with pytest.raises(HttpError, match="stream_options"):
+                async with api.chat_stream(HELLO):
+                    pass  # pragma: no cover
+            async with api.chat_stream(HELLO, extra_body={"stream_options": None}) as events:
+                assert [e async for e in events] == [ChatDelta("hi"), chat_done("", None)]
+    assert "stream_options" not in bodies[1]
+    with pytest.raises(ValueError, match="stream_options"):  # (no stream: none to set)
+        await make_api(http, "http://127.0.0.1:1/v1").chat(
+            HELLO, extra_body={"stream_options": None}
+        )
+
+
 async def test_leaving_a_stream_with_break_keeps_the_pool_usable(
     server: ReferenceServer,
 ) -> None:
@@ -2464,6 +2499,42 @@ async def test_a_stream_refused_with_a_200_json_error_raises_the_servers_message
             with pytest.raises(ProtocolViolation, match="text/event-stream"):
                 async with api.chat_stream(HELLO):
                     pass  # pragma: no cover
+
+
+FINISH = '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/json", "text/plain; charset=utf-8"], ids=str
+)
+async def test_an_event_stream_labelled_otherwise_is_streamed_as_it_comes(
+    http: httpx.AsyncClient, content_type: str | None
+) -> None:
+    # A StreamingResponse given no media_type (no content-type at all), or a proxy
+    # that labels the stream application/json: the openai client streams such an
+    # answer; chat_stream refused it -- after reading the whole of it, as JSON.
+    release = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        head = "HTTP/1.1 200 OK\r\nconnection: close\r\n"
+        if content_type is not None:
+            head += f"content-type: {content_type}\r\n"
+        # (Its first bytes apart: "da" may yet become "data:".)
+        first = b"\n" + sse(DELTA)
+        await stream.send_all(head.encode() + b"\r\n" + first[:3])
+        await trio.sleep(0.05)
+        await stream.send_all(first[3:])
+        await release.wait()  # the rest only once the first delta was read
+        await stream.send_all(sse(FINISH, "[DONE]"))
+
+    with trio.fail_after(10):
+        async with canned_server(handler) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                assert await events.__anext__() == ChatDelta("hi")
+                release.set()
+                rest = [e async for e in events]
+    assert len(rest) == 1 and isinstance(rest[0], ChatDone) and rest[0].finish_reason == "stop"
 
 
 async def test_text_utf8_cannot_encode_is_refused_before_anything_is_sent(

@@ -510,6 +510,12 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
 #: Decoded bytes handed out per step of a compressed body: what bounds memory when
 #: a few kilobytes on the wire say gigabytes (a gzip bomb).
 _DECODE_PIECE: Final = 64 * 1024
+#: What an event stream may open with (after a BOM and blank lines): a field
+#: line or a comment, as every OpenAI-compatible server's first line is.
+_SSE_START: Final = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*(?:data|event|id|retry)?:")
+_BLANK: Final = b"\xef\xbb\xbf \t\r\n"
+_SSE_FIELDS: Final = (b"data:", b"event:", b"id:", b"retry:")
+
 #: The content-encodings asked for (``accept-encoding``) and decoded here.
 _ACCEPT_ENCODING: Final = "gzip, deflate"
 
@@ -1938,13 +1944,19 @@ class HttpApi:
         for more in (extra, extra_body or {}):
             if not all(isinstance(k, str) for k in more):
                 raise TypeError("extra_body keys must be str")
-            clash = _RESERVED_CHAT_KEYS & more.keys()
+            # A stream's stream_options may be replaced, or dropped with None: a
+            # server that refuses the field (vLLM before 0.4.3, NVIDIA NIM:
+            # "extra inputs are not permitted") has no usage to send anyway.
+            reserved = _RESERVED_CHAT_KEYS - {"stream_options"} if stream else _RESERVED_CHAT_KEYS
+            clash = reserved & more.keys()
             if clash:
                 raise ValueError(f"chat() sets {sorted(clash)} itself")
             payload.update(more)
         payload["stream"] = stream
         if stream:
-            payload["stream_options"] = {"include_usage": True}
+            options = payload.pop("stream_options", {"include_usage": True})
+            if options is not None:
+                payload["stream_options"] = options
         try:
             # What httpx does when sending (UTF-8 as newer httpx encodes it).
             json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8")
@@ -2120,7 +2132,10 @@ class HttpApi:
     ) -> AsyncIterator[ChatStream]:
         """``POST /chat/completions`` with ``stream: true``: deltas, then one ``ChatDone``.
 
-        Arguments as :meth:`chat`; ``timeout`` (seconds) bounds the stream, as a
+        Arguments as :meth:`chat`. It asks for usage (``stream_options:
+        {"include_usage": true}``); ``extra_body={"stream_options": ...}`` replaces
+        that, and ``None`` leaves the field out, for a server that refuses it.
+        ``timeout`` (seconds) bounds the stream, as a
         Generate stream's does: entering the block, then each read that has to wait
         for events, raises :class:`~poc_api.PocApiTimeout` once it has passed (and
         every later read raises it again, until ``aclose()``). Time the caller spends
@@ -2545,6 +2560,7 @@ class ChatStream:
         self._url = url  # already redacted: used only in messages
         self._what = f"POST {url}"
         self._chunks = _DecodedBody(response, self._what)
+        self._sniffed = b""  # the body's first bytes, read by _check_response
         # llama.cpp's error lines too; each event bounded as a whole answer is.
         self._decoder = SSEDecoder(max_buffer=api._max_body, error_field=True, what=self._what)
         # Is the body's end known to be its end (a length, chunked framing)? Else it
@@ -2580,6 +2596,8 @@ class ChatStream:
         self._choices_dropped = False  # (the warning is given once)
         self._usage: Usage | None = None
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
+        # Per choice: the server's tool call index -> the call (in _tool_calls) it names.
+        self._tool_slots: dict[int, dict[int, int]] = {}
         self._tool_text = 0  # characters of tool calls kept to join at the end
         # chat_stream(timeout=): when a read still waiting for events times out.
         self._deadline = math.inf
@@ -2603,11 +2621,26 @@ class ChatStream:
                 "POST", self._url, status, body, cut, headers=self._response.headers
             ) from cut
         ctype = self._response.headers.get("content-type", "")
+        if ctype.lower().startswith("text/event-stream"):
+            log.debug("POST %s -> %d (streaming)", self._url, status)
+            return
+        # Not labelled a stream: some servers stream events all the same, under no
+        # content-type (a StreamingResponse given none) or application/json. A
+        # body that opens as an event stream is read as one (as the openai client
+        # reads any 200), as it comes; anything else is told below.
+        with _map_httpx_errors("POST", self._url, self._api._client):
+            first = await self._sniff()
+        if _SSE_START.match(first):
+            log.debug("POST %s -> %d (streaming, labelled %r)", self._url, status, ctype)
+            self._sniffed = first
+            return
         if ctype.lower().startswith("application/json"):
             # Some servers refuse a stream with a 200 JSON error object (an
             # overloaded vLLM): its message is worth more than "not a stream".
             with _map_httpx_errors("POST", self._url, self._api._client):
-                body = await self._api._read_body(self._response, self._what, self._chunks)
+                body = await self._api._read_body(
+                    self._response, self._what, self._chunks, into=bytearray(first)
+                )
             try:
                 data = json.loads(body)
             except (ValueError, RecursionError):  # see _json_error
@@ -2615,12 +2648,28 @@ class ChatStream:
             error = _error_object(data, "")
             if error is not None:
                 raise self._api._server_error(self._url, response_status=status, error=error)
-        if not ctype.lower().startswith("text/event-stream"):
-            raise ProtocolViolation(
-                f"{self._what}: expected text/event-stream, got "
-                f"{_short_repr(ctype) if ctype else 'no content-type'}"
-            )
-        log.debug("POST %s -> %d (streaming)", self._url, status)
+        raise ProtocolViolation(
+            f"{self._what}: expected text/event-stream, got "
+            f"{_short_repr(ctype) if ctype else 'no content-type'}"
+        )
+
+    async def _sniff(self) -> bytes:
+        """The body's first bytes, read until one is not blank (or it ends): enough
+        to tell an event stream, which the pump then decodes first."""
+        first = bytearray()
+        # (Not a generator: left part-read, the body goes on in the pump, or is
+        # ended by _release as any other.)
+        async for chunk in self._chunks:
+            first += chunk
+            start = first.lstrip(_BLANK)[:6]
+            # Enough to tell, unless it may still become a field's name ("da").
+            if (
+                len(first) >= _CHAT_READ_AHEAD
+                or _SSE_START.match(first)
+                or (start and not any(f.startswith(start) for f in _SSE_FIELDS))
+            ):
+                break
+        return bytes(first)
 
     @trio.lowlevel.enable_ki_protection  # see _request: httpx's reads run here
     async def _pump(self) -> None:
@@ -2637,11 +2686,14 @@ class ChatStream:
         # read ahead would hold it while the reader sleeps between events: there,
         # read on only once the reader has taken what is queued.
         ahead = 1 if autojumping() else _CHAT_READ_AHEAD
+        chunk = self._sniffed  # (the body's first bytes, read to tell it a stream)
+        self._sniffed = b""
         try:
             while not self._reader_closed:
                 try:
-                    with reading:
-                        chunk = await chunks.__anext__()
+                    if not chunk:
+                        with reading:
+                            chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     self._end_of_stream()
                     return
@@ -2661,6 +2713,7 @@ class ChatStream:
                 except Exception as exc:
                     self._fail(exc)
                     return
+                size, chunk = len(chunk), b""
                 if self._finished:  # [DONE]
                     self._reader.wake()
                     # One more read, as the reader of a whole body would: the end of
@@ -2671,7 +2724,7 @@ class ChatStream:
                         await chunks.__anext__()
                     return
                 if self._queue:
-                    self._unread += len(chunk)
+                    self._unread += size
                     self._reader.wake()
                     while self._unread >= ahead and not self._reader_closed:
                         await self._pump_parked.wait()  # until the reader takes them all
@@ -2880,6 +2933,10 @@ class ChatStream:
             if isinstance(reasoning, str) and reasoning:
                 self._queue.append(ChatReasoningDelta(reasoning, index))
             content = delta.get("content")
+            if isinstance(content, list):  # content parts (Mistral's), read as chat() reads them
+                content = "".join(
+                    _str_field(p, "text", self._what) for p in content if isinstance(p, dict)
+                )
             if isinstance(content, str) and content:
                 self._queue.append(ChatDelta(content, index, _logprobs(choice, self._what)))
             calls = delta.get("tool_calls")
@@ -2907,20 +2964,31 @@ class ChatStream:
 
     def _tool_call(self, choice: int, call: dict[str, Any]) -> None:
         parts = self._tool_calls.setdefault(choice, {})
+        slots = self._tool_slots.setdefault(choice, {})
         raw_id, raw_index = call.get("id"), call.get("index")
         call_id = raw_id if isinstance(raw_id, str) else ""
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        raw_name = function.get("name")
+        name = raw_name if isinstance(raw_name, str) else ""
         if isinstance(raw_index, int) and not isinstance(raw_index, bool):
-            index = raw_index
+            # The server's index, mapped to the call it names now: Ollama and
+            # lmdeploy number every call of a turn 0, so a call's first piece (it
+            # names its function) with a new id, at an index that already holds
+            # another call, starts a new call.
+            index = slots.get(raw_index, raw_index)
+            taken = parts.get(index)
+            if taken is not None and (
+                raw_index not in slots or (name and call_id and taken.id and call_id != taken.id)
+            ):
+                index = max(parts) + 1
+            slots[raw_index] = index
         else:
             # A server that leaves out the index (some llama.cpp builds): a new id
             # starts a new call, anything else continues the last one.
             known = {p.id for p in parts.values()}
             new = not parts or (call_id and call_id not in known)
-            index = len(parts) if new else max(parts)
-        function = call.get("function")
-        function = function if isinstance(function, dict) else {}
-        raw_name = function.get("name")
-        name = raw_name if isinstance(raw_name, str) else ""
+            index = max(parts, default=-1) + 1 if new else max(parts)
         arguments = _arguments_text(function.get("arguments"))
         # Kept until the end (ChatDone's tool_calls): bounded as a whole answer is.
         self._tool_text += len(arguments) + len(name) + len(call_id)
