@@ -8,6 +8,7 @@ import contextlib
 import gc
 import itertools
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
@@ -1717,3 +1718,66 @@ async def test_a_session_refused_by_the_only_live_endpoint_as_full_is_resource_e
                         async with conv.stream([poc_api.Tokens([1, 2])], timeout=10) as events:
                             async for _ in events:
                                 pass
+
+
+async def test_a_retired_endpoint_whose_server_died_with_a_session_is_dropped_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The session's close could not reach the dead server and was queued to be
+    # sent again "for up to 10 minutes"; but while the server stayed down the
+    # queue was never looked at, so it never emptied: the retired endpoint stayed
+    # in client.endpoints (health-checked, its connection attempts going on) for
+    # as long as the client lived.
+    monkeypatch.setattr(_transport, "_RECLOSE_FOR", 0.5)
+    monkeypatch.setattr(_transport, "_RECLOSE_FIRST", 0.05)
+    records = ["127.0.0.1", "127.0.0.2"]
+    async with dns_pool(monkeypatch, records) as (a, b, client):
+        with trio.fail_after(20):
+            while True:
+                async with client.session() as s:
+                    await s.prefill([1, 2])
+                    if s.session_id in a.state().session_ids:
+                        await kill_for_good(a)
+                        break
+            records[:] = ["127.0.0.2"]
+            await wait_for(lambda: [e.url for e in client.endpoints] == [b.grpc_url], timeout=5)
+
+
+async def test_a_dns_refresh_that_hangs_does_not_hold_up_the_health_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The health loop awaited each refresh before its checks: a lookup that hangs
+    # (a DNS server gone: the resolver's timeouts and retries) stopped every
+    # check, and a draining server kept getting new sessions as long.
+    from poc_api import _pool
+
+    async def hanging(host: str, port: int) -> list[str]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async with dns_pool(monkeypatch, ["127.0.0.1", "127.0.0.2"]) as (_a, b, client):
+        with trio.fail_after(20):
+            await client.score_many([([Tokens([1, 2, 3])], [(1, 3)])] * 10)
+            monkeypatch.setattr(_pool, "_lookup", hanging)
+            await trio.sleep(0.2)  # a refresh is due (every 50 ms), and hangs
+            await trio.to_thread.run_sync(b.set_serving, False)
+            await wait_for(
+                lambda: client.endpoints[1].state is EndpointState.NOT_SERVING, timeout=3
+            )
+
+
+async def test_a_dns_target_that_cannot_be_resolved_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The lookup's error went to a log line only; the caller was told the name
+    # "resolved to no address", as if DNS had answered with an empty record set.
+    from poc_api import _pool
+
+    async def failing(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(_pool, "_lookup", failing)
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url="dns:///nowhere.test:8001") as client:
+        with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as caught:
+            await client.score([Tokens([1, 2, 3])], [(1, 3)])
+    assert "Name or service not known" in str(caught.value)

@@ -447,6 +447,7 @@ class Router:
         self._first_checks: asyncio.Event | None = None
         self.first_checks_done: bool = False
         self._resolved_at = -float("inf")
+        self._lookup_error: OSError | None = None  # the last lookup's, if it failed
         self._resolving: asyncio.Future[None] | None = None
         self.live_sessions: LiveSessions = LiveSessions()
         """The sessions opened through this router (trio side)."""
@@ -549,7 +550,12 @@ class Router:
             # Nothing sent yet: the client's close need not wait for it.
             await self._bridge.run(self._resolve, abortable=True)
             if not self._endpoints:
-                raise e.ServerUnavailable(f"{self._dns.url} resolved to no address")
+                why = self._lookup_error
+                raise e.ServerUnavailable(
+                    f"{self._dns.url} resolved to no address"
+                    if why is None
+                    else f"{self._dns.url} could not be resolved: {why}"
+                )
 
     # -- asyncio side ------------------------------------------------------------
 
@@ -560,17 +566,23 @@ class Router:
         ended for everyone when that caller gave up (cancelled), and the others
         found no endpoint ("resolved to no address").
         """
+        await asyncio.shield(self._lookup_task())
+
+    def _lookup_task(self) -> asyncio.Future[None]:
+        """asyncio: the lookup in progress, or a new one."""
         task = self._resolving
         if task is None:
             task = self._resolving = asyncio.ensure_future(self._resolve_now())
             task.add_done_callback(self._resolved)
-        await asyncio.shield(task)
+        return task
 
     def _resolved(self, task: asyncio.Future[None]) -> None:
         if self._resolving is task:
             self._resolving = None
-        if not task.cancelled():
-            task.exception()  # its callers have it (if any still wait)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its callers have it, if any wait (a refresh of the health checks' does not).
+            dns = self._dns.url if self._dns is not None else "the DNS target"
+            log.error("resolving %s failed unexpectedly", dns, exc_info=exc)
 
     async def _resolve_now(self) -> None:
         dns = self._dns
@@ -580,9 +592,11 @@ class Router:
             addresses = await _lookup(dns.host, dns.port)
         except OSError as exc:
             log.warning("resolving %s failed: %s", dns.url, exc)
+            self._lookup_error = exc
             return
         finally:
             self._resolved_at = loop.time()
+        self._lookup_error = None
         known = {ep.target.host: ep for ep in self._endpoints}
         endpoints = list(self._endpoints)
         for address in addresses:
@@ -670,7 +684,10 @@ class Router:
         while True:
             started = loop.time()
             if self._dns is not None and started - self._resolved_at >= self._dns_refresh:
-                await self._resolve()
+                # Not awaited: a lookup that hangs (a DNS server gone: the resolver's
+                # timeouts and retries) held every endpoint's checks up as long. The
+                # addresses it finds are checked from the next round on.
+                self._lookup_task()
             if self._dns is not None:
                 self._forget_retired()
             endpoints = [ep for ep in self._endpoints if ep.transport is not None]

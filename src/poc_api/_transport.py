@@ -1394,6 +1394,14 @@ class GrpcTransport:
             await asyncio.sleep(delay)
             if not self.connected:
                 delay = _RECLOSE_FIRST  # (looked at again soon: a flag, no I/O)
+                # Never tried while the server stays down: given up when their time
+                # is up all the same (else they, and a DNS-retired endpoint holding
+                # them, stayed for as long as the process).
+                now = asyncio.get_running_loop().time()
+                for sid, entry in list(self._unclosed.items()):
+                    if now >= entry.give_up_at:
+                        del self._unclosed[sid]
+                        log.debug("CloseSession %s: given up (%s stays unreachable)", sid, self.url)
             elif await self._close_unclosed():
                 delay = _RECLOSE_FIRST  # it answers again: the rest (if any) soon
             else:
