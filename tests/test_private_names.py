@@ -65,6 +65,16 @@ async def _live_objects(client: poc_api.ApiClient) -> dict[str, object]:
             await stream.send_message(b"", end=True)
             found["grpclib.protocol.Buffer instance"] = stream._stream.buffer
             found["grpclib.protocol.Stream instance"] = stream._stream
+            found["grpclib.server.Stream instance"] = grpclib.server.Stream(
+                stream._stream,  # (a protocol stream, as a server's is)
+                "/m",
+                Cardinality.UNARY_UNARY,
+                bytes,
+                bytes,
+                codec=None,  # type: ignore[arg-type]
+                status_details_codec=None,
+                dispatch=None,  # type: ignore[arg-type]
+            )
             await stream.recv_message()
             return found
 
@@ -89,7 +99,7 @@ async def test_every_private_name_poc_api_uses_exists(server: ReferenceServer) -
 
 def test_the_raw_stream_methods_used_are_there() -> None:
     # grpclib.protocol.Stream is internal as a whole; these are what _transport calls.
-    for name in ("reset_nowait", "closable"):
+    for name in ("reset_nowait", "closable", "send_data"):  # (send_data: the server's)
         assert hasattr(RawStream, name), name
     assert hasattr(Channel, "request")
 

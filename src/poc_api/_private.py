@@ -8,8 +8,8 @@ connection-level window apart from stream-level window, nor to receive frames
 without formatting each one for a trace log nobody reads; hpack documents neither
 its encoder's table nor how h2 holds its encoder. ``_transport.py`` and
 ``_hpack.py`` use the names below for that, and nothing else private
-(``server/_grpc.py`` uses the last three for the reference server's graceful
-shutdown and its release of calls reset before they ran).
+(``server/_grpc.py`` uses the last four for the reference server's graceful
+shutdown, its release of calls reset before they ran and its pre-encoded writes).
 ``tests/test_private_names.py`` checks every one of them against the installed
 versions (on real objects from a real call), so an upgrade that drops one fails
 loudly there instead of silently disabling a feature. ``pyproject.toml`` caps
@@ -126,5 +126,10 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "grpclib.server.Handler instance",
         "_tasks",
         "release the stream of a call reset before its handler's first step",
+    ),
+    (
+        "grpclib.server.Stream instance",
+        "_stream",
+        "write a Generate's events as DATA already encoded (_Generation._flush)",
     ),
 )

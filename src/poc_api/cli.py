@@ -1552,7 +1552,7 @@ _DEFAULTS = ServerConfig()
 )
 @click.option(
     "--max-context",
-    type=click.IntRange(1),
+    type=click.IntRange(1, 2**32 - 1),  # (positions are uint32 on the wire)
     default=_DEFAULTS.max_context,
     show_default=True,
     help="Context window of a session, in positions; appending past it is refused (OUT_OF_RANGE).",

@@ -448,6 +448,41 @@ def test_message_above_max_size_is_refused(
     )
 
 
+def test_repeated_ranges_cost_their_union_not_their_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prefill events were found by adding every range's positions to a set, and a
+    # decoded position tested against every range: 20,000 copies of one range (a
+    # 100 KB request) held the server's loop, every client's calls with it, for
+    # 2 s; a 64 MiB one, for hours. Counted, not timed: the positions walked go
+    # through one range() per range of the union, and the test for a decoded
+    # position is made once, from the union, not from the request's list.
+    from poc_api.server import _grpc
+    from poc_api.server._grpc import _in_any, _positions
+
+    walked: list[tuple[int, ...]] = []
+
+    def counting_range(*args: int) -> range:
+        walked.append(args)
+        return range(*args)
+
+    monkeypatch.setattr(_grpc, "range", counting_range, raising=False)
+    many = [(0, 1 << 20)] * 30_000 + [(1 << 21, (1 << 21) + 2)] * 30_000
+    assert _positions(many, 10, 8_010) == list(range(10, 8_010))
+    assert walked == [(10, 8_010)]
+    walked.clear()
+    assert _positions(many, (1 << 21) - 1, 1 << 22) == [1 << 21, (1 << 21) + 1]
+    assert walked == [(1 << 21, (1 << 21) + 2)]
+    ranges = many[::-1]
+    inside = _in_any(ranges)
+    outside = _in_any([(9_000_000 + 2 * i, 9_000_001 + 2 * i) for i in range(30_000)])
+    ranges.clear()  # (a test that still looked at the request's list sees none now)
+    assert all(inside(p) for p in range(0, 8_000, 7)) and not inside(1 << 20)
+    assert inside(1 << 21) and not inside((1 << 21) + 2)
+    assert not any(outside(p) for p in range(8_000))
+    assert outside(9_000_002) and not outside(9_000_003)
+
+
 # -- wire-level behaviour -------------------------------------------------
 
 
@@ -610,6 +645,61 @@ def test_a_message_shorter_than_its_length_prefix_is_internal_without_an_error_l
         ],
     )
     conn.send_data(sid, struct.pack(">BI", 0, 50) + b"\x0a", end_stream=True)  # 1 of 50
+    headers: dict[bytes, bytes] = {}
+    with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        ended = False
+        while not ended:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection"
+            for ev in conn.receive_data(data):
+                if getattr(ev, "stream_id", None) != sid:
+                    continue
+                if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    headers.update(dict(ev.headers))
+                ended = ended or isinstance(ev, h2.events.StreamEnded)
+            sock.sendall(conn.data_to_send())
+    assert headers[b"grpc-status"] == b"13", headers
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("CloseSession", b"\x0a\x02\xff\xfe"),  # session_id that is not UTF-8
+        ("Generate", b"\x0a\x02\xff\xfe"),
+        ("Generate", b"\x0d\x01\x02\x03\x04"),  # session_id with a fixed32's wire type
+    ],
+)
+def test_a_request_message_that_does_not_parse_is_internal_without_an_error_log(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture, method: str, body: bytes
+) -> None:
+    # betterproto2's parse raised UnicodeDecodeError / KeyError out of the codec:
+    # UNKNOWN "Internal Server Error" and an "Application error" traceback at
+    # ERROR, for a client's malformed bytes (grpc-go answers INTERNAL, as this
+    # server does for a message shorter than its length prefix).
+    import socket
+    import struct
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(
+        sid,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", f"/salience.Salience/{method}"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    conn.send_data(sid, struct.pack(">BI", 0, len(body)) + body, end_stream=True)
     headers: dict[bytes, bytes] = {}
     with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=10) as sock:
         sock.sendall(conn.data_to_send())

@@ -96,6 +96,26 @@ def test_malformed_json_is_400(http: httpx.Client, path: str, body: bytes) -> No
     assert r.status_code == 400 and "error" in r.json()
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/tokenize", b'{"text": "\\ud800"}'),
+        ("/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udc00"}]}'),
+        ("/completions", b'{"prompt": "\\ud800", "max_tokens": 1}'),
+        ("/completions", b'{"prompt": ["ok", "\\ud800"], "max_tokens": 1}'),
+    ],
+)
+def test_a_lone_surrogate_escape_is_400(
+    http: httpx.Client, path: str, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Valid JSON grammar that names no Unicode character, so no UTF-8 bytes to
+    # tokenize: the handler raised UnicodeEncodeError, the client got no answer at
+    # all (the connection closed) and the log an ERROR traceback.
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"], caplog.text
+
+
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "Tell me about the sea"}]}
 
 

@@ -6,6 +6,7 @@ import gc
 import socket
 import sys
 import threading
+import time
 import warnings
 
 import attrs
@@ -304,3 +305,113 @@ def test_the_servers_records_of_resets_keep_the_latest_not_all() -> None:
     resets = stats.snapshot(frozenset()).resets
     assert len(resets) == KEPT_RECORDS
     assert resets[-1] == (2 * (KEPT_RECORDS + 4) + 1, 8) and resets[0] == (11, 8)
+
+
+def test_stop_closes_the_connection_of_a_client_that_stopped_reading(
+    make_server: ServerFactory,
+) -> None:
+    # A client that stops reading its socket mid-Generate (a stopped process, a
+    # hung host) leaves the server's writes buffered in its transport; close()
+    # waits for them to be flushed, which the stopped loop never does: the socket
+    # stayed open (held by ObservedServer.connections) for as long as the
+    # ReferenceServer object lived, and a client that read again got no EOF.
+    import struct
+
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    from poc_api._proto.salience import GenerateRequest, OpenSessionRequest, OpenSessionResponse
+
+    srv = make_server(max_context=1 << 22, ignore_eos=True)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    # Windows wide open: the server's flow control never stops it, its socket does.
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    conn.increment_flow_control_window(2**31 - 1 - 65535)
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/salience.Salience/OpenSession"),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+
+    def framed(message: OpenSessionRequest | GenerateRequest) -> bytes:
+        body = bytes(message)
+        return struct.pack(">BI", 0, len(body)) + body
+
+    with socket.create_connection(("127.0.0.1", srv.grpc_port), timeout=10) as sock:
+        conn.send_headers(1, headers)
+        conn.send_data(1, framed(OpenSessionRequest()), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        answer = b""
+        while len(answer) < 5 or len(answer) < 5 + int.from_bytes(answer[1:5]):
+            for ev in conn.receive_data(sock.recv(65536)):
+                if isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
+                    answer += ev.data
+        session_id = OpenSessionResponse.parse(answer[5:]).session_id
+        conn.send_headers(
+            3, [(k, "/salience.Salience/Generate" if k == ":path" else v) for k, v in headers]
+        )
+        generate = GenerateRequest(session_id=session_id, append_tokens=[65], max_tokens=10**6)
+        conn.send_data(3, framed(generate), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        # ... and reads nothing until the server's writes back up.
+        streamed = [-1]
+
+        def stalled() -> bool:
+            before, streamed[0] = streamed[0], srv.state().bytes_streamed
+            time.sleep(0.1)
+            return streamed[0] == before
+
+        assert wait_until(stalled)
+        srv.stop()
+        sock.settimeout(5)
+        try:
+            while sock.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            pass  # (an abort is a fine end too)
+        except TimeoutError:
+            pytest.fail("the stopped server's connection was left open")
+
+
+def test_stop_is_prompt_under_an_http_client_that_stopped_reading_a_stream(
+    make_server: ServerFactory,
+) -> None:
+    # The connection's task, cancelled by the stop, closed its writer and waited
+    # in wait_closed() for a flush the client never allowed: stop() gave up after
+    # its 10 s timeout and left the server's thread (and the socket) behind.
+    import json
+
+    srv = make_server(max_context=1 << 22, ignore_eos=True)
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6, "stream": True}
+    ).encode()
+    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        time.sleep(1.0)  # ... and reads nothing: the server's writes back up
+        t0 = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - t0 < 5
+        assert srv._thread is not None and not srv._thread.is_alive()
+
+
+def test_a_context_window_past_uint32_is_refused() -> None:
+    # OpenSessionResponse.max_length is a uint32: max_context=2**32 + 5 was taken,
+    # reported as max_length 5, and poc_api's client then refused a 25-position
+    # prompt with ContextOverflow ("past the context window of 5").
+    assert ServerConfig(max_context=2**32 - 1).max_context == 2**32 - 1
+    with pytest.raises(ValueError, match="max_context"):
+        ServerConfig(max_context=2**32 + 5)
+    from click.testing import CliRunner
+
+    from poc_api.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "--port", "0", "--max-context", str(2**32 + 5)])
+    assert result.exit_code == 2 and "--max-context" in result.output, result.output

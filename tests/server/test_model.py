@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -79,6 +80,19 @@ def test_sampling_is_deterministic_per_seed_and_differs_from_greedy() -> None:
     assert _decode(hot) == _decode(hot)
     assert _decode(hot) != _decode(SamplingSpec())
     assert _decode(hot) != _decode(SamplingSpec(temperature=1.0, seed=8))
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [(-1, -2), (5, 5 + (1 << 61) - 1), (-(1 << 63), -(1 << 63) + (1 << 61) - 1)],
+)
+def test_distinct_seeds_sample_distinct_text(a: int, b: int) -> None:
+    # The draw hashed the seed with hash(), which is an int modulo 2**61 - 1 and
+    # maps -1 to -2: seeds -1 and -2 sampled the same text, and a completion with
+    # seed=-2 and n=2 (choice i samples with seed + i) gave two identical choices.
+    assert _decode(SamplingSpec(temperature=1.0, seed=a)) != _decode(
+        SamplingSpec(temperature=1.0, seed=b)
+    )
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy() -> None:

@@ -10,6 +10,7 @@ client tests need.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import struct
 import time
@@ -144,7 +145,13 @@ class _Codec(ProtoCodec):
                 Status.RESOURCE_EXHAUSTED,
                 f"request of {len(data)} bytes exceeds max_message_size {self._max}",
             )
-        return message_type.parse(data)
+        try:
+            return message_type.parse(data)
+        # betterproto2 raises what it meets: UnicodeDecodeError, KeyError, ...
+        except Exception as e:
+            raise GRPCError(
+                Status.INTERNAL, f"cannot parse the request message: {type(e).__name__}"
+            ) from None
 
 
 async def _simulate_prefill(rt: Runtime, positions: int) -> None:
@@ -162,18 +169,41 @@ async def _simulate_prefill(rt: Runtime, positions: int) -> None:
         await asyncio.sleep(positions * delay_us / 1e6)
 
 
+def _merged(ranges: Sequence[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The union of ``ranges`` within [lo, hi), as sorted disjoint [start, end) ranges.
+
+    A request may repeat or overlap its ranges by the hundred thousand (a 1 MB
+    message): the work must follow their union, not their count times the positions.
+    """
+    out: list[tuple[int, int]] = []
+    for s, e in sorted({(max(s, lo), min(e, hi)) for s, e in ranges if min(e, hi) > max(s, lo)}):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
 def _positions(ranges: Sequence[tuple[int, int]], lo: int, hi: int) -> list[int]:
     """Sorted positions in [lo, hi) covered by any of ``ranges``."""
-    covered: set[int] = set()
-    for s, e in ranges:
-        covered.update(range(max(s, lo), min(e, hi)))
-    return sorted(covered)
+    return [p for s, e in _merged(ranges, lo, hi) for p in range(s, e)]
 
 
 def _in_any(ranges: Sequence[tuple[int, int]]) -> Callable[[int], bool]:
-    if not ranges:
+    merged = _merged(ranges, 0, 1 << 32)  # (positions are uint32)
+    if not merged:
         return lambda _p: False
-    return lambda p: any(s <= p < e for s, e in ranges)
+    if len(merged) == 1:
+        ((s0, e0),) = merged
+        return lambda p: s0 <= p < e0
+    starts = [s for s, _ in merged]
+
+    def inside(p: int) -> bool:
+        i = bisect.bisect_right(starts, p) - 1
+        return i >= 0 and p < merged[i][1]
+
+    return inside
 
 
 _Stream = grpclib.server.Stream[Any, Any]
@@ -520,6 +550,10 @@ class _Handler(grpclib.server.Handler):
         self._tasks[stream].add_done_callback(lambda _: release_once())
 
 
+#: How long a stopping server lets a connection flush what it has buffered.
+_CLOSE_FLUSH_SECONDS: Final = 1.0
+
+
 @final
 class ObservedServer(grpclib.server.Server):
     """grpclib ``Server`` whose connections are :class:`_ObservedProtocol`."""
@@ -546,6 +580,17 @@ class ObservedServer(grpclib.server.Server):
         self.close()  # cancels the calls still running
         for conn in list(self.connections):
             conn.close_transport()
+        # A transport closes once its buffered writes are flushed: that of a client
+        # that stopped reading (a stopped process) never would, and would hold its
+        # socket open after the loop is gone. A moment to flush, then abort.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CLOSE_FLUSH_SECONDS
+        await asyncio.sleep(0)
+        while self.connections and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.abort_transport()
+        await asyncio.sleep(0)  # (their connection_lost)
 
     def _busy(self) -> bool:
         return any(c.running_streams() for c in self.connections)

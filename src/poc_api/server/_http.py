@@ -122,12 +122,18 @@ class HttpApp:
         ]
         self._routes = [(m, re.compile(p), h) for m, p, h in table]
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def aclose(self) -> None:
         """Cancel every open connection and wait for them to finish."""
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
+        # Dropped, not closed: close() waits to flush what is buffered, which a
+        # client that stopped reading (a streamed completion it left) never lets
+        # happen, and the connection's task then waited in wait_closed() for good.
+        for w in list(self._writers):
+            w.transport.abort()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -136,6 +142,7 @@ class HttpApp:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        self._writers.add(writer)
         try:
             while True:
                 try:
@@ -173,6 +180,8 @@ class HttpApp:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+            finally:
+                self._writers.discard(writer)
 
     async def _read_request(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -232,7 +241,11 @@ class HttpApp:
             if method == "POST":
                 try:
                     body = json.loads(raw) if raw else None
-                except (ValueError, UnicodeDecodeError) as e:
+                    # A "\ud800" escape is JSON grammar but no character: refused
+                    # like bytes that are not UTF-8, not left to crash a handler
+                    # that encodes the string (the tokenizer).
+                    json.dumps(body, ensure_ascii=False).encode()
+                except ValueError as e:  # (UnicodeDecodeError and -EncodeError too)
                     raise HttpError(400, f"malformed JSON body: {e}") from None
                 except RecursionError:
                     raise HttpError(400, "JSON body nested too deeply") from None

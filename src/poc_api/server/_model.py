@@ -192,6 +192,21 @@ def _splitmix(x: int) -> int:
     return x ^ (x >> 31)
 
 
+_P61: Final = (1 << 61) - 1
+
+
+def _seed_key(seed: int) -> int | tuple[int, int]:
+    """``seed`` as a value whose hash() no other seed's shares.
+
+    hash() of an int is the int modulo 2**61 - 1, and hash(-1) is hash(-2): seeds
+    -1 and -2 (or s and s + 2**61 - 1) drew the same numbers. The usual seeds, in
+    [0, 2**61 - 1), are kept as they are (their draws do not change).
+    """
+    if 0 <= seed < _P61:
+        return seed
+    return seed % _P61, (seed // _P61) & _M64
+
+
 def _uniform(seed: int, position: int, context: Sequence[int]) -> float:
     """A uniform draw in [0, 1) from (seed, position, last 8 tokens of context).
 
@@ -199,7 +214,7 @@ def _uniform(seed: int, position: int, context: Sequence[int]) -> float:
     a fresh session samples the same text. Tuples of ints hash the same in every
     process (no hash randomisation for ints).
     """
-    h = hash((seed, position, tuple(context[-8:]))) & _M64
+    h = hash((_seed_key(seed), position, tuple(context[-8:]))) & _M64
     return (_splitmix(h) >> 11) * (1.0 / (1 << 53))
 
 

@@ -83,7 +83,11 @@ class ServerConfig:
     # At least 1 each: a server of 0 would refuse every session or request.
     max_sessions: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
     idle_timeout: float = attrs.field(default=600.0, validator=_non_negative_finite)
-    max_context: int = attrs.field(default=8192, validator=attrs.validators.ge(1))
+    # Positions are uint32 on the wire: a window past that was reported modulo 2**32
+    # (OpenSessionResponse.max_length), and clients refused prompts that fit.
+    max_context: int = attrs.field(
+        default=8192, validator=[attrs.validators.ge(1), attrs.validators.le(2**32 - 1)]
+    )
     max_message_size: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(1))
     ignore_eos: bool = False
     n_layers: int = attrs.field(default=3, validator=attrs.validators.ge(1))
