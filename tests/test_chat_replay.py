@@ -715,3 +715,20 @@ async def test_streamed_content_parts_are_text_as_in_chat() -> None:
         got, exc = await decode(api, [stream])
     assert exc is None
     assert got == [ChatDelta("Hel"), ChatDelta("lo"), chat_done("stop", None)]
+
+
+async def test_streamed_tool_call_whose_index_comes_after_its_first_piece_stays_one() -> None:
+    # A call's first piece without an index (id and name), the rest with it: one call.
+    first = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    rest = {"index": 0, "function": {"arguments": '{"a":1}'}}
+    stream = data(
+        chunk({"tool_calls": [first]}),
+        chunk({"tool_calls": [rest]}),
+        chunk({}, "tool_calls"),
+        "[DONE]",
+    )
+    async with httpx.AsyncClient() as http:
+        api = HttpApi(http, "http://replay.invalid/v1", "", "m")
+        got, exc = await decode(api, [stream])
+    assert exc is None
+    assert got[-1] == chat_done("tool_calls", None, (ChatToolCall("call_1", "f", '{"a":1}'),))

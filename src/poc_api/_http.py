@@ -2989,6 +2989,10 @@ class ChatStream:
             known = {p.id for p in parts.values()}
             new = not parts or (call_id and call_id not in known)
             index = max(parts, default=-1) + 1 if new else max(parts)
+            if new:
+                # Its index, should the server give it on the call's later pieces
+                # (as it numbers them): those continue this call.
+                slots.setdefault(index, index)
         arguments = _arguments_text(function.get("arguments"))
         # Kept until the end (ChatDone's tool_calls): bounded as a whole answer is.
         self._tool_text += len(arguments) + len(name) + len(call_id)

@@ -196,11 +196,13 @@ _P61: Final = (1 << 61) - 1
 
 
 def _seed_key(seed: int) -> int | tuple[int, int]:
-    """``seed`` as a value whose hash() no other seed's shares.
+    """``seed`` as a value whose hash() tells it from its neighbours.
 
     hash() of an int is the int modulo 2**61 - 1, and hash(-1) is hash(-2): seeds
     -1 and -2 (or s and s + 2**61 - 1) drew the same numbers. The usual seeds, in
-    [0, 2**61 - 1), are kept as they are (their draws do not change).
+    [0, 2**61 - 1), are kept as they are (their draws do not change). (No key can
+    keep all 1.5 * 2**64 accepted seeds apart in a 64-bit hash; these are apart
+    from every seed near them.)
     """
     if 0 <= seed < _P61:
         return seed
