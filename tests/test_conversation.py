@@ -829,3 +829,22 @@ async def test_a_servers_deadline_exceeded_before_the_generate_is_not_the_turns_
                     async with conv.stream(prompt, SamplingParams(max_tokens=1), timeout=30):
                         pass
     assert "timeout after 30 s" not in str(info.value), str(info.value)
+
+
+async def test_an_image_whose_mime_differs_only_in_case_is_not_sent_again(
+    client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # MIME types are case-insensitive (check_image_mime takes any case): the same
+    # image given as "image/PNG" then "image/png" rewound to before it and sent it again.
+    caplog.set_level(logging.INFO, logger="poc_api")
+    png = make_png(56, 28)
+    async with client.conversation() as conv:
+        first = await run(conv, [Tokens([1]), Image(png, "image/PNG"), Tokens([2])])
+        assert isinstance(first[0], ImageAppended)
+        held = conv.committed_len
+        second = await run(
+            conv, [Tokens([1]), Image(png, "image/png"), Tokens([2, *decoded(first), 3])]
+        )
+        assert not any(isinstance(e, ImageAppended) for e in second)
+        assert conv.committed_len == held + 1 + 8
+    assert "rewinding" not in caplog.text

@@ -520,3 +520,15 @@ def test_the_installed_version_is_the_packages_own() -> None:
     import importlib.metadata
 
     assert importlib.metadata.version("poc_api") == poc_api.__version__
+
+
+def test_image_data_is_typed_as_the_bytes_it_takes() -> None:
+    # attrs (and mypy's attrs plugin, and pyright) type __init__'s ``data`` by the
+    # converter's parameter: ``object`` let Image("not bytes", "image/png") and
+    # Image(12, ...) type-check, where append_image("not bytes", ...) is refused.
+    import typing
+
+    hints = typing.get_type_hints(poc_api.Image.__init__)
+    assert hints["data"] == bytes | bytearray | memoryview
+    assert poc_api.Image(bytearray(b"\x89PNG"), "image/png").data == b"\x89PNG"
+    assert poc_api.Image(memoryview(b"\x89PNG"), "image/png").data == b"\x89PNG"

@@ -84,6 +84,12 @@ def check_image_mime(value: object) -> str:
     return value
 
 
+def _image_data(value: bytes | bytearray | memoryview) -> bytes:
+    # The converter's parameter types ``Image.__init__``'s ``data`` (attrs, mypy's
+    # attrs plugin, pyright): ``object`` there let ``Image("text", ...)`` type-check.
+    return image_bytes(value)
+
+
 def _check_mime(_inst: object, _attr: object, value: Any) -> None:
     check_image_mime(value)
 
@@ -97,7 +103,7 @@ class Image:
     placeholder positions.
     """
 
-    data: bytes = attrs.field(converter=image_bytes, repr=lambda d: f"<{len(d)} bytes>")
+    data: bytes = attrs.field(converter=_image_data, repr=lambda d: f"<{len(d)} bytes>")
     mime: str = attrs.field(validator=_check_mime)
     known_expanded_len: int = attrs.field(default=0, converter=_known_len)
 
@@ -344,7 +350,7 @@ def common_prefix_len(committed: Sequence[Chunk], chunks: Sequence[Chunk]) -> in
             if (
                 not isinstance(b, Image)
                 or a.data != b.data
-                or a.mime != b.mime
+                or a.mime.lower() != b.mime.lower()  # (MIME types are case-insensitive)
                 or a.known_expanded_len == 0
             ):
                 break

@@ -110,5 +110,6 @@ async def still_refused(s: poc_api.Session) -> None:
     await s.prefill(["a"])  # type: ignore[list-item]
     await s.prefill([1.5])  # type: ignore[list-item]
     await s.append_image("not bytes", "image/png")  # type: ignore[arg-type]
+    poc_api.Image("not bytes", "image/png")  # type: ignore[arg-type]
     await s.rewind(2, timeout="5")  # type: ignore[arg-type]
     s.generate(priority=1.5)  # type: ignore[arg-type]
