@@ -406,6 +406,11 @@ _RECLOSE_BATCH = 16  # re-closes in flight at once: user calls keep the other st
 # just back from a long stall works through its backlog first, and a re-close cut
 # then would wait for the next round (up to _RECLOSE_MAX).
 _RECLOSE_WAIT = 10.0
+# A detached call (see GrpcTransport.unary) waits this long (at least reap_timeout)
+# for a reply it has not had: a server that stalled (a GC pause, a busy host) with
+# an OpenSession in hand makes the session and answers when it comes back, and a
+# stream reset before then drops that answer: a session nobody could close.
+_LATE_REPLY_WAIT = 60.0
 # warn_now: one warning of a kind per endpoint this often (seconds); the rest DEBUG.
 _WARN_EVERY = 60.0
 
@@ -1221,7 +1226,7 @@ class GrpcTransport:
         """
         path = SERVICE + method
         self._check_size(request, path)
-        sink = _Collect(method, salvage=undo is not None)
+        sink = _Collect(method, salvage=undo is not None, progress=progress)
         try:
             await self._exchange(
                 path, Cardinality.UNARY_UNARY, request, sink, progress, extra_metadata
@@ -1253,12 +1258,13 @@ class GrpcTransport:
         """Call a unary RPC; a trio checkpoint. Raises a :class:`PocApiError`.
 
         ``timeout`` bounds the whole call (PocApiTimeout). With ``orphan``, a call
-        abandoned (cancelled or timed out) keeps running in the background for up
-        to ``reap_timeout`` seconds, and ``orphan(reply, self, extra_metadata)``
-        runs (on asyncio) if its reply comes: how an OpenSession that reached the
-        server still gets its session closed, on the endpoint that made it.
-        So does one whose reply came before the call failed. The client's exit
-        waits for these cleanups. A
+        abandoned (cancelled or timed out) keeps running in the background (up
+        to ``_LATE_REPLY_WAIT`` seconds for its reply, then ``reap_timeout``), and
+        ``orphan(reply, self, extra_metadata)`` runs (on asyncio) if its reply
+        comes: how an OpenSession that reached the server still gets its session
+        closed, on the endpoint that made it. So does one whose reply came before
+        the call failed. The client's exit waits ``reap_timeout`` for these
+        cleanups. A
         ``cleanup`` call (``CloseSession``) is not cut short by Ctrl-C: the
         ``KeyboardInterrupt`` comes once it has finished. An ``abortable`` call
         (``AppendImage``) ends at once when the client's close begins; with
@@ -1306,12 +1312,25 @@ class GrpcTransport:
         def detach(task: asyncio.Task[Any]) -> bool:
             # The caller gave up. A call never on the wire is simply cancelled
             # (nothing exists on the server); one that may have reached the server
-            # runs on, for up to reap_timeout, so its reply can be undone.
+            # runs on, so its reply can be undone: for up to _LATE_REPLY_WAIT while
+            # that reply has not come, then reap_timeout for the rest (its trailers).
+            # The client's close cuts it at reap_timeout (close_in_loop).
             if not progress.headers_sent:
                 return False
-            progress.reap_timer = asyncio.get_running_loop().call_later(
-                self._reap_timeout, task.cancel
-            )
+            loop = asyncio.get_running_loop()
+
+            def reap_soon() -> None:
+                if progress.reap_timer is not None:
+                    progress.reap_timer.cancel()
+                progress.reap_timer = loop.call_later(self._reap_timeout, task.cancel)
+
+            if progress.replied:
+                reap_soon()
+            else:
+                progress.on_reply = reap_soon
+                progress.reap_timer = loop.call_later(
+                    max(self._reap_timeout, _LATE_REPLY_WAIT), task.cancel
+                )
             self._reap_later(task)
             return True
 
@@ -1646,7 +1665,17 @@ async def _undo(
 class _Progress:
     """How far a call got: whether the server may have seen it."""
 
-    __slots__ = ("block", "headers_sent", "hedge", "left", "queued", "raw", "reap_timer")
+    __slots__ = (
+        "block",
+        "headers_sent",
+        "hedge",
+        "left",
+        "on_reply",
+        "queued",
+        "raw",
+        "reap_timer",
+        "replied",
+    )
 
     def __init__(self) -> None:
         self.headers_sent: bool = False
@@ -1659,6 +1688,9 @@ class _Progress:
         self.queued: bool = False
         # Set once the call is detached from its caller (see GrpcTransport.unary).
         self.reap_timer: asyncio.TimerHandle | None = None
+        # A unary call's reply message has come (_Collect); on_reply is then called.
+        self.replied: bool = False
+        self.on_reply: Callable[[], None] | None = None
         # The call's grpclib stream, once its HEADERS are out (the latest attempt's).
         self.raw: Any = None
 
@@ -1677,16 +1709,24 @@ class _Collect:
     """A sink for a unary call's reply: a second one fails the call at once (a
     server that kept answering would otherwise fill memory until it ended)."""
 
-    def __init__(self, method: str, *, salvage: bool = False) -> None:
+    def __init__(
+        self, method: str, *, salvage: bool = False, progress: _Progress | None = None
+    ) -> None:
         self.method = method
         self.items: list[bytes] = []
         # A reply that arrived before the call failed is wanted (to undo it).
         self.salvage = salvage
+        self.progress = progress
 
     def push(self, item: bytes) -> bool:
         if self.items:
             raise e.ProtocolViolation(f"{self.method}: expected one reply message, got more")
         self.items.append(item)
+        progress = self.progress
+        if progress is not None:
+            progress.replied = True
+            if progress.on_reply is not None:
+                progress.on_reply()
         return False
 
     async def wait_space(self) -> None:  # pragma: no cover - never full

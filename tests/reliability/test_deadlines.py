@@ -12,7 +12,7 @@ from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
 from reliability_helpers import ServerProcess, wait_for
 
 import poc_api
-from poc_api import SamplingParams, Tokens
+from poc_api import SamplingParams, Tokens, _transport
 from poc_api.server import ReferenceServer, tokenize
 
 HELLO = tokenize("The quick brown fox")
@@ -132,7 +132,10 @@ async def test_http1_answer_is_detected_by_keepalive_and_the_client_recovers(
                 await s.prefill([1, 2])
 
 
-async def test_timed_out_call_leaves_the_client_usable(bad_server: MisbehavingServer) -> None:
+async def test_timed_out_call_leaves_the_client_usable(
+    bad_server: MisbehavingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_transport, "_LATE_REPLY_WAIT", 1.0)
     async with client_for(bad_server, close_timeout=0.5) as c:
         bad_server.plan("OpenSession", Reply("silent"))
         with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
@@ -141,8 +144,8 @@ async def test_timed_out_call_leaves_the_client_usable(bad_server: MisbehavingSe
         with trio.fail_after(5):
             async with c.session() as s:
                 await s.prefill([1, 2], timeout=2)
-        # The abandoned OpenSession gets close_timeout to answer (so a session it
-        # made can be closed); then its stream is reset, not left open.
+        # The abandoned OpenSession gets _LATE_REPLY_WAIT to answer (so a session
+        # it made can be closed); then its stream is reset, not left open.
         await wait_for(lambda: any(code == 8 for _, _, code in bad_server.resets), timeout=3)
 
 

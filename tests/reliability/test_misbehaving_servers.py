@@ -334,6 +334,26 @@ async def test_a_detached_open_session_cut_by_its_reap_timer_after_the_answer_is
     assert bad_server.closed == bad_server.opened == ["mis-1-1"]
 
 
+async def test_an_open_session_given_up_on_whose_answer_comes_late_is_closed(
+    bad_server: MisbehavingServer,
+) -> None:
+    # A server that stalls (a GC pause, a busy host) with the OpenSession in hand
+    # makes the session and answers when it comes back. The detached call was
+    # reset after reap_timeout (0.3 s here), before that answer: the server could
+    # not send it, and nobody closed the session (it stayed until idle eviction).
+    # A detached call now waits longer for a reply it has not had.
+    bad_server.plan("OpenSession", Reply("ok", first_delay=1.5))
+    async with client_for(bad_server, close_timeout=0.3) as c:
+        with trio.move_on_after(0.1):
+            async with c.session():
+                pass  # pragma: no cover - the answer comes after the caller gave up
+        await wait_for(lambda: bad_server.opened, timeout=5)
+        await wait_for(lambda: bad_server.closed == bad_server.opened, timeout=5)
+        await assert_next_call_works(c)
+    assert bad_server.closed[0] == bad_server.opened[0] == "mis-1-1"
+    assert not bad_server.resets  # the late answer was waited for, not reset
+
+
 async def test_a_session_to_undo_that_comes_during_the_clients_close_is_closed(
     bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
 ) -> None:
