@@ -1551,3 +1551,33 @@ async def test_callers_sharing_one_manifest_fetch_each_get_their_own_error() -> 
     assert got["first"] is not got["second"]
     assert not isinstance(got["first"].__context__, KeyError)
     assert type(got["first"]) is type(got["second"]) and str(got["first"]) == str(got["second"])
+
+
+async def test_a_block_iterated_or_awaited_without_async_with_says_to_use_it(
+    client: poc_api.ApiClient,
+) -> None:
+    # `async for ev in client.chat_stream(...)` (no `async with`) said "'async for'
+    # requires an object with __aiter__ method, got _Protected": a private name, and
+    # no word of the block it should have been.
+    msgs = [{"role": "user", "content": "hi"}]
+    sampling = poc_api.SamplingParams(max_tokens=1)
+    with pytest.raises(TypeError, match=r"async with client\.chat_stream\(\.\.\.\) as"):
+        async for _ in client.chat_stream(msgs, max_tokens=1):  # type: ignore[attr-defined]
+            pass
+    with pytest.raises(TypeError, match=r"async with client\.chat_stream\(\.\.\.\) as"):
+        await client.chat_stream(msgs, max_tokens=1)  # type: ignore[misc]
+    async with client.session() as s:
+        with pytest.raises(TypeError, match=r"async with session\.generate\(\.\.\.\) as"):
+            async for _ in s.generate([1], sampling=sampling):  # type: ignore[attr-defined]
+                pass
+        with pytest.raises(TypeError, match=r"async with session\.generate\(\.\.\.\) as"):
+            await s.generate([1], sampling=sampling)  # type: ignore[misc]
+        assert not s.lost
+    async with client.conversation() as conv:
+        with pytest.raises(TypeError, match=r"async with conversation\.stream\(\.\.\.\) as"):
+            async for _ in conv.stream([poc_api.Tokens([1])], sampling):  # type: ignore[attr-defined]
+                pass
+    with pytest.raises(TypeError, match=r"async with client\.session\(\) as"):
+        await client.session()  # type: ignore[misc]
+    async with client.session() as s:  # nothing was left half open
+        await s.prefill([1])

@@ -266,7 +266,7 @@ async def test_numpy_arrays_and_integers_everywhere_ids_ranges_and_counts_are_ta
         many = await client.score_many([([Tokens(HELLO)], [(1, n)])] * 2, max_concurrency=2)
         assert many == await client.score_many(
             [([Tokens(ids)], np.array([[1, n]]))] * 2,  # type: ignore[list-item]
-            max_concurrency=np.int64(2),  # type: ignore[arg-type]
+            max_concurrency=np.int64(2),
         )
 
         async with client.session() as s:
@@ -414,7 +414,7 @@ async def test_a_numpy_max_concurrency_is_clamped_to_the_stream_limit_too(
         server.base_url, grpc_url=server.grpc_url, max_concurrent_streams=2
     ) as client:
         with trio.fail_after(20):
-            got = await client.score_many(prompts, max_concurrency=np.int64(8))  # type: ignore[arg-type]
+            got = await client.score_many(prompts, max_concurrency=np.int64(8))
     assert len(got) == 8
 
 

@@ -37,6 +37,7 @@ from ._bridge import AsyncioBridge, require_trio
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
+from ._errors import NeedsAsyncWith
 from ._http import ChatCompletion, ChatStream, HttpApi, TokenizerInfo, shown_url, url_password
 from ._pool import (
     DEFAULT_AFFINITY_HEADER,
@@ -831,7 +832,7 @@ class ApiClient:
         self,
         prompts: Sequence[tuple[Sequence[Chunk], Ranges]],
         *,
-        max_concurrency: int = 16,
+        max_concurrency: SupportsIndex = 16,
         share_prefix: bool = False,
         timeout: SupportsFloat | None = None,
     ) -> list[list[ScoreResult]]:
@@ -1119,7 +1120,7 @@ class _BearerAuth(httpx.Auth):
 
 
 @final
-class _ConversationBlock:
+class _ConversationBlock(NeedsAsyncWith):
     """The block of :meth:`ApiClient.conversation`: closes it on exit, shielded.
 
     A class, not an ``@asynccontextmanager`` (see ``Session.generate``).
@@ -1130,6 +1131,9 @@ class _ConversationBlock:
     def __init__(self, conv: Conversation) -> None:
         self._conv = conv
         self._entered = False
+
+    def _usage(self) -> str:
+        return "client.conversation()"
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Conversation:

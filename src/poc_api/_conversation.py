@@ -45,6 +45,7 @@ from ._chunks import (
     text_len,
 )
 from ._errors import (
+    NeedsAsyncWith,
     PocApiError,
     PocApiTimeout,
     ServerUnavailable,
@@ -522,7 +523,7 @@ async def _leave(gen_stack: AsyncExitStack, exc: BaseException) -> None:
 
 
 @final
-class _Turn:
+class _Turn(NeedsAsyncWith):
     """The block of :meth:`Conversation.stream`.
 
     A class, not an ``@asynccontextmanager``: trio frees every async generator
@@ -545,6 +546,9 @@ class _Turn:
         "_timeout",
         "_timeouts",
     )
+
+    def _usage(self) -> str:
+        return "conversation.stream(...)"
 
     def __init__(
         self,

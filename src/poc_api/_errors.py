@@ -455,6 +455,31 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
+class NeedsAsyncWith:
+    """Mixin of a block's object: iterated or awaited without ``async with``, it
+    says how it is used (Python's own ``TypeError`` names the private class).
+
+    Invisible to type checkers: the public methods are typed as returning an
+    ``AbstractAsyncContextManager``, which has neither method.
+    """
+
+    __slots__ = ()
+
+    def _usage(self) -> str:  # "client.chat_stream(...)"
+        raise NotImplementedError
+
+    def __aiter__(self) -> NoReturn:
+        usage = self._usage()
+        raise TypeError(
+            f"{usage} is a block, not an iterator: "
+            f"`async with {usage} as events:`, then `async for ev in events`"
+        )
+
+    def __await__(self) -> NoReturn:
+        usage = self._usage()
+        raise TypeError(f"{usage} is a block, not an awaitable: `async with {usage} as ...:`")
+
+
 def protected_asynccontextmanager(
     fn: Callable[_P, AsyncIterator[_T]],
 ) -> Callable[_P, AbstractAsyncContextManager[_T]]:
@@ -469,21 +494,28 @@ def protected_asynccontextmanager(
     """
     factory = contextlib.asynccontextmanager(fn)
 
+    # A method (ApiClient's chat_stream, through HttpApi's) is called on a client.
+    usage = f"{'client.' if '.' in fn.__qualname__ else ''}{fn.__name__}(...)"
+
     @functools.wraps(fn)
     def block(*args: _P.args, **kwargs: _P.kwargs) -> AbstractAsyncContextManager[_T]:
-        return _Protected(factory(*args, **kwargs), fn.__name__)
+        return _Protected(factory(*args, **kwargs), fn.__name__, usage)
 
     return block
 
 
 @final
-class _Protected(Generic[_T]):
-    __slots__ = ("_cm", "_entered", "_name")
+class _Protected(NeedsAsyncWith, Generic[_T]):
+    __slots__ = ("_cm", "_entered", "_name", "_usage_text")
 
-    def __init__(self, cm: AbstractAsyncContextManager[_T], name: str) -> None:
+    def __init__(self, cm: AbstractAsyncContextManager[_T], name: str, usage: str) -> None:
         self._cm = cm
         self._name = name
+        self._usage_text = usage
         self._entered = False
+
+    def _usage(self) -> str:
+        return self._usage_text
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> _T:

@@ -910,7 +910,7 @@ def check_window(session: Session, end: int) -> None:
 
 
 @final
-class open_session:  # used like the function it replaced
+class open_session(e.NeedsAsyncWith):  # used like the function it replaced
     """Open a session for the block; close it on exit, whatever happens.
 
     A class rather than an ``@asynccontextmanager``: its enter and exit are
@@ -918,6 +918,9 @@ class open_session:  # used like the function it replaced
     between the server making the session and the block owning it (contextlib's
     own frames would be unprotected).
     """
+
+    def _usage(self) -> str:
+        return "client.session()"
 
     def __init__(
         self,
@@ -1050,7 +1053,7 @@ _REJECTED = (e.InvalidRequest, e.OffsetMismatch, e.ContextOverflow)
 
 
 @final
-class _GenerateBlock:
+class _GenerateBlock(e.NeedsAsyncWith):
     """The block of :meth:`Session.generate`.
 
     A class, not an ``@asynccontextmanager``: trio frees every async generator
@@ -1073,6 +1076,9 @@ class _GenerateBlock:
         "_stream",
         "_timeouts",
     )
+
+    def _usage(self) -> str:
+        return "session.generate(...)"
 
     def __init__(
         self,

@@ -42,7 +42,9 @@ async def ids_positions_and_timeouts(client: poc_api.ApiClient, png: bytes) -> N
     await client.tokenizer_info(timeout=np.float32(1))
     await client.readout_manifest(timeout=np.float32(1))
     await client.score([Tokens(ids)], [(np.int64(1), np.int64(2))], timeout=np.float32(1))
-    await client.score_many([([Tokens(ids)], [(1, 2)])], timeout=np.float32(1))
+    await client.score_many(
+        [([Tokens(ids)], [(1, 2)])], max_concurrency=np.int64(4), timeout=np.float32(1)
+    )
     await client.score_continuations([Tokens(ids)], [ids, iter(ids)], timeout=np.float32(1))
     await client.train([poc_api.TrainSample(ids, [(1, 2)])], timeout=np.float32(1))
     await client.chat(
