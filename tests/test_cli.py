@@ -1304,6 +1304,7 @@ async def test_the_byte_level_fallback_warns_outside_the_demo(
     [line] = done.stderr.splitlines()
     assert line.startswith("warning: ") and "404" in line, line
     assert "byte-level rule" in line
+    assert line.endswith("(does --url lack its /v1?)"), line  # (its path is empty)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Final, NoReturn, TypedDict, TypeVar, final
@@ -453,9 +454,15 @@ class _Codec:
                 # Right for the reference server's byte-level tokenizer only: a
                 # base_url missing its /v1 would otherwise go on in silence.
                 _Stdout.end_line()
+                base = self._where.base_url
+                hint = (
+                    " (does --url lack its /v1?)"
+                    if base is not None and urllib.parse.urlsplit(base).path in ("", "/")
+                    else ""
+                )
                 click.echo(
                     f"warning: {_one_line(str(exc))}: using the byte-level rule instead "
-                    "(ids < 256 are UTF-8 bytes), right only for a byte-level tokenizer",
+                    f"(ids < 256 are UTF-8 bytes), right only for a byte-level tokenizer{hint}",
                     err=True,
                 )
 
