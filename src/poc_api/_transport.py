@@ -411,6 +411,9 @@ _RECLOSE_WAIT = 10.0
 # an OpenSession in hand makes the session and answers when it comes back, and a
 # stream reset before then drops that answer: a session nobody could close.
 _LATE_REPLY_WAIT = 60.0
+# At most this many detached calls of a connection wait so (each holds a stream
+# and a task): past that, a give-up waits reap_timeout, as it did before.
+_LATE_REPLY_MAX = 64
 # warn_now: one warning of a kind per endpoint this often (seconds); the rest DEBUG.
 _WARN_EVERY = 60.0
 
@@ -601,6 +604,8 @@ class GrpcTransport:
         self._connect_timeout = connect_timeout
         self._reap_timeout = reap_timeout
         self._reapers: set[asyncio.Future[Any]] = set()
+        # Detached calls waiting for a late reply (see unary's detach).
+        self._late_waits: set[asyncio.Future[Any]] = set()
         # asyncio side: sessions whose CloseSession did not get through (close_later):
         # the loop time to give up at, and whether it timed out (else the server
         # could not be reached); and the task that sends them again.
@@ -1148,6 +1153,7 @@ class GrpcTransport:
                 await gate.enter(path.endswith("/CloseSession"))
                 if progress is not None:
                     progress.queued = False
+                    progress.gate = gate
                 try:
                     metadata = self._metadata + extra_metadata if extra_metadata else self._metadata
                     async with channel.request(
@@ -1192,7 +1198,10 @@ class GrpcTransport:
                         "after it began to answer",
                         grpc_status="UNAVAILABLE",
                     ) from exc
-                if not received and _retriable_reset(ended):
+                # Detached (its caller gave up): never processed, there is nothing
+                # to undo, and sent again it would make what nobody wants.
+                detached = progress is not None and progress.reap_timer is not None
+                if not received and _retriable_reset(ended) and not detached:
                     if str(ended) in _UNSENT and drained < _DRAINED_RETRIES:
                         drained += 1
                         log.debug(
@@ -1318,19 +1327,42 @@ class GrpcTransport:
             if not progress.headers_sent:
                 return False
             loop = asyncio.get_running_loop()
+            detached_at = loop.time()
 
             def reap_soon() -> None:
                 if progress.reap_timer is not None:
                     progress.reap_timer.cancel()
                 progress.reap_timer = loop.call_later(self._reap_timeout, task.cancel)
 
-            if progress.replied:
+            def give_way() -> None:
+                # A call waits for a stream: this one waits no longer than it did
+                # before a late reply was waited for (reap_timeout from the detach).
+                if progress.reap_timer is not None and not progress.replied:
+                    progress.reap_timer.cancel()
+                    progress.reap_timer = loop.call_at(
+                        detached_at + self._reap_timeout, task.cancel
+                    )
+
+            gate = progress.gate
+            late = self._late_waits
+            if (
+                progress.replied
+                or (gate is not None and gate.queued)
+                or len(late) >= _LATE_REPLY_MAX
+            ):
                 reap_soon()
             else:
+                late.add(task)
+                task.add_done_callback(late.discard)
                 progress.on_reply = reap_soon
                 progress.reap_timer = loop.call_later(
                     max(self._reap_timeout, _LATE_REPLY_WAIT), task.cancel
                 )
+                if gate is not None:
+                    # Its stream is one of the few the server allows: once a call
+                    # waits for one, the wait is reap_timeout, as before the reply.
+                    gate.on_queue.add(give_way)
+                    task.add_done_callback(lambda _: gate.on_queue.discard(give_way))
             self._reap_later(task)
             return True
 
@@ -1667,6 +1699,7 @@ class _Progress:
 
     __slots__ = (
         "block",
+        "gate",
         "headers_sent",
         "hedge",
         "left",
@@ -1693,6 +1726,8 @@ class _Progress:
         self.on_reply: Callable[[], None] | None = None
         # The call's grpclib stream, once its HEADERS are out (the latest attempt's).
         self.raw: Any = None
+        # The stream gate that admitted it (the latest attempt's).
+        self.gate: _StreamGate | None = None
 
     def unsent(self) -> bool:
         """Whether the call surely never reached the server (its HEADERS not written)."""
@@ -2425,13 +2460,21 @@ class _StreamGate:
     release wakes exactly one waiter. Loop side only.
     """
 
-    __slots__ = ("active", "calls", "cleanups", "limit")
+    __slots__ = ("active", "calls", "cleanups", "limit", "on_queue")
 
     def __init__(self) -> None:
         self.active = 0  # admitted calls whose stream has not ended
         self.calls: deque[asyncio.Future[None]] = deque()
         self.cleanups: deque[asyncio.Future[None]] = deque()
         self.limit = 2**31  # the server's MAX_CONCURRENT_STREAMS, once its SETTINGS came
+        # Called (once) when a call has to wait: detached calls waiting for a late
+        # reply (GrpcTransport.unary) give their streams up sooner.
+        self.on_queue: set[Callable[[], None]] = set()
+
+    @property
+    def queued(self) -> bool:
+        """Calls wait for a stream."""
+        return bool(self.calls or self.cleanups)
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
@@ -2444,6 +2487,10 @@ class _StreamGate:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self.cleanups if cleanup else self.calls
         queue.append(fut)
+        if self.on_queue:
+            waiting, self.on_queue = self.on_queue, set()
+            for shorten in waiting:
+                shorten()
         try:
             await fut
         except BaseException:

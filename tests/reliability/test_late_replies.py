@@ -1,0 +1,162 @@
+"""A detached OpenSession (its caller gave up after the request went out) waits up
+to _LATE_REPLY_WAIT for its reply, so that a stalled server's late session is closed;
+these are the bounds on that wait."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import trio
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from reliability_helpers import wait_for
+
+import poc_api
+from poc_api import _transport
+
+
+def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
+    kw.setdefault("close_timeout", 0.5)
+    return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_detached_open_session_does_not_hold_the_servers_last_stream_for_a_minute(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The server allows one stream at a time and stalls on an OpenSession. Its
+    # caller gives up: the detached call keeps the only stream while it waits for
+    # a late answer. A session already open must not wait a minute behind it for
+    # its next call (before 29f5313: reap_timeout, 0.5 s here).
+    bad_server.max_streams = 1
+    async with client_for(bad_server) as c:
+        async with c.session() as s:
+            await s.prefill([1, 2])
+            bad_server.plan("OpenSession", Reply("silent"))
+            with trio.move_on_after(0.2):
+                async with c.session():
+                    pass  # pragma: no cover - never answered
+            await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 2)
+            with trio.fail_after(10):
+                await s.prefill([3], timeout=3)
+
+
+async def test_a_sessions_close_does_not_time_out_behind_a_detached_open_session(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As above: the session's CloseSession waited behind the detached call past
+    # close_timeout, then its re-close too, and the session was left on the server.
+    bad_server.max_streams = 1
+    async with client_for(bad_server, close_timeout=1.0) as c:
+        async with c.session() as s:
+            await s.prefill([1, 2])
+            bad_server.plan("OpenSession", Reply("silent"))
+            with trio.move_on_after(0.2):
+                async with c.session():
+                    pass  # pragma: no cover - never answered
+            await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 2)
+            await trio.sleep(0.3)
+        assert bad_server.closed == [s.session_id]
+    assert not [r for r in caplog.records if r.levelno >= 30]
+
+
+async def test_a_late_reply_without_trailers_is_reaped_reap_timeout_after_it(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Given up on before its answer; the answer comes, its trailers never do: the
+    # call is reset reap_timeout after the answer, and its session closed.
+    from misbehaving import _GRPC_HEADERS
+
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        bad_server.plan("OpenSession", Reply("hold"))
+        with trio.move_on_after(0.2):
+            async with c.session():
+                pass  # pragma: no cover - never answered in time
+        await wait_for(lambda: bad_server.held is not None)
+        assert bad_server.held is not None
+        conn, sid = bad_server.held
+        await trio.sleep(0.6)  # past reap_timeout since the detach
+        await conn.send_headers(sid, _GRPC_HEADERS, end=False)
+        await conn.send_data(sid, conn._good_reply(sid, "OpenSession"))
+        answered = time.monotonic()
+        await wait_for(lambda: bad_server.closed == bad_server.opened == ["mis-1-1"], timeout=3)
+        await wait_for(lambda: (1, sid, 8) in bad_server.resets, timeout=3)
+        assert time.monotonic() - answered < 2
+
+
+async def test_the_clients_close_cuts_a_detached_call_at_reap_timeout_and_resets_it(
+    bad_server: MisbehavingServer,
+) -> None:
+    bad_server.plan("OpenSession", *[Reply("silent")] * 5)
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        for _ in range(5):
+            with trio.move_on_after(0.1):
+                async with c.session():
+                    pass  # pragma: no cover - never answered
+        await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 5)
+        began = time.monotonic()
+    assert time.monotonic() - began < 1.5
+    await wait_for(lambda: len([r for r in bad_server.resets if r[2] == 8]) == 5, timeout=3)
+
+
+async def test_a_late_reply_cut_by_the_clients_close_is_said(
+    bad_server: MisbehavingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The answer comes during the client's close, its trailers never: the close
+    # cuts the call at reap_timeout. The session it made is closed, or said to be left.
+    from misbehaving import _GRPC_HEADERS
+
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with trio.open_nursery() as nursery:
+        async with client_for(bad_server, close_timeout=0.5) as c:
+            bad_server.plan("OpenSession", Reply("hold"))
+            with trio.move_on_after(0.2):
+                async with c.session():
+                    pass  # pragma: no cover - never answered in time
+            await wait_for(lambda: bad_server.held is not None)
+            assert bad_server.held is not None
+            conn, sid = bad_server.held
+
+            async def answer() -> None:
+                await trio.sleep(0.1)  # as the client closes
+                await conn.send_headers(sid, _GRPC_HEADERS, end=False)
+                await conn.send_data(sid, conn._good_reply(sid, "OpenSession"))
+
+            nursery.start_soon(answer)
+    assert bad_server.opened == ["mis-1-1"]
+    said = [r.getMessage() for r in caplog.records if "left to the server" in r.getMessage()]
+    assert bad_server.closed == ["mis-1-1"] or said
+
+
+async def test_a_detached_open_session_refused_by_a_goaway_is_not_sent_again(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Its caller gave up; then a GOAWAY says the server never processed it. Nothing
+    # exists on the server and nobody wants a session: sending it again on a new
+    # connection makes one only to close it (a server that stalled, the reason the
+    # caller gave up, gets twice the work).
+    bad_server.plan("OpenSession", Reply("goaway_open", first_delay=0.5))
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        with trio.move_on_after(0.2):
+            async with c.session():
+                pass  # pragma: no cover - never answered
+        await trio.sleep(1.0)
+        assert len(bad_server.calls_to("OpenSession")) == 1
+        assert bad_server.opened == []
+
+
+async def test_past_the_cap_a_detached_call_waits_only_reap_timeout(
+    bad_server: MisbehavingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each detached call waiting for a late reply holds a stream and a task: a loop
+    # of give-ups against a server that allows many streams kept a minute's worth.
+    monkeypatch.setattr(_transport, "_LATE_REPLY_MAX", 1)
+    bad_server.plan("OpenSession", Reply("silent"), Reply("silent"))
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        for _ in range(2):
+            with trio.move_on_after(0.2):
+                async with c.session():
+                    pass  # pragma: no cover - never answered
+        await wait_for(lambda: len(bad_server.resets) == 1, timeout=3)
+        await trio.sleep(1.0)
+        assert len(bad_server.resets) == 1  # the first still waits for its answer
