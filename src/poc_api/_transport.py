@@ -411,8 +411,8 @@ _RECLOSE_WAIT = 10.0
 # an OpenSession in hand makes the session and answers when it comes back, and a
 # stream reset before then drops that answer: a session nobody could close.
 _LATE_REPLY_WAIT = 60.0
-# At most this many detached calls of a connection wait so (each holds a stream
-# and a task): past that, a give-up waits reap_timeout, as it did before.
+# At most this many detached calls of a transport (one server's connection) wait
+# so (each holds a stream and a task): past that, a give-up waits reap_timeout.
 _LATE_REPLY_MAX = 64
 # warn_now: one warning of a kind per endpoint this often (seconds); the rest DEBUG.
 _WARN_EVERY = 60.0
@@ -1141,6 +1141,8 @@ class GrpcTransport:
                 if not _closed_unsent(exc) or drained >= _DRAINED_RETRIES:
                     raise
                 drained += 1
+                if progress is not None:
+                    progress.between = True
                 continue
             reader: _Reader | None = None
             raw: Any = None  # grpclib.protocol.Stream, once the HEADERS are out
@@ -1165,6 +1167,7 @@ class GrpcTransport:
                             if progress is not None:
                                 # HEADERS are written: the server may act on this call.
                                 progress.raw = raw
+                                progress.between = False
                                 progress.mark_sent()
                             await stream.send_message(request, end=True)
                             reader = _Reader(stream._stream, max_size, path)
@@ -1202,6 +1205,10 @@ class GrpcTransport:
                 # to undo, and sent again it would make what nobody wants.
                 detached = progress is not None and progress.reap_timer is not None
                 if not received and _retriable_reset(ended) and not detached:
+                    if progress is not None:
+                        # Not processed: nothing of it is on the server until the
+                        # next attempt's HEADERS go out (see unary's detach).
+                        progress.between = True
                     if str(ended) in _UNSENT and drained < _DRAINED_RETRIES:
                         drained += 1
                         log.debug(
@@ -1324,7 +1331,9 @@ class GrpcTransport:
             # runs on, so its reply can be undone: for up to _LATE_REPLY_WAIT while
             # that reply has not come, then reap_timeout for the rest (its trailers).
             # The client's close cuts it at reap_timeout (close_in_loop).
-            if not progress.headers_sent:
+            if not progress.headers_sent or progress.between:
+                # (between: its last attempt was never processed, and the next
+                # one is not on the wire yet: nothing exists on the server.)
                 return False
             loop = asyncio.get_running_loop()
             detached_at = loop.time()
@@ -1334,14 +1343,15 @@ class GrpcTransport:
                     progress.reap_timer.cancel()
                 progress.reap_timer = loop.call_later(self._reap_timeout, task.cancel)
 
-            def give_way() -> None:
+            def give_way() -> bool:
                 # A call waits for a stream: this one waits no longer than it did
                 # before a late reply was waited for (reap_timeout from the detach).
-                if progress.reap_timer is not None and not progress.replied:
-                    progress.reap_timer.cancel()
-                    progress.reap_timer = loop.call_at(
-                        detached_at + self._reap_timeout, task.cancel
-                    )
+                # False if its reply came (its stream ends with its trailers).
+                if progress.reap_timer is None or progress.replied or task.done():
+                    return False
+                progress.reap_timer.cancel()
+                progress.reap_timer = loop.call_at(detached_at + self._reap_timeout, task.cancel)
+                return True
 
             gate = progress.gate
             late = self._late_waits
@@ -1361,8 +1371,8 @@ class GrpcTransport:
                 if gate is not None:
                     # Its stream is one of the few the server allows: once a call
                     # waits for one, the wait is reap_timeout, as before the reply.
-                    gate.on_queue.add(give_way)
-                    task.add_done_callback(lambda _: gate.on_queue.discard(give_way))
+                    gate.on_queue[give_way] = None
+                    task.add_done_callback(lambda _: gate.on_queue.pop(give_way, None))
             self._reap_later(task)
             return True
 
@@ -1698,6 +1708,7 @@ class _Progress:
     """How far a call got: whether the server may have seen it."""
 
     __slots__ = (
+        "between",
         "block",
         "gate",
         "headers_sent",
@@ -1728,6 +1739,9 @@ class _Progress:
         self.raw: Any = None
         # The stream gate that admitted it (the latest attempt's).
         self.gate: _StreamGate | None = None
+        # Between attempts: the last one was never processed (refused, or above a
+        # GOAWAY's last stream id) and the next one's HEADERS are not out yet.
+        self.between: bool = False
 
     def unsent(self) -> bool:
         """Whether the call surely never reached the server (its HEADERS not written)."""
@@ -2463,13 +2477,14 @@ class _StreamGate:
     __slots__ = ("active", "calls", "cleanups", "limit", "on_queue")
 
     def __init__(self) -> None:
-        self.active = 0  # admitted calls whose stream has not ended
+        self.active: int = 0  # admitted calls whose stream has not ended
         self.calls: deque[asyncio.Future[None]] = deque()
         self.cleanups: deque[asyncio.Future[None]] = deque()
-        self.limit = 2**31  # the server's MAX_CONCURRENT_STREAMS, once its SETTINGS came
-        # Called (once) when a call has to wait: detached calls waiting for a late
-        # reply (GrpcTransport.unary) give their streams up sooner.
-        self.on_queue: set[Callable[[], None]] = set()
+        self.limit: int = 2**31  # the server's MAX_CONCURRENT_STREAMS, once its SETTINGS came
+        # Detached calls waiting for a late reply (GrpcTransport.unary), in the
+        # order they were detached: each call that has to wait makes one of them
+        # (the first whose reply has not come) give its stream up sooner.
+        self.on_queue: dict[Callable[[], bool], None] = {}
 
     @property
     def queued(self) -> bool:
@@ -2487,10 +2502,12 @@ class _StreamGate:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self.cleanups if cleanup else self.calls
         queue.append(fut)
-        if self.on_queue:
-            waiting, self.on_queue = self.on_queue, set()
-            for shorten in waiting:
-                shorten()
+        on_queue = self.on_queue
+        while on_queue:
+            shorten = next(iter(on_queue))
+            del on_queue[shorten]
+            if shorten():
+                break
         try:
             await fut
         except BaseException:

@@ -160,3 +160,61 @@ async def test_past_the_cap_a_detached_call_waits_only_reap_timeout(
         await wait_for(lambda: len(bad_server.resets) == 1, timeout=3)
         await trio.sleep(1.0)
         assert len(bad_server.resets) == 1  # the first still waits for its answer
+
+
+async def test_a_call_given_up_on_while_its_retry_connects_is_not_sent_again(
+    bad_server: MisbehavingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A GOAWAY says the OpenSession was never processed; its retry waits for a new
+    # connection (a server coming back slowly), and meanwhile its caller gives up.
+    # Nothing exists on the server: the call is to end, not to wait a minute for
+    # the connection and then make a session nobody wants (before 29f5313 it was
+    # cut at reap_timeout, 0.5 s here).
+    import misbehaving
+
+    run = misbehaving._Connection.run
+
+    async def slow_run(self: misbehaving._Connection) -> None:
+        if self.server.connections > 1:
+            await trio.sleep(1.5)  # the new connection's SETTINGS come late
+        await run(self)
+
+    monkeypatch.setattr(misbehaving._Connection, "run", slow_run)
+    bad_server.plan("OpenSession", Reply("goaway_open", first_delay=0.1))
+    async with client_for(bad_server, close_timeout=0.5) as c:
+        with trio.move_on_after(0.4):
+            async with c.session():
+                pass  # pragma: no cover - never answered
+        await trio.sleep(2.5)
+        assert len(bad_server.calls_to("OpenSession")) == 1
+        assert bad_server.opened == []
+
+
+async def test_one_call_waiting_for_a_stream_cuts_one_late_wait_not_all(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Two OpenSessions given up on wait for their late answers, on a server that
+    # allows three streams. One call then waits (briefly) for a stream: one stream
+    # is all it needs. Cutting every late wait reset both, and both sessions the
+    # server made when it came back were left to idle eviction.
+    bad_server.max_streams = 3
+    async with client_for(bad_server) as c:
+        async with c.session() as s1, c.session() as s2:
+            bad_server.plan("OpenSession", *[Reply("ok", first_delay=1.5)] * 2)
+
+            async def give_up() -> None:
+                with trio.move_on_after(0.2):
+                    async with c.session():
+                        pass  # pragma: no cover - answered late
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(give_up)
+                nursery.start_soon(give_up)
+            async with trio.open_nursery() as nursery:  # one of these waits for a stream
+                nursery.start_soon(s1.prefill, [1, 2])
+                nursery.start_soon(s2.prefill, [1, 2])
+            await wait_for(lambda: len(bad_server.opened) == 4, timeout=3)
+            await trio.sleep(0.5)
+            late = bad_server.opened[2:]
+            left = [sid for sid in late if sid not in bad_server.closed]
+            assert len(left) <= 1, (late, bad_server.closed)
