@@ -531,6 +531,40 @@ async def test_a_health_check_that_times_out_pings_a_draining_connections_calls_
     assert n // 2 < got < n, got
 
 
+async def test_a_health_check_that_times_out_does_not_ping_away_a_late_reply() -> None:
+    # An OpenSession given up on waits for its late answer (a server that stalled
+    # with it in hand makes the session when it comes back). The server's checks
+    # time out too: the probe pinged the connection for that detached call (no
+    # caller waits on it) and closed it keepalive_timeout later, so the late
+    # answer could never come and its session was left to idle eviction.
+    async with reference_servers(1) as (good,), misbehaving_server() as slow:
+        async with poc_api.ApiClient(
+            good.base_url,
+            grpc_url=[good.grpc_url, slow.url],
+            health_check_interval=0.3,
+            keepalive_timeout=0.5,
+            close_timeout=0.5,
+        ) as client:
+            with trio.fail_after(15):
+                async with AsyncExitStack() as stack:
+                    while not client.endpoints[0].sessions:  # one session on good only
+                        async with AsyncExitStack() as one:
+                            s = await one.enter_async_context(client.session())
+                            if s._transport.url == good.grpc_url:
+                                stack.push_async_exit(one.pop_all())
+                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
+                    slow.plan("OpenSession", Reply("hold"))
+                    with trio.move_on_after(0.3):
+                        async with client.session():  # the least loaded: slow
+                            pass  # pragma: no cover - never answered
+                    assert slow.held is not None
+                    slow.plan("Check", *[Reply("silent")] * 99, replace=True)
+                    slow.deaf = True  # stalled
+                    await trio.sleep(2.0)  # checks time out; keepalive_timeout passes
+                    assert client.endpoints[1].state is EndpointState.UNREACHABLE
+                    assert slow.connections == 1  # the late reply's connection is up
+
+
 async def test_a_server_that_sends_no_data_is_not_pinged_at_each_check_it_leaves_unanswered() -> (
     None
 ):

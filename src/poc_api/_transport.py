@@ -606,6 +606,8 @@ class GrpcTransport:
         self._reapers: set[asyncio.Future[Any]] = set()
         # Detached calls waiting for a late reply (see unary's detach).
         self._late_waits: set[asyncio.Future[Any]] = set()
+        # The grpclib streams of detached calls (no caller waits on them: probe).
+        self._detached: set[Any] = set()
         # asyncio side: sessions whose CloseSession did not get through (close_later):
         # the loop time to give up at, and whether it timed out (else the server
         # could not be reached); and the task that sends them again.
@@ -661,7 +663,10 @@ class GrpcTransport:
             protocol = None if channel is None else channel._protocol
             if not isinstance(protocol, _PocH2Protocol) or protocol.closed:
                 continue
-            if protocol.processor.streams:  # (else nothing waits on it)
+            # Not for detached calls alone (no caller waits on them): closed, the
+            # connection would drop the late reply a stalled server still owes.
+            detached = self._detached
+            if any(s not in detached for s in protocol.processor.streams.values()):
                 pinged |= protocol.connection.probe(self._keepalive.timeout)
         return pinged
 
@@ -1167,7 +1172,6 @@ class GrpcTransport:
                             if progress is not None:
                                 # HEADERS are written: the server may act on this call.
                                 progress.raw = raw
-                                progress.between = False
                                 progress.mark_sent()
                             await stream.send_message(request, end=True)
                             reader = _Reader(stream._stream, max_size, path)
@@ -1331,12 +1335,16 @@ class GrpcTransport:
             # runs on, so its reply can be undone: for up to _LATE_REPLY_WAIT while
             # that reply has not come, then reap_timeout for the rest (its trailers).
             # The client's close cuts it at reap_timeout (close_in_loop).
-            if not progress.headers_sent or progress.between:
+            if progress.unsent():
                 # (between: its last attempt was never processed, and the next
                 # one is not on the wire yet: nothing exists on the server.)
                 return False
             loop = asyncio.get_running_loop()
             detached_at = loop.time()
+            raw = progress.raw
+            if raw is not None:
+                self._detached.add(raw)
+                task.add_done_callback(lambda _: self._detached.discard(raw))
 
             def reap_soon() -> None:
                 if progress.reap_timer is not None:
@@ -1744,12 +1752,14 @@ class _Progress:
         self.between: bool = False
 
     def unsent(self) -> bool:
-        """Whether the call surely never reached the server (its HEADERS not written)."""
-        return not self.headers_sent
+        """Whether the call surely never reached the server (its HEADERS not written,
+        or only those of an attempt it never processed, the next not yet)."""
+        return not self.headers_sent or self.between
 
     def mark_sent(self) -> None:
         """The call's HEADERS are written: so are those of its composite blocks."""
         self.headers_sent = True
+        self.between = False
         if self.block is not None:
             self.block.mark()
 
@@ -2483,7 +2493,8 @@ class _StreamGate:
         self.limit: int = 2**31  # the server's MAX_CONCURRENT_STREAMS, once its SETTINGS came
         # Detached calls waiting for a late reply (GrpcTransport.unary), in the
         # order they were detached: each call that has to wait makes one of them
-        # (the first whose reply has not come) give its stream up sooner.
+        # (the first whose reply has not come) give its stream up sooner, or as
+        # many as it takes to go under a limit the server lowered (see enter).
         self.on_queue: dict[Callable[[], bool], None] = {}
 
     @property
@@ -2492,8 +2503,22 @@ class _StreamGate:
         return bool(self.calls or self.cleanups)
 
     def set_limit(self, limit: int) -> None:
+        if self.queued:
+            # Lowered below the streams open: calls already waiting need that many
+            # more to end (each made one late wait give way as it came).
+            self._give_way(max(0, self.active - limit) - max(0, self.active - self.limit))
         self.limit = limit
         self._admit()
+
+    def _give_way(self, need: int) -> None:
+        """Make ``need`` detached calls waiting for a late reply (the first ones
+        whose reply has not come) give their streams up sooner."""
+        on_queue = self.on_queue
+        while on_queue and need > 0:
+            shorten = next(iter(on_queue))
+            del on_queue[shorten]
+            if shorten():
+                need -= 1
 
     async def enter(self, cleanup: bool) -> None:
         if self.active < self.limit and not self.cleanups and (cleanup or not self.calls):
@@ -2502,12 +2527,9 @@ class _StreamGate:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         queue = self.cleanups if cleanup else self.calls
         queue.append(fut)
-        on_queue = self.on_queue
-        while on_queue:
-            shorten = next(iter(on_queue))
-            del on_queue[shorten]
-            if shorten():
-                break
+        # One stream ends for it, or more: past a SETTINGS that lowered the limit
+        # below the streams open, that many more must end before any call goes.
+        self._give_way(max(1, self.active - self.limit + 1))
         try:
             await fut
         except BaseException:
