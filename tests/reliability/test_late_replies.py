@@ -22,6 +22,21 @@ def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
     return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
 
 
+def slow_new_connections(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every connection after the first sends its SETTINGS ``seconds`` late (a server
+    coming back slowly): a call retried on a new connection waits that long."""
+    import misbehaving
+
+    run = misbehaving._Connection.run
+
+    async def slow_run(self: misbehaving._Connection) -> None:
+        if self.server.connections > 1:
+            await trio.sleep(seconds)
+        await run(self)
+
+    monkeypatch.setattr(misbehaving._Connection, "run", slow_run)
+
+
 async def test_a_detached_open_session_does_not_hold_the_servers_last_stream_for_a_minute(
     bad_server: MisbehavingServer,
 ) -> None:
@@ -171,16 +186,7 @@ async def test_a_call_given_up_on_while_its_retry_connects_is_not_sent_again(
     # Nothing exists on the server: the call is to end, not to wait a minute for
     # the connection and then make a session nobody wants (before 29f5313 it was
     # cut at reap_timeout, 0.5 s here).
-    import misbehaving
-
-    run = misbehaving._Connection.run
-
-    async def slow_run(self: misbehaving._Connection) -> None:
-        if self.server.connections > 1:
-            await trio.sleep(1.5)  # the new connection's SETTINGS come late
-        await run(self)
-
-    monkeypatch.setattr(misbehaving._Connection, "run", slow_run)
+    slow_new_connections(monkeypatch, 1.5)
     bad_server.plan("OpenSession", Reply("goaway_open", first_delay=0.1))
     async with client_for(bad_server, close_timeout=0.5) as c:
         with trio.move_on_after(0.4):
@@ -256,16 +262,7 @@ async def test_the_clients_close_ends_an_open_session_between_two_attempts(
     # connection (a server coming back slowly) when the client closes. Nothing of
     # it is on the server: the close is to end it at once, as it ends one whose
     # HEADERS were never written, not wait for the connection and send it then.
-    import misbehaving
-
-    run = misbehaving._Connection.run
-
-    async def slow_run(self: misbehaving._Connection) -> None:
-        if self.server.connections > 1:
-            await trio.sleep(6.0)  # the new connection's SETTINGS come late
-        await run(self)
-
-    monkeypatch.setattr(misbehaving._Connection, "run", slow_run)
+    slow_new_connections(monkeypatch, 6.0)
     bad_server.plan("OpenSession", Reply("goaway_open", first_delay=0.1))
     outcome: list[BaseException | None] = []
 
