@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 import time
 from collections.abc import Callable
 
@@ -618,68 +619,10 @@ def test_grpc_auth(make_server: ServerFactory, connect: Callable[..., SyncSalien
     )
 
 
-def test_a_message_shorter_than_its_length_prefix_is_internal_without_an_error_log(
-    server: ReferenceServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    # grpclib's recv_message asserts on it: the answer was UNKNOWN "Internal Server
-    # Error", with an ERROR traceback in the log.
+def raw_unary_call(port: int, method: str, data: bytes) -> dict[bytes, bytes]:
+    """Send ``data`` (already framed, or not) as one salience call over raw h2; the
+    response's headers and trailers, merged."""
     import socket
-    import struct
-
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(
-        sid,
-        [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/salience.Salience/OpenSession"),
-            (":authority", "x"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ],
-    )
-    conn.send_data(sid, struct.pack(">BI", 0, 50) + b"\x0a", end_stream=True)  # 1 of 50
-    headers: dict[bytes, bytes] = {}
-    with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=10) as sock:
-        sock.sendall(conn.data_to_send())
-        ended = False
-        while not ended:
-            data = sock.recv(65536)
-            assert data, "the server closed the connection"
-            for ev in conn.receive_data(data):
-                if getattr(ev, "stream_id", None) != sid:
-                    continue
-                if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    headers.update(dict(ev.headers))
-                ended = ended or isinstance(ev, h2.events.StreamEnded)
-            sock.sendall(conn.data_to_send())
-    assert headers[b"grpc-status"] == b"13", headers
-    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
-
-
-@pytest.mark.parametrize(
-    ("method", "body"),
-    [
-        ("CloseSession", b"\x0a\x02\xff\xfe"),  # session_id that is not UTF-8
-        ("Generate", b"\x0a\x02\xff\xfe"),
-        ("Generate", b"\x0d\x01\x02\x03\x04"),  # session_id with a fixed32's wire type
-    ],
-)
-def test_a_request_message_that_does_not_parse_is_internal_without_an_error_log(
-    server: ReferenceServer, caplog: pytest.LogCaptureFixture, method: str, body: bytes
-) -> None:
-    # betterproto2's parse raised UnicodeDecodeError / KeyError out of the codec:
-    # UNKNOWN "Internal Server Error" and an "Application error" traceback at
-    # ERROR, for a client's malformed bytes (grpc-go answers INTERNAL, as this
-    # server does for a message shorter than its length prefix).
-    import socket
-    import struct
 
     import h2.config
     import h2.connection
@@ -699,21 +642,54 @@ def test_a_request_message_that_does_not_parse_is_internal_without_an_error_log(
             ("te", "trailers"),
         ],
     )
-    conn.send_data(sid, struct.pack(">BI", 0, len(body)) + body, end_stream=True)
+    conn.send_data(sid, data, end_stream=True)
     headers: dict[bytes, bytes] = {}
-    with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(conn.data_to_send())
         ended = False
         while not ended:
-            data = sock.recv(65536)
-            assert data, "the server closed the connection"
-            for ev in conn.receive_data(data):
+            received = sock.recv(65536)
+            assert received, "the server closed the connection"
+            for ev in conn.receive_data(received):
                 if getattr(ev, "stream_id", None) != sid:
                     continue
                 if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
                     headers.update(dict(ev.headers))
                 ended = ended or isinstance(ev, h2.events.StreamEnded)
             sock.sendall(conn.data_to_send())
+    return headers
+
+
+def test_a_message_shorter_than_its_length_prefix_is_internal_without_an_error_log(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpclib's recv_message asserts on it: the answer was UNKNOWN "Internal Server
+    # Error", with an ERROR traceback in the log.
+    headers = raw_unary_call(
+        server.grpc_port,
+        "OpenSession",
+        struct.pack(">BI", 0, 50) + b"\x0a",  # 1 of 50
+    )
+    assert headers[b"grpc-status"] == b"13", headers
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("CloseSession", b"\x0a\x02\xff\xfe"),  # session_id that is not UTF-8
+        ("Generate", b"\x0a\x02\xff\xfe"),
+        ("Generate", b"\x0d\x01\x02\x03\x04"),  # session_id with a fixed32's wire type
+    ],
+)
+def test_a_request_message_that_does_not_parse_is_internal_without_an_error_log(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture, method: str, body: bytes
+) -> None:
+    # betterproto2's parse raised UnicodeDecodeError / KeyError out of the codec:
+    # UNKNOWN "Internal Server Error" and an "Application error" traceback at
+    # ERROR, for a client's malformed bytes (grpc-go answers INTERNAL, as this
+    # server does for a message shorter than its length prefix).
+    headers = raw_unary_call(server.grpc_port, method, struct.pack(">BI", 0, len(body)) + body)
     assert headers[b"grpc-status"] == b"13", headers
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
