@@ -393,17 +393,32 @@ class Sent:
     tasks; a ``chat``: an HTTP lookup, then the request) began to send its request
     (gRPC: wrote its HEADERS): see ``_transport.deadline(..., composite=True)``."""
 
-    __slots__ = ("any", "parent")
+    __slots__ = ("_any", "_calls", "parent")
 
     def __init__(self, parent: Sent | None) -> None:
-        self.any: bool = False
+        self._any: bool = False
+        # gRPC calls whose HEADERS are out, less those between two attempts (the
+        # last one never processed, the next one not out yet): see _Progress.
+        self._calls: int = 0
         # The block around this one (nested composite deadlines): sent there too.
         self.parent: Sent | None = parent
+
+    @property
+    def any(self) -> bool:
+        return self._any or self._calls > 0
 
     def mark(self) -> None:
         block: Sent | None = self
         while block is not None:
-            block.any = True
+            block._any = True
+            block = block.parent
+
+    def count(self, n: int) -> None:
+        """A gRPC call's request went out (``n=1``), or was found never processed
+        (``n=-1``: refused, or above a GOAWAY's last stream id)."""
+        block: Sent | None = self
+        while block is not None:
+            block._calls += n
             block = block.parent
 
 

@@ -999,7 +999,9 @@ class SessionRoute:
                 continue
             finally:
                 ep.opening -= 1
-                if progress is not None and attempt.headers_sent:
+                # (Not for an attempt given up on between two of its own: its
+                # last one was never processed, nothing of it is on the server.)
+                if progress is not None and not attempt.unsent():
                     progress.mark_sent()
             ep.reached()
             ep.full_until = 0.0  # it took a session: it has room again

@@ -703,8 +703,9 @@ class Session:
                     raise
                 except BaseException as exc:
                     # Cancelled (or Ctrl-C) before its request was written, as while it
-                    # waited for a stream of the connection: the server never saw it.
-                    if progress.headers_sent:
+                    # waited for a stream of the connection, or between two attempts
+                    # (the last one never processed): the server never saw it.
+                    if not progress.unsent():
                         self._mark_lost(exc)
                     raise
                 finally:

@@ -1147,7 +1147,7 @@ class GrpcTransport:
                     raise
                 drained += 1
                 if progress is not None:
-                    progress.between = True
+                    progress.mark_between()
                 continue
             reader: _Reader | None = None
             raw: Any = None  # grpclib.protocol.Stream, once the HEADERS are out
@@ -1212,7 +1212,7 @@ class GrpcTransport:
                     if progress is not None:
                         # Not processed: nothing of it is on the server until the
                         # next attempt's HEADERS go out (see unary's detach).
-                        progress.between = True
+                        progress.mark_between()
                     if str(ended) in _UNSENT and drained < _DRAINED_RETRIES:
                         drained += 1
                         log.debug(
@@ -1399,7 +1399,7 @@ class GrpcTransport:
                 defer_ki=cleanup,
                 abortable=abortable,
                 # Given up on while its asyncio side runs on: it may yet be sent.
-                unsettled=progress.mark_sent,
+                unsettled=progress.mark_unsettled,
             )
         except Exception as exc:
             _raise_mapped(exc, path, closed=self._closed, redact=self._redact)
@@ -1727,6 +1727,7 @@ class _Progress:
         "raw",
         "reap_timer",
         "replied",
+        "unsettled",
     )
 
     def __init__(self) -> None:
@@ -1750,6 +1751,8 @@ class _Progress:
         # Between attempts: the last one was never processed (refused, or above a
         # GOAWAY's last stream id) and the next one's HEADERS are not out yet.
         self.between: bool = False
+        # Given up on by the trio side while its asyncio side ran on: sent, for good.
+        self.unsettled: bool = False
 
     def unsent(self) -> bool:
         """Whether the call surely never reached the server (its HEADERS not written,
@@ -1758,10 +1761,24 @@ class _Progress:
 
     def mark_sent(self) -> None:
         """The call's HEADERS are written: so are those of its composite blocks."""
+        if self.block is not None and self.unsent():
+            self.block.count(1)
         self.headers_sent = True
         self.between = False
-        if self.block is not None:
-            self.block.mark()
+
+    def mark_between(self) -> None:
+        """Its last attempt was never processed; the next one's HEADERS are not out."""
+        if self.unsettled:  # the trio side has taken it as sent for good
+            return
+        if self.block is not None and not self.unsent():
+            self.block.count(-1)
+        self.between = True
+
+    def mark_unsettled(self) -> None:
+        """Given up on while its asyncio side runs on (the bridge's ``unsettled``): it
+        may yet be sent, and counts as sent from now on, whatever that side does."""
+        self.unsettled = True
+        self.mark_sent()
 
 
 class _Collect:
@@ -2792,9 +2809,11 @@ class _ServerStream:
     def sent(self) -> bool:
         """Whether the request's HEADERS were written: the server may have seen it.
 
+        False again between two attempts (the last one never processed: refused,
+        or above a GOAWAY's last stream id; the next one's HEADERS not out yet).
         Final once the block has exited (its asyncio side has ended then).
         """
-        return self._progress.headers_sent
+        return not self._progress.unsent()
 
     @property
     def server_ended(self) -> bool:
@@ -2825,7 +2844,7 @@ class _ServerStream:
                 produce,
                 max_items=self._max_items,
                 max_bytes=self._max_bytes,
-                unsettled=progress.mark_sent,  # it may yet be sent (see sent)
+                unsettled=progress.mark_unsettled,  # it may yet be sent (see sent)
             )
             rx = await block.__aenter__()
         except BaseException:

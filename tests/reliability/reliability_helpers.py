@@ -190,3 +190,18 @@ def grpc_port_accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def slow_new_connections(monkeypatch: Any, seconds: float) -> None:
+    """Every connection after the first sends its SETTINGS ``seconds`` late (a server
+    coming back slowly): a call retried on a new connection waits that long."""
+    import misbehaving
+
+    run = misbehaving._Connection.run
+
+    async def slow_run(self: misbehaving._Connection) -> None:
+        if self.server.connections > 1:
+            await trio.sleep(seconds)
+        await run(self)
+
+    monkeypatch.setattr(misbehaving._Connection, "run", slow_run)

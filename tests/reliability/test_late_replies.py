@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import trio
 from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
-from reliability_helpers import wait_for
+from reliability_helpers import slow_new_connections, wait_for
 
 import poc_api
 from poc_api import _transport
@@ -20,21 +20,6 @@ from poc_api import _transport
 def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
     kw.setdefault("close_timeout", 0.5)
     return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
-
-
-def slow_new_connections(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    """Every connection after the first sends its SETTINGS ``seconds`` late (a server
-    coming back slowly): a call retried on a new connection waits that long."""
-    import misbehaving
-
-    run = misbehaving._Connection.run
-
-    async def slow_run(self: misbehaving._Connection) -> None:
-        if self.server.connections > 1:
-            await trio.sleep(seconds)
-        await run(self)
-
-    monkeypatch.setattr(misbehaving._Connection, "run", slow_run)
 
 
 async def test_a_detached_open_session_does_not_hold_the_servers_last_stream_for_a_minute(

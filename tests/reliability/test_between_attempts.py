@@ -1,0 +1,127 @@
+"""A call whose first attempt the server never processed (a GOAWAY above it) and
+whose retry waits for a new connection has nothing on the server: given up on
+then, its session is intact."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from helpers import make_png
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from reliability_helpers import slow_new_connections
+
+import poc_api
+from poc_api import SamplingParams, Tokens
+
+
+def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
+    kw.setdefault("close_timeout", 0.5)
+    return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def slow_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow_new_connections(monkeypatch, 1.5)
+
+
+@pytest.mark.usefixtures("slow_reconnect")
+async def test_an_append_image_cancelled_between_attempts_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        await s.prefill([1, 2])
+        bad_server.plan("AppendImage", Reply("goaway_open"))
+        with trio.move_on_after(0.4) as scope:
+            await s.append_image(make_png(4, 4), "image/png")
+        assert scope.cancelled_caught
+        assert len(bad_server.calls_to("AppendImage")) == 1  # never processed
+        assert not s.lost
+        with trio.fail_after(5):
+            await s.prefill([3])
+
+
+@pytest.mark.usefixtures("slow_reconnect")
+async def test_a_generate_cancelled_between_attempts_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        await s.prefill([1, 2])
+        bad_server.plan("Generate", Reply("goaway_open"))
+        with trio.move_on_after(0.4) as scope:
+            async with s.generate([3], sampling=SamplingParams(max_tokens=2)) as ev:
+                async for _ in ev:
+                    pass  # pragma: no cover - never answered
+        assert scope.cancelled_caught
+        assert len(bad_server.calls_to("Generate")) == 2  # the prefill; never processed
+        assert not s.lost
+        with trio.fail_after(5):
+            await s.prefill([4])
+
+
+@pytest.mark.usefixtures("slow_reconnect")
+async def test_a_generate_timed_out_between_attempts_is_retriable_and_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    # As AppendImage's timeout there says: "nothing was sent", retriable.
+    async with client_for(bad_server) as c, c.session() as s:
+        await s.prefill([1, 2])
+        bad_server.plan("Generate", Reply("goaway_open"))
+        with pytest.raises(poc_api.PocApiTimeout) as info:
+            async with s.generate([3], sampling=SamplingParams(max_tokens=2), timeout=0.4) as ev:
+                async for _ in ev:
+                    pass  # pragma: no cover - never answered
+        assert info.value.retriable, info.value
+        assert not s.lost
+
+
+@pytest.mark.usefixtures("slow_reconnect")
+async def test_an_append_image_timed_out_between_attempts_is_retriable_and_keeps_the_session(
+    bad_server: MisbehavingServer,
+) -> None:
+    async with client_for(bad_server) as c, c.session() as s:
+        await s.prefill([1, 2])
+        bad_server.plan("AppendImage", Reply("goaway_open"))
+        with pytest.raises(poc_api.PocApiTimeout) as info:
+            await s.append_image(make_png(4, 4), "image/png", timeout=0.4)
+        assert info.value.retriable, info.value
+        assert not s.lost
+
+
+@pytest.mark.usefixtures("slow_reconnect")
+async def test_an_open_session_timed_out_between_attempts_is_retriable(
+    bad_server: MisbehavingServer,
+) -> None:
+    bad_server.plan("OpenSession", Reply("goaway_open"))
+    async with client_for(bad_server) as c:
+        with pytest.raises(poc_api.PocApiTimeout) as info:
+            async with c.session(timeout=0.4):
+                pass  # pragma: no cover - never answered
+        assert info.value.retriable, info.value
+        await trio.sleep(2.0)
+        assert len(bad_server.calls_to("OpenSession")) == 1
+        assert bad_server.opened == []
+
+
+@pytest.mark.usefixtures("slow_reconnect")
+async def test_a_score_timed_out_between_attempts_is_retriable(
+    bad_server: MisbehavingServer,
+) -> None:
+    # Its one request went out, but the server never processed it: "nothing was sent".
+    bad_server.plan("OpenSession", Reply("goaway_open"))
+    async with client_for(bad_server) as c:
+        with pytest.raises(poc_api.PocApiTimeout) as info:
+            await c.score([Tokens([1, 2, 3])], [(1, 3)], timeout=0.4)
+        assert info.value.retriable, info.value
+
+
+def test_a_call_the_trio_side_gave_up_on_unsettled_stays_sent() -> None:
+    # The bridge's `unsettled` (its asyncio side ran on past cancel_timeout) says
+    # it may yet be sent: the trio side has judged the session by that, so a late
+    # "never processed" from the wedged side must not make it unsent again.
+    from poc_api._transport import _Progress
+
+    progress = _Progress()
+    progress.mark_sent()
+    progress.mark_unsettled()
+    progress.mark_between()
+    assert not progress.unsent()
