@@ -18,7 +18,9 @@ from typing import Any
 
 import trio
 from helpers import asyncio_tasks_pending
+from misbehaving import DUMMY_BASE_URL, MisbehavingServer
 
+import poc_api
 from poc_api.server._app import bind_port_pair
 
 __all__ = [
@@ -205,3 +207,10 @@ def slow_new_connections(monkeypatch: Any, seconds: float) -> None:
         await run(self)
 
     monkeypatch.setattr(misbehaving._Connection, "run", slow_run)
+
+
+def misbehaving_client(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
+    """A client of ``srv`` (its gRPC side; no HTTP server), close_timeout 0.5 s
+    unless given."""
+    kw.setdefault("close_timeout", 0.5)
+    return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]

@@ -7,16 +7,12 @@ from __future__ import annotations
 import pytest
 import trio
 from helpers import make_png
-from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
+from misbehaving import MisbehavingServer, Reply
+from reliability_helpers import misbehaving_client as client_for
 from reliability_helpers import slow_new_connections
 
 import poc_api
 from poc_api import SamplingParams, Tokens
-
-
-def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
-    kw.setdefault("close_timeout", 0.5)
-    return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -10,17 +10,13 @@ import pytest
 import trio
 from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
 from reliability_helpers import ServerProcess, wait_for
+from reliability_helpers import misbehaving_client as client_for
 
 import poc_api
 from poc_api import SamplingParams, Tokens, _transport
 from poc_api.server import ReferenceServer, tokenize
 
 HELLO = tokenize("The quick brown fox")
-
-
-def client_for(srv: MisbehavingServer, **kw: object) -> poc_api.ApiClient:
-    kw.setdefault("close_timeout", 0.5)
-    return poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, **kw)  # type: ignore[arg-type]
 
 
 # -- a server that accepts TCP and never answers ---------------------------------------
