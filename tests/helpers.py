@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+import warnings
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+)
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any
 
@@ -18,6 +27,23 @@ import trio.testing
 
 from poc_api import ChatDone, ChatToolCall, Usage
 from poc_api.server import ReferenceServer
+
+
+@contextmanager
+def resource_warnings() -> Iterator[list[str]]:
+    """The ResourceWarnings (messages) of what the block leaves to the garbage
+    collector, filled in at its end. Garbage from before the block (an earlier
+    test's, in this worker) is collected first and not counted: it is not this
+    test's to judge (a CI run failed on a socket another test had left)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield found
+        gc.collect()
+    found.extend(str(w.message) for w in caught if issubclass(w.category, ResourceWarning))
 
 
 async def block_the_run(after: float, seconds: float) -> None:

@@ -7,14 +7,13 @@ a missing nginx fails these tests; elsewhere they are skipped with the reason.
 from __future__ import annotations
 
 import collections
-import gc
 import os
 import random
-import warnings
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from helpers import resource_warnings
 
 import poc_api
 from poc_api import SamplingParams, StreamDone, TokenOut, Tokens
@@ -126,15 +125,13 @@ async def test_many_concurrent_calls_survive_nginx_ending_connections_with_goawa
     # calls it never processed, queued or in flight at that moment, are sent again.
     async with reference_servers(1) as [server]:
         async with nginx_grpc_proxy([server.grpc_url], keepalive_requests=50) as url:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ResourceWarning)
+            with resource_warnings() as caught:
                 async with poc_api.ApiClient(server.base_url, grpc_url=url) as client:
                     prompts = [([Tokens(tokenize("hello there") * 3)], [(1, 20)])] * 400
                     with trio.fail_after(60):
                         results = await client.score_many(prompts, max_concurrency=100)
-                gc.collect()
     assert len(results) == 400 and all(r == results[0] for r in results)
     # A call that came late to a channel closed under it (the connection lost) used
     # to connect it again, and nothing closed that connection.
-    unclosed = [w for w in caught if "Unclosed connection" in str(w.message)]
+    unclosed = [w for w in caught if "Unclosed connection" in w]
     assert not unclosed, f"{len(unclosed)} connections left unclosed"

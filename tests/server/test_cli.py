@@ -31,7 +31,8 @@ def test_module_entry_point_serves_http_and_grpc() -> None:
         for line in proc.stdout:
             lines.put(line)
 
-    threading.Thread(target=pump, daemon=True).start()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
         urls: dict[str, str] = {}
         while len(urls) < 2:
@@ -52,6 +53,10 @@ def test_module_entry_point_serves_http_and_grpc() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(TIMEOUT)
+            reader.join(TIMEOUT)  # (at the pipe's end), then the pipes are closed
+            for pipe in (proc.stdout, proc.stderr):
+                assert pipe is not None
+                pipe.close()
     assert proc.returncode == 0
 
 
