@@ -1110,9 +1110,8 @@ async def test_no_unfinished_httpx_async_generator_is_left_for_the_garbage_colle
     # garbage collected" (raised here as an error, and caught by pytest's
     # unraisable-exception capture, which the configuration makes an error). So
     # did a body that failed to decode (content-encoding: gzip, not gzip).
-    # What earlier tests of this worker left is not this test's to judge (the
-    # connection of a client whose loop thread a test killed: nothing can close
-    # it): collected first, its warnings ignored.
+    # What earlier tests of this worker left is not this test's to judge:
+    # collected first, its warnings ignored.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()

@@ -47,6 +47,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
 from typing import Any, Generic, TypeVar, final
@@ -136,6 +137,12 @@ class _Mailbox:
                 # Nobody will run these; forget them so a later post wakes again.
                 self._items.clear()
             raise
+
+    def drop(self) -> None:
+        """Forget what is queued (the other side will never run it)."""
+        with self._lock:
+            self._items.clear()
+            self._armed = False
 
     def _run(self) -> None:
         with self._lock:
@@ -517,6 +524,9 @@ class AsyncioBridge:
         self._thread_done = trio.Event()
         self._stop_asked = False  # trio side: the close has told the loop to stop
         self._thread_died = False  # trio side: the loop thread ended unasked
+        # What closes the loop's connections, run only if its thread dies (see
+        # _close_dead_loop); weak: a pool's retired endpoints go.
+        self._if_dead: list[weakref.WeakMethod[Callable[[], None]]] = []
         self._thread = threading.Thread(
             target=self._thread_main, name="poc_api-asyncio", daemon=True
         )
@@ -660,6 +670,12 @@ class AsyncioBridge:
             )
         if self._closing:
             raise trio.ClosedResourceError("the ApiClient is closed")
+
+    def close_if_loop_dies(self, close: Callable[[], None]) -> None:
+        """Have the close run ``close()`` (a bound method, kept weakly) in the loop,
+        should its thread have died (a bug): the loop is run once more for it."""
+        self._if_dead = [ref for ref in self._if_dead if ref() is not None]
+        self._if_dead.append(weakref.WeakMethod(close))
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` in the loop thread soon; dropped if the loop has closed."""
@@ -1079,6 +1095,48 @@ class AsyncioBridge:
         # last: the loop will flush nothing any more, so run them here (trio side).
         self._to_trio._run()
 
+    async def _close_dead_loop(self, bound: float) -> bool:
+        """trio, the loop thread having died: run the loop once more, in a thread
+        of its own and bounded, to close what it still holds (its connections,
+        else left to the garbage collector: "unclosed transport"; its tasks).
+        False if that run did not end in time (the loop is then left as it is)."""
+        loop, ended = self._loop, trio.Event()
+        # What trio posted since is never run: the calls it starts have failed.
+        self._selector.unwatch_wake_fd()
+        self._to_loop.drop()
+        closes = [ref() for ref in self._if_dead]
+
+        async def last() -> None:
+            for close in closes:
+                if close is not None:
+                    close()
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=bound)
+            await asyncio.sleep(0)  # (the connections' connection_lost: sockets close)
+
+        def main() -> None:
+            if _BLOCKED_SIGNALS:
+                signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
+            try:
+                loop.run_until_complete(last())
+            except Exception:  # the close goes on without it
+                log.warning("closing the dead asyncio loop's connections failed", exc_info=True)
+            finally:
+                self._executor.shutdown(wait=False)
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(ended.set)
+
+        self._thread = threading.Thread(target=main, name="poc_api-asyncio", daemon=True)
+        self._thread.start()
+        with hold_clock(), trio.CancelScope(relative_deadline=bound * 2):
+            await ended.wait()
+        self._to_trio._run()  # (what that run posted: calls failed already)
+        return ended.is_set()
+
     async def _stop_loop(self) -> None:
         loop = self._loop
         # The bounds guard against a wedged loop thread, not a slow server: a
@@ -1115,8 +1173,13 @@ class AsyncioBridge:
                 log.debug("a getaddrinfo of the client's still runs; not waiting for it")
 
         wedged = False
-        # Else it died (an exception escaped the loop); it may still be exiting.
-        if self._thread.is_alive() and not self._thread_died:
+        if not self._thread.is_alive() or self._thread_died:
+            # It died (an exception escaped the loop), and may still be exiting.
+            with hold_clock(), trio.CancelScope(relative_deadline=bound):
+                await self._thread_done.wait()
+            self._thread.join(bound)
+            wedged = self._thread.is_alive() or not await self._close_dead_loop(bound)
+        else:
             call = self._submit(shutdown, ())
             with hold_clock(), trio.CancelScope(relative_deadline=bound * 2):
                 await call.done.wait()
@@ -1194,6 +1257,12 @@ class _FlushingSelector(selectors.DefaultSelector):
         """Call ``on_wake()`` from ``select`` whenever ``fd`` is readable (not a loop reader)."""
         self.register(fd, selectors.EVENT_READ)
         self._wake_fd, self._on_wake = fd, on_wake
+
+    def unwatch_wake_fd(self) -> None:
+        """Stop watching the fd of :meth:`watch_wake_fd` (if any)."""
+        if self._wake_fd >= 0:
+            self.unregister(self._wake_fd)
+            self._wake_fd, self._on_wake = -1, _nothing
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         self._flush()

@@ -589,6 +589,7 @@ class GrpcTransport:
         """``streams``: the client's calls in flight, shared with its other
         transports (else this transport's own, bounded by ``max_concurrent_streams``)."""
         self._bridge = bridge
+        bridge.close_if_loop_dies(self._shut)
         self._target = target
         self._metadata = metadata
         # A server may quote the key it refused in grpc-message: never show it.
