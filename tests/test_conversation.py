@@ -126,8 +126,8 @@ async def test_every_generate_of_a_turn_carries_its_priority(
     async with client.conversation() as conv:
         await run(conv, chunks, priority=7)
         await run(conv, [*chunks, Tokens([4]), Image(make_png(28, 56), "image/png")], priority=-2)
-    # A flush and the final Generate each; the second turn's rewind first.
-    assert priorities == [7, 7, -2, -2, -2], priorities
+    # A flush and the final Generate each (the second turn's rewind rides on its flush).
+    assert priorities == [7, 7, -2, -2], priorities
 
 
 async def test_an_image_of_unknown_length_is_never_resent_in_later_turns(
@@ -250,6 +250,43 @@ async def test_divergent_prompt_rewinds_to_the_shared_prefix_and_logs_it(
         async with s.generate(p2, sampling=GREEDY8) as ev:
             fresh = [e.id async for e in ev if isinstance(e, poc_api.Token)]
     assert decoded(events) == fresh
+
+
+@pytest.mark.parametrize(
+    ("second", "calls"),
+    [
+        # (the first turn: [1, 2, 3, 4], an image, [5]; 8 tokens decoded)
+        ([Tokens([1, 2, 9])], {"Generate": 1}),  # diverges in the text
+        ([Tokens([1, 2, 3, 4])], {"Generate": 1}),  # a strict prefix
+        ([Tokens([1, 2, 3, 4]), "image", Tokens([6])], {"Generate": 1}),  # after the image
+        # Diverges at the image (another one): the rewind rides on the AppendImage.
+        ([Tokens([1, 2, 3, 4]), "other", Tokens([6])], {"AppendImage": 1, "Generate": 1}),
+        # Before the image: on the prefill that flushes the text before it.
+        ([Tokens([1, 2, 7]), "image", Tokens([6])], {"AppendImage": 1, "Generate": 2}),
+    ],
+)
+async def test_a_divergent_turn_rewinds_in_its_first_call_not_a_call_of_its_own(
+    client: poc_api.ApiClient,
+    server: ReferenceServer,
+    second: list[poc_api.Chunk | str],
+    calls: dict[str, int],
+) -> None:
+    # The rewind was a Generate of its own before the turn's first call: one
+    # round trip more per divergent turn. Its outcome is the fresh session's.
+    image, other = Image(make_png(28, 28), "image/png"), Image(make_png(28, 56), "image/png")
+    named = {"image": image, "other": other}
+    prompt = [named[c] if isinstance(c, str) else c for c in second]
+    async with client.conversation() as conv:
+        await run(conv, [Tokens([1, 2, 3, 4]), image, Tokens([5])])
+        before = server.state().rpc_counts
+        events = await run(conv, prompt)
+        after = server.state().rpc_counts
+        made = {m: after.get(m, 0) - before.get(m, 0) for m in after}
+        assert {m: n for m, n in made.items() if n} == calls
+        committed = conv.committed_len
+    async with client.conversation() as fresh:
+        assert decoded(await run(fresh, prompt)) == decoded(events)
+        assert fresh.committed_len == committed
 
 
 async def test_a_prompt_that_is_a_strict_prefix_rewinds_too(client: poc_api.ApiClient) -> None:

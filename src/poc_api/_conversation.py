@@ -442,8 +442,10 @@ class Conversation:
                 plan.offset,
                 session.committed_len,
             )
-            await session.rewind(plan.offset, timeout=_remaining(before_token), priority=priority)
-            self._turn_sent = True
+        # The rewind rides on the turn's first call (its offset, truncating):
+        # a Generate of its own would be one round trip more.
+        rewind_to: int | None = plan.offset if plan.truncating else None
+        at = plan.offset  # the session's length once the calls so far are done
         prefix: list[StreamEvent] = []
         pending: list[int] = []
         # What the session will hold after Done: what it kept (the history's own
@@ -458,16 +460,23 @@ class Conversation:
                 sent.append(chunk)
                 continue
             if pending:
-                check_window(session, session.committed_len + len(pending))
+                check_window(session, at + len(pending))
                 # The turn's priority: on a busy server the text before an image
                 # waited behind every other request's decode.
-                await session.prefill(pending, timeout=_remaining(before_token), priority=priority)
+                await session.prefill(
+                    pending,
+                    timeout=_remaining(before_token),
+                    priority=priority,
+                    rewind_to=rewind_to,
+                )
                 self._turn_sent = True
+                rewind_to, at = None, session.committed_len
                 pending = []
             appended = await session.append_image(
-                chunk.data, chunk.mime, timeout=_remaining(before_token)
+                chunk.data, chunk.mime, rewind_to=rewind_to, timeout=_remaining(before_token)
             )
             self._turn_sent = True
+            rewind_to, at = None, session.committed_len
             n = appended.placeholder_count
             if chunk.known_expanded_len not in (0, n):
                 # The server decides how many positions an image takes; keeping
@@ -481,7 +490,7 @@ class Conversation:
                 )
             sent.append(attrs.evolve(chunk, known_expanded_len=n))
             prefix.append(ImageAppended(appended.placeholder_count))
-        prompt_len = session.committed_len + len(pending)
+        prompt_len = at + len(pending)
         check_window(session, prompt_len)
         readout_ranges = [(prompt_len, U32_MAX)] if shape is not None else []
         events = await gen_stack.enter_async_context(
@@ -490,6 +499,7 @@ class Conversation:
                 sampling=sampling,
                 readout_ranges=readout_ranges,
                 priority=priority,
+                rewind_to=rewind_to,
                 timeout=_remaining(deadline_at),
                 first_token_timeout=_remaining(first_at),
                 token_timeout=token_timeout,

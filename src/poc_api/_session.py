@@ -595,6 +595,7 @@ class Session:
         *,
         timeout: SupportsFloat | None = None,
         priority: SupportsIndex = 0,
+        rewind_to: SupportsIndex | None = None,
     ) -> Done:
         """Append tokens without decoding (``Generate`` with ``max_tokens = 0``).
 
@@ -602,10 +603,14 @@ class Session:
         seconds passing, :class:`PocApiTimeout`) once its request is sent marks the
         session lost. Before that (waiting for another task's call on the session)
         the session stays as it was, and the timeout is ``retriable``.
-        ``priority`` as for :meth:`generate`.
+        ``priority`` and ``rewind_to`` as for :meth:`generate`.
         """
         async with self.generate(
-            tokens, sampling=SamplingParams(max_tokens=0), timeout=timeout, priority=priority
+            tokens,
+            sampling=SamplingParams(max_tokens=0),
+            timeout=timeout,
+            priority=priority,
+            rewind_to=rewind_to,
         ) as events:
             async for _ in events:
                 pass
