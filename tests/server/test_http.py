@@ -279,6 +279,54 @@ def test_a_client_that_expects_100_continue_gets_it(server: ReferenceServer) -> 
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
 
 
+def test_a_request_without_the_key_is_refused_before_its_body_is_invited(
+    make_server: ServerFactory,
+) -> None:
+    # It got "100 Continue", and its body was read (and kept) before the 401.
+    import socket
+
+    srv = make_server(api_key="k")
+    head = (
+        b"POST /v1/train HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 50000000\r\nexpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=5) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+    assert srv.state().http_requests.get("/v1/train") == 1
+
+
+def test_the_body_of_a_request_without_the_key_is_not_kept(make_server: ServerFactory) -> None:
+    # The server buffered it whole (up to max_message_size, 64 MiB) before the 401.
+    import socket
+    import tracemalloc
+
+    srv = make_server(api_key="k")
+    size = 20_000_000
+    head = (
+        f"POST /v1/train HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {size}\r\n\r\n"
+    ).encode()
+    piece = b" " * 1_000_000
+    tracemalloc.start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as sock:
+            sock.sendall(head)
+            for _ in range(size // len(piece)):
+                sock.sendall(piece)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+    assert peak < size // 4, f"{peak / 1e6:.1f} MB held"
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [

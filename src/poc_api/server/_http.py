@@ -45,6 +45,12 @@ _MAX_REQUEST_ID: Final = 200
 HttpError = OpenAIError
 
 
+def _path(req: h11.Request) -> str:
+    """The request's path: no query, no trailing slash."""
+    path: str = req.target.decode("latin-1").split("?", 1)[0]
+    return path.rstrip("/") if len(path) > 1 else path
+
+
 def _error_json(e: OpenAIError) -> dict[str, Any]:
     return error_body(e.status, e.message, param=e.param, code=e.code)
 
@@ -189,10 +195,17 @@ class HttpApp:
         limit = self._rt.config.max_message_size
         req: h11.Request | None = None
         body = bytearray()
+        size = 0
+        refused: tuple[dict[str, Any], str] | None = None
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 if conn.they_are_waiting_for_100_continue:
+                    if refused is not None:  # its body is not wanted: answered now
+                        assert req is not None
+                        self._rt.stats.http(_path(req))
+                        await self._send_json(conn, writer, 401, *refused)
+                        return None
                     # "Expect: 100-continue" (curl's, for bodies over 1 KiB): the
                     # client would wait a second before sending the body anyway.
                     writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -200,15 +213,30 @@ class HttpApp:
                 continue
             if isinstance(event, h11.Request):
                 req = event
+                refused = self._refusal(req)
             elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > limit:
+                # A request without the key is answered 401 once read (its client
+                # may still be sending it: an early answer and close could be
+                # lost to the reset), but its body is not kept.
+                size += len(event.data)
+                if refused is None:
+                    body += event.data
+                if size > limit:
                     raise HttpError(413, f"body exceeds {limit} bytes")
             elif isinstance(event, h11.EndOfMessage):
                 assert req is not None
                 return req, bytes(body)
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
+
+    def _refusal(self, req: h11.Request) -> tuple[dict[str, Any], str] | None:
+        """The 401's body and request id, for a request without the server's key."""
+        path = _path(req)
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
+        if path in _PUBLIC_PATHS or self._rt.authorized(headers.get("authorization")):
+            return None
+        e = HttpError(401, "missing or wrong api key", code="invalid_api_key")
+        return _error_json(e), _request_id(headers)
 
     def _route(self, method: str, path: str) -> tuple[_Handler, dict[str, str]]:
         allowed = False
@@ -227,9 +255,7 @@ class HttpApp:
         self, conn: h11.Connection, writer: asyncio.StreamWriter, req: h11.Request, raw: bytes
     ) -> None:
         method = req.method.decode()
-        path = req.target.decode("latin-1").split("?", 1)[0]
-        if len(path) > 1:
-            path = path.rstrip("/")
+        path = _path(req)
         self._rt.stats.http(path)
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
         request_id = _request_id(headers)
