@@ -25,7 +25,7 @@ import httpx
 import pytest
 import trio
 from cli_fork import run_forked
-from helpers import http_server, read_request
+from helpers import http_server, read_request, refusing_port
 from misbehaving import Reply, misbehaving_server
 
 import poc_api
@@ -148,6 +148,16 @@ async def test_demo_tours_the_library_and_exits_zero() -> None:
     assert m is not None, out
     sent, separate, counted = (int(g.replace(",", "")) for g in m.groups())
     assert sent == counted < separate
+
+
+async def test_the_embedded_server_is_reached_past_a_proxy_variable() -> None:
+    # Behind a corporate proxy (HTTP_PROXY set, NO_PROXY naming localhost at
+    # most) `poc-api demo`, the README's first command, and every command
+    # without --url sent the embedded loopback server's HTTP calls to the proxy.
+    proxy = f"http://127.0.0.1:{refusing_port()}"
+    result = await run_cli("demo", env=cli_env(HTTP_PROXY=proxy, NO_PROXY="localhost"))
+    assert result.returncode == 0, result.stderr
+    assert "5. Reusing the conversation" in result.stdout
 
 
 async def test_demo_against_a_url_without_readout_skips_readouts_gracefully() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import stray_cancelled_fails
+from helpers import refusing_port, stray_cancelled_fails
 
 import poc_api
 from poc_api._png import encode_png
@@ -418,3 +418,31 @@ def test_a_ctrl_c_landing_in_the_blocks_exit_still_stops_the_servers(helper: str
         trio.run(main)
     for server in servers:
         assert server._thread is not None and not server._thread.is_alive(), server
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+async def test_open_client_reaches_its_server_past_a_proxy_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # Behind a corporate proxy (HTTP_PROXY set; NO_PROXY, if at all, naming
+    # localhost, which httpx does not match to 127.0.0.1) the HTTP calls to the
+    # program's own loopback server went to the proxy and failed, naming the
+    # proxy's address: the README's quick start and the poc_client fixture.
+    monkeypatch.setenv(variable, f"http://127.0.0.1:{refusing_port()}")
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    with trio.fail_after(20):
+        async with reference_server() as server, open_client(server) as client:
+            assert await client.tokenize("Hi") == [72, 105]
+            assert await client.readout_manifest() is not None
+        # A client of its own still honours the variable (as httpx does) ...
+        async with reference_server() as server:
+            async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+                with pytest.raises(poc_api.ServerUnavailable):
+                    await client.tokenize("Hi")
+            # ... unless told not to.
+            async with poc_api.ApiClient(
+                server.base_url, grpc_url=server.grpc_url, trust_env=False
+            ) as client:
+                assert await client.tokenize("Hi") == [72, 105]
+    with pytest.raises(TypeError, match="trust_env must be a bool"):
+        poc_api.ApiClient("http://127.0.0.1:9/v1", trust_env="no")  # type: ignore[arg-type]

@@ -339,6 +339,12 @@ class ApiClient:
             certifi's CAs, or those of ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
             when set; loaded once per process (in a worker thread, not
             stalling the trio run) and shared by the clients that use it.
+        trust_env: the HTTP calls honour the proxy variables (``HTTP_PROXY``,
+            ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``) as httpx does. ``False``
+            reaches the server directly whatever they say, as
+            :func:`poc_api.testing.open_client` and the CLI do for a reference
+            server the program runs itself. (The gRPC side always connects
+            directly.)
 
     Many servers: ``grpc_url`` may list several endpoints, or be a
     ``dns:///host:port`` target whose A/AAAA records are the endpoints. Each
@@ -383,6 +389,7 @@ class ApiClient:
         health_check_interval: SupportsFloat = 5.0,
         dns_refresh: SupportsFloat = 30.0,
         ssl_context_factory: Callable[[], ssl.SSLContext] | None = None,
+        trust_env: bool = True,
     ) -> None:
         if not isinstance(base_url, str):
             raise TypeError("base_url must be a str")
@@ -397,6 +404,9 @@ class ApiClient:
         self._pool = pool
         if not isinstance(keepalive_idle, bool):
             raise TypeError("keepalive_idle must be a bool")
+        if not isinstance(trust_env, bool):
+            raise TypeError("trust_env must be a bool")
+        self._trust_env = trust_env
         if ssl_context_factory is not None and not callable(ssl_context_factory):
             raise TypeError(
                 "ssl_context_factory must be a function that returns an ssl.SSLContext "
@@ -521,6 +531,7 @@ class ApiClient:
                 timeout=httpx.Timeout(self._timeout, connect=self._connect_timeout),
                 auth=auth,
                 verify=verify,
+                trust_env=self._trust_env,
                 # Never more calls than connections (HttpApi counts them): none waits
                 # in httpx's pool. (httpx's own default: 100, and a silent wait.)
                 limits=httpx.Limits(

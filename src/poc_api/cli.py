@@ -404,6 +404,7 @@ async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIte
                 api_key=target.api_key,
                 grpc_url=server.grpc_url,
                 model=target.model,
+                trust_env=False,  # (its own server, on loopback: never through a proxy)
                 **_client_timeouts(target),
             )
             async with client:

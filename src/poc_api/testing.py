@@ -121,6 +121,7 @@ class ApiClientOptions(TypedDict, total=False):
     health_check_interval: SupportsFloat
     dns_refresh: SupportsFloat
     ssl_context_factory: Callable[[], ssl.SSLContext] | None
+    trust_env: bool
 
 
 @protected_asynccontextmanager
@@ -324,7 +325,8 @@ async def open_client(
     """An open :class:`~poc_api.ApiClient` connected to ``server``, closed on exit.
 
     It uses the server's gRPC URL explicitly (so ``POC_GRPC_URL`` in the
-    environment cannot redirect it) and its api key, if it has one. Keyword
+    environment cannot redirect it), its api key, if it has one, and
+    ``trust_env=False`` (so ``HTTP_PROXY`` cannot send its HTTP calls to a proxy). Keyword
     arguments go to :class:`~poc_api.ApiClient` (``model``, ``timeout``, ...: see
     :class:`ApiClientOptions`) and override these: ``grpc_url=proxy``, with
     ``proxy`` the URL an :func:`nginx_grpc_proxy` yields, goes through that proxy.
@@ -332,6 +334,9 @@ async def open_client(
     options: ApiClientOptions = {
         "api_key": server.config.api_key or "",
         "grpc_url": server.grpc_url,
+        # The server is this process's, on loopback: not through the proxy of
+        # HTTP_PROXY & co. (there, its HTTP calls failed).
+        "trust_env": False,
     }
     options.update(client_options)
     async with ApiClient(server.base_url, **options) as client:
