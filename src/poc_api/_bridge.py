@@ -50,7 +50,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
-from typing import Any, Generic, TypeVar, final
+from typing import Any, Final, Generic, TypeVar, final
 
 import sniffio
 import trio
@@ -457,6 +457,10 @@ def require_trio(what: str) -> None:
     if library != "trio":
         here = f"this is {library}" if library else "no async library runs here"
         raise RuntimeError(f"{what} needs trio (trio.run): {here}")
+
+
+# How often the dead loop's last run is resumed after a callback raised in it.
+_DEAD_LOOP_RERUNS: Final = 10
 
 
 def _thread_died() -> trio.ClosedResourceError:
@@ -1122,9 +1126,20 @@ class AsyncioBridge:
             if _BLOCKED_SIGNALS:
                 signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_SIGNALS)
             try:
-                loop.run_until_complete(last())
-            except Exception:  # the close goes on without it
-                log.warning("closing the dead asyncio loop's connections failed", exc_info=True)
+                task = loop.create_task(last())
+                # A callback the dead run left in the ready queue (the bug's own,
+                # posted twice, say) may raise again, SystemExit too: that stops
+                # this run, not the close (the task goes on in the next one).
+                for _ in range(_DEAD_LOOP_RERUNS):
+                    try:
+                        loop.run_until_complete(task)
+                    except BaseException:
+                        log.warning(
+                            "closing the dead asyncio loop's connections: a callback failed",
+                            exc_info=True,
+                        )
+                    if task.done():
+                        break
             finally:
                 self._executor.shutdown(wait=False)
                 with contextlib.suppress(trio.RunFinishedError):

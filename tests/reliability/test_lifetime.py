@@ -26,7 +26,7 @@ import h2.errors
 import pytest
 import trio
 import trio.testing
-from helpers import aclose_under_a_reader, kill_loop_thread, loop_threads
+from helpers import aclose_under_a_reader, die_like_a_bug, kill_loop_thread, loop_threads
 from misbehaving import DUMMY_BASE_URL, Reply, misbehaving_server
 from reliability_helpers import make_png, wait_for
 
@@ -1407,6 +1407,26 @@ async def test_a_client_whose_loop_thread_died_fails_its_calls_and_still_closes(
                     await s.prefill(HELLO)
                 with pytest.raises(trio.ClosedResourceError, match="asyncio thread"):
                     await client.score([poc_api.Tokens([1, 2, 3])], [(1, 3)])
+            assert server.state().connections_open == 1
+        assert not loop_threads()
+        await wait_for(lambda: server.state().connections_open == 0, timeout=2.0)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_dead_loop_whose_bug_raises_again_still_has_its_connection_closed(
+    server: ReferenceServer,
+) -> None:
+    # Two callbacks that end the thread: the second, left in the loop's ready
+    # queue, raised again in the close's last run of the loop, before that run
+    # had closed anything (and the connection stayed open).
+    with trio.fail_after(10):
+        async with client_for(server, close_timeout=1.0) as client:
+            async with client.session() as s:
+                await s.prefill(HELLO)
+                bridge = client._bridge
+                assert bridge is not None
+                bridge.loop.call_soon_threadsafe(die_like_a_bug)
+                kill_loop_thread(bridge)
             assert server.state().connections_open == 1
         assert not loop_threads()
         await wait_for(lambda: server.state().connections_open == 0, timeout=2.0)

@@ -296,6 +296,9 @@ def test_a_request_without_the_key_is_refused_before_its_body_is_invited(
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+    # Its body unread, the connection closes, and the answer says so (RFC 9110
+    # 10.1.1): else the client may send the body, or its next request, into it.
+    assert b"\r\nconnection: close\r\n" in answer.lower(), answer
     assert srv.state().http_requests.get("/v1/train") == 1
 
 

@@ -298,6 +298,12 @@ class HttpApp:
             ("content-length", str(len(data))),
             ("x-request-id", request_id),
         ]
+        if conn.their_state is not h11.DONE:
+            # Answered before the request was read whole (an early 401 to one that
+            # waits for 100 Continue, a 413, a malformed request): the connection
+            # closes after it, and says so (RFC 9110 10.1.1), else the client may
+            # send the rest of its request, or its next, into the reset.
+            headers.append(("connection", "close"))
         # IDLE: the client's request could not even be read (h11 lets a server
         # answer that with an error). Anything else: a response is under way.
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
