@@ -96,6 +96,31 @@ async def test_api_client_itself_takes_its_grpc_url_from_poc_grpc_url(
                 await s.prefill([1, 2])
 
 
+@pytest.mark.parametrize("origin", ["argument", "POC_GRPC_URL", "derived"])
+async def test_a_grpc_url_that_cannot_be_reached_says_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch, origin: str
+) -> None:
+    # "http://127.0.0.1:8001: cannot connect: [Errno 111] ..." did not say that
+    # the URL was base_url's port + 1, or a POC_GRPC_URL left in the environment.
+    nothing = refusing_port()
+    base_url = f"http://127.0.0.1:{nothing - 1}/v1"
+    grpc_url = f"http://127.0.0.1:{nothing}"
+    monkeypatch.delenv("POC_GRPC_URL", raising=False)
+    if origin == "POC_GRPC_URL":
+        monkeypatch.setenv("POC_GRPC_URL", grpc_url)
+    given = grpc_url if origin == "argument" else None
+    with trio.fail_after(10):
+        async with poc_api.ApiClient(base_url, grpc_url=given) as c:
+            with pytest.raises(poc_api.ServerUnavailable) as info:
+                await c.score([poc_api.Tokens([1, 2])], [(1, 2)])
+    said = {
+        "argument": f"{grpc_url}: cannot connect",
+        "POC_GRPC_URL": f"{grpc_url} (from POC_GRPC_URL): cannot connect",
+        "derived": f"{grpc_url} (base_url's port + 1: pass grpc_url if the gRPC",
+    }
+    assert str(info.value).startswith(said[origin]), info.value
+
+
 def test_client_trims_base_url_and_hides_the_api_key() -> None:
     c = poc_api.ApiClient("http://127.0.0.1:8000/v1/", api_key="sk-secret-123")
     assert c.base_url == "http://127.0.0.1:8000/v1"

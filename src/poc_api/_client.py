@@ -162,6 +162,15 @@ def resolve_grpc_url(
     return f"{parts.scheme}://{host}:{port + 1}"
 
 
+def _grpc_url_origin(grpc_url: str | Sequence[str] | None) -> str:
+    """Where :func:`resolve_grpc_url` takes the URL from, unless it is ``grpc_url``."""
+    if grpc_url:
+        return ""
+    if os.environ.get("POC_GRPC_URL"):
+        return "from POC_GRPC_URL"
+    return "base_url's port + 1: pass grpc_url if the gRPC server is elsewhere"
+
+
 def check_base_url(base_url: str) -> None:
     """A ``ValueError`` now for a base URL the HTTP calls could not use.
 
@@ -445,7 +454,8 @@ class ApiClient:
         self._api_key = api_key
         self._model = model
         self._target = _first_target(pool) or GrpcTarget.from_url(
-            resolve_grpc_url(self._base_url, grpc_url if isinstance(grpc_url, str) else None)
+            resolve_grpc_url(self._base_url, grpc_url if isinstance(grpc_url, str) else None),
+            _grpc_url_origin(grpc_url),
         )
         # One bound for the client: every endpoint of a pool counts against it.
         self._streams = StreamBudget(streams)

@@ -127,9 +127,12 @@ class GrpcTarget:
     host: str
     port: int
     tls: bool
+    #: Where the URL came from when the caller did not pass it (for the errors
+    #: that a wrong URL explains: no connection).
+    origin: str = attrs.field(default="", eq=False)
 
     @classmethod
-    def from_url(cls, url: str) -> GrpcTarget:
+    def from_url(cls, url: str, origin: str = "") -> GrpcTarget:
         """Parse ``http://host:port`` / ``https://host:port`` (a path is ignored)."""
         parts = urlsplit(url)
         bad = f"gRPC URL must look like http://host:port, got {shown_url(url)!r}"
@@ -150,13 +153,18 @@ class GrpcTarget:
         if problem is not None:
             raise ValueError(f"{bad}: {problem}")
         tls = parts.scheme == "https"
-        return cls(parts.hostname, port if port is not None else (443 if tls else 80), tls)
+        return cls(parts.hostname, port if port is not None else (443 if tls else 80), tls, origin)
 
     @property
     def url(self) -> str:
         """The target as a URL."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    @property
+    def described(self) -> str:
+        """The URL, and where it came from when the caller did not pass it."""
+        return f"{self.url} ({self.origin})" if self.origin else self.url
 
 
 _STATUS_ERRORS: dict[Status, type[e.PocApiError]] = {
@@ -957,7 +965,7 @@ class GrpcTransport:
                 if isinstance(exc, TimeoutError) and bound.expired():
                     self._last_hung = True
                     raise e.ServerUnavailable(
-                        f"{self._target.url}: no connection within "
+                        f"{self._target.described}: no connection within "
                         f"connect_timeout={self._connect_timeout:g} s",
                         retriable=True,
                     ) from None
@@ -965,7 +973,7 @@ class GrpcTransport:
                 # so nothing of the call was sent and it may go again.
                 why = _connect_failure(exc, self._target.tls)
                 raise e.ServerUnavailable(
-                    f"{self._target.url}: cannot connect: {why}", retriable=True
+                    f"{self._target.described}: cannot connect: {why}", retriable=True
                 ) from exc
             assert isinstance(protocol, _PocH2Protocol)
             # An HTTP/2 server speaks first (its SETTINGS frame). Something that
