@@ -1246,7 +1246,12 @@ async def test_sigterm_and_sighup_mid_stream_close_the_session_as_ctrl_c_does(
 
 @pytest.mark.parametrize(
     "command",
-    [["demo"], ["generate", "héllo", "--max-tokens", "20", "--temperature", "2", "--seed", "3"]],
+    [
+        ["demo"],
+        ["generate", "héllo", "--max-tokens", "20", "--temperature", "2", "--seed", "3"],
+        # score's table is click.echo'd: click swaps an ASCII stdout for UTF-8.
+        ["score", "The cat", "--continuation", " sat on the mät"],
+    ],
 )
 async def test_output_the_terminal_cannot_encode_is_replaced(command: list[str]) -> None:
     # PYTHONIOENCODING=ascii (or an old locale): a character it cannot encode

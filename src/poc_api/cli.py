@@ -87,6 +87,15 @@ _TIMEOUT_KEY: Final = "poc_api.timeout"  # (as _MODEL_KEY)
 T = TypeVar("T")
 
 
+def _echo(message: str = "", *, err: bool = False) -> None:
+    """``click.echo`` to the standard stream as it is. Left to choose, click swaps
+    an ASCII one (``PYTHONIOENCODING=ascii``) for a UTF-8 writer on its buffer,
+    past :func:`main`'s ``errors="replace"``: what the terminal cannot show then
+    reached it as UTF-8 bytes, not as ``?``. (``None``, fd closed: click writes
+    nowhere, as ``print()`` does.)"""
+    click.echo(message, file=sys.stderr if err else sys.stdout)
+
+
 class CliError(Exception):
     """A failure the CLI reports as one ``error: ...`` line (exit status 1)."""
 
@@ -461,7 +470,7 @@ class _Codec:
                     if base is not None and urllib.parse.urlsplit(base).path in ("", "/")
                     else ""
                 )
-                click.echo(
+                _echo(
                     f"warning: {_one_line(str(exc))}: using the byte-level rule instead "
                     f"(ids < 256 are UTF-8 bytes), right only for a byte-level tokenizer{hint}",
                     err=True,
@@ -798,7 +807,7 @@ class _WarningLines(logging.Handler):
                 continue
             session = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             with contextlib.suppress(OSError):  # (as the error line's own echo)
-                click.echo(
+                _echo(
                     f"poc_api {record.levelname.lower()}: session {session} was not closed "
                     "either (CloseSession failed); the server frees it when idle",
                     err=True,
@@ -813,7 +822,7 @@ class _WarningLines(logging.Handler):
                 message = f"{message}: {type(exc).__name__}: {exc}"
             _Stdout.end_line()
             # Not "error:" for an ERROR record: that prefix is the command's own failure.
-            click.echo(f"poc_api {record.levelname.lower()}: {_one_line(message)}", err=True)
+            _echo(f"poc_api {record.levelname.lower()}: {_one_line(message)}", err=True)
         except Exception:
             self.handleError(record)
 
@@ -864,11 +873,11 @@ def _report(exc: BaseException, where: _Where) -> NoReturn:
     if not isinstance(leaf, BrokenPipeError):
         _Stdout.end_line()
     if isinstance(leaf, KeyboardInterrupt):
-        click.echo("error: interrupted", err=True)
+        _echo("error: interrupted", err=True)
         sys.exit(130)
     if isinstance(leaf, _EndedBySignal):
         with contextlib.suppress(OSError):  # (a hung-up terminal's stderr may be gone)
-            click.echo(f"error: {leaf}", err=True)
+            _echo(f"error: {leaf}", err=True)
         sys.exit(128 + leaf.signum)
     if isinstance(leaf, BrokenPipeError) and _stdout_reader_gone():
         # The reader of our output went away (`| head`): its choice, not an
@@ -886,7 +895,7 @@ def _report(exc: BaseException, where: _Where) -> NoReturn:
             f"unexpected {type(leaf).__name__}: {leaf} "
             "(set POC_DEBUG=1 for a traceback; this is a bug in poc_api)"
         )
-    click.echo(f"error: {_one_line(message)}", err=True)
+    _echo(f"error: {_one_line(message)}", err=True)
     sys.exit(1)
 
 
@@ -1421,14 +1430,14 @@ async def _score(target: _Target, where: _Where, text: str, continuations: tuple
         zip(continuations, lengths, (r.logprob for r in results), strict=True),
         key=lambda row: -row[2],
     )
-    click.echo(f"{'rank':>4}  {'logprob':>10}  {'per-token':>10}  {'tokens':>6}  continuation")
+    _echo(f"{'rank':>4}  {'logprob':>10}  {'per-token':>10}  {'tokens':>6}  continuation")
     for rank, (cont_text, n, lp) in enumerate(rows, 1):
-        click.echo(
+        _echo(
             f"{rank:>4}  {lp:>10.4f}  {lp / n:>10.4f}  {n:>6}  "
             f"{json.dumps(cont_text, ensure_ascii=False)}"
         )
-    click.echo()
-    click.echo(_positions_line(len(prompt), lengths, appended if conn.server is not None else None))
+    _echo()
+    _echo(_positions_line(len(prompt), lengths, appended if conn.server is not None else None))
 
 
 def _positions_line(prompt_len: int, lengths: Sequence[int], counted: int | None) -> str:
@@ -1696,7 +1705,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Text click writes itself (--help, --version, a usage error) that could not
         # be written (a full disk, a closed stream): one line, as a command's own.
         with contextlib.suppress(OSError, ValueError):
-            click.echo(f"error: {exc.strerror or exc}", err=True)
+            _echo(f"error: {exc.strerror or exc}", err=True)
         # What is still buffered for them goes nowhere: the exit's own flush would
         # fail again ("Exception ignored", and status 120).
         with contextlib.suppress(OSError, ValueError):
