@@ -1352,3 +1352,41 @@ async def test_a_model_name_that_is_not_utf8_is_a_usage_error(command: list[str]
     result = await run_cli(*command, "--model", "\udcff")
     assert result.returncode == 2, result.stderr
     assert "--model" in result.stderr and "not UTF-8" in result.stderr
+
+
+async def tokenizes_only(stream: trio.SocketStream) -> None:
+    """An HTTP side that tokenizes every text as [1, 2] (no gRPC server beside it)."""
+    await read_request(stream)
+    await stream.send_all(json_answer(200, b'{"tokens": [1, 2]}'))
+
+
+async def test_a_derived_grpc_url_that_cannot_connect_names_the_options() -> None:
+    # The library's "(base_url's port + 1: pass grpc_url if the gRPC server is
+    # elsewhere)" came through as it was: the CLI has --url and --grpc-url.
+    for _ in range(10):
+        async with http_server(tokenizes_only) as url:
+            port = int(url.rsplit(":", 1)[1].removesuffix("/v1"))
+            with socket.socket() as held:  # port + 1 bound, not listening: refused
+                try:
+                    held.bind(("127.0.0.1", port + 1))
+                except OSError:  # (another worker's): another try
+                    continue
+                proc = await run_cli("--url", url, "generate", "hi")
+                break
+    assert proc.returncode == 1, proc.stderr
+    assert "--url's port + 1: pass --grpc-url" in proc.stderr, proc.stderr
+    assert "base_url" not in proc.stderr and "grpc_url" not in proc.stderr, proc.stderr
+
+
+def test_a_url_on_the_last_port_says_to_pass_the_grpc_url_option(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "invalid --url: base_url '...' is on port 65535: there is no port + 1 for
+    # gRPC; pass grpc_url": no such option.
+    for name in ("POC_BASE_URL", "POC_API_KEY", "POC_GRPC_URL", "POC_MODEL", "POC_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--url", "http://127.0.0.1:65535/v1", "generate", "hi"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "pass --grpc-url" in err and "grpc_url" not in err, err

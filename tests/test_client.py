@@ -24,6 +24,7 @@ from helpers import (
     consume_busily,
     heartbeat,
     http_server,
+    kill_for_good,
     read_beside_a_second_reader,
     read_request,
     refusing_port,
@@ -1606,3 +1607,48 @@ async def test_a_block_iterated_or_awaited_without_async_with_says_to_use_it(
         await client.session()  # type: ignore[misc]
     async with client.session() as s:  # nothing was left half open
         await s.prefill([1])
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:8001", "grpc://127.0.0.1:8001"])
+def test_a_bad_poc_grpc_url_is_named_as_the_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # "gRPC URL must look like http://host:port, got '127.0.0.1:8001'" came from
+    # ApiClient(base_url) alone: the caller gave no gRPC URL, and nothing said that
+    # one was read from the environment.
+    monkeypatch.setenv("POC_GRPC_URL", value)
+    with pytest.raises(ValueError, match=r"^POC_GRPC_URL .*must look like http://host:port"):
+        poc_api.ApiClient("http://127.0.0.1:8000/v1")
+
+
+async def test_a_block_used_with_plain_with_or_as_its_object_says_async_with(
+    client: poc_api.ApiClient,
+) -> None:
+    # `with client.session() as s` said "'open_session' object does not support the
+    # context manager protocol", and `s = client.session(); await s.prefill(...)`
+    # "'open_session' object has no attribute 'prefill'": a private name, and no
+    # word of `async with`.
+    with pytest.raises(TypeError, match=r"async with client\.session\(\) as"):
+        with client.session():  # type: ignore[attr-defined]
+            pass
+    with pytest.raises(AttributeError, match=r"async with client\.session\(\) as"):
+        await client.session().prefill([1])  # type: ignore[attr-defined]
+    async with client.session() as s:  # nothing was left half open
+        await s.prefill([1])
+
+
+async def test_a_derived_grpc_url_that_worked_is_not_blamed_when_its_server_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Once base_url's port + 1 had answered, a server that went away was reported
+    # as "(base_url's port + 1: pass grpc_url if the gRPC server is elsewhere):
+    # cannot connect": the URL was right, and passing grpc_url would not help.
+    monkeypatch.delenv("POC_GRPC_URL", raising=False)
+    async with reference_server() as server:
+        async with poc_api.ApiClient(server.base_url) as c:
+            await c.score([Tokens([1, 2])], [(1, 2)])
+            await kill_for_good(server)
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                await c.score([Tokens([1, 2])], [(1, 2)])
+    assert "cannot connect" in str(info.value), info.value
+    assert "pass grpc_url" not in str(info.value), info.value

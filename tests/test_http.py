@@ -3397,3 +3397,20 @@ async def test_a_model_id_with_a_lone_surrogate_is_a_protocol_violation(
             api = HttpApi(http, url, "", "")
             with pytest.raises(poc_api.ProtocolViolation, match="model id"):
                 await api.chat(HELLO)
+
+
+async def test_a_base_url_on_the_grpc_port_asks_whether_it_is_one(
+    server: ReferenceServer,
+) -> None:
+    # The gRPC port answers an HTTP/1.1 request with an HTTP/2 SETTINGS frame:
+    # h11 calls the binary bytes an "illegal request line", and the error was a
+    # ProtocolViolation "malformed HTTP response: illegal request line", blaming a
+    # server that is fine, for a request line nobody received.
+    url = f"http://127.0.0.1:{server.grpc_port}/v1"
+    with trio.fail_after(10):
+        async with poc_api.ApiClient(url, grpc_url=server.grpc_url) as client:
+            with pytest.raises(ServerUnavailable) as info:
+                await client.tokenize("a")
+    said = str(info.value)
+    assert "is base_url a gRPC port?" in said, said
+    assert "request line" not in said, said

@@ -497,3 +497,29 @@ async def test_an_https_base_url_refusing_alpn_http_1_1_is_named_as_such(ca: tru
     assert "refused ALPN 'http/1.1'" in str(info.value), info.value
     assert "is base_url a gRPC port" in str(info.value)
     assert info.value.retriable
+
+
+async def test_plaintext_grpc_to_a_tls_grpc_port_suggests_https(ca: trustme.CA) -> None:
+    # http:// to a TLS gRPC port: the port drops the HTTP/2 preface it cannot read
+    # as a handshake, and the message asked "is it a gRPC server?" of one that is.
+    async with tls_server(ca) as (_, _base_url, grpc_url):
+        exc = await grpc_failure(ca, grpc_url.replace("https://", "http://"))
+    assert "closed the connection before speaking HTTP/2" in str(exc), exc
+    assert "https://" in str(exc), exc
+
+
+async def test_a_tls_port_that_closes_after_the_handshake_is_not_an_empty_reason(
+    ca: trustme.CA,
+) -> None:
+    # An https base_url on a TLS port that takes the handshake (no ALPN chosen) and
+    # closes: httpx's ReadError, httpcore's and trio's under it are all empty, and
+    # the message ended "tokenize: ReadError: ", with nothing after it.
+    async with tls_server(ca) as (_, _base_url, grpc_url):
+        async with poc_api.ApiClient(
+            grpc_url + "/v1", grpc_url=grpc_url, ssl_context_factory=trusting(ca)
+        ) as client:
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                await client.tokenize("a")
+    said = str(info.value)
+    assert not said.rstrip().endswith(":"), said
+    assert "closed" in said, said

@@ -27,7 +27,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, ParamSpec, SupportsFloat, SupportsIndex, TypeVar, final
+from typing import Any, Final, ParamSpec, SupportsFloat, SupportsIndex, TypeVar, final
 from urllib.parse import urlsplit
 
 import httpx
@@ -130,6 +130,11 @@ def _known_keywords_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return checked
 
 
+#: Words of the errors about a derived gRPC URL, which the CLI says in its options.
+PORT_PLUS_ONE: Final = "base_url's port + 1: "
+PASS_GRPC_URL: Final = "pass grpc_url"
+
+
 def resolve_grpc_url(
     base_url: str, grpc_url: str | None = None, env: Mapping[str, str] | None = None
 ) -> str:
@@ -156,7 +161,7 @@ def resolve_grpc_url(
     if port >= 65535:
         raise ValueError(
             f"base_url {shown_url(base_url)!r} is on port {port}: there is no port + 1 "
-            "for gRPC; pass grpc_url"
+            f"for gRPC; {PASS_GRPC_URL}"
         )
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}:{port + 1}"
@@ -168,7 +173,7 @@ def _grpc_url_origin(grpc_url: str | Sequence[str] | None) -> str:
         return ""
     if os.environ.get("POC_GRPC_URL"):
         return "from POC_GRPC_URL"
-    return "base_url's port + 1: pass grpc_url if the gRPC server is elsewhere"
+    return f"{PORT_PLUS_ONE}{PASS_GRPC_URL} if the gRPC server is elsewhere"
 
 
 def check_base_url(base_url: str) -> None:
@@ -453,10 +458,20 @@ class ApiClient:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._model = model
-        self._target = _first_target(pool) or GrpcTarget.from_url(
-            resolve_grpc_url(self._base_url, grpc_url if isinstance(grpc_url, str) else None),
-            _grpc_url_origin(grpc_url),
-        )
+        origin = _grpc_url_origin(grpc_url)
+        try:
+            self._target = _first_target(pool) or GrpcTarget.from_url(
+                resolve_grpc_url(self._base_url, grpc_url if isinstance(grpc_url, str) else None),
+                origin,
+            )
+        except ValueError as exc:
+            if origin != "from POC_GRPC_URL":
+                raise
+            # The caller passed no gRPC URL: "gRPC URL must look like ..." named none
+            # they had given.
+            raise ValueError(
+                f"POC_GRPC_URL (read from the environment: grpc_url was not passed): {exc}"
+            ) from None
         # One bound for the client: every endpoint of a pool counts against it.
         self._streams = StreamBudget(streams)
         self._state = _State.UNOPENED

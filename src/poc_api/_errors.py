@@ -38,7 +38,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, Generic, Literal, NoReturn, ParamSpec, TypeAlias, TypeVar, final
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    NoReturn,
+    ParamSpec,
+    TypeAlias,
+    TypeVar,
+    final,
+)
 
 import trio
 
@@ -493,6 +503,28 @@ class NeedsAsyncWith:
     def __await__(self) -> NoReturn:
         usage = self._usage()
         raise TypeError(f"{usage} is a block, not an awaitable: `async with {usage} as ...:`")
+
+    # A plain `with` needs both methods to reach __enter__ (and Python's own error
+    # names the private class); neither ever runs a block.
+    def __enter__(self) -> NoReturn:
+        usage = self._usage()
+        raise TypeError(f"{usage} is an async block: `async with {usage} as ...:`")
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        return None
+
+    if not TYPE_CHECKING:  # (typed, it would let any attribute of a block type-check)
+
+        def __getattr__(self, name):
+            # Only for attributes it lacks: `client.session().prefill(...)`. (Private
+            # and dunder names keep Python's own error: hasattr probes them.)
+            if name.startswith("_"):
+                return object.__getattribute__(self, name)
+            usage = self._usage()
+            raise AttributeError(
+                f"{usage} is a block, with no attribute {name!r}: "
+                f"`async with {usage} as x:`, then x.{name}"
+            )
 
 
 def protected_asynccontextmanager(

@@ -492,6 +492,13 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
             return ServerUnavailable(f"{method} {url}: connection lost: {text}")
+        if text.startswith("illegal request line"):
+            # h11's words for an answer whose first byte is not text (it means the
+            # status line): binary, as an HTTP/2-only port's SETTINGS frame is.
+            return ServerUnavailable(
+                f"{method} {url}: the server did not answer in HTTP/1.1 (binary bytes, "
+                f"as an HTTP/2-only port sends): {IS_BASE_URL}a gRPC port?"
+            )
         return ProtocolViolation(f"{method} {url}: malformed HTTP response: {text}")
     if isinstance(exc, httpx.DecodingError):
         return ProtocolViolation(f"{method} {url}: undecodable response body: {text}")
@@ -503,6 +510,10 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
             f"no_application_protocol alert), as a gRPC-only port does: {IS_BASE_URL}a gRPC port?",
             retriable=True,
         )
+    if not text:
+        # Every error down the chain is empty: trio's BrokenResourceError for a TLS
+        # connection its peer closed has no words of its own.
+        text = "the connection was closed, with no reason given (by the server?)"
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
     return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}", retriable=unsent)
 

@@ -250,12 +250,14 @@ def _connect_failure(exc: OSError, tls: bool) -> str:
     return text
 
 
-def _failure_reason(exc: BaseException, url: str) -> str:
-    """Why a connection attempt failed, without the URL its message may start with."""
+def _failure_reason(exc: BaseException, *urls: str) -> str:
+    """Why a connection attempt failed, without the URL its message may start with
+    (the first of ``urls`` it does: the longest first)."""
     text = str(exc) or type(exc).__name__
-    for prefix in (f"{url}: ", f"{url} "):
-        if text.startswith(prefix):
-            return text[len(prefix) :]
+    for url in urls:
+        for prefix in (f"{url}: ", f"{url} "):
+            if text.startswith(prefix):
+                return text[len(prefix) :]
     return text
 
 
@@ -880,7 +882,7 @@ class GrpcTransport:
                     # sleeping out the backoff to try again (a pool places the call
                     # elsewhere, an agent decides for itself). Nothing was sent.
                     raise e.ServerUnavailable(
-                        f"{self._target.url} could not be reached "
+                        f"{self._named} could not be reached "
                         f"{now - self._failed_at:.2g} s ago ({self._last_failure}); "
                         f"the next connection attempt will be made by the first call "
                         f"{delay:.2g} s from now (reconnect backoff)",
@@ -907,6 +909,12 @@ class GrpcTransport:
                 # sweep closed it before this call sent anything.
                 raise StreamTerminatedError(_CLOSED_UNSENT)
             return channel
+
+    @property
+    def _named(self) -> str:
+        """The target for a failed connect: where its URL came from too, until it
+        has been reached (then the URL was right, and the server went away)."""
+        return self._target.url if self._reached else self._target.described
 
     def _connected_or_not(self, task: asyncio.Future[_PocChannel]) -> None:
         if self._connecting is task:
@@ -965,7 +973,7 @@ class GrpcTransport:
                 if isinstance(exc, TimeoutError) and bound.expired():
                     self._last_hung = True
                     raise e.ServerUnavailable(
-                        f"{self._target.described}: no connection within "
+                        f"{self._named}: no connection within "
                         f"connect_timeout={self._connect_timeout:g} s",
                         retriable=True,
                     ) from None
@@ -973,7 +981,7 @@ class GrpcTransport:
                 # so nothing of the call was sent and it may go again.
                 why = _connect_failure(exc, self._target.tls)
                 raise e.ServerUnavailable(
-                    f"{self._target.described}: cannot connect: {why}", retriable=True
+                    f"{self._named}: cannot connect: {why}", retriable=True
                 ) from exc
             assert isinstance(protocol, _PocH2Protocol)
             # An HTTP/2 server speaks first (its SETTINGS frame). Something that
@@ -995,7 +1003,7 @@ class GrpcTransport:
                 self._failures += 1
                 self._failed_at = loop.time()
                 self._retry_at = self._failed_at + backoff(self._failures, 0.05, _MAX_BACKOFF)
-                self._last_failure = _failure_reason(exc, self._target.url)
+                self._last_failure = _failure_reason(exc, self._target.described, self._target.url)
                 attempt.set_exception(exc)  # for the calls that waited for it
                 attempt.exception()  # (none may have: nothing to log then)
             raise
@@ -1061,7 +1069,9 @@ class GrpcTransport:
                 )
             raise e.ServerUnavailable(
                 f"{self._target.url} closed the connection before speaking HTTP/2"
-                f"{protocol.alpn_note}: is it a gRPC server?",
+                f"{protocol.alpn_note}: is it a gRPC server"
+                # (a TLS port drops the HTTP/2 preface it cannot read as a handshake)
+                f"{'' if self._target.tls else ', and not a TLS port (then https://)'}?",
                 retriable=True,
             )
         # Retriable: nothing of the call was sent (calls wait for the SETTINGS),
@@ -2030,7 +2040,9 @@ async def _receive(stream: Stream[Any, Any], reader: _Reader, sink: _SinkLike) -
         # grpclib reads headers unchecked (validate_inbound_headers=False): a
         # missing :status is a KeyError, a -bin value that is not base64 a
         # binascii.Error (a ValueError), and so on.
-        raise e.ProtocolViolation(f"{reader.path}: unreadable response headers: {exc!r}") from exc
+        # (A KeyError's repr, "KeyError(':status')", was the whole reason given.)
+        why = f"no {exc.args[0]!r} header" if isinstance(exc, KeyError) and exc.args else repr(exc)
+        raise e.ProtocolViolation(f"{reader.path}: unreadable response headers: {why}") from exc
 
 
 def _has_grpc_status(headers: Any) -> bool:

@@ -54,7 +54,14 @@ from rich.text import Text
 
 from . import _errors as e
 from ._chunks import Chunk, Tokens
-from ._client import ApiClient, check_api_key, check_base_url, resolve_grpc_url
+from ._client import (
+    PASS_GRPC_URL,
+    PORT_PLUS_ONE,
+    ApiClient,
+    check_api_key,
+    check_base_url,
+    resolve_grpc_url,
+)
 from ._conversation import ConversationStream
 from ._errors import protected_asynccontextmanager, start_tasks
 from ._http import IS_BASE_URL, NO_MODEL_SET, PASS_MODEL, ChatDelta, shown_url
@@ -300,7 +307,7 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
         check_base_url(base.rstrip("/"))
         resolve_grpc_url(base, grpc, env={})
     except ValueError as exc:
-        raise click.UsageError(f"invalid {what}: {exc}") from None
+        raise click.UsageError(f"invalid {what}: {_as_options(str(exc))}") from None
     if grpc and not grpc.startswith("dns:"):
         try:
             GrpcTarget.from_url(grpc)
@@ -730,7 +737,14 @@ def _describe(exc: BaseException, where: _Where) -> str | None:
         said = said.replace(NO_MODEL_SET, f"--model (or {_ENV_MODEL}) is not set")
         said = said.replace(PASS_MODEL, "pass --model")
         said = said.replace(IS_BASE_URL, "is --url ")
+        said = _as_options(said)
     return said
+
+
+def _as_options(said: str) -> str:
+    """The library's words for a derived gRPC URL, in the CLI's options."""
+    said = said.replace(PORT_PLUS_ONE, "--url's port + 1: ")
+    return said.replace(PASS_GRPC_URL, "pass --grpc-url")
 
 
 def _describe_as_library(exc: BaseException, where: _Where) -> str | None:

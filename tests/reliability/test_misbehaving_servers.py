@@ -2112,3 +2112,15 @@ async def test_a_call_cancelled_while_the_loop_stalls_past_cancel_timeout_loses_
         assert scope.cancelled_caught
         await wait_for(lambda: len(bad_server.calls_to(method)) == 1 + (method == "Generate"))
         assert s.lost  # the server got the call
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_headers_without_status_are_named_not_a_keyerror_repr(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    # "unreadable response headers: KeyError(':status')": the repr of an internal
+    # lookup, where the fault is a response with no :status header.
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("no_status_header"))
+        err = await fails_with(c, method, poc_api.ProtocolViolation)
+        assert "KeyError" not in str(err) and "no ':status' header" in str(err), err
