@@ -2113,7 +2113,15 @@ async def test_a_tls_failure_says_why(server: ReferenceServer) -> None:
             with pytest.raises(ServerUnavailable) as info:
                 await client.tokenize("a")
     assert "WRONG_VERSION_NUMBER" in str(info.value), info.value
+    assert "is it a plaintext port (then http://)?" in str(info.value), info.value
     assert isinstance(info.value.__cause__, httpx.ConnectError)
+    # The gRPC side alike (it said OpenSSL's words alone).
+    grpc_url = server.grpc_url.replace("http://", "https://")
+    with trio.fail_after(10):
+        async with poc_api.ApiClient(server.base_url, grpc_url=grpc_url) as client:
+            with pytest.raises(ServerUnavailable) as info:
+                await client.score([poc_api.Tokens([1, 2])], [(1, 2)])
+    assert "is it a plaintext port (then http://)?" in str(info.value), info.value
 
 
 async def test_connection_closed_without_answer_raises_server_unavailable(

@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
+    Final,
     Generic,
     Literal,
     NoReturn,
@@ -396,6 +397,16 @@ def alpn_refused(reason: str) -> bool:
     ALPN protocols offered, as a gRPC-only port refuses http/1.1, and an HTTP/1.1
     one h2."""
     return "no application protocol" in reason
+
+
+#: Said of a TLS handshake that the peer answered in plaintext.
+PLAINTEXT_PEER: Final = "the server did not answer in TLS: is it a plaintext port (then http://)?"
+
+
+def plaintext_peer(reason: str) -> bool:
+    """Whether a failed TLS handshake's ``reason`` is OpenSSL's for an answer that
+    is no TLS record (a plaintext HTTP/1.1 or HTTP/2 server's bytes)."""
+    return "WRONG_VERSION_NUMBER" in reason
 
 
 class Sent:

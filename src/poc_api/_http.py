@@ -82,6 +82,7 @@ import trio
 from ._clock import FairSlice, autojumping, hold_clock
 from ._errors import (
     BLOCK_SENT,
+    PLAINTEXT_PEER,
     AuthenticationError,
     HttpError,
     LimitExceeded,
@@ -96,6 +97,7 @@ from ._errors import (
     closed_under_call,
     collapse_cancellation,
     own_copy,
+    plaintext_peer,
     protected_asynccontextmanager,
     start_tasks,
     stream_closed,
@@ -510,6 +512,8 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
             f"no_application_protocol alert), as a gRPC-only port does: {IS_BASE_URL}a gRPC port?",
             retriable=True,
         )
+    if isinstance(exc, httpx.ConnectError) and plaintext_peer(text):
+        text = f"{text}: {PLAINTEXT_PEER}"
     if not text:
         # Every error down the chain is empty: trio's BrokenResourceError for a TLS
         # connection its peer closed has no words of its own.

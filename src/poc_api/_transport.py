@@ -242,6 +242,8 @@ def _connect_failure(exc: OSError, tls: bool) -> str:
             "the TLS server refused ALPN 'h2' (a no_application_protocol alert): "
             "it does not speak HTTP/2, so it is no gRPC server (an HTTPS port for HTTP/1.1?)"
         )
+    if isinstance(exc, _ssl.SSLError) and e.plaintext_peer(text):
+        return f"{text}: {e.PLAINTEXT_PEER}"
     if not text:
         # asyncio reports a close in the TLS handshake as a bare ConnectionResetError.
         if tls and isinstance(exc, ConnectionResetError):
