@@ -463,6 +463,16 @@ def require_trio(what: str) -> None:
 _DEAD_LOOP_RERUNS: Final = 10
 
 
+async def _cancel_other_tasks(bound: float) -> None:
+    """asyncio: cancel every task of the loop but this one; wait ``bound`` s at most."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=bound)
+
+
 def _thread_died() -> trio.ClosedResourceError:
     return trio.ClosedResourceError(
         "poc_api's asyncio thread has ended unexpectedly (a bug: see the log); "
@@ -1114,12 +1124,7 @@ class AsyncioBridge:
             for close in closes:
                 if close is not None:
                     close()
-            me = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not me]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=bound)
+            await _cancel_other_tasks(bound)
             await asyncio.sleep(0)  # (the connections' connection_lost: sockets close)
 
         def main() -> None:
@@ -1159,12 +1164,7 @@ class AsyncioBridge:
         bound = max(self._cancel_timeout, _STOP_MIN)
 
         async def shutdown() -> None:
-            me = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not me]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=bound)
+            await _cancel_other_tasks(bound)
             await loop.shutdown_asyncgens()
             # Its worker threads (getaddrinfo of a host name) end with the client,
             # not when the garbage collector gets to the executor. Bounded: a
