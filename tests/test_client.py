@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import decimal
 import inspect
+import json
 import logging
 import re
 import sys
@@ -1652,3 +1653,54 @@ async def test_a_derived_grpc_url_that_worked_is_not_blamed_when_its_server_goes
                 await c.score([Tokens([1, 2])], [(1, 2)])
     assert "cannot connect" in str(info.value), info.value
     assert "pass grpc_url" not in str(info.value), info.value
+
+
+async def test_a_call_may_name_another_model_on_the_shared_connection(
+    client: poc_api.ApiClient, server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The seed's ApiClient is Clone with a public `model`: an agent's clone could
+    # name another model and still share the one connection. Here the model was
+    # the client's for every session, conversation and score (another model:
+    # another client, another connection).
+    caplog.set_level(logging.DEBUG, logger="poc_api.server.grpc")
+    ids = tokenize("Hello there")
+    with trio.fail_after(20):
+        await client.score([Tokens(ids)], [(1, 2)])  # (connected)
+        caplog.clear()
+        before = server.state().connections_total
+        async with client.session(model="other-a"):
+            pass
+        async with client.conversation(model="other-b") as conv:
+            async with conv.stream([Tokens(ids)], SamplingParams(max_tokens=1)) as events:
+                _ = [e async for e in events]
+        await client.score([Tokens(ids)], [(1, len(ids))], model="other-c")
+        await client.score_many([([Tokens(ids)], [(1, 2)])], model="other-d")
+        await client.score_continuations([Tokens(ids)], [[1]], model="other-e")
+    opened = [
+        r.args[0]  # type: ignore[index]
+        for r in caplog.records
+        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
+    ]
+    assert opened == ["other-a", "other-b", "other-c", "other-d", "other-e"], opened
+    assert server.state().connections_total == before  # (the one connection)
+    with pytest.raises(TypeError, match="model must be a str"):
+        client.session(model=3)  # type: ignore[arg-type]
+
+    # train() too (its body names the model).
+    bodies: list[bytes] = []
+
+    async def train_server(stream: trio.SocketStream) -> None:
+        _, body = await read_request(stream)
+        bodies.append(body)
+        answer = b'{"accepted": 1, "job_id": "j"}'
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(answer)}\r\n\r\n".encode()
+            + answer
+        )
+
+    async with http_server(train_server) as url:
+        async with poc_api.ApiClient(url, model="mine", grpc_url=server.grpc_url) as c:
+            await c.train([poc_api.TrainSample([1], [(0, 1)])], model="other-f")
+            await c.train([poc_api.TrainSample([1], [(0, 1)])])
+    assert [json.loads(b)["model"] for b in bodies] == ["other-f", "mine"]

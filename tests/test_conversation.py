@@ -885,3 +885,48 @@ async def test_an_image_whose_mime_differs_only_in_case_is_not_sent_again(
         assert not any(isinstance(e, ImageAppended) for e in second)
         assert conv.committed_len == held + 1 + 8
     assert "rewinding" not in caplog.text
+
+
+async def test_a_failed_turn_logs_that_its_session_is_dropped(
+    client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The seed logged every failed turn ("... dropping session"); here the
+    # caller got the exception and the log said nothing above DEBUG of which
+    # session went, or why.
+    caplog.set_level(logging.INFO, logger="poc_api.grpc")
+    ids = tokenize("Hello there")
+    with trio.fail_after(20):
+        async with client.conversation() as conv:
+            await run(conv, [Tokens(ids)])
+            assert conv.session is not None
+            sid = conv.session.session_id
+            bad = Image(b"not an image", "image/png")
+            with pytest.raises(poc_api.InvalidRequest):
+                await run(conv, [Tokens(ids), bad])
+            assert conv.session is None
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any(sid in m and "InvalidRequest" in m and "dropping" in m for m in lines), lines
+
+
+async def test_a_stream_error_mid_turn_logs_that_its_session_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="poc_api.grpc")
+    ids = tokenize("Hello there")
+    with trio.fail_after(30):
+        async with (
+            reference_server(token_delay_ms=20) as srv,
+            open_client(srv, close_timeout=0.5) as c,
+            c.conversation() as conv,
+        ):
+            with pytest.raises(poc_api.PocApiError):
+                async with conv.stream([Tokens(ids)], SamplingParams(max_tokens=50)) as ev:
+                    assert conv.session is not None
+                    sid = conv.session.session_id
+                    n = 0
+                    async for _ in ev:
+                        n += 1
+                        if n == 2:
+                            await trio.to_thread.run_sync(srv.stop)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any(sid in m and "turn failed" in m and "dropping" in m for m in lines), lines

@@ -796,37 +796,52 @@ class ApiClient:
 
     # -- gRPC --------------------------------------------------------------------
 
+    def _model_for(self, model: str | None) -> str:
+        """The model a call names: its own ``model=``, else the client's (the seed's
+        ``ApiClient`` clones share one channel and each may set ``model``)."""
+        if model is None:
+            return self._model
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a str, not {type(model).__name__}")
+        return model
+
     def session(
-        self, *, timeout: SupportsFloat | None = None
+        self, *, timeout: SupportsFloat | None = None, model: str | None = None
     ) -> AbstractAsyncContextManager[Session]:
         """Open a server-side session for the block (``OpenSession`` … ``CloseSession``).
 
-        ``timeout`` bounds the ``OpenSession`` call. Leaving the block in any way —
-        normally, by exception or by cancellation — sends ``CloseSession``,
+        ``timeout`` bounds the ``OpenSession`` call; ``model`` names the model for
+        this session instead of the client's (on the same connection). Leaving
+        the block in any way — normally, by exception or by cancellation — sends ``CloseSession``,
         shielded and bounded by ``close_timeout``; a failed close is logged and
         never hides the block's own exception.
         """
+        model = self._model_for(model)
         return open_session(
             self._grpc(),
-            self._model,
+            model,
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
             timeout=timeout,
             known_shape=self._https().known_readout_shape,
         )
 
-    def conversation(self, *, rewind: bool = True) -> AbstractAsyncContextManager[Conversation]:
+    def conversation(
+        self, *, rewind: bool = True, model: str | None = None
+    ) -> AbstractAsyncContextManager[Conversation]:
         """A reusable session slot for multi-turn streaming (see :class:`Conversation`).
 
         Args:
             rewind: on divergence, truncate to the longest shared prefix (default)
                 instead of raising :class:`SessionDivergence`.
+            model: the model its sessions name instead of the client's.
         """
         if not isinstance(rewind, bool):
             raise TypeError(f"rewind must be a bool, not {type(rewind).__name__}")
+        model = self._model_for(model)
         conv = Conversation(
             self._grpc(),
-            self._model,
+            model,
             rewind=rewind,
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
@@ -840,6 +855,7 @@ class ApiClient:
         ranges: Ranges,
         *,
         timeout: SupportsFloat | None = None,
+        model: str | None = None,
     ) -> list[ScoreResult]:
         """Sum the log-probabilities of the prompt positions in each range.
 
@@ -857,7 +873,7 @@ class ApiClient:
         with deadline(timeout, "score", composite=True):
             return await score_chunks(
                 self._grpc(),
-                self._model,
+                self._model_for(model),
                 chunks,
                 ranges,
                 max_buffered_events=self._max_buffered,
@@ -871,6 +887,7 @@ class ApiClient:
         max_concurrency: SupportsIndex = 16,
         share_prefix: bool = False,
         timeout: SupportsFloat | None = None,
+        model: str | None = None,
     ) -> list[list[ScoreResult]]:
         """Score many ``(chunks, ranges)`` prompts concurrently over the one connection.
 
@@ -897,7 +914,7 @@ class ApiClient:
         with deadline(timeout, "score_many", composite=True):
             return await score_many(
                 self._grpc(),
-                self._model,
+                self._model_for(model),
                 prompts,
                 max_concurrency=max_concurrency,
                 max_buffered_events=self._max_buffered,
@@ -911,6 +928,7 @@ class ApiClient:
         continuations: Sequence[Iterable[SupportsIndex] | Sequence[Chunk] | Chunk],
         *,
         timeout: SupportsFloat | None = None,
+        model: str | None = None,
     ) -> list[ScoreResult]:
         """Score continuations of one prompt, sending the prompt once.
 
@@ -935,7 +953,7 @@ class ApiClient:
         with deadline(timeout, "score_continuations", composite=True):
             return await score_continuations(
                 self._grpc(),
-                self._model,
+                self._model_for(model),
                 prompt_chunks,
                 continuations,
                 max_buffered_events=self._max_buffered,
@@ -961,12 +979,18 @@ class ApiClient:
             return await api.readout_manifest()
 
     async def train(
-        self, samples: Sequence[TrainSample], *, timeout: SupportsFloat | None = None
+        self,
+        samples: Sequence[TrainSample],
+        *,
+        timeout: SupportsFloat | None = None,
+        model: str | None = None,
     ) -> TrainResult:
-        """Send training samples to ``POST {base_url}/train``."""
+        """Send training samples to ``POST {base_url}/train``; ``model`` names the
+        model instead of the client's."""
+        model = self._model_for(model)
         api = self._https()
         with deadline(timeout, api.call_name("train", "POST", "/train"), composite=True):
-            return await api.train(samples)
+            return await api.train(samples, model)
 
     @_known_keywords_only
     async def chat(

@@ -526,6 +526,22 @@ class Conversation:
         await self._drop()
 
 
+def _log_dropped(session: Session | None, exc: BaseException | None) -> None:
+    """Say that a turn failed and its session goes (the seed's ``log::warn!`` of
+    every failed turn, "... dropping session"): the caller gets the exception,
+    the log says which session went. Not for a cancellation or the caller's own
+    exception, which the seed did not log either."""
+    if session is None or not isinstance(exc, PocApiError):
+        return
+    log.info(
+        "session %s: the turn failed (%s: %s); dropping the session, the next turn "
+        "opens a new one and sends the whole prompt",
+        session.session_id,
+        type(exc).__name__,
+        exc,
+    )
+
+
 async def _leave(gen_stack: AsyncExitStack, exc: BaseException) -> None:
     """Close the turn's Generate block as left by ``exc`` (which it may have
     raised): a block left by its own retriable error keeps its session intact."""
@@ -626,6 +642,7 @@ class _Turn(NeedsAsyncWith):
                         # processed: the session is as it was, and stands.
                         pass
                     else:
+                        _log_dropped(conv._session, exc)
                         if retriable:
                             exc.add_note(
                                 "this turn's earlier requests had been processed: its "
@@ -721,6 +738,8 @@ class _Turn(NeedsAsyncWith):
         finally:
             try:
                 if not ok:
+                    if out._failed:
+                        _log_dropped(session, exc)
                     await self._fail()
             finally:
                 conv._lock.release()

@@ -1793,8 +1793,9 @@ class HttpApi:
         return ReadoutManifest(concepts=concepts, layers=layers)
 
     @_redacting
-    async def train(self, samples: Sequence[TrainSample]) -> TrainResult:
+    async def train(self, samples: Sequence[TrainSample], model: str | None = None) -> TrainResult:
         """``POST /train``: submit training samples; returns the server's job.
+        ``model`` names the model instead of the client's.
 
         Raises ``TypeError`` before sending if a sample is not a :class:`TrainSample`.
         Cancelling abandons the request; the server may or may not have accepted it.
@@ -1805,7 +1806,8 @@ class HttpApi:
             if not isinstance(s, TrainSample):
                 raise TypeError(f"samples[{i}] must be a TrainSample, not {type(s).__name__}")
         what = f"POST {self._shown}/train"
-        body = await _train_body(self._model, list(samples))  # (the caller's list may change)
+        model = self._model if model is None else model
+        body = await _train_body(model, list(samples))  # (the caller's list may change)
         data = await self._request("POST", "/train", _Encoded(body))
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
