@@ -1390,3 +1390,11 @@ def test_a_url_on_the_last_port_says_to_pass_the_grpc_url_option(
     err = capsys.readouterr().err
     assert exited.value.code == 2, err
     assert "pass --grpc-url" in err and "grpc_url" not in err, err
+
+
+async def test_the_cli_says_a_grpc_url_that_cannot_connect_came_from_poc_grpc_url() -> None:
+    grpc = f"http://127.0.0.1:{refusing_port()}"
+    async with http_server(tokenizes_only) as url:
+        proc = await run_cli("--url", url, "generate", "hi", env=cli_env(POC_GRPC_URL=grpc))
+    assert proc.returncode == 1, proc.stderr
+    assert f"{grpc} (from POC_GRPC_URL): cannot connect" in proc.stderr, proc.stderr

@@ -1622,16 +1622,16 @@ def test_a_bad_poc_grpc_url_is_named_as_the_environment_variable(
         poc_api.ApiClient("http://127.0.0.1:8000/v1")
 
 
-async def test_a_block_used_with_plain_with_or_as_its_object_says_async_with(
+async def test_a_block_used_as_its_object_says_async_with(
     client: poc_api.ApiClient,
 ) -> None:
-    # `with client.session() as s` said "'open_session' object does not support the
-    # context manager protocol", and `s = client.session(); await s.prefill(...)`
-    # "'open_session' object has no attribute 'prefill'": a private name, and no
-    # word of `async with`.
-    with pytest.raises(TypeError, match=r"async with client\.session\(\) as"):
-        with client.session():  # type: ignore[attr-defined]
-            pass
+    # `s = client.session(); await s.prefill(...)` said "'open_session' object has
+    # no attribute 'prefill'": a private name, and no word of `async with`.
+    # (A plain `with` keeps Python's own error: a block is no context manager to
+    # code that dispatches on __enter__.)
+    block = client.session()
+    assert not isinstance(block, contextlib.AbstractContextManager)
+    assert not hasattr(block, "prefill")
     with pytest.raises(AttributeError, match=r"async with client\.session\(\) as"):
         await client.session().prefill([1])  # type: ignore[attr-defined]
     async with client.session() as s:  # nothing was left half open
@@ -1704,3 +1704,25 @@ async def test_a_call_may_name_another_model_on_the_shared_connection(
             await c.train([poc_api.TrainSample([1], [(0, 1)])], model="other-f")
             await c.train([poc_api.TrainSample([1], [(0, 1)])])
     assert [json.loads(b)["model"] for b in bodies] == ["other-f", "mine"]
+
+
+async def test_a_derived_grpc_url_on_a_port_that_is_no_grpc_one_says_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # base_url's port + 1 is some HTTP/1.1 service: the likeliest wrong derived URL.
+    async def http11(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    monkeypatch.delenv("POC_GRPC_URL", raising=False)
+    async with http_server(http11) as url:
+        port = int(url.rsplit(":", 1)[1].removesuffix("/v1"))
+        with trio.fail_after(10):
+            async with poc_api.ApiClient(f"http://127.0.0.1:{port - 1}/v1") as c:
+                with pytest.raises(poc_api.ServerUnavailable) as first:
+                    await c.score([poc_api.Tokens([1, 2])], [(1, 2)])
+                with pytest.raises(poc_api.ServerUnavailable) as again:  # the backoff's
+                    await c.score([poc_api.Tokens([1, 2])], [(1, 2)])
+    assert "(base_url's port + 1: pass grpc_url" in str(first.value), first.value
+    assert "(base_url's port + 1: pass grpc_url" in str(again.value), again.value
+    assert "could not be reached" in str(again.value), again.value

@@ -37,6 +37,7 @@ from helpers import (
     http_server,
     read_beside_a_second_reader,
     read_request,
+    refusing_port,
 )
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -3422,3 +3423,40 @@ async def test_a_base_url_on_the_grpc_port_asks_whether_it_is_one(
     said = str(info.value)
     assert "is base_url a gRPC port?" in said, said
     assert "request line" not in said, said
+
+
+async def test_an_http_base_url_on_a_tls_port_is_not_only_asked_about_grpc() -> None:
+    # A TLS port answers a plaintext request with an alert record (0x15 ...):
+    # binary, as an HTTP/2 frame is, so h11 says "illegal request line" too.
+    async def tls_port(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(b"\x15\x03\x03\x00\x02\x02\x46")  # protocol_version alert
+
+    async with http_server(tls_port) as url:
+        with trio.fail_after(10):
+            async with poc_api.ApiClient(url, grpc_url=f"http://127.0.0.1:{refusing_port()}") as c:
+                with pytest.raises(poc_api.ServerUnavailable) as info:
+                    await c.tokenize("a")
+    assert "https://" in str(info.value), info.value
+
+
+async def test_https_through_a_plaintext_proxy_named_https_does_not_blame_base_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # HTTPS_PROXY=https://... for a plaintext proxy: the classic WRONG_VERSION_NUMBER.
+    async def plain_proxy(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)  # a ClientHello
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with http_server(plain_proxy) as proxy_url:
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url.removesuffix("/v1").replace("http", "https"))
+        with trio.fail_after(10):
+            async with poc_api.ApiClient(
+                "https://example.invalid/v1", grpc_url=f"http://127.0.0.1:{refusing_port()}"
+            ) as c:
+                with pytest.raises(poc_api.ServerUnavailable) as info:
+                    await c.tokenize("a")
+    assert "WRONG_VERSION_NUMBER" in str(info.value), info.value
+    assert "proxy" in str(info.value).lower(), info.value

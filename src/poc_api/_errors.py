@@ -515,14 +515,9 @@ class NeedsAsyncWith:
         usage = self._usage()
         raise TypeError(f"{usage} is a block, not an awaitable: `async with {usage} as ...:`")
 
-    # A plain `with` needs both methods to reach __enter__ (and Python's own error
-    # names the private class); neither ever runs a block.
-    def __enter__(self) -> NoReturn:
-        usage = self._usage()
-        raise TypeError(f"{usage} is an async block: `async with {usage} as ...:`")
-
-    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
-        return None
+    # No __enter__/__exit__ for a plain `with` (Python's own error then names the
+    # private class): with them a block would pass for a context manager to code
+    # that picks `with` or `async with` by what an object has.
 
     if not TYPE_CHECKING:  # (typed, it would let any attribute of a block type-check)
 

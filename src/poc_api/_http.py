@@ -44,6 +44,7 @@ import math
 import re
 import sys
 import time
+import urllib.request
 import zlib
 from collections import deque
 from collections.abc import (
@@ -442,7 +443,9 @@ class _map_httpx_errors:
         if isinstance(exc, httpx.TransportError | httpx.DecodingError):
             if client.is_closed:
                 raise closed_under_call() from exc
-            raise _from_httpx(exc, self._method, redact_url(self._url)) from exc
+            raise _from_httpx(
+                exc, self._method, redact_url(self._url), proxied=_proxied(client, self._url)
+            ) from exc
         if isinstance(exc, RuntimeError) and client.is_closed:
             # httpx's "Cannot send a request, as the client has been closed": the
             # close came while this call waited at a checkpoint before sending.
@@ -478,7 +481,23 @@ def _reason(exc: BaseException, redact: Callable[[str], str]) -> str:
     return ""
 
 
-def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
+def _proxied(client: httpx.AsyncClient, url: str) -> bool:
+    """Whether httpx sends a call to ``url`` through a proxy of the environment."""
+    if not client.trust_env:
+        return False
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(parsed.scheme) or proxies.get("all")) and not (
+        urllib.request.proxy_bypass(parsed.host)
+    )
+
+
+def _from_httpx(
+    exc: httpx.RequestError, method: str, url: str, *, proxied: bool = False
+) -> PocApiError:
     # httpx's messages quote the server's bytes (a bad header line, a bad chunk),
     # which may echo the key: out of them before they are cut, logged or raised.
     key_out = _call_redactor.get()
@@ -497,9 +516,12 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
         if text.startswith("illegal request line"):
             # h11's words for an answer whose first byte is not text (it means the
             # status line): binary, as an HTTP/2-only port's SETTINGS frame is.
+            # A TLS port answers a plaintext request with an alert record: binary too.
+            tls_port = " (or a TLS port: then https://)" if url.startswith("http://") else ""
             return ServerUnavailable(
                 f"{method} {url}: the server did not answer in HTTP/1.1 (binary bytes, "
-                f"as an HTTP/2-only port sends): {IS_BASE_URL}a gRPC port?"
+                f"as an HTTP/2-only port or a TLS port's alert sends): "
+                f"{IS_BASE_URL}a gRPC port?{tls_port}"
             )
         return ProtocolViolation(f"{method} {url}: malformed HTTP response: {text}")
     if isinstance(exc, httpx.DecodingError):
@@ -513,7 +535,14 @@ def _from_httpx(exc: httpx.RequestError, method: str, url: str) -> PocApiError:
             retriable=True,
         )
     if isinstance(exc, httpx.ConnectError) and plaintext_peer(text):
-        text = f"{text}: {PLAINTEXT_PEER}"
+        if proxied:  # (the classic cause: HTTPS_PROXY=https://... for a plaintext proxy)
+            text = (
+                f"{text}: the proxy of the environment (HTTPS_PROXY, ALL_PROXY), or the "
+                "server, did not answer in TLS: is the proxy's URL https:// for a "
+                f"plaintext proxy (then http://), or {IS_BASE_URL}a plaintext port?"
+            )
+        else:
+            text = f"{text}: {PLAINTEXT_PEER}"
     if not text:
         # Every error down the chain is empty: trio's BrokenResourceError for a TLS
         # connection its peer closed has no words of its own.

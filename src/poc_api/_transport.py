@@ -1057,7 +1057,7 @@ class GrpcTransport:
             self._channel = None
         if protocol.went_away_first.is_set() and not protocol.protocol_error:
             raise e.ServerUnavailable(
-                f"{self._target.url} sent GOAWAY before its HTTP/2 SETTINGS: it refused "
+                f"{self._named} sent GOAWAY before its HTTP/2 SETTINGS: it refused "
                 "the connection (shutting down?)",
                 retriable=True,
             )
@@ -1066,11 +1066,11 @@ class GrpcTransport:
             # the same silence as this wait running out, which it may come first.)
             if protocol.protocol_error:
                 raise e.ProtocolViolation(
-                    f"{self._target.url} answered, but not in HTTP/2{protocol.alpn_note}: "
+                    f"{self._named} answered, but not in HTTP/2{protocol.alpn_note}: "
                     "is it a gRPC server (an HTTP/1.1 port?)"
                 )
             raise e.ServerUnavailable(
-                f"{self._target.url} closed the connection before speaking HTTP/2"
+                f"{self._named} closed the connection before speaking HTTP/2"
                 f"{protocol.alpn_note}: is it a gRPC server"
                 # (a TLS port drops the HTTP/2 preface it cannot read as a handshake)
                 f"{'' if self._target.tls else ', and not a TLS port (then https://)'}?",
@@ -1080,7 +1080,7 @@ class GrpcTransport:
         # as for a connect that times out.
         self._last_hung = True
         raise e.ServerUnavailable(
-            f"{self._target.url} accepted the connection but sent no HTTP/2 "
+            f"{self._named} accepted the connection but sent no HTTP/2 "
             f"SETTINGS within {bound_by}{protocol.alpn_note}: is it a gRPC server, "
             "and not frozen (stopped, overloaded: the kernel accepts connections for it)?",
             retriable=True,

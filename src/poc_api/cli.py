@@ -165,6 +165,8 @@ class _Target:
     model: str = ""
     #: --timeout: the bound on each wait for the server (None: the library's own).
     timeout: float | None = None
+    #: grpc_url is POC_GRPC_URL's (not --grpc-url's): the client's errors say so.
+    grpc_from_env: bool = False
 
     def stream_timeouts(self) -> _StreamTimeouts:
         """A Generate stream's keyword arguments for ``timeout``: the first token
@@ -313,7 +315,8 @@ def _target(url: str | None, api_key: str | None, grpc_url: str | None) -> _Targ
             GrpcTarget.from_url(grpc)
         except ValueError as exc:
             raise click.UsageError(f"invalid {grpc_what}: {exc}") from None
-    return _Target(base.rstrip("/"), key, grpc, model, timeout)
+    from_env = bool(grpc) and not grpc_flag
+    return _Target(base.rstrip("/"), key, grpc, model, timeout, grpc_from_env=from_env)
 
 
 def _keep_model(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
@@ -426,10 +429,15 @@ async def _connect(target: _Target, where: _Where, *, seed: int = 0) -> AsyncIte
             async with client:
                 yield _Conn(client, server)
         return
+    grpc_url = target.grpc_url
+    if target.grpc_from_env and grpc_url and not grpc_url.startswith("dns:"):
+        # Left for the client to read (the same variable): its connection errors
+        # then say "(from POC_GRPC_URL)", not a URL the user seems to have passed.
+        grpc_url = None
     client = ApiClient(
         target.base_url,
         api_key=target.api_key,
-        grpc_url=target.grpc_url,
+        grpc_url=grpc_url,
         model=target.model,
         **_client_timeouts(target),
     )
