@@ -1726,3 +1726,107 @@ async def test_a_derived_grpc_url_on_a_port_that_is_no_grpc_one_says_where_it_ca
     assert "(base_url's port + 1: pass grpc_url" in str(first.value), first.value
     assert "(base_url's port + 1: pass grpc_url" in str(again.value), again.value
     assert "could not be reached" in str(again.value), again.value
+
+
+async def test_a_model_no_request_can_carry_is_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    ids = tokenize("Hello there")
+    bad = "a\ud800"
+    with pytest.raises(ValueError, match="lone surrogate"):
+        client.session(model=bad)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        client.conversation(model=bad)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        await client.score([Tokens(ids)], [(1, 2)], model=bad)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        await client.score_many([([Tokens(ids)], [(1, 2)])], model=bad, share_prefix=True)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        await client.score_continuations([Tokens(ids)], [[1]], model=bad)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        await client.train([poc_api.TrainSample([1], [(0, 1)])], model=bad)
+    with pytest.raises(ValueError, match="lone surrogate"):  # as chat() already did
+        await client.chat([{"role": "user", "content": "x"}], model=bad)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url, model=bad)
+
+
+async def test_pool_and_share_prefix_name_the_calls_model(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="poc_api.server.grpc")
+    ids = tokenize("Hello there, how are you")
+    with trio.fail_after(30):
+        async with reference_server() as a, reference_server() as b:
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=[a.grpc_url, b.grpc_url], model="mine"
+            ) as c:
+                prompts = [([Tokens(ids[:k])], [(1, 2)]) for k in (3, 4, 5)]
+                await c.score_many(prompts, share_prefix=True, model="other-d")
+                await c.score_many(prompts, model="other-e")
+                for _ in range(3):
+                    async with c.session(model="other-a"):
+                        pass
+                async with c.conversation(model="other-b") as conv:
+                    async with conv.stream([Tokens(ids)], SamplingParams(max_tokens=1)) as ev:
+                        _ = [e async for e in ev]
+    opened = [
+        r.args[0]
+        for r in caplog.records
+        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
+    ]  # type: ignore[index]
+    assert set(opened) == {"other-d", "other-e", "other-a", "other-b"}, opened
+    assert "mine" not in opened
+
+
+async def test_chat_and_session_read_an_empty_model_alike(
+    server: ReferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A call's model="" names the server's default: session() sends "", chat()
+    # names the server's only model (GET /models), as ApiClient(model="") does;
+    # neither names the client's "mine".
+    caplog.set_level(logging.DEBUG, logger="poc_api.server.grpc")
+    bodies: list[bytes] = []
+
+    async def chat_server(stream: trio.SocketStream) -> None:
+        while True:
+            head, body = await read_request(stream)
+            if not head:
+                return
+            kind = b"application/json"
+            if head.startswith(b"GET"):
+                answer = b'{"object":"list","data":[{"id":"served","object":"model"}]}'
+            elif b'"stream":true' in body:
+                bodies.append(body)
+                kind = b"text/event-stream"
+                answer = (
+                    b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"},'
+                    b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+                )
+            else:
+                bodies.append(body)
+                answer = (
+                    b'{"id":"x","choices":[{"index":0,"message":{"role":"assistant",'
+                    b'"content":"hi"},"finish_reason":"stop"}]}'
+                )
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: "
+                + kind
+                + b"\r\n"
+                + f"content-length: {len(answer)}\r\n\r\n".encode()
+                + answer
+            )
+
+    async with http_server(chat_server) as url:
+        async with poc_api.ApiClient(url, model="mine", grpc_url=server.grpc_url) as c:
+            await c.chat([{"role": "user", "content": "x"}], model="")
+            async with c.chat_stream([{"role": "user", "content": "x"}], model="") as s:
+                _ = [e async for e in s]
+            async with c.session(model=""):
+                pass
+    opened = [
+        r.args[0]  # type: ignore[index]
+        for r in caplog.records
+        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
+    ]
+    assert opened == []  # "": the server's default
+    assert json.loads(bodies[0])["model"] == "served"
+    assert json.loads(bodies[1])["model"] == "served"

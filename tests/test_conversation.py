@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import Any
@@ -930,3 +931,67 @@ async def test_a_stream_error_mid_turn_logs_that_its_session_is_dropped(
                             await trio.to_thread.run_sync(srv.stop)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert any(sid in m and "turn failed" in m and "dropping" in m for m in lines), lines
+
+
+class _Mine(Exception):
+    pass
+
+
+@pytest.mark.parametrize("then", ["nothing", "own_error", "own_poc_error"])
+async def test_a_stream_error_caught_in_the_block_still_logs_the_dropped_session(
+    caplog: pytest.LogCaptureFixture, then: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="poc_api.grpc")
+    ids = tokenize("Hello there")
+    with trio.fail_after(30):
+        async with (
+            reference_server(token_delay_ms=20) as srv,
+            open_client(srv, close_timeout=0.5) as c,
+            c.conversation() as conv,
+        ):
+            with (
+                pytest.raises((_Mine, poc_api.PocApiTimeout))
+                if then != "nothing"
+                else contextlib.nullcontext()
+            ):
+                async with conv.stream([Tokens(ids)], SamplingParams(max_tokens=50)) as ev:
+                    assert conv.session is not None
+                    sid = conv.session.session_id
+                    n = 0
+                    with pytest.raises(poc_api.ServerUnavailable):
+                        async for _ in ev:
+                            n += 1
+                            if n == 2:
+                                await trio.to_thread.run_sync(srv.stop)
+                    if then == "own_error":
+                        raise _Mine
+                    if then == "own_poc_error":  # another call of the block's, say
+                        raise poc_api.PocApiTimeout("the caller's own call", retriable=True)
+            assert conv.session is None  # dropped
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    said = [m for m in lines if sid in m and "dropping" in m]
+    assert len(said) == 1 and "ServerUnavailable" in said[0], lines
+
+
+async def test_a_conversation_keeps_its_model_when_its_session_is_reopened(
+    client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="poc_api.server.grpc")
+    ids = tokenize("Hello there")
+    with trio.fail_after(20):
+        async with client.conversation(model="other-b") as conv:
+            async with conv.stream([Tokens(ids)], SamplingParams(max_tokens=1)) as events:
+                _ = [e async for e in events]
+            with pytest.raises(poc_api.InvalidRequest):
+                async with conv.stream(
+                    [Tokens(ids), Image(b"x", "image/png")], SamplingParams(max_tokens=1)
+                ) as events:
+                    pass
+            async with conv.stream([Tokens(ids)], SamplingParams(max_tokens=1)) as events:
+                _ = [e async for e in events]
+    opened = [
+        r.args[0]
+        for r in caplog.records
+        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
+    ]  # type: ignore[index]
+    assert opened == ["other-b", "other-b"], opened

@@ -38,7 +38,15 @@ from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
 from ._errors import NeedsAsyncWith
-from ._http import ChatCompletion, ChatStream, HttpApi, TokenizerInfo, shown_url, url_password
+from ._http import (
+    ChatCompletion,
+    ChatStream,
+    HttpApi,
+    TokenizerInfo,
+    _unencodable,
+    shown_url,
+    url_password,
+)
 from ._pool import (
     DEFAULT_AFFINITY_HEADER,
     DnsTarget,
@@ -235,6 +243,15 @@ def check_api_key(api_key: str) -> None:
             "api_key must be printable ASCII with no leading or trailing space "
             "(a stray newline or space from a .env file?)"
         )
+
+
+def check_model(model: str) -> None:
+    """A ``ValueError`` now for a model name no request can carry (a lone
+    surrogate: protobuf and JSON bodies are UTF-8), as the chat calls refuse it."""
+    try:
+        model.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"model: {_unencodable(exc)}") from None
 
 
 def _seconds(name: str, value: object) -> float:
@@ -441,6 +458,7 @@ class ApiClient:
                     "got the same one twice"
                 )
         check_api_key(api_key)
+        check_model(model)
         self._connect_timeout = _seconds("connect_timeout", connect_timeout)
         self._timeout = _seconds("timeout", timeout)
         self._close_timeout = _seconds("close_timeout", close_timeout)
@@ -504,7 +522,8 @@ class ApiClient:
 
     @property
     def model(self) -> str:
-        """The model name sent with every call ("" = the server's default)."""
+        """The model name sent with every call that passes no ``model=`` of its own
+        ("" = the server's default)."""
         return self._model
 
     @trio.lowlevel.enable_ki_protection
@@ -803,6 +822,7 @@ class ApiClient:
             return self._model
         if not isinstance(model, str):
             raise TypeError(f"model must be a str, not {type(model).__name__}")
+        check_model(model)
         return model
 
     def session(
@@ -1023,7 +1043,9 @@ class ApiClient:
             messages: OpenAI message mappings (``{"role", "content"}``; an assistant
                 tool-call turn may have ``content: None``).
             timeout: seconds for the whole call (:class:`PocApiTimeout` when passed).
-            model: the model to name for this call instead of the client's ``model``.
+            model: the model to name for this call instead of the client's ``model``
+                (``""``: the server's default, as for :meth:`session`: its only
+                served model, from ``GET /models``).
             max_tokens: decode budget, 1 to 2**31 - 1 (as OpenAI-compatible servers take).
             temperature: sampling temperature (0 is greedy).
             top_p: nucleus sampling threshold in ``[0, 1]``.

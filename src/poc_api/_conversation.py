@@ -106,7 +106,9 @@ class ConversationStream:
         self._shaper = None if readout_shape is None else ReadoutShaper(readout_shape)
         self._lookahead: Token | Done | None = None
         self._done_delivered = False  # the caller has seen the StreamDone
-        self._failed = False  # the stream itself raised (a PocApiError)
+        # The stream itself raised (a PocApiError): the turn failed, whatever the
+        # block then did with it (the drop is logged with this error).
+        self._failed: PocApiError | None = None
         self._closed = False  # aclose() was called
         self.decoded: list[int] = []
         """Ids of the tokens decoded so far."""
@@ -165,10 +167,10 @@ class ConversationStream:
                 if type(ev) is Token and ev.is_prefill:
                     continue
                 return self._convert(ev)
-        except PocApiError:
+        except PocApiError as exc:
             # After StreamDone too (events after Done: a broken server): the
             # turn failed, and its session is not kept.
-            self._failed = True
+            self._failed = exc
             raise
         raise StopAsyncIteration
 
@@ -711,7 +713,7 @@ class _Turn(NeedsAsyncWith):
             await self._gen_stack.__aexit__(exc_type, exc, tb)
             if events.done is None or session.lost:
                 return  # failed or left early: the session is lost; it is dropped
-            if exc is not None and (not out._done_delivered or out._failed):
+            if exc is not None and (not out._done_delivered or out._failed is not None):
                 return  # raised before the end was seen, or by the stream: a failed turn
             # Also with the body's own exception (or a cancel) after StreamDone: the
             # turn is complete on both sides, and the session is kept, as
@@ -738,8 +740,10 @@ class _Turn(NeedsAsyncWith):
         finally:
             try:
                 if not ok:
-                    if out._failed:
-                        _log_dropped(session, exc)
+                    if out._failed is not None:
+                        # The stream's own error, also when the block caught it
+                        # or raised another: it is why the session goes.
+                        _log_dropped(session, out._failed)
                     await self._fail()
             finally:
                 conv._lock.release()

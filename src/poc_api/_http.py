@@ -1523,7 +1523,8 @@ class HttpApi:
         there must name that request, not the chat request never sent."""
 
         def named() -> str:
-            if model or self._model or self._served_model.fetched:
+            # (A call's model="" names the server's default, not the client's model.)
+            if model or (model is None and self._model) or self._served_model.fetched:
                 return self.call_name(name, "POST", "/chat/completions")
             return f"{name} (GET {self._shown}/models, to find the model to name: {NO_MODEL_SET})"
 
@@ -2013,8 +2014,10 @@ class HttpApi:
         return payload
 
     @_redacting
-    async def _chat_model(self) -> str:
+    async def _chat_model(self, own: bool = True) -> str:
         """The model to name: ``model=`` if given, else the server's only model.
+        ``own=False`` for a call's ``model=""``: the server's default, as the gRPC
+        calls send it, not the client's model.
 
         Servers that check the name (vLLM answers 404 to an unknown one) refuse
         ``""``, so without ``model=`` this asks ``GET /models`` once per client and
@@ -2026,7 +2029,7 @@ class HttpApi:
         lookup and its outcome, as :meth:`readout_manifest`'s callers share one
         fetch; a failed lookup caches nothing.
         """
-        if self._model:
+        if own and self._model:
             return self._model
         return await self._served_model.get()
 
@@ -2134,7 +2137,7 @@ class HttpApi:
             extra=extra,
         )
         if not payload["model"]:
-            payload["model"] = await self._chat_model()
+            payload["model"] = await self._chat_model(model is None)
         shown = self._shown + "/chat/completions"
         what = f"POST {shown}"
         data = await self._request("POST", "/chat/completions", payload)
@@ -2260,7 +2263,7 @@ class HttpApi:
                 token = BLOCK_SENT.set(sent)
                 try:
                     with call_scope(scope):  # (an error body read takes its deadline)
-                        payload["model"] = await self._chat_model()
+                        payload["model"] = await self._chat_model(model is None)
                 finally:
                     BLOCK_SENT.reset(token)
             request = self._build_request("POST", url, payload, accept="text/event-stream")
