@@ -46,6 +46,16 @@ def resource_warnings() -> Iterator[list[str]]:
     found.extend(str(w.message) for w in caught if issubclass(w.category, ResourceWarning))
 
 
+def opened_models(records: list[Any]) -> list[str]:
+    """The models the reference servers' OpenSession calls named, in order, from
+    log records (``caplog.records``; ``poc_api.server.grpc`` at DEBUG)."""
+    return [
+        r.args[0]
+        for r in records
+        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
+    ]
+
+
 async def block_the_run(after: float, seconds: float) -> None:
     """Block the whole trio run for ``seconds`` (as a loaded machine may)."""
     await trio.sleep(after)

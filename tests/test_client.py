@@ -26,6 +26,7 @@ from helpers import (
     heartbeat,
     http_server,
     kill_for_good,
+    opened_models,
     read_beside_a_second_reader,
     read_request,
     refusing_port,
@@ -1676,11 +1677,7 @@ async def test_a_call_may_name_another_model_on_the_shared_connection(
         await client.score([Tokens(ids)], [(1, len(ids))], model="other-c")
         await client.score_many([([Tokens(ids)], [(1, 2)])], model="other-d")
         await client.score_continuations([Tokens(ids)], [[1]], model="other-e")
-    opened = [
-        r.args[0]  # type: ignore[index]
-        for r in caplog.records
-        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
-    ]
+    opened = opened_models(caplog.records)
     assert opened == ["other-a", "other-b", "other-c", "other-d", "other-e"], opened
     assert server.state().connections_total == before  # (the one connection)
     with pytest.raises(TypeError, match="model must be a str"):
@@ -1768,11 +1765,7 @@ async def test_pool_and_share_prefix_name_the_calls_model(caplog: pytest.LogCapt
                 async with c.conversation(model="other-b") as conv:
                     async with conv.stream([Tokens(ids)], SamplingParams(max_tokens=1)) as ev:
                         _ = [e async for e in ev]
-    opened = [
-        r.args[0]
-        for r in caplog.records
-        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
-    ]  # type: ignore[index]
+    opened = opened_models(caplog.records)
     assert set(opened) == {"other-d", "other-e", "other-a", "other-b"}, opened
     assert "mine" not in opened
 
@@ -1822,11 +1815,7 @@ async def test_chat_and_session_read_an_empty_model_alike(
                 _ = [e async for e in s]
             async with c.session(model=""):
                 pass
-    opened = [
-        r.args[0]  # type: ignore[index]
-        for r in caplog.records
-        if r.name == "poc_api.server.grpc" and r.msg.startswith("OpenSession for model")
-    ]
+    opened = opened_models(caplog.records)
     assert opened == []  # "": the server's default
     assert json.loads(bodies[0])["model"] == "served"
     assert json.loads(bodies[1])["model"] == "served"
