@@ -19,7 +19,7 @@ import poc_api
 from poc_api._png import encode_png
 from poc_api.server import ServerConfig
 from poc_api.server import __main__ as server_main
-from poc_api.testing import make_png, open_client, reference_server
+from poc_api.testing import NGINX, make_png, open_client, reference_server
 
 TIMEOUT = 60
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -446,3 +446,102 @@ async def test_open_client_reaches_its_server_past_a_proxy_variable(
                 assert await client.tokenize("Hi") == [72, 105]
     with pytest.raises(TypeError, match="trust_env must be a bool"):
         poc_api.ApiClient("http://127.0.0.1:9/v1", trust_env="no")  # type: ignore[arg-type]
+
+
+def test_a_client_left_open_fails_a_users_test_under_filterwarnings_error(
+    tmp_path: Path,
+) -> None:
+    # A strict suite (filterwarnings = error) made the ResourceWarning of a client
+    # left open an error, which the run's end swallowed: the leak passed silently,
+    # where the default filters at least warned.
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\nfilterwarnings = error\n")
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["poc_api.testing"]\n')
+    (tmp_path / "test_user.py").write_text(
+        textwrap.dedent(
+            """
+            import poc_api
+
+
+            async def test_forgets_to_close(poc_server):
+                client = poc_api.ApiClient(
+                    poc_server.base_url, grpc_url=poc_server.grpc_url, trust_env=False
+                )
+                await client.__aenter__()
+                await client.tokenize("Hi")
+
+
+            async def test_closes(poc_client):
+                await poc_client.tokenize("Hi")
+            """
+        )
+    )
+    result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider"], tmp_path)
+    assert "1 failed, 1 passed" in result.stdout, result.stdout + result.stderr
+    assert "FAILED test_user.py::test_forgets_to_close" in result.stdout
+    assert "was not closed before its trio.run ended" in result.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(NGINX), reason=f"nginx is not installed at {NGINX}")
+async def test_nginx_grpc_proxy_finds_nginx_on_path_and_says_when_it_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default path was bound when the module was imported (setting NGINX did
+    # nothing), and an nginx elsewhere on PATH (Homebrew, Nix, conda) was never
+    # tried: a bare "No such file or directory: '/usr/sbin/nginx'".
+    import poc_api.testing as t
+
+    real, marker = NGINX, tmp_path / "ran"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "nginx"
+    wrapper.write_text(f'#!/bin/sh\ntouch {marker}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(t, "NGINX", str(tmp_path / "no-such-nginx"))
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    async with t.reference_servers(1) as servers:
+        async with t.nginx_grpc_proxy([s.grpc_url for s in servers]) as url:
+            async with open_client(servers[0], grpc_url=url) as client:
+                async with client.session() as s:
+                    await s.prefill([1, 2, 3])
+        assert marker.exists()
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        with pytest.raises(FileNotFoundError, match="nginx-light"):
+            async with t.nginx_grpc_proxy([s.grpc_url for s in servers]):
+                pass
+
+
+def test_a_conftest_may_import_the_helpers_it_names_as_a_plugin(tmp_path: Path) -> None:
+    # pytest loads a conftest (its imports) before its pytest_plugins: importing a
+    # helper from poc_api.testing there warned that the module could not be
+    # rewritten, and under filterwarnings = error the run stopped before any test.
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\nfilterwarnings = error\n")
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent(
+            """
+            import pytest
+
+            from poc_api.testing import make_png
+
+            pytest_plugins = ["poc_api.testing"]
+
+
+            @pytest.fixture
+            def big_png():
+                return make_png(112, 112)
+            """
+        )
+    )
+    (tmp_path / "test_user.py").write_text(
+        textwrap.dedent(
+            """
+            async def test_image(poc_client, big_png):
+                async with poc_client.session() as s:
+                    image = await s.append_image(big_png, "image/png")
+                assert image.total_length == 16
+            """
+        )
+    )
+    result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert "PytestAssertRewriteWarning" not in result.stdout + result.stderr

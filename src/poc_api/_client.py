@@ -291,6 +291,23 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+class _Unraisable:
+    """Raises its exception from ``__del__``: Python hands it to ``sys.unraisablehook``.
+
+    For an error that cannot be raised where it happens (a ``ResourceWarning`` made
+    an error by ``-W error``, in a task the run's end cancels): Python prints it
+    ("Exception ignored in: ..."), and pytest fails the test that was running
+    (``PytestUnraisableExceptionWarning``), as for a ``ResourceWarning`` of
+    Python's own. (The hook's argument type is not importable before 3.13.)
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __del__(self) -> None:
+        raise self.exc from None
+
+
 @final
 class ApiClient:
     """A client for a salience server. Use it as an async context manager.
@@ -634,8 +651,12 @@ class ApiClient:
                     log.warning("%s", msg)
                     try:
                         warnings.warn(msg, ResourceWarning, stacklevel=1)
-                    except Warning:  # -W error: raised here, it would crash the run
-                        pass
+                    except Warning as exc:
+                        # -W error (filterwarnings = error): raised here, it would
+                        # crash the run. Reported as "Exception ignored", as Python
+                        # does with a ResourceWarning that cannot be raised; pytest
+                        # fails the test that leaked the client.
+                        _Unraisable(exc)  # dropped at once: reported there
                     with trio.CancelScope(shield=True):
                         await self.aclose()
 

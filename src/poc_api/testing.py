@@ -35,11 +35,17 @@ then, in a test module (with ``trio_mode = true``, or mark the test ``@pytest.ma
 
 :func:`make_png` builds other PNG images. Importing this module without pytest
 installed is fine: only the fixtures are left out.
+
+A ``conftest.py`` may import helpers from this module as well as name it in
+``pytest_plugins``: it has no ``assert`` for pytest to rewrite, and says so to
+pytest (PYTEST_DONT_REWRITE), which otherwise warns that the module was imported
+before it could rewrite it (an error under ``filterwarnings = error``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import tempfile
@@ -255,18 +261,34 @@ http {{
 """
 
 
+def _find_nginx() -> str:
+    """:data:`NGINX` if it exists, else ``nginx`` on ``PATH``.
+
+    NGINX is read now, not when this module was imported: a test suite may set it.
+    """
+    found = NGINX if os.path.exists(NGINX) else shutil.which("nginx")
+    if found is None:
+        raise FileNotFoundError(
+            f"nginx is not installed: not at {NGINX} nor on PATH (apt-get install "
+            "nginx-light, or pass nginx= its path)"
+        )
+    return found
+
+
 @protected_asynccontextmanager
 async def nginx_grpc_proxy(
     backends: Sequence[str],
     *,
     affinity_header: str = "x-session-affinity",
     keepalive_requests: int = 1_000_000,
-    nginx: str = NGINX,
+    nginx: str | None = None,
 ) -> AsyncIterator[str]:
     """Run nginx in front of ``backends`` for the block; yields its gRPC URL.
 
     It listens on a free loopback port with :func:`nginx_grpc_config` and is
-    stopped on exit. Needs nginx (``apt-get install nginx-light``).
+    stopped on exit. Needs nginx (``apt-get install nginx-light``): ``nginx`` is
+    its path, by default :data:`NGINX` as this call finds it, else ``nginx`` on
+    ``PATH`` (Homebrew, Nix, conda); neither raises ``FileNotFoundError`` saying so.
 
     Example::
 
@@ -275,6 +297,8 @@ async def nginx_grpc_proxy(
                 async with ApiClient(servers[0].base_url, grpc_url=url) as client:
                     ...
     """
+    if nginx is None:
+        nginx = _find_nginx()
     with tempfile.TemporaryDirectory(prefix="poc-nginx-") as workdir:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
