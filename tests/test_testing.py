@@ -202,7 +202,12 @@ async def test_the_reference_server_accepts_make_png_images(
 
 
 def run_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POC_", "PYTEST_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("POC_", "PYTEST_")) and k not in ("PY_COLORS", "FORCE_COLOR")
+    }
+    env["NO_COLOR"] = "1"  # pytest's summary lines are matched as plain text
     return subprocess.run(
         [sys.executable, *args],
         cwd=cwd,
