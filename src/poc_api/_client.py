@@ -155,11 +155,23 @@ def resolve_grpc_url(
     >>> resolve_grpc_url("http://127.0.0.1:8000/v1")
     'http://127.0.0.1:8001'
     """
+    return _resolve_grpc_url(base_url, grpc_url, env)[0]
+
+
+#: The origin of a gRPC URL read from the environment (see _resolve_grpc_url).
+_FROM_ENV: Final = "from POC_GRPC_URL"
+
+
+def _resolve_grpc_url(
+    base_url: str, grpc_url: str | None, env: Mapping[str, str] | None
+) -> tuple[str, str]:
+    """:func:`resolve_grpc_url`, and where the URL came from unless it is
+    ``grpc_url`` (for the errors a wrong URL explains; "" for ``grpc_url``)."""
     if grpc_url:
-        return grpc_url
+        return grpc_url, ""
     env = os.environ if env is None else env
     if env.get("POC_GRPC_URL"):
-        return env["POC_GRPC_URL"]
+        return env["POC_GRPC_URL"], _FROM_ENV
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
@@ -172,16 +184,8 @@ def resolve_grpc_url(
             f"for gRPC; {PASS_GRPC_URL}"
         )
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port + 1}"
-
-
-def _grpc_url_origin(grpc_url: str | Sequence[str] | None) -> str:
-    """Where :func:`resolve_grpc_url` takes the URL from, unless it is ``grpc_url``."""
-    if grpc_url:
-        return ""
-    if os.environ.get("POC_GRPC_URL"):
-        return "from POC_GRPC_URL"
-    return f"{PORT_PLUS_ONE}{PASS_GRPC_URL} if the gRPC server is elsewhere"
+    origin = f"{PORT_PLUS_ONE}{PASS_GRPC_URL} if the gRPC server is elsewhere"
+    return f"{parts.scheme}://{host}:{port + 1}", origin
 
 
 def check_base_url(base_url: str) -> None:
@@ -493,20 +497,23 @@ class ApiClient:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._model = model
-        origin = _grpc_url_origin(grpc_url)
-        try:
-            self._target = _first_target(pool) or GrpcTarget.from_url(
-                resolve_grpc_url(self._base_url, grpc_url if isinstance(grpc_url, str) else None),
-                origin,
+        first = _first_target(pool)
+        if first is not None:
+            self._target = first
+        else:
+            url, origin = _resolve_grpc_url(
+                self._base_url, grpc_url if isinstance(grpc_url, str) else None, None
             )
-        except ValueError as exc:
-            if origin != "from POC_GRPC_URL":
-                raise
-            # The caller passed no gRPC URL: "gRPC URL must look like ..." named none
-            # they had given.
-            raise ValueError(
-                f"POC_GRPC_URL (read from the environment: grpc_url was not passed): {exc}"
-            ) from None
+            try:
+                self._target = GrpcTarget.from_url(url, origin)
+            except ValueError as exc:
+                if origin != _FROM_ENV:
+                    raise
+                # The caller passed no gRPC URL: "gRPC URL must look like ..." named
+                # none they had given.
+                raise ValueError(
+                    f"POC_GRPC_URL (read from the environment: grpc_url was not passed): {exc}"
+                ) from None
         # One bound for the client: every endpoint of a pool counts against it.
         self._streams = StreamBudget(streams)
         self._state = _State.UNOPENED

@@ -443,9 +443,7 @@ class _map_httpx_errors:
         if isinstance(exc, httpx.TransportError | httpx.DecodingError):
             if client.is_closed:
                 raise closed_under_call() from exc
-            raise _from_httpx(
-                exc, self._method, redact_url(self._url), proxied=_proxied(client, self._url)
-            ) from exc
+            raise _from_httpx(exc, self._method, redact_url(self._url), client) from exc
         if isinstance(exc, RuntimeError) and client.is_closed:
             # httpx's "Cannot send a request, as the client has been closed": the
             # close came while this call waited at a checkpoint before sending.
@@ -496,7 +494,7 @@ def _proxied(client: httpx.AsyncClient, url: str) -> bool:
 
 
 def _from_httpx(
-    exc: httpx.RequestError, method: str, url: str, *, proxied: bool = False
+    exc: httpx.RequestError, method: str, url: str, client: httpx.AsyncClient | None = None
 ) -> PocApiError:
     # httpx's messages quote the server's bytes (a bad header line, a bad chunk),
     # which may echo the key: out of them before they are cut, logged or raised.
@@ -535,7 +533,9 @@ def _from_httpx(
             retriable=True,
         )
     if isinstance(exc, httpx.ConnectError) and plaintext_peer(text):
-        if proxied:  # (the classic cause: HTTPS_PROXY=https://... for a plaintext proxy)
+        # (The classic cause: HTTPS_PROXY=https://... for a plaintext proxy. Looked
+        # up here only: it reads the environment.)
+        if client is not None and _proxied(client, url):
             text = (
                 f"{text}: the proxy of the environment (HTTPS_PROXY, ALL_PROXY), or the "
                 "server, did not answer in TLS: is the proxy's URL https:// for a "

@@ -252,14 +252,12 @@ def _connect_failure(exc: OSError, tls: bool) -> str:
     return text
 
 
-def _failure_reason(exc: BaseException, *urls: str) -> str:
-    """Why a connection attempt failed, without the URL its message may start with
-    (the first of ``urls`` it does: the longest first)."""
+def _failure_reason(exc: BaseException, url: str) -> str:
+    """Why a connection attempt failed, without the URL its message may start with."""
     text = str(exc) or type(exc).__name__
-    for url in urls:
-        for prefix in (f"{url}: ", f"{url} "):
-            if text.startswith(prefix):
-                return text[len(prefix) :]
+    for prefix in (f"{url}: ", f"{url} "):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
     return text
 
 
@@ -1005,7 +1003,8 @@ class GrpcTransport:
                 self._failures += 1
                 self._failed_at = loop.time()
                 self._retry_at = self._failed_at + backoff(self._failures, 0.05, _MAX_BACKOFF)
-                self._last_failure = _failure_reason(exc, self._target.described, self._target.url)
+                # (Its message names the target as _named did: _reached is unchanged.)
+                self._last_failure = _failure_reason(exc, self._named)
                 attempt.set_exception(exc)  # for the calls that waited for it
                 attempt.exception()  # (none may have: nothing to log then)
             raise
