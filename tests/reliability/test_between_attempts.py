@@ -20,67 +20,38 @@ def slow_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     slow_new_connections(monkeypatch, 1.5)
 
 
-@pytest.mark.usefixtures("slow_reconnect")
-async def test_an_append_image_cancelled_between_attempts_keeps_the_session(
-    bad_server: MisbehavingServer,
-) -> None:
-    async with client_for(bad_server) as c, c.session() as s:
-        await s.prefill([1, 2])
-        bad_server.plan("AppendImage", Reply("goaway_open"))
-        with trio.move_on_after(0.4) as scope:
-            await s.append_image(make_png(4, 4), "image/png")
-        assert scope.cancelled_caught
-        assert len(bad_server.calls_to("AppendImage")) == 1  # never processed
-        assert not s.lost
-        with trio.fail_after(5):
-            await s.prefill([3])
+async def _call(s: poc_api.Session, method: str, timeout: float | None = None) -> None:
+    if method == "AppendImage":
+        await s.append_image(make_png(4, 4), "image/png", timeout=timeout)
+        return
+    async with s.generate([3], sampling=SamplingParams(max_tokens=2), timeout=timeout) as ev:
+        async for _ in ev:
+            pass  # pragma: no cover - never answered
 
 
 @pytest.mark.usefixtures("slow_reconnect")
-async def test_a_generate_cancelled_between_attempts_keeps_the_session(
-    bad_server: MisbehavingServer,
+@pytest.mark.parametrize("method", ["AppendImage", "Generate"])
+@pytest.mark.parametrize("how", ["cancelled", "timed_out"])
+async def test_a_call_given_up_on_between_attempts_keeps_the_session(
+    bad_server: MisbehavingServer, method: str, how: str
 ) -> None:
+    # Timed out there, the call says "nothing was sent": retriable.
     async with client_for(bad_server) as c, c.session() as s:
         await s.prefill([1, 2])
-        bad_server.plan("Generate", Reply("goaway_open"))
-        with trio.move_on_after(0.4) as scope:
-            async with s.generate([3], sampling=SamplingParams(max_tokens=2)) as ev:
-                async for _ in ev:
-                    pass  # pragma: no cover - never answered
-        assert scope.cancelled_caught
-        assert len(bad_server.calls_to("Generate")) == 2  # the prefill; never processed
+        bad_server.plan(method, Reply("goaway_open"))
+        if how == "cancelled":
+            with trio.move_on_after(0.4) as scope:
+                await _call(s, method)
+            assert scope.cancelled_caught
+        else:
+            with pytest.raises(poc_api.PocApiTimeout) as info:
+                await _call(s, method, timeout=0.4)
+            assert info.value.retriable, info.value
+        # Never processed (a Generate's count has the prefill's too).
+        assert len(bad_server.calls_to(method)) == (1 if method == "AppendImage" else 2)
         assert not s.lost
         with trio.fail_after(5):
             await s.prefill([4])
-
-
-@pytest.mark.usefixtures("slow_reconnect")
-async def test_a_generate_timed_out_between_attempts_is_retriable_and_keeps_the_session(
-    bad_server: MisbehavingServer,
-) -> None:
-    # As AppendImage's timeout there says: "nothing was sent", retriable.
-    async with client_for(bad_server) as c, c.session() as s:
-        await s.prefill([1, 2])
-        bad_server.plan("Generate", Reply("goaway_open"))
-        with pytest.raises(poc_api.PocApiTimeout) as info:
-            async with s.generate([3], sampling=SamplingParams(max_tokens=2), timeout=0.4) as ev:
-                async for _ in ev:
-                    pass  # pragma: no cover - never answered
-        assert info.value.retriable, info.value
-        assert not s.lost
-
-
-@pytest.mark.usefixtures("slow_reconnect")
-async def test_an_append_image_timed_out_between_attempts_is_retriable_and_keeps_the_session(
-    bad_server: MisbehavingServer,
-) -> None:
-    async with client_for(bad_server) as c, c.session() as s:
-        await s.prefill([1, 2])
-        bad_server.plan("AppendImage", Reply("goaway_open"))
-        with pytest.raises(poc_api.PocApiTimeout) as info:
-            await s.append_image(make_png(4, 4), "image/png", timeout=0.4)
-        assert info.value.retriable, info.value
-        assert not s.lost
 
 
 @pytest.mark.usefixtures("slow_reconnect")
