@@ -117,3 +117,29 @@ def test_the_module_entry_points_help_shows_defaults_but_never_the_api_key(
     assert _config(_parser().parse_args(["--api-key", "k"])).api_key == "k"
     monkeypatch.delenv("POC_API_KEY")
     assert _config(_parser().parse_args([])).api_key is None
+
+
+@pytest.mark.parametrize("key", [" k", "k\n", "kéy"])
+def test_the_module_entry_point_refuses_a_key_no_client_can_send_as_serve_does(
+    key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `poc-api serve --api-key " k"` is a usage error; `python -m poc_api.server`,
+    # "the same command" (README), started a server that no client could use.
+    from poc_api.server.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--api-key", key])
+    assert info.value.code == 2
+    assert "api_key must be printable ASCII" in capsys.readouterr().err
+
+
+def test_an_empty_api_key_option_means_no_auth_over_the_environment_as_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `poc-api serve --api-key ""` runs without auth when POC_API_KEY is set; the
+    # module entry point took the environment's key instead.
+    from poc_api.server.__main__ import parse_args
+
+    monkeypatch.setenv("POC_API_KEY", "k")
+    assert parse_args(["--api-key", ""]).api_key is None
+    assert parse_args([]).api_key == "k"

@@ -396,3 +396,76 @@ def test_a_chat_one_token_short_of_the_context_window_decodes_one_token(
     assert body["usage"]["prompt_tokens"] == max_context - 1
     assert body["usage"]["completion_tokens"] == 1
     assert body["choices"][0]["finish_reason"] == "length"
+
+
+_HUGE_INT = "1" + "0" * 400  # a JSON integer (under Python's 4300-digit limit) no float holds
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/train",
+            '{"model": "m", "samples": [{"tokens": [1], "target_ranges": [], "weight": %s}]}',
+        ),
+        ("/chat/completions", '{"messages": [{"role": "user", "content": "a"}], "top_p": %s}'),
+        ("/completions", '{"prompt": "a", "top_p": %s}'),
+        ("/completions", '{"prompt": "a", "presence_penalty": %s}'),
+    ],
+)
+def test_a_number_too_large_for_a_float_is_400(
+    http: httpx.Client, path: str, body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # math.isfinite(10**400) raises OverflowError: the connection closed with no
+    # answer at all, and the log got an ERROR traceback.
+    r = http.post(path, content=body % _HUGE_INT, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "error" in r.json()
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"], caplog.text
+
+
+@pytest.mark.parametrize("name", [[1], {"a": 1}])
+def test_a_tool_choice_naming_no_string_is_400(
+    http: httpx.Client, name: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `name in set_of_names` raised TypeError (unhashable): no answer, an ERROR log.
+    body = {
+        **CHAT,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": name}},
+    }
+    r = http.post("/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "tool_choice"
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"], caplog.text
+
+
+def test_a_405_names_the_allowed_methods(http: httpx.Client) -> None:
+    # RFC 9110 15.5.6: "The origin server MUST generate an Allow header field in a
+    # 405 (Method Not Allowed) response containing a list of the target resource's
+    # currently supported methods."
+    r = http.get("/train")
+    assert r.status_code == 405
+    assert r.headers.get("allow") == "POST"
+    r = http.post("/readout/manifest", json={})
+    assert r.status_code == 405
+    assert r.headers.get("allow") == "GET"
+
+
+def test_a_handler_bug_is_a_500_not_a_dropped_connection(
+    http: httpx.Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The two bugs above dropped the connection with no answer: the client saw a
+    # transport error, not the server's fault. The next such bug answers 500.
+    from poc_api.server import _http
+
+    def broken(body: Any) -> int:
+        raise RuntimeError("a handler bug")
+
+    monkeypatch.setattr(_http, "validate_train", broken)
+    r = http.post("/train", json={"model": "m", "samples": [GOOD_SAMPLE]})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["type"] == "server_error"
+    assert "a handler bug" in caplog.text  # the traceback is logged, not sent
+    assert "a handler bug" not in r.text
+    assert http.get("/readout/manifest").status_code == 200  # the server goes on

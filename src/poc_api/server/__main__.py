@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .._client import check_api_key
 from ._app import run_forever
 from ._state import ServerConfig
 
@@ -82,10 +83,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(a: argparse.Namespace) -> ServerConfig:
+    # An explicit --api-key "" means no auth, whatever POC_API_KEY says (as serve).
+    api_key = (a.api_key if a.api_key is not None else os.environ.get("POC_API_KEY")) or None
+    # As `poc-api serve` refuses it: a key no client's header can carry.
+    check_api_key(api_key or "")
     return ServerConfig(
         host=a.host,
         port=a.port,
-        api_key=a.api_key or os.environ.get("POC_API_KEY") or None,
+        api_key=api_key,
         readout=not a.no_readout,
         seed=a.seed,
         max_sessions=a.max_sessions,

@@ -21,7 +21,6 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +29,7 @@ from typing import Any, Final, final
 import h11
 
 from ._model import SPECIAL_NAMES, VOCAB_SIZE, detokenize, tokenize
-from ._openai import ChatRequest, CompletionRequest, OpenAIError, error_body
+from ._openai import ChatRequest, CompletionRequest, OpenAIError, error_body, is_int, is_number
 from ._state import Runtime
 
 __all__ = ["HttpApp", "HttpError"]
@@ -55,14 +54,6 @@ def _error_json(e: OpenAIError) -> dict[str, Any]:
     return error_body(e.status, e.message, param=e.param, code=e.code)
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
-
-
 def validate_train(body: Any) -> int:
     """Validate a ``/v1/train`` body (proto/PROTOCOL.md §5); returns the sample count."""
     if not isinstance(body, dict):
@@ -78,7 +69,7 @@ def validate_train(body: Any) -> int:
             raise HttpError(400, f"{where} must be an object")
         tokens = s.get("tokens")
         if not isinstance(tokens, list) or not all(
-            _is_int(t) and 0 <= t < VOCAB_SIZE for t in tokens
+            is_int(t) and 0 <= t < VOCAB_SIZE for t in tokens
         ):
             raise HttpError(400, f"{where}.tokens must be a list of ids in [0, {VOCAB_SIZE})")
         ranges = s.get("target_ranges")
@@ -88,15 +79,15 @@ def validate_train(body: Any) -> int:
             ok = (
                 isinstance(r, list)
                 and len(r) == 2
-                and _is_int(r[0])
-                and _is_int(r[1])
+                and is_int(r[0])
+                and is_int(r[1])
                 and 0 <= r[0] < r[1] <= len(tokens)
             )
             if not ok:
                 raise HttpError(
                     400, f"{where}.target_ranges entry {r!r} is not [start, end] within the tokens"
                 )
-        if not _is_number(s.get("weight")):
+        if not is_number(s.get("weight")):
             raise HttpError(400, f"{where}.weight must be a finite number")
     return len(samples)
 
@@ -239,16 +230,18 @@ class HttpApp:
         return _error_json(e), _request_id(headers)
 
     def _route(self, method: str, path: str) -> tuple[_Handler, dict[str, str]]:
-        allowed = False
+        allowed: list[str] = []
         for m, pattern, handler in self._routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
             if m == method:
                 return handler, match.groupdict()
-            allowed = True
+            allowed.append(m)
         if allowed:
-            raise HttpError(405, f"{method} not allowed on {path}", code="method_not_allowed")
+            e = HttpError(405, f"{method} not allowed on {path}", code="method_not_allowed")
+            e.allow = ", ".join(sorted(set(allowed)))  # a 405 MUST say (RFC 9110 15.5.6)
+            raise e
         raise HttpError(404, f"no route for {path}", code="not_found")
 
     async def _respond(
@@ -277,7 +270,15 @@ class HttpApp:
                     raise HttpError(400, "JSON body nested too deeply") from None
             result = await handler(body, params)
         except HttpError as e:
-            await self._send_json(conn, writer, e.status, _error_json(e), request_id)
+            extra = [("allow", e.allow)] if e.allow else []
+            await self._send_json(conn, writer, e.status, _error_json(e), request_id, extra)
+            return
+        except Exception:
+            # A handler's bug: the client gets a status to report, not a dropped
+            # connection (the traceback goes to the log, where it is the server's).
+            log.exception("HTTP %s %s failed", method, path)
+            body_500 = error_body(500, "internal server error", code="internal_error")
+            await self._send_json(conn, writer, 500, body_500, request_id)
             return
         if isinstance(result, dict):
             await self._send_json(conn, writer, 200, result, request_id)
@@ -291,12 +292,14 @@ class HttpApp:
         status: int,
         obj: Any,
         request_id: str,
+        extra: list[tuple[str, str]] | None = None,
     ) -> None:
         data = json.dumps(obj).encode()
         headers = [
             ("content-type", "application/json"),
             ("content-length", str(len(data))),
             ("x-request-id", request_id),
+            *(extra or ()),
         ]
         if conn.their_state is not h11.DONE:
             # Answered before the request was read whole (an early 401 to one that
@@ -390,7 +393,7 @@ class HttpApp:
     async def _detokenize(self, body: Any, _params: dict[str, str]) -> _Result:
         tokens = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(tokens, list) or not all(
-            _is_int(t) and 0 <= t < VOCAB_SIZE for t in tokens
+            is_int(t) and 0 <= t < VOCAB_SIZE for t in tokens
         ):
             raise HttpError(400, f"body must be {{'tokens': [int]}} with ids < {VOCAB_SIZE}")
         return {"text": detokenize(tokens)}

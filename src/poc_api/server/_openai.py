@@ -65,6 +65,8 @@ class OpenAIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        #: The ``Allow`` header of a 405: the methods the path takes.
+        self.allow = ""
 
 
 def error_body(
@@ -84,19 +86,26 @@ def _bad(param: str, message: str, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
+    """A JSON integer (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+def is_number(v: object) -> bool:
+    """A finite JSON number (not a bool): 10**400 is none, as float() says."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # a JSON integer no float holds (10**400)
+        return False
 
 
 def _int(body: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value):
+    if not is_int(value):
         raise _bad(name, f"'{name}' must be an integer, got {json.dumps(value)}", "invalid_type")
     if not low <= value <= high:
         raise _bad(name, f"'{name}' must be in [{low}, {high}], got {value}", "invalid_value")
@@ -108,7 +117,7 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
     value = body.get(name)
     if value is None:
         return default
-    if not _is_number(value):
+    if not is_number(value):
         raise _bad(name, f"'{name}' must be a number, got {json.dumps(value)}", "invalid_type")
     if not low <= value <= high:
         raise _bad(name, f"'{name}' must be in [{low:g}, {high:g}], got {value}", "invalid_value")
@@ -397,7 +406,7 @@ def _check_tools(body: dict[str, Any]) -> None:
             raise _bad("tool_choice", "this model cannot call tools", "unsupported_value")
         return
     fn = choice.get("function") if isinstance(choice, dict) else None
-    if not isinstance(fn, dict) or fn.get("name") not in names:
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or fn["name"] not in names:
         raise _bad("tool_choice", "tool_choice must name one of the given tools")
     raise _bad("tool_choice", "this model cannot call tools", "unsupported_value")
 
@@ -538,10 +547,10 @@ def _prompts(prompt: Any) -> list[list[int]]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return [tokenize(p) for p in prompt]
-        if all(_is_int(t) and 0 <= t < VOCAB_SIZE for t in prompt):
+        if all(is_int(t) and 0 <= t < VOCAB_SIZE for t in prompt):
             return [list(prompt)]
         if all(
-            isinstance(p, list) and p and all(_is_int(t) and 0 <= t < VOCAB_SIZE for t in p)
+            isinstance(p, list) and p and all(is_int(t) and 0 <= t < VOCAB_SIZE for t in p)
             for p in prompt
         ):
             return [list(p) for p in prompt]
