@@ -207,6 +207,7 @@ class Reply:
     debug_data: bytes = b""  # "goaway", "goaway_open", "goaway_mid_stream"
     count: int = 1  # "goaway_open": this many GOAWAY frames, in one write
     skip_logprobs: tuple[int, ...] = ()  # Generate: prompt positions whose logprob is left out
+    shift_logprobs: int = 0  # Generate: prefill events name their position this much too far
     raw: bytes | None = None  # "ok" on a unary method (also Check): this reply message
     session_id: str | None = None  # "ok" OpenSession: this id (None: mis-<conn>-<stream>)
 
@@ -591,7 +592,7 @@ class _Connection:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         start, end = req.offset, req.offset + len(req.append_tokens)
         prefill = b"".join(
-            encode_token(req.append_tokens[p - start], True, p, -1.0)
+            encode_token(req.append_tokens[p - start], True, p + reply.shift_logprobs, -1.0)
             for p in range(start, end)
             if any(r.start <= p < r.end for r in req.logprobs_ranges)
             and p not in reply.skip_logprobs

@@ -194,6 +194,24 @@ async def test_a_logprob_the_server_left_out_is_a_protocol_violation() -> None:
             assert await client.score(prompt, [(2, 8)]) == [ScoreResult(2, 8, -6.0)]
 
 
+async def test_a_logprob_for_a_position_not_asked_for_is_a_protocol_violation() -> None:
+    # A server off by one (each prefill event names the next position) sends as many
+    # logprobs as were asked for: the count check passes, and the sum silently
+    # left out the range's first position (the last one's, outside, was dropped).
+    async with (
+        misbehaving_server(Reply(shift_logprobs=1)) as srv,
+        poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url, close_timeout=1.0) as client,
+    ):
+        with trio.fail_after(10):
+            prompt = [Tokens(list(range(10, 20)))]
+            with pytest.raises(poc_api.ProtocolViolation, match="position 8"):
+                await client.score(prompt, [(2, 8)])
+            with pytest.raises(poc_api.ProtocolViolation, match="position 10"):
+                await client.score_continuations([Tokens([1, 2, 3, 4, 5])], [list(range(5))])
+            with pytest.raises(poc_api.ProtocolViolation):
+                await client.score_many([(prompt, [(2, 8)])] * 2, share_prefix=True)
+
+
 async def test_score_many_keeps_input_order_and_bounds_concurrency(
     client: poc_api.ApiClient, server: ReferenceServer
 ) -> None:
@@ -613,3 +631,16 @@ async def test_a_range_past_an_image_the_server_gives_another_length_than_said_i
     assert f"known_expanded_len={said}" in message and "4 positions" in message, message
     assert str(after) in message, message
     await wait_for(lambda: not server.state().session_ids)
+
+
+async def test_a_prompt_that_ends_with_an_image_sends_no_empty_generate(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # score() sent a last Generate with no tokens after the image: a round trip
+    # for nothing (the shared-prefix path sent none).
+    chunks: list[poc_api.Chunk] = [Tokens(PROMPT[:6]), Image(make_png(56, 28), "image/png")]
+    before = server.state().rpc_counts.get("Generate", 0)
+    [r] = await client.score(chunks, [(1, 8)])
+    assert server.state().rpc_counts.get("Generate", 0) - before == 1
+    both = await client.score_many([(chunks, [(1, 8)])] * 2, share_prefix=True)
+    assert both == [[r], [r]]

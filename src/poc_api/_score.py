@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, SupportsIndex, TypeVar, cast
@@ -164,6 +164,11 @@ async def _collect(
     *,
     rewind_to: int | None = None,
 ) -> None:
+    # Only positions this call appends, inside a range: a logprob for another (a
+    # server off by one) passed the count check, and the sum was wrong.
+    start = session.committed_len if rewind_to is None else rewind_to
+    end = start + len(tokens)
+    starts = [s for s, _ in wire_ranges]  # (merged: sorted, disjoint)
     async with session.generate(
         tokens,
         sampling=SamplingParams(max_tokens=0),
@@ -172,7 +177,14 @@ async def _collect(
     ) as events:
         async for ev in events:
             if type(ev) is Token:
-                into[ev.position] = ev.sampled_logprob
+                p = ev.position
+                i = bisect_right(starts, p) - 1
+                if not (ev.is_prefill and start <= p < end and i >= 0 and p < wire_ranges[i][1]):
+                    raise e.ProtocolViolation(
+                        f"Generate: a logprob for position {p}, which was not asked for "
+                        f"(this call appended [{start}, {end}))"
+                    )
+                into[p] = ev.sampled_logprob
 
 
 async def _score_in_session(
@@ -204,7 +216,8 @@ async def _score_in_session(
     total = pos
     _check_within(ranges, total)
     check_window(session, total)
-    await _collect(session, pending, wire, logprobs)
+    if pending:  # (a prompt that ends with an image has nothing left to send)
+        await _collect(session, pending, wire, logprobs)
     # Every text position inside a range must have come back.
     for start, end in wire:
         covered = end - start
