@@ -377,7 +377,9 @@ class ApiClient:
             affinity key, on ``OpenSession`` and every later call of the session
             (``CloseSession`` included). An L7 proxy that hashes on it (nginx
             ``hash $http_x_session_affinity consistent``) keeps each session on the
-            backend that holds it. ``None`` sends no key.
+            backend that holds it. ``None`` sends no key. A name gRPC or HTTP/2
+            keeps for itself (``grpc-*``, ``*-bin``, ``te``, ``authorization``,
+            ...) is a ``ValueError``.
         health_check_interval: with several endpoints (or a ``dns:///``
             target), seconds between ``grpc.health.v1`` checks of each (run on
             the client's asyncio thread).

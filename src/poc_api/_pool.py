@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -241,9 +241,18 @@ def check_affinity_header(header: str | None) -> str | None:
             "affinity_header must be a lower-case HTTP/2 header name "
             f"(letters, digits, '-', '_', '.'), got {header!r}"
         )
-    if header.startswith("grpc-") or header.endswith("-bin"):
-        raise ValueError(f"affinity_header {header!r} is reserved by gRPC")
+    if header.startswith("grpc-") or header.endswith("-bin") or header in _RESERVED_HEADERS:
+        raise ValueError(f"affinity_header {header!r} is reserved by gRPC or HTTP/2")
     return header
+
+
+# Metadata keys grpclib refuses on every call (it sends them itself), the
+# api_key's (a second authorization header; a proxy hashing it hashes the key),
+# and the connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2).
+_RESERVED_HEADERS: Final = frozenset(
+    {"te", "content-type", "user-agent", "authorization"}
+    | {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
 
 
 class _Endpoint:
