@@ -3460,3 +3460,52 @@ async def test_https_through_a_plaintext_proxy_named_https_does_not_blame_base_u
                     await c.tokenize("a")
     assert "WRONG_VERSION_NUMBER" in str(info.value), info.value
     assert "proxy" in str(info.value).lower(), info.value
+
+
+async def test_a_custom_tool_call_in_a_chat_answer_is_read_not_refused(
+    http: httpx.AsyncClient,
+) -> None:
+    # OpenAI's custom tools (tools=[{"type": "custom", "custom": {...}}], which
+    # chat() sends as given) come back as {"type": "custom", "custom": {"name",
+    # "input"}}, with no "function": a valid answer, refused as a ProtocolViolation.
+    custom = {"id": "call_1", "type": "custom", "custom": {"name": "grep", "input": "x|y"}}
+    function = {"id": "call_2", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [custom, function]}
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+    tools = [{"type": "custom", "custom": {"name": "grep"}}]
+    with trio.fail_after(10):
+        async with canned_server([response(200, json.dumps(body).encode())]) as url:
+            done = await make_api(http, url).chat(HELLO, tools=tools)
+    assert done.tool_calls == (
+        ChatToolCall("call_1", "grep", "x|y", "custom"),
+        ChatToolCall("call_2", "f", "{}"),
+    )
+
+
+@pytest.mark.parametrize("content_type", ["text/event-stream", None])
+async def test_the_clients_timeout_bounds_an_unlabelled_streams_first_wait_as_a_labelled_ones(
+    content_type: str | None,
+) -> None:
+    # The headers at 0.3 s, the first event 0.3 s later: each wait is within the
+    # client's 0.5 s, so the stream is not cut (README: for chat_stream the timeout
+    # bounds the headers, then each wait for the next bytes). A stream labelled
+    # otherwise, read to tell it a stream, was cut at 0.5 s from the request's
+    # start, as "no complete error answer" (a 200 that had no error at all).
+    async def handler(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await trio.sleep(0.3)
+        head = "HTTP/1.1 200 OK\r\nconnection: close\r\n"
+        if content_type is not None:
+            head += f"content-type: {content_type}\r\n"
+        await stream.send_all(head.encode() + b"\r\n")
+        await trio.sleep(0.3)
+        await stream.send_all(sse(DELTA, FINISH, "[DONE]"))
+
+    with trio.fail_after(10):
+        async with canned_server(handler) as url:
+            async with poc_api.ApiClient(
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.5
+            ) as c:
+                async with c.chat_stream(HELLO) as events:
+                    got = [ev async for ev in events]
+    assert got == [ChatDelta("hi"), chat_done("stop", None)]

@@ -238,7 +238,8 @@ class ChatToolCall:
     """A complete tool call the model asked for (OpenAI ``tool_calls[i]``).
 
     ``arguments`` is the JSON text exactly as the model wrote it: models do emit
-    invalid JSON, so parsing it (``json.loads``) is left to the caller.
+    invalid JSON, so parsing it (``json.loads``) is left to the caller. For an
+    OpenAI custom tool (``type == "custom"``) it is the call's free-form ``input``.
     """
 
     id: str
@@ -2488,14 +2489,17 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
         _shape_error(what, '"tool_calls": [...]', calls)
     tool_calls = []
     for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
+        kind = call.get("type") if isinstance(call, dict) else None
+        # OpenAI's custom tools: {"type": "custom", "custom": {"name", "input"}}.
+        field, text = ("custom", "input") if kind == "custom" else ("function", "arguments")
+        function = call.get(field) if isinstance(call, dict) else None
         if not isinstance(call, dict) or not isinstance(function, dict):
-            _shape_error(what, 'a tool call {"id", "function": {...}}', call)
+            _shape_error(what, f'a tool call {{"id", "{field}": {{...}}}}', call)
         tool_calls.append(
             ChatToolCall(
                 id=_str_field(call, "id", what),
                 name=_str_field(function, "name", what),
-                arguments=_arguments_text(function.get("arguments")),
+                arguments=_arguments_text(function.get(text)),
                 type=_str_field(call, "type", what) or "function",
             )
         )
@@ -2677,6 +2681,10 @@ class ChatStream:
         # content-type (a StreamingResponse given none) or application/json. A
         # body that opens as an event stream is read as one (as the openai client
         # reads any 200), as it comes; anything else is told below.
+        if head is not None:
+            # The client's timeout bounded the headers; the wait for a stream's first
+            # bytes is bounded as a labelled stream's is: per read (httpx's timeout).
+            head.deadline = math.inf
         with _map_httpx_errors("POST", self._url, self._api._client):
             first = await self._sniff()
         if _SSE_START.match(first):
@@ -2686,6 +2694,8 @@ class ChatStream:
         if ctype.lower().startswith("application/json"):
             # Some servers refuse a stream with a 200 JSON error object (an
             # overloaded vLLM): its message is worth more than "not a stream".
+            if head is not None:  # (its body, as an error answer's, within the timeout)
+                head.deadline = trio.current_time() + self._api._time_limit()
             with _map_httpx_errors("POST", self._url, self._api._client):
                 body = await self._api._read_body(
                     self._response, self._what, self._chunks, into=bytearray(first)
