@@ -3509,3 +3509,70 @@ async def test_the_clients_timeout_bounds_an_unlabelled_streams_first_wait_as_a_
                 async with c.chat_stream(HELLO) as events:
                     got = [ev async for ev in events]
     assert got == [ChatDelta("hi"), chat_done("stop", None)]
+
+
+async def test_a_refusal_is_kept_not_dropped(http: httpx.AsyncClient) -> None:
+    # OpenAI's structured outputs answer a declined request with message.refusal
+    # (content null), streamed as delta.refusal: both were dropped, so the
+    # caller saw an empty text that "stopped" normally.
+    message = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+    def piece(index: int, refusal: str) -> str:
+        delta = {"refusal": refusal}
+        return json.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+
+    def end(index: int) -> str:
+        return json.dumps({"choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]})
+
+    stream = sse(piece(0, "I can't "), piece(1, "No."), piece(0, "help."), end(0), end(1), "[DONE]")
+    with trio.fail_after(10):
+        async with canned_server(
+            [
+                response(200, json.dumps(body).encode()),
+                response(200, stream, "text/event-stream"),
+            ]
+        ) as url:
+            api = make_api(http, url)
+            done = await api.chat(HELLO)
+            assert (done.text, done.refusal) == ("", "I can't help with that.")
+            assert done.choices[0].refusal == done.refusal
+            async with api.chat_stream(HELLO, n=2) as events:
+                got = [ev async for ev in events]
+    [last] = got  # no text: the refusal comes whole on ChatDone
+    assert isinstance(last, ChatDone)
+    assert last.refusal == "I can't help."
+    assert [c.refusal for c in last.choices] == ["I can't help.", "No."]
+
+
+async def test_a_refusal_that_is_no_string_is_a_protocol_violation(
+    http: httpx.AsyncClient,
+) -> None:
+    message = {"role": "assistant", "content": None, "refusal": ["no"]}
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    with trio.fail_after(10):
+        async with canned_server([response(200, json.dumps(body).encode())]) as url:
+            with pytest.raises(poc_api.ProtocolViolation, match="refusal"):
+                await make_api(http, url).chat(HELLO)
+
+
+async def test_a_stream_of_endless_refusal_is_cut_at_the_limit(http: httpx.AsyncClient) -> None:
+    # Kept to join at the end, as tool calls' arguments are: bounded as they are.
+    piece = json.dumps(
+        {"choices": [{"index": 0, "delta": {"refusal": "x" * 60000}, "finish_reason": None}]}
+    )
+
+    async def flood(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(response(200, b"", "text/event-stream", length=False))
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            for _ in range(100):  # 6 MB of refusal
+                await stream.send_all(sse(piece))
+
+    with trio.fail_after(20):
+        async with canned_server(flood) as url:
+            api = HttpApi(http, url, "", "m", max_body=1 << 20)
+            with pytest.raises(LimitExceeded, match="refusal"):
+                async with api.chat_stream(HELLO) as events:
+                    async for _ in events:
+                        pass

@@ -315,6 +315,8 @@ class ChatCompletion:
         choices: every choice in index order, each with ``usage=None`` and no
             ``choices`` of its own: one unless ``n > 1`` (so ``choices[0]`` is the
             first choice, as in the ``openai`` package).
+        refusal: the first choice's ``refusal`` (OpenAI's structured outputs: the
+            model declined, saying why, instead of answering), or ``""``.
     """
 
     text: str
@@ -324,6 +326,7 @@ class ChatCompletion:
     reasoning: str = ""
     logprobs: ChatLogprobs | None = attrs.field(default=None, hash=False)
     choices: tuple[ChatCompletion, ...] = ()
+    refusal: str = ""
 
 
 @final
@@ -385,12 +388,15 @@ class ChatDone:
             ``choices`` of its own: one unless ``n > 1`` (so ``choices[i]`` holds
             choice ``i``'s finish reason and tool calls, as
             :attr:`ChatCompletion.choices` does for ``chat()``).
+        refusal: the first choice's streamed ``delta.refusal`` pieces put together
+            (see :attr:`ChatCompletion.refusal`), or ``""``.
     """
 
     finish_reason: str
     usage: Usage | None
     tool_calls: tuple[ChatToolCall, ...] = ()
     choices: tuple[ChatDone, ...] = ()
+    refusal: str = ""
 
 
 ChatEvent: TypeAlias = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone
@@ -2484,6 +2490,7 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
     reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
     if not isinstance(reasoning, str):
         _shape_error(what, "a str reasoning_content", reasoning)
+    refusal = _str_field(message, "refusal", what)
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list):
         _shape_error(what, '"tool_calls": [...]', calls)
@@ -2513,6 +2520,7 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
         tool_calls=tuple(tool_calls),
         reasoning=reasoning,
         logprobs=_logprobs(choice, what),
+        refusal=refusal,
     )
     return index, completion
 
@@ -2651,7 +2659,8 @@ class ChatStream:
         self._tool_calls: dict[int, dict[int, _ToolCallParts]] = {}
         # Per choice: the server's tool call index -> the call (in _tool_calls) it names.
         self._tool_slots: dict[int, dict[int, int]] = {}
-        self._tool_text = 0  # characters of tool calls kept to join at the end
+        self._kept = 0  # characters of tool calls and refusals kept to join at the end
+        self._refusals: dict[int, list[str]] = {}
         # chat_stream(timeout=): when a read still waiting for events times out.
         self._deadline = math.inf
         self._timeout = math.inf
@@ -2929,12 +2938,15 @@ class ChatStream:
         def choice(index: int) -> ChatDone:
             calls = self._tool_calls.get(index, {})
             tool_calls = tuple(calls[i].done() for i in sorted(calls))
-            return ChatDone(self._finish.get(index, ""), None, tool_calls)
+            refusal = "".join(self._refusals.get(index, ()))
+            return ChatDone(self._finish.get(index, ""), None, tool_calls, refusal=refusal)
 
         # As chat() does: choices in index order, the first one's on ChatDone.
         choices = tuple(choice(i) for i in sorted(self._choices or {0}))
         first = choices[0]
-        done = ChatDone(first.finish_reason, self._usage, first.tool_calls, choices)
+        done = ChatDone(
+            first.finish_reason, self._usage, first.tool_calls, choices, refusal=first.refusal
+        )
         self._queue.append(done)
         self._done_queued = True
 
@@ -3003,6 +3015,10 @@ class ChatStream:
                 for call in calls:
                     if isinstance(call, dict):
                         self._tool_call(index, call)
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                self._keep(len(refusal), "refusal")
+                self._refusals.setdefault(index, []).append(refusal)
         if index not in self._choices:
             if len(self._choices) >= self._max_choices:
                 if not self._choices_dropped:
@@ -3053,13 +3069,7 @@ class ChatStream:
                 # (as it numbers them): those continue this call.
                 slots.setdefault(index, index)
         arguments = _arguments_text(function.get("arguments"))
-        # Kept until the end (ChatDone's tool_calls): bounded as a whole answer is.
-        self._tool_text += len(arguments) + len(name) + len(call_id)
-        if self._tool_text > self._api._max_body:
-            raise LimitExceeded(
-                f"{self._what}: the stream's tool calls are larger than "
-                f"{self._api._max_body} characters (max_message_size)"
-            )
+        self._keep(len(arguments) + len(name) + len(call_id), "tool calls")
         part = parts.setdefault(index, _ToolCallParts())
         part.id = part.id or call_id
         part.name = part.name or name
@@ -3067,6 +3077,16 @@ class ChatStream:
             part.type = call["type"]
         part.arguments.append(arguments)
         self._queue.append(ChatToolCallDelta(index, call_id, name, arguments, choice))
+
+    def _keep(self, n: int, what: str) -> None:
+        # Text kept until the end (ChatDone's tool calls and refusal): bounded, as
+        # a whole answer is.
+        self._kept += n
+        if self._kept > self._api._max_body:
+            raise LimitExceeded(
+                f"{self._what}: the stream's {what} are larger than "
+                f"{self._api._max_body} characters (max_message_size)"
+            )
 
     async def aclose(self) -> None:
         """Stop reading (idempotent; what ``contextlib.aclosing`` calls).
