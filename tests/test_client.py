@@ -1437,6 +1437,30 @@ async def test_a_timeout_that_runs_out_before_sending_says_so_not_a_wait(
             assert s.committed_len == 2
 
 
+async def test_a_first_token_timeout_of_0_sends_nothing_as_a_timeout_of_0(
+    server: ReferenceServer,
+) -> None:
+    # timeout=0 raises a retriable PocApiTimeout before sending; first_token_timeout=0
+    # started the Generate and timed out at its first read: a race with the loop
+    # thread then decided whether the request had gone out (session lost, not
+    # retriable) or not, for a bound no answer could meet.
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        async with c.session() as s:
+            generates = server.state().rpc_counts.get("Generate", 0)
+            with pytest.raises(poc_api.PocApiTimeout) as info:
+                async with s.generate(
+                    [1, 2], sampling=SamplingParams(max_tokens=3), first_token_timeout=0
+                ) as events:
+                    async for _ in events:
+                        pass
+            message = str(info.value)
+            assert info.value.retriable and not s.lost, message
+            assert server.state().rpc_counts.get("Generate", 0) == generates
+            assert "first-token" in message and "nothing was sent" in message, message
+            await s.prefill([1, 2])
+            assert s.committed_len == 2
+
+
 async def test_a_second_task_reading_a_stream_gets_busy_resource_error() -> None:
     # As trio's own streams. It used to take the first reader's wake-up and
     # leave one of them waiting forever.

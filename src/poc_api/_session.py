@@ -1136,6 +1136,17 @@ class _GenerateBlock(e.NeedsAsyncWith):
             # The first-token and between-tokens clocks start with the call itself.
             timeouts.last_event = timeouts.first_token_from = trio.current_time()
         try:
+            first = None if timeouts is None else timeouts.first_token
+            if first is not None and first <= 0:
+                # A bound no answer can meet (0, or a conversation's first token due
+                # already): nothing is sent, as for a timeout of 0. Sent, whether
+                # the request went out before its first read timed out was a race
+                # with the loop thread (the session lost, or not).
+                raise e.PocApiTimeout(
+                    f"Generate: first-token timeout after {first:.3g} s "
+                    f"before its request was sent (session {s._session_id}); nothing was sent",
+                    retriable=True,
+                )
             return await self._start(s)
         except BaseException:
             s._lock.release()

@@ -89,3 +89,11 @@ def test_token_delay_applies_to_chat_completions_too(
         # Paced: the deltas arrive as they are decoded, not all at the end.
         assert arrivals[-1] >= 0.2
         assert arrivals[-1] - arrivals[1] >= 0.1, arrivals
+
+
+@pytest.mark.parametrize("field", ["idle_timeout", "prefill_delay_us", "token_delay_ms"])
+def test_an_int_past_floats_range_is_refused_as_inf_is(field: str) -> None:
+    # 10**400 < math.inf is True, so it passed the check, and every OpenSession
+    # then failed (UNKNOWN "Internal Server Error": OverflowError in the eviction).
+    with pytest.raises(ValueError, match=field):
+        ServerConfig(**{field: 10**400})  # type: ignore[arg-type]

@@ -45,7 +45,13 @@ def _model_name(_: object, attribute: attrs.Attribute[str], value: object) -> No
 def _non_negative_finite(_: object, attribute: attrs.Attribute[float], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{attribute.name} must be a number")
-    if not 0 <= value < math.inf:
+    # As a float: an int past float's range compares below math.inf, then fails
+    # every use (OverflowError in the eviction loop, in each OpenSession).
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not 0 <= seconds < math.inf:
         raise ValueError(f"{attribute.name} must be >= 0 and finite, got {value}")
 
 
