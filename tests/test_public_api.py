@@ -532,3 +532,19 @@ def test_image_data_is_typed_as_the_bytes_it_takes() -> None:
     assert hints["data"] == bytes | bytearray | memoryview
     assert poc_api.Image(bytearray(b"\x89PNG"), "image/png").data == b"\x89PNG"
     assert poc_api.Image(memoryview(b"\x89PNG"), "image/png").data == b"\x89PNG"
+
+
+def test_readout_manifest_refuses_unordered_concepts_and_layers() -> None:
+    # A readout is layer-major, indexed by the manifest's order: a set of concept
+    # names (or a mapping, whose keys it iterates) labelled the vector in an order
+    # that changes with PYTHONHASHSEED, silently. Token ids and ranges refuse sets
+    # for the same reason (their order matters); so must the manifest.
+    import pytest
+
+    from poc_api.server import ServerConfig
+
+    for args in (({"vowel", "digit"}, [0]), ({"vowel": 0, "digit": 1}, [0]), (["a"], {0, 1})):
+        with pytest.raises(TypeError, match="order is arbitrary"):
+            poc_api.ReadoutManifest(*args)
+    with pytest.raises(TypeError, match="order is arbitrary"):
+        ServerConfig(concepts=frozenset({"vowel", "digit"}))

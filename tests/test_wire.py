@@ -871,3 +871,18 @@ def test_nested_groups_are_refused_at_upbs_depth(groups: int, where: str) -> Non
         decode_generate_event(data)
     # (the limit itself: upb's 100 levels in all)
     assert refused == (groups + ("event", "token", "top_logprob").index(where) > 100)
+
+
+def test_big_endian_readout_is_read_only_as_the_little_endian_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A decoded readout is a read-only view on a little-endian host (of the bytes
+    # received) and after a pickle round trip; the big-endian copy was writable:
+    # np.asarray(ev.readout)[0] = 9 changed a frozen Token's value there.
+    monkeypatch.setattr(_wire, "_LITTLE_ENDIAN", False)
+    data = bytes(pb.GenerateEvent(token=pb.Token(readout=[1.0, -2.5, 3.25])))
+    for d in (data, data + data):  # one packed chunk, and two (merged)
+        ev = decode_generate_event(d)
+        assert isinstance(ev, Token) and ev.readout is not None
+        assert ev.readout.readonly
+        assert ev.readout.format == "f" and ev.readout.c_contiguous

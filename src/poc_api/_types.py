@@ -340,6 +340,9 @@ def _sequence(name: str, value: object, of: str) -> tuple[object, ...]:
     # A str is iterable, but a manifest of "vowel" is not five concepts.
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a sequence of {of}, not {type(value).__name__}")
+    # A readout is indexed by this order: a set's (a mapping's keys') changes with
+    # PYTHONHASHSEED, and would label the vectors wrongly, silently.
+    unordered(value, name, of)
     return tuple(value)
 
 

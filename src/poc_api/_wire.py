@@ -427,7 +427,8 @@ def _readout(data: bytes, chunks: list[int]) -> memoryview[float]:
     arr = array("f")
     arr.frombytes(buf)
     arr.byteswap()
-    return memoryview(arr).cast("B").cast("f")
+    # Read-only, as the view of the received bytes is: a Token is a frozen value.
+    return memoryview(arr).toreadonly().cast("B").cast("f")
 
 
 def decode_generate_event(data: bytes) -> Token | Done | None:
