@@ -1215,6 +1215,44 @@ async def test_dns_target_with_one_address_is_resolved_again(
             assert b.state().rpc_counts.get("OpenSession", 0) == 1
 
 
+async def test_dns_target_is_resolved_every_dns_refresh_whatever_the_health_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``dns_refresh`` shorter than ``health_check_interval``: the records were
+    looked up once per check interval (here 20 s, not 0.1 s), and an address
+    found was passed over by placement (unchecked, not connected) until the next
+    round of checks."""
+    from poc_api import _pool
+
+    records = ["127.0.0.1"]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return list(records)
+
+    monkeypatch.setattr(_pool, "_lookup", lookup)
+    async with reference_servers(1) as (a,):
+        b = ReferenceServer(ServerConfig(host="127.0.0.2", port=a.http_port))
+        await trio.to_thread.run_sync(b.start)
+        try:
+            async with poc_api.ApiClient(
+                a.base_url,
+                grpc_url=f"dns:///pool.test:{a.grpc_port}",
+                dns_refresh=0.1,
+                health_check_interval=20,
+            ) as client:
+                with trio.fail_after(15):
+                    await client.score([Tokens([1, 2, 3])], [(1, 3)])
+                    records[:] = ["127.0.0.1", "127.0.0.2"]
+                    await wait_for(lambda: len(client.endpoints) == 2, timeout=3)
+                    await wait_for(lambda: client.endpoints[1].state is EndpointState.SERVING)
+                    await client.score_many(
+                        [([Tokens([1, 2, 3])], [(1, 3)])] * 20, max_concurrency=1
+                    )
+                    assert b.state().rpc_counts.get("OpenSession", 0) >= 3
+        finally:
+            await trio.to_thread.run_sync(b.stop)
+
+
 async def test_a_retired_endpoint_is_dropped_once_its_last_session_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1550,6 +1588,63 @@ async def test_an_endpoint_whose_connection_dropped_gets_new_sessions_at_once() 
                         [([Tokens([1, 2, 3])], [(1, 3)])] * 20, max_concurrency=1
                     )
                     assert a.state().rpc_counts.get("OpenSession", 0) - before >= 3
+            proxy.cancel_scope.cancel()
+
+
+async def test_an_endpoint_whose_connection_dropped_under_a_call_gets_new_sessions_again() -> None:
+    # As above, with a stream in flight when the connection is cut: the stream
+    # fails and counts against the endpoint (0.25 s backoff). Its server is
+    # healthy and answers the calls that follow (the sessions' closes), yet it
+    # got no new session until the next health check, health_check_interval
+    # (here 30 s) away: EndpointState.UNREACHABLE says "until its backoff has
+    # passed".
+    async with reference_servers(2, ignore_eos=True, token_delay_ms=5) as (a, b):
+        streams: list[trio.SocketStream] = []
+
+        async def handle(client: trio.SocketStream) -> None:
+            server = await trio.open_tcp_stream("127.0.0.1", a.grpc_port)
+            streams.extend((client, server))
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+                try:
+                    while data := await src.receive_some(65536):
+                        await dst.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                finally:
+                    await dst.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, server)
+                nursery.start_soon(pump, server, client)
+
+        async with trio.open_nursery() as proxy:
+            listeners = await proxy.start(trio.serve_tcp, handle, 0)
+            a_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=[a_url, b.grpc_url], health_check_interval=30
+            ) as client:
+                with trio.fail_after(20):
+                    async with AsyncExitStack() as stack:
+                        held = [await stack.enter_async_context(client.session()) for _ in range(4)]
+                        s = next(s for s in held if s._transport.url == a_url)
+                        with pytest.raises(poc_api.ServerUnavailable):
+                            sampling = SamplingParams(max_tokens=10**6)
+                            async with s.generate([1, 2], sampling=sampling) as ev:
+                                async for _ in ev:
+                                    for stream in streams:
+                                        await stream.aclose()  # the connection to a is gone
+                        assert client.endpoints[0].state is EndpointState.UNREACHABLE
+                    # The closes reached a again (through the proxy, which is back).
+                    assert not a.state().session_ids
+                    await trio.sleep(0.5)  # past its backoff
+                    before = a.state().rpc_counts.get("OpenSession", 0)
+                    await client.score_many(
+                        [([Tokens([1, 2, 3])], [(1, 3)])] * 20, max_concurrency=1
+                    )
+                    assert a.state().rpc_counts.get("OpenSession", 0) - before >= 3, (
+                        client.endpoints
+                    )
             proxy.cancel_scope.cancel()
 
 

@@ -260,6 +260,7 @@ class _Endpoint:
 
     __slots__ = (
         "_lock",
+        "check_failed",
         "consecutive",
         "down_until",
         "failures",
@@ -279,6 +280,9 @@ class _Endpoint:
         self.down_until: float = 0.0  # time.monotonic(); both threads read it
         self.full_until: float = 0.0  # time.monotonic(); trio side only
         self.state: EndpointState = EndpointState.UNKNOWN
+        # Its last failure, or one since its last good health check, was a check's:
+        # only a check brings it back then (see ``answered``).
+        self.check_failed: bool = False
         self._lock = threading.Lock()
 
     @property
@@ -307,8 +311,10 @@ class _Endpoint:
             state is EndpointState.SERVING or state is EndpointState.UNKNOWN
         ) and now >= self.down_until
 
-    def failed(self) -> None:
+    def failed(self, check: bool = False) -> None:
+        """A call (``check``: a health check) could not reach it."""
         with self._lock:
+            self.check_failed = self.check_failed or check
             self.failures += 1
             self.consecutive += 1
             wait = backoff(self.consecutive, _BACKOFF_BASE, _BACKOFF_MAX)
@@ -327,11 +333,28 @@ class _Endpoint:
         with self._lock:
             self.consecutive = 0
             self.down_until = 0.0
+            if serving is not None:
+                self.check_failed = False
             if self.state is EndpointState.RETIRED:
                 return
             if serving is not None:
                 self.state = EndpointState.SERVING if serving else EndpointState.NOT_SERVING
             elif self.state is EndpointState.UNREACHABLE:
+                self.state = EndpointState.UNKNOWN
+
+    def answered(self) -> None:
+        """A session's call got its answer there (trio side). An endpoint out of
+        rotation because a call failed (a connection cut under it, its server
+        healthy) comes back at once, not at the next health check (up to
+        ``health_check_interval`` away); one whose health check failed waits for
+        a check that succeeds (a server that answers its calls but not its
+        checks stays out, as the checks say)."""
+        if self.state is not EndpointState.UNREACHABLE:
+            return  # the common case, kept lock-free
+        with self._lock:  # (a check failing meanwhile: it stays out)
+            if self.state is EndpointState.UNREACHABLE and not self.check_failed:
+                self.consecutive = 0
+                self.down_until = 0.0
                 self.state = EndpointState.UNKNOWN
 
     def listed(self, listed: bool) -> bool:
@@ -700,28 +723,56 @@ class Router:
             if self._dns is not None:
                 self._forget_retired()
             endpoints = [ep for ep in self._endpoints if ep.transport is not None]
-            results = await asyncio.gather(
-                *(self._check(ep) for ep in endpoints), return_exceptions=True
-            )
+            await self._check_all(endpoints)
             self._note_first_checks(round_ended=True)
-            me = asyncio.current_task()
-            for ep, result in zip(endpoints, results, strict=True):
-                # A check's own cancellation, this loop not cancelled: a check
-                # whose timeout was turned into one (grpclib's swallowed cancels).
-                stray = isinstance(result, asyncio.CancelledError) and not (me and me.cancelling())
-                if isinstance(result, Exception) or stray:
-                    # A bug: one check's exception ended the loop of them all, and
-                    # the pool saw no endpoint change state again. Said, and on.
-                    log.error(
-                        "health check of %s failed unexpectedly (checks go on)",
-                        ep.target.url,
-                        exc_info=result,
-                    )
-                elif isinstance(result, BaseException):
-                    raise result
             # A cycle every interval: a check that times out (a silent endpoint,
             # up to the interval) no longer delays the next check of every other.
-            await asyncio.sleep(max(0.0, started + self._health_interval - loop.time()))
+            await self._wait_for_round(started + self._health_interval, set(endpoints))
+
+    async def _check_all(self, endpoints: list[_Endpoint]) -> None:
+        results = await asyncio.gather(
+            *(self._check(ep) for ep in endpoints), return_exceptions=True
+        )
+        me = asyncio.current_task()
+        for ep, result in zip(endpoints, results, strict=True):
+            # A check's own cancellation, this loop not cancelled: a check
+            # whose timeout was turned into one (grpclib's swallowed cancels).
+            stray = isinstance(result, asyncio.CancelledError) and not (me and me.cancelling())
+            if isinstance(result, Exception) or stray:
+                # A bug: one check's exception ended the loop of them all, and
+                # the pool saw no endpoint change state again. Said, and on.
+                log.error(
+                    "health check of %s failed unexpectedly (checks go on)",
+                    ep.target.url,
+                    exc_info=result,
+                )
+            elif isinstance(result, BaseException):
+                raise result
+
+    async def _wait_for_round(self, due: float, checked: set[_Endpoint]) -> None:
+        """asyncio: sleep until ``due`` (the next round of checks), starting the
+        re-resolutions of a DNS target that come due meanwhile: every
+        ``dns_refresh`` seconds, not once per ``health_check_interval`` when that
+        is the longer. The addresses they find are checked at once: unchecked
+        (not connected), placement passed them over until the next round."""
+        loop = asyncio.get_running_loop()
+        while (now := loop.time()) < due:
+            fresh = [ep for ep in self._endpoints if ep not in checked and ep.transport is not None]
+            if fresh:
+                checked.update(fresh)
+                await self._check_all(fresh)
+                continue
+            wake = due
+            if self._dns is not None:
+                resolving = self._resolving
+                if resolving is not None:
+                    await asyncio.wait((resolving,), timeout=due - now)  # (never cancels it)
+                    continue
+                if now - self._resolved_at >= self._dns_refresh:
+                    self._lookup_task()
+                    continue
+                wake = min(due, self._resolved_at + self._dns_refresh)
+            await asyncio.sleep(wake - now)
 
     async def _check(self, ep: _Endpoint) -> None:
         try:
@@ -770,14 +821,14 @@ class Router:
                 log.debug("health check of %s skipped: its streams are all busy", ep.target.url)
                 return
             log.debug("health check of %s timed out", ep.target.url)
-            ep.failed()
+            ep.failed(check=True)
             # Calls already sent there would wait out keepalive_time if it froze.
             if ep.transport.probe():
                 log.debug("pinging %s: calls in flight there wait on its answer", ep.target.url)
             return
         except Exception as exc:
             log.debug("health check of %s failed: %s", ep.target.url, exc)
-            ep.failed()
+            ep.failed(check=True)
             return
         serving = status == HealthCheckResponseServingStatus.SERVING
         ep.reached(serving=serving)
@@ -896,7 +947,7 @@ class SessionRoute:
             return await self._open(request, timeout, orphan, abort_unsent)
         ep = self._current()
         try:
-            return await ep.transport.unary(
+            reply = await ep.transport.unary(
                 method,
                 request,
                 timeout=timeout,
@@ -910,6 +961,8 @@ class SessionRoute:
         except e.ServerUnavailable:
             ep.failed()
             raise
+        ep.answered()
+        return reply
 
     async def _open(
         self,
@@ -1085,3 +1138,5 @@ class _Observed:
             rx = self._rx
             if lost or (rx is not None and isinstance(rx.error, e.ServerUnavailable)):
                 self._ep.failed()
+            elif self._cm.server_ended:
+                self._ep.answered()
