@@ -25,7 +25,7 @@ import httpx
 import pytest
 import trio
 from cli_fork import run_forked
-from helpers import http_server, read_request, refusing_port
+from helpers import http_server, read_request, refusing_port, wait_for
 from misbehaving import Reply, misbehaving_server
 
 import poc_api
@@ -1398,3 +1398,78 @@ async def test_the_cli_says_a_grpc_url_that_cannot_connect_came_from_poc_grpc_ur
         proc = await run_cli("--url", url, "generate", "hi", env=cli_env(POC_GRPC_URL=grpc))
     assert proc.returncode == 1, proc.stderr
     assert f"{grpc} (from POC_GRPC_URL): cannot connect" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("byte_level", [False, True], ids=["tokenizer", "byte-level"])
+async def test_streamed_text_does_not_split_a_character_that_arrives_in_two_batches(
+    byte_level: bool,
+) -> None:
+    # The printer decodes what has queued up in one go. A batch of 4 or more ids
+    # that ended in the first bytes of a character was written at once, its
+    # U+FFFD included, and the character's last bytes then decoded on their own:
+    # "abc日" printed as "abc\ufffd\ufffd" (a stream faster than /detokenize
+    # batches up, so non-ASCII output was garbled at random).
+    from poc_api.cli import _Codec, _LiveText, _Where
+
+    written: list[str] = []
+    async with reference_server() as server, open_client(server) as client:
+        codec = _Codec(client, _Where(), on_fallback=lambda: None)
+        codec.byte_level = byte_level
+        live = _LiveText(codec, written.append)
+        data = list("abc日本".encode())
+        send, receive = trio.open_memory_channel[int](len(data))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(live.run, receive)
+            async with send:
+                for batch in (data[:4], data[4:6], data[6:]):  # "abc" + 1st byte, ...
+                    for i in batch:
+                        send.send_nowait(i)
+                    await trio.testing.wait_all_tasks_blocked()
+    assert "".join(written) == "abc日本"
+
+
+async def test_with_stderr_closed_warnings_and_errors_do_not_go_to_stdout() -> None:
+    # sys.stderr is None with fd 2 closed, and click.echo(file=None) writes to
+    # stdout: the byte-level fallback's warning and the error line went into the
+    # generated text (`poc-api generate - 2>&- > story.txt`).
+    async with http_server(no_tokenizer) as url:
+        grpc_url = f"http://127.0.0.1:{refusing_port()}"
+        with trio.fail_after(TIMEOUT):
+            proc = await trio.run_process(
+                [*CLI, "generate", "hi", "--url", url, "--grpc-url", grpc_url],
+                capture_stdout=True,
+                check=False,
+                env=cli_env(),
+                preexec_fn=lambda: os.close(2),
+            )
+    assert proc.returncode == 1
+    assert proc.stdout == b""
+
+
+async def test_demo_with_stdout_closed_ends_on_a_signal_as_any_command() -> None:
+    # The demo's live text marks the line open even when fd 1 is closed; the
+    # error line then ended it with sys.stdout.isatty() on None: "AttributeError"
+    # and a traceback (status 1), not "error: terminated" (143).
+    async with reference_server(token_delay_ms=20) as server:
+        with trio.fail_after(TIMEOUT):
+            proc = await trio.lowlevel.open_process(
+                [*CLI, "demo", "--url", server.base_url],
+                stderr=subprocess.PIPE,
+                env=cli_env(),
+                preexec_fn=lambda: os.close(1),
+            )
+            assert proc.stderr is not None
+            try:
+                await wait_for(lambda: server.state().tokens_decoded > 0, timeout=TIMEOUT)
+                proc.send_signal(signal.SIGTERM)
+                code = await proc.wait()
+                err = b""
+                while chunk := await proc.stderr.receive_some():
+                    err += chunk
+            finally:
+                with trio.CancelScope(shield=True):
+                    proc.kill()
+                    await proc.wait()
+                    await proc.stderr.aclose()
+    assert err.decode() == "error: terminated\n"
+    assert code == 128 + signal.SIGTERM

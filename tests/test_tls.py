@@ -523,3 +523,17 @@ async def test_a_tls_port_that_closes_after_the_handshake_is_not_an_empty_reason
     said = str(info.value)
     assert not said.rstrip().endswith(":"), said
     assert "closed" in said, said
+
+
+async def test_plaintext_http_to_a_tls_http_port_suggests_https(ca: trustme.CA) -> None:
+    # http:// to a TLS HTTP port (uvicorn --ssl-*, Python's ssl): the port drops
+    # the request it cannot read as a handshake, and the error said only "connection
+    # lost: Server disconnected without sending a response", where the gRPC side
+    # asks "not a TLS port (then https://)?" of the same mistake.
+    async with tls_server(ca) as (_, base_url, grpc_url):
+        async with poc_api.ApiClient(
+            base_url.replace("https://", "http://"), grpc_url=grpc_url
+        ) as client:
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                await client.tokenize("a")
+    assert "https://" in str(info.value), info.value

@@ -517,7 +517,14 @@ def _from_httpx(
     if isinstance(exc, httpx.RemoteProtocolError):
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
-            return ServerUnavailable(f"{method} {url}: connection lost: {text}")
+            # A TLS port drops a plaintext request it cannot read as a handshake
+            # (Python's ssl, uvicorn's): closed, not a byte of an answer.
+            tls_port = (
+                " (is it a TLS port? then https://)"
+                if "without sending a response" in text and url.startswith("http://")
+                else ""
+            )
+            return ServerUnavailable(f"{method} {url}: connection lost: {text}{tls_port}")
         if text.startswith("illegal request line"):
             # h11's words for an answer whose first byte is not text (it means the
             # status line): binary, as an HTTP/2-only port's SETTINGS frame is.

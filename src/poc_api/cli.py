@@ -99,8 +99,11 @@ def _echo(message: str = "", *, err: bool = False) -> None:
     an ASCII one (``PYTHONIOENCODING=ascii``) for a UTF-8 writer on its buffer,
     past :func:`main`'s ``errors="replace"``: what the terminal cannot show then
     reached it as UTF-8 bytes, not as ``?``. (``None``, fd closed: click writes
-    nowhere, as ``print()`` does.)"""
-    click.echo(message, file=sys.stderr if err else sys.stdout)
+    nowhere, as ``print()`` does: not click's default, stdout, for a closed stderr.)"""
+    stream = sys.stderr if err else sys.stdout
+    if stream is None:
+        return
+    click.echo(message, file=stream)
 
 
 class CliError(Exception):
@@ -575,10 +578,19 @@ class _LiveText:
                 if not self._pending:
                     continue
                 text = await self._codec.decode(self._pending)
-                if text.endswith("\ufffd") and len(self._pending) < 4:
-                    continue
+                rest: list[int] = []
+                if text.endswith("\ufffd"):
+                    if len(self._pending) < 4:
+                        continue
+                    # A batch may end in a character's first bytes (up to 3):
+                    # they wait for the rest, the text before them is written.
+                    for keep in (1, 2, 3):
+                        head = await self._codec.decode(self._pending[:-keep])
+                        if not head.endswith("\ufffd"):
+                            text, rest = head, self._pending[-keep:]
+                            break
                 self._write(text)
-                self._pending = []
+                self._pending = rest
         if self._pending:
             self._write(await self._codec.decode(self._pending))
             self._pending = []
@@ -1341,6 +1353,8 @@ class _Stdout:
             if not cls.mid_line:
                 return
             cls.mid_line = False
+            if sys.stdout is None or sys.stderr is None:  # (fd 1 or 2 closed: no line)
+                return
             try:
                 if sys.stdout.isatty() and sys.stderr.isatty():
                     sys.stdout.write("\n")
