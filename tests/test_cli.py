@@ -480,9 +480,20 @@ async def test_text_dash_reads_standard_input(command: str) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs /proc/<pid>/syscall")
-async def test_ctrl_c_while_text_dash_waits_for_stdin_ends_as_any_ctrl_c() -> None:
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [
+        (signal.SIGINT, "interrupted"),
+        (signal.SIGTERM, "terminated"),
+        (signal.SIGHUP, "hung up"),
+    ],
+)
+async def test_a_signal_while_text_dash_waits_for_stdin_ends_as_any_command(
+    signum: int, said: str
+) -> None:
     # The read ran in click's argument handling, before the command's own: Ctrl-C
     # there printed click's "Aborted!" and exited 1, not "error: interrupted", 130.
+    # SIGTERM and SIGHUP, before trio.run, killed the process: no "error:" line.
     with trio.fail_after(TIMEOUT):
         proc = await trio.lowlevel.open_process(
             [*CLI, "generate", "-"],
@@ -499,8 +510,8 @@ async def test_ctrl_c_while_text_dash_waits_for_stdin_ends_as_any_ctrl_c() -> No
             # Polled: another process, blocked in read(0, ...), has no event to give.
             while not (await syscall.read_text()).startswith("0 0x0 "):  # noqa: ASYNC110
                 await trio.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            assert await proc.wait() == 130
+            proc.send_signal(signum)
+            assert await proc.wait() == 128 + signum
             assert proc.stderr is not None
             err = b""
             while chunk := await proc.stderr.receive_some():
@@ -511,7 +522,7 @@ async def test_ctrl_c_while_text_dash_waits_for_stdin_ends_as_any_ctrl_c() -> No
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 if stream is not None:
                     await stream.aclose()
-    assert err.decode() == "error: interrupted\n"
+    assert err.decode() == f"error: {said}\n"
 
 
 async def test_text_dash_with_an_unreadable_stdin_is_one_error_line(tmp_path: Path) -> None:

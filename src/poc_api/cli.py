@@ -970,12 +970,32 @@ async def _until_signal(body: Callable[[_Where], Awaitable[None]], where: _Where
         raise _EndedBySignal(got[0])
 
 
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM or SIGHUP raise :class:`_EndedBySignal` (before ``trio.run``, in a
+    read of stdin: their default killed the process, with no ``error:`` line)."""
+
+    def end(signum: int, frame: object) -> None:
+        raise _EndedBySignal(signum)
+
+    if not _END_SIGNALS or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {signum: signal.signal(signum, end) for signum in _END_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def _run_async(body: Callable[[_Where], Awaitable[None]], *, text: _Text | None = None) -> None:
     """:func:`_run` for an async body, under ``trio.run``; ``text`` is read first."""
 
     def run(where: _Where) -> None:
         if text is not None:
-            text.read()
+            with _signals_raise():
+                text.read()
         trio.run(_until_signal, body, where)
 
     _run(run)
