@@ -751,7 +751,14 @@ async def test_a_turn_refused_before_sending_keeps_the_session() -> None:
         with pytest.raises(poc_api.ContextOverflow, match="refused before sending"):
             async with conv.stream([Tokens(history + [66] * 100)], SamplingParams(max_tokens=4)):
                 pass  # pragma: no cover
-        assert server.state().rpc_counts == before.rpc_counts  # nothing sent, nothing closed
+        # Nothing of the prompt sent, nothing closed: only an empty prefill asked
+        # whether the held session (and so its window) is still the server's.
+        after = server.state()
+        assert after.tokens_appended == before.tokens_appended
+        assert after.session_ids == before.session_ids
+        assert {**before.rpc_counts, "Generate": before.rpc_counts["Generate"] + 1} == (
+            after.rpc_counts
+        )
         assert conv.session is session and session is not None
         async with conv.stream([Tokens(history + [66] * 10)], SamplingParams(max_tokens=0)) as ev:
             async for _ in ev:
@@ -974,3 +981,30 @@ async def test_a_conversation_keeps_its_model_when_its_session_is_reopened(
                 _ = [e async for e in events]
     opened = opened_models(caplog.records)
     assert opened == ["other-b", "other-b"], opened
+
+
+async def test_a_held_sessions_window_is_not_trusted_after_a_restart_with_a_larger_one() -> None:
+    # The server restarted (same ports) with a larger context window: the held
+    # session is gone, yet every longer turn was refused before sending with the
+    # dead session's window, "past the context window of 64", for ever (until a
+    # prompt short enough for the old window reached the server and found the
+    # session gone).
+    async with reference_server(max_context=64) as first:
+        port = first.http_port
+        async with open_client(first, close_timeout=1.0) as client:
+            async with client.conversation() as conv:
+                await run(conv, [Tokens([1, 2, 3])], SamplingParams(max_tokens=3))
+                await trio.to_thread.run_sync(first.stop)
+                second = await trio.to_thread.run_sync(
+                    lambda: ReferenceServer(ServerConfig(port=port, max_context=4096))
+                )
+                await second.__aenter__()
+                prompt = [Tokens([1 + i % 250 for i in range(100)])]
+                events = await run(conv, prompt, SamplingParams(max_tokens=3))
+                assert isinstance(events[-1], StreamDone)
+                assert conv.session is not None and conv.session.max_length == 4096
+                assert conv.committed_len == 103
+            try:
+                assert second.state().session_ids == frozenset()
+            finally:
+                await second.__aexit__(None, None, None)

@@ -358,7 +358,14 @@ class Conversation:
                     self._turn_sent = True
                 try:
                     out, events, sent = await self._start(
-                        gen_stack, session, chunks, sampling, priority, shape, clocks
+                        gen_stack,
+                        session,
+                        chunks,
+                        sampling,
+                        priority,
+                        shape,
+                        clocks,
+                        held=not fresh,
                     )
                     return out, events, sent, session
                 except SessionNotFound as exc:
@@ -417,6 +424,8 @@ class Conversation:
         priority: int,
         shape: tuple[int, int] | None,
         clocks: tuple[float, float, float | None, float, float],
+        *,
+        held: bool = False,
     ) -> tuple[ConversationStream, GenerateStream, list[Chunk]]:
         """Send the delta, open the final Generate (into ``gen_stack``) and prime it.
 
@@ -432,7 +441,17 @@ class Conversation:
         # before a call of the turn was sent, a prompt too long for the context
         # leaves the session as it was: it is kept (see _Turn.__aenter__).
         self._untouched = True
-        check_window(session, plan.offset + text_len(plan.delta))
+        end = plan.offset + text_len(plan.delta)
+        if held and session.max_length and end > session.max_length:
+            # The held session's window is the one its server had when it opened
+            # the session: one restarted since (with a larger max_context) has
+            # forgotten it. Ask before refusing: an empty prefill answers NOT_FOUND
+            # then (the session is replaced, and the new one's window decides) and
+            # changes nothing otherwise.
+            self._untouched = False
+            await session.prefill([], timeout=_remaining(before_token), priority=priority)
+            self._untouched = True
+        check_window(session, end)
         # Again, with the session's id (stream() checked without it).
         session._check_images(plan.delta)
         self._untouched = False
