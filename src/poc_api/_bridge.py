@@ -56,7 +56,7 @@ import sniffio
 import trio
 
 from ._clock import hold_clock
-from ._errors import PocApiError, closed_under_call, protected_asynccontextmanager
+from ._errors import PocApiError, check_run, closed_under_call, protected_asynccontextmanager
 
 __all__ = ["AsyncioBridge", "BatchReceiver", "Sink", "open_bridge"]
 
@@ -423,6 +423,10 @@ class BatchReceiver(Generic[T]):
             # As trio's own streams: one waiter only (a second one would take the
             # first one's wake-up, and the first would wait forever).
             raise trio.BusyResourceError("another task is already reading this stream")
+        # Once per batch, not per event: the Event a reader of another trio.run
+        # waits on would be set from this bridge's run (an internal error in
+        # trio), and that reader would wait for ever.
+        buf.bridge.check_run()
         while True:
             if self._interrupted is not None:
                 raise self._interrupted()
@@ -671,19 +675,14 @@ class AsyncioBridge:
 
     def check_caller(self) -> None:
         """Raise unless called from the trio run that owns this bridge, while open."""
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            raise RuntimeError(
-                "poc_api must be used from inside trio.run (no trio run is active here)"
-            ) from None
-        if token is not self._token:
-            raise RuntimeError(
-                "this ApiClient belongs to another trio.run (or thread); "
-                "open a client in each trio.run that uses one"
-            )
+        self.check_run()
         if self._closing:
             raise trio.ClosedResourceError("the ApiClient is closed")
+
+    def check_run(self) -> None:
+        """``RuntimeError`` unless called from the trio run that owns this bridge
+        (open or closed: what a closed client does is the caller's to say)."""
+        check_run(self._token)
 
     def close_if_loop_dies(self, close: Callable[[], None]) -> None:
         """Have the close run ``close()`` (a bound method, kept weakly) in the loop,

@@ -689,6 +689,11 @@ class ApiClient:
         the connection (``CloseSession``, bounded by ``close_timeout``). A
         second call waits until the first has finished.
         """
+        if self._bridge is not None:
+            # Another trio.run's close would break both; and its wait for this
+            # run's close (below) be woken from this run: an internal error in
+            # trio, and this run's own close waiting for ever.
+            self._bridge.check_run()
         if self._state is not _State.OPENED:
             self._state = _State.CLOSED
             if self._closed is not None:
@@ -697,7 +702,7 @@ class ApiClient:
             await trio.lowlevel.checkpoint()
             return
         if self._bridge is not None:
-            self._bridge.check_caller()  # another trio.run's close would break both
+            self._bridge.check_caller()
         self._state = _State.CLOSED
         if self._watch is not None:
             self._watch.cancel()

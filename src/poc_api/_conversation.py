@@ -540,6 +540,9 @@ class Conversation:
 
     async def aclose(self) -> None:
         """Close the held session, if any (idempotent). A checkpoint."""
+        # Before anything changes: from another trio.run, the session would be
+        # forgotten and its close fail (logged only), leaving it on the server.
+        self._transport.check_run()
         self._closed = True
         if self._stack is None:
             await trio.lowlevel.checkpoint()
@@ -630,6 +633,8 @@ class _Turn(NeedsAsyncWith):
         timeout = self._timeout
         started = trio.current_time()
         deadline_at = started + timeout if timeout is not None else math.inf
+        # Before the turn's lock (see Session._busy_check).
+        conv._transport.check_run()
         if conv._lock.statistics().owner is trio.lowlevel.current_task():
             raise RuntimeError(
                 "this task is already in a stream block of this conversation, which "

@@ -375,6 +375,23 @@ def _reraise(leaf: BaseException) -> NoReturn:
         leaf.__suppress_context__ = suppress
 
 
+def check_run(owner: trio.lowlevel.TrioToken) -> None:
+    """``RuntimeError`` unless called from the trio run ``owner`` names (a client's):
+    a task of another run woken by this one is an internal error in trio, and
+    waits for ever."""
+    try:
+        token = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        raise RuntimeError(
+            "poc_api must be used from inside trio.run (no trio run is active here)"
+        ) from None
+    if token is not owner:
+        raise RuntimeError(
+            "this ApiClient belongs to another trio.run (or thread); "
+            "open a client in each trio.run that uses one"
+        )
+
+
 def closed_under_call() -> trio.ClosedResourceError:
     """What a call gets when its client is closed (by any task) while it runs.
 

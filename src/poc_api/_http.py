@@ -95,6 +95,7 @@ from ._errors import (
     alpn_refused,
     call_scope,
     call_scopes,
+    check_run,
     closed_under_call,
     collapse_cancellation,
     own_copy,
@@ -2644,6 +2645,8 @@ class ChatStream:
         self._unread = 0  # body bytes read since the queue was last empty
         self._reader = _Parked()  # the task waiting in __anext__ for events
         self._pump_parked = _Parked()  # _pump(), waiting for the queue to be read
+        # Its run: the wake-ups above cross no trio.run (see _check_run).
+        self._token = trio.lowlevel.current_trio_token()
         # Set once _pump() has returned or was cancelled: no more events (the block's
         # exit may wait for its read of the body's end after [DONE]: _let_the_body_end).
         self._pump_ended = trio.Event()
@@ -2865,11 +2868,18 @@ class ChatStream:
             # An event is ready: nothing to wait for, nothing to raise (but a
             # cancellation: still a cancellation point, as GenerateStream's).
             await trio.lowlevel.checkpoint_if_cancelled()
+            if len(queue) == 1:
+                self._check_run()  # (taking the last one wakes the pump)
             event = queue.popleft()
             if not queue:
                 self._drained()
             return event
         return await self._wait_next()
+
+    def _check_run(self) -> None:
+        # The wake-ups of a task of another run: an internal error in trio (raised
+        # in the block, in an ExceptionGroup), and its waiter waits for ever.
+        check_run(self._token)
 
     def _drained(self) -> None:
         """The reader took the last queued event: the pump may read on."""
@@ -2879,6 +2889,7 @@ class ChatStream:
     @_redacting
     async def _wait_next(self) -> ChatEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
+        self._check_run()
         if self._reader_closed:
             raise self._closed_by or stream_closed()
         if self._waiting:  # as BatchReceiver: one reader at a time
@@ -3101,6 +3112,7 @@ class ChatStream:
         Later reads raise ``trio.ClosedResourceError``, also in a task waiting in
         one now. As with ``GenerateStream``, the block's exit ends the request.
         """
+        self._check_run()
         self._reader_closed = True
         self._closed_by = None  # (after a timeout too: closed is what later reads say)
         self._reader.wake()  # a task waiting in a read raises

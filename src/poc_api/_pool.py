@@ -489,6 +489,10 @@ class Router:
         """True once the client began closing."""
         return self._bridge.closed
 
+    def check_run(self) -> None:
+        """``RuntimeError`` unless called from the client's own trio run."""
+        self._bridge.check_run()
+
     @property
     def failover(self) -> bool:
         """Whether a lost session or call can be placed on another endpoint."""
@@ -881,6 +885,10 @@ class SessionRoute:
     def closed(self) -> bool:
         """True once the client began closing."""
         return self._router.closed
+
+    def check_run(self) -> None:
+        """``RuntimeError`` unless called from the client's own trio run."""
+        self._router.check_run()
 
     @property
     def affinity_key(self) -> str | None:

@@ -247,6 +247,8 @@ class GenerateStream:
         for an event now. The call itself ends as when the block is left early:
         the block's exit resets it, unless its ``Done`` had already arrived.
         """
+        # (Its reader's wake-up must come from the client's own trio run.)
+        self._session._transport.check_run()
         self._reader_closed = True
         if self.done is None:
             self._rx.interrupt(e.stream_closed)
@@ -558,6 +560,10 @@ class Session:
         self._lost_why = why
 
     def _busy_check(self) -> None:
+        # Before the session's lock: a task of another trio.run waiting for it
+        # would be handed it by this run's release (an internal error in trio
+        # there, and the session held for ever).
+        self._transport.check_run()
         # trio.Lock would say "attempt to re-acquire an already held Lock".
         if self._lock.locked() and self._lock.statistics().owner is trio.lowlevel.current_task():
             raise RuntimeError(
@@ -853,6 +859,9 @@ class Session:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
+        # Before it counts as closed: another trio.run's CloseSession would fail
+        # (logged only), and the block's own close, finding it closed, send none.
+        self._transport.check_run()
         self._closed = True
         if self._interrupt is not None:
             self._interrupt()

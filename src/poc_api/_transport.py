@@ -655,6 +655,10 @@ class GrpcTransport:
         """True once the client began closing (trio side)."""
         return self._bridge.closed
 
+    def check_run(self) -> None:
+        """``RuntimeError`` unless called from the client's own trio run."""
+        self._bridge.check_run()
+
     @property
     def target(self) -> GrpcTarget:
         """The endpoint this transport talks to."""

@@ -153,6 +153,174 @@ async def test_a_client_used_from_another_threads_trio_run_says_so(
         assert "another trio.run" in str(error)
 
 
+def _start_in_another_trio_run(
+    fn: Callable[[], Awaitable[object]],
+) -> Callable[[], Awaitable[BaseException | None]]:
+    """Start ``fn`` in a trio.run of another thread (bounded); returns what waits
+    for it and gives what it raised."""
+    raised: list[BaseException] = []
+
+    def other_thread() -> None:
+        async def bounded() -> None:
+            with trio.fail_after(5):
+                await fn()
+
+        try:
+            trio.run(bounded)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=other_thread, daemon=True)
+    thread.start()
+
+    async def join() -> BaseException | None:
+        await trio.to_thread.run_sync(thread.join, 10, abandon_on_cancel=True)
+        assert not thread.is_alive(), "the other trio.run hung"
+        return raised[0] if raised else None
+
+    return join
+
+
+async def _in_another_trio_run(fn: Callable[[], Awaitable[object]]) -> BaseException | None:
+    """Run ``fn`` in a trio.run of another thread (bounded); what it raised."""
+    return await _start_in_another_trio_run(fn)()
+
+
+def _says_another_run(exc: BaseException | None) -> None:
+    assert isinstance(exc, RuntimeError), repr(exc)
+    assert "another trio.run" in str(exc)
+
+
+async def test_a_session_or_conversation_waited_for_from_another_trio_run_says_so(
+    server: ReferenceServer,
+) -> None:
+    # The other run's task parked on the session's (the turn's) lock, and the
+    # owner's release handed it over: an AssertionError inside trio in the owner's
+    # block exit, TrioInternalError in the other run, the session held for ever.
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+            async with client.session() as s:
+                await s.prefill([1, 2])
+                async with s.generate([3], sampling=SamplingParams(max_tokens=3)) as events:
+
+                    async def prefill() -> None:
+                        await s.prefill([9])
+
+                    join = _start_in_another_trio_run(prefill)
+                    await trio.sleep(0.2)  # (it waits for the session meanwhile)
+                    async for _ in events:
+                        pass
+                _says_another_run(await join())
+                done = await s.prefill([4])
+                assert done.total_tokens == s.committed_len == 7
+            async with client.conversation() as conv:
+                turn = [poc_api.Tokens([1, 2])]
+                async with conv.stream(turn, SamplingParams(max_tokens=3)) as ev:
+
+                    async def stream() -> None:
+                        async with conv.stream(turn, SamplingParams(max_tokens=3)):
+                            pass
+
+                    join = _start_in_another_trio_run(stream)
+                    await trio.sleep(0.2)  # (it waits for the turn meanwhile)
+                    async for _ in ev:
+                        pass
+                _says_another_run(await join())
+                async with conv.stream(turn, SamplingParams(max_tokens=3)) as ev:
+                    async for _ in ev:
+                        pass
+                assert conv.committed_len == 5
+
+
+async def test_a_session_closed_from_another_trio_run_says_so_and_is_not_leaked(
+    server: ReferenceServer,
+) -> None:
+    # Its aclose() marked it closed, its CloseSession failed (logged), and the
+    # block's own close then sent none: the session stayed on the server.
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+            async with client.session() as s:
+                _says_another_run(await _in_another_trio_run(s.aclose))
+                await s.prefill([1])  # still usable in its own run
+            async with client.conversation() as conv:
+                async with conv.stream([poc_api.Tokens([1])], SamplingParams(max_tokens=2)) as ev:
+                    async for _ in ev:
+                        pass
+                held = conv.session
+                assert held is not None
+                _says_another_run(await _in_another_trio_run(conv.aclose))
+                assert conv.session is held
+            assert s.session_id not in server.state().session_ids
+            assert held.session_id not in server.state().session_ids
+
+
+async def test_a_stream_read_from_another_trio_run_says_so(server: ReferenceServer) -> None:
+    # The reader's wait (an Event of its run) was set from the owner's run: an
+    # AssertionError inside trio, logged as a failed bridge callback, and the
+    # reader waited for ever.
+    with trio.fail_after(30):
+        async with client_for(server) as client, client.session() as s:
+            async with s.generate([1], sampling=SamplingParams(max_tokens=5)) as events:
+
+                async def read() -> None:
+                    async for _ in events:
+                        pass
+
+                _says_another_run(await _in_another_trio_run(read))
+                _says_another_run(await _in_another_trio_run(events.aclose))
+                got = [ev async for ev in events]
+            assert len(got) == 6
+            assert events.done is not None and s.committed_len == 6
+
+
+async def test_a_chat_stream_read_from_another_trio_run_says_so(server: ReferenceServer) -> None:
+    # Its wake-ups (of the pump, of the reader) crossed runs: an AssertionError
+    # inside trio, out of the owner's chat_stream block in an ExceptionGroup.
+    messages = [{"role": "user", "content": "hello there"}]
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+            async with client.chat_stream(messages, max_tokens=20) as events:
+
+                async def read() -> None:
+                    async for _ in events:
+                        pass
+
+                _says_another_run(await _in_another_trio_run(read))
+                _says_another_run(await _in_another_trio_run(events.aclose))
+                got = [ev async for ev in events]
+            assert isinstance(got[-1], poc_api.ChatDone)
+
+
+async def test_a_close_from_another_trio_run_during_the_owners_close_says_so() -> None:
+    # The second close waited on the first's Event, set from the owner's run:
+    # an internal error in trio there, and both runs' closes waited for ever
+    # (the other's shielded, so not even its own deadline ended it).
+    with trio.fail_after(30):
+        async with misbehaving_server() as srv:
+            srv.plan("CloseSession", Reply(first_delay=1.0))  # the owner's close is slow
+            client = poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=srv.url)
+            await client.__aenter__()
+            async with trio.open_nursery() as nursery:
+
+                async def hold(task_status: trio.TaskStatus[None]) -> None:
+                    async with client.session():
+                        task_status.started()
+                        await trio.sleep_forever()
+
+                await nursery.start(hold)
+
+                async def close_from_another_run() -> None:
+                    await trio.sleep(0.3)  # the owner's close waits for its CloseSession
+                    join = _start_in_another_trio_run(client.aclose)
+                    _says_another_run(await join())
+
+                async with trio.open_nursery() as closers:
+                    closers.start_soon(close_from_another_run)
+                    with trio.fail_after(10):
+                        await client.aclose()
+                nursery.cancel_scope.cancel()
+
+
 def test_a_client_entered_under_asyncio_says_it_needs_trio() -> None:
     # It failed with asyncio's "Task got bad yield: <class
     # 'trio._core._traps.CancelShieldedCheckpoint'>", a trio internal.
