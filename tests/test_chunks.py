@@ -91,6 +91,15 @@ def test_prompt_to_chunks_rejects_unbalanced_prompts(
         prompt_to_chunks(tokens, [(PNG_A, "image/png")] * n_images, VS, VE)
 
 
+@pytest.mark.parametrize("images", [[None], [(PNG_A, "image/png"), None]])
+def test_prompt_to_chunks_refuses_a_none_past_the_last_bracket_pair(images: list[object]) -> None:
+    # A None past the brackets is one image too many (as any other item there is),
+    # not the end of the images: it was dropped without a word.
+    tokens = [1, VS, 260, VE] if len(images) == 2 else [1, 2]
+    with pytest.raises(ValueError, match="more images given"):
+        prompt_to_chunks(tokens, images, VS, VE)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("vs", "ve", "exc"), [("258", 259, TypeError), (258, None, TypeError), (258, 258, ValueError)]
 )
@@ -346,3 +355,28 @@ def test_a_long_run_of_ids_has_a_short_repr_and_a_short_one_an_evaluable_repr() 
     assert len(repr(TrainSample(range(100_000), [(0, 1)]))) < 150
     short = Tokens([5, 6, 7])
     assert eval(repr(short), {"Tokens": Tokens}) == short
+
+
+@pytest.mark.parametrize(
+    ("tokens", "images", "match"),
+    [
+        (b"\x01\x02", [], "^tokens must be a sequence of token ids, not bytes$"),
+        (bytearray(b"\x01"), [], "^tokens must be a sequence of token ids, not bytearray$"),
+        ("12", [], "^tokens must be a sequence of token ids, not a string$"),
+        ({3, 1, 2}, [], "^tokens must be a sequence of token ids, not set: its order"),
+        ({1: "a", 2: "b"}, [], "^tokens must be a sequence of token ids, not dict: its order"),
+        (
+            [VS, VE, VS, VE],
+            {Image(PNG_A, "image/png"), Image(PNG_A + b"\0", "image/png")},
+            "^images must be a sequence of images, not set: its order",
+        ),
+    ],
+)
+def test_prompt_to_chunks_refuses_bytes_and_unordered_tokens_or_images(
+    tokens: object, images: object, match: str
+) -> None:
+    # As Tokens, SamplingParams and TrainSample refuse them: b"..." became ids of
+    # its bytes, a set of ids a prompt in hash order, and a set of images went to
+    # the brackets in an order PYTHONHASHSEED decided.
+    with pytest.raises(TypeError, match=match):
+        prompt_to_chunks(tokens, images, VS, VE)  # type: ignore[arg-type]

@@ -380,6 +380,25 @@ async def test_breaking_out_early_loses_the_session(client: poc_api.ApiClient) -
         assert conv.session is None
 
 
+async def test_a_turn_that_decodes_nothing_left_unread_keeps_its_session(
+    client: poc_api.ApiClient, server: ReferenceServer
+) -> None:
+    # stream()'s docstring said that leaving the block before StreamDone was read
+    # closes the session. A turn with nothing to decode (max_tokens=0, a prefill
+    # turn) has its Done in hand once the block is entered: the turn is complete
+    # on both sides, and its session is kept, read or not (as the docstring now says).
+    async with client.conversation() as conv:
+        async with conv.stream([Tokens([1, 2, 3])], SamplingParams(max_tokens=0)):
+            pass  # StreamDone never read
+        session = conv.session
+        assert session is not None and conv.committed_len == 3
+        before = server.state().tokens_appended
+        async with conv.stream([Tokens([1, 2, 3, 4])], SamplingParams(max_tokens=0)) as ev:
+            assert [type(e) for e in [e async for e in ev]] == [StreamDone]
+        assert conv.session is session
+        assert server.state().tokens_appended - before == 1  # only the delta was sent
+
+
 class _AfterTheTurn(Exception):
     pass
 

@@ -12,7 +12,7 @@ from typing import Any, SupportsIndex, TypeAlias, final
 import attrs
 
 from ._errors import LimitExceeded, SessionDivergence
-from ._types import BYTES_LIKE, _ids_repr, _u32, _u32_tuple
+from ._types import BYTES_LIKE, _ids_repr, _u32, _u32_tuple, unordered
 from ._wire import append_image_request_size
 
 __all__ = [
@@ -202,14 +202,16 @@ def _as_image(item: object) -> Image:
 
 def prompt_to_chunks(
     tokens: Iterable[SupportsIndex],
-    images: Iterable[Image | tuple[bytes, str]],
+    images: Iterable[Image | tuple[bytes | bytearray | memoryview, str]],
     vision_start: SupportsIndex,
     vision_end: SupportsIndex,
 ) -> list[Chunk]:
     """Split a flat token prompt into chunks at image brackets (proto/PROTOCOL.md §4).
 
     ``tokens`` is any iterable of ids (read once: a list, a numpy array, a
-    generator); ids and brackets may be numpy integers.
+    generator; not a set or a mapping, whose order is arbitrary, nor ``str`` or
+    bytes); ids and brackets may be numpy integers. ``images`` likewise, in
+    bracket order: :class:`Image` s or ``(data, mime)`` pairs.
 
     Tokens up to and including ``vision_start`` stay text; the positions strictly
     between ``vision_start`` and ``vision_end`` become the next image of
@@ -221,16 +223,22 @@ def prompt_to_chunks(
     Raises:
         ValueError: unbalanced brackets, or a different number of images than
             bracket pairs.
-        TypeError: an item of ``images`` that is neither an :class:`Image` nor a
-            ``(bytes, mime)`` pair.
+        TypeError: ``tokens`` or ``images`` unordered (a set, a mapping) or
+            ``tokens`` a string or bytes; an item of ``images`` that is neither an
+            :class:`Image` nor a ``(data, mime)`` pair.
 
     Example::
 
+        >>> png = pathlib.Path("cat.png").read_bytes()
         >>> prompt_to_chunks([1, 258, 260, 260, 259, 2], [(png, "image/png")], 258, 259)
         [Tokens(ids=(1, 258)), Image(..., known_expanded_len=2), Tokens(ids=(259, 2))]
     """
     vision_start = _u32("vision_start", vision_start)
     vision_end = _u32("vision_end", vision_end)
+    # As Tokens refuses them: bytes iterate as small ints, a set or a mapping
+    # (its keys) in an arbitrary order, images in hash order (PYTHONHASHSEED).
+    tokens = _u32_tuple(tokens, "tokens")
+    unordered(images, "images", "images")
     if vision_start == vision_end:
         raise ValueError("vision_start and vision_end must differ")
     image_iter = iter(images)
@@ -264,7 +272,7 @@ def prompt_to_chunks(
             inner = 0
     if inside:
         raise ValueError("vision_start without a matching vision_end")
-    if next(image_iter, None) is not None:
+    if next(image_iter, _NO_IMAGE) is not _NO_IMAGE:  # (a None there is one too many)
         raise ValueError("more images given than image brackets in the prompt")
     if text:
         out.append(Tokens(text))

@@ -295,7 +295,10 @@ class Conversation:
 
         Leaving the block before :class:`StreamDone` was read, an error or
         cancellation closes the session; the next stream starts a new one. After
-        it, the session is kept whatever ends the block.
+        it, the session is kept whatever ends the block; so it is when a turn
+        with nothing to decode (``max_tokens=0``, or a full context window),
+        whose ``Done`` has come before the block's body runs, is left unread
+        without an exception: the turn is complete on both sides.
 
         Timeouts (seconds, off by default, :class:`PocApiTimeout`): ``timeout``
         bounds everything up to ``StreamDone``, the wait for another task's turn
