@@ -653,6 +653,9 @@ async def test_conversation_and_stream_reprs_tell_the_session_and_state(
                 assert repr(ev) == f"<ConversationStream session {sid} decoded=2 done>"
             assert isinstance(events[-1], StreamDone)
             assert repr(conv) == f"<Conversation session {sid} committed_len=3 rewind=True>"
+            async with conv.stream([Tokens([65, 66])], SamplingParams(max_tokens=5)) as left:
+                pass  # left before StreamDone: it said "streaming" for ever
+            assert repr(left).endswith(" decoded=0 left before StreamDone>"), repr(left)
         assert repr(conv).endswith(" closed>")
         async with client.session() as s:
             async with s.generate([1], sampling=SamplingParams(max_tokens=1)) as g:

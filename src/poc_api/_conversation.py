@@ -115,7 +115,12 @@ class ConversationStream:
 
     def __repr__(self) -> str:
         # Cheap and never raising: it lands in logs and tracebacks.
-        state = "done" if self._done_delivered else "streaming"
+        if self._done_delivered:
+            state = "done"
+        elif self._events._exited:
+            state = "left before StreamDone"
+        else:
+            state = "streaming"
         return (
             f"<ConversationStream session {self._events._session.session_id} "
             f"decoded={len(self.decoded)} {state}>"
