@@ -1484,3 +1484,73 @@ async def test_demo_with_stdout_closed_ends_on_a_signal_as_any_command() -> None
                     await proc.stderr.aclose()
     assert err.decode() == "error: terminated\n"
     assert code == 128 + signal.SIGTERM
+
+
+@pytest.mark.skipif(not Path("/proc/self/syscall").exists(), reason="needs /proc/<pid>/syscall")
+async def test_an_ignored_sighup_stays_ignored_while_text_dash_waits_for_stdin() -> None:
+    # nohup (or `trap '' HUP`) starts the command with SIGHUP ignored, so that it
+    # outlives its terminal. The handler put in for the read of stdin replaced
+    # SIG_IGN: the hang-up ended the command ("error: hung up", 129). Python keeps
+    # an ignored SIGINT ignored; an ignored SIGHUP or SIGTERM should stay so too.
+    url = f"http://127.0.0.1:{refusing_port()}"
+    with trio.fail_after(TIMEOUT):
+        proc = await trio.lowlevel.open_process(
+            [*CLI, "generate", "-", "--url", url, "--grpc-url", url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )
+        try:
+            syscall = trio.Path(f"/proc/{proc.pid}/syscall")
+            while not (await syscall.read_text()).startswith("0 0x0 "):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)
+            assert proc.stdin is not None and proc.stderr is not None
+            await proc.stdin.send_all(b"hi\n")
+            await proc.stdin.aclose()
+            code = await proc.wait()
+            err = b""
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+        finally:
+            proc.kill()
+            await proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    await stream.aclose()
+    # It read its text and went on: the server's refusal ends it, not the hang-up.
+    assert code == 1, err
+    assert b"hung up" not in err, err
+
+
+async def test_an_ignored_sighup_mid_stream_does_not_end_the_command() -> None:
+    # As above, under trio.run: open_signal_receiver replaced the SIG_IGN nohup
+    # set, and the hang-up cancelled the generation ("error: hung up", 129).
+    async with reference_server(token_delay_ms=5) as server:
+        with trio.fail_after(TIMEOUT):
+            proc = await trio.lowlevel.open_process(
+                [*CLI, "generate", "Once", "--max-tokens", "200", "--url", server.base_url],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=cli_env(),
+                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+            )
+            assert proc.stdout is not None and proc.stderr is not None
+            try:
+                assert await proc.stdout.receive_some(), "generate printed nothing"
+                proc.send_signal(signal.SIGHUP)
+                while await proc.stdout.receive_some():
+                    pass
+                code = await proc.wait()
+                err = b""
+                while chunk := await proc.stderr.receive_some():
+                    err += chunk
+            finally:
+                with trio.CancelScope(shield=True):
+                    proc.kill()
+                    await proc.wait()
+                    await proc.stdout.aclose()
+                    await proc.stderr.aclose()
+            assert code == 0, err

@@ -2222,8 +2222,10 @@ async def test_a_post_or_a_get_on_a_fresh_connection_is_never_sent_again(
         async with canned_server(keep_alive_then_close(requests, reset=reset)) as url:
             api = make_api(http, url)
             await api.readout_manifest()  # opens connection 1
-            with pytest.raises(ServerUnavailable, match=closed):
+            with pytest.raises(ServerUnavailable, match=closed) as info:
                 await api.train([TrainSample([1], [(0, 1)])])
+            # The connection had answered: no TLS port (the hint misled there).
+            assert "TLS port" not in str(info.value)
         fresh = keep_alive_then_close(requests, fresh_too=True, reset=reset)
         async with canned_server(fresh) as url:
             with pytest.raises(ServerUnavailable, match=closed):
@@ -3576,3 +3578,26 @@ async def test_a_stream_of_endless_refusal_is_cut_at_the_limit(http: httpx.Async
                 async with api.chat_stream(HELLO) as events:
                     async for _ in events:
                         pass
+
+
+async def test_a_streamed_custom_tool_call_keeps_its_name_and_input(
+    http: httpx.AsyncClient,
+) -> None:
+    # chat() reads {"type": "custom", "custom": {"name", "input"}}; chat_stream
+    # read only "function", so the same call streamed came out as
+    # ChatToolCall(id, "", "", "custom"): its name and input silently dropped.
+    def piece(call: dict[str, object]) -> str:
+        delta = {"tool_calls": [call]}
+        return json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+    first = {"index": 0, "id": "call_1", "type": "custom", "custom": {"name": "grep", "input": "x"}}
+    rest = {"index": 0, "custom": {"input": "|y"}}
+    end = '{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}'
+    stream = sse(piece(first), piece(rest), end, "[DONE]")
+    with trio.fail_after(10):
+        async with canned_server([response(200, stream, "text/event-stream")]) as url:
+            async with make_api(http, url).chat_stream(HELLO) as events:
+                got = [ev async for ev in events]
+    done = got[-1]
+    assert isinstance(done, ChatDone)
+    assert done.tool_calls == (ChatToolCall("call_1", "grep", "x|y", "custom"),)

@@ -10,7 +10,7 @@ import itertools
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from typing import Any
 
@@ -1545,33 +1545,45 @@ async def test_a_session_left_for_a_full_endpoint_waits_for_its_hold_not_for_the
             assert [c.kind for c in full.calls_to("OpenSession")] == ["ok", "trailers_only", "ok"]
 
 
+@asynccontextmanager
+async def cuttable_proxy(port: int) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
+    """A TCP proxy to 127.0.0.1:``port``: its URL, and what cuts every connection
+    through it at once (a proxy restarted; it takes new ones after)."""
+    streams: list[trio.SocketStream] = []
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await dst.aclose()
+
+    async def handle(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", port)
+        streams.extend((client, server))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, server)
+            nursery.start_soon(pump, server, client)
+
+    async def cut() -> None:
+        for stream in streams:
+            await stream.aclose()
+        streams.clear()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handle, 0)
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", cut
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_endpoint_whose_connection_dropped_gets_new_sessions_at_once() -> None:
     # Its connection cut (a proxy restarted) while its server stayed healthy: it
     # got no new session until a health check had reconnected it (up to
     # health_check_interval), when preferring connected endpoints.
     async with reference_servers(2) as (a, b):
-        streams: list[trio.SocketStream] = []
-
-        async def handle(client: trio.SocketStream) -> None:
-            server = await trio.open_tcp_stream("127.0.0.1", a.grpc_port)
-            streams.extend((client, server))
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                finally:
-                    await dst.aclose()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, client, server)
-                nursery.start_soon(pump, server, client)
-
-        async with trio.open_nursery() as proxy:
-            listeners = await proxy.start(trio.serve_tcp, handle, 0)
-            a_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with cuttable_proxy(a.grpc_port) as (a_url, cut):
             async with poc_api.ApiClient(
                 a.base_url, grpc_url=[a_url, b.grpc_url], health_check_interval=30
             ) as client:
@@ -1580,15 +1592,13 @@ async def test_an_endpoint_whose_connection_dropped_gets_new_sessions_at_once() 
                     await wait_for(
                         lambda: all(e.state is EndpointState.SERVING for e in client.endpoints)
                     )
-                    for s in streams:
-                        await s.aclose()  # the connection to a is gone
+                    await cut()  # the connection to a is gone
                     await wait_for(lambda: not client._router._endpoints[0].transport.connected)  # type: ignore[union-attr]
                     before = a.state().rpc_counts.get("OpenSession", 0)
                     await client.score_many(
                         [([Tokens([1, 2, 3])], [(1, 3)])] * 20, max_concurrency=1
                     )
                     assert a.state().rpc_counts.get("OpenSession", 0) - before >= 3
-            proxy.cancel_scope.cancel()
 
 
 async def test_an_endpoint_whose_connection_dropped_under_a_call_gets_new_sessions_again() -> None:
@@ -1599,28 +1609,7 @@ async def test_an_endpoint_whose_connection_dropped_under_a_call_gets_new_sessio
     # (here 30 s) away: EndpointState.UNREACHABLE says "until its backoff has
     # passed".
     async with reference_servers(2, ignore_eos=True, token_delay_ms=5) as (a, b):
-        streams: list[trio.SocketStream] = []
-
-        async def handle(client: trio.SocketStream) -> None:
-            server = await trio.open_tcp_stream("127.0.0.1", a.grpc_port)
-            streams.extend((client, server))
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                finally:
-                    await dst.aclose()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, client, server)
-                nursery.start_soon(pump, server, client)
-
-        async with trio.open_nursery() as proxy:
-            listeners = await proxy.start(trio.serve_tcp, handle, 0)
-            a_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with cuttable_proxy(a.grpc_port) as (a_url, cut):
             async with poc_api.ApiClient(
                 a.base_url, grpc_url=[a_url, b.grpc_url], health_check_interval=30
             ) as client:
@@ -1632,8 +1621,7 @@ async def test_an_endpoint_whose_connection_dropped_under_a_call_gets_new_sessio
                             sampling = SamplingParams(max_tokens=10**6)
                             async with s.generate([1, 2], sampling=sampling) as ev:
                                 async for _ in ev:
-                                    for stream in streams:
-                                        await stream.aclose()  # the connection to a is gone
+                                    await cut()  # the connection to a is gone
                         assert client.endpoints[0].state is EndpointState.UNREACHABLE
                     # The closes reached a again (through the proxy, which is back).
                     assert not a.state().session_ids
@@ -1645,7 +1633,6 @@ async def test_an_endpoint_whose_connection_dropped_under_a_call_gets_new_sessio
                     assert a.state().rpc_counts.get("OpenSession", 0) - before >= 3, (
                         client.endpoints
                     )
-            proxy.cancel_scope.cancel()
 
 
 async def test_an_agent_retrying_a_dead_server_gets_server_unavailable_every_time() -> None:
@@ -1919,3 +1906,36 @@ async def test_a_dns_target_that_cannot_be_resolved_says_why(
         with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as caught:
             await client.score([Tokens([1, 2, 3])], [(1, 3)])
     assert "Name or service not known" in str(caught.value)
+
+
+async def test_a_draining_endpoint_stays_out_of_rotation_when_a_call_there_is_answered() -> None:
+    # A draining server (NOT_SERVING) whose connection is cut under a stream
+    # (UNREACHABLE), then answers a held session's call: answered() put it back
+    # to UNKNOWN, usable, and it got new sessions until the next health check,
+    # though its last check said NOT_SERVING. Only a check brings it back.
+    async with reference_servers(2, ignore_eos=True, token_delay_ms=5) as (a, b):
+        async with cuttable_proxy(a.grpc_port) as (a_url, cut):
+            async with poc_api.ApiClient(
+                a.base_url, grpc_url=[a_url, b.grpc_url], health_check_interval=1
+            ) as client:
+                with trio.fail_after(20):
+                    async with AsyncExitStack() as stack:
+                        held = [await stack.enter_async_context(client.session()) for _ in range(4)]
+                        on_a = [s for s in held if s._transport.url == a_url]
+                        assert len(on_a) >= 2
+                        await trio.to_thread.run_sync(a.set_serving, False)
+                        await wait_for(
+                            lambda: client.endpoints[0].state is EndpointState.NOT_SERVING,
+                            timeout=5,
+                        )
+                        with pytest.raises(poc_api.ServerUnavailable):
+                            sampling = SamplingParams(max_tokens=10**6)
+                            async with on_a[0].generate([1, 2], sampling=sampling) as ev:
+                                async for _ in ev:
+                                    await cut()
+                        assert client.endpoints[0].state is EndpointState.UNREACHABLE
+                        await on_a[1].prefill([3])  # answered, by the draining server
+                        assert client.endpoints[0].state in (
+                            EndpointState.UNREACHABLE,
+                            EndpointState.NOT_SERVING,
+                        ), client.endpoints

@@ -45,6 +45,7 @@ import re
 import sys
 import time
 import urllib.request
+import weakref
 import zlib
 from collections import deque
 from collections.abc import (
@@ -501,6 +502,10 @@ def _proxied(client: httpx.AsyncClient, url: str) -> bool:
     )
 
 
+#: Errors of requests sent on a kept-alive connection, one that had answered.
+_ON_AN_ANSWERED_CONNECTION: Final[weakref.WeakSet[BaseException]] = weakref.WeakSet()
+
+
 def _from_httpx(
     exc: httpx.RequestError, method: str, url: str, client: httpx.AsyncClient | None = None
 ) -> PocApiError:
@@ -519,10 +524,13 @@ def _from_httpx(
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
             # A TLS port drops a plaintext request it cannot read as a handshake
-            # (Python's ssl, uvicorn's): closed, not a byte of an answer.
+            # (Python's ssl, uvicorn's): closed, not a byte of an answer. (Not on
+            # a connection that had answered: a keep-alive close racing the request.)
             tls_port = (
                 " (is it a TLS port? then https://)"
-                if "without sending a response" in text and url.startswith("http://")
+                if "without sending a response" in text
+                and url.startswith("http://")
+                and exc not in _ON_AN_ANSWERED_CONNECTION
                 else ""
             )
             return ServerUnavailable(f"{method} {url}: connection lost: {text}{tls_port}")
@@ -1474,6 +1482,8 @@ class HttpApi:
         try:
             return await self._send_owned(request)
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            if reused[0]:
+                _ON_AN_ANSWERED_CONNECTION.add(exc)
             if not idempotent or not reused[0] or not _closed_under_request(exc):
                 raise
             log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
@@ -3061,6 +3071,10 @@ class ChatStream:
         raw_id, raw_index = call.get("id"), call.get("index")
         call_id = raw_id if isinstance(raw_id, str) else ""
         function = call.get("function")
+        text = "arguments"
+        if not isinstance(function, dict) and isinstance(call.get("custom"), dict):
+            # A custom tool's call, as chat() reads it: {"custom": {"name", "input"}}.
+            function, text = call["custom"], "input"
         function = function if isinstance(function, dict) else {}
         raw_name = function.get("name")
         name = raw_name if isinstance(raw_name, str) else ""
@@ -3086,7 +3100,7 @@ class ChatStream:
                 # Its index, should the server give it on the call's later pieces
                 # (as it numbers them): those continue this call.
                 slots.setdefault(index, index)
-        arguments = _arguments_text(function.get("arguments"))
+        arguments = _arguments_text(function.get(text))
         self._keep(len(arguments) + len(name) + len(call_id), "tool calls")
         part = parts.setdefault(index, _ToolCallParts())
         part.id = part.id or call_id

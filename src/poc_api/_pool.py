@@ -280,8 +280,8 @@ class _Endpoint:
         self.down_until: float = 0.0  # time.monotonic(); both threads read it
         self.full_until: float = 0.0  # time.monotonic(); trio side only
         self.state: EndpointState = EndpointState.UNKNOWN
-        # Its last failure, or one since its last good health check, was a check's:
-        # only a check brings it back then (see ``answered``).
+        # Its last health check failed or said NOT_SERVING (or one failed since the
+        # last that said SERVING): only a check brings it back then (see ``answered``).
         self.check_failed: bool = False
         self._lock = threading.Lock()
 
@@ -334,7 +334,7 @@ class _Endpoint:
             self.consecutive = 0
             self.down_until = 0.0
             if serving is not None:
-                self.check_failed = False
+                self.check_failed = not serving  # (draining: a check brings it back)
             if self.state is EndpointState.RETIRED:
                 return
             if serving is not None:

@@ -940,6 +940,12 @@ _END_SIGNALS: Final = (
 )
 
 
+def _end_signals() -> list[signal.Signals]:
+    """:data:`_END_SIGNALS` but those ignored (``nohup``: a SIGHUP ignored when the
+    command started stays ignored, as Python keeps an ignored SIGINT)."""
+    return [s for s in _END_SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
+
+
 @final
 class _EndedBySignal(Exception):
     def __init__(self, signum: int) -> None:
@@ -950,11 +956,12 @@ class _EndedBySignal(Exception):
 async def _until_signal(body: Callable[[_Where], Awaitable[None]], where: _Where) -> None:
     """Run ``body``; SIGTERM or SIGHUP cancels it (so it unwinds as under Ctrl-C:
     streams reset, sessions closed), then raises :class:`_EndedBySignal`."""
-    if not _END_SIGNALS:
+    ends = _end_signals()
+    if not ends:
         await body(where)
         return
     got: list[int] = []
-    with trio.open_signal_receiver(*_END_SIGNALS) as signals:
+    with trio.open_signal_receiver(*ends) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -978,10 +985,10 @@ def _signals_raise() -> Iterator[None]:
     def end(signum: int, frame: object) -> None:
         raise _EndedBySignal(signum)
 
-    if not _END_SIGNALS or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {signum: signal.signal(signum, end) for signum in _END_SIGNALS}
+    before = {signum: signal.signal(signum, end) for signum in _end_signals()}
     try:
         yield
     finally:
