@@ -823,6 +823,7 @@ class GrpcTransport:
         )
         channel.before_select = self._bridge.before_select
         channel.url = self._target.url
+        channel.redact = self._redact
         channel.too_many_pings = self._too_many_pings
         channel.unindexed_headers = self._unindexed
         if self._keepalive is not None and self._keepalive.idle:
@@ -1275,9 +1276,14 @@ class GrpcTransport:
             await self._exchange(
                 path, Cardinality.UNARY_UNARY, request, sink, progress, extra_metadata
             )
-        except BaseException:
+        except BaseException as exc:
             if undo is not None and sink.items:
                 self._undo_later(undo, sink.items[0], extra_metadata)
+            if isinstance(exc, GRPCError) and exc.message:
+                # Redacted here, not only in unary's _raise_mapped: the closes made
+                # on this side (the client's, again, of an orphan) log the error.
+                exc.message = self._redact(exc.message)
+                exc.args = (exc.status, exc.message, exc.details)
             raise
         if not sink.items:
             raise e.ProtocolViolation(f"{method}: expected one reply message, got none")
@@ -2285,6 +2291,8 @@ class _PocH2Protocol(H2Protocol):
         self.goaway_last_stream_id: int | None = None
         self.sessions_open: Callable[[], bool] = lambda: False
         self.url = "the server"  # the transport's grpc_url, for messages
+        # The api key out of what the server says (a GOAWAY's debug data), for logs.
+        self.redact: Callable[[str], str] = str
         # Over TLS, unless its handshake chose ALPN h2: what it chose, for messages.
         self.alpn_note = ""
         # (calls_open, pinged): see GrpcTransport._too_many_pings
@@ -2426,10 +2434,10 @@ class _PocH2Protocol(H2Protocol):
                     self._graceful_goaway(last)
                     continue  # grpclib would fail every stream of the connection
                 log.debug(
-                    "GOAWAY %s (last stream %d, debug data %r): the connection is closed",
+                    "GOAWAY %s (last stream %d, debug data %s): the connection is closed",
                     _code_name(event.error_code),
                     last,
-                    event.additional_data,
+                    self.redact(repr(event.additional_data)),
                 )
                 if (
                     event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
@@ -2689,6 +2697,7 @@ def _run_now(fn: Callable[[], None]) -> None:
 class _PocChannel(Channel):
     sessions_open: Callable[[], bool] = staticmethod(lambda: False)
     url = "the server"
+    redact: Callable[[str], str] = staticmethod(str)
     too_many_pings: Callable[[bool, bool], None] = staticmethod(lambda calls_open, pinged: None)
     before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
     unindexed_headers: frozenset[str] = frozenset()
@@ -2719,6 +2728,7 @@ class _PocChannel(Channel):
         protocol = _PocH2Protocol(Handler(), self._config, self._h2_config)
         protocol.sessions_open = self.sessions_open
         protocol.url = self.url
+        protocol.redact = self.redact
         protocol.too_many_pings = self.too_many_pings
         protocol.before_select = self.before_select
         protocol.unindexed_headers = self.unindexed_headers

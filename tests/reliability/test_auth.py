@@ -299,3 +299,78 @@ async def test_the_key_is_in_no_traceback_local_of_a_failed_call(
             async with c.session():
                 pass
     assert _locals_with(info.value, SERVER_KEY) == []
+
+
+async def test_a_key_echoed_by_a_refused_close_as_the_client_closes_is_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The sessions still open as the client closes are closed from the asyncio
+    # side (unary_in_loop), which skipped the redaction of the grpc-message: the
+    # WARNING "CloseSession ... (client closing) failed" printed grpclib's
+    # GRPCError, key and all.
+    from misbehaving import misbehaving_server
+
+    caplog.set_level(logging.DEBUG)
+    echoed = f"invalid%20key%20{WRONG_KEY}"
+    async with misbehaving_server() as srv:
+        srv.plan("CloseSession", Reply("trailers_only", status=16, message=echoed))
+        c = poc_api.ApiClient(DUMMY_BASE_URL, api_key=WRONG_KEY, grpc_url=srv.url)
+        with trio.fail_after(10):
+            async with c, trio.open_nursery() as nursery:
+
+                async def hold(task_status: trio.TaskStatus[None]) -> None:
+                    async with c.session():
+                        task_status.started()
+                        await trio.sleep_forever()
+
+                await nursery.start(hold)
+                await c.aclose()
+                nursery.cancel_scope.cancel()
+    assert srv.calls_to("CloseSession")
+    closes = [r.getMessage() for r in caplog.records if "CloseSession" in r.getMessage()]
+    assert any("failed" in line for line in closes), closes
+    leaked = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.name.startswith("poc_api") and WRONG_KEY in r.getMessage()
+    ]
+    assert leaked == []
+
+
+async def test_a_key_echoed_in_goaway_debug_data_is_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from misbehaving import misbehaving_server
+
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    debug = f"invalid key {WRONG_KEY}".encode()
+    async with misbehaving_server() as srv:
+        srv.plan("OpenSession", Reply("goaway", status=11, debug_data=debug))
+        async with poc_api.ApiClient(DUMMY_BASE_URL, api_key=WRONG_KEY, grpc_url=srv.url) as c:
+            with trio.fail_after(5):
+                await grpc_session(c)  # (retried on a new connection)
+    lines = [caplog.handler.format(r) for r in caplog.records if r.name.startswith("poc_api")]
+    assert any("GOAWAY" in line for line in lines)
+    assert [line for line in lines if WRONG_KEY in line] == []
+
+
+async def test_a_key_echoed_by_a_refused_close_of_an_orphaned_session_is_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The same for the close of a session whose OpenSession failed after its
+    # reply (sent from the asyncio side): "CloseSession ... (its OpenSession's
+    # caller never got it) failed: (<Status.UNAUTHENTICATED: 16>, 'invalid key sk-...')".
+    from misbehaving import misbehaving_server
+
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    echoed = f"invalid%20key%20{WRONG_KEY}"
+    async with misbehaving_server() as srv:
+        srv.plan("OpenSession", Reply("reply_then_status", status=13, message="x"))
+        srv.plan("CloseSession", Reply("trailers_only", status=16, message=echoed))
+        async with poc_api.ApiClient(DUMMY_BASE_URL, api_key=WRONG_KEY, grpc_url=srv.url) as c:
+            with trio.fail_after(5), pytest.raises(poc_api.RpcError):
+                await grpc_session(c)
+    assert srv.calls_to("CloseSession")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("poc_api")]
+    assert any("never got it) failed" in line for line in lines), lines
+    assert [line for line in lines if WRONG_KEY in line] == []

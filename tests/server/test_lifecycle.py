@@ -68,6 +68,14 @@ async def test_the_repr_shows_the_state_and_the_urls_once_started() -> None:
     assert "sk-repr-secret" not in repr(srv)
 
 
+def test_the_config_repr_hides_the_api_key() -> None:
+    # ReferenceServer's repr hid the key, its config's showed it (attrs' repr).
+    config = ServerConfig(api_key="sk-repr-secret")
+    assert "sk-repr-secret" not in repr(config)
+    assert "api_key='<redacted>'" in repr(config)
+    assert "api_key=None" in repr(ServerConfig())
+
+
 def test_port_zero_skips_pairs_whose_second_port_is_taken() -> None:
     http, grpc = bind_port_pair("127.0.0.1", 0)
     try:

@@ -83,7 +83,10 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = attrs.field(default=0, validator=_port_pair)
-    api_key: str | None = None
+    # Shown as set or not, never itself: a config's repr lands in logs and test output.
+    api_key: str | None = attrs.field(
+        default=None, repr=lambda key: "'<redacted>'" if key else repr(key)
+    )
     readout: bool = True
     seed: int = 0
     # At least 1 each: a server of 0 would refuse every session or request.
