@@ -1554,3 +1554,11 @@ async def test_an_ignored_sighup_mid_stream_does_not_end_the_command() -> None:
                     await proc.stdout.aclose()
                     await proc.stderr.aclose()
             assert code == 0, err
+
+
+def test_the_cli_targets_repr_hides_the_api_key() -> None:
+    # A locals-printing traceback (rich's show_locals, pytest -l) showed it.
+    from poc_api.cli import _Globals, _Target
+
+    for value in (_Target("u", "sk-cli-secret", "g"), _Globals("u", "sk-cli-secret", "g")):
+        assert "sk-cli-secret" not in repr(value)

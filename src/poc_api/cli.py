@@ -163,7 +163,7 @@ class _Target:
     """Where to connect: ``base_url = None`` means an embedded reference server."""
 
     base_url: str | None
-    api_key: str
+    api_key: str = attrs.field(repr=False)  # (a repr lands in tracebacks' locals)
     grpc_url: str | None
     model: str = ""
     #: --timeout: the bound on each wait for the server (None: the library's own).
@@ -270,7 +270,7 @@ def _check_url(value: str, what: str) -> str:
 @attrs.frozen
 class _Globals:
     url: str | None
-    api_key: str | None
+    api_key: str | None = attrs.field(repr=False)
     grpc_url: str | None
 
 
