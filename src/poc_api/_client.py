@@ -27,7 +27,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, Final, ParamSpec, SupportsFloat, SupportsIndex, TypeVar, final
+from typing import Any, Final, Generic, ParamSpec, SupportsFloat, SupportsIndex, TypeVar, final
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,7 +37,7 @@ from ._bridge import AsyncioBridge, require_trio
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
-from ._errors import NeedsAsyncWith
+from ._errors import NeedsAsyncWith, check_run
 from ._http import (
     ChatCompletion,
     ChatStream,
@@ -90,6 +90,7 @@ _OWNER_POLL = 0.005
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 
 
 def _known_keywords_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -526,6 +527,7 @@ class ApiClient:
         self._closed: trio.Event | None = None
         self._watch: trio.CancelScope | None = None  # _close_at_run_end's
         self._owner: trio.lowlevel.Task | None = None  # the task that entered
+        self._opening_run: trio.lowlevel.TrioToken | None = None  # while OPENING
 
     def __repr__(self) -> str:
         # Never the api key.
@@ -564,12 +566,15 @@ class ApiClient:
         # Marked before the entry's first wait: another task's entry then is refused,
         # and an aclose() meanwhile (it sets CLOSED) is seen below.
         self._state = _State.OPENING
+        self._opening_run = trio.lowlevel.current_trio_token()  # (aclose checks it)
         try:
             await self._open()
         except BaseException:
             if self._state is _State.OPENING:
                 self._state = _State.UNOPENED  # (it may be entered again)
             raise
+        finally:
+            self._opening_run = None
         return self
 
     async def _open(self) -> None:
@@ -694,6 +699,10 @@ class ApiClient:
             # run's close (below) be woken from this run: an internal error in
             # trio, and this run's own close waiting for ever.
             self._bridge.check_run()
+        elif self._opening_run is not None:
+            # Being opened: from another run, the close went through (the owner's
+            # entry failed as closed), or was undone by the entry going on.
+            check_run(self._opening_run)
         if self._state is not _State.OPENED:
             self._state = _State.CLOSED
             if self._closed is not None:
@@ -1161,22 +1170,27 @@ class ApiClient:
             seed: as :meth:`chat`.
             extra_body: as :meth:`chat`.
         """
-        return self._https().chat_stream(
-            messages,
-            timeout=timeout,
-            model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            tools=tools,
-            tool_choice=tool_choice,
-            response_format=response_format,
-            n=n,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            seed=seed,
-            extra_body=extra_body,
+        api = self._https()
+        assert self._bridge is not None
+        return _InOwnRun(
+            self._bridge.check_run,
+            api.chat_stream(
+                messages,
+                timeout=timeout,
+                model=model,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=stop,
+                tools=tools,
+                tool_choice=tool_choice,
+                response_format=response_format,
+                n=n,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                seed=seed,
+                extra_body=extra_body,
+            ),
         )
 
     async def tokenize(self, text: str, *, timeout: SupportsFloat | None = None) -> list[int]:
@@ -1237,6 +1251,39 @@ class _BearerAuth(httpx.Auth):
 
 
 @final
+class _InOwnRun(NeedsAsyncWith, Generic[_T]):
+    """A block of the client's (``chat_stream``) that another trio.run cannot enter.
+
+    Checked before the block starts: entered from another run, its request went
+    out on the owner's httpx client, whose close then cancelled and awaited it
+    across runs (an internal error in trio; the close waited its bound).
+    """
+
+    __slots__ = ("_check", "_cm")
+
+    def __init__(self, check: Callable[[], None], cm: AbstractAsyncContextManager[_T]) -> None:
+        self._check = check
+        self._cm = cm
+
+    def _usage(self) -> str:
+        return "client.chat_stream(...)"
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aenter__(self) -> _T:
+        self._check()
+        return await self._cm.__aenter__()
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+
+@final
 class _ConversationBlock(NeedsAsyncWith):
     """The block of :meth:`ApiClient.conversation`: closes it on exit, shielded.
 
@@ -1254,6 +1301,8 @@ class _ConversationBlock(NeedsAsyncWith):
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Conversation:
+        # From another trio.run the block was spent (and its exit then refused).
+        self._conv._transport.check_run()
         if self._entered:  # its exit closes the conversation: one block only
             raise RuntimeError("a conversation block can be entered only once")
         self._entered = True

@@ -155,11 +155,18 @@ class ConversationStream:
         """Stop reading (idempotent; what ``contextlib.aclosing`` calls): later
         iteration raises ``trio.ClosedResourceError``; the turn ends as when its
         block is left early."""
+        self._check_run()  # before it counts as closed
         self._closed = True
         await self._events.aclose()
 
+    def _check_run(self) -> None:
+        # From another trio.run: the image events and the first token (read ahead)
+        # were handed over unrefused, and a close closed the owner's stream.
+        self._events._session._transport.check_run()
+
     async def __anext__(self) -> StreamEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
+        self._check_run()
         if self._closed:
             raise stream_closed()
         if self._prefix:

@@ -2871,6 +2871,9 @@ class ChatStream:
         # FAIR_SLICE, or a consumer slower than the server, finding events queued
         # every time, holds trio's thread until the stream ends (other tasks and
         # deadlines wait). Before the rest: other tasks may close the stream meanwhile.
+        # Every read, not only the one that empties the queue: a reader of another
+        # run took the queued events (lost to the block's own reader) unrefused.
+        self._check_run()
         if self._fair.due():
             await trio.lowlevel.cancel_shielded_checkpoint()
         queue = self._queue
@@ -2878,8 +2881,6 @@ class ChatStream:
             # An event is ready: nothing to wait for, nothing to raise (but a
             # cancellation: still a cancellation point, as GenerateStream's).
             await trio.lowlevel.checkpoint_if_cancelled()
-            if len(queue) == 1:
-                self._check_run()  # (taking the last one wakes the pump)
             event = queue.popleft()
             if not queue:
                 self._drained()

@@ -213,6 +213,7 @@ class GenerateStream:
         self._exited = False  # its block has exited: no more waiting for events
         self._drained = False  # _drain ran: its grace is spent, even if it gave up
         self._fair = FairSlice()  # when this stream last let others run
+        self._run = trio.lowlevel.current_trio_token()  # the block's (see __anext__)
         self._reader_closed = False  # aclose() was called
         self._raised: e.PocApiError | None = None  # the last error the call raised
         self.done: Done | None = None
@@ -262,6 +263,10 @@ class GenerateStream:
         # events buffered, and would otherwise hold trio's only thread for as long
         # as the server keeps ahead (other tasks, and deadlines, wait meanwhile).
         await trio.lowlevel.checkpoint_if_cancelled()
+        # Every event, not once per batch: a reader of another run took the rest
+        # of the batch (and the Done) from the block's own reader, unrefused.
+        if trio.lowlevel.current_trio_token() is not self._run:
+            e.check_run(self._run)
         if self._fair.due():
             await trio.lowlevel.cancel_shielded_checkpoint()
         if self._reader_closed:

@@ -291,6 +291,120 @@ async def test_a_chat_stream_read_from_another_trio_run_says_so(server: Referenc
             assert isinstance(got[-1], poc_api.ChatDone)
 
 
+async def test_events_already_buffered_are_not_handed_to_another_trio_run(
+    server: ReferenceServer,
+) -> None:
+    # The check came only when the buffer ran dry: a reader of another run took the
+    # rest of the batch (a GenerateStream's Done too, a ConversationStream's token
+    # read ahead, a ChatStream's queued deltas), lost to the block's own reader.
+    messages = [{"role": "user", "content": "hello there"}]
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+
+            async def read(events: Any) -> None:
+                await events.__anext__()
+
+            async with client.session() as s:
+                async with s.generate([1], sampling=SamplingParams(max_tokens=5)) as events:
+                    await wait_for(lambda: events._rx.ended)  # all of it buffered:
+                    got = [await events.__anext__()]  # one batch, of which one is read
+                    _says_another_run(await _in_another_trio_run(partial(read, events)))
+                    got += [ev async for ev in events]
+                assert len(got) == 6
+            async with client.conversation() as conv:
+                turn = [poc_api.Tokens([1])]
+                async with conv.stream(turn, SamplingParams(max_tokens=5)) as ev:
+                    _says_another_run(await _in_another_trio_run(partial(read, ev)))
+                    _says_another_run(await _in_another_trio_run(ev.aclose))
+                    got = [e async for e in ev]  # neither taken nor closed
+                assert len(got) == 6 and isinstance(got[-1], poc_api.StreamDone)
+            async with client.chat_stream(messages, max_tokens=20) as chat:
+                got = [await chat.__anext__()]
+                await wait_for(lambda: len(chat._queue) > 1)
+                _says_another_run(await _in_another_trio_run(partial(read, chat)))
+                got += [e async for e in chat]
+            assert len(got) == 21 and isinstance(got[-1], poc_api.ChatDone)
+
+
+async def test_blocks_made_in_one_trio_run_and_entered_in_another_say_so(
+    server: ReferenceServer,
+) -> None:
+    # A conversation block was entered there (spent: its owner could no longer
+    # enter it), and only its exit said so; a chat_stream block sent its request
+    # with the owner's httpx client (see the next test).
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+            blocks = [
+                client.session(),
+                client.conversation(),
+                client.chat_stream([{"role": "user", "content": "hi"}], max_tokens=3),
+            ]
+            for block in blocks:
+
+                async def enter(block: Any = block) -> None:
+                    async with block:
+                        pass
+
+                _says_another_run(await _in_another_trio_run(enter))
+            # ... each still usable in its own run.
+            async with blocks[0] as s:
+                await s.prefill([1])
+            async with blocks[1] as conv:
+                async with conv.stream([poc_api.Tokens([1])], SamplingParams(max_tokens=2)) as ev:
+                    async for _ in ev:
+                        pass
+            async with blocks[2] as chat:
+                assert isinstance([e async for e in chat][-1], poc_api.ChatDone)
+
+
+async def test_a_chat_stream_sent_from_another_trio_run_does_not_break_the_owners_close() -> None:
+    # The owner's close cancelled the other run's send (a cancel scope of another
+    # run) and waited for it to end; its end woke that wait from the other run: an
+    # AssertionError inside trio there, and the close waited its 5 s bound.
+    with _hanging_listener() as (port, _):
+        client = poc_api.ApiClient(f"http://127.0.0.1:{port}/v1", grpc_url="http://127.0.0.1:1")
+        with trio.fail_after(30):
+            async with client:
+                block = client.chat_stream([{"role": "user", "content": "hi"}], model="m")
+
+                async def enter() -> None:
+                    async with block:
+                        pass
+
+                join = _start_in_another_trio_run(enter)
+                await trio.sleep(0.3)  # (it would be connecting meanwhile)
+                started = time.monotonic()
+                await client.aclose()
+                assert time.monotonic() - started < 1.0
+                _says_another_run(await join())
+
+
+async def test_a_close_from_another_trio_run_while_the_client_opens_says_so(
+    server: ReferenceServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It closed the client of the run entering it (whose entry then failed as
+    # closed), or, a moment later, was undone by that entry: the client open after all.
+    from poc_api import _client
+
+    def slow_ssl(side: str) -> Any:
+        time.sleep(0.5)  # (in the entry's thread)
+        return _transport.default_ssl_context(side)
+
+    monkeypatch.setattr(_transport, "_DEFAULT_SSL", {})
+    monkeypatch.setattr(_client, "default_ssl_context", slow_ssl)
+    client = client_for(server)
+
+    async def close_from_another_run() -> None:
+        await trio.sleep(0.2)  # the entry waits for its CA certificates
+        _says_another_run(await _in_another_trio_run(client.aclose))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close_from_another_run)
+            async with client:
+                assert await client.tokenize("hi")
+
+
 async def test_a_close_from_another_trio_run_during_the_owners_close_says_so() -> None:
     # The second close waited on the first's Event, set from the owner's run:
     # an internal error in trio there, and both runs' closes waited for ever
