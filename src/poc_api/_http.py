@@ -1652,11 +1652,20 @@ class HttpApi:
     # Protected, the Ctrl-C comes at the next checkpoint instead, as in trio's own code.
     @trio.lowlevel.enable_ki_protection
     async def _request(
-        self, method: str, path: str, payload: object = None, *, manifest: bool = False
+        self,
+        method: str,
+        path: str,
+        payload: object = None,
+        *,
+        manifest: bool = False,
+        expect: str | None = None,
     ) -> Any:
         """Send one JSON request; return the decoded JSON body. With ``manifest``
         (PROTOCOL.md section 5), a 404 returns ``_ABSENT`` and any status but 200
-        and 404 is an error, a 2xx too."""
+        and 404 is an error, a 2xx too. ``expect``: the key the answer's object
+        must have; an object without it that carries an error object (a server
+        that answers 200 with its error) raises :class:`HttpError` with the
+        server's message, as the manifest's and chat's answers do."""
         url = self._base_url + path
         shown = self._shown + path
         log.debug("%s %s", method, shown)
@@ -1704,7 +1713,20 @@ class HttpApi:
                 cut,
                 headers=response.headers,
             ) from cut
-        return _decode_json(body, f"{method} {shown}", self._redact)
+        if not body.strip(b" \t\r\n"):
+            # (Not "malformed JSON: Expecting value": a 204, or a 200 with nothing.)
+            raise ProtocolViolation(
+                f"{method} {shown}: HTTP {response.status_code} with an empty body, "
+                "where a JSON answer was due"
+            )
+        data = _decode_json(body, f"{method} {shown}", self._redact)
+        if expect is not None and isinstance(data, dict) and expect not in data:
+            error = _error_object(data, "")
+            if error is not None:  # (the server's own words, and its code as the status)
+                raise self._server_error(
+                    shown, response_status=response.status_code, error=error, method=method
+                )
+        return data
 
     async def _read_error_body(
         self,
@@ -1823,17 +1845,12 @@ class HttpApi:
 
     async def _fetch_manifest(self) -> ReadoutManifest | None:
         what = f"GET {self._shown}/readout/manifest"
-        data = await self._request("GET", "/readout/manifest", manifest=True)
+        data = await self._request("GET", "/readout/manifest", manifest=True, expect="concepts")
         if data is _ABSENT:
             log.debug("readout disabled on %s (404)", self._shown)
             return None
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
-        error = _error_object(data, "")
-        if error is not None and "concepts" not in data:  # (the server's own words)
-            raise self._server_error(
-                self._shown + "/readout/manifest", response_status=200, error=error, method="GET"
-            )
         concepts, layers = data.get("concepts"), data.get("layers")
         if not isinstance(concepts, list) or not all(isinstance(c, str) for c in concepts):
             _shape_error(what, '"concepts": [str]', concepts)
@@ -1863,7 +1880,7 @@ class HttpApi:
         what = f"POST {self._shown}/train"
         model = self._model if model is None else model
         body = await _train_body(model, list(samples))  # (the caller's list may change)
-        data = await self._request("POST", "/train", _Encoded(body))
+        data = await self._request("POST", "/train", _Encoded(body), expect="accepted")
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
         accepted, job_id = data.get("accepted"), data.get("job_id")
@@ -1890,7 +1907,7 @@ class HttpApi:
         except UnicodeEncodeError as exc:
             raise ValueError(f"text: {_unencodable(exc)}") from None
         what = f"POST {self._shown}/tokenize"
-        data = await self._request("POST", "/tokenize", {"text": text})
+        data = await self._request("POST", "/tokenize", {"text": text}, expect="tokens")
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
             _shape_error(what, '{"tokens": [int]}', data)
@@ -1909,7 +1926,7 @@ class HttpApi:
         """
         ids = _u32_tuple(tokens)
         what = f"POST {self._shown}/detokenize"
-        data = await self._request("POST", "/detokenize", {"tokens": list(ids)})
+        data = await self._request("POST", "/detokenize", {"tokens": list(ids)}, expect="text")
         text = data.get("text") if isinstance(data, dict) else None
         if not isinstance(text, str):
             _shape_error(what, '{"text": str}', data)
@@ -1923,7 +1940,7 @@ class HttpApi:
         ints in ``[0, 2**32)``) raises :class:`~poc_api.ProtocolViolation`. A
         checkpoint; cancelling abandons the request.
         """
-        data = await self._request("GET", "/tokenizer")
+        data = await self._request("GET", "/tokenizer", expect="vocab_size")
         what = f"GET {self._shown}/tokenizer"
         if not isinstance(data, dict):
             _shape_error(what, "an object", data)
