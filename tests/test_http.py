@@ -3488,25 +3488,25 @@ async def test_a_custom_tool_call_in_a_chat_answer_is_read_not_refused(
 async def test_the_clients_timeout_bounds_an_unlabelled_streams_first_wait_as_a_labelled_ones(
     content_type: str | None,
 ) -> None:
-    # The headers at 0.3 s, the first event 0.3 s later: each wait is within the
-    # client's 0.5 s, so the stream is not cut (README: for chat_stream the timeout
+    # The headers at 0.6 s, the first event 0.6 s later: each wait is within the
+    # client's 1 s, so the stream is not cut (README: for chat_stream the timeout
     # bounds the headers, then each wait for the next bytes). A stream labelled
-    # otherwise, read to tell it a stream, was cut at 0.5 s from the request's
+    # otherwise, read to tell it a stream, was cut at 1 s from the request's
     # start, as "no complete error answer" (a 200 that had no error at all).
     async def handler(stream: trio.SocketStream) -> None:
         await read_request(stream)
-        await trio.sleep(0.3)
+        await trio.sleep(0.6)
         head = "HTTP/1.1 200 OK\r\nconnection: close\r\n"
         if content_type is not None:
             head += f"content-type: {content_type}\r\n"
         await stream.send_all(head.encode() + b"\r\n")
-        await trio.sleep(0.3)
+        await trio.sleep(0.6)
         await stream.send_all(sse(DELTA, FINISH, "[DONE]"))
 
     with trio.fail_after(10):
         async with canned_server(handler) as url:
             async with poc_api.ApiClient(
-                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.5
+                url, model="m", grpc_url="http://127.0.0.1:1", timeout=1.0
             ) as c:
                 async with c.chat_stream(HELLO) as events:
                     got = [ev async for ev in events]
