@@ -210,6 +210,7 @@ class Reply:
     shift_logprobs: int = 0  # Generate: prefill events name their position this much too far
     raw: bytes | None = None  # "ok" on a unary method (also Check): this reply message
     session_id: str | None = None  # "ok" OpenSession: this id (None: mis-<conn>-<stream>)
+    done: tuple[int, int, int] | None = None  # Generate: this Done (prompt, completion, total)
 
 
 @attrs.frozen
@@ -608,6 +609,8 @@ class _Connection:
             await self.send_data(sid, encode_token(65 + i % 26, False, end + i, -0.5))
         m = n + miscount
         done = encode_done(end, m, end + m, "length" if n else "prefill")
+        if reply.done is not None:
+            done = encode_done(*reply.done, "length" if n else "prefill")
         await self.send_data(sid, done * dones)  # (0: nothing)
         if trailers is True:
             await self.send_headers(sid, _OK_TRAILERS, end=True)

@@ -198,8 +198,10 @@ class GenerateStream:
         timeouts: _Timeouts | None = None,
         shaper: ReadoutShaper | None = None,
         server_ended: Callable[[], bool] = lambda: False,
+        prompt_end: int | None = None,
     ) -> None:
         self._rx = rx
+        self._prompt_end = prompt_end  # offset + appended: the Done's prompt_tokens
         self._server_ended = server_ended  # the server ended the call (all of it is here)
         self._shaper = shaper  # readout_shape=: Token readouts shaped 2-D
         self._timeouts = timeouts
@@ -369,6 +371,19 @@ class GenerateStream:
     def _on_done(self, done: Done) -> None:
         # Called only while no Done has come: a second one is among the
         # "events after Done" that _drain and __anext__ refuse.
+        end = self._prompt_end
+        if end is not None and (
+            done.prompt_tokens != end
+            or done.total_tokens != done.prompt_tokens + done.completion_tokens
+        ):
+            # Spec §3: prompt_tokens is the length before decoding (offset +
+            # appended), total_tokens the length after. Taken as committed_len,
+            # another total would send the next call to the wrong offset.
+            raise e.ProtocolViolation(
+                f"Generate: Done says prompt={done.prompt_tokens} completion="
+                f"{done.completion_tokens} total={done.total_tokens}, but the call "
+                f"appended up to position {end}"
+            )
         self.done = done
         self._session._committed_len = done.total_tokens
         log.debug(
@@ -730,6 +745,15 @@ class Session:
                 raise _closed_under(self)
             try:
                 count, total = decode_append_image(raw)
+                if total != offset + count:
+                    # Spec §2: N positions appended at `offset`, total_length the
+                    # length after. Another total does not describe the session:
+                    # taken as committed_len, every later call would go to the
+                    # wrong offset (OffsetMismatch, with the session kept).
+                    raise e.ProtocolViolation(
+                        f"AppendImage: the server appended {count} positions at offset "
+                        f"{offset} but says the session now has {total}"
+                    )
             except e.ProtocolViolation as exc:
                 # The server answered OK: it may have appended the image, and the
                 # session's length is unknown (later calls would miss its offset).
@@ -1205,7 +1229,7 @@ class _GenerateBlock(e.NeedsAsyncWith):
         rx = await rpc.__aenter__()
         shaper = None if self._shape is None else ReadoutShaper(self._shape)
         stream = self._stream = GenerateStream(
-            rx, s, started, self._timeouts, shaper, lambda: rpc.server_ended
+            rx, s, started, self._timeouts, shaper, lambda: rpc.server_ended, offset + len(ids)
         )
 
         def interrupt() -> None:

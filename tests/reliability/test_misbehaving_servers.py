@@ -24,6 +24,8 @@ from reliability_helpers import wait_for
 
 import poc_api
 from poc_api import SamplingParams, Token, Tokens
+from poc_api._proto import salience as pb
+from poc_api.testing import make_png
 
 FIVE = SamplingParams(max_tokens=5)
 
@@ -1488,8 +1490,6 @@ async def test_a_big_data_frame_right_behind_the_settings_ack_is_accepted() -> N
     from helpers import http_server
     from misbehaving import _padding
 
-    from poc_api._proto import salience as pb
-
     async def serve(stream: trio.SocketStream) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
@@ -1524,7 +1524,6 @@ async def test_a_call_refused_for_good_leaves_its_session_usable(
     # Refused three times (the client retries twice): ServerUnavailable(retriable),
     # "the server certainly did not process it", yet the session was marked lost,
     # so retrying as the flag invites raised SessionLost.
-    from poc_api.testing import make_png
 
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
         async with c.session() as s:
@@ -1694,7 +1693,6 @@ async def test_a_session_whose_server_reports_no_context_window_is_not_checked_a
     # max_length 0 means "not reported" (the proto's default): no window to check
     # before sending, the server's OUT_OF_RANGE decides. (The reference server
     # always reports one.)
-    from poc_api._proto import salience as pb
 
     no_window = bytes(pb.OpenSessionResponse(session_id="s0", max_length=0))
     bad_server.plan("OpenSession", *[Reply(raw=no_window)] * 3)
@@ -2124,3 +2122,50 @@ async def test_headers_without_status_are_named_not_a_keyerror_repr(
         bad_server.plan(method, Reply("no_status_header"))
         err = await fails_with(c, method, poc_api.ProtocolViolation)
         assert "KeyError" not in str(err) and "no ':status' header" in str(err), err
+
+
+@pytest.mark.parametrize(
+    ("count", "total"),
+    [(0, 0), (4, 2), (4, 3)],  # an empty reply; a total below the offset; total != offset + N
+)
+async def test_an_append_image_reply_that_contradicts_its_offset_is_a_protocol_violation(
+    bad_server: MisbehavingServer, count: int, total: int
+) -> None:
+    # PROTOCOL.md §2: N positions appended at `offset`, total_length the length
+    # after (offset + N). Another total was taken as committed_len, silently:
+    # every later call went to the wrong offset (OffsetMismatch, never lost).
+    reply = bytes(pb.AppendImageResponse(placeholder_count=count, total_length=total))
+    bad_server.plan("AppendImage", Reply("ok", raw=reply))
+    async with client_for(bad_server) as c, c.session() as s:
+        await s.prefill([1, 2, 3])
+        with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation, match="offset 3"):
+            await s.append_image(make_png(28, 28), "image/png")
+        assert s.lost
+
+
+@pytest.mark.parametrize(
+    ("done", "lost"),
+    [
+        ((0, 0, 0), True),  # an empty Done
+        ((3, 2, 4), True),  # total != prompt + completion
+        ((5, 2, 7), True),  # prompt != offset + appended
+        ((3, 2, 5), False),  # as it should be
+    ],
+)
+async def test_a_done_that_contradicts_its_call_is_a_protocol_violation(
+    bad_server: MisbehavingServer, done: tuple[int, int, int], lost: bool
+) -> None:
+    # PROTOCOL.md §3: prompt_tokens = offset + appended, total_tokens = prompt +
+    # completion; the client sets committed_len = total_tokens. A total that
+    # contradicts the call sent the session's next call to the wrong offset.
+    async with client_for(bad_server) as c, c.session() as s:
+        await s.prefill([1])
+        bad_server.plan("Generate", Reply("ok", tokens=2, done=done))
+        with (
+            trio.fail_after(5),
+            pytest.raises(poc_api.ProtocolViolation) if lost else contextlib.nullcontext(),
+        ):
+            async with s.generate([2, 3], sampling=SamplingParams(max_tokens=2)) as ev:
+                async for _ in ev:
+                    pass
+        assert (s.lost, s.committed_len) == ((True, 1) if lost else (False, 5))
