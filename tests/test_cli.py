@@ -575,6 +575,23 @@ async def test_a_failed_close_is_told_after_the_commands_own_error(fails: bool) 
         )
 
 
+async def test_a_close_that_timed_out_is_told_after_the_commands_own_error() -> None:
+    # A CloseSession that timed out is sent again, and the client's close then
+    # logs how many sessions are left to idle eviction: that line came before the
+    # command's own error (the README: a session the command could not close is
+    # told last).
+    async with http_server(no_tokenizer) as url, misbehaving_server() as srv:
+        srv.plan("Generate", Reply("trailers_only", status=14))
+        srv.plan("CloseSession", Reply("silent"), Reply("silent"), Reply("silent"))
+        result = await run_cli(
+            "generate", "hi", "--url", url, "--grpc-url", srv.url, "--timeout", "0.5"
+        )
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert result.returncode == 1, result.stderr
+    assert lines[0].startswith("error: the server at "), result.stderr
+    assert all(line.startswith("poc_api warning: ") for line in lines[1:]), result.stderr
+
+
 async def test_a_redirect_asks_whether_the_url_option_is_right() -> None:
     # It asked "is base_url right?", the library's argument, not the option.
     async def handler(stream: trio.SocketStream) -> None:

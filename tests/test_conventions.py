@@ -156,3 +156,36 @@ def test_every_runtime_dependency_is_pinned_at_its_lower_bound_in_lowest_txt() -
 
     assert declared.keys() == pins.keys(), declared.keys() ^ pins.keys()
     assert {n: norm(v) for n, v in declared.items()} == {n: norm(v) for n, v in pins.items()}
+
+
+def test_a_deprecation_raised_in_any_runtime_dependency_fails_the_run() -> None:
+    # README (Supported versions): every test run turns a DeprecationWarning raised
+    # by poc_api or a runtime dependency into a failure. pytest's filter matches the
+    # module the warning is attributed to, which is the import name, not the
+    # distribution's: attrs's code lives in `attr`.
+    import re
+    import tomllib
+    import warnings
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    deps = {"poc-api"}
+    for spec in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+        m = re.match(r"[A-Za-z0-9_.-]+", spec)
+        assert m
+        deps.add(m[0].lower().replace("_", "-"))
+    modules = {"poc_api"} | {
+        top
+        for top, dists in packages_distributions().items()
+        if not top.startswith("_") and any(d.lower().replace("_", "-") in deps for d in dists)
+    }
+    assert {"attr", "attrs", "h2", "trio"} <= modules
+    missed = []
+    for top in sorted(modules):
+        try:
+            warnings.warn_explicit("slated for removal", DeprecationWarning, "x.py", 1, module=top)
+        except DeprecationWarning:
+            continue
+        missed.append(top)
+    assert not missed, f"a DeprecationWarning from {missed} does not fail the run"

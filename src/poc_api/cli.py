@@ -812,6 +812,11 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+# The client's close, of the sessions whose CloseSession never got through
+# (_transport.py, _give_up_unclosed).
+_LEFT_TO_EVICTION = "session(s) whose CloseSession did not get through"
+
+
 class _WarningLines(logging.Handler):
     """poc_api's log records (WARNING and above) on stderr as one-line
     ``poc_api warning: ...`` (``poc_api error: ...``), as the command's own errors
@@ -827,7 +832,11 @@ class _WarningLines(logging.Handler):
         self._closes: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("CloseSession "):
+        if isinstance(record.msg, str) and (
+            record.msg.startswith("CloseSession ") or _LEFT_TO_EVICTION in record.msg
+        ):
+            # (The client's close says how many timed-out closes it gave up on: a
+            # close failure too, told with the others.)
             self._closes.append(record)
             return
         self._show(record)
@@ -835,9 +844,14 @@ class _WarningLines(logging.Handler):
     def told(self, *, failed: bool) -> None:
         """Show the held-back close failures: in short after a failed command."""
         records, self._closes = self._closes, []
+        each = any(isinstance(r.msg, str) and r.msg.startswith("CloseSession ") for r in records)
         for record in records:
             if not failed:
                 self._show(record)
+                continue
+            if _LEFT_TO_EVICTION in str(record.msg):
+                if not each:  # (else it repeats the lines of those sessions)
+                    self._show(record)
                 continue
             session = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             with contextlib.suppress(OSError):  # (as the error line's own echo)
