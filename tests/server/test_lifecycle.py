@@ -423,3 +423,10 @@ def test_a_context_window_past_uint32_is_refused() -> None:
 
     result = CliRunner().invoke(cli, ["serve", "--port", "0", "--max-context", str(2**32 + 5)])
     assert result.exit_code == 2 and "--max-context" in result.output, result.output
+
+
+def test_a_config_that_is_no_server_config_is_a_type_error() -> None:
+    # A dict (an overridden poc_server_config fixture returning the fields) failed
+    # in the server's thread, as AttributeError: 'dict' object has no attribute ...
+    with pytest.raises(TypeError, match=r"config must be a ServerConfig, not dict"):
+        ReferenceServer({"seed": 1})  # type: ignore[arg-type]

@@ -169,6 +169,13 @@ class ReferenceServer:
     """
 
     def __init__(self, config: ServerConfig | None = None) -> None:
+        if config is not None and not isinstance(config, ServerConfig):
+            # (A dict from an overridden poc_server_config fixture failed deep in
+            # the server's thread, as an AttributeError.)
+            raise TypeError(
+                f"config must be a ServerConfig, not {type(config).__name__} "
+                "(ServerConfig(**fields) makes one)"
+            )
         self.config: ServerConfig = config if config is not None else ServerConfig()
         """The configuration the server runs with."""
         self._rt: Runtime | None = None
