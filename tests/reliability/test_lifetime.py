@@ -375,7 +375,7 @@ async def test_a_chat_stream_sent_from_another_trio_run_does_not_break_the_owner
                 await trio.sleep(0.3)  # (it would be connecting meanwhile)
                 started = time.monotonic()
                 await client.aclose()
-                assert time.monotonic() - started < 1.0
+                assert time.monotonic() - started < 3.0  # (the bug: its 5 s bound)
                 _says_another_run(await join())
 
 
