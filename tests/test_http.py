@@ -3638,3 +3638,90 @@ async def test_a_2xx_with_an_empty_body_names_its_status_not_malformed_json(
         async with canned_server([response(204, b"")]) as url:
             with pytest.raises(ProtocolViolation, match="HTTP 204 with an empty body"):
                 await _call_endpoint(make_api(http, url), call)
+
+
+@pytest.mark.parametrize(
+    ("call", "key"),
+    [
+        ("train", "accepted"),
+        ("tokenize", "tokens"),
+        ("detokenize", "text"),
+        ("tokenizer_info", "vocab_size"),
+    ],
+)
+async def test_a_200_with_an_error_object_and_its_key_null_says_the_servers_message(
+    http: httpx.AsyncClient, call: str, key: str
+) -> None:
+    # A server that writes every field of its answer (Go's encoding/json without
+    # omitempty, a pydantic model with defaults) sends the key as null beside its
+    # error: the error was passed over, and the call said 'got None'.
+    body = b'{"%s": null, "error": {"message": "tokenizer is warming up", "code": 503}}'
+    with trio.fail_after(10):
+        async with canned_server([response(200, body % key.encode())]) as url:
+            with pytest.raises(HttpError, match="tokenizer is warming up") as info:
+                await _call_endpoint(make_api(http, url), call)
+    assert info.value.http_status == 503
+
+
+async def test_a_retried_call_whose_first_connection_had_answered_gives_no_tls_hint(
+    http: httpx.AsyncClient,
+) -> None:
+    # Connection 1 answers, then closes under the next request (sent again, on a
+    # new connection); the server closes that one unanswered too (going down). It
+    # had answered in plaintext on this very URL: no TLS port.
+    connections = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        await read_request(stream)
+        if first:
+            body = b'{"concepts": ["a"], "layers": [0]}'
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            await stream.send_all(head % len(body) + b"\r\n" + body)  # and keep it open
+            await read_request(stream)
+        # closed without an answer
+
+    with trio.fail_after(10):
+        async with canned_server(serve) as url:
+            api = make_api(http, url)
+            await api.readout_manifest()  # opens connection 1
+            with pytest.raises(ServerUnavailable, match="without sending") as info:
+                await api.tokenizer_info()
+    assert connections == 2  # sent again, on a new connection
+    assert "TLS port" not in str(info.value)
+
+
+async def test_a_200_with_an_error_object_from_the_models_lookup_says_the_servers_message(
+    http: httpx.AsyncClient,
+) -> None:
+    # chat() without a model asks GET /models first: its 200 carrying an error
+    # object was a ProtocolViolation 'expected {"data": [...]}' (the lookup's own
+    # HttpError, 'so there is no model to name', and its status, lost).
+    body = b'{"error": {"message": "model registry is warming up", "code": 503}}'
+    with trio.fail_after(10):
+        async with canned_server([response(200, body)]) as url:
+            with pytest.raises(HttpError, match="warming up") as info:
+                await HttpApi(http, url, "", "").chat(HELLO)
+    assert info.value.http_status == 503
+    assert "no model to name" in str(info.value)
+
+
+async def test_a_chat_stream_on_a_kept_alive_connection_closing_under_it_gives_no_tls_hint(
+    http: httpx.AsyncClient,
+) -> None:
+    # As a JSON call's: the connection had answered, so no TLS port. chat_stream
+    # sends by a path of its own, whose errors were never marked as on an answered
+    # connection: "(is it a TLS port? then https://)".
+    requests: list[tuple[int, str]] = []
+    with trio.fail_after(10):
+        async with canned_server(keep_alive_then_close(requests)) as url:
+            api = make_api(http, url)
+            await api.readout_manifest()  # opens connection 1
+            with pytest.raises(ServerUnavailable, match="without sending") as info:
+                async with api.chat_stream(HELLO, model="m") as events:
+                    async for _ in events:
+                        pass
+    assert [n for n, _ in requests] == [1, 1]  # (not sent again: a chat is no pure call)
+    assert "TLS port" not in str(info.value)

@@ -641,15 +641,16 @@ class _Turn(NeedsAsyncWith):
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> ConversationStream:
+        conv = self._conv
+        # Before the turn's lock (see Session._busy_check), and before the block
+        # counts as entered: from another run it was spent.
+        conv._transport.check_run()
         if self._entered:
             raise RuntimeError("a conversation stream block can be entered only once")
         self._entered = True
-        conv = self._conv
         timeout = self._timeout
         started = trio.current_time()
         deadline_at = started + timeout if timeout is not None else math.inf
-        # Before the turn's lock (see Session._busy_check).
-        conv._transport.check_run()
         if conv._lock.statistics().owner is trio.lowlevel.current_task():
             raise RuntimeError(
                 "this task is already in a stream block of this conversation, which "

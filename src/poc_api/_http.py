@@ -1489,7 +1489,13 @@ class HttpApi:
             log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
         request = self._build_request(method, url, payload)
         request.extensions["trace"] = _tracer(sent)
-        return await self._send_owned(request)
+        try:
+            return await self._send_owned(request)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            # On a new connection, maybe, but the server had answered on this URL
+            # (the first try's connection): no TLS port.
+            _ON_AN_ANSWERED_CONNECTION.add(exc)
+            raise
 
     async def _send_owned(self, request: httpx.Request) -> httpx.Response:
         """``client.send(request, stream=True)``, which :meth:`aclose` can end.
@@ -1720,7 +1726,9 @@ class HttpApi:
                 "where a JSON answer was due"
             )
         data = _decode_json(body, f"{method} {shown}", self._redact)
-        if expect is not None and isinstance(data, dict) and expect not in data:
+        # (Absent, or null beside the error: a server writing every field of its
+        # answer, as Go's encoding/json without omitempty does.)
+        if expect is not None and isinstance(data, dict) and data.get(expect) is None:
             error = _error_object(data, "")
             if error is not None:  # (the server's own words, and its code as the status)
                 raise self._server_error(
@@ -2078,7 +2086,7 @@ class HttpApi:
     async def _fetch_served_model(self) -> str:
         what = f"GET {self._shown}/models"
         try:
-            data = await self._request("GET", "/models")
+            data = await self._request("GET", "/models", expect="data")
         except HttpError as exc:  # (garbage answers raise as themselves)
             # The server's error, not a bad argument (a 503 is worth retrying): an
             # HttpError still, with its status, that says why chat() asked.
@@ -2309,14 +2317,15 @@ class HttpApi:
                 finally:
                     BLOCK_SENT.reset(token)
             request = self._build_request("POST", url, payload, accept="text/event-stream")
-            request.extensions["trace"] = _tracer(sent)
+            reused = [True]
+            request.extensions["trace"] = _tracer(sent, reused)
             log.debug("POST %s (stream)", shown)
             with self._calls.held("POST", shown):  # until the block's end
                 # The client's timeout bounds the wait for the answer to begin, not the
                 # stream (httpx's read timeout still bounds each wait for the next bytes).
                 answer_by = trio.current_time() + self._time_limit()
                 with trio.CancelScope(deadline=answer_by) as head:
-                    response = await self._send_stream(request, shown)
+                    response = await self._send_stream(request, shown, reused)
                 if head.cancelled_caught:
                     raise self._timed_out("POST", shown, "no response headers", sent)
                 events = ChatStream(self, response, shown, payload.get("n"))
@@ -2357,9 +2366,16 @@ class HttpApi:
             raise _timeout(f"{what}: not finished within {seconds:g} s", sent)
 
     @_redacting  # (chat_stream, a generator, cannot be): its errors quote the server
-    async def _send_stream(self, request: httpx.Request, shown: str) -> httpx.Response:
+    async def _send_stream(
+        self, request: httpx.Request, shown: str, reused: list[bool]
+    ) -> httpx.Response:
         with _map_httpx_errors("POST", shown, self._client):
-            return await self._send_owned(request)
+            try:
+                return await self._send_owned(request)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if reused[0]:  # (as in _send: a connection that had answered is no TLS port)
+                    _ON_AN_ANSWERED_CONNECTION.add(exc)
+                raise
 
     def _server_error(
         self, url: str, *, response_status: int, error: object, method: str = "POST"

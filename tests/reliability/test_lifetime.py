@@ -1730,3 +1730,30 @@ async def test_client_exit_with_a_getaddrinfo_stuck_is_bounded(
         release.set()
     assert elapsed < 1.5, f"the client's close took {elapsed:.1f} s"
     assert "did not stop" not in caplog.text
+
+
+async def test_turn_and_generate_blocks_made_in_one_trio_run_and_entered_in_another_say_so(
+    server: ReferenceServer,
+) -> None:
+    # As a conversation block's: entered from another run, a conversation.stream()
+    # block was marked entered before the run check, and its owner then could not
+    # enter it ("can be entered only once").
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+            async with client.session() as s, client.conversation() as conv:
+                blocks = [
+                    s.generate([1], sampling=SamplingParams(max_tokens=2)),
+                    conv.stream([poc_api.Tokens([1])], SamplingParams(max_tokens=2)),
+                ]
+                for block in blocks:
+
+                    async def enter(block: Any = block) -> None:
+                        async with block:
+                            pass
+
+                    _says_another_run(await _in_another_trio_run(enter))
+                # ... each still usable in its own run.
+                for block in blocks:
+                    async with block as events:
+                        got = [e async for e in events]
+                    assert len(got) == 3
