@@ -341,8 +341,8 @@ def common_prefix_len(committed: Sequence[Chunk], chunks: Sequence[Chunk]) -> in
     """Positions at the start of both chunk lists that hold the same content.
 
     Tokens compare one by one (a token run may be cut anywhere); an image counts
-    only whole, when its bytes and mime are equal and its length is known on the
-    committed side, and it takes the committed side's length: the server derives
+    only whole, when its bytes and mime are equal, and it takes the committed
+    side's length (the server's count, 0 included): the server derives
     an image's placeholder count from its bytes, so the session's record (the
     server's answer) is the truth, and the other side's ``known_expanded_len``
     (0, or a number of the caller's own) is not looked at. The result is always a
@@ -359,7 +359,6 @@ def common_prefix_len(committed: Sequence[Chunk], chunks: Sequence[Chunk]) -> in
                 not isinstance(b, Image)
                 or a.data != b.data
                 or a.mime.lower() != b.mime.lower()  # (MIME types are case-insensitive)
-                or a.known_expanded_len == 0
             ):
                 break
             pos += a.known_expanded_len
@@ -424,8 +423,12 @@ def _split_at(chunks: Sequence[Chunk], pos: int, history: Sequence[Chunk]) -> tu
 
 
 def _describes(history: Sequence[Chunk], committed_len: int) -> bool:
-    """Whether ``history`` can be the content of a session of ``committed_len``."""
-    return known_len(history) == committed_len
+    """Whether ``history`` can be the content of a session of ``committed_len``.
+
+    Its images carry the server's counts, 0 included (an image that took no
+    position): taken for "unknown", such an image made every later turn rewind
+    to 0 and send the whole prompt again."""
+    return sum(chunk_len(c) for c in history) == committed_len
 
 
 def plan_delta(
@@ -446,9 +449,9 @@ def plan_delta(
     the session's content rewinds to the last shared boundary.
 
     Images compare by content; the history's length is the truth (see
-    :func:`common_prefix_len`). A history that does not add up to
-    ``committed_len`` (an image of unknown length, or a different total) does
-    not describe the session: it is treated as knowing nothing, so a rewind
+    :func:`common_prefix_len`; its images carry the server's counts, 0 included).
+    A history that does not add up to ``committed_len`` does not describe the
+    session: it is treated as knowing nothing, so a rewind
     starts over from position 0 and ``rewind=False`` raises ``"content"``,
     rather than cutting the delta in the wrong place.
     """
