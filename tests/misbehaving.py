@@ -174,6 +174,8 @@ Kind = Literal[
     "two_replies",
     "reply_then_status",
     "reply_then_close",
+    "answer_then_goaway",
+    "split_then_goaway",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -740,6 +742,28 @@ class _Connection:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)
         await self.send_data(sid, self._good_reply(sid, method))
         await self.close()
+
+    async def _answer_then_goaway(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        # The whole answer (HEADERS, reply, OK trailers), then GOAWAY(``status``) naming
+        # this stream as processed, in one write; the connection is left open.
+        self.h2.send_headers(sid, _GRPC_HEADERS)
+        self.h2.send_data(sid, self._good_reply(sid, method))
+        self.h2.send_headers(sid, _OK_TRAILERS, end_stream=True)
+        self.h2.close_connection(error_code=reply.status, last_stream_id=sid)
+        await self.flush()
+
+    async def _split_then_goaway(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        # The reply's first bytes in one write; then (``interval`` s later) its rest,
+        # the OK trailers and GOAWAY(``status``) naming this stream, in one write.
+        message = self._good_reply(sid, method)
+        self.h2.send_headers(sid, _GRPC_HEADERS)
+        self.h2.send_data(sid, message[:3])
+        await self.flush()
+        await trio.sleep(reply.interval)
+        self.h2.send_data(sid, message[3:])
+        self.h2.send_headers(sid, _OK_TRAILERS, end_stream=True)
+        self.h2.close_connection(error_code=reply.status, last_stream_id=sid)
+        await self.flush()
 
     async def _refuse(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)

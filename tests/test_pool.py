@@ -7,6 +7,7 @@ import collections
 import contextlib
 import gc
 import itertools
+import logging
 import random
 import socket
 import time
@@ -15,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from typing import Any
 
 import h2.connection
+import hyperframe.frame
 import pytest
 import trio
 import trio.testing
@@ -1939,3 +1941,50 @@ async def test_a_draining_endpoint_stays_out_of_rotation_when_a_call_there_is_an
                             EndpointState.UNREACHABLE,
                             EndpointState.NOT_SERVING,
                         ), client.endpoints
+
+
+async def test_a_health_check_that_waited_for_a_stream_then_hangs_connecting_is_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The server allows one stream, held by a Generate: the health check waits for
+    # a stream (client side). The server then drains the connection (graceful
+    # GOAWAY) and new connections get no SETTINGS (it hangs): the check leaves the
+    # queue for a new connection and times out connecting. That is a failure of the
+    # server, not "its streams are all busy".
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    async with reference_servers(1) as (good,), misbehaving_server() as slow:
+        slow.max_streams = 1
+        async with poc_api.ApiClient(
+            good.base_url, grpc_url=[good.grpc_url, slow.url], health_check_interval=0.3
+        ) as client:
+            with trio.fail_after(20):
+                async with client.session() as s1, client.session() as s2:
+                    s = s1 if s1._transport.url == slow.url else s2
+                    await wait_for(lambda: len(slow.calls_to("Check")) >= 2)
+                    slow.plan("Generate", Reply("hold"))
+                    async with trio.open_nursery() as nursery:
+                        gen_scope = trio.CancelScope()
+
+                        async def generate() -> None:
+                            with gen_scope:
+                                await s.prefill([1])
+
+                        nursery.start_soon(generate)
+                        await wait_for(lambda: slow.held is not None)
+                        checks = len(slow.calls_to("Check"))
+                        await trio.sleep(0.5)  # a check waits for the held stream
+                        assert len(slow.calls_to("Check")) == checks
+                        before = client.endpoints[1].failures
+                        slow.mute = True
+                        assert slow.held is not None
+                        conn, sid = slow.held
+                        frame = hyperframe.frame.GoAwayFrame(0)
+                        frame.last_stream_id, frame.error_code = sid, 0
+                        mark = len(caplog.records)
+                        await conn.stream.send_all(frame.serialize())
+                        await wait_for(lambda: client.endpoints[1].failures > before, 5)
+                        gen_scope.cancel()
+    skipped = [
+        r.getMessage() for r in caplog.records[mark:] if "streams are all busy" in r.getMessage()
+    ]
+    assert not skipped, skipped

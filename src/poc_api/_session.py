@@ -922,6 +922,7 @@ class Session:
                     _log_close_failure(transport, self._session_id, exc)
                     if lost and not transport.closed:
                         transport.close_later(self._session_id, timed_out=False)
+                    break  # (refused, or its second try: not sent again here)
         if not scope.cancelled_caught:
             return
         # A server stalled past close_timeout (a GC pause, a busy host): the session

@@ -1214,6 +1214,10 @@ class GrpcTransport:
                     gate.leave()
             except StreamTerminatedError as exc:
                 _forget_swallowed_cancels(task, level)
+                if progress is not None:
+                    # (Failed out of the stream queue by a GOAWAY or a lost
+                    # connection: no longer waiting behind this client's calls.)
+                    progress.queued = False
                 ended = exc
                 if raw is not None and protocol.unprocessed(raw.id) and not _retriable_reset(exc):
                     # Above a GOAWAY's last stream id: not processed, whatever ended
