@@ -901,6 +901,48 @@ async def test_api_key_echoed_across_a_cut_leaves_no_part_of_it_in_the_error(
         assert isinstance(err, ProtocolViolation)
 
 
+async def echo_key_cut_in_a_page(stream: trio.SocketStream, case: str) -> None:
+    """Answer with the request's key where a cut falls inside it that the excerpt's
+    redaction did not cover: an HTML page's scan, or a lost read of a key echoed in
+    another case."""
+    head, _ = await read_request(stream)
+    key = head.split(b"Bearer ")[1].split(b"\r\n")[0]
+    if case == "page-read-cut":  # an HTML error page, the connection lost inside the key
+        body = b"<html><body><p>invalid token " + key + b"</p></body></html>"
+        cut = body.index(key) + 40
+        head_ = b"HTTP/1.1 400 X\r\ncontent-type: text/html\r\n"
+        await stream.send_all(head_ + b"content-length: %d\r\n\r\n" % len(body) + body[:cut])
+    elif case == "upper-read-cut":  # echoed upper-cased (the redactor takes any case)
+        body = (key.upper() + b" ") * 6
+        cut = body.index(key.upper(), 200) + 40
+        head_ = b"HTTP/1.1 400 X\r\ncontent-type: text/plain\r\n"
+        await stream.send_all(head_ + b"content-length: %d\r\n\r\n" % len(body) + body[:cut])
+    else:  # across the 8192 characters of a page scanned for its text (an error, or a 200)
+        words = b" invalid token "
+        pad = b'<html><div data-x="' + b"x" * (8192 - 20 - len(words) - 21) + b'">'
+        body = pad + words + key + b" end</div></html>"
+        assert body.index(key) < 8192 < body.index(key) + len(key)
+        await stream.send_all(response(400 if case == "scan-cut" else 200, body, "text/html"))
+
+
+@pytest.mark.parametrize("case", ["page-read-cut", "upper-read-cut", "scan-cut", "scan-cut-200"])
+async def test_api_key_cut_in_a_page_or_echoed_in_another_case_leaves_no_part_of_it(
+    http: httpx.AsyncClient, case: str
+) -> None:
+    # The HTML summary of an error page was made from the body redacted after its
+    # 8192-character cut, with no partial key dropped from a body read in part; and
+    # the partial key a cut read ends with was dropped only in the key's own case:
+    # "an HTML page: invalid token sk-live-0123456789abcdefghijklmnopqrstuv".
+    with trio.fail_after(10):
+        async with canned_server(partial(echo_key_cut_in_a_page, case=case)) as url:
+            with pytest.raises(PocApiError) as info:
+                await HttpApi(http, url, LONG_KEY, "m").tokenize("a")
+    err = info.value
+    texts = [str(err), getattr(err, "body_excerpt", "")]
+    assert not any(LONG_KEY[:10].lower() in text.lower() for text in texts), texts
+    assert isinstance(err, ProtocolViolation if case == "scan-cut-200" else HttpError)
+
+
 async def echo_key_in_bad_http(stream: trio.SocketStream, case: str) -> None:
     """Answer with the request's key in HTTP that h11 refuses (its error quotes it)."""
     head, _ = await read_request(stream)
@@ -1616,6 +1658,33 @@ async def test_malformed_json_in_stream_raises_protocol_violation(
                 async with make_api(http, url).chat_stream(HELLO) as events:
                     async for _ in events:
                         pass
+
+
+async def test_streamed_logprobs_of_tokens_with_no_text_are_not_dropped(
+    http: httpx.AsyncClient,
+) -> None:
+    # A token that adds no text (half of an emoji's bytes, the end token) comes in
+    # a chunk of empty content with its logprobs, as vLLM and SGLang stream it: the
+    # chunk was dropped whole, and the deltas' logprobs missed that token.
+    def entry(token: str, raw: list[int]) -> dict[str, Any]:
+        return {"token": token, "logprob": -0.5, "bytes": raw, "top_logprobs": []}
+
+    def chunk(content: str, entries: list[dict[str, Any]], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
+        return json.dumps({"choices": [{**choice, "logprobs": {"content": entries}}]})
+
+    first, second = entry("\\xf0\\x9f", [240, 159]), entry("\\x98\\x80", [152, 128])
+    end = entry("<|eot|>", [])
+    chunks = [chunk("", [first]), chunk("\U0001f600", [second]), chunk("", [end], "stop")]
+    body = sse(*chunks, "[DONE]")
+    async with canned_server([response(200, body, "text/event-stream")]) as url:
+        async with make_api(http, url).chat_stream(HELLO, logprobs=True) as events:
+            got = [ev async for ev in events]
+    deltas = [ev for ev in got if isinstance(ev, ChatDelta)]
+    assert "".join(d.text for d in deltas) == "\U0001f600"
+    tokens = [e for d in deltas if d.logprobs for e in d.logprobs.get("content") or []]
+    assert tokens == [first, second, end]
+    assert got[-1] == chat_done("stop", None)
 
 
 async def test_logprobs_that_are_not_an_object_or_null_are_a_protocol_violation(

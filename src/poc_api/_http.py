@@ -339,7 +339,8 @@ class ChatDelta:
     ``logprobs`` is the chunk's ``logprobs`` object as the server sent it (with
     ``logprobs=True``, a :class:`ChatLogprobs`: ``{"content": [{"token",
     "logprob", "top_logprobs"}, ...]}`` for the tokens of this piece, checked to
-    be an object only), else ``None``.
+    be an object only), else ``None``. ``text`` is ``""`` for tokens that add no
+    text of their own (a UTF-8 fragment, an end token) but came with logprobs.
     """
 
     text: str
@@ -871,7 +872,9 @@ def _decode_json(body: bytes, what: str, redact: Callable[[str], str] = str) -> 
     except (ValueError, RecursionError) as exc:
         # A web page where JSON was due (a proxy's sign-in page, a base_url that
         # points at a web site) is told by its title, not by a JSON parse error.
-        page = _html_summary(redact(text[:_HTML_SCAN]))
+        # Redacted before the cut (a key across it would leave its first part);
+        # twice the scan: no key is that long.
+        page = _html_summary(redact(text[: 2 * _HTML_SCAN])[:_HTML_SCAN])
         if page is not None:
             raise ProtocolViolation(
                 f"{what}: expected JSON, got {page} ({IS_BASE_URL}right?)"
@@ -1572,22 +1575,22 @@ class HttpApi:
         assert self._timeout is not None
         return _timeout(f"{method} {shown}: {what} within {self._timeout:g} s (timeout)", sent)
 
-    def _excerpt(self, body: bytes, *, whole: bool) -> str:
-        """:func:`error_excerpt` of ``body`` with the key redacted from all of it
-        first: redacted after the cut, a key across the cut left its first part.
+    def _clean(self, body: bytes, *, whole: bool) -> str:
+        """``body`` as text with the key redacted from all of it: redacted after a
+        cut (the excerpt's, an HTML page's scan), a key across it left its first part.
 
         ``whole=False`` (a body read only in part) also drops a first part of the
-        key at its end, which the redactor cannot recognise.
+        key at its end, which the redactor cannot recognise -- in any case, as the
+        redactor matches the key. Undecodable bytes are kept (surrogateescape).
         """
-        # surrogateescape: the bytes come back unchanged for error_excerpt's cut.
         text = self._redact(body.decode("utf-8", "surrogateescape"))
-        key = self._api_key
+        key = self._api_key.lower()
         if not whole:
             for n in range(min(len(key) - 1, len(text)), 0, -1):
-                if text.endswith(key[:n]):
+                if text[-n:].lower() == key[:n]:
                     text = text[:-n]
                     break
-        return error_excerpt(text.encode("utf-8", "surrogateescape"))
+        return text
 
     def _said(self, body: bytes) -> str | None:
         """The message of a JSON error body (OpenAI's ``{"error": {"message"}}``,
@@ -1625,10 +1628,12 @@ class HttpApi:
         location = headers.get("location") if headers is not None else None
         # Error bodies are read up to _ERROR_BODY_READ_LIMIT: one that long may go on.
         whole = cut is None and len(body) < _ERROR_BODY_READ_LIMIT
-        excerpt = self._excerpt(body, whole=whole)
+        # surrogateescape: the bytes come back unchanged for error_excerpt's cut.
+        clean = self._clean(body, whole=whole).encode("utf-8", "surrogateescape")
+        excerpt = error_excerpt(clean)
         said = self._said(body) if whole else None
         if said is None:  # (a page's title, not its markup; redacted as the excerpt)
-            said = _html_summary(self._redact(body[:_HTML_SCAN].decode("utf-8", "replace")))
+            said = _html_summary(clean.decode("utf-8", "replace")[:_HTML_SCAN])
         detail = said or excerpt
         message = f"HTTP {status} from {method} {redact_url(url)}" + (
             f": {detail}" if detail else " (an empty body)"
@@ -3070,8 +3075,13 @@ class ChatStream:
                 content = "".join(
                     _str_field(p, "text", self._what) for p in content if isinstance(p, dict)
                 )
+            logprobs = _logprobs(choice, self._what)
             if isinstance(content, str) and content:
-                self._queue.append(ChatDelta(content, index, _logprobs(choice, self._what)))
+                self._queue.append(ChatDelta(content, index, logprobs))
+            elif logprobs and (logprobs.get("content") or logprobs.get("refusal")):
+                # Tokens with no text of their own (a UTF-8 fragment, an end or a
+                # tool-call token: vLLM and SGLang send them so): their logprobs count.
+                self._queue.append(ChatDelta("", index, logprobs))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for call in calls:
