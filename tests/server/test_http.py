@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 from poc_api.server import ReferenceServer
 
-from .conftest import ServerFactory
+from .conftest import ServerFactory, wait_until
 
 TIMEOUT = 10.0
 
@@ -469,3 +471,100 @@ def test_a_handler_bug_is_a_500_not_a_dropped_connection(
     assert "a handler bug" in caplog.text  # the traceback is logged, not sent
     assert "a handler bug" not in r.text
     assert http.get("/readout/manifest").status_code == 200  # the server goes on
+
+
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_streamed_logprobs_go_with_the_text_they_belong_to(http: httpx.Client, path: str) -> None:
+    # A stop string makes the decoder hold text back (it may be the stop's start):
+    # a chunk's logprobs must be those of its own text, not of the tokens after it.
+    if path == "/completions":
+        body: dict[str, Any] = {"prompt": "hello", "logprobs": 0}
+    else:
+        body = {**CHAT, "logprobs": True}
+    body |= {"max_tokens": 12, "stop": ["QQQQ"], "stream": True}
+    with http.stream("POST", path, json=body) as r:
+        chunks = [json.loads(d) for d in sse_events(r)[:-1]]
+    at = 0
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            text = choice["text"] if path == "/completions" else choice["delta"].get("content")
+            if not text:
+                continue
+            if path == "/completions":
+                lp = choice["logprobs"]
+                assert "".join(lp["tokens"]) == text
+                assert lp["text_offset"] == list(range(at, at + len(text)))
+            else:
+                assert "".join(e["token"] for e in choice["logprobs"]["content"]) == text
+            at += len(text)
+    assert at == 12
+
+
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_a_stream_its_client_left_ends_its_decode_at_once(
+    make_server: ServerFactory, path: str
+) -> None:
+    # The SSE generator was left to the garbage collector: its decode's finally
+    # (which counts tokens_decoded) ran whenever that came, or never.
+    srv = make_server(token_delay_ms=20, ignore_eos=True)
+    body: dict[str, Any] = {"prompt": "hello"} if path == "/completions" else dict(CHAT)
+    body |= {"max_tokens": 500, "stream": True}
+    with httpx.Client(base_url=srv.base_url, timeout=TIMEOUT) as c:
+        with c.stream("POST", path, json=body) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 3:
+                    break
+    assert wait_until(lambda: srv.state().tokens_decoded > 0, timeout=3.0)
+    assert srv.state().tokens_decoded < 100
+
+
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_a_completion_its_client_left_stops_decoding(make_server: ServerFactory, path: str) -> None:
+    # Not streamed: nothing is written until the whole decode is done, so nothing
+    # noticed the client had gone; the server decoded on for the full budget
+    # (here 500 x 20 ms = 10 s of simulated GPU time nobody would read).
+    srv = make_server(token_delay_ms=20, ignore_eos=True)
+    body: dict[str, Any] = {"prompt": "hello"} if path == "/completions" else dict(CHAT)
+    body |= {"max_tokens": 500}
+    with httpx.Client(base_url=srv.base_url, timeout=0.3) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post(path, json=body)
+    assert wait_until(lambda: srv.state().tokens_decoded > 0, timeout=3.0)
+    assert srv.state().tokens_decoded < 100
+
+
+def test_a_keep_alive_client_may_send_its_next_request_while_one_decodes(
+    make_server: ServerFactory,
+) -> None:
+    # (Pipelined: the next request arrives while the first is being answered.)
+    srv = make_server(token_delay_ms=5)
+    body = json.dumps({**CHAT, "max_tokens": 20}).encode()
+    one = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body) + body
+    )
+    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=TIMEOUT) as sock:
+        sock.sendall(one)
+        time.sleep(0.02)
+        sock.sendall(one)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.count(b'"finish_reason"') == 2
+
+
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_top_p_0_keeps_the_most_likely_token_alone(http: httpx.Client, path: str) -> None:
+    # 0 was the salience protocol's "off": a nucleus of 0 sampled from everything,
+    # while one of 1e-6 was greedy (OpenAI's top_p=0 is the most likely token).
+    body: dict[str, Any] = {"prompt": "Tell me"} if path == "/completions" else dict(CHAT)
+    body |= {"max_tokens": 12}
+
+    def text(**sampling: float) -> str:
+        choice = http.post(path, json=body | sampling).json()["choices"][0]
+        return str(choice["text"] if path == "/completions" else choice["message"]["content"])
+
+    greedy = text(temperature=0.0)
+    assert {text(temperature=1.0, top_p=0.0, seed=seed) for seed in range(4)} == {greedy}

@@ -17,7 +17,7 @@ import trio
 from poc_api.server import ReferenceServer, ServerConfig, ServerState
 from poc_api.server._app import bind_port_pair
 
-from .conftest import ServerFactory, wait_until
+from .conftest import ServerFactory, SyncSalience, wait_until
 
 TIMEOUT = 10.0
 
@@ -430,3 +430,38 @@ def test_a_config_that_is_no_server_config_is_a_type_error() -> None:
     # in the server's thread, as AttributeError: 'dict' object has no attribute ...
     with pytest.raises(TypeError, match=r"config must be a ServerConfig, not dict"):
         ReferenceServer({"seed": 1})  # type: ignore[arg-type]
+
+
+def test_a_server_that_failed_to_start_drains_as_it_stops() -> None:
+    # stop() and kill() were no-ops on it; drain() raised "Event loop is closed"
+    # (from a cleanup's finally, over the start's own OSError).
+    srv = ReferenceServer(ServerConfig())
+    srv.start()
+    try:
+        clash = ReferenceServer(ServerConfig(port=srv.http_port))
+        with pytest.raises(OSError):
+            clash.start()
+        clash.drain(grace=0.1)
+        with pytest.raises(RuntimeError, match="not running"):
+            clash.set_serving(False)
+    finally:
+        srv.stop()
+
+
+def test_drain_waits_for_open_sessions_then_stops() -> None:
+    srv = ReferenceServer(ServerConfig())
+    srv.start()
+    client = SyncSalience(srv.grpc_port)
+    try:
+        sid = client.open()
+        drain = threading.Thread(target=srv.drain, kwargs={"grace": 10})
+        drain.start()
+        time.sleep(0.3)
+        assert drain.is_alive()  # (waits for the open session)
+        client.close_session(sid)
+        drain.join(5)
+        assert not drain.is_alive()
+    finally:
+        client.close()
+        srv.stop()
+    assert srv._thread is not None and not srv._thread.is_alive()

@@ -295,3 +295,19 @@ def test_error_code_is_a_string_or_null(srv: ReferenceServer) -> None:
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["code"] is None or isinstance(error["code"], str), (path, error)
+
+
+@pytest.mark.parametrize("name", ["org/model-1", "my model", "modèle"])
+def test_models_retrieve_finds_a_name_the_client_percent_encodes(name: str) -> None:
+    # The client quotes the id in the path ("org%2Fmodel-1"): compared undecoded,
+    # the listed model was not found. HF-style "org/name" is the usual --model-name.
+    server = ReferenceServer(ServerConfig(model_name=name))
+    server.start()
+    try:
+        with openai.OpenAI(
+            base_url=server.base_url, api_key="x", max_retries=0, timeout=TIMEOUT
+        ) as client:
+            assert [m.id for m in client.models.list()] == [name]
+            assert client.models.retrieve(name).id == name
+    finally:
+        server.stop()

@@ -253,7 +253,10 @@ class ReferenceServer:
             rt.health.set(serving)
             applied.set()
 
-        loop.call_soon_threadsafe(apply)
+        try:
+            loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # its loop is closed: it failed to start, or has stopped
+            raise RuntimeError("ReferenceServer is not running") from None
         applied.wait(_STOP_TIMEOUT)
 
     def drain(self, grace: float = 10.0) -> None:
@@ -262,7 +265,8 @@ class ReferenceServer:
         Reports ``NOT_SERVING`` at once, waits up to ``grace`` seconds for the
         sessions it holds to be closed by their clients, then calls :meth:`stop`.
         """
-        if self._rt is not None and not self._stopped:
+        # (A server that failed to start has nothing to drain: stop() is a no-op.)
+        if self._rt is not None and not self._stopped and self._error is None:
             self.set_serving(False)
             deadline = time.monotonic() + grace
             while self._rt.store.ids() and time.monotonic() < deadline:

@@ -18,12 +18,14 @@ object or, for streams, an async iterator of SSE bytes. Every answer carries an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+import urllib.parse
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Final, final
 
 import h11
@@ -92,7 +94,7 @@ def validate_train(body: Any) -> int:
     return len(samples)
 
 
-_Result = dict[str, Any] | AsyncIterator[bytes]
+_Result = dict[str, Any] | AsyncGenerator[bytes, None]
 _Handler = Callable[[Any, dict[str, str]], Awaitable[_Result]]
 
 
@@ -156,7 +158,7 @@ class HttpApp:
                 if request is None:
                     break
                 req, body = request
-                await self._respond(conn, writer, req, body)
+                await self._respond(conn, reader, writer, req, body)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
                 conn.start_next_cycle()
@@ -245,7 +247,12 @@ class HttpApp:
         raise HttpError(404, f"no route for {path}", code="not_found")
 
     async def _respond(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, req: h11.Request, raw: bytes
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        req: h11.Request,
+        raw: bytes,
     ) -> None:
         method = req.method.decode()
         path = _path(req)
@@ -268,11 +275,13 @@ class HttpApp:
                     raise HttpError(400, f"malformed JSON body: {e}") from None
                 except RecursionError:
                     raise HttpError(400, "JSON body nested too deeply") from None
-            result = await handler(body, params)
+            result = await self._unless_client_leaves(conn, reader, handler(body, params))
         except HttpError as e:
             extra = [("allow", e.allow)] if e.allow else []
             await self._send_json(conn, writer, e.status, _error_json(e), request_id, extra)
             return
+        except ConnectionError:
+            raise  # (the client left: no one to answer)
         except Exception:
             # A handler's bug: the client gets a status to report, not a dropped
             # connection (the traceback goes to the log, where it is the server's).
@@ -284,6 +293,36 @@ class HttpApp:
             await self._send_json(conn, writer, 200, result, request_id)
         else:
             await self._send_events(conn, writer, result, request_id)
+
+    @staticmethod
+    async def _unless_client_leaves(
+        conn: h11.Connection, reader: asyncio.StreamReader, work: Awaitable[_Result]
+    ) -> _Result:
+        """``work``, cancelled if the client closes the connection meanwhile.
+
+        A non-streamed completion takes its whole decode time (token_delay_ms)
+        before it writes a byte: a client that gave up must stop it, as a cancelled
+        Generate stops. What a keep-alive client sends meanwhile (its next request)
+        goes to h11's buffer, read after this answer.
+        """
+        task = asyncio.ensure_future(work)
+        read: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                read = asyncio.ensure_future(reader.read(_READ_SIZE))
+                await asyncio.wait({task, read}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    return task.result()
+                data = read.result()
+                conn.receive_data(data)
+                if not data:
+                    raise ConnectionResetError("the client closed the connection")
+        finally:
+            for fut in (task, read):
+                if fut is not None and not fut.done():
+                    fut.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fut
 
     async def _send_json(
         self,
@@ -320,7 +359,7 @@ class HttpApp:
         self,
         conn: h11.Connection,
         writer: asyncio.StreamWriter,
-        events: AsyncIterator[bytes],
+        events: AsyncGenerator[bytes, None],
         request_id: str,
     ) -> None:
         headers = [
@@ -329,9 +368,12 @@ class HttpApp:
             ("x-request-id", request_id),
         ]
         writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
-        async for event in events:
-            writer.write(conn.send(h11.Data(data=event)))
-            await writer.drain()
+        # Closed here, not whenever the garbage collector gets to it: a client that
+        # leaves mid-stream ends the decode, and its finally counts what was decoded.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                writer.write(conn.send(h11.Data(data=event)))
+                await writer.drain()
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
 
@@ -370,10 +412,12 @@ class HttpApp:
         return {"object": "list", "data": [self._model_object()]}
 
     async def _model(self, _body: Any, params: dict[str, str]) -> _Result:
-        if params["model"] != self._rt.config.model_name:
+        # Percent-decoded: clients quote the id ("org/name" is sent as "org%2Fname").
+        model = urllib.parse.unquote(params["model"])
+        if model != self._rt.config.model_name:
             raise HttpError(
                 404,
-                f"The model '{params['model']}' does not exist",
+                f"The model '{model}' does not exist",
                 param="model",
                 code="model_not_found",
             )

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Final, final
 
 import attrs
@@ -197,7 +198,14 @@ def _sampling(
     return _Sampling(
         model=model,
         max_tokens=max_tokens,
-        spec=SamplingSpec(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed),
+        # top_p = 0 keeps the most likely token alone, as OpenAI's does (the limit of
+        # a shrinking nucleus); SamplingSpec's 0 is the protocol's "off" (proto3's unset).
+        spec=SamplingSpec(
+            temperature=temperature,
+            top_k=1 if top_p == 0 else max(top_k, 0),
+            top_p=top_p,
+            seed=seed,
+        ),
         stop=_stops(body),
         n=n,
         top_logprobs=logprobs,
@@ -254,14 +262,19 @@ class _Decode:
         self.completion = 0
         self.finish_reason = "length"
 
-    async def pieces(self) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    async def pieces(self) -> AsyncGenerator[tuple[str, list[dict[str, Any]], list[int]], None]:
+        """``(text, logprob entries, their tokens' offsets in the completion's text)``.
+
+        An entry goes out with the piece its token's text starts in: held-back text
+        holds its entries back too (a stream's chunks pair text with its tokens).
+        """
         model, spec, tokens = self.rt.model, self.spec, list(self.prompt)
         max_context = self.rt.config.max_context
         k = self.s.top_logprobs
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in self.s.stop), default=1) - 1
         text, sent, cut = "", 0, False
-        entries: list[dict[str, Any]] = []
+        entries: list[tuple[int, dict[str, Any]]] = []  # (text offset, entry)
         token_delay = self.rt.config.token_delay_ms / 1e3
         try:
             while self.completion < self.s.max_tokens:
@@ -280,7 +293,7 @@ class _Decode:
                     self.finish_reason = "stop"
                     break
                 if k is not None:
-                    entries.append(_logprob_entry(tok, dist, k))
+                    entries.append((len(text), _logprob_entry(tok, dist, k)))
                 text += decoder.decode(bytes((tok,))) if tok < 256 else _token_text(tok)
                 hits = [
                     i for i in (text.find(s, max(0, sent - hold)) for s in self.s.stop) if i >= 0
@@ -291,15 +304,16 @@ class _Decode:
                     cut = True
                     break
                 if len(text) - hold > sent:
-                    yield text[sent : len(text) - hold], entries
-                    entries = []
-                    sent = len(text) - hold
+                    sent_before, sent = sent, len(text) - hold
+                    out = [(at, e) for at, e in entries if at < sent]
+                    entries = entries[len(out) :]
+                    yield text[sent_before:sent], [e for _, e in out], [at for at, _ in out]
                 if not self.completion % 64:
                     await asyncio.sleep(0)  # stay responsive on long decodes
             if not cut:
                 text += decoder.decode(b"", final=True)
             if len(text) > sent or entries:
-                yield text[sent:], entries
+                yield text[sent:], [e for _, e in entries], [at for at, _ in entries]
         finally:
             self.rt.stats.decoded(self.completion)
 
@@ -483,7 +497,7 @@ class ChatRequest:
         choices = []
         for i, c in enumerate(self.choices):
             text, entries = "", []
-            async for piece, lps in c.pieces():
+            async for piece, lps, _ in c.pieces():
                 text += piece
                 entries += lps
             choices.append(
@@ -517,7 +531,7 @@ class ChatRequest:
             obj["usage"] = usage  # null on every chunk but the last, as OpenAI does
         return _sse(obj)
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         """The SSE body: a role chunk, deltas, a finish chunk per choice, usage, [DONE]."""
         lp = self.s.top_logprobs is not None
         for i, c in enumerate(self.choices):
@@ -525,10 +539,11 @@ class ChatRequest:
             yield self._chunk(
                 [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}]
             )
-            async for piece, entries in c.pieces():
-                logprobs = {"content": entries, "refusal": None} if lp else None
-                delta = {"index": i, "delta": {"content": piece}, "logprobs": logprobs}
-                yield self._chunk([delta | {"finish_reason": None}])
+            async with contextlib.aclosing(c.pieces()) as pieces:  # (closed if we are)
+                async for piece, entries, _ in pieces:
+                    logprobs = {"content": entries, "refusal": None} if lp else None
+                    delta = {"index": i, "delta": {"content": piece}, "logprobs": logprobs}
+                    yield self._chunk([delta | {"finish_reason": None}])
             yield self._chunk(
                 [{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]
             )
@@ -603,14 +618,17 @@ class CompletionRequest:
             "total_tokens": prompt + completion,
         }
 
-    def _logprobs(self, entries: list[dict[str, Any]], offset: int) -> dict[str, Any] | None:
-        """The legacy logprobs shape: parallel lists, top ones as ``{token: logprob}``."""
+    def _logprobs(
+        self, entries: list[dict[str, Any]], starts: list[int], offset: int
+    ) -> dict[str, Any] | None:
+        """The legacy logprobs shape: parallel lists, top ones as ``{token: logprob}``.
+
+        ``starts`` are the tokens' offsets in the completion's text, ``offset`` where
+        that text starts in the choice's (the echoed prompt's length).
+        """
         if self.s.top_logprobs is None:
             return None
-        offsets, at = [], offset
-        for e in entries:
-            offsets.append(at)
-            at += len(bytes(e["bytes"]).decode("utf-8", errors="replace"))
+        offsets = [offset + at for at in starts]
         return {
             "tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
@@ -627,15 +645,16 @@ class CompletionRequest:
         """The whole ``text_completion`` object."""
         choices = []
         for i, (prompt, c) in enumerate(self.choices):
-            text, entries = self._echo(prompt), []
-            async for piece, lps in c.pieces():
+            text, entries, starts = self._echo(prompt), [], []
+            async for piece, lps, ats in c.pieces():
                 text += piece
                 entries += lps
+                starts += ats
             choices.append(
                 {
                     "index": i,
                     "text": text,
-                    "logprobs": self._logprobs(entries, len(self._echo(prompt))),
+                    "logprobs": self._logprobs(entries, starts, len(self._echo(prompt))),
                     "finish_reason": c.finish_reason,
                 }
             )
@@ -660,7 +679,7 @@ class CompletionRequest:
             obj["usage"] = usage
         return _sse(obj)
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         """The SSE body: text chunks, a finish chunk per choice, usage, [DONE]."""
         for i, (prompt, c) in enumerate(self.choices):
             offset = 0
@@ -670,18 +689,18 @@ class CompletionRequest:
                     [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}]
                 )
                 offset = len(echo)
-            async for piece, entries in c.pieces():
-                yield self._chunk(
-                    [
-                        {
-                            "index": i,
-                            "text": piece,
-                            "logprobs": self._logprobs(entries, offset),
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-                offset += len(piece)
+            async with contextlib.aclosing(c.pieces()) as pieces:  # (closed if we are)
+                async for piece, entries, starts in pieces:
+                    yield self._chunk(
+                        [
+                            {
+                                "index": i,
+                                "text": piece,
+                                "logprobs": self._logprobs(entries, starts, offset),
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
             yield self._chunk(
                 [{"index": i, "text": "", "logprobs": None, "finish_reason": c.finish_reason}]
             )
