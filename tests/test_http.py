@@ -3794,3 +3794,87 @@ async def test_a_chat_stream_on_a_kept_alive_connection_closing_under_it_gives_n
                         pass
     assert [n for n, _ in requests] == [1, 1]  # (not sent again: a chat is no pure call)
     assert "TLS port" not in str(info.value)
+
+
+async def echo_key_many_times_in_a_page(stream: trio.SocketStream) -> None:
+    """A 200 HTML page (JSON was due) that echoes the request's key so often that,
+    redacted, the 16384 characters scanned shrink below 8192: the cut at 16384,
+    inside a key, then falls inside the part summarised."""
+    head, _ = await read_request(stream)
+    key = head.split(b"Bearer ")[1].split(b"\r\n")[0]
+    body = b"<html><body>" + (key + b" ") * 400 + b"</body></html>"
+    assert 0 < (2 * 8192 - 12) % (len(key) + 1) < len(key)  # (the cut falls in a key)
+    await stream.send_all(response(200, body, "text/html"))
+
+
+async def test_api_key_echoed_often_in_a_page_where_json_was_due_leaves_no_part_of_it(
+    http: httpx.AsyncClient,
+) -> None:
+    # _decode_json redacts the first 2 * 8192 characters, then cuts at 8192: each key
+    # redacted takes 44 characters fewer, so the first part of the key cut at 16384
+    # came within the 8192 summarised ("an HTML page: sk-live-0123456789abcdef...").
+    with trio.fail_after(10):
+        async with canned_server(echo_key_many_times_in_a_page) as url:
+            with pytest.raises(ProtocolViolation) as info:
+                await HttpApi(http, url, LONG_KEY, "m").tokenize("a")
+    assert LONG_KEY[:10].lower() not in str(info.value).lower(), str(info.value)
+
+
+SLASH_KEY = "sk-live/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH"
+
+
+async def echo_escaped_key_cut(stream: trio.SocketStream) -> None:
+    """An error body that echoes the key as JSON with "/" escaped (PHP's
+    json_encode does so), the connection lost inside it."""
+    head, _ = await read_request(stream)
+    key = head.split(b"Bearer ")[1].split(b"\r\n")[0]
+    quoted = key.replace(b"/", b"\\/")
+    body = b'{"error": {"message": "invalid token ' + quoted + b'"}}'
+    cut = body.index(quoted) + 30
+    head_ = b"HTTP/1.1 401 X\r\ncontent-type: application/json\r\n"
+    await stream.send_all(head_ + b"content-length: %d\r\n\r\n" % len(body) + body[:cut])
+
+
+async def test_api_key_echoed_json_escaped_in_a_body_cut_short_leaves_no_part_of_it(
+    http: httpx.AsyncClient,
+) -> None:
+    # The redactor knows the key's JSON forms ("\\/" for "/"), but the first part of
+    # the key a cut read ends with was dropped only in the key's own form:
+    # "HTTP 401 ...: {"error": {"message": "invalid token sk-live\\/0123456789abcdefghi".
+    with trio.fail_after(10):
+        async with canned_server(echo_escaped_key_cut) as url:
+            with pytest.raises(PocApiError) as info:
+                await HttpApi(http, url, SLASH_KEY, "m").tokenize("a")
+    err = info.value
+    for text in (str(err), getattr(err, "body_excerpt", "")):
+        assert "0123456789" not in text, text
+
+
+async def test_streamed_logprobs_of_reasoning_tokens_are_not_told_as_the_answer_s(
+    http: httpx.AsyncClient,
+) -> None:
+    # vLLM with a reasoning parser streams each reasoning token's logprobs in the
+    # chunk that carries it as reasoning_content (content null). Those tokens add
+    # text, the reasoning's: they came as ChatDelta("") too, and an answer's summed
+    # logprobs (its ChatDelta pieces) took in the whole reasoning.
+    def entry(token: str) -> dict[str, Any]:
+        return {"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": []}
+
+    def chunk(delta: dict[str, Any], entries: list[dict[str, Any]]) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+        return json.dumps({"choices": [{**choice, "logprobs": {"content": entries}}]})
+
+    answer = entry("Hi")
+    chunks = [
+        chunk({"reasoning_content": "think", "content": None}, [entry("think")]),
+        chunk({"content": "Hi"}, [answer]),
+        json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+    ]
+    body = sse(*chunks, "[DONE]")
+    async with canned_server([response(200, body, "text/event-stream")]) as url:
+        async with make_api(http, url).chat_stream(HELLO, logprobs=True) as events:
+            got = [ev async for ev in events]
+    assert [ev.text for ev in got if isinstance(ev, poc_api.ChatReasoningDelta)] == ["think"]
+    deltas = [ev for ev in got if isinstance(ev, ChatDelta)]
+    tokens = [e for d in deltas if d.logprobs for e in d.logprobs.get("content") or []]
+    assert tokens == [answer], tokens

@@ -873,8 +873,15 @@ def _decode_json(body: bytes, what: str, redact: Callable[[str], str] = str) -> 
         # A web page where JSON was due (a proxy's sign-in page, a base_url that
         # points at a web site) is told by its title, not by a JSON parse error.
         # Redacted before the cut (a key across it would leave its first part);
-        # twice the scan: no key is that long.
-        page = _html_summary(redact(text[: 2 * _HTML_SCAN])[:_HTML_SCAN])
+        # twice the scan: no key is that long. A page that echoes the key often
+        # shrinks as it is redacted: the cut's first part of a key could come
+        # within the scan, so the cut goes further until it cannot.
+        cut = 2 * _HTML_SCAN
+        scanned = redact(text[:cut])
+        while len(scanned) < 2 * _HTML_SCAN and cut < len(text):
+            cut *= 2
+            scanned = redact(text[:cut])
+        page = _html_summary(scanned[:_HTML_SCAN])
         if page is not None:
             raise ProtocolViolation(
                 f"{what}: expected JSON, got {page} ({IS_BASE_URL}right?)"
@@ -1076,6 +1083,17 @@ def _split_userinfo(url: str) -> tuple[str, httpx.BasicAuth | None]:
 _TOKEN_CHARS: Final = r"A-Za-z0-9\-._~+/"
 
 
+def _key_forms(api_key: str) -> dict[str, None]:
+    """``api_key`` as it may be echoed: itself, and as a JSON string shows it ('"'
+    and '\\' escaped; '/' as '\\/' by some servers; Go's '&', '<', '>' as
+    \\u0026...): an error body that echoes the key is JSON, quoted as it came."""
+    in_json = json.dumps(api_key)[1:-1]
+    in_go = in_json.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    return dict.fromkeys(
+        [api_key, *(f for js in (in_json, in_go) for f in (js, js.replace("/", "\\/")))]
+    )
+
+
 def key_redactor(api_key: str) -> Callable[[str], str]:
     """A function that replaces ``api_key`` (in any case) in a message with ``<redacted>``.
 
@@ -1088,14 +1106,7 @@ def key_redactor(api_key: str) -> Callable[[str], str]:
     """
     if not api_key:
         return _unchanged
-    # As a JSON string shows it too ('"' and '\\' escaped; '/' as '\\/' by some
-    # servers; Go's '&', '<', '>' as \\u0026...): an error body that echoes the
-    # key is JSON, quoted as it came.
-    in_json = json.dumps(api_key)[1:-1]
-    in_go = in_json.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
-    forms = dict.fromkeys(
-        [api_key, *(f for js in (in_json, in_go) for f in (js, js.replace("/", "\\/")))]
-    )
+    forms = _key_forms(api_key)
     key = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
     if len(forms) > 1:
         key = f"(?:{key})"
@@ -1584,12 +1595,16 @@ class HttpApi:
         redactor matches the key. Undecodable bytes are kept (surrogateescape).
         """
         text = self._redact(body.decode("utf-8", "surrogateescape"))
-        key = self._api_key.lower()
-        if not whole:
-            for n in range(min(len(key) - 1, len(text)), 0, -1):
-                if text[-n:].lower() == key[:n]:
-                    text = text[:-n]
-                    break
+        if not whole and self._api_key:
+            # In any of the forms the redactor matches (a JSON echo's "\\/" too).
+            cut = 0
+            for form in _key_forms(self._api_key.lower()):
+                for n in range(min(len(form) - 1, len(text)), cut, -1):
+                    if text[-n:].lower() == form[:n]:
+                        cut = n
+                        break
+            if cut:
+                text = text[:-cut]
         return text
 
     def _said(self, body: bytes) -> str | None:
@@ -3078,7 +3093,11 @@ class ChatStream:
             logprobs = _logprobs(choice, self._what)
             if isinstance(content, str) and content:
                 self._queue.append(ChatDelta(content, index, logprobs))
-            elif logprobs and (logprobs.get("content") or logprobs.get("refusal")):
+            elif (
+                not (isinstance(reasoning, str) and reasoning)  # (the reasoning's tokens)
+                and logprobs
+                and (logprobs.get("content") or logprobs.get("refusal"))
+            ):
                 # Tokens with no text of their own (a UTF-8 fragment, an end or a
                 # tool-call token: vLLM and SGLang send them so): their logprobs count.
                 self._queue.append(ChatDelta("", index, logprobs))

@@ -89,8 +89,18 @@ async def test_a_too_many_pings_goaway_between_calls_stops_idle_pings_only(
             # The server's GOAWAY, written on connection 1 by a held call's handler:
             # hold a Generate, cancel it (its stream ends), then send the GOAWAY.
             bad_server.plan("Generate", Reply("hold"))
-            with trio.move_on_after(0.2):
-                await s.prefill([1])
+            cancel = trio.CancelScope()
+            async with trio.open_nursery() as nursery:
+
+                async def held_call() -> None:
+                    with cancel:
+                        await s.prefill([1])
+
+                nursery.start_soon(held_call)
+                # Held once the server has it (not after a fixed 0.2 s: a loaded
+                # 2-core CI may take longer to get the call there).
+                await wait_for(lambda: bad_server.held is not None)
+                cancel.cancel()
             assert bad_server.held is not None
             held, _ = bad_server.held
             transport = c._transport
