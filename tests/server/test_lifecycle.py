@@ -374,7 +374,9 @@ def test_stop_closes_the_connection_of_a_client_that_stopped_reading(
             time.sleep(0.1)
             return streamed[0] == before
 
-        assert wait_until(stalled)
+        # (Filling the socket buffers takes a few MiB of decoding: seconds on a
+        # loaded 2-core CI, past wait_until's default 5 s.)
+        assert wait_until(stalled, timeout=30)
         srv.stop()
         sock.settimeout(5)
         try:
