@@ -363,6 +363,49 @@ async def test_a_result_that_loses_the_race_with_a_cancel_goes_to_abandoned() ->
     assert got == [7]
 
 
+@pytest.mark.usefixtures("python_handles_sigint")
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
+def test_a_result_that_comes_during_a_ctrl_c_in_the_settle_goes_to_abandoned() -> None:
+    # As above, and a Ctrl-C lands while the cancelled call settles: run() raises
+    # KeyboardInterrupt, and the result that came meanwhile (an OpenSession's reply,
+    # whose session the abandoned callback closes) is still handed over.
+    got: list[int] = []
+    started = threading.Event()
+    release = threading.Event()
+
+    async def quick() -> int:
+        started.set()
+        release.wait(5)  # blocks the loop: the trio cancel arrives meanwhile
+        return 7
+
+    def ctrl_c_then_release() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the trio thread, while it settles
+        time.sleep(0.1)
+        release.set()
+
+    async def main() -> None:
+        async with open_bridge() as bridge:
+            with trio.move_on_after(5) as scope:
+                async with trio.open_nursery() as nursery:
+
+                    async def cancel_when_started() -> None:
+                        await trio.to_thread.run_sync(started.wait, 5)
+                        scope.cancel()
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(ctrl_c_then_release)
+
+                    nursery.start_soon(cancel_when_started)
+                    await bridge.run(quick, abandoned=got.append)
+
+    with pytest.raises(BaseException) as info:
+        trio.run(main)
+    exc = info.value
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # (the test's own nursery)
+    assert isinstance(exc, KeyboardInterrupt), repr(info.value)
+    assert got == [7]
+
+
 @pytest.mark.parametrize("take_over", [True, False])
 async def test_a_detached_call_runs_on_while_the_cancel_propagates_at_once(take_over: bool) -> None:
     """``detach`` returning True keeps the task running (OpenSession's orphan

@@ -1020,10 +1020,14 @@ class AsyncioBridge:
                         raise
                     ki = exc
         except BaseException:
-            if not call.finished:
-                await self._settle(call, getattr(fn, "__name__", "call"), unsettled)
-            if call.finished and call.returned and abandoned is not None:
-                abandoned(call.result)
+            try:
+                if not call.finished:
+                    await self._settle(call, getattr(fn, "__name__", "call"), unsettled)
+            finally:
+                # Also when a Ctrl-C came during the settle (it raises that): the
+                # result that came meanwhile is not lost.
+                if call.finished and call.returned and abandoned is not None:
+                    abandoned(call.result)
             if ki is not None:
                 raise ki  # noqa: B904 - Ctrl-C outranks what came after it
             raise
