@@ -27,7 +27,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any, Final, Generic, ParamSpec, SupportsFloat, SupportsIndex, TypeVar, final
+from typing import Any, Final, ParamSpec, SupportsFloat, SupportsIndex, TypeVar, final
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,7 +37,7 @@ from ._bridge import AsyncioBridge, require_trio
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
-from ._errors import NeedsAsyncWith, check_run
+from ._errors import NeedsAsyncWith, check_run, checked_on_entry
 from ._http import (
     ChatCompletion,
     ChatStream,
@@ -90,7 +90,6 @@ _OWNER_POLL = 0.005
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-_T = TypeVar("_T")
 
 
 def _known_keywords_only(fn: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -1172,8 +1171,7 @@ class ApiClient:
         """
         api = self._https()
         assert self._bridge is not None
-        return _InOwnRun(
-            self._bridge.check_run,
+        return checked_on_entry(
             api.chat_stream(
                 messages,
                 timeout=timeout,
@@ -1191,6 +1189,7 @@ class ApiClient:
                 seed=seed,
                 extra_body=extra_body,
             ),
+            self._bridge.check_run,
         )
 
     async def tokenize(self, text: str, *, timeout: SupportsFloat | None = None) -> list[int]:
@@ -1248,39 +1247,6 @@ class _BearerAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["authorization"] = self._header
         yield request
-
-
-@final
-class _InOwnRun(NeedsAsyncWith, Generic[_T]):
-    """A block of the client's (``chat_stream``) that another trio.run cannot enter.
-
-    Checked before the block starts: entered from another run, its request went
-    out on the owner's httpx client, whose close then cancelled and awaited it
-    across runs (an internal error in trio; the close waited its bound).
-    """
-
-    __slots__ = ("_check", "_cm")
-
-    def __init__(self, check: Callable[[], None], cm: AbstractAsyncContextManager[_T]) -> None:
-        self._check = check
-        self._cm = cm
-
-    def _usage(self) -> str:
-        return "client.chat_stream(...)"
-
-    @trio.lowlevel.enable_ki_protection
-    async def __aenter__(self) -> _T:
-        self._check()
-        return await self._cm.__aenter__()
-
-    @trio.lowlevel.enable_ki_protection
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        return await self._cm.__aexit__(exc_type, exc, tb)
 
 
 @final

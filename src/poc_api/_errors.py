@@ -574,21 +574,36 @@ def protected_asynccontextmanager(
     return block
 
 
+def checked_on_entry(
+    block: AbstractAsyncContextManager[_T], check: Callable[[], None]
+) -> AbstractAsyncContextManager[_T]:
+    """``block`` (a :func:`protected_asynccontextmanager` one) with ``check()`` run
+    first on entry, before it counts as entered: a refused entry leaves it to its
+    owner (``ApiClient.chat_stream``'s: another trio.run's entry sent its request
+    on the owner's httpx client, whose close then crossed runs)."""
+    assert isinstance(block, _Protected)
+    block._check = check
+    return block
+
+
 @final
 class _Protected(NeedsAsyncWith, Generic[_T]):
-    __slots__ = ("_cm", "_entered", "_name", "_usage_text")
+    __slots__ = ("_check", "_cm", "_entered", "_name", "_usage_text")
 
     def __init__(self, cm: AbstractAsyncContextManager[_T], name: str, usage: str) -> None:
         self._cm = cm
         self._name = name
         self._usage_text = usage
         self._entered = False
+        self._check: Callable[[], None] | None = None  # see checked_on_entry
 
     def _usage(self) -> str:
         return self._usage_text
 
     @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> _T:
+        if self._check is not None:
+            self._check()
         if self._entered:
             raise RuntimeError(f"a {self._name} block can be entered only once")
         self._entered = True
