@@ -18,12 +18,26 @@ import poc_api
 from poc_api import _transport
 
 
-async def give_up_opening(c: poc_api.ApiClient, after: float) -> None:
+async def give_up_opening(
+    c: poc_api.ApiClient, after: float, server: MisbehavingServer | None = None
+) -> None:
     """Open a session and give up on it ``after`` s in, before its answer came: its
-    OpenSession, sent, is detached (it waits for a late reply)."""
-    with trio.move_on_after(after):
-        async with c.session():
-            pass  # pragma: no cover - not answered in time
+    OpenSession, sent, is detached (it waits for a late reply). With ``server``, not
+    before the server has it (a fixed 0.2 s cut the call before it went out on a
+    loaded CI machine: nothing was detached)."""
+    before = len(server.calls_to("OpenSession")) if server is not None else 0
+    with trio.CancelScope() as giving_up:
+        async with trio.open_nursery() as nursery:
+
+            async def give_up() -> None:
+                await trio.sleep(after)
+                if server is not None:
+                    await wait_for(lambda: len(server.calls_to("OpenSession")) > before)
+                giving_up.cancel()
+
+            nursery.start_soon(give_up)
+            async with c.session():
+                pass  # pragma: no cover - not answered in time
 
 
 async def test_a_detached_open_session_does_not_hold_the_servers_last_stream_for_a_minute(
@@ -38,7 +52,7 @@ async def test_a_detached_open_session_does_not_hold_the_servers_last_stream_for
         async with c.session() as s:
             await s.prefill([1, 2])
             bad_server.plan("OpenSession", Reply("silent"))
-            await give_up_opening(c, 0.2)
+            await give_up_opening(c, 0.2, bad_server)
             await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 2)
             with trio.fail_after(10):
                 await s.prefill([3], timeout=3)
@@ -54,7 +68,7 @@ async def test_a_sessions_close_does_not_time_out_behind_a_detached_open_session
         async with c.session() as s:
             await s.prefill([1, 2])
             bad_server.plan("OpenSession", Reply("silent"))
-            await give_up_opening(c, 0.2)
+            await give_up_opening(c, 0.2, bad_server)
             await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 2)
             await trio.sleep(0.3)
         assert bad_server.closed == [s.session_id]
@@ -70,7 +84,7 @@ async def test_a_late_reply_without_trailers_is_reaped_reap_timeout_after_it(
 
     async with client_for(bad_server, close_timeout=0.5) as c:
         bad_server.plan("OpenSession", Reply("hold"))
-        await give_up_opening(c, 0.2)
+        await give_up_opening(c, 0.2, bad_server)
         await wait_for(lambda: bad_server.held is not None)
         assert bad_server.held is not None
         conn, sid = bad_server.held
@@ -89,7 +103,7 @@ async def test_the_clients_close_cuts_a_detached_call_at_reap_timeout_and_resets
     bad_server.plan("OpenSession", *[Reply("silent")] * 5)
     async with client_for(bad_server, close_timeout=0.5) as c:
         for _ in range(5):
-            await give_up_opening(c, 0.1)
+            await give_up_opening(c, 0.1, bad_server)
         await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 5)
         began = time.monotonic()
     assert time.monotonic() - began < 10  # reap_timeout (0.5 s), not _LATE_REPLY_WAIT (60 s)
@@ -107,7 +121,7 @@ async def test_a_late_reply_cut_by_the_clients_close_is_said(
     async with trio.open_nursery() as nursery:
         async with client_for(bad_server, close_timeout=0.5) as c:
             bad_server.plan("OpenSession", Reply("hold"))
-            await give_up_opening(c, 0.2)
+            await give_up_opening(c, 0.2, bad_server)
             await wait_for(lambda: bad_server.held is not None)
             assert bad_server.held is not None
             conn, sid = bad_server.held
@@ -132,7 +146,7 @@ async def test_a_detached_open_session_refused_by_a_goaway_is_not_sent_again(
     # caller gave up, gets twice the work).
     bad_server.plan("OpenSession", Reply("goaway_open", first_delay=0.5))
     async with client_for(bad_server, close_timeout=0.5) as c:
-        await give_up_opening(c, 0.2)
+        await give_up_opening(c, 0.2, bad_server)
         await trio.sleep(1.0)
         assert len(bad_server.calls_to("OpenSession")) == 1
         assert bad_server.opened == []
@@ -147,7 +161,7 @@ async def test_past_the_cap_a_detached_call_waits_only_reap_timeout(
     bad_server.plan("OpenSession", Reply("silent"), Reply("silent"))
     async with client_for(bad_server, close_timeout=0.5) as c:
         for _ in range(2):
-            await give_up_opening(c, 0.2)
+            await give_up_opening(c, 0.2, bad_server)
         await wait_for(lambda: len(bad_server.resets) == 1, timeout=3)
         await trio.sleep(1.0)
         assert len(bad_server.resets) == 1  # the first still waits for its answer
@@ -164,7 +178,7 @@ async def test_a_call_given_up_on_while_its_retry_connects_is_not_sent_again(
     slow_new_connections(monkeypatch, 1.5)
     bad_server.plan("OpenSession", Reply("goaway_open", first_delay=0.1))
     async with client_for(bad_server, close_timeout=0.5) as c:
-        await give_up_opening(c, 0.4)
+        await give_up_opening(c, 0.4, bad_server)
         await trio.sleep(2.5)
         assert len(bad_server.calls_to("OpenSession")) == 1
         assert bad_server.opened == []
@@ -210,7 +224,7 @@ async def test_late_waits_give_way_to_a_server_that_lowers_its_stream_limit(
             await s.prefill([1, 2])
             bad_server.plan("OpenSession", Reply("hold"), Reply("silent"), Reply("silent"))
             for _ in range(3):
-                await give_up_opening(c, 0.2)
+                await give_up_opening(c, 0.2, bad_server)
             await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 4)
             assert bad_server.held is not None
             conn, _ = bad_server.held
@@ -264,7 +278,7 @@ async def test_late_waits_give_way_when_the_limit_is_lowered_under_a_waiting_cal
             await s.prefill([1, 2])
             bad_server.plan("OpenSession", Reply("hold"), Reply("silent"), Reply("silent"))
             for _ in range(3):
-                await give_up_opening(c, 0.1)
+                await give_up_opening(c, 0.1, bad_server)
             await wait_for(lambda: len(bad_server.calls_to("OpenSession")) == 4)
             assert bad_server.held is not None
             conn, _ = bad_server.held
