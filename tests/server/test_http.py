@@ -568,3 +568,48 @@ def test_top_p_0_keeps_the_most_likely_token_alone(http: httpx.Client, path: str
 
     greedy = text(temperature=0.0)
     assert {text(temperature=1.0, top_p=0.0, seed=seed) for seed in range(4)} == {greedy}
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/chat/completions"])
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
+    server: ReferenceServer, path: str
+) -> None:
+    # (HTTP/1.0-style clients and `nc -N` shut their write side once the request
+    # is sent: EOF on the read side is not the client leaving.)
+    body = json.dumps({**CHAT, "max_tokens": 4}).encode()
+    if path == "/v1/models":
+        req = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    else:
+        req = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+        )
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=TIMEOUT) as sock:
+        sock.sendall(req)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data
+
+
+def test_what_a_client_sends_during_a_decode_is_not_buffered_without_bound(
+    make_server: ServerFactory,
+) -> None:
+    # The socket is read while a completion decodes (to see the client leave):
+    # everything the client sent meanwhile went to h11's buffer, without bound
+    # (300 MiB in half a second; the kernel's buffers had stopped it at a few MiB).
+    srv = make_server(token_delay_ms=50, ignore_eos=True)
+    body = json.dumps({"prompt": "hi", "max_tokens": 100}).encode()
+    req = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body) + body
+    )
+    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=TIMEOUT) as sock:
+        sock.sendall(req)
+        sock.settimeout(1.0)
+        sent = 0
+        with pytest.raises(TimeoutError):
+            while sent < 64 << 20:
+                sent += sock.send(b"x" * (1 << 20))
+    assert sent < 32 << 20

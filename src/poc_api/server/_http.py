@@ -95,6 +95,8 @@ def validate_train(body: Any) -> int:
 
 
 _Result = dict[str, Any] | AsyncGenerator[bytes, None]
+# What a keep-alive client may send ahead (its next requests) while one is answered.
+_PIPELINED_MAX: Final = 1 << 20
 _Handler = Callable[[Any, dict[str, str]], Awaitable[_Result]]
 
 
@@ -309,14 +311,19 @@ class HttpApp:
         read: asyncio.Future[bytes] | None = None
         try:
             while True:
+                if len(conn.trailing_data[0]) >= _PIPELINED_MAX:
+                    # A client still sending is there: the rest waits in the kernel's
+                    # buffers (backpressure), not in ours.
+                    return await task
                 read = asyncio.ensure_future(reader.read(_READ_SIZE))
                 await asyncio.wait({task, read}, return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():
+                if read.done():
+                    data = read.result()
+                    conn.receive_data(data)
+                    if not data and not task.done():
+                        raise ConnectionResetError("the client closed the connection")
+                if task.done():  # (an answer that is ready goes out, even to a half-close)
                     return task.result()
-                data = read.result()
-                conn.receive_data(data)
-                if not data:
-                    raise ConnectionResetError("the client closed the connection")
         finally:
             for fut in (task, read):
                 if fut is not None and not fut.done():
