@@ -78,7 +78,9 @@ class ServerConfig:
     ``token_delay_ms`` milliseconds per decoded token (``Generate`` and the
     OpenAI-compatible completions alike). The server waits with
     ``asyncio.sleep``, so it burns no CPU, and concurrent requests overlap as if the
-    GPU had unlimited batch capacity; a request cancelled mid-wait stops at once.
+    GPU had unlimited batch capacity; a request cancelled mid-wait stops at once (an
+    HTTP completion when its client closes the connection, or half-closes it while
+    the decode runs: a read cannot tell the two apart).
     """
 
     host: str = "127.0.0.1"
