@@ -506,6 +506,9 @@ def _proxied(client: httpx.AsyncClient, url: str) -> bool:
 #: Errors of requests sent on a kept-alive connection, one that had answered.
 _ON_AN_ANSWERED_CONNECTION: Final[weakref.WeakSet[BaseException]] = weakref.WeakSet()
 
+# httpx's errors of a connection lost (or found closed) under a request.
+_CONNECTION_LOST: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
 
 def _from_httpx(
     exc: httpx.RequestError, method: str, url: str, client: httpx.AsyncClient | None = None
@@ -1494,30 +1497,30 @@ class HttpApi:
         request = self._build_request(method, url, payload)
         request.extensions["trace"] = _tracer(sent, reused)
         try:
-            return await self._send_owned(request)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            if reused[0]:
-                _ON_AN_ANSWERED_CONNECTION.add(exc)
+            return await self._send_owned(request, reused)
+        except _CONNECTION_LOST as exc:
             if not idempotent or not reused[0] or not _closed_under_request(exc):
                 raise
             log.debug("%s %s: a reused connection closed under it; sending it again", method, shown)
         request = self._build_request(method, url, payload)
         request.extensions["trace"] = _tracer(sent)
-        try:
-            return await self._send_owned(request)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            # On a new connection, maybe, but the server had answered on this URL
-            # (the first try's connection): no TLS port.
-            _ON_AN_ANSWERED_CONNECTION.add(exc)
-            raise
+        # On a new connection, maybe, but the server had answered on this URL (the
+        # first try's connection).
+        return await self._send_owned(request, [True])
 
-    async def _send_owned(self, request: httpx.Request) -> httpx.Response:
+    async def _send_owned(
+        self, request: httpx.Request, answered: list[bool] | None = None
+    ) -> httpx.Response:
         """``client.send(request, stream=True)``, which :meth:`aclose` can end.
 
         Ended so, it raises ``trio.ClosedResourceError``. (Closing httpx's client
         alone does not end a send whose connection is still being opened: the
         pool's close skips it, the request then goes out and succeeds, and the
         new connection is left open, out of any pool, until the process exits.)
+
+        ``answered[0]`` (a :func:`_tracer`'s ``reused``): whether the request went
+        out where the server had answered already; a connection lost under it
+        then gets no TLS-port hint (:func:`_from_httpx`).
         """
         if self._closing:
             await trio.lowlevel.checkpoint()
@@ -1527,6 +1530,10 @@ class HttpApi:
         try:
             with scope:
                 return await self._client.send(request, stream=True)
+        except _CONNECTION_LOST as exc:
+            if answered is not None and answered[0]:
+                _ON_AN_ANSWERED_CONNECTION.add(exc)
+            raise
         finally:
             self._sending.discard(scope)
             if not self._sending and self._sends_ended is not None:
@@ -2390,12 +2397,7 @@ class HttpApi:
         self, request: httpx.Request, shown: str, reused: list[bool]
     ) -> httpx.Response:
         with _map_httpx_errors("POST", shown, self._client):
-            try:
-                return await self._send_owned(request)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                if reused[0]:  # (as in _send: a connection that had answered is no TLS port)
-                    _ON_AN_ANSWERED_CONNECTION.add(exc)
-                raise
+            return await self._send_owned(request, reused)
 
     def _server_error(
         self, url: str, *, response_status: int, error: object, method: str = "POST"
