@@ -260,11 +260,11 @@ class _Endpoint:
 
     __slots__ = (
         "_lock",
-        "check_failed",
         "consecutive",
         "down_until",
         "failures",
         "full_until",
+        "held_by_check",
         "opening",
         "state",
         "target",
@@ -282,7 +282,7 @@ class _Endpoint:
         self.state: EndpointState = EndpointState.UNKNOWN
         # Its last health check failed or said NOT_SERVING (or one failed since the
         # last that said SERVING): only a check brings it back then (see ``answered``).
-        self.check_failed: bool = False
+        self.held_by_check: bool = False
         self._lock = threading.Lock()
 
     @property
@@ -314,7 +314,7 @@ class _Endpoint:
     def failed(self, check: bool = False) -> None:
         """A call (``check``: a health check) could not reach it."""
         with self._lock:
-            self.check_failed = self.check_failed or check
+            self.held_by_check = self.held_by_check or check
             self.failures += 1
             self.consecutive += 1
             wait = backoff(self.consecutive, _BACKOFF_BASE, _BACKOFF_MAX)
@@ -334,7 +334,7 @@ class _Endpoint:
             self.consecutive = 0
             self.down_until = 0.0
             if serving is not None:
-                self.check_failed = not serving  # (draining: a check brings it back)
+                self.held_by_check = not serving  # (draining: a check brings it back)
             if self.state is EndpointState.RETIRED:
                 return
             if serving is not None:
@@ -346,13 +346,14 @@ class _Endpoint:
         """A session's call got its answer there (trio side). An endpoint out of
         rotation because a call failed (a connection cut under it, its server
         healthy) comes back at once, not at the next health check (up to
-        ``health_check_interval`` away); one whose health check failed waits for
-        a check that succeeds (a server that answers its calls but not its
-        checks stays out, as the checks say)."""
+        ``health_check_interval`` away); one whose last health check failed or
+        said NOT_SERVING waits for a check that says SERVING (a server that
+        answers its calls but not its checks, or drains, stays out, as the
+        checks say)."""
         if self.state is not EndpointState.UNREACHABLE:
             return  # the common case, kept lock-free
         with self._lock:  # (a check failing meanwhile: it stays out)
-            if self.state is EndpointState.UNREACHABLE and not self.check_failed:
+            if self.state is EndpointState.UNREACHABLE and not self.held_by_check:
                 self.consecutive = 0
                 self.down_until = 0.0
                 self.state = EndpointState.UNKNOWN
