@@ -162,7 +162,7 @@ class ConversationStream:
     def _check_run(self) -> None:
         # From another trio.run: the image events and the first token (read ahead)
         # were handed over unrefused, and a close closed the owner's stream.
-        self._events._session._transport.check_run()
+        self._events._check_run()
 
     async def __anext__(self) -> StreamEvent:
         await trio.lowlevel.checkpoint_if_cancelled()  # as GenerateStream's
