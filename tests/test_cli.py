@@ -269,6 +269,22 @@ async def test_output_piped_into_head_ends_quietly_as_unix_tools_do(args: list[s
     assert status == 141
 
 
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["--version"]])
+def test_text_click_writes_to_a_reader_that_left_ends_as_unix_tools_do(args: list[str]) -> None:
+    # `poc-api --help | true`: click wrote its help to a pipe whose reader had gone,
+    # and ended with status 1, where the command's own output ends with 141.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [*CLI, *args], stdout=write_end, stderr=subprocess.PIPE, env=cli_env(), timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr.decode() == ""
+    assert proc.returncode == 141
+
+
 async def test_generate_seed_reaches_the_embedded_server() -> None:
     async with reference_server(seed=7) as server, open_client(server) as client:
         expected = await greedy_text(client, "It was", 24, temperature=1.0)

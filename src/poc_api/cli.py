@@ -1776,8 +1776,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         # ends the command (PYTHONIOENCODING=ascii, an old locale).
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="replace")
+    stdout = sys.stdout
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="poc-api")
+    except SystemExit as exc:
+        # Text click writes itself (`poc-api --help | true`) to a reader that left:
+        # click ends that with status 1 and swaps in its own sys.stdout. The
+        # reader's choice, as for a command's own output (`_report`): status 141.
+        if exc.code == 1 and sys.stdout is not stdout and _stdout_reader_gone():
+            sys.exit(128 + signal.SIGPIPE)
+        raise
     except OSError as exc:
         # Text click writes itself (--help, --version, a usage error) that could not
         # be written (a full disk, a closed stream): one line, as a command's own.
