@@ -693,10 +693,12 @@ class ApiClient:
         the connection (``CloseSession``, bounded by ``close_timeout``). A
         second call waits until the first has finished.
         """
-        if self._bridge is not None:
+        closed = self._closed
+        if self._bridge is not None and (closed is None or not closed.is_set()):
             # Another trio.run's close would break both; and its wait for this
             # run's close (below) be woken from this run: an internal error in
-            # trio, and this run's own close waiting for ever.
+            # trio, and this run's own close waiting for ever. (A close that has
+            # finished leaves nothing of its run: closing again is a no-op.)
             self._bridge.check_run()
         elif self._opening_run is not None:
             # Being opened: from another run, the close went through (the owner's

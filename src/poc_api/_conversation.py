@@ -555,6 +555,9 @@ class Conversation:
 
     async def aclose(self) -> None:
         """Close the held session, if any (idempotent). A checkpoint."""
+        if self._closed and self._stack is None:  # (closed already: nothing to change)
+            await trio.lowlevel.checkpoint()
+            return
         # Before anything changes: from another trio.run, the session would be
         # forgotten and its close fail (logged only), leaving it on the server.
         self._transport.check_run()

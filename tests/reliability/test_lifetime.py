@@ -1757,3 +1757,34 @@ async def test_turn_and_generate_blocks_made_in_one_trio_run_and_entered_in_anot
                     async with block as events:
                         got = [e async for e in events]
                     assert len(got) == 3
+
+
+async def test_a_closed_clients_aclose_from_a_later_trio_run_is_a_no_op(
+    server: ReferenceServer,
+) -> None:
+    # aclose() is idempotent: a client closed in its own run has nothing of that
+    # run left (no loop thread, no connection), and closing it again from a later
+    # run (a fixture's teardown, an AsyncExitStack of another run) did nothing.
+    # The cross-run check came before the state check and refused it.
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+            async with client.session() as s:
+                await s.prefill([1])
+        assert await _in_another_trio_run(client.aclose) is None
+
+
+async def test_a_closed_conversations_aclose_from_a_later_trio_run_is_a_no_op(
+    server: ReferenceServer,
+) -> None:
+    # As a Session's: closing what is closed already touches nothing of the owner's
+    # run, and aclose() is idempotent; the cross-run check refused it first.
+    with trio.fail_after(30):
+        async with client_for(server) as client:
+            async with client.conversation() as conv:
+                async with conv.stream([poc_api.Tokens([1])], SamplingParams(max_tokens=2)) as ev:
+                    async for _ in ev:
+                        pass
+            async with client.session() as s:
+                pass
+        assert await _in_another_trio_run(s.aclose) is None  # (a Session's: a no-op)
+        assert await _in_another_trio_run(conv.aclose) is None
