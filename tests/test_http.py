@@ -3533,6 +3533,42 @@ async def test_https_through_a_plaintext_proxy_named_https_does_not_blame_base_u
     assert "proxy" in str(info.value).lower(), info.value
 
 
+@pytest.mark.parametrize("proxy_host", ["proxy.invalid", "127.0.0.1"])
+async def test_a_proxy_of_the_environment_that_cannot_be_reached_is_named_as_such(
+    monkeypatch: pytest.MonkeyPatch, server: ReferenceServer, proxy_host: str
+) -> None:
+    # HTTP_PROXY left set (off the VPN): every HTTP call failed with "POST
+    # http://127.0.0.1:P/v1/tokenize: ConnectError: [Errno -2] Name or service not
+    # known" -- a lookup of an IP literal, it read -- while the gRPC calls (direct)
+    # worked: no word of the proxy the call had gone to, nor of how to go around it.
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    port = refusing_port() if proxy_host == "127.0.0.1" else 3128
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:s3cret@{proxy_host}:{port}")
+    with trio.fail_after(10):
+        async with poc_api.ApiClient(server.base_url, model="poc-reference") as c:
+            with pytest.raises(poc_api.ServerUnavailable) as info:
+                await c.tokenize("a")
+    msg = str(info.value)
+    assert f"proxy http://user:***@{proxy_host}:{port}" in msg, msg
+    assert "HTTP_PROXY" in msg and "NO_PROXY" in msg and "trust_env=False" in msg, msg
+    assert "s3cret" not in msg and info.value.retriable, msg
+
+
+@pytest.mark.parametrize("content_type", ["text/event-stream", "application/json"])
+async def test_an_event_stream_where_json_was_due_is_told_as_one(
+    http: httpx.AsyncClient, content_type: str
+) -> None:
+    # A server (or gateway) that streams whatever "stream": false says: chat()
+    # raised "malformed JSON: Expecting value: line 1 column 1 (char 0)", no word
+    # of the well-formed event stream it had got.
+    body = sse(DELTA, "[DONE]")
+    with trio.fail_after(10):
+        async with canned_server([response(200, body, content_type)]) as url:
+            with pytest.raises(ProtocolViolation, match="expected JSON, got an event stream"):
+                await make_api(http, url).chat(HELLO)
+
+
 async def test_a_custom_tool_call_in_a_chat_answer_is_read_not_refused(
     http: httpx.AsyncClient,
 ) -> None:

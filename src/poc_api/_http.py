@@ -489,17 +489,38 @@ def _reason(exc: BaseException, redact: Callable[[str], str]) -> str:
     return ""
 
 
-def _proxied(client: httpx.AsyncClient, url: str) -> bool:
-    """Whether httpx sends a call to ``url`` through a proxy of the environment."""
+def _env_proxy(client: httpx.AsyncClient, url: str) -> tuple[str, str] | None:
+    """The proxy of the environment httpx sends a call to ``url`` through (as
+    messages show it), and the variable that names it; ``None`` for none."""
     if not client.trust_env:
-        return False
+        return None
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
-        return False
+        return None
     proxies = urllib.request.getproxies()
-    return bool(proxies.get(parsed.scheme) or proxies.get("all")) and not (
-        urllib.request.proxy_bypass(parsed.host)
+    # As httpx: the scheme's own variable before ALL_PROXY.
+    key = next((k for k in (parsed.scheme, "all") if proxies.get(k)), None)
+    if key is None or urllib.request.proxy_bypass(parsed.host):
+        return None
+    proxy = proxies[key]
+    proxy = proxy if "://" in proxy else f"http://{proxy}"  # (httpx's default too)
+    return shown_url(proxy), f"{key.upper()}_PROXY"
+
+
+def _via_proxy(exc: httpx.RequestError, url: str, client: httpx.AsyncClient | None) -> str:
+    """For a connect that failed: the proxy of the environment it was made to, if
+    any. Its error names only the proxy's host (or not even that: "Name or service
+    not known"), under the server's URL: it read as the server's own fault."""
+    if client is None or not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ""
+    found = _env_proxy(client, url)
+    if found is None:
+        return ""
+    proxy, variable = found
+    return (
+        f" (through the proxy {proxy} of {variable}: set NO_PROXY to the server's "
+        "host, or pass trust_env=False, to connect to it directly)"
     )
 
 
@@ -522,8 +543,11 @@ def _from_httpx(
     # one: not a byte of the request was sent, so it is safe to send again, as a
     # refused gRPC connection is. Anything later may have reached the server.
     unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    via = _via_proxy(exc, url, client)
     if isinstance(exc, httpx.TimeoutException):
-        return PocApiTimeout(f"{method} {url}: timed out ({type(exc).__name__})", retriable=unsent)
+        return PocApiTimeout(
+            f"{method} {url}: timed out ({type(exc).__name__}){via}", retriable=unsent
+        )
     if isinstance(exc, httpx.RemoteProtocolError):
         # h11 reports both "the peer went away" and "the peer sent garbage" this way.
         if any(s in text for s in ("disconnected", "closed connection", "incomplete")):
@@ -562,12 +586,13 @@ def _from_httpx(
     if isinstance(exc, httpx.ConnectError) and plaintext_peer(text):
         # (The classic cause: HTTPS_PROXY=https://... for a plaintext proxy. Looked
         # up here only: it reads the environment.)
-        if client is not None and _proxied(client, url):
+        if via:
             text = (
                 f"{text}: the proxy of the environment (HTTPS_PROXY, ALL_PROXY), or the "
                 "server, did not answer in TLS: is the proxy's URL https:// for a "
                 f"plaintext proxy (then http://), or {IS_BASE_URL}a plaintext port?"
             )
+            via = ""  # (said)
         else:
             text = f"{text}: {PLAINTEXT_PEER}"
     if not text:
@@ -575,7 +600,7 @@ def _from_httpx(
         # connection its peer closed has no words of its own.
         text = "the connection was closed, with no reason given (by the server?)"
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
-    return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}", retriable=unsent)
+    return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}{via}", retriable=unsent)
 
 
 #: Decoded bytes handed out per step of a compressed body: what bounds memory when
@@ -888,6 +913,12 @@ def _decode_json(body: bytes, what: str, redact: Callable[[str], str] = str) -> 
         if page is not None:
             raise ProtocolViolation(
                 f"{what}: expected JSON, got {page} ({IS_BASE_URL}right?)"
+            ) from exc
+        if _SSE_START.match(body, 0, _HTML_SCAN):
+            # A server (or gateway) that streams whatever "stream": false said:
+            # "Expecting value: line 1 column 1" told nothing of what came.
+            raise ProtocolViolation(
+                f"{what}: expected JSON, got an event stream ('data: ...' lines)"
             ) from exc
         raise ProtocolViolation(f"{what}: {_json_error(exc)}") from exc
 
