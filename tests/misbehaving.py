@@ -73,12 +73,17 @@ server's default)::
 - ``"no_status_header"``: response HEADERS without ``:status`` (then nothing);
 - ``"non_ascii_header"``: response HEADERS with a byte 0xff in a header value;
 - ``"push_promise"``: a PUSH_PROMISE (the client disabled push), then ``"ok"``.
+- ``"status_before_request_end"``: as soon as the request's HEADERS arrive (before its
+  body has), a trailers-only answer with ``grpc-status`` = ``status``; no RST_STREAM,
+  and the rest of the request is never read (use with ``stall_window``);
 - ``"refuse_after_answer"``: HEADERS, one good reply message and RST_STREAM
   (REFUSED_STREAM), in one write: a refusal of a call the server answered;
 - ``"two_replies"`` (unary methods): two good reply messages, then nothing (the
   stream stays open);
 - ``"reply_then_status"`` (unary methods): the ``"ok"`` reply, then trailers with
   ``grpc-status`` = ``status``;
+- ``"reply_then_bad_header"`` (unary methods): HEADERS, the ``"ok"`` reply and
+  trailers with a byte 0xff in a header value, in one write;
 - ``"reply_then_close"`` (unary methods): the ``"ok"`` reply, then close the TCP
   connection (no trailers);
 - ``"dribble"``: Generate sends its ``tokens`` tokens a byte per DATA frame, each
@@ -176,6 +181,8 @@ Kind = Literal[
     "reply_then_close",
     "answer_then_goaway",
     "split_then_goaway",
+    "status_before_request_end",
+    "reply_then_bad_header",
 ]
 
 _GRPC_HEADERS = [(":status", "200"), ("content-type", "application/grpc+proto")]
@@ -390,6 +397,12 @@ class _Connection:
             path = dict(ev.headers).get(":path", "")
             self.requests[ev.stream_id] = (str(path).rsplit("/", 1)[-1], bytearray())
             self.headers[ev.stream_id] = tuple((str(k), str(v)) for k, v in ev.headers)
+            method = self.requests[ev.stream_id][0]
+            plan = self.server._plans[method]
+            if plan and plan[0].kind == "status_before_request_end":
+                reply = plan.popleft()
+                self.server.calls.append(Call(method, self.number, ev.stream_id, reply.kind))
+                nursery.start_soon(self._trailers_only, ev.stream_id, method, b"", reply)
         elif isinstance(ev, h2.events.DataReceived):
             if ev.stream_id in self.requests:
                 self.requests[ev.stream_id][1].extend(ev.data)
@@ -737,6 +750,17 @@ class _Connection:
 
     async def _reply_then_status(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self._ok(sid, method, body, reply, trailers=[("grpc-status", str(reply.status))])
+
+    async def _reply_then_bad_header(
+        self, sid: int, method: str, body: bytes, reply: Reply
+    ) -> None:
+        self.h2.send_headers(sid, _GRPC_HEADERS)
+        self.h2.send_data(sid, self._good_reply(sid, method))
+        frame = hyperframe.frame.HeadersFrame(sid)
+        frame.data = self.h2.encoder.encode([(b"grpc-status", b"0"), (b"x-note", b"\xff")])
+        frame.flags.add("END_HEADERS")
+        frame.flags.add("END_STREAM")
+        await self.send_raw(frame.serialize())
 
     async def _reply_then_close(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)

@@ -77,6 +77,10 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     # and what it calls; tests/test_h2_receive_frame.py runs both on the same frames.
     ("h2.connection.H2Connection", "_receive_frame", "receive frames without a repr each"),
     ("h2.connection.H2Connection instance", "_frame_dispatch_table", "receive frames"),
+    # h2's receive_data, taken over to keep the events of the frames before a bad
+    # one (a reply among them: its session is closed, not lost with the connection).
+    ("h2.connection.H2Connection instance", "incoming_buffer", "receive frames"),
+    ("h2.connection.H2Connection", "_terminate_connection", "receive frames"),
     ("h2.connection.H2Connection", "_stream_is_closed_by_reset", "receive frames"),
     ("h2.connection.H2Connection", "_stream_is_closed_by_end", "receive frames"),
     ("h2.exceptions.StreamClosedError instance", "_events", "receive frames"),

@@ -58,9 +58,11 @@ from h2.events import (
     InformationalResponseReceived,
     PingReceived,
     RemoteSettingsChanged,
+    StreamEnded,
     UnknownFrameReceived,
 )
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from hyperframe.exceptions import InvalidPaddingError
 from hyperframe.frame import RstStreamFrame, WindowUpdateFrame
 
 from . import _errors as e
@@ -2115,8 +2117,29 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
+    #: What the frames before a bad one said (see receive_data), else empty.
+    events_before_error: list[Any] | None = None
+
     def receive_data(self, data: Any) -> list[Any]:
-        events = super().receive_data(data)
+        # h2's own, keeping what the frames before a bad one said: h2 drops it
+        # with its exception (a reply, and then the session it opened, was lost).
+        events: list[Any] = []
+        self.incoming_buffer.add_data(data)
+        self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
+        try:
+            for frame in self.incoming_buffer:
+                events.extend(self._receive_frame(frame))
+        except InvalidPaddingError as exc:
+            self.events_before_error = events
+            self._terminate_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            raise h2.exceptions.ProtocolError("Received frame with invalid padding.") from exc
+        except h2.exceptions.ProtocolError as exc:
+            self.events_before_error = events
+            self._terminate_connection(exc.error_code)
+            raise
+        except UnicodeDecodeError:  # a header value not ASCII
+            self.events_before_error = events
+            raise
         received = 0
         for event in events:
             if isinstance(event, DataReceived):
@@ -2392,8 +2415,17 @@ class _PocH2Protocol(H2Protocol):
             events = self.connection.feed(data)
         except (h2.exceptions.ProtocolError, UnicodeDecodeError):
             # (h2 decodes header values as ASCII, as grpclib configures it.)
-            self._protocol_error()
+            # The frames before the bad one count: a reply among them is read (and
+            # the session it opened closed), then every stream fails.
+            before = None if self._h2 is None else self._h2.events_before_error
+            if before:
+                self._handle(before)
+            if not self.lost.is_set():  # (unless those events ended it already)
+                self._protocol_error()
             return
+        self._handle(events)
+
+    def _handle(self, events: list[Any]) -> None:
         self.connection.flush()
         if self._paused:
             self._unread_answers += _answer_bytes(events)
@@ -2456,6 +2488,8 @@ class _PocH2Protocol(H2Protocol):
             except NotImplementedError:  # an event grpclib has no use for
                 self._protocol_error()
                 return
+            if isinstance(event, StreamEnded):
+                self._ended_while_sending(event.stream_id)
         for run in runs.values():
             self._data(run)
         self.connection.flush()
@@ -2474,6 +2508,23 @@ class _PocH2Protocol(H2Protocol):
             event.flow_controlled_length = sum([e.flow_controlled_length or 0 for e in run])
         if event.data or event.flow_controlled_length:
             self.processor.process(event)
+
+    def _ended_while_sending(self, stream_id: int) -> None:
+        """The server ended a stream whose request is still being sent: the
+        answer is whole (trailers-only, say: a check of the HEADERS failed), and
+        the call is over. grpclib would go on waiting for window to send the rest
+        of the request, from a server that need not read it (and that need not
+        reset the stream): until the call's timeout. gRPC clients stop sending
+        (and reset the stream): end the send here; grpclib then raises the
+        trailers' status (an OK one is no answer to a request not sent in full)."""
+        h2_stream = self._h2.streams.get(stream_id) if self._h2 is not None else None
+        if h2_stream is None or h2_stream.closed:
+            return  # the request was all sent: the stream ended as it should
+        stream = self.processor.streams.get(stream_id)
+        if stream is not None:
+            stream.__terminated__(
+                f"{_PROTOCOL_ERROR}: the server ended the call before its request was sent"
+            )
 
     def _protocol_error(self, reason: str = _PROTOCOL_ERROR) -> None:
         log.debug("HTTP/2 protocol error from the server", exc_info=True)

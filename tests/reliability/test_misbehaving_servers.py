@@ -257,6 +257,7 @@ async def test_a_refusal_after_an_answer_is_not_retriable_and_not_sent_again(
         Reply("reply_then_close"),
         Reply("no_trailers"),
         Reply("bad_bin_trailer"),
+        Reply("reply_then_bad_header"),
     ],
     ids=lambda reply: reply.kind,
 )
@@ -526,6 +527,30 @@ async def test_a_second_reply_to_a_unary_call_fails_it_at_once(
         with trio.fail_after(3), pytest.raises(poc_api.ProtocolViolation, match="one reply"):
             async with c.session():
                 pass
+        await assert_next_call_works(c)
+
+
+@pytest.mark.parametrize("method", ["AppendImage", "Generate"])
+async def test_a_status_that_ends_the_call_while_its_request_is_sent_fails_it_at_once(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    # The server rejects the call (an auth check, a size limit) from its HEADERS:
+    # trailers-only, without reading the body or resetting the stream. The call is
+    # over; the client waited for window to send the rest of the request until its
+    # timeout (600 s by default), with the server's status in hand.
+    bad_server.stall_window = 1024
+    image = b"\x89PNG\r\n\x1a\n" + bytes(100_000)
+    async with client_for(bad_server) as c:
+        async with c.session() as s:
+            bad_server.plan(method, Reply("status_before_request_end", status=3, message="nope"))
+            with trio.fail_after(5), pytest.raises(poc_api.InvalidRequest, match="nope"):
+                if method == "AppendImage":
+                    await s.append_image(image, "image/png")
+                else:
+                    async with s.generate(list(range(1, 50_000)), sampling=FIVE) as ev:
+                        [_ async for _ in ev]
+        assert bad_server.resets  # the client told the server it stopped sending
+        bad_server.stall_window = None
         await assert_next_call_works(c)
 
 
