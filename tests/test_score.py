@@ -85,6 +85,30 @@ async def test_scores_with_images_inside_the_prompt(client: poc_api.ApiClient) -
     assert [r.logprob for r in results] == pytest.approx(expect, abs=1e-4)
 
 
+async def test_a_score_counts_the_tokens_its_sum_holds(client: poc_api.ApiClient) -> None:
+    # The mean per token is logprob / token_count: a range's end - start counts
+    # the image's placeholders and position 0 (no prefix), which add no logprob.
+    img = make_png(56, 28)  # two placeholder positions
+    head, tail = PROMPT[:6], PROMPT[6:16]
+    chunks: list[poc_api.Chunk] = [Tokens(head), Image(img, "image/png"), Tokens(tail)]
+    ranges = [(0, 6), (8, 18), (4, 12), (0, 18), (6, 8), (3, 3)]
+    want = [5, 10, 6, 15, 0, 0]
+    results = await client.score(chunks, ranges)
+    assert [r.token_count for r in results] == want
+    [many] = await client.score_many([(chunks, ranges)])
+    assert [r.token_count for r in many] == want
+    [shared, _] = await client.score_many(
+        [(chunks, ranges), ([Tokens(head)], [(0, 6)])], share_prefix=True
+    )
+    assert [r.token_count for r in shared] == want
+    conts = await client.score_continuations(
+        [Tokens(head), Image(img, "image/png")], [[Tokens(tail)], [Tokens(tail[:3])], []]
+    )
+    assert [r.token_count for r in conts] == [10, 3, 0]
+    # Not part of equality: a result built by hand (token_count 0) still compares.
+    assert results[0] == ScoreResult(0, 6, results[0].logprob)
+
+
 @pytest.mark.parametrize(
     ("ranges", "exc"),
     [
@@ -366,6 +390,16 @@ def test_range_sums_are_each_ranges_exact_sum(
     for r, (a, b) in zip(got, ranges, strict=True):
         assert (r.start, r.end) == (a, b)
         assert r.logprob == math.fsum(v for p, v in logprobs.items() if a <= p < b)
+
+
+@given(st.dictionaries(st.integers(0, 60), st.floats(-20, 0), max_size=40), ranges_st)
+def test_range_sums_count_the_logprobs_each_sum_holds(
+    logprobs: dict[int, float], ranges: list[tuple[int, int]]
+) -> None:
+    # Position 0's is the spec's 0 for a token with no prefix: no term of a mean.
+    got = range_sums(logprobs, ranges)
+    for r, (a, b) in zip(got, ranges, strict=True):
+        assert r.token_count == sum(1 for p in logprobs if a <= p < b and p > 0)
 
 
 @given(st.dictionaries(st.integers(0, 60), st.floats(-20, 0), max_size=40), ranges_st)

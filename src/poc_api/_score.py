@@ -92,6 +92,9 @@ def range_sums(logprobs: dict[int, float], ranges: Sequence[tuple[int, int]]) ->
     """
     if not ranges:
         return []
+    # (Position 0's "logprob" is the spec's 0 for a token with no prefix: no term.)
+    scored = sorted(p for p in logprobs if p > 0)
+    counts = [bisect_left(scored, t) - bisect_left(scored, s) for s, t in ranges]
     lo = min(s for s, _ in ranges)
     hi = max(t for _, t in ranges)
     span = hi - lo
@@ -113,11 +116,12 @@ def range_sums(logprobs: dict[int, float], ranges: Sequence[tuple[int, int]]) ->
         if prefix is not None:
             prefix_sums, scale = prefix
             return [
-                ScoreResult(s, t, (prefix_sums[j] - prefix_sums[i]) / scale)
-                for (s, t), (i, j) in zip(ranges, slices, strict=True)
+                ScoreResult(s, t, (prefix_sums[j] - prefix_sums[i]) / scale, token_count=n)
+                for (s, t), (i, j), n in zip(ranges, slices, counts, strict=True)
             ]
     return [
-        ScoreResult(s, t, _fsum(values[i:j])) for (s, t), (i, j) in zip(ranges, slices, strict=True)
+        ScoreResult(s, t, _fsum(values[i:j]), token_count=n)
+        for (s, t), (i, j), n in zip(ranges, slices, counts, strict=True)
     ]
 
 

@@ -561,11 +561,19 @@ a :class:`TokenOut` per decoded token, then one :class:`StreamDone`."""
 @final
 @attrs.frozen
 class ScoreResult:
-    """Summed log-probability of positions ``[start, end)`` of a scored prompt."""
+    """Summed log-probability of positions ``[start, end)`` of a scored prompt.
+
+    ``token_count`` is how many log-probabilities the sum holds: the range's text
+    positions but position 0 (which has no prefix to be predicted from) and an
+    image's placeholders (which have none). ``logprob / token_count`` is the mean
+    per token (``end - start`` is not, for a range over an image or from 0).
+    Not compared by ``==`` (a result built by hand leaves it 0).
+    """
 
     start: int
     end: int
     logprob: float
+    token_count: int = attrs.field(default=0, kw_only=True, eq=False)
 
 
 def _plain(value: object) -> object:
