@@ -1419,6 +1419,52 @@ async def test_a_timeout_that_runs_out_waiting_for_the_session_sends_nothing(
         # The decode's task finished its stream, and the block closed the session.
 
 
+@pytest.mark.parametrize("call", ["append_image", "prefill", "generate"])
+async def test_a_session_handed_over_only_after_the_timeout_sends_nothing(
+    server: ReferenceServer, png_56x28: bytes, call: str
+) -> None:
+    # Another task's call releases the session before this call's deadline, but
+    # this task runs only after it (a busy run: the releasing task keeps the CPU).
+    # The time ran out waiting for the session: nothing may be sent, as when the
+    # wait itself is cut. The call went out instead with no time left (an
+    # AppendImage with a timeout of 0), and a race with the loop thread decided
+    # whether the server saw it and the session was lost (timeout not retriable).
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as c:
+        async with c.session() as s:
+            await s.prefill(HELLO)
+            appends = server.state().rpc_counts.get("AppendImage", 0)
+            generates = server.state().rpc_counts.get("Generate", 0)
+            holding = trio.Event()
+
+            async def hold() -> None:
+                async with s.generate([1], sampling=SamplingParams(max_tokens=2)) as ev:
+                    holding.set()
+                    await trio.sleep(0.1)
+                    async for _ in ev:
+                        pass
+                time.sleep(0.3)  # noqa: ASYNC251 - the waiter's deadline passes meanwhile
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold)
+                await holding.wait()
+                with pytest.raises(poc_api.PocApiTimeout, match="nothing was sent") as info:
+                    if call == "append_image":
+                        await s.append_image(png_56x28, "image/png", timeout=0.2)
+                    elif call == "prefill":
+                        await s.prefill([1, 2], timeout=0.2)
+                    else:
+                        async with s.generate(
+                            [1], sampling=SamplingParams(max_tokens=1), timeout=0.2
+                        ) as ev:
+                            async for _ in ev:
+                                pass  # pragma: no cover
+            assert info.value.retriable and not s.lost, info.value
+            assert server.state().rpc_counts.get("AppendImage", 0) == appends
+            assert server.state().rpc_counts.get("Generate", 0) == generates + 1  # hold's
+            await s.prefill([3])
+            assert s.committed_len == len(HELLO) + 1 + 2 + 1
+
+
 @pytest.mark.parametrize("timeout", [0, 1e-9])
 async def test_a_timeout_that_runs_out_before_sending_says_so_not_a_wait(
     server: ReferenceServer, timeout: float

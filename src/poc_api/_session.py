@@ -778,11 +778,18 @@ class Session:
         if deadline_at == math.inf:
             await self._lock.acquire()
             return
+        held = self._lock.locked()  # another task's call: the message says so
         with trio.CancelScope(deadline=deadline_at) as waiting:
             await self._lock.acquire()
-        if waiting.cancelled_caught:
+        late = not waiting.cancelled_caught and trio.current_time() >= deadline_at
+        if late:
+            # Handed the session only as the time ran out (this task ran late):
+            # sent now, the call would time out at once, a race with the loop
+            # thread deciding whether the server saw it (the session then lost).
+            self._lock.release()
+        if waiting.cancelled_caught or late:
             bound = deadline_at - since  # the bound set, not the wait (the wake may come late)
-            if self._lock.locked():
+            if held or self._lock.locked():
                 where = f"waiting for session {self._session_id}, which another call holds"
             else:  # (a timeout of 0, or one that ran out in this checkpoint)
                 where = f"before its request was sent (session {self._session_id})"
