@@ -348,6 +348,26 @@ def test_https_base_url_selects_tls() -> None:
     assert c.grpc_url == "https://example.com:444"
 
 
+async def test_a_session_a_full_server_refuses_is_retriable() -> None:
+    # RESOURCE_EXHAUSTED to OpenSession: no session was made, so asking again is
+    # safe; it said retriable=False, and a retry loop keyed on it gave up.
+    async with reference_server(max_sessions=1) as srv, open_client(srv) as c:
+        async with c.session():
+            with pytest.raises(poc_api.ResourceExhausted) as info:
+                async with c.session():
+                    pass  # pragma: no cover
+            assert info.value.retriable, info.value
+            async with c.conversation() as conv:
+                with pytest.raises(poc_api.ResourceExhausted) as turn:
+                    async with conv.stream([Tokens(HELLO)], SamplingParams(max_tokens=1)) as ev:
+                        pass  # pragma: no cover
+                assert turn.value.retriable, turn.value
+        async with c.conversation() as conv:  # (room again: the retry works)
+            async with conv.stream([Tokens(HELLO)], SamplingParams(max_tokens=1)) as ev:
+                assert len([x async for x in ev]) == 2
+        assert not srv.state().session_ids
+
+
 async def test_a_closed_client_cannot_be_reopened(server: ReferenceServer) -> None:
     c = poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url)
     async with c:

@@ -218,7 +218,8 @@ class OffsetMismatch(RpcError):
 
 @final
 class ResourceExhausted(RpcError):
-    """A server-side limit was hit (RESOURCE_EXHAUSTED), e.g. too many sessions."""
+    """A server-side limit was hit (RESOURCE_EXHAUSTED), e.g. too many sessions
+    (that refusal of an ``OpenSession`` is ``retriable``: no session was made)."""
 
 
 @final

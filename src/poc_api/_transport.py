@@ -204,7 +204,10 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
         if len(text) > EXCERPT_LIMIT:  # as HTTP error bodies are
             text = text[:EXCERPT_LIMIT] + "…"
         msg = f"{name}: {exc.status.name}: {text}".rstrip(": ")
-        return cls(msg, grpc_status=exc.status.name)
+        # A session refused for a limit (too many open) was not made: safe to ask
+        # again (a retry loop that keys on ``retriable`` gave up on a full server).
+        full = exc.status is Status.RESOURCE_EXHAUSTED and name == "OpenSession"
+        return cls(msg, grpc_status=exc.status.name, retriable=full)
     if isinstance(exc, StreamTerminatedError):
         text = str(exc)
         if _retriable_reset(exc):
