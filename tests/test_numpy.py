@@ -260,6 +260,11 @@ async def test_numpy_arrays_and_integers_everywhere_ids_ranges_and_counts_are_ta
         plain = await client.score_continuations([Tokens(HELLO[:3])], [HELLO[3:]])
         assert await client.score_continuations([Tokens(ids[:3])], [ids[3:]]) == plain
         assert await client.score_continuations([Tokens(HELLO[:3])], [iter(HELLO[3:])]) == plain
+        # A 2-D array of candidates, a row each (it was refused: not a sequence).
+        rows = np.array([HELLO[3:6], HELLO[4:7]], dtype=np.int64)
+        two = await client.score_continuations([Tokens(HELLO[:3])], [HELLO[3:6], HELLO[4:7]])
+        assert await client.score_continuations([Tokens(ids[:3])], rows) == two
+        assert await client.score_continuations([Tokens(ids[:3])], iter(rows)) == two
 
         scored = await client.score([Tokens(HELLO)], [(1, n), (2, 4)])
         assert await client.score([Tokens(ids)], np.array([[1, n], [2, 4]])) == scored

@@ -990,7 +990,7 @@ class ApiClient:
     async def score_continuations(
         self,
         prompt_chunks: Sequence[Chunk],
-        continuations: Sequence[Iterable[SupportsIndex] | Sequence[Chunk] | Chunk],
+        continuations: Iterable[Iterable[SupportsIndex] | Sequence[Chunk] | Chunk],
         *,
         timeout: SupportsFloat | None = None,
         model: str | None = None,
@@ -999,7 +999,8 @@ class ApiClient:
 
         One ephemeral session (closed on success, error and cancellation) prefills
         ``prompt_chunks`` (text and images); then, for each continuation (token
-        ids, a chunk, or a sequence of chunks), one ``Generate`` rewinds to the
+        ids, a chunk, or a sequence of chunks; a 2-D numpy array of ids is one
+        continuation per row), one ``Generate`` rewinds to the
         prompt's end (``truncating = true``), appends it and reads its logprobs.
         N continuations of length n on a P-position prompt send P + N·n positions
         instead of N·(P + n).

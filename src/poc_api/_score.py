@@ -783,7 +783,7 @@ async def score_continuations(
     transport: Router,
     model: str,
     prompt_chunks: Sequence[Chunk],
-    continuations: Sequence[Iterable[SupportsIndex] | Sequence[Chunk] | Chunk],
+    continuations: Iterable[Iterable[SupportsIndex] | Sequence[Chunk] | Chunk],
     *,
     max_buffered_events: int,
     close_timeout: float,
@@ -793,10 +793,17 @@ async def score_continuations(
     check_image_sizes(prompt, transport.max_message_size, "prompt_chunks")
     unordered(continuations, "continuations", "continuations")  # (results come in its order)
     if isinstance(continuations, BYTES_LIKE | Tokens | Image) or not isinstance(
-        continuations, Sequence
+        continuations, Iterable
     ):
-        raise TypeError("continuations must be a sequence of continuations")
-    conts = [_check_continuation(c, i) for i, c in enumerate(continuations)]
+        raise TypeError(
+            f"continuations must be a sequence of continuations, not {type(continuations).__name__}"
+        )
+    # (A 2-D numpy array of ids: one row per continuation, as plain ints in one call;
+    # an iterator of continuations: as the list it stands for.)
+    conts = [
+        _check_continuation(c, i)
+        for i, c in enumerate(cast(Iterable[object], _plain(continuations)))
+    ]
     for i, cont in enumerate(conts):
         check_image_sizes(cont, transport.max_message_size, f"continuation {i}")
     lengths = [known_len(c) for c in conts]
