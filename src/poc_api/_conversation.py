@@ -72,6 +72,7 @@ from ._types import (
     check_int32,
     check_timeout,
     keyword_only_from,
+    sampling_in_params,
 )
 
 if TYPE_CHECKING:
@@ -278,6 +279,7 @@ class Conversation:
         if stack is not None:
             await stack.aclose()
 
+    @sampling_in_params
     @keyword_only_from(2, ("priority", "readout_shape"))
     def stream(
         self,

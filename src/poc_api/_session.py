@@ -37,6 +37,7 @@ from ._types import (
     check_int32,
     check_ranges,
     check_timeout,
+    sampling_in_params,
 )
 from ._wire import (
     decode_append_image,
@@ -808,6 +809,7 @@ class Session:
             )
         return rewind_to, True
 
+    @sampling_in_params
     def generate(
         self,
         tokens: Iterable[SupportsIndex] = (),

@@ -12,6 +12,7 @@ lists of floats at run time, though typeshed types ``memoryview.tolist()`` as
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import operator
@@ -664,6 +665,25 @@ class TrainResult:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def sampling_in_params(fn: _F) -> _F:
+    """Say where a ``SamplingParams`` field given to ``fn`` as its own keyword goes
+    (``stream(chunks, max_tokens=3)``): Python's own error named only the keyword."""
+    params = inspect.signature(fn).parameters
+    fields = frozenset(a.name for a in attrs.fields(SamplingParams))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for key in kwargs:
+            if key not in params and key in fields:
+                raise TypeError(
+                    f"{fn.__qualname__}() got an unexpected keyword argument {key!r}: "
+                    f"pass sampling=SamplingParams({key}=...)"
+                )
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def keyword_only_from(position: int, names: tuple[str, ...]) -> Callable[[_F], _F]:

@@ -86,6 +86,24 @@ async def test_an_out_of_vocabulary_id_is_invalid_request_and_keeps_things_usabl
         await client.score([Tokens([1, 100_000])], [(0, 2)])
 
 
+@pytest.mark.parametrize("key", ["max_tokens", "temperature", "stop_token_ids"])
+async def test_a_sampling_option_given_as_a_keyword_says_where_it_goes(
+    client: poc_api.ApiClient, server: ReferenceServer, key: str
+) -> None:
+    # stream(chunks, max_tokens=3): Python's error named the keyword only.
+    before = server.state().rpc_counts.get("Generate", 0)
+    async with client.conversation() as conv, client.session() as s:
+        for call in (
+            lambda: conv.stream([Tokens([1])], **{key: 3}),
+            lambda: s.generate([1], **{key: 3}),
+        ):
+            with pytest.raises(TypeError, match=rf"pass sampling=SamplingParams\({key}=\.\.\.\)"):
+                call()
+        with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'$"):
+            s.generate([1], bogus=3)  # type: ignore[call-arg]
+    assert server.state().rpc_counts.get("Generate", 0) == before
+
+
 @pytest.mark.parametrize(
     ("data", "mime", "exc_type"),
     [
