@@ -3589,6 +3589,53 @@ async def test_a_custom_tool_call_in_a_chat_answer_is_read_not_refused(
     )
 
 
+async def test_a_chat_answer_goes_back_into_messages_as_the_assistant_message_it_was(
+    server: ReferenceServer, http: httpx.AsyncClient
+) -> None:
+    # The tool-call round trip: the answer's message, rebuilt from what chat() and
+    # chat_stream() read, is what the server sent, and a server takes it back with
+    # the tool's result after it.
+    custom = {"id": "call_1", "type": "custom", "custom": {"name": "grep", "input": "x|y"}}
+    function = {"id": "call_2", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [custom, function]}
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+    texts = {"role": "assistant", "content": "hi", "refusal": "no"}
+    said = {"choices": [{"index": 0, "message": texts, "finish_reason": "stop"}]}
+    first = {"index": 0, "id": "call_2", "type": "function", "function": {"name": "f"}}
+    rest = {"index": 0, "function": {"arguments": "{}"}}
+    pieces = [
+        json.dumps({"choices": [{"index": 0, "delta": d, "finish_reason": None}]})
+        for d in ({"content": "Let me look. "}, {"tool_calls": [first]}, {"tool_calls": [rest]})
+    ]
+    stream = sse(*pieces, '{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}')
+    with trio.fail_after(10):
+        async with canned_server(
+            [
+                response(200, json.dumps(body).encode()),
+                response(200, json.dumps(said).encode()),
+                response(200, stream, "text/event-stream"),
+            ]
+        ) as url:
+            api = make_api(http, url)
+            assert (await api.chat(HELLO)).to_message() == message
+            assert (await api.chat(HELLO)).to_message() == texts
+            async with api.chat_stream(HELLO) as events:
+                got = [ev async for ev in events]
+        done = got[-1]
+        assert isinstance(done, ChatDone)
+        text = "".join(ev.text for ev in got if isinstance(ev, ChatDelta))
+        streamed = done.to_message(text)
+        assert streamed == {
+            "role": "assistant",
+            "content": "Let me look. ",
+            "tool_calls": [function],
+        }
+        assert ChatDone("stop", None).to_message() == {"role": "assistant", "content": ""}
+        history = [*HELLO, streamed, {"role": "tool", "tool_call_id": "call_2", "content": "4"}]
+        answer = await make_api(http, server.base_url).chat(history, max_tokens=2)
+    assert answer.finish_reason == "length"
+
+
 @pytest.mark.parametrize("content_type", ["text/event-stream", None])
 async def test_the_clients_timeout_bounds_an_unlabelled_streams_first_wait_as_a_labelled_ones(
     content_type: str | None,

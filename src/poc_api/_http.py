@@ -249,6 +249,34 @@ class ChatToolCall:
     arguments: str
     type: str = "function"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The call in OpenAI's ``tool_calls[i]`` shape, as an assistant message
+        sent back in ``messages`` holds it (see :meth:`ChatCompletion.to_message`)."""
+        if self.type == "custom":
+            return {
+                "id": self.id,
+                "type": "custom",
+                "custom": {"name": self.name, "input": self.arguments},
+            }
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def _assistant_message(
+    text: str, tool_calls: tuple[ChatToolCall, ...], refusal: str
+) -> dict[str, Any]:
+    # OpenAI's assistant message: content null for a turn of tool calls only. The
+    # reasoning is left out (DeepSeek's API refuses it sent back; OpenAI has no field).
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if tool_calls else "")}
+    if tool_calls:
+        message["tool_calls"] = [call.to_dict() for call in tool_calls]
+    if refusal:
+        message["refusal"] = refusal
+    return message
+
 
 class ChatTopLogprob(TypedDict, total=False):
     """One of the most likely tokens at a position (OpenAI's ``top_logprobs[i]``).
@@ -330,6 +358,13 @@ class ChatCompletion:
     choices: tuple[ChatCompletion, ...] = ()
     refusal: str = ""
 
+    def to_message(self) -> dict[str, Any]:
+        """The first choice as the assistant message to append to ``messages`` for
+        the next turn (its text, tool calls and refusal, in OpenAI's shape), e.g.
+        ``messages += [done.to_message(), {"role": "tool", "tool_call_id":
+        call.id, "content": result}]``."""
+        return _assistant_message(self.text, self.tool_calls, self.refusal)
+
 
 @final
 @attrs.frozen
@@ -400,6 +435,13 @@ class ChatDone:
     tool_calls: tuple[ChatToolCall, ...] = ()
     choices: tuple[ChatDone, ...] = ()
     refusal: str = ""
+
+    def to_message(self, text: str = "") -> dict[str, Any]:
+        """The first choice as the assistant message to append to ``messages`` for
+        the next turn, with ``text``: the :class:`ChatDelta` texts (of choice 0)
+        put together, which this event does not hold (see
+        :meth:`ChatCompletion.to_message`)."""
+        return _assistant_message(text, self.tool_calls, self.refusal)
 
 
 ChatEvent: TypeAlias = ChatDelta | ChatReasoningDelta | ChatToolCallDelta | ChatDone

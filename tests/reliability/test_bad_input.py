@@ -99,7 +99,7 @@ async def test_a_sampling_option_given_as_a_keyword_says_where_it_goes(
         ):
             with pytest.raises(TypeError, match=rf"pass sampling=SamplingParams\({key}=\.\.\.\)"):
                 call()
-        with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'$"):
+        with pytest.raises(TypeError, match=r"unexpected keyword argument 'bogus'$"):
             s.generate([1], bogus=3)  # type: ignore[call-arg]
     assert server.state().rpc_counts.get("Generate", 0) == before
 
