@@ -22,6 +22,7 @@ Everything public is re-exported here from private modules; see ``__all__``.
 from ._chunks import Chunk, Image, Tokens, prompt_to_chunks
 from ._client import ApiClient, resolve_grpc_url
 from ._conversation import Conversation, ConversationStream
+from ._detok import TextDecoder
 from ._errors import (
     AuthenticationError,
     ContextOverflow,
@@ -127,6 +128,7 @@ __all__ = [
     "StreamDone",
     "StreamEvent",
     "Token",
+    "TextDecoder",
     "TokenOut",
     "TokenizerInfo",
     "Tokens",

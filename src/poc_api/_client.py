@@ -37,6 +37,7 @@ from ._bridge import AsyncioBridge, require_trio
 from ._chunks import Chunk
 from ._clock import hold_clock
 from ._conversation import Conversation
+from ._detok import TextDecoder
 from ._errors import NeedsAsyncWith, check_run, checked_on_entry
 from ._http import (
     ChatCompletion,
@@ -1211,6 +1212,17 @@ class ApiClient:
         api = self._https()
         with deadline(timeout, api.call_name("detokenize", "POST", "/detokenize"), composite=True):
             return await api.detokenize(tokens)
+
+    def text_decoder(self, *, skip_special_tokens: bool = True) -> TextDecoder:
+        """A :class:`TextDecoder`: streamed token ids to text, with the server's
+        tokenizer (``/detokenize``, a reference-server extension). Special tokens
+        add no text unless ``skip_special_tokens`` is False (they are learnt from
+        :meth:`tokenizer_info` at the first feed)."""
+        if not isinstance(skip_special_tokens, bool):
+            raise TypeError(
+                f"skip_special_tokens must be a bool, not {type(skip_special_tokens).__name__}"
+            )
+        return TextDecoder(self._https(), skip_special_tokens=skip_special_tokens)
 
     async def tokenizer_info(self, *, timeout: SupportsFloat | None = None) -> TokenizerInfo:
         """Vocabulary size and special token ids (reference-server extension).

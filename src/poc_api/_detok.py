@@ -1,0 +1,157 @@
+"""Token ids to text as they stream in: :class:`TextDecoder`.
+
+The wire carries token ids only; their text is the server's tokenizer's
+(``POST /detokenize``). Decoding each id alone breaks a character whose UTF-8
+bytes span several tokens (U+FFFD each) and, with SentencePiece tokenizers, the
+space a token carries at the start of a word (dropped at the start of a decode).
+So each feed decodes its ids after a few already written (their text known),
+and writes what the new ids add, holding back a character's first bytes until
+the rest come: the incremental detokenization of vLLM and Hugging Face's
+``TextStreamer``, over HTTP.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final, SupportsIndex, final
+
+import trio
+
+from ._errors import check_run
+from ._types import _u32_tuple
+
+if TYPE_CHECKING:
+    from ._http import HttpApi
+
+__all__ = ["TextDecoder"]
+
+#: Ids already written that a decode starts with (vLLM's 5): the context a
+#: tokenizer needs to give the next id its text as it is inside a text.
+_CONTEXT: Final = 5
+#: Past this many ids in a decode's context, it starts again from the last
+#: _CONTEXT written (one more request) rather than grow with the stream.
+_MAX_CONTEXT: Final = 64
+#: A character is at most 4 UTF-8 bytes: a trailing U+FFFD after that many new
+#: ids is text of its own (an invalid sequence), not a character's start.
+_MAX_CHAR_IDS: Final = 4
+_REPLACEMENT: Final = "\ufffd"
+
+
+@final
+class TextDecoder:
+    """Token ids to text as they stream in, with the server's tokenizer.
+
+    Made by :meth:`ApiClient.text_decoder`. :meth:`feed` takes the ids of each
+    event (or of a batch) and returns the text they complete: concatenated, the
+    returns are the text of all the ids, with no U+FFFD for a character whose
+    bytes arrive in several tokens (held back until the rest come) and the
+    spaces a tokenizer gives only inside a text. Call :meth:`flush` when the
+    stream ends for what is held back (an invalid byte sequence's U+FFFD).
+
+    Each feed is one ``POST /detokenize`` (a reference-server extension; two,
+    now and then, to restart its context or to write the text before a
+    character's first bytes): feed a batch of ids (those buffered) rather than
+    one per call when the stream is fast. A feed cancelled or failed before it
+    returns keeps its ids for the next one; two tasks feeding one decoder at once raise
+    ``trio.BusyResourceError``.
+
+    Example::
+
+        decoder = client.text_decoder()
+        async with conv.stream(chunks, sampling) as events:
+            async for ev in events:
+                if isinstance(ev, poc_api.TokenOut):
+                    show(await decoder.feed(ev.id))
+        show(await decoder.flush())
+    """
+
+    def __init__(self, api: HttpApi, *, skip_special_tokens: bool = True) -> None:
+        self._api = api
+        self._skip_special = skip_special_tokens
+        self._specials: frozenset[int] | None = None if skip_special_tokens else frozenset()
+        self._ids: list[int] = []  # the ids to decode (no special ones)
+        self._taken: list[int] = []  # fed, not yet told from special ones
+        self._start = 0  # where the decode's context starts
+        self._written = 0  # ids before this are written; _start..._written is context
+        self._context_text = ""  # the text of _ids[_start:_written]
+        self._busy = False
+        self._run = trio.lowlevel.current_trio_token()  # (the client's: made in its run)
+
+    def __repr__(self) -> str:
+        held = len(self._ids) - self._written
+        return f"<poc_api.TextDecoder {self._written} ids written, {held} held back>"
+
+    async def feed(self, ids: SupportsIndex | Iterable[SupportsIndex]) -> str:
+        """Take ``ids`` (one id, or several) and return the text they complete
+        (``""`` while a character's bytes are incomplete). Special tokens (the
+        end of sequence, ...) add no text unless the decoder was made with
+        ``skip_special_tokens=False``."""
+        new = _ids(ids)
+        return await self._decode(new, final=False)
+
+    async def flush(self) -> str:
+        """Return the text held back (a character's first bytes never completed
+        come as U+FFFD); the decoder can then go on with the next ids."""
+        return await self._decode((), final=True)
+
+    async def _decode(self, new: tuple[int, ...], *, final: bool) -> str:
+        check_run(self._run)  # (its client's HTTP connections are that run's)
+        if self._busy:
+            raise trio.BusyResourceError("another task is using this TextDecoder")
+        self._busy = True
+        try:
+            # Kept before any request: a feed cancelled in one loses none of them.
+            self._taken += new
+            if self._specials is None and self._taken:
+                info = await self._api.tokenizer_info()
+                self._specials = frozenset(info["special"].values())
+            specials = self._specials or frozenset()
+            self._ids += (i for i in self._taken if i not in specials)
+            self._taken = []
+            if len(self._ids) == self._written:
+                await trio.lowlevel.checkpoint()
+                return ""
+            return await self._write(final)
+        finally:
+            self._busy = False
+
+    async def _write(self, final: bool) -> str:
+        ids = self._ids
+        start, context_text = self._start, self._context_text
+        if self._written - start > _MAX_CONTEXT:
+            start = self._written - _CONTEXT
+            context_text = await self._api.detokenize(ids[start : self._written])
+        end = len(ids)
+        text = await self._api.detokenize(ids[start:end])
+        if text.endswith(_REPLACEMENT) and not final:
+            # The last ids may be a character's first bytes: held back.
+            if end - self._written < _MAX_CHAR_IDS:
+                return self._keep(start, context_text, "")
+            for keep in range(1, _MAX_CHAR_IDS):
+                head = await self._api.detokenize(ids[start : end - keep])
+                if not head.endswith(_REPLACEMENT):
+                    text, end = head, end - keep
+                    break
+        # What the context decoded to is where the new text starts (as vLLM: by
+        # length; a tokenizer whose text of the context changes with what
+        # follows it is rare, and gets the text from there).
+        out = text[len(context_text) :]
+        self._start, self._written, self._context_text = start, end, text
+        return out
+
+    def _keep(self, start: int, context_text: str, out: str) -> str:
+        # A restarted context is kept even when nothing is written (its text known).
+        self._start, self._context_text = start, context_text
+        return out
+
+
+def _ids(ids: SupportsIndex | Iterable[SupportsIndex]) -> tuple[int, ...]:
+    if isinstance(ids, Iterable):
+        return _u32_tuple(ids)
+    try:
+        return _u32_tuple((operator.index(ids),))
+    except TypeError:
+        raise TypeError(
+            f"ids must be a token id or an iterable of them, not {type(ids).__name__}"
+        ) from None

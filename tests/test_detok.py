@@ -1,0 +1,159 @@
+"""TextDecoder: streamed token ids to text, against the reference server's tokenizer."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import trio
+import trio.testing
+
+import poc_api
+from poc_api import SamplingParams, TokenOut, Tokens
+from poc_api.server import EOS, ReferenceServer, tokenize
+
+# Bytes of characters of 1 to 4 UTF-8 bytes, and more than _MAX_CONTEXT ids.
+TEXT = "héllo 日本 🎉 the quick brown fox — naïve café ∑ " * 3
+
+
+async def test_ids_fed_one_at_a_time_give_the_text_with_no_broken_character(
+    client: poc_api.ApiClient,
+) -> None:
+    ids = tokenize(TEXT)
+    decoder = client.text_decoder()
+    pieces = [await decoder.feed(i) for i in ids]
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) + await decoder.flush() == TEXT
+    # A character's first bytes are held back until its last one comes.
+    at = TEXT.index("🎉")
+    start = len(TEXT[:at].encode())
+    assert pieces[start : start + 4] == ["", "", "", "🎉"]
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_ids_fed_in_any_batches_give_the_same_text(
+    client: poc_api.ApiClient, seed: int
+) -> None:
+    rng = random.Random(seed)
+    ids = tokenize(TEXT)
+    decoder = client.text_decoder()
+    pieces = []
+    i = 0
+    while i < len(ids):
+        n = rng.choice([1, 1, 2, 3, 4, 5, 9, 40])
+        pieces.append(await decoder.feed(ids[i : i + n]))
+        i += n
+    pieces.append(await decoder.flush())
+    assert "".join(pieces) == TEXT
+    assert "\ufffd" not in "".join(pieces)
+
+
+async def test_text_before_a_characters_first_bytes_is_not_held_back(
+    client: poc_api.ApiClient,
+) -> None:
+    # "abc" and the first byte of 日 in one feed: "abc" now, 日 with its last byte.
+    ids = tokenize("abc日")
+    decoder = client.text_decoder()
+    assert await decoder.feed(ids[:4]) == "abc"
+    assert await decoder.feed(ids[4:]) == "日"
+
+
+async def test_an_invalid_byte_sequence_comes_out_as_replacement_characters(
+    client: poc_api.ApiClient,
+) -> None:
+    decoder = client.text_decoder()
+    # Continuation bytes with no start: not held back for ever, once four ids
+    # (a character's most) could not make one.
+    got = [await decoder.feed([0x80]) for _ in range(4)]
+    assert "".join(got) == "\ufffd" * 4
+    assert await decoder.feed(tokenize("ok")) == "ok"
+    # A character cut short by the end of the stream: flush() says so.
+    assert await decoder.feed(tokenize("日")[:2]) == ""
+    assert await decoder.flush() == "\ufffd"
+    assert await decoder.flush() == ""
+
+
+async def test_special_tokens_add_no_text_unless_asked(client: poc_api.ApiClient) -> None:
+    ids = [*tokenize("done."), EOS]
+    plain = client.text_decoder()
+    assert await plain.feed(ids) + await plain.flush() == "done."
+    raw = client.text_decoder(skip_special_tokens=False)
+    assert await raw.feed(ids) + await raw.flush() == await client.detokenize(ids)
+    assert (await client.detokenize(ids)).endswith("<|eos|>")
+
+
+async def test_a_conversations_streamed_ids_become_its_text(client: poc_api.ApiClient) -> None:
+    decoder = client.text_decoder()
+    ids: list[int] = []
+    text = ""
+    async with client.conversation() as conv:
+        sampling = SamplingParams(max_tokens=40, temperature=1.0)
+        async with conv.stream([Tokens(tokenize("Once upon a time"))], sampling) as events:
+            async for ev in events:
+                if isinstance(ev, TokenOut):
+                    ids.append(ev.id)
+                    text += await decoder.feed(ev.id)
+    text += await decoder.flush()
+    assert len(ids) > 1
+    assert text == (await client.detokenize(ids)).replace("<|eos|>", "")
+
+
+async def test_a_cancelled_feed_loses_no_ids(client: poc_api.ApiClient) -> None:
+    decoder = client.text_decoder()
+    ids = tokenize("日本語")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await decoder.feed(ids[:5])
+    assert scope.cancelled_caught
+    assert await decoder.feed(ids[5:]) == "日本語"
+
+
+async def test_two_tasks_feeding_one_decoder_at_once_is_refused(
+    client: poc_api.ApiClient,
+) -> None:
+    decoder = client.text_decoder()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(decoder.feed, tokenize("a"))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await decoder.feed(tokenize("b"))
+    assert await decoder.feed(tokenize("c")) == "c"
+
+
+@pytest.mark.parametrize(
+    ("bad", "exc"),
+    [
+        ("abc", TypeError),
+        (b"ab", TypeError),
+        (-1, ValueError),
+        (2**32, ValueError),
+        (1.5, TypeError),
+    ],
+)
+async def test_what_is_no_token_id_is_refused_before_sending(
+    client: poc_api.ApiClient, server: ReferenceServer, bad: object, exc: type[Exception]
+) -> None:
+    decoder = client.text_decoder()
+    with pytest.raises(exc):
+        await decoder.feed(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        client.text_decoder(skip_special_tokens=1)  # type: ignore[arg-type]
+
+
+async def test_a_decoder_used_from_another_trio_run_says_so(client: poc_api.ApiClient) -> None:
+    decoder = client.text_decoder()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            trio.run(decoder.feed, [97])
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    await trio.to_thread.run_sync(thread.join)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert "another trio.run" in str(errors[0])
+    assert await decoder.feed([97]) == "a"
