@@ -231,7 +231,7 @@ def test_legacy_completions(oai: openai.OpenAI) -> None:
     echo = oai.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, echo=True)
     assert echo.choices[0].text.startswith("Once upon")
     with pytest.raises(openai.BadRequestError) as info:
-        oai.completions.create(model=MODEL, prompt="x", max_tokens=0)
+        oai.completions.create(model=MODEL, prompt="x", max_tokens=-1)
     assert info.value.param == "max_tokens"
 
 
@@ -311,3 +311,64 @@ def test_models_retrieve_finds_a_name_the_client_percent_encodes(name: str) -> N
             assert client.models.retrieve(name).id == name
     finally:
         server.stop()
+
+
+def test_message_has_every_field_openai_requires(srv: ReferenceServer) -> None:
+    # OpenAI's ChatCompletionResponseMessage requires role, content and refusal
+    # (refusal null unless the model declined); tool_calls, when present, is a list.
+    r = httpx.post(
+        srv.base_url + "/chat/completions",
+        json={"model": MODEL, "messages": USER, "max_tokens": 3},
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=TIMEOUT,
+    )
+    message = r.json()["choices"][0]["message"]
+    assert {"role", "content", "refusal"} <= message.keys()
+    assert message["refusal"] is None
+    assert isinstance(message.get("tool_calls", []), list)
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_a_special_token_after_half_a_character_keeps_its_place(
+    oai: openai.OpenAI, path: str
+) -> None:
+    # Seed 1131 at temperature 2 decodes ... "_", byte 0xD0 (the first of a
+    # two-byte character), <|vision_start|>: the text shows the bytes in that
+    # order, as /detokenize renders the same tokens.
+    chat_body = {"messages": [{"role": "user", "content": "hi"}]}
+    prompt = oai.post("/tokenize", body={"text": "user: hi\nassistant: "}, cast_to=object)
+    body = chat_body if path == "/chat/completions" else {"prompt": prompt["tokens"]}
+    kwargs = {"model": MODEL, "max_tokens": 57, "temperature": 2.0, "seed": 1131}
+    r: Any = oai.post(path, body=body | kwargs, cast_to=object)
+    choice = r["choices"][0]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    assert text.endswith("_\ufffd<|vision_start|>"), text[-20:]
+
+
+def test_a_too_large_body_is_answered_with_the_clients_request_id() -> None:
+    # "Every answer carries an x-request-id (the client's own, if it sent one)":
+    # the 413 for a body over max_message_size too, which the SDK reports.
+    server = ReferenceServer(ServerConfig(port=0, api_key=KEY, max_message_size=1000))
+    server.start()
+    try:
+        with openai.OpenAI(
+            base_url=server.base_url, api_key=KEY, max_retries=0, timeout=TIMEOUT
+        ) as client:
+            big = [{"role": "user", "content": "x" * 5000}]
+            with pytest.raises(openai.APIStatusError) as info:
+                chat(client, messages=big, extra_headers={"x-request-id": "mine-413"})
+    finally:
+        server.stop()
+    assert info.value.status_code == 413
+    assert info.value.request_id == "mine-413"
+
+
+def test_legacy_completions_take_max_tokens_0_to_echo_the_prompt(oai: openai.OpenAI) -> None:
+    # OpenAI's CreateCompletionRequest: max_tokens has minimum 0 (echo=True,
+    # max_tokens=0 is how a prompt is scored); chat's stays at least 1.
+    r = oai.completions.create(model=MODEL, prompt="the sea", max_tokens=0, echo=True)
+    assert r.choices[0].text == "the sea"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError):
+        chat(oai, max_tokens=0)

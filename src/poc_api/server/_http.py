@@ -149,7 +149,8 @@ class HttpApp:
                 try:
                     request = await self._read_request(conn, reader, writer)
                 except HttpError as e:
-                    await self._send_json(conn, writer, e.status, _error_json(e), _request_id({}))
+                    rid = e.request_id or _request_id({})
+                    await self._send_json(conn, writer, e.status, _error_json(e), rid)
                     break
                 except h11.RemoteProtocolError as e:
                     # h11's hint: 400, or 431 for headers over its limit.
@@ -217,7 +218,12 @@ class HttpApp:
                 if refused is None:
                     body += event.data
                 if size > limit:
-                    raise HttpError(413, f"body exceeds {limit} bytes")
+                    e = HttpError(413, f"body exceeds {limit} bytes")
+                    assert req is not None
+                    e.request_id = _request_id(
+                        {k.decode().lower(): v.decode("latin-1") for k, v in req.headers}
+                    )
+                    raise e
             elif isinstance(event, h11.EndOfMessage):
                 assert req is not None
                 return req, bytes(body)

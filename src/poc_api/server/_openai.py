@@ -68,6 +68,8 @@ class OpenAIError(Exception):
         self.code = code
         #: The ``Allow`` header of a 405: the methods the path takes.
         self.allow = ""
+        #: The ``x-request-id`` to answer with, when the request's headers were read.
+        self.request_id = ""
 
 
 def error_body(
@@ -174,7 +176,7 @@ class _Sampling:
 
 
 def _sampling(
-    rt: Runtime, body: dict[str, Any], default_max: int, logprobs: int | None
+    rt: Runtime, body: dict[str, Any], default_max: int, logprobs: int | None, least: int = 1
 ) -> _Sampling:
     cfg = rt.config
     model = body.get("model")
@@ -185,7 +187,7 @@ def _sampling(
     stream = _bool(body, "stream")
     max_tokens = _int(body, "max_completion_tokens", None, 1, 2**31 - 1)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", default_max, 1, 2**31 - 1)
+        max_tokens = _int(body, "max_tokens", default_max, least, 2**31 - 1)
     assert max_tokens is not None
     temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
@@ -292,6 +294,11 @@ class _Decode:
                 if tok == EOS and not self.rt.config.ignore_eos:
                     self.finish_reason = "stop"
                     break
+                if tok >= 256:
+                    # A special token ends a partial character (as detokenize renders
+                    # it): its bytes show before the token, not after it, and do not
+                    # pair with a byte that comes after the token.
+                    text += decoder.decode(b"", final=True)
                 if k is not None:
                     entries.append((len(text), _logprob_entry(tok, dist, k)))
                 text += decoder.decode(bytes((tok,))) if tok < 256 else _token_text(tok)
@@ -503,7 +510,7 @@ class ChatRequest:
             choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": text, "tool_calls": None},
+                    "message": {"role": "assistant", "content": text, "refusal": None},
                     "logprobs": {"content": entries, "refusal": None}
                     if self.s.top_logprobs is not None
                     else None,
@@ -583,7 +590,9 @@ class CompletionRequest:
     def __init__(self, rt: Runtime, body: Any) -> None:
         body = _body(body)
         logprobs = _int(body, "logprobs", None, 0, _MAX_LEGACY_LOGPROBS)
-        self.s = _sampling(rt, body, _DEFAULT_COMPLETION_MAX_TOKENS, logprobs)
+        # max_tokens may be 0 here (OpenAI's minimum for /v1/completions): with
+        # echo, the prompt back without a completion.
+        self.s = _sampling(rt, body, _DEFAULT_COMPLETION_MAX_TOKENS, logprobs, least=0)
         self.echo = _bool(body, "echo")
         if body.get("suffix") is not None:
             raise _bad("suffix", "'suffix' is not supported by this model", "unsupported_value")
