@@ -3961,3 +3961,78 @@ async def test_streamed_logprobs_of_reasoning_tokens_are_not_told_as_the_answer_
     deltas = [ev for ev in got if isinstance(ev, ChatDelta)]
     tokens = [e for d in deltas if d.logprobs for e in d.logprobs.get("content") or []]
     assert tokens == [answer], tokens
+
+
+async def test_empty_data_keepalives_in_a_chat_stream_are_skipped(
+    http: httpx.AsyncClient,
+) -> None:
+    # Relays and proxies in front of OpenAI-compatible servers keep a long stream
+    # alive with an empty "data:" event; the stream goes on after it. It was read
+    # as malformed JSON: ProtocolViolation, and the answer lost.
+    body = (
+        b"data: \n\n"
+        + sse(DELTA)
+        + b"data:\n\n"
+        + sse('{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}', "[DONE]")
+    )
+    async with canned_server([response(200, body, "text/event-stream")]) as url:
+        async with make_api(http, url).chat_stream(HELLO) as events:
+            got = [ev async for ev in events]
+    assert [ev.text for ev in got if isinstance(ev, ChatDelta)] == ["hi"]
+    assert isinstance(got[-1], ChatDone) and got[-1].finish_reason == "stop"
+
+
+async def test_a_streamed_tool_call_sent_as_an_object_is_not_dropped(
+    http: httpx.AsyncClient,
+) -> None:
+    # TGI before 3.2 streams "tool_calls" as one object, not a list of them
+    # (text-generation-inference PR #3086). Its tool call vanished: ChatDone said
+    # the answer had none, with no error.
+    def piece(arguments: str) -> str:
+        call = {
+            "index": 0,
+            "id": "",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": arguments},
+        }
+        delta = {"role": "assistant", "tool_calls": call}
+        return json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+    end = '{"choices":[{"index":0,"delta":{},"finish_reason":"eos_token"}]}'
+    body = sse(piece('{"city":'), piece('"Oslo"}'), end, "[DONE]")
+    async with canned_server([response(200, body, "text/event-stream")]) as url:
+        async with make_api(http, url).chat_stream(HELLO) as events:
+            got = [ev async for ev in events]
+    done = got[-1]
+    assert isinstance(done, ChatDone)
+    assert [(c.name, c.arguments) for c in done.tool_calls] == [("get_weather", '{"city":"Oslo"}')]
+
+
+async def test_an_error_on_a_choice_raises_http_error_in_chat_and_chat_stream(
+    http: httpx.AsyncClient,
+) -> None:
+    # OpenRouter (and gateways like it) answer 200 once the upstream model has
+    # started; a provider failing after that rides on the choice: {"error": {...},
+    # "finish_reason": "error"} next to the text made so far. chat() returned that
+    # partial text as the answer, and the stream a ChatDone: the message was lost.
+    error = {"code": 502, "message": "Provider returned error"}
+    message = {"role": "assistant", "content": '{"events": [{"title": "partial'}
+    answer = {
+        "choices": [{"index": 0, "message": message, "finish_reason": "error", "error": error}],
+        "usage": {"prompt_tokens": None, "completion_tokens": None, "total_tokens": 0},
+    }
+    failing = {"index": 0, "delta": {"content": ""}, "finish_reason": "error", "error": error}
+    body = sse(DELTA, json.dumps({"choices": [failing]}), "[DONE]")
+    answers = [response(200, json.dumps(answer).encode()), response(200, body, "text/event-stream")]
+    with trio.fail_after(10):
+        async with canned_server(answers) as url:
+            api = make_api(http, url)
+            with pytest.raises(HttpError, match="Provider returned error") as info:
+                await api.chat(HELLO)
+            assert info.value.http_status == 502
+            got: list[Any] = []
+            with pytest.raises(HttpError, match="Provider returned error"):
+                async with api.chat_stream(HELLO) as events:
+                    async for ev in events:
+                        got.append(ev)
+    assert got == [ChatDelta("hi")]

@@ -2299,6 +2299,9 @@ class HttpApi:
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
             _shape_error(what, '"choices": [{...}]', choices)
+        error = _choice_error(choices)
+        if error is not None:
+            raise self._server_error(shown, response_status=200, error=error)
         parsed = [_parse_choice(c, what) for c in choices]
         parsed.sort(key=lambda pair: pair[0])
         first = parsed[0][1]
@@ -2599,6 +2602,17 @@ def _error_object(data: object, event: str) -> object | None:
             return data
     if event == "error":
         return data
+    return None
+
+
+def _choice_error(choices: list[Any]) -> object | None:
+    """The first error a choice carries (OpenRouter's ``{"error": {...},
+    "finish_reason": "error"}``: its provider failed after the answer began), or
+    ``None``. As for a whole answer's, ``"error": null`` is no error."""
+    for choice in choices:
+        error: object = choice.get("error") if isinstance(choice, dict) else None
+        if error:
+            return error
     return None
 
 
@@ -3122,6 +3136,8 @@ class ChatStream:
     def _handle(self, sse: SSEEvent) -> None:
         if self._done_queued:
             return  # nothing after [DONE] counts
+        if sse.event != "error" and not sse.data.strip(" \t\r\n"):
+            return  # an empty "data:" event: a relay's keep-alive, no chunk
         if sse.data.strip(" \t") == "[DONE]":  # (spaces around it: some servers send them)
             self._finished = True
             self._queue_done()
@@ -3148,6 +3164,11 @@ class ChatStream:
         for choice in choices:
             if isinstance(choice, dict):
                 self._choice(choice)
+        error = _choice_error(choices)
+        if error is not None:  # (after what the chunk brought: it is delivered first)
+            raise self._api._server_error(
+                self._url, response_status=self._response.status_code, error=error
+            )
         if data.get("usage") is not None:
             self._usage = _parse_usage(data["usage"], self._what)
 
@@ -3177,6 +3198,8 @@ class ChatStream:
                 # tool-call token: vLLM and SGLang send them so): their logprobs count.
                 self._queue.append(ChatDelta("", index, logprobs))
             calls = delta.get("tool_calls")
+            if isinstance(calls, dict):  # one call, not a list (TGI before 3.2)
+                calls = [calls]
             if isinstance(calls, list):
                 for call in calls:
                     if isinstance(call, dict):
