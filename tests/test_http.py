@@ -3636,6 +3636,35 @@ async def test_a_chat_answer_goes_back_into_messages_as_the_assistant_message_it
     assert answer.finish_reason == "length"
 
 
+async def test_a_tool_calls_other_fields_go_back_with_it(http: httpx.AsyncClient) -> None:
+    # Gemini puts extra_content.google.thought_signature on each tool call and
+    # refuses the next turn without it (400 "Function call is missing a
+    # thought_signature"): it was dropped, by chat() and chat_stream() alike.
+    extra = {"extra_content": {"google": {"thought_signature": "c2ln"}}}
+    function = {"name": "f", "arguments": '{"a":1}'}
+    call = {"id": "call_1", "type": "function", "function": function, **extra}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+    piece = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, **call}]}}]}
+    end = '{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}'
+    stream = sse(json.dumps(piece), end, "[DONE]")
+    with trio.fail_after(10):
+        async with canned_server(
+            [response(200, json.dumps(body).encode()), response(200, stream, "text/event-stream")]
+        ) as url:
+            api = make_api(http, url)
+            answer = await api.chat(HELLO)
+            async with api.chat_stream(HELLO) as events:
+                got = [ev async for ev in events]
+    done = got[-1]
+    assert isinstance(done, ChatDone)
+    for calls in (answer.tool_calls, done.tool_calls):
+        assert calls == (ChatToolCall("call_1", "f", '{"a":1}', extra=extra),)
+        assert calls[0].to_dict() == call
+    assert answer.to_message() == message
+    hash(answer.tool_calls[0])  # (still hashable: extra is left out)
+
+
 @pytest.mark.parametrize("content_type", ["text/event-stream", None])
 async def test_the_clients_timeout_bounds_an_unlabelled_streams_first_wait_as_a_labelled_ones(
     content_type: str | None,

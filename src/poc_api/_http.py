@@ -242,27 +242,34 @@ class ChatToolCall:
     ``arguments`` is the JSON text exactly as the model wrote it: models do emit
     invalid JSON, so parsing it (``json.loads``) is left to the caller. For an
     OpenAI custom tool (``type == "custom"``) it is the call's free-form ``input``.
+    ``extra`` holds the call's other fields as the server sent them (Gemini's
+    ``extra_content`` with its ``thought_signature``, which it needs back with
+    the call in the next turn's messages: :meth:`to_dict` sends them).
     """
 
     id: str
     name: str
     arguments: str
     type: str = "function"
+    extra: Mapping[str, Any] = attrs.field(factory=dict, kw_only=True, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The call in OpenAI's ``tool_calls[i]`` shape, as an assistant message
-        sent back in ``messages`` holds it (see :meth:`ChatCompletion.to_message`)."""
+        """The call in OpenAI's ``tool_calls[i]`` shape (its ``extra`` fields too),
+        as an assistant message sent back in ``messages`` holds it (see
+        :meth:`ChatCompletion.to_message`)."""
         if self.type == "custom":
-            return {
-                "id": self.id,
-                "type": "custom",
-                "custom": {"name": self.name, "input": self.arguments},
-            }
-        return {
-            "id": self.id,
-            "type": self.type,
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
+            body = {"custom": {"name": self.name, "input": self.arguments}}
+        else:
+            body = {"function": {"name": self.name, "arguments": self.arguments}}
+        return {**self.extra, "id": self.id, "type": self.type, **body}
+
+
+#: A tool call's fields that ChatToolCall holds as its own (the rest: ``extra``).
+_TOOL_CALL_FIELDS: Final = frozenset({"id", "type", "index", "function", "custom"})
+
+
+def _extra_fields(call: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in call.items() if k not in _TOOL_CALL_FIELDS}
 
 
 def _assistant_message(
@@ -2668,6 +2675,7 @@ def _parse_choice(choice: object, what: str) -> tuple[int, ChatCompletion]:
                 name=_str_field(function, "name", what),
                 arguments=_arguments_text(function.get(text)),
                 type=_str_field(call, "type", what) or "function",
+                extra=_extra_fields(call),
             )
         )
     finish = choice.get("finish_reason")
@@ -2698,16 +2706,18 @@ def _logprobs(choice: dict[str, Any], what: str) -> ChatLogprobs | None:
 class _ToolCallParts:
     """A tool call being put together from streamed pieces."""
 
-    __slots__ = ("arguments", "id", "name", "type")
+    __slots__ = ("arguments", "extra", "id", "name", "type")
 
     def __init__(self) -> None:
         self.id = ""
         self.type = "function"
         self.name = ""
         self.arguments: list[str] = []
+        self.extra: dict[str, Any] = {}
 
     def done(self) -> ChatToolCall:
-        return ChatToolCall(self.id, self.name, "".join(self.arguments), self.type)
+        arguments = "".join(self.arguments)
+        return ChatToolCall(self.id, self.name, arguments, self.type, extra=self.extra)
 
 
 @final
@@ -3268,6 +3278,7 @@ class ChatStream:
         part.name = part.name or name
         if isinstance(call.get("type"), str) and call["type"]:
             part.type = call["type"]
+        part.extra.update(_extra_fields(call))
         part.arguments.append(arguments)
         self._queue.append(ChatToolCallDelta(index, call_id, name, arguments, choice))
 
