@@ -444,6 +444,12 @@ class TopLogprob:
 class Token:
     """A wire ``Token`` event from ``Session.generate``.
 
+    ``sampled_logprob`` is the token's log-probability for a decoded token, and
+    for a prefill one whose position is in ``logprobs_ranges``; it is 0 (the
+    wire's default) for a prefill token sent only for its readout (a position in
+    ``readout_ranges`` alone) and at position 0 (no prefix). Sum only those asked
+    for: ``score`` does.
+
     ``readout`` is a float32 ``memoryview`` or ``None`` when not requested
     (``readout_ranges`` on ``Session.generate``): flat (``n_layers * n_concepts``,
     layer-major, as on the wire), or 2-D ``(n_layers, n_concepts)`` when
