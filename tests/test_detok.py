@@ -157,3 +157,15 @@ async def test_a_decoder_used_from_another_trio_run_says_so(client: poc_api.ApiC
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
     assert "another trio.run" in str(errors[0])
     assert await decoder.feed([97]) == "a"
+
+
+async def test_a_decoder_of_a_closed_client_says_the_client_is_closed(
+    server: ReferenceServer,
+) -> None:
+    async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+        decoder = client.text_decoder()
+        assert await decoder.feed([104, 105]) == "hi"
+    with pytest.raises(trio.ClosedResourceError, match="the ApiClient is closed"):
+        await decoder.feed([105])
+    with pytest.raises(trio.ClosedResourceError, match="the ApiClient is closed"):
+        client.text_decoder()

@@ -1222,7 +1222,7 @@ class ApiClient:
             raise TypeError(
                 f"skip_special_tokens must be a bool, not {type(skip_special_tokens).__name__}"
             )
-        return TextDecoder(self._https(), skip_special_tokens=skip_special_tokens)
+        return TextDecoder(self._https, skip_special_tokens=skip_special_tokens)
 
     async def tokenizer_info(self, *, timeout: SupportsFloat | None = None) -> TokenizerInfo:
         """Vocabulary size and special token ids (reference-server extension).

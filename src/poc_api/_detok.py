@@ -13,12 +13,11 @@ the rest come: the incremental detokenization of vLLM and Hugging Face's
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final, SupportsIndex, final
 
 import trio
 
-from ._errors import check_run
 from ._types import _u32_tuple
 
 if TYPE_CHECKING:
@@ -66,8 +65,10 @@ class TextDecoder:
         show(await decoder.flush())
     """
 
-    def __init__(self, api: HttpApi, *, skip_special_tokens: bool = True) -> None:
-        self._api = api
+    def __init__(self, api: Callable[[], HttpApi], *, skip_special_tokens: bool = True) -> None:
+        # The client's HTTP side, checked at each feed: open, and this trio run's.
+        self._get_api = api
+        self._api = api()
         self._skip_special = skip_special_tokens
         self._specials: frozenset[int] | None = None if skip_special_tokens else frozenset()
         self._ids: list[int] = []  # the ids to decode (no special ones)
@@ -76,7 +77,6 @@ class TextDecoder:
         self._written = 0  # ids before this are written; _start..._written is context
         self._context_text = ""  # the text of _ids[_start:_written]
         self._busy = False
-        self._run = trio.lowlevel.current_trio_token()  # (the client's: made in its run)
 
     def __repr__(self) -> str:
         held = len(self._ids) - self._written
@@ -96,7 +96,7 @@ class TextDecoder:
         return await self._decode((), final=True)
 
     async def _decode(self, new: tuple[int, ...], *, final: bool) -> str:
-        check_run(self._run)  # (its client's HTTP connections are that run's)
+        self._api = self._get_api()  # (a closed client, another trio.run: said here)
         if self._busy:
             raise trio.BusyResourceError("another task is using this TextDecoder")
         self._busy = True
