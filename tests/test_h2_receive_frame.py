@@ -34,6 +34,14 @@ class _Ours(h2.connection.H2Connection):
     _receive_frame = _SplitWindowH2Connection._receive_frame
 
 
+class _OursReceiving(_Ours):
+    # receive_data too (h2's, keeping the events before a bad frame), with the
+    # connection-level window returned on receipt: its bytes differ, not its events.
+    receive_data = _SplitWindowH2Connection.receive_data
+    data_at = _SplitWindowH2Connection.data_at
+    events_before_error = None
+
+
 _REQUEST = [
     (":method", "POST"),
     (":scheme", "http"),
@@ -56,6 +64,7 @@ _op = st.one_of(
     st.tuples(st.just("rst"), _stream, st.sampled_from([0, 1, 7, 8])),
     st.tuples(st.just("window"), st.integers(0, 3), st.integers(1, 1000)),
     st.tuples(st.just("ping")),
+    st.tuples(st.just("badpad"), _stream),
 )
 
 
@@ -80,6 +89,10 @@ def _frame(op: tuple[Any, ...], encoder: hpack.Encoder) -> bytes:
     elif kind == "window":
         f = WindowUpdateFrame(2 * op[1] - 1 if op[1] else 0)  # 0: the connection
         f.window_increment = op[2]
+    elif kind == "badpad":
+        # A DATA frame whose padding is longer than the frame: invalid padding.
+        # (length 3, type DATA, flags PADDED; pad length 5, then 2 bytes)
+        return b"\x00\x00\x03\x00\x08" + sid.to_bytes(4, "big") + b"\x05ab"
     else:
         f = PingFrame(0)
         f.opaque_data = b"12345678"
@@ -129,6 +142,39 @@ def _run(cls: type[h2.connection.H2Connection], ops: list[tuple[Any, ...]]) -> l
 @example([("open", False), ("data", 0, 3, False), ("open", False), ("headers", 0, False)])
 def test_poc_apis_receive_frame_does_what_h2s_does(ops: list[tuple[Any, ...]]) -> None:
     assert _run(_Ours, ops) == _run(h2.connection.H2Connection, ops)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=14))
+@example([("open", False), ("badpad", 0)])
+@example([("open", False), ("client_reset", 0), ("headers", 0, False)])
+def test_poc_apis_receive_data_gives_the_events_and_errors_h2s_does(
+    ops: list[tuple[Any, ...]],
+) -> None:
+    def seen(record: list[Any]) -> list[Any]:
+        return [r for r in record if isinstance(r, tuple)]
+
+    assert seen(_run(_OursReceiving, ops)) == seen(_run(h2.connection.H2Connection, ops))
+
+
+def test_the_events_of_the_frames_before_a_bad_one_are_kept() -> None:
+    # h2 drops them with its exception: a reply among them was lost.
+    config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    conn = _OursReceiving(config=config)
+    conn.initiate_connection()
+    conn.receive_data(SettingsFrame(0).serialize())
+    conn.send_headers(1, _REQUEST, end_stream=True)
+    encoder = hpack.Encoder()
+    good = _frame(("headers", 0, False), encoder) + _frame(("data", 0, 5, False), encoder)
+    try:
+        conn.receive_data(good + _frame(("badpad", 0), encoder))
+    except h2.exceptions.ProtocolError:
+        pass
+    else:  # pragma: no cover
+        raise AssertionError("invalid padding was taken")
+    kept = conn.events_before_error
+    assert kept is not None
+    assert [type(e).__name__ for e in kept] == ["ResponseReceived", "DataReceived"]
 
 
 def test_it_skips_the_repr_of_every_frame() -> None:
