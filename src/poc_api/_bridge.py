@@ -498,7 +498,7 @@ class AsyncioBridge:
         self._token = trio.lowlevel.current_trio_token()
         # Not new_event_loop(): the process-wide policy may belong to someone else
         # (trio-asyncio installs one that refuses to make loops inside trio).
-        self._idle_callbacks: list[Callable[[], None]] = []  # loop side only
+        self._idle_callbacks: list[Callable[[], object]] = []  # loop side only
         selector = _FlushingSelector(self._before_select)
         self._loop = asyncio.SelectorEventLoop(selector)
         # Its own, so that the close can wait for it bounded (_stop_loop).
@@ -741,24 +741,30 @@ class AsyncioBridge:
         if now_seen == seen:  # not a step: wedged, or blocked without the GIL
             self._starved_after = min(2 * self._starved_after, 1.0)
 
-    def before_select(self, fn: Callable[[], None]) -> None:
+    def before_select(self, fn: Callable[[], object]) -> None:
         """asyncio side: run ``fn()`` once, right before the loop next selects.
 
         That is, after every callback that is ready now has run: writes queued
-        so are coalesced across everything this loop iteration did.
+        so are coalesced across everything this loop iteration did. ``fn``
+        returns True when it made the loop ready work (a write that failed:
+        asyncio ``call_soon``s the connection's loss): the loop then does not block.
         """
         self._idle_callbacks.append(fn)
 
-    def _before_select(self) -> None:
+    def _before_select(self) -> bool:
+        """Run the before-select callbacks; True when one made the loop ready work."""
+        ready = False
         callbacks = self._idle_callbacks
         if callbacks:
             self._idle_callbacks = []
             for fn in callbacks:
                 try:
-                    fn()
+                    if fn():
+                        ready = True
                 except Exception:  # pragma: no cover - callbacks here never raise
                     log.exception("poc_api before-select callback failed")
         self._flush_to_trio()
+        return ready
 
     def _flush_to_trio(self) -> None:
         """asyncio, right before it selects: wake trio for what was posted."""
@@ -1261,7 +1267,7 @@ class _FlushingSelector(selectors.DefaultSelector):
     3.11 has no eager task start), and no reader callback is scheduled for it.
     """
 
-    def __init__(self, flush: Callable[[], None]) -> None:
+    def __init__(self, flush: Callable[[], bool]) -> None:
         super().__init__()
         self._flush = flush
         # The loop thread's progress, for trio: odd while it is in select, which
@@ -1283,7 +1289,13 @@ class _FlushingSelector(selectors.DefaultSelector):
             self._wake_fd, self._on_wake = -1, _nothing
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        self._flush()
+        if self._flush():
+            # asyncio chose ``timeout`` before the flush, with nothing ready; a
+            # write that failed there (ECONNRESET: the peer reset the connection)
+            # made it drop the socket's reader and call_soon its loss. Blocking
+            # would leave every call on the connection waiting for another wake-up
+            # (the keepalive's, 300 s; none without it).
+            timeout = 0
         self.idle_until = math.inf if timeout is None else time.monotonic() + timeout
         self.selects += 1
         events = super().select(timeout)

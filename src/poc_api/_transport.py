@@ -2328,7 +2328,7 @@ class _PocH2Protocol(H2Protocol):
         # (calls_open, pinged): see GrpcTransport._too_many_pings
         self.too_many_pings: Callable[[bool, bool], None] = lambda calls_open, pinged: None
         self._calmed = False  # a "too_many_pings" GOAWAY came (too_many_pings ran)
-        self.before_select: Callable[[Callable[[], None]], None] = _run_now
+        self.before_select: Callable[[Callable[[], object]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
         self._socket: asyncio.Transport | None = None
@@ -2687,7 +2687,7 @@ class _CoalescingTransport:
     def __init__(
         self,
         real: asyncio.WriteTransport,
-        before_select: Callable[[Callable[[], None]], None],
+        before_select: Callable[[Callable[[], object]], None],
     ) -> None:
         self._real = real
         self._before_select = before_select
@@ -2703,12 +2703,17 @@ class _CoalescingTransport:
         if len(chunks) == 1:
             self._before_select(self.flush)
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write what waits; True when the write failed (the connection reset:
+        asyncio closed the transport and ``call_soon``s its loss)."""
         chunks = self._chunks
         if chunks:
             self._chunks = []
-            if not self._real.is_closing():
-                self._real.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            real = self._real
+            if not real.is_closing():
+                real.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                return real.is_closing()
+        return False
 
     def is_closing(self) -> bool:
         return self._real.is_closing()
@@ -2748,7 +2753,7 @@ class _CoalescingTransport:
         return self._real.get_extra_info(name, default)
 
 
-def _run_now(fn: Callable[[], None]) -> None:
+def _run_now(fn: Callable[[], object]) -> None:
     fn()
 
 
@@ -2757,7 +2762,7 @@ class _PocChannel(Channel):
     url = "the server"
     redact: Callable[[str], str] = staticmethod(str)
     too_many_pings: Callable[[bool, bool], None] = staticmethod(lambda calls_open, pinged: None)
-    before_select: Callable[[Callable[[], None]], None] = staticmethod(_run_now)
+    before_select: Callable[[Callable[[], object]], None] = staticmethod(_run_now)
     unindexed_headers: frozenset[str] = frozenset()
     shut = False  # closed by the transport: for good, never connected again
 
