@@ -8,10 +8,13 @@ import threading
 import pytest
 import trio
 import trio.testing
+from helpers import http_server, read_request, refusing_port
 
 import poc_api
 from poc_api import SamplingParams, TokenOut, Tokens
 from poc_api.server import EOS, ReferenceServer, tokenize
+
+DEAD = f"http://127.0.0.1:{refusing_port()}"  # (no gRPC here: the decoder is HTTP only)
 
 # Bytes of characters of 1 to 4 UTF-8 bytes, and more than _MAX_CONTEXT ids.
 TEXT = "héllo 日本 🎉 the quick brown fox — naïve café ∑ " * 3
@@ -64,14 +67,50 @@ async def test_an_invalid_byte_sequence_comes_out_as_replacement_characters(
 ) -> None:
     decoder = client.text_decoder()
     # Continuation bytes with no start: not held back for ever, once four ids
-    # (a character's most) could not make one.
+    # (a character's most) could not make one; the last could still be a
+    # character's first byte (as far as text tells), held until the next ids.
     got = [await decoder.feed([0x80]) for _ in range(4)]
-    assert "".join(got) == "\ufffd" * 4
-    assert await decoder.feed(tokenize("ok")) == "ok"
+    assert "".join(got) == "\ufffd" * 3
+    assert await decoder.feed(tokenize("ok")) == "\ufffdok"
     # A character cut short by the end of the stream: flush() says so.
     assert await decoder.feed(tokenize("日")[:2]) == ""
     assert await decoder.flush() == "\ufffd"
     assert await decoder.flush() == ""
+
+
+async def test_a_stray_byte_before_a_characters_first_bytes_loses_no_character(
+    client: poc_api.ApiClient,
+) -> None:
+    # A byte that starts no character (0x80), then 🎉 fed byte by byte: at the
+    # fourth id the decode ends with U+FFFD and no shorter head is free of one;
+    # the emoji's first bytes were written as U+FFFD and the emoji lost.
+    ids = [0x80, *tokenize("🎉x")]
+    decoder = client.text_decoder()
+    pieces = [await decoder.feed(i) for i in ids]
+    pieces.append(await decoder.flush())
+    assert "".join(pieces) == await client.detokenize(ids) == "\ufffd🎉x"
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_stray_bytes_among_the_text_in_any_batches_give_what_detokenize_gives(
+    client: poc_api.ApiClient, seed: int
+) -> None:
+    rng = random.Random(seed)
+    ids: list[int] = []
+    while len(ids) < 300:
+        if rng.random() < 0.15:
+            ids.append(rng.choice([0x80, 0xBF, 0xC0, 0xFF, 0xE6, 0xF0, 0xED]))
+        else:
+            ids += tokenize(rng.choice(["a", " the", "é", "日", "🎉", "∑"]))
+    decoder = client.text_decoder()
+    pieces = []
+    i = 0
+    while i < len(ids):
+        n = rng.choice([1, 1, 2, 3, 4, 7, 70])
+        pieces.append(await decoder.feed(ids[i : i + n]))
+        i += n
+    pieces.append(await decoder.flush())
+    assert "".join(pieces) == await client.detokenize(ids)
 
 
 async def test_special_tokens_add_no_text_unless_asked(client: poc_api.ApiClient) -> None:
@@ -109,16 +148,42 @@ async def test_a_cancelled_feed_loses_no_ids(client: poc_api.ApiClient) -> None:
     assert await decoder.feed(ids[5:]) == "日本語"
 
 
-async def test_two_tasks_feeding_one_decoder_at_once_is_refused(
-    client: poc_api.ApiClient,
-) -> None:
-    decoder = client.text_decoder()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(decoder.feed, tokenize("a"))
-        await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(trio.BusyResourceError):
-            await decoder.feed(tokenize("b"))
-    assert await decoder.feed(tokenize("c")) == "c"
+async def test_two_tasks_feeding_one_decoder_at_once_is_refused() -> None:
+    # The first feed held at its request (a server that answers when told).
+    answer = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        while True:
+            head, _ = await read_request(stream)
+            if not head:
+                return
+            await answer.wait()
+            path = head.split(b" ", 2)[1]
+            body = (
+                b'{"vocab_size": 258, "special": {}}'
+                if path.endswith(b"/tokenizer")
+                else (b'{"text": "a"}')
+            )
+            reply = (
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n\r\n"
+            )
+            await stream.send_all(reply.encode() + body)
+
+    async with http_server(handler) as url, poc_api.ApiClient(url, grpc_url=DEAD) as client:
+        decoder = client.text_decoder()
+        got: list[str] = []
+
+        async def first() -> None:
+            got.append(await decoder.feed(tokenize("a")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await decoder.feed(tokenize("b"))
+            answer.set()
+        assert got == ["a"]  # (the refused feed took nothing from it)
 
 
 @pytest.mark.parametrize(

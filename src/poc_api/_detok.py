@@ -128,11 +128,22 @@ class TextDecoder:
             # The last ids may be a character's first bytes: held back.
             if end - self._written < _MAX_CHAR_IDS:
                 return self._keep(start, context_text, "")
+            heads: list[str] = []
             for keep in range(1, _MAX_CHAR_IDS):
                 head = await self._api.detokenize(ids[start : end - keep])
                 if not head.endswith(_REPLACEMENT):
                     text, end = head, end - keep
                     break
+                heads.append(head)
+            else:
+                # Every head ends with U+FFFD too (a byte that starts no character
+                # before them): the last ids are still held back if they are one
+                # character's first bytes (one U+FFFD of their own), lest they be
+                # written as U+FFFD and the character lost with its last byte.
+                for keep, head in enumerate(heads, 1):
+                    if text == head + _REPLACEMENT:
+                        text, end = head, end - keep
+                        break
         # What the context decoded to is where the new text starts (as vLLM: by
         # length; a tokenizer whose text of the context changes with what
         # follows it is rare, and gets the text from there).
