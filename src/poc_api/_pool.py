@@ -1073,7 +1073,7 @@ class SessionRoute:
                 # (Not for an attempt given up on between two of its own: its
                 # last one was never processed, nothing of it is on the server.)
                 if progress is not None and not attempt.unsent():
-                    progress.mark_sent()
+                    progress.mark_unsettled()  # (trio side: sent for good, no count)
             ep.reached()
             ep.full_until = 0.0  # it took a session: it has room again
             return reply

@@ -1796,7 +1796,7 @@ class _Progress:
     def unsent(self) -> bool:
         """Whether the call surely never reached the server (its HEADERS not written,
         or only those of an attempt it never processed, the next not yet)."""
-        return not self.headers_sent or self.between
+        return not self.unsettled and (not self.headers_sent or self.between)
 
     def mark_sent(self) -> None:
         """The call's HEADERS are written: so are those of its composite blocks."""
@@ -1816,8 +1816,12 @@ class _Progress:
     def mark_unsettled(self) -> None:
         """Given up on while its asyncio side runs on (the bridge's ``unsettled``): it
         may yet be sent, and counts as sent from now on, whatever that side does."""
+        # The trio thread, while the loop thread may be in mark_sent/mark_between:
+        # only writes that need no lock (a flag of its own; Sent.mark, which only
+        # ever sets True), no read-modify-write of what the loop thread writes.
         self.unsettled = True
-        self.mark_sent()
+        if self.block is not None:
+            self.block.mark()
 
 
 class _Collect:
