@@ -1741,6 +1741,10 @@ async def test_a_derived_grpc_url_that_worked_is_not_blamed_when_its_server_goes
             await c.score([Tokens([1, 2])], [(1, 2)])
             await kill_for_good(server)
             with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
+                # (Sent before the loop saw the connection go, a call's error is
+                # "connection lost": the next one connects again.)
+                with contextlib.suppress(poc_api.ServerUnavailable):
+                    await c.score([Tokens([1, 2])], [(1, 2)])
                 await c.score([Tokens([1, 2])], [(1, 2)])
     assert "cannot connect" in str(info.value), info.value
     assert "pass grpc_url" not in str(info.value), info.value
