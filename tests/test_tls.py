@@ -42,6 +42,7 @@ class Knobs:
 
     frozen: bool = False  # moves no byte either way, TCP up: a frozen server
     linger: float = 0.0  # seconds before it passes an end on: a peer some RTT away
+    accepted: list[trio.SocketStream] = attrs.Factory(list)  # the client sides' sockets
 
 
 async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream, knobs: Knobs) -> None:
@@ -72,6 +73,7 @@ async def tls_proxy(
     knobs = knobs or Knobs()
 
     async def serve(tcp: trio.SocketStream) -> None:
+        knobs.accepted.append(tcp)
         tls = trio.SSLStream(tcp, server_ssl, server_side=True)
         try:
             await tls.do_handshake()
@@ -537,3 +539,38 @@ async def test_plaintext_http_to_a_tls_http_port_suggests_https(ca: trustme.CA) 
             with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as info:
                 await client.tokenize("a")
     assert "https://" in str(info.value), info.value
+
+
+async def test_a_tls_connection_reset_found_by_a_coalesced_write_fails_the_call_at_once(
+    ca: trustme.CA,
+) -> None:
+    # As over plaintext (test_goaway_and_close_paths): the peer resets the
+    # connection while the loop thread is busy; the next call's HEADERS, written
+    # right before the loop selects, fail with ECONNRESET in the socket under the
+    # TLS transport, which closes it and call_soon's its loss. The loop must not
+    # block in select with the timeout it chose before that write.
+    import struct
+
+    knobs = Knobs()
+    async with (
+        tls_server(ca, knobs=knobs) as (_, base_url, grpc_url),
+        poc_api.ApiClient(base_url, grpc_url=grpc_url, ssl_context_factory=trusting(ca)) as client,
+    ):
+        with trio.fail_after(5):
+            async with client.session():  # the connection is up
+                pass
+        (tcp,) = knobs.accepted
+        bridge = client._bridge
+        assert bridge is not None
+
+        async def reset_soon() -> None:
+            await trio.sleep(0.1)
+            tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            tcp.socket.close()  # RST, while the loop thread is busy
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reset_soon)
+            bridge.call_soon(lambda: time.sleep(0.4))  # a busy loop iteration
+            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+                async with client.session():
+                    pass  # pragma: no cover

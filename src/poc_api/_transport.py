@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import math
 import os
+import select
 import ssl as _ssl
 import struct
 import threading
@@ -2686,7 +2687,7 @@ class _CoalescingTransport:
     waits longer than the iteration that wrote it.
     """
 
-    __slots__ = ("_before_select", "_chunks", "_real", "closed", "peer_gone")
+    __slots__ = ("_before_select", "_chunks", "_hangup", "_real", "closed", "peer_gone")
 
     def __init__(
         self,
@@ -2698,6 +2699,14 @@ class _CoalescingTransport:
         self._chunks: list[bytes] = []
         self.closed = False  # grpclib closed the connection (lost follows soon)
         self.peer_gone = False  # a ping went unanswered: close() aborts
+        # TLS: a write that fails closes the socket's transport under the TLS one,
+        # whose is_closing() stays False; the socket says it (see flush).
+        self._hangup: select.poll | None = None
+        sock = real.get_extra_info("socket")
+        tls = real.get_extra_info("sslcontext") is not None
+        if tls and sock is not None and hasattr(select, "poll"):  # (not on Windows)
+            self._hangup = select.poll()
+            self._hangup.register(sock.fileno(), 0)  # (errors and hang-ups: always told)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -2716,7 +2725,11 @@ class _CoalescingTransport:
             real = self._real
             if not real.is_closing():
                 real.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-                return real.is_closing()
+                # (Over TLS the socket's own state: reset, its reader is gone too.
+                # At worst a hang-up that select would have told: one more turn.)
+                return real.is_closing() or (
+                    self._hangup is not None and bool(self._hangup.poll(0))
+                )
         return False
 
     def is_closing(self) -> bool:
