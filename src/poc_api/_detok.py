@@ -47,6 +47,15 @@ class TextDecoder:
     bytes arrive in several tokens (held back until the rest come) and the
     spaces a tokenizer gives only inside a text. Call :meth:`flush` when the
     stream ends for what is held back (an invalid byte sequence's U+FFFD).
+    Trailing spaces are held back too until more text comes, as a tokenizer
+    may drop them before punctuation (Hugging Face's
+    ``clean_up_tokenization_spaces``: ``" ."`` to ``"."``).
+
+    Text once returned is not taken back: with a tokenizer whose text of some
+    ids changes with the ids after them in other ways (beyond a held-back
+    character's bytes or trailing spaces), the returns go on from where the
+    new decode parts from what was returned, and their concatenation can
+    differ from the decode of all the ids there.
 
     Each feed is one ``POST /detokenize`` (a reference-server extension; two,
     now and then, to restart its context or to write the text before a
@@ -76,6 +85,8 @@ class TextDecoder:
         self._start = 0  # where the decode's context starts
         self._written = 0  # ids before this are written; _start..._written is context
         self._context_text = ""  # the text of _ids[_start:_written]
+        self._shown = 0  # how much of it is written (all but a held-back U+FFFD)
+        self._restart_at = 0  # (_written) no context restart tried before this
         self._busy = False
 
     def __repr__(self) -> str:
@@ -109,7 +120,9 @@ class TextDecoder:
             specials = self._specials or frozenset()
             self._ids += (i for i in self._taken if i not in specials)
             self._taken = []
-            if len(self._ids) == self._written:
+            if len(self._ids) == self._written and (
+                not final or self._shown == len(self._context_text)
+            ):
                 await trio.lowlevel.checkpoint()
                 return ""
             return await self._write(final)
@@ -118,43 +131,74 @@ class TextDecoder:
 
     async def _write(self, final: bool) -> str:
         ids = self._ids
-        start, context_text = self._start, self._context_text
-        if self._written - start > _MAX_CONTEXT:
-            start = self._written - _CONTEXT
-            context_text = await self._api.detokenize(ids[start : self._written])
+        start, context_text, shown = self._start, self._context_text, self._shown
+        if self._written - start > _MAX_CONTEXT and self._written >= self._restart_at:
+            held = len(context_text) - shown  # (at its end: trailing spaces, a U+FFFD)
+            new_start, new_text = await self._restart(start, context_text)
+            if new_start != start and len(new_text) >= held:
+                start, context_text, shown = new_start, new_text, len(new_text) - held
+            else:
+                # No start that does not cut a character (a run of bytes with an
+                # invalid one): tried again only _CONTEXT ids on, not at every feed.
+                self._restart_at = self._written + _CONTEXT
         end = len(ids)
         text = await self._api.detokenize(ids[start:end])
         if text.endswith(_REPLACEMENT) and not final:
             # The last ids may be a character's first bytes: held back.
             if end - self._written < _MAX_CHAR_IDS:
-                return self._keep(start, context_text, "")
-            heads: list[str] = []
+                return self._keep(start, context_text, shown)
             for keep in range(1, _MAX_CHAR_IDS):
                 head = await self._api.detokenize(ids[start : end - keep])
                 if not head.endswith(_REPLACEMENT):
                     text, end = head, end - keep
                     break
-                heads.append(head)
             else:
-                # Every head ends with U+FFFD too (a byte that starts no character
-                # before them): the last ids are still held back if they are one
-                # character's first bytes (one U+FFFD of their own), lest they be
-                # written as U+FFFD and the character lost with its last byte.
-                for keep, head in enumerate(heads, 1):
-                    if text == head + _REPLACEMENT:
-                        text, end = head, end - keep
-                        break
-        # What the context decoded to is where the new text starts (as vLLM: by
-        # length; a tokenizer whose text of the context changes with what
-        # follows it is rare, and gets the text from there).
-        out = text[len(context_text) :]
+                # Every head ends with U+FFFD too: a byte that starts no character,
+                # or ids whose bytes end one character and start the next (byte-level
+                # BPE). The text before the last U+FFFD is written; that one is held
+                # back (by text: its bytes may share an id with characters before it).
+                at = _common(text, context_text, shown)
+                out = text[at:-1]
+                self._start, self._written = start, end
+                self._context_text, self._shown = text, max(at, len(text) - 1)
+                return out
+        # Where the new text starts: where it parts from the text written (a
+        # tokenizer may change the context's end by what follows, as Hugging
+        # Face's clean_up_tokenization_spaces turns " ." into "."; what was
+        # written stays).
+        # Trailing spaces are held back too, until the next text (that cleanup
+        # removes a space before punctuation).
+        new_shown = len(text) if final else len(text.rstrip(" "))
+        at = _common(text, context_text, shown)
         self._start, self._written, self._context_text = start, end, text
-        return out
+        self._shown = max(at, new_shown)
+        return text[at : self._shown]
 
-    def _keep(self, start: int, context_text: str, out: str) -> str:
+    async def _restart(self, start: int, context_text: str) -> tuple[int, str]:
+        # From the last _CONTEXT written, or a few ids earlier when that cuts a
+        # character (a decode starting inside one does not end as a suffix of
+        # the text: byte fallback makes its whole byte run U+FFFD); else not.
+        for new in range(self._written - _CONTEXT, self._written - _CONTEXT - _MAX_CHAR_IDS, -1):
+            if new <= start:
+                break
+            text = await self._api.detokenize(self._ids[new : self._written])
+            if context_text.endswith(text):
+                return new, text
+        return start, context_text
+
+    def _keep(self, start: int, context_text: str, shown: int) -> str:
         # A restarted context is kept even when nothing is written (its text known).
-        self._start, self._context_text = start, context_text
-        return out
+        self._start, self._context_text, self._shown = start, context_text, shown
+        return ""
+
+
+def _common(text: str, context_text: str, shown: int) -> int:
+    """Where ``text`` goes on from the ``shown`` characters of ``context_text``
+    written: there, or where it parts from them."""
+    n = min(shown, len(text))
+    if text[:n] == context_text[:n]:
+        return n
+    return next(i for i in range(n) if text[i] != context_text[i])
 
 
 def _ids(ids: SupportsIndex | Iterable[SupportsIndex]) -> tuple[int, ...]:
