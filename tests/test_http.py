@@ -4065,3 +4065,22 @@ async def test_an_error_on_a_choice_raises_http_error_in_chat_and_chat_stream(
                     async for ev in events:
                         got.append(ev)
     assert got == [ChatDelta("hi")]
+
+
+async def test_the_events_before_an_over_long_one_in_the_same_read_are_not_lost() -> None:
+    # The decoder raised LimitExceeded from the chunk's feed, dropping the
+    # events the same chunk had completed before the over-long line: the
+    # deltas came through or not as the body happened to be cut into reads.
+    body = sse(DELTA, DELTA) + b"data: " + b"x" * 5000 + b"\n\n"
+    with trio.fail_after(10):
+        async with (
+            canned_server([response(200, body, "text/event-stream")]) as url,
+            httpx.AsyncClient() as client,
+        ):
+            api = HttpApi(client, url, "", "m", max_body=4096)
+            got = []
+            async with api.chat_stream(HELLO) as events:
+                with pytest.raises(LimitExceeded, match="SSE"):
+                    async for event in events:
+                        got.append(event)
+    assert [type(e).__name__ for e in got] == ["ChatDelta", "ChatDelta"]

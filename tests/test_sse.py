@@ -389,3 +389,25 @@ def test_the_fast_path_decodes_as_the_general_one(
         with mock.patch.object(_sse, "_lines", _sse._EOL.split):  # the regex for every text
             assert decode_all(chunks) == fast
     assert decode_all(split_at(body, cuts)) == expected
+
+
+@pytest.mark.parametrize(
+    "over",
+    [b"data: 0123456789\n", b"data: 01234567890123"],  # event data, line without end
+)
+def test_events_completed_before_the_bound_is_passed_come_out_first(over: bytes) -> None:
+    # The events of the chunk before the over-long part were dropped with the
+    # LimitExceeded: the result depended on where the stream was cut.
+    whole = SSEDecoder(max_buffer=10)
+    assert whole.feed(b"data: a\n\n" + over) == [SSEEvent("message", "a")]
+    with pytest.raises(LimitExceeded):
+        whole.feed(b"more\n\n")
+    cut = SSEDecoder(max_buffer=10)
+    assert cut.feed(b"data: a\n\n") == [SSEEvent("message", "a")]
+    with pytest.raises(LimitExceeded):
+        cut.feed(over)
+    # The bound passed in the last chunk: close() raises it.
+    last = SSEDecoder(max_buffer=10)
+    assert last.feed(b"data: a\n\n" + over) == [SSEEvent("message", "a")]
+    with pytest.raises(LimitExceeded):
+        last.close(flush=True)

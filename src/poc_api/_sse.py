@@ -81,6 +81,8 @@ class SSEDecoder:
     type ``"error"``. ``max_buffer`` bounds memory: a single unterminated line, or one event's data,
     longer than that many characters raises :class:`~poc_api.LimitExceeded`
     (a peer that never sends a line ending must not grow the buffer forever);
+    the events a chunk completed before that point are returned first, and the
+    next :meth:`feed` or :meth:`close` raises it;
     ``what`` (e.g. ``"POST https://host/v1/chat/completions"``) begins its message.
 
     Example::
@@ -108,6 +110,8 @@ class SSEDecoder:
         self._data_len = 0
         self._last_id = ""
         self._closed = False
+        # The bound passed after a chunk's first events: raised by the next call.
+        self._error: LimitExceeded | None = None
         #: The last valid ``retry:`` value in milliseconds, or ``None``.
         self.retry: int | None = None
 
@@ -125,6 +129,8 @@ class SSEDecoder:
         """Consume the next chunk of bytes; return the events it completed, in order."""
         if self._closed:
             raise RuntimeError("SSEDecoder.feed() after close()")
+        if self._error is not None:
+            raise self._error
         return self._feed_text(self._utf8.decode(chunk))
 
     def close(self, *, flush: bool = False) -> list[SSEEvent]:
@@ -141,6 +147,8 @@ class SSEDecoder:
         if self._closed:
             return []
         self._closed = True
+        if self._error is not None:
+            raise self._error
         events = self._feed_text(self._utf8.decode(b"", final=True))
         if flush:
             if self._partial:
@@ -183,23 +191,31 @@ class SSEDecoder:
         events: list[SSEEvent] = []
         lines = _lines(text)
         rest = lines.pop()  # after the last line ending: "" if the text ends in one
-        if lines:
-            if self._partial:
-                self._partial.append(lines[0])
-                lines[0] = "".join(self._partial)
-                self._partial.clear()
-                self._partial_len = 0
-            for line in lines:
-                self._process_line(line, events)
-        if rest:
-            self._partial.append(rest)
-            self._partial_len += len(rest)
-            if self._partial_len > self._max_buffer:
-                raise LimitExceeded(
-                    f"{self._prefix}SSE line longer than {self._max_buffer} characters "
-                    "without a line ending"
-                )
-        elif text[-1] == "\r":
+        try:
+            if lines:
+                if self._partial:
+                    self._partial.append(lines[0])
+                    lines[0] = "".join(self._partial)
+                    self._partial.clear()
+                    self._partial_len = 0
+                for line in lines:
+                    self._process_line(line, events)
+            if rest:
+                self._partial.append(rest)
+                self._partial_len += len(rest)
+                if self._partial_len > self._max_buffer:
+                    raise LimitExceeded(
+                        f"{self._prefix}SSE line longer than {self._max_buffer} characters "
+                        "without a line ending"
+                    )
+        except LimitExceeded as exc:
+            if not events:
+                raise
+            # The events completed before it come out first, as they would have
+            # from a stream cut before the over-long part; the next call raises.
+            self._error = exc
+            return events
+        if not rest and text[-1] == "\r":
             # The CR already ended its line; an LF opening the next chunk is its partner.
             self._skip_lf = True
         return events
