@@ -212,3 +212,29 @@ def test_an_iterator_of_headers_with_a_sensitive_one_loses_none() -> None:
     ]
     block = CachingEncoder().encode(iter(headers))
     assert hpack.Decoder().decode(block, raw=True) == [(h[0], h[1]) for h in headers]
+
+
+def test_unindexed_headers_stay_out_of_the_table_beside_a_sensitive_one() -> None:
+    # A sensitive header of the caller's sent the whole list to hpack, which
+    # indexed the affinity key and the api key (and logged them: "Adding
+    # authorization=Bearer ... to the header table").
+    ours = CachingEncoder([AFFINITY, b"authorization"])
+    headers = [
+        (b":path", b"/p"),
+        (b"authorization", b"Bearer secret"),
+        (AFFINITY, b"k1"),
+        NeverIndexedHeaderTuple(b"cookie", b"a=1"),
+    ]
+    peer = hpack.Decoder()
+    for _ in range(2):
+        block = ours.encode(headers)
+        assert sorted(_decoded(peer, block)) == sorted(
+            [
+                (b":path", b"/p", False),
+                (b"authorization", b"Bearer secret", True),
+                (AFFINITY, b"k1", True),
+                (b"cookie", b"a=1", True),
+            ]
+        )
+    assert list(ours.header_table.dynamic_entries) == [(b":path", b"/p")]
+    assert list(peer.header_table.dynamic_entries) == [(b":path", b"/p")]

@@ -122,12 +122,10 @@ class CachingEncoder(hpack.Encoder):
         """Encode ``headers`` into a header block, as :meth:`hpack.Encoder.encode` does."""
         if isinstance(headers, dict) or not huffman:
             return super().encode(headers, huffman)
-        # A list: on a sensitive header all of them go to hpack (an iterator, partly
-        # read by then, would lose those before it).
-        if not isinstance(headers, list):
-            headers = list(headers)
         unindexed = self.unindexed
         kept: list[tuple[bytes, bytes]] = []
+        others: list[Any] = []  # the headers not in ``unindexed``, as given
+        any_sensitive = False
         tail = b""
         for header in headers:
             if isinstance(header, HeaderTuple):
@@ -139,11 +137,17 @@ class CachingEncoder(hpack.Encoder):
             name = _as_bytes(header[0])
             if name in unindexed:
                 tail += never_indexed_literal(name, _as_bytes(header[1]))
-            elif sensitive:
-                # Sensitive headers of the caller's own: hpack, uncached.
-                return super().encode(headers, huffman)
+                continue
+            others.append(header)
+            if sensitive:
+                any_sensitive = True
             else:
                 kept.append((name, _as_bytes(header[1])))
+        if any_sensitive:
+            # Sensitive headers of the caller's own: hpack, uncached; the
+            # ``unindexed`` ones still as literals of their own, out of hpack's
+            # table (and its debug log), as on every other path.
+            return super().encode(others, huffman) + tail
         key = tuple(kept)
         if self.header_table.resized:  # a table size update must lead the block
             return super().encode(kept, huffman) + tail
