@@ -7,6 +7,7 @@ import functools
 import gc
 import re
 import socket
+import struct
 import threading
 import time
 import warnings
@@ -22,9 +23,11 @@ from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
+import poc_api
 from poc_api import ChatDone, ChatToolCall, Usage
 from poc_api.server import ReferenceServer
 
@@ -318,3 +321,28 @@ def chat_done(
     """The ChatDone of a one-choice stream: its choice repeated in ``choices``."""
     only = ChatDone(finish_reason, None, tool_calls)
     return ChatDone(finish_reason, usage, tool_calls, (only,))
+
+
+async def reset_while_the_loop_is_busy(
+    client: poc_api.ApiClient, server_side: trio.SocketStream
+) -> None:
+    """Reset the connection (RST from ``server_side``, the server's end of it) while
+    the client's loop thread is busy in a callback, then open a session: its
+    HEADERS, written right before the loop selects, find the reset. The session
+    must fail with ``ServerUnavailable`` at once (within 5 s), not at the
+    keepalive's timer."""
+    bridge = client._bridge
+    assert bridge is not None
+
+    async def reset_soon() -> None:
+        await trio.sleep(0.1)
+        linger = struct.pack("ii", 1, 0)
+        server_side.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        server_side.socket.close()  # RST, while the loop thread is busy
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reset_soon)
+        bridge.call_soon(lambda: time.sleep(0.4))  # a busy loop iteration
+        with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
+            async with client.session():
+                pass  # pragma: no cover

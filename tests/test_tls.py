@@ -23,7 +23,7 @@ import attrs
 import pytest
 import trio
 import trustme
-from helpers import resource_warnings, wait_for
+from helpers import reset_while_the_loop_is_busy, resource_warnings, wait_for
 
 import poc_api
 from poc_api import Tokens
@@ -549,8 +549,6 @@ async def test_a_tls_connection_reset_found_by_a_coalesced_write_fails_the_call_
     # right before the loop selects, fail with ECONNRESET in the socket under the
     # TLS transport, which closes it and call_soon's its loss. The loop must not
     # block in select with the timeout it chose before that write.
-    import struct
-
     knobs = Knobs()
     async with (
         tls_server(ca, knobs=knobs) as (_, base_url, grpc_url),
@@ -560,17 +558,4 @@ async def test_a_tls_connection_reset_found_by_a_coalesced_write_fails_the_call_
             async with client.session():  # the connection is up
                 pass
         (tcp,) = knobs.accepted
-        bridge = client._bridge
-        assert bridge is not None
-
-        async def reset_soon() -> None:
-            await trio.sleep(0.1)
-            tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            tcp.socket.close()  # RST, while the loop thread is busy
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reset_soon)
-            bridge.call_soon(lambda: time.sleep(0.4))  # a busy loop iteration
-            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
-                async with client.session():
-                    pass  # pragma: no cover
+        await reset_while_the_loop_is_busy(client, tcp)

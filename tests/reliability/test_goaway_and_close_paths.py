@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import trio
+from helpers import reset_while_the_loop_is_busy
 from misbehaving import DUMMY_BASE_URL, MisbehavingServer, Reply
 from reliability_helpers import wait_for
 
@@ -174,26 +175,9 @@ async def test_a_connection_reset_found_by_a_coalesced_write_fails_the_call_at_o
     # ECONNRESET, and asyncio drops the socket's reader and call_soon's the
     # connection's loss. The loop blocked in select with the timeout it chose
     # before the write: the call failed only at the keepalive's timer, 300 s on.
-    import socket
-    import struct
-    import time
-
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as client:
         with trio.fail_after(5):
             async with client.session():  # the connection is up
                 pass
         (conn,) = bad_server._open
-        bridge = client._bridge
-        assert bridge is not None
-
-        async def reset_soon() -> None:
-            await trio.sleep(0.1)
-            conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.socket.close()  # RST, while the loop thread is busy
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reset_soon)
-            bridge.call_soon(lambda: time.sleep(0.4))  # a busy loop iteration
-            with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
-                async with client.session():
-                    pass  # pragma: no cover
+        await reset_while_the_loop_is_busy(client, conn)
