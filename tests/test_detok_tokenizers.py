@@ -188,3 +188,53 @@ async def test_specials_among_the_ids(seed: int, skip: bool) -> None:
         got = await run_decoder(url, ids, rng, batches=seed % 2 == 0, skip=skip)
     want = sp_decode(ids if not skip else [i for i in ids if i not in (0, 1, 2)])
     assert got == want
+
+
+@pytest.mark.parametrize("tokenizer", ["sentencepiece", "byte_level"])
+async def test_a_long_run_of_spaces_keeps_the_context_bounded(tokenizer: str) -> None:
+    # Trailing spaces are held back; a context restart was refused while they
+    # were more than the new context's text, so through a run of spaces (a
+    # model padding, indenting) the context grew with the stream: each
+    # /detokenize took every id since the run began (quadratic).
+    if tokenizer == "sentencepiece":
+        base, special, encode = sp_decode, SP_SPECIAL, sp_encode
+        vocab_size = 300
+    else:
+        vocab = [bytes([b]) for b in range(256)]
+        base = functools.partial(bpe_decode, vocab, 256)
+        special, vocab_size = {"eot": 256}, 257
+        encode = functools.partial(bpe_encode, vocab)
+    longest = 0
+
+    def decode(ids: Sequence[int]) -> str:
+        nonlocal longest
+        longest = max(longest, len(ids))
+        return clean_up_tokenization(base(ids))
+
+    ids = encode("x" + " " * 400 + ".")
+    async with tokenizer_server(decode, vocab_size, special) as url:
+        pieces = await feed_one_by_one(url, ids)
+    assert longest <= 70
+    assert "".join(pieces) == decode(ids)
+
+
+@pytest.mark.parametrize(
+    "text", ["He said ' hi ' to me", "it ' s", "they 're", "we 've", "I 'm", "do n't"]
+)
+async def test_a_space_cleaned_up_before_a_quote_or_contraction_doubles_nothing(
+    text: str,
+) -> None:
+    # Hugging Face's clean_up_tokenization also removes the space of " ' ",
+    # " 's", " n't", ...: the " '" (or " n") was written before the text that
+    # completes it came, and the returns went on from where the decode parted
+    # from them: "He said ''hi'".
+    vocab = [bytes([b]) for b in range(256)]
+    eot = len(vocab)
+
+    def decode(ids: Sequence[int]) -> str:
+        return clean_up_tokenization(bpe_decode(vocab, eot, ids))
+
+    ids = list(text.encode())
+    async with tokenizer_server(decode, eot + 1, {"eot": eot}) as url:
+        pieces = await feed_one_by_one(url, ids)
+    assert "".join(pieces) == decode(ids)

@@ -4084,3 +4084,25 @@ async def test_the_events_before_an_over_long_one_in_the_same_read_are_not_lost(
                     async for event in events:
                         got.append(event)
     assert [type(e).__name__ for e in got] == ["ChatDelta", "ChatDelta"]
+
+
+async def test_an_over_long_line_after_events_is_raised_without_waiting_for_more_bytes() -> None:
+    # The decoder holds the LimitExceeded back behind the events the same read
+    # completed; the pump then read on, and the reader (its deltas taken) waited
+    # for the server's next bytes -- forever from a server that stalls there.
+    body = sse(DELTA) + b"data: " + b"x" * 5000
+
+    async def stall(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(response(200, body, "text/event-stream", length=False))
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with canned_server(stall) as url, httpx.AsyncClient() as client:
+            api = HttpApi(client, url, "", "m", max_body=4096)
+            got = []
+            async with api.chat_stream(HELLO) as events:
+                with pytest.raises(LimitExceeded, match="SSE"):
+                    async for event in events:
+                        got.append(event)
+    assert [type(e).__name__ for e in got] == ["ChatDelta"]

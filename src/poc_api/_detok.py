@@ -35,6 +35,9 @@ _MAX_CONTEXT: Final = 64
 #: ids is text of its own (an invalid sequence), not a character's start.
 _MAX_CHAR_IDS: Final = 4
 _REPLACEMENT: Final = "\ufffd"
+#: Held back before trailing spaces too: a space and the start of what Hugging
+#: Face's clean_up_tokenization removes it before (" ' ", "n't", "'s", "'ve", ...).
+_HELD_TAILS: Final = (" '", " 'r", " 'v", " n", " n'")
 
 
 @final
@@ -49,7 +52,9 @@ class TextDecoder:
     stream ends for what is held back (an invalid byte sequence's U+FFFD).
     Trailing spaces are held back too until more text comes, as a tokenizer
     may drop them before punctuation (Hugging Face's
-    ``clean_up_tokenization_spaces``: ``" ."`` to ``"."``).
+    ``clean_up_tokenization_spaces``: ``" ."`` to ``"."``), and so is a space
+    followed by the start of a quote or contraction it drops the space of
+    (``" '"``, ``" n"``: ``" ' "`` to ``"'"``, ``" n't"`` to ``"n't"``).
 
     Text once returned is not taken back: with a tokenizer whose text of some
     ids changes with the ids after them in other ways (beyond a held-back
@@ -132,11 +137,17 @@ class TextDecoder:
     async def _write(self, final: bool) -> str:
         ids = self._ids
         start, context_text, shown = self._start, self._context_text, self._shown
+        before = ""  # held text left out of a restarted context: written now
         if self._written - start > _MAX_CONTEXT and self._written >= self._restart_at:
             held = len(context_text) - shown  # (at its end: trailing spaces, a U+FFFD)
             new_start, new_text = await self._restart(start, context_text)
-            if new_start != start and len(new_text) >= held:
-                start, context_text, shown = new_start, new_text, len(new_text) - held
+            if new_start != start:
+                # The held text before the new context (a run of spaces longer
+                # than its text) is final: no id after can change it.
+                cut = len(context_text) - len(new_text)
+                before = context_text[shown:cut]
+                start, context_text = new_start, new_text
+                shown = max(0, len(new_text) - held)
             else:
                 # No start that does not cut a character (a run of bytes with an
                 # invalid one): tried again only _CONTEXT ids on, not at every feed.
@@ -146,7 +157,7 @@ class TextDecoder:
         if text.endswith(_REPLACEMENT) and not final:
             # The last ids may be a character's first bytes: held back.
             if end - self._written < _MAX_CHAR_IDS:
-                return self._keep(start, context_text, shown)
+                return before + self._keep(start, context_text, shown)
             for keep in range(1, _MAX_CHAR_IDS):
                 head = await self._api.detokenize(ids[start : end - keep])
                 if not head.endswith(_REPLACEMENT):
@@ -161,18 +172,18 @@ class TextDecoder:
                 out = text[at:-1]
                 self._start, self._written = start, end
                 self._context_text, self._shown = text, max(at, len(text) - 1)
-                return out
+                return before + out
         # Where the new text starts: where it parts from the text written (a
         # tokenizer may change the context's end by what follows, as Hugging
         # Face's clean_up_tokenization_spaces turns " ." into "."; what was
         # written stays).
         # Trailing spaces are held back too, until the next text (that cleanup
         # removes a space before punctuation).
-        new_shown = len(text) if final else len(text.rstrip(" "))
+        new_shown = len(text) if final else _held_from(text)
         at = _common(text, context_text, shown)
         self._start, self._written, self._context_text = start, end, text
         self._shown = max(at, new_shown)
-        return text[at : self._shown]
+        return before + text[at : self._shown]
 
     async def _restart(self, start: int, context_text: str) -> tuple[int, str]:
         # From the last _CONTEXT written, or a few ids earlier when that cuts a
@@ -199,6 +210,16 @@ def _common(text: str, context_text: str, shown: int) -> int:
     if text[:n] == context_text[:n]:
         return n
     return next(i for i in range(n) if text[i] != context_text[i])
+
+
+def _held_from(text: str) -> int:
+    """Where the end of ``text`` held back starts: its trailing spaces, with a
+    tail of _HELD_TAILS before them."""
+    end = len(text.rstrip(" "))
+    for tail in _HELD_TAILS:
+        if text.endswith(tail, 0, end):
+            return end - len(tail)
+    return end
 
 
 def _ids(ids: SupportsIndex | Iterable[SupportsIndex]) -> tuple[int, ...]:

@@ -2950,6 +2950,11 @@ class ChatStream:
                         self._handle(sse)
                         if self._finished:
                             break
+                    held = self._decoder.error
+                    if held is not None and not self._finished:
+                        # The bound passed after the events above (queued): raised
+                        # now, not by a next read that may never come (or fail).
+                        raise held
                 except Exception as exc:
                     self._fail(exc)
                     return

@@ -133,6 +133,13 @@ class SSEDecoder:
             raise self._error
         return self._feed_text(self._utf8.decode(chunk))
 
+    @property
+    def error(self) -> LimitExceeded | None:
+        """The bound passed after the last chunk's events (the next :meth:`feed`
+        or :meth:`close` raises it), else ``None``: a reader that would wait for
+        more bytes first raises it now."""
+        return self._error
+
     def close(self, *, flush: bool = False) -> list[SSEEvent]:
         """End of stream: return what completed, then forget any unfinished event.
 
