@@ -133,10 +133,16 @@ async def test_timed_out_call_leaves_the_client_usable(
 ) -> None:
     monkeypatch.setattr(_transport, "_LATE_REPLY_WAIT", 1.0)
     async with client_for(bad_server, close_timeout=0.5) as c:
+        with trio.fail_after(5):
+            async with c.session():  # (connected: the silent call goes out at once)
+                pass
         bad_server.plan("OpenSession", Reply("silent"))
         with trio.fail_after(5), pytest.raises(poc_api.PocApiTimeout):
-            async with c.session(timeout=0.2):
+            async with c.session(timeout=0.5):
                 pass
+        # (Under load a call could time out before it went out: then the next one
+        # got the silent answer, and hung. The premise, checked.)
+        await wait_for(lambda: any(call.kind == "silent" for call in bad_server.calls), timeout=3)
         with trio.fail_after(5):
             async with c.session() as s:
                 await s.prefill([1, 2], timeout=2)
