@@ -189,3 +189,16 @@ def test_a_deprecation_raised_in_any_runtime_dependency_fails_the_run() -> None:
             continue
         missed.append(top)
     assert not missed, f"a DeprecationWarning from {missed} does not fail the run"
+
+
+async def test_conversation_stream_deprecation_names_the_callers_line(
+    client: poc_api.ApiClient,
+) -> None:
+    # The warning is attributed to the caller (its module decides whether the
+    # default filters show it: __main__'s are shown), not to poc_api's wrapper.
+    async with client.conversation() as conv:
+        with pytest.warns(DeprecationWarning, match="priority") as record:
+            async with conv.stream([Tokens([1, 2])], SamplingParams(max_tokens=2), 3) as ev:  # type: ignore[misc]
+                async for _ in ev:
+                    pass
+    assert record[0].filename == __file__

@@ -279,8 +279,8 @@ class Conversation:
         if stack is not None:
             await stack.aclose()
 
+    @keyword_only_from(2, ("priority", "readout_shape"))  # (outermost: its stacklevel)
     @sampling_in_params
-    @keyword_only_from(2, ("priority", "readout_shape"))
     def stream(
         self,
         chunks: Sequence[Chunk],
