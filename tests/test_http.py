@@ -4073,17 +4073,21 @@ async def test_the_events_before_an_over_long_one_in_the_same_read_are_not_lost(
     # deltas came through or not as the body happened to be cut into reads.
     body = sse(DELTA, DELTA) + b"data: " + b"x" * 5000 + b"\n\n"
     with trio.fail_after(10):
-        async with (
-            canned_server([response(200, body, "text/event-stream")]) as url,
-            httpx.AsyncClient() as client,
-        ):
-            api = HttpApi(client, url, "", "m", max_body=4096)
-            got = []
-            async with api.chat_stream(HELLO) as events:
-                with pytest.raises(LimitExceeded, match="SSE"):
-                    async for event in events:
-                        got.append(event)
+        async with canned_server([response(200, body, "text/event-stream")]) as url:
+            got = await _read_until_the_bound(url)
     assert [type(e).__name__ for e in got] == ["ChatDelta", "ChatDelta"]
+
+
+async def _read_until_the_bound(url: str) -> list[Any]:
+    """A chat stream's events until its LimitExceeded (max_body 4096), which must come."""
+    async with httpx.AsyncClient() as client:
+        api = HttpApi(client, url, "", "m", max_body=4096)
+        got = []
+        async with api.chat_stream(HELLO) as events:
+            with pytest.raises(LimitExceeded, match="SSE"):
+                async for event in events:
+                    got.append(event)
+    return got
 
 
 async def test_an_over_long_line_after_events_is_raised_without_waiting_for_more_bytes() -> None:
@@ -4098,11 +4102,6 @@ async def test_an_over_long_line_after_events_is_raised_without_waiting_for_more
         await trio.sleep_forever()
 
     with trio.fail_after(10):
-        async with canned_server(stall) as url, httpx.AsyncClient() as client:
-            api = HttpApi(client, url, "", "m", max_body=4096)
-            got = []
-            async with api.chat_stream(HELLO) as events:
-                with pytest.raises(LimitExceeded, match="SSE"):
-                    async for event in events:
-                        got.append(event)
+        async with canned_server(stall) as url:
+            got = await _read_until_the_bound(url)
     assert [type(e).__name__ for e in got] == ["ChatDelta"]
