@@ -48,10 +48,13 @@ class ListSink:
         await asyncio.sleep(0)
 
 
-def new_reader(max_size: int = 1 << 20) -> tuple[_Reader, Buffer, list[int]]:
+def new_reader(
+    max_size: int = 1 << 20, headers: list[tuple[str, str]] | None = None
+) -> tuple[_Reader, Buffer, list[int]]:
     acks: list[int] = []
     buffer = Buffer(acks.append)
-    raw = types.SimpleNamespace(buffer=buffer)  # grpclib's Stream, as far as _Reader looks
+    # grpclib's Stream, as far as _Reader looks
+    raw = types.SimpleNamespace(buffer=buffer, headers=headers)
     return _Reader(raw, max_size, "/salience.Salience/Generate"), buffer, acks
 
 
@@ -163,11 +166,44 @@ def test_an_oversized_message_is_refused_before_its_body_arrives(first_chunk: in
     assert sink.items == [b"x" * 10]
 
 
-def test_a_compressed_message_is_refused() -> None:
-    reader, buffer, _ = new_reader()
+@pytest.mark.parametrize("headers", [None, [("grpc-encoding", "snappy")]])
+def test_a_compressed_message_without_a_known_encoding_is_refused(
+    headers: list[tuple[str, str]] | None,
+) -> None:
+    reader, buffer, _ = new_reader(headers=headers)
     buffer.add(b"\1\0\0\0\1x", 6)
     buffer.eof()
     with pytest.raises(ProtocolViolation, match="compressed"):
+        run(lambda: reader.pump(ListSink()))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_message_is_inflated(encoding: str) -> None:
+    # What a C-core server with compression=grpc.Compression.Gzip sends, whatever
+    # the client's grpc-accept-encoding: flag 1, grpc-encoding: gzip.
+    import gzip
+    import zlib
+
+    pack = gzip.compress if encoding == "gzip" else zlib.compress
+    body = pack(b"abc" * 100)
+    reader, buffer, _ = new_reader(headers=[("grpc-encoding", encoding)])
+    data = frame(b"plain") + b"\1" + len(body).to_bytes(4, "big") + body
+    buffer.add(data, len(data))
+    buffer.eof()
+    sink = ListSink()
+    run(lambda: reader.pump(sink))
+    assert sink.items == [b"plain", b"abc" * 100]
+
+
+def test_a_compressed_message_is_bounded_by_max_size_once_inflated() -> None:
+    import gzip
+
+    body = gzip.compress(b"\0" * 100_000)
+    reader, buffer, _ = new_reader(max_size=1000, headers=[("grpc-encoding", "gzip")])
+    data = b"\1" + len(body).to_bytes(4, "big") + body
+    buffer.add(data, len(data))
+    buffer.eof()
+    with pytest.raises(LimitExceeded, match="inflates past max_message_size"):
         run(lambda: reader.pump(ListSink()))
 
 

@@ -99,6 +99,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "grpclib.protocol.Stream instance",
+        "headers",
+        "the grpc-encoding of a compressed reply (a C-core server compresses unasked)",
+    ),
+    (
+        "grpclib.protocol.Stream instance",
         "id",
         "a stream above a GOAWAY's last stream id was not processed (sent again)",
     ),

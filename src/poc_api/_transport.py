@@ -32,6 +32,7 @@ import ssl as _ssl
 import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import Token
@@ -1916,12 +1917,48 @@ class _Reader:
         while not chunks.empty():
             parts.append(chunks.get_nowait()[0])
         data = b"".join(parts)
-        if len(data) < 5 or data[0]:
+        if len(data) < 5:
             return None
         end = 5 + int.from_bytes(data[1:5], "big")
         if end - 5 > self.max_size or end > len(data):
             return None
+        if data[0]:
+            try:
+                return self._inflate(data[5:end])
+            except e.PocApiError:
+                return None
         return data[5:end]
+
+    def _inflate(self, body: bytes) -> bytes:
+        """A compressed message's bytes, by the stream's ``grpc-encoding``.
+
+        A C-core server given a default compression (grpcio's
+        ``compression=grpc.Compression.Gzip``) compresses its replies whatever the
+        client's ``grpc-accept-encoding`` says; gzip and deflate are what gRPC
+        servers send. The inflated size is bounded by ``max_message_size``."""
+        headers = self.raw.headers or ()
+        encoding = next((v for k, v in headers if k == "grpc-encoding"), "identity")
+        wbits = {"gzip": 31, "deflate": 15}.get(encoding)
+        if wbits is None:
+            raise e.ProtocolViolation(
+                f"{self.path}: a compressed message with grpc-encoding {encoding!r} "
+                "(only gzip and deflate are supported)"
+            )
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, self.max_size + 1)
+        except zlib.error as exc:
+            raise e.ProtocolViolation(
+                f"{self.path}: a {encoding} message that does not inflate: {exc}"
+            ) from None
+        if len(out) > self.max_size:
+            raise e.LimitExceeded(
+                f"{self.path}: a {encoding} message inflates past "
+                f"max_message_size ({self.max_size})"
+            )
+        if not inflater.eof:
+            raise e.ProtocolViolation(f"{self.path}: a truncated {encoding} message")
+        return out
 
     async def pump(self, sink: _SinkLike) -> None:
         """Read every message to the end of the stream into ``sink``.
@@ -1944,10 +1981,7 @@ class _Reader:
                 # Cut every whole message out of buf[pos:].
                 n = len(buf)
                 while n - pos >= 5:
-                    if buf[pos]:
-                        raise e.ProtocolViolation(
-                            f"{self.path}: compressed messages are not supported"
-                        )
+                    compressed = buf[pos]
                     size = int.from_bytes(buf[pos + 1 : pos + 5], "big")
                     if size > max_size:
                         raise e.LimitExceeded(
@@ -1958,7 +1992,8 @@ class _Reader:
                     if end > n:
                         break
                     self.count += 1
-                    full = push(buf[pos + 5 : end])
+                    body = buf[pos + 5 : end]
+                    full = push(self._inflate(body) if compressed else body)
                     pos = end
                     if full:
                         # Give back the window of what this chunk gave the sink.

@@ -156,6 +156,7 @@ def start_grpcio_server(
     pb: tuple[ModuleType, ModuleType],
     generate: Callable[[Any], Iterator[Any]],
     options: Sequence[tuple[str, Any]] = (),
+    compression: Any = None,
 ) -> tuple[Any, int]:
     """A grpcio (C-core) salience server of one session id, answering Generate with
     ``generate(request)``; started, on a free loopback port: (server, port)."""
@@ -173,7 +174,9 @@ def start_grpcio_server(
         def Generate(self, request: Any, context: Any) -> Iterator[Any]:
             return generate(request)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=list(options))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), options=list(options), compression=compression
+    )
     pb2_grpc.add_SalienceServicer_to_server(Servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -302,3 +305,54 @@ def test_a_grpcio_server_that_refuses_pings_between_calls_gets_them_only_during_
     [message] = warned()  # one: it came once, not at each thinking pause
     assert "while no call ran" in message, message
     assert time_after == 0.2  # the rate during calls is kept
+
+
+def test_a_grpcio_server_with_gzip_compression_is_read(
+    pb: tuple[ModuleType, ModuleType],
+) -> None:
+    """``grpc.server(compression=grpc.Compression.Gzip)`` (the channel argument
+    ``grpc.default_compression_algorithm``) makes C-core compress every reply,
+    whatever the client's ``grpc-accept-encoding`` says (even ``identity``): every
+    call failed with ProtocolViolation "compressed messages are not supported"
+    once a reply (a token with its readout) was large enough for gzip to shrink:
+    C-core sends a message uncompressed when compression would not."""
+    import trio
+
+    import poc_api
+
+    pb2 = pb[0]
+
+    def generate(request: Any) -> Iterator[Any]:
+        start = request.offset + len(request.append_tokens)
+        for i in range(request.max_tokens):
+            yield pb2.GenerateEvent(
+                token=pb2.Token(
+                    id=65, position=start + i, sampled_logprob=-0.5, readout=[0.5] * 256
+                )
+            )
+        n = request.max_tokens
+        yield pb2.GenerateEvent(
+            done=pb2.Done(prompt_tokens=start, completion_tokens=n, total_tokens=start + n)
+        )
+
+    server, port = start_grpcio_server(pb, generate, compression=grpc.Compression.Gzip)
+
+    async def main() -> list[Any]:
+        async with poc_api.ApiClient(
+            "http://127.0.0.1:9/v1", grpc_url=f"http://127.0.0.1:{port}", close_timeout=1.0
+        ) as c:
+            async with c.session() as s:
+                with trio.fail_after(TIMEOUT):
+                    async with s.generate(
+                        [1, 2],
+                        sampling=poc_api.SamplingParams(max_tokens=5),
+                        readout_ranges=[(0, 7)],
+                        readout_shape=(16, 16),
+                    ) as ev:
+                        return [e async for e in ev]
+
+    try:
+        events = trio.run(main)
+    finally:
+        server.stop(None)
+    assert isinstance(events[-1], poc_api.Done) and events[-1].completion_tokens == 5
