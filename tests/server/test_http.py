@@ -533,16 +533,19 @@ def test_a_completion_its_client_left_stops_decoding(make_server: ServerFactory,
     assert srv.state().tokens_decoded < 100
 
 
+def _raw_post(path: str, payload: dict[str, Any], headers: bytes = b"") -> bytes:
+    """An HTTP/1.1 POST of ``payload`` as JSON, as bytes for a raw socket."""
+    body = json.dumps(payload).encode()
+    head = f"POST {path} HTTP/1.1\r\nhost: x\r\n".encode() + headers
+    return head + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+
+
 def test_a_keep_alive_client_may_send_its_next_request_while_one_decodes(
     make_server: ServerFactory,
 ) -> None:
     # (Pipelined: the next request arrives while the first is being answered.)
     srv = make_server(token_delay_ms=5)
-    body = json.dumps({**CHAT, "max_tokens": 20}).encode()
-    one = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n" % len(body) + body
-    )
+    one = _raw_post("/v1/chat/completions", {**CHAT, "max_tokens": 20})
     with socket.create_connection(("127.0.0.1", srv.http_port), timeout=TIMEOUT) as sock:
         sock.sendall(one)
         time.sleep(0.02)
@@ -576,14 +579,10 @@ def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
 ) -> None:
     # (HTTP/1.0-style clients and `nc -N` shut their write side once the request
     # is sent: EOF on the read side is not the client leaving.)
-    body = json.dumps({**CHAT, "max_tokens": 4}).encode()
     if path == "/v1/models":
         req = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
     else:
-        req = (
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
-        )
+        req = _raw_post(path, {**CHAT, "max_tokens": 4}, b"connection: close\r\n")
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=TIMEOUT) as sock:
         sock.sendall(req)
         sock.shutdown(socket.SHUT_WR)
@@ -600,11 +599,7 @@ def test_what_a_client_sends_during_a_decode_is_not_buffered_without_bound(
     # everything the client sent meanwhile went to h11's buffer, without bound
     # (300 MiB in half a second; the kernel's buffers had stopped it at a few MiB).
     srv = make_server(token_delay_ms=50, ignore_eos=True)
-    body = json.dumps({"prompt": "hi", "max_tokens": 100}).encode()
-    req = (
-        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n" % len(body) + body
-    )
+    req = _raw_post("/v1/completions", {"prompt": "hi", "max_tokens": 100})
     with socket.create_connection(("127.0.0.1", srv.http_port), timeout=TIMEOUT) as sock:
         sock.sendall(req)
         sock.settimeout(1.0)
