@@ -83,7 +83,6 @@ class TextDecoder:
         # The client's HTTP side, checked at each feed: open, and this trio run's.
         self._get_api = api
         self._api = api()
-        self._skip_special = skip_special_tokens
         self._specials: frozenset[int] | None = None if skip_special_tokens else frozenset()
         self._ids: list[int] = []  # the ids to decode (no special ones)
         self._taken: list[int] = []  # fed, not yet told from special ones
