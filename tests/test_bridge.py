@@ -816,6 +816,59 @@ async def test_closing_under_a_wedged_loop_thread_keeps_outcomes_and_wakes_every
     assert outcomes == {"held": None, "quick": 7, "wedge": "closed"}
 
 
+async def test_a_wedged_call_that_ends_as_the_close_fails_it_is_finished_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The close fails the calls a wedged loop thread holds (_fail_unfinished) while
+    # that thread may un-wedge and finish them itself (_finish): both tested, then
+    # set, `finished` unlocked. The loop is let go right between trio's test and
+    # set (as the close makes the call's error): it finished the call, returned 7,
+    # and the close then failed it again, its outcome replaced and on_done run twice.
+    release, finished_there = threading.Event(), threading.Event()
+    done_in: list[str] = []
+
+    async def wedged() -> int:
+        release.wait(30)
+        return 7
+
+    def on_done(call: Any) -> None:
+        done_in.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            finished_there.set()
+
+    def error() -> BaseException:
+        # (Only for this call: the close's own shutdown call is failed too.)
+        if sys._getframe(1).f_locals.get("left") is call and not release.is_set():
+            release.set()
+            finished_there.wait(5)
+        return trio.ClosedResourceError("closed under the call")
+
+    bridge = AsyncioBridge.start(cancel_timeout=0.1)
+    try:
+        with trio.fail_after(10):
+            call = bridge._submit(wedged, (), on_done)
+            await trio.sleep(0.05)  # the loop thread is now wedged in `wedged`
+            monkeypatch.setattr(bridge_module, "closed_under_call", error)
+            await bridge.aclose()
+    finally:
+        release.set()
+        bridge.thread.join(5)
+        # The close left the loop behind: end its tasks (the shutdown), close it.
+        loop = bridge.loop
+        for _ in range(5):
+            tasks = asyncio.all_tasks(loop)
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(asyncio.wait(tasks))
+        loop.close()
+        bridge._close_eventfds()
+    assert len(done_in) == 1
+    assert call.error is None and call.result == 7
+
+
 async def _closed_under(bridge: AsyncioBridge, user: Callable[[], Awaitable[None]]) -> int:
     """Close ``bridge`` while ``user`` waits on it; how many ClosedResourceErrors it got."""
     failures: list[BaseException] = []

@@ -536,6 +536,7 @@ class AsyncioBridge:
         self._instrument = _FlushBeforeIoWait(self._flush_to_loop, self._hand_over_gil)
         self._closing = False
         self._live: set[_Call] = set()  # trio side: calls whose outcome is awaited
+        self._finish_lock = threading.Lock()  # see _claim
         self._abortable: set[_Call] = set()  # trio side: what abort_calls ends
         self._aborted = False
         self._closed = trio.Event()
@@ -825,11 +826,20 @@ class AsyncioBridge:
         self._live.add(call)
         return call
 
+    def _claim(self, call: _Call) -> bool:
+        """Mark ``call`` finished; False if it was already. Locked: a close fails
+        the calls of a wedged loop thread (trio side) while that thread may
+        un-wedge and finish them itself, and only one of the two may."""
+        with self._finish_lock:
+            if call.finished:
+                return False
+            call.finished = True
+            return True
+
     def _finish(self, call: _Call) -> None:
         """asyncio side: the outcome is recorded; tell the trio side (once)."""
-        if call.finished:
+        if not self._claim(call):
             return
-        call.finished = True
         if call.on_done is not None:
             call.on_done(call)
         if call.fd >= 0:
@@ -1106,10 +1116,11 @@ class AsyncioBridge:
             if left.done.is_set():
                 continue
             if not left.finished:
-                left.error = error()
-                left.finished = True
-                if left.on_done is not None:
-                    left.on_done(left)
+                exc = error()
+                if self._claim(left):  # (else the loop finished it meanwhile: kept)
+                    left.error = exc
+                    if left.on_done is not None:
+                        left.on_done(left)
             left.done.set()
             if left.fd >= 0:
                 # Its waiter wakes, also if the fds stay open (a wedged thread).
