@@ -1472,6 +1472,47 @@ async def test_streamed_text_does_not_split_a_character_that_arrives_in_two_batc
     assert "".join(written) == "abc日本"
 
 
+@pytest.mark.parametrize("byte_level", [False, True], ids=["tokenizer", "byte-level"])
+@pytest.mark.parametrize(
+    "batches",
+    [
+        # Invalid bytes, then a character's first bytes: all of a batch's heads
+        # ended in U+FFFD, so the whole batch was written and "€" lost.
+        [[0xFF, 0xFF, 0xFF, 0xE2, 0x82], [0xAC]],
+        [[0x80, 0x80, 0x80, 0x80, 0xC3], [0xA9]],
+        [[0x80, 0xA9], [0x82, 0xE2], [0xBF]],
+        # A special token inside a character's bytes: left out, as in a decode.
+        [[0x61, 0xE2], [0x82, 257], [0xAC]],
+    ],
+    ids=["invalid-then-char", "continuations-then-char", "split-invalid", "special-inside"],
+)
+async def test_streamed_text_is_the_decode_of_all_its_ids(
+    batches: list[list[int]], byte_level: bool
+) -> None:
+    # What the printer writes, batch by batch, is what /detokenize makes of all the
+    # (non-special) ids at once.
+    from poc_api.cli import _Codec, _LiveText, _Where
+
+    written: list[str] = []
+    async with reference_server() as server, open_client(server) as client:
+        ids = [i for b in batches for i in b]
+        codec = _Codec(client, _Where(), on_fallback=lambda: None)
+        codec.byte_level = byte_level
+        # (The byte-level rule knows no special ids: it shows them, as its decode.)
+        specials = await codec.specials()
+        expected = await codec.decode([i for i in ids if i not in specials])
+        live = _LiveText(codec, written.append)
+        send, receive = trio.open_memory_channel[int](100)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(live.run, receive)
+            async with send:
+                for batch in batches:
+                    for i in batch:
+                        send.send_nowait(i)
+                    await trio.testing.wait_all_tasks_blocked()
+    assert "".join(written) == expected
+
+
 async def test_with_stderr_closed_warnings_and_errors_do_not_go_to_stdout() -> None:
     # sys.stderr is None with fd 2 closed, and click.echo(file=None) writes to
     # stdout: the byte-level fallback's warning and the error line went into the

@@ -26,6 +26,7 @@ unexpected errors.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import io
@@ -464,14 +465,14 @@ class _Codec:
     def __init__(
         self, client: ApiClient, where: _Where, on_fallback: Callable[[], None] | None = None
     ) -> None:
-        self._client = client
+        self.client = client
         self._where = where
         self._on_fallback = on_fallback
         self.byte_level = False
         self._single: dict[int, str] = {}
         self._specials: frozenset[int] | None = None
 
-    def _fall_back(self, exc: e.HttpError) -> None:
+    def fall_back(self, exc: e.HttpError) -> None:
         if exc.http_status not in _NO_ENDPOINT:
             raise exc
         if not self.byte_level:
@@ -498,9 +499,9 @@ class _Codec:
         """Token ids of ``text``."""
         if not self.byte_level:
             try:
-                ids = await self._client.tokenize(text)
+                ids = await self.client.tokenize(text)
             except e.HttpError as exc:
-                self._fall_back(exc)
+                self.fall_back(exc)
             else:
                 self._where.answered(self._where.base_url)
                 return ids
@@ -510,9 +511,9 @@ class _Codec:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD)."""
         if not self.byte_level:
             try:
-                decoded = await self._client.detokenize(ids)
+                decoded = await self.client.detokenize(ids)
             except e.HttpError as exc:
-                self._fall_back(exc)
+                self.fall_back(exc)
             else:
                 self._where.answered(self._where.base_url)
                 return decoded
@@ -534,7 +535,7 @@ class _Codec:
             found: frozenset[int] = frozenset()
             if not self.byte_level:
                 try:
-                    found = frozenset((await self._client.tokenizer_info())["special"].values())
+                    found = frozenset((await self.client.tokenizer_info())["special"].values())
                 except e.PocApiError as exc:  # (the text's own calls say what fails)
                     _logger.debug("no special token ids to leave out of the text: %s", exc)
             self._specials = found
@@ -553,14 +554,20 @@ class _LiveText:
 
     Runs as its own task fed through a channel, so decoding (an HTTP round trip
     per batch) never delays reading the stream, and the timings stay honest.
-    Ids that decode to a trailing U+FFFD may be the start of a multibyte
-    character: they wait for the next token.
+    With the server's tokenizer, a :class:`TextDecoder` writes what each batch
+    adds (a character's first bytes wait for the rest): together, the text of
+    all the ids. The byte-level rule decodes its bytes incrementally instead.
     """
 
     def __init__(self, codec: _Codec, write: Callable[[str], None]) -> None:
         self._codec = codec
         self._write = write
-        self._pending: list[int] = []
+        # (Special ids are left out here: the codec knows them, or shows them.)
+        self._decoder = codec.client.text_decoder(skip_special_tokens=False)
+        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        #: Ids fed to the decoder while it has written nothing: for the
+        #: byte-level rule if the server turns out to have no /detokenize.
+        self._unwritten: list[int] | None = []
 
     async def run(self, receive: trio.MemoryReceiveChannel[int]) -> None:
         async with receive:
@@ -574,26 +581,36 @@ class _LiveText:
                 # Special tokens (the end-of-sequence a completion stops on) are
                 # not text: left out, as tokenizers' skip_special_tokens does.
                 specials = await self._codec.specials()
-                self._pending += (i for i in batch if i not in specials)
-                if not self._pending:
-                    continue
-                text = await self._codec.decode(self._pending)
-                rest: list[int] = []
-                if text.endswith("\ufffd"):
-                    if len(self._pending) < 4:
-                        continue
-                    # A batch may end in a character's first bytes (up to 3):
-                    # they wait for the rest, the text before them is written.
-                    for keep in (1, 2, 3):
-                        head = await self._codec.decode(self._pending[:-keep])
-                        if not head.endswith("\ufffd"):
-                            text, rest = head, self._pending[-keep:]
-                            break
-                self._write(text)
-                self._pending = rest
-        if self._pending:
-            self._write(await self._codec.decode(self._pending))
-            self._pending = []
+                text = await self._decode([i for i in batch if i not in specials])
+                if text:
+                    self._write(text)
+        if text := await self._decode([], final=True):
+            self._write(text)
+
+    async def _decode(self, ids: list[int], *, final: bool = False) -> str:
+        if not self._codec.byte_level:
+            if self._unwritten is not None:
+                self._unwritten += ids
+            try:
+                text = await (self._decoder.flush() if final else self._decoder.feed(ids))
+            except e.HttpError as exc:
+                self._codec.fall_back(exc)
+                ids = self._unwritten if self._unwritten is not None else ids
+                self._unwritten = None
+            else:
+                if text:
+                    self._unwritten = None
+                return text
+        # The byte-level rule, as _Codec.decode: ids < 256 are UTF-8 bytes.
+        out = []
+        for i in ids:
+            if i < 256:
+                out.append(self._bytes.decode(bytes((i,))))
+            else:
+                out.append(self._bytes.decode(b"", final=True) + f"<|{i}|>")
+        if final:
+            out.append(self._bytes.decode(b"", final=True))
+        return "".join(out)
 
 
 # -- streaming with timings --------------------------------------------------------
