@@ -428,3 +428,35 @@ def test_grouping_long_prompts_takes_a_pointer_per_token_not_a_tuple() -> None:
         tracemalloc.stop()
     assert groups == [(list(range(200)), 1500)]
     assert peak < 8 * 400_000 * 2  # 400,000 tokens: a list slot each (was 25.6 MB)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.slow
+@given(
+    prefix=st.lists(_part, max_size=3),
+    rests=st.lists(st.lists(_part, max_size=2), min_size=1, max_size=4),
+    cuts=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=4),
+)
+async def test_property_share_prefix_ranges_equal_scoring_each_prompt(
+    server: ReferenceServer,
+    prefix: list[poc_api.Chunk],
+    rests: list[list[poc_api.Chunk]],
+    cuts: list[tuple[float, float]],
+) -> None:
+    with trio.fail_after(30):
+        async with poc_api.ApiClient(server.base_url, grpc_url=server.grpc_url) as client:
+            prompts = []
+            for rest in rests:
+                chunks = [*prefix, *rest]
+                [whole] = await client.score_continuations(chunks, [[]])
+                n = whole.end
+                ranges = [
+                    (min(round(a * n), round(b * n)), max(round(a * n), round(b * n)))
+                    for a, b in cuts
+                ]
+                prompts.append((chunks, ranges))
+            expect = [await client.score(c, r) for c, r in prompts]
+            plain = await client.score_many(prompts)
+            shared = await client.score_many(prompts, share_prefix=True)
+    assert plain == expect
+    assert shared == expect

@@ -315,10 +315,12 @@ class SessionDivergence(PocApiError):
 class SessionLost(PocApiError):
     """The session's server-side state is unknown after an interrupted call.
 
-    A generate stream that was cancelled or failed before its ``Done`` leaves the
-    session in a state the client cannot know, as does a call that found the
-    session gone from the server (``SessionNotFound``: a restart, an eviction).
-    The message says which. Open a new session.
+    A generate stream that was cancelled or failed part-way (after the server
+    began answering, before its ``Done``) leaves the session in a state the
+    client cannot know, as does a call that found the session gone from the
+    server (``SessionNotFound``: a restart, an eviction). The message says which.
+    Open a new session. (A call the server refused before answering,
+    ``InvalidRequest``, ``OffsetMismatch`` or ``ContextOverflow``, keeps it.)
     """
 
 
