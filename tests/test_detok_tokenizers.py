@@ -238,3 +238,21 @@ async def test_a_space_cleaned_up_before_a_quote_or_contraction_doubles_nothing(
     async with tokenizer_server(decode, eot + 1, {"eot": eot}) as url:
         pieces = await feed_one_by_one(url, ids)
     assert "".join(pieces) == decode(ids)
+
+
+@pytest.mark.parametrize("text", ["He said ' ?", "x ' .", "a ' , b", "it' ' !"])
+async def test_a_quote_whose_space_punctuation_gives_back_doubles_nothing(text: str) -> None:
+    # clean_up_tokenization turns " ' " into "'" (written when the space after
+    # came), then back into " '" when punctuation follows: " ?" loses its space
+    # first, and " ' " is gone. The returns went on from where the decode parted
+    # from them: "He said' '?".
+    vocab = [bytes([b]) for b in range(256)]
+    eot = len(vocab)
+
+    def decode(ids: Sequence[int]) -> str:
+        return clean_up_tokenization(bpe_decode(vocab, eot, ids))
+
+    ids = list(text.encode())
+    async with tokenizer_server(decode, eot + 1, {"eot": eot}) as url:
+        pieces = await feed_one_by_one(url, ids)
+    assert "".join(pieces) == decode(ids)

@@ -36,8 +36,10 @@ _MAX_CONTEXT: Final = 64
 _MAX_CHAR_IDS: Final = 4
 _REPLACEMENT: Final = "\ufffd"
 #: Held back before trailing spaces too: a space and the start of what Hugging
-#: Face's clean_up_tokenization removes it before (" ' ", "n't", "'s", "'ve", ...).
-_HELD_TAILS: Final = (" '", " 'r", " 'v", " n", " n'")
+#: Face's clean_up_tokenization removes it before (" ' ", "n't", "'s", "'ve", ...),
+#: and a quote alone: the "'" that " ' " became is " '" again when punctuation
+#: follows (" ' ." is " '.": the space before the "." goes first).
+_HELD_TAILS: Final = (" '", " 'r", " 'v", " n", " n'", "'")
 
 
 @final
@@ -54,7 +56,8 @@ class TextDecoder:
     may drop them before punctuation (Hugging Face's
     ``clean_up_tokenization_spaces``: ``" ."`` to ``"."``), and so is a space
     followed by the start of a quote or contraction it drops the space of
-    (``" '"``, ``" n"``: ``" ' "`` to ``"'"``, ``" n't"`` to ``"n't"``).
+    (``" '"``, ``" n"``: ``" ' "`` to ``"'"``, ``" n't"`` to ``"n't"``), and a
+    trailing quote (``" ' ?"`` is ``" '?"``, not ``"'?"``).
 
     Text once returned is not taken back: with a tokenizer whose text of some
     ids changes with the ids after them in other ways (beyond a held-back
