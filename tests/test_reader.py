@@ -207,6 +207,25 @@ def test_a_compressed_message_is_bounded_by_max_size_once_inflated() -> None:
         run(lambda: reader.pump(ListSink()))
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_message_with_bytes_after_its_data_is_refused(encoding: str) -> None:
+    # Two gzip members: the first one's bytes came as the whole message, the
+    # rest dropped without a word.
+    import gzip
+    import zlib
+
+    pack = gzip.compress if encoding == "gzip" else zlib.compress
+    body = pack(b"ab") + pack(b"cd")
+    reader, buffer, _ = new_reader(headers=[("grpc-encoding", encoding)])
+    data = b"\1" + len(body).to_bytes(4, "big") + body
+    buffer.add(data, len(data))
+    buffer.eof()
+    sink = ListSink()
+    with pytest.raises(ProtocolViolation, match="bytes after its compressed data"):
+        run(lambda: reader.pump(sink))
+    assert sink.items == []
+
+
 @given(
     messages=st.lists(st.binary(max_size=500), min_size=1, max_size=12),
     cuts=st.lists(st.integers(min_value=0), max_size=20),

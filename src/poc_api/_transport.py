@@ -1958,6 +1958,12 @@ class _Reader:
             )
         if not inflater.eof:
             raise e.ProtocolViolation(f"{self.path}: a truncated {encoding} message")
+        if inflater.unused_data:
+            # (A second gzip member, say: its bytes were dropped, the message cut
+            # short without a word. C-core refuses it too: "not all input consumed".)
+            raise e.ProtocolViolation(
+                f"{self.path}: a {encoding} message with bytes after its compressed data"
+            )
         return out
 
     async def pump(self, sink: _SinkLike) -> None:
