@@ -165,6 +165,18 @@ def test_numpy_arrays_of_anything_but_token_ids_are_refused(array: object, error
         Tokens(array)  # type: ignore[arg-type]
 
 
+async def test_a_0_d_array_is_refused_as_no_continuations_naming_them(
+    client: poc_api.ApiClient,
+) -> None:
+    # An array is iterable to isinstance, but a 0-d one's tolist() is an int:
+    # "'int' object is not iterable", naming neither the argument nor the array.
+    prompt = [Tokens([1, 2])]
+    with pytest.raises(TypeError, match="continuations must be a sequence of continuations"):
+        await client.score_continuations(prompt, np.array(5))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="continuation 1 must be token ids"):
+        await client.score_continuations(prompt, [[3], np.array(5)])  # type: ignore[list-item]
+
+
 async def test_numpy_floats_are_floats_and_become_plain_floats(
     client: poc_api.ApiClient,
 ) -> None:
@@ -437,3 +449,9 @@ async def test_an_empty_two_dimensional_image_buffer_is_refused_as_empty(
             await s.append_image(empty, "image/png")
         assert server.state().rpc_counts.get("AppendImage", 0) == before
         assert not s.lost
+
+
+async def test_a_0_d_array_is_refused_as_ranges_naming_them(client: poc_api.ApiClient) -> None:
+    # (As score_continuations' above: an int from tolist(), then "not iterable".)
+    with pytest.raises(TypeError, match=r"ranges must be a sequence of .* not a 0-d ndarray"):
+        await client.score([Tokens([1, 2])], np.array(5))  # type: ignore[arg-type]

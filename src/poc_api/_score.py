@@ -24,7 +24,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
 from operator import itemgetter
-from typing import TYPE_CHECKING, SupportsIndex, TypeVar, cast
+from typing import TYPE_CHECKING, SupportsIndex, TypeVar
 
 import trio
 
@@ -757,7 +757,9 @@ def _check_continuation(value: object, i: int) -> list[Chunk]:
     if isinstance(value, Iterable) and not isinstance(value, BYTES_LIKE | Sequence):
         # A numpy array of ids (plain ints in one call), or an iterator of ids or
         # of chunks: as the list it stands for.
-        value = list(cast(Iterable[object], _plain(value)))
+        plain = _plain(value)
+        if isinstance(plain, Iterable):  # (not a 0-d array's int: refused below)
+            value = list(plain)
     if isinstance(value, BYTES_LIKE) or not isinstance(value, Sequence):
         raise TypeError(
             f"continuation {i} must be token ids or a sequence of Tokens/Image, "
@@ -815,10 +817,13 @@ async def score_continuations(
         )
     # (A 2-D numpy array of ids: one row per continuation, as plain ints in one call;
     # an iterator of continuations: as the list it stands for.)
-    conts = [
-        _check_continuation(c, i)
-        for i, c in enumerate(cast(Iterable[object], _plain(continuations)))
-    ]
+    plain = _plain(continuations)
+    if not isinstance(plain, Iterable):  # a 0-d array: "'int' object is not iterable"
+        raise TypeError(
+            "continuations must be a sequence of continuations, not a 0-d "
+            f"{type(continuations).__name__}"
+        )
+    conts = [_check_continuation(c, i) for i, c in enumerate(plain)]
     for i, cont in enumerate(conts):
         check_image_sizes(cont, transport.max_message_size, f"continuation {i}")
     lengths = [known_len(c) for c in conts]

@@ -617,8 +617,13 @@ def check_ranges(
         )
     if ordered:
         unordered(value, name, "(start, end) pairs")
+    plain = _plain(value)
+    if not isinstance(plain, Iterable):  # a 0-d numpy array ("'int' object is not iterable")
+        raise TypeError(
+            f"{name} must be a sequence of (start, end) pairs, not a 0-d {type(value).__name__}"
+        )
     out = []
-    for r in cast(Iterable[object], _plain(value)):
+    for r in plain:
         if isinstance(r, range) and r.step == 1:
             # The range of its positions (not the pair of its two elements).
             r = (r.start, r.stop)
