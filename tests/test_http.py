@@ -3533,25 +3533,29 @@ async def test_https_through_a_plaintext_proxy_named_https_does_not_blame_base_u
     assert "proxy" in str(info.value).lower(), info.value
 
 
-@pytest.mark.parametrize("proxy_host", ["proxy.invalid", "127.0.0.1"])
+@pytest.mark.parametrize(
+    ("proxy_host", "variable"),
+    [("proxy.invalid", "HTTP_PROXY"), ("127.0.0.1", "HTTP_PROXY"), ("127.0.0.1", "http_proxy")],
+)
 async def test_a_proxy_of_the_environment_that_cannot_be_reached_is_named_as_such(
-    monkeypatch: pytest.MonkeyPatch, server: ReferenceServer, proxy_host: str
+    monkeypatch: pytest.MonkeyPatch, server: ReferenceServer, proxy_host: str, variable: str
 ) -> None:
     # HTTP_PROXY left set (off the VPN): every HTTP call failed with "POST
     # http://127.0.0.1:P/v1/tokenize: ConnectError: [Errno -2] Name or service not
     # known" -- a lookup of an IP literal, it read -- while the gRPC calls (direct)
     # worked: no word of the proxy the call had gone to, nor of how to go around it.
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+    # (The variable named as the user set it: http_proxy is not HTTP_PROXY.)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy", "HTTP_PROXY"):
         monkeypatch.delenv(name, raising=False)
     port = refusing_port() if proxy_host == "127.0.0.1" else 3128
-    monkeypatch.setenv("HTTP_PROXY", f"http://user:s3cret@{proxy_host}:{port}")
+    monkeypatch.setenv(variable, f"http://user:s3cret@{proxy_host}:{port}")
     with trio.fail_after(10):
         async with poc_api.ApiClient(server.base_url, model="poc-reference") as c:
             with pytest.raises(poc_api.ServerUnavailable) as info:
                 await c.tokenize("a")
     msg = str(info.value)
     assert f"proxy http://user:***@{proxy_host}:{port}" in msg, msg
-    assert "HTTP_PROXY" in msg and "NO_PROXY" in msg and "trust_env=False" in msg, msg
+    assert f"of {variable}:" in msg and "NO_PROXY" in msg and "trust_env=False" in msg, msg
     assert "s3cret" not in msg and info.value.retriable, msg
 
 

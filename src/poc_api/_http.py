@@ -41,6 +41,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -554,7 +555,9 @@ def _env_proxy(client: httpx.AsyncClient, url: str) -> tuple[str, str] | None:
         return None
     proxy = proxies[key]
     proxy = proxy if "://" in proxy else f"http://{proxy}"  # (httpx's default too)
-    return shown_url(proxy), f"{key.upper()}_PROXY"
+    # Named as set (urllib prefers the lower-case one when both are).
+    names = (f"{key}_proxy", f"{key.upper()}_PROXY")
+    return shown_url(proxy), next((n for n in names if os.environ.get(n)), names[1])
 
 
 def _via_proxy(exc: httpx.RequestError, url: str, client: httpx.AsyncClient | None) -> str:
