@@ -559,3 +559,26 @@ async def test_a_tls_connection_reset_found_by_a_coalesced_write_fails_the_call_
                 pass
         (tcp,) = knobs.accepted
         await reset_while_the_loop_is_busy(client, tcp)
+
+
+async def test_a_stalled_tls_handshake_fails_at_connect_timeout_naming_it(ca: trustme.CA) -> None:
+    # A port that accepts TCP and never answers the ClientHello: the HTTP side said
+    # only "timed out (ConnectTimeout)", naming neither the bound nor the connect.
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = listener.getsockname()[1]
+        async with poc_api.ApiClient(
+            f"https://localhost:{port}/v1",
+            grpc_url=f"https://localhost:{port}",
+            ssl_context_factory=trusting(ca),
+            connect_timeout=0.5,
+        ) as client:
+            with trio.fail_after(10), pytest.raises(poc_api.PocApiTimeout) as http:
+                await client.readout_manifest()
+            with trio.fail_after(10), pytest.raises(poc_api.ServerUnavailable) as grpc:
+                await client.score([Tokens([5, 6, 7])], [(1, 3)])
+    finally:
+        listener.close()
+    for exc in (http.value, grpc.value):
+        assert "no connection within connect_timeout=0.5 s" in str(exc), exc
+        assert exc.retriable

@@ -596,6 +596,18 @@ def _from_httpx(
     # refused gRPC connection is. Anything later may have reached the server.
     unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     via = _via_proxy(exc, url, client)
+    if (
+        isinstance(exc, httpx.ConnectTimeout)
+        and client is not None
+        and client.timeout.connect is not None
+    ):
+        # Named as the gRPC side names it: "timed out (ConnectTimeout)" said neither
+        # which bound passed nor that no connection (TCP, TLS handshake) came up.
+        return PocApiTimeout(
+            f"{method} {url}: no connection within connect_timeout="
+            f"{client.timeout.connect:g} s (TCP connect and TLS handshake; ConnectTimeout){via}",
+            retriable=True,
+        )
     if isinstance(exc, httpx.TimeoutException):
         return PocApiTimeout(
             f"{method} {url}: timed out ({type(exc).__name__}){via}", retriable=unsent
