@@ -576,6 +576,8 @@ def _via_proxy(exc: httpx.RequestError, url: str, client: httpx.AsyncClient | No
     )
 
 
+_WANTS_CLIENT_CERT: Final = "does the server want a client certificate? (ssl_context_factory)"
+
 #: Errors of requests sent on a kept-alive connection, one that had answered.
 _ON_AN_ANSWERED_CONNECTION: Final[weakref.WeakSet[BaseException]] = weakref.WeakSet()
 
@@ -618,14 +620,15 @@ def _from_httpx(
             # A TLS port drops a plaintext request it cannot read as a handshake
             # (Python's ssl, uvicorn's): closed, not a byte of an answer. (Not on
             # a connection that had answered: a keep-alive close racing the request.)
-            tls_port = (
-                " (is it a TLS port? then https://)"
-                if "without sending a response" in text
-                and url.startswith("http://")
-                and exc not in _ON_AN_ANSWERED_CONNECTION
-                else ""
-            )
-            return ServerUnavailable(f"{method} {url}: connection lost: {text}{tls_port}")
+            # Over TLS 1.3, a server that wants a client certificate refuses one
+            # missing after the handshake: closed so too, its alert unread.
+            hint = ""
+            if "without sending a response" in text and exc not in _ON_AN_ANSWERED_CONNECTION:
+                if url.startswith("http://"):
+                    hint = " (is it a TLS port? then https://)"
+                elif url.startswith("https://"):
+                    hint = f" ({_WANTS_CLIENT_CERT})"
+            return ServerUnavailable(f"{method} {url}: connection lost: {text}{hint}")
         if text.startswith("illegal request line"):
             # h11's words for an answer whose first byte is not text (it means the
             # status line): binary, as an HTTP/2-only port's SETTINGS frame is.
@@ -663,6 +666,8 @@ def _from_httpx(
         # Every error down the chain is empty: trio's BrokenResourceError for a TLS
         # connection its peer closed has no words of its own.
         text = "the connection was closed, with no reason given (by the server?)"
+        if url.startswith("https:"):  # (as for "without sending a response")
+            text += f"; {_WANTS_CLIENT_CERT}"
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
     return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}{via}", retriable=unsent)
 

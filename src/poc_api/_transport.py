@@ -92,6 +92,10 @@ __all__ = [
 
 log = logging.getLogger("poc_api.grpc")
 
+# A TLS 1.3 server that wants a client certificate refuses it after the handshake:
+# the connection closes with no word (the alert is lost to the client's first write).
+_CLIENT_CERT: Final = ", and does it want a client certificate (ssl_context_factory)"
+
 SERVICE = "/salience.Salience/"
 
 # Inbound flow-control windows. The stream window bounds what one unread stream
@@ -1084,7 +1088,7 @@ class GrpcTransport:
                 f"{self._named} closed the connection before speaking HTTP/2"
                 f"{protocol.alpn_note}: is it a gRPC server"
                 # (a TLS port drops the HTTP/2 preface it cannot read as a handshake)
-                f"{'' if self._target.tls else ', and not a TLS port (then https://)'}?",
+                f"{_CLIENT_CERT if self._target.tls else ', and not a TLS port (then https://)'}?",
                 retriable=True,
             )
         # Retriable: nothing of the call was sent (calls wait for the SETTINGS),
