@@ -1005,6 +1005,68 @@ async def test_a_conversation_keeps_its_model_when_its_session_is_reopened(
     assert opened == ["other-b", "other-b"], opened
 
 
+async def test_a_manifest_cached_before_a_restart_with_other_layers_is_fetched_again() -> None:
+    # The server restarted (same ports) with 2 layers instead of 3: the client
+    # kept the manifest it had fetched, refused the server's new shape for ever
+    # ("not the server's readout manifest's") and dropped every readout of the old one.
+    async with reference_server(n_layers=3) as first:
+        port = first.http_port
+        async with open_client(first, close_timeout=1.0) as client:
+            manifest = await client.readout_manifest()
+            assert manifest is not None and manifest.shape == (3, 8)
+            async with client.conversation() as conv:
+                await run(conv, [Tokens([1, 2, 3])], readout_shape=manifest.shape)
+                await trio.to_thread.run_sync(first.stop)
+                second = await trio.to_thread.run_sync(
+                    lambda: ReferenceServer(ServerConfig(port=port, n_layers=2))
+                )
+                await second.__aenter__()
+                try:
+                    events = await run(conv, [Tokens([1, 2, 3])], readout_shape=manifest.shape)
+                    assert all(e.readout is None for e in events if isinstance(e, TokenOut))
+                    manifest = await client.readout_manifest()
+                    assert manifest is not None and manifest.shape == (2, 8)
+                    events = await run(conv, [Tokens([1, 2, 3])], readout_shape=(2, 8))
+                    readouts = [e.readout for e in events if isinstance(e, TokenOut)]
+                    assert readouts and all(r is not None and r.shape == (2, 8) for r in readouts)
+                finally:
+                    await second.__aexit__(None, None, None)
+
+
+async def test_a_generate_readout_of_another_length_drops_a_stale_cached_manifest() -> None:
+    # Session.generate's readout_shape, the same: the cached manifest is dropped
+    # once a vector shows the server's is no longer it.
+    async with reference_server(n_layers=3) as first:
+        port = first.http_port
+        async with open_client(first, close_timeout=1.0) as client:
+            assert await client.readout_manifest() is not None
+            await trio.to_thread.run_sync(first.stop)
+            second = await trio.to_thread.run_sync(
+                lambda: ReferenceServer(ServerConfig(port=port, n_layers=2))
+            )
+            await second.__aenter__()
+            try:
+                with trio.fail_after(20):
+                    async with client.session() as s:
+                        with pytest.raises(ValueError, match="not the server's"):
+                            s.generate([1], readout_shape=(2, 8))
+                        sampling = SamplingParams(max_tokens=1)
+                        ro = [(0, 10)]
+                        async with s.generate(
+                            [1], sampling=sampling, readout_ranges=ro, readout_shape=(3, 8)
+                        ) as events:
+                            [ev async for ev in events]
+                        async with s.generate(
+                            [2], sampling=sampling, readout_ranges=ro, readout_shape=(2, 8)
+                        ) as events:
+                            got = [ev async for ev in events if isinstance(ev, poc_api.Token)]
+                    manifest = await client.readout_manifest()
+            finally:
+                await second.__aexit__(None, None, None)
+    assert got and all(t.readout is not None and t.readout.shape == (2, 8) for t in got)
+    assert manifest is not None and manifest.shape == (2, 8)
+
+
 async def test_a_held_sessions_window_is_not_trusted_after_a_restart_with_a_larger_one() -> None:
     # The server restarted (same ports) with a larger context window: the held
     # session is gone, yet every longer turn was refused before sending with the

@@ -98,6 +98,7 @@ def test_every_public_name_of_private_modules_is_reexported() -> None:
         "plan_delta",
         "walk_chunks",
         "reshape_readout",
+        "ReadoutMismatch",
         "ReadoutShaper",
         "check_readout_shape",
         "merge_ranges",

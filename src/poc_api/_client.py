@@ -890,6 +890,7 @@ class ApiClient:
             close_timeout=self._close_timeout,
             timeout=timeout,
             known_shape=self._https().known_readout_shape,
+            readout_mismatch=self._https().readout_mismatch,
         )
 
     def conversation(
@@ -912,6 +913,7 @@ class ApiClient:
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
             known_shape=self._https().known_readout_shape,
+            readout_mismatch=self._https().readout_mismatch,
         )
         return _ConversationBlock(conv)
 

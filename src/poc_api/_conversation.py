@@ -54,6 +54,7 @@ from ._errors import (
 )
 from ._session import (
     GenerateStream,
+    ReadoutMismatch,
     ReadoutShaper,
     Session,
     check_readout_shape,
@@ -101,10 +102,13 @@ class ConversationStream:
         prefix: list[StreamEvent],
         events: GenerateStream,
         readout_shape: tuple[int, int] | None,
+        readout_mismatch: ReadoutMismatch | None = None,
     ) -> None:
         self._prefix = prefix
         self._events = events
-        self._shaper = None if readout_shape is None else ReadoutShaper(readout_shape)
+        self._shaper = (
+            None if readout_shape is None else ReadoutShaper(readout_shape, readout_mismatch)
+        )
         self._lookahead: Token | Done | None = None
         self._done_delivered = False  # the caller has seen the StreamDone
         # The stream itself raised (a PocApiError): the turn failed, whatever the
@@ -205,11 +209,13 @@ class Conversation:
         max_buffered_events: int,
         close_timeout: float,
         known_shape: Callable[[], tuple[int, int] | None] = lambda: None,
+        readout_mismatch: ReadoutMismatch | None = None,
     ) -> None:
         self._transport = transport
         self._model = model
         self._rewind = rewind
         self._known_shape = known_shape  # the readout manifest's, once fetched
+        self._readout_mismatch = readout_mismatch
         self._max_buffered = max_buffered_events
         self._close_timeout = close_timeout
         self._lock = trio.Lock()
@@ -551,7 +557,7 @@ class Conversation:
             clock.first_token_from, clock.first_token = started, first_at - started
         if clock is not None and not math.isinf(deadline_at):
             clock.started = turn_started  # (total_at is deadline_at already)
-        out = ConversationStream(prefix, events, shape)
+        out = ConversationStream(prefix, events, shape, self._readout_mismatch)
         await out._prime()
         return out, events, sent
 

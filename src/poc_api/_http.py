@@ -1276,6 +1276,10 @@ class _SharedFetch(Generic[_T]):
         """The value fetched, if one was (no I/O, no checkpoint)."""
         return self._value if self.fetched else None
 
+    def forget(self) -> None:
+        """Drop the value fetched: the next :meth:`get` fetches again."""
+        self._value, self.fetched = None, False
+
     async def get(self) -> _T:
         while True:
             if self.fetched:
@@ -1960,6 +1964,26 @@ class HttpApi:
         """The readout shape of the manifest already fetched, if any (no I/O)."""
         manifest = self._manifest.cached()
         return manifest.shape if manifest is not None else None
+
+    def readout_mismatch(self, shape: tuple[int, int], length: int) -> None:
+        """A stream that asked for readouts shaped ``shape`` got one of ``length``
+        floats (no I/O). When ``shape`` is the cached manifest's, the server has
+        changed its manifest since (restarted with other layers or concepts): the
+        cache is dropped, so the next :meth:`readout_manifest` fetches the new
+        one. Kept, it refused the server's new shape for ever (as not the
+        manifest's) and gave every readout of the old one to the warning."""
+        manifest = self._manifest.cached()
+        if manifest is None or manifest.shape != shape or shape[0] * shape[1] == length:
+            return
+        log.warning(
+            "GET %s/readout/manifest: the server sends readouts of %d floats, not the "
+            "%d*%d of the manifest fetched before (has it restarted?): fetching it again "
+            "on the next readout_manifest()",
+            self._shown,
+            length,
+            *shape,
+        )
+        self._manifest.forget()
 
     @_redacting
     async def readout_manifest(self) -> ReadoutManifest | None:

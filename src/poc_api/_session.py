@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GenerateStream",
+    "ReadoutMismatch",
     "ReadoutShaper",
     "Session",
     "check_readout_shape",
@@ -146,23 +147,31 @@ def check_readout_shape(
     return (n_layers, n_concepts)
 
 
+#: Told that a stream asking for readouts shaped ``(n_layers, n_concepts)`` got
+#: one of another length (``HttpApi.readout_mismatch``).
+ReadoutMismatch = Callable[[tuple[int, int], int], None]
+
+
 @final
 class ReadoutShaper:
     """The readouts of one stream, shaped ``(n_layers, n_concepts)``; a vector of
     another length is dropped with a warning, as the seed does: once per stream
     (and a count at its end), not once per token."""
 
-    __slots__ = ("_mismatches", "shape")
+    __slots__ = ("_mismatches", "_on_mismatch", "shape")
 
-    def __init__(self, shape: tuple[int, int]) -> None:
+    def __init__(self, shape: tuple[int, int], on_mismatch: ReadoutMismatch | None = None) -> None:
         self.shape: tuple[int, int] = shape
         self._mismatches = 0
+        self._on_mismatch = on_mismatch  # the client's manifest cache may be stale
 
     def shaped(self, flat: memoryview[float]) -> memoryview[float] | None:
         readout = reshape_readout(flat, self.shape)
         if readout is None:
             self._mismatches += 1
             if self._mismatches == 1:
+                if self._on_mismatch is not None:
+                    self._on_mismatch(self.shape, len(flat))
                 n_layers, n_concepts = self.shape
                 log.warning(
                     "readout shape mismatch: expected %d*%d=%d, got %d; dropped",
@@ -517,10 +526,12 @@ class Session:
         max_buffered_events: int,
         close_timeout: float = 5.0,
         known_shape: Callable[[], tuple[int, int] | None] = lambda: None,
+        readout_mismatch: ReadoutMismatch | None = None,
     ) -> None:
         self._transport = transport
         self._close_timeout = close_timeout
         self._known_shape = known_shape  # the readout manifest's, once fetched
+        self._readout_mismatch = readout_mismatch
         self._session_id = session_id
         self._max_length = max_length
         self._committed_len = 0
@@ -989,6 +1000,7 @@ class open_session(e.NeedsAsyncWith):  # used like the function it replaced
         close_timeout: float,
         timeout: SupportsFloat | None = None,
         known_shape: Callable[[], tuple[int, int] | None] = lambda: None,
+        readout_mismatch: ReadoutMismatch | None = None,
     ) -> None:
         self._timeout = check_timeout("timeout", timeout)
         self._transport = transport
@@ -996,6 +1008,7 @@ class open_session(e.NeedsAsyncWith):  # used like the function it replaced
         self._max_buffered = max_buffered_events
         self._close_timeout = close_timeout
         self._known_shape = known_shape
+        self._readout_mismatch = readout_mismatch
         self._session: Session | None = None
         self._entering = False  # its entry waits (another task's is refused)
 
@@ -1075,6 +1088,7 @@ class open_session(e.NeedsAsyncWith):  # used like the function it replaced
             max_buffered_events=self._max_buffered,
             close_timeout=self._close_timeout,
             known_shape=self._known_shape,
+            readout_mismatch=self._readout_mismatch,
         )
         log.debug("session %s opened (max_length=%d)", session_id, max_length)
         live.held.add(session)  # the client's close closes it too
@@ -1241,7 +1255,7 @@ class _GenerateBlock(e.NeedsAsyncWith):
         # What fails here (a client-side limit, a closed client) failed before
         # anything was sent: the session is untouched and stays usable.
         rx = await rpc.__aenter__()
-        shaper = None if self._shape is None else ReadoutShaper(self._shape)
+        shaper = None if self._shape is None else ReadoutShaper(self._shape, s._readout_mismatch)
         stream = self._stream = GenerateStream(
             rx, s, started, self._timeouts, shaper, lambda: rpc.server_ended, offset + len(ids)
         )
