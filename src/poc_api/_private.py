@@ -45,7 +45,12 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
     (
         "grpclib.protocol.Connection instance",
         "write_ready",
-        "wake a call waiting to write when its connection dies",
+        "wake a call waiting to write when its connection dies; share the send window",
+    ),
+    (
+        "grpclib.protocol.Connection instance",
+        "data_sent",
+        "tell a bulk send (share the send window) from small calls",
     ),
     ("grpclib.client.Channel", "_protocol_factory", "install the split-window protocol"),
     ("grpclib.client.Channel", "__connect__", "bounded connect; never reconnect a closed one"),

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import Token
 from functools import partial
 from types import TracebackType
-from typing import Any, Final, NoReturn, Protocol, SupportsFloat, TypeVar, final
+from typing import Any, Final, Literal, NoReturn, Protocol, SupportsFloat, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -91,6 +91,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("poc_api.grpc")
+
+# DATA sent on a connection between two of grpclib's write waits that says a bulk
+# send is on (h2's least, and default, maximum frame size): see _FairWriteReady.
+_BULK_SEND: Final = 16_384
 
 # A TLS 1.3 server that wants a client certificate refuses it after the handshake:
 # the connection closes with no word (the alert is lost to the client's first write).
@@ -2266,6 +2270,33 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
             self._prepare_for_sending(stream.acknowledge_received_data(acknowledged_size))
 
 
+class _FairWriteReady(asyncio.Event):
+    """grpclib's ``write_ready`` (set), taking a turn of the loop first during a
+    bulk send while other calls are on the connection.
+
+    grpclib sends a message a DATA frame at a time, waiting on this before each: set,
+    the wait returned at once, so the first stream that a connection WINDOW_UPDATE
+    woke (the oldest) sent frames until the window was gone, and a new call's few
+    bytes (an OpenSession behind 30 image uploads) waited, for seconds, until the
+    uploads ended. With a turn before each frame, the streams share the window.
+    Only once a full frame went out since the last wait: small calls (every
+    unary's path) never pay the extra loop iteration."""
+
+    def __init__(self, connection: Connection, contended: Callable[[], bool]) -> None:
+        super().__init__()
+        self.set()
+        self._connection = connection
+        self._contended = contended
+        self._seen = 0  # the connection's data_sent at the last wait
+
+    async def wait(self) -> Literal[True]:
+        sent = self._connection.data_sent
+        bulk, self._seen = sent - self._seen >= _BULK_SEND, sent
+        if bulk and self.is_set() and self._contended():
+            await asyncio.sleep(0)
+        return await super().wait()
+
+
 class _PocConnection(Connection):
     """grpclib's connection, pinging also while sessions are open between calls.
 
@@ -2449,6 +2480,9 @@ class _PocH2Protocol(H2Protocol):
         self.connection.sessions_open = self.sessions_open
         self.connection.open_stream_ids = lambda: list(self.processor.streams)
         self.connection.writer = writer
+        self.connection.write_ready = _FairWriteReady(
+            self.connection, lambda: len(self.processor.streams) > 1
+        )
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)

@@ -43,6 +43,38 @@ async def test_a_20_mb_image_append_goes_through(
     assert [(r.start, r.end) for r in results] == [(0, 2), (4, 6)]
 
 
+async def test_a_small_call_is_not_starved_by_big_uploads_on_the_same_connection(
+    client: poc_api.ApiClient,
+) -> None:
+    # grpclib sends a message a DATA frame at a time without yielding between frames
+    # while the connection has window, and a connection WINDOW_UPDATE wakes the
+    # oldest streams first: each update went to the uploads, and a new call's few
+    # bytes (its OpenSession, its CloseSession) waited until they had all ended.
+    png = make_png(56, 28, padding=12 * MB)
+    sending = 0
+    all_sending = trio.Event()
+    uploaded = 0
+
+    async def upload() -> None:
+        nonlocal sending, uploaded
+        async with client.session() as s:
+            sending += 1
+            if sending == 10:
+                all_sending.set()
+            await s.append_image(png, "image/png")
+        uploaded += 1
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(upload)
+            await all_sending.wait()
+            await trio.sleep(0.2)  # the uploads hold the connection's window
+            async with client.session() as s:
+                await s.prefill([1, 2, 3])
+            assert uploaded == 0  # done long before the uploads
+
+
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
 async def test_an_announced_oversized_reply_is_refused_before_its_body_arrives(
     bad_server: MisbehavingServer, method: str
