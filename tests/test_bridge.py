@@ -869,6 +869,60 @@ async def test_a_wedged_call_that_ends_as_the_close_fails_it_is_finished_once(
     assert call.error is None and call.result == 7
 
 
+async def test_a_wedged_call_returning_as_the_close_fails_it_keeps_one_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The loop thread un-wedges and records the call's result (returned, 7) but
+    # has not yet finished it (_finish) when the close fails it: the close's error
+    # went next to the result, and the caller got ClosedResourceError for a call
+    # that returned (its result not handed to `abandoned`: a session leaked).
+    release, recorded, failed = threading.Event(), threading.Event(), threading.Event()
+
+    async def wedged() -> int:
+        release.wait(30)
+        return 7
+
+    bridge = AsyncioBridge.start(cancel_timeout=0.1)
+    forget = bridge._forget
+
+    def slow_forget(call: Any) -> None:
+        if call is wedged_call:
+            recorded.set()  # the result is recorded; _finish not yet run
+            failed.wait(5)
+        forget(call)
+
+    def error() -> BaseException:
+        if sys._getframe(1).f_locals.get("left") is wedged_call and not release.is_set():
+            release.set()
+            recorded.wait(5)
+        return trio.ClosedResourceError("closed under the call")
+
+    try:
+        with trio.fail_after(10):
+            wedged_call = bridge._submit(wedged, ())
+            await trio.sleep(0.05)  # the loop thread is now wedged in `wedged`
+            monkeypatch.setattr(bridge, "_forget", slow_forget)
+            monkeypatch.setattr(bridge_module, "closed_under_call", error)
+            await bridge.aclose()
+    finally:
+        failed.set()
+        release.set()
+        bridge.thread.join(5)
+        loop = bridge.loop
+        for _ in range(5):
+            tasks = asyncio.all_tasks(loop)
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(asyncio.wait(tasks))
+        loop.close()
+        bridge._close_eventfds()
+    assert wedged_call.finished
+    assert (wedged_call.returned, wedged_call.error) == (True, None)
+
+
 async def _closed_under(bridge: AsyncioBridge, user: Callable[[], Awaitable[None]]) -> int:
     """Close ``bridge`` while ``user`` waits on it; how many ClosedResourceErrors it got."""
     failures: list[BaseException] = []

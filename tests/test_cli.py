@@ -1513,6 +1513,34 @@ async def test_streamed_text_is_the_decode_of_all_its_ids(
     assert "".join(written) == expected
 
 
+@pytest.mark.parametrize("byte_level", [False, True], ids=["tokenizer", "byte-level"])
+async def test_each_stream_of_a_live_text_is_the_decode_of_its_own_ids(byte_level: bool) -> None:
+    # The demo prints three streams through one _LiveText. A stream cut short in a
+    # character's bytes (max_tokens) ends in U+FFFD; the next one's text was decoded
+    # after it (one TextDecoder for all): its first byte completed the last one's
+    # character ("€"), a character neither stream has.
+    from poc_api.cli import _Codec, _LiveText, _Where
+
+    streams = [[0x61, 0xE2, 0x82], [0xAC, 0x62]]
+    outputs: list[str] = []
+    async with reference_server() as server, open_client(server) as client:
+        codec = _Codec(client, _Where(), on_fallback=lambda: None)
+        codec.byte_level = byte_level
+        expected = [await codec.decode(ids) for ids in streams]
+        written: list[str] = []
+        live = _LiveText(codec, written.append)
+        for ids in streams:
+            send, receive = trio.open_memory_channel[int](100)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(live.run, receive)
+                async with send:
+                    for i in ids:
+                        send.send_nowait(i)
+            outputs.append("".join(written))
+            written.clear()
+    assert outputs == expected
+
+
 async def test_with_stderr_closed_warnings_and_errors_do_not_go_to_stdout() -> None:
     # sys.stderr is None with fd 2 closed, and click.echo(file=None) writes to
     # stdout: the byte-level fallback's warning and the error line went into the

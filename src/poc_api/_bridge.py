@@ -795,16 +795,13 @@ class AsyncioBridge:
             # finished (detached) keeps its outcome to itself.
             try:
                 result = await fn(*args)
-                if not call.finished:
-                    call.result = result
-                    call.returned = True
+                self._record(call, result=result, returned=True)
             except asyncio.CancelledError:
                 if not call.finished:
-                    call.error = None if call.cancel_requested else closed_under_call()
+                    self._record(call, error=None if call.cancel_requested else closed_under_call())
                 raise
             except BaseException as exc:
-                if not call.finished:
-                    call.error = exc
+                self._record(call, error=exc)
             finally:
                 self._forget(call)
 
@@ -835,6 +832,21 @@ class AsyncioBridge:
                 return False
             call.finished = True
             return True
+
+    def _record(
+        self,
+        call: _Call,
+        *,
+        result: object = None,
+        returned: bool = False,
+        error: BaseException | None = None,
+    ) -> None:
+        """asyncio side: the call's outcome, unless it is finished already (detached,
+        or failed by a close: its outcome is that). Locked as _claim: recorded
+        after a close's check, a result went next to the close's error."""
+        with self._finish_lock:
+            if not call.finished:
+                call.result, call.returned, call.error = result, returned, error
 
     def _finish(self, call: _Call) -> None:
         """asyncio side: the outcome is recorded; tell the trio side (once)."""
@@ -945,7 +957,7 @@ class AsyncioBridge:
             # A task cancelled before its first step never runs `body`: its
             # outcome is recorded here, as `body` would have.
             if not call.finished:
-                call.error = None if call.cancel_requested else closed_under_call()
+                self._record(call, error=None if call.cancel_requested else closed_under_call())
             self._forget(call)
 
         task.add_done_callback(ended)
@@ -1118,7 +1130,8 @@ class AsyncioBridge:
             if not left.finished:
                 exc = error()
                 if self._claim(left):  # (else the loop finished it meanwhile: kept)
-                    left.error = exc
+                    if not left.returned and left.error is None:  # (else recorded: kept)
+                        left.error = exc
                     if left.on_done is not None:
                         left.on_done(left)
             left.done.set()

@@ -1865,6 +1865,38 @@ async def test_a_close_that_cannot_reach_its_server_is_sent_again_once_it_can(
         assert bad_server.closed.count(s.session_id) == 3  # (and the new session's)
 
 
+async def test_a_re_close_refused_by_a_goaway_makes_no_connection_of_its_own(
+    bad_server: MisbehavingServer,
+) -> None:
+    # A re-close above a GOAWAY's last stream id (a server shutting down for a
+    # restart refuses new streams, then closes) was sent again on a connection it
+    # made itself: against the restarting server that attempt failed and put the
+    # transport in reconnect backoff, and a call made as it came back failed at once.
+    async with client_for(bad_server, close_timeout=1.0) as c:
+        with trio.fail_after(10):
+            async with c.session() as s:
+                bad_server.plan("CloseSession", Reply("close"), Reply("close"))
+            async with c.session():  # a call of the client's: connected again
+                pass
+            bad_server.plan("CloseSession", Reply("goaway"))
+            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 4, timeout=5)
+            await trio.sleep(1.5)  # the next re-close round: not connected, none sent
+            assert len(bad_server.calls_to("CloseSession")) == 4
+            async with c.session():  # connected again by the client's calls
+                pass
+            await wait_for(lambda: len(bad_server.calls_to("CloseSession")) == 6, timeout=5)
+        closes = [(c.kind, c.connection) for c in bad_server.calls_to("CloseSession")]
+        assert closes == [
+            ("close", 1),
+            ("close", 2),
+            ("ok", 3),
+            ("goaway", 3),
+            ("ok", 4),
+            ("ok", 4),
+        ]
+        assert bad_server.closed.count(s.session_id) == 4
+
+
 async def test_a_close_left_by_a_lost_connection_goes_once_more_as_an_idle_client_closes(
     bad_server: MisbehavingServer,
 ) -> None:
