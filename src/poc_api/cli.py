@@ -562,14 +562,21 @@ class _LiveText:
     def __init__(self, codec: _Codec, write: Callable[[str], None]) -> None:
         self._codec = codec
         self._write = write
+        self._start()
+
+    def _start(self) -> None:
         # (Special ids are left out here: the codec knows them, or shows them.)
-        self._decoder = codec.client.text_decoder(skip_special_tokens=False)
+        self._decoder = self._codec.client.text_decoder(skip_special_tokens=False)
         self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
         #: Ids fed to the decoder while it has written nothing: for the
         #: byte-level rule if the server turns out to have no /detokenize.
         self._unwritten: list[int] | None = []
 
     async def run(self, receive: trio.MemoryReceiveChannel[int]) -> None:
+        # Each stream (the demo runs several through one) decoded from its own
+        # start: after the last one's ids, a character it ended in the first
+        # bytes of was completed by this one's.
+        self._start()
         async with receive:
             async for first in receive:
                 batch = [first]
