@@ -846,7 +846,11 @@ class GrpcTransport:
         return channel
 
     async def _ready_channel(
-        self, *, wait_for_ready: bool = False, progress: _Progress | None = None
+        self,
+        *,
+        wait_for_ready: bool = False,
+        progress: _Progress | None = None,
+        connect: bool = True,
     ) -> _PocChannel:
         """asyncio: the connected channel, connecting it first if need be.
 
@@ -858,7 +862,8 @@ class GrpcTransport:
         (a pool's OpenSession), a call still waiting for the connection after
         ``_CONNECT_HEDGE`` seconds gives up (retriable ``ServerUnavailable``,
         ``progress.left`` set) as soon as ``hedge()`` says another endpoint is
-        ready; the attempt goes on.
+        ready; the attempt goes on. Unless ``connect`` (re-closes), a call that
+        would have to make an attempt of its own fails instead (``ServerUnavailable``).
         """
         # Runs on the asyncio side, which is single-threaded: plain attributes are
         # enough. Calls share one connection attempt through ``_attempt``, not
@@ -889,6 +894,12 @@ class GrpcTransport:
                 # attempt) look again.
                 await self._wait_attempt(attempt, progress)
                 continue
+            if not connect:
+                # A re-close waits for the client's calls to connect (see _reclose).
+                raise e.ServerUnavailable(
+                    f"{self._target.url}: not connected (left to the client's calls)",
+                    retriable=True,
+                )
             if channel is not None and (self._channel_was_connected or channel.shut):
                 # The connection was lost (or closed): start over with a fresh channel.
                 log.info("salience connection to %s lost; reconnecting", self._target.url)
@@ -1159,6 +1170,7 @@ class GrpcTransport:
         extra_metadata: tuple[tuple[str, str], ...] = (),
         *,
         wait_for_ready: bool = False,
+        connect: bool = True,
     ) -> None:
         """asyncio: one call — send ``request``, hand every reply message to ``sink``.
 
@@ -1169,7 +1181,8 @@ class GrpcTransport:
         times, each on a fresh connection. On any exit
         before the call finished the stream is reset with CANCEL. Within the
         reconnect backoff the call fails at once (``ServerUnavailable``), unless
-        ``wait_for_ready``: then it waits for the backoff to pass.
+        ``wait_for_ready``: then it waits for the backoff to pass. Unless
+        ``connect``, it makes no connection attempt of its own (see ``_ready_channel``).
         """
         max_size = self._max_message_size
         refused = drained = 0
@@ -1180,6 +1193,7 @@ class GrpcTransport:
                 channel = await self._ready_channel(
                     wait_for_ready=wait_for_ready,
                     progress=progress,
+                    connect=connect,
                 )
             except StreamTerminatedError as exc:
                 # The channel was closed (replaced) while this call connected it.
@@ -1280,20 +1294,28 @@ class GrpcTransport:
         *,
         extra_metadata: tuple[tuple[str, str], ...] = (),
         undo: Orphan | None = None,
+        connect: bool = True,
     ) -> bytes:
         """asyncio: a unary call, for code already running on the asyncio side.
 
         With ``undo``, a call that fails after its reply arrived (the server
         acted on it: a reset, an error status or a lost connection came after
         the answer) has ``undo(reply, ...)`` run in the background: its caller
-        gets the error and nothing to undo with.
+        gets the error and nothing to undo with. Unless ``connect``, it makes no
+        connection attempt of its own (``ServerUnavailable`` instead).
         """
         path = SERVICE + method
         self._check_size(request, path)
         sink = _Collect(method, salvage=undo is not None, progress=progress)
         try:
             await self._exchange(
-                path, Cardinality.UNARY_UNARY, request, sink, progress, extra_metadata
+                path,
+                Cardinality.UNARY_UNARY,
+                request,
+                sink,
+                progress,
+                extra_metadata,
+                connect=connect,
             )
         except BaseException as exc:
             if undo is not None and sink.items:
@@ -1549,7 +1571,11 @@ class GrpcTransport:
                 if not self.connected and not (connect and at == 0):
                     break  # (see _reclose: no connection attempt of its own)
                 batch = ids[at : at + _RECLOSE_BATCH]
-                outcomes = await asyncio.gather(*(self._close_again(sid, wait) for sid in batch))
+                # Nor one sent again inside (refused by a GOAWAY: a server going
+                # down for a restart), unless the client's close.
+                outcomes = await asyncio.gather(
+                    *(self._close_again(sid, wait, connect=connect) for sid in batch)
+                )
                 if all(outcome is False for outcome in outcomes):
                     break  # unanswered: so would the rest be, now
                 answered = True
@@ -1580,7 +1606,9 @@ class GrpcTransport:
                 )
         return answered
 
-    async def _close_again(self, session_id: str, wait: float) -> bool | BaseException:
+    async def _close_again(
+        self, session_id: str, wait: float, *, connect: bool = False
+    ) -> bool | BaseException:
         """asyncio: one more ``CloseSession``: True if it got through, False if
         unanswered (still queued, unless its time is up), else the refusal."""
         entry = self._unclosed.get(session_id)
@@ -1593,6 +1621,7 @@ class GrpcTransport:
                     "CloseSession",
                     encode_string_field(session_id),  # CloseSessionRequest
                     extra_metadata=entry.metadata,
+                    connect=connect,
                 )
         except Exception as exc:
             mapped = map_grpc_error(exc, "CloseSession")
