@@ -467,3 +467,27 @@ def test_drain_waits_for_open_sessions_then_stops() -> None:
         client.close()
         srv.stop()
     assert srv._thread is not None and not srv._thread.is_alive()
+
+
+def test_an_asyncio_block_cancelled_while_its_server_starts_stops_the_server() -> None:
+    # asyncio lets go of a cancelled to_thread() at once; the thread went on
+    # starting the server, and with no __aexit__ for a failed __aenter__ it served
+    # on for the rest of the process (a test's asyncio.timeout, a TaskGroup's
+    # failing sibling).
+    import asyncio
+
+    srv = ReferenceServer(ServerConfig())
+
+    async def main() -> None:
+        async def block() -> None:
+            async with srv:
+                await asyncio.sleep(TIMEOUT)
+
+        task = asyncio.ensure_future(block())
+        await asyncio.sleep(0)  # the worker thread is starting the server
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert srv._thread is not None and not srv._thread.is_alive(), srv

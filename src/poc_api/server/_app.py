@@ -329,7 +329,14 @@ class ReferenceServer:
         self._thread.join(self._grace + _STOP_TIMEOUT)
 
     async def __aenter__(self) -> ReferenceServer:
-        await _run_in_thread(self.start)
+        # Run to its end even if cancelled (asyncio lets go of the worker thread,
+        # which starts the server regardless), then stopped: a failed __aenter__
+        # gets no __aexit__, and the server would serve on.
+        try:
+            await _run_in_thread(self.start, shielded=True)
+        except BaseException:
+            await _run_in_thread(self.stop, shielded=True)
+            raise
         return self
 
     async def __aexit__(
