@@ -318,7 +318,9 @@ class Conversation:
         it, the session is kept whatever ends the block; so it is when a turn
         with nothing to decode (``max_tokens=0``, or a full context window),
         whose ``Done`` has come before the block's body runs, is left unread
-        without an exception: the turn is complete on both sides.
+        without an exception: the turn is complete on both sides. So too when
+        the block is left after its last token was read and its ``Done`` has
+        arrived, the ``StreamDone`` not yet read.
 
         Timeouts (seconds, off by default, :class:`PocApiTimeout`): ``timeout``
         bounds everything up to ``StreamDone``, the wait for another task's turn
