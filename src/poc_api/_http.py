@@ -576,7 +576,12 @@ def _via_proxy(exc: httpx.RequestError, url: str, client: httpx.AsyncClient | No
     )
 
 
-_WANTS_CLIENT_CERT: Final = "does the server want a client certificate? (ssl_context_factory)"
+# Said where a TLS server closed a fresh connection without a word: a TLS 1.3 one
+# refuses a missing client certificate after the handshake (its alert unread), and
+# a gRPC-only port closes on an HTTP/1.1 request.
+_WANTS_CLIENT_CERT: Final = (
+    "does the server want a client certificate (ssl_context_factory), or is it a gRPC-only port?"
+)
 
 #: Errors of requests sent on a kept-alive connection, one that had answered.
 _ON_AN_ANSWERED_CONNECTION: Final[weakref.WeakSet[BaseException]] = weakref.WeakSet()
@@ -620,8 +625,6 @@ def _from_httpx(
             # A TLS port drops a plaintext request it cannot read as a handshake
             # (Python's ssl, uvicorn's): closed, not a byte of an answer. (Not on
             # a connection that had answered: a keep-alive close racing the request.)
-            # Over TLS 1.3, a server that wants a client certificate refuses one
-            # missing after the handshake: closed so too, its alert unread.
             hint = ""
             if "without sending a response" in text and exc not in _ON_AN_ANSWERED_CONNECTION:
                 if url.startswith("http://"):
@@ -666,8 +669,8 @@ def _from_httpx(
         # Every error down the chain is empty: trio's BrokenResourceError for a TLS
         # connection its peer closed has no words of its own.
         text = "the connection was closed, with no reason given (by the server?)"
-        if url.startswith("https:"):  # (as for "without sending a response")
-            text += f"; {_WANTS_CLIENT_CERT}"
+        if url.startswith("https:") and exc not in _ON_AN_ANSWERED_CONNECTION:
+            text += f"; {_WANTS_CLIENT_CERT}"  # (as for "without sending a response")
     # ConnectError, ReadError, WriteError, CloseError, ProxyError, ...
     return ServerUnavailable(f"{method} {url}: {type(exc).__name__}: {text}{via}", retriable=unsent)
 

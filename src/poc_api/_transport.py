@@ -947,6 +947,13 @@ class GrpcTransport:
         has been reached (then the URL was right, and the server went away)."""
         return self._target.url if self._reached else self._target.described
 
+    def _closed_hint(self, alpn_note: str) -> str:
+        """What else a server that closed before speaking HTTP/2 may be."""
+        if not self._target.tls:
+            # (A TLS port drops the HTTP/2 preface it cannot read as a handshake.)
+            return ", and not a TLS port (then https://)"
+        return "" if alpn_note else _CLIENT_CERT  # (a wrong ALPN says it all)
+
     def _connected_or_not(self, task: asyncio.Future[_PocChannel]) -> None:
         if self._connecting is task:
             self._connecting = None
@@ -1102,8 +1109,7 @@ class GrpcTransport:
             raise e.ServerUnavailable(
                 f"{self._named} closed the connection before speaking HTTP/2"
                 f"{protocol.alpn_note}: is it a gRPC server"
-                # (a TLS port drops the HTTP/2 preface it cannot read as a handshake)
-                f"{_CLIENT_CERT if self._target.tls else ', and not a TLS port (then https://)'}?",
+                f"{self._closed_hint(protocol.alpn_note)}?",
                 retriable=True,
             )
         # Retriable: nothing of the call was sent (calls wait for the SETTINGS),
