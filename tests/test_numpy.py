@@ -455,3 +455,9 @@ async def test_a_0_d_array_is_refused_as_ranges_naming_them(client: poc_api.ApiC
     # (As score_continuations' above: an int from tolist(), then "not iterable".)
     with pytest.raises(TypeError, match=r"ranges must be a sequence of .* not a 0-d ndarray"):
         await client.score([Tokens([1, 2])], np.array(5))  # type: ignore[arg-type]
+
+
+def test_a_0_d_array_is_refused_as_tokens_naming_it() -> None:
+    # (tolist() of a 0-d array is an int: the error said "not int".)
+    with pytest.raises(TypeError, match="ids must be a sequence of token ids, not a 0-d ndarray"):
+        Tokens(np.array(5))  # type: ignore[arg-type]

@@ -256,13 +256,14 @@ def _u32_tuple(
         unordered(value, name, "token ids")
     # A numpy array gives plain ints in one C call (20x faster than its scalars
     # one by one); what it gives is checked below.
+    given = type(value).__name__
     value = cast(Iterable[int], _plain(value))
     try:
         ids = tuple(value)
     except TypeError:
-        raise TypeError(
-            f"{name} must be a sequence of token ids, not {type(value).__name__}"
-        ) from None
+        # (Named as given: a 0-d numpy array is an int once plain.)
+        zero_d = "a 0-d " if given != type(value).__name__ else ""
+        raise TypeError(f"{name} must be a sequence of token ids, not {zero_d}{given}") from None
     for v in ids:
         if type(v) is not int or not 0 <= v <= U32_MAX:
             break
