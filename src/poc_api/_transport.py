@@ -1227,13 +1227,17 @@ class GrpcTransport:
                         path, cardinality, bytes, bytes, metadata=metadata
                     ) as stream:
                         try:
-                            await stream.send_request()
-                            raw = stream._stream
-                            if progress is not None:
-                                # HEADERS are written: the server may act on this call.
-                                progress.raw = raw
-                                progress.mark_sent()
-                            await stream.send_message(request, end=True)
+                            protocol.sending += 1  # (see _FairWriteReady)
+                            try:
+                                await stream.send_request()
+                                raw = stream._stream
+                                if progress is not None:
+                                    # HEADERS are written: the server may act on this call.
+                                    progress.raw = raw
+                                    progress.mark_sent()
+                                await stream.send_message(request, end=True)
+                            finally:
+                                protocol.sending -= 1
                             reader = _Reader(stream._stream, max_size, path)
                             await _receive(stream, reader, sink)
                         except BaseException:
@@ -2307,15 +2311,16 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
 
 class _FairWriteReady(asyncio.Event):
     """grpclib's ``write_ready`` (set), taking a turn of the loop first during a
-    bulk send while other calls are on the connection.
+    bulk send while other calls send their requests on the connection.
 
     grpclib sends a message a DATA frame at a time, waiting on this before each: set,
     the wait returned at once, so the first stream that a connection WINDOW_UPDATE
     woke (the oldest) sent frames until the window was gone, and a new call's few
     bytes (an OpenSession behind 30 image uploads) waited, for seconds, until the
     uploads ended. With a turn before each frame, the streams share the window.
-    Only once a full frame went out since the last wait: small calls (every
-    unary's path) never pay the extra loop iteration."""
+    Only once a full frame went out since the last wait, and while another call
+    sends too: small calls (every unary's path), and a lone upload beside streams
+    that only receive, never pay the extra loop iteration."""
 
     def __init__(self, connection: Connection, contended: Callable[[], bool]) -> None:
         super().__init__()
@@ -2427,6 +2432,7 @@ class _PocH2Protocol(H2Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = _StreamGate()
+        self.sending = 0  # calls sending their request (HEADERS, DATA) now
         self.settings_received = asyncio.Event()
         # A GOAWAY came before the SETTINGS: the server refused the connection.
         self.went_away_first = asyncio.Event()
@@ -2515,9 +2521,7 @@ class _PocH2Protocol(H2Protocol):
         self.connection.sessions_open = self.sessions_open
         self.connection.open_stream_ids = lambda: list(self.processor.streams)
         self.connection.writer = writer
-        self.connection.write_ready = _FairWriteReady(
-            self.connection, lambda: len(self.processor.streams) > 1
-        )
+        self.connection.write_ready = _FairWriteReady(self.connection, lambda: self.sending > 1)
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
