@@ -52,6 +52,11 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "data_sent",
         "tell a bulk send (share the send window) from small calls",
     ),
+    (
+        "grpclib.protocol.Connection",
+        "data_send_process",
+        "a turn for other calls' frames after a bulk DATA frame (share the send window)",
+    ),
     ("grpclib.client.Channel", "_protocol_factory", "install the split-window protocol"),
     ("grpclib.client.Channel", "__connect__", "bounded connect; never reconnect a closed one"),
     ("grpclib.client.Channel instance", "_protocol", "the connection's SETTINGS state"),

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import Token
 from functools import partial
 from types import TracebackType
-from typing import Any, Final, Literal, NoReturn, Protocol, SupportsFloat, TypeVar, final
+from typing import Any, Final, NoReturn, Protocol, SupportsFloat, TypeVar, final
 from urllib.parse import urlsplit
 
 import attrs
@@ -92,8 +92,8 @@ __all__ = [
 
 log = logging.getLogger("poc_api.grpc")
 
-# DATA sent on a connection between two of grpclib's write waits that says a bulk
-# send is on (h2's least, and default, maximum frame size): see _FairWriteReady.
+# DATA sent on a connection since its last turn that says a bulk send is on (h2's
+# least, and default, maximum frame size): see _PocConnection.data_send_process.
 _BULK_SEND: Final = 16_384
 
 # A TLS 1.3 server that wants a client certificate refuses it after the handshake:
@@ -1227,7 +1227,7 @@ class GrpcTransport:
                         path, cardinality, bytes, bytes, metadata=metadata
                     ) as stream:
                         try:
-                            protocol.sending += 1  # (see _FairWriteReady)
+                            protocol.sending += 1  # (see data_send_process)
                             try:
                                 await stream.send_request()
                                 raw = stream._stream
@@ -2309,34 +2309,6 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
             self._prepare_for_sending(stream.acknowledge_received_data(acknowledged_size))
 
 
-class _FairWriteReady(asyncio.Event):
-    """grpclib's ``write_ready`` (set), taking a turn of the loop first during a
-    bulk send while other calls send their requests on the connection.
-
-    grpclib sends a message a DATA frame at a time, waiting on this before each: set,
-    the wait returned at once, so the first stream that a connection WINDOW_UPDATE
-    woke (the oldest) sent frames until the window was gone, and a new call's few
-    bytes (an OpenSession behind 30 image uploads) waited, for seconds, until the
-    uploads ended. With a turn before each frame, the streams share the window.
-    Only once a full frame went out since the last wait, and while another call
-    sends too: small calls (every unary's path), and a lone upload beside streams
-    that only receive, never pay the extra loop iteration."""
-
-    def __init__(self, connection: Connection, contended: Callable[[], bool]) -> None:
-        super().__init__()
-        self.set()
-        self._connection = connection
-        self._contended = contended
-        self._seen = 0  # the connection's data_sent at the last wait
-
-    async def wait(self) -> Literal[True]:
-        sent = self._connection.data_sent
-        bulk, self._seen = sent - self._seen >= _BULK_SEND, sent
-        if bulk and self.is_set() and self._contended():
-            await asyncio.sleep(0)
-        return await super().wait()
-
-
 class _PocConnection(Connection):
     """grpclib's connection, pinging also while sessions are open between calls.
 
@@ -2347,6 +2319,35 @@ class _PocConnection(Connection):
     open_stream_ids: Callable[[], list[int]] = staticmethod(list)  # (set by the protocol)
     ping_unanswered = False  # keepalive closed the connection: a ping went unanswered
     writer: _CoalescingTransport | None = None  # (set by the protocol that made it)
+    # More than one call sends its request now; the transport is paused (set by the
+    # protocol: see data_send_process).
+    contended: Callable[[], bool] = staticmethod(lambda: False)
+    paused: Callable[[], bool] = staticmethod(lambda: False)
+    _turn_at = 0  # data_sent at the last turn
+
+    def data_send_process(self) -> None:
+        """After each DATA frame grpclib writes: a turn for the other calls' frames.
+
+        grpclib sends a message a frame at a time, waiting on ``write_ready``
+        before each: set, the wait returned at once, so the first stream that a
+        connection WINDOW_UPDATE woke (the oldest) sent frames until the window was
+        gone, and a new call's few bytes (an OpenSession behind 30 image uploads)
+        waited, for seconds, until the uploads ended. Once a full frame went out
+        since the last turn, while another call sends too, ``write_ready`` is
+        cleared until the loop's next iteration: every waiting stream then goes
+        once, in turn. Small calls (every unary's path), and a lone upload beside
+        streams that only receive, never pay the extra iteration.
+        """
+        super().data_send_process()
+        if self.data_sent - self._turn_at >= _BULK_SEND and self.contended():
+            self._turn_at = self.data_sent
+            if self.write_ready.is_set():
+                self.write_ready.clear()
+                asyncio.get_running_loop().call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        if not self.paused():  # (a paused transport's resume_writing sets it)
+            self.write_ready.set()
 
     def close(self) -> None:
         # grpclib's keepalive closes the connection by calling this from the timer it
@@ -2521,7 +2522,8 @@ class _PocH2Protocol(H2Protocol):
         self.connection.sessions_open = self.sessions_open
         self.connection.open_stream_ids = lambda: list(self.processor.streams)
         self.connection.writer = writer
-        self.connection.write_ready = _FairWriteReady(self.connection, lambda: self.sending > 1)
+        self.connection.contended = lambda: self.sending > 1
+        self.connection.paused = lambda: self._paused
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
