@@ -50,7 +50,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from functools import partial
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, Final, Generic, TypeAlias, TypeVar, final
 
 import sniffio
 import trio
@@ -152,6 +152,10 @@ class _Mailbox:
                 fn()
             except Exception:  # pragma: no cover - callbacks here never raise
                 log.exception("poc_api bridge callback failed")
+
+
+#: A call's outcome: (result, returned, error).
+_Outcome: TypeAlias = tuple[Any, bool, BaseException | None]
 
 
 class _Call:
@@ -793,23 +797,21 @@ class AsyncioBridge:
             # The outcome is recorded inside the task, not by a done callback, so
             # the trio side hears of it one loop iteration sooner. A call already
             # finished (detached) keeps its outcome to itself.
+            outcome: _Outcome | None = None
             try:
-                result = await fn(*args)
-                self._record(call, result=result, returned=True)
+                outcome = (await fn(*args), True, None)
             except asyncio.CancelledError:
-                if not call.finished:
-                    self._record(call, error=None if call.cancel_requested else closed_under_call())
+                outcome = (None, False, None if call.cancel_requested else closed_under_call())
                 raise
             except BaseException as exc:
-                self._record(call, error=exc)
+                outcome = (None, False, exc)
             finally:
-                self._forget(call)
+                self._forget(call, outcome)
 
         def begin() -> None:
             if call.cancel_requested or call.aborted or self._loop.is_closed():
-                if call.aborted and not call.cancel_requested:
-                    call.error = closed_under_call()
-                self._finish(call)
+                aborted = call.aborted and not call.cancel_requested
+                self._finish(call, (None, False, closed_under_call()) if aborted else None)
                 return
             task = _start_task(self._loop, body())
             if not task.done():  # an eager start may have finished it already
@@ -833,25 +835,17 @@ class AsyncioBridge:
             call.finished = True
             return True
 
-    def _record(
-        self,
-        call: _Call,
-        *,
-        result: object = None,
-        returned: bool = False,
-        error: BaseException | None = None,
-    ) -> None:
-        """asyncio side: the call's outcome, unless it is finished already (detached,
-        or failed by a close: its outcome is that). Locked as _claim: recorded
-        after a close's check, a result went next to the close's error."""
+    def _finish(self, call: _Call, outcome: _Outcome | None = None) -> None:
+        """asyncio side: record ``outcome`` and tell the trio side, once (nothing for
+        a call finished already: detached, or failed by a close, its outcome is
+        that). Locked as _claim: a result recorded just after a close's check
+        went out as the close's error."""
         with self._finish_lock:
-            if not call.finished:
-                call.result, call.returned, call.error = result, returned, error
-
-    def _finish(self, call: _Call) -> None:
-        """asyncio side: the outcome is recorded; tell the trio side (once)."""
-        if not self._claim(call):
-            return
+            if call.finished:
+                return
+            if outcome is not None:
+                call.result, call.returned, call.error = outcome
+            call.finished = True
         if call.on_done is not None:
             call.on_done(call)
         if call.fd >= 0:
@@ -907,7 +901,7 @@ class AsyncioBridge:
                     break
         call.done.set()
 
-    def _forget(self, call: _Call) -> None:
+    def _forget(self, call: _Call, outcome: _Outcome | None = None) -> None:
         """asyncio side: the task is ending; drop the trio side's reference, then finish.
 
         Dropped here, in the loop thread: a task freed in the trio thread runs
@@ -915,7 +909,7 @@ class AsyncioBridge:
         is lost ("Exception ignored in ...").
         """
         call.task = None
-        self._finish(call)
+        self._finish(call, outcome)
 
     def _cancel(self, call: _Call) -> None:
         # Set here too, not only on the loop: a call whose start is still queued
@@ -956,9 +950,8 @@ class AsyncioBridge:
         def ended(_: object) -> None:
             # A task cancelled before its first step never runs `body`: its
             # outcome is recorded here, as `body` would have.
-            if not call.finished:
-                self._record(call, error=None if call.cancel_requested else closed_under_call())
-            self._forget(call)
+            error = None if call.cancel_requested else closed_under_call()
+            self._forget(call, (None, False, error))
 
         task.add_done_callback(ended)
 
