@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import Any
 
 import attrs
 import httpx
@@ -490,4 +491,64 @@ def test_an_asyncio_block_cancelled_while_its_server_starts_stops_the_server() -
             await task
 
     asyncio.run(main())
+    assert srv._thread is not None and not srv._thread.is_alive(), srv
+
+
+def test_an_asyncio_block_cancelled_twice_while_its_server_starts_stops_the_server() -> None:
+    # A second cancellation (a TaskGroup's, after an asyncio.timeout's) came while
+    # __aenter__ waited for the start it was already cancelled in: the wait let go,
+    # and the stop ran beside the start still going (before the server's loop was
+    # up, nothing to stop), which then served on.
+    import asyncio
+
+    srv = ReferenceServer(ServerConfig())
+    start = srv.start
+
+    def slow_start() -> None:
+        time.sleep(0.2)  # (its model loading, say)
+        start()
+
+    srv.start = slow_start  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async def block() -> None:
+            async with srv:
+                await asyncio.sleep(TIMEOUT)
+
+        task = asyncio.ensure_future(block())
+        await asyncio.sleep(0)  # the worker thread is starting the server
+        task.cancel()
+        await asyncio.sleep(0.05)  # __aenter__ waits for the start, cancelled
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert srv._thread is not None
+    srv._thread.join(TIMEOUT)
+    assert not srv._thread.is_alive(), srv
+
+
+async def test_a_ctrl_c_as_the_start_returns_under_trio_is_raised_and_stops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Ctrl-C landing as the worker thread's start returned (trio raises it in
+    # any unprotected bytecode) started the server a second time: "can only be
+    # started once" went out instead of the KeyboardInterrupt.
+    run_sync = trio.to_thread.run_sync
+    interrupted = False
+
+    async def interrupted_on_return(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal interrupted
+        result = await run_sync(fn, *args, **kwargs)
+        if not interrupted:
+            interrupted = True
+            raise KeyboardInterrupt
+        return result
+
+    srv = ReferenceServer(ServerConfig())
+    monkeypatch.setattr(trio.to_thread, "run_sync", interrupted_on_return)
+    with trio.fail_after(TIMEOUT), pytest.raises(KeyboardInterrupt):
+        async with srv:
+            pass
     assert srv._thread is not None and not srv._thread.is_alive(), srv

@@ -416,11 +416,19 @@ async def _run_in_thread(fn: object, *, shielded: bool = False) -> None:
             # trio delivers a Ctrl-C to the main task at any checkpoint, shielded
             # or not: one landing where the worker thread starts would leave fn
             # (a server's stop) undone. Run it to its end, then let the Ctrl-C go.
+            # Once: a Ctrl-C as it returned ran it again (a second start: "can
+            # only be started once" instead of the Ctrl-C).
             ki: KeyboardInterrupt | None = None
-            while True:
+            started = False
+
+            def once() -> None:
+                nonlocal started
+                started = True
+                fn()
+
+            while not started:
                 try:
-                    await trio.to_thread.run_sync(fn)
-                    break
+                    await trio.to_thread.run_sync(once)
                 except KeyboardInterrupt as exc:
                     ki = exc
             if ki is not None:
@@ -428,12 +436,19 @@ async def _run_in_thread(fn: object, *, shielded: bool = False) -> None:
     elif not shielded:
         await asyncio.to_thread(fn)
     else:
+        # As often as it is cancelled (a TaskGroup's after an asyncio.timeout's):
+        # awaited bare, a second cancellation let go of the thread, which ran on
+        # (a start, beside the stop meant to undo it).
         done = asyncio.ensure_future(asyncio.to_thread(fn))
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            await done  # (the thread runs on regardless: wait for it, then go)
-            raise
+        cancelled: asyncio.CancelledError | None = None
+        while not done.done():
+            try:
+                await asyncio.wait({done})
+            except asyncio.CancelledError as exc:
+                cancelled = exc  # (the thread runs on regardless: wait for it, then go)
+        if cancelled is not None and done.exception() is None:
+            raise cancelled
+        done.result()
 
 
 def run_forever(config: ServerConfig) -> None:
