@@ -1123,8 +1123,7 @@ class AsyncioBridge:
             if not left.finished:
                 exc = error()
                 if self._claim(left):  # (else the loop finished it meanwhile: kept)
-                    if not left.returned and left.error is None:  # (else recorded: kept)
-                        left.error = exc
+                    left.error = exc  # (no outcome yet: the loop records it as it claims)
                     if left.on_done is not None:
                         left.on_done(left)
             left.done.set()
