@@ -2196,6 +2196,23 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
 
     #: time.monotonic() of the last DATA received (a probe's ping rate depends on it)
     data_at: float = -math.inf
+    # More than one call sends its request now (set by the protocol).
+    contended: Callable[[], bool] = staticmethod(lambda: False)
+    _max_frame = 16_384  # the server's SETTINGS_MAX_FRAME_SIZE
+
+    @property
+    def max_outbound_frame_size(self) -> int:
+        # grpclib sends as much as the window allows up to this in one frame: from a
+        # server that takes 16 MiB frames (grpcio's), each connection WINDOW_UPDATE
+        # went whole to the oldest upload, and a new call's bytes waited until every
+        # upload had ended. While calls contend, a frame is one turn's worth (see
+        # _PocConnection.data_send_process).
+        frame = self._max_frame
+        return min(frame, _BULK_SEND) if self.contended() else frame
+
+    @max_outbound_frame_size.setter
+    def max_outbound_frame_size(self, frame: int) -> None:
+        self._max_frame = frame
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         # h2 closes its state machine on any GOAWAY, after which the DATA of
@@ -2522,7 +2539,7 @@ class _PocH2Protocol(H2Protocol):
         self.connection.sessions_open = self.sessions_open
         self.connection.open_stream_ids = lambda: list(self.processor.streams)
         self.connection.writer = writer
-        self.connection.contended = lambda: self.sending > 1
+        self.connection.contended = h2_conn.contended = lambda: self.sending > 1
         self.connection.paused = lambda: self._paused
         self.connection.flush()
         self.connection.initialize()

@@ -574,3 +574,41 @@ def test_conversation_image_refused_then_next_turn(make_peer: Callable[..., AioP
     assert isinstance(out[-1], poc_api.StreamDone) and isinstance(out2[-1], poc_api.StreamDone)
     assert peer.open_sessions() == set()
     assert peer.opened == 2
+
+
+@pytest.mark.heavy  # (h2's and grpclib's framing; 160 MiB through the peer)
+def test_a_small_call_is_not_starved_by_uploads_sent_in_huge_frames(
+    make_peer: Callable[..., AioPeer],
+) -> None:
+    # grpcio takes DATA frames up to 16 MiB: grpclib sent each connection
+    # WINDOW_UPDATE whole, in one frame, to the oldest upload, and the turns between
+    # frames never came; a new call's few bytes waited until every upload had ended.
+    peer = make_peer(options=[("grpc.max_receive_message_length", 1 << 26)])
+
+    async def main() -> Any:
+        async with client_for(peer) as c:
+            sending = 0
+            all_sending = trio.Event()
+            uploaded = 0
+            image = b"x" * (16 << 20)
+
+            async def upload() -> None:
+                nonlocal sending, uploaded
+                async with c.session() as s:
+                    sending += 1
+                    if sending == 10:
+                        all_sending.set()
+                    await s.append_image(image, "image/png")
+                uploaded += 1
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(upload)
+                await all_sending.wait()
+                await trio.sleep(0.05)  # the uploads hold the connection's window
+                before = uploaded
+                async with c.session() as s:
+                    await s.prefill([1, 2, 3])
+                return uploaded - before
+
+    assert run(main) <= 2  # done long before the uploads
