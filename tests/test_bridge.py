@@ -796,23 +796,7 @@ async def test_closing_under_a_wedged_loop_thread_keeps_outcomes_and_wakes_every
     finally:
         release.set()
         bridge.thread.join(5)
-        # The close left the wedged loop behind: end its tasks here, then close it.
-        # (Its queued shutdown may start meanwhile and cancel this drain: go again.)
-        loop = bridge.loop
-
-        async def drain(tasks: set[asyncio.Task[Any]]) -> None:
-            await asyncio.wait(tasks)
-
-        for _ in range(5):
-            tasks = asyncio.all_tasks(loop)
-            if not tasks:
-                break
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(drain(tasks))
-        loop.close()
-        bridge._close_eventfds()
+        _close_left_behind(bridge)
     assert outcomes == {"held": None, "quick": 7, "wedge": "closed"}
 
 
@@ -853,18 +837,7 @@ async def test_a_wedged_call_that_ends_as_the_close_fails_it_is_finished_once(
     finally:
         release.set()
         bridge.thread.join(5)
-        # The close left the loop behind: end its tasks (the shutdown), close it.
-        loop = bridge.loop
-        for _ in range(5):
-            tasks = asyncio.all_tasks(loop)
-            if not tasks:
-                break
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(asyncio.wait(tasks))
-        loop.close()
-        bridge._close_eventfds()
+        _close_left_behind(bridge)
     assert len(done_in) == 1
     assert call.error is None and call.result == 7
 
@@ -909,22 +882,33 @@ async def test_a_wedged_call_returning_as_the_close_fails_it_keeps_one_outcome(
         failed.set()
         release.set()
         bridge.thread.join(5)
-        loop = bridge.loop
-        for _ in range(5):
-            tasks = asyncio.all_tasks(loop)
-            if not tasks:
-                break
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(asyncio.wait(tasks))
-        loop.close()
-        bridge._close_eventfds()
+        _close_left_behind(bridge)
     assert wedged_call.finished
     assert wedged_call.returned != (wedged_call.error is not None), (
         wedged_call.returned,
         wedged_call.error,
     )
+
+
+def _close_left_behind(bridge: AsyncioBridge) -> None:
+    """After a close that left a wedged loop thread behind (now ended): end its
+    loop's tasks here, then close it. (Its queued shutdown may start meanwhile and
+    cancel this drain: go again.)"""
+    loop = bridge.loop
+
+    async def drain(tasks: set[asyncio.Task[Any]]) -> None:
+        await asyncio.wait(tasks)
+
+    for _ in range(5):
+        tasks = asyncio.all_tasks(loop)
+        if not tasks:
+            break
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(drain(tasks))
+    loop.close()
+    bridge._close_eventfds()
 
 
 async def _closed_under(bridge: AsyncioBridge, user: Callable[[], Awaitable[None]]) -> int:

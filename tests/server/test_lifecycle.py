@@ -470,35 +470,17 @@ def test_drain_waits_for_open_sessions_then_stops() -> None:
     assert srv._thread is not None and not srv._thread.is_alive()
 
 
-def test_an_asyncio_block_cancelled_while_its_server_starts_stops_the_server() -> None:
+@pytest.mark.parametrize("cancels", [1, 2])
+def test_an_asyncio_block_cancelled_while_its_server_starts_stops_the_server(
+    cancels: int,
+) -> None:
     # asyncio lets go of a cancelled to_thread() at once; the thread went on
     # starting the server, and with no __aexit__ for a failed __aenter__ it served
     # on for the rest of the process (a test's asyncio.timeout, a TaskGroup's
-    # failing sibling).
-    import asyncio
-
-    srv = ReferenceServer(ServerConfig())
-
-    async def main() -> None:
-        async def block() -> None:
-            async with srv:
-                await asyncio.sleep(TIMEOUT)
-
-        task = asyncio.ensure_future(block())
-        await asyncio.sleep(0)  # the worker thread is starting the server
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(main())
-    assert srv._thread is not None and not srv._thread.is_alive(), srv
-
-
-def test_an_asyncio_block_cancelled_twice_while_its_server_starts_stops_the_server() -> None:
-    # A second cancellation (a TaskGroup's, after an asyncio.timeout's) came while
-    # __aenter__ waited for the start it was already cancelled in: the wait let go,
-    # and the stop ran beside the start still going (before the server's loop was
-    # up, nothing to stop), which then served on.
+    # failing sibling). A second cancellation (a TaskGroup's, after an
+    # asyncio.timeout's), while __aenter__ waited for the start it was cancelled
+    # in, let go of that wait: the stop ran beside the start still going (before
+    # the server's loop was up, nothing to stop), which then served on.
     import asyncio
 
     srv = ReferenceServer(ServerConfig())
@@ -517,9 +499,9 @@ def test_an_asyncio_block_cancelled_twice_while_its_server_starts_stops_the_serv
 
         task = asyncio.ensure_future(block())
         await asyncio.sleep(0)  # the worker thread is starting the server
-        task.cancel()
-        await asyncio.sleep(0.05)  # __aenter__ waits for the start, cancelled
-        task.cancel()
+        for _ in range(cancels):
+            task.cancel()
+            await asyncio.sleep(0.05)  # __aenter__ waits for the start, cancelled
         with pytest.raises(asyncio.CancelledError):
             await task
 
