@@ -248,6 +248,10 @@ class MisbehavingServer:
         #: flow-control credit, so a request body bigger than it stalls (None: h2's
         #: 65,535, and credit as data arrives).
         self.stall_window: int | None = None
+        #: New connections announce 16 MiB stream windows and give the connection's
+        #: window (HTTP/2's 65,535 to start) back a DATA frame at a time, as it
+        #: arrives: each WINDOW_UPDATE is one frame's worth.
+        self.trickle_window = False
         self.held: tuple[_Connection, int] | None = None  # see "hold"
         self.port = 0
         self.connections = 0
@@ -343,6 +347,7 @@ class _Connection:
         self.requests: dict[int, tuple[str, bytearray]] = {}
         self.headers: dict[int, tuple[tuple[str, str], ...]] = {}
         self.stall_window = server.stall_window
+        self.trickle_window = server.trickle_window
         self.reading = True  # "ping_flood" stops the reader
 
     async def flush(self) -> None:
@@ -357,6 +362,8 @@ class _Connection:
             self.h2.update_settings(
                 {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_streams}
             )
+        if self.trickle_window:
+            self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 << 20})
         if self.stall_window is not None:
             self.h2.update_settings(
                 {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.stall_window}
@@ -406,7 +413,13 @@ class _Connection:
         elif isinstance(ev, h2.events.DataReceived):
             if ev.stream_id in self.requests:
                 self.requests[ev.stream_id][1].extend(ev.data)
-            if self.stall_window is None:
+            if self.trickle_window:
+                size = ev.flow_controlled_length
+                if size:
+                    self.h2.increment_flow_control_window(size)
+                    if ev.stream_id in self.requests:
+                        self.h2.increment_flow_control_window(size, ev.stream_id)
+            elif self.stall_window is None:
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         elif isinstance(ev, h2.events.StreamEnded):
             method, body = self.requests.pop(ev.stream_id, ("", bytearray()))

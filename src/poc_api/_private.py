@@ -118,6 +118,21 @@ PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
         "a stream above a GOAWAY's last stream id was not processed (sent again)",
     ),
     (
+        "grpclib.protocol.Stream instance",
+        "window_updated",
+        "wake the calls that sent least first on a connection WINDOW_UPDATE",
+    ),
+    (
+        "grpclib.protocol.Stream instance",
+        "data_sent",
+        "wake the calls that sent least first on a connection WINDOW_UPDATE",
+    ),
+    (
+        "grpclib.protocol.EventsProcessor",
+        "process_window_updated",
+        "wake the calls that sent least first on a connection WINDOW_UPDATE",
+    ),
+    (
         "grpclib.protocol.EventsProcessor instance",
         "streams",
         "a connection's open calls (GOAWAY refusals, idle checks, too_many_pings, "

@@ -62,6 +62,7 @@ from h2.events import (
     RemoteSettingsChanged,
     StreamEnded,
     UnknownFrameReceived,
+    WindowUpdated,
 )
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from hyperframe.exceptions import InvalidPaddingError
@@ -2434,6 +2435,27 @@ class _PocConnection(Connection):
         return last is None or time.monotonic() - last >= interval
 
 
+class _PocEventsProcessor(EventsProcessor):
+    """grpclib's events processor, handing a connection's returned send window to
+    the calls that sent least first."""
+
+    # More than one call sends its request now (set by the protocol).
+    contended: Callable[[], bool] = staticmethod(lambda: False)
+
+    def process_window_updated(self, event: WindowUpdated) -> None:
+        # grpclib wakes the streams that wait for the connection's window oldest
+        # first, and each woken upload takes a frame of it: a server that returns
+        # the window in updates smaller than a frame per upload (h2's own returns
+        # half its 64 KiB window at a time) left none for a new call, update after
+        # update, until the uploads had ended. sorted() is stable: oldest first
+        # among equals, as before.
+        if event.stream_id == 0 and self.contended():
+            for stream in sorted(self.streams.values(), key=lambda s: s.data_sent):
+                stream.window_updated.set()
+        else:
+            super().process_window_updated(event)
+
+
 # DATA frames up to this size from the server (HTTP/2's default is 16 KiB): a
 # frame costs h2 and grpclib about as much as a dozen small messages to handle.
 _MAX_FRAME_SIZE = 1 << 20
@@ -2543,7 +2565,8 @@ class _PocH2Protocol(H2Protocol):
         self.connection.paused = lambda: self._paused
         self.connection.flush()
         self.connection.initialize()
-        self.processor = EventsProcessor(self.handler, self.connection)
+        self.processor = _PocEventsProcessor(self.handler, self.connection)
+        self.processor.contended = self.connection.contended
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -433,3 +433,41 @@ async def test_a_stream_the_server_ended_in_time_is_not_cut_by_timeout_for_slow_
                     await trio.sleep(0.02)  # 61 events: ~1.3 s of slow reading
             assert n == 61 and not s.lost
             assert s.committed_len == len(HELLO) + 60
+
+
+@pytest.mark.parametrize("trickle", [False, True])
+async def test_a_small_call_is_not_starved_when_the_connection_window_comes_back_in_bits(
+    bad_server: MisbehavingServer, trickle: bool
+) -> None:
+    # A connection WINDOW_UPDATE woke the streams waiting for window oldest first
+    # (grpclib), each woken upload took a frame of it, and a server that returns
+    # the window in updates smaller than a frame per upload (h2's own: 32 KiB at a
+    # time; trickle: 16 MiB stream windows, each DATA frame's bytes given back as
+    # it arrives) left a new call none, update after update, until most uploads
+    # had ended.
+    bad_server.trickle_window = trickle
+    png = make_png(56, 28, padding=8 * MB)
+    sending = 0
+    all_sending = trio.Event()
+    uploaded = 0
+    async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
+
+        async def upload() -> None:
+            nonlocal sending, uploaded
+            async with c.session() as s:
+                sending += 1
+                if sending == 8:
+                    all_sending.set()
+                await s.append_image(png, "image/png")
+            uploaded += 1
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(upload)
+                await all_sending.wait()
+                await trio.sleep(0.05)  # the uploads hold the connection's window
+                before = uploaded
+                async with c.session() as s:
+                    await s.prefill([1, 2, 3])
+                assert uploaded - before <= 2  # done long before the uploads (before: 5 or 6)
