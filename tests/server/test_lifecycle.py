@@ -534,3 +534,28 @@ async def test_a_ctrl_c_as_the_start_returns_under_trio_is_raised_and_stops_it(
         async with srv:
             pass
     assert srv._thread is not None and not srv._thread.is_alive(), srv
+
+
+def test_stop_without_grace_sends_goaway_before_it_closes(make_server: ServerFactory) -> None:
+    # stop() says every connection gets a GOAWAY; with no grace none was sent, the
+    # connection only closed: a call a client sent as it closed (a conversation's
+    # next turn, right after a restart) could not be known unprocessed, and failed
+    # with "connection lost" instead of going again to the restarted server.
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    srv = make_server()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    with socket.create_connection(("127.0.0.1", srv.grpc_port), timeout=TIMEOUT) as sock:
+        sock.sendall(conn.data_to_send())
+        events: list[object] = []
+        while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events):
+            events += conn.receive_data(sock.recv(65536))
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        while data := sock.recv(65536):
+            events += conn.receive_data(data)
+        stopper.join(TIMEOUT)
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events), events

@@ -569,9 +569,12 @@ class ObservedServer(grpclib.server.Server):
         finish, then cancel what is left and close every connection."""
         assert self._server is not None
         await close_listener(self._server)  # no new connections
+        # Also with no grace (as stop() says): a call the client sends as the
+        # connection closes is then known unprocessed (above the last stream id),
+        # sent again elsewhere, not lost with the connection.
+        for conn in list(self.connections):
+            conn.goaway()
         if grace > 0:
-            for conn in list(self.connections):
-                conn.goaway()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
             # Polled: grpclib has no "last stream ended" event to wait for.
