@@ -559,3 +559,43 @@ def test_stop_without_grace_sends_goaway_before_it_closes(make_server: ServerFac
             events += conn.receive_data(data)
         stopper.join(TIMEOUT)
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events), events
+
+
+def test_a_call_sent_after_the_stop_goaway_is_not_run(make_server: ServerFactory) -> None:
+    # The GOAWAY of stop(grace=) names the last stream the server will finish; a
+    # client sends again, elsewhere, every call above it (never processed, RFC 9113
+    # 6.8). The GOAWAY was raw bytes h2 knew nothing of, and a call that reached
+    # the server during the grace still ran: processed twice.
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    srv = make_server()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/salience.Salience/OpenSession"),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    with socket.create_connection(("127.0.0.1", srv.grpc_port), timeout=TIMEOUT) as sock:
+        conn.send_headers(1, headers)  # no request yet: the call runs until the grace ends
+        sock.sendall(conn.data_to_send())
+        conn.send_headers(3, headers)
+        conn.send_data(3, b"\0\0\0\0\0", end_stream=True)
+        late = conn.data_to_send()  # (sent once the GOAWAY is in)
+        events: list[object] = []
+        while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events):
+            events += conn.receive_data(sock.recv(65536))
+        stopper = threading.Thread(target=lambda: srv.stop(grace=1.0))
+        stopper.start()
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            events += conn.receive_data(sock.recv(65536))
+        (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway.last_stream_id == 1
+        sock.sendall(late)
+        stopper.join(TIMEOUT)
+    assert srv.state().session_ids == frozenset()

@@ -23,7 +23,8 @@ from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol, Stream
-from h2.events import StreamReset
+from h2.errors import ErrorCodes
+from h2.events import RequestReceived, StreamReset
 from hyperframe.frame import GoAwayFrame
 
 from .._proto.salience import (
@@ -450,6 +451,7 @@ class _ObservedProtocol(H2Protocol):
         self._live = live
         self._counted = False
         self._transport: Any = None
+        self._last_stream_id: int | None = None  # the GOAWAY's, once sent
 
     def goaway(self) -> None:
         """Send GOAWAY(NO_ERROR) naming the last stream this server will finish.
@@ -461,6 +463,7 @@ class _ObservedProtocol(H2Protocol):
             return
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.connection._connection.highest_inbound_stream_id
+        self._last_stream_id = frame.last_stream_id
         frame.error_code = 0
         self._transport.write(frame.serialize())
 
@@ -489,8 +492,20 @@ class _ObservedProtocol(H2Protocol):
                 self._stats.stream_reset(int(event.stream_id), int(event.error_code))
             original(event)
 
+        accept = self.processor.process_request_received
+
+        def process_request_received(event: RequestReceived) -> None:
+            last = self._last_stream_id
+            if last is not None and event.stream_id > last:
+                # Above the GOAWAY's last stream id: the client sends it again
+                # elsewhere (h2 knows nothing of the raw GOAWAY, and would run it).
+                self.connection._connection.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
+            accept(event)
+
         # EventsProcessor dispatches through this dict of bound methods.
         self.processor.processors[StreamReset] = process_stream_reset
+        self.processor.processors[RequestReceived] = process_request_received
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._live.discard(self)
