@@ -346,3 +346,35 @@ async def reset_while_the_loop_is_busy(
         with trio.fail_after(5), pytest.raises(poc_api.ServerUnavailable):
             async with client.session():
                 pass  # pragma: no cover
+
+
+async def uploads_ended_during_a_small_call(
+    client: poc_api.ApiClient, image: bytes, uploads: int, hold: float
+) -> int:
+    """Start ``uploads`` sessions each appending ``image``; once all send (and
+    ``hold`` seconds more), run a small call (open, prefill, close): how many
+    uploads ended while it ran. A new call's few bytes must not wait behind them."""
+    sending = 0
+    all_sending = trio.Event()
+    uploaded = 0
+
+    async def upload() -> None:
+        nonlocal sending, uploaded
+        async with client.session() as s:
+            sending += 1
+            if sending == uploads:
+                all_sending.set()
+            await s.append_image(image, "image/png")
+        uploaded += 1
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(uploads):
+                nursery.start_soon(upload)
+            await all_sending.wait()
+            await trio.sleep(hold)  # the uploads hold the connection's window
+            before = uploaded
+            async with client.session() as s:
+                await s.prefill([1, 2, 3])
+            return uploaded - before
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import trio
-from helpers import wait_until_streaming_stalls
+from helpers import uploads_ended_during_a_small_call, wait_until_streaming_stalls
 from misbehaving import DUMMY_BASE_URL, Kind, MisbehavingServer, Reply
 from reliability_helpers import make_png, wait_for
 
@@ -51,28 +51,8 @@ async def test_a_small_call_is_not_starved_by_big_uploads_on_the_same_connection
     # oldest streams first: each update went to the uploads, and a new call's few
     # bytes (its OpenSession, its CloseSession) waited until they had all ended.
     png = make_png(56, 28, padding=12 * MB)
-    sending = 0
-    all_sending = trio.Event()
-    uploaded = 0
-
-    async def upload() -> None:
-        nonlocal sending, uploaded
-        async with client.session() as s:
-            sending += 1
-            if sending == 10:
-                all_sending.set()
-            await s.append_image(png, "image/png")
-        uploaded += 1
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for _ in range(10):
-                nursery.start_soon(upload)
-            await all_sending.wait()
-            await trio.sleep(0.2)  # the uploads hold the connection's window
-            async with client.session() as s:
-                await s.prefill([1, 2, 3])
-            assert uploaded <= 2  # done long before the uploads (before: 9 of 10)
+    # Done long before the uploads (before: 9 of 10 ended first).
+    assert await uploads_ended_during_a_small_call(client, png, 10, 0.2) <= 2
 
 
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
@@ -447,27 +427,6 @@ async def test_a_small_call_is_not_starved_when_the_connection_window_comes_back
     # had ended.
     bad_server.trickle_window = trickle
     png = make_png(56, 28, padding=8 * MB)
-    sending = 0
-    all_sending = trio.Event()
-    uploaded = 0
     async with poc_api.ApiClient(DUMMY_BASE_URL, grpc_url=bad_server.url) as c:
-
-        async def upload() -> None:
-            nonlocal sending, uploaded
-            async with c.session() as s:
-                sending += 1
-                if sending == 8:
-                    all_sending.set()
-                await s.append_image(png, "image/png")
-            uploaded += 1
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for _ in range(8):
-                    nursery.start_soon(upload)
-                await all_sending.wait()
-                await trio.sleep(0.05)  # the uploads hold the connection's window
-                before = uploaded
-                async with c.session() as s:
-                    await s.prefill([1, 2, 3])
-                assert uploaded - before <= 2  # done long before the uploads (before: 5 or 6)
+        # Done long before the uploads (before: 5 or 6 of 8 ended first).
+        assert await uploads_ended_during_a_small_call(c, png, 8, 0.05) <= 2

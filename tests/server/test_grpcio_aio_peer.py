@@ -12,6 +12,7 @@ from typing import Any
 import grpc  # type: ignore[import-untyped]
 import pytest
 import trio
+from helpers import uploads_ended_during_a_small_call
 
 import poc_api
 
@@ -587,28 +588,6 @@ def test_a_small_call_is_not_starved_by_uploads_sent_in_huge_frames(
 
     async def main() -> Any:
         async with client_for(peer) as c:
-            sending = 0
-            all_sending = trio.Event()
-            uploaded = 0
-            image = b"x" * (16 << 20)
-
-            async def upload() -> None:
-                nonlocal sending, uploaded
-                async with c.session() as s:
-                    sending += 1
-                    if sending == 10:
-                        all_sending.set()
-                    await s.append_image(image, "image/png")
-                uploaded += 1
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(10):
-                    nursery.start_soon(upload)
-                await all_sending.wait()
-                await trio.sleep(0.05)  # the uploads hold the connection's window
-                before = uploaded
-                async with c.session() as s:
-                    await s.prefill([1, 2, 3])
-                return uploaded - before
+            return await uploads_ended_during_a_small_call(c, b"x" * (16 << 20), 10, 0.05)
 
     assert run(main) <= 2  # done long before the uploads
