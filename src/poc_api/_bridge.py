@@ -825,27 +825,26 @@ class AsyncioBridge:
         self._live.add(call)
         return call
 
-    def _claim(self, call: _Call) -> bool:
-        """Mark ``call`` finished; False if it was already. Locked: a close fails
-        the calls of a wedged loop thread (trio side) while that thread may
-        un-wedge and finish them itself, and only one of the two may."""
+    def _claim(self, call: _Call, outcome: _Outcome | None) -> bool:
+        """Record ``outcome`` (if any) and mark ``call`` finished, in one step; False,
+        and nothing recorded, if it was finished already. Locked: a close fails the
+        calls of a wedged loop thread (trio side) while that thread may un-wedge and
+        finish them itself (a result recorded just after the close's check went
+        out as the close's error): one outcome, the first to claim."""
         with self._finish_lock:
             if call.finished:
                 return False
+            if outcome is not None:
+                call.result, call.returned, call.error = outcome
             call.finished = True
             return True
 
     def _finish(self, call: _Call, outcome: _Outcome | None = None) -> None:
         """asyncio side: record ``outcome`` and tell the trio side, once (nothing for
         a call finished already: detached, or failed by a close, its outcome is
-        that). Locked as _claim: a result recorded just after a close's check
-        went out as the close's error."""
-        with self._finish_lock:
-            if call.finished:
-                return
-            if outcome is not None:
-                call.result, call.returned, call.error = outcome
-            call.finished = True
+        that)."""
+        if not self._claim(call, outcome):
+            return
         if call.on_done is not None:
             call.on_done(call)
         if call.fd >= 0:
@@ -1120,12 +1119,10 @@ class AsyncioBridge:
         for left in list(self._live):
             if left.done.is_set():
                 continue
-            if not left.finished:
-                exc = error()
-                if self._claim(left):  # (else the loop finished it meanwhile: kept)
-                    left.error = exc  # (no outcome yet: the loop records it as it claims)
-                    if left.on_done is not None:
-                        left.on_done(left)
+            # (Not claimed: the loop finished it meanwhile, its outcome kept.)
+            claimed = not left.finished and self._claim(left, (None, False, error()))
+            if claimed and left.on_done is not None:
+                left.on_done(left)
             left.done.set()
             if left.fd >= 0:
                 # Its waiter wakes, also if the fds stay open (a wedged thread).
