@@ -517,15 +517,7 @@ class _Codec:
             else:
                 self._where.answered(self._where.base_url)
                 return decoded
-        out = bytearray()
-        text = []
-        for i in ids:
-            if i < 256:
-                out.append(i)
-            else:
-                text.append(out.decode("utf-8", errors="replace") + f"<|{i}|>")
-                out.clear()
-        return "".join(text) + out.decode("utf-8", errors="replace")
+        return _byte_level(ids, _utf8(), final=True)
 
     async def specials(self) -> frozenset[int]:
         """The tokenizer's special ids (``/tokenizer``), not shown as text; none
@@ -567,7 +559,7 @@ class _LiveText:
     def _start(self) -> None:
         # (Special ids are left out here: the codec knows them, or shows them.)
         self._decoder = self._codec.client.text_decoder(skip_special_tokens=False)
-        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._bytes = _utf8()
         #: Ids fed to the decoder while it has written nothing: for the
         #: byte-level rule if the server turns out to have no /detokenize.
         self._unwritten: list[int] | None = []
@@ -608,16 +600,27 @@ class _LiveText:
                 if text:
                     self._unwritten = None
                 return text
-        # The byte-level rule, as _Codec.decode: ids < 256 are UTF-8 bytes.
-        out = []
-        for i in ids:
-            if i < 256:
-                out.append(self._bytes.decode(bytes((i,))))
-            else:
-                out.append(self._bytes.decode(b"", final=True) + f"<|{i}|>")
-        if final:
-            out.append(self._bytes.decode(b"", final=True))
-        return "".join(out)
+        return _byte_level(ids, self._bytes, final=final)
+
+
+def _utf8() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _byte_level(ids: Sequence[int], utf8: codecs.IncrementalDecoder, *, final: bool) -> str:
+    """The byte-level rule: ids below 256 are UTF-8 bytes (invalid ones U+FFFD),
+    others ``<|id|>``. Through ``utf8``, a decoder kept across calls, a character
+    whose bytes come in two calls comes whole; ``final`` flushes what it holds."""
+    text = []
+    run = bytearray()
+    for i in ids:
+        if i < 256:
+            run.append(i)
+        else:
+            text.append(utf8.decode(bytes(run), final=True) + f"<|{i}|>")
+            run.clear()
+    text.append(utf8.decode(bytes(run), final=final))
+    return "".join(text)
 
 
 # -- streaming with timings --------------------------------------------------------
