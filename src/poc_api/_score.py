@@ -38,6 +38,7 @@ from ._types import (
     ScoreResult,
     Token,
     _plain,
+    _plain_iterable,
     as_int,
     check_ranges,
     unordered,
@@ -817,12 +818,7 @@ async def score_continuations(
         )
     # (A 2-D numpy array of ids: one row per continuation, as plain ints in one call;
     # an iterator of continuations: as the list it stands for.)
-    plain = _plain(continuations)
-    if not isinstance(plain, Iterable):  # a 0-d array: "'int' object is not iterable"
-        raise TypeError(
-            "continuations must be a sequence of continuations, not a 0-d "
-            f"{type(continuations).__name__}"
-        )
+    plain = _plain_iterable(continuations, "continuations must be a sequence of continuations")
     conts = [_check_continuation(c, i) for i, c in enumerate(plain)]
     for i, cont in enumerate(conts):
         check_image_sizes(cont, transport.max_message_size, f"continuation {i}")

@@ -592,6 +592,16 @@ def _plain(value: object) -> object:
     return tolist() if callable(tolist) else value
 
 
+def _plain_iterable(value: object, must: str) -> Iterable[object]:
+    """``_plain(value)``, refused with ``TypeError("{must}, not a 0-d ...")`` when
+    not iterable: a 0-d numpy array's is a scalar ("'int' object is not
+    iterable" named neither the argument nor the array)."""
+    plain = _plain(value)
+    if not isinstance(plain, Iterable):
+        raise TypeError(f"{must}, not a 0-d {type(value).__name__}")
+    return plain
+
+
 Ranges: TypeAlias = Iterable[Sequence[SupportsIndex]]
 """Half-open ``(start, end)`` position pairs, as ``score``, ``generate``'s
 ``logprobs_ranges``/``readout_ranges`` and ``TrainSample`` take them.
@@ -618,13 +628,8 @@ def check_ranges(
         )
     if ordered:
         unordered(value, name, "(start, end) pairs")
-    plain = _plain(value)
-    if not isinstance(plain, Iterable):  # a 0-d numpy array ("'int' object is not iterable")
-        raise TypeError(
-            f"{name} must be a sequence of (start, end) pairs, not a 0-d {type(value).__name__}"
-        )
     out = []
-    for r in plain:
+    for r in _plain_iterable(value, f"{name} must be a sequence of (start, end) pairs"):
         if isinstance(r, range) and r.step == 1:
             # The range of its positions (not the pair of its two elements).
             r = (r.start, r.stop)
