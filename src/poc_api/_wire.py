@@ -293,7 +293,7 @@ def append_image_request_size(
 ) -> int:
     """Bytes of the ``AppendImageRequest`` for an image of ``image_len`` bytes at
     an offset up to ``max_offset``, truncating: no request for it is larger (one
-    not truncating, or at a smaller offset, is at most 7 bytes smaller)."""
+    not truncating, or at a smaller offset, is at most 8 bytes smaller)."""
     size = len(
         encode_append_image_request(
             session_id=session_id, image=b"", mime=mime, offset=max_offset, truncating=True
