@@ -615,6 +615,23 @@ def _from_httpx(
             f"{client.timeout.connect:g} s (TCP connect and TLS handshake; ConnectTimeout){via}",
             retriable=True,
         )
+    if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout) and client is not None:
+        # As the connect's: "timed out (ReadTimeout)" named no bound. A chat stream
+        # whose server went quiet ends here: the client's timeout bounds each wait
+        # for its next bytes (httpx's read timeout), not the stream.
+        reading = isinstance(exc, httpx.ReadTimeout)
+        bound = client.timeout.read if reading else client.timeout.write
+        if bound is not None:
+            what = (
+                "no more bytes of the answer came"
+                if reading
+                else "the server took no more bytes of the request"
+            )
+            return PocApiTimeout(
+                f"{method} {url}: {what} within timeout={bound:g} s "
+                f"(a bound on each wait; {type(exc).__name__}){via}",
+                retriable=unsent,
+            )
     if isinstance(exc, httpx.TimeoutException):
         return PocApiTimeout(
             f"{method} {url}: timed out ({type(exc).__name__}){via}", retriable=unsent
