@@ -555,9 +555,13 @@ def _env_proxy(client: httpx.AsyncClient, url: str) -> tuple[str, str] | None:
         return None
     proxy = proxies[key]
     proxy = proxy if "://" in proxy else f"http://{proxy}"  # (httpx's default too)
-    # Named as set (urllib prefers the lower-case one when both are).
-    names = (f"{key}_proxy", f"{key.upper()}_PROXY")
-    return shown_url(proxy), next((n for n in names if os.environ.get(n)), names[1])
+    # Named as set: urllib takes the name in any case (the last set of them), and
+    # the lower-case one before all others.
+    lower = f"{key}_proxy"
+    if os.environ.get(lower):
+        return shown_url(proxy), lower
+    names = [n for n, v in os.environ.items() if v and n.lower() == lower]
+    return shown_url(proxy), names[-1] if names else lower.upper()
 
 
 def _via_proxy(exc: httpx.RequestError, url: str, client: httpx.AsyncClient | None) -> str:
