@@ -41,6 +41,23 @@ async def test_async_with_under_trio() -> None:
             srv.start()
 
 
+async def test_entering_a_server_already_started_refuses_and_leaves_it_serving() -> None:
+    # A failed __aenter__ stops the server (its start may have run on in the worker
+    # thread): also when the start failed because the server was started before,
+    # by someone else, which then stopped serving under them.
+    srv = ReferenceServer(ServerConfig())
+    srv.start()
+    try:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(RuntimeError, match="started once"):
+                async with srv:
+                    pass
+            body = await _get_json(srv.base_url + "/models")
+            assert isinstance(body, dict) and body["object"] == "list"
+    finally:
+        srv.stop()
+
+
 def test_explicit_port_in_use_fails_to_start() -> None:
     srv = ReferenceServer(ServerConfig())
     srv.start()

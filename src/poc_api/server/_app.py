@@ -331,7 +331,10 @@ class ReferenceServer:
     async def __aenter__(self) -> ReferenceServer:
         # Run to its end even if cancelled (asyncio lets go of the worker thread,
         # which starts the server regardless), then stopped: a failed __aenter__
-        # gets no __aexit__, and the server would serve on.
+        # gets no __aexit__, and the server would serve on. (Not one started before
+        # this block: refused as start() refuses it, and left to whoever started it.)
+        if self._thread is not None:
+            raise RuntimeError("ReferenceServer can only be started once")
         try:
             await _run_in_thread(self.start, shielded=True)
         except BaseException:
