@@ -264,6 +264,11 @@ class ReferenceServer:
 
         Reports ``NOT_SERVING`` at once, waits up to ``grace`` seconds for the
         sessions it holds to be closed by their clients, then calls :meth:`stop`.
+
+        It blocks the calling thread for that wait: from a trio program whose
+        clients hold those sessions, run it in a thread
+        (``await trio.to_thread.run_sync(server.drain)``), else those clients
+        cannot close them, and the drain always waits out ``grace`` and cuts them.
         """
         # (A server that failed to start has nothing to drain: stop() is a no-op.)
         if self._rt is not None and not self._stopped and self._error is None:
@@ -314,6 +319,11 @@ class ReferenceServer:
         Every gRPC connection gets a GOAWAY; calls still running get up to
         ``grace`` seconds to finish (new calls must go elsewhere), then they are
         cancelled and every connection is closed, so clients notice at once.
+
+        It blocks the calling thread until the server has stopped (up to
+        ``grace`` seconds and more): from a trio program with a ``grace``, run it in
+        a thread (``await trio.to_thread.run_sync(lambda: server.stop(grace=5))``),
+        so that the program's own streams are read meanwhile.
         """
         if self._thread is None:
             return
