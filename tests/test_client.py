@@ -568,10 +568,16 @@ async def test_generate_readouts_are_flat_or_shaped_by_readout_shape(
         assert b.readout.tolist()[1] == a.readout.tolist()[n_concepts : 2 * n_concepts]
     assert [t.readout for t in got[(3, 5)]] == [None] * len(flat)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned == [
-        f"readout shape mismatch: expected 3*5=15, got {n_layers * n_concepts}; dropped",
-        f"{len(flat)} readouts of this stream were dropped (length)",
-    ]
+    where = rf"session sess-\w+ \(on {re.escape(server.grpc_url)}\)"
+    assert len(warned) == 2, warned
+    assert re.match(
+        rf"{where}: readout shape mismatch: expected 3\*5=15, got {n_layers * n_concepts}; "
+        r"dropped \(readout=None\)",
+        warned[0],
+    ), warned
+    assert re.fullmatch(
+        rf"{where}: {len(flat)} readouts of this stream were dropped \(length\)", warned[1]
+    ), warned
 
 
 async def test_append_image_reports_placeholders_and_moves_committed_len(

@@ -208,7 +208,7 @@ async def test_readouts_are_reshaped_to_layers_by_concepts(client: poc_api.ApiCl
 async def test_readout_of_the_wrong_shape_is_dropped_with_a_warning(
     client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="poc_api")
+    caplog.set_level(logging.DEBUG, logger="poc_api")
     for turn in range(2):
         caplog.clear()
         async with client.conversation() as conv:
@@ -221,6 +221,32 @@ async def test_readout_of_the_wrong_shape_is_dropped_with_a_warning(
         assert len(mismatches) == 1, turn
         assert "expected 5*5=25, got 24" in mismatches[0].message
         assert f"{len(tokens)} readouts of this stream were dropped" in caplog.text
+
+
+async def test_a_stale_readout_shape_on_every_turn_warns_once_naming_session_and_server(
+    client: poc_api.ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An agent service that kept a shape its server no longer has (restarted with
+    # other concepts) passes it to every turn. Each stream dropped its readouts
+    # with two WARNINGs that named neither the session nor the server: 20 turns,
+    # 40 warnings, none saying where. One a minute per endpoint says so at
+    # WARNING, naming both; the rest go to DEBUG (still one per stream).
+    caplog.set_level(logging.DEBUG, logger="poc_api")
+    sessions = []
+    for _ in range(20):
+        async with client.conversation() as conv:
+            events = await run(conv, [Tokens(tokenize("Hi"))], readout_shape=(5, 5))
+            assert conv.session is not None
+            sessions.append(conv.session.session_id)
+        assert all(e.readout is None for e in events if isinstance(e, TokenOut))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 2, warned
+    assert sessions[0] in warned[0] and client.grpc_url in warned[0]
+    assert "expected 5*5=25, got 24; dropped" in warned[0]
+    assert sessions[0] in warned[1] and "8 readouts of this stream were dropped" in warned[1]
+    told = [r.getMessage() for r in caplog.records if "readout shape mismatch" in r.getMessage()]
+    assert len(told) == 20  # every stream still says so, at DEBUG after the first
+    assert all(sid in m for sid, m in zip(sessions, told, strict=True))
 
 
 async def test_without_readout_shape_no_readouts_are_requested(

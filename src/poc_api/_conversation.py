@@ -107,7 +107,9 @@ class ConversationStream:
         self._prefix = prefix
         self._events = events
         self._shaper = (
-            None if readout_shape is None else ReadoutShaper(readout_shape, readout_mismatch)
+            None
+            if readout_shape is None
+            else ReadoutShaper(readout_shape, readout_mismatch, events._session)
         )
         self._lookahead: Token | Done | None = None
         self._done_delivered = False  # the caller has seen the StreamDone

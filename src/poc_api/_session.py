@@ -156,14 +156,30 @@ ReadoutMismatch = Callable[[tuple[int, int], int], None]
 class ReadoutShaper:
     """The readouts of one stream, shaped ``(n_layers, n_concepts)``; a vector of
     another length is dropped with a warning, as the seed does: once per stream
-    (and a count at its end), not once per token."""
+    (and a count at its end), not once per token. Each names the session and its
+    server; of the streams that find a mismatch, one a minute per endpoint says so
+    at WARNING, the rest at DEBUG (a stale shape given to every turn would make a
+    warning of every turn)."""
 
-    __slots__ = ("_mismatches", "_on_mismatch", "shape")
+    __slots__ = ("_level", "_mismatches", "_on_mismatch", "_session", "shape")
 
-    def __init__(self, shape: tuple[int, int], on_mismatch: ReadoutMismatch | None = None) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        on_mismatch: ReadoutMismatch | None = None,
+        session: Session | None = None,
+    ) -> None:
         self.shape: tuple[int, int] = shape
         self._mismatches = 0
         self._on_mismatch = on_mismatch  # the client's manifest cache may be stale
+        self._session = session
+        self._level = logging.WARNING
+
+    def _where(self) -> str:
+        session = self._session
+        if session is None:
+            return "a stream"
+        return f"session {session.session_id} (on {session._transport.url})"
 
     def shaped(self, flat: memoryview[float]) -> memoryview[float] | None:
         readout = reshape_readout(flat, self.shape)
@@ -172,19 +188,31 @@ class ReadoutShaper:
             if self._mismatches == 1:
                 if self._on_mismatch is not None:
                     self._on_mismatch(self.shape, len(flat))
+                session = self._session
+                warn = session is None or session._transport.warn_now("readout")
+                self._level = logging.WARNING if warn else logging.DEBUG
                 n_layers, n_concepts = self.shape
-                log.warning(
-                    "readout shape mismatch: expected %d*%d=%d, got %d; dropped",
+                log.log(
+                    self._level,
+                    "%s: readout shape mismatch: expected %d*%d=%d, got %d; dropped "
+                    "(readout=None)%s",
+                    self._where(),
                     n_layers,
                     n_concepts,
                     n_layers * n_concepts,
                     len(flat),
+                    " (more this minute from its server are logged at DEBUG)" if warn else "",
                 )
         return readout
 
     def done(self) -> None:
         if self._mismatches > 1:
-            log.warning("%d readouts of this stream were dropped (length)", self._mismatches)
+            log.log(
+                self._level,
+                "%s: %d readouts of this stream were dropped (length)",
+                self._where(),
+                self._mismatches,
+            )
 
 
 @final
@@ -1255,7 +1283,7 @@ class _GenerateBlock(e.NeedsAsyncWith):
         # What fails here (a client-side limit, a closed client) failed before
         # anything was sent: the session is untouched and stays usable.
         rx = await rpc.__aenter__()
-        shaper = None if self._shape is None else ReadoutShaper(self._shape, s._readout_mismatch)
+        shaper = None if self._shape is None else ReadoutShaper(self._shape, s._readout_mismatch, s)
         stream = self._stream = GenerateStream(
             rx, s, started, self._timeouts, shaper, lambda: rpc.server_ended, offset + len(ids)
         )
