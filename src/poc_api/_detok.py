@@ -110,7 +110,8 @@ class TextDecoder:
 
     async def flush(self) -> str:
         """Return the text held back (a character's first bytes never completed
-        come as U+FFFD); the decoder can then go on with the next ids."""
+        come as U+FFFD); the decoder can then go on with the next ids, decoded
+        as a new text (a new stream's), as by a new decoder."""
         return await self._decode((), final=True)
 
     async def _decode(self, new: tuple[int, ...], *, final: bool) -> str:
@@ -131,8 +132,15 @@ class TextDecoder:
                 not final or self._shown == len(self._context_text)
             ):
                 await trio.lowlevel.checkpoint()
-                return ""
-            return await self._write(final)
+                text = ""
+            else:
+                text = await self._write(final)
+            if final:
+                # The stream ended: the next ids are a text of their own, not
+                # decoded after this one's (whose held text is written now).
+                self._ids, self._start, self._written = [], 0, 0
+                self._context_text, self._shown, self._restart_at = "", 0, 0
+            return text
         finally:
             self._busy = False
 
@@ -220,7 +228,14 @@ def _held_from(text: str) -> int:
     end = len(text.rstrip(" "))
     for tail in _HELD_TAILS:
         if text.endswith(tail, 0, end):
-            return end - len(tail)
+            at = end - len(tail)
+            if tail == " '" and at == len(text) - 2:
+                # " ' " becomes "'", and what it then stands after may lose its
+                # space too: "  ' s" is " 's", then "'s"; " n ' t" is "n't".
+                for before in (" n", " "):
+                    if text.endswith(before, 0, at):
+                        return at - len(before)
+            return at
     return end
 
 
