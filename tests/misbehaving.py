@@ -92,6 +92,9 @@ server's default)::
 - ``"ping_flood"``: stop reading the connection, then write PING frames (each one
   a client must answer) until ``claimed_size`` bytes went out or the client closes
   the connection; the server's ``flood_sent`` counts the bytes written;
+- ``"continuation_flood"``: response HEADERS without END_HEADERS, then ``tokens``
+  CONTINUATION frames of ``claimed_size`` bytes each (no END_HEADERS ever), written
+  one at a time (the stream then stays silent);
 - ``"flood"``: Generate writes its ``tokens`` tokens (each with a 128-float readout)
   as one blob, so they go out in DATA frames as big as the stream's window and the
   client's frame size allow.
@@ -175,6 +178,7 @@ Kind = Literal[
     "dribble",
     "dribble_ping",
     "ping_flood",
+    "continuation_flood",
     "refuse_after_answer",
     "two_replies",
     "reply_then_status",
@@ -717,6 +721,18 @@ class _Connection:
             async with self.send_lock:
                 await self.stream.send_all(blob)
             self.server.flood_sent += len(blob)
+
+    async def _continuation_flood(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
+        headers = hyperframe.frame.HeadersFrame(sid)
+        headers.data = self.h2.encoder.encode([(b":status", b"200")])
+        more = hyperframe.frame.ContinuationFrame(sid)
+        more.data = b"\x00" * reply.claimed_size  # (one frame, written again and again)
+        blob = more.serialize()
+        async with self.send_lock:
+            await self.stream.send_all(self.h2.data_to_send() + headers.serialize())
+            for _ in range(reply.tokens):
+                await self.stream.send_all(blob)
+        await trio.sleep_forever()
 
     async def _dribble_ping(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self._dribble(sid, method, body, reply, ping=True)

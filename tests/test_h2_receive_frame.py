@@ -38,6 +38,8 @@ class _OursReceiving(_Ours):
     # receive_data too (h2's, keeping the events before a bad frame), with the
     # connection-level window returned on receipt: its bytes differ, not its events.
     receive_data = _SplitWindowH2Connection.receive_data
+    _check_header_blocks = _SplitWindowH2Connection._check_header_blocks
+    _frame_left, _frame_head, _header_block = 0, b"", 0
     data_at = _SplitWindowH2Connection.data_at
     events_before_error = None
 

@@ -2190,6 +2190,13 @@ def _settled(channel: Channel) -> bool:
     )
 
 
+# A response header block bigger than this is refused as it arrives: h2 refuses
+# header lists past 64 KiB decoded anyway (its MAX_HEADER_LIST_SIZE), and 1 MiB is
+# what it would buffer at HTTP/2's default frame size (see _check_header_blocks).
+_MAX_HEADER_BLOCK: Final = 1 << 20
+_HEADER_BLOCK_FRAMES: Final = frozenset({0x1, 0x5, 0x9})  # HEADERS, PUSH_PROMISE, CONTINUATION
+
+
 class _SplitWindowH2Connection(h2.connection.H2Connection):
     """An h2 connection that returns connection-level window on receipt and
     stream-level window on consumption (see the module docstring), and that
@@ -2234,10 +2241,58 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
     #: What the frames before a bad one said (see receive_data), else empty.
     events_before_error: list[Any] | None = None
 
+    # The frame being read (see _check_header_blocks): the bytes of its payload not
+    # seen yet, its 9-byte header while split across reads, and the size so far of
+    # the header block that has not seen END_HEADERS.
+    _frame_left = 0
+    _frame_head = b""
+    _header_block = 0
+
+    def _check_header_blocks(self, data: bytes) -> None:
+        """Refuse a header block (HEADERS or PUSH_PROMISE and its CONTINUATION
+        frames) bigger than _MAX_HEADER_BLOCK before h2 buffers it.
+
+        h2 holds a block's frames until END_HEADERS, up to 64 of them: 1 MiB at
+        HTTP/2's 16 KiB frames, but 64 MiB at the 1 MiB MAX_FRAME_SIZE this client
+        announces (for DATA), all to decode a header list it then refuses past
+        64 KiB. Only frame headers are read here, so this costs next to nothing."""
+        pos, n = 0, len(data)
+        left, head = self._frame_left, self._frame_head
+        while pos < n:
+            if left:
+                step = min(left, n - pos)
+                pos += step
+                left -= step
+                continue
+            take = 9 - len(head)
+            head += data[pos : pos + take]
+            pos += take
+            if len(head) < 9:
+                break
+            length = int.from_bytes(head[:3], "big")
+            if head[3] in _HEADER_BLOCK_FRAMES:
+                self._header_block += length
+                if self._header_block > _MAX_HEADER_BLOCK:
+                    self._frame_left, self._frame_head = 0, b""
+                    raise h2.exceptions.DenialOfServiceError(
+                        f"a header block of more than {_MAX_HEADER_BLOCK} bytes"
+                    )
+                if head[4] & 0x4:  # END_HEADERS
+                    self._header_block = 0
+            head = b""
+            left = length
+        self._frame_left, self._frame_head = left, head
+
     def receive_data(self, data: Any) -> list[Any]:
         # h2's own, keeping what the frames before a bad one said: h2 drops it
         # with its exception (a reply, and then the session it opened, was lost).
         events: list[Any] = []
+        try:
+            self._check_header_blocks(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.events_before_error = events
+            self._terminate_connection(exc.error_code)
+            raise
         self.incoming_buffer.add_data(data)
         self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
         try:

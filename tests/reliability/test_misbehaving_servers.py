@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -1385,6 +1386,29 @@ async def test_headers_grpclib_cannot_read_are_a_protocol_violation(
     async with client_for(bad_server) as c:
         bad_server.plan(method, Reply(kind))  # type: ignore[arg-type]
         await fails_with(c, method, poc_api.ProtocolViolation)
+        await assert_next_call_works(c)
+
+
+async def test_an_endless_header_block_is_refused_before_it_is_buffered(
+    bad_server: MisbehavingServer,
+) -> None:
+    # h2 holds a header block's frames until END_HEADERS, up to 64 CONTINUATION
+    # frames: at the 1 MiB MAX_FRAME_SIZE the client announces, 64 MiB (for a header
+    # list refused past 64 KiB anyway) before the connection failed.
+    async with client_for(bad_server) as c:
+        async with c.session() as s:
+            bad_server.plan(
+                "Generate", Reply("continuation_flood", claimed_size=1 << 20, tokens=80)
+            )
+            tracemalloc.start()
+            try:
+                with trio.fail_after(5), pytest.raises(poc_api.ProtocolViolation):
+                    async with s.generate([1, 2], sampling=FIVE) as ev:
+                        [e async for e in ev]
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB"
         await assert_next_call_works(c)
 
 
