@@ -2545,6 +2545,7 @@ class _PocH2Protocol(H2Protocol):
         # (calls_open, pinged): see GrpcTransport._too_many_pings
         self.too_many_pings: Callable[[bool, bool], None] = lambda calls_open, pinged: None
         self._calmed = False  # a "too_many_pings" GOAWAY came (too_many_pings ran)
+        self._goaway_note: str | None = None  # an error GOAWAY's code and debug data
         self.before_select: Callable[[Callable[[], object]], None] = _run_now
         self.unindexed_headers: frozenset[str] = frozenset()
         self._h2: _SplitWindowH2Connection | None = None
@@ -2698,6 +2699,16 @@ class _PocH2Protocol(H2Protocol):
                     last,
                     self.redact(repr(event.additional_data)),
                 )
+                if self._goaway_note is None:
+                    # What the calls it ends say: "connection lost" told nothing of
+                    # the server's own reason (GOAWAY INTERNAL_ERROR "out of memory").
+                    note = f"the server closed it (GOAWAY {_code_name(event.error_code)}"
+                    if event.additional_data:
+                        said = event.additional_data.decode("utf-8", "replace")
+                        if len(said) > EXCERPT_LIMIT:
+                            said = said[:EXCERPT_LIMIT] + "…"
+                        note += f": {self.redact(said)!r}"
+                    self._goaway_note = note + ")"
                 if (
                     event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
                     and event.additional_data == b"too_many_pings"
@@ -2788,7 +2799,8 @@ class _PocH2Protocol(H2Protocol):
                 f"{_LOST}: no answer to a keepalive ping from {self.url} within "
                 f"keepalive_timeout = {timeout:g} s (frozen, or the network is down?)"
             )
-        return f"{_LOST} (salience server at {self.url})" + (f": {exc}" if exc else "")
+        why = self._goaway_note or exc
+        return f"{_LOST} (salience server at {self.url})" + (f": {why}" if why else "")
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost.set()

@@ -762,6 +762,20 @@ async def test_a_call_at_an_error_goaways_last_stream_fails_and_is_not_sent_agai
 
 
 @pytest.mark.parametrize("method", ["OpenSession", "Generate"])
+async def test_a_call_ended_by_an_error_goaway_says_what_the_server_sent(
+    bad_server: MisbehavingServer, method: str
+) -> None:
+    # "Generate: connection lost (salience server at ...)": nothing of the GOAWAY,
+    # its error code or the reason the server gave in its debug data.
+    async with client_for(bad_server) as c:
+        bad_server.plan(method, Reply("goaway_mid_stream", status=2, debug_data=b"oom\nkilled"))
+        err = await fails_with(c, method, poc_api.ServerUnavailable)
+        assert "connection lost" in str(err)
+        assert "GOAWAY INTERNAL_ERROR: 'oom\\nkilled'" in str(err), err
+        await assert_next_call_works(c)
+
+
+@pytest.mark.parametrize("method", ["OpenSession", "Generate"])
 async def test_a_call_above_a_graceful_goaways_last_stream_is_sent_again_elsewhere(
     bad_server: MisbehavingServer, method: str
 ) -> None:
