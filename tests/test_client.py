@@ -1077,6 +1077,47 @@ async def test_the_total_timeout_spares_a_call_that_finished_in_time() -> None:
             assert conv.session is not None and conv.committed_len == 31
 
 
+@pytest.mark.parametrize("which", ["timeout", "first_token_timeout"])
+async def test_a_call_whose_end_came_as_its_timeout_ran_out_returns_it(which: str) -> None:
+    # The trio thread busy (another task's synchronous work) past the deadline,
+    # while the loop thread took in the whole answer: the read woke cancelled, and
+    # prefill raised PocApiTimeout for a call that had taken effect (committed_len
+    # moved, the session kept), which a caller retrying on a timeout appends twice.
+    async with (
+        reference_server(max_context=100_000, prefill_delay_us=1.5) as server,
+        open_client(server) as client,
+        client.session() as s,
+    ):
+        await s.prefill([1])
+        before = server.state().tokens_appended
+
+        async def busy() -> None:
+            await trio.sleep(0.01)
+            # Synchronous: past the deadline, and until the server has taken the
+            # tokens in (about 30 ms of prefill), its answer then read by the loop
+            # thread meanwhile.
+            started = time.monotonic()
+            while (
+                server.state().tokens_appended < before + 20_000 and time.monotonic() < started + 10
+            ):
+                time.sleep(0.01)  # noqa: ASYNC251 - the trio thread busy on purpose
+            time.sleep(max(0.1, started + 0.2 - time.monotonic()))  # noqa: ASYNC251
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(busy)
+            with trio.fail_after(10):
+                if which == "timeout":
+                    done = await s.prefill([5] * 20_000, timeout=0.1)
+                else:
+                    prefill = SamplingParams(max_tokens=0)
+                    async with s.generate([5] * 20_000, sampling=prefill, **{which: 0.1}) as ev:
+                        async for _ in ev:
+                            pass
+                    assert ev.done is not None
+                    done = ev.done
+        assert done.total_tokens == 20_001 == s.committed_len and not s.lost
+
+
 async def test_a_long_healthy_stream_is_not_cut_by_timeouts_not_set(
     client: poc_api.ApiClient,
 ) -> None:

@@ -395,6 +395,11 @@ class GenerateStream:
             batch = await self._rx.receive_batch()
             t.last_event = trio.current_time()
             return batch
+        if self._rx.ended or self._server_ended():
+            # The call ended as the time ran out (its end came while this task
+            # waited to run: a busy trio thread): the rest is buffered, nothing
+            # would wait. A prefill raised the timeout though it had taken effect.
+            return await self._rx.receive_batch()
         return self._timed_out(t, what)
 
     def _timed_out(self, t: _Timeouts, what: str) -> NoReturn:
@@ -880,7 +885,8 @@ class Session:
         (or ``Done``), ``token_timeout`` each wait between events after that. A
         healthy stream is never cut by a timeout you did not set, nor a call whose
         stream had ended in time by your own slow reading of its events (a timeout
-        raises from a read that would wait). Waiting for the
+        raises from a read that would still wait: not when the call's end came
+        as it ran out, while the trio thread was busy elsewhere). Waiting for the
         session while another task's call holds it counts against ``timeout``
         only; running out there raises on entry, with nothing sent and the
         session intact.
