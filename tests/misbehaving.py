@@ -84,6 +84,8 @@ server's default)::
   ``grpc-status`` = ``status``;
 - ``"reply_then_bad_header"`` (unary methods): HEADERS, the ``"ok"`` reply and
   trailers with a byte 0xff in a header value, in one write;
+- ``"reply_then_big_header"`` (unary methods): HEADERS and the ``"ok"`` reply, then
+  the 9-byte header of a trailers HEADERS frame of 1 MiB + 1 bytes, in one write;
 - ``"reply_then_close"`` (unary methods): the ``"ok"`` reply, then close the TCP
   connection (no trailers);
 - ``"dribble"``: Generate sends its ``tokens`` tokens a byte per DATA frame, each
@@ -182,6 +184,7 @@ Kind = Literal[
     "refuse_after_answer",
     "two_replies",
     "reply_then_status",
+    "reply_then_big_header",
     "reply_then_close",
     "answer_then_goaway",
     "split_then_goaway",
@@ -790,6 +793,15 @@ class _Connection:
         frame.flags.add("END_HEADERS")
         frame.flags.add("END_STREAM")
         await self.send_raw(frame.serialize())
+
+    async def _reply_then_big_header(
+        self, sid: int, method: str, body: bytes, reply: Reply
+    ) -> None:
+        self.h2.send_headers(sid, _GRPC_HEADERS)
+        self.h2.send_data(sid, self._good_reply(sid, method))
+        # HEADERS (type 1), END_HEADERS | END_STREAM: its length alone is refused.
+        head = ((1 << 20) + 1).to_bytes(3, "big") + bytes([0x1, 0x5]) + sid.to_bytes(4, "big")
+        await self.send_raw(head)
 
     async def _reply_then_close(self, sid: int, method: str, body: bytes, reply: Reply) -> None:
         await self.send_headers(sid, _GRPC_HEADERS, end=False)

@@ -2248,9 +2248,10 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
     _frame_head = b""
     _header_block = 0
 
-    def _check_header_blocks(self, data: bytes) -> None:
-        """Refuse a header block (HEADERS or PUSH_PROMISE and its CONTINUATION
-        frames) bigger than _MAX_HEADER_BLOCK before h2 buffers it.
+    def _check_header_blocks(self, data: bytes) -> int | None:
+        """Where in ``data`` the frame starts that makes a header block (HEADERS or
+        PUSH_PROMISE and its CONTINUATION frames) bigger than _MAX_HEADER_BLOCK,
+        refused before h2 buffers it; None if none does.
 
         h2 holds a block's frames until END_HEADERS, up to 64 of them: 1 MiB at
         HTTP/2's 16 KiB frames, but 64 MiB at the 1 MiB MAX_FRAME_SIZE this client
@@ -2264,6 +2265,7 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
                 pos += step
                 left -= step
                 continue
+            start = pos - len(head)  # (< 0: it began in an earlier read)
             take = 9 - len(head)
             head += data[pos : pos + take]
             pos += take
@@ -2274,25 +2276,22 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
                 self._header_block += length
                 if self._header_block > _MAX_HEADER_BLOCK:
                     self._frame_left, self._frame_head = 0, b""
-                    raise h2.exceptions.DenialOfServiceError(
-                        f"a header block of more than {_MAX_HEADER_BLOCK} bytes"
-                    )
+                    return max(start, 0)
                 if head[4] & 0x4:  # END_HEADERS
                     self._header_block = 0
             head = b""
             left = length
         self._frame_left, self._frame_head = left, head
+        return None
 
     def receive_data(self, data: Any) -> list[Any]:
         # h2's own, keeping what the frames before a bad one said: h2 drops it
         # with its exception (a reply, and then the session it opened, was lost).
         events: list[Any] = []
-        try:
-            self._check_header_blocks(data)
-        except h2.exceptions.ProtocolError as exc:
-            self.events_before_error = events
-            self._terminate_connection(exc.error_code)
-            raise
+        # The frames of this read before a refused header block are read first.
+        refused = self._check_header_blocks(data)
+        if refused is not None:
+            data = data[:refused]
         self.incoming_buffer.add_data(data)
         self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
         try:
@@ -2309,6 +2308,12 @@ class _SplitWindowH2Connection(h2.connection.H2Connection):
         except UnicodeDecodeError:  # a header value not ASCII
             self.events_before_error = events
             raise
+        if refused is not None:
+            self.events_before_error = events
+            self._terminate_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            raise h2.exceptions.DenialOfServiceError(
+                f"a header block of more than {_MAX_HEADER_BLOCK} bytes"
+            )
         received = 0
         for event in events:
             if isinstance(event, DataReceived):
@@ -2704,10 +2709,12 @@ class _PocH2Protocol(H2Protocol):
                     # the server's own reason (GOAWAY INTERNAL_ERROR "out of memory").
                     note = f"the server closed it (GOAWAY {_code_name(event.error_code)}"
                     if event.additional_data:
-                        said = event.additional_data.decode("utf-8", "replace")
+                        # Redacted whole, then cut: a key across the cut would
+                        # not be whole, nor redacted, and its start would show.
+                        said = self.redact(event.additional_data.decode("utf-8", "replace"))
                         if len(said) > EXCERPT_LIMIT:
                             said = said[:EXCERPT_LIMIT] + "…"
-                        note += f": {self.redact(said)!r}"
+                        note += f": {said!r}"
                     self._goaway_note = note + ")"
                 if (
                     event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM

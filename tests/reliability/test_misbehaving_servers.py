@@ -259,6 +259,7 @@ async def test_a_refusal_after_an_answer_is_not_retriable_and_not_sent_again(
         Reply("no_trailers"),
         Reply("bad_bin_trailer"),
         Reply("reply_then_bad_header"),
+        Reply("reply_then_big_header"),
     ],
     ids=lambda reply: reply.kind,
 )
@@ -772,6 +773,21 @@ async def test_a_call_ended_by_an_error_goaway_says_what_the_server_sent(
         err = await fails_with(c, method, poc_api.ServerUnavailable)
         assert "connection lost" in str(err)
         assert "GOAWAY INTERNAL_ERROR: 'oom\\nkilled'" in str(err), err
+        await assert_next_call_works(c)
+
+
+async def test_an_error_goaways_long_debug_data_shows_no_part_of_the_api_key(
+    bad_server: MisbehavingServer,
+) -> None:
+    # The debug data was cut to its excerpt before the key was redacted: a key
+    # straddling the cut was no longer whole, and its first characters showed.
+    key = "sk-goaway-secret-7f3a9c"
+    debug = b"x" * 490 + key.encode()
+    async with client_for(bad_server, api_key=key) as c:
+        bad_server.plan("Generate", Reply("goaway_mid_stream", status=2, debug_data=debug))
+        err = await fails_with(c, "Generate", poc_api.ServerUnavailable)
+        assert "GOAWAY INTERNAL_ERROR" in str(err), err
+        assert key[:8] not in str(err), err
         await assert_next_call_works(c)
 
 
