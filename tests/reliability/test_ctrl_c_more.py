@@ -305,16 +305,19 @@ def test_ctrl_c_mid_call_exits_cleanly_and_leaves_no_session(mode: str) -> None:
             code = proc.wait(5)
         err = proc.communicate()[1]
         assert code in (-signal.SIGINT, 1, 130), (code, err[-4000:])
-        assert err.rstrip().endswith("KeyboardInterrupt"), err[-4000:]
         # A Ctrl-C landing in the child's own (unprotected) frame right after an
         # `async with` made its __aexit__ coroutine, before awaiting it: CPython
         # checks for signals at the end of a call. Any trio program; not poc_api.
+        # So too a task of the child's own (`hold`) made by nursery.start as the
+        # last run's second Ctrl-C tore it down (told at exit: "sys:1").
         err = re.sub(
-            r"<string>:\d+: RuntimeWarning: coroutine '[\w.]+__aexit__' was never awaited\n"
+            r"(?:<string>:\d+|sys:1): RuntimeWarning: coroutine "
+            r"'(?:[\w.]+__aexit__|main\.<locals>\.\w+)' was never awaited\n"
             r"RuntimeWarning: Enable tracemalloc to get the object allocation traceback\n",
             "",
             err,
         )
+        assert err.rstrip().endswith("KeyboardInterrupt"), err[-4000:]
         bad = [b for b in BAD_STDERR if b in err] + _grouped_errors(err)
         assert not bad, (bad, err[-6000:])
         _no_sessions(servers, "at exit")
