@@ -1118,6 +1118,41 @@ async def test_a_call_whose_end_came_as_its_timeout_ran_out_returns_it(which: st
         assert done.total_tokens == 20_001 == s.committed_len and not s.lost
 
 
+@pytest.mark.parametrize("which", ["first_token_timeout", "token_timeout"])
+async def test_tokens_that_came_in_time_while_trio_was_busy_do_not_time_out(which: str) -> None:
+    # The trio thread busy (another task's synchronous work) past the first-token
+    # or between-tokens bound, while the loop thread took in tokens that came well
+    # within it (every 20 ms, for a 0.3 s bound): the read woke cancelled and
+    # raised PocApiTimeout with events buffered (a read that would not wait), a
+    # healthy stream cut and its session lost.
+    async with (
+        reference_server(token_delay_ms=20) as server,
+        open_client(server) as client,
+        client.session() as s,
+    ):
+        await s.prefill([1, 2, 3])
+
+        async def busy() -> None:
+            await trio.sleep(0.01)
+            time.sleep(0.8)  # noqa: ASYNC251 - the trio thread busy on purpose
+
+        events = 0
+        with trio.fail_after(10):
+            sampling = SamplingParams(max_tokens=100)  # 2 s: alive after the wait
+            async with (
+                s.generate(sampling=sampling, **{which: 0.3}) as ev,
+                trio.open_nursery() as nursery,
+            ):
+                if which == "first_token_timeout":
+                    nursery.start_soon(busy)
+                async for _ in ev:
+                    events += 1
+                    if events == 1 and which == "token_timeout":
+                        nursery.start_soon(busy)
+        assert ev.done is not None and ev.done.completion_tokens == 100
+        assert s.committed_len == 103 and not s.lost
+
+
 async def test_a_long_healthy_stream_is_not_cut_by_timeouts_not_set(
     client: poc_api.ApiClient,
 ) -> None:

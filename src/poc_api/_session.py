@@ -400,6 +400,14 @@ class GenerateStream:
             # waited to run: a busy trio thread): the rest is buffered, nothing
             # would wait. A prefill raised the timeout though it had taken effect.
             return await self._rx.receive_batch()
+        if what != "total" and not self._rx.interrupted and trio.current_time() < t.total_at:
+            # Events came as the first-token or between-tokens time ran out (this
+            # task woke late: a busy trio thread): the read would not wait, and the
+            # stream is alive. (Not past the total bound: that one cuts the call.)
+            batch = self._rx.receive_nowait()
+            if batch:
+                t.last_event = trio.current_time()
+                return batch
         return self._timed_out(t, what)
 
     def _timed_out(self, t: _Timeouts, what: str) -> NoReturn:
