@@ -60,6 +60,22 @@ def batches(ids: Sequence[int], cuts: str | list[int]) -> list[list[int]]:
     return out
 
 
+def run_against(
+    server: ReferenceServer, cleanup: bool, check: Callable[[str], Awaitable[None]]
+) -> None:
+    """``check(base_url)`` in a trio run: against the reference server, or with
+    ``cleanup`` against its tokenizer with Hugging Face's space cleanup."""
+
+    async def main() -> None:
+        if cleanup:
+            async with tokenizer_server(cleaned, 261, SPECIALS) as url:
+                await check(url)
+        else:
+            await check(server.base_url)
+
+    trio.run(main)
+
+
 def cleaned(ids: Sequence[int]) -> str:
     """The reference tokenizer with Hugging Face's clean_up_tokenization_spaces."""
     return clean_up_tokenization(detokenize(ids))
@@ -86,20 +102,13 @@ async def decoded(client: poc_api.ApiClient, ids: list[int], skip: bool) -> str:
 def test_streamed_text_is_the_servers_decode_of_all_the_ids(
     server: ReferenceServer, ids: list[int], cuts: str | list[int], skip: bool, cleanup: bool
 ) -> None:
-    async def main() -> None:
-        if cleanup:
-            async with tokenizer_server(cleaned, 261, SPECIALS) as url:
-                await check(url)
-        else:
-            await check(server.base_url)
-
     async def check(url: str) -> None:
         async with poc_api.ApiClient(url, grpc_url=DEAD) as client:
             want = await decoded(client, ids, skip)
             decoder = client.text_decoder(skip_special_tokens=skip)
             assert await stream_text(decoder, batches(ids, cuts), want) == want
 
-    trio.run(main)
+    run_against(server, cleanup, check)
 
 
 _short_ids = st.lists(st.one_of(_piece, _cut_char, _invalid, _special), max_size=8).map(
@@ -120,13 +129,6 @@ def test_a_decoder_reused_after_flush_writes_each_streams_decode(
     # the flush wrote as U+FFFD was completed by the next stream's first byte
     # and written again ("a\ufffd" then "€b": neither stream's text), and a
     # quote written at the flush came again with the next stream's "m" (" ''m").
-    async def main() -> None:
-        if cleanup:
-            async with tokenizer_server(cleaned, 261, SPECIALS) as url:
-                await check(url)
-        else:
-            await check(server.base_url)
-
     async def check(url: str) -> None:
         async with poc_api.ApiClient(url, grpc_url=DEAD) as client:
             reused = client.text_decoder()
@@ -136,7 +138,7 @@ def test_a_decoder_reused_after_flush_writes_each_streams_decode(
                 fresh = client.text_decoder()
                 assert await stream_text(fresh, batches(ids, cuts), want) == want
 
-    trio.run(main)
+    run_against(server, cleanup, check)
 
 
 @pytest.mark.parametrize(

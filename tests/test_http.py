@@ -3386,27 +3386,9 @@ async def test_a_read_timeout_in_the_middle_of_a_chat_stream_is_not_retriable() 
     assert got == [ChatDelta("hi")]
     assert info.value.retriable is False
     assert isinstance(info.value.__cause__, httpx.ReadTimeout)
-
-
-async def test_a_read_timeout_in_the_middle_of_a_chat_stream_names_the_timeout_setting() -> None:
-    # A server that goes quiet mid-stream: the error said only "timed out
-    # (ReadTimeout)", naming no bound (the connect's names connect_timeout=).
-    async def one_delta_then_silence(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        await stream.send_all(CHAT_STREAM_HEAD + sse(DELTA))
-        await trio.sleep_forever()
-
-    with trio.fail_after(10):
-        async with canned_server(one_delta_then_silence) as url:
-            async with poc_api.ApiClient(
-                url, model="m", grpc_url="http://127.0.0.1:1", timeout=0.3
-            ) as c:
-                with pytest.raises(PocApiTimeout) as info:
-                    async with c.chat_stream(HELLO) as events:
-                        async for _ in events:
-                            pass
-    assert "timeout=0.3 s" in str(info.value)
-    assert "ReadTimeout" in str(info.value)
+    # Named: "timed out (ReadTimeout)" said nothing of the bound (the connect's
+    # names connect_timeout=).
+    assert "within timeout=0.3 s" in str(info.value), info.value
 
 
 async def test_an_error_body_is_read_only_as_far_as_its_excerpt_needs(

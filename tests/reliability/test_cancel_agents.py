@@ -34,6 +34,26 @@ SP = SamplingParams(max_tokens=12)
 OUTCOMES: Counter[tuple[str, str]] = Counter()
 
 
+async def all_ended(servers, threads_before: set, tasks_before) -> None:
+    """After a round: no session left on any server, the client's threads and trio
+    tasks gone with its block."""
+    await wait_for(lambda: not any(s.state().session_ids for s in servers))
+    await wait_for(
+        lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - threads_before)
+    )
+    assert trio_task_census() == tasks_before
+
+
+async def run_seeds(round_fn, server, seeds, **kwargs) -> None:
+    """``round_fn(server, seed)`` for each seed, a failure noted with its seed."""
+    for seed in seeds:
+        try:
+            await round_fn(server, seed, **kwargs)
+        except BaseException as exc:
+            exc.add_note(f"seed {seed}")
+            raise
+
+
 class Agent:
     def __init__(self, client, server, rng, expected, closed_flag):
         self.client = client
@@ -259,25 +279,14 @@ async def one_round(server, seed: int, servers=None, kill=None) -> None:
                 outer.cancel_scope.cancel()
     errors = [e for a in agents for e in a.errors]
     assert errors == [], errors[:3]
-    # sessions closed on the server
-    await wait_for(lambda: not (any(s.state().session_ids for s in servers if s is not kill)))
-    # threads gone
-    await wait_for(
-        lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - threads_before)
-    )
-    assert trio_task_census() == tasks_before
+    await all_ended([s for s in servers if s is not kill], threads_before, tasks_before)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", range(3))
 async def test_agents_cancelled_at_random(block: int) -> None:
     async with reference_server(seed=1) as server:
-        for seed in range(block * 20, block * 20 + 20):
-            try:
-                await one_round(server, seed)
-            except BaseException as exc:
-                exc.add_note(f"seed {seed}")
-                raise
+        await run_seeds(one_round, server, range(block * 20, block * 20 + 20))
 
 
 BIG_PNG = make_png(1120, 1120, seed=3)
@@ -380,23 +389,14 @@ async def shaped_round(server, seed: int) -> None:
     assert errors == [], errors[:3]
     for m in results["manifest"]:
         assert m is not None and m.concepts, m
-    await wait_for(lambda: not (server.state().session_ids))
-    await wait_for(
-        lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - threads_before)
-    )
-    assert trio_task_census() == tasks_before
+    await all_ended([server], threads_before, tasks_before)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", range(3))
 async def test_cancelled_at_chosen_points(block: int) -> None:
     async with reference_server(seed=1) as server:
-        for seed in range(block * 20, block * 20 + 20):
-            try:
-                await shaped_round(server, seed)
-            except BaseException as exc:
-                exc.add_note(f"seed {seed}")
-                raise
+        await run_seeds(shaped_round, server, range(block * 20, block * 20 + 20))
 
 
 async def shared_conversation_round(server, seed: int) -> None:
@@ -458,23 +458,14 @@ async def shared_conversation_round(server, seed: int) -> None:
                     if rng.random() < 0.4:
                         nursery.start_soon(closer)
     assert errors == [], errors[:3]
-    await wait_for(lambda: not (server.state().session_ids))
-    await wait_for(
-        lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - threads_before)
-    )
-    assert trio_task_census() == tasks_before
+    await all_ended([server], threads_before, tasks_before)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", range(3))
 async def test_shared_conversation_cancelled(block: int) -> None:
     async with reference_server(seed=1) as server:
-        for seed in range(block * 20, block * 20 + 20):
-            try:
-                await shared_conversation_round(server, seed)
-            except BaseException as exc:
-                exc.add_note(f"seed {seed}")
-                raise
+        await run_seeds(shared_conversation_round, server, range(block * 20, block * 20 + 20))
 
 
 async def crowded_round(server, seed: int) -> None:
@@ -534,23 +525,14 @@ async def crowded_round(server, seed: int) -> None:
                 if rng.random() < 0.2:
                     nursery.start_soon(closer)
     assert errors == [], errors[:3]
-    await wait_for(lambda: not (server.state().session_ids))
-    await wait_for(
-        lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - threads_before)
-    )
-    assert trio_task_census() == tasks_before
+    await all_ended([server], threads_before, tasks_before)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", range(3))
 async def test_crowded_score_many_cancelled(block: int) -> None:
     async with reference_server(seed=1, max_sessions=3, max_context=256) as server:
-        for seed in range(block * 20, block * 20 + 20):
-            try:
-                await crowded_round(server, seed)
-            except BaseException as exc:
-                exc.add_note(f"seed {seed}")
-                raise
+        await run_seeds(crowded_round, server, range(block * 20, block * 20 + 20))
 
 
 async def test_one_client_through_many_cancelled_rounds_keeps_no_slot() -> None:
@@ -632,23 +614,14 @@ async def evicted_round(server, seed: int) -> None:
                 async with conv.stream(hist, SP) as ev:
                     got = [e.id async for e in ev if isinstance(e, poc_api.TokenOut)]
                 assert got == want
-    await wait_for(lambda: not (server.state().session_ids))
-    await wait_for(
-        lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - threads_before)
-    )
-    assert trio_task_census() == tasks_before
+    await all_ended([server], threads_before, tasks_before)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", range(2))
 async def test_evicted_conversation_cancelled(block: int) -> None:
     async with reference_server(seed=1, idle_timeout=0.05) as server:
-        for seed in range(block * 10, block * 10 + 10):
-            try:
-                await evicted_round(server, seed)
-            except BaseException as exc:
-                exc.add_note(f"seed {seed}")
-                raise
+        await run_seeds(evicted_round, server, range(block * 10, block * 10 + 10))
 
 
 @pytest.mark.slow
@@ -657,12 +630,7 @@ async def test_agents_cancelled_at_random_on_a_pool(block: int) -> None:
     from poc_api.testing import reference_servers
 
     async with reference_servers(3, seed=1) as servers:
-        for seed in range(block * 20, block * 20 + 20):
-            try:
-                await one_round(servers[0], seed, servers)
-            except BaseException as exc:
-                exc.add_note(f"seed {seed}")
-                raise
+        await run_seeds(one_round, servers[0], range(block * 20, block * 20 + 20), servers=servers)
 
 
 @pytest.mark.slow
@@ -738,20 +706,11 @@ async def shared_session_round(server, seed: int) -> None:
                     if rng.random() < 0.5:
                         nursery.start_soon(closer)
     assert errors == [], errors[:3]
-    await wait_for(lambda: not (server.state().session_ids))
-    await wait_for(
-        lambda: not ({t.ident for t in threading.enumerate() if t.is_alive()} - threads_before)
-    )
-    assert trio_task_census() == tasks_before
+    await all_ended([server], threads_before, tasks_before)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", range(3))
 async def test_shared_session_cancelled_and_closed(block: int) -> None:
     async with reference_server(seed=1) as server:
-        for seed in range(block * 20, block * 20 + 20):
-            try:
-                await shared_session_round(server, seed)
-            except BaseException as exc:
-                exc.add_note(f"seed {seed}")
-                raise
+        await run_seeds(shared_session_round, server, range(block * 20, block * 20 + 20))

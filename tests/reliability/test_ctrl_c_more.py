@@ -286,7 +286,9 @@ def test_ctrl_c_mid_call_exits_cleanly_and_leaves_no_session(mode: str) -> None:
             _expect(lines, "READY", i, 30)
             time.sleep(rng.uniform(0.0, 0.2))
             proc.send_signal(signal.SIGINT)
-            if mode.startswith("twice"):
+            if mode.startswith("twice") and i < RUNS:
+                # (Not for the last, uncaught run: a second Ctrl-C as the process
+                # exits cuts CPython's own printing of the first: "lost sys.stderr".)
                 time.sleep(rng.uniform(0.0, 0.05))
                 proc.send_signal(signal.SIGINT)
             if i < RUNS:
@@ -314,6 +316,15 @@ def test_ctrl_c_mid_call_exits_cleanly_and_leaves_no_session(mode: str) -> None:
             r"(?:<string>:\d+|sys:1): RuntimeWarning: coroutine "
             r"'(?:[\w.]+__aexit__|main\.<locals>\.\w+)' was never awaited\n"
             r"RuntimeWarning: Enable tracemalloc to get the object allocation traceback\n",
+            "",
+            err,
+        )
+        # A Ctrl-C inside the socket constructor of a connect (trio's, for httpx):
+        # the new, never bound socket is freed with the exception, and CPython
+        # warns. A socket that had connected would show its addresses.
+        err = re.sub(
+            r"sys:1: ResourceWarning: unclosed <socket\.socket fd=\d+, family=\d+, type=\d+, "
+            r"proto=\d+, laddr=\('0\.0\.0\.0', 0\)>\n?",
             "",
             err,
         )
