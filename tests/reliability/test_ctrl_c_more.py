@@ -324,7 +324,8 @@ def test_ctrl_c_mid_call_exits_cleanly_and_leaves_no_session(mode: str) -> None:
         # warns. A socket that had connected would show its addresses.
         err = re.sub(
             r"sys:1: ResourceWarning: unclosed <socket\.socket fd=\d+, family=\d+, type=\d+, "
-            r"proto=\d+, laddr=\('0\.0\.0\.0', 0\)>\n?",
+            r"proto=\d+, laddr=\('0\.0\.0\.0', 0\)>\n"
+            r"(?:ResourceWarning: Enable tracemalloc to get the object allocation traceback\n)?",
             "",
             err,
         )
