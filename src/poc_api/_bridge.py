@@ -404,6 +404,12 @@ class BatchReceiver(Generic[T]):
         with self._buf.lock:
             return self._buf.finished
 
+    @property
+    def ready(self) -> bool:
+        """Whether items are buffered (:meth:`receive_batch` would not wait for them)."""
+        with self._buf.lock:
+            return bool(self._buf.items)
+
     def receive_nowait(self) -> list[T]:
         """Take whatever is buffered now (maybe nothing), without waiting."""
         buf = self._buf

@@ -400,14 +400,17 @@ class GenerateStream:
             # waited to run: a busy trio thread): the rest is buffered, nothing
             # would wait. A prefill raised the timeout though it had taken effect.
             return await self._rx.receive_batch()
-        if what != "total" and not self._rx.interrupted and trio.current_time() < t.total_at:
+        if what != "total" and not self._rx.interrupted and self._rx.ready:
             # Events came as the first-token or between-tokens time ran out (this
             # task woke late: a busy trio thread): the read would not wait, and the
-            # stream is alive. (Not past the total bound: that one cuts the call.)
+            # stream is alive.
+            if trio.current_time() >= t.total_at:
+                # Past the total bound too: that one cuts the call (it is the bound
+                # that ran out with events ready), and is the one the error names.
+                return self._timed_out(t, "total")
             batch = self._rx.receive_nowait()
-            if batch:
-                t.last_event = trio.current_time()
-                return batch
+            t.last_event = trio.current_time()
+            return batch
         return self._timed_out(t, what)
 
     def _timed_out(self, t: _Timeouts, what: str) -> NoReturn:
@@ -483,6 +486,20 @@ class GenerateStream:
             return False
         return True
 
+    async def _read_end(self) -> None:
+        """After ``Done``: read the end of the stream (what ``_drain`` bounds)."""
+        while not self._finished:
+            # (A helper, not a try here: CPython 3.11 leaves a try's first line
+            # outside the with's exception table, and the Ctrl-C injection test
+            # stops there.)
+            if not await self._receive_after_done():
+                return
+            self._i = len(self._batch)
+            if not self._batch:
+                self._finished = True
+            else:
+                raise e.ProtocolViolation("Generate: the server sent events after Done")
+
     async def _drain(self) -> None:
         """After ``Done``, read to the end so the stream finishes cleanly.
 
@@ -506,17 +523,12 @@ class GenerateStream:
         if self._timeouts is not None:
             limit = min(limit, self._timeouts.total_at)
         with trio.CancelScope(deadline=limit) as scope:
-            while not self._finished:
-                # (A helper, not a try here: CPython 3.11 leaves a try's first line
-                # outside the with's exception table, and the Ctrl-C injection test
-                # stops there.)
-                if not await self._receive_after_done():
-                    return
-                self._i = len(self._batch)
-                if not self._batch:
-                    self._finished = True
-                else:
-                    raise e.ProtocolViolation("Generate: the server sent events after Done")
+            await self._read_end()
+        if scope.cancelled_caught and (self._rx.ended or self._server_ended()):
+            # The end came as the time ran out (this task woke late: a busy trio
+            # thread): it is buffered, nothing would wait. Not the server's fault.
+            await self._read_end()
+            return
         if scope.cancelled_caught:
             if limit <= now:
                 # The block went on past the call's timeout before it left: no
