@@ -21,6 +21,15 @@ from poc_api.server._app import bind_port_pair
 from .conftest import ServerFactory, SyncSalience, wait_until
 
 TIMEOUT = 10.0
+# A raw HTTP/2 client's request headers for OpenSession (tests that speak h2 themselves).
+OPEN_SESSION_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/salience.Salience/OpenSession"),
+    (":authority", "127.0.0.1"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+]
 
 
 async def _get_json(url: str) -> object:
@@ -296,17 +305,9 @@ def test_a_call_reset_before_its_handler_ran_leaves_no_stream_behind(
     conn.initiate_connection()
     sock = socket.create_connection(("127.0.0.1", int(srv.grpc_url.rsplit(":", 1)[1])))
     try:
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/salience.Salience/OpenSession"),
-            (":authority", "127.0.0.1"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ]
         for i in range(10):
             sid = 1 + 2 * i
-            conn.send_headers(sid, headers)
+            conn.send_headers(sid, OPEN_SESSION_HEADERS)
             conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
             conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
         sock.sendall(conn.data_to_send())  # each request and its reset in one read
@@ -355,21 +356,13 @@ def test_stop_closes_the_connection_of_a_client_that_stopped_reading(
     # Windows wide open: the server's flow control never stops it, its socket does.
     conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
     conn.increment_flow_control_window(2**31 - 1 - 65535)
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/salience.Salience/OpenSession"),
-        (":authority", "127.0.0.1"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
 
     def framed(message: OpenSessionRequest | GenerateRequest) -> bytes:
         body = bytes(message)
         return struct.pack(">BI", 0, len(body)) + body
 
     with socket.create_connection(("127.0.0.1", srv.grpc_port), timeout=10) as sock:
-        conn.send_headers(1, headers)
+        conn.send_headers(1, OPEN_SESSION_HEADERS)
         conn.send_data(1, framed(OpenSessionRequest()), end_stream=True)
         sock.sendall(conn.data_to_send())
         answer = b""
@@ -379,7 +372,11 @@ def test_stop_closes_the_connection_of_a_client_that_stopped_reading(
                     answer += ev.data
         session_id = OpenSessionResponse.parse(answer[5:]).session_id
         conn.send_headers(
-            3, [(k, "/salience.Salience/Generate" if k == ":path" else v) for k, v in headers]
+            3,
+            [
+                (k, "/salience.Salience/Generate" if k == ":path" else v)
+                for k, v in OPEN_SESSION_HEADERS
+            ],
         )
         generate = GenerateRequest(session_id=session_id, append_tokens=[65], max_tokens=10**6)
         conn.send_data(3, framed(generate), end_stream=True)
@@ -590,18 +587,12 @@ def test_a_call_sent_after_the_stop_goaway_is_not_run(make_server: ServerFactory
     srv = make_server()
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/salience.Salience/OpenSession"),
-        (":authority", "127.0.0.1"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
     with socket.create_connection(("127.0.0.1", srv.grpc_port), timeout=TIMEOUT) as sock:
-        conn.send_headers(1, headers)  # no request yet: the call runs until the grace ends
+        conn.send_headers(
+            1, OPEN_SESSION_HEADERS
+        )  # no request yet: the call runs until the grace ends
         sock.sendall(conn.data_to_send())
-        conn.send_headers(3, headers)
+        conn.send_headers(3, OPEN_SESSION_HEADERS)
         conn.send_data(3, b"\0\0\0\0\0", end_stream=True)
         late = conn.data_to_send()  # (sent once the GOAWAY is in)
         events: list[object] = []
