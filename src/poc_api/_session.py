@@ -372,14 +372,18 @@ class GenerateStream:
                 if self.done is None:
                     raise e.ProtocolViolation("Generate: the stream ended without a Done event")
 
+    def _call_ended(self) -> bool:
+        """The call has ended: all that is left of it is in memory, and reading it
+        never waits. (The server's end, not only the buffer's: a full buffer holds
+        the rest back, in memory already, until the reader takes what it has.)"""
+        return self._rx.ended or self._server_ended()
+
     async def _receive_with_timeouts(self, t: _Timeouts) -> list[bytes]:
         limit, what = t.total_at, "total"
         if trio.current_time() >= limit:
-            if self._rx.ended or self._server_ended():
+            if self._call_ended():
                 # The call ended in time, and what is buffered is the rest of it
-                # (its Done too): a timeout cuts only a read that would wait. (The
-                # server's end, not only the buffer's: a full buffer holds the rest
-                # back, in memory already, until the reader takes what it has.)
+                # (its Done too): a timeout cuts only a read that would wait.
                 return await self._rx.receive_batch()
             # Out of time, though events keep coming: a consumer slower than the
             # server always finds a batch ready, so the wait below never ends late.
@@ -395,7 +399,7 @@ class GenerateStream:
             batch = await self._rx.receive_batch()
             t.last_event = trio.current_time()
             return batch
-        if self._rx.ended or self._server_ended():
+        if self._call_ended():
             # The call ended as the time ran out (its end came while this task
             # waited to run: a busy trio thread): the rest is buffered, nothing
             # would wait. A prefill raised the timeout though it had taken effect.
@@ -524,7 +528,7 @@ class GenerateStream:
             limit = min(limit, self._timeouts.total_at)
         with trio.CancelScope(deadline=limit) as scope:
             await self._read_end()
-        if scope.cancelled_caught and (self._rx.ended or self._server_ended()):
+        if scope.cancelled_caught and self._call_ended():
             # The end came as the time ran out (this task woke late: a busy trio
             # thread): it is buffered, nothing would wait. Not the server's fault.
             await self._read_end()
