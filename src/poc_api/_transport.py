@@ -211,9 +211,7 @@ def map_grpc_error(exc: BaseException, method: str) -> e.PocApiError | None:
             # grpclib reports a non-gRPC answer as status UNKNOWN: it is the peer's fault.
             return e.ProtocolViolation(f"{name}: the server did not answer gRPC: {text}")
         cls = _STATUS_ERRORS.get(exc.status, e.RpcError)
-        text = exc.message or ""
-        if len(text) > EXCERPT_LIMIT:  # as HTTP error bodies are
-            text = text[:EXCERPT_LIMIT] + "…"
+        text = _excerpt(exc.message or "")
         msg = f"{name}: {exc.status.name}: {text}".rstrip(": ")
         # A session refused for a limit (too many open) was not made: safe to ask
         # again (a retry loop that keys on ``retriable`` gave up on a full server).
@@ -353,6 +351,11 @@ _IGNORED_EVENTS = (UnknownFrameReceived, AlternativeServiceAvailable, Informatio
 
 # How a call that came to a channel after it was closed is ended (see _PocChannel).
 _CLOSED_UNSENT = "the connection was closed before this call was sent (REFUSED_STREAM)"
+
+
+def _excerpt(text: str) -> str:
+    """What a server said, cut as HTTP error bodies are (EXCERPT_LIMIT characters)."""
+    return text if len(text) <= EXCERPT_LIMIT else text[:EXCERPT_LIMIT] + "…"
 
 
 def _code_name(code: int | None) -> str:
@@ -2712,9 +2715,7 @@ class _PocH2Protocol(H2Protocol):
                         # Redacted whole, then cut: a key across the cut would
                         # not be whole, nor redacted, and its start would show.
                         said = self.redact(event.additional_data.decode("utf-8", "replace"))
-                        if len(said) > EXCERPT_LIMIT:
-                            said = said[:EXCERPT_LIMIT] + "…"
-                        note += f": {said!r}"
+                        note += f": {_excerpt(said)!r}"
                     self._goaway_note = note + ")"
                 if (
                     event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
