@@ -87,14 +87,18 @@ class TextDecoder:
         self._get_api = api
         self._api = api()
         self._specials: frozenset[int] | None = None if skip_special_tokens else frozenset()
-        self._ids: list[int] = []  # the ids to decode (no special ones)
         self._taken: list[int] = []  # fed, not yet told from special ones
+        self._new_text()
+        self._busy = False
+
+    def _new_text(self) -> None:
+        """Start a text of its own: decoded after none before it."""
+        self._ids: list[int] = []  # the ids to decode (no special ones)
         self._start = 0  # where the decode's context starts
         self._written = 0  # ids before this are written; _start..._written is context
         self._context_text = ""  # the text of _ids[_start:_written]
         self._shown = 0  # how much of it is written (all but a held-back U+FFFD)
         self._restart_at = 0  # (_written) no context restart tried before this
-        self._busy = False
 
     def __repr__(self) -> str:
         held = len(self._ids) - self._written
@@ -138,8 +142,7 @@ class TextDecoder:
             if final:
                 # The stream ended: the next ids are a text of their own, not
                 # decoded after this one's (whose held text is written now).
-                self._ids, self._start, self._written = [], 0, 0
-                self._context_text, self._shown, self._restart_at = "", 0, 0
+                self._new_text()
             return text
         finally:
             self._busy = False
